@@ -1,0 +1,18 @@
+// The Python module doe_kernels._C: binds the CPU kernels always and the CUDA kernels when the
+// extension was built with them (has_cuda() tells which).
+#include "doe_kernels.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "doe-kernels compiled kernels (gathered linear primitives)";
+  m.def("gather_rows_linear_cpu", &doe_kernels::gather_rows_linear_cpu);
+  m.def("gather_swiglu_cpu", &doe_kernels::gather_swiglu_cpu);
+  m.def("gather_cols_linear_cpu", &doe_kernels::gather_cols_linear_cpu);
+#ifdef DOE_KERNELS_WITH_CUDA
+  m.def("gather_rows_linear_cuda", &doe_kernels::gather_rows_linear_cuda);
+  m.def("gather_swiglu_cuda", &doe_kernels::gather_swiglu_cuda);
+  m.def("gather_cols_linear_cuda", &doe_kernels::gather_cols_linear_cuda);
+  m.def("has_cuda", []() { return true; });
+#else
+  m.def("has_cuda", []() { return false; });
+#endif
+}

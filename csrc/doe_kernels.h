@@ -1,0 +1,55 @@
+// Declarations of the C++ entry points of doe_kernels._C: the gathered-linear primitives that every
+// op (gather FFN, SwiGLU FFN, pruned-head attention) is built from, for the CPU and, when the
+// extension is built with CUDA, for the GPU.
+//
+// Contract shared by all entry points (the Python layer in doe_kernels/ops checks it before calling):
+//   x, weights and biases are contiguous, of one dtype (float32, float16 or bfloat16; CPU: float32 or
+//   bfloat16) and on one device; x is 2-D (rows, features); index tensors are 1-D contiguous int64,
+//   sorted, unique, in range and non-empty; the result has x's dtype; accumulation is in float32.
+//
+//   gather_rows_linear: out[m, n] = act(sum_k x[m, k] * weight[rows[n], k] + bias[rows[n]])
+//       x (M, K), weight (N_total, K) in nn.Linear layout, bias (N_total) or none, rows (N)
+//       -> out (M, N).
+//   gather_swiglu: out[m, n] = silu(x[m] . w_gate[kept[n]]) * (x[m] . w_up[kept[n]])
+//       x (M, K), w_gate and w_up (N_total, K), kept (N) -> out (M, N).
+//   gather_cols_linear: out[m, n] = sum_j h[m, j] * weight_t[cols[j], n] + bias[n]
+//       h (M, J), weight_t (K_total, N) input-major (the transpose of nn.Linear's weight, so that
+//       each kept input feature is one contiguous row), bias (N) or none, cols (J) -> out (M, N).
+#pragma once
+
+#include <torch/extension.h>
+
+#include <optional>
+
+namespace doe_kernels {
+
+// Activation codes shared with doe_kernels/backends/__init__.py (ACTIVATION_CODES).
+enum Activation : int64_t {
+  kIdentity = 0,
+  kGeluErf = 1,
+  kGeluTanh = 2,
+  kRelu = 3,
+};
+
+at::Tensor gather_rows_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                  const std::optional<at::Tensor>& bias, const at::Tensor& rows,
+                                  int64_t activation);
+at::Tensor gather_swiglu_cpu(const at::Tensor& x, const at::Tensor& w_gate, const at::Tensor& w_up,
+                             const at::Tensor& kept);
+at::Tensor gather_cols_linear_cpu(const at::Tensor& h, const at::Tensor& weight_t,
+                                  const std::optional<at::Tensor>& bias, const at::Tensor& cols);
+
+#ifdef DOE_KERNELS_WITH_CUDA
+// `stream` is the cudaStream_t to launch on, passed from Python
+// (torch.cuda.current_stream().cuda_stream), so that the bindings need no ATen CUDA headers.
+at::Tensor gather_rows_linear_cuda(const at::Tensor& x, const at::Tensor& weight,
+                                   const std::optional<at::Tensor>& bias, const at::Tensor& rows,
+                                   int64_t activation, int64_t stream);
+at::Tensor gather_swiglu_cuda(const at::Tensor& x, const at::Tensor& w_gate,
+                              const at::Tensor& w_up, const at::Tensor& kept, int64_t stream);
+at::Tensor gather_cols_linear_cuda(const at::Tensor& h, const at::Tensor& weight_t,
+                                   const std::optional<at::Tensor>& bias, const at::Tensor& cols,
+                                   int64_t stream);
+#endif
+
+}  // namespace doe_kernels

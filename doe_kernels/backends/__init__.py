@@ -1,0 +1,67 @@
+"""The kernel backends and the rule that picks one.
+
+Every backend is a module with the same interface: `NAME`, `DTYPES`, `available(device_type)`,
+`gather_rows_linear(x, weight, bias, rows, activation)`, `gather_swiglu(x, w_gate, w_up, kept)` and
+`gather_cols_linear(h, weight_t, bias, cols)`, on validated 2-D inputs and non-empty int64 indices.
+
+The `auto` rule (see `resolve`):
+  * CPU tensors: `cpu` (C++ kernels) when the extension is loaded, else `torch`.
+  * CUDA tensors, at most 16 rows (decoding): `cuda` (hand-written gather GEMV) when built, else
+    `triton`, else `torch`.
+  * CUDA tensors, more rows (prefill, batches): `triton` (tiled tl.dot), else `torch`.
+  * A dtype the chosen backend does not take falls through to the next in that order; `torch` takes
+    every floating dtype.
+The thresholds are design choices, not yet tuned against GPU measurements (see benchmarks/).
+"""
+import torch
+
+from doe_kernels.backends import cpu, cuda, torch_ref, triton
+
+BACKENDS = {module.NAME: module for module in (torch_ref, cpu, cuda, triton)}
+BACKEND_NAMES = ("auto",) + tuple(BACKENDS)
+DECODE_ROWS = 16
+
+_PREFERENCE = {
+    ("cpu", "decode"): ("cpu", "torch"),
+    ("cpu", "prefill"): ("cpu", "torch"),
+    ("cuda", "decode"): ("cuda", "triton", "torch"),
+    ("cuda", "prefill"): ("triton", "torch"),
+}
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend is not present for this device or dtype."""
+
+
+def available_backends(device_type: str) -> list[str]:
+    """Names of the backends present for a device type ("cpu" or "cuda")."""
+    return [name for name, module in BACKENDS.items() if module.available(device_type)]
+
+
+def resolve(backend: str, device: torch.device, dtype: torch.dtype, rows: int) -> str:
+    """The concrete backend name for a call; raises if an explicit request cannot be honoured."""
+    if backend not in BACKEND_NAMES:
+        raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
+    device_type = device.type
+    if backend != "auto":
+        module = BACKENDS[backend]
+        if not module.available(device_type):
+            raise BackendUnavailableError(
+                f"backend {backend!r} is not available for {device_type} tensors; available: "
+                f"{available_backends(device_type)}"
+            )
+        if dtype not in module.DTYPES:
+            raise BackendUnavailableError(
+                f"backend {backend!r} does not support {dtype}; it supports {list(module.DTYPES)}"
+            )
+        return backend
+    regime = "decode" if rows <= DECODE_ROWS else "prefill"
+    for name in _PREFERENCE.get((device_type, regime), ("torch",)):
+        module = BACKENDS[name]
+        if module.available(device_type) and dtype in module.DTYPES:
+            return name
+    return "torch"
+
+
+def get(name: str):
+    return BACKENDS[name]

@@ -1,0 +1,45 @@
+"""The plain-PyTorch backend: index_select, then a dense matmul.
+
+It is the reference every other backend is tested against and the fallback on any device. It copies
+the kept weights on every call, so it is correct everywhere but not the fast path.
+"""
+import torch
+import torch.nn.functional as F
+
+NAME = "torch"
+DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+# Activation names, with the codes the compiled kernels use (csrc/doe_kernels.h).
+ACTIVATION_CODES = {"identity": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
+
+
+def available(device_type: str) -> bool:
+    return True
+
+
+def apply_activation(out: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "identity":
+        return out
+    if activation == "gelu":
+        return F.gelu(out)
+    if activation == "gelu_tanh":
+        return F.gelu(out, approximate="tanh")
+    if activation == "relu":
+        return F.relu(out)
+    raise ValueError(f"unknown activation {activation!r}")
+
+
+def gather_rows_linear(x, weight, bias, rows, activation):
+    kept_bias = None if bias is None else bias.index_select(0, rows)
+    return apply_activation(F.linear(x, weight.index_select(0, rows), kept_bias), activation)
+
+
+def gather_swiglu(x, w_gate, w_up, kept):
+    gate = F.linear(x, w_gate.index_select(0, kept))
+    up = F.linear(x, w_up.index_select(0, kept))
+    return F.silu(gate) * up
+
+
+def gather_cols_linear(h, weight_t, bias, cols):
+    out = h @ weight_t.index_select(0, cols)
+    return out if bias is None else out + bias

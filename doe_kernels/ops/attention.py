@@ -1,0 +1,159 @@
+"""Pruned-head attention: Q, K, V and the output projection computed for the kept heads only.
+
+`HeadSelection` turns a list of kept query heads into the index lists the projections gather
+(built once per expert, so a swap only replaces these small tensors). Grouped-query attention
+takes any subset of query heads: a KV head is computed only if one of its query heads is kept,
+and each kept query head reads its KV head by slot, so groups need not stay even.
+
+`pruned_head_attention` runs the whole layer; `project_qkv`, `attend` and `project_out` are its
+three steps, for callers (the model adapters) that apply rotary embeddings or a KV cache between
+them. Attention itself runs through torch's scaled_dot_product_attention.
+"""
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from doe_kernels.ops.checks import check_float_tensor, check_index
+from doe_kernels.ops.linear import gather_cols_linear, gather_rows_linear
+
+RotaryHook = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _head_rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Projection rows (or o_proj columns) of the given heads: head * head_dim + 0..head_dim-1."""
+    offsets = torch.arange(head_dim, device=heads.device, dtype=torch.int64)
+    return (heads[:, None] * head_dim + offsets).reshape(-1)
+
+
+@dataclass(frozen=True)
+class HeadSelection:
+    """The kept query heads of one attention layer and the index lists they imply."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    kept_heads: torch.Tensor  # (kept,) query heads
+    kept_kv_heads: torch.Tensor  # KV heads used by at least one kept query head
+    kv_slot: torch.Tensor  # (kept,) position in kept_kv_heads of each kept query head's KV head
+    q_rows: torch.Tensor  # rows of q_proj, and columns of o_proj
+    kv_rows: torch.Tensor  # rows of k_proj and v_proj
+
+    @classmethod
+    def build(cls, kept_heads, num_heads: int, num_kv_heads: int, head_dim: int,
+              device=None) -> "HeadSelection":
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads "
+                             f"({num_kv_heads})")
+        if not isinstance(kept_heads, torch.Tensor):
+            kept_heads = torch.as_tensor(kept_heads, dtype=torch.int64)
+        device = kept_heads.device if device is None else torch.device(device)
+        kept = check_index("kept_heads", kept_heads.cpu(), num_heads, torch.device("cpu"))
+        kv_of_kept = kept // (num_heads // num_kv_heads)
+        kept_kv, kv_slot = torch.unique(kv_of_kept, sorted=True, return_inverse=True)
+        return cls(
+            num_heads=num_heads,
+            num_kv_heads=num_kv_heads,
+            head_dim=head_dim,
+            kept_heads=kept.to(device),
+            kept_kv_heads=kept_kv.to(device),
+            kv_slot=kv_slot.to(device),
+            q_rows=_head_rows(kept, head_dim).to(device),
+            kv_rows=_head_rows(kept_kv, head_dim).to(device),
+        )
+
+    @property
+    def num_kept(self) -> int:
+        return self.kept_heads.numel()
+
+
+def _split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """(batch, seq, heads * head_dim) -> (batch, heads, seq, head_dim)."""
+    batch, seq, _ = x.shape
+    return x.view(batch, seq, -1, head_dim).transpose(1, 2)
+
+
+def project_qkv(hidden, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias,
+                selection: HeadSelection, backend: str = "auto"):
+    """Q (batch, kept, seq, d) and K, V (batch, kept_kv, seq, d) for the kept heads only."""
+    check_float_tensor("hidden", hidden, dims=3)
+    gather = dict(backend=backend, check_indices=False)
+    q = gather_rows_linear(hidden, q_weight, q_bias, selection.q_rows, **gather)
+    k = gather_rows_linear(hidden, k_weight, k_bias, selection.kv_rows, **gather)
+    v = gather_rows_linear(hidden, v_weight, v_bias, selection.kv_rows, **gather)
+    d = selection.head_dim
+    return _split_heads(q, d), _split_heads(k, d), _split_heads(v, d)
+
+
+def _attention_mask(attention_mask, is_causal: bool, q_len: int, kv_len: int, device):
+    """A boolean mask (True = attend) broadcastable to (batch, heads, q_len, kv_len), or None."""
+    mask = None
+    if attention_mask is not None:
+        if attention_mask.dim() == 2:  # (batch, kv_len) padding mask, 1 = token, 0 = padding
+            if attention_mask.shape[-1] != kv_len:
+                raise ValueError(f"attention_mask has {attention_mask.shape[-1]} positions but the "
+                                 f"keys have {kv_len}")
+            mask = attention_mask[:, None, None, :].to(torch.bool)
+        elif attention_mask.dim() == 4:
+            if attention_mask.dtype == torch.bool:
+                mask = attention_mask
+            else:  # additive: 0 where attended, a large negative number where masked
+                mask = attention_mask > torch.finfo(attention_mask.dtype).min / 2
+        else:
+            raise ValueError("attention_mask must be 2-D (batch, kv_len) or 4-D (batch, 1, q_len, "
+                             f"kv_len), got shape {tuple(attention_mask.shape)}")
+    if is_causal:
+        # Queries are the last q_len positions of the kv_len keys (as with a KV cache).
+        causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(kv_len - q_len)
+        mask = causal if mask is None else mask & causal
+    if mask is not None:
+        # A query row that sees no key (a padded position) would give NaN; let it see all keys.
+        mask = mask | ~mask.any(dim=-1, keepdim=True)
+    return mask
+
+
+def attend(q, k, v, selection: HeadSelection, attention_mask=None, is_causal=False, scale=None):
+    """SDPA of the kept query heads over their KV heads; returns (batch, seq, kept * head_dim)."""
+    if selection.kept_kv_heads.numel() != selection.num_kept:  # some KV heads serve several
+        k = k.index_select(1, selection.kv_slot)
+        v = v.index_select(1, selection.kv_slot)
+    mask = _attention_mask(attention_mask, is_causal, q.shape[2], k.shape[2], q.device)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    batch, _, seq, _ = out.shape
+    return out.transpose(1, 2).reshape(batch, seq, -1)
+
+
+def project_out(attn_out, o_weight_t, o_bias, selection: HeadSelection, backend: str = "auto"):
+    """The output projection reading only the kept heads' columns (o_weight_t input-major)."""
+    return gather_cols_linear(attn_out, o_weight_t, o_bias, selection.q_rows, backend=backend,
+                              check_indices=False)
+
+
+def pruned_head_attention(
+    hidden: torch.Tensor,
+    q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, o_weight_t, o_bias,
+    selection: HeadSelection,
+    attention_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    rotary: RotaryHook | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Multi-head (or grouped-query) attention over the kept query heads only.
+
+    hidden: (batch, seq, hidden). Projection weights in nn.Linear layout, except o_weight_t, the
+    output projection's weight input-major (`input_major(o_proj.weight)`). attention_mask: (batch,
+    kv_len) padding mask (1 = token) or a 4-D boolean / additive mask. rotary: called as
+    `q, k = rotary(q, k)` on the kept heads (batch, heads, seq, head_dim) before attention.
+    Equals the dense layer whose output projection has the pruned heads' columns zeroed.
+    """
+    if selection.num_kept == 0:
+        out = hidden.new_zeros(*hidden.shape[:-1], o_weight_t.shape[1])
+        return out if o_bias is None else out + o_bias
+    q, k, v = project_qkv(hidden, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias,
+                          selection, backend)
+    if rotary is not None:
+        q, k = rotary(q, k)
+    out = attend(q, k, v, selection, attention_mask, is_causal, scale)
+    return project_out(out, o_weight_t, o_bias, selection, backend)

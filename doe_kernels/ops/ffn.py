@@ -1,0 +1,80 @@
+"""Gather FFNs: BERT style (bias, GELU/ReLU) and LLaMA style (SwiGLU, no bias).
+
+The down projection is read input-major ("neuron-major", as Deja Vu stores it): each kept neuron
+is one contiguous row of `w_out_t = input_major(down.weight)`, so a call reads only kept bytes.
+"""
+import torch
+
+from doe_kernels.ops import library
+from doe_kernels.ops.checks import (
+    check_bias,
+    check_features,
+    check_float_tensor,
+    check_index,
+    check_same_dtype_device,
+)
+from doe_kernels.ops.linear import check_activation
+
+FFN_ACTIVATIONS = ("gelu", "gelu_tanh", "relu")
+
+
+def _check_neuron_major(name: str, weight: torch.Tensor, intermediate: int) -> None:
+    check_float_tensor(name, weight, dims=2)
+    check_features(name, weight, 0, intermediate, "the intermediate size (expected neuron-major "
+                   "(intermediate, hidden): convert nn.Linear weights with input_major())")
+
+
+def gather_ffn(
+    x: torch.Tensor,
+    w_in: torch.Tensor,
+    b_in: torch.Tensor | None,
+    w_out_t: torch.Tensor,
+    b_out: torch.Tensor | None,
+    kept: torch.Tensor,
+    activation: str = "gelu",
+    backend: str = "auto",
+    check_indices: bool = True,
+) -> torch.Tensor:
+    """`act(x @ w_in[kept].T + b_in[kept]) @ w_out_t[kept] + b_out` (BERT FFN on kept neurons).
+
+    x: (..., hidden); w_in: (intermediate, hidden), the up projection's nn.Linear weight; b_in:
+    (intermediate,) or None; w_out_t: (intermediate, hidden), the down projection's weight
+    input-major; b_out: (hidden,) or None; kept: sorted unique neuron indices, possibly empty
+    (the result is then b_out, or zeros). activation: "gelu" (exact), "gelu_tanh" or "relu".
+    """
+    check_float_tensor("x", x)
+    check_float_tensor("w_in", w_in, dims=2)
+    check_same_dtype_device("x", x, w_in=w_in, b_in=b_in, w_out_t=w_out_t, b_out=b_out)
+    check_features("x", x, -1, w_in.shape[1], "w_in's hidden size")
+    _check_neuron_major("w_out_t", w_out_t, w_in.shape[0])
+    check_bias("b_in", b_in, w_in.shape[0])
+    check_bias("b_out", b_out, w_out_t.shape[1])
+    check_activation(activation, FFN_ACTIVATIONS)
+    kept = check_index("kept", kept, w_in.shape[0], w_in.device, check_indices)
+    return library.gather_ffn(x, w_in, b_in, w_out_t, b_out, kept, activation, backend)
+
+
+def gather_swiglu_ffn(
+    x: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down_t: torch.Tensor,
+    kept: torch.Tensor,
+    backend: str = "auto",
+    check_indices: bool = True,
+) -> torch.Tensor:
+    """`(silu(x @ w_gate[kept].T) * (x @ w_up[kept].T)) @ w_down_t[kept]` (LLaMA MLP on kept neurons).
+
+    w_gate, w_up: (intermediate, hidden), nn.Linear weights; w_down_t: (intermediate, hidden), the
+    down projection's weight input-major; kept: sorted unique neuron indices, possibly empty.
+    """
+    check_float_tensor("x", x)
+    check_float_tensor("w_gate", w_gate, dims=2)
+    check_same_dtype_device("x", x, w_gate=w_gate, w_up=w_up, w_down_t=w_down_t)
+    check_float_tensor("w_up", w_up, dims=2)
+    if w_up.shape != w_gate.shape:
+        raise ValueError(f"w_up has shape {tuple(w_up.shape)} but w_gate has {tuple(w_gate.shape)}")
+    check_features("x", x, -1, w_gate.shape[1], "w_gate's hidden size")
+    _check_neuron_major("w_down_t", w_down_t, w_gate.shape[0])
+    kept = check_index("kept", kept, w_gate.shape[0], w_gate.device, check_indices)
+    return library.gather_swiglu_ffn(x, w_gate, w_up, w_down_t, kept, backend)

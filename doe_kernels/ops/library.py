@@ -1,0 +1,102 @@
+"""The torch.library definitions of the doe_kernels ops: schema, fake implementation, device kernels.
+
+Each op takes x with any leading shape, runs on the backend named by its `backend` argument (a
+concrete name or "auto", resolved per call by `doe_kernels.backends.resolve`), and returns a fresh
+tensor. Empty index lists are answered here, so backends only ever see non-empty ones. The public
+wrappers in linear.py and ffn.py check the arguments first; call those, not these, from user code.
+"""
+import torch
+
+from doe_kernels import backends
+
+LIB = "doe_kernels"
+DEVICES = ("cpu", "cuda")
+
+
+def _run(x, backend: str):
+    """The backend module for this call, and x as a contiguous 2-D tensor."""
+    name = backends.resolve(backend, x.device, x.dtype, x.shape[:-1].numel())
+    return backends.get(name), x.reshape(-1, x.shape[-1]).contiguous()
+
+
+def _contiguous(*tensors):
+    return [None if t is None else t.contiguous() for t in tensors]
+
+
+def _zeros_plus_bias(x, out_features: int, bias):
+    out = x.new_zeros(*x.shape[:-1], out_features)
+    return out if bias is None else out + bias
+
+
+@torch.library.custom_op(f"{LIB}::gather_rows_linear", mutates_args=(), device_types=DEVICES)
+def gather_rows_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: torch.Tensor,
+    activation: str, backend: str,
+) -> torch.Tensor:
+    if rows.numel() == 0:
+        return x.new_empty(*x.shape[:-1], 0)
+    module, x2d = _run(x, backend)
+    weight, bias = _contiguous(weight, bias)
+    out = module.gather_rows_linear(x2d, weight, bias, rows, activation)
+    return out.reshape(*x.shape[:-1], rows.numel())
+
+
+@gather_rows_linear.register_fake
+def _(x, weight, bias, rows, activation, backend):
+    return x.new_empty(*x.shape[:-1], rows.shape[0])
+
+
+@torch.library.custom_op(f"{LIB}::gather_cols_linear", mutates_args=(), device_types=DEVICES)
+def gather_cols_linear(
+    h: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, cols: torch.Tensor,
+    backend: str,
+) -> torch.Tensor:
+    if cols.numel() == 0:
+        return _zeros_plus_bias(h, weight_t.shape[1], bias)
+    module, h2d = _run(h, backend)
+    weight_t, bias = _contiguous(weight_t, bias)
+    out = module.gather_cols_linear(h2d, weight_t, bias, cols)
+    return out.reshape(*h.shape[:-1], weight_t.shape[1])
+
+
+@gather_cols_linear.register_fake
+def _(h, weight_t, bias, cols, backend):
+    return h.new_empty(*h.shape[:-1], weight_t.shape[1])
+
+
+@torch.library.custom_op(f"{LIB}::gather_ffn", mutates_args=(), device_types=DEVICES)
+def gather_ffn(
+    x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None, w_out_t: torch.Tensor,
+    b_out: torch.Tensor | None, kept: torch.Tensor, activation: str, backend: str,
+) -> torch.Tensor:
+    if kept.numel() == 0:
+        return _zeros_plus_bias(x, w_out_t.shape[1], b_out)
+    module, x2d = _run(x, backend)
+    w_in, b_in, w_out_t, b_out = _contiguous(w_in, b_in, w_out_t, b_out)
+    hidden = module.gather_rows_linear(x2d, w_in, b_in, kept, activation)
+    out = module.gather_cols_linear(hidden, w_out_t, b_out, kept)
+    return out.reshape(*x.shape[:-1], w_out_t.shape[1])
+
+
+@gather_ffn.register_fake
+def _(x, w_in, b_in, w_out_t, b_out, kept, activation, backend):
+    return x.new_empty(*x.shape[:-1], w_out_t.shape[1])
+
+
+@torch.library.custom_op(f"{LIB}::gather_swiglu_ffn", mutates_args=(), device_types=DEVICES)
+def gather_swiglu_ffn(
+    x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor,
+    kept: torch.Tensor, backend: str,
+) -> torch.Tensor:
+    if kept.numel() == 0:
+        return _zeros_plus_bias(x, w_down_t.shape[1], None)
+    module, x2d = _run(x, backend)
+    w_gate, w_up, w_down_t = _contiguous(w_gate, w_up, w_down_t)
+    hidden = module.gather_swiglu(x2d, w_gate, w_up, kept)
+    out = module.gather_cols_linear(hidden, w_down_t, None, kept)
+    return out.reshape(*x.shape[:-1], w_down_t.shape[1])
+
+
+@gather_swiglu_ffn.register_fake
+def _(x, w_gate, w_up, w_down_t, kept, backend):
+    return x.new_empty(*x.shape[:-1], w_down_t.shape[1])

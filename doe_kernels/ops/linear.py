@@ -1,0 +1,76 @@
+"""Gathered linear layers: output rows gathered, and input columns gathered.
+
+Weights come in nn.Linear's layout (out_features, in_features) as loaded, except for the
+column-gathered op, which reads the weight input-major: `input_major(linear.weight)` converts once
+(a transpose made contiguous); a patched module keeps only that copy, so it costs no extra memory.
+"""
+import torch
+
+from doe_kernels.ops import library
+from doe_kernels.ops.checks import (
+    check_bias,
+    check_features,
+    check_float_tensor,
+    check_index,
+    check_same_dtype_device,
+)
+
+ACTIVATIONS = ("identity", "gelu", "gelu_tanh", "relu")
+
+
+def check_activation(activation: str, allowed=ACTIVATIONS) -> None:
+    if activation not in allowed:
+        raise ValueError(f"activation must be one of {allowed}, got {activation!r}")
+
+
+def input_major(weight: torch.Tensor) -> torch.Tensor:
+    """nn.Linear weight (out, in) -> input-major (in, out), contiguous: each input feature a row."""
+    return weight.t().contiguous()
+
+
+def gather_rows_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    rows: torch.Tensor,
+    activation: str = "identity",
+    backend: str = "auto",
+    check_indices: bool = True,
+) -> torch.Tensor:
+    """`act(x @ weight[rows].T + bias[rows])` without copying the kept rows.
+
+    x: (..., in_features); weight: (out_features, in_features), nn.Linear layout; bias:
+    (out_features,) or None; rows: 1-D sorted unique int32/int64 indices into out_features.
+    Returns (..., len(rows)).
+    """
+    check_float_tensor("x", x)
+    check_float_tensor("weight", weight, dims=2)
+    check_same_dtype_device("x", x, weight=weight, bias=bias)
+    check_features("x", x, -1, weight.shape[1], "weight's in_features")
+    check_bias("bias", bias, weight.shape[0])
+    check_activation(activation)
+    rows = check_index("rows", rows, weight.shape[0], weight.device, check_indices)
+    return library.gather_rows_linear(x, weight, bias, rows, activation, backend)
+
+
+def gather_cols_linear(
+    x_kept: torch.Tensor,
+    weight_t: torch.Tensor,
+    bias: torch.Tensor | None,
+    cols: torch.Tensor,
+    backend: str = "auto",
+    check_indices: bool = True,
+) -> torch.Tensor:
+    """`x_kept @ W[:, cols].T + bias`, reading the weight input-major: `weight_t = input_major(W)`.
+
+    x_kept: (..., len(cols)), the kept input features; weight_t: (in_features, out_features);
+    bias: (out_features,) or None; cols: 1-D sorted unique indices into in_features.
+    Returns (..., out_features).
+    """
+    check_float_tensor("x_kept", x_kept)
+    check_float_tensor("weight_t", weight_t, dims=2)
+    check_same_dtype_device("x_kept", x_kept, weight_t=weight_t, bias=bias)
+    check_bias("bias", bias, weight_t.shape[1])
+    cols = check_index("cols", cols, weight_t.shape[0], weight_t.device, check_indices)
+    check_features("x_kept", x_kept, -1, cols.numel(), "the number of kept columns")
+    return library.gather_cols_linear(x_kept, weight_t, bias, cols, backend)

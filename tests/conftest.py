@@ -1,0 +1,55 @@
+"""Test set-up: on a machine without a GPU, Triton kernels run through its interpreter.
+
+TRITON_INTERPRET must be set before the kernels are defined, so before doe_kernels is imported.
+"""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import doe_kernels  # noqa: E402  (after TRITON_INTERPRET)
+from doe_kernels.backends import available_backends  # noqa: E402
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DTYPES = {
+    "cpu": [torch.float32, torch.bfloat16],
+    "cuda": [torch.float32, torch.float16, torch.bfloat16],
+}
+
+
+def backend_cases(with_dtype=False):
+    """(device, backend[, dtype]) for every backend present and every dtype claimed."""
+    cases = []
+    for device in DEVICES:
+        for name in available_backends(device):
+            marks = _marks(device, name)
+            if not with_dtype:
+                cases.append(pytest.param(device, name, id=f"{device}-{name}", marks=marks))
+                continue
+            for dtype in DTYPES[device]:
+                dtype_id = str(dtype).removeprefix("torch.")
+                cases.append(pytest.param(device, name, dtype, id=f"{device}-{name}-{dtype_id}",
+                                          marks=marks))
+    return cases
+
+
+def _marks(device, name):
+    marks = []
+    if device == "cuda":
+        marks.append(pytest.mark.gpu)
+    if device == "cpu" and name == "triton":
+        marks.append(pytest.mark.triton_interp)
+    return marks
+
+
+def pytest_report_header(config):
+    lines = [f"doe_kernels backends: {d}: {available_backends(d)}" for d in DEVICES]
+    return lines + [f"torch {torch.__version__}, TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')}"]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

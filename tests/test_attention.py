@@ -1,0 +1,144 @@
+"""Pruned-head attention against the masked-dense float64 reference (o_proj columns zeroed)."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import doe_kernels as dk
+from conftest import backend_cases
+from reference import assert_close, f64
+
+# (num_heads, num_kv_heads, head_dim): multi-head, grouped-query, multi-query, odd head_dim.
+CONFIGS = [(4, 4, 16), (6, 2, 8), (6, 3, 5), (4, 1, 16)]
+
+
+def rotary(q, k):
+    """A rotary embedding over positions 0..seq-1, the same for every head."""
+    seq, dim = q.shape[-2], q.shape[-1]
+    half = dim // 2
+    freq = 1.0 / (10000 ** (torch.arange(half, dtype=torch.float64) / max(half, 1)))
+    angle = torch.arange(seq, dtype=torch.float64)[:, None] * freq
+    cos, sin = angle.cos().to(q.device, q.dtype), angle.sin().to(q.device, q.dtype)
+
+    def rotate(t):
+        a, b, rest = t[..., :half], t[..., half:2 * half], t[..., 2 * half:]
+        return torch.cat([a * cos - b * sin, a * sin + b * cos, rest], dim=-1)
+
+    return rotate(q), rotate(k)
+
+
+def make_layer(num_heads, num_kv_heads, head_dim, dtype, device, bias):
+    hidden = num_heads * head_dim + 3  # hidden need not equal heads * head_dim
+    make = lambda *s: (torch.randn(*s) / math.sqrt(s[-1])).to(device, dtype)  # noqa: E731
+    q_w, k_w, v_w = (make(n * head_dim, hidden) for n in (num_heads, num_kv_heads, num_kv_heads))
+    o_w = make(hidden, num_heads * head_dim)
+    biases = [make(n * head_dim) if bias else None for n in (num_heads, num_kv_heads, num_kv_heads)]
+    o_b = make(hidden) if bias else None
+    return hidden, dict(q_weight=q_w, q_bias=biases[0], k_weight=k_w, k_bias=biases[1],
+                        v_weight=v_w, v_bias=biases[2], o_weight=o_w, o_bias=o_b)
+
+
+def reference(x, layer, kept, num_heads, num_kv_heads, head_dim, mask, is_causal, use_rotary):
+    """Dense attention in float64 over all heads, pruned heads' o_proj columns zeroed."""
+    def proj(w, b):
+        out = f64(x) @ f64(w).T
+        return out if b is None else out + f64(b)
+
+    batch, seq, _ = x.shape
+    split = lambda t: t.view(batch, seq, -1, head_dim).transpose(1, 2)  # noqa: E731
+    q = split(proj(layer["q_weight"], layer["q_bias"]))
+    k = split(proj(layer["k_weight"], layer["k_bias"]))
+    v = split(proj(layer["v_weight"], layer["v_bias"]))
+    if use_rotary:
+        q, k = rotary(q, k)
+    group = num_heads // num_kv_heads
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    allowed = torch.ones(batch, 1, seq, seq, dtype=torch.bool, device=x.device)
+    if mask is not None:
+        allowed = allowed & mask[:, None, None, :].bool()
+    if is_causal:
+        allowed = allowed & torch.ones(seq, seq, dtype=torch.bool, device=x.device).tril()
+    allowed = allowed | ~allowed.any(-1, keepdim=True)
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(head_dim)
+    attn = scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v
+    attn = attn.transpose(1, 2).reshape(batch, seq, -1)
+    column_mask = torch.zeros(num_heads, head_dim, dtype=torch.float64, device=x.device)
+    column_mask[kept] = 1
+    out = attn @ (f64(layer["o_weight"]) * column_mask.reshape(-1)).T
+    return out if layer["o_bias"] is None else out + f64(layer["o_bias"])
+
+
+def kept_heads_cases(num_heads, num_kv_heads):
+    group = num_heads // num_kv_heads
+    uneven = [h for h in range(num_heads) if h % group == 0] + [num_heads - 1]
+    return {
+        "empty": [],
+        "single": [num_heads - 1],
+        "full": list(range(num_heads)),
+        "uneven_groups": sorted(set(uneven)),
+    }
+
+
+@pytest.mark.parametrize("device,backend,dtype", backend_cases(with_dtype=True))
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "h{}kv{}d{}".format(*c))
+@pytest.mark.parametrize("variant", ["padded", "causal_rotary", "plain_nobias"])
+def test_pruned_head_attention(device, backend, dtype, config, variant):
+    num_heads, num_kv_heads, head_dim = config
+    hidden, layer = make_layer(*config, dtype, device, bias=variant != "plain_nobias")
+    batch, seq = 2, 7
+    x = torch.randn(batch, seq, hidden).to(device, dtype)
+    mask = None
+    if variant == "padded":
+        mask = torch.ones(batch, seq, dtype=torch.long, device=device)
+        mask[1, :3] = 0  # left padding in the second sequence
+    is_causal = use_rotary = variant == "causal_rotary"
+    o_weight_t = dk.input_major(layer["o_weight"])
+    args = {k: v for k, v in layer.items() if k != "o_weight"}
+    for name, kept in kept_heads_cases(num_heads, num_kv_heads).items():
+        selection = dk.HeadSelection.build(kept, num_heads, num_kv_heads, head_dim, device=device)
+        call = dict(attention_mask=mask, is_causal=is_causal, rotary=rotary if use_rotary else None)
+        out = dk.pruned_head_attention(x, **args, o_weight_t=o_weight_t, selection=selection,
+                                       backend=backend, **call)
+        dense = None
+        if dtype != torch.float32:
+            dense = dk.pruned_head_attention(x, **args, o_weight_t=o_weight_t, selection=selection,
+                                             backend="torch", **call)
+        ref = reference(x, layer, kept, *config, mask, is_causal, use_rotary)
+        assert_close(out, ref, dense, f"attention kept={name}")
+
+
+def test_head_selection_computes_only_used_kv_heads():
+    selection = dk.HeadSelection.build([0, 1, 7], num_heads=8, num_kv_heads=4, head_dim=2)
+    assert selection.kept_kv_heads.tolist() == [0, 3]
+    assert selection.kv_slot.tolist() == [0, 0, 1]
+    assert selection.q_rows.tolist() == [0, 1, 2, 3, 14, 15]
+    assert selection.kv_rows.tolist() == [0, 1, 6, 7]
+
+
+def test_head_selection_rejects_bad_heads():
+    with pytest.raises(ValueError, match="out of range"):
+        dk.HeadSelection.build([0, 8], num_heads=8, num_kv_heads=4, head_dim=2)
+    with pytest.raises(ValueError, match="duplicate"):
+        dk.HeadSelection.build([1, 1], num_heads=8, num_kv_heads=4, head_dim=2)
+    with pytest.raises(ValueError, match="multiple"):
+        dk.HeadSelection.build([1], num_heads=6, num_kv_heads=4, head_dim=2)
+
+
+def test_additive_4d_mask_equals_padding_mask():
+    num_heads, num_kv_heads, head_dim = 4, 2, 8
+    hidden, layer = make_layer(num_heads, num_kv_heads, head_dim, torch.float32, "cpu", bias=True)
+    x = torch.randn(2, 5, hidden)
+    padding = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
+    additive = torch.zeros(2, 1, 5, 5).masked_fill(padding[:, None, None, :] == 0,
+                                                   torch.finfo(torch.float32).min)
+    selection = dk.HeadSelection.build([1, 2], num_heads, num_kv_heads, head_dim)
+    args = {k: v for k, v in layer.items() if k != "o_weight"}
+    o_weight_t = dk.input_major(layer["o_weight"])
+    a = dk.pruned_head_attention(x, **args, o_weight_t=o_weight_t, selection=selection,
+                                 attention_mask=padding, backend="torch")
+    b = dk.pruned_head_attention(x, **args, o_weight_t=o_weight_t, selection=selection,
+                                 attention_mask=additive, backend="torch")
+    torch.testing.assert_close(a, b)
+    assert not torch.equal(a, dk.pruned_head_attention(
+        x, **args, o_weight_t=o_weight_t, selection=selection, backend="torch"))

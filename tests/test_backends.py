@@ -1,0 +1,73 @@
+"""Backend choice: the `auto` rule, and importing without the compiled extension."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import doe_kernels as dk
+from doe_kernels import backends
+from doe_kernels._ext import extension
+
+
+def test_auto_on_cpu_prefers_the_cpp_kernels():
+    expected = "cpu" if extension() is not None else "torch"
+    for rows in (1, 16, 17, 4096):
+        assert backends.resolve("auto", torch.device("cpu"), torch.float32, rows) == expected
+    # float16 is not taken by the C++ kernels: auto falls through to torch.
+    assert backends.resolve("auto", torch.device("cpu"), torch.float16, 1) == "torch"
+
+
+def test_auto_never_picks_the_interpreter():
+    for rows in (1, 4096):
+        assert backends.resolve("auto", torch.device("cpu"), torch.float32, rows) != "triton"
+
+
+def test_auto_calls_match_torch():
+    x, w, wt = torch.randn(5, 40), torch.randn(37, 40), torch.randn(37, 40)
+    kept = torch.tensor([0, 4, 36])
+    torch.testing.assert_close(dk.gather_ffn(x, w, None, wt, None, kept),
+                               dk.gather_ffn(x, w, None, wt, None, kept, backend="torch"))
+
+
+def test_explicit_request_for_an_unsupported_dtype_is_an_error():
+    if extension() is None:
+        pytest.skip("the cpu backend is not built")
+    x = torch.randn(2, 40, dtype=torch.float16)
+    w = torch.randn(37, 40, dtype=torch.float16)
+    with pytest.raises(dk.BackendUnavailableError, match="does not support torch.float16"):
+        dk.gather_ffn(x, w, None, w, None, torch.tensor([1]), backend="cpu")
+
+
+def _run_python(code):
+    return subprocess.run([sys.executable, "-W", "always", "-c", code], capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_import_without_extension_warns_once_and_falls_back():
+    code = (
+        "import sys; sys.modules['doe_kernels._C'] = None\n"  # makes `from doe_kernels import _C` fail
+        "import torch, doe_kernels as dk\n"
+        "print(dk.available_backends('cpu'))\n"
+        "x, w = torch.randn(2, 8), torch.randn(5, 8)\n"
+        "dk.gather_ffn(x, w, None, w, None, torch.tensor([1, 2]))\n"
+        "dk.gather_ffn(x, w, None, w, None, torch.tensor([1, 2]))\n"
+        "try:\n    dk.gather_ffn(x, w, None, w, None, torch.tensor([1]), backend='cpu')\n"
+        "except dk.BackendUnavailableError as e:\n    print('error:', e)\n"
+    )
+    result = _run_python(code)
+    assert result.returncode == 0, result.stderr
+    assert "'cpu'" not in result.stdout.splitlines()[0]
+    assert "error: backend 'cpu' is not available" in result.stdout
+    assert result.stderr.count("compiled extension could not be loaded") == 1, result.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_backends_are_built():
+    """On a GPU machine, an install with the extension offers the cuda and triton backends."""
+    present = dk.available_backends("cuda")
+    assert "triton" in present, present
+    assert "cuda" in present, f"{present}: the extension was built without CUDA"
+    assert backends.resolve("auto", torch.device("cuda"), torch.bfloat16, 1) == "cuda"
+    assert backends.resolve("auto", torch.device("cuda"), torch.bfloat16, 4096) == "triton"

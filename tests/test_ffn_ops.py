@@ -1,0 +1,109 @@
+"""Gathered linear and gather FFN ops on every backend present, against float64 references."""
+import pytest
+import torch
+
+import doe_kernels as dk
+from conftest import backend_cases
+from reference import (
+    assert_close,
+    cols_linear_ref,
+    ffn_ref,
+    index_list,
+    rows_linear_ref,
+    swiglu_ffn_ref,
+)
+
+# (hidden, intermediate): odd sizes, both tiny and real (BERT-base) ones.
+SHAPES = [(40, 1), (40, 37), (123, 37), (123, 300), (768, 37), (768, 3072)]
+ROWS = [1, 3, 64, 257]
+INDEX_KINDS = ["empty", "single", "full", "random"]
+
+
+def _interpreted(device, backend):
+    return device == "cpu" and backend == "triton"
+
+
+def _rows_for(device, backend, hidden, intermediate):
+    """Row counts to run: all on small shapes; the largest products are left out on the CPU (time)."""
+    budget = 64 * 123 * 300 if _interpreted(device, backend) else 64 * 768 * 3072
+    if device == "cuda":
+        return ROWS
+    return [r for r in ROWS if r * hidden * intermediate <= budget]
+
+
+def _weights(shape, dtype, device, bias=True):
+    hidden, intermediate = shape
+    make = lambda *s, fan: (torch.randn(*s) / fan**0.5).to(device, dtype)  # noqa: E731
+    w_in = make(intermediate, hidden, fan=hidden)
+    b_in = make(intermediate, fan=4) if bias else None
+    w_out_t = make(intermediate, hidden, fan=max(1, intermediate * 0.35))
+    b_out = make(hidden, fan=4) if bias else None
+    return w_in, b_in, w_out_t, b_out
+
+
+def _dense(op, *args, **kwargs):
+    """PyTorch's own result in a low-precision dtype (sets the tolerance), None for float32."""
+    return None if args[0].dtype == torch.float32 else op(*args, **kwargs, backend="torch")
+
+
+@pytest.mark.parametrize("device,backend,dtype", backend_cases(with_dtype=True))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("kind", INDEX_KINDS)
+def test_gather_ffn(device, backend, dtype, shape, kind):
+    w_in, b_in, w_out_t, b_out = _weights(shape, dtype, device)
+    kept = index_list(kind, shape[1], device)
+    for activation, rows in zip(["gelu", "gelu_tanh", "relu", "gelu"], _rows_for(device, backend, *shape)):
+        x = torch.randn(rows, shape[0]).to(device, dtype)
+        out = dk.gather_ffn(x, w_in, b_in, w_out_t, b_out, kept, activation, backend=backend)
+        dense = _dense(dk.gather_ffn, x, w_in, b_in, w_out_t, b_out, kept, activation)
+        ref = ffn_ref(x, w_in, b_in, w_out_t, b_out, kept, activation)
+        assert_close(out, ref, dense, f"gather_ffn {activation} rows={rows}")
+
+
+@pytest.mark.parametrize("device,backend,dtype", backend_cases(with_dtype=True))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("kind", INDEX_KINDS)
+def test_gather_swiglu_ffn(device, backend, dtype, shape, kind):
+    w_gate, _, w_down_t, _ = _weights(shape, dtype, device, bias=False)
+    w_up = _weights(shape, dtype, device, bias=False)[0]
+    kept = index_list(kind, shape[1], device)
+    for rows in _rows_for(device, backend, *shape):
+        x = torch.randn(2, rows, shape[0]).to(device, dtype)  # a leading batch dimension
+        out = dk.gather_swiglu_ffn(x, w_gate, w_up, w_down_t, kept, backend=backend)
+        dense = _dense(dk.gather_swiglu_ffn, x, w_gate, w_up, w_down_t, kept)
+        ref = swiglu_ffn_ref(x, w_gate, w_up, w_down_t, kept)
+        assert_close(out, ref, dense, f"gather_swiglu_ffn rows={rows}")
+
+
+@pytest.mark.parametrize("device,backend,dtype", backend_cases(with_dtype=True))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("kind", INDEX_KINDS)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_gathered_linears(device, backend, dtype, shape, kind, bias):
+    weight, b, weight_t, b_out = _weights(shape, dtype, device, bias)
+    index = index_list(kind, shape[1], device, dtype=torch.int32)  # int32 is accepted too
+    for activation, rows in zip(["identity", "gelu", "relu", "gelu_tanh"], _rows_for(device, backend, *shape)):
+        x = torch.randn(rows, shape[0]).to(device, dtype)
+        out = dk.gather_rows_linear(x, weight, b, index, activation, backend=backend)
+        dense = _dense(dk.gather_rows_linear, x, weight, b, index, activation)
+        assert_close(out, rows_linear_ref(x, weight, b, index.long(), activation), dense,
+                     f"gather_rows_linear {activation} rows={rows}")
+        h = torch.randn(rows, index.numel()).to(device, dtype)
+        out = dk.gather_cols_linear(h, weight_t, b_out, index, backend=backend)
+        dense = _dense(dk.gather_cols_linear, h, weight_t, b_out, index)
+        assert_close(out, cols_linear_ref(h, weight_t, b_out, index.long()), dense,
+                     f"gather_cols_linear rows={rows}")
+
+
+@pytest.mark.parametrize("device,backend", backend_cases())
+def test_zero_rows(device, backend):
+    w_in, b_in, w_out_t, b_out = _weights((40, 37), torch.float32, device)
+    x = torch.randn(0, 40, device=device)
+    kept = index_list("random", 37, device)
+    assert dk.gather_ffn(x, w_in, b_in, w_out_t, b_out, kept, backend=backend).shape == (0, 40)
+
+
+def test_input_major_is_a_contiguous_transpose():
+    weight = torch.randn(7, 5)
+    converted = dk.input_major(weight)
+    assert converted.is_contiguous() and torch.equal(converted, weight.t())
