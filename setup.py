@@ -25,7 +25,7 @@ def _extensions():
     from torch.utils import cpp_extension
 
     cpu_sources = ["csrc/bindings.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp", root_dir=ROOT))
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx_flags = ["-O3", "-fopenmp"]  # the C++ standard is the one torch builds with
     with_cuda = (
         torch.version.cuda is not None
         and cpp_extension.CUDA_HOME is not None
@@ -42,7 +42,7 @@ def _extensions():
             cpu_sources + cuda_sources,
             include_dirs=[os.path.join(ROOT, "csrc")],
             define_macros=[("DOE_KERNELS_WITH_CUDA", None)],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
             extra_link_args=["-fopenmp"],
         )
     else:
