@@ -1,0 +1,69 @@
+"""Benchmark harness: options, the per-run result collector, and the end-of-run report.
+
+`pytest benchmarks/` runs the quick sweep (a few minutes on 2 CPU cores); `--full` (or
+DOE_BENCH_FULL=1) runs the whole sweep; `--smoke` runs one tiny case of each benchmark (CI).
+Each benchmark records its median time; at the end the run's results are written under
+benchmarks/results/ (JSON and CSV with device, versions, date and commit), the speed-up curves are
+drawn as PNG files and a summary table is printed. Benchmarks never assert on time.
+"""
+import os
+
+import pytest
+import torch
+
+from report import Recorder, summary_lines, write_results
+
+def pytest_addoption(parser):
+    group = parser.getgroup("doe-kernels benchmarks")
+    group.addoption("--full", action="store_true", help="run the full sweep")
+    group.addoption("--smoke", action="store_true", help="one tiny case per benchmark (CI)")
+    group.addoption("--bench-device", default=None, help="cpu or cuda (default: cuda if present)")
+    group.addoption("--results-dir", default=os.path.join(os.path.dirname(__file__), "results"),
+                    help="where result files and plots go")
+
+
+def pytest_configure(config):
+    option = config.option
+    # Quicker defaults than pytest-benchmark's, unless given on the command line.
+    if getattr(option, "benchmark_max_time", None) == 1.0:
+        option.benchmark_max_time = 0.25
+    if getattr(option, "benchmark_min_rounds", None) == 5:
+        option.benchmark_min_rounds = 3
+    config.doe_recorder = Recorder()
+
+
+def sweep_mode(config) -> str:
+    if config.getoption("--smoke"):
+        return "smoke"
+    if config.getoption("--full") or os.environ.get("DOE_BENCH_FULL") == "1":
+        return "full"
+    return "quick"
+
+
+def bench_device(config) -> torch.device:
+    name = config.getoption("--bench-device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@pytest.fixture
+def recorder(request):
+    return request.config.doe_recorder
+
+
+def pytest_sessionfinish(session, exitstatus):
+    recorder = session.config.doe_recorder
+    if not recorder.rows:
+        return
+    session.config.doe_written = write_results(
+        recorder, session.config.getoption("--results-dir"), sweep_mode(session.config))
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    recorder = config.doe_recorder
+    if not recorder.rows:
+        return
+    terminalreporter.section("doe-kernels speed-up summary")
+    for line in summary_lines(recorder):
+        terminalreporter.write_line(line)
+    for path in getattr(config, "doe_written", []):
+        terminalreporter.write_line(f"wrote {path}")

@@ -1,0 +1,172 @@
+"""Benchmark results: collecting medians, ratios against the baselines, files, plots, summary.
+
+Baselines, measured in the same run: `dense` (the op on the full weights) and `sliced` (the dense op
+on weights sliced once ahead of time: the speed of physical structured pruning). Every other
+variant is a candidate (`gather-<backend>`), reported as speed-up over dense and as time relative
+to sliced.
+"""
+import csv
+import datetime
+import json
+import os
+import platform
+import subprocess
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+
+import torch
+
+BASELINES = ("dense", "sliced")
+
+
+@dataclass
+class Result:
+    bench: str  # e.g. "ffn"
+    shape: str
+    dtype: str
+    device: str
+    variant: str  # "dense", "sliced" or "gather-<backend>"
+    prune_rate: float
+    rows: int
+    median_s: float
+
+
+class Recorder:
+    def __init__(self):
+        self.rows: list[Result] = []
+
+    def add(self, **fields):
+        self.rows.append(Result(**fields))
+
+    def ratios(self):
+        """One dict per candidate measurement, with its baselines' times and the ratios."""
+        times = defaultdict(dict)
+        for r in self.rows:
+            times[(r.bench, r.shape, r.dtype, r.device, r.prune_rate, r.rows)][r.variant] = r.median_s
+        out = []
+        for key, variants in times.items():
+            bench, shape, dtype, device, prune_rate, rows = key
+            for variant, seconds in variants.items():
+                if variant in BASELINES:
+                    continue
+                dense, sliced = variants.get("dense"), variants.get("sliced")
+                out.append(dict(
+                    bench=bench, shape=shape, dtype=dtype, device=device, variant=variant,
+                    prune_rate=prune_rate, rows=rows, median_s=seconds, dense_s=dense,
+                    sliced_s=sliced,
+                    speedup_vs_dense=dense / seconds if dense else None,
+                    time_vs_sliced=seconds / sliced if sliced else None,
+                    sliced_speedup_vs_dense=dense / sliced if dense and sliced else None,
+                ))
+        return out
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    model = platform.processor() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model}, {torch.get_num_threads()} threads"
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, cwd=os.path.dirname(__file__), timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def metadata(device: str, mode: str) -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return dict(
+        device=device_name(device), torch=torch.__version__, triton=triton_version,
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        commit=_git_commit(), mode=mode, python=platform.python_version(),
+    )
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")
+
+
+def write_results(recorder: Recorder, results_dir: str, mode: str) -> list[str]:
+    """Write <device>_<mode>.json/.csv and the speed-up plots; returns the paths written."""
+    device = recorder.rows[0].device
+    meta = metadata(device, mode)
+    stem = f"{'gpu-' + _slug(meta['device']) if device.startswith('cuda') else 'cpu'}_{mode}"
+    os.makedirs(results_dir, exist_ok=True)
+    ratios = recorder.ratios()
+    json_path = os.path.join(results_dir, stem + ".json")
+    with open(json_path, "w") as f:
+        json.dump(dict(meta=meta, results=[asdict(r) for r in recorder.rows], ratios=ratios), f,
+                  indent=1)
+    csv_path = os.path.join(results_dir, stem + ".csv")
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(meta) + list(ratios[0]) if ratios else list(meta))
+        writer.writeheader()
+        for row in ratios:
+            writer.writerow({**meta, **row})
+    return [json_path, csv_path] + plot(ratios, meta, os.path.join(results_dir, "plots", stem))
+
+
+def plot(ratios, meta, plot_dir) -> list[str]:
+    """Speed-up over dense against pruning rate: one plot per bench, shape, dtype and backend."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    groups = defaultdict(list)
+    for r in ratios:
+        groups[(r["bench"], r["shape"], r["dtype"], r["variant"])].append(r)
+    os.makedirs(plot_dir, exist_ok=True)
+    paths = []
+    for (bench, shape, dtype, variant), items in sorted(groups.items()):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for i, rows in enumerate(sorted({r["rows"] for r in items})):
+            line = sorted((r for r in items if r["rows"] == rows), key=lambda r: r["prune_rate"])
+            rates = [100 * r["prune_rate"] for r in line]
+            color = f"C{i}"
+            ax.plot(rates, [r["speedup_vs_dense"] for r in line], "o-", color=color,
+                    label=f"{rows} rows")
+            ax.plot(rates, [r["sliced_speedup_vs_dense"] for r in line], ":", color=color)
+        top = max(r["prune_rate"] for r in items)
+        ideal = [p / 100 for p in range(0, round(100 * top) + 1, 5)]
+        ax.plot([100 * p for p in ideal], [1 / (1 - p) for p in ideal], "k--", lw=0.8,
+                label="ideal 1/(1-p)")
+        ax.set_xlabel("pruning rate (%)")
+        ax.set_ylabel("speed-up over dense")
+        ax.set_title(f"{bench} {shape} {dtype} {variant}\n{meta['device']}", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, title="solid: gather, dotted: pre-sliced", title_fontsize=7)
+        fig.tight_layout()
+        path = os.path.join(plot_dir, f"{bench}_{_slug(shape)}_{dtype}_{variant}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def summary_lines(recorder: Recorder) -> list[str]:
+    header = (f"{'bench':<6} {'shape':<18} {'dtype':<9} {'variant':<13} {'prune':>5} {'rows':>5} "
+              f"{'x dense':>8} {'/ sliced':>8}")
+    lines = [header, "-" * len(header)]
+    for r in sorted(recorder.ratios(), key=lambda r: (r["bench"], r["shape"], r["dtype"],
+                                                       r["variant"], r["prune_rate"], r["rows"])):
+        fmt = lambda v: f"{v:8.2f}" if v is not None else f"{'-':>8}"  # noqa: E731
+        lines.append(f"{r['bench']:<6} {r['shape']:<18} {r['dtype']:<9} {r['variant']:<13} "
+                     f"{100 * r['prune_rate']:5.0f} {r['rows']:5d} {fmt(r['speedup_vs_dense'])} "
+                     f"{fmt(r['time_vs_sliced'])}")
+    return lines

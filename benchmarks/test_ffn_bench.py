@@ -1,0 +1,103 @@
+"""Op-level benchmark of the gather FFNs (BERT GELU, LLaMA SwiGLU) against dense and pre-sliced.
+
+For every shape, pruning rate and row count: `dense` (F.linear on the full weights), `sliced`
+(F.linear on weights sliced once ahead of time) and `gather-<backend>` for every backend present.
+"""
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import doe_kernels as dk
+from conftest import bench_device, sweep_mode
+from shapes import FULL, QUICK, SHAPES
+
+# Calls whose dense cost exceeds this many FLOPs are left out (time on a small machine).
+FLOP_CAP = {"cpu": 60e9, "cuda": 10e12}
+DTYPE = {"cpu": torch.float32, "cuda": torch.bfloat16}
+
+
+def _cases(config):
+    mode = sweep_mode(config)
+    device = bench_device(config)
+    grid = {"quick": QUICK, "full": FULL}.get(mode)
+    if mode == "smoke":
+        grid = dict(shapes=("all-MiniLM-L6-v2",), prune_rates=(0.65,), rows=(8,))
+    variants = ["dense", "sliced"] + [f"gather-{b}" for b in dk.available_backends(device.type)
+                                      if not (device.type == "cpu" and b == "triton")]
+    for name in grid["shapes"]:
+        shape = SHAPES[name]
+        matrices = 3 if shape.ffn == "swiglu" else 2
+        for rows in grid["rows"]:
+            if 2 * rows * shape.hidden * shape.intermediate * matrices > FLOP_CAP[device.type]:
+                continue
+            for prune_rate in grid["prune_rates"]:
+                for variant in variants:
+                    yield pytest.param((name, prune_rate, rows, variant),
+                                       id=f"{name}-p{round(100 * prune_rate)}-r{rows}-{variant}")
+
+
+def pytest_generate_tests(metafunc):
+    if "ffn_case" in metafunc.fixturenames:
+        metafunc.parametrize("ffn_case", list(_cases(metafunc.config)))
+
+
+@functools.lru_cache(maxsize=2)
+def _weights(name, device, dtype):
+    shape = SHAPES[name]
+    gen = torch.Generator().manual_seed(0)
+    make = lambda *s: (torch.randn(*s, generator=gen) / s[-1] ** 0.5).to(device, dtype)  # noqa: E731
+    w = dict(w_in=make(shape.intermediate, shape.hidden), w_out=make(shape.hidden, shape.intermediate))
+    if shape.ffn == "swiglu":
+        w["w_up"] = make(shape.intermediate, shape.hidden)
+    else:
+        w["b_in"], w["b_out"] = make(shape.intermediate), make(shape.hidden)
+    w["w_out_t"] = dk.input_major(w["w_out"])
+    return w
+
+
+def _kept(intermediate, prune_rate, device):
+    keep = round(intermediate * (1 - prune_rate))
+    gen = torch.Generator().manual_seed(1)
+    return torch.randperm(intermediate, generator=gen)[:keep].sort().values.to(device)
+
+
+def _callable(name, variant, w, kept, x):
+    shape = SHAPES[name]
+    if shape.ffn == "swiglu":
+        if variant in ("dense", "sliced"):
+            gate, up, down = w["w_in"], w["w_up"], w["w_out"]
+            if variant == "sliced":
+                gate, up, down = gate[kept].contiguous(), up[kept].contiguous(), down[:, kept].contiguous()
+            return lambda: F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+        backend = variant.removeprefix("gather-")
+        return lambda: dk.gather_swiglu_ffn(x, w["w_in"], w["w_up"], w["w_out_t"], kept,
+                                            backend=backend, check_indices=False)
+    if variant in ("dense", "sliced"):
+        w_in, b_in, w_out = w["w_in"], w["b_in"], w["w_out"]
+        if variant == "sliced":
+            w_in, b_in, w_out = w_in[kept].contiguous(), b_in[kept].contiguous(), w_out[:, kept].contiguous()
+        return lambda: F.linear(F.gelu(F.linear(x, w_in, b_in)), w_out, w["b_out"])
+    backend = variant.removeprefix("gather-")
+    return lambda: dk.gather_ffn(x, w["w_in"], w["b_in"], w["w_out_t"], w["b_out"], kept, "gelu",
+                                 backend=backend, check_indices=False)
+
+
+def test_ffn(benchmark, recorder, request, ffn_case):
+    name, prune_rate, rows, variant = ffn_case
+    device = bench_device(request.config)
+    dtype = DTYPE[device.type]
+    w = _weights(name, device, dtype)
+    kept = _kept(SHAPES[name].intermediate, prune_rate, device)
+    x = torch.randn(rows, SHAPES[name].hidden, device=device, dtype=dtype)
+    fn = _callable(name, variant, w, kept, x)
+    if device.type == "cuda":
+        inner = fn
+        fn = lambda: (inner(), torch.cuda.synchronize())  # noqa: E731
+    with torch.inference_mode():
+        fn()  # warm-up (and Triton compilation)
+        benchmark(fn)
+    recorder.add(bench="ffn", shape=name, dtype=str(dtype).removeprefix("torch."),
+                 device=device.type, variant=variant, prune_rate=prune_rate, rows=rows,
+                 median_s=benchmark.stats.stats.median)

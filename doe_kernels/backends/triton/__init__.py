@@ -1,0 +1,135 @@
+"""The Triton backend: tiled ``tl.dot`` kernels that gather kept neurons through the index list.
+
+Triton is imported lazily (on the first kernel call or ``available`` check), so importing this module
+never fails when triton is missing or when there is neither a GPU nor the interpreter. Whether the
+kernels run under the interpreter is decided from ``TRITON_INTERPRET`` when they are first imported;
+set it before the first call.
+"""
+import contextlib
+import functools
+import os
+
+import torch
+
+NAME = "triton"
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+_kernels_mod = None
+_import_error = None
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:  # ImportError, or a broken install
+        return False
+    return True
+
+
+def _kernels():
+    global _kernels_mod, _import_error
+    if _kernels_mod is None:
+        if _import_error is not None:
+            raise RuntimeError(f"triton backend unavailable: {_import_error}") from _import_error
+        try:
+            from . import kernels as mod
+        except Exception as exc:
+            _import_error = exc
+            raise RuntimeError(f"triton backend unavailable: {exc}") from exc
+        _kernels_mod = mod
+    return _kernels_mod
+
+
+def available(device_type: str) -> bool:
+    if not _triton_importable():
+        return False
+    if device_type == "cuda":
+        try:
+            return torch.cuda.is_available()
+        except Exception:
+            return False
+    if device_type == "cpu":
+        return os.environ.get("TRITON_INTERPRET") == "1"
+    return False
+
+
+def _blocks(k, M, N, K):
+    """Launch meta-parameters: none on GPU (autotuned), fixed large blocks under the interpreter."""
+    return k.interpreter_blocks(M, N, K) if k.INTERPRET else {}
+
+
+def _grid(M, N):
+    import triton
+
+    return lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+
+def _out_dtype(k, dtype):
+    """Under the interpreter, float32 -> bfloat16 stores truncate instead of rounding to nearest;
+    there the kernel writes float32 and torch does the rounding (GPU stores round correctly)."""
+    return torch.float32 if (k.INTERPRET and dtype == torch.bfloat16) else dtype
+
+
+def _device_guard(t):
+    """Launch on the tensor's own GPU (triton launches on the current device)."""
+    if t.device.type == "cuda":
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
+def gather_rows_linear(x, weight, bias, rows, activation: str):
+    k = _kernels()
+    if activation not in k.ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}")
+    M, K = x.shape
+    N = rows.shape[0]
+    out = torch.empty((M, N), device=x.device, dtype=_out_dtype(k, x.dtype))
+    has_bias = bias is not None
+    with _device_guard(x):
+        k.gather_rows_linear_kernel[_grid(M, N)](
+            x, weight, bias if has_bias else x, rows, out,
+            M, N, K,
+            x.stride(0), weight.stride(0), out.stride(0),
+            k.m_bucket(M),
+            HAS_BIAS=has_bias, ACTIVATION=k.ACTIVATIONS[activation],
+            F32_DOT=x.dtype == torch.float32 or k.INTERPRET,
+            **_blocks(k, M, N, K),
+        )
+    return out.to(x.dtype)
+
+
+def gather_swiglu(x, w_gate, w_up, kept):
+    k = _kernels()
+    M, K = x.shape
+    N = kept.shape[0]
+    out = torch.empty((M, N), device=x.device, dtype=_out_dtype(k, x.dtype))
+    with _device_guard(x):
+        k.gather_swiglu_kernel[_grid(M, N)](
+            x, w_gate, w_up, kept, out,
+            M, N, K,
+            x.stride(0), w_gate.stride(0), w_up.stride(0), out.stride(0),
+            k.m_bucket(M),
+            F32_DOT=x.dtype == torch.float32 or k.INTERPRET,
+            **_blocks(k, M, N, K),
+        )
+    return out.to(x.dtype)
+
+
+def gather_cols_linear(h, weight_t, bias, cols):
+    k = _kernels()
+    M, J = h.shape
+    N = weight_t.shape[1]
+    out = torch.empty((M, N), device=h.device, dtype=_out_dtype(k, h.dtype))
+    has_bias = bias is not None
+    with _device_guard(h):
+        k.gather_cols_linear_kernel[_grid(M, N)](
+            h, weight_t, bias if has_bias else h, cols, out,
+            M, N, J,
+            h.stride(0), weight_t.stride(0), out.stride(0),
+            k.m_bucket(M),
+            HAS_BIAS=has_bias, F32_DOT=h.dtype == torch.float32 or k.INTERPRET,
+            **_blocks(k, M, N, J),
+        )
+    return out.to(h.dtype)

@@ -1,0 +1,296 @@
+"""Triton kernels for the gathered (index-list) FFN projections.
+
+Three tiled ``tl.dot`` kernels that read the kept neurons straight out of the full weights through an
+index list instead of copying a sliced weight:
+
+* ``gather_rows_linear_kernel``: out[m, n] = act(x[m, :] . weight[rows[n], :] + bias[rows[n]])
+* ``gather_swiglu_kernel``:      out[m, n] = silu(x[m] . w_gate[kept[n]]) * (x[m] . w_up[kept[n]])
+* ``gather_cols_linear_kernel``: out[m, n] = sum_j h[m, j] * weight_t[cols[j], n] + bias[n]
+
+All accumulate in float32 and fuse their epilogue (bias, activation, SwiGLU product) before the single
+store in the output dtype. Only plain pointer arithmetic, ``tl.load``/``tl.store`` and ``tl.dot`` are
+used so the kernels work with Triton 3.x (>= 3.0) on GPU and under the interpreter.
+
+The launch configuration is decided when this module is imported: under ``TRITON_INTERPRET=1`` the
+kernels are plain ``@triton.jit`` functions and the caller picks large blocks (fast in numpy); on a GPU
+they are wrapped in ``@triton.autotune`` keyed on (bucketed M, N, K).
+"""
+import os
+
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+ACT_IDENTITY = 0
+ACT_GELU = 1
+ACT_GELU_TANH = 2
+ACT_RELU = 3
+ACTIVATIONS = {
+    "identity": ACT_IDENTITY,
+    "gelu": ACT_GELU,
+    "gelu_tanh": ACT_GELU_TANH,
+    "relu": ACT_RELU,
+}
+
+
+def m_bucket(m: int) -> int:
+    """Autotune key for M: decode sizes exact-ish, prefill sizes by power of two (capped)."""
+    if m <= 16:
+        return 16
+    return min(triton.next_power_of_2(m), 4096)
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------------
+@triton.jit
+def _sigmoid(x):
+    # overflow-free form: exp of a non-positive argument only
+    e = tl.exp(-tl.abs(x))
+    r = 1.0 / (1.0 + e)
+    return tl.where(x >= 0, r, e * r)
+
+
+@triton.jit
+def _dot(a, b, acc, F32_DOT: tl.constexpr):
+    """acc += a @ b. F32_DOT: operands in float32 with exact (non-TF32) products ("ieee").
+
+    Set for float32 inputs, and for every dtype under the interpreter, whose bfloat16 tl.dot is
+    broken (numpy has no bfloat16). float16/bfloat16 on a GPU use the native tensor-core dot.
+    """
+    if F32_DOT:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
+def _apply_activation(acc, ACTIVATION: tl.constexpr):
+    if ACTIVATION == 1:  # exact GELU: 0.5 x (1 + erf(x / sqrt(2)))
+        acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
+    elif ACTIVATION == 2:  # tanh GELU; tanh(y) = 2 sigmoid(2y) - 1 (no tanh in core tl.math)
+        inner = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)
+        acc = 0.5 * acc * (1.0 + (2.0 * _sigmoid(2.0 * inner) - 1.0))
+    elif ACTIVATION == 3:  # ReLU
+        acc = tl.maximum(acc, 0.0)
+    return acc
+
+
+@triton.jit
+def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Grouped 1-D launch order: GROUP_M M-tiles sweep the N-tiles together (better L2 reuse)."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+# --------------------------------------------------------------------------------------------------
+# kernels
+# --------------------------------------------------------------------------------------------------
+@triton.jit
+def gather_rows_linear_kernel(
+    x_ptr, w_ptr, b_ptr, rows_ptr, out_ptr,
+    M, N, K,
+    stride_xm, stride_wn, stride_om,
+    M_BUCKET,  # autotune key only
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, F32_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+
+    # gathered weight rows for this N tile, loaded once (int64 indices -> int64 offsets)
+    rows = tl.load(rows_ptr + offs_n, mask=mask_n, other=0)
+    x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
+    w_ptrs = w_ptr + rows.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = (k0 + offs_k) < K
+        a = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        acc = _dot(a, tl.trans(w), acc, F32_DOT)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + rows, mask=mask_n, other=0.0).to(tl.float32)
+        acc = acc + bias[None, :]
+    acc = _apply_activation(acc, ACTIVATION)
+
+    out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def gather_swiglu_kernel(
+    x_ptr, wg_ptr, wu_ptr, kept_ptr, out_ptr,
+    M, N, K,
+    stride_xm, stride_wgn, stride_wun, stride_om,
+    M_BUCKET,  # autotune key only
+    F32_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+
+    kept = tl.load(kept_ptr + offs_n, mask=mask_n, other=0).to(tl.int64)
+    x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
+    wg_ptrs = wg_ptr + kept[:, None] * stride_wgn + offs_k[None, :]
+    wu_ptrs = wu_ptr + kept[:, None] * stride_wun + offs_k[None, :]
+
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = (k0 + offs_k) < K
+        a = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        wmask = mask_n[:, None] & mask_k[None, :]
+        wg = tl.load(wg_ptrs, mask=wmask, other=0.0)
+        wu = tl.load(wu_ptrs, mask=wmask, other=0.0)
+        acc_g = _dot(a, tl.trans(wg), acc_g, F32_DOT)
+        acc_u = _dot(a, tl.trans(wu), acc_u, F32_DOT)
+        x_ptrs += BLOCK_K
+        wg_ptrs += BLOCK_K
+        wu_ptrs += BLOCK_K
+
+    out = acc_g * _sigmoid(acc_g) * acc_u
+    out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def gather_cols_linear_kernel(
+    h_ptr, wt_ptr, b_ptr, cols_ptr, out_ptr,
+    M, N, J,
+    stride_hm, stride_wk, stride_om,
+    M_BUCKET,  # autotune key only
+    HAS_BIAS: tl.constexpr, F32_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_j = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+
+    h_ptrs = h_ptr + offs_m.to(tl.int64)[:, None] * stride_hm + offs_j[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for j0 in range(0, J, BLOCK_K):
+        mask_j = (j0 + offs_j) < J
+        # kept input rows of weight_t for this K step (each a contiguous row of N)
+        cols = tl.load(cols_ptr + j0 + offs_j, mask=mask_j, other=0).to(tl.int64)
+        a = tl.load(h_ptrs, mask=mask_m[:, None] & mask_j[None, :], other=0.0)
+        w = tl.load(wt_ptr + cols[:, None] * stride_wk + offs_n[None, :],
+                    mask=mask_j[:, None] & mask_n[None, :], other=0.0)
+        acc = _dot(a, w, acc, F32_DOT)
+        h_ptrs += BLOCK_K
+
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        acc = acc + bias[None, :]
+    out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+# --------------------------------------------------------------------------------------------------
+# launch configurations
+# --------------------------------------------------------------------------------------------------
+def _cfg(bm, bn, bk, warps, stages, group_m=8):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m},
+                         num_warps=warps, num_stages=stages)
+
+
+# One accumulator (rows_linear, cols_linear).
+MATMUL_CONFIGS = [
+    # decode / small M
+    _cfg(16, 64, 128, 4, 4),
+    _cfg(16, 128, 128, 4, 4),
+    _cfg(16, 256, 64, 4, 4),
+    _cfg(32, 64, 128, 4, 4),
+    # medium M
+    _cfg(64, 64, 64, 4, 4),
+    _cfg(64, 128, 64, 4, 4),
+    # prefill / large M
+    _cfg(128, 128, 64, 8, 3),
+    _cfg(128, 256, 64, 8, 3),
+    _cfg(128, 64, 64, 4, 4),
+]
+
+# Two accumulators (swiglu): keep the register footprint of large tiles in check.
+SWIGLU_CONFIGS = [
+    _cfg(16, 64, 128, 4, 4),
+    _cfg(16, 128, 64, 4, 4),
+    _cfg(32, 64, 128, 4, 4),
+    _cfg(64, 64, 64, 4, 4),
+    _cfg(64, 128, 64, 4, 3),
+    _cfg(128, 64, 64, 4, 3),
+    _cfg(128, 128, 64, 8, 3),
+]
+
+
+_SMEM_LIMIT = 220 * 1024  # H100: 227 KiB of shared memory per block; keep a margin
+
+
+def _make_prune(n_weights, x_arg):
+    """Early config pruning (runs before benchmarking, so it also saves autotune time).
+
+    * drop configs whose BLOCK_M is far above the problem's M (the bucket): pure waste;
+    * for prefill, drop the decode-only BLOCK_M=16 tiles;
+    * drop configs whose pipelined operand buffers would not fit in shared memory (float32 inputs
+      with large tiles); the autotuner would skip them anyway (OutOfResources) after compiling.
+    """
+    def prune(configs, named_args, **kwargs):
+        mb = named_args["M_BUCKET"]
+        elt = named_args[x_arg].element_size()
+        kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, mb)]
+        if mb > 64:
+            kept = [c for c in kept if c.kwargs["BLOCK_M"] >= 32] or kept
+
+        def smem(c):
+            bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+            return max(1, c.num_stages - 1) * (bm * bk + n_weights * bn * bk) * elt
+
+        kept = [c for c in kept if smem(c) <= _SMEM_LIMIT] or kept
+        return kept or configs
+
+    return {"early_config_prune": prune}
+
+
+if not INTERPRET:
+    gather_rows_linear_kernel = triton.autotune(
+        configs=MATMUL_CONFIGS, key=["M_BUCKET", "N", "K"],
+        prune_configs_by=_make_prune(1, "x_ptr"),
+    )(gather_rows_linear_kernel)
+    gather_swiglu_kernel = triton.autotune(
+        configs=SWIGLU_CONFIGS, key=["M_BUCKET", "N", "K"],
+        prune_configs_by=_make_prune(2, "x_ptr"),
+    )(gather_swiglu_kernel)
+    gather_cols_linear_kernel = triton.autotune(
+        configs=MATMUL_CONFIGS, key=["M_BUCKET", "N", "J"],
+        prune_configs_by=_make_prune(1, "h_ptr"),
+    )(gather_cols_linear_kernel)
+
+
+def interpreter_blocks(M: int, N: int, K: int):
+    """Fixed large blocks for the interpreter (numpy is fast on big blocks, slow per program)."""
+    def clamp(v):
+        return max(16, min(128, triton.next_power_of_2(v)))
+    return {"BLOCK_M": clamp(M), "BLOCK_N": clamp(N), "BLOCK_K": clamp(K), "GROUP_M": 8}
