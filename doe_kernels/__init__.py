@@ -2,8 +2,12 @@
 
 The ops take index lists of kept neurons and heads directly (no copies of sliced weights) and run
 on one of four backends: `torch` (reference), `cpu` (C++), `triton` and `cuda` (GPU).
+`patch(model, mask)` runs a HuggingFace BERT- or LLaMA-family model on an expert's neurons and
+heads; `unpatch(model)` restores it exactly; `with plugged(model, mask): ...` does both.
 """
 from doe_kernels.backends import BackendUnavailableError, available_backends
+from doe_kernels.mask import ExpertMask
+from doe_kernels.models import UnsupportedModelError
 from doe_kernels.ops import (
     HeadSelection,
     gather_cols_linear,
@@ -13,11 +17,19 @@ from doe_kernels.ops import (
     input_major,
     pruned_head_attention,
 )
+from doe_kernels.patching import current_mask, is_patched, patch, plugged, unpatch
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
+    "ExpertMask",
+    "UnsupportedModelError",
+    "current_mask",
+    "is_patched",
+    "patch",
+    "plugged",
+    "unpatch",
     "HeadSelection",
     "available_backends",
     "gather_cols_linear",

@@ -67,6 +67,16 @@ class HeadSelection:
     def num_kept(self) -> int:
         return self.kept_heads.numel()
 
+    @property
+    def is_full(self) -> bool:
+        return self.num_kept == self.num_heads
+
+    def apply(self, fn) -> "HeadSelection":
+        """A copy with `fn` applied to every tensor (as nn.Module._apply does: moves devices)."""
+        tensors = {name: fn(getattr(self, name)) for name in
+                   ("kept_heads", "kept_kv_heads", "kv_slot", "q_rows", "kv_rows")}
+        return HeadSelection(self.num_heads, self.num_kv_heads, self.head_dim, **tensors)
+
 
 def _split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
     """(batch, seq, heads * head_dim) -> (batch, heads, seq, head_dim)."""
@@ -78,11 +88,15 @@ def project_qkv(hidden, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias,
                 selection: HeadSelection, backend: str = "auto"):
     """Q (batch, kept, seq, d) and K, V (batch, kept_kv, seq, d) for the kept heads only."""
     check_float_tensor("hidden", hidden, dims=3)
+    d = selection.head_dim
+    if selection.is_full:  # every head kept: the dense projections
+        q, k, v = (F.linear(hidden, w, b) for w, b in
+                   ((q_weight, q_bias), (k_weight, k_bias), (v_weight, v_bias)))
+        return _split_heads(q, d), _split_heads(k, d), _split_heads(v, d)
     gather = dict(backend=backend, check_indices=False)
     q = gather_rows_linear(hidden, q_weight, q_bias, selection.q_rows, **gather)
     k = gather_rows_linear(hidden, k_weight, k_bias, selection.kv_rows, **gather)
     v = gather_rows_linear(hidden, v_weight, v_bias, selection.kv_rows, **gather)
-    d = selection.head_dim
     return _split_heads(q, d), _split_heads(k, d), _split_heads(v, d)
 
 
@@ -126,6 +140,9 @@ def attend(q, k, v, selection: HeadSelection, attention_mask=None, is_causal=Fal
 
 def project_out(attn_out, o_weight_t, o_bias, selection: HeadSelection, backend: str = "auto"):
     """The output projection reading only the kept heads' columns (o_weight_t input-major)."""
+    if selection.is_full:
+        out = torch.matmul(attn_out, o_weight_t)
+        return out if o_bias is None else out + o_bias
     return gather_cols_linear(attn_out, o_weight_t, o_bias, selection.q_rows, backend=backend,
                               check_indices=False)
 

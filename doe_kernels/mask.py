@@ -1,0 +1,174 @@
+"""ExpertMask: the FFN neurons and attention heads a task expert keeps, per layer.
+
+A mask maps layer numbers to 1-D sorted unique index tensors (kept FFN intermediate neurons, kept
+query heads); a layer missing from a dict keeps all of it. It records the sizes of the model it
+was made for, so that plugging it into another model is refused. Saved in safetensors.
+"""
+import json
+from types import MappingProxyType
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from doe_kernels.models import ModelSpec, describe
+
+_SPEC_KEYS = ("model_type", "num_layers", "intermediate_size", "num_heads", "num_kv_heads")
+
+
+def _as_index(kind: str, layer, index) -> torch.Tensor:
+    """A copy of `index` as a 1-D sorted unique int64 CPU tensor; raises naming the layer."""
+    where = f"{kind}[{layer}]"
+    if not isinstance(layer, int) or isinstance(layer, bool) or layer < 0:
+        raise TypeError(f"{kind} keys must be layer numbers (int >= 0), got {layer!r}")
+    tensor = torch.as_tensor(index)
+    if tensor.dtype.is_floating_point or tensor.dtype in (torch.bool, torch.complex64):
+        raise TypeError(f"{where} must hold integer indices, got dtype {tensor.dtype}")
+    if tensor.dim() != 1:
+        raise ValueError(f"{where} must be 1-D, got shape {tuple(tensor.shape)}")
+    tensor = tensor.detach().to("cpu", torch.int64).clone()
+    if tensor.numel() and int(tensor.min()) < 0:
+        raise ValueError(f"{where} holds a negative index {int(tensor.min())}")
+    if tensor.numel() > 1:
+        steps = tensor[1:] - tensor[:-1]
+        if int(steps.min()) <= 0:
+            position = int(torch.nonzero(steps <= 0)[0]) + 1
+            problem = "duplicate" if int(steps[position - 1]) == 0 else "unsorted"
+            raise ValueError(f"{where} must be sorted and unique: {problem} index "
+                             f"{int(tensor[position])} at position {position}")
+    return tensor
+
+
+class ExpertMask:
+    """Kept FFN neurons and attention query heads per layer (missing layers keep everything)."""
+
+    def __init__(self, ffn=None, heads=None, spec: dict | None = None):
+        self.ffn = MappingProxyType({l: _as_index("ffn", l, i) for l, i in sorted((ffn or {}).items())})
+        self.heads = MappingProxyType({l: _as_index("heads", l, i)
+                                       for l, i in sorted((heads or {}).items())})
+        self.spec = None if spec is None else {k: spec[k] for k in _SPEC_KEYS if k in spec}
+        self._prepared = {}  # (ModelSpec, device) -> per-layer plans; see doe_kernels.patching
+
+    # ---- construction -------------------------------------------------------------------
+    @classmethod
+    def random(cls, model, ffn_keep: float = 0.35, heads_keep: float = 1.0, seed: int = 0):
+        """The same fraction of neurons (and heads) kept at random in every layer."""
+        _, _, spec = describe(model)
+        for name, value in (("ffn_keep", ffn_keep), ("heads_keep", heads_keep)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {value}")
+        gen = torch.Generator().manual_seed(seed)
+
+        def pick(total, keep):
+            count = round(total * keep)
+            return torch.randperm(total, generator=gen)[:count].sort().values
+
+        ffn = {l: pick(spec.intermediate_size, ffn_keep) for l in range(spec.num_layers)}
+        heads = {l: pick(spec.num_heads, heads_keep) for l in range(spec.num_layers)}
+        return cls(ffn, heads, spec.as_dict())
+
+    @classmethod
+    def from_scores(cls, ffn_scores=None, head_scores=None, ffn_keep: float = 0.35,
+                    heads_keep: float = 1.0, scope: str = "layer", spec: dict | None = None):
+        """Keep the top-scored neurons (and heads): `scope="layer"` keeps the same fraction in
+        every layer, `scope="global"` ranks all layers together (layers may then keep more or
+        fewer). Scores: a (layers, units) tensor, or a list of 1-D tensors."""
+        if scope not in ("layer", "global"):
+            raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
+        return cls(_top(ffn_scores, ffn_keep, scope, "ffn_keep"),
+                   _top(head_scores, heads_keep, scope, "heads_keep"), spec)
+
+    # ---- inspection ---------------------------------------------------------------------
+    def validate(self, model) -> ModelSpec:
+        """Check every index against the model; raises ValueError naming the first bad one."""
+        _, _, spec = describe(model)
+        self.check_spec(spec)
+        return spec
+
+    def check_spec(self, spec: ModelSpec) -> None:
+        if self.spec is not None:
+            for key, value in self.spec.items():
+                if getattr(spec, key) != value:
+                    raise ValueError(f"this mask was made for a model with {key}={value!r}, but the "
+                                     f"model has {key}={getattr(spec, key)!r}")
+        for kind, table, size in (("ffn", self.ffn, spec.intermediate_size),
+                                  ("heads", self.heads, spec.num_heads)):
+            for layer, index in table.items():
+                if layer >= spec.num_layers:
+                    raise ValueError(f"{kind} names layer {layer}, but the model has "
+                                     f"{spec.num_layers} layers")
+                if index.numel() and int(index[-1]) >= size:
+                    bad = int(index[index >= size][0])
+                    raise ValueError(f"{kind}[{layer}] holds index {bad}, out of range for "
+                                     f"{size} {'neurons' if kind == 'ffn' else 'heads'}")
+
+    def summary(self, model=None) -> dict:
+        """Kept counts and pruning rates (sizes from the model, or from the mask's own record)."""
+        sizes = describe(model)[2].as_dict() if model is not None else self.spec
+        if sizes is None:
+            raise ValueError("this mask records no model sizes; pass the model")
+        layers = sizes["num_layers"]
+        total_ffn, total_heads = layers * sizes["intermediate_size"], layers * sizes["num_heads"]
+        kept_ffn = sum(self.ffn[l].numel() if l in self.ffn else sizes["intermediate_size"]
+                       for l in range(layers))
+        kept_heads = sum(self.heads[l].numel() if l in self.heads else sizes["num_heads"]
+                         for l in range(layers))
+        return dict(layers=layers, neurons_kept=kept_ffn, neurons_total=total_ffn,
+                    ffn_pruning_rate=1 - kept_ffn / total_ffn, heads_kept=kept_heads,
+                    heads_total=total_heads, head_pruning_rate=1 - kept_heads / total_heads)
+
+    def __repr__(self):
+        if self.spec is None:
+            return f"ExpertMask(ffn layers={list(self.ffn)}, heads layers={list(self.heads)})"
+        s = self.summary()
+        return (f"ExpertMask({s['layers']} layers, neurons {s['neurons_kept']}/{s['neurons_total']}"
+                f" kept ({100 * s['ffn_pruning_rate']:.1f}% pruned), heads {s['heads_kept']}/"
+                f"{s['heads_total']} kept)")
+
+    # ---- files --------------------------------------------------------------------------
+    def save(self, path) -> None:
+        tensors = {f"ffn.{l}": i for l, i in self.ffn.items()}
+        tensors.update({f"heads.{l}": i for l, i in self.heads.items()})
+        save_file(tensors, str(path), metadata={"doe_kernels": "ExpertMask",
+                                               "spec": json.dumps(self.spec)})
+
+    @classmethod
+    def load(cls, path) -> "ExpertMask":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        if metadata.get("doe_kernels") != "ExpertMask":
+            raise ValueError(f"{path} is not an ExpertMask file (no doe_kernels metadata)")
+        tensors = load_file(str(path))
+        tables = {"ffn": {}, "heads": {}}
+        for key, tensor in tensors.items():
+            kind, layer = key.split(".")
+            tables[kind][int(layer)] = tensor
+        return cls(tables["ffn"], tables["heads"], json.loads(metadata["spec"]))
+
+    def __eq__(self, other):
+        if not isinstance(other, ExpertMask):
+            return NotImplemented
+        same = lambda a, b: a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # noqa: E731
+        return same(self.ffn, other.ffn) and same(self.heads, other.heads) and self.spec == other.spec
+
+    __hash__ = object.__hash__
+
+
+def _top(scores, keep: float, scope: str, name: str):
+    if scores is None:
+        return {}
+    if not 0.0 <= keep <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {keep}")
+    rows = [torch.as_tensor(s, dtype=torch.float64).reshape(-1) for s in scores]
+    if scope == "layer":
+        return {l: torch.topk(r, round(r.numel() * keep)).indices.sort().values
+                for l, r in enumerate(rows)}
+    flat = torch.cat(rows)
+    chosen = torch.zeros(flat.numel(), dtype=torch.bool)
+    chosen[torch.topk(flat, round(flat.numel() * keep)).indices] = True
+    out, start = {}, 0
+    for l, r in enumerate(rows):
+        out[l] = torch.nonzero(chosen[start:start + r.numel()]).reshape(-1)
+        start += r.numel()
+    return out

@@ -1,0 +1,60 @@
+"""Architecture detection: find a model's transformer layers by their modules, pick the adapter.
+
+Supported: the BERT family (BERT, RoBERTa) and the LLaMA family (LLaMA, Mistral, Qwen2). The
+transformers versions this was tested with are checked at patch time.
+"""
+from torch import nn
+
+from doe_kernels.models import bert, llama
+from doe_kernels.models.base import ModelSpec, UnsupportedModelError
+
+ADAPTERS = (bert, llama)
+SUPPORTED_TRANSFORMERS = ((5, 0), (6, 0))  # [low, high)
+
+
+def supported_families() -> str:
+    return "; ".join(adapter.DESCRIPTION for adapter in ADAPTERS)
+
+
+def check_transformers_version() -> None:
+    import transformers
+
+    version = tuple(int(part) for part in transformers.__version__.split(".")[:2])
+    low, high = SUPPORTED_TRANSFORMERS
+    if not low <= version < high:
+        raise UnsupportedModelError(
+            f"transformers {transformers.__version__} is not supported; doe_kernels supports "
+            f">={'.'.join(map(str, low))},<{'.'.join(map(str, high))}")
+
+
+def find_layers(model: nn.Module):
+    """(adapter, layers): the first ModuleList whose children are all layers of one family."""
+    for _, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        for adapter in ADAPTERS:
+            if all(adapter.is_layer(layer) for layer in module):
+                return adapter, module
+    raise UnsupportedModelError(
+        f"{type(model).__name__} has no stack of transformer layers doe_kernels recognises. "
+        f"Supported: {supported_families()}.")
+
+
+def describe(model: nn.Module):
+    """(adapter, layers, ModelSpec) of a supported model; raises UnsupportedModelError otherwise."""
+    adapter, layers = find_layers(model)
+    config = getattr(model, "config", None)
+    if config is None:
+        raise UnsupportedModelError(f"{type(model).__name__} has no `config`; pass a HuggingFace "
+                                    "PreTrainedModel")
+    for layer in layers:
+        adapter.check_supported(layer, config)
+    sizes = [adapter.layer_sizes(layer, config) for layer in layers]
+    if any(s != sizes[0] for s in sizes):
+        raise UnsupportedModelError("layers of different sizes are not supported")
+    spec = ModelSpec(family=adapter.FAMILY, model_type=getattr(config, "model_type", "unknown"),
+                     num_layers=len(layers), **sizes[0])
+    return adapter, layers, spec
+
+
+__all__ = ["ModelSpec", "UnsupportedModelError", "check_transformers_version", "describe"]

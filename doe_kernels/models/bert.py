@@ -1,0 +1,86 @@
+"""BERT-family adapter (BERT, RoBERTa and the models that share BertLayer's structure).
+
+A layer is recognised by `attention.self.{query,key,value}`, `attention.output.dense`,
+`intermediate.dense` and `output.dense`. Patching replaces `attention.self` (kept heads' Q/K/V and
+attention), `attention.output.dense` (kept heads' columns), `intermediate` (kept neurons' rows with
+the activation) and `output.dense` (kept neurons' columns, input-major); the residual, dropout and
+LayerNorm modules stay as they are.
+"""
+from doe_kernels.models.base import LayerPatch, UnsupportedModelError, has_modules
+from doe_kernels.models.modules import (
+    HF_ACTIVATIONS,
+    KeptColsLinear,
+    KeptRowsLinear,
+    PrunedAttention,
+)
+from doe_kernels.ops import attend
+
+FAMILY = "bert"
+DESCRIPTION = "BERT family (BertModel and its task heads, RoBERTa)"
+
+
+def is_layer(module) -> bool:
+    return has_modules(module, "attention.self.query", "attention.self.key", "attention.self.value",
+                       "attention.output.dense", "intermediate.dense", "output.dense")
+
+
+def layer_sizes(layer, config) -> dict:
+    attention = layer.attention.self
+    num_heads = attention.num_attention_heads
+    return dict(hidden_size=layer.intermediate.dense.in_features,
+                intermediate_size=layer.intermediate.dense.out_features,
+                num_heads=num_heads, num_kv_heads=num_heads,
+                head_dim=attention.attention_head_size)
+
+
+def check_supported(layer, config) -> None:
+    if getattr(layer, "add_cross_attention", False) or hasattr(layer, "crossattention"):
+        raise UnsupportedModelError("BERT layers with cross-attention (encoder-decoder use) are not "
+                                    "supported; patch an encoder")
+    if getattr(config, "is_decoder", False):
+        raise UnsupportedModelError("BERT configured as a decoder (is_decoder=True) is not supported")
+    act = getattr(config, "hidden_act", None)
+    if act not in HF_ACTIVATIONS:
+        raise UnsupportedModelError(f"hidden_act {act!r} is not supported; supported: "
+                                    f"{sorted(HF_ACTIVATIONS)}")
+    position = getattr(config, "position_embedding_type", "absolute")
+    if position not in (None, "absolute"):
+        raise UnsupportedModelError(f"position_embedding_type {position!r} is not supported "
+                                    "(only 'absolute')")
+
+
+class PrunedBertSelfAttention(PrunedAttention):
+    """BertSelfAttention on the kept heads; returns (batch, seq, kept * head_dim), None."""
+
+    def forward(self, hidden_states, attention_mask=None, *args, **kwargs):
+        if self.selection.num_kept == 0:
+            return hidden_states.new_zeros(*hidden_states.shape[:-1], 0), None
+        q, k, v = self.project(hidden_states)
+        return attend(q, k, v, self.selection, attention_mask, scale=self.scaling), None
+
+
+def patch_layer(layer, config, backend: str) -> LayerPatch:
+    patch = LayerPatch(layer)
+    sizes = layer_sizes(layer, config)
+    self_attention = layer.attention.self
+    attention = PrunedBertSelfAttention(
+        self_attention.query, self_attention.key, self_attention.value, sizes["num_heads"],
+        sizes["num_kv_heads"], sizes["head_dim"], sizes["head_dim"] ** -0.5, backend)
+    patch.replace("attention.self", attention)
+    patch.head_modules.append(attention)
+
+    o_proj = layer.attention.output.dense
+    o_cols = patch.move_input_major(o_proj.weight, lambda w_t: KeptColsLinear(w_t, o_proj.bias, backend),
+                                    "weight_t")
+    patch.replace("attention.output.dense", o_cols)
+    patch.head_cols.append(o_cols)
+
+    up = layer.intermediate.dense
+    rows = KeptRowsLinear(up.weight, up.bias, HF_ACTIVATIONS[config.hidden_act], backend)
+    patch.replace("intermediate", rows)
+    down = layer.output.dense
+    cols = patch.move_input_major(down.weight, lambda w_t: KeptColsLinear(w_t, down.bias, backend),
+                                  "weight_t")
+    patch.replace("output.dense", cols)
+    patch.ffn_modules += [rows, cols]
+    return patch

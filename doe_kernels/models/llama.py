@@ -1,0 +1,97 @@
+"""LLaMA-family adapter (LLaMA, Mistral, Qwen2 and the models that share their decoder layer).
+
+A layer is recognised by `self_attn.{q,k,v,o}_proj` and `mlp.{gate,up,down}_proj`. Patching
+replaces `self_attn` (kept heads' Q/K/V, rotary embeddings, the KV cache holding only the KV heads
+in use, attention, and the kept heads' columns of o_proj) and `mlp` (SwiGLU on the kept neurons,
+down projection input-major). A patched model's KV cache is only valid for the expert that filled
+it: swap experts between requests, not inside one generation.
+"""
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from doe_kernels.models.base import LayerPatch, UnsupportedModelError, has_modules
+from doe_kernels.models.modules import GatherSwiGLUMLP, PrunedAttention
+from doe_kernels.ops import attend, project_out
+
+FAMILY = "llama"
+DESCRIPTION = "LLaMA family (LlamaForCausalLM, LlamaModel, Mistral, Qwen2)"
+
+
+def is_layer(module) -> bool:
+    return has_modules(module, "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                       "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def layer_sizes(layer, config) -> dict:
+    num_heads = config.num_attention_heads
+    num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
+    head_dim = getattr(layer.self_attn, "head_dim", None) or config.hidden_size // num_heads
+    return dict(hidden_size=layer.mlp.gate_proj.in_features,
+                intermediate_size=layer.mlp.gate_proj.out_features,
+                num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim)
+
+
+def check_supported(layer, config) -> None:
+    act = getattr(config, "hidden_act", None)
+    if act != "silu":
+        raise UnsupportedModelError(f"hidden_act {act!r} is not supported for the LLaMA family "
+                                    "(only 'silu', i.e. SwiGLU)")
+    mlp = layer.mlp
+    if any(p.bias is not None for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)):
+        raise UnsupportedModelError("MLP biases (mlp_bias=True) are not supported")
+    sizes = layer_sizes(layer, config)
+    if layer.self_attn.q_proj.out_features != sizes["num_heads"] * sizes["head_dim"]:
+        raise UnsupportedModelError("q_proj's size does not match num_attention_heads * head_dim")
+    for name in ("q_norm", "k_norm"):
+        if hasattr(layer.self_attn, name):
+            raise UnsupportedModelError(f"attention with {name} (Qwen3-style) is not supported yet")
+
+
+class PrunedLlamaAttention(PrunedAttention):
+    """LlamaAttention on the kept heads; returns (output, None) as the original does."""
+
+    def __init__(self, original, o_weight_t, sizes, backend):
+        super().__init__(original.q_proj, original.k_proj, original.v_proj, sizes["num_heads"],
+                         sizes["num_kv_heads"], sizes["head_dim"], original.scaling, backend)
+        self.layer_idx = original.layer_idx
+        self.register_buffer("o_weight_t", o_weight_t, persistent=False)
+        self.o_bias = original.o_proj.bias
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None,
+                past_key_values=None, cache=None, **kwargs):
+        cache = cache if cache is not None else past_key_values
+        selection = self.selection
+        if selection.num_kept == 0:
+            if cache is not None:  # keep the cache's layers aligned; this layer stores nothing
+                empty = hidden_states.new_empty(hidden_states.shape[0], 0, hidden_states.shape[1],
+                                                self.head_dim)
+                cache.update(empty, empty, self.layer_idx)
+            out = hidden_states.new_zeros(*hidden_states.shape[:-1], self.o_weight_t.shape[1])
+            return (out if self.o_bias is None else out + self.o_bias), None
+        q, k, v = self.project(hidden_states)
+        cos, sin = position_embeddings
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+        is_causal = attention_mask is None and q.shape[2] > 1
+        out = attend(q, k, v, selection, attention_mask, is_causal=is_causal, scale=self.scaling)
+        return project_out(out, self.o_weight_t, self.o_bias, selection, self.backend), None
+
+
+def patch_layer(layer, config, backend: str) -> LayerPatch:
+    patch = LayerPatch(layer)
+    sizes = layer_sizes(layer, config)
+    original = layer.self_attn
+    attention = patch.move_input_major(
+        original.o_proj.weight,
+        lambda o_weight_t: PrunedLlamaAttention(original, o_weight_t, sizes, backend), "o_weight_t")
+    patch.replace("self_attn", attention)
+    patch.head_modules.append(attention)
+
+    mlp = layer.mlp
+    gathered = patch.move_input_major(
+        mlp.down_proj.weight,
+        lambda w_down_t: GatherSwiGLUMLP(mlp.gate_proj.weight, mlp.up_proj.weight, w_down_t, backend),
+        "w_down_t")
+    patch.replace("mlp", gathered)
+    patch.ffn_modules.append(gathered)
+    return patch

@@ -1,0 +1,131 @@
+"""The modules a patched model runs: linear layers and an MLP that read only the kept neurons.
+
+They hold the model's own weight Parameters (no copies), except the down projections, which they
+hold input-major as non-persistent buffers (converted once at patch time; the original layout is
+restored at unpatch). Index tensors are non-persistent buffers too, so `model.to(...)` moves them.
+An expert swap only replaces their `kept` index tensors. `kept = None` means every neuron is kept:
+the module then runs the plain dense computation.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from doe_kernels.backends.torch_ref import apply_activation
+from doe_kernels.ops import (
+    HeadSelection,
+    gather_cols_linear,
+    gather_rows_linear,
+    gather_swiglu_ffn,
+    project_qkv,
+)
+
+# HF `hidden_act` names -> doe_kernels activation names.
+HF_ACTIVATIONS = {
+    "gelu": "gelu",
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_fast": "gelu_tanh",
+    "relu": "relu",
+}
+
+
+def _kept_repr(kept, total: int) -> str:
+    return f"{total if kept is None else kept.numel()}/{total} kept"
+
+
+class KeptRowsLinear(nn.Module):
+    """`act(x @ weight[kept].T + bias[kept])`: a linear layer computing only its kept outputs."""
+
+    def __init__(self, weight, bias, activation: str = "identity", backend: str = "auto"):
+        super().__init__()
+        self.weight, self.bias = weight, bias
+        self.activation, self.backend = activation, backend
+        self.register_buffer("kept", None, persistent=False)
+
+    def forward(self, x):
+        if self.kept is None:
+            return apply_activation(F.linear(x, self.weight, self.bias), self.activation)
+        return gather_rows_linear(x, self.weight, self.bias, self.kept, self.activation,
+                                  backend=self.backend, check_indices=False)
+
+    def extra_repr(self):
+        return (f"in={self.weight.shape[1]}, out={_kept_repr(self.kept, self.weight.shape[0])}, "
+                f"activation={self.activation}, backend={self.backend}")
+
+
+class KeptColsLinear(nn.Module):
+    """`x_kept @ W[:, kept].T + bias`, with W held input-major (`weight_t`, one row per input)."""
+
+    def __init__(self, weight_t, bias, backend: str = "auto"):
+        super().__init__()
+        self.register_buffer("weight_t", weight_t, persistent=False)
+        self.bias, self.backend = bias, backend
+        self.register_buffer("kept", None, persistent=False)
+
+    def forward(self, x_kept):
+        if self.kept is None:
+            out = torch.matmul(x_kept, self.weight_t)
+            return out if self.bias is None else out + self.bias
+        return gather_cols_linear(x_kept, self.weight_t, self.bias, self.kept,
+                                  backend=self.backend, check_indices=False)
+
+    def extra_repr(self):
+        return (f"in={_kept_repr(self.kept, self.weight_t.shape[0])}, out={self.weight_t.shape[1]}, "
+                f"backend={self.backend}")
+
+
+class GatherSwiGLUMLP(nn.Module):
+    """A LLaMA-style MLP (`down(silu(gate(x)) * up(x))`) on the kept neurons only."""
+
+    def __init__(self, w_gate, w_up, w_down_t, backend: str = "auto"):
+        super().__init__()
+        self.w_gate, self.w_up, self.backend = w_gate, w_up, backend
+        self.register_buffer("w_down_t", w_down_t, persistent=False)
+        self.register_buffer("kept", None, persistent=False)
+
+    def forward(self, x):
+        if self.kept is None:
+            return torch.matmul(F.silu(F.linear(x, self.w_gate)) * F.linear(x, self.w_up),
+                                self.w_down_t)
+        return gather_swiglu_ffn(x, self.w_gate, self.w_up, self.w_down_t, self.kept,
+                                 backend=self.backend, check_indices=False)
+
+    def extra_repr(self):
+        return (f"hidden={self.w_gate.shape[1]}, "
+                f"neurons={_kept_repr(self.kept, self.w_gate.shape[0])}, backend={self.backend}")
+
+
+class PrunedAttention(nn.Module):
+    """Base of the patched attention modules: Q, K, V projections of the kept heads only.
+
+    Holds the original q/k/v Parameters; `selection` (a HeadSelection) says which heads are kept.
+    Subclasses implement the family's forward (rotary embeddings, cache, output projection).
+    """
+
+    def __init__(self, q, k, v, num_heads, num_kv_heads, head_dim, scaling, backend="auto"):
+        super().__init__()
+        self.q_weight, self.q_bias = q.weight, q.bias
+        self.k_weight, self.k_bias = k.weight, k.bias
+        self.v_weight, self.v_bias = v.weight, v.bias
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scaling, self.backend = scaling, backend
+        self.selection = None
+
+    def set_selection(self, selection: HeadSelection) -> None:
+        self.selection = selection
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self.selection is not None:  # keep the index lists on the module's device
+            self.selection = self.selection.apply(fn)
+        return self
+
+    def project(self, hidden):
+        return project_qkv(hidden, self.q_weight, self.q_bias, self.k_weight, self.k_bias,
+                           self.v_weight, self.v_bias, self.selection, self.backend)
+
+    def extra_repr(self):
+        kept = self.num_heads if self.selection is None else self.selection.num_kept
+        kv = self.num_kv_heads if self.selection is None else self.selection.kept_kv_heads.numel()
+        return (f"heads={kept}/{self.num_heads} kept, kv_heads={kv}/{self.num_kv_heads} computed, "
+                f"head_dim={self.head_dim}, backend={self.backend}")

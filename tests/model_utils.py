@@ -1,0 +1,124 @@
+"""Small models built from configs, and the masked-dense reference a patched model must equal."""
+import copy
+
+import torch
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    RobertaConfig,
+    RobertaModel,
+)
+
+import doe_kernels as dk
+
+
+def bert(**overrides):
+    config = BertConfig(hidden_size=48, num_hidden_layers=3, num_attention_heads=4,
+                        intermediate_size=72, vocab_size=120, max_position_embeddings=64,
+                        num_labels=3, **overrides)
+    return BertForSequenceClassification(config)
+
+
+def roberta():
+    config = RobertaConfig(hidden_size=40, num_hidden_layers=3, num_attention_heads=5,
+                           intermediate_size=70, vocab_size=120, max_position_embeddings=70,
+                           hidden_act="gelu_new")
+    return RobertaModel(config, add_pooling_layer=False)
+
+
+def _causal_config(config_class, **extra):
+    return config_class(hidden_size=48, num_hidden_layers=3, num_attention_heads=6,
+                        num_key_value_heads=2, intermediate_size=80, vocab_size=120,
+                        max_position_embeddings=128, rope_theta=10000.0, tie_word_embeddings=False,
+                        **extra)
+
+
+def llama():
+    return LlamaForCausalLM(_causal_config(LlamaConfig))
+
+
+def mistral():
+    return MistralForCausalLM(_causal_config(MistralConfig, sliding_window=None))
+
+
+def qwen2():
+    return Qwen2ForCausalLM(_causal_config(Qwen2Config))
+
+
+MODELS = {"bert": bert, "roberta": roberta, "llama": llama, "mistral": mistral, "qwen2": qwen2}
+CAUSAL = ("llama", "mistral", "qwen2")
+
+
+def build(name, dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    model = MODELS[name]().eval().to(dtype)
+    return model
+
+
+def mixed_mask(model, ffn_keep=0.35, heads_keep=0.5, seed=0):
+    """A random mask with layer 0 keeping no neuron and layer 1 keeping every neuron and head."""
+    mask = dk.ExpertMask.random(model, ffn_keep=ffn_keep, heads_keep=heads_keep, seed=seed)
+    ffn = dict(mask.ffn)
+    heads = dict(mask.heads)
+    spec = mask.spec
+    ffn[0] = torch.empty(0, dtype=torch.int64)
+    ffn[1] = torch.arange(spec["intermediate_size"])
+    heads[1] = torch.arange(spec["num_heads"])
+    return dk.ExpertMask(ffn, heads, spec)
+
+
+def masked_dense(model, mask):
+    """A copy of the dense model with the pruned neurons' and heads' weights zeroed."""
+    dense = copy.deepcopy(model)
+    _, layers, spec = dk.models.describe(dense)
+    with torch.no_grad():
+        for index, layer in enumerate(layers):
+            pruned = torch.ones(spec.intermediate_size, dtype=torch.bool)
+            pruned[mask.ffn.get(index, torch.arange(spec.intermediate_size))] = False
+            head_pruned = torch.ones(spec.num_heads, dtype=torch.bool)
+            head_pruned[mask.heads.get(index, torch.arange(spec.num_heads))] = False
+            head_cols = head_pruned.repeat_interleave(spec.head_dim)
+            if spec.family == "bert":
+                layer.intermediate.dense.weight[pruned] = 0
+                layer.intermediate.dense.bias[pruned] = 0
+                layer.output.dense.weight[:, pruned] = 0
+                layer.attention.output.dense.weight[:, head_cols] = 0
+            else:
+                layer.mlp.gate_proj.weight[pruned] = 0
+                layer.mlp.up_proj.weight[pruned] = 0
+                layer.mlp.down_proj.weight[:, pruned] = 0
+                layer.self_attn.o_proj.weight[:, head_cols] = 0
+    return dense
+
+
+def inputs(name, batch=3, seq=9, seed=1, device="cpu"):
+    """Token ids and a padded attention mask (left padding for causal models, right for BERT)."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 120, (batch, seq), generator=gen)
+    attention = torch.ones(batch, seq, dtype=torch.long)
+    if name in CAUSAL:
+        attention[1, :4] = 0
+    else:
+        attention[1, -4:] = 0
+    return ids.to(device), attention.to(device)
+
+
+def output_of(model, ids, attention):
+    out = model(input_ids=ids, attention_mask=attention)
+    tensor = out.logits if hasattr(out, "logits") else out.last_hidden_state
+    return tensor * attention[..., None] if tensor.dim() == 3 else tensor
+
+
+def state_dict_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(
+        a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in a)
+
+
+def snapshot(model) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}

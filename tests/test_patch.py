@@ -1,0 +1,168 @@
+"""patch / unpatch / plugged on small BERT, RoBERTa, LLaMA, Mistral and Qwen2 models."""
+import pytest
+import torch
+
+import doe_kernels as dk
+from conftest import backend_cases
+from model_utils import (
+    CAUSAL,
+    MODELS,
+    build,
+    inputs,
+    masked_dense,
+    mixed_mask,
+    output_of,
+    snapshot,
+    state_dict_equal,
+)
+from reference import assert_close
+
+CPU_BACKENDS = [p for p in backend_cases(with_dtype=True) if p.values[0] == "cpu"]
+
+
+@pytest.mark.parametrize("device,backend,dtype", CPU_BACKENDS)
+@pytest.mark.parametrize("name", list(MODELS))
+def test_patched_equals_masked_dense(name, device, backend, dtype):
+    model = build(name, dtype)
+    ids, attention = inputs(name)
+    for keep in (0.2, 0.6):
+        mask = mixed_mask(model, ffn_keep=keep, heads_keep=keep, seed=int(keep * 10))
+        with torch.no_grad():
+            reference = output_of(masked_dense(model.double(), mask), ids, attention)
+            model.to(dtype)
+            dense_same_dtype = output_of(masked_dense(model, mask), ids, attention)
+            with dk.plugged(model, mask, backend=backend):
+                out = output_of(model, ids, attention)
+        assert_close(out, reference, dense_same_dtype, f"{name} keep={keep}")
+
+
+@pytest.mark.parametrize("name", CAUSAL)
+def test_greedy_generation_equals_masked_dense(name):
+    model = build(name)
+    mask = mixed_mask(model, ffn_keep=0.5, heads_keep=0.5)
+    ids, attention = inputs(name, batch=2, seq=6)
+    settings = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        expected = masked_dense(model, mask).generate(ids, attention_mask=attention, **settings)
+        with dk.plugged(model, mask):
+            got = model.generate(ids, attention_mask=attention, **settings)
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_unpatch_restores_bitwise_after_many_swaps(name):
+    model = build(name)
+    ids, attention = inputs(name)
+    before = snapshot(model)
+    with torch.no_grad():
+        expected = output_of(model, ids, attention)
+        masks = [dk.ExpertMask.random(model, ffn_keep=k, heads_keep=k, seed=i)
+                 for i, k in enumerate((0.1, 0.5, 0.9))]
+        for swap in range(1000):
+            dk.patch(model, masks[swap % 3])
+        assert dk.current_mask(model) is masks[999 % 3]
+        dk.unpatch(model)
+        assert not dk.is_patched(model)
+        assert state_dict_equal(snapshot(model), before)
+        assert torch.equal(output_of(model, ids, attention), expected)
+
+
+def _weight_elements(model):
+    """Elements of all Parameters and floating-point buffers (rotary tables aside)."""
+    buffers = [b for n, b in model.named_buffers() if b.is_floating_point() and "inv_freq" not in n]
+    return sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in buffers)
+
+
+@pytest.mark.parametrize("name", ["bert", "llama"])
+def test_patching_holds_no_extra_weight_copy(name):
+    model = build(name)
+    before = _weight_elements(model)
+    storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    dk.patch(model, dk.ExpertMask.random(model))
+    # The down and output projections now live input-major in buffers; their Parameters are
+    # empty meanwhile, and every other Parameter is the model's own storage.
+    assert _weight_elements(model) == before
+    assert {p.untyped_storage().data_ptr() for p in model.parameters() if p.numel()} <= storages
+    dk.unpatch(model)
+    assert _weight_elements(model) == before
+
+
+def test_print_shows_patched_modules():
+    model = build("llama")
+    dk.patch(model, mixed_mask(model))
+    text = repr(model)
+    assert "GatherSwiGLUMLP(hidden=48, neurons=0/80 kept" in text
+    assert "neurons=80/80 kept" in text
+    assert "PrunedLlamaAttention(heads=3/6 kept" in text
+    dk.unpatch(model)
+    assert "GatherSwiGLUMLP" not in repr(model)
+
+
+def test_plugged_restores_when_the_body_raises():
+    model = build("bert")
+    before = snapshot(model)
+    with pytest.raises(RuntimeError, match="boom"):
+        with dk.plugged(model, dk.ExpertMask.random(model)):
+            raise RuntimeError("boom")
+    assert not dk.is_patched(model)
+    assert state_dict_equal(snapshot(model), before)
+
+
+def test_plugged_inside_a_patched_model_goes_back_to_the_previous_expert():
+    model = build("bert")
+    first, second = (dk.ExpertMask.random(model, seed=s) for s in (1, 2))
+    dk.patch(model, first)
+    with dk.plugged(model, second):
+        assert dk.current_mask(model) is second
+    assert dk.current_mask(model) is first
+    dk.unpatch(model)
+
+
+@pytest.mark.parametrize("make_bad,error,match", [
+    (lambda m: dk.ExpertMask({0: [1, 200]}), ValueError, r"ffn\[0\] holds index 200, out of range"),
+    (lambda m: dk.ExpertMask(heads={2: [0, 9]}), ValueError, r"heads\[2\] holds index 9"),
+    (lambda m: dk.ExpertMask({7: [1]}), ValueError, "ffn names layer 7, but the model has 3 layers"),
+    (lambda m: dk.ExpertMask.random(build("llama")), ValueError, "made for a model with model_type='llama'"),
+    (lambda m: "not a mask", TypeError, "mask must be a doe_kernels.ExpertMask"),
+])
+def test_bad_masks_leave_the_model_unchanged(make_bad, error, match):
+    model = build("bert")
+    before = snapshot(model)
+    with pytest.raises(error, match=match):
+        dk.patch(model, make_bad(model))
+    assert not dk.is_patched(model)
+    assert state_dict_equal(snapshot(model), before)
+
+
+def test_bad_swap_leaves_the_current_expert_plugged():
+    model = build("bert")
+    mask = dk.ExpertMask.random(model)
+    dk.patch(model, mask)
+    with pytest.raises(ValueError, match="out of range"):
+        dk.patch(model, dk.ExpertMask({0: [500]}))
+    assert dk.current_mask(model) is mask
+    dk.unpatch(model)
+
+
+def test_missing_backend_leaves_the_model_unchanged():
+    model = build("bert")
+    before = snapshot(model)
+    with pytest.raises(dk.BackendUnavailableError):
+        dk.patch(model, dk.ExpertMask.random(model), backend="cuda")
+    assert not dk.is_patched(model) and state_dict_equal(snapshot(model), before)
+
+
+def test_unsupported_models_get_a_clear_error():
+    with pytest.raises(dk.UnsupportedModelError, match="Supported: BERT family"):
+        dk.patch(torch.nn.Sequential(torch.nn.Linear(3, 3)), dk.ExpertMask())
+    with pytest.raises(dk.UnsupportedModelError, match="hidden_act 'silu' is not supported"):
+        dk.patch(_bert_silu(), dk.ExpertMask())
+    with pytest.raises(ValueError, match="not patched"):
+        dk.unpatch(build("bert"))
+
+
+def _bert_silu():
+    from transformers import BertConfig, BertModel
+
+    return BertModel(BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                intermediate_size=8, vocab_size=10, hidden_act="silu"))
