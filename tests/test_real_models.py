@@ -1,0 +1,66 @@
+"""patch / unpatch on the two real pretrained models shipped by PyPI packages (offline)."""
+import pytest
+import torch
+
+import doe_kernels as dk
+from model_utils import masked_dense, snapshot, state_dict_equal
+from real_models import load_minilm, load_smollm2
+from reference import assert_close
+
+TEXTS = ["the movie was a delight from start to finish",
+         "a tedious, overlong mess",
+         "I would not watch it again"]
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return load_minilm()
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return load_smollm2()
+
+
+def test_minilm_patched_equals_masked_dense_and_restores(minilm, tmp_path):
+    model, tokenizer = minilm
+    batch = tokenizer(TEXTS, padding=True, return_tensors="pt")
+    keep = batch["attention_mask"][..., None]
+    before = snapshot(model)
+    mask = dk.ExpertMask.random(model, ffn_keep=0.35, heads_keep=0.5, seed=3)
+    with torch.no_grad():
+        reference = masked_dense(model, mask)
+        same_dtype = reference(**batch).last_hidden_state * keep
+        expected = reference.double()(**batch).last_hidden_state * keep
+        dense = model(**batch).last_hidden_state
+        with dk.plugged(model, mask):
+            got = model(**batch).last_hidden_state * keep
+        assert_close(got, expected, same_dtype, what="all-MiniLM-L6-v2")
+        assert torch.equal(model(**batch).last_hidden_state, dense)
+    assert state_dict_equal(snapshot(model), before)
+    model.save_pretrained(tmp_path)
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "model.safetensors"))
+    assert all(torch.equal(saved[k], before[k]) for k in saved)
+
+
+def test_smollm2_generation_equals_masked_dense_and_restores(smollm2):
+    model, tokenizer = smollm2
+    prompt = tokenizer(["The capital of France is", "Once upon a time"], padding=True,
+                       padding_side="left", return_tensors="pt")
+    before = snapshot(model)
+    mask = dk.ExpertMask.random(model, ffn_keep=0.5, heads_keep=7 / 9, seed=1)
+    settings = dict(max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    with torch.no_grad():
+        reference = masked_dense(model, mask)
+        same_dtype_logits = reference(**prompt).logits[:, -1]
+        expected = reference.generate(**prompt, **settings)
+        expected_logits = reference.double()(**prompt).logits[:, -1]
+        del reference
+        with dk.plugged(model, mask):
+            got_logits = model(**prompt).logits[:, -1]
+            got = model.generate(**prompt, **settings)
+    assert_close(got_logits, expected_logits, same_dtype_logits, what="SmolLM2 last-token logits")
+    assert torch.equal(got, expected)
+    assert state_dict_equal(snapshot(model), before)
