@@ -1,0 +1,361 @@
+// ISA-generic micro-kernels of the gathered linear primitives. PRIVATE: this file is included several
+// times by gather_linear_cpu.cpp, once per instruction set, inside a namespace and (on x86-64) under a
+// `#pragma GCC target`, after that namespace has defined:
+//   constexpr int W;                 floats per vector
+//   vf                               vector type
+//   vzero(), vload(const float*), vload(const uint16_t*) (bf16 -> float), vbcast(float),
+//   vfma(a, b, c) = a * b + c, vsum(v) (horizontal sum), vstore(float*, vf)
+//   constexpr int RR_MR, RR_NR       rows/swiglu tile: x rows x weight rows
+//   constexpr int CR_MR, CR_NV       cols tile: h rows x (vectors of output columns)
+// No #include here: every header is included by the .cpp before the target pragmas.
+// bf16 is passed as raw uint16_t; all accumulation is in float32.
+
+static inline float to_f(float v) { return v; }
+static inline float to_f(uint16_t v) {
+  uint32_t u = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+// ---- gather_rows: out[m, n] = dot(x[m], W[rows[n]]) + bias[rows[n]] -------------------------------
+// Software prefetch distance along a weight row, in elements; near the end of the row the next
+// tile's rows (nx) are prefetched instead, so that a new tile starts on warm lines.
+constexpr int64_t kRowPrefetch = 160;
+
+template <typename T>
+static inline void prefetch_row(const T* cur, const T* nx, int64_t k, int64_t K) {
+  const int64_t a = k + kRowPrefetch;
+  __builtin_prefetch(a < K ? cur + a : nx + (a - K), 0, 3);
+}
+
+template <typename T, int MR, int NR>
+static inline void rows_tile(const float* x, int64_t ldx, int64_t K, const T* const* wr,
+                             const T* const* nx, const float* b, float* out, int64_t ldo) {
+  vf acc[MR][NR];
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 16
+    for (int j = 0; j < NR; ++j) acc[i][j] = vzero();
+  int64_t k = 0;
+  for (; k + W <= K; k += W) {
+    vf w[NR];
+#pragma GCC unroll 16
+    for (int j = 0; j < NR; ++j) {
+      prefetch_row(wr[j], nx[j], k, K);
+      w[j] = vload(wr[j] + k);
+    }
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) {
+      vf xv = vload(x + i * ldx + k);
+#pragma GCC unroll 16
+      for (int j = 0; j < NR; ++j) acc[i][j] = vfma(xv, w[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    for (int j = 0; j < NR; ++j) {
+      float s = vsum(acc[i][j]);
+      for (int64_t kk = k; kk < K; ++kk) s += x[i * ldx + kk] * to_f(wr[j][kk]);
+      out[i * ldo + j] = s + b[j];
+    }
+  }
+}
+
+template <typename T, int NR>
+static inline void rows_tile_m(const float* x, int64_t ldx, int64_t K, const T* const* wr,
+                               const T* const* nx, const float* b, float* out, int64_t ldo,
+                               int64_t mr) {
+  switch (mr) {
+    case 1: rows_tile<T, 1, NR>(x, ldx, K, wr, nx, b, out, ldo); break;
+    case 2: rows_tile<T, (RR_MR >= 2 ? 2 : 1), NR>(x, ldx, K, wr, nx, b, out, ldo); break;
+    case 3: rows_tile<T, (RR_MR >= 3 ? 3 : 1), NR>(x, ldx, K, wr, nx, b, out, ldo); break;
+    default: rows_tile<T, RR_MR, NR>(x, ldx, K, wr, nx, b, out, ldo); break;
+  }
+}
+
+// Rows of x per block, so that a block of x (MB x K floats) stays in L2 while the kept weight rows
+// stream past it once per block.
+static inline int64_t row_block(int64_t M, int64_t K) {
+  int64_t mb = (int64_t{768} * 1024 / 4) / std::max<int64_t>(K, 1);
+  mb = std::max<int64_t>(RR_MR, mb - mb % RR_MR);
+  return std::min(M, mb);
+}
+
+// Pointers to kept rows idx[n .. n+cnt) of a (rows x K) matrix; past n1 the last kept row repeats
+// (used only for prefetching).
+template <typename T, int CNT>
+static inline void row_ptrs(const T* Wm, int64_t K, const int64_t* idx, int64_t n, int64_t n1,
+                            const T** p) {
+  for (int j = 0; j < CNT; ++j) p[j] = Wm + idx[std::min(n + j, n1 - 1)] * K;
+}
+
+// Output columns [n0, n1) of out (M x ldo), for all M rows of x (M x K, contiguous).
+template <typename T>
+static void rows_range_t(const float* x, int64_t M, int64_t K, const T* Wm, const int64_t* idx,
+                         const float* bias, int64_t n0, int64_t n1, float* out, int64_t ldo) {
+  constexpr int NR1 = 2 * RR_NR;  // single row: wider tile, more independent FMA chains
+  const T* wr[NR1];
+  const T* nx[NR1];
+  float b[NR1];
+  auto biases = [&](int64_t nn, int cnt) {
+    for (int j = 0; j < cnt; ++j) b[j] = bias ? bias[idx[nn + j]] : 0.f;
+  };
+  if (M == 1) {
+    int64_t n = n0;
+    for (; n + NR1 <= n1; n += NR1) {
+      row_ptrs<T, NR1>(Wm, K, idx, n, n1, wr);
+      row_ptrs<T, NR1>(Wm, K, idx, n + NR1, n1, nx);
+      biases(n, NR1);
+      rows_tile<T, 1, NR1>(x, K, K, wr, nx, b, out + n, ldo);
+    }
+    for (; n < n1; ++n) {
+      row_ptrs<T, 1>(Wm, K, idx, n, n1, wr);
+      row_ptrs<T, 1>(Wm, K, idx, n + 1, n1, nx);
+      biases(n, 1);
+      rows_tile<T, 1, 1>(x, K, K, wr, nx, b, out + n, ldo);
+    }
+    return;
+  }
+  const int64_t MB = row_block(M, K);
+  for (int64_t mb0 = 0; mb0 < M; mb0 += MB) {
+    const int64_t mb1 = std::min(M, mb0 + MB);
+    int64_t n = n0;
+    for (; n + RR_NR <= n1; n += RR_NR) {
+      row_ptrs<T, RR_NR>(Wm, K, idx, n, n1, wr);
+      row_ptrs<T, RR_NR>(Wm, K, idx, n + RR_NR, n1, nx);
+      biases(n, RR_NR);
+      for (int64_t m = mb0; m < mb1; m += RR_MR) {
+        // Only the last x-row tile of a weight tile prefetches the next weight tile.
+        const T* const* pf = (m + RR_MR >= mb1) ? nx : wr;
+        rows_tile_m<T, RR_NR>(x + m * K, K, K, wr, pf, b, out + m * ldo + n, ldo,
+                              std::min<int64_t>(RR_MR, mb1 - m));
+      }
+    }
+    for (; n < n1; ++n) {
+      row_ptrs<T, 1>(Wm, K, idx, n, n1, wr);
+      row_ptrs<T, 1>(Wm, K, idx, n + 1, n1, nx);
+      biases(n, 1);
+      for (int64_t m = mb0; m < mb1; m += RR_MR)
+        rows_tile_m<T, 1>(x + m * K, K, K, wr, nx, b, out + m * ldo + n, ldo,
+                          std::min<int64_t>(RR_MR, mb1 - m));
+    }
+  }
+}
+
+void rows_range(const float* x, int64_t M, int64_t K, const float* Wm, const int64_t* idx,
+                const float* bias, int64_t n0, int64_t n1, float* out, int64_t ldo) {
+  rows_range_t<float>(x, M, K, Wm, idx, bias, n0, n1, out, ldo);
+}
+void rows_range(const float* x, int64_t M, int64_t K, const uint16_t* Wm, const int64_t* idx,
+                const float* bias, int64_t n0, int64_t n1, float* out, int64_t ldo) {
+  rows_range_t<uint16_t>(x, M, K, Wm, idx, bias, n0, n1, out, ldo);
+}
+
+// ---- gather_swiglu: out[m, n] = silu(dot(x[m], G[kept[n]])) * dot(x[m], U[kept[n]]) ------------
+static inline float silu_mul(float g, float u) { return g / (1.f + std::exp(-g)) * u; }
+
+template <typename T, int MR, int NR>
+static inline void swiglu_tile(const float* x, int64_t ldx, int64_t K, const T* const* gr,
+                               const T* const* ur, const T* const* gn, const T* const* un,
+                               float* out, int64_t ldo) {
+  vf ag[MR][NR], au[MR][NR];
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 16
+    for (int j = 0; j < NR; ++j) ag[i][j] = au[i][j] = vzero();
+  int64_t k = 0;
+  for (; k + W <= K; k += W) {
+    vf g[NR], u[NR];
+#pragma GCC unroll 16
+    for (int j = 0; j < NR; ++j) {
+      prefetch_row(gr[j], gn[j], k, K);
+      prefetch_row(ur[j], un[j], k, K);
+      g[j] = vload(gr[j] + k);
+      u[j] = vload(ur[j] + k);
+    }
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) {
+      vf xv = vload(x + i * ldx + k);
+#pragma GCC unroll 16
+      for (int j = 0; j < NR; ++j) {
+        ag[i][j] = vfma(xv, g[j], ag[i][j]);
+        au[i][j] = vfma(xv, u[j], au[i][j]);
+      }
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    for (int j = 0; j < NR; ++j) {
+      float sg = vsum(ag[i][j]), su = vsum(au[i][j]);
+      for (int64_t kk = k; kk < K; ++kk) {
+        sg += x[i * ldx + kk] * to_f(gr[j][kk]);
+        su += x[i * ldx + kk] * to_f(ur[j][kk]);
+      }
+      out[i * ldo + j] = silu_mul(sg, su);
+    }
+  }
+}
+
+template <typename T, int NR>
+static inline void swiglu_tile_m(const float* x, int64_t ldx, int64_t K, const T* const* gr,
+                                 const T* const* ur, const T* const* gn, const T* const* un,
+                                 float* out, int64_t ldo, int64_t mr) {
+  switch (mr) {
+    case 1: swiglu_tile<T, 1, NR>(x, ldx, K, gr, ur, gn, un, out, ldo); break;
+    case 2: swiglu_tile<T, (RR_MR >= 2 ? 2 : 1), NR>(x, ldx, K, gr, ur, gn, un, out, ldo); break;
+    case 3: swiglu_tile<T, (RR_MR >= 3 ? 3 : 1), NR>(x, ldx, K, gr, ur, gn, un, out, ldo); break;
+    default: swiglu_tile<T, RR_MR, NR>(x, ldx, K, gr, ur, gn, un, out, ldo); break;
+  }
+}
+
+template <typename T>
+static void swiglu_range_t(const float* x, int64_t M, int64_t K, const T* G, const T* U,
+                           const int64_t* idx, int64_t n0, int64_t n1, float* out, int64_t ldo) {
+  constexpr int NR = RR_NR / 2 > 0 ? RR_NR / 2 : 1;
+  constexpr int NR1 = RR_NR;  // single row: wider tile
+  const T *gr[NR1], *ur[NR1], *gn[NR1], *un[NR1];
+  auto ptrs = [&](int64_t n, int cnt) {
+    for (int j = 0; j < cnt; ++j) {
+      const int64_t r = idx[std::min(n + j, n1 - 1)], q = idx[std::min(n + cnt + j, n1 - 1)];
+      gr[j] = G + r * K;
+      ur[j] = U + r * K;
+      gn[j] = G + q * K;
+      un[j] = U + q * K;
+    }
+  };
+  if (M == 1) {
+    int64_t n = n0;
+    for (; n + NR1 <= n1; n += NR1) {
+      ptrs(n, NR1);
+      swiglu_tile<T, 1, NR1>(x, K, K, gr, ur, gn, un, out + n, ldo);
+    }
+    for (; n < n1; ++n) {
+      ptrs(n, 1);
+      swiglu_tile<T, 1, 1>(x, K, K, gr, ur, gn, un, out + n, ldo);
+    }
+    return;
+  }
+  const int64_t MB = row_block(M, K);
+  for (int64_t mb0 = 0; mb0 < M; mb0 += MB) {
+    const int64_t mb1 = std::min(M, mb0 + MB);
+    int64_t n = n0;
+    for (; n + NR <= n1; n += NR) {
+      ptrs(n, NR);
+      for (int64_t m = mb0; m < mb1; m += RR_MR) {
+        const bool last = m + RR_MR >= mb1;
+        swiglu_tile_m<T, NR>(x + m * K, K, K, gr, ur, last ? gn : gr, last ? un : ur,
+                             out + m * ldo + n, ldo, std::min<int64_t>(RR_MR, mb1 - m));
+      }
+    }
+    for (; n < n1; ++n) {
+      ptrs(n, 1);
+      for (int64_t m = mb0; m < mb1; m += RR_MR)
+        swiglu_tile_m<T, 1>(x + m * K, K, K, gr, ur, gn, un, out + m * ldo + n, ldo,
+                            std::min<int64_t>(RR_MR, mb1 - m));
+    }
+  }
+}
+
+void swiglu_range(const float* x, int64_t M, int64_t K, const float* G, const float* U,
+                  const int64_t* idx, int64_t n0, int64_t n1, float* out, int64_t ldo) {
+  swiglu_range_t<float>(x, M, K, G, U, idx, n0, n1, out, ldo);
+}
+void swiglu_range(const float* x, int64_t M, int64_t K, const uint16_t* G, const uint16_t* U,
+                  const int64_t* idx, int64_t n0, int64_t n1, float* out, int64_t ldo) {
+  swiglu_range_t<uint16_t>(x, M, K, G, U, idx, n0, n1, out, ldo);
+}
+
+// ---- gather_cols: out[m, c] = sum_j h[m, j] * Wt[cols[j], c] + bias[c] --------------------------
+constexpr int kPrefetchDist = 8;
+
+template <typename T, int MR, int NV>
+static inline void cols_tile(const float* h, int64_t ldh, int64_t J, const T* Wt, int64_t ldw,
+                             const int64_t* idx, int64_t c, const float* bias, float* out,
+                             int64_t ldo) {
+  vf acc[MR][NV];
+#pragma GCC unroll 16
+  for (int v = 0; v < NV; ++v) {
+    vf b0 = bias ? vload(bias + c + v * W) : vzero();
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) acc[i][v] = b0;
+  }
+  const T* base = Wt + c;
+  for (int64_t j = 0; j < J; ++j) {
+    const T* wr = base + idx[j] * ldw;
+    if (j + kPrefetchDist < J) {
+      const char* p = reinterpret_cast<const char*>(base + idx[j + kPrefetchDist] * ldw);
+      constexpr int bytes = NV * W * static_cast<int>(sizeof(T));
+#pragma GCC unroll 16
+      for (int o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, 3);
+    }
+    vf w[NV];
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) w[v] = vload(wr + v * W);
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) {
+      vf hb = vbcast(h[i * ldh + j]);
+#pragma GCC unroll 16
+      for (int v = 0; v < NV; ++v) acc[i][v] = vfma(hb, w[v], acc[i][v]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) vstore(out + i * ldo + c + v * W, acc[i][v]);
+}
+
+template <typename T, int NV>
+static inline void cols_tile_m(const float* h, int64_t ldh, int64_t J, const T* Wt, int64_t ldw,
+                               const int64_t* idx, int64_t c, const float* bias, float* out,
+                               int64_t ldo, int64_t mr) {
+  switch (mr) {
+#define DOE_CASE(R)                                                                   \
+  case R:                                                                             \
+    cols_tile<T, (CR_MR >= R ? R : 1), NV>(h, ldh, J, Wt, ldw, idx, c, bias, out, ldo); \
+    break;
+    DOE_CASE(1)
+    DOE_CASE(2)
+    DOE_CASE(3)
+    DOE_CASE(4)
+    DOE_CASE(5)
+#undef DOE_CASE
+    default: cols_tile<T, CR_MR, NV>(h, ldh, J, Wt, ldw, idx, c, bias, out, ldo); break;
+  }
+}
+
+// Rows [m0, m1) and columns [c0, c1) of out (M x N, contiguous); h is (M x J) contiguous.
+// c0 is a multiple of W unless c0 == c1; only the global tail (c1 == N) may be ragged.
+template <typename T>
+static void cols_range_t(const float* h, int64_t J, const T* Wt, int64_t N, const int64_t* idx,
+                         const float* bias, int64_t m0, int64_t m1, int64_t c0, int64_t c1,
+                         float* out) {
+  constexpr int CW = CR_NV * W;
+  int64_t c = c0;
+  for (; c + CW <= c1; c += CW)
+    for (int64_t m = m0; m < m1; m += CR_MR)
+      cols_tile_m<T, CR_NV>(h + m * J, J, J, Wt, N, idx, c, bias, out + m * N, N,
+                            std::min<int64_t>(CR_MR, m1 - m));
+  for (; c + W <= c1; c += W)
+    for (int64_t m = m0; m < m1; m += CR_MR)
+      cols_tile_m<T, 1>(h + m * J, J, J, Wt, N, idx, c, bias, out + m * N, N,
+                        std::min<int64_t>(CR_MR, m1 - m));
+  if (c < c1) {  // ragged tail, fewer than W columns
+    for (int64_t m = m0; m < m1; ++m) {
+      float* o = out + m * N;
+      for (int64_t cc = c; cc < c1; ++cc) o[cc] = bias ? bias[cc] : 0.f;
+      for (int64_t j = 0; j < J; ++j) {
+        const float hv = h[m * J + j];
+        const T* wr = Wt + idx[j] * N;
+        for (int64_t cc = c; cc < c1; ++cc) o[cc] += hv * to_f(wr[cc]);
+      }
+    }
+  }
+}
+
+void cols_range(const float* h, int64_t J, const float* Wt, int64_t N, const int64_t* idx,
+                const float* bias, int64_t m0, int64_t m1, int64_t c0, int64_t c1, float* out) {
+  cols_range_t<float>(h, J, Wt, N, idx, bias, m0, m1, c0, c1, out);
+}
+void cols_range(const float* h, int64_t J, const uint16_t* Wt, int64_t N, const int64_t* idx,
+                const float* bias, int64_t m0, int64_t m1, int64_t c0, int64_t c1, float* out) {
+  cols_range_t<uint16_t>(h, J, Wt, N, idx, bias, m0, m1, c0, c1, out);
+}
