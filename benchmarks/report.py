@@ -134,6 +134,8 @@ def plot(ratios, meta, plot_dir) -> list[str]:
     os.makedirs(plot_dir, exist_ok=True)
     paths = []
     for (bench, shape, dtype, variant), items in sorted(groups.items()):
+        if len({r["prune_rate"] for r in items}) < 2:
+            continue  # a curve needs at least two pruning rates
         fig, ax = plt.subplots(figsize=(6, 4))
         for i, rows in enumerate(sorted({r["rows"] for r in items})):
             line = sorted((r for r in items if r["rows"] == rows), key=lambda r: r["prune_rate"])
@@ -160,13 +162,13 @@ def plot(ratios, meta, plot_dir) -> list[str]:
 
 
 def summary_lines(recorder: Recorder) -> list[str]:
-    header = (f"{'bench':<6} {'shape':<18} {'dtype':<9} {'variant':<13} {'prune':>5} {'rows':>5} "
-              f"{'x dense':>8} {'/ sliced':>8}")
+    header = (f"{'bench':<6} {'shape':<20} {'dtype':<9} {'variant':<14} {'prune':>5} {'rows':>5} "
+              f"{'x dense':>8} {'/ sliced':>8} {'median ms':>10}")
     lines = [header, "-" * len(header)]
     for r in sorted(recorder.ratios(), key=lambda r: (r["bench"], r["shape"], r["dtype"],
                                                        r["variant"], r["prune_rate"], r["rows"])):
         fmt = lambda v: f"{v:8.2f}" if v is not None else f"{'-':>8}"  # noqa: E731
-        lines.append(f"{r['bench']:<6} {r['shape']:<18} {r['dtype']:<9} {r['variant']:<13} "
+        lines.append(f"{r['bench']:<6} {r['shape']:<20} {r['dtype']:<9} {r['variant']:<14} "
                      f"{100 * r['prune_rate']:5.0f} {r['rows']:5d} {fmt(r['speedup_vs_dense'])} "
-                     f"{fmt(r['time_vs_sliced'])}")
+                     f"{fmt(r['time_vs_sliced'])} {1e3 * r['median_s']:10.3f}")
     return lines

@@ -26,7 +26,7 @@ SHAPES = {
 }
 
 PRUNE_RATES_FULL = (0.0, 0.2, 0.35, 0.5, 0.65, 0.8, 0.9)
-ROWS_FULL = (1, 8, 64, 512, 2048, 8192)
+ROWS_FULL = (1, 8, 64, 512, 2048, 4096, 8192)
 
 QUICK = dict(
     shapes=("bert-base", "SmolLM2-135M"),

@@ -22,8 +22,8 @@ def _model(full: bool):
     config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=32,
                          num_attention_heads=32, num_key_value_heads=32, vocab_size=256)
     with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    return model.to_empty(device="cpu").to(dtype).eval()
+        model = LlamaForCausalLM(config).to(dtype)
+    return model.to_empty(device="cpu").eval()
 
 
 @pytest.fixture(scope="module")
@@ -54,18 +54,22 @@ def test_patch_swap(benchmark, recorder, model):
         state["i"] ^= 1
         dk.patch(model, masks[state["i"]])
 
-    benchmark(swap)
+    try:
+        benchmark(swap)
+    finally:
+        dk.unpatch(model)
     _record(recorder, model, "patch-swap", benchmark)
-    dk.unpatch(model)
 
 
 def test_patch_swap_new_mask(benchmark, recorder, model):
-    dk.patch(model, _masks(model, 1)[0])
-    fresh = iter(_masks(model, 200))
-    benchmark.pedantic(lambda mask: dk.patch(model, mask), setup=lambda: ((next(fresh),), {}),
-                       rounds=100)
+    fresh = iter(_masks(model, 201))
+    dk.patch(model, next(fresh))
+    try:
+        benchmark.pedantic(lambda mask: dk.patch(model, mask), setup=lambda: ((next(fresh),), {}),
+                           rounds=100)
+    finally:
+        dk.unpatch(model)
     _record(recorder, model, "patch-swap-new", benchmark)
-    dk.unpatch(model)
 
 
 def test_physical_slicing(benchmark, recorder, model, request):

@@ -10,7 +10,7 @@ from types import MappingProxyType
 import torch
 from safetensors.torch import load_file, save_file
 
-from doe_kernels.models import ModelSpec, describe
+from doe_kernels.models import ModelSpec, spec_of
 
 _SPEC_KEYS = ("model_type", "num_layers", "intermediate_size", "num_heads", "num_kv_heads")
 
@@ -52,7 +52,7 @@ class ExpertMask:
     @classmethod
     def random(cls, model, ffn_keep: float = 0.35, heads_keep: float = 1.0, seed: int = 0):
         """The same fraction of neurons (and heads) kept at random in every layer."""
-        _, _, spec = describe(model)
+        spec = spec_of(model)
         for name, value in (("ffn_keep", ffn_keep), ("heads_keep", heads_keep)):
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {value}")
@@ -80,7 +80,7 @@ class ExpertMask:
     # ---- inspection ---------------------------------------------------------------------
     def validate(self, model) -> ModelSpec:
         """Check every index against the model; raises ValueError naming the first bad one."""
-        _, _, spec = describe(model)
+        spec = spec_of(model)
         self.check_spec(spec)
         return spec
 
@@ -103,7 +103,7 @@ class ExpertMask:
 
     def summary(self, model=None) -> dict:
         """Kept counts and pruning rates (sizes from the model, or from the mask's own record)."""
-        sizes = describe(model)[2].as_dict() if model is not None else self.spec
+        sizes = spec_of(model).as_dict() if model is not None else self.spec
         if sizes is None:
             raise ValueError("this mask records no model sizes; pass the model")
         layers = sizes["num_layers"]

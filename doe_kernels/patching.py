@@ -13,11 +13,11 @@ from torch import nn
 
 from doe_kernels import backends
 from doe_kernels.mask import ExpertMask
-from doe_kernels.models import ModelSpec, check_transformers_version, describe
+from doe_kernels.models import PATCH_STATE_ATTR, ModelSpec, check_transformers_version, describe
 from doe_kernels.models.base import LayerPatch
 from doe_kernels.ops import HeadSelection
 
-_STATE = "_doe_kernels_patch"
+_STATE = PATCH_STATE_ATTR
 
 
 @dataclass

@@ -166,3 +166,13 @@ def _bert_silu():
 
     return BertModel(BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                 intermediate_size=8, vocab_size=10, hidden_act="silu"))
+
+
+def test_masks_can_be_made_and_checked_on_a_patched_model():
+    model = build("llama")
+    dk.patch(model, dk.ExpertMask.random(model, seed=1))
+    other = dk.ExpertMask.random(model, seed=2)  # sizes read from the patch, not the modules
+    assert other.validate(model).num_layers == 3
+    assert other.summary(model)["neurons_total"] == 3 * 80
+    dk.patch(model, other)
+    dk.unpatch(model)

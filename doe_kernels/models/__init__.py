@@ -9,6 +9,7 @@ from doe_kernels.models import bert, llama
 from doe_kernels.models.base import ModelSpec, UnsupportedModelError
 
 ADAPTERS = (bert, llama)
+PATCH_STATE_ATTR = "_doe_kernels_patch"  # set on a model by doe_kernels.patch
 SUPPORTED_TRANSFORMERS = ((5, 0), (6, 0))  # [low, high)
 
 
@@ -57,4 +58,10 @@ def describe(model: nn.Module):
     return adapter, layers, spec
 
 
-__all__ = ["ModelSpec", "UnsupportedModelError", "check_transformers_version", "describe"]
+def spec_of(model: nn.Module) -> ModelSpec:
+    """The sizes of a supported model, patched or not."""
+    state = getattr(model, PATCH_STATE_ATTR, None)
+    return state.spec if state is not None else describe(model)[2]
+
+
+__all__ = ["ModelSpec", "spec_of", "UnsupportedModelError", "check_transformers_version", "describe"]
