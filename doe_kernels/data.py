@@ -1,0 +1,121 @@
+"""Task data for the DoE pipeline: labelled texts from a CSV, Python lists or a `datasets` split.
+
+A task is `text,label` pairs, optionally with a `split` column (train / validation / test). Labels
+are kept as strings; `TaskData.label_names` fixes their order (the class index of each label).
+"""
+import csv
+import os
+import random
+from dataclasses import dataclass, field
+
+SPLITS = ("train", "validation", "test")
+
+
+class TaskDataError(ValueError):
+    """A task file or dataset that cannot be read as labelled texts (a user mistake, not a bug)."""
+
+
+@dataclass
+class TaskData:
+    texts: list[str]
+    labels: list[str]
+    label_names: list[str] = field(default_factory=list)
+    name: str = "task"
+
+    def __post_init__(self):
+        if len(self.texts) != len(self.labels):
+            raise TaskDataError(f"{len(self.texts)} texts but {len(self.labels)} labels")
+        self.labels = [str(label) for label in self.labels]
+        if not self.label_names:
+            self.label_names = sorted(set(self.labels))
+        unknown = set(self.labels) - set(self.label_names)
+        if unknown:
+            raise TaskDataError(f"labels {sorted(unknown)} are not in label_names {self.label_names}")
+
+    def __len__(self):
+        return len(self.texts)
+
+    @property
+    def label_ids(self) -> list[int]:
+        index = {name: i for i, name in enumerate(self.label_names)}
+        return [index[label] for label in self.labels]
+
+    def subset(self, indices) -> "TaskData":
+        indices = list(indices)
+        return TaskData([self.texts[i] for i in indices], [self.labels[i] for i in indices],
+                        list(self.label_names), self.name)
+
+    def sample(self, count: int, seed: int = 0) -> "TaskData":
+        """At most `count` examples, drawn at random (stratification is left to the caller)."""
+        order = list(range(len(self)))
+        random.Random(seed).shuffle(order)
+        return self.subset(order[:count])
+
+    def split(self, fractions=(0.8, 0.1, 0.1), seed: int = 0) -> dict[str, "TaskData"]:
+        """Random train/validation/test splits in the given proportions."""
+        order = list(range(len(self)))
+        random.Random(seed).shuffle(order)
+        start, out = 0, {}
+        for name, fraction in zip(SPLITS, fractions):
+            end = start + round(fraction * len(order))
+            out[name] = self.subset(order[start:end])
+            start = end
+        return out
+
+    @classmethod
+    def from_lists(cls, texts, labels, label_names=None, name="task") -> "TaskData":
+        return cls(list(texts), list(labels), list(label_names or []), name)
+
+    @classmethod
+    def from_dataset(cls, dataset, text_column="text", label_column="label", name="task"):
+        """From a HuggingFace `datasets` split (class-label names are used when present)."""
+        missing = {text_column, label_column} - set(dataset.column_names)
+        if missing:
+            raise TaskDataError(f"the dataset has no column(s) {sorted(missing)}; columns: "
+                                f"{dataset.column_names}")
+        labels = list(dataset[label_column])
+        feature = dataset.features.get(label_column)
+        names = list(getattr(feature, "names", None) or [])
+        if names:
+            labels = [names[i] for i in labels]
+        return cls(list(dataset[text_column]), labels, names, name)
+
+
+def read_csv(path, text_column="text", label_column="label", split_column="split",
+             encoding="utf-8") -> dict[str, TaskData]:
+    """Read a task CSV: {split: TaskData}, or {"all": TaskData} without a split column."""
+    if not os.path.isfile(path):
+        raise TaskDataError(f"task file not found: {path}")
+    with open(path, newline="", encoding=encoding) as f:
+        reader = csv.DictReader(f)
+        columns = reader.fieldnames or []
+        missing = [c for c in (text_column, label_column) if c not in columns]
+        if missing:
+            raise TaskDataError(f"{path}: missing column(s) {missing}; found {columns} (a task CSV "
+                                f"needs '{text_column}' and '{label_column}', optionally "
+                                f"'{split_column}')")
+        rows = list(reader)
+    if not rows:
+        raise TaskDataError(f"{path}: no rows")
+    name = os.path.splitext(os.path.basename(path))[0]
+    names = sorted({row[label_column] for row in rows})
+    if split_column not in columns:
+        return {"all": TaskData([r[text_column] for r in rows], [r[label_column] for r in rows],
+                                names, name)}
+    out = {}
+    for split in sorted({row[split_column] for row in rows}):
+        if split not in SPLITS:
+            raise TaskDataError(f"{path}: unknown split {split!r}; use {SPLITS}")
+        chosen = [r for r in rows if r[split_column] == split]
+        out[split] = TaskData([r[text_column] for r in chosen], [r[label_column] for r in chosen],
+                              names, name)
+    return out
+
+
+def write_csv(path, splits: dict[str, TaskData]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "label", "split"])
+        for split, data in splits.items():
+            for text, label in zip(data.texts, data.labels):
+                writer.writerow([text, label, split])
