@@ -62,7 +62,7 @@ def build(name, dtype=torch.float32, seed=0):
 
 
 def mixed_mask(model, ffn_keep=0.35, heads_keep=0.5, seed=0):
-    """A random mask with layer 0 keeping no neuron and layer 1 keeping every neuron and head."""
+    """A random mask: layer 0 keeps no neuron, layer 1 every neuron and head, layer 2 no head."""
     mask = dk.ExpertMask.random(model, ffn_keep=ffn_keep, heads_keep=heads_keep, seed=seed)
     ffn = dict(mask.ffn)
     heads = dict(mask.heads)
@@ -70,6 +70,7 @@ def mixed_mask(model, ffn_keep=0.35, heads_keep=0.5, seed=0):
     ffn[0] = torch.empty(0, dtype=torch.int64)
     ffn[1] = torch.arange(spec["intermediate_size"])
     heads[1] = torch.arange(spec["num_heads"])
+    heads[2] = torch.empty(0, dtype=torch.int64)
     return dk.ExpertMask(ffn, heads, spec)
 
 

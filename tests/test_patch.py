@@ -176,3 +176,18 @@ def test_masks_can_be_made_and_checked_on_a_patched_model():
     assert other.summary(model)["neurons_total"] == 3 * 80
     dk.patch(model, other)
     dk.unpatch(model)
+
+
+@pytest.mark.parametrize("name", ["bert", "llama"])
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_attention_mask_formats_of_each_hf_implementation(name, implementation):
+    """HF hands attention a boolean mask (sdpa) or an additive float mask (eager): both work."""
+    model = build(name)
+    model.config._attn_implementation = implementation
+    mask = mixed_mask(model)
+    ids, attention = inputs(name)
+    with torch.no_grad():
+        expected = output_of(masked_dense(model, mask), ids, attention)
+        with dk.plugged(model, mask, backend="torch"):
+            got = output_of(model, ids, attention)
+    assert_close(got, expected.double())
