@@ -1,4 +1,5 @@
-"""Test set-up: on a machine without a GPU, Triton kernels run through its interpreter.
+"""Test set-up: on a machine without a GPU, Triton kernels run through its interpreter; on a GPU
+they run with fixed launch configurations except in the test that checks the autotuned path.
 
 TRITON_INTERPRET must be set before the kernels are defined, so before doe_kernels is imported.
 """
@@ -9,6 +10,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+else:
+    # The many shapes of the op grid would spend minutes autotuning; one test below turns it on.
+    os.environ.setdefault("DOE_KERNELS_TRITON_AUTOTUNE", "0")
 
 import doe_kernels  # noqa: E402  (after TRITON_INTERPRET)
 from doe_kernels.backends import available_backends  # noqa: E402

@@ -126,3 +126,27 @@ def test_cpu_kernels_on_narrower_instruction_sets(isa):
         env=env, capture_output=True, text=True, timeout=600, cwd=os.path.dirname(__file__))
     assert result.returncode == 0, result.stdout[-3000:]
     assert " passed" in result.stdout and "failed" not in result.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_triton_autotuned_path(monkeypatch, dtype):
+    """The autotuned Triton kernels (the GPU default) on real shapes, decode to prefill."""
+    if "triton" not in dk.available_backends("cuda"):
+        pytest.skip("triton is not available")
+    monkeypatch.setenv("DOE_KERNELS_TRITON_AUTOTUNE", "1")
+    for shape in [(768, 3072), (1024, 2816)]:
+        w_in, b_in, w_out_t, b_out = _weights(shape, dtype, "cuda")
+        w_up = _weights(shape, dtype, "cuda", bias=False)[0]
+        kept = index_list("random", shape[1], "cuda")
+        for rows in (1, 16, 64, 512):
+            x = torch.randn(rows, shape[0]).to("cuda", dtype)
+            out = dk.gather_ffn(x, w_in, b_in, w_out_t, b_out, kept, "gelu", backend="triton")
+            assert_close(out, ffn_ref(x, w_in, b_in, w_out_t, b_out, kept, "gelu"),
+                         _dense(dk.gather_ffn, x, w_in, b_in, w_out_t, b_out, kept, "gelu"),
+                         f"autotuned gather_ffn {shape} rows={rows}")
+            out = dk.gather_swiglu_ffn(x, w_in, w_up, w_out_t, kept, backend="triton")
+            assert_close(out, swiglu_ffn_ref(x, w_in, w_up, w_out_t, kept),
+                         _dense(dk.gather_swiglu_ffn, x, w_in, w_up, w_out_t, kept),
+                         f"autotuned gather_swiglu_ffn {shape} rows={rows}")

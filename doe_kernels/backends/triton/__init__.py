@@ -55,9 +55,14 @@ def available(device_type: str) -> bool:
     return False
 
 
-def _blocks(k, M, N, K):
-    """Launch meta-parameters: none on GPU (autotuned), fixed large blocks under the interpreter."""
-    return k.interpreter_blocks(M, N, K) if k.INTERPRET else {}
+def _launch(k, name, M, N, K):
+    """The kernel to launch and its launch meta-parameters: autotuned on a GPU by default, fixed
+    large blocks under the interpreter, or one fixed configuration per M regime."""
+    if k.INTERPRET:
+        return getattr(k, name + "_kernel"), k.interpreter_blocks(M, N, K)
+    if k.autotune_enabled():
+        return getattr(k, name + "_tuned"), {}
+    return getattr(k, name + "_kernel"), k.fixed_launch(M)
 
 
 def _grid(M, N):
@@ -87,15 +92,16 @@ def gather_rows_linear(x, weight, bias, rows, activation: str):
     N = rows.shape[0]
     out = torch.empty((M, N), device=x.device, dtype=_out_dtype(k, x.dtype))
     has_bias = bias is not None
+    kernel, meta = _launch(k, "gather_rows_linear", M, N, K)
     with _device_guard(x):
-        k.gather_rows_linear_kernel[_grid(M, N)](
+        kernel[_grid(M, N)](
             x, weight, bias if has_bias else x, rows, out,
             M, N, K,
             x.stride(0), weight.stride(0), out.stride(0),
-            k.m_bucket(M),
+            k.m_bucket(M), k.kept_bucket(N),
             HAS_BIAS=has_bias, ACTIVATION=k.ACTIVATIONS[activation],
             F32_DOT=x.dtype == torch.float32 or k.INTERPRET,
-            **_blocks(k, M, N, K),
+            **meta,
         )
     return out.to(x.dtype)
 
@@ -105,14 +111,15 @@ def gather_swiglu(x, w_gate, w_up, kept):
     M, K = x.shape
     N = kept.shape[0]
     out = torch.empty((M, N), device=x.device, dtype=_out_dtype(k, x.dtype))
+    kernel, meta = _launch(k, "gather_swiglu", M, N, K)
     with _device_guard(x):
-        k.gather_swiglu_kernel[_grid(M, N)](
+        kernel[_grid(M, N)](
             x, w_gate, w_up, kept, out,
             M, N, K,
             x.stride(0), w_gate.stride(0), w_up.stride(0), out.stride(0),
-            k.m_bucket(M),
+            k.m_bucket(M), k.kept_bucket(N),
             F32_DOT=x.dtype == torch.float32 or k.INTERPRET,
-            **_blocks(k, M, N, K),
+            **meta,
         )
     return out.to(x.dtype)
 
@@ -123,13 +130,14 @@ def gather_cols_linear(h, weight_t, bias, cols):
     N = weight_t.shape[1]
     out = torch.empty((M, N), device=h.device, dtype=_out_dtype(k, h.dtype))
     has_bias = bias is not None
+    kernel, meta = _launch(k, "gather_cols_linear", M, N, J)
     with _device_guard(h):
-        k.gather_cols_linear_kernel[_grid(M, N)](
+        kernel[_grid(M, N)](
             h, weight_t, bias if has_bias else h, cols, out,
             M, N, J,
             h.stride(0), weight_t.stride(0), out.stride(0),
-            k.m_bucket(M),
+            k.m_bucket(M), k.kept_bucket(J),
             HAS_BIAS=has_bias, F32_DOT=h.dtype == torch.float32 or k.INTERPRET,
-            **_blocks(k, M, N, J),
+            **meta,
         )
     return out.to(h.dtype)

@@ -11,9 +11,10 @@ All accumulate in float32 and fuse their epilogue (bias, activation, SwiGLU prod
 store in the output dtype. Only plain pointer arithmetic, ``tl.load``/``tl.store`` and ``tl.dot`` are
 used so the kernels work with Triton 3.x (>= 3.0) on GPU and under the interpreter.
 
-The launch configuration is decided when this module is imported: under ``TRITON_INTERPRET=1`` the
-kernels are plain ``@triton.jit`` functions and the caller picks large blocks (fast in numpy); on a GPU
-they are wrapped in ``@triton.autotune`` keyed on (bucketed M, N, K).
+Launch configuration: under ``TRITON_INTERPRET=1`` the caller runs the plain ``@triton.jit`` kernels
+with large blocks (fast in numpy); on a GPU it runs the ``*_tuned`` versions, autotuned and keyed on
+(bucketed M, bucketed kept count, the fixed dimension), or with DOE_KERNELS_TRITON_AUTOTUNE=0 the
+plain kernels with one fixed configuration per M regime.
 """
 import os
 
@@ -39,6 +40,26 @@ def m_bucket(m: int) -> int:
     if m <= 16:
         return 16
     return min(triton.next_power_of_2(m), 4096)
+
+
+def kept_bucket(n: int) -> int:
+    """Autotune key for the number of kept neurons: a power of two, so that experts of slightly
+    different sizes (and layers of one global mask) share their tuning."""
+    return triton.next_power_of_2(max(n, 1))
+
+
+def autotune_enabled() -> bool:
+    """DOE_KERNELS_TRITON_AUTOTUNE=0 runs one fixed configuration per M regime (used by the GPU
+    test suite, whose many shapes would otherwise spend minutes autotuning)."""
+    return not INTERPRET and os.environ.get("DOE_KERNELS_TRITON_AUTOTUNE", "1") != "0"
+
+
+def fixed_launch(M: int) -> dict:
+    """The fixed configuration used when autotuning is off, by M regime."""
+    bm, bn, bk, warps, stages = ((16, 64, 128, 4, 4) if M <= 16 else
+                                 (64, 64, 64, 4, 4) if M <= 128 else (128, 64, 64, 4, 3))
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "num_warps": warps,
+            "num_stages": stages}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -101,7 +122,7 @@ def gather_rows_linear_kernel(
     x_ptr, w_ptr, b_ptr, rows_ptr, out_ptr,
     M, N, K,
     stride_xm, stride_wn, stride_om,
-    M_BUCKET,  # autotune key only
+    M_BUCKET, KEPT_BUCKET,  # autotune keys only
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, F32_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -140,7 +161,7 @@ def gather_swiglu_kernel(
     x_ptr, wg_ptr, wu_ptr, kept_ptr, out_ptr,
     M, N, K,
     stride_xm, stride_wgn, stride_wun, stride_om,
-    M_BUCKET,  # autotune key only
+    M_BUCKET, KEPT_BUCKET,  # autotune keys only
     F32_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -180,7 +201,7 @@ def gather_cols_linear_kernel(
     h_ptr, wt_ptr, b_ptr, cols_ptr, out_ptr,
     M, N, J,
     stride_hm, stride_wk, stride_om,
-    M_BUCKET,  # autotune key only
+    M_BUCKET, KEPT_BUCKET,  # autotune keys only
     HAS_BIAS: tl.constexpr, F32_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -274,19 +295,19 @@ def _make_prune(n_weights, x_arg):
     return {"early_config_prune": prune}
 
 
-if not INTERPRET:
-    gather_rows_linear_kernel = triton.autotune(
-        configs=MATMUL_CONFIGS, key=["M_BUCKET", "N", "K"],
-        prune_configs_by=_make_prune(1, "x_ptr"),
-    )(gather_rows_linear_kernel)
-    gather_swiglu_kernel = triton.autotune(
-        configs=SWIGLU_CONFIGS, key=["M_BUCKET", "N", "K"],
-        prune_configs_by=_make_prune(2, "x_ptr"),
-    )(gather_swiglu_kernel)
-    gather_cols_linear_kernel = triton.autotune(
-        configs=MATMUL_CONFIGS, key=["M_BUCKET", "N", "J"],
-        prune_configs_by=_make_prune(1, "h_ptr"),
-    )(gather_cols_linear_kernel)
+# The autotuned versions (GPU); the plain kernels stay for the interpreter and fixed configs.
+gather_rows_linear_tuned = triton.autotune(
+    configs=MATMUL_CONFIGS, key=["M_BUCKET", "KEPT_BUCKET", "K"],
+    prune_configs_by=_make_prune(1, "x_ptr"),
+)(gather_rows_linear_kernel)
+gather_swiglu_tuned = triton.autotune(
+    configs=SWIGLU_CONFIGS, key=["M_BUCKET", "KEPT_BUCKET", "K"],
+    prune_configs_by=_make_prune(2, "x_ptr"),
+)(gather_swiglu_kernel)
+gather_cols_linear_tuned = triton.autotune(
+    configs=MATMUL_CONFIGS, key=["M_BUCKET", "N", "KEPT_BUCKET"],
+    prune_configs_by=_make_prune(1, "h_ptr"),
+)(gather_cols_linear_kernel)
 
 
 def interpreter_blocks(M: int, N: int, K: int):
