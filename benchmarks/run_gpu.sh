@@ -7,7 +7,7 @@
 set -uo pipefail
 mode="${1:-full}"
 OUT="${OUT:-$(mktemp -d)}"
-export PYTHONUNBUFFERED=1 MAX_JOBS="${MAX_JOBS:-16}"
+export PYTHONUNBUFFERED=1 MAX_JOBS="${MAX_JOBS:-16}" DOE_KERNELS_CUDA_ARCHS="${DOE_KERNELS_CUDA_ARCHS:-9.0}"
 stage="$(mktemp -d)"
 mkdir -p "$stage/results"
 
@@ -18,6 +18,12 @@ mkdir -p "$stage/results"
   python3 setup.py build_ext --inplace 2>&1 | tail -n 20
 } 2>&1 | tee "$stage/build.log"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+echo "== compute-sanitizer memcheck on the CUDA kernels (small shapes)"
+if command -v compute-sanitizer >/dev/null 2>&1; then
+  compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest tests/test_ffn_ops.py -q \
+    -p no:cacheprovider -k "cuda-cuda and (40x37 or 123x37)" 2>&1 | tee "$stage/memcheck.log" | tail -n 15
+fi
 
 echo "== tests"
 python3 -m pytest tests/ -q -rs -p no:cacheprovider 2>&1 | tee "$stage/tests.log" | tail -n 40

@@ -2,7 +2,7 @@
 
 Each op takes x with any leading shape, runs on the backend named by its `backend` argument (a
 concrete name or "auto", resolved per call by `doe_kernels.backends.resolve`), and returns a fresh
-tensor. Empty index lists are answered here, so backends only ever see non-empty ones. The public
+tensor. Empty index lists and empty inputs are answered here, so backends never see them. The public
 wrappers in linear.py and ffn.py check the arguments first; call those, not these, from user code.
 """
 import torch
@@ -33,8 +33,8 @@ def gather_rows_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: torch.Tensor,
     activation: str, backend: str,
 ) -> torch.Tensor:
-    if rows.numel() == 0:
-        return x.new_empty(*x.shape[:-1], 0)
+    if rows.numel() == 0 or x.shape[:-1].numel() == 0:
+        return x.new_zeros(*x.shape[:-1], rows.numel())
     module, x2d = _run(x, backend)
     weight, bias = _contiguous(weight, bias)
     out = module.gather_rows_linear(x2d, weight, bias, rows, activation)
@@ -51,7 +51,7 @@ def gather_cols_linear(
     h: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, cols: torch.Tensor,
     backend: str,
 ) -> torch.Tensor:
-    if cols.numel() == 0:
+    if cols.numel() == 0 or h.shape[:-1].numel() == 0:
         return _zeros_plus_bias(h, weight_t.shape[1], bias)
     module, h2d = _run(h, backend)
     weight_t, bias = _contiguous(weight_t, bias)
@@ -69,7 +69,7 @@ def gather_ffn(
     x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None, w_out_t: torch.Tensor,
     b_out: torch.Tensor | None, kept: torch.Tensor, activation: str, backend: str,
 ) -> torch.Tensor:
-    if kept.numel() == 0:
+    if kept.numel() == 0 or x.shape[:-1].numel() == 0:
         return _zeros_plus_bias(x, w_out_t.shape[1], b_out)
     module, x2d = _run(x, backend)
     w_in, b_in, w_out_t, b_out = _contiguous(w_in, b_in, w_out_t, b_out)
@@ -88,7 +88,7 @@ def gather_swiglu_ffn(
     x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor,
     kept: torch.Tensor, backend: str,
 ) -> torch.Tensor:
-    if kept.numel() == 0:
+    if kept.numel() == 0 or x.shape[:-1].numel() == 0:
         return _zeros_plus_bias(x, w_down_t.shape[1], None)
     module, x2d = _run(x, backend)
     w_gate, w_up, w_down_t = _contiguous(w_gate, w_up, w_down_t)

@@ -287,7 +287,7 @@ def _make_prune(n_weights, x_arg):
 
         def smem(c):
             bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
-            return max(1, c.num_stages - 1) * (bm * bk + n_weights * bn * bk) * elt
+            return c.num_stages * (bm * bk + n_weights * bn * bk) * elt  # a buffer per stage
 
         kept = [c for c in kept if smem(c) <= _SMEM_LIMIT] or kept
         return kept or configs

@@ -1,0 +1,118 @@
+"""localize: find a task's expert (DoE, arXiv 2404.11916) and return it as an `Expert`.
+
+Three steps: prompt tuning (`prompt`), attribution of every FFN neuron and attention head
+(`attribution`), and a binary search for the highest pruning rate whose validation accuracy stays
+within a tolerance of the unpruned prompt-tuned model (`search`), each candidate measured through
+`doe_kernels.patch`, i.e. on the kernels that will serve it.
+"""
+import time
+
+import torch
+
+from doe_kernels.expert import CAUSAL_LM, Expert, _model_sizes, detect_task_type, label_token_ids
+from doe_kernels.localize.attribution import attribute
+from doe_kernels.localize.prompt import train_prompt
+from doe_kernels.localize.search import mask_at_rate, search_rate
+
+__all__ = ["localize", "attribute", "train_prompt", "search_rate", "mask_at_rate"]
+
+
+def localize(model, tokenizer, train, validation=None, *, label_words=None, template=None,
+             num_virtual_tokens: int = 10, epochs: int = 5, lr: float = 3e-2,
+             head_lr: float = 1e-2, batch_size: int = 16, max_length: int = 128,
+             method: str = "grad", ig_steps: int = 5, attribution_examples: int = 256,
+             absolute: bool = True,
+             scope: str = "layer", prune_heads: bool = True, tolerance: float = 0.01,
+             max_rate: float = 0.95, resolution: float = 0.01, backend: str = "auto",
+             seed: int = 0, progress: bool = True) -> Expert:
+    """Localize the expert of the task in `train` (a `doe_kernels.data.TaskData`).
+
+    model: a BERT-family `...ForSequenceClassification` (its classifier is trained with the
+    prompt; build it with `num_labels=len(train.label_names)`) or a LLaMA-family `...ForCausalLM`
+    (scored through `label_words`, default " " + each label name, as the next token after
+    `template`, default "{text}\\nAnswer:"). The model is left as it was (unpatched, same
+    weights); the trained head lives in the Expert and is plugged by `expert.plugged`.
+
+    1. Prompt tuning: `num_virtual_tokens` soft tokens (and the head) trained with PEFT for
+       `epochs` on `train` (AdamW, `lr` for the prompt, `head_lr` for the head).
+    2. Attribution on the unpatched model with the prompt: activation x gradient of the gold
+       label's logit per FFN neuron and head, averaged over tokens and over
+       `attribution_examples` training examples (default 256, drawn at random);
+       `method="ig"` for integrated gradients with `ig_steps` steps (2 x layers x steps times the
+       passes). `absolute` (default) averages each example's score in magnitude (see
+       `attribution.attribute`).
+    3. Binary search over the pruning rate in [0, `max_rate`] (to `resolution`): the same rate for
+       neurons and heads (`prune_heads=False` keeps every head), top-scored units kept, for the
+       highest rate whose accuracy on `validation` (default: 20% split off `train`) is at least
+       the unpruned prompt-tuned accuracy minus `tolerance` (default 0.01, one point).
+
+    `scope="layer"` (default) keeps the same fraction in every layer: attribution scores are not
+    calibrated across depth (activations and gradients differ in scale from layer to layer), so a
+    global ranking tends to empty whole layers and makes the search's accuracy curve ragged; a
+    per-layer budget also spreads the kernels' work evenly. `scope="global"` ranks all layers
+    together.
+    """
+    started = time.perf_counter()
+    if validation is None:
+        parts = train.split((0.8, 0.2, 0.0), seed=seed)
+        train, validation = parts["train"], parts["validation"]
+    if len(train) == 0 or len(validation) == 0:
+        raise ValueError("localize needs training and validation examples")
+    label_names = list(train.label_names)
+    task_type = detect_task_type(model)
+    token_ids = None
+    if task_type == CAUSAL_LM:
+        label_words = list(label_words or [" " + name for name in label_names])
+        if len(label_words) != len(label_names):
+            raise ValueError(f"{len(label_words)} label words for {len(label_names)} labels")
+        token_ids = label_token_ids(tokenizer, label_words)
+    else:
+        num_labels = getattr(model.config, "num_labels", None)
+        if num_labels != len(label_names):
+            raise ValueError(f"the model has num_labels={num_labels}, the task has "
+                             f"{len(label_names)} labels {label_names}")
+        label_words = None
+    was_training = model.training
+    model.eval()
+    try:
+        tuned = train_prompt(model, tokenizer, train, task_type, token_ids, template,
+                             num_virtual_tokens, epochs, lr, head_lr, batch_size, max_length,
+                             seed, progress)
+        sizes = _model_sizes(model)
+        dense = Expert(None, tuned.prompt, task_type, label_names, label_words, token_ids,
+                       template, tuned.head, sizes, name=train.name, max_length=max_length)
+        baseline = dense.evaluate(model, tokenizer, validation, batch_size=2 * batch_size)
+        zero_shot = None
+        if task_type == CAUSAL_LM:  # the dense model scored through the label words, no prompt
+            bare = Expert(None, tuned.prompt[:0], task_type, label_names, label_words, token_ids,
+                          template, None, sizes, max_length=max_length)
+            zero_shot = bare.evaluate(model, tokenizer, validation, batch_size=2 * batch_size)
+        ffn_scores, head_scores = attribute(model, tokenizer, dense, train, method, ig_steps,
+                                            attribution_examples, batch_size, absolute, seed,
+                                            progress)
+        spec = sizes  # ExpertMask keeps only the keys it checks
+
+        def candidate(rate):
+            return Expert(mask_at_rate(ffn_scores, head_scores, rate, scope, prune_heads, spec),
+                          tuned.prompt, task_type, label_names, label_words, token_ids, template,
+                          tuned.head, sizes, name=train.name, max_length=max_length)
+
+        def accuracy(rate):
+            expert = candidate(rate)
+            with expert.plugged(model, backend=backend):
+                return expert.evaluate(model, tokenizer, validation, batch_size=2 * batch_size)
+
+        result = search_rate(accuracy, baseline, tolerance, 0.0, max_rate, resolution)
+    finally:
+        model.train(was_training)
+    expert = candidate(result.rate)
+    summary = expert.mask.summary()
+    expert.figures = dict(
+        pruning_rate=result.rate, ffn_pruning_rate=summary["ffn_pruning_rate"],
+        head_pruning_rate=summary["head_pruning_rate"], accuracy_before=baseline,
+        accuracy_after=result.accuracy, accuracy_dense_no_prompt=zero_shot, tolerance=tolerance,
+        scope=scope, method=method, prune_heads=prune_heads, num_train=len(train),
+        num_validation=len(validation), prompt_losses=tuned.losses,
+        search=[list(step) for step in result.history],
+        seconds=round(time.perf_counter() - started, 1))
+    return expert

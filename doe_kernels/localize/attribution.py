@@ -1,0 +1,137 @@
+"""Attribution: how much each FFN neuron and each attention head matters for a task.
+
+Score of a unit = activation x gradient of the gold label's logit with respect to that activation,
+averaged over the (non-padding, soft-prompt included) tokens of an example, then (in magnitude, by
+default) over examples.
+FFN neuron activations are the input of the down projection (BERT: `output.dense`, LLaMA:
+`mlp.down_proj`); head activations are the per-head slices of the input of the attention output
+projection (BERT: `attention.output.dense`, LLaMA: `self_attn.o_proj`), a head's score being the
+sum over its head_dim slice. `method="ig"` uses integrated gradients instead (activation x the
+gradient averaged along the straight path from zero to the activation, one layer's units scaled at
+a time, `steps` midpoints). Runs on the unpatched model with the expert's soft prompt (and head).
+"""
+import contextlib
+
+import torch
+from tqdm.auto import tqdm
+
+from doe_kernels.models import describe
+
+
+def hook_points(model):
+    """Per layer: (module whose input is the FFN activation, module whose input is the heads')."""
+    _, layers, spec = describe(model)
+    if spec.family == "bert":
+        points = [(layer.output.dense, layer.attention.output.dense) for layer in layers]
+    else:
+        points = [(layer.mlp.down_proj, layer.self_attn.o_proj) for layer in layers]
+    return points, spec
+
+
+@contextlib.contextmanager
+def _capture(modules, scale: float = 1.0):
+    """Record each module's input (scaled by `scale`, in the graph) while the body runs."""
+    captured = [None] * len(modules)
+
+    def make(index):
+        def hook(module, args):
+            x = args[0] * scale if scale != 1.0 else args[0]
+            captured[index] = x
+            return (x,) + tuple(args[1:]) if scale != 1.0 else None
+        return hook
+
+    handles = [m.register_forward_pre_hook(make(i)) for i, m in enumerate(modules)]
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _token_mean(values: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+    """(batch, seq, units) -> (batch, units): mean over each example's real tokens."""
+    weights = token_mask.to(values.dtype)[..., None]
+    return (values * weights).sum(1) / weights.sum(1).clamp_min(1)
+
+
+def _unit_scores(activation, grad, token_mask, num_heads=None, absolute=True):
+    product = (activation.detach() * grad).double()
+    if num_heads is not None:  # heads: sum over each head's head_dim slice
+        product = product.reshape(*product.shape[:2], num_heads, -1).sum(-1)
+    per_example = _token_mean(product, token_mask)
+    return (per_example.abs() if absolute else per_example).sum(0)  # summed over the batch
+
+
+def attribute(model, tokenizer, expert, data, method: str = "grad", steps: int = 5,
+              num_examples: int = 256, batch_size: int = 16, absolute: bool = True,
+              seed: int = 0, progress: bool = True):
+    """(ffn_scores (layers, intermediate), head_scores (layers, heads)) as float64 CPU tensors.
+
+    `expert` supplies the soft prompt, the head and the scoring (an `Expert`, mask ignored);
+    `data` is a TaskData, of which `num_examples` (default 256) are drawn at random.
+    `absolute` (default) averages the magnitude of each example's score: a unit whose removal
+    moves the gold logit a lot either way is important. The signed average ranks units that
+    push strongly *against* the gold label last, and pruning those first wrecks the model (on
+    all-MiniLM-L6-v2, pruning 1% of neurons by signed score dropped a sentiment task to chance).
+    """
+    if method not in ("grad", "ig"):
+        raise ValueError(f"method must be 'grad' or 'ig', got {method!r}")
+    if method == "ig" and steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if len(data) == 0:
+        raise ValueError("no examples to attribute on")
+    data = data.sample(num_examples, seed=seed) if len(data) > num_examples else data
+    points, spec = hook_points(model)
+    ffn_mods, head_mods = [p[0] for p in points], [p[1] for p in points]
+    layers = spec.num_layers
+    ffn = torch.zeros(layers, spec.intermediate_size, dtype=torch.float64)
+    heads = torch.zeros(layers, spec.num_heads, dtype=torch.float64)
+    gold_all = torch.tensor(data.label_ids)
+    prompt = expert.prompt.clone().requires_grad_(True)  # puts the whole forward in the graph
+    batches = list(range(0, len(data), batch_size))
+    passes = len(batches) * (1 if method == "grad" else 2 * layers * steps)
+    bar = tqdm(total=passes, desc=f"attribution ({method})", disable=not progress, leave=False)
+    was_training = model.training
+    model.eval()
+    try:
+        with expert.plugged(model, prune=False), torch.enable_grad():
+            for start in batches:
+                texts = data.texts[start:start + batch_size]
+                gold = gold_all[start:start + batch_size]
+                ids, attention = expert.encode(tokenizer, texts)
+                token_mask = torch.cat((attention.new_ones(len(texts), expert.num_virtual_tokens),
+                                        attention), dim=1)
+
+                def run(modules, scale=1.0):
+                    with _capture(modules, scale) as captured:
+                        logits = expert.logits(model, ids, attention, prompt=prompt)
+                    picked = logits.gather(1, gold.to(logits.device)[:, None]).sum()
+                    grads = torch.autograd.grad(picked, captured)
+                    return captured, grads
+
+                if method == "grad":
+                    captured, grads = run(ffn_mods + head_mods)
+                    mask = token_mask.to(grads[0].device)
+                    for l in range(layers):
+                        ffn[l] += _unit_scores(captured[l], grads[l], mask, None, absolute).cpu()
+                        heads[l] += _unit_scores(captured[layers + l], grads[layers + l], mask,
+                                                 spec.num_heads, absolute).cpu()
+                    bar.update(1)
+                    continue
+                for table, modules, num_heads in ((ffn, ffn_mods, None),
+                                                  (heads, head_mods, spec.num_heads)):
+                    for l in range(layers):
+                        total_grad, clean = 0.0, None
+                        for k in range(steps):
+                            alpha = (k + 0.5) / steps
+                            captured, grads = run([modules[l]], alpha)
+                            clean = captured[0].detach() / alpha
+                            total_grad = total_grad + grads[0]
+                            bar.update(1)
+                        mask = token_mask.to(clean.device)
+                        table[l] += _unit_scores(clean, total_grad / steps, mask, num_heads,
+                                                 absolute).cpu()
+    finally:
+        bar.close()
+        model.train(was_training)
+    return ffn / len(data), heads / len(data)

@@ -1,0 +1,153 @@
+"""Prompt tuning: train a task's soft prompt on the frozen model with PEFT.
+
+`train_prompt` wraps the model with PEFT prompt tuning (`wrap`), trains the virtual tokens (and,
+for a `...ForSequenceClassification` model, the classification head, which PEFT's SEQ_CLS task
+trains through `modules_to_save`) with cross-entropy over the label logits (`fit`: the classifier's
+logits, or for a causal LM the next-token logits of the label words after the text and a short
+template), reads the trained tensors out (`extract`) and takes PEFT out of the model again
+(`unwrap`: the model's own modules and `requires_grad` flags come back). The model stays in eval
+mode while training (no dropout): the prompt is fitted to the network that will serve it.
+"""
+import random
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from doe_kernels.expert import CAUSAL_LM, SEQ_CLS, encode, label_logits
+
+_FLAGS_ATTR = "_doe_kernels_requires_grad"
+
+
+@dataclass
+class PromptResult:
+    prompt: torch.Tensor  # (virtual_tokens, hidden), float32 CPU
+    head: dict | None  # trained head parameters by their name in the model, or None
+    losses: list = field(default_factory=list)  # mean training loss per epoch
+
+
+def wrap(model, task_type: str, num_virtual_tokens: int = 10, init_ids=None, seed: int = 0):
+    """The model wrapped by PEFT prompt tuning (SEQ_CLS or CAUSAL_LM); the prompt starts as the
+    embeddings of `init_ids` (token ids, cycled), by default of random vocabulary tokens."""
+    from peft import PromptTuningConfig, TaskType, get_peft_model
+
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    config = PromptTuningConfig(
+        task_type=TaskType.SEQ_CLS if task_type == SEQ_CLS else TaskType.CAUSAL_LM,
+        num_virtual_tokens=num_virtual_tokens)
+    peft_model = get_peft_model(model, config)
+    setattr(peft_model, _FLAGS_ATTR, flags)
+    embeddings = model.get_input_embeddings().weight
+    if init_ids is None:
+        gen = torch.Generator().manual_seed(seed)
+        vocab = embeddings.shape[0]
+        init_ids = torch.randint(min(1000, vocab // 2), vocab, (num_virtual_tokens,), generator=gen)
+    init_ids = torch.as_tensor(list(init_ids), dtype=torch.long)
+    init_ids = init_ids[torch.arange(num_virtual_tokens) % init_ids.numel()]
+    with torch.no_grad():
+        weight = peft_model.prompt_encoder["default"].embedding.weight
+        weight.copy_(embeddings[init_ids.to(embeddings.device)].to(weight.dtype))
+    return peft_model
+
+
+def trainable(peft_model):
+    """(prompt parameters, head parameters) that prompt tuning trains."""
+    prompt = list(peft_model.prompt_encoder.parameters())
+    ids = {id(p) for p in prompt}
+    head = [p for p in peft_model.parameters() if p.requires_grad and id(p) not in ids]
+    return prompt, head
+
+
+def peft_label_logits(peft_model, input_ids, attention_mask, task_type: str, token_ids=None):
+    """(batch, num_labels) logits through PEFT's own forward (its prompt injection)."""
+    kwargs = {"logits_to_keep": 1} if task_type == CAUSAL_LM else {}
+    out = peft_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    return label_logits(out.logits, task_type, token_ids).float()
+
+
+def fit(peft_model, tokenizer, data, task_type: str, token_ids=None, template=None,
+        epochs: int = 5, lr: float = 3e-2, head_lr: float = 1e-2, batch_size: int = 16,
+        max_length: int = 128, seed: int = 0, progress: bool = True) -> list[float]:
+    """Train the prompt (and head) with cross-entropy over the label logits; returns epoch losses."""
+    prompt_params, head_params = trainable(peft_model)
+    groups = [{"params": prompt_params, "lr": lr}]
+    if head_params:
+        groups.append({"params": head_params, "lr": head_lr})
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    device = peft_model.get_input_embeddings().weight.device
+    gold_all = torch.tensor(data.label_ids)
+    order = list(range(len(data)))
+    rng = random.Random(seed)
+    peft_model.eval()
+    losses = []
+    steps = epochs * ((len(order) + batch_size - 1) // batch_size)
+    bar = tqdm(total=steps, desc="prompt tuning", disable=not progress, leave=False)
+    for _ in range(epochs):
+        rng.shuffle(order)
+        total, count = 0.0, 0
+        for start in range(0, len(order), batch_size):
+            chosen = order[start:start + batch_size]
+            ids, attention = encode(tokenizer, [data.texts[i] for i in chosen], task_type, template,
+                                    max_length)
+            logits = peft_label_logits(peft_model, ids.to(device), attention.to(device), task_type,
+                                       token_ids)
+            loss = torch.nn.functional.cross_entropy(logits, gold_all[chosen].to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            value = float(loss.detach())
+            total += value * len(chosen)
+            count += len(chosen)
+            bar.update(1)
+            bar.set_postfix(loss=f"{value:.3f}")
+        losses.append(total / max(count, 1))
+    bar.close()
+    return losses
+
+
+def extract(peft_model):
+    """(prompt, head): the trained virtual tokens (float32 CPU) and the trained head's parameters
+    by their names in the unwrapped model (None for causal LMs)."""
+    from peft.utils import ModulesToSaveWrapper
+
+    prompt = peft_model.prompt_encoder["default"].embedding.weight.detach().float().cpu().clone()
+    head = {}
+    for name, module in peft_model.base_model.named_modules():
+        if isinstance(module, ModulesToSaveWrapper):
+            trained = module.modules_to_save[module.active_adapters[0]
+                                             if hasattr(module, "active_adapters") else "default"]
+            for key, value in trained.state_dict().items():
+                head[f"{name}.{key}"] = value.detach().cpu().clone()
+    return prompt, (head or None)
+
+
+def unwrap(peft_model):
+    """Take PEFT out: the original modules back in place and the `requires_grad` flags restored."""
+    from peft.utils import ModulesToSaveWrapper
+
+    model = peft_model.base_model
+    wrapped = [(name, module) for name, module in model.named_modules()
+               if isinstance(module, ModulesToSaveWrapper)]
+    for name, module in wrapped:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, module.original_module)
+    flags = getattr(peft_model, _FLAGS_ATTR, {})
+    for name, param in model.named_parameters():
+        param.requires_grad_(flags.get(name, param.requires_grad))
+    return model
+
+
+def train_prompt(model, tokenizer, data, task_type: str, token_ids=None, template=None,
+                 num_virtual_tokens: int = 10, epochs: int = 5, lr: float = 3e-2,
+                 head_lr: float = 1e-2, batch_size: int = 16, max_length: int = 128,
+                 seed: int = 0, progress: bool = True) -> PromptResult:
+    """Prompt-tune `model` on `data` (a TaskData); the model is left as it was."""
+    torch.manual_seed(seed)
+    peft_model = wrap(model, task_type, num_virtual_tokens, seed=seed)
+    try:
+        losses = fit(peft_model, tokenizer, data, task_type, token_ids, template, epochs, lr,
+                     head_lr, batch_size, max_length, seed, progress)
+        prompt, head = extract(peft_model)
+    finally:
+        unwrap(peft_model)
+    return PromptResult(prompt, head, losses)

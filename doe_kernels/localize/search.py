@@ -1,0 +1,60 @@
+"""Pruning-rate search: the highest rate whose accuracy stays within a tolerance of the baseline.
+
+`search_rate` is a pure binary search over an `accuracy(rate) -> float` callable (unit-testable on
+a synthetic curve); it assumes accuracy falls, by and large, as the rate grows. `mask_at_rate`
+turns attribution scores into the `ExpertMask` of one rate (top-scored units kept).
+"""
+from dataclasses import dataclass, field
+
+from doe_kernels.mask import ExpertMask
+
+
+@dataclass
+class SearchResult:
+    rate: float  # the highest rate found that passes (0.0 when none does)
+    accuracy: float  # accuracy at that rate (the baseline at 0.0)
+    history: list = field(default_factory=list)  # (rate, accuracy, passed) in evaluation order
+
+
+def search_rate(accuracy, baseline: float, tolerance: float = 0.01, low: float = 0.0,
+                high: float = 0.95, resolution: float = 0.01) -> SearchResult:
+    """Binary search for the highest rate in [low, high] with accuracy(rate) >= baseline -
+    tolerance, to within `resolution`. `low` is taken to pass (rate 0 is the baseline itself) and
+    is never evaluated; `high` is tried first (all pass: returned at once). Each rate is evaluated
+    at most once; rates are rounded to 1e-6 so that masks are reproducible."""
+    if not 0.0 <= low <= high <= 1.0:
+        raise ValueError(f"need 0 <= low <= high <= 1, got low={low}, high={high}")
+    if resolution <= 0:
+        raise ValueError(f"resolution must be > 0, got {resolution}")
+    if tolerance < 0:
+        raise ValueError(f"tolerance must be >= 0, got {tolerance}")
+    threshold = baseline - tolerance
+    history, seen = [], {}
+
+    def passes(rate):
+        rate = round(rate, 6)
+        if rate not in seen:
+            value = float(accuracy(rate))
+            seen[rate] = value
+            history.append((rate, value, value >= threshold))
+        return seen[rate] >= threshold
+
+    if high > low and passes(high):
+        return SearchResult(round(high, 6), seen[round(high, 6)], history)
+    good, bad = low, high
+    while bad - good > resolution:
+        mid = (good + bad) / 2
+        if passes(mid):
+            good = mid
+        else:
+            bad = mid
+    good = round(good, 6)
+    return SearchResult(good, seen.get(good, baseline), history)
+
+
+def mask_at_rate(ffn_scores, head_scores, rate: float, scope: str = "layer",
+                 prune_heads: bool = True, spec: dict | None = None) -> ExpertMask:
+    """The mask keeping the top (1 - rate) of neurons and, with `prune_heads`, of heads."""
+    keep = 1.0 - rate
+    return ExpertMask.from_scores(ffn_scores, head_scores if prune_heads else None,
+                                  ffn_keep=keep, heads_keep=keep, scope=scope, spec=spec)
