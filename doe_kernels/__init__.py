@@ -4,8 +4,12 @@ The ops take index lists of kept neurons and heads directly (no copies of sliced
 on one of four backends: `torch` (reference), `cpu` (C++), `triton` and `cuda` (GPU).
 `patch(model, mask)` runs a HuggingFace BERT- or LLaMA-family model on an expert's neurons and
 heads; `unpatch(model)` restores it exactly; `with plugged(model, mask): ...` does both.
+`localize(...)` finds a task's expert (prompt tuning, attribution, pruning-rate search) and
+`ExpertRouter` serves several tasks' experts from one model.
 """
 from doe_kernels.backends import BackendUnavailableError, available_backends
+from doe_kernels.expert import Expert
+from doe_kernels.localize import localize
 from doe_kernels.mask import ExpertMask
 from doe_kernels.models import UnsupportedModelError
 from doe_kernels.ops import (
@@ -18,15 +22,19 @@ from doe_kernels.ops import (
     pruned_head_attention,
 )
 from doe_kernels.patching import current_mask, is_patched, patch, plugged, unpatch
+from doe_kernels.serve import ExpertRouter
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
+    "Expert",
     "ExpertMask",
+    "ExpertRouter",
     "UnsupportedModelError",
     "current_mask",
     "is_patched",
+    "localize",
     "patch",
     "plugged",
     "unpatch",

@@ -41,7 +41,8 @@ def detect_task_type(model) -> str:
     if model.get_output_embeddings() is not None:
         return CAUSAL_LM
     raise ValueError(f"{type(model).__name__} has neither a classification head (classifier/score) "
-                     "nor an LM head; localize a ...ForSequenceClassification or ...ForCausalLM model")
+                     "nor an LM head; localize a ...ForSequenceClassification or "
+                     "...ForCausalLM model")
 
 
 def label_token_ids(tokenizer, label_words) -> list[int]:
@@ -82,7 +83,8 @@ def label_logits(logits: torch.Tensor, task_type: str, token_ids=None) -> torch.
     return logits[:, -1, :][:, torch.as_tensor(token_ids, device=logits.device)]
 
 
-def _model_sizes(model) -> dict:
+def model_sizes(model) -> dict:
+    """The sizes an expert records and checks: the ModelSpec fields plus the vocabulary size."""
     sizes = spec_of(model).as_dict()
     sizes["vocab_size"] = model.get_input_embeddings().weight.shape[0]
     return sizes
@@ -105,7 +107,8 @@ class Expert:
         self.task_type = task_type
         self.label_names = [str(n) for n in label_names]
         self.label_words = None if label_words is None else list(label_words)
-        self.label_token_ids = None if label_token_ids is None else [int(i) for i in label_token_ids]
+        self.label_token_ids = (None if label_token_ids is None
+                                else [int(i) for i in label_token_ids])
         self.template = template if task_type == CAUSAL_LM and template else (
             DEFAULT_TEMPLATE if task_type == CAUSAL_LM else None)
         self.head = None if head is None else {k: v.detach().cpu().contiguous()
@@ -127,20 +130,22 @@ class Expert:
     def __repr__(self):
         rate = self.figures.get("pruning_rate")
         return (f"Expert({self.name!r}, {self.task_type}, labels={self.label_names}, "
-                f"{self.num_virtual_tokens} virtual tokens, pruning_rate={rate}, mask={self.mask!r})")
+                f"{self.num_virtual_tokens} virtual tokens, pruning_rate={rate}, "
+                f"mask={self.mask!r})")
 
     # ---- fitting a model ----------------------------------------------------------------
     def check_fits(self, model) -> None:
         """Raise ValueError when this expert was made for another model (sizes, head, labels)."""
-        sizes = _model_sizes(model)
+        sizes = model_sizes(model)
         if self.sizes is not None:
             for key, value in self.sizes.items():
                 if key in sizes and sizes[key] != value:
                     raise ValueError(f"expert {self.name!r} was made for a model with {key}="
                                      f"{value!r}, but this model has {key}={sizes[key]!r}")
         if self.prompt.shape[1] != sizes["hidden_size"]:
-            raise ValueError(f"expert {self.name!r} has a soft prompt of width {self.prompt.shape[1]}"
-                             f", but this model's hidden size is {sizes['hidden_size']}")
+            raise ValueError(f"expert {self.name!r} has a soft prompt of width "
+                             f"{self.prompt.shape[1]}, but this model's hidden size is "
+                             f"{sizes['hidden_size']}")
         if self.mask is not None:
             self.mask.check_spec(spec_of(model))
         task_type = detect_task_type(model)
@@ -150,7 +155,8 @@ class Expert:
         num_labels = getattr(model.config, "num_labels", None)
         if self.task_type == SEQ_CLS and num_labels != len(self.label_names):
             raise ValueError(f"expert {self.name!r} has {len(self.label_names)} labels "
-                             f"{self.label_names}, but the model's head has num_labels={num_labels}")
+                             f"{self.label_names}, but the model's head has "
+                             f"num_labels={num_labels}")
         if self.head is not None:
             state = dict(model.named_parameters())
             for key, value in self.head.items():
@@ -162,8 +168,8 @@ class Expert:
                                      f"{tuple(value.shape)}, the model's has "
                                      f"{tuple(state[key].shape)} (num_labels differs?)")
         if self.task_type == CAUSAL_LM and max(self.label_token_ids) >= sizes["vocab_size"]:
-            raise ValueError(f"expert {self.name!r}: label token ids {self.label_token_ids} are out "
-                             f"of range for a vocabulary of {sizes['vocab_size']}")
+            raise ValueError(f"expert {self.name!r}: label token ids {self.label_token_ids} "
+                             f"are out of range for a vocabulary of {sizes['vocab_size']}")
 
     @contextlib.contextmanager
     def plugged(self, model, backend: str = "auto", prune: bool = True):
@@ -204,8 +210,8 @@ class Expert:
         batch = input_ids.shape[0]
         prompts = prompt.to(device, dtype).unsqueeze(0).expand(batch, -1, -1)
         inputs_embeds = torch.cat((prompts, embeddings(input_ids)), dim=1)
-        attention_mask = torch.cat((attention_mask.new_ones(batch, prompt.shape[0]), attention_mask),
-                                   dim=1)
+        ones = attention_mask.new_ones(batch, prompt.shape[0])
+        attention_mask = torch.cat((ones, attention_mask), dim=1)
         kwargs = {"logits_to_keep": 1} if self.task_type == CAUSAL_LM else {}
         out = model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
         return label_logits(out.logits, self.task_type, self.label_token_ids).float()

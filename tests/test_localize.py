@@ -1,0 +1,239 @@
+"""localize: attribution on a model whose important units are known by construction, integrated
+gradients' completeness, the pruning-rate binary search on synthetic curves, and one end-to-end
+run (all-MiniLM-L6-v2 on a small templated sentiment task built here)."""
+import random
+import time
+
+import pytest
+import torch
+
+import doe_kernels as dk
+from doe_kernels.data import TaskData
+from doe_kernels.expert import Expert, model_sizes, label_token_ids
+from doe_kernels.localize import attribute, localize, mask_at_rate, search_rate
+from doe_kernels.localize.attribution import hook_points
+from model_utils import snapshot, state_dict_equal
+from real_models import minilm_dir
+from test_expert import LABELS, TEXTS, tiny_bert, tiny_llama
+
+IMPORTANT_NEURONS = [3, 17, 40]  # of 48, last layer
+IMPORTANT_HEAD = 2  # of 4, last layer
+ROUTED = [0, 1]  # the hidden dims the classifier reads
+
+
+def routed_bert():
+    """A tiny BERT classifier that reads only hidden dims ROUTED, where the last layer's down
+    projection writes only from IMPORTANT_NEURONS and its attention output only from
+    IMPORTANT_HEAD (strongly); everything else writes nothing there."""
+    model = tiny_bert()
+    layer = model.bert.encoder.layer[-1]
+    head_dim = 32 // 4
+    with torch.no_grad():
+        model.bert.pooler.dense.weight.copy_(torch.eye(32))
+        model.bert.pooler.dense.bias.zero_()
+        model.classifier.weight.zero_()
+        model.classifier.weight[:, ROUTED] = torch.tensor([[2.0, -2.0], [-2.0, 2.0]])
+        down = layer.output.dense.weight  # (hidden, intermediate)
+        down[ROUTED] = 0
+        down[ROUTED[0], IMPORTANT_NEURONS] = 3.0
+        down[ROUTED[1], IMPORTANT_NEURONS] = -3.0
+        layer.intermediate.dense.bias[IMPORTANT_NEURONS] = 1.0  # clearly active
+        out = layer.attention.output.dense.weight  # (hidden, heads * head_dim)
+        out[ROUTED] = 0
+        cols = slice(IMPORTANT_HEAD * head_dim, (IMPORTANT_HEAD + 1) * head_dim)
+        out[ROUTED[0], cols] = 3.0
+        out[ROUTED[1], cols] = -3.0
+    return model
+
+
+def classifier_expert(model, virtual=3):
+    torch.manual_seed(1)
+    return Expert(None, 0.5 * torch.randn(virtual, model.config.hidden_size), "seq_cls",
+                  ["negative", "positive"],
+                  head={f"classifier.{k}": v for k, v in model.classifier.state_dict().items()},
+                  sizes=model_sizes(model))
+
+
+@pytest.mark.parametrize("method", ["grad", "ig"])
+def test_attribution_ranks_the_routed_units_first(tokenizer, method, one_thread):
+    model = routed_bert()
+    before = snapshot(model)
+    data = TaskData(TEXTS, LABELS, ["negative", "positive"])
+    ffn, heads = attribute(model, tokenizer, classifier_expert(model), data, method=method,
+                           steps=3, batch_size=3, progress=False)
+    assert ffn.shape == (2, 48) and heads.shape == (2, 4)
+    assert (ffn >= 0).all() and (heads >= 0).all()
+    top = torch.topk(ffn[-1], len(IMPORTANT_NEURONS)).indices.sort().values.tolist()
+    assert top == IMPORTANT_NEURONS
+    assert int(heads[-1].argmax()) == IMPORTANT_HEAD
+    assert ffn[-1, IMPORTANT_NEURONS].min() > 10 * ffn[-1].sort().values[-4]  # by a wide margin
+    assert not dk.is_patched(model) and state_dict_equal(before, snapshot(model))
+    assert all(not p.requires_grad or p.grad is None for p in model.parameters())
+
+
+def _gold_logit(model, expert, ids, attention, gold, zero=None):
+    handle = None
+    if zero is not None:
+        handle = zero.register_forward_pre_hook(lambda m, a: (torch.zeros_like(a[0]),))
+    try:
+        with torch.no_grad(), expert.plugged(model, prune=False):
+            return float(expert.logits(model, ids, attention)[0, gold])
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_integrated_gradients_completeness(tokenizer, family, one_thread):
+    """One example, signed scores: the scores of a layer's units, times its token count, add up to
+    the gold logit minus the gold logit with that layer's units zeroed (IG's completeness)."""
+    model = tiny_bert() if family == "bert" else tiny_llama()
+    if family == "bert":
+        expert = classifier_expert(model)
+    else:
+        ids = label_token_ids(tokenizer, [" negative", " positive"])
+        expert = Expert(None, 0.5 * torch.randn(3, 32), "causal_lm", ["negative", "positive"],
+                        [" negative", " positive"], ids, sizes=model_sizes(model))
+    data = TaskData([TEXTS[0]], [LABELS[0]], ["negative", "positive"])
+    ffn, heads = attribute(model, tokenizer, expert, data, method="ig", steps=32, absolute=False,
+                           progress=False)
+    ids, attention = expert.encode(tokenizer, data.texts)
+    tokens = attention.sum().item() + expert.num_virtual_tokens
+    gold = data.label_ids[0]
+    full = _gold_logit(model, expert, ids, attention, gold)
+    points, _ = hook_points(model)
+    for layer in range(2):
+        for scores, module in ((ffn, points[layer][0]), (heads, points[layer][1])):
+            zeroed = _gold_logit(model, expert, ids, attention, gold, zero=module)
+            assert float(scores[layer].sum()) * tokens == pytest.approx(full - zeroed, abs=2e-3,
+                                                                         rel=2e-2)
+
+
+def test_attribution_llama_shapes_and_model_untouched(tokenizer, one_thread):
+    model = tiny_llama()
+    before = snapshot(model)
+    ids = label_token_ids(tokenizer, [" negative", " positive"])
+    expert = Expert(None, torch.randn(2, 32), "causal_lm", ["negative", "positive"],
+                    [" negative", " positive"], ids, sizes=model_sizes(model))
+    ffn, heads = attribute(model, tokenizer, expert, TaskData(TEXTS, LABELS), batch_size=4,
+                           progress=False)
+    assert ffn.shape == (2, 48) and heads.shape == (2, 4)
+    assert torch.isfinite(ffn).all() and (ffn > 0).any() and (heads > 0).any()
+    assert state_dict_equal(before, snapshot(model))
+
+
+def test_attribution_errors(tokenizer):
+    model = tiny_bert()
+    with pytest.raises(ValueError, match="method"):
+        attribute(model, tokenizer, classifier_expert(model), TaskData(TEXTS, LABELS), method="x")
+    with dk.plugged(model, dk.ExpertMask.random(model, 0.5)):
+        with pytest.raises(ValueError, match="unpatched"):
+            attribute(model, tokenizer, classifier_expert(model), TaskData(TEXTS, LABELS))
+
+
+# ---- search -----------------------------------------------------------------------------
+def cliff(knee, base=0.9, slope=1.0):
+    """Flat at `base` up to `knee`, then falling linearly; counts its calls."""
+    calls = []
+
+    def accuracy(rate):
+        calls.append(rate)
+        return base if rate <= knee else base - slope * (rate - knee)
+    return accuracy, calls
+
+
+@pytest.mark.parametrize("knee", [0.1, 0.37, 0.63, 0.9])
+def test_search_finds_the_highest_rate_within_tolerance(knee):
+    accuracy, calls = cliff(knee)
+    result = search_rate(accuracy, baseline=0.9, tolerance=0.01, high=0.95, resolution=0.01)
+    edge = knee + 0.01  # the exact highest passing rate
+    assert edge - 0.01 <= result.rate <= edge + 1e-9
+    assert result.accuracy == pytest.approx(accuracy(result.rate))
+    assert result.accuracy >= 0.89 - 1e-9
+    assert all(acc >= 0.89 - 1e-9 for rate, acc, ok in result.history if ok)
+    assert all(rate > result.rate for rate, acc, ok in result.history if not ok)
+    assert len(calls) - 1 <= 8  # 1 + log2(0.95 / 0.01) evaluations, no repeats
+
+
+def test_search_tolerance_zero_and_looser():
+    accuracy, _ = cliff(0.5)
+    strict = search_rate(accuracy, 0.9, tolerance=0.0, resolution=1e-3)
+    loose = search_rate(accuracy, 0.9, tolerance=0.1, resolution=1e-3)
+    assert strict.rate == pytest.approx(0.5, abs=1e-3)
+    assert loose.rate == pytest.approx(0.6, abs=1e-3)
+
+
+def test_search_all_pass_and_none_pass():
+    accuracy, calls = cliff(1.0)
+    result = search_rate(accuracy, 0.9, high=0.95)
+    assert result.rate == 0.95 and calls == [0.95]  # all pass: one evaluation
+    result = search_rate(lambda rate: 0.5, 0.9, resolution=0.01)
+    assert result.rate == 0.0 and result.accuracy == 0.9  # none pass: the unpruned baseline
+    assert all(not ok for _, _, ok in result.history)
+    with pytest.raises(ValueError):
+        search_rate(accuracy, 0.9, low=0.5, high=0.2)
+
+
+def test_mask_at_rate():
+    ffn = torch.arange(20.0).reshape(2, 10)
+    heads = torch.tensor([[1.0, 4.0, 3.0, 2.0], [4.0, 3.0, 2.0, 1.0]])
+    mask = mask_at_rate(ffn, heads, 0.3, scope="layer")
+    assert mask.ffn[0].tolist() == list(range(3, 10)) and mask.ffn[1].tolist() == list(range(3, 10))
+    assert mask.heads[0].tolist() == [1, 2, 3] and mask.heads[1].tolist() == [0, 1, 2]
+    mask = mask_at_rate(ffn, heads, 0.5, scope="global", prune_heads=False)
+    assert 0 not in mask.ffn or mask.ffn[0].numel() == 0
+    assert mask.ffn[1].tolist() == list(range(10)) and dict(mask.heads) == {}
+
+
+# ---- end to end ---------------------------------------------------------------------------
+POSITIVE = ["wonderful", "delightful", "excellent", "brilliant", "charming", "superb", "lovely",
+            "great", "fantastic", "moving", "enjoyable", "beautiful", "touching", "funny",
+            "gripping"]
+NEGATIVE = ["awful", "boring", "terrible", "dreadful", "dull", "painful", "horrible", "clumsy",
+            "tedious", "bad", "disappointing", "ugly", "lifeless", "annoying", "forgettable"]
+SUBJECTS = ["the film", "this movie", "the acting", "the plot", "the ending", "the soundtrack",
+            "the script", "the cast", "the story", "the direction"]
+FRAMES = ["{s} was {w}.", "i thought {s} was {w}.", "honestly, {s} is {w}.",
+          "{s} felt {w} from start to finish.", "what a {w} evening; {s} was {w}.",
+          "my friends agreed that {s} was {w}.", "everyone said {s} would be {w}, and it was."]
+
+
+def sentiment_task(count=320, seed=0) -> TaskData:
+    """Templated sentences with clear sentiment words, balanced labels."""
+    rng = random.Random(seed)
+    texts, labels = [], []
+    for i in range(count):
+        label = ("positive", "negative")[i % 2]
+        words = POSITIVE if label == "positive" else NEGATIVE
+        texts.append(rng.choice(FRAMES).format(s=rng.choice(SUBJECTS), w=rng.choice(words)))
+        labels.append(label)
+    return TaskData(texts, labels, ["negative", "positive"], "sentiment")
+
+
+def test_localize_end_to_end_minilm(tokenizer, tmp_path, one_thread):
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification.from_pretrained(minilm_dir(), num_labels=2).eval()
+    before = snapshot(model)
+    splits = sentiment_task().split((0.6, 0.2, 0.2))
+    started = time.perf_counter()
+    expert = localize(model, tokenizer, splits["train"], splits["validation"], epochs=3,
+                      attribution_examples=128, progress=False)
+    seconds = time.perf_counter() - started
+    figures = expert.figures
+    print(f"\nlocalize: {seconds:.1f}s, figures: {figures}")
+    assert not dk.is_patched(model) and state_dict_equal(before, snapshot(model))
+    assert figures["accuracy_before"] >= 0.9
+    assert figures["accuracy_after"] >= figures["accuracy_before"] - 0.01
+    assert figures["pruning_rate"] >= 0.2 and figures["ffn_pruning_rate"] >= 0.2
+    with expert.plugged(model):
+        assert expert.evaluate(model, tokenizer, splits["validation"]) == figures["accuracy_after"]
+        test_accuracy = expert.evaluate(model, tokenizer, splits["test"])
+    print(f"test accuracy (pruned {figures['pruning_rate']:.2f}): {test_accuracy:.3f}")
+    assert test_accuracy >= 0.85
+    expert.save(tmp_path / "sentiment.safetensors")
+    loaded = Expert.load(tmp_path / "sentiment.safetensors")
+    texts = splits["test"].texts[:16]
+    assert loaded.predict(model, tokenizer, texts) == expert.predict(model, tokenizer, texts)
+    assert state_dict_equal(before, snapshot(model))
