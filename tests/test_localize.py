@@ -14,7 +14,7 @@ from doe_kernels.localize import attribute, localize, mask_at_rate, search_rate
 from doe_kernels.localize.attribution import hook_points
 from model_utils import snapshot, state_dict_equal
 from real_models import minilm_dir
-from test_expert import LABELS, TEXTS, tiny_bert, tiny_llama
+from expert_utils import LABELS, TEXTS, tiny_bert, tiny_llama
 
 IMPORTANT_NEURONS = [3, 17, 40]  # of 48, last layer
 IMPORTANT_HEAD = 2  # of 4, last layer

@@ -1,0 +1,38 @@
+"""Tiny BERT/LLaMA models and experts built without training, shared by the expert, localize
+and router tests."""
+import torch
+from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+
+import doe_kernels as dk
+from doe_kernels.expert import Expert, model_sizes
+
+TEXTS = ["a wonderful film", "a dull and tedious plot", "the cast was superb",
+         "awful, just awful", "i loved every minute", "boring from start to finish",
+         "charming and funny", "a clumsy mess"]
+LABELS = ["positive", "negative"] * 4
+
+
+def tiny_bert(vocab=30522, num_labels=2, layers=2, seed=0):
+    torch.manual_seed(seed)
+    config = BertConfig(hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
+                        intermediate_size=48, vocab_size=vocab, max_position_embeddings=64,
+                        num_labels=num_labels)
+    return BertForSequenceClassification(config).eval()
+
+
+def tiny_llama(vocab=30522, seed=0):
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=48, vocab_size=vocab,
+                         max_position_embeddings=128, tie_word_embeddings=False)
+    return LlamaForCausalLM(config).eval()
+
+
+def seq_cls_expert(model, rate=0.5, virtual=3, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    mask = dk.ExpertMask.random(model, ffn_keep=1 - rate, heads_keep=0.5, seed=seed)
+    head = {k: torch.randn(v.shape, generator=gen)
+            for k, v in model.classifier.state_dict().items()}
+    return Expert(mask, torch.randn(virtual, model.config.hidden_size, generator=gen), "seq_cls",
+                  ["negative", "positive"], head={f"classifier.{k}": v for k, v in head.items()},
+                  sizes=model_sizes(model), figures={"pruning_rate": rate}, name="sentiment")

@@ -1,0 +1,84 @@
+"""ExpertRouter: answers equal each expert alone, under concurrent threads; errors change nothing."""
+import threading
+
+import pytest
+import torch
+
+import doe_kernels as dk
+from expert_utils import TEXTS, seq_cls_expert, tiny_bert
+from model_utils import snapshot, state_dict_equal
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture
+def served(tokenizer):
+    model = tiny_bert()
+    experts = {f"task{i}": seq_cls_expert(model, rate=rate, seed=i)
+               for i, rate in enumerate((0.3, 0.6, 0.9))}
+    alone = {name: e.predict_logits(model, tokenizer, TEXTS) for name, e in experts.items()}
+    return model, experts, alone
+
+
+def test_router_answers_equal_each_expert_alone(served, tokenizer):
+    model, experts, alone = served
+    before = snapshot(model)
+    with dk.ExpertRouter(model, tokenizer) as router:
+        for name, expert in experts.items():
+            router.add(name, expert)
+        assert router.tasks == sorted(experts)
+        for name in ["task2", "task0", "task1", "task0"]:
+            torch.testing.assert_close(router.run_logits(name, TEXTS), alone[name])
+            assert router.run(name, TEXTS[0]) == [
+                experts[name].label_names[int(alone[name][0].argmax())]]
+        assert dk.is_patched(model) and dk.current_mask(model).ffn == {}  # keep-everything
+    assert not dk.is_patched(model)
+    assert state_dict_equal(snapshot(model), before)
+
+
+def test_router_serialises_concurrent_requests(served, tokenizer):
+    model, experts, alone = served
+    router = dk.ExpertRouter(model, tokenizer)
+    for name, expert in experts.items():
+        router.add(name, expert)
+    errors, order = [], list(experts) * 4
+
+    def client(offset):
+        try:
+            for step in range(len(order)):
+                name = order[(offset + step) % len(order)]
+                got = router.run_logits(name, TEXTS)
+                if not torch.allclose(got, alone[name], atol=1e-5, rtol=1e-5):
+                    errors.append(f"{name}: answer differs from the expert alone")
+        except Exception as error:  # surfaced below
+            errors.append(repr(error))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    router.close()
+    assert not errors, errors[:3]
+
+
+def test_router_errors_leave_the_model_as_it_was(served, tokenizer):
+    model, experts, _ = served
+    router = dk.ExpertRouter(model, tokenizer)
+    router.add("task0", experts["task0"])
+    router.run("task0", TEXTS)
+    mask_before = dk.current_mask(model)
+    with pytest.raises(KeyError, match="unknown task 'nope'; known tasks: \\['task0'\\]"):
+        router.run("nope", TEXTS)
+    for bad in ([], [1, 2], None):
+        with pytest.raises(ValueError, match="batch"):
+            router.run("task0", bad)
+    assert dk.current_mask(model) is mask_before
+    other = seq_cls_expert(tiny_bert(num_labels=3), seed=5)
+    with pytest.raises(ValueError, match="labels"):
+        router.add("task9", other)
+    with pytest.raises(TypeError, match="must be a doe_kernels.Expert"):
+        router.add("task9", "expert")
+    assert router.tasks == ["task0"]
+    router.close()
+    assert not dk.is_patched(model)
