@@ -152,21 +152,23 @@ class Expert:
         if task_type != self.task_type:
             raise ValueError(f"expert {self.name!r} is a {self.task_type} expert, but "
                              f"{type(model).__name__} is a {task_type} model")
-        num_labels = getattr(model.config, "num_labels", None)
-        if self.task_type == SEQ_CLS and num_labels != len(self.label_names):
-            raise ValueError(f"expert {self.name!r} has {len(self.label_names)} labels "
-                             f"{self.label_names}, but the model's head has "
-                             f"num_labels={num_labels}")
         if self.head is not None:
+            # The head is swapped in whole while plugged, so its number of labels may differ from
+            # the model's own head (one model serves tasks with different label counts); every
+            # other dimension must match.
             state = dict(model.named_parameters())
             for key, value in self.head.items():
                 if key not in state:
                     raise ValueError(f"expert {self.name!r} has a head parameter {key!r} that "
                                      f"{type(model).__name__} lacks")
-                if tuple(state[key].shape) != tuple(value.shape):
+                if tuple(state[key].shape[1:]) != tuple(value.shape[1:]):
                     raise ValueError(f"expert {self.name!r}: head parameter {key!r} has shape "
-                                     f"{tuple(value.shape)}, the model's has "
-                                     f"{tuple(state[key].shape)} (num_labels differs?)")
+                                     f"{tuple(value.shape)}, which does not fit the model's "
+                                     f"{tuple(state[key].shape)}")
+            rows = {value.shape[0] for value in self.head.values()}
+            if rows != {len(self.label_names)}:
+                raise ValueError(f"expert {self.name!r}: its head has {sorted(rows)} outputs for "
+                                 f"{len(self.label_names)} labels {self.label_names}")
         if self.task_type == CAUSAL_LM and max(self.label_token_ids) >= sizes["vocab_size"]:
             raise ValueError(f"expert {self.name!r}: label token ids {self.label_token_ids} "
                              f"are out of range for a vocabulary of {sizes['vocab_size']}")

@@ -51,7 +51,6 @@ def test_load_rejects_other_files(tmp_path):
 
 @pytest.mark.parametrize("other, match", [
     (lambda: tiny_bert(layers=3), "num_layers"),
-    (lambda: tiny_bert(num_labels=3), "num_labels=3"),
     (lambda: tiny_llama(), "intermediate_size|model_type|family"),
 ])
 def test_plugging_into_another_model_is_refused(tmp_path, tokenizer, other, match):
@@ -66,6 +65,19 @@ def test_plugging_into_another_model_is_refused(tmp_path, tokenizer, other, matc
     with pytest.raises(ValueError, match=match):
         loaded.predict_logits(model, tokenizer, TEXTS[:2])
     assert not dk.is_patched(model) and state_dict_equal(before, snapshot(model))
+
+
+def test_an_expert_with_another_label_count_swaps_the_whole_head(tokenizer):
+    """One model serves tasks with different numbers of labels: the head is swapped whole."""
+    model = tiny_bert(num_labels=3)
+    before = snapshot(model)
+    expert = seq_cls_expert(tiny_bert())  # two labels
+    assert expert.predict_logits(model, tokenizer, TEXTS[:3]).shape == (3, 2)
+    assert state_dict_equal(before, snapshot(model))
+    bad_head = {k: v[:, :8] if v.dim() == 2 else v for k, v in expert.head.items()}
+    narrow = Expert(expert.mask, expert.prompt, "seq_cls", expert.label_names, head=bad_head)
+    with pytest.raises(ValueError, match="does not fit the model's"):
+        narrow.check_fits(model)
 
 
 def test_prompt_width_and_task_type_mismatch():
