@@ -1,9 +1,12 @@
 """Tiny BERT/LLaMA models and experts built without training, shared by the expert, localize
 and router tests."""
+import random
+
 import torch
 from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
 import doe_kernels as dk
+from doe_kernels.data import TaskData
 from doe_kernels.expert import Expert, model_sizes
 
 TEXTS = ["a wonderful film", "a dull and tedious plot", "the cast was superb",
@@ -36,3 +39,27 @@ def seq_cls_expert(model, rate=0.5, virtual=3, seed=0):
     return Expert(mask, torch.randn(virtual, model.config.hidden_size, generator=gen), "seq_cls",
                   ["negative", "positive"], head={f"classifier.{k}": v for k, v in head.items()},
                   sizes=model_sizes(model), figures={"pruning_rate": rate}, name="sentiment")
+
+
+POSITIVE = ["wonderful", "delightful", "excellent", "brilliant", "charming", "superb", "lovely",
+            "great", "fantastic", "moving", "enjoyable", "beautiful", "touching", "funny",
+            "gripping"]
+NEGATIVE = ["awful", "boring", "terrible", "dreadful", "dull", "painful", "horrible", "clumsy",
+            "tedious", "bad", "disappointing", "ugly", "lifeless", "annoying", "forgettable"]
+SUBJECTS = ["the film", "this movie", "the acting", "the plot", "the ending", "the soundtrack",
+            "the script", "the cast", "the story", "the direction"]
+FRAMES = ["{s} was {w}.", "i thought {s} was {w}.", "honestly, {s} is {w}.",
+          "{s} felt {w} from start to finish.", "what a {w} evening; {s} was {w}.",
+          "my friends agreed that {s} was {w}.", "everyone said {s} would be {w}, and it was."]
+
+
+def sentiment_task(count=320, seed=0) -> TaskData:
+    """Templated sentences with clear sentiment words, balanced labels."""
+    rng = random.Random(seed)
+    texts, labels = [], []
+    for i in range(count):
+        label = ("positive", "negative")[i % 2]
+        words = POSITIVE if label == "positive" else NEGATIVE
+        texts.append(rng.choice(FRAMES).format(s=rng.choice(SUBJECTS), w=rng.choice(words)))
+        labels.append(label)
+    return TaskData(texts, labels, ["negative", "positive"], "sentiment")

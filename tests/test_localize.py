@@ -1,7 +1,6 @@
 """localize: attribution on a model whose important units are known by construction, integrated
 gradients' completeness, the pruning-rate binary search on synthetic curves, and one end-to-end
 run (all-MiniLM-L6-v2 on a small templated sentiment task built here)."""
-import random
 import time
 
 import pytest
@@ -14,7 +13,7 @@ from doe_kernels.localize import attribute, localize, mask_at_rate, search_rate
 from doe_kernels.localize.attribution import hook_points
 from model_utils import snapshot, state_dict_equal
 from real_models import minilm_dir
-from expert_utils import LABELS, TEXTS, tiny_bert, tiny_llama
+from expert_utils import LABELS, TEXTS, sentiment_task, tiny_bert, tiny_llama
 
 IMPORTANT_NEURONS = [3, 17, 40]  # of 48, last layer
 IMPORTANT_HEAD = 2  # of 4, last layer
@@ -186,30 +185,6 @@ def test_mask_at_rate():
 
 
 # ---- end to end ---------------------------------------------------------------------------
-POSITIVE = ["wonderful", "delightful", "excellent", "brilliant", "charming", "superb", "lovely",
-            "great", "fantastic", "moving", "enjoyable", "beautiful", "touching", "funny",
-            "gripping"]
-NEGATIVE = ["awful", "boring", "terrible", "dreadful", "dull", "painful", "horrible", "clumsy",
-            "tedious", "bad", "disappointing", "ugly", "lifeless", "annoying", "forgettable"]
-SUBJECTS = ["the film", "this movie", "the acting", "the plot", "the ending", "the soundtrack",
-            "the script", "the cast", "the story", "the direction"]
-FRAMES = ["{s} was {w}.", "i thought {s} was {w}.", "honestly, {s} is {w}.",
-          "{s} felt {w} from start to finish.", "what a {w} evening; {s} was {w}.",
-          "my friends agreed that {s} was {w}.", "everyone said {s} would be {w}, and it was."]
-
-
-def sentiment_task(count=320, seed=0) -> TaskData:
-    """Templated sentences with clear sentiment words, balanced labels."""
-    rng = random.Random(seed)
-    texts, labels = [], []
-    for i in range(count):
-        label = ("positive", "negative")[i % 2]
-        words = POSITIVE if label == "positive" else NEGATIVE
-        texts.append(rng.choice(FRAMES).format(s=rng.choice(SUBJECTS), w=rng.choice(words)))
-        labels.append(label)
-    return TaskData(texts, labels, ["negative", "positive"], "sentiment")
-
-
 def test_localize_end_to_end_minilm(tokenizer, tmp_path, one_thread):
     from transformers import BertForSequenceClassification
 

@@ -1,0 +1,80 @@
+"""The doe-kernels command line: localize, eval, serve and bench end to end, and plain errors."""
+import io
+import json
+
+import pytest
+
+from doe_kernels import cli
+from doe_kernels.data import write_csv
+from expert_utils import sentiment_task
+from real_models import minilm_dir
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def task_and_expert(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cli")
+    task = folder / "sentiment.csv"
+    write_csv(task, sentiment_task(240).split((0.6, 0.2, 0.2)))
+    expert = folder / "sentiment.safetensors"
+    code = cli.main(["localize", "--model", minilm_dir(), "--task", str(task), "--out",
+                     str(expert), "--epochs", "3"])
+    assert code == 0
+    return task, expert
+
+
+def test_localize_then_eval(task_and_expert, capsys):
+    task, expert = task_and_expert
+    capsys.readouterr()
+    assert cli.main(["eval", "--model", minilm_dir(), "--expert", str(expert), "--task",
+                     str(task), "--dense"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["examples"] == 48
+    assert result["expert_accuracy"] >= 0.85 and result["dense_accuracy"] >= 0.85
+
+
+def test_serve_answers_json_lines(task_and_expert, capsys, monkeypatch):
+    _, expert = task_and_expert
+    requests = [{"task": "s", "text": "a wonderful, moving film"},
+                {"task": "s", "text": "dreadful and boring"},
+                {"task": "other", "text": "x"},
+                "not json"]
+    lines = "\n".join(json.dumps(r) if isinstance(r, dict) else r for r in requests) + "\n"
+    monkeypatch.setattr("sys.stdin", io.StringIO(lines))
+    capsys.readouterr()
+    assert cli.main(["serve", "--model", minilm_dir(), "--expert", f"s={expert}"]) == 0
+    answers = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert answers[0] == {"task": "s", "label": "positive"}
+    assert answers[1] == {"task": "s", "label": "negative"}
+    assert "unknown task 'other'" in answers[2]["error"]
+    assert answers[3]["error"].startswith("not JSON")
+
+
+def test_bench_reports_a_speedup(task_and_expert, capsys):
+    _, expert = task_and_expert
+    capsys.readouterr()
+    assert cli.main(["bench", "--model", minilm_dir(), "--expert", str(expert), "--seq", "32",
+                     "--repeats", "3"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["dense_ms"] > 0 and result["patched_ms"] > 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "--model", "/nonexistent", "--expert", "x", "--task", "y"], "expert file not found"),
+    (["localize", "--model", "/nonexistent", "--task", "/no/such.csv", "--out", "e"],
+     "task file not found"),
+    (["serve", "--model", "/nonexistent", "--expert", "nameonly"], "--expert takes NAME=PATH"),
+])
+def test_user_mistakes_are_one_line_errors(argv, message, capsys):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_bad_columns_are_one_line_errors(tmp_path, capsys):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("sentence,category\nhello,a\n")
+    assert cli.main(["localize", "--model", minilm_dir(), "--task", str(bad), "--out", "e"]) == 2
+    err = capsys.readouterr().err
+    assert "missing column(s) ['text', 'label']" in err and "Traceback" not in err
