@@ -1,0 +1,165 @@
+"""Unplug and play: one model, five tasks, requests arriving one task at a time (the DoE setting).
+
+For each task it localizes the expert (or loads it from the output folder), then serves the task's
+test set through an ExpertRouter, and prints a table: prompt-tuned accuracy, the expert's accuracy,
+its pruning rate and its speed-up over the dense prompt-tuned model. It saves the table (JSON) and
+a plot of validation accuracy against pruning rate for each task (the pruning-rate search's steps).
+
+    python python/unplug_and_play.py --model minilm
+    python python/unplug_and_play.py --model smollm2 --max-train 256 --tasks polarity reuters8
+
+Data comes from PyPI packages (python/tasks.py), models too (python/offline_models.py); both are
+cached under ~/.cache/doe_kernels, never in the repository.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import offline_models  # noqa: E402
+from tasks import TASKS, load_task  # noqa: E402
+
+import doe_kernels as dk  # noqa: E402
+from doe_kernels.expert import label_token_ids  # noqa: E402
+
+
+def load_model(name: str, num_labels: int):
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    if name == "minilm":
+        path = offline_models.minilm_dir()
+        model = BertForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+        return model.eval(), AutoTokenizer.from_pretrained(path)
+    if name == "smollm2":
+        return offline_models.load_smollm2()
+    raise SystemExit(f"unknown model {name!r}: use minilm or smollm2")
+
+
+def label_words(tokenizer, names):
+    """Causal LMs score labels by one token each: the label's own word if the first tokens differ,
+    else capital letters (the soft prompt learns what they stand for)."""
+    words = [" " + name.split(".")[-1].replace("-", " ") for name in names]
+    try:
+        label_token_ids(tokenizer, words)
+        return words
+    except ValueError:
+        return [" " + chr(ord("A") + i) for i in range(len(names))]
+
+
+def expert_for(task, splits, args, out_dir):
+    path = os.path.join(out_dir, f"{task}.safetensors")
+    if os.path.exists(path) and not args.relocalize:
+        return dk.Expert.load(path)
+    names = splits["train"].label_names
+    model, tokenizer = load_model(args.model, len(names))  # a fresh head for this task's labels
+    words = label_words(tokenizer, names) if args.model == "smollm2" else None
+    expert = dk.localize(model, tokenizer, splits["train"], splits["validation"],
+                         label_words=words, epochs=args.epochs, tolerance=args.tolerance,
+                         attribution_examples=args.attribution_examples, seed=args.seed)
+    expert.name = task
+    expert.save(path)
+    return expert
+
+
+def timed_accuracy(router, name, data, repeats):
+    """Accuracy over `data` and the median time of one pass over it."""
+    times, predictions = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        predictions = router.run(name, data.texts)
+        times.append(time.perf_counter() - start)
+    accuracy = sum(p == g for p, g in zip(predictions, data.labels)) / len(data)
+    return accuracy, sorted(times)[len(times) // 2]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="minilm", choices=("minilm", "smollm2"))
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument("--max-train", type=int, default=1000,
+                        help="examples per split at most (train; validation and test get a fifth)")
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--tolerance", type=float, default=0.01)
+    parser.add_argument("--attribution-examples", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3, help="timed passes over the test set")
+    parser.add_argument("--out", default=os.path.join("results", "unplug_and_play"))
+    parser.add_argument("--relocalize", action="store_true", help="ignore saved experts")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    out_dir = os.path.join(args.out, args.model)
+    os.makedirs(out_dir, exist_ok=True)
+
+    experts, tests = {}, {}
+    for task in args.tasks:
+        splits = load_task(task, max_examples=args.max_train)
+        evaluation = max(50, args.max_train // 5)
+        splits["validation"] = splits["validation"].sample(evaluation, seed=args.seed)
+        tests[task] = splits["test"].sample(evaluation, seed=args.seed)
+        experts[task] = expert_for(task, splits, args, out_dir)
+        print(f"{task}: {experts[task]!r}", flush=True)
+
+    first = experts[args.tasks[0]]
+    model, tokenizer = load_model(args.model, len(first.label_names))
+    rows = []
+    with dk.ExpertRouter(model, tokenizer) as router:
+        for task in args.tasks:  # one task at a time, as requests arrive
+            expert = experts[task]
+            dense = dk.Expert(None, expert.prompt, expert.task_type, expert.label_names,
+                              expert.label_words, expert.label_token_ids, expert.template,
+                              expert.head, expert.sizes, name=task)
+            router.add(task, expert)
+            router.add(task + ":dense", dense)
+            accuracy, seconds = timed_accuracy(router, task, tests[task], args.repeats)
+            dense_accuracy, dense_seconds = timed_accuracy(router, task + ":dense", tests[task],
+                                                           args.repeats)
+            rows.append(dict(task=task, classes=len(expert.label_names),
+                             prompt_tuned_accuracy=dense_accuracy, expert_accuracy=accuracy,
+                             validation_before=expert.figures.get("accuracy_before"),
+                             validation_after=expert.figures.get("accuracy_after"),
+                             pruning_rate=expert.figures.get("pruning_rate"),
+                             speedup=dense_seconds / seconds, test_examples=len(tests[task]),
+                             search=expert.figures.get("search")))
+    print_table(rows, args, model)
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(dict(model=args.model, device="cpu", threads=torch.get_num_threads(),
+                       torch=torch.__version__, args=vars(args), rows=rows), f, indent=1)
+    plot(rows, os.path.join(out_dir, "accuracy_vs_pruning.png"), args.model)
+
+
+def print_table(rows, args, model):
+    print(f"\nmodel {args.model} ({type(model).__name__}), CPU, {torch.get_num_threads()} threads")
+    print(f"{'task':<16} {'classes':>7} {'tuned acc':>9} {'expert acc':>10} {'pruned':>7} "
+          f"{'speed-up':>8}")
+    for r in rows:
+        print(f"{r['task']:<16} {r['classes']:>7} {r['prompt_tuned_accuracy']:>9.3f} "
+              f"{r['expert_accuracy']:>10.3f} {100 * r['pruning_rate']:>6.1f}% "
+              f"{r['speedup']:>7.2f}x")
+
+
+def plot(rows, path, model_name):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in rows:
+        steps = sorted(r["search"] or [])
+        if steps:
+            ax.plot([100 * s[0] for s in steps], [s[1] for s in steps], "o-", label=r["task"])
+    ax.set_xlabel("pruning rate (%)")
+    ax.set_ylabel("validation accuracy")
+    ax.set_title(f"pruning-rate search, {model_name}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
