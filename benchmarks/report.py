@@ -141,8 +141,9 @@ def plot(ratios, meta, plot_dir) -> list[str]:
             line = sorted((r for r in items if r["rows"] == rows), key=lambda r: r["prune_rate"])
             rates = [100 * r["prune_rate"] for r in line]
             color = f"C{i}"
+            unit = "tokens" if bench == "model" else "rows"  # model: tokens per call
             ax.plot(rates, [r["speedup_vs_dense"] for r in line], "o-", color=color,
-                    label=f"{rows} rows")
+                    label=f"{rows} {unit}")
             ax.plot(rates, [r["sliced_speedup_vs_dense"] for r in line], ":", color=color)
         top = max(r["prune_rate"] for r in items)
         ideal = [p / 100 for p in range(0, round(100 * top) + 1, 5)]
@@ -152,7 +153,8 @@ def plot(ratios, meta, plot_dir) -> list[str]:
         ax.set_ylabel("speed-up over dense")
         ax.set_title(f"{bench} {shape} {dtype} {variant}\n{meta['device']}", fontsize=9)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, title="solid: gather, dotted: pre-sliced", title_fontsize=7)
+        solid = "patched model" if bench == "model" else "gather"
+        ax.legend(fontsize=7, title=f"solid: {solid}, dotted: pre-sliced", title_fontsize=7)
         fig.tight_layout()
         path = os.path.join(plot_dir, f"{bench}_{_slug(shape)}_{dtype}_{variant}.png")
         fig.savefig(path, dpi=110)
@@ -162,13 +164,18 @@ def plot(ratios, meta, plot_dir) -> list[str]:
 
 
 def summary_lines(recorder: Recorder) -> list[str]:
-    header = (f"{'bench':<6} {'shape':<20} {'dtype':<9} {'variant':<14} {'prune':>5} {'rows':>5} "
-              f"{'x dense':>8} {'/ sliced':>8} {'median ms':>10}")
+    ratios = recorder.ratios()
+    # Columns as wide as their longest entry (bench names such as "attention", model shapes).
+    wb = max([6] + [len(r["bench"]) for r in ratios])
+    ws = max([20] + [len(r["shape"]) for r in ratios])
+    wv = max([14] + [len(r["variant"]) for r in ratios])
+    header = (f"{'bench':<{wb}} {'shape':<{ws}} {'dtype':<9} {'variant':<{wv}} {'prune':>5} "
+              f"{'rows':>5} {'x dense':>8} {'/ sliced':>8} {'median ms':>10}")
     lines = [header, "-" * len(header)]
-    for r in sorted(recorder.ratios(), key=lambda r: (r["bench"], r["shape"], r["dtype"],
-                                                       r["variant"], r["prune_rate"], r["rows"])):
+    for r in sorted(ratios, key=lambda r: (r["bench"], r["shape"], r["dtype"], r["variant"],
+                                           r["prune_rate"], r["rows"])):
         fmt = lambda v: f"{v:8.2f}" if v is not None else f"{'-':>8}"  # noqa: E731
-        lines.append(f"{r['bench']:<6} {r['shape']:<20} {r['dtype']:<9} {r['variant']:<14} "
+        lines.append(f"{r['bench']:<{wb}} {r['shape']:<{ws}} {r['dtype']:<9} {r['variant']:<{wv}} "
                      f"{100 * r['prune_rate']:5.0f} {r['rows']:5d} {fmt(r['speedup_vs_dense'])} "
                      f"{fmt(r['time_vs_sliced'])} {1e3 * r['median_s']:10.3f}")
     return lines
