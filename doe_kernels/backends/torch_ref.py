@@ -14,7 +14,7 @@ ACTIVATION_CODES = {"identity": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
 
 
 def available(device_type: str) -> bool:
-    return True
+    return device_type == "cpu" or (device_type == "cuda" and torch.cuda.is_available())
 
 
 def apply_activation(out: torch.Tensor, activation: str) -> torch.Tensor:
