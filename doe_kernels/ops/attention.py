@@ -132,8 +132,12 @@ def attend(q, k, v, selection: HeadSelection, attention_mask=None, is_causal=Fal
     if selection.kept_kv_heads.numel() != selection.num_kept:  # some KV heads serve several
         k = k.index_select(1, selection.kv_slot)
         v = v.index_select(1, selection.kv_slot)
-    mask = _attention_mask(attention_mask, is_causal, q.shape[2], k.shape[2], q.device)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    if attention_mask is None and (not is_causal or q.shape[2] == k.shape[2]):
+        # No mask tensor: lets SDPA pick its fused (flash / memory-efficient) kernels.
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale)
+    else:
+        mask = _attention_mask(attention_mask, is_causal, q.shape[2], k.shape[2], q.device)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     batch, _, seq, _ = out.shape
     return out.transpose(1, 2).reshape(batch, seq, -1)
 
