@@ -273,8 +273,7 @@ class Expert:
         tensors = {"prompt": self.prompt}
         tensors.update({f"head.{k}": v for k, v in (self.head or {}).items()})
         if self.mask is not None:
-            tensors.update({f"mask.ffn.{l}": i for l, i in self.mask.ffn.items()})
-            tensors.update({f"mask.heads.{l}": i for l, i in self.mask.heads.items()})
+            tensors.update(self.mask.tensors(prefix="mask."))
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(path),
                   metadata={"doe_kernels": "Expert", "header": json.dumps(self.header())})
 
@@ -288,15 +287,9 @@ class Expert:
         if header.get("format") != _FORMAT:
             raise ValueError(f"{path}: unknown Expert format {header.get('format')!r}")
         tensors = load_file(str(path))
-        head, ffn, heads = {}, {}, {}
-        for key, tensor in tensors.items():
-            if key.startswith("head."):
-                head[key[len("head."):]] = tensor
-            elif key.startswith("mask.ffn."):
-                ffn[int(key.rsplit(".", 1)[1])] = tensor
-            elif key.startswith("mask.heads."):
-                heads[int(key.rsplit(".", 1)[1])] = tensor
-        mask = ExpertMask(ffn, heads, header["mask_spec"]) if header["has_mask"] else None
+        head = {k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")}
+        mask = (ExpertMask.from_tensors(tensors, header["mask_spec"], prefix="mask.")
+                if header["has_mask"] else None)
         return cls(mask, tensors["prompt"], header["task_type"], header["label_names"],
                    header["label_words"], header["label_token_ids"], header["template"],
                    head or None, header["sizes"], header["figures"], header["name"],

@@ -125,11 +125,26 @@ class ExpertMask:
                 f"{s['heads_total']} kept)")
 
     # ---- files --------------------------------------------------------------------------
+    def tensors(self, prefix: str = "") -> dict:
+        """The index lists as named tensors (`{prefix}ffn.{layer}`, `{prefix}heads.{layer}`), the
+        form saved in files (here and inside Expert files)."""
+        out = {f"{prefix}ffn.{l}": i for l, i in self.ffn.items()}
+        out.update({f"{prefix}heads.{l}": i for l, i in self.heads.items()})
+        return out
+
+    @classmethod
+    def from_tensors(cls, tensors: dict, spec: dict | None, prefix: str = "") -> "ExpertMask":
+        """The inverse of `tensors`; keys without the prefix are ignored."""
+        tables = {"ffn": {}, "heads": {}}
+        for key, tensor in tensors.items():
+            if key.startswith(prefix):
+                kind, layer = key[len(prefix):].split(".")
+                tables[kind][int(layer)] = tensor
+        return cls(tables["ffn"], tables["heads"], spec)
+
     def save(self, path) -> None:
-        tensors = {f"ffn.{l}": i for l, i in self.ffn.items()}
-        tensors.update({f"heads.{l}": i for l, i in self.heads.items()})
-        save_file(tensors, str(path), metadata={"doe_kernels": "ExpertMask",
-                                               "spec": json.dumps(self.spec)})
+        save_file(self.tensors(), str(path), metadata={"doe_kernels": "ExpertMask",
+                                                       "spec": json.dumps(self.spec)})
 
     @classmethod
     def load(cls, path) -> "ExpertMask":
@@ -139,12 +154,7 @@ class ExpertMask:
             metadata = f.metadata() or {}
         if metadata.get("doe_kernels") != "ExpertMask":
             raise ValueError(f"{path} is not an ExpertMask file (no doe_kernels metadata)")
-        tensors = load_file(str(path))
-        tables = {"ffn": {}, "heads": {}}
-        for key, tensor in tensors.items():
-            kind, layer = key.split(".")
-            tables[kind][int(layer)] = tensor
-        return cls(tables["ffn"], tables["heads"], json.loads(metadata["spec"]))
+        return cls.from_tensors(load_file(str(path)), json.loads(metadata["spec"]))
 
     def __eq__(self, other):
         if not isinstance(other, ExpertMask):
