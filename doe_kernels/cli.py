@@ -75,7 +75,8 @@ def cmd_localize(args) -> None:
     expert = localize(model, tokenizer, train, splits.get("validation"),
                       label_words=args.label_words.split(",") if args.label_words else None,
                       epochs=args.epochs, scope=args.scope, tolerance=args.tolerance,
-                      prune_heads=not args.keep_heads, backend=args.backend, seed=args.seed)
+                      prune_heads=not args.keep_heads, recover_epochs=args.recover_epochs,
+                      backend=args.backend, seed=args.seed)
     expert.name = args.name or os.path.splitext(os.path.basename(args.task))[0]
     expert.save(args.out)
     print(json.dumps({"expert": args.out, **expert.figures}))
@@ -175,6 +176,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--scope", choices=("layer", "global"), default="layer")
     p.add_argument("--tolerance", type=float, default=0.01)
     p.add_argument("--keep-heads", action="store_true", help="prune FFN neurons only")
+    p.add_argument("--recover-epochs", type=int, default=0,
+                   help="re-tune the prompt (and head) on each pruned candidate for this many "
+                        "epochs before it is measured (default 0: off)")
     p.add_argument("--max-train", type=int, help="use at most this many training examples")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=cmd_localize)

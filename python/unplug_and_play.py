@@ -64,6 +64,9 @@ def expert_for(task, splits, args, out_dir):
                          label_words=words, epochs=args.epochs, tolerance=args.tolerance,
                          num_virtual_tokens=args.virtual_tokens, scope=args.scope,
                          prune_heads=not args.ffn_only, start_from=start,
+                         recover_epochs=args.recover_epochs,
+                         recover_examples=args.recover_examples, max_rate=args.max_rate,
+                         resolution=args.resolution,
                          attribution_examples=args.attribution_examples, seed=args.seed)
     expert.name = task
     expert.save(path)
@@ -99,7 +102,16 @@ def main():
     parser.add_argument("--start-from", metavar="OUT",
                         help="reuse the prompts and heads of the experts saved under OUT "
                              "(another run's --out): no prompt tuning")
+    parser.add_argument("--recover-epochs", type=int, default=0,
+                        help="re-tune each pruned candidate's prompt and head for this many "
+                             "epochs before measuring it (localize's recovery; default 0: off)")
+    parser.add_argument("--recover-examples", type=int, default=1024,
+                        help="training examples the recovery uses")
     parser.add_argument("--tolerance", type=float, default=0.01)
+    parser.add_argument("--max-rate", type=float, default=0.95,
+                        help="highest pruning rate the search tries")
+    parser.add_argument("--resolution", type=float, default=0.01,
+                        help="the search stops when its bracket is this narrow")
     parser.add_argument("--attribution-examples", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3, help="timed passes over the test set")
     parser.add_argument("--out", default=os.path.join("results", "unplug_and_play"))

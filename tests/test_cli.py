@@ -78,3 +78,12 @@ def test_bad_columns_are_one_line_errors(tmp_path, capsys):
     assert cli.main(["localize", "--model", minilm_dir(), "--task", str(bad), "--out", "e"]) == 2
     err = capsys.readouterr().err
     assert "missing column(s) ['text', 'label']" in err and "Traceback" not in err
+
+
+def test_bad_recovery_setting_is_a_one_line_error(task_and_expert, capsys):
+    task, _ = task_and_expert
+    capsys.readouterr()
+    assert cli.main(["localize", "--model", minilm_dir(), "--task", str(task), "--out", "e",
+                     "--recover-epochs", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert "recover_epochs >= 0" in err and "Traceback" not in err

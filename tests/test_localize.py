@@ -230,6 +230,23 @@ def test_localize_end_to_end_minilm(tokenizer, tmp_path, one_thread):
     assert all(torch.equal(again.head[k], expert.head[k]) for k in expert.head)
     assert again.figures["accuracy_before"] == figures["accuracy_before"]
     assert again.figures["scope"] == "global" and again.figures["head_pruning_rate"] == 0
+    # With recovery: every candidate's prompt and head re-tuned on its pruned network first; the
+    # expert returned is the re-tuned one that the search measured.
+    recovered = localize(model, tokenizer, splits["train"], splits["validation"],
+                         attribution_examples=64, recover_epochs=1, recover_examples=48,
+                         start_from=expert, progress=False)
+    figures = recovered.figures
+    assert figures["recover_epochs"] == 1 and figures["recover_examples"] == 48
+    assert figures["pruning_rate"] > 0 and not torch.equal(recovered.prompt, expert.prompt)
+    assert figures["accuracy_after"] >= figures["accuracy_before"] - 0.01
+    with recovered.plugged(model):
+        assert recovered.evaluate(model, tokenizer, splits["validation"]) == \
+            figures["accuracy_after"]
+    assert state_dict_equal(before, snapshot(model))
+    assert all(not m._forward_pre_hooks for m in model.modules())
+    with pytest.raises(ValueError, match="recover_epochs"):
+        localize(model, tokenizer, splits["train"], splits["validation"], recover_epochs=-1,
+                 start_from=expert, progress=False)
     with pytest.raises(ValueError, match="start_from is an expert for"):
         other = ["good" if label == "positive" else "bad" for label in LABELS]
         localize(model, tokenizer, TaskData(TEXTS, other, ["bad", "good"]), start_from=expert,

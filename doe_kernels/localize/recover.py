@@ -1,0 +1,79 @@
+"""Recovery tuning: re-train an expert's soft prompt (and head) on its own pruned network.
+
+Pruning moves the activations the prompt was tuned for; a short second round of prompt tuning on
+the pruned network (`retune`) wins back most of what pruning cost. Training needs gradients, which
+the patched modules do not have, so the pruned network is emulated on the unpatched model by
+`masked`: forward pre-hooks zero the pruned units' activations (the inputs of the down and
+attention-output projections, the same points attribution reads), which is what the patched
+kernels compute. The retuned expert is evaluated (and served) through `patch` as any other.
+"""
+import contextlib
+
+import torch
+
+from doe_kernels.expert import Expert
+from doe_kernels.localize.attribution import hook_points
+from doe_kernels.localize.prompt import extract, fit, unwrap, wrap
+
+
+def _keep_vector(kept, size: int, repeat: int = 1) -> torch.Tensor:
+    keep = torch.zeros(size, dtype=torch.bool)
+    keep[torch.as_tensor(kept, dtype=torch.long)] = True
+    return keep.repeat_interleave(repeat)
+
+
+@contextlib.contextmanager
+def masked(model, mask):
+    """While the body runs, the unpatched `model` computes as if `mask` were plugged: pruned FFN
+    neurons and attention heads contribute zero (multiplied by 0 in the graph, so gradients flow
+    to everything else)."""
+    points, spec = hook_points(model)
+    mask.validate(model)
+    handles = []
+
+    def zero(keep):
+        def hook(module, args):
+            x = args[0]
+            return (x * keep.to(x.device, x.dtype),) + tuple(args[1:])
+        return hook
+
+    try:
+        for layer, (ffn_module, head_module) in enumerate(points):
+            if layer in mask.ffn:
+                keep = _keep_vector(mask.ffn[layer], spec.intermediate_size)
+                handles.append(ffn_module.register_forward_pre_hook(zero(keep)))
+            if layer in mask.heads:
+                keep = _keep_vector(mask.heads[layer], spec.num_heads, spec.head_dim)
+                handles.append(head_module.register_forward_pre_hook(zero(keep)))
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def retune(model, tokenizer, expert: Expert, data, epochs: int = 1, lr: float = 3e-2,
+           head_lr: float = 1e-2, batch_size: int = 16, seed: int = 0,
+           progress: bool = True) -> tuple[Expert, list]:
+    """(a new Expert with the same mask and a prompt and head trained for `epochs` more on
+    `data` through the pruned network, the mean training loss of each epoch). Starts from the
+    expert's own prompt and head; `model` (unpatched) is left as it was."""
+    if expert.mask is None:
+        raise ValueError("retune needs an expert with a mask (a dense expert is prompt tuning)")
+    torch.manual_seed(seed)
+    with expert.plugged(model, prune=False), masked(model, expert.mask):
+        peft_model = wrap(model, expert.task_type, expert.num_virtual_tokens, seed=seed)
+        try:  # PEFT copied the plugged head into its trainable copy; the prompt is set here
+            weight = peft_model.prompt_encoder["default"].embedding.weight
+            with torch.no_grad():
+                weight.copy_(expert.prompt.to(weight.device, weight.dtype))
+            losses = fit(peft_model, tokenizer, data, expert.task_type, expert.label_token_ids,
+                         expert.template, epochs, lr, head_lr, batch_size, expert.max_length,
+                         seed, progress)
+            prompt, head = extract(peft_model)
+        finally:
+            unwrap(peft_model)
+    retuned = Expert(expert.mask, prompt, expert.task_type, expert.label_names,
+                     expert.label_words, expert.label_token_ids, expert.template, head,
+                     expert.sizes, name=expert.name, max_length=expert.max_length)
+    retuned.figures = dict(expert.figures)
+    return retuned, losses

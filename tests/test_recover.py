@@ -1,0 +1,85 @@
+"""Recovery tuning: the masked (trainable) network computes what the patched one serves, and
+`retune` trains the prompt and head on it, leaving the model and the original expert untouched."""
+import pytest
+import torch
+
+import doe_kernels as dk
+from doe_kernels.expert import Expert, label_token_ids, model_sizes
+from doe_kernels.localize.recover import masked, retune
+from expert_utils import seq_cls_expert, sentiment_task, tiny_bert, tiny_llama
+from model_utils import snapshot, state_dict_equal
+
+
+def _llama_expert(model, tokenizer, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    words = [" negative", " positive"]
+    mask = dk.ExpertMask.random(model, ffn_keep=0.4, heads_keep=0.5, seed=seed)
+    return Expert(mask, torch.randn(3, 32, generator=gen), "causal_lm", ["negative", "positive"],
+                  words, label_token_ids(tokenizer, words), sizes=model_sizes(model))
+
+
+def _experts(tokenizer):
+    bert = tiny_bert()
+    llama = tiny_llama()
+    return [(bert, seq_cls_expert(bert, rate=0.6)), (llama, _llama_expert(llama, tokenizer))]
+
+
+@pytest.mark.parametrize("family", [0, 1], ids=["bert", "llama"])
+def test_masked_network_equals_the_patched_one(tokenizer, family, one_thread):
+    model, expert = _experts(tokenizer)[family]
+    texts = sentiment_task(12).texts
+    ids, attention = expert.encode(tokenizer, texts)
+    with torch.no_grad():
+        with expert.plugged(model, backend="torch"):
+            served = expert.logits(model, ids, attention)
+        with expert.plugged(model, prune=False), masked(model, expert.mask):
+            emulated = expert.logits(model, ids, attention)
+        with expert.plugged(model, prune=False):
+            dense = expert.logits(model, ids, attention)
+    torch.testing.assert_close(emulated, served, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(dense, served, atol=1e-3)  # the mask does change the answer
+    assert not model._forward_pre_hooks and all(not m._forward_pre_hooks
+                                                for m in model.modules())
+
+
+@pytest.mark.parametrize("family", [0, 1], ids=["bert", "llama"])
+def test_retune_lowers_the_pruned_loss_and_touches_nothing_else(tokenizer, family, one_thread):
+    model, expert = _experts(tokenizer)[family]
+    before = snapshot(model)
+    prompt, head = expert.prompt.clone(), {k: v.clone() for k, v in (expert.head or {}).items()}
+    data = sentiment_task(48)
+
+    def pruned_loss(x):
+        logits = x.predict_logits(model, tokenizer, data.texts, backend="torch")
+        return float(torch.nn.functional.cross_entropy(logits, torch.tensor(data.label_ids)))
+
+    retuned, losses = retune(model, tokenizer, expert, data, epochs=4, batch_size=8,
+                             progress=False)
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    assert pruned_loss(retuned) < pruned_loss(expert)
+    assert retuned.mask is expert.mask and not torch.equal(retuned.prompt, expert.prompt)
+    assert (retuned.head is None) == (expert.head is None)
+    if expert.head is not None:
+        assert retuned.head.keys() == expert.head.keys()
+        assert any(not torch.equal(retuned.head[k], expert.head[k]) for k in head)
+    # the original expert and the model are as they were
+    assert torch.equal(expert.prompt, prompt)
+    assert all(torch.equal(expert.head[k], v) for k, v in head.items())
+    assert state_dict_equal(before, snapshot(model)) and not dk.is_patched(model)
+    assert all(not p.requires_grad or p.grad is None for p in model.parameters())
+    assert all(not m._forward_pre_hooks for m in model.modules())
+
+
+def test_retune_and_masked_errors(tokenizer):
+    model, expert = _experts(tokenizer)[0]
+    dense = Expert(None, expert.prompt, "seq_cls", expert.label_names, head=expert.head,
+                   sizes=expert.sizes)
+    with pytest.raises(ValueError, match="needs an expert with a mask"):
+        retune(model, tokenizer, dense, sentiment_task(8), progress=False)
+    other = tiny_bert(layers=3)
+    before = snapshot(other)
+    with pytest.raises(ValueError, match="layer"):
+        with masked(other, dk.ExpertMask.random(tiny_bert(layers=1), 0.5)):
+            pass
+    assert state_dict_equal(before, snapshot(other))
+    assert all(not m._forward_pre_hooks for m in other.modules())
