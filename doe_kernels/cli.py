@@ -94,8 +94,9 @@ def cmd_eval(args) -> None:
     result["expert_seconds"] = time.perf_counter() - start
     if args.dense:
         start = time.perf_counter()
-        with expert.plugged(model, prune=False):
-            result["dense_accuracy"] = expert.evaluate(model, tokenizer, data)
+        dense = expert.dense()  # the unpruned prompt-tuned model (before any recovery)
+        with dense.plugged(model):
+            result["dense_accuracy"] = dense.evaluate(model, tokenizer, data)
         result["dense_seconds"] = time.perf_counter() - start
     print(json.dumps(result))
 

@@ -4,7 +4,9 @@ An `Expert` holds what `doe_kernels.localize` found for a task: the `ExpertMask`
 heads), the trained soft prompt (virtual_tokens x hidden), the trained classification head where
 there is one (BERT-family `...ForSequenceClassification`), the label names and, for causal LMs,
 the label words and the template that score the task, plus its figures (pruning rate, accuracy
-before and after) and the sizes of the model it fits.
+before and after) and the sizes of the model it fits. An expert found with recovery
+(`localize(recover_epochs=...)`) serves a prompt and head re-tuned on its pruned network and also
+keeps the unpruned prompt-tuned ones it was compared against: `expert.dense()` is that baseline.
 
 Serving: `with expert.plugged(model): ...` plugs the mask (through `doe_kernels.plugged`) and the
 head (the head's Parameters point at the expert's tensors; both restored on exit, also on error);
@@ -96,7 +98,8 @@ class Expert:
     def __init__(self, mask: ExpertMask | None, prompt: torch.Tensor, task_type: str,
                  label_names, label_words=None, label_token_ids=None, template=None,
                  head: dict | None = None, sizes: dict | None = None, figures: dict | None = None,
-                 name: str = "task", max_length: int = 128):
+                 name: str = "task", max_length: int = 128, dense_prompt=None,
+                 dense_head: dict | None = None):
         if task_type not in TASK_TYPES:
             raise ValueError(f"task_type must be one of {TASK_TYPES}, got {task_type!r}")
         prompt = torch.as_tensor(prompt).detach()
@@ -117,6 +120,18 @@ class Expert:
         self.figures = dict(figures or {})
         self.name = name
         self.max_length = max_length
+        # the unpruned prompt-tuned prompt and head, when they differ from the served ones
+        self.dense_prompt = (None if dense_prompt is None
+                             else torch.as_tensor(dense_prompt).detach().cpu().float().contiguous())
+        if self.dense_prompt is not None and self.dense_prompt.shape != self.prompt.shape:
+            raise ValueError(f"dense_prompt is {tuple(self.dense_prompt.shape)}, the prompt "
+                             f"{tuple(self.prompt.shape)}")
+        self.dense_head = None if dense_head is None else {
+            k: v.detach().cpu().contiguous() for k, v in dense_head.items()}
+        if self.dense_head is not None and (self.head is None
+                                            or self.dense_head.keys() != self.head.keys()):
+            raise ValueError(f"dense_head has parameters {sorted(self.dense_head)}, the head "
+                             f"{sorted(self.head or {})}")
         if task_type == CAUSAL_LM:
             if self.label_token_ids is None or len(self.label_token_ids) != len(self.label_names):
                 raise ValueError("a causal-LM expert needs one label token id per label")
@@ -126,6 +141,15 @@ class Expert:
     @property
     def num_virtual_tokens(self) -> int:
         return self.prompt.shape[0]
+
+    def dense(self) -> "Expert":
+        """The unpruned prompt-tuned model this expert was found from (no mask; the prompt and
+        head before recovery, if it had any): the baseline its accuracy is compared with."""
+        prompt = self.prompt if self.dense_prompt is None else self.dense_prompt
+        head = self.head if self.dense_head is None else self.dense_head
+        return Expert(None, prompt, self.task_type, self.label_names, self.label_words,
+                      self.label_token_ids, self.template, head, self.sizes, name=self.name,
+                      max_length=self.max_length)
 
     def __repr__(self):
         rate = self.figures.get("pruning_rate")
@@ -274,6 +298,9 @@ class Expert:
         tensors.update({f"head.{k}": v for k, v in (self.head or {}).items()})
         if self.mask is not None:
             tensors.update(self.mask.tensors(prefix="mask."))
+        if self.dense_prompt is not None:
+            tensors["dense.prompt"] = self.dense_prompt
+        tensors.update({f"dense.head.{k}": v for k, v in (self.dense_head or {}).items()})
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(path),
                   metadata={"doe_kernels": "Expert", "header": json.dumps(self.header())})
 
@@ -290,7 +317,9 @@ class Expert:
         head = {k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")}
         mask = (ExpertMask.from_tensors(tensors, header["mask_spec"], prefix="mask.")
                 if header["has_mask"] else None)
+        dense_head = {k[len("dense.head."):]: v for k, v in tensors.items()
+                      if k.startswith("dense.head.")}
         return cls(mask, tensors["prompt"], header["task_type"], header["label_names"],
                    header["label_words"], header["label_token_ids"], header["template"],
                    head or None, header["sizes"], header["figures"], header["name"],
-                   header["max_length"])
+                   header["max_length"], tensors.get("dense.prompt"), dense_head or None)

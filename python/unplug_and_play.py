@@ -140,9 +140,7 @@ def main():
     with dk.ExpertRouter(model, tokenizer) as router:
         for task in args.tasks:  # one task at a time, as requests arrive
             expert = experts[task]
-            dense = dk.Expert(None, expert.prompt, expert.task_type, expert.label_names,
-                              expert.label_words, expert.label_token_ids, expert.template,
-                              expert.head, expert.sizes, name=task)
+            dense = expert.dense()  # the unpruned prompt-tuned model (before any recovery)
             router.add(task, expert)
             router.add(task + ":dense", dense)
             accuracy, seconds = timed_accuracy(router, task, tests[task], args.repeats)

@@ -42,6 +42,36 @@ def test_save_load_round_trip_causal(tmp_path, tokenizer):
                        expert.predict_logits(model, tokenizer, TEXTS))
 
 
+def test_recovered_expert_keeps_its_dense_baseline(tmp_path, tokenizer):
+    model = tiny_bert()
+    expert = seq_cls_expert(model)
+    assert expert.dense_prompt is None and expert.dense_head is None
+    plain = expert.dense()
+    assert plain.mask is None and torch.equal(plain.prompt, expert.prompt)
+    assert all(torch.equal(plain.head[k], expert.head[k]) for k in expert.head)
+    base_prompt = torch.randn_like(expert.prompt)
+    base_head = {k: torch.randn_like(v) for k, v in expert.head.items()}
+    recovered = Expert(expert.mask, expert.prompt, "seq_cls", expert.label_names,
+                       head=expert.head, sizes=expert.sizes, dense_prompt=base_prompt,
+                       dense_head=base_head)
+    recovered.save(tmp_path / "r.safetensors")
+    loaded = Expert.load(tmp_path / "r.safetensors")
+    for x in (recovered, loaded):
+        dense = x.dense()
+        assert dense.mask is None and torch.equal(dense.prompt, base_prompt)
+        assert all(torch.equal(dense.head[k], base_head[k]) for k in base_head)
+        assert torch.equal(x.prompt, expert.prompt)  # what it serves is unchanged
+        assert all(torch.equal(x.head[k], expert.head[k]) for k in expert.head)
+    assert torch.equal(loaded.predict_logits(model, tokenizer, TEXTS),
+                       expert.predict_logits(model, tokenizer, TEXTS))
+    with pytest.raises(ValueError, match="dense_prompt is"):
+        Expert(None, expert.prompt, "seq_cls", ["a", "b"], head=expert.head,
+               dense_prompt=torch.zeros(1, 32))
+    with pytest.raises(ValueError, match="dense_head has parameters"):
+        Expert(None, expert.prompt, "seq_cls", ["a", "b"], head=expert.head,
+               dense_head={"classifier.weight": torch.zeros(2, 32)})
+
+
 def test_load_rejects_other_files(tmp_path):
     mask = dk.ExpertMask.random(tiny_bert(), 0.5)
     mask.save(tmp_path / "m.safetensors")

@@ -238,6 +238,12 @@ def test_localize_end_to_end_minilm(tokenizer, tmp_path, one_thread):
     figures = recovered.figures
     assert figures["recover_epochs"] == 1 and figures["recover_examples"] == 48
     assert figures["pruning_rate"] > 0 and not torch.equal(recovered.prompt, expert.prompt)
+    baseline = recovered.dense()  # the prompt and head it was compared against
+    assert torch.equal(baseline.prompt, expert.prompt) and baseline.mask is None
+    assert all(torch.equal(baseline.head[k], expert.head[k]) for k in expert.head)
+    with baseline.plugged(model):
+        assert baseline.evaluate(model, tokenizer, splits["validation"]) == \
+            figures["accuracy_before"]
     assert figures["accuracy_after"] >= figures["accuracy_before"] - 0.01
     with recovered.plugged(model):
         assert recovered.evaluate(model, tokenizer, splits["validation"]) == \

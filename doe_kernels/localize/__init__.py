@@ -53,13 +53,12 @@ def localize(model, tokenizer, train, validation=None, *, label_words=None, temp
        `recover_epochs=k`, each candidate of the search has its prompt and head trained for k
        more epochs on `recover_examples` training examples (default 1024, drawn at random)
        through its own pruned network (`recover.retune`, same learning rates as the prompt
-       tuning) before it is evaluated, and the expert
-       returned carries the re-tuned prompt and head. Pruning then costs far less accuracy (on
-       all-MiniLM-L6-v2 / sentence polarity, 50% of FFN neurons pruned: 0.61 test accuracy
-       without, 0.75 with one epoch, against 0.74 unpruned), at the price of one short training
-       run per search step.
+       tuning) before it is evaluated, and the expert returned carries the re-tuned prompt and
+       head. Pruning then costs far less accuracy (the README's unplug-and-play tables compare
+       the two), at the price of one short training run per search step.
 
-    `start_from`: an Expert of the same task and model whose soft prompt (and head) are reused:
+    `start_from`: an Expert of the same task and model whose soft prompt (and head) are reused
+    (its `dense()` ones: for an expert found with recovery, those before recovery):
     prompt tuning is skipped and only attribution and the search run (to try another `scope`,
     `prune_heads` or `tolerance` without training again).
 
@@ -147,6 +146,8 @@ def localize(model, tokenizer, train, validation=None, *, label_words=None, temp
     finally:
         model.train(was_training)
     expert = evaluated[result.rate] if result.rate in evaluated else candidate(result.rate)
+    if recover_epochs:  # keep the baseline it was compared against (Expert.dense)
+        expert.dense_prompt, expert.dense_head = tuned.prompt, tuned.head
     summary = expert.mask.summary()
     expert.figures = dict(
         pruning_rate=result.rate, ffn_pruning_rate=summary["ffn_pruning_rate"],
@@ -168,4 +169,5 @@ def _reuse(expert: Expert, task_type: str, label_names: list, token_ids, model) 
     if token_ids is not None and list(expert.label_token_ids) != list(token_ids):
         raise ValueError("start_from scores other label words than this call's label_words")
     expert.check_fits(model)
-    return PromptResult(expert.prompt, expert.head, list(expert.figures.get("prompt_losses", [])))
+    dense = expert.dense()  # an expert found with recovery: its prompt before recovery
+    return PromptResult(dense.prompt, dense.head, list(expert.figures.get("prompt_losses", [])))
