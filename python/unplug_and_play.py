@@ -73,6 +73,24 @@ def expert_for(task, splits, args, out_dir):
     return expert
 
 
+def control_for(expert, train, args):
+    """The unpruned prompt-tuned model re-tuned exactly as `expert`'s recovery was (same epochs,
+    same examples, nothing pruned): does the expert's accuracy come from the extra training?"""
+    from doe_kernels.localize import retune
+
+    epochs = expert.figures.get("recover_epochs") or 0
+    if not epochs:
+        return None
+    dense = expert.dense()
+    dense.mask = dk.ExpertMask()  # keep everything
+    model, tokenizer = load_model(args.model, len(expert.label_names))
+    count = expert.figures["recover_examples"]
+    data = train.sample(count, seed=args.seed) if len(train) > count else train
+    control, _ = retune(model, tokenizer, dense, data, epochs, seed=args.seed, progress=False)
+    control.mask = None
+    return control
+
+
 def timed_accuracy(router, name, data, repeats):
     """Accuracy over `data` and the median time of one pass over it."""
     times, predictions = [], None
@@ -107,6 +125,9 @@ def main():
                              "epochs before measuring it (localize's recovery; default 0: off)")
     parser.add_argument("--recover-examples", type=int, default=1024,
                         help="training examples the recovery uses")
+    parser.add_argument("--control", action="store_true",
+                        help="for experts found with recovery, also test the unpruned model "
+                             "given the same extra training (same epochs, same examples)")
     parser.add_argument("--tolerance", type=float, default=0.01)
     parser.add_argument("--max-rate", type=float, default=0.95,
                         help="highest pruning rate the search tries")
@@ -121,7 +142,7 @@ def main():
     out_dir = os.path.join(args.out, args.model)
     os.makedirs(out_dir, exist_ok=True)
 
-    experts, tests = {}, {}
+    experts, tests, controls = {}, {}, {}
     for task in args.tasks:
         validation = args.validation or max(50, args.max_train // 5)
         splits = load_task(task, max_examples=max(args.max_train, validation, args.test or 0))
@@ -132,6 +153,8 @@ def main():
         tests[task] = splits["test"].sample(min(args.test or validation, len(splits["test"])),
                                             seed=args.seed)
         experts[task] = expert_for(task, splits, args, out_dir)
+        if args.control:
+            controls[task] = control_for(experts[task], splits["train"], args)
         print(f"{task}: {experts[task]!r}", flush=True)
 
     first = experts[args.tasks[0]]
@@ -146,11 +169,16 @@ def main():
             accuracy, seconds = timed_accuracy(router, task, tests[task], args.repeats)
             dense_accuracy, dense_seconds = timed_accuracy(router, task + ":dense", tests[task],
                                                            args.repeats)
+            control_accuracy = None
+            if task in controls:
+                router.add(task + ":control", controls[task])
+                control_accuracy, _ = timed_accuracy(router, task + ":control", tests[task], 1)
             rows.append(dict(task=task, classes=len(expert.label_names),
                              prompt_tuned_accuracy=dense_accuracy, expert_accuracy=accuracy,
                              validation_before=expert.figures.get("accuracy_before"),
                              validation_after=expert.figures.get("accuracy_after"),
                              pruning_rate=expert.figures.get("pruning_rate"),
+                             control_accuracy=control_accuracy,
                              speedup=dense_seconds / seconds, test_examples=len(tests[task]),
                              search=expert.figures.get("search")))
     print_table(rows, args, model)
@@ -162,12 +190,17 @@ def main():
 
 def print_table(rows, args, model):
     print(f"\nmodel {args.model} ({type(model).__name__}), CPU, {torch.get_num_threads()} threads")
+    control = any(r["control_accuracy"] is not None for r in rows)
     print(f"{'task':<16} {'classes':>7} {'tuned acc':>9} {'expert acc':>10} {'pruned':>7} "
-          f"{'speed-up':>8}")
+          f"{'speed-up':>8}" + (f" {'control acc':>11}" if control else ""))
     for r in rows:
+        extra = ""
+        if control:
+            extra = (f" {r['control_accuracy']:>11.3f}" if r["control_accuracy"] is not None
+                     else f" {'-':>11}")
         print(f"{r['task']:<16} {r['classes']:>7} {r['prompt_tuned_accuracy']:>9.3f} "
               f"{r['expert_accuracy']:>10.3f} {100 * r['pruning_rate']:>6.1f}% "
-              f"{r['speedup']:>7.2f}x")
+              f"{r['speedup']:>7.2f}x" + extra)
 
 
 def plot(rows, path, model_name):

@@ -1,0 +1,46 @@
+"""The unplug-and-play example end to end on a tiny budget (a built-in task instead of the real
+data, so nothing is downloaded): localize with recovery, serve, the table and the control."""
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+import doe_kernels as dk
+from expert_utils import sentiment_task
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "python"))
+import unplug_and_play  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_recovery_run_compares_with_the_prompt_before_recovery(tmp_path, monkeypatch, capsys):
+    data = sentiment_task(300)
+    monkeypatch.setattr(unplug_and_play, "load_task",
+                        lambda task, max_examples: data.split((0.6, 0.2, 0.2)))
+    monkeypatch.setattr(sys, "argv", [
+        "unplug_and_play.py", "--tasks", "polarity", "--max-train", "180", "--validation", "40",
+        "--test", "40", "--epochs", "4", "--recover-epochs", "1", "--recover-examples", "32",
+        "--max-rate", "0.6", "--resolution", "0.2", "--attribution-examples", "32",
+        "--repeats", "1", "--control", "--out", str(tmp_path)])
+    unplug_and_play.main()
+    printed = capsys.readouterr().out
+    assert "control acc" in printed
+    with open(tmp_path / "minilm" / "results.json") as f:
+        row = json.load(f)["rows"][0]
+    expert = dk.Expert.load(tmp_path / "minilm" / "polarity.safetensors")
+    assert expert.figures["recover_epochs"] == 1 and expert.figures["recover_examples"] == 32
+    assert expert.dense_prompt is not None
+    assert row["pruning_rate"] == expert.figures["pruning_rate"] > 0
+    # the table's baseline is the prompt-tuned model before recovery, the expert is the retuned one
+    model, tokenizer = unplug_and_play.load_model("minilm", 2)
+    test = data.split((0.6, 0.2, 0.2))["test"].sample(40, seed=0)
+    assert row["prompt_tuned_accuracy"] == pytest.approx(
+        expert.dense().evaluate(model, tokenizer, test))
+    assert row["expert_accuracy"] == pytest.approx(expert.evaluate(model, tokenizer, test))
+    assert 0 <= row["control_accuracy"] <= 1
+    assert not torch.equal(expert.prompt, expert.dense_prompt)
+    assert os.path.exists(tmp_path / "minilm" / "accuracy_vs_pruning.png")
