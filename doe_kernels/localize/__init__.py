@@ -55,7 +55,10 @@ def localize(model, tokenizer, train, validation=None, *, label_words=None, temp
        through its own pruned network (`recover.retune`, same learning rates as the prompt
        tuning) before it is evaluated, and the expert returned carries the re-tuned prompt and
        head. Pruning then costs far less accuracy (the README's unplug-and-play tables compare
-       the two), at the price of one short training run per search step.
+       the two), at the price of one short training run per search step. The expert has then
+       had more training than the baseline it is compared with; `expert.dense()` is that
+       baseline, and python/unplug_and_play.py --control also tests the unpruned prompt given
+       the same extra training.
 
     `start_from`: an Expert of the same task and model whose soft prompt (and head) are reused
     (its `dense()` ones: for an expert found with recovery, those before recovery):
