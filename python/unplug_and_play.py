@@ -67,7 +67,8 @@ def expert_for(task, splits, args, out_dir):
                          recover_epochs=args.recover_epochs,
                          recover_examples=args.recover_examples, max_rate=args.max_rate,
                          resolution=args.resolution,
-                         attribution_examples=args.attribution_examples, seed=args.seed)
+                         attribution_examples=args.attribution_examples, method=args.method,
+                         seed=args.seed)
     expert.name = task
     expert.save(path)
     return expert
@@ -134,6 +135,8 @@ def main():
     parser.add_argument("--resolution", type=float, default=0.01,
                         help="the search stops when its bracket is this narrow")
     parser.add_argument("--attribution-examples", type=int, default=256)
+    parser.add_argument("--method", default="grad", choices=("grad", "ig"),
+                        help="attribution: activation x gradient, or integrated gradients")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes over the test set")
     parser.add_argument("--out", default=os.path.join("results", "unplug_and_play"))
     parser.add_argument("--relocalize", action="store_true", help="ignore saved experts")
