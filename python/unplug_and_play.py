@@ -173,7 +173,7 @@ def main():
             dense_accuracy, dense_seconds = timed_accuracy(router, task + ":dense", tests[task],
                                                            args.repeats)
             control_accuracy = None
-            if task in controls:
+            if controls.get(task) is not None:  # an expert found with recovery
                 router.add(task + ":control", controls[task])
                 control_accuracy, _ = timed_accuracy(router, task + ":control", tests[task], 1)
             rows.append(dict(task=task, classes=len(expert.label_names),
