@@ -301,7 +301,9 @@ class Expert:
         if self.dense_prompt is not None:
             tensors["dense.prompt"] = self.dense_prompt
         tensors.update({f"dense.head.{k}": v for k, v in (self.dense_head or {}).items()})
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path),
+        # clone: safetensors refuses tensors sharing memory (an expert found at rate 0 with
+        # recovery holds the same prompt as its dense baseline)
+        save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, str(path),
                   metadata={"doe_kernels": "Expert", "header": json.dumps(self.header())})
 
     @classmethod

@@ -72,6 +72,19 @@ def test_recovered_expert_keeps_its_dense_baseline(tmp_path, tokenizer):
                dense_head={"classifier.weight": torch.zeros(2, 32)})
 
 
+def test_save_an_expert_whose_dense_baseline_is_itself(tmp_path, tokenizer):
+    """localize with recovery whose search keeps rate 0: prompt and dense prompt are one tensor."""
+    model = tiny_bert()
+    expert = seq_cls_expert(model)
+    same = Expert(expert.mask, expert.prompt, "seq_cls", expert.label_names, head=expert.head,
+                  sizes=expert.sizes, dense_prompt=expert.prompt, dense_head=expert.head)
+    same.save(tmp_path / "s.safetensors")
+    loaded = Expert.load(tmp_path / "s.safetensors")
+    assert torch.equal(loaded.dense().prompt, expert.prompt)
+    assert torch.equal(loaded.prompt, expert.prompt)
+    assert all(torch.equal(loaded.dense().head[k], expert.head[k]) for k in expert.head)
+
+
 def test_load_rejects_other_files(tmp_path):
     mask = dk.ExpertMask.random(tiny_bert(), 0.5)
     mask.save(tmp_path / "m.safetensors")
