@@ -9,7 +9,7 @@ heads; `unpatch(model)` restores it exactly; `with plugged(model, mask): ...` do
 the experts of Mixtral-style mixture-of-experts models (masks with `moe=`, `patch(dynamic_skip=)`).
 """
 from doe_kernels.backends import BackendUnavailableError, available_backends
-from doe_kernels.expert import Expert
+from doe_kernels.expert import Expert, chat_template
 from doe_kernels.localize import localize
 from doe_kernels.mask import ExpertMask
 from doe_kernels.models import UnsupportedModelError
@@ -34,6 +34,7 @@ __all__ = [
     "ExpertMask",
     "ExpertRouter",
     "UnsupportedModelError",
+    "chat_template",
     "current_mask",
     "is_patched",
     "localize",

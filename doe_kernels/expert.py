@@ -61,12 +61,31 @@ def label_token_ids(tokenizer, label_words) -> list[int]:
     return ids
 
 
+def chat_template(tokenizer, instruction: str) -> str:
+    """A causal-LM template (for `localize(template=...)`) in the tokenizer's own chat format: the
+    user's turn is `instruction`, a blank line and the text; the label word is scored as the
+    assistant's first token (so label words take no leading space: "positive", not " positive").
+    Instruction-tuned models read a task far better this way than as bare text."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the tokenizer has no chat template; pass a plain template such as "
+                         f"{DEFAULT_TEMPLATE!r}")
+    marker = "\x00TEXT\x00"
+    chat = tokenizer.apply_chat_template(
+        [{"role": "user", "content": f"{instruction}\n\n{marker}"}], tokenize=False,
+        add_generation_prompt=True)
+    if chat.count(marker) != 1:
+        raise ValueError("the tokenizer's chat template does not keep the user's text as written")
+    escaped = chat.replace("{", "{{").replace("}", "}}")  # templates are filled by str.format
+    return escaped.replace(marker, "{text}")
+
+
 def encode(tokenizer, texts, task_type: str, template: str | None, max_length: int = 128):
     """Token ids and attention mask: right-padded for classifiers, left-padded for causal LMs
-    (their text ends at the last position, where the label word is scored)."""
+    (their text ends at the last position, where the label word is scored; a text too long for
+    `max_length` loses its end, the template never does)."""
     texts = list(texts)
     if task_type == CAUSAL_LM:
-        texts = [(template or DEFAULT_TEMPLATE).format(text=t) for t in texts]
+        texts = fit_template(tokenizer, template or DEFAULT_TEMPLATE, texts, max_length)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         batch = tokenizer(texts, padding=True, truncation=True, max_length=max_length,
@@ -75,6 +94,27 @@ def encode(tokenizer, texts, task_type: str, template: str | None, max_length: i
         batch = tokenizer(texts, padding=True, truncation=True, max_length=max_length,
                           padding_side="right", return_tensors="pt")
     return batch["input_ids"], batch["attention_mask"]
+
+
+def fit_template(tokenizer, template: str, texts, max_length: int) -> list[str]:
+    """Each text put into `template`, its end cut where the whole would pass `max_length` tokens:
+    the template's end (where the label word is scored) always stays."""
+    filled = [template.format(text=t) for t in texts]
+    lengths = [len(ids) for ids in tokenizer(filled)["input_ids"]]
+    for i, (text, length) in enumerate(zip(texts, lengths)):
+        if length <= max_length:
+            continue
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        keep = max(len(ids) - (length - max_length), 0)
+        while True:  # decoding then encoding again can merge tokens differently
+            filled[i] = template.format(text=tokenizer.decode(ids[:keep]))
+            if len(tokenizer(filled[i])["input_ids"]) <= max_length:
+                break
+            if keep == 0:
+                raise ValueError(f"the template {template!r} alone is longer than max_length="
+                                 f"{max_length} tokens")
+            keep -= 1
+    return filled
 
 
 def label_logits(logits: torch.Tensor, task_type: str, token_ids=None) -> torch.Tensor:

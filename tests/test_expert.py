@@ -220,3 +220,46 @@ def test_nested_experts_restore_the_outer_one(tokenizer):
         torch.testing.assert_close(outer.predict_logits(model, tokenizer, TEXTS), want)
     assert not torch.allclose(inner_logits, want)
     assert not dk.is_patched(model) and state_dict_equal(before, snapshot(model))
+
+
+def test_long_texts_lose_their_end_never_the_template(tokenizer):
+    """A causal LM is scored at the last position, so the template's end must survive truncation."""
+    from doe_kernels.expert import encode
+
+    template = "Review: {text}\nMood:"
+    long_text = " ".join(f"word{i}" for i in range(300))
+    ids, attention = encode(tokenizer, [long_text, "a fine film"], "causal_lm", template, 40)
+    assert ids.shape == (2, 40) and bool(attention[0].all())
+    ending = tokenizer("Mood:", add_special_tokens=False)["input_ids"]
+    last_special = ids[0, -1:].tolist()  # MiniLM's tokenizer closes every text with [SEP]
+    assert ids[0, -len(ending) - 1:].tolist() == ending + last_special
+    kept = tokenizer.decode(ids[0], skip_special_tokens=True)
+    assert kept.startswith("review : word0 word1") and "word299" not in kept
+    short = tokenizer(template.format(text="a fine film"))["input_ids"]
+    assert ids[1][attention[1].bool()].tolist() == short  # short texts are encoded as before
+    with pytest.raises(ValueError, match="template .* alone is longer than max_length"):
+        encode(tokenizer, [long_text], "causal_lm", template, 3)
+
+
+def test_chat_template_asks_in_the_models_chat_format():
+    from transformers import AutoTokenizer
+
+    from real_models import smollm2_dir
+
+    chat = AutoTokenizer.from_pretrained(smollm2_dir())
+    template = dk.chat_template(chat, "Negative or positive? {braces} stay")
+    filled = template.format(text="a fine film")
+    assert filled == chat.apply_chat_template(
+        [{"role": "user", "content": "Negative or positive? {braces} stay\n\na fine film"}],
+        tokenize=False, add_generation_prompt=True)
+    assert filled.endswith("<|im_start|>assistant\n")
+    with pytest.raises(ValueError, match="no chat template"):
+        dk.chat_template(_without_chat_template(chat), "Negative or positive?")
+
+
+def _without_chat_template(tokenizer):
+    import copy
+
+    bare = copy.copy(tokenizer)
+    bare.chat_template = None
+    return bare
