@@ -24,7 +24,6 @@ import offline_models  # noqa: E402
 from tasks import TASKS, load_task  # noqa: E402
 
 import doe_kernels as dk  # noqa: E402
-from doe_kernels.expert import label_token_ids  # noqa: E402
 
 
 def load_model(name: str, num_labels: int):
@@ -39,15 +38,34 @@ def load_model(name: str, num_labels: int):
     raise SystemExit(f"unknown model {name!r}: use minilm or smollm2")
 
 
-def label_words(tokenizer, names):
-    """Causal LMs score labels by one token each: the label's own word if the first tokens differ,
-    else capital letters (the soft prompt learns what they stand for)."""
-    words = [" " + name.split(".")[-1].replace("-", " ") for name in names]
-    try:
-        label_token_ids(tokenizer, words)
-        return words
-    except ValueError:
-        return [" " + chr(ord("A") + i) for i in range(len(names))]
+# How SmolLM2-135M-Instruct is asked each task, through its chat template (dk.chat_template): an
+# instruction, and one label word per label (in the task's label order) answered as the
+# assistant's first token. Every word starts with its own token; for newsgroups the words alone
+# name the choices (listing twenty would lengthen every example).
+CHAT_TASKS = {
+    "polarity": ("Is the sentiment of this movie review negative or positive?",
+                 ["negative", "positive"]),
+    "rotten_tomatoes": ("Is this critic's review of a film negative or positive?",
+                        ["negative", "positive"]),
+    "tweets": ("Is the sentiment of this tweet negative, neutral or positive?",
+               ["negative", "neutral", "positive"]),
+    "newsgroups": ("Which newsgroup was this post written for? Answer with its topic.",
+                   ["atheism", "graphics", "windows", "pc", "mac", "x", "forsale", "autos",
+                    "motorcycles", "baseball", "hockey", "crypt", "electronics", "medicine",
+                    "space", "christian", "guns", "mideast", "politics", "religion"]),
+    "reuters8": ("What is this news wire about: acquisition, crude, earnings, grain, interest, "
+                 "currency, shipping or trade?",
+                 ["acquisition", "crude", "earnings", "grain", "interest", "currency", "shipping",
+                  "trade"]),
+}
+
+
+def causal_lm_task(task, tokenizer, names):
+    """(template, label words) of `task` for the causal LM."""
+    instruction, words = CHAT_TASKS[task]
+    if len(words) != len(names):
+        raise ValueError(f"{task}: {len(words)} label words for {len(names)} labels")
+    return dk.chat_template(tokenizer, instruction), words
 
 
 def expert_for(task, splits, args, out_dir):
@@ -56,12 +74,15 @@ def expert_for(task, splits, args, out_dir):
         return dk.Expert.load(path)
     names = splits["train"].label_names
     model, tokenizer = load_model(args.model, len(names))  # a fresh head for this task's labels
-    words = label_words(tokenizer, names) if args.model == "smollm2" else None
+    template = words = None
+    if args.model == "smollm2":
+        template, words = causal_lm_task(task, tokenizer, names)
     start = None
     if args.start_from:  # reuse another run's prompt and head: attribution and search only
         start = dk.Expert.load(os.path.join(args.start_from, args.model, f"{task}.safetensors"))
     expert = dk.localize(model, tokenizer, splits["train"], splits["validation"],
-                         label_words=words, epochs=args.epochs, tolerance=args.tolerance,
+                         label_words=words, template=template, max_length=args.max_length,
+                         epochs=args.epochs, tolerance=args.tolerance,
                          num_virtual_tokens=args.virtual_tokens, scope=args.scope,
                          prune_heads=not args.ffn_only, start_from=start,
                          recover_epochs=args.recover_epochs,
@@ -115,6 +136,8 @@ def main():
                         help="test examples (default: as many as --validation)")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--virtual-tokens", type=int, default=10)
+    parser.add_argument("--max-length", type=int, default=128,
+                        help="tokens per example at most (long texts are cut)")
     parser.add_argument("--scope", default="layer", choices=("layer", "global"),
                         help="rank neurons per layer or across layers (see localize)")
     parser.add_argument("--ffn-only", action="store_true", help="prune FFN neurons, keep heads")
