@@ -72,14 +72,39 @@ def cmd_localize(args) -> None:
     if args.max_train:
         train = train.sample(args.max_train, seed=args.seed)
     model, tokenizer = load_model(args.model, num_labels=len(train.label_names))
+    template = _template(args, model, tokenizer)
     expert = localize(model, tokenizer, train, splits.get("validation"),
                       label_words=args.label_words.split(",") if args.label_words else None,
+                      template=template, max_length=args.max_length,
                       epochs=args.epochs, scope=args.scope, tolerance=args.tolerance,
                       prune_heads=not args.keep_heads, recover_epochs=args.recover_epochs,
                       backend=args.backend, seed=args.seed)
     expert.name = args.name or os.path.splitext(os.path.basename(args.task))[0]
     expert.save(args.out)
     print(json.dumps({"expert": args.out, **expert.figures}))
+
+
+def _template(args, model, tokenizer) -> str | None:
+    """The causal-LM template that --template or --instruction asks for (None: the default)."""
+    from doe_kernels.expert import CAUSAL_LM, chat_template, detect_task_type
+
+    if args.template is None and args.instruction is None:
+        return None
+    if args.template is not None and args.instruction is not None:
+        raise UserError("give --template or --instruction, not both")
+    if detect_task_type(model) != CAUSAL_LM:
+        raise UserError("--template and --instruction are for causal LMs; a classifier reads the "
+                        "text as it is")
+    if args.instruction is not None:
+        return chat_template(tokenizer, args.instruction)
+    try:
+        args.template.format(text="")
+    except (KeyError, IndexError, ValueError) as error:
+        raise UserError(f"--template must be a format string with one {{text}} field: "
+                        f"{error}") from None
+    if "{text}" not in args.template:
+        raise UserError("--template must contain {text}")
+    return args.template.replace("\\n", "\n").replace("\\t", "\t")  # as typed in a shell
 
 
 def cmd_eval(args) -> None:
@@ -173,6 +198,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="expert file to write (.safetensors)")
     p.add_argument("--name", help="task name stored in the expert (default: the CSV's name)")
     p.add_argument("--label-words", help="causal LMs: comma-separated words, one per label")
+    p.add_argument("--instruction", help="causal LMs: ask in the model's chat format with this "
+                                         "instruction (label words then take no leading space)")
+    p.add_argument("--template", help="causal LMs: a prompt around the text, e.g. "
+                                      "'Review: {text}\\nSentiment:'")
+    p.add_argument("--max-length", type=int, default=128,
+                   help="tokens per example at most (long texts are cut)")
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--scope", choices=("layer", "global"), default="layer")
     p.add_argument("--tolerance", type=float, default=0.01)

@@ -87,3 +87,62 @@ def test_bad_recovery_setting_is_a_one_line_error(task_and_expert, capsys):
                      "--recover-epochs", "-1"]) == 2
     err = capsys.readouterr().err
     assert "recover_epochs >= 0" in err and "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def causal_lm_folder(tmp_path_factory):
+    """A tiny LLaMA with SmolLM2's tokenizer (which has a chat template), saved as a folder."""
+    from transformers import AutoTokenizer
+
+    from expert_utils import tiny_llama
+    from real_models import smollm2_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir())
+    folder = tmp_path_factory.mktemp("causal")
+    tiny_llama(vocab=len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder, tokenizer
+
+
+def test_localize_a_causal_lm_with_an_instruction(causal_lm_folder, tmp_path, capsys):
+    import doe_kernels as dk
+
+    folder, tokenizer = causal_lm_folder
+    task = tmp_path / "sentiment.csv"
+    write_csv(task, sentiment_task(80).split((0.6, 0.2, 0.2)))
+    out = tmp_path / "e.safetensors"
+    assert cli.main(["localize", "--model", str(folder), "--task", str(task), "--out", str(out),
+                     "--instruction", "Negative or positive?", "--label-words",
+                     "negative,positive", "--epochs", "1", "--max-length", "64"]) == 0
+    expert = dk.Expert.load(out)
+    assert expert.template == dk.chat_template(tokenizer, "Negative or positive?")
+    assert expert.label_words == ["negative", "positive"] and expert.max_length == 64
+    capsys.readouterr()
+    assert cli.main(["eval", "--model", str(folder), "--expert", str(out), "--task",
+                     str(task)]) == 0
+    assert json.loads(capsys.readouterr().out)["examples"] == 16
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--template", "Review: no field"], "--template must contain {text}"),
+    (["--template", "Review: {txt}"], "--template must be a format string"),
+    (["--template", "{text}", "--instruction", "Why?"], "not both"),
+])
+def test_bad_template_options_are_one_line_errors(causal_lm_folder, tmp_path, extra, message,
+                                                  capsys):
+    folder, _ = causal_lm_folder
+    task = tmp_path / "sentiment.csv"
+    write_csv(task, sentiment_task(40).split((0.6, 0.2, 0.2)))
+    assert cli.main(["localize", "--model", str(folder), "--task", str(task), "--out",
+                     str(tmp_path / "e"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_instruction_for_a_classifier_is_a_one_line_error(task_and_expert, capsys):
+    task, _ = task_and_expert
+    capsys.readouterr()
+    assert cli.main(["localize", "--model", minilm_dir(), "--task", str(task), "--out", "e",
+                     "--instruction", "Negative or positive?"]) == 2
+    err = capsys.readouterr().err
+    assert "for causal LMs" in err and "Traceback" not in err
