@@ -1,7 +1,8 @@
 """Benchmark harness: options, the per-run result collector, and the end-of-run report.
 
 `pytest benchmarks/` runs the quick sweep (a few minutes on 2 CPU cores); `--full` (or
-DOE_BENCH_FULL=1) runs the whole sweep; `--smoke` runs one tiny case of each benchmark (CI).
+DOE_BENCH_FULL=1) runs the whole sweep; `--smoke` runs one tiny case of each benchmark (CI);
+`--bench-dtype bfloat16` sweeps another dtype (its files get the dtype in their names).
 Each benchmark records its median time; at the end the run's results are written under
 benchmarks/results/ (JSON and CSV with device, versions, date and commit), the speed-up curves are
 drawn as PNG files and a summary table is printed. Benchmarks never assert on time.
@@ -14,11 +15,17 @@ import torch
 
 from report import Recorder, summary_lines, write_results
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_DTYPE = {"cpu": "float32", "cuda": "bfloat16"}
+
 def pytest_addoption(parser):
     group = parser.getgroup("doe-kernels benchmarks")
     group.addoption("--full", action="store_true", help="run the full sweep")
     group.addoption("--smoke", action="store_true", help="one tiny case per benchmark (CI)")
     group.addoption("--bench-device", default=None, help="cpu or cuda (default: cuda if present)")
+    group.addoption("--bench-dtype", default=None, choices=tuple(DTYPES),
+                    help="dtype of weights and activations (default: float32 on the CPU, "
+                         "bfloat16 on the GPU)")
     group.addoption("--results-dir", default=os.path.join(os.path.dirname(__file__), "results"),
                     help="where result files and plots go")
 
@@ -32,6 +39,9 @@ def pytest_configure(config):
     if getattr(option, "benchmark_min_rounds", None) == 5:
         option.benchmark_min_rounds = 3
     config.doe_recorder = Recorder()
+    if bench_device(config).type == "cpu" and bench_dtype(config) == torch.float16:
+        raise pytest.UsageError("--bench-dtype float16 is for the GPU (the CPU kernels take "
+                                "float32 and bfloat16)")
 
 
 def sweep_mode(config) -> str:
@@ -45,6 +55,10 @@ def sweep_mode(config) -> str:
 def bench_device(config) -> torch.device:
     name = config.getoption("--bench-device") or ("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def bench_dtype(config) -> torch.dtype:
+    return DTYPES[config.getoption("--bench-dtype") or DEFAULT_DTYPE[bench_device(config).type]]
 
 
 def run_bounded(benchmark, fn, config, setup=None, max_rounds: int = 1000) -> None:
@@ -79,8 +93,11 @@ def pytest_sessionfinish(session, exitstatus):
     recorder = session.config.doe_recorder
     if not recorder.rows:
         return
-    session.config.doe_written = write_results(
-        recorder, session.config.getoption("--results-dir"), sweep_mode(session.config))
+    config = session.config
+    dtype = str(bench_dtype(config)).removeprefix("torch.")
+    suffix = "" if dtype == DEFAULT_DTYPE[bench_device(config).type] else "_" + dtype
+    config.doe_written = write_results(recorder, config.getoption("--results-dir"),
+                                       sweep_mode(config) + suffix)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

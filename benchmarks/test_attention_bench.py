@@ -23,14 +23,13 @@ import torch
 import torch.nn.functional as F
 
 import doe_kernels as dk
-from conftest import bench_device, run_bounded, sweep_mode
+from conftest import bench_device, bench_dtype, run_bounded, sweep_mode
 from shapes import FULL, QUICK, SHAPES
 
 # Calls whose dense cost exceeds this many FLOPs are left out (time on a small machine).
 FLOP_CAP = {"cpu": 60e9, "cuda": 10e12}
-DTYPE = {"cpu": torch.float32, "cuda": torch.bfloat16}
 # Relative error (Frobenius) allowed between a candidate's output and `sliced`.
-TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 1e-2}
 # The projection sweep is a side view: in the quick run, fewer row counts and pruning rates.
 PROJ_QUICK = dict(rows=(1, 64), prune_rates=(0.35, 0.65))
 
@@ -186,7 +185,7 @@ def _run(benchmark, recorder, config, device, dtype, bench, name, rates, rows, v
 def test_attention(benchmark, recorder, request, attn_case):
     name, rates, rows, variant = attn_case
     device = bench_device(request.config)
-    dtype = DTYPE[device.type]
+    dtype = bench_dtype(request.config)
     w = _weights(name, device, dtype)
     x = torch.randn(1, rows, SHAPES[name].hidden, device=device, dtype=dtype)
     make = lambda v, sel: _attention_callable(name, v, w, sel, x)  # noqa: E731
@@ -197,7 +196,7 @@ def test_attention(benchmark, recorder, request, attn_case):
 def test_proj(benchmark, recorder, request, proj_case):
     name, rates, rows, variant = proj_case
     device = bench_device(request.config)
-    dtype = DTYPE[device.type]
+    dtype = bench_dtype(request.config)
     w = _weights(name, device, dtype)
     x = torch.randn(rows, SHAPES[name].hidden, device=device, dtype=dtype)
     make = lambda v, sel: _proj_callable(v, w, sel, x)  # noqa: E731

@@ -10,12 +10,11 @@ import torch
 import torch.nn.functional as F
 
 import doe_kernels as dk
-from conftest import bench_device, sweep_mode
+from conftest import bench_device, bench_dtype, sweep_mode
 from shapes import FULL, QUICK, SHAPES
 
 # Calls whose dense cost exceeds this many FLOPs are left out (time on a small machine).
 FLOP_CAP = {"cpu": 60e9, "cuda": 10e12}
-DTYPE = {"cpu": torch.float32, "cuda": torch.bfloat16}
 
 
 def _cases(config):
@@ -87,7 +86,7 @@ def _callable(name, variant, w, kept, x):
 def test_ffn(benchmark, recorder, request, ffn_case):
     name, prune_rate, rows, variant = ffn_case
     device = bench_device(request.config)
-    dtype = DTYPE[device.type]
+    dtype = bench_dtype(request.config)
     w = _weights(name, device, dtype)
     kept = _kept(SHAPES[name].intermediate, prune_rate, device)
     x = torch.randn(rows, SHAPES[name].hidden, device=device, dtype=dtype)

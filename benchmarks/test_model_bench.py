@@ -27,7 +27,9 @@ Variants:
     heads when the groups are uneven (HF's own GQA path when they are even).
   * `patched-<backend>`: `doe_kernels.patch(model, mask, backend)` on the dense model, in place,
     unpatched afterwards.
-Masks: `ExpertMask.random(model, ffn_keep=1-p, heads_keep=1-p, seed=0)`. Before `sliced` is timed,
+Masks: `ExpertMask.random(model, ffn_keep=1-p, heads_keep=1-p, seed=0)`; the layer-type sweep
+(--full) adds `bert-base-seq128-ffn` / `smollm2-prefill128-ffn` (neurons pruned, every head kept)
+and `-attn` (heads pruned, every neuron kept). Before `sliced` is timed,
 its output is compared with the model patched on the `torch` backend (same mask), so the baseline
 is checked to compute the expert.
 """
@@ -49,14 +51,13 @@ from transformers import (
 from transformers.models.llama import modeling_llama
 
 import doe_kernels as dk
-from conftest import bench_device, run_bounded, sweep_mode
+from conftest import bench_device, bench_dtype, run_bounded, sweep_mode
 from shapes import FULL
 
-DTYPE = {"cpu": torch.float32, "cuda": torch.bfloat16}
 QUICK_RATES = (0.35, 0.65)
 CONTEXT = 128  # tokens in the prompt (prefill) and in the cache (decode)
 # Relative error (Frobenius) allowed between `sliced` and the patched model's output.
-CHECK_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
+CHECK_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
 
 CONFIGS = {
     "bert-base": lambda: BertConfig(),
@@ -77,6 +78,7 @@ class Case:
     model: str  # key of CONFIGS
     kind: str  # "encoder", "prefill" or "decode"
     tokens: int  # tokens per timed call (recorded as rows)
+    layers: str = "both"  # what the mask prunes: "both", "ffn" (heads kept) or "attn" (FFN kept)
 
 
 def _cases(mode: str, device: torch.device) -> list[Case]:
@@ -87,6 +89,11 @@ def _cases(mode: str, device: torch.device) -> list[Case]:
         cases.append(Case("bert-base-seq512", "bert-base", "encoder", 512))
     cases += [Case("smollm2-prefill128", "smollm2", "prefill", CONTEXT),
               Case("smollm2-decode", "smollm2", "decode", 1)]
+    if mode == "full":  # the layer-type sweep: FFN neurons only, attention heads only
+        for layers in ("ffn", "attn"):
+            cases += [Case(f"bert-base-seq128-{layers}", "bert-base", "encoder", 128, layers),
+                      Case(f"smollm2-prefill128-{layers}", "smollm2", "prefill", CONTEXT, layers)]
+    cases.sort(key=lambda case: list(CONFIGS).index(case.model))  # stable: grouped by model
     if mode == "full" and device.type == "cuda":
         cases += [Case("llama-7b-prefill128", "llama-7b", "prefill", CONTEXT),
                   Case("llama-7b-decode", "llama-7b", "decode", 1)]
@@ -129,9 +136,12 @@ def _model(name: str, device: str, dtype: torch.dtype) -> nn.Module:
 
 
 @functools.lru_cache(maxsize=8)
-def _mask(name: str, device: str, dtype: torch.dtype, rate: float) -> dk.ExpertMask:
-    return dk.ExpertMask.random(_model(name, device, dtype), ffn_keep=1 - rate,
-                                heads_keep=1 - rate, seed=0)
+def _mask(name: str, device: str, dtype: torch.dtype, rate: float,
+          layers: str = "both") -> dk.ExpertMask:
+    ffn_keep = 1 - rate if layers in ("both", "ffn") else 1.0
+    heads_keep = 1 - rate if layers in ("both", "attn") else 1.0
+    return dk.ExpertMask.random(_model(name, device, dtype), ffn_keep=ffn_keep,
+                                heads_keep=heads_keep, seed=0)
 
 
 def _sliced_linear(linear: nn.Linear, rows=None, cols=None) -> nn.Linear:
@@ -273,14 +283,14 @@ def _check_sliced(model, mask, case, sliced_runner, dtype) -> None:
 def test_model(benchmark, recorder, request, model_case):
     case, rates, variant = model_case
     device = bench_device(request.config)
-    dtype = DTYPE[device.type]
+    dtype = bench_dtype(request.config)
     model = _model(case.model, str(device), dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     with torch.inference_mode():
         if variant == "dense":
             timed, patched = model, False
         else:
-            mask = _mask(case.model, str(device), dtype, rates[0])
+            mask = _mask(case.model, str(device), dtype, rates[0], case.layers)
             if variant == "sliced":
                 timed, patched = _sliced_model(model, mask), False
             else:

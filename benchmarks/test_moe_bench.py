@@ -32,11 +32,10 @@ import torch.nn.functional as F
 from transformers import MixtralConfig, MixtralForCausalLM
 
 import doe_kernels as dk
-from conftest import bench_device, run_bounded, sweep_mode
+from conftest import bench_device, bench_dtype, run_bounded, sweep_mode
 from doe_kernels.models.moe_block import route
 
-DTYPE = {"cpu": torch.float32, "cuda": torch.bfloat16}
-CHECK_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
+CHECK_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
 SHAPES = {  # name: (hidden, expert intermediate, experts, top-k)
     "smollm2-moe": (576, 1536, 8, 2),
     "mixtral-8x7b": (4096, 14336, 8, 2),
@@ -113,7 +112,7 @@ def _weight_bytes(*tensors) -> int:
 def test_moe_block(benchmark, recorder, request, moe_case):
     shape, rates, rows, variant = moe_case
     device = bench_device(request.config)
-    dtype = DTYPE[device.type]
+    dtype = bench_dtype(request.config)
     model = _model(shape, str(device), dtype)
     block = model.model.layers[0].mlp
     hidden, _, experts, top_k = SHAPES[shape]

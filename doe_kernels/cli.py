@@ -74,7 +74,7 @@ def cmd_localize(args) -> None:
     model, tokenizer = load_model(args.model, num_labels=len(train.label_names))
     template = _template(args, model, tokenizer)
     expert = localize(model, tokenizer, train, splits.get("validation"),
-                      label_words=args.label_words.split(",") if args.label_words else None,
+                      label_words=_label_words(args, train.label_names),
                       template=template, max_length=args.max_length,
                       epochs=args.epochs, scope=args.scope, tolerance=args.tolerance,
                       prune_heads=not args.keep_heads, recover_epochs=args.recover_epochs,
@@ -86,7 +86,7 @@ def cmd_localize(args) -> None:
 
 def _template(args, model, tokenizer) -> str | None:
     """The causal-LM template that --template or --instruction asks for (None: the default)."""
-    from doe_kernels.expert import CAUSAL_LM, chat_template, detect_task_type
+    from doe_kernels.expert import CAUSAL_LM, chat_template, check_template, detect_task_type
 
     if args.template is None and args.instruction is None:
         return None
@@ -98,13 +98,18 @@ def _template(args, model, tokenizer) -> str | None:
     if args.instruction is not None:
         return chat_template(tokenizer, args.instruction)
     try:
-        args.template.format(text="")
-    except (KeyError, IndexError, ValueError) as error:
-        raise UserError(f"--template must be a format string with one {{text}} field: "
-                        f"{error}") from None
-    if "{text}" not in args.template:
-        raise UserError("--template must contain {text}")
+        check_template(args.template)
+    except ValueError as error:
+        raise UserError(f"--template: {error}") from None
     return args.template.replace("\\n", "\n").replace("\\t", "\t")  # as typed in a shell
+
+
+def _label_words(args, label_names) -> list | None:
+    """--label-words; with --instruction the label names as they are (the assistant's answer
+    starts without a space); else None (localize's default: " " + each label name)."""
+    if args.label_words:
+        return args.label_words.split(",")
+    return list(label_names) if args.instruction is not None else None
 
 
 def cmd_eval(args) -> None:

@@ -61,6 +61,21 @@ def label_token_ids(tokenizer, label_words) -> list[int]:
     return ids
 
 
+def check_template(template: str) -> str:
+    """`template` if it is a str.format string whose only field is one plain `{text}`."""
+    import string
+
+    try:
+        fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(template)
+                  if name is not None]
+    except ValueError as error:
+        raise ValueError(f"template {template!r} is not a format string: {error}") from None
+    if fields != [("text", "", None)]:
+        raise ValueError(f"template {template!r} must hold exactly one {{text}} field (literal "
+                         "braces doubled: {{ }})")
+    return template
+
+
 def chat_template(tokenizer, instruction: str) -> str:
     """A causal-LM template (for `localize(template=...)`) in the tokenizer's own chat format: the
     user's turn is `instruction`, a blank line and the text; the label word is scored as the
@@ -75,6 +90,9 @@ def chat_template(tokenizer, instruction: str) -> str:
         add_generation_prompt=True)
     if chat.count(marker) != 1:
         raise ValueError("the tokenizer's chat template does not keep the user's text as written")
+    bos = tokenizer.bos_token
+    if bos and chat.startswith(bos) and tokenizer("")["input_ids"][:1] == [tokenizer.bos_token_id]:
+        chat = chat[len(bos):]  # the tokenizer adds its BOS itself: not twice
     escaped = chat.replace("{", "{{").replace("}", "}}")  # templates are filled by str.format
     return escaped.replace(marker, "{text}")
 

@@ -39,33 +39,42 @@ def load_model(name: str, num_labels: int):
 
 
 # How SmolLM2-135M-Instruct is asked each task, through its chat template (dk.chat_template): an
-# instruction, and one label word per label (in the task's label order) answered as the
-# assistant's first token. Every word starts with its own token; for newsgroups the words alone
-# name the choices (listing twenty would lengthen every example).
+# instruction, and a label word per label name, answered as the assistant's first token. The
+# words' first tokens differ (several are only a fragment of the word in SmolLM2's vocabulary, such
+# as "g" for "guns": the soft prompt learns them); for newsgroups the words alone name the choices
+# (listing twenty would lengthen every example).
 CHAT_TASKS = {
     "polarity": ("Is the sentiment of this movie review negative or positive?",
-                 ["negative", "positive"]),
+                 {"negative": "negative", "positive": "positive"}),
     "rotten_tomatoes": ("Is this critic's review of a film negative or positive?",
-                        ["negative", "positive"]),
+                        {"negative": "negative", "positive": "positive"}),
     "tweets": ("Is the sentiment of this tweet negative, neutral or positive?",
-               ["negative", "neutral", "positive"]),
-    "newsgroups": ("Which newsgroup was this post written for? Answer with its topic.",
-                   ["atheism", "graphics", "windows", "pc", "mac", "x", "forsale", "autos",
-                    "motorcycles", "baseball", "hockey", "crypt", "electronics", "medicine",
-                    "space", "christian", "guns", "mideast", "politics", "religion"]),
+               {"negative": "negative", "neutral": "neutral", "positive": "positive"}),
+    "newsgroups": ("Which newsgroup was this post written for? Answer with its topic.", {
+        "alt.atheism": "atheism", "comp.graphics": "graphics",
+        "comp.os.ms-windows.misc": "windows", "comp.sys.ibm.pc.hardware": "pc",
+        "comp.sys.mac.hardware": "mac", "comp.windows.x": "x", "misc.forsale": "forsale",
+        "rec.autos": "autos", "rec.motorcycles": "motorcycles",
+        "rec.sport.baseball": "baseball", "rec.sport.hockey": "hockey", "sci.crypt": "crypt",
+        "sci.electronics": "electronics", "sci.med": "medicine", "sci.space": "space",
+        "soc.religion.christian": "christian", "talk.politics.guns": "guns",
+        "talk.politics.mideast": "mideast", "talk.politics.misc": "politics",
+        "talk.religion.misc": "religion"}),
     "reuters8": ("What is this news wire about: acquisition, crude, earnings, grain, interest, "
-                 "currency, shipping or trade?",
-                 ["acquisition", "crude", "earnings", "grain", "interest", "currency", "shipping",
-                  "trade"]),
+                 "currency, shipping or trade?", {
+                     "acq": "acquisition", "crude": "crude", "earn": "earnings", "grain": "grain",
+                     "interest": "interest", "money-fx": "currency", "ship": "shipping",
+                     "trade": "trade"}),
 }
 
 
 def causal_lm_task(task, tokenizer, names):
-    """(template, label words) of `task` for the causal LM."""
+    """(template, label words in the order of `names`) of `task` for the causal LM."""
     instruction, words = CHAT_TASKS[task]
-    if len(words) != len(names):
-        raise ValueError(f"{task}: {len(words)} label words for {len(names)} labels")
-    return dk.chat_template(tokenizer, instruction), words
+    missing = [name for name in names if name not in words]
+    if missing:
+        raise ValueError(f"{task}: no label word for {missing}")
+    return dk.chat_template(tokenizer, instruction), [words[name] for name in names]
 
 
 def expert_for(task, splits, args, out_dir):

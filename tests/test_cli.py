@@ -112,10 +112,11 @@ def test_localize_a_causal_lm_with_an_instruction(causal_lm_folder, tmp_path, ca
     write_csv(task, sentiment_task(80).split((0.6, 0.2, 0.2)))
     out = tmp_path / "e.safetensors"
     assert cli.main(["localize", "--model", str(folder), "--task", str(task), "--out", str(out),
-                     "--instruction", "Negative or positive?", "--label-words",
-                     "negative,positive", "--epochs", "1", "--max-length", "64"]) == 0
+                     "--instruction", "Negative or positive?", "--epochs", "1",
+                     "--max-length", "64"]) == 0
     expert = dk.Expert.load(out)
     assert expert.template == dk.chat_template(tokenizer, "Negative or positive?")
+    # with --instruction the label words default to the names, without a leading space
     assert expert.label_words == ["negative", "positive"] and expert.max_length == 64
     capsys.readouterr()
     assert cli.main(["eval", "--model", str(folder), "--expert", str(out), "--task",
@@ -124,8 +125,9 @@ def test_localize_a_causal_lm_with_an_instruction(causal_lm_folder, tmp_path, ca
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--template", "Review: no field"], "--template must contain {text}"),
-    (["--template", "Review: {txt}"], "--template must be a format string"),
+    (["--template", "Review: no field"], "must hold exactly one {text} field"),
+    (["--template", "Review: {txt}"], "must hold exactly one {text} field"),
+    (["--template", "Review: {text"], "is not a format string"),
     (["--template", "{text}", "--instruction", "Why?"], "not both"),
 ])
 def test_bad_template_options_are_one_line_errors(causal_lm_folder, tmp_path, extra, message,

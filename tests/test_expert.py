@@ -263,3 +263,32 @@ def _without_chat_template(tokenizer):
     bare = copy.copy(tokenizer)
     bare.chat_template = None
     return bare
+
+
+@pytest.mark.parametrize("template, message", [
+    ("no field", "exactly one {text} field"), ("{text} and {text}", "exactly one {text} field"),
+    ("{text!r}", "exactly one {text} field"), ("{{text}}", "exactly one {text} field"),
+    ("{text", "not a format string")])
+def test_bad_templates_are_refused(template, message):
+    from doe_kernels.expert import check_template
+
+    assert check_template("Review: {text}\n{{Mood}}:") == "Review: {text}\n{{Mood}}:"
+    with pytest.raises(ValueError, match=message):
+        check_template(template)
+
+
+def test_chat_template_does_not_double_a_bos_the_tokenizer_adds():
+    class Tokenizer:  # the parts of a Llama-style tokenizer chat_template reads
+        chat_template, bos_token, bos_token_id = "(jinja)", "<s>", 1
+
+        def __init__(self, adds_bos):
+            self.adds_bos = adds_bos
+
+        def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+            return f"<s>[INST] {messages[0]['content']} [/INST]"
+
+        def __call__(self, text):
+            return {"input_ids": [1] if self.adds_bos else []}
+
+    assert dk.chat_template(Tokenizer(True), "Why?") == "[INST] Why?\n\n{text} [/INST]"
+    assert dk.chat_template(Tokenizer(False), "Why?") == "<s>[INST] Why?\n\n{text} [/INST]"

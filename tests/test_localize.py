@@ -257,3 +257,6 @@ def test_localize_end_to_end_minilm(tokenizer, tmp_path, one_thread):
         other = ["good" if label == "positive" else "bad" for label in LABELS]
         localize(model, tokenizer, TaskData(TEXTS, other, ["bad", "good"]), start_from=expert,
                  progress=False)
+    with pytest.raises(ValueError, match="start_from was trained with max_length=128"):
+        localize(model, tokenizer, splits["train"], splits["validation"], max_length=64,
+                 start_from=expert, progress=False)

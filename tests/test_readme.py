@@ -1,7 +1,9 @@
-"""The README's first example runs as written (with the model read from its PyPI package)."""
+"""The README: its first example runs as written (with the model read from its PyPI package), the
+package list is complete, and every results file it cites is in the repository."""
 import os
 import pathlib
 import re
+import subprocess
 
 from real_models import minilm_dir
 
@@ -29,3 +31,20 @@ def test_pyproject_lists_every_subpackage():
     found = {".".join(p.parent.relative_to(root).parts)
              for p in (root / "doe_kernels").rglob("__init__.py")}
     assert found == listed
+
+
+def test_readme_cites_only_results_files_that_exist():
+    """Every figure the README quotes names its results file; each file named must be in the
+    repository (a file left out of a commit leaves a figure that nothing backs)."""
+    root = pathlib.Path(__file__).resolve().parent.parent
+    text = (root / "README.md").read_text()
+    cited = set(re.findall(r"benchmarks/results/[\w./-]*\w(?![\w*-])", text))  # not globs
+    assert cited, "the README names no results file"
+    if (root / ".git").exists():  # tracked, not merely on this disk (an ignored file is lost)
+        tracked = subprocess.run(["git", "ls-files", "benchmarks/results"], cwd=root, check=True,
+                                 capture_output=True, text=True).stdout.split()
+        present = lambda path: any(t == path or t.startswith(path + "/") for t in tracked)  # noqa: E731
+    else:
+        present = lambda path: (root / path).exists()  # noqa: E731
+    missing = sorted(path for path in cited if not present(path))
+    assert not missing, f"the README cites results that are not in the repository: {missing}"

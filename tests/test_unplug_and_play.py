@@ -44,3 +44,24 @@ def test_recovery_run_compares_with_the_prompt_before_recovery(tmp_path, monkeyp
     assert 0 <= row["control_accuracy"] <= 1
     assert not torch.equal(expert.prompt, expert.dense_prompt)
     assert os.path.exists(tmp_path / "minilm" / "accuracy_vs_pruning.png")
+
+
+def test_every_task_has_chat_label_words_for_smollm2():
+    """Each real task names a label word per label, and SmolLM2's tokenizer tells them apart by
+    their first token (the one scored); the words follow the task's label order."""
+    from transformers import AutoTokenizer
+
+    from doe_kernels.expert import label_token_ids
+    from real_models import smollm2_dir
+    from tasks import TASKS
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir())
+    assert set(unplug_and_play.CHAT_TASKS) == set(TASKS)
+    for task, spec in TASKS.items():
+        names = spec["label_names"]
+        template, words = unplug_and_play.causal_lm_task(task, tokenizer, names)
+        assert words == [unplug_and_play.CHAT_TASKS[task][1][name] for name in names]
+        assert len(set(label_token_ids(tokenizer, words))) == len(names)
+        assert template.endswith("<|im_start|>assistant\n")
+    with pytest.raises(ValueError, match=r"no label word for \['sci.med'\]"):
+        unplug_and_play.causal_lm_task("polarity", tokenizer, ["negative", "sci.med"])

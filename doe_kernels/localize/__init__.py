@@ -10,7 +10,8 @@ import time
 
 from tqdm.auto import tqdm
 
-from doe_kernels.expert import CAUSAL_LM, Expert, model_sizes, detect_task_type, label_token_ids
+from doe_kernels.expert import (CAUSAL_LM, DEFAULT_TEMPLATE, Expert, check_template, detect_task_type,
+                                label_token_ids, model_sizes)
 from doe_kernels.localize.attribution import attribute
 from doe_kernels.localize.prompt import PromptResult, train_prompt
 from doe_kernels.localize.recover import masked, retune
@@ -91,6 +92,8 @@ def localize(model, tokenizer, train, validation=None, *, label_words=None, temp
         if len(label_words) != len(label_names):
             raise ValueError(f"{len(label_words)} label words for {len(label_names)} labels")
         token_ids = label_token_ids(tokenizer, label_words)
+        if template is not None:
+            check_template(template)
     else:
         num_labels = getattr(model.config, "num_labels", None)
         if num_labels != len(label_names):
@@ -101,7 +104,8 @@ def localize(model, tokenizer, train, validation=None, *, label_words=None, temp
     model.eval()
     try:
         if start_from is not None:
-            tuned = _reuse(start_from, task_type, label_names, token_ids, model)
+            tuned = _reuse(start_from, task_type, label_names, token_ids, template, max_length,
+                           model)
         else:
             tuned = train_prompt(model, tokenizer, train, task_type, token_ids, template,
                                  num_virtual_tokens, epochs, lr, head_lr, batch_size, max_length,
@@ -164,13 +168,20 @@ def localize(model, tokenizer, train, validation=None, *, label_words=None, temp
     return expert
 
 
-def _reuse(expert: Expert, task_type: str, label_names: list, token_ids, model) -> PromptResult:
-    """The prompt and head of `expert`, checked against the task and the model."""
+def _reuse(expert: Expert, task_type: str, label_names: list, token_ids, template, max_length,
+           model) -> PromptResult:
+    """The prompt and head of `expert`, checked against the task, how it is asked, and the model."""
     if expert.task_type != task_type or list(expert.label_names) != label_names:
         raise ValueError(f"start_from is an expert for {expert.task_type} labels "
                          f"{list(expert.label_names)}, the task is {task_type} with {label_names}")
     if token_ids is not None and list(expert.label_token_ids) != list(token_ids):
         raise ValueError("start_from scores other label words than this call's label_words")
+    if task_type == CAUSAL_LM and expert.template != (template or DEFAULT_TEMPLATE):
+        raise ValueError(f"start_from was trained with the template {expert.template!r}, this "
+                         f"call uses {template or DEFAULT_TEMPLATE!r}")
+    if expert.max_length != max_length:
+        raise ValueError(f"start_from was trained with max_length={expert.max_length}, this call "
+                         f"uses {max_length}")
     expert.check_fits(model)
     dense = expert.dense()  # an expert found with recovery: its prompt before recovery
     return PromptResult(dense.prompt, dense.head, list(expert.figures.get("prompt_losses", [])))
