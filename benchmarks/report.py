@@ -77,6 +77,23 @@ def device_name(device: str) -> str:
     return f"{model}, {torch.get_num_threads()} threads"
 
 
+# CPU instruction sets that change which matmul paths are fast (bfloat16 above all: without
+# avx512_bf16 or AMX, oneDNN emulates it and timings can differ tenfold between machines).
+_CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile")
+
+
+def cpu_features() -> str:
+    """torch's CPU capability and the bfloat16-relevant flags of /proc/cpuinfo, e.g.
+    'AVX512; avx2 avx512f avx512_bf16'."""
+    flags = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(next(l.split(":", 1)[1].split() for l in f if l.startswith("flags")))
+    except (OSError, StopIteration):
+        pass
+    return f"{torch.backends.cpu.get_cpu_capability()}; " + " ".join(f for f in _CPU_FLAGS if f in flags)
+
+
 def _git_commit() -> str:
     try:
         run = lambda *args: subprocess.run(["git", *args], capture_output=True, text=True,  # noqa: E731
@@ -99,7 +116,7 @@ def metadata(device: str, mode: str) -> dict:
         device=device_name(device), torch=torch.__version__, triton=triton_version,
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         commit=_git_commit(), mode=mode, python=platform.python_version(),
-        cpu_threads=torch.get_num_threads(),
+        cpu_threads=torch.get_num_threads(), cpu_features=cpu_features(),
     )
 
 
