@@ -77,8 +77,9 @@ def device_name(device: str) -> str:
     return f"{model}, {torch.get_num_threads()} threads"
 
 
-# CPU instruction sets that change which matmul paths are fast (bfloat16 above all: without
-# avx512_bf16 or AMX, oneDNN emulates it and timings can differ tenfold between machines).
+# CPU instruction sets decide which kernel paths run. Two machines labelled alike ("AMD EPYC")
+# gave the C++ kernels times a factor of two apart, and bfloat16 GEMMs have native instructions
+# only with avx512_bf16 or AMX: results are comparable only with these recorded.
 _CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile")
 
 
@@ -91,7 +92,8 @@ def cpu_features() -> str:
             flags = set(next(l.split(":", 1)[1].split() for l in f if l.startswith("flags")))
     except (OSError, StopIteration):
         pass
-    return f"{torch.backends.cpu.get_cpu_capability()}; " + " ".join(f for f in _CPU_FLAGS if f in flags)
+    present = " ".join(flag for flag in _CPU_FLAGS if flag in flags)
+    return f"{torch.backends.cpu.get_cpu_capability()}; {present}"
 
 
 def _git_commit() -> str:
