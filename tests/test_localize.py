@@ -1,7 +1,9 @@
 """localize: attribution on a model whose important units are known by construction, integrated
 gradients' completeness, the pruning-rate binary search on synthetic curves, and one end-to-end
 run (all-MiniLM-L6-v2 on a small templated sentiment task built here)."""
+import collections
 import time
+import warnings
 
 import pytest
 import torch
@@ -9,7 +11,7 @@ import torch
 import doe_kernels as dk
 from doe_kernels.data import TaskData
 from doe_kernels.expert import Expert, model_sizes, label_token_ids
-from doe_kernels.localize import attribute, localize, mask_at_rate, search_rate
+from doe_kernels.localize import attribute, localize, mask_at_rate, search_rate, weak_baseline
 from doe_kernels.localize.attribution import hook_points
 from model_utils import snapshot, state_dict_equal
 from real_models import minilm_dir
@@ -182,6 +184,15 @@ def test_search_all_pass_and_none_pass():
         search_rate(accuracy, 0.9, low=0.5, high=0.2)
 
 
+def test_weak_baseline():
+    assert weak_baseline(0.8, None, 0.5) == [] and weak_baseline(0.8, 0.7, 0.5) == []
+    assert weak_baseline(0.5, None, 0.5)[0].startswith("the prompt-tuned validation accuracy "
+                                                       "0.500 is no better than always")
+    below = weak_baseline(0.6, 0.7, 0.5)
+    assert len(below) == 1 and "below the model's without a prompt (0.700)" in below[0]
+    assert len(weak_baseline(0.3, 0.45, 0.4)) == 2  # both: the SmolLM2 tweets run of 4 epochs
+
+
 def test_mask_at_rate():
     ffn = torch.arange(20.0).reshape(2, 10)
     heads = torch.tensor([[1.0, 4.0, 3.0, 2.0], [4.0, 3.0, 2.0, 1.0]])
@@ -202,10 +213,15 @@ def test_localize_end_to_end_minilm(tokenizer, tmp_path, one_thread):
     before = snapshot(model)
     splits = sentiment_task().split((0.6, 0.2, 0.2))
     started = time.perf_counter()
-    expert = localize(model, tokenizer, splits["train"], splits["validation"], epochs=3,
-                      attribution_examples=128, progress=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        expert = localize(model, tokenizer, splits["train"], splits["validation"], epochs=3,
+                          attribution_examples=128, progress=False)
     seconds = time.perf_counter() - started
+    assert not [w for w in caught if "localize(" in str(w.message)]  # a good baseline: no warning
     figures = expert.figures
+    counts = collections.Counter(splits["validation"].labels)
+    assert figures["accuracy_majority_label"] == max(counts.values()) / len(splits["validation"])
     print(f"\nlocalize: {seconds:.1f}s, figures: {figures}")
     assert not dk.is_patched(model) and state_dict_equal(before, snapshot(model))
     assert figures["accuracy_before"] >= 0.9
@@ -250,6 +266,14 @@ def test_localize_end_to_end_minilm(tokenizer, tmp_path, one_thread):
             figures["accuracy_after"]
     assert state_dict_equal(before, snapshot(model))
     assert all(not m._forward_pre_hooks for m in model.modules())
+    # A baseline no better than the most frequent label (a zeroed head answers label 0 always)
+    # is reported, and the search still runs.
+    weak = Expert.load(tmp_path / "sentiment.safetensors")
+    weak.head = {k: torch.zeros_like(v) for k, v in weak.head.items()}
+    with pytest.warns(UserWarning, match="no better than always answering the most frequent"):
+        weak_expert = localize(model, tokenizer, splits["train"], splits["validation"],
+                               attribution_examples=16, start_from=weak, progress=False)
+    assert weak_expert.figures["accuracy_before"] <= weak_expert.figures["accuracy_majority_label"]
     with pytest.raises(ValueError, match="recover_epochs"):
         localize(model, tokenizer, splits["train"], splits["validation"], recover_epochs=-1,
                  start_from=expert, progress=False)

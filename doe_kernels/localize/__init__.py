@@ -6,7 +6,9 @@ within a tolerance of the unpruned prompt-tuned model (`search`), each candidate
 `doe_kernels.patch`, i.e. on the kernels that will serve it. Optionally, every candidate's prompt
 and head are first re-tuned on its pruned network (`recover`).
 """
+import collections
 import time
+import warnings
 
 from tqdm.auto import tqdm
 
@@ -49,7 +51,10 @@ def localize(model, tokenizer, train, validation=None, *, label_words=None, temp
     3. Binary search over the pruning rate in [0, `max_rate`] (to `resolution`): the same rate for
        neurons and heads (`prune_heads=False` keeps every head), top-scored units kept, for the
        highest rate whose accuracy on `validation` (default: 20% split off `train`) is at least
-       the unpruned prompt-tuned accuracy minus `tolerance` (default 0.01, one point).
+       the unpruned prompt-tuned accuracy minus `tolerance` (default 0.01, one point). A
+       warning says when that baseline is weak: no better than always answering the most
+       frequent label, or (causal LMs) below the model without a prompt; the search then finds
+       rates that say little (e.g. a prompt at chance "keeps" its accuracy at any rate).
     4. Recovery (off by default, `recover_epochs=0`: the paper's method). With
        `recover_epochs=k`, each candidate of the search has its prompt and head trained for k
        more epochs on `recover_examples` training examples (default 1024, drawn at random)
@@ -119,6 +124,11 @@ def localize(model, tokenizer, train, validation=None, *, label_words=None, temp
             bare = Expert(None, tuned.prompt[:0], task_type, label_names, label_words, token_ids,
                           template, None, sizes, max_length=max_length)
             zero_shot = bare.evaluate(model, tokenizer, validation, batch_size=2 * batch_size)
+        majority = max(collections.Counter(validation.labels).values()) / len(validation)
+        for problem in weak_baseline(baseline, zero_shot, majority):
+            warnings.warn(f"localize({train.name!r}): {problem}; the search keeps accuracy "
+                          "within the tolerance of this baseline, so its pruning rate says "
+                          "little (train the prompt longer, or with another lr)", stacklevel=2)
         ffn_scores, head_scores = attribute(model, tokenizer, dense, train, method, ig_steps,
                                             attribution_examples, batch_size, absolute, seed,
                                             progress)
@@ -159,13 +169,27 @@ def localize(model, tokenizer, train, validation=None, *, label_words=None, temp
     expert.figures = dict(
         pruning_rate=result.rate, ffn_pruning_rate=summary["ffn_pruning_rate"],
         head_pruning_rate=summary["head_pruning_rate"], accuracy_before=baseline,
-        accuracy_after=result.accuracy, accuracy_dense_no_prompt=zero_shot, tolerance=tolerance,
+        accuracy_after=result.accuracy, accuracy_dense_no_prompt=zero_shot,
+        accuracy_majority_label=majority, tolerance=tolerance,
         scope=scope, method=method, prune_heads=prune_heads, recover_epochs=recover_epochs,
         recover_examples=len(recover_data) if recover_epochs else 0, num_train=len(train),
         num_validation=len(validation), prompt_losses=tuned.losses,
         search=[list(step) for step in result.history],
         seconds=round(time.perf_counter() - started, 1))
     return expert
+
+
+def weak_baseline(baseline: float, zero_shot: float | None, majority: float) -> list[str]:
+    """What makes a prompt-tuned validation accuracy a poor baseline for the search: no better
+    than always answering the most frequent label, or worse than the model without a prompt."""
+    problems = []
+    if baseline <= majority:
+        problems.append(f"the prompt-tuned validation accuracy {baseline:.3f} is no better than "
+                        f"always answering the most frequent label ({majority:.3f})")
+    if zero_shot is not None and baseline < zero_shot:
+        problems.append(f"the prompt-tuned validation accuracy {baseline:.3f} is below the "
+                        f"model's without a prompt ({zero_shot:.3f})")
+    return problems
 
 
 def _reuse(expert: Expert, task_type: str, label_names: list, token_ids, template, max_length,
