@@ -68,13 +68,17 @@ class Recorder:
 def device_name(device: str) -> str:
     if device.startswith("cuda") and torch.cuda.is_available():
         return torch.cuda.get_device_name(torch.device(device))
-    model = platform.processor() or "cpu"
+    model = _cpuinfo("model name") or platform.processor() or "cpu"
+    return f"{model}, {torch.get_num_threads()} threads"
+
+
+def _cpuinfo(field: str) -> str:
+    """The first `field` line's value in /proc/cpuinfo ('' where there is none)."""
     try:
         with open("/proc/cpuinfo") as f:
-            model = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{model}, {torch.get_num_threads()} threads"
+            return next((l.split(":", 1)[1].strip() for l in f if l.startswith(field)), "")
+    except OSError:
+        return ""
 
 
 # CPU instruction sets decide which kernel paths run. Two machines labelled alike ("AMD EPYC")
@@ -86,12 +90,7 @@ _CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_
 def cpu_features() -> str:
     """torch's CPU capability and the bfloat16-relevant flags of /proc/cpuinfo, e.g.
     'AVX512; avx2 avx512f avx512_bf16'."""
-    flags = set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = set(next(l.split(":", 1)[1].split() for l in f if l.startswith("flags")))
-    except (OSError, StopIteration):
-        pass
+    flags = set(_cpuinfo("flags").split())
     present = " ".join(flag for flag in _CPU_FLAGS if flag in flags)
     return f"{torch.backends.cpu.get_cpu_capability()}; {present}"
 

@@ -21,7 +21,7 @@ from doe_kernels.localize.search import mask_at_rate, search_rate
 from doe_kernels.patching import is_patched
 
 __all__ = ["localize", "attribute", "train_prompt", "search_rate", "mask_at_rate", "retune",
-           "masked"]
+           "masked", "weak_baseline"]
 
 
 def localize(model, tokenizer, train, validation=None, *, label_words=None, template=None,
