@@ -124,7 +124,7 @@ def cmd_eval(args) -> None:
     result["expert_seconds"] = time.perf_counter() - start
     if args.dense:
         start = time.perf_counter()
-        dense = expert.dense()  # the unpruned prompt-tuned model (before any recovery)
+        dense = expert.dense()  # the unpruned baseline the expert was compared with
         with dense.plugged(model):
             result["dense_accuracy"] = dense.evaluate(model, tokenizer, data)
         result["dense_seconds"] = time.perf_counter() - start
@@ -215,7 +215,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-heads", action="store_true", help="prune FFN neurons only")
     p.add_argument("--recover-epochs", type=int, default=0,
                    help="re-tune the prompt (and head) on each pruned candidate for this many "
-                        "epochs before it is measured (default 0: off)")
+                        "epochs before it is measured, and the baseline as long on the unpruned "
+                        "model (default 0: off)")
     p.add_argument("--max-train", type=int, help="use at most this many training examples")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=cmd_localize)

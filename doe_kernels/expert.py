@@ -201,8 +201,9 @@ class Expert:
         return self.prompt.shape[0]
 
     def dense(self) -> "Expert":
-        """The unpruned prompt-tuned model this expert was found from (no mask; the prompt and
-        head before recovery, if it had any): the baseline its accuracy is compared with."""
+        """The unpruned baseline this expert's accuracy was compared with (no mask): the
+        prompt-tuned model; for an expert found with recovery, its prompt and head given the same
+        extra training (in files written before that rule, the ones before recovery)."""
         prompt = self.prompt if self.dense_prompt is None else self.dense_prompt
         head = self.head if self.dense_head is None else self.dense_head
         return Expert(None, prompt, self.task_type, self.label_names, self.label_words,

@@ -2,8 +2,10 @@
 
 For each task it localizes the expert (or loads it from the output folder), then serves the task's
 test set through an ExpertRouter, and prints a table: prompt-tuned accuracy, the expert's accuracy,
-its pruning rate and its speed-up over the dense prompt-tuned model. It saves the table (JSON) and
-a plot of validation accuracy against pruning rate for each task (the pruning-rate search's steps).
+its pruning rate, the change in accuracy with its paired standard error (only the test examples
+whose answer changed add to it) and the speed-up over the dense prompt-tuned model. It saves the
+table (JSON) and a plot of validation accuracy against pruning rate for each task (the
+pruning-rate search's steps).
 
     python python/unplug_and_play.py --model minilm
     python python/unplug_and_play.py --model smollm2 --max-train 256 --tasks polarity reuters8
@@ -98,39 +100,35 @@ def expert_for(task, splits, args, out_dir):
                          recover_examples=args.recover_examples, max_rate=args.max_rate,
                          resolution=args.resolution,
                          attribution_examples=args.attribution_examples, method=args.method,
-                         seed=args.seed)
+                         lr=args.lr, seed=args.seed)
     expert.name = task
     expert.save(path)
     return expert
 
 
-def control_for(expert, train, args):
-    """The unpruned prompt-tuned model re-tuned exactly as `expert`'s recovery was (same epochs,
-    same examples, nothing pruned): does the expert's accuracy come from the extra training?"""
-    from doe_kernels.localize import retune
-
-    epochs = expert.figures.get("recover_epochs") or 0
-    if not epochs:
-        return None
-    dense = expert.dense()
-    dense.mask = dk.ExpertMask()  # keep everything
-    model, tokenizer = load_model(args.model, len(expert.label_names))
-    count = expert.figures["recover_examples"]
-    data = train.sample(count, seed=args.seed) if len(train) > count else train
-    control, _ = retune(model, tokenizer, dense, data, epochs, seed=args.seed, progress=False)
-    control.mask = None
-    return control
-
-
 def timed_accuracy(router, name, data, repeats):
-    """Accuracy over `data` and the median time of one pass over it."""
+    """(accuracy over `data`, the median time of one pass over it, the predictions)."""
     times, predictions = [], None
     for _ in range(repeats):
         start = time.perf_counter()
         predictions = router.run(name, data.texts)
         times.append(time.perf_counter() - start)
     accuracy = sum(p == g for p, g in zip(predictions, data.labels)) / len(data)
-    return accuracy, sorted(times)[len(times) // 2]
+    return accuracy, sorted(times)[len(times) // 2], predictions
+
+
+def paired_change(predictions, baseline_predictions, gold) -> dict:
+    """The accuracy change from `baseline_predictions` to `predictions` on the same examples, with
+    its paired standard error (each example contributes +1, 0 or -1, so only the examples whose
+    correctness changed add variance), and how many examples were gained and lost."""
+    steps = [int(p == g) - int(b == g) for p, b, g in zip(predictions, baseline_predictions, gold)]
+    n = len(steps)
+    if n == 0:
+        raise ValueError("paired_change needs at least one example")
+    mean = sum(steps) / n
+    variance = sum((x - mean) ** 2 for x in steps) / (n - 1) if n > 1 else 0.0
+    return dict(change=mean, change_se=(variance / n) ** 0.5, gained=steps.count(1),
+                lost=steps.count(-1))
 
 
 def main():
@@ -144,6 +142,8 @@ def main():
     parser.add_argument("--test", type=int, default=None,
                         help="test examples (default: as many as --validation)")
     parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--lr", type=float, default=3e-2,
+                        help="learning rate of the soft prompt (prompt tuning and recovery)")
     parser.add_argument("--virtual-tokens", type=int, default=10)
     parser.add_argument("--max-length", type=int, default=128,
                         help="tokens per example at most (long texts are cut)")
@@ -158,9 +158,6 @@ def main():
                              "epochs before measuring it (localize's recovery; default 0: off)")
     parser.add_argument("--recover-examples", type=int, default=1024,
                         help="training examples the recovery uses")
-    parser.add_argument("--control", action="store_true",
-                        help="for experts found with recovery, also test the unpruned model "
-                             "given the same extra training (same epochs, same examples)")
     parser.add_argument("--tolerance", type=float, default=0.01)
     parser.add_argument("--max-rate", type=float, default=0.95,
                         help="highest pruning rate the search tries")
@@ -177,7 +174,7 @@ def main():
     out_dir = os.path.join(args.out, args.model)
     os.makedirs(out_dir, exist_ok=True)
 
-    experts, tests, controls = {}, {}, {}
+    experts, tests = {}, {}
     for task in args.tasks:
         validation = args.validation or max(50, args.max_train // 5)
         splits = load_task(task, max_examples=max(args.max_train, validation, args.test or 0))
@@ -188,8 +185,6 @@ def main():
         tests[task] = splits["test"].sample(min(args.test or validation, len(splits["test"])),
                                             seed=args.seed)
         experts[task] = expert_for(task, splits, args, out_dir)
-        if args.control:
-            controls[task] = control_for(experts[task], splits["train"], args)
         print(f"{task}: {experts[task]!r}", flush=True)
 
     first = experts[args.tasks[0]]
@@ -198,23 +193,21 @@ def main():
     with dk.ExpertRouter(model, tokenizer) as router:
         for task in args.tasks:  # one task at a time, as requests arrive
             expert = experts[task]
-            dense = expert.dense()  # the unpruned prompt-tuned model (before any recovery)
+            dense = expert.dense()  # the unpruned baseline the search compared with
             router.add(task, expert)
             router.add(task + ":dense", dense)
-            accuracy, seconds = timed_accuracy(router, task, tests[task], args.repeats)
-            dense_accuracy, dense_seconds = timed_accuracy(router, task + ":dense", tests[task],
-                                                           args.repeats)
-            control_accuracy = None
-            if controls.get(task) is not None:  # an expert found with recovery
-                router.add(task + ":control", controls[task])
-                control_accuracy, _ = timed_accuracy(router, task + ":control", tests[task], 1)
+            accuracy, seconds, answers = timed_accuracy(router, task, tests[task], args.repeats)
+            dense_accuracy, dense_seconds, dense_answers = timed_accuracy(
+                router, task + ":dense", tests[task], args.repeats)
             rows.append(dict(task=task, classes=len(expert.label_names),
                              prompt_tuned_accuracy=dense_accuracy, expert_accuracy=accuracy,
                              validation_before=expert.figures.get("accuracy_before"),
                              validation_after=expert.figures.get("accuracy_after"),
+                             validation_before_recovery=expert.figures.get(
+                                 "accuracy_before_recovery"),
                              pruning_rate=expert.figures.get("pruning_rate"),
-                             control_accuracy=control_accuracy,
                              speedup=dense_seconds / seconds, test_examples=len(tests[task]),
+                             **paired_change(answers, dense_answers, tests[task].labels),
                              search=expert.figures.get("search")))
     print_table(rows, args, model)
     with open(os.path.join(out_dir, "results.json"), "w") as f:
@@ -225,17 +218,17 @@ def main():
 
 def print_table(rows, args, model):
     print(f"\nmodel {args.model} ({type(model).__name__}), CPU, {torch.get_num_threads()} threads")
-    control = any(r["control_accuracy"] is not None for r in rows)
-    print(f"{'task':<16} {'classes':>7} {'tuned acc':>9} {'expert acc':>10} {'pruned':>7} "
-          f"{'speed-up':>8}" + (f" {'control acc':>11}" if control else ""))
+    print(f"{'task':<16} {'classes':>7} {'tuned acc':>9} {'expert acc':>10} {'change (SE)':>13} "
+          f"{'pruned':>7} {'speed-up':>8}")
     for r in rows:
-        extra = ""
-        if control:
-            extra = (f" {r['control_accuracy']:>11.3f}" if r["control_accuracy"] is not None
-                     else f" {'-':>11}")
+        change = f"{100 * r['change']:+.1f} ({100 * r['change_se']:.1f})"
         print(f"{r['task']:<16} {r['classes']:>7} {r['prompt_tuned_accuracy']:>9.3f} "
-              f"{r['expert_accuracy']:>10.3f} {100 * r['pruning_rate']:>6.1f}% "
-              f"{r['speedup']:>7.2f}x" + extra)
+              f"{r['expert_accuracy']:>10.3f} {change:>13} {100 * r['pruning_rate']:>6.1f}% "
+              f"{r['speedup']:>7.2f}x")
+    within = sum(r["change"] >= -args.tolerance - 1e-9 for r in rows)
+    print(f"change: test accuracy points, expert minus tuned (paired standard error); "
+          f"{within} of {len(rows)} experts within the tolerance ({100 * args.tolerance:g} "
+          f"points) on the test sets")
 
 
 def plot(rows, path, model_name):

@@ -11,7 +11,8 @@ import torch
 import doe_kernels as dk
 from doe_kernels.data import TaskData
 from doe_kernels.expert import Expert, model_sizes, label_token_ids
-from doe_kernels.localize import attribute, localize, mask_at_rate, search_rate, weak_baseline
+from doe_kernels.localize import (attribute, localize, mask_at_rate, retune, search_rate,
+                                  weak_baseline)
 from doe_kernels.localize.attribution import hook_points
 from model_utils import snapshot, state_dict_equal
 from real_models import minilm_dir
@@ -222,6 +223,7 @@ def test_localize_end_to_end_minilm(tokenizer, tmp_path, one_thread):
     figures = expert.figures
     counts = collections.Counter(splits["validation"].labels)
     assert figures["accuracy_majority_label"] == max(counts.values()) / len(splits["validation"])
+    assert figures["prompt_epochs"] == 3 and figures["prompt_lr"] == 3e-2
     print(f"\nlocalize: {seconds:.1f}s, figures: {figures}")
     assert not dk.is_patched(model) and state_dict_equal(before, snapshot(model))
     assert figures["accuracy_before"] >= 0.9
@@ -246,6 +248,7 @@ def test_localize_end_to_end_minilm(tokenizer, tmp_path, one_thread):
     assert all(torch.equal(again.head[k], expert.head[k]) for k in expert.head)
     assert again.figures["accuracy_before"] == figures["accuracy_before"]
     assert again.figures["scope"] == "global" and again.figures["head_pruning_rate"] == 0
+    assert again.figures["prompt_epochs"] == 3  # how the reused prompt was trained
     # With recovery: every candidate's prompt and head re-tuned on its pruned network first; the
     # expert returned is the re-tuned one that the search measured.
     recovered = localize(model, tokenizer, splits["train"], splits["validation"],
@@ -254,9 +257,15 @@ def test_localize_end_to_end_minilm(tokenizer, tmp_path, one_thread):
     figures = recovered.figures
     assert figures["recover_epochs"] == 1 and figures["recover_examples"] == 48
     assert figures["pruning_rate"] > 0 and not torch.equal(recovered.prompt, expert.prompt)
-    baseline = recovered.dense()  # the prompt and head it was compared against
-    assert torch.equal(baseline.prompt, expert.prompt) and baseline.mask is None
-    assert all(torch.equal(baseline.head[k], expert.head[k]) for k in expert.head)
+    # the baseline it was compared against: the unpruned prompt and head given the same extra
+    # epoch on the same examples
+    baseline = recovered.dense()
+    same, _ = retune(model, tokenizer, expert.dense(), splits["train"].sample(48, seed=0), 1,
+                     progress=False)
+    assert baseline.mask is None and not torch.equal(baseline.prompt, expert.prompt)
+    torch.testing.assert_close(baseline.prompt, same.prompt)
+    assert all(torch.allclose(baseline.head[k], same.head[k]) for k in expert.head)
+    assert figures["accuracy_before_recovery"] == expert.figures["accuracy_before"]
     with baseline.plugged(model):
         assert baseline.evaluate(model, tokenizer, splits["validation"]) == \
             figures["accuracy_before"]

@@ -70,12 +70,26 @@ def test_retune_lowers_the_pruned_loss_and_touches_nothing_else(tokenizer, famil
     assert all(not m._forward_pre_hooks for m in model.modules())
 
 
-def test_retune_and_masked_errors(tokenizer):
+def test_retune_a_dense_expert_trains_on_the_whole_network(tokenizer, one_thread):
+    """A dense expert (mask None) is re-tuned as the baseline of a search with recovery: the
+    same training on the unpruned network, which equals re-tuning with a keep-all mask."""
     model, expert = _experts(tokenizer)[0]
+    before = snapshot(model)
     dense = Expert(None, expert.prompt, "seq_cls", expert.label_names, head=expert.head,
                    sizes=expert.sizes)
-    with pytest.raises(ValueError, match="needs an expert with a mask"):
-        retune(model, tokenizer, dense, sentiment_task(8), progress=False)
+    data = sentiment_task(32)
+    retuned, losses = retune(model, tokenizer, dense, data, epochs=2, batch_size=8,
+                             progress=False)
+    assert retuned.mask is None and len(losses) == 2
+    assert not torch.equal(retuned.prompt, expert.prompt)
+    keep_all = Expert(dk.ExpertMask(), expert.prompt, "seq_cls", expert.label_names,
+                      head=expert.head, sizes=expert.sizes)
+    same, _ = retune(model, tokenizer, keep_all, data, epochs=2, batch_size=8, progress=False)
+    torch.testing.assert_close(retuned.prompt, same.prompt)
+    assert state_dict_equal(before, snapshot(model))
+
+
+def test_masked_errors():
     other = tiny_bert(layers=3)
     before = snapshot(other)
     with pytest.raises(ValueError, match="layer"):

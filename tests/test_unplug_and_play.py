@@ -1,5 +1,5 @@
 """The unplug-and-play example end to end on a tiny budget (a built-in task instead of the real
-data, so nothing is downloaded): localize with recovery, serve, the table and the control."""
+data, so nothing is downloaded): localize with recovery, serve, the table."""
 import json
 import os
 import sys
@@ -17,7 +17,7 @@ import unplug_and_play  # noqa: E402
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_recovery_run_compares_with_the_prompt_before_recovery(tmp_path, monkeypatch, capsys):
+def test_recovery_run_compares_with_the_equally_retuned_baseline(tmp_path, monkeypatch, capsys):
     data = sentiment_task(300)
     monkeypatch.setattr(unplug_and_play, "load_task",
                         lambda task, max_examples: data.split((0.6, 0.2, 0.2)))
@@ -25,23 +25,25 @@ def test_recovery_run_compares_with_the_prompt_before_recovery(tmp_path, monkeyp
         "unplug_and_play.py", "--tasks", "polarity", "--max-train", "180", "--validation", "40",
         "--test", "40", "--epochs", "4", "--recover-epochs", "1", "--recover-examples", "32",
         "--max-rate", "0.6", "--resolution", "0.2", "--attribution-examples", "32",
-        "--repeats", "1", "--control", "--out", str(tmp_path)])
+        "--repeats", "1", "--out", str(tmp_path)])
     unplug_and_play.main()
     printed = capsys.readouterr().out
-    assert "control acc" in printed
+    assert "within the tolerance (1 points) on the test sets" in printed
     with open(tmp_path / "minilm" / "results.json") as f:
         row = json.load(f)["rows"][0]
     expert = dk.Expert.load(tmp_path / "minilm" / "polarity.safetensors")
     assert expert.figures["recover_epochs"] == 1 and expert.figures["recover_examples"] == 32
     assert expert.dense_prompt is not None
     assert row["pruning_rate"] == expert.figures["pruning_rate"] > 0
-    # the table's baseline is the prompt-tuned model before recovery, the expert is the retuned one
+    # the table's baseline is the unpruned prompt given the same recovery epoch, the expert is
+    # the pruned and retuned one
     model, tokenizer = unplug_and_play.load_model("minilm", 2)
     test = data.split((0.6, 0.2, 0.2))["test"].sample(40, seed=0)
     assert row["prompt_tuned_accuracy"] == pytest.approx(
         expert.dense().evaluate(model, tokenizer, test))
     assert row["expert_accuracy"] == pytest.approx(expert.evaluate(model, tokenizer, test))
-    assert 0 <= row["control_accuracy"] <= 1
+    assert row["change"] == pytest.approx(row["expert_accuracy"] - row["prompt_tuned_accuracy"])
+    assert "change (SE)" in printed
     assert not torch.equal(expert.prompt, expert.dense_prompt)
     assert os.path.exists(tmp_path / "minilm" / "accuracy_vs_pruning.png")
 
@@ -65,3 +67,18 @@ def test_every_task_has_chat_label_words_for_smollm2():
         assert template.endswith("<|im_start|>assistant\n")
     with pytest.raises(ValueError, match=r"no label word for \['sci.med'\]"):
         unplug_and_play.causal_lm_task("polarity", tokenizer, ["negative", "sci.med"])
+
+
+def test_paired_change_counts_only_the_answers_that_changed():
+    gold = [0, 1, 1, 0, 1, 0, 0, 1]
+    baseline = [0, 1, 0, 0, 1, 1, 0, 1]   # 6 right
+    candidate = [0, 1, 1, 0, 0, 1, 0, 0]  # 5 right: gains example 2, loses 4 and 7
+    out = unplug_and_play.paired_change(candidate, baseline, gold)
+    assert out["gained"] == 1 and out["lost"] == 2
+    assert out["change"] == pytest.approx(-1 / 8)
+    steps = torch.tensor([0, 0, 1, 0, -1, 0, 0, -1], dtype=torch.float64)
+    assert out["change_se"] == pytest.approx(float(steps.std() / 8 ** 0.5))
+    same = unplug_and_play.paired_change(baseline, baseline, gold)
+    assert same == dict(change=0.0, change_se=0.0, gained=0, lost=0)
+    with pytest.raises(ValueError, match="at least one example"):
+        unplug_and_play.paired_change([], [], [])

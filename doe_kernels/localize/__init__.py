@@ -60,14 +60,15 @@ def localize(model, tokenizer, train, validation=None, *, label_words=None, temp
        more epochs on `recover_examples` training examples (default 1024, drawn at random)
        through its own pruned network (`recover.retune`, same learning rates as the prompt
        tuning) before it is evaluated, and the expert returned carries the re-tuned prompt and
-       head. Pruning then costs far less accuracy (the README's unplug-and-play tables compare
-       the two), at the price of one short training run per search step. The expert has then
-       had more training than the baseline it is compared with; `expert.dense()` is that
-       baseline, and python/unplug_and_play.py --control also tests the unpruned prompt given
-       the same extra training.
+       head. The baseline is given the same extra training first (the unpruned prompt and head
+       re-tuned the same way on the same examples; `figures["accuracy_before_recovery"]` is
+       its accuracy before), so that what the search credits to pruning is not the gain of
+       training longer; `expert.dense()` is that baseline. Pruning then costs far less
+       accuracy (the README's unplug-and-play tables compare the two), at the price of one
+       short training run per search step.
 
     `start_from`: an Expert of the same task and model whose soft prompt (and head) are reused
-    (its `dense()` ones: for an expert found with recovery, those before recovery):
+    (its `dense()` ones: for an expert found with recovery, its baseline's):
     prompt tuning is skipped and only attribution and the search run (to try another `scope`,
     `prune_heads` or `tolerance` without training again).
 
@@ -111,13 +112,24 @@ def localize(model, tokenizer, train, validation=None, *, label_words=None, temp
         if start_from is not None:
             tuned = _reuse(start_from, task_type, label_names, token_ids, template, max_length,
                            model)
+            trained_with = {key: start_from.figures.get(key) for key in ("prompt_epochs",
+                                                                          "prompt_lr")}
         else:
+            trained_with = dict(prompt_epochs=epochs, prompt_lr=lr)
             tuned = train_prompt(model, tokenizer, train, task_type, token_ids, template,
                                  num_virtual_tokens, epochs, lr, head_lr, batch_size, max_length,
                                  seed, progress)
         sizes = model_sizes(model)
-        dense = Expert(None, tuned.prompt, task_type, label_names, label_words, token_ids,
-                       template, tuned.head, sizes, name=train.name, max_length=max_length)
+        tuned_expert = Expert(None, tuned.prompt, task_type, label_names, label_words, token_ids,
+                              template, tuned.head, sizes, name=train.name, max_length=max_length)
+        recover_data = (train.sample(recover_examples, seed=seed)
+                        if len(train) > recover_examples else train)
+        dense, before_recovery = tuned_expert, None
+        if recover_epochs:  # the baseline gets the extra training every candidate gets
+            before_recovery = dense.evaluate(model, tokenizer, validation,
+                                             batch_size=2 * batch_size)
+            dense, _ = retune(model, tokenizer, dense, recover_data, recover_epochs, lr, head_lr,
+                              batch_size, seed, progress=False)
         baseline = dense.evaluate(model, tokenizer, validation, batch_size=2 * batch_size)
         zero_shot = None
         if task_type == CAUSAL_LM:  # the dense model scored through the label words, no prompt
@@ -129,19 +141,17 @@ def localize(model, tokenizer, train, validation=None, *, label_words=None, temp
             warnings.warn(f"localize({train.name!r}): {problem}; the search keeps accuracy "
                           "within the tolerance of this baseline, so its pruning rate says "
                           "little (train the prompt longer, or with another lr)", stacklevel=2)
-        ffn_scores, head_scores = attribute(model, tokenizer, dense, train, method, ig_steps,
-                                            attribution_examples, batch_size, absolute, seed,
-                                            progress)
+        ffn_scores, head_scores = attribute(model, tokenizer, tuned_expert, train, method,
+                                            ig_steps, attribution_examples, batch_size, absolute,
+                                            seed, progress)
         spec = sizes  # ExpertMask keeps only the keys it checks
 
-        def candidate(rate):
+        def candidate(rate, start=tuned_expert):
             return Expert(mask_at_rate(ffn_scores, head_scores, rate, scope, prune_heads, spec),
-                          tuned.prompt, task_type, label_names, label_words, token_ids, template,
-                          tuned.head, sizes, name=train.name, max_length=max_length)
+                          start.prompt, task_type, label_names, label_words, token_ids, template,
+                          start.head, sizes, name=train.name, max_length=max_length)
 
         bar = tqdm(desc="pruning-rate search", disable=not progress, leave=False)
-        recover_data = (train.sample(recover_examples, seed=seed)
-                        if len(train) > recover_examples else train)
         evaluated = {}
 
         def accuracy(rate):
@@ -162,18 +172,20 @@ def localize(model, tokenizer, train, validation=None, *, label_words=None, temp
             bar.close()
     finally:
         model.train(was_training)
-    expert = evaluated[result.rate] if result.rate in evaluated else candidate(result.rate)
+    # nothing pruned passes (rate 0, never evaluated): the baseline itself, with a keep-all mask
+    expert = evaluated[result.rate] if result.rate in evaluated else candidate(result.rate, dense)
     if recover_epochs:  # keep the baseline it was compared against (Expert.dense)
-        expert.dense_prompt, expert.dense_head = tuned.prompt, tuned.head
+        expert.dense_prompt, expert.dense_head = dense.prompt, dense.head
     summary = expert.mask.summary()
     expert.figures = dict(
         pruning_rate=result.rate, ffn_pruning_rate=summary["ffn_pruning_rate"],
         head_pruning_rate=summary["head_pruning_rate"], accuracy_before=baseline,
+        accuracy_before_recovery=before_recovery,
         accuracy_after=result.accuracy, accuracy_dense_no_prompt=zero_shot,
         accuracy_majority_label=majority, tolerance=tolerance,
         scope=scope, method=method, prune_heads=prune_heads, recover_epochs=recover_epochs,
         recover_examples=len(recover_data) if recover_epochs else 0, num_train=len(train),
-        num_validation=len(validation), prompt_losses=tuned.losses,
+        num_validation=len(validation), prompt_losses=tuned.losses, **trained_with,
         search=[list(step) for step in result.history],
         seconds=round(time.perf_counter() - started, 1))
     return expert
@@ -207,5 +219,5 @@ def _reuse(expert: Expert, task_type: str, label_names: list, token_ids, templat
         raise ValueError(f"start_from was trained with max_length={expert.max_length}, this call "
                          f"uses {max_length}")
     expert.check_fits(model)
-    dense = expert.dense()  # an expert found with recovery: its prompt before recovery
+    dense = expert.dense()  # an expert found with recovery: its baseline's prompt and head
     return PromptResult(dense.prompt, dense.head, list(expert.figures.get("prompt_losses", [])))

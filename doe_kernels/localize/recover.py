@@ -14,6 +14,7 @@ import torch
 from doe_kernels.expert import Expert
 from doe_kernels.localize.attribution import hook_points
 from doe_kernels.localize.prompt import extract, fit, unwrap, wrap
+from doe_kernels.mask import ExpertMask
 
 
 def _keep_vector(kept, size: int, repeat: int = 1) -> torch.Tensor:
@@ -56,11 +57,11 @@ def retune(model, tokenizer, expert: Expert, data, epochs: int = 1, lr: float = 
            progress: bool = True) -> tuple[Expert, list]:
     """(a new Expert with the same mask and a prompt and head trained for `epochs` more on
     `data` through the pruned network, the mean training loss of each epoch). Starts from the
-    expert's own prompt and head; `model` (unpatched) is left as it was."""
-    if expert.mask is None:
-        raise ValueError("retune needs an expert with a mask (a dense expert is prompt tuning)")
+    expert's own prompt and head; `model` (unpatched) is left as it was. A dense expert (mask
+    None) is trained on the whole network: the baseline given the same extra training."""
     torch.manual_seed(seed)
-    with expert.plugged(model, prune=False), masked(model, expert.mask):
+    mask = ExpertMask() if expert.mask is None else expert.mask
+    with expert.plugged(model, prune=False), masked(model, mask):
         peft_model = wrap(model, expert.task_type, expert.num_virtual_tokens, seed=seed)
         try:  # PEFT copied the plugged head into its trainable copy; the prompt is set here
             weight = peft_model.prompt_encoder["default"].embedding.weight
