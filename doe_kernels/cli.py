@@ -76,8 +76,9 @@ def cmd_localize(args) -> None:
     expert = localize(model, tokenizer, train, splits.get("validation"),
                       label_words=_label_words(args, train.label_names),
                       template=template, max_length=args.max_length,
-                      epochs=args.epochs, scope=args.scope, tolerance=args.tolerance,
-                      prune_heads=not args.keep_heads, recover_epochs=args.recover_epochs,
+                      epochs=args.epochs, lr=args.lr, scope=args.scope,
+                      tolerance=args.tolerance, prune_heads=not args.keep_heads,
+                      recover_epochs=args.recover_epochs, recover_lr=args.recover_lr,
                       backend=args.backend, seed=args.seed)
     expert.name = args.name or os.path.splitext(os.path.basename(args.task))[0]
     expert.save(args.out)
@@ -210,6 +211,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=128,
                    help="tokens per example at most (long texts are cut)")
     p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--lr", type=float, default=3e-2, help="learning rate of the soft prompt")
     p.add_argument("--scope", choices=("layer", "global"), default="layer")
     p.add_argument("--tolerance", type=float, default=0.01)
     p.add_argument("--keep-heads", action="store_true", help="prune FFN neurons only")
@@ -217,6 +219,8 @@ def parser() -> argparse.ArgumentParser:
                    help="re-tune the prompt (and head) on each pruned candidate for this many "
                         "epochs before it is measured, and the baseline as long on the unpruned "
                         "model (default 0: off)")
+    p.add_argument("--recover-lr", type=float,
+                   help="learning rate of the recovery's prompt tuning (default: --lr)")
     p.add_argument("--max-train", type=int, help="use at most this many training examples")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=cmd_localize)

@@ -97,7 +97,8 @@ def expert_for(task, splits, args, out_dir):
                          num_virtual_tokens=args.virtual_tokens, scope=args.scope,
                          prune_heads=not args.ffn_only, start_from=start,
                          recover_epochs=args.recover_epochs,
-                         recover_examples=args.recover_examples, max_rate=args.max_rate,
+                         recover_examples=args.recover_examples,
+                         recover_lr=args.recover_lr, max_rate=args.max_rate,
                          resolution=args.resolution,
                          attribution_examples=args.attribution_examples, method=args.method,
                          lr=args.lr, seed=args.seed)
@@ -143,7 +144,7 @@ def main():
                         help="test examples (default: as many as --validation)")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--lr", type=float, default=3e-2,
-                        help="learning rate of the soft prompt (prompt tuning and recovery)")
+                        help="learning rate of the soft prompt")
     parser.add_argument("--virtual-tokens", type=int, default=10)
     parser.add_argument("--max-length", type=int, default=128,
                         help="tokens per example at most (long texts are cut)")
@@ -158,6 +159,8 @@ def main():
                              "epochs before measuring it (localize's recovery; default 0: off)")
     parser.add_argument("--recover-examples", type=int, default=1024,
                         help="training examples the recovery uses")
+    parser.add_argument("--recover-lr", type=float, default=None,
+                        help="learning rate of the recovery's prompt tuning (default: --lr)")
     parser.add_argument("--tolerance", type=float, default=0.01)
     parser.add_argument("--max-rate", type=float, default=0.95,
                         help="highest pruning rate the search tries")

@@ -256,6 +256,7 @@ def test_localize_end_to_end_minilm(tokenizer, tmp_path, one_thread):
                          start_from=expert, progress=False)
     figures = recovered.figures
     assert figures["recover_epochs"] == 1 and figures["recover_examples"] == 48
+    assert figures["recover_lr"] == 3e-2  # the prompt's lr unless told
     assert figures["pruning_rate"] > 0 and not torch.equal(recovered.prompt, expert.prompt)
     # the baseline it was compared against: the unpruned prompt and head given the same extra
     # epoch on the same examples
@@ -283,6 +284,11 @@ def test_localize_end_to_end_minilm(tokenizer, tmp_path, one_thread):
         weak_expert = localize(model, tokenizer, splits["train"], splits["validation"],
                                attribution_examples=16, start_from=weak, progress=False)
     assert weak_expert.figures["accuracy_before"] <= weak_expert.figures["accuracy_majority_label"]
+    # A recovery whose training wrecks the unpruned baseline is reported (lr far too high).
+    with pytest.warns(UserWarning, match="the recovery's training lowered the unpruned"):
+        localize(model, tokenizer, splits["train"], splits["validation"], recover_epochs=1,
+                 recover_examples=48, recover_lr=1e3, max_rate=0.2, resolution=0.2,
+                 attribution_examples=16, start_from=expert, progress=False)
     with pytest.raises(ValueError, match="recover_epochs"):
         localize(model, tokenizer, splits["train"], splits["validation"], recover_epochs=-1,
                  start_from=expert, progress=False)

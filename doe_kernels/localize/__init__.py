@@ -30,7 +30,8 @@ def localize(model, tokenizer, train, validation=None, *, label_words=None, temp
              method: str = "grad", ig_steps: int = 5, attribution_examples: int = 256,
              absolute: bool = True, scope: str = "layer", prune_heads: bool = True, tolerance: float = 0.01,
              max_rate: float = 0.95, resolution: float = 0.01, backend: str = "auto",
-             recover_epochs: int = 0, recover_examples: int = 1024, seed: int = 0,
+             recover_epochs: int = 0, recover_examples: int = 1024,
+             recover_lr: float | None = None, seed: int = 0,
              progress: bool = True, start_from: Expert | None = None) -> Expert:
     """Localize the expert of the task in `train` (a `doe_kernels.data.TaskData`).
 
@@ -58,12 +59,14 @@ def localize(model, tokenizer, train, validation=None, *, label_words=None, temp
     4. Recovery (off by default, `recover_epochs=0`: the paper's method). With
        `recover_epochs=k`, each candidate of the search has its prompt and head trained for k
        more epochs on `recover_examples` training examples (default 1024, drawn at random)
-       through its own pruned network (`recover.retune`, same learning rates as the prompt
-       tuning) before it is evaluated, and the expert returned carries the re-tuned prompt and
+       through its own pruned network (`recover.retune`, at `recover_lr`, default `lr`; the
+       head at `head_lr`) before it is evaluated, and the expert returned carries the re-tuned prompt and
        head. The baseline is given the same extra training first (the unpruned prompt and head
        re-tuned the same way on the same examples; `figures["accuracy_before_recovery"]` is
        its accuracy before), so that what the search credits to pruning is not the gain of
-       training longer; `expert.dense()` is that baseline. Pruning then costs far less
+       training longer; `expert.dense()` is that baseline (a warning says when that training
+       lowered it by more than the tolerance: `recover_lr` is then likely too high). Pruning
+       then costs far less
        accuracy (the README's unplug-and-play tables compare the two), at the price of one
        short training run per search step.
 
@@ -90,6 +93,7 @@ def localize(model, tokenizer, train, validation=None, *, label_words=None, temp
     if recover_epochs < 0 or recover_examples < 1:
         raise ValueError(f"need recover_epochs >= 0 and recover_examples >= 1, got "
                          f"{recover_epochs} and {recover_examples}")
+    recover_lr = lr if recover_lr is None else recover_lr
     label_names = list(train.label_names)
     task_type = detect_task_type(model)
     token_ids = None
@@ -128,9 +132,14 @@ def localize(model, tokenizer, train, validation=None, *, label_words=None, temp
         if recover_epochs:  # the baseline gets the extra training every candidate gets
             before_recovery = dense.evaluate(model, tokenizer, validation,
                                              batch_size=2 * batch_size)
-            dense, _ = retune(model, tokenizer, dense, recover_data, recover_epochs, lr, head_lr,
-                              batch_size, seed, progress=False)
+            dense, _ = retune(model, tokenizer, dense, recover_data, recover_epochs, recover_lr,
+                              head_lr, batch_size, seed, progress=False)
         baseline = dense.evaluate(model, tokenizer, validation, batch_size=2 * batch_size)
+        if before_recovery is not None and baseline < before_recovery - tolerance:
+            warnings.warn(f"localize({train.name!r}): the recovery's training lowered the "
+                          f"unpruned baseline's validation accuracy from {before_recovery:.3f} "
+                          f"to {baseline:.3f}; try a lower recover_lr (now {recover_lr:g})",
+                          stacklevel=2)
         zero_shot = None
         if task_type == CAUSAL_LM:  # the dense model scored through the label words, no prompt
             bare = Expert(None, tuned.prompt[:0], task_type, label_names, label_words, token_ids,
@@ -157,8 +166,8 @@ def localize(model, tokenizer, train, validation=None, *, label_words=None, temp
         def accuracy(rate):
             expert = candidate(rate)
             if recover_epochs:
-                expert, _ = retune(model, tokenizer, expert, recover_data, recover_epochs, lr,
-                                   head_lr, batch_size, seed, progress=False)
+                expert, _ = retune(model, tokenizer, expert, recover_data, recover_epochs,
+                                   recover_lr, head_lr, batch_size, seed, progress=False)
             evaluated[rate] = expert
             with expert.plugged(model, backend=backend):
                 value = expert.evaluate(model, tokenizer, validation, batch_size=2 * batch_size)
@@ -184,6 +193,7 @@ def localize(model, tokenizer, train, validation=None, *, label_words=None, temp
         accuracy_after=result.accuracy, accuracy_dense_no_prompt=zero_shot,
         accuracy_majority_label=majority, tolerance=tolerance,
         scope=scope, method=method, prune_heads=prune_heads, recover_epochs=recover_epochs,
+        recover_lr=recover_lr if recover_epochs else None,
         recover_examples=len(recover_data) if recover_epochs else 0, num_train=len(train),
         num_validation=len(validation), prompt_losses=tuned.losses, **trained_with,
         search=[list(step) for step in result.history],
