@@ -243,6 +243,8 @@ def plot(rows, path, model_name):
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in rows:
         steps = sorted(r["search"] or [])
+        if steps and r.get("validation_before") is not None:  # the unpruned baseline at rate 0
+            steps.insert(0, (0.0, r["validation_before"], True))
         if steps:
             ax.plot([100 * s[0] for s in steps], [s[1] for s in steps], "o-", label=r["task"])
     ax.set_xlabel("pruning rate (%)")
