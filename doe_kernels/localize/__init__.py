@@ -60,15 +60,15 @@ def localize(model, tokenizer, train, validation=None, *, label_words=None, temp
        `recover_epochs=k`, each candidate of the search has its prompt and head trained for k
        more epochs on `recover_examples` training examples (default 1024, drawn at random)
        through its own pruned network (`recover.retune`, at `recover_lr`, default `lr`; the
-       head at `head_lr`) before it is evaluated, and the expert returned carries the re-tuned prompt and
-       head. The baseline is given the same extra training first (the unpruned prompt and head
-       re-tuned the same way on the same examples; `figures["accuracy_before_recovery"]` is
-       its accuracy before), so that what the search credits to pruning is not the gain of
-       training longer; `expert.dense()` is that baseline (a warning says when that training
-       lowered it by more than the tolerance: `recover_lr` is then likely too high). Pruning
-       then costs far less
-       accuracy (the README's unplug-and-play tables compare the two), at the price of one
-       short training run per search step.
+       head at `head_lr`) before it is evaluated, and the expert returned carries the re-tuned
+       prompt and head. The baseline is given the same extra training first (the unpruned
+       prompt and head re-tuned the same way on the same examples;
+       `figures["accuracy_before_recovery"]` is its accuracy before), so that what the search
+       credits to pruning is not the gain of training longer; `expert.dense()` is that
+       baseline (a warning says when that training lowered it by more than the tolerance:
+       `recover_lr` is then likely too high). Pruning then costs far less accuracy (the
+       README's unplug-and-play tables compare the two), at the price of one short training
+       run per search step.
 
     `start_from`: an Expert of the same task and model whose soft prompt (and head) are reused
     (its `dense()` ones: for an expert found with recovery, its baseline's):
