@@ -77,8 +77,8 @@ def cmd_localize(args) -> None:
                       label_words=_label_words(args, train.label_names),
                       template=template, max_length=args.max_length,
                       epochs=args.epochs, lr=args.lr, scope=args.scope,
-                      tolerance=args.tolerance, prune_heads=not args.keep_heads,
-                      recover_epochs=args.recover_epochs, recover_lr=args.recover_lr,
+                      tolerance=args.tolerance, confidence=args.confidence,
+                      prune_heads=not args.keep_heads, recover_epochs=args.recover_epochs, recover_lr=args.recover_lr,
                       backend=args.backend, seed=args.seed)
     expert.name = args.name or os.path.splitext(os.path.basename(args.task))[0]
     expert.save(args.out)
@@ -214,6 +214,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=3e-2, help="learning rate of the soft prompt")
     p.add_argument("--scope", choices=("layer", "global"), default="layer")
     p.add_argument("--tolerance", type=float, default=0.01)
+    p.add_argument("--confidence", type=float, default=0.0,
+                   help="standard errors of the validation change a pruned candidate must clear "
+                        "beyond the tolerance (default 0)")
     p.add_argument("--keep-heads", action="store_true", help="prune FFN neurons only")
     p.add_argument("--recover-epochs", type=int, default=0,
                    help="re-tune the prompt (and head) on each pruned candidate for this many "

@@ -332,6 +332,10 @@ class Expert:
 
     def evaluate(self, model, tokenizer, data, batch_size: int = 32) -> float:
         """Accuracy on a `TaskData` (its labels must be among the expert's label names)."""
+        return float(self.correct(model, tokenizer, data, batch_size).float().mean())
+
+    def correct(self, model, tokenizer, data, batch_size: int = 32) -> torch.Tensor:
+        """One bool per example of a `TaskData`: is the expert's answer its label?"""
         if len(data) == 0:
             raise ValueError("no examples to evaluate")
         index = {name: i for i, name in enumerate(self.label_names)}
@@ -341,7 +345,7 @@ class Expert:
                              f"{self.label_names}")
         gold = torch.tensor([index[label] for label in data.labels])
         predicted = self.predict_logits(model, tokenizer, data.texts, batch_size).argmax(-1)
-        return float((predicted == gold).float().mean())
+        return predicted == gold
 
     # ---- files --------------------------------------------------------------------------
     def header(self) -> dict:

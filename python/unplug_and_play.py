@@ -26,6 +26,7 @@ import offline_models  # noqa: E402
 from tasks import TASKS, load_task  # noqa: E402
 
 import doe_kernels as dk  # noqa: E402
+from doe_kernels.localize import paired_change  # noqa: E402
 
 
 def load_model(name: str, num_labels: int):
@@ -94,6 +95,7 @@ def expert_for(task, splits, args, out_dir):
     expert = dk.localize(model, tokenizer, splits["train"], splits["validation"],
                          label_words=words, template=template, max_length=args.max_length,
                          epochs=args.epochs, tolerance=args.tolerance,
+                         confidence=args.confidence,
                          num_virtual_tokens=args.virtual_tokens, scope=args.scope,
                          prune_heads=not args.ffn_only, start_from=start,
                          recover_epochs=args.recover_epochs,
@@ -116,20 +118,6 @@ def timed_accuracy(router, name, data, repeats):
         times.append(time.perf_counter() - start)
     accuracy = sum(p == g for p, g in zip(predictions, data.labels)) / len(data)
     return accuracy, sorted(times)[len(times) // 2], predictions
-
-
-def paired_change(predictions, baseline_predictions, gold) -> dict:
-    """The accuracy change from `baseline_predictions` to `predictions` on the same examples, with
-    its paired standard error (each example contributes +1, 0 or -1, so only the examples whose
-    correctness changed add variance), and how many examples were gained and lost."""
-    steps = [int(p == g) - int(b == g) for p, b, g in zip(predictions, baseline_predictions, gold)]
-    n = len(steps)
-    if n == 0:
-        raise ValueError("paired_change needs at least one example")
-    mean = sum(steps) / n
-    variance = sum((x - mean) ** 2 for x in steps) / (n - 1) if n > 1 else 0.0
-    return dict(change=mean, change_se=(variance / n) ** 0.5, gained=steps.count(1),
-                lost=steps.count(-1))
 
 
 def main():
@@ -162,6 +150,9 @@ def main():
     parser.add_argument("--recover-lr", type=float, default=None,
                         help="learning rate of the recovery's prompt tuning (default: --lr)")
     parser.add_argument("--tolerance", type=float, default=0.01)
+    parser.add_argument("--confidence", type=float, default=0.0,
+                        help="standard errors of the validation change a pruned candidate must "
+                             "clear beyond the tolerance (localize's confidence)")
     parser.add_argument("--max-rate", type=float, default=0.95,
                         help="highest pruning rate the search tries")
     parser.add_argument("--resolution", type=float, default=0.01,
@@ -202,6 +193,7 @@ def main():
             accuracy, seconds, answers = timed_accuracy(router, task, tests[task], args.repeats)
             dense_accuracy, dense_seconds, dense_answers = timed_accuracy(
                 router, task + ":dense", tests[task], args.repeats)
+            gold = tests[task].labels
             rows.append(dict(task=task, classes=len(expert.label_names),
                              prompt_tuned_accuracy=dense_accuracy, expert_accuracy=accuracy,
                              validation_before=expert.figures.get("accuracy_before"),
@@ -210,7 +202,8 @@ def main():
                                  "accuracy_before_recovery"),
                              pruning_rate=expert.figures.get("pruning_rate"),
                              speedup=dense_seconds / seconds, test_examples=len(tests[task]),
-                             **paired_change(answers, dense_answers, tests[task].labels),
+                             **paired_change([a == g for a, g in zip(answers, gold)],
+                                             [a == g for a, g in zip(dense_answers, gold)]),
                              search=expert.figures.get("search")))
     print_table(rows, args, model)
     with open(os.path.join(out_dir, "results.json"), "w") as f:

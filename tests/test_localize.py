@@ -11,8 +11,8 @@ import torch
 import doe_kernels as dk
 from doe_kernels.data import TaskData
 from doe_kernels.expert import Expert, model_sizes, label_token_ids
-from doe_kernels.localize import (attribute, localize, mask_at_rate, retune, search_rate,
-                                  weak_baseline)
+from doe_kernels.localize import (attribute, localize, mask_at_rate, paired_change, retune,
+                                  search_rate, weak_baseline)
 from doe_kernels.localize.attribution import hook_points
 from model_utils import snapshot, state_dict_equal
 from real_models import minilm_dir
@@ -185,6 +185,33 @@ def test_search_all_pass_and_none_pass():
         search_rate(accuracy, 0.9, low=0.5, high=0.2)
 
 
+def test_search_margin_raises_the_bar_per_rate():
+    accuracy, _ = cliff(0.5)  # 0.9 up to rate 0.5, then falls by 1 point per 0.01
+    # tolerance 1 point, margin 2: only a gain of a point would pass, and no rate gains
+    none = search_rate(accuracy, 0.9, tolerance=0.01, resolution=1e-3, margin=lambda r: 0.02)
+    assert none.rate == 0.0 and all(not ok for _, _, ok in none.history)
+    half = search_rate(accuracy, 0.9, tolerance=0.02, resolution=1e-3, margin=lambda r: 0.01)
+    assert half.rate == pytest.approx(0.51, abs=1e-3)  # like tolerance 0.01 without a margin
+    seen = []
+    search_rate(accuracy, 0.9, resolution=0.1, margin=lambda r: seen.append(r) or 0.0)
+    assert seen and all(r == round(r, 6) for r in seen)  # called once per evaluated rate
+
+
+def test_paired_change_counts_only_the_answers_that_changed():
+    baseline = [True, True, False, True, True, False, True, True]    # 6 right
+    candidate = [True, True, True, True, False, False, True, False]  # gains 2, loses 4 and 7
+    out = paired_change(candidate, baseline)
+    assert out["gained"] == 1 and out["lost"] == 2
+    assert out["change"] == pytest.approx(-1 / 8)
+    steps = torch.tensor([0, 0, 1, 0, -1, 0, 0, -1], dtype=torch.float64)
+    assert out["change_se"] == pytest.approx(float(steps.std() / 8 ** 0.5))
+    assert paired_change(baseline, baseline) == dict(change=0.0, change_se=0.0, gained=0, lost=0)
+    with pytest.raises(ValueError, match="at least one example"):
+        paired_change([], [])
+    with pytest.raises(ValueError):
+        paired_change([True], [True, False])
+
+
 def test_weak_baseline():
     assert weak_baseline(0.8, None, 0.5) == [] and weak_baseline(0.8, 0.7, 0.5) == []
     assert weak_baseline(0.5, None, 0.5)[0].startswith("the prompt-tuned validation accuracy "
@@ -249,6 +276,29 @@ def test_localize_end_to_end_minilm(tokenizer, tmp_path, one_thread):
     assert again.figures["accuracy_before"] == figures["accuracy_before"]
     assert again.figures["scope"] == "global" and again.figures["head_pruning_rate"] == 0
     assert again.figures["prompt_epochs"] == 3  # how the reused prompt was trained
+    # The same search asking each candidate to clear 2 paired SEs beyond the tolerance: each
+    # verdict follows that rule, and each step's SE is the paired one.
+    sure = localize(model, tokenizer, splits["train"], splits["validation"], scope="global",
+                    prune_heads=False, attribution_examples=64, start_from=expert,
+                    tolerance=0.05, confidence=2.0, progress=False)
+    base, steps = sure.figures["accuracy_before"], sure.figures["search"]
+    assert sure.figures["confidence"] == 2.0 and all(len(step) == 4 for step in steps)
+    assert all(ok == (acc - base >= -0.05 + 2 * se - 1e-12) for _, acc, ok, se in steps)
+    rate, _, _, se = max(steps, key=lambda step: step[3])
+    assert se > 0
+    probe = mask_at_rate(*attribute(model, tokenizer, expert, splits["train"],
+                                    num_examples=64, progress=False), rate, "global", False,
+                         model_sizes(model))
+    probe = Expert(probe, expert.prompt, expert.task_type, expert.label_names, None, None, None,
+                   expert.head, model_sizes(model))
+    with probe.plugged(model):
+        correct = probe.correct(model, tokenizer, splits["validation"])
+    baseline_correct = expert.dense().correct(model, tokenizer, splits["validation"])
+    assert se == pytest.approx(paired_change(correct.tolist(),
+                                             baseline_correct.tolist())["change_se"])
+    with pytest.raises(ValueError, match="confidence must be >= 0"):
+        localize(model, tokenizer, splits["train"], splits["validation"], confidence=-1,
+                 start_from=expert, progress=False)
     # With recovery: every candidate's prompt and head re-tuned on its pruned network first; the
     # expert returned is the re-tuned one that the search measured.
     recovered = localize(model, tokenizer, splits["train"], splits["validation"],

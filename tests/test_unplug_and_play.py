@@ -67,18 +67,3 @@ def test_every_task_has_chat_label_words_for_smollm2():
         assert template.endswith("<|im_start|>assistant\n")
     with pytest.raises(ValueError, match=r"no label word for \['sci.med'\]"):
         unplug_and_play.causal_lm_task("polarity", tokenizer, ["negative", "sci.med"])
-
-
-def test_paired_change_counts_only_the_answers_that_changed():
-    gold = [0, 1, 1, 0, 1, 0, 0, 1]
-    baseline = [0, 1, 0, 0, 1, 1, 0, 1]   # 6 right
-    candidate = [0, 1, 1, 0, 0, 1, 0, 0]  # 5 right: gains example 2, loses 4 and 7
-    out = unplug_and_play.paired_change(candidate, baseline, gold)
-    assert out["gained"] == 1 and out["lost"] == 2
-    assert out["change"] == pytest.approx(-1 / 8)
-    steps = torch.tensor([0, 0, 1, 0, -1, 0, 0, -1], dtype=torch.float64)
-    assert out["change_se"] == pytest.approx(float(steps.std() / 8 ** 0.5))
-    same = unplug_and_play.paired_change(baseline, baseline, gold)
-    assert same == dict(change=0.0, change_se=0.0, gained=0, lost=0)
-    with pytest.raises(ValueError, match="at least one example"):
-        unplug_and_play.paired_change([], [], [])

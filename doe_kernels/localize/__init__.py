@@ -17,11 +17,11 @@ from doe_kernels.expert import (CAUSAL_LM, DEFAULT_TEMPLATE, Expert, check_templ
 from doe_kernels.localize.attribution import attribute
 from doe_kernels.localize.prompt import PromptResult, train_prompt
 from doe_kernels.localize.recover import masked, retune
-from doe_kernels.localize.search import mask_at_rate, search_rate
+from doe_kernels.localize.search import mask_at_rate, paired_change, search_rate
 from doe_kernels.patching import is_patched
 
 __all__ = ["localize", "attribute", "train_prompt", "search_rate", "mask_at_rate", "retune",
-           "masked", "weak_baseline"]
+           "masked", "weak_baseline", "paired_change"]
 
 
 def localize(model, tokenizer, train, validation=None, *, label_words=None, template=None,
@@ -31,7 +31,7 @@ def localize(model, tokenizer, train, validation=None, *, label_words=None, temp
              absolute: bool = True, scope: str = "layer", prune_heads: bool = True, tolerance: float = 0.01,
              max_rate: float = 0.95, resolution: float = 0.01, backend: str = "auto",
              recover_epochs: int = 0, recover_examples: int = 1024,
-             recover_lr: float | None = None, seed: int = 0,
+             recover_lr: float | None = None, confidence: float = 0.0, seed: int = 0,
              progress: bool = True, start_from: Expert | None = None) -> Expert:
     """Localize the expert of the task in `train` (a `doe_kernels.data.TaskData`).
 
@@ -56,6 +56,12 @@ def localize(model, tokenizer, train, validation=None, *, label_words=None, temp
        warning says when that baseline is weak: no better than always answering the most
        frequent label, or (causal LMs) below the model without a prompt; the search then finds
        rates that say little (e.g. a prompt at chance "keeps" its accuracy at any rate).
+       `confidence=z` (default 0: the paper's rule) also asks a candidate to clear z paired
+       standard errors of its change from the baseline on the same validation examples
+       (`search.paired_change`): change - z * SE >= -tolerance. A binary search keeps the
+       highest rate that passed, so on a small validation set it tends to return one that passed
+       by luck and loses more on new examples; z = 1 trades some pruning for an expert whose
+       accuracy holds (`figures["search"]` lists each step's rate, accuracy, verdict and SE).
     4. Recovery (off by default, `recover_epochs=0`: the paper's method). With
        `recover_epochs=k`, each candidate of the search has its prompt and head trained for k
        more epochs on `recover_examples` training examples (default 1024, drawn at random)
@@ -90,6 +96,8 @@ def localize(model, tokenizer, train, validation=None, *, label_words=None, temp
         train, validation = parts["train"], parts["validation"]
     if len(train) == 0 or len(validation) == 0:
         raise ValueError("localize needs training and validation examples")
+    if confidence < 0:
+        raise ValueError(f"confidence must be >= 0 (standard errors), got {confidence}")
     if recover_epochs < 0 or recover_examples < 1:
         raise ValueError(f"need recover_epochs >= 0 and recover_examples >= 1, got "
                          f"{recover_epochs} and {recover_examples}")
@@ -134,7 +142,8 @@ def localize(model, tokenizer, train, validation=None, *, label_words=None, temp
                                              batch_size=2 * batch_size)
             dense, _ = retune(model, tokenizer, dense, recover_data, recover_epochs, recover_lr,
                               head_lr, batch_size, seed, progress=False)
-        baseline = dense.evaluate(model, tokenizer, validation, batch_size=2 * batch_size)
+        baseline_correct = dense.correct(model, tokenizer, validation, batch_size=2 * batch_size)
+        baseline = float(baseline_correct.float().mean())
         if before_recovery is not None and baseline < before_recovery - tolerance:
             warnings.warn(f"localize({train.name!r}): the recovery's training lowered the "
                           f"unpruned baseline's validation accuracy from {before_recovery:.3f} "
@@ -161,7 +170,7 @@ def localize(model, tokenizer, train, validation=None, *, label_words=None, temp
                           start.head, sizes, name=train.name, max_length=max_length)
 
         bar = tqdm(desc="pruning-rate search", disable=not progress, leave=False)
-        evaluated = {}
+        evaluated, change_se = {}, {}
 
         def accuracy(rate):
             expert = candidate(rate)
@@ -170,13 +179,17 @@ def localize(model, tokenizer, train, validation=None, *, label_words=None, temp
                                    recover_lr, head_lr, batch_size, seed, progress=False)
             evaluated[rate] = expert
             with expert.plugged(model, backend=backend):
-                value = expert.evaluate(model, tokenizer, validation, batch_size=2 * batch_size)
+                correct = expert.correct(model, tokenizer, validation, batch_size=2 * batch_size)
+            value = float(correct.float().mean())
+            change_se[rate] = paired_change(correct.tolist(),
+                                            baseline_correct.tolist())["change_se"]
             bar.update(1)
             bar.set_postfix(rate=f"{rate:.3f}", accuracy=f"{value:.3f}")
             return value
 
         try:
-            result = search_rate(accuracy, baseline, tolerance, 0.0, max_rate, resolution)
+            result = search_rate(accuracy, baseline, tolerance, 0.0, max_rate, resolution,
+                                 margin=lambda rate: confidence * change_se[rate])
         finally:
             bar.close()
     finally:
@@ -191,12 +204,12 @@ def localize(model, tokenizer, train, validation=None, *, label_words=None, temp
         head_pruning_rate=summary["head_pruning_rate"], accuracy_before=baseline,
         accuracy_before_recovery=before_recovery,
         accuracy_after=result.accuracy, accuracy_dense_no_prompt=zero_shot,
-        accuracy_majority_label=majority, tolerance=tolerance,
+        accuracy_majority_label=majority, tolerance=tolerance, confidence=confidence,
         scope=scope, method=method, prune_heads=prune_heads, recover_epochs=recover_epochs,
         recover_lr=recover_lr if recover_epochs else None,
         recover_examples=len(recover_data) if recover_epochs else 0, num_train=len(train),
         num_validation=len(validation), prompt_losses=tuned.losses, **trained_with,
-        search=[list(step) for step in result.history],
+        search=[[rate, value, ok, change_se[rate]] for rate, value, ok in result.history],
         seconds=round(time.perf_counter() - started, 1))
     return expert
 

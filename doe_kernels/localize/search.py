@@ -1,8 +1,10 @@
 """Pruning-rate search: the highest rate whose accuracy stays within a tolerance of the baseline.
 
 `search_rate` is a pure binary search over an `accuracy(rate) -> float` callable (unit-testable on
-a synthetic curve); it assumes accuracy falls, by and large, as the rate grows. `mask_at_rate`
-turns attribution scores into the `ExpertMask` of one rate (top-scored units kept).
+a synthetic curve); it assumes accuracy falls, by and large, as the rate grows. `paired_change`
+is the accuracy change between two models on the same examples with its paired standard error
+(what `localize(confidence=...)` adds to the tolerance). `mask_at_rate` turns attribution scores
+into the `ExpertMask` of one rate (top-scored units kept).
 """
 from dataclasses import dataclass, field
 
@@ -17,11 +19,13 @@ class SearchResult:
 
 
 def search_rate(accuracy, baseline: float, tolerance: float = 0.01, low: float = 0.0,
-                high: float = 0.95, resolution: float = 0.01) -> SearchResult:
+                high: float = 0.95, resolution: float = 0.01, margin=None) -> SearchResult:
     """Binary search for the highest rate in [low, high] with accuracy(rate) >= baseline -
-    tolerance, to within `resolution`. `low` is taken to pass (rate 0 is the baseline itself) and
-    is never evaluated; `high` is tried first (all pass: returned at once). Each rate is evaluated
-    at most once; rates are rounded to 1e-6 so that masks are reproducible."""
+    tolerance + margin(rate), to within `resolution` (`margin`, a callable called after
+    accuracy(rate), default 0: e.g. a multiple of the standard error of the measured change).
+    `low` is taken to pass (rate 0 is the baseline itself) and is never evaluated; `high` is tried
+    first (all pass: returned at once). Each rate is evaluated at most once; rates are rounded to
+    1e-6 so that masks are reproducible."""
     if not 0.0 <= low <= high <= 1.0:
         raise ValueError(f"need 0 <= low <= high <= 1, got low={low}, high={high}")
     if resolution <= 0:
@@ -35,12 +39,13 @@ def search_rate(accuracy, baseline: float, tolerance: float = 0.01, low: float =
         rate = round(rate, 6)
         if rate not in seen:
             value = float(accuracy(rate))
-            seen[rate] = value
-            history.append((rate, value, value >= threshold))
-        return seen[rate] >= threshold
+            ok = value >= threshold + (float(margin(rate)) if margin is not None else 0.0)
+            seen[rate] = value, ok
+            history.append((rate, value, ok))
+        return seen[rate][1]
 
     if high > low and passes(high):
-        return SearchResult(round(high, 6), seen[round(high, 6)], history)
+        return SearchResult(round(high, 6), seen[round(high, 6)][0], history)
     good, bad = low, high
     while bad - good > resolution:
         mid = (good + bad) / 2
@@ -49,7 +54,22 @@ def search_rate(accuracy, baseline: float, tolerance: float = 0.01, low: float =
         else:
             bad = mid
     good = round(good, 6)
-    return SearchResult(good, seen.get(good, baseline), history)
+    return SearchResult(good, seen[good][0] if good in seen else baseline, history)
+
+
+def paired_change(correct, baseline_correct) -> dict:
+    """The accuracy change from a baseline to a candidate scored on the same examples
+    (`correct`, `baseline_correct`: one bool per example), with its paired standard error: each
+    example contributes +1, 0 or -1, so only the examples whose correctness changed add variance.
+    Returns dict(change, change_se, gained, lost)."""
+    steps = [int(bool(c)) - int(bool(b)) for c, b in zip(correct, baseline_correct, strict=True)]
+    n = len(steps)
+    if n == 0:
+        raise ValueError("paired_change needs at least one example")
+    mean = sum(steps) / n
+    variance = sum((x - mean) ** 2 for x in steps) / (n - 1) if n > 1 else 0.0
+    return dict(change=mean, change_se=(variance / n) ** 0.5, gained=steps.count(1),
+                lost=steps.count(-1))
 
 
 def mask_at_rate(ffn_scores, head_scores, rate: float, scope: str = "layer",
