@@ -78,7 +78,8 @@ def cmd_localize(args) -> None:
                       template=template, max_length=args.max_length,
                       epochs=args.epochs, lr=args.lr, scope=args.scope,
                       tolerance=args.tolerance, confidence=args.confidence,
-                      prune_heads=not args.keep_heads, recover_epochs=args.recover_epochs, recover_lr=args.recover_lr,
+                      prune_heads=not args.keep_heads, recover_epochs=args.recover_epochs,
+                      recover_lr=args.recover_lr,
                       backend=args.backend, seed=args.seed)
     expert.name = args.name or os.path.splitext(os.path.basename(args.task))[0]
     expert.save(args.out)
