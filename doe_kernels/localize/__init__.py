@@ -144,6 +144,7 @@ def localize(model, tokenizer, train, validation=None, *, label_words=None, temp
                               head_lr, batch_size, seed, progress=False)
         baseline_correct = dense.correct(model, tokenizer, validation, batch_size=2 * batch_size)
         baseline = float(baseline_correct.float().mean())
+        baseline_answers = baseline_correct.tolist()
         if before_recovery is not None and baseline < before_recovery - tolerance:
             warnings.warn(f"localize({train.name!r}): the recovery's training lowered the "
                           f"unpruned baseline's validation accuracy from {before_recovery:.3f} "
@@ -181,8 +182,7 @@ def localize(model, tokenizer, train, validation=None, *, label_words=None, temp
             with expert.plugged(model, backend=backend):
                 correct = expert.correct(model, tokenizer, validation, batch_size=2 * batch_size)
             value = float(correct.float().mean())
-            change_se[rate] = paired_change(correct.tolist(),
-                                            baseline_correct.tolist())["change_se"]
+            change_se[rate] = paired_change(correct.tolist(), baseline_answers)["change_se"]
             bar.update(1)
             bar.set_postfix(rate=f"{rate:.3f}", accuracy=f"{value:.3f}")
             return value
