@@ -26,6 +26,7 @@ import offline_models  # noqa: E402
 from tasks import TASKS, load_task  # noqa: E402
 
 import doe_kernels as dk  # noqa: E402
+from doe_kernels.data import TaskData  # noqa: E402
 from doe_kernels.localize import paired_change  # noqa: E402
 
 
@@ -109,6 +110,32 @@ def expert_for(task, splits, args, out_dir):
     return expert
 
 
+def task_splits(task, args):
+    """{"train", "validation", "test"} of `task` at the run's budget. With --top-up-validation a
+    validation split smaller than --validation is filled with training examples the run does not
+    train on (drawn with --seed; the training examples stay the ones a run without it uses)."""
+    validation = args.validation or max(50, args.max_train // 5)
+    splits = load_task(task, max_examples=max(args.max_train, validation, args.test or 0))
+    if len(splits["train"]) > args.max_train:
+        splits["train"] = splits["train"].sample(args.max_train, seed=args.seed)
+    test = splits["test"].sample(min(args.test or validation, len(splits["test"])),
+                                 seed=args.seed)
+    splits["validation"] = splits["validation"].sample(
+        min(validation, len(splits["validation"])), seed=args.seed)
+    missing = validation - len(splits["validation"])
+    if args.top_up_validation and missing > 0:
+        used = set(splits["train"].texts)
+        full_train = load_task(task)["train"]
+        unused = full_train.subset(i for i, text in enumerate(full_train.texts)
+                                   if text not in used)
+        extra = unused.sample(missing, seed=args.seed)
+        splits["validation"] = TaskData(splits["validation"].texts + extra.texts,
+                                           splits["validation"].labels + extra.labels,
+                                           splits["validation"].label_names, task)
+    splits["test"] = test
+    return splits
+
+
 def timed_accuracy(router, name, data, repeats):
     """(accuracy over `data`, the median time of one pass over it, the predictions)."""
     times, predictions = [], None
@@ -128,6 +155,10 @@ def main():
     parser.add_argument("--validation", type=int, default=None,
                         help="validation examples for the pruning-rate search (default: a fifth "
                              "of --max-train, at least 50)")
+    parser.add_argument("--top-up-validation", action="store_true",
+                        help="fill a validation split smaller than --validation with training "
+                             "examples the run does not train on: a larger validation set "
+                             "lowers the standard error --confidence asks candidates to clear")
     parser.add_argument("--test", type=int, default=None,
                         help="test examples (default: as many as --validation)")
     parser.add_argument("--epochs", type=int, default=5)
@@ -170,14 +201,8 @@ def main():
 
     experts, tests = {}, {}
     for task in args.tasks:
-        validation = args.validation or max(50, args.max_train // 5)
-        splits = load_task(task, max_examples=max(args.max_train, validation, args.test or 0))
-        if len(splits["train"]) > args.max_train:
-            splits["train"] = splits["train"].sample(args.max_train, seed=args.seed)
-        splits["validation"] = splits["validation"].sample(
-            min(validation, len(splits["validation"])), seed=args.seed)
-        tests[task] = splits["test"].sample(min(args.test or validation, len(splits["test"])),
-                                            seed=args.seed)
+        splits = task_splits(task, args)
+        tests[task] = splits.pop("test")
         experts[task] = expert_for(task, splits, args, out_dir)
         print(f"{task}: {experts[task]!r}", flush=True)
 

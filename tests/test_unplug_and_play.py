@@ -67,3 +67,33 @@ def test_every_task_has_chat_label_words_for_smollm2():
         assert template.endswith("<|im_start|>assistant\n")
     with pytest.raises(ValueError, match=r"no label word for \['sci.med'\]"):
         unplug_and_play.causal_lm_task("polarity", tokenizer, ["negative", "sci.med"])
+
+
+def test_top_up_fills_validation_with_unused_training_examples(monkeypatch):
+    from argparse import Namespace
+
+    base = sentiment_task(300)  # texts made unique, as the real tasks' are: 180 / 60 / 60
+    data = dk.data.TaskData([f"{i}: {t}" for i, t in enumerate(base.texts)], base.labels,
+                            base.label_names, "sentiment")
+
+    def load_task(task, max_examples=None):
+        splits = data.split((0.6, 0.2, 0.2))
+        return {k: v.sample(max_examples or len(v), seed=1) for k, v in splits.items()}
+
+    monkeypatch.setattr(unplug_and_play, "load_task", load_task)
+    args = Namespace(max_train=100, validation=90, test=30, seed=0, top_up_validation=False)
+    plain = unplug_and_play.task_splits("polarity", args)
+    args.top_up_validation = True
+    topped = unplug_and_play.task_splits("polarity", args)
+    assert len(plain["validation"]) == 60 and len(topped["validation"]) == 90
+    assert topped["train"].texts == plain["train"].texts  # training is unchanged
+    assert topped["test"].texts == plain["test"].texts and len(topped["test"]) == 30
+    assert topped["validation"].texts[:60] == plain["validation"].texts
+    extra = topped["validation"].texts[60:]
+    full_train = data.split((0.6, 0.2, 0.2))["train"]
+    assert set(extra) <= set(full_train.texts) and not set(extra) & set(plain["train"].texts)
+    assert len(set(extra)) == 30
+    labels = dict(zip(full_train.texts, full_train.labels))
+    assert topped["validation"].labels[60:] == [labels[t] for t in extra]
+    args.validation = 50  # already enough: nothing added
+    assert len(unplug_and_play.task_splits("polarity", args)["validation"]) == 50
