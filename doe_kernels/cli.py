@@ -79,7 +79,7 @@ def cmd_localize(args) -> None:
                       epochs=args.epochs, lr=args.lr, scope=args.scope,
                       tolerance=args.tolerance, confidence=args.confidence,
                       prune_heads=not args.keep_heads, recover_epochs=args.recover_epochs,
-                      recover_lr=args.recover_lr,
+                      recover_lr=args.recover_lr, prompt_init=args.prompt_init,
                       backend=args.backend, seed=args.seed)
     expert.name = args.name or os.path.splitext(os.path.basename(args.task))[0]
     expert.save(args.out)
@@ -213,6 +213,9 @@ def parser() -> argparse.ArgumentParser:
                    help="tokens per example at most (long texts are cut)")
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--lr", type=float, default=3e-2, help="learning rate of the soft prompt")
+    p.add_argument("--prompt-init", metavar="TEXT",
+                   help="start the soft prompt as this text's token embeddings (default: random "
+                        "vocabulary tokens)")
     p.add_argument("--scope", choices=("layer", "global"), default="layer")
     p.add_argument("--tolerance", type=float, default=0.01)
     p.add_argument("--confidence", type=float, default=0.0,

@@ -104,7 +104,7 @@ def expert_for(task, splits, args, out_dir):
                          recover_lr=args.recover_lr, max_rate=args.max_rate,
                          resolution=args.resolution,
                          attribution_examples=args.attribution_examples, method=args.method,
-                         lr=args.lr, seed=args.seed)
+                         lr=args.lr, prompt_init=args.prompt_init, seed=args.seed)
     expert.name = task
     expert.save(path)
     return expert
@@ -165,6 +165,9 @@ def main():
     parser.add_argument("--lr", type=float, default=3e-2,
                         help="learning rate of the soft prompt")
     parser.add_argument("--virtual-tokens", type=int, default=10)
+    parser.add_argument("--prompt-init", metavar="TEXT",
+                        help="start each soft prompt as this text's token embeddings (default: "
+                             "random vocabulary tokens)")
     parser.add_argument("--max-length", type=int, default=128,
                         help="tokens per example at most (long texts are cut)")
     parser.add_argument("--scope", default="layer", choices=("layer", "global"),

@@ -114,9 +114,11 @@ def test_localize_a_causal_lm_with_an_instruction(causal_lm_folder, tmp_path, ca
     assert cli.main(["localize", "--model", str(folder), "--task", str(task), "--out", str(out),
                      "--instruction", "Negative or positive?", "--epochs", "1",
                      "--max-length", "64", "--lr", "0.01", "--recover-epochs", "1",
-                     "--recover-lr", "0.005", "--confidence", "1"]) == 0
+                     "--recover-lr", "0.005", "--confidence", "1",
+                     "--prompt-init", "Is it negative or positive?"]) == 0
     expert = dk.Expert.load(out)
     assert expert.figures["prompt_lr"] == 0.01 and expert.figures["recover_lr"] == 0.005
+    assert expert.figures["prompt_init"] == "Is it negative or positive?"
     assert expert.figures["confidence"] == 1.0
     assert expert.template == dk.chat_template(tokenizer, "Negative or positive?")
     # with --instruction the label words default to the names, without a leading space

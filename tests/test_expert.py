@@ -208,6 +208,32 @@ def test_injection_matches_peft_after_training(tokenizer, family):
                                    want, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_prompt_starts_as_the_init_texts_token_embeddings(tokenizer, family):
+    model = tiny_bert() if family == "bert" else tiny_llama()
+    task_type = "seq_cls" if family == "bert" else "causal_lm"
+    data = TaskData(TEXTS, LABELS, ["negative", "positive"])
+    ids = None if family == "bert" else label_token_ids(tokenizer, [" negative", " positive"])
+    text = "is this review negative or positive"  # 6 tokens, cycled to 8 virtual tokens
+    tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(tokens) == 6
+    embeddings = model.get_input_embeddings().weight.detach()
+    start = prompt_tuning.train_prompt(model, tokenizer, data, task_type, ids,
+                                       num_virtual_tokens=8, epochs=0, progress=False,
+                                       init_text=text)
+    torch.testing.assert_close(start.prompt, embeddings[tokens + tokens[:2]], atol=0, rtol=0)
+    random_start = prompt_tuning.train_prompt(model, tokenizer, data, task_type, ids,
+                                              num_virtual_tokens=8, epochs=0, progress=False)
+    assert not torch.equal(random_start.prompt, start.prompt)
+    trained = prompt_tuning.train_prompt(model, tokenizer, data, task_type, ids,
+                                         num_virtual_tokens=8, epochs=1, batch_size=4,
+                                         progress=False, init_text=text)
+    assert not torch.equal(trained.prompt, start.prompt)
+    with pytest.raises(ValueError, match="has no tokens"):
+        prompt_tuning.train_prompt(model, tokenizer, data, task_type, ids, epochs=0,
+                                   progress=False, init_text="")
+
+
 def test_nested_experts_restore_the_outer_one(tokenizer):
     model = tiny_bert()
     outer, inner = seq_cls_expert(model, seed=1), seq_cls_expert(model, rate=0.7, seed=2)

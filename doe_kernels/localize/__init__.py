@@ -32,7 +32,8 @@ def localize(model, tokenizer, train, validation=None, *, label_words=None, temp
              max_rate: float = 0.95, resolution: float = 0.01, backend: str = "auto",
              recover_epochs: int = 0, recover_examples: int = 1024,
              recover_lr: float | None = None, confidence: float = 0.0, seed: int = 0,
-             progress: bool = True, start_from: Expert | None = None) -> Expert:
+             progress: bool = True, start_from: Expert | None = None,
+             prompt_init: str | None = None) -> Expert:
     """Localize the expert of the task in `train` (a `doe_kernels.data.TaskData`).
 
     model: a BERT-family `...ForSequenceClassification` (its classifier is trained with the
@@ -42,7 +43,9 @@ def localize(model, tokenizer, train, validation=None, *, label_words=None, temp
     weights); the trained head lives in the Expert and is plugged by `expert.plugged`.
 
     1. Prompt tuning: `num_virtual_tokens` soft tokens (and the head) trained with PEFT for
-       `epochs` on `train` (AdamW, `lr` for the prompt, `head_lr` for the head).
+       `epochs` on `train` (AdamW, `lr` for the prompt, `head_lr` for the head). They start as
+       random vocabulary tokens' embeddings, or with `prompt_init="some text"` as that text's
+       tokens' (cycled; PEFT's TEXT init, which helps small models that learn slowly).
     2. Attribution on the unpatched model with the prompt: activation x gradient of the gold
        label's logit per FFN neuron and head, averaged over tokens and over
        `attribution_examples` training examples (default 256, drawn at random);
@@ -124,13 +127,13 @@ def localize(model, tokenizer, train, validation=None, *, label_words=None, temp
         if start_from is not None:
             tuned = _reuse(start_from, task_type, label_names, token_ids, template, max_length,
                            model)
-            trained_with = {key: start_from.figures.get(key) for key in ("prompt_epochs",
-                                                                          "prompt_lr")}
+            trained_with = {key: start_from.figures.get(key)
+                            for key in ("prompt_epochs", "prompt_lr", "prompt_init")}
         else:
-            trained_with = dict(prompt_epochs=epochs, prompt_lr=lr)
+            trained_with = dict(prompt_epochs=epochs, prompt_lr=lr, prompt_init=prompt_init)
             tuned = train_prompt(model, tokenizer, train, task_type, token_ids, template,
                                  num_virtual_tokens, epochs, lr, head_lr, batch_size, max_length,
-                                 seed, progress)
+                                 seed, progress, init_text=prompt_init)
         sizes = model_sizes(model)
         tuned_expert = Expert(None, tuned.prompt, task_type, label_names, label_words, token_ids,
                               template, tuned.head, sizes, name=train.name, max_length=max_length)

@@ -141,10 +141,18 @@ def unwrap(peft_model):
 def train_prompt(model, tokenizer, data, task_type: str, token_ids=None, template=None,
                  num_virtual_tokens: int = 10, epochs: int = 5, lr: float = 3e-2,
                  head_lr: float = 1e-2, batch_size: int = 16, max_length: int = 128,
-                 seed: int = 0, progress: bool = True) -> PromptResult:
-    """Prompt-tune `model` on `data` (a TaskData); the model is left as it was."""
+                 seed: int = 0, progress: bool = True, init_text: str | None = None
+                 ) -> PromptResult:
+    """Prompt-tune `model` on `data` (a TaskData); the model is left as it was. The prompt starts
+    as the embeddings of `init_text`'s tokens (cycled to `num_virtual_tokens`, as PEFT's
+    PromptTuningInit.TEXT), by default of random vocabulary tokens."""
     torch.manual_seed(seed)
-    peft_model = wrap(model, task_type, num_virtual_tokens, seed=seed)
+    init_ids = None
+    if init_text is not None:
+        init_ids = tokenizer(init_text, add_special_tokens=False)["input_ids"]
+        if not init_ids:
+            raise ValueError(f"the prompt's init text {init_text!r} has no tokens")
+    peft_model = wrap(model, task_type, num_virtual_tokens, init_ids=init_ids, seed=seed)
     try:
         losses = fit(peft_model, tokenizer, data, task_type, token_ids, template, epochs, lr,
                      head_lr, batch_size, max_length, seed, progress)
