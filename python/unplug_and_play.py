@@ -111,13 +111,15 @@ def expert_for(task, splits, args, out_dir):
 
 
 def task_splits(task, args):
-    """{"train", "validation", "test"} of `task` at the run's budget. With --top-up-validation a
-    validation split smaller than --validation is filled with training examples the run does not
-    train on (drawn with --seed; the training examples stay the ones a run without it uses)."""
+    """{"train", "validation", "test"} of `task` at the run's budget. The training examples
+    depend only on --max-train and --seed (so a run with --start-from trains, and tops up, as the
+    run it starts from did). With --top-up-validation a validation split smaller than
+    --validation is filled with training examples the run does not train on (drawn with
+    --seed)."""
     validation = args.validation or max(50, args.max_train // 5)
-    splits = load_task(task, max_examples=max(args.max_train, validation, args.test or 0))
-    if len(splits["train"]) > args.max_train:
-        splits["train"] = splits["train"].sample(args.max_train, seed=args.seed)
+    splits = load_task(task, max_examples=max(validation, args.test or validation))
+    splits["train"] = load_task(task, max_examples=args.max_train)["train"].sample(
+        args.max_train, seed=args.seed)
     test = splits["test"].sample(min(args.test or validation, len(splits["test"])),
                                  seed=args.seed)
     splits["validation"] = splits["validation"].sample(

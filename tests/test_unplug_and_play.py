@@ -81,7 +81,7 @@ def test_top_up_fills_validation_with_unused_training_examples(monkeypatch):
         return {k: v.sample(max_examples or len(v), seed=1) for k, v in splits.items()}
 
     monkeypatch.setattr(unplug_and_play, "load_task", load_task)
-    args = Namespace(max_train=100, validation=90, test=30, seed=0, top_up_validation=False)
+    args = Namespace(max_train=80, validation=90, test=30, seed=0, top_up_validation=False)
     plain = unplug_and_play.task_splits("polarity", args)
     args.top_up_validation = True
     topped = unplug_and_play.task_splits("polarity", args)
@@ -95,5 +95,7 @@ def test_top_up_fills_validation_with_unused_training_examples(monkeypatch):
     assert len(set(extra)) == 30
     labels = dict(zip(full_train.texts, full_train.labels))
     assert topped["validation"].labels[60:] == [labels[t] for t in extra]
-    args.validation = 50  # already enough: nothing added
-    assert len(unplug_and_play.task_splits("polarity", args)["validation"]) == 50
+    args.validation, args.test = 50, 20  # already enough: nothing added
+    smaller = unplug_and_play.task_splits("polarity", args)
+    assert len(smaller["validation"]) == 50 and len(smaller["test"]) == 20
+    assert smaller["train"].texts == plain["train"].texts  # nor do the other splits' sizes
