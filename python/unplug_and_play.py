@@ -112,10 +112,10 @@ def expert_for(task, splits, args, out_dir):
 
 def task_splits(task, args):
     """{"train", "validation", "test"} of `task` at the run's budget. The training examples
-    depend only on --max-train and --seed (so a run with --start-from trains, and tops up, as the
-    run it starts from did). With --top-up-validation a validation split smaller than
-    --validation is filled with training examples the run does not train on (drawn with
-    --seed)."""
+    depend only on --max-train and --seed (so a run with --start-from trains, and tops up, on
+    the examples the run it starts from trained on), the others only on --validation, --test
+    and --seed. With --top-up-validation a validation split smaller than --validation is filled
+    with training examples the run does not train on (drawn with --seed)."""
     validation = args.validation or max(50, args.max_train // 5)
     splits = load_task(task, max_examples=max(validation, args.test or validation))
     splits["train"] = load_task(task, max_examples=args.max_train)["train"].sample(
