@@ -132,8 +132,8 @@ def task_splits(task, args):
                                    if text not in used)
         extra = unused.sample(missing, seed=args.seed)
         splits["validation"] = TaskData(splits["validation"].texts + extra.texts,
-                                           splits["validation"].labels + extra.labels,
-                                           splits["validation"].label_names, task)
+                                        splits["validation"].labels + extra.labels,
+                                        splits["validation"].label_names, task)
     splits["test"] = test
     return splits
 
