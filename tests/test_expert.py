@@ -172,13 +172,19 @@ def test_predict_logits_equals_masked_dense_with_manual_prompt(tokenizer):
         float((want.argmax(-1) == gold).float().mean()))
 
 
-@pytest.mark.parametrize("family", ["bert", "llama"])
-def test_injection_matches_peft_after_training(tokenizer, family):
-    """Logits of the trained PEFT model == the Expert's (no PEFT, prompt injected by hand)."""
+def sentiment_setup(family, tokenizer):
+    """(tiny model, task type, the TEXTS task, label token ids or None) of a model family."""
     model = tiny_bert() if family == "bert" else tiny_llama()
     task_type = "seq_cls" if family == "bert" else "causal_lm"
     data = TaskData(TEXTS, LABELS, ["negative", "positive"])
     ids = None if family == "bert" else label_token_ids(tokenizer, [" negative", " positive"])
+    return model, task_type, data, ids
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_injection_matches_peft_after_training(tokenizer, family):
+    """Logits of the trained PEFT model == the Expert's (no PEFT, prompt injected by hand)."""
+    model, task_type, data, ids = sentiment_setup(family, tokenizer)
     before = snapshot(model)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     peft_model = prompt_tuning.wrap(model, task_type, num_virtual_tokens=4)
@@ -210,10 +216,7 @@ def test_injection_matches_peft_after_training(tokenizer, family):
 
 @pytest.mark.parametrize("family", ["bert", "llama"])
 def test_prompt_starts_as_the_init_texts_token_embeddings(tokenizer, family):
-    model = tiny_bert() if family == "bert" else tiny_llama()
-    task_type = "seq_cls" if family == "bert" else "causal_lm"
-    data = TaskData(TEXTS, LABELS, ["negative", "positive"])
-    ids = None if family == "bert" else label_token_ids(tokenizer, [" negative", " positive"])
+    model, task_type, data, ids = sentiment_setup(family, tokenizer)
     text = "is this review negative or positive"  # 6 tokens, cycled to 8 virtual tokens
     tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
     assert len(tokens) == 6
