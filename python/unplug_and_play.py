@@ -120,8 +120,8 @@ def task_splits(task, args):
     splits = load_task(task, max_examples=max(validation, args.test or validation))
     splits["train"] = load_task(task, max_examples=args.max_train)["train"].sample(
         args.max_train, seed=args.seed)
-    test = splits["test"].sample(min(args.test or validation, len(splits["test"])),
-                                 seed=args.seed)
+    splits["test"] = splits["test"].sample(min(args.test or validation, len(splits["test"])),
+                                           seed=args.seed)
     splits["validation"] = splits["validation"].sample(
         min(validation, len(splits["validation"])), seed=args.seed)
     missing = validation - len(splits["validation"])
@@ -134,7 +134,6 @@ def task_splits(task, args):
         splits["validation"] = TaskData(splits["validation"].texts + extra.texts,
                                         splits["validation"].labels + extra.labels,
                                         splits["validation"].label_names, task)
-    splits["test"] = test
     return splits
 
 

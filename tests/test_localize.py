@@ -199,7 +199,7 @@ def test_search_margin_raises_the_bar_per_rate():
 
 def test_paired_change_counts_only_the_answers_that_changed():
     baseline = [True, True, False, True, True, False, True, True]    # 6 right
-    candidate = [True, True, True, True, False, False, True, False]  # gains example 2, loses 4 and 7
+    candidate = [True, True, True, True, False, False, True, False]  # gains #2, loses #4 and #7
     out = paired_change(candidate, baseline)
     assert out["gained"] == 1 and out["lost"] == 2
     assert out["change"] == pytest.approx(-1 / 8)
