@@ -99,3 +99,8 @@ def test_top_up_fills_validation_with_unused_training_examples(monkeypatch):
     smaller = unplug_and_play.task_splits("polarity", args)
     assert len(smaller["validation"]) == 50 and len(smaller["test"]) == 20
     assert smaller["train"].texts == plain["train"].texts  # nor do the other splits' sizes
+    args.validation, args.test = 50, 55  # each held-out split depends on its own size alone
+    more_test = unplug_and_play.task_splits("polarity", args)
+    assert more_test["validation"].texts == smaller["validation"].texts
+    args.validation, args.test = 45, 20
+    assert unplug_and_play.task_splits("polarity", args)["test"].texts == smaller["test"].texts
