@@ -117,7 +117,8 @@ def task_splits(task, args):
     (so a cached expert can be tested on more examples than before without changing the
     examples its search saw), test on --test. With --top-up-validation a validation split
     smaller than --validation is filled with training examples the run does not train on (drawn
-    with --seed)."""
+    with --seed); with --validation-from-test the validation examples are drawn instead from the
+    test split's examples that this run does not test on (then they depend on --test too)."""
     validation = args.validation or max(50, args.max_train // 5)
     test = args.test or validation
 
@@ -125,15 +126,22 @@ def task_splits(task, args):
         part = load_task(task, max_examples=size)[split]
         return part.sample(min(size, len(part)), seed=args.seed)
 
+    def unused(split, taken):  # the whole split less the examples `taken` holds
+        full, taken = load_task(task)[split], set(taken.texts)
+        return full.subset(i for i, text in enumerate(full.texts) if text not in taken)
+
     splits = dict(train=draw("train", args.max_train), validation=draw("validation", validation),
                   test=draw("test", test))
+    if args.validation_from_test:
+        rest = unused("test", splits["test"])
+        if len(rest) < validation:
+            raise SystemExit(f"{task}: --validation-from-test needs {validation} test examples "
+                             f"beyond the {len(splits['test'])} tested; {len(rest)} are left")
+        splits["validation"] = rest.sample(validation, seed=args.seed)
+        return splits
     missing = validation - len(splits["validation"])
     if args.top_up_validation and missing > 0:
-        used = set(splits["train"].texts)
-        full_train = load_task(task)["train"]
-        unused = full_train.subset(i for i, text in enumerate(full_train.texts)
-                                   if text not in used)
-        extra = unused.sample(missing, seed=args.seed)
+        extra = unused("train", splits["train"]).sample(missing, seed=args.seed)
         splits["validation"] = TaskData(splits["validation"].texts + extra.texts,
                                         splits["validation"].labels + extra.labels,
                                         splits["validation"].label_names, task)
@@ -166,6 +174,10 @@ def main():
                         help="fill a validation split smaller than --validation with training "
                              "examples the run does not train on: a larger validation set "
                              "lowers the standard error --confidence asks candidates to clear")
+    parser.add_argument("--validation-from-test", action="store_true",
+                        help="draw the validation examples from the test split's examples the "
+                             "run does not test on (for tasks whose official test set differs "
+                             "from the training data, such as 20 Newsgroups' later posts)")
     parser.add_argument("--test", type=int, default=None,
                         help="test examples (default: as many as --validation)")
     parser.add_argument("--epochs", type=int, default=5)

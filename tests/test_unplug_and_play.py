@@ -69,10 +69,10 @@ def test_every_task_has_chat_label_words_for_smollm2():
         unplug_and_play.causal_lm_task("polarity", tokenizer, ["negative", "sci.med"])
 
 
-def test_top_up_fills_validation_with_unused_training_examples(monkeypatch):
-    from argparse import Namespace
-
-    base = sentiment_task(300)  # texts made unique, as the real tasks' are: 180 / 60 / 60
+def unique_task(monkeypatch):
+    """A 180 / 60 / 60 task whose texts are unique, as the real tasks' are, served to the example
+    as its `load_task`; returns the TaskData."""
+    base = sentiment_task(300)
     data = dk.data.TaskData([f"{i}: {t}" for i, t in enumerate(base.texts)], base.labels,
                             base.label_names, "sentiment")
 
@@ -81,7 +81,15 @@ def test_top_up_fills_validation_with_unused_training_examples(monkeypatch):
         return {k: v.sample(max_examples or len(v), seed=1) for k, v in splits.items()}
 
     monkeypatch.setattr(unplug_and_play, "load_task", load_task)
-    args = Namespace(max_train=80, validation=90, test=30, seed=0, top_up_validation=False)
+    return data
+
+
+def test_top_up_fills_validation_with_unused_training_examples(monkeypatch):
+    from argparse import Namespace
+
+    data = unique_task(monkeypatch)
+    args = Namespace(max_train=80, validation=90, test=30, seed=0, top_up_validation=False,
+                     validation_from_test=False)
     plain = unplug_and_play.task_splits("polarity", args)
     args.top_up_validation = True
     topped = unplug_and_play.task_splits("polarity", args)
@@ -104,3 +112,25 @@ def test_top_up_fills_validation_with_unused_training_examples(monkeypatch):
     assert more_test["validation"].texts == smaller["validation"].texts
     args.validation, args.test = 45, 20
     assert unplug_and_play.task_splits("polarity", args)["test"].texts == smaller["test"].texts
+
+
+def test_validation_from_test_draws_the_test_examples_not_tested(monkeypatch):
+    from argparse import Namespace
+
+    data = unique_task(monkeypatch)
+    args = Namespace(max_train=80, validation=30, test=20, seed=0, top_up_validation=False,
+                     validation_from_test=False)
+    plain = unplug_and_play.task_splits("polarity", args)
+    args.validation_from_test = True
+    shifted = unplug_and_play.task_splits("polarity", args)
+    assert shifted["test"].texts == plain["test"].texts
+    assert shifted["train"].texts == plain["train"].texts
+    full_test = data.split((0.6, 0.2, 0.2))["test"]
+    labels = dict(zip(full_test.texts, full_test.labels))
+    chosen = shifted["validation"].texts
+    assert len(set(chosen)) == 30 and set(chosen) <= set(full_test.texts)
+    assert not set(chosen) & set(shifted["test"].texts)
+    assert shifted["validation"].labels == [labels[t] for t in chosen]
+    args.validation = 41  # 60 test examples, 20 tested: 40 are left
+    with pytest.raises(SystemExit, match="needs 41 test examples beyond the 20 tested; 40 are"):
+        unplug_and_play.task_splits("polarity", args)
