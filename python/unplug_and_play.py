@@ -130,8 +130,7 @@ def task_splits(task, args):
         full, taken = load_task(task)[split], set(taken.texts)
         return full.subset(i for i, text in enumerate(full.texts) if text not in taken)
 
-    splits = dict(train=draw("train", args.max_train), validation=draw("validation", validation),
-                  test=draw("test", test))
+    splits = dict(train=draw("train", args.max_train), test=draw("test", test))
     if args.validation_from_test:
         rest = unused("test", splits["test"])
         if len(rest) < validation:
@@ -139,6 +138,7 @@ def task_splits(task, args):
                              f"beyond the {len(splits['test'])} tested; {len(rest)} are left")
         splits["validation"] = rest.sample(validation, seed=args.seed)
         return splits
+    splits["validation"] = draw("validation", validation)
     missing = validation - len(splits["validation"])
     if args.top_up_validation and missing > 0:
         extra = unused("train", splits["train"]).sample(missing, seed=args.seed)

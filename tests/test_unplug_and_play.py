@@ -3,6 +3,7 @@ data, so nothing is downloaded): localize with recovery, serve, the table."""
 import json
 import os
 import sys
+from argparse import Namespace
 
 import pytest
 import torch
@@ -84,12 +85,16 @@ def unique_task(monkeypatch):
     return data
 
 
-def test_top_up_fills_validation_with_unused_training_examples(monkeypatch):
-    from argparse import Namespace
+def split_args(**sizes):
+    """The arguments `task_splits` reads: 80 training examples, seed 0, no top-up, validation
+    from the validation split; `sizes` sets validation and test."""
+    return Namespace(max_train=80, seed=0, top_up_validation=False, validation_from_test=False,
+                     **sizes)
 
+
+def test_top_up_fills_validation_with_unused_training_examples(monkeypatch):
     data = unique_task(monkeypatch)
-    args = Namespace(max_train=80, validation=90, test=30, seed=0, top_up_validation=False,
-                     validation_from_test=False)
+    args = split_args(validation=90, test=30)
     plain = unplug_and_play.task_splits("polarity", args)
     args.top_up_validation = True
     topped = unplug_and_play.task_splits("polarity", args)
@@ -115,11 +120,8 @@ def test_top_up_fills_validation_with_unused_training_examples(monkeypatch):
 
 
 def test_validation_from_test_draws_the_test_examples_not_tested(monkeypatch):
-    from argparse import Namespace
-
     data = unique_task(monkeypatch)
-    args = Namespace(max_train=80, validation=30, test=20, seed=0, top_up_validation=False,
-                     validation_from_test=False)
+    args = split_args(validation=30, test=20)
     plain = unplug_and_play.task_splits("polarity", args)
     args.validation_from_test = True
     shifted = unplug_and_play.task_splits("polarity", args)
