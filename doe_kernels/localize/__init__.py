@@ -187,7 +187,8 @@ def localize(model, tokenizer, train, validation=None, *, label_words=None, temp
             value = float(correct.float().mean())
             change_se[rate] = paired_change(correct.tolist(), baseline_answers)["change_se"]
             bar.update(1)
-            bar.set_postfix(rate=f"{rate:.3f}", accuracy=f"{value:.3f}")
+            bar.set_postfix(rate=f"{rate:.3f}", accuracy=f"{value:.3f}",
+                            baseline=f"{baseline:.3f}")
             return value
 
         try:
