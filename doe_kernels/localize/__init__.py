@@ -86,9 +86,11 @@ def localize(model, tokenizer, train, validation=None, *, label_words=None, temp
 
     `scope="layer"` (default) keeps the same fraction in every layer: attribution scores are not
     calibrated across depth (activations and gradients differ in scale from layer to layer), so a
-    global ranking tends to empty whole layers and makes the search's accuracy curve ragged; a
-    per-layer budget also spreads the kernels' work evenly. `scope="global"` ranks all layers
-    together.
+    global ranking can empty whole layers at high rates; a per-layer budget cannot, and it spreads
+    the kernels' work evenly. `scope="global"` ranks all layers together. Measured on one of the
+    README's tasks (SmolLM2-135M, 20 Newsgroups, `recover_epochs=1`), global ranking scored higher
+    on validation at every rate and emptied no layer at the rates the search kept, so the example
+    and the README use it.
     """
     started = time.perf_counter()
     if is_patched(model):
