@@ -1,6 +1,7 @@
 """Backend choice: the `auto` rule, and importing without the compiled extension."""
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -71,3 +72,26 @@ def test_gpu_backends_are_built():
     assert "cuda" in present, f"{present}: the extension was built without CUDA"
     assert backends.resolve("auto", torch.device("cuda"), torch.bfloat16, 1) == "cuda"
     assert backends.resolve("auto", torch.device("cuda"), torch.bfloat16, 4096) == "triton"
+
+
+def test_triton_on_the_cpu_needs_an_interpreter_that_runs_the_kernels(monkeypatch):
+    """A Triton whose interpreter cannot run the kernels' loops (3.6 with numpy 2.4 or later) leaves
+    the backend off the CPU's list, with one warning that says why."""
+    from doe_kernels.backends import triton as triton_backend
+
+    def broken_probe(*args):
+        raise TypeError("only 0-dimensional arrays can be converted to Python scalars")
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(triton_backend._kernels(), "interpreter_probe_kernel", {(1,): broken_probe})
+    triton_backend._interpreter_runs.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="triton backend is unavailable on the CPU.*"
+                                                "only 0-dimensional arrays"):
+            assert "triton" not in dk.available_backends("cpu")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the answer is kept: no second warning
+            assert "triton" not in dk.available_backends("cpu")
+    finally:
+        monkeypatch.undo()
+        triton_backend._interpreter_runs.cache_clear()

@@ -1,5 +1,6 @@
 """Gathered linear and gather FFN ops on every backend present, against float64 references."""
 import os
+import re
 import subprocess
 import sys
 
@@ -125,7 +126,7 @@ def test_cpu_kernels_on_narrower_instruction_sets(isa):
          "-k", "cpu-cpu and (random or single) and not 768x3072"],
         env=env, capture_output=True, text=True, timeout=600, cwd=os.path.dirname(__file__))
     assert result.returncode == 0, result.stdout[-3000:]
-    assert " passed" in result.stdout and "failed" not in result.stdout
+    assert " passed" in result.stdout and not re.search(r"\d+ failed", result.stdout)
 
 
 @pytest.mark.gpu

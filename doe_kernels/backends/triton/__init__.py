@@ -3,11 +3,14 @@
 Triton is imported lazily (on the first kernel call or ``available`` check), so importing this module
 never fails when triton is missing or when there is neither a GPU nor the interpreter. Whether the
 kernels run under the interpreter is decided from ``TRITON_INTERPRET`` when they are first imported;
-set it before the first call.
+set it before the first call. On the CPU the backend is offered only when the interpreter runs a
+probe kernel: Triton 3.6's interpreter (torch 2.11's pin) cannot run the kernels' loops with numpy
+2.4 or later, and then the backend is unavailable there, with one warning saying why.
 """
 import contextlib
 import functools
 import os
+import warnings
 
 import torch
 
@@ -51,7 +54,29 @@ def available(device_type: str) -> bool:
         except Exception:
             return False
     if device_type == "cpu":
-        return os.environ.get("TRITON_INTERPRET") == "1"
+        return os.environ.get("TRITON_INTERPRET") == "1" and _interpreter_runs()
+    return False
+
+
+@functools.lru_cache(maxsize=None)
+def _interpreter_runs() -> bool:
+    """Whether the interpreter runs a loop with a runtime bound (see the module docstring)."""
+    out = torch.full((3,), -1, dtype=torch.int32)
+    try:
+        _kernels().interpreter_probe_kernel[(1,)](out, 3)
+        if out.tolist() == [0, 1, 2]:
+            return True
+        reason = f"it computed {out.tolist()} instead of [0, 1, 2]"
+    except Exception as error:  # noqa: BLE001 (any failure means the backend cannot run here)
+        reason = f"{type(error).__name__}: {error}"
+    import numpy
+    import triton
+
+    warnings.warn(
+        f"doe_kernels: the triton backend is unavailable on the CPU: Triton {triton.__version__}'s "
+        f"interpreter (TRITON_INTERPRET=1) could not run a probe kernel with numpy "
+        f"{numpy.__version__} ({reason}). Triton 3.9, or numpy < 2.4 with Triton 3.6, runs it.",
+        RuntimeWarning, stacklevel=3)
     return False
 
 

@@ -315,3 +315,11 @@ def interpreter_blocks(M: int, N: int, K: int):
     def clamp(v):
         return max(16, min(128, triton.next_power_of_2(v)))
     return {"BLOCK_M": clamp(M), "BLOCK_N": clamp(N), "BLOCK_K": clamp(K), "GROUP_M": 8}
+
+
+@triton.jit
+def interpreter_probe_kernel(out_ptr, n):
+    """out[i] = i for i < n, through a loop with a runtime bound, as the gather kernels' K loops.
+    Run once on the CPU to learn whether this Triton's interpreter can run them."""
+    for i in range(0, n, 1):
+        tl.store(out_ptr + i, i)
