@@ -3,10 +3,19 @@
 `pytest benchmarks/` runs the quick sweep (a few minutes on 2 CPU cores); `--full` (or
 DOE_BENCH_FULL=1) runs the whole sweep; `--smoke` runs one tiny case of each benchmark (CI);
 `--bench-dtype bfloat16` sweeps another dtype (its files get the dtype in their names).
-Each benchmark records its median time; at the end the run's results are written under
-benchmarks/results/ (JSON and CSV with device, versions, date and commit), the speed-up curves are
-drawn as PNG files and a summary table is printed. Benchmarks never assert on time.
+`--shapes`, `--rates` and `--rows` replace the op benchmarks' grid (`--rates` the model
+benchmark's too); `--time-budget S` skips what is left once S seconds have passed (the results of
+what ran are still written); `--results-suffix NAME` adds NAME to the result files' names.
+
+Each benchmark records its median time. On the CPU that is pytest-benchmark's median of a bounded
+number of rounds (`measure`). On a GPU it is the median of CUDA-event timings from
+`triton.testing.do_bench`, with the L2 cache flushed before every call (a model's weights do not
+stay in L2 from one layer's call to the next), and pytest-benchmark runs the call once more only to
+mark the benchmark used. At the end the run's results are written under benchmarks/results/
+(JSON and CSV with device, versions, date and commit), the speed-up curves are drawn as PNG files
+and a summary table is printed. Benchmarks never assert on time.
 """
+import functools
 import os
 import time
 
@@ -14,6 +23,7 @@ import pytest
 import torch
 
 from report import Recorder, summary_lines, write_results
+from shapes import FULL, QUICK, SHAPES
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_DTYPE = {"cpu": "float32", "cuda": "bfloat16"}
@@ -28,6 +38,27 @@ def pytest_addoption(parser):
                          "bfloat16 on the GPU)")
     group.addoption("--results-dir", default=os.path.join(os.path.dirname(__file__), "results"),
                     help="where result files and plots go")
+    group.addoption("--results-suffix", default="",
+                    help="added to the result files' names (runs of one device and mode apart)")
+    group.addoption("--shapes", type=_names, default=None,
+                    help="op benchmarks: comma-separated shape names (see shapes.py)")
+    group.addoption("--rates", type=_numbers(float), default=None,
+                    help="op and model benchmarks: comma-separated pruning rates, e.g. 0.35,0.65")
+    group.addoption("--rows", type=_numbers(int), default=None,
+                    help="op benchmarks: comma-separated row counts, e.g. 1,8,512")
+    group.addoption("--time-budget", type=float, default=None,
+                    help="seconds after the session's start past which benchmarks are skipped")
+
+
+def _names(text: str) -> tuple:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _numbers(kind):
+    def parse(text: str) -> tuple:
+        return tuple(kind(part) for part in _names(text))
+    parse.__name__ = kind.__name__ + " list"  # argparse names the type in its error message
+    return parse
 
 
 def pytest_configure(config):
@@ -39,6 +70,14 @@ def pytest_configure(config):
     if getattr(option, "benchmark_min_rounds", None) == 5:
         option.benchmark_min_rounds = 3
     config.doe_recorder = Recorder()
+    config.doe_start = time.monotonic()
+    unknown = set(config.getoption("--shapes") or ()) - set(SHAPES)
+    if unknown:
+        raise pytest.UsageError(f"--shapes: unknown {sorted(unknown)}; known: {sorted(SHAPES)}")
+    if any(not 0 <= r < 1 for r in config.getoption("--rates") or ()):
+        raise pytest.UsageError("--rates: pruning rates are in [0, 1)")
+    if any(r < 1 for r in config.getoption("--rows") or ()):
+        raise pytest.UsageError("--rows: row counts are at least 1")
     if bench_device(config).type == "cpu" and bench_dtype(config) == torch.float16:
         raise pytest.UsageError("--bench-dtype float16 is for the GPU (the CPU kernels take "
                                 "float32 and bfloat16)")
@@ -52,6 +91,18 @@ def sweep_mode(config) -> str:
     return "quick"
 
 
+def grid(config, smoke_shape: str) -> dict:
+    """The op benchmarks' grid (shapes, prune_rates, rows): the mode's, with the options' overrides.
+    The smoke run keeps its one tiny case, on `smoke_shape`."""
+    mode = sweep_mode(config)
+    if mode == "smoke":
+        return dict(shapes=(smoke_shape,), prune_rates=(0.65,), rows=(8,))
+    out = dict({"quick": QUICK, "full": FULL}[mode])
+    for key, option in (("shapes", "--shapes"), ("prune_rates", "--rates"), ("rows", "--rows")):
+        out[key] = config.getoption(option) or out[key]
+    return out
+
+
 def bench_device(config) -> torch.device:
     name = config.getoption("--bench-device") or ("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -61,32 +112,76 @@ def bench_dtype(config) -> torch.dtype:
     return DTYPES[config.getoption("--bench-dtype") or DEFAULT_DTYPE[bench_device(config).type]]
 
 
-def run_bounded(benchmark, fn, config, setup=None, max_rounds: int = 1000) -> None:
-    """`benchmark.pedantic(fn)` with a bounded number of rounds, estimated from a few probe calls.
+def measure(benchmark, fn, config, setup=None, max_rounds: int = 1000) -> float:
+    """Median seconds of `fn()`; `setup` (optional) runs before every call.
 
-    pytest-benchmark's own calibration fixes the round count from one fast measurement, so on a
-    loaded machine a microsecond op can run for minutes; here rounds = max_time / (median probe
-    time), at least --benchmark-min-rounds and at most `max_rounds`. `setup` (optional) runs
-    before every call, untimed. The probe calls double as warm-up.
+    CPU: `benchmark.pedantic(fn)` with a bounded number of rounds, estimated from a few probe
+    calls (which double as warm-up). pytest-benchmark's own calibration fixes the round count from
+    one fast measurement, so on a loaded machine a microsecond op can run for minutes; here
+    rounds = max_time / (median probe time), at least --benchmark-min-rounds and at most
+    `max_rounds`; `setup` is untimed. With --benchmark-disable the same rounds are timed here.
+    GPU: CUDA-event timings from triton.testing.do_bench (L2 flushed before each call); `setup`
+    runs inside the timed call (do_bench has no hook), so keep it cheap (the decode benchmark's
+    cache crop). pytest-benchmark then runs the call once, only to mark the fixture used.
     """
     option = config.option
     max_time = float(getattr(option, "benchmark_max_time", 0.25))
+    if bench_device(config).type == "cuda":
+        from triton.testing import do_bench
+
+        call = fn if setup is None else (lambda: (setup(), fn()))
+        seconds = do_bench(call, warmup=10, rep=max(20, min(100, 400 * max_time)),
+                           return_mode="median") / 1e3
+        benchmark.extra_info["cuda_event_median_s"] = seconds
+        benchmark.pedantic(call, rounds=1, iterations=1)
+        return seconds
     min_rounds = int(getattr(option, "benchmark_min_rounds", 3))
-    times = []
-    while len(times) < 3 and sum(times) < max_time / 2:
+
+    def timed_call() -> float:
         if setup is not None:
             setup()
         start = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - start)
+        return time.perf_counter() - start
+
+    times = []
+    while len(times) < 3 and sum(times) < max_time / 2:
+        times.append(timed_call())
     probe = sorted(times)[len(times) // 2]
     rounds = int(min(max_rounds, max(min_rounds, max_time / max(probe, 1e-7))))
+    if getattr(benchmark, "disabled", False):
+        times = sorted(timed_call() for _ in range(rounds))
+        return times[len(times) // 2]
     benchmark.pedantic(fn, setup=setup, rounds=rounds, iterations=1)
+    return benchmark.stats.stats.median
+
+
+@functools.lru_cache(maxsize=None)
+def copy_bandwidth(device: str) -> float:
+    """Bytes per second a device-to-device copy of 1 GiB moves (read plus written): the memory
+    bandwidth bound the decode-size benchmarks are compared with."""
+    from triton.testing import do_bench
+
+    src = torch.empty(2**30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    seconds = do_bench(lambda: dst.copy_(src), warmup=10, rep=100, return_mode="median") / 1e3
+    return 2 * src.numel() / seconds
 
 
 @pytest.fixture
 def recorder(request):
-    return request.config.doe_recorder
+    config = request.config
+    device = bench_device(config)
+    if device.type == "cuda" and config.doe_recorder.copy_bandwidth is None:
+        config.doe_recorder.copy_bandwidth = copy_bandwidth(str(device))
+    return config.doe_recorder
+
+
+@pytest.fixture(autouse=True)
+def _time_budget(request):
+    budget = request.config.getoption("--time-budget")
+    if budget is not None and time.monotonic() - request.config.doe_start > budget:
+        pytest.skip(f"--time-budget of {budget:g} s spent")
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -96,8 +191,9 @@ def pytest_sessionfinish(session, exitstatus):
     config = session.config
     dtype = str(bench_dtype(config)).removeprefix("torch.")
     suffix = "" if dtype == DEFAULT_DTYPE[bench_device(config).type] else "_" + dtype
+    extra = config.getoption("--results-suffix")
     config.doe_written = write_results(recorder, config.getoption("--results-dir"),
-                                       sweep_mode(config) + suffix)
+                                       sweep_mode(config) + suffix + (f"_{extra}" if extra else ""))
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

@@ -3,7 +3,10 @@
 Baselines, measured in the same run: `dense` (the op on the full weights) and `sliced` (the dense op
 on weights sliced once ahead of time: the speed of physical structured pruning). Every other
 variant is a candidate (`gather-<backend>`), reported as speed-up over dense and as time relative
-to sliced.
+to sliced. Where a benchmark records the weight bytes a call reads (the op benchmarks) and the run
+measured the device's copy bandwidth (GPU runs), each candidate also gets the rate it read its
+weights at and that rate as a fraction of the copy bandwidth: the memory-bandwidth bound that
+decode-size calls (a few rows) are measured against.
 """
 import csv
 import datetime
@@ -29,12 +32,14 @@ class Result:
     prune_rate: float
     rows: int
     median_s: float
+    weight_bytes: int | None = None  # weight bytes one call reads (None: not recorded)
 
 
 class Recorder:
     def __init__(self):
         self.rows: list[Result] = []
         self.memory: list[dict] = []  # per variant: bytes held beyond the dense model, peak bytes
+        self.copy_bandwidth: float | None = None  # bytes/s of a device-to-device copy (GPU runs)
 
     def add(self, **fields):
         self.rows.append(Result(**fields))
@@ -44,9 +49,11 @@ class Recorder:
 
     def ratios(self):
         """One dict per candidate measurement, with its baselines' times and the ratios."""
-        times = defaultdict(dict)
+        times, weight_bytes = defaultdict(dict), {}
         for r in self.rows:
-            times[(r.bench, r.shape, r.dtype, r.device, r.prune_rate, r.rows)][r.variant] = r.median_s
+            key = (r.bench, r.shape, r.dtype, r.device, r.prune_rate, r.rows)
+            times[key][r.variant] = r.median_s
+            weight_bytes[key + (r.variant,)] = r.weight_bytes
         out = []
         for key, variants in times.items():
             bench, shape, dtype, device, prune_rate, rows = key
@@ -54,6 +61,8 @@ class Recorder:
                 if variant in BASELINES:
                     continue
                 dense, sliced = variants.get("dense"), variants.get("sliced")
+                read = weight_bytes[key + (variant,)]
+                rate = read / seconds if read is not None else None
                 out.append(dict(
                     bench=bench, shape=shape, dtype=dtype, device=device, variant=variant,
                     prune_rate=prune_rate, rows=rows, median_s=seconds, dense_s=dense,
@@ -61,6 +70,9 @@ class Recorder:
                     speedup_vs_dense=dense / seconds if dense else None,
                     time_vs_sliced=seconds / sliced if sliced else None,
                     sliced_speedup_vs_dense=dense / sliced if dense and sliced else None,
+                    weight_bytes=read, weight_GBps=rate / 1e9 if rate is not None else None,
+                    of_copy_bandwidth=(rate / self.copy_bandwidth
+                                       if rate is not None and self.copy_bandwidth else None),
                 ))
         return out
 
@@ -106,7 +118,7 @@ def _git_commit() -> str:
         return "unknown"
 
 
-def metadata(device: str, mode: str) -> dict:
+def metadata(device: str, mode: str, copy_bandwidth: float | None = None) -> dict:
     try:
         import triton
 
@@ -118,6 +130,7 @@ def metadata(device: str, mode: str) -> dict:
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         commit=_git_commit(), mode=mode, python=platform.python_version(),
         cpu_threads=torch.get_num_threads(), cpu_features=cpu_features(),
+        copy_GBps=round(copy_bandwidth / 1e9, 1) if copy_bandwidth else None,
     )
 
 
@@ -128,7 +141,7 @@ def _slug(text: str) -> str:
 def write_results(recorder: Recorder, results_dir: str, mode: str) -> list[str]:
     """Write <device>_<mode>.json/.csv and the speed-up plots; returns the paths written."""
     device = recorder.rows[0].device
-    meta = metadata(device, mode)
+    meta = metadata(device, mode, recorder.copy_bandwidth)
     stem = f"{'gpu-' + _slug(meta['device']) if device.startswith('cuda') else 'cpu'}_{mode}"
     os.makedirs(results_dir, exist_ok=True)
     ratios = recorder.ratios()
@@ -195,15 +208,25 @@ def summary_lines(recorder: Recorder) -> list[str]:
     wb = max([6] + [len(r["bench"]) for r in ratios])
     ws = max([20] + [len(r["shape"]) for r in ratios])
     wv = max([14] + [len(r["variant"]) for r in ratios])
+    # "% copy bw": the weights' read rate against the copy bandwidth, for calls of at most 16 rows.
+    bandwidth = recorder.copy_bandwidth is not None
     header = (f"{'bench':<{wb}} {'shape':<{ws}} {'dtype':<9} {'variant':<{wv}} {'prune':>5} "
-              f"{'rows':>5} {'x dense':>8} {'/ sliced':>8} {'median ms':>10}")
+              f"{'rows':>5} {'x dense':>8} {'/ sliced':>8} {'median ms':>10}"
+              + (f" {'% copy bw':>9}" if bandwidth else ""))
     lines = [header, "-" * len(header)]
     for r in sorted(ratios, key=lambda r: (r["bench"], r["shape"], r["dtype"], r["variant"],
                                            r["prune_rate"], r["rows"])):
         fmt = lambda v: f"{v:8.2f}" if v is not None else f"{'-':>8}"  # noqa: E731
-        lines.append(f"{r['bench']:<{wb}} {r['shape']:<{ws}} {r['dtype']:<9} {r['variant']:<{wv}} "
-                     f"{100 * r['prune_rate']:5.0f} {r['rows']:5d} {fmt(r['speedup_vs_dense'])} "
-                     f"{fmt(r['time_vs_sliced'])} {1e3 * r['median_s']:10.3f}")
+        line = (f"{r['bench']:<{wb}} {r['shape']:<{ws}} {r['dtype']:<9} {r['variant']:<{wv}} "
+                f"{100 * r['prune_rate']:5.0f} {r['rows']:5d} {fmt(r['speedup_vs_dense'])} "
+                f"{fmt(r['time_vs_sliced'])} {1e3 * r['median_s']:10.3f}")
+        if bandwidth:
+            share = r["of_copy_bandwidth"]
+            line += (f" {100 * share:9.0f}" if share is not None and r["rows"] <= 16
+                     else f" {'-':>9}")
+        lines.append(line)
+    if bandwidth:
+        lines.append(f"copy bandwidth (read + written): {recorder.copy_bandwidth / 1e9:.0f} GB/s")
     if recorder.memory:
         lines += ["", "memory (MiB): weights held beyond the dense model; peak allocated in one "
                   "call (GPU only)"]

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 
 import doe_kernels as dk
-from conftest import bench_device, bench_dtype, run_bounded, sweep_mode
-from shapes import FULL, QUICK, SHAPES
+from conftest import bench_device, bench_dtype, grid, measure, sweep_mode
+from shapes import SHAPES
 
 # Calls whose dense cost exceeds this many FLOPs are left out (time on a small machine).
 FLOP_CAP = {"cpu": 60e9, "cuda": 10e12}
@@ -32,13 +32,6 @@ FLOP_CAP = {"cpu": 60e9, "cuda": 10e12}
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 1e-2}
 # The projection sweep is a side view: in the quick run, fewer row counts and pruning rates.
 PROJ_QUICK = dict(rows=(1, 64), prune_rates=(0.35, 0.65))
-
-
-def _grid(config):
-    mode = sweep_mode(config)
-    if mode == "smoke":
-        return dict(shapes=("SmolLM2-135M",), prune_rates=(0.65,), rows=(8,))
-    return {"quick": QUICK, "full": FULL}[mode]
 
 
 def _variants(device):
@@ -53,15 +46,16 @@ def _attention_flops(shape, rows):
 
 
 def _cases(config, bench):
-    grid, device = _grid(config), bench_device(config)
+    cases, device = grid(config, smoke_shape="SmolLM2-135M"), bench_device(config)
     variants = _variants(device)
-    rows_grid, rates = grid["rows"], tuple(grid["prune_rates"])
+    rows_grid, rates = cases["rows"], tuple(cases["prune_rates"])
     if bench == "proj":
         if sweep_mode(config) == "smoke":
             return  # one tiny case per file in the smoke run: the attention one
-        if sweep_mode(config) == "quick":
-            rows_grid, rates = PROJ_QUICK["rows"], PROJ_QUICK["prune_rates"]
-    for name in grid["shapes"]:
+        if sweep_mode(config) == "quick":  # unless the options set the grid
+            rows_grid = config.getoption("--rows") or PROJ_QUICK["rows"]
+            rates = config.getoption("--rates") or PROJ_QUICK["prune_rates"]
+    for name in cases["shapes"]:
         shape = SHAPES[name]
         for rows in rows_grid:
             flops = (_attention_flops(shape, rows) if bench == "attention"
@@ -162,6 +156,16 @@ def _proj_callable(variant, w, sel, x):
                                          check_indices=False)
 
 
+def _weight_bytes(bench, name, variant, sel, element_size) -> int:
+    """Bytes of projection weights a call reads: every head's for `dense`, else the kept heads'
+    (Q/O) and their KV heads' (K/V; the Q projection alone for "proj")."""
+    shape = SHAPES[name]
+    heads, kv_heads = ((shape.num_heads, shape.num_kv_heads) if variant == "dense" else
+                       (sel.num_kept, sel.kept_kv_heads.numel()))
+    per_head = shape.hidden * shape.head_dim * element_size
+    return per_head * (heads if bench == "proj" else 2 * heads + 2 * kv_heads)
+
+
 def _run(benchmark, recorder, config, device, dtype, bench, name, rates, rows, variant, make):
     """Check a candidate against `sliced` once, time it, and record it under every rate given."""
     sel = _selection(name, rates[0], device)
@@ -171,15 +175,13 @@ def _run(benchmark, recorder, config, device, dtype, bench, name, rates, rows, v
             got, want = fn().float(), make("sliced", sel)().float()
             error = float((got - want).norm() / want.norm().clamp_min(1e-12))
             assert error < TOLERANCE[dtype], f"{variant} differs from sliced: {error:.2e}"
-        if device.type == "cuda":
-            inner = fn
-            fn = lambda: (inner(), torch.cuda.synchronize())  # noqa: E731
         fn()  # warm-up (and Triton compilation)
-        run_bounded(benchmark, fn, config)
+        seconds = measure(benchmark, fn, config)
+    weight_bytes = _weight_bytes(bench, name, variant, sel, dtype.itemsize)
     for prune_rate in rates:
         recorder.add(bench=bench, shape=name, dtype=str(dtype).removeprefix("torch."),
                      device=device.type, variant=variant, prune_rate=prune_rate, rows=rows,
-                     median_s=benchmark.stats.stats.median)
+                     median_s=seconds, weight_bytes=weight_bytes)
 
 
 def test_attention(benchmark, recorder, request, attn_case):

@@ -10,28 +10,25 @@ import torch
 import torch.nn.functional as F
 
 import doe_kernels as dk
-from conftest import bench_device, bench_dtype, sweep_mode
-from shapes import FULL, QUICK, SHAPES
+from conftest import bench_device, bench_dtype, grid, measure
+from shapes import SHAPES
 
 # Calls whose dense cost exceeds this many FLOPs are left out (time on a small machine).
 FLOP_CAP = {"cpu": 60e9, "cuda": 10e12}
 
 
 def _cases(config):
-    mode = sweep_mode(config)
     device = bench_device(config)
-    grid = {"quick": QUICK, "full": FULL}.get(mode)
-    if mode == "smoke":
-        grid = dict(shapes=("all-MiniLM-L6-v2",), prune_rates=(0.65,), rows=(8,))
+    cases = grid(config, smoke_shape="all-MiniLM-L6-v2")
     variants = ["dense", "sliced"] + [f"gather-{b}" for b in dk.available_backends(device.type)
                                       if not (device.type == "cpu" and b == "triton")]
-    for name in grid["shapes"]:
+    for name in cases["shapes"]:
         shape = SHAPES[name]
-        matrices = 3 if shape.ffn == "swiglu" else 2
-        for rows in grid["rows"]:
-            if 2 * rows * shape.hidden * shape.intermediate * matrices > FLOP_CAP[device.type]:
+        for rows in cases["rows"]:
+            flops = 2 * rows * shape.hidden * shape.intermediate * _matrices(shape)
+            if flops > FLOP_CAP[device.type]:
                 continue
-            for prune_rate in grid["prune_rates"]:
+            for prune_rate in cases["prune_rates"]:
                 for variant in variants:
                     yield pytest.param((name, prune_rate, rows, variant),
                                        id=f"{name}-p{round(100 * prune_rate)}-r{rows}-{variant}")
@@ -40,6 +37,10 @@ def _cases(config):
 def pytest_generate_tests(metafunc):
     if "ffn_case" in metafunc.fixturenames:
         metafunc.parametrize("ffn_case", list(_cases(metafunc.config)))
+
+
+def _matrices(shape) -> int:
+    return 3 if shape.ffn == "swiglu" else 2
 
 
 @functools.lru_cache(maxsize=2)
@@ -91,12 +92,12 @@ def test_ffn(benchmark, recorder, request, ffn_case):
     kept = _kept(SHAPES[name].intermediate, prune_rate, device)
     x = torch.randn(rows, SHAPES[name].hidden, device=device, dtype=dtype)
     fn = _callable(name, variant, w, kept, x)
-    if device.type == "cuda":
-        inner = fn
-        fn = lambda: (inner(), torch.cuda.synchronize())  # noqa: E731
     with torch.inference_mode():
-        fn()  # warm-up (and Triton compilation)
-        benchmark(fn)
+        fn()  # warm-up (and Triton compilation, autotuning)
+        seconds = measure(benchmark, fn, request.config)
+    shape = SHAPES[name]
+    neurons = shape.intermediate if variant == "dense" else kept.numel()
     recorder.add(bench="ffn", shape=name, dtype=str(dtype).removeprefix("torch."),
                  device=device.type, variant=variant, prune_rate=prune_rate, rows=rows,
-                 median_s=benchmark.stats.stats.median)
+                 median_s=seconds,
+                 weight_bytes=neurons * shape.hidden * _matrices(shape) * x.element_size())

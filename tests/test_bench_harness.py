@@ -1,0 +1,69 @@
+"""The benchmark harness (benchmarks/): the grid options, the time budget and the result files that
+benchmarks/run_gpu.sh relies on, and the read-rate columns of the report."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+BENCHMARKS = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
+sys.path.append(BENCHMARKS)  # after tests/: benchmarks/ has a conftest module too
+from report import Recorder, summary_lines  # noqa: E402
+
+
+def _run_benchmarks(tmp_path, *args):
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", os.path.join(BENCHMARKS, "test_ffn_bench.py"), "-q",
+         "-p", "no:cacheprovider", "--results-dir", str(tmp_path), "--benchmark-max-time", "0.01",
+         *args],
+        capture_output=True, text=True, timeout=600, cwd=BENCHMARKS)
+
+
+def test_grid_options_and_results_suffix(tmp_path):
+    run = _run_benchmarks(tmp_path, "--shapes", "all-MiniLM-L6-v2", "--rates", "0.5,0.75",
+                          "--rows", "3", "--results-suffix", "mine", "-k", "not gather-cpu")
+    assert run.returncode == 0, run.stdout[-3000:]
+    results = json.load(open(tmp_path / "cpu_quick_mine.json"))
+    grid = {(r["shape"], r["prune_rate"], r["rows"]) for r in results["results"]}
+    assert grid == {("all-MiniLM-L6-v2", 0.5, 3), ("all-MiniLM-L6-v2", 0.75, 3)}
+    ratios = results["ratios"]
+    assert {r["variant"] for r in ratios} == {"gather-torch"}
+    for r in ratios:  # kept neurons x hidden x 2 matrices x 4 bytes (float32)
+        kept = round(1536 * (1 - r["prune_rate"]))
+        assert r["weight_bytes"] == kept * 384 * 2 * 4
+        assert r["of_copy_bandwidth"] is None  # no copy bandwidth measured on the CPU
+
+
+def test_time_budget_skips_what_is_left(tmp_path):
+    run = _run_benchmarks(tmp_path, "--shapes", "all-MiniLM-L6-v2", "--rates", "0.5",
+                          "--rows", "3", "--time-budget", "0", "-rs")
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert "--time-budget of 0 s spent" in run.stdout and " passed" not in run.stdout
+    assert not list(tmp_path.glob("*.json"))  # nothing measured, nothing written
+
+
+@pytest.mark.parametrize("option", [("--shapes", "bert-small"), ("--rates", "1.0"),
+                                    ("--rows", "0"), ("--rows", "two")])
+def test_bad_grid_options_are_refused(tmp_path, option):
+    run = _run_benchmarks(tmp_path, *option)
+    assert run.returncode != 0
+    assert option[0] in run.stdout + run.stderr
+
+
+def test_read_rate_against_the_copy_bandwidth():
+    recorder = Recorder()
+    common = dict(bench="ffn", shape="s", dtype="bfloat16", device="cuda", prune_rate=0.5, rows=1)
+    recorder.add(variant="dense", median_s=4e-6, weight_bytes=8_000_000, **common)
+    recorder.add(variant="sliced", median_s=2.5e-6, weight_bytes=4_000_000, **common)
+    recorder.add(variant="gather-cuda", median_s=2e-6, weight_bytes=4_000_000, **common)
+    assert "% copy bw" not in summary_lines(recorder)[0]  # no bandwidth measured
+    recorder.copy_bandwidth = 2.5e12
+    (ratio,) = recorder.ratios()
+    assert ratio["weight_GBps"] == pytest.approx(2000)
+    assert ratio["of_copy_bandwidth"] == pytest.approx(0.8)
+    assert ratio["speedup_vs_dense"] == pytest.approx(2)
+    assert ratio["time_vs_sliced"] == pytest.approx(0.8)
+    lines = summary_lines(recorder)
+    assert "% copy bw" in lines[0] and lines[2].split()[-1] == "80"
+    assert lines[-1] == "copy bandwidth (read + written): 2500 GB/s"
