@@ -108,12 +108,17 @@ def cpu_features() -> str:
 
 
 def _git_commit() -> str:
+    """The checkout's commit; DOE_BENCH_COMMIT names it where there is no .git (a copied tree)."""
+    if os.environ.get("DOE_BENCH_COMMIT"):
+        return os.environ["DOE_BENCH_COMMIT"]
     try:
         run = lambda *args: subprocess.run(["git", *args], capture_output=True, text=True,  # noqa: E731
                                            cwd=os.path.dirname(__file__), timeout=10).stdout.strip()
         commit = run("rev-parse", "--short", "HEAD")
         # "+dirty": the measured code had changes not yet committed to the tracked files.
-        return commit + ("+dirty" if commit and run("status", "--porcelain", "-uno") else "")
+        if not commit:
+            return "unknown"
+        return commit + ("+dirty" if run("status", "--porcelain", "-uno") else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 

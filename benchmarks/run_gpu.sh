@@ -2,67 +2,85 @@
 # One call on a lent GPU machine (the `device` tool): the compiled extension, the GPU tests and the
 # GPU benchmarks, with the logs, result files and plots packed into $OUT/gpu_run.tgz (the device
 # tool returns at most 8 files). Usage, from the repository root:
-#   bash benchmarks/run_gpu.sh [PLAN] [pytest args for the benchmarks]
+#   DOE_BENCH_COMMIT=<commit> bash benchmarks/run_gpu.sh [PLAN] [pytest args for the benchmarks]
+# (the copied tree has no .git: DOE_BENCH_COMMIT puts the commit into the result files).
 # PLAN:
-#   budget (default)  fits one device call: every stage is cut to what is left of BUDGET seconds
-#                     (default 450; the tool's call limit is 600), in this order: the GPU tests
-#                     (`-m gpu`), the FFN op sweep on the target shapes, BERT-base and LLaMA-7B end
-#                     to end, expert swap on a LLaMA-7B-sized model, attention, then the CUDA
-#                     kernels under compute-sanitizer if time is left.
-#   tests             the whole test suite (CPU and GPU tests), no benchmarks.
+#   budget (default)  fits one device call (give it timeout_s 560 and carry [".gpu_prebuilt"]):
+#                     every stage is cut to what is left of BUDGET seconds (default 480): the GPU
+#                     tests (`-m gpu`), BERT-base and LLaMA-7B end to end, the FFN op sweep on the
+#                     target shapes, expert swap on a LLaMA-7B-sized model, then attention.
+#   tests             the whole test suite (CPU and GPU tests), then the CUDA kernels under
+#                     compute-sanitizer; no benchmarks.
 #   quick / full      the whole test suite, then `pytest benchmarks/` (or `--full`), uncut.
 #   bench-quick / bench-full   the sweep alone; extra arguments go to it (e.g. `-k ffn`).
 # The extension: a prebuilt doe_kernels/_C for this Python, carried in .gpu_prebuilt/ (made here by
-# `bash benchmarks/prebuild_gpu_ext.sh`, which needs no GPU), is used when it loads with its CUDA
-# kernels; otherwise it is built (`setup.py build_ext --inplace`, sm_90).
-# The archive is rewritten after every stage, so a call cut off by the tool's limit still returns
+# `bash benchmarks/prebuild_gpu_ext.sh`, which needs no GPU), is used when it loads and one CUDA op
+# computes right with it; otherwise it is built (`setup.py build_ext --inplace`, sm_90).
+# A stage cut by its time limit gets SIGINT, so pytest still writes what it measured; the archive
+# is rewritten (atomically) after every stage, so a call cut off by the tool's limit still returns
 # what finished. Afterwards, here: untar into benchmarks/results/ and commit.
 set -uo pipefail
 plan="${1:-budget}"
 shift || true
 OUT="${OUT:-$(mktemp -d)}"
-BUDGET="${BUDGET:-450}"
+BUDGET="${BUDGET:-480}"
 export PYTHONUNBUFFERED=1 MAX_JOBS="${MAX_JOBS:-16}" DOE_KERNELS_CUDA_ARCHS="${DOE_KERNELS_CUDA_ARCHS:-9.0}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 start=$(date +%s)
 stage="$(mktemp -d)"
 mkdir -p "$stage/results"
-pack() { tar czf "$OUT/gpu_run.tgz" -C "$stage" . ; }
-# cap N: seconds a stage may take: N, or what is left of the budget less 15 s for packing (at
-# least 1: `timeout 0` would mean no limit).
+pack() {
+  tar czf "$OUT/.gpu_run.tmp" -C "$stage" . && mv -f "$OUT/.gpu_run.tmp" "$OUT/gpu_run.tgz"
+}
+# cap N: seconds a stage may take: N, or what is left of the budget less 30 s (the stop signal's
+# grace and packing); at least 1, since `timeout 0` would mean no limit.
 cap() {
-  local left=$(( BUDGET - ($(date +%s) - start) - 15 ))
+  local left=$(( BUDGET - ($(date +%s) - start) - 30 ))
   (( left < $1 )) && echo $(( left > 1 ? left : 1 )) || echo "$1"
 }
 elapsed() { echo "[$(( $(date +%s) - start )) s]"; }
+# limited SECONDS CMD...: CMD, interrupted (SIGINT, then SIGKILL 20 s later) after SECONDS.
+limited() { timeout -s INT -k 20 "$@"; }
 PYTEST=(python3 -m pytest -q -p no:cacheprovider)
 BENCH=("${PYTEST[@]}" --benchmark-disable-gc --results-dir "$stage/results")
 
 # ---- environment and extension -----------------------------------------------------------------
+# One CUDA op through the extension, against torch: exit 0 when the cuda backend works.
+CHECK_EXT='
+import sys, torch, doe_kernels as dk
+if "cuda" not in dk.available_backends("cuda"):
+    sys.exit(1)
+x, w = torch.randn(3, 64, device="cuda"), torch.randn(32, 64, device="cuda")
+rows = torch.tensor([1, 5, 30], device="cuda")
+out = dk.gather_rows_linear(x, w, None, rows, backend="cuda")
+sys.exit(0 if torch.allclose(out, x @ w[rows].T, atol=1e-3, rtol=1e-3) else 2)'
 {
-  echo "== $(date -u +%FT%TZ) plan=$plan budget=${BUDGET}s"
+  echo "== $(date -u +%FT%TZ) plan=$plan budget=${BUDGET}s commit=${DOE_BENCH_COMMIT:-unknown}"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-  python3 -c "import sys, torch, triton, transformers as t; print('python', sys.version.split()[0],
-    '| torch', torch.__version__, '| triton', triton.__version__, '| transformers', t.__version__)"
   suffix="$(python3 -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")"
-  has_cuda_kernels() {
-    python3 -c "import doe_kernels as dk, sys; sys.exit('cuda' not in dk.available_backends('cuda'))" \
-      2>/dev/null
-  }
+  works=0
   if [[ ! -f "doe_kernels/_C$suffix" && -f ".gpu_prebuilt/_C$suffix" ]]; then
     cp ".gpu_prebuilt/_C$suffix" doe_kernels/
-    if has_cuda_kernels; then echo "== extension: the prebuilt one loads, with its CUDA kernels"
+    if python3 -c "$CHECK_EXT" 2>&1; then
+      works=1 && echo "== extension: the prebuilt one works $(elapsed)"
     else
-      echo "== extension: the prebuilt one does not load here; building"
+      echo "== extension: the prebuilt one does not work here; building"
       rm -f "doe_kernels/_C$suffix"
     fi
+  elif [[ -f "doe_kernels/_C$suffix" ]] && python3 -c "$CHECK_EXT" 2>/dev/null; then
+    works=1 && echo "== extension: the one built in place works $(elapsed)"
   fi
-  if ! has_cuda_kernels; then
+  if (( ! works )); then
     echo "== build $(elapsed)"
-    timeout "$(cap 300)" python3 setup.py build_ext --inplace 2>&1 | tail -n 20
+    limited "$(cap 300)" python3 setup.py build_ext --inplace > "$stage/build_ext.log" 2>&1
+    tail -n 20 "$stage/build_ext.log"
+    python3 -c "$CHECK_EXT" && echo "== extension: built, the cuda op works" \
+      || echo "== extension: the cuda backend does not work (exit $?)"
   fi
-  python3 -c "import doe_kernels as dk; print('backends: cuda', dk.available_backends('cuda'),
-    '| cpu', dk.available_backends('cpu'))"
+  python3 -c "import sys, torch, triton, transformers as t, doe_kernels as dk
+print('python', sys.version.split()[0], '| torch', torch.__version__, '| triton', triton.__version__,
+      '| transformers', t.__version__)
+print('backends: cuda', dk.available_backends('cuda'), '| cpu', dk.available_backends('cpu'))"
   echo "== extension ready $(elapsed)"
 } 2>&1 | tee "$stage/build.log"
 pack
@@ -72,43 +90,49 @@ parallel=()
 python3 -c "import xdist" 2>/dev/null && parallel=(-n 8)
 if [[ "$plan" == "budget" ]]; then
   echo "== GPU tests (-m gpu) $(elapsed)"
-  timeout -k 5 "$(cap 180)" "${PYTEST[@]}" tests/ -m gpu -rs "${parallel[@]}" 2>&1 \
-    | tee "$stage/tests.log" | tail -n 30
+  limited "$(cap 120)" "${PYTEST[@]}" tests/ -m gpu -rs "${parallel[@]}" > "$stage/tests.log" 2>&1
+  tail -n 30 "$stage/tests.log"
 elif [[ "$plan" != bench-* ]]; then
   echo "== tests $(elapsed)"
-  "${PYTEST[@]}" tests/ -rs "${parallel[@]}" 2>&1 | tee "$stage/tests.log" | tail -n 40
+  "${PYTEST[@]}" tests/ -rs "${parallel[@]}" > "$stage/tests.log" 2>&1
+  tail -n 40 "$stage/tests.log"
 fi
 pack
-[[ "$plan" == "tests" ]] && exit 0
+if [[ "$plan" == "tests" ]]; then
+  if command -v compute-sanitizer >/dev/null 2>&1; then
+    echo "== compute-sanitizer memcheck on the CUDA kernels (small shapes) $(elapsed)"
+    compute-sanitizer --tool memcheck --error-exitcode 9 "${PYTEST[@]}" tests/test_ffn_ops.py \
+      -k "cuda-cuda and (40x37 or 123x37)" > "$stage/memcheck.log" 2>&1
+    tail -n 15 "$stage/memcheck.log"
+    pack
+  fi
+  exit 0
+fi
 
 # ---- benchmarks --------------------------------------------------------------------------------
 # bench NAME CAP ARGS...: one pytest run of the benchmarks, its files named with NAME; it stops
-# starting benchmarks 20 s before its cap, so it still writes what it measured.
+# starting benchmarks 20 s before its cap, and is interrupted at the cap (it still writes then).
 bench() {
   local name="$1" seconds
   seconds="$(cap "$2")"
   shift 2
   if (( seconds < 40 )); then echo "== bench $name: skipped, budget spent"; return; fi
   echo "== bench $name (at most ${seconds} s) $(elapsed)"
-  timeout -k 5 "$seconds" "${BENCH[@]}" --results-suffix "$name" --time-budget $(( seconds - 20 )) \
-    "$@" 2>&1 | tee "$stage/bench_$name.log" | sed -n '/speed-up summary/,$p' | head -n 150
+  limited "$seconds" "${BENCH[@]}" --results-suffix "$name" --time-budget $(( seconds - 20 )) \
+    "$@" > "$stage/bench_$name.log" 2>&1
+  sed -n '/speed-up summary/,/^wrote /p' "$stage/bench_$name.log" | head -n 170
+  tail -n 2 "$stage/bench_$name.log"
   pack
 }
 
 if [[ "$plan" == "budget" ]]; then
+  bench model 120 benchmarks/test_model_bench.py --full --rates 0.35,0.65 \
+    -k "not ffn and not attn and not smollm2" "$@"
   bench ffn 150 benchmarks/test_ffn_bench.py --shapes llama-7b,bert-base,llama3-8b \
     --rates 0,0.35,0.65,0.9 --rows 1,8,512,2048 "$@"
-  bench model 110 benchmarks/test_model_bench.py --full --rates 0.35,0.65 \
-    -k "not ffn and not attn and not smollm2" "$@"
   bench swap 45 benchmarks/test_swap_bench.py --full "$@"
-  bench attention 60 benchmarks/test_attention_bench.py --shapes bert-base,llama3-8b \
-    --rates 0.35,0.65 --rows 1,512,2048 -k "test_attention" "$@"
-  if command -v compute-sanitizer >/dev/null 2>&1 && (( $(cap 60) >= 40 )); then
-    echo "== compute-sanitizer memcheck on the CUDA kernels (small shapes) $(elapsed)"
-    timeout -k 5 "$(cap 60)" compute-sanitizer --tool memcheck --error-exitcode 9 \
-      "${PYTEST[@]}" tests/test_ffn_ops.py -k "cuda-cuda and (40x37 or 123x37)" 2>&1 \
-      | tee "$stage/memcheck.log" | tail -n 15
-  fi
+  bench attention 60 benchmarks/test_attention_bench.py::test_attention \
+    --shapes bert-base,llama3-8b --rates 0.35,0.65 --rows 1,512,2048 "$@"
 else
   mode="${plan#bench-}"
   extra=()
@@ -116,8 +140,9 @@ else
   targets=("$@")
   [[ ${#targets[@]} -eq 0 || "${targets[0]}" == -* ]] && targets=(benchmarks/ "${targets[@]}")
   echo "== benchmarks ($mode) $(elapsed)"
-  "${BENCH[@]}" "${targets[@]}" "${extra[@]}" 2>&1 | tee "$stage/bench.log" \
-    | sed -n '/speed-up summary/,$p' | head -n 400
+  "${BENCH[@]}" "${targets[@]}" "${extra[@]}" > "$stage/bench.log" 2>&1
+  sed -n '/speed-up summary/,/^wrote /p' "$stage/bench.log" | head -n 400
+  tail -n 2 "$stage/bench.log"
 fi
 
 pack

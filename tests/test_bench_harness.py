@@ -16,7 +16,7 @@ def _run_benchmarks(tmp_path, *args):
     return subprocess.run(
         [sys.executable, "-m", "pytest", os.path.join(BENCHMARKS, "test_ffn_bench.py"), "-q",
          "-p", "no:cacheprovider", "--results-dir", str(tmp_path), "--benchmark-max-time", "0.01",
-         *args],
+         "--bench-device", "cpu", *args],
         capture_output=True, text=True, timeout=600, cwd=BENCHMARKS)
 
 
