@@ -10,6 +10,7 @@ import torch
 
 import doe_kernels as dk
 from expert_utils import sentiment_task
+from real_models import minilm_dir
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "python"))
@@ -19,6 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_recovery_run_compares_with_the_equally_retuned_baseline(tmp_path, monkeypatch, capsys):
+    minilm_dir()  # the example loads all-MiniLM-L6-v2: skips where its package is missing
     data = sentiment_task(300)
     monkeypatch.setattr(unplug_and_play, "load_task",
                         lambda task, max_examples: data.split((0.6, 0.2, 0.2)))
