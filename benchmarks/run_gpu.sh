@@ -129,7 +129,7 @@ if [[ "$plan" == "budget" ]]; then
   bench model 120 benchmarks/test_model_bench.py --full --rates 0.35,0.65 \
     -k "not ffn and not attn and not smollm2" "$@"
   bench ffn 150 benchmarks/test_ffn_bench.py --shapes llama-7b,bert-base,llama3-8b \
-    --rates 0,0.35,0.65,0.9 --rows 1,8,512,2048 "$@"
+    --rates 0,0.35,0.65,0.9 --rows 1,8,16,512,2048 "$@"
   bench swap 45 benchmarks/test_swap_bench.py --full "$@"
   bench attention 60 benchmarks/test_attention_bench.py::test_attention \
     --shapes bert-base,llama3-8b --rates 0.35,0.65 --rows 1,512,2048 "$@"
