@@ -1,5 +1,7 @@
 """The benchmark harness (benchmarks/): the grid options, the time budget and the result files that
 benchmarks/run_gpu.sh relies on, and the read-rate columns of the report."""
+import importlib.util
+import inspect
 import json
 import os
 import subprocess
@@ -67,3 +69,46 @@ def test_read_rate_against_the_copy_bandwidth():
     lines = summary_lines(recorder)
     assert "% copy bw" in lines[0] and lines[2].split()[-1] == "80"
     assert lines[-1] == "copy bandwidth (read + written): 2500 GB/s"
+
+
+def test_gpu_timing_path_calls_do_bench_as_triton_defines_it(monkeypatch):
+    """The CUDA branch of `measure` (no GPU needed): triton.testing.do_bench is called with
+    arguments its installed signature takes, the setup runs inside the timed call, milliseconds
+    become seconds, and pytest-benchmark sees the call once."""
+    triton_testing = pytest.importorskip("triton.testing")
+    # benchmarks/conftest.py, under another name: "conftest" is tests/conftest.py here
+    spec = importlib.util.spec_from_file_location("bench_conftest",
+                                                  os.path.join(BENCHMARKS, "conftest.py"))
+    bench_conftest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_conftest)
+    signature, calls = inspect.signature(triton_testing.do_bench), []
+
+    def fake_do_bench(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)  # raises on an argument triton does not take
+        bound.arguments["fn"]()
+        calls.append(bound.arguments)
+        return 2.0  # milliseconds
+
+    monkeypatch.setattr(triton_testing, "do_bench", fake_do_bench)
+
+    class Config:
+        option = type("Option", (), {"benchmark_max_time": "0.25"})()
+
+        def getoption(self, name):
+            return {"--bench-device": "cuda"}[name]
+
+    class Benchmark:
+        extra_info, pedantic_calls = {}, []
+
+        def pedantic(self, fn, rounds, iterations):
+            self.pedantic_calls.append((rounds, iterations))
+            fn()
+
+    order, benchmark = [], Benchmark()
+    seconds = bench_conftest.measure(benchmark, lambda: order.append("call"), Config(),
+                                     setup=lambda: order.append("setup"))
+    assert seconds == pytest.approx(0.002)
+    assert calls[0]["return_mode"] == "median" and 20 <= calls[0]["rep"] <= 100
+    assert order == ["setup", "call"] * 2  # do_bench's call, then pytest-benchmark's one round
+    assert benchmark.pedantic_calls == [(1, 1)]
+    assert benchmark.extra_info["cuda_event_median_s"] == pytest.approx(0.002)
