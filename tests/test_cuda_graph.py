@@ -1,0 +1,75 @@
+"""The ops inside a CUDA graph (GPU only): captured once, replayed on new inputs in the same
+buffers, they equal eager calls. A serving stack captures its decode step this way, so a host sync
+or a launch on another stream inside an op would break it."""
+import pytest
+import torch
+
+import doe_kernels as dk
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def _replayed_equals_eager(fn, inputs):
+    """Capture fn() once, refill `inputs` with fresh values, replay: the captured output must equal
+    an eager call on the new values."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (Triton compiles) off the default stream, as advised
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    before = captured.clone()
+    for tensor in inputs:
+        tensor.copy_(torch.randn_like(tensor))
+    graph.replay()
+    torch.cuda.synchronize()
+    expected = fn()
+    # cuBLAS may pick another algorithm inside a capture: bfloat16 rounding apart, not more
+    torch.testing.assert_close(captured, expected, rtol=2e-2, atol=2e-2)
+    assert not torch.allclose(captured, before, rtol=2e-2, atol=2e-2), "the replay changed nothing"
+
+
+def _backends():
+    present = dk.available_backends("cuda") if torch.cuda.is_available() else []
+    return [b for b in ("cuda", "triton", "torch") if b in present] or ["none"]
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("rows", [1, 16, 70])
+def test_ffns_replay_in_a_cuda_graph(backend, rows):
+    if backend == "none":
+        pytest.skip("no CUDA backend")
+    make = lambda *s: torch.randn(*s, device="cuda", dtype=torch.bfloat16)  # noqa: E731
+    x = make(rows, 96)
+    w_in, b_in, w_up = make(200, 96), make(200), make(200, 96)
+    w_out_t, b_out = make(200, 96), make(96)
+    kept = torch.randperm(200, device="cuda")[:77].sort().values
+    _replayed_equals_eager(
+        lambda: dk.gather_ffn(x, w_in, b_in, w_out_t, b_out, kept, "gelu", backend=backend,
+                              check_indices=False), [x])
+    _replayed_equals_eager(
+        lambda: dk.gather_swiglu_ffn(x, w_in, w_up, w_out_t, kept, backend=backend,
+                                     check_indices=False), [x])
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_pruned_head_attention_replays_in_a_cuda_graph(backend):
+    if backend == "none":
+        pytest.skip("no CUDA backend")
+    make = lambda *s: torch.randn(*s, device="cuda", dtype=torch.bfloat16)  # noqa: E731
+    heads, kv_heads, head_dim, hidden = 8, 2, 16, 64
+    x = make(2, 5, hidden)
+    wq = make(heads * head_dim, hidden)
+    wk, wv = make(kv_heads * head_dim, hidden), make(kv_heads * head_dim, hidden)
+    wo_t = dk.input_major(make(hidden, heads * head_dim))
+    selection = dk.HeadSelection.build(torch.tensor([0, 3, 4, 7]), heads, kv_heads, head_dim,
+                                       device="cuda")
+    _replayed_equals_eager(
+        lambda: dk.pruned_head_attention(x, wq, None, wk, None, wv, None, wo_t, None, selection,
+                                         is_causal=True, backend=backend), [x])
