@@ -15,7 +15,6 @@ mark the benchmark used. At the end the run's results are written under benchmar
 (JSON and CSV with device, versions, date and commit), the speed-up curves are drawn as PNG files
 and a summary table is printed. Benchmarks never assert on time.
 """
-import functools
 import os
 import time
 
@@ -91,13 +90,14 @@ def sweep_mode(config) -> str:
     return "quick"
 
 
-def grid(config, smoke_shape: str) -> dict:
+def grid(config, smoke_shape: str, quick: dict | None = None) -> dict:
     """The op benchmarks' grid (shapes, prune_rates, rows): the mode's, with the options' overrides.
-    The smoke run keeps its one tiny case, on `smoke_shape`."""
+    The smoke run keeps its one tiny case, on `smoke_shape`; `quick` replaces some of the quick
+    sweep's entries for one benchmark."""
     mode = sweep_mode(config)
     if mode == "smoke":
         return dict(shapes=(smoke_shape,), prune_rates=(0.65,), rows=(8,))
-    out = dict({"quick": QUICK, "full": FULL}[mode])
+    out = dict(QUICK, **(quick or {})) if mode == "quick" else dict(FULL)
     for key, option in (("shapes", "--shapes"), ("prune_rates", "--rates"), ("rows", "--rows")):
         out[key] = config.getoption(option) or out[key]
     return out
@@ -156,7 +156,6 @@ def measure(benchmark, fn, config, setup=None, max_rounds: int = 1000) -> float:
     return benchmark.stats.stats.median
 
 
-@functools.lru_cache(maxsize=None)
 def copy_bandwidth(device: str) -> float:
     """Bytes per second a device-to-device copy of 1 GiB moves (read plus written): the memory
     bandwidth bound the decode-size benchmarks are compared with."""

@@ -46,15 +46,11 @@ def _attention_flops(shape, rows):
 
 
 def _cases(config, bench):
-    cases, device = grid(config, smoke_shape="SmolLM2-135M"), bench_device(config)
+    if bench == "proj" and sweep_mode(config) == "smoke":
+        return  # one tiny case per file in the smoke run: the attention one
+    cases = grid(config, smoke_shape="SmolLM2-135M", quick=PROJ_QUICK if bench == "proj" else None)
+    device, rows_grid, rates = bench_device(config), cases["rows"], tuple(cases["prune_rates"])
     variants = _variants(device)
-    rows_grid, rates = cases["rows"], tuple(cases["prune_rates"])
-    if bench == "proj":
-        if sweep_mode(config) == "smoke":
-            return  # one tiny case per file in the smoke run: the attention one
-        if sweep_mode(config) == "quick":  # unless the options set the grid
-            rows_grid = config.getoption("--rows") or PROJ_QUICK["rows"]
-            rates = config.getoption("--rates") or PROJ_QUICK["prune_rates"]
     for name in cases["shapes"]:
         shape = SHAPES[name]
         for rows in rows_grid:
