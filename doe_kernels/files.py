@@ -1,0 +1,34 @@
+"""Reading the package's safetensors files (ExpertMask and Expert files) with one kind of error.
+
+Whatever is wrong with a file (missing, a directory, empty, corrupt, not written by doe_kernels,
+a header or tensor that does not make sense), loading raises `FileFormatError`, a ValueError whose
+message names the file and the problem.
+"""
+import os
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+
+class FileFormatError(ValueError):
+    """A mask or expert file that cannot be loaded; the message names the file and the problem."""
+
+
+def read_safetensors(path, kind: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(metadata, tensors) of a safetensors file whose metadata marks it as doe_kernels `kind`
+    ("ExpertMask" or "Expert"); raises FileFormatError otherwise."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise FileFormatError(f"{path} is a directory, not a doe_kernels {kind} file")
+    if not os.path.isfile(path):
+        raise FileFormatError(f"{kind} file not found: {path}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            if metadata.get("doe_kernels") != kind:
+                raise FileFormatError(f"{path} is not a doe_kernels {kind} file (its metadata "
+                                      f"names {metadata.get('doe_kernels')!r})")
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError) as error:
+        raise FileFormatError(f"{path} is not a readable safetensors file: {error}") from None
+    return metadata, tensors
