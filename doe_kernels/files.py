@@ -25,9 +25,10 @@ def read_safetensors(path, kind: str) -> tuple[dict, dict[str, torch.Tensor]]:
     try:
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}
-            if metadata.get("doe_kernels") != kind:
-                raise FileFormatError(f"{path} is not a doe_kernels {kind} file (its metadata "
-                                      f"names {metadata.get('doe_kernels')!r})")
+            found = metadata.get("doe_kernels")
+            if found != kind:
+                what = "no doe_kernels metadata" if found is None else f"a {found} file"
+                raise FileFormatError(f"{path} is not a doe_kernels {kind} file ({what})")
             tensors = {key: f.get_tensor(key) for key in f.keys()}
     except (SafetensorError, OSError) as error:
         raise FileFormatError(f"{path} is not a readable safetensors file: {error}") from None

@@ -7,25 +7,50 @@ It records the sizes of the model it was made for, so that plugging it into anot
 refused. Saved in safetensors.
 """
 import json
-from types import MappingProxyType
+import re
+from collections.abc import Mapping
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from doe_kernels.files import FileFormatError, read_safetensors
 from doe_kernels.models import ModelSpec, spec_of
 
 _SPEC_KEYS = ("model_type", "num_layers", "intermediate_size", "num_heads", "num_kv_heads",
               "num_experts")
+_SIZE_KEYS = ("num_layers", "intermediate_size", "num_heads")  # what summary() needs
 _KINDS = ("ffn", "heads", "moe", "skip")
+_TENSOR_KEY = re.compile(r"(ffn|heads|moe|skip)\.(0|[1-9][0-9]*)")  # kind.layer, no leading zeros
+
+
+class FrozenTable(Mapping):
+    """A read-only {layer: value} table; tensors are handed out as copies, so a mask cannot be
+    changed after it was validated (a patched model relies on that)."""
+
+    def __init__(self, items: dict):
+        self._items = dict(items)
+
+    def __getitem__(self, layer):
+        value = self._items[layer]
+        return value.clone() if isinstance(value, torch.Tensor) else value
+
+    def __iter__(self):
+        return iter(self._items)
+
+    def __len__(self):
+        return len(self._items)
+
+    def __repr__(self):
+        return f"FrozenTable({self._items!r})"
 
 
 def _as_index(kind: str, layer, index) -> torch.Tensor:
     """A copy of `index` as a 1-D sorted unique int64 CPU tensor; raises naming the layer."""
     where = f"{kind}[{layer}]"
-    if not isinstance(layer, int) or isinstance(layer, bool) or layer < 0:
-        raise TypeError(f"{kind} keys must be layer numbers (int >= 0), got {layer!r}")
     tensor = torch.as_tensor(index)
-    if tensor.dtype.is_floating_point or tensor.dtype in (torch.bool, torch.complex64):
+    if not isinstance(index, torch.Tensor) and tensor.numel() == 0:
+        tensor = tensor.to(torch.int64)  # a plain empty list keeps nothing
+    if tensor.dtype.is_floating_point or tensor.dtype.is_complex or tensor.dtype == torch.bool:
         raise TypeError(f"{where} must hold integer indices, got dtype {tensor.dtype}")
     if tensor.dim() != 1:
         raise ValueError(f"{where} must be 1-D, got shape {tuple(tensor.shape)}")
@@ -43,8 +68,6 @@ def _as_index(kind: str, layer, index) -> torch.Tensor:
 
 
 def _as_threshold(layer, value) -> float:
-    if not isinstance(layer, int) or isinstance(layer, bool) or layer < 0:
-        raise TypeError(f"skip keys must be layer numbers (int >= 0), got {layer!r}")
     tensor = torch.as_tensor(value, dtype=torch.float64)
     if tensor.numel() != 1:
         raise ValueError(f"skip[{layer}] must be one number, got shape {tuple(tensor.shape)}")
@@ -59,15 +82,18 @@ class ExpertMask:
     everything), and optional dynamic-skipping thresholds `skip` ({layer: beta}) for MoE layers."""
 
     def __init__(self, ffn=None, heads=None, spec: dict | None = None, moe=None, skip=None):
-        self.ffn = MappingProxyType({l: _as_index("ffn", l, i) for l, i in sorted((ffn or {}).items())})
-        self.heads = MappingProxyType({l: _as_index("heads", l, i)
-                                       for l, i in sorted((heads or {}).items())})
-        self.moe = MappingProxyType({l: _as_index("moe", l, i)
-                                     for l, i in sorted((moe or {}).items())})
-        self.skip = MappingProxyType({l: _as_threshold(l, b)
-                                      for l, b in sorted((skip or {}).items())})
-        self.spec = None if spec is None else {k: spec[k] for k in _SPEC_KEYS if k in spec}
+        self.ffn = FrozenTable({l: _as_index("ffn", l, i) for l, i in _by_layer("ffn", ffn)})
+        self.heads = FrozenTable({l: _as_index("heads", l, i) for l, i in _by_layer("heads", heads)})
+        self.moe = FrozenTable({l: _as_index("moe", l, i) for l, i in _by_layer("moe", moe)})
+        self.skip = FrozenTable({l: _as_threshold(l, b) for l, b in _by_layer("skip", skip)})
+        self.spec = _as_spec(spec)
         self._prepared = {}  # (ModelSpec, device, skip) -> per-layer plans; doe_kernels.patching
+
+    def __getstate__(self):  # the prepared plans are a cache, rebuilt after copying or pickling
+        return {key: value for key, value in self.__dict__.items() if key != "_prepared"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _prepared={})
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -151,7 +177,7 @@ class ExpertMask:
     def summary(self, model=None) -> dict:
         """Kept counts and pruning rates (sizes from the model, or from the mask's own record)."""
         sizes = spec_of(model).as_dict() if model is not None else self.spec
-        if sizes is None:
+        if sizes is None or any(key not in sizes for key in _SIZE_KEYS):
             raise ValueError("this mask records no model sizes; pass the model")
         layers = sizes["num_layers"]
         total_ffn, total_heads = layers * sizes["intermediate_size"], layers * sizes["num_heads"]
@@ -171,7 +197,7 @@ class ExpertMask:
         return out
 
     def __repr__(self):
-        if self.spec is None:
+        if self.spec is None or any(key not in self.spec for key in _SIZE_KEYS):
             return f"ExpertMask(ffn layers={list(self.ffn)}, heads layers={list(self.heads)})"
         s = self.summary()
         moe = (f", experts {s['experts_kept']}/{s['experts_total']} kept"
@@ -199,10 +225,11 @@ class ExpertMask:
         tables = {kind: {} for kind in _KINDS}
         for key, tensor in tensors.items():
             if key.startswith(prefix):
-                kind, layer = key[len(prefix):].split(".")
-                if kind not in tables:
-                    raise ValueError(f"unknown mask tensor {key!r}")
-                tables[kind][int(layer)] = tensor
+                match = _TENSOR_KEY.fullmatch(key[len(prefix):])
+                if match is None:
+                    raise ValueError(f"unknown mask tensor {key!r} (expected {prefix}ffn.N, "
+                                     f"{prefix}heads.N, {prefix}moe.N or {prefix}skip.N)")
+                tables[match[1]][int(match[2])] = tensor
         return cls(tables["ffn"], tables["heads"], spec, moe=tables["moe"], skip=tables["skip"])
 
     def save(self, path) -> None:
@@ -211,13 +238,12 @@ class ExpertMask:
 
     @classmethod
     def load(cls, path) -> "ExpertMask":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-        if metadata.get("doe_kernels") != "ExpertMask":
-            raise ValueError(f"{path} is not an ExpertMask file (no doe_kernels metadata)")
-        return cls.from_tensors(load_file(str(path)), json.loads(metadata["spec"]))
+        """The mask saved at `path`; raises FileFormatError naming the file and the problem."""
+        metadata, tensors = read_safetensors(path, "ExpertMask")
+        try:
+            return cls.from_tensors(tensors, json.loads(metadata.get("spec", "null")))
+        except (ValueError, TypeError) as error:
+            raise FileFormatError(f"{path}: {error}") from error
 
     def __eq__(self, other):
         if not isinstance(other, ExpertMask):
@@ -230,12 +256,44 @@ class ExpertMask:
     __hash__ = object.__hash__
 
 
+def _by_layer(kind: str, table) -> list:
+    """The (layer, value) pairs of a {layer: value} table, in layer order."""
+    if table is None:
+        return []
+    if not isinstance(table, Mapping):
+        raise TypeError(f"{kind} must be a dict {{layer: ...}}, got {type(table).__name__}")
+    for layer in table:
+        if not isinstance(layer, int) or isinstance(layer, bool) or layer < 0:
+            raise TypeError(f"{kind} keys must be layer numbers (int >= 0), got {layer!r}")
+    return sorted(table.items())
+
+
+def _as_spec(spec) -> dict | None:
+    """The model sizes a mask records: None, or a dict of the known keys with sound values."""
+    if spec is None:
+        return None
+    if not isinstance(spec, Mapping):
+        raise TypeError(f"spec must be a dict of model sizes, got {type(spec).__name__}")
+    out = {key: spec[key] for key in _SPEC_KEYS if key in spec}
+    for key, value in out.items():
+        sound = (isinstance(value, str) if key == "model_type"
+                 else isinstance(value, int) and not isinstance(value, bool) and value >= 0)
+        if not sound:
+            raise ValueError(f"spec[{key!r}] = {value!r} is not a valid model size")
+    return out
+
+
 def _top(scores, keep: float, scope: str, name: str):
     if scores is None:
         return {}
     if not 0.0 <= keep <= 1.0:
         raise ValueError(f"{name} must be in [0, 1], got {keep}")
     rows = [torch.as_tensor(s, dtype=torch.float64).reshape(-1) for s in scores]
+    for layer, row in enumerate(rows):
+        if torch.isnan(row).any():
+            raise ValueError(f"the scores for {name} hold NaN in layer {layer} "
+                             f"({int(torch.isnan(row).sum())} of {row.numel()}); "
+                             "a mask cannot rank NaN")
     if scope == "layer":
         return {l: torch.topk(r, round(r.numel() * keep)).indices.sort().values
                 for l, r in enumerate(rows)}

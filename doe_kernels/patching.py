@@ -7,6 +7,7 @@ Parameters and weight layout, so the model is bitwise the model it was. Everythi
 before anything changes.
 """
 import contextlib
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -15,7 +16,8 @@ from torch import nn
 from doe_kernels import backends
 from doe_kernels.mask import ExpertMask
 from doe_kernels.models import PATCH_STATE_ATTR, ModelSpec, check_transformers_version, describe
-from doe_kernels.models.base import LayerPatch
+from doe_kernels.backends import BackendUnavailableError
+from doe_kernels.models.base import LayerPatch, refuse_load_while_patched
 from doe_kernels.models.moe_block import MoePlan
 from doe_kernels.ops import HeadSelection
 
@@ -32,6 +34,7 @@ class PatchState:
     mask: ExpertMask | None = None
     dynamic_skip: bool = False
     modules: list[nn.Module] = field(default_factory=list)
+    load_hook: object = None  # the model's load_state_dict refusal, removed at unpatch
 
 
 def is_patched(model: nn.Module) -> bool:
@@ -104,41 +107,106 @@ def patch(model: nn.Module, mask: ExpertMask, backend: str = "auto",
     tensors change. `dynamic_skip=True` (MoE models) also skips a token's non-top experts whose
     routing weight is below the mask's per-layer threshold times the top one's. Raises before
     changing anything if the mask does not fit the model, the architecture is not supported or
-    the backend is not present.
+    the backend is not present; any error while patching leaves the model as it was.
     """
     if not isinstance(mask, ExpertMask):
         raise TypeError(f"mask must be a doe_kernels.ExpertMask, got {type(mask).__name__}")
     state = getattr(model, _STATE, None)
     if state is None:
-        check_transformers_version()
-        adapter, layers, spec = describe(model)
-        device, dtype = _model_device(model, layers)
-        if backend != "auto":
-            backends.resolve(backend, device, dtype, rows=1)  # raises if not present
-        plans = _plans(mask, spec, device, dynamic_skip)
-        patches = []
-        try:
-            for layer in layers:
-                patches.append(adapter.patch_layer(layer, model.config, backend))
-        except BaseException:
-            for done in reversed(patches):
-                done.restore()
-            raise
-        state = PatchState(spec, device, dtype, backend, patches)
-        state.modules = [m for p in patches for m in
-                         p.ffn_modules + p.head_modules + p.head_cols]
-        setattr(model, _STATE, state)
+        _patch_layers(model, mask, backend, dynamic_skip)
     else:
-        if backend not in (state.backend, "auto"):
-            backends.resolve(backend, state.device, state.dtype, rows=1)  # raises if not present
-        plans = _plans(mask, state.spec, state.device, dynamic_skip)
-        if backend != state.backend:
-            for module in state.modules:
-                module.backend = backend
-            state.backend = backend
+        _swap(state, mask, backend, dynamic_skip)
+    return model
+
+
+def _patch_layers(model: nn.Module, mask: ExpertMask, backend: str, dynamic_skip: bool) -> None:
+    """Patch an unpatched model; on any error every layer (the failing one too) is restored."""
+    check_transformers_version()
+    adapter, layers, spec = describe(model)
+    device, dtype = _model_device(model, layers)
+    if backend != "auto":
+        backends.resolve(backend, device, dtype, rows=1)  # raises if not present
+    plans = _plans(mask, spec, device, dynamic_skip)
+    patches = []
+    try:
+        for layer in layers:
+            patches.append(LayerPatch(layer))
+            adapter.patch_layer(patches[-1], model.config, backend)
+        state = PatchState(spec, device, dtype, backend, patches)
+        state.modules = [m for p in patches for m in p.ffn_modules + p.head_modules + p.head_cols]
+        _set_plans(state, plans, mask, dynamic_skip)
+        _guard_model(model, state)
+    except BaseException:
+        _unguard_model(model)
+        for done in reversed(patches):
+            done.restore()
+        raise
+
+
+def _swap(state: PatchState, mask: ExpertMask, backend: str, dynamic_skip: bool) -> None:
+    """Point a patched model at another expert (and backend); on error the previous one stays."""
+    if backend not in (state.backend, "auto"):
+        backends.resolve(backend, state.device, state.dtype, rows=1)  # raises if not present
+    plans = _plans(mask, state.spec, state.device, dynamic_skip)
+    previous = (state.backend, state.mask, state.dynamic_skip)
+    try:
+        _set_backend(state, backend)
+        _set_plans(state, plans, mask, dynamic_skip)
+    except BaseException:
+        _set_backend(state, previous[0])
+        if previous[1] is not None:
+            _set_plans(state, _plans(previous[1], state.spec, state.device, previous[2]),
+                       previous[1], previous[2])
+        raise
+
+
+def _set_backend(state: PatchState, backend: str) -> None:
+    if backend != state.backend:
+        for module in state.modules:
+            module.backend = backend
+        state.backend = backend
+
+
+def _set_plans(state: PatchState, plans, mask: ExpertMask, dynamic_skip: bool) -> None:
     for layer_patch, (kept, selection, moe) in zip(state.layers, plans):
         layer_patch.set(kept, selection, moe)
     state.mask, state.dynamic_skip = mask, dynamic_skip
+
+
+def _guard_model(model: nn.Module, state: PatchState) -> None:
+    """Mark `model` patched: record the state, refuse load_state_dict, and check every dtype or
+    device change (`.half()`, `.to(...)`) against the backend before anything is converted."""
+    state.load_hook = model.register_load_state_dict_pre_hook(refuse_load_while_patched)
+    model._apply = functools.partial(_checked_apply, model)
+    setattr(model, _STATE, state)
+
+
+def _unguard_model(model: nn.Module) -> None:
+    state = model.__dict__.pop(_STATE, None)
+    if state is not None and state.load_hook is not None:
+        state.load_hook.remove()
+    model.__dict__.pop("_apply", None)
+
+
+def _checked_apply(model: nn.Module, fn, recurse: bool = True):
+    """nn.Module._apply on a patched model: a conversion to a dtype or device the model's explicit
+    backend cannot run is refused before any tensor changes; the state follows the model."""
+    state = getattr(model, _STATE)
+    probe = fn(torch.empty(0, dtype=state.dtype, device=state.device))
+    if (probe.dtype, probe.device) != (state.dtype, state.device):
+        if probe.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"a patched model runs on cpu or cuda, not {probe.device}; "
+                             "doe_kernels.unpatch(model) first")
+        if state.backend != "auto":
+            try:
+                backends.resolve(state.backend, probe.device, probe.dtype, rows=1)
+            except BackendUnavailableError as error:
+                raise BackendUnavailableError(
+                    f"the model is patched with backend={state.backend!r}, which cannot run "
+                    f"{probe.dtype} on {probe.device.type} ({error}); patch again with "
+                    "backend='auto' (or unpatch) before converting the model") from None
+    type(model)._apply(model, fn, recurse)
+    state.dtype, state.device = probe.dtype, probe.device
     return model
 
 
@@ -149,7 +217,7 @@ def unpatch(model: nn.Module) -> nn.Module:
         raise ValueError("the model is not patched by doe_kernels")
     for layer_patch in reversed(state.layers):
         layer_patch.restore()
-    delattr(model, _STATE)
+    _unguard_model(model)
     return model
 
 
@@ -158,14 +226,13 @@ def plugged(model: nn.Module, mask: ExpertMask, backend: str = "auto",
             dynamic_skip: bool = False):
     """`with plugged(model, mask): ...` plugs the expert, runs the body, and restores the model
     (also when the body raises): the unpatched model, or the expert that was plugged before."""
-    previous = getattr(model, _STATE, None)
-    previous_mask, previous_backend, previous_skip = (
-        (previous.mask, previous.backend, previous.dynamic_skip) if previous else (None, None, False))
+    state = getattr(model, _STATE, None)
+    previous = None if state is None else (state.mask, state.backend, state.dynamic_skip)
     patch(model, mask, backend, dynamic_skip)
     try:
         yield model
     finally:
-        if previous is None:
+        if previous is not None:
+            patch(model, *previous)
+        elif is_patched(model):  # the body may have unpatched it already
             unpatch(model)
-        else:
-            patch(model, previous_mask, previous_backend, previous_skip)

@@ -69,7 +69,7 @@ def test_save_and_load_round_trip(tmp_path):
     from safetensors.torch import save_file
 
     save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
-    with pytest.raises(ValueError, match="is not an ExpertMask file"):
+    with pytest.raises(ValueError, match="is not a doe_kernels ExpertMask file"):
         dk.ExpertMask.load(tmp_path / "other.safetensors")
 
 

@@ -2,8 +2,11 @@
 
 An adapter recognises a transformer layer by its modules (not by class names), reads its sizes
 and patches it. `LayerPatch` keeps everything a patch replaced, so `restore` puts back the very
-same modules and Parameters, with the original weight layout.
+same modules and Parameters, with the original weight layout, also after a patch that failed half
+way. While patched, `state_dict()` (and so `save_pretrained`) still gives the original model's
+keys and weights, and `load_state_dict` is refused.
 """
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -53,6 +56,13 @@ def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent_path) if parent_path else root, name, module)
 
 
+def refuse_load_while_patched(module, *args) -> None:
+    """A load_state_dict pre-hook: loading weights into a patched model is refused."""
+    raise RuntimeError("load_state_dict on a model patched by doe_kernels: call "
+                       "doe_kernels.unpatch(model) first (or load outside `plugged(...)`), then "
+                       "load and patch again")
+
+
 class LayerPatch:
     """The patch of one layer: the modules swapped in, the originals, and the converted weights."""
 
@@ -67,8 +77,27 @@ class LayerPatch:
         self.moe_modules: list[nn.Module] = []  # modules with set_routing(MoePlan)
 
     def replace(self, path: str, module: nn.Module) -> None:
+        """Put `module` at `path`; its state_dict shows the original module's weights."""
+        module.register_state_dict_post_hook(functools.partial(self._original_state, path))
+        module.register_load_state_dict_pre_hook(refuse_load_while_patched)
         self.originals[path] = self.layer.get_submodule(path)
         set_submodule(self.layer, path, module)
+
+    def _original_state(self, path: str, module, state_dict, prefix: str, local_metadata) -> None:
+        """State-dict post-hook of the module at `path`: its entries become the original module's
+        (a converted weight in its original layout, as a transposed view of the buffer)."""
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            del state_dict[key]
+        metadata = getattr(state_dict, "_metadata", {})
+        for key in [k for k in metadata if k.startswith(prefix)]:
+            del metadata[key]
+        original = self.originals[path]
+        original.state_dict(destination=state_dict, prefix=prefix)
+        names = {id(p): name for name, p in original.named_parameters(remove_duplicate=False)}
+        for weight, holder, buffer in self.converted:
+            if id(weight) in names:
+                state_dict[prefix + names[id(weight)]] = \
+                    getattr(holder, buffer).detach().transpose(-2, -1)
 
     def move_input_major(self, weight: nn.Parameter, make_module, buffer: str) -> nn.Module:
         """`make_module(weight input-major)`; the Parameter is emptied until restore (one copy)."""

@@ -59,8 +59,9 @@ class PrunedBertSelfAttention(PrunedAttention):
         return attend(q, k, v, self.selection, attention_mask, scale=self.scaling), None
 
 
-def patch_layer(layer, config, backend: str) -> LayerPatch:
-    patch = LayerPatch(layer)
+def patch_layer(patch: LayerPatch, config, backend: str) -> None:
+    """Patch `patch.layer`, recording every change in `patch` as it is made."""
+    layer = patch.layer
     sizes = layer_sizes(layer, config)
     self_attention = layer.attention.self
     attention = PrunedBertSelfAttention(
@@ -83,4 +84,3 @@ def patch_layer(layer, config, backend: str) -> LayerPatch:
                                   "weight_t")
     patch.replace("output.dense", cols)
     patch.ffn_modules += [rows, cols]
-    return patch

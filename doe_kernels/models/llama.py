@@ -98,8 +98,9 @@ def patch_attention(patch: LayerPatch, layer, sizes: dict, backend: str) -> None
     patch.head_modules.append(attention)
 
 
-def patch_layer(layer, config, backend: str) -> LayerPatch:
-    patch = LayerPatch(layer)
+def patch_layer(patch: LayerPatch, config, backend: str) -> None:
+    """Patch `patch.layer`, recording every change in `patch` as it is made."""
+    layer = patch.layer
     patch_attention(patch, layer, layer_sizes(layer, config), backend)
     mlp = layer.mlp
     gathered = patch.move_input_major(
@@ -108,4 +109,3 @@ def patch_layer(layer, config, backend: str) -> LayerPatch:
         "w_down_t")
     patch.replace("mlp", gathered)
     patch.ffn_modules.append(gathered)
-    return patch

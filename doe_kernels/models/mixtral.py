@@ -50,8 +50,9 @@ def check_supported(layer, config) -> None:
     llama.check_attention(layer, sizes)
 
 
-def patch_layer(layer, config, backend: str) -> LayerPatch:
-    patch = LayerPatch(layer)
+def patch_layer(patch: LayerPatch, config, backend: str) -> None:
+    """Patch `patch.layer`, recording every change in `patch` as it is made."""
+    layer = patch.layer
     sizes = layer_sizes(layer, config)
     llama.patch_attention(patch, layer, sizes, backend)
     mlp = layer.mlp
@@ -63,4 +64,3 @@ def patch_layer(layer, config, backend: str) -> LayerPatch:
     patch.replace("mlp", block)
     patch.ffn_modules.append(block)
     patch.moe_modules.append(block)
-    return patch
