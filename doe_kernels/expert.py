@@ -13,15 +13,18 @@ head (the head's Parameters point at the expert's tensors; both restored on exit
 `predict_logits` / `predict` / `evaluate` prepend the soft prompt as input embeddings, exactly as
 PEFT's prompt tuning does (`inputs_embeds = cat(prompt, token embeddings)`, attention mask extended
 with ones; causal LMs are left-padded and read at the last position). Saved as one safetensors
-file whose metadata holds a small JSON header.
+file whose metadata holds a small JSON header; `Expert.load` checks the header and tensors and
+raises `doe_kernels.files.FileFormatError`, naming the file, for anything wrong with them.
 """
 import contextlib
 import json
+import operator
+from collections.abc import Iterable, Mapping
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from doe_kernels.files import FileFormatError, read_safetensors
 from doe_kernels.mask import ExpertMask
 from doe_kernels.models import spec_of
 from doe_kernels.patching import plugged as plug_mask
@@ -150,8 +153,73 @@ def model_sizes(model) -> dict:
     return sizes
 
 
+def _as_prompt(what: str, value) -> torch.Tensor:
+    """A soft prompt as a finite (virtual_tokens, hidden) float32 CPU tensor; raises naming it."""
+    tensor = torch.as_tensor(value).detach()
+    if not tensor.dtype.is_floating_point:
+        raise TypeError(f"{what} must be a floating-point tensor, got {tensor.dtype}")
+    if tensor.dim() != 2:
+        raise ValueError(f"{what} must be (virtual_tokens, hidden), got {tuple(tensor.shape)}")
+    tensor = tensor.cpu().float().contiguous()
+    if not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"{what} holds {int((~torch.isfinite(tensor)).sum())} non-finite "
+                         "values (NaN or inf)")
+    return tensor
+
+
+def _as_head(what: str, head) -> dict:
+    """A head state {parameter name: finite float tensor}, as CPU copies; raises naming it."""
+    if not isinstance(head, Mapping):
+        raise TypeError(f"{what} must be a dict {{parameter name: tensor}}, got "
+                        f"{type(head).__name__}")
+    out = {}
+    for key, value in head.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise TypeError(f"{what} must map parameter names to tensors, got {key!r}: "
+                            f"{type(value).__name__}")
+        if not value.dtype.is_floating_point:
+            raise TypeError(f"{what}[{key!r}] must be a floating-point tensor, got {value.dtype}")
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{what}[{key!r}] holds non-finite values (NaN or inf)")
+        out[key] = value.detach().cpu().contiguous()
+    return out
+
+
+def _as_list(what: str, values, item_type=None) -> list:
+    """`values` as a list; a str (which would be split into characters) is refused."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise ValueError(f"{what} must be a list, got the {type(values).__name__} {values!r}"
+                         + (" (it would be split into characters)"
+                            if isinstance(values, str) else ""))
+    values = list(values)
+    if item_type is not None:
+        bad = [v for v in values if not isinstance(v, item_type)]
+        if bad:
+            raise TypeError(f"{what} must hold {item_type.__name__}s, got {bad[0]!r}")
+    return values
+
+
+def _as_token_ids(values) -> list[int]:
+    """Label token ids as ints >= 0 (ints, numpy or 0-d torch integers; not floats or bools)."""
+    ids = []
+    for value in _as_list("label_token_ids", values):
+        if isinstance(value, bool):
+            raise TypeError(f"label_token_ids must hold token ids, got {value!r}")
+        try:
+            ids.append(operator.index(value))
+        except TypeError:
+            raise TypeError(f"label_token_ids must hold integer token ids, got {value!r}") from None
+        if ids[-1] < 0:
+            raise ValueError(f"label_token_ids must be >= 0, got {ids[-1]}")
+    return ids
+
+
 class Expert:
-    """A task expert: mask + soft prompt (+ classification head) + how its task is scored."""
+    """A task expert: mask + soft prompt (+ classification head) + how its task is scored.
+
+    Every argument is checked before anything is kept (ValueError or TypeError naming it): the
+    prompts are finite 2-D float tensors, the heads finite float tensors, the label names a list
+    (not a str) of distinct names, `max_length` >= 1."""
 
     def __init__(self, mask: ExpertMask | None, prompt: torch.Tensor, task_type: str,
                  label_names, label_words=None, label_token_ids=None, template=None,
@@ -160,41 +228,47 @@ class Expert:
                  dense_head: dict | None = None):
         if task_type not in TASK_TYPES:
             raise ValueError(f"task_type must be one of {TASK_TYPES}, got {task_type!r}")
-        prompt = torch.as_tensor(prompt).detach()
-        if prompt.dim() != 2:
-            raise ValueError(f"prompt must be (virtual_tokens, hidden), got {tuple(prompt.shape)}")
-        self.mask = mask
-        self.prompt = prompt.cpu().float().contiguous()
-        self.task_type = task_type
-        self.label_names = [str(n) for n in label_names]
-        self.label_words = None if label_words is None else list(label_words)
-        self.label_token_ids = (None if label_token_ids is None
-                                else [int(i) for i in label_token_ids])
-        self.template = template if task_type == CAUSAL_LM and template else (
-            DEFAULT_TEMPLATE if task_type == CAUSAL_LM else None)
-        self.head = None if head is None else {k: v.detach().cpu().contiguous()
-                                                for k, v in head.items()}
-        self.sizes = None if sizes is None else dict(sizes)
-        self.figures = dict(figures or {})
-        self.name = name
-        self.max_length = max_length
+        if mask is not None and not isinstance(mask, ExpertMask):
+            raise TypeError(f"mask must be an ExpertMask or None, got {type(mask).__name__}")
+        prompt = _as_prompt("prompt", prompt)
         # the unpruned prompt-tuned prompt and head, when they differ from the served ones
-        self.dense_prompt = (None if dense_prompt is None
-                             else torch.as_tensor(dense_prompt).detach().cpu().float().contiguous())
-        if self.dense_prompt is not None and self.dense_prompt.shape != self.prompt.shape:
-            raise ValueError(f"dense_prompt is {tuple(self.dense_prompt.shape)}, the prompt "
-                             f"{tuple(self.prompt.shape)}")
-        self.dense_head = None if dense_head is None else {
-            k: v.detach().cpu().contiguous() for k, v in dense_head.items()}
-        if self.dense_head is not None and (self.head is None
-                                            or self.dense_head.keys() != self.head.keys()):
-            raise ValueError(f"dense_head has parameters {sorted(self.dense_head)}, the head "
-                             f"{sorted(self.head or {})}")
+        dense_prompt = None if dense_prompt is None else _as_prompt("dense_prompt", dense_prompt)
+        label_names = [str(n) for n in _as_list("label_names", label_names)]
+        if not label_names or len(set(label_names)) != len(label_names):
+            raise ValueError(f"label_names must be distinct names, at least one, got {label_names}")
+        label_words = None if label_words is None else _as_list("label_words", label_words, str)
+        if label_words is not None and len(label_words) != len(label_names):
+            raise ValueError(f"{len(label_words)} label words for {len(label_names)} labels")
+        label_token_ids = None if label_token_ids is None else _as_token_ids(label_token_ids)
+        head = None if head is None else _as_head("head", head)
+        dense_head = None if dense_head is None else _as_head("dense_head", dense_head)
+        if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1:
+            raise ValueError(f"max_length must be an int >= 1 (tokens per text), got {max_length!r}")
+        if not isinstance(name, str):
+            raise TypeError(f"name must be a str, got {type(name).__name__}")
+        if template is not None and not isinstance(template, str):
+            raise TypeError(f"template must be a str or None, got {type(template).__name__}")
+        if dense_prompt is not None and dense_prompt.shape != prompt.shape:
+            raise ValueError(f"dense_prompt is {tuple(dense_prompt.shape)}, the prompt "
+                             f"{tuple(prompt.shape)}")
+        if dense_head is not None and (head is None or dense_head.keys() != head.keys()):
+            raise ValueError(f"dense_head has parameters {sorted(dense_head)}, the head "
+                             f"{sorted(head or {})}")
         if task_type == CAUSAL_LM:
-            if self.label_token_ids is None or len(self.label_token_ids) != len(self.label_names):
+            if label_token_ids is None or len(label_token_ids) != len(label_names):
                 raise ValueError("a causal-LM expert needs one label token id per label")
-        elif self.head is None:
-            raise ValueError("a sequence-classification expert needs its trained head state")
+            template = check_template(template) if template else DEFAULT_TEMPLATE
+        else:
+            if head is None:
+                raise ValueError("a sequence-classification expert needs its trained head state")
+            template = None
+        sizes = None if sizes is None else dict(sizes)
+        figures = dict(figures or {})
+        self.mask, self.prompt, self.task_type = mask, prompt, task_type
+        self.label_names, self.label_words = label_names, label_words
+        self.label_token_ids, self.template = label_token_ids, template
+        self.head, self.dense_prompt, self.dense_head = head, dense_prompt, dense_head
+        self.sizes, self.figures, self.name, self.max_length = sizes, figures, name, max_length
 
     @property
     def num_virtual_tokens(self) -> int:
@@ -371,20 +445,67 @@ class Expert:
 
     @classmethod
     def load(cls, path) -> "Expert":
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-        if metadata.get("doe_kernels") != "Expert":
-            raise ValueError(f"{path} is not a doe_kernels Expert file (no Expert metadata)")
+        """The expert saved at `path`. Whatever is wrong with the file (missing, not an Expert
+        file, a header key missing or of the wrong type, a non-finite or misshapen tensor, a bad
+        mask) raises `doe_kernels.files.FileFormatError` naming the file and the problem."""
+        metadata, tensors = read_safetensors(path, "Expert")
+        try:
+            header = _read_header(metadata)
+            names = {"prompt", "dense.prompt"} | {k for k in tensors if k.startswith(
+                ("head.", "dense.head.") + (("mask.",) if header["has_mask"] else ()))}
+            unexpected = sorted(set(tensors) - names)
+            if unexpected:
+                raise ValueError(f"unexpected tensor(s) {unexpected}")
+            if "prompt" not in tensors:
+                raise ValueError("no 'prompt' tensor")
+            head = {k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")}
+            mask = (ExpertMask.from_tensors(tensors, header["mask_spec"], prefix="mask.")
+                    if header["has_mask"] else None)
+            dense_head = {k[len("dense.head."):]: v for k, v in tensors.items()
+                          if k.startswith("dense.head.")}
+            return cls(mask, tensors["prompt"], header["task_type"], header["label_names"],
+                       header["label_words"], header["label_token_ids"], header["template"],
+                       head or None, header["sizes"], header["figures"], header["name"],
+                       header["max_length"], tensors.get("dense.prompt"), dense_head or None)
+        except (ValueError, TypeError, KeyError) as error:
+            message = error.args[0] if isinstance(error, KeyError) and error.args else error
+            raise FileFormatError(f"{path}: {message}") from error
+
+
+# The header an Expert file holds: key -> the JSON types its value may have (None: null allowed),
+# and for lists the type of their items.
+_HEADER = {"format": (str,), "name": (str,), "task_type": (str,), "label_names": (list, str),
+           "label_words": (list, str, None), "label_token_ids": (list, int, None),
+           "template": (str, None), "sizes": (dict, None), "figures": (dict,),
+           "max_length": (int,), "mask_spec": (dict, None), "has_mask": (bool,)}
+
+
+def _read_header(metadata: dict) -> dict:
+    """An Expert file's JSON header, checked key by key; raises ValueError naming the problem."""
+    if "header" not in metadata:
+        raise ValueError("its metadata has no 'header'")
+    try:
         header = json.loads(metadata["header"])
-        if header.get("format") != _FORMAT:
-            raise ValueError(f"{path}: unknown Expert format {header.get('format')!r}")
-        tensors = load_file(str(path))
-        head = {k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")}
-        mask = (ExpertMask.from_tensors(tensors, header["mask_spec"], prefix="mask.")
-                if header["has_mask"] else None)
-        dense_head = {k[len("dense.head."):]: v for k, v in tensors.items()
-                      if k.startswith("dense.head.")}
-        return cls(mask, tensors["prompt"], header["task_type"], header["label_names"],
-                   header["label_words"], header["label_token_ids"], header["template"],
-                   head or None, header["sizes"], header["figures"], header["name"],
-                   header["max_length"], tensors.get("dense.prompt"), dense_head or None)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"its header is not JSON: {error}") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"its header is a JSON {type(header).__name__}, not an object")
+    if "format" in header and header["format"] != _FORMAT:
+        raise ValueError(f"unknown Expert format {header['format']!r} (this version reads "
+                         f"{_FORMAT!r})")
+    for key, kinds in _HEADER.items():
+        if key not in header:
+            raise ValueError(f"its header has no {key!r} key")
+        value = header[key]
+        if value is None and None in kinds:
+            continue
+        expected = kinds[0]
+        if not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool):
+            raise ValueError(f"header key {key!r} is {value!r}, not a {expected.__name__}"
+                             + (" or null" if None in kinds else ""))
+        if expected is list and len(kinds) > 1 and kinds[1] is not None:
+            bad = [v for v in value if not isinstance(v, kinds[1]) or isinstance(v, bool)]
+            if bad:
+                raise ValueError(f"header key {key!r} holds {bad[0]!r}, not a "
+                                 f"{kinds[1].__name__}")
+    return header
