@@ -16,6 +16,9 @@ def test_constructor_normalises_and_checks_indices():
         ({0: [-1, 2]}, ValueError, r"ffn\[0\] holds a negative index -1"),
         ({0: [[1, 2]]}, ValueError, r"ffn\[0\] must be 1-D"),
         ({0: [0.5]}, TypeError, r"ffn\[0\] must hold integer indices"),
+        ({0: torch.tensor([1, 2], dtype=torch.complex128)}, TypeError, "complex128"),
+        ({0: torch.tensor([1, 2], dtype=torch.complex64)}, TypeError, "complex64"),
+        ({0: torch.tensor([True])}, TypeError, "torch.bool"),
         ({"0": [1]}, TypeError, "keys must be layer numbers"),
     ]:
         with pytest.raises(error, match=match):
@@ -29,6 +32,54 @@ def test_mask_is_a_copy_and_read_only():
     assert mask.ffn[0].tolist() == [1, 2]
     with pytest.raises(TypeError):
         mask.ffn[1] = torch.tensor([0])
+
+
+def test_empty_lists_keep_nothing():
+    for empty in ([], (), torch.empty(0, dtype=torch.int64)):
+        mask = dk.ExpertMask(ffn={0: empty}, heads={1: empty})
+        assert mask.ffn[0].dtype == torch.int64 and mask.ffn[0].numel() == 0
+        assert mask.heads[1].numel() == 0
+
+
+def test_index_tensors_cannot_be_changed_after_patching():
+    """Editing a looked-up index tensor in place changes neither the mask nor a patched model
+    (a stale validation once let a middle index read out of bounds)."""
+    from model_utils import inputs, masked_dense, output_of
+
+    model = build("llama")
+    mask = dk.ExpertMask.random(model, ffn_keep=0.5, seed=1)
+    kept = mask.ffn[1].clone()
+    ids, attention = inputs("llama")
+    with torch.no_grad():
+        reference = output_of(masked_dense(model, mask), ids, attention)
+        dk.patch(model, mask)
+        mask.ffn[1][kept.numel() // 2] = 10 ** 9
+        mask.ffn.get(1)[0] = -5
+        assert torch.equal(mask.ffn[1], kept)
+        dk.patch(model, mask)  # a second patch uses the validated lists
+        assert torch.allclose(output_of(model, ids, attention), reference, atol=1e-5)
+    dk.unpatch(model)
+
+
+def test_masks_deep_copy_and_pickle():
+    import copy
+    import pickle
+
+    mask = dk.ExpertMask.random(build("bert"), ffn_keep=0.3, heads_keep=0.5, seed=2)
+    dk.patch(build("bert"), mask)  # fills the mask's cache of prepared plans
+    for clone in (copy.deepcopy(mask), pickle.loads(pickle.dumps(mask))):
+        assert clone == mask and clone is not mask
+        assert repr(clone) == repr(mask)
+
+
+def test_nan_scores_are_refused():
+    scores = torch.rand(2, 10)
+    scores[1, 3] = float("nan")
+    for scope in ("layer", "global"):
+        with pytest.raises(ValueError, match="NaN in layer 1"):
+            dk.ExpertMask.from_scores(scores, scope=scope)
+        with pytest.raises(ValueError, match="NaN in layer 0"):
+            dk.ExpertMask.from_scores(None, torch.full((2, 4), float("nan")), scope=scope)
 
 
 def test_random_keeps_the_fraction_in_every_layer():
@@ -71,6 +122,49 @@ def test_save_and_load_round_trip(tmp_path):
     save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="is not a doe_kernels ExpertMask file"):
         dk.ExpertMask.load(tmp_path / "other.safetensors")
+
+
+def _mask_file(path, tensors, spec="null", kind="ExpertMask"):
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata={"doe_kernels": kind, "spec": spec})
+    return path
+
+
+@pytest.mark.parametrize("write,match", [
+    (lambda p: p.write_bytes(b""), "not a readable safetensors file"),
+    (lambda p: p.write_text("ffn.0 = [1, 2]"), "not a readable safetensors file"),
+    (lambda p: p.mkdir(), "is a directory"),
+    (lambda p: None, "file not found"),
+    (lambda p: _mask_file(p, {"ffn.0": torch.tensor([1])}, kind="Expert"), "not a doe_kernels"),
+    (lambda p: _mask_file(p, {"ffn.1": torch.tensor([1]), "ffn.01": torch.tensor([2])}),
+     "unknown mask tensor 'ffn.01'"),
+    (lambda p: _mask_file(p, {"ffn": torch.tensor([1])}), "unknown mask tensor 'ffn'"),
+    (lambda p: _mask_file(p, {"ffn.0.1": torch.tensor([1])}), "unknown mask tensor"),
+    (lambda p: _mask_file(p, {"ffn.0": torch.tensor([2, 1])}), "sorted and unique"),
+    (lambda p: _mask_file(p, {"ffn.0": torch.tensor([0.5])}), "integer indices"),
+    (lambda p: _mask_file(p, {"skip.0": torch.tensor([float("nan")])}), "threshold"),
+    (lambda p: _mask_file(p, {}, spec="[1, 2]"), "spec must be a dict"),
+    (lambda p: _mask_file(p, {}, spec="{bad json"), "Expecting"),
+    (lambda p: _mask_file(p, {}, spec='{"num_layers": -3}'), "not a valid model size"),
+])
+def test_bad_mask_files_raise_one_error_naming_the_file(tmp_path, write, match):
+    from doe_kernels.files import FileFormatError
+
+    path = tmp_path / "mask.safetensors"
+    write(path)
+    with pytest.raises(FileFormatError, match=match) as error:
+        dk.ExpertMask.load(path)
+    assert str(path) in str(error.value)
+
+
+def test_a_mask_with_an_empty_or_partial_spec_still_prints(tmp_path):
+    loaded = dk.ExpertMask.load(_mask_file(tmp_path / "m.safetensors", {"ffn.0": torch.tensor([1])},
+                                           spec="{}"))
+    assert "ffn layers=[0]" in repr(loaded)
+    assert "ffn layers=[]" in repr(dk.ExpertMask(spec={"num_experts": 4}))
+    with pytest.raises(ValueError, match="records no model sizes"):
+        loaded.summary()
 
 
 def test_validate_names_the_first_bad_layer_and_index():

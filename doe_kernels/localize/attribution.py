@@ -142,4 +142,15 @@ def attribute(model, tokenizer, expert, data, method: str = "grad", steps: int =
     finally:
         bar.close()
         model.train(was_training)
-    return ffn / len(data), heads / len(data)
+    return _finite(ffn / len(data), "neuron"), _finite(heads / len(data), "head")
+
+
+def _finite(scores: torch.Tensor, unit: str) -> torch.Tensor:
+    """`scores` if every one is a number; a NaN would rank first and make a meaningless mask."""
+    bad = torch.isnan(scores)
+    if bad.any():
+        layer = int(bad.any(1).nonzero()[0])
+        raise ValueError(f"attribution gave NaN {unit} scores ({int(bad.sum())} of "
+                         f"{scores.numel()}, first in layer {layer}): the model, the soft prompt "
+                         "or the head computes non-finite values on the task's data")
+    return scores

@@ -1,0 +1,210 @@
+"""What a patched model promises beyond its outputs: checkpoints saved while patched are the
+original model's, a failure at any point of `patch` leaves the model as it was, copies and pickles
+work, dtype changes are checked against an explicit backend, and `plugged` never hides the body's
+error."""
+import copy
+import pickle
+
+import pytest
+import torch
+
+import doe_kernels as dk
+import doe_kernels.models.base as base
+from model_utils import build, inputs, masked_dense, mixed_mask, output_of, snapshot, state_dict_equal
+from moe_utils import mixtral
+
+FAMILIES = ["bert", "llama", "mixtral"]
+
+
+def model_of(name):
+    return mixtral() if name == "mixtral" else build(name)
+
+
+def masked(model):
+    mask = mixed_mask(model)
+    return mask if dk.models.spec_of(model).num_experts == 0 else \
+        dk.ExpertMask(mask.ffn, mask.heads, mask.spec, moe={0: [0, 2, 5], 2: [1, 3]})
+
+
+def modules_of(model):
+    return {name: module for name, module in model.named_modules()}
+
+
+def assert_untouched(model, before, modules_before):
+    assert not dk.is_patched(model)
+    assert state_dict_equal(snapshot(model), before)
+    after = modules_of(model)
+    assert after.keys() == modules_before.keys()
+    assert all(after[k] is modules_before[k] for k in after)
+
+
+def run(model, name="llama"):
+    ids, attention = inputs("bert" if name == "bert" else "llama")
+    with torch.no_grad():
+        return output_of(model, ids, attention)
+
+
+# ---- checkpoints ----------------------------------------------------------------------------
+@pytest.mark.parametrize("name", FAMILIES)
+def test_state_dict_of_a_patched_model_is_the_original(name, tmp_path):
+    model = model_of(name)
+    before = snapshot(model)
+    dk.patch(model, masked(model))
+    patched = model.state_dict()
+    assert list(patched) == list(before)
+    assert state_dict_equal({k: v.contiguous() for k, v in patched.items()}, before)
+
+    torch.save(patched, tmp_path / "weights.pt")
+    fresh = model_of(name)
+    fresh.load_state_dict(torch.load(tmp_path / "weights.pt"))
+    assert state_dict_equal(snapshot(fresh), before)
+
+    model.save_pretrained(tmp_path / "checkpoint")
+    reloaded = type(model).from_pretrained(tmp_path / "checkpoint").eval()
+    assert state_dict_equal(snapshot(reloaded), before)
+    dk.unpatch(model)
+    assert state_dict_equal(snapshot(model), before)
+
+
+@pytest.mark.parametrize("name", ["bert", "llama"])
+def test_load_state_dict_into_a_patched_model_is_refused_before_any_change(name):
+    model = model_of(name)
+    mask = masked(model)
+    dk.patch(model, mask)
+    expected = run(model, name)
+    other = {k: torch.zeros_like(v) for k, v in model_of(name).state_dict().items()}
+    with pytest.raises(RuntimeError, match="unpatch"):
+        model.load_state_dict(other)
+    with pytest.raises(RuntimeError, match="unpatch"):  # a layer loaded on its own too
+        layer = model.bert.encoder.layer[0] if name == "bert" else model.model.layers[0]
+        layer.load_state_dict({k.split(".0.", 1)[1]: v for k, v in other.items() if ".0." in k})
+    assert torch.equal(run(model, name), expected)
+    dk.unpatch(model)
+    model.load_state_dict(other)  # unpatched: loads as usual
+
+
+# ---- failures part-way -----------------------------------------------------------------------
+@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("fail_at", [1, 2, 4])
+def test_a_failure_inside_a_layer_leaves_the_model_as_it_was(name, fail_at, monkeypatch):
+    """`input_major` runs once per converted weight (2 per layer): failing at the 1st, 2nd or 4th
+    call fails before any change, half-way through layer 0, and half-way through layer 1."""
+    model = model_of(name)
+    before, modules_before, expected = snapshot(model), modules_of(model), run(model, name)
+    calls = []
+    real = base.input_major
+
+    def failing(weight):
+        calls.append(1)
+        if len(calls) == fail_at:
+            raise torch.OutOfMemoryError("simulated out of memory")
+        return real(weight)
+
+    monkeypatch.setattr(base, "input_major", failing)
+    with pytest.raises(torch.OutOfMemoryError, match="simulated"):
+        dk.patch(model, masked(model))
+    assert_untouched(model, before, modules_before)
+    assert torch.equal(run(model, name), expected)
+    monkeypatch.setattr(base, "input_major", real)
+    mask = masked(model)
+    reference = run(masked_dense(model, mask), name) if name != "mixtral" else None
+    with dk.plugged(model, mask):  # and it patches normally afterwards
+        if reference is not None:
+            assert torch.allclose(run(model, name), reference, atol=1e-5)
+    assert_untouched(model, before, modules_before)
+
+
+def test_a_failed_swap_keeps_the_previous_expert(monkeypatch):
+    model = build("llama")
+    first, second = mixed_mask(model, seed=1), mixed_mask(model, ffn_keep=0.7, seed=2)
+    dk.patch(model, first)
+    expected = run(model)
+    real, calls = base.LayerPatch.set, []
+
+    def failing(self, *args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("simulated failure in layer 1")
+        return real(self, *args)
+
+    monkeypatch.setattr(base.LayerPatch, "set", failing)
+    with pytest.raises(RuntimeError, match="simulated"):
+        dk.patch(model, second)
+    monkeypatch.setattr(base.LayerPatch, "set", real)
+    assert dk.current_mask(model) is first
+    assert torch.equal(run(model), expected)
+    dk.unpatch(model)
+
+
+# ---- copies ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["bert", "llama"])
+def test_a_patched_model_deep_copies_and_pickles(name):
+    model = model_of(name)
+    before = snapshot(model)
+    mask = masked(model)
+    dk.patch(model, mask)
+    expected = run(model, name)
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert dk.is_patched(clone) and dk.current_mask(clone) == mask
+        assert torch.equal(run(clone, name), expected)
+        dk.patch(clone, mixed_mask(clone, seed=5))  # swaps on the copy
+        dk.unpatch(clone)
+        assert state_dict_equal(snapshot(clone), before)
+    assert torch.equal(run(model, name), expected)  # the original is untouched by its copies
+    dk.unpatch(model)
+    assert state_dict_equal(snapshot(model), before)
+
+
+# ---- dtype and device changes ------------------------------------------------------------------
+def test_a_dtype_the_explicit_backend_cannot_run_is_refused_before_any_change():
+    model = build("llama")
+    before = snapshot(model)
+    mask = mixed_mask(model)
+    dk.patch(model, mask, backend="cpu")
+    expected = run(model)
+    for convert in (model.double, model.half, lambda: model.to(torch.float64)):
+        with pytest.raises(dk.BackendUnavailableError, match="backend='cpu'.*float"):
+            convert()
+        assert {p.dtype for p in model.parameters()} == {torch.float32}
+        assert torch.equal(run(model), expected)
+    model.bfloat16()  # the cpu backend runs bfloat16
+    dk.patch(model, mixed_mask(model, seed=3), backend="cpu")  # a swap after the change works
+    assert run(model).dtype == torch.bfloat16
+    model.float()
+    dk.unpatch(model)
+    assert state_dict_equal(snapshot(model), {k: v.bfloat16().float() for k, v in before.items()})
+
+
+def test_auto_backend_follows_a_dtype_change():
+    model = build("llama")
+    mask = mixed_mask(model)
+    reference = run(masked_dense(model.double(), mask))
+    model.float()
+    dk.patch(model, mask)
+    model.double()
+    assert torch.allclose(run(model), reference, atol=1e-10)
+    dk.patch(model, mixed_mask(model, seed=4))  # swaps build their plans for the new dtype
+    dk.unpatch(model)
+    assert {p.dtype for p in model.parameters()} == {torch.float64}
+
+
+# ---- plugged ---------------------------------------------------------------------------------
+def test_plugged_keeps_the_body_error_when_the_body_unpatched():
+    model = build("llama")
+    before = snapshot(model)
+    with pytest.raises(KeyError, match="from the body"):
+        with dk.plugged(model, mixed_mask(model)):
+            dk.unpatch(model)
+            raise KeyError("from the body")
+    assert not dk.is_patched(model)
+    assert state_dict_equal(snapshot(model), before)
+
+    first = mixed_mask(model, seed=1)
+    dk.patch(model, first)
+    with pytest.raises(KeyError, match="from the body"):
+        with dk.plugged(model, mixed_mask(model, seed=2)):
+            dk.unpatch(model)
+            raise KeyError("from the body")
+    assert dk.current_mask(model) is first  # the expert plugged before is back
+    dk.unpatch(model)
+    assert state_dict_equal(snapshot(model), before)
