@@ -44,13 +44,23 @@ class ExpertRouter:
         return sorted(self._experts)
 
     def _known(self, name) -> str:
-        if name not in self._experts:
+        if not isinstance(name, str) or name not in self._experts:  # a list is not hashable
             raise KeyError(f"unknown task {name!r}; known tasks: {self.tasks}")
         return name
 
     # ---- requests -----------------------------------------------------------------------
     def run_logits(self, name: str, batch) -> torch.Tensor:
         """(len(batch), num_labels) label logits of task `name`'s expert for a batch of texts."""
+        return self._run(name, batch)[1]
+
+    def run(self, name: str, batch) -> list[str]:
+        """Predicted label names of task `name` for a batch of texts (or one text)."""
+        expert, logits = self._run(name, batch)
+        return [expert.label_names[i] for i in logits.argmax(-1).tolist()]
+
+    def _run(self, name: str, batch) -> tuple[Expert, torch.Tensor]:
+        """(the expert that answered, its logits): the expert is read once, under the lock, so a
+        task re-added meanwhile cannot pair one expert's logits with another's labels."""
         texts = _texts(batch)
         with self._lock:
             expert = self._experts[self._known(name)]
@@ -58,14 +68,8 @@ class ExpertRouter:
                 patch(self.model, ExpertMask(), self.backend)  # keep-everything: swaps stay cheap
                 self._patched_here = True
             with expert.plugged(self.model, backend=self.backend):
-                return expert.predict_logits(self.model, self.tokenizer, texts, self.batch_size,
-                                             backend=self.backend)
-
-    def run(self, name: str, batch) -> list[str]:
-        """Predicted label names of task `name` for a batch of texts (or one text)."""
-        logits = self.run_logits(name, batch)
-        labels = self._experts[name].label_names
-        return [labels[i] for i in logits.argmax(-1).tolist()]
+                return expert, expert.predict_logits(self.model, self.tokenizer, texts,
+                                                     self.batch_size, backend=self.backend)
 
     def close(self) -> None:
         """Restore the unpatched model (if the router patched it)."""
@@ -82,12 +86,18 @@ class ExpertRouter:
 
 
 def _texts(batch) -> list[str]:
+    """A batch as a non-empty list of texts that are valid Unicode (no lone surrogates)."""
     if isinstance(batch, str):
-        return [batch]
-    if not isinstance(batch, (list, tuple)) or not batch:
+        batch = [batch]
+    elif not isinstance(batch, (list, tuple)) or not batch:
         raise ValueError(f"a batch is a text or a non-empty list of texts, got {type(batch).__name__}"
                          + ("" if batch else " (empty)"))
-    bad = [i for i, text in enumerate(batch) if not isinstance(text, str)]
-    if bad:
-        raise ValueError(f"batch item {bad[0]} is a {type(batch[bad[0]]).__name__}, not a text")
+    for i, text in enumerate(batch):
+        if not isinstance(text, str):
+            raise ValueError(f"batch item {i} is a {type(text).__name__}, not a text")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise ValueError(f"batch item {i} is not valid Unicode text: {error.reason} "
+                             f"({text[error.start]!r} at position {error.start})") from None
     return list(batch)

@@ -82,3 +82,52 @@ def test_router_errors_leave_the_model_as_it_was(served, tokenizer):
     assert router.tasks == ["task0"]
     router.close()
     assert not dk.is_patched(model)
+
+
+class _AddOnRelease:
+    """A router lock that, once armed, runs an action right after it is next released: another
+    thread's `router.add` landing between the forward pass and the reading of the labels."""
+
+    def __init__(self):
+        self.lock, self.action = threading.Lock(), None
+
+    def __enter__(self):
+        self.lock.acquire()
+
+    def __exit__(self, *exc):
+        self.lock.release()
+        action, self.action = self.action, None
+        if action is not None:
+            action()
+
+
+def test_labels_come_from_the_expert_that_computed_the_logits(served, tokenizer, monkeypatch):
+    model, experts, alone = served
+    first = experts["task0"]
+    other = seq_cls_expert(model, seed=7)
+    other.label_names = ["OTHER-0", "OTHER-1"]
+    router = dk.ExpertRouter(model, tokenizer)
+    router.add("task0", first)
+    router._lock = _AddOnRelease()
+    forward = first.predict_logits
+
+    def forward_then_readd(*args, **kwargs):
+        router._lock.action = lambda: router.add("task0", other)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(first, "predict_logits", forward_then_readd)
+    labels = router.run("task0", TEXTS)
+    assert labels == [first.label_names[i] for i in alone["task0"].argmax(-1).tolist()]
+    assert router._experts["task0"] is other  # the re-add did land, after the forward pass
+    router.close()
+
+
+@pytest.mark.parametrize("text", ["\ud800", ["fine", "bad \udfff end"]])
+def test_texts_with_lone_surrogates_are_refused(served, tokenizer, text):
+    model, experts, _ = served
+    with dk.ExpertRouter(model, tokenizer) as router:
+        router.add("task0", experts["task0"])
+        with pytest.raises(ValueError, match="is not valid Unicode text"):
+            router.run("task0", text)
+        with pytest.raises(KeyError, match=r"unknown task \['task0'\]"):
+            router.run(["task0"], TEXTS)
