@@ -5,21 +5,92 @@
   doe-kernels serve    --model PATH --expert NAME=EXPERT [--expert ...]   (JSON lines on stdin)
   doe-kernels bench    --model PATH [--expert EXPERT | --prune 0.65] [--seq 128] [--batch 1]
 
-User mistakes (missing files, bad columns, a mismatched expert) print one line and exit 2.
+User mistakes (bad arguments, missing or unreadable files, bad columns, a mismatched expert, a
+backend this machine lacks) print one line on stderr and exit 2; they are checked before any long
+work starts (localize checks where it will write before it trains). `serve` answers a bad request
+with an {"error": ...} line and goes on with the next one.
 """
 import argparse
 import json
+import math
 import os
 import sys
 import time
+import traceback
 
 import torch
+
+from doe_kernels.backends import BACKEND_NAMES, BackendUnavailableError, available_backends
 
 EXIT_USER_ERROR = 2
 
 
 class UserError(Exception):
     """A mistake in the command's arguments or files: reported in one line, no traceback."""
+
+
+# What main reports as a user's mistake: ValueError covers bad task files (TaskDataError),
+# unreadable expert files (FileFormatError) and experts or masks made for another model.
+USER_ERRORS = (UserError, ValueError, FileNotFoundError, BackendUnavailableError)
+
+
+class _UsageError(UserError):
+    """A command line argparse refuses; `prog` names the (sub)command."""
+
+    def __init__(self, prog: str, message: str):
+        super().__init__(message)
+        self.prog = prog
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser whose errors are one line (no usage block), exit code 2 through main."""
+
+    def error(self, message):
+        raise _UsageError(self.prog, f"{message} (see {self.prog} --help)")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return value
+
+
+def _number(text: str) -> float:
+    """`text` as a float; NaN (which every range check below refuses) when it is not a number."""
+    try:
+        return float(text)
+    except ValueError:
+        return math.nan
+
+
+def _positive_float(text: str) -> float:
+    value = _number(text)
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return value
+
+
+def _prune_rate(text: str) -> float:
+    value = _number(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be a pruning rate in [0, 1), got {text!r}")
+    return value
+
+
+def _backend(text: str) -> str:
+    """A --backend present on this machine's CPU (the command line runs models on the CPU)."""
+    if text not in BACKEND_NAMES or text == "auto":
+        return text  # argparse's choices answer a name it does not know
+    present = available_backends("cpu")
+    if text not in present:
+        raise argparse.ArgumentTypeError(
+            f"backend {text!r} is not available here (the command line runs on the CPU); "
+            f"available: {['auto', *present]}")
+    return text
 
 
 def load_model(path: str, num_labels: int | None = None):
@@ -30,14 +101,18 @@ def load_model(path: str, num_labels: int | None = None):
 
     if not os.path.isdir(path):
         raise UserError(f"model folder not found: {path}")
-    config = AutoConfig.from_pretrained(path)
-    causal = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
-    if causal:
-        model = AutoModelForCausalLM.from_pretrained(path)
-    else:
-        labels = {} if num_labels is None else {"num_labels": num_labels}
-        model = AutoModelForSequenceClassification.from_pretrained(path, **labels)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+        causal = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
+        if causal:
+            model = AutoModelForCausalLM.from_pretrained(path)
+        else:
+            labels = {} if num_labels is None else {"num_labels": num_labels}
+            model = AutoModelForSequenceClassification.from_pretrained(path, **labels)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as error:  # transformers' errors for a broken folder
+        reason = str(error).strip().split("\n\n")[0]
+        raise UserError(f"cannot load the model in {path}: {reason}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.eval(), tokenizer
@@ -55,16 +130,30 @@ def _task(path: str, split: str | None):
 
 
 def _load_expert(path: str):
+    """The Expert at `path`; an unreadable file raises FileFormatError (a ValueError)."""
     from doe_kernels.expert import Expert
 
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise UserError(f"expert file not found: {path}")
     return Expert.load(path)
+
+
+def _check_output(path: str) -> None:
+    """Refuse an output path that cannot be written, before the work that would fill it."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UserError(f"--out {path} is a directory; give a file name")
+    if not os.path.isdir(folder):
+        what = "is not a folder" if os.path.exists(folder) else "does not exist"
+        raise UserError(f"--out {path}: {folder} {what}")
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise UserError(f"--out {path} is not writable")
 
 
 def cmd_localize(args) -> None:
     from doe_kernels.localize import localize
 
+    _check_output(args.out)
     splits = _task(args.task, None)
     train = splits.get("train", splits.get("all"))
     if train is None:
@@ -141,36 +230,51 @@ def cmd_serve(args) -> None:
         name, sep, path = spec.partition("=")
         if not sep or not name:
             raise UserError(f"--expert takes NAME=PATH, got {spec!r}")
+        if name in experts:
+            raise UserError(f"--expert {name}= is given twice")
         experts[name] = _load_expert(path)
     model, tokenizer = load_model(args.model, num_labels=len(next(iter(experts.values())).label_names))
     with ExpertRouter(model, tokenizer, backend=args.backend) as router:
         for name, expert in experts.items():
             router.add(name, expert)
-        for line in sys.stdin:
+        for line in getattr(sys.stdin, "buffer", sys.stdin):  # bytes: bad UTF-8 is answered too
             if not line.strip():
                 continue
             print(json.dumps(_answer(router, line)), flush=True)
 
 
-def _answer(router, line: str) -> dict:
+def _answer(router, line: str | bytes) -> dict:
+    """The answer to one request line. Never raises: a bad request is answered {"error": ...};
+    so is an unexpected error inside the router, whose traceback also goes to stderr."""
     try:
-        request = json.loads(line)
-    except json.JSONDecodeError as error:
+        request = json.loads(line.decode("utf-8") if isinstance(line, bytes) else line)
+    except (ValueError, RecursionError) as error:  # JSONDecodeError, UnicodeDecodeError, nesting
         return {"error": f"not JSON: {error}"}
     if not isinstance(request, dict) or "task" not in request or "text" not in request:
         return {"error": 'a request is {"task": ..., "text": ...}'}
+    task, text = request["task"], request["text"]
+    if not isinstance(task, str):
+        return {"error": f'"task" must be a string (a task name), got {json.dumps(task)[:80]}'}
     try:
-        label = router.run(request["task"], request["text"])
+        label = router.run(task, text)
     except (KeyError, ValueError) as error:
-        return {"error": str(error).strip('"'), "task": request["task"]}
-    return {"task": request["task"], "label": label[0] if isinstance(request["text"], str) else label}
+        return {"error": error.args[0] if error.args else str(error), "task": task}
+    except Exception as error:  # a bug, not the request's fault: answered, and shown on stderr
+        traceback.print_exc(file=sys.stderr)
+        return {"error": f"internal error: {type(error).__name__}: {error}", "task": task}
+    return {"task": task, "label": label[0] if isinstance(text, str) else label}
 
 
 def cmd_bench(args) -> None:
     import doe_kernels as dk
 
     expert = _load_expert(args.expert) if args.expert else None
+    if expert is not None and expert.mask is None:
+        raise UserError(f"{args.expert} holds no mask (an unpruned expert): nothing to compare")
     model, tokenizer = load_model(args.model, None if expert is None else len(expert.label_names))
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions is not None and args.seq > positions:
+        raise UserError(f"--seq {args.seq} is longer than the model's {positions} positions")
     mask = expert.mask if expert is not None else dk.ExpertMask.random(
         model, ffn_keep=1 - args.prune, heads_keep=1 - args.prune, seed=0)
     ids = torch.randint(100, min(tokenizer.vocab_size, 20000), (args.batch, args.seq))
@@ -196,7 +300,7 @@ def cmd_bench(args) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="doe-kernels", description=__doc__.split("\n")[0])
+    top = _Parser(prog="doe-kernels", description=__doc__.split("\n")[0])
     sub = top.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("localize", help="find a task's expert and save it")
@@ -209,10 +313,11 @@ def parser() -> argparse.ArgumentParser:
                                          "instruction (label words then take no leading space)")
     p.add_argument("--template", help="causal LMs: a prompt around the text, e.g. "
                                       "'Review: {text}\\nSentiment:'")
-    p.add_argument("--max-length", type=int, default=128,
+    p.add_argument("--max-length", type=_positive_int, default=128,
                    help="tokens per example at most (long texts are cut)")
     p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--lr", type=float, default=3e-2, help="learning rate of the soft prompt")
+    p.add_argument("--lr", type=_positive_float, default=3e-2,
+                   help="learning rate of the soft prompt")
     p.add_argument("--prompt-init", metavar="TEXT",
                    help="start the soft prompt as this text's token embeddings (default: random "
                         "vocabulary tokens)")
@@ -226,9 +331,10 @@ def parser() -> argparse.ArgumentParser:
                    help="re-tune the prompt (and head) on each pruned candidate for this many "
                         "epochs before it is measured, and the baseline as long on the unpruned "
                         "model (default 0: off)")
-    p.add_argument("--recover-lr", type=float,
+    p.add_argument("--recover-lr", type=_positive_float,
                    help="learning rate of the recovery's prompt tuning (default: --lr)")
-    p.add_argument("--max-train", type=int, help="use at most this many training examples")
+    p.add_argument("--max-train", type=_positive_int,
+                   help="use at most this many training examples")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=cmd_localize)
 
@@ -248,25 +354,28 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="forward latency of the model, dense against patched")
     p.add_argument("--model", required=True)
     p.add_argument("--expert", help="expert file (default: a random mask at --prune)")
-    p.add_argument("--prune", type=float, default=0.65)
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--prune", type=_prune_rate, default=0.65,
+                   help="pruning rate of the random mask, in [0, 1)")
+    p.add_argument("--seq", type=_positive_int, default=128)
+    p.add_argument("--batch", type=_positive_int, default=1)
+    p.add_argument("--repeats", type=_positive_int, default=20)
     p.set_defaults(run=cmd_bench)
 
     for name, command in sub.choices.items():
-        command.add_argument("--backend", default="auto",
-                             choices=("auto", "cpu", "cuda", "triton", "torch"))
+        command.add_argument("--backend", default="auto", type=_backend, choices=BACKEND_NAMES)
     return top
 
 
 def main(argv=None) -> int:
-    args = parser().parse_args(argv)
+    """Run one command; a user's mistake prints one line on stderr and returns 2."""
+    command = "doe-kernels"
     try:
+        args = parser().parse_args(argv)
+        command = f"doe-kernels {args.command}"
         args.run(args)
-    except (UserError, ValueError, FileNotFoundError) as error:
-        # ValueError: bad task files (TaskDataError), experts or masks for another model
-        print(f"doe-kernels {args.command}: error: {error}", file=sys.stderr)
+    except USER_ERRORS as error:
+        command = getattr(error, "prog", command)
+        print(f"{command}: error: {' '.join(str(error).split())}", file=sys.stderr)
         return EXIT_USER_ERROR
     return 0
 

@@ -83,20 +83,32 @@ class TaskData:
 
 def read_csv(path, text_column="text", label_column="label", split_column="split",
              encoding="utf-8") -> dict[str, TaskData]:
-    """Read a task CSV: {split: TaskData}, or {"all": TaskData} without a split column."""
+    """Read a task CSV: {split: TaskData}, or {"all": TaskData} without a split column. A file
+    that is not `encoding` text or not CSV, or a row short of a column, raises TaskDataError."""
     if not os.path.isfile(path):
         raise TaskDataError(f"task file not found: {path}")
-    with open(path, newline="", encoding=encoding) as f:
-        reader = csv.DictReader(f)
-        columns = reader.fieldnames or []
-        missing = [c for c in (text_column, label_column) if c not in columns]
-        if missing:
-            raise TaskDataError(f"{path}: missing column(s) {missing}; found {columns} (a task CSV "
-                                f"needs '{text_column}' and '{label_column}', optionally "
-                                f"'{split_column}')")
-        rows = list(reader)
+    try:
+        with open(path, newline="", encoding=encoding) as f:
+            reader = csv.DictReader(f)
+            columns = reader.fieldnames or []
+            missing = [c for c in (text_column, label_column) if c not in columns]
+            if missing:
+                raise TaskDataError(f"{path}: missing column(s) {missing}; found {columns} (a task "
+                                    f"CSV needs '{text_column}' and '{label_column}', optionally "
+                                    f"'{split_column}')")
+            rows = list(reader)
+    except UnicodeDecodeError as error:
+        raise TaskDataError(f"{path} is not {encoding} text: {error}") from None
+    except csv.Error as error:
+        raise TaskDataError(f"{path} is not a readable CSV file: {error}") from None
     if not rows:
         raise TaskDataError(f"{path}: no rows")
+    wanted = [c for c in (text_column, label_column, split_column) if c in columns]
+    for number, row in enumerate(rows, start=1):
+        short = [c for c in wanted if row[c] is None]
+        if short:
+            raise TaskDataError(f"{path}: data row {number} has no {short[0]!r} value (it has "
+                                f"fewer fields than the header)")
     name = os.path.splitext(os.path.basename(path))[0]
     names = sorted({row[label_column] for row in rows})
     if split_column not in columns:

@@ -1,0 +1,228 @@
+"""The command line's promise under misuse: every user mistake prints one line on stderr (no
+traceback, no usage block) and exits 2, checked before long work starts; `serve` answers every bad
+request with an error line and goes on answering."""
+import io
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from doe_kernels import backends, cli
+from doe_kernels.data import write_csv
+from expert_utils import seq_cls_expert, sentiment_task, tiny_bert
+from test_expert_files import edit, write_expert_file
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, tokenizer) -> dict:
+    """A tiny BERT folder, a sound expert and task for it, and broken versions of each."""
+    root = tmp_path_factory.mktemp("misuse")
+    paths = {"root": str(root)}
+    model = root / "model"
+    tiny_bert().save_pretrained(model)
+    tokenizer.save_pretrained(model)
+    paths["model"] = str(model)
+    bad_config = root / "bad_config"
+    bad_config.mkdir()
+    (bad_config / "config.json").write_text("{not json")
+    (root / "empty_folder").mkdir()
+    expert = root / "expert.safetensors"
+    seq_cls_expert(tiny_bert()).save(expert)
+    paths["expert"] = str(expert)
+    seq_cls_expert(tiny_bert(layers=3)).save(root / "other_model.safetensors")
+    seq_cls_expert(tiny_bert()).dense().save(root / "dense.safetensors")
+    (root / "empty.safetensors").write_bytes(b"")
+    (root / "text.safetensors").write_text("text,label\nhello,a\n")
+    (root / "corrupt.safetensors").write_bytes(expert.read_bytes()[:-64])
+    write_expert_file(expert, root / "no_names.safetensors", header=edit({}, ["label_names"]))
+    write_expert_file(expert, root / "str_names.safetensors",
+                      header=edit({"label_names": "np"}))
+    write_expert_file(expert, root / "zero_length.safetensors", header=edit({"max_length": 0}))
+    task = root / "task.csv"
+    write_csv(task, sentiment_task(40).split((0.6, 0.2, 0.2)))
+    paths["task"] = str(task)
+    (root / "short_row.csv").write_text("text,label,split\nfine film,positive,test\nno label\n")
+    (root / "latin1.csv").write_bytes("text,label\ncaf\xe9,positive\n".encode("latin-1"))
+    (root / "columns.csv").write_text("sentence,category\nhello,a\n")
+    return {**paths, **{p.stem.replace("-", "_"): str(p) for p in root.iterdir()}}
+
+
+def _eval(expert="{expert}", task="{task}", model="{model}", *extra):
+    return ["eval", "--model", model, "--expert", expert, "--task", task, *extra]
+
+
+def _bench(*extra, model="{model}"):
+    return ["bench", "--model", model, "--repeats", "1", "--seq", "8", *extra]
+
+
+def _localize(*extra, out="{root}/e.safetensors", task="{task}"):
+    return ["localize", "--model", "{model}", "--task", task, "--out", out, "--epochs", "1",
+            *extra]
+
+
+MISUSE = [
+    # expert files
+    pytest.param(_eval("{root}/none.safetensors"), "expert file not found", id="expert-missing"),
+    pytest.param(_eval("{empty}"), "is not a readable safetensors file", id="expert-zero-bytes"),
+    pytest.param(_eval("{corrupt}"), "is not a readable safetensors file", id="expert-corrupt"),
+    pytest.param(_eval("{text}"), "is not a readable safetensors file", id="expert-text"),
+    pytest.param(_eval("{root}"), "is a directory", id="expert-directory"),
+    pytest.param(_eval("{no_names}"), "its header has no 'label_names' key",
+                 id="expert-header-missing-key"),
+    pytest.param(_eval("{str_names}"), "'label_names' is 'np', not a list",
+                 id="expert-names-str"),
+    pytest.param(_eval("{zero_length}"), "max_length must be an int >= 1",
+                 id="expert-max-length-0"),
+    pytest.param(_eval("{other_model}"), "num_layers", id="expert-other-model"),
+    pytest.param(_bench("--expert", "{empty}"), "is not a readable safetensors file",
+                 id="bench-expert-zero-bytes"),
+    pytest.param(_bench("--expert", "{dense}"), "holds no mask", id="bench-expert-no-mask"),
+    pytest.param(["serve", "--model", "{model}", "--expert", "s={corrupt}"],
+                 "is not a readable safetensors file", id="serve-expert-corrupt"),
+    pytest.param(["serve", "--model", "{model}", "--expert", "s"], "--expert takes NAME=PATH",
+                 id="serve-expert-no-name"),
+    pytest.param(["serve", "--model", "{model}", "--expert", "s={expert}", "--expert",
+                  "s={expert}"], "--expert s= is given twice", id="serve-expert-twice"),
+    # task files
+    pytest.param(_eval(task="{root}/none.csv"), "task file not found", id="task-missing"),
+    pytest.param(_eval(task="{columns}"), "missing column(s) ['text', 'label']",
+                 id="task-columns"),
+    pytest.param(_eval(task="{short_row}"), "data row 2 has no 'label' value", id="task-short-row"),
+    pytest.param(_eval(task="{latin1}"), "is not utf-8 text", id="task-not-utf8"),
+    pytest.param(_eval("{expert}", "{task}", "{model}", "--split", "dev"), "has no 'dev' split",
+                 id="task-split"),
+    # model folders
+    pytest.param(_eval(model="{root}/none"), "model folder not found", id="model-missing"),
+    pytest.param(_eval(model="{bad_config}"), "is not a valid JSON file", id="model-config-json"),
+    pytest.param(_bench(model="{empty_folder}"), "cannot load the model in",
+                 id="model-empty-folder"),
+    # backends
+    pytest.param(_bench("--backend", "cuda"), "backend 'cuda' is not available",
+                 id="backend-cuda"),
+    pytest.param(_bench("--backend", "triton"), "backend 'triton' is not available",
+                 id="backend-triton"),
+    pytest.param(_eval("{expert}", "{task}", "{model}", "--backend", "metal"), "invalid choice",
+                 id="backend-unknown"),
+    # bench sizes
+    pytest.param(_bench("--repeats", "0"), "--repeats: must be a whole number >= 1",
+                 id="bench-repeats-0"),
+    pytest.param(_bench("--seq", "0"), "--seq: must be a whole number >= 1", id="bench-seq-0"),
+    pytest.param(_bench("--batch", "0"), "--batch: must be a whole number >= 1",
+                 id="bench-batch-0"),
+    pytest.param(_bench("--seq", "x"), "--seq: must be a whole number >= 1", id="bench-seq-x"),
+    pytest.param(_bench("--seq", "65"), "--seq 65 is longer than the model's 64 positions",
+                 id="bench-seq-too-long"),
+    pytest.param(_bench("--prune", "1.5"), "--prune: must be a pruning rate in [0, 1)",
+                 id="bench-prune-1.5"),
+    pytest.param(_bench("--prune", "-0.1"), "--prune: must be a pruning rate in [0, 1)",
+                 id="bench-prune-negative"),
+    # localize outputs and settings, checked before any training
+    pytest.param(_localize(out="{root}/no/such/folder/e.safetensors"), "does not exist",
+                 id="localize-out-missing-folder"),
+    pytest.param(_localize(out="{task}/e.safetensors"), "is not a folder",
+                 id="localize-out-under-a-file"),
+    pytest.param(_localize(out="{root}"), "is a directory", id="localize-out-directory"),
+    pytest.param(_localize("--max-length", "0"), "--max-length: must be a whole number >= 1",
+                 id="localize-max-length-0"),
+    pytest.param(_localize("--max-train", "0"), "--max-train: must be a whole number >= 1",
+                 id="localize-max-train-0"),
+    pytest.param(_localize("--lr", "nan"), "--lr: must be a finite number > 0",
+                 id="localize-lr-nan"),
+    pytest.param(_localize("--recover-epochs", "-1"), "recover_epochs >= 0",
+                 id="localize-recover-epochs"),
+    pytest.param(_localize("--template", "Review: {{text}}"), "are for causal LMs",
+                 id="localize-template-for-a-classifier"),
+    # the command line itself
+    pytest.param(["bench"], "the following arguments are required: --model", id="no-model"),
+    pytest.param([], "the following arguments are required: command", id="no-command"),
+]
+
+
+@pytest.mark.parametrize("argv, message", MISUSE)
+def test_misuse_reads_as_one_line_and_exits_2(files, argv, message, capsys, monkeypatch):
+    """`{name}` in argv: a path of the `files` fixture (`{{` a literal brace)."""
+    monkeypatch.setattr(backends.cuda, "available", lambda device_type: False)
+    monkeypatch.setattr(backends.triton, "available", lambda device_type: False)
+    capsys.readouterr()
+    code = cli.main([arg.format(**files) for arg in argv])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines()  # less transformers' bar while loading a model
+             if line.strip() and not line.startswith("Loading weights")]
+    assert code == 2, err
+    assert "Traceback" not in err and len(lines) == 1, err
+    assert lines[0].startswith("doe-kernels") and message in lines[0], lines[0]
+
+
+def test_localize_checks_its_output_before_any_work(files, monkeypatch, capsys):
+    def load_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before --out was checked")
+
+    monkeypatch.setattr(cli, "load_model", load_model)
+    out = os.path.join(files["root"], "missing", "e.safetensors")
+    assert cli.main(["localize", "--model", files["model"], "--task", files["task"],
+                     "--out", out]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_the_console_command_prints_one_line_and_exits_2():
+    result = subprocess.run([sys.executable, "-m", "doe_kernels.cli", "bench", "--model", "m",
+                             "--prune", "1.5"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("doe-kernels bench: error: argument --prune: must be a "
+                                     "pruning rate in [0, 1), got '1.5' (see doe-kernels bench "
+                                     "--help)")
+
+
+BAD_REQUESTS = [
+    b'{"task": ["s"], "text": "a fine film"}',
+    b'{"task": {"name": "s"}, "text": "a fine film"}',
+    b'{"task": null, "text": "a fine film"}',
+    b'{"task": "s", "text": "\\ud800"}',
+    b'{"task": "s", "text": ["fine", "bad \\udfff end"]}',
+    b'{"task": "s", "text": 5}',
+    b'{"task": "s", "text": []}',
+    b'{"task": "nope", "text": "x"}',
+    b'{"task": "s"}',
+    b'"just a string"',
+    b'{"task": "s", "text": "caf\xe9"}',  # Latin-1, not UTF-8
+    b"[" * 100000,
+    b"not json",
+]
+
+
+def test_serve_answers_every_bad_request_and_goes_on(files, monkeypatch, capsys):
+    good = b'{"task": "s", "text": "a fine film"}'
+    lines = [good, *BAD_REQUESTS, b"", good, b'{"task": "s", "text": ["one", "two"]}']
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"\n".join(lines) + b"\n"),
+                                                      encoding="utf-8"))
+    capsys.readouterr()
+    assert cli.main(["serve", "--model", files["model"], "--expert", f"s={files['expert']}"]) == 0
+    captured = capsys.readouterr()
+    answers = [json.loads(line) for line in captured.out.splitlines()]
+    assert len(answers) == len(BAD_REQUESTS) + 3  # the blank line is skipped
+    first, *bad, again, batch = answers
+    assert set(first) == {"task", "label"} and again == first
+    assert all(set(answer) <= {"error", "task"} and answer["error"] for answer in bad), bad
+    assert '"task" must be a string' in bad[0]["error"]
+    assert "is not valid Unicode text" in bad[3]["error"] and bad[3]["task"] == "s"
+    assert "unknown task 'nope'" in bad[7]["error"]
+    assert bad[10]["error"].startswith("not JSON") and "utf-8" in bad[10]["error"]
+    assert len(batch["label"]) == 2
+    assert "Traceback" not in captured.err
+
+
+class _BrokenRouter:
+    def run(self, name, batch):
+        raise RuntimeError("a bug inside the router")
+
+
+def test_serve_answers_an_internal_error_as_an_error_and_shows_it(capsys):
+    answer = cli._answer(_BrokenRouter(), '{"task": "s", "text": "x"}')
+    assert answer == {"error": "internal error: RuntimeError: a bug inside the router",
+                      "task": "s"}
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "a bug inside the router" in err
