@@ -243,7 +243,8 @@ class Expert:
         head = None if head is None else _as_head("head", head)
         dense_head = None if dense_head is None else _as_head("dense_head", dense_head)
         if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1:
-            raise ValueError(f"max_length must be an int >= 1 (tokens per text), got {max_length!r}")
+            raise ValueError(f"max_length must be an int >= 1 (tokens per text), got "
+                             f"{max_length!r}")
         if not isinstance(name, str):
             raise TypeError(f"name must be a str, got {type(name).__name__}")
         if template is not None and not isinstance(template, str):
