@@ -3,8 +3,10 @@
 A layer is recognised by `self_attn.{q,k,v,o}_proj` and `mlp.{gate,up,down}_proj`. Patching
 replaces `self_attn` (kept heads' Q/K/V, rotary embeddings, the KV cache holding only the KV heads
 in use, attention, and the kept heads' columns of o_proj) and `mlp` (SwiGLU on the kept neurons,
-down projection input-major). A patched model's KV cache is only valid for the expert that filled
-it: swap experts between requests, not inside one generation.
+down projection input-major). A layer that keeps no head stores one zero KV head per token in the
+cache, so that the cache's length is right in every layer (transformers reads it from layer 0 to
+place positions and padding masks). A patched model's KV cache is only valid for the expert that
+filled it: swap experts between requests, not inside one generation.
 """
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
@@ -72,10 +74,9 @@ class PrunedLlamaAttention(PrunedAttention):
         cache = cache if cache is not None else past_key_values
         selection = self.selection
         if selection.num_kept == 0:
-            if cache is not None:  # keep the cache's layers aligned; this layer stores nothing
-                empty = hidden_states.new_empty(hidden_states.shape[0], 0, hidden_states.shape[1],
-                                                self.head_dim)
-                cache.update(empty, empty, self.layer_idx)
+            if cache is not None:
+                placeholder = self.placeholder_kv(hidden_states)
+                cache.update(placeholder, placeholder, self.layer_idx)
             out = hidden_states.new_zeros(*hidden_states.shape[:-1], self.o_weight_t.shape[1])
             return (out if self.o_bias is None else out + self.o_bias), None
         q, k, v = self.project(hidden_states)
@@ -86,6 +87,13 @@ class PrunedLlamaAttention(PrunedAttention):
         is_causal = attention_mask is None and q.shape[2] > 1
         out = attend(q, k, v, selection, attention_mask, is_causal=is_causal, scale=self.scaling)
         return project_out(out, self.o_weight_t, self.o_bias, selection, self.backend), None
+
+    def placeholder_kv(self, hidden_states):
+        """What a layer keeping no head stores in the KV cache: one zero KV head per position,
+        (batch, 1, seq, head_dim), so that the cache counts this layer's tokens as transformers
+        expects (its sequence length, read from layer 0, places positions and masks)."""
+        batch, seq, _ = hidden_states.shape
+        return hidden_states.new_zeros(batch, 1, seq, self.head_dim)
 
 
 def patch_attention(patch: LayerPatch, layer, sizes: dict, backend: str) -> None:
