@@ -4,7 +4,8 @@ A layer is recognised by `self_attn.{q,k,v,o}_proj` and an `mlp` holding a top-k
 a `weight` of experts x hidden) and fused experts (`experts.gate_up_proj`, experts x 2I x H, and
 `experts.down_proj`, experts x H x I: transformers 5's layout). Patching replaces `self_attn` as
 for LLaMA and `mlp` by PrunedMoeBlock (kept experts, dynamic skipping, kept neurons inside every
-expert). Only routers with Mixtral's rule (softmax, top-k, renormalise) are accepted, by class.
+expert), which calls the model's router module, so `output_router_logits` works as unpatched (see
+moe_block). Only routers with Mixtral's rule (softmax, top-k, renormalise) are accepted, by class.
 """
 from doe_kernels.models import llama
 from doe_kernels.models.base import LayerPatch, UnsupportedModelError, has_modules
@@ -58,8 +59,8 @@ def patch_layer(patch: LayerPatch, config, backend: str) -> None:
     mlp = layer.mlp
     block = patch.move_input_major(
         mlp.experts.down_proj,
-        lambda down_t: PrunedMoeBlock(mlp.gate.weight, mlp.experts.gate_up_proj, down_t,
-                                      sizes["top_k"], normalize=True, backend=backend),
+        lambda down_t: PrunedMoeBlock(mlp.gate, mlp.experts.gate_up_proj, down_t, sizes["top_k"],
+                                      normalize=True, backend=backend),
         "down_t")
     patch.replace("mlp", block)
     patch.ffn_modules.append(block)

@@ -7,6 +7,14 @@ setting them to minus infinity). Dynamic skipping (Lu et al. 2024) zeroes every 
 a token whose weight is below `beta` times the token's top weight, before the renormalisation (as
 the paper's implementation does: a token left with one expert gives it weight one).
 
+The block computes the router logits by calling the model's own router module (`gate`), as the
+unpatched block does, so transformers' output recording (a hook on that module) sees them:
+`output_router_logits=True` returns, per layer, the router's logits for every expert, dropped
+ones included, as the unpatched model computes them from the same hidden states (what the router
+module outputs; equal to the unpatched model's when the mask keeps everything). The auxiliary
+load-balancing loss Mixtral computes from them is therefore the unpatched router's: it counts
+the dropped experts and does not see dynamic skipping.
+
 The expert FFNs read the model's own fused weights (`gate_up_proj`, experts x 2I x H, and the down
 projection held input-major, experts x I x H): token-expert pairs are sorted by expert and run as
 one grouped GEMM per projection (`torch.nn.functional.grouped_mm`) where PyTorch has it for the
@@ -118,18 +126,24 @@ def expert_ffn(x, gate_up, down_t, intermediate, neurons=None, backend="auto"):
 class PrunedMoeBlock(nn.Module):
     """A Mixtral-style sparse MoE block routing among the kept experts (see the module docstring).
 
-    Holds the model's router and `gate_up_proj` Parameters and the down projection input-major as
-    a non-persistent buffer. `kept` (FFN neurons inside every expert) and the routing plan are set
-    by the patching layer; an expert swap changes only them.
+    Holds the model's router module (`gate`, called as the unpatched block calls it) and
+    `gate_up_proj` Parameter, and the down projection input-major as a non-persistent buffer.
+    `kept` (FFN neurons inside every expert) and the routing plan are set by the patching layer;
+    an expert swap changes only them.
     """
 
-    def __init__(self, router_weight, gate_up, down_t, top_k, normalize=True, backend="auto"):
+    def __init__(self, gate, gate_up, down_t, top_k, normalize=True, backend="auto"):
         super().__init__()
-        self.router_weight, self.gate_up = router_weight, gate_up
+        self.gate, self.gate_up = gate, gate_up
         self.register_buffer("down_t", down_t, persistent=False)
         self.top_k, self.normalize, self.backend = top_k, normalize, backend
         self.register_buffer("kept", None, persistent=False)
         self.plan = FULL_PLAN
+
+    @property
+    def router_weight(self) -> torch.Tensor:
+        """The router's weight (experts x hidden)."""
+        return self.gate.weight
 
     def set_routing(self, plan: MoePlan | None) -> None:
         self.plan = plan or FULL_PLAN
@@ -141,8 +155,12 @@ class PrunedMoeBlock(nn.Module):
 
     def forward(self, hidden_states):
         x = hidden_states.reshape(-1, hidden_states.shape[-1])
-        logits = F.linear(x, self.router_weight)
-        weights, experts = route(logits, self.top_k, self.plan.kept, self.normalize, self.plan.beta)
+        # The model's own router module, so that transformers records its logits
+        # (output_router_logits); its top-k is the routing when every expert is kept.
+        logits, weights, experts = self.gate(x)
+        plan = self.plan
+        if plan.kept is not None or plan.beta is not None or not self.normalize:
+            weights, experts = route(logits, self.top_k, plan.kept, self.normalize, plan.beta)
         out = experts_forward(x, weights, experts, self.gate_up, self.down_t, self.kept,
                               self.backend)
         return out.reshape(hidden_states.shape)
