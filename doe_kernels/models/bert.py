@@ -2,9 +2,9 @@
 
 A layer is recognised by `attention.self.{query,key,value}`, `attention.output.dense`,
 `intermediate.dense` and `output.dense`. Patching replaces `attention.self` (kept heads' Q/K/V and
-attention), `attention.output.dense` (kept heads' columns), `intermediate` (kept neurons' rows with
-the activation) and `output.dense` (kept neurons' columns, input-major); the residual, dropout and
-LayerNorm modules stay as they are.
+attention, with the attention-probability dropout in training mode), `attention.output.dense`
+(kept heads' columns), `intermediate` (kept neurons' rows with the activation) and `output.dense`
+(kept neurons' columns, input-major); the residual, dropout and LayerNorm modules stay as they are.
 """
 from doe_kernels.models.base import LayerPatch, UnsupportedModelError, has_modules
 from doe_kernels.models.modules import (
@@ -56,7 +56,8 @@ class PrunedBertSelfAttention(PrunedAttention):
         if self.selection.num_kept == 0:
             return hidden_states.new_zeros(*hidden_states.shape[:-1], 0), None
         q, k, v = self.project(hidden_states)
-        return attend(q, k, v, self.selection, attention_mask, scale=self.scaling), None
+        return attend(q, k, v, self.selection, attention_mask, scale=self.scaling,
+                      dropout=self.dropout_p()), None
 
 
 def patch_layer(patch: LayerPatch, config, backend: str) -> None:
@@ -66,7 +67,8 @@ def patch_layer(patch: LayerPatch, config, backend: str) -> None:
     self_attention = layer.attention.self
     attention = PrunedBertSelfAttention(
         self_attention.query, self_attention.key, self_attention.value, sizes["num_heads"],
-        sizes["num_kv_heads"], sizes["head_dim"], sizes["head_dim"] ** -0.5, backend)
+        sizes["num_kv_heads"], sizes["head_dim"], sizes["head_dim"] ** -0.5, backend,
+        getattr(getattr(self_attention, "dropout", None), "p", 0.0))
     patch.replace("attention.self", attention)
     patch.head_modules.append(attention)
 

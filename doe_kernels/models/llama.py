@@ -2,11 +2,12 @@
 
 A layer is recognised by `self_attn.{q,k,v,o}_proj` and `mlp.{gate,up,down}_proj`. Patching
 replaces `self_attn` (kept heads' Q/K/V, rotary embeddings, the KV cache holding only the KV heads
-in use, attention, and the kept heads' columns of o_proj) and `mlp` (SwiGLU on the kept neurons,
-down projection input-major). A layer that keeps no head stores one zero KV head per token in the
-cache, so that the cache's length is right in every layer (transformers reads it from layer 0 to
-place positions and padding masks). A patched model's KV cache is only valid for the expert that
-filled it: swap experts between requests, not inside one generation.
+in use, attention with the model's attention dropout in training mode, and the kept heads' columns
+of o_proj) and `mlp` (SwiGLU on the kept neurons, down projection input-major). A layer that keeps
+no head stores one zero KV head per token in the cache, so that the cache's length is right in
+every layer (transformers reads it from layer 0 to place positions and padding masks). A patched
+model's KV cache is only valid for the expert that filled it: swap experts between requests, not
+inside one generation.
 """
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
@@ -64,7 +65,8 @@ class PrunedLlamaAttention(PrunedAttention):
 
     def __init__(self, original, o_weight_t, sizes, backend):
         super().__init__(original.q_proj, original.k_proj, original.v_proj, sizes["num_heads"],
-                         sizes["num_kv_heads"], sizes["head_dim"], original.scaling, backend)
+                         sizes["num_kv_heads"], sizes["head_dim"], original.scaling, backend,
+                         getattr(original, "attention_dropout", 0.0))
         self.layer_idx = original.layer_idx
         self.register_buffer("o_weight_t", o_weight_t, persistent=False)
         self.o_bias = original.o_proj.bias
@@ -85,7 +87,8 @@ class PrunedLlamaAttention(PrunedAttention):
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
         is_causal = attention_mask is None and q.shape[2] > 1
-        out = attend(q, k, v, selection, attention_mask, is_causal=is_causal, scale=self.scaling)
+        out = attend(q, k, v, selection, attention_mask, is_causal=is_causal, scale=self.scaling,
+                     dropout=self.dropout_p())
         return project_out(out, self.o_weight_t, self.o_bias, selection, self.backend), None
 
     def placeholder_kv(self, hidden_states):

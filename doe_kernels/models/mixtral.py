@@ -60,7 +60,8 @@ def patch_layer(patch: LayerPatch, config, backend: str) -> None:
     block = patch.move_input_major(
         mlp.experts.down_proj,
         lambda down_t: PrunedMoeBlock(mlp.gate, mlp.experts.gate_up_proj, down_t, sizes["top_k"],
-                                      normalize=True, backend=backend),
+                                      normalize=True, backend=backend,
+                                      jitter_noise=getattr(mlp, "jitter_noise", 0.0)),
         "down_t")
     patch.replace("mlp", block)
     patch.ffn_modules.append(block)

@@ -99,17 +99,26 @@ class PrunedAttention(nn.Module):
     """Base of the patched attention modules: Q, K, V projections of the kept heads only.
 
     Holds the original q/k/v Parameters; `selection` (a HeadSelection) says which heads are kept.
+    `attention_dropout` is the model's dropout probability on the attention probabilities,
+    applied in training mode only (`dropout_p()`), as the original attention does.
     Subclasses implement the family's forward (rotary embeddings, cache, output projection).
     """
 
-    def __init__(self, q, k, v, num_heads, num_kv_heads, head_dim, scaling, backend="auto"):
+    def __init__(self, q, k, v, num_heads, num_kv_heads, head_dim, scaling, backend="auto",
+                 attention_dropout: float = 0.0):
         super().__init__()
         self.q_weight, self.q_bias = q.weight, q.bias
         self.k_weight, self.k_bias = k.weight, k.bias
         self.v_weight, self.v_bias = v.weight, v.bias
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scaling, self.backend = scaling, backend
+        self.attention_dropout = attention_dropout
         self.selection = None
+        self.train(q.training)  # the model's mode: it decides the dropout
+
+    def dropout_p(self) -> float:
+        """The attention-probability dropout to apply now: the model's in training, 0 in eval."""
+        return self.attention_dropout if self.training else 0.0
 
     def set_selection(self, selection: HeadSelection) -> None:
         self.selection = selection

@@ -129,16 +129,20 @@ class PrunedMoeBlock(nn.Module):
     Holds the model's router module (`gate`, called as the unpatched block calls it) and
     `gate_up_proj` Parameter, and the down projection input-major as a non-persistent buffer.
     `kept` (FFN neurons inside every expert) and the routing plan are set by the patching layer;
-    an expert swap changes only them.
+    an expert swap changes only them. `jitter_noise`: the model's router jitter, applied to the
+    block's input in training mode as Mixtral does.
     """
 
-    def __init__(self, gate, gate_up, down_t, top_k, normalize=True, backend="auto"):
+    def __init__(self, gate, gate_up, down_t, top_k, normalize=True, backend="auto",
+                 jitter_noise: float = 0.0):
         super().__init__()
         self.gate, self.gate_up = gate, gate_up
         self.register_buffer("down_t", down_t, persistent=False)
         self.top_k, self.normalize, self.backend = top_k, normalize, backend
+        self.jitter_noise = jitter_noise
         self.register_buffer("kept", None, persistent=False)
         self.plan = FULL_PLAN
+        self.train(gate.training)  # the model's mode: it decides the jitter
 
     @property
     def router_weight(self) -> torch.Tensor:
@@ -154,6 +158,9 @@ class PrunedMoeBlock(nn.Module):
         return self
 
     def forward(self, hidden_states):
+        if self.training and self.jitter_noise > 0:
+            hidden_states = hidden_states * torch.empty_like(hidden_states).uniform_(
+                1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
         x = hidden_states.reshape(-1, hidden_states.shape[-1])
         # The model's own router module, so that transformers records its logits
         # (output_router_logits); its top-k is the routing when every expert is kept.

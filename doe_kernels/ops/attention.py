@@ -7,7 +7,8 @@ and each kept query head reads its KV head by slot, so groups need not stay even
 
 `pruned_head_attention` runs the whole layer; `project_qkv`, `attend` and `project_out` are its
 three steps, for callers (the model adapters) that apply rotary embeddings or a KV cache between
-them. Attention itself runs through torch's scaled_dot_product_attention.
+them. Attention itself runs through torch's scaled_dot_product_attention (with its dropout on
+the attention probabilities when a model in training mode asks for it).
 """
 from dataclasses import dataclass
 from typing import Callable
@@ -127,17 +128,24 @@ def _attention_mask(attention_mask, is_causal: bool, q_len: int, kv_len: int, de
     return mask
 
 
-def attend(q, k, v, selection: HeadSelection, attention_mask=None, is_causal=False, scale=None):
-    """SDPA of the kept query heads over their KV heads; returns (batch, seq, kept * head_dim)."""
+def attend(q, k, v, selection: HeadSelection, attention_mask=None, is_causal=False, scale=None,
+           dropout: float = 0.0):
+    """SDPA of the kept query heads over their KV heads; returns (batch, seq, kept * head_dim).
+
+    `dropout`: the probability of zeroing an attention probability (SDPA's dropout_p), for a model
+    in training mode; 0 in eval mode.
+    """
     if selection.kept_kv_heads.numel() != selection.num_kept:  # some KV heads serve several
         k = k.index_select(1, selection.kv_slot)
         v = v.index_select(1, selection.kv_slot)
     if attention_mask is None and (not is_causal or q.shape[2] == k.shape[2]):
         # No mask tensor: lets SDPA pick its fused (flash / memory-efficient) kernels.
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=is_causal,
+                                             scale=scale)
     else:
         mask = _attention_mask(attention_mask, is_causal, q.shape[2], k.shape[2], q.device)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                             scale=scale)
     batch, _, seq, _ = out.shape
     return out.transpose(1, 2).reshape(batch, seq, -1)
 
