@@ -6,6 +6,12 @@
 //   x, weights and biases are contiguous, of one dtype (float32, float16 or bfloat16; CPU: float32 or
 //   bfloat16) and on one device; x is 2-D (rows, features); index tensors are 1-D contiguous int64,
 //   sorted, unique, in range and non-empty; the result has x's dtype; accumulation is in float32.
+// The kernels never read out of bounds, whatever the index values (an index tensor may have
+// changed since the Python layer checked it): the CPU entry points check every index and raise
+// ValueError; the CUDA kernels, which cannot report to the host without a synchronisation, never
+// load through an out-of-range index (the output it feeds is 0) and stop with a device-side
+// assertion (unless built with NDEBUG). Unsorted or repeated indices are not refused: every output
+// is written by position, never scattered by index value.
 //
 //   gather_rows_linear: out[m, n] = act(sum_k x[m, k] * weight[rows[n], k] + bias[rows[n]])
 //       x (M, K), weight (N_total, K) in nn.Linear layout, bias (N_total) or none, rows (N)

@@ -230,11 +230,17 @@ void check_operand(const at::Tensor& t, const at::Tensor& x, const char* fn, con
   TORCH_CHECK(t.is_contiguous(), fn, ": ", name, " must be contiguous");
 }
 
+// Every index is read, not only the ends: the callers' sortedness is not trusted (an index tensor
+// changed in place after it was validated would otherwise make the kernels read out of bounds). The
+// O(n) pass is negligible next to the O(n x features) kernel work. Unsorted or repeated indices are
+// harmless to the kernels (every output is written by position, never scattered by index value),
+// so only the range is checked. Raises ValueError in Python.
 void check_index_range(const at::Tensor& idx, int64_t bound, const char* fn, const char* name) {
-  // Cheap: the list is sorted (contract), so its ends bound it.
   const int64_t* p = idx.data_ptr<int64_t>();
   const int64_t n = idx.numel();
-  TORCH_CHECK(p[0] >= 0 && p[n - 1] < bound, fn, ": ", name, " out of range [0, ", bound, ")");
+  const int64_t* bad = std::find_if(p, p + n, [bound](int64_t i) { return i < 0 || i >= bound; });
+  TORCH_CHECK_VALUE(bad == p + n, fn, ": ", name, " holds index ", *bad, " at position ", bad - p,
+                    ", out of range for a dimension of size ", bound);
 }
 
 at::Tensor as_float(const at::Tensor& t) {

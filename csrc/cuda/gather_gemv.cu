@@ -13,11 +13,16 @@
 // owns a slice of the kept rows j (blockIdx.y is the J split). Partial sums are reduced over the
 // j-groups in shared memory, then written either straight to the output (one split: + bias, cast)
 // or to a float32 workspace that a second kernel reduces in a fixed order (+ bias, cast).
+//
+// Index safety: every index is compared with its bound where it is loaded (in_range, once per loaded
+// index, not per element); an index outside [0, bound) is never used as an address (see
+// gather_gemv.cuh for the result).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cassert>
 #include <climits>
 #include <cstdint>
 
@@ -133,6 +138,18 @@ __device__ __forceinline__ float apply_activation(float v, int act) {
 
 __device__ __forceinline__ float silu(float v) { return v / (1.0f + expf(-v)); }
 
+// Whether index i lies in [0, bound) (one unsigned compare). The host cannot check the index values
+// without a synchronisation, so the kernels do: they never load through an index outside, and fail
+// a device-side assertion (unless built with NDEBUG) in their epilogue, where few registers are
+// live (an assertion in the main loop costs spills: it is a call).
+__device__ __forceinline__ bool in_range(int64_t i, int64_t bound) {
+  return static_cast<uint64_t>(i) < static_cast<uint64_t>(bound);
+}
+
+__device__ __forceinline__ void assert_indices_in_range(bool ok) {
+  assert(ok && "doe_kernels: gather index out of range");
+}
+
 // ----------------------------------------------------------------------------------------------
 // Rows kernel: gather_rows_linear (NW = 1) and gather_swiglu (NW = 2)
 // ----------------------------------------------------------------------------------------------
@@ -208,7 +225,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     gather_rows_kernel(const T* __restrict__ x, const T* __restrict__ w0,
                        const T* __restrict__ w1, const T* __restrict__ bias,
                        const int64_t* __restrict__ rows, T* __restrict__ out, int mcount, int64_t K,
-                       int64_t N, int act, int wpr) {
+                       int64_t N, int64_t n_total, int act, int wpr) {
   constexpr int R = RowsPerGroup<MR, NW>::value;
   constexpr int NACC = NW * R * MR;
   __shared__ float red[kWarps][NACC];
@@ -227,11 +244,13 @@ __global__ void __launch_bounds__(kThreads, 2)
   // Uniform loop over tiles for the whole block (it contains __syncthreads).
   for (int64_t tile = blockIdx.x; tile < n_tiles; tile += gridDim.x) {
     const int64_t n0 = tile * outs_per_block + (int64_t)group * R;
+    // An out-of-range index reads row 0 instead; the epilogue writes its output as 0.
     int64_t wrow[R];
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       const int64_t n = n0 + r < N ? n0 + r : N - 1;  // padded outputs re-read a valid row
-      wrow[r] = rows[n];
+      const int64_t i = rows[n];
+      wrow[r] = in_range(i, n_total) ? i : 0;
     }
 
     float acc[NW][R][MR];
@@ -291,12 +310,17 @@ __global__ void __launch_bounds__(kThreads, 2)
             v0 += red[group * wpr + g][(0 * R + r) * MR + m];
             if (NW == 2) v1 += red[group * wpr + g][(1 * R + r) * MR + m];
           }
-          float res;
-          if constexpr (NW == 2) {
-            res = silu(v0) * v1;
-          } else {
-            if (bias != nullptr) v0 += to_f<T>(bias[rows[n]]);
-            res = apply_activation(v0, act);
+          const int64_t i = rows[n];
+          const bool ok = in_range(i, n_total);
+          assert_indices_in_range(ok);
+          float res = 0.0f;  // stays 0 for an out-of-range index
+          if (ok) {
+            if constexpr (NW == 2) {
+              res = silu(v0) * v1;
+            } else {
+              if (bias != nullptr) v0 += to_f<T>(bias[i]);
+              res = apply_activation(v0, act);
+            }
           }
           out[(int64_t)m * N + n] = from_f<T>(res);
         }
@@ -316,8 +340,8 @@ inline int bucket_rows(int64_t mcount) {
 
 template <typename T, int MR, int NW>
 void launch_rows_chunk(const T* x, const T* w0, const T* w1, const T* bias, const int64_t* rows,
-                       T* out, int mcount, int64_t K, int64_t N, int act, int num_sms,
-                       cudaStream_t stream) {
+                       T* out, int mcount, int64_t K, int64_t N, int64_t n_total, int act,
+                       int num_sms, cudaStream_t stream) {
   constexpr int R = RowsPerGroup<MR, NW>::value;
   const bool vec = (K * (int64_t)sizeof(T)) % 16 == 0 && aligned16(x) && aligned16(w0) &&
                    (NW == 1 || aligned16(w1));
@@ -331,36 +355,41 @@ void launch_rows_chunk(const T* x, const T* w0, const T* w1, const T* bias, cons
   const int64_t blocks = std::min<int64_t>(ceil_div(N, outs_per_block), INT_MAX);
   if (vec) {
     gather_rows_kernel<T, MR, NW, true><<<(unsigned)blocks, kThreads, 0, stream>>>(
-        x, w0, w1, bias, rows, out, mcount, K, N, act, wpr);
+        x, w0, w1, bias, rows, out, mcount, K, N, n_total, act, wpr);
   } else {
     gather_rows_kernel<T, MR, NW, false><<<(unsigned)blocks, kThreads, 0, stream>>>(
-        x, w0, w1, bias, rows, out, mcount, K, N, act, wpr);
+        x, w0, w1, bias, rows, out, mcount, K, N, n_total, act, wpr);
   }
 }
 
 template <typename T, int NW>
 cudaError_t launch_rows(const T* x, const T* w0, const T* w1, const T* bias, const int64_t* rows,
-                        T* out, int64_t M, int64_t K, int64_t N, int act, int num_sms,
-                        cudaStream_t stream) {
+                        T* out, int64_t M, int64_t K, int64_t N, int64_t n_total, int act,
+                        int num_sms, cudaStream_t stream) {
   for (int64_t m0 = 0; m0 < M; m0 += kMaxRowsPerChunk) {
     const int mcount = (int)std::min<int64_t>(kMaxRowsPerChunk, M - m0);
     const T* xc = x + m0 * K;
     T* oc = out + m0 * N;
     switch (bucket_rows(mcount)) {
       case 1:
-        launch_rows_chunk<T, 1, NW>(xc, w0, w1, bias, rows, oc, mcount, K, N, act, num_sms, stream);
+        launch_rows_chunk<T, 1, NW>(xc, w0, w1, bias, rows, oc, mcount, K, N, n_total, act,
+                                    num_sms, stream);
         break;
       case 2:
-        launch_rows_chunk<T, 2, NW>(xc, w0, w1, bias, rows, oc, mcount, K, N, act, num_sms, stream);
+        launch_rows_chunk<T, 2, NW>(xc, w0, w1, bias, rows, oc, mcount, K, N, n_total, act,
+                                    num_sms, stream);
         break;
       case 4:
-        launch_rows_chunk<T, 4, NW>(xc, w0, w1, bias, rows, oc, mcount, K, N, act, num_sms, stream);
+        launch_rows_chunk<T, 4, NW>(xc, w0, w1, bias, rows, oc, mcount, K, N, n_total, act,
+                                    num_sms, stream);
         break;
       case 8:
-        launch_rows_chunk<T, 8, NW>(xc, w0, w1, bias, rows, oc, mcount, K, N, act, num_sms, stream);
+        launch_rows_chunk<T, 8, NW>(xc, w0, w1, bias, rows, oc, mcount, K, N, n_total, act,
+                                    num_sms, stream);
         break;
       default:
-        launch_rows_chunk<T, 16, NW>(xc, w0, w1, bias, rows, oc, mcount, K, N, act, num_sms, stream);
+        launch_rows_chunk<T, 16, NW>(xc, w0, w1, bias, rows, oc, mcount, K, N, n_total, act,
+                                    num_sms, stream);
         break;
     }
     const cudaError_t err = cudaGetLastError();
@@ -393,7 +422,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     gather_cols_kernel(const T* __restrict__ h, const T* __restrict__ wt,
                        const T* __restrict__ bias, const int64_t* __restrict__ cols,
                        T* __restrict__ out, float* __restrict__ ws, int mcount, int64_t J,
-                       int64_t N, int64_t jps, int final_out) {
+                       int64_t N, int64_t k_total, int64_t jps, int final_out) {
   __shared__ __align__(16) float hs[kColsTile][MR];
   __shared__ int64_t cs[kColsTile];
   __shared__ float red[MR][kColsTX * CPT];
@@ -413,6 +442,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
     for (int c = 0; c < CPT; ++c) acc[m][c] = 0.0f;
 
+  bool indices_ok = true;  // of the kept rows this thread staged
   for (int64_t jt = jbeg; jt < jend; jt += kColsTile) {
     const int tcount = (int)(jend - jt < kColsTile ? jend - jt : kColsTile);
     __syncthreads();  // the previous tile's shared reads are done
@@ -423,7 +453,18 @@ __global__ void __launch_bounds__(kThreads, 2)
       if (jj < tcount && m < mcount) v = to_f<T>(h[(int64_t)m * J + jt + jj]);
       hs[jj][m] = v;
     }
-    for (int i = threadIdx.x; i < kColsTile; i += kThreads) cs[i] = i < tcount ? cols[jt + i] : 0;
+    // Kept rows, or -1 past the tile's end and for an out-of-range index (never loaded through).
+    for (int i = threadIdx.x; i < kColsTile; i += kThreads) {
+      int64_t c = -1;
+      if (i < tcount) {
+        c = cols[jt + i];
+        if (!in_range(c, k_total)) {
+          c = -1;
+          indices_ok = false;
+        }
+      }
+      cs[i] = c;
+    }
     __syncthreads();
 
     if (col_ok) {
@@ -435,7 +476,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
           for (int u = 0; u < kColsU; ++u) {
             const int jj = j0 + u * kColsTY + ty;
-            valid[u] = jj < tcount;
+            valid[u] = jj < tcount && cs[jj] >= 0;
             if (valid[u]) {
               wr[u] = __ldcs(reinterpret_cast<const V*>(wt + cs[jj] * N + col0));
             } else {
@@ -471,15 +512,17 @@ __global__ void __launch_bounds__(kThreads, 2)
           }
         } else {
           float wf[kColsU];
+          bool valid[kColsU];
 #pragma unroll
           for (int u = 0; u < kColsU; ++u) {
             const int jj = j0 + u * kColsTY + ty;
-            wf[u] = jj < tcount ? to_f<T>(wt[cs[jj] * N + col0]) : 0.0f;
+            valid[u] = jj < tcount && cs[jj] >= 0;
+            wf[u] = valid[u] ? to_f<T>(wt[cs[jj] * N + col0]) : 0.0f;
           }
 #pragma unroll
           for (int u = 0; u < kColsU; ++u) {
+            if (!valid[u]) continue;
             const int jj = j0 + u * kColsTY + ty;
-            if (jj >= tcount) continue;
 #pragma unroll
             for (int m = 0; m < MR; ++m) acc[m][0] = fmaf(hs[jj][m], wf[u], acc[m][0]);
           }
@@ -487,6 +530,8 @@ __global__ void __launch_bounds__(kThreads, 2)
       }
     }
   }
+
+  assert_indices_in_range(indices_ok);
 
   // Reduce over the j-groups in a fixed order (deterministic).
   for (int g = 0; g < kColsTY; ++g) {
@@ -579,27 +624,28 @@ ColsPlan plan_cols(const void* wt, int64_t mcount, int64_t J, int64_t N, int num
 template <typename T, int MR, int CPT>
 void launch_cols_kernel(const ColsPlan& p, const T* h, const T* wt, const T* bias,
                         const int64_t* cols, T* out, float* ws, int mcount, int64_t J, int64_t N,
-                        cudaStream_t stream) {
+                        int64_t k_total, cudaStream_t stream) {
   const dim3 grid((unsigned)p.tiles, (unsigned)p.splits, 1);
-  gather_cols_kernel<T, MR, CPT><<<grid, kThreads, 0, stream>>>(h, wt, bias, cols, out, ws, mcount,
-                                                                  J, N, p.jps, p.splits == 1);
+  gather_cols_kernel<T, MR, CPT><<<grid, kThreads, 0, stream>>>(
+      h, wt, bias, cols, out, ws, mcount, J, N, k_total, p.jps, p.splits == 1);
 }
 
 template <typename T, int MR>
 void launch_cols_mr(const ColsPlan& p, const T* h, const T* wt, const T* bias, const int64_t* cols,
-                    T* out, float* ws, int mcount, int64_t J, int64_t N, cudaStream_t stream) {
+                    T* out, float* ws, int mcount, int64_t J, int64_t N, int64_t k_total,
+                    cudaStream_t stream) {
   constexpr int vcpt = ColsVecCpt<T, MR>::value;
   if (p.cpt == vcpt) {
-    launch_cols_kernel<T, MR, vcpt>(p, h, wt, bias, cols, out, ws, mcount, J, N, stream);
+    launch_cols_kernel<T, MR, vcpt>(p, h, wt, bias, cols, out, ws, mcount, J, N, k_total, stream);
   } else {
-    launch_cols_kernel<T, MR, 1>(p, h, wt, bias, cols, out, ws, mcount, J, N, stream);
+    launch_cols_kernel<T, MR, 1>(p, h, wt, bias, cols, out, ws, mcount, J, N, k_total, stream);
   }
 }
 
 template <typename T>
 cudaError_t launch_cols(const T* h, const T* wt, const T* bias, const int64_t* cols, T* out,
-                        float* ws, int64_t ws_elems, int64_t M, int64_t J, int64_t N, int num_sms,
-                        cudaStream_t stream) {
+                        float* ws, int64_t ws_elems, int64_t M, int64_t J, int64_t N,
+                        int64_t k_total, int num_sms, cudaStream_t stream) {
   for (int64_t m0 = 0; m0 < M; m0 += kMaxRowsPerChunk) {
     const int mcount = (int)std::min<int64_t>(kMaxRowsPerChunk, M - m0);
     ColsPlan p = plan_cols<T>(wt, mcount, J, N, num_sms);
@@ -612,11 +658,14 @@ cudaError_t launch_cols(const T* h, const T* wt, const T* bias, const int64_t* c
     const T* hc = h + m0 * J;
     T* oc = out + m0 * N;
     switch (p.mr) {
-      case 1: launch_cols_mr<T, 1>(p, hc, wt, bias, cols, oc, ws, mcount, J, N, stream); break;
-      case 2: launch_cols_mr<T, 2>(p, hc, wt, bias, cols, oc, ws, mcount, J, N, stream); break;
-      case 4: launch_cols_mr<T, 4>(p, hc, wt, bias, cols, oc, ws, mcount, J, N, stream); break;
-      case 8: launch_cols_mr<T, 8>(p, hc, wt, bias, cols, oc, ws, mcount, J, N, stream); break;
-      default: launch_cols_mr<T, 16>(p, hc, wt, bias, cols, oc, ws, mcount, J, N, stream); break;
+#define DOE_CASE(MR) \
+  launch_cols_mr<T, MR>(p, hc, wt, bias, cols, oc, ws, mcount, J, N, k_total, stream)
+      case 1: DOE_CASE(1); break;
+      case 2: DOE_CASE(2); break;
+      case 4: DOE_CASE(4); break;
+      case 8: DOE_CASE(8); break;
+      default: DOE_CASE(16); break;
+#undef DOE_CASE
     }
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
@@ -652,27 +701,27 @@ int64_t cols_workspace(const void* wt, int64_t M, int64_t J, int64_t N, int num_
 // ----------------------------------------------------------------------------------------------
 cudaError_t launch_gather_rows_linear(DType dtype, const void* x, const void* weight,
                                       const void* bias, const int64_t* rows, void* out, int64_t M,
-                                      int64_t K, int64_t N, int activation, int num_sms,
-                                      cudaStream_t stream) {
+                                      int64_t K, int64_t N, int64_t n_total, int activation,
+                                      int num_sms, cudaStream_t stream) {
   if (M <= 0 || N <= 0) return cudaSuccess;
   switch (dtype) {
     case DType::kFloat32: {
       using T = float;
       return launch_rows<T, 1>(static_cast<const T*>(x), static_cast<const T*>(weight), nullptr,
                                static_cast<const T*>(bias), rows, static_cast<T*>(out), M, K, N,
-                               activation, num_sms, stream);
+                               n_total, activation, num_sms, stream);
     }
     case DType::kFloat16: {
       using T = __half;
       return launch_rows<T, 1>(static_cast<const T*>(x), static_cast<const T*>(weight), nullptr,
                                static_cast<const T*>(bias), rows, static_cast<T*>(out), M, K, N,
-                               activation, num_sms, stream);
+                               n_total, activation, num_sms, stream);
     }
     case DType::kBFloat16: {
       using T = __nv_bfloat16;
       return launch_rows<T, 1>(static_cast<const T*>(x), static_cast<const T*>(weight), nullptr,
                                static_cast<const T*>(bias), rows, static_cast<T*>(out), M, K, N,
-                               activation, num_sms, stream);
+                               n_total, activation, num_sms, stream);
     }
   }
   return cudaErrorInvalidValue;
@@ -680,26 +729,26 @@ cudaError_t launch_gather_rows_linear(DType dtype, const void* x, const void* we
 
 cudaError_t launch_gather_swiglu(DType dtype, const void* x, const void* w_gate, const void* w_up,
                                  const int64_t* kept, void* out, int64_t M, int64_t K, int64_t N,
-                                 int num_sms, cudaStream_t stream) {
+                                 int64_t n_total, int num_sms, cudaStream_t stream) {
   if (M <= 0 || N <= 0) return cudaSuccess;
   switch (dtype) {
     case DType::kFloat32: {
       using T = float;
       return launch_rows<T, 2>(static_cast<const T*>(x), static_cast<const T*>(w_gate),
                                static_cast<const T*>(w_up), nullptr, kept, static_cast<T*>(out), M,
-                               K, N, 0, num_sms, stream);
+                               K, N, n_total, 0, num_sms, stream);
     }
     case DType::kFloat16: {
       using T = __half;
       return launch_rows<T, 2>(static_cast<const T*>(x), static_cast<const T*>(w_gate),
                                static_cast<const T*>(w_up), nullptr, kept, static_cast<T*>(out), M,
-                               K, N, 0, num_sms, stream);
+                               K, N, n_total, 0, num_sms, stream);
     }
     case DType::kBFloat16: {
       using T = __nv_bfloat16;
       return launch_rows<T, 2>(static_cast<const T*>(x), static_cast<const T*>(w_gate),
                                static_cast<const T*>(w_up), nullptr, kept, static_cast<T*>(out), M,
-                               K, N, 0, num_sms, stream);
+                               K, N, n_total, 0, num_sms, stream);
     }
   }
   return cudaErrorInvalidValue;
@@ -719,26 +768,27 @@ int64_t gather_cols_linear_workspace_elems(DType dtype, const void* weight_t, in
 cudaError_t launch_gather_cols_linear(DType dtype, const void* h, const void* weight_t,
                                       const void* bias, const int64_t* cols, void* out,
                                       float* workspace, int64_t workspace_elems, int64_t M,
-                                      int64_t J, int64_t N, int num_sms, cudaStream_t stream) {
+                                      int64_t J, int64_t N, int64_t k_total, int num_sms,
+                                      cudaStream_t stream) {
   if (M <= 0 || N <= 0 || J <= 0) return cudaSuccess;
   switch (dtype) {
     case DType::kFloat32: {
       using T = float;
       return launch_cols<T>(static_cast<const T*>(h), static_cast<const T*>(weight_t),
                             static_cast<const T*>(bias), cols, static_cast<T*>(out), workspace,
-                            workspace_elems, M, J, N, num_sms, stream);
+                            workspace_elems, M, J, N, k_total, num_sms, stream);
     }
     case DType::kFloat16: {
       using T = __half;
       return launch_cols<T>(static_cast<const T*>(h), static_cast<const T*>(weight_t),
                             static_cast<const T*>(bias), cols, static_cast<T*>(out), workspace,
-                            workspace_elems, M, J, N, num_sms, stream);
+                            workspace_elems, M, J, N, k_total, num_sms, stream);
     }
     case DType::kBFloat16: {
       using T = __nv_bfloat16;
       return launch_cols<T>(static_cast<const T*>(h), static_cast<const T*>(weight_t),
                             static_cast<const T*>(bias), cols, static_cast<T*>(out), workspace,
-                            workspace_elems, M, J, N, num_sms, stream);
+                            workspace_elems, M, J, N, k_total, num_sms, stream);
     }
   }
   return cudaErrorInvalidValue;

@@ -83,6 +83,8 @@ void check_same_dtype(const at::Tensor& t, const at::Tensor& ref, const char* op
               t.scalar_type(), " but the input has dtype ", ref.scalar_type());
 }
 
+// Metadata only: the index values are checked by the kernels, on the device (gather_gemv.cuh), since
+// reading them here would synchronise with the device and break CUDA-graph capture.
 void check_index(const at::Tensor& idx, const at::Tensor& ref, const char* op, const char* name) {
   check_cuda_tensor(idx, ref, op, name);
   TORCH_CHECK(idx.scalar_type() == at::kLong, op, ": ", name, " must be int64, got ",
@@ -127,8 +129,8 @@ at::Tensor gather_rows_linear_cuda(const at::Tensor& x, const at::Tensor& weight
   DeviceGuard guard(device);
   const cudaError_t err = gemv::launch_gather_rows_linear(
       dtype, x.data_ptr(), weight.data_ptr(), has_bias ? bias->data_ptr() : nullptr,
-      rows.data_ptr<int64_t>(), out.data_ptr(), M, K, N, static_cast<int>(activation),
-      num_sms(device), as_stream(stream));
+      rows.data_ptr<int64_t>(), out.data_ptr(), M, K, N, weight.size(0),
+      static_cast<int>(activation), num_sms(device), as_stream(stream));
   TORCH_CHECK(err == cudaSuccess, op, ": kernel launch failed: ", cudaGetErrorString(err));
   return out;
 }
@@ -158,7 +160,7 @@ at::Tensor gather_swiglu_cuda(const at::Tensor& x, const at::Tensor& w_gate,
   DeviceGuard guard(device);
   const cudaError_t err = gemv::launch_gather_swiglu(
       dtype, x.data_ptr(), w_gate.data_ptr(), w_up.data_ptr(), kept.data_ptr<int64_t>(),
-      out.data_ptr(), M, K, N, num_sms(device), as_stream(stream));
+      out.data_ptr(), M, K, N, w_gate.size(0), num_sms(device), as_stream(stream));
   TORCH_CHECK(err == cudaSuccess, op, ": kernel launch failed: ", cudaGetErrorString(err));
   return out;
 }
@@ -204,7 +206,7 @@ at::Tensor gather_cols_linear_cuda(const at::Tensor& h, const at::Tensor& weight
   }
   const cudaError_t err = gemv::launch_gather_cols_linear(
       dtype, h.data_ptr(), weight_t.data_ptr(), has_bias ? bias->data_ptr() : nullptr,
-      cols.data_ptr<int64_t>(), out.data_ptr(), ws_ptr, ws_elems, M, J, N, sms,
+      cols.data_ptr<int64_t>(), out.data_ptr(), ws_ptr, ws_elems, M, J, N, weight_t.size(0), sms,
       as_stream(stream));
   TORCH_CHECK(err == cudaSuccess, op, ": kernel launch failed: ", cudaGetErrorString(err));
   return out;

@@ -4,6 +4,12 @@ Every backend is a module with the same interface: `NAME`, `DTYPES`, `available(
 `gather_rows_linear(x, weight, bias, rows, activation)`, `gather_swiglu(x, w_gate, w_up, kept)` and
 `gather_cols_linear(h, weight_t, bias, cols)`, on validated 2-D inputs and non-empty int64 indices.
 
+Index values are not trusted: the ops skip their check when called with `check_indices=False` (the
+patched modules, which checked their mask once), and an index tensor may change after a check. No
+backend reads outside a weight through an out-of-range index: `cpu` checks every index and raises
+ValueError, `torch` raises IndexError (index_select), `triton` masks the loads (the entry reads
+nothing), `cuda` never loads through it either and fails a device-side assertion (no host sync).
+
 The `auto` rule (see `resolve`):
   * CPU tensors: `cpu` (C++ kernels) when the extension is loaded, else `torch`.
   * CUDA tensors, at most 16 rows (decoding): `cuda` (hand-written gather GEMV) when built, else

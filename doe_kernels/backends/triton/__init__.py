@@ -121,7 +121,7 @@ def gather_rows_linear(x, weight, bias, rows, activation: str):
     with _device_guard(x):
         kernel[_grid(M, N)](
             x, weight, bias if has_bias else x, rows, out,
-            M, N, K,
+            M, N, K, weight.shape[0],
             x.stride(0), weight.stride(0), out.stride(0),
             k.m_bucket(M), k.kept_bucket(N),
             HAS_BIAS=has_bias, ACTIVATION=k.ACTIVATIONS[activation],
@@ -140,7 +140,7 @@ def gather_swiglu(x, w_gate, w_up, kept):
     with _device_guard(x):
         kernel[_grid(M, N)](
             x, w_gate, w_up, kept, out,
-            M, N, K,
+            M, N, K, w_gate.shape[0],
             x.stride(0), w_gate.stride(0), w_up.stride(0), out.stride(0),
             k.m_bucket(M), k.kept_bucket(N),
             F32_DOT=x.dtype == torch.float32 or k.INTERPRET,
@@ -159,7 +159,7 @@ def gather_cols_linear(h, weight_t, bias, cols):
     with _device_guard(h):
         kernel[_grid(M, N)](
             h, weight_t, bias if has_bias else h, cols, out,
-            M, N, J,
+            M, N, J, weight_t.shape[0],
             h.stride(0), weight_t.stride(0), out.stride(0),
             k.m_bucket(M), k.kept_bucket(J),
             HAS_BIAS=has_bias, F32_DOT=h.dtype == torch.float32 or k.INTERPRET,

@@ -11,6 +11,11 @@ All accumulate in float32 and fuse their epilogue (bias, activation, SwiGLU prod
 store in the output dtype. Only plain pointer arithmetic, ``tl.load``/``tl.store`` and ``tl.dot`` are
 used so the kernels work with Triton 3.x (>= 3.0) on GPU and under the interpreter.
 
+Index values are not trusted (an index list may have changed since it was checked, and checking it
+on the host would synchronise): every load through an index is masked by the index's range
+(N_TOTAL / K_TOTAL, the weight's rows) as well as by the tile's tail, one compare per loaded index.
+An index outside that range reads nothing: its output is 0 (rows, swiglu) or it adds nothing (cols).
+
 Launch configuration: under ``TRITON_INTERPRET=1`` the caller runs the plain ``@triton.jit`` kernels
 with large blocks (fast in numpy); on a GPU it runs the ``*_tuned`` versions, autotuned and keyed on
 (bucketed M, bucketed kept count, the fixed dimension), or with DOE_KERNELS_TRITON_AUTOTUNE=0 the
@@ -121,7 +126,7 @@ def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.co
 @triton.jit
 def gather_rows_linear_kernel(
     x_ptr, w_ptr, b_ptr, rows_ptr, out_ptr,
-    M, N, K,
+    M, N, K, N_TOTAL,
     stride_xm, stride_wn, stride_om,
     M_BUCKET, KEPT_BUCKET,  # autotune keys only
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, F32_DOT: tl.constexpr,
@@ -136,6 +141,7 @@ def gather_rows_linear_kernel(
 
     # gathered weight rows for this N tile, loaded once (int64 indices -> int64 offsets)
     rows = tl.load(rows_ptr + offs_n, mask=mask_n, other=0)
+    mask_w = mask_n & (rows >= 0) & (rows < N_TOTAL)  # out-of-range rows read nothing
     x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
     w_ptrs = w_ptr + rows.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
 
@@ -143,13 +149,13 @@ def gather_rows_linear_kernel(
     for k0 in range(0, K, BLOCK_K):
         mask_k = (k0 + offs_k) < K
         a = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=mask_w[:, None] & mask_k[None, :], other=0.0)
         acc = _dot(a, tl.trans(w), acc, F32_DOT)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
 
     if HAS_BIAS:
-        bias = tl.load(b_ptr + rows, mask=mask_n, other=0.0).to(tl.float32)
+        bias = tl.load(b_ptr + rows, mask=mask_w, other=0.0).to(tl.float32)
         acc = acc + bias[None, :]
     acc = _apply_activation(acc, ACTIVATION)
 
@@ -160,7 +166,7 @@ def gather_rows_linear_kernel(
 @triton.jit
 def gather_swiglu_kernel(
     x_ptr, wg_ptr, wu_ptr, kept_ptr, out_ptr,
-    M, N, K,
+    M, N, K, N_TOTAL,
     stride_xm, stride_wgn, stride_wun, stride_om,
     M_BUCKET, KEPT_BUCKET,  # autotune keys only
     F32_DOT: tl.constexpr,
@@ -174,6 +180,7 @@ def gather_swiglu_kernel(
     mask_n = offs_n < N
 
     kept = tl.load(kept_ptr + offs_n, mask=mask_n, other=0).to(tl.int64)
+    mask_w = mask_n & (kept >= 0) & (kept < N_TOTAL)  # out-of-range rows read nothing
     x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
     wg_ptrs = wg_ptr + kept[:, None] * stride_wgn + offs_k[None, :]
     wu_ptrs = wu_ptr + kept[:, None] * stride_wun + offs_k[None, :]
@@ -183,7 +190,7 @@ def gather_swiglu_kernel(
     for k0 in range(0, K, BLOCK_K):
         mask_k = (k0 + offs_k) < K
         a = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        wmask = mask_n[:, None] & mask_k[None, :]
+        wmask = mask_w[:, None] & mask_k[None, :]
         wg = tl.load(wg_ptrs, mask=wmask, other=0.0)
         wu = tl.load(wu_ptrs, mask=wmask, other=0.0)
         acc_g = _dot(a, tl.trans(wg), acc_g, F32_DOT)
@@ -200,7 +207,7 @@ def gather_swiglu_kernel(
 @triton.jit
 def gather_cols_linear_kernel(
     h_ptr, wt_ptr, b_ptr, cols_ptr, out_ptr,
-    M, N, J,
+    M, N, J, K_TOTAL,
     stride_hm, stride_wk, stride_om,
     M_BUCKET, KEPT_BUCKET,  # autotune keys only
     HAS_BIAS: tl.constexpr, F32_DOT: tl.constexpr,
@@ -219,9 +226,10 @@ def gather_cols_linear_kernel(
         mask_j = (j0 + offs_j) < J
         # kept input rows of weight_t for this K step (each a contiguous row of N)
         cols = tl.load(cols_ptr + j0 + offs_j, mask=mask_j, other=0).to(tl.int64)
+        mask_w = mask_j & (cols >= 0) & (cols < K_TOTAL)  # out-of-range rows read nothing
         a = tl.load(h_ptrs, mask=mask_m[:, None] & mask_j[None, :], other=0.0)
         w = tl.load(wt_ptr + cols[:, None] * stride_wk + offs_n[None, :],
-                    mask=mask_j[:, None] & mask_n[None, :], other=0.0)
+                    mask=mask_w[:, None] & mask_n[None, :], other=0.0)
         acc = _dot(a, w, acc, F32_DOT)
         h_ptrs += BLOCK_K
 

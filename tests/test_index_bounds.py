@@ -1,0 +1,174 @@
+"""An index list whose values are out of range never makes a kernel read out of bounds.
+
+The patched modules call the ops with check_indices=False (they validated their mask once, at patch
+time), so an index tensor changed in place afterwards reaches the kernels unchecked. A list whose
+ends are in range but whose middle entry is not (e.g. [0, 10**9, 63]) used to pass the C++ kernels'
+range check, which read only the ends, and crash the process. Every case here has its ends in range
+and a bad middle entry (just past the end, far past it, negative), and runs in a child process, so
+that a crash fails its test instead of taking the test session down. What each backend does:
+  * cpu (C++ kernels): ValueError naming the index, its position and the dimension's size;
+  * torch: IndexError from index_select;
+  * triton: the loads through the bad entry are masked: it reads nothing (its output is 0, or it
+    adds nothing), so the result equals the op with that entry pointing at an all-zero neuron;
+  * cuda (GPU): a device-side assertion, reported at the next synchronisation (the kernels cannot
+    raise without a host sync); a read out of bounds would be an illegal-address error instead.
+"""
+import functools
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import doe_kernels as dk
+from conftest import backend_cases
+
+SIZE, HIDDEN = 64, 32  # SIZE: the indexed dimension (neurons, or the input features of cols)
+BAD_ENTRIES = [SIZE, 10**9, -1]
+OPS = ["gather_rows_linear", "gather_cols_linear", "gather_ffn", "gather_swiglu_ffn"]
+# (dtype, rows): the fused CPU kernels (float32: every row count; bfloat16: up to 16 rows) and the
+# bfloat16 gather + GEMM path (more rows); on a GPU, one and several chunks of 16 rows.
+REGIMES = [("float32", 1), ("float32", 40), ("bfloat16", 40)]
+CASES = {f"{op}-{bad}-{dtype}-{rows}": (op, bad, dtype, rows)
+         for op in OPS for bad in BAD_ENTRIES for dtype, rows in REGIMES}
+# The cuda backend's assertion leaves the CUDA context unusable, so each of its cases needs a
+# process of its own: a subset.
+CUDA_BACKEND_CASES = [name for name, (_, bad, dtype, rows) in CASES.items()
+                      if bad in (10**9, -1) and (dtype, rows) != ("float32", 40)]
+
+
+def _call(op, kept, dtype, rows, device, backend, check_indices=False, zero_neuron=None):
+    """Run `op` on fixed random inputs over the dimension of SIZE; `zero_neuron` zeroes that
+    neuron's weight rows and biases (an index that reads nothing)."""
+    generator = torch.Generator().manual_seed(0)
+
+    def make(*shape, per_neuron=False):
+        t = torch.randn(*shape, generator=generator)
+        if per_neuron and zero_neuron is not None:
+            t[zero_neuron] = 0
+        return t.to(device, getattr(torch, dtype))
+
+    def neuron_rows():  # a weight with one row per neuron (nn.Linear layout or neuron-major)
+        return make(SIZE, HIDDEN, per_neuron=True)
+
+    kept = kept.to(device)
+    x = make(rows, HIDDEN)
+    options = dict(backend=backend, check_indices=check_indices)
+    if op == "gather_rows_linear":
+        return dk.gather_rows_linear(x, neuron_rows(), make(SIZE, per_neuron=True), kept, "gelu",
+                                     **options)
+    if op == "gather_cols_linear":
+        return dk.gather_cols_linear(make(rows, kept.numel()), neuron_rows(), make(HIDDEN), kept,
+                                     **options)
+    if op == "gather_ffn":
+        return dk.gather_ffn(x, neuron_rows(), make(SIZE, per_neuron=True), neuron_rows(),
+                             make(HIDDEN), kept, "gelu", **options)
+    return dk.gather_swiglu_ffn(x, neuron_rows(), neuron_rows(), neuron_rows(), kept, **options)
+
+
+def _kept(bad):
+    return torch.tensor([0, bad, SIZE - 1])
+
+
+def _run_case(device, backend, name):
+    """The outcome of one case, as a JSON-able dict (run in the child process)."""
+    op, bad, dtype, rows = CASES[name]
+    try:
+        out = _call(op, _kept(bad), dtype, rows, device, backend)
+        if device == "cuda":
+            torch.cuda.synchronize()
+    except Exception as error:  # noqa: BLE001 (the outcome is what the test checks)
+        return {"raised": type(error).__name__, "message": str(error)}
+    expected = _call(op, _kept(1), dtype, rows, device, "torch", zero_neuron=1)
+    scale = max(1.0, float(expected.float().abs().max()))
+    return {"returned": True, "error": float((out.float() - expected.float()).abs().max()) / scale}
+
+
+def _child_main(device, backend, names):
+    for name in names:
+        print(json.dumps({"started": name}), flush=True)
+        print(json.dumps({"case": name, **_run_case(device, backend, name)}), flush=True)
+
+
+@functools.lru_cache(maxsize=None)
+def _outcomes(device, backend, names):
+    """Run the cases `names` in a child process; after a crash, the rest in a new one."""
+    env = dict(os.environ)
+    if device == "cpu" and backend == "triton":
+        env["TRITON_INTERPRET"] = "1"
+    outcomes, remaining = {}, list(names)
+    while remaining:
+        child = subprocess.run(
+            [sys.executable, __file__, device, backend, json.dumps(remaining)],
+            capture_output=True, text=True, env=env, timeout=900,
+        )
+        started = None
+        for line in child.stdout.splitlines():
+            if not line.startswith("{"):
+                continue
+            record = json.loads(line)
+            if "started" in record:
+                started = record["started"]
+            else:
+                outcomes[record.pop("case")] = record
+        if started is None or started in outcomes:  # every case ran (or none started: give up)
+            break
+        outcomes[started] = {"crashed": child.returncode, "stderr": child.stderr[-2000:]}
+        remaining = remaining[remaining.index(started) + 1:]
+    return outcomes
+
+
+def _outcome(device, backend, name):
+    names = (name,) if backend == "cuda" else tuple(CASES)
+    outcome = _outcomes(device, backend, names)
+    assert name in outcome, f"{name} did not run (the child process stopped before it)"
+    return outcome[name]
+
+
+@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("device,backend", backend_cases())
+def test_out_of_range_entry_in_the_middle_reads_nothing(device, backend, name):
+    op, bad, dtype, rows = CASES[name]
+    if device == "cuda" and backend == "torch":
+        pytest.skip("PyTorch's own index_select kernel (a device-side assertion)")
+    if backend == "cuda" and name not in CUDA_BACKEND_CASES:
+        pytest.skip("the cuda backend runs a subset (a process per case)")
+    outcome = _outcome(device, backend, name)
+    assert "crashed" not in outcome, (
+        f"the process died (exit code {outcome.get('crashed')}) running {name}:\n"
+        f"{outcome.get('stderr')}")
+    if backend == "cpu":
+        assert outcome.get("raised") == "ValueError", outcome
+        assert (f"holds index {bad} at position 1, out of range for a dimension of size {SIZE}"
+                in outcome["message"]), outcome
+    elif backend == "torch":
+        assert outcome.get("raised") == "IndexError", outcome
+    elif backend == "cuda":
+        assert "device-side assert triggered" in outcome.get("message", ""), outcome
+    else:  # triton: masked loads, the bad entry reads nothing
+        assert outcome.get("returned"), outcome
+        assert outcome["error"] < (1e-4 if dtype == "float32" else 3e-2), outcome
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("bad", [10**9, -1])
+def test_checked_path_names_a_bad_entry_in_the_middle(op, bad):
+    with pytest.raises(ValueError, match=f"holds index {bad}, out of range"):
+        _call(op, _kept(bad), "float32", 3, "cpu", "auto", check_indices=True)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("device,backend", backend_cases())
+def test_unsorted_repeated_indices_match_the_reference(device, backend, op):
+    """The kernels do not rely on sorted, unique lists (outputs are written by position): an
+    unchecked unsorted list with repeats gives index_select's result."""
+    kept = torch.tensor([5, 2, 5, SIZE - 1, 0])
+    out = _call(op, kept, "float32", 3, device, backend)
+    expected = _call(op, kept, "float32", 3, device, "torch")
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+
+
+if __name__ == "__main__":
+    _child_main(sys.argv[1], sys.argv[2], json.loads(sys.argv[3]))
