@@ -1,8 +1,11 @@
 """Tiny BERT/LLaMA models and experts built without training, shared by the expert, localize
-and router tests."""
+and router tests, and edited copies of Expert files for the file and CLI tests."""
+import json
 import random
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
 import doe_kernels as dk
@@ -63,3 +66,29 @@ def sentiment_task(count=320, seed=0) -> TaskData:
         texts.append(rng.choice(FRAMES).format(s=rng.choice(SUBJECTS), w=rng.choice(words)))
         labels.append(label)
     return TaskData(texts, labels, ["negative", "positive"], "sentiment")
+
+
+def write_expert_file(source, target, header=None, tensors=None, raw_header=None) -> str:
+    """A copy of the Expert file `source` at `target`, its header dict passed through `header`
+    (or replaced by the string `raw_header`) and its tensors dict through `tensors`."""
+    with safe_open(str(source), framework="pt") as f:
+        metadata = dict(f.metadata())
+    content = load_file(str(source))
+    parsed = json.loads(metadata["header"])
+    if header is not None:
+        parsed = header(parsed)
+    if tensors is not None:
+        content = tensors(content)
+    metadata["header"] = raw_header if raw_header is not None else json.dumps(parsed)
+    save_file(content, str(target), metadata=metadata)
+    return str(target)
+
+
+def edit(changes: dict, drop=()):
+    """A header or tensors edit: set `changes`, then drop the keys in `drop`."""
+    def apply(table):
+        table = {**table, **changes}
+        for key in drop:
+            table.pop(key)
+        return table
+    return apply

@@ -12,7 +12,7 @@ import pytest
 from doe_kernels import backends, cli
 from doe_kernels.data import write_csv
 from expert_utils import seq_cls_expert, sentiment_task, tiny_bert
-from test_expert_files import edit, write_expert_file
+from expert_utils import edit, write_expert_file
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -2,49 +2,20 @@
 FileFormatError, naming the file and the problem; Expert() refuses unsound arguments; experts
 survive deepcopy and pickle whole."""
 import copy
-import json
 import math
 import pickle
 
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
 import doe_kernels as dk
 from doe_kernels.expert import Expert
 from doe_kernels.files import FileFormatError
-from expert_utils import seq_cls_expert, tiny_bert
+from expert_utils import edit, seq_cls_expert, tiny_bert, write_expert_file
 
 
 HEADER_KEYS = ("format", "name", "task_type", "label_names", "label_words", "label_token_ids",
                "template", "sizes", "figures", "max_length", "mask_spec", "has_mask")
-
-
-def write_expert_file(source, target, header=None, tensors=None, raw_header=None) -> str:
-    """A copy of the Expert file `source` at `target`, its header dict passed through `header`
-    (or replaced by the string `raw_header`) and its tensors dict through `tensors`."""
-    with safe_open(str(source), framework="pt") as f:
-        metadata = dict(f.metadata())
-    content = load_file(str(source))
-    parsed = json.loads(metadata["header"])
-    if header is not None:
-        parsed = header(parsed)
-    if tensors is not None:
-        content = tensors(content)
-    metadata["header"] = raw_header if raw_header is not None else json.dumps(parsed)
-    save_file(content, str(target), metadata=metadata)
-    return str(target)
-
-
-def edit(changes: dict, drop=()):
-    """A header or tensors edit: set `changes`, then drop the keys in `drop`."""
-    def apply(table):
-        table = {**table, **changes}
-        for key in drop:
-            table.pop(key)
-        return table
-    return apply
 
 
 @pytest.fixture(scope="module")

@@ -97,3 +97,16 @@ def test_masked_errors():
             pass
     assert state_dict_equal(before, snapshot(other))
     assert all(not m._forward_pre_hooks for m in other.modules())
+
+
+def test_a_diverging_retune_raises_and_leaves_the_model_as_it_was(tokenizer, one_thread):
+    """An lr so large the prompt overflows: a clear error (localize scores that candidate as
+    failing and goes on), not an expert holding NaN."""
+    from doe_kernels.localize.recover import TrainingDiverged
+
+    model, expert = _experts(tokenizer)[0]
+    before = snapshot(model)
+    with pytest.raises(TrainingDiverged, match="lower recover_lr"):
+        retune(model, tokenizer, expert, sentiment_task(16), epochs=2, lr=1e30, head_lr=1e30,
+               batch_size=8, progress=False)
+    assert state_dict_equal(before, snapshot(model)) and not dk.is_patched(model)

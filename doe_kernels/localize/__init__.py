@@ -16,7 +16,7 @@ from doe_kernels.expert import (CAUSAL_LM, DEFAULT_TEMPLATE, Expert, check_templ
                                 label_token_ids, model_sizes)
 from doe_kernels.localize.attribution import attribute
 from doe_kernels.localize.prompt import PromptResult, train_prompt
-from doe_kernels.localize.recover import masked, retune
+from doe_kernels.localize.recover import TrainingDiverged, masked, retune
 from doe_kernels.localize.search import mask_at_rate, paired_change, search_rate
 from doe_kernels.patching import is_patched
 
@@ -181,8 +181,13 @@ def localize(model, tokenizer, train, validation=None, *, label_words=None, temp
         def accuracy(rate):
             expert = candidate(rate)
             if recover_epochs:
-                expert, _ = retune(model, tokenizer, expert, recover_data, recover_epochs,
-                                   recover_lr, head_lr, batch_size, seed, progress=False)
+                try:
+                    expert, _ = retune(model, tokenizer, expert, recover_data, recover_epochs,
+                                       recover_lr, head_lr, batch_size, seed, progress=False)
+                except TrainingDiverged:  # this rate fails; the search goes on
+                    change_se[rate] = 0.0
+                    bar.update(1)
+                    return 0.0
             evaluated[rate] = expert
             with expert.plugged(model, backend=backend):
                 correct = expert.correct(model, tokenizer, validation, batch_size=2 * batch_size)

@@ -52,6 +52,17 @@ def masked(model, mask):
             handle.remove()
 
 
+class TrainingDiverged(ValueError):
+    """Recovery training ended with a non-finite soft prompt or head."""
+
+
+def _check_finite(prompt, head, lr: float) -> None:
+    tensors = [prompt] + list((head or {}).values())
+    if not all(bool(torch.isfinite(t).all()) for t in tensors):
+        raise TrainingDiverged(f"recovery training diverged (the prompt or head holds NaN or inf) "
+                               f"at lr={lr:g}; try a lower recover_lr")
+
+
 def retune(model, tokenizer, expert: Expert, data, epochs: int = 1, lr: float = 3e-2,
            head_lr: float = 1e-2, batch_size: int = 16, seed: int = 0,
            progress: bool = True) -> tuple[Expert, list]:
@@ -73,6 +84,7 @@ def retune(model, tokenizer, expert: Expert, data, epochs: int = 1, lr: float = 
             prompt, head = extract(peft_model)
         finally:
             unwrap(peft_model)
+    _check_finite(prompt, head, lr)
     retuned = Expert(expert.mask, prompt, expert.task_type, expert.label_names,
                      expert.label_words, expert.label_token_ids, expert.template, head,
                      expert.sizes, name=expert.name, max_length=expert.max_length)
