@@ -29,7 +29,7 @@
 
 namespace doe_kernels {
 
-// Activation codes shared with doe_kernels/backends/__init__.py (ACTIVATION_CODES).
+// Activation codes: ACTIVATION_CODES in doe_kernels/activations.py (a test checks they agree).
 enum Activation : int64_t {
   kIdentity = 0,
   kGeluErf = 1,

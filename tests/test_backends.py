@@ -95,3 +95,17 @@ def test_triton_on_the_cpu_needs_an_interpreter_that_runs_the_kernels(monkeypatc
     finally:
         monkeypatch.undo()
         triton_backend._interpreter_runs.cache_clear()
+
+
+def test_activation_codes_agree_with_the_compiled_kernels():
+    """One table of activations (doe_kernels/activations.py); the C++/CUDA enum mirrors it."""
+    import pathlib
+    import re
+
+    from doe_kernels.activations import ACTIVATION_CODES
+
+    header = (pathlib.Path(__file__).resolve().parent.parent / "csrc" / "doe_kernels.h").read_text()
+    enum = re.search(r"enum Activation : int64_t \{(.*?)\};", header, re.S).group(1)
+    codes = [int(code) for code in re.findall(r"k\w+ = (\d+)", enum)]
+    assert codes == sorted(ACTIVATION_CODES.values())
+    assert list(ACTIVATION_CODES) == ["identity", "gelu", "gelu_tanh", "relu"]  # enum order

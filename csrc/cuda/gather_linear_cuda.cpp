@@ -118,8 +118,8 @@ at::Tensor gather_rows_linear_cuda(const at::Tensor& x, const at::Tensor& weight
                 ": bias must have shape (", weight.size(0), "), got ", bias->sizes());
   }
   check_index(rows, x, op, "rows");
-  TORCH_CHECK(activation >= 0 && activation <= 3, op, ": unknown activation code ", activation,
-              " (0 identity, 1 erf GELU, 2 tanh GELU, 3 ReLU)");
+  TORCH_CHECK(activation >= kIdentity && activation <= kRelu, op, ": unknown activation code ",
+              activation, " (0 identity, 1 erf GELU, 2 tanh GELU, 3 ReLU)");
 
   const int64_t M = x.size(0), K = x.size(1), N = rows.numel();
   at::Tensor out = at::empty({M, N}, x.options());

@@ -2,7 +2,7 @@
 import torch
 
 from doe_kernels._ext import extension
-from doe_kernels.backends.torch_ref import ACTIVATION_CODES
+from doe_kernels.activations import ACTIVATION_CODES
 
 NAME = "cpu"
 DTYPES = (torch.float32, torch.bfloat16)

@@ -6,7 +6,7 @@ only picks it for few rows.
 import torch
 
 from doe_kernels._ext import has_cuda_kernels, extension
-from doe_kernels.backends.torch_ref import ACTIVATION_CODES
+from doe_kernels.activations import ACTIVATION_CODES
 
 NAME = "cuda"
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)

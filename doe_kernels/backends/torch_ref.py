@@ -6,27 +6,13 @@ the kept weights on every call, so it is correct everywhere but not the fast pat
 import torch
 import torch.nn.functional as F
 
+from doe_kernels.activations import apply_activation
+
 NAME = "torch"
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
-# Activation names, with the codes the compiled kernels use (csrc/doe_kernels.h).
-ACTIVATION_CODES = {"identity": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
-
-
 def available(device_type: str) -> bool:
     return device_type == "cpu" or (device_type == "cuda" and torch.cuda.is_available())
-
-
-def apply_activation(out: torch.Tensor, activation: str) -> torch.Tensor:
-    if activation == "identity":
-        return out
-    if activation == "gelu":
-        return F.gelu(out)
-    if activation == "gelu_tanh":
-        return F.gelu(out, approximate="tanh")
-    if activation == "relu":
-        return F.relu(out)
-    raise ValueError(f"unknown activation {activation!r}")
 
 
 def gather_rows_linear(x, weight, bias, rows, activation):

@@ -6,9 +6,9 @@ attention, with the attention-probability dropout in training mode), `attention.
 (kept heads' columns), `intermediate` (kept neurons' rows with the activation) and `output.dense`
 (kept neurons' columns, input-major); the residual, dropout and LayerNorm modules stay as they are.
 """
+from doe_kernels.activations import HF_ACTIVATIONS
 from doe_kernels.models.base import LayerPatch, UnsupportedModelError, has_modules
 from doe_kernels.models.modules import (
-    HF_ACTIVATIONS,
     KeptColsLinear,
     KeptRowsLinear,
     PrunedAttention,

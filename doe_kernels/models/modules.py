@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from doe_kernels.backends.torch_ref import apply_activation
+from doe_kernels.activations import apply_activation
 from doe_kernels.ops import (
     HeadSelection,
     gather_cols_linear,
@@ -18,16 +18,6 @@ from doe_kernels.ops import (
     gather_swiglu_ffn,
     project_qkv,
 )
-
-# HF `hidden_act` names -> doe_kernels activation names.
-HF_ACTIVATIONS = {
-    "gelu": "gelu",
-    "gelu_new": "gelu_tanh",
-    "gelu_pytorch_tanh": "gelu_tanh",
-    "gelu_fast": "gelu_tanh",
-    "relu": "relu",
-}
-
 
 def _kept_repr(kept, total: int) -> str:
     return f"{total if kept is None else kept.numel()}/{total} kept"

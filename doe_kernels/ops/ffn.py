@@ -5,6 +5,7 @@ is one contiguous row of `w_out_t = input_major(down.weight)`, so a call reads o
 """
 import torch
 
+from doe_kernels.activations import FFN_ACTIVATIONS, check_activation
 from doe_kernels.ops import library
 from doe_kernels.ops.checks import (
     check_bias,
@@ -13,9 +14,6 @@ from doe_kernels.ops.checks import (
     check_index,
     check_same_dtype_device,
 )
-from doe_kernels.ops.linear import check_activation
-
-FFN_ACTIVATIONS = ("gelu", "gelu_tanh", "relu")
 
 
 def _check_neuron_major(name: str, weight: torch.Tensor, intermediate: int) -> None:

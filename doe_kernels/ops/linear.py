@@ -6,6 +6,7 @@ column-gathered op, which reads the weight input-major: `input_major(linear.weig
 """
 import torch
 
+from doe_kernels.activations import check_activation
 from doe_kernels.ops import library
 from doe_kernels.ops.checks import (
     check_bias,
@@ -14,14 +15,6 @@ from doe_kernels.ops.checks import (
     check_index,
     check_same_dtype_device,
 )
-
-ACTIVATIONS = ("identity", "gelu", "gelu_tanh", "relu")
-
-
-def check_activation(activation: str, allowed=ACTIVATIONS) -> None:
-    if activation not in allowed:
-        raise ValueError(f"activation must be one of {allowed}, got {activation!r}")
-
 
 def input_major(weight: torch.Tensor) -> torch.Tensor:
     """nn.Linear weight (out, in) -> input-major (in, out), contiguous: each input feature a row.

@@ -14,6 +14,8 @@ import warnings
 
 import torch
 
+from doe_kernels.activations import ACTIVATION_CODES, check_activation
+
 NAME = "triton"
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -111,8 +113,7 @@ def _device_guard(t):
 
 def gather_rows_linear(x, weight, bias, rows, activation: str):
     k = _kernels()
-    if activation not in k.ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}")
+    check_activation(activation)
     M, K = x.shape
     N = rows.shape[0]
     out = torch.empty((M, N), device=x.device, dtype=_out_dtype(k, x.dtype))
@@ -124,7 +125,7 @@ def gather_rows_linear(x, weight, bias, rows, activation: str):
             M, N, K, weight.shape[0],
             x.stride(0), weight.stride(0), out.stride(0),
             k.m_bucket(M), k.kept_bucket(N),
-            HAS_BIAS=has_bias, ACTIVATION=k.ACTIVATIONS[activation],
+            HAS_BIAS=has_bias, ACTIVATION=ACTIVATION_CODES[activation],
             F32_DOT=x.dtype == torch.float32 or k.INTERPRET,
             **meta,
         )

@@ -29,16 +29,6 @@ import triton.testing
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-ACT_IDENTITY = 0
-ACT_GELU = 1
-ACT_GELU_TANH = 2
-ACT_RELU = 3
-ACTIVATIONS = {
-    "identity": ACT_IDENTITY,
-    "gelu": ACT_GELU,
-    "gelu_tanh": ACT_GELU_TANH,
-    "relu": ACT_RELU,
-}
 
 
 def m_bucket(m: int) -> int:
@@ -95,6 +85,7 @@ def _dot(a, b, acc, F32_DOT: tl.constexpr):
 
 @triton.jit
 def _apply_activation(acc, ACTIVATION: tl.constexpr):
+    # ACTIVATION: a code of doe_kernels.activations.ACTIVATION_CODES (0: identity)
     if ACTIVATION == 1:  # exact GELU: 0.5 x (1 + erf(x / sqrt(2)))
         acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
     elif ACTIVATION == 2:  # tanh GELU; tanh(y) = 2 sigmoid(2y) - 1 (no tanh in core tl.math)
