@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 from doe_kernels.files import FileFormatError, read_safetensors
 from doe_kernels.models import ModelSpec, spec_of
+from doe_kernels.ops.checks import check_sorted_unique
 
 _SPEC_KEYS = ("model_type", "num_layers", "intermediate_size", "num_heads", "num_kv_heads",
               "num_experts")
@@ -57,13 +58,7 @@ def _as_index(kind: str, layer, index) -> torch.Tensor:
     tensor = tensor.detach().to("cpu", torch.int64).clone()
     if tensor.numel() and int(tensor.min()) < 0:
         raise ValueError(f"{where} holds a negative index {int(tensor.min())}")
-    if tensor.numel() > 1:
-        steps = tensor[1:] - tensor[:-1]
-        if int(steps.min()) <= 0:
-            position = int(torch.nonzero(steps <= 0)[0]) + 1
-            problem = "duplicate" if int(steps[position - 1]) == 0 else "unsorted"
-            raise ValueError(f"{where} must be sorted and unique: {problem} index "
-                             f"{int(tensor[position])} at position {position}")
+    check_sorted_unique(where, tensor)
     return tensor
 
 
@@ -87,13 +82,6 @@ class ExpertMask:
         self.moe = FrozenTable({l: _as_index("moe", l, i) for l, i in _by_layer("moe", moe)})
         self.skip = FrozenTable({l: _as_threshold(l, b) for l, b in _by_layer("skip", skip)})
         self.spec = _as_spec(spec)
-        self._prepared = {}  # (ModelSpec, device, skip) -> per-layer plans; doe_kernels.patching
-
-    def __getstate__(self):  # the prepared plans are a cache, rebuilt after copying or pickling
-        return {key: value for key, value in self.__dict__.items() if key != "_prepared"}
-
-    def __setstate__(self, state):
-        self.__dict__.update(state, _prepared={})
 
     # ---- construction -------------------------------------------------------------------
     @classmethod

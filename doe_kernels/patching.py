@@ -8,6 +8,7 @@ before anything changes.
 """
 import contextlib
 import functools
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -22,6 +23,9 @@ from doe_kernels.models.moe_block import MoePlan
 from doe_kernels.ops import HeadSelection
 
 _STATE = PATCH_STATE_ATTR
+# mask -> {(ModelSpec, device, dynamic_skip): per-layer plans}; masks are immutable, so a plan
+# stays valid for as long as its mask lives
+_PREPARED: "weakref.WeakKeyDictionary[ExpertMask, dict]" = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -46,6 +50,17 @@ def current_mask(model: nn.Module) -> ExpertMask | None:
     return None if state is None else state.mask
 
 
+def moe_blocks(model: nn.Module) -> list[nn.Module]:
+    """The patched mixture-of-experts block of every layer of a patched MoE model (the modules
+    doe_kernels.moe calibrates and selects experts on)."""
+    state = getattr(model, _STATE, None)
+    if state is None:
+        raise ValueError("the model is not patched by doe_kernels")
+    if not state.spec.num_experts:
+        raise ValueError("the model has no mixture-of-experts layers")
+    return [layer.moe_modules[0] for layer in state.layers]
+
+
 def _model_device(model: nn.Module, layers) -> tuple[torch.device, torch.dtype]:
     params = [p for p in layers.parameters()]
     devices = {p.device for p in params}
@@ -68,8 +83,9 @@ def _plans(mask: ExpertMask, spec: ModelSpec, device: torch.device, dynamic_skip
     Validated and built once per mask, model size, device and skipping choice, then reused by
     every swap.
     """
+    prepared = _PREPARED.setdefault(mask, {})
     key = (spec, device, dynamic_skip)
-    if key not in mask._prepared:
+    if key not in prepared:
         mask.check_spec(spec)
         if dynamic_skip:
             missing = [l for l in range(spec.num_layers) if l not in mask.skip]
@@ -95,8 +111,8 @@ def _plans(mask: ExpertMask, spec: ModelSpec, device: torch.device, dynamic_skip
                 moe = MoePlan(None if experts is None else experts.to(device),
                               mask.skip[layer] if dynamic_skip else None)
             plans.append((None if kept is None else kept.to(device), selection, moe))
-        mask._prepared[key] = plans
-    return mask._prepared[key]
+        prepared[key] = plans
+    return prepared[key]
 
 
 def patch(model: nn.Module, mask: ExpertMask, backend: str = "auto",

@@ -15,8 +15,8 @@ def ffn():
 @pytest.mark.parametrize("kept,error,match", [
     (torch.tensor([1, 37]), ValueError, "kept holds index 37, out of range"),
     (torch.tensor([-1, 3]), ValueError, "kept holds index -1, out of range"),
-    (torch.tensor([5, 1]), ValueError, "kept must be sorted and unique; unsorted"),
-    (torch.tensor([1, 5, 5]), ValueError, "kept must be sorted and unique; duplicate entry 5"),
+    (torch.tensor([5, 1]), ValueError, "kept must be sorted and unique: unsorted"),
+    (torch.tensor([1, 5, 5]), ValueError, "kept must be sorted and unique: duplicate index 5"),
     (torch.tensor([[1, 5]]), ValueError, "kept must be 1-D"),
     (torch.tensor([1.0, 5.0]), TypeError, "kept must have dtype int32 or int64"),
     ([1, 5], TypeError, "kept must be a torch.Tensor"),

@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from doe_kernels.mask import ExpertMask
-from doe_kernels.models import PATCH_STATE_ATTR, spec_of
+from doe_kernels.models import spec_of
 from doe_kernels.models.moe_block import expert_ffn, route
 from doe_kernels.moe.calibration import capture_inputs
-from doe_kernels.patching import plugged
+from doe_kernels.patching import moe_blocks, plugged
 
 MAX_SUBSETS = 20000
 
@@ -50,8 +50,7 @@ def select_experts(model, calibration, keep, inputs: str = "original", mask: Exp
                              moe=chosen if inputs == "pruned" else base.moe)
         todo, layers = layers[:group], layers[group:]
         with plugged(model, current):
-            state = getattr(model, PATCH_STATE_ATTR)
-            blocks = [state.layers[l].moe_modules[0] for l in todo]
+            blocks = [moe_blocks(model)[l] for l in todo]
             captured = capture_inputs(model, blocks, calibration)
             for layer, block, x in zip(todo, blocks, captured):
                 errors = _subset_errors(block, x, counts[layer], chunk_tokens)

@@ -6,10 +6,10 @@ import torch
 import torch.nn.functional as F
 
 from doe_kernels.mask import ExpertMask
-from doe_kernels.models import PATCH_STATE_ATTR, spec_of
+from doe_kernels.models import spec_of
 from doe_kernels.models.moe_block import route
 from doe_kernels.moe.calibration import feed
-from doe_kernels.patching import plugged
+from doe_kernels.patching import moe_blocks, plugged
 
 
 @torch.no_grad()
@@ -28,6 +28,5 @@ def skip_thresholds(model, calibration, mask: ExpertMask | None = None) -> dict:
         ratios[layer].append((weights[:, 1] / weights[:, 0]).cpu())
 
     with plugged(model, mask if mask is not None else ExpertMask()):
-        state = getattr(model, PATCH_STATE_ATTR)
-        feed(model, [p.moe_modules[0] for p in state.layers], calibration, record)
+        feed(model, moe_blocks(model), calibration, record)
     return {l: float(torch.cat(r).median()) for l, r in ratios.items()}

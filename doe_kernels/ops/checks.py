@@ -51,15 +51,18 @@ def check_index(name: str, index, size: int, device: torch.device, check_values:
         if low < 0 or high >= size:
             bad = low if low < 0 else high
             raise ValueError(f"{name} holds index {bad}, out of range for a dimension of size {size}")
-        steps = index[1:] - index[:-1]
-        if steps.numel() > 0 and int(steps.min()) <= 0:
-            position = int(torch.nonzero(steps <= 0)[0]) + 1
-            problem = "duplicate" if int(steps[position - 1]) == 0 else "unsorted"
-            raise ValueError(
-                f"{name} must be sorted and unique; {problem} entry {int(index[position])} "
-                f"at position {position}"
-            )
+        check_sorted_unique(name, index)
     return index.to(torch.int64).contiguous()
+
+
+def check_sorted_unique(name: str, index: torch.Tensor) -> None:
+    """Raise ValueError naming the first entry that breaks a strictly increasing index list."""
+    steps = index[1:] - index[:-1]
+    if steps.numel() > 0 and int(steps.min()) <= 0:
+        position = int(torch.nonzero(steps <= 0)[0]) + 1
+        problem = "duplicate" if int(steps[position - 1]) == 0 else "unsorted"
+        raise ValueError(f"{name} must be sorted and unique: {problem} index "
+                         f"{int(index[position])} at position {position}")
 
 
 def check_features(name: str, tensor: torch.Tensor, dim: int, expected: int, what: str) -> None:
