@@ -4,7 +4,10 @@
 that compute only the expert's heads, neurons and MoE experts (models/), in place. Calling it
 again swaps the expert: only index tensors change. `unpatch` restores the original modules,
 Parameters and weight layout, so the model is bitwise the model it was. Everything is validated
-before anything changes.
+before anything changes, and an error part-way through (out of memory, say) undoes what was done.
+While patched, the model's `_apply` (`.half()`, `.to(...)`) checks the new dtype and device against
+an explicit backend first, and `load_state_dict` is refused (models/base.py keeps `state_dict` the
+original model's).
 """
 import contextlib
 import functools
@@ -15,9 +18,9 @@ import torch
 from torch import nn
 
 from doe_kernels import backends
+from doe_kernels.backends import BackendUnavailableError
 from doe_kernels.mask import ExpertMask
 from doe_kernels.models import PATCH_STATE_ATTR, ModelSpec, check_transformers_version, describe
-from doe_kernels.backends import BackendUnavailableError
 from doe_kernels.models.base import LayerPatch, refuse_load_while_patched
 from doe_kernels.models.moe_block import MoePlan
 from doe_kernels.ops import HeadSelection
