@@ -1,6 +1,6 @@
 """Benchmark harness: options, the per-run result collector, and the end-of-run report.
 
-`pytest benchmarks/` runs the quick sweep (a few minutes on 2 CPU cores); `--full` (or
+`pytest benchmarks/` runs the quick sweep (a few minutes on a laptop-class CPU); `--full` (or
 DOE_BENCH_FULL=1) runs the whole sweep; `--smoke` runs one tiny case of each benchmark (CI);
 `--bench-dtype bfloat16` sweeps another dtype (its files get the dtype in their names).
 `--shapes`, `--rates` and `--rows` replace the op benchmarks' grid (`--rates` the model
@@ -11,9 +11,11 @@ Each benchmark records its median time. On the CPU that is pytest-benchmark's me
 number of rounds (`measure`). On a GPU it is the median of CUDA-event timings from
 `triton.testing.do_bench`, with the L2 cache flushed before every call (a model's weights do not
 stay in L2 from one layer's call to the next), and pytest-benchmark runs the call once more only to
-mark the benchmark used. At the end the run's results are written under benchmarks/results/
-(JSON and CSV with device, versions, date and commit), the speed-up curves are drawn as PNG files
-and a summary table is printed. Benchmarks never assert on time.
+mark the benchmark used. At the end the run's results are written (JSON and CSV with device,
+versions, date and commit), the speed-up curves are drawn as PNG files, a summary table is printed
+and the last line names the folder. The folder is `--results-dir`, by default
+benchmarks/results/local/, which git ignores: a run leaves the checkout clean, and a reference run
+is committed by choice, with `--results-dir benchmarks/results`. Benchmarks never assert on time.
 """
 import os
 import time
@@ -21,7 +23,7 @@ import time
 import pytest
 import torch
 
-from report import Recorder, summary_lines, write_results
+from report import DEFAULT_RESULTS_DIR, Recorder, summary_lines, where_lines, write_results
 from shapes import FULL, QUICK, SHAPES
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -35,8 +37,9 @@ def pytest_addoption(parser):
     group.addoption("--bench-dtype", default=None, choices=tuple(DTYPES),
                     help="dtype of weights and activations (default: float32 on the CPU, "
                          "bfloat16 on the GPU)")
-    group.addoption("--results-dir", default=os.path.join(os.path.dirname(__file__), "results"),
-                    help="where result files and plots go")
+    group.addoption("--results-dir", default=DEFAULT_RESULTS_DIR,
+                    help="where result files and plots go (default: benchmarks/results/local, "
+                         "ignored by git; benchmarks/results holds the committed reference runs)")
     group.addoption("--results-suffix", default="",
                     help="added to the result files' names (runs of one device and mode apart)")
     group.addoption("--shapes", type=_names, default=None,
@@ -195,12 +198,12 @@ def pytest_sessionfinish(session, exitstatus):
                                        sweep_mode(config) + suffix + (f"_{extra}" if extra else ""))
 
 
+@pytest.hookimpl(trylast=True)  # after pytest-benchmark's table: the run's last words
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     recorder = config.doe_recorder
     if not recorder.rows:
         return
     terminalreporter.section("doe-kernels speed-up summary")
-    for line in summary_lines(recorder):
+    for line in summary_lines(recorder) + where_lines(getattr(config, "doe_written", []),
+                                                      config.getoption("--results-dir")):
         terminalreporter.write_line(line)
-    for path in getattr(config, "doe_written", []):
-        terminalreporter.write_line(f"wrote {path}")

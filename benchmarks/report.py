@@ -20,6 +20,10 @@ from dataclasses import asdict, dataclass
 import torch
 
 BASELINES = ("dense", "sliced")
+# Where a run's files go unless --results-dir says otherwise: a folder git ignores (.gitignore), so
+# running the benchmarks leaves the checkout clean; the committed reference runs are in
+# benchmarks/results/, written there only when asked (--results-dir benchmarks/results).
+DEFAULT_RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "local")
 
 
 @dataclass
@@ -241,3 +245,22 @@ def summary_lines(recorder: Recorder) -> list[str]:
                          f"{100 * m['prune_rate']:5.0f} {m['rows']:5d} "
                          f"{mib(m['extra_weight_bytes'])} {mib(m['peak_bytes'])}")
     return lines
+
+
+def where_lines(paths: list[str], results_dir: str) -> list[str]:
+    """The end of the report: a line per data file written, one for the plots, and the folder."""
+    plots = [path for path in paths if path.endswith(".png")]
+    lines = [f"wrote {_shown(path)}" for path in paths if not path.endswith(".png")]
+    if plots:
+        lines.append(f"wrote {len(plots)} plots under {_shown(os.path.dirname(plots[0]))}")
+    where = f"results in {_shown(results_dir)}"
+    if os.path.realpath(results_dir) == os.path.realpath(DEFAULT_RESULTS_DIR):
+        where += (" (ignored by git; --results-dir benchmarks/results writes the committed "
+                  "reference files)")
+    return lines + [where]
+
+
+def _shown(path: str) -> str:
+    """`path` relative to the working directory when it lies under it, else as given."""
+    relative = os.path.relpath(path)
+    return path if relative.startswith("..") else relative

@@ -18,7 +18,10 @@
 # computes right with it; otherwise it is built (`setup.py build_ext --inplace`, sm_90).
 # A stage cut by its time limit gets SIGINT, so pytest still writes what it measured; the archive
 # is rewritten (atomically) after every stage, so a call cut off by the tool's limit still returns
-# what finished. Afterwards, here: untar into benchmarks/results/ and commit.
+# what finished. Afterwards, here: `tar xzf gpu_run.tgz -C benchmarks/results` puts the result
+# files (gpu-<device>_<mode>[_<dtype>][_<stage>].json/.csv) and plots (plots/gpu-*/) where reference
+# runs are committed, and the logs in benchmarks/results/local/gpu_logs/ (ignored); commit the
+# results.
 set -uo pipefail
 plan="${1:-budget}"
 shift || true
@@ -27,10 +30,13 @@ BUDGET="${BUDGET:-480}"
 export PYTHONUNBUFFERED=1 MAX_JOBS="${MAX_JOBS:-16}" DOE_KERNELS_CUDA_ARCHS="${DOE_KERNELS_CUDA_ARCHS:-9.0}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 start=$(date +%s)
-stage="$(mktemp -d)"
-mkdir -p "$stage/results"
+# The archive's tree is a results folder: result files and plots at its top, as a benchmark run
+# writes them into benchmarks/results/, and the logs in local/gpu_logs/ (ignored by git there).
+packed="$(mktemp -d)"
+logs="$packed/local/gpu_logs"
+mkdir -p "$logs"
 pack() {
-  tar czf "$OUT/.gpu_run.tmp" -C "$stage" . && mv -f "$OUT/.gpu_run.tmp" "$OUT/gpu_run.tgz"
+  tar czf "$OUT/.gpu_run.tmp" -C "$packed" . && mv -f "$OUT/.gpu_run.tmp" "$OUT/gpu_run.tgz"
 }
 # cap N: seconds a stage may take: N, or what is left of the budget less 30 s (the stop signal's
 # grace and packing); at least 1, since `timeout 0` would mean no limit.
@@ -42,7 +48,7 @@ elapsed() { echo "[$(( $(date +%s) - start )) s]"; }
 # limited SECONDS CMD...: CMD, interrupted (SIGINT, then SIGKILL 20 s later) after SECONDS.
 limited() { timeout -s INT -k 20 "$@"; }
 PYTEST=(python3 -m pytest -q -p no:cacheprovider)
-BENCH=("${PYTEST[@]}" --benchmark-disable-gc --results-dir "$stage/results")
+BENCH=("${PYTEST[@]}" --benchmark-disable-gc --results-dir "$packed")
 
 # ---- environment and extension -----------------------------------------------------------------
 # One CUDA op through the extension, against torch: exit 0 when the cuda backend works.
@@ -72,8 +78,8 @@ sys.exit(0 if torch.allclose(out, x @ w[rows].T, atol=1e-3, rtol=1e-3) else 2)'
   fi
   if (( ! works )); then
     echo "== build $(elapsed)"
-    limited "$(cap 300)" python3 setup.py build_ext --inplace > "$stage/build_ext.log" 2>&1
-    tail -n 20 "$stage/build_ext.log"
+    limited "$(cap 300)" python3 setup.py build_ext --inplace > "$logs/build_ext.log" 2>&1
+    tail -n 20 "$logs/build_ext.log"
     python3 -c "$CHECK_EXT" && echo "== extension: built, the cuda op works" \
       || echo "== extension: the cuda backend does not work (exit $?)"
   fi
@@ -82,7 +88,7 @@ print('python', sys.version.split()[0], '| torch', torch.__version__, '| triton'
       '| transformers', t.__version__)
 print('backends: cuda', dk.available_backends('cuda'), '| cpu', dk.available_backends('cpu'))"
   echo "== extension ready $(elapsed)"
-} 2>&1 | tee "$stage/build.log"
+} 2>&1 | tee "$logs/build.log"
 pack
 
 # ---- tests -------------------------------------------------------------------------------------
@@ -90,20 +96,20 @@ parallel=()
 python3 -c "import xdist" 2>/dev/null && parallel=(-n 8)
 if [[ "$plan" == "budget" ]]; then
   echo "== GPU tests (-m gpu) $(elapsed)"
-  limited "$(cap 120)" "${PYTEST[@]}" tests/ -m gpu -rs "${parallel[@]}" > "$stage/tests.log" 2>&1
-  tail -n 30 "$stage/tests.log"
+  limited "$(cap 120)" "${PYTEST[@]}" tests/ -m gpu -rs "${parallel[@]}" > "$logs/tests.log" 2>&1
+  tail -n 30 "$logs/tests.log"
 elif [[ "$plan" != bench-* ]]; then
   echo "== tests $(elapsed)"
-  "${PYTEST[@]}" tests/ -rs "${parallel[@]}" > "$stage/tests.log" 2>&1
-  tail -n 40 "$stage/tests.log"
+  "${PYTEST[@]}" tests/ -rs "${parallel[@]}" > "$logs/tests.log" 2>&1
+  tail -n 40 "$logs/tests.log"
 fi
 pack
 if [[ "$plan" == "tests" ]]; then
   if command -v compute-sanitizer >/dev/null 2>&1; then
     echo "== compute-sanitizer memcheck on the CUDA kernels (small shapes) $(elapsed)"
     compute-sanitizer --tool memcheck --error-exitcode 9 "${PYTEST[@]}" tests/test_ffn_ops.py \
-      -k "cuda-cuda and (40x37 or 123x37)" > "$stage/memcheck.log" 2>&1
-    tail -n 15 "$stage/memcheck.log"
+      -k "cuda-cuda and (40x37 or 123x37)" > "$logs/memcheck.log" 2>&1
+    tail -n 15 "$logs/memcheck.log"
     pack
   fi
   exit 0
@@ -119,9 +125,9 @@ bench() {
   if (( seconds < 40 )); then echo "== bench $name: skipped, budget spent"; return; fi
   echo "== bench $name (at most ${seconds} s) $(elapsed)"
   limited "$seconds" "${BENCH[@]}" --results-suffix "$name" --time-budget $(( seconds - 20 )) \
-    "$@" > "$stage/bench_$name.log" 2>&1
-  sed -n '/speed-up summary/,/^wrote /p' "$stage/bench_$name.log" | head -n 170
-  tail -n 2 "$stage/bench_$name.log"
+    "$@" > "$logs/bench_$name.log" 2>&1
+  sed -n '/speed-up summary/,/^results in /p' "$logs/bench_$name.log" | head -n 170
+  tail -n 2 "$logs/bench_$name.log"
   pack
 }
 
@@ -140,9 +146,9 @@ else
   targets=("$@")
   [[ ${#targets[@]} -eq 0 || "${targets[0]}" == -* ]] && targets=(benchmarks/ "${targets[@]}")
   echo "== benchmarks ($mode) $(elapsed)"
-  "${BENCH[@]}" "${targets[@]}" "${extra[@]}" > "$stage/bench.log" 2>&1
-  sed -n '/speed-up summary/,/^wrote /p' "$stage/bench.log" | head -n 400
-  tail -n 2 "$stage/bench.log"
+  "${BENCH[@]}" "${targets[@]}" "${extra[@]}" > "$logs/bench.log" 2>&1
+  sed -n '/speed-up summary/,/^results in /p' "$logs/bench.log" | head -n 400
+  tail -n 2 "$logs/bench.log"
 fi
 
 pack

@@ -1,5 +1,6 @@
 """The benchmark harness (benchmarks/): the grid options, the time budget and the result files that
-benchmarks/run_gpu.sh relies on, and the read-rate columns of the report."""
+benchmarks/run_gpu.sh relies on, where a run's files go by default (a folder git ignores), and the
+read-rate columns of the report."""
 import importlib.util
 import inspect
 import json
@@ -11,7 +12,7 @@ import pytest
 
 BENCHMARKS = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
 sys.path.append(BENCHMARKS)  # after tests/: benchmarks/ has a conftest module too
-from report import Recorder, summary_lines  # noqa: E402
+from report import DEFAULT_RESULTS_DIR, Recorder, summary_lines, where_lines  # noqa: E402
 
 
 def _run_benchmarks(tmp_path, *args):
@@ -20,6 +21,15 @@ def _run_benchmarks(tmp_path, *args):
          "-p", "no:cacheprovider", "--results-dir", str(tmp_path), "--benchmark-max-time", "0.01",
          "--bench-device", "cpu", *args],
         capture_output=True, text=True, timeout=600, cwd=BENCHMARKS)
+
+
+def _bench_conftest():
+    """benchmarks/conftest.py, under another name: "conftest" is tests/conftest.py here."""
+    spec = importlib.util.spec_from_file_location("bench_conftest",
+                                                  os.path.join(BENCHMARKS, "conftest.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_grid_options_and_results_suffix(tmp_path):
@@ -76,11 +86,7 @@ def test_gpu_timing_path_calls_do_bench_as_triton_defines_it(monkeypatch):
     arguments its installed signature takes, the setup runs inside the timed call, milliseconds
     become seconds, and pytest-benchmark sees the call once."""
     triton_testing = pytest.importorskip("triton.testing")
-    # benchmarks/conftest.py, under another name: "conftest" is tests/conftest.py here
-    spec = importlib.util.spec_from_file_location("bench_conftest",
-                                                  os.path.join(BENCHMARKS, "conftest.py"))
-    bench_conftest = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench_conftest)
+    bench_conftest = _bench_conftest()
     signature, calls = inspect.signature(triton_testing.do_bench), []
 
     def fake_do_bench(*args, **kwargs):
@@ -112,3 +118,63 @@ def test_gpu_timing_path_calls_do_bench_as_triton_defines_it(monkeypatch):
     assert order == ["setup", "call"] * 2  # do_bench's call, then pytest-benchmark's one round
     assert benchmark.pedantic_calls == [(1, 1)]
     assert benchmark.extra_info["cuda_event_median_s"] == pytest.approx(0.002)
+
+
+def test_default_results_dir_is_ignored_by_git():
+    """`pytest benchmarks/` writes under benchmarks/results/local/, which git ignores, so a run
+    leaves the checkout clean; the committed reference files' names in benchmarks/results/ (what
+    `--results-dir benchmarks/results` and run_gpu.sh's archive write) stay committable, and smoke
+    files are ignored wherever they are."""
+    options = {}
+
+    class Parser:  # pytest's parser, as far as pytest_addoption uses it
+        def getgroup(self, name):
+            return self
+
+        def addoption(self, name, **kwargs):
+            options[name] = kwargs
+
+    _bench_conftest().pytest_addoption(Parser())
+    assert options["--results-dir"]["default"] == DEFAULT_RESULTS_DIR
+    root = os.path.dirname(os.path.abspath(BENCHMARKS))
+    local = os.path.relpath(DEFAULT_RESULTS_DIR, root)
+    assert local == os.path.join("benchmarks", "results", "local")
+
+    try:
+        inside = subprocess.run(["git", "rev-parse", "--is-inside-work-tree"], cwd=root,
+                                capture_output=True, text=True, timeout=30).stdout.strip()
+    except OSError:
+        inside = ""
+    if inside != "true":
+        pytest.skip("not in a git checkout")
+
+    def ignored(path: str) -> bool:
+        run = subprocess.run(["git", "check-ignore", "-q", "--no-index", path], cwd=root,
+                             timeout=30)
+        assert run.returncode in (0, 1), f"git check-ignore failed on {path}"
+        return run.returncode == 0
+
+    for name in ("cpu_quick.json", "cpu_full_bfloat16.csv", "plots/cpu_quick/ffn_bert-base.png",
+                 "gpu_logs/tests.log"):
+        assert ignored(os.path.join(local, name)), name
+    for name in ("cpu_quick.json", "cpu_full.csv", "plots/cpu_full/ffn_bert-base.png",
+                 "gpu-nvidia-h200_full_ffn.json", "plots/gpu-nvidia-h200_full_ffn/ffn.png",
+                 "cpu_avx512/cpu_full.json"):
+        assert not ignored(os.path.join("benchmarks", "results", name)), name
+    for name in ("cpu_smoke.json", "plots/cpu_smoke/ffn.png", "moe_cpu/cpu_smoke.csv"):
+        assert ignored(os.path.join("benchmarks", "results", name)), name
+
+
+def test_the_report_ends_with_where_the_files_went(tmp_path, monkeypatch):
+    """The data files one per line, the plots in one line, then the folder (relative to the
+    working directory when under it); the default folder's line says it is ignored."""
+    monkeypatch.chdir(tmp_path)
+    plots = os.path.join("r", "plots", "cpu_quick")
+    written = [str(tmp_path / "r" / "cpu_quick.json"), str(tmp_path / "r" / "cpu_quick.csv")]
+    written += [str(tmp_path / plots / f"{i}.png") for i in range(3)]
+    assert where_lines(written, str(tmp_path / "r")) == [
+        "wrote " + os.path.join("r", "cpu_quick.json"),
+        "wrote " + os.path.join("r", "cpu_quick.csv"), f"wrote 3 plots under {plots}",
+        "results in r"]
+    last = where_lines([], DEFAULT_RESULTS_DIR)[-1]
+    assert last.startswith(f"results in {DEFAULT_RESULTS_DIR} (ignored by git;")
