@@ -5,8 +5,9 @@ heads), the trained soft prompt (virtual_tokens x hidden), the trained classific
 there is one (BERT-family `...ForSequenceClassification`), the label names and, for causal LMs,
 the label words and the template that score the task, plus its figures (pruning rate, accuracy
 before and after) and the sizes of the model it fits. An expert found with recovery
-(`localize(recover_epochs=...)`) serves a prompt and head re-tuned on its pruned network and also
-keeps the unpruned prompt-tuned ones it was compared against: `expert.dense()` is that baseline.
+(`localize(recovery=RecoveryConfig(epochs=...))`) serves a prompt and head re-tuned on its pruned
+network and also keeps the unpruned prompt-tuned ones it was compared against: `expert.dense()` is
+that baseline.
 
 Serving: `with expert.plugged(model): ...` plugs the mask (through `doe_kernels.plugged`) and the
 head (the head's Parameters point at the expert's tensors; both restored on exit, also on error);
@@ -217,12 +218,18 @@ def _as_token_ids(values) -> list[int]:
 class Expert:
     """A task expert: mask + soft prompt (+ classification head) + how its task is scored.
 
+    `Expert(mask, prompt, task_type, label_names, *, ...)`: the rest by keyword. `label_words`,
+    `label_token_ids` and `template` score a causal LM's task; `head` is a classifier's trained
+    head ({parameter name: tensor}); `sizes` the model's (checked by `check_fits`); `figures`
+    how it was found; `dense_prompt`/`dense_head` the unpruned baseline's when they differ
+    (found with recovery).
+
     Every argument is checked before anything is kept (ValueError or TypeError naming it): the
     prompts are finite 2-D float tensors, the heads finite float tensors, the label names a list
     (not a str) of distinct names, `max_length` >= 1."""
 
     def __init__(self, mask: ExpertMask | None, prompt: torch.Tensor, task_type: str,
-                 label_names, label_words=None, label_token_ids=None, template=None,
+                 label_names, *, label_words=None, label_token_ids=None, template=None,
                  head: dict | None = None, sizes: dict | None = None, figures: dict | None = None,
                  name: str = "task", max_length: int = 128, dense_prompt=None,
                  dense_head: dict | None = None):
@@ -281,8 +288,9 @@ class Expert:
         extra training (in files written before that rule, the ones before recovery)."""
         prompt = self.prompt if self.dense_prompt is None else self.dense_prompt
         head = self.head if self.dense_head is None else self.dense_head
-        return Expert(None, prompt, self.task_type, self.label_names, self.label_words,
-                      self.label_token_ids, self.template, head, self.sizes, name=self.name,
+        return Expert(None, prompt, self.task_type, self.label_names,
+                      label_words=self.label_words, label_token_ids=self.label_token_ids,
+                      template=self.template, head=head, sizes=self.sizes, name=self.name,
                       max_length=self.max_length)
 
     def __repr__(self):
@@ -465,9 +473,11 @@ class Expert:
             dense_head = {k[len("dense.head."):]: v for k, v in tensors.items()
                           if k.startswith("dense.head.")}
             return cls(mask, tensors["prompt"], header["task_type"], header["label_names"],
-                       header["label_words"], header["label_token_ids"], header["template"],
-                       head or None, header["sizes"], header["figures"], header["name"],
-                       header["max_length"], tensors.get("dense.prompt"), dense_head or None)
+                       label_words=header["label_words"],
+                       label_token_ids=header["label_token_ids"], template=header["template"],
+                       head=head or None, sizes=header["sizes"], figures=header["figures"],
+                       name=header["name"], max_length=header["max_length"],
+                       dense_prompt=tensors.get("dense.prompt"), dense_head=dense_head or None)
         except (ValueError, TypeError, KeyError) as error:
             message = error.args[0] if isinstance(error, KeyError) and error.args else error
             raise FileFormatError(f"{path}: {message}") from error

@@ -32,8 +32,8 @@ def test_save_load_round_trip_causal(tmp_path, tokenizer):
     model = tiny_llama()
     ids = label_token_ids(tokenizer, [" positive", " negative"])
     expert = Expert(dk.ExpertMask.random(model, 0.5, 0.5), torch.randn(4, 32), "causal_lm",
-                    ["positive", "negative"], [" positive", " negative"], ids, "{text} Mood:",
-                    sizes=model_sizes(model))
+                    ["positive", "negative"], label_words=[" positive", " negative"],
+                    label_token_ids=ids, template="{text} Mood:", sizes=model_sizes(model))
     expert.save(tmp_path / "c.safetensors")
     loaded = Expert.load(tmp_path / "c.safetensors")
     assert loaded.head is None and loaded.template == "{text} Mood:"
@@ -129,7 +129,8 @@ def test_prompt_width_and_task_type_mismatch():
     wide = Expert(expert.mask, torch.zeros(3, 16), "seq_cls", expert.label_names, head=expert.head)
     with pytest.raises(ValueError, match="soft prompt of width 16"):
         wide.check_fits(model)
-    causal = Expert(None, torch.zeros(3, 32), "causal_lm", ["a", "b"], [" a", " b"], [5, 6])
+    causal = Expert(None, torch.zeros(3, 32), "causal_lm", ["a", "b"], label_words=[" a", " b"],
+                    label_token_ids=[5, 6])
     with pytest.raises(ValueError, match="causal_lm expert"):
         causal.check_fits(model)
 
@@ -204,8 +205,8 @@ def test_injection_matches_peft_after_training(tokenizer, family):
     assert flags == {n: p.requires_grad for n, p in model.named_parameters()}
     assert (head is not None) == (family == "bert")
     expert = Expert(None, prompt, task_type, ["negative", "positive"],
-                    None if ids is None else [" negative", " positive"], ids, head=head,
-                    sizes=model_sizes(model))
+                    label_words=None if ids is None else [" negative", " positive"],
+                    label_token_ids=ids, head=head, sizes=model_sizes(model))
     got = expert.predict_logits(model, tokenizer, TEXTS, batch_size=len(TEXTS))
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
     # batches padded differently give the same answers for the classifier (right padding)

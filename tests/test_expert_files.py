@@ -208,7 +208,8 @@ def test_causal_expert_refuses_bad_token_ids():
                                 ([True, 2], TypeError, "token ids"),
                                 ([1], ValueError, "one label token id per label")):
         with pytest.raises(error, match=message):
-            Expert(None, torch.zeros(2, 32), "causal_lm", ["a", "b"], [" a", " b"], ids)
+            Expert(None, torch.zeros(2, 32), "causal_lm", ["a", "b"], label_words=[" a", " b"],
+                   label_token_ids=ids)
 
 
 def assert_same_expert(a: Expert, b: Expert) -> None:
@@ -237,3 +238,10 @@ def test_experts_deepcopy_and_pickle_whole(expert_file, round_trip, with_mask):
     assert copied is not expert and copied.prompt is not expert.prompt
     assert_same_expert(copied, expert)
     assert (copied.mask is None) == (not with_mask)
+
+
+def test_expert_takes_its_optional_arguments_by_keyword():
+    """Expert(mask, prompt, task_type, label_names, *, ...): a fifth positional argument is
+    refused (fifteen positional parameters were easy to shift by one)."""
+    with pytest.raises(TypeError, match="positional"):
+        Expert(None, torch.zeros(2, 32), "causal_lm", ["a", "b"], [" a", " b"], [1, 2])

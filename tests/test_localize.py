@@ -2,6 +2,7 @@
 gradients' completeness, the pruning-rate binary search on synthetic curves, and one end-to-end
 run (all-MiniLM-L6-v2 on a small templated sentiment task built here)."""
 import collections
+import dataclasses
 import time
 import warnings
 
@@ -11,9 +12,11 @@ import torch
 import doe_kernels as dk
 from doe_kernels.data import TaskData
 from doe_kernels.expert import Expert, model_sizes, label_token_ids
-from doe_kernels.localize import (attribute, localize, mask_at_rate, paired_change, retune,
+from doe_kernels.localize import (AttributionConfig, PromptConfig, RecoveryConfig, SearchConfig,
+                                  attribute, localize, mask_at_rate, paired_change, retune,
                                   search_rate, weak_baseline)
 from doe_kernels.localize.attribution import hook_points
+from doe_kernels.localize.config import configs_from_flat
 from model_utils import snapshot, state_dict_equal
 from real_models import minilm_dir
 from expert_utils import LABELS, TEXTS, sentiment_task, tiny_bert, tiny_llama
@@ -95,7 +98,8 @@ def test_integrated_gradients_completeness(tokenizer, family, one_thread):
     else:
         ids = label_token_ids(tokenizer, [" negative", " positive"])
         expert = Expert(None, 0.5 * torch.randn(3, 32), "causal_lm", ["negative", "positive"],
-                        [" negative", " positive"], ids, sizes=model_sizes(model))
+                        label_words=[" negative", " positive"], label_token_ids=ids,
+                        sizes=model_sizes(model))
     data = TaskData([TEXTS[0]], [LABELS[0]], ["negative", "positive"])
     ffn, heads = attribute(model, tokenizer, expert, data, method="ig", steps=32, absolute=False,
                            progress=False)
@@ -116,7 +120,8 @@ def test_attribution_llama_shapes_and_model_untouched(tokenizer, one_thread):
     before = snapshot(model)
     ids = label_token_ids(tokenizer, [" negative", " positive"])
     expert = Expert(None, torch.randn(2, 32), "causal_lm", ["negative", "positive"],
-                    [" negative", " positive"], ids, sizes=model_sizes(model))
+                    label_words=[" negative", " positive"], label_token_ids=ids,
+                    sizes=model_sizes(model))
     ffn, heads = attribute(model, tokenizer, expert, TaskData(TEXTS, LABELS), batch_size=4,
                            progress=False)
     assert ffn.shape == (2, 48) and heads.shape == (2, 4)
@@ -243,8 +248,9 @@ def test_localize_end_to_end_minilm(tokenizer, tmp_path, one_thread):
     started = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        expert = localize(model, tokenizer, splits["train"], splits["validation"], epochs=3,
-                          attribution_examples=128, progress=False)
+        expert = localize(model, tokenizer, splits["train"], splits["validation"],
+                          prompt=PromptConfig(epochs=3),
+                          attribution=AttributionConfig(num_examples=128), progress=False)
     seconds = time.perf_counter() - started
     assert not [w for w in caught if "localize(" in str(w.message)]  # a good baseline: no warning
     figures = expert.figures
@@ -268,8 +274,9 @@ def test_localize_end_to_end_minilm(tokenizer, tmp_path, one_thread):
     assert state_dict_equal(before, snapshot(model))
 
     # Searching again from this expert's prompt and head: no training, another scope.
-    again = localize(model, tokenizer, splits["train"], splits["validation"], scope="global",
-                     prune_heads=False, attribution_examples=64, start_from=expert,
+    few = AttributionConfig(num_examples=64)
+    again = localize(model, tokenizer, splits["train"], splits["validation"], attribution=few,
+                     search=SearchConfig(scope="global", prune_heads=False), start_from=expert,
                      progress=False)
     assert torch.equal(again.prompt, expert.prompt) and again.head.keys() == expert.head.keys()
     assert all(torch.equal(again.head[k], expert.head[k]) for k in expert.head)
@@ -278,9 +285,9 @@ def test_localize_end_to_end_minilm(tokenizer, tmp_path, one_thread):
     assert again.figures["prompt_epochs"] == 3  # how the reused prompt was trained
     # The same search asking each candidate to clear 2 paired SEs beyond the tolerance: each
     # verdict follows that rule, and each step's SE is the paired one.
-    sure = localize(model, tokenizer, splits["train"], splits["validation"], scope="global",
-                    prune_heads=False, attribution_examples=64, start_from=expert,
-                    tolerance=0.05, confidence=2.0, progress=False)
+    sure = localize(model, tokenizer, splits["train"], splits["validation"], attribution=few,
+                    search=SearchConfig(scope="global", prune_heads=False, tolerance=0.05,
+                                        confidence=2.0), start_from=expert, progress=False)
     base, steps = sure.figures["accuracy_before"], sure.figures["search"]
     assert sure.figures["confidence"] == 2.0 and all(len(step) == 4 for step in steps)
     assert all(ok == (acc - base >= -0.05 + 2 * se - 1e-12) for _, acc, ok, se in steps)
@@ -289,20 +296,17 @@ def test_localize_end_to_end_minilm(tokenizer, tmp_path, one_thread):
     probe = mask_at_rate(*attribute(model, tokenizer, expert, splits["train"],
                                     num_examples=64, progress=False), rate, "global", False,
                          model_sizes(model))
-    probe = Expert(probe, expert.prompt, expert.task_type, expert.label_names, None, None, None,
-                   expert.head, model_sizes(model))
+    probe = Expert(probe, expert.prompt, expert.task_type, expert.label_names, head=expert.head,
+                   sizes=model_sizes(model))
     with probe.plugged(model):
         correct = probe.correct(model, tokenizer, splits["validation"])
     baseline_correct = expert.dense().correct(model, tokenizer, splits["validation"])
     assert se == pytest.approx(paired_change(correct.tolist(),
                                              baseline_correct.tolist())["change_se"])
-    with pytest.raises(ValueError, match="confidence must be >= 0"):
-        localize(model, tokenizer, splits["train"], splits["validation"], confidence=-1,
-                 start_from=expert, progress=False)
     # With recovery: every candidate's prompt and head re-tuned on its pruned network first; the
     # expert returned is the re-tuned one that the search measured.
     recovered = localize(model, tokenizer, splits["train"], splits["validation"],
-                         attribution_examples=64, recover_epochs=1, recover_examples=48,
+                         attribution=few, recovery=RecoveryConfig(epochs=1, num_examples=48),
                          start_from=expert, progress=False)
     figures = recovered.figures
     assert figures["recover_epochs"] == 1 and figures["recover_examples"] == 48
@@ -332,16 +336,16 @@ def test_localize_end_to_end_minilm(tokenizer, tmp_path, one_thread):
     weak.head = {k: torch.zeros_like(v) for k, v in weak.head.items()}
     with pytest.warns(UserWarning, match="no better than always answering the most frequent"):
         weak_expert = localize(model, tokenizer, splits["train"], splits["validation"],
-                               attribution_examples=16, start_from=weak, progress=False)
+                               attribution=AttributionConfig(num_examples=16), start_from=weak,
+                               progress=False)
     assert weak_expert.figures["accuracy_before"] <= weak_expert.figures["accuracy_majority_label"]
     # A recovery whose training wrecks the unpruned baseline is reported (lr far too high).
     with pytest.warns(UserWarning, match="the recovery's training lowered the unpruned"):
-        localize(model, tokenizer, splits["train"], splits["validation"], recover_epochs=1,
-                 recover_examples=48, recover_lr=1e3, max_rate=0.2, resolution=0.2,
-                 attribution_examples=16, start_from=expert, progress=False)
-    with pytest.raises(ValueError, match="recover_epochs"):
-        localize(model, tokenizer, splits["train"], splits["validation"], recover_epochs=-1,
-                 start_from=expert, progress=False)
+        localize(model, tokenizer, splits["train"], splits["validation"],
+                 recovery=RecoveryConfig(epochs=1, num_examples=48, lr=1e3),
+                 search=SearchConfig(max_rate=0.2, resolution=0.2),
+                 attribution=AttributionConfig(num_examples=16), start_from=expert,
+                 progress=False)
     with pytest.raises(ValueError, match="start_from is an expert for"):
         other = ["good" if label == "positive" else "bad" for label in LABELS]
         localize(model, tokenizer, TaskData(TEXTS, other, ["bad", "good"]), start_from=expert,
@@ -349,3 +353,67 @@ def test_localize_end_to_end_minilm(tokenizer, tmp_path, one_thread):
     with pytest.raises(ValueError, match="start_from was trained with max_length=128"):
         localize(model, tokenizer, splits["train"], splits["validation"], max_length=64,
                  start_from=expert, progress=False)
+
+
+# ---- options ------------------------------------------------------------------------------
+def test_configs_default_to_the_recipe_and_refuse_bad_values():
+    assert PromptConfig() == PromptConfig(num_virtual_tokens=10, epochs=5, lr=3e-2, head_lr=1e-2,
+                                          init_text=None)
+    assert AttributionConfig() == AttributionConfig(method="grad", ig_steps=5, num_examples=256,
+                                                    absolute=True)
+    assert SearchConfig() == SearchConfig(tolerance=0.01, confidence=0.0, scope="layer",
+                                          prune_heads=True, max_rate=0.95, resolution=0.01)
+    assert RecoveryConfig() == RecoveryConfig(epochs=0, lr=None, num_examples=1024)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        SearchConfig().tolerance = 0.1
+    for make, message in ((lambda: SearchConfig(confidence=-1), "confidence must be >= 0"),
+                          (lambda: SearchConfig(tolerance=-0.1), "tolerance must be >= 0"),
+                          (lambda: SearchConfig(max_rate=1.5), "max_rate"),
+                          (lambda: SearchConfig(resolution=0), "resolution must be > 0"),
+                          (lambda: SearchConfig(scope="model"), "scope must be"),
+                          (lambda: AttributionConfig(method="x"), "method must be"),
+                          (lambda: AttributionConfig(method="ig", ig_steps=0), "steps must be"),
+                          (lambda: PromptConfig(num_virtual_tokens=0), "num_virtual_tokens"),
+                          (lambda: RecoveryConfig(epochs=-1), "recover_epochs >= 0"),
+                          (lambda: RecoveryConfig(num_examples=0), "recover_examples >= 1")):
+        with pytest.raises(ValueError, match=message):
+            make()
+
+
+def test_flat_keywords_are_deprecated_aliases_of_the_config_fields():
+    """Each flat keyword of the old signature maps onto its config field, with a
+    DeprecationWarning naming the new spelling; with its config also given, or unknown, it is a
+    TypeError."""
+    flat = dict(num_virtual_tokens=4, epochs=2, lr=0.1, head_lr=0.2, prompt_init="hi",
+                method="ig", ig_steps=3, attribution_examples=7, absolute=False, tolerance=0.02,
+                confidence=1.0, scope="global", prune_heads=False, max_rate=0.5, resolution=0.1,
+                recover_epochs=1, recover_lr=0.01, recover_examples=9)
+    given = dict(prompt=None, attribution=None, search=None, recovery=None)
+    with pytest.warns(DeprecationWarning) as record:
+        configs = configs_from_flat(given, flat)
+    assert [str(w.message).split(" is deprecated")[0] for w in record] == [
+        "localize(num_virtual_tokens=, epochs=, lr=, head_lr=, prompt_init=)",
+        "localize(method=, ig_steps=, attribution_examples=, absolute=)",
+        "localize(tolerance=, confidence=, scope=, prune_heads=, max_rate=, resolution=)",
+        "localize(recover_epochs=, recover_lr=, recover_examples=)"]
+    assert "use localize(..., search=SearchConfig(tolerance=0.02, " in str(record[2].message)
+    assert configs == dict(
+        prompt=PromptConfig(4, 2, 0.1, 0.2, "hi"), attribution=AttributionConfig("ig", 3, 7, False),
+        search=SearchConfig(0.02, 1.0, "global", False, 0.5, 0.1),
+        recovery=RecoveryConfig(1, 0.01, 9))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert configs_from_flat(given, {}) == dict(
+            prompt=PromptConfig(), attribution=AttributionConfig(), search=SearchConfig(),
+            recovery=RecoveryConfig())
+    model = tiny_bert()
+    data = TaskData(TEXTS, LABELS)
+    with pytest.raises(TypeError, match=r"epochs= and prompt="):
+        localize(model, None, data, epochs=2, prompt=PromptConfig(), progress=False)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'epoch'"):
+        localize(model, None, data, epoch=2, progress=False)
+    with pytest.raises(TypeError, match="takes a SearchConfig"):
+        localize(model, None, data, search=RecoveryConfig(), progress=False)
+    with pytest.warns(DeprecationWarning, match="recover_epochs="), \
+            pytest.raises(ValueError, match="recover_epochs >= 0"):
+        localize(model, None, data, recover_epochs=-1, progress=False)

@@ -15,7 +15,8 @@ def _llama_expert(model, tokenizer, seed=0):
     words = [" negative", " positive"]
     mask = dk.ExpertMask.random(model, ffn_keep=0.4, heads_keep=0.5, seed=seed)
     return Expert(mask, torch.randn(3, 32, generator=gen), "causal_lm", ["negative", "positive"],
-                  words, label_token_ids(tokenizer, words), sizes=model_sizes(model))
+                  label_words=words, label_token_ids=label_token_ids(tokenizer, words),
+                  sizes=model_sizes(model))
 
 
 def _experts(tokenizer):

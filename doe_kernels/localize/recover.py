@@ -86,7 +86,8 @@ def retune(model, tokenizer, expert: Expert, data, epochs: int = 1, lr: float = 
             unwrap(peft_model)
     _check_finite(prompt, head, lr)
     retuned = Expert(expert.mask, prompt, expert.task_type, expert.label_names,
-                     expert.label_words, expert.label_token_ids, expert.template, head,
-                     expert.sizes, name=expert.name, max_length=expert.max_length)
+                     label_words=expert.label_words, label_token_ids=expert.label_token_ids,
+                     template=expert.template, head=head, sizes=expert.sizes, name=expert.name,
+                     max_length=expert.max_length)
     retuned.figures = dict(expert.figures)
     return retuned, losses

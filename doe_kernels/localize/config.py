@@ -1,0 +1,171 @@
+"""localize's options, grouped by step in small frozen dataclasses whose defaults are the recipe.
+
+`PromptConfig` (prompt tuning), `AttributionConfig` (scoring units), `SearchConfig` (the
+pruning-rate search) and `RecoveryConfig` (re-tuning each candidate on its pruned network, off by
+default). Each field carries its command-line flag and help text in its metadata (`option`), so
+the `doe-kernels localize` options are built from these classes (`cli.add_config_options`) and
+docs/localize.md describes each option once. `FLAT_NAMES` maps the flat keyword arguments that
+`localize` took before onto (config, field); `configs_from_flat` resolves them (deprecated).
+"""
+import dataclasses
+import warnings
+from dataclasses import dataclass
+
+
+def option(default, flag, help, *, flat=None, choices=None, positive=False, aliases=(),
+           metavar=None):
+    """A config field: `flag` (with `aliases`) on the command line, `help` there and in the docs,
+    `flat` the name of the flat `localize` keyword (and of the parsed argument) it replaces
+    (default: the field's name), `positive` asks the command line for a number > 0."""
+    return dataclasses.field(default=default, metadata=dict(
+        flag=flag, aliases=tuple(aliases), help=help, flat=flat, choices=choices,
+        positive=positive, metavar=metavar))
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    """Step 1, prompt tuning: soft tokens (and a classifier's head) trained with PEFT on the
+    frozen model (AdamW)."""
+    num_virtual_tokens: int = option(
+        10, "--virtual-tokens", "soft-prompt tokens", positive=True)
+    epochs: int = option(
+        5, "--epochs", "epochs of prompt tuning")
+    lr: float = option(
+        3e-2, "--lr", "learning rate of the soft prompt", positive=True)
+    head_lr: float = option(
+        1e-2, "--head-lr", "learning rate of a classifier's head, in recovery too", positive=True)
+    init_text: str | None = option(
+        None, "--prompt-init", "start the soft prompt as this text's token embeddings, cycled "
+        "(default: random vocabulary tokens' embeddings)", flat="prompt_init", metavar="TEXT")
+
+    def __post_init__(self):
+        if self.num_virtual_tokens < 1:
+            raise ValueError(f"num_virtual_tokens must be >= 1, got {self.num_virtual_tokens}")
+
+
+@dataclass(frozen=True)
+class AttributionConfig:
+    """Step 2, attribution: activation x gradient of the gold label's logit per FFN neuron and
+    attention head, averaged over tokens and over training examples."""
+    method: str = option(
+        "grad", "--method", "'grad' (activation x gradient) or 'ig' (integrated gradients)",
+        choices=("grad", "ig"))
+    ig_steps: int = option(
+        5, "--ig-steps", "integrated gradients' steps (2 x layers x steps times the passes)",
+        positive=True)
+    num_examples: int = option(
+        256, "--attribution-examples", "training examples scored, drawn at random",
+        flat="attribution_examples", positive=True)
+    absolute: bool = option(
+        True, "--signed-scores", "average each example's signed score instead of its magnitude "
+        "(not recommended)")
+
+    def __post_init__(self):
+        if self.method not in ("grad", "ig"):
+            raise ValueError(f"method must be 'grad' or 'ig', got {self.method!r}")
+        if self.method == "ig" and self.ig_steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.ig_steps}")
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """Step 3, the binary search for the highest pruning rate whose validation accuracy stays
+    within `tolerance` of the unpruned prompt-tuned model's."""
+    tolerance: float = option(
+        0.01, "--tolerance", "validation accuracy a candidate may lose (0.01: one point)")
+    confidence: float = option(
+        0.0, "--confidence", "paired standard errors of its validation change a candidate must "
+        "clear beyond the tolerance (0: the paper's rule)")
+    scope: str = option(
+        "layer", "--scope", "rank units within each layer ('layer') or across all layers "
+        "('global')", choices=("layer", "global"))
+    prune_heads: bool = option(
+        True, "--keep-heads", "prune FFN neurons only, keep every attention head",
+        aliases=("--ffn-only",))
+    max_rate: float = option(
+        0.95, "--max-rate", "highest pruning rate tried")
+    resolution: float = option(
+        0.01, "--resolution", "the search stops when the rates it brackets are this close",
+        positive=True)
+
+    def __post_init__(self):
+        if self.confidence < 0:
+            raise ValueError(f"confidence must be >= 0 (standard errors), got {self.confidence}")
+        if self.tolerance < 0:
+            raise ValueError(f"tolerance must be >= 0, got {self.tolerance}")
+        if not 0.0 <= self.max_rate <= 1.0:
+            raise ValueError(f"need 0 <= max_rate <= 1, got max_rate={self.max_rate}")
+        if self.resolution <= 0:
+            raise ValueError(f"resolution must be > 0, got {self.resolution}")
+        if self.scope not in ("layer", "global"):
+            raise ValueError(f"scope must be 'layer' or 'global', got {self.scope!r}")
+
+
+@dataclass(frozen=True)
+class RecoveryConfig:
+    """Step 4 (off by default: the paper has none), recovery: each candidate's prompt and head
+    re-tuned on its pruned network before it is measured, the baseline as long unpruned."""
+    epochs: int = option(
+        0, "--recover-epochs", "epochs of re-tuning each candidate (0: no recovery)",
+        flat="recover_epochs")
+    lr: float | None = option(
+        None, "--recover-lr", "learning rate of the re-tuned prompt (default: the prompt's lr)",
+        flat="recover_lr", positive=True)
+    num_examples: int = option(
+        1024, "--recover-examples", "training examples re-tuned on, drawn at random",
+        flat="recover_examples", positive=True)
+
+    def __post_init__(self):
+        if self.epochs < 0 or self.num_examples < 1:
+            raise ValueError(f"need recover_epochs >= 0 and recover_examples >= 1 "
+                             f"(RecoveryConfig epochs and num_examples), got {self.epochs} and "
+                             f"{self.num_examples}")
+
+
+# localize's keyword for each config, and the config it takes
+CONFIGS = {"prompt": PromptConfig, "attribution": AttributionConfig, "search": SearchConfig,
+           "recovery": RecoveryConfig}
+
+
+def flat_name(field: dataclasses.Field) -> str:
+    """The flat `localize` keyword a config field replaces."""
+    return field.metadata.get("flat") or field.name
+
+
+# flat keyword -> (localize's config keyword, field name)
+FLAT_NAMES = {flat_name(f): (key, f.name) for key, cls in CONFIGS.items()
+              for f in dataclasses.fields(cls)}
+
+
+def configs_from_flat(configs: dict, flat: dict, stacklevel: int = 3) -> dict:
+    """{"prompt": PromptConfig, ...}: each config given in `configs` (None: not given), else built
+    from the deprecated flat keywords in `flat` (a DeprecationWarning names the new spelling),
+    else the default. A flat keyword with its config also given is a TypeError, so is an unknown
+    keyword."""
+    unknown = sorted(set(flat) - set(FLAT_NAMES))
+    if unknown:
+        raise TypeError(f"localize() got an unexpected keyword argument {unknown[0]!r}")
+    out = {}
+    for key, cls in CONFIGS.items():
+        given = configs.get(key)
+        if given is not None and not isinstance(given, cls):
+            raise TypeError(f"localize({key}=...) takes a {cls.__name__}, got "
+                            f"{type(given).__name__}")
+        fields = {field: flat[name] for name, (group, field) in FLAT_NAMES.items()
+                  if group == key and name in flat}
+        if fields and given is not None:
+            raise TypeError(f"localize() got {', '.join(_flat_for(key, fields))} and {key}=; give "
+                            f"the {key} options in {key}={cls.__name__}(...) only")
+        if fields:
+            spelled = ", ".join(f"{field}={value!r}" for field, value in fields.items())
+            warnings.warn(f"localize({', '.join(_flat_for(key, fields))}) is deprecated: use "
+                          f"localize(..., {key}={cls.__name__}({spelled}))", DeprecationWarning,
+                          stacklevel=stacklevel)
+            given = cls(**fields)
+        out[key] = cls() if given is None else given
+    return out
+
+
+def _flat_for(key: str, fields: dict) -> list[str]:
+    return [f"{name}=" for name, (group, field) in FLAT_NAMES.items()
+            if group == key and field in fields]
