@@ -11,12 +11,14 @@ work starts (localize checks where it will write before it trains). `serve` answ
 with an {"error": ...} line and goes on with the next one.
 """
 import argparse
+import dataclasses
 import json
 import math
 import os
 import sys
 import time
 import traceback
+import typing
 
 import torch
 
@@ -150,9 +152,49 @@ def _check_output(path: str) -> None:
         raise UserError(f"--out {path} is not writable")
 
 
+def add_config_options(parser: argparse.ArgumentParser) -> None:
+    """localize's options, one group per config class (PromptConfig, ...), built from the
+    classes' fields: flag, help and default from each field, the parsed value under the flat
+    name (`args.recover_epochs`); `configs_from_args` builds the configs back."""
+    from doe_kernels.localize.config import CONFIGS, flat_name
+
+    for key, cls in CONFIGS.items():
+        group = parser.add_argument_group(f"{cls.__name__} (localize {key}=)",
+                                          " ".join(cls.__doc__.split()))
+        hints = typing.get_type_hints(cls)
+        for field in dataclasses.fields(cls):
+            meta = field.metadata
+            flags = (meta["flag"], *meta["aliases"])
+            if hints[field.name] is bool:  # a flag that turns the default off (or on)
+                group.add_argument(*flags, dest=flat_name(field), default=field.default,
+                                   action="store_false" if field.default else "store_true",
+                                   help=meta["help"])
+                continue
+            kind = next(t for t in typing.get_args(hints[field.name]) or (hints[field.name],)
+                        if t is not type(None))
+            parse = {int: _positive_int if meta["positive"] else int,
+                     float: _positive_float if meta["positive"] else float}.get(kind, kind)
+            shown = "" if field.default is None else f" (default: {field.default})"
+            group.add_argument(*flags, dest=flat_name(field), type=parse, default=field.default,
+                               choices=meta["choices"],
+                               metavar=meta["metavar"] or {int: "N", float: "X"}.get(kind),
+                               help=meta["help"] + shown)
+
+
+def configs_from_args(args) -> dict:
+    """{"prompt": PromptConfig, ...} from the options `add_config_options` added; a value a
+    config refuses raises its ValueError (a user error)."""
+    from doe_kernels.localize.config import CONFIGS, flat_name
+
+    return {key: cls(**{field.name: getattr(args, flat_name(field))
+                        for field in dataclasses.fields(cls)})
+            for key, cls in CONFIGS.items()}
+
+
 def cmd_localize(args) -> None:
     from doe_kernels.localize import localize
 
+    configs = configs_from_args(args)
     _check_output(args.out)
     splits = _task(args.task, None)
     train = splits.get("train", splits.get("all"))
@@ -163,13 +205,9 @@ def cmd_localize(args) -> None:
     model, tokenizer = load_model(args.model, num_labels=len(train.label_names))
     template = _template(args, model, tokenizer)
     expert = localize(model, tokenizer, train, splits.get("validation"),
-                      label_words=_label_words(args, train.label_names),
-                      template=template, max_length=args.max_length,
-                      epochs=args.epochs, lr=args.lr, scope=args.scope,
-                      tolerance=args.tolerance, confidence=args.confidence,
-                      prune_heads=not args.keep_heads, recover_epochs=args.recover_epochs,
-                      recover_lr=args.recover_lr, prompt_init=args.prompt_init,
-                      backend=args.backend, seed=args.seed)
+                      label_words=_label_words(args, train.label_names), template=template,
+                      max_length=args.max_length, backend=args.backend, seed=args.seed,
+                      **configs)
     expert.name = args.name or os.path.splitext(os.path.basename(args.task))[0]
     expert.save(args.out)
     print(json.dumps({"expert": args.out, **expert.figures}))
@@ -233,7 +271,8 @@ def cmd_serve(args) -> None:
         if name in experts:
             raise UserError(f"--expert {name}= is given twice")
         experts[name] = _load_expert(path)
-    model, tokenizer = load_model(args.model, num_labels=len(next(iter(experts.values())).label_names))
+    num_labels = len(next(iter(experts.values())).label_names)
+    model, tokenizer = load_model(args.model, num_labels=num_labels)
     with ExpertRouter(model, tokenizer, backend=args.backend) as router:
         for name, expert in experts.items():
             router.add(name, expert)
@@ -315,27 +354,11 @@ def parser() -> argparse.ArgumentParser:
                                       "'Review: {text}\\nSentiment:'")
     p.add_argument("--max-length", type=_positive_int, default=128,
                    help="tokens per example at most (long texts are cut)")
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--lr", type=_positive_float, default=3e-2,
-                   help="learning rate of the soft prompt")
-    p.add_argument("--prompt-init", metavar="TEXT",
-                   help="start the soft prompt as this text's token embeddings (default: random "
-                        "vocabulary tokens)")
-    p.add_argument("--scope", choices=("layer", "global"), default="layer")
-    p.add_argument("--tolerance", type=float, default=0.01)
-    p.add_argument("--confidence", type=float, default=0.0,
-                   help="standard errors of the validation change a pruned candidate must clear "
-                        "beyond the tolerance (default 0)")
-    p.add_argument("--keep-heads", action="store_true", help="prune FFN neurons only")
-    p.add_argument("--recover-epochs", type=int, default=0,
-                   help="re-tune the prompt (and head) on each pruned candidate for this many "
-                        "epochs before it is measured, and the baseline as long on the unpruned "
-                        "model (default 0: off)")
-    p.add_argument("--recover-lr", type=_positive_float,
-                   help="learning rate of the recovery's prompt tuning (default: --lr)")
     p.add_argument("--max-train", type=_positive_int,
                    help="use at most this many training examples")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the validation split, the samples drawn and the training")
+    add_config_options(p)
     p.set_defaults(run=cmd_localize)
 
     p = sub.add_parser("eval", help="accuracy of an expert on a task split")

@@ -26,6 +26,7 @@ import offline_models  # noqa: E402
 from tasks import TASKS, load_task  # noqa: E402
 
 import doe_kernels as dk  # noqa: E402
+from doe_kernels.cli import add_config_options, configs_from_args  # noqa: E402
 from doe_kernels.data import TaskData  # noqa: E402
 from doe_kernels.localize import paired_change  # noqa: E402
 
@@ -95,16 +96,7 @@ def expert_for(task, splits, args, out_dir):
         start = dk.Expert.load(os.path.join(args.start_from, args.model, f"{task}.safetensors"))
     expert = dk.localize(model, tokenizer, splits["train"], splits["validation"],
                          label_words=words, template=template, max_length=args.max_length,
-                         epochs=args.epochs, tolerance=args.tolerance,
-                         confidence=args.confidence,
-                         num_virtual_tokens=args.virtual_tokens, scope=args.scope,
-                         prune_heads=not args.ffn_only, start_from=start,
-                         recover_epochs=args.recover_epochs,
-                         recover_examples=args.recover_examples,
-                         recover_lr=args.recover_lr, max_rate=args.max_rate,
-                         resolution=args.resolution,
-                         attribution_examples=args.attribution_examples, method=args.method,
-                         lr=args.lr, prompt_init=args.prompt_init, seed=args.seed)
+                         start_from=start, seed=args.seed, **configs_from_args(args))
     expert.name = task
     expert.save(path)
     return expert
@@ -180,43 +172,16 @@ def main():
                              "from the training data, such as 20 Newsgroups' later posts)")
     parser.add_argument("--test", type=int, default=None,
                         help="test examples (default: as many as --validation)")
-    parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--lr", type=float, default=3e-2,
-                        help="learning rate of the soft prompt")
-    parser.add_argument("--virtual-tokens", type=int, default=10)
-    parser.add_argument("--prompt-init", metavar="TEXT",
-                        help="start each soft prompt as this text's token embeddings (default: "
-                             "random vocabulary tokens)")
     parser.add_argument("--max-length", type=int, default=128,
                         help="tokens per example at most (long texts are cut)")
-    parser.add_argument("--scope", default="layer", choices=("layer", "global"),
-                        help="rank neurons per layer or across layers (see localize)")
-    parser.add_argument("--ffn-only", action="store_true", help="prune FFN neurons, keep heads")
     parser.add_argument("--start-from", metavar="OUT",
                         help="reuse the prompts and heads of the experts saved under OUT "
                              "(another run's --out): no prompt tuning")
-    parser.add_argument("--recover-epochs", type=int, default=0,
-                        help="re-tune each pruned candidate's prompt and head for this many "
-                             "epochs before measuring it (localize's recovery; default 0: off)")
-    parser.add_argument("--recover-examples", type=int, default=1024,
-                        help="training examples the recovery uses")
-    parser.add_argument("--recover-lr", type=float, default=None,
-                        help="learning rate of the recovery's prompt tuning (default: --lr)")
-    parser.add_argument("--tolerance", type=float, default=0.01)
-    parser.add_argument("--confidence", type=float, default=0.0,
-                        help="standard errors of the validation change a pruned candidate must "
-                             "clear beyond the tolerance (localize's confidence)")
-    parser.add_argument("--max-rate", type=float, default=0.95,
-                        help="highest pruning rate the search tries")
-    parser.add_argument("--resolution", type=float, default=0.01,
-                        help="the search stops when its bracket is this narrow")
-    parser.add_argument("--attribution-examples", type=int, default=256)
-    parser.add_argument("--method", default="grad", choices=("grad", "ig"),
-                        help="attribution: activation x gradient, or integrated gradients")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes over the test set")
     parser.add_argument("--out", default=os.path.join("results", "unplug_and_play"))
     parser.add_argument("--relocalize", action="store_true", help="ignore saved experts")
     parser.add_argument("--seed", type=int, default=0)
+    add_config_options(parser)  # localize's options, as `doe-kernels localize` has them
     args = parser.parse_args()
     out_dir = os.path.join(args.out, args.model)
     os.makedirs(out_dir, exist_ok=True)

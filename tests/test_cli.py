@@ -153,3 +153,34 @@ def test_instruction_for_a_classifier_is_a_one_line_error(task_and_expert, capsy
                      "--instruction", "Negative or positive?"]) == 2
     err = capsys.readouterr().err
     assert "for causal LMs" in err and "Traceback" not in err
+
+
+def test_localize_options_are_built_from_the_config_classes(capsys):
+    """Every field of localize's configs is an option of `doe-kernels localize`, in a group per
+    config, with the field's default; the parsed options build the configs back."""
+    import dataclasses
+
+    from doe_kernels.localize.config import CONFIGS
+
+    base = ["localize", "--model", "m", "--task", "t.csv", "--out", "e"]
+    defaults = cli.configs_from_args(cli.parser().parse_args(base))
+    assert defaults == {key: cls() for key, cls in CONFIGS.items()}
+    args = cli.parser().parse_args(base + [
+        "--virtual-tokens", "4", "--epochs", "2", "--lr", "0.1", "--head-lr", "0.2",
+        "--prompt-init", "hi", "--method", "ig", "--ig-steps", "3", "--attribution-examples", "7",
+        "--signed-scores", "--tolerance", "0.02", "--confidence", "1", "--scope", "global",
+        "--keep-heads", "--max-rate", "0.5", "--resolution", "0.1", "--recover-epochs", "1",
+        "--recover-lr", "0.01", "--recover-examples", "9"])
+    configs = cli.configs_from_args(args)
+    assert configs["prompt"] == CONFIGS["prompt"](4, 2, 0.1, 0.2, "hi")
+    assert configs["attribution"] == CONFIGS["attribution"]("ig", 3, 7, False)
+    assert configs["search"] == CONFIGS["search"](0.02, 1.0, "global", False, 0.5, 0.1)
+    assert configs["recovery"] == CONFIGS["recovery"](1, 0.01, 9)
+    assert cli.parser().parse_args(base + ["--ffn-only"]).prune_heads is False
+    with pytest.raises(SystemExit):
+        cli.parser().parse_args(["localize", "--help"])
+    text = capsys.readouterr().out
+    for key, cls in CONFIGS.items():
+        assert f"{cls.__name__} (localize {key}=)" in text
+        for field in dataclasses.fields(cls):
+            assert field.metadata["flag"] in text
