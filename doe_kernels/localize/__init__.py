@@ -6,7 +6,7 @@ within a tolerance of the unpruned prompt-tuned model (`search`), each candidate
 `doe_kernels.patch`, i.e. on the kernels that will serve it. Optionally, every candidate's prompt
 and head are first re-tuned on its pruned network (`recover`). Each step's options are a small
 frozen dataclass (`config`: PromptConfig, AttributionConfig, SearchConfig, RecoveryConfig) whose
-defaults are the recipe; docs/localize.md describes each option and what was measured.
+defaults are the paper's method; docs/localize.md describes each option and what was measured.
 """
 import collections
 import time
@@ -44,8 +44,9 @@ def localize(model, tokenizer, train, validation=None, *, label_words=None, temp
     weights); the trained head lives in the Expert and is plugged by `expert.plugged`.
     `validation` defaults to 20% split off `train` (with `seed`).
 
-    The steps, each configured by its own object (the defaults are the recipe; see
-    docs/localize.md for every option):
+    The steps, each configured by its own frozen dataclass (the defaults are the paper's method;
+    docs/localize.md describes every option, the recipe of the current results and what was
+    measured):
     1. `prompt=PromptConfig(...)`: soft tokens (and the head) trained with PEFT on `train`.
     2. `attribution=AttributionConfig(...)`: each FFN neuron and head scored on training
        examples with the prompt, on the unpatched model.

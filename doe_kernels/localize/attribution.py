@@ -76,8 +76,8 @@ def attribute(model, tokenizer, expert, data, method: str = "grad", steps: int =
     `data` is a TaskData, of which `num_examples` (default 256) are drawn at random.
     `absolute` (default) averages the magnitude of each example's score: a unit whose removal
     moves the gold logit a lot either way is important. The signed average ranks units that
-    push strongly *against* the gold label last, and pruning those first wrecks the model (on
-    all-MiniLM-L6-v2, pruning 1% of neurons by signed score dropped a sentiment task to chance).
+    push strongly *against* the gold label last, and pruning those first wrecks the model
+    (measured in docs/localize.md).
     """
     if method not in ("grad", "ig"):
         raise ValueError(f"method must be 'grad' or 'ig', got {method!r}")

@@ -1,4 +1,4 @@
-"""localize's options, grouped by step in small frozen dataclasses whose defaults are the recipe.
+"""localize's options, grouped by step in small frozen dataclasses; the defaults are the paper's.
 
 `PromptConfig` (prompt tuning), `AttributionConfig` (scoring units), `SearchConfig` (the
 pruning-rate search) and `RecoveryConfig` (re-tuning each candidate on its pruned network, off by

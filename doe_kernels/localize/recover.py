@@ -1,11 +1,11 @@
 """Recovery tuning: re-train an expert's soft prompt (and head) on its own pruned network.
 
 Pruning moves the activations the prompt was tuned for; a short second round of prompt tuning on
-the pruned network (`retune`) wins back most of what pruning cost. Training needs gradients, which
-the patched modules do not have, so the pruned network is emulated on the unpatched model by
-`masked`: forward pre-hooks zero the pruned units' activations (the inputs of the down and
-attention-output projections, the same points attribution reads), which is what the patched
-kernels compute. The retuned expert is evaluated (and served) through `patch` as any other.
+the pruned network (`retune`) wins back most of what pruning cost (docs/localize.md). Training
+needs gradients, which the patched modules do not have, so the pruned network is emulated on the
+unpatched model by `masked`: forward pre-hooks zero the pruned units' activations (the inputs of
+the down and attention-output projections, the same points attribution reads), which is what the
+patched kernels compute. The retuned expert is evaluated (and served) through `patch` as any other.
 """
 import contextlib
 
