@@ -4,13 +4,21 @@ The ops take index lists of kept neurons and heads directly (no copies of sliced
 on one of four backends: `torch` (reference), `cpu` (C++), `triton` and `cuda` (GPU).
 `patch(model, mask)` runs a HuggingFace BERT- or LLaMA-family model on an expert's neurons and
 heads; `unpatch(model)` restores it exactly; `with plugged(model, mask): ...` does both.
-`localize(...)` finds a task's expert (prompt tuning, attribution, pruning-rate search) and
+`localize(...)` finds a task's expert (prompt tuning, attribution, pruning-rate search; options in
+`PromptConfig`, `AttributionConfig`, `SearchConfig`, `RecoveryConfig`) and
 `ExpertRouter` serves several tasks' experts from one model. `doe_kernels.moe` prunes and skips
 the experts of Mixtral-style mixture-of-experts models (masks with `moe=`, `patch(dynamic_skip=)`).
 """
 from doe_kernels.backends import BackendUnavailableError, available_backends
 from doe_kernels.expert import Expert, chat_template
-from doe_kernels.localize import localize
+from doe_kernels.files import FileFormatError
+from doe_kernels.localize import (
+    AttributionConfig,
+    PromptConfig,
+    RecoveryConfig,
+    SearchConfig,
+    localize,
+)
 from doe_kernels.mask import ExpertMask
 from doe_kernels.models import UnsupportedModelError
 from doe_kernels.ops import (
@@ -29,10 +37,15 @@ from doe_kernels import moe  # noqa: E402  (after patching, which it uses)
 __version__ = "0.1.0"
 
 __all__ = [
+    "AttributionConfig",
+    "PromptConfig",
+    "RecoveryConfig",
+    "SearchConfig",
     "BackendUnavailableError",
     "Expert",
     "ExpertMask",
     "ExpertRouter",
+    "FileFormatError",
     "UnsupportedModelError",
     "chat_template",
     "current_mask",

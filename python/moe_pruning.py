@@ -13,16 +13,14 @@ evaluation from their test splits.
 import argparse
 import json
 import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import offline_models  # noqa: E402
-from tasks import TASKS, load_task  # noqa: E402
+import offline_models  # beside this script: on the path when it runs, and in the tests
+from tasks import TASKS, load_task
 
-import doe_kernels as dk  # noqa: E402
+import doe_kernels as dk
 
 
 def texts(split: str, count: int, seed: int) -> list[str]:

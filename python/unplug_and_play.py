@@ -16,19 +16,17 @@ cached under ~/.cache/doe_kernels, never in the repository.
 import argparse
 import json
 import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import offline_models  # noqa: E402
-from tasks import TASKS, load_task  # noqa: E402
+import offline_models  # beside this script: on the path when it runs, and in the tests
+from tasks import TASKS, load_task
 
-import doe_kernels as dk  # noqa: E402
-from doe_kernels.cli import add_config_options, configs_from_args  # noqa: E402
-from doe_kernels.data import TaskData  # noqa: E402
-from doe_kernels.localize import paired_change  # noqa: E402
+import doe_kernels as dk
+from doe_kernels.cli import add_config_options, configs_from_args
+from doe_kernels.data import TaskData
+from doe_kernels.localize import paired_change
 
 
 def load_model(name: str, num_labels: int):

@@ -1,12 +1,8 @@
 """The small real models of python/offline_models.py, for the tests: a missing package skips."""
 import functools
-import os
-import sys
 
+import offline_models  # python/, on the tests' path (pyproject.toml: pythonpath)
 import pytest
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))
-import offline_models  # noqa: E402
 
 
 def _skipping(loader):

@@ -8,17 +8,14 @@ import bz2
 import io
 import os
 import subprocess
-import sys
 import tarfile
 import zipfile
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                "python"))
-import tasks  # noqa: E402
+import tasks  # python/, on the tests' path (pyproject.toml: pythonpath)
 
-from doe_kernels.data import SPLITS, TaskData, TaskDataError  # noqa: E402
+from doe_kernels.data import SPLITS, TaskData, TaskDataError
 
 # -- the packages' formats, in miniature ------------------------------------------------------
 

@@ -12,9 +12,7 @@ import doe_kernels as dk
 from expert_utils import sentiment_task
 from real_models import minilm_dir
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                "python"))
-import unplug_and_play  # noqa: E402
+import unplug_and_play  # python/, on the tests' path (pyproject.toml: pythonpath)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
