@@ -73,7 +73,7 @@ def _model_device(model: nn.Module, layers) -> tuple[torch.device, torch.dtype]:
                          "doe_kernels patches a model on one device")
     device = devices.pop()
     if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"the model is on {device}; doe_kernels runs on cpu or cuda")
+        raise ValueError(f"the model is on {device}; doe_kernels runs on CPU or CUDA devices")
     if len(dtypes) != 1:
         raise ValueError(f"the model's layers mix dtypes {sorted(map(str, dtypes))}")
     return device, dtypes.pop()
@@ -214,7 +214,7 @@ def _checked_apply(model: nn.Module, fn, recurse: bool = True):
     probe = fn(torch.empty(0, dtype=state.dtype, device=state.device))
     if (probe.dtype, probe.device) != (state.dtype, state.device):
         if probe.device.type not in ("cpu", "cuda"):
-            raise ValueError(f"a patched model runs on cpu or cuda, not {probe.device}; "
+            raise ValueError(f"a patched model runs on CPU or CUDA devices, not {probe.device}; "
                              "doe_kernels.unpatch(model) first")
         if state.backend != "auto":
             try:
