@@ -135,7 +135,7 @@ MISUSE = [
                  id="localize-max-train-0"),
     pytest.param(_localize("--lr", "nan"), "--lr: must be a finite number > 0",
                  id="localize-lr-nan"),
-    pytest.param(_localize("--recover-epochs", "-1"), "recover_epochs >= 0",
+    pytest.param(_localize("--recover-epochs", "-1"), "(--recover-epochs) must be a finite number",
                  id="localize-recover-epochs"),
     pytest.param(_localize("--template", "Review: {{text}}"), "are for causal LMs",
                  id="localize-template-for-a-classifier"),

@@ -366,18 +366,34 @@ def test_configs_default_to_the_recipe_and_refuse_bad_values():
     assert RecoveryConfig() == RecoveryConfig(epochs=0, lr=None, num_examples=1024)
     with pytest.raises(dataclasses.FrozenInstanceError):
         SearchConfig().tolerance = 0.1
-    for make, message in ((lambda: SearchConfig(confidence=-1), "confidence must be >= 0"),
-                          (lambda: SearchConfig(tolerance=-0.1), "tolerance must be >= 0"),
-                          (lambda: SearchConfig(max_rate=1.5), "max_rate"),
-                          (lambda: SearchConfig(resolution=0), "resolution must be > 0"),
-                          (lambda: SearchConfig(scope="model"), "scope must be"),
-                          (lambda: AttributionConfig(method="x"), "method must be"),
-                          (lambda: AttributionConfig(method="ig", ig_steps=0), "steps must be"),
-                          (lambda: PromptConfig(num_virtual_tokens=0), "num_virtual_tokens"),
-                          (lambda: RecoveryConfig(epochs=-1), "recover_epochs >= 0"),
-                          (lambda: RecoveryConfig(num_examples=0), "recover_examples >= 1")):
+    nan, inf = float("nan"), float("inf")
+    for make, message in (
+            (lambda: SearchConfig(confidence=-1), r"confidence \(--confidence\) must be a finite "
+                                                  r"number >= 0, got -1"),
+            (lambda: SearchConfig(confidence=inf), "confidence .* finite number >= 0, got inf"),
+            (lambda: SearchConfig(tolerance=-0.1), "tolerance .* >= 0"),
+            (lambda: SearchConfig(tolerance=nan), "tolerance .* got nan"),
+            (lambda: SearchConfig(max_rate=1.5), "max_rate"),
+            (lambda: SearchConfig(resolution=0), "resolution .* > 0"),
+            (lambda: SearchConfig(scope="model"), "scope .* must be one of"),
+            (lambda: AttributionConfig(method="x"), "method .* must be one of"),
+            (lambda: AttributionConfig(method="ig", ig_steps=0), "ig_steps .* > 0"),
+            (lambda: AttributionConfig(num_examples=0), "num_examples .* > 0"),
+            (lambda: PromptConfig(num_virtual_tokens=0), "num_virtual_tokens"),
+            (lambda: PromptConfig(lr=-1.0), r"PromptConfig.lr \(--lr\) .* > 0"),
+            (lambda: PromptConfig(epochs=-2), "epochs .* >= 0"),
+            (lambda: PromptConfig(head_lr=0), "head_lr .* > 0"),
+            (lambda: RecoveryConfig(epochs=-1), r"RecoveryConfig.epochs \(--recover-epochs\)"),
+            (lambda: RecoveryConfig(lr=-5), "lr .* > 0"),
+            (lambda: RecoveryConfig(num_examples=0), r"\(--recover-examples\) .* > 0")):
         with pytest.raises(ValueError, match=message):
             make()
+    with pytest.raises(TypeError, match="epochs .* must be of type int"):
+        PromptConfig(epochs="5")
+    with pytest.raises(TypeError, match="prune_heads .* must be of type bool"):
+        SearchConfig(prune_heads=1)
+    assert PromptConfig(init_text="a review:").init_text == "a review:"
+    assert RecoveryConfig(lr=1e-3).lr == 1e-3 and PromptConfig(lr=1).lr == 1
 
 
 def test_flat_keywords_are_deprecated_aliases_of_the_config_fields():
@@ -415,5 +431,5 @@ def test_flat_keywords_are_deprecated_aliases_of_the_config_fields():
     with pytest.raises(TypeError, match="takes a SearchConfig"):
         localize(model, None, data, search=RecoveryConfig(), progress=False)
     with pytest.warns(DeprecationWarning, match="recover_epochs="), \
-            pytest.raises(ValueError, match="recover_epochs >= 0"):
+            pytest.raises(ValueError, match="--recover-epochs"):
         localize(model, None, data, recover_epochs=-1, progress=False)

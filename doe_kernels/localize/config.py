@@ -8,6 +8,7 @@ docs/localize.md describes each option once. `FLAT_NAMES` maps the flat keyword 
 `localize` took before onto (config, field); `configs_from_flat` resolves them (deprecated).
 """
 import dataclasses
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -20,6 +21,26 @@ def option(default, flag, help, *, flat=None, choices=None, positive=False, alia
     return dataclasses.field(default=default, metadata=dict(
         flag=flag, aliases=tuple(aliases), help=help, flat=flat, choices=choices,
         positive=positive, metavar=metavar))
+
+
+def check_fields(config) -> None:
+    """The checks every config shares, from its fields: each value of its default's type, numbers
+    finite and >= 0 (> 0 where the field is `positive`), a choice among its `choices`."""
+    for field in dataclasses.fields(config):
+        value, meta, default = getattr(config, field.name), field.metadata, field.default
+        name = f"{type(config).__name__}.{field.name} ({meta['flag']})"
+        if value is None and default is None:
+            continue
+        kinds = (int, float) if isinstance(default, float) else type(default)
+        if default is not None and (isinstance(value, bool) != isinstance(default, bool)
+                                    or not isinstance(value, kinds)):
+            raise TypeError(f"{name} must be of type {type(default).__name__}, got {value!r}")
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            low = "> 0" if meta["positive"] else ">= 0"
+            if not math.isfinite(value) or value < 0 or (meta["positive"] and value == 0):
+                raise ValueError(f"{name} must be a finite number {low}, got {value}")
+        if meta["choices"] is not None and value not in meta["choices"]:
+            raise ValueError(f"{name} must be one of {meta['choices']}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -39,8 +60,7 @@ class PromptConfig:
         "(default: random vocabulary tokens' embeddings)", flat="prompt_init", metavar="TEXT")
 
     def __post_init__(self):
-        if self.num_virtual_tokens < 1:
-            raise ValueError(f"num_virtual_tokens must be >= 1, got {self.num_virtual_tokens}")
+        check_fields(self)
 
 
 @dataclass(frozen=True)
@@ -61,10 +81,7 @@ class AttributionConfig:
         "(not recommended)")
 
     def __post_init__(self):
-        if self.method not in ("grad", "ig"):
-            raise ValueError(f"method must be 'grad' or 'ig', got {self.method!r}")
-        if self.method == "ig" and self.ig_steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.ig_steps}")
+        check_fields(self)
 
 
 @dataclass(frozen=True)
@@ -89,16 +106,10 @@ class SearchConfig:
         positive=True)
 
     def __post_init__(self):
-        if self.confidence < 0:
-            raise ValueError(f"confidence must be >= 0 (standard errors), got {self.confidence}")
-        if self.tolerance < 0:
-            raise ValueError(f"tolerance must be >= 0, got {self.tolerance}")
-        if not 0.0 <= self.max_rate <= 1.0:
-            raise ValueError(f"need 0 <= max_rate <= 1, got max_rate={self.max_rate}")
-        if self.resolution <= 0:
-            raise ValueError(f"resolution must be > 0, got {self.resolution}")
-        if self.scope not in ("layer", "global"):
-            raise ValueError(f"scope must be 'layer' or 'global', got {self.scope!r}")
+        check_fields(self)
+        if self.max_rate > 1.0:
+            raise ValueError(f"SearchConfig.max_rate (--max-rate) must be <= 1, got "
+                             f"{self.max_rate}")
 
 
 @dataclass(frozen=True)
@@ -116,10 +127,7 @@ class RecoveryConfig:
         flat="recover_examples", positive=True)
 
     def __post_init__(self):
-        if self.epochs < 0 or self.num_examples < 1:
-            raise ValueError(f"need recover_epochs >= 0 and recover_examples >= 1 "
-                             f"(RecoveryConfig epochs and num_examples), got {self.epochs} and "
-                             f"{self.num_examples}")
+        check_fields(self)
 
 
 # localize's keyword for each config, and the config it takes
