@@ -10,7 +10,7 @@ an explicit backend first, and `load_state_dict` is refused (models/base.py keep
 original model's).
 """
 import contextlib
-import functools
+import copy
 import weakref
 from dataclasses import dataclass, field
 
@@ -64,8 +64,9 @@ def moe_blocks(model: nn.Module) -> list[nn.Module]:
     return [layer.moe_modules[0] for layer in state.layers]
 
 
-def _model_device(model: nn.Module, layers) -> tuple[torch.device, torch.dtype]:
-    params = [p for p in layers.parameters()]
+def _model_device(layers) -> tuple[torch.device, torch.dtype]:
+    """The one device and floating dtype of the layers' Parameters; raises if there are several."""
+    params = [p for layer in layers for p in layer.parameters()]
     devices = {p.device for p in params}
     dtypes = {p.dtype for p in params if p.is_floating_point()}
     if len(devices) != 1:
@@ -142,7 +143,7 @@ def _patch_layers(model: nn.Module, mask: ExpertMask, backend: str, dynamic_skip
     """Patch an unpatched model; on any error every layer (the failing one too) is restored."""
     check_transformers_version()
     adapter, layers, spec = describe(model)
-    device, dtype = _model_device(model, layers)
+    device, dtype = _model_device(layers)
     if backend != "auto":
         backends.resolve(backend, device, dtype, rows=1)  # raises if not present
     plans = _plans(mask, spec, device, dynamic_skip)
@@ -164,7 +165,9 @@ def _patch_layers(model: nn.Module, mask: ExpertMask, backend: str, dynamic_skip
 
 def _swap(state: PatchState, mask: ExpertMask, backend: str, dynamic_skip: bool) -> None:
     """Point a patched model at another expert (and backend); on error the previous one stays."""
-    if backend not in (state.backend, "auto"):
+    # read afresh: a submodule's .to(...) is not seen by the model's guarded _apply
+    state.device, state.dtype = _model_device([patch.layer for patch in state.layers])
+    if backend != "auto":
         backends.resolve(backend, state.device, state.dtype, rows=1)  # raises if not present
     plans = _plans(mask, state.spec, state.device, dynamic_skip)
     previous = (state.backend, state.mask, state.dynamic_skip)
@@ -196,7 +199,7 @@ def _guard_model(model: nn.Module, state: PatchState) -> None:
     """Mark `model` patched: record the state, refuse load_state_dict, and check every dtype or
     device change (`.half()`, `.to(...)`) against the backend before anything is converted."""
     state.load_hook = model.register_load_state_dict_pre_hook(refuse_load_while_patched)
-    model._apply = functools.partial(_checked_apply, model)
+    model._apply = _ApplyGuard(model, model.__dict__.get("_apply"))
     setattr(model, _STATE, state)
 
 
@@ -204,10 +207,32 @@ def _unguard_model(model: nn.Module) -> None:
     state = model.__dict__.pop(_STATE, None)
     if state is not None and state.load_hook is not None:
         state.load_hook.remove()
-    model.__dict__.pop("_apply", None)
+    guard = model.__dict__.get("_apply")
+    if isinstance(guard, _ApplyGuard):
+        del model.__dict__["_apply"]
+        if guard.previous is not None:
+            model._apply = guard.previous
 
 
-def _checked_apply(model: nn.Module, fn, recurse: bool = True):
+class _ApplyGuard:
+    """A patched model's `_apply`: `_checked_apply` on the model, which it holds weakly (no
+    reference cycle keeps a deleted model alive); copies and pickles follow the model."""
+
+    def __init__(self, model: nn.Module, previous=None):
+        self.model, self.previous = weakref.ref(model), previous
+
+    def __call__(self, fn, recurse: bool = True):
+        return _checked_apply(self.model(), fn, recurse, self.previous)
+
+    def __deepcopy__(self, memo):
+        model = self.model()
+        return _ApplyGuard(memo.get(id(model), model), copy.deepcopy(self.previous, memo))
+
+    def __reduce__(self):
+        return _ApplyGuard, (self.model(), self.previous)
+
+
+def _checked_apply(model: nn.Module, fn, recurse: bool = True, previous=None):
     """nn.Module._apply on a patched model: a conversion to a dtype or device the model's explicit
     backend cannot run is refused before any tensor changes; the state follows the model."""
     state = getattr(model, _STATE)
@@ -224,7 +249,10 @@ def _checked_apply(model: nn.Module, fn, recurse: bool = True):
                     f"the model is patched with backend={state.backend!r}, which cannot run "
                     f"{probe.dtype} on {probe.device.type} ({error}); patch again with "
                     "backend='auto' (or unpatch) before converting the model") from None
-    type(model)._apply(model, fn, recurse)
+    if previous is not None:
+        previous(fn, recurse)
+    else:
+        type(model)._apply(model, fn, recurse)
     state.dtype, state.device = probe.dtype, probe.device
     return model
 
@@ -250,8 +278,18 @@ def plugged(model: nn.Module, mask: ExpertMask, backend: str = "auto",
     patch(model, mask, backend, dynamic_skip)
     try:
         yield model
-    finally:
-        if previous is not None:
-            patch(model, *previous)
-        elif is_patched(model):  # the body may have unpatched it already
-            unpatch(model)
+    except BaseException as error:
+        try:
+            _restore(model, previous)
+        except Exception as restore_error:  # the body's error is the one to see
+            error.add_note(f"doe_kernels.plugged could not restore the model: {restore_error!r}")
+        raise
+    _restore(model, previous)
+
+
+def _restore(model: nn.Module, previous) -> None:
+    """Plug `previous` (mask, backend, dynamic_skip) again, or unpatch when it is None."""
+    if previous is not None:
+        patch(model, *previous)
+    elif is_patched(model):  # the body may have unpatched it already
+        unpatch(model)

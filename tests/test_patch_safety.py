@@ -3,13 +3,16 @@ original model's, a failure at any point of `patch` leaves the model as it was, 
 work, dtype changes are checked against an explicit backend, and `plugged` never hides the body's
 error."""
 import copy
+import gc
 import pickle
+import weakref
 
 import pytest
 import torch
 
 import doe_kernels as dk
 import doe_kernels.models.base as base
+from safetensors.torch import load_file, save_file
 from model_utils import build, inputs, masked_dense, mixed_mask, output_of, snapshot, state_dict_equal
 from moe_utils import mixtral
 
@@ -52,7 +55,14 @@ def test_state_dict_of_a_patched_model_is_the_original(name, tmp_path):
     dk.patch(model, masked(model))
     patched = model.state_dict()
     assert list(patched) == list(before)
-    assert state_dict_equal({k: v.contiguous() for k, v in patched.items()}, before)
+    assert state_dict_equal(patched, before)
+    save_file(patched, str(tmp_path / "weights.safetensors"))  # refuses non-contiguous tensors
+    assert state_dict_equal(load_file(str(tmp_path / "weights.safetensors")), before)
+    kept = model.state_dict(keep_vars=True)  # the live Parameters, where the model has them
+    params = dict(model.named_parameters())
+    assert list(kept) == list(before)
+    assert sum(isinstance(v, torch.nn.Parameter) for v in kept.values()) > len(kept) // 2
+    assert all(kept[k] is params[k] for k in kept if k in params)
 
     torch.save(patched, tmp_path / "weights.pt")
     fresh = model_of(name)
@@ -155,6 +165,21 @@ def test_a_patched_model_deep_copies_and_pickles(name):
     assert state_dict_equal(snapshot(model), before)
 
 
+@pytest.mark.parametrize("name", FAMILIES)
+def test_a_deleted_patched_model_is_freed_without_the_garbage_collector(name):
+    """No reference cycle through the patch: `del model` frees it at once (GPU memory too)."""
+    model = model_of(name)
+    dk.patch(model, masked(model))
+    gc.collect()
+    gc.disable()
+    try:
+        alive = weakref.ref(model)
+        del model
+        assert alive() is None
+    finally:
+        gc.enable()
+
+
 # ---- dtype and device changes ------------------------------------------------------------------
 def test_a_dtype_the_explicit_backend_cannot_run_is_refused_before_any_change():
     model = build("llama")
@@ -173,6 +198,18 @@ def test_a_dtype_the_explicit_backend_cannot_run_is_refused_before_any_change():
     model.float()
     dk.unpatch(model)
     assert state_dict_equal(snapshot(model), {k: v.bfloat16().float() for k, v in before.items()})
+
+
+def test_a_submodule_converted_alone_is_checked_at_the_next_swap():
+    model = build("llama")
+    dk.patch(model, mixed_mask(model), backend="cpu")
+    model.model.double()  # the model's guard does not see a submodule's conversion
+    with pytest.raises(dk.BackendUnavailableError, match="backend 'cpu' does not support"):
+        dk.patch(model, mixed_mask(model, seed=3), backend="cpu")
+    dk.patch(model, mixed_mask(model, seed=3))  # auto runs float64
+    model.lm_head.double()
+    assert run(model).dtype == torch.float64
+    dk.unpatch(model)
 
 
 def test_auto_backend_follows_a_dtype_change():
@@ -208,3 +245,15 @@ def test_plugged_keeps_the_body_error_when_the_body_unpatched():
     assert dk.current_mask(model) is first  # the expert plugged before is back
     dk.unpatch(model)
     assert state_dict_equal(snapshot(model), before)
+
+
+def test_plugged_keeps_the_body_error_when_restoring_fails():
+    model = build("llama")
+    first = mixed_mask(model, seed=1)
+    dk.patch(model, first, backend="cpu")
+    with pytest.raises(KeyError, match="from the body") as error:
+        with dk.plugged(model, mixed_mask(model, seed=2), backend="auto"):
+            model.double()  # fine under auto; the previous expert's backend cannot run it
+            raise KeyError("from the body")
+    assert any("could not restore" in note for note in error.value.__notes__)
+    dk.unpatch(model)

@@ -6,7 +6,6 @@ same modules and Parameters, with the original weight layout, also after a patch
 way. While patched, `state_dict()` (and so `save_pretrained`) still gives the original model's
 keys and weights, and `load_state_dict` is refused.
 """
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -63,6 +62,38 @@ def refuse_load_while_patched(module, *args) -> None:
                        "load and patch again")
 
 
+# Kept in a swapped-in module's __dict__ (module-level hooks read them: no reference cycles):
+_ORIGINAL = "_doe_original"  # the module it replaced
+_CONVERTED = "_doe_converted"  # [(original Parameter, name of the buffer holding it input-major)]
+_KEEP_VARS = "_doe_keep_vars"  # the keep_vars of the state_dict call in progress
+
+
+def _note_keep_vars(module, prefix: str, keep_vars: bool) -> None:
+    module.__dict__[_KEEP_VARS] = keep_vars
+
+
+def _original_state(module, state_dict, prefix: str, local_metadata) -> None:
+    """State-dict post-hook of a swapped-in module: its entries become the original module's,
+    a converted weight as a contiguous copy in its original layout (a tensor, also under
+    keep_vars=True: its Parameter is empty while patched)."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        del state_dict[key]
+    metadata = getattr(state_dict, "_metadata", {})
+    for key in [k for k in metadata if k.startswith(prefix)]:
+        del metadata[key]
+    original = module.__dict__[_ORIGINAL]
+    original.state_dict(destination=state_dict, prefix=prefix,
+                        keep_vars=module.__dict__.pop(_KEEP_VARS, False))
+    names = {}
+    for name, param in original.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    for holder in module.modules():
+        for weight, buffer in holder.__dict__.get(_CONVERTED, ()):
+            value = getattr(holder, buffer).detach().transpose(-2, -1).contiguous()
+            for name in names.get(id(weight), ()):
+                state_dict[prefix + name] = value
+
+
 class LayerPatch:
     """The patch of one layer: the modules swapped in, the originals, and the converted weights."""
 
@@ -78,31 +109,19 @@ class LayerPatch:
 
     def replace(self, path: str, module: nn.Module) -> None:
         """Put `module` at `path`; its state_dict shows the original module's weights."""
-        module.register_state_dict_post_hook(functools.partial(self._original_state, path))
+        original = self.layer.get_submodule(path)
+        module.__dict__[_ORIGINAL] = original  # not a submodule: kept out of the module tree
+        module.register_state_dict_pre_hook(_note_keep_vars)
+        module.register_state_dict_post_hook(_original_state)
         module.register_load_state_dict_pre_hook(refuse_load_while_patched)
-        self.originals[path] = self.layer.get_submodule(path)
+        self.originals[path] = original
         set_submodule(self.layer, path, module)
-
-    def _original_state(self, path: str, module, state_dict, prefix: str, local_metadata) -> None:
-        """State-dict post-hook of the module at `path`: its entries become the original module's
-        (a converted weight in its original layout, as a transposed view of the buffer)."""
-        for key in [k for k in state_dict if k.startswith(prefix)]:
-            del state_dict[key]
-        metadata = getattr(state_dict, "_metadata", {})
-        for key in [k for k in metadata if k.startswith(prefix)]:
-            del metadata[key]
-        original = self.originals[path]
-        original.state_dict(destination=state_dict, prefix=prefix)
-        names = {id(p): name for name, p in original.named_parameters(remove_duplicate=False)}
-        for weight, holder, buffer in self.converted:
-            if id(weight) in names:
-                state_dict[prefix + names[id(weight)]] = \
-                    getattr(holder, buffer).detach().transpose(-2, -1)
 
     def move_input_major(self, weight: nn.Parameter, make_module, buffer: str) -> nn.Module:
         """`make_module(weight input-major)`; the Parameter is emptied until restore (one copy)."""
         module = make_module(input_major(weight.detach()))
         self.converted.append((weight, module, buffer))
+        module.__dict__.setdefault(_CONVERTED, []).append((weight, buffer))
         weight.data = torch.empty(0, dtype=weight.dtype, device=weight.device)
         return module
 
