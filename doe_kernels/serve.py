@@ -41,7 +41,7 @@ class ExpertRouter:
 
     @property
     def tasks(self) -> list[str]:
-        return sorted(self._experts)
+        return sorted(self._experts.copy())  # dict.copy is atomic: no lock (used under it)
 
     def _known(self, name) -> str:
         if not isinstance(name, str) or name not in self._experts:  # a list is not hashable

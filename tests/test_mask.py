@@ -66,7 +66,7 @@ def test_masks_deep_copy_and_pickle():
     import pickle
 
     mask = dk.ExpertMask.random(build("bert"), ffn_keep=0.3, heads_keep=0.5, seed=2)
-    dk.patch(build("bert"), mask)  # fills the mask's cache of prepared plans
+    dk.patch(build("bert"), mask)  # a mask in use copies and pickles too
     for clone in (copy.deepcopy(mask), pickle.loads(pickle.dumps(mask))):
         assert clone == mask and clone is not mask
         assert repr(clone) == repr(mask)

@@ -50,7 +50,8 @@ def select_experts(model, calibration, keep, inputs: str = "original", mask: Exp
                              moe=chosen if inputs == "pruned" else base.moe)
         todo, layers = layers[:group], layers[group:]
         with plugged(model, current):
-            blocks = [moe_blocks(model)[l] for l in todo]
+            patched = moe_blocks(model)
+            blocks = [patched[l] for l in todo]
             captured = capture_inputs(model, blocks, calibration)
             for layer, block, x in zip(todo, blocks, captured):
                 errors = _subset_errors(block, x, counts[layer], chunk_tokens)
