@@ -8,7 +8,8 @@
 User mistakes (bad arguments, missing or unreadable files, bad columns, a mismatched expert, a
 backend this machine lacks) print one line on stderr and exit 2; they are checked before any long
 work starts (localize checks where it will write before it trains). `serve` answers a bad request
-with an {"error": ...} line and goes on with the next one.
+with an {"error": ...} line and goes on with the next one. DOE_KERNELS_DEBUG=1 prints the
+traceback above that line (for a bug report).
 """
 import argparse
 import dataclasses
@@ -398,6 +399,8 @@ def main(argv=None) -> int:
         args.run(args)
     except USER_ERRORS as error:
         command = getattr(error, "prog", command)
+        if os.environ.get("DOE_KERNELS_DEBUG"):  # the whole traceback, for a bug report
+            traceback.print_exc()
         print(f"{command}: error: {' '.join(str(error).split())}", file=sys.stderr)
         return EXIT_USER_ERROR
     return 0
