@@ -3,8 +3,10 @@
 A mask maps layer numbers to 1-D sorted unique index tensors (kept FFN intermediate neurons, kept
 query heads, kept experts of a mixture-of-experts layer); a layer missing from a dict keeps all of
 it. It may also hold per-layer dynamic-skipping thresholds for MoE layers (see doe_kernels.moe).
-It records the sizes of the model it was made for, so that plugging it into another model is
-refused. Saved in safetensors.
+It may hold per-layer bias deltas (`ffn_bias`, `attn_bias`: {layer: float32 vector of the hidden
+size}), added to the down and attention output projections' outputs (bias compensation, see
+doe_kernels.localize.compensate). It records the sizes of the model it was made for, so that
+plugging it into another model is refused. Saved in safetensors.
 """
 import json
 import re
@@ -20,8 +22,10 @@ from doe_kernels.ops.checks import check_sorted_unique
 _SPEC_KEYS = ("model_type", "num_layers", "intermediate_size", "num_heads", "num_kv_heads",
               "num_experts")
 _SIZE_KEYS = ("num_layers", "intermediate_size", "num_heads")  # what summary() needs
-_KINDS = ("ffn", "heads", "moe", "skip")
-_TENSOR_KEY = re.compile(r"(ffn|heads|moe|skip)\.(0|[1-9][0-9]*)")  # kind.layer, no leading zeros
+_KINDS = ("ffn", "heads", "moe", "skip", "ffn_bias", "attn_bias")
+_BIAS_KINDS = ("ffn_bias", "attn_bias")
+# kind.layer, no leading zeros
+_TENSOR_KEY = re.compile(r"(ffn|heads|moe|skip|ffn_bias|attn_bias)\.(0|[1-9][0-9]*)")
 
 
 class FrozenTable(Mapping):
@@ -72,15 +76,38 @@ def _as_threshold(layer, value) -> float:
     return value
 
 
+def _as_bias(kind: str, layer, value) -> torch.Tensor:
+    """A copy of `value` as a 1-D finite float32 CPU tensor; raises naming the table and layer."""
+    where = f"{kind}[{layer}]"
+    tensor = torch.as_tensor(value)
+    if not (tensor.dtype.is_floating_point or tensor.numel() == 0):
+        raise TypeError(f"{where} must hold floating-point values, got dtype {tensor.dtype}")
+    if tensor.dim() != 1:
+        raise ValueError(f"{where} must be 1-D, got shape {tuple(tensor.shape)}")
+    tensor = tensor.detach().to("cpu", torch.float32).clone()
+    if not torch.isfinite(tensor).all():
+        raise ValueError(f"{where} holds {int((~torch.isfinite(tensor)).sum())} non-finite "
+                         "value(s) (NaN or inf); a bias delta must be finite")
+    return tensor
+
+
 class ExpertMask:
     """Kept FFN neurons, attention query heads and MoE experts per layer (missing layers keep
-    everything), and optional dynamic-skipping thresholds `skip` ({layer: beta}) for MoE layers."""
+    everything), optional dynamic-skipping thresholds `skip` ({layer: beta}) for MoE layers, and
+    optional bias deltas `ffn_bias` / `attn_bias` ({layer: hidden-size vector}) that a patched
+    model adds to the layer's down / attention output projection (bias compensation; the FFN
+    delta is not supported on mixture-of-experts models)."""
 
-    def __init__(self, ffn=None, heads=None, spec: dict | None = None, moe=None, skip=None):
+    def __init__(self, ffn=None, heads=None, spec: dict | None = None, moe=None, skip=None, *,
+                 ffn_bias=None, attn_bias=None):
         self.ffn = FrozenTable({l: _as_index("ffn", l, i) for l, i in _by_layer("ffn", ffn)})
         self.heads = FrozenTable({l: _as_index("heads", l, i) for l, i in _by_layer("heads", heads)})
         self.moe = FrozenTable({l: _as_index("moe", l, i) for l, i in _by_layer("moe", moe)})
         self.skip = FrozenTable({l: _as_threshold(l, b) for l, b in _by_layer("skip", skip)})
+        self.ffn_bias = FrozenTable({l: _as_bias("ffn_bias", l, b)
+                                     for l, b in _by_layer("ffn_bias", ffn_bias)})
+        self.attn_bias = FrozenTable({l: _as_bias("attn_bias", l, b)
+                                      for l, b in _by_layer("attn_bias", attn_bias)})
         self.spec = _as_spec(spec)
 
     # ---- construction -------------------------------------------------------------------
@@ -121,7 +148,18 @@ class ExpertMask:
 
     def with_skip(self, skip: dict) -> "ExpertMask":
         """This mask with dynamic-skipping thresholds {layer: beta} (see doe_kernels.moe)."""
-        return ExpertMask(self.ffn, self.heads, self.spec, moe=self.moe, skip=skip)
+        return ExpertMask(self.ffn, self.heads, self.spec, moe=self.moe, skip=skip,
+                          ffn_bias=self.ffn_bias, attn_bias=self.attn_bias)
+
+    def with_bias(self, ffn_bias=None, attn_bias=None) -> "ExpertMask":
+        """This mask with the bias deltas {layer: hidden-size vector} (replacing its own)."""
+        return ExpertMask(self.ffn, self.heads, self.spec, moe=self.moe, skip=self.skip,
+                          ffn_bias=ffn_bias, attn_bias=attn_bias)
+
+    @property
+    def bias_compensated(self) -> bool:
+        """Whether the mask holds bias deltas."""
+        return bool(self.ffn_bias or self.attn_bias)
 
     # ---- inspection ---------------------------------------------------------------------
     def validate(self, model) -> ModelSpec:
@@ -161,6 +199,17 @@ class ExpertMask:
             if layer >= spec.num_layers:
                 raise ValueError(f"skip names layer {layer}, but the model has "
                                  f"{spec.num_layers} layers")
+        if self.ffn_bias and spec.num_experts:
+            raise ValueError("this mask has FFN bias deltas (ffn_bias), which mixture-of-experts "
+                             "models do not support; keep attn_bias only")
+        for kind in _BIAS_KINDS:
+            for layer, delta in getattr(self, kind).items():
+                if layer >= spec.num_layers:
+                    raise ValueError(f"{kind} names layer {layer}, but the model has "
+                                     f"{spec.num_layers} layers")
+                if delta.numel() != spec.hidden_size:
+                    raise ValueError(f"{kind}[{layer}] has {delta.numel()} values, but the model's "
+                                     f"hidden size is {spec.hidden_size}")
 
     def summary(self, model=None) -> dict:
         """Kept counts and pruning rates (sizes from the model, or from the mask's own record)."""
@@ -182,26 +231,32 @@ class ExpertMask:
             out.update(experts_kept=kept, experts_total=layers * experts,
                        expert_pruning_rate=1 - kept / (layers * experts),
                        skip_layers=len(self.skip))
+        if self.bias_compensated:
+            out.update(bias_compensated=True, ffn_bias_layers=len(self.ffn_bias),
+                       attn_bias_layers=len(self.attn_bias))
         return out
 
     def __repr__(self):
+        bias = ", bias-compensated" if self.bias_compensated else ""
         if self.spec is None or any(key not in self.spec for key in _SIZE_KEYS):
-            return f"ExpertMask(ffn layers={list(self.ffn)}, heads layers={list(self.heads)})"
+            return (f"ExpertMask(ffn layers={list(self.ffn)}, heads layers={list(self.heads)}"
+                    f"{bias})")
         s = self.summary()
         moe = (f", experts {s['experts_kept']}/{s['experts_total']} kept"
                + (f", skipping in {s['skip_layers']} layers" if s["skip_layers"] else "")
                if "experts_kept" in s else "")
         return (f"ExpertMask({s['layers']} layers, neurons {s['neurons_kept']}/{s['neurons_total']}"
                 f" kept ({100 * s['ffn_pruning_rate']:.1f}% pruned), heads {s['heads_kept']}/"
-                f"{s['heads_total']} kept{moe})")
+                f"{s['heads_total']} kept{moe}{bias})")
 
     # ---- files --------------------------------------------------------------------------
     def tensors(self, prefix: str = "") -> dict:
         """The index lists as named tensors (`{prefix}ffn.{layer}`, `{prefix}heads.{layer}`,
-        `{prefix}moe.{layer}`; thresholds as `{prefix}skip.{layer}`, one float64 each), the form
-        saved in files (here and inside Expert files)."""
+        `{prefix}moe.{layer}`; thresholds as `{prefix}skip.{layer}`, one float64 each; bias
+        deltas as `{prefix}ffn_bias.{layer}`, `{prefix}attn_bias.{layer}`), the form saved in files
+        (here and inside Expert files)."""
         out = {}
-        for kind in ("ffn", "heads", "moe"):
+        for kind in ("ffn", "heads", "moe") + _BIAS_KINDS:
             out.update({f"{prefix}{kind}.{l}": i for l, i in getattr(self, kind).items()})
         out.update({f"{prefix}skip.{l}": torch.tensor([b], dtype=torch.float64)
                     for l, b in self.skip.items()})
@@ -216,9 +271,11 @@ class ExpertMask:
                 match = _TENSOR_KEY.fullmatch(key[len(prefix):])
                 if match is None:
                     raise ValueError(f"unknown mask tensor {key!r} (expected {prefix}ffn.N, "
-                                     f"{prefix}heads.N, {prefix}moe.N or {prefix}skip.N)")
+                                     f"{prefix}heads.N, {prefix}moe.N, {prefix}skip.N, "
+                                     f"{prefix}ffn_bias.N or {prefix}attn_bias.N)")
                 tables[match[1]][int(match[2])] = tensor
-        return cls(tables["ffn"], tables["heads"], spec, moe=tables["moe"], skip=tables["skip"])
+        return cls(tables["ffn"], tables["heads"], spec, moe=tables["moe"], skip=tables["skip"],
+                   ffn_bias=tables["ffn_bias"], attn_bias=tables["attn_bias"])
 
     def save(self, path) -> None:
         save_file(self.tensors(), str(path), metadata={"doe_kernels": "ExpertMask",
@@ -239,6 +296,7 @@ class ExpertMask:
         same = lambda a, b: a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # noqa: E731
         return (same(self.ffn, other.ffn) and same(self.heads, other.heads)
                 and same(self.moe, other.moe) and dict(self.skip) == dict(other.skip)
+                and same(self.ffn_bias, other.ffn_bias) and same(self.attn_bias, other.attn_bias)
                 and self.spec == other.spec)
 
     __hash__ = object.__hash__

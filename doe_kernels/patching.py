@@ -82,7 +82,7 @@ def _model_device(layers) -> tuple[torch.device, torch.dtype]:
 
 def _plans(mask: ExpertMask, spec: ModelSpec, device: torch.device, dynamic_skip: bool):
     """Per layer: (kept neurons on `device`, or None when all are kept; HeadSelection; MoePlan or
-    None for a dense layer).
+    None for a dense layer; FFN and attention bias deltas on `device` in float32, or None).
 
     Validated and built once per mask, model size, device and skipping choice, then reused by
     every swap.
@@ -114,7 +114,9 @@ def _plans(mask: ExpertMask, spec: ModelSpec, device: torch.device, dynamic_skip
                     experts = None
                 moe = MoePlan(None if experts is None else experts.to(device),
                               mask.skip[layer] if dynamic_skip else None)
-            plans.append((None if kept is None else kept.to(device), selection, moe))
+            deltas = tuple(table[layer].to(device) if layer in table else None
+                           for table in (mask.ffn_bias, mask.attn_bias))
+            plans.append((None if kept is None else kept.to(device), selection, moe, *deltas))
         prepared[key] = plans
     return prepared[key]
 
@@ -190,8 +192,11 @@ def _set_backend(state: PatchState, backend: str) -> None:
 
 
 def _set_plans(state: PatchState, plans, mask: ExpertMask, dynamic_skip: bool) -> None:
-    for layer_patch, (kept, selection, moe) in zip(state.layers, plans):
-        layer_patch.set(kept, selection, moe)
+    """Point every layer at its plan; bias deltas are cast to the model's dtype here (a module
+    buffer then follows `.to(...)`/`.half()` of the model)."""
+    cast = lambda delta: None if delta is None else delta.to(state.dtype)  # noqa: E731
+    for layer_patch, (kept, selection, moe, ffn_delta, attn_delta) in zip(state.layers, plans):
+        layer_patch.set(kept, selection, moe, cast(ffn_delta), cast(attn_delta))
     state.mask, state.dynamic_skip = mask, dynamic_skip
 
 

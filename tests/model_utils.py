@@ -74,8 +74,18 @@ def mixed_mask(model, ffn_keep=0.35, heads_keep=0.5, seed=0):
     return dk.ExpertMask(ffn, heads, spec)
 
 
+def add_bias(linear, delta):
+    """Add an expert's bias delta to a dense copy's linear layer (a bias Parameter if it has none)."""
+    delta = delta.to(linear.weight.dtype)
+    if linear.bias is None:
+        linear.bias = torch.nn.Parameter(delta)
+    else:
+        linear.bias += delta
+
+
 def masked_dense(model, mask):
-    """A copy of the dense model with the pruned neurons' and heads' weights zeroed."""
+    """A copy of the dense model with the pruned neurons' and heads' weights zeroed, and the
+    mask's bias deltas added to the down and attention output projections' biases."""
     dense = copy.deepcopy(model)
     _, layers, spec = dk.models.describe(dense)
     with torch.no_grad():
@@ -88,13 +98,17 @@ def masked_dense(model, mask):
             if spec.family == "bert":
                 layer.intermediate.dense.weight[pruned] = 0
                 layer.intermediate.dense.bias[pruned] = 0
-                layer.output.dense.weight[:, pruned] = 0
-                layer.attention.output.dense.weight[:, head_cols] = 0
+                down, o_proj = layer.output.dense, layer.attention.output.dense
             else:
                 layer.mlp.gate_proj.weight[pruned] = 0
                 layer.mlp.up_proj.weight[pruned] = 0
-                layer.mlp.down_proj.weight[:, pruned] = 0
-                layer.self_attn.o_proj.weight[:, head_cols] = 0
+                down, o_proj = layer.mlp.down_proj, layer.self_attn.o_proj
+            down.weight[:, pruned] = 0
+            o_proj.weight[:, head_cols] = 0
+            if index in mask.ffn_bias:
+                add_bias(down, mask.ffn_bias[index])
+            if index in mask.attn_bias:
+                add_bias(o_proj, mask.attn_bias[index])
     return dense
 
 

@@ -77,6 +77,7 @@ def patch_layer(patch: LayerPatch, config, backend: str) -> None:
                                     "weight_t")
     patch.replace("attention.output.dense", o_cols)
     patch.head_cols.append(o_cols)
+    patch.attn_out.append(o_cols)
 
     up = layer.intermediate.dense
     rows = KeptRowsLinear(up.weight, up.bias, HF_ACTIVATIONS[config.hidden_act], backend)
@@ -86,3 +87,4 @@ def patch_layer(patch: LayerPatch, config, backend: str) -> None:
                                   "weight_t")
     patch.replace("output.dense", cols)
     patch.ffn_modules += [rows, cols]
+    patch.ffn_out.append(cols)

@@ -12,7 +12,7 @@ inside one generation.
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from doe_kernels.models.base import LayerPatch, UnsupportedModelError, has_modules
-from doe_kernels.models.modules import GatherSwiGLUMLP, PrunedAttention
+from doe_kernels.models.modules import GatherSwiGLUMLP, PrunedAttention, add_bias_delta
 from doe_kernels.ops import attend, project_out
 
 FAMILY = "llama"
@@ -70,6 +70,7 @@ class PrunedLlamaAttention(PrunedAttention):
         self.layer_idx = original.layer_idx
         self.register_buffer("o_weight_t", o_weight_t, persistent=False)
         self.o_bias = original.o_proj.bias
+        self.register_buffer("bias_delta", None, persistent=False)  # the expert's, after o_proj
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None,
                 past_key_values=None, cache=None, **kwargs):
@@ -80,7 +81,8 @@ class PrunedLlamaAttention(PrunedAttention):
                 placeholder = self.placeholder_kv(hidden_states)
                 cache.update(placeholder, placeholder, self.layer_idx)
             out = hidden_states.new_zeros(*hidden_states.shape[:-1], self.o_weight_t.shape[1])
-            return (out if self.o_bias is None else out + self.o_bias), None
+            out = out if self.o_bias is None else out + self.o_bias
+            return add_bias_delta(out, self.bias_delta), None
         q, k, v = self.project(hidden_states)
         cos, sin = position_embeddings
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
@@ -89,7 +91,8 @@ class PrunedLlamaAttention(PrunedAttention):
         is_causal = attention_mask is None and q.shape[2] > 1
         out = attend(q, k, v, selection, attention_mask, is_causal=is_causal, scale=self.scaling,
                      dropout=self.dropout_p())
-        return project_out(out, self.o_weight_t, self.o_bias, selection, self.backend), None
+        out = project_out(out, self.o_weight_t, self.o_bias, selection, self.backend)
+        return add_bias_delta(out, self.bias_delta), None
 
     def placeholder_kv(self, hidden_states):
         """What a layer keeping no head stores in the KV cache: one zero KV head per position,
@@ -107,6 +110,7 @@ def patch_attention(patch: LayerPatch, layer, sizes: dict, backend: str) -> None
         lambda o_weight_t: PrunedLlamaAttention(original, o_weight_t, sizes, backend), "o_weight_t")
     patch.replace("self_attn", attention)
     patch.head_modules.append(attention)
+    patch.attn_out.append(attention)
 
 
 def patch_layer(patch: LayerPatch, config, backend: str) -> None:
@@ -120,3 +124,4 @@ def patch_layer(patch: LayerPatch, config, backend: str) -> None:
         "w_down_t")
     patch.replace("mlp", gathered)
     patch.ffn_modules.append(gathered)
+    patch.ffn_out.append(gathered)

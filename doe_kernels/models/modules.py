@@ -3,8 +3,10 @@
 They hold the model's own weight Parameters (no copies), except the down projections, which they
 hold input-major as non-persistent buffers (converted once at patch time; the original layout is
 restored at unpatch). Index tensors are non-persistent buffers too, so `model.to(...)` moves them.
-An expert swap only replaces their `kept` index tensors. `kept = None` means every neuron is kept:
-the module then runs the plain dense computation.
+An expert swap only replaces their `kept` index tensors (and `bias_delta`, the expert's bias
+compensation added to the output of a down or attention output projection, a non-persistent buffer
+in the model's dtype: None costs nothing). `kept = None` means every neuron is kept: the module
+then runs the plain dense computation.
 """
 import torch
 import torch.nn.functional as F
@@ -19,8 +21,18 @@ from doe_kernels.ops import (
     project_qkv,
 )
 
+
 def _kept_repr(kept, total: int) -> str:
     return f"{total if kept is None else kept.numel()}/{total} kept"
+
+
+def add_bias_delta(out: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
+    """`out + delta` (an expert's bias compensation), or `out` itself when there is none."""
+    return out if delta is None else out + delta
+
+
+def _delta_repr(delta) -> str:
+    return "" if delta is None else ", bias-compensated"
 
 
 class KeptRowsLinear(nn.Module):
@@ -51,17 +63,20 @@ class KeptColsLinear(nn.Module):
         self.register_buffer("weight_t", weight_t, persistent=False)
         self.bias, self.backend = bias, backend
         self.register_buffer("kept", None, persistent=False)
+        self.register_buffer("bias_delta", None, persistent=False)
 
     def forward(self, x_kept):
         if self.kept is None:
             out = torch.matmul(x_kept, self.weight_t)
-            return out if self.bias is None else out + self.bias
-        return gather_cols_linear(x_kept, self.weight_t, self.bias, self.kept,
-                                  backend=self.backend, check_indices=False)
+            out = out if self.bias is None else out + self.bias
+        else:
+            out = gather_cols_linear(x_kept, self.weight_t, self.bias, self.kept,
+                                     backend=self.backend, check_indices=False)
+        return add_bias_delta(out, self.bias_delta)
 
     def extra_repr(self):
         return (f"in={_kept_repr(self.kept, self.weight_t.shape[0])}, out={self.weight_t.shape[1]}, "
-                f"backend={self.backend}")
+                f"backend={self.backend}{_delta_repr(self.bias_delta)}")
 
 
 class GatherSwiGLUMLP(nn.Module):
@@ -72,17 +87,21 @@ class GatherSwiGLUMLP(nn.Module):
         self.w_gate, self.w_up, self.backend = w_gate, w_up, backend
         self.register_buffer("w_down_t", w_down_t, persistent=False)
         self.register_buffer("kept", None, persistent=False)
+        self.register_buffer("bias_delta", None, persistent=False)
 
     def forward(self, x):
         if self.kept is None:
-            return torch.matmul(F.silu(F.linear(x, self.w_gate)) * F.linear(x, self.w_up),
-                                self.w_down_t)
-        return gather_swiglu_ffn(x, self.w_gate, self.w_up, self.w_down_t, self.kept,
-                                 backend=self.backend, check_indices=False)
+            out = torch.matmul(F.silu(F.linear(x, self.w_gate)) * F.linear(x, self.w_up),
+                               self.w_down_t)
+        else:
+            out = gather_swiglu_ffn(x, self.w_gate, self.w_up, self.w_down_t, self.kept,
+                                    backend=self.backend, check_indices=False)
+        return add_bias_delta(out, self.bias_delta)
 
     def extra_repr(self):
         return (f"hidden={self.w_gate.shape[1]}, "
-                f"neurons={_kept_repr(self.kept, self.w_gate.shape[0])}, backend={self.backend}")
+                f"neurons={_kept_repr(self.kept, self.w_gate.shape[0])}, backend={self.backend}"
+                f"{_delta_repr(self.bias_delta)}")
 
 
 class PrunedAttention(nn.Module):

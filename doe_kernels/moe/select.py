@@ -47,7 +47,8 @@ def select_experts(model, calibration, keep, inputs: str = "original", mask: Exp
     group = 1
     while layers:
         current = ExpertMask(base.ffn, base.heads, spec.as_dict(),
-                             moe=chosen if inputs == "pruned" else base.moe)
+                             moe=chosen if inputs == "pruned" else base.moe,
+                             attn_bias=base.attn_bias)
         todo, layers = layers[:group], layers[group:]
         with plugged(model, current):
             patched = moe_blocks(model)
@@ -61,7 +62,8 @@ def select_experts(model, calibration, keep, inputs: str = "original", mask: Exp
             group = max(1, memory_budget // max(1, captured[0].numel() * captured[0].element_size()))
         del captured
     bar.close()
-    return ExpertMask(base.ffn, base.heads, spec.as_dict(), moe=chosen, skip=base.skip)
+    return ExpertMask(base.ffn, base.heads, spec.as_dict(), moe=chosen, skip=base.skip,
+                      attn_bias=base.attn_bias)
 
 
 def _counts(keep, spec) -> dict:
