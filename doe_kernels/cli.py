@@ -70,13 +70,6 @@ def _number(text: str) -> float:
         return math.nan
 
 
-def _positive_float(text: str) -> float:
-    value = _number(text)
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
-    return value
-
-
 def _prune_rate(text: str) -> float:
     value = _number(text)
     if not 0.0 <= value < 1.0:
@@ -173,8 +166,7 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
                 continue
             kind = next(t for t in typing.get_args(hints[field.name]) or (hints[field.name],)
                         if t is not type(None))
-            parse = {int: _positive_int if meta["positive"] else int,
-                     float: _positive_float if meta["positive"] else float}.get(kind, kind)
+            parse = {float: _number}.get(kind, kind)  # the config checks the value when built
             shown = "" if field.default is None else f" (default: {field.default})"
             group.add_argument(*flags, dest=flat_name(field), type=parse, default=field.default,
                                choices=meta["choices"],

@@ -133,7 +133,7 @@ MISUSE = [
                  id="localize-max-length-0"),
     pytest.param(_localize("--max-train", "0"), "--max-train: must be a whole number >= 1",
                  id="localize-max-train-0"),
-    pytest.param(_localize("--lr", "nan"), "--lr: must be a finite number > 0",
+    pytest.param(_localize("--lr", "nan"), "PromptConfig.lr (--lr) must be a finite number > 0",
                  id="localize-lr-nan"),
     pytest.param(_localize("--recover-epochs", "-1"), "(--recover-epochs) must be a finite number",
                  id="localize-recover-epochs"),

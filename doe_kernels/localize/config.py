@@ -17,7 +17,8 @@ def option(default, flag, help, *, flat=None, choices=None, positive=False, alia
            metavar=None):
     """A config field: `flag` (with `aliases`) on the command line, `help` there and in the docs,
     `flat` the name of the flat `localize` keyword (and of the parsed argument) it replaces
-    (default: the field's name), `positive` asks the command line for a number > 0."""
+    (default: the field's name), `positive` asks for a number > 0 (`check_fields` checks every
+    value when a config is built, from the API and the command line alike)."""
     return dataclasses.field(default=default, metadata=dict(
         flag=flag, aliases=tuple(aliases), help=help, flat=flat, choices=choices,
         positive=positive, metavar=metavar))

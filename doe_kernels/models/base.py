@@ -112,6 +112,7 @@ class LayerPatch:
     def replace(self, path: str, module: nn.Module) -> None:
         """Put `module` at `path`; its state_dict shows the original module's weights."""
         original = self.layer.get_submodule(path)
+        module.train(original.training)  # the model's mode: it decides dropout and router jitter
         module.__dict__[_ORIGINAL] = original  # not a submodule: kept out of the module tree
         module.register_state_dict_pre_hook(_note_keep_vars)
         module.register_state_dict_post_hook(_original_state)

@@ -123,7 +123,6 @@ class PrunedAttention(nn.Module):
         self.scaling, self.backend = scaling, backend
         self.attention_dropout = attention_dropout
         self.selection = None
-        self.train(q.training)  # the model's mode: it decides the dropout
 
     def dropout_p(self) -> float:
         """The attention-probability dropout to apply now: the model's in training, 0 in eval."""

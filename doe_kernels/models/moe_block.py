@@ -142,7 +142,6 @@ class PrunedMoeBlock(nn.Module):
         self.jitter_noise = jitter_noise
         self.register_buffer("kept", None, persistent=False)
         self.plan = FULL_PLAN
-        self.train(gate.training)  # the model's mode: it decides the jitter
 
     @property
     def router_weight(self) -> torch.Tensor:
