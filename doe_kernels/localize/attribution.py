@@ -19,17 +19,26 @@ from doe_kernels.models import UnsupportedModelError, describe
 from doe_kernels.patching import is_patched
 
 
-def hook_points(model):
-    """Per layer: (module whose input is the FFN activation, module whose input is the heads')."""
+def projection_points(model):
+    """(per layer: (module whose input is the FFN activation, None in a mixture-of-experts layer;
+    module whose input is the heads'), ModelSpec) of an unpatched supported model."""
     _, layers, spec = describe(model)
+    if spec.family == "bert":
+        points = [(layer.output.dense, layer.attention.output.dense) for layer in layers]
+    else:  # a mixture-of-experts block has no single down projection
+        dense = spec.family == "llama"
+        points = [(layer.mlp.down_proj if dense else None, layer.self_attn.o_proj)
+                  for layer in layers]
+    return points, spec
+
+
+def hook_points(model):
+    """`projection_points` of a BERT- or LLaMA-family model (the ones attribution scores)."""
+    points, spec = projection_points(model)
     if spec.family not in ("bert", "llama"):
         raise UnsupportedModelError(
             f"attribution (localize) supports the BERT and LLaMA families, not {spec.family}; "
             "for mixture-of-experts models choose experts with doe_kernels.moe.select_experts")
-    if spec.family == "bert":
-        points = [(layer.output.dense, layer.attention.output.dense) for layer in layers]
-    else:
-        points = [(layer.mlp.down_proj, layer.self_attn.o_proj) for layer in layers]
     return points, spec
 
 

@@ -26,25 +26,17 @@ on a MoE block). Layers that prune nothing get no delta (the same as a delta of 
 import torch
 from torch import nn
 
+from doe_kernels.localize.attribution import projection_points
+from doe_kernels.localize.recover import keep_vector
 from doe_kernels.mask import ExpertMask
-from doe_kernels.models import describe
 from doe_kernels.patching import is_patched
 
 
-def _projections(family: str, layer: nn.Module) -> tuple[nn.Module | None, nn.Module]:
-    """(down projection or None for a MoE block, attention output projection) of a layer."""
-    if family == "bert":
-        return layer.output.dense, layer.attention.output.dense
-    return (layer.mlp.down_proj if family == "llama" else None), layer.self_attn.o_proj
-
-
-def _pruned(table, layer: int, total: int) -> torch.Tensor:
-    """The units of `total` the mask's table prunes in `layer` (none when the layer is absent)."""
-    pruned = torch.zeros(total, dtype=torch.bool)
-    if layer in table:
-        pruned[:] = True
-        pruned[table[layer]] = False
-    return torch.nonzero(pruned).reshape(-1)
+def _pruned(table, layer: int, size: int, repeat: int = 1) -> torch.Tensor:
+    """The input columns (`repeat` per unit) of the units the table prunes in `layer`."""
+    if layer not in table:
+        return torch.empty(0, dtype=torch.long)
+    return torch.nonzero(~keep_vector(table[layer], size, repeat)).reshape(-1)
 
 
 @torch.no_grad()
@@ -64,19 +56,16 @@ def bias_compensation(model: nn.Module, mask: ExpertMask, batches) -> ExpertMask
     if is_patched(model):
         raise ValueError("bias_compensation runs on the unpruned model: doe_kernels.unpatch(model) "
                          "first (or fit outside `plugged(...)`)")
-    _, layers, spec = describe(model)
+    points, spec = projection_points(model)
     mask.check_spec(spec)
     targets = []  # (table, layer, projection, its pruned input columns)
-    for index, layer in enumerate(layers):
-        down, o_proj = _projections(spec.family, layer)
+    for index, (down, o_proj) in enumerate(points):
         neurons = _pruned(mask.ffn, index, spec.intermediate_size)
         if down is not None and neurons.numel():
             targets.append(("ffn_bias", index, down, neurons))
-        heads = _pruned(mask.heads, index, spec.num_heads)
-        if heads.numel():
-            offsets = torch.arange(spec.head_dim)
-            targets.append(("attn_bias", index, o_proj, (heads[:, None] * spec.head_dim
-                                                         + offsets).reshape(-1)))
+        head_cols = _pruned(mask.heads, index, spec.num_heads, spec.head_dim)
+        if head_cols.numel():
+            targets.append(("attn_bias", index, o_proj, head_cols))
     deltas = {"ffn_bias": {}, "attn_bias": {}}
     if targets:
         means = _input_means(model, [(module, cols) for _, _, module, cols in targets], batches)

@@ -17,7 +17,8 @@ from doe_kernels.localize.prompt import extract, fit, unwrap, wrap
 from doe_kernels.mask import ExpertMask
 
 
-def _keep_vector(kept, size: int, repeat: int = 1) -> torch.Tensor:
+def keep_vector(kept, size: int, repeat: int = 1) -> torch.Tensor:
+    """A bool vector over `size` units (each repeated `repeat` times): True where kept."""
     keep = torch.zeros(size, dtype=torch.bool)
     keep[torch.as_tensor(kept, dtype=torch.long)] = True
     return keep.repeat_interleave(repeat)
@@ -41,10 +42,10 @@ def masked(model, mask):
     try:
         for layer, (ffn_module, head_module) in enumerate(points):
             if layer in mask.ffn:
-                keep = _keep_vector(mask.ffn[layer], spec.intermediate_size)
+                keep = keep_vector(mask.ffn[layer], spec.intermediate_size)
                 handles.append(ffn_module.register_forward_pre_hook(zero(keep)))
             if layer in mask.heads:
-                keep = _keep_vector(mask.heads[layer], spec.num_heads, spec.head_dim)
+                keep = keep_vector(mask.heads[layer], spec.num_heads, spec.head_dim)
                 handles.append(head_module.register_forward_pre_hook(zero(keep)))
         yield model
     finally:
