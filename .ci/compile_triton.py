@@ -22,7 +22,10 @@ INDEX_POINTERS = {"rows_ptr", "kept_ptr", "cols_ptr"}
 KERNELS = {
     "rows": (k.gather_rows_linear_kernel, k.MATMUL_CONFIGS, {"HAS_BIAS": True, "ACTIVATION": 1}),
     "swiglu": (k.gather_swiglu_kernel, k.SWIGLU_CONFIGS, {}),
-    "cols": (k.gather_cols_linear_kernel, k.MATMUL_CONFIGS, {"HAS_BIAS": True}),
+    "cols": (k.gather_cols_linear_kernel, k.MATMUL_CONFIGS,
+             {"HAS_BIAS": True, "HAS_SCALES": False}),
+    "cols-scaled": (k.gather_cols_linear_kernel, k.MATMUL_CONFIGS,
+                    {"HAS_BIAS": True, "HAS_SCALES": True}),
 }
 
 

@@ -127,18 +127,12 @@ def measure(benchmark, fn, config, setup=None, max_rounds: int = 1000) -> float:
     runs inside the timed call (do_bench has no hook), so keep it cheap (the decode benchmark's
     cache crop). pytest-benchmark then runs the call once, only to mark the fixture used.
     """
-    option = config.option
-    max_time = float(getattr(option, "benchmark_max_time", 0.25))
     if bench_device(config).type == "cuda":
-        from triton.testing import do_bench
-
         call = fn if setup is None else (lambda: (setup(), fn()))
-        seconds = do_bench(call, warmup=10, rep=max(20, min(100, 400 * max_time)),
-                           return_mode="median") / 1e3
+        seconds = _cuda_median(call, config)
         benchmark.extra_info["cuda_event_median_s"] = seconds
         benchmark.pedantic(call, rounds=1, iterations=1)
         return seconds
-    min_rounds = int(getattr(option, "benchmark_min_rounds", 3))
 
     def timed_call() -> float:
         if setup is not None:
@@ -147,16 +141,64 @@ def measure(benchmark, fn, config, setup=None, max_rounds: int = 1000) -> float:
         fn()
         return time.perf_counter() - start
 
+    rounds = _cpu_rounds(timed_call, config, max_rounds)
+    if getattr(benchmark, "disabled", False):
+        return _median([timed_call() for _ in range(rounds)])
+    benchmark.pedantic(fn, setup=setup, rounds=rounds, iterations=1)
+    return benchmark.stats.stats.median
+
+
+def measure_pair(benchmark, fn, other, config, max_rounds: int = 1000) -> tuple[float, float]:
+    """Median seconds of `fn()` and of `other()`, timed alternately, so that a drift in the
+    machine's speed falls on both alike: for ratios close to 1, such as the cost of an optional
+    argument. CPU: `measure`'s round count (from `fn`'s probe calls); each round times both calls,
+    in turns first. GPU: `measure`'s CUDA-event medians, three turns each, the median of the turns.
+    pytest-benchmark then runs `other` once, only to mark the fixture used; both medians go to its
+    extra_info."""
+    if bench_device(config).type == "cuda":
+        turns = [(_cuda_median(fn, config), _cuda_median(other, config)) for _ in range(3)]
+        seconds = _median([t[0] for t in turns]), _median([t[1] for t in turns])
+    else:
+        def timed(call) -> float:
+            start = time.perf_counter()
+            call()
+            return time.perf_counter() - start
+
+        rounds = _cpu_rounds(lambda: timed(fn), config, max_rounds)
+        times = ([], [])
+        for i in range(rounds):
+            for which in ((0, 1) if i % 2 == 0 else (1, 0)):
+                times[which].append(timed((fn, other)[which]))
+        seconds = _median(times[0]), _median(times[1])
+    benchmark.extra_info["median_s"], benchmark.extra_info["other_median_s"] = seconds
+    benchmark.pedantic(other, rounds=1, iterations=1)
+    return seconds
+
+
+def _cuda_median(call, config) -> float:
+    """Median seconds of `call()` by CUDA events (triton.testing.do_bench, L2 flushed before each
+    call), over about 400 x --benchmark-max-time milliseconds (20 to 100)."""
+    from triton.testing import do_bench
+
+    max_time = float(getattr(config.option, "benchmark_max_time", 0.25))
+    return do_bench(call, warmup=10, rep=max(20, min(100, 400 * max_time)),
+                    return_mode="median") / 1e3
+
+
+def _cpu_rounds(timed_call, config, max_rounds: int) -> int:
+    """max_time / (median of a few probe calls, which double as warm-up), at least
+    --benchmark-min-rounds and at most `max_rounds`."""
+    option = config.option
+    max_time = float(getattr(option, "benchmark_max_time", 0.25))
+    min_rounds = int(getattr(option, "benchmark_min_rounds", 3))
     times = []
     while len(times) < 3 and sum(times) < max_time / 2:
         times.append(timed_call())
-    probe = sorted(times)[len(times) // 2]
-    rounds = int(min(max_rounds, max(min_rounds, max_time / max(probe, 1e-7))))
-    if getattr(benchmark, "disabled", False):
-        times = sorted(timed_call() for _ in range(rounds))
-        return times[len(times) // 2]
-    benchmark.pedantic(fn, setup=setup, rounds=rounds, iterations=1)
-    return benchmark.stats.stats.median
+    return int(min(max_rounds, max(min_rounds, max_time / max(_median(times), 1e-7))))
+
+
+def _median(values) -> float:
+    return sorted(values)[len(values) // 2]
 
 
 def copy_bandwidth(device: str) -> float:
@@ -188,7 +230,7 @@ def _time_budget(request):
 
 def pytest_sessionfinish(session, exitstatus):
     recorder = session.config.doe_recorder
-    if not recorder.rows:
+    if recorder.empty():
         return
     config = session.config
     dtype = str(bench_dtype(config)).removeprefix("torch.")
@@ -201,7 +243,7 @@ def pytest_sessionfinish(session, exitstatus):
 @pytest.hookimpl(trylast=True)  # after pytest-benchmark's table: the run's last words
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     recorder = config.doe_recorder
-    if not recorder.rows:
+    if recorder.empty():
         return
     terminalreporter.section("doe-kernels speed-up summary")
     for line in summary_lines(recorder) + where_lines(getattr(config, "doe_written", []),

@@ -7,6 +7,10 @@ to sliced. Where a benchmark records the weight bytes a call reads (the op bench
 measured the device's copy bandwidth (GPU runs), each candidate also gets the rate it read its
 weights at and that rate as a fraction of the copy bandwidth: the memory-bandwidth bound that
 decode-size calls (a few rows) are measured against.
+
+Overheads are apart from the ratios: the cost of an optional argument (the FFNs' `scales`), as the
+time of a call with it over the time of the same call without it, both timed alternately in one
+benchmark.
 """
 import csv
 import datetime
@@ -43,6 +47,7 @@ class Recorder:
     def __init__(self):
         self.rows: list[Result] = []
         self.memory: list[dict] = []  # per variant: bytes held beyond the dense model, peak bytes
+        self.overheads: list[dict] = []  # per call: an optional argument's cost (add_overhead)
         self.copy_bandwidth: float | None = None  # bytes/s of a device-to-device copy (GPU runs)
 
     def add(self, **fields):
@@ -50,6 +55,15 @@ class Recorder:
 
     def add_memory(self, **fields):
         self.memory.append(fields)
+
+    def add_overhead(self, *, without_s: float, with_s: float, **fields):
+        """`fields`: bench, shape, dtype, device, variant (the call), option (the argument added),
+        prune_rate, rows; the medians without and with the option, and their ratio."""
+        self.overheads.append(dict(fields, without_s=without_s, with_s=with_s,
+                                   ratio=with_s / without_s))
+
+    def empty(self) -> bool:
+        return not (self.rows or self.overheads)
 
     def ratios(self):
         """One dict per candidate measurement, with its baselines' times and the ratios."""
@@ -149,7 +163,7 @@ def _slug(text: str) -> str:
 
 def write_results(recorder: Recorder, results_dir: str, mode: str) -> list[str]:
     """Write <device>_<mode>.json/.csv and the speed-up plots; returns the paths written."""
-    device = recorder.rows[0].device
+    device = recorder.rows[0].device if recorder.rows else recorder.overheads[0]["device"]
     meta = metadata(device, mode, recorder.copy_bandwidth)
     stem = f"{'gpu-' + _slug(meta['device']) if device.startswith('cuda') else 'cpu'}_{mode}"
     os.makedirs(results_dir, exist_ok=True)
@@ -157,7 +171,7 @@ def write_results(recorder: Recorder, results_dir: str, mode: str) -> list[str]:
     json_path = os.path.join(results_dir, stem + ".json")
     with open(json_path, "w") as f:
         json.dump(dict(meta=meta, results=[asdict(r) for r in recorder.rows], ratios=ratios,
-                       memory=recorder.memory), f, indent=1)
+                       memory=recorder.memory, overheads=recorder.overheads), f, indent=1)
     csv_path = os.path.join(results_dir, stem + ".csv")
     with open(csv_path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(meta) + list(ratios[0]) if ratios else list(meta))
@@ -214,15 +228,16 @@ def plot(ratios, meta, plot_dir) -> list[str]:
 def summary_lines(recorder: Recorder) -> list[str]:
     ratios = recorder.ratios()
     # Columns as wide as their longest entry (bench names such as "attention", model shapes).
-    wb = max([6] + [len(r["bench"]) for r in ratios])
-    ws = max([20] + [len(r["shape"]) for r in ratios])
-    wv = max([14] + [len(r["variant"]) for r in ratios])
+    named = ratios + recorder.overheads
+    wb = max([6] + [len(r["bench"]) for r in named])
+    ws = max([20] + [len(r["shape"]) for r in named])
+    wv = max([14] + [len(r["variant"]) for r in named])
     # "% copy bw": the weights' read rate against the copy bandwidth, for calls of at most 16 rows.
     bandwidth = recorder.copy_bandwidth is not None
     header = (f"{'bench':<{wb}} {'shape':<{ws}} {'dtype':<9} {'variant':<{wv}} {'prune':>5} "
               f"{'rows':>5} {'x dense':>8} {'/ sliced':>8} {'median ms':>10}"
               + (f" {'% copy bw':>9}" if bandwidth else ""))
-    lines = [header, "-" * len(header)]
+    lines = [header, "-" * len(header)] if ratios else []
     for r in sorted(ratios, key=lambda r: (r["bench"], r["shape"], r["dtype"], r["variant"],
                                            r["prune_rate"], r["rows"])):
         fmt = lambda v: f"{v:8.2f}" if v is not None else f"{'-':>8}"  # noqa: E731
@@ -244,6 +259,18 @@ def summary_lines(recorder: Recorder) -> list[str]:
             lines.append(f"{m['bench']:<{wb}} {m['shape']:<{ws}} {m['variant']:<{wv}} "
                          f"{100 * m['prune_rate']:5.0f} {m['rows']:5d} "
                          f"{mib(m['extra_weight_bytes'])} {mib(m['peak_bytes'])}")
+    if recorder.overheads:
+        lines += ["", "overheads: median time with the option / without it (the same call, timed "
+                  "alternately)",
+                  f"{'bench':<{wb}} {'shape':<{ws}} {'dtype':<9} {'variant':<{wv}} {'option':<8} "
+                  f"{'prune':>5} {'rows':>5} {'ratio':>6} {'without ms':>10} {'with ms':>10}"]
+        for o in sorted(recorder.overheads, key=lambda o: (o["bench"], o["shape"], o["dtype"],
+                                                           o["variant"], o["option"],
+                                                           o["prune_rate"], o["rows"])):
+            lines.append(f"{o['bench']:<{wb}} {o['shape']:<{ws}} {o['dtype']:<9} "
+                         f"{o['variant']:<{wv}} {o['option']:<8} {100 * o['prune_rate']:5.0f} "
+                         f"{o['rows']:5d} {o['ratio']:6.3f} {1e3 * o['without_s']:10.3f} "
+                         f"{1e3 * o['with_s']:10.3f}")
     return lines
 
 

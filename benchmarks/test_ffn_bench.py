@@ -4,6 +4,10 @@ For every shape, pruning rate and row count: `dense` (F.linear on the full weigh
 depend on the rate, so it is measured once per shape and row count and recorded under every rate),
 `sliced` (F.linear on weights sliced once ahead of time) and `gather-<backend>` for every backend
 present.
+
+`test_ffn_scales`: the cost of the optional per-neuron `scales` (mask tuning), as the time of
+`gather-<backend>` with scales over its time without, the two timed alternately on the same inputs
+and recorded as an overhead (not a ratio against dense), at the same shapes and row counts.
 """
 import functools
 
@@ -12,35 +16,59 @@ import torch
 import torch.nn.functional as F
 
 import doe_kernels as dk
-from conftest import bench_device, bench_dtype, grid, measure
+from conftest import bench_device, bench_dtype, grid, measure, measure_pair
 from shapes import SHAPES
 
 # Calls whose dense cost exceeds this many FLOPs are left out (time on a small machine).
 FLOP_CAP = {"cpu": 60e9, "cuda": 10e12}
 
 
-def _cases(config):
-    device = bench_device(config)
-    cases = grid(config, smoke_shape="all-MiniLM-L6-v2")
-    variants = ["dense", "sliced"] + [f"gather-{b}" for b in dk.available_backends(device.type)
-                                      if not (device.type == "cpu" and b == "triton")]
+def _gather_variants(device):
+    """gather-<backend> for every backend present (not the Triton interpreter)."""
+    return [f"gather-{b}" for b in dk.available_backends(device.type)
+            if not (device.type == "cpu" and b == "triton")]
+
+
+def _shapes_and_rows(cases, device):
+    """(shape name, rows) of the grid, without the calls above the FLOP cap."""
     for name in cases["shapes"]:
         shape = SHAPES[name]
         for rows in cases["rows"]:
             flops = 2 * rows * shape.hidden * shape.intermediate * _matrices(shape)
-            if flops > FLOP_CAP[device.type]:
-                continue
-            rates = tuple(cases["prune_rates"])
-            yield pytest.param((name, rates, rows, "dense"), id=f"{name}-r{rows}-dense")
-            for prune_rate in rates:
-                for variant in variants[1:]:
-                    yield pytest.param((name, (prune_rate,), rows, variant),
-                                       id=f"{name}-p{round(100 * prune_rate)}-r{rows}-{variant}")
+            if flops <= FLOP_CAP[device.type]:
+                yield name, rows
+
+
+def _cases(config):
+    device = bench_device(config)
+    cases = grid(config, smoke_shape="all-MiniLM-L6-v2")
+    variants = ["dense", "sliced"] + _gather_variants(device)
+    for name, rows in _shapes_and_rows(cases, device):
+        rates = tuple(cases["prune_rates"])
+        yield pytest.param((name, rates, rows, "dense"), id=f"{name}-r{rows}-dense")
+        for prune_rate in rates:
+            for variant in variants[1:]:
+                yield pytest.param((name, (prune_rate,), rows, variant),
+                                   id=f"{name}-p{round(100 * prune_rate)}-r{rows}-{variant}")
+
+
+def _scales_cases(config):
+    """The FFN grid's shapes and rows for every gather variant; in the quick sweep two rates (the
+    cost of scales is one multiply per kept neuron and row, whatever the rate)."""
+    device = bench_device(config)
+    cases = grid(config, smoke_shape="all-MiniLM-L6-v2", quick=dict(prune_rates=(0.35, 0.65)))
+    for name, rows in _shapes_and_rows(cases, device):
+        for prune_rate in cases["prune_rates"]:
+            for variant in _gather_variants(device):
+                yield pytest.param((name, prune_rate, rows, variant),
+                                   id=f"{name}-p{round(100 * prune_rate)}-r{rows}-{variant}")
 
 
 def pytest_generate_tests(metafunc):
     if "ffn_case" in metafunc.fixturenames:
         metafunc.parametrize("ffn_case", list(_cases(metafunc.config)))
+    if "scales_case" in metafunc.fixturenames:
+        metafunc.parametrize("scales_case", list(_scales_cases(metafunc.config)))
 
 
 def _matrices(shape) -> int:
@@ -67,7 +95,8 @@ def _kept(intermediate, prune_rate, device):
     return torch.randperm(intermediate, generator=gen)[:keep].sort().values.to(device)
 
 
-def _callable(name, variant, w, kept, x):
+def _callable(name, variant, w, kept, x, scales=None):
+    """The call of one variant; `scales` (gather variants only): one per kept neuron, or None."""
     shape = SHAPES[name]
     if shape.ffn == "swiglu":
         if variant in ("dense", "sliced"):
@@ -77,7 +106,7 @@ def _callable(name, variant, w, kept, x):
             return lambda: F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
         backend = variant.removeprefix("gather-")
         return lambda: dk.gather_swiglu_ffn(x, w["w_in"], w["w_up"], w["w_out_t"], kept,
-                                            backend=backend, check_indices=False)
+                                            backend=backend, check_indices=False, scales=scales)
     if variant in ("dense", "sliced"):
         w_in, b_in, w_out = w["w_in"], w["b_in"], w["w_out"]
         if variant == "sliced":
@@ -85,7 +114,7 @@ def _callable(name, variant, w, kept, x):
         return lambda: F.linear(F.gelu(F.linear(x, w_in, b_in)), w_out, w["b_out"])
     backend = variant.removeprefix("gather-")
     return lambda: dk.gather_ffn(x, w["w_in"], w["b_in"], w["w_out_t"], w["b_out"], kept, "gelu",
-                                 backend=backend, check_indices=False)
+                                 backend=backend, check_indices=False, scales=scales)
 
 
 def test_ffn(benchmark, recorder, request, ffn_case):
@@ -106,3 +135,23 @@ def test_ffn(benchmark, recorder, request, ffn_case):
                      device=device.type, variant=variant, prune_rate=prune_rate, rows=rows,
                      median_s=seconds,
                      weight_bytes=neurons * shape.hidden * _matrices(shape) * x.element_size())
+
+
+def test_ffn_scales(benchmark, recorder, request, scales_case):
+    """gather-<backend> with per-neuron scales against without, on the same inputs."""
+    name, prune_rate, rows, variant = scales_case
+    device = bench_device(request.config)
+    dtype = bench_dtype(request.config)
+    w = _weights(name, device, dtype)
+    kept = _kept(SHAPES[name].intermediate, prune_rate, device)
+    x = torch.randn(rows, SHAPES[name].hidden, device=device, dtype=dtype)
+    gen = torch.Generator().manual_seed(2)
+    scales = (1 + 0.1 * torch.randn(kept.numel(), generator=gen)).to(device, dtype)
+    plain = _callable(name, variant, w, kept, x)
+    scaled = _callable(name, variant, w, kept, x, scales)
+    with torch.inference_mode():
+        plain(), scaled()  # warm-up (and Triton compilation, autotuning)
+        without_s, with_s = measure_pair(benchmark, plain, scaled, request.config)
+    recorder.add_overhead(bench="ffn", shape=name, dtype=str(dtype).removeprefix("torch."),
+                          device=device.type, variant=variant, option="scales",
+                          prune_rate=prune_rate, rows=rows, without_s=without_s, with_s=with_s)

@@ -18,9 +18,12 @@
 //       -> out (M, N).
 //   gather_swiglu: out[m, n] = silu(x[m] . w_gate[kept[n]]) * (x[m] . w_up[kept[n]])
 //       x (M, K), w_gate and w_up (N_total, K), kept (N) -> out (M, N).
-//   gather_cols_linear: out[m, n] = sum_j h[m, j] * weight_t[cols[j], n] + bias[n]
+//   gather_cols_linear: out[m, n] = sum_j h[m, j] * scales[j] * weight_t[cols[j], n] + bias[n]
 //       h (M, J), weight_t (K_total, N) input-major (the transpose of nn.Linear's weight, so that
-//       each kept input feature is one contiguous row), bias (N) or none, cols (J) -> out (M, N).
+//       each kept input feature is one contiguous row), bias (N) or none, cols (J), scales (J) or
+//       none (a factor per kept column, h's dtype, contiguous; none: no scaling, no extra work)
+//       -> out (M, N). Scaling is in float32, except in the CPU's bfloat16 gather + GEMM regime
+//       (more than 16 rows), which scales its bfloat16 copy of the kept weight rows.
 #pragma once
 
 #include <torch/extension.h>
@@ -43,7 +46,8 @@ at::Tensor gather_rows_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
 at::Tensor gather_swiglu_cpu(const at::Tensor& x, const at::Tensor& w_gate, const at::Tensor& w_up,
                              const at::Tensor& kept);
 at::Tensor gather_cols_linear_cpu(const at::Tensor& h, const at::Tensor& weight_t,
-                                  const std::optional<at::Tensor>& bias, const at::Tensor& cols);
+                                  const std::optional<at::Tensor>& bias, const at::Tensor& cols,
+                                  const std::optional<at::Tensor>& scales);
 
 #ifdef DOE_KERNELS_WITH_CUDA
 // `stream` is the cudaStream_t to launch on, passed from Python
@@ -55,7 +59,7 @@ at::Tensor gather_swiglu_cuda(const at::Tensor& x, const at::Tensor& w_gate,
                               const at::Tensor& w_up, const at::Tensor& kept, int64_t stream);
 at::Tensor gather_cols_linear_cuda(const at::Tensor& h, const at::Tensor& weight_t,
                                    const std::optional<at::Tensor>& bias, const at::Tensor& cols,
-                                   int64_t stream);
+                                   const std::optional<at::Tensor>& scales, int64_t stream);
 #endif
 
 }  // namespace doe_kernels

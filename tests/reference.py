@@ -40,23 +40,30 @@ def rows_linear_ref(x, weight, bias, rows, activation="identity"):
     return ACT[activation](out)
 
 
-def cols_linear_ref(h, weight_t, bias, cols):
-    out = f64(h) @ f64(weight_t)[cols]
+def cols_linear_ref(h, weight_t, bias, cols, scales=None):
+    h = f64(h) if scales is None else f64(h) * f64(scales)
+    out = h @ f64(weight_t)[cols]
     return out if bias is None else out + f64(bias)
 
 
-def ffn_ref(x, w_in, b_in, w_out_t, b_out, kept, activation):
-    """The masked-dense reference: the dense FFN with the pruned neurons' weights zeroed."""
-    mask = torch.zeros(w_in.shape[0], dtype=torch.float64, device=x.device)
-    mask[kept] = 1
+def _neuron_mask(size, kept, scales, device):
+    """1 (or the kept neuron's scale) at the kept neurons, 0 at the pruned ones."""
+    mask = torch.zeros(size, dtype=torch.float64, device=device)
+    mask[kept] = 1 if scales is None else f64(scales)
+    return mask
+
+
+def ffn_ref(x, w_in, b_in, w_out_t, b_out, kept, activation, scales=None):
+    """The masked-dense reference: the dense FFN with the pruned neurons' weights zeroed (and the
+    kept neurons' activations multiplied by their scales, when given)."""
+    mask = _neuron_mask(w_in.shape[0], kept, scales, x.device)
     hidden = ACT[activation](f64(x) @ f64(w_in).T + (0 if b_in is None else f64(b_in)))
     out = (hidden * mask) @ f64(w_out_t)
     return out if b_out is None else out + f64(b_out)
 
 
-def swiglu_ffn_ref(x, w_gate, w_up, w_down_t, kept):
-    mask = torch.zeros(w_gate.shape[0], dtype=torch.float64, device=x.device)
-    mask[kept] = 1
+def swiglu_ffn_ref(x, w_gate, w_up, w_down_t, kept, scales=None):
+    mask = _neuron_mask(w_gate.shape[0], kept, scales, x.device)
     hidden = F.silu(f64(x) @ f64(w_gate).T) * (f64(x) @ f64(w_up).T)
     return (hidden * mask) @ f64(w_down_t)
 

@@ -12,7 +12,13 @@ import pytest
 
 BENCHMARKS = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
 sys.path.append(BENCHMARKS)  # after tests/: benchmarks/ has a conftest module too
-from report import DEFAULT_RESULTS_DIR, Recorder, summary_lines, where_lines  # noqa: E402
+from report import (  # noqa: E402
+    DEFAULT_RESULTS_DIR,
+    Recorder,
+    summary_lines,
+    where_lines,
+    write_results,
+)
 
 
 def _run_benchmarks(tmp_path, *args):
@@ -118,6 +124,80 @@ def test_gpu_timing_path_calls_do_bench_as_triton_defines_it(monkeypatch):
     assert order == ["setup", "call"] * 2  # do_bench's call, then pytest-benchmark's one round
     assert benchmark.pedantic_calls == [(1, 1)]
     assert benchmark.extra_info["cuda_event_median_s"] == pytest.approx(0.002)
+
+
+def test_overheads_are_reported_apart_from_the_ratios(tmp_path):
+    """An optional argument's cost (the FFN benchmark's `scales`): its ratio, a summary section
+    of its own and the JSON's `overheads`, never a row of the speed-up ratios."""
+    recorder = Recorder()
+    assert recorder.empty()
+    recorder.add_overhead(bench="ffn", shape="bert-base", dtype="float32", device="cpu",
+                          variant="gather-cpu", option="scales", prune_rate=0.35, rows=8,
+                          without_s=2e-3, with_s=2.02e-3)
+    assert not recorder.empty() and recorder.ratios() == []
+    assert recorder.overheads[0]["ratio"] == pytest.approx(1.01)
+    lines = summary_lines(recorder)
+    assert lines[0] == "" and lines[1].startswith("overheads: median time with the option")
+    assert lines[3].split() == ["ffn", "bert-base", "float32", "gather-cpu", "scales", "35", "8",
+                                "1.010", "2.000", "2.020"]
+    written = write_results(recorder, str(tmp_path), "quick")
+    results = json.load(open(written[0]))
+    assert results["overheads"] == recorder.overheads and results["ratios"] == []
+
+
+class _Config:
+    """pytest's config, as far as the timing helpers read it."""
+
+    def __init__(self, device):
+        self.option = type("Option", (), {"benchmark_max_time": "0.25",
+                                          "benchmark_min_rounds": 3})()
+        self.device = device
+
+    def getoption(self, name):
+        return {"--bench-device": self.device}[name]
+
+
+class _Benchmark:
+    """pytest-benchmark's fixture, as far as the timing helpers use it."""
+
+    disabled = False
+
+    def __init__(self):
+        self.extra_info, self.pedantic_calls = {}, []
+
+    def pedantic(self, fn, rounds, iterations):
+        self.pedantic_calls.append((rounds, iterations))
+        fn()
+
+
+def test_paired_timing_alternates_the_two_calls():
+    """`measure_pair` on the CPU: after `fn`'s probe calls, every round times both calls, first
+    one then the other in turns; pytest-benchmark sees `other` once."""
+    order, benchmark = [], _Benchmark()
+    fn_s, other_s = _bench_conftest().measure_pair(
+        benchmark, lambda: order.append("fn"), lambda: order.append("other"), _Config("cpu"),
+        max_rounds=4)
+    probes = order.index("other") - 1  # the first round starts with fn
+    assert order[:probes] == ["fn"] * probes
+    assert order[probes:-1] == ["fn", "other", "other", "fn"] * 2
+    assert order[-1] == "other" and benchmark.pedantic_calls == [(1, 1)]
+    assert benchmark.extra_info == {"median_s": fn_s, "other_median_s": other_s}
+
+
+def test_paired_gpu_timing_takes_the_median_of_three_turns(monkeypatch):
+    triton_testing = pytest.importorskip("triton.testing")
+    times = iter([1.0, 1.1, 3.0, 1.2, 2.0, 1.3])  # milliseconds: fn, other, fn, other, ...
+
+    def fake_do_bench(fn, **kwargs):
+        fn()
+        return next(times)
+
+    monkeypatch.setattr(triton_testing, "do_bench", fake_do_bench)
+    order, benchmark = [], _Benchmark()
+    seconds = _bench_conftest().measure_pair(
+        benchmark, lambda: order.append("fn"), lambda: order.append("other"), _Config("cuda"))
+    assert seconds == (pytest.approx(2e-3), pytest.approx(1.2e-3))
+    assert order == ["fn", "other"] * 3 + ["other"] and benchmark.pedantic_calls == [(1, 1)]
 
 
 def test_default_results_dir_is_ignored_by_git():

@@ -12,24 +12,39 @@ def _op_cases(device, backend):
     make = lambda *s: torch.randn(*s, device=device)  # noqa: E731
     kept = index_list("random", 37, device)
     x3d = make(2, 3, 40)
+    scales = make(kept.numel())
     return {
         "gather_rows_linear": (OPS.gather_rows_linear.default,
                                (x3d, make(37, 40), make(37), kept, "gelu", backend)),
         "gather_cols_linear": (OPS.gather_cols_linear.default,
                                (make(5, kept.numel()), make(37, 40), make(40), kept, backend)),
+        "gather_cols_linear_scaled": (OPS.gather_cols_linear.default,
+                                      (make(5, kept.numel()), make(37, 40), make(40), kept,
+                                       backend, scales)),
         "gather_ffn": (OPS.gather_ffn.default,
                        (x3d, make(37, 40), make(37), make(37, 40), make(40), kept, "relu", backend)),
+        "gather_ffn_scaled": (OPS.gather_ffn.default,
+                              (x3d, make(37, 40), make(37), make(37, 40), make(40), kept, "relu",
+                               backend, scales)),
         "gather_ffn_empty": (OPS.gather_ffn.default,
                              (x3d, make(37, 40), None, make(37, 40), make(40), kept[:0], "gelu",
                               backend)),
+        "gather_ffn_empty_scaled": (OPS.gather_ffn.default,
+                                    (x3d, make(37, 40), None, make(37, 40), make(40), kept[:0],
+                                     "gelu", backend, scales[:0])),
         "gather_swiglu_ffn": (OPS.gather_swiglu_ffn.default,
                               (x3d, make(37, 40), make(37, 40), make(37, 40), kept, backend)),
+        "gather_swiglu_ffn_scaled": (OPS.gather_swiglu_ffn.default,
+                                     (x3d, make(37, 40), make(37, 40), make(37, 40), kept, backend,
+                                      scales)),
     }
 
 
 @pytest.mark.parametrize("device,backend", backend_cases())
-@pytest.mark.parametrize("case", ["gather_rows_linear", "gather_cols_linear", "gather_ffn",
-                                  "gather_ffn_empty", "gather_swiglu_ffn"])
+@pytest.mark.parametrize("case", ["gather_rows_linear", "gather_cols_linear",
+                                  "gather_cols_linear_scaled", "gather_ffn", "gather_ffn_scaled",
+                                  "gather_ffn_empty", "gather_ffn_empty_scaled",
+                                  "gather_swiglu_ffn", "gather_swiglu_ffn_scaled"])
 def test_opcheck(device, backend, case):
     op, args = _op_cases(device, backend)[case]
     torch.library.opcheck(op, args)

@@ -11,6 +11,10 @@
 //  * gather + GEMM (bfloat16 above 16 rows): the kept rows are copied into a scratch matrix and
 //    ATen's GEMM (oneDNN bf16, several times the fused kernels' throughput on avx512_bf16 CPUs)
 //    multiplies; the copy is O(kept x K), the GEMM O(M x kept x K).
+// gather_cols' optional per-column scales are applied once, before the kernels: in the fused regime
+// h is copied to float32 times the scales in one pass (for bfloat16 that pass is the widening copy
+// the kernels read anyway), in the gather + GEMM regime the gathered scratch rows of weight_t are
+// scaled in place. Without scales neither regime does anything extra.
 // The micro-kernels are compiled for AVX-512 and AVX2 (x86-64, selected at run time with
 // __builtin_cpu_supports) and as portable C++ with GCC vector extensions (any other CPU, aarch64).
 // DOE_KERNELS_CPU_ISA=generic|avx2|avx512 caps the selection (for testing the fallbacks).
@@ -247,6 +251,29 @@ at::Tensor as_float(const at::Tensor& t) {
   return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat);
 }
 
+inline float widen(float v) { return v; }
+inline float widen(at::BFloat16 v) { return static_cast<float>(v); }
+
+// h (M x J, contiguous) in float32 with column j multiplied by scales[j] (same dtype as h): one
+// pass, in parallel over rows, the product formed in float32.
+at::Tensor as_float_scaled(const at::Tensor& h, const at::Tensor& scales) {
+  const int64_t M = h.size(0), J = h.size(1);
+  at::Tensor out = at::empty({M, J}, h.options().dtype(at::kFloat));
+  float* op = out.data_ptr<float>();
+  auto run = [&](const auto* hp, const auto* sp) {
+    at::parallel_for(0, M, std::max<int64_t>(1, 32768 / J), [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m)
+        for (int64_t j = 0; j < J; ++j) op[m * J + j] = widen(hp[m * J + j]) * widen(sp[j]);
+    });
+  };
+  if (h.scalar_type() == at::kFloat) {
+    run(h.data_ptr<float>(), scales.data_ptr<float>());
+  } else {
+    run(h.data_ptr<at::BFloat16>(), scales.data_ptr<at::BFloat16>());
+  }
+  return out;
+}
+
 at::Tensor finish(const at::Tensor& out_f, at::ScalarType dtype) {
   return dtype == at::kFloat ? out_f : out_f.to(dtype);
 }
@@ -392,7 +419,8 @@ at::Tensor gather_swiglu_cpu(const at::Tensor& x, const at::Tensor& w_gate, cons
 
 // =============================================================================================
 at::Tensor gather_cols_linear_cpu(const at::Tensor& h, const at::Tensor& weight_t,
-                                  const std::optional<at::Tensor>& bias, const at::Tensor& cols) {
+                                  const std::optional<at::Tensor>& bias, const at::Tensor& cols,
+                                  const std::optional<at::Tensor>& scales) {
   constexpr const char* fn = "gather_cols_linear_cpu";
   check_common(h, cols, fn, "h", "cols");
   check_operand(weight_t, h, fn, "weight_t", 2);
@@ -404,16 +432,22 @@ at::Tensor gather_cols_linear_cpu(const at::Tensor& h, const at::Tensor& weight_
     TORCH_CHECK(bias->size(0) == N, fn, ": bias has ", bias->size(0), " entries, weight_t has ", N,
                 " output features");
   }
+  if (scales.has_value()) {
+    check_operand(*scales, h, fn, "scales", 1);
+    TORCH_CHECK(scales->size(0) == cols.numel(), fn, ": scales has ", scales->size(0),
+                " entries but cols has ", cols.numel());
+  }
   check_index_range(cols, weight_t.size(0), fn, "cols");
   const int64_t M = h.size(0), J = h.size(1);
   if (M == 0) return at::empty({0, N}, h.options());
 
   if (M > fused_max_rows(h.scalar_type())) {
     at::Tensor wg = gather_rows(weight_t, cols);
+    if (scales.has_value()) wg.mul_(scales->unsqueeze(1));  // row j of the scratch times scales[j]
     return bias.has_value() ? at::addmm(*bias, h, wg) : at::mm(h, wg);
   }
 
-  at::Tensor hf = as_float(h);
+  at::Tensor hf = scales.has_value() ? as_float_scaled(h, *scales) : as_float(h);
   std::optional<at::Tensor> bf;
   if (bias.has_value()) bf = as_float(*bias);
   at::Tensor out = at::empty({M, N}, h.options().dtype(at::kFloat));

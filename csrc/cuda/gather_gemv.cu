@@ -10,9 +10,11 @@
 //
 // gather_cols_linear ("cols" kernel): a 256-thread block is 64 column threads x 4 j-groups; each
 // thread owns CPT consecutive output columns (one 8- or 16-byte load per kept row) and the block
-// owns a slice of the kept rows j (blockIdx.y is the J split). Partial sums are reduced over the
-// j-groups in shared memory, then written either straight to the output (one split: + bias, cast)
-// or to a float32 workspace that a second kernel reduces in a fixed order (+ bias, cast).
+// owns a slice of the kept rows j (blockIdx.y is the J split); h's values (times their column's
+// scale, when scales are given) are staged in shared memory as float32. Partial sums are reduced
+// over the j-groups in shared memory, then written either straight to the output (one split:
+// + bias, cast) or to a float32 workspace that a second kernel reduces in a fixed order (+ bias,
+// cast).
 //
 // Index safety: every index is compared with its bound where it is loaded (in_range, once per loaded
 // index, not per element); an index outside [0, bound) is never used as an address (see
@@ -415,14 +417,15 @@ struct ColsVecCpt {
       (int)(16 / sizeof(T)) * MR <= 64 ? (int)(16 / sizeof(T)) : (int)(8 / sizeof(T));
 };
 
-// h: the chunk's first row (mcount rows of J); out: the chunk's first output row; ws: workspace of
-// gridDim.y * mcount * N floats (used only when !final_out).
+// h: the chunk's first row (mcount rows of J); scales: J factors or nullptr; out: the chunk's first
+// output row; ws: workspace of gridDim.y * mcount * N floats (used only when !final_out).
 template <typename T, int MR, int CPT>
 __global__ void __launch_bounds__(kThreads, 2)
     gather_cols_kernel(const T* __restrict__ h, const T* __restrict__ wt,
                        const T* __restrict__ bias, const int64_t* __restrict__ cols,
-                       T* __restrict__ out, float* __restrict__ ws, int mcount, int64_t J,
-                       int64_t N, int64_t k_total, int64_t jps, int final_out) {
+                       const T* __restrict__ scales, T* __restrict__ out, float* __restrict__ ws,
+                       int mcount, int64_t J, int64_t N, int64_t k_total, int64_t jps,
+                       int final_out) {
   __shared__ __align__(16) float hs[kColsTile][MR];
   __shared__ int64_t cs[kColsTile];
   __shared__ float red[MR][kColsTX * CPT];
@@ -450,7 +453,10 @@ __global__ void __launch_bounds__(kThreads, 2)
       const int jj = i / MR;
       const int m = i - jj * MR;
       float v = 0.0f;
-      if (jj < tcount && m < mcount) v = to_f<T>(h[(int64_t)m * J + jt + jj]);
+      if (jj < tcount && m < mcount) {
+        v = to_f<T>(h[(int64_t)m * J + jt + jj]);
+        if (scales != nullptr) v *= to_f<T>(scales[jt + jj]);
+      }
       hs[jj][m] = v;
     }
     // Kept rows, or -1 past the tile's end and for an out-of-range index (never loaded through).
@@ -623,29 +629,31 @@ ColsPlan plan_cols(const void* wt, int64_t mcount, int64_t J, int64_t N, int num
 
 template <typename T, int MR, int CPT>
 void launch_cols_kernel(const ColsPlan& p, const T* h, const T* wt, const T* bias,
-                        const int64_t* cols, T* out, float* ws, int mcount, int64_t J, int64_t N,
-                        int64_t k_total, cudaStream_t stream) {
+                        const int64_t* cols, const T* scales, T* out, float* ws, int mcount,
+                        int64_t J, int64_t N, int64_t k_total, cudaStream_t stream) {
   const dim3 grid((unsigned)p.tiles, (unsigned)p.splits, 1);
   gather_cols_kernel<T, MR, CPT><<<grid, kThreads, 0, stream>>>(
-      h, wt, bias, cols, out, ws, mcount, J, N, k_total, p.jps, p.splits == 1);
+      h, wt, bias, cols, scales, out, ws, mcount, J, N, k_total, p.jps, p.splits == 1);
 }
 
 template <typename T, int MR>
 void launch_cols_mr(const ColsPlan& p, const T* h, const T* wt, const T* bias, const int64_t* cols,
-                    T* out, float* ws, int mcount, int64_t J, int64_t N, int64_t k_total,
-                    cudaStream_t stream) {
+                    const T* scales, T* out, float* ws, int mcount, int64_t J, int64_t N,
+                    int64_t k_total, cudaStream_t stream) {
   constexpr int vcpt = ColsVecCpt<T, MR>::value;
   if (p.cpt == vcpt) {
-    launch_cols_kernel<T, MR, vcpt>(p, h, wt, bias, cols, out, ws, mcount, J, N, k_total, stream);
+    launch_cols_kernel<T, MR, vcpt>(p, h, wt, bias, cols, scales, out, ws, mcount, J, N, k_total,
+                                    stream);
   } else {
-    launch_cols_kernel<T, MR, 1>(p, h, wt, bias, cols, out, ws, mcount, J, N, k_total, stream);
+    launch_cols_kernel<T, MR, 1>(p, h, wt, bias, cols, scales, out, ws, mcount, J, N, k_total,
+                                 stream);
   }
 }
 
 template <typename T>
-cudaError_t launch_cols(const T* h, const T* wt, const T* bias, const int64_t* cols, T* out,
-                        float* ws, int64_t ws_elems, int64_t M, int64_t J, int64_t N,
-                        int64_t k_total, int num_sms, cudaStream_t stream) {
+cudaError_t launch_cols(const T* h, const T* wt, const T* bias, const int64_t* cols,
+                        const T* scales, T* out, float* ws, int64_t ws_elems, int64_t M, int64_t J,
+                        int64_t N, int64_t k_total, int num_sms, cudaStream_t stream) {
   for (int64_t m0 = 0; m0 < M; m0 += kMaxRowsPerChunk) {
     const int mcount = (int)std::min<int64_t>(kMaxRowsPerChunk, M - m0);
     ColsPlan p = plan_cols<T>(wt, mcount, J, N, num_sms);
@@ -659,7 +667,7 @@ cudaError_t launch_cols(const T* h, const T* wt, const T* bias, const int64_t* c
     T* oc = out + m0 * N;
     switch (p.mr) {
 #define DOE_CASE(MR) \
-  launch_cols_mr<T, MR>(p, hc, wt, bias, cols, oc, ws, mcount, J, N, k_total, stream)
+  launch_cols_mr<T, MR>(p, hc, wt, bias, cols, scales, oc, ws, mcount, J, N, k_total, stream)
       case 1: DOE_CASE(1); break;
       case 2: DOE_CASE(2); break;
       case 4: DOE_CASE(4); break;
@@ -766,29 +774,32 @@ int64_t gather_cols_linear_workspace_elems(DType dtype, const void* weight_t, in
 }
 
 cudaError_t launch_gather_cols_linear(DType dtype, const void* h, const void* weight_t,
-                                      const void* bias, const int64_t* cols, void* out,
-                                      float* workspace, int64_t workspace_elems, int64_t M,
-                                      int64_t J, int64_t N, int64_t k_total, int num_sms,
-                                      cudaStream_t stream) {
+                                      const void* bias, const int64_t* cols, const void* scales,
+                                      void* out, float* workspace, int64_t workspace_elems,
+                                      int64_t M, int64_t J, int64_t N, int64_t k_total,
+                                      int num_sms, cudaStream_t stream) {
   if (M <= 0 || N <= 0 || J <= 0) return cudaSuccess;
   switch (dtype) {
     case DType::kFloat32: {
       using T = float;
       return launch_cols<T>(static_cast<const T*>(h), static_cast<const T*>(weight_t),
-                            static_cast<const T*>(bias), cols, static_cast<T*>(out), workspace,
-                            workspace_elems, M, J, N, k_total, num_sms, stream);
+                            static_cast<const T*>(bias), cols, static_cast<const T*>(scales),
+                            static_cast<T*>(out), workspace, workspace_elems, M, J, N, k_total,
+                            num_sms, stream);
     }
     case DType::kFloat16: {
       using T = __half;
       return launch_cols<T>(static_cast<const T*>(h), static_cast<const T*>(weight_t),
-                            static_cast<const T*>(bias), cols, static_cast<T*>(out), workspace,
-                            workspace_elems, M, J, N, k_total, num_sms, stream);
+                            static_cast<const T*>(bias), cols, static_cast<const T*>(scales),
+                            static_cast<T*>(out), workspace, workspace_elems, M, J, N, k_total,
+                            num_sms, stream);
     }
     case DType::kBFloat16: {
       using T = __nv_bfloat16;
       return launch_cols<T>(static_cast<const T*>(h), static_cast<const T*>(weight_t),
-                            static_cast<const T*>(bias), cols, static_cast<T*>(out), workspace,
-                            workspace_elems, M, J, N, k_total, num_sms, stream);
+                            static_cast<const T*>(bias), cols, static_cast<const T*>(scales),
+                            static_cast<T*>(out), workspace, workspace_elems, M, J, N, k_total,
+                            num_sms, stream);
     }
   }
   return cudaErrorInvalidValue;

@@ -43,14 +43,16 @@ cudaError_t launch_gather_swiglu(DType dtype, const void* x, const void* w_gate,
 int64_t gather_cols_linear_workspace_elems(DType dtype, const void* weight_t, int64_t M, int64_t J,
                                            int64_t N, int num_sms);
 
-// out (M, N) = sum_j h (M, J)[m, j] * weight_t[cols[j], n] + bias[n]; weight_t (k_total, N).
-// `workspace` (float32, `workspace_elems` elements, may be nullptr when 0) holds per-split partial
-// sums; the result is deterministic (fixed reduction order).
+// out (M, N) = sum_j h (M, J)[m, j] * scales[j] * weight_t[cols[j], n] + bias[n]; weight_t
+// (k_total, N). `scales` (J elements) may be nullptr: no scaling; the kernel multiplies each h
+// value by its scale in float32 as it stages it. `workspace` (float32, `workspace_elems` elements,
+// may be nullptr when 0) holds per-split partial sums; the result is deterministic (fixed
+// reduction order).
 cudaError_t launch_gather_cols_linear(DType dtype, const void* h, const void* weight_t,
-                                      const void* bias, const int64_t* cols, void* out,
-                                      float* workspace, int64_t workspace_elems, int64_t M,
-                                      int64_t J, int64_t N, int64_t k_total, int num_sms,
-                                      cudaStream_t stream);
+                                      const void* bias, const int64_t* cols, const void* scales,
+                                      void* out, float* workspace, int64_t workspace_elems,
+                                      int64_t M, int64_t J, int64_t N, int64_t k_total,
+                                      int num_sms, cudaStream_t stream);
 
 }  // namespace gemv
 }  // namespace doe_kernels

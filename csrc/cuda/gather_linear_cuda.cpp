@@ -167,7 +167,7 @@ at::Tensor gather_swiglu_cuda(const at::Tensor& x, const at::Tensor& w_gate,
 
 at::Tensor gather_cols_linear_cuda(const at::Tensor& h, const at::Tensor& weight_t,
                                    const std::optional<at::Tensor>& bias, const at::Tensor& cols,
-                                   int64_t stream) {
+                                   const std::optional<at::Tensor>& scales, int64_t stream) {
   const char* op = "gather_cols_linear_cuda";
   check_cuda_tensor(h, h, op, "h");
   TORCH_CHECK(h.dim() == 2, op, ": h must be 2-D (rows, kept features), got ", h.dim(), " dims");
@@ -186,6 +186,13 @@ at::Tensor gather_cols_linear_cuda(const at::Tensor& h, const at::Tensor& weight
     check_same_dtype(*bias, h, op, "bias");
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, op, ": bias must have shape (", N,
                 "), got ", bias->sizes());
+  }
+  const bool has_scales = scales.has_value() && scales->defined();
+  if (has_scales) {
+    check_cuda_tensor(*scales, h, op, "scales");
+    check_same_dtype(*scales, h, op, "scales");
+    TORCH_CHECK(scales->dim() == 1 && scales->size(0) == J, op, ": scales must have shape (", J,
+                "), got ", scales->sizes());
   }
 
   at::Tensor out = at::empty({M, N}, h.options());
@@ -206,8 +213,8 @@ at::Tensor gather_cols_linear_cuda(const at::Tensor& h, const at::Tensor& weight
   }
   const cudaError_t err = gemv::launch_gather_cols_linear(
       dtype, h.data_ptr(), weight_t.data_ptr(), has_bias ? bias->data_ptr() : nullptr,
-      cols.data_ptr<int64_t>(), out.data_ptr(), ws_ptr, ws_elems, M, J, N, weight_t.size(0), sms,
-      as_stream(stream));
+      cols.data_ptr<int64_t>(), has_scales ? scales->data_ptr() : nullptr, out.data_ptr(), ws_ptr,
+      ws_elems, M, J, N, weight_t.size(0), sms, as_stream(stream));
   TORCH_CHECK(err == cudaSuccess, op, ": kernel launch failed: ", cudaGetErrorString(err));
   return out;
 }

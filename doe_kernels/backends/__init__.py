@@ -2,7 +2,11 @@
 
 Every backend is a module with the same interface: `NAME`, `DTYPES`, `available(device_type)`,
 `gather_rows_linear(x, weight, bias, rows, activation)`, `gather_swiglu(x, w_gate, w_up, kept)` and
-`gather_cols_linear(h, weight_t, bias, cols)`, on validated 2-D inputs and non-empty int64 indices.
+`gather_cols_linear(h, weight_t, bias, cols, scales)`, on validated 2-D inputs and non-empty int64
+indices. `scales` is None or a contiguous 1-D tensor of h's dtype with one factor per column of h:
+out[m, n] = sum_j h[m, j] * scales[j] * weight_t[cols[j], n] + bias[n]; with None no backend makes
+an extra pass or buffer (the cpu, torch and triton results are bit for bit those without the
+argument).
 
 Index values are not trusted: the ops skip their check when called with `check_indices=False` (the
 patched modules, which checked their mask once), and an index tensor may change after a check. No

@@ -20,5 +20,5 @@ def gather_swiglu(x, w_gate, w_up, kept):
     return extension().gather_swiglu_cpu(x, w_gate, w_up, kept)
 
 
-def gather_cols_linear(h, weight_t, bias, cols):
-    return extension().gather_cols_linear_cpu(h, weight_t, bias, cols)
+def gather_cols_linear(h, weight_t, bias, cols, scales):
+    return extension().gather_cols_linear_cpu(h, weight_t, bias, cols, scales)

@@ -30,5 +30,5 @@ def gather_swiglu(x, w_gate, w_up, kept):
     return extension().gather_swiglu_cuda(x, w_gate, w_up, kept, _stream(x))
 
 
-def gather_cols_linear(h, weight_t, bias, cols):
-    return extension().gather_cols_linear_cuda(h, weight_t, bias, cols, _stream(h))
+def gather_cols_linear(h, weight_t, bias, cols, scales):
+    return extension().gather_cols_linear_cuda(h, weight_t, bias, cols, scales, _stream(h))

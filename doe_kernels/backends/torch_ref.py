@@ -26,6 +26,8 @@ def gather_swiglu(x, w_gate, w_up, kept):
     return F.silu(gate) * up
 
 
-def gather_cols_linear(h, weight_t, bias, cols):
+def gather_cols_linear(h, weight_t, bias, cols, scales):
+    if scales is not None:
+        h = h * scales
     out = h @ weight_t.index_select(0, cols)
     return out if bias is None else out + bias

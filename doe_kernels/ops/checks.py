@@ -78,3 +78,13 @@ def check_bias(name: str, bias, size: int) -> None:
         return
     check_float_tensor(name, bias, dims=1)
     check_features(name, bias, 0, size, "the matching weight dimension")
+
+
+def check_scales(scales, size: int, what: str, reference_name: str,
+                 reference: torch.Tensor) -> None:
+    """None, or a floating 1-D tensor of `size` entries with the reference's dtype and device."""
+    if scales is None:
+        return
+    check_float_tensor("scales", scales, dims=1)
+    check_same_dtype_device(reference_name, reference, scales=scales)
+    check_features("scales", scales, 0, size, what)

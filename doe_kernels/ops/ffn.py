@@ -2,6 +2,8 @@
 
 The down projection is read input-major ("neuron-major", as Deja Vu stores it): each kept neuron
 is one contiguous row of `w_out_t = input_major(down.weight)`, so a call reads only kept bytes.
+Optional `scales`, one per kept neuron (Kwon et al. 2022's "mask tuning"), multiply the hidden
+activations before the down projection; without them nothing extra runs.
 """
 import torch
 
@@ -13,6 +15,7 @@ from doe_kernels.ops.checks import (
     check_float_tensor,
     check_index,
     check_same_dtype_device,
+    check_scales,
 )
 
 
@@ -32,13 +35,16 @@ def gather_ffn(
     activation: str = "gelu",
     backend: str = "auto",
     check_indices: bool = True,
+    scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`act(x @ w_in[kept].T + b_in[kept]) @ w_out_t[kept] + b_out` (BERT FFN on kept neurons).
+    """`(act(x @ w_in[kept].T + b_in[kept]) * scales) @ w_out_t[kept] + b_out` (BERT FFN on kept
+    neurons).
 
     x: (..., hidden); w_in: (intermediate, hidden), the up projection's nn.Linear weight; b_in:
     (intermediate,) or None; w_out_t: (intermediate, hidden), the down projection's weight
     input-major; b_out: (hidden,) or None; kept: sorted unique neuron indices, possibly empty
     (the result is then b_out, or zeros). activation: "gelu" (exact), "gelu_tanh" or "relu".
+    scales: (len(kept),) with x's dtype and device, a factor per kept neuron, or None (no scaling).
     """
     check_float_tensor("x", x)
     check_float_tensor("w_in", w_in, dims=2)
@@ -49,7 +55,8 @@ def gather_ffn(
     check_bias("b_out", b_out, w_out_t.shape[1])
     check_activation(activation, FFN_ACTIVATIONS)
     kept = check_index("kept", kept, w_in.shape[0], w_in.device, check_indices)
-    return library.gather_ffn(x, w_in, b_in, w_out_t, b_out, kept, activation, backend)
+    check_scales(scales, kept.numel(), "the number of kept neurons", "x", x)
+    return library.gather_ffn(x, w_in, b_in, w_out_t, b_out, kept, activation, backend, scales)
 
 
 def gather_swiglu_ffn(
@@ -60,11 +67,14 @@ def gather_swiglu_ffn(
     kept: torch.Tensor,
     backend: str = "auto",
     check_indices: bool = True,
+    scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`(silu(x @ w_gate[kept].T) * (x @ w_up[kept].T)) @ w_down_t[kept]` (LLaMA MLP on kept neurons).
+    """`(silu(x @ w_gate[kept].T) * (x @ w_up[kept].T) * scales) @ w_down_t[kept]` (LLaMA MLP on
+    kept neurons).
 
     w_gate, w_up: (intermediate, hidden), nn.Linear weights; w_down_t: (intermediate, hidden), the
     down projection's weight input-major; kept: sorted unique neuron indices, possibly empty.
+    scales: (len(kept),) with x's dtype and device, a factor per kept neuron, or None (no scaling).
     """
     check_float_tensor("x", x)
     check_float_tensor("w_gate", w_gate, dims=2)
@@ -75,4 +85,5 @@ def gather_swiglu_ffn(
     check_features("x", x, -1, w_gate.shape[1], "w_gate's hidden size")
     _check_neuron_major("w_down_t", w_down_t, w_gate.shape[0])
     kept = check_index("kept", kept, w_gate.shape[0], w_gate.device, check_indices)
-    return library.gather_swiglu_ffn(x, w_gate, w_up, w_down_t, kept, backend)
+    check_scales(scales, kept.numel(), "the number of kept neurons", "x", x)
+    return library.gather_swiglu_ffn(x, w_gate, w_up, w_down_t, kept, backend, scales)

@@ -2,8 +2,10 @@
 
 Each op takes x with any leading shape, runs on the backend named by its `backend` argument (a
 concrete name or "auto", resolved per call by `doe_kernels.backends.resolve`), and returns a fresh
-tensor. Empty index lists and empty inputs are answered here, so backends never see them. The public
-wrappers in linear.py and ffn.py check the arguments first; call those, not these, from user code.
+tensor. Empty index lists and empty inputs are answered here, so backends never see them. The ops
+with a column-gathered step take `scales` last (None: no scaling, and nothing extra runs), one per
+kept column or neuron, which that step applies to its input. The public wrappers in linear.py and
+ffn.py check the arguments first; call those, not these, from user code.
 """
 import torch
 
@@ -49,18 +51,18 @@ def _(x, weight, bias, rows, activation, backend):
 @torch.library.custom_op(f"{LIB}::gather_cols_linear", mutates_args=(), device_types=DEVICES)
 def gather_cols_linear(
     h: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, cols: torch.Tensor,
-    backend: str,
+    backend: str, scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     if cols.numel() == 0 or h.shape[:-1].numel() == 0:
         return _zeros_plus_bias(h, weight_t.shape[1], bias)
     module, h2d = _run(h, backend)
-    weight_t, bias = _contiguous(weight_t, bias)
-    out = module.gather_cols_linear(h2d, weight_t, bias, cols)
+    weight_t, bias, scales = _contiguous(weight_t, bias, scales)
+    out = module.gather_cols_linear(h2d, weight_t, bias, cols, scales)
     return out.reshape(*h.shape[:-1], weight_t.shape[1])
 
 
 @gather_cols_linear.register_fake
-def _(h, weight_t, bias, cols, backend):
+def _(h, weight_t, bias, cols, backend, scales=None):
     return h.new_empty(*h.shape[:-1], weight_t.shape[1])
 
 
@@ -68,35 +70,36 @@ def _(h, weight_t, bias, cols, backend):
 def gather_ffn(
     x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None, w_out_t: torch.Tensor,
     b_out: torch.Tensor | None, kept: torch.Tensor, activation: str, backend: str,
+    scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     if kept.numel() == 0 or x.shape[:-1].numel() == 0:
         return _zeros_plus_bias(x, w_out_t.shape[1], b_out)
     module, x2d = _run(x, backend)
-    w_in, b_in, w_out_t, b_out = _contiguous(w_in, b_in, w_out_t, b_out)
+    w_in, b_in, w_out_t, b_out, scales = _contiguous(w_in, b_in, w_out_t, b_out, scales)
     hidden = module.gather_rows_linear(x2d, w_in, b_in, kept, activation)
-    out = module.gather_cols_linear(hidden, w_out_t, b_out, kept)
+    out = module.gather_cols_linear(hidden, w_out_t, b_out, kept, scales)
     return out.reshape(*x.shape[:-1], w_out_t.shape[1])
 
 
 @gather_ffn.register_fake
-def _(x, w_in, b_in, w_out_t, b_out, kept, activation, backend):
+def _(x, w_in, b_in, w_out_t, b_out, kept, activation, backend, scales=None):
     return x.new_empty(*x.shape[:-1], w_out_t.shape[1])
 
 
 @torch.library.custom_op(f"{LIB}::gather_swiglu_ffn", mutates_args=(), device_types=DEVICES)
 def gather_swiglu_ffn(
     x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor,
-    kept: torch.Tensor, backend: str,
+    kept: torch.Tensor, backend: str, scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     if kept.numel() == 0 or x.shape[:-1].numel() == 0:
         return _zeros_plus_bias(x, w_down_t.shape[1], None)
     module, x2d = _run(x, backend)
-    w_gate, w_up, w_down_t = _contiguous(w_gate, w_up, w_down_t)
+    w_gate, w_up, w_down_t, scales = _contiguous(w_gate, w_up, w_down_t, scales)
     hidden = module.gather_swiglu(x2d, w_gate, w_up, kept)
-    out = module.gather_cols_linear(hidden, w_down_t, None, kept)
+    out = module.gather_cols_linear(hidden, w_down_t, None, kept, scales)
     return out.reshape(*x.shape[:-1], w_down_t.shape[1])
 
 
 @gather_swiglu_ffn.register_fake
-def _(x, w_gate, w_up, w_down_t, kept, backend):
+def _(x, w_gate, w_up, w_down_t, kept, backend, scales=None):
     return x.new_empty(*x.shape[:-1], w_down_t.shape[1])

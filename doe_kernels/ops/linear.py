@@ -3,6 +3,8 @@
 Weights come in nn.Linear's layout (out_features, in_features) as loaded, except for the
 column-gathered op, which reads the weight input-major: `input_major(linear.weight)` converts once
 (a transpose made contiguous); a patched module keeps only that copy, so it costs no extra memory.
+The column-gathered op takes optional per-column `scales` (one per kept input feature, Kwon et al.
+2022's "mask tuning") that multiply the kept inputs; without them nothing extra runs.
 """
 import torch
 
@@ -14,6 +16,7 @@ from doe_kernels.ops.checks import (
     check_float_tensor,
     check_index,
     check_same_dtype_device,
+    check_scales,
 )
 
 def input_major(weight: torch.Tensor) -> torch.Tensor:
@@ -54,11 +57,14 @@ def gather_cols_linear(
     cols: torch.Tensor,
     backend: str = "auto",
     check_indices: bool = True,
+    scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`x_kept @ W[:, cols].T + bias`, reading the weight input-major: `weight_t = input_major(W)`.
+    """`(x_kept * scales) @ W[:, cols].T + bias`, reading the weight input-major:
+    `weight_t = input_major(W)`.
 
     x_kept: (..., len(cols)), the kept input features; weight_t: (in_features, out_features);
-    bias: (out_features,) or None; cols: 1-D sorted unique indices into in_features.
+    bias: (out_features,) or None; cols: 1-D sorted unique indices into in_features; scales:
+    (len(cols),) with x_kept's dtype and device, a factor per kept column, or None (no scaling).
     Returns (..., out_features).
     """
     check_float_tensor("x_kept", x_kept)
@@ -67,4 +73,5 @@ def gather_cols_linear(
     check_bias("bias", bias, weight_t.shape[1])
     cols = check_index("cols", cols, weight_t.shape[0], weight_t.device, check_indices)
     check_features("x_kept", x_kept, -1, cols.numel(), "the number of kept columns")
-    return library.gather_cols_linear(x_kept, weight_t, bias, cols, backend)
+    check_scales(scales, cols.numel(), "the number of kept columns", "x_kept", x_kept)
+    return library.gather_cols_linear(x_kept, weight_t, bias, cols, backend, scales)

@@ -150,20 +150,21 @@ def gather_swiglu(x, w_gate, w_up, kept):
     return out.to(x.dtype)
 
 
-def gather_cols_linear(h, weight_t, bias, cols):
+def gather_cols_linear(h, weight_t, bias, cols, scales):
     k = _kernels()
     M, J = h.shape
     N = weight_t.shape[1]
     out = torch.empty((M, N), device=h.device, dtype=_out_dtype(k, h.dtype))
-    has_bias = bias is not None
+    has_bias, has_scales = bias is not None, scales is not None
     kernel, meta = _launch(k, "gather_cols_linear", M, N, J)
     with _device_guard(h):
         kernel[_grid(M, N)](
-            h, weight_t, bias if has_bias else h, cols, out,
+            h, weight_t, bias if has_bias else h, cols, scales if has_scales else h, out,
             M, N, J, weight_t.shape[0],
             h.stride(0), weight_t.stride(0), out.stride(0),
             k.m_bucket(M), k.kept_bucket(J),
-            HAS_BIAS=has_bias, F32_DOT=h.dtype == torch.float32 or k.INTERPRET,
+            HAS_BIAS=has_bias, HAS_SCALES=has_scales,
+            F32_DOT=h.dtype == torch.float32 or k.INTERPRET,
             **meta,
         )
     return out.to(h.dtype)

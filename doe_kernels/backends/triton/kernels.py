@@ -5,7 +5,8 @@ index list instead of copying a sliced weight:
 
 * ``gather_rows_linear_kernel``: out[m, n] = act(x[m, :] . weight[rows[n], :] + bias[rows[n]])
 * ``gather_swiglu_kernel``:      out[m, n] = silu(x[m] . w_gate[kept[n]]) * (x[m] . w_up[kept[n]])
-* ``gather_cols_linear_kernel``: out[m, n] = sum_j h[m, j] * weight_t[cols[j], n] + bias[n]
+* ``gather_cols_linear_kernel``: out[m, n] = sum_j h[m, j] * s[j] * weight_t[cols[j], n] + bias[n]
+  (s: the scales with HAS_SCALES, each h tile multiplied by its K step's scales in float32; else 1)
 
 All accumulate in float32 and fuse their epilogue (bias, activation, SwiGLU product) before the single
 store in the output dtype. Only plain pointer arithmetic, ``tl.load``/``tl.store`` and ``tl.dot`` are
@@ -197,11 +198,11 @@ def gather_swiglu_kernel(
 
 @triton.jit
 def gather_cols_linear_kernel(
-    h_ptr, wt_ptr, b_ptr, cols_ptr, out_ptr,
+    h_ptr, wt_ptr, b_ptr, cols_ptr, scales_ptr, out_ptr,
     M, N, J, K_TOTAL,
     stride_hm, stride_wk, stride_om,
     M_BUCKET, KEPT_BUCKET,  # autotune keys only
-    HAS_BIAS: tl.constexpr, F32_DOT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SCALES: tl.constexpr, F32_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -219,6 +220,12 @@ def gather_cols_linear_kernel(
         cols = tl.load(cols_ptr + j0 + offs_j, mask=mask_j, other=0).to(tl.int64)
         mask_w = mask_j & (cols >= 0) & (cols < K_TOTAL)  # out-of-range rows read nothing
         a = tl.load(h_ptrs, mask=mask_m[:, None] & mask_j[None, :], other=0.0)
+        if HAS_SCALES:  # one factor per kept column, applied in float32
+            s = tl.load(scales_ptr + j0 + offs_j, mask=mask_j, other=0.0).to(tl.float32)
+            if F32_DOT:
+                a = a.to(tl.float32) * s[None, :]
+            else:  # the native dot takes the input dtype: round the scaled tile once
+                a = (a.to(tl.float32) * s[None, :]).to(h_ptr.dtype.element_ty)
         w = tl.load(wt_ptr + cols[:, None] * stride_wk + offs_n[None, :],
                     mask=mask_w[:, None] & mask_n[None, :], other=0.0)
         acc = _dot(a, w, acc, F32_DOT)
