@@ -4,7 +4,9 @@ A mask maps layer numbers to 1-D sorted unique index tensors (kept FFN intermedi
 query heads, kept experts of a mixture-of-experts layer); a layer missing from a dict keeps all of
 it. It may also hold per-layer dynamic-skipping thresholds for MoE layers (see doe_kernels.moe).
 It may hold per-layer bias deltas (`ffn_bias`, `attn_bias`: {layer: float32 vector of the hidden
-size}), added to the down and attention output projections' outputs (bias compensation, see
+size}), added to the down and attention output projections' outputs, and per-layer scales of the
+kept units (`ffn_scales`: one per kept neuron, `head_scales`: one per kept head, in the order of
+the kept lists), which multiply each kept unit's contribution to those outputs (reconstruction, see
 doe_kernels.localize.compensate). It records the sizes of the model it was made for, so that
 plugging it into another model is refused. Saved in safetensors.
 """
@@ -22,10 +24,13 @@ from doe_kernels.ops.checks import check_sorted_unique
 _SPEC_KEYS = ("model_type", "num_layers", "intermediate_size", "num_heads", "num_kv_heads",
               "num_experts")
 _SIZE_KEYS = ("num_layers", "intermediate_size", "num_heads")  # what summary() needs
-_KINDS = ("ffn", "heads", "moe", "skip", "ffn_bias", "attn_bias")
+_INDEX_KINDS = ("ffn", "heads", "moe")
 _BIAS_KINDS = ("ffn_bias", "attn_bias")
+_SCALE_KINDS = ("ffn_scales", "head_scales")
+_VECTOR_KINDS = _BIAS_KINDS + _SCALE_KINDS  # float32 vectors per layer
+_KINDS = _INDEX_KINDS + ("skip",) + _VECTOR_KINDS
 # kind.layer, no leading zeros
-_TENSOR_KEY = re.compile(r"(ffn|heads|moe|skip|ffn_bias|attn_bias)\.(0|[1-9][0-9]*)")
+_TENSOR_KEY = re.compile(rf"({'|'.join(_KINDS)})\.(0|[1-9][0-9]*)")
 
 
 class FrozenTable(Mapping):
@@ -66,7 +71,7 @@ def _as_index(kind: str, layer, index) -> torch.Tensor:
     return tensor
 
 
-def _as_threshold(layer, value) -> float:
+def _as_threshold(kind: str, layer, value) -> float:
     tensor = torch.as_tensor(value, dtype=torch.float64)
     if tensor.numel() != 1:
         raise ValueError(f"skip[{layer}] must be one number, got shape {tuple(tensor.shape)}")
@@ -76,7 +81,7 @@ def _as_threshold(layer, value) -> float:
     return value
 
 
-def _as_bias(kind: str, layer, value) -> torch.Tensor:
+def _as_vector(kind: str, layer, value) -> torch.Tensor:
     """A copy of `value` as a 1-D finite float32 CPU tensor; raises naming the table and layer."""
     where = f"{kind}[{layer}]"
     tensor = torch.as_tensor(value)
@@ -87,28 +92,30 @@ def _as_bias(kind: str, layer, value) -> torch.Tensor:
     tensor = tensor.detach().to("cpu", torch.float32).clone()
     if not torch.isfinite(tensor).all():
         raise ValueError(f"{where} holds {int((~torch.isfinite(tensor)).sum())} non-finite "
-                         "value(s) (NaN or inf); a bias delta must be finite")
+                         "value(s) (NaN or inf); bias deltas and scales must be finite")
     return tensor
 
 
 class ExpertMask:
     """Kept FFN neurons, attention query heads and MoE experts per layer (missing layers keep
     everything), optional dynamic-skipping thresholds `skip` ({layer: beta}) for MoE layers, and
-    optional bias deltas `ffn_bias` / `attn_bias` ({layer: hidden-size vector}) that a patched
-    model adds to the layer's down / attention output projection (bias compensation; the FFN
-    delta is not supported on mixture-of-experts models)."""
+    the optional reconstruction a patched model applies to a layer's down / attention output
+    projection: bias deltas `ffn_bias` / `attn_bias` ({layer: hidden-size vector}) added to its
+    output, and scales `ffn_scales` / `head_scales` ({layer: one value per kept neuron / head})
+    multiplying each kept unit's contribution (the FFN ones are not supported on
+    mixture-of-experts models)."""
 
     def __init__(self, ffn=None, heads=None, spec: dict | None = None, moe=None, skip=None, *,
-                 ffn_bias=None, attn_bias=None):
-        self.ffn = FrozenTable({l: _as_index("ffn", l, i) for l, i in _by_layer("ffn", ffn)})
-        self.heads = FrozenTable({l: _as_index("heads", l, i) for l, i in _by_layer("heads", heads)})
-        self.moe = FrozenTable({l: _as_index("moe", l, i) for l, i in _by_layer("moe", moe)})
-        self.skip = FrozenTable({l: _as_threshold(l, b) for l, b in _by_layer("skip", skip)})
-        self.ffn_bias = FrozenTable({l: _as_bias("ffn_bias", l, b)
-                                     for l, b in _by_layer("ffn_bias", ffn_bias)})
-        self.attn_bias = FrozenTable({l: _as_bias("attn_bias", l, b)
-                                      for l, b in _by_layer("attn_bias", attn_bias)})
+                 ffn_bias=None, attn_bias=None, ffn_scales=None, head_scales=None):
+        given = dict(ffn=ffn, heads=heads, moe=moe, skip=skip, ffn_bias=ffn_bias,
+                     attn_bias=attn_bias, ffn_scales=ffn_scales, head_scales=head_scales)
+        for kind in _KINDS:
+            convert = (_as_index if kind in _INDEX_KINDS else _as_vector if kind in _VECTOR_KINDS
+                       else _as_threshold)
+            setattr(self, kind, FrozenTable({l: convert(kind, l, value)
+                                             for l, value in _by_layer(kind, given[kind])}))
         self.spec = _as_spec(spec)
+        self._check_scale_lengths(self.spec)
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -146,20 +153,38 @@ class ExpertMask:
         return cls(_top(ffn_scores, ffn_keep, scope, "ffn_keep"),
                    _top(head_scores, heads_keep, scope, "heads_keep"), spec)
 
+    def replace(self, spec: dict | None = None, **tables) -> "ExpertMask":
+        """This mask with the named tables (ffn, heads, moe, skip, ffn_bias, attn_bias,
+        ffn_scales, head_scales), and the model sizes if `spec` is given, replaced; the others
+        are kept."""
+        unknown = sorted(set(tables) - set(_KINDS))
+        if unknown:
+            raise TypeError(f"unknown mask table(s) {unknown}; the tables are {list(_KINDS)}")
+        merged = {kind: tables.get(kind, getattr(self, kind)) for kind in _KINDS}
+        return ExpertMask(spec=self.spec if spec is None else spec, **merged)
+
     def with_skip(self, skip: dict) -> "ExpertMask":
         """This mask with dynamic-skipping thresholds {layer: beta} (see doe_kernels.moe)."""
-        return ExpertMask(self.ffn, self.heads, self.spec, moe=self.moe, skip=skip,
-                          ffn_bias=self.ffn_bias, attn_bias=self.attn_bias)
+        return self.replace(skip=skip)
 
     def with_bias(self, ffn_bias=None, attn_bias=None) -> "ExpertMask":
         """This mask with the bias deltas {layer: hidden-size vector} (replacing its own)."""
-        return ExpertMask(self.ffn, self.heads, self.spec, moe=self.moe, skip=self.skip,
-                          ffn_bias=ffn_bias, attn_bias=attn_bias)
+        return self.replace(ffn_bias=ffn_bias, attn_bias=attn_bias)
+
+    def with_scales(self, ffn_scales=None, head_scales=None) -> "ExpertMask":
+        """This mask with scales of its kept units {layer: one value per kept neuron / head, in
+        the order of the kept list} (replacing its own)."""
+        return self.replace(ffn_scales=ffn_scales, head_scales=head_scales)
 
     @property
     def bias_compensated(self) -> bool:
         """Whether the mask holds bias deltas."""
         return bool(self.ffn_bias or self.attn_bias)
+
+    @property
+    def scaled(self) -> bool:
+        """Whether the mask holds scales of its kept units."""
+        return bool(self.ffn_scales or self.head_scales)
 
     # ---- inspection ---------------------------------------------------------------------
     def validate(self, model) -> ModelSpec:
@@ -202,14 +227,35 @@ class ExpertMask:
         if self.ffn_bias and spec.num_experts:
             raise ValueError("this mask has FFN bias deltas (ffn_bias), which mixture-of-experts "
                              "models do not support; keep attn_bias only")
-        for kind in _BIAS_KINDS:
-            for layer, delta in getattr(self, kind).items():
+        if self.ffn_scales and spec.num_experts:
+            raise ValueError("this mask has FFN scales (ffn_scales), which mixture-of-experts "
+                             "models do not support; keep head_scales only")
+        for kind in _VECTOR_KINDS:
+            for layer, vector in getattr(self, kind).items():
                 if layer >= spec.num_layers:
                     raise ValueError(f"{kind} names layer {layer}, but the model has "
                                      f"{spec.num_layers} layers")
-                if delta.numel() != spec.hidden_size:
-                    raise ValueError(f"{kind}[{layer}] has {delta.numel()} values, but the model's "
-                                     f"hidden size is {spec.hidden_size}")
+                if kind in _BIAS_KINDS and vector.numel() != spec.hidden_size:
+                    raise ValueError(f"{kind}[{layer}] has {vector.numel()} values, but the "
+                                     f"model's hidden size is {spec.hidden_size}")
+        self._check_scale_lengths(spec.as_dict())
+
+    def _check_scale_lengths(self, sizes: dict | None) -> None:
+        """Each scales entry has one value per kept unit of its layer (a layer missing from the
+        index table keeps all: checked when `sizes` gives the count)."""
+        for kind, index, size_key, unit in (
+                ("ffn_scales", self.ffn, "intermediate_size", "neurons"),
+                ("head_scales", self.heads, "num_heads", "heads")):
+            for layer, vector in getattr(self, kind).items():
+                if layer in index:
+                    expected, what = index[layer].numel(), f"layer {layer} keeps {{}} {unit}"
+                elif sizes is not None and size_key in sizes:
+                    expected, what = sizes[size_key], f"layer {layer} keeps all {{}} {unit}"
+                else:
+                    continue
+                if vector.numel() != expected:
+                    raise ValueError(f"{kind}[{layer}] has {vector.numel()} values, but "
+                                     f"{what.format(expected)} (one scale per kept unit)")
 
     def summary(self, model=None) -> dict:
         """Kept counts and pruning rates (sizes from the model, or from the mask's own record)."""
@@ -234,10 +280,14 @@ class ExpertMask:
         if self.bias_compensated:
             out.update(bias_compensated=True, ffn_bias_layers=len(self.ffn_bias),
                        attn_bias_layers=len(self.attn_bias))
+        if self.scaled:
+            out.update(scaled=True, ffn_scales_layers=len(self.ffn_scales),
+                       head_scales_layers=len(self.head_scales))
         return out
 
     def __repr__(self):
-        bias = ", bias-compensated" if self.bias_compensated else ""
+        bias = ((", bias-compensated" if self.bias_compensated else "")
+                + (", scaled" if self.scaled else ""))
         if self.spec is None or any(key not in self.spec for key in _SIZE_KEYS):
             return (f"ExpertMask(ffn layers={list(self.ffn)}, heads layers={list(self.heads)}"
                     f"{bias})")
@@ -253,10 +303,11 @@ class ExpertMask:
     def tensors(self, prefix: str = "") -> dict:
         """The index lists as named tensors (`{prefix}ffn.{layer}`, `{prefix}heads.{layer}`,
         `{prefix}moe.{layer}`; thresholds as `{prefix}skip.{layer}`, one float64 each; bias
-        deltas as `{prefix}ffn_bias.{layer}`, `{prefix}attn_bias.{layer}`), the form saved in files
+        deltas and scales as `{prefix}ffn_bias.{layer}`, `{prefix}attn_bias.{layer}`,
+        `{prefix}ffn_scales.{layer}`, `{prefix}head_scales.{layer}`), the form saved in files
         (here and inside Expert files)."""
         out = {}
-        for kind in ("ffn", "heads", "moe") + _BIAS_KINDS:
+        for kind in _INDEX_KINDS + _VECTOR_KINDS:
             out.update({f"{prefix}{kind}.{l}": i for l, i in getattr(self, kind).items()})
         out.update({f"{prefix}skip.{l}": torch.tensor([b], dtype=torch.float64)
                     for l, b in self.skip.items()})
@@ -270,12 +321,10 @@ class ExpertMask:
             if key.startswith(prefix):
                 match = _TENSOR_KEY.fullmatch(key[len(prefix):])
                 if match is None:
-                    raise ValueError(f"unknown mask tensor {key!r} (expected {prefix}ffn.N, "
-                                     f"{prefix}heads.N, {prefix}moe.N, {prefix}skip.N, "
-                                     f"{prefix}ffn_bias.N or {prefix}attn_bias.N)")
+                    expected = ", ".join(f"{prefix}{kind}.N" for kind in _KINDS)
+                    raise ValueError(f"unknown mask tensor {key!r} (expected one of {expected})")
                 tables[match[1]][int(match[2])] = tensor
-        return cls(tables["ffn"], tables["heads"], spec, moe=tables["moe"], skip=tables["skip"],
-                   ffn_bias=tables["ffn_bias"], attn_bias=tables["attn_bias"])
+        return cls(spec=spec, **tables)
 
     def save(self, path) -> None:
         save_file(self.tensors(), str(path), metadata={"doe_kernels": "ExpertMask",
@@ -294,10 +343,9 @@ class ExpertMask:
         if not isinstance(other, ExpertMask):
             return NotImplemented
         same = lambda a, b: a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # noqa: E731
-        return (same(self.ffn, other.ffn) and same(self.heads, other.heads)
-                and same(self.moe, other.moe) and dict(self.skip) == dict(other.skip)
-                and same(self.ffn_bias, other.ffn_bias) and same(self.attn_bias, other.attn_bias)
-                and self.spec == other.spec)
+        return (all(same(getattr(self, kind), getattr(other, kind))
+                    for kind in _INDEX_KINDS + _VECTOR_KINDS)
+                and dict(self.skip) == dict(other.skip) and self.spec == other.spec)
 
     __hash__ = object.__hash__
 

@@ -82,7 +82,9 @@ def _model_device(layers) -> tuple[torch.device, torch.dtype]:
 
 def _plans(mask: ExpertMask, spec: ModelSpec, device: torch.device, dynamic_skip: bool):
     """Per layer: (kept neurons on `device`, or None when all are kept; HeadSelection; MoePlan or
-    None for a dense layer; FFN and attention bias deltas on `device` in float32, or None).
+    None for a dense layer; then the expert's reconstruction on `device` in float32, each None
+    when absent: FFN and attention bias deltas, scales of the kept neurons, and scales of the kept
+    heads' columns (a head's scale repeated over its head_dim columns)).
 
     Validated and built once per mask, model size, device and skipping choice, then reused by
     every swap.
@@ -114,9 +116,12 @@ def _plans(mask: ExpertMask, spec: ModelSpec, device: torch.device, dynamic_skip
                     experts = None
                 moe = MoePlan(None if experts is None else experts.to(device),
                               mask.skip[layer] if dynamic_skip else None)
-            deltas = tuple(table[layer].to(device) if layer in table else None
-                           for table in (mask.ffn_bias, mask.attn_bias))
-            plans.append((None if kept is None else kept.to(device), selection, moe, *deltas))
+            vectors = [table[layer].to(device) if layer in table else None
+                       for table in (mask.ffn_bias, mask.attn_bias, mask.ffn_scales,
+                                     mask.head_scales)]
+            if vectors[3] is not None:
+                vectors[3] = vectors[3].repeat_interleave(spec.head_dim)
+            plans.append((None if kept is None else kept.to(device), selection, moe, *vectors))
         prepared[key] = plans
     return prepared[key]
 
@@ -192,11 +197,11 @@ def _set_backend(state: PatchState, backend: str) -> None:
 
 
 def _set_plans(state: PatchState, plans, mask: ExpertMask, dynamic_skip: bool) -> None:
-    """Point every layer at its plan; bias deltas are cast to the model's dtype here (a module
-    buffer then follows `.to(...)`/`.half()` of the model)."""
-    cast = lambda delta: None if delta is None else delta.to(state.dtype)  # noqa: E731
-    for layer_patch, (kept, selection, moe, ffn_delta, attn_delta) in zip(state.layers, plans):
-        layer_patch.set(kept, selection, moe, cast(ffn_delta), cast(attn_delta))
+    """Point every layer at its plan; bias deltas and scales are cast to the model's dtype here
+    (a module buffer then follows `.to(...)`/`.half()` of the model)."""
+    cast = lambda vector: None if vector is None else vector.to(state.dtype)  # noqa: E731
+    for layer_patch, (kept, selection, moe, *vectors) in zip(state.layers, plans):
+        layer_patch.set(kept, selection, moe, *map(cast, vectors))
     state.mask, state.dynamic_skip = mask, dynamic_skip
 
 

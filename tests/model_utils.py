@@ -84,8 +84,9 @@ def add_bias(linear, delta):
 
 
 def masked_dense(model, mask):
-    """A copy of the dense model with the pruned neurons' and heads' weights zeroed, and the
-    mask's bias deltas added to the down and attention output projections' biases."""
+    """A copy of the dense model with the pruned neurons' and heads' weights zeroed, the kept
+    units' columns of the down and attention output projections multiplied by the mask's scales,
+    and its bias deltas added to those projections' biases."""
     dense = copy.deepcopy(model)
     _, layers, spec = dk.models.describe(dense)
     with torch.no_grad():
@@ -105,6 +106,14 @@ def masked_dense(model, mask):
                 down, o_proj = layer.mlp.down_proj, layer.self_attn.o_proj
             down.weight[:, pruned] = 0
             o_proj.weight[:, head_cols] = 0
+            if index in mask.ffn_scales:
+                kept = mask.ffn.get(index, torch.arange(spec.intermediate_size))
+                down.weight[:, kept] *= mask.ffn_scales[index].to(down.weight.dtype)
+            if index in mask.head_scales:
+                kept = mask.heads.get(index, torch.arange(spec.num_heads))
+                cols = (kept[:, None] * spec.head_dim + torch.arange(spec.head_dim)).reshape(-1)
+                scales = mask.head_scales[index].repeat_interleave(spec.head_dim)
+                o_proj.weight[:, cols] *= scales.to(o_proj.weight.dtype)
             if index in mask.ffn_bias:
                 add_bias(down, mask.ffn_bias[index])
             if index in mask.attn_bias:

@@ -106,8 +106,10 @@ class LayerPatch:
         self.head_modules: list[nn.Module] = []  # modules with set_selection(HeadSelection)
         self.head_cols: list[nn.Module] = []  # modules whose `kept` is the kept heads' columns
         self.moe_modules: list[nn.Module] = []  # modules with set_routing(MoePlan)
-        self.ffn_out: list[nn.Module] = []  # modules whose output gets the FFN bias delta
-        self.attn_out: list[nn.Module] = []  # modules whose output gets the attention bias delta
+        # modules that take the expert's reconstruction (bias_delta, scales) of the FFN's down
+        # projection, and of the attention output projection
+        self.ffn_out: list[nn.Module] = []
+        self.attn_out: list[nn.Module] = []
 
     def replace(self, path: str, module: nn.Module) -> None:
         """Put `module` at `path`; its state_dict shows the original module's weights."""
@@ -129,12 +131,16 @@ class LayerPatch:
         return module
 
     def set(self, ffn_kept: torch.Tensor | None, heads: HeadSelection, moe=None,
-            ffn_delta: torch.Tensor | None = None, attn_delta: torch.Tensor | None = None) -> None:
+            ffn_delta: torch.Tensor | None = None, attn_delta: torch.Tensor | None = None,
+            ffn_scales: torch.Tensor | None = None, head_col_scales: torch.Tensor | None = None,
+            ) -> None:
         """Point the patched modules at an expert's indices (None: every neuron kept), in a
         mixture-of-experts layer at its routing plan (kept experts, skip threshold), and at its
-        bias deltas (None: none), on the model's device and in its dtype."""
-        if ffn_delta is not None and not self.ffn_out:
-            raise ValueError("this layer takes no FFN bias delta (mixture-of-experts block)")
+        bias deltas and scales (None: none; scales one per kept neuron, and one per column of
+        the kept heads), on the model's device and in its dtype."""
+        if (ffn_delta is not None or ffn_scales is not None) and not self.ffn_out:
+            raise ValueError("this layer takes no FFN bias delta or scales (mixture-of-experts "
+                             "block)")
         for module in self.moe_modules:
             module.set_routing(moe)
         for module in self.ffn_modules:
@@ -144,9 +150,9 @@ class LayerPatch:
         for module in self.head_cols:
             module.kept = None if heads.is_full else heads.q_rows
         for module in self.ffn_out:
-            module.bias_delta = ffn_delta
+            module.bias_delta, module.scales = ffn_delta, ffn_scales
         for module in self.attn_out:
-            module.bias_delta = attn_delta
+            module.bias_delta, module.scales = attn_delta, head_col_scales
 
     def restore(self) -> None:
         """Put the original modules back and the converted weights in their original layout."""

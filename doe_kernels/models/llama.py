@@ -71,6 +71,7 @@ class PrunedLlamaAttention(PrunedAttention):
         self.register_buffer("o_weight_t", o_weight_t, persistent=False)
         self.o_bias = original.o_proj.bias
         self.register_buffer("bias_delta", None, persistent=False)  # the expert's, after o_proj
+        self.register_buffer("scales", None, persistent=False)  # the expert's, of o_proj's inputs
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None,
                 past_key_values=None, cache=None, **kwargs):
@@ -91,7 +92,8 @@ class PrunedLlamaAttention(PrunedAttention):
         is_causal = attention_mask is None and q.shape[2] > 1
         out = attend(q, k, v, selection, attention_mask, is_causal=is_causal, scale=self.scaling,
                      dropout=self.dropout_p())
-        out = project_out(out, self.o_weight_t, self.o_bias, selection, self.backend)
+        out = project_out(out, self.o_weight_t, self.o_bias, selection, self.backend,
+                          scales=self.scales)
         return add_bias_delta(out, self.bias_delta), None
 
     def placeholder_kv(self, hidden_states):

@@ -3,10 +3,11 @@
 They hold the model's own weight Parameters (no copies), except the down projections, which they
 hold input-major as non-persistent buffers (converted once at patch time; the original layout is
 restored at unpatch). Index tensors are non-persistent buffers too, so `model.to(...)` moves them.
-An expert swap only replaces their `kept` index tensors (and `bias_delta`, the expert's bias
-compensation added to the output of a down or attention output projection, a non-persistent buffer
-in the model's dtype: None costs nothing). `kept = None` means every neuron is kept: the module
-then runs the plain dense computation.
+An expert swap only replaces their `kept` index tensors and the expert's reconstruction of a down
+or attention output projection: `bias_delta`, added to its output, and `scales`, one per kept
+input (aligned with `kept`), multiplying each kept input's contribution; both non-persistent
+buffers in the model's dtype, None costing nothing. `kept = None` means every neuron is kept: the
+module then runs the plain dense computation (with `scales` then one per input).
 """
 import torch
 import torch.nn.functional as F
@@ -31,8 +32,14 @@ def add_bias_delta(out: torch.Tensor, delta: torch.Tensor | None) -> torch.Tenso
     return out if delta is None else out + delta
 
 
-def _delta_repr(delta) -> str:
-    return "" if delta is None else ", bias-compensated"
+def scale_inputs(x: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
+    """`x * scales` (the dense path's kept-unit scales), or `x` itself when there are none."""
+    return x if scales is None else x * scales
+
+
+def _reconstruction_repr(module) -> str:
+    return ((", bias-compensated" if module.bias_delta is not None else "")
+            + (", scaled" if module.scales is not None else ""))
 
 
 class KeptRowsLinear(nn.Module):
@@ -64,19 +71,21 @@ class KeptColsLinear(nn.Module):
         self.bias, self.backend = bias, backend
         self.register_buffer("kept", None, persistent=False)
         self.register_buffer("bias_delta", None, persistent=False)
+        self.register_buffer("scales", None, persistent=False)
 
     def forward(self, x_kept):
         if self.kept is None:
-            out = torch.matmul(x_kept, self.weight_t)
+            out = torch.matmul(scale_inputs(x_kept, self.scales), self.weight_t)
             out = out if self.bias is None else out + self.bias
         else:
             out = gather_cols_linear(x_kept, self.weight_t, self.bias, self.kept,
-                                     backend=self.backend, check_indices=False)
+                                     backend=self.backend, check_indices=False,
+                                     scales=self.scales)
         return add_bias_delta(out, self.bias_delta)
 
     def extra_repr(self):
         return (f"in={_kept_repr(self.kept, self.weight_t.shape[0])}, out={self.weight_t.shape[1]}, "
-                f"backend={self.backend}{_delta_repr(self.bias_delta)}")
+                f"backend={self.backend}{_reconstruction_repr(self)}")
 
 
 class GatherSwiGLUMLP(nn.Module):
@@ -88,20 +97,22 @@ class GatherSwiGLUMLP(nn.Module):
         self.register_buffer("w_down_t", w_down_t, persistent=False)
         self.register_buffer("kept", None, persistent=False)
         self.register_buffer("bias_delta", None, persistent=False)
+        self.register_buffer("scales", None, persistent=False)
 
     def forward(self, x):
         if self.kept is None:
-            out = torch.matmul(F.silu(F.linear(x, self.w_gate)) * F.linear(x, self.w_up),
-                               self.w_down_t)
+            hidden = F.silu(F.linear(x, self.w_gate)) * F.linear(x, self.w_up)
+            out = torch.matmul(scale_inputs(hidden, self.scales), self.w_down_t)
         else:
             out = gather_swiglu_ffn(x, self.w_gate, self.w_up, self.w_down_t, self.kept,
-                                    backend=self.backend, check_indices=False)
+                                    backend=self.backend, check_indices=False,
+                                    scales=self.scales)
         return add_bias_delta(out, self.bias_delta)
 
     def extra_repr(self):
         return (f"hidden={self.w_gate.shape[1]}, "
                 f"neurons={_kept_repr(self.kept, self.w_gate.shape[0])}, backend={self.backend}"
-                f"{_delta_repr(self.bias_delta)}")
+                f"{_reconstruction_repr(self)}")
 
 
 class PrunedAttention(nn.Module):

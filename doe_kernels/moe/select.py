@@ -46,9 +46,7 @@ def select_experts(model, calibration, keep, inputs: str = "original", mask: Exp
     bar = tqdm(total=len(layers), desc="selecting experts", disable=not progress)
     group = 1
     while layers:
-        current = ExpertMask(base.ffn, base.heads, spec.as_dict(),
-                             moe=chosen if inputs == "pruned" else base.moe,
-                             attn_bias=base.attn_bias)
+        current = base.replace(moe=chosen if inputs == "pruned" else base.moe)
         todo, layers = layers[:group], layers[group:]
         with plugged(model, current):
             patched = moe_blocks(model)
@@ -62,8 +60,7 @@ def select_experts(model, calibration, keep, inputs: str = "original", mask: Exp
             group = max(1, memory_budget // max(1, captured[0].numel() * captured[0].element_size()))
         del captured
     bar.close()
-    return ExpertMask(base.ffn, base.heads, spec.as_dict(), moe=chosen, skip=base.skip,
-                      attn_bias=base.attn_bias)
+    return base.replace(spec.as_dict(), moe=chosen)
 
 
 def _counts(keep, spec) -> dict:

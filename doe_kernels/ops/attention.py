@@ -150,13 +150,15 @@ def attend(q, k, v, selection: HeadSelection, attention_mask=None, is_causal=Fal
     return out.transpose(1, 2).reshape(batch, seq, -1)
 
 
-def project_out(attn_out, o_weight_t, o_bias, selection: HeadSelection, backend: str = "auto"):
-    """The output projection reading only the kept heads' columns (o_weight_t input-major)."""
+def project_out(attn_out, o_weight_t, o_bias, selection: HeadSelection, backend: str = "auto",
+                scales: torch.Tensor | None = None):
+    """The output projection reading only the kept heads' columns (o_weight_t input-major);
+    `scales` (None, or one per column of attn_out) multiply the columns' contributions."""
     if selection.is_full:
-        out = torch.matmul(attn_out, o_weight_t)
+        out = torch.matmul(attn_out if scales is None else attn_out * scales, o_weight_t)
         return out if o_bias is None else out + o_bias
     return gather_cols_linear(attn_out, o_weight_t, o_bias, selection.q_rows, backend=backend,
-                              check_indices=False)
+                              check_indices=False, scales=scales)
 
 
 def pruned_head_attention(
