@@ -371,6 +371,14 @@ class Expert:
     def logits(self, model, input_ids, attention_mask, prompt: torch.Tensor | None = None):
         """(batch, num_labels) label logits with the soft prompt prepended; no `no_grad` here
         (attribution differentiates through it). `prompt` overrides the expert's own."""
+        out = model(**self.model_inputs(model, input_ids, attention_mask, prompt))
+        return label_logits(out.logits, self.task_type, self.label_token_ids).float()
+
+    def model_inputs(self, model, input_ids, attention_mask,
+                     prompt: torch.Tensor | None = None) -> dict:
+        """The keyword arguments of `model(...)` for encoded texts with the soft prompt prepended:
+        inputs_embeds, attention_mask (ones over the prompt), and for a causal LM
+        logits_to_keep=1 (only the last position is scored). `prompt` overrides the expert's."""
         embeddings = model.get_input_embeddings()
         device, dtype = embeddings.weight.device, embeddings.weight.dtype
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
@@ -379,10 +387,18 @@ class Expert:
         prompts = prompt.to(device, dtype).unsqueeze(0).expand(batch, -1, -1)
         inputs_embeds = torch.cat((prompts, embeddings(input_ids)), dim=1)
         ones = attention_mask.new_ones(batch, prompt.shape[0])
-        attention_mask = torch.cat((ones, attention_mask), dim=1)
         kwargs = {"logits_to_keep": 1} if self.task_type == CAUSAL_LM else {}
-        out = model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
-        return label_logits(out.logits, self.task_type, self.label_token_ids).float()
+        return dict(inputs_embeds=inputs_embeds,
+                    attention_mask=torch.cat((ones, attention_mask), dim=1), **kwargs)
+
+    def calibration_batches(self, model, tokenizer, texts, batch_size: int = 32):
+        """Model keyword dicts (`model_inputs`, under no_grad) of `texts` in batches: what
+        `doe_kernels.localize.compensate.reconstruction` fits an expert's mask on."""
+        texts = list(texts)
+        for start in range(0, len(texts), batch_size):
+            ids, attention = self.encode(tokenizer, texts[start:start + batch_size])
+            with torch.no_grad():
+                yield self.model_inputs(model, ids, attention)
 
     def encode(self, tokenizer, texts):
         if self.task_type == CAUSAL_LM:

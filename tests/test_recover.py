@@ -8,6 +8,7 @@ from doe_kernels.expert import Expert, label_token_ids, model_sizes
 from doe_kernels.localize.recover import masked, retune
 from expert_utils import seq_cls_expert, sentiment_task, tiny_bert, tiny_llama
 from model_utils import snapshot, state_dict_equal
+from test_scales import with_scales
 
 
 def _llama_expert(model, tokenizer, seed=0):
@@ -25,9 +26,16 @@ def _experts(tokenizer):
     return [(bert, seq_cls_expert(bert, rate=0.6)), (llama, _llama_expert(llama, tokenizer))]
 
 
+@pytest.mark.parametrize("reconstructed", [False, True], ids=["plain", "scales+bias"])
 @pytest.mark.parametrize("family", [0, 1], ids=["bert", "llama"])
-def test_masked_network_equals_the_patched_one(tokenizer, family, one_thread):
+def test_masked_network_equals_the_patched_one(tokenizer, family, reconstructed, one_thread):
     model, expert = _experts(tokenizer)[family]
+    if reconstructed:  # the mask's scales and bias deltas are emulated too
+        gen = torch.Generator().manual_seed(0)
+        hidden = model.config.hidden_size
+        expert.mask = with_scales(model, expert.mask).with_bias(
+            ffn_bias={0: 0.3 * torch.randn(hidden, generator=gen)},
+            attn_bias={1: 0.3 * torch.randn(hidden, generator=gen)})
     texts = sentiment_task(12).texts
     ids, attention = expert.encode(tokenizer, texts)
     with torch.no_grad():
@@ -39,8 +47,7 @@ def test_masked_network_equals_the_patched_one(tokenizer, family, one_thread):
             dense = expert.logits(model, ids, attention)
     torch.testing.assert_close(emulated, served, atol=1e-5, rtol=1e-4)
     assert not torch.allclose(dense, served, atol=1e-3)  # the mask does change the answer
-    assert not model._forward_pre_hooks and all(not m._forward_pre_hooks
-                                                for m in model.modules())
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
 
 
 @pytest.mark.parametrize("family", [0, 1], ids=["bert", "llama"])
@@ -69,6 +76,30 @@ def test_retune_lowers_the_pruned_loss_and_touches_nothing_else(tokenizer, famil
     assert state_dict_equal(before, snapshot(model)) and not dk.is_patched(model)
     assert all(not p.requires_grad or p.grad is None for p in model.parameters())
     assert all(not m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("family", [0, 1], ids=["bert", "llama"])
+def test_distilling_moves_the_pruned_expert_towards_its_teacher(tokenizer, family, one_thread):
+    model, expert = _experts(tokenizer)[family]
+    data = sentiment_task(48)
+    # a teacher that prefers the second label (the tiny random models barely tell texts apart)
+    teacher = torch.tensor([0.0, 2.0]) + 0.3 * torch.randn(len(data), 2,
+                                                           generator=torch.Generator().manual_seed(0))
+    target = torch.softmax(teacher, -1)
+
+    def divergence(x):  # KL(teacher || x) on the pruned network
+        logits = x.predict_logits(model, tokenizer, data.texts, backend="torch")
+        return float(torch.nn.functional.kl_div(torch.log_softmax(logits, -1), target,
+                                                reduction="batchmean"))
+
+    retuned, losses = retune(model, tokenizer, expert, data, epochs=4, batch_size=8,
+                             progress=False, teacher=teacher)
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    assert divergence(retuned) < divergence(expert)
+    by_labels, _ = retune(model, tokenizer, expert, data, epochs=4, batch_size=8, progress=False)
+    assert not torch.equal(by_labels.prompt, retuned.prompt)  # another objective
+    with pytest.raises(ValueError, match="targets has 3 rows for 48 examples"):
+        retune(model, tokenizer, expert, data, progress=False, teacher=teacher[:3])
 
 
 def test_retune_a_dense_expert_trains_on_the_whole_network(tokenizer, one_thread):

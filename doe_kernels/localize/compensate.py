@@ -1,91 +1,222 @@
-"""Bias compensation (FLAP, An et al. 2023): give back, as a bias, what the pruned units added on
-average.
+"""Reconstruction of pruned layers without changing the shared weights: bias compensation (FLAP,
+An et al. 2023) and least-squares scales of the kept units (Kwon et al. 2022's mask tuning).
 
-A pruned FFN neuron (or attention head) no longer adds its column of the down projection (or its
-columns of the attention output projection) times its activation to the layer's output. Over task
-data that contribution has a mean; adding that mean back as a constant bias keeps the layer's
-output right on average, which is what FLAP found keeps pruned models usable without retraining.
+A pruned FFN neuron j no longer adds its contribution h_j * W_down[:, j] to the layer's output
+(h: the input of the down projection); an attention head k no longer adds a_k @ W_o[:, cols_k].T
+(a: the input of the attention output projection, cols_k: the head's head_dim columns). Over task
+data, on the *unpruned* model, `reconstruction` fits per pruned layer
 
-For layer l, with h the input of the down projection (the FFN neurons' activations) and a the
-input of the attention output projection (the heads' outputs, concatenated), averaged over the
-real tokens (attention_mask) of the calibration batches on the *unpruned* model:
+    scales s (one per kept unit) and a bias delta b minimising
+        E || sum_{kept i} s_i c_i + b  -  sum_{all j} c_j ||^2       (c: unit contributions)
 
-    ffn_bias[l]  = W_down[:, pruned neurons] @ mean(h)[pruned neurons]
-    attn_bias[l] = W_o[:, pruned heads' columns] @ mean(a)[pruned heads' columns]
+over the real tokens (attention_mask) of the calibration batches: with the centred Gram matrix
+G[i, j] = E[(c_i - mean c_i) . (c_j - mean c_j)], s solves (G[K, K] + r I) s = G[K, :] 1 + r 1
+(a ridge r pulling s towards 1, relative to G's mean diagonal), and b = sum_j mean c_j -
+sum_i s_i mean c_i. With s fixed to 1 (`scales=False`), b is FLAP's bias: the pruned units' mean
+contribution. The FFN Gram needs no per-token contributions: G = Cov(h)[K, :] * (W_K^T W).
 
-The deltas belong to the expert (`ExpertMask.ffn_bias` / `attn_bias`, saved with it); the shared
-weights are never changed: a patched model adds them to the down and attention output projections'
-outputs, and unpatching restores the model bitwise. On the calibration data, the patched layer's
-mean output then equals the unpruned layer's for the first pruned layer (whose inputs are the
-unpruned model's); deeper layers see inputs already changed by pruning, so compensation there is
-an approximation, as in FLAP.
+The result belongs to the expert (`ExpertMask.ffn_bias`/`attn_bias`/`ffn_scales`/`head_scales`,
+saved with it); the shared weights are never changed: a patched model applies it in the down and
+attention output projections, and unpatching restores the model bitwise. Each layer is fitted on
+the unpruned model's inputs to it, so the first pruned layer is reconstructed as well as least
+squares allows; deeper layers see inputs already changed by pruning, an approximation, as in FLAP
+and Kwon et al.
 
-Mixture-of-experts models: only the attention deltas are computed (an FFN delta is not supported
-on a MoE block). Layers that prune nothing get no delta (the same as a delta of zeros).
+Mixture-of-experts models: attention only (FFN deltas and scales are not supported on a MoE
+block). Layers that prune nothing get neither (the same as a delta of zeros and scales of ones).
 """
 import torch
 from torch import nn
 
 from doe_kernels.localize.attribution import projection_points
-from doe_kernels.localize.recover import keep_vector
 from doe_kernels.mask import ExpertMask
 from doe_kernels.patching import is_patched
 
 
-def _pruned(table, layer: int, size: int, repeat: int = 1) -> torch.Tensor:
-    """The input columns (`repeat` per unit) of the units the table prunes in `layer`."""
-    if layer not in table:
-        return torch.empty(0, dtype=torch.long)
-    return torch.nonzero(~keep_vector(table[layer], size, repeat)).reshape(-1)
+class _FfnStats:
+    """Running sums over tokens of one layer's FFN activations h (the down projection's input):
+    the count, sum h and h^T h in float64, and the down projection's weight (a copy: a patched
+    model empties it)."""
+
+    def __init__(self, down: nn.Module, size: int, device):
+        self.weight = down.weight.detach().clone()
+        self.count = 0
+        self.total = torch.zeros(size, dtype=torch.float64, device=device)
+        self.second = torch.zeros(size, size, dtype=torch.float64, device=device)
+
+    def add(self, rows: torch.Tensor) -> None:
+        h = rows.to(torch.float64)
+        self.count += h.shape[0]
+        self.total += h.sum(0)
+        self.second += h.T @ h
+
+    def moments(self, kept: torch.Tensor, centred: bool):
+        """(G[kept, :] of the neurons' contributions, their mean contributions (hidden, units))."""
+        w = self.weight.to(torch.float64)
+        kept = kept.to(w.device)
+        mean = self.total / self.count
+        second = self.second[kept] / self.count
+        if centred:
+            second = second - mean[kept, None] * mean[None, :]
+        return second * (w[:, kept].T @ w), w * mean
 
 
-@torch.no_grad()
+class _HeadStats:
+    """Running sums over tokens of each head's contribution c_k = a_k @ W_o[:, cols_k].T to one
+    layer's attention output: the count, sum c_k (heads, hidden) and the Gram matrix c_k . c_l,
+    in float64."""
+
+    def __init__(self, o_proj: nn.Module, num_heads: int, device):
+        hidden = o_proj.weight.shape[0]
+        self.weight = o_proj.weight.detach().to(device, torch.float64).reshape(
+            hidden, num_heads, -1)
+        self.count = 0
+        self.total = torch.zeros(num_heads, hidden, dtype=torch.float64, device=device)
+        self.gram = torch.zeros(num_heads, num_heads, dtype=torch.float64, device=device)
+
+    def add(self, rows: torch.Tensor) -> None:
+        heads, head_dim = self.weight.shape[1:]
+        a = rows.to(torch.float64).reshape(-1, heads, head_dim)
+        contributions = torch.einsum("thd,ohd->tho", a, self.weight)
+        self.count += a.shape[0]
+        self.total += contributions.sum(0)
+        self.gram += torch.einsum("tho,tko->hk", contributions, contributions)
+
+    def moments(self, kept: torch.Tensor, centred: bool):
+        mean = self.total / self.count
+        second = self.gram / self.count
+        if centred:
+            second = second - mean @ mean.T
+        return second[kept.to(second.device)], mean.T
+
+
+def _scales(gram_rows: torch.Tensor, kept: torch.Tensor, ridge: float) -> torch.Tensor:
+    """s solving (G[K, K] + r I) s = G[K, :] 1 + r 1, r = ridge x mean diagonal of G[K, K]."""
+    gram = gram_rows[:, kept]
+    r = ridge * gram.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)
+    eye = torch.eye(kept.numel(), dtype=gram.dtype, device=gram.device)
+    return torch.linalg.solve(gram + r * eye, gram_rows.sum(1) + r)
+
+
+def _fit_layer(stats, kept: torch.Tensor, scales: bool, bias: bool, ridge: float):
+    """(the kept units' scales or None, the bias delta or None) of one projection."""
+    gram_rows, mean = stats.moments(kept, centred=bias)
+    kept = kept.to(mean.device)
+    s = (_scales(gram_rows, kept, ridge) if scales and kept.numel()
+         else torch.ones(kept.numel(), dtype=torch.float64, device=mean.device))
+    delta = mean.sum(1) - mean[:, kept] @ s if bias else None
+    return (s.float().cpu() if scales else None), (None if delta is None else delta.float().cpu())
+
+
+class Calibration:
+    """What reconstruction needs of task data, for any mask: per layer, the moments of the unpruned
+    model's FFN activations and heads' contributions (see the module docstring), collected once
+    by `collect`; `fit(mask)` then solves for that mask's scales and bias deltas without running
+    the model (a pruning-rate search fits many masks on one calibration)."""
+
+    def __init__(self, spec, ffn: list, heads: list):
+        self.spec = spec
+        self.ffn = ffn  # per layer: _FfnStats, or None (mixture-of-experts block)
+        self.heads = heads  # per layer: _HeadStats
+
+    @classmethod
+    @torch.no_grad()
+    def collect(cls, model: nn.Module, batches) -> "Calibration":
+        """The moments over the real tokens (attention_mask) of `batches`.
+
+        model: an unpatched supported model (BERT family, LLaMA family, Mixtral: attention only).
+        batches: an iterable of keyword dicts for `model(**batch)` (input_ids or inputs_embeds,
+        e.g. `Expert.calibration_batches`, which prepends a prompt-tuned expert's soft prompt, and
+        attention_mask, (batch, seq), whose zeros mark padding left out); tensors are moved to the
+        model's device. The model runs in eval mode under no_grad, with forward pre-hooks on the
+        projections, and is left exactly as it was (hooks removed, train/eval modes restored).
+        Memory: an intermediate_size^2 float64 matrix per layer.
+        """
+        _check_unpatched(model)
+        points, spec = projection_points(model)
+        device = next(model.parameters()).device
+        ffn = [None if down is None else _FfnStats(down, spec.intermediate_size, device)
+               for down, _ in points]
+        heads = [_HeadStats(o_proj, spec.num_heads, device) for _, o_proj in points]
+        targets = [(down, stats) for (down, _), stats in zip(points, ffn) if stats is not None]
+        targets += [(o_proj, stats) for (_, o_proj), stats in zip(points, heads)]
+        _collect(model, targets, batches)
+        return cls(spec, ffn, heads)
+
+    def fit(self, mask: ExpertMask, *, scales: bool = True, bias: bool = True,
+            ridge: float = 1e-3) -> ExpertMask:
+        """`mask` with the scales and bias deltas that reconstruct its pruned layers' outputs
+        (replacing any it held). scales / bias: fit the kept units' scales / the bias deltas
+        (`scales=False` is FLAP's bias compensation). ridge: how strongly the scales are pulled
+        towards 1, relative to the Gram matrix's mean diagonal (> 0 keeps the solve well-posed
+        when units are collinear)."""
+        _check_fit(mask, scales, bias, ridge)
+        mask.check_spec(self.spec)
+        fitted = {kind: {} for kind in ("ffn_scales", "head_scales", "ffn_bias", "attn_bias")}
+        for layer in range(self.spec.num_layers):
+            for stats, table, size, names in (
+                    (self.ffn[layer], mask.ffn, self.spec.intermediate_size,
+                     ("ffn_scales", "ffn_bias")),
+                    (self.heads[layer], mask.heads, self.spec.num_heads,
+                     ("head_scales", "attn_bias"))):
+                if stats is None or not _prunes(table, layer, size):
+                    continue
+                layer_scales, delta = _fit_layer(stats, table[layer], scales, bias, ridge)
+                if layer_scales is not None:
+                    fitted[names[0]][layer] = layer_scales
+                if delta is not None:
+                    fitted[names[1]][layer] = delta
+        return mask.replace(**fitted)
+
+
+def reconstruction(model: nn.Module, mask: ExpertMask, batches, *, scales: bool = True,
+                   bias: bool = True, ridge: float = 1e-3) -> ExpertMask:
+    """`mask` with the scales and bias deltas that reconstruct its pruned layers' outputs
+    (replacing any it held), fitted on `batches`: `Calibration.collect(model, batches).fit(mask,
+    ...)` (see both for the arguments)."""
+    _check_fit(mask, scales, bias, ridge)
+    _check_unpatched(model)
+    mask.check_spec(projection_points(model)[1])
+    return Calibration.collect(model, batches).fit(mask, scales=scales, bias=bias, ridge=ridge)
+
+
 def bias_compensation(model: nn.Module, mask: ExpertMask, batches) -> ExpertMask:
-    """`mask` with the bias deltas that compensate its pruned neurons and heads (replacing any it
-    held), fitted on `batches`.
+    """`mask` with FLAP's bias deltas (the pruned units' mean contribution, no scales), fitted on
+    `batches`: `reconstruction(model, mask, batches, scales=False)`."""
+    return reconstruction(model, mask, batches, scales=False)
 
-    model: an unpatched supported model (BERT family, LLaMA family, Mixtral: attention only).
-    batches: an iterable of keyword dicts for `model(**batch)` (input_ids or inputs_embeds, e.g. a
-    prompt-tuned expert's soft prompt already prepended, and attention_mask, (batch, seq), whose
-    zeros mark padding left out of the means); tensors are moved to the model's device.
-    The model runs in eval mode under no_grad, with forward pre-hooks on the projections, and is
-    left exactly as it was (hooks removed, train/eval modes restored).
-    """
+
+# the batch key of an optional (batch, seq) mask of the tokens fitted on (default: the
+# attention_mask's), popped before the model is called
+TOKEN_MASK = "fit_mask"
+
+
+def _check_fit(mask, scales: bool, bias: bool, ridge: float) -> None:
     if not isinstance(mask, ExpertMask):
         raise TypeError(f"mask must be a doe_kernels.ExpertMask, got {type(mask).__name__}")
+    if not (scales or bias):
+        raise ValueError("nothing to fit: scales and bias are both False")
+    if not ridge >= 0:
+        raise ValueError(f"ridge must be >= 0, got {ridge}")
+
+
+def _check_unpatched(model) -> None:
     if is_patched(model):
-        raise ValueError("bias_compensation runs on the unpruned model: doe_kernels.unpatch(model) "
-                         "first (or fit outside `plugged(...)`)")
-    points, spec = projection_points(model)
-    mask.check_spec(spec)
-    targets = []  # (table, layer, projection, its pruned input columns)
-    for index, (down, o_proj) in enumerate(points):
-        neurons = _pruned(mask.ffn, index, spec.intermediate_size)
-        if down is not None and neurons.numel():
-            targets.append(("ffn_bias", index, down, neurons))
-        head_cols = _pruned(mask.heads, index, spec.num_heads, spec.head_dim)
-        if head_cols.numel():
-            targets.append(("attn_bias", index, o_proj, head_cols))
-    deltas = {"ffn_bias": {}, "attn_bias": {}}
-    if targets:
-        means = _input_means(model, [(module, cols) for _, _, module, cols in targets], batches)
-        for (table, index, module, cols), mean in zip(targets, means):
-            weight = module.weight.detach().to(torch.float64)
-            deltas[table][index] = (weight[:, cols.to(weight.device)] @ mean).float().cpu()
-    return mask.with_bias(ffn_bias=deltas["ffn_bias"], attn_bias=deltas["attn_bias"])
+        raise ValueError("reconstruction is fitted on the unpruned model: "
+                         "doe_kernels.unpatch(model) first (or fit outside `plugged(...)`)")
 
 
-def _input_means(model: nn.Module, targets, batches) -> list[torch.Tensor]:
-    """Per (module, columns): the mean over real tokens of those columns of the module's input,
-    float64 on the model's device."""
+def _prunes(table, layer: int, size: int) -> bool:
+    return layer in table and table[layer].numel() < size
+
+
+def _collect(model: nn.Module, targets, batches) -> None:
+    """Feed each (module, statistics) pair's `add` with the module's input rows of the real
+    tokens of every batch."""
     device = next(model.parameters()).device
-    sums = [torch.zeros(cols.numel(), dtype=torch.float64, device=device) for _, cols in targets]
-    counts = [0] * len(targets)
     keep = [None]  # the current batch's real tokens, flattened
 
-    def hook_for(i, cols):
-        cols = cols.to(device)
-
+    def hook_for(stats):
         def hook(module, args):
             x = args[0]
             rows = x.reshape(-1, x.shape[-1])
@@ -95,13 +226,11 @@ def _input_means(model: nn.Module, targets, batches) -> list[torch.Tensor]:
                                      f"but the projection sees {rows.shape[0]}; pass a (batch, "
                                      "seq) attention_mask matching the model's input")
                 rows = rows[keep[0]]
-            sums[i] += rows[:, cols].to(torch.float64).sum(0)
-            counts[i] += rows.shape[0]
+            stats.add(rows)
         return hook
 
     modes = [(module, module.training) for module in model.modules()]
-    handles = [module.register_forward_pre_hook(hook_for(i, cols))
-               for i, (module, cols) in enumerate(targets)]
+    handles = [module.register_forward_pre_hook(hook_for(stats)) for module, stats in targets]
     try:
         model.eval()
         for batch in batches:
@@ -110,7 +239,7 @@ def _input_means(model: nn.Module, targets, batches) -> list[torch.Tensor]:
                                 f"{type(batch).__name__}")
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v
                      for k, v in batch.items()}
-            attention = batch.get("attention_mask")
+            attention = batch.pop(TOKEN_MASK, batch.get("attention_mask"))
             keep[0] = None if attention is None else attention.reshape(-1).bool()
             model(**batch)
     finally:
@@ -118,6 +247,5 @@ def _input_means(model: nn.Module, targets, batches) -> list[torch.Tensor]:
             handle.remove()
         for module, training in modes:
             module.training = training
-    if min(counts) == 0:
+    if not targets or min(stats.count for _, stats in targets) == 0:
         raise ValueError("the calibration batches hold no real token (empty, or all padding)")
-    return [total / count for total, count in zip(sums, counts)]

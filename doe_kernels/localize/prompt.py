@@ -67,16 +67,21 @@ def peft_label_logits(peft_model, input_ids, attention_mask, task_type: str, tok
 
 def fit(peft_model, tokenizer, data, task_type: str, token_ids=None, template=None,
         epochs: int = 5, lr: float = 3e-2, head_lr: float = 1e-2, batch_size: int = 16,
-        max_length: int = 128, seed: int = 0, progress: bool = True) -> list[float]:
-    """Train the prompt (and head) with cross-entropy over the label logits; returns the mean
-    loss of each epoch."""
+        max_length: int = 128, seed: int = 0, progress: bool = True,
+        targets: torch.Tensor | None = None) -> list[float]:
+    """Train the prompt (and head) with cross-entropy over the label logits, against the gold
+    labels, or against `targets` ((len(data), num_labels) probabilities, e.g. a teacher's: then
+    the loss is the KL divergence from them, up to their constant entropy); returns the mean loss
+    of each epoch."""
+    if targets is not None and tuple(targets.shape[:1]) != (len(data),):
+        raise ValueError(f"targets has {targets.shape[0]} rows for {len(data)} examples")
+    gold_all = torch.tensor(data.label_ids) if targets is None else targets.float()
     prompt_params, head_params = trainable(peft_model)
     groups = [{"params": prompt_params, "lr": lr}]
     if head_params:
         groups.append({"params": head_params, "lr": head_lr})
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
     device = peft_model.get_input_embeddings().weight.device
-    gold_all = torch.tensor(data.label_ids)
     order = list(range(len(data)))
     rng = random.Random(seed)
     peft_model.eval()

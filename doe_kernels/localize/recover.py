@@ -17,36 +17,47 @@ from doe_kernels.localize.prompt import extract, fit, unwrap, wrap
 from doe_kernels.mask import ExpertMask
 
 
-def keep_vector(kept, size: int, repeat: int = 1) -> torch.Tensor:
-    """A bool vector over `size` units (each repeated `repeat` times): True where kept."""
-    keep = torch.zeros(size, dtype=torch.bool)
-    keep[torch.as_tensor(kept, dtype=torch.long)] = True
-    return keep.repeat_interleave(repeat)
+def input_factors(kept, size: int, scales=None, repeat: int = 1) -> torch.Tensor:
+    """Per input column of a projection: 0 for a pruned unit's, the unit's scale (1 when `scales`
+    is None) for a kept unit's; each unit spans `repeat` columns."""
+    factors = torch.zeros(size, dtype=torch.float32)
+    kept = torch.as_tensor(kept, dtype=torch.long)
+    factors[kept] = 1.0 if scales is None else scales.float()
+    return factors.repeat_interleave(repeat)
 
 
 @contextlib.contextmanager
 def masked(model, mask):
     """While the body runs, the unpatched `model` computes as if `mask` were plugged: pruned FFN
-    neurons and attention heads contribute zero (multiplied by 0 in the graph, so gradients flow
-    to everything else)."""
+    neurons and attention heads contribute zero and kept ones their scale times their activation
+    (multiplied in the graph, so gradients flow to everything else), and the mask's bias deltas
+    are added to the down and attention output projections' outputs."""
     points, spec = hook_points(model)
     mask.validate(model)
     handles = []
 
-    def zero(keep):
+    def scale(factors):
         def hook(module, args):
             x = args[0]
-            return (x * keep.to(x.device, x.dtype),) + tuple(args[1:])
+            return (x * factors.to(x.device, x.dtype),) + tuple(args[1:])
         return hook
+
+    def shift(delta):
+        return lambda module, args, out: out + delta.to(out.device, out.dtype)
 
     try:
         for layer, (ffn_module, head_module) in enumerate(points):
-            if layer in mask.ffn:
-                keep = keep_vector(mask.ffn[layer], spec.intermediate_size)
-                handles.append(ffn_module.register_forward_pre_hook(zero(keep)))
-            if layer in mask.heads:
-                keep = keep_vector(mask.heads[layer], spec.num_heads, spec.head_dim)
-                handles.append(head_module.register_forward_pre_hook(zero(keep)))
+            for module, index, scales, bias, size, repeat in (
+                    (ffn_module, mask.ffn, mask.ffn_scales, mask.ffn_bias,
+                     spec.intermediate_size, 1),
+                    (head_module, mask.heads, mask.head_scales, mask.attn_bias,
+                     spec.num_heads, spec.head_dim)):
+                if layer in index or layer in scales:
+                    kept = index[layer] if layer in index else torch.arange(size)
+                    factors = input_factors(kept, size, scales.get(layer), repeat)
+                    handles.append(module.register_forward_pre_hook(scale(factors)))
+                if layer in bias:
+                    handles.append(module.register_forward_hook(shift(bias[layer])))
         yield model
     finally:
         for handle in handles:
@@ -66,11 +77,14 @@ def _check_finite(prompt, head, lr: float) -> None:
 
 def retune(model, tokenizer, expert: Expert, data, epochs: int = 1, lr: float = 3e-2,
            head_lr: float = 1e-2, batch_size: int = 16, seed: int = 0,
-           progress: bool = True) -> tuple[Expert, list]:
+           progress: bool = True, teacher: torch.Tensor | None = None) -> tuple[Expert, list]:
     """(a new Expert with the same mask and a prompt and head trained for `epochs` more on
     `data` through the pruned network, the mean training loss of each epoch). Starts from the
     expert's own prompt and head; `model` (unpatched) is left as it was. A dense expert (mask
-    None) is trained on the whole network: the baseline given the same extra training."""
+    None) is trained on the whole network: the baseline given the same extra training.
+    `teacher`: (len(data), num_labels) label logits to distil (KL divergence from their softmax,
+    e.g. the unpruned prompt-tuned expert's, `Expert.predict_logits`) instead of the labels."""
+    targets = None if teacher is None else torch.softmax(teacher.float(), dim=-1)
     torch.manual_seed(seed)
     mask = ExpertMask() if expert.mask is None else expert.mask
     with expert.plugged(model, prune=False), masked(model, mask):
@@ -81,7 +95,7 @@ def retune(model, tokenizer, expert: Expert, data, epochs: int = 1, lr: float = 
                 weight.copy_(expert.prompt.to(weight.device, weight.dtype))
             losses = fit(peft_model, tokenizer, data, expert.task_type, expert.label_token_ids,
                          expert.template, epochs, lr, head_lr, batch_size, expert.max_length,
-                         seed, progress)
+                         seed, progress, targets)
             prompt, head = extract(peft_model)
         finally:
             unwrap(peft_model)
