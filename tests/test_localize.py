@@ -330,6 +330,23 @@ def test_localize_end_to_end_minilm(tokenizer, tmp_path, one_thread):
             figures["accuracy_after"]
     assert state_dict_equal(before, snapshot(model))
     assert all(not m._forward_pre_hooks for m in model.modules())
+    # With reconstruction: each candidate's scales and bias deltas fitted on 64 training examples
+    # (with the prompt-tuned expert's prompt), then its prompt and head distilled from the
+    # unpruned expert's logits, before it is measured; they are served with it.
+    rebuilt = localize(model, tokenizer, splits["train"], splits["validation"], attribution=few,
+                       recovery=RecoveryConfig(reconstruct="scales", calibration_examples=64,
+                                               epochs=1, num_examples=48, objective="distill"),
+                       start_from=expert, progress=False)
+    figures = rebuilt.figures
+    assert figures["reconstruct"] == "scales" and figures["calibration_examples"] == 64
+    assert figures["recover_objective"] == "distill" and figures["recover_epochs"] == 1
+    assert figures["pruning_rate"] > 0 and rebuilt.mask.scaled and rebuilt.mask.bias_compensated
+    assert not torch.equal(rebuilt.prompt, expert.prompt)
+    with rebuilt.plugged(model):
+        assert rebuilt.evaluate(model, tokenizer, splits["validation"]) == \
+            figures["accuracy_after"]
+    assert state_dict_equal(before, snapshot(model))
+    assert all(not (m._forward_pre_hooks or m._forward_hooks) for m in model.modules())
     # A baseline no better than the most frequent label (a zeroed head answers label 0 always)
     # is reported, and the search still runs.
     weak = Expert.load(tmp_path / "sentiment.safetensors")

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from doe_kernels.expert import (CAUSAL_LM, DEFAULT_TEMPLATE, Expert, check_template,
                                 detect_task_type, label_token_ids, model_sizes)
 from doe_kernels.localize.attribution import attribute
+from doe_kernels.localize.compensate import Calibration, reconstruction
 from doe_kernels.localize.config import (AttributionConfig, PromptConfig, RecoveryConfig,
                                          SearchConfig, configs_from_flat)
 from doe_kernels.localize.prompt import PromptResult, train_prompt
@@ -27,7 +28,7 @@ from doe_kernels.patching import is_patched
 
 __all__ = ["localize", "PromptConfig", "AttributionConfig", "SearchConfig", "RecoveryConfig",
            "attribute", "train_prompt", "search_rate", "mask_at_rate", "retune", "masked",
-           "weak_baseline", "paired_change", "TrainingDiverged"]
+           "weak_baseline", "paired_change", "TrainingDiverged", "Calibration", "reconstruction"]
 
 
 def localize(model, tokenizer, train, validation=None, *, label_words=None, template=None,
@@ -89,7 +90,7 @@ def localize(model, tokenizer, train, validation=None, *, label_words=None, temp
     try:
         tuned, trained_with = _tune_prompt(run, train, prompt, start_from)
         tuned_expert = task.expert(None, tuned.prompt, tuned.head)
-        recover = _Recovery.of(train, prompt, recovery, seed)
+        recover = _Recovery.of(run, tuned_expert, train, prompt, recovery)
         base = _baseline(run, tuned_expert, train.name, validation, recover, search.tolerance)
         ffn_scores, head_scores = attribute(
             model, tokenizer, tuned_expert, train, attribution.method, attribution.ig_steps,
@@ -180,23 +181,53 @@ def _tune_prompt(run: _Run, train, prompt: PromptConfig, start_from: Expert | No
 
 @dataclass(frozen=True)
 class _Recovery:
-    """Step 4 as this call runs it: `retune(expert)` re-tunes a prompt and head on `data` (off
-    when `epochs` is 0)."""
+    """Step 4 as this call runs it: a candidate's scales and bias deltas fitted on `calibration`
+    (off when it is None), then `retune(expert)`: its prompt and head re-tuned on `data` (off
+    when `epochs` is 0), on the labels or, with `teacher`, distilling the teacher's logits."""
     epochs: int
     lr: float  # RecoveryConfig.lr, by default the prompt's
     head_lr: float  # the prompt tuning's
     data: object  # RecoveryConfig.num_examples training examples, drawn with the seed
+    teacher: object  # distillation: the prompt-tuned expert's label logits on `data`, or None
+    reconstruct: str  # RecoveryConfig.reconstruct
+    calibration: Calibration | None  # collected with the prompt-tuned expert's prompt
+    calibration_examples: int
 
     @classmethod
-    def of(cls, train, prompt: PromptConfig, recovery: RecoveryConfig, seed: int) -> "_Recovery":
-        data = (train.sample(recovery.num_examples, seed=seed)
+    def of(cls, run: "_Run", tuned_expert: Expert, train, prompt: PromptConfig,
+           recovery: RecoveryConfig) -> "_Recovery":
+        data = (train.sample(recovery.num_examples, seed=run.seed)
                 if len(train) > recovery.num_examples else train)
+        teacher = None
+        if recovery.epochs and recovery.objective == "distill":
+            teacher = tuned_expert.predict_logits(run.model, run.tokenizer, data.texts,
+                                                  batch_size=2 * run.batch_size)
+        calibration, examples = None, 0
+        if recovery.reconstruct != "none":
+            texts = (train.sample(recovery.calibration_examples, seed=run.seed)
+                     if len(train) > recovery.calibration_examples else train).texts
+            batches = tuned_expert.calibration_batches(run.model, run.tokenizer, texts,
+                                                       2 * run.batch_size)
+            if run.progress:
+                batches = tqdm(batches, total=-(-len(texts) // (2 * run.batch_size)),
+                               desc="calibration", leave=False)
+            calibration = Calibration.collect(run.model, batches)
+            examples = len(texts)
         return cls(recovery.epochs, prompt.lr if recovery.lr is None else recovery.lr,
-                   prompt.head_lr, data)
+                   prompt.head_lr, data, teacher, recovery.reconstruct, calibration, examples)
+
+    def __call__(self, run: "_Run", expert: Expert) -> Expert:
+        """The candidate reconstructed, then re-tuned, as configured."""
+        if self.calibration is not None:
+            expert = run.task.expert(self.calibration.fit(expert.mask,
+                                                          scales=self.reconstruct == "scales"),
+                                     expert.prompt, expert.head)
+        return self.retune(run, expert) if self.epochs else expert
 
     def retune(self, run: "_Run", expert: Expert) -> Expert:
         retuned, _ = retune(run.model, run.tokenizer, expert, self.data, self.epochs, self.lr,
-                            self.head_lr, run.batch_size, run.seed, progress=False)
+                            self.head_lr, run.batch_size, run.seed, progress=False,
+                            teacher=self.teacher)
         return retuned
 
 
@@ -264,14 +295,12 @@ def _search(run: _Run, candidate: _Candidates, tuned_expert: Expert, base: _Base
     evaluated, change_se = {}, {}
 
     def accuracy(rate):
-        expert = candidate(rate, tuned_expert)
-        if recover.epochs:
-            try:
-                expert = recover.retune(run, expert)
-            except TrainingDiverged:  # this rate fails; the search goes on
-                change_se[rate] = 0.0
-                bar.update(1)
-                return 0.0
+        try:
+            expert = recover(run, candidate(rate, tuned_expert))
+        except TrainingDiverged:  # this rate fails; the search goes on
+            change_se[rate] = 0.0
+            bar.update(1)
+            return 0.0
         evaluated[rate] = expert
         with expert.plugged(model, backend=backend):
             correct = expert.correct(model, tokenizer, validation, batch_size=2 * run.batch_size)
@@ -306,7 +335,11 @@ def _figures(expert: Expert, result, change_se: dict, base: _Baseline, recover: 
         confidence=search.confidence, scope=search.scope, method=attribution.method,
         prune_heads=search.prune_heads, recover_epochs=recover.epochs,
         recover_lr=recover.lr if recover.epochs else None,
-        recover_examples=len(recover.data) if recover.epochs else 0, num_train=num_train,
+        recover_examples=len(recover.data) if recover.epochs else 0,
+        recover_objective=("distill" if recover.teacher is not None else "labels")
+        if recover.epochs else None,
+        reconstruct=recover.reconstruct, calibration_examples=recover.calibration_examples,
+        num_train=num_train,
         num_validation=num_validation, prompt_losses=prompt_losses, **trained_with,
         search=[[rate, value, ok, change_se[rate]] for rate, value, ok in result.history],
         seconds=round(seconds, 1))

@@ -14,14 +14,15 @@ from dataclasses import dataclass
 
 
 def option(default, flag, help, *, flat=None, choices=None, positive=False, aliases=(),
-           metavar=None):
+           metavar=None, legacy=True):
     """A config field: `flag` (with `aliases`) on the command line, `help` there and in the docs,
     `flat` the name of the flat `localize` keyword (and of the parsed argument) it replaces
-    (default: the field's name), `positive` asks for a number > 0 (`check_fields` checks every
-    value when a config is built, from the API and the command line alike)."""
+    (default: the field's name; `legacy=False`: a newer option that never was a flat keyword),
+    `positive` asks for a number > 0 (`check_fields` checks every value when a config is built,
+    from the API and the command line alike)."""
     return dataclasses.field(default=default, metadata=dict(
         flag=flag, aliases=tuple(aliases), help=help, flat=flat, choices=choices,
-        positive=positive, metavar=metavar))
+        positive=positive, metavar=metavar, legacy=legacy))
 
 
 def check_fields(config) -> None:
@@ -115,8 +116,10 @@ class SearchConfig:
 
 @dataclass(frozen=True)
 class RecoveryConfig:
-    """Step 4 (off by default: the paper has none), recovery: each candidate's prompt and head
-    re-tuned on its pruned network before it is measured, the baseline as long unpruned."""
+    """Step 4 (off by default: the paper has none), recovery: each candidate's pruned layers
+    reconstructed (scales and bias deltas fitted on task data, `reconstruct`) and its prompt and
+    head re-tuned on its pruned network (`epochs`) before it is measured, the baseline as long
+    unpruned."""
     epochs: int = option(
         0, "--recover-epochs", "epochs of re-tuning each candidate (0: no recovery)",
         flat="recover_epochs")
@@ -126,6 +129,18 @@ class RecoveryConfig:
     num_examples: int = option(
         1024, "--recover-examples", "training examples re-tuned on, drawn at random",
         flat="recover_examples", positive=True)
+    objective: str = option(
+        "labels", "--recover-objective", "what re-tuning trains on: 'labels' (cross-entropy on "
+        "the gold labels) or 'distill' (KL divergence from the unpruned prompt-tuned model's "
+        "label distribution)", choices=("labels", "distill"), legacy=False)
+    reconstruct: str = option(
+        "none", "--reconstruct", "fit each candidate's reconstruction on the unpruned model "
+        "before any re-tuning: 'none', 'bias' (FLAP's bias compensation) or 'scales' (least-"
+        "squares scales of the kept units and bias deltas)", choices=("none", "bias", "scales"),
+        legacy=False)
+    calibration_examples: int = option(
+        256, "--calibration-examples", "training examples the reconstruction is fitted on, "
+        "drawn at random", positive=True, legacy=False)
 
     def __post_init__(self):
         check_fields(self)
@@ -143,7 +158,7 @@ def flat_name(field: dataclasses.Field) -> str:
 
 # flat keyword -> (localize's config keyword, field name)
 FLAT_NAMES = {flat_name(f): (key, f.name) for key, cls in CONFIGS.items()
-              for f in dataclasses.fields(cls)}
+              for f in dataclasses.fields(cls) if f.metadata["legacy"]}
 
 
 def configs_from_flat(configs: dict, flat: dict, stacklevel: int = 3) -> dict:
