@@ -59,7 +59,7 @@ def classifier_expert(model, virtual=3):
                   sizes=model_sizes(model))
 
 
-@pytest.mark.parametrize("method", ["grad", "ig"])
+@pytest.mark.parametrize("method", ["grad", "ig", "fisher"])
 def test_attribution_ranks_the_routed_units_first(tokenizer, method, one_thread):
     model = routed_bert()
     before = snapshot(model)
@@ -113,6 +113,42 @@ def test_integrated_gradients_completeness(tokenizer, family, one_thread):
             zeroed = _gold_logit(model, expert, ids, attention, gold, zero=module)
             assert float(scores[layer].sum()) * tokens == pytest.approx(full - zeroed, abs=2e-3,
                                                                          rel=2e-2)
+
+
+def test_fisher_scores_are_squared_mask_gradients_of_the_loss(tokenizer, one_thread):
+    """Two examples: a unit's score is the sum over examples of the squared derivative of the
+    example's cross-entropy loss with respect to a mask multiplying the unit (Kwon et al.)."""
+    model = tiny_bert()
+    expert = classifier_expert(model)
+    data = TaskData(TEXTS[:2], LABELS[:2], ["negative", "positive"])
+    ffn, heads = attribute(model, tokenizer, expert, data, method="fisher", batch_size=2,
+                           progress=False)
+    points, spec = hook_points(model)
+    expected = torch.zeros_like(ffn), torch.zeros_like(heads)
+    for index, text in enumerate(data.texts):
+        ids, attention = expert.encode(tokenizer, [text])
+        masks = [torch.ones(spec.intermediate_size, requires_grad=True) for _ in range(2)]
+        head_masks = [torch.ones(spec.num_heads, requires_grad=True) for _ in range(2)]
+        handles = []
+        for layer in range(2):
+            handles.append(points[layer][0].register_forward_pre_hook(
+                lambda m, a, v=masks[layer]: (a[0] * v,)))
+            handles.append(points[layer][1].register_forward_pre_hook(
+                lambda m, a, v=head_masks[layer]: (a[0] * v.repeat_interleave(spec.head_dim),)))
+        try:
+            with expert.plugged(model, prune=False):
+                logits = expert.logits(model, ids, attention)
+            loss = torch.nn.functional.cross_entropy(logits, torch.tensor([data.label_ids[index]]))
+            grads = torch.autograd.grad(loss, masks + head_masks)
+        finally:
+            for handle in handles:
+                handle.remove()
+        for layer in range(2):
+            expected[0][layer] += grads[layer].double() ** 2
+            expected[1][layer] += grads[2 + layer].double() ** 2
+    # attribute returns the mean over examples
+    torch.testing.assert_close(ffn, expected[0] / 2, rtol=1e-3, atol=1e-12)
+    torch.testing.assert_close(heads, expected[1] / 2, rtol=1e-3, atol=1e-12)
 
 
 def test_attribution_llama_shapes_and_model_untouched(tokenizer, one_thread):

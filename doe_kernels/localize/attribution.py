@@ -8,7 +8,11 @@ FFN neuron activations are the input of the down projection (BERT: `output.dense
 projection (BERT: `attention.output.dense`, LLaMA: `self_attn.o_proj`), a head's score being the
 sum over its head_dim slice. `method="ig"` uses integrated gradients instead (activation x the
 gradient averaged along the straight path from zero to the activation, one layer's units scaled at
-a time, `steps` midpoints). Runs on the unpatched model with the expert's soft prompt (and head).
+a time, `steps` midpoints). `method="fisher"` scores a unit by the empirical Fisher information of
+a mask variable multiplying it (Kwon et al. 2022): the square of the gradient of each example's
+cross-entropy loss with respect to that mask (activation x gradient of the loss, summed over the
+example's tokens), summed over examples. Runs on the unpatched model with the expert's soft prompt
+(and head).
 """
 import contextlib
 
@@ -17,6 +21,9 @@ from tqdm.auto import tqdm
 
 from doe_kernels.models import UnsupportedModelError, describe
 from doe_kernels.patching import is_patched
+
+
+METHODS = ("grad", "ig", "fisher")
 
 
 def projection_points(model):
@@ -68,10 +75,13 @@ def _token_mean(values: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
     return (values * weights).sum(1) / weights.sum(1).clamp_min(1)
 
 
-def _unit_scores(activation, grad, token_mask, num_heads=None, absolute=True):
+def _unit_scores(activation, grad, token_mask, num_heads=None, absolute=True, fisher=False):
     product = (activation.detach() * grad).double()
     if num_heads is not None:  # heads: sum over each head's head_dim slice
         product = product.reshape(*product.shape[:2], num_heads, -1).sum(-1)
+    if fisher:  # the squared gradient of the example's loss w.r.t. a mask multiplying the unit
+        weights = token_mask.to(product.dtype)[..., None]
+        return ((product * weights).sum(1) ** 2).sum(0)
     per_example = _token_mean(product, token_mask)
     return (per_example.abs() if absolute else per_example).sum(0)  # summed over the batch
 
@@ -88,8 +98,8 @@ def attribute(model, tokenizer, expert, data, method: str = "grad", steps: int =
     push strongly *against* the gold label last, and pruning those first wrecks the model
     (measured in docs/localize.md).
     """
-    if method not in ("grad", "ig"):
-        raise ValueError(f"method must be 'grad' or 'ig', got {method!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if method == "ig" and steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if len(data) == 0:
@@ -122,17 +132,23 @@ def attribute(model, tokenizer, expert, data, method: str = "grad", steps: int =
                 def run(modules, scale=1.0):
                     with _capture(modules, scale) as captured:
                         logits = expert.logits(model, ids, attention, prompt=prompt)
-                    picked = logits.gather(1, gold.to(logits.device)[:, None]).sum()
+                    target = gold.to(logits.device)
+                    if method == "fisher":  # each example's loss (examples do not interact)
+                        picked = torch.nn.functional.cross_entropy(logits, target, reduction="sum")
+                    else:
+                        picked = logits.gather(1, target[:, None]).sum()
                     grads = torch.autograd.grad(picked, captured)
                     return captured, grads
 
-                if method == "grad":
+                if method != "ig":
                     captured, grads = run(ffn_mods + head_mods)
                     mask = token_mask.to(grads[0].device)
+                    fisher = method == "fisher"
                     for l in range(layers):
-                        ffn[l] += _unit_scores(captured[l], grads[l], mask, None, absolute).cpu()
+                        ffn[l] += _unit_scores(captured[l], grads[l], mask, None, absolute,
+                                               fisher).cpu()
                         heads[l] += _unit_scores(captured[layers + l], grads[layers + l], mask,
-                                                 spec.num_heads, absolute).cpu()
+                                                 spec.num_heads, absolute, fisher).cpu()
                     bar.update(1)
                     continue
                 for table, modules, num_heads in ((ffn, ffn_mods, None),

@@ -70,8 +70,9 @@ class AttributionConfig:
     """Step 2, attribution: activation x gradient of the gold label's logit per FFN neuron and
     attention head, averaged over tokens and over training examples."""
     method: str = option(
-        "grad", "--method", "'grad' (activation x gradient) or 'ig' (integrated gradients)",
-        choices=("grad", "ig"))
+        "grad", "--method", "'grad' (activation x gradient of the gold logit), 'ig' (integrated "
+        "gradients) or 'fisher' (squared gradient of each example's loss w.r.t. a unit's mask)",
+        choices=("grad", "ig", "fisher"))
     ig_steps: int = option(
         5, "--ig-steps", "integrated gradients' steps (2 x layers x steps times the passes)",
         positive=True)
