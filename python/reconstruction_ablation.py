@@ -1,31 +1,33 @@
-"""Does FLAP bias compensation keep accuracy at higher pruning rates? (issue 20, first measurement)
+"""Does reconstruction keep accuracy at higher pruning rates? (issue 20: an ablation at fixed rates)
 
 For one model (all-MiniLM-L6-v2, a BERT classifier) and one task (sentence polarity by default),
 it prompt-tunes once with localize's default PromptConfig on the training examples, scores every
-FFN neuron and attention head once with localize's default attribution, and then, for each pruning
-rate (default 0.35, 0.5, 0.65, 0.8; scope "global", heads pruned too, as `mask_at_rate` builds
-localize's candidates), measures the test accuracy of
+FFN neuron and attention head once per attribution method (--methods: localize's default "grad"
+and Kwon et al.'s "fisher", each with localize's other attribution defaults), collects the calibration
+moments once (`doe_kernels.localize.compensate.Calibration`, on up to --calibration training
+examples with the soft prompt prepended, `Expert.calibration_batches`), and then, for each
+pruning rate (default 0.35, 0.5, 0.65, 0.8; scope "global", heads pruned too, as `mask_at_rate`
+builds localize's candidates), measures the test accuracy of the same mask
 
-    (a) the plain mask, and
-    (b) the same mask with FLAP bias compensation
-        (`doe_kernels.localize.compensate.bias_compensation`) fitted on up to --calibration training
-        examples, each run through the unpruned model with the soft prompt prepended exactly as
-        `Expert.logits` does (inputs_embeds = cat(prompt, token embeddings), attention mask
-        extended with ones),
+    plain:  as attributed (with "grad", the paper's expert),
+    bias:   with FLAP's bias compensation (`Calibration.fit(mask, scales=False)`),
+    scales: with least-squares scales of the kept units and bias deltas (`Calibration.fit(mask)`,
+            with --ridge),
 
-each against the dense prompt-tuned model on the same test examples: the paired change and its
-standard error (`doe_kernels.localize.search.paired_change`), and (b) against (a) as well. There
-is no search and no recovery: the same prompt and head serve every mask.
+each against the dense prompt-tuned model on the same test examples (the paired change and its
+standard error, `doe_kernels.localize.search.paired_change`), and scales against plain. There is
+no search and no re-tuning: the same prompt and head serve every mask.
 
-    python python/compensation_ablation.py        # polarity: 1000 train, 500 test (it has 400)
-    python python/compensation_ablation.py --out benchmarks/results/compensation_minilm
+    python python/reconstruction_ablation.py        # polarity: 1000 train, 500 test (it has 400)
+    python python/reconstruction_ablation.py --out benchmarks/results/reconstruction_minilm
 
 It writes results.json (rows, dense baseline, metadata: date, commit, versions, CPU, threads,
 sizes, seeds, the command) and results.md (the table it prints) into --out (default
-benchmarks/results/local/compensation_ablation/, ignored by git). About 2 minutes on 2 CPU cores.
-Data come from python/tasks.py, the model from python/offline_models.py (PyPI packages).
+benchmarks/results/local/reconstruction_ablation/, ignored by git). About 3 minutes on 2 CPU
+cores. Data come from python/tasks.py, the model from python/offline_models.py (PyPI packages).
 """
 import argparse
+import inspect
 import dataclasses
 import datetime
 import json
@@ -40,13 +42,13 @@ import torch
 from tasks import TASKS, load_task
 from unplug_and_play import load_model  # beside this script, like offline_models
 
-from doe_kernels.expert import encode
-from doe_kernels.localize import (AttributionConfig, PromptConfig, _Run, _Task, _tune_prompt,
-                                  attribute, mask_at_rate, paired_change)
-from doe_kernels.localize.compensate import bias_compensation
+from doe_kernels.localize import (AttributionConfig, Calibration, PromptConfig, _Run, _Task,
+                                  _tune_prompt, attribute, mask_at_rate, paired_change)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_OUT = os.path.join("benchmarks", "results", "local", "compensation_ablation")
+DEFAULT_OUT = os.path.join("benchmarks", "results", "local", "reconstruction_ablation")
+VARIANTS = ("plain", "bias", "scales")
+RIDGE = inspect.signature(Calibration.fit).parameters["ridge"].default
 
 
 def parse_args(argv=None):
@@ -58,8 +60,12 @@ def parse_args(argv=None):
     parser.add_argument("--test", type=int, default=500, help="test examples at most")
     parser.add_argument("--rates", type=float, nargs="+", default=[0.35, 0.5, 0.65, 0.8])
     parser.add_argument("--scope", default="global", choices=("global", "layer"))
+    parser.add_argument("--methods", nargs="+", default=["grad", "fisher"],
+                        choices=("grad", "fisher"), help="attribution methods compared")
+    parser.add_argument("--ridge", type=float, default=RIDGE,
+                        help="the scales' ridge (Calibration.fit's)")
     parser.add_argument("--calibration", type=int, default=256,
-                        help="training examples bias compensation is fitted on, at most")
+                        help="training examples the reconstruction is fitted on, at most")
     parser.add_argument("--epochs", type=int, default=PromptConfig().epochs,
                         help="prompt-tuning epochs (default: localize's)")
     parser.add_argument("--attribution-examples", type=int,
@@ -72,22 +78,6 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=DEFAULT_OUT)
     return parser.parse_args(argv)
-
-
-def calibration_batches(model, tokenizer, expert, data, batch_size: int, max_length: int):
-    """Model-kwargs dicts for `bias_compensation`: `data` with `expert`'s soft prompt prepended,
-    as `Expert.logits` feeds the model."""
-    embeddings = model.get_input_embeddings()
-    prompt = expert.prompt.to(embeddings.weight.device, embeddings.weight.dtype)
-    with torch.no_grad():
-        for start in range(0, len(data), batch_size):
-            ids, attention = encode(tokenizer, data.texts[start:start + batch_size],
-                                    expert.task_type, expert.template, max_length)
-            batch = ids.shape[0]
-            inputs_embeds = torch.cat((prompt.unsqueeze(0).expand(batch, -1, -1),
-                                       embeddings(ids.to(prompt.device))), dim=1)
-            attention = torch.cat((attention.new_ones(batch, prompt.shape[0]), attention), dim=1)
-            yield dict(inputs_embeds=inputs_embeds, attention_mask=attention)
 
 
 def metadata(args, argv, sizes: dict, seconds: float) -> dict:
@@ -114,30 +104,74 @@ def metadata(args, argv, sizes: dict, seconds: float) -> dict:
                 sizes=sizes, seed=args.seed, split_seed=args.seed, prompt=dataclasses.asdict(PromptConfig(
                     epochs=args.epochs)), attribution=dataclasses.asdict(AttributionConfig(
                         num_examples=args.attribution_examples)),
-                scope=args.scope, prune_heads=True, batch_size=args.batch_size,
+                scope=args.scope, methods=args.methods, ridge=args.ridge, prune_heads=True,
+                batch_size=args.batch_size,
                 max_length=args.max_length, seconds=round(seconds, 1),
-                command=" ".join(["python", "python/compensation_ablation.py", *argv]))
+                command=" ".join(["python", "python/reconstruction_ablation.py", *argv]))
 
 
 def table(result: dict) -> str:
     base = result["dense"]["accuracy"]
     lines = [f"{result['metadata']['model']} on {result['metadata']['task']}: dense prompt-tuned "
-             f"test accuracy {base:.3f} (n={result['metadata']['sizes']['test']}); changes in "
-             "points, paired SE in parentheses",
+             f"test accuracy {base:.3f} (n={result['metadata']['sizes']['test']}); accuracy and "
+             "change from dense in points, paired SE in parentheses",
              "",
-             "| rate | FFN / heads pruned | plain acc | plain change | compensated acc | "
-             "compensated change | compensated - plain |",
+             "| attribution | rate | FFN / heads pruned | plain | bias (FLAP) | scales + bias | "
+             "scales + bias - plain |",
              "|---|---|---|---|---|---|---|"]
 
     def pts(c):
         return f"{100 * c['change']:+.1f} ({100 * c['change_se']:.1f})"
 
     for row in result["rows"]:
-        lines.append(f"| {row['rate']:.2f} | {row['ffn_pruning_rate']:.2f} / "
-                     f"{row['head_pruning_rate']:.2f} | {row['plain']['accuracy']:.3f} | "
-                     f"{pts(row['plain'])} | {row['compensated']['accuracy']:.3f} | "
-                     f"{pts(row['compensated'])} | {pts(row['compensated_vs_plain'])} |")
+        cells = [f"{row[kind]['accuracy']:.3f}, {pts(row[kind])}" for kind in VARIANTS]
+        lines.append(f"| {row['method']} | {row['rate']:.2f} | {row['ffn_pruning_rate']:.2f} / "
+                     f"{row['head_pruning_rate']:.2f} | {' | '.join(cells)} | "
+                     f"{pts(row['scales_vs_plain'])} |")
     return "\n".join(lines) + "\n"
+
+
+@dataclasses.dataclass
+class Setup:
+    """What every row is measured with: the task, the dense prompt-tuned expert, its attribution
+    scores, the calibration moments, and the test set with the dense model's answers."""
+    task: object
+    dense: object
+    scores: dict  # attribution method -> (FFN scores, head scores)
+    calibrated: Calibration
+    model: object
+    tokenizer: object
+    test: object
+    base: list
+    args: argparse.Namespace
+
+
+def measure(method: str, rate: float, setup: Setup) -> dict:
+    """One row: the mask at `rate` from `method`'s scores, plain, bias-compensated and
+    reconstructed, on the test set."""
+    args = setup.args
+    mask = mask_at_rate(*setup.scores[method], rate, args.scope, True, setup.task.sizes)
+    fit_started = time.perf_counter()
+    masks = dict(plain=mask, bias=setup.calibrated.fit(mask, scales=False),
+                 scales=setup.calibrated.fit(mask, ridge=args.ridge))
+    fit_seconds = time.perf_counter() - fit_started
+    summary = mask.summary()
+    row = dict(method=method, rate=rate, ffn_pruning_rate=summary["ffn_pruning_rate"],
+               head_pruning_rate=summary["head_pruning_rate"], fit_seconds=round(fit_seconds, 2),
+               ffn_bias_layers=sorted(masks["bias"].ffn_bias),
+               attn_bias_layers=sorted(masks["bias"].attn_bias))
+    answers = {}
+    for kind, with_mask in masks.items():
+        expert = setup.task.expert(with_mask, setup.dense.prompt, setup.dense.head)
+        answers[kind] = expert.correct(setup.model, setup.tokenizer, setup.test,
+                                       batch_size=2 * args.batch_size).tolist()
+        row[kind] = dict(accuracy=sum(answers[kind]) / len(answers[kind]),
+                         **paired_change(answers[kind], setup.base))
+    row["scales_vs_plain"] = paired_change(answers["scales"], answers["plain"])
+    print(f"{method} rate {rate:.2f}: " + ", ".join(f"{kind} {row[kind]['accuracy']:.3f}"
+                                          for kind in VARIANTS)
+          + f" (dense {sum(setup.base) / len(setup.base):.3f})", flush=True)
+    return row
 
 
 def main(argv=None) -> dict:
@@ -150,7 +184,7 @@ def main(argv=None) -> dict:
     test = load_task(args.task, max_examples=args.test, seed=args.seed)["test"]
     calibration = (train.sample(args.calibration, seed=args.seed)
                    if len(train) > args.calibration else train)
-    model, tokenizer = load_model(args.model, len(train.label_names))
+    model, tokenizer = load_model(args.model, len(train.label_names), args.seed)
     model.eval()
 
     # localize's steps 1 and 2, once: the prompt-tuned (dense) expert and the attribution scores
@@ -158,44 +192,27 @@ def main(argv=None) -> dict:
     run = _Run(model, tokenizer, task, args.batch_size, args.seed, False)
     tuned, _ = _tune_prompt(run, train, PromptConfig(epochs=args.epochs), None)
     dense = task.expert(None, tuned.prompt, tuned.head)
-    ffn_scores, head_scores = attribute(model, tokenizer, dense, train, "grad",
-                                        AttributionConfig().ig_steps, args.attribution_examples,
-                                        args.batch_size, AttributionConfig().absolute, args.seed,
-                                        False)
+    scores = {method: attribute(model, tokenizer, dense, train, method,
+                                AttributionConfig().ig_steps, args.attribution_examples,
+                                args.batch_size, AttributionConfig().absolute, args.seed, False)
+              for method in args.methods}
     trained = time.perf_counter() - started
 
     eval_batch = 2 * args.batch_size
     base = dense.correct(model, tokenizer, test, batch_size=eval_batch).tolist()
-    rows = []
-    for rate in args.rates:
-        mask = mask_at_rate(ffn_scores, head_scores, rate, args.scope, True, task.sizes)
-        fit_started = time.perf_counter()
-        compensated_mask = bias_compensation(model, mask, calibration_batches(
-            model, tokenizer, dense, calibration, eval_batch, args.max_length))
-        fit_seconds = time.perf_counter() - fit_started
-        answers = {}
-        for kind, with_mask in (("plain", mask), ("compensated", compensated_mask)):
-            expert = task.expert(with_mask, dense.prompt, dense.head)
-            answers[kind] = expert.correct(model, tokenizer, test, batch_size=eval_batch).tolist()
-        summary = mask.summary()
-        row = dict(rate=rate, ffn_pruning_rate=summary["ffn_pruning_rate"],
-                   head_pruning_rate=summary["head_pruning_rate"],
-                   compensation_seconds=round(fit_seconds, 2),
-                   ffn_bias_layers=sorted(compensated_mask.ffn_bias),
-                   attn_bias_layers=sorted(compensated_mask.attn_bias))
-        for kind, correct in answers.items():
-            row[kind] = dict(accuracy=sum(correct) / len(correct), **paired_change(correct, base))
-        row["compensated_vs_plain"] = paired_change(answers["compensated"], answers["plain"])
-        rows.append(row)
-        print(f"rate {rate:.2f}: plain {row['plain']['accuracy']:.3f}, compensated "
-              f"{row['compensated']['accuracy']:.3f} (dense {sum(base) / len(base):.3f})",
-              flush=True)
+    fit_started = time.perf_counter()
+    calibrated = Calibration.collect(model, dense.calibration_batches(
+        model, tokenizer, calibration.texts, eval_batch))
+    calibration_seconds = time.perf_counter() - fit_started
+    setup = Setup(task, dense, scores, calibrated, model, tokenizer, test, base, args)
+    rows = [measure(method, rate, setup) for method in args.methods for rate in args.rates]
 
     sizes = dict(train=len(train), test=len(test), calibration=len(calibration),
                  attribution=min(args.attribution_examples, len(train)))
     result = dict(dense=dict(accuracy=sum(base) / len(base), correct=sum(base)), rows=rows,
                   prompt_losses=list(tuned.losses),
                   train_and_attribution_seconds=round(trained, 1),
+                  calibration_seconds=round(calibration_seconds, 1),
                   metadata=metadata(args, argv, sizes, time.perf_counter() - started))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w") as f:

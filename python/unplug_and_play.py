@@ -29,11 +29,14 @@ from doe_kernels.data import TaskData
 from doe_kernels.localize import paired_change
 
 
-def load_model(name: str, num_labels: int):
+def load_model(name: str, num_labels: int, seed: int = 0):
+    """The model and its tokenizer; a classifier's new head is initialised from `seed`, so that
+    a run is reproducible."""
     from transformers import AutoTokenizer, BertForSequenceClassification
 
     if name == "minilm":
         path = offline_models.minilm_dir()
+        torch.manual_seed(seed)
         model = BertForSequenceClassification.from_pretrained(path, num_labels=num_labels)
         return model.eval(), AutoTokenizer.from_pretrained(path)
     if name == "smollm2":
@@ -85,7 +88,7 @@ def expert_for(task, splits, args, out_dir):
     if os.path.exists(path) and not args.relocalize:
         return dk.Expert.load(path)
     names = splits["train"].label_names
-    model, tokenizer = load_model(args.model, len(names))  # a fresh head for this task's labels
+    model, tokenizer = load_model(args.model, len(names), args.seed)  # a fresh head
     template = words = None
     if args.model == "smollm2":
         template, words = causal_lm_task(task, tokenizer, names)

@@ -1,4 +1,4 @@
-"""python/compensation_ablation.py on a tiny budget (a built-in task instead of the real data, so
+"""python/reconstruction_ablation.py on a tiny budget (a built-in task instead of the real data, so
 nothing is downloaded): the results file's structure and its figures' consistency."""
 import json
 
@@ -7,18 +7,18 @@ import pytest
 from expert_utils import sentiment_task
 from real_models import minilm_dir
 
-import compensation_ablation  # python/, on the tests' path (pyproject.toml: pythonpath)
+import reconstruction_ablation  # python/, on the tests' path (pyproject.toml: pythonpath)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_tiny_ablation_writes_plain_and_compensated_rows(tmp_path, monkeypatch, capsys):
+def test_tiny_ablation_writes_plain_bias_and_scales_rows(tmp_path, monkeypatch, capsys):
     minilm_dir()  # the script loads all-MiniLM-L6-v2: skips where its package is missing
     data = sentiment_task(64).split((0.5, 0.0, 0.5))
-    monkeypatch.setattr(compensation_ablation, "load_task",
+    monkeypatch.setattr(reconstruction_ablation, "load_task",
                         lambda task, max_examples, seed: {k: v.sample(max_examples, seed=seed)
                                                           for k, v in data.items()})
-    result = compensation_ablation.main([
+    result = reconstruction_ablation.main([
         "--max-train", "16", "--test", "16", "--epochs", "1", "--rates", "0.5", "0.8",
         "--calibration", "8", "--attribution-examples", "8", "--out", str(tmp_path)])
     with open(tmp_path / "results.json") as f:
@@ -32,17 +32,19 @@ def test_tiny_ablation_writes_plain_and_compensated_rows(tmp_path, monkeypatch, 
     assert meta["threads"] == 1 and meta["scope"] == "global" and meta["prompt"]["epochs"] == 1
     dense = saved["dense"]["accuracy"]
     assert 0.0 <= dense <= 1.0 and saved["dense"]["correct"] == round(16 * dense)
-    assert [row["rate"] for row in saved["rows"]] == [0.5, 0.8]
+    assert [(row["method"], row["rate"]) for row in saved["rows"]] == [
+        ("grad", 0.5), ("grad", 0.8), ("fisher", 0.5), ("fisher", 0.8)]
+    assert meta["methods"] == ["grad", "fisher"] and meta["ridge"] > 0
     for row in saved["rows"]:
         assert row["ffn_pruning_rate"] == pytest.approx(row["rate"], abs=0.01)
         assert row["ffn_bias_layers"] and row["attn_bias_layers"]  # compensation did something
-        for kind in ("plain", "compensated"):
+        for kind in ("plain", "bias", "scales"):
             figures = row[kind]
             assert figures["change"] == pytest.approx(figures["accuracy"] - dense)
             assert figures["change_se"] >= 0 and figures["gained"] + figures["lost"] <= 16
-        versus = row["compensated_vs_plain"]
-        assert versus["change"] == pytest.approx(row["compensated"]["accuracy"]
+        versus = row["scales_vs_plain"]
+        assert versus["change"] == pytest.approx(row["scales"]["accuracy"]
                                                  - row["plain"]["accuracy"])
     printed = capsys.readouterr().out
     table = (tmp_path / "results.md").read_text()
-    assert table in printed and table.count("\n| 0.") == 2
+    assert table in printed and table.count("\n| grad | 0.") == table.count("\n| fisher | 0.") == 2

@@ -144,7 +144,7 @@ class Calibration:
         return cls(spec, ffn, heads)
 
     def fit(self, mask: ExpertMask, *, scales: bool = True, bias: bool = True,
-            ridge: float = 1e-3) -> ExpertMask:
+            ridge: float = 0.1) -> ExpertMask:
         """`mask` with the scales and bias deltas that reconstruct its pruned layers' outputs
         (replacing any it held). scales / bias: fit the kept units' scales / the bias deltas
         (`scales=False` is FLAP's bias compensation). ridge: how strongly the scales are pulled
@@ -170,7 +170,7 @@ class Calibration:
 
 
 def reconstruction(model: nn.Module, mask: ExpertMask, batches, *, scales: bool = True,
-                   bias: bool = True, ridge: float = 1e-3) -> ExpertMask:
+                   bias: bool = True, ridge: float = 0.1) -> ExpertMask:
     """`mask` with the scales and bias deltas that reconstruct its pruned layers' outputs
     (replacing any it held), fitted on `batches`: `Calibration.collect(model, batches).fit(mask,
     ...)` (see both for the arguments)."""
