@@ -74,10 +74,10 @@ def _as_index(kind: str, layer, index) -> torch.Tensor:
 def _as_threshold(kind: str, layer, value) -> float:
     tensor = torch.as_tensor(value, dtype=torch.float64)
     if tensor.numel() != 1:
-        raise ValueError(f"skip[{layer}] must be one number, got shape {tuple(tensor.shape)}")
+        raise ValueError(f"{kind}[{layer}] must be one number, got shape {tuple(tensor.shape)}")
     value = float(tensor.reshape(-1)[0])
     if not 0.0 <= value <= 1.0:
-        raise ValueError(f"skip[{layer}] must be a threshold in [0, 1], got {value}")
+        raise ValueError(f"{kind}[{layer}] must be a threshold in [0, 1], got {value}")
     return value
 
 
@@ -156,11 +156,16 @@ class ExpertMask:
     def replace(self, spec: dict | None = None, **tables) -> "ExpertMask":
         """This mask with the named tables (ffn, heads, moe, skip, ffn_bias, attn_bias,
         ffn_scales, head_scales), and the model sizes if `spec` is given, replaced; the others
-        are kept."""
+        are kept, except that new kept lists (`ffn`, `heads`) drop the reconstruction fitted for
+        the old ones (ffn_scales and ffn_bias, head_scales and attn_bias) unless it is given too."""
         unknown = sorted(set(tables) - set(_KINDS))
         if unknown:
             raise TypeError(f"unknown mask table(s) {unknown}; the tables are {list(_KINDS)}")
         merged = {kind: tables.get(kind, getattr(self, kind)) for kind in _KINDS}
+        for index, fitted in (("ffn", ("ffn_scales", "ffn_bias")),
+                              ("heads", ("head_scales", "attn_bias"))):
+            if index in tables:
+                merged.update({kind: tables.get(kind, {}) for kind in fitted})
         return ExpertMask(spec=self.spec if spec is None else spec, **merged)
 
     def with_skip(self, skip: dict) -> "ExpertMask":

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import doe_kernels as dk
-from doe_kernels.localize.compensate import bias_compensation, reconstruction
+from doe_kernels.localize.compensate import Calibration, bias_compensation, reconstruction
 from model_utils import build, inputs, snapshot, state_dict_equal
 from moe_utils import mixtral
 from test_compensate import OUTPUTS, calibration
@@ -90,7 +90,7 @@ def test_a_pruned_copy_is_reconstructed_exactly(name, kind):
     assert torch.allclose(out, dense, atol=1e-5)
 
 
-def contributions(model, mask, batches):
+def contributions(model, batches):
     """Layer 0's FFN activations h of the real tokens (tokens, neurons), float64."""
     down = dk.models.find_layers(model)[1][0].mlp.down_proj
     rows, keep = [], [None]
@@ -115,7 +115,7 @@ def test_scales_and_bias_are_the_least_squares_solution():
     mask = dk.ExpertMask(ffn={0: kept.sort().values}, spec=spec.as_dict())
     batches = calibration("llama", count=12)
     fitted = reconstruction(model, mask, batches, ridge=0.0)
-    h, weight = contributions(model, mask, batches)
+    h, weight = contributions(model, batches)
     kept = mask.ffn[0]
     tokens, hidden = h.shape[0], weight.shape[0]
     columns = (h[:, None, kept] * weight[None, :, kept]).reshape(tokens * hidden, -1)
@@ -143,12 +143,17 @@ def test_reconstruction_fits_the_first_layer_at_least_as_well_as_bias_alone(name
         dense = layer_outputs(model, layer, path, batches)
         errors = {}
         for label, fitted in (("plain", mask), ("bias", bias_compensation(model, mask, batches)),
-                              ("scales", reconstruction(model, mask, batches, bias=False)),
-                              ("both", reconstruction(model, mask, batches))):
+                              ("scales", reconstruction(model, mask, batches, bias=False,
+                                                        ridge=0.0)),
+                              ("both", reconstruction(model, mask, batches, ridge=0.0)),
+                              ("ridge", reconstruction(model, mask, batches))):
             with dk.plugged(model, fitted):
                 errors[label] = float(((layer_outputs(model, layer, path, batches) - dense) ** 2).mean())
+        # exact least squares: the bias and the scales-only fits are special cases of "both";
+        # with a ridge, s = 1 (the bias fit) still costs no penalty
         assert errors["both"] <= errors["bias"] * (1 + 1e-4), (kind, errors)
         assert errors["both"] <= errors["scales"] * (1 + 1e-4), (kind, errors)
+        assert errors["ridge"] <= errors["bias"] * (1 + 1e-4), (kind, errors)
         assert errors["bias"] < errors["plain"] and errors["scales"] < errors["plain"], (kind, errors)
 
 
@@ -216,8 +221,21 @@ def test_misuse_is_refused():
     mask = dk.ExpertMask.random(model, ffn_keep=0.3)
     with pytest.raises(ValueError, match="nothing to fit"):
         reconstruction(model, mask, calibration("bert"), scales=False, bias=False)
-    with pytest.raises(ValueError, match="ridge"):
-        reconstruction(model, mask, calibration("bert"), ridge=-1.0)
+    for ridge in (-1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="ridge must be a finite number"):
+            reconstruction(model, mask, calibration("bert"), ridge=ridge)
+    means = Calibration.collect(model, calibration("bert"), scales=False)
+    assert means.fit(mask, scales=False).ffn_bias  # enough for bias compensation
+    with pytest.raises(ValueError, match="means only"):
+        means.fit(mask)
+    spec = dk.models.spec_of(model)
+    with torch.no_grad():  # a kept neuron that never fires: singular without a ridge
+        model.bert.encoder.layer[0].intermediate.dense.weight[mask.ffn[0][0]] = 0
+        model.bert.encoder.layer[0].intermediate.dense.bias[mask.ffn[0][0]] = -100
+    single = dk.ExpertMask(ffn={0: mask.ffn[0]}, spec=spec.as_dict())
+    with pytest.raises(ValueError, match="singular .* use a ridge > 0"):
+        reconstruction(model, single, calibration("bert"), ridge=0.0)
+    assert reconstruction(model, single, calibration("bert")).ffn_scales[0].isfinite().all()
     with dk.plugged(model, mask), pytest.raises(ValueError, match="unpruned model"):
         reconstruction(model, mask, calibration("bert"))
     with pytest.raises(ValueError, match="no real token"):

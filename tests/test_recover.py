@@ -98,8 +98,11 @@ def test_distilling_moves_the_pruned_expert_towards_its_teacher(tokenizer, famil
     assert divergence(retuned) < divergence(expert)
     by_labels, _ = retune(model, tokenizer, expert, data, epochs=4, batch_size=8, progress=False)
     assert not torch.equal(by_labels.prompt, retuned.prompt)  # another objective
-    with pytest.raises(ValueError, match="targets has 3 rows for 48 examples"):
-        retune(model, tokenizer, expert, data, progress=False, teacher=teacher[:3])
+    before = snapshot(model)
+    for bad in (teacher[:3], teacher[:, :1], teacher[:, 0]):
+        with pytest.raises(ValueError, match=r"one logit per label for each example: \(48, 2\)"):
+            retune(model, tokenizer, expert, data, progress=False, teacher=bad)
+    assert state_dict_equal(before, snapshot(model))
 
 
 def test_retune_a_dense_expert_trains_on_the_whole_network(tokenizer, one_thread):

@@ -7,11 +7,11 @@ import torch
 
 import doe_kernels as dk
 from model_utils import build, inputs, masked_dense, mixed_mask, output_of, snapshot, state_dict_equal
-from moe_utils import mixtral
+from moe_utils import mixtral, moe_reference
 from reference import assert_close
 
 
-def kept_count(mask, table, layer, total):
+def kept_count(table, layer, total):
     return table[layer].numel() if layer in table else total
 
 
@@ -24,9 +24,9 @@ def with_scales(model, mask, seed=0, spread=0.5):
         return 1 + spread * torch.randn(count, generator=gen)
 
     return mask.with_scales(
-        ffn_scales={l: draw(kept_count(mask, mask.ffn, l, spec.intermediate_size))
+        ffn_scales={l: draw(kept_count(mask.ffn, l, spec.intermediate_size))
                     for l in range(spec.num_layers)},
-        head_scales={l: draw(kept_count(mask, mask.heads, l, spec.num_heads))
+        head_scales={l: draw(kept_count(mask.heads, l, spec.num_heads))
                      for l in range(spec.num_layers)})
 
 
@@ -143,13 +143,57 @@ def test_scales_are_validated_before_anything_changes():
         mask.replace(scales={})
 
 
+def test_new_kept_lists_drop_the_reconstruction_fitted_for_the_old():
+    model = build("bert")
+    hidden = dk.models.spec_of(model).hidden_size
+    mask = with_scales(model, dk.ExpertMask.random(model, ffn_keep=0.4, heads_keep=0.5)).with_bias(
+        ffn_bias={0: torch.ones(hidden)}, attn_bias={0: torch.ones(hidden)})
+    other = dk.ExpertMask.random(model, ffn_keep=0.4, heads_keep=0.5, seed=1)
+    new_ffn = mask.replace(ffn=other.ffn)
+    assert not new_ffn.ffn_scales and not new_ffn.ffn_bias  # fitted for the old neurons
+    assert new_ffn == dk.ExpertMask(other.ffn, mask.heads, mask.spec, head_scales=mask.head_scales,
+                                    attn_bias=mask.attn_bias)
+    assert new_ffn.head_scales.keys() == mask.head_scales.keys() and new_ffn.attn_bias
+    new_heads = mask.replace(heads=other.heads)
+    assert not new_heads.head_scales and not new_heads.attn_bias
+    assert new_heads.ffn_scales.keys() == mask.ffn_scales.keys() and new_heads.ffn_bias
+    given = mask.replace(ffn=other.ffn, ffn_scales={1: torch.ones(other.ffn[1].numel())})
+    assert list(given.ffn_scales) == [1]
+    assert mask.replace(moe={}) == mask  # other tables keep everything
+
+
+def test_the_dense_path_checks_the_scales_length():
+    from doe_kernels.ops import scale_columns
+
+    x = torch.randn(2, 3, 5)
+    assert scale_columns(x, None) is x
+    torch.testing.assert_close(scale_columns(x, torch.arange(5.0)), x * torch.arange(5.0))
+    with pytest.raises(ValueError, match="one scale per feature"):
+        scale_columns(x, torch.ones(1))
+
+
 def test_mixtral_takes_head_scales_only():
     model = mixtral()
+    ids, attention = inputs("llama")
+    spec = dk.models.spec_of(model)
     mask = dk.ExpertMask.random(model, heads_keep=0.5, experts_keep=0.5)
-    heads = {l: torch.full((mask.heads[l].numel(),), 0.9) for l in mask.heads}
-    with dk.plugged(model, mask.with_scales(head_scales=heads)):
-        pass
-    ffn = {0: torch.ones(dk.models.spec_of(model).intermediate_size)}
+    gen = torch.Generator().manual_seed(0)
+    scaled = mask.with_scales(head_scales={l: 1 + 0.5 * torch.randn(mask.heads[l].numel(),
+                                                                      generator=gen)
+                                           for l in mask.heads})
+    with torch.no_grad():
+        reference = moe_reference(model.double(), scaled)
+        for index, layer in enumerate(reference.model.layers):
+            cols = (scaled.heads[index][:, None] * spec.head_dim
+                    + torch.arange(spec.head_dim)).reshape(-1)
+            layer.self_attn.o_proj.weight[:, cols] *= scaled.head_scales[index].double(
+                ).repeat_interleave(spec.head_dim)
+        expected = output_of(reference, ids, attention)
+        model.float()
+        with dk.plugged(model, scaled):
+            out = output_of(model, ids, attention)
+    assert_close(out, expected, None, "mixtral with head scales")
+    ffn = {0: torch.ones(spec.intermediate_size)}
     with pytest.raises(ValueError, match="ffn_scales"):
         dk.patch(model, mask.with_scales(ffn_scales=ffn))
     assert not dk.is_patched(model)

@@ -96,7 +96,7 @@ def attribute(model, tokenizer, expert, data, method: str = "grad", steps: int =
     `absolute` (default) averages the magnitude of each example's score: a unit whose removal
     moves the gold logit a lot either way is important. The signed average ranks units that
     push strongly *against* the gold label last, and pruning those first wrecks the model
-    (measured in docs/localize.md).
+    (measured in docs/localize.md). `absolute` does not apply to "fisher" (squares).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -109,65 +109,78 @@ def attribute(model, tokenizer, expert, data, method: str = "grad", steps: int =
                          "backward); call doe_kernels.unpatch(model) first")
     data = data.sample(num_examples, seed=seed) if len(data) > num_examples else data
     points, spec = hook_points(model)
-    ffn_mods, head_mods = [p[0] for p in points], [p[1] for p in points]
-    layers = spec.num_layers
-    ffn = torch.zeros(layers, spec.intermediate_size, dtype=torch.float64)
-    heads = torch.zeros(layers, spec.num_heads, dtype=torch.float64)
+    scorer = _Scorer(model, expert, method, steps, absolute, points, spec)
     gold_all = torch.tensor(data.label_ids)
-    prompt = expert.prompt.clone().requires_grad_(True)  # puts the whole forward in the graph
     batches = list(range(0, len(data), batch_size))
-    passes = len(batches) * (1 if method == "grad" else 2 * layers * steps)
+    passes = len(batches) * (2 * spec.num_layers * steps if method == "ig" else 1)
     bar = tqdm(total=passes, desc=f"attribution ({method})", disable=not progress, leave=False)
     was_training = model.training
     model.eval()
     try:
         with expert.plugged(model, prune=False), torch.enable_grad():
             for start in batches:
-                texts = data.texts[start:start + batch_size]
-                gold = gold_all[start:start + batch_size]
-                ids, attention = expert.encode(tokenizer, texts)
-                token_mask = torch.cat((attention.new_ones(len(texts), expert.num_virtual_tokens),
-                                        attention), dim=1)
-
-                def run(modules, scale=1.0):
-                    with _capture(modules, scale) as captured:
-                        logits = expert.logits(model, ids, attention, prompt=prompt)
-                    target = gold.to(logits.device)
-                    if method == "fisher":  # each example's loss (examples do not interact)
-                        picked = torch.nn.functional.cross_entropy(logits, target, reduction="sum")
-                    else:
-                        picked = logits.gather(1, target[:, None]).sum()
-                    grads = torch.autograd.grad(picked, captured)
-                    return captured, grads
-
-                if method != "ig":
-                    captured, grads = run(ffn_mods + head_mods)
-                    mask = token_mask.to(grads[0].device)
-                    fisher = method == "fisher"
-                    for l in range(layers):
-                        ffn[l] += _unit_scores(captured[l], grads[l], mask, None, absolute,
-                                               fisher).cpu()
-                        heads[l] += _unit_scores(captured[layers + l], grads[layers + l], mask,
-                                                 spec.num_heads, absolute, fisher).cpu()
-                    bar.update(1)
-                    continue
-                for table, modules, num_heads in ((ffn, ffn_mods, None),
-                                                  (heads, head_mods, spec.num_heads)):
-                    for l in range(layers):
-                        total_grad, clean = 0.0, None
-                        for k in range(steps):
-                            alpha = (k + 0.5) / steps
-                            captured, grads = run([modules[l]], alpha)
-                            clean = captured[0].detach() / alpha
-                            total_grad = total_grad + grads[0]
-                            bar.update(1)
-                        mask = token_mask.to(clean.device)
-                        table[l] += _unit_scores(clean, total_grad / steps, mask, num_heads,
-                                                 absolute).cpu()
+                ids, attention = expert.encode(tokenizer, data.texts[start:start + batch_size])
+                scorer.add_batch(ids, attention, gold_all[start:start + batch_size], bar)
     finally:
         bar.close()
         model.train(was_training)
-    return _finite(ffn / len(data), "neuron"), _finite(heads / len(data), "head")
+    return (_finite(scorer.ffn / len(data), "neuron"),
+            _finite(scorer.heads / len(data), "head"))
+
+
+class _Scorer:
+    """The scores summed over the batches seen so far (`ffn`, `heads`) and how one batch adds
+    to them: one backward pass ("grad", "fisher") or 2 x layers x steps ("ig")."""
+
+    def __init__(self, model, expert, method: str, steps: int, absolute: bool, points, spec):
+        self.model, self.expert, self.method = model, expert, method
+        self.steps, self.absolute, self.spec = steps, absolute, spec
+        self.ffn_mods, self.head_mods = [p[0] for p in points], [p[1] for p in points]
+        self.ffn = torch.zeros(spec.num_layers, spec.intermediate_size, dtype=torch.float64)
+        self.heads = torch.zeros(spec.num_layers, spec.num_heads, dtype=torch.float64)
+        self.prompt = expert.prompt.clone().requires_grad_(True)  # the whole forward in the graph
+
+    def add_batch(self, ids, attention, gold, bar) -> None:
+        token_mask = torch.cat((attention.new_ones(ids.shape[0], self.expert.num_virtual_tokens),
+                                attention), dim=1)
+        if self.method == "ig":
+            self._integrated(ids, attention, gold, token_mask, bar)
+            return
+        layers, fisher = self.spec.num_layers, self.method == "fisher"
+        captured, grads = self._run(self.ffn_mods + self.head_mods, ids, attention, gold)
+        mask = token_mask.to(grads[0].device)
+        for l in range(layers):
+            self.ffn[l] += _unit_scores(captured[l], grads[l], mask, None, self.absolute,
+                                        fisher).cpu()
+            self.heads[l] += _unit_scores(captured[layers + l], grads[layers + l], mask,
+                                          self.spec.num_heads, self.absolute, fisher).cpu()
+        bar.update(1)
+
+    def _run(self, modules, ids, attention, gold, scale: float = 1.0):
+        """(the modules' inputs, the gradients of the batch's objective with respect to them)."""
+        with _capture(modules, scale) as captured:
+            logits = self.expert.logits(self.model, ids, attention, prompt=self.prompt)
+        target = gold.to(logits.device)
+        if self.method == "fisher":  # each example's loss (examples do not interact)
+            objective = torch.nn.functional.cross_entropy(logits, target, reduction="sum")
+        else:
+            objective = logits.gather(1, target[:, None]).sum()
+        return captured, torch.autograd.grad(objective, captured)
+
+    def _integrated(self, ids, attention, gold, token_mask, bar) -> None:
+        for table, modules, num_heads in ((self.ffn, self.ffn_mods, None),
+                                          (self.heads, self.head_mods, self.spec.num_heads)):
+            for l in range(self.spec.num_layers):
+                total_grad, clean = 0.0, None
+                for k in range(self.steps):
+                    alpha = (k + 0.5) / self.steps
+                    captured, grads = self._run([modules[l]], ids, attention, gold, alpha)
+                    clean = captured[0].detach() / alpha
+                    total_grad = total_grad + grads[0]
+                    bar.update(1)
+                mask = token_mask.to(clean.device)
+                table[l] += _unit_scores(clean, total_grad / self.steps, mask, num_heads,
+                                         self.absolute).cpu()
 
 
 def _finite(scores: torch.Tensor, unit: str) -> torch.Tensor:

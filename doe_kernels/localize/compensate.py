@@ -4,16 +4,19 @@ An et al. 2023) and least-squares scales of the kept units (Kwon et al. 2022's m
 A pruned FFN neuron j no longer adds its contribution h_j * W_down[:, j] to the layer's output
 (h: the input of the down projection); an attention head k no longer adds a_k @ W_o[:, cols_k].T
 (a: the input of the attention output projection, cols_k: the head's head_dim columns). Over task
-data, on the *unpruned* model, `reconstruction` fits per pruned layer
+data, on the *unpruned* model, reconstruction fits per pruned layer
 
     scales s (one per kept unit) and a bias delta b minimising
         E || sum_{kept i} s_i c_i + b  -  sum_{all j} c_j ||^2       (c: unit contributions)
 
 over the real tokens (attention_mask) of the calibration batches: with the centred Gram matrix
 G[i, j] = E[(c_i - mean c_i) . (c_j - mean c_j)], s solves (G[K, K] + r I) s = G[K, :] 1 + r 1
-(a ridge r pulling s towards 1, relative to G's mean diagonal), and b = sum_j mean c_j -
-sum_i s_i mean c_i. With s fixed to 1 (`scales=False`), b is FLAP's bias: the pruned units' mean
-contribution. The FFN Gram needs no per-token contributions: G = Cov(h)[K, :] * (W_K^T W).
+(a ridge r pulling s towards 1: `ridge` times the mean diagonal of G[K, K]), and b = sum_j mean
+c_j - sum_i s_i mean c_i. With s fixed to 1 (`scales=False`), b is FLAP's bias: the pruned units'
+mean contribution; without a bias (`bias=False`) G is the uncentred second moment. The FFN Gram
+needs no per-token contributions: G = E[h_i h_j] (W_i . W_j), from the activations' second
+moments. `Calibration.collect` gathers the moments once; `Calibration.fit(mask)` solves for any
+mask (`reconstruction` does both).
 
 The result belongs to the expert (`ExpertMask.ffn_bias`/`attn_bias`/`ffn_scales`/`head_scales`,
 saved with it); the shared weights are never changed: a patched model applies it in the down and
@@ -35,59 +38,78 @@ from doe_kernels.patching import is_patched
 
 class _FfnStats:
     """Running sums over tokens of one layer's FFN activations h (the down projection's input):
-    the count, sum h and h^T h in float64, and the down projection's weight (a copy: a patched
-    model empties it)."""
+    the count, sum h and (`second`) h^T h in float64, and the down projection's weight (a copy: a
+    patched model empties it)."""
 
-    def __init__(self, down: nn.Module, size: int, device):
+    def __init__(self, down: nn.Module, size: int, device, second: bool):
         self.weight = down.weight.detach().clone()
         self.count = 0
         self.total = torch.zeros(size, dtype=torch.float64, device=device)
-        self.second = torch.zeros(size, size, dtype=torch.float64, device=device)
+        self.second = (torch.zeros(size, size, dtype=torch.float64, device=device) if second
+                       else None)
 
     def add(self, rows: torch.Tensor) -> None:
         h = rows.to(torch.float64)
         self.count += h.shape[0]
         self.total += h.sum(0)
-        self.second += h.T @ h
+        if self.second is not None:
+            self.second += h.T @ h
 
-    def moments(self, kept: torch.Tensor, centred: bool):
-        """(G[kept, :] of the neurons' contributions, their mean contributions (hidden, units))."""
+    def means(self) -> torch.Tensor:
+        """The neurons' mean contributions, (hidden, neurons)."""
+        return self.weight.to(torch.float64) * (self.total / self.count)
+
+    def gram_rows(self, kept: torch.Tensor, centred: bool) -> torch.Tensor:
+        """G[kept, :] of the neurons' contributions: E[h_i h_j] (W_i . W_j), centred or not."""
         w = self.weight.to(torch.float64)
         kept = kept.to(w.device)
-        mean = self.total / self.count
         second = self.second[kept] / self.count
         if centred:
+            mean = self.total / self.count
             second = second - mean[kept, None] * mean[None, :]
-        return second * (w[:, kept].T @ w), w * mean
+        return second * (w[:, kept].T @ w)
 
 
 class _HeadStats:
-    """Running sums over tokens of each head's contribution c_k = a_k @ W_o[:, cols_k].T to one
-    layer's attention output: the count, sum c_k (heads, hidden) and the Gram matrix c_k . c_l,
-    in float64."""
+    """Running sums over tokens of one layer's heads' outputs a (the attention output projection's
+    input): the count, sum a, and (`second`) the Gram matrix of the heads' contributions
+    c_k = a_k @ W_o[:, cols_k].T, in float64, computed `CHUNK` tokens at a time."""
 
-    def __init__(self, o_proj: nn.Module, num_heads: int, device):
+    CHUNK = 1024
+
+    def __init__(self, o_proj: nn.Module, num_heads: int, device, second: bool):
         hidden = o_proj.weight.shape[0]
         self.weight = o_proj.weight.detach().to(device, torch.float64).reshape(
             hidden, num_heads, -1)
         self.count = 0
-        self.total = torch.zeros(num_heads, hidden, dtype=torch.float64, device=device)
-        self.gram = torch.zeros(num_heads, num_heads, dtype=torch.float64, device=device)
+        self.total = torch.zeros(o_proj.weight.shape[1], dtype=torch.float64, device=device)
+        self.gram = (torch.zeros(num_heads, num_heads, dtype=torch.float64, device=device)
+                     if second else None)
 
     def add(self, rows: torch.Tensor) -> None:
-        heads, head_dim = self.weight.shape[1:]
-        a = rows.to(torch.float64).reshape(-1, heads, head_dim)
-        contributions = torch.einsum("thd,ohd->tho", a, self.weight)
+        a = rows.to(torch.float64)
         self.count += a.shape[0]
-        self.total += contributions.sum(0)
-        self.gram += torch.einsum("tho,tko->hk", contributions, contributions)
+        self.total += a.sum(0)
+        if self.gram is None:
+            return
+        heads, head_dim = self.weight.shape[1:]
+        for chunk in a.split(self.CHUNK):
+            contributions = torch.einsum("thd,ohd->tho", chunk.reshape(-1, heads, head_dim),
+                                         self.weight)
+            self.gram += torch.einsum("tho,tko->hk", contributions, contributions)
 
-    def moments(self, kept: torch.Tensor, centred: bool):
-        mean = self.total / self.count
+    def means(self) -> torch.Tensor:
+        """The heads' mean contributions, (hidden, heads)."""
+        heads, head_dim = self.weight.shape[1:]
+        mean = (self.total / self.count).reshape(heads, head_dim)
+        return torch.einsum("hd,ohd->oh", mean, self.weight)
+
+    def gram_rows(self, kept: torch.Tensor, centred: bool) -> torch.Tensor:
         second = self.gram / self.count
         if centred:
-            second = second - mean @ mean.T
-        return second[kept.to(second.device)], mean.T
+            mean = self.means()
+            second = second - mean.T @ mean
+        return second[kept.to(second.device)]
 
 
 def _scales(gram_rows: torch.Tensor, kept: torch.Tensor, ridge: float) -> torch.Tensor:
@@ -95,14 +117,19 @@ def _scales(gram_rows: torch.Tensor, kept: torch.Tensor, ridge: float) -> torch.
     gram = gram_rows[:, kept]
     r = ridge * gram.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)
     eye = torch.eye(kept.numel(), dtype=gram.dtype, device=gram.device)
-    return torch.linalg.solve(gram + r * eye, gram_rows.sum(1) + r)
+    try:
+        return torch.linalg.solve(gram + r * eye, gram_rows.sum(1) + r)
+    except torch.linalg.LinAlgError as error:
+        raise ValueError(f"the scales' least-squares system is singular (ridge={ridge:g}): some "
+                         "kept units are constant or collinear on the calibration data; use a "
+                         "ridge > 0") from error
 
 
 def _fit_layer(stats, kept: torch.Tensor, scales: bool, bias: bool, ridge: float):
     """(the kept units' scales or None, the bias delta or None) of one projection."""
-    gram_rows, mean = stats.moments(kept, centred=bias)
+    mean = stats.means()
     kept = kept.to(mean.device)
-    s = (_scales(gram_rows, kept, ridge) if scales and kept.numel()
+    s = (_scales(stats.gram_rows(kept, centred=bias), kept, ridge) if scales and kept.numel()
          else torch.ones(kept.numel(), dtype=torch.float64, device=mean.device))
     delta = mean.sum(1) - mean[:, kept] @ s if bias else None
     return (s.float().cpu() if scales else None), (None if delta is None else delta.float().cpu())
@@ -114,14 +141,15 @@ class Calibration:
     by `collect`; `fit(mask)` then solves for that mask's scales and bias deltas without running
     the model (a pruning-rate search fits many masks on one calibration)."""
 
-    def __init__(self, spec, ffn: list, heads: list):
+    def __init__(self, spec, ffn: list, heads: list, scales: bool):
         self.spec = spec
         self.ffn = ffn  # per layer: _FfnStats, or None (mixture-of-experts block)
         self.heads = heads  # per layer: _HeadStats
+        self.scales = scales  # whether it holds the second moments that scales need
 
     @classmethod
     @torch.no_grad()
-    def collect(cls, model: nn.Module, batches) -> "Calibration":
+    def collect(cls, model: nn.Module, batches, scales: bool = True) -> "Calibration":
         """The moments over the real tokens (attention_mask) of `batches`.
 
         model: an unpatched supported model (BERT family, LLaMA family, Mixtral: attention only).
@@ -130,27 +158,33 @@ class Calibration:
         attention_mask, (batch, seq), whose zeros mark padding left out); tensors are moved to the
         model's device. The model runs in eval mode under no_grad, with forward pre-hooks on the
         projections, and is left exactly as it was (hooks removed, train/eval modes restored).
-        Memory: an intermediate_size^2 float64 matrix per layer.
+        scales=False collects the means only (enough for bias compensation).
+        Memory, on the model's device: copies of the down and attention output projections'
+        weights (the latter in float64) and, for scales, an intermediate_size^2 float64 matrix per
+        layer (1.2 GB per layer at intermediate_size 11008).
         """
         _check_unpatched(model)
         points, spec = projection_points(model)
         device = next(model.parameters()).device
-        ffn = [None if down is None else _FfnStats(down, spec.intermediate_size, device)
+        ffn = [None if down is None else _FfnStats(down, spec.intermediate_size, device, scales)
                for down, _ in points]
-        heads = [_HeadStats(o_proj, spec.num_heads, device) for _, o_proj in points]
+        heads = [_HeadStats(o_proj, spec.num_heads, device, scales) for _, o_proj in points]
         targets = [(down, stats) for (down, _), stats in zip(points, ffn) if stats is not None]
         targets += [(o_proj, stats) for (_, o_proj), stats in zip(points, heads)]
         _collect(model, targets, batches)
-        return cls(spec, ffn, heads)
+        return cls(spec, ffn, heads, scales)
 
     def fit(self, mask: ExpertMask, *, scales: bool = True, bias: bool = True,
             ridge: float = 0.1) -> ExpertMask:
         """`mask` with the scales and bias deltas that reconstruct its pruned layers' outputs
         (replacing any it held). scales / bias: fit the kept units' scales / the bias deltas
         (`scales=False` is FLAP's bias compensation). ridge: how strongly the scales are pulled
-        towards 1, relative to the Gram matrix's mean diagonal (> 0 keeps the solve well-posed
-        when units are collinear)."""
+        towards 1, relative to the mean diagonal of the kept units' Gram matrix (> 0 keeps the
+        solve well-posed when units are collinear)."""
         _check_fit(mask, scales, bias, ridge)
+        if scales and not self.scales:
+            raise ValueError("this calibration holds means only (collected with scales=False); "
+                             "collect it with scales=True to fit scales")
         mask.check_spec(self.spec)
         fitted = {kind: {} for kind in ("ffn_scales", "head_scales", "ffn_bias", "attn_bias")}
         for layer in range(self.spec.num_layers):
@@ -177,7 +211,8 @@ def reconstruction(model: nn.Module, mask: ExpertMask, batches, *, scales: bool 
     _check_fit(mask, scales, bias, ridge)
     _check_unpatched(model)
     mask.check_spec(projection_points(model)[1])
-    return Calibration.collect(model, batches).fit(mask, scales=scales, bias=bias, ridge=ridge)
+    calibration = Calibration.collect(model, batches, scales=scales)
+    return calibration.fit(mask, scales=scales, bias=bias, ridge=ridge)
 
 
 def bias_compensation(model: nn.Module, mask: ExpertMask, batches) -> ExpertMask:
@@ -186,18 +221,13 @@ def bias_compensation(model: nn.Module, mask: ExpertMask, batches) -> ExpertMask
     return reconstruction(model, mask, batches, scales=False)
 
 
-# the batch key of an optional (batch, seq) mask of the tokens fitted on (default: the
-# attention_mask's), popped before the model is called
-TOKEN_MASK = "fit_mask"
-
-
 def _check_fit(mask, scales: bool, bias: bool, ridge: float) -> None:
     if not isinstance(mask, ExpertMask):
         raise TypeError(f"mask must be a doe_kernels.ExpertMask, got {type(mask).__name__}")
     if not (scales or bias):
         raise ValueError("nothing to fit: scales and bias are both False")
-    if not ridge >= 0:
-        raise ValueError(f"ridge must be >= 0, got {ridge}")
+    if not 0 <= ridge < float("inf"):
+        raise ValueError(f"ridge must be a finite number >= 0, got {ridge}")
 
 
 def _check_unpatched(model) -> None:
@@ -239,7 +269,7 @@ def _collect(model: nn.Module, targets, batches) -> None:
                                 f"{type(batch).__name__}")
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v
                      for k, v in batch.items()}
-            attention = batch.pop(TOKEN_MASK, batch.get("attention_mask"))
+            attention = batch.get("attention_mask")
             keep[0] = None if attention is None else attention.reshape(-1).bool()
             model(**batch)
     finally:

@@ -14,10 +14,11 @@ from dataclasses import dataclass
 
 
 def option(default, flag, help, *, flat=None, choices=None, positive=False, aliases=(),
-           metavar=None, legacy=True):
+           metavar=None, legacy=False):
     """A config field: `flag` (with `aliases`) on the command line, `help` there and in the docs,
     `flat` the name of the flat `localize` keyword (and of the parsed argument) it replaces
-    (default: the field's name; `legacy=False`: a newer option that never was a flat keyword),
+    (default: the field's name; only `legacy` options, the ones localize took before the configs,
+    are still accepted as flat keywords),
     `positive` asks for a number > 0 (`check_fields` checks every value when a config is built,
     from the API and the command line alike)."""
     return dataclasses.field(default=default, metadata=dict(
@@ -50,16 +51,18 @@ class PromptConfig:
     """Step 1, prompt tuning: soft tokens (and a classifier's head) trained with PEFT on the
     frozen model (AdamW)."""
     num_virtual_tokens: int = option(
-        10, "--virtual-tokens", "soft-prompt tokens", positive=True)
+        10, "--virtual-tokens", "soft-prompt tokens", positive=True, legacy=True)
     epochs: int = option(
-        5, "--epochs", "epochs of prompt tuning")
+        5, "--epochs", "epochs of prompt tuning", legacy=True)
     lr: float = option(
-        3e-2, "--lr", "learning rate of the soft prompt", positive=True)
+        3e-2, "--lr", "learning rate of the soft prompt", positive=True, legacy=True)
     head_lr: float = option(
-        1e-2, "--head-lr", "learning rate of a classifier's head, in recovery too", positive=True)
+        1e-2, "--head-lr", "learning rate of a classifier's head, in recovery too", positive=True,
+        legacy=True)
     init_text: str | None = option(
         None, "--prompt-init", "start the soft prompt as this text's token embeddings, cycled "
-        "(default: random vocabulary tokens' embeddings)", flat="prompt_init", metavar="TEXT")
+        "(default: random vocabulary tokens' embeddings)", flat="prompt_init", metavar="TEXT",
+        legacy=True)
 
     def __post_init__(self):
         check_fields(self)
@@ -67,21 +70,22 @@ class PromptConfig:
 
 @dataclass(frozen=True)
 class AttributionConfig:
-    """Step 2, attribution: activation x gradient of the gold label's logit per FFN neuron and
-    attention head, averaged over tokens and over training examples."""
+    """Step 2, attribution: a score per FFN neuron and attention head over training examples:
+    activation x gradient of the gold label's logit averaged over tokens and examples (or
+    integrated gradients, or the Fisher information of a mask on the unit)."""
     method: str = option(
         "grad", "--method", "'grad' (activation x gradient of the gold logit), 'ig' (integrated "
         "gradients) or 'fisher' (squared gradient of each example's loss w.r.t. a unit's mask)",
-        choices=("grad", "ig", "fisher"))
+        choices=("grad", "ig", "fisher"), legacy=True)
     ig_steps: int = option(
         5, "--ig-steps", "integrated gradients' steps (2 x layers x steps times the passes)",
-        positive=True)
+        positive=True, legacy=True)
     num_examples: int = option(
         256, "--attribution-examples", "training examples scored, drawn at random",
-        flat="attribution_examples", positive=True)
+        flat="attribution_examples", positive=True, legacy=True)
     absolute: bool = option(
         True, "--signed-scores", "average each example's signed score instead of its magnitude "
-        "(not recommended)")
+        "(not recommended)", legacy=True)
 
     def __post_init__(self):
         check_fields(self)
@@ -92,21 +96,22 @@ class SearchConfig:
     """Step 3, the binary search for the highest pruning rate whose validation accuracy stays
     within `tolerance` of the unpruned prompt-tuned model's."""
     tolerance: float = option(
-        0.01, "--tolerance", "validation accuracy a candidate may lose (0.01: one point)")
+        0.01, "--tolerance", "validation accuracy a candidate may lose (0.01: one point)",
+        legacy=True)
     confidence: float = option(
         0.0, "--confidence", "paired standard errors of its validation change a candidate must "
-        "clear beyond the tolerance (0: the paper's rule)")
+        "clear beyond the tolerance (0: the paper's rule)", legacy=True)
     scope: str = option(
         "layer", "--scope", "rank units within each layer ('layer') or across all layers "
-        "('global')", choices=("layer", "global"))
+        "('global')", choices=("layer", "global"), legacy=True)
     prune_heads: bool = option(
         True, "--keep-heads", "prune FFN neurons only, keep every attention head",
-        aliases=("--ffn-only",))
+        aliases=("--ffn-only",), legacy=True)
     max_rate: float = option(
-        0.95, "--max-rate", "highest pruning rate tried")
+        0.95, "--max-rate", "highest pruning rate tried", legacy=True)
     resolution: float = option(
         0.01, "--resolution", "the search stops when the rates it brackets are this close",
-        positive=True)
+        positive=True, legacy=True)
 
     def __post_init__(self):
         check_fields(self)
@@ -122,26 +127,25 @@ class RecoveryConfig:
     head re-tuned on its pruned network (`epochs`) before it is measured, the baseline as long
     unpruned."""
     epochs: int = option(
-        0, "--recover-epochs", "epochs of re-tuning each candidate (0: no recovery)",
-        flat="recover_epochs")
+        0, "--recover-epochs", "epochs of re-tuning each candidate (0: no re-tuning)",
+        flat="recover_epochs", legacy=True)
     lr: float | None = option(
         None, "--recover-lr", "learning rate of the re-tuned prompt (default: the prompt's lr)",
-        flat="recover_lr", positive=True)
+        flat="recover_lr", positive=True, legacy=True)
     num_examples: int = option(
         1024, "--recover-examples", "training examples re-tuned on, drawn at random",
-        flat="recover_examples", positive=True)
+        flat="recover_examples", positive=True, legacy=True)
     objective: str = option(
         "labels", "--recover-objective", "what re-tuning trains on: 'labels' (cross-entropy on "
         "the gold labels) or 'distill' (KL divergence from the unpruned prompt-tuned model's "
-        "label distribution)", choices=("labels", "distill"), legacy=False)
+        "label distribution)", choices=("labels", "distill"))
     reconstruct: str = option(
         "none", "--reconstruct", "fit each candidate's reconstruction on the unpruned model "
         "before any re-tuning: 'none', 'bias' (FLAP's bias compensation) or 'scales' (least-"
-        "squares scales of the kept units and bias deltas)", choices=("none", "bias", "scales"),
-        legacy=False)
+        "squares scales of the kept units and bias deltas)", choices=("none", "bias", "scales"),)
     calibration_examples: int = option(
         256, "--calibration-examples", "training examples the reconstruction is fitted on, "
-        "drawn at random", positive=True, legacy=False)
+        "drawn at random", positive=True)
 
     def __post_init__(self):
         check_fields(self)

@@ -84,6 +84,9 @@ def retune(model, tokenizer, expert: Expert, data, epochs: int = 1, lr: float = 
     None) is trained on the whole network: the baseline given the same extra training.
     `teacher`: (len(data), num_labels) label logits to distil (KL divergence from their softmax,
     e.g. the unpruned prompt-tuned expert's, `Expert.predict_logits`) instead of the labels."""
+    if teacher is not None and tuple(teacher.shape) != (len(data), len(expert.label_names)):
+        raise ValueError(f"teacher has shape {tuple(teacher.shape)}; it must hold one logit per "
+                         f"label for each example: ({len(data)}, {len(expert.label_names)})")
     targets = None if teacher is None else torch.softmax(teacher.float(), dim=-1)
     torch.manual_seed(seed)
     mask = ExpertMask() if expert.mask is None else expert.mask

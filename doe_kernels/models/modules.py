@@ -20,6 +20,7 @@ from doe_kernels.ops import (
     gather_rows_linear,
     gather_swiglu_ffn,
     project_qkv,
+    scale_columns,
 )
 
 
@@ -32,14 +33,10 @@ def add_bias_delta(out: torch.Tensor, delta: torch.Tensor | None) -> torch.Tenso
     return out if delta is None else out + delta
 
 
-def scale_inputs(x: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
-    """`x * scales` (the dense path's kept-unit scales), or `x` itself when there are none."""
-    return x if scales is None else x * scales
-
-
-def _reconstruction_repr(module) -> str:
-    return ((", bias-compensated" if module.bias_delta is not None else "")
-            + (", scaled" if module.scales is not None else ""))
+def reconstruction_repr(module) -> str:
+    """What a module's extra_repr adds for the expert's bias delta and scales it holds."""
+    return ((", bias-compensated" if getattr(module, "bias_delta", None) is not None else "")
+            + (", scaled" if getattr(module, "scales", None) is not None else ""))
 
 
 class KeptRowsLinear(nn.Module):
@@ -75,7 +72,7 @@ class KeptColsLinear(nn.Module):
 
     def forward(self, x_kept):
         if self.kept is None:
-            out = torch.matmul(scale_inputs(x_kept, self.scales), self.weight_t)
+            out = torch.matmul(scale_columns(x_kept, self.scales), self.weight_t)
             out = out if self.bias is None else out + self.bias
         else:
             out = gather_cols_linear(x_kept, self.weight_t, self.bias, self.kept,
@@ -85,7 +82,7 @@ class KeptColsLinear(nn.Module):
 
     def extra_repr(self):
         return (f"in={_kept_repr(self.kept, self.weight_t.shape[0])}, out={self.weight_t.shape[1]}, "
-                f"backend={self.backend}{_reconstruction_repr(self)}")
+                f"backend={self.backend}{reconstruction_repr(self)}")
 
 
 class GatherSwiGLUMLP(nn.Module):
@@ -102,7 +99,7 @@ class GatherSwiGLUMLP(nn.Module):
     def forward(self, x):
         if self.kept is None:
             hidden = F.silu(F.linear(x, self.w_gate)) * F.linear(x, self.w_up)
-            out = torch.matmul(scale_inputs(hidden, self.scales), self.w_down_t)
+            out = torch.matmul(scale_columns(hidden, self.scales), self.w_down_t)
         else:
             out = gather_swiglu_ffn(x, self.w_gate, self.w_up, self.w_down_t, self.kept,
                                     backend=self.backend, check_indices=False,
@@ -112,7 +109,7 @@ class GatherSwiGLUMLP(nn.Module):
     def extra_repr(self):
         return (f"hidden={self.w_gate.shape[1]}, "
                 f"neurons={_kept_repr(self.kept, self.w_gate.shape[0])}, backend={self.backend}"
-                f"{_reconstruction_repr(self)}")
+                f"{reconstruction_repr(self)}")
 
 
 class PrunedAttention(nn.Module):
@@ -156,4 +153,4 @@ class PrunedAttention(nn.Module):
         kept = self.num_heads if self.selection is None else self.selection.num_kept
         kv = self.num_kv_heads if self.selection is None else self.selection.kept_kv_heads.numel()
         return (f"heads={kept}/{self.num_heads} kept, kv_heads={kv}/{self.num_kv_heads} computed, "
-                f"head_dim={self.head_dim}, backend={self.backend}")
+                f"head_dim={self.head_dim}, backend={self.backend}{reconstruction_repr(self)}")

@@ -7,7 +7,12 @@ from doe_kernels.ops.attention import (
     pruned_head_attention,
 )
 from doe_kernels.ops.ffn import gather_ffn, gather_swiglu_ffn
-from doe_kernels.ops.linear import gather_cols_linear, gather_rows_linear, input_major
+from doe_kernels.ops.linear import (
+    gather_cols_linear,
+    gather_rows_linear,
+    input_major,
+    scale_columns,
+)
 
 __all__ = [
     "HeadSelection",
@@ -20,4 +25,5 @@ __all__ = [
     "project_out",
     "project_qkv",
     "pruned_head_attention",
+    "scale_columns",
 ]

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from doe_kernels.ops.checks import check_float_tensor, check_index
-from doe_kernels.ops.linear import gather_cols_linear, gather_rows_linear
+from doe_kernels.ops.linear import gather_cols_linear, gather_rows_linear, scale_columns
 
 RotaryHook = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -155,7 +155,7 @@ def project_out(attn_out, o_weight_t, o_bias, selection: HeadSelection, backend:
     """The output projection reading only the kept heads' columns (o_weight_t input-major);
     `scales` (None, or one per column of attn_out) multiply the columns' contributions."""
     if selection.is_full:
-        out = torch.matmul(attn_out if scales is None else attn_out * scales, o_weight_t)
+        out = torch.matmul(scale_columns(attn_out, scales), o_weight_t)
         return out if o_bias is None else out + o_bias
     return gather_cols_linear(attn_out, o_weight_t, o_bias, selection.q_rows, backend=backend,
                               check_indices=False, scales=scales)

@@ -25,6 +25,18 @@ def input_major(weight: torch.Tensor) -> torch.Tensor:
     return weight.transpose(-2, -1).contiguous()
 
 
+def scale_columns(x: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
+    """`x * scales` (one factor per feature of x, as the column-gathered op applies `scales`
+    to its kept inputs), or `x` itself when there are none: the dense path of a patched layer
+    that keeps every input."""
+    if scales is None:
+        return x
+    if scales.dim() != 1 or scales.numel() != x.shape[-1]:
+        raise ValueError(f"scales has shape {tuple(scales.shape)}, but x has {x.shape[-1]} "
+                         "features (one scale per feature)")
+    return x * scales
+
+
 def gather_rows_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
