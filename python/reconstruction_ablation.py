@@ -23,7 +23,9 @@ no search and no re-tuning: the same prompt and head serve every mask.
 
 It writes results.json (rows, dense baseline, metadata: date, commit, versions, CPU, threads,
 sizes, seeds, the command) and results.md (the table it prints) into --out (default
-benchmarks/results/local/reconstruction_ablation/, ignored by git). About 3 minutes on 2 CPU
+benchmarks/results/local/reconstruction_ablation/, ignored by git).
+`python python/reconstruction_ablation.py --summarize ROOT` gathers the runs in ROOT's
+sub-folders into ROOT/summary.md and ROOT/accuracy_vs_pruning.png. About 3 minutes on 2 CPU
 cores. Data come from python/tasks.py, the model from python/offline_models.py (PyPI packages).
 """
 import argparse
@@ -225,5 +227,58 @@ def main(argv=None) -> dict:
     return result
 
 
+def summarize(root: str) -> str:
+    """The tasks' runs under `root` (one results.json per sub-folder) as one markdown table,
+    written to root/summary.md, and a plot of test accuracy against the pruning rate per task,
+    plain (dashed) and with scales and bias (solid), written to root/accuracy_vs_pruning.png."""
+    runs = []
+    for name in sorted(os.listdir(root)):
+        path = os.path.join(root, name, "results.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                runs.append(json.load(f))
+    lines = ["| task | dense | attribution | rate | plain | bias (FLAP) | scales + bias |",
+             "|---|---|---|---|---|---|---|"]
+    for run in runs:
+        for row in run["rows"]:
+            cells = [f"{100 * row[kind]['change']:+.1f} ({100 * row[kind]['change_se']:.1f})"
+                     for kind in VARIANTS]
+            lines.append(f"| {run['metadata']['task']} | {run['dense']['accuracy']:.3f} | "
+                         f"{row['method']} | {row['rate']:.2f} | {' | '.join(cells)} |")
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(root, "summary.md"), "w") as f:
+        f.write(text)
+    _plot(runs, os.path.join(root, "accuracy_vs_pruning.png"))
+    return text
+
+
+def _plot(runs, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for index, run in enumerate(runs):
+        color = f"C{index}"
+        rows = [row for row in run["rows"] if row["method"] == "grad"]
+        rates = [0.0] + [100 * row["rate"] for row in rows]
+        for kind, style in (("plain", "--"), ("scales", "-")):
+            accuracy = [run["dense"]["accuracy"]] + [row[kind]["accuracy"] for row in rows]
+            ax.plot(rates, accuracy, style, marker="o", color=color,
+                    label=run["metadata"]["task"] if kind == "scales" else None)
+    ax.set_xlabel("pruning rate (%), neurons and heads, global ranking")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(f"{runs[0]['metadata']['model']}: plain (dashed) vs scales + bias (solid)"
+                 if runs else "no runs")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--summarize"]:
+        print(summarize(sys.argv[2]))
+    else:
+        main()

@@ -13,6 +13,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_tiny_ablation_writes_plain_bias_and_scales_rows(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "polarity"
     minilm_dir()  # the script loads all-MiniLM-L6-v2: skips where its package is missing
     data = sentiment_task(64).split((0.5, 0.0, 0.5))
     monkeypatch.setattr(reconstruction_ablation, "load_task",
@@ -20,8 +21,8 @@ def test_tiny_ablation_writes_plain_bias_and_scales_rows(tmp_path, monkeypatch, 
                                                           for k, v in data.items()})
     result = reconstruction_ablation.main([
         "--max-train", "16", "--test", "16", "--epochs", "1", "--rates", "0.5", "0.8",
-        "--calibration", "8", "--attribution-examples", "8", "--out", str(tmp_path)])
-    with open(tmp_path / "results.json") as f:
+        "--calibration", "8", "--attribution-examples", "8", "--out", str(out)])
+    with open(out / "results.json") as f:
         saved = json.load(f)
     assert saved == json.loads(json.dumps(result))
     meta = saved["metadata"]
@@ -46,5 +47,8 @@ def test_tiny_ablation_writes_plain_bias_and_scales_rows(tmp_path, monkeypatch, 
         assert versus["change"] == pytest.approx(row["scales"]["accuracy"]
                                                  - row["plain"]["accuracy"])
     printed = capsys.readouterr().out
-    table = (tmp_path / "results.md").read_text()
+    table = (out / "results.md").read_text()
     assert table in printed and table.count("\n| grad | 0.") == table.count("\n| fisher | 0.") == 2
+    summary = reconstruction_ablation.summarize(str(tmp_path))
+    assert summary.count("\n| polarity | ") == 4 and (tmp_path / "accuracy_vs_pruning.png").exists()
+    assert summary == (tmp_path / "summary.md").read_text()
