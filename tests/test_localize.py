@@ -293,6 +293,8 @@ def test_localize_end_to_end_minilm(tokenizer, tmp_path, one_thread):
     counts = collections.Counter(splits["validation"].labels)
     assert figures["accuracy_majority_label"] == max(counts.values()) / len(splits["validation"])
     assert figures["prompt_epochs"] == 3 and figures["prompt_lr"] == 3e-2
+    # the default recipe reconstructs each candidate: the expert carries scales and bias deltas
+    assert figures["reconstruct"] == "scales" and expert.mask.scaled
     print(f"\nlocalize: {seconds:.1f}s, figures: {figures}")
     assert not dk.is_patched(model) and state_dict_equal(before, snapshot(model))
     assert figures["accuracy_before"] >= 0.9
@@ -321,9 +323,12 @@ def test_localize_end_to_end_minilm(tokenizer, tmp_path, one_thread):
     assert again.figures["prompt_epochs"] == 3  # how the reused prompt was trained
     # The same search asking each candidate to clear 2 paired SEs beyond the tolerance: each
     # verdict follows that rule, and each step's SE is the paired one.
+    # (plain candidates, so that the probe below rebuilds one exactly)
     sure = localize(model, tokenizer, splits["train"], splits["validation"], attribution=few,
                     search=SearchConfig(scope="global", prune_heads=False, tolerance=0.05,
-                                        confidence=2.0), start_from=expert, progress=False)
+                                        confidence=2.0),
+                    recovery=RecoveryConfig(reconstruct="none"), start_from=expert,
+                    progress=False)
     base, steps = sure.figures["accuracy_before"], sure.figures["search"]
     assert sure.figures["confidence"] == 2.0 and all(len(step) == 4 for step in steps)
     assert all(ok == (acc - base >= -0.05 + 2 * se - 1e-12) for _, acc, ok, se in steps)

@@ -3,10 +3,12 @@
 Three steps: prompt tuning (`prompt`), attribution of every FFN neuron and attention head
 (`attribution`), and a binary search for the highest pruning rate whose validation accuracy stays
 within a tolerance of the unpruned prompt-tuned model (`search`), each candidate measured through
-`doe_kernels.patch`, i.e. on the kernels that will serve it. Optionally, every candidate's prompt
-and head are first re-tuned on its pruned network (`recover`). Each step's options are a small
-frozen dataclass (`config`: PromptConfig, AttributionConfig, SearchConfig, RecoveryConfig) whose
-defaults are the paper's method; docs/localize.md describes each option and what was measured.
+`doe_kernels.patch`, i.e. on the kernels that will serve it. Every candidate's pruned layers are
+first reconstructed (scales and bias deltas fitted on task data, `compensate`), and optionally its
+prompt and head re-tuned on its pruned network (`recover`). Each step's options are a small frozen
+dataclass (`config`: PromptConfig, AttributionConfig, SearchConfig, RecoveryConfig) whose defaults
+are the paper's method plus the reconstruction, which measured best; docs/localize.md describes
+each option and what was measured.
 """
 import collections
 import time
@@ -45,9 +47,9 @@ def localize(model, tokenizer, train, validation=None, *, label_words=None, temp
     weights); the trained head lives in the Expert and is plugged by `expert.plugged`.
     `validation` defaults to 20% split off `train` (with `seed`).
 
-    The steps, each configured by its own frozen dataclass (the defaults are the paper's method;
-    docs/localize.md describes every option, the recipe of the current results and what was
-    measured):
+    The steps, each configured by its own frozen dataclass (the defaults are the paper's method
+    plus the reconstruction of step 4; docs/localize.md describes every option, the recipe of the
+    current results and what was measured):
     1. `prompt=PromptConfig(...)`: soft tokens (and the head) trained with PEFT on `train`.
     2. `attribution=AttributionConfig(...)`: each FFN neuron and head scored on training
        examples with the prompt, on the unpatched model.
@@ -55,11 +57,13 @@ def localize(model, tokenizer, train, validation=None, *, label_words=None, temp
        accuracy on `validation` is at least the unpruned prompt-tuned accuracy minus the
        tolerance. A warning says when that baseline is weak (no better than the most frequent
        label, or, for causal LMs, below the model without a prompt).
-    4. `recovery=RecoveryConfig(epochs=k)` (off by default): each candidate's prompt and head
-       re-tuned for k epochs on its pruned network before it is measured, the baseline given
-       the same training unpruned (`expert.dense()`); a candidate whose re-tuning diverges
-       fails. A warning says when that training lowered the baseline by more than the
-       tolerance.
+    4. `recovery=RecoveryConfig(...)`: each candidate's pruned layers reconstructed
+       (`reconstruct="scales"` by default: least-squares scales of the kept units and bias
+       deltas, fitted on `calibration_examples` training examples; "bias" or "none"), then,
+       with `epochs=k` (off by default), its prompt and head re-tuned for k epochs on its
+       pruned network before it is measured, the baseline given the same training unpruned
+       (`expert.dense()`); a candidate whose re-tuning diverges fails. A warning says when
+       that training lowered the baseline by more than the tolerance.
 
     `batch_size` (training; evaluation uses twice it), `max_length` (tokens per example),
     `backend` (the kernels candidates are measured on), `seed` and `progress` apply to every

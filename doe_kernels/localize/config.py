@@ -1,8 +1,9 @@
-"""localize's options, grouped by step in small frozen dataclasses; the defaults are the paper's.
+"""localize's options, grouped by step in small frozen dataclasses; the defaults are the paper's
+method plus the reconstruction of each candidate (RecoveryConfig.reconstruct), which measured best.
 
 `PromptConfig` (prompt tuning), `AttributionConfig` (scoring units), `SearchConfig` (the
-pruning-rate search) and `RecoveryConfig` (re-tuning each candidate on its pruned network, off by
-default). Each field carries its command-line flag and help text in its metadata (`option`), so
+pruning-rate search) and `RecoveryConfig` (reconstructing each candidate, and re-tuning it on its
+pruned network, off by default). Each field carries its command-line flag and help text in its metadata (`option`), so
 the `doe-kernels localize` options are built from these classes (`cli.add_config_options`) and
 docs/localize.md describes each option once. `FLAT_NAMES` maps the flat keyword arguments that
 `localize` took before onto (config, field); `configs_from_flat` resolves them (deprecated).
@@ -122,10 +123,10 @@ class SearchConfig:
 
 @dataclass(frozen=True)
 class RecoveryConfig:
-    """Step 4 (off by default: the paper has none), recovery: each candidate's pruned layers
-    reconstructed (scales and bias deltas fitted on task data, `reconstruct`) and its prompt and
-    head re-tuned on its pruned network (`epochs`) before it is measured, the baseline as long
-    unpruned."""
+    """Step 4 (not in the paper), recovery: each candidate's pruned layers reconstructed (scales
+    and bias deltas fitted on task data, `reconstruct`: on by default, it measured best) and its
+    prompt and head re-tuned on its pruned network (`epochs`, off by default) before it is
+    measured, the baseline as long unpruned."""
     epochs: int = option(
         0, "--recover-epochs", "epochs of re-tuning each candidate (0: no re-tuning)",
         flat="recover_epochs", legacy=True)
@@ -140,9 +141,10 @@ class RecoveryConfig:
         "the gold labels) or 'distill' (KL divergence from the unpruned prompt-tuned model's "
         "label distribution)", choices=("labels", "distill"))
     reconstruct: str = option(
-        "none", "--reconstruct", "fit each candidate's reconstruction on the unpruned model "
-        "before any re-tuning: 'none', 'bias' (FLAP's bias compensation) or 'scales' (least-"
-        "squares scales of the kept units and bias deltas)", choices=("none", "bias", "scales"),)
+        "scales", "--reconstruct", "fit each candidate's reconstruction on the unpruned model "
+        "before any re-tuning: 'scales' (least-squares scales of the kept units and bias "
+        "deltas), 'bias' (FLAP's bias compensation) or 'none' (the paper's plain mask)",
+        choices=("scales", "bias", "none"))
     calibration_examples: int = option(
         256, "--calibration-examples", "training examples the reconstruction is fitted on, "
         "drawn at random", positive=True)
