@@ -18,17 +18,16 @@ def calibration(name, count=2):
             for seed in range(1, count + 1)]
 
 
-def output_mean(model, layer, path, batches):
-    """The mean over real tokens of the output of `layer`'s module at `path` (float64)."""
-    total, count, keep = 0.0, 0, [None]
+def real_token_rows(model, module, batches, inputs=False):
+    """The output (or input) rows of `module` at the real tokens of every batch, float64."""
+    rows, keep = [], [None]
 
-    def hook(module, args, out):
-        nonlocal total, count
-        out = out[0] if isinstance(out, tuple) else out
-        rows = out.reshape(-1, out.shape[-1])[keep[0]]
-        total, count = total + rows.double().sum(0), count + rows.shape[0]
+    def record(x):
+        x = x[0] if isinstance(x, tuple) else x
+        rows.append(x.reshape(-1, x.shape[-1])[keep[0]].double())
 
-    handle = layer.get_submodule(path).register_forward_hook(hook)
+    handle = (module.register_forward_pre_hook(lambda m, args: record(args[0])) if inputs
+              else module.register_forward_hook(lambda m, args, out: record(out)))
     try:
         with torch.no_grad():
             for batch in batches:
@@ -36,7 +35,12 @@ def output_mean(model, layer, path, batches):
                 model(**batch)
     finally:
         handle.remove()
-    return total / count
+    return torch.cat(rows)
+
+
+def output_mean(model, layer, path, batches):
+    """The mean over real tokens of the output of `layer`'s module at `path` (float64)."""
+    return real_token_rows(model, layer.get_submodule(path), batches).mean(0)
 
 
 def layer0_mask(model, kind, keep=0.4, seed=0):

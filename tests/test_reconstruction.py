@@ -7,7 +7,7 @@ import doe_kernels as dk
 from doe_kernels.localize.compensate import Calibration, bias_compensation, reconstruction
 from model_utils import build, inputs, snapshot, state_dict_equal
 from moe_utils import mixtral
-from test_compensate import OUTPUTS, calibration
+from test_compensate import OUTPUTS, calibration, real_token_rows
 
 torch.set_num_threads(1)
 
@@ -18,21 +18,7 @@ def first_layer(model):
 
 def layer_outputs(model, layer, path, batches):
     """The output of `layer`'s module at `path` on the real tokens of every batch (float64)."""
-    rows, keep = [], [None]
-
-    def hook(module, args, out):
-        out = out[0] if isinstance(out, tuple) else out
-        rows.append(out.reshape(-1, out.shape[-1])[keep[0]].double())
-
-    handle = layer.get_submodule(path).register_forward_hook(hook)
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                keep[0] = batch["attention_mask"].reshape(-1).bool()
-                model(**batch)
-    finally:
-        handle.remove()
-    return torch.cat(rows)
+    return real_token_rows(model, layer.get_submodule(path), batches)
 
 
 def duplicate_unit(model, kind):
@@ -91,19 +77,10 @@ def test_a_pruned_copy_is_reconstructed_exactly(name, kind):
 
 
 def contributions(model, batches):
-    """Layer 0's FFN activations h of the real tokens (tokens, neurons), float64."""
+    """Layer 0's FFN activations h of the real tokens (tokens, neurons) and its down projection's
+    weight, float64."""
     down = dk.models.find_layers(model)[1][0].mlp.down_proj
-    rows, keep = [], [None]
-    handle = down.register_forward_pre_hook(
-        lambda module, args: rows.append(args[0].reshape(-1, args[0].shape[-1])[keep[0]].double()))
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                keep[0] = batch["attention_mask"].reshape(-1).bool()
-                model(**batch)
-    finally:
-        handle.remove()
-    return torch.cat(rows), down.weight.detach().double()
+    return real_token_rows(model, down, batches, inputs=True), down.weight.detach().double()
 
 
 def test_scales_and_bias_are_the_least_squares_solution():
