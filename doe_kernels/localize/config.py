@@ -3,8 +3,8 @@ method plus the reconstruction of each candidate (RecoveryConfig.reconstruct), w
 
 `PromptConfig` (prompt tuning), `AttributionConfig` (scoring units), `SearchConfig` (the
 pruning-rate search) and `RecoveryConfig` (reconstructing each candidate, and re-tuning it on its
-pruned network, off by default). Each field carries its command-line flag and help text in its metadata (`option`), so
-the `doe-kernels localize` options are built from these classes (`cli.add_config_options`) and
+pruned network, off by default). Each field carries its command-line flag and help text in its
+metadata (`option`), so the `doe-kernels localize` options are built from these classes (`cli.add_config_options`) and
 docs/localize.md describes each option once. `FLAT_NAMES` maps the flat keyword arguments that
 `localize` took before onto (config, field); `configs_from_flat` resolves them (deprecated).
 """
