@@ -146,3 +146,27 @@ def state_dict_equal(a: dict, b: dict) -> bool:
 
 def snapshot(model) -> dict:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def convert_while_patched(model, mask, plain, buffer, count, name):
+    """Patch `model` (float32) with `mask`, convert it to bfloat16 while patched: the `count`
+    expert buffers named `buffer` follow the model's dtype, a swap to `plain` and back gives the
+    same output, and the output matches the masked-dense reference."""
+    from reference import assert_close
+
+    ids, attention = inputs(name)
+    with torch.no_grad():
+        dk.patch(model, mask)
+        model.to(torch.bfloat16)
+        held = [getattr(m, buffer) for m in model.modules()
+                if getattr(m, buffer, None) is not None]
+        assert len(held) == count and all(t.dtype == torch.bfloat16 for t in held)
+        out = output_of(model, ids, attention)
+        dk.patch(model, plain)
+        dk.patch(model, mask)  # a swap after the conversion casts to the model's dtype
+        assert torch.equal(output_of(model, ids, attention), out)
+        dk.unpatch(model)
+        reference = output_of(masked_dense(model.double(), mask), ids, attention)
+        dense_same_dtype = output_of(masked_dense(model.to(torch.bfloat16), mask), ids, attention)
+    assert_close(out, reference, dense_same_dtype, f"{name} converted to bfloat16 while patched")
+

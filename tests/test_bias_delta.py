@@ -8,6 +8,7 @@ import torch
 
 import doe_kernels as dk
 from model_utils import (
+    convert_while_patched,
     add_bias,
     build,
     inputs,
@@ -91,21 +92,8 @@ def test_a_delta_of_zeros_equals_no_delta(name):
 
 def test_converting_a_patched_model_converts_its_deltas():
     model = build("llama")
-    ids, attention = inputs("llama")
     mask = with_deltas(model, mixed_mask(model))
-    with torch.no_grad():
-        dk.patch(model, mask)
-        model.to(torch.bfloat16)
-        deltas = [m.bias_delta for m in model.modules() if getattr(m, "bias_delta", None) is not None]
-        assert len(deltas) == 4 and all(d.dtype == torch.bfloat16 for d in deltas)
-        out = output_of(model, ids, attention)
-        dk.patch(model, mask.with_bias())
-        dk.patch(model, mask)  # a swap after the conversion casts to the model's dtype
-        assert torch.equal(output_of(model, ids, attention), out)
-        dk.unpatch(model)
-        reference = output_of(masked_dense(model.double(), mask), ids, attention)
-        dense_same_dtype = output_of(masked_dense(model.to(torch.bfloat16), mask), ids, attention)
-    assert_close(out, reference, dense_same_dtype, "llama converted to bfloat16 while patched")
+    convert_while_patched(model, mask, mask.with_bias(), "bias_delta", 4, "llama")
 
 
 def test_deltas_survive_files_copies_and_pickles(tmp_path):

@@ -77,28 +77,40 @@ def test_compensated_layer_keeps_its_mean_output(name, kind):
     assert torch.allclose(fixed, dense, atol=1e-5 * max(scale, 1.0), rtol=0)
 
 
+def nothing_pruned(model):
+    """The masks that keep every unit: an empty one, and one listing every index."""
+    spec = dk.models.spec_of(model)
+    return (dk.ExpertMask(), dk.ExpertMask(
+        ffn={l: torch.arange(spec.intermediate_size) for l in range(spec.num_layers)},
+        heads={l: torch.arange(spec.num_heads) for l in range(spec.num_layers)}))
+
+
 @pytest.mark.parametrize("name", ["bert", "llama"])
 def test_nothing_pruned_gives_no_delta(name):
     model = build(name)
-    spec = dk.models.spec_of(model)
-    for mask in (dk.ExpertMask(), dk.ExpertMask(
-            ffn={l: torch.arange(spec.intermediate_size) for l in range(spec.num_layers)},
-            heads={l: torch.arange(spec.num_heads) for l in range(spec.num_layers)})):
+    for mask in nothing_pruned(model):
         compensated = bias_compensation(model, mask, calibration(name))
         assert not compensated.ffn_bias and not compensated.attn_bias
         assert compensated == mask
 
 
-def test_fitting_never_changes_the_model():
+def fit_on_a_model_in_mixed_modes(fit):
+    """(model, mask, fit(model, mask, batches)) on a BERT model in mixed train/eval modes, after
+    checking that fitting left the model's weights, modes and hooks as they were."""
     model = build("bert").train()
     model.bert.encoder.layer[1].eval()  # mixed modes come back as they were
     modes = [m.training for m in model.modules()]
     before = snapshot(model)
     mask = dk.ExpertMask.random(model, ffn_keep=0.3, heads_keep=0.5)
-    compensated = bias_compensation(model, mask, calibration("bert"))
+    fitted = fit(model, mask, calibration("bert"))
     assert state_dict_equal(snapshot(model), before)
     assert [m.training for m in model.modules()] == modes
     assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
+    return model, mask, fitted
+
+
+def test_fitting_never_changes_the_model():
+    model, mask, compensated = fit_on_a_model_in_mixed_modes(bias_compensation)
     assert set(compensated.ffn_bias) == set(compensated.attn_bias) == {0, 1, 2}
     assert compensated.with_bias() == mask
     assert compensated == bias_compensation(model, compensated, calibration("bert"))  # replaced

@@ -5,9 +5,15 @@ import torch
 
 import doe_kernels as dk
 from doe_kernels.localize.compensate import Calibration, bias_compensation, reconstruction
-from model_utils import build, inputs, snapshot, state_dict_equal
+from model_utils import build
 from moe_utils import mixtral
-from test_compensate import OUTPUTS, calibration, real_token_rows
+from test_compensate import (
+    OUTPUTS,
+    calibration,
+    fit_on_a_model_in_mixed_modes,
+    nothing_pruned,
+    real_token_rows,
+)
 
 torch.set_num_threads(1)
 
@@ -137,22 +143,12 @@ def test_reconstruction_fits_the_first_layer_at_least_as_well_as_bias_alone(name
 @pytest.mark.parametrize("name", ["bert", "llama"])
 def test_nothing_pruned_is_the_identity(name):
     model = build(name)
-    spec = dk.models.spec_of(model)
-    for mask in (dk.ExpertMask(), dk.ExpertMask(
-            ffn={l: torch.arange(spec.intermediate_size) for l in range(spec.num_layers)},
-            heads={l: torch.arange(spec.num_heads) for l in range(spec.num_layers)})):
+    for mask in nothing_pruned(model):
         assert reconstruction(model, mask, calibration(name)) == mask
 
 
 def test_fitting_never_changes_the_model_and_replaces_the_masks_own():
-    model = build("bert").train()
-    modes = [m.training for m in model.modules()]
-    before = snapshot(model)
-    mask = dk.ExpertMask.random(model, ffn_keep=0.3, heads_keep=0.5)
-    fitted = reconstruction(model, mask, calibration("bert"))
-    assert state_dict_equal(snapshot(model), before)
-    assert [m.training for m in model.modules()] == modes
-    assert not any(m._forward_pre_hooks for m in model.modules())
+    model, mask, fitted = fit_on_a_model_in_mixed_modes(reconstruction)
     assert set(fitted.ffn_scales) == set(fitted.head_scales) == {0, 1, 2}
     assert fitted.bias_compensated and fitted.with_scales().with_bias() == mask
     assert reconstruction(model, fitted, calibration("bert")) == fitted

@@ -6,7 +6,16 @@ import pytest
 import torch
 
 import doe_kernels as dk
-from model_utils import build, inputs, masked_dense, mixed_mask, output_of, snapshot, state_dict_equal
+from model_utils import (
+    build,
+    convert_while_patched,
+    inputs,
+    masked_dense,
+    mixed_mask,
+    output_of,
+    snapshot,
+    state_dict_equal,
+)
 from moe_utils import mixtral, moe_reference
 from reference import assert_close
 
@@ -92,18 +101,8 @@ def test_swaps_and_unpatch_are_exact(name):
 
 def test_converting_a_patched_model_converts_its_scales():
     model = build("llama")
-    ids, attention = inputs("llama")
     mask = with_scales(model, mixed_mask(model))
-    with torch.no_grad():
-        dk.patch(model, mask)
-        model.to(torch.bfloat16)
-        scales = [m.scales for m in model.modules() if getattr(m, "scales", None) is not None]
-        assert len(scales) == 6 and all(s.dtype == torch.bfloat16 for s in scales)
-        out = output_of(model, ids, attention)
-        dk.unpatch(model)
-        reference = output_of(masked_dense(model.double(), mask), ids, attention)
-        dense_same_dtype = output_of(masked_dense(model.to(torch.bfloat16), mask), ids, attention)
-    assert_close(out, reference, dense_same_dtype, "llama converted to bfloat16 while patched")
+    convert_while_patched(model, mask, mask.with_scales(), "scales", 6, "llama")
 
 
 def test_scales_survive_files_copies_and_pickles(tmp_path):
