@@ -391,14 +391,26 @@ class Expert:
         return dict(inputs_embeds=inputs_embeds,
                     attention_mask=torch.cat((ones, attention_mask), dim=1), **kwargs)
 
-    def calibration_batches(self, model, tokenizer, texts, batch_size: int = 32):
+    def calibration_batches(self, model, tokenizer, texts, batch_size: int = 32,
+                            readout_weight: float = 0.0):
         """Model keyword dicts (`model_inputs`, under no_grad) of `texts` in batches: what
-        `doe_kernels.localize.compensate.reconstruction` fits an expert's mask on."""
+        `doe_kernels.localize.compensate.reconstruction` fits an expert's mask on. With
+        `readout_weight` w > 0 each dict also holds `token_weights` for that fit: the token the
+        answer is read from (a classifier's first position, a causal LM's last) weighs 1 + w x
+        the example's other real tokens, every other real token 1."""
+        if not 0.0 <= readout_weight < float("inf"):
+            raise ValueError(f"readout_weight must be a finite number >= 0, got {readout_weight}")
         texts = list(texts)
         for start in range(0, len(texts), batch_size):
             ids, attention = self.encode(tokenizer, texts[start:start + batch_size])
             with torch.no_grad():
-                yield self.model_inputs(model, ids, attention)
+                batch = self.model_inputs(model, ids, attention)
+            if readout_weight:
+                weights = batch["attention_mask"].to(torch.float32)
+                readout = -1 if self.task_type == CAUSAL_LM else 0
+                weights[:, readout] += readout_weight * (weights.sum(1) - 1)
+                batch["token_weights"] = weights
+            yield batch
 
     def encode(self, tokenizer, texts):
         if self.task_type == CAUSAL_LM:

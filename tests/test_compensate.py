@@ -164,3 +164,45 @@ def test_misuse_is_refused():
     with pytest.raises(ValueError, match="ffn names layer 5"):
         bias_compensation(model, dk.ExpertMask({5: [0]}), calibration("bert"))
     assert not any(m._forward_pre_hooks for m in model.modules())
+
+
+def weighted_and_repeated(name):
+    """(one batch whose example 0 weighs 2 and example 1 weighs 1, the unweighted batch holding
+    example 0 twice): the same least-squares problem."""
+    ids, attention = inputs(name, batch=2)
+    weights = attention.to(torch.float32) * torch.tensor([[2.0], [1.0]])
+    weighted = dict(input_ids=ids, attention_mask=attention, token_weights=weights)
+    repeated = dict(input_ids=ids[[0, 0, 1]], attention_mask=attention[[0, 0, 1]])
+    return [weighted], [repeated]
+
+
+@pytest.mark.parametrize("name", ["bert", "llama"])
+def test_token_weights_count_a_token_as_often_as_they_say(name):
+    from doe_kernels.localize.compensate import Calibration
+
+    model = build(name)
+    mask = dk.ExpertMask.random(model, ffn_keep=0.4, heads_keep=0.5)
+    weighted, repeated = weighted_and_repeated(name)
+    a = Calibration.collect(model, weighted).fit(mask)
+    b = Calibration.collect(model, repeated).fit(mask)
+    for kind in ("ffn_scales", "head_scales", "ffn_bias", "attn_bias"):
+        for layer, value in getattr(a, kind).items():
+            assert torch.allclose(value, getattr(b, kind)[layer], atol=1e-4), (kind, layer)
+    ones = dict(weighted[0], token_weights=torch.ones_like(weighted[0]["token_weights"]))
+    unweighted = {k: v for k, v in weighted[0].items() if k != "token_weights"}
+    assert bias_compensation(model, mask, [ones]) == bias_compensation(model, mask, [unweighted])
+
+
+def test_bad_token_weights_are_refused():
+    model = build("bert")
+    mask = dk.ExpertMask.random(model, ffn_keep=0.4)
+    ids, attention = inputs("bert")
+    for weights, message in ((torch.ones(3, 4), "token_weights has shape"),
+                             (-torch.ones(3, 9), "finite and >= 0"),
+                             (torch.full((3, 9), float("nan")), "finite and >= 0")):
+        with pytest.raises(ValueError, match=message):
+            bias_compensation(model, mask, [dict(input_ids=ids, attention_mask=attention,
+                                                 token_weights=weights)])
+    with pytest.raises(ValueError, match="no real token"):
+        bias_compensation(model, mask, [dict(input_ids=ids, attention_mask=attention,
+                                             token_weights=torch.zeros(3, 9))])

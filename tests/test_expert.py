@@ -322,3 +322,31 @@ def test_chat_template_does_not_double_a_bos_the_tokenizer_adds():
 
     assert dk.chat_template(Tokenizer(True), "Why?") == "[INST] Why?\n\n{text} [/INST]"
     assert dk.chat_template(Tokenizer(False), "Why?") == "<s>[INST] Why?\n\n{text} [/INST]"
+
+
+@pytest.mark.parametrize("task_type", ["seq_cls", "causal_lm"])
+def test_calibration_batches_weigh_the_readout_token(tokenizer, task_type):
+    """readout_weight=w: the token the answer is read from (a classifier's first position, the
+    prompt's first soft token; a causal LM's last) weighs 1 + w x the example's other real
+    tokens; the other real tokens 1, padding 0. Without it, no token_weights."""
+    if task_type == "seq_cls":
+        model = tiny_bert()
+        expert = seq_cls_expert(model, virtual=3)
+    else:
+        model = tiny_llama()
+        expert = Expert(None, torch.randn(3, 32), "causal_lm", ["positive", "negative"],
+                        label_words=[" positive", " negative"],
+                        label_token_ids=label_token_ids(tokenizer, [" positive", " negative"]),
+                        sizes=model_sizes(model))
+    texts = ["a wonderful film", "dull"]
+    plain = list(expert.calibration_batches(model, tokenizer, texts))
+    assert len(plain) == 1 and "token_weights" not in plain[0]
+    batch = list(expert.calibration_batches(model, tokenizer, texts, readout_weight=0.5))[0]
+    attention = batch["attention_mask"].float()
+    assert torch.equal(batch["inputs_embeds"], plain[0]["inputs_embeds"])
+    readout = 0 if task_type == "seq_cls" else -1
+    expected = attention.clone()
+    expected[:, readout] = 1 + 0.5 * (attention.sum(1) - 1)
+    assert attention[:, readout].eq(1).all() and torch.equal(batch["token_weights"], expected)
+    with pytest.raises(ValueError, match="readout_weight must be a finite number >= 0"):
+        next(expert.calibration_batches(model, tokenizer, texts, readout_weight=-1.0))

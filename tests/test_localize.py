@@ -388,6 +388,17 @@ def test_localize_end_to_end_minilm(tokenizer, tmp_path, one_thread):
             figures["accuracy_after"]
     assert state_dict_equal(before, snapshot(model))
     assert all(not (m._forward_pre_hooks or m._forward_hooks) for m in model.modules())
+    # Layer-wise reconstruction, without re-tuning: the prompt and head are the start's.
+    layered = localize(model, tokenizer, splits["train"], splits["validation"], attribution=few,
+                       recovery=RecoveryConfig(reconstruct="layerwise", calibration_examples=32),
+                       start_from=expert, progress=False)
+    assert layered.figures["reconstruct"] == "layerwise" and layered.mask.scaled
+    assert torch.equal(layered.prompt, expert.prompt)
+    with layered.plugged(model):
+        assert layered.evaluate(model, tokenizer, splits["validation"]) == \
+            layered.figures["accuracy_after"]
+    assert state_dict_equal(before, snapshot(model))
+    assert all(not (m._forward_pre_hooks or m._forward_hooks) for m in model.modules())
     # A baseline no better than the most frequent label (a zeroed head answers label 0 always)
     # is reported, and the search still runs.
     weak = Expert.load(tmp_path / "sentiment.safetensors")

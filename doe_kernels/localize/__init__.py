@@ -21,6 +21,7 @@ from doe_kernels.expert import (CAUSAL_LM, DEFAULT_TEMPLATE, Expert, check_templ
                                 detect_task_type, label_token_ids, model_sizes)
 from doe_kernels.localize.attribution import attribute
 from doe_kernels.localize.compensate import Calibration, reconstruction
+from doe_kernels.localize.layerwise import layerwise_reconstruction
 from doe_kernels.localize.config import (AttributionConfig, PromptConfig, RecoveryConfig,
                                          SearchConfig, configs_from_flat)
 from doe_kernels.localize.prompt import PromptResult, train_prompt
@@ -30,7 +31,8 @@ from doe_kernels.patching import is_patched
 
 __all__ = ["localize", "PromptConfig", "AttributionConfig", "SearchConfig", "RecoveryConfig",
            "attribute", "train_prompt", "search_rate", "mask_at_rate", "retune", "masked",
-           "weak_baseline", "paired_change", "TrainingDiverged", "Calibration", "reconstruction"]
+           "weak_baseline", "paired_change", "TrainingDiverged", "Calibration", "reconstruction",
+           "layerwise_reconstruction"]
 
 
 def localize(model, tokenizer, train, validation=None, *, label_words=None, template=None,
@@ -59,11 +61,11 @@ def localize(model, tokenizer, train, validation=None, *, label_words=None, temp
        label, or, for causal LMs, below the model without a prompt).
     4. `recovery=RecoveryConfig(...)`: each candidate's pruned layers reconstructed
        (`reconstruct="scales"` by default: least-squares scales of the kept units and bias
-       deltas, fitted on `calibration_examples` training examples; "bias" or "none"), then,
-       with `epochs=k` (off by default), its prompt and head re-tuned for k epochs on its
-       pruned network before it is measured, the baseline given the same training unpruned
-       (`expert.dense()`); a candidate whose re-tuning diverges fails. A warning says when
-       that training lowered the baseline by more than the tolerance.
+       deltas, fitted on `calibration_examples` training examples; "layerwise", "bias" or
+       "none"), then, with `epochs=k` (off by default), its prompt and head re-tuned for k
+       epochs on its pruned network before it is measured, the baseline given the same
+       training unpruned (`expert.dense()`); a candidate whose re-tuning diverges fails. A
+       warning says when that training lowered the baseline by more than the tolerance.
 
     `batch_size` (training; evaluation uses twice it), `max_length` (tokens per example),
     `backend` (the kernels candidates are measured on), `seed` and `progress` apply to every
@@ -185,17 +187,20 @@ def _tune_prompt(run: _Run, train, prompt: PromptConfig, start_from: Expert | No
 
 @dataclass(frozen=True)
 class _Recovery:
-    """Step 4 as this call runs it: a candidate's scales and bias deltas fitted on `calibration`
-    (off when it is None), then `retune(expert)`: its prompt and head re-tuned on `data` (off
-    when `epochs` is 0), on the labels or, with `teacher`, distilling the teacher's logits."""
+    """Step 4 as this call runs it: a candidate's scales and bias deltas fitted on the calibration
+    batches (`reconstruct`: in one shot on `calibration`'s moments, or layer by layer), then
+    `retune(expert)`: its prompt and head re-tuned on `data` (off when `epochs` is 0), on the
+    labels or, with `teacher`, distilling the teacher's logits."""
     epochs: int
     lr: float  # RecoveryConfig.lr, by default the prompt's
     head_lr: float  # the prompt tuning's
     data: object  # RecoveryConfig.num_examples training examples, drawn with the seed
     teacher: object  # distillation: the prompt-tuned expert's label logits on `data`, or None
     reconstruct: str  # RecoveryConfig.reconstruct
-    calibration: Calibration | None  # collected with the prompt-tuned expert's prompt
+    batches: list | None  # calibration batches with the prompt-tuned expert's prompt
+    calibration: Calibration | None  # their moments ("scales", "bias")
     calibration_examples: int
+    readout_weight: float  # RecoveryConfig.readout_weight
 
     @classmethod
     def of(cls, run: "_Run", tuned_expert: Expert, train, prompt: PromptConfig,
@@ -206,26 +211,32 @@ class _Recovery:
         if recovery.epochs and recovery.objective == "distill":
             teacher = tuned_expert.predict_logits(run.model, run.tokenizer, data.texts,
                                                   batch_size=2 * run.batch_size)
-        calibration, examples = None, 0
+        batches, calibration, examples = None, None, 0
         if recovery.reconstruct != "none":
             texts = (train.sample(recovery.calibration_examples, seed=run.seed)
                      if len(train) > recovery.calibration_examples else train).texts
             batches = tuned_expert.calibration_batches(run.model, run.tokenizer, texts,
-                                                       2 * run.batch_size)
+                                                       2 * run.batch_size,
+                                                       recovery.readout_weight)
             if run.progress:
                 batches = tqdm(batches, total=-(-len(texts) // (2 * run.batch_size)),
                                desc="calibration", leave=False)
-            calibration = Calibration.collect(run.model, batches)
+            if recovery.reconstruct == "layerwise":
+                batches = list(batches)
+            else:
+                calibration, batches = Calibration.collect(run.model, batches), None
             examples = len(texts)
         return cls(recovery.epochs, prompt.lr if recovery.lr is None else recovery.lr,
-                   prompt.head_lr, data, teacher, recovery.reconstruct, calibration, examples)
+                   prompt.head_lr, data, teacher, recovery.reconstruct, batches, calibration,
+                   examples, recovery.readout_weight)
 
     def __call__(self, run: "_Run", expert: Expert) -> Expert:
         """The candidate reconstructed, then re-tuned, as configured."""
-        if self.calibration is not None:
-            expert = run.task.expert(self.calibration.fit(expert.mask,
-                                                          scales=self.reconstruct == "scales"),
-                                     expert.prompt, expert.head)
+        if self.reconstruct != "none":
+            fitted = (layerwise_reconstruction(run.model, expert.mask, self.batches)
+                      if self.batches is not None
+                      else self.calibration.fit(expert.mask, scales=self.reconstruct == "scales"))
+            expert = run.task.expert(fitted, expert.prompt, expert.head)
         return self.retune(run, expert) if self.epochs else expert
 
     def retune(self, run: "_Run", expert: Expert) -> Expert:
@@ -343,6 +354,7 @@ def _figures(expert: Expert, result, change_se: dict, base: _Baseline, recover: 
         recover_objective=("distill" if recover.teacher is not None else "labels")
         if recover.epochs else None,
         reconstruct=recover.reconstruct, calibration_examples=recover.calibration_examples,
+        readout_weight=recover.readout_weight if recover.reconstruct != "none" else None,
         num_train=num_train,
         num_validation=num_validation, prompt_losses=prompt_losses, **trained_with,
         search=[[rate, value, ok, change_se[rate]] for rate, value, ok in result.history],

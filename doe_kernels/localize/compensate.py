@@ -9,14 +9,16 @@ data, on the *unpruned* model, reconstruction fits per pruned layer
     scales s (one per kept unit) and a bias delta b minimising
         E || sum_{kept i} s_i c_i + b  -  sum_{all j} c_j ||^2       (c: unit contributions)
 
-over the real tokens (attention_mask) of the calibration batches: with the centred Gram matrix
-G[i, j] = E[(c_i - mean c_i) . (c_j - mean c_j)], s solves (G[K, K] + r I) s = G[K, :] 1 + r 1
-(a ridge r pulling s towards 1: `ridge` times the mean diagonal of G[K, K]), and b = sum_j mean
-c_j - sum_i s_i mean c_i. With s fixed to 1 (`scales=False`), b is FLAP's bias: the pruned units'
-mean contribution; without a bias (`bias=False`) G is the uncentred second moment. The FFN Gram
-needs no per-token contributions: G = E[h_i h_j] (W_i . W_j), from the activations' second
-moments. `Calibration.collect` gathers the moments once; `Calibration.fit(mask)` solves for any
-mask (`reconstruction` does both).
+over the real tokens (attention_mask) of the calibration batches, each weighted by the batch's
+`token_weights` if it has them (e.g. the token a classifier reads its answer from weighted as
+much as all the others of its example, `Expert.calibration_batches(readout_weight=1)`): with the
+centred Gram matrix G[i, j] = E[(c_i - mean c_i) . (c_j - mean c_j)], s solves
+(G[K, K] + r I) s = G[K, :] 1 + r 1 (a ridge r pulling s towards 1: `ridge` times the mean
+diagonal of G[K, K]), and b = sum_j mean c_j - sum_i s_i mean c_i. With s fixed to 1
+(`scales=False`), b is FLAP's bias: the pruned units' mean contribution; without a bias
+(`bias=False`) G is the uncentred second moment. The FFN Gram needs no per-token contributions:
+G = E[h_i h_j] (W_i . W_j), from the activations' second moments. `Calibration.collect` gathers
+the moments once; `Calibration.fit(mask)` solves for any mask (`reconstruction` does both).
 
 The result belongs to the expert (`ExpertMask.ffn_bias`/`attn_bias`/`ffn_scales`/`head_scales`,
 saved with it); the shared weights are never changed: a patched model applies it in the down and
@@ -48,12 +50,13 @@ class _FfnStats:
         self.second = (torch.zeros(size, size, dtype=torch.float64, device=device) if second
                        else None)
 
-    def add(self, rows: torch.Tensor) -> None:
+    def add(self, rows: torch.Tensor, weights: torch.Tensor) -> None:
         h = rows.to(torch.float64)
-        self.count += h.shape[0]
-        self.total += h.sum(0)
+        weighted = h * weights[:, None]
+        self.count += float(weights.sum())
+        self.total += weighted.sum(0)
         if self.second is not None:
-            self.second += h.T @ h
+            self.second += h.T @ weighted
 
     def means(self) -> torch.Tensor:
         """The neurons' mean contributions, (hidden, neurons)."""
@@ -86,17 +89,17 @@ class _HeadStats:
         self.gram = (torch.zeros(num_heads, num_heads, dtype=torch.float64, device=device)
                      if second else None)
 
-    def add(self, rows: torch.Tensor) -> None:
+    def add(self, rows: torch.Tensor, weights: torch.Tensor) -> None:
         a = rows.to(torch.float64)
-        self.count += a.shape[0]
-        self.total += a.sum(0)
+        self.count += float(weights.sum())
+        self.total += (a * weights[:, None]).sum(0)
         if self.gram is None:
             return
         heads, head_dim = self.weight.shape[1:]
-        for chunk in a.split(self.CHUNK):
+        for chunk, w in zip(a.split(self.CHUNK), weights.split(self.CHUNK)):
             contributions = torch.einsum("thd,ohd->tho", chunk.reshape(-1, heads, head_dim),
                                          self.weight)
-            self.gram += torch.einsum("tho,tko->hk", contributions, contributions)
+            self.gram += torch.einsum("tho,tko,t->hk", contributions, contributions, w)
 
     def means(self) -> torch.Tensor:
         """The heads' mean contributions, (hidden, heads)."""
@@ -114,11 +117,16 @@ class _HeadStats:
 
 def _scales(gram_rows: torch.Tensor, kept: torch.Tensor, ridge: float) -> torch.Tensor:
     """s solving (G[K, K] + r I) s = G[K, :] 1 + r 1, r = ridge x mean diagonal of G[K, K]."""
-    gram = gram_rows[:, kept]
+    return _solve(gram_rows[:, kept], gram_rows.sum(1), ridge)
+
+
+def _solve(gram: torch.Tensor, rhs: torch.Tensor, ridge: float) -> torch.Tensor:
+    """s solving (G + r I) s = rhs + r 1, r = ridge x mean diagonal of G: least squares with
+    the scales pulled towards 1."""
     r = ridge * gram.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)
-    eye = torch.eye(kept.numel(), dtype=gram.dtype, device=gram.device)
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
     try:
-        return torch.linalg.solve(gram + r * eye, gram_rows.sum(1) + r)
+        return torch.linalg.solve(gram + r * eye, rhs + r)
     except torch.linalg.LinAlgError as error:
         raise ValueError(f"the scales' least-squares system is singular (ridge={ridge:g}): some "
                          "kept units are constant or collinear on the calibration data; use a "
@@ -155,8 +163,10 @@ class Calibration:
         model: an unpatched supported model (BERT family, LLaMA family, Mixtral: attention only).
         batches: an iterable of keyword dicts for `model(**batch)` (input_ids or inputs_embeds,
         e.g. `Expert.calibration_batches`, which prepends a prompt-tuned expert's soft prompt, and
-        attention_mask, (batch, seq), whose zeros mark padding left out); tensors are moved to the
-        model's device. The model runs in eval mode under no_grad, with forward pre-hooks on the
+        attention_mask, (batch, seq), whose zeros mark padding left out), each with an optional
+        `token_weights` entry, (batch, seq), the weight of each token in the least squares
+        (taken out before the model is called; default 1); tensors are moved to the model's
+        device. The model runs in eval mode under no_grad, with forward pre-hooks on the
         projections, and is left exactly as it was (hooks removed, train/eval modes restored).
         scales=False collects the means only (enough for bias compensation).
         Memory, on the model's device: copies of the down and attention output projections'
@@ -242,21 +252,23 @@ def _prunes(table, layer: int, size: int) -> bool:
 
 def _collect(model: nn.Module, targets, batches) -> None:
     """Feed each (module, statistics) pair's `add` with the module's input rows of the real
-    tokens of every batch."""
-    device = next(model.parameters()).device
-    keep = [None]  # the current batch's real tokens, flattened
+    tokens of every batch, and their weights (`token_weights`)."""
+    keep = [None]  # the current batch's (real tokens, their weights), flattened
 
     def hook_for(stats):
         def hook(module, args):
             x = args[0]
             rows = x.reshape(-1, x.shape[-1])
-            if keep[0] is not None:
-                if keep[0].numel() != rows.shape[0]:
-                    raise ValueError(f"the batch's attention_mask covers {keep[0].numel()} tokens, "
-                                     f"but the projection sees {rows.shape[0]}; pass a (batch, "
-                                     "seq) attention_mask matching the model's input")
-                rows = rows[keep[0]]
-            stats.add(rows)
+            real, weights = keep[0]
+            if real is None:
+                stats.add(rows, torch.ones(rows.shape[0], dtype=torch.float64,
+                                           device=rows.device))
+                return
+            if real.numel() != rows.shape[0]:
+                raise ValueError(f"the batch's attention_mask covers {real.numel()} tokens, "
+                                 f"but the projection sees {rows.shape[0]}; pass a (batch, "
+                                 "seq) attention_mask matching the model's input")
+            stats.add(rows[real], weights)
         return hook
 
     modes = [(module, module.training) for module in model.modules()]
@@ -264,13 +276,7 @@ def _collect(model: nn.Module, targets, batches) -> None:
     try:
         model.eval()
         for batch in batches:
-            if not isinstance(batch, dict):
-                raise TypeError(f"batches must be keyword dicts for model(**batch), got "
-                                f"{type(batch).__name__}")
-            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v
-                     for k, v in batch.items()}
-            attention = batch.get("attention_mask")
-            keep[0] = None if attention is None else attention.reshape(-1).bool()
+            batch, keep[0] = model_batch(model, batch)
             model(**batch)
     finally:
         for handle in handles:
@@ -279,3 +285,31 @@ def _collect(model: nn.Module, targets, batches) -> None:
             module.training = training
     if not targets or min(stats.count for _, stats in targets) == 0:
         raise ValueError("the calibration batches hold no real token (empty, or all padding)")
+
+
+def model_batch(model: nn.Module, batch) -> tuple[dict, tuple]:
+    """(the keyword dict for `model(**batch)`, on the model's device, without `token_weights`;
+    (per flattened token: whether it counts, a bool mask; the float64 weights of those that do),
+    or (None, None) when every token counts with weight 1) of one calibration batch. Tokens count
+    where the attention_mask (default: all) is 1 and `token_weights` (batch, seq), if given, is
+    > 0; without `token_weights` they weigh 1."""
+    if not isinstance(batch, dict):
+        raise TypeError(f"batches must be keyword dicts for model(**batch), got "
+                        f"{type(batch).__name__}")
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    weights = batch.pop("token_weights", None)
+    attention = batch.get("attention_mask")
+    if weights is None:
+        if attention is None:
+            return batch, (None, None)
+        real = attention.reshape(-1).bool()
+        return batch, (real, torch.ones(int(real.sum()), dtype=torch.float64, device=device))
+    if attention is not None and tuple(weights.shape) != tuple(attention.shape):
+        raise ValueError(f"token_weights has shape {tuple(weights.shape)}; it must match the "
+                         f"attention_mask's, {tuple(attention.shape)}")
+    if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
+        raise ValueError("token_weights must be finite and >= 0")
+    real = weights > 0 if attention is None else attention.bool() & (weights > 0)
+    real = real.reshape(-1)
+    return batch, (real, weights.reshape(-1)[real].to(torch.float64))

@@ -141,13 +141,19 @@ class RecoveryConfig:
         "the gold labels) or 'distill' (KL divergence from the unpruned prompt-tuned model's "
         "label distribution)", choices=("labels", "distill"))
     reconstruct: str = option(
-        "scales", "--reconstruct", "fit each candidate's reconstruction on the unpruned model "
-        "before any re-tuning: 'scales' (least-squares scales of the kept units and bias "
-        "deltas), 'bias' (FLAP's bias compensation) or 'none' (the paper's plain mask)",
-        choices=("scales", "bias", "none"))
+        "scales", "--reconstruct", "fit each candidate's reconstruction before any re-tuning: "
+        "'scales' (least-squares scales of the kept units and bias deltas, each layer fitted on "
+        "the unpruned model's inputs), 'layerwise' (the same fitted layer by layer on the pruned "
+        "model's inputs: about three passes over the calibration examples per candidate), "
+        "'bias' (FLAP's bias compensation) or 'none' (the paper's plain mask)",
+        choices=("scales", "layerwise", "bias", "none"))
     calibration_examples: int = option(
         256, "--calibration-examples", "training examples the reconstruction is fitted on, "
         "drawn at random", positive=True)
+    readout_weight: float = option(
+        0.0, "--readout-weight", "in the reconstruction's least squares, the token the answer is "
+        "read from (a classifier's first, a causal LM's last) weighs 1 + this x its example's "
+        "other tokens (0: every token alike)")
 
     def __post_init__(self):
         check_fields(self)
