@@ -9,10 +9,15 @@ examples with the soft prompt prepended, `Expert.calibration_batches`), and then
 pruning rate (default 0.35, 0.5, 0.65, 0.8; scope "global", heads pruned too, as `mask_at_rate`
 builds localize's candidates), measures the test accuracy of the same mask
 
-    plain:  as attributed (with "grad", the paper's expert),
-    bias:   with FLAP's bias compensation (`Calibration.fit(mask, scales=False)`),
-    scales: with least-squares scales of the kept units and bias deltas (`Calibration.fit(mask)`,
-            with --ridge),
+    plain:     as attributed (with "grad", the paper's expert),
+    bias:      with FLAP's bias compensation (`Calibration.fit(mask, scales=False)`),
+    scales:    with least-squares scales of the kept units and bias deltas
+               (`Calibration.fit(mask)`, with --ridge),
+    layerwise: the same fitted layer by layer on the pruned model's inputs
+               (`layerwise_reconstruction`),
+    scales_readout, layerwise_readout: the last two with the token the answer is read from
+               weighted --readout-weight times the example's other tokens
+               (`Expert.calibration_batches(readout_weight=)`),
 
 each against the dense prompt-tuned model on the same test examples (the paired change and its
 standard error, `doe_kernels.localize.search.paired_change`), and scales against plain. There is
@@ -44,12 +49,17 @@ import torch
 from tasks import TASKS, load_task
 from unplug_and_play import load_model  # beside this script, like offline_models
 
+from doe_kernels.localize.layerwise import layerwise_reconstruction
 from doe_kernels.localize import (AttributionConfig, Calibration, PromptConfig, _Run, _Task,
                                   _tune_prompt, attribute, mask_at_rate, paired_change)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join("benchmarks", "results", "local", "reconstruction_ablation")
-VARIANTS = ("plain", "bias", "scales")
+# each mask's variants, in the tables' order: name -> heading
+VARIANTS = {"plain": "plain", "bias": "bias (FLAP)", "scales": "scales + bias",
+            "layerwise": "layer-wise", "scales_readout": "scales, read-out weighted",
+            "layerwise_readout": "layer-wise, read-out weighted"}
+HEADINGS = tuple(VARIANTS.values())
 RIDGE = inspect.signature(Calibration.fit).parameters["ridge"].default
 
 
@@ -66,6 +76,9 @@ def parse_args(argv=None):
                         choices=("grad", "fisher"), help="attribution methods compared")
     parser.add_argument("--ridge", type=float, default=RIDGE,
                         help="the scales' ridge (Calibration.fit's)")
+    parser.add_argument("--readout-weight", type=float, default=1.0,
+                        help="the read-out variants' weight of the token the answer is read "
+                             "from (Expert.calibration_batches)")
     parser.add_argument("--calibration", type=int, default=256,
                         help="training examples the reconstruction is fitted on, at most")
     parser.add_argument("--epochs", type=int, default=PromptConfig().epochs,
@@ -107,6 +120,7 @@ def metadata(args, argv, sizes: dict, seconds: float) -> dict:
                     epochs=args.epochs)), attribution=dataclasses.asdict(AttributionConfig(
                         num_examples=args.attribution_examples)),
                 scope=args.scope, methods=args.methods, ridge=args.ridge, prune_heads=True,
+                readout_weight=args.readout_weight,
                 batch_size=args.batch_size,
                 max_length=args.max_length, seconds=round(seconds, 1),
                 command=" ".join(["python", "python/reconstruction_ablation.py", *argv]))
@@ -118,9 +132,9 @@ def table(result: dict) -> str:
              f"test accuracy {base:.3f} (n={result['metadata']['sizes']['test']}); accuracy and "
              "change from dense in points, paired SE in parentheses",
              "",
-             "| attribution | rate | FFN / heads pruned | plain | bias (FLAP) | scales + bias | "
+             f"| attribution | rate | FFN / heads pruned | {' | '.join(HEADINGS)} | "
              "scales + bias - plain |",
-             "|---|---|---|---|---|---|---|"]
+             "|---|---|---|" + "---|" * (len(VARIANTS) + 1)]
 
     def pts(c):
         return f"{100 * c['change']:+.1f} ({100 * c['change_se']:.1f})"
@@ -141,6 +155,9 @@ class Setup:
     dense: object
     scores: dict  # attribution method -> (FFN scores, head scores)
     calibrated: Calibration
+    batches: list  # the calibration batches (the layer-wise fit runs the model on them)
+    readout: Calibration  # the same, the read-out token weighted (--readout-weight)
+    readout_batches: list
     model: object
     tokenizer: object
     test: object
@@ -157,9 +174,16 @@ def measure(method: str, rate: float, setup: Setup) -> dict:
     masks = dict(plain=mask, bias=setup.calibrated.fit(mask, scales=False),
                  scales=setup.calibrated.fit(mask, ridge=args.ridge))
     fit_seconds = time.perf_counter() - fit_started
+    masks["layerwise"] = layerwise_reconstruction(setup.model, mask, setup.batches,
+                                                  ridge=args.ridge)
+    layerwise_seconds = time.perf_counter() - fit_started - fit_seconds
+    masks["scales_readout"] = setup.readout.fit(mask, ridge=args.ridge)
+    masks["layerwise_readout"] = layerwise_reconstruction(setup.model, mask,
+                                                          setup.readout_batches, ridge=args.ridge)
     summary = mask.summary()
     row = dict(method=method, rate=rate, ffn_pruning_rate=summary["ffn_pruning_rate"],
                head_pruning_rate=summary["head_pruning_rate"], fit_seconds=round(fit_seconds, 2),
+               layerwise_seconds=round(layerwise_seconds, 2),
                ffn_bias_layers=sorted(masks["bias"].ffn_bias),
                attn_bias_layers=sorted(masks["bias"].attn_bias))
     answers = {}
@@ -203,10 +227,14 @@ def main(argv=None) -> dict:
     eval_batch = 2 * args.batch_size
     base = dense.correct(model, tokenizer, test, batch_size=eval_batch).tolist()
     fit_started = time.perf_counter()
-    calibrated = Calibration.collect(model, dense.calibration_batches(
-        model, tokenizer, calibration.texts, eval_batch))
+    batches = list(dense.calibration_batches(model, tokenizer, calibration.texts, eval_batch))
+    calibrated = Calibration.collect(model, batches)
     calibration_seconds = time.perf_counter() - fit_started
-    setup = Setup(task, dense, scores, calibrated, model, tokenizer, test, base, args)
+    readout_batches = list(dense.calibration_batches(model, tokenizer, calibration.texts,
+                                                     eval_batch, args.readout_weight))
+    setup = Setup(task, dense, scores, calibrated, batches,
+                  Calibration.collect(model, readout_batches), readout_batches, model, tokenizer,
+                  test, base, args)
     rows = [measure(method, rate, setup) for method in args.methods for rate in args.rates]
 
     sizes = dict(train=len(train), test=len(test), calibration=len(calibration),
@@ -237,12 +265,12 @@ def summarize(root: str) -> str:
         if os.path.exists(path):
             with open(path) as f:
                 runs.append(json.load(f))
-    lines = ["| task | dense | attribution | rate | plain | bias (FLAP) | scales + bias |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [f"| task | dense | attribution | rate | {' | '.join(HEADINGS)} |",
+             "|---|---|---|---|" + "---|" * len(VARIANTS)]
     for run in runs:
         for row in run["rows"]:
             cells = [f"{100 * row[kind]['change']:+.1f} ({100 * row[kind]['change_se']:.1f})"
-                     for kind in VARIANTS]
+                     if kind in row else "-" for kind in VARIANTS]
             lines.append(f"| {run['metadata']['task']} | {run['dense']['accuracy']:.3f} | "
                          f"{row['method']} | {row['rate']:.2f} | {' | '.join(cells)} |")
     text = "\n".join(lines) + "\n"
@@ -263,13 +291,16 @@ def _plot(runs, path: str) -> None:
         color = f"C{index}"
         rows = [row for row in run["rows"] if row["method"] == "grad"]
         rates = [0.0] + [100 * row["rate"] for row in rows]
-        for kind, style in (("plain", "--"), ("scales", "-")):
+        for kind, style in (("plain", ":"), ("scales", "--"), ("layerwise", "-")):
+            if not rows or kind not in rows[0]:
+                continue
             accuracy = [run["dense"]["accuracy"]] + [row[kind]["accuracy"] for row in rows]
             ax.plot(rates, accuracy, style, marker="o", color=color,
-                    label=run["metadata"]["task"] if kind == "scales" else None)
+                    label=run["metadata"]["task"] if kind == "layerwise" else None)
     ax.set_xlabel("pruning rate (%), neurons and heads, global ranking")
     ax.set_ylabel("test accuracy")
-    ax.set_title(f"{runs[0]['metadata']['model']}: plain (dashed) vs scales + bias (solid)"
+    ax.set_title(f"{runs[0]['metadata']['model']}: plain (dotted), scales + bias (dashed), "
+                 "layer-wise (solid)"
                  if runs else "no runs")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
