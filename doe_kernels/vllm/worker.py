@@ -14,6 +14,14 @@ import json
 import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
+from vllm.config import CompilationMode, CUDAGraphMode
+from vllm.distributed import tensor_model_parallel_all_reduce
+from vllm.model_executor.layers.activation import SiluAndMul
+from vllm.model_executor.layers.linear import (
+    MergedColumnParallelLinear,
+    RowParallelLinear,
+    UnquantizedLinearMethod,
+)
 
 from doe_kernels.mask import ExpertMask
 from doe_kernels.models import ModelSpec, UnsupportedModelError
@@ -35,8 +43,6 @@ def decode_mask(tensors: bytes, spec: str) -> ExpertMask:
 
 def check_engine_config(vllm_config) -> None:
     """Raise RuntimeError unless the engine runs the model eagerly on one pipeline stage."""
-    from vllm.config import CompilationMode, CUDAGraphMode
-
     compilation = vllm_config.compilation_config
     if compilation.mode != CompilationMode.NONE or compilation.cudagraph_mode not in (
             None, CUDAGraphMode.NONE):
@@ -76,8 +82,6 @@ def _pruned_forward(mlp, x):
     out = gather_swiglu_ffn(x, w.w_gate, w.w_up, w.w_down_t, plan.kept, backend="auto",
                             check_indices=False, scales=plan.scales)
     if plan.reduce_here:
-        from vllm.distributed import tensor_model_parallel_all_reduce
-
         out = tensor_model_parallel_all_reduce(out)
     return out if plan.bias_delta is None else out + plan.bias_delta
 
@@ -85,13 +89,6 @@ def _pruned_forward(mlp, x):
 def _mlp_of(layer, index: int):
     """The layer's MLP if it is a vLLM LLaMA-style one (merged gate/up, SwiGLU, row-parallel
     down, unquantized, no biases); raises UnsupportedModelError naming what differs."""
-    from vllm.model_executor.layers.activation import SiluAndMul
-    from vllm.model_executor.layers.linear import (
-        MergedColumnParallelLinear,
-        RowParallelLinear,
-        UnquantizedLinearMethod,
-    )
-
     mlp = getattr(layer, "mlp", None)
     gate_up, down = getattr(mlp, "gate_up_proj", None), getattr(mlp, "down_proj", None)
     where = f"layer {index}'s MLP ({type(mlp).__name__})"
