@@ -1,0 +1,90 @@
+"""The caller's side: `plug(llm, mask)` and `unplug(llm)` on a `vllm.LLM`.
+
+`plug` checks the engine (eager, the doe_kernels worker extension), then asks every rank to check
+the mask and stage its plan; only if every rank accepts does it ask them to apply it. A refused
+mask raises ValueError here and the engine keeps serving the previous expert (or the dense model).
+After every plug and unplug the prefix cache is reset: cached KV blocks were computed by the
+previous expert.
+"""
+import importlib
+import uuid
+
+from doe_kernels.expert import Expert
+from doe_kernels.mask import ExpertMask
+from doe_kernels.models import UnsupportedModelError
+from doe_kernels.vllm.worker import WorkerExtension, check_engine_config, encode_mask
+
+EXTENSION = "doe_kernels.vllm.WorkerExtension"
+
+
+def plug(llm, mask) -> None:
+    """Run `llm` (a vllm.LLM made with worker_extension_cls="doe_kernels.vllm.WorkerExtension"
+    and enforce_eager=True) on an expert's FFN neurons; on a plugged engine this swaps experts.
+
+    `mask`: an ExpertMask, or a doe_kernels.Expert (its mask). Every rank prunes its own shard in
+    place; the weights are shared, only index tensors change. Raises ValueError (mask) or
+    UnsupportedModelError (model) before any rank changes anything, RuntimeError for an engine
+    that is not eager or lacks the extension.
+    """
+    mask = _as_mask(mask)
+    _check_engine(llm)
+    tensors, spec = encode_mask(mask)
+    token = uuid.uuid4().hex
+    replies = llm.collective_rpc("doe_check_mask", args=(tensors, spec, token))
+    refusals = [(rank, reply) for rank, reply in enumerate(replies) if reply is not None]
+    if refusals:
+        llm.collective_rpc("doe_discard_mask")
+        rank, reply = refusals[0]
+        error = UnsupportedModelError if reply["model"] else ValueError
+        raise error(f"mask refused (rank {rank}; nothing was changed): {reply['error']}")
+    llm.collective_rpc("doe_apply_mask", args=(token,))
+    _reset_prefix_cache(llm)
+
+
+def unplug(llm) -> None:
+    """Give `llm` back its dense FFNs (vLLM's own forward, bit for bit); a no-op if unplugged."""
+    _check_engine(llm)
+    llm.collective_rpc("doe_unplug")
+    _reset_prefix_cache(llm)
+
+
+def status(llm) -> list:
+    """Per rank: its place and its local kept neuron count per layer (None: dense)."""
+    _check_engine(llm)
+    return llm.collective_rpc("doe_status")
+
+
+def _as_mask(mask) -> ExpertMask:
+    if isinstance(mask, Expert):
+        return mask.mask if mask.mask is not None else ExpertMask()
+    if not isinstance(mask, ExpertMask):
+        raise TypeError(f"mask must be a doe_kernels.ExpertMask or Expert, got "
+                        f"{type(mask).__name__}")
+    return mask
+
+
+def _check_engine(llm) -> None:
+    config = getattr(getattr(llm, "llm_engine", None), "vllm_config", None)
+    if config is None:
+        raise TypeError(f"expected a vllm.LLM, got {type(llm).__name__}")
+    if not _names_extension(config.parallel_config.worker_extension_cls):
+        raise RuntimeError(f"create the LLM with worker_extension_cls={EXTENSION!r} (it has "
+                           f"{config.parallel_config.worker_extension_cls!r})")
+    check_engine_config(config)
+
+
+def _names_extension(qualname: str) -> bool:
+    """Whether a worker_extension_cls qualname names WorkerExtension or a subclass of it."""
+    module, _, name = (qualname or "").rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return False
+    return isinstance(cls, type) and issubclass(cls, WorkerExtension)
+
+
+def _reset_prefix_cache(llm) -> None:
+    if not llm.reset_prefix_cache():
+        raise RuntimeError("the expert was swapped, but vLLM could not reset its prefix cache "
+                           "(requests still running?): cached blocks of the previous expert may "
+                           "be reused; call llm.reset_prefix_cache() once the engine is idle")

@@ -1,0 +1,252 @@
+"""doe_kernels.vllm against HuggingFace: plugged vLLM engines generate what doe_kernels.patch does.
+
+SmolLM2-135M at tensor-parallel size 1 and a small random Llama (8 heads, 4 KV heads) at size 2,
+float32, greedy. One engine per configuration (class-scoped fixtures: an engine starts in ~30 s),
+prompts as token ids (no tokenizer differences). Skipped without vLLM; marked `vllm`.
+"""
+import gc
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+import doe_kernels  # noqa: E402
+import doe_kernels.vllm as dkv  # noqa: E402
+from real_models import smollm2_dir  # noqa: E402
+
+pytestmark = pytest.mark.vllm
+
+NEW_TOKENS = 12
+LOGPROB_ATOL = 1e-3  # float32, 30 layers, oneDNN vs PyTorch GEMMs: seen <= 3e-5
+
+
+def _start_engine(path: str, tp: int, **kwargs):
+    """A float32 eager vLLM engine with the doe_kernels worker extension."""
+    from vllm import LLM
+
+    env = dict(VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="0|1" if tp == 2 else "auto",
+               HF_HUB_OFFLINE="1")
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update({key: os.environ.get(key, value) for key, value in env.items()})
+    try:
+        return LLM(model=path, dtype="float32", enforce_eager=True, max_model_len=512, seed=0,
+                   tensor_parallel_size=tp, worker_extension_cls="doe_kernels.vllm.WorkerExtension",
+                   **kwargs)
+    finally:
+        for key, value in saved.items():
+            os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+
+
+def _stop_engine(llm) -> None:
+    """Stop the engine's processes now (the next class starts another engine)."""
+    llm.llm_engine.engine_core.shutdown()
+    gc.collect()
+
+
+def _generate(llm, prompts):
+    """Greedy continuations: (token lists, the chosen tokens' log-probabilities). One request at
+    a time: vLLM's results depend (in the last bits) on how requests share a batch."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=0)
+    outs = [llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)[0]
+            for ids in prompts]
+    tokens = [list(out.outputs[0].token_ids) for out in outs]
+    logprobs = [[step[token].logprob for token, step in zip(out.outputs[0].token_ids,
+                                                            out.outputs[0].logprobs)]
+                for out in outs]
+    return tokens, logprobs
+
+
+def _hf_generate(model, prompts):
+    """The same greedy continuations from a HuggingFace model (patched or not), step by step
+    with its KV cache (no EOS handling)."""
+    tokens, logprobs = [], []
+    with torch.no_grad():
+        for ids in prompts:
+            step_input, cache, chosen = torch.tensor([ids]), None, []
+            for _ in range(NEW_TOKENS):
+                out = model(step_input, past_key_values=cache, use_cache=True)
+                step = torch.log_softmax(out.logits[0, -1].double(), -1)
+                cache, token = out.past_key_values, int(step.argmax())
+                chosen.append((token, float(step[token])))
+                step_input = torch.tensor([[token]])
+            tokens.append([token for token, _ in chosen])
+            logprobs.append([logprob for _, logprob in chosen])
+    return tokens, logprobs
+
+
+def _hf_patched(model, mask, prompts):
+    with doe_kernels.plugged(model, mask):
+        return _hf_generate(model, prompts)
+
+
+def assert_same_generation(got, expected, exact: bool = False):
+    tokens, logprobs = got
+    assert tokens == expected[0]
+    for row, ref in zip(logprobs, expected[1]):
+        if exact:
+            assert row == ref
+        else:
+            assert max(abs(a - b) for a, b in zip(row, ref)) <= LOGPROB_ATOL
+
+
+def _with_reconstruction(mask, spec, seed: int):
+    """`mask` with random FFN scales (around 1) and bias deltas in every layer."""
+    gen = torch.Generator().manual_seed(seed)
+    scales = {layer: 1 + 0.2 * torch.randn(mask.ffn[layer].numel(), generator=gen)
+              for layer in range(spec.num_layers)}
+    bias = {layer: 0.02 * torch.randn(spec.hidden_size, generator=gen)
+            for layer in range(spec.num_layers)}
+    return mask.with_scales(ffn_scales=scales).with_bias(ffn_bias=bias)
+
+
+@pytest.fixture(scope="class")
+def smol():
+    """SmolLM2 at tensor-parallel size 1: the engine, the HF model, prompts, masks, dense output."""
+    from transformers import LlamaForCausalLM
+
+    path = smollm2_dir()
+    hf = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    spec = doe_kernels.models.spec_of(hf)
+    gen = torch.Generator().manual_seed(0)
+    # the last prompt spans more than one KV block (128 tokens): a stale prefix cache would
+    # hand a plugged expert the dense model's blocks
+    prompts = [torch.randint(100, 40000, (n,), generator=gen).tolist() for n in (5, 17, 160)]
+    masks = dict(
+        a=doe_kernels.ExpertMask.random(hf, ffn_keep=0.75, seed=0),
+        b=_with_reconstruction(doe_kernels.ExpertMask.random(hf, ffn_keep=0.6, seed=1),
+                               spec, seed=2))
+    # HuggingFace first: it runs faster before the engine's processes share the CPU
+    hf_out = dict(dense=_hf_generate(hf, prompts),
+                  **{name: _hf_patched(hf, mask, prompts) for name, mask in masks.items()})
+    llm = _start_engine(path, tp=1)
+    dense = _generate(llm, prompts)  # before any plug
+    yield dict(llm=llm, hf=hf, hf_out=hf_out, spec=spec, prompts=prompts, masks=masks,
+               dense=dense)
+    _stop_engine(llm)
+
+
+class TestSmolLM2:
+    """Tensor-parallel size 1 on SmolLM2-135M."""
+
+    def test_dense_engine_matches_hf(self, smol):
+        assert_same_generation(smol["dense"], smol["hf_out"]["dense"])
+
+    def test_plug_matches_hf_patched(self, smol):
+        llm, prompts, mask = smol["llm"], smol["prompts"], smol["masks"]["a"]
+        dkv.plug(llm, mask)
+        assert_same_generation(_generate(llm, prompts), smol["hf_out"]["a"])
+        assert dkv.status(llm)[0]["kept"] == [mask.ffn[l].numel() for l in range(30)]
+
+    def test_swap_with_scales_and_bias_then_unplug(self, smol):
+        llm, prompts, mask = smol["llm"], smol["prompts"], smol["masks"]["b"]
+        dkv.plug(llm, smol["masks"]["a"])
+        dkv.plug(llm, mask)  # swap
+        assert_same_generation(_generate(llm, prompts), smol["hf_out"]["b"])
+        dkv.unplug(llm)
+        assert_same_generation(_generate(llm, prompts), smol["dense"], exact=True)
+        assert dkv.status(llm)[0]["kept"] == [None] * 30
+        dkv.unplug(llm)  # unplugging twice is a no-op
+
+    def test_keep_everything(self, smol):
+        llm, prompts, spec = smol["llm"], smol["prompts"], smol["spec"]
+        keep_all = doe_kernels.ExpertMask.random(smol["hf"], ffn_keep=1.0)
+        dkv.plug(llm, keep_all)  # vLLM's own forward in every layer
+        assert_same_generation(_generate(llm, prompts), smol["dense"], exact=True)
+        unit_scales = keep_all.with_scales(ffn_scales={l: torch.ones(spec.intermediate_size)
+                                                       for l in range(spec.num_layers)})
+        dkv.plug(llm, unit_scales)  # the gather kernels over every neuron
+        assert dkv.status(llm)[0]["kept"] == [spec.intermediate_size] * spec.num_layers
+        assert_same_generation(_generate(llm, prompts), smol["dense"])
+        dkv.unplug(llm)
+
+    def test_bad_masks_are_refused_and_change_nothing(self, smol):
+        llm, prompts, spec = smol["llm"], smol["prompts"], smol["spec"]
+        mask = smol["masks"]["a"]
+        dkv.plug(llm, mask)
+        before = _generate(llm, prompts)
+        size = spec.intermediate_size
+        bad = {
+            "out of range": doe_kernels.ExpertMask({0: [0, size]}),
+            "layers": doe_kernels.ExpertMask({30: [0]}),
+            "made for a model with": mask.replace(spec=dict(mask.spec, intermediate_size=size * 2)),
+            "head pruning is not supported": mask.replace(heads={3: [0, 1]}),
+            "attn_bias": mask.with_bias(attn_bias={0: torch.zeros(spec.hidden_size)}),
+            "one scale per kept unit": doe_kernels.ExpertMask({}, ffn_scales={0: [1.0, 2.0]}),
+        }
+        for message, bad_mask in bad.items():
+            with pytest.raises(ValueError, match=message):
+                dkv.plug(llm, bad_mask)
+        with pytest.raises(TypeError, match="ExpertMask or Expert"):
+            dkv.plug(llm, {0: [1, 2]})
+        assert_same_generation(_generate(llm, prompts), before, exact=True)
+        dkv.unplug(llm)
+
+    def test_engine_that_is_not_eager_is_refused(self, smol):
+        import copy
+        from types import SimpleNamespace
+
+        from vllm.config import CompilationMode
+
+        config = copy.copy(smol["llm"].llm_engine.vllm_config)
+        config.compilation_config = copy.copy(config.compilation_config)
+        config.compilation_config.mode = CompilationMode.DYNAMO_TRACE_ONCE  # the CPU default
+        compiled = SimpleNamespace(llm_engine=SimpleNamespace(vllm_config=config))
+        with pytest.raises(RuntimeError, match="enforce_eager=True"):
+            dkv.plug(compiled, smol["masks"]["a"])
+        config.compilation_config = smol["llm"].llm_engine.vllm_config.compilation_config
+        config.parallel_config = copy.copy(config.parallel_config)
+        config.parallel_config.worker_extension_cls = ""
+        with pytest.raises(RuntimeError, match="worker_extension_cls"):
+            dkv.plug(compiled, smol["masks"]["a"])
+
+
+def _tiny_llama(path) -> str:
+    """A random float32 Llama: 2 layers, hidden 256, 512 neurons, 8 heads / 4 KV heads."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=8, num_key_value_heads=4, vocab_size=1024,
+                         max_position_embeddings=1024, initializer_range=0.1,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    LlamaForCausalLM(config).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="class")
+def tp2(tmp_path_factory):
+    """The random Llama at tensor-parallel size 2."""
+    from transformers import LlamaForCausalLM
+
+    path = _tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
+    hf = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    spec = doe_kernels.models.spec_of(hf)
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 1024, (n,), generator=gen).tolist() for n in (4, 9, 30)]
+    llm = _start_engine(path, tp=2, skip_tokenizer_init=True)
+    dense = _generate(llm, prompts)
+    yield dict(llm=llm, hf=hf, spec=spec, prompts=prompts, dense=dense)
+    _stop_engine(llm)
+
+
+class TestTensorParallel2:
+    """Tensor-parallel size 2 on a small random Llama: each rank maps the global lists."""
+
+    def test_plug_matches_hf_patched_then_unplug(self, tp2):
+        llm, prompts, spec = tp2["llm"], tp2["prompts"], tp2["spec"]
+        # layer 0: random neurons on both ranks; layer 1: rank 0's half only (rank 1 keeps none
+        # and still joins the all-reduce)
+        mask = doe_kernels.ExpertMask(
+            {0: torch.randperm(512, generator=torch.Generator().manual_seed(3))[:300].sort().values,
+             1: torch.arange(0, 256, 3)}, spec=spec.as_dict())
+        mask = _with_reconstruction(mask, spec, seed=4)
+        dkv.plug(llm, mask)
+        kept = [rank["kept"] for rank in dkv.status(llm)]
+        assert kept[1][1] == 0 and kept[0][0] + kept[1][0] == 300
+        assert_same_generation(_generate(llm, prompts), _hf_patched(tp2["hf"], mask, prompts))
+        dkv.unplug(llm)
+        assert_same_generation(_generate(llm, prompts), tp2["dense"], exact=True)
