@@ -58,7 +58,11 @@ DEFAULT_OUT = os.path.join("benchmarks", "results", "local", "reconstruction_abl
 # each mask's variants, in the tables' order: name -> heading
 VARIANTS = {"plain": "plain", "bias": "bias (FLAP)", "scales": "scales + bias",
             "layerwise": "layer-wise", "scales_readout": "scales, read-out weighted",
-            "layerwise_readout": "layer-wise, read-out weighted"}
+            "layerwise_readout": "layer-wise, read-out weighted",
+            "guarded": "closest to dense (KL, held-out)"}
+# the variants "guarded" chooses from: the one whose label distribution is closest to the dense
+# model's (mean KL divergence) on --fidelity training examples that no fit has seen
+GUARDED_FROM = ("plain", "scales", "layerwise", "scales_readout", "layerwise_readout")
 HEADINGS = tuple(VARIANTS.values())
 RIDGE = inspect.signature(Calibration.fit).parameters["ridge"].default
 
@@ -79,6 +83,9 @@ def parse_args(argv=None):
     parser.add_argument("--readout-weight", type=float, default=1.0,
                         help="the read-out variants' weight of the token the answer is read "
                              "from (Expert.calibration_batches)")
+    parser.add_argument("--fidelity", type=int, default=128,
+                        help="training examples outside the calibration ones on which 'guarded' "
+                             "measures each variant's KL divergence from the dense model")
     parser.add_argument("--calibration", type=int, default=256,
                         help="training examples the reconstruction is fitted on, at most")
     parser.add_argument("--epochs", type=int, default=PromptConfig().epochs,
@@ -158,6 +165,8 @@ class Setup:
     batches: list  # the calibration batches (the layer-wise fit runs the model on them)
     readout: Calibration  # the same, the read-out token weighted (--readout-weight)
     readout_batches: list
+    fidelity_texts: list  # training texts outside the calibration examples
+    fidelity_dense: torch.Tensor  # the dense model's label log-probabilities on them
     model: object
     tokenizer: object
     test: object
@@ -186,6 +195,9 @@ def measure(method: str, rate: float, setup: Setup) -> dict:
                layerwise_seconds=round(layerwise_seconds, 2),
                ffn_bias_layers=sorted(masks["bias"].ffn_bias),
                attn_bias_layers=sorted(masks["bias"].attn_bias))
+    row["kl_to_dense"] = {kind: kl_to_dense(setup, masks[kind]) for kind in GUARDED_FROM}
+    row["guarded_choice"] = min(GUARDED_FROM, key=row["kl_to_dense"].get)
+    masks["guarded"] = masks[row["guarded_choice"]]
     answers = {}
     for kind, with_mask in masks.items():
         expert = setup.task.expert(with_mask, setup.dense.prompt, setup.dense.head)
@@ -200,6 +212,16 @@ def measure(method: str, rate: float, setup: Setup) -> dict:
     return row
 
 
+def kl_to_dense(setup: Setup, mask) -> float:
+    """Mean KL divergence from the dense model's label distribution to the masked one's on the
+    fidelity texts."""
+    expert = setup.task.expert(mask, setup.dense.prompt, setup.dense.head)
+    logits = expert.predict_logits(setup.model, setup.tokenizer, setup.fidelity_texts,
+                                   batch_size=2 * setup.args.batch_size)
+    dense = setup.fidelity_dense
+    return float((dense.exp() * (dense - torch.log_softmax(logits.double(), -1))).sum(-1).mean())
+
+
 def main(argv=None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
@@ -208,8 +230,12 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     train = load_task(args.task, max_examples=args.max_train, seed=args.seed)["train"]
     test = load_task(args.task, max_examples=args.test, seed=args.seed)["test"]
-    calibration = (train.sample(args.calibration, seed=args.seed)
-                   if len(train) > args.calibration else train)
+    shuffled = train.sample(len(train), seed=args.seed)  # calibration first, then fidelity
+    calibration = shuffled.subset(range(min(args.calibration, len(train))))
+    fidelity = shuffled.subset(range(len(calibration),
+                                     min(len(calibration) + args.fidelity, len(train))))
+    if not len(fidelity):  # every training example calibrates: measure on those
+        fidelity = calibration
     model, tokenizer = load_model(args.model, len(train.label_names), args.seed)
     model.eval()
 
@@ -232,12 +258,15 @@ def main(argv=None) -> dict:
     calibration_seconds = time.perf_counter() - fit_started
     readout_batches = list(dense.calibration_batches(model, tokenizer, calibration.texts,
                                                      eval_batch, args.readout_weight))
+    fidelity_dense = torch.log_softmax(dense.predict_logits(
+        model, tokenizer, fidelity.texts, batch_size=eval_batch).double(), -1)
     setup = Setup(task, dense, scores, calibrated, batches,
-                  Calibration.collect(model, readout_batches), readout_batches, model, tokenizer,
-                  test, base, args)
+                  Calibration.collect(model, readout_batches), readout_batches, fidelity.texts,
+                  fidelity_dense, model, tokenizer, test, base, args)
     rows = [measure(method, rate, setup) for method in args.methods for rate in args.rates]
 
     sizes = dict(train=len(train), test=len(test), calibration=len(calibration),
+                 fidelity=len(fidelity),
                  attribution=min(args.attribution_examples, len(train)))
     result = dict(dense=dict(accuracy=sum(base) / len(base), correct=sum(base)), rows=rows,
                   prompt_losses=list(tuned.losses),

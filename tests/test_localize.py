@@ -17,6 +17,7 @@ from doe_kernels.localize import (AttributionConfig, PromptConfig, RecoveryConfi
                                   search_rate, weak_baseline)
 from doe_kernels.localize.attribution import hook_points
 from doe_kernels.localize.config import configs_from_flat
+from doe_kernels.localize.reconstruct import AUTO_VARIANTS
 from model_utils import snapshot, state_dict_equal
 from real_models import minilm_dir
 from expert_utils import LABELS, TEXTS, sentiment_task, tiny_bert, tiny_llama
@@ -388,11 +389,13 @@ def test_localize_end_to_end_minilm(tokenizer, tmp_path, one_thread):
             figures["accuracy_after"]
     assert state_dict_equal(before, snapshot(model))
     assert all(not (m._forward_pre_hooks or m._forward_hooks) for m in model.modules())
-    # Layer-wise reconstruction, without re-tuning: the prompt and head are the start's.
+    # "auto" reconstruction, without re-tuning: the prompt and head are the start's.
     layered = localize(model, tokenizer, splits["train"], splits["validation"], attribution=few,
-                       recovery=RecoveryConfig(reconstruct="layerwise", calibration_examples=32),
+                       recovery=RecoveryConfig(reconstruct="auto", calibration_examples=32),
                        start_from=expert, progress=False)
-    assert layered.figures["reconstruct"] == "layerwise" and layered.mask.scaled
+    assert layered.figures["reconstruct"] == "auto" and layered.figures["readout_weight"] is None
+    assert layered.figures["reconstruction"] in [name for name, _, _ in AUTO_VARIANTS]
+    assert layered.mask.scaled == (layered.figures["reconstruction"] != "plain")
     assert torch.equal(layered.prompt, expert.prompt)
     with layered.plugged(model):
         assert layered.evaluate(model, tokenizer, splits["validation"]) == \

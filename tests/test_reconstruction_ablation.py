@@ -12,7 +12,7 @@ import reconstruction_ablation  # python/, on the tests' path (pyproject.toml: p
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_tiny_ablation_writes_plain_bias_and_scales_rows(tmp_path, monkeypatch, capsys):
+def test_tiny_ablation_writes_a_row_per_variant(tmp_path, monkeypatch, capsys):
     out = tmp_path / "polarity"
     minilm_dir()  # the script loads all-MiniLM-L6-v2: skips where its package is missing
     data = sentiment_task(64).split((0.5, 0.0, 0.5))
@@ -29,7 +29,7 @@ def test_tiny_ablation_writes_plain_bias_and_scales_rows(tmp_path, monkeypatch, 
     for key in ("date", "commit", "torch", "transformers", "cpu", "threads", "task", "sizes",
                 "seed", "command"):
         assert meta[key] is not None, key
-    assert meta["sizes"] == dict(train=16, test=16, calibration=8, attribution=8)
+    assert meta["sizes"] == dict(train=16, test=16, calibration=8, fidelity=8, attribution=8)
     assert meta["threads"] == 1 and meta["scope"] == "global" and meta["prompt"]["epochs"] == 1
     dense = saved["dense"]["accuracy"]
     assert 0.0 <= dense <= 1.0 and saved["dense"]["correct"] == round(16 * dense)
@@ -39,7 +39,12 @@ def test_tiny_ablation_writes_plain_bias_and_scales_rows(tmp_path, monkeypatch, 
     for row in saved["rows"]:
         assert row["ffn_pruning_rate"] == pytest.approx(row["rate"], abs=0.01)
         assert row["ffn_bias_layers"] and row["attn_bias_layers"]  # compensation did something
-        for kind in ("plain", "bias", "scales"):
+        assert set(row["kl_to_dense"]) == set(reconstruction_ablation.GUARDED_FROM)
+        assert all(kl >= -1e-9 for kl in row["kl_to_dense"].values())
+        choice = row["guarded_choice"]
+        assert row["kl_to_dense"][choice] == min(row["kl_to_dense"].values())
+        assert row["guarded"] == row[choice]  # the chosen variant's test figures
+        for kind in reconstruction_ablation.VARIANTS:
             figures = row[kind]
             assert figures["change"] == pytest.approx(figures["accuracy"] - dense)
             assert figures["change_se"] >= 0 and figures["gained"] + figures["lost"] <= 16

@@ -22,6 +22,7 @@ from doe_kernels.expert import (CAUSAL_LM, DEFAULT_TEMPLATE, Expert, check_templ
 from doe_kernels.localize.attribution import attribute
 from doe_kernels.localize.compensate import Calibration, reconstruction
 from doe_kernels.localize.layerwise import layerwise_reconstruction
+from doe_kernels.localize.reconstruct import Reconstructor
 from doe_kernels.localize.config import (AttributionConfig, PromptConfig, RecoveryConfig,
                                          SearchConfig, configs_from_flat)
 from doe_kernels.localize.prompt import PromptResult, train_prompt
@@ -187,19 +188,16 @@ def _tune_prompt(run: _Run, train, prompt: PromptConfig, start_from: Expert | No
 
 @dataclass(frozen=True)
 class _Recovery:
-    """Step 4 as this call runs it: a candidate's scales and bias deltas fitted on the calibration
-    batches (`reconstruct`: in one shot on `calibration`'s moments, or layer by layer), then
-    `retune(expert)`: its prompt and head re-tuned on `data` (off when `epochs` is 0), on the
-    labels or, with `teacher`, distilling the teacher's logits."""
+    """Step 4 as this call runs it: a candidate's reconstruction (`reconstructor`, None when
+    off), then `retune(expert)`: its prompt and head re-tuned on `data` (off when `epochs` is
+    0), on the labels or, with `teacher`, distilling the teacher's logits."""
     epochs: int
     lr: float  # RecoveryConfig.lr, by default the prompt's
     head_lr: float  # the prompt tuning's
     data: object  # RecoveryConfig.num_examples training examples, drawn with the seed
     teacher: object  # distillation: the prompt-tuned expert's label logits on `data`, or None
     reconstruct: str  # RecoveryConfig.reconstruct
-    batches: list | None  # calibration batches with the prompt-tuned expert's prompt
-    calibration: Calibration | None  # their moments ("scales", "bias")
-    calibration_examples: int
+    reconstructor: Reconstructor | None  # fitted with the prompt-tuned expert's prompt
     readout_weight: float  # RecoveryConfig.readout_weight
 
     @classmethod
@@ -211,32 +209,23 @@ class _Recovery:
         if recovery.epochs and recovery.objective == "distill":
             teacher = tuned_expert.predict_logits(run.model, run.tokenizer, data.texts,
                                                   batch_size=2 * run.batch_size)
-        batches, calibration, examples = None, None, 0
+        reconstructor = None
         if recovery.reconstruct != "none":
-            texts = (train.sample(recovery.calibration_examples, seed=run.seed)
-                     if len(train) > recovery.calibration_examples else train).texts
-            batches = tuned_expert.calibration_batches(run.model, run.tokenizer, texts,
-                                                       2 * run.batch_size,
-                                                       recovery.readout_weight)
-            if run.progress:
-                batches = tqdm(batches, total=-(-len(texts) // (2 * run.batch_size)),
-                               desc="calibration", leave=False)
-            if recovery.reconstruct == "layerwise":
-                batches = list(batches)
-            else:
-                calibration, batches = Calibration.collect(run.model, batches), None
-            examples = len(texts)
+            reconstructor = Reconstructor.collect(run, tuned_expert, train, recovery.reconstruct,
+                                                  recovery.calibration_examples,
+                                                  recovery.readout_weight)
         return cls(recovery.epochs, prompt.lr if recovery.lr is None else recovery.lr,
-                   prompt.head_lr, data, teacher, recovery.reconstruct, batches, calibration,
-                   examples, recovery.readout_weight)
+                   prompt.head_lr, data, teacher, recovery.reconstruct, reconstructor,
+                   recovery.readout_weight)
+
+    @property
+    def calibration_examples(self) -> int:
+        return 0 if self.reconstructor is None else self.reconstructor.examples
 
     def __call__(self, run: "_Run", expert: Expert) -> Expert:
         """The candidate reconstructed, then re-tuned, as configured."""
-        if self.reconstruct != "none":
-            fitted = (layerwise_reconstruction(run.model, expert.mask, self.batches)
-                      if self.batches is not None
-                      else self.calibration.fit(expert.mask, scales=self.reconstruct == "scales"))
-            expert = run.task.expert(fitted, expert.prompt, expert.head)
+        if self.reconstructor is not None:
+            expert = self.reconstructor(run, expert)
         return self.retune(run, expert) if self.epochs else expert
 
     def retune(self, run: "_Run", expert: Expert) -> Expert:
@@ -354,7 +343,9 @@ def _figures(expert: Expert, result, change_se: dict, base: _Baseline, recover: 
         recover_objective=("distill" if recover.teacher is not None else "labels")
         if recover.epochs else None,
         reconstruct=recover.reconstruct, calibration_examples=recover.calibration_examples,
-        readout_weight=recover.readout_weight if recover.reconstruct != "none" else None,
+        readout_weight=(recover.readout_weight if recover.reconstruct not in ("none", "auto")
+                        else None),
+        reconstruction=expert.figures.get("reconstruction"),
         num_train=num_train,
         num_validation=num_validation, prompt_losses=prompt_losses, **trained_with,
         search=[[rate, value, ok, change_se[rate]] for rate, value, ok in result.history],

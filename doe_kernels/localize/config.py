@@ -145,15 +145,17 @@ class RecoveryConfig:
         "'scales' (least-squares scales of the kept units and bias deltas, each layer fitted on "
         "the unpruned model's inputs), 'layerwise' (the same fitted layer by layer on the pruned "
         "model's inputs: about three passes over the calibration examples per candidate), "
-        "'bias' (FLAP's bias compensation) or 'none' (the paper's plain mask)",
-        choices=("scales", "layerwise", "bias", "none"))
+        "'bias' (FLAP's bias compensation), 'none' (the paper's plain mask) or 'auto' (the "
+        "plain mask, scales or layer-wise, each with and without read-out weighting: the one "
+        "whose answers on held-out training examples stay closest to the unpruned model's)",
+        choices=("scales", "layerwise", "bias", "none", "auto"))
     calibration_examples: int = option(
         256, "--calibration-examples", "training examples the reconstruction is fitted on, "
         "drawn at random", positive=True)
     readout_weight: float = option(
         0.0, "--readout-weight", "in the reconstruction's least squares, the token the answer is "
         "read from (a classifier's first, a causal LM's last) weighs 1 + this x its example's "
-        "other tokens (0: every token alike)")
+        "other tokens (0: every token alike; 'auto' tries 0 and 1)")
 
     def __post_init__(self):
         check_fields(self)

@@ -1,0 +1,107 @@
+"""Step 4's reconstruction as `localize` runs it: each candidate's scales and bias deltas fitted
+on calibration examples (`compensate`, `layerwise`), or, with `reconstruct="auto"`, the variant
+whose answers stay closest to the unpruned model's.
+
+Reconstruction is a least-squares fit of layer outputs; what a task needs is the answers. On some
+masks a fit moves the token the answer is read from, or collapses the model to one label
+(docs/results.md). "auto" therefore fits every variant of `AUTO_VARIANTS` and keeps the one whose
+label distribution has the smallest mean KL divergence from the unpruned prompt-tuned model's on
+`FIDELITY_EXAMPLES` training examples that no fit has seen: the plain mask when every fit does
+worse. The choice is made without the validation set, which the search keeps for its rule.
+"""
+import torch
+from tqdm.auto import tqdm
+
+from doe_kernels.expert import Expert
+from doe_kernels.localize.compensate import Calibration
+from doe_kernels.localize.layerwise import layerwise_reconstruction
+
+# (name, fit, read-out weight): what "auto" chooses from
+AUTO_VARIANTS = (("plain", "none", 0.0), ("scales", "scales", 0.0),
+                 ("layerwise", "layerwise", 0.0), ("scales, read-out weighted", "scales", 1.0),
+                 ("layer-wise, read-out weighted", "layerwise", 1.0))
+FIDELITY_EXAMPLES = 128  # training examples after the calibration ones, for "auto"'s choice
+
+
+class Reconstructor:
+    """Fits a candidate's reconstruction as `RecoveryConfig.reconstruct` says: the calibration
+    batches (per read-out weight, kept as lists) and their moments are gathered once per call."""
+
+    def __init__(self, mode: str, readout_weight: float, batches: dict, calibrations: dict,
+                 fidelity: tuple | None, examples: int):
+        self.mode = mode
+        self.readout_weight = readout_weight
+        self.batches = batches  # read-out weight -> calibration batches
+        self.calibrations = calibrations  # read-out weight -> Calibration ("scales", "bias")
+        self.fidelity = fidelity  # "auto": (texts, the unpruned model's label log-probabilities)
+        self.examples = examples  # calibration examples
+
+    @classmethod
+    def collect(cls, run, tuned_expert: Expert, train, mode: str, count: int,
+                readout_weight: float) -> "Reconstructor":
+        """Calibration on `count` training examples drawn with the run's seed (for "auto", the
+        next FIDELITY_EXAMPLES of the same draw judge the variants), with `tuned_expert`'s
+        prompt."""
+        shuffled = train.sample(len(train), seed=run.seed)
+        texts = shuffled.texts[:count]
+        weights = (sorted({w for _, _, w in AUTO_VARIANTS}) if mode == "auto"
+                   else [readout_weight])
+        batches, calibrations = {}, {}
+        for weight in weights:
+            weighted = _batches(run, tuned_expert, texts, weight)
+            if mode in ("layerwise", "auto"):  # the layer-wise fit runs the model on them
+                weighted = batches[weight] = list(weighted)
+            if mode in ("scales", "bias", "auto"):
+                calibrations[weight] = Calibration.collect(run.model, weighted,
+                                                           scales=mode != "bias")
+        fidelity = None
+        if mode == "auto":
+            judge = shuffled.texts[count:count + FIDELITY_EXAMPLES] or texts
+            dense = tuned_expert.predict_logits(run.model, run.tokenizer, judge,
+                                                batch_size=2 * run.batch_size)
+            fidelity = judge, torch.log_softmax(dense.double(), -1)
+        return cls(mode, readout_weight, batches, calibrations, fidelity, len(texts))
+
+    def __call__(self, run, expert: Expert) -> Expert:
+        """`expert` with its mask reconstructed (figures["reconstruction"]: the variant used)."""
+        if self.mode != "auto":
+            fitted = self._fit(run, expert.mask, self.mode, self.readout_weight)
+            return _with_mask(run, expert, fitted, self.mode)
+        best = None
+        for name, fit, weight in AUTO_VARIANTS:
+            candidate = _with_mask(run, expert, self._fit(run, expert.mask, fit, weight), name)
+            divergence = self._divergence(run, candidate)
+            if best is None or divergence < best[0]:
+                best = divergence, candidate
+        return best[1]
+
+    def _fit(self, run, mask, fit: str, weight: float):
+        if fit == "none":
+            return mask
+        if fit == "layerwise":
+            return layerwise_reconstruction(run.model, mask, self.batches[weight])
+        return self.calibrations[weight].fit(mask, scales=fit == "scales")
+
+    def _divergence(self, run, candidate: Expert) -> float:
+        """Mean KL divergence from the unpruned model's label distribution to the candidate's
+        on the fidelity texts."""
+        texts, dense = self.fidelity
+        logits = candidate.predict_logits(run.model, run.tokenizer, texts,
+                                          batch_size=2 * run.batch_size)
+        log_probs = torch.log_softmax(logits.double(), -1)
+        return float((dense.exp() * (dense - log_probs)).sum(-1).mean())
+
+
+def _batches(run, tuned_expert: Expert, texts, weight: float):
+    batches = tuned_expert.calibration_batches(run.model, run.tokenizer, texts,
+                                               2 * run.batch_size, weight)
+    if run.progress:
+        batches = tqdm(batches, total=-(-len(texts) // (2 * run.batch_size)),
+                       desc="calibration", leave=False)
+    return batches
+
+
+def _with_mask(run, expert: Expert, mask, name: str) -> Expert:
+    out = run.task.expert(mask, expert.prompt, expert.head)
+    out.figures = dict(expert.figures, reconstruction=name)
+    return out

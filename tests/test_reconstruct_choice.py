@@ -1,0 +1,68 @@
+"""localize's reconstruction step (doe_kernels.localize.reconstruct.Reconstructor): each mode fits
+what it names, and "auto" keeps the variant whose answers stay closest to the unpruned model's on
+training examples outside the calibration ones."""
+import pytest
+import torch
+
+from doe_kernels.localize import _Run, _Task
+from doe_kernels.localize.compensate import Calibration
+from doe_kernels.localize.layerwise import layerwise_reconstruction
+from doe_kernels.localize.reconstruct import AUTO_VARIANTS, FIDELITY_EXAMPLES, Reconstructor
+from expert_utils import sentiment_task, seq_cls_expert, tiny_bert
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def setup(tokenizer, count=40):
+    model = tiny_bert()
+    train = sentiment_task(count)
+    task = _Task.of(model, tokenizer, train, None, None, 32)
+    run = _Run(model, tokenizer, task, 8, 0, False)
+    tuned = seq_cls_expert(model, rate=0.0, virtual=3)
+    candidate = task.expert(seq_cls_expert(model, rate=0.6).mask, tuned.prompt, tuned.head)
+    return run, train, tuned, candidate
+
+
+def kl(run, expert, texts, dense):
+    log_probs = torch.log_softmax(expert.predict_logits(run.model, run.tokenizer, texts).double(),
+                                  -1)
+    return float((dense.exp() * (dense - log_probs)).sum(-1).mean())
+
+
+def test_auto_keeps_the_variant_closest_to_the_unpruned_answers(tokenizer):
+    run, train, tuned, candidate = setup(tokenizer)
+    reconstructor = Reconstructor.collect(run, tuned, train, "auto", 16, 0.0)
+    assert reconstructor.examples == 16
+    shuffled = train.sample(len(train), seed=0)
+    judge = shuffled.texts[16:16 + FIDELITY_EXAMPLES]
+    assert reconstructor.fidelity[0] == judge and len(judge) == 24  # what no fit has seen
+    dense = torch.log_softmax(tuned.predict_logits(run.model, run.tokenizer, judge).double(), -1)
+    chosen = reconstructor(run, candidate)
+    divergences = {}
+    for name, fit, weight in AUTO_VARIANTS:
+        batches = list(tuned.calibration_batches(run.model, run.tokenizer, shuffled.texts[:16],
+                                                 2 * run.batch_size, weight))
+        mask = (candidate.mask if fit == "none"
+                else layerwise_reconstruction(run.model, candidate.mask, batches)
+                if fit == "layerwise" else Calibration.collect(run.model, batches).fit(
+                    candidate.mask))
+        divergences[name] = kl(run, run.task.expert(mask, tuned.prompt, tuned.head), judge, dense)
+        if name == chosen.figures["reconstruction"]:
+            assert chosen.mask == mask
+    assert chosen.figures["reconstruction"] == min(divergences, key=divergences.get)
+    assert torch.equal(chosen.prompt, candidate.prompt)
+
+
+@pytest.mark.parametrize("mode", ["scales", "layerwise", "bias"])
+def test_each_mode_fits_what_it_names(tokenizer, mode):
+    run, train, tuned, candidate = setup(tokenizer)
+    reconstructor = Reconstructor.collect(run, tuned, train, mode, 16, 1.0)
+    assert reconstructor.fidelity is None
+    fitted = reconstructor(run, candidate)
+    assert fitted.figures["reconstruction"] == mode
+    batches = list(tuned.calibration_batches(run.model, run.tokenizer,
+                                             train.sample(16, seed=0).texts, 16, 1.0))
+    expected = (layerwise_reconstruction(run.model, candidate.mask, batches) if mode == "layerwise"
+                else Calibration.collect(run.model, batches).fit(candidate.mask,
+                                                                 scales=mode == "scales"))
+    assert fitted.mask == expected
