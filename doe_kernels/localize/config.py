@@ -141,7 +141,7 @@ class RecoveryConfig:
         "the gold labels) or 'distill' (KL divergence from the unpruned prompt-tuned model's "
         "label distribution)", choices=("labels", "distill"))
     reconstruct: str = option(
-        "scales", "--reconstruct", "fit each candidate's reconstruction before any re-tuning: "
+        "auto", "--reconstruct", "fit each candidate's reconstruction before any re-tuning: "
         "'scales' (least-squares scales of the kept units and bias deltas, each layer fitted on "
         "the unpruned model's inputs), 'layerwise' (the same fitted layer by layer on the pruned "
         "model's inputs: about three passes over the calibration examples per candidate), "
