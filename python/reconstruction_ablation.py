@@ -30,8 +30,8 @@ It writes results.json (rows, dense baseline, metadata: date, commit, versions, 
 sizes, seeds, the command) and results.md (the table it prints) into --out (default
 benchmarks/results/local/reconstruction_ablation/, ignored by git).
 `python python/reconstruction_ablation.py --summarize ROOT` gathers the runs in ROOT's
-sub-folders into ROOT/summary.md and ROOT/accuracy_vs_pruning.png. About 3 minutes on 2 CPU
-cores. Data come from python/tasks.py, the model from python/offline_models.py (PyPI packages).
+sub-folders into ROOT/summary.md and ROOT/accuracy_vs_pruning.png. 5-15 minutes a task on 2
+CPU cores. Data come from python/tasks.py, the model from python/offline_models.py (PyPI packages).
 """
 import argparse
 import inspect
@@ -287,7 +287,8 @@ def main(argv=None) -> dict:
 def summarize(root: str) -> str:
     """The tasks' runs under `root` (one results.json per sub-folder) as one markdown table,
     written to root/summary.md, and a plot of test accuracy against the pruning rate per task,
-    plain (dashed) and with scales and bias (solid), written to root/accuracy_vs_pruning.png."""
+    plain (dotted), with scales and bias (dashed) and the variant closest to dense (solid),
+    written to root/accuracy_vs_pruning.png."""
     runs = []
     for name in sorted(os.listdir(root)):
         path = os.path.join(root, name, "results.json")
@@ -302,11 +303,26 @@ def summarize(root: str) -> str:
                      if kind in row else "-" for kind in VARIANTS]
             lines.append(f"| {run['metadata']['task']} | {run['dense']['accuracy']:.3f} | "
                          f"{row['method']} | {row['rate']:.2f} | {' | '.join(cells)} |")
-    text = "\n".join(lines) + "\n"
+    text = "\n".join(lines) + "\n\n" + _against_plain(runs)
     with open(os.path.join(root, "summary.md"), "w") as f:
         f.write(text)
     _plot(runs, os.path.join(root, "accuracy_vs_pruning.png"))
     return text
+
+
+def _against_plain(runs) -> str:
+    """Per variant, over every row of every run that has it: in how many rows its test accuracy is
+    at least the plain mask's, and its mean accuracy difference from the plain mask in points."""
+    lines = ["| variant | rows at or above plain | mean change from plain (points) |",
+             "|---|---|---|"]
+    for kind, heading in VARIANTS.items():
+        rows = [row for run in runs for row in run["rows"] if kind in row]
+        if kind == "plain" or not rows:
+            continue
+        diffs = [row[kind]["accuracy"] - row["plain"]["accuracy"] for row in rows]
+        lines.append(f"| {heading} | {sum(d >= 0 for d in diffs)} of {len(diffs)} | "
+                     f"{100 * sum(diffs) / len(diffs):+.1f} |")
+    return "\n".join(lines) + "\n"
 
 
 def _plot(runs, path: str) -> None:
@@ -320,16 +336,16 @@ def _plot(runs, path: str) -> None:
         color = f"C{index}"
         rows = [row for row in run["rows"] if row["method"] == "grad"]
         rates = [0.0] + [100 * row["rate"] for row in rows]
-        for kind, style in (("plain", ":"), ("scales", "--"), ("layerwise", "-")):
+        for kind, style in (("plain", ":"), ("scales", "--"), ("guarded", "-")):
             if not rows or kind not in rows[0]:
                 continue
             accuracy = [run["dense"]["accuracy"]] + [row[kind]["accuracy"] for row in rows]
             ax.plot(rates, accuracy, style, marker="o", color=color,
-                    label=run["metadata"]["task"] if kind == "layerwise" else None)
+                    label=run["metadata"]["task"] if kind == "guarded" else None)
     ax.set_xlabel("pruning rate (%), neurons and heads, global ranking")
     ax.set_ylabel("test accuracy")
     ax.set_title(f"{runs[0]['metadata']['model']}: plain (dotted), scales + bias (dashed), "
-                 "layer-wise (solid)"
+                 "closest to dense (solid)"
                  if runs else "no runs")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
