@@ -61,7 +61,14 @@ def test_smollm2_generation_equals_masked_dense_and_restores(smollm2):
         with dk.plugged(model, mask):
             got_logits = model(**prompt).logits[:, -1]
             got = model.generate(**prompt, **settings)
-    assert_close(got_logits, expected_logits, same_dtype_logits, what="SmolLM2 last-token logits")
+    # 30 float32 layers summed in another order than PyTorch's: up to about 2.5x its own float32
+    # error (seen with transformers 5.19), so a whole-model bound of 5e-5 of the logits' scale;
+    # a wrong neuron or head moves them by orders of magnitude more
+    error = (got_logits.double() - expected_logits).abs().max().item()
+    scale = expected_logits.abs().max().item()
+    dense_error = (same_dtype_logits.double() - expected_logits).abs().max().item()
+    assert error <= max(5e-5 * scale, 2 * dense_error), (error, dense_error, scale)
+    assert torch.isfinite(got_logits).all()
     assert torch.equal(got, expected)
     assert state_dict_equal(snapshot(model), before)
 

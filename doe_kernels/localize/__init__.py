@@ -4,11 +4,12 @@ Three steps: prompt tuning (`prompt`), attribution of every FFN neuron and atten
 (`attribution`), and a binary search for the highest pruning rate whose validation accuracy stays
 within a tolerance of the unpruned prompt-tuned model (`search`), each candidate measured through
 `doe_kernels.patch`, i.e. on the kernels that will serve it. Every candidate's pruned layers are
-first reconstructed (scales and bias deltas fitted on task data, `compensate`), and optionally its
-prompt and head re-tuned on its pruned network (`recover`). Each step's options are a small frozen
-dataclass (`config`: PromptConfig, AttributionConfig, SearchConfig, RecoveryConfig) whose defaults
-are the paper's method plus the reconstruction, which measured best; docs/localize.md describes
-each option and what was measured.
+first reconstructed (scales and bias deltas fitted on task data, `compensate` and `layerwise`,
+the variant kept by `reconstruct`), and optionally its prompt and head re-tuned on its pruned
+network (`recover`). Each step's options are a small frozen dataclass (`config`: PromptConfig,
+AttributionConfig, SearchConfig, RecoveryConfig) whose defaults are the paper's method plus the
+reconstruction, which measured best; docs/localize.md describes each option and what was
+measured.
 """
 import collections
 import time
@@ -21,11 +22,11 @@ from doe_kernels.expert import (CAUSAL_LM, DEFAULT_TEMPLATE, Expert, check_templ
                                 detect_task_type, label_token_ids, model_sizes)
 from doe_kernels.localize.attribution import attribute
 from doe_kernels.localize.compensate import Calibration, reconstruction
-from doe_kernels.localize.layerwise import layerwise_reconstruction
-from doe_kernels.localize.reconstruct import Reconstructor
 from doe_kernels.localize.config import (AttributionConfig, PromptConfig, RecoveryConfig,
                                          SearchConfig, configs_from_flat)
+from doe_kernels.localize.layerwise import layerwise_reconstruction
 from doe_kernels.localize.prompt import PromptResult, train_prompt
+from doe_kernels.localize.reconstruct import Reconstructor
 from doe_kernels.localize.recover import TrainingDiverged, masked, retune
 from doe_kernels.localize.search import mask_at_rate, paired_change, search_rate
 from doe_kernels.patching import is_patched
@@ -61,12 +62,14 @@ def localize(model, tokenizer, train, validation=None, *, label_words=None, temp
        tolerance. A warning says when that baseline is weak (no better than the most frequent
        label, or, for causal LMs, below the model without a prompt).
     4. `recovery=RecoveryConfig(...)`: each candidate's pruned layers reconstructed
-       (`reconstruct="scales"` by default: least-squares scales of the kept units and bias
-       deltas, fitted on `calibration_examples` training examples; "layerwise", "bias" or
-       "none"), then, with `epochs=k` (off by default), its prompt and head re-tuned for k
-       epochs on its pruned network before it is measured, the baseline given the same
-       training unpruned (`expert.dense()`); a candidate whose re-tuning diverges fails. A
-       warning says when that training lowered the baseline by more than the tolerance.
+       (least-squares scales of the kept units and bias deltas, fitted on
+       `calibration_examples` training examples; `reconstruct="auto"` by default: the fit, or
+       the plain mask, whose answers on held-out training examples stay closest to the
+       unpruned model's; "scales", "layerwise", "bias" or "none" fix one), then, with
+       `epochs=k` (off by default), its prompt and head re-tuned for k epochs on its pruned
+       network before it is measured, the baseline given the same training unpruned
+       (`expert.dense()`); a candidate whose re-tuning diverges fails. A warning says when
+       that training lowered the baseline by more than the tolerance.
 
     `batch_size` (training; evaluation uses twice it), `max_length` (tokens per example),
     `backend` (the kernels candidates are measured on), `seed` and `progress` apply to every

@@ -4,9 +4,10 @@ method plus the reconstruction of each candidate (RecoveryConfig.reconstruct), w
 `PromptConfig` (prompt tuning), `AttributionConfig` (scoring units), `SearchConfig` (the
 pruning-rate search) and `RecoveryConfig` (reconstructing each candidate, and re-tuning it on its
 pruned network, off by default). Each field carries its command-line flag and help text in its
-metadata (`option`), so the `doe-kernels localize` options are built from these classes (`cli.add_config_options`) and
-docs/localize.md describes each option once. `FLAT_NAMES` maps the flat keyword arguments that
-`localize` took before onto (config, field); `configs_from_flat` resolves them (deprecated).
+metadata (`option`), so the `doe-kernels localize` options are built from these classes
+(`cli.add_config_options`) and docs/localize.md describes each option once. `FLAT_NAMES` maps
+the flat keyword arguments that `localize` took before onto (config, field); `configs_from_flat`
+resolves them (deprecated).
 """
 import dataclasses
 import math
@@ -124,7 +125,7 @@ class SearchConfig:
 @dataclass(frozen=True)
 class RecoveryConfig:
     """Step 4 (not in the paper), recovery: each candidate's pruned layers reconstructed (scales
-    and bias deltas fitted on task data, `reconstruct`: on by default, it measured best) and its
+    and bias deltas fitted on task data, `reconstruct`: "auto" by default, it measured best) and its
     prompt and head re-tuned on its pruned network (`epochs`, off by default) before it is
     measured, the baseline as long unpruned."""
     epochs: int = option(
