@@ -50,6 +50,7 @@ from tasks import TASKS, load_task
 from unplug_and_play import load_model  # beside this script, like offline_models
 
 from doe_kernels.localize.layerwise import layerwise_reconstruction
+from doe_kernels.localize.reconstruct import AUTO_VARIANTS, mean_kl
 from doe_kernels.localize import (AttributionConfig, Calibration, PromptConfig, _Run, _Task,
                                   _tune_prompt, attribute, mask_at_rate, paired_change)
 
@@ -60,9 +61,13 @@ VARIANTS = {"plain": "plain", "bias": "bias (FLAP)", "scales": "scales + bias",
             "layerwise": "layer-wise", "scales_readout": "scales, read-out weighted",
             "layerwise_readout": "layer-wise, read-out weighted",
             "guarded": "closest to dense (KL, held-out)"}
-# the variants "guarded" chooses from: the one whose label distribution is closest to the dense
-# model's (mean KL divergence) on --fidelity training examples that no fit has seen
-GUARDED_FROM = ("plain", "scales", "layerwise", "scales_readout", "layerwise_readout")
+# the variants "guarded" chooses from, as localize's reconstruct="auto" does (AUTO_VARIANTS: fit,
+# read-out weight): the one whose label distribution is closest to the dense model's (mean KL
+# divergence) on --fidelity training examples that no fit has seen
+VARIANT_OF_FIT = {("none", 0.0): "plain", ("scales", 0.0): "scales",
+                  ("layerwise", 0.0): "layerwise", ("scales", 1.0): "scales_readout",
+                  ("layerwise", 1.0): "layerwise_readout"}
+GUARDED_FROM = tuple(VARIANT_OF_FIT[fit, weight] for _, fit, weight in AUTO_VARIANTS)
 HEADINGS = tuple(VARIANTS.values())
 RIDGE = inspect.signature(Calibration.fit).parameters["ridge"].default
 
@@ -80,9 +85,10 @@ def parse_args(argv=None):
                         choices=("grad", "fisher"), help="attribution methods compared")
     parser.add_argument("--ridge", type=float, default=RIDGE,
                         help="the scales' ridge (Calibration.fit's)")
-    parser.add_argument("--readout-weight", type=float, default=1.0,
+    parser.add_argument("--readout-weight", type=float,
+                        default=max(weight for _, _, weight in AUTO_VARIANTS),
                         help="the read-out variants' weight of the token the answer is read "
-                             "from (Expert.calibration_batches)")
+                             "from (Expert.calibration_batches; default: reconstruct='auto''s)")
     parser.add_argument("--fidelity", type=int, default=128,
                         help="training examples outside the calibration ones on which 'guarded' "
                              "measures each variant's KL divergence from the dense model")
@@ -216,10 +222,8 @@ def kl_to_dense(setup: Setup, mask) -> float:
     """Mean KL divergence from the dense model's label distribution to the masked one's on the
     fidelity texts."""
     expert = setup.task.expert(mask, setup.dense.prompt, setup.dense.head)
-    logits = expert.predict_logits(setup.model, setup.tokenizer, setup.fidelity_texts,
-                                   batch_size=2 * setup.args.batch_size)
-    dense = setup.fidelity_dense
-    return float((dense.exp() * (dense - torch.log_softmax(logits.double(), -1))).sum(-1).mean())
+    return mean_kl(setup.fidelity_dense, expert.predict_logits(
+        setup.model, setup.tokenizer, setup.fidelity_texts, batch_size=2 * setup.args.batch_size))
 
 
 def main(argv=None) -> dict:

@@ -201,7 +201,6 @@ class _Recovery:
     teacher: object  # distillation: the prompt-tuned expert's label logits on `data`, or None
     reconstruct: str  # RecoveryConfig.reconstruct
     reconstructor: Reconstructor | None  # fitted with the prompt-tuned expert's prompt
-    readout_weight: float  # RecoveryConfig.readout_weight
 
     @classmethod
     def of(cls, run: "_Run", tuned_expert: Expert, train, prompt: PromptConfig,
@@ -218,8 +217,7 @@ class _Recovery:
                                                   recovery.calibration_examples,
                                                   recovery.readout_weight)
         return cls(recovery.epochs, prompt.lr if recovery.lr is None else recovery.lr,
-                   prompt.head_lr, data, teacher, recovery.reconstruct, reconstructor,
-                   recovery.readout_weight)
+                   prompt.head_lr, data, teacher, recovery.reconstruct, reconstructor)
 
     @property
     def calibration_examples(self) -> int:
@@ -346,8 +344,8 @@ def _figures(expert: Expert, result, change_se: dict, base: _Baseline, recover: 
         recover_objective=("distill" if recover.teacher is not None else "labels")
         if recover.epochs else None,
         reconstruct=recover.reconstruct, calibration_examples=recover.calibration_examples,
-        readout_weight=(recover.readout_weight if recover.reconstruct not in ("none", "auto")
-                        else None),
+        readout_weight=(recover.reconstructor.readout_weight
+                        if recover.reconstruct not in ("none", "auto") else None),
         reconstruction=expert.figures.get("reconstruction"),
         num_train=num_train,
         num_validation=num_validation, prompt_losses=prompt_losses, **trained_with,

@@ -125,8 +125,8 @@ class SearchConfig:
 @dataclass(frozen=True)
 class RecoveryConfig:
     """Step 4 (not in the paper), recovery: each candidate's pruned layers reconstructed (scales
-    and bias deltas fitted on task data, `reconstruct`: "auto" by default, it measured best) and its
-    prompt and head re-tuned on its pruned network (`epochs`, off by default) before it is
+    and bias deltas fitted on task data, `reconstruct`: "auto" by default, it measured best) and
+    its prompt and head re-tuned on its pruned network (`epochs`, off by default) before it is
     measured, the baseline as long unpruned."""
     epochs: int = option(
         0, "--recover-epochs", "epochs of re-tuning each candidate (0: no re-tuning)",

@@ -83,13 +83,16 @@ class Reconstructor:
         return self.calibrations[weight].fit(mask, scales=fit == "scales")
 
     def _divergence(self, run, candidate: Expert) -> float:
-        """Mean KL divergence from the unpruned model's label distribution to the candidate's
-        on the fidelity texts."""
         texts, dense = self.fidelity
-        logits = candidate.predict_logits(run.model, run.tokenizer, texts,
-                                          batch_size=2 * run.batch_size)
-        log_probs = torch.log_softmax(logits.double(), -1)
-        return float((dense.exp() * (dense - log_probs)).sum(-1).mean())
+        return mean_kl(dense, candidate.predict_logits(run.model, run.tokenizer, texts,
+                                                       batch_size=2 * run.batch_size))
+
+
+def mean_kl(reference_log_probs: torch.Tensor, logits: torch.Tensor) -> float:
+    """Mean over examples of the KL divergence from a reference label distribution (log
+    probabilities, float64) to the one `logits` give."""
+    log_probs = torch.log_softmax(logits.double(), -1)
+    return float((reference_log_probs.exp() * (reference_log_probs - log_probs)).sum(-1).mean())
 
 
 def _batches(run, tuned_expert: Expert, texts, weight: float):
