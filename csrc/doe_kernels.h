@@ -48,6 +48,10 @@ at::Tensor gather_swiglu_cpu(const at::Tensor& x, const at::Tensor& w_gate, cons
 at::Tensor gather_cols_linear_cpu(const at::Tensor& h, const at::Tensor& weight_t,
                                   const std::optional<at::Tensor>& bias, const at::Tensor& cols,
                                   const std::optional<at::Tensor>& scales);
+// Above how many input rows every CPU op gathers the kept weights and calls ATen's GEMM: -1 (the
+// default, or DOE_KERNELS_CPU_GATHER_ABOVE unset) lets each op choose by dtype, CPU and size.
+void set_cpu_gather_above(int64_t rows);
+int64_t cpu_gather_above();
 
 #ifdef DOE_KERNELS_WITH_CUDA
 // `stream` is the cudaStream_t to launch on, passed from Python

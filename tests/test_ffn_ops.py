@@ -129,6 +129,71 @@ def test_cpu_kernels_on_narrower_instruction_sets(isa):
     assert " passed" in result.stdout and not re.search(r"\d+ failed", result.stdout)
 
 
+@pytest.fixture
+def cpu_regime(request):
+    """Forces the cpu backend's regime ("fused" kernels or "gather" + ATen GEMM) for every row
+    count, whatever this CPU's default rule would pick, and restores the rule afterwards."""
+    from doe_kernels._ext import extension
+    from doe_kernels.backends import cpu
+
+    if extension() is None:
+        pytest.skip("the cpu backend is not built")
+    cpu.set_gather_above(10**12 if request.param == "fused" else 0)
+    yield request.param
+    cpu.set_gather_above(None)
+
+
+@pytest.mark.parametrize("cpu_regime", ["fused", "gather"], indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kind", ["single", "random", "full"])
+@pytest.mark.parametrize("rows", [1, 40])
+def test_both_cpu_regimes_match_the_reference(cpu_regime, dtype, kind, rows):
+    """Each regime on every dtype at few and many rows, whichever the default rule picks here."""
+    shape = (123, 300)
+    w_in, b_in, w_out_t, b_out = _weights(shape, dtype, "cpu")
+    w_up = _weights(shape, dtype, "cpu")[0]
+    kept = index_list(kind, shape[1])
+    scales = (1 + 0.5 * torch.randn(kept.numel())).to(dtype)
+    x = torch.randn(rows, shape[0]).to(dtype)
+    h = torch.randn(rows, kept.numel()).to(dtype)
+    checks = {
+        "gather_rows_linear": (dk.gather_rows_linear(x, w_in, b_in, kept, "gelu", backend="cpu"),
+                               rows_linear_ref(x, w_in, b_in, kept, "gelu"),
+                               _dense(dk.gather_rows_linear, x, w_in, b_in, kept, "gelu")),
+        "gather_cols_linear": (dk.gather_cols_linear(h, w_out_t, b_out, kept, backend="cpu",
+                                                     scales=scales),
+                               cols_linear_ref(h, w_out_t, b_out, kept, scales),
+                               _dense(dk.gather_cols_linear, h, w_out_t, b_out, kept,
+                                      scales=scales)),
+        "gather_swiglu_ffn": (dk.gather_swiglu_ffn(x, w_in, w_up, w_out_t, kept, backend="cpu"),
+                              swiglu_ffn_ref(x, w_in, w_up, w_out_t, kept),
+                              _dense(dk.gather_swiglu_ffn, x, w_in, w_up, w_out_t, kept)),
+    }
+    for name, (out, ref, dense) in checks.items():
+        assert_close(out, ref, dense, f"{name} ({cpu_regime}) rows={rows}")
+
+
+def test_the_cpu_regime_override():
+    """set_gather_above checks its argument and None restores the default rule; the environment
+    variable sets the override at start-up."""
+    from doe_kernels._ext import extension
+    from doe_kernels.backends import cpu
+
+    if extension() is None:
+        pytest.skip("the cpu backend is not built")
+    for bad in (-1, 1.5, True, "8"):
+        with pytest.raises(ValueError, match="non-negative int or None"):
+            cpu.set_gather_above(bad)
+    cpu.set_gather_above(7)
+    assert extension().cpu_gather_above() == 7
+    cpu.set_gather_above(None)
+    assert extension().cpu_gather_above() == -1
+    code = "from doe_kernels._ext import extension; print(extension().cpu_gather_above())"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env=dict(os.environ, DOE_KERNELS_CPU_GATHER_ABOVE="5"), timeout=120)
+    assert result.stdout.strip() == "5", result.stderr[-2000:]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

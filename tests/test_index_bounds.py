@@ -28,8 +28,9 @@ from conftest import backend_cases
 SIZE, HIDDEN = 64, 32  # SIZE: the indexed dimension (neurons, or the input features of cols)
 BAD_ENTRIES = [SIZE, 10**9, -1]
 OPS = ["gather_rows_linear", "gather_cols_linear", "gather_ffn", "gather_swiglu_ffn"]
-# (dtype, rows): the fused CPU kernels (float32: every row count; bfloat16: up to 16 rows) and the
-# bfloat16 gather + GEMM path (more rows); on a GPU, one and several chunks of 16 rows.
+# (dtype, rows): the fused CPU kernels (float32 up to 64 rows everywhere; bfloat16 up to 16 rows)
+# and the bfloat16 gather + GEMM path (more rows); on a GPU, one and several chunks of 16 rows.
+# (test_ffn_ops forces each CPU regime for every dtype.)
 REGIMES = [("float32", 1), ("float32", 40), ("bfloat16", 40)]
 CASES = {f"{op}-{bad}-{dtype}-{rows}": (op, bad, dtype, rows)
          for op in OPS for bad in BAD_ENTRIES for dtype, rows in REGIMES}

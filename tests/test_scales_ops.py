@@ -24,8 +24,9 @@ from reference import (
 # (hidden, intermediate): odd sizes around the kernels' blocks (Triton's interpreter K steps of up
 # to 128, the CPU's 64-column panels), tiny to BERT-base.
 SHAPES = [(40, 1), (123, 37), (65, 129), (123, 300), (768, 37), (768, 3072)]
-# 1 and 16 rows: the decode kernels (the CPU's bfloat16 fused path); 17 and more: its gather + GEMM
-# (and, on a GPU, the cuda backend's second chunk of 16 rows).
+# 1 and 16 rows: the decode kernels (the CPU's bfloat16 fused path); 17 and more: its bfloat16 gather
+# + GEMM (and, on a GPU, the cuda backend's second chunk of 16 rows). test_ffn_ops forces each CPU
+# regime for every dtype.
 ROWS = [1, 16, 17, 64]
 INDEX_KINDS = ["empty", "single", "full", "random"]
 OPS = ["gather_cols_linear", "gather_ffn", "gather_swiglu_ffn"]

@@ -1,16 +1,17 @@
 // CPU kernels of the gathered linear primitives (see doe_kernels.h for the contract).
 //
 // Two regimes, chosen by the number of rows M of the input:
-//  * fused (float32 always, bfloat16 up to 16 rows): gather-GEMV/GEMM micro-kernels that read each
+//  * fused (few rows; float32 on AMD CPUs always): gather-GEMV/GEMM micro-kernels that read each
 //    kept weight row in place, straight from the full weight (nothing is copied). gather_rows and
 //    gather_swiglu use dot-product tiles (x rows x kept weight rows, both contiguous along K) with
 //    software prefetch of the kept rows; gather_cols uses broadcast-FMA tiles over the input-major
 //    weight_t (each kept input feature one contiguous row). Work is split over kept rows (rows,
 //    swiglu) or output column blocks x row blocks (cols), so no cross-thread reduction is needed;
 //    large inputs are processed in L2-sized blocks of rows.
-//  * gather + GEMM (bfloat16 above 16 rows): the kept rows are copied into a scratch matrix and
-//    ATen's GEMM (oneDNN bf16, several times the fused kernels' throughput on avx512_bf16 CPUs)
-//    multiplies; the copy is O(kept x K), the GEMM O(M x kept x K).
+//  * gather + GEMM (many rows): the kept rows are copied into a scratch matrix and ATen's GEMM
+//    (oneDNN bf16, several times the fused kernels' throughput on avx512_bf16 CPUs; MKL sgemm, about
+//    2x the fused kernels on Intel CPUs) multiplies; the copy is O(kept x K), the GEMM
+//    O(M x kept x K). See use_gather_gemm for where the regimes meet.
 // gather_cols' optional per-column scales are applied once, before the kernels: in the fused regime
 // h is copied to float32 times the scales in one pass (for bfloat16 that pass is the widening copy
 // the kernels read anyway), in the gather + GEMM regime the gathered scratch rows of weight_t are
@@ -23,6 +24,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -198,13 +200,49 @@ KernelSet<T> kernels() {
 #undef DOE_KSET
 
 // ---------------------------------------------------------------------------------------------
-// Regime: the fused micro-kernels run when the input has at most this many rows, gather + ATen GEMM
-// above. Measured on AMD Zen 4 (2 cores, AVX-512): in float32 the fused kernels match or beat
-// MKL's sgemm on pre-sliced weights at every row count (1 to 4096), so float32 never gathers; in
-// bfloat16 oneDNN's bf16 GEMM (avx512_bf16) is about 2x faster than the fused kernels (which
-// widen to float32) from about 16 rows up.
-int64_t fused_max_rows(at::ScalarType dtype) {
-  return dtype == at::kFloat ? std::numeric_limits<int64_t>::max() : 16;
+// Regime: gather + ATen GEMM when use_gather_gemm says so, the fused micro-kernels otherwise.
+// Measured at 2 threads (see docs/benchmarks.md):
+//  * bfloat16: oneDNN's bf16 GEMM (avx512_bf16) is about 2x faster than the fused kernels (which
+//    widen to float32) from about 16 rows up (AMD Zen 4).
+//  * float32 on AMD Zen 4: the fused kernels match or beat MKL's sgemm on pre-sliced weights at
+//    every row count (1 to 4096; MKL runs its AVX2 code on AMD CPUs), so float32 never gathers.
+//  * float32 on Intel (Xeon, AVX-512): MKL's sgemm is about 2x the fused gather_rows / gather_swiglu
+//    kernels at many rows, and the copy of the kept rows is paid back after roughly 64 rows when the
+//    weight sits in cache, and after a few hundred when it streams from memory (LLaMA-7B-sized
+//    matrices): the bound below grows with the bytes copied. The fused gather_cols kernel is within
+//    1.16x of MKL on sliced weights there, so gather_cols stays fused in float32.
+// DOE_KERNELS_CPU_GATHER_ABOVE=<rows> (or set_cpu_gather_above) forces gather + GEMM above that
+// many rows for every op and dtype (0: always; a huge number: never); -1 restores the rule.
+enum class Op { kRows, kSwiglu, kCols };
+
+int64_t initial_gather_above() {
+  const char* value = std::getenv("DOE_KERNELS_CPU_GATHER_ABOVE");
+  return value != nullptr && *value != '\0' ? std::atoll(value) : -1;
+}
+
+std::atomic<int64_t>& gather_above_override() {
+  static std::atomic<int64_t> rows{initial_gather_above()};
+  return rows;
+}
+
+bool float32_gemm_beats_fused() {
+#ifdef DOE_X86_DISPATCH
+  static const bool amd = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_is("amd") != 0;
+  }();
+  return !amd;
+#else
+  return true;  // no measurement off x86-64: trust the platform's BLAS for many rows
+#endif
+}
+
+bool use_gather_gemm(at::ScalarType dtype, Op op, int64_t M, int64_t copied_bytes) {
+  const int64_t forced = gather_above_override().load(std::memory_order_relaxed);
+  if (forced >= 0) return M > forced;
+  if (dtype != at::kFloat) return M > 16;
+  if (op == Op::kCols || !float32_gemm_beats_fused()) return false;
+  return M > 64 + copied_bytes / (128 * 1024);
 }
 
 // With fewer kept rows than this per thread, large inputs are split over rows of x instead.
@@ -309,6 +347,10 @@ const T* raw(const at::Tensor& t) {
 
 }  // namespace
 
+void set_cpu_gather_above(int64_t rows) { gather_above_override().store(rows); }
+
+int64_t cpu_gather_above() { return gather_above_override().load(); }
+
 // =============================================================================================
 at::Tensor gather_rows_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
                                   const std::optional<at::Tensor>& bias, const at::Tensor& rows,
@@ -329,7 +371,7 @@ at::Tensor gather_rows_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
   const int64_t M = x.size(0), K = x.size(1), N = rows.numel();
   if (M == 0) return at::empty({0, N}, x.options());
 
-  if (M > fused_max_rows(x.scalar_type())) {
+  if (use_gather_gemm(x.scalar_type(), Op::kRows, M, N * K * x.element_size())) {
     at::Tensor wg = gather_rows(weight, rows);
     at::Tensor out = bias.has_value() ? at::addmm(bias->index_select(0, rows), x, wg.t())
                                       : at::mm(x, wg.t());
@@ -383,7 +425,7 @@ at::Tensor gather_swiglu_cpu(const at::Tensor& x, const at::Tensor& w_gate, cons
   const int64_t M = x.size(0), K = x.size(1), N = kept.numel();
   if (M == 0) return at::empty({0, N}, x.options());
 
-  if (M > fused_max_rows(x.scalar_type())) {
+  if (use_gather_gemm(x.scalar_type(), Op::kSwiglu, M, 2 * N * K * x.element_size())) {
     at::Tensor g = at::mm(x, gather_rows(w_gate, kept).t());
     at::Tensor u = at::mm(x, gather_rows(w_up, kept).t());
     at::silu_(g);
@@ -441,7 +483,7 @@ at::Tensor gather_cols_linear_cpu(const at::Tensor& h, const at::Tensor& weight_
   const int64_t M = h.size(0), J = h.size(1);
   if (M == 0) return at::empty({0, N}, h.options());
 
-  if (M > fused_max_rows(h.scalar_type())) {
+  if (use_gather_gemm(h.scalar_type(), Op::kCols, M, J * N * h.element_size())) {
     at::Tensor wg = gather_rows(weight_t, cols);
     if (scales.has_value()) wg.mul_(scales->unsqueeze(1));  // row j of the scratch times scales[j]
     return bias.has_value() ? at::addmm(*bias, h, wg) : at::mm(h, wg);
