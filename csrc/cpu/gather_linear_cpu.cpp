@@ -209,11 +209,12 @@ KernelSet<T> kernels() {
 //  * float32 on Intel (Xeon, AVX-512): MKL's sgemm is about 2x the fused gather_rows / gather_swiglu
 //    kernels at many rows, and the copy of the kept rows is paid back after roughly 64 rows when the
 //    weight sits in cache, and after a few hundred when it streams from memory (LLaMA-7B-sized
-//    matrices): the bound below grows with the bytes copied. The fused gather_cols kernel is within
-//    1.16x of MKL on sliced weights there, so gather_cols stays fused in float32.
+//    matrices): the bound below grows with the bytes copied. The same bound serves gather_cols:
+//    its fused kernel matches MKL on sliced weights for outputs of 384 or 576 features but runs
+//    2-3x slower for 768 and 4096 (the input-major weight's row stride is then a multiple of 1 KiB,
+//    and the panels it reads fall into few cache sets), where the copy pays back from about 64 rows.
 // DOE_KERNELS_CPU_GATHER_ABOVE=<rows> (or set_cpu_gather_above) forces gather + GEMM above that
 // many rows for every op and dtype (0: always; a huge number: never); -1 restores the rule.
-enum class Op { kRows, kSwiglu, kCols };
 
 int64_t initial_gather_above() {
   const char* value = std::getenv("DOE_KERNELS_CPU_GATHER_ABOVE");
@@ -237,11 +238,11 @@ bool float32_gemm_beats_fused() {
 #endif
 }
 
-bool use_gather_gemm(at::ScalarType dtype, Op op, int64_t M, int64_t copied_bytes) {
+bool use_gather_gemm(at::ScalarType dtype, int64_t M, int64_t copied_bytes) {
   const int64_t forced = gather_above_override().load(std::memory_order_relaxed);
   if (forced >= 0) return M > forced;
   if (dtype != at::kFloat) return M > 16;
-  if (op == Op::kCols || !float32_gemm_beats_fused()) return false;
+  if (!float32_gemm_beats_fused()) return false;
   return M > 64 + copied_bytes / (128 * 1024);
 }
 
@@ -371,7 +372,7 @@ at::Tensor gather_rows_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
   const int64_t M = x.size(0), K = x.size(1), N = rows.numel();
   if (M == 0) return at::empty({0, N}, x.options());
 
-  if (use_gather_gemm(x.scalar_type(), Op::kRows, M, N * K * x.element_size())) {
+  if (use_gather_gemm(x.scalar_type(), M, N * K * x.element_size())) {
     at::Tensor wg = gather_rows(weight, rows);
     at::Tensor out = bias.has_value() ? at::addmm(bias->index_select(0, rows), x, wg.t())
                                       : at::mm(x, wg.t());
@@ -425,7 +426,7 @@ at::Tensor gather_swiglu_cpu(const at::Tensor& x, const at::Tensor& w_gate, cons
   const int64_t M = x.size(0), K = x.size(1), N = kept.numel();
   if (M == 0) return at::empty({0, N}, x.options());
 
-  if (use_gather_gemm(x.scalar_type(), Op::kSwiglu, M, 2 * N * K * x.element_size())) {
+  if (use_gather_gemm(x.scalar_type(), M, 2 * N * K * x.element_size())) {
     at::Tensor g = at::mm(x, gather_rows(w_gate, kept).t());
     at::Tensor u = at::mm(x, gather_rows(w_up, kept).t());
     at::silu_(g);
@@ -483,7 +484,7 @@ at::Tensor gather_cols_linear_cpu(const at::Tensor& h, const at::Tensor& weight_
   const int64_t M = h.size(0), J = h.size(1);
   if (M == 0) return at::empty({0, N}, h.options());
 
-  if (use_gather_gemm(h.scalar_type(), Op::kCols, M, J * N * h.element_size())) {
+  if (use_gather_gemm(h.scalar_type(), M, J * N * h.element_size())) {
     at::Tensor wg = gather_rows(weight_t, cols);
     if (scales.has_value()) wg.mul_(scales->unsqueeze(1));  // row j of the scratch times scales[j]
     return bias.has_value() ? at::addmm(*bias, h, wg) : at::mm(h, wg);
