@@ -1,10 +1,13 @@
-"""An expert's FFN neurons as one tensor-parallel rank sees them.
+"""An expert's FFN neurons and attention heads as one tensor-parallel rank sees them.
 
-Under Megatron-style tensor parallelism (vLLM's MergedColumnParallelLinear / RowParallelLinear),
-rank r of `world_size` holds the intermediate neurons [r * I / world_size, (r + 1) * I /
-world_size) of every layer. `ffn_shards` maps a mask's global kept lists (and their scales) to
-each rank's local indices; the rank's partial outputs are then summed by the usual all-reduce.
-A rank may keep no neuron of a layer: it contributes zeros. Pure PyTorch, no serving engine needed.
+Under Megatron-style tensor parallelism (vLLM's MergedColumnParallelLinear / QKVParallelLinear, then
+RowParallelLinear), rank r of `world_size` holds the intermediate neurons [r * I / world_size,
+(r + 1) * I / world_size) of every layer, and the query heads [r * H / world_size, ...) with their
+KV heads (split the same way, or one replicated KV head per rank when there are fewer KV heads than
+ranks). `ffn_shards` and `head_shards` map a mask's global kept lists (and their scales) to each
+rank's local indices; the ranks' partial outputs are then summed by the usual all-reduce, and the
+expert's bias deltas are added once, to the sum. A rank may keep no neuron or head of a layer: it
+contributes zeros. Pure PyTorch, no serving engine needed.
 """
 from dataclasses import dataclass
 
@@ -25,33 +28,79 @@ class FfnShard:
     bias_delta: torch.Tensor | None
 
 
-def check_ffn_only(mask: ExpertMask, spec: ModelSpec) -> None:
-    """Raise ValueError if the mask asks for more than FFN neurons (with their scales and bias
-    deltas): pruned heads, attention reconstruction, MoE experts or skipping thresholds."""
-    pruned = [layer for layer, heads in mask.heads.items() if heads.numel() != spec.num_heads]
-    if pruned:
-        raise ValueError(f"this mask prunes attention heads (layers {pruned[:8]}"
-                         f"{' ...' if len(pruned) > 8 else ''}); head pruning is not supported "
-                         "in vLLM yet: use a mask that keeps every head (FFN neurons only)")
-    for kind in ("attn_bias", "head_scales", "moe", "skip"):
+@dataclass(frozen=True)
+class HeadShard:
+    """One layer's attention on one rank: `heads` the local kept query heads (sorted unique
+    int64, possibly empty), `kv_heads` the local KV heads they read, `scales` one per local kept
+    head or None, and the layer's `bias_delta` (hidden-size vector, for the summed output) or
+    None."""
+
+    heads: torch.Tensor
+    kv_heads: torch.Tensor
+    scales: torch.Tensor | None
+    bias_delta: torch.Tensor | None
+
+
+def check_servable(mask: ExpertMask) -> None:
+    """Raise ValueError if the mask asks for what tensor-parallel serving does not run:
+    mixture-of-experts pruning or skipping thresholds."""
+    for kind in ("moe", "skip"):
         if getattr(mask, kind):
             raise ValueError(f"this mask has {kind} entries, which vLLM serving does not support "
-                             "yet (FFN neurons, ffn_scales and ffn_bias only)")
+                             "yet (FFN neurons and attention heads, with their scales and bias "
+                             "deltas)")
 
 
 def ffn_shards(mask: ExpertMask, spec: ModelSpec, rank: int, world_size: int) -> list:
     """Per layer, the FfnShard of `rank`, or None where the layer runs dense (keeps every neuron,
     no scales, no bias delta). Checks the mask against `spec` first (ValueError)."""
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is out of range for {world_size} ranks")
+    _check_rank(rank, world_size)
     if spec.intermediate_size % world_size:
         raise ValueError(f"the intermediate size {spec.intermediate_size} does not split evenly "
                          f"over {world_size} ranks")
     mask.check_spec(spec)
-    check_ffn_only(mask, spec)
+    check_servable(mask)
     local = spec.intermediate_size // world_size
     return [_layer_shard(mask, spec.intermediate_size, layer, rank * local, local)
             for layer in range(spec.num_layers)]
+
+
+def head_shards(mask: ExpertMask, spec: ModelSpec, rank: int, world_size: int) -> list:
+    """Per layer, the HeadShard of `rank`, or None where the layer's attention runs dense (keeps
+    every head, no scales, no bias delta). Checks the mask against `spec` first (ValueError)."""
+    _check_rank(rank, world_size)
+    heads, kv = spec.num_heads, spec.num_kv_heads
+    if heads % world_size:
+        raise ValueError(f"the {heads} attention heads do not split evenly over {world_size} ranks")
+    if (kv % world_size) if kv >= world_size else (world_size % kv):
+        raise ValueError(f"the {kv} KV heads neither split evenly over {world_size} ranks nor "
+                         "replicate evenly across them")
+    mask.check_spec(spec)
+    check_servable(mask)
+    local = heads // world_size
+    group = local // max(1, kv // world_size)  # local query heads per local KV head
+    return [_head_shard(mask, heads, layer, rank * local, local, group)
+            for layer in range(spec.num_layers)]
+
+
+def _check_rank(rank: int, world_size: int) -> None:
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is out of range for {world_size} ranks")
+
+
+def _head_shard(mask: ExpertMask, num_heads: int, layer: int, start: int, local: int,
+                group: int) -> HeadShard | None:
+    kept = mask.heads.get(layer)
+    scales = mask.head_scales.get(layer)
+    bias_delta = mask.attn_bias.get(layer)
+    if (kept is None or kept.numel() == num_heads) and scales is None and bias_delta is None:
+        return None
+    if kept is None:
+        kept = torch.arange(num_heads)
+    mine = (kept >= start) & (kept < start + local)
+    heads = kept[mine] - start
+    return HeadShard(heads, torch.unique(heads // group), None if scales is None else scales[mine],
+                     bias_delta)
 
 
 def _layer_shard(mask: ExpertMask, intermediate: int, layer: int, start: int,

@@ -1,14 +1,15 @@
-"""doe_kernels.tensor_parallel: a mask's FFN lists split over tensor-parallel ranks.
+"""doe_kernels.tensor_parallel: a mask's FFN neurons and heads split over tensor-parallel ranks.
 
-The ranks' partial FFNs, summed as an all-reduce does, must equal the whole masked FFN; sizes odd
-where they can be (an empty shard, one neuron, a shard's last neuron).
+The ranks' partial FFNs and attention outputs, summed as an all-reduce does, must equal the whole
+masked layer; sizes odd where they can be (an empty shard, one neuron, a shard's last neuron, KV
+heads split and replicated).
 """
 import pytest
 import torch
 
 from doe_kernels import ExpertMask, gather_swiglu_ffn, input_major
 from doe_kernels.models import ModelSpec
-from doe_kernels.tensor_parallel import ffn_shards
+from doe_kernels.tensor_parallel import ffn_shards, head_shards
 
 SPEC = ModelSpec(family="llama", model_type="llama", num_layers=3, hidden_size=8,
                  intermediate_size=12, num_heads=2, num_kv_heads=1, head_dim=4)
@@ -51,11 +52,67 @@ def test_summed_shards_equal_the_masked_ffn(world_size):
         torch.testing.assert_close(total, expected)
 
 
+def _attention(q, k, v):
+    """One head's softmax attention, float64, no mask."""
+    return torch.softmax(q @ k.T / q.shape[-1] ** 0.5, dim=-1) @ v
+
+
+@pytest.mark.parametrize("num_kv,world_size", [(4, 1), (4, 2), (4, 4), (2, 4), (1, 2), (8, 8)])
+def test_summed_head_shards_equal_the_masked_attention(num_kv, world_size):
+    """Each rank computes its local kept heads on its local KV heads (split, or replicated when
+    there are fewer KV heads than ranks, as vLLM's QKVParallelLinear holds them); the sum of the
+    ranks' output projections plus the bias delta equals the masked attention."""
+    heads, d, hidden = 8, 3, 6
+    spec = ModelSpec(family="llama", model_type="llama", num_layers=3, hidden_size=hidden,
+                     intermediate_size=8, num_heads=heads, num_kv_heads=num_kv, head_dim=d)
+    gen = torch.Generator().manual_seed(num_kv * 10 + world_size)
+    q, w_o = (torch.randn(5, heads, d, generator=gen, dtype=torch.float64),
+              torch.randn(hidden, heads * d, generator=gen, dtype=torch.float64))
+    k, v = (torch.randn(5, num_kv, d, generator=gen, dtype=torch.float64) for _ in range(2))
+    kept = {0: [7], 1: [0, 2, 3, 5], 2: []}
+    scales = {layer: torch.rand(len(h), generator=gen) + 0.5 for layer, h in kept.items()}
+    mask = ExpertMask(heads=kept, head_scales=scales, attn_bias={1: torch.randn(hidden)})
+    local_q = heads // world_size
+    kv_of_rank = (lambda r: list(range(r * num_kv // world_size, (r + 1) * num_kv // world_size))
+                  if num_kv >= world_size else [r * num_kv // world_size])
+    for layer, chosen in kept.items():
+        expected = sum((scales[layer][i].double()
+                        * _attention(q[:, h], k[:, h // (heads // num_kv)], v[:, h // (heads // num_kv)])
+                        @ w_o[:, h * d:(h + 1) * d].T for i, h in enumerate(chosen)),
+                       torch.zeros(5, hidden, dtype=torch.float64))
+        total = torch.zeros(5, hidden, dtype=torch.float64)
+        for rank in range(world_size):
+            shard = head_shards(mask, spec, rank, world_size)[layer]
+            kv_local = kv_of_rank(rank)
+            group = local_q // len(kv_local)
+            assert shard.kv_heads.tolist() == sorted({int(j) // group for j in shard.heads})
+            for j, scale in zip(shard.heads.tolist(), shard.scales.double()):
+                h, g = rank * local_q + j, kv_local[j // group]
+                total += scale * _attention(q[:, h], k[:, g], v[:, g]) @ w_o[:, h * d:(h + 1) * d].T
+        bias = mask.attn_bias.get(layer)
+        if bias is not None:
+            expected, total = expected + bias.double(), total + bias.double()  # once, after the sum
+        torch.testing.assert_close(total, expected)
+
+
+def test_head_shards_of_a_layer_that_keeps_everything_are_none():
+    assert head_shards(ExpertMask({0: [1]}), SPEC, 0, 2) == [None] * 3
+    shards = head_shards(ExpertMask(heads={1: [1]}), SPEC, 1, 2)
+    assert shards[0] is None and shards[1].heads.tolist() == [0]
+    assert shards[1].kv_heads.tolist() == [0] and shards[1].scales is None
+
+
 def test_refusals():
-    with pytest.raises(ValueError, match="head pruning is not supported"):
-        ffn_shards(ExpertMask(heads={1: [0]}), SPEC, 0, 1)
     with pytest.raises(ValueError, match="out of range"):
         ffn_shards(ExpertMask({0: [12]}), SPEC, 0, 2)
     with pytest.raises(ValueError, match="does not split evenly"):
         ffn_shards(ExpertMask(), SPEC, 0, 5)
+    with pytest.raises(ValueError, match="heads do not split evenly"):
+        head_shards(ExpertMask(), SPEC, 0, 3)
+    with pytest.raises(ValueError, match="out of range"):
+        head_shards(ExpertMask(heads={0: [2]}), SPEC, 0, 2)
+    with pytest.raises(ValueError, match="rank 2 is out of range"):
+        head_shards(ExpertMask(), SPEC, 2, 2)
+    with pytest.raises(ValueError, match="skipping"):
+        ffn_shards(ExpertMask(skip={0: 0.5}), SPEC, 0, 1)
     assert ffn_shards(ExpertMask(heads={1: [0, 1]}), SPEC, 0, 1) == [None] * 3

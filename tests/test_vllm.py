@@ -93,14 +93,22 @@ def assert_same_generation(got, expected, exact: bool = False):
             assert max(abs(a - b) for a, b in zip(row, ref)) <= LOGPROB_ATOL
 
 
-def _with_reconstruction(mask, spec, seed: int):
-    """`mask` with random FFN scales (around 1) and bias deltas in every layer."""
+def _with_reconstruction(mask, spec, seed: int, heads: bool = False):
+    """`mask` with random FFN scales (around 1) and bias deltas in every layer (and the same for
+    its kept heads and attention output when `heads`)."""
     gen = torch.Generator().manual_seed(seed)
-    scales = {layer: 1 + 0.2 * torch.randn(mask.ffn[layer].numel(), generator=gen)
-              for layer in range(spec.num_layers)}
-    bias = {layer: 0.02 * torch.randn(spec.hidden_size, generator=gen)
-            for layer in range(spec.num_layers)}
-    return mask.with_scales(ffn_scales=scales).with_bias(ffn_bias=bias)
+
+    def vectors(sizes, scale, offset):
+        return {layer: offset + scale * torch.randn(size, generator=gen)
+                for layer, size in enumerate(sizes)}
+
+    layers = range(spec.num_layers)
+    mask = mask.with_scales(ffn_scales=vectors([mask.ffn[l].numel() for l in layers], 0.2, 1),
+                            head_scales=vectors([mask.heads[l].numel() for l in layers], 0.2, 1)
+                            if heads else None)
+    return mask.with_bias(ffn_bias=vectors([spec.hidden_size] * len(layers), 0.02, 0),
+                          attn_bias=vectors([spec.hidden_size] * len(layers), 0.02, 0)
+                          if heads else None)
 
 
 @pytest.fixture(scope="class")
@@ -118,7 +126,12 @@ def smol():
     masks = dict(
         a=doe_kernels.ExpertMask.random(hf, ffn_keep=0.75, seed=0),
         b=_with_reconstruction(doe_kernels.ExpertMask.random(hf, ffn_keep=0.6, seed=1),
-                               spec, seed=2))
+                               spec, seed=2),
+        # 6 of 9 heads per layer (some KV groups lose every query head), with head scales and
+        # attention bias deltas
+        heads=_with_reconstruction(doe_kernels.ExpertMask.random(hf, ffn_keep=0.5,
+                                                                 heads_keep=0.67, seed=5),
+                                   spec, seed=6, heads=True))
     # HuggingFace first: it runs faster before the engine's processes share the CPU
     hf_out = dict(dense=_hf_generate(hf, prompts),
                   **{name: _hf_patched(hf, mask, prompts) for name, mask in masks.items()})
@@ -151,6 +164,16 @@ class TestSmolLM2:
         assert dkv.status(llm)[0]["kept"] == [None] * 30
         dkv.unplug(llm)  # unplugging twice is a no-op
 
+    def test_heads_pruned_with_reconstruction(self, smol):
+        llm, prompts, mask = smol["llm"], smol["prompts"], smol["masks"]["heads"]
+        dkv.plug(llm, mask)
+        assert_same_generation(_generate(llm, prompts), smol["hf_out"]["heads"])
+        assert dkv.status(llm)[0]["kept_heads"] == [mask.heads[l].numel() for l in range(30)]
+        dkv.plug(llm, smol["masks"]["a"])  # a swap back to every head
+        assert dkv.status(llm)[0]["kept_heads"] == [None] * 30
+        assert_same_generation(_generate(llm, prompts), smol["hf_out"]["a"])
+        dkv.unplug(llm)
+
     def test_keep_everything(self, smol):
         llm, prompts, spec = smol["llm"], smol["prompts"], smol["spec"]
         keep_all = doe_kernels.ExpertMask.random(smol["hf"], ffn_keep=1.0)
@@ -173,8 +196,8 @@ class TestSmolLM2:
             "out of range": doe_kernels.ExpertMask({0: [0, size]}),
             "layers": doe_kernels.ExpertMask({30: [0]}),
             "made for a model with": mask.replace(spec=dict(mask.spec, intermediate_size=size * 2)),
-            "head pruning is not supported": mask.replace(heads={3: [0, 1]}),
-            "attn_bias": mask.with_bias(attn_bias={0: torch.zeros(spec.hidden_size)}),
+            "out of range for 9 heads": mask.replace(heads={3: [0, 9]}),
+            "hidden size": mask.with_bias(attn_bias={0: torch.zeros(spec.hidden_size + 1)}),
             "one scale per kept unit": doe_kernels.ExpertMask({}, ffn_scales={0: [1.0, 2.0]}),
         }
         for message, bad_mask in bad.items():
@@ -182,6 +205,9 @@ class TestSmolLM2:
                 dkv.plug(llm, bad_mask)
         with pytest.raises(TypeError, match="ExpertMask or Expert"):
             dkv.plug(llm, {0: [1, 2]})
+        # the same computation as `before`, not one that reuses its cached prefix blocks: the
+        # kernels' rounding may depend on how many rows a call gets
+        assert llm.reset_prefix_cache()
         assert_same_generation(_generate(llm, prompts), before, exact=True)
         dkv.unplug(llm)
 
@@ -247,6 +273,20 @@ class TestTensorParallel2:
         dkv.plug(llm, mask)
         kept = [rank["kept"] for rank in dkv.status(llm)]
         assert kept[1][1] == 0 and kept[0][0] + kept[1][0] == 300
+        assert_same_generation(_generate(llm, prompts), _hf_patched(tp2["hf"], mask, prompts))
+        dkv.unplug(llm)
+        assert_same_generation(_generate(llm, prompts), tp2["dense"], exact=True)
+
+    def test_heads_on_both_ranks_then_unplug(self, tp2):
+        llm, prompts, spec = tp2["llm"], tp2["prompts"], tp2["spec"]
+        # each rank holds 4 query heads and 2 KV heads. Layer 0: heads 1, 2 (rank 0; KV head 0
+        # only) and 5, 6, 7 (rank 1; both KV heads); layer 1: rank 0's heads only, so rank 1
+        # computes no query and adds zeros to the all-reduce
+        mask = doe_kernels.ExpertMask({0: torch.arange(0, 512, 2), 1: torch.arange(100, 400)},
+                                      heads={0: [1, 2, 5, 6, 7], 1: [0, 3]}, spec=spec.as_dict())
+        mask = _with_reconstruction(mask, spec, seed=7, heads=True)
+        dkv.plug(llm, mask)
+        assert [rank["kept_heads"] for rank in dkv.status(llm)] == [[2, 2], [3, 0]]
         assert_same_generation(_generate(llm, prompts), _hf_patched(tp2["hf"], mask, prompts))
         dkv.unplug(llm)
         assert_same_generation(_generate(llm, prompts), tp2["dense"], exact=True)

@@ -6,10 +6,10 @@ llm = LLM(model=path, worker_extension_cls="doe_kernels.vllm.WorkerExtension",
 doe_kernels.vllm.plug(llm, mask)   # an ExpertMask or an Expert; swaps when plugged again
 doe_kernels.vllm.unplug(llm)       # vLLM's dense model again
 ```
-LLaMA-family models (vLLM's Llama, Mistral and Qwen2 MLPs), FFN neurons (with their scales and bias
-deltas) only; see docs/vllm.md. Needs vLLM (`pip install -e ".[vllm]"`); `import doe_kernels` never
-does. Importing this package wraps vLLM's CPU weight repacking so FFN weights stay readable
-(doe_kernels.vllm.weights).
+LLaMA-family models (vLLM's Llama, Mistral and Qwen2 layers), FFN neurons and attention heads
+(with their scales and bias deltas); see docs/vllm.md. Needs vLLM (`pip install -e ".[vllm]"`);
+`import doe_kernels` never does. Importing this package wraps vLLM's CPU weight repacking so the
+FFN and attention weights stay readable (doe_kernels.vllm.weights).
 """
 try:
     import vllm  # noqa: F401

@@ -19,7 +19,8 @@ EXTENSION = "doe_kernels.vllm.WorkerExtension"
 
 def plug(llm, mask) -> None:
     """Run `llm` (a vllm.LLM made with worker_extension_cls="doe_kernels.vllm.WorkerExtension"
-    and enforce_eager=True) on an expert's FFN neurons; on a plugged engine this swaps experts.
+    and enforce_eager=True) on an expert's FFN neurons and heads; on a plugged engine this swaps
+    experts.
 
     `mask`: an ExpertMask, or a doe_kernels.Expert (its mask). Every rank prunes its own shard in
     place; the weights are shared, only index tensors change. Raises ValueError (mask) or
@@ -42,14 +43,16 @@ def plug(llm, mask) -> None:
 
 
 def unplug(llm) -> None:
-    """Give `llm` back its dense FFNs (vLLM's own forward, bit for bit); a no-op if unplugged."""
+    """Give `llm` back its dense layers (vLLM's own forwards, bit for bit); a no-op if
+    unplugged."""
     _check_engine(llm)
     llm.collective_rpc("doe_unplug")
     _reset_prefix_cache(llm)
 
 
 def status(llm) -> list:
-    """Per rank: its place and its local kept neuron count per layer (None: dense)."""
+    """Per rank: its place and its local kept neuron and head counts per layer (None:
+    dense)."""
     _check_engine(llm)
     return llm.collective_rpc("doe_status")
 

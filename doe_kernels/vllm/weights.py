@@ -1,15 +1,16 @@
-"""The dense FFN weights a pruned forward reads, kept in the layouts doe_kernels' ops expect.
+"""The dense weights a pruned forward reads, kept in the layouts doe_kernels' ops expect.
 
 vLLM's CPU build repacks every unquantized linear weight after loading (into oneDNN or sgl-kernel
-handles) and empties `.weight`, so nothing indexable would be left. `keep_dense_ffn_weights()`
-(run when this package is imported, which vLLM does in every worker before it loads the model)
-wraps vLLM's `dispatch_cpu_unquantized_gemm` so that, just before a layer named
-`*.mlp.gate_up_proj` or `*.mlp.down_proj` is repacked, its dense weight is kept: gate_up as loaded
-([2 * I/tp, hidden], the gate rows then the up rows; a reference) and down input-major
-([I/tp, hidden]; a copy, the [hidden, I/tp] original is then freed). vLLM's dense path is left as
-it is, so an unplugged model computes exactly what vLLM does. Cost on CPU: the rank's FFN weights
-once more (the packed handles hold their own copy). On GPUs nothing is repacked: gate_up is read in
-place and down is converted input-major at the first plug (cost: the down projections once more).
+handles) and empties `.weight`, so nothing indexable would be left. `keep_dense_weights()` (run when
+this package is imported, which vLLM does in every worker before it loads the model) wraps vLLM's
+`dispatch_cpu_unquantized_gemm` so that, just before a layer's `mlp.gate_up_proj`, `mlp.down_proj`,
+`self_attn.qkv_proj` or `self_attn.o_proj` is repacked, its dense weight is kept: gate_up and qkv
+as loaded (references: [2 * I/tp, hidden] and [(q + 2 kv)/tp, hidden]) and down and o input-major
+(copies, [I/tp, hidden] and [q/tp, hidden]; the originals are then freed). vLLM's dense path is
+left as it is, so an unplugged model computes exactly what vLLM does. Cost on CPU: the rank's
+linear weights once more (the packed handles hold their own copy). On GPUs nothing is repacked:
+gate_up and qkv are read in place, and down and o are converted input-major at the first plug
+(cost: those projections once more).
 """
 from dataclasses import dataclass
 
@@ -17,9 +18,10 @@ import torch
 
 from doe_kernels.ops import input_major
 
-_KEPT = "_doe_dense_weight"  # set on a gate_up_proj / down_proj before vLLM repacks it
-_CACHED = "_doe_ffn_weights"  # set on an MLP at its first plug
-_FFN_LINEARS = ("mlp.gate_up_proj", "mlp.down_proj")
+_KEPT = "_doe_dense_weight"  # set on a kept linear before vLLM repacks it
+_CACHED = "_doe_weights"  # set on an MLP or attention at its first plug
+_AS_LOADED = ("mlp.gate_up_proj", "self_attn.qkv_proj")
+_INPUT_MAJOR = ("mlp.down_proj", "self_attn.o_proj")
 
 
 @dataclass(frozen=True)
@@ -31,8 +33,19 @@ class FfnWeights:
     w_down_t: torch.Tensor
 
 
-def keep_dense_ffn_weights() -> None:
-    """Wrap vLLM's CPU weight repacking so that FFN weights survive it (idempotent)."""
+@dataclass(frozen=True)
+class AttentionWeights:
+    """One rank's attention projections: w_qkv ((q + 2 kv)/tp, hidden) with its bias b_qkv or
+    None, and w_o_t (q/tp, hidden), o_proj's weight input-major."""
+
+    w_qkv: torch.Tensor
+    b_qkv: torch.Tensor | None
+    w_o_t: torch.Tensor
+
+
+def keep_dense_weights() -> None:
+    """Wrap vLLM's CPU weight repacking so that FFN and attention weights survive it
+    (idempotent)."""
     from vllm.model_executor.layers import utils
 
     if getattr(utils.dispatch_cpu_unquantized_gemm, "_doe_keeps_dense", False):
@@ -40,12 +53,10 @@ def keep_dense_ffn_weights() -> None:
     repack = utils.dispatch_cpu_unquantized_gemm
 
     def dispatch_keeping_dense(layer, remove_weight):
-        weight = layer.weight
-        if (str(getattr(layer, "prefix", "")).endswith(_FFN_LINEARS) and not weight.is_meta
-                and weight.dim() == 2):
+        weight, prefix = layer.weight, str(getattr(layer, "prefix", ""))
+        if prefix.endswith(_AS_LOADED + _INPUT_MAJOR) and not weight.is_meta and weight.dim() == 2:
             dense = weight.detach()
-            setattr(layer, _KEPT, input_major(dense) if layer.prefix.endswith("down_proj")
-                    else dense)
+            setattr(layer, _KEPT, input_major(dense) if prefix.endswith(_INPUT_MAJOR) else dense)
         return repack(layer, remove_weight)
 
     dispatch_keeping_dense._doe_keeps_dense = True
@@ -64,6 +75,36 @@ def ffn_weights(mlp) -> FfnWeights:
     return cached
 
 
+def attention_weights(attn) -> AttentionWeights:
+    """The rank's dense projections of a vLLM LLaMA-style attention (prepared once, cached)."""
+    cached = attn.__dict__.get(_CACHED)
+    if cached is None:
+        bias = attn.qkv_proj.bias
+        cached = AttentionWeights(_dense(attn.qkv_proj, input_major_copy=False),
+                                  None if bias is None else bias.detach(),
+                                  _dense(attn.o_proj, input_major_copy=True))
+        attn.__dict__[_CACHED] = cached
+    return cached
+
+
+def check_plain_linear(linear, where: str, bias_allowed: bool) -> None:
+    """Raise UnsupportedModelError for a quantized linear, one that returns its bias to the caller
+    (skip_bias_add), or one with a bias where none is supported."""
+    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+
+    from doe_kernels.models import UnsupportedModelError
+
+    name = str(getattr(linear, "prefix", "")).rpartition(".")[2] or type(linear).__name__
+    if not isinstance(linear.quant_method, UnquantizedLinearMethod):
+        raise UnsupportedModelError(f"{where}: quantized weights "
+                                    f"({type(linear.quant_method).__name__}) are not supported")
+    if getattr(linear, "skip_bias_add", False):
+        raise UnsupportedModelError(f"{where}: {name} returns its bias to the caller "
+                                    "(skip_bias_add), which is not supported")
+    if linear.bias is not None and not bias_allowed:
+        raise UnsupportedModelError(f"{where}: a bias in {name} is not supported")
+
+
 def _dense(linear, input_major_copy: bool) -> torch.Tensor:
     kept = getattr(linear, _KEPT, None)
     if kept is not None:
@@ -71,7 +112,7 @@ def _dense(linear, input_major_copy: bool) -> torch.Tensor:
     weight = linear.weight.detach()
     if weight.numel() == 0:
         raise RuntimeError(
-            f"{getattr(linear, 'prefix', 'an FFN layer')}: vLLM repacked this weight and removed "
+            f"{getattr(linear, 'prefix', 'a linear layer')}: vLLM repacked this weight and removed "
             "it before doe_kernels.vllm could keep it; create the LLM with "
             "worker_extension_cls='doe_kernels.vllm.WorkerExtension' so that the workers import "
             "doe_kernels.vllm before loading the model")
