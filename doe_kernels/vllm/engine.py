@@ -9,10 +9,9 @@ previous expert.
 import importlib
 import uuid
 
-from doe_kernels.expert import Expert
-from doe_kernels.mask import ExpertMask
 from doe_kernels.models import UnsupportedModelError
-from doe_kernels.vllm.worker import WorkerExtension, check_engine_config, encode_mask
+from doe_kernels.vllm.masks import as_mask, encode_mask
+from doe_kernels.vllm.worker import WorkerExtension, check_engine_config
 
 EXTENSION = "doe_kernels.vllm.WorkerExtension"
 
@@ -27,7 +26,7 @@ def plug(llm, mask) -> None:
     UnsupportedModelError (model) before any rank changes anything, RuntimeError for an engine
     that is not eager or lacks the extension.
     """
-    mask = _as_mask(mask)
+    mask = as_mask(mask)
     _check_engine(llm)
     tensors, spec = encode_mask(mask)
     token = uuid.uuid4().hex
@@ -55,15 +54,6 @@ def status(llm) -> list:
     dense)."""
     _check_engine(llm)
     return llm.collective_rpc("doe_status")
-
-
-def _as_mask(mask) -> ExpertMask:
-    if isinstance(mask, Expert):
-        return mask.mask if mask.mask is not None else ExpertMask()
-    if not isinstance(mask, ExpertMask):
-        raise TypeError(f"mask must be a doe_kernels.ExpertMask or Expert, got "
-                        f"{type(mask).__name__}")
-    return mask
 
 
 def _check_engine(llm) -> None:

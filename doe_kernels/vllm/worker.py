@@ -9,30 +9,19 @@ pruned attention instance `forward`s of its qkv_proj and o_proj (doe_kernels.vll
 Layers that keep everything (no scales, no bias delta) keep vLLM's own forwards. The shared weights
 are never modified: a swap moves index tensors only.
 """
-import json
+import base64
 
 import torch
-from safetensors.torch import load as load_tensors
-from safetensors.torch import save as save_tensors
 from vllm.config import CompilationMode, CUDAGraphMode
 
-from doe_kernels.mask import ExpertMask
 from doe_kernels.models import ModelSpec, UnsupportedModelError
 from doe_kernels.tensor_parallel import ffn_shards, head_shards
 from doe_kernels.vllm.attention import AttentionPlan, attention_of
 from doe_kernels.vllm.ffn import FfnPlan, mlp_of
+from doe_kernels.vllm.masks import decode_mask
 from doe_kernels.vllm.weights import attention_weights, ffn_weights, keep_dense_weights
 
 keep_dense_weights()  # workers import this module before they load the model
-
-
-def encode_mask(mask: ExpertMask) -> tuple[bytes, str]:
-    """A mask as (safetensors bytes, spec JSON): what collective_rpc carries intact."""
-    return save_tensors(mask.tensors()), json.dumps(mask.spec)
-
-
-def decode_mask(tensors: bytes, spec: str) -> ExpertMask:
-    return ExpertMask.from_tensors(load_tensors(tensors), json.loads(spec))
 
 
 def check_engine_config(vllm_config) -> None:
@@ -103,6 +92,15 @@ class WorkerExtension:
             return dict(error=str(error), model=True)
         self._doe_staged = (token, plans)
         return None
+
+    def doe_check_mask_text(self, tensors: str, spec: str, token: str) -> dict | None:
+        """doe_check_mask with the tensors base64-encoded: the form vLLM's HTTP endpoint
+        (`POST /collective_rpc`, string arguments only) carries; see doe_kernels.vllm.http."""
+        try:
+            raw = base64.b64decode(tensors, validate=True)
+        except (ValueError, TypeError) as error:
+            return dict(error=f"the mask's tensors are not base64: {error}", model=False)
+        return self.doe_check_mask(raw, spec, token)
 
     def doe_apply_mask(self, token: str) -> int:
         """Make the plan staged under `token` current; returns the number of pruned layers."""

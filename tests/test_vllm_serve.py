@@ -1,0 +1,137 @@
+"""vLLM's OpenAI-compatible server with an expert plugged and swapped over HTTP (doe_kernels.vllm.http, the
+`doe-kernels vllm-*` commands), and the HTTP client without vLLM.
+
+The server test starts SmolLM2-135M on a free localhost port (about a minute), plugs an expert with
+heads and neurons pruned, asks one completion, and checks it against doe_kernels.patch on the
+HuggingFace model; then a refused mask, the status command, and unplug. Marked `vllm`.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+import torch
+
+import doe_kernels
+from real_models import smollm2_dir
+
+NEW_TOKENS = 8
+
+
+def test_the_http_client_and_its_command_need_no_vllm():
+    """`doe_kernels.vllm.http` imports without vLLM; the engine API says what it needs."""
+    code = (
+        "import sys; sys.modules['vllm'] = None\n"
+        "import doe_kernels.vllm as dkv, doe_kernels.vllm.http as http\n"
+        "try:\n    dkv.plug\nexcept ImportError as e:\n    print('refused:', e)\n"
+        "from doe_kernels.cli import main\n"
+        "sys.exit(main(['vllm-status', '--url', 'http://127.0.0.1:9']))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120)
+    assert "refused: doe_kernels.vllm needs vLLM" in result.stdout, result.stderr[-2000:]
+    assert result.returncode == 2
+    assert "doe-kernels vllm-status: error: cannot reach http://127.0.0.1:9" in result.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_healthy(url: str, server, log_path, limit: float = 600) -> None:
+    start = time.monotonic()
+    while time.monotonic() - start < limit:
+        if server.poll() is not None:
+            with open(log_path) as log:
+                tail = log.read()[-3000:]
+            raise RuntimeError(f"vllm serve exited with code {server.returncode}:\n{tail}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(2)
+    raise TimeoutError(f"vllm serve did not answer {url}/health within {limit} s")
+
+
+def _complete(url: str, model: str, prompt: list) -> str:
+    body = dict(model=model, prompt=prompt, max_tokens=NEW_TOKENS, temperature=0,
+                ignore_eos=True)
+    request = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(request, timeout=300) as response:
+        return json.loads(response.read())["choices"][0]["text"]
+
+
+def _hf_greedy_text(model, tokenizer, prompt: list) -> str:
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False,
+                             min_new_tokens=NEW_TOKENS, pad_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, len(prompt):])
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    pytest.importorskip("vllm")
+    path = smollm2_dir()
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = dict(os.environ, VLLM_SERVER_DEV_MODE="1", HF_HUB_OFFLINE="1",
+               VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
+    log_path = tmp_path_factory.mktemp("serve") / "vllm_serve.log"
+    log = open(log_path, "w")
+    # `vllm serve` itself, by its module: vllm-cpu's `vllm` command looks up a package named
+    # vllm, which vllm-cpu is not, and fails (docs/vllm.md)
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", path,
+               "--host", "127.0.0.1", "--port", str(port),
+               "--dtype", "float32", "--enforce-eager", "--max-model-len", "512", "--seed", "0",
+               "--worker-extension-cls", "doe_kernels.vllm.WorkerExtension"]
+    server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        _wait_healthy(url, server, log_path)
+        yield dict(url=url, model=path)
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+
+
+@pytest.mark.vllm
+def test_vllm_serve_plugs_swaps_and_unplugs(server, capsys):
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from doe_kernels.cli import main
+    from doe_kernels.vllm import http
+
+    url, path = server["url"], server["model"]
+    hf = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    prompt = torch.randint(100, 40000, (20,), generator=torch.Generator().manual_seed(0)).tolist()
+    mask = doe_kernels.ExpertMask.random(hf, ffn_keep=0.5, heads_keep=0.67, seed=3)
+    with doe_kernels.plugged(hf, mask):
+        expected_expert = _hf_greedy_text(hf, tokenizer, prompt)
+    expected_dense = _hf_greedy_text(hf, tokenizer, prompt)
+    assert expected_expert != expected_dense  # the check below can tell them apart
+
+    http.plug(url, mask)
+    assert _complete(url, path, prompt) == expected_expert
+    with pytest.raises(ValueError, match="out of range"):
+        http.plug(url, doe_kernels.ExpertMask({0: [0, 10**6]}))
+    assert _complete(url, path, prompt) == expected_expert  # still the expert
+
+    assert main(["vllm-status", "--url", url]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status[0]["kept_heads"] == [mask.heads[l].numel() for l in range(30)]
+
+    assert main(["vllm-unplug", "--url", url]) == 0
+    capsys.readouterr()
+    assert _complete(url, path, prompt) == expected_dense
