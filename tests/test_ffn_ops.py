@@ -216,3 +216,29 @@ def test_triton_autotuned_path(monkeypatch, dtype):
             assert_close(out, swiglu_ffn_ref(x, w_in, w_up, w_out_t, kept),
                          _dense(dk.gather_swiglu_ffn, x, w_in, w_up, w_out_t, kept),
                          f"autotuned gather_swiglu_ffn {shape} rows={rows}")
+
+
+def test_eager_calls_skip_the_dispatcher_and_others_do_not(monkeypatch):
+    """Plain eager calls run the implementation directly; a call that may be differentiated (or
+    traced, or on a tensor subclass) goes through the registered op, which raises here."""
+    from doe_kernels.ops import library
+
+    def refuse(*args):
+        raise AssertionError("the registered op ran")
+
+    monkeypatch.setattr(library, "_gather_rows_linear_op", refuse)
+    w, kept = torch.randn(6, 4), torch.tensor([1, 4])
+    x = torch.randn(3, 4)
+    expected = x @ w[kept].T
+    torch.testing.assert_close(library.gather_rows_linear(x, w, None, kept, "identity", "auto"),
+                               expected)
+    with pytest.raises(AssertionError, match="registered op"):
+        library.gather_rows_linear(x.requires_grad_(), w, None, kept, "identity", "auto")
+    with torch.no_grad():  # no gradient asked for: direct again
+        library.gather_rows_linear(x, w, None, kept, "identity", "auto")
+
+    class Sub(torch.Tensor):
+        pass
+
+    with pytest.raises(AssertionError, match="registered op"), torch.no_grad():
+        library.gather_rows_linear(x.detach().as_subclass(Sub), w, None, kept, "identity", "auto")

@@ -14,14 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from doe_kernels.activations import apply_activation
-from doe_kernels.ops import (
-    HeadSelection,
-    gather_cols_linear,
-    gather_rows_linear,
-    gather_swiglu_ffn,
-    project_qkv,
-    scale_columns,
-)
+from doe_kernels.ops import HeadSelection, library, project_qkv, scale_columns
 
 
 def _kept_repr(kept, total: int) -> str:
@@ -51,8 +44,8 @@ class KeptRowsLinear(nn.Module):
     def forward(self, x):
         if self.kept is None:
             return apply_activation(F.linear(x, self.weight, self.bias), self.activation)
-        return gather_rows_linear(x, self.weight, self.bias, self.kept, self.activation,
-                                  backend=self.backend, check_indices=False)
+        return library.gather_rows_linear(x, self.weight, self.bias, self.kept, self.activation,
+                                          self.backend)
 
     def extra_repr(self):
         return (f"in={self.weight.shape[1]}, out={_kept_repr(self.kept, self.weight.shape[0])}, "
@@ -75,9 +68,8 @@ class KeptColsLinear(nn.Module):
             out = torch.matmul(scale_columns(x_kept, self.scales), self.weight_t)
             out = out if self.bias is None else out + self.bias
         else:
-            out = gather_cols_linear(x_kept, self.weight_t, self.bias, self.kept,
-                                     backend=self.backend, check_indices=False,
-                                     scales=self.scales)
+            out = library.gather_cols_linear(x_kept, self.weight_t, self.bias, self.kept,
+                                             self.backend, self.scales)
         return add_bias_delta(out, self.bias_delta)
 
     def extra_repr(self):
@@ -101,9 +93,8 @@ class GatherSwiGLUMLP(nn.Module):
             hidden = F.silu(F.linear(x, self.w_gate)) * F.linear(x, self.w_up)
             out = torch.matmul(scale_columns(hidden, self.scales), self.w_down_t)
         else:
-            out = gather_swiglu_ffn(x, self.w_gate, self.w_up, self.w_down_t, self.kept,
-                                    backend=self.backend, check_indices=False,
-                                    scales=self.scales)
+            out = library.gather_swiglu_ffn(x, self.w_gate, self.w_up, self.w_down_t, self.kept,
+                                            self.backend, self.scales)
         return add_bias_delta(out, self.bias_delta)
 
     def extra_repr(self):

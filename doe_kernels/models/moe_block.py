@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from doe_kernels.ops import gather_swiglu_ffn
+from doe_kernels.ops import library
 
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
@@ -119,8 +119,8 @@ def expert_ffn(x, gate_up, down_t, intermediate, neurons=None, backend="auto"):
     if neurons is None:
         gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
         return torch.matmul(F.silu(gate) * up, down_t)
-    return gather_swiglu_ffn(x, gate_up[:intermediate], gate_up[intermediate:], down_t, neurons,
-                             backend=backend, check_indices=False)
+    return library.gather_swiglu_ffn(x, gate_up[:intermediate], gate_up[intermediate:], down_t,
+                                     neurons, backend)
 
 
 class PrunedMoeBlock(nn.Module):

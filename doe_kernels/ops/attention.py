@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from doe_kernels.ops.checks import check_float_tensor, check_index
-from doe_kernels.ops.linear import gather_cols_linear, gather_rows_linear, scale_columns
+from doe_kernels.ops import library
+from doe_kernels.ops.linear import scale_columns
 
 RotaryHook = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -94,10 +95,10 @@ def project_qkv(hidden, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias,
         q, k, v = (F.linear(hidden, w, b) for w, b in
                    ((q_weight, q_bias), (k_weight, k_bias), (v_weight, v_bias)))
         return _split_heads(q, d), _split_heads(k, d), _split_heads(v, d)
-    gather = dict(backend=backend, check_indices=False)
-    q = gather_rows_linear(hidden, q_weight, q_bias, selection.q_rows, **gather)
-    k = gather_rows_linear(hidden, k_weight, k_bias, selection.kv_rows, **gather)
-    v = gather_rows_linear(hidden, v_weight, v_bias, selection.kv_rows, **gather)
+    # the selection's rows were checked when it was made: straight to the ops
+    q = library.gather_rows_linear(hidden, q_weight, q_bias, selection.q_rows, "identity", backend)
+    k = library.gather_rows_linear(hidden, k_weight, k_bias, selection.kv_rows, "identity", backend)
+    v = library.gather_rows_linear(hidden, v_weight, v_bias, selection.kv_rows, "identity", backend)
     return _split_heads(q, d), _split_heads(k, d), _split_heads(v, d)
 
 
@@ -157,8 +158,8 @@ def project_out(attn_out, o_weight_t, o_bias, selection: HeadSelection, backend:
     if selection.is_full:
         out = torch.matmul(scale_columns(attn_out, scales), o_weight_t)
         return out if o_bias is None else out + o_bias
-    return gather_cols_linear(attn_out, o_weight_t, o_bias, selection.q_rows, backend=backend,
-                              check_indices=False, scales=scales)
+    return library.gather_cols_linear(attn_out, o_weight_t, o_bias, selection.q_rows, backend,
+                                      scales)
 
 
 def pruned_head_attention(

@@ -5,7 +5,9 @@ concrete name or "auto", resolved per call by `doe_kernels.backends.resolve`), a
 tensor. Empty index lists and empty inputs are answered here, so backends never see them. The ops
 with a column-gathered step take `scales` last (None: no scaling, and nothing extra runs), one per
 kept column or neuron, which that step applies to its input. The public wrappers in linear.py and
-ffn.py check the arguments first; call those, not these, from user code.
+ffn.py check the arguments first; call those, not these, from user code. The patched modules,
+whose indices were checked once when the mask was plugged, call these directly; eager calls then
+skip the dispatcher too (`_direct`).
 """
 import torch
 
@@ -13,6 +15,38 @@ from doe_kernels import backends
 
 LIB = "doe_kernels"
 DEVICES = ("cpu", "cuda")
+
+
+def _register(name: str, implementation):
+    """`implementation` registered as the custom op doe_kernels::<name> (schema from its
+    annotations)."""
+    return torch.library.custom_op(f"{LIB}::{name}", mutates_args=(), device_types=DEVICES)(
+        implementation)
+
+
+def _direct(*tensors) -> bool:
+    """Whether a call may run its implementation directly, skipping torch.library's dispatcher
+    (about 10 us a call, which decoding pays 150 times a token on a small LLaMA): eager plain CPU or
+    CUDA tensors, no gradient asked for, nothing compiling, tracing or transforming the call.
+    Otherwise the call goes through the registered op, which torch.compile, export and FakeTensor
+    understand."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or _functorch_active():
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is None:
+            continue
+        if type(t) not in _PLAIN or t.device.type not in DEVICES or (grad and t.requires_grad):
+            return False
+    return True
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _functorch_active() -> bool:
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(active()) if active is not None else False
 
 
 def _run(x, backend: str):
@@ -30,8 +64,7 @@ def _zeros_plus_bias(x, out_features: int, bias):
     return out if bias is None else out + bias
 
 
-@torch.library.custom_op(f"{LIB}::gather_rows_linear", mutates_args=(), device_types=DEVICES)
-def gather_rows_linear(
+def _gather_rows_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: torch.Tensor,
     activation: str, backend: str,
 ) -> torch.Tensor:
@@ -43,13 +76,15 @@ def gather_rows_linear(
     return out.reshape(*x.shape[:-1], rows.numel())
 
 
-@gather_rows_linear.register_fake
+_gather_rows_linear_op = _register("gather_rows_linear", _gather_rows_linear)
+
+
+@_gather_rows_linear_op.register_fake
 def _(x, weight, bias, rows, activation, backend):
     return x.new_empty(*x.shape[:-1], rows.shape[0])
 
 
-@torch.library.custom_op(f"{LIB}::gather_cols_linear", mutates_args=(), device_types=DEVICES)
-def gather_cols_linear(
+def _gather_cols_linear(
     h: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, cols: torch.Tensor,
     backend: str, scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -61,13 +96,15 @@ def gather_cols_linear(
     return out.reshape(*h.shape[:-1], weight_t.shape[1])
 
 
-@gather_cols_linear.register_fake
+_gather_cols_linear_op = _register("gather_cols_linear", _gather_cols_linear)
+
+
+@_gather_cols_linear_op.register_fake
 def _(h, weight_t, bias, cols, backend, scales=None):
     return h.new_empty(*h.shape[:-1], weight_t.shape[1])
 
 
-@torch.library.custom_op(f"{LIB}::gather_ffn", mutates_args=(), device_types=DEVICES)
-def gather_ffn(
+def _gather_ffn(
     x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None, w_out_t: torch.Tensor,
     b_out: torch.Tensor | None, kept: torch.Tensor, activation: str, backend: str,
     scales: torch.Tensor | None = None,
@@ -81,13 +118,15 @@ def gather_ffn(
     return out.reshape(*x.shape[:-1], w_out_t.shape[1])
 
 
-@gather_ffn.register_fake
+_gather_ffn_op = _register("gather_ffn", _gather_ffn)
+
+
+@_gather_ffn_op.register_fake
 def _(x, w_in, b_in, w_out_t, b_out, kept, activation, backend, scales=None):
     return x.new_empty(*x.shape[:-1], w_out_t.shape[1])
 
 
-@torch.library.custom_op(f"{LIB}::gather_swiglu_ffn", mutates_args=(), device_types=DEVICES)
-def gather_swiglu_ffn(
+def _gather_swiglu_ffn(
     x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor,
     kept: torch.Tensor, backend: str, scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -100,6 +139,33 @@ def gather_swiglu_ffn(
     return out.reshape(*x.shape[:-1], w_down_t.shape[1])
 
 
-@gather_swiglu_ffn.register_fake
+_gather_swiglu_ffn_op = _register("gather_swiglu_ffn", _gather_swiglu_ffn)
+
+
+@_gather_swiglu_ffn_op.register_fake
 def _(x, w_gate, w_up, w_down_t, kept, backend, scales=None):
     return x.new_empty(*x.shape[:-1], w_down_t.shape[1])
+
+
+def gather_rows_linear(x, weight, bias, rows, activation: str, backend: str):
+    if _direct(x, weight, bias, rows):
+        return _gather_rows_linear(x, weight, bias, rows, activation, backend)
+    return _gather_rows_linear_op(x, weight, bias, rows, activation, backend)
+
+
+def gather_cols_linear(h, weight_t, bias, cols, backend: str, scales=None):
+    if _direct(h, weight_t, bias, cols, scales):
+        return _gather_cols_linear(h, weight_t, bias, cols, backend, scales)
+    return _gather_cols_linear_op(h, weight_t, bias, cols, backend, scales)
+
+
+def gather_ffn(x, w_in, b_in, w_out_t, b_out, kept, activation: str, backend: str, scales=None):
+    if _direct(x, w_in, b_in, w_out_t, b_out, kept, scales):
+        return _gather_ffn(x, w_in, b_in, w_out_t, b_out, kept, activation, backend, scales)
+    return _gather_ffn_op(x, w_in, b_in, w_out_t, b_out, kept, activation, backend, scales)
+
+
+def gather_swiglu_ffn(x, w_gate, w_up, w_down_t, kept, backend: str, scales=None):
+    if _direct(x, w_gate, w_up, w_down_t, kept, scales):
+        return _gather_swiglu_ffn(x, w_gate, w_up, w_down_t, kept, backend, scales)
+    return _gather_swiglu_ffn_op(x, w_gate, w_up, w_down_t, kept, backend, scales)
