@@ -75,9 +75,10 @@ def test_summed_head_shards_equal_the_masked_attention(num_kv, world_size):
     local_q = heads // world_size
     kv_of_rank = (lambda r: list(range(r * num_kv // world_size, (r + 1) * num_kv // world_size))
                   if num_kv >= world_size else [r * num_kv // world_size])
+    per_kv = heads // num_kv
     for layer, chosen in kept.items():
         expected = sum((scales[layer][i].double()
-                        * _attention(q[:, h], k[:, h // (heads // num_kv)], v[:, h // (heads // num_kv)])
+                        * _attention(q[:, h], k[:, h // per_kv], v[:, h // per_kv])
                         @ w_o[:, h * d:(h + 1) * d].T for i, h in enumerate(chosen)),
                        torch.zeros(5, hidden, dtype=torch.float64))
         total = torch.zeros(5, hidden, dtype=torch.float64)

@@ -1,5 +1,5 @@
-"""vLLM's OpenAI-compatible server with an expert plugged and swapped over HTTP (doe_kernels.vllm.http, the
-`doe-kernels vllm-*` commands), and the HTTP client without vLLM.
+"""vLLM's OpenAI-compatible server with an expert plugged and swapped over HTTP
+(doe_kernels.vllm.http, the `doe-kernels vllm-*` commands), and the HTTP client without vLLM.
 
 The server test starts SmolLM2-135M on a free localhost port (about a minute), plugs an expert with
 heads and neurons pruned, asks one completion, and checks it against doe_kernels.patch on the

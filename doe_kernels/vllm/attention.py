@@ -3,21 +3,22 @@
 vLLM's attention forward is left as it is (rotary embedding, the paged KV cache, its attention
 backend); only its two projections change, as instance `forward`s of `qkv_proj` and `o_proj`:
  * qkv_proj computes the rows of the rank's kept query heads and of the KV heads they read
-   (`gather_rows_linear` on the dense weight), into a zero-filled output of vLLM's width: pruned
+   (`gather_rows_linear` on the dense weight) into a zero-filled output of vLLM's width: pruned
    heads get zero queries, keys and values.
  * o_proj reads only the kept heads' columns (`gather_cols_linear` on the input-major weight,
    scaled per head when the expert has scales), all-reduces as RowParallelLinear does, and adds the
    expert's bias delta once.
-The output equals attention over the kept heads alone. The attention kernel itself still runs every
-head of the rank: vLLM's KV cache and kernels are laid out for all of them, so head pruning saves
-the projections' work and bytes, not the attention scores'.
+The plan's indices are checked when it is made, so the projections call doe_kernels.ops.library
+directly. The output equals attention over the kept heads alone. The attention kernel itself still
+runs every head of the rank: vLLM's KV cache and kernels are laid out for all of them, so head
+pruning saves the projections' work and bytes, not the attention scores'.
 """
 import torch
 from vllm.distributed import tensor_model_parallel_all_reduce
 from vllm.model_executor.layers.linear import QKVParallelLinear, RowParallelLinear
 
 from doe_kernels.models import UnsupportedModelError
-from doe_kernels.ops import gather_cols_linear, gather_rows_linear
+from doe_kernels.ops import library
 from doe_kernels.tensor_parallel import HeadShard
 from doe_kernels.vllm.ffn import summed_output_delta
 from doe_kernels.vllm.weights import AttentionWeights, check_plain_linear
@@ -50,14 +51,14 @@ class AttentionPlan:
 
     def qkv(self, x):
         w = self.weights
-        kept = gather_rows_linear(x, w.w_qkv, w.b_qkv, self.rows, check_indices=False)
+        kept = library.gather_rows_linear(x, w.w_qkv, w.b_qkv, self.rows, "identity", "auto")
         out = x.new_zeros(*x.shape[:-1], self.width)
         return out.index_copy_(-1, self.rows, kept)
 
     def o(self, attn_output):
         kept = attn_output.index_select(-1, self.cols)
-        out = gather_cols_linear(kept, self.weights.w_o_t, None, self.cols, check_indices=False,
-                                 scales=self.col_scales)
+        out = library.gather_cols_linear(kept, self.weights.w_o_t, None, self.cols, "auto",
+                                         self.col_scales)
         if self.reduce_here:
             out = tensor_model_parallel_all_reduce(out)
         return out if self.bias_delta is None else out + self.bias_delta

@@ -1,15 +1,16 @@
 """A vLLM LLaMA MLP on an expert's neurons of one rank: its plan and its forward.
 
-A plugged MLP gets an instance `forward` that runs `doe_kernels.ops.gather_swiglu_ffn` on the rank's
-kept neurons and then the all-reduce vLLM's RowParallelLinear does; layers that keep every neuron
-(no scales, no bias delta) keep vLLM's own forward.
+A plugged MLP gets an instance `forward` that runs the gather SwiGLU FFN op on the rank's kept
+neurons (checked when the plan was made, so it calls doe_kernels.ops.library directly) and then the
+all-reduce vLLM's RowParallelLinear does; layers that keep every neuron (no scales, no bias delta)
+keep vLLM's own forward.
 """
 from vllm.distributed import tensor_model_parallel_all_reduce
 from vllm.model_executor.layers.activation import SiluAndMul
 from vllm.model_executor.layers.linear import MergedColumnParallelLinear, RowParallelLinear
 
 from doe_kernels.models import UnsupportedModelError
-from doe_kernels.ops import gather_swiglu_ffn
+from doe_kernels.ops import library
 from doe_kernels.tensor_parallel import FfnShard
 from doe_kernels.vllm.weights import FfnWeights, check_plain_linear
 
@@ -37,8 +38,8 @@ class FfnPlan:
 
     def forward(self, x):
         w = self.weights
-        out = gather_swiglu_ffn(x, w.w_gate, w.w_up, w.w_down_t, self.kept, backend="auto",
-                                check_indices=False, scales=self.scales)
+        out = library.gather_swiglu_ffn(x, w.w_gate, w.w_up, w.w_down_t, self.kept, "auto",
+                                        self.scales)
         if self.reduce_here:
             out = tensor_model_parallel_all_reduce(out)
         return out if self.bias_delta is None else out + self.bias_delta
