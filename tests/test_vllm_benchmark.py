@@ -1,0 +1,36 @@
+"""python/vllm_benchmark.py without vLLM: the sliced checkpoint is the expert, and the table."""
+import pytest
+import torch
+
+import doe_kernels
+import vllm_benchmark  # python/, on the tests' path
+
+
+def test_the_sliced_checkpoint_computes_what_the_plugged_expert_does(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=120)
+    model = LlamaForCausalLM(config).eval()
+    mask = doe_kernels.ExpertMask.random(model, ffn_keep=0.4, seed=2)
+    path = vllm_benchmark.sliced_checkpoint(model, mask, str(tmp_path / "sliced"))
+    sliced = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    assert sliced.config.intermediate_size == mask.ffn[0].numel() == 38
+    ids = torch.randint(0, 120, (2, 7))
+    with torch.no_grad():
+        expected = sliced(ids).logits
+        with doe_kernels.plugged(model, mask):
+            torch.testing.assert_close(model(ids).logits, expected, atol=1e-5, rtol=1e-5)
+    uneven = mask.replace(ffn={0: [1, 2], 1: [3], 2: [4]})
+    with pytest.raises(ValueError, match="same neuron count"):
+        vllm_benchmark.sliced_checkpoint(model, uneven, str(tmp_path / "uneven"))
+
+
+def test_table_ratios():
+    rows = [dict(variant="dense", rate=0.0, tokens_per_s=10.0, decode_s_per_token=0.1),
+            dict(variant="expert", rate=0.65, tokens_per_s=18.0, decode_s_per_token=0.06),
+            dict(variant="sliced", rate=0.65, tokens_per_s=20.0, decode_s_per_token=0.05)]
+    table = vllm_benchmark.table(rows)
+    assert "| expert | 65% | 18.0 | 1.80x | 0.90x | 60.0 | 1.67x | 0.83x |" in table
+    assert "| sliced | 65% | 20.0 | 2.00x | 1.00x | 50.0 | 2.00x | 1.00x |" in table
