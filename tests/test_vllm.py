@@ -174,6 +174,19 @@ class TestSmolLM2:
         assert_same_generation(_generate(llm, prompts), smol["hf_out"]["a"])
         dkv.unplug(llm)
 
+    def test_a_batch_of_prompts(self, smol):
+        """All prompts in one generate call (vLLM batches them): the same tokens as the patched
+        HF model, each prompt alone."""
+        from vllm import SamplingParams
+
+        llm, prompts, mask = smol["llm"], smol["prompts"], smol["masks"]["heads"]
+        dkv.plug(llm, mask)
+        params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+        outs = llm.generate([{"prompt_token_ids": ids} for ids in prompts], params,
+                            use_tqdm=False)
+        assert [list(out.outputs[0].token_ids) for out in outs] == smol["hf_out"]["heads"][0]
+        dkv.unplug(llm)
+
     def test_keep_everything(self, smol):
         llm, prompts, spec = smol["llm"], smol["prompts"], smol["spec"]
         keep_all = doe_kernels.ExpertMask.random(smol["hf"], ffn_keep=1.0)
@@ -290,3 +303,49 @@ class TestTensorParallel2:
         assert_same_generation(_generate(llm, prompts), _hf_patched(tp2["hf"], mask, prompts))
         dkv.unplug(llm)
         assert_same_generation(_generate(llm, prompts), tp2["dense"], exact=True)
+
+
+def _tiny_model(family: str, path) -> str:
+    """A random float32 Qwen2 (with visible q/k/v biases, so that a wrong bias row would show) or
+    Mistral: 2 layers, hidden 128, 256 neurons, 4 heads / 2 KV heads."""
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config_class, model_class = dict(qwen2=(Qwen2Config, Qwen2ForCausalLM),
+                                     mistral=(MistralConfig, MistralForCausalLM))[family]
+    config = config_class(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, vocab_size=1024,
+                          max_position_embeddings=1024, initializer_range=0.1,
+                          bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    model = model_class(config)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                if proj.bias is not None:
+                    proj.bias.normal_(0, 0.5)
+    model.save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("family", ["qwen2", "mistral"])
+def test_other_llama_family_models(family, tmp_path):
+    """vLLM's Qwen2 (QKV biases) and Mistral at tensor-parallel size 1: heads and neurons
+    pruned."""
+    from transformers import AutoModelForCausalLM
+
+    path = _tiny_model(family, tmp_path / family)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    spec = doe_kernels.models.spec_of(hf)
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 1024, (n,), generator=gen).tolist() for n in (5, 21)]
+    mask = doe_kernels.ExpertMask({0: torch.arange(0, 256, 2), 1: torch.arange(50, 250)},
+                                  heads={0: [1, 2], 1: [3]}, spec=spec.as_dict())
+    mask = _with_reconstruction(mask, spec, seed=8, heads=True)
+    expected = _hf_patched(hf, mask, prompts)
+    llm = _start_engine(path, tp=1, skip_tokenizer_init=True)
+    try:
+        dkv.plug(llm, mask)
+        assert_same_generation(_generate(llm, prompts), expected)
+    finally:
+        _stop_engine(llm)
