@@ -7,10 +7,8 @@ After every plug and unplug the prefix cache is reset: cached KV blocks were com
 previous expert.
 """
 import importlib
-import uuid
 
-from doe_kernels.models import UnsupportedModelError
-from doe_kernels.vllm.masks import as_mask, encode_mask
+from doe_kernels.vllm.protocol import as_mask, plug_on_ranks
 from doe_kernels.vllm.worker import WorkerExtension, check_engine_config
 
 EXTENSION = "doe_kernels.vllm.WorkerExtension"
@@ -28,16 +26,7 @@ def plug(llm, mask) -> None:
     """
     mask = as_mask(mask)
     _check_engine(llm)
-    tensors, spec = encode_mask(mask)
-    token = uuid.uuid4().hex
-    replies = llm.collective_rpc("doe_check_mask", args=(tensors, spec, token))
-    refusals = [(rank, reply) for rank, reply in enumerate(replies) if reply is not None]
-    if refusals:
-        llm.collective_rpc("doe_discard_mask")
-        rank, reply = refusals[0]
-        error = UnsupportedModelError if reply["model"] else ValueError
-        raise error(f"mask refused (rank {rank}; nothing was changed): {reply['error']}")
-    llm.collective_rpc("doe_apply_mask", args=(token,))
+    plug_on_ranks(lambda method, args: llm.collective_rpc(method, args=tuple(args)), mask)
     _reset_prefix_cache(llm)
 
 

@@ -8,18 +8,16 @@ endpoints, which carry the calls to every rank (`POST /collective_rpc`) and rese
     VLLM_SERVER_DEV_MODE=1 vllm serve MODEL --enforce-eager \
         --worker-extension-cls doe_kernels.vllm.WorkerExtension
 
-The protocol is the offline one's (doe_kernels.vllm.engine): every rank checks the mask and stages
-its plan, and only if every rank accepts does any apply it. The development endpoints let anyone
+The protocol is the offline one's (doe_kernels.vllm.protocol): every rank checks the mask and
+stages its plan, and only if every rank accepts does any apply it. The development endpoints let anyone
 who reaches the port call worker methods: bind the server to localhost or a private network.
 Needs only the standard library and doe_kernels (not vLLM), so a client machine can swap experts.
 """
-import base64
 import json
 import urllib.error
 import urllib.request
-import uuid
 
-from doe_kernels.models import UnsupportedModelError
+from doe_kernels.vllm.protocol import as_mask, plug_on_ranks
 
 
 def plug(url: str, mask, timeout: float = 120.0) -> None:
@@ -27,19 +25,7 @@ def plug(url: str, mask, timeout: float = 120.0) -> None:
     "http://localhost:8000"); swaps when one is plugged. Raises ValueError (mask) or
     UnsupportedModelError (model) before any rank changes, RuntimeError when the server cannot
     take it (no development endpoints, no worker extension, not eager)."""
-    from doe_kernels.vllm.masks import as_mask, encode_mask
-
-    tensors, spec = encode_mask(as_mask(mask))
-    token = uuid.uuid4().hex
-    replies = _rpc(url, "doe_check_mask_text",
-                   [base64.b64encode(tensors).decode("ascii"), spec, token], timeout)
-    refusals = [(rank, reply) for rank, reply in enumerate(replies) if reply is not None]
-    if refusals:
-        _rpc(url, "doe_discard_mask", [], timeout)
-        rank, reply = refusals[0]
-        error = UnsupportedModelError if reply["model"] else ValueError
-        raise error(f"mask refused (rank {rank}; nothing was changed): {reply['error']}")
-    _rpc(url, "doe_apply_mask", [token], timeout)
+    plug_on_ranks(lambda method, args: _rpc(url, method, args, timeout), as_mask(mask))
     _reset_prefix_cache(url, timeout)
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from doe_kernels.models import UnsupportedModelError
 from doe_kernels.ops import input_major
 
 _KEPT = "_doe_dense_weight"  # set on a kept linear before vLLM repacks it
@@ -91,8 +92,6 @@ def check_plain_linear(linear, where: str, bias_allowed: bool) -> None:
     """Raise UnsupportedModelError for a quantized linear, one that returns its bias to the caller
     (skip_bias_add), or one with a bias where none is supported."""
     from vllm.model_executor.layers.linear import UnquantizedLinearMethod
-
-    from doe_kernels.models import UnsupportedModelError
 
     name = str(getattr(linear, "prefix", "")).rpartition(".")[2] or type(linear).__name__
     if not isinstance(linear.quant_method, UnquantizedLinearMethod):

@@ -9,8 +9,6 @@ pruned attention instance `forward`s of its qkv_proj and o_proj (doe_kernels.vll
 Layers that keep everything (no scales, no bias delta) keep vLLM's own forwards. The shared weights
 are never modified: a swap moves index tensors only.
 """
-import base64
-
 import torch
 from vllm.config import CompilationMode, CUDAGraphMode
 
@@ -18,7 +16,7 @@ from doe_kernels.models import ModelSpec, UnsupportedModelError
 from doe_kernels.tensor_parallel import ffn_shards, head_shards
 from doe_kernels.vllm.attention import AttentionPlan, attention_of
 from doe_kernels.vllm.ffn import FfnPlan, mlp_of
-from doe_kernels.vllm.masks import decode_mask
+from doe_kernels.vllm.protocol import decode_mask
 from doe_kernels.vllm.weights import attention_weights, ffn_weights, keep_dense_weights
 
 keep_dense_weights()  # workers import this module before they load the model
@@ -67,9 +65,10 @@ class WorkerExtension:
             num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
             head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads)
 
-    def doe_check_mask(self, tensors: bytes, spec: str, token: str) -> dict | None:
-        """Validate an encoded mask on this rank and stage its plan under `token`; returns None,
-        or {"error": message, "model": whether the model (not the mask) is the problem}."""
+    def doe_check_mask(self, tensors: str, spec: str, token: str) -> dict | None:
+        """Validate a mask (as doe_kernels.vllm.protocol.encode_mask encodes it) on this rank and
+        stage its plan under `token`; returns None, or {"error": message, "model": whether the
+        model (not the mask) is the problem}."""
         self._doe_staged = None
         try:
             check_engine_config(self.vllm_config)
@@ -92,15 +91,6 @@ class WorkerExtension:
             return dict(error=str(error), model=True)
         self._doe_staged = (token, plans)
         return None
-
-    def doe_check_mask_text(self, tensors: str, spec: str, token: str) -> dict | None:
-        """doe_check_mask with the tensors base64-encoded: the form vLLM's HTTP endpoint
-        (`POST /collective_rpc`, string arguments only) carries; see doe_kernels.vllm.http."""
-        try:
-            raw = base64.b64decode(tensors, validate=True)
-        except (ValueError, TypeError) as error:
-            return dict(error=f"the mask's tensors are not base64: {error}", model=False)
-        return self.doe_check_mask(raw, spec, token)
 
     def doe_apply_mask(self, token: str) -> int:
         """Make the plan staged under `token` current; returns the number of pruned layers."""

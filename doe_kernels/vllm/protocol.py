@@ -1,0 +1,56 @@
+"""The caller's side of a swap, whatever carries the calls to the ranks (`LLM.collective_rpc`
+offline, vLLM's `POST /collective_rpc` on a server): what a caller may plug, the mask's encoding,
+and the check-then-apply protocol. Needs no vLLM.
+
+A mask travels as (base64 of its safetensors bytes, its spec as JSON): strings, the only arguments
+the HTTP endpoint passes. Every rank checks it and stages its plan (`doe_check_mask`); only if
+every rank accepts does any apply it (`doe_apply_mask`), else every rank drops it
+(`doe_discard_mask`).
+"""
+import base64
+import json
+import uuid
+
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+
+from doe_kernels.expert import Expert
+from doe_kernels.mask import ExpertMask
+from doe_kernels.models import UnsupportedModelError
+
+
+def as_mask(mask) -> ExpertMask:
+    """An ExpertMask, or an Expert's mask; TypeError for anything else."""
+    if isinstance(mask, Expert):
+        return mask.mask if mask.mask is not None else ExpertMask()
+    if not isinstance(mask, ExpertMask):
+        raise TypeError(f"mask must be a doe_kernels.ExpertMask or Expert, got "
+                        f"{type(mask).__name__}")
+    return mask
+
+
+def encode_mask(mask: ExpertMask) -> tuple[str, str]:
+    """A mask as (base64 of its safetensors bytes, its spec as JSON)."""
+    return base64.b64encode(save_tensors(mask.tensors())).decode("ascii"), json.dumps(mask.spec)
+
+
+def decode_mask(tensors: str, spec: str) -> ExpertMask:
+    """The mask `encode_mask` encoded; ValueError for anything else."""
+    return ExpertMask.from_tensors(load_tensors(base64.b64decode(tensors, validate=True)),
+                                   json.loads(spec))
+
+
+def plug_on_ranks(call, mask: ExpertMask) -> None:
+    """Check `mask` on every rank, then apply it on every rank; `call(method, args)` runs a
+    WorkerExtension method on every rank and returns their results in rank order. Raises
+    ValueError (mask) or UnsupportedModelError (model) with nothing changed on any rank."""
+    tensors, spec = encode_mask(mask)
+    token = uuid.uuid4().hex
+    replies = call("doe_check_mask", [tensors, spec, token])
+    refusals = [(rank, reply) for rank, reply in enumerate(replies) if reply is not None]
+    if refusals:
+        call("doe_discard_mask", [])
+        rank, reply = refusals[0]
+        error = UnsupportedModelError if reply["model"] else ValueError
+        raise error(f"mask refused (rank {rank}; nothing was changed): {reply['error']}")
+    call("doe_apply_mask", [token])
