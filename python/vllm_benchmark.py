@@ -3,16 +3,20 @@ sliced checkpoint of the same expert, on the CPU build of vLLM.
 
 For each pruning rate, a random mask keeps the same number of FFN neurons in every layer (every
 head), so that the sliced checkpoint is an ordinary Llama with a smaller intermediate size that
-vLLM loads as it is: the fair baseline. Measured, all engines eager (`enforce_eager=True`, which
-plugging requires) and float32:
+vLLM loads as it is: the fair baseline. Measured, all engines eager (`enforce_eager=True`), or
+with --compiled all in vLLM's default compiled mode (on the CPU: traced once, Inductor; a plugged
+engine's MLPs and projections then run through doe_kernels.vllm.routes, and the dense model is
+also measured on an engine without the extension, "dense-plain"), float32:
   * throughput: generated tokens per second for a batch of prompts (one `generate` call);
   * decode latency: seconds per generated token at batch 1 (a long generation minus a one-token
     one, over the extra tokens).
 
     python python/vllm_benchmark.py --model smollm2 --out benchmarks/results/vllm_cpu
     python python/vllm_benchmark.py --model llama-wide --out benchmarks/results/vllm_cpu
+    python python/vllm_benchmark.py --model smollm2 --compiled --out benchmarks/results/vllm_cpu
 
-Writes OUT/vllm_<model>.json and a plot beside it, and prints the table.
+Writes OUT/vllm_<model>.json (vllm_<model>_compiled.json) and a plot beside it, and prints the
+table.
 """
 import argparse
 import gc
@@ -73,14 +77,14 @@ def cpu_name() -> str:
         return platform.processor() or platform.machine()
 
 
-def start_engine(path: str, extension: bool):
+def start_engine(path: str, extension: bool, compiled: bool = False):
     from vllm import LLM
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     options = dict(worker_extension_cls="doe_kernels.vllm.WorkerExtension") if extension else {}
-    return LLM(model=path, dtype="float32", enforce_eager=True, max_model_len=1024, seed=0,
-               skip_tokenizer_init=True, **options)
+    return LLM(model=path, dtype="float32", enforce_eager=not compiled, max_model_len=1024,
+               seed=0, skip_tokenizer_init=True, **options)
 
 
 def stop_engine(llm) -> None:
@@ -131,7 +135,11 @@ def run(args) -> list:
     masks = {rate: doe_kernels.ExpertMask.random(model, ffn_keep=1 - rate, seed=1)
              for rate in args.rates}
     rows = []
-    llm = start_engine(path, extension=True)
+    if args.compiled:  # what the routes cost the dense model
+        llm = start_engine(path, extension=False, compiled=True)
+        rows.append(dict(variant="dense-plain", rate=0.0, **measure(llm, args)))
+        stop_engine(llm)
+    llm = start_engine(path, extension=True, compiled=args.compiled)
     rows.append(dict(variant="dense", rate=0.0, **measure(llm, args)))
     for rate, mask in masks.items():
         dkv.plug(llm, mask)
@@ -141,15 +149,22 @@ def run(args) -> list:
     stop_engine(llm)
     for rate, mask in masks.items():
         sliced = sliced_checkpoint(model, mask, os.path.join(work, f"sliced_{rate}"))
-        llm = start_engine(sliced, extension=False)
+        llm = start_engine(sliced, extension=False, compiled=args.compiled)
         rows.append(dict(variant="sliced", rate=rate, **measure(llm, args)))
         print(rows[-1], flush=True)
         stop_engine(llm)
     return rows
 
 
+def baseline(rows) -> dict:
+    """The dense row ratios are taken against: vLLM's own engine without the extension where it
+    was measured (compiled runs), else the dense model on the extension's engine."""
+    return next((r for r in rows if r["variant"] == "dense-plain"),
+                next(r for r in rows if r["variant"] == "dense"))
+
+
 def table(rows) -> str:
-    dense = next(r for r in rows if r["variant"] == "dense")
+    dense = baseline(rows)
     sliced = {r["rate"]: r for r in rows if r["variant"] == "sliced"}
     lines = ["| variant | FFN pruned | tokens/s (batch) | vs dense | vs sliced | decode ms/token "
              "| vs dense | vs sliced |", "|---|---|---|---|---|---|---|---|"]
@@ -171,7 +186,7 @@ def plot(rows, path: str, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    dense = next(r for r in rows if r["variant"] == "dense")
+    dense = baseline(rows)
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     for ax, key, label in ((axes[0], "tokens_per_s", "throughput / dense"),
                            (axes[1], "decode_s_per_token", "decode speed / dense")):
@@ -199,6 +214,8 @@ def main():
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--compiled", action="store_true",
+                        help="vLLM's default compiled engines instead of eager ones")
     parser.add_argument("--out", default=os.path.join("results", "vllm_bench"))
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -209,9 +226,11 @@ def main():
     meta = dict(model=args.model, args=vars(args), cpu=cpu_name(),
                 threads=os.cpu_count(), torch=torch.__version__, vllm=vllm.__version__,
                 date=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    with open(os.path.join(args.out, f"vllm_{args.model}.json"), "w") as f:
+    name = f"vllm_{args.model}" + ("_compiled" if args.compiled else "")
+    with open(os.path.join(args.out, f"{name}.json"), "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1)
-    plot(rows, os.path.join(args.out, f"vllm_{args.model}.png"), f"vLLM on the CPU, {args.model}")
+    plot(rows, os.path.join(args.out, f"{name}.png"),
+         f"vLLM on the CPU, {args.model}" + (", compiled" if args.compiled else ""))
 
 
 if __name__ == "__main__":

@@ -22,8 +22,9 @@ NEW_TOKENS = 12
 LOGPROB_ATOL = 1e-3  # float32, 30 layers, oneDNN vs PyTorch GEMMs: seen <= 3e-5
 
 
-def _start_engine(path: str, tp: int, **kwargs):
-    """A float32 eager vLLM engine with the doe_kernels worker extension."""
+def _start_engine(path: str, tp: int, enforce_eager: bool = True, **kwargs):
+    """A float32 vLLM engine with the doe_kernels worker extension, eager unless told (then
+    compiled as vLLM does by default on the CPU: traced once, Inductor)."""
     from vllm import LLM
 
     env = dict(VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="0|1" if tp == 2 else "auto",
@@ -31,9 +32,9 @@ def _start_engine(path: str, tp: int, **kwargs):
     saved = {key: os.environ.get(key) for key in env}
     os.environ.update({key: os.environ.get(key, value) for key, value in env.items()})
     try:
-        return LLM(model=path, dtype="float32", enforce_eager=True, max_model_len=512, seed=0,
-                   tensor_parallel_size=tp, worker_extension_cls="doe_kernels.vllm.WorkerExtension",
-                   **kwargs)
+        return LLM(model=path, dtype="float32", enforce_eager=enforce_eager, seed=0,
+                   max_model_len=512, tensor_parallel_size=tp,
+                   worker_extension_cls="doe_kernels.vllm.WorkerExtension", **kwargs)
     finally:
         for key, value in saved.items():
             os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
@@ -224,23 +225,24 @@ class TestSmolLM2:
         assert_same_generation(_generate(llm, prompts), before, exact=True)
         dkv.unplug(llm)
 
-    def test_engine_that_is_not_eager_is_refused(self, smol):
+    def test_engine_that_captures_cuda_graphs_is_refused(self, smol):
         import copy
         from types import SimpleNamespace
 
-        from vllm.config import CompilationMode
+        from vllm.config import CompilationMode, CUDAGraphMode
 
         config = copy.copy(smol["llm"].llm_engine.vllm_config)
         config.compilation_config = copy.copy(config.compilation_config)
-        config.compilation_config.mode = CompilationMode.DYNAMO_TRACE_ONCE  # the CPU default
-        compiled = SimpleNamespace(llm_engine=SimpleNamespace(vllm_config=config))
-        with pytest.raises(RuntimeError, match="enforce_eager=True"):
-            dkv.plug(compiled, smol["masks"]["a"])
+        config.compilation_config.mode = CompilationMode.VLLM_COMPILE  # a GPU's default
+        config.compilation_config.cudagraph_mode = CUDAGraphMode.FULL_AND_PIECEWISE
+        graphs = SimpleNamespace(llm_engine=SimpleNamespace(vllm_config=config))
+        with pytest.raises(RuntimeError, match="cudagraph_mode"):
+            dkv.plug(graphs, smol["masks"]["a"])
         config.compilation_config = smol["llm"].llm_engine.vllm_config.compilation_config
         config.parallel_config = copy.copy(config.parallel_config)
         config.parallel_config.worker_extension_cls = ""
         with pytest.raises(RuntimeError, match="worker_extension_cls"):
-            dkv.plug(compiled, smol["masks"]["a"])
+            dkv.plug(graphs, smol["masks"]["a"])
 
 
 def _tiny_llama(path) -> str:
@@ -256,9 +258,10 @@ def _tiny_llama(path) -> str:
     return str(path)
 
 
-@pytest.fixture(scope="class")
-def tp2(tmp_path_factory):
-    """The random Llama at tensor-parallel size 2."""
+@pytest.fixture(scope="class", params=["eager", "compiled"])
+def tp2(request, tmp_path_factory):
+    """The random Llama at tensor-parallel size 2, on an eager engine and on a compiled one (the
+    swap reaches the traced graph through doe_kernels.vllm.routes)."""
     from transformers import LlamaForCausalLM
 
     path = _tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
@@ -266,7 +269,8 @@ def tp2(tmp_path_factory):
     spec = doe_kernels.models.spec_of(hf)
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 1024, (n,), generator=gen).tolist() for n in (4, 9, 30)]
-    llm = _start_engine(path, tp=2, skip_tokenizer_init=True)
+    llm = _start_engine(path, tp=2, enforce_eager=request.param == "eager",
+                        skip_tokenizer_init=True)
     dense = _generate(llm, prompts)
     yield dict(llm=llm, hf=hf, spec=spec, prompts=prompts, dense=dense)
     _stop_engine(llm)
@@ -274,6 +278,9 @@ def tp2(tmp_path_factory):
 
 class TestTensorParallel2:
     """Tensor-parallel size 2 on a small random Llama: each rank maps the global lists."""
+
+    def test_dense_engine_matches_hf(self, tp2):
+        assert_same_generation(tp2["dense"], _hf_generate(tp2["hf"], tp2["prompts"]))
 
     def test_plug_matches_hf_patched_then_unplug(self, tp2):
         llm, prompts, spec = tp2["llm"], tp2["prompts"], tp2["spec"]

@@ -2,7 +2,7 @@
 
 ```python
 llm = LLM(model=path, worker_extension_cls="doe_kernels.vllm.WorkerExtension",
-          enforce_eager=True, tensor_parallel_size=2)
+          tensor_parallel_size=2)  # compiled (vLLM's default, no CUDA graphs) or eager
 doe_kernels.vllm.plug(llm, mask)   # an ExpertMask or an Expert; swaps when plugged again
 doe_kernels.vllm.unplug(llm)       # vLLM's dense model again
 ```

@@ -1,6 +1,6 @@
 """The caller's side: `plug(llm, mask)` and `unplug(llm)` on a `vllm.LLM`.
 
-`plug` checks the engine (eager, the doe_kernels worker extension), then asks every rank to check
+`plug` checks the engine (the doe_kernels worker extension, no CUDA graphs), then asks every rank to check
 the mask and stage its plan; only if every rank accepts does it ask them to apply it. A refused
 mask raises ValueError here and the engine keeps serving the previous expert (or the dense model).
 After every plug and unplug the prefix cache is reset: cached KV blocks were computed by the
@@ -15,14 +15,14 @@ EXTENSION = "doe_kernels.vllm.WorkerExtension"
 
 
 def plug(llm, mask) -> None:
-    """Run `llm` (a vllm.LLM made with worker_extension_cls="doe_kernels.vllm.WorkerExtension"
-    and enforce_eager=True) on an expert's FFN neurons and heads; on a plugged engine this swaps
-    experts.
+    """Run `llm` (a vllm.LLM made with worker_extension_cls="doe_kernels.vllm.WorkerExtension",
+    compiled without CUDA graphs or eager) on an expert's FFN neurons and heads; on a plugged
+    engine this swaps experts.
 
     `mask`: an ExpertMask, or a doe_kernels.Expert (its mask). Every rank prunes its own shard in
     place; the weights are shared, only index tensors change. Raises ValueError (mask) or
     UnsupportedModelError (model) before any rank changes anything, RuntimeError for an engine
-    that is not eager or lacks the extension.
+    that captures CUDA graphs or lacks the extension.
     """
     mask = as_mask(mask)
     _check_engine(llm)
@@ -49,13 +49,13 @@ def _check_engine(llm) -> None:
     config = getattr(getattr(llm, "llm_engine", None), "vllm_config", None)
     if config is None:
         raise TypeError(f"expected a vllm.LLM, got {type(llm).__name__}")
-    if not _names_extension(config.parallel_config.worker_extension_cls):
+    if not names_extension(config.parallel_config.worker_extension_cls):
         raise RuntimeError(f"create the LLM with worker_extension_cls={EXTENSION!r} (it has "
                            f"{config.parallel_config.worker_extension_cls!r})")
     check_engine_config(config)
 
 
-def _names_extension(qualname: str) -> bool:
+def names_extension(qualname: str) -> bool:
     """Whether a worker_extension_cls qualname names WorkerExtension or a subclass of it."""
     module, _, name = (qualname or "").rpartition(".")
     try:

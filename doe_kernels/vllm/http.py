@@ -1,11 +1,11 @@
 """Plug and swap experts on a running `vllm serve` over HTTP: `plug(url, mask)`, `unplug(url)`,
 `status(url)`.
 
-The server must run with the doe_kernels worker extension, eagerly, and with vLLM's development
+The server must run with the doe_kernels worker extension and with vLLM's development
 endpoints, which carry the calls to every rank (`POST /collective_rpc`) and reset the prefix cache
 (`POST /reset_prefix_cache`):
 
-    VLLM_SERVER_DEV_MODE=1 vllm serve MODEL --enforce-eager \
+    VLLM_SERVER_DEV_MODE=1 vllm serve MODEL \
         --worker-extension-cls doe_kernels.vllm.WorkerExtension
 
 The protocol is the offline one's (doe_kernels.vllm.protocol): every rank checks the mask and
@@ -24,7 +24,7 @@ def plug(url: str, mask, timeout: float = 120.0) -> None:
     """Serve `mask` (an ExpertMask or Expert) from the server at `url` (e.g.
     "http://localhost:8000"); swaps when one is plugged. Raises ValueError (mask) or
     UnsupportedModelError (model) before any rank changes, RuntimeError when the server cannot
-    take it (no development endpoints, no worker extension, not eager)."""
+    take it (no development endpoints, no worker extension, CUDA graphs)."""
     plug_on_ranks(lambda method, args: _rpc(url, method, args, timeout), as_mask(mask))
     _reset_prefix_cache(url, timeout)
 
@@ -52,8 +52,7 @@ def _post(url: str, path: str, body: dict | None, timeout: float):
             raise RuntimeError(f"{url} has no {path} endpoint: start vllm serve with "
                                "VLLM_SERVER_DEV_MODE=1") from error
         raise RuntimeError(f"{url}{path} answered {error.code} (is the server started with "
-                           "--enforce-eager and --worker-extension-cls "
-                           "doe_kernels.vllm.WorkerExtension?): "
+                           "--worker-extension-cls doe_kernels.vllm.WorkerExtension?): "
                            f"{error.read().decode(errors='replace')[:500]}") from error
     except (urllib.error.URLError, OSError) as error:
         raise RuntimeError(f"cannot reach {url}: {error}") from error

@@ -5,33 +5,37 @@ every rank through `llm.collective_rpc`. A swap takes two calls: `doe_check_mask
 mask against the rank's model and stages the rank's plan (local kept neurons and heads, scales and
 bias deltas, on the model's device and in its dtype; nothing changes yet), then `doe_apply_mask`
 makes the staged plan current: a pruned MLP gets an instance `forward` (doe_kernels.vllm.ffn), a
-pruned attention instance `forward`s of its qkv_proj and o_proj (doe_kernels.vllm.attention).
+pruned attention instance `forward`s of its qkv_proj and o_proj (doe_kernels.vllm.attention); on
+a compiled engine these become the targets of the modules' routes (doe_kernels.vllm.routes).
 Layers that keep everything (no scales, no bias delta) keep vLLM's own forwards. The shared weights
 are never modified: a swap moves index tensors only.
 """
 import torch
-from vllm.config import CompilationMode, CUDAGraphMode
+from vllm.config import CUDAGraphMode
 
 from doe_kernels.models import ModelSpec, UnsupportedModelError
 from doe_kernels.tensor_parallel import ffn_shards, head_shards
 from doe_kernels.vllm.attention import AttentionPlan, attention_of
 from doe_kernels.vllm.ffn import FfnPlan, mlp_of
 from doe_kernels.vllm.protocol import decode_mask
+from doe_kernels.vllm.routes import compiles, route_compiled_models, route_of
 from doe_kernels.vllm.weights import attention_weights, ffn_weights, keep_dense_weights
 
-keep_dense_weights()  # workers import this module before they load the model
+# workers import this module before they load the model
+keep_dense_weights()
+route_compiled_models()
 
 
 def check_engine_config(vllm_config) -> None:
-    """Raise RuntimeError unless the engine runs the model eagerly on one pipeline stage."""
-    compilation = vllm_config.compilation_config
-    if compilation.mode != CompilationMode.NONE or compilation.cudagraph_mode not in (
-            None, CUDAGraphMode.NONE):
+    """Raise RuntimeError for an engine that captures CUDA graphs or runs pipeline parallel.
+    Eager and compiled engines are both served (compiled ones through routes.py)."""
+    mode = vllm_config.compilation_config.cudagraph_mode
+    if compiles(vllm_config) and mode not in (None, CUDAGraphMode.NONE):
         raise RuntimeError(
-            "doe_kernels.vllm.plug needs an eager engine: create the LLM with enforce_eager=True. "
-            f"This one compiles the model (compilation mode {compilation.mode.name}, CUDA graphs "
-            f"{getattr(compilation.cudagraph_mode, 'name', None)}), and the compiled graph would "
-            "keep running the dense model after a plug")
+            "doe_kernels.vllm.plug cannot swap experts inside captured CUDA graphs (this engine "
+            f"captures them: cudagraph_mode {mode.name}): create the LLM with "
+            "compilation_config={'cudagraph_mode': 'NONE'} (compiled, no graphs) or "
+            "enforce_eager=True")
     if vllm_config.parallel_config.pipeline_parallel_size > 1:
         raise RuntimeError("doe_kernels.vllm does not support pipeline parallelism yet "
                            "(pipeline_parallel_size > 1); use tensor_parallel_size")
@@ -55,6 +59,17 @@ class WorkerExtension:
             self._doe_layers_cache = layers
         return layers
 
+    def _doe_check_routes(self, layers) -> None:
+        """On a compiled engine, every MLP and projection must have been routed at load."""
+        if not compiles(self.vllm_config):
+            return
+        for index, (attn, mlp) in enumerate(layers):
+            if any(route_of(m) is None for m in (mlp, attn.qkv_proj, attn.o_proj)):
+                raise RuntimeError(
+                    f"this engine compiles its model, but layer {index} was not routed for "
+                    "doe_kernels when it was loaded (a model loader that bypasses vLLM's "
+                    "process_weights_after_loading?); create the LLM with enforce_eager=True")
+
     def _doe_spec(self, layers) -> ModelSpec:
         config = self.vllm_config.model_config.hf_text_config
         heads = config.num_attention_heads
@@ -73,6 +88,7 @@ class WorkerExtension:
         try:
             check_engine_config(self.vllm_config)
             layers = self._doe_layers()
+            self._doe_check_routes(layers)
             model_spec = self._doe_spec(layers)
         except (UnsupportedModelError, RuntimeError) as error:
             return dict(error=str(error), model=True)
@@ -137,26 +153,32 @@ def _plan_of(module):
 
 
 def _set_forward(module, plan, forward) -> None:
-    """Point a module at `forward` of `plan` (an instance forward), or back at its class forward
-    (plan None)."""
+    """Point a module at `forward` of `plan`, or back at its dense forward (plan None): through
+    its route on a compiled engine (routes.py), else as an instance forward."""
+    route = route_of(module)
     if plan is None:
-        module.__dict__.pop("forward", None)
         module.__dict__.pop("_doe_plan", None)
+        if route is None:
+            module.__dict__.pop("forward", None)
+        else:
+            route.reset()
         return
     module._doe_plan = plan
-    module.forward = forward
+    if route is None:
+        module.forward = _returning_bias(module, forward)
+    else:
+        route.target = forward
 
 
 def _set_plans(attn, mlp, attn_plan: AttentionPlan | None, ffn_plan: FfnPlan | None) -> None:
     _set_forward(mlp, ffn_plan, None if ffn_plan is None else ffn_plan.forward)
-    qkv, o = attn.qkv_proj, attn.o_proj
-    _set_forward(qkv, attn_plan, None if attn_plan is None else _returning_bias(qkv, attn_plan.qkv))
-    _set_forward(o, attn_plan, None if attn_plan is None else _returning_bias(o, attn_plan.o))
+    _set_forward(attn.qkv_proj, attn_plan, None if attn_plan is None else attn_plan.qkv)
+    _set_forward(attn.o_proj, attn_plan, None if attn_plan is None else attn_plan.o)
 
 
 def _returning_bias(linear, compute):
     """A forward with vLLM's linear return convention: (output, None) when the layer returns
     its bias (return_bias; never with skip_bias_add here), else the output."""
-    if not linear.return_bias:
+    if not getattr(linear, "return_bias", False):
         return compute
     return lambda x: (compute(x), None)
