@@ -163,6 +163,10 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
                 group.add_argument(*flags, dest=flat_name(field), default=field.default,
                                    action="store_false" if field.default else "store_true",
                                    help=meta["help"])
+                if meta["negations"]:  # flags that ask for the default explicitly
+                    group.add_argument(*meta["negations"], dest=flat_name(field),
+                                       action="store_true" if field.default else "store_false",
+                                       help="the default: the opposite of " + meta["flag"])
                 continue
             kind = next(t for t in typing.get_args(hints[field.name]) or (hints[field.name],)
                         if t is not type(None))

@@ -144,14 +144,20 @@ class ExpertMask:
 
     @classmethod
     def from_scores(cls, ffn_scores=None, head_scores=None, ffn_keep: float = 0.35,
-                    heads_keep: float = 1.0, scope: str = "layer", spec: dict | None = None):
+                    heads_keep: float = 1.0, scope: str = "layer", spec: dict | None = None,
+                    shards: int = 1):
         """Keep the top-scored neurons (and heads): `scope="layer"` keeps the same fraction in
         every layer, `scope="global"` ranks all layers together (layers may then keep more or
-        fewer). Scores: a (layers, units) tensor, or a list of 1-D tensors."""
+        fewer). `shards` > 1 (a tensor-parallel size) keeps, in each layer, the same number of
+        units (give or take one) in each of that many equal contiguous shards, the top-scored of
+        each, so that no rank waits for another. Scores: a (layers, units) tensor, or a list of
+        1-D tensors."""
         if scope not in ("layer", "global"):
             raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
-        return cls(_top(ffn_scores, ffn_keep, scope, "ffn_keep"),
-                   _top(head_scores, heads_keep, scope, "heads_keep"), spec)
+        if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
+            raise ValueError(f"shards must be an int >= 1, got {shards!r}")
+        return cls(_top(ffn_scores, ffn_keep, scope, "ffn_keep", shards),
+                   _top(head_scores, heads_keep, scope, "heads_keep", shards), spec)
 
     def replace(self, spec: dict | None = None, **tables) -> "ExpertMask":
         """This mask with the named tables (ffn, heads, moe, skip, ffn_bias, attn_bias,
@@ -382,7 +388,7 @@ def _as_spec(spec) -> dict | None:
     return out
 
 
-def _top(scores, keep: float, scope: str, name: str):
+def _top(scores, keep: float, scope: str, name: str, shards: int = 1):
     if scores is None:
         return {}
     if not 0.0 <= keep <= 1.0:
@@ -393,14 +399,28 @@ def _top(scores, keep: float, scope: str, name: str):
             raise ValueError(f"the scores for {name} hold NaN in layer {layer} "
                              f"({int(torch.isnan(row).sum())} of {row.numel()}); "
                              "a mask cannot rank NaN")
+        if row.numel() % shards:
+            raise ValueError(f"{name}: layer {layer} has {row.numel()} units, which do not "
+                             f"split into {shards} equal shards")
     if scope == "layer":
-        return {l: torch.topk(r, round(r.numel() * keep)).indices.sort().values
-                for l, r in enumerate(rows)}
-    flat = torch.cat(rows)
-    chosen = torch.zeros(flat.numel(), dtype=torch.bool)
-    chosen[torch.topk(flat, round(flat.numel() * keep)).indices] = True
-    out, start = {}, 0
-    for l, r in enumerate(rows):
-        out[l] = torch.nonzero(chosen[start:start + r.numel()]).reshape(-1)
-        start += r.numel()
-    return out
+        counts = [round(r.numel() * keep) for r in rows]
+    else:
+        flat = torch.cat(rows)
+        chosen = torch.zeros(flat.numel(), dtype=torch.bool)
+        chosen[torch.topk(flat, round(flat.numel() * keep)).indices] = True
+        counts = [int(part.sum()) for part in chosen.split([r.numel() for r in rows])]
+    return {l: _balanced_top(r, k, shards) for l, (r, k) in enumerate(zip(rows, counts))}
+
+
+def _balanced_top(row: torch.Tensor, count: int, shards: int) -> torch.Tensor:
+    """The sorted indices of the `count` top-scored units of `row`, the same number (give or take
+    one: the extra ones go to the shards whose next unit scores highest) from each of `shards`
+    equal contiguous shards; shards=1 is the plain top-k."""
+    size = row.numel() // shards
+    values, order = row.reshape(shards, size).sort(dim=1, descending=True, stable=True)
+    base, extra = divmod(count, shards)
+    quota = torch.full((shards,), base, dtype=torch.long)
+    if extra:
+        quota[torch.topk(values[:, base], extra).indices] += 1
+    kept = [order[s, :quota[s]] + s * size for s in range(shards)]
+    return torch.cat(kept).sort().values

@@ -83,6 +83,25 @@ def head_shards(mask: ExpertMask, spec: ModelSpec, rank: int, world_size: int) -
             for layer in range(spec.num_layers)]
 
 
+def ffn_imbalance(mask: ExpertMask, intermediate_size: int, world_size: int) -> dict:
+    """Per layer of the mask, the most neurons one rank keeps over the mean per rank (1.0: even;
+    layers keeping none are left out). Each layer's all-reduce waits for its busiest rank, so
+    the FFN takes this factor longer than an even split of the same neurons would;
+    `ExpertMask.from_scores(shards=world_size)` (localize's `SearchConfig(shards=)`) keeps it at
+    1 (give or take one neuron)."""
+    _check_rank(0, world_size)
+    if intermediate_size % world_size:
+        raise ValueError(f"the intermediate size {intermediate_size} does not split evenly "
+                         f"over {world_size} ranks")
+    local = intermediate_size // world_size
+    out = {}
+    for layer, kept in mask.ffn.items():
+        counts = torch.bincount(kept.long() // local, minlength=world_size).double()
+        if counts.sum() > 0:
+            out[layer] = float(counts.max() / counts.mean())
+    return out
+
+
 def _check_rank(rank: int, world_size: int) -> None:
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is out of range for {world_size} ranks")

@@ -16,7 +16,12 @@ also measured on an engine without the extension, "dense-plain"), float32:
     python python/vllm_benchmark.py --model smollm2 --compiled --out benchmarks/results/vllm_cpu
 
 Writes OUT/vllm_<model>.json (vllm_<model>_compiled.json) and a plot beside it, and prints the
-table.
+table. With --uneven SPLIT instead, at tensor-parallel size 2: for each rate, the same number of
+random neurons kept with SPLIT of them on rank 0's half against an even split (what uneven shards
+cost; OUT/vllm_<model>_tp2_uneven.json):
+
+    python python/vllm_benchmark.py --model llama-wide --compiled --rates 0.65 --uneven 0.65 \
+        --out benchmarks/results/vllm_cpu
 """
 import argparse
 import gc
@@ -77,14 +82,16 @@ def cpu_name() -> str:
         return platform.processor() or platform.machine()
 
 
-def start_engine(path: str, extension: bool, compiled: bool = False):
+def start_engine(path: str, extension: bool, compiled: bool = False, tp: int = 1):
     from vllm import LLM
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if tp == 2:
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0|1")
     options = dict(worker_extension_cls="doe_kernels.vllm.WorkerExtension") if extension else {}
     return LLM(model=path, dtype="float32", enforce_eager=not compiled, max_model_len=1024,
-               seed=0, skip_tokenizer_init=True, **options)
+               seed=0, skip_tokenizer_init=True, tensor_parallel_size=tp, **options)
 
 
 def stop_engine(llm) -> None:
@@ -163,6 +170,48 @@ def baseline(rows) -> dict:
                 next(r for r in rows if r["variant"] == "dense"))
 
 
+def split_mask(intermediate: int, layers: int, keep: float, rank0_share: float,
+               seed: int = 1):
+    """A mask keeping round(keep * intermediate) random neurons in every layer, rank0_share of
+    them in the first half (rank 0's at tensor-parallel size 2)."""
+    import doe_kernels
+
+    gen = torch.Generator().manual_seed(seed)
+    half, total = intermediate // 2, round(keep * intermediate)
+    first = round(rank0_share * total)
+    return doe_kernels.ExpertMask({layer: torch.cat([
+        torch.randperm(half, generator=gen)[:first],
+        torch.randperm(half, generator=gen)[:total - first] + half]).sort().values
+        for layer in range(layers)})
+
+
+def run_uneven(args) -> list:
+    """At tensor-parallel size 2, per rate: an even split of the kept neurons over the two
+    ranks, a split with --uneven of them on rank 0, and the even one again."""
+    from transformers import AutoConfig
+
+    import doe_kernels.vllm as dkv
+    from doe_kernels.tensor_parallel import ffn_imbalance
+
+    work = tempfile.mkdtemp(prefix="vllm_bench_")
+    path = (offline_models.smollm2_dir() if args.model == "smollm2"
+            else random_llama(os.path.join(work, "model")))
+    config = AutoConfig.from_pretrained(path)
+    llm = start_engine(path, extension=True, compiled=args.compiled, tp=2)
+    rows = [dict(variant="dense", rate=0.0, **measure(llm, args))]
+    for rate in args.rates:
+        for share in (0.5, args.uneven, 0.5):
+            mask = split_mask(config.intermediate_size, config.num_hidden_layers, 1 - rate, share)
+            dkv.plug(llm, mask)
+            rows.append(dict(variant=f"rank 0 keeps {100 * share:.0f}%", rate=rate,
+                             imbalance=max(ffn_imbalance(mask, config.intermediate_size,
+                                                         2).values()),
+                             **measure(llm, args)))
+            print(rows[-1], flush=True)
+    stop_engine(llm)
+    return rows
+
+
 def table(rows) -> str:
     dense = baseline(rows)
     sliced = {r["rate"]: r for r in rows if r["variant"] == "sliced"}
@@ -216,21 +265,27 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compiled", action="store_true",
                         help="vLLM's default compiled engines instead of eager ones")
+    parser.add_argument("--uneven", type=float, metavar="SPLIT",
+                        help="at tensor-parallel size 2, compare an even split of the kept "
+                        "neurons with SPLIT of them on rank 0")
     parser.add_argument("--out", default=os.path.join("results", "vllm_bench"))
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    rows = run(args)
-    print(table(rows))
+    rows = run(args) if args.uneven is None else run_uneven(args)
+    if args.uneven is None:
+        print(table(rows))
     import vllm
 
     meta = dict(model=args.model, args=vars(args), cpu=cpu_name(),
                 threads=os.cpu_count(), torch=torch.__version__, vllm=vllm.__version__,
                 date=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    name = f"vllm_{args.model}" + ("_compiled" if args.compiled else "")
+    name = (f"vllm_{args.model}" + ("_compiled" if args.compiled else "")
+            + ("_tp2_uneven" if args.uneven is not None else ""))
     with open(os.path.join(args.out, f"{name}.json"), "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1)
-    plot(rows, os.path.join(args.out, f"{name}.png"),
-         f"vLLM on the CPU, {args.model}" + (", compiled" if args.compiled else ""))
+    if args.uneven is None:
+        plot(rows, os.path.join(args.out, f"{name}.png"),
+             f"vLLM on the CPU, {args.model}" + (", compiled" if args.compiled else ""))
 
 
 if __name__ == "__main__":

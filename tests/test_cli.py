@@ -168,15 +168,16 @@ def test_localize_options_are_built_from_the_config_classes(capsys):
     args = cli.parser().parse_args(base + [
         "--virtual-tokens", "4", "--epochs", "2", "--lr", "0.1", "--head-lr", "0.2",
         "--prompt-init", "hi", "--method", "ig", "--ig-steps", "3", "--attribution-examples", "7",
-        "--signed-scores", "--tolerance", "0.02", "--confidence", "1", "--scope", "global",
-        "--keep-heads", "--max-rate", "0.5", "--resolution", "0.1", "--recover-epochs", "1",
-        "--recover-lr", "0.01", "--recover-examples", "9"])
+        "--signed-scores", "--tolerance", "0.02", "--confidence", "0.5", "--scope", "layer",
+        "--prune-heads", "--max-rate", "0.5", "--resolution", "0.1", "--tp-shards", "2",
+        "--recover-epochs", "2", "--recover-lr", "0.01", "--recover-examples", "9"])
     configs = cli.configs_from_args(args)
     assert configs["prompt"] == CONFIGS["prompt"](4, 2, 0.1, 0.2, "hi")
     assert configs["attribution"] == CONFIGS["attribution"]("ig", 3, 7, False)
-    assert configs["search"] == CONFIGS["search"](0.02, 1.0, "global", False, 0.5, 0.1)
-    assert configs["recovery"] == CONFIGS["recovery"](1, 0.01, 9)
-    assert cli.parser().parse_args(base + ["--ffn-only"]).prune_heads is False
+    assert configs["search"] == CONFIGS["search"](0.02, 0.5, "layer", True, 0.5, 0.1, 2)
+    assert configs["recovery"] == CONFIGS["recovery"](2, 0.01, 9)
+    for negation in ("--ffn-only", "--keep-heads"):  # the default, asked for explicitly
+        assert cli.parser().parse_args(base + [negation]).prune_heads is False
     with pytest.raises(SystemExit):
         cli.parser().parse_args(["localize", "--help"])
     text = capsys.readouterr().out

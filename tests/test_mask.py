@@ -109,6 +109,54 @@ def test_from_scores_per_layer_and_global():
         dk.ExpertMask.from_scores(scores, scope="model")
 
 
+def test_from_scores_balanced_over_shards():
+    # layer 0: its top half all lies in shard 0
+    scores = torch.tensor([[5.0, 4.0, 3.0, 2.0, 0.1, 0.2, 0.3, 0.0],
+                           [9.5, 9.4, 9.3, 9.2, 9.1, 0.5, 9.0, 0.4]])
+    per_layer = dk.ExpertMask.from_scores(scores, ffn_keep=0.5, shards=2)
+    assert per_layer.ffn[0].tolist() == [0, 1, 5, 6]  # two from each shard, each shard's top
+    assert per_layer.ffn[1].tolist() == [0, 1, 4, 6]
+    overall = dk.ExpertMask.from_scores(scores, ffn_keep=9 / 16, scope="global", shards=2)
+    assert [overall.ffn[l].numel() for l in (0, 1)] == [3, 6]  # the global budget per layer
+    # 3 over 2 shards: the extra unit goes to the shard whose second-best scores higher (4.0 in
+    # shard 0 against 0.2 in shard 1)
+    assert overall.ffn[0].tolist() == [0, 1, 6]
+    assert overall.ffn[1].tolist() == [0, 1, 2, 4, 5, 6]
+    assert dk.ExpertMask.from_scores(scores, ffn_keep=0.5, shards=1) == dk.ExpertMask.from_scores(
+        scores, ffn_keep=0.5)
+    full = dk.ExpertMask.from_scores(scores, ffn_keep=1.0, shards=4)
+    assert all(full.ffn[l].tolist() == list(range(8)) for l in (0, 1))
+    assert all(row.numel() == 0 for row in dk.ExpertMask.from_scores(scores, ffn_keep=0.0,
+                                                                     shards=2).ffn.values())
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_balanced_shards_keep_each_shards_top_and_even_counts(seed):
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.randn(3, 24, generator=gen)
+    keep = float(torch.rand((), generator=gen))
+    mask = dk.ExpertMask.from_scores(scores, ffn_keep=keep, scope="global", shards=3)
+    plain = dk.ExpertMask.from_scores(scores, ffn_keep=keep, scope="global")
+    for layer in range(3):
+        kept = mask.ffn[layer]
+        assert kept.numel() == plain.ffn[layer].numel()
+        counts = torch.bincount(kept // 8, minlength=3)
+        assert counts.max() - counts.min() <= 1
+        for shard in range(3):  # each shard keeps its own top-scored units
+            row = scores[layer, 8 * shard:8 * shard + 8]
+            mine = kept[(kept // 8) == shard] - 8 * shard
+            assert set(mine.tolist()) == set(row.topk(int(counts[shard])).indices.tolist())
+
+
+def test_balanced_shards_refuse_bad_values():
+    scores = torch.zeros(2, 9)
+    with pytest.raises(ValueError, match="do not split into 2 equal shards"):
+        dk.ExpertMask.from_scores(scores, shards=2)
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="shards must be an int"):
+            dk.ExpertMask.from_scores(scores, shards=bad)
+
+
 def test_save_and_load_round_trip(tmp_path):
     model = build("bert")
     mask = dk.ExpertMask.random(model, ffn_keep=0.3, heads_keep=0.5, seed=1)

@@ -9,7 +9,7 @@ import torch
 
 from doe_kernels import ExpertMask, gather_swiglu_ffn, input_major
 from doe_kernels.models import ModelSpec
-from doe_kernels.tensor_parallel import ffn_shards, head_shards
+from doe_kernels.tensor_parallel import ffn_imbalance, ffn_shards, head_shards
 
 SPEC = ModelSpec(family="llama", model_type="llama", num_layers=3, hidden_size=8,
                  intermediate_size=12, num_heads=2, num_kv_heads=1, head_dim=4)
@@ -117,3 +117,16 @@ def test_refusals():
     with pytest.raises(ValueError, match="skipping"):
         ffn_shards(ExpertMask(skip={0: 0.5}), SPEC, 0, 1)
     assert ffn_shards(ExpertMask(heads={1: [0, 1]}), SPEC, 0, 1) == [None] * 3
+
+
+def test_ffn_imbalance_and_balanced_selection():
+    # 16 neurons over 2 ranks: layer 0 keeps 6 on rank 0 and 2 on rank 1, layer 1 none
+    mask = ExpertMask({0: [0, 1, 2, 3, 4, 5, 8, 9], 1: []})
+    assert ffn_imbalance(mask, 16, 2) == {0: 6 / 4}
+    assert ffn_imbalance(mask, 16, 1) == {0: 1.0}
+    scores = torch.randn(3, 16, generator=torch.Generator().manual_seed(0))
+    balanced = ExpertMask.from_scores(scores, ffn_keep=0.4, scope="global", shards=4)
+    assert all(value <= 1 + 4 / balanced.ffn[l].numel() for l, value in
+               ffn_imbalance(balanced, 16, 4).items())  # one neuron at most above the mean
+    with pytest.raises(ValueError, match="does not split evenly over 3 ranks"):
+        ffn_imbalance(mask, 16, 3)

@@ -34,3 +34,21 @@ def test_table_ratios():
     table = vllm_benchmark.table(rows)
     assert "| expert | 65% | 18.0 | 1.80x | 0.90x | 60.0 | 1.67x | 0.83x |" in table
     assert "| sliced | 65% | 20.0 | 2.00x | 1.00x | 50.0 | 2.00x | 1.00x |" in table
+
+
+def test_table_ratios_against_the_plain_engine_when_measured():
+    rows = [dict(variant="dense-plain", rate=0.0, tokens_per_s=20.0, decode_s_per_token=0.05),
+            dict(variant="dense", rate=0.0, tokens_per_s=16.0, decode_s_per_token=0.1),
+            dict(variant="expert", rate=0.65, tokens_per_s=30.0, decode_s_per_token=0.04)]
+    table = vllm_benchmark.table(rows)
+    assert "| dense | 0% | 16.0 | 0.80x | 1.00x | 100.0 | 0.50x | 1.00x |" in table
+    assert "| expert | 65% | 30.0 | 1.50x | 1.00x | 40.0 | 1.25x | 1.00x |" in table
+
+
+def test_split_mask():
+    from doe_kernels.tensor_parallel import ffn_imbalance
+
+    mask = vllm_benchmark.split_mask(200, 3, keep=0.4, rank0_share=0.75)
+    assert [mask.ffn[l].numel() for l in range(3)] == [80] * 3
+    assert all(int((mask.ffn[l] < 100).sum()) == 60 for l in range(3))
+    assert ffn_imbalance(mask, 200, 2) == {l: 1.5 for l in range(3)}

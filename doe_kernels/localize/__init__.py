@@ -287,7 +287,7 @@ class _Candidates:
 
     def __call__(self, rate: float, start: Expert) -> Expert:
         mask = mask_at_rate(self.ffn_scores, self.head_scores, rate, self.search.scope,
-                            self.search.prune_heads, self.task.sizes)
+                            self.search.prune_heads, self.task.sizes, self.search.shards)
         return self.task.expert(mask, start.prompt, start.head)
 
 

@@ -1,9 +1,12 @@
-"""localize's options, grouped by step in small frozen dataclasses; the defaults are the paper's
-method plus the reconstruction of each candidate (RecoveryConfig.reconstruct), which measured best.
+"""localize's options, grouped by step in small frozen dataclasses; the defaults are the recipe
+that measured best (docs/results.md): the paper's method with a global ranking of FFN neurons
+(heads kept), each candidate reconstructed and its prompt re-tuned for one epoch, and the
+one-standard-error confidence rule. The paper's plain recipe: scope="layer", prune_heads=True,
+confidence=0, RecoveryConfig(epochs=0, reconstruct="none").
 
 `PromptConfig` (prompt tuning), `AttributionConfig` (scoring units), `SearchConfig` (the
 pruning-rate search) and `RecoveryConfig` (reconstructing each candidate, and re-tuning it on its
-pruned network, off by default). Each field carries its command-line flag and help text in its
+pruned network). Each field carries its command-line flag and help text in its
 metadata (`option`), so the `doe-kernels localize` options are built from these classes
 (`cli.add_config_options`) and docs/localize.md describes each option once. `FLAT_NAMES` maps
 the flat keyword arguments that `localize` took before onto (config, field); `configs_from_flat`
@@ -16,8 +19,9 @@ from dataclasses import dataclass
 
 
 def option(default, flag, help, *, flat=None, choices=None, positive=False, aliases=(),
-           metavar=None, legacy=False):
+           metavar=None, legacy=False, negations=()):
     """A config field: `flag` (with `aliases`) on the command line, `help` there and in the docs,
+    `negations` (a bool field's) flags that set it back to its default,
     `flat` the name of the flat `localize` keyword (and of the parsed argument) it replaces
     (default: the field's name; only `legacy` options, the ones localize took before the configs,
     are still accepted as flat keywords),
@@ -25,7 +29,7 @@ def option(default, flag, help, *, flat=None, choices=None, positive=False, alia
     from the API and the command line alike)."""
     return dataclasses.field(default=default, metadata=dict(
         flag=flag, aliases=tuple(aliases), help=help, flat=flat, choices=choices,
-        positive=positive, metavar=metavar, legacy=legacy))
+        positive=positive, metavar=metavar, legacy=legacy, negations=tuple(negations)))
 
 
 def check_fields(config) -> None:
@@ -101,19 +105,23 @@ class SearchConfig:
         0.01, "--tolerance", "validation accuracy a candidate may lose (0.01: one point)",
         legacy=True)
     confidence: float = option(
-        0.0, "--confidence", "paired standard errors of its validation change a candidate must "
+        1.0, "--confidence", "paired standard errors of its validation change a candidate must "
         "clear beyond the tolerance (0: the paper's rule)", legacy=True)
     scope: str = option(
-        "layer", "--scope", "rank units within each layer ('layer') or across all layers "
-        "('global')", choices=("layer", "global"), legacy=True)
+        "global", "--scope", "rank units across all layers ('global') or within each layer "
+        "('layer', the paper's)", choices=("layer", "global"), legacy=True)
     prune_heads: bool = option(
-        True, "--keep-heads", "prune FFN neurons only, keep every attention head",
-        aliases=("--ffn-only",), legacy=True)
+        False, "--prune-heads", "prune attention heads too, at the same rate (the paper's)",
+        negations=("--ffn-only", "--keep-heads"), legacy=True)
     max_rate: float = option(
-        0.95, "--max-rate", "highest pruning rate tried", legacy=True)
+        0.9, "--max-rate", "highest pruning rate tried", legacy=True)
     resolution: float = option(
-        0.01, "--resolution", "the search stops when the rates it brackets are this close",
+        0.05, "--resolution", "the search stops when the rates it brackets are this close",
         positive=True, legacy=True)
+    shards: int = option(
+        1, "--tp-shards", "keep the same number of units of each layer in each of this many "
+        "tensor-parallel shards (vLLM's tensor_parallel_size), so that no rank waits for "
+        "another", positive=True, metavar="N")
 
     def __post_init__(self):
         check_fields(self)
@@ -125,11 +133,11 @@ class SearchConfig:
 @dataclass(frozen=True)
 class RecoveryConfig:
     """Step 4 (not in the paper), recovery: each candidate's pruned layers reconstructed (scales
-    and bias deltas fitted on task data, `reconstruct`: "auto" by default, it measured best) and
-    its prompt and head re-tuned on its pruned network (`epochs`, off by default) before it is
-    measured, the baseline as long unpruned."""
+    and bias deltas fitted on task data, `reconstruct`: "auto" by default) and its prompt and head
+    re-tuned on its pruned network (`epochs`, one by default) before it is measured, the baseline
+    as long unpruned."""
     epochs: int = option(
-        0, "--recover-epochs", "epochs of re-tuning each candidate (0: no re-tuning)",
+        1, "--recover-epochs", "epochs of re-tuning each candidate (0: no re-tuning, the paper's)",
         flat="recover_epochs", legacy=True)
     lr: float | None = option(
         None, "--recover-lr", "learning rate of the re-tuned prompt (default: the prompt's lr)",

@@ -73,8 +73,11 @@ def paired_change(correct, baseline_correct) -> dict:
 
 
 def mask_at_rate(ffn_scores, head_scores, rate: float, scope: str = "layer",
-                 prune_heads: bool = True, spec: dict | None = None) -> ExpertMask:
-    """The mask keeping the top (1 - rate) of neurons and, with `prune_heads`, of heads."""
+                 prune_heads: bool = True, spec: dict | None = None,
+                 shards: int = 1) -> ExpertMask:
+    """The mask keeping the top (1 - rate) of neurons and, with `prune_heads`, of heads (as many
+    in each of `shards` tensor-parallel shards of a layer)."""
     keep = 1.0 - rate
     return ExpertMask.from_scores(ffn_scores, head_scores if prune_heads else None,
-                                  ffn_keep=keep, heads_keep=keep, scope=scope, spec=spec)
+                                  ffn_keep=keep, heads_keep=keep, scope=scope, spec=spec,
+                                  shards=shards)
