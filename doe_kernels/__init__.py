@@ -28,7 +28,10 @@ from doe_kernels.ops import (
     gather_rows_linear,
     gather_swiglu_ffn,
     input_major,
+    pack_segments,
     pruned_head_attention,
+    segmented_gather_ffn,
+    segmented_gather_swiglu_ffn,
 )
 from doe_kernels.patching import current_mask, is_patched, patch, plugged, unpatch
 from doe_kernels.serve import ExpertRouter
@@ -62,5 +65,8 @@ __all__ = [
     "gather_rows_linear",
     "gather_swiglu_ffn",
     "input_major",
+    "pack_segments",
     "pruned_head_attention",
+    "segmented_gather_ffn",
+    "segmented_gather_swiglu_ffn",
 ]

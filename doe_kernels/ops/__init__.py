@@ -1,4 +1,5 @@
-"""The doe_kernels ops: gathered linear layers, gather FFNs and pruned-head attention."""
+"""The doe_kernels ops: gathered linear layers, gather FFNs (single-expert and segmented) and
+pruned-head attention."""
 from doe_kernels.ops.attention import (
     HeadSelection,
     attend,
@@ -7,6 +8,11 @@ from doe_kernels.ops.attention import (
     pruned_head_attention,
 )
 from doe_kernels.ops.ffn import gather_ffn, gather_swiglu_ffn
+from doe_kernels.ops.segmented import (
+    pack_segments,
+    segmented_gather_ffn,
+    segmented_gather_swiglu_ffn,
+)
 from doe_kernels.ops.linear import (
     gather_cols_linear,
     gather_rows_linear,
@@ -22,8 +28,11 @@ __all__ = [
     "gather_rows_linear",
     "gather_swiglu_ffn",
     "input_major",
+    "pack_segments",
     "project_out",
     "project_qkv",
     "pruned_head_attention",
     "scale_columns",
+    "segmented_gather_ffn",
+    "segmented_gather_swiglu_ffn",
 ]

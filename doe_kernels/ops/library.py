@@ -169,3 +169,76 @@ def gather_swiglu_ffn(x, w_gate, w_up, w_down_t, kept, backend: str, scales=None
     if _direct(x, w_gate, w_up, w_down_t, kept, scales):
         return _gather_swiglu_ffn(x, w_gate, w_up, w_down_t, kept, backend, scales)
     return _gather_swiglu_ffn_op(x, w_gate, w_up, w_down_t, kept, backend, scales)
+
+
+def _segment_bounds(segments: torch.Tensor, kept_offsets: torch.Tensor):
+    """(first row, end row, first kept, end kept) of each segment that has rows."""
+    rows, lists = segments.tolist(), kept_offsets.tolist()
+    return [(rows[s], rows[s + 1], lists[s], lists[s + 1]) for s in range(len(rows) - 1)
+            if rows[s + 1] > rows[s]]
+
+
+def _segmented(x, out_features, segments, kept, kept_offsets, scales, run_segment):
+    """The output of a segmented op: each segment's rows from `run_segment(rows, kept, scales)`,
+    the single-expert op on that segment."""
+    out = x.new_empty(x.shape[0], out_features)
+    for row0, row1, k0, k1 in _segment_bounds(segments, kept_offsets):
+        out[row0:row1] = run_segment(x[row0:row1], kept[k0:k1],
+                                     None if scales is None else scales[k0:k1])
+    return out
+
+
+def _segmented_gather_ffn(
+    x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None, w_out_t: torch.Tensor,
+    b_out: torch.Tensor | None, segments: torch.Tensor, kept: torch.Tensor,
+    kept_offsets: torch.Tensor, activation: str, backend: str,
+    scales: torch.Tensor | None = None,
+) -> torch.Tensor:
+    return _segmented(x, w_out_t.shape[1], segments, kept, kept_offsets, scales,
+                      lambda rows, k, s: _gather_ffn(rows, w_in, b_in, w_out_t, b_out, k,
+                                                     activation, backend, s))
+
+
+_segmented_gather_ffn_op = _register("segmented_gather_ffn", _segmented_gather_ffn)
+
+
+@_segmented_gather_ffn_op.register_fake
+def _(x, w_in, b_in, w_out_t, b_out, segments, kept, kept_offsets, activation, backend,
+      scales=None):
+    return x.new_empty(x.shape[0], w_out_t.shape[1])
+
+
+def _segmented_gather_swiglu_ffn(
+    x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor,
+    segments: torch.Tensor, kept: torch.Tensor, kept_offsets: torch.Tensor, backend: str,
+    scales: torch.Tensor | None = None,
+) -> torch.Tensor:
+    return _segmented(x, w_down_t.shape[1], segments, kept, kept_offsets, scales,
+                      lambda rows, k, s: _gather_swiglu_ffn(rows, w_gate, w_up, w_down_t, k,
+                                                            backend, s))
+
+
+_segmented_gather_swiglu_ffn_op = _register("segmented_gather_swiglu_ffn",
+                                            _segmented_gather_swiglu_ffn)
+
+
+@_segmented_gather_swiglu_ffn_op.register_fake
+def _(x, w_gate, w_up, w_down_t, segments, kept, kept_offsets, backend, scales=None):
+    return x.new_empty(x.shape[0], w_down_t.shape[1])
+
+
+def segmented_gather_ffn(x, w_in, b_in, w_out_t, b_out, segments, kept, kept_offsets,
+                         activation: str, backend: str, scales=None):
+    args = (x, w_in, b_in, w_out_t, b_out, segments, kept, kept_offsets, activation, backend,
+            scales)
+    if _direct(x, w_in, b_in, w_out_t, b_out, segments, kept, kept_offsets, scales):
+        return _segmented_gather_ffn(*args)
+    return _segmented_gather_ffn_op(*args)
+
+
+def segmented_gather_swiglu_ffn(x, w_gate, w_up, w_down_t, segments, kept, kept_offsets,
+                                backend: str, scales=None):
+    args = (x, w_gate, w_up, w_down_t, segments, kept, kept_offsets, backend, scales)
+    if _direct(x, w_gate, w_up, w_down_t, segments, kept, kept_offsets, scales):
+        return _segmented_gather_swiglu_ffn(*args)
+    return _segmented_gather_swiglu_ffn_op(*args)

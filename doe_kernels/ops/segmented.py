@@ -1,0 +1,132 @@
+"""Segmented gather FFNs: one call serves rows of several experts, each segment of rows with its own
+kept neurons (mixed-task batches).
+
+The layout is vLLM's multi-LoRA one: the rows of x are grouped into contiguous segments, segment s
+being rows [segments[s], segments[s + 1]); the kept-neuron lists are concatenated in `kept`, segment
+s's list being kept[kept_offsets[s]:kept_offsets[s + 1]] (sorted unique; empty for a segment that
+keeps nothing, whose rows get the output bias or zeros); `scales`, when given, is concatenated the
+same way as `kept`. `pack_segments` builds these from Python lists.
+
+Now: each segment runs through the single-expert op's kernels of the chosen backend, one segment
+after another (the segment and list boundaries are read on the host). Fused segmented kernels (one
+launch over segments x tiles) are not written yet.
+"""
+import torch
+
+from doe_kernels.activations import FFN_ACTIVATIONS, check_activation
+from doe_kernels.ops import library
+from doe_kernels.ops.checks import (
+    check_bias,
+    check_features,
+    check_float_tensor,
+    check_index,
+    check_same_dtype_device,
+    check_scales,
+)
+from doe_kernels.ops.ffn import _check_neuron_major
+
+
+def pack_segments(row_counts, kept_lists, scales=None, device=None):
+    """(segments, kept, kept_offsets, scales) for segments of `row_counts` rows keeping
+    `kept_lists` (one index list per segment; each sorted unique), with `scales` (one vector per
+    segment, or None)."""
+    if len(row_counts) != len(kept_lists) or (scales is not None and len(scales) != len(kept_lists)):
+        raise ValueError(f"one kept list (and one scale vector) per segment: {len(row_counts)} "
+                         f"segments, {len(kept_lists)} kept lists"
+                         + ("" if scales is None else f", {len(scales)} scale vectors"))
+    lists = [torch.as_tensor(k, dtype=torch.int64, device=device).reshape(-1) for k in kept_lists]
+    segments = _offsets([int(n) for n in row_counts], device)
+    kept_offsets = _offsets([k.numel() for k in lists], device)
+    kept = torch.cat(lists) if lists else torch.empty(0, dtype=torch.int64, device=device)
+    packed_scales = None
+    if scales is not None:
+        packed_scales = torch.cat([torch.as_tensor(s, device=device).reshape(-1) for s in scales])
+    return segments, kept, kept_offsets, packed_scales
+
+
+def _offsets(counts: list, device) -> torch.Tensor:
+    if any(c < 0 for c in counts):
+        raise ValueError(f"row counts must be >= 0, got {counts}")
+    return torch.tensor([0] + counts, dtype=torch.int64, device=device).cumsum(0)
+
+
+def check_segments(rows: int, intermediate: int, segments, kept, kept_offsets, device,
+                   check_indices: bool = True):
+    """Validate the segment layout (module docstring); returns (segments, kept, kept_offsets) as
+    contiguous int64."""
+    kept = check_index("kept", kept, intermediate, device, check_values=False)
+    for name, offsets, total in (("segments", segments, rows),
+                                 ("kept_offsets", kept_offsets, kept.numel())):
+        offsets = check_index(name, offsets, total + 1, device, check_values=False)
+        if offsets.numel() == 0:
+            raise ValueError(f"{name} must hold at least one offset (0), got none")
+        if check_indices:
+            _check_offsets(name, offsets, total)
+    segments = segments.to(torch.int64).contiguous()
+    kept_offsets = kept_offsets.to(torch.int64).contiguous()
+    if segments.numel() != kept_offsets.numel():
+        raise ValueError(f"segments has {segments.numel() - 1} segments but kept_offsets has "
+                         f"{kept_offsets.numel() - 1} kept lists")
+    if check_indices:
+        bounds = kept_offsets.tolist()
+        for s in range(len(bounds) - 1):
+            check_index(f"kept list of segment {s}", kept[bounds[s]:bounds[s + 1]], intermediate,
+                        device)
+    return segments, kept, kept_offsets
+
+
+def _check_offsets(name: str, offsets: torch.Tensor, total: int) -> None:
+    values = offsets.tolist()
+    if values[0] != 0 or values[-1] != total:
+        raise ValueError(f"{name} must start at 0 and end at {total}, got {values[0]} ... "
+                         f"{values[-1]}")
+    steps = [b - a for a, b in zip(values, values[1:])]
+    if steps and min(steps) < 0:
+        raise ValueError(f"{name} must be non-decreasing: offset {values[steps.index(min(steps))]} "
+                         f"is followed by a smaller one")
+
+
+def segmented_gather_ffn(
+    x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None, w_out_t: torch.Tensor,
+    b_out: torch.Tensor | None, segments: torch.Tensor, kept: torch.Tensor,
+    kept_offsets: torch.Tensor, activation: str = "gelu", backend: str = "auto",
+    check_indices: bool = True, scales: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`gather_ffn` (BERT FFN) with each segment of rows on its own kept neurons (module
+    docstring). x: (rows, hidden); weights as for gather_ffn; scales: (len(kept),) or None."""
+    check_float_tensor("x", x, dims=2)
+    check_float_tensor("w_in", w_in, dims=2)
+    check_same_dtype_device("x", x, w_in=w_in, b_in=b_in, w_out_t=w_out_t, b_out=b_out)
+    check_features("x", x, -1, w_in.shape[1], "w_in's hidden size")
+    _check_neuron_major("w_out_t", w_out_t, w_in.shape[0])
+    check_bias("b_in", b_in, w_in.shape[0])
+    check_bias("b_out", b_out, w_out_t.shape[1])
+    check_activation(activation, FFN_ACTIVATIONS)
+    segments, kept, kept_offsets = check_segments(x.shape[0], w_in.shape[0], segments, kept,
+                                                  kept_offsets, w_in.device, check_indices)
+    check_scales(scales, kept.numel(), "the number of kept neurons", "x", x)
+    return library.segmented_gather_ffn(x, w_in, b_in, w_out_t, b_out, segments, kept,
+                                        kept_offsets, activation, backend, scales)
+
+
+def segmented_gather_swiglu_ffn(
+    x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor,
+    segments: torch.Tensor, kept: torch.Tensor, kept_offsets: torch.Tensor,
+    backend: str = "auto", check_indices: bool = True, scales: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`gather_swiglu_ffn` (LLaMA FFN) with each segment of rows on its own kept neurons (module
+    docstring). x: (rows, hidden); weights as for gather_swiglu_ffn."""
+    check_float_tensor("x", x, dims=2)
+    for name, weight in (("w_gate", w_gate), ("w_up", w_up)):
+        check_float_tensor(name, weight, dims=2)
+    check_same_dtype_device("x", x, w_gate=w_gate, w_up=w_up, w_down_t=w_down_t)
+    check_features("x", x, -1, w_gate.shape[1], "w_gate's hidden size")
+    if w_up.shape != w_gate.shape:
+        raise ValueError(f"w_up has shape {tuple(w_up.shape)} but w_gate has "
+                         f"{tuple(w_gate.shape)}")
+    _check_neuron_major("w_down_t", w_down_t, w_gate.shape[0])
+    segments, kept, kept_offsets = check_segments(x.shape[0], w_gate.shape[0], segments, kept,
+                                                  kept_offsets, w_gate.device, check_indices)
+    check_scales(scales, kept.numel(), "the number of kept neurons", "x", x)
+    return library.segmented_gather_swiglu_ffn(x, w_gate, w_up, w_down_t, segments, kept,
+                                               kept_offsets, backend, scales)

@@ -1,0 +1,127 @@
+"""Segmented gather FFNs (mixed-task batches) on every backend present, against float64 references:
+each segment of rows equals the masked-dense FFN on its own kept neurons (and scales)."""
+import pytest
+import torch
+
+import doe_kernels as dk
+from conftest import backend_cases
+from reference import assert_close, ffn_ref, swiglu_ffn_ref
+
+HIDDEN, INTERMEDIATE = 40, 37  # odd sizes
+
+
+def _random_layout(seed: int, device):
+    """1-6 segments of 0-9 rows, each keeping an empty, full or random list, with scales."""
+    gen = torch.Generator().manual_seed(seed)
+    count = int(torch.randint(1, 7, (), generator=gen))
+    rows = torch.randint(0, 10, (count,), generator=gen).tolist()
+    lists = []
+    for s in range(count):
+        kind = ("empty", "full", "random", "random")[int(torch.randint(0, 4, (), generator=gen))]
+        size = {"empty": 0, "full": INTERMEDIATE}.get(
+            kind, int(torch.randint(1, INTERMEDIATE, (), generator=gen)))
+        lists.append(torch.randperm(INTERMEDIATE, generator=gen)[:size].sort().values)
+    scales = [1 + 0.3 * torch.randn(len(k), generator=gen, dtype=torch.float64) for k in lists]
+    return rows, lists, scales
+
+
+def _weights(dtype, device, gen):
+    make = lambda *s, fan: (torch.randn(*s, generator=gen) / fan**0.5).to(device, dtype)  # noqa
+    return dict(w_in=make(INTERMEDIATE, HIDDEN, fan=HIDDEN), b_in=make(INTERMEDIATE, fan=4),
+                w_up=make(INTERMEDIATE, HIDDEN, fan=HIDDEN),
+                w_out_t=make(INTERMEDIATE, HIDDEN, fan=INTERMEDIATE * 0.35),
+                b_out=make(HIDDEN, fan=4))
+
+
+def _per_segment(rows, lists, scales, x, reference):
+    """The float64 reference, each segment on its own kept list."""
+    outs, start = [], 0
+    for count, kept, scale in zip(rows, lists, scales):
+        outs.append(reference(x[start:start + count], kept, scale))
+        start += count
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("device,backend,dtype", backend_cases(with_dtype=True))
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("scaled", [False, True])
+def test_segmented_ffns_equal_each_segment_alone(device, backend, dtype, seed, scaled):
+    rows, lists, scales = _random_layout(seed, device)
+    w = _weights(dtype, device, torch.Generator().manual_seed(100 + seed))
+    x = torch.randn(sum(rows), HIDDEN, generator=torch.Generator().manual_seed(seed)).to(
+        device, dtype)
+    segments, kept, kept_offsets, packed = dk.pack_segments(
+        rows, lists, scales if scaled else None, device=device)
+    packed = None if packed is None else packed.to(dtype)
+    scales = [s.to(dtype) if scaled else None for s in scales]
+    lists = [k.to(device) for k in lists]
+
+    out = dk.segmented_gather_ffn(x, w["w_in"], w["b_in"], w["w_out_t"], w["b_out"], segments,
+                                  kept, kept_offsets, "gelu", backend=backend, scales=packed)
+    ref = _per_segment(rows, lists, scales, x, lambda xs, k, s: ffn_ref(
+        xs, w["w_in"], w["b_in"], w["w_out_t"], w["b_out"], k, "gelu", s))
+    assert_close(out, ref, _dense_segments(rows, lists, scales, x, lambda xs, k, s: dk.gather_ffn(
+        xs, w["w_in"], w["b_in"], w["w_out_t"], w["b_out"], k, "gelu", backend="torch",
+        scales=s)), f"segmented_gather_ffn {rows}")
+
+    out = dk.segmented_gather_swiglu_ffn(x, w["w_in"], w["w_up"], w["w_out_t"], segments, kept,
+                                         kept_offsets, backend=backend, scales=packed)
+    ref = _per_segment(rows, lists, scales, x, lambda xs, k, s: swiglu_ffn_ref(
+        xs, w["w_in"], w["w_up"], w["w_out_t"], k, s))
+    assert_close(out, ref, _dense_segments(rows, lists, scales, x,
+                                           lambda xs, k, s: dk.gather_swiglu_ffn(
+                                               xs, w["w_in"], w["w_up"], w["w_out_t"], k,
+                                               backend="torch", scales=s)),
+                 f"segmented_gather_swiglu_ffn {rows}")
+
+
+def _dense_segments(rows, lists, scales, x, op):
+    """PyTorch's result in a low-precision dtype (sets the tolerance), None for float32."""
+    if x.dtype == torch.float32:
+        return None
+    return _per_segment(rows, lists, scales, x, op)
+
+
+def test_no_rows_and_a_single_segment():
+    gen = torch.Generator().manual_seed(0)
+    w = _weights(torch.float32, "cpu", gen)
+    kept = torch.tensor([1, 5, 30])
+    x = torch.randn(4, HIDDEN, generator=gen)
+    segments, packed, offsets, _ = dk.pack_segments([4], [kept])
+    alone = dk.gather_swiglu_ffn(x, w["w_in"], w["w_up"], w["w_out_t"], kept)
+    assert torch.equal(dk.segmented_gather_swiglu_ffn(x, w["w_in"], w["w_up"], w["w_out_t"],
+                                                      segments, packed, offsets), alone)
+    segments, packed, offsets, _ = dk.pack_segments([0, 0], [kept, kept])
+    out = dk.segmented_gather_ffn(x[:0], w["w_in"], w["b_in"], w["w_out_t"], w["b_out"],
+                                  segments, packed, offsets)
+    assert out.shape == (0, HIDDEN)
+
+
+def test_bad_layouts_are_refused():
+    gen = torch.Generator().manual_seed(0)
+    w = _weights(torch.float32, "cpu", gen)
+    x = torch.randn(5, HIDDEN, generator=gen)
+    kept = torch.tensor([0, 3, 7, 2, 4])
+
+    def call(segments, kept_offsets, kept=kept, scales=None):
+        return dk.segmented_gather_swiglu_ffn(x, w["w_in"], w["w_up"], w["w_out_t"],
+                                              torch.tensor(segments), kept,
+                                              torch.tensor(kept_offsets), scales=scales)
+
+    call([0, 2, 5], [0, 3, 5])  # a good layout
+    for segments, offsets, message in (
+            ([0, 2, 4], [0, 3, 5], "segments must start at 0 and end at 5"),
+            ([1, 2, 5], [0, 3, 5], "segments must start at 0"),
+            ([0, 3, 2, 5], [0, 3, 3, 5], "segments must be non-decreasing"),
+            ([0, 2, 5], [0, 3, 4], "kept_offsets must start at 0 and end at 5"),
+            ([0, 5], [0, 3, 5], "segments has 1 segments but kept_offsets has 2"),
+            ([0, 2, 5], [0, 4, 5], "kept list of segment 0 must be sorted and unique"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            call(segments, offsets)
+    with pytest.raises(ValueError, match="out of range"):
+        call([0, 2, 5], [0, 3, 5], kept=torch.tensor([0, 3, 7, 2, 40]))
+    with pytest.raises(ValueError, match="scales"):
+        call([0, 2, 5], [0, 3, 5], scales=torch.ones(4))
+    with pytest.raises(ValueError, match="one kept list"):
+        dk.pack_segments([1, 2], [kept])
