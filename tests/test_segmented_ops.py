@@ -45,7 +45,8 @@ def _per_segment(rows, lists, scales, x, reference):
 @pytest.mark.parametrize("device,backend,dtype", backend_cases(with_dtype=True))
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("scaled", [False, True])
-def test_segmented_ffns_equal_each_segment_alone(device, backend, dtype, seed, scaled):
+@pytest.mark.parametrize("strategy", ["segments", "union", "auto"])
+def test_segmented_ffns_equal_each_segment_alone(device, backend, dtype, seed, scaled, strategy):
     rows, lists, scales = _random_layout(seed, device)
     w = _weights(dtype, device, torch.Generator().manual_seed(100 + seed))
     x = torch.randn(sum(rows), HIDDEN, generator=torch.Generator().manual_seed(seed)).to(
@@ -57,7 +58,8 @@ def test_segmented_ffns_equal_each_segment_alone(device, backend, dtype, seed, s
     lists = [k.to(device) for k in lists]
 
     out = dk.segmented_gather_ffn(x, w["w_in"], w["b_in"], w["w_out_t"], w["b_out"], segments,
-                                  kept, kept_offsets, "gelu", backend=backend, scales=packed)
+                                  kept, kept_offsets, "gelu", backend=backend, scales=packed,
+                                  strategy=strategy)
     ref = _per_segment(rows, lists, scales, x, lambda xs, k, s: ffn_ref(
         xs, w["w_in"], w["b_in"], w["w_out_t"], w["b_out"], k, "gelu", s))
     assert_close(out, ref, _dense_segments(rows, lists, scales, x, lambda xs, k, s: dk.gather_ffn(
@@ -65,7 +67,8 @@ def test_segmented_ffns_equal_each_segment_alone(device, backend, dtype, seed, s
         scales=s)), f"segmented_gather_ffn {rows}")
 
     out = dk.segmented_gather_swiglu_ffn(x, w["w_in"], w["w_up"], w["w_out_t"], segments, kept,
-                                         kept_offsets, backend=backend, scales=packed)
+                                         kept_offsets, backend=backend, scales=packed,
+                                         strategy=strategy)
     ref = _per_segment(rows, lists, scales, x, lambda xs, k, s: swiglu_ffn_ref(
         xs, w["w_in"], w["w_up"], w["w_out_t"], k, s))
     assert_close(out, ref, _dense_segments(rows, lists, scales, x,
@@ -125,3 +128,20 @@ def test_bad_layouts_are_refused():
         call([0, 2, 5], [0, 3, 5], scales=torch.ones(4))
     with pytest.raises(ValueError, match="one kept list"):
         dk.pack_segments([1, 2], [kept])
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        dk.segmented_gather_swiglu_ffn(x, w["w_in"], w["w_up"], w["w_out_t"],
+                                       torch.tensor([0, 5]), kept[:3], torch.tensor([0, 3]),
+                                       strategy="fused")
+
+
+def test_auto_picks_the_union_for_one_row_per_segment_and_shared_rows():
+    from doe_kernels.ops.library import _choose_strategy
+
+    # 5 segments of one row each keeping 40 of 100 neurons, their union 70: reads 70 < 200
+    bounds = [(s, s + 1, 40 * s, 40 * s + 40) for s in range(5)]
+    assert _choose_strategy("auto", bounds, 70) == "union"
+    assert _choose_strategy("segments", bounds, 70) == "segments"
+    two_rows = [(2 * s, 2 * s + 2, 40 * s, 40 * s + 40) for s in range(5)]
+    assert _choose_strategy("auto", two_rows, 70) == "segments"
+    assert _choose_strategy("auto", [(0, 1, 0, 40)], 40) == "segments"  # nothing shared
+    assert _choose_strategy("union", [(0, 1, 0, 40)], 40) == "union"

@@ -7,14 +7,22 @@ s's list being kept[kept_offsets[s]:kept_offsets[s + 1]] (sorted unique; empty f
 keeps nothing, whose rows get the output bias or zeros); `scales`, when given, is concatenated the
 same way as `kept`. `pack_segments` builds these from Python lists.
 
-Now: each segment runs through the single-expert op's kernels of the chosen backend, one segment
-after another (the segment and list boundaries are read on the host). Fused segmented kernels (one
-launch over segments x tiles) are not written yet.
+Two ways to compute it, `strategy`:
+ * "segments": each segment through the single-expert op's kernels of the chosen backend, one
+   after another (each reads its own kept rows);
+ * "union": the union of the segments' lists gathered once for every row, each row's hidden
+   activations multiplied by its segment's 0/1 (or scale) mask over the union: the shared rows
+   are read once, at the price of computing every row over the union (the decode regime);
+ * "auto" (default): union where it reads fewer weight bytes and the segments hold at most
+   library.UNION_MAX_ROWS rows on average (one: decoding).
+The segment and list boundaries are read on the host. Fused segmented kernels (one launch over
+segments x tiles) are not written yet.
 """
 import torch
 
 from doe_kernels.activations import FFN_ACTIVATIONS, check_activation
 from doe_kernels.ops import library
+from doe_kernels.ops.library import SEGMENT_STRATEGIES
 from doe_kernels.ops.checks import (
     check_bias,
     check_features,
@@ -90,10 +98,11 @@ def segmented_gather_ffn(
     x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None, w_out_t: torch.Tensor,
     b_out: torch.Tensor | None, segments: torch.Tensor, kept: torch.Tensor,
     kept_offsets: torch.Tensor, activation: str = "gelu", backend: str = "auto",
-    check_indices: bool = True, scales: torch.Tensor | None = None,
+    check_indices: bool = True, scales: torch.Tensor | None = None, strategy: str = "auto",
 ) -> torch.Tensor:
     """`gather_ffn` (BERT FFN) with each segment of rows on its own kept neurons (module
     docstring). x: (rows, hidden); weights as for gather_ffn; scales: (len(kept),) or None."""
+    _check_strategy(strategy)
     check_float_tensor("x", x, dims=2)
     check_float_tensor("w_in", w_in, dims=2)
     check_same_dtype_device("x", x, w_in=w_in, b_in=b_in, w_out_t=w_out_t, b_out=b_out)
@@ -106,16 +115,18 @@ def segmented_gather_ffn(
                                                   kept_offsets, w_in.device, check_indices)
     check_scales(scales, kept.numel(), "the number of kept neurons", "x", x)
     return library.segmented_gather_ffn(x, w_in, b_in, w_out_t, b_out, segments, kept,
-                                        kept_offsets, activation, backend, scales)
+                                        kept_offsets, activation, backend, scales, strategy)
 
 
 def segmented_gather_swiglu_ffn(
     x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor,
     segments: torch.Tensor, kept: torch.Tensor, kept_offsets: torch.Tensor,
     backend: str = "auto", check_indices: bool = True, scales: torch.Tensor | None = None,
+    strategy: str = "auto",
 ) -> torch.Tensor:
     """`gather_swiglu_ffn` (LLaMA FFN) with each segment of rows on its own kept neurons (module
     docstring). x: (rows, hidden); weights as for gather_swiglu_ffn."""
+    _check_strategy(strategy)
     check_float_tensor("x", x, dims=2)
     for name, weight in (("w_gate", w_gate), ("w_up", w_up)):
         check_float_tensor(name, weight, dims=2)
@@ -129,4 +140,9 @@ def segmented_gather_swiglu_ffn(
                                                   kept_offsets, w_gate.device, check_indices)
     check_scales(scales, kept.numel(), "the number of kept neurons", "x", x)
     return library.segmented_gather_swiglu_ffn(x, w_gate, w_up, w_down_t, segments, kept,
-                                               kept_offsets, backend, scales)
+                                               kept_offsets, backend, scales, strategy)
+
+
+def _check_strategy(strategy) -> None:
+    if strategy not in SEGMENT_STRATEGIES:
+        raise ValueError(f"strategy must be one of {SEGMENT_STRATEGIES}, got {strategy!r}")
