@@ -137,11 +137,15 @@ def test_bad_layouts_are_refused():
 def test_auto_picks_the_union_for_one_row_per_segment_and_shared_rows():
     from doe_kernels.ops.library import _choose_strategy
 
-    # 5 segments of one row each keeping 40 of 100 neurons, their union 70: reads 70 < 200
+    # 5 segments of one row each keeping 40 of 100 neurons, overlapping: union 70 < 200 read
+    kept = torch.cat([torch.arange(15 * s, 15 * s + 40) for s in range(5)])
     bounds = [(s, s + 1, 40 * s, 40 * s + 40) for s in range(5)]
-    assert _choose_strategy("auto", bounds, 70) == "union"
-    assert _choose_strategy("segments", bounds, 70) == "segments"
+    chosen, union = _choose_strategy("auto", bounds, kept)
+    assert chosen == "union" and union.tolist() == list(range(100))
+    assert _choose_strategy("segments", bounds, kept) == ("segments", None)
     two_rows = [(2 * s, 2 * s + 2, 40 * s, 40 * s + 40) for s in range(5)]
-    assert _choose_strategy("auto", two_rows, 70) == "segments"
-    assert _choose_strategy("auto", [(0, 1, 0, 40)], 40) == "segments"  # nothing shared
-    assert _choose_strategy("union", [(0, 1, 0, 40)], 40) == "union"
+    assert _choose_strategy("auto", two_rows, kept)[0] == "segments"
+    assert _choose_strategy("union", two_rows, kept)[0] == "union"
+    assert _choose_strategy("auto", bounds[:1], kept)[0] == "segments"  # nothing shared
+    assert _choose_strategy("union", bounds[:1], kept)[0] == "union"
+    assert _choose_strategy("union", [], kept) == ("segments", None)  # no rows at all

@@ -181,18 +181,23 @@ def _segment_bounds(segments: torch.Tensor, kept_offsets: torch.Tensor):
             if rows[s + 1] > rows[s]]
 
 
-def _choose_strategy(strategy: str, bounds, union_size: int) -> str:
-    """"segments" (one gather per segment: reads each segment's kept rows) or "union" (one
-    gather of the union of the lists, masked per row: reads each kept row once, computes every
-    row over the union). "auto": union when it reads fewer weight bytes and the segments hold
-    at most UNION_MAX_ROWS rows on average (decoding: one token per sequence)."""
+def _choose_strategy(strategy: str, bounds, kept: torch.Tensor):
+    """("segments", None) (one gather per segment: reads each segment's kept rows) or ("union",
+    the union of the segments' lists) (one gather of the union, masked per row: reads each kept
+    row once, computes every row over the union). "auto": the union when the segments hold at
+    most UNION_MAX_ROWS rows on average (decoding: one token per sequence) and it reads fewer
+    weight rows than the segments do."""
     if strategy not in SEGMENT_STRATEGIES:
         raise ValueError(f"strategy must be one of {SEGMENT_STRATEGIES}, got {strategy!r}")
-    if strategy != "auto":
-        return strategy
-    read = sum(k1 - k0 for _, _, k0, k1 in bounds)
     rows = sum(r1 - r0 for r0, r1, _, _ in bounds)
-    return "union" if union_size < read and rows <= UNION_MAX_ROWS * len(bounds) else "segments"
+    if strategy == "segments" or not bounds or (
+            strategy == "auto" and rows > UNION_MAX_ROWS * len(bounds)):
+        return "segments", None
+    union = torch.unique(torch.cat([kept[k0:k1] for _, _, k0, k1 in bounds]))  # sorted
+    read = sum(k1 - k0 for _, _, k0, k1 in bounds)
+    if union.numel() == 0 or (strategy == "auto" and union.numel() >= read):
+        return "segments", None
+    return "union", union
 
 
 # Measured on an Intel Xeon (2 cores, float32, SwiGLU 2048 x 5632, five experts keeping 35% each,
@@ -209,9 +214,8 @@ def _segmented(x, out_features, segments, kept, kept_offsets, scales, strategy, 
     of the kept lists gathered once and each row's hidden activations multiplied by its segment's
     0/1 (or scale) mask over the union."""
     bounds = _segment_bounds(segments, kept_offsets)
-    live = torch.cat([kept[k0:k1] for _, _, k0, k1 in bounds]) if bounds else kept[:0]
-    union = torch.unique(live)  # sorted
-    if _choose_strategy(strategy, bounds, union.numel()) == "union" and union.numel():
+    chosen, union = _choose_strategy(strategy, bounds, kept)
+    if chosen == "union":
         row_mask = x.new_zeros(x.shape[0], union.numel())
         for r0, r1, k0, k1 in bounds:
             where = torch.searchsorted(union, kept[k0:k1])
