@@ -100,6 +100,19 @@ def test_no_rows_and_a_single_segment():
     assert out.shape == (0, HIDDEN)
 
 
+def test_union_with_a_segment_without_rows_keeping_other_neurons():
+    gen = torch.Generator().manual_seed(3)
+    w = _weights(torch.float32, "cpu", gen)
+    lists = [torch.tensor([1, 2, 3]), torch.tensor([30, 35, 36]), torch.tensor([2, 3, 9])]
+    x = torch.randn(2, HIDDEN, generator=gen)
+    segments, kept, offsets, _ = dk.pack_segments([1, 0, 1], lists)
+    out = dk.segmented_gather_swiglu_ffn(x, w["w_in"], w["w_up"], w["w_out_t"], segments, kept,
+                                         offsets, strategy="union")
+    for row, kept_row in ((0, lists[0]), (1, lists[2])):
+        alone = swiglu_ffn_ref(x[row:row + 1], w["w_in"], w["w_up"], w["w_out_t"], kept_row)
+        assert_close(out[row:row + 1], alone, what=f"row {row}")
+
+
 def test_bad_layouts_are_refused():
     gen = torch.Generator().manual_seed(0)
     w = _weights(torch.float32, "cpu", gen)

@@ -216,15 +216,28 @@ def _segmented(x, out_features, segments, kept, kept_offsets, scales, strategy, 
     bounds = _segment_bounds(segments, kept_offsets)
     chosen, union = _choose_strategy(strategy, bounds, kept)
     if chosen == "union":
-        row_mask = x.new_zeros(x.shape[0], union.numel())
-        for r0, r1, k0, k1 in bounds:
-            where = torch.searchsorted(union, kept[k0:k1])
-            row_mask[r0:r1, where] = 1 if scales is None else scales[k0:k1]
-        return run_union(x, union, row_mask)
+        return run_union(x, union, _union_row_mask(x, union, segments, kept, kept_offsets,
+                                                   scales))
     out = x.new_empty(x.shape[0], out_features)
     for r0, r1, k0, k1 in bounds:
         out[r0:r1] = run_segment(x[r0:r1], kept[k0:k1], None if scales is None else scales[k0:k1])
     return out
+
+
+def _union_row_mask(x, union, segments, kept, kept_offsets, scales):
+    """(rows, len(union)): for each row, 1 (or the scale) at its segment's kept neurons' places
+    in the union, 0 elsewhere; built with one scatter and one row gather."""
+    count = segments.numel() - 1
+    owner = torch.repeat_interleave(torch.arange(count, device=kept.device),
+                                    kept_offsets.diff())  # the segment of each kept entry
+    per_segment = x.new_zeros(count, union.numel())
+    # a segment without rows may hold neurons outside the union: its (unused) row gets them
+    # at a clamped place
+    places = torch.searchsorted(union, kept).clamp_(max=union.numel() - 1)
+    per_segment[owner, places] = (
+        1 if scales is None else scales.to(x.dtype))
+    row_segment = torch.repeat_interleave(torch.arange(count, device=x.device), segments.diff())
+    return per_segment.index_select(0, row_segment)
 
 
 def _segmented_gather_ffn(
