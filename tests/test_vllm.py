@@ -112,10 +112,46 @@ def _with_reconstruction(mask, spec, seed: int, heads: bool = False):
                           if heads else None)
 
 
+def _causal_expert(hf, mask):
+    """A causal-LM Expert on SmolLM2 (random soft prompt, `mask` with its scales and bias
+    deltas, its chat template) and texts to ask it."""
+    from transformers import AutoTokenizer
+
+    from doe_kernels.expert import CAUSAL_LM, label_token_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir())
+    words = ["negative", "positive"]
+    prompt = 0.02 * torch.randn(6, hf.config.hidden_size,
+                                generator=torch.Generator().manual_seed(8))
+    expert = doe_kernels.Expert(
+        mask, prompt, CAUSAL_LM, words, label_words=words,
+        label_token_ids=label_token_ids(tokenizer, words),
+        template=doe_kernels.chat_template(tokenizer, "Negative or positive?"), max_length=64)
+    texts = ["A tender, funny and wise film.", "Dull, long and pointless.",
+             "I would watch it again tomorrow.", "The worst two hours of my year."]
+    return expert, texts
+
+
+def _hf_generate_embeds(model, expert, tokenizer, text):
+    """Greedy tokens of the patched HF model from the expert's prompt embeddings (no EOS)."""
+    import doe_kernels.vllm.prompts as prompts
+
+    embeds = prompts.expert_prompts(expert, tokenizer, [text],
+                                    model.get_input_embeddings().weight)[0]["prompt_embeds"]
+    chosen = []
+    with torch.no_grad(), doe_kernels.plugged(model, expert.mask):
+        out = model(inputs_embeds=embeds[None], use_cache=True)
+        for _ in range(NEW_TOKENS):
+            chosen.append(int(out.logits[0, -1].argmax()))
+            out = model(torch.tensor([[chosen[-1]]]), past_key_values=out.past_key_values,
+                        use_cache=True)
+    return chosen
+
+
 @pytest.fixture(scope="class")
 def smol():
     """SmolLM2 at tensor-parallel size 1: the engine, the HF model, prompts, masks, dense output."""
-    from transformers import LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaForCausalLM
 
     path = smollm2_dir()
     hf = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -136,10 +172,15 @@ def smol():
     # HuggingFace first: it runs faster before the engine's processes share the CPU
     hf_out = dict(dense=_hf_generate(hf, prompts),
                   **{name: _hf_patched(hf, mask, prompts) for name, mask in masks.items()})
-    llm = _start_engine(path, tp=1)
+    expert, texts = _causal_expert(hf, masks["b"])
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    expert_out = dict(answers=expert.predict(hf, tokenizer, texts),
+                      generated=_hf_generate_embeds(hf, expert, tokenizer, texts[0]))
+    llm = _start_engine(path, tp=1, enable_prompt_embeds=True)
     dense = _generate(llm, prompts)  # before any plug
     yield dict(llm=llm, hf=hf, hf_out=hf_out, spec=spec, prompts=prompts, masks=masks,
-               dense=dense)
+               dense=dense, expert=expert, texts=texts, tokenizer=tokenizer,
+               expert_out=expert_out)
     _stop_engine(llm)
 
 
@@ -224,6 +265,26 @@ class TestSmolLM2:
         assert llm.reset_prefix_cache()
         assert_same_generation(_generate(llm, prompts), before, exact=True)
         dkv.unplug(llm)
+
+    def test_an_experts_soft_prompt_as_prompt_embeddings(self, smol):
+        """The expert's answers equal Expert.predict on the HF model; its generation from the
+        prompt embeddings equals the patched HF model's from the same embeddings."""
+        from vllm import SamplingParams
+
+        llm, expert, texts, tokenizer = (smol[k] for k in ("llm", "expert", "texts", "tokenizer"))
+        embeddings = smol["hf"].get_input_embeddings().weight
+        dkv.plug(llm, expert)
+        assert dkv.answer(llm, expert, tokenizer, texts, embeddings) == \
+            smol["expert_out"]["answers"]
+        params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+        out = llm.generate(dkv.expert_prompts(expert, tokenizer, texts[:1], embeddings), params,
+                           use_tqdm=False)
+        assert list(out[0].outputs[0].token_ids) == smol["expert_out"]["generated"]
+        dkv.unplug(llm)
+        with pytest.raises(ValueError, match="causal-LM Expert"):
+            dkv.expert_prompts(None, tokenizer, texts, embeddings)
+        with pytest.raises(ValueError, match="an expert of another model"):
+            dkv.expert_prompts(expert, tokenizer, texts, embeddings[:, :100])
 
     def test_engine_that_captures_cuda_graphs_is_refused(self, smol):
         import copy

@@ -7,7 +7,8 @@ doe_kernels.vllm.plug(llm, mask)   # an ExpertMask or an Expert; swaps when plug
 doe_kernels.vllm.unplug(llm)       # vLLM's dense model again
 ```
 LLaMA-family models (vLLM's Llama, Mistral and Qwen2 layers), FFN neurons and attention heads
-(with their scales and bias deltas); see docs/vllm.md. A running `vllm serve` takes the same calls
+(with their scales and bias deltas); see docs/vllm.md. A causal-LM expert's soft prompt travels
+as prompt embeddings (`expert_prompts`, `answer`; the engine made with enable_prompt_embeds=True). A running `vllm serve` takes the same calls
 over HTTP: `doe_kernels.vllm.http.plug(url, mask)` (or `doe-kernels vllm plug`).
 
 `plug`, `unplug`, `status` and `WorkerExtension` need vLLM (`pip install -e ".[vllm]"`) and load it
@@ -17,9 +18,10 @@ WorkerExtension wraps vLLM's CPU weight repacking so the FFN and attention weigh
 """
 import importlib
 
-__all__ = ["WorkerExtension", "plug", "status", "unplug"]
+__all__ = ["WorkerExtension", "answer", "expert_prompts", "plug", "status", "unplug"]
 _HOMES = dict(WorkerExtension="doe_kernels.vllm.worker", plug="doe_kernels.vllm.engine",
-              unplug="doe_kernels.vllm.engine", status="doe_kernels.vllm.engine")
+              unplug="doe_kernels.vllm.engine", status="doe_kernels.vllm.engine",
+              expert_prompts="doe_kernels.vllm.prompts", answer="doe_kernels.vllm.prompts")
 
 
 def __getattr__(name: str):
