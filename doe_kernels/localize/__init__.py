@@ -51,9 +51,10 @@ def localize(model, tokenizer, train, validation=None, *, label_words=None, temp
     weights); the trained head lives in the Expert and is plugged by `expert.plugged`.
     `validation` defaults to 20% split off `train` (with `seed`).
 
-    The steps, each configured by its own frozen dataclass (the defaults are the paper's method
-    plus the reconstruction of step 4; docs/localize.md describes every option, the recipe of the
-    current results and what was measured):
+    The steps, each configured by its own frozen dataclass (the defaults are the recipe that
+    measured best: FFN neurons ranked across layers, heads kept, step 4's reconstruction and one
+    epoch of re-tuning, confidence 1; docs/localize.md describes every option, the paper's plain
+    recipe and what was measured):
     1. `prompt=PromptConfig(...)`: soft tokens (and the head) trained with PEFT on `train`.
     2. `attribution=AttributionConfig(...)`: each FFN neuron and head scored on training
        examples with the prompt, on the unpatched model.
@@ -66,7 +67,7 @@ def localize(model, tokenizer, train, validation=None, *, label_words=None, temp
        `calibration_examples` training examples; `reconstruct="auto"` by default: the fit, or
        the plain mask, whose answers on held-out training examples stay closest to the
        unpruned model's; "scales", "layerwise", "bias" or "none" fix one), then, with
-       `epochs=k` (off by default), its prompt and head re-tuned for k epochs on its pruned
+       `epochs=k` (1 by default), its prompt and head re-tuned for k epochs on its pruned
        network before it is measured, the baseline given the same training unpruned
        (`expert.dense()`); a candidate whose re-tuning diverges fails. A warning says when
        that training lowered the baseline by more than the tolerance.
