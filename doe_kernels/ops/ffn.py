@@ -25,6 +25,28 @@ def _check_neuron_major(name: str, weight: torch.Tensor, intermediate: int) -> N
                    "(intermediate, hidden): convert nn.Linear weights with input_major())")
 
 
+def check_ffn_weights(x, w_in, b_in, w_out_t, b_out, activation: str) -> None:
+    """A BERT FFN's weights, biases and activation, against x (checked as a float tensor)."""
+    check_float_tensor("w_in", w_in, dims=2)
+    check_same_dtype_device("x", x, w_in=w_in, b_in=b_in, w_out_t=w_out_t, b_out=b_out)
+    check_features("x", x, -1, w_in.shape[1], "w_in's hidden size")
+    _check_neuron_major("w_out_t", w_out_t, w_in.shape[0])
+    check_bias("b_in", b_in, w_in.shape[0])
+    check_bias("b_out", b_out, w_out_t.shape[1])
+    check_activation(activation, FFN_ACTIVATIONS)
+
+
+def check_swiglu_weights(x, w_gate, w_up, w_down_t) -> None:
+    """A LLaMA FFN's weights against x (checked as a float tensor)."""
+    check_float_tensor("w_gate", w_gate, dims=2)
+    check_same_dtype_device("x", x, w_gate=w_gate, w_up=w_up, w_down_t=w_down_t)
+    check_float_tensor("w_up", w_up, dims=2)
+    if w_up.shape != w_gate.shape:
+        raise ValueError(f"w_up has shape {tuple(w_up.shape)} but w_gate has {tuple(w_gate.shape)}")
+    check_features("x", x, -1, w_gate.shape[1], "w_gate's hidden size")
+    _check_neuron_major("w_down_t", w_down_t, w_gate.shape[0])
+
+
 def gather_ffn(
     x: torch.Tensor,
     w_in: torch.Tensor,
@@ -47,13 +69,7 @@ def gather_ffn(
     scales: (len(kept),) with x's dtype and device, a factor per kept neuron, or None (no scaling).
     """
     check_float_tensor("x", x)
-    check_float_tensor("w_in", w_in, dims=2)
-    check_same_dtype_device("x", x, w_in=w_in, b_in=b_in, w_out_t=w_out_t, b_out=b_out)
-    check_features("x", x, -1, w_in.shape[1], "w_in's hidden size")
-    _check_neuron_major("w_out_t", w_out_t, w_in.shape[0])
-    check_bias("b_in", b_in, w_in.shape[0])
-    check_bias("b_out", b_out, w_out_t.shape[1])
-    check_activation(activation, FFN_ACTIVATIONS)
+    check_ffn_weights(x, w_in, b_in, w_out_t, b_out, activation)
     kept = check_index("kept", kept, w_in.shape[0], w_in.device, check_indices)
     check_scales(scales, kept.numel(), "the number of kept neurons", "x", x)
     return library.gather_ffn(x, w_in, b_in, w_out_t, b_out, kept, activation, backend, scales)
@@ -77,13 +93,7 @@ def gather_swiglu_ffn(
     scales: (len(kept),) with x's dtype and device, a factor per kept neuron, or None (no scaling).
     """
     check_float_tensor("x", x)
-    check_float_tensor("w_gate", w_gate, dims=2)
-    check_same_dtype_device("x", x, w_gate=w_gate, w_up=w_up, w_down_t=w_down_t)
-    check_float_tensor("w_up", w_up, dims=2)
-    if w_up.shape != w_gate.shape:
-        raise ValueError(f"w_up has shape {tuple(w_up.shape)} but w_gate has {tuple(w_gate.shape)}")
-    check_features("x", x, -1, w_gate.shape[1], "w_gate's hidden size")
-    _check_neuron_major("w_down_t", w_down_t, w_gate.shape[0])
+    check_swiglu_weights(x, w_gate, w_up, w_down_t)
     kept = check_index("kept", kept, w_gate.shape[0], w_gate.device, check_indices)
     check_scales(scales, kept.numel(), "the number of kept neurons", "x", x)
     return library.gather_swiglu_ffn(x, w_gate, w_up, w_down_t, kept, backend, scales)

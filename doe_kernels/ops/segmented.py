@@ -20,18 +20,10 @@ segments x tiles) are not written yet.
 """
 import torch
 
-from doe_kernels.activations import FFN_ACTIVATIONS, check_activation
 from doe_kernels.ops import library
+from doe_kernels.ops.checks import check_float_tensor, check_index, check_scales
+from doe_kernels.ops.ffn import check_ffn_weights, check_swiglu_weights
 from doe_kernels.ops.library import SEGMENT_STRATEGIES
-from doe_kernels.ops.checks import (
-    check_bias,
-    check_features,
-    check_float_tensor,
-    check_index,
-    check_same_dtype_device,
-    check_scales,
-)
-from doe_kernels.ops.ffn import _check_neuron_major
 
 
 def pack_segments(row_counts, kept_lists, scales=None, device=None):
@@ -104,13 +96,7 @@ def segmented_gather_ffn(
     docstring). x: (rows, hidden); weights as for gather_ffn; scales: (len(kept),) or None."""
     _check_strategy(strategy)
     check_float_tensor("x", x, dims=2)
-    check_float_tensor("w_in", w_in, dims=2)
-    check_same_dtype_device("x", x, w_in=w_in, b_in=b_in, w_out_t=w_out_t, b_out=b_out)
-    check_features("x", x, -1, w_in.shape[1], "w_in's hidden size")
-    _check_neuron_major("w_out_t", w_out_t, w_in.shape[0])
-    check_bias("b_in", b_in, w_in.shape[0])
-    check_bias("b_out", b_out, w_out_t.shape[1])
-    check_activation(activation, FFN_ACTIVATIONS)
+    check_ffn_weights(x, w_in, b_in, w_out_t, b_out, activation)
     segments, kept, kept_offsets = check_segments(x.shape[0], w_in.shape[0], segments, kept,
                                                   kept_offsets, w_in.device, check_indices)
     check_scales(scales, kept.numel(), "the number of kept neurons", "x", x)
@@ -128,14 +114,7 @@ def segmented_gather_swiglu_ffn(
     docstring). x: (rows, hidden); weights as for gather_swiglu_ffn."""
     _check_strategy(strategy)
     check_float_tensor("x", x, dims=2)
-    for name, weight in (("w_gate", w_gate), ("w_up", w_up)):
-        check_float_tensor(name, weight, dims=2)
-    check_same_dtype_device("x", x, w_gate=w_gate, w_up=w_up, w_down_t=w_down_t)
-    check_features("x", x, -1, w_gate.shape[1], "w_gate's hidden size")
-    if w_up.shape != w_gate.shape:
-        raise ValueError(f"w_up has shape {tuple(w_up.shape)} but w_gate has "
-                         f"{tuple(w_gate.shape)}")
-    _check_neuron_major("w_down_t", w_down_t, w_gate.shape[0])
+    check_swiglu_weights(x, w_gate, w_up, w_down_t)
     segments, kept, kept_offsets = check_segments(x.shape[0], w_gate.shape[0], segments, kept,
                                                   kept_offsets, w_gate.device, check_indices)
     check_scales(scales, kept.numel(), "the number of kept neurons", "x", x)
