@@ -396,24 +396,31 @@ def _tiny_model(family: str, path) -> str:
 
 
 @pytest.mark.vllm
-@pytest.mark.parametrize("family", ["qwen2", "mistral"])
-def test_other_llama_family_models(family, tmp_path):
-    """vLLM's Qwen2 (QKV biases) and Mistral at tensor-parallel size 1: heads and neurons
-    pruned."""
+@pytest.mark.parametrize("family", ["qwen2", "mistral", "llama"])
+def test_llama_family_models_at_tensor_parallel_size_1(family, tmp_path):
+    """vLLM's Qwen2 (QKV biases), Mistral and the random 8-head / 4-KV-head Llama at
+    tensor-parallel size 1: heads and neurons pruned, then unplugged."""
     from transformers import AutoModelForCausalLM
 
-    path = _tiny_model(family, tmp_path / family)
+    folder = tmp_path / family
+    path = _tiny_llama(folder) if family == "llama" else _tiny_model(family, folder)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     spec = doe_kernels.models.spec_of(hf)
+    size = spec.intermediate_size
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, 1024, (n,), generator=gen).tolist() for n in (5, 21)]
-    mask = doe_kernels.ExpertMask({0: torch.arange(0, 256, 2), 1: torch.arange(50, 250)},
+    mask = doe_kernels.ExpertMask({0: torch.arange(0, size, 2), 1: torch.arange(size // 5,
+                                                                                size - size // 5)},
                                   heads={0: [1, 2], 1: [3]}, spec=spec.as_dict())
     mask = _with_reconstruction(mask, spec, seed=8, heads=True)
     expected = _hf_patched(hf, mask, prompts)
     llm = _start_engine(path, tp=1, skip_tokenizer_init=True)
     try:
+        dense = _generate(llm, prompts)
+        assert_same_generation(dense, _hf_generate(hf, prompts))
         dkv.plug(llm, mask)
         assert_same_generation(_generate(llm, prompts), expected)
+        dkv.unplug(llm)
+        assert_same_generation(_generate(llm, prompts), dense, exact=True)
     finally:
         _stop_engine(llm)
