@@ -51,6 +51,12 @@ def random_llama(folder: str) -> str:
     return folder
 
 
+def model_path(name: str, work: str) -> str:
+    """SmolLM2's folder, or a random llama-wide saved under `work`."""
+    return (offline_models.smollm2_dir() if name == "smollm2"
+            else random_llama(os.path.join(work, "model")))
+
+
 def sliced_checkpoint(model, mask, folder: str) -> str:
     """`model` with each layer's FFN cut to the mask's kept neurons (the same count in every
     layer), saved as an ordinary checkpoint."""
@@ -136,8 +142,7 @@ def run(args) -> list:
     import doe_kernels.vllm as dkv
 
     work = tempfile.mkdtemp(prefix="vllm_bench_")
-    path = (offline_models.smollm2_dir() if args.model == "smollm2"
-            else random_llama(os.path.join(work, "model")))
+    path = model_path(args.model, work)
     model = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     masks = {rate: doe_kernels.ExpertMask.random(model, ffn_keep=1 - rate, seed=1)
              for rate in args.rates}
@@ -193,9 +198,7 @@ def run_uneven(args) -> list:
     import doe_kernels.vllm as dkv
     from doe_kernels.tensor_parallel import ffn_imbalance
 
-    work = tempfile.mkdtemp(prefix="vllm_bench_")
-    path = (offline_models.smollm2_dir() if args.model == "smollm2"
-            else random_llama(os.path.join(work, "model")))
+    path = model_path(args.model, tempfile.mkdtemp(prefix="vllm_bench_"))
     config = AutoConfig.from_pretrained(path)
     llm = start_engine(path, extension=True, compiled=args.compiled, tp=2)
     rows = [dict(variant="dense", rate=0.0, **measure(llm, args))]

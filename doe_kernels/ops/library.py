@@ -181,14 +181,18 @@ def _segment_bounds(segments: torch.Tensor, kept_offsets: torch.Tensor):
             if rows[s + 1] > rows[s]]
 
 
+def check_strategy(strategy) -> None:
+    if strategy not in SEGMENT_STRATEGIES:
+        raise ValueError(f"strategy must be one of {SEGMENT_STRATEGIES}, got {strategy!r}")
+
+
 def _choose_strategy(strategy: str, bounds, kept: torch.Tensor):
     """("segments", None) (one gather per segment: reads each segment's kept rows) or ("union",
     the union of the segments' lists) (one gather of the union, masked per row: reads each kept
     row once, computes every row over the union). "auto": the union when the segments hold at
     most UNION_MAX_ROWS rows on average (decoding: one token per sequence) and it reads fewer
     weight rows than the segments do."""
-    if strategy not in SEGMENT_STRATEGIES:
-        raise ValueError(f"strategy must be one of {SEGMENT_STRATEGIES}, got {strategy!r}")
+    check_strategy(strategy)
     rows = sum(r1 - r0 for r0, r1, _, _ in bounds)
     if strategy == "segments" or not bounds or (
             strategy == "auto" and rows > UNION_MAX_ROWS * len(bounds)):

@@ -23,7 +23,7 @@ import torch
 from doe_kernels.ops import library
 from doe_kernels.ops.checks import check_float_tensor, check_index, check_scales
 from doe_kernels.ops.ffn import check_ffn_weights, check_swiglu_weights
-from doe_kernels.ops.library import SEGMENT_STRATEGIES
+from doe_kernels.ops.library import check_strategy
 
 
 def pack_segments(row_counts, kept_lists, scales=None, device=None):
@@ -55,15 +55,8 @@ def check_segments(rows: int, intermediate: int, segments, kept, kept_offsets, d
     """Validate the segment layout (module docstring); returns (segments, kept, kept_offsets) as
     contiguous int64."""
     kept = check_index("kept", kept, intermediate, device, check_values=False)
-    for name, offsets, total in (("segments", segments, rows),
-                                 ("kept_offsets", kept_offsets, kept.numel())):
-        offsets = check_index(name, offsets, total + 1, device, check_values=False)
-        if offsets.numel() == 0:
-            raise ValueError(f"{name} must hold at least one offset (0), got none")
-        if check_indices:
-            _check_offsets(name, offsets, total)
-    segments = segments.to(torch.int64).contiguous()
-    kept_offsets = kept_offsets.to(torch.int64).contiguous()
+    segments = _as_offsets("segments", segments, rows, device, check_indices)
+    kept_offsets = _as_offsets("kept_offsets", kept_offsets, kept.numel(), device, check_indices)
     if segments.numel() != kept_offsets.numel():
         raise ValueError(f"segments has {segments.numel() - 1} segments but kept_offsets has "
                          f"{kept_offsets.numel() - 1} kept lists")
@@ -73,6 +66,17 @@ def check_segments(rows: int, intermediate: int, segments, kept, kept_offsets, d
             check_index(f"kept list of segment {s}", kept[bounds[s]:bounds[s + 1]], intermediate,
                         device)
     return segments, kept, kept_offsets
+
+
+def _as_offsets(name: str, offsets, total: int, device, check_values: bool) -> torch.Tensor:
+    """`offsets` (1-D int, on `device`) as contiguous int64; with `check_values`, from 0 to
+    `total`, non-decreasing."""
+    offsets = check_index(name, offsets, total + 1, device, check_values=False)
+    if offsets.numel() == 0:
+        raise ValueError(f"{name} must hold at least one offset (0), got none")
+    if check_values:
+        _check_offsets(name, offsets, total)
+    return offsets
 
 
 def _check_offsets(name: str, offsets: torch.Tensor, total: int) -> None:
@@ -94,7 +98,7 @@ def segmented_gather_ffn(
 ) -> torch.Tensor:
     """`gather_ffn` (BERT FFN) with each segment of rows on its own kept neurons (module
     docstring). x: (rows, hidden); weights as for gather_ffn; scales: (len(kept),) or None."""
-    _check_strategy(strategy)
+    check_strategy(strategy)
     check_float_tensor("x", x, dims=2)
     check_ffn_weights(x, w_in, b_in, w_out_t, b_out, activation)
     segments, kept, kept_offsets = check_segments(x.shape[0], w_in.shape[0], segments, kept,
@@ -112,7 +116,7 @@ def segmented_gather_swiglu_ffn(
 ) -> torch.Tensor:
     """`gather_swiglu_ffn` (LLaMA FFN) with each segment of rows on its own kept neurons (module
     docstring). x: (rows, hidden); weights as for gather_swiglu_ffn."""
-    _check_strategy(strategy)
+    check_strategy(strategy)
     check_float_tensor("x", x, dims=2)
     check_swiglu_weights(x, w_gate, w_up, w_down_t)
     segments, kept, kept_offsets = check_segments(x.shape[0], w_gate.shape[0], segments, kept,
@@ -120,8 +124,3 @@ def segmented_gather_swiglu_ffn(
     check_scales(scales, kept.numel(), "the number of kept neurons", "x", x)
     return library.segmented_gather_swiglu_ffn(x, w_gate, w_up, w_down_t, segments, kept,
                                                kept_offsets, backend, scales, strategy)
-
-
-def _check_strategy(strategy) -> None:
-    if strategy not in SEGMENT_STRATEGIES:
-        raise ValueError(f"strategy must be one of {SEGMENT_STRATEGIES}, got {strategy!r}")

@@ -1,8 +1,9 @@
 """The caller's side: `plug(llm, mask)` and `unplug(llm)` on a `vllm.LLM`.
 
-`plug` checks the engine (the doe_kernels worker extension, no CUDA graphs), then asks every rank to check
-the mask and stage its plan; only if every rank accepts does it ask them to apply it. A refused
-mask raises ValueError here and the engine keeps serving the previous expert (or the dense model).
+`plug` checks the engine (the doe_kernels worker extension, no CUDA graphs), then asks every rank
+to check the mask and stage its plan; only if every rank accepts does it ask them to apply it. A
+refused mask raises ValueError here and the engine keeps serving the previous expert (or the dense
+model).
 After every plug and unplug the prefix cache is reset: cached KV blocks were computed by the
 previous expert.
 """

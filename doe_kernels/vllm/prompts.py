@@ -29,12 +29,9 @@ def expert_prompts(expert: Expert, tokenizer, texts, embeddings: torch.Tensor) -
                          f"prompt {expert.prompt.shape[1]}: an expert of another model")
     weight = embeddings.detach()
     prompt = expert.prompt.to(weight.device, weight.dtype)
-    out = []
-    for text in texts:
-        ids, attention = encode(tokenizer, [text], CAUSAL_LM, expert.template, expert.max_length)
-        tokens = ids[0][attention[0].bool()].to(weight.device)
-        out.append({"prompt_embeds": torch.cat((prompt, weight[tokens]))})
-    return out
+    ids, attention = encode(tokenizer, list(texts), CAUSAL_LM, expert.template, expert.max_length)
+    return [{"prompt_embeds": torch.cat((prompt, weight[row[real.bool()].to(weight.device)]))}
+            for row, real in zip(ids, attention)]  # each text without its left padding
 
 
 def answer(llm, expert: Expert, tokenizer, texts, embeddings: torch.Tensor) -> list[str]:

@@ -78,6 +78,12 @@ def add_route(module, width: int, returns_bias: bool = False) -> Route:
     return route
 
 
+def decoder_layers(model) -> torch.nn.ModuleList | None:
+    """A vLLM model's decoder layers (`model.model.layers`), or None where it has none."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    return layers if isinstance(layers, torch.nn.ModuleList) else None
+
+
 def install_routes(model) -> int:
     """Route every LLaMA-style MLP and attention projection of `model` (a vLLM model with
     `model.layers`); layers of another kind are left as they are (plug refuses them). Returns the
@@ -86,9 +92,8 @@ def install_routes(model) -> int:
     from doe_kernels.vllm.attention import attention_of
     from doe_kernels.vllm.ffn import mlp_of
 
-    layers = getattr(getattr(model, "model", None), "layers", None)
     routed = 0
-    for index, layer in enumerate(layers if isinstance(layers, torch.nn.ModuleList) else ()):
+    for index, layer in enumerate(decoder_layers(model) or ()):
         try:
             mlp = mlp_of(layer, index)
             add_route(mlp, mlp.down_proj.output_size)
@@ -124,18 +129,14 @@ def route_compiled_models() -> None:
         return
 
     def process_and_route(model, *args, **kwargs):
+        from doe_kernels.vllm.engine import names_extension  # engine imports worker, our caller
+
         out = process(model, *args, **kwargs)
         config = get_current_vllm_config_or_none()
-        if config is not None and compiles(config) and _names_extension(
+        if config is not None and compiles(config) and names_extension(
                 config.parallel_config.worker_extension_cls):
             install_routes(model)
         return out
 
     process_and_route._doe_routes = True
     base_loader.process_weights_after_loading = process_and_route
-
-
-def _names_extension(qualname: str | None) -> bool:
-    from doe_kernels.vllm.engine import names_extension
-
-    return names_extension(qualname)

@@ -10,7 +10,6 @@ a compiled engine these become the targets of the modules' routes (doe_kernels.v
 Layers that keep everything (no scales, no bias delta) keep vLLM's own forwards. The shared weights
 are never modified: a swap moves index tensors only.
 """
-import torch
 from vllm.config import CUDAGraphMode
 
 from doe_kernels.models import ModelSpec, UnsupportedModelError
@@ -18,7 +17,7 @@ from doe_kernels.tensor_parallel import ffn_shards, head_shards
 from doe_kernels.vllm.attention import AttentionPlan, attention_of
 from doe_kernels.vllm.ffn import FfnPlan, mlp_of
 from doe_kernels.vllm.protocol import decode_mask
-from doe_kernels.vllm.routes import compiles, route_compiled_models, route_of
+from doe_kernels.vllm.routes import compiles, decoder_layers, route_compiled_models, route_of
 from doe_kernels.vllm.weights import attention_weights, ffn_weights, keep_dense_weights
 
 # workers import this module before they load the model
@@ -49,8 +48,8 @@ class WorkerExtension:
         """(attention, MLP) of each decoder layer, in layer order (checked once, then cached)."""
         layers = self.__dict__.get("_doe_layers_cache")
         if layers is None:
-            modules = getattr(getattr(self.model_runner.model, "model", None), "layers", None)
-            if not isinstance(modules, torch.nn.ModuleList):
+            modules = decoder_layers(self.model_runner.model)
+            if modules is None:
                 raise UnsupportedModelError(
                     f"{type(self.model_runner.model).__name__} has no `model.layers`; "
                     "doe_kernels.vllm supports the LLaMA family (Llama, Mistral, Qwen2)")
