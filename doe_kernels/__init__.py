@@ -6,7 +6,9 @@ on one of four backends: `torch` (reference), `cpu` (C++), `triton` and `cuda` (
 heads; `unpatch(model)` restores it exactly; `with plugged(model, mask): ...` does both.
 `localize(...)` finds a task's expert (prompt tuning, attribution, pruning-rate search; options in
 `PromptConfig`, `AttributionConfig`, `SearchConfig`, `RecoveryConfig`) and
-`ExpertRouter` serves several tasks' experts from one model. `doe_kernels.moe` prunes and skips
+`ExpertRouter` serves several tasks' experts from one model; `mixed(model, masks)` and
+`mixed_logits(model, tokenizer, requests)` serve a batch whose sequences belong to different
+experts in one forward pass. `doe_kernels.moe` prunes and skips
 the experts of Mixtral-style mixture-of-experts models (masks with `moe=`, `patch(dynamic_skip=)`).
 """
 from doe_kernels.backends import BackendUnavailableError, available_backends
@@ -34,6 +36,7 @@ from doe_kernels.ops import (
     segmented_gather_swiglu_ffn,
 )
 from doe_kernels.patching import current_mask, is_patched, patch, plugged, unpatch
+from doe_kernels.mixed import mixed, mixed_logits
 from doe_kernels.serve import ExpertRouter
 from doe_kernels import moe  # noqa: E402  (after patching, which it uses)
 
@@ -54,6 +57,8 @@ __all__ = [
     "current_mask",
     "is_patched",
     "localize",
+    "mixed",
+    "mixed_logits",
     "moe",
     "patch",
     "plugged",

@@ -147,6 +147,12 @@ def label_logits(logits: torch.Tensor, task_type: str, token_ids=None) -> torch.
     return logits[:, -1, :][:, torch.as_tensor(token_ids, device=logits.device)]
 
 
+def real_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that count only the real (unmasked) tokens, as `generate` gives them:
+    padding, wherever it is, does not move the tokens after it."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
+
+
 def model_sizes(model) -> dict:
     """The sizes an expert records and checks: the ModelSpec fields plus the vocabulary size."""
     sizes = spec_of(model).as_dict()
@@ -378,7 +384,9 @@ class Expert:
                      prompt: torch.Tensor | None = None) -> dict:
         """The keyword arguments of `model(...)` for encoded texts with the soft prompt prepended:
         inputs_embeds, attention_mask (ones over the prompt), and for a causal LM
-        logits_to_keep=1 (only the last position is scored). `prompt` overrides the expert's."""
+        logits_to_keep=1 (only the last position is scored) and position_ids counting real tokens
+        only (padding does not move a text's positions, so a batched text gets its answer
+        alone). `prompt` overrides the expert's."""
         embeddings = model.get_input_embeddings()
         device, dtype = embeddings.weight.device, embeddings.weight.dtype
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
@@ -387,9 +395,11 @@ class Expert:
         prompts = prompt.to(device, dtype).unsqueeze(0).expand(batch, -1, -1)
         inputs_embeds = torch.cat((prompts, embeddings(input_ids)), dim=1)
         ones = attention_mask.new_ones(batch, prompt.shape[0])
-        kwargs = {"logits_to_keep": 1} if self.task_type == CAUSAL_LM else {}
-        return dict(inputs_embeds=inputs_embeds,
-                    attention_mask=torch.cat((ones, attention_mask), dim=1), **kwargs)
+        attention_mask = torch.cat((ones, attention_mask), dim=1)
+        kwargs = {}
+        if self.task_type == CAUSAL_LM:
+            kwargs = dict(logits_to_keep=1, position_ids=real_positions(attention_mask))
+        return dict(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
 
     def calibration_batches(self, model, tokenizer, texts, batch_size: int = 32,
                             readout_weight: float = 0.0):

@@ -40,6 +40,7 @@ class PatchState:
     layers: list[LayerPatch]
     mask: ExpertMask | None = None
     dynamic_skip: bool = False
+    mixed: bool = False  # serving a mixed-task batch (doe_kernels.mixed)
     modules: list[nn.Module] = field(default_factory=list)
     load_hook: object = None  # the model's load_state_dict refusal, removed at unpatch
 

@@ -1,28 +1,46 @@
-"""ExpertRouter: serve requests for several tasks from one model, one expert at a time.
+"""ExpertRouter: serve requests for several tasks from one model.
 
-Each request runs the four DoE steps: plug the task's expert (mask, soft prompt, head), run
-inference, unplug. The router keeps the model patched with a keep-everything mask between
-requests, so plugging and unplugging an expert only swaps index tensors and head Parameters'
-storage; `close()` (or leaving the `with` block) unpatches the model. Requests may come from several
-threads in any order: a lock serialises them, so each answer equals what that task's expert gives
-alone.
+`run(task, texts)` runs the four DoE steps: plug the task's expert (mask, soft prompt, head), run
+inference, unplug. `run_mixed([(task, text), ...])` serves requests of several tasks in one
+forward pass per batch, each row on its own expert (doe_kernels.mixed). `submit(task, text)`
+queues one request for a worker thread that gathers the requests arriving within `batch_window`
+seconds (up to `batch_size`) into one mixed batch: dynamic batching for many clients.
+
+The router keeps the model patched with a keep-everything mask between requests, so plugging and
+unplugging an expert only swaps index tensors and head Parameters' storage; `close()` (or leaving
+the `with` block) stops the worker and unpatches the model. Requests may come from several threads
+in any order: a lock serialises the forward passes, so each answer equals what that task's expert
+gives alone.
 """
+import queue
 import threading
+import time
+from concurrent.futures import Future
 
 import torch
 
 from doe_kernels.expert import Expert
 from doe_kernels.mask import ExpertMask
+from doe_kernels.mixed import mixed_logits
 from doe_kernels.patching import is_patched, patch, unpatch
 
 
 class ExpertRouter:
-    def __init__(self, model, tokenizer, backend: str = "auto", batch_size: int = 32):
+    def __init__(self, model, tokenizer, backend: str = "auto", batch_size: int = 32,
+                 batch_window: float = 0.005):
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        if not 0 <= batch_window < float("inf"):
+            raise ValueError(f"batch_window must be a finite number of seconds >= 0, got "
+                             f"{batch_window!r}")
         self.model, self.tokenizer = model, tokenizer
-        self.backend, self.batch_size = backend, batch_size
+        self.backend, self.batch_size, self.batch_window = backend, batch_size, batch_window
         self._experts: dict[str, Expert] = {}
         self._lock = threading.Lock()
         self._patched_here = False
+        self._queue: queue.Queue = queue.Queue()
+        self._worker: threading.Thread | None = None
+        self._worker_lock = threading.Lock()
 
     # ---- experts ------------------------------------------------------------------------
     def add(self, name: str, expert: Expert) -> None:
@@ -64,15 +82,109 @@ class ExpertRouter:
         texts = _texts(batch)
         with self._lock:
             expert = self._experts[self._known(name)]
-            if not is_patched(self.model):
-                patch(self.model, ExpertMask(), self.backend)  # keep-everything: swaps stay cheap
-                self._patched_here = True
+            self._keep_patched()
             with expert.plugged(self.model, backend=self.backend):
                 return expert, expert.predict_logits(self.model, self.tokenizer, texts,
                                                      self.batch_size, backend=self.backend)
 
+    def _keep_patched(self) -> None:
+        """Patch the model with a keep-everything mask (swaps stay cheap); under the lock."""
+        if not is_patched(self.model):
+            patch(self.model, ExpertMask(), self.backend)
+            self._patched_here = True
+
+    # ---- mixed-task batches -----------------------------------------------------------------
+    def run_mixed_logits(self, requests) -> list[torch.Tensor]:
+        """The label logits of each `(task, text)` request, in order: one forward pass per
+        `batch_size` requests whatever their tasks, each row on its task's expert. Every request
+        is checked (known task, valid text) before any runs."""
+        return self._mixed([(self._expert_of(task), text) for task, text in _pairs(requests)])
+
+    def run_mixed(self, requests) -> list[str]:
+        """The predicted label name of each `(task, text)` request, in order (run_mixed_logits)."""
+        experts = [(self._expert_of(task), text) for task, text in _pairs(requests)]
+        return [expert.label_names[int(row.argmax())]
+                for (expert, _), row in zip(experts, self._mixed(experts))]
+
+    def _expert_of(self, task) -> Expert:
+        return self._experts[self._known(task)]
+
+    def _mixed(self, requests: list[tuple[Expert, str]]) -> list[torch.Tensor]:
+        with self._lock:
+            self._keep_patched()
+            return mixed_logits(self.model, self.tokenizer, requests, self.batch_size,
+                                self.backend)
+
+    # ---- dynamic batching -------------------------------------------------------------------
+    def submit(self, task: str, text: str) -> Future:
+        """Queue one request; returns a Future of its predicted label name. A worker thread
+        serves the requests that arrive within `batch_window` seconds of the first waiting one
+        (up to `batch_size`) in one mixed batch. An unknown task or an invalid text raises here,
+        in the caller, and never reaches a batch."""
+        expert = self._expert_of(task)
+        if not isinstance(text, str):
+            raise ValueError(f"submit takes one text (a str), got {type(text).__name__}")
+        (text,) = _texts(text)
+        future: Future = Future()
+        self._ensure_worker()
+        self._queue.put((expert, text, future))
+        return future
+
+    def ask(self, task: str, text: str) -> str:
+        """`submit(task, text).result()`: one request through the dynamic batcher."""
+        return self.submit(task, text).result()
+
+    def _ensure_worker(self) -> None:
+        with self._worker_lock:
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._serve_queue, daemon=True,
+                                                name="doe-kernels-router")
+                self._worker.start()
+
+    def _serve_queue(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            futures = [future for _, _, future in batch
+                       if future.set_running_or_notify_cancel()]
+            live = [(expert, text) for expert, text, future in batch if future in futures]
+            if not live:
+                continue
+            try:
+                rows = self._mixed(live)
+            except BaseException as error:  # surfaced to the clients of this batch
+                for future in futures:
+                    future.set_exception(error)
+                continue
+            for (expert, _), row, future in zip(live, rows, futures):
+                future.set_result(expert.label_names[int(row.argmax())])
+
+    def _next_batch(self):
+        """The requests of the next batch (None: the router closed)."""
+        first = self._queue.get()
+        if first is None:
+            return None
+        batch, deadline = [first], time.monotonic() + self.batch_window
+        while len(batch) < self.batch_size:
+            try:
+                item = self._queue.get(timeout=max(deadline - time.monotonic(), 0))
+            except queue.Empty:
+                break
+            if item is None:
+                self._queue.put(None)  # close after this batch
+                break
+            batch.append(item)
+        return batch
+
     def close(self) -> None:
-        """Restore the unpatched model (if the router patched it)."""
+        """Serve what was submitted, stop the worker, and restore the unpatched model (if the
+        router patched it)."""
+        with self._worker_lock:
+            worker, self._worker = self._worker, None
+        if worker is not None:
+            self._queue.put(None)
+            worker.join()
         with self._lock:
             if self._patched_here and is_patched(self.model):
                 unpatch(self.model)
@@ -83,6 +195,23 @@ class ExpertRouter:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _pairs(requests) -> list[tuple]:
+    """`requests` as a list of (task, text) pairs; a text is checked as `_texts` checks it."""
+    if isinstance(requests, (str, bytes)) or not hasattr(requests, "__iter__"):
+        raise ValueError(f"requests must be a list of (task, text) pairs, got "
+                         f"{type(requests).__name__}")
+    pairs = []
+    for i, request in enumerate(requests):
+        if not isinstance(request, (tuple, list)) or len(request) != 2:
+            raise ValueError(f"request {i} must be a (task, text) pair, got {request!r:.80}")
+        try:
+            (text,) = _texts([request[1]])
+        except ValueError as error:
+            raise ValueError(f"request {i}: {error}") from None
+        pairs.append((request[0], text))
+    return pairs
 
 
 def _texts(batch) -> list[str]:

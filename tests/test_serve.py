@@ -1,4 +1,5 @@
 """ExpertRouter: answers equal each expert alone, under concurrent threads; errors change nothing."""
+import random
 import threading
 
 import pytest
@@ -131,3 +132,82 @@ def test_texts_with_lone_surrogates_are_refused(served, tokenizer, text):
             router.run("task0", text)
         with pytest.raises(KeyError, match=r"unknown task \['task0'\]"):
             router.run(["task0"], TEXTS)
+
+
+# ---- mixed-task batches ---------------------------------------------------------------------
+def mixed_requests(tasks, count=24, seed=0):
+    rng = random.Random(seed)
+    return [(rng.choice(tasks), rng.choice(TEXTS)) for _ in range(count)]
+
+
+def test_run_mixed_answers_equal_each_expert_alone(served, tokenizer):
+    model, experts, alone = served
+    requests = mixed_requests(sorted(experts))
+    with dk.ExpertRouter(model, tokenizer, batch_size=7) as router:
+        for name, expert in experts.items():
+            router.add(name, expert)
+        logits = router.run_mixed_logits(requests)
+        labels = router.run_mixed(requests)
+    assert not dk.is_patched(model)
+    for (task, text), row, label in zip(requests, logits, labels):
+        expected = alone[task][TEXTS.index(text)]
+        torch.testing.assert_close(row, expected, atol=1e-5, rtol=1e-5)
+        assert label == experts[task].label_names[int(expected.argmax())]
+
+
+def test_dynamic_batching_under_8_threads_equals_single_threaded(served, tokenizer):
+    model, experts, alone = served
+    router = dk.ExpertRouter(model, tokenizer, batch_size=6, batch_window=0.02)
+    for name, expert in experts.items():
+        router.add(name, expert)
+    expected = {(task, text): experts[task].label_names[int(alone[task][i].argmax())]
+                for task in experts for i, text in enumerate(TEXTS)}
+    batches, mixed = [], router._mixed
+    router._mixed = lambda requests: batches.append(len(requests)) or mixed(requests)
+    errors = []
+
+    def client(seed):
+        try:
+            for task, text in mixed_requests(sorted(experts), count=6, seed=seed):
+                if router.ask(task, text) != expected[task, text]:
+                    errors.append(f"{task}: {text!r} answered differently")
+        except Exception as error:  # surfaced below
+            errors.append(repr(error))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    router.close()
+    assert not errors, errors[:3]
+    assert sum(batches) == 48 and max(batches) <= 6
+    assert len(batches) < 48  # requests from several threads were served together
+    assert not dk.is_patched(model)
+
+
+def test_bad_mixed_requests_are_refused_and_others_are_served(served, tokenizer):
+    model, experts, alone = served
+    router = dk.ExpertRouter(model, tokenizer)
+    router.add("task0", experts["task0"])
+    for requests, error, match in [([("task0", "fine"), ("nope", "fine")], KeyError, "nope"),
+                                   ([("task0", "fine"), ("task0",)], ValueError, "request 1"),
+                                   ([("task0", "\ud800")], ValueError, "request 0"),
+                                   ("task0", ValueError, "pairs")]:
+        with pytest.raises(error, match=match):
+            router.run_mixed(requests)
+    assert not dk.is_patched(model)  # nothing ran
+    pending = router.submit("task0", TEXTS[0])
+    with pytest.raises(KeyError, match="nope"):
+        router.submit("nope", TEXTS[0])
+    with pytest.raises(ValueError, match="one text"):
+        router.submit("task0", TEXTS)
+    expected = experts["task0"].label_names[int(alone["task0"][0].argmax())]
+    assert pending.result(timeout=60) == expected
+    router.close()
+    assert not dk.is_patched(model)
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="batch_size"):
+            dk.ExpertRouter(model, tokenizer, batch_size=bad)
+    with pytest.raises(ValueError, match="batch_window"):
+        dk.ExpertRouter(model, tokenizer, batch_window=-1)

@@ -110,6 +110,10 @@ class LayerPatch:
         # projection, and of the attention output projection
         self.ffn_out: list[nn.Module] = []
         self.attn_out: list[nn.Module] = []
+        # mixed-task batches: the modules that run a whole block per segment (`segments`), and the
+        # ones they replace then (`passthrough`); empty in a layer that cannot serve them
+        self.mixed_run: list[nn.Module] = []
+        self.mixed_pass: list[nn.Module] = []
 
     def replace(self, path: str, module: nn.Module) -> None:
         """Put `module` at `path`; its state_dict shows the original module's weights."""
@@ -153,6 +157,13 @@ class LayerPatch:
             module.bias_delta, module.scales = ffn_delta, ffn_scales
         for module in self.attn_out:
             module.bias_delta, module.scales = attn_delta, head_col_scales
+
+    def set_segments(self, segments) -> None:
+        """Serve a mixed batch (a models.segments.LayerSegments), or one expert again (None)."""
+        for module in self.mixed_run:
+            module.segments = segments
+        for module in self.mixed_pass:
+            module.passthrough = segments is not None
 
     def restore(self) -> None:
         """Put the original modules back and the converted weights in their original layout."""

@@ -5,6 +5,8 @@ A layer is recognised by `attention.self.{query,key,value}`, `attention.output.d
 attention, with the attention-probability dropout in training mode), `attention.output.dense`
 (kept heads' columns), `intermediate` (kept neurons' rows with the activation) and `output.dense`
 (kept neurons' columns, input-major); the residual, dropout and LayerNorm modules stay as they are.
+In a mixed-task batch the attention runs through its output projection and `output.dense` runs the
+whole FFN, each per segment; `attention.output.dense` and `intermediate` pass their input through.
 """
 from doe_kernels.activations import HF_ACTIVATIONS
 from doe_kernels.models.base import LayerPatch, UnsupportedModelError, has_modules
@@ -13,6 +15,7 @@ from doe_kernels.models.modules import (
     KeptRowsLinear,
     PrunedAttention,
 )
+from doe_kernels.models.segments import attention_forward
 from doe_kernels.ops import attend
 
 FAMILY = "bert"
@@ -52,7 +55,17 @@ def check_supported(layer, config) -> None:
 class PrunedBertSelfAttention(PrunedAttention):
     """BertSelfAttention on the kept heads; returns (batch, seq, kept * head_dim), None."""
 
+    def run_output_projection(self, output) -> None:
+        """Serve mixed batches through the output projection `output` (a KeptColsLinear, passed
+        through then): each segment's heads and reconstruction differ."""
+        self.__dict__["output"] = output  # not a submodule: the layer already holds it
+
     def forward(self, hidden_states, attention_mask=None, *args, **kwargs):
+        if self.segments is not None:
+            output = self.__dict__["output"]
+            return attention_forward(self.segments, hidden_states, self.qkv_weights(),
+                                     output.weight_t, output.bias, attention_mask, self.scaling,
+                                     self.dropout_p(), self.backend), None
         if self.selection.num_kept == 0:
             return hidden_states.new_zeros(*hidden_states.shape[:-1], 0), None
         q, k, v = self.project(hidden_states)
@@ -78,6 +91,7 @@ def patch_layer(patch: LayerPatch, config, backend: str) -> None:
     patch.replace("attention.output.dense", o_cols)
     patch.head_cols.append(o_cols)
     patch.attn_out.append(o_cols)
+    attention.run_output_projection(o_cols)
 
     up = layer.intermediate.dense
     rows = KeptRowsLinear(up.weight, up.bias, HF_ACTIVATIONS[config.hidden_act], backend)
@@ -88,3 +102,6 @@ def patch_layer(patch: LayerPatch, config, backend: str) -> None:
     patch.replace("output.dense", cols)
     patch.ffn_modules += [rows, cols]
     patch.ffn_out.append(cols)
+    cols.run_up_projection_of(rows)
+    patch.mixed_run += [attention, cols]
+    patch.mixed_pass += [o_cols, rows]

@@ -7,12 +7,15 @@ of o_proj) and `mlp` (SwiGLU on the kept neurons, down projection input-major). 
 no head stores one zero KV head per token in the cache, so that the cache's length is right in
 every layer (transformers reads it from layer 0 to place positions and padding masks). A patched
 model's KV cache is only valid for the expert that filled it: swap experts between requests, not
-inside one generation.
+inside one generation. A mixed-task batch (doe_kernels.mixed) runs each segment of sequences on its
+expert's heads and neurons, its KV cache holding every KV head (valid for that batch composition
+only).
 """
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from doe_kernels.models.base import LayerPatch, UnsupportedModelError, has_modules
 from doe_kernels.models.modules import GatherSwiGLUMLP, PrunedAttention, add_bias_delta
+from doe_kernels.models.segments import attention_forward, rows_of
 from doe_kernels.ops import attend, project_out
 
 FAMILY = "llama"
@@ -76,6 +79,9 @@ class PrunedLlamaAttention(PrunedAttention):
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None,
                 past_key_values=None, cache=None, **kwargs):
         cache = cache if cache is not None else past_key_values
+        if self.segments is not None:
+            return self.forward_mixed(hidden_states, position_embeddings, attention_mask,
+                                      cache), None
         selection = self.selection
         if selection.num_kept == 0:
             if cache is not None:
@@ -95,6 +101,18 @@ class PrunedLlamaAttention(PrunedAttention):
         out = project_out(out, self.o_weight_t, self.o_bias, selection, self.backend,
                           scales=self.scales)
         return add_bias_delta(out, self.bias_delta), None
+
+    def forward_mixed(self, hidden_states, position_embeddings, attention_mask, cache):
+        """A mixed batch: each segment on its expert's heads; the cache holds every KV head."""
+        cos, sin = position_embeddings
+
+        def rotary(q, k, start, stop):
+            return apply_rotary_pos_emb(q, k, rows_of(cos, start, stop), rows_of(sin, start, stop))
+
+        update = None if cache is None else (lambda k, v: cache.update(k, v, self.layer_idx))
+        return attention_forward(self.segments, hidden_states, self.qkv_weights(),
+                                 self.o_weight_t, self.o_bias, attention_mask, self.scaling,
+                                 self.dropout_p(), self.backend, rotary, update, is_causal=True)
 
     def placeholder_kv(self, hidden_states):
         """What a layer keeping no head stores in the KV cache: one zero KV head per position,
@@ -127,3 +145,4 @@ def patch_layer(patch: LayerPatch, config, backend: str) -> None:
     patch.replace("mlp", gathered)
     patch.ffn_modules.append(gathered)
     patch.ffn_out.append(gathered)
+    patch.mixed_run += [patch.head_modules[-1], gathered]

@@ -8,12 +8,18 @@ or attention output projection: `bias_delta`, added to its output, and `scales`,
 input (aligned with `kept`), multiplying each kept input's contribution; both non-persistent
 buffers in the model's dtype, None costing nothing. `kept = None` means every neuron is kept: the
 module then runs the plain dense computation (with `scales` then one per input).
+
+While a mixed-task batch is served (doe_kernels.mixed), a module that computes a whole block (an
+MLP, a BERT FFN's down projection, an attention) holds the layer's `segments`
+(models/segments.py) and runs each segment on its expert; the modules a block's computation
+replaces (a BERT FFN's up projection and attention output projection) are `passthrough`.
 """
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from doe_kernels.activations import apply_activation
+from doe_kernels.models.segments import ffn_forward, swiglu_forward
 from doe_kernels.ops import HeadSelection, library, project_qkv, scale_columns
 
 
@@ -40,8 +46,11 @@ class KeptRowsLinear(nn.Module):
         self.weight, self.bias = weight, bias
         self.activation, self.backend = activation, backend
         self.register_buffer("kept", None, persistent=False)
+        self.passthrough = False
 
     def forward(self, x):
+        if self.passthrough:
+            return x
         if self.kept is None:
             return apply_activation(F.linear(x, self.weight, self.bias), self.activation)
         return library.gather_rows_linear(x, self.weight, self.bias, self.kept, self.activation,
@@ -62,8 +71,20 @@ class KeptColsLinear(nn.Module):
         self.register_buffer("kept", None, persistent=False)
         self.register_buffer("bias_delta", None, persistent=False)
         self.register_buffer("scales", None, persistent=False)
+        self.passthrough, self.segments = False, None
+
+    def run_up_projection_of(self, up: KeptRowsLinear) -> None:
+        """Serve mixed batches as a whole FFN: `up` (the up projection, passed through then)
+        feeds this down projection."""
+        self.__dict__["up"] = up  # not a submodule: the layer already holds it
 
     def forward(self, x_kept):
+        if self.passthrough:
+            return x_kept
+        if self.segments is not None:
+            up = self.__dict__["up"]
+            return ffn_forward(self.segments, x_kept, up.weight, up.bias, up.activation,
+                               self.weight_t, self.bias, self.backend)
         if self.kept is None:
             out = torch.matmul(scale_columns(x_kept, self.scales), self.weight_t)
             out = out if self.bias is None else out + self.bias
@@ -87,8 +108,12 @@ class GatherSwiGLUMLP(nn.Module):
         self.register_buffer("kept", None, persistent=False)
         self.register_buffer("bias_delta", None, persistent=False)
         self.register_buffer("scales", None, persistent=False)
+        self.segments = None
 
     def forward(self, x):
+        if self.segments is not None:
+            return swiglu_forward(self.segments, x, self.w_gate, self.w_up, self.w_down_t,
+                                  self.backend)
         if self.kept is None:
             hidden = F.silu(F.linear(x, self.w_gate)) * F.linear(x, self.w_up)
             out = torch.matmul(scale_columns(hidden, self.scales), self.w_down_t)
@@ -122,6 +147,7 @@ class PrunedAttention(nn.Module):
         self.scaling, self.backend = scaling, backend
         self.attention_dropout = attention_dropout
         self.selection = None
+        self.segments = None  # a mixed batch's (models/segments.py)
 
     def dropout_p(self) -> float:
         """The attention-probability dropout to apply now: the model's in training, 0 in eval."""
@@ -135,6 +161,11 @@ class PrunedAttention(nn.Module):
         if self.selection is not None:  # keep the index lists on the module's device
             self.selection = self.selection.apply(fn)
         return self
+
+    def qkv_weights(self) -> dict:
+        """The Q, K, V projections' weights and biases, as project_qkv takes them."""
+        return dict(q_weight=self.q_weight, q_bias=self.q_bias, k_weight=self.k_weight,
+                    k_bias=self.k_bias, v_weight=self.v_weight, v_bias=self.v_bias)
 
     def project(self, hidden):
         return project_qkv(hidden, self.q_weight, self.q_bias, self.k_weight, self.k_bias,

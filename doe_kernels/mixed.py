@@ -1,0 +1,214 @@
+"""Mixed-task batches: one forward pass serves sequences of several experts, each on its own.
+
+`with mixed(model, masks): model(...)` runs batch sequence b on `masks[b]` (an ExpertMask; None
+keeps the whole model): consecutive sequences on the same mask form a segment, each layer's FFN
+runs the segmented gather ops over them and its attention runs each segment on its own heads
+(models/segments.py). The body may run any number of forward passes of that batch composition,
+`generate()` with its KV cache included. A model that is not patched is patched for the body (a
+keep-everything mask) and unpatched after; a patched one gets its expert back.
+
+`mixed_logits(model, tokenizer, requests)` does the same for whole experts: each request
+`(expert, text)` gets its expert's soft prompt, classifier head (or label words) and mask, and
+its label logits come back in request order, in as few forward passes as `batch_size` allows.
+Experts with different label counts may share a batch.
+"""
+import contextlib
+
+import torch
+
+from doe_kernels.expert import CAUSAL_LM, Expert, label_logits, real_positions
+from doe_kernels.mask import ExpertMask
+from doe_kernels.models import PATCH_STATE_ATTR, UnsupportedModelError, describe, spec_of
+from doe_kernels.models.segments import LayerSegments, SegmentPlan
+from doe_kernels.patching import _model_device, _plans, _restore, patch
+
+_KEEP_ALL = ExpertMask()
+
+
+def _as_masks(masks) -> list[ExpertMask]:
+    if isinstance(masks, ExpertMask) or not hasattr(masks, "__iter__"):
+        raise TypeError("masks must be a list with one ExpertMask (or None) per batch sequence, "
+                        f"got {type(masks).__name__}")
+    masks = [_KEEP_ALL if m is None else m for m in masks]
+    if not masks:
+        raise ValueError("masks is empty: give one ExpertMask (or None) per batch sequence")
+    for i, mask in enumerate(masks):
+        if not isinstance(mask, ExpertMask):
+            raise TypeError(f"masks[{i}] is a {type(mask).__name__}, not an ExpertMask or None")
+    return masks
+
+
+def _runs(items: list) -> list[tuple[int, int, object]]:
+    """(start, stop, item) of each run of consecutive identical (`is`) items."""
+    runs, start = [], 0
+    for i in range(1, len(items) + 1):
+        if i == len(items) or items[i] is not items[start]:
+            runs.append((start, i, items[start]))
+            start = i
+    return runs
+
+
+def _layer_segments(masks, spec, device, dtype) -> list[LayerSegments]:
+    """Per layer, the segments of `masks` (validated against `spec` here, before any change)."""
+    runs = _runs(masks)
+    plans = {id(mask): _plans(mask, spec, device, False) for _, _, mask in runs}
+    cast = lambda v: None if v is None else v.to(dtype)  # noqa: E731
+    bounds = [start for start, _, _ in runs] + [len(masks)]
+    out = []
+    for layer in range(spec.num_layers):
+        segment_plans = []
+        for _, _, mask in runs:
+            kept, selection, _, ffn_delta, attn_delta, ffn_scales, col_scales = \
+                plans[id(mask)][layer]
+            segment_plans.append(SegmentPlan(kept, selection, cast(ffn_delta), cast(attn_delta),
+                                             cast(ffn_scales), cast(col_scales)))
+        out.append(LayerSegments(bounds, segment_plans, spec.intermediate_size))
+    return out
+
+
+@contextlib.contextmanager
+def mixed(model, masks, backend: str = "auto"):
+    """While the body runs, batch sequence b of every forward pass computes on `masks[b]` (one
+    ExpertMask, or None for the whole model, per sequence). Every mask is checked against the
+    model before anything changes; a forward pass whose batch has another number of sequences
+    raises ValueError. Mixture-of-experts models are not supported. On exit the model is what it
+    was: unpatched, or patched with its expert and backend."""
+    masks = _as_masks(masks)
+    state = getattr(model, PATCH_STATE_ATTR, None)
+    if state is not None and state.mixed:
+        raise RuntimeError("the model already serves a mixed batch (doe_kernels.mixed does not "
+                           "nest)")
+    spec = spec_of(model)
+    if spec.num_experts:
+        raise UnsupportedModelError("mixed-task batches do not support mixture-of-experts "
+                                    "models yet")
+    device, dtype = (_model_device(describe(model)[1]) if state is None
+                     else (state.device, state.dtype))
+    segments = _layer_segments(masks, spec, device, dtype)
+    previous = None if state is None else (state.mask, state.backend, state.dynamic_skip)
+    patch(model, _KEEP_ALL if state is None else state.mask, backend)
+    state = getattr(model, PATCH_STATE_ATTR)
+    try:
+        for layer_patch, layer_segments in zip(state.layers, segments):
+            layer_patch.set_segments(layer_segments)
+        state.mixed = True
+        yield model
+    finally:
+        for layer_patch in state.layers:
+            layer_patch.set_segments(None)
+        state.mixed = False
+        _restore(model, previous)
+
+
+# ---- whole experts ----------------------------------------------------------------------------
+def _as_requests(requests) -> tuple[list[Expert], list[str]]:
+    requests = list(requests)
+    experts, texts = [], []
+    for i, request in enumerate(requests):
+        if not isinstance(request, (tuple, list)) or len(request) != 2:
+            raise ValueError(f"request {i} must be an (expert, text) pair, got {request!r:.80}")
+        expert, text = request
+        if not isinstance(expert, Expert):
+            raise TypeError(f"request {i}: {type(expert).__name__} is not a doe_kernels.Expert")
+        if not isinstance(text, str):
+            raise TypeError(f"request {i}: the text is a {type(text).__name__}, not a str")
+        experts.append(expert)
+        texts.append(text)
+    return experts, texts
+
+
+def mixed_logits(model, tokenizer, requests, batch_size: int = 32,
+                 backend: str = "auto") -> list[torch.Tensor]:
+    """The label logits (a float32 CPU vector over the expert's labels) of each `(expert, text)`
+    request, in order. Requests are grouped by expert and served `batch_size` at a time, one
+    forward pass per batch whatever its experts. Every request is checked first."""
+    experts, texts = _as_requests(requests)
+    if not experts:
+        return []
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    for expert in {id(e): e for e in experts}.values():
+        expert.check_fits(model)  # also: its task type is the model's
+    rank = {}
+    for expert in experts:
+        rank.setdefault(id(expert), len(rank))
+    order = sorted(range(len(experts)), key=lambda i: (rank[id(experts[i])], i))
+    out = [None] * len(experts)
+    with torch.no_grad():
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            rows = _forward(model, tokenizer, [experts[i] for i in chunk],
+                            [texts[i] for i in chunk], backend)
+            for i, row in zip(chunk, rows):
+                out[i] = row
+    return out
+
+
+def _forward(model, tokenizer, experts: list[Expert], texts: list[str], backend: str):
+    """Each row's label logits for one batch, its experts in runs of consecutive rows."""
+    runs = _runs(experts)
+    inputs = [expert.model_inputs(model, *expert.encode(tokenizer, texts[start:stop]))
+              for start, stop, expert in runs]
+    causal = experts[0].task_type == CAUSAL_LM
+    embeds, attention = _pad_and_stack(inputs, left=causal)
+    kwargs = dict(logits_to_keep=1, position_ids=real_positions(attention)) if causal else {}
+    with mixed(model, [e.mask for e in experts], backend), _mixed_heads(model, runs):
+        logits = model(inputs_embeds=embeds, attention_mask=attention, **kwargs).logits
+    rows = []
+    for start, stop, expert in runs:
+        part = label_logits(logits[start:stop], expert.task_type, expert.label_token_ids)
+        rows += list(part[:, :len(expert.label_names)].float().cpu())
+    return rows
+
+
+def _pad_and_stack(inputs: list[dict], left: bool):
+    """(inputs_embeds, attention_mask) of the runs' model inputs padded to one length (on the left
+    for a causal LM, whose answer is read at the last position; else on the right)."""
+    length = max(i["inputs_embeds"].shape[1] for i in inputs)
+    embeds, masks = [], []
+    for item in inputs:
+        e, m = item["inputs_embeds"], item["attention_mask"]
+        pad = length - e.shape[1]
+        pads = (e.new_zeros(e.shape[0], pad, e.shape[2]), m.new_zeros(m.shape[0], pad))
+        embeds.append(torch.cat((pads[0], e) if left else (e, pads[0]), dim=1))
+        masks.append(torch.cat((pads[1], m) if left else (m, pads[1]), dim=1))
+    return torch.cat(embeds), torch.cat(masks)
+
+
+@contextlib.contextmanager
+def _mixed_heads(model, runs):
+    """While the body runs, each module holding a classifier head's Parameters computes each
+    run's rows with that run's expert's head (outputs padded with zeros to the widest head)."""
+    paths = sorted({key.rpartition(".")[0] for _, _, e in runs for key in (e.head or {})})
+    modules = [model.get_submodule(path) for path in paths]
+    try:
+        for path, module in zip(paths, modules):
+            module.forward = _head_forward(module, path, runs)
+        yield
+    finally:
+        for module in modules:
+            module.__dict__.pop("forward", None)
+
+
+def _head_forward(module, path: str, runs):
+    own = dict(module.named_parameters(recurse=False))
+    prefix = f"{path}." if path else ""
+    forward = type(module).forward
+
+    def run(x, *args, **kwargs):
+        outs = []
+        for start, stop, expert in runs:
+            values = {name: (expert.head or {}).get(prefix + name) for name in own}
+            saved = [(p, p.data) for name, p in own.items() if values[name] is not None]
+            try:
+                for name, param in own.items():
+                    if values[name] is not None:
+                        param.data = values[name].to(param.device, param.dtype)
+                outs.append(forward(module, x[start:stop], *args, **kwargs))
+            finally:
+                for param, data in saved:
+                    param.data = data
+        width = max(o.shape[-1] for o in outs)
+        return torch.cat([torch.nn.functional.pad(o, (0, width - o.shape[-1])) for o in outs])
+
+    return run

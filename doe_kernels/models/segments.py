@@ -1,0 +1,189 @@
+"""A patched layer's plan for a mixed-task batch: which batch sequences run which expert.
+
+While `doe_kernels.mixed` holds a batch composition, each patched layer holds a `LayerSegments`:
+the batch's sequences grouped into segments (consecutive sequences on the same expert) and each
+segment's `SegmentPlan` (its kept neurons and heads, bias deltas and scales: what `patch` sets for
+one expert). The FFN lists are packed once for the segmented ops (`ops/segmented.py`); the
+attention runs each segment on its own heads (GQA-aware, through the single-expert steps
+`project_qkv`, `attend`, `project_out`).
+
+A layer's KV cache holds every KV head while it serves a mixed batch (a segment's unused heads stay
+zero), so that one cache tensor serves segments keeping different heads.
+"""
+from dataclasses import dataclass
+
+import torch
+
+from doe_kernels.ops import HeadSelection, attend, library, project_out, project_qkv
+
+
+@dataclass(frozen=True)
+class SegmentPlan:
+    """One expert's plan of one layer (`patching._plans`), on the model's device and dtype."""
+
+    kept: torch.Tensor | None  # kept FFN neurons (None: all)
+    selection: HeadSelection
+    ffn_delta: torch.Tensor | None = None
+    attn_delta: torch.Tensor | None = None
+    ffn_scales: torch.Tensor | None = None  # one per kept neuron
+    head_col_scales: torch.Tensor | None = None  # one per column of the kept heads
+
+
+def rows_of(tensor, start: int, stop: int):
+    """Batch rows [start, stop) of a per-sequence tensor (None, or one broadcast row, as is)."""
+    if tensor is None or tensor.shape[0] == 1:
+        return tensor
+    return tensor[start:stop]
+
+
+class LayerSegments:
+    """One layer's segments for one batch composition: `bounds` (sequence offsets, one more than
+    segments; segment s is sequences [bounds[s], bounds[s + 1])) and one SegmentPlan each."""
+
+    def __init__(self, bounds: list[int], plans: list[SegmentPlan], intermediate_size: int):
+        self.bounds, self.plans = list(bounds), list(plans)
+        device = plans[0].selection.kept_heads.device
+        lists = [torch.arange(intermediate_size, device=device) if p.kept is None else p.kept
+                 for p in plans]
+        self.kept_offsets = torch.tensor([0] + [k.numel() for k in lists],
+                                         device=device).cumsum(0)
+        self.kept = torch.cat(lists)
+        self.ffn_scales = None
+        if any(p.ffn_scales is not None for p in plans):
+            self.ffn_scales = torch.cat([
+                p.ffn_scales if p.ffn_scales is not None else
+                torch.ones(k.numel(), device=device, dtype=_dtype(plans)) for p, k in
+                zip(plans, lists)])
+        self.ffn_delta = self._per_sequence([p.ffn_delta for p in plans])
+        self._row_segments: dict[int, torch.Tensor] = {}
+
+    @property
+    def batch(self) -> int:
+        return self.bounds[-1]
+
+    def spans(self):
+        """(first sequence, end, SegmentPlan) of each segment holding sequences."""
+        return [(b0, b1, plan) for b0, b1, plan in zip(self.bounds, self.bounds[1:], self.plans)
+                if b1 > b0]
+
+    def check_batch(self, batch: int) -> None:
+        if batch != self.batch:
+            raise ValueError(f"the batch has {batch} sequences, but doe_kernels.mixed was given "
+                             f"{self.batch} masks (one per sequence)")
+
+    def row_segments(self, batch: int, tokens: int) -> torch.Tensor:
+        """Segment offsets over the rows of the batch flattened to (batch * tokens, hidden)."""
+        self.check_batch(batch)
+        if tokens not in self._row_segments:
+            self._row_segments[tokens] = torch.tensor(self.bounds, device=self.kept.device) * tokens
+        return self._row_segments[tokens]
+
+    def _per_sequence(self, deltas):
+        """(batch, 1, hidden): each sequence's segment's delta (zeros where it has none), or None
+        when no segment has one."""
+        if all(d is None for d in deltas):
+            return None
+        like = next(d for d in deltas if d is not None)
+        stacked = torch.stack([torch.zeros_like(like) if d is None else d for d in deltas])
+        counts = torch.tensor([b1 - b0 for b0, b1 in zip(self.bounds, self.bounds[1:])],
+                              device=like.device)
+        return stacked.repeat_interleave(counts, dim=0).unsqueeze(1)
+
+
+def _dtype(plans) -> torch.dtype:
+    return next(p.ffn_scales.dtype for p in plans if p.ffn_scales is not None)
+
+
+def _add(out: torch.Tensor, per_sequence: torch.Tensor | None) -> torch.Tensor:
+    return out if per_sequence is None else out + per_sequence
+
+
+def _flat(x: torch.Tensor):
+    """(x as (rows, hidden), batch, tokens): a (batch, tokens, hidden) or (batch, hidden) input."""
+    batch, tokens = x.shape[0], (x.shape[1] if x.dim() == 3 else 1)
+    return x.reshape(batch * tokens, x.shape[-1]), batch, tokens
+
+
+def swiglu_forward(segments: LayerSegments, x, w_gate, w_up, w_down_t, backend: str):
+    """A LLaMA-style MLP over a mixed batch: each segment on its expert's neurons."""
+    x2d, batch, tokens = _flat(x)
+    out = library.segmented_gather_swiglu_ffn(
+        x2d, w_gate, w_up, w_down_t, segments.row_segments(batch, tokens), segments.kept,
+        segments.kept_offsets, backend, segments.ffn_scales)
+    return _add(out.view(*x.shape[:-1], -1), _matching(segments.ffn_delta, x))
+
+
+def ffn_forward(segments: LayerSegments, x, w_in, b_in, activation: str, w_out_t, b_out,
+                backend: str):
+    """A BERT FFN (up projection, activation, down projection) over a mixed batch."""
+    x2d, batch, tokens = _flat(x)
+    out = library.segmented_gather_ffn(
+        x2d, w_in, b_in, w_out_t, b_out, segments.row_segments(batch, tokens), segments.kept,
+        segments.kept_offsets, activation, backend, segments.ffn_scales)
+    return _add(out.view(*x.shape[:-1], -1), _matching(segments.ffn_delta, x))
+
+
+def _matching(per_sequence, x):
+    """A (batch, 1, hidden) per-sequence tensor shaped to add to x (3-D as is, 2-D squeezed)."""
+    if per_sequence is None or x.dim() == 3:
+        return per_sequence
+    return per_sequence.squeeze(1)
+
+
+def attention_forward(segments: LayerSegments, hidden, weights: dict, o_weight_t, o_bias,
+                      attention_mask, scale: float, dropout: float, backend: str, rotary=None,
+                      cache_update=None, is_causal: bool = False):
+    """Attention over a mixed batch, each segment on its expert's heads, through the output
+    projection (with the segment's scales and bias delta).
+
+    `weights`: the q/k/v weights and biases (project_qkv's keywords); `rotary(q, k, start,
+    stop)` applies rotary embeddings to sequences [start, stop); `cache_update(k, v)` (LLaMA's KV
+    cache) takes (batch, num_kv_heads, tokens, head_dim) keys and values holding every segment's
+    kept KV heads (zeros elsewhere) and returns the cached ones; `is_causal`: a causal mask when
+    no `attention_mask` is given."""
+    batch = hidden.shape[0]
+    segments.check_batch(batch)
+    projected = []
+    for b0, b1, plan in segments.spans():
+        selection = plan.selection
+        if selection.num_kept == 0:
+            projected.append(None)
+            continue
+        q, k, v = project_qkv(hidden[b0:b1], selection=selection, backend=backend, **weights)
+        if rotary is not None:
+            q, k = rotary(q, k, b0, b1)
+        projected.append((q, k, v))
+    if cache_update is not None:
+        keys, values = cache_update(*_full_kv(segments, projected, hidden))
+    out = []
+    for (b0, b1, plan), qkv in zip(segments.spans(), projected):
+        if qkv is None:
+            part = hidden.new_zeros(b1 - b0, hidden.shape[1], o_weight_t.shape[1])
+            part = part if o_bias is None else part + o_bias
+        else:
+            q, k, v = qkv
+            if cache_update is not None:
+                heads = plan.selection.kept_kv_heads
+                k, v = keys[b0:b1].index_select(1, heads), values[b0:b1].index_select(1, heads)
+            mask = rows_of(attention_mask, b0, b1)
+            part = attend(q, k, v, plan.selection, mask,
+                          is_causal=is_causal and mask is None and q.shape[2] > 1, scale=scale,
+                          dropout=dropout)
+            part = project_out(part, o_weight_t, o_bias, plan.selection, backend,
+                               scales=plan.head_col_scales)
+        out.append(part if plan.attn_delta is None else part + plan.attn_delta)
+    return torch.cat(out)
+
+
+def _full_kv(segments: LayerSegments, projected, hidden):
+    """(keys, values) of the batch with every KV head: each segment's computed heads in place,
+    zeros in the heads it does not keep."""
+    spec = segments.plans[0].selection
+    shape = (hidden.shape[0], spec.num_kv_heads, hidden.shape[1], spec.head_dim)
+    keys, values = hidden.new_zeros(shape), hidden.new_zeros(shape)
+    for (b0, b1, plan), qkv in zip(segments.spans(), projected):
+        if qkv is not None:
+            heads = plan.selection.kept_kv_heads
+            keys[b0:b1, heads] = qkv[1]
+            values[b0:b1, heads] = qkv[2]
+    return keys, values

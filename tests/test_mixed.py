@@ -1,0 +1,180 @@
+"""Mixed-task batches (doe_kernels.mixed): each sequence of one forward pass on its own expert
+equals that sequence run alone on its expert, for BERT and LLaMA-family models, with KV-cache
+generation, whole experts (prompts, heads, label words) and the router; bad input changes
+nothing."""
+import random
+
+import pytest
+import torch
+
+import doe_kernels as dk
+from conftest import backend_cases
+from expert_utils import TEXTS, seq_cls_expert, tiny_bert, tiny_llama
+from model_utils import CAUSAL, build, inputs, mixed_mask, output_of, snapshot, state_dict_equal
+from moe_utils import mixtral
+from reference import assert_close
+from test_bias_delta import with_deltas
+from test_scales import with_scales
+
+from doe_kernels.expert import Expert, label_token_ids, model_sizes
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def expert_masks(model, count: int, seed: int) -> list:
+    """`count` masks of different kinds: layers keeping nothing / everything, random lists,
+    scales, bias deltas, and None (the whole model)."""
+    kinds = [
+        lambda s: mixed_mask(model, seed=s),
+        lambda s: dk.ExpertMask.random(model, ffn_keep=0.35, heads_keep=0.5, seed=s),
+        lambda s: with_scales(model, dk.ExpertMask.random(model, 0.5, 0.75, seed=s), seed=s),
+        lambda s: with_deltas(model, dk.ExpertMask.random(model, 0.2, 0.25, seed=s), seed=s),
+        lambda s: None,
+        lambda s: dk.ExpertMask.random(model, ffn_keep=0.9, heads_keep=1.0, seed=s),
+    ]
+    return [kinds[(seed + i) % len(kinds)](seed + i) for i in range(count)]
+
+
+def assignment(masks: list, batch: int, seed: int) -> list:
+    rng = random.Random(seed)
+    return [rng.choice(masks) for _ in range(batch)]
+
+
+def alone(model, mask, ids, attention, backend):
+    """The sequence run by itself on its expert (plugged, then restored)."""
+    with dk.plugged(model, mask or dk.ExpertMask(), backend):
+        return output_of(model, ids, attention)
+
+
+@pytest.mark.parametrize("device,backend,dtype", backend_cases(with_dtype=True))
+@pytest.mark.parametrize("name", ["bert", "roberta", "llama", "qwen2"])
+def test_mixed_batch_equals_each_sequence_alone(name, device, backend, dtype):
+    model = build(name, dtype).to(device)
+    before = snapshot(model)
+    cases = 1 if backend == "triton" else 3
+    for case in range(cases):
+        masks = expert_masks(model, 1 + (case * 5 + 2) % 6, seed=case)
+        rows = assignment(masks, 7, seed=case)
+        ids, attention = inputs(name, batch=7, seed=case, device=device)
+        with torch.no_grad():
+            with dk.mixed(model, rows, backend):
+                got = output_of(model, ids, attention)
+            for b, mask in enumerate(rows):
+                ref = alone(model, mask, ids[b:b + 1], attention[b:b + 1], backend)
+                assert_close(got[b:b + 1], ref.double(), what=f"{name} case {case} row {b}")
+    assert not dk.is_patched(model)
+    assert state_dict_equal(snapshot(model), before)
+
+
+@pytest.mark.parametrize("name", CAUSAL)
+def test_mixed_generation_equals_each_sequence_generated_alone(name):
+    model = build(name)
+    masks = expert_masks(model, 4, seed=3)
+    rows = [masks[0], masks[1], masks[1], masks[2], masks[3], masks[0]]
+    ids, attention = inputs(name, batch=len(rows), seed=4)
+    options = dict(max_new_tokens=7, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        with dk.mixed(model, rows):
+            together = model.generate(input_ids=ids, attention_mask=attention, **options)
+        for b, mask in enumerate(rows):
+            real = attention[b].bool()
+            with dk.plugged(model, mask or dk.ExpertMask()):
+                single = model.generate(input_ids=ids[b:b + 1, real], **options)
+            assert together[b, (~real).sum():].tolist() == single[0].tolist(), f"row {b}"
+
+
+def test_a_patched_model_gets_its_expert_back():
+    model = build("llama")
+    mask = dk.ExpertMask.random(model, 0.4, 0.5, seed=7)
+    ids, attention = inputs("llama", batch=3)
+    with torch.no_grad():
+        dk.patch(model, mask, backend="torch")
+        expected = output_of(model, ids, attention)
+        with dk.mixed(model, expert_masks(model, 3, seed=1)):
+            pass
+        assert dk.current_mask(model) is mask
+        assert torch.equal(output_of(model, ids, attention), expected)
+    dk.unpatch(model)
+
+
+def test_bad_input_is_refused_and_changes_nothing():
+    model = build("bert")
+    other = build("llama")
+    before = snapshot(model)
+    ids, attention = inputs("bert", batch=3)
+    with pytest.raises(ValueError, match="4 sequences, but doe_kernels.mixed was given 3 masks"):
+        with torch.no_grad(), dk.mixed(model, [None] * 3):
+            output_of(model, *inputs("bert", batch=4))
+    with pytest.raises(ValueError):  # a mask of another model
+        with dk.mixed(model, [None, dk.ExpertMask.random(other, 0.5, 0.5)]):
+            pytest.fail("the body must not run")
+    with pytest.raises(TypeError, match="masks\\[1\\]"):
+        with dk.mixed(model, [None, "task"]):
+            pytest.fail("the body must not run")
+    with pytest.raises(ValueError, match="empty"):
+        with dk.mixed(model, []):
+            pytest.fail("the body must not run")
+    with pytest.raises(RuntimeError, match="nest"):
+        with dk.mixed(model, [None]), dk.mixed(model, [None]):
+            pytest.fail("the body must not run")
+    assert not dk.is_patched(model)
+    assert state_dict_equal(snapshot(model), before)
+    with pytest.raises(dk.UnsupportedModelError, match="mixture-of-experts"):
+        with dk.mixed(mixtral(), [None]):
+            pytest.fail("the body must not run")
+
+
+# ---- whole experts ----------------------------------------------------------------------------
+def classifier_experts(model):
+    """Sequence-classification experts with different prompt lengths and label counts."""
+    experts = [seq_cls_expert(model, rate=rate, seed=i, virtual=virtual)
+               for i, (rate, virtual) in enumerate([(0.3, 3), (0.6, 5), (0.9, 2)])]
+    gen = torch.Generator().manual_seed(9)
+    hidden = model.config.hidden_size
+    experts.append(Expert(
+        dk.ExpertMask.random(model, 0.5, 0.5, seed=9), torch.randn(4, hidden, generator=gen),
+        "seq_cls", ["a", "b", "c"], sizes=model_sizes(model),
+        head={"classifier.weight": torch.randn(3, hidden, generator=gen),
+              "classifier.bias": torch.randn(3, generator=gen)}))
+    return experts
+
+
+def causal_experts(model, tokenizer):
+    words = [" positive", " negative"]
+    ids = label_token_ids(tokenizer, words)
+    return [Expert(dk.ExpertMask.random(model, 0.5, 0.5, seed=s), torch.randn(s + 2, 32),
+                   "causal_lm", ["positive", "negative"], label_words=words, label_token_ids=ids,
+                   template="{text} Mood:" if s else None, sizes=model_sizes(model))
+            for s in range(3)]
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_mixed_logits_equal_each_request_alone(family, tokenizer):
+    model = tiny_bert() if family == "bert" else tiny_llama()
+    experts = (classifier_experts(model) if family == "bert"
+               else causal_experts(model, tokenizer))
+    before = snapshot(model)
+    rng = random.Random(0)
+    requests = [(rng.choice(experts), text) for text in TEXTS * 2]
+    got = dk.mixed_logits(model, tokenizer, requests, batch_size=5)
+    for (expert, text), row in zip(requests, got):
+        torch.testing.assert_close(row, expert.predict_logits(model, tokenizer, [text])[0],
+                                   atol=1e-5, rtol=1e-5)
+        assert row.shape == (len(expert.label_names),)
+    assert not dk.is_patched(model) and state_dict_equal(snapshot(model), before)
+    assert dk.mixed_logits(model, tokenizer, []) == []
+
+
+def test_mixed_logits_refuses_bad_requests(tokenizer):
+    model = tiny_bert()
+    experts = classifier_experts(model)
+    llama_expert = causal_experts(tiny_llama(), tokenizer)[0]
+    before = snapshot(model)
+    for requests, error, match in [
+            ([(experts[0], "fine"), (llama_expert, "fine")], ValueError, "made for a model"),
+            ([(experts[0], "fine"), ("task", "fine")], TypeError, "request 1"),
+            ([(experts[0], 3)], TypeError, "request 0"),
+            ([experts[0]], ValueError, "request 0")]:
+        with pytest.raises(error, match=match):
+            dk.mixed_logits(model, tokenizer, requests)
+    assert not dk.is_patched(model) and state_dict_equal(snapshot(model), before)
