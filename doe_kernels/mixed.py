@@ -9,7 +9,8 @@ keep-everything mask) and unpatched after; a patched one gets its expert back.
 
 `mixed_logits(model, tokenizer, requests)` does the same for whole experts: each request
 `(expert, text)` gets its expert's soft prompt, classifier head (or label words) and mask, and
-its label logits come back in request order, in as few forward passes as `batch_size` allows.
+its label logits come back in request order. Requests of similar length share a forward pass
+(up to `batch_size`, whatever their experts; padding is held to MAX_PADDING of the real tokens).
 Experts with different label counts may share a batch.
 """
 import contextlib
@@ -120,8 +121,8 @@ def _as_requests(requests) -> tuple[list[Expert], list[str]]:
 def mixed_logits(model, tokenizer, requests, batch_size: int = 32,
                  backend: str = "auto") -> list[torch.Tensor]:
     """The label logits (a float32 CPU vector over the expert's labels) of each `(expert, text)`
-    request, in order. Requests are grouped by expert and served `batch_size` at a time, one
-    forward pass per batch whatever its experts. Every request is checked first."""
+    request, in order. Requests of similar length are served together, up to `batch_size` in
+    one forward pass whatever their experts (`_batches`). Every request is checked first."""
     experts, texts = _as_requests(requests)
     if not experts:
         return []
@@ -129,19 +130,41 @@ def mixed_logits(model, tokenizer, requests, batch_size: int = 32,
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     for expert in {id(e): e for e in experts}.values():
         expert.check_fits(model)  # also: its task type is the model's
-    rank = {}
-    for expert in experts:
-        rank.setdefault(id(expert), len(rank))
-    order = sorted(range(len(experts)), key=lambda i: (rank[id(experts[i])], i))
     out = [None] * len(experts)
     with torch.no_grad():
-        for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
+        for chunk in _batches(experts, texts, tokenizer, batch_size):
             rows = _forward(model, tokenizer, [experts[i] for i in chunk],
                             [texts[i] for i in chunk], backend)
             for i, row in zip(chunk, rows):
                 out[i] = row
     return out
+
+
+# the padding a batch may hold, as a fraction of its real tokens, before a longer request starts
+# another forward pass (each pass costs its padded tokens: on the CPU, about linearly)
+MAX_PADDING = 0.25
+
+
+def _batches(experts: list[Expert], texts: list[str], tokenizer, batch_size: int):
+    """Request indices of each forward pass: the requests in order of length, a batch ending when
+    it holds `batch_size` or when padding to the next request's length would pass MAX_PADDING;
+    within a batch, the requests grouped by expert (few segments)."""
+    counts = [len(ids) for ids in tokenizer(texts)["input_ids"]]
+    lengths = [min(n, e.max_length) + e.num_virtual_tokens for n, e in zip(counts, experts)]
+    rank = {}
+    for expert in experts:
+        rank.setdefault(id(expert), len(rank))
+    batches, current, tokens = [], [], 0
+    for i in sorted(range(len(texts)), key=lambda i: lengths[i]):
+        padded = lengths[i] * (len(current) + 1)  # the longest so far: sorted by length
+        if current and (len(current) == batch_size
+                        or padded > (1 + MAX_PADDING) * (tokens + lengths[i])):
+            batches.append(current)
+            current, tokens = [], 0
+        current.append(i)
+        tokens += lengths[i]
+    batches.append(current)
+    return [sorted(batch, key=lambda i: (rank[id(experts[i])], i)) for batch in batches]
 
 
 def _forward(model, tokenizer, experts: list[Expert], texts: list[str], backend: str):

@@ -43,17 +43,26 @@ class LayerSegments:
     def __init__(self, bounds: list[int], plans: list[SegmentPlan], intermediate_size: int):
         self.bounds, self.plans = list(bounds), list(plans)
         device = plans[0].selection.kept_heads.device
+        # the FFN's segments: neighbours on the same neurons and scales merged
+        self.ffn_bounds, ffn_plans = [self.bounds[0]], []
+        for plan, end in zip(plans, self.bounds[1:]):
+            if ffn_plans and plan.kept is ffn_plans[-1].kept and \
+                    plan.ffn_scales is ffn_plans[-1].ffn_scales:
+                self.ffn_bounds[-1] = end
+            else:
+                ffn_plans.append(plan)
+                self.ffn_bounds.append(end)
         lists = [torch.arange(intermediate_size, device=device) if p.kept is None else p.kept
-                 for p in plans]
+                 for p in ffn_plans]
         self.kept_offsets = torch.tensor([0] + [k.numel() for k in lists],
                                          device=device).cumsum(0)
         self.kept = torch.cat(lists)
         self.ffn_scales = None
-        if any(p.ffn_scales is not None for p in plans):
+        if any(p.ffn_scales is not None for p in ffn_plans):
             self.ffn_scales = torch.cat([
                 p.ffn_scales if p.ffn_scales is not None else
-                torch.ones(k.numel(), device=device, dtype=_dtype(plans)) for p, k in
-                zip(plans, lists)])
+                torch.ones(k.numel(), device=device, dtype=_dtype(ffn_plans)) for p, k in
+                zip(ffn_plans, lists)])
         self.ffn_delta = self._per_sequence([p.ffn_delta for p in plans])
         self._row_segments: dict[int, torch.Tensor] = {}
 
@@ -66,16 +75,29 @@ class LayerSegments:
         return [(b0, b1, plan) for b0, b1, plan in zip(self.bounds, self.bounds[1:], self.plans)
                 if b1 > b0]
 
+    def attention_spans(self):
+        """`spans` with neighbours that compute attention alike (the same heads, no attention
+        reconstruction) merged: experts that keep every head run attention as one batch."""
+        merged = []
+        for b0, b1, plan in self.spans():
+            if merged and _same_attention(merged[-1][2], plan):
+                merged[-1] = (merged[-1][0], b1, merged[-1][2])
+            else:
+                merged.append((b0, b1, plan))
+        return merged
+
     def check_batch(self, batch: int) -> None:
         if batch != self.batch:
             raise ValueError(f"the batch has {batch} sequences, but doe_kernels.mixed was given "
                              f"{self.batch} masks (one per sequence)")
 
     def row_segments(self, batch: int, tokens: int) -> torch.Tensor:
-        """Segment offsets over the rows of the batch flattened to (batch * tokens, hidden)."""
+        """The FFN's segment offsets over the rows of the batch flattened to (batch * tokens,
+        hidden)."""
         self.check_batch(batch)
         if tokens not in self._row_segments:
-            self._row_segments[tokens] = torch.tensor(self.bounds, device=self.kept.device) * tokens
+            self._row_segments[tokens] = torch.tensor(self.ffn_bounds,
+                                                      device=self.kept.device) * tokens
         return self._row_segments[tokens]
 
     def _per_sequence(self, deltas):
@@ -88,6 +110,12 @@ class LayerSegments:
         counts = torch.tensor([b1 - b0 for b0, b1 in zip(self.bounds, self.bounds[1:])],
                               device=like.device)
         return stacked.repeat_interleave(counts, dim=0).unsqueeze(1)
+
+
+def _same_attention(a: SegmentPlan, b: SegmentPlan) -> bool:
+    if any(p.attn_delta is not None or p.head_col_scales is not None for p in (a, b)):
+        return False
+    return a.selection is b.selection or (a.selection.is_full and b.selection.is_full)
 
 
 def _dtype(plans) -> torch.dtype:
@@ -143,8 +171,9 @@ def attention_forward(segments: LayerSegments, hidden, weights: dict, o_weight_t
     no `attention_mask` is given."""
     batch = hidden.shape[0]
     segments.check_batch(batch)
+    spans = segments.attention_spans()
     projected = []
-    for b0, b1, plan in segments.spans():
+    for b0, b1, plan in spans:
         selection = plan.selection
         if selection.num_kept == 0:
             projected.append(None)
@@ -154,9 +183,9 @@ def attention_forward(segments: LayerSegments, hidden, weights: dict, o_weight_t
             q, k = rotary(q, k, b0, b1)
         projected.append((q, k, v))
     if cache_update is not None:
-        keys, values = cache_update(*_full_kv(segments, projected, hidden))
+        keys, values = cache_update(*_full_kv(spans, projected, hidden))
     out = []
-    for (b0, b1, plan), qkv in zip(segments.spans(), projected):
+    for (b0, b1, plan), qkv in zip(spans, projected):
         if qkv is None:
             part = hidden.new_zeros(b1 - b0, hidden.shape[1], o_weight_t.shape[1])
             part = part if o_bias is None else part + o_bias
@@ -175,13 +204,13 @@ def attention_forward(segments: LayerSegments, hidden, weights: dict, o_weight_t
     return torch.cat(out)
 
 
-def _full_kv(segments: LayerSegments, projected, hidden):
-    """(keys, values) of the batch with every KV head: each segment's computed heads in place,
+def _full_kv(spans, projected, hidden):
+    """(keys, values) of the batch with every KV head: each span's computed heads in place,
     zeros in the heads it does not keep."""
-    spec = segments.plans[0].selection
+    spec = spans[0][2].selection
     shape = (hidden.shape[0], spec.num_kv_heads, hidden.shape[1], spec.head_dim)
     keys, values = hidden.new_zeros(shape), hidden.new_zeros(shape)
-    for (b0, b1, plan), qkv in zip(segments.spans(), projected):
+    for (b0, b1, plan), qkv in zip(spans, projected):
         if qkv is not None:
             heads = plan.selection.kept_kv_heads
             keys[b0:b1, heads] = qkv[1]

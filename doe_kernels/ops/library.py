@@ -10,8 +10,10 @@ whose indices were checked once when the mask was plugged, call these directly; 
 skip the dispatcher too (`_direct`).
 """
 import torch
+import torch.nn.functional as F
 
 from doe_kernels import backends
+from doe_kernels.activations import apply_activation
 
 LIB = "doe_kernels"
 DEVICES = ("cpu", "cuda")
@@ -111,6 +113,10 @@ def _gather_ffn(
 ) -> torch.Tensor:
     if kept.numel() == 0 or x.shape[:-1].numel() == 0:
         return _zeros_plus_bias(x, w_out_t.shape[1], b_out)
+    if kept.numel() == w_in.shape[0]:  # every neuron (sorted unique: in order)
+        hidden = apply_activation(F.linear(x, w_in, b_in), activation)
+        out = torch.matmul(hidden if scales is None else hidden * scales, w_out_t)
+        return out if b_out is None else out + b_out
     module, x2d = _run(x, backend)
     w_in, b_in, w_out_t, b_out, scales = _contiguous(w_in, b_in, w_out_t, b_out, scales)
     hidden = module.gather_rows_linear(x2d, w_in, b_in, kept, activation)
@@ -132,6 +138,9 @@ def _gather_swiglu_ffn(
 ) -> torch.Tensor:
     if kept.numel() == 0 or x.shape[:-1].numel() == 0:
         return _zeros_plus_bias(x, w_down_t.shape[1], None)
+    if kept.numel() == w_gate.shape[0]:  # every neuron (sorted unique: in order)
+        hidden = F.silu(F.linear(x, w_gate)) * F.linear(x, w_up)
+        return torch.matmul(hidden if scales is None else hidden * scales, w_down_t)
     module, x2d = _run(x, backend)
     w_gate, w_up, w_down_t, scales = _contiguous(w_gate, w_up, w_down_t, scales)
     hidden = module.gather_swiglu(x2d, w_gate, w_up, kept)

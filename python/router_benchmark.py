@@ -1,0 +1,199 @@
+"""ExpertRouter under load: client threads each sending one request at a time to five tasks'
+experts, served by today's serial router against mixed-task batching.
+
+  * serial: `router.run(task, text)`, one request per forward pass, its expert plugged for it
+    (requests from other threads wait on the router's lock);
+  * mixed: `router.ask(task, text)`, the requests that arrive within the batch window served
+    together in one forward pass, each row on its own expert (doe_kernels.mixed).
+
+Task mixes: uniform (each task a fifth of the requests) and skewed (one task 60%, the others 10%
+each). Per mix and router: requests per second over all clients, and the median and 99th
+percentile of a request's latency.
+
+    python python/router_benchmark.py --model minilm --experts EXPERTS/minilm \
+        --out benchmarks/results/router_cpu
+    python python/router_benchmark.py --model smollm2 --out benchmarks/results/router_cpu
+
+--experts DIR takes the five experts an `unplug_and_play.py --out` run saved (DIR/<task>.safetensors);
+without it, stand-ins with the pruning rates and label counts of the committed five-task tables
+(random masks, soft prompts and heads: the speed depends only on their sizes). The request texts
+are the tasks' test texts (tasks.py). Writes OUT/router_<model>.json and a plot beside it, and
+prints the table.
+"""
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import threading
+import time
+
+import torch
+
+import doe_kernels as dk
+from doe_kernels.expert import Expert, label_token_ids, model_sizes
+from tasks import load_task
+from unplug_and_play import causal_lm_task, load_model
+
+TASKS = ("polarity", "rotten_tomatoes", "tweets", "newsgroups", "reuters8")
+# the pruning rates of the committed tables: MiniLM with localize's defaults, SmolLM2's v10 run
+STAND_IN_RATES = {"minilm": (0.197, 0.45, 0.591, 0.0, 0.0),
+                  "smollm2": (0.225, 0.225, 0.038, 0.112, 0.112)}
+MIXES = {"uniform": (0.2, 0.2, 0.2, 0.2, 0.2), "skewed": (0.6, 0.1, 0.1, 0.1, 0.1)}
+
+
+def stand_in(model, tokenizer, model_name: str, task: str, rate: float, names, seed: int):
+    """An expert of `task`'s shape: a random mask at `rate` (FFN neurons, every head kept), a
+    random 10-token prompt and, for a classifier, a random head over the task's labels."""
+    gen = torch.Generator().manual_seed(seed)
+    hidden = model.config.hidden_size
+    mask = dk.ExpertMask.random(model, ffn_keep=1 - rate, heads_keep=1.0, seed=seed)
+    prompt = 0.02 * torch.randn(10, hidden, generator=gen)
+    if model_name == "smollm2":
+        template, words = causal_lm_task(task, tokenizer, names)
+        return Expert(mask, prompt, "causal_lm", names, label_words=words,
+                      label_token_ids=label_token_ids(tokenizer, words), template=template,
+                      sizes=model_sizes(model), name=task, max_length=128)
+    head = {"classifier.weight": 0.02 * torch.randn(len(names), hidden, generator=gen),
+            "classifier.bias": torch.zeros(len(names))}
+    return Expert(mask, prompt, "seq_cls", names, head=head, sizes=model_sizes(model), name=task,
+                  max_length=128)
+
+
+def experts_and_texts(model, tokenizer, args) -> tuple[dict, dict]:
+    """({task: Expert}, {task: request texts})."""
+    experts, texts = {}, {}
+    for i, task in enumerate(TASKS):
+        test = load_task(task)["test"].sample(args.texts, seed=0)
+        texts[task] = test.texts
+        if args.experts:
+            experts[task] = Expert.load(os.path.join(args.experts, f"{task}.safetensors"))
+        else:
+            experts[task] = stand_in(model, tokenizer, args.model, task,
+                                     STAND_IN_RATES[args.model][i], test.label_names, seed=i)
+    return experts, texts
+
+
+def client_requests(mix, texts, count: int, seed: int) -> list[tuple[str, str]]:
+    rng = random.Random(seed)
+    tasks = rng.choices(TASKS, weights=mix, k=count)
+    return [(task, rng.choice(texts[task])) for task in tasks]
+
+
+def load(router, mode: str, mix, texts, args) -> dict:
+    """Run the clients; requests per second and latency percentiles (ms)."""
+    call = router.run if mode == "serial" else router.ask
+    plans = [client_requests(mix, texts, args.requests, seed=c) for c in range(args.clients)]
+    latencies, errors = [], []
+    start_line = threading.Barrier(args.clients + 1)
+
+    def client(plan):
+        start_line.wait()
+        try:
+            for task, text in plan:
+                begun = time.perf_counter()
+                call(task, text)
+                latencies.append(time.perf_counter() - begun)
+        except Exception as error:  # reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=client, args=(plan,)) for plan in plans]
+    for thread in threads:
+        thread.start()
+    start_line.wait()
+    begun = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    seconds = time.perf_counter() - begun
+    if errors:
+        raise errors[0]
+    latencies.sort()
+    percentile = lambda q: 1e3 * latencies[min(len(latencies) - 1, int(q * len(latencies)))]  # noqa
+    return dict(requests=len(latencies), seconds=round(seconds, 3),
+                requests_per_s=round(len(latencies) / seconds, 2),
+                p50_ms=round(percentile(0.5), 1), p99_ms=round(percentile(0.99), 1),
+                mean_ms=round(1e3 * statistics.fmean(latencies), 1))
+
+
+def measure(model, tokenizer, experts, texts, args) -> list[dict]:
+    rows = []
+    for mix_name, mix in MIXES.items():
+        for mode in ("serial", "mixed"):
+            with dk.ExpertRouter(model, tokenizer, batch_size=args.clients,
+                                 batch_window=args.window) as router:
+                for task, expert in experts.items():
+                    router.add(task, expert)
+                batches, mixed = [], router._mixed
+                router._mixed = lambda requests: batches.append(len(requests)) or mixed(requests)
+                for task in TASKS:  # warm-up: one-off costs off the clock
+                    router.run(task, texts[task][0])
+                    router.ask(task, texts[task][0])
+                batches.clear()
+                row = dict(mix=mix_name, router=mode, **load(router, mode, mix, texts, args))
+                if mode == "mixed":
+                    row["mean_batch"] = round(statistics.fmean(batches), 2)
+            rows.append(row)
+            print(row, flush=True)
+    return rows
+
+
+def plot(rows, path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    mixes = list(MIXES)
+    for ax, key, label in ((axes[0], "requests_per_s", "requests / s"),
+                           (axes[1], "p99_ms", "p99 latency (ms)")):
+        for offset, mode in ((-0.2, "serial"), (0.2, "mixed")):
+            values = [next(r[key] for r in rows if r["mix"] == m and r["router"] == mode)
+                      for m in mixes]
+            ax.bar([i + offset for i in range(len(mixes))], values, width=0.4, label=mode)
+        ax.set_xticks(range(len(mixes)), mixes)
+        ax.set_ylabel(label)
+    axes[0].legend()
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="minilm", choices=("minilm", "smollm2"))
+    parser.add_argument("--experts", default=None, help="folder of the five tasks' experts")
+    parser.add_argument("--clients", type=int, default=8, help="client threads")
+    parser.add_argument("--requests", type=int, default=25, help="requests per client")
+    parser.add_argument("--texts", type=int, default=200, help="test texts drawn per task")
+    parser.add_argument("--window", type=float, default=0.005, help="batch window (seconds)")
+    parser.add_argument("--out", default=None, help="folder for the results file and plot")
+    args = parser.parse_args()
+    model, tokenizer = load_model(args.model, num_labels=2)
+    experts, texts = experts_and_texts(model, tokenizer, args)
+    rows = measure(model, tokenizer, experts, texts, args)
+    for mix in MIXES:
+        serial, mixed = (next(r for r in rows if r["mix"] == mix and r["router"] == m)
+                         for m in ("serial", "mixed"))
+        print(f"{mix}: mixed {mixed['requests_per_s'] / serial['requests_per_s']:.2f}x the "
+              f"serial router's requests/s; p99 {serial['p99_ms']} -> {mixed['p99_ms']} ms")
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        rates = {t: e.figures.get("pruning_rate", e.mask.summary()["ffn_pruning_rate"])
+                 for t, e in experts.items()}
+        result = dict(model=args.model, experts=args.experts or "stand-ins",
+                      pruning_rates=rates, cpu=platform.processor() or platform.machine(),
+                      threads=torch.get_num_threads(), torch=torch.__version__,
+                      args=vars(args), rows=rows)
+        path = os.path.join(args.out, f"router_{args.model}.json")
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
+        plot(rows, path.replace(".json", ".png"),
+             f"ExpertRouter, {args.model}, {args.clients} clients, {torch.get_num_threads()} "
+             "threads")
+        print(path)
+
+
+if __name__ == "__main__":
+    main()
