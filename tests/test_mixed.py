@@ -66,16 +66,24 @@ def test_mixed_batch_equals_each_sequence_alone(name, device, backend, dtype):
     assert state_dict_equal(snapshot(model), before)
 
 
+@pytest.mark.parametrize("layout", ["shared", "one-each"])
 @pytest.mark.parametrize("name", CAUSAL)
-def test_mixed_generation_equals_each_sequence_generated_alone(name):
+def test_mixed_generation_equals_each_sequence_generated_alone(name, layout, monkeypatch):
     model = build(name)
     masks = expert_masks(model, 4, seed=3)
-    rows = [masks[0], masks[1], masks[1], masks[2], masks[3], masks[0]]
+    # one sequence per expert: decoding takes the union of the experts' neurons
+    rows = ([masks[0], masks[1], masks[1], masks[2], masks[3], masks[0]] if layout == "shared"
+            else [masks[1], masks[2], masks[0], masks[3]])
     ids, attention = inputs(name, batch=len(rows), seed=4)
     options = dict(max_new_tokens=7, do_sample=False, pad_token_id=0)
+    unions = []
+    union_ffn = dk.ops.library.union_gather_swiglu_ffn
+    monkeypatch.setattr(dk.ops.library, "union_gather_swiglu_ffn",
+                        lambda *args: unions.append(1) or union_ffn(*args))
     with torch.no_grad():
         with dk.mixed(model, rows):
             together = model.generate(input_ids=ids, attention_mask=attention, **options)
+        assert bool(unions) == (layout == "one-each")
         for b, mask in enumerate(rows):
             real = attention[b].bool()
             with dk.plugged(model, mask or dk.ExpertMask()):

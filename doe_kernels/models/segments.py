@@ -65,6 +65,7 @@ class LayerSegments:
                 zip(ffn_plans, lists)])
         self.ffn_delta = self._per_sequence([p.ffn_delta for p in plans])
         self._row_segments: dict[int, torch.Tensor] = {}
+        self._unions: dict = {}
 
     @property
     def batch(self) -> int:
@@ -99,6 +100,17 @@ class LayerSegments:
             self._row_segments[tokens] = torch.tensor(self.ffn_bounds,
                                                       device=self.kept.device) * tokens
         return self._row_segments[tokens]
+
+    def union(self, x2d: torch.Tensor, batch: int, tokens: int):
+        """The FFN's union plan (library.union_plan: (union, row_mask), or None to run per
+        segment) for a batch of `tokens` tokens per sequence, computed once per token count:
+        each decoding step of a generation reuses it."""
+        key = (tokens, x2d.dtype)
+        if key not in self._unions:
+            self._unions[key] = library.union_plan(
+                x2d, self.row_segments(batch, tokens), self.kept, self.kept_offsets,
+                self.ffn_scales)
+        return self._unions[key]
 
     def _per_sequence(self, deltas):
         """(batch, 1, hidden): each sequence's segment's delta (zeros where it has none), or None
@@ -135,9 +147,13 @@ def _flat(x: torch.Tensor):
 def swiglu_forward(segments: LayerSegments, x, w_gate, w_up, w_down_t, backend: str):
     """A LLaMA-style MLP over a mixed batch: each segment on its expert's neurons."""
     x2d, batch, tokens = _flat(x)
-    out = library.segmented_gather_swiglu_ffn(
-        x2d, w_gate, w_up, w_down_t, segments.row_segments(batch, tokens), segments.kept,
-        segments.kept_offsets, backend, segments.ffn_scales)
+    union = segments.union(x2d, batch, tokens)
+    if union is not None:
+        out = library.union_gather_swiglu_ffn(x2d, w_gate, w_up, w_down_t, *union, backend)
+    else:
+        out = library.segmented_gather_swiglu_ffn(
+            x2d, w_gate, w_up, w_down_t, segments.row_segments(batch, tokens), segments.kept,
+            segments.kept_offsets, backend, segments.ffn_scales, strategy="segments")
     return _add(out.view(*x.shape[:-1], -1), _matching(segments.ffn_delta, x))
 
 
@@ -145,9 +161,14 @@ def ffn_forward(segments: LayerSegments, x, w_in, b_in, activation: str, w_out_t
                 backend: str):
     """A BERT FFN (up projection, activation, down projection) over a mixed batch."""
     x2d, batch, tokens = _flat(x)
-    out = library.segmented_gather_ffn(
-        x2d, w_in, b_in, w_out_t, b_out, segments.row_segments(batch, tokens), segments.kept,
-        segments.kept_offsets, activation, backend, segments.ffn_scales)
+    union = segments.union(x2d, batch, tokens)
+    if union is not None:
+        out = library.union_gather_ffn(x2d, w_in, b_in, w_out_t, b_out, *union, activation,
+                                       backend)
+    else:
+        out = library.segmented_gather_ffn(
+            x2d, w_in, b_in, w_out_t, b_out, segments.row_segments(batch, tokens), segments.kept,
+            segments.kept_offsets, activation, backend, segments.ffn_scales, strategy="segments")
     return _add(out.view(*x.shape[:-1], -1), _matching(segments.ffn_delta, x))
 
 
@@ -192,8 +213,10 @@ def attention_forward(segments: LayerSegments, hidden, weights: dict, o_weight_t
         else:
             q, k, v = qkv
             if cache_update is not None:
-                heads = plan.selection.kept_kv_heads
-                k, v = keys[b0:b1].index_select(1, heads), values[b0:b1].index_select(1, heads)
+                k, v = keys[b0:b1], values[b0:b1]
+                if not plan.selection.is_full:
+                    heads = plan.selection.kept_kv_heads
+                    k, v = k.index_select(1, heads), v.index_select(1, heads)
             mask = rows_of(attention_mask, b0, b1)
             part = attend(q, k, v, plan.selection, mask,
                           is_causal=is_causal and mask is None and q.shape[2] > 1, scale=scale,
@@ -208,6 +231,8 @@ def _full_kv(spans, projected, hidden):
     """(keys, values) of the batch with every KV head: each span's computed heads in place,
     zeros in the heads it does not keep."""
     spec = spans[0][2].selection
+    if len(spans) == 1 and spec.is_full and projected[0] is not None:  # one span, every head
+        return projected[0][1], projected[0][2]
     shape = (hidden.shape[0], spec.num_kv_heads, hidden.shape[1], spec.head_dim)
     keys, values = hidden.new_zeros(shape), hidden.new_zeros(shape)
     for (b0, b1, plan), qkv in zip(spans, projected):

@@ -220,19 +220,27 @@ def _choose_strategy(strategy: str, bounds, kept: torch.Tensor):
 UNION_MAX_ROWS = 1
 
 
+def union_plan(x, segments, kept, kept_offsets, scales=None, strategy: str = "auto"):
+    """(union, row_mask) when `strategy` takes the union for these segments (`_choose_strategy`),
+    else None: what the union path of a segmented op computes before its gathers (a model serving
+    one batch composition over many decoding steps computes it once)."""
+    chosen, union = _choose_strategy(strategy, _segment_bounds(segments, kept_offsets), kept)
+    if chosen != "union":
+        return None
+    return union, _union_row_mask(x, union, segments, kept, kept_offsets, scales)
+
+
 def _segmented(x, out_features, segments, kept, kept_offsets, scales, strategy, run_segment,
                run_union):
     """The output of a segmented op (x 2-D): per segment, `run_segment(rows, kept, scales)` (the
     single-expert op on it), or for all rows at once `run_union(x, union, row_mask)`, the union
     of the kept lists gathered once and each row's hidden activations multiplied by its segment's
     0/1 (or scale) mask over the union."""
-    bounds = _segment_bounds(segments, kept_offsets)
-    chosen, union = _choose_strategy(strategy, bounds, kept)
-    if chosen == "union":
-        return run_union(x, union, _union_row_mask(x, union, segments, kept, kept_offsets,
-                                                   scales))
+    plan = union_plan(x, segments, kept, kept_offsets, scales, strategy)
+    if plan is not None:
+        return run_union(x, *plan)
     out = x.new_empty(x.shape[0], out_features)
-    for r0, r1, k0, k1 in bounds:
+    for r0, r1, k0, k1 in _segment_bounds(segments, kept_offsets):
         out[r0:r1] = run_segment(x[r0:r1], kept[k0:k1], None if scales is None else scales[k0:k1])
     return out
 
@@ -259,15 +267,21 @@ def _segmented_gather_ffn(
     kept_offsets: torch.Tensor, activation: str, backend: str,
     scales: torch.Tensor | None = None, strategy: str = "auto",
 ) -> torch.Tensor:
-    def union_ffn(x, union, row_mask):
-        module, x2d = _run(x, backend)
-        w_in_, b_in_, w_out_t_, b_out_ = _contiguous(w_in, b_in, w_out_t, b_out)
-        hidden = module.gather_rows_linear(x2d, w_in_, b_in_, union, activation) * row_mask
-        return module.gather_cols_linear(hidden, w_out_t_, b_out_, union, None)
-
     return _segmented(x, w_out_t.shape[1], segments, kept, kept_offsets, scales, strategy,
                       lambda rows, k, s: _gather_ffn(rows, w_in, b_in, w_out_t, b_out, k,
-                                                     activation, backend, s), union_ffn)
+                                                     activation, backend, s),
+                      lambda x, union, row_mask: union_gather_ffn(
+                          x, w_in, b_in, w_out_t, b_out, union, row_mask, activation, backend))
+
+
+def union_gather_ffn(x, w_in, b_in, w_out_t, b_out, union, row_mask, activation: str,
+                     backend: str):
+    """The union path of segmented_gather_ffn (x 2-D): the union's rows gathered once, each row's
+    hidden activations multiplied by its row of `row_mask`."""
+    module, x2d = _run(x, backend)
+    w_in, b_in, w_out_t, b_out = _contiguous(w_in, b_in, w_out_t, b_out)
+    hidden = module.gather_rows_linear(x2d, w_in, b_in, union, activation) * row_mask
+    return module.gather_cols_linear(hidden, w_out_t, b_out, union, None)
 
 
 _segmented_gather_ffn_op = _register("segmented_gather_ffn", _segmented_gather_ffn)
@@ -284,15 +298,19 @@ def _segmented_gather_swiglu_ffn(
     segments: torch.Tensor, kept: torch.Tensor, kept_offsets: torch.Tensor, backend: str,
     scales: torch.Tensor | None = None, strategy: str = "auto",
 ) -> torch.Tensor:
-    def union_ffn(x, union, row_mask):
-        module, x2d = _run(x, backend)
-        w_gate_, w_up_, w_down_t_ = _contiguous(w_gate, w_up, w_down_t)
-        hidden = module.gather_swiglu(x2d, w_gate_, w_up_, union) * row_mask
-        return module.gather_cols_linear(hidden, w_down_t_, None, union, None)
-
     return _segmented(x, w_down_t.shape[1], segments, kept, kept_offsets, scales, strategy,
                       lambda rows, k, s: _gather_swiglu_ffn(rows, w_gate, w_up, w_down_t, k,
-                                                            backend, s), union_ffn)
+                                                            backend, s),
+                      lambda x, union, row_mask: union_gather_swiglu_ffn(
+                          x, w_gate, w_up, w_down_t, union, row_mask, backend))
+
+
+def union_gather_swiglu_ffn(x, w_gate, w_up, w_down_t, union, row_mask, backend: str):
+    """The union path of segmented_gather_swiglu_ffn (union_gather_ffn's, for SwiGLU)."""
+    module, x2d = _run(x, backend)
+    w_gate, w_up, w_down_t = _contiguous(w_gate, w_up, w_down_t)
+    hidden = module.gather_swiglu(x2d, w_gate, w_up, union) * row_mask
+    return module.gather_cols_linear(hidden, w_down_t, None, union, None)
 
 
 _segmented_gather_swiglu_ffn_op = _register("segmented_gather_swiglu_ffn",
