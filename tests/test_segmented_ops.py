@@ -162,3 +162,39 @@ def test_auto_picks_the_union_for_one_row_per_segment_and_shared_rows():
     assert _choose_strategy("auto", bounds[:1], kept)[0] == "segments"  # nothing shared
     assert _choose_strategy("union", bounds[:1], kept)[0] == "union"
     assert _choose_strategy("union", [], kept) == ("segments", None)  # no rows at all
+
+
+@pytest.mark.triton_interp
+@pytest.mark.skipif("triton" not in dk.available_backends("cpu"), reason="no Triton interpreter")
+def test_triton_runs_every_segment_in_one_launch_over_many_tiles(monkeypatch):
+    """The segmented kernels (a grid axis over segments), with 16-wide blocks so that segments
+    span several tiles of rows and of kept neurons, and some tiles lie past a small segment."""
+    from doe_kernels.backends import triton as triton_backend
+
+    kernels = triton_backend._kernels()
+    monkeypatch.setattr(kernels, "interpreter_blocks",
+                        lambda M, N, K: {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16,
+                                         "GROUP_M": 2})
+    calls = []
+    fused = triton_backend.segmented_ffn
+    monkeypatch.setattr(triton_backend, "segmented_ffn",
+                        lambda *args: calls.append(len(args[4])) or fused(*args))
+    gen = torch.Generator().manual_seed(7)
+    w = _weights(torch.float32, "cpu", gen)
+    rows = [35, 3, 0, 20, 17]
+    lists = [torch.arange(INTERMEDIATE), torch.tensor([4]), torch.tensor([0, 1]),
+             torch.empty(0, dtype=torch.int64), torch.randperm(INTERMEDIATE, generator=gen)[:20]
+             .sort().values]
+    scales = [1 + 0.3 * torch.randn(len(k), generator=gen) for k in lists]
+    x = torch.randn(sum(rows), HIDDEN, generator=gen)
+    segments, kept, offsets, packed = dk.pack_segments(rows, lists, scales)
+    out = dk.segmented_gather_ffn(x, w["w_in"], w["b_in"], w["w_out_t"], w["b_out"], segments,
+                                  kept, offsets, "gelu", backend="triton", scales=packed,
+                                  strategy="segments")
+    assert_close(out, _per_segment(rows, lists, scales, x, lambda xs, k, s: ffn_ref(
+        xs, w["w_in"], w["b_in"], w["w_out_t"], w["b_out"], k, "gelu", s)), what="gelu FFN")
+    out = dk.segmented_gather_swiglu_ffn(x, w["w_in"], w["w_up"], w["w_out_t"], segments, kept,
+                                         offsets, backend="triton", strategy="segments")
+    assert_close(out, _per_segment(rows, lists, [None] * 5, x, lambda xs, k, s: swiglu_ffn_ref(
+        xs, w["w_in"], w["w_up"], w["w_out_t"], k)), what="SwiGLU FFN")
+    assert calls == [4, 4]  # one call each, over the four segments holding rows

@@ -231,16 +231,25 @@ def union_plan(x, segments, kept, kept_offsets, scales=None, strategy: str = "au
 
 
 def _segmented(x, out_features, segments, kept, kept_offsets, scales, strategy, run_segment,
-               run_union):
-    """The output of a segmented op (x 2-D): per segment, `run_segment(rows, kept, scales)` (the
-    single-expert op on it), or for all rows at once `run_union(x, union, row_mask)`, the union
-    of the kept lists gathered once and each row's hidden activations multiplied by its segment's
-    0/1 (or scale) mask over the union."""
+               run_union, backend: str, up: tuple, w_out_t, b_out):
+    """The output of a segmented op (x 2-D): for all rows at once `run_union(x, union,
+    row_mask)`, the union of the kept lists gathered once and each row's hidden activations
+    multiplied by its segment's 0/1 (or scale) mask over the union; else, on a backend with
+    segmented kernels (triton), one launch per projection over every segment; else per segment
+    `run_segment(rows, kept, scales)` (the single-expert op on it). `up`, `w_out_t`, `b_out`:
+    the projections, for the segmented kernels (see backends/triton.segmented_ffn)."""
     plan = union_plan(x, segments, kept, kept_offsets, scales, strategy)
     if plan is not None:
         return run_union(x, *plan)
+    bounds = _segment_bounds(segments, kept_offsets)
+    if bounds:
+        module, x2d = _run(x, backend)
+        if hasattr(module, "segmented_ffn"):
+            up = (up[0], *_contiguous(*up[1:3]), *up[3:])
+            w_out_t, b_out, kept, scales = _contiguous(w_out_t, b_out, kept, scales)
+            return module.segmented_ffn(x2d, up, w_out_t, b_out, bounds, kept, scales)
     out = x.new_empty(x.shape[0], out_features)
-    for r0, r1, k0, k1 in _segment_bounds(segments, kept_offsets):
+    for r0, r1, k0, k1 in bounds:
         out[r0:r1] = run_segment(x[r0:r1], kept[k0:k1], None if scales is None else scales[k0:k1])
     return out
 
@@ -271,7 +280,8 @@ def _segmented_gather_ffn(
                       lambda rows, k, s: _gather_ffn(rows, w_in, b_in, w_out_t, b_out, k,
                                                      activation, backend, s),
                       lambda x, union, row_mask: union_gather_ffn(
-                          x, w_in, b_in, w_out_t, b_out, union, row_mask, activation, backend))
+                          x, w_in, b_in, w_out_t, b_out, union, row_mask, activation, backend),
+                      backend, ("rows", w_in, b_in, activation), w_out_t, b_out)
 
 
 def union_gather_ffn(x, w_in, b_in, w_out_t, b_out, union, row_mask, activation: str,
@@ -302,7 +312,8 @@ def _segmented_gather_swiglu_ffn(
                       lambda rows, k, s: _gather_swiglu_ffn(rows, w_gate, w_up, w_down_t, k,
                                                             backend, s),
                       lambda x, union, row_mask: union_gather_swiglu_ffn(
-                          x, w_gate, w_up, w_down_t, union, row_mask, backend))
+                          x, w_gate, w_up, w_down_t, union, row_mask, backend),
+                      backend, ("swiglu", w_gate, w_up), w_down_t, None)
 
 
 def union_gather_swiglu_ffn(x, w_gate, w_up, w_down_t, union, row_mask, backend: str):

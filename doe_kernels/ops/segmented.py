@@ -15,8 +15,9 @@ Two ways to compute it, `strategy`:
    are read once, at the price of computing every row over the union (the decode regime);
  * "auto" (default): union where it reads fewer weight bytes and the segments hold at most
    library.UNION_MAX_ROWS rows on average (one: decoding).
-The segment and list boundaries are read on the host. Fused segmented kernels (one launch over
-segments x tiles) are not written yet.
+The segment and list boundaries are read on the host. Per segment, the triton backend runs every
+segment in one launch per projection (a grid axis over segments, programs past their segment's
+tiles storing nothing); the torch, cpu and cuda backends run one single-expert call per segment.
 """
 import torch
 

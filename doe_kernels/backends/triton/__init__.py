@@ -168,3 +168,62 @@ def gather_cols_linear(h, weight_t, bias, cols, scales):
             **meta,
         )
     return out.to(h.dtype)
+
+
+def _segment_table(bounds, device):
+    """(table, hidden size): per segment (first row, rows, first kept entry, kept count, offset of
+    its rows x kept hidden block), int64 on `device`, from library._segment_bounds' bounds."""
+    table, offset = [], 0
+    for r0, r1, k0, k1 in bounds:
+        table.append([r0, r1 - r0, k0, k1 - k0, offset])
+        offset += (r1 - r0) * (k1 - k0)
+    return torch.tensor(table, dtype=torch.int64, device=device), offset
+
+
+def _segment_grid(k, bounds, width=None):
+    """(grid, meta): axis 1 over segments, axis 0 over the largest segment's tiles."""
+    import triton
+
+    rows = max(r1 - r0 for r0, r1, _, _ in bounds)
+    cols = width or max(max(k1 - k0 for _, _, k0, k1 in bounds), 1)
+    meta = k.interpreter_blocks(rows, cols, cols) if k.INTERPRET else k.fixed_launch(rows)
+    tiles = triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(cols, meta["BLOCK_N"])
+    return (tiles, len(bounds)), meta
+
+
+def segmented_ffn(x, up, w_out_t, b_out, bounds, kept, scales):
+    """A segmented FFN in two launches, each with a grid axis over the segments (`bounds`: the
+    library's (first row, end row, first kept, end kept) of each segment with rows): the up
+    projection of every segment into one packed hidden buffer, then every segment's down
+    projection. `up`: ("rows", w_in, b_in, activation) or ("swiglu", w_gate, w_up)."""
+    k = _kernels()
+    M, K = x.shape
+    N = w_out_t.shape[1]
+    table, hidden_size = _segment_table(bounds, x.device)
+    hidden = torch.empty(max(hidden_size, 1), device=x.device, dtype=_out_dtype(k, x.dtype))
+    out = torch.empty((M, N), device=x.device, dtype=_out_dtype(k, x.dtype))
+    f32 = x.dtype == torch.float32 or k.INTERPRET
+    grid, meta = _segment_grid(k, bounds)
+    with _device_guard(x):
+        if up[0] == "rows":
+            _, w_in, b_in, activation = up
+            check_activation(activation)
+            k.segmented_rows_linear_kernel[grid](
+                x, w_in, b_in if b_in is not None else x, kept, hidden, table,
+                K, w_in.shape[0], x.stride(0), w_in.stride(0),
+                HAS_BIAS=b_in is not None, ACTIVATION=ACTIVATION_CODES[activation],
+                F32_DOT=f32, **meta)
+        else:
+            _, w_gate, w_up = up
+            k.segmented_swiglu_kernel[grid](
+                x, w_gate, w_up, kept, hidden, table,
+                K, w_gate.shape[0], x.stride(0), w_gate.stride(0), w_up.stride(0),
+                F32_DOT=f32, **meta)
+        hidden = hidden.to(x.dtype)  # as the single-expert path stores it
+        grid, meta = _segment_grid(k, bounds, width=N)
+        k.segmented_cols_linear_kernel[grid](
+            hidden, w_out_t, b_out if b_out is not None else hidden, kept,
+            scales if scales is not None else hidden, out, table,
+            N, w_out_t.shape[0], w_out_t.stride(0), out.stride(0),
+            HAS_BIAS=b_out is not None, HAS_SCALES=scales is not None, F32_DOT=f32, **meta)
+    return out.to(x.dtype)

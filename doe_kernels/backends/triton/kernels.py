@@ -100,7 +100,12 @@ def _apply_activation(acc, ACTIVATION: tl.constexpr):
 @triton.jit
 def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """Grouped 1-D launch order: GROUP_M M-tiles sweep the N-tiles together (better L2 reuse)."""
-    pid = tl.program_id(0)
+    return _tile_ids_of(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+
+
+@triton.jit
+def _tile_ids_of(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """_tile_ids for program `pid` (< the tiles of M x N)."""
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     num_pid_in_group = GROUP_M * num_pid_n
@@ -125,6 +130,17 @@ def gather_rows_linear_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    _rows_linear_tile(x_ptr, w_ptr, b_ptr, rows_ptr, out_ptr, M, N, K, N_TOTAL, stride_xm,
+                      stride_wn, stride_om, pid_m, pid_n, HAS_BIAS, ACTIVATION, F32_DOT,
+                      BLOCK_M, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def _rows_linear_tile(
+    x_ptr, w_ptr, b_ptr, rows_ptr, out_ptr, M, N, K, N_TOTAL, stride_xm, stride_wn, stride_om,
+    pid_m, pid_n, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, F32_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -165,6 +181,17 @@ def gather_swiglu_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    _swiglu_tile(x_ptr, wg_ptr, wu_ptr, kept_ptr, out_ptr, M, N, K, N_TOTAL, stride_xm,
+                 stride_wgn, stride_wun, stride_om, pid_m, pid_n, F32_DOT, BLOCK_M, BLOCK_N,
+                 BLOCK_K)
+
+
+@triton.jit
+def _swiglu_tile(
+    x_ptr, wg_ptr, wu_ptr, kept_ptr, out_ptr, M, N, K, N_TOTAL, stride_xm, stride_wgn, stride_wun,
+    stride_om, pid_m, pid_n, F32_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -206,6 +233,17 @@ def gather_cols_linear_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    _cols_linear_tile(h_ptr, wt_ptr, b_ptr, cols_ptr, scales_ptr, out_ptr, M, N, J, K_TOTAL,
+                      stride_hm, stride_wk, stride_om, pid_m, pid_n, HAS_BIAS, HAS_SCALES,
+                      F32_DOT, BLOCK_M, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def _cols_linear_tile(
+    h_ptr, wt_ptr, b_ptr, cols_ptr, scales_ptr, out_ptr, M, N, J, K_TOTAL, stride_hm, stride_wk,
+    stride_om, pid_m, pid_n, HAS_BIAS: tl.constexpr, HAS_SCALES: tl.constexpr,
+    F32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_j = tl.arange(0, BLOCK_K)
@@ -236,6 +274,85 @@ def gather_cols_linear_kernel(
         acc = acc + bias[None, :]
     out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+# --------------------------------------------------------------------------------------------------
+# segmented kernels (mixed-task batches): grid axis 1 runs over segments
+# --------------------------------------------------------------------------------------------------
+@triton.jit
+def _segment(table_ptr, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
+             TILE_OUT: tl.constexpr):
+    """This program's segment and tile: (first row, rows, first kept entry, kept count, offset of
+    its hidden block, pid_m, pid_n, whether the tile lies in the segment). The segment table
+    holds those five int64 numbers per segment. The tiles cover rows x kept, or with TILE_OUT
+    rows x N (the down projection's output)."""
+    seg = tl.program_id(1)
+    row0 = tl.load(table_ptr + seg * 5)
+    rows = tl.load(table_ptr + seg * 5 + 1)
+    kept0 = tl.load(table_ptr + seg * 5 + 2)
+    kept = tl.load(table_ptr + seg * 5 + 3)
+    hidden0 = tl.load(table_ptr + seg * 5 + 4)
+    width = kept
+    if TILE_OUT:
+        width = N + 0 * kept  # (int64, as kept)
+    inside = tl.program_id(0) < tl.cdiv(rows, BLOCK_M) * tl.cdiv(width, BLOCK_N)
+    # a program past the segment's tiles maps as program 0 (and stores nothing): no division by
+    # zero in the tile order, also for a segment keeping nothing
+    pid = tl.where(inside, tl.program_id(0), 0)
+    pid_m, pid_n = _tile_ids_of(pid, rows, tl.maximum(width, 1), BLOCK_M, BLOCK_N, GROUP_M)
+    return row0, rows, kept0, kept, hidden0, pid_m, pid_n, inside
+
+
+@triton.jit
+def segmented_rows_linear_kernel(
+    x_ptr, w_ptr, b_ptr, kept_ptr, hidden_ptr, table_ptr,
+    K, N_TOTAL, stride_xm, stride_wn,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, F32_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """Each segment's act(x[rows] @ w[kept].T + b[kept]) into its block of `hidden` (rows x kept,
+    row-major, at its offset)."""
+    row0, rows, kept0, kept, hidden0, pid_m, pid_n, inside = _segment(
+        table_ptr, 0, BLOCK_M, BLOCK_N, GROUP_M, False)
+    if inside & (kept > 0):
+        _rows_linear_tile(x_ptr + row0 * stride_xm, w_ptr, b_ptr, kept_ptr + kept0,
+                          hidden_ptr + hidden0, rows, kept, K, N_TOTAL, stride_xm, stride_wn,
+                          kept, pid_m, pid_n, HAS_BIAS, ACTIVATION, F32_DOT, BLOCK_M, BLOCK_N,
+                          BLOCK_K)
+
+
+@triton.jit
+def segmented_swiglu_kernel(
+    x_ptr, wg_ptr, wu_ptr, kept_ptr, hidden_ptr, table_ptr,
+    K, N_TOTAL, stride_xm, stride_wgn, stride_wun,
+    F32_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """Each segment's silu(x @ w_gate[kept].T) * (x @ w_up[kept].T) into its block of `hidden`."""
+    row0, rows, kept0, kept, hidden0, pid_m, pid_n, inside = _segment(
+        table_ptr, 0, BLOCK_M, BLOCK_N, GROUP_M, False)
+    if inside & (kept > 0):
+        _swiglu_tile(x_ptr + row0 * stride_xm, wg_ptr, wu_ptr, kept_ptr + kept0,
+                     hidden_ptr + hidden0, rows, kept, K, N_TOTAL, stride_xm, stride_wgn,
+                     stride_wun, kept, pid_m, pid_n, F32_DOT, BLOCK_M, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def segmented_cols_linear_kernel(
+    hidden_ptr, wt_ptr, b_ptr, kept_ptr, scales_ptr, out_ptr, table_ptr,
+    N, K_TOTAL, stride_wk, stride_om,
+    HAS_BIAS: tl.constexpr, HAS_SCALES: tl.constexpr, F32_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """Each segment's hidden block @ w_t[kept] (scaled) + b into its rows of `out` (a segment
+    keeping nothing gets the bias)."""
+    row0, rows, kept0, kept, hidden0, pid_m, pid_n, inside = _segment(
+        table_ptr, N, BLOCK_M, BLOCK_N, GROUP_M, True)
+    if inside:
+        _cols_linear_tile(hidden_ptr + hidden0, wt_ptr, b_ptr, kept_ptr + kept0,
+                          scales_ptr + kept0, out_ptr + row0 * stride_om, rows, N, kept,
+                          K_TOTAL, kept, stride_wk, stride_om, pid_m, pid_n, HAS_BIAS,
+                          HAS_SCALES, F32_DOT, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 # --------------------------------------------------------------------------------------------------
