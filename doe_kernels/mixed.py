@@ -21,7 +21,7 @@ from doe_kernels.expert import CAUSAL_LM, Expert, label_logits, real_positions
 from doe_kernels.mask import ExpertMask
 from doe_kernels.models import PATCH_STATE_ATTR, UnsupportedModelError, describe, spec_of
 from doe_kernels.models.segments import LayerSegments, SegmentPlan
-from doe_kernels.patching import _model_device, _plans, _restore, patch
+from doe_kernels.patching import _model_device, _plans, patch, plugged_state, restoring
 
 _KEEP_ALL = ExpertMask()
 
@@ -73,7 +73,8 @@ def mixed(model, masks, backend: str = "auto"):
     ExpertMask, or None for the whole model, per sequence). Every mask is checked against the
     model before anything changes; a forward pass whose batch has another number of sequences
     raises ValueError. Mixture-of-experts models are not supported. On exit the model is what it
-    was: unpatched, or patched with its expert and backend."""
+    was: unpatched, or patched with its expert and backend. One thread at a time per model (the
+    router serialises its forward passes)."""
     masks = _as_masks(masks)
     state = getattr(model, PATCH_STATE_ATTR, None)
     if state is not None and state.mixed:
@@ -83,22 +84,25 @@ def mixed(model, masks, backend: str = "auto"):
     if spec.num_experts:
         raise UnsupportedModelError("mixed-task batches do not support mixture-of-experts "
                                     "models yet")
-    device, dtype = (_model_device(describe(model)[1]) if state is None
-                     else (state.device, state.dtype))
-    segments = _layer_segments(masks, spec, device, dtype)
-    previous = None if state is None else (state.mask, state.backend, state.dynamic_skip)
+    layers = describe(model)[1] if state is None else [p.layer for p in state.layers]
+    segments = _layer_segments(masks, spec, *_model_device(layers))  # checks every mask
+    previous = plugged_state(model)
     patch(model, _KEEP_ALL if state is None else state.mask, backend)
     state = getattr(model, PATCH_STATE_ATTR)
-    try:
+
+    def clear():
+        for layer_patch in state.layers:
+            layer_patch.set_segments(None)
+        state.mixed = False
+
+    with restoring(model, previous, clear):
+        if not all(layer_patch.mixed_run for layer_patch in state.layers):
+            raise UnsupportedModelError(f"{type(model).__name__}'s layers do not serve mixed-task "
+                                        "batches")
         for layer_patch, layer_segments in zip(state.layers, segments):
             layer_patch.set_segments(layer_segments)
         state.mixed = True
         yield model
-    finally:
-        for layer_patch in state.layers:
-            layer_patch.set_segments(None)
-        state.mixed = False
-        _restore(model, previous)
 
 
 # ---- whole experts ----------------------------------------------------------------------------
@@ -149,7 +153,9 @@ def _batches(experts: list[Expert], texts: list[str], tokenizer, batch_size: int
     """Request indices of each forward pass: the requests in order of length, a batch ending when
     it holds `batch_size` or when padding to the next request's length would pass MAX_PADDING;
     within a batch, the requests grouped by expert (few segments)."""
-    counts = [len(ids) for ids in tokenizer(texts)["input_ids"]]
+    filled = [t if e.template is None else e.template.format(text=t)
+              for e, t in zip(experts, texts)]  # a causal LM's template adds tokens
+    counts = [len(ids) for ids in tokenizer(filled)["input_ids"]]
     lengths = [min(n, e.max_length) + e.num_virtual_tokens for n, e in zip(counts, experts)]
     rank = {}
     for expert in experts:
@@ -201,22 +207,27 @@ def _pad_and_stack(inputs: list[dict], left: bool):
 @contextlib.contextmanager
 def _mixed_heads(model, runs):
     """While the body runs, each module holding a classifier head's Parameters computes each
-    run's rows with that run's expert's head (outputs padded with zeros to the widest head)."""
+    run's rows with that run's expert's head (outputs padded with zeros to the widest head); a
+    forward the module's instance already had (a hook's wrapper) runs inside and comes back."""
     paths = sorted({key.rpartition(".")[0] for _, _, e in runs for key in (e.head or {})})
     modules = [model.get_submodule(path) for path in paths]
+    saved = [module.__dict__.get("forward") for module in modules]
     try:
         for path, module in zip(paths, modules):
             module.forward = _head_forward(module, path, runs)
         yield
     finally:
-        for module in modules:
-            module.__dict__.pop("forward", None)
+        for module, forward in zip(modules, saved):
+            if forward is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = forward
 
 
 def _head_forward(module, path: str, runs):
     own = dict(module.named_parameters(recurse=False))
     prefix = f"{path}." if path else ""
-    forward = type(module).forward
+    forward = module.forward  # the instance's own (a wrapper), or the class's
 
     def run(x, *args, **kwargs):
         outs = []
@@ -227,7 +238,7 @@ def _head_forward(module, path: str, runs):
                 for name, param in own.items():
                     if values[name] is not None:
                         param.data = values[name].to(param.device, param.dtype)
-                outs.append(forward(module, x[start:stop], *args, **kwargs))
+                outs.append(forward(x[start:stop], *args, **kwargs))
             finally:
                 for param, data in saved:
                     param.data = data

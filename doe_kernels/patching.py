@@ -284,17 +284,36 @@ def plugged(model: nn.Module, mask: ExpertMask, backend: str = "auto",
             dynamic_skip: bool = False):
     """`with plugged(model, mask): ...` plugs the expert, runs the body, and restores the model
     (also when the body raises): the unpatched model, or the expert that was plugged before."""
-    state = getattr(model, _STATE, None)
-    previous = None if state is None else (state.mask, state.backend, state.dynamic_skip)
+    previous = plugged_state(model)
     patch(model, mask, backend, dynamic_skip)
-    try:
+    with restoring(model, previous):
         yield model
+
+
+def plugged_state(model: nn.Module):
+    """What `restoring` puts back: the plugged (mask, backend, dynamic_skip), or None when the
+    model is not patched."""
+    state = getattr(model, _STATE, None)
+    return None if state is None else (state.mask, state.backend, state.dynamic_skip)
+
+
+@contextlib.contextmanager
+def restoring(model: nn.Module, previous, cleanup=None):
+    """After the body, `cleanup()` (if given) and the model put back to `previous`
+    (`plugged_state`: that expert plugged again, or unpatched), also when the body raises; then
+    a failure to restore becomes a note on the body's error, which is the one to see."""
+    try:
+        yield
     except BaseException as error:
         try:
+            if cleanup is not None:
+                cleanup()
             _restore(model, previous)
-        except Exception as restore_error:  # the body's error is the one to see
-            error.add_note(f"doe_kernels.plugged could not restore the model: {restore_error!r}")
+        except Exception as restore_error:
+            error.add_note(f"doe_kernels could not restore the model: {restore_error!r}")
         raise
+    if cleanup is not None:
+        cleanup()
     _restore(model, previous)
 
 

@@ -38,8 +38,7 @@ class ExpertRouter:
         self._experts: dict[str, Expert] = {}
         self._lock = threading.Lock()
         self._patched_here = False
-        self._queue: queue.Queue = queue.Queue()
-        self._worker: threading.Thread | None = None
+        self._worker: _Worker | None = None  # the dynamic batcher, started by submit()
         self._worker_lock = threading.Lock()
 
     # ---- experts ------------------------------------------------------------------------
@@ -103,8 +102,7 @@ class ExpertRouter:
     def run_mixed(self, requests) -> list[str]:
         """The predicted label name of each `(task, text)` request, in order (run_mixed_logits)."""
         experts = [(self._expert_of(task), text) for task, text in _pairs(requests)]
-        return [expert.label_names[int(row.argmax())]
-                for (expert, _), row in zip(experts, self._mixed(experts))]
+        return [_label(expert, row) for (expert, _), row in zip(experts, self._mixed(experts))]
 
     def _expert_of(self, task) -> Expert:
         return self._experts[self._known(task)]
@@ -126,65 +124,39 @@ class ExpertRouter:
             raise ValueError(f"submit takes one text (a str), got {type(text).__name__}")
         (text,) = _texts(text)
         future: Future = Future()
-        self._ensure_worker()
-        self._queue.put((expert, text, future))
+        with self._worker_lock:  # close() cannot come between the worker check and the put
+            if self._worker is None:
+                self._worker = _Worker(self)
+            self._worker.queue.put((expert, text, future))
         return future
 
     def ask(self, task: str, text: str) -> str:
         """`submit(task, text).result()`: one request through the dynamic batcher."""
         return self.submit(task, text).result()
 
-    def _ensure_worker(self) -> None:
-        with self._worker_lock:
-            if self._worker is None:
-                self._worker = threading.Thread(target=self._serve_queue, daemon=True,
-                                                name="doe-kernels-router")
-                self._worker.start()
-
-    def _serve_queue(self) -> None:
-        while True:
-            batch = self._next_batch()
-            if batch is None:
-                return
-            futures = [future for _, _, future in batch
-                       if future.set_running_or_notify_cancel()]
-            live = [(expert, text) for expert, text, future in batch if future in futures]
-            if not live:
-                continue
-            try:
-                rows = self._mixed(live)
-            except BaseException as error:  # surfaced to the clients of this batch
-                for future in futures:
-                    future.set_exception(error)
-                continue
-            for (expert, _), row, future in zip(live, rows, futures):
-                future.set_result(expert.label_names[int(row.argmax())])
-
-    def _next_batch(self):
-        """The requests of the next batch (None: the router closed)."""
-        first = self._queue.get()
-        if first is None:
-            return None
-        batch, deadline = [first], time.monotonic() + self.batch_window
-        while len(batch) < self.batch_size:
-            try:
-                item = self._queue.get(timeout=max(deadline - time.monotonic(), 0))
-            except queue.Empty:
-                break
-            if item is None:
-                self._queue.put(None)  # close after this batch
-                break
-            batch.append(item)
-        return batch
+    def _serve_batch(self, batch) -> None:
+        """Answer one batch of queued (expert, text, future); its futures get the error if it
+        fails."""
+        live = [(e, t, f) for e, t, f in batch if f.set_running_or_notify_cancel()]
+        try:
+            rows = self._mixed([(expert, text) for expert, text, _ in live]) if live else []
+            labels = [_label(expert, row) for (expert, _, _), row in zip(live, rows)]
+        except BaseException as error:  # surfaced to the clients of this batch
+            for _, _, future in live:
+                future.set_exception(error)
+            return
+        for (_, _, future), label in zip(live, labels):
+            future.set_result(label)
 
     def close(self) -> None:
         """Serve what was submitted, stop the worker, and restore the unpatched model (if the
-        router patched it)."""
+        router patched it). A request submitted after this starts a new worker."""
         with self._worker_lock:
             worker, self._worker = self._worker, None
+            if worker is not None:
+                worker.queue.put(None)  # after every request submitted before
         if worker is not None:
-            self._queue.put(None)
-            worker.join()
+            worker.thread.join()
         with self._lock:
             if self._patched_here and is_patched(self.model):
                 unpatch(self.model)
@@ -195,6 +167,44 @@ class ExpertRouter:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class _Worker:
+    """The dynamic batcher's thread and its own queue of (expert, text, future), ended by None:
+    a router's close() stops this worker after the requests queued before it, and a later
+    submit() starts another with a new queue."""
+
+    def __init__(self, router: ExpertRouter):
+        self.router, self.queue = router, queue.Queue()
+        self.thread = threading.Thread(target=self._run, daemon=True, name="doe-kernels-router")
+        self.thread.start()
+
+    def _run(self) -> None:
+        closed = False
+        while not closed:
+            batch, closed = self._next_batch()
+            if batch:
+                self.router._serve_batch(batch)
+
+    def _next_batch(self):
+        """(the requests of the next batch, whether the queue has ended)."""
+        first = self.queue.get()
+        if first is None:
+            return [], True
+        batch, deadline = [first], time.monotonic() + self.router.batch_window
+        while len(batch) < self.router.batch_size:
+            try:
+                item = self.queue.get(timeout=max(deadline - time.monotonic(), 0))
+            except queue.Empty:
+                break
+            if item is None:
+                return batch, True
+            batch.append(item)
+        return batch, False
+
+
+def _label(expert: Expert, logits: torch.Tensor) -> str:
+    return expert.label_names[int(logits.argmax())]
 
 
 def _pairs(requests) -> list[tuple]:

@@ -186,3 +186,24 @@ def test_mixed_logits_refuses_bad_requests(tokenizer):
         with pytest.raises(error, match=match):
             dk.mixed_logits(model, tokenizer, requests)
     assert not dk.is_patched(model) and state_dict_equal(snapshot(model), before)
+
+
+def test_mixed_logits_keeps_a_heads_own_forward_wrapper(tokenizer):
+    """A forward already set on the head module's instance (as accelerate's hooks do) runs inside
+    the mixed heads and is put back afterwards."""
+    model = tiny_bert()
+    experts = classifier_experts(model)
+    calls, original = [], model.classifier.forward
+
+    def wrapper(x):
+        calls.append(x.shape[0])
+        return original(x)
+
+    model.classifier.forward = wrapper
+    requests = [(experts[0], TEXTS[0]), (experts[3], TEXTS[1]), (experts[3], TEXTS[2])]
+    got = dk.mixed_logits(model, tokenizer, requests)
+    assert model.classifier.__dict__["forward"] is wrapper
+    assert sorted(calls) == [1, 2]  # one call per expert's rows, through the wrapper
+    del model.classifier.forward
+    for (expert, text), row in zip(requests, got):
+        torch.testing.assert_close(row, expert.predict_logits(model, tokenizer, [text])[0])

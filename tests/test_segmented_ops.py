@@ -198,3 +198,22 @@ def test_triton_runs_every_segment_in_one_launch_over_many_tiles(monkeypatch):
     assert_close(out, _per_segment(rows, lists, [None] * 5, x, lambda xs, k, s: swiglu_ffn_ref(
         xs, w["w_in"], w["w_up"], w["w_out_t"], k)), what="SwiGLU FFN")
     assert calls == [4, 4]  # one call each, over the four segments holding rows
+
+
+def test_a_full_list_in_any_order_keeps_its_scales_aligned():
+    """A kept list holding every neuron runs the dense FFN; unchecked and out of order, each
+    scale still multiplies its own neuron."""
+    gen = torch.Generator().manual_seed(5)
+    w = _weights(torch.float32, "cpu", gen)
+    x = torch.randn(3, HIDDEN, generator=gen)
+    order = torch.randperm(INTERMEDIATE, generator=gen)
+    scales = 1 + 0.3 * torch.randn(INTERMEDIATE, generator=gen)
+    for op, ref in (
+            (lambda k, s: dk.gather_ffn(x, w["w_in"], w["b_in"], w["w_out_t"], w["b_out"], k,
+                                        "gelu", check_indices=False, scales=s),
+             lambda k, s: ffn_ref(x, w["w_in"], w["b_in"], w["w_out_t"], w["b_out"], k, "gelu",
+                                  s)),
+            (lambda k, s: dk.gather_swiglu_ffn(x, w["w_in"], w["w_up"], w["w_out_t"], k,
+                                               check_indices=False, scales=s),
+             lambda k, s: swiglu_ffn_ref(x, w["w_in"], w["w_up"], w["w_out_t"], k, s))):
+        assert_close(op(order, scales), ref(order.sort().values, scales[order.argsort()]))

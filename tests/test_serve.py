@@ -211,3 +211,48 @@ def test_bad_mixed_requests_are_refused_and_others_are_served(served, tokenizer)
             dk.ExpertRouter(model, tokenizer, batch_size=bad)
     with pytest.raises(ValueError, match="batch_window"):
         dk.ExpertRouter(model, tokenizer, batch_window=-1)
+
+
+def test_submit_racing_close_loses_no_request(served, tokenizer):
+    """Requests submitted while another thread closes the router are all answered: each close
+    stops its worker after the requests queued before it, a later submit starts a new one."""
+    model, experts, alone = served
+    router = dk.ExpertRouter(model, tokenizer, batch_size=4, batch_window=0.001)
+    router.add("task0", experts["task0"])
+    expected = experts["task0"].label_names[int(alone["task0"][0].argmax())]
+    futures, stop = [], threading.Event()
+
+    def closer():
+        while not stop.is_set():
+            router.close()
+
+    thread = threading.Thread(target=closer)
+    thread.start()
+    try:
+        for _ in range(40):
+            futures.append(router.submit("task0", TEXTS[0]))
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+    assert [f.result(timeout=60) for f in futures] == [expected] * 40
+    router.close()
+    assert not dk.is_patched(model)
+
+
+def test_a_failing_batch_fails_its_requests_and_the_worker_goes_on(served, tokenizer):
+    model, experts, alone = served
+    router = dk.ExpertRouter(model, tokenizer, batch_window=0.001)
+    router.add("task0", experts["task0"])
+    mixed, failures = router._mixed, [RuntimeError("out of memory")]
+
+    def fail_once(requests):
+        if failures:
+            raise failures.pop()
+        return mixed(requests)
+
+    router._mixed = fail_once
+    with pytest.raises(RuntimeError, match="out of memory"):
+        router.ask("task0", TEXTS[0])
+    assert router.ask("task0", TEXTS[0]) == experts["task0"].label_names[
+        int(alone["task0"][0].argmax())]
+    router.close()

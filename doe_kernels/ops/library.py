@@ -106,6 +106,11 @@ def _(h, weight_t, bias, cols, backend, scales=None):
     return h.new_empty(*h.shape[:-1], weight_t.shape[1])
 
 
+def _in_order(scales: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """The scales of a full kept list (one per entry of `kept`) in neuron order."""
+    return torch.empty_like(scales).scatter_(0, kept, scales)
+
+
 def _gather_ffn(
     x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None, w_out_t: torch.Tensor,
     b_out: torch.Tensor | None, kept: torch.Tensor, activation: str, backend: str,
@@ -113,9 +118,9 @@ def _gather_ffn(
 ) -> torch.Tensor:
     if kept.numel() == 0 or x.shape[:-1].numel() == 0:
         return _zeros_plus_bias(x, w_out_t.shape[1], b_out)
-    if kept.numel() == w_in.shape[0]:  # every neuron (sorted unique: in order)
+    if kept.numel() == w_in.shape[0]:  # every neuron (unique), in any order: the dense FFN
         hidden = apply_activation(F.linear(x, w_in, b_in), activation)
-        out = torch.matmul(hidden if scales is None else hidden * scales, w_out_t)
+        out = torch.matmul(hidden if scales is None else hidden * _in_order(scales, kept), w_out_t)
         return out if b_out is None else out + b_out
     module, x2d = _run(x, backend)
     w_in, b_in, w_out_t, b_out, scales = _contiguous(w_in, b_in, w_out_t, b_out, scales)
@@ -138,9 +143,10 @@ def _gather_swiglu_ffn(
 ) -> torch.Tensor:
     if kept.numel() == 0 or x.shape[:-1].numel() == 0:
         return _zeros_plus_bias(x, w_down_t.shape[1], None)
-    if kept.numel() == w_gate.shape[0]:  # every neuron (sorted unique: in order)
+    if kept.numel() == w_gate.shape[0]:  # every neuron (unique), in any order: the dense FFN
         hidden = F.silu(F.linear(x, w_gate)) * F.linear(x, w_up)
-        return torch.matmul(hidden if scales is None else hidden * scales, w_down_t)
+        return torch.matmul(hidden if scales is None else hidden * _in_order(scales, kept),
+                            w_down_t)
     module, x2d = _run(x, backend)
     w_gate, w_up, w_down_t, scales = _contiguous(w_gate, w_up, w_down_t, scales)
     hidden = module.gather_swiglu(x2d, w_gate, w_up, kept)
