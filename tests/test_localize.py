@@ -391,6 +391,9 @@ def test_localize_end_to_end_minilm(tokenizer, tmp_path, one_thread):
     figures = rebuilt.figures
     assert figures["reconstruct"] == "scales" and figures["calibration_examples"] == 64
     assert figures["recover_objective"] == "distill" and figures["recover_epochs"] == 1
+    # distilling: the baseline is the prompt-tuned expert itself, not re-tuned
+    assert figures["accuracy_before_recovery"] is None
+    assert torch.equal(rebuilt.dense().prompt, start.prompt)
     assert figures["pruning_rate"] > 0, figures["search"]
     assert rebuilt.mask.scaled and rebuilt.mask.bias_compensated
     assert not torch.equal(rebuilt.prompt, start.prompt)

@@ -255,7 +255,9 @@ def _baseline(run: _Run, tuned_expert: Expert, name: str, validation, recover: _
     model, tokenizer, task = run.model, run.tokenizer, run.task
     eval_batch = 2 * run.batch_size
     dense, before_recovery = tuned_expert, None
-    if recover.epochs:  # the baseline gets the extra training every candidate gets
+    # with labels, the baseline gets the extra training every candidate gets; distilling the
+    # prompt-tuned model into itself would only add noise: it stays the baseline as it is
+    if recover.epochs and recover.teacher is None:
         before_recovery = dense.evaluate(model, tokenizer, validation, batch_size=eval_batch)
         dense = recover.retune(run, dense)
     correct = dense.correct(model, tokenizer, validation, batch_size=eval_batch)

@@ -147,8 +147,9 @@ class RecoveryConfig:
         flat="recover_examples", positive=True, legacy=True)
     objective: str = option(
         "labels", "--recover-objective", "what re-tuning trains on: 'labels' (cross-entropy on "
-        "the gold labels) or 'distill' (KL divergence from the unpruned prompt-tuned model's "
-        "label distribution)", choices=("labels", "distill"))
+        "the gold labels; the unpruned baseline gets the same epoch) or 'distill' (KL "
+        "divergence from the unpruned prompt-tuned model's label distribution; that model "
+        "stays the baseline as it is)", choices=("labels", "distill"))
     reconstruct: str = option(
         "auto", "--reconstruct", "fit each candidate's reconstruction before any re-tuning: "
         "'scales' (least-squares scales of the kept units and bias deltas, each layer fitted on "
