@@ -178,6 +178,11 @@ def main():
     parser.add_argument("--start-from", metavar="OUT",
                         help="reuse the prompts and heads of the experts saved under OUT "
                              "(another run's --out): no prompt tuning")
+    parser.add_argument("--baseline-from", metavar="OUT",
+                        help="test each expert against the unpruned expert saved under OUT "
+                             "(its prompt and head, e.g. the --start-from run's) instead of its "
+                             "own baseline: one baseline for runs that started from the same "
+                             "prompts")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes over the test set")
     parser.add_argument("--out", default=os.path.join("results", "unplug_and_play"))
     parser.add_argument("--relocalize", action="store_true", help="ignore saved experts")
@@ -201,6 +206,9 @@ def main():
         for task in args.tasks:  # one task at a time, as requests arrive
             expert = experts[task]
             dense = expert.dense()  # the unpruned baseline the search compared with
+            if args.baseline_from:
+                dense = dk.Expert.load(os.path.join(args.baseline_from, args.model,
+                                                    f"{task}.safetensors")).dense()
             router.add(task, expert)
             router.add(task + ":dense", dense)
             accuracy, seconds, answers = timed_accuracy(router, task, tests[task], args.repeats)
