@@ -1,7 +1,7 @@
 """localize's options, grouped by step in small frozen dataclasses; the defaults are the recipe
 that measured best (docs/results.md): the paper's method with a global ranking of FFN neurons
-(heads kept), each candidate reconstructed and its prompt re-tuned for one epoch, and the
-one-standard-error confidence rule. The paper's plain recipe: scope="layer", prune_heads=True,
+(heads kept), each candidate reconstructed and its prompt distilled for one epoch from the
+unpruned prompt-tuned model, and the one-standard-error confidence rule. The paper's plain recipe: scope="layer", prune_heads=True,
 confidence=0, RecoveryConfig(epochs=0, reconstruct="none").
 
 `PromptConfig` (prompt tuning), `AttributionConfig` (scoring units), `SearchConfig` (the
@@ -134,8 +134,8 @@ class SearchConfig:
 class RecoveryConfig:
     """Step 4 (not in the paper), recovery: each candidate's pruned layers reconstructed (scales
     and bias deltas fitted on task data, `reconstruct`: "auto" by default) and its prompt and head
-    re-tuned on its pruned network (`epochs`, one by default) before it is measured, the baseline
-    as long unpruned."""
+    re-tuned on its pruned network (`epochs`, one by default; distilled from the unpruned
+    prompt-tuned model by default) before it is measured."""
     epochs: int = option(
         1, "--recover-epochs", "epochs of re-tuning each candidate (0: no re-tuning, the paper's)",
         flat="recover_epochs", legacy=True)
@@ -146,10 +146,10 @@ class RecoveryConfig:
         1024, "--recover-examples", "training examples re-tuned on, drawn at random",
         flat="recover_examples", positive=True, legacy=True)
     objective: str = option(
-        "labels", "--recover-objective", "what re-tuning trains on: 'labels' (cross-entropy on "
-        "the gold labels; the unpruned baseline gets the same epoch) or 'distill' (KL "
-        "divergence from the unpruned prompt-tuned model's label distribution; that model "
-        "stays the baseline as it is)", choices=("labels", "distill"))
+        "distill", "--recover-objective", "what re-tuning trains on: 'distill' (KL divergence "
+        "from the unpruned prompt-tuned model's label distribution; that model stays the "
+        "baseline as it is) or 'labels' (cross-entropy on the gold labels; the unpruned "
+        "baseline gets the same epoch)", choices=("labels", "distill"))
     reconstruct: str = option(
         "auto", "--reconstruct", "fit each candidate's reconstruction before any re-tuning: "
         "'scales' (least-squares scales of the kept units and bias deltas, each layer fitted on "
