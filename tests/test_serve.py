@@ -12,6 +12,15 @@ from model_utils import snapshot, state_dict_equal
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+def run_threads(client, count: int) -> None:
+    """`client(i)` in `count` threads at once, each given five minutes to finish."""
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+
+
 @pytest.fixture
 def served(tokenizer):
     model = tiny_bert()
@@ -54,11 +63,7 @@ def test_router_serialises_concurrent_requests(served, tokenizer):
         except Exception as error:  # surfaced below
             errors.append(repr(error))
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=300)
+    run_threads(client, 4)
     router.close()
     assert not errors, errors[:3]
 
@@ -174,11 +179,7 @@ def test_dynamic_batching_under_8_threads_equals_single_threaded(served, tokeniz
         except Exception as error:  # surfaced below
             errors.append(repr(error))
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=300)
+    run_threads(client, 8)
     router.close()
     assert not errors, errors[:3]
     assert sum(batches) == 48 and max(batches) <= 6
