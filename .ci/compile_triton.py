@@ -18,7 +18,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 import doe_kernels.backends.triton.kernels as k  # noqa: E402
 
-INDEX_POINTERS = {"rows_ptr", "kept_ptr", "cols_ptr"}
+INDEX_POINTERS = {"rows_ptr", "kept_ptr", "cols_ptr", "table_ptr"}
 KERNELS = {
     "rows": (k.gather_rows_linear_kernel, k.MATMUL_CONFIGS, {"HAS_BIAS": True, "ACTIVATION": 1}),
     "swiglu": (k.gather_swiglu_kernel, k.SWIGLU_CONFIGS, {}),
@@ -26,6 +26,11 @@ KERNELS = {
              {"HAS_BIAS": True, "HAS_SCALES": False}),
     "cols-scaled": (k.gather_cols_linear_kernel, k.MATMUL_CONFIGS,
                     {"HAS_BIAS": True, "HAS_SCALES": True}),
+    # mixed-task batches: a grid axis over segments (fixed launches only)
+    "segmented-rows": (k.segmented_rows_linear_kernel, [], {"HAS_BIAS": True, "ACTIVATION": 1}),
+    "segmented-swiglu": (k.segmented_swiglu_kernel, [], {}),
+    "segmented-cols": (k.segmented_cols_linear_kernel, [],
+                       {"HAS_BIAS": True, "HAS_SCALES": True}),
 }
 
 
