@@ -20,8 +20,15 @@ import torch
 from doe_kernels.expert import CAUSAL_LM, Expert, label_logits, real_positions
 from doe_kernels.mask import ExpertMask
 from doe_kernels.models import PATCH_STATE_ATTR, UnsupportedModelError, describe, spec_of
-from doe_kernels.models.segments import LayerSegments, SegmentPlan
-from doe_kernels.patching import _model_device, _plans, patch, plugged_state, restoring
+from doe_kernels.models.segments import LayerSegments, SegmentPlan, merge_runs
+from doe_kernels.patching import (
+    _model_device,
+    _plans,
+    cast_vectors,
+    patch,
+    plugged_state,
+    restoring,
+)
 
 _KEEP_ALL = ExpertMask()
 
@@ -41,28 +48,21 @@ def _as_masks(masks) -> list[ExpertMask]:
 
 def _runs(items: list) -> list[tuple[int, int, object]]:
     """(start, stop, item) of each run of consecutive identical (`is`) items."""
-    runs, start = [], 0
-    for i in range(1, len(items) + 1):
-        if i == len(items) or items[i] is not items[start]:
-            runs.append((start, i, items[start]))
-            start = i
-    return runs
+    return merge_runs(((i, i + 1, item) for i, item in enumerate(items)),
+                      lambda a, b: a is b)
 
 
 def _layer_segments(masks, spec, device, dtype) -> list[LayerSegments]:
     """Per layer, the segments of `masks` (validated against `spec` here, before any change)."""
     runs = _runs(masks)
     plans = {id(mask): _plans(mask, spec, device, False) for _, _, mask in runs}
-    cast = lambda v: None if v is None else v.to(dtype)  # noqa: E731
     bounds = [start for start, _, _ in runs] + [len(masks)]
     out = []
     for layer in range(spec.num_layers):
         segment_plans = []
         for _, _, mask in runs:
-            kept, selection, _, ffn_delta, attn_delta, ffn_scales, col_scales = \
-                plans[id(mask)][layer]
-            segment_plans.append(SegmentPlan(kept, selection, cast(ffn_delta), cast(attn_delta),
-                                             cast(ffn_scales), cast(col_scales)))
+            kept, selection, _, *vectors = plans[id(mask)][layer]
+            segment_plans.append(SegmentPlan(kept, selection, *cast_vectors(vectors, dtype)))
         out.append(LayerSegments(bounds, segment_plans, spec.intermediate_size))
     return out
 

@@ -197,12 +197,16 @@ def _set_backend(state: PatchState, backend: str) -> None:
         state.backend = backend
 
 
+def cast_vectors(vectors, dtype: torch.dtype) -> list:
+    """A plan's bias deltas and scales in the model's dtype (None stays None)."""
+    return [None if vector is None else vector.to(dtype) for vector in vectors]
+
+
 def _set_plans(state: PatchState, plans, mask: ExpertMask, dynamic_skip: bool) -> None:
     """Point every layer at its plan; bias deltas and scales are cast to the model's dtype here
     (a module buffer then follows `.to(...)`/`.half()` of the model)."""
-    cast = lambda vector: None if vector is None else vector.to(state.dtype)  # noqa: E731
     for layer_patch, (kept, selection, moe, *vectors) in zip(state.layers, plans):
-        layer_patch.set(kept, selection, moe, *map(cast, vectors))
+        layer_patch.set(kept, selection, moe, *cast_vectors(vectors, state.dtype))
     state.mask, state.dynamic_skip = mask, dynamic_skip
 
 

@@ -12,13 +12,23 @@ from model_utils import snapshot, state_dict_equal
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def run_threads(client, count: int) -> None:
-    """`client(i)` in `count` threads at once, each given five minutes to finish."""
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(count)]
+def run_clients(client, count: int) -> list[str]:
+    """`client(i)` (a generator of error messages) in `count` threads at once, each given five
+    minutes; every message they yield, and any exception they raise."""
+    errors = []
+
+    def run(i):
+        try:
+            errors.extend(client(i))
+        except Exception as error:  # surfaced by the caller
+            errors.append(repr(error))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(timeout=300)
+    return errors
 
 
 @pytest.fixture
@@ -51,19 +61,16 @@ def test_router_serialises_concurrent_requests(served, tokenizer):
     router = dk.ExpertRouter(model, tokenizer)
     for name, expert in experts.items():
         router.add(name, expert)
-    errors, order = [], list(experts) * 4
+    order = list(experts) * 4
 
     def client(offset):
-        try:
-            for step in range(len(order)):
-                name = order[(offset + step) % len(order)]
-                got = router.run_logits(name, TEXTS)
-                if not torch.allclose(got, alone[name], atol=1e-5, rtol=1e-5):
-                    errors.append(f"{name}: answer differs from the expert alone")
-        except Exception as error:  # surfaced below
-            errors.append(repr(error))
+        for step in range(len(order)):
+            name = order[(offset + step) % len(order)]
+            got = router.run_logits(name, TEXTS)
+            if not torch.allclose(got, alone[name], atol=1e-5, rtol=1e-5):
+                yield f"{name}: answer differs from the expert alone"
 
-    run_threads(client, 4)
+    errors = run_clients(client, 4)
     router.close()
     assert not errors, errors[:3]
 
@@ -169,17 +176,12 @@ def test_dynamic_batching_under_8_threads_equals_single_threaded(served, tokeniz
                 for task in experts for i, text in enumerate(TEXTS)}
     batches, mixed = [], router._mixed
     router._mixed = lambda requests: batches.append(len(requests)) or mixed(requests)
-    errors = []
-
     def client(seed):
-        try:
-            for task, text in mixed_requests(sorted(experts), count=6, seed=seed):
-                if router.ask(task, text) != expected[task, text]:
-                    errors.append(f"{task}: {text!r} answered differently")
-        except Exception as error:  # surfaced below
-            errors.append(repr(error))
+        for task, text in mixed_requests(sorted(experts), count=6, seed=seed):
+            if router.ask(task, text) != expected[task, text]:
+                yield f"{task}: {text!r} answered differently"
 
-    run_threads(client, 8)
+    errors = run_clients(client, 8)
     router.close()
     assert not errors, errors[:3]
     assert sum(batches) == 48 and max(batches) <= 6

@@ -44,14 +44,9 @@ class LayerSegments:
         self.bounds, self.plans = list(bounds), list(plans)
         device = plans[0].selection.kept_heads.device
         # the FFN's segments: neighbours on the same neurons and scales merged
-        self.ffn_bounds, ffn_plans = [self.bounds[0]], []
-        for plan, end in zip(plans, self.bounds[1:]):
-            if ffn_plans and plan.kept is ffn_plans[-1].kept and \
-                    plan.ffn_scales is ffn_plans[-1].ffn_scales:
-                self.ffn_bounds[-1] = end
-            else:
-                ffn_plans.append(plan)
-                self.ffn_bounds.append(end)
+        ffn_runs = merge_runs(zip(self.bounds, self.bounds[1:], plans), _same_ffn)
+        self.ffn_bounds = [self.bounds[0]] + [stop for _, stop, _ in ffn_runs]
+        ffn_plans = [plan for _, _, plan in ffn_runs]
         lists = [torch.arange(intermediate_size, device=device) if p.kept is None else p.kept
                  for p in ffn_plans]
         self.kept_offsets = torch.tensor([0] + [k.numel() for k in lists],
@@ -79,13 +74,7 @@ class LayerSegments:
     def attention_spans(self):
         """`spans` with neighbours that compute attention alike (the same heads, no attention
         reconstruction) merged: experts that keep every head run attention as one batch."""
-        merged = []
-        for b0, b1, plan in self.spans():
-            if merged and _same_attention(merged[-1][2], plan):
-                merged[-1] = (merged[-1][0], b1, merged[-1][2])
-            else:
-                merged.append((b0, b1, plan))
-        return merged
+        return merge_runs(self.spans(), _same_attention)
 
     def check_batch(self, batch: int) -> None:
         if batch != self.batch:
@@ -124,6 +113,22 @@ class LayerSegments:
         return stacked.repeat_interleave(counts, dim=0).unsqueeze(1)
 
 
+def merge_runs(runs, same) -> list[tuple]:
+    """(start, stop, item) runs with each run joined to the one before it when `same(item
+    before, item)`; a joined run keeps the first item."""
+    merged = []
+    for start, stop, item in runs:
+        if merged and same(merged[-1][2], item):
+            merged[-1] = (merged[-1][0], stop, merged[-1][2])
+        else:
+            merged.append((start, stop, item))
+    return merged
+
+
+def _same_ffn(a: SegmentPlan, b: SegmentPlan) -> bool:
+    return a.kept is b.kept and a.ffn_scales is b.ffn_scales
+
+
 def _same_attention(a: SegmentPlan, b: SegmentPlan) -> bool:
     if any(p.attn_delta is not None or p.head_col_scales is not None for p in (a, b)):
         return False
@@ -146,29 +151,35 @@ def _flat(x: torch.Tensor):
 
 def swiglu_forward(segments: LayerSegments, x, w_gate, w_up, w_down_t, backend: str):
     """A LLaMA-style MLP over a mixed batch: each segment on its expert's neurons."""
-    x2d, batch, tokens = _flat(x)
-    union = segments.union(x2d, batch, tokens)
-    if union is not None:
-        out = library.union_gather_swiglu_ffn(x2d, w_gate, w_up, w_down_t, *union, backend)
-    else:
-        out = library.segmented_gather_swiglu_ffn(
-            x2d, w_gate, w_up, w_down_t, segments.row_segments(batch, tokens), segments.kept,
-            segments.kept_offsets, backend, segments.ffn_scales, strategy="segments")
-    return _add(out.view(*x.shape[:-1], -1), _matching(segments.ffn_delta, x))
+    return _ffn_forward(
+        segments, x,
+        lambda x2d, union, row_mask: library.union_gather_swiglu_ffn(
+            x2d, w_gate, w_up, w_down_t, union, row_mask, backend),
+        lambda x2d, rows: library.segmented_gather_swiglu_ffn(
+            x2d, w_gate, w_up, w_down_t, rows, segments.kept, segments.kept_offsets, backend,
+            segments.ffn_scales, strategy="segments"))
 
 
 def ffn_forward(segments: LayerSegments, x, w_in, b_in, activation: str, w_out_t, b_out,
                 backend: str):
     """A BERT FFN (up projection, activation, down projection) over a mixed batch."""
+    return _ffn_forward(
+        segments, x,
+        lambda x2d, union, row_mask: library.union_gather_ffn(
+            x2d, w_in, b_in, w_out_t, b_out, union, row_mask, activation, backend),
+        lambda x2d, rows: library.segmented_gather_ffn(
+            x2d, w_in, b_in, w_out_t, b_out, rows, segments.kept, segments.kept_offsets,
+            activation, backend, segments.ffn_scales, strategy="segments"))
+
+
+def _ffn_forward(segments: LayerSegments, x, run_union, run_segments):
+    """An FFN over a mixed batch: `run_union(x2d, union, row_mask)` when the layer's union plan
+    takes the union (decoding), else `run_segments(x2d, row segments)`; then each sequence's
+    segment's bias delta."""
     x2d, batch, tokens = _flat(x)
     union = segments.union(x2d, batch, tokens)
-    if union is not None:
-        out = library.union_gather_ffn(x2d, w_in, b_in, w_out_t, b_out, *union, activation,
-                                       backend)
-    else:
-        out = library.segmented_gather_ffn(
-            x2d, w_in, b_in, w_out_t, b_out, segments.row_segments(batch, tokens), segments.kept,
-            segments.kept_offsets, activation, backend, segments.ffn_scales, strategy="segments")
+    out = (run_union(x2d, *union) if union is not None
+           else run_segments(x2d, segments.row_segments(batch, tokens)))
     return _add(out.view(*x.shape[:-1], -1), _matching(segments.ffn_delta, x))
 
 
