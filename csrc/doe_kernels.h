@@ -24,6 +24,14 @@
 //       none (a factor per kept column, h's dtype, contiguous; none: no scaling, no extra work)
 //       -> out (M, N). Scaling is in float32, except in the CPU's bfloat16 gather + GEMM regime
 //       (more than 16 rows), which scales its bfloat16 copy of the kept weight rows.
+//   segmented_ffn (CPU): rows [segments[s], segments[s + 1]) of x (M, K) through the BERT FFN
+//       gather_cols_linear(act(gather_rows_linear(x, w_in, b_in, list)), w_out_t, b_out, list,
+//       scales of the list), list = kept[kept_offsets[s] .. kept_offsets[s + 1]), for every
+//       segment s in one call. segments and kept_offsets: 1-D int64, one entry more than there are
+//       segments, from 0 to M and to len(kept), non-decreasing (checked, ValueError); a segment
+//       may have no rows, and an empty list (its rows get b_out, or zeros); w_out_t (N_total, N),
+//       scales (len(kept)) or none -> out (M, N).
+//   segmented_swiglu_ffn (CPU): the same for the SwiGLU FFN (w_gate, w_up, w_down_t; no biases).
 #pragma once
 
 #include <torch/extension.h>
@@ -48,6 +56,16 @@ at::Tensor gather_swiglu_cpu(const at::Tensor& x, const at::Tensor& w_gate, cons
 at::Tensor gather_cols_linear_cpu(const at::Tensor& h, const at::Tensor& weight_t,
                                   const std::optional<at::Tensor>& bias, const at::Tensor& cols,
                                   const std::optional<at::Tensor>& scales);
+at::Tensor segmented_ffn_cpu(const at::Tensor& x, const at::Tensor& w_in,
+                             const std::optional<at::Tensor>& b_in, const at::Tensor& w_out_t,
+                             const std::optional<at::Tensor>& b_out, const at::Tensor& segments,
+                             const at::Tensor& kept, const at::Tensor& kept_offsets,
+                             const std::optional<at::Tensor>& scales, int64_t activation);
+at::Tensor segmented_swiglu_ffn_cpu(const at::Tensor& x, const at::Tensor& w_gate,
+                                    const at::Tensor& w_up, const at::Tensor& w_down_t,
+                                    const at::Tensor& segments, const at::Tensor& kept,
+                                    const at::Tensor& kept_offsets,
+                                    const std::optional<at::Tensor>& scales);
 // Above how many input rows every CPU op gathers the kept weights and calls ATen's GEMM: -1 (the
 // default, or DOE_KERNELS_CPU_GATHER_ABOVE unset) lets each op choose by dtype, CPU and size.
 void set_cpu_gather_above(int64_t rows);

@@ -25,12 +25,12 @@ def _random_layout(seed: int, device):
     return rows, lists, scales
 
 
-def _weights(dtype, device, gen):
+def _weights(dtype, device, gen, hidden=HIDDEN, intermediate=INTERMEDIATE):
     make = lambda *s, fan: (torch.randn(*s, generator=gen) / fan**0.5).to(device, dtype)  # noqa
-    return dict(w_in=make(INTERMEDIATE, HIDDEN, fan=HIDDEN), b_in=make(INTERMEDIATE, fan=4),
-                w_up=make(INTERMEDIATE, HIDDEN, fan=HIDDEN),
-                w_out_t=make(INTERMEDIATE, HIDDEN, fan=INTERMEDIATE * 0.35),
-                b_out=make(HIDDEN, fan=4))
+    return dict(w_in=make(intermediate, hidden, fan=hidden), b_in=make(intermediate, fan=4),
+                w_up=make(intermediate, hidden, fan=hidden),
+                w_out_t=make(intermediate, hidden, fan=intermediate * 0.35),
+                b_out=make(hidden, fan=4))
 
 
 def _per_segment(rows, lists, scales, x, reference):
@@ -217,3 +217,126 @@ def test_a_full_list_in_any_order_keeps_its_scales_aligned():
                                                check_indices=False, scales=s),
              lambda k, s: swiglu_ffn_ref(x, w["w_in"], w["w_up"], w["w_out_t"], k, s))):
         assert_close(op(order, scales), ref(order.sort().values, scales[order.argsort()]))
+
+
+def _cpu_backend():
+    from doe_kernels._ext import extension
+    from doe_kernels.backends import cpu
+
+    if extension() is None:
+        pytest.skip("the cpu backend is not built")
+    return cpu
+
+
+@pytest.fixture
+def gather_above(request):
+    """The cpu backend's gather + GEMM regime forced above request.param rows (None: the default
+    rule), restored afterwards."""
+    cpu = _cpu_backend()
+    cpu.set_gather_above(request.param)
+    yield request.param
+    cpu.set_gather_above(None)
+
+
+@pytest.mark.parametrize("gather_above", [10**12, 20, None], ids=["fused", "mixed", "default"],
+                         indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("scaled", [False, True])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_cpu_runs_every_segment_in_one_call_over_many_tiles(monkeypatch, gather_above, dtype,
+                                                           scaled, threads):
+    """Segments spanning several tiles of rows, kept neurons and output columns (odd sizes:
+    ragged tiles and vector tails), next to one-row and empty-list segments, with segments
+    without rows holding lists in the middle and at the end; `gather_above` sends the segments of
+    more rows than that to the single-expert ops (mixed: the two larger ones)."""
+    cpu = _cpu_backend()
+    hidden, intermediate = 150, 203
+    calls = []
+    fused = cpu.segmented_ffn
+    monkeypatch.setattr(cpu, "segmented_ffn",
+                        lambda *args: calls.append(len(args[4])) or fused(*args))
+    gen = torch.Generator().manual_seed(11)
+    w = _weights(dtype, "cpu", gen, hidden, intermediate)
+    rows = [150, 3, 0, 1, 49, 5, 0]
+    lists = [torch.arange(intermediate), torch.tensor([4]), torch.tensor([0, 1]),
+             torch.empty(0, dtype=torch.int64)] + [
+        torch.randperm(intermediate, generator=gen)[:n].sort().values for n in (130, 65, 7)]
+    scales = [(1 + 0.3 * torch.randn(len(k), generator=gen)).to(dtype) if scaled else None
+              for k in lists]
+    x = torch.randn(sum(rows), hidden, generator=gen).to(dtype)
+    segments, kept, offsets, packed = dk.pack_segments(rows, lists, scales if scaled else None)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out_ffn = dk.segmented_gather_ffn(x, w["w_in"], w["b_in"], w["w_out_t"], w["b_out"],
+                                          segments, kept, offsets, "gelu_tanh", backend="cpu",
+                                          scales=packed, strategy="segments")
+        out_swiglu = dk.segmented_gather_swiglu_ffn(x, w["w_in"], w["w_up"], w["w_out_t"],
+                                                    segments, kept, offsets, backend="cpu",
+                                                    scales=packed, strategy="segments")
+    finally:
+        torch.set_num_threads(previous)
+    assert calls == [5, 5]  # one call each, over the five segments holding rows
+    assert_close(out_ffn, _per_segment(rows, lists, scales, x, lambda xs, k, s: ffn_ref(
+        xs, w["w_in"], w["b_in"], w["w_out_t"], w["b_out"], k, "gelu_tanh", s)),
+        _dense_segments(rows, lists, scales, x, lambda xs, k, s: dk.gather_ffn(
+            xs, w["w_in"], w["b_in"], w["w_out_t"], w["b_out"], k, "gelu_tanh",
+            backend="torch", scales=s)),
+        f"segmented_gather_ffn ({gather_above})")
+    assert_close(out_swiglu, _per_segment(rows, lists, scales, x, lambda xs, k, s: swiglu_ffn_ref(
+        xs, w["w_in"], w["w_up"], w["w_out_t"], k, s)),
+        _dense_segments(rows, lists, scales, x, lambda xs, k, s: dk.gather_swiglu_ffn(
+            xs, w["w_in"], w["w_up"], w["w_out_t"], k, backend="torch", scales=s)),
+        f"segmented_gather_swiglu_ffn ({gather_above})")
+
+
+def test_cpu_entry_points_check_the_layout():
+    """The C++ entry points read the layout themselves: a bad one raises ValueError, whatever
+    the Python layer checked before."""
+    ext = _cpu_backend().extension()
+    gen = torch.Generator().manual_seed(2)
+    w = _weights(torch.float32, "cpu", gen)
+    x = torch.randn(5, HIDDEN, generator=gen)
+    kept = torch.tensor([0, 3, 7, 2, 4])
+
+    def both(segments, kept_offsets, kept=kept, scales=None):
+        segments, kept_offsets = torch.tensor(segments), torch.tensor(kept_offsets)
+        return (ext.segmented_ffn_cpu(x, w["w_in"], w["b_in"], w["w_out_t"], w["b_out"],
+                                      segments, kept, kept_offsets, scales, 1),
+                ext.segmented_swiglu_ffn_cpu(x, w["w_in"], w["w_up"], w["w_out_t"], segments,
+                                             kept, kept_offsets, scales))
+
+    for out in both([0, 2, 5, 5], [0, 3, 3, 5]):  # a good layout, a segment without rows last
+        assert out.shape == (5, HIDDEN)
+    for segments, offsets, message in (
+            ([0, 2, 4], [0, 3, 5], "segments must start at 0 and end at 5"),
+            ([0, 3, 2, 5], [0, 3, 3, 5], "segments must be non-decreasing"),
+            ([0, 2, 5], [0, 3, 6], "kept_offsets must start at 0 and end at 5"),
+            ([0, 2, 5], [0, 6, 5], "kept_offsets must be non-decreasing"),
+            ([0, 5], [0, 3, 5], "segments has 1 segments but kept_offsets has 2"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            both(segments, offsets)
+    with pytest.raises(ValueError, match="holds index 40 at position 4, out of range"):
+        both([0, 2, 5], [0, 3, 5], kept=torch.tensor([0, 3, 7, 2, 40]))
+    with pytest.raises(RuntimeError, match="scales has 4 entries but kept has 5"):
+        both([0, 2, 5], [0, 3, 5], scales=torch.ones(4))
+
+
+@pytest.mark.parametrize("device,backend", backend_cases())
+@pytest.mark.parametrize("scaled", [False, True])
+def test_opcheck_segmented_ops(device, backend, scaled):
+    gen = torch.Generator().manual_seed(4)
+    w = _weights(torch.float32, device, gen)
+    lists = [torch.tensor([1, 5, 30]), torch.empty(0, dtype=torch.int64), torch.arange(3, 20)]
+    segments, kept, offsets, packed = dk.pack_segments(
+        [3, 2, 4], lists, [torch.rand(len(k), generator=gen) for k in lists] if scaled else None,
+        device=device)
+    x = torch.randn(9, HIDDEN, generator=gen).to(device)
+    ops = torch.ops.doe_kernels
+    torch.library.opcheck(ops.segmented_gather_ffn.default, (
+        x, w["w_in"], w["b_in"], w["w_out_t"], w["b_out"], segments, kept, offsets, "gelu",
+        backend, packed, "segments"))
+    torch.library.opcheck(ops.segmented_gather_swiglu_ffn.default, (
+        x, w["w_in"], w["w_up"], w["w_out_t"], segments, kept, offsets, backend, packed,
+        "segments"))

@@ -31,6 +31,7 @@
 #include <cstring>
 #include <limits>
 #include <string>
+#include <vector>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
@@ -248,19 +249,30 @@ bool use_gather_gemm(at::ScalarType dtype, int64_t M, int64_t copied_bytes) {
 
 // With fewer kept rows than this per thread, large inputs are split over rows of x instead.
 constexpr int64_t kMinColsPerThread = 32;
+// gather_cols' parallel tasks: (column block of kColBlock) x (row block of kRowBlock).
+constexpr int64_t kColBlock = 64;
+constexpr int64_t kRowBlock = 48;
 
 // ---------------------------------------------------------------------------------------------
 // Checks and helpers.
-void check_common(const at::Tensor& x, const at::Tensor& idx, const char* fn, const char* xname,
-                  const char* iname) {
+void check_input(const at::Tensor& x, const char* fn, const char* xname) {
   TORCH_CHECK(x.device().is_cpu(), fn, ": ", xname, " must be a CPU tensor, got ", x.device());
   TORCH_CHECK(x.dim() == 2, fn, ": ", xname, " must be 2-D (rows, features), got ", x.dim(), "-D");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, fn, ": ", xname,
               " must be float32 or bfloat16 on CPU, got ", x.scalar_type());
   TORCH_CHECK(x.is_contiguous(), fn, ": ", xname, " must be contiguous");
+}
+
+void check_index_tensor(const at::Tensor& idx, const char* fn, const char* iname) {
   TORCH_CHECK(idx.device().is_cpu(), fn, ": ", iname, " must be a CPU tensor, got ", idx.device());
   TORCH_CHECK(idx.dim() == 1 && idx.scalar_type() == at::kLong && idx.is_contiguous(), fn, ": ",
               iname, " must be a 1-D contiguous int64 tensor");
+}
+
+void check_common(const at::Tensor& x, const at::Tensor& idx, const char* fn, const char* xname,
+                  const char* iname) {
+  check_input(x, fn, xname);
+  check_index_tensor(idx, fn, iname);
   TORCH_CHECK(idx.numel() > 0, fn, ": ", iname, " must be non-empty");
 }
 
@@ -498,10 +510,8 @@ at::Tensor gather_cols_linear_cpu(const at::Tensor& h, const at::Tensor& weight_
   const float* bp = bf.has_value() ? bf->data_ptr<float>() : nullptr;
   const int64_t* ip = cols.data_ptr<int64_t>();
   float* op = out.data_ptr<float>();
-  // Tasks: (column block of kColBlock) x (row block of kRowBlock), column block outermost so that a
-  // thread's consecutive tasks reuse one weight panel (J x kColBlock) from L2.
-  constexpr int64_t kColBlock = 64;
-  constexpr int64_t kRowBlock = 48;
+  // Column block outermost, so that a thread's consecutive tasks reuse one weight panel
+  // (J x kColBlock) from L2.
   const int64_t ncb = (N + kColBlock - 1) / kColBlock;
   const int64_t nrb = (M + kRowBlock - 1) / kRowBlock;
   auto run = [&](auto ks, auto wp) {
@@ -520,6 +530,276 @@ at::Tensor gather_cols_linear_cpu(const at::Tensor& h, const at::Tensor& weight_
     run(kernels<uint16_t>(), raw<uint16_t>(weight_t));
   }
   return finish(out, h.scalar_type());
+}
+
+// =============================================================================================
+// Segmented FFNs (mixed-task batches): segment s holds rows [segments[s], segments[s + 1]) of x
+// and keeps kept[kept_offsets[s] .. kept_offsets[s + 1]) (and the scales there). One call serves
+// every segment. Segments with enough rows for the gather + GEMM regime (use_gather_gemm, as the
+// single-expert ops decide it for either projection) run one after another through the
+// single-expert entry points, each of which uses all threads; the others run on the fused kernels
+// in three phases, each over every segment at once: the up projections into one packed float32
+// hidden buffer (a (rows x kept) block per segment), the activation and scales over that buffer,
+// the down projections into out. A phase's work items are tiles (segment x row block x column
+// block) that the threads take one after another, so a batch of a few one-row segments still
+// keeps every thread busy and segments of different sizes balance. The hidden activations stay
+// in float32 between the projections (the single-expert ops round them to x's dtype).
+namespace {
+
+struct Segment {
+  int64_t r0, rows;  // rows [r0, r0 + rows) of x and out
+  int64_t k0, kept;  // entries [k0, k0 + kept) of kept (and scales)
+  int64_t hidden;    // offset of its (rows x kept) block in the packed hidden buffer
+};
+
+// Rows [m0, m1) x columns [c0, c1) of segment `seg`: one work item of a parallel phase.
+struct Tile {
+  size_t seg;
+  int64_t m0, m1, c0, c1;
+};
+
+// Up projections: tiles of kUpRows rows x kUpKept kept neurons.
+constexpr int64_t kUpRows = 128;
+constexpr int64_t kUpKept = 64;
+
+void check_offsets(const at::Tensor& offsets, int64_t total, const char* fn, const char* name) {
+  check_index_tensor(offsets, fn, name);
+  const int64_t* p = offsets.data_ptr<int64_t>();
+  const int64_t n = offsets.numel();
+  TORCH_CHECK_VALUE(n > 0 && p[0] == 0 && p[n - 1] == total, fn, ": ", name,
+                    " must start at 0 and end at ", total);
+  TORCH_CHECK_VALUE(std::is_sorted(p, p + n), fn, ": ", name, " must be non-decreasing");
+}
+
+// The segments holding rows, from a checked layout.
+std::vector<Segment> read_segments(const at::Tensor& x, const at::Tensor& segments,
+                                   const at::Tensor& kept, const at::Tensor& kept_offsets,
+                                   const std::optional<at::Tensor>& scales, int64_t neurons,
+                                   const char* fn) {
+  check_index_tensor(kept, fn, "kept");
+  check_index_range(kept, neurons, fn, "kept");
+  check_offsets(segments, x.size(0), fn, "segments");
+  check_offsets(kept_offsets, kept.numel(), fn, "kept_offsets");
+  TORCH_CHECK_VALUE(segments.numel() == kept_offsets.numel(), fn, ": segments has ",
+                    segments.numel() - 1, " segments but kept_offsets has ",
+                    kept_offsets.numel() - 1, " kept lists");
+  if (scales.has_value()) {
+    check_operand(*scales, x, fn, "scales", 1);
+    TORCH_CHECK(scales->size(0) == kept.numel(), fn, ": scales has ", scales->size(0),
+                " entries but kept has ", kept.numel());
+  }
+  const int64_t* r = segments.data_ptr<int64_t>();
+  const int64_t* k = kept_offsets.data_ptr<int64_t>();
+  std::vector<Segment> out;
+  for (int64_t s = 0; s + 1 < segments.numel(); ++s)
+    if (r[s + 1] > r[s]) out.push_back({r[s], r[s + 1] - r[s], k[s], k[s + 1] - k[s], 0});
+  return out;
+}
+
+// Runs the segments for which `gemm(segment)` holds through `single(rows of x, kept list,
+// scales)` (the single-expert ops), writing their rows of out; returns the others, each with the
+// offset of its block in the packed hidden buffer.
+template <typename Gemm, typename Single>
+std::vector<Segment> run_gemm_segments(const std::vector<Segment>& segs, const at::Tensor& x,
+                                       const at::Tensor& kept,
+                                       const std::optional<at::Tensor>& scales, at::Tensor& out,
+                                       const Gemm& gemm, const Single& single) {
+  std::vector<Segment> fused;
+  int64_t hidden = 0;
+  for (Segment s : segs) {
+    if (s.kept == 0 || !gemm(s)) {
+      s.hidden = hidden;
+      hidden += s.rows * s.kept;
+      fused.push_back(s);
+      continue;
+    }
+    std::optional<at::Tensor> sc;
+    if (scales.has_value()) sc = scales->narrow(0, s.k0, s.kept);
+    out.narrow(0, s.r0, s.rows)
+        .copy_(single(x.narrow(0, s.r0, s.rows), kept.narrow(0, s.k0, s.kept), sc));
+  }
+  return fused;
+}
+
+// Tiles of rows x columns (`width(segment)` columns) over every segment, column block outermost
+// so that a thread's consecutive tiles tend to share a weight panel.
+template <typename Width>
+std::vector<Tile> tile_segments(const std::vector<Segment>& segs, int64_t tile_rows,
+                                int64_t tile_cols, const Width& width) {
+  std::vector<Tile> tiles;
+  for (size_t s = 0; s < segs.size(); ++s) {
+    const int64_t rows = segs[s].rows, cols = width(segs[s]);
+    for (int64_t c = 0; c < cols; c += tile_cols)
+      for (int64_t m = 0; m < rows; m += tile_rows)
+        tiles.push_back({s, m, std::min(rows, m + tile_rows), c, std::min(cols, c + tile_cols)});
+  }
+  return tiles;
+}
+
+// body(tile) for every tile, in parallel: each thread takes the next tile when it is done with
+// one (tiles of different segments differ in cost).
+template <typename Body>
+void for_each_tile(const std::vector<Tile>& tiles, const Body& body) {
+  std::atomic<size_t> next{0};
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), tiles.size());
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    for (size_t t = next++; t < tiles.size(); t = next++) body(tiles[t]);
+  });
+}
+
+// Column j of each segment's hidden block times scales[k0 + j], in parallel over segments.
+void scale_hidden_(const std::vector<Segment>& segs, const at::Tensor& scales, float* hidden) {
+  const float* sp = scales.data_ptr<float>();
+  at::parallel_for(0, segs.size(), 1, [&](int64_t s0, int64_t s1) {
+    for (int64_t i = s0; i < s1; ++i) {
+      const Segment& s = segs[i];
+      for (int64_t m = 0; m < s.rows; ++m) {
+        float* h = hidden + s.hidden + m * s.kept;
+        for (int64_t j = 0; j < s.kept; ++j) h[j] *= sp[s.k0 + j];
+      }
+    }
+  });
+}
+
+// The fused regime over `segs`: `up(segment, tile, its hidden block)` for every up tile, then the
+// activation and scales over the hidden buffer, then every segment's down projection
+// (ks.cols over the input-major w_down_t) into out (float32, rows x N).
+template <typename T, typename Up>
+void run_fused_segments(const std::vector<Segment>& segs, const Up& up, int64_t activation,
+                        const std::optional<at::Tensor>& scales, const KernelSet<T>& ks,
+                        const T* w_down_t, const float* b_down, const int64_t* kept,
+                        at::Tensor& out) {
+  if (segs.empty()) return;
+  at::Tensor hidden = at::empty({segs.back().hidden + segs.back().rows * segs.back().kept},
+                                out.options());
+  float* hp = hidden.data_ptr<float>();
+  for_each_tile(tile_segments(segs, kUpRows, kUpKept, [](const Segment& s) { return s.kept; }),
+                [&](const Tile& t) { up(segs[t.seg], t, hp + segs[t.seg].hidden); });
+  apply_activation_(hidden, activation);
+  if (scales.has_value()) scale_hidden_(segs, as_float(*scales), hp);
+  const int64_t N = out.size(1);
+  float* op = out.data_ptr<float>();
+  for_each_tile(tile_segments(segs, kRowBlock, kColBlock, [N](const Segment&) { return N; }),
+                [&](const Tile& t) {
+                  const Segment& s = segs[t.seg];
+                  ks.cols(hp + s.hidden, s.kept, w_down_t, N, kept + s.k0, b_down, t.m0, t.m1,
+                          t.c0, t.c1, op + s.r0 * N);
+                });
+}
+
+// The down projection's operands, checked against the up projection's `neurons` (its rows).
+void check_down(const at::Tensor& x, const at::Tensor& w_down_t,
+                const std::optional<at::Tensor>& b_down, int64_t neurons, const char* fn) {
+  check_operand(w_down_t, x, fn, "w_down_t", 2);
+  TORCH_CHECK(w_down_t.size(0) == neurons, fn, ": w_down_t has ", w_down_t.size(0),
+              " rows, the up projection has ", neurons, " neurons");
+  if (b_down.has_value()) {
+    check_operand(*b_down, x, fn, "b_down", 1);
+    TORCH_CHECK(b_down->size(0) == w_down_t.size(1), fn, ": b_down has ", b_down->size(0),
+                " entries, w_down_t has ", w_down_t.size(1), " output features");
+  }
+}
+
+}  // namespace
+
+at::Tensor segmented_ffn_cpu(const at::Tensor& x, const at::Tensor& w_in,
+                             const std::optional<at::Tensor>& b_in, const at::Tensor& w_out_t,
+                             const std::optional<at::Tensor>& b_out, const at::Tensor& segments,
+                             const at::Tensor& kept, const at::Tensor& kept_offsets,
+                             const std::optional<at::Tensor>& scales, int64_t activation) {
+  constexpr const char* fn = "segmented_ffn_cpu";
+  check_input(x, fn, "x");
+  check_operand(w_in, x, fn, "w_in", 2);
+  TORCH_CHECK(w_in.size(1) == x.size(1), fn, ": w_in has ", w_in.size(1),
+              " input features, x has ", x.size(1));
+  if (b_in.has_value()) {
+    check_operand(*b_in, x, fn, "b_in", 1);
+    TORCH_CHECK(b_in->size(0) == w_in.size(0), fn, ": b_in has ", b_in->size(0),
+                " entries, w_in has ", w_in.size(0), " rows");
+  }
+  TORCH_CHECK(activation >= kIdentity && activation <= kRelu, fn, ": unknown activation code ",
+              activation);
+  check_down(x, w_out_t, b_out, w_in.size(0), fn);
+  const auto segs = read_segments(x, segments, kept, kept_offsets, scales, w_in.size(0), fn);
+  const int64_t K = x.size(1), N = w_out_t.size(1), bytes = x.element_size();
+  at::Tensor out = at::empty({x.size(0), N}, x.options().dtype(at::kFloat));
+  const auto fused = run_gemm_segments(
+      segs, x, kept, scales, out,
+      [&](const Segment& s) {
+        return use_gather_gemm(x.scalar_type(), s.rows, s.kept * K * bytes) ||
+               use_gather_gemm(x.scalar_type(), s.rows, s.kept * N * bytes);
+      },
+      [&](const at::Tensor& xs, const at::Tensor& list, const std::optional<at::Tensor>& sc) {
+        return gather_cols_linear_cpu(gather_rows_linear_cpu(xs, w_in, b_in, list, activation),
+                                      w_out_t, b_out, list, sc);
+      });
+  at::Tensor xf = as_float(x);
+  std::optional<at::Tensor> bi, bo;
+  if (b_in.has_value()) bi = as_float(*b_in);
+  if (b_out.has_value()) bo = as_float(*b_out);
+  const float* xp = xf.data_ptr<float>();
+  const float* bip = bi.has_value() ? bi->data_ptr<float>() : nullptr;
+  const int64_t* ip = kept.data_ptr<int64_t>();
+  auto run = [&](auto ks, auto wp, auto wtp) {
+    auto up = [&](const Segment& s, const Tile& t, float* h) {
+      ks.rows(xp + (s.r0 + t.m0) * K, t.m1 - t.m0, K, wp, ip + s.k0, bip, t.c0, t.c1,
+              h + t.m0 * s.kept, s.kept);
+    };
+    run_fused_segments(fused, up, activation, scales, ks, wtp,
+                       bo.has_value() ? bo->data_ptr<float>() : nullptr, ip, out);
+  };
+  if (x.scalar_type() == at::kFloat) {
+    run(kernels<float>(), raw<float>(w_in), raw<float>(w_out_t));
+  } else {
+    run(kernels<uint16_t>(), raw<uint16_t>(w_in), raw<uint16_t>(w_out_t));
+  }
+  return finish(out, x.scalar_type());
+}
+
+at::Tensor segmented_swiglu_ffn_cpu(const at::Tensor& x, const at::Tensor& w_gate,
+                                    const at::Tensor& w_up, const at::Tensor& w_down_t,
+                                    const at::Tensor& segments, const at::Tensor& kept,
+                                    const at::Tensor& kept_offsets,
+                                    const std::optional<at::Tensor>& scales) {
+  constexpr const char* fn = "segmented_swiglu_ffn_cpu";
+  check_input(x, fn, "x");
+  check_operand(w_gate, x, fn, "w_gate", 2);
+  check_operand(w_up, x, fn, "w_up", 2);
+  TORCH_CHECK(w_gate.sizes() == w_up.sizes(), fn, ": w_gate ", w_gate.sizes(), " and w_up ",
+              w_up.sizes(), " differ in shape");
+  TORCH_CHECK(w_gate.size(1) == x.size(1), fn, ": w_gate has ", w_gate.size(1),
+              " input features, x has ", x.size(1));
+  check_down(x, w_down_t, std::nullopt, w_gate.size(0), fn);
+  const auto segs = read_segments(x, segments, kept, kept_offsets, scales, w_gate.size(0), fn);
+  const int64_t K = x.size(1), N = w_down_t.size(1), bytes = x.element_size();
+  at::Tensor out = at::empty({x.size(0), N}, x.options().dtype(at::kFloat));
+  const auto fused = run_gemm_segments(
+      segs, x, kept, scales, out,
+      [&](const Segment& s) {
+        return use_gather_gemm(x.scalar_type(), s.rows, 2 * s.kept * K * bytes) ||
+               use_gather_gemm(x.scalar_type(), s.rows, s.kept * N * bytes);
+      },
+      [&](const at::Tensor& xs, const at::Tensor& list, const std::optional<at::Tensor>& sc) {
+        return gather_cols_linear_cpu(gather_swiglu_cpu(xs, w_gate, w_up, list), w_down_t,
+                                      std::nullopt, list, sc);
+      });
+  at::Tensor xf = as_float(x);
+  const float* xp = xf.data_ptr<float>();
+  const int64_t* ip = kept.data_ptr<int64_t>();
+  auto run = [&](auto ks, auto gp, auto up_w, auto wtp) {
+    auto up = [&](const Segment& s, const Tile& t, float* h) {
+      ks.swiglu(xp + (s.r0 + t.m0) * K, t.m1 - t.m0, K, gp, up_w, ip + s.k0, t.c0, t.c1,
+                h + t.m0 * s.kept, s.kept);
+    };
+    run_fused_segments(fused, up, kIdentity, scales, ks, wtp, nullptr, ip, out);
+  };
+  if (x.scalar_type() == at::kFloat) {
+    run(kernels<float>(), raw<float>(w_gate), raw<float>(w_up), raw<float>(w_down_t));
+  } else {
+    run(kernels<uint16_t>(), raw<uint16_t>(w_gate), raw<uint16_t>(w_up),
+        raw<uint16_t>(w_down_t));
+  }
+  return finish(out, x.scalar_type());
 }
 
 }  // namespace doe_kernels

@@ -8,16 +8,18 @@ keeps nothing, whose rows get the output bias or zeros); `scales`, when given, i
 same way as `kept`. `pack_segments` builds these from Python lists.
 
 Two ways to compute it, `strategy`:
- * "segments": each segment through the single-expert op's kernels of the chosen backend, one
-   after another (each reads its own kept rows);
+ * "segments": each segment on its own kept neurons, through the chosen backend's kernels (each
+   reads its own kept rows);
  * "union": the union of the segments' lists gathered once for every row, each row's hidden
    activations multiplied by its segment's 0/1 (or scale) mask over the union: the shared rows
    are read once, at the price of computing every row over the union (the decode regime);
  * "auto" (default): union where it reads fewer weight bytes and the segments hold at most
    library.UNION_MAX_ROWS rows on average (one: decoding).
-The segment and list boundaries are read on the host. Per segment, the triton backend runs every
+The segment and list boundaries are read on the host. "segments": the triton backend runs every
 segment in one launch per projection (a grid axis over segments, programs past their segment's
-tiles storing nothing); the torch, cpu and cuda backends run one single-expert call per segment.
+tiles storing nothing); the cpu backend in one C++ call, in parallel over segments x tiles (segments
+with rows enough for its gather + GEMM regime one after another, each on every thread); the torch
+and cuda backends run one single-expert call per segment.
 """
 import torch
 
