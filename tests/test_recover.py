@@ -1,11 +1,12 @@
-"""Recovery tuning: the masked (trainable) network computes what the patched one serves, and
-`retune` trains the prompt and head on it, leaving the model and the original expert untouched."""
+"""Recovery tuning: the masked and the sliced (trainable) networks compute what the patched one
+serves, and `retune` trains the prompt and head on it, leaving the model and the original expert
+untouched."""
 import pytest
 import torch
 
 import doe_kernels as dk
 from doe_kernels.expert import Expert, label_token_ids, model_sizes
-from doe_kernels.localize.recover import masked, retune
+from doe_kernels.localize.recover import masked, retune, sliced
 from expert_utils import seq_cls_expert, sentiment_task, tiny_bert, tiny_llama
 from model_utils import snapshot, state_dict_equal
 from test_scales import with_scales
@@ -43,11 +44,48 @@ def test_masked_network_equals_the_patched_one(tokenizer, family, reconstructed,
             served = expert.logits(model, ids, attention)
         with expert.plugged(model, prune=False), masked(model, expert.mask):
             emulated = expert.logits(model, ids, attention)
+        modules = dict(model.named_modules())
+        with expert.plugged(model, prune=False), sliced(model, expert.mask):
+            cheap = expert.logits(model, ids, attention)
+            swapped = [name for name, m in model.named_modules() if modules.get(name) is not m]
         with expert.plugged(model, prune=False):
             dense = expert.logits(model, ids, attention)
     torch.testing.assert_close(emulated, served, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(cheap, served, atol=1e-5, rtol=1e-4)
     assert not torch.allclose(dense, served, atol=1e-3)  # the mask does change the answer
+    assert swapped and all(name.endswith(("dense", "_proj")) for name in swapped)
+    assert dict(model.named_modules()) == modules  # the model's own modules are back
     assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("family", [0, 1], ids=["bert", "llama"])
+def test_sliced_keeps_empty_full_and_scaled_layers_apart(tokenizer, family, one_thread):
+    """A layer keeping no neuron, one keeping every neuron with scales and a bias delta, and one
+    only shifted: the sliced network equals the masked one, the sliced copies hold only the kept
+    neurons, and nothing in the model moves."""
+    model, expert = _experts(tokenizer)[family]
+    spec = dk.models.spec_of(model)
+    gen = torch.Generator().manual_seed(1)
+    size, hidden = spec.intermediate_size, model.config.hidden_size
+    ffn = dict(expert.mask.ffn)
+    ffn[0] = torch.tensor([], dtype=torch.long)
+    ffn.pop(1, None)
+    mask = expert.mask.replace(ffn=ffn, ffn_scales={1: 0.5 + torch.rand(size, generator=gen)},
+                               ffn_bias={1: torch.randn(hidden, generator=gen),
+                                         0: torch.randn(hidden, generator=gen)})
+    expert.mask = mask
+    before = snapshot(model)
+    ids, attention = expert.encode(tokenizer, sentiment_task(6).texts)
+    with torch.no_grad():
+        with expert.plugged(model, prune=False), masked(model, mask):
+            emulated = expert.logits(model, ids, attention)
+        with expert.plugged(model, prune=False), sliced(model, mask):
+            cheap = expert.logits(model, ids, attention)
+            widths = [m.weight.shape for name, m in
+                      model.named_modules() if name.endswith(("intermediate.dense", "up_proj"))]
+    torch.testing.assert_close(cheap, emulated, atol=1e-5, rtol=1e-4)
+    assert widths[0][0] == 0 and widths[1][0] == size
+    assert state_dict_equal(before, snapshot(model))
 
 
 @pytest.mark.parametrize("family", [0, 1], ids=["bert", "llama"])

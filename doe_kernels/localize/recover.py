@@ -2,19 +2,25 @@
 
 Pruning moves the activations the prompt was tuned for; a short second round of prompt tuning on
 the pruned network (`retune`) wins back most of what pruning cost (docs/localize.md). Training
-needs gradients, which the patched modules do not have, so the pruned network is emulated on the
-unpatched model by `masked`: forward pre-hooks zero the pruned units' activations (the inputs of
-the down and attention-output projections, the same points attribution reads), which is what the
-patched kernels compute. The retuned expert is evaluated (and served) through `patch` as any other.
+needs gradients, which the patched modules do not have, so the pruned network is built on the
+unpatched model from autograd's own modules. `masked` emulates it with forward pre-hooks that zero
+the pruned units' activations (the inputs of the down and attention-output projections, the same
+points attribution reads), which is what the patched kernels compute, at the dense model's cost.
+`sliced`, which `retune` trains through, computes the same with the FFN's projections swapped for
+copies of their kept rows and columns (the scales folded into the down projection's columns, the
+bias delta into its bias), so that an epoch costs what the pruned FFN costs; heads stay emulated.
+The retuned expert is evaluated (and served) through `patch` as any other.
 """
 import contextlib
 
 import torch
+from torch import nn
 
 from doe_kernels.expert import Expert
 from doe_kernels.localize.attribution import hook_points
 from doe_kernels.localize.prompt import extract, fit, unwrap, wrap
 from doe_kernels.mask import ExpertMask
+from doe_kernels.models import describe
 
 
 def input_factors(kept, size: int, scales=None, repeat: int = 1) -> torch.Tensor:
@@ -64,6 +70,71 @@ def masked(model, mask):
             handle.remove()
 
 
+@contextlib.contextmanager
+def sliced(model, mask):
+    """`masked`'s network at the pruned FFN's cost: while the body runs, each FFN projection of a
+    layer the mask prunes (or scales, or shifts) is replaced by a frozen copy of its kept
+    neurons' rows (the input projections) or columns (the down projection, times the kept
+    neurons' scales, its bias plus the mask's bias delta); the heads are emulated by `masked`.
+    The model's own modules are put back afterwards, unchanged."""
+    mask.validate(model)
+    ffn_tables = ("ffn", "ffn_scales", "ffn_bias")
+    heads_only = mask.replace(**{name: {} for name in ffn_tables})
+    _, layers, spec = describe(model)
+    swapped = []
+    with masked(model, heads_only):
+        try:
+            for number, layer in enumerate(layers):
+                if not any(number in getattr(mask, name) for name in ffn_tables):
+                    continue
+                kept = mask.ffn.get(number)
+                inputs, down = _ffn_projections(layer, spec.family)
+                replacements = [(parent, name, _slice(getattr(parent, name), rows=kept))
+                                for parent, name in inputs]
+                parent, name = down
+                replacements.append((parent, name, _slice(
+                    getattr(parent, name), cols=kept, col_scales=mask.ffn_scales.get(number),
+                    bias_delta=mask.ffn_bias.get(number))))
+                for parent, name, copy in replacements:
+                    swapped.append((parent, name, getattr(parent, name)))
+                    setattr(parent, name, copy)
+            yield model
+        finally:
+            for parent, name, original in reversed(swapped):
+                setattr(parent, name, original)
+
+
+def _ffn_projections(layer, family: str):
+    """([(parent, attribute)] of the projections whose output rows are the FFN neurons, (parent,
+    attribute) of the down projection)."""
+    if family == "bert":
+        return [(layer.intermediate, "dense")], (layer.output, "dense")
+    return [(layer.mlp, "gate_proj"), (layer.mlp, "up_proj")], (layer.mlp, "down_proj")
+
+
+def _slice(linear: nn.Linear, rows=None, cols=None, col_scales=None, bias_delta=None) -> nn.Linear:
+    """A frozen nn.Linear holding `linear`'s weight rows `rows` (and bias entries) or columns
+    `cols` (None: all) times `col_scales`, its bias plus `bias_delta`."""
+    weight = linear.weight.detach()
+    bias = None if linear.bias is None else linear.bias.detach()
+    if rows is not None:
+        rows = rows.to(weight.device)
+        weight, bias = weight[rows], (None if bias is None else bias[rows])
+    if cols is not None:
+        weight = weight[:, cols.to(weight.device)]
+    if col_scales is not None:
+        weight = weight * col_scales.to(weight.device, weight.dtype)
+    if bias_delta is not None:
+        delta = bias_delta.to(weight.device, weight.dtype)
+        bias = delta if bias is None else bias + delta
+    copy = nn.Linear(1, 1, bias=False, device="meta")  # no initialisation to pay for
+    copy.in_features, copy.out_features = weight.shape[1], weight.shape[0]
+    copy.weight = nn.Parameter(weight.clone(), requires_grad=False)
+    if bias is not None:
+        copy.bias = nn.Parameter(bias.clone(), requires_grad=False)
+    return copy
+
+
 class TrainingDiverged(ValueError):
     """Recovery training ended with a non-finite soft prompt or head."""
 
@@ -90,7 +161,7 @@ def retune(model, tokenizer, expert: Expert, data, epochs: int = 1, lr: float = 
     targets = None if teacher is None else torch.softmax(teacher.float(), dim=-1)
     torch.manual_seed(seed)
     mask = ExpertMask() if expert.mask is None else expert.mask
-    with expert.plugged(model, prune=False), masked(model, mask):
+    with expert.plugged(model, prune=False), sliced(model, mask):
         peft_model = wrap(model, expert.task_type, expert.num_virtual_tokens, seed=seed)
         try:  # PEFT copied the plugged head into its trainable copy; the prompt is set here
             weight = peft_model.prompt_encoder["default"].embedding.weight
