@@ -162,6 +162,25 @@ def test_auto_picks_the_union_for_one_row_per_segment_and_shared_rows():
     assert _choose_strategy("auto", bounds[:1], kept)[0] == "segments"  # nothing shared
     assert _choose_strategy("union", bounds[:1], kept)[0] == "union"
     assert _choose_strategy("union", [], kept) == ("segments", None)  # no rows at all
+    # a union smaller than min_union (the CPU's: weights that stay in cache) is not worth it
+    assert _choose_strategy("auto", bounds, kept, min_union=101)[0] == "segments"
+    assert _choose_strategy("auto", bounds, kept, min_union=100)[0] == "union"
+    assert _choose_strategy("union", bounds, kept, min_union=101)[0] == "union"
+
+
+def test_on_the_cpu_auto_takes_the_union_only_for_weights_that_leave_the_cache():
+    from doe_kernels.ops.library import UNION_MIN_BYTES_CPU, union_plan
+
+    def plan(hidden, projections, dtype=torch.float32):
+        lists = [torch.arange(15 * s, 15 * s + 40) for s in range(5)]  # union: 100 neurons
+        segments, kept, offsets, _ = dk.pack_segments([1] * 5, lists)
+        return union_plan(torch.zeros(5, hidden, dtype=dtype), segments, kept, offsets,
+                          projections=projections)
+
+    hidden = -(-UNION_MIN_BYTES_CPU // (100 * 4 * 2))  # 100 neurons x 2 float32 rows: the least
+    assert plan(hidden, 2) is not None and plan(hidden - 1, 2) is None
+    assert plan(hidden - 1, 3) is not None  # a SwiGLU reads three rows per neuron
+    assert plan(hidden, 2, torch.bfloat16) is None  # half the bytes
 
 
 @pytest.mark.triton_interp

@@ -201,12 +201,12 @@ def check_strategy(strategy) -> None:
         raise ValueError(f"strategy must be one of {SEGMENT_STRATEGIES}, got {strategy!r}")
 
 
-def _choose_strategy(strategy: str, bounds, kept: torch.Tensor):
+def _choose_strategy(strategy: str, bounds, kept: torch.Tensor, min_union: int = 0):
     """("segments", None) (one gather per segment: reads each segment's kept rows) or ("union",
     the union of the segments' lists) (one gather of the union, masked per row: reads each kept
     row once, computes every row over the union). "auto": the union when the segments hold at
-    most UNION_MAX_ROWS rows on average (decoding: one token per sequence) and it reads fewer
-    weight rows than the segments do."""
+    most UNION_MAX_ROWS rows on average (decoding: one token per sequence), it reads fewer
+    weight rows than the segments do, and it holds at least `min_union` neurons."""
     check_strategy(strategy)
     rows = sum(r1 - r0 for r0, r1, _, _ in bounds)
     if strategy == "segments" or not bounds or (
@@ -214,23 +214,34 @@ def _choose_strategy(strategy: str, bounds, kept: torch.Tensor):
         return "segments", None
     union = torch.unique(torch.cat([kept[k0:k1] for _, _, k0, k1 in bounds]))  # sorted
     read = sum(k1 - k0 for _, _, k0, k1 in bounds)
-    if union.numel() == 0 or (strategy == "auto" and union.numel() >= read):
+    if union.numel() == 0 or (strategy == "auto" and (union.numel() >= read
+                                                       or union.numel() < min_union)):
         return "segments", None
     return "union", union
 
 
-# Measured on an Intel Xeon (2 cores, float32, SwiGLU 2048 x 5632, five experts keeping 35% each,
-# their union 88%): with one row per segment the union ran 1.46x faster than the segments, with two
-# they tied, with four the segments ran 1.35x faster. The CPU kernels are compute-bound from a few
-# rows on; GPUs (not measured) stay memory-bound longer.
+# Measured on an Intel Xeon (2 cores, float32, five experts keeping 35% each, one row per
+# segment), the segments in one C++ call against the union: the segments ran faster while the
+# union's weights stayed small, 1.39x on SmolLM2-135M's FFN (4 MiB), 1.33x on BERT-base's
+# (16 MiB), 1.16x on BERT-large's (30 MiB); the union from 42 MiB on, 1.09x on a 1024 x 4096
+# SwiGLU, 1.16x on 2048 x 5632, 1.73x on LLaMA-7B's (457 MiB). With two rows per segment the
+# segments won but on LLaMA-7B (the union 1.10x). So on the CPU "auto" takes the union only for
+# weights of UNION_MIN_BYTES_CPU or more; GPUs (not measured) take it whenever it reads less.
 UNION_MAX_ROWS = 1
+UNION_MIN_BYTES_CPU = 32 * 2**20
 
 
-def union_plan(x, segments, kept, kept_offsets, scales=None, strategy: str = "auto"):
-    """(union, row_mask) when `strategy` takes the union for these segments (`_choose_strategy`),
-    else None: what the union path of a segmented op computes before its gathers (a model serving
-    one batch composition over many decoding steps computes it once)."""
-    chosen, union = _choose_strategy(strategy, _segment_bounds(segments, kept_offsets), kept)
+def union_plan(x, segments, kept, kept_offsets, scales=None, strategy: str = "auto",
+               projections: int = 2):
+    """(union, row_mask) when `strategy` takes the union for these segments (`_choose_strategy`;
+    on the CPU, for "auto", only when the union's rows of the FFN's `projections` weight
+    matrices, of x's width and dtype, hold UNION_MIN_BYTES_CPU), else None: what the union path
+    of a segmented op computes before its gathers (a model serving one batch composition over
+    many decoding steps computes it once)."""
+    neuron_bytes = projections * x.shape[-1] * x.element_size()
+    min_union = -(-UNION_MIN_BYTES_CPU // neuron_bytes) if x.device.type == "cpu" else 0
+    chosen, union = _choose_strategy(strategy, _segment_bounds(segments, kept_offsets), kept,
+                                     min_union)
     if chosen != "union":
         return None
     return union, _union_row_mask(x, union, segments, kept, kept_offsets, scales)
@@ -245,7 +256,8 @@ def _segmented(x, out_features, segments, kept, kept_offsets, scales, strategy, 
     once; else per segment `run_segment(rows, kept, scales)` (the single-expert op on it). `up`,
     `w_out_t`, `b_out`: the projections, for the segmented kernels (see the backends'
     segmented_ffn)."""
-    plan = union_plan(x, segments, kept, kept_offsets, scales, strategy)
+    projections = 2 if up[0] == "rows" else 3
+    plan = union_plan(x, segments, kept, kept_offsets, scales, strategy, projections)
     if plan is not None:
         return run_union(x, *plan)
     bounds = _segment_bounds(segments, kept_offsets)
