@@ -71,9 +71,7 @@ def test_mixed_batch_equals_each_sequence_alone(name, device, backend, dtype):
 def test_mixed_generation_equals_each_sequence_generated_alone(name, layout, monkeypatch):
     model = build(name)
     masks = expert_masks(model, 4, seed=3)
-    # one sequence per expert: decoding takes the union of the experts' neurons (on the CPU
-    # only for large weights: these small ones are let through)
-    monkeypatch.setattr(dk.ops.library, "UNION_MIN_BYTES_CPU", 0)
+    # one sequence per expert: decoding takes the union of the experts' neurons
     rows = ([masks[0], masks[1], masks[1], masks[2], masks[3], masks[0]] if layout == "shared"
             else [masks[1], masks[2], masks[0], masks[3]])
     ids, attention = inputs(name, batch=len(rows), seed=4)

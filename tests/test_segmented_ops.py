@@ -168,19 +168,31 @@ def test_auto_picks_the_union_for_one_row_per_segment_and_shared_rows():
     assert _choose_strategy("union", bounds, kept, min_union=101)[0] == "union"
 
 
-def test_on_the_cpu_auto_takes_the_union_only_for_weights_that_leave_the_cache():
-    from doe_kernels.ops.library import UNION_MIN_BYTES_CPU, union_plan
+def test_on_the_cpu_an_op_call_takes_the_union_only_for_weights_that_leave_the_cache(
+        monkeypatch):
+    from doe_kernels.ops.library import UNION_MIN_BYTES_CPU, _min_union
 
-    def plan(hidden, projections, dtype=torch.float32):
-        lists = [torch.arange(15 * s, 15 * s + 40) for s in range(5)]  # union: 100 neurons
-        segments, kept, offsets, _ = dk.pack_segments([1] * 5, lists)
-        return union_plan(torch.zeros(5, hidden, dtype=dtype), segments, kept, offsets,
-                          projections=projections)
-
-    hidden = -(-UNION_MIN_BYTES_CPU // (100 * 4 * 2))  # 100 neurons x 2 float32 rows: the least
-    assert plan(hidden, 2) is not None and plan(hidden - 1, 2) is None
-    assert plan(hidden - 1, 3) is not None  # a SwiGLU reads three rows per neuron
-    assert plan(hidden, 2, torch.bfloat16) is None  # half the bytes
+    hidden = -(-UNION_MIN_BYTES_CPU // (100 * 4 * 2))  # the least: 100 neurons' 2 float32 rows
+    assert _min_union(torch.zeros(1, hidden), 2) == 100
+    assert _min_union(torch.zeros(1, hidden - 1), 2) == 101
+    assert _min_union(torch.zeros(1, hidden - 1), 3) < 100  # a SwiGLU reads three rows a neuron
+    assert _min_union(torch.zeros(1, hidden, dtype=torch.bfloat16), 2) > 100  # half the bytes
+    # an op call: 5 one-row segments of a small SwiGLU run per segment, unless the union's
+    # weights count as large
+    torch.manual_seed(0)
+    x, w = torch.randn(5, 16), {k: torch.randn(48, 16) for k in ("gate", "up", "down_t")}
+    segments, kept, offsets, _ = dk.pack_segments(
+        [1] * 5, [torch.arange(6 * s, 6 * s + 20) for s in range(5)])
+    unions = []
+    union_ffn = dk.ops.library.union_gather_swiglu_ffn
+    monkeypatch.setattr(dk.ops.library, "union_gather_swiglu_ffn",
+                        lambda *args: unions.append(1) or union_ffn(*args))
+    for threshold, used in ((UNION_MIN_BYTES_CPU, False), (0, True)):
+        monkeypatch.setattr(dk.ops.library, "UNION_MIN_BYTES_CPU", threshold)
+        unions.clear()
+        dk.segmented_gather_swiglu_ffn(x, w["gate"], w["up"], w["down_t"], segments, kept,
+                                       offsets, backend="cpu")
+        assert bool(unions) == used
 
 
 @pytest.mark.triton_interp

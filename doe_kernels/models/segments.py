@@ -90,15 +90,15 @@ class LayerSegments:
                                                       device=self.kept.device) * tokens
         return self._row_segments[tokens]
 
-    def union(self, x2d: torch.Tensor, batch: int, tokens: int, projections: int):
+    def union(self, x2d: torch.Tensor, batch: int, tokens: int):
         """The FFN's union plan (library.union_plan: (union, row_mask), or None to run per
-        segment; `projections`: the FFN's weight matrices) for a batch of `tokens` tokens per
-        sequence, computed once per token count: each decoding step of a generation reuses it."""
+        segment) for a batch of `tokens` tokens per sequence, computed once per token count:
+        each decoding step of a generation reuses it."""
         key = (tokens, x2d.dtype)
         if key not in self._unions:
             self._unions[key] = library.union_plan(
                 x2d, self.row_segments(batch, tokens), self.kept, self.kept_offsets,
-                self.ffn_scales, projections=projections)
+                self.ffn_scales)
         return self._unions[key]
 
     def _per_sequence(self, deltas):
@@ -152,7 +152,7 @@ def _flat(x: torch.Tensor):
 def swiglu_forward(segments: LayerSegments, x, w_gate, w_up, w_down_t, backend: str):
     """A LLaMA-style MLP over a mixed batch: each segment on its expert's neurons."""
     return _ffn_forward(
-        segments, x, 3,
+        segments, x,
         lambda x2d, union, row_mask: library.union_gather_swiglu_ffn(
             x2d, w_gate, w_up, w_down_t, union, row_mask, backend),
         lambda x2d, rows: library.segmented_gather_swiglu_ffn(
@@ -164,7 +164,7 @@ def ffn_forward(segments: LayerSegments, x, w_in, b_in, activation: str, w_out_t
                 backend: str):
     """A BERT FFN (up projection, activation, down projection) over a mixed batch."""
     return _ffn_forward(
-        segments, x, 2,
+        segments, x,
         lambda x2d, union, row_mask: library.union_gather_ffn(
             x2d, w_in, b_in, w_out_t, b_out, union, row_mask, activation, backend),
         lambda x2d, rows: library.segmented_gather_ffn(
@@ -172,12 +172,12 @@ def ffn_forward(segments: LayerSegments, x, w_in, b_in, activation: str, w_out_t
             activation, backend, segments.ffn_scales, strategy="segments"))
 
 
-def _ffn_forward(segments: LayerSegments, x, projections: int, run_union, run_segments):
-    """An FFN of `projections` weight matrices over a mixed batch: `run_union(x2d, union,
-    row_mask)` when the layer's union plan takes the union (decoding), else `run_segments(x2d,
-    row segments)`; then each sequence's segment's bias delta."""
+def _ffn_forward(segments: LayerSegments, x, run_union, run_segments):
+    """An FFN over a mixed batch: `run_union(x2d, union, row_mask)` when the layer's union plan
+    takes the union (decoding), else `run_segments(x2d, row segments)`; then each sequence's
+    segment's bias delta."""
     x2d, batch, tokens = _flat(x)
-    union = segments.union(x2d, batch, tokens, projections)
+    union = segments.union(x2d, batch, tokens)
     out = (run_union(x2d, *union) if union is not None
            else run_segments(x2d, segments.row_segments(batch, tokens)))
     return _add(out.view(*x.shape[:-1], -1), _matching(segments.ffn_delta, x))

@@ -212,8 +212,10 @@ def _choose_strategy(strategy: str, bounds, kept: torch.Tensor, min_union: int =
     if strategy == "segments" or not bounds or (
             strategy == "auto" and rows > UNION_MAX_ROWS * len(bounds)):
         return "segments", None
-    union = torch.unique(torch.cat([kept[k0:k1] for _, _, k0, k1 in bounds]))  # sorted
     read = sum(k1 - k0 for _, _, k0, k1 in bounds)
+    if strategy == "auto" and read < min_union:  # the union holds no more than `read`
+        return "segments", None
+    union = torch.unique(torch.cat([kept[k0:k1] for _, _, k0, k1 in bounds]))  # sorted
     if union.numel() == 0 or (strategy == "auto" and (union.numel() >= read
                                                        or union.numel() < min_union)):
         return "segments", None
@@ -221,30 +223,39 @@ def _choose_strategy(strategy: str, bounds, kept: torch.Tensor, min_union: int =
 
 
 # Measured on an Intel Xeon (2 cores, float32, five experts keeping 35% each, one row per
-# segment), the segments in one C++ call against the union: the segments ran faster while the
-# union's weights stayed small, 1.39x on SmolLM2-135M's FFN (4 MiB), 1.33x on BERT-base's
+# segment), one op call with the segments in one C++ call against one with the union, whose
+# plan (the union and the row mask) the call builds, about 0.3 ms: the segments ran faster while
+# the union's weights stayed small, 1.39x on SmolLM2-135M's FFN (4 MiB), 1.33x on BERT-base's
 # (16 MiB), 1.16x on BERT-large's (30 MiB); the union from 42 MiB on, 1.09x on a 1024 x 4096
-# SwiGLU, 1.16x on 2048 x 5632, 1.73x on LLaMA-7B's (457 MiB). With two rows per segment the
-# segments won but on LLaMA-7B (the union 1.10x). So on the CPU "auto" takes the union only for
-# weights of UNION_MIN_BYTES_CPU or more; GPUs (not measured) take it whenever it reads less.
+# SwiGLU, 1.16x on 2048 x 5632, 1.73x on LLaMA-7B's (457 MiB). With its plan built beforehand
+# the union ran 1.6x faster than the segments on SmolLM2's FFN. So an op call on the CPU takes
+# the union only for weights of UNION_MIN_BYTES_CPU or more; a model serving a mixed batch
+# (models/segments) builds the plan once per token count and takes the union whenever it reads
+# less, as GPUs (not measured) do.
 UNION_MAX_ROWS = 1
 UNION_MIN_BYTES_CPU = 32 * 2**20
 
 
 def union_plan(x, segments, kept, kept_offsets, scales=None, strategy: str = "auto",
-               projections: int = 2):
-    """(union, row_mask) when `strategy` takes the union for these segments (`_choose_strategy`;
-    on the CPU, for "auto", only when the union's rows of the FFN's `projections` weight
-    matrices, of x's width and dtype, hold UNION_MIN_BYTES_CPU), else None: what the union path
-    of a segmented op computes before its gathers (a model serving one batch composition over
-    many decoding steps computes it once)."""
-    neuron_bytes = projections * x.shape[-1] * x.element_size()
-    min_union = -(-UNION_MIN_BYTES_CPU // neuron_bytes) if x.device.type == "cpu" else 0
+               min_union: int = 0):
+    """(union, row_mask) when `strategy` takes the union for these segments (`_choose_strategy`,
+    "auto" with a union of at least `min_union` neurons), else None: what the union path of a
+    segmented op computes before its gathers (a model serving one batch composition over many
+    decoding steps computes it once)."""
     chosen, union = _choose_strategy(strategy, _segment_bounds(segments, kept_offsets), kept,
                                      min_union)
     if chosen != "union":
         return None
     return union, _union_row_mask(x, union, segments, kept, kept_offsets, scales)
+
+
+def _min_union(x, projections: int) -> int:
+    """The fewest neurons whose rows of an FFN's `projections` weight matrices (of x's width and
+    dtype) make a union worth building in one op call: UNION_MIN_BYTES_CPU's worth on the CPU,
+    none elsewhere."""
+    if x.device.type != "cpu":
+        return 0
+    return -(-UNION_MIN_BYTES_CPU // (projections * x.shape[-1] * x.element_size()))
 
 
 def _segmented(x, out_features, segments, kept, kept_offsets, scales, strategy, run_segment,
@@ -256,8 +267,8 @@ def _segmented(x, out_features, segments, kept, kept_offsets, scales, strategy, 
     once; else per segment `run_segment(rows, kept, scales)` (the single-expert op on it). `up`,
     `w_out_t`, `b_out`: the projections, for the segmented kernels (see the backends'
     segmented_ffn)."""
-    projections = 2 if up[0] == "rows" else 3
-    plan = union_plan(x, segments, kept, kept_offsets, scales, strategy, projections)
+    plan = union_plan(x, segments, kept, kept_offsets, scales, strategy,
+                      _min_union(x, 2 if up[0] == "rows" else 3))
     if plan is not None:
         return run_union(x, *plan)
     bounds = _segment_bounds(segments, kept_offsets)

@@ -16,7 +16,7 @@ Two ways to compute it, `strategy`:
  * "auto" (default): union where it reads fewer weight bytes and the segments hold at most
    library.UNION_MAX_ROWS rows on average (one: decoding); on the CPU only for FFNs whose
    union holds library.UNION_MIN_BYTES_CPU of weights or more (below, the weights stay in cache
-   and the segments, computing less, run faster).
+   and building the union's plan, which each call does, costs more than it saves).
 The segment and list boundaries are read on the host. "segments": the triton backend runs every
 segment in one launch per projection (a grid axis over segments, programs past their segment's
 tiles storing nothing); the cpu backend in one C++ call, in parallel over segments x tiles (segments
