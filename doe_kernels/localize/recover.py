@@ -80,36 +80,28 @@ def sliced(model, mask):
     mask.validate(model)
     ffn_tables = ("ffn", "ffn_scales", "ffn_bias")
     heads_only = mask.replace(**{name: {} for name in ffn_tables})
-    _, layers, spec = describe(model)
+    adapter, layers, _ = describe(model)
     swapped = []
-    with masked(model, heads_only):
+    with masked(model, heads_only):  # refuses models attribution does not support (MoE)
         try:
             for number, layer in enumerate(layers):
                 if not any(number in getattr(mask, name) for name in ffn_tables):
                     continue
                 kept = mask.ffn.get(number)
-                inputs, down = _ffn_projections(layer, spec.family)
-                replacements = [(parent, name, _slice(getattr(parent, name), rows=kept))
-                                for parent, name in inputs]
-                parent, name = down
-                replacements.append((parent, name, _slice(
-                    getattr(parent, name), cols=kept, col_scales=mask.ffn_scales.get(number),
-                    bias_delta=mask.ffn_bias.get(number))))
-                for parent, name, copy in replacements:
+                copies = {path: _slice(layer.get_submodule(path), rows=kept)
+                          for path in adapter.FFN_INPUTS}
+                copies[adapter.FFN_DOWN] = _slice(
+                    layer.get_submodule(adapter.FFN_DOWN), cols=kept,
+                    col_scales=mask.ffn_scales.get(number), bias_delta=mask.ffn_bias.get(number))
+                for path, copy in copies.items():
+                    parent, _, name = path.rpartition(".")
+                    parent = layer.get_submodule(parent)
                     swapped.append((parent, name, getattr(parent, name)))
                     setattr(parent, name, copy)
             yield model
         finally:
             for parent, name, original in reversed(swapped):
                 setattr(parent, name, original)
-
-
-def _ffn_projections(layer, family: str):
-    """([(parent, attribute)] of the projections whose output rows are the FFN neurons, (parent,
-    attribute) of the down projection)."""
-    if family == "bert":
-        return [(layer.intermediate, "dense")], (layer.output, "dense")
-    return [(layer.mlp, "gate_proj"), (layer.mlp, "up_proj")], (layer.mlp, "down_proj")
 
 
 def _slice(linear: nn.Linear, rows=None, cols=None, col_scales=None, bias_delta=None) -> nn.Linear:

@@ -22,9 +22,14 @@ FAMILY = "bert"
 DESCRIPTION = "BERT family (BertModel and its task heads, RoBERTa)"
 
 
+# the FFN's projections in a layer: those whose output rows are its neurons, and the down one
+FFN_INPUTS = ("intermediate.dense",)
+FFN_DOWN = "output.dense"
+
+
 def is_layer(module) -> bool:
     return has_modules(module, "attention.self.query", "attention.self.key", "attention.self.value",
-                       "attention.output.dense", "intermediate.dense", "output.dense")
+                       "attention.output.dense", *FFN_INPUTS, FFN_DOWN)
 
 
 def layer_sizes(layer, config) -> dict:

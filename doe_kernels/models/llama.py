@@ -22,9 +22,14 @@ FAMILY = "llama"
 DESCRIPTION = "LLaMA family (LlamaForCausalLM, LlamaModel, Mistral, Qwen2)"
 
 
+# the FFN's projections in a layer: those whose output rows are its neurons, and the down one
+FFN_INPUTS = ("mlp.gate_proj", "mlp.up_proj")
+FFN_DOWN = "mlp.down_proj"
+
+
 def is_layer(module) -> bool:
     return has_modules(module, "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-                       "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+                       "self_attn.o_proj", *FFN_INPUTS, FFN_DOWN)
 
 
 def attention_sizes(layer, config) -> dict:
