@@ -5,7 +5,7 @@ import torch
 
 import doe_kernels as dk
 from doe_kernels.localize.compensate import Calibration
-from doe_kernels.localize.layerwise import layerwise_reconstruction
+from doe_kernels.localize.layerwise import UnprunedTargets, layerwise_reconstruction
 from doe_kernels.localize.recover import masked
 from doe_kernels.models import UnsupportedModelError
 from model_utils import build, inputs
@@ -161,3 +161,41 @@ def test_token_weights_count_a_token_as_often_as_they_say(name):
     weighted, repeated = weighted_and_repeated(name)
     assert_same_fit(layerwise_reconstruction(model, mask, weighted),
                     layerwise_reconstruction(model, mask, repeated), atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["bert", "llama"])
+def test_targets_computed_once_serve_every_mask_and_token_weighting(name):
+    """One UnprunedTargets serves masks at several rates, with heads or not, and the batches with
+    token weights (the same real tokens): each fit equals the one that computes its own."""
+    model = build(name)
+    batches = calibration(name, count=3)
+    weighted = [dict(batch, token_weights=batch["attention_mask"].float() * (1 + seed))
+                for seed, batch in enumerate(batches)]
+    shared = UnprunedTargets(model, batches)
+    assert shared.kinds == ("heads", "ffn")
+    assert not any(y.requires_grad for layer in shared.layers for kind in layer.values()
+                   for y in kind)  # no autograd graph kept alive
+    for keep in (0.2, 0.7):
+        for heads_keep in (1.0, 0.5):
+            mask = dk.ExpertMask.random(model, ffn_keep=keep, heads_keep=heads_keep, seed=3)
+            for data in (batches, weighted):
+                assert_same_fit(layerwise_reconstruction(model, mask, data, unpruned=shared),
+                                layerwise_reconstruction(model, mask, data), atol=0)
+
+
+def test_targets_of_other_batches_or_kinds_are_refused():
+    model = build("llama")
+    batches = calibration("llama", count=2)
+    ffn_only = UnprunedTargets(model, batches, kinds=("ffn",))
+    with_heads = dk.ExpertMask.random(model, ffn_keep=0.5, heads_keep=0.5)
+    with pytest.raises(ValueError, match=r"hold \['ffn'\], not \['heads'\]"):
+        layerwise_reconstruction(model, with_heads, batches, unpruned=ffn_only)
+    ffn_mask = dk.ExpertMask.random(model, ffn_keep=0.5)
+    for other in (calibration("llama", count=3), calibration("llama", count=2)[::-1]):
+        with pytest.raises(ValueError, match="other calibration batches"):
+            layerwise_reconstruction(model, ffn_mask, other, unpruned=ffn_only)
+    with pytest.raises(ValueError, match="kinds must be among"):
+        UnprunedTargets(model, batches, kinds=("mlp",))
+    with dk.plugged(model, ffn_mask), pytest.raises(ValueError, match="unpruned model"):
+        UnprunedTargets(model, batches)
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())

@@ -66,3 +66,30 @@ def test_each_mode_fits_what_it_names(tokenizer, mode):
                 else Calibration.collect(run.model, batches).fit(candidate.mask,
                                                                  scales=mode == "scales"))
     assert fitted.mask == expected
+
+
+def test_the_unpruned_targets_are_computed_once_per_run(tokenizer, monkeypatch):
+    """Every candidate's layer-wise fits, at both read-out weights, share one set of unpruned
+    targets; a mask pruning a kind of projection the earlier ones did not gets them again."""
+    from doe_kernels.localize import reconstruct
+
+    run, train, tuned, _ = setup(tokenizer)
+    built = []
+
+    class Counted(reconstruct.UnprunedTargets):
+        def __init__(self, model, batches, kinds):
+            built.append(tuple(sorted(kinds)))
+            super().__init__(model, batches, kinds)
+
+    monkeypatch.setattr(reconstruct, "UnprunedTargets", Counted)
+    reconstructor = Reconstructor.collect(run, tuned, train, "auto", 16, 0.0)
+    ffn_only = [run.task.expert(seq_cls_expert(run.model, rate=rate).mask.replace(heads={}),
+                                tuned.prompt, tuned.head) for rate in (0.3, 0.6)]
+    for candidate in ffn_only:
+        reconstructor(run, candidate)
+    assert built == [("ffn",)]
+    with_heads = run.task.expert(seq_cls_expert(run.model, rate=0.5).mask, tuned.prompt,
+                                 tuned.head)
+    reconstructor(run, with_heads)
+    reconstructor(run, ffn_only[0])
+    assert built == [("ffn",), ("ffn", "heads")]

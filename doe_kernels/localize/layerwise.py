@@ -13,20 +13,27 @@ fitted in forward order on
 
 so that the kept units' scales s and the bias delta b minimise E || sum_{kept i} s_i c_i(x') + b
 - y ||^2 over the real tokens (c_i: unit i's contribution, as in `compensate`; with x' = x this is
-`Calibration.fit`'s problem). Cost per mask: about three passes over the calibration batches (the
-unpruned layer, the pruned layer up to each projection, the fitted layer), against none for
-`Calibration.fit`; memory: the two models' hidden states of the calibration tokens.
+`Calibration.fit`'s problem). The targets do not depend on the mask: `UnprunedTargets` computes
+them in one pass of the unpruned model, once for all the masks fitted on the same batches. Cost
+per mask: about two passes of the pruned model over the calibration batches (each layer up to
+the projection fitted, then the fitted layer), its FFN run on sliced copies of the kept neurons'
+weights (`recover.sliced`), against none for `Calibration.fit`; memory: the targets, and the
+pruned model's hidden states of the calibration batches.
 """
+import contextlib
+
 import torch
 
 from doe_kernels.localize.attribution import hook_points
 from doe_kernels.localize.compensate import (_check_fit, _check_unpatched, _prunes, _solve,
                                              model_batch)
-from doe_kernels.localize.recover import masked
+from doe_kernels.localize.recover import sliced
 from doe_kernels.mask import ExpertMask
 from doe_kernels.models import describe
 
 _CACHES = ("cache", "past_key_values", "past_key_value")
+KINDS = ("heads", "ffn")  # the projections fitted, in each layer's forward order
+_FITTED_TABLES = ("ffn", "heads", "ffn_scales", "head_scales", "ffn_bias", "attn_bias")
 
 
 class _Stop(Exception):
@@ -56,13 +63,16 @@ class _Fit:
         self.unit_total = weight.new_zeros(size, hidden)  # sum of each unit's contribution
         self.target_total = weight.new_zeros(hidden)
 
-    def add(self, pruned_rows: torch.Tensor, target: torch.Tensor, weights: torch.Tensor):
-        """pruned_rows: (tokens, inputs) of the projection in the pruned model; target: (tokens,
-        hidden) float64; weights: (tokens,) float64."""
+    def add(self, pruned_rows: torch.Tensor, target: torch.Tensor, weights: torch.Tensor,
+            gathered: bool = False):
+        """pruned_rows: (tokens, inputs) of the projection in the pruned model (neurons:
+        (tokens, kept) when `gathered`); target: (tokens, hidden) float64; weights: (tokens,)
+        float64."""
         self.count += float(weights.sum())
         self.target_total += weights @ target
         if self.head_dim is None:
-            h = pruned_rows.to(torch.float64)[:, self.kept]
+            h = pruned_rows.to(torch.float64)
+            h = h if gathered else h[:, self.kept]
             weighted = h * weights[:, None]
             self.gram += (h.T @ weighted) * (self.weight.T @ self.weight)
             self.cross += (weighted * (target @ self.weight)).sum(0)
@@ -90,47 +100,137 @@ class _Fit:
                 (None if delta is None else delta.float().cpu()))
 
 
+class UnprunedTargets:
+    """The fits' targets, which no mask changes: per layer, the unpruned model's projection W x of
+    each projection's own input (the down projection's: kind "ffn"; the attention output's:
+    "heads"), the real tokens' rows of each calibration batch, float32. `localize` builds one per
+    run and passes it to every candidate's `layerwise_reconstruction` (and to both read-out
+    weights: token weights do not change which tokens are real), which then runs only the pruned
+    model. Memory: real tokens x hidden size x 4 bytes per layer and kind."""
+
+    @torch.no_grad()
+    def __init__(self, model, batches, kinds=("ffn", "heads")):
+        unknown = set(kinds) - set(KINDS)
+        if unknown:
+            raise ValueError(f"kinds must be among {KINDS}, got {sorted(unknown)}")
+        _check_unpatched(model)
+        points, _ = hook_points(model)
+        layers = describe(model)[1]
+        self.kinds = tuple(kind for kind in KINDS if kind in kinds)
+        with _evaluating(model):
+            states, keeps = _layer_inputs(model, layers[0], batches)
+            self.real = [real for real, _ in keeps]
+            self.fingerprint = _fingerprint(states)
+            self.layers = []  # per layer: {kind: [per batch (tokens, hidden) float32]}
+            for layer, (ffn_module, head_module) in enumerate(points):
+                modules = {"ffn": ffn_module, "heads": head_module}
+                targets, states = _unpruned_layer(
+                    layers[layer], [modules[kind] for kind in self.kinds], states, keeps)
+                self.layers.append({kind: [y.float() for y in targets[modules[kind]]]
+                                    for kind in self.kinds})
+
+    def check(self, states, keeps, kinds) -> None:
+        """Refuses batches (their first layer's inputs `states` and real tokens `keeps`) other
+        than the ones these targets were computed on, or a fit of a kind they do not hold."""
+        missing = sorted(set(kinds) - set(self.kinds))
+        if missing:
+            raise ValueError(f"these unpruned targets hold {list(self.kinds)}, not {missing}")
+        same = len(keeps) == len(self.real) and all(
+            torch.equal(real, theirs) and torch.equal(mine, known)
+            for (real, _), theirs, mine, known in zip(keeps, self.real, _fingerprint(states),
+                                                      self.fingerprint))
+        if not same:
+            raise ValueError("the unpruned targets were computed on other calibration batches "
+                             "(their tokens differ)")
+
+
+def _fingerprint(states) -> list:
+    """Per batch, the first layer's input summed over the hidden features: what tells one set of
+    calibration batches from another."""
+    return [args[0].sum(-1) for args, _ in states]
+
+
+def pruned_kinds(mask: ExpertMask, spec) -> tuple:
+    """The kinds of projection ("ffn", "heads") `mask` prunes in some layer: the fits it needs."""
+    sizes = {"ffn": (mask.ffn, spec.intermediate_size), "heads": (mask.heads, spec.num_heads)}
+    return tuple(kind for kind in KINDS
+                 if any(_prunes(sizes[kind][0], layer, sizes[kind][1])
+                        for layer in range(spec.num_layers)))
+
+
 @torch.no_grad()
 def layerwise_reconstruction(model, mask: ExpertMask, batches, *, scales: bool = True,
-                             bias: bool = True, ridge: float = 0.1) -> ExpertMask:
+                             bias: bool = True, ridge: float = 0.1,
+                             unpruned: UnprunedTargets | None = None) -> ExpertMask:
     """`mask` with scales and bias deltas fitted layer by layer on the pruned model's inputs
     (replacing any it held; see the module docstring). model: an unpatched BERT- or LLaMA-family
     model, left as it was; batches: keyword dicts for `model(**batch)` with an attention_mask, as
     `Calibration.collect` takes (e.g. `Expert.calibration_batches`); scales, bias, ridge: as
-    `Calibration.fit`."""
+    `Calibration.fit`; unpruned: the targets of these batches computed once (`UnprunedTargets`)
+    for several fits (None: computed here)."""
     _check_fit(mask, scales, bias, ridge)
     _check_unpatched(model)
     points, spec = hook_points(model)
     mask.check_spec(spec)
-    layers = describe(model)[1]
+    adapter, layers, _ = describe(model)
+    with _evaluating(model):
+        pruned, keeps = _layer_inputs(model, layers[0], batches)
+        kinds = pruned_kinds(mask, spec)
+        if not kinds:  # nothing to fit
+            return mask.replace(ffn=mask.ffn, heads=mask.heads)
+        if unpruned is None:
+            unpruned = UnprunedTargets(model, batches, kinds)
+        unpruned.check(pruned, keeps, kinds)
+        fitted = mask.replace(ffn=mask.ffn, heads=mask.heads)  # the kept lists, nothing fitted
+        for layer, (ffn_module, head_module) in enumerate(points):
+            for kind, module, read_at, index, size, head_dim, names in (
+                    ("heads", head_module, head_module, fitted.heads, spec.num_heads,
+                     spec.head_dim, ("head_scales", "attn_bias")),
+                    ("ffn", ffn_module, adapter.FFN_DOWN, fitted.ffn, spec.intermediate_size,
+                     None, ("ffn_scales", "ffn_bias"))):
+                if _prunes(index, layer, size):
+                    fit = _Fit(module.weight, index[layer], head_dim)
+                    rows = _pruned_inputs(model, layers[layer], layer, fitted, read_at, pruned,
+                                          keeps)
+                    for x, y, (_, weights) in zip(rows, unpruned.layers[layer][kind], keeps):
+                        fit.add(x, y.to(torch.float64), weights, gathered=kind == "ffn")
+                    layer_scales, delta = fit.solve(scales, bias, ridge)
+                    fitted = fitted.replace(**_merged(fitted, names, layer, layer_scales, delta))
+            with sliced(model, _at_layer(fitted, layer)):
+                pruned = _capture(layers[layer], [], pruned, keeps, stop=False)[1]
+    return fitted
+
+
+def _pruned_inputs(model, layer_module, layer: int, fitted: ExpertMask, projection, states,
+                   keeps):
+    """Per batch, the real tokens' input rows of `projection` (a module of layer number `layer`,
+    or its path in the layer) in the pruned model (`fitted` as fitted so far: nothing yet for
+    this projection, so its kept units unscaled). The FFN runs sliced: the down projection, given
+    by its path, is read from its sliced copy, whose rows hold the kept neurons only; the
+    attention output's rows are full (pruned heads zero)."""
+    with sliced(model, _at_layer(fitted, layer)):
+        if isinstance(projection, str):
+            projection = layer_module.get_submodule(projection)
+        return _capture(layer_module, [projection], states, keeps, stop=True)[0][0]
+
+
+def _at_layer(mask: ExpertMask, layer: int) -> ExpertMask:
+    """`mask` restricted to one layer (the only one a pass runs), so that `sliced` copies that
+    layer's projections alone."""
+    return mask.replace(**{name: ({layer: table[layer]} if layer in table else {})
+                           for name in _FITTED_TABLES for table in [getattr(mask, name)]})
+
+
+@contextlib.contextmanager
+def _evaluating(model):
+    """The model in eval mode while the body runs, each module's mode restored after."""
     modes = [(module, module.training) for module in model.modules()]
     try:
         model.eval()
-        dense, keeps = _layer_inputs(model, layers[0], batches)
-        pruned = list(dense)
-        fitted = mask.replace(ffn=mask.ffn, heads=mask.heads)  # the kept lists, nothing fitted
-        for layer, (ffn_module, head_module) in enumerate(points):
-            targets, dense = _unpruned_layer(layers[layer], (head_module, ffn_module), dense,
-                                             keeps)
-            for module, index, size, head_dim, names in (
-                    (head_module, fitted.heads, spec.num_heads, spec.head_dim,
-                     ("head_scales", "attn_bias")),
-                    (ffn_module, fitted.ffn, spec.intermediate_size, None,
-                     ("ffn_scales", "ffn_bias"))):
-                if _prunes(index, layer, size):
-                    fit = _Fit(module.weight, index[layer], head_dim)
-                    with masked(model, fitted):  # nothing fitted for `module` yet: kept unscaled
-                        rows = _capture(layers[layer], [module], pruned, keeps, stop=True)[0][0]
-                    for x, y, (_, weights) in zip(rows, targets[module], keeps):
-                        fit.add(x, y, weights)
-                    layer_scales, delta = fit.solve(scales, bias, ridge)
-                    fitted = fitted.replace(**_merged(fitted, names, layer, layer_scales, delta))
-            with masked(model, fitted):
-                pruned = _capture(layers[layer], [], pruned, keeps, stop=False)[1]
+        yield model
     finally:
         for module, training in modes:
             module.training = training
-    return fitted
 
 
 def _merged(mask: ExpertMask, names, layer: int, layer_scales, delta) -> dict:

@@ -14,7 +14,9 @@ from tqdm.auto import tqdm
 
 from doe_kernels.expert import Expert
 from doe_kernels.localize.compensate import Calibration
-from doe_kernels.localize.layerwise import layerwise_reconstruction
+from doe_kernels.localize.layerwise import (UnprunedTargets, layerwise_reconstruction,
+                                            pruned_kinds)
+from doe_kernels.models import spec_of
 
 # (name, fit, read-out weight): what "auto" chooses from
 AUTO_VARIANTS = (("plain", "none", 0.0), ("scales", "scales", 0.0),
@@ -25,7 +27,8 @@ FIDELITY_EXAMPLES = 128  # training examples after the calibration ones, for "au
 
 class Reconstructor:
     """Fits a candidate's reconstruction as `RecoveryConfig.reconstruct` says: the calibration
-    batches (per read-out weight, kept as lists) and their moments are gathered once per call."""
+    batches (per read-out weight, kept as lists) and their moments are gathered once per run, and
+    so are the layer-wise fits' unpruned targets (on the first layer-wise fit)."""
 
     def __init__(self, mode: str, readout_weight: float, batches: dict, calibrations: dict,
                  fidelity: tuple | None, examples: int):
@@ -35,6 +38,7 @@ class Reconstructor:
         self.calibrations = calibrations  # read-out weight -> Calibration ("scales", "bias")
         self.fidelity = fidelity  # "auto": (texts, the unpruned model's label log-probabilities)
         self.examples = examples  # calibration examples
+        self.unpruned = None  # the layer-wise fits' UnprunedTargets, shared by every candidate
 
     @classmethod
     def collect(cls, run, tuned_expert: Expert, train, mode: str, count: int,
@@ -79,8 +83,20 @@ class Reconstructor:
         if fit == "none":
             return mask
         if fit == "layerwise":
-            return layerwise_reconstruction(run.model, mask, self.batches[weight])
+            return layerwise_reconstruction(run.model, mask, self.batches[weight],
+                                            unpruned=self._unpruned(run, mask))
         return self.calibrations[weight].fit(mask, scales=fit == "scales")
+
+    def _unpruned(self, run, mask) -> UnprunedTargets | None:
+        """The unpruned targets for `mask`'s fits (None when it prunes nothing), computed on the
+        first read-out weight's batches (the others hold the same real tokens), again only when
+        a mask prunes a kind of projection the earlier ones did not."""
+        kinds = set(pruned_kinds(mask, spec_of(run.model)))
+        held = set(self.unpruned.kinds) if self.unpruned is not None else set()
+        if kinds and not kinds <= held:
+            self.unpruned = UnprunedTargets(run.model, next(iter(self.batches.values())),
+                                            kinds | held)
+        return self.unpruned
 
     def _divergence(self, run, candidate: Expert) -> float:
         texts, dense = self.fidelity
