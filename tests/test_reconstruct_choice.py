@@ -35,7 +35,7 @@ def test_auto_keeps_the_variant_closest_to_the_unpruned_answers(tokenizer):
     assert reconstructor.examples == 16
     shuffled = train.sample(len(train), seed=0)
     judge = shuffled.texts[16:16 + FIDELITY_EXAMPLES]
-    assert reconstructor.fidelity[0] == judge and len(judge) == 24  # what no fit has seen
+    assert reconstructor.fidelity.texts == judge and len(judge) == 24  # what no fit has seen
     dense = torch.log_softmax(tuned.predict_logits(run.model, run.tokenizer, judge).double(), -1)
     chosen = reconstructor(run, candidate)
     divergences = {}
@@ -93,3 +93,4 @@ def test_the_unpruned_targets_are_computed_once_per_run(tokenizer, monkeypatch):
     reconstructor(run, with_heads)
     reconstructor(run, ffn_only[0])
     assert built == [("ffn",), ("ffn", "heads")]
+

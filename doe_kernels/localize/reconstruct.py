@@ -6,9 +6,12 @@ Reconstruction is a least-squares fit of layer outputs; what a task needs is the
 masks a fit moves the token the answer is read from, or collapses the model to one label
 (docs/results.md). "auto" therefore fits every variant of `AUTO_VARIANTS` and keeps the one whose
 label distribution has the smallest mean KL divergence from the unpruned prompt-tuned model's on
-`FIDELITY_EXAMPLES` training examples that no fit has seen: the plain mask when every fit does
-worse. The choice is made without the validation set, which the search keeps for its rule.
+`FIDELITY_EXAMPLES` training examples that no fit has seen (`Fidelity`): the plain mask when every
+fit does worse. The choice is made without the validation set, which the search keeps for its
+rule.
 """
+from dataclasses import dataclass
+
 import torch
 from tqdm.auto import tqdm
 
@@ -25,29 +28,56 @@ AUTO_VARIANTS = (("plain", "none", 0.0), ("scales", "scales", 0.0),
 FIDELITY_EXAMPLES = 128  # training examples after the calibration ones, for "auto"'s choice
 
 
+def held_out_draw(train, seed: int, count: int) -> tuple[list, list]:
+    """(the calibration texts: `count` training examples drawn with `seed`; the judging texts:
+    the next FIDELITY_EXAMPLES of the same draw, or the calibration texts when none is left)."""
+    texts = train.sample(len(train), seed=seed).texts
+    calibration = texts[:count]
+    return calibration, texts[count:count + FIDELITY_EXAMPLES] or calibration
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    """Training examples that no fit sees, and the unpruned prompt-tuned model's label
+    log-probabilities on them (float64): `divergence` says how far a candidate's answers are
+    from that model's."""
+    texts: list
+    reference: torch.Tensor
+
+    @classmethod
+    def collect(cls, run, tuned_expert: Expert, texts) -> "Fidelity":
+        dense = tuned_expert.predict_logits(run.model, run.tokenizer, texts,
+                                            batch_size=2 * run.batch_size)
+        return cls(list(texts), torch.log_softmax(dense.double(), -1))
+
+    def divergence(self, run, candidate: Expert) -> float:
+        """Mean KL divergence from the unpruned model's label distribution to the candidate's."""
+        return mean_kl(self.reference, candidate.predict_logits(
+            run.model, run.tokenizer, self.texts, batch_size=2 * run.batch_size))
+
+
 class Reconstructor:
     """Fits a candidate's reconstruction as `RecoveryConfig.reconstruct` says: the calibration
     batches (per read-out weight, kept as lists) and their moments are gathered once per run, and
     so are the layer-wise fits' unpruned targets (on the first layer-wise fit)."""
 
     def __init__(self, mode: str, readout_weight: float, batches: dict, calibrations: dict,
-                 fidelity: tuple | None, examples: int):
+                 fidelity: Fidelity | None, examples: int):
         self.mode = mode
         self.readout_weight = readout_weight
         self.batches = batches  # read-out weight -> calibration batches
         self.calibrations = calibrations  # read-out weight -> Calibration ("scales", "bias")
-        self.fidelity = fidelity  # "auto": (texts, the unpruned model's label log-probabilities)
+        self.fidelity = fidelity  # "auto": what it chooses the variant by
         self.examples = examples  # calibration examples
         self.unpruned = None  # the layer-wise fits' UnprunedTargets, shared by every candidate
 
     @classmethod
     def collect(cls, run, tuned_expert: Expert, train, mode: str, count: int,
                 readout_weight: float) -> "Reconstructor":
-        """Calibration on `count` training examples drawn with the run's seed (for "auto", the
-        next FIDELITY_EXAMPLES of the same draw judge the variants), with `tuned_expert`'s
-        prompt."""
-        shuffled = train.sample(len(train), seed=run.seed)
-        texts = shuffled.texts[:count]
+        """Calibration on `count` training examples drawn with the run's seed, with
+        `tuned_expert`'s prompt; for "auto", the next FIDELITY_EXAMPLES of the same draw judge
+        the variants (`held_out_draw`)."""
+        texts, judge = held_out_draw(train, run.seed, count)
         weights = (sorted({w for _, _, w in AUTO_VARIANTS}) if mode == "auto"
                    else [readout_weight])
         batches, calibrations = {}, {}
@@ -58,12 +88,7 @@ class Reconstructor:
             if mode in ("scales", "bias", "auto"):
                 calibrations[weight] = Calibration.collect(run.model, weighted,
                                                            scales=mode != "bias")
-        fidelity = None
-        if mode == "auto":
-            judge = shuffled.texts[count:count + FIDELITY_EXAMPLES] or texts
-            dense = tuned_expert.predict_logits(run.model, run.tokenizer, judge,
-                                                batch_size=2 * run.batch_size)
-            fidelity = judge, torch.log_softmax(dense.double(), -1)
+        fidelity = Fidelity.collect(run, tuned_expert, judge) if mode == "auto" else None
         return cls(mode, readout_weight, batches, calibrations, fidelity, len(texts))
 
     def __call__(self, run, expert: Expert) -> Expert:
@@ -74,7 +99,7 @@ class Reconstructor:
         best = None
         for name, fit, weight in AUTO_VARIANTS:
             candidate = _with_mask(run, expert, self._fit(run, expert.mask, fit, weight), name)
-            divergence = self._divergence(run, candidate)
+            divergence = self.fidelity.divergence(run, candidate)
             if best is None or divergence < best[0]:
                 best = divergence, candidate
         return best[1]
@@ -97,11 +122,6 @@ class Reconstructor:
             self.unpruned = UnprunedTargets(run.model, next(iter(self.batches.values())),
                                             kinds | held)
         return self.unpruned
-
-    def _divergence(self, run, candidate: Expert) -> float:
-        texts, dense = self.fidelity
-        return mean_kl(dense, candidate.predict_logits(run.model, run.tokenizer, texts,
-                                                       batch_size=2 * run.batch_size))
 
 
 def mean_kl(reference_log_probs: torch.Tensor, logits: torch.Tensor) -> float:

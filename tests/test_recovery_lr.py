@@ -1,0 +1,43 @@
+"""python/recovery_lr.py on a tiny budget (a built-in task, a random prompt on all-MiniLM-L6-v2):
+a row per rate and learning rate, and the unpruned expert left as it is at zero divergence."""
+import json
+
+import pytest
+import torch
+
+import doe_kernels as dk
+from doe_kernels.expert import model_sizes
+from expert_utils import sentiment_task
+from real_models import minilm_dir
+
+import recovery_lr  # python/, on the tests' path (pyproject.toml: pythonpath)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_a_row_per_rate_and_learning_rate(tmp_path, monkeypatch):
+    minilm_dir()  # the script loads all-MiniLM-L6-v2: skips where its package is missing
+    model, _ = recovery_lr.up.load_model("minilm", 2)
+    gen = torch.Generator().manual_seed(0)
+    head = {f"classifier.{k}": torch.randn(v.shape, generator=gen) * 0.1
+            for k, v in model.classifier.state_dict().items()}
+    expert = dk.Expert(None, torch.randn(3, model.config.hidden_size, generator=gen) * 0.1,
+                       "seq_cls", ["negative", "positive"], head=head, sizes=model_sizes(model),
+                       name="sentiment", max_length=32)
+    (tmp_path / "minilm").mkdir()
+    expert.save(tmp_path / "minilm" / "sentiment.safetensors")
+    data = sentiment_task(48).split((0.5, 0.5, 0.0))
+    monkeypatch.setattr(recovery_lr.up, "task_splits",
+                        lambda task, args: dict(train=data["train"].sample(16),
+                                                validation=data["validation"]))
+    monkeypatch.setattr(recovery_lr, "JUDGED", 8)
+    out = tmp_path / "recovery_lr.json"
+    result = recovery_lr.main(["--start-from", str(tmp_path), "--tasks", "sentiment",
+                               "--rates", "0", "0.5", "--lrs", "0.03", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    rows = result["rows"]
+    assert [(row["rate"], row["lr"]) for row in rows] == [(0, None), (0, 0.03), (0.5, None),
+                                                          (0.5, 0.03)]
+    assert rows[0]["kl"] == pytest.approx(0, abs=1e-6)  # the unpruned expert as it is
+    assert all(row["kl"] >= -1e-9 and 0 <= row["validation"] <= 1 for row in rows)
+    assert rows[2]["kl"] > rows[0]["kl"]  # pruning half the neurons moves the answers
