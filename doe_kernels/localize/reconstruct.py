@@ -113,8 +113,8 @@ class Reconstructor:
         return self.calibrations[weight].fit(mask, scales=fit == "scales")
 
     def _unpruned(self, run, mask) -> UnprunedTargets | None:
-        """The unpruned targets for `mask`'s fits (None when it prunes nothing), computed on the
-        first read-out weight's batches (the others hold the same real tokens), again only when
+        """The unpruned targets for `mask`'s fits (None until a mask prunes something), computed
+        on the first read-out weight's batches (the others hold the same real tokens), again only when
         a mask prunes a kind of projection the earlier ones did not."""
         kinds = set(pruned_kinds(mask, spec_of(run.model)))
         held = set(self.unpruned.kinds) if self.unpruned is not None else set()
