@@ -217,8 +217,9 @@ def _pruned_inputs(model, layer_module, layer: int, fitted: ExpertMask, projecti
 def _at_layer(mask: ExpertMask, layer: int) -> ExpertMask:
     """`mask` restricted to one layer (the only one a pass runs), so that `sliced` copies that
     layer's projections alone."""
+    tables = {name: getattr(mask, name) for name in _FITTED_TABLES}
     return mask.replace(**{name: ({layer: table[layer]} if layer in table else {})
-                           for name in _FITTED_TABLES for table in [getattr(mask, name)]})
+                           for name, table in tables.items()})
 
 
 @contextlib.contextmanager

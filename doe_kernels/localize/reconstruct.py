@@ -28,14 +28,6 @@ AUTO_VARIANTS = (("plain", "none", 0.0), ("scales", "scales", 0.0),
 FIDELITY_EXAMPLES = 128  # training examples after the calibration ones, for "auto"'s choice
 
 
-def held_out_draw(train, seed: int, count: int) -> tuple[list, list]:
-    """(the calibration texts: `count` training examples drawn with `seed`; the judging texts:
-    the next FIDELITY_EXAMPLES of the same draw, or the calibration texts when none is left)."""
-    texts = train.sample(len(train), seed=seed).texts
-    calibration = texts[:count]
-    return calibration, texts[count:count + FIDELITY_EXAMPLES] or calibration
-
-
 @dataclass(frozen=True)
 class Fidelity:
     """Training examples that no fit sees, and the unpruned prompt-tuned model's label
@@ -75,9 +67,11 @@ class Reconstructor:
     def collect(cls, run, tuned_expert: Expert, train, mode: str, count: int,
                 readout_weight: float) -> "Reconstructor":
         """Calibration on `count` training examples drawn with the run's seed, with
-        `tuned_expert`'s prompt; for "auto", the next FIDELITY_EXAMPLES of the same draw judge
-        the variants (`held_out_draw`)."""
-        texts, judge = held_out_draw(train, run.seed, count)
+        `tuned_expert`'s prompt; for "auto", the next FIDELITY_EXAMPLES of the same draw (or the
+        calibration examples when none is left) judge the variants."""
+        shuffled = train.sample(len(train), seed=run.seed).texts
+        texts = shuffled[:count]
+        judge = shuffled[count:count + FIDELITY_EXAMPLES] or texts
         weights = (sorted({w for _, _, w in AUTO_VARIANTS}) if mode == "auto"
                    else [readout_weight])
         batches, calibrations = {}, {}
@@ -114,8 +108,8 @@ class Reconstructor:
 
     def _unpruned(self, run, mask) -> UnprunedTargets | None:
         """The unpruned targets for `mask`'s fits (None until a mask prunes something), computed
-        on the first read-out weight's batches (the others hold the same real tokens), again only when
-        a mask prunes a kind of projection the earlier ones did not."""
+        on the first read-out weight's batches (the others hold the same real tokens), again only
+        when a mask prunes a kind of projection the earlier ones did not."""
         kinds = set(pruned_kinds(mask, spec_of(run.model)))
         held = set(self.unpruned.kinds) if self.unpruned is not None else set()
         if kinds and not kinds <= held:
