@@ -1,11 +1,16 @@
-"""What one epoch of distillation does to a candidate, per learning rate: validation accuracy and
-the mean KL divergence from the unpruned prompt-tuned model's answers on held-out examples, for
-the unpruned expert (distilled into itself) and for candidates at given pruning rates (FFN
-neurons ranked across layers, the plain mask), from experts that unplug_and_play.py saved.
+"""What one epoch of distillation does to a candidate, per learning rate, schedule and seed:
+validation accuracy, its paired change from the unpruned prompt-tuned model, and the mean KL
+divergence from that model's answers on held-out examples, for the unpruned expert (distilled into
+itself) and for candidates at given pruning rates (FFN neurons ranked across layers; the plain
+mask, or with --reconstruct auto localize's reconstruction), from experts that unplug_and_play.py
+saved.
 
     python python/recovery_lr.py --model minilm --start-from RUN --tasks rotten_tomatoes tweets \
         --rates 0 0.45 0.9 --lrs 0.03 0.01 0.003 --validation 1500 --top-up-validation \
         --out recovery_lr.json
+    python python/recovery_lr.py --model minilm --start-from RUN --rates 0.05625 0.1125 \
+        --lrs 0.03 --schedules constant linear --seeds 0 1 2 --reconstruct auto \
+        --validation 1500 --top-up-validation --out schedules.json
 
 The splits are unplug_and_play.py's (--max-train, --validation, --top-up-validation, --seed); the
 held-out examples are the first 128 validation examples (not trained on).
@@ -18,16 +23,18 @@ import torch
 import unplug_and_play as up
 
 import doe_kernels as dk
+from doe_kernels.localize import _Run, _Task
 from doe_kernels.localize.attribution import attribute
-from doe_kernels.localize.reconstruct import mean_kl
+from doe_kernels.localize.reconstruct import Reconstructor, mean_kl
 from doe_kernels.localize.recover import retune
-from doe_kernels.localize.search import mask_at_rate
+from doe_kernels.localize.search import mask_at_rate, paired_change
 
 JUDGED = 128  # validation examples the KL divergence is measured on
 
 
 def task_rows(task, args) -> list:
-    """One row per (rate, learning rate), and per rate one without re-tuning (lr None)."""
+    """Per rate one row without re-tuning (lr None), then one per (learning rate, schedule,
+    seed)."""
     splits = up.task_splits(task, args)
     tuned = dk.Expert.load(os.path.join(args.start_from, args.model, f"{task}.safetensors"))
     model, tokenizer = up.load_model(args.model, len(tuned.label_names))
@@ -36,7 +43,9 @@ def task_rows(task, args) -> list:
     teacher = dense.predict_logits(model, tokenizer, train.texts)
     judged = validation.texts[:JUDGED]
     reference = torch.log_softmax(dense.predict_logits(model, tokenizer, judged).double(), -1)
+    baseline = dense.correct(model, tokenizer, validation).tolist()
     ffn_scores, head_scores = attribute(model, tokenizer, dense, train, progress=False)
+    reconstruct = _reconstructor(model, tokenizer, dense, train, args)
     rows = []
     for rate in args.rates:
         mask = mask_at_rate(ffn_scores, head_scores, rate, "global", prune_heads=False)
@@ -44,16 +53,33 @@ def task_rows(task, args) -> list:
                               label_words=dense.label_words, label_token_ids=dense.label_token_ids,
                               template=dense.template, head=dense.head, sizes=dense.sizes,
                               max_length=dense.max_length)
-        for lr in [None] + args.lrs:
+        candidate = reconstruct(candidate)
+        settings = [(None, None, None)] + [(lr, schedule, seed) for lr in args.lrs
+                                           for schedule in args.schedules for seed in args.seeds]
+        for lr, schedule, seed in settings:
             expert = candidate if lr is None else retune(
-                model, tokenizer, candidate, train, 1, lr, 1e-2, 16, args.seed, progress=False,
-                teacher=teacher)[0]
-            rows.append(dict(task=task, rate=rate, lr=lr,
-                             validation=expert.evaluate(model, tokenizer, validation),
+                model, tokenizer, candidate, train, 1, lr, 1e-2, 16, seed, progress=False,
+                teacher=teacher, schedule=schedule)[0]
+            correct = expert.correct(model, tokenizer, validation)
+            rows.append(dict(task=task, rate=rate, lr=lr, schedule=schedule, seed=seed,
+                             reconstruction=candidate.figures.get("reconstruction"),
+                             validation=float(correct.float().mean()),
+                             **paired_change(correct.tolist(), baseline),
                              kl=mean_kl(reference, expert.predict_logits(model, tokenizer,
                                                                          judged))))
             print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+def _reconstructor(model, tokenizer, dense, train, args):
+    """candidate -> candidate: as it is, or with --reconstruct auto reconstructed as `localize`
+    does by default (calibrated on 256 training examples)."""
+    if args.reconstruct == "none":
+        return lambda candidate: candidate
+    task = _Task.of(model, tokenizer, train, dense.label_words, dense.template, dense.max_length)
+    run = _Run(model, tokenizer, task, 16, args.seed, False)
+    reconstructor = Reconstructor.collect(run, dense, train, "auto", 256, 0.0)
+    return lambda candidate: reconstructor(run, candidate)
 
 
 def main(argv=None) -> dict:
@@ -63,6 +89,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--tasks", nargs="+", default=["rotten_tomatoes"])
     parser.add_argument("--rates", nargs="+", type=float, default=[0.0, 0.45, 0.9])
     parser.add_argument("--lrs", nargs="+", type=float, default=[0.03, 0.01, 0.003])
+    parser.add_argument("--schedules", nargs="+", default=["linear"],
+                        choices=("constant", "linear"), help="the re-tuning's lr schedules")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0],
+                        help="the re-tuning's seeds (its data order)")
+    parser.add_argument("--reconstruct", default="none", choices=("none", "auto"),
+                        help="the candidates as masked, or reconstructed as localize does")
     parser.add_argument("--max-train", type=int, default=1000)
     parser.add_argument("--validation", type=int, default=1500)
     parser.add_argument("--top-up-validation", action="store_true")

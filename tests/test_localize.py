@@ -3,6 +3,7 @@ gradients' completeness, the pruning-rate binary search on synthetic curves, and
 run (all-MiniLM-L6-v2 on a small templated sentiment task built here)."""
 import collections
 import dataclasses
+import sys
 import time
 import warnings
 
@@ -275,7 +276,7 @@ def test_mask_at_rate():
 
 
 # ---- end to end ---------------------------------------------------------------------------
-def test_localize_end_to_end_minilm(tokenizer, tmp_path, one_thread):
+def test_localize_end_to_end_minilm(tokenizer, tmp_path, monkeypatch, one_thread):
     from transformers import BertForSequenceClassification
 
     torch.manual_seed(0)
@@ -300,6 +301,7 @@ def test_localize_end_to_end_minilm(tokenizer, tmp_path, one_thread):
     assert expert.mask.scaled == (figures["reconstruction"] != "plain")
     # ... then distils it from the prompt-tuned expert, which stays the baseline as it is
     assert figures["recover_objective"] == "distill" and figures["accuracy_before_recovery"] is None
+    assert figures["recover_schedule"] == "linear"
     print(f"\nlocalize: {seconds:.1f}s, figures: {figures}")
     assert not dk.is_patched(model) and state_dict_equal(before, snapshot(model))
     assert figures["accuracy_before"] >= 0.9
@@ -386,12 +388,24 @@ def test_localize_end_to_end_minilm(tokenizer, tmp_path, one_thread):
     # With reconstruction: each candidate's scales and bias deltas fitted on 64 training examples
     # (with the prompt-tuned expert's prompt), then its prompt and head distilled from the
     # unpruned expert's logits, before it is measured; they are served with it.
+    retuned_with = []  # each re-tuning's schedule
+
+    def spy(*args, **kwargs):
+        retuned_with.append(kwargs["schedule"])
+        return real_retune(*args, **kwargs)
+
+    localize_module = sys.modules["doe_kernels.localize"]
+    real_retune = localize_module.retune
+    monkeypatch.setattr(localize_module, "retune", spy)
     rebuilt = localize(model, tokenizer, splits["train"], splits["validation"], attribution=few,
                        recovery=RecoveryConfig(reconstruct="scales", calibration_examples=64,
-                                               epochs=1, num_examples=48, objective="distill"),
+                                               epochs=1, num_examples=48, objective="distill",
+                                               schedule="constant"),
                        search=SearchConfig(confidence=0, tolerance=0.05), start_from=expert,
                        progress=False)
     figures = rebuilt.figures
+    assert retuned_with and set(retuned_with) == {"constant"}
+    assert figures["recover_schedule"] == "constant"
     assert figures["reconstruct"] == "scales" and figures["calibration_examples"] == 64
     assert figures["recover_objective"] == "distill" and figures["recover_epochs"] == 1
     # distilling: the baseline is the prompt-tuned expert itself, not re-tuned
@@ -457,7 +471,7 @@ def test_configs_default_to_the_recipe_and_refuse_bad_values():
                                           shards=1)
     assert RecoveryConfig() == RecoveryConfig(epochs=1, lr=None, num_examples=1024,
                                               objective="distill", reconstruct="auto",
-                                              readout_weight=0.0)
+                                              readout_weight=0.0, schedule="linear")
     assert RecoveryConfig().objective == "distill"
     with pytest.raises(dataclasses.FrozenInstanceError):
         SearchConfig().tolerance = 0.1
@@ -480,7 +494,8 @@ def test_configs_default_to_the_recipe_and_refuse_bad_values():
             (lambda: PromptConfig(head_lr=0), "head_lr .* > 0"),
             (lambda: RecoveryConfig(epochs=-1), r"RecoveryConfig.epochs \(--recover-epochs\)"),
             (lambda: RecoveryConfig(lr=-5), "lr .* > 0"),
-            (lambda: RecoveryConfig(num_examples=0), r"\(--recover-examples\) .* > 0")):
+            (lambda: RecoveryConfig(num_examples=0), r"\(--recover-examples\) .* > 0"),
+            (lambda: RecoveryConfig(schedule="cosine"), r"\(--recover-schedule\) must be one of")):
         with pytest.raises(ValueError, match=message):
             make()
     with pytest.raises(TypeError, match="epochs .* must be of type int"):

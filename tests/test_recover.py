@@ -143,6 +143,36 @@ def test_distilling_moves_the_pruned_expert_towards_its_teacher(tokenizer, famil
     assert state_dict_equal(before, snapshot(model))
 
 
+@pytest.mark.parametrize("schedule", ["linear", "constant"])
+def test_retune_decays_the_learning_rates_linearly_or_holds_them(tokenizer, schedule, monkeypatch,
+                                                                 one_thread):
+    """Each optimizer step's learning rates: with "linear" lr x (1 - step / steps) for the prompt
+    and head_lr x the same for the head, over all epochs; with "constant" lr and head_lr."""
+    model, expert = _experts(tokenizer)[0]
+    seen, step = [], torch.optim.AdamW.step
+
+    def recording(self, *args, **kwargs):
+        seen.append([group["lr"] for group in self.param_groups])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording)
+    retune(model, tokenizer, expert, sentiment_task(44), epochs=2, lr=0.03, head_lr=0.01,
+           batch_size=8, progress=False, schedule=schedule)
+    steps = 2 * 6  # 44 examples in batches of 8: 6 steps an epoch
+    factors = [1 - i / steps if schedule == "linear" else 1.0 for i in range(steps)]
+    torch.testing.assert_close(torch.tensor(seen, dtype=torch.float64),
+                               torch.tensor([[0.03 * f, 0.01 * f] for f in factors],
+                                            dtype=torch.float64))
+
+
+def test_retune_refuses_an_unknown_schedule_before_training(tokenizer, one_thread):
+    model, expert = _experts(tokenizer)[0]
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"schedule must be one of \('constant', 'linear'\)"):
+        retune(model, tokenizer, expert, sentiment_task(8), progress=False, schedule="cosine")
+    assert state_dict_equal(before, snapshot(model)) and not dk.is_patched(model)
+
+
 def test_retune_a_dense_expert_trains_on_the_whole_network(tokenizer, one_thread):
     """A dense expert (mask None) is re-tuned as the baseline of a search with recovery: the
     same training on the unpruned network, which equals re-tuning with a keep-all mask."""

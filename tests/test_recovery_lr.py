@@ -15,7 +15,8 @@ import recovery_lr  # python/, on the tests' path (pyproject.toml: pythonpath)
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_a_row_per_rate_and_learning_rate(tmp_path, monkeypatch):
+def _saved_expert(tmp_path, monkeypatch, train_examples=16):
+    """A random expert saved where --start-from looks, and the splits the script will use."""
     minilm_dir()  # the script loads all-MiniLM-L6-v2: skips where its package is missing
     model, _ = recovery_lr.up.load_model("minilm", 2)
     gen = torch.Generator().manual_seed(0)
@@ -28,9 +29,13 @@ def test_a_row_per_rate_and_learning_rate(tmp_path, monkeypatch):
     expert.save(tmp_path / "minilm" / "sentiment.safetensors")
     data = sentiment_task(48).split((0.5, 0.5, 0.0))
     monkeypatch.setattr(recovery_lr.up, "task_splits",
-                        lambda task, args: dict(train=data["train"].sample(16),
+                        lambda task, args: dict(train=data["train"].sample(train_examples),
                                                 validation=data["validation"]))
     monkeypatch.setattr(recovery_lr, "JUDGED", 8)
+
+
+def test_a_row_per_rate_and_learning_rate(tmp_path, monkeypatch):
+    _saved_expert(tmp_path, monkeypatch)
     out = tmp_path / "recovery_lr.json"
     result = recovery_lr.main(["--start-from", str(tmp_path), "--tasks", "sentiment",
                                "--rates", "0", "0.5", "--lrs", "0.03", "--out", str(out)])
@@ -41,3 +46,19 @@ def test_a_row_per_rate_and_learning_rate(tmp_path, monkeypatch):
     assert rows[0]["kl"] == pytest.approx(0, abs=1e-6)  # the unpruned expert as it is
     assert all(row["kl"] >= -1e-9 and 0 <= row["validation"] <= 1 for row in rows)
     assert rows[2]["kl"] > rows[0]["kl"]  # pruning half the neurons moves the answers
+
+
+def test_a_row_per_schedule_and_seed_of_reconstructed_candidates(tmp_path, monkeypatch):
+    _saved_expert(tmp_path, monkeypatch, train_examples=24)  # two steps of 16 and 8
+    result = recovery_lr.main(["--start-from", str(tmp_path), "--tasks", "sentiment",
+                               "--rates", "0.5", "--lrs", "0.03", "--schedules", "constant",
+                               "linear", "--seeds", "0", "1", "--reconstruct", "auto",
+                               "--out", str(tmp_path / "out.json")])
+    rows = result["rows"]
+    assert [(row["lr"], row["schedule"], row["seed"]) for row in rows] == [
+        (None, None, None), (0.03, "constant", 0), (0.03, "constant", 1), (0.03, "linear", 0),
+        (0.03, "linear", 1)]
+    assert all(row["reconstruction"] is not None for row in rows)  # "auto" names its choice
+    assert all(row["gained"] + row["lost"] <= 24 and row["change_se"] >= 0 for row in rows)
+    # the second step runs at half the rate with the decay: another prompt, other answers
+    assert rows[1]["kl"] != rows[3]["kl"] and rows[2]["kl"] != rows[4]["kl"]

@@ -68,9 +68,10 @@ def localize(model, tokenizer, train, validation=None, *, label_words=None, temp
        the plain mask, whose answers on held-out training examples stay closest to the
        unpruned model's; "scales", "layerwise", "bias" or "none" fix one), then, with
        `epochs=k` (1 by default), its prompt and head re-tuned for k epochs on its pruned
-       network before it is measured, the baseline given the same training unpruned
-       (`expert.dense()`); a candidate whose re-tuning diverges fails. A warning says when
-       that training lowered the baseline by more than the tolerance.
+       network (the learning rate decayed linearly to zero) before it is measured, the
+       baseline given the same training unpruned (`expert.dense()`); a candidate whose
+       re-tuning diverges fails. A warning says when that training lowered the baseline by
+       more than the tolerance.
 
     `batch_size` (training; evaluation uses twice it), `max_length` (tokens per example),
     `backend` (the kernels candidates are measured on), `seed` and `progress` apply to every
@@ -198,6 +199,7 @@ class _Recovery:
     epochs: int
     lr: float  # RecoveryConfig.lr, by default the prompt's
     head_lr: float  # the prompt tuning's
+    schedule: str  # RecoveryConfig.schedule
     data: object  # RecoveryConfig.num_examples training examples, drawn with the seed
     teacher: object  # distillation: the prompt-tuned expert's label logits on `data`, or None
     reconstruct: str  # RecoveryConfig.reconstruct
@@ -218,7 +220,8 @@ class _Recovery:
                                                   recovery.calibration_examples,
                                                   recovery.readout_weight)
         return cls(recovery.epochs, prompt.lr if recovery.lr is None else recovery.lr,
-                   prompt.head_lr, data, teacher, recovery.reconstruct, reconstructor)
+                   prompt.head_lr, recovery.schedule, data, teacher, recovery.reconstruct,
+                   reconstructor)
 
     @property
     def calibration_examples(self) -> int:
@@ -233,7 +236,7 @@ class _Recovery:
     def retune(self, run: "_Run", expert: Expert) -> Expert:
         retuned, _ = retune(run.model, run.tokenizer, expert, self.data, self.epochs, self.lr,
                             self.head_lr, run.batch_size, run.seed, progress=False,
-                            teacher=self.teacher)
+                            teacher=self.teacher, schedule=self.schedule)
         return retuned
 
 
@@ -343,6 +346,7 @@ def _figures(expert: Expert, result, change_se: dict, base: _Baseline, recover: 
         confidence=search.confidence, scope=search.scope, method=attribution.method,
         prune_heads=search.prune_heads, recover_epochs=recover.epochs,
         recover_lr=recover.lr if recover.epochs else None,
+        recover_schedule=recover.schedule if recover.epochs else None,
         recover_examples=len(recover.data) if recover.epochs else 0,
         recover_objective=("distill" if recover.teacher is not None else "labels")
         if recover.epochs else None,

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from doe_kernels.expert import CAUSAL_LM, SEQ_CLS, encode, label_logits
 
 _FLAGS_ATTR = "_doe_kernels_requires_grad"
+SCHEDULES = ("constant", "linear")  # fit's learning-rate schedules
 
 
 @dataclass
@@ -65,16 +66,23 @@ def peft_label_logits(peft_model, input_ids, attention_mask, task_type: str, tok
     return label_logits(out.logits, task_type, token_ids).float()
 
 
+def check_schedule(schedule: str) -> None:
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+
+
 def fit(peft_model, tokenizer, data, task_type: str, token_ids=None, template=None,
         epochs: int = 5, lr: float = 3e-2, head_lr: float = 1e-2, batch_size: int = 16,
         max_length: int = 128, seed: int = 0, progress: bool = True,
-        targets: torch.Tensor | None = None) -> list[float]:
+        targets: torch.Tensor | None = None, schedule: str = "constant") -> list[float]:
     """Train the prompt (and head) with cross-entropy over the label logits, against the gold
     labels, or against `targets` ((len(data), num_labels) probabilities, e.g. a teacher's: then
     the loss is the KL divergence from them, up to their constant entropy); returns the mean loss
-    of each epoch."""
+    of each epoch. `schedule`: the learning rates held ("constant") or decayed linearly to zero
+    over the steps ("linear")."""
     if targets is not None and tuple(targets.shape[:1]) != (len(data),):
         raise ValueError(f"targets has {targets.shape[0]} rows for {len(data)} examples")
+    check_schedule(schedule)
     gold_all = torch.tensor(data.label_ids) if targets is None else targets.float()
     prompt_params, head_params = trainable(peft_model)
     groups = [{"params": prompt_params, "lr": lr}]
@@ -87,6 +95,8 @@ def fit(peft_model, tokenizer, data, task_type: str, token_ids=None, template=No
     peft_model.eval()
     losses = []
     steps = epochs * ((len(order) + batch_size - 1) // batch_size)
+    decay = (torch.optim.lr_scheduler.LinearLR(optimizer, 1.0, 0.0, total_iters=steps)
+             if schedule == "linear" else None)
     bar = tqdm(total=steps, desc="prompt tuning", disable=not progress, leave=False)
     for _ in range(epochs):
         rng.shuffle(order)
@@ -101,6 +111,8 @@ def fit(peft_model, tokenizer, data, task_type: str, token_ids=None, template=No
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if decay is not None:
+                decay.step()
             value = float(loss.detach())
             total += value * len(chosen)
             count += len(chosen)

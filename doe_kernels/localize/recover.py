@@ -1,7 +1,8 @@
 """Recovery tuning: re-train an expert's soft prompt (and head) on its own pruned network.
 
 Pruning moves the activations the prompt was tuned for; a short second round of prompt tuning on
-the pruned network (`retune`) wins back most of what pruning cost (docs/localize.md). Training
+the pruned network (`retune`, its learning rate decayed linearly to zero by default) wins back
+most of what pruning cost (docs/localize.md). Training
 needs gradients, which the patched modules do not have, so the pruned network is built on the
 unpatched model from autograd's own modules. `masked` emulates it with forward pre-hooks that zero
 the pruned units' activations (the inputs of the down and attention-output projections, the same
@@ -18,7 +19,7 @@ from torch import nn
 
 from doe_kernels.expert import Expert
 from doe_kernels.localize.attribution import hook_points
-from doe_kernels.localize.prompt import extract, fit, unwrap, wrap
+from doe_kernels.localize.prompt import check_schedule, extract, fit, unwrap, wrap
 from doe_kernels.mask import ExpertMask
 from doe_kernels.models import describe
 
@@ -140,16 +141,20 @@ def _check_finite(prompt, head, lr: float) -> None:
 
 def retune(model, tokenizer, expert: Expert, data, epochs: int = 1, lr: float = 3e-2,
            head_lr: float = 1e-2, batch_size: int = 16, seed: int = 0,
-           progress: bool = True, teacher: torch.Tensor | None = None) -> tuple[Expert, list]:
+           progress: bool = True, teacher: torch.Tensor | None = None,
+           schedule: str = "linear") -> tuple[Expert, list]:
     """(a new Expert with the same mask and a prompt and head trained for `epochs` more on
     `data` through the pruned network, the mean training loss of each epoch). Starts from the
     expert's own prompt and head; `model` (unpatched) is left as it was. A dense expert (mask
     None) is trained on the whole network: the baseline given the same extra training.
     `teacher`: (len(data), num_labels) label logits to distil (KL divergence from their softmax,
-    e.g. the unpruned prompt-tuned expert's, `Expert.predict_logits`) instead of the labels."""
+    e.g. the unpruned prompt-tuned expert's, `Expert.predict_logits`) instead of the labels.
+    `schedule`: the learning rate decayed linearly to zero over the steps ("linear"), or held
+    ("constant"; one epoch at a constant lr lands the prompt wherever Adam's last steps took it)."""
     if teacher is not None and tuple(teacher.shape) != (len(data), len(expert.label_names)):
         raise ValueError(f"teacher has shape {tuple(teacher.shape)}; it must hold one logit per "
                          f"label for each example: ({len(data)}, {len(expert.label_names)})")
+    check_schedule(schedule)
     targets = None if teacher is None else torch.softmax(teacher.float(), dim=-1)
     torch.manual_seed(seed)
     mask = ExpertMask() if expert.mask is None else expert.mask
@@ -161,7 +166,7 @@ def retune(model, tokenizer, expert: Expert, data, epochs: int = 1, lr: float = 
                 weight.copy_(expert.prompt.to(weight.device, weight.dtype))
             losses = fit(peft_model, tokenizer, data, expert.task_type, expert.label_token_ids,
                          expert.template, epochs, lr, head_lr, batch_size, expert.max_length,
-                         seed, progress, targets)
+                         seed, progress, targets, schedule)
             prompt, head = extract(peft_model)
         finally:
             unwrap(peft_model)
