@@ -2,9 +2,8 @@
 
 Pruning moves the activations the prompt was tuned for; a short second round of prompt tuning on
 the pruned network (`retune`, its learning rate decayed linearly to zero by default) wins back
-most of what pruning cost (docs/localize.md). Training
-needs gradients, which the patched modules do not have, so the pruned network is built on the
-unpatched model from autograd's own modules. `masked` emulates it with forward pre-hooks that zero
+most of what pruning cost (docs/localize.md). Training needs gradients, which the patched modules
+do not have, so the pruned network is built on the unpatched model from autograd's own modules. `masked` emulates it with forward pre-hooks that zero
 the pruned units' activations (the inputs of the down and attention-output projections, the same
 points attribution reads), which is what the patched kernels compute, at the dense model's cost.
 `sliced`, which `retune` trains through, computes the same with the FFN's projections swapped for
