@@ -19,13 +19,12 @@ import argparse
 import json
 import os
 
-import torch
 import unplug_and_play as up
 
 import doe_kernels as dk
 from doe_kernels.localize import _Run, _Task
 from doe_kernels.localize.attribution import attribute
-from doe_kernels.localize.reconstruct import Reconstructor, mean_kl
+from doe_kernels.localize.reconstruct import Fidelity, Reconstructor
 from doe_kernels.localize.recover import retune
 from doe_kernels.localize.search import mask_at_rate, paired_change
 
@@ -41,11 +40,12 @@ def task_rows(task, args) -> list:
     dense = tuned.dense()
     train, validation = splits["train"], splits["validation"]
     teacher = dense.predict_logits(model, tokenizer, train.texts)
-    judged = validation.texts[:JUDGED]
-    reference = torch.log_softmax(dense.predict_logits(model, tokenizer, judged).double(), -1)
+    run = _Run(model, tokenizer, _Task.of(model, tokenizer, train, dense.label_words,
+                                          dense.template, dense.max_length), 16, args.seed, False)
+    fidelity = Fidelity.collect(run, dense, validation.texts[:JUDGED])
     baseline = dense.correct(model, tokenizer, validation).tolist()
     ffn_scores, head_scores = attribute(model, tokenizer, dense, train, progress=False)
-    reconstruct = _reconstructor(model, tokenizer, dense, train, args)
+    reconstruct = _reconstructor(run, dense, train, args)
     rows = []
     for rate in args.rates:
         mask = mask_at_rate(ffn_scores, head_scores, rate, "global", prune_heads=False)
@@ -65,19 +65,16 @@ def task_rows(task, args) -> list:
                              reconstruction=candidate.figures.get("reconstruction"),
                              validation=float(correct.float().mean()),
                              **paired_change(correct.tolist(), baseline),
-                             kl=mean_kl(reference, expert.predict_logits(model, tokenizer,
-                                                                         judged))))
+                             kl=fidelity.divergence(run, expert)))
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
-def _reconstructor(model, tokenizer, dense, train, args):
+def _reconstructor(run, dense, train, args):
     """candidate -> candidate: as it is, or with --reconstruct auto reconstructed as `localize`
     does by default (calibrated on 256 training examples)."""
     if args.reconstruct == "none":
         return lambda candidate: candidate
-    task = _Task.of(model, tokenizer, train, dense.label_words, dense.template, dense.max_length)
-    run = _Run(model, tokenizer, task, 16, args.seed, False)
     reconstructor = Reconstructor.collect(run, dense, train, "auto", 256, 0.0)
     return lambda candidate: reconstructor(run, candidate)
 
