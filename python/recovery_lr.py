@@ -1,4 +1,4 @@
-"""What one epoch of distillation does to a candidate, per learning rate, schedule and seed:
+"""What distillation does to a candidate, per learning rate, schedule, seed and number of epochs:
 validation accuracy, its paired change from the unpruned prompt-tuned model, and the mean KL
 divergence from that model's answers on held-out examples, for the unpruned expert (distilled into
 itself) and for candidates at given pruning rates (FFN neurons ranked across layers; the plain
@@ -11,6 +11,9 @@ saved.
     python python/recovery_lr.py --model minilm --start-from RUN --rates 0.05625 0.1125 \
         --lrs 0.03 --schedules constant linear --seeds 0 1 2 --reconstruct auto \
         --validation 1500 --top-up-validation --out schedules.json
+    python python/recovery_lr.py --model minilm --start-from RUN --tasks tweets --rates 0.675 0.9 \
+        --lrs 0.03 --epochs 1 2 3 --reconstruct auto --validation 1500 --top-up-validation \
+        --out epochs.json
 
 The splits are unplug_and_play.py's (--max-train, --validation, --top-up-validation, --seed); the
 held-out examples are the first 128 validation examples (not trained on).
@@ -33,7 +36,7 @@ JUDGED = 128  # validation examples the KL divergence is measured on
 
 def task_rows(task, args) -> list:
     """Per rate one row without re-tuning (lr None), then one per (learning rate, schedule,
-    seed)."""
+    seed, epochs)."""
     splits = up.task_splits(task, args)
     tuned = dk.Expert.load(os.path.join(args.start_from, args.model, f"{task}.safetensors"))
     model, tokenizer = up.load_model(args.model, len(tuned.label_names))
@@ -54,14 +57,16 @@ def task_rows(task, args) -> list:
                               template=dense.template, head=dense.head, sizes=dense.sizes,
                               max_length=dense.max_length)
         candidate = reconstruct(candidate)
-        settings = [(None, None, None)] + [(lr, schedule, seed) for lr in args.lrs
-                                           for schedule in args.schedules for seed in args.seeds]
-        for lr, schedule, seed in settings:
+        settings = [(None, None, None, 0)] + [
+            (lr, schedule, seed, epochs) for lr in args.lrs for schedule in args.schedules
+            for seed in args.seeds for epochs in args.epochs]
+        for lr, schedule, seed, epochs in settings:
             expert = candidate if lr is None else retune(
-                model, tokenizer, candidate, train, 1, lr, 1e-2, 16, seed, progress=False,
+                model, tokenizer, candidate, train, epochs, lr, 1e-2, 16, seed, progress=False,
                 teacher=teacher, schedule=schedule)[0]
             correct = expert.correct(model, tokenizer, validation)
             rows.append(dict(task=task, rate=rate, lr=lr, schedule=schedule, seed=seed,
+                             epochs=epochs,
                              reconstruction=candidate.figures.get("reconstruction"),
                              validation=float(correct.float().mean()),
                              **paired_change(correct.tolist(), baseline),
@@ -90,6 +95,8 @@ def main(argv=None) -> dict:
                         choices=("constant", "linear"), help="the re-tuning's lr schedules")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0],
                         help="the re-tuning's seeds (its data order)")
+    parser.add_argument("--epochs", nargs="+", type=int, default=[1],
+                        help="the re-tuning's epochs (with 'linear', the decay spans them all)")
     parser.add_argument("--reconstruct", default="none", choices=("none", "auto"),
                         help="the candidates as masked, or reconstructed as localize does")
     parser.add_argument("--max-train", type=int, default=1000)

@@ -41,8 +41,8 @@ def test_a_row_per_rate_and_learning_rate(tmp_path, monkeypatch):
                                "--rates", "0", "0.5", "--lrs", "0.03", "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     rows = result["rows"]
-    assert [(row["rate"], row["lr"]) for row in rows] == [(0, None), (0, 0.03), (0.5, None),
-                                                          (0.5, 0.03)]
+    assert [(row["rate"], row["lr"], row["epochs"]) for row in rows] == [
+        (0, None, 0), (0, 0.03, 1), (0.5, None, 0), (0.5, 0.03, 1)]
     assert rows[0]["kl"] == pytest.approx(0, abs=1e-6)  # the unpruned expert as it is
     assert all(row["kl"] >= -1e-9 and 0 <= row["validation"] <= 1 for row in rows)
     assert rows[2]["kl"] > rows[0]["kl"]  # pruning half the neurons moves the answers
@@ -62,3 +62,13 @@ def test_a_row_per_schedule_and_seed_of_reconstructed_candidates(tmp_path, monke
     assert all(row["gained"] + row["lost"] <= 24 and row["change_se"] >= 0 for row in rows)
     # the second step runs at half the rate with the decay: another prompt, other answers
     assert rows[1]["kl"] != rows[3]["kl"] and rows[2]["kl"] != rows[4]["kl"]
+
+
+def test_a_row_per_number_of_epochs(tmp_path, monkeypatch):
+    _saved_expert(tmp_path, monkeypatch)
+    result = recovery_lr.main(["--start-from", str(tmp_path), "--tasks", "sentiment",
+                               "--rates", "0.5", "--lrs", "0.03", "--epochs", "1", "2",
+                               "--out", str(tmp_path / "out.json")])
+    rows = result["rows"]
+    assert [(row["lr"], row["epochs"]) for row in rows] == [(None, 0), (0.03, 1), (0.03, 2)]
+    assert rows[1]["kl"] != rows[2]["kl"]  # a second epoch trains the prompt further
