@@ -8,7 +8,9 @@
 #   budget (default)  fits one device call (give it timeout_s 560 and carry [".gpu_prebuilt"]):
 #                     every stage is cut to what is left of BUDGET seconds (default 480): the GPU
 #                     tests (`-m gpu`), BERT-base and LLaMA-7B end to end, the FFN op sweep on the
-#                     target shapes, expert swap on a LLaMA-7B-sized model, then attention.
+#                     target shapes, expert swap on a LLaMA-7B-sized model, the segmented FFN on
+#                     LLaMA-7B's shape at 5 x 1 and 5 x 3 rows (the cuda backend's segmented
+#                     kernels), then attention.
 #   tests             the whole test suite (CPU and GPU tests), then the CUDA kernels under
 #                     compute-sanitizer; no benchmarks.
 #   quick / full      the whole test suite, then `pytest benchmarks/` (or `--full`), uncut.
@@ -51,10 +53,12 @@ PYTEST=(python3 -m pytest -q -p no:cacheprovider)
 BENCH=("${PYTEST[@]}" --benchmark-disable-gc --results-dir "$packed")
 
 # ---- environment and extension -----------------------------------------------------------------
-# One CUDA op through the extension, against torch: exit 0 when the cuda backend works.
+# One CUDA op through the extension, against torch: exit 0 when the cuda backend works and has
+# the segmented kernels (a module prebuilt before them is rebuilt).
 CHECK_EXT='
 import sys, torch, doe_kernels as dk
-if "cuda" not in dk.available_backends("cuda"):
+from doe_kernels.backends import cuda
+if "cuda" not in dk.available_backends("cuda") or not hasattr(cuda, "segmented_ffn"):
     sys.exit(1)
 x, w = torch.randn(3, 64, device="cuda"), torch.randn(32, 64, device="cuda")
 rows = torch.tensor([1, 5, 30], device="cuda")
@@ -108,7 +112,9 @@ if [[ "$plan" == "tests" ]]; then
   if command -v compute-sanitizer >/dev/null 2>&1; then
     echo "== compute-sanitizer memcheck on the CUDA kernels (small shapes) $(elapsed)"
     compute-sanitizer --tool memcheck --error-exitcode 9 "${PYTEST[@]}" tests/test_ffn_ops.py \
-      -k "cuda-cuda and (40x37 or 123x37)" > "$logs/memcheck.log" 2>&1
+      tests/test_segmented_ops.py \
+      -k "(cuda-cuda and (40x37 or 123x37)) or (test_cuda_runs_every_segment and float32)" \
+      > "$logs/memcheck.log" 2>&1
     tail -n 15 "$logs/memcheck.log"
     pack
   fi
@@ -137,6 +143,7 @@ if [[ "$plan" == "budget" ]]; then
   bench ffn 150 benchmarks/test_ffn_bench.py --shapes llama-7b,bert-base,llama3-8b \
     --rates 0,0.35,0.65,0.9 --rows 1,8,16,512,2048 "$@"
   bench swap 45 benchmarks/test_swap_bench.py --full "$@"
+  bench segmented 40 benchmarks/test_segmented_bench.py --shapes llama-7b --rows 1,3 "$@"
   bench attention 60 benchmarks/test_attention_bench.py::test_attention \
     --shapes bert-base,llama3-8b --rates 0.35,0.65 --rows 1,512,2048 "$@"
 else

@@ -9,6 +9,9 @@ each holds `rows` rows of the batch (recorded as 5 x rows). Variants:
   * `segmented-auto`, `segmented-segments`, `segmented-union`: one `segmented_gather_(swiglu_)ffn`
     call, with the strategy named.
 Shapes: the quick run's bert-base and SmolLM2-135M; --full sweeps every shape.
+The calls use `backend="auto"`: on a GPU, batches of at most 16 rows (5 x 1, 5 x 3) run on the
+cuda backend, `segmented-segments` there on its segmented kernels (one launch per projection);
+larger ones on triton's.
 """
 import functools
 

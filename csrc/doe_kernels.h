@@ -32,11 +32,19 @@
 //       may have no rows, and an empty list (its rows get b_out, or zeros); w_out_t (N_total, N),
 //       scales (len(kept)) or none -> out (M, N).
 //   segmented_swiglu_ffn (CPU): the same for the SwiGLU FFN (w_gate, w_up, w_down_t; no biases).
+//   segmented_ffn, segmented_swiglu_ffn (CUDA): the same on the GPU. segments and kept_offsets
+//       stay CPU tensors (the layout sizes the launches; it is checked as on the CPU and copied to
+//       the device), kept and scales are on x's device (kept's values checked by the kernels). The
+//       hidden activations are rounded to x's dtype between the projections, as the single-expert
+//       ops store them.
 #pragma once
 
 #include <torch/extension.h>
 
 #include <optional>
+#include <vector>
+
+#include "segments.h"
 
 namespace doe_kernels {
 
@@ -66,6 +74,12 @@ at::Tensor segmented_swiglu_ffn_cpu(const at::Tensor& x, const at::Tensor& w_gat
                                     const at::Tensor& segments, const at::Tensor& kept,
                                     const at::Tensor& kept_offsets,
                                     const std::optional<at::Tensor>& scales);
+// The segments holding rows of a segmented FFN's layout (segments and kept_offsets: CPU int64, one
+// entry more than there are segments, from 0 to `rows` and to `kept_count`, non-decreasing;
+// ValueError otherwise), their `hidden` offsets 0. The CPU and CUDA entry points read it alike.
+std::vector<Segment> read_segment_layout(const at::Tensor& segments,
+                                         const at::Tensor& kept_offsets, int64_t rows,
+                                         int64_t kept_count, const char* fn);
 // Above how many input rows every CPU op gathers the kept weights and calls ATen's GEMM: -1 (the
 // default, or DOE_KERNELS_CPU_GATHER_ABOVE unset) lets each op choose by dtype, CPU and size.
 void set_cpu_gather_above(int64_t rows);
@@ -82,6 +96,17 @@ at::Tensor gather_swiglu_cuda(const at::Tensor& x, const at::Tensor& w_gate,
 at::Tensor gather_cols_linear_cuda(const at::Tensor& h, const at::Tensor& weight_t,
                                    const std::optional<at::Tensor>& bias, const at::Tensor& cols,
                                    const std::optional<at::Tensor>& scales, int64_t stream);
+at::Tensor segmented_ffn_cuda(const at::Tensor& x, const at::Tensor& w_in,
+                              const std::optional<at::Tensor>& b_in, const at::Tensor& w_out_t,
+                              const std::optional<at::Tensor>& b_out, const at::Tensor& segments,
+                              const at::Tensor& kept, const at::Tensor& kept_offsets,
+                              const std::optional<at::Tensor>& scales, int64_t activation,
+                              int64_t stream);
+at::Tensor segmented_swiglu_ffn_cuda(const at::Tensor& x, const at::Tensor& w_gate,
+                                     const at::Tensor& w_up, const at::Tensor& w_down_t,
+                                     const at::Tensor& segments, const at::Tensor& kept,
+                                     const at::Tensor& kept_offsets,
+                                     const std::optional<at::Tensor>& scales, int64_t stream);
 #endif
 
 }  // namespace doe_kernels

@@ -1,5 +1,7 @@
 """Segmented gather FFNs (mixed-task batches) on every backend present, against float64 references:
 each segment of rows equals the masked-dense FFN on its own kept neurons (and scales)."""
+import types
+
 import pytest
 import torch
 
@@ -10,17 +12,18 @@ from reference import assert_close, ffn_ref, swiglu_ffn_ref
 HIDDEN, INTERMEDIATE = 40, 37  # odd sizes
 
 
-def _random_layout(seed: int, device):
-    """1-6 segments of 0-9 rows, each keeping an empty, full or random list, with scales."""
+def _random_layout(seed: int, device, intermediate=INTERMEDIATE, max_rows=9):
+    """1-6 segments of 0-`max_rows` rows, each keeping an empty, full or random list, with
+    scales."""
     gen = torch.Generator().manual_seed(seed)
     count = int(torch.randint(1, 7, (), generator=gen))
-    rows = torch.randint(0, 10, (count,), generator=gen).tolist()
+    rows = torch.randint(0, max_rows + 1, (count,), generator=gen).tolist()
     lists = []
     for s in range(count):
         kind = ("empty", "full", "random", "random")[int(torch.randint(0, 4, (), generator=gen))]
-        size = {"empty": 0, "full": INTERMEDIATE}.get(
-            kind, int(torch.randint(1, INTERMEDIATE, (), generator=gen)))
-        lists.append(torch.randperm(INTERMEDIATE, generator=gen)[:size].sort().values)
+        size = {"empty": 0, "full": intermediate}.get(
+            kind, int(torch.randint(1, intermediate, (), generator=gen)))
+        lists.append(torch.randperm(intermediate, generator=gen)[:size].sort().values)
     scales = [1 + 0.3 * torch.randn(len(k), generator=gen, dtype=torch.float64) for k in lists]
     return rows, lists, scales
 
@@ -54,7 +57,7 @@ def test_segmented_ffns_equal_each_segment_alone(device, backend, dtype, seed, s
     segments, kept, kept_offsets, packed = dk.pack_segments(
         rows, lists, scales if scaled else None, device=device)
     packed = None if packed is None else packed.to(dtype)
-    scales = [s.to(dtype) if scaled else None for s in scales]
+    scales = [s.to(device, dtype) if scaled else None for s in scales]
     lists = [k.to(device) for k in lists]
 
     out = dk.segmented_gather_ffn(x, w["w_in"], w["b_in"], w["w_out_t"], w["b_out"], segments,
@@ -352,6 +355,119 @@ def test_cpu_entry_points_check_the_layout():
         both([0, 2, 5], [0, 3, 5], kept=torch.tensor([0, 3, 7, 2, 40]))
     with pytest.raises(RuntimeError, match="scales has 4 entries but kept has 5"):
         both([0, 2, 5], [0, 3, 5], scales=torch.ones(4))
+
+
+def _cuda_backend():
+    """The cuda backend, which on a GPU machine must have its segmented kernels."""
+    from doe_kernels.backends import cuda
+
+    if "cuda" not in dk.available_backends("cuda"):
+        pytest.skip("the cuda backend is not built")
+    assert hasattr(cuda, "segmented_ffn"), "the extension was built without the segmented kernels"
+    return cuda
+
+
+def _tile_layout(name: str, intermediate: int, gen):
+    """Segments spanning several tiles, next to one-entry and empty lists, with segments without
+    rows holding lists in the middle and at the end. "decode": at most 3 rows a segment (the down
+    projections split the kept lists over several blocks, past the end of the short ones);
+    "chunks": segments of more than 16 rows (several row chunks)."""
+    rows = {"decode": [1, 3, 0, 1, 2, 1, 0], "chunks": [37, 3, 0, 1, 17, 5, 0]}[name]
+    lists = [torch.arange(intermediate), torch.tensor([4]), torch.tensor([0, 1]),
+             torch.empty(0, dtype=torch.int64)] + [
+        torch.randperm(intermediate, generator=gen)[:n].sort().values for n in (130, 65, 7)]
+    scales = [1 + 0.3 * torch.randn(len(k), generator=gen, dtype=torch.float64) for k in lists]
+    return rows, lists, scales
+
+
+def _both_ffns(x, w, segments, kept, offsets, scales, backend):
+    """(segmented BERT FFN, segmented SwiGLU FFN) on `backend`, each segment on its own list
+    (strategy "segments")."""
+    return (dk.segmented_gather_ffn(x, w["w_in"], w["b_in"], w["w_out_t"], w["b_out"], segments,
+                                    kept, offsets, "gelu", backend=backend, scales=scales,
+                                    strategy="segments"),
+            dk.segmented_gather_swiglu_ffn(x, w["w_in"], w["w_up"], w["w_out_t"], segments, kept,
+                                           offsets, backend=backend, scales=scales,
+                                           strategy="segments"))
+
+
+def _assert_both_close(outs, rows, lists, scales, x, w, same_dtype_outs, what):
+    """`outs` of _both_ffns against each segment's float64 reference."""
+    refs = (lambda xs, k, s: ffn_ref(xs, w["w_in"], w["b_in"], w["w_out_t"], w["b_out"], k,
+                                     "gelu", s),
+            lambda xs, k, s: swiglu_ffn_ref(xs, w["w_in"], w["w_up"], w["w_out_t"], k, s))
+    for out, ref, same_dtype, name in zip(outs, refs, same_dtype_outs, ("FFN", "SwiGLU FFN")):
+        assert_close(out, _per_segment(rows, lists, scales, x, ref), same_dtype, f"{name} {what}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("layout", ["decode", "chunks"] + [f"random{seed}" for seed in range(6)])
+@pytest.mark.parametrize("hidden", [40, 150], ids=["vector-loads", "scalar-loads"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("scaled", [False, True])
+def test_cuda_runs_every_segment_in_one_call(monkeypatch, layout, hidden, dtype, scaled):
+    """The cuda backend's segmented kernels against float64 references, the torch backend's
+    error in the same dtype setting the tolerance: odd sizes (203 neurons; 40 features, read with
+    16-byte loads, or 150, read element by element), the tile layouts and random ones (1-6
+    segments of 0-20 rows, empty, full or random lists)."""
+    cuda = _cuda_backend()
+    calls = []
+    fused = cuda._segmented_ffn
+    monkeypatch.setattr(cuda, "_segmented_ffn",
+                        lambda *args: calls.append(len(args[4])) or fused(*args))
+    intermediate = 203
+    gen = torch.Generator().manual_seed(21)
+    w = _weights(dtype, "cuda", gen, hidden, intermediate)
+    if layout.startswith("random"):
+        rows, lists, scales = _random_layout(int(layout.removeprefix("random")), "cuda",
+                                             intermediate, max_rows=20)
+    else:
+        rows, lists, scales = _tile_layout(layout, intermediate, gen)
+    scales = [s.to("cuda", dtype) if scaled else None for s in scales]
+    x = torch.randn(sum(rows), hidden, generator=gen).to("cuda", dtype)
+    segments, kept, offsets, packed = dk.pack_segments(rows, lists, scales if scaled else None,
+                                                       device="cuda")
+    lists = [k.to("cuda") for k in lists]
+    outs = _both_ffns(x, w, segments, kept, offsets, packed, "cuda")
+    torch_outs = _both_ffns(x, w, segments, kept, offsets, packed, "torch")
+    _assert_both_close(outs, rows, lists, scales, x, w,
+                       (None, None) if dtype == torch.float32 else torch_outs, f"{layout} {rows}")
+    with_rows = sum(1 for count in rows if count)
+    assert calls == ([with_rows] * 2 if with_rows else [])  # one call each, every segment
+
+
+def test_cuda_backend_offers_segmented_kernels_only_with_an_extension_that_has_them(
+        monkeypatch):
+    """An extension built before the segmented CUDA kernels (or none) leaves the cuda backend
+    without `segmented_ffn`, so the library runs one single-expert call per segment."""
+    from doe_kernels.backends import cuda
+
+    for ext, offered in ((None, False), (types.SimpleNamespace(gather_swiglu_cuda=None), False),
+                         (types.SimpleNamespace(segmented_ffn_cuda=None), True)):
+        monkeypatch.setattr(cuda, "extension", lambda ext=ext: ext)
+        assert hasattr(cuda, "segmented_ffn") == offered
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_without_segmented_kernels_runs_one_call_per_segment(monkeypatch):
+    """What an extension built before the segmented kernels does: the single-expert kernels,
+    one segment after another."""
+    cuda = _cuda_backend()
+    ext = cuda.extension()
+    older = types.SimpleNamespace(**{name: getattr(ext, name) for name in dir(ext)
+                                     if not name.startswith(("_", "segmented_"))})
+    monkeypatch.setattr(cuda, "extension", lambda: older)
+    assert not hasattr(cuda, "segmented_ffn")
+    gen = torch.Generator().manual_seed(8)
+    w = _weights(torch.float32, "cuda", gen)
+    rows, lists, scales = _tile_layout("decode", INTERMEDIATE, gen)
+    lists, scales = [k.to("cuda") for k in lists], [s.to("cuda", torch.float32) for s in scales]
+    x = torch.randn(sum(rows), HIDDEN, generator=gen).to("cuda")
+    segments, kept, offsets, packed = dk.pack_segments(rows, lists, scales, device="cuda")
+    outs = _both_ffns(x, w, segments, kept, offsets, packed, "cuda")
+    _assert_both_close(outs, rows, lists, scales, x, w, (None, None), "per segment")
 
 
 @pytest.mark.parametrize("device,backend", backend_cases())

@@ -532,6 +532,36 @@ at::Tensor gather_cols_linear_cpu(const at::Tensor& h, const at::Tensor& weight_
   return finish(out, h.scalar_type());
 }
 
+// The layout of a segmented FFN, shared with the CUDA entry points (doe_kernels.h).
+namespace {
+
+void check_offsets(const at::Tensor& offsets, int64_t total, const char* fn, const char* name) {
+  check_index_tensor(offsets, fn, name);
+  const int64_t* p = offsets.data_ptr<int64_t>();
+  const int64_t n = offsets.numel();
+  TORCH_CHECK_VALUE(n > 0 && p[0] == 0 && p[n - 1] == total, fn, ": ", name,
+                    " must start at 0 and end at ", total);
+  TORCH_CHECK_VALUE(std::is_sorted(p, p + n), fn, ": ", name, " must be non-decreasing");
+}
+
+}  // namespace
+
+std::vector<Segment> read_segment_layout(const at::Tensor& segments,
+                                         const at::Tensor& kept_offsets, int64_t rows,
+                                         int64_t kept_count, const char* fn) {
+  check_offsets(segments, rows, fn, "segments");
+  check_offsets(kept_offsets, kept_count, fn, "kept_offsets");
+  TORCH_CHECK_VALUE(segments.numel() == kept_offsets.numel(), fn, ": segments has ",
+                    segments.numel() - 1, " segments but kept_offsets has ",
+                    kept_offsets.numel() - 1, " kept lists");
+  const int64_t* r = segments.data_ptr<int64_t>();
+  const int64_t* k = kept_offsets.data_ptr<int64_t>();
+  std::vector<Segment> out;
+  for (int64_t s = 0; s + 1 < segments.numel(); ++s)
+    if (r[s + 1] > r[s]) out.push_back({r[s], r[s + 1] - r[s], k[s], k[s + 1] - k[s], 0});
+  return out;
+}
+
 // =============================================================================================
 // Segmented FFNs (mixed-task batches): segment s holds rows [segments[s], segments[s + 1]) of x
 // and keeps kept[kept_offsets[s] .. kept_offsets[s + 1]) (and the scales there). One call serves
@@ -546,12 +576,6 @@ at::Tensor gather_cols_linear_cpu(const at::Tensor& h, const at::Tensor& weight_
 // in float32 between the projections (the single-expert ops round them to x's dtype).
 namespace {
 
-struct Segment {
-  int64_t r0, rows;  // rows [r0, r0 + rows) of x and out
-  int64_t k0, kept;  // entries [k0, k0 + kept) of kept (and scales)
-  int64_t hidden;    // offset of its (rows x kept) block in the packed hidden buffer
-};
-
 // Rows [m0, m1) x columns [c0, c1) of segment `seg`: one work item of a parallel phase.
 struct Tile {
   size_t seg;
@@ -562,15 +586,6 @@ struct Tile {
 constexpr int64_t kUpRows = 128;
 constexpr int64_t kUpKept = 64;
 
-void check_offsets(const at::Tensor& offsets, int64_t total, const char* fn, const char* name) {
-  check_index_tensor(offsets, fn, name);
-  const int64_t* p = offsets.data_ptr<int64_t>();
-  const int64_t n = offsets.numel();
-  TORCH_CHECK_VALUE(n > 0 && p[0] == 0 && p[n - 1] == total, fn, ": ", name,
-                    " must start at 0 and end at ", total);
-  TORCH_CHECK_VALUE(std::is_sorted(p, p + n), fn, ": ", name, " must be non-decreasing");
-}
-
 // The segments holding rows, from a checked layout.
 std::vector<Segment> read_segments(const at::Tensor& x, const at::Tensor& segments,
                                    const at::Tensor& kept, const at::Tensor& kept_offsets,
@@ -578,22 +593,13 @@ std::vector<Segment> read_segments(const at::Tensor& x, const at::Tensor& segmen
                                    const char* fn) {
   check_index_tensor(kept, fn, "kept");
   check_index_range(kept, neurons, fn, "kept");
-  check_offsets(segments, x.size(0), fn, "segments");
-  check_offsets(kept_offsets, kept.numel(), fn, "kept_offsets");
-  TORCH_CHECK_VALUE(segments.numel() == kept_offsets.numel(), fn, ": segments has ",
-                    segments.numel() - 1, " segments but kept_offsets has ",
-                    kept_offsets.numel() - 1, " kept lists");
+  auto segs = read_segment_layout(segments, kept_offsets, x.size(0), kept.numel(), fn);
   if (scales.has_value()) {
     check_operand(*scales, x, fn, "scales", 1);
     TORCH_CHECK(scales->size(0) == kept.numel(), fn, ": scales has ", scales->size(0),
                 " entries but kept has ", kept.numel());
   }
-  const int64_t* r = segments.data_ptr<int64_t>();
-  const int64_t* k = kept_offsets.data_ptr<int64_t>();
-  std::vector<Segment> out;
-  for (int64_t s = 0; s + 1 < segments.numel(); ++s)
-    if (r[s + 1] > r[s]) out.push_back({r[s], r[s + 1] - r[s], k[s], k[s + 1] - k[s], 0});
-  return out;
+  return segs;
 }
 
 // Runs the segments for which `gemm(segment)` holds through `single(rows of x, kept list,

@@ -16,6 +16,17 @@
 // + bias, cast) or to a float32 workspace that a second kernel reduces in a fixed order (+ bias,
 // cast).
 //
+// Segmented FFN (mixed-task batches; segmented_rows_kernel, segmented_cols_kernel): the same tile
+// bodies (rows_tiles, cols_block) with a grid axis over the segments (y) and one over each
+// segment's chunks of up to 16 rows (z), sized for the largest segment and the longest list. A
+// block reads its segment's row range, kept-list range and hidden block from the segment table on
+// the device and returns at once when it lies past that segment's rows or (up projections) its
+// kept tiles. The up projections write every segment's hidden block into one packed buffer (x's
+// dtype); the down projections read it back, each segment splitting its own list over the J
+// splits (a split past a short list adds zeros); then the reduction of the splits. The row bucket
+// MR is the launch's fullest chunk's: a launch mixing long and one-row segments computes the
+// one-row ones at the long ones' width.
+//
 // Index safety: every index is compared with its bound where it is loaded (in_range, once per loaded
 // index, not per element); an index outside [0, bound) is never used as an address (see
 // gather_gemv.cuh for the result).
@@ -27,6 +38,8 @@
 #include <cassert>
 #include <climits>
 #include <cstdint>
+#include <initializer_list>
+#include <type_traits>
 
 #include "gather_gemv.cuh"
 
@@ -140,6 +153,10 @@ __device__ __forceinline__ float apply_activation(float v, int act) {
 
 __device__ __forceinline__ float silu(float v) { return v / (1.0f + expf(-v)); }
 
+__host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
+
 // Whether index i lies in [0, bound) (one unsigned compare). The host cannot check the index values
 // without a synchronisation, so the kernels do: they never load through an index outside, and fail
 // a device-side assertion (unless built with NDEBUG) in their epilogue, where few registers are
@@ -221,13 +238,17 @@ __device__ __forceinline__ void rows_step_scalar(const T* const* wp, const int64
   }
 }
 
-// x: the chunk's first row (mcount <= MR rows of K); out: the chunk's first output row (row stride N).
+// The rows kernel's body: tiles first_tile, first_tile + tile_stride, ... of the N kept outputs
+// (one tile: R outputs per warp group). x: the chunk's first row (mcount <= MR rows of K); out: the
+// chunk's first output row (row stride N). The whole block calls it alike (it holds __syncthreads),
+// and may call it again straight away: its last barrier frees the shared memory.
 template <typename T, int MR, int NW, bool VEC>
-__global__ void __launch_bounds__(kThreads, 2)
-    gather_rows_kernel(const T* __restrict__ x, const T* __restrict__ w0,
-                       const T* __restrict__ w1, const T* __restrict__ bias,
-                       const int64_t* __restrict__ rows, T* __restrict__ out, int mcount, int64_t K,
-                       int64_t N, int64_t n_total, int act, int wpr) {
+__device__ __forceinline__ void rows_tiles(const T* __restrict__ x, const T* __restrict__ w0,
+                                           const T* __restrict__ w1, const T* __restrict__ bias,
+                                           const int64_t* __restrict__ rows, T* __restrict__ out,
+                                           int mcount, int64_t K, int64_t N, int64_t n_total,
+                                           int act, int wpr, int64_t first_tile,
+                                           int64_t tile_stride) {
   constexpr int R = RowsPerGroup<MR, NW>::value;
   constexpr int NACC = NW * R * MR;
   __shared__ float red[kWarps][NACC];
@@ -244,7 +265,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   const T* wp_s[2] = {w0, NW == 2 ? w1 : w0};
 
   // Uniform loop over tiles for the whole block (it contains __syncthreads).
-  for (int64_t tile = blockIdx.x; tile < n_tiles; tile += gridDim.x) {
+  for (int64_t tile = first_tile; tile < n_tiles; tile += tile_stride) {
     const int64_t n0 = tile * outs_per_block + (int64_t)group * R;
     // An out-of-range index reads row 0 instead; the epilogue writes its output as 0.
     int64_t wrow[R];
@@ -332,12 +353,72 @@ __global__ void __launch_bounds__(kThreads, 2)
   }
 }
 
-inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+// x: the chunk's first row (mcount <= MR rows of K); out: the chunk's first output row (row stride N).
+template <typename T, int MR, int NW, bool VEC>
+__global__ void __launch_bounds__(kThreads, 2)
+    gather_rows_kernel(const T* __restrict__ x, const T* __restrict__ w0,
+                       const T* __restrict__ w1, const T* __restrict__ bias,
+                       const int64_t* __restrict__ rows, T* __restrict__ out, int mcount, int64_t K,
+                       int64_t N, int64_t n_total, int act, int wpr) {
+  rows_tiles<T, MR, NW, VEC>(x, w0, w1, bias, rows, out, mcount, K, N, n_total, act, wpr,
+                             blockIdx.x, gridDim.x);
+}
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+// The up projections of a segmented FFN: blockIdx.y walks the segments, blockIdx.z their chunks
+// of kMaxRowsPerChunk rows, blockIdx.x the tiles of their kept lists (rows_tiles); a block past its
+// segment's rows or tiles does nothing. Segment s writes its (rows x kept) block of `hidden` at
+// s.hidden (row stride s.kept). mcount <= MR: MR is the bucket of the most rows in a chunk.
+template <typename T, int MR, int NW, bool VEC>
+__global__ void __launch_bounds__(kThreads, 2)
+    segmented_rows_kernel(const T* __restrict__ x, const T* __restrict__ w0,
+                          const T* __restrict__ w1, const T* __restrict__ bias,
+                          const int64_t* __restrict__ kept, const Segment* __restrict__ segments,
+                          int64_t count, T* __restrict__ hidden, int64_t K, int64_t n_total,
+                          int act, int wpr) {
+  for (int64_t s = blockIdx.y; s < count; s += gridDim.y) {
+    const Segment seg = segments[s];
+    for (int64_t m0 = (int64_t)blockIdx.z * kMaxRowsPerChunk; m0 < seg.rows;
+         m0 += (int64_t)gridDim.z * kMaxRowsPerChunk) {
+      const int mcount = (int)(seg.rows - m0 < kMaxRowsPerChunk ? seg.rows - m0 : kMaxRowsPerChunk);
+      rows_tiles<T, MR, NW, VEC>(x + (seg.r0 + m0) * K, w0, w1, bias, kept + seg.k0,
+                                 hidden + seg.hidden + m0 * seg.kept, mcount, K, seg.kept, n_total,
+                                 act, wpr, blockIdx.x, gridDim.x);
+    }
+  }
+}
+
+inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
 inline int bucket_rows(int64_t mcount) {
   return mcount <= 1 ? 1 : mcount <= 2 ? 2 : mcount <= 4 ? 4 : mcount <= 8 ? 8 : 16;
+}
+
+// f(std::integral_constant<int, MR>{}) for the row bucket mr (1, 2, 4, 8 or 16).
+template <typename F>
+void with_row_bucket(int mr, F&& f) {
+  switch (mr) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 8: f(std::integral_constant<int, 8>{}); break;
+    default: f(std::integral_constant<int, 16>{}); break;
+  }
+}
+
+// Whether the rows kernel may use 16-byte loads: rows of whole 16-byte units, aligned pointers.
+template <typename T, int NW>
+bool rows_vec(int64_t K, const T* x, const T* w0, const T* w1) {
+  return (K * (int64_t)sizeof(T)) % 16 == 0 && aligned16(x) && aligned16(w0) &&
+         (NW == 1 || aligned16(w1));
+}
+
+// Warps per group of a rows launch with `groups` warp groups' work over weight rows of `units`
+// loads: each group is split over more warps when there are few groups and long rows.
+inline int rows_wpr(int64_t groups, int64_t units, int num_sms) {
+  const int64_t target_warps = (int64_t)std::max(num_sms, 1) * 32;
+  int wpr = 1;
+  while (wpr < kWarps && groups * wpr < target_warps && units >= (int64_t)wpr * 2 * 32 * 4) wpr *= 2;
+  return wpr;
 }
 
 template <typename T, int MR, int NW>
@@ -345,14 +426,9 @@ void launch_rows_chunk(const T* x, const T* w0, const T* w1, const T* bias, cons
                        T* out, int mcount, int64_t K, int64_t N, int64_t n_total, int act,
                        int num_sms, cudaStream_t stream) {
   constexpr int R = RowsPerGroup<MR, NW>::value;
-  const bool vec = (K * (int64_t)sizeof(T)) % 16 == 0 && aligned16(x) && aligned16(w0) &&
-                   (NW == 1 || aligned16(w1));
+  const bool vec = rows_vec<T, NW>(K, x, w0, w1);
   const int64_t units = vec ? K * (int64_t)sizeof(T) / 16 : K;  // loads per weight row
-  // Split each group over more warps when there are few outputs and long rows.
-  const int64_t groups = ceil_div(N, R);
-  const int64_t target_warps = (int64_t)std::max(num_sms, 1) * 32;
-  int wpr = 1;
-  while (wpr < kWarps && groups * wpr < target_warps && units >= (int64_t)wpr * 2 * 32 * 4) wpr *= 2;
+  const int wpr = rows_wpr(ceil_div(N, R), units, num_sms);
   const int64_t outs_per_block = (int64_t)(kWarps / wpr) * R;
   const int64_t blocks = std::min<int64_t>(ceil_div(N, outs_per_block), INT_MAX);
   if (vec) {
@@ -370,34 +446,65 @@ cudaError_t launch_rows(const T* x, const T* w0, const T* w1, const T* bias, con
                         int num_sms, cudaStream_t stream) {
   for (int64_t m0 = 0; m0 < M; m0 += kMaxRowsPerChunk) {
     const int mcount = (int)std::min<int64_t>(kMaxRowsPerChunk, M - m0);
-    const T* xc = x + m0 * K;
-    T* oc = out + m0 * N;
-    switch (bucket_rows(mcount)) {
-      case 1:
-        launch_rows_chunk<T, 1, NW>(xc, w0, w1, bias, rows, oc, mcount, K, N, n_total, act,
-                                    num_sms, stream);
-        break;
-      case 2:
-        launch_rows_chunk<T, 2, NW>(xc, w0, w1, bias, rows, oc, mcount, K, N, n_total, act,
-                                    num_sms, stream);
-        break;
-      case 4:
-        launch_rows_chunk<T, 4, NW>(xc, w0, w1, bias, rows, oc, mcount, K, N, n_total, act,
-                                    num_sms, stream);
-        break;
-      case 8:
-        launch_rows_chunk<T, 8, NW>(xc, w0, w1, bias, rows, oc, mcount, K, N, n_total, act,
-                                    num_sms, stream);
-        break;
-      default:
-        launch_rows_chunk<T, 16, NW>(xc, w0, w1, bias, rows, oc, mcount, K, N, n_total, act,
-                                    num_sms, stream);
-        break;
-    }
+    with_row_bucket(bucket_rows(mcount), [&](auto mr) {
+      launch_rows_chunk<T, decltype(mr)::value, NW>(x + m0 * K, w0, w1, bias, rows, out + m0 * N,
+                                                    mcount, K, N, n_total, act, num_sms, stream);
+    });
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
   return cudaSuccess;
+}
+
+// What sizes a segmented launch, from the host's copy of its segment table.
+struct SegmentsShape {
+  int64_t count = 0;       // segments (each holds rows)
+  int64_t max_rows = 0;    // rows of the largest segment
+  int64_t max_kept = 0;    // entries of the longest kept list
+  int64_t chunks = 0;      // chunks of kMaxRowsPerChunk rows, over every segment
+  int64_t chunk_outs = 0;  // kept outputs x chunks, over every segment (the up projections' work)
+
+  SegmentsShape(const Segment* segments, int64_t n) : count(n) {
+    for (int64_t s = 0; s < n; ++s) {
+      const int64_t c = ceil_div(segments[s].rows, kMaxRowsPerChunk);
+      max_rows = std::max(max_rows, segments[s].rows);
+      max_kept = std::max(max_kept, segments[s].kept);
+      chunks += c;
+      chunk_outs += c * segments[s].kept;
+    }
+  }
+  // Rows of the fullest chunk: every chunk fits the launch's row bucket.
+  int64_t chunk_rows() const { return std::min<int64_t>(max_rows, kMaxRowsPerChunk); }
+  // A segmented grid: `x_blocks` along x, the segments along y, the largest segment's chunks
+  // along z (the kernels loop over what does not fit).
+  dim3 grid(int64_t x_blocks) const {
+    return dim3((unsigned)x_blocks, (unsigned)std::min<int64_t>(count, 65535),
+                (unsigned)std::min<int64_t>(ceil_div(max_rows, kMaxRowsPerChunk), 65535));
+  }
+};
+
+// The up projections of every segment in one launch (segmented_rows_kernel); sh.max_kept > 0.
+template <typename T, int NW>
+void launch_segmented_rows(const T* x, const T* w0, const T* w1, const T* bias,
+                           const int64_t* kept, const Segment* segments, const SegmentsShape& sh,
+                           T* hidden, int64_t K, int64_t n_total, int act, int num_sms,
+                           cudaStream_t stream) {
+  const bool vec = rows_vec<T, NW>(K, x, w0, w1);
+  const int64_t units = vec ? K * (int64_t)sizeof(T) / 16 : K;
+  with_row_bucket(bucket_rows(sh.chunk_rows()), [&](auto mr) {
+    constexpr int MR = decltype(mr)::value;
+    constexpr int R = RowsPerGroup<MR, NW>::value;
+    const int wpr = rows_wpr(ceil_div(sh.chunk_outs, R), units, num_sms);
+    const int64_t outs_per_block = (int64_t)(kWarps / wpr) * R;
+    const dim3 grid = sh.grid(std::min<int64_t>(ceil_div(sh.max_kept, outs_per_block), INT_MAX));
+    if (vec) {
+      segmented_rows_kernel<T, MR, NW, true><<<grid, kThreads, 0, stream>>>(
+          x, w0, w1, bias, kept, segments, sh.count, hidden, K, n_total, act, wpr);
+    } else {
+      segmented_rows_kernel<T, MR, NW, false><<<grid, kThreads, 0, stream>>>(
+          x, w0, w1, bias, kept, segments, sh.count, hidden, K, n_total, act, wpr);
+    }
+  });
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -417,27 +524,29 @@ struct ColsVecCpt {
       (int)(16 / sizeof(T)) * MR <= 64 ? (int)(16 / sizeof(T)) : (int)(8 / sizeof(T));
 };
 
-// h: the chunk's first row (mcount rows of J); scales: J factors or nullptr; out: the chunk's first
-// output row; ws: workspace of gridDim.y * mcount * N floats (used only when !final_out).
+// The cols kernel's body: output columns [col_base, col_base + kColsTX * CPT) of mcount rows,
+// summed over the kept rows [jbeg, jend) (none when jend <= jbeg: the block writes zeros, or the
+// bias).
+// h: the chunk's first row (mcount <= MR rows of J); scales: J factors or nullptr; out: the chunk's
+// first output row (+ bias, cast; when final_out); ws: the block's float32 partial sums (row
+// stride N; when !final_out). The whole block calls it alike, and may call it again straight away.
 template <typename T, int MR, int CPT>
-__global__ void __launch_bounds__(kThreads, 2)
-    gather_cols_kernel(const T* __restrict__ h, const T* __restrict__ wt,
-                       const T* __restrict__ bias, const int64_t* __restrict__ cols,
-                       const T* __restrict__ scales, T* __restrict__ out, float* __restrict__ ws,
-                       int mcount, int64_t J, int64_t N, int64_t k_total, int64_t jps,
-                       int final_out) {
+__device__ __forceinline__ void cols_block(const T* __restrict__ h, const T* __restrict__ wt,
+                                           const T* __restrict__ bias,
+                                           const int64_t* __restrict__ cols,
+                                           const T* __restrict__ scales, T* __restrict__ out,
+                                           float* __restrict__ ws, int mcount, int64_t J, int64_t N,
+                                           int64_t k_total, int64_t col_base, int64_t jbeg,
+                                           int64_t jend, bool final_out) {
   __shared__ __align__(16) float hs[kColsTile][MR];
   __shared__ int64_t cs[kColsTile];
   __shared__ float red[MR][kColsTX * CPT];
 
   const int tx = threadIdx.x % kColsTX;
   const int ty = threadIdx.x / kColsTX;
-  const int64_t col_base = (int64_t)blockIdx.x * (kColsTX * CPT);
   const int64_t col0 = col_base + (int64_t)tx * CPT;
   // Vector path (CPT > 1): N % CPT == 0, so col0 < N implies col0 + CPT <= N.
   const bool col_ok = col0 < N;
-  const int64_t jbeg = (int64_t)blockIdx.y * jps;
-  const int64_t jend = jbeg + jps < J ? jbeg + jps : J;
 
   float acc[MR][CPT];
 #pragma unroll
@@ -563,8 +672,59 @@ __global__ void __launch_bounds__(kThreads, 2)
         const float b = bias != nullptr ? to_f<T>(bias[col]) : 0.0f;
         out[(int64_t)m * N + col] = from_f<T>(v + b);
       } else {
-        ws[((int64_t)blockIdx.y * mcount + m) * N + col] = v;
+        ws[(int64_t)m * N + col] = v;
       }
+    }
+  }
+  __syncthreads();  // red is read above: a next call must not overwrite it before
+}
+
+// h: the chunk's first row (mcount rows of J); scales: J factors or nullptr; out: the chunk's first
+// output row; ws: workspace of gridDim.y * mcount * N floats (used only when !final_out).
+// blockIdx.x: the column tile, blockIdx.y: the J split (jps kept rows each).
+template <typename T, int MR, int CPT>
+__global__ void __launch_bounds__(kThreads, 2)
+    gather_cols_kernel(const T* __restrict__ h, const T* __restrict__ wt,
+                       const T* __restrict__ bias, const int64_t* __restrict__ cols,
+                       const T* __restrict__ scales, T* __restrict__ out, float* __restrict__ ws,
+                       int mcount, int64_t J, int64_t N, int64_t k_total, int64_t jps,
+                       int final_out) {
+  const int64_t jbeg = (int64_t)blockIdx.y * jps;
+  const int64_t jend = jbeg + jps < J ? jbeg + jps : J;
+  cols_block<T, MR, CPT>(h, wt, bias, cols, scales, out,
+                         final_out ? nullptr : ws + (int64_t)blockIdx.y * mcount * N, mcount, J, N,
+                         k_total, (int64_t)blockIdx.x * (kColsTX * CPT), jbeg, jend, final_out);
+}
+
+// The down projections of a segmented FFN: blockIdx.x walks the column tiles x J splits (tile
+// fastest; `tiles` x `splits` blocks), blockIdx.y the segments, blockIdx.z their chunks of
+// kMaxRowsPerChunk rows (cols_block); a block past its segment's rows does nothing. Each segment
+// splits its own kept list into `splits` slices of whole steps (slices past its end are empty and
+// add zeros); its rows of h are its (rows x kept) block of `hidden` at s.hidden. One split: out is
+// written directly (+ bias); more: ws holds splits x M x N partial sums (gather_cols_reduce_kernel
+// adds them, + bias). Every row of out belongs to a segment, so every partial sum is written.
+template <typename T, int MR, int CPT>
+__global__ void __launch_bounds__(kThreads, 2)
+    segmented_cols_kernel(const T* __restrict__ hidden, const T* __restrict__ wt,
+                          const T* __restrict__ bias, const int64_t* __restrict__ kept,
+                          const T* __restrict__ scales, const Segment* __restrict__ segments,
+                          int64_t count, T* __restrict__ out, float* __restrict__ ws, int64_t M,
+                          int64_t N, int64_t k_total, int64_t tiles, int64_t splits) {
+  const int64_t tile = blockIdx.x % tiles;
+  const int64_t split = blockIdx.x / tiles;
+  for (int64_t s = blockIdx.y; s < count; s += gridDim.y) {
+    const Segment seg = segments[s];
+    const int64_t jps = ceil_div(ceil_div(seg.kept, splits), kColsStep) * kColsStep;
+    const int64_t jbeg = split * jps;
+    const int64_t jend = jbeg + jps < seg.kept ? jbeg + jps : seg.kept;
+    for (int64_t m0 = (int64_t)blockIdx.z * kMaxRowsPerChunk; m0 < seg.rows;
+         m0 += (int64_t)gridDim.z * kMaxRowsPerChunk) {
+      const int mcount = (int)(seg.rows - m0 < kMaxRowsPerChunk ? seg.rows - m0 : kMaxRowsPerChunk);
+      const int64_t row = seg.r0 + m0;
+      cols_block<T, MR, CPT>(hidden + seg.hidden + m0 * seg.kept, wt, bias, kept + seg.k0,
+                             scales == nullptr ? nullptr : scales + seg.k0, out + row * N,
+                             splits == 1 ? nullptr : ws + (split * M + row) * N, mcount, seg.kept,
+                             N, k_total, tile * (kColsTX * CPT), jbeg, jend, splits == 1);
     }
   }
 }
@@ -586,9 +746,9 @@ __global__ void __launch_bounds__(kThreads)
 struct ColsPlan {
   int mr;
   int cpt;
-  int64_t tiles;   // gridDim.x
-  int64_t splits;  // gridDim.y
-  int64_t jps;     // kept rows per split
+  int64_t tiles;   // column tiles
+  int64_t splits;  // J splits
+  int64_t jps;     // kept rows per split (gather_cols_kernel; segmented launches split per segment)
 };
 
 template <int MR, typename T>
@@ -606,48 +766,55 @@ inline void set_splits(ColsPlan& p, int64_t J, int64_t want) {
   p.splits = ceil_div(J, p.jps);
 }
 
+// The row bucket, columns per thread and column tiles of a cols launch over chunks of up to
+// mcount rows (one split).
 template <typename T>
-ColsPlan plan_cols(const void* wt, int64_t mcount, int64_t J, int64_t N, int num_sms) {
-  ColsPlan p;
+ColsPlan cols_tiling(const void* wt, int64_t mcount, int64_t N) {
+  ColsPlan p{};
   p.mr = bucket_rows(mcount);
-  switch (p.mr) {
-    case 1: p.cpt = cols_cpt<1, T>(wt, N); break;
-    case 2: p.cpt = cols_cpt<2, T>(wt, N); break;
-    case 4: p.cpt = cols_cpt<4, T>(wt, N); break;
-    case 8: p.cpt = cols_cpt<8, T>(wt, N); break;
-    default: p.cpt = cols_cpt<16, T>(wt, N); break;
-  }
+  with_row_bucket(p.mr, [&](auto mr) { p.cpt = cols_cpt<decltype(mr)::value, T>(wt, N); });
   p.tiles = ceil_div(N, (int64_t)kColsTX * p.cpt);
-  const int64_t target_blocks = (int64_t)std::max(num_sms, 1) * 4;
-  int64_t want = ceil_div(target_blocks, p.tiles);
-  // Keep the workspace traffic small next to the weight traffic: enough kept rows per split.
-  const int64_t min_jps = std::max<int64_t>(64, 16 * mcount);
-  want = std::min(want, ceil_div(J, min_jps));
-  set_splits(p, J, want);
+  p.splits = 1;
   return p;
 }
 
-template <typename T, int MR, int CPT>
-void launch_cols_kernel(const ColsPlan& p, const T* h, const T* wt, const T* bias,
-                        const int64_t* cols, const T* scales, T* out, float* ws, int mcount,
-                        int64_t J, int64_t N, int64_t k_total, cudaStream_t stream) {
-  const dim3 grid((unsigned)p.tiles, (unsigned)p.splits, 1);
-  gather_cols_kernel<T, MR, CPT><<<grid, kThreads, 0, stream>>>(
-      h, wt, bias, cols, scales, out, ws, mcount, J, N, k_total, p.jps, p.splits == 1);
+// The J splits wanted by a cols launch of `blocks` blocks per split over J kept rows: about 4
+// blocks per SM, with enough kept rows per split that the workspace traffic stays small next to the
+// weight traffic.
+inline int64_t wanted_splits(int64_t blocks, int64_t J, int64_t mcount, int num_sms) {
+  const int64_t target_blocks = (int64_t)std::max(num_sms, 1) * 4;
+  const int64_t min_jps = std::max<int64_t>(64, 16 * mcount);
+  return std::min(ceil_div(target_blocks, blocks), ceil_div(J, min_jps));
 }
 
-template <typename T, int MR>
-void launch_cols_mr(const ColsPlan& p, const T* h, const T* wt, const T* bias, const int64_t* cols,
-                    const T* scales, T* out, float* ws, int mcount, int64_t J, int64_t N,
-                    int64_t k_total, cudaStream_t stream) {
-  constexpr int vcpt = ColsVecCpt<T, MR>::value;
-  if (p.cpt == vcpt) {
-    launch_cols_kernel<T, MR, vcpt>(p, h, wt, bias, cols, scales, out, ws, mcount, J, N, k_total,
-                                    stream);
-  } else {
-    launch_cols_kernel<T, MR, 1>(p, h, wt, bias, cols, scales, out, ws, mcount, J, N, k_total,
-                                 stream);
-  }
+template <typename T>
+ColsPlan plan_cols(const void* wt, int64_t mcount, int64_t J, int64_t N, int num_sms) {
+  ColsPlan p = cols_tiling<T>(wt, mcount, N);
+  set_splits(p, J, wanted_splits(p.tiles, J, mcount, num_sms));
+  return p;
+}
+
+// f(std::integral_constant<int, MR>{}, std::integral_constant<int, CPT>{}) for a plan's mr and cpt.
+template <typename T, typename F>
+void with_cols_shape(const ColsPlan& p, F&& f) {
+  with_row_bucket(p.mr, [&](auto mr) {
+    constexpr int vcpt = ColsVecCpt<T, decltype(mr)::value>::value;
+    if (p.cpt == vcpt) {
+      f(mr, std::integral_constant<int, vcpt>{});
+    } else {
+      f(mr, std::integral_constant<int, 1>{});
+    }
+  });
+}
+
+// out[i] = sum of `splits` partial sums of ws + bias, i < total (gather_cols_reduce_kernel).
+template <typename T>
+void launch_cols_reduce(const float* ws, const T* bias, T* out, int64_t total, int64_t N,
+                        int64_t splits, int num_sms, cudaStream_t stream) {
+  const int64_t blocks = std::max<int64_t>(
+      1, std::min<int64_t>(ceil_div(total, kThreads), (int64_t)std::max(num_sms, 1) * 8));
+  gather_cols_reduce_kernel<T><<<(unsigned)blocks, kThreads, 0, stream>>>(ws, bias, out, total, N,
+                                                                          splits);
 }
 
 template <typename T>
@@ -665,24 +832,16 @@ cudaError_t launch_cols(const T* h, const T* wt, const T* bias, const int64_t* c
     }
     const T* hc = h + m0 * J;
     T* oc = out + m0 * N;
-    switch (p.mr) {
-#define DOE_CASE(MR) \
-  launch_cols_mr<T, MR>(p, hc, wt, bias, cols, scales, oc, ws, mcount, J, N, k_total, stream)
-      case 1: DOE_CASE(1); break;
-      case 2: DOE_CASE(2); break;
-      case 4: DOE_CASE(4); break;
-      case 8: DOE_CASE(8); break;
-      default: DOE_CASE(16); break;
-#undef DOE_CASE
-    }
+    with_cols_shape<T>(p, [&](auto mr, auto cpt) {
+      const dim3 grid((unsigned)p.tiles, (unsigned)p.splits, 1);
+      gather_cols_kernel<T, decltype(mr)::value, decltype(cpt)::value>
+          <<<grid, kThreads, 0, stream>>>(hc, wt, bias, cols, scales, oc, ws, mcount, J, N,
+                                          k_total, p.jps, p.splits == 1);
+    });
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
     if (p.splits > 1) {
-      const int64_t total = (int64_t)mcount * N;
-      const int64_t blocks = std::max<int64_t>(
-          1, std::min<int64_t>(ceil_div(total, kThreads), (int64_t)std::max(num_sms, 1) * 8));
-      gather_cols_reduce_kernel<T><<<(unsigned)blocks, kThreads, 0, stream>>>(ws, bias, oc, total,
-                                                                              N, p.splits);
+      launch_cols_reduce<T>(ws, bias, oc, (int64_t)mcount * N, N, p.splits, num_sms, stream);
       err = cudaGetLastError();
       if (err != cudaSuccess) return err;
     }
@@ -700,6 +859,70 @@ int64_t cols_workspace(const void* wt, int64_t M, int64_t J, int64_t N, int num_
     if (p.splits > 1) need = std::max(need, p.splits * mc * N);
   }
   return need;
+}
+
+// ----------------------------------------------------------------------------------------------
+// Segmented FFN: the up projections of every segment in one launch, into the packed hidden buffer,
+// then the down projections of every segment in one launch (+ the reduction of its J splits).
+// ----------------------------------------------------------------------------------------------
+
+// The down projections' plan: the row bucket of the fullest chunk, and as many J splits (each
+// segment splitting its own list) as wanted for the blocks of every segment's chunks and the
+// longest list (at most 65535, and tiles x splits blocks along x).
+template <typename T>
+ColsPlan plan_segmented_cols(const void* wt, const SegmentsShape& sh, int64_t N, int num_sms) {
+  ColsPlan p = cols_tiling<T>(wt, sh.chunk_rows(), N);
+  const int64_t want = wanted_splits(p.tiles * sh.chunks, sh.max_kept, sh.chunk_rows(), num_sms);
+  p.splits = std::max<int64_t>(1, std::min<int64_t>({want, 65535, INT_MAX / p.tiles}));
+  return p;
+}
+
+template <typename T>
+int64_t segmented_workspace(const SegmentedFfn& f, int num_sms) {
+  const SegmentsShape sh(f.segments, f.count);
+  const ColsPlan p = plan_segmented_cols<T>(f.w_down_t, sh, f.N, num_sms);
+  return p.splits > 1 ? p.splits * f.M * f.N : 0;
+}
+
+template <typename T>
+cudaError_t launch_segmented(const SegmentedFfn& f, T* hidden, float* ws, int64_t ws_elems,
+                             T* out, int num_sms, cudaStream_t stream) {
+  const SegmentsShape sh(f.segments, f.count);
+  const T* x = static_cast<const T*>(f.x);
+  const T* w0 = static_cast<const T*>(f.w_up0);
+  if (sh.max_kept > 0) {
+    if (f.swiglu) {
+      launch_segmented_rows<T, 2>(x, w0, static_cast<const T*>(f.w_up1), nullptr, f.kept,
+                                  f.device_segments, sh, hidden, f.K, f.n_total, 0, num_sms,
+                                  stream);
+    } else {
+      launch_segmented_rows<T, 1>(x, w0, nullptr, static_cast<const T*>(f.b_up), f.kept,
+                                  f.device_segments, sh, hidden, f.K, f.n_total, f.activation,
+                                  num_sms, stream);
+    }
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  ColsPlan p = plan_segmented_cols<T>(f.w_down_t, sh, f.N, num_sms);
+  if (p.splits > 1 && (ws == nullptr || p.splits * f.M * f.N > ws_elems)) {
+    // Not enough workspace for the planned splits: use as many as fit (at least one).
+    p.splits = std::max<int64_t>(1, ws == nullptr ? 1 : ws_elems / (f.M * f.N));
+  }
+  const T* bias = static_cast<const T*>(f.b_down);
+  with_cols_shape<T>(p, [&](auto mr, auto cpt) {
+    segmented_cols_kernel<T, decltype(mr)::value, decltype(cpt)::value>
+        <<<sh.grid(p.tiles * p.splits), kThreads, 0, stream>>>(
+            hidden, static_cast<const T*>(f.w_down_t), bias, f.kept,
+            static_cast<const T*>(f.scales), f.device_segments, sh.count, out, ws, f.M, f.N,
+            f.n_total, p.tiles, p.splits);
+  });
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  if (p.splits > 1) {
+    launch_cols_reduce<T>(ws, bias, out, f.M * f.N, f.N, p.splits, num_sms, stream);
+    err = cudaGetLastError();
+  }
+  return err;
 }
 
 }  // namespace
@@ -801,6 +1024,35 @@ cudaError_t launch_gather_cols_linear(DType dtype, const void* h, const void* we
                             static_cast<T*>(out), workspace, workspace_elems, M, J, N, k_total,
                             num_sms, stream);
     }
+  }
+  return cudaErrorInvalidValue;
+}
+
+int64_t segmented_ffn_workspace_elems(const SegmentedFfn& ffn, int num_sms) {
+  if (ffn.M <= 0 || ffn.N <= 0 || ffn.count <= 0) return 0;
+  switch (ffn.dtype) {
+    case DType::kFloat32: return segmented_workspace<float>(ffn, num_sms);
+    case DType::kFloat16: return segmented_workspace<__half>(ffn, num_sms);
+    case DType::kBFloat16: return segmented_workspace<__nv_bfloat16>(ffn, num_sms);
+  }
+  return 0;
+}
+
+cudaError_t launch_segmented_ffn(const SegmentedFfn& ffn, void* hidden, float* workspace,
+                                 int64_t workspace_elems, void* out, int num_sms,
+                                 cudaStream_t stream) {
+  if (ffn.M <= 0 || ffn.N <= 0 || ffn.count <= 0) return cudaSuccess;
+  switch (ffn.dtype) {
+    case DType::kFloat32:
+      return launch_segmented<float>(ffn, static_cast<float*>(hidden), workspace, workspace_elems,
+                                     static_cast<float*>(out), num_sms, stream);
+    case DType::kFloat16:
+      return launch_segmented<__half>(ffn, static_cast<__half*>(hidden), workspace,
+                                      workspace_elems, static_cast<__half*>(out), num_sms, stream);
+    case DType::kBFloat16:
+      return launch_segmented<__nv_bfloat16>(ffn, static_cast<__nv_bfloat16*>(hidden), workspace,
+                                             workspace_elems, static_cast<__nv_bfloat16*>(out),
+                                             num_sms, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -6,8 +6,10 @@
 #include <cuda_runtime.h>
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "gather_gemv.cuh"
 #include "doe_kernels.h"
@@ -85,15 +87,106 @@ void check_same_dtype(const at::Tensor& t, const at::Tensor& ref, const char* op
 
 // Metadata only: the index values are checked by the kernels, on the device (gather_gemv.cuh), since
 // reading them here would synchronise with the device and break CUDA-graph capture.
-void check_index(const at::Tensor& idx, const at::Tensor& ref, const char* op, const char* name) {
+void check_index(const at::Tensor& idx, const at::Tensor& ref, const char* op, const char* name,
+                 bool may_be_empty = false) {
   check_cuda_tensor(idx, ref, op, name);
   TORCH_CHECK(idx.scalar_type() == at::kLong, op, ": ", name, " must be int64, got ",
               idx.scalar_type());
   TORCH_CHECK(idx.dim() == 1, op, ": ", name, " must be 1-D, got ", idx.dim(), " dims");
-  TORCH_CHECK(idx.numel() > 0, op, ": ", name, " must be non-empty");
+  TORCH_CHECK(may_be_empty || idx.numel() > 0, op, ": ", name, " must be non-empty");
+}
+
+// An optional 1-D operand of x's device and dtype with `size` entries.
+void check_vector(const std::optional<at::Tensor>& t, const at::Tensor& x, int64_t size,
+                  const char* op, const char* name) {
+  if (!t.has_value() || !t->defined()) return;
+  check_cuda_tensor(*t, x, op, name);
+  check_same_dtype(*t, x, op, name);
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == size, op, ": ", name, " must have shape (", size,
+              "), got ", t->sizes());
+}
+
+const void* data_or_null(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() ? t->data_ptr() : nullptr;
 }
 
 cudaStream_t as_stream(int64_t stream) { return reinterpret_cast<cudaStream_t>(stream); }
+
+// The up projection's weight (w_in or w_gate) of a segmented FFN on x.
+void check_up_weight(const at::Tensor& w, const at::Tensor& x, const char* op, const char* name) {
+  check_cuda_tensor(w, x, op, name);
+  check_same_dtype(w, x, op, name);
+  TORCH_CHECK(w.dim() == 2, op, ": ", name, " must be 2-D (neurons, in_features), got ", w.dim(),
+              " dims");
+  TORCH_CHECK(w.size(1) == x.size(1), op, ": ", name, " has ", w.size(1),
+              " input features but x has ", x.size(1));
+}
+
+// The rest of a segmented FFN's entry point, once x and the up projection are checked: the down
+// projection (w_down_t, b_down), the kept lists and their layout (read on the host: the segments
+// holding rows, their hidden blocks packed in row order), then the launches on `stream`. `ffn`
+// holds x's dtype and the up projection's operands.
+at::Tensor run_segmented(gemv::SegmentedFfn ffn, const at::Tensor& x, const at::Tensor& w_down_t,
+                         const std::optional<at::Tensor>& b_down, const at::Tensor& segments,
+                         const at::Tensor& kept, const at::Tensor& kept_offsets,
+                         const std::optional<at::Tensor>& scales, int64_t neurons,
+                         int64_t stream, const char* op) {
+  check_cuda_tensor(w_down_t, x, op, "w_down_t");
+  check_same_dtype(w_down_t, x, op, "w_down_t");
+  TORCH_CHECK(w_down_t.dim() == 2 && w_down_t.size(0) == neurons, op,
+              ": w_down_t must be 2-D with ", neurons, " rows (the up projection's neurons), got ",
+              w_down_t.sizes());
+  const int64_t M = x.size(0), N = w_down_t.size(1);
+  check_vector(b_down, x, N, op, "b_down");
+  check_index(kept, x, op, "kept", /*may_be_empty=*/true);
+  check_vector(scales, x, kept.numel(), op, "scales");
+  std::vector<Segment> table = read_segment_layout(segments, kept_offsets, M, kept.numel(), op);
+  int64_t hidden_elems = 0;
+  for (Segment& s : table) {
+    s.hidden = hidden_elems;
+    hidden_elems += s.rows * s.kept;
+  }
+
+  at::Tensor out = at::empty({M, N}, x.options());
+  if (table.empty() || N == 0) return out;
+  const int device = x.get_device();
+  DeviceGuard guard(device);
+  static_assert(sizeof(Segment) % sizeof(int64_t) == 0, "Segment is a row of int64");
+  const int64_t table_bytes = (int64_t)(table.size() * sizeof(Segment));
+  at::Tensor device_table =
+      at::empty({table_bytes / (int64_t)sizeof(int64_t)}, x.options().dtype(at::kLong));
+  // From pageable memory: the call returns once `table` is staged, so it may go out of scope.
+  DOE_CUDA_CHECK(cudaMemcpyAsync(device_table.data_ptr(), table.data(), table_bytes,
+                                 cudaMemcpyHostToDevice, as_stream(stream)),
+                 "cudaMemcpyAsync(segment table)");
+  at::Tensor hidden = at::empty({std::max<int64_t>(hidden_elems, 1)}, x.options());
+
+  ffn.x = x.data_ptr();
+  ffn.w_down_t = w_down_t.data_ptr();
+  ffn.b_down = data_or_null(b_down);
+  ffn.kept = kept.data_ptr<int64_t>();
+  ffn.scales = data_or_null(scales);
+  ffn.segments = table.data();
+  ffn.device_segments = static_cast<const Segment*>(device_table.data_ptr());
+  ffn.count = (int64_t)table.size();
+  ffn.M = M;
+  ffn.K = x.size(1);
+  ffn.N = N;
+  ffn.n_total = neurons;
+  const int sms = num_sms(device);
+  // Allocated on the caching allocator's current stream, as in gather_cols_linear_cuda.
+  const int64_t ws_elems = gemv::segmented_ffn_workspace_elems(ffn, sms);
+  at::Tensor workspace;
+  float* ws_ptr = nullptr;
+  if (ws_elems > 0) {
+    workspace = at::empty({ws_elems}, x.options().dtype(at::kFloat));
+    ws_ptr = workspace.data_ptr<float>();
+  }
+  const cudaError_t err = gemv::launch_segmented_ffn(ffn, hidden.data_ptr(), ws_ptr, ws_elems,
+                                                     out.data_ptr(), sms, as_stream(stream));
+  TORCH_CHECK(err == cudaSuccess, op, ": kernel launch failed: ", cudaGetErrorString(err));
+  return out;
+}
 
 }  // namespace
 
@@ -217,6 +310,49 @@ at::Tensor gather_cols_linear_cuda(const at::Tensor& h, const at::Tensor& weight
       ws_elems, M, J, N, weight_t.size(0), sms, as_stream(stream));
   TORCH_CHECK(err == cudaSuccess, op, ": kernel launch failed: ", cudaGetErrorString(err));
   return out;
+}
+
+at::Tensor segmented_ffn_cuda(const at::Tensor& x, const at::Tensor& w_in,
+                              const std::optional<at::Tensor>& b_in, const at::Tensor& w_out_t,
+                              const std::optional<at::Tensor>& b_out, const at::Tensor& segments,
+                              const at::Tensor& kept, const at::Tensor& kept_offsets,
+                              const std::optional<at::Tensor>& scales, int64_t activation,
+                              int64_t stream) {
+  const char* op = "segmented_ffn_cuda";
+  check_cuda_tensor(x, x, op, "x");
+  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D (rows, features), got ", x.dim(), " dims");
+  gemv::SegmentedFfn ffn{};
+  ffn.dtype = to_dtype(x, op);
+  check_up_weight(w_in, x, op, "w_in");
+  check_vector(b_in, x, w_in.size(0), op, "b_in");
+  TORCH_CHECK(activation >= kIdentity && activation <= kRelu, op, ": unknown activation code ",
+              activation, " (0 identity, 1 erf GELU, 2 tanh GELU, 3 ReLU)");
+  ffn.w_up0 = w_in.data_ptr();
+  ffn.b_up = data_or_null(b_in);
+  ffn.activation = static_cast<int>(activation);
+  return run_segmented(ffn, x, w_out_t, b_out, segments, kept, kept_offsets, scales,
+                       w_in.size(0), stream, op);
+}
+
+at::Tensor segmented_swiglu_ffn_cuda(const at::Tensor& x, const at::Tensor& w_gate,
+                                     const at::Tensor& w_up, const at::Tensor& w_down_t,
+                                     const at::Tensor& segments, const at::Tensor& kept,
+                                     const at::Tensor& kept_offsets,
+                                     const std::optional<at::Tensor>& scales, int64_t stream) {
+  const char* op = "segmented_swiglu_ffn_cuda";
+  check_cuda_tensor(x, x, op, "x");
+  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D (rows, features), got ", x.dim(), " dims");
+  gemv::SegmentedFfn ffn{};
+  ffn.dtype = to_dtype(x, op);
+  check_up_weight(w_gate, x, op, "w_gate");
+  check_up_weight(w_up, x, op, "w_up");
+  TORCH_CHECK(w_gate.sizes() == w_up.sizes(), op, ": w_gate ", w_gate.sizes(), " and w_up ",
+              w_up.sizes(), " must have the same shape");
+  ffn.swiglu = true;
+  ffn.w_up0 = w_gate.data_ptr();
+  ffn.w_up1 = w_up.data_ptr();
+  return run_segmented(ffn, x, w_down_t, std::nullopt, segments, kept, kept_offsets, scales,
+                       w_gate.size(0), stream, op);
 }
 
 }  // namespace doe_kernels

@@ -3,6 +3,7 @@ import torch
 
 from doe_kernels._ext import extension
 from doe_kernels.activations import ACTIVATION_CODES
+from doe_kernels.backends.layout import segment_layout
 
 NAME = "cpu"
 DTYPES = (torch.float32, torch.bfloat16)
@@ -29,7 +30,7 @@ def segmented_ffn(x, up, w_out_t, b_out, bounds, kept, scales):
     library's segmented-kernel hook, as backends/triton.segmented_ffn). `bounds`: the library's
     (first row, end row, first kept, end kept) of each segment with rows; `up`: ("rows", w_in,
     b_in, activation) or ("swiglu", w_gate, w_up)."""
-    segments, kept_offsets = _layout(bounds, kept.numel())
+    segments, kept_offsets = segment_layout(bounds, kept.numel())
     if up[0] == "rows":
         _, w_in, b_in, activation = up
         return extension().segmented_ffn_cpu(x, w_in, b_in, w_out_t, b_out, segments, kept,
@@ -37,22 +38,6 @@ def segmented_ffn(x, up, w_out_t, b_out, bounds, kept, scales):
     _, w_gate, w_up = up
     return extension().segmented_swiglu_ffn_cpu(x, w_gate, w_up, w_out_t, segments, kept,
                                                 kept_offsets, scales)
-
-
-def _layout(bounds, kept_count: int):
-    """(segments, kept_offsets) of `bounds`, each run of kept entries between them (the lists of
-    segments without rows, which bounds leaves out) given to a segment without rows."""
-    rows, offsets = [0], [0]
-    for r0, r1, k0, k1 in bounds:
-        if k0 > offsets[-1]:
-            rows.append(r0)
-            offsets.append(k0)
-        rows.append(r1)
-        offsets.append(k1)
-    if kept_count > offsets[-1]:
-        rows.append(rows[-1])
-        offsets.append(kept_count)
-    return torch.tensor(rows), torch.tensor(offsets)
 
 
 def set_gather_above(rows: int | None) -> None:

@@ -1,12 +1,15 @@
 """The `cuda` backend: hand-written CUDA gather-GEMV kernels of doe_kernels._C (csrc/cuda).
 
 Written for decoding (1 to 16 rows); correct for any row count but slow for many rows, so `auto`
-only picks it for few rows.
+only picks it for few rows. `segmented_ffn` (the library's segmented-kernel hook) is present only
+when the loaded extension has the segmented kernels; with an older build a segmented op runs one
+single-expert call per segment.
 """
 import torch
 
 from doe_kernels._ext import has_cuda_kernels, extension
 from doe_kernels.activations import ACTIVATION_CODES
+from doe_kernels.backends.layout import segment_layout
 
 NAME = "cuda"
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -32,3 +35,27 @@ def gather_swiglu(x, w_gate, w_up, kept):
 
 def gather_cols_linear(h, weight_t, bias, cols, scales):
     return extension().gather_cols_linear_cuda(h, weight_t, bias, cols, scales, _stream(h))
+
+
+def _segmented_ffn(x, up, w_out_t, b_out, bounds, kept, scales):
+    """Every segment of a segmented FFN in two launches with a grid axis over the segments, the
+    up projections then the down projections (and one that sums the latter's splits of the kept
+    lists, when they have several): the library's segmented-kernel hook, as cpu.segmented_ffn.
+    `bounds`: the library's (first row, end row, first kept, end kept) of each segment with rows;
+    `up`: ("rows", w_in, b_in, activation) or ("swiglu", w_gate, w_up)."""
+    segments, kept_offsets = segment_layout(bounds, kept.numel())
+    if up[0] == "rows":
+        _, w_in, b_in, activation = up
+        return extension().segmented_ffn_cuda(x, w_in, b_in, w_out_t, b_out, segments, kept,
+                                              kept_offsets, scales, ACTIVATION_CODES[activation],
+                                              _stream(x))
+    _, w_gate, w_up = up
+    return extension().segmented_swiglu_ffn_cuda(x, w_gate, w_up, w_out_t, segments, kept,
+                                                 kept_offsets, scales, _stream(x))
+
+
+def __getattr__(name):
+    """`segmented_ffn` exists only when the loaded extension has the segmented CUDA kernels."""
+    if name == "segmented_ffn" and hasattr(extension(), "segmented_ffn_cuda"):
+        return _segmented_ffn
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -263,8 +263,9 @@ def _segmented(x, out_features, segments, kept, kept_offsets, scales, strategy, 
     """The output of a segmented op (x 2-D): for all rows at once `run_union(x, union,
     row_mask)`, the union of the kept lists gathered once and each row's hidden activations
     multiplied by its segment's 0/1 (or scale) mask over the union; else, on a backend with
-    segmented kernels (triton: one launch per projection; cpu: one C++ call), every segment at
-    once; else per segment `run_segment(rows, kept, scales)` (the single-expert op on it). `up`,
+    segmented kernels (triton and cuda: one launch per projection; cpu: one C++ call), every
+    segment at once; else per segment `run_segment(rows, kept, scales)` (the single-expert op on
+    it). `up`,
     `w_out_t`, `b_out`: the projections, for the segmented kernels (see the backends'
     segmented_ffn)."""
     plan = union_plan(x, segments, kept, kept_offsets, scales, strategy,

@@ -19,9 +19,13 @@ Two ways to compute it, `strategy`:
    and building the union's plan, which each call does, costs more than it saves).
 The segment and list boundaries are read on the host. "segments": the triton backend runs every
 segment in one launch per projection (a grid axis over segments, programs past their segment's
-tiles storing nothing); the cpu backend in one C++ call, in parallel over segments x tiles (segments
+tiles storing nothing); the cuda backend too (its gather-GEMV tiles, blocks over segments x tiles x
+chunks of 16 rows, blocks past their segment's work returning at once; built for decoding, a few
+rows per segment); the cpu backend in one C++ call, in parallel over segments x tiles (segments
 with rows enough for its gather + GEMM regime one after another, each on every thread); the torch
-and cuda backends run one single-expert call per segment.
+backend runs one single-expert call per segment. The cuda backend's segmented kernels are compiled
+everywhere but tested for correctness only where a GPU runs the tests; an extension built before
+them runs one single-expert call per segment there too.
 """
 import torch
 
