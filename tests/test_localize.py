@@ -302,6 +302,12 @@ def test_localize_end_to_end_minilm(tokenizer, tmp_path, monkeypatch, one_thread
     # ... then distils it from the prompt-tuned expert, which stays the baseline as it is
     assert figures["recover_objective"] == "distill" and figures["accuracy_before_recovery"] is None
     assert figures["recover_schedule"] == "linear"
+    # where the time went: every step, together no more than the whole call
+    steps = figures["step_seconds"]
+    assert set(steps) == {"prompt", "recovery_setup", "baseline", "attribution",
+                          "candidates_recovery", "candidates_evaluation"}
+    assert all(value > 0 for value in steps.values())
+    assert sum(steps.values()) <= figures["seconds"] + 0.1 * len(steps) <= seconds + 1
     print(f"\nlocalize: {seconds:.1f}s, figures: {figures}")
     assert not dk.is_patched(model) and state_dict_equal(before, snapshot(model))
     assert figures["accuracy_before"] >= 0.9

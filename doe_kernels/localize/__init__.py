@@ -12,6 +12,8 @@ reconstruction, which measured best; docs/localize.md describes each option and 
 measured.
 """
 import collections
+import contextlib
+import dataclasses
 import time
 import warnings
 from dataclasses import dataclass
@@ -100,13 +102,18 @@ def localize(model, tokenizer, train, validation=None, *, label_words=None, temp
     was_training = model.training
     model.eval()
     try:
-        tuned, trained_with = _tune_prompt(run, train, prompt, start_from)
+        with run.clock("prompt"):
+            tuned, trained_with = _tune_prompt(run, train, prompt, start_from)
         tuned_expert = task.expert(None, tuned.prompt, tuned.head)
-        recover = _Recovery.of(run, tuned_expert, train, prompt, recovery)
-        base = _baseline(run, tuned_expert, train.name, validation, recover, search.tolerance)
-        ffn_scores, head_scores = attribute(
-            model, tokenizer, tuned_expert, train, attribution.method, attribution.ig_steps,
-            attribution.num_examples, batch_size, attribution.absolute, seed, progress)
+        with run.clock("recovery_setup"):  # the teacher's logits, the calibration's inputs
+            recover = _Recovery.of(run, tuned_expert, train, prompt, recovery)
+        with run.clock("baseline"):
+            base = _baseline(run, tuned_expert, train.name, validation, recover,
+                             search.tolerance)
+        with run.clock("attribution"):
+            ffn_scores, head_scores = attribute(
+                model, tokenizer, tuned_expert, train, attribution.method, attribution.ig_steps,
+                attribution.num_examples, batch_size, attribution.absolute, seed, progress)
         candidate = _Candidates(task, ffn_scores, head_scores, search)
         result, evaluated, change_se = _search(run, candidate, tuned_expert, base, validation,
                                                search, recover, backend)
@@ -119,7 +126,7 @@ def localize(model, tokenizer, train, validation=None, *, label_words=None, temp
         expert.dense_prompt, expert.dense_head = base.dense.prompt, base.dense.head
     expert.figures = _figures(expert, result, change_se, base, recover, tuned.losses,
                               trained_with, search, attribution, len(train), len(validation),
-                              time.perf_counter() - started)
+                              time.perf_counter() - started, run.clock.rounded())
     return expert
 
 
@@ -165,6 +172,25 @@ class _Task:
                       name=self.name if name is None else name, max_length=self.max_length)
 
 
+class _Clock:
+    """Seconds spent per step of one localize call (Expert.figures["step_seconds"]):
+    `with clock("attribution"): ...` adds the block's time to that step's."""
+
+    def __init__(self):
+        self.seconds = {}
+
+    @contextlib.contextmanager
+    def __call__(self, step: str):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[step] = self.seconds.get(step, 0.0) + time.perf_counter() - started
+
+    def rounded(self) -> dict:
+        return {step: round(seconds, 1) for step, seconds in self.seconds.items()}
+
+
 @dataclass(frozen=True)
 class _Run:
     """What every step of one localize call works with."""
@@ -174,6 +200,7 @@ class _Run:
     batch_size: int
     seed: int
     progress: bool
+    clock: _Clock = dataclasses.field(default_factory=_Clock)
 
 
 def _tune_prompt(run: _Run, train, prompt: PromptConfig, start_from: Expert | None):
@@ -307,13 +334,14 @@ def _search(run: _Run, candidate: _Candidates, tuned_expert: Expert, base: _Base
 
     def accuracy(rate):
         try:
-            expert = recover(run, candidate(rate, tuned_expert))
+            with run.clock("candidates_recovery"):
+                expert = recover(run, candidate(rate, tuned_expert))
         except TrainingDiverged:  # this rate fails; the search goes on
             change_se[rate] = 0.0
             bar.update(1)
             return 0.0
         evaluated[rate] = expert
-        with expert.plugged(model, backend=backend):
+        with run.clock("candidates_evaluation"), expert.plugged(model, backend=backend):
             correct = expert.correct(model, tokenizer, validation, batch_size=2 * run.batch_size)
         value = float(correct.float().mean())
         change_se[rate] = paired_change(correct.tolist(), base.answers)["change_se"]
@@ -334,7 +362,7 @@ def _search(run: _Run, candidate: _Candidates, tuned_expert: Expert, base: _Base
 def _figures(expert: Expert, result, change_se: dict, base: _Baseline, recover: _Recovery,
              prompt_losses: list, trained_with: dict, search: SearchConfig,
              attribution: AttributionConfig, num_train: int, num_validation: int,
-             seconds: float) -> dict:
+             seconds: float, step_seconds: dict) -> dict:
     """What the expert records of how it was found (Expert.figures)."""
     summary = expert.mask.summary()
     return dict(
@@ -357,7 +385,7 @@ def _figures(expert: Expert, result, change_se: dict, base: _Baseline, recover: 
         num_train=num_train,
         num_validation=num_validation, prompt_losses=prompt_losses, **trained_with,
         search=[[rate, value, ok, change_se[rate]] for rate, value, ok in result.history],
-        seconds=round(seconds, 1))
+        seconds=round(seconds, 1), step_seconds=step_seconds)
 
 
 def weak_baseline(baseline: float, zero_shot: float | None, majority: float) -> list[str]:
