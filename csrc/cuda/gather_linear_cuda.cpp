@@ -151,6 +151,12 @@ at::Tensor run_segmented(gemv::SegmentedFfn ffn, const at::Tensor& x, const at::
   if (table.empty() || N == 0) return out;
   const int device = x.get_device();
   DeviceGuard guard(device);
+  // the segment table is copied from host memory: a CUDA graph would keep a dangling pointer
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  DOE_CUDA_CHECK(cudaStreamIsCapturing(as_stream(stream), &capture), "cudaStreamIsCapturing");
+  TORCH_CHECK(capture == cudaStreamCaptureStatusNone,
+              "the segmented CUDA FFN cannot be captured in a CUDA graph (its segment table is "
+              "copied from the host)");
   static_assert(sizeof(Segment) % sizeof(int64_t) == 0, "Segment is a row of int64");
   const int64_t table_bytes = (int64_t)(table.size() * sizeof(Segment));
   at::Tensor device_table =
