@@ -1,4 +1,5 @@
-"""What distillation does to a candidate, per learning rate, schedule, seed and number of epochs:
+"""What distillation does to a candidate, per learning rate, schedule, seed, number of epochs and
+learning rate of the reconstruction vectors (trained with the prompt, or kept as fitted):
 validation accuracy, its paired change from the unpruned prompt-tuned model, and the mean KL
 divergence from that model's answers on held-out examples, for the unpruned expert (distilled into
 itself) and for candidates at given pruning rates (FFN neurons ranked across layers; the plain
@@ -36,7 +37,7 @@ JUDGED = 128  # validation examples the KL divergence is measured on
 
 def task_rows(task, args) -> list:
     """Per rate one row without re-tuning (lr None), then one per (learning rate, schedule,
-    seed, epochs)."""
+    seed, epochs, learning rate of the reconstruction vectors)."""
     splits = up.task_splits(task, args)
     tuned = dk.Expert.load(os.path.join(args.start_from, args.model, f"{task}.safetensors"))
     model, tokenizer = up.load_model(args.model, len(tuned.label_names))
@@ -57,16 +58,17 @@ def task_rows(task, args) -> list:
                               template=dense.template, head=dense.head, sizes=dense.sizes,
                               max_length=dense.max_length)
         candidate = reconstruct(candidate)
-        settings = [(None, None, None, 0)] + [
-            (lr, schedule, seed, epochs) for lr in args.lrs for schedule in args.schedules
-            for seed in args.seeds for epochs in args.epochs]
-        for lr, schedule, seed, epochs in settings:
+        settings = [(None, None, None, 0, None)] + [
+            (lr, schedule, seed, epochs, vectors_lr or None) for lr in args.lrs
+            for schedule in args.schedules for seed in args.seeds for epochs in args.epochs
+            for vectors_lr in args.vectors_lrs]
+        for lr, schedule, seed, epochs, vectors_lr in settings:
             expert = candidate if lr is None else retune(
                 model, tokenizer, candidate, train, epochs, lr, 1e-2, 16, seed, progress=False,
-                teacher=teacher, schedule=schedule)[0]
+                teacher=teacher, schedule=schedule, vectors_lr=vectors_lr)[0]
             correct = expert.correct(model, tokenizer, validation)
             rows.append(dict(task=task, rate=rate, lr=lr, schedule=schedule, seed=seed,
-                             epochs=epochs,
+                             epochs=epochs, vectors_lr=vectors_lr,
                              reconstruction=candidate.figures.get("reconstruction"),
                              validation=float(correct.float().mean()),
                              **paired_change(correct.tolist(), baseline),
@@ -97,6 +99,9 @@ def main(argv=None) -> dict:
                         help="the re-tuning's seeds (its data order)")
     parser.add_argument("--epochs", nargs="+", type=int, default=[1],
                         help="the re-tuning's epochs (with 'linear', the decay spans them all)")
+    parser.add_argument("--vectors-lrs", nargs="+", type=float, default=[0.0],
+                        help="learning rates of the reconstruction vectors (the kept neurons' "
+                        "scales and the bias deltas) trained with the prompt (0: kept as fitted)")
     parser.add_argument("--reconstruct", default="none", choices=("none", "auto"),
                         help="the candidates as masked, or reconstructed as localize does")
     parser.add_argument("--max-train", type=int, default=1000)

@@ -143,6 +143,48 @@ def test_distilling_moves_the_pruned_expert_towards_its_teacher(tokenizer, famil
     assert state_dict_equal(before, snapshot(model))
 
 
+@pytest.mark.parametrize("family", [0, 1], ids=["bert", "llama"])
+def test_retune_trains_the_reconstruction_vectors_the_kernels_serve(tokenizer, family, one_thread):
+    """With vectors_lr, the kept neurons' scales and the bias delta of every layer the mask
+    prunes are trained with the prompt (from the mask's own, or 1 and 0): the new mask keeps the
+    same neurons, the vectors move, the distillation loss falls further than with the prompt
+    alone, and the patched kernels serve what the training network computed."""
+    model, expert = _experts(tokenizer)[family]
+    if family == 0:  # one layer starts from fitted vectors, the others from 1 and 0
+        expert.mask = with_scales(model, expert.mask)
+    before = snapshot(model)
+    data = sentiment_task(48)
+    teacher = torch.tensor([0.0, 2.0]) + 0.3 * torch.randn(
+        len(data), 2, generator=torch.Generator().manual_seed(0))
+    kwargs = dict(epochs=3, batch_size=8, progress=False, teacher=teacher)
+    prompt_only, prompt_losses = retune(model, tokenizer, expert, data, **kwargs)
+    trained, losses = retune(model, tokenizer, expert, data, vectors_lr=0.05, **kwargs)
+    assert losses[-1] < prompt_losses[-1]
+    mask = trained.mask
+    assert prompt_only.mask is expert.mask and mask is not expert.mask
+    assert {k: v.tolist() for k, v in mask.ffn.items()} == {
+        k: v.tolist() for k, v in expert.mask.ffn.items()}
+    assert set(mask.ffn_scales) == set(mask.ffn_bias) == set(expert.mask.ffn)
+    for layer, kept in mask.ffn.items():
+        start = expert.mask.ffn_scales.get(layer, torch.ones(kept.numel()))
+        assert mask.ffn_scales[layer].shape == start.shape and mask.ffn_scales[layer].dtype == torch.float32
+        assert kept.numel() == 0 or not torch.equal(mask.ffn_scales[layer], start)
+        assert mask.ffn_bias[layer].abs().sum() > 0
+    ids, attention = trained.encode(tokenizer, data.texts[:6])
+    with torch.no_grad():
+        with trained.plugged(model, backend="torch"):
+            served = trained.logits(model, ids, attention)
+        with trained.plugged(model, prune=False), masked(model, mask):
+            emulated = trained.logits(model, ids, attention)
+    torch.testing.assert_close(served, emulated, atol=1e-5, rtol=1e-4)
+    assert state_dict_equal(before, snapshot(model)) and not dk.is_patched(model)
+    assert all(not p.requires_grad or p.grad is None for p in model.parameters())
+    for bad in (0.0, -1.0):
+        with pytest.raises(ValueError, match="vectors_lr must be > 0 or None"):
+            retune(model, tokenizer, expert, data, vectors_lr=bad, **kwargs)
+    assert state_dict_equal(before, snapshot(model))
+
+
 @pytest.mark.parametrize("schedule", ["linear", "constant"])
 def test_retune_decays_the_learning_rates_linearly_or_holds_them(tokenizer, schedule, monkeypatch,
                                                                  one_thread):

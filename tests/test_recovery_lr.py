@@ -64,11 +64,13 @@ def test_a_row_per_schedule_and_seed_of_reconstructed_candidates(tmp_path, monke
     assert rows[1]["kl"] != rows[3]["kl"] and rows[2]["kl"] != rows[4]["kl"]
 
 
-def test_a_row_per_number_of_epochs(tmp_path, monkeypatch):
+def test_a_row_per_number_of_epochs_and_learning_rate_of_the_vectors(tmp_path, monkeypatch):
     _saved_expert(tmp_path, monkeypatch)
     result = recovery_lr.main(["--start-from", str(tmp_path), "--tasks", "sentiment",
                                "--rates", "0.5", "--lrs", "0.03", "--epochs", "1", "2",
-                               "--out", str(tmp_path / "out.json")])
+                               "--vectors-lrs", "0", "0.05", "--out", str(tmp_path / "out.json")])
     rows = result["rows"]
-    assert [(row["lr"], row["epochs"]) for row in rows] == [(None, 0), (0.03, 1), (0.03, 2)]
-    assert rows[1]["kl"] != rows[2]["kl"]  # a second epoch trains the prompt further
+    assert [(row["lr"], row["epochs"], row["vectors_lr"]) for row in rows] == [
+        (None, 0, None), (0.03, 1, None), (0.03, 1, 0.05), (0.03, 2, None), (0.03, 2, 0.05)]
+    assert rows[1]["kl"] != rows[3]["kl"]  # a second epoch trains the prompt further
+    assert rows[1]["kl"] != rows[2]["kl"]  # so does training the scales and bias deltas

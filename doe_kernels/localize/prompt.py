@@ -74,20 +74,26 @@ def check_schedule(schedule: str) -> None:
 def fit(peft_model, tokenizer, data, task_type: str, token_ids=None, template=None,
         epochs: int = 5, lr: float = 3e-2, head_lr: float = 1e-2, batch_size: int = 16,
         max_length: int = 128, seed: int = 0, progress: bool = True,
-        targets: torch.Tensor | None = None, schedule: str = "constant") -> list[float]:
+        targets: torch.Tensor | None = None, schedule: str = "constant",
+        extra_groups: list | None = None) -> list[float]:
     """Train the prompt (and head) with cross-entropy over the label logits, against the gold
     labels, or against `targets` ((len(data), num_labels) probabilities, e.g. a teacher's: then
     the loss is the KL divergence from them, up to their constant entropy); returns the mean loss
     of each epoch. `schedule`: the learning rates held ("constant") or decayed linearly to zero
-    over the steps ("linear")."""
+    over the steps ("linear"). `extra_groups`: more optimizer parameter groups ({"params": [...],
+    "lr": ...}) trained with them (not as part of the head)."""
     if targets is not None and tuple(targets.shape[:1]) != (len(data),):
         raise ValueError(f"targets has {targets.shape[0]} rows for {len(data)} examples")
     check_schedule(schedule)
     gold_all = torch.tensor(data.label_ids) if targets is None else targets.float()
     prompt_params, head_params = trainable(peft_model)
+    extra_groups = list(extra_groups or [])
+    extra = {id(p) for group in extra_groups for p in group["params"]}
+    head_params = [p for p in head_params if id(p) not in extra]
     groups = [{"params": prompt_params, "lr": lr}]
     if head_params:
         groups.append({"params": head_params, "lr": head_lr})
+    groups += extra_groups
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
     device = peft_model.get_input_embeddings().weight.device
     order = list(range(len(data)))

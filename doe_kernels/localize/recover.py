@@ -9,7 +9,9 @@ points attribution reads), which is what the patched kernels compute, at the den
 `sliced`, which `retune` trains through, computes the same with the FFN's projections swapped for
 copies of their kept rows and columns (the scales folded into the down projection's columns, the
 bias delta into its bias), so that an epoch costs what the pruned FFN costs; heads stay emulated.
-The retuned expert is evaluated (and served) through `patch` as any other.
+The retuned expert is evaluated (and served) through `patch` as any other. `retune(vectors_lr=)`
+also trains the mask's FFN scales and bias deltas with the prompt (`TrainedDown`); measured, it
+does not beat the least-squares fit they start from (docs/results.md), so `localize` keeps the fit.
 """
 import contextlib
 
@@ -71,17 +73,20 @@ def masked(model, mask):
 
 
 @contextlib.contextmanager
-def sliced(model, mask):
+def sliced(model, mask, trained_vectors: bool = False):
     """`masked`'s network at the pruned FFN's cost: while the body runs, each FFN projection of a
     layer the mask prunes (or scales, or shifts) is replaced by a frozen copy of its kept
     neurons' rows (the input projections) or columns (the down projection, times the kept
     neurons' scales, its bias plus the mask's bias delta); the heads are emulated by `masked`.
-    The model's own modules are put back afterwards, unchanged."""
+    The model's own modules are put back afterwards, unchanged. With `trained_vectors`, the down
+    projection of each layer the mask prunes is a `TrainedDown` instead, whose scales and bias
+    delta are parameters (starting at the mask's, or at 1 and 0); the context yields
+    {layer: TrainedDown} (else {})."""
     mask.validate(model)
     ffn_tables = ("ffn", "ffn_scales", "ffn_bias")
     heads_only = mask.replace(**{name: {} for name in ffn_tables})
     adapter, layers, _ = describe(model)
-    swapped = []
+    swapped, trained = [], {}
     with masked(model, heads_only):  # refuses models attribution does not support (MoE)
         try:
             for number, layer in enumerate(layers):
@@ -90,15 +95,21 @@ def sliced(model, mask):
                 kept = mask.ffn.get(number)
                 copies = {path: _slice(layer.get_submodule(path), rows=kept)
                           for path in adapter.FFN_INPUTS}
-                copies[adapter.FFN_DOWN] = _slice(
-                    layer.get_submodule(adapter.FFN_DOWN), cols=kept,
-                    col_scales=mask.ffn_scales.get(number), bias_delta=mask.ffn_bias.get(number))
+                down = layer.get_submodule(adapter.FFN_DOWN)
+                if trained_vectors and kept is not None:
+                    copies[adapter.FFN_DOWN] = trained[number] = TrainedDown(
+                        _slice(down, cols=kept), mask.ffn_scales.get(number),
+                        mask.ffn_bias.get(number))
+                else:
+                    copies[adapter.FFN_DOWN] = _slice(
+                        down, cols=kept, col_scales=mask.ffn_scales.get(number),
+                        bias_delta=mask.ffn_bias.get(number))
                 for path, copy in copies.items():
                     parent, _, name = path.rpartition(".")
                     parent = layer.get_submodule(parent)
                     swapped.append((parent, name, getattr(parent, name)))
                     setattr(parent, name, copy)
-            yield model
+            yield trained
         finally:
             for parent, name, original in reversed(swapped):
                 setattr(parent, name, original)
@@ -127,21 +138,55 @@ def _slice(linear: nn.Linear, rows=None, cols=None, col_scales=None, bias_delta=
     return copy
 
 
+class TrainedDown(nn.Module):
+    """A pruned layer's down projection (`linear`: its kept columns, frozen) with the kept
+    neurons' scales and the bias delta as parameters: linear(h * scales) + bias_delta, what the
+    patched kernels compute with the mask's vectors. `scales`/`bias_delta`: the starting values
+    (None: 1 and 0)."""
+
+    def __init__(self, linear: nn.Linear, scales=None, bias_delta=None):
+        super().__init__()
+        self.linear = linear
+        weight = linear.weight
+        self.scales = nn.Parameter(
+            torch.ones(linear.in_features, device=weight.device) if scales is None
+            else scales.detach().to(weight.device, torch.float32).clone())
+        self.bias_delta = nn.Parameter(
+            torch.zeros(linear.out_features, device=weight.device) if bias_delta is None
+            else bias_delta.detach().to(weight.device, torch.float32).clone())
+
+    def forward(self, hidden):
+        out = self.linear(hidden * self.scales.to(hidden.dtype))
+        return out + self.bias_delta.to(out.dtype)
+
+
+def trained_mask(mask, trained: dict):
+    """`mask` with the scales and bias deltas of `trained` ({layer: TrainedDown}) in place of
+    its own for those layers (float32 CPU)."""
+    if not trained:
+        return mask
+    vectors = {name: {layer: getattr(module, name).detach().float().cpu().clone()
+                      for layer, module in trained.items()}
+               for name in ("scales", "bias_delta")}
+    return mask.replace(ffn_scales={**mask.ffn_scales, **vectors["scales"]},
+                        ffn_bias={**mask.ffn_bias, **vectors["bias_delta"]})
+
+
 class TrainingDiverged(ValueError):
     """Recovery training ended with a non-finite soft prompt or head."""
 
 
-def _check_finite(prompt, head, lr: float) -> None:
-    tensors = [prompt] + list((head or {}).values())
+def _check_finite(prompt, head, lr: float, vectors=()) -> None:
+    tensors = [prompt] + list((head or {}).values()) + list(vectors)
     if not all(bool(torch.isfinite(t).all()) for t in tensors):
-        raise TrainingDiverged(f"recovery training diverged (the prompt or head holds NaN or inf) "
-                               f"at lr={lr:g}; try a lower recover_lr")
+        raise TrainingDiverged(f"recovery training diverged (the prompt, head or reconstruction "
+                               f"vectors hold NaN or inf) at lr={lr:g}; try a lower recover_lr")
 
 
 def retune(model, tokenizer, expert: Expert, data, epochs: int = 1, lr: float = 3e-2,
            head_lr: float = 1e-2, batch_size: int = 16, seed: int = 0,
            progress: bool = True, teacher: torch.Tensor | None = None,
-           schedule: str = "linear") -> tuple[Expert, list]:
+           schedule: str = "linear", vectors_lr: float | None = None) -> tuple[Expert, list]:
     """(a new Expert with the same mask and a prompt and head trained for `epochs` more on
     `data` through the pruned network, the mean training loss of each epoch). Starts from the
     expert's own prompt and head; `model` (unpatched) is left as it was. A dense expert (mask
@@ -149,7 +194,12 @@ def retune(model, tokenizer, expert: Expert, data, epochs: int = 1, lr: float = 
     `teacher`: (len(data), num_labels) label logits to distil (KL divergence from their softmax,
     e.g. the unpruned prompt-tuned expert's, `Expert.predict_logits`) instead of the labels.
     `schedule`: the learning rate decayed linearly to zero over the steps ("linear"), or held
-    ("constant"; one epoch at a constant lr lands the prompt wherever Adam's last steps took it)."""
+    ("constant"; one epoch at a constant lr lands the prompt wherever Adam's last steps took it).
+    `vectors_lr`: also train the FFN reconstruction vectors of the layers the mask prunes (the
+    kept neurons' scales and the bias delta, `TrainedDown`) at this learning rate; the new
+    Expert's mask holds them (None: the mask is kept as it is)."""
+    if vectors_lr is not None and not vectors_lr > 0:
+        raise ValueError(f"vectors_lr must be > 0 or None, got {vectors_lr}")
     if teacher is not None and tuple(teacher.shape) != (len(data), len(expert.label_names)):
         raise ValueError(f"teacher has shape {tuple(teacher.shape)}; it must hold one logit per "
                          f"label for each example: ({len(data)}, {len(expert.label_names)})")
@@ -157,20 +207,25 @@ def retune(model, tokenizer, expert: Expert, data, epochs: int = 1, lr: float = 
     targets = None if teacher is None else torch.softmax(teacher.float(), dim=-1)
     torch.manual_seed(seed)
     mask = ExpertMask() if expert.mask is None else expert.mask
-    with expert.plugged(model, prune=False), sliced(model, mask):
+    with (expert.plugged(model, prune=False),
+          sliced(model, mask, trained_vectors=vectors_lr is not None) as trained):
         peft_model = wrap(model, expert.task_type, expert.num_virtual_tokens, seed=seed)
         try:  # PEFT copied the plugged head into its trainable copy; the prompt is set here
             weight = peft_model.prompt_encoder["default"].embedding.weight
             with torch.no_grad():
                 weight.copy_(expert.prompt.to(weight.device, weight.dtype))
+            vectors = [p.requires_grad_() for module in trained.values()
+                       for p in (module.scales, module.bias_delta)]
             losses = fit(peft_model, tokenizer, data, expert.task_type, expert.label_token_ids,
                          expert.template, epochs, lr, head_lr, batch_size, expert.max_length,
-                         seed, progress, targets, schedule)
+                         seed, progress, targets, schedule,
+                         [dict(params=vectors, lr=vectors_lr)] if vectors else None)
             prompt, head = extract(peft_model)
+            mask = trained_mask(mask, trained)
         finally:
             unwrap(peft_model)
-    _check_finite(prompt, head, lr)
-    retuned = Expert(expert.mask, prompt, expert.task_type, expert.label_names,
+    _check_finite(prompt, head, lr, list(mask.ffn_scales.values()) + list(mask.ffn_bias.values()))
+    retuned = Expert(None if expert.mask is None else mask, prompt, expert.task_type, expert.label_names,
                      label_words=expert.label_words, label_token_ids=expert.label_token_ids,
                      template=expert.template, head=head, sizes=expert.sizes, name=expert.name,
                      max_length=expert.max_length)
