@@ -318,6 +318,15 @@ at::Tensor gather_cols_linear_cuda(const at::Tensor& h, const at::Tensor& weight
   return out;
 }
 
+// A SegmentedFfn of x's dtype, once x is checked (a 2-D CUDA tensor).
+static gemv::SegmentedFfn segmented_input(const at::Tensor& x, const char* op) {
+  check_cuda_tensor(x, x, op, "x");
+  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D (rows, features), got ", x.dim(), " dims");
+  gemv::SegmentedFfn ffn{};
+  ffn.dtype = to_dtype(x, op);
+  return ffn;
+}
+
 at::Tensor segmented_ffn_cuda(const at::Tensor& x, const at::Tensor& w_in,
                               const std::optional<at::Tensor>& b_in, const at::Tensor& w_out_t,
                               const std::optional<at::Tensor>& b_out, const at::Tensor& segments,
@@ -325,10 +334,7 @@ at::Tensor segmented_ffn_cuda(const at::Tensor& x, const at::Tensor& w_in,
                               const std::optional<at::Tensor>& scales, int64_t activation,
                               int64_t stream) {
   const char* op = "segmented_ffn_cuda";
-  check_cuda_tensor(x, x, op, "x");
-  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D (rows, features), got ", x.dim(), " dims");
-  gemv::SegmentedFfn ffn{};
-  ffn.dtype = to_dtype(x, op);
+  gemv::SegmentedFfn ffn = segmented_input(x, op);
   check_up_weight(w_in, x, op, "w_in");
   check_vector(b_in, x, w_in.size(0), op, "b_in");
   TORCH_CHECK(activation >= kIdentity && activation <= kRelu, op, ": unknown activation code ",
@@ -346,10 +352,7 @@ at::Tensor segmented_swiglu_ffn_cuda(const at::Tensor& x, const at::Tensor& w_ga
                                      const at::Tensor& kept_offsets,
                                      const std::optional<at::Tensor>& scales, int64_t stream) {
   const char* op = "segmented_swiglu_ffn_cuda";
-  check_cuda_tensor(x, x, op, "x");
-  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D (rows, features), got ", x.dim(), " dims");
-  gemv::SegmentedFfn ffn{};
-  ffn.dtype = to_dtype(x, op);
+  gemv::SegmentedFfn ffn = segmented_input(x, op);
   check_up_weight(w_gate, x, op, "w_gate");
   check_up_weight(w_up, x, op, "w_up");
   TORCH_CHECK(w_gate.sizes() == w_up.sizes(), op, ": w_gate ", w_gate.sizes(), " and w_up ",
