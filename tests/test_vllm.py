@@ -61,6 +61,27 @@ def _generate(llm, prompts):
     return tokens, logprobs
 
 
+def _generate_mixed(llm, requests):
+    """Greedy continuations of (expert name or None, token ids) requests, all in one generate
+    call (vLLM batches them into the same steps)."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=0)
+    prompts, named = dkv.for_experts(llm, [(name, {"prompt_token_ids": ids})
+                                           for name, ids in requests], params)
+    outs = llm.generate(prompts, named, use_tqdm=False)
+    tokens = [list(out.outputs[0].token_ids) for out in outs]
+    return tokens, [[step[token].logprob for token, step in zip(row, out.outputs[0].logprobs)]
+                    for row, out in zip(tokens, outs)]
+
+
+def _expected_mixed(references: dict, requests: list):
+    """The single-expert results (`references[name]`: (tokens, logprobs) per prompt index) of
+    (name, prompt index) requests."""
+    return ([references[name][0][index] for name, index in requests],
+            [references[name][1][index] for name, index in requests])
+
+
 def _hf_generate(model, prompts):
     """The same greedy continuations from a HuggingFace model (patched or not), step by step
     with its KV cache (no EOS handling)."""
@@ -112,7 +133,7 @@ def _with_reconstruction(mask, spec, seed: int, heads: bool = False):
                           if heads else None)
 
 
-def _causal_expert(hf, mask):
+def _causal_expert(hf, mask, seed: int = 8):
     """A causal-LM Expert on SmolLM2 (random soft prompt, `mask` with its scales and bias
     deltas, its chat template) and texts to ask it."""
     from transformers import AutoTokenizer
@@ -122,7 +143,7 @@ def _causal_expert(hf, mask):
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir())
     words = ["negative", "positive"]
     prompt = 0.02 * torch.randn(6, hf.config.hidden_size,
-                                generator=torch.Generator().manual_seed(8))
+                                generator=torch.Generator().manual_seed(seed))
     expert = doe_kernels.Expert(
         mask, prompt, CAUSAL_LM, words, label_words=words,
         label_token_ids=label_token_ids(tokenizer, words),
@@ -173,13 +194,15 @@ def smol():
     hf_out = dict(dense=_hf_generate(hf, prompts),
                   **{name: _hf_patched(hf, mask, prompts) for name, mask in masks.items()})
     expert, texts = _causal_expert(hf, masks["b"])
+    other, _ = _causal_expert(hf, masks["heads"], seed=9)
     tokenizer = AutoTokenizer.from_pretrained(path)
     expert_out = dict(answers=expert.predict(hf, tokenizer, texts),
+                      other_answers=other.predict(hf, tokenizer, texts),
                       generated=_hf_generate_embeds(hf, expert, tokenizer, texts[0]))
     llm = _start_engine(path, tp=1, enable_prompt_embeds=True)
     dense = _generate(llm, prompts)  # before any plug
     yield dict(llm=llm, hf=hf, hf_out=hf_out, spec=spec, prompts=prompts, masks=masks,
-               dense=dense, expert=expert, texts=texts, tokenizer=tokenizer,
+               dense=dense, expert=expert, other=other, texts=texts, tokenizer=tokenizer,
                expert_out=expert_out)
     _stop_engine(llm)
 
@@ -286,6 +309,83 @@ class TestSmolLM2:
         with pytest.raises(ValueError, match="an expert of another model"):
             dkv.expert_prompts(expert, tokenizer, texts, embeddings[:, :100])
 
+    def test_mixed_batch_each_request_on_its_expert(self, smol):
+        """Two held experts and the plugged one in the same engine steps (requests interleaved,
+        so every step regroups its rows): each request generates what the patched HF model
+        generates with its expert alone; without them the engine is dense again, bit for bit."""
+        llm, prompts, masks = smol["llm"], smol["prompts"], smol["masks"]
+        dkv.plug(llm, masks["a"])  # for the requests that name no expert
+        dkv.add(llm, "b", masks["b"])
+        dkv.add(llm, "heads", masks["heads"])
+        try:
+            assert dkv.experts(llm) == ["b", "heads"]
+            assert dkv.status(llm)[0]["experts"] == ["b", "heads"]
+            requests = [("heads", 0), (None, 1), ("b", 2), ("b", 0), ("heads", 2), (None, 0)]
+            got = _generate_mixed(llm, [(name, prompts[i]) for name, i in requests])
+            references = {**smol["hf_out"], None: smol["hf_out"]["a"]}
+            assert_same_generation(got, _expected_mixed(references, requests))
+        finally:
+            dkv.remove(llm, "b")
+            dkv.remove(llm, "heads")
+            dkv.unplug(llm)
+        assert dkv.experts(llm) == []
+        assert_same_generation(_generate(llm, prompts), smol["dense"], exact=True)
+
+    def test_mixed_prefix_cache_is_per_expert(self, smol):
+        """The 160-token prompt under one expert, then under another: the second computes its own
+        KV blocks (for_experts salts the prefix cache per expert) and plugs nothing."""
+        llm, prompt, masks = smol["llm"], smol["prompts"][2], smol["masks"]
+        dkv.add(llm, "b", masks["b"])
+        dkv.add(llm, "heads", masks["heads"])
+        try:
+            for name in ("b", "heads", None):
+                assert_same_generation(_generate_mixed(llm, [(name, prompt)]),
+                                       _expected_mixed({**smol["hf_out"], None: smol["dense"]},
+                                                       [(name, 2)]))
+        finally:
+            dkv.remove(llm, "b")
+            dkv.remove(llm, "heads")
+
+    def test_mixed_bad_input_is_refused_and_changes_nothing(self, smol):
+        llm, prompts, mask = smol["llm"], smol["prompts"], smol["masks"]["a"]
+        size = smol["spec"].intermediate_size
+        dkv.add(llm, "a", mask)
+        try:
+            with pytest.raises(ValueError, match=r"no expert held under the names \['tweets'\]"):
+                dkv.for_experts(llm, [("a", prompts[0]), ("tweets", prompts[1])])
+            with pytest.raises(ValueError, match="non-empty string"):
+                dkv.add(llm, "", mask)
+            with pytest.raises(ValueError, match="out of range"):  # "a" keeps its expert
+                dkv.add(llm, "a", doe_kernels.ExpertMask({0: [0, size]}))
+            with pytest.raises(ValueError, match="2 sampling params for 1 requests"):
+                dkv.for_experts(llm, [("a", prompts[0])], [None, None])
+            with pytest.raises(KeyError, match="tweets"):
+                dkv.remove(llm, "tweets")
+            assert dkv.experts(llm) == ["a"]
+            assert_same_generation(_generate_mixed(llm, [("a", prompts[1])]),
+                                   _expected_mixed(smol["hf_out"], [("a", 1)]))
+        finally:
+            dkv.remove(llm, "a")
+
+    def test_mixed_answers_of_two_soft_prompt_experts(self, smol):
+        llm, texts, tokenizer = smol["llm"], smol["texts"], smol["tokenizer"]
+        experts = dict(first=smol["expert"], second=smol["other"])
+        for name, expert in experts.items():
+            dkv.add(llm, name, expert)
+        try:
+            requests = [("second", texts[0]), ("first", texts[0]), ("second", texts[3]),
+                        ("first", texts[1]), ("second", texts[2]), ("first", texts[3])]
+            expected = dict(first=smol["expert_out"]["answers"],
+                            second=smol["expert_out"]["other_answers"])
+            embeddings = smol["hf"].get_input_embeddings().weight
+            assert dkv.answer_mixed(llm, experts, tokenizer, requests, embeddings) == [
+                expected[name][texts.index(text)] for name, text in requests]
+            with pytest.raises(ValueError, match="no Expert given"):
+                dkv.answer_mixed(llm, experts, tokenizer, [("third", texts[0])], embeddings)
+        finally:
+            for name in experts:
+                dkv.remove(llm, name)
+
     def test_engine_that_captures_cuda_graphs_is_refused(self, smol):
         import copy
         from types import SimpleNamespace
@@ -371,6 +471,53 @@ class TestTensorParallel2:
         assert_same_generation(_generate(llm, prompts), _hf_patched(tp2["hf"], mask, prompts))
         dkv.unplug(llm)
         assert_same_generation(_generate(llm, prompts), tp2["dense"], exact=True)
+
+
+    def test_mixed_batch_on_both_ranks(self, tp2):
+        """Two held experts (heads and neurons split over both ranks) and the dense model in the
+        same steps, each request equal to its expert alone on the patched HF model."""
+        llm, prompts, spec, hf = tp2["llm"], tp2["prompts"], tp2["spec"], tp2["hf"]
+        masks = dict(
+            heads=_with_reconstruction(doe_kernels.ExpertMask(
+                {0: torch.arange(0, 512, 2), 1: torch.arange(100, 400)},
+                heads={0: [1, 2, 5, 6, 7], 1: [0, 3]}, spec=spec.as_dict()), spec, seed=9,
+                heads=True),
+            ffn=_with_reconstruction(doe_kernels.ExpertMask(
+                {0: torch.arange(1, 512, 3), 1: torch.arange(0, 256)}, spec=spec.as_dict()),
+                spec, seed=10))
+        references = {name: _hf_patched(hf, mask, prompts) for name, mask in masks.items()}
+        references[None] = tp2["dense"]
+        for name, mask in masks.items():
+            dkv.add(llm, name, mask)
+        try:
+            requests = [("ffn", 2), ("heads", 0), (None, 1), ("heads", 2), ("ffn", 1)]
+            got = _generate_mixed(llm, [(name, prompts[i]) for name, i in requests])
+            assert_same_generation(got, _expected_mixed(references, requests))
+        finally:
+            for name in masks:
+                dkv.remove(llm, name)
+        assert_same_generation(_generate(llm, prompts), tp2["dense"], exact=True)
+
+
+@pytest.mark.parametrize("names, counts, rows, groups, group_counts, grouped", [
+    ([None, None], [3, 2], 5, None, None, None),
+    (["a", "a", None], [2, 1, 1], 4, ("a", None), [3, 1], None),
+    (["a", None, "b", "a"], [1, 2, 1, 2], 7, ("a", None, "b"), [3, 3, 1],
+     [0, 4, 5, 1, 2, 6, 3]),  # one padding row goes with the unnamed
+    (["b", "a"], [0, 2], 2, ("b", "a", None), [0, 2, 0], None),
+])
+def test_step_layout_groups_rows_by_expert(names, counts, rows, groups, group_counts, grouped):
+    from doe_kernels.vllm.mixed import layout_of
+
+    layout = layout_of(names, counts, rows)
+    if groups is None:
+        assert layout is None
+        return
+    assert layout.names == groups and layout.counts == group_counts
+    x = torch.arange(rows, dtype=torch.float32)[:, None]
+    assert layout.grouped(x)[:, 0].tolist() == (grouped or list(range(rows)))
+    assert torch.equal(layout.ungrouped(layout.grouped(x)), x)
+    assert [stop - start for _, start, stop in layout.bounds()] == group_counts
 
 
 def _tiny_model(family: str, path) -> str:

@@ -5,6 +5,9 @@ llm = LLM(model=path, worker_extension_cls="doe_kernels.vllm.WorkerExtension",
           tensor_parallel_size=2)  # compiled (vLLM's default, no CUDA graphs) or eager
 doe_kernels.vllm.plug(llm, mask)   # an ExpertMask or an Expert; swaps when plugged again
 doe_kernels.vllm.unplug(llm)       # vLLM's dense model again
+doe_kernels.vllm.add(llm, "tweets", expert)  # held beside it: mixed-task batches
+prompts, params = doe_kernels.vllm.for_experts(llm, [("tweets", text), (None, other)], params)
+llm.generate(prompts, params)      # each request on its own expert, in the same steps
 ```
 LLaMA-family models (vLLM's Llama, Mistral and Qwen2 layers), FFN neurons and attention heads
 (with their scales and bias deltas); see docs/vllm.md. A causal-LM expert's soft prompt travels
@@ -18,10 +21,14 @@ WorkerExtension wraps vLLM's CPU weight repacking so the FFN and attention weigh
 """
 import importlib
 
-__all__ = ["WorkerExtension", "answer", "expert_prompts", "plug", "status", "unplug"]
-_HOMES = dict(WorkerExtension="doe_kernels.vllm.worker", plug="doe_kernels.vllm.engine",
-              unplug="doe_kernels.vllm.engine", status="doe_kernels.vllm.engine",
-              expert_prompts="doe_kernels.vllm.prompts", answer="doe_kernels.vllm.prompts")
+__all__ = ["WorkerExtension", "add", "answer", "answer_mixed", "expert_prompts", "experts", "for_experts", "plug",
+           "remove", "status", "unplug"]
+_HOMES = dict(WorkerExtension="doe_kernels.vllm.worker",
+              **{name: "doe_kernels.vllm.engine"
+                 for name in ("plug", "unplug", "status", "add", "remove", "experts",
+                              "for_experts")},
+              **{name: "doe_kernels.vllm.prompts"
+                 for name in ("expert_prompts", "answer", "answer_mixed")})
 
 
 def __getattr__(name: str):

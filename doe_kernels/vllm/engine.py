@@ -1,14 +1,16 @@
-"""The caller's side: `plug(llm, mask)` and `unplug(llm)` on a `vllm.LLM`.
+"""The caller's side: `plug(llm, mask)` and `unplug(llm)` on a `vllm.LLM`; `add(llm, name, mask)`,
+`remove` and `for_experts` for mixed-task batches (doe_kernels.vllm.mixed).
 
 `plug` checks the engine (the doe_kernels worker extension, no CUDA graphs), then asks every rank
 to check the mask and stage its plan; only if every rank accepts does it ask them to apply it. A
 refused mask raises ValueError here and the engine keeps serving the previous expert (or the dense
 model).
-After every plug and unplug the prefix cache is reset: cached KV blocks were computed by the
+After every plug, unplug, add and remove the prefix cache is reset: cached KV blocks were computed by the
 previous expert.
 """
 import importlib
 
+from doe_kernels.vllm.mixed import EXTRA_ARG
 from doe_kernels.vllm.protocol import as_mask, plug_on_ranks
 from doe_kernels.vllm.worker import WorkerExtension, check_engine_config
 
@@ -37,6 +39,91 @@ def unplug(llm) -> None:
     _check_engine(llm)
     llm.collective_rpc("doe_unplug")
     _reset_prefix_cache(llm)
+
+
+def add(llm, name: str, mask) -> None:
+    """Hold an expert under `name` in `llm`, beside the plugged one (if any), for the requests
+    that name it (`for_experts`): one engine step then serves requests of several experts, each
+    on its own neurons and heads. Adding a name again replaces its expert. Checked on every rank
+    before any changes, as `plug` is (the same errors)."""
+    _check_name(name)
+    mask = as_mask(mask)
+    _check_engine(llm)
+    plug_on_ranks(lambda method, args: llm.collective_rpc(method, args=tuple(args)), mask,
+                  "doe_add_expert", name)
+    _reset_prefix_cache(llm)
+
+
+def remove(llm, name: str) -> None:
+    """Stop holding the expert `name` (KeyError if `llm` holds none of that name)."""
+    _check_engine(llm)
+    if not all(llm.collective_rpc("doe_remove_expert", args=(name,))):
+        raise KeyError(f"no expert named {name!r} is held (held: {experts(llm)})")
+    _reset_prefix_cache(llm)
+
+
+def experts(llm) -> list:
+    """The names of the experts `llm` holds, in the order they were added."""
+    _check_engine(llm)
+    return llm.collective_rpc("doe_experts")[0]
+
+
+def for_experts(llm, requests, params=None) -> tuple[list, list]:
+    """(prompts, sampling params) for `llm.generate(prompts, params)`, each request on its own
+    expert. `requests`: (name, prompt) pairs, the name of a held expert (`add`) or None (the
+    plugged expert, or the dense model), the prompt a text, a list of token ids or a vLLM prompt
+    dict; `params`: a vllm.SamplingParams for every request (vLLM's default when None), or a list
+    of them, one per request. Each
+    request's params name its expert (extra_args["doe_expert"]) and its prompt gets a cache salt
+    of its expert, so that no request reuses KV blocks another expert computed. Raises
+    ValueError for a name `llm` does not hold."""
+    from vllm import SamplingParams
+
+    requests = [tuple(r) for r in requests]
+    if any(len(r) != 2 for r in requests):
+        raise ValueError("requests must be (expert name or None, prompt) pairs")
+    held = experts(llm)
+    unknown = sorted({str(n) for n, _ in requests if n is not None and n not in held})
+    if unknown:
+        raise ValueError(f"no expert held under the names {unknown} (held: {held}); "
+                         "add them first with doe_kernels.vllm.add")
+    params = SamplingParams() if params is None else params
+    if not isinstance(params, (list, tuple)):
+        params = [params] * len(requests)
+    if len(params) != len(requests):
+        raise ValueError(f"{len(params)} sampling params for {len(requests)} requests")
+    return ([_salted(prompt, name) for name, prompt in requests],
+            [_naming(p, name) for (name, _), p in zip(requests, params)])
+
+
+def _check_name(name) -> None:
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"an expert's name must be a non-empty string, got {name!r}")
+
+
+def _salted(prompt, name):
+    """`prompt` as a vLLM prompt dict with its expert's cache salt (as given for None)."""
+    if name is None:
+        return prompt
+    if isinstance(prompt, str):
+        prompt = {"prompt": prompt}
+    elif isinstance(prompt, (list, tuple)):
+        prompt = {"prompt_token_ids": list(prompt)}
+    elif not isinstance(prompt, dict):
+        raise ValueError(f"a prompt must be a text, token ids or a vLLM prompt dict, got "
+                         f"{type(prompt).__name__}")
+    salt = f"doe_kernels expert {name}"
+    own = prompt.get("cache_salt")
+    return {**prompt, "cache_salt": salt if own is None else f"{own} | {salt}"}
+
+
+def _naming(params, name):
+    """A copy of `params` naming the expert `name` (as given for None)."""
+    if name is None:
+        return params
+    named = params.clone()
+    named.extra_args = {**(params.extra_args or {}), EXTRA_ARG: name}
+    return named
 
 
 def status(llm) -> list:

@@ -5,7 +5,8 @@ the template's end) with its trained soft prompt in front, as PEFT's prompt tuni
 such inputs as `{"prompt_embeds": (tokens, hidden)}` when the engine is created with
 `enable_prompt_embeds=True`: `expert_prompts` builds them from the model's input-embedding matrix,
 and `answer` asks the engine for the expert's label: one greedy token restricted to the label
-words' first tokens, the same argmax as `Expert.predict` on the HuggingFace model. Needs no vLLM
+words' first tokens, the same argmax as `Expert.predict` on the HuggingFace model;
+`answer_mixed` asks several held experts at once (doe_kernels.vllm.add). Needs no vLLM
 itself (`answer` calls the engine it is given).
 """
 import torch
@@ -44,4 +45,33 @@ def answer(llm, expert: Expert, tokenizer, texts, embeddings: torch.Tensor) -> l
     params = SamplingParams(temperature=0, max_tokens=1, allowed_token_ids=token_ids)
     outputs = llm.generate(expert_prompts(expert, tokenizer, texts, embeddings), params,
                            use_tqdm=False)
-    return [expert.label_names[token_ids.index(out.outputs[0].token_ids[0])] for out in outputs]
+    return [_label_of(expert, out) for out in outputs]
+
+
+def _label_of(expert: Expert, output) -> str:
+    """The label word whose first token the engine chose (a vLLM RequestOutput)."""
+    return expert.label_names[list(expert.label_token_ids).index(output.outputs[0].token_ids[0])]
+
+
+def answer_mixed(llm, experts: dict, tokenizer, requests, embeddings: torch.Tensor) -> list[str]:
+    """Each request's label from its own expert, several experts in the same engine steps.
+    `experts`: {name: causal-LM Expert}, each held by `llm` under its name
+    (doe_kernels.vllm.add); `requests`: (name, text) pairs. The same labels as `answer` with
+    each expert plugged in turn."""
+    from vllm import SamplingParams
+
+    from doe_kernels.vllm.engine import for_experts
+
+    requests = [tuple(r) for r in requests]
+    missing = sorted({str(name) for name, _ in requests if name not in experts})
+    if missing:
+        raise ValueError(f"no Expert given for the names {missing}")
+    prompts, params = [], []
+    for name, text in requests:
+        expert = experts[name]
+        prompts.append(expert_prompts(expert, tokenizer, [text], embeddings)[0])
+        params.append(SamplingParams(temperature=0, max_tokens=1,
+                                     allowed_token_ids=list(expert.label_token_ids)))
+    prompts, params = for_experts(llm, list(zip((n for n, _ in requests), prompts)), params)
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    return [_label_of(experts[name], out) for (name, _), out in zip(requests, outputs)]

@@ -40,10 +40,12 @@ def decode_mask(tensors: str, spec: str) -> ExpertMask:
                                    json.loads(spec))
 
 
-def plug_on_ranks(call, mask: ExpertMask) -> None:
-    """Check `mask` on every rank, then apply it on every rank; `call(method, args)` runs a
+def plug_on_ranks(call, mask: ExpertMask, apply: str = "doe_apply_mask", *args) -> list:
+    """Check `mask` on every rank, then apply it on every rank (`apply(*args, token)`: the
+    worker method that takes the staged plan; plug's by default); `call(method, args)` runs a
     WorkerExtension method on every rank and returns their results in rank order. Raises
-    ValueError (mask) or UnsupportedModelError (model) with nothing changed on any rank."""
+    ValueError (mask) or UnsupportedModelError (model) with nothing changed on any rank; returns
+    the ranks' replies to `apply`."""
     tensors, spec = encode_mask(mask)
     token = uuid.uuid4().hex
     replies = call("doe_check_mask", [tensors, spec, token])
@@ -53,4 +55,4 @@ def plug_on_ranks(call, mask: ExpertMask) -> None:
         rank, reply = refusals[0]
         error = UnsupportedModelError if reply["model"] else ValueError
         raise error(f"mask refused (rank {rank}; nothing was changed): {reply['error']}")
-    call("doe_apply_mask", [token])
+    return call(apply, [*args, token])

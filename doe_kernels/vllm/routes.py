@@ -57,14 +57,20 @@ def route_of(module) -> Route | None:
     return module.__dict__.get(_ROUTE)
 
 
+def dense_forward(module, returns_bias: bool = False) -> Callable:
+    """`module`'s own class forward returning its output tensor (`returns_bias`: the module
+    returns (output, bias) as vLLM's linear layers do, with its bias added inside)."""
+    own = type(module).forward.__get__(module)
+    return (lambda x: own(x)[0]) if returns_bias else own
+
+
 def add_route(module, width: int, returns_bias: bool = False) -> Route:
     """Route `module`'s forward through the op (idempotent); `returns_bias`: the module returns
     (output, bias) as vLLM's linear layers do, and its bias is None (added inside)."""
     route = route_of(module)
     if route is not None:
         return route
-    own = type(module).forward.__get__(module)
-    dense = (lambda x: own(x)[0]) if returns_bias else own
+    dense = dense_forward(module, returns_bias)
     route = Route(width, dense, dense)
     key = len(_ROUTES)
     _ROUTES[key] = route

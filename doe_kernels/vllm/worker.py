@@ -16,8 +16,10 @@ from doe_kernels.models import ModelSpec, UnsupportedModelError
 from doe_kernels.tensor_parallel import ffn_shards, head_shards
 from doe_kernels.vllm.attention import AttentionPlan, attention_of
 from doe_kernels.vllm.ffn import FfnPlan, mlp_of
+from doe_kernels.vllm.mixed import MixedAttention, MixedFfn, watch_steps
 from doe_kernels.vllm.protocol import decode_mask
-from doe_kernels.vllm.routes import compiles, decoder_layers, route_compiled_models, route_of
+from doe_kernels.vllm.routes import (compiles, decoder_layers, dense_forward,
+                                     route_compiled_models, route_of)
 from doe_kernels.vllm.weights import attention_weights, ffn_weights, keep_dense_weights
 
 # workers import this module before they load the model
@@ -107,17 +109,54 @@ class WorkerExtension:
         self._doe_staged = (token, plans)
         return None
 
-    def doe_apply_mask(self, token: str) -> int:
-        """Make the plan staged under `token` current; returns the number of pruned layers."""
+    def _doe_take_staged(self, token: str) -> list:
         staged = self.__dict__.get("_doe_staged")
         if staged is None or staged[0] != token:
             raise RuntimeError("no mask was checked under this token on this rank "
-                               "(call doe_kernels.vllm.plug, not the worker methods)")
+                               "(call doe_kernels.vllm.plug or add, not the worker methods)")
         self._doe_staged = None
-        for (attn, mlp), (attn_plan, ffn_plan) in zip(self._doe_layers(), staged[1]):
-            _set_plans(attn, mlp, attn_plan, ffn_plan)
-        return sum(attn_plan is not None or ffn_plan is not None
-                   for attn_plan, ffn_plan in staged[1])
+        return staged[1]
+
+    def _doe_held(self) -> dict:
+        """The experts held under names (doe_kernels.vllm.add): name -> per-layer plans."""
+        return self.__dict__.setdefault("_doe_held_plans", {})
+
+    def _doe_install(self, singles: list) -> None:
+        """Set every layer's forwards: `singles` (per layer, the plugged (attention, FFN) plans)
+        with the held experts."""
+        held = self._doe_held()
+        for index, ((attn, mlp), (attn_plan, ffn_plan)) in enumerate(
+                zip(self._doe_layers(), singles)):
+            _set_plans(attn, mlp, attn_plan, ffn_plan,
+                       {name: plans[index] for name, plans in held.items()})
+
+    def _doe_singles(self) -> list:
+        return [(_plan_of(attn.o_proj), _plan_of(mlp)) for attn, mlp in self._doe_layers()]
+
+    def doe_apply_mask(self, token: str) -> int:
+        """Make the plan staged under `token` current; returns the number of pruned layers."""
+        plans = self._doe_take_staged(token)
+        self._doe_install(plans)
+        return sum(attn_plan is not None or ffn_plan is not None for attn_plan, ffn_plan in plans)
+
+    def doe_add_expert(self, name: str, token: str) -> int:
+        """Hold the plan staged under `token` as the expert `name` (replacing one of that name),
+        for the requests that name it; returns the number of layers it prunes."""
+        plans = self._doe_take_staged(token)
+        watch_steps(self.model_runner, lambda requested: requested in self._doe_held())
+        self._doe_held()[name] = plans
+        self._doe_install(self._doe_singles())
+        return sum(attn_plan is not None or ffn_plan is not None for attn_plan, ffn_plan in plans)
+
+    def doe_remove_expert(self, name: str) -> bool:
+        """Stop holding the expert `name`; returns whether it was held."""
+        held = self._doe_held().pop(name, None) is not None
+        self._doe_install(self._doe_singles())
+        return held
+
+    def doe_experts(self) -> list:
+        """The names of the experts held, in the order they were added."""
+        return list(self._doe_held())
 
     def doe_discard_mask(self) -> None:
         """Drop a staged plan (another rank refused the mask)."""
@@ -126,18 +165,17 @@ class WorkerExtension:
     def doe_unplug(self) -> int:
         """Give every layer vLLM's own forwards back; returns the number of layers restored."""
         self._doe_staged = None
-        restored = 0
-        for attn, mlp in self._doe_layers():
-            restored += _plan_of(attn.o_proj) is not None or _plan_of(mlp) is not None
-            _set_plans(attn, mlp, None, None)
+        restored = sum(attn_plan is not None or ffn_plan is not None
+                       for attn_plan, ffn_plan in self._doe_singles())
+        self._doe_install([(None, None)] * len(self._doe_layers()))
         return restored
 
     def doe_status(self) -> dict:
-        """This rank's tensor-parallel place and, per layer, its local kept neuron and head counts
-        (None: vLLM's dense forward)."""
+        """This rank's tensor-parallel place, the names of the experts it holds and, per layer,
+        the plugged expert's local kept neuron and head counts (None: vLLM's dense forward)."""
         layers = self._doe_layers()
         down, attn = layers[0][1].down_proj, layers[0][0]
-        return dict(rank=down.tp_rank, world_size=down.tp_size,
+        return dict(rank=down.tp_rank, world_size=down.tp_size, experts=list(self._doe_held()),
                     local_neurons=down.input_size_per_partition,
                     local_heads=attn.q_size // attn.head_dim,
                     kept=[None if _plan_of(mlp) is None else int(_plan_of(mlp).kept.numel())
@@ -151,28 +189,52 @@ def _plan_of(module):
     return module.__dict__.get("_doe_plan")
 
 
-def _set_forward(module, plan, forward) -> None:
-    """Point a module at `forward` of `plan`, or back at its dense forward (plan None): through
-    its route on a compiled engine (routes.py), else as an instance forward."""
+def _set_forward(module, forward) -> None:
+    """Point a module at `forward`, or back at its dense forward (None): through its route on a
+    compiled engine (routes.py), else as an instance forward."""
     route = route_of(module)
-    if plan is None:
-        module.__dict__.pop("_doe_plan", None)
+    if forward is None:
         if route is None:
             module.__dict__.pop("forward", None)
         else:
             route.reset()
-        return
-    module._doe_plan = plan
-    if route is None:
+    elif route is None:
         module.forward = _returning_bias(module, forward)
     else:
         route.target = forward
 
 
-def _set_plans(attn, mlp, attn_plan: AttentionPlan | None, ffn_plan: FfnPlan | None) -> None:
-    _set_forward(mlp, ffn_plan, None if ffn_plan is None else ffn_plan.forward)
-    _set_forward(attn.qkv_proj, attn_plan, None if attn_plan is None else attn_plan.qkv)
-    _set_forward(attn.o_proj, attn_plan, None if attn_plan is None else attn_plan.o)
+def _keep_plan(module, plan) -> None:
+    if plan is None:
+        module.__dict__.pop("_doe_plan", None)
+    else:
+        module._doe_plan = plan
+
+
+def _dense_of(module, returns_bias: bool = False):
+    route = route_of(module)
+    return route.dense if route is not None else dense_forward(module, returns_bias)
+
+
+def _set_plans(attn, mlp, attn_plan: AttentionPlan | None, ffn_plan: FfnPlan | None,
+               held: dict) -> None:
+    """One layer's forwards: the plugged plans alone, or with the experts `held` ({name:
+    (attention plan, FFN plan)}) the mixed forwards that read each step's layout."""
+    for module, plan in ((mlp, ffn_plan), (attn.qkv_proj, attn_plan), (attn.o_proj, attn_plan)):
+        _keep_plan(module, plan)
+    if not held:
+        _set_forward(mlp, None if ffn_plan is None else ffn_plan.forward)
+        _set_forward(attn.qkv_proj, None if attn_plan is None else attn_plan.qkv)
+        _set_forward(attn.o_proj, None if attn_plan is None else attn_plan.o)
+        return
+    ffn = MixedFfn(mlp, ffn_plan, {name: plans[1] for name, plans in held.items()},
+                   _dense_of(mlp))
+    heads = MixedAttention(attn, attn_plan, {name: plans[0] for name, plans in held.items()},
+                           _dense_of(attn.qkv_proj, attn.qkv_proj.return_bias),
+                           _dense_of(attn.o_proj, attn.o_proj.return_bias))
+    _set_forward(mlp, ffn.forward)
+    _set_forward(attn.qkv_proj, heads.qkv)
+    _set_forward(attn.o_proj, heads.o)
 
 
 def _returning_bias(linear, compute):

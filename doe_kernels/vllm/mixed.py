@@ -1,0 +1,220 @@
+"""Mixed-task batches in vLLM, on the worker's side: each request of an engine step on its own expert.
+
+Experts held under names (`doe_kernels.vllm.add`) are staged on every rank like a plugged one. A
+request names its expert in `SamplingParams.extra_args["doe_expert"]` (`doe_kernels.vllm.
+for_experts` sets it); a request naming none runs on the plugged expert, or the dense model.
+
+Each engine step, `watch_steps` (wrapping the model runner's `execute_model` and `_model_forward`)
+reads the step's requests in the runner's batch order with their scheduled token counts and sets
+the step's `StepLayout`: the rows (tokens) of each expert, grouped. The layers read it:
+ * the MLP (`MixedFfn`) permutes the rows so that each expert's rows are contiguous (skipped when
+   they already are), runs the segmented SwiGLU FFN (one segment per expert; the union of their
+   neurons when decoding, see doe_kernels.ops.segmented), all-reduces once, adds each expert's
+   bias delta to its rows and puts the rows back in order;
+ * attention (`MixedAttention`): qkv_proj runs dense (every head's queries, keys and values; a
+   head an expert prunes is never read by its rows), o_proj reads each expert's kept heads'
+   columns for its rows (with its scales), all-reduces once, and adds each expert's bias delta.
+A step whose requests name no expert runs the plugged expert's (or vLLM's dense) forwards as if
+nothing were held. The shared weights are never modified.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from vllm.distributed import tensor_model_parallel_all_reduce
+
+from doe_kernels.ops import library
+from doe_kernels.vllm.weights import attention_weights, ffn_weights
+
+EXTRA_ARG = "doe_expert"  # the key of SamplingParams.extra_args naming a request's expert
+
+
+@dataclass
+class StepLayout:
+    """One engine step's rows by expert: `names` (None: the plugged expert or dense), `counts`
+    (rows of each, in that order) and `order` (the row permutation grouping them; None when they
+    are grouped already) and its inverse."""
+
+    names: tuple
+    counts: list
+    order: torch.Tensor | None
+    inverse: torch.Tensor | None
+
+    def bounds(self):
+        """(name, first row, end) of each group, in grouped order."""
+        start = 0
+        for name, count in zip(self.names, self.counts):
+            yield name, start, start + count
+            start += count
+
+    def grouped(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.order is None else x.index_select(0, self.order.to(x.device))
+
+    def ungrouped(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.inverse is None else x.index_select(0, self.inverse.to(x.device))
+
+
+_STEP: list = [None]  # this process's current StepLayout, or None (no request names an expert)
+
+
+def current_step() -> StepLayout | None:
+    return _STEP[0]
+
+
+def layout_of(names: list, counts: list, rows: int) -> StepLayout | None:
+    """The layout of requests naming `names` (None: none) with `counts` tokens each, over `rows`
+    rows (rows past the requests' tokens, padding, go with the unnamed); None when no request
+    names an expert."""
+    if all(name is None for name in names):
+        return None
+    per_row = list(names) + [None]
+    counts = list(counts) + [rows - sum(counts)]
+    groups = list(dict.fromkeys(per_row))  # names in order of first appearance
+    ids = np.repeat(np.array([groups.index(n) for n in per_row], dtype=np.int64), counts)
+    group_counts = np.bincount(ids, minlength=len(groups)).tolist()
+    order = inverse = None
+    if np.any(ids[1:] < ids[:-1]):
+        order = torch.from_numpy(np.argsort(ids, kind="stable"))
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(rows)
+    return StepLayout(tuple(groups), group_counts, order, inverse)
+
+
+def watch_steps(runner, known) -> None:
+    """Make `runner` (vLLM's model runner) set the step's layout before each model forward
+    (idempotent). `known(name)`: whether an expert is held under `name`."""
+    if runner.__dict__.get("_doe_watched"):
+        return
+    execute, forward = runner.execute_model, runner._model_forward
+    scheduled = [None]
+
+    def execute_model(scheduler_output, *args, **kwargs):
+        scheduled[0] = scheduler_output
+        try:
+            return execute(scheduler_output, *args, **kwargs)
+        finally:
+            scheduled[0] = None
+            _STEP[0] = None
+
+    def model_forward(*args, **kwargs):
+        _STEP[0] = None
+        if scheduled[0] is not None:
+            _STEP[0] = _layout_of_step(runner, scheduled[0], _rows(args, kwargs), known)
+        return forward(*args, **kwargs)
+
+    runner.execute_model, runner._model_forward = execute_model, model_forward
+    runner._doe_watched = True
+
+
+def _rows(args, kwargs) -> int:
+    for key, index in (("input_ids", 0), ("inputs_embeds", 3)):
+        value = kwargs.get(key, args[index] if len(args) > index else None)
+        if value is not None:
+            return int(value.shape[0])
+    raise RuntimeError("doe_kernels.vllm: the model forward got neither input_ids nor "
+                       "inputs_embeds")
+
+
+def _layout_of_step(runner, scheduler_output, rows: int, known) -> StepLayout | None:
+    """The step's layout from the runner's batch order (as vLLM lays out the tokens)."""
+    req_ids = runner.input_batch.req_ids[:runner.input_batch.num_reqs]
+    names = [_expert_of(runner.requests[req_id], known) for req_id in req_ids]
+    counts = [int(scheduler_output.num_scheduled_tokens.get(req_id, 0)) for req_id in req_ids]
+    return layout_of(names, counts, rows)
+
+
+def _expert_of(request, known) -> str | None:
+    extra = getattr(request.sampling_params, "extra_args", None) or {}
+    name = extra.get(EXTRA_ARG)
+    if name is not None and not known(name):
+        raise RuntimeError(f"request {request.req_id} names the expert {name!r}, which this engine "
+                           "does not hold (doe_kernels.vllm.add it first; for_experts checks names)")
+    return name
+
+
+class MixedFfn:
+    """One MLP's forward while experts are held: the plugged plan (or dense) for a step naming no
+    expert, else each group of rows on its expert's FfnPlan (None: every neuron)."""
+
+    def __init__(self, mlp, single, plans: dict, dense):
+        self.weights = ffn_weights(mlp)
+        self.single, self.plans, self.dense = single, dict(plans), dense
+        self.plans[None] = single
+        self.reduce_here = bool(mlp.down_proj.reduce_results and mlp.down_proj.tp_size > 1)
+        self._packed: dict = {}
+
+    def forward(self, x):
+        step = current_step()
+        if step is None:
+            return self.dense(x) if self.single is None else self.single.forward(x)
+        kept, offsets, scales = self._pack(step.names)
+        segments = torch.tensor([0] + step.counts, device=x.device).cumsum(0)
+        w = self.weights
+        out = library.segmented_gather_swiglu_ffn(
+            step.grouped(x), w.w_gate, w.w_up, w.w_down_t, segments, kept, offsets, "auto",
+            scales)
+        if self.reduce_here:
+            out = tensor_model_parallel_all_reduce(out)
+        _add_deltas(out, step, {n: p.bias_delta for n, p in self.plans.items() if p is not None})
+        return step.ungrouped(out)
+
+    def _pack(self, names: tuple):
+        """(kept, kept_offsets, scales) of the experts `names`, in that order (cached)."""
+        if names not in self._packed:
+            device = self.weights.w_gate.device
+            every = torch.arange(self.weights.w_down_t.shape[0], device=device)
+            plans = [self.plans[n] for n in names]
+            lists = [every if p is None else p.kept for p in plans]
+            offsets = torch.tensor([0] + [k.numel() for k in lists], device=device).cumsum(0)
+            scales = None
+            if any(p is not None and p.scales is not None for p in plans):
+                scales = torch.cat([k.new_ones(k.numel(), dtype=self.weights.w_gate.dtype)
+                                    if p is None or p.scales is None else p.scales
+                                    for p, k in zip(plans, lists)])
+            self._packed[names] = (torch.cat(lists), offsets, scales)
+        return self._packed[names]
+
+
+class MixedAttention:
+    """One attention's qkv_proj and o_proj forwards while experts are held (AttentionPlans by
+    name; None: every head)."""
+
+    def __init__(self, attn, single, plans: dict, dense_qkv, dense_o):
+        self.weights = attention_weights(attn)
+        self.single, self.plans = single, dict(plans)
+        self.dense_qkv, self.dense_o = dense_qkv, dense_o
+        self.plans[None] = single
+        self.reduce_here = bool(attn.o_proj.reduce_results and attn.o_proj.tp_size > 1)
+
+    def qkv(self, x):
+        if current_step() is None and self.single is not None:
+            return self.single.qkv(x)
+        return self.dense_qkv(x)
+
+    def o(self, attn_output):
+        step = current_step()
+        if step is None:
+            return (self.dense_o(attn_output) if self.single is None
+                    else self.single.o(attn_output))
+        grouped = step.grouped(attn_output)
+        out = grouped.new_empty(grouped.shape[0], self.weights.w_o_t.shape[1])
+        for name, start, stop in step.bounds():
+            rows, plan = grouped[start:stop], self.plans[name]
+            if plan is None:
+                out[start:stop] = rows @ self.weights.w_o_t
+            else:
+                out[start:stop] = library.gather_cols_linear(
+                    rows.index_select(-1, plan.cols), self.weights.w_o_t, None, plan.cols,
+                    "auto", plan.col_scales)
+        if self.reduce_here:
+            out = tensor_model_parallel_all_reduce(out)
+        _add_deltas(out, step, {n: p.bias_delta for n, p in self.plans.items() if p is not None})
+        return step.ungrouped(out)
+
+
+def _add_deltas(out: torch.Tensor, step: StepLayout, deltas: dict) -> None:
+    """Add each group's bias delta (None: none) to its rows of `out`, in place."""
+    for name, start, stop in step.bounds():
+        delta = deltas.get(name)
+        if delta is not None and stop > start:
+            out[start:stop] += delta
