@@ -53,3 +53,14 @@ def test_split_mask():
     assert [mask.ffn[l].numel() for l in range(3)] == [80] * 3
     assert all(int((mask.ffn[l] < 100).sum()) == 60 for l in range(3))
     assert ffn_imbalance(mask, 200, 2) == {l: 1.5 for l in range(3)}
+
+
+def test_mixed_table_ratios():
+    import vllm_mixed_benchmark
+
+    rows = [dict(per_expert=1, variant="dense", tokens_per_s=10.0, completion_s=2.0),
+            dict(per_expert=1, variant="mixed", tokens_per_s=15.0, completion_s=1.5),
+            dict(per_expert=1, variant="serial", tokens_per_s=5.0, completion_s=3.0)]
+    table = vllm_mixed_benchmark.table(rows)
+    assert "| 5 x 1 | mixed | 15.0 | 3.00x | 1.50x | 1.50 | 2.00x |" in table
+    assert "| 5 x 1 | serial | 5.0 | 1.00x | 0.50x | 3.00 | 1.00x |" in table
