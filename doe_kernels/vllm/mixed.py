@@ -8,9 +8,10 @@ Each engine step, `watch_steps` (wrapping the model runner's `execute_model` and
 reads the step's requests in the runner's batch order with their scheduled token counts and sets
 the step's `StepLayout`: the rows (tokens) of each expert, grouped. The layers read it:
  * the MLP (`MixedFfn`) permutes the rows so that each expert's rows are contiguous (skipped when
-   they already are), runs the segmented SwiGLU FFN (one segment per expert; the union of their
-   neurons when decoding, see doe_kernels.ops.segmented), all-reduces once, adds each expert's
-   bias delta to its rows and puts the rows back in order;
+   they already are), runs the segmented SwiGLU FFN (one segment per expert; or, when decoding
+   one token per expert reads fewer bytes over the union of their neurons, the union, its plan
+   built once per composition of rows as doe_kernels.models.segments does), all-reduces once,
+   adds each expert's bias delta to its rows and puts the rows back in order;
  * attention (`MixedAttention`): qkv_proj runs dense (every head's queries, keys and values; a
    head an expert prunes is never read by its rows), o_proj reads each expert's kept heads'
    columns for its rows (with its scales), all-reduces once, and adds each expert's bias delta.
@@ -27,6 +28,7 @@ from doe_kernels.ops import library
 from doe_kernels.vllm.weights import attention_weights, ffn_weights
 
 EXTRA_ARG = "doe_expert"  # the key of SamplingParams.extra_args naming a request's expert
+UNION_PLANS = 64  # union plans kept per MLP (one per composition of a step's rows)
 
 
 @dataclass
@@ -142,6 +144,7 @@ class MixedFfn:
         self.plans[None] = single
         self.reduce_here = bool(mlp.down_proj.reduce_results and mlp.down_proj.tp_size > 1)
         self._packed: dict = {}
+        self._unions: dict = {}
 
     def forward(self, x):
         step = current_step()
@@ -149,14 +152,30 @@ class MixedFfn:
             return self.dense(x) if self.single is None else self.single.forward(x)
         kept, offsets, scales = self._pack(step.names)
         segments = torch.tensor([0] + step.counts, device=x.device).cumsum(0)
-        w = self.weights
-        out = library.segmented_gather_swiglu_ffn(
-            step.grouped(x), w.w_gate, w.w_up, w.w_down_t, segments, kept, offsets, "auto",
-            scales)
+        grouped, w = step.grouped(x), self.weights
+        union = self._union(step, grouped, segments)
+        if union is not None:
+            out = library.union_gather_swiglu_ffn(grouped, w.w_gate, w.w_up, w.w_down_t, *union,
+                                                  "auto")
+        else:
+            out = library.segmented_gather_swiglu_ffn(
+                grouped, w.w_gate, w.w_up, w.w_down_t, segments, kept, offsets, "auto", scales,
+                strategy="segments")
         if self.reduce_here:
             out = tensor_model_parallel_all_reduce(out)
         _add_deltas(out, step, {n: p.bias_delta for n, p in self.plans.items() if p is not None})
         return step.ungrouped(out)
+
+    def _union(self, step: StepLayout, x, segments):
+        """The union plan (library.union_plan: (union, row_mask), or None for one segment per
+        expert) of this composition of rows, built once: each decoding step of the same
+        requests reuses it."""
+        key = (step.names, tuple(step.counts), x.dtype)
+        if key not in self._unions:
+            if len(self._unions) >= UNION_PLANS:
+                self._unions.clear()
+            self._unions[key] = library.union_plan(x, segments, *self._pack(step.names))
+        return self._unions[key]
 
     def _pack(self, names: tuple):
         """(kept, kept_offsets, scales) of the experts `names`, in that order (cached)."""
