@@ -522,6 +522,38 @@ def test_step_layout_groups_rows_by_expert(names, counts, rows, groups, group_co
     assert [stop - start for _, start, stop in layout.bounds()] == group_counts
 
 
+def test_watch_steps_sets_each_steps_layout():
+    """A stand-in model runner: the layout its forward sees comes from the batch order and the
+    scheduled tokens; none outside a step; an unknown name is an error naming it."""
+    from types import SimpleNamespace
+
+    from doe_kernels.vllm import mixed
+
+    seen = []
+
+    def request(req_id, name):
+        extra = None if name is None else {mixed.EXTRA_ARG: name}
+        return SimpleNamespace(req_id=req_id, sampling_params=SimpleNamespace(extra_args=extra))
+
+    runner = SimpleNamespace(
+        input_batch=SimpleNamespace(req_ids=["r2", "r1", "r3"], num_reqs=3),
+        requests=dict(r1=request("r1", "a"), r2=request("r2", None), r3=request("r3", "a")),
+        _model_forward=lambda **kwargs: seen.append(mixed.current_step()))
+    runner.execute_model = lambda output: runner._model_forward(input_ids=torch.zeros(7))
+    mixed.watch_steps(runner, known=lambda name: name == "a")
+    mixed.watch_steps(runner, known=lambda name: False)  # idempotent: the first one stays
+    runner.execute_model(SimpleNamespace(num_scheduled_tokens=dict(r1=2, r2=3, r3=0)))
+    assert seen[0].names == (None, "a") and seen[0].counts == [5, 2]  # r3: no tokens this step
+    assert mixed.current_step() is None
+    runner._model_forward(input_ids=torch.zeros(7))  # a forward outside a step (a dummy run)
+    assert seen[1] is None
+    runner.requests["r3"] = request("r3", "zz")
+    with pytest.raises(RuntimeError, match="request r3 names the expert 'zz'"):
+        runner.execute_model(SimpleNamespace(num_scheduled_tokens=dict(r1=2, r2=3, r3=1)))
+    with pytest.raises(RuntimeError, match="model runner to have"):
+        mixed.watch_steps(SimpleNamespace(), known=lambda name: True)
+
+
 def _tiny_model(family: str, path) -> str:
     """A random float32 Qwen2 (with visible q/k/v biases, so that a wrong bias row would show) or
     Mistral: 2 layers, hidden 128, 256 neurons, 4 heads / 2 KV heads."""

@@ -87,6 +87,11 @@ def watch_steps(runner, known) -> None:
     (idempotent). `known(name)`: whether an expert is held under `name`."""
     if runner.__dict__.get("_doe_watched"):
         return
+    missing = [name for name in ("execute_model", "_model_forward", "input_batch", "requests")
+               if not hasattr(runner, name)]
+    if missing:
+        raise RuntimeError(f"mixed-task batches need vLLM's model runner to have {missing} "
+                           f"(this one is a {type(runner).__name__}); plug one expert instead")
     execute, forward = runner.execute_model, runner._model_forward
     scheduled = [None]
 

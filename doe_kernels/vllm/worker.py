@@ -142,8 +142,8 @@ class WorkerExtension:
     def doe_add_expert(self, name: str, token: str) -> int:
         """Hold the plan staged under `token` as the expert `name` (replacing one of that name),
         for the requests that name it; returns the number of layers it prunes."""
-        plans = self._doe_take_staged(token)
         watch_steps(self.model_runner, lambda requested: requested in self._doe_held())
+        plans = self._doe_take_staged(token)
         self._doe_held()[name] = plans
         self._doe_install(self._doe_singles())
         return sum(attn_plan is not None or ffn_plan is not None for attn_plan, ffn_plan in plans)
