@@ -21,8 +21,8 @@ WorkerExtension wraps vLLM's CPU weight repacking so the FFN and attention weigh
 """
 import importlib
 
-__all__ = ["WorkerExtension", "add", "answer", "answer_mixed", "expert_prompts", "experts", "for_experts", "plug",
-           "remove", "status", "unplug"]
+__all__ = ["WorkerExtension", "add", "answer", "answer_mixed", "expert_prompts", "experts",
+           "for_experts", "plug", "remove", "status", "unplug"]
 _HOMES = dict(WorkerExtension="doe_kernels.vllm.worker",
               **{name: "doe_kernels.vllm.engine"
                  for name in ("plug", "unplug", "status", "add", "remove", "experts",

@@ -5,8 +5,8 @@
 to check the mask and stage its plan; only if every rank accepts does it ask them to apply it. A
 refused mask raises ValueError here and the engine keeps serving the previous expert (or the dense
 model).
-After every plug, unplug, add and remove the prefix cache is reset: cached KV blocks were computed by the
-previous expert.
+After every plug, unplug, add and remove the prefix cache is reset: cached KV blocks were computed
+by the previous expert.
 """
 import importlib
 
@@ -73,10 +73,9 @@ def for_experts(llm, requests, params=None) -> tuple[list, list]:
     expert. `requests`: (name, prompt) pairs, the name of a held expert (`add`) or None (the
     plugged expert, or the dense model), the prompt a text, a list of token ids or a vLLM prompt
     dict; `params`: a vllm.SamplingParams for every request (vLLM's default when None), or a list
-    of them, one per request. Each
-    request's params name its expert (extra_args["doe_expert"]) and its prompt gets a cache salt
-    of its expert, so that no request reuses KV blocks another expert computed. Raises
-    ValueError for a name `llm` does not hold."""
+    of them, one per request. Each request's params name its expert (extra_args["doe_expert"])
+    and its prompt gets a cache salt of its expert, so that no request reuses KV blocks another
+    expert computed. Raises ValueError for a name `llm` does not hold."""
     from vllm import SamplingParams
 
     requests = [tuple(r) for r in requests]

@@ -1,4 +1,4 @@
-"""Mixed-task batches in vLLM, on the worker's side: each request of an engine step on its own expert.
+"""Mixed-task batches in vLLM, on the worker's side: each request of a step on its own expert.
 
 Experts held under names (`doe_kernels.vllm.add`) are staged on every rank like a plugged one. A
 request names its expert in `SamplingParams.extra_args["doe_expert"]` (`doe_kernels.vllm.
@@ -48,6 +48,14 @@ class StepLayout:
         for name, count in zip(self.names, self.counts):
             yield name, start, start + count
             start += count
+
+    def segments(self, device) -> torch.Tensor:
+        """The groups' row offsets (one more than groups), as the segmented ops take them."""
+        cached = self.__dict__.get("_segments")
+        if cached is None or cached.device != torch.device(device):
+            cached = torch.tensor([0] + self.counts, device=device).cumsum(0)
+            self.__dict__["_segments"] = cached
+        return cached
 
     def grouped(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.order is None else x.index_select(0, self.order.to(x.device))
@@ -134,8 +142,9 @@ def _expert_of(request, known) -> str | None:
     extra = getattr(request.sampling_params, "extra_args", None) or {}
     name = extra.get(EXTRA_ARG)
     if name is not None and not known(name):
-        raise RuntimeError(f"request {request.req_id} names the expert {name!r}, which this engine "
-                           "does not hold (doe_kernels.vllm.add it first; for_experts checks names)")
+        raise RuntimeError(f"request {request.req_id} names the expert {name!r}, which this "
+                           "engine does not hold (doe_kernels.vllm.add it first; for_experts "
+                           "checks names)")
     return name
 
 
@@ -156,7 +165,7 @@ class MixedFfn:
         if step is None:
             return self.dense(x) if self.single is None else self.single.forward(x)
         kept, offsets, scales = self._pack(step.names)
-        segments = torch.tensor([0] + step.counts, device=x.device).cumsum(0)
+        segments = step.segments(x.device)
         grouped, w = step.grouped(x), self.weights
         union = self._union(step, grouped, segments)
         if union is not None:
