@@ -164,6 +164,8 @@ class MixedFfn:
         step = current_step()
         if step is None:
             return self.dense(x) if self.single is None else self.single.forward(x)
+        if all(self.plans[name] is None for name in step.names):
+            return self.dense(x)  # no expert of this step prunes this layer
         kept, offsets, scales = self._pack(step.names)
         segments = step.segments(x.device)
         grouped, w = step.grouped(x), self.weights
@@ -229,6 +231,8 @@ class MixedAttention:
         if step is None:
             return (self.dense_o(attn_output) if self.single is None
                     else self.single.o(attn_output))
+        if all(self.plans[name] is None for name in step.names):
+            return self.dense_o(attn_output)  # every expert of this step keeps every head
         grouped = step.grouped(attn_output)
         out = grouped.new_empty(grouped.shape[0], self.weights.w_o_t.shape[1])
         for name, start, stop in step.bounds():
