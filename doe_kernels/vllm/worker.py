@@ -7,8 +7,11 @@ bias deltas, on the model's device and in its dtype; nothing changes yet), then 
 makes the staged plan current: a pruned MLP gets an instance `forward` (doe_kernels.vllm.ffn), a
 pruned attention instance `forward`s of its qkv_proj and o_proj (doe_kernels.vllm.attention); on
 a compiled engine these become the targets of the modules' routes (doe_kernels.vllm.routes).
-Layers that keep everything (no scales, no bias delta) keep vLLM's own forwards. The shared weights
-are never modified: a swap moves index tensors only.
+Layers that keep everything (no scales, no bias delta) keep vLLM's own forwards. Experts held
+under names for mixed-task batches (`doe_add_expert`, staged the same way) give every layer the
+mixed forwards of doe_kernels.vllm.mixed, which serve each step's rows on their own experts and
+the rest on the plugged plan. The shared weights are never modified: a swap moves index tensors
+only.
 """
 from vllm.config import CUDAGraphMode
 
