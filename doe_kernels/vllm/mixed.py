@@ -156,6 +156,7 @@ class MixedFfn:
         self.weights = ffn_weights(mlp)
         self.single, self.plans, self.dense = single, dict(plans), dense
         self.plans[None] = single
+        self.deltas = _deltas(self.plans)
         self.reduce_here = bool(mlp.down_proj.reduce_results and mlp.down_proj.tp_size > 1)
         self._packed: dict = {}
         self._unions: dict = {}
@@ -179,7 +180,7 @@ class MixedFfn:
                 strategy="segments")
         if self.reduce_here:
             out = tensor_model_parallel_all_reduce(out)
-        _add_deltas(out, step, {n: p.bias_delta for n, p in self.plans.items() if p is not None})
+        _add_deltas(out, step, self.deltas)
         return step.ungrouped(out)
 
     def _union(self, step: StepLayout, x, segments):
@@ -219,6 +220,7 @@ class MixedAttention:
         self.single, self.plans = single, dict(plans)
         self.dense_qkv, self.dense_o = dense_qkv, dense_o
         self.plans[None] = single
+        self.deltas = _deltas(self.plans)
         self.reduce_here = bool(attn.o_proj.reduce_results and attn.o_proj.tp_size > 1)
 
     def qkv(self, x):
@@ -245,8 +247,13 @@ class MixedAttention:
                     "auto", plan.col_scales)
         if self.reduce_here:
             out = tensor_model_parallel_all_reduce(out)
-        _add_deltas(out, step, {n: p.bias_delta for n, p in self.plans.items() if p is not None})
+        _add_deltas(out, step, self.deltas)
         return step.ungrouped(out)
+
+
+def _deltas(plans: dict) -> dict:
+    """Each expert's bias delta (None where it has none), by name."""
+    return {name: None if plan is None else plan.bias_delta for name, plan in plans.items()}
 
 
 def _add_deltas(out: torch.Tensor, step: StepLayout, deltas: dict) -> None:
