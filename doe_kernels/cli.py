@@ -352,7 +352,8 @@ def _load_mask(path: str):
 
 
 def cmd_vllm(args) -> None:
-    """Plug, unplug or show the expert of a running `vllm serve` (doe_kernels.vllm.http)."""
+    """Plug, unplug or show the expert of a running `vllm serve`, or add and remove the experts
+    it holds for mixed-task requests (doe_kernels.vllm.http)."""
     from doe_kernels.vllm import http
 
     try:
@@ -360,7 +361,16 @@ def cmd_vllm(args) -> None:
             http.plug(args.url, _load_mask(args.expert))
         elif args.command == "vllm-unplug":
             http.unplug(args.url)
-        print(json.dumps(http.status(args.url)))
+        elif args.command == "vllm-add":
+            http.add(args.url, args.name, _load_mask(args.expert))
+        elif args.command == "vllm-remove":
+            http.remove(args.url, args.name)
+        if args.command in ("vllm-add", "vllm-remove"):
+            print(json.dumps(dict(experts=http.experts(args.url))))
+        else:
+            print(json.dumps(http.status(args.url)))
+    except KeyError as error:  # removing a name the server does not hold
+        raise UserError(error.args[0]) from error
     except RuntimeError as error:  # the server cannot take the call: one line, not a traceback
         raise UserError(str(error)) from error
 
@@ -426,6 +436,18 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_vllm)
     p = sub.add_parser("vllm-status", help="the expert a running vllm serve has plugged")
     p.add_argument("--url", **url)
+    p.set_defaults(run=cmd_vllm)
+    p = sub.add_parser("vllm-add", help="hold an expert under a name in a running vllm serve, "
+                       "for the requests that name it (the server also runs --middleware "
+                       "doe_kernels.vllm.gate.ExpertGate)")
+    p.add_argument("--url", **url)
+    p.add_argument("--name", required=True, help="the name requests give in their vllm_xargs "
+                   '({"doe_expert": NAME})')
+    p.add_argument("expert", help="expert or mask file (.safetensors)")
+    p.set_defaults(run=cmd_vllm)
+    p = sub.add_parser("vllm-remove", help="stop holding the expert of a name")
+    p.add_argument("--url", **url)
+    p.add_argument("--name", required=True)
     p.set_defaults(run=cmd_vllm)
     return top
 

@@ -5,12 +5,14 @@ The server test starts SmolLM2-135M on a free localhost port (about a minute), p
 heads and neurons pruned, asks one completion, and checks it against doe_kernels.patch on the
 HuggingFace model; then a refused mask, the status command, and unplug. Marked `vllm`.
 """
+import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -60,9 +62,9 @@ def _wait_healthy(url: str, server, log_path, limit: float = 600) -> None:
     raise TimeoutError(f"vllm serve did not answer {url}/health within {limit} s")
 
 
-def _complete(url: str, model: str, prompt: list) -> str:
+def _complete(url: str, model: str, prompt: list, **fields) -> str:
     body = dict(model=model, prompt=prompt, max_tokens=NEW_TOKENS, temperature=0,
-                ignore_eos=True)
+                ignore_eos=True, **fields)
     request = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"}, method="POST")
     with urllib.request.urlopen(request, timeout=300) as response:
@@ -91,7 +93,8 @@ def server(tmp_path_factory):
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", path,
                "--host", "127.0.0.1", "--port", str(port),
                "--dtype", "float32", "--enforce-eager", "--max-model-len", "512", "--seed", "0",
-               "--worker-extension-cls", "doe_kernels.vllm.WorkerExtension"]
+               "--worker-extension-cls", "doe_kernels.vllm.WorkerExtension",
+               "--middleware", "doe_kernels.vllm.gate.ExpertGate"]
     server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         _wait_healthy(url, server, log_path)
@@ -135,3 +138,54 @@ def test_vllm_serve_plugs_swaps_and_unplugs(server, capsys):
     assert main(["vllm-unplug", "--url", url]) == 0
     capsys.readouterr()
     assert _complete(url, path, prompt) == expected_dense
+
+
+@pytest.mark.vllm
+def test_vllm_serve_mixed_requests_each_on_its_expert(server, tmp_path, capsys):
+    """Two held experts and the dense model answer concurrent requests, each as the patched
+    HuggingFace model with its expert alone; the gate refuses unknown names without harm."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from doe_kernels.cli import main
+    from doe_kernels.vllm import http
+
+    url, path = server["url"], server["model"]
+    hf = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    prompt = torch.randint(100, 40000, (20,), generator=torch.Generator().manual_seed(1)).tolist()
+    masks = {"a": doe_kernels.ExpertMask.random(hf, ffn_keep=0.4, heads_keep=0.67, seed=5),
+             "b": doe_kernels.ExpertMask.random(hf, ffn_keep=0.6, seed=6), None: None}
+    expected = {}
+    for name, mask in masks.items():
+        with doe_kernels.plugged(hf, mask) if mask is not None else contextlib.nullcontext():
+            expected[name] = _hf_greedy_text(hf, tokenizer, prompt)
+    assert len(set(expected.values())) == 3  # the checks below can tell them apart
+
+    http.add(url, "a", masks["a"])
+    masks["b"].save(tmp_path / "b.safetensors")
+    assert main(["vllm-add", "--url", url, "--name", "b", str(tmp_path / "b.safetensors")]) == 0
+    assert json.loads(capsys.readouterr().out) == dict(experts=["a", "b"])
+    assert http.experts(url) == ["a", "b"]
+    names = ["a", "b", None, "b", "a", None]
+    with ThreadPoolExecutor(len(names)) as pool:
+        answers = list(pool.map(
+            lambda name: _complete(url, path, prompt, **({} if name is None
+                                                          else http.naming(name))), names))
+    assert answers == [expected[name] for name in names]
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        _complete(url, path, prompt, **http.naming("tweets"))
+    assert refused.value.code == 400
+    assert "no expert is held under the name 'tweets'" in refused.value.read().decode()
+    assert _complete(url, path, prompt, **http.naming("a")) == expected["a"]  # still serving
+    http.remove(url, "a")
+    with pytest.raises(KeyError, match="no expert named 'a'"):
+        http.remove(url, "a")
+    assert main(["vllm-remove", "--url", url, "--name", "a"]) == 2
+    assert "no expert named 'a' is held" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="out of range"):
+        http.add(url, "b", doe_kernels.ExpertMask({0: [0, 10**6]}))
+    assert _complete(url, path, prompt, **http.naming("b")) == expected["b"]  # still "b"
+    http.remove(url, "b")
+    assert http.experts(url) == [] and _complete(url, path, prompt) == expected[None]

@@ -10,8 +10,7 @@ by the previous expert.
 """
 import importlib
 
-from doe_kernels.vllm.mixed import EXTRA_ARG
-from doe_kernels.vllm.protocol import as_mask, plug_on_ranks
+from doe_kernels.vllm.protocol import EXTRA_ARG, as_mask, cache_salt, plug_on_ranks
 from doe_kernels.vllm.worker import WorkerExtension, check_engine_config
 
 EXTENSION = "doe_kernels.vllm.WorkerExtension"
@@ -111,9 +110,7 @@ def _salted(prompt, name):
     elif not isinstance(prompt, dict):
         raise ValueError(f"a prompt must be a text, token ids or a vLLM prompt dict, got "
                          f"{type(prompt).__name__}")
-    salt = f"doe_kernels expert {name}"
-    own = prompt.get("cache_salt")
-    return {**prompt, "cache_salt": salt if own is None else f"{own} | {salt}"}
+    return {**prompt, "cache_salt": cache_salt(name, prompt.get("cache_salt"))}
 
 
 def _naming(params, name):

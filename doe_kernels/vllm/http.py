@@ -1,5 +1,7 @@
 """Plug and swap experts on a running `vllm serve` over HTTP: `plug(url, mask)`, `unplug(url)`,
-`status(url)`.
+`status(url)`; hold several for mixed-task requests: `add(url, name, mask)`, `remove(url, name)`,
+`experts(url)`, and name one in a request's body with `naming(name)` (the server then also runs
+`--middleware doe_kernels.vllm.gate.ExpertGate`).
 
 The server must run with the doe_kernels worker extension and with vLLM's development
 endpoints, which carry the calls to every rank (`POST /collective_rpc`) and reset the prefix cache
@@ -17,7 +19,8 @@ import json
 import urllib.error
 import urllib.request
 
-from doe_kernels.vllm.protocol import as_mask, plug_on_ranks
+from doe_kernels.vllm.gate import NAMES_PATH
+from doe_kernels.vllm.protocol import EXTRA_ARG, as_mask, plug_on_ranks
 
 
 def plug(url: str, mask, timeout: float = 120.0) -> None:
@@ -35,25 +38,68 @@ def unplug(url: str, timeout: float = 120.0) -> None:
     _reset_prefix_cache(url, timeout)
 
 
+def add(url: str, name: str, mask, timeout: float = 120.0) -> None:
+    """Hold an expert under `name` on the server at `url`, beside the plugged one, for the
+    requests that name it in their body (`"vllm_xargs": {"doe_expert": name}`, `naming(name)`):
+    requests of several experts then share engine steps. Adding a name again replaces its
+    expert. Needs the server's gate (`--middleware doe_kernels.vllm.gate.ExpertGate`), which
+    refuses requests naming experts the server does not hold and salts each expert's prefix
+    cache; RuntimeError without it. Checked on every rank before any changes, as `plug` is."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"an expert's name must be a non-empty string, got {name!r}")
+    mask = as_mask(mask)
+    experts(url, timeout)  # the gate is there
+    plug_on_ranks(lambda method, args: _rpc(url, method, args, timeout), mask,
+                  "doe_add_expert", name)
+
+
+def remove(url: str, name: str, timeout: float = 120.0) -> None:
+    """Stop holding the expert `name`: KeyError if the server holds none of that name,
+    RuntimeError (nothing changed) while requests naming it run."""
+    # vLLM's endpoint passes a rank's reply as a string unless it is a dict or a list
+    if not all(reply in (True, "True") for reply in _rpc(url, "doe_remove_expert", [name],
+                                                          timeout)):
+        raise KeyError(f"no expert named {name!r} is held (held: {experts(url, timeout)})")
+
+
+def experts(url: str, timeout: float = 120.0) -> list:
+    """The names of the experts the server holds (sorted); RuntimeError when it has no gate."""
+    reply = _request(url, NAMES_PATH, None, timeout, method="GET",
+                     missing="start vllm serve with --middleware "
+                             "doe_kernels.vllm.gate.ExpertGate")
+    return list(reply["experts"])
+
+
+def naming(name: str) -> dict:
+    """The body fields of a completion or chat request on the expert `name` (with the OpenAI
+    client: `extra_body=naming(name)`)."""
+    return {"vllm_xargs": {EXTRA_ARG: name}}
+
+
 def status(url: str, timeout: float = 120.0) -> list:
     """Per rank: its place and its local kept neuron and head counts per layer (None: dense)."""
     return _rpc(url, "doe_status", [], timeout)
 
 
-def _post(url: str, path: str, body: dict | None, timeout: float):
+def _request(url: str, path: str, body: dict | None, timeout: float, method: str = "POST",
+             missing: str = "start vllm serve with VLLM_SERVER_DEV_MODE=1"):
     request = urllib.request.Request(
-        url.rstrip("/") + path, method="POST", data=json.dumps(body or {}).encode(),
+        url.rstrip("/") + path, method=method,
+        data=None if method == "GET" else json.dumps(body or {}).encode(),
         headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             text = response.read().decode()
     except urllib.error.HTTPError as error:
         if error.code == 404:
-            raise RuntimeError(f"{url} has no {path} endpoint: start vllm serve with "
-                               "VLLM_SERVER_DEV_MODE=1") from error
-        raise RuntimeError(f"{url}{path} answered {error.code} (is the server started with "
-                           "--worker-extension-cls doe_kernels.vllm.WorkerExtension?): "
-                           f"{error.read().decode(errors='replace')[:500]}") from error
+            raise RuntimeError(f"{url} has no {path} endpoint: {missing}") from error
+        detail = error.read().decode(errors="replace")
+        try:  # the gate's (and vLLM's) errors: {"error": {"message": ...}}
+            detail = json.loads(detail)["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            detail = ("(is the server started with --worker-extension-cls "
+                      f"doe_kernels.vllm.WorkerExtension?): {detail[:500]}")
+        raise RuntimeError(f"{url}{path} answered {error.code} {detail}") from error
     except (urllib.error.URLError, OSError) as error:
         raise RuntimeError(f"cannot reach {url}: {error}") from error
     return json.loads(text) if text else None
@@ -61,7 +107,7 @@ def _post(url: str, path: str, body: dict | None, timeout: float):
 
 def _rpc(url: str, method: str, args: list, timeout: float) -> list:
     """Call a WorkerExtension method on every rank; the ranks' results, in rank order."""
-    reply = _post(url, "/collective_rpc", dict(method=method, args=args, timeout=timeout),
+    reply = _request(url, "/collective_rpc", dict(method=method, args=args, timeout=timeout),
                   timeout)
     results = (reply or {}).get("results")
     if not isinstance(results, list):
@@ -70,7 +116,7 @@ def _rpc(url: str, method: str, args: list, timeout: float) -> list:
 
 
 def _reset_prefix_cache(url: str, timeout: float) -> None:
-    if not (_post(url, "/reset_prefix_cache", None, timeout) or {}).get("success"):
+    if not (_request(url, "/reset_prefix_cache", None, timeout) or {}).get("success"):
         raise RuntimeError("the expert was swapped, but the server could not reset its prefix "
                            "cache (requests still running?): cached blocks of the previous expert "
                            f"may be reused; POST {url}/reset_prefix_cache once it is idle")

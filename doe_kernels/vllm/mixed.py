@@ -25,9 +25,9 @@ import torch
 from vllm.distributed import tensor_model_parallel_all_reduce
 
 from doe_kernels.ops import library
+from doe_kernels.vllm.protocol import EXTRA_ARG
 from doe_kernels.vllm.weights import attention_weights, ffn_weights
 
-EXTRA_ARG = "doe_expert"  # the key of SamplingParams.extra_args naming a request's expert
 UNION_PLANS = 64  # union plans kept per MLP (one per composition of a step's rows)
 
 

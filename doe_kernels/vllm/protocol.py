@@ -19,6 +19,18 @@ from doe_kernels.mask import ExpertMask
 from doe_kernels.models import UnsupportedModelError
 
 
+EXTRA_ARG = "doe_expert"  # the key of SamplingParams.extra_args (a request's vllm_xargs) naming
+# its expert
+
+
+def cache_salt(name: str, own: str | None = None, generation: int = 0) -> str:
+    """The prefix-cache salt of a request on the expert `name` (after the request's `own` salt,
+    if any): no request reuses the KV blocks another expert computed. `generation` tells apart
+    the experts held under one name one after another (a server's gate counts them)."""
+    salt = f"doe_kernels expert {name}" + (f" #{generation}" if generation else "")
+    return salt if own is None else f"{own} | {salt}"
+
+
 def as_mask(mask) -> ExpertMask:
     """An ExpertMask, or an Expert's mask; TypeError for anything else."""
     if isinstance(mask, Expert):
