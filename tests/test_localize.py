@@ -18,7 +18,7 @@ from doe_kernels.localize import (AttributionConfig, PromptConfig, RecoveryConfi
                                   search_rate, weak_baseline)
 from doe_kernels.localize.attribution import hook_points
 from doe_kernels.localize.config import configs_from_flat
-from doe_kernels.localize.reconstruct import AUTO_VARIANTS
+from doe_kernels.localize.reconstruct import AUTO_VARIANTS, FIDELITY_EXAMPLES, split_for_judging
 from model_utils import snapshot, state_dict_equal
 from real_models import minilm_dir
 from expert_utils import LABELS, TEXTS, sentiment_task, tiny_bert, tiny_llama
@@ -301,7 +301,8 @@ def test_localize_end_to_end_minilm(tokenizer, tmp_path, monkeypatch, one_thread
     assert expert.mask.scaled == (figures["reconstruction"] != "plain")
     # ... then distils it from the prompt-tuned expert, which stays the baseline as it is
     assert figures["recover_objective"] == "distill" and figures["accuracy_before_recovery"] is None
-    assert figures["recover_schedule"] == "linear"
+    assert figures["recover_schedule"] == "linear" and figures["recover_keep"] == "retuned"
+    assert figures["retuned"] and "retuning_divergences" not in figures
     # where the time went: every step, together no more than the whole call
     steps = figures["step_seconds"]
     assert set(steps) == {"prompt", "recovery_setup", "baseline", "attribution",
@@ -465,6 +466,55 @@ def test_localize_end_to_end_minilm(tokenizer, tmp_path, monkeypatch, one_thread
                  start_from=expert, progress=False)
 
 
+@pytest.mark.filterwarnings("ignore:localize.*no better than")
+def test_recovery_keeps_a_retuned_prompt_only_when_held_out_answers_get_closer(
+        tokenizer, monkeypatch, one_thread):
+    """keep="closer": the recovery trains on none of the held-out examples that judge it, and a
+    re-tuning that moves the answers away from the unpruned model's is dropped."""
+    model = tiny_bert()
+    start = classifier_expert(model)
+    data = sentiment_task(count=400)
+    data = TaskData([f"{text} ({i})" for i, text in enumerate(data.texts)], data.labels,
+                    data.label_names, data.name)  # each text once
+    splits = data.split((0.75, 0.25, 0.0))
+    train, validation = splits["train"], splits["validation"]
+    _, held_out = split_for_judging(train, 0, 64)
+    judged = set(train.subset(held_out).texts)
+    assert len(held_out) == FIDELITY_EXAMPLES
+    localize_module = sys.modules["doe_kernels.localize"]
+    real_retune, trained_on = localize_module.retune, []
+
+    def wrecking(model, tokenizer, expert, data, *args, **kwargs):
+        trained_on.extend(data.texts)
+        retuned, losses = real_retune(model, tokenizer, expert, data, *args, **kwargs)
+        retuned.prompt = retuned.prompt + 50.0  # far from anything the model has seen
+        return retuned, losses
+
+    monkeypatch.setattr(localize_module, "retune", wrecking)
+    config = dict(reconstruct="scales", calibration_examples=64, epochs=1, num_examples=96)
+    found = localize(model, tokenizer, train, validation, start_from=start,
+                     attribution=AttributionConfig(num_examples=16),
+                     recovery=RecoveryConfig(keep="closer", **config), progress=False,
+                     search=SearchConfig(max_rate=0.5, resolution=0.25, confidence=0,
+                                         tolerance=1.0))
+    assert trained_on and not judged & set(trained_on)  # never trained on what judges it
+    figures = found.figures
+    assert figures["pruning_rate"] == 0.5 and figures["retuned"] is False
+    assert all(after > before for _, before, after in figures["retuning_divergences"])
+    assert torch.equal(found.prompt, start.prompt)  # the reconstructed candidate's own prompt
+    # keep="retuned" (the default): the same re-tuning is kept, wrecked or not, and may train
+    # on any example
+    trained_on.clear()
+    kept = localize(model, tokenizer, train, validation, start_from=start,
+                    attribution=AttributionConfig(num_examples=16),
+                    recovery=RecoveryConfig(keep="retuned", **config), progress=False,
+                    search=SearchConfig(max_rate=0.5, resolution=0.25, confidence=0,
+                                        tolerance=1.0))
+    assert kept.figures["retuned"] is True and "retuning_divergences" not in kept.figures
+    assert not torch.equal(kept.prompt, start.prompt)
+    assert len(trained_on) == 96
+
+
 # ---- options ------------------------------------------------------------------------------
 def test_configs_default_to_the_recipe_and_refuse_bad_values():
     assert PromptConfig() == PromptConfig(num_virtual_tokens=10, epochs=5, lr=3e-2, head_lr=1e-2,
@@ -477,7 +527,8 @@ def test_configs_default_to_the_recipe_and_refuse_bad_values():
                                           shards=1)
     assert RecoveryConfig() == RecoveryConfig(epochs=1, lr=None, num_examples=1024,
                                               objective="distill", reconstruct="auto",
-                                              readout_weight=0.0, schedule="linear")
+                                              readout_weight=0.0, schedule="linear",
+                                              keep="retuned")
     assert RecoveryConfig().objective == "distill"
     with pytest.raises(dataclasses.FrozenInstanceError):
         SearchConfig().tolerance = 0.1
@@ -501,7 +552,8 @@ def test_configs_default_to_the_recipe_and_refuse_bad_values():
             (lambda: RecoveryConfig(epochs=-1), r"RecoveryConfig.epochs \(--recover-epochs\)"),
             (lambda: RecoveryConfig(lr=-5), "lr .* > 0"),
             (lambda: RecoveryConfig(num_examples=0), r"\(--recover-examples\) .* > 0"),
-            (lambda: RecoveryConfig(schedule="cosine"), r"\(--recover-schedule\) must be one of")):
+            (lambda: RecoveryConfig(schedule="cosine"), r"\(--recover-schedule\) must be one of"),
+            (lambda: RecoveryConfig(keep="best"), r"\(--recover-keep\) must be one of")):
         with pytest.raises(ValueError, match=message):
             make()
     with pytest.raises(TypeError, match="epochs .* must be of type int"):

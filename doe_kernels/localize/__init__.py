@@ -28,7 +28,7 @@ from doe_kernels.localize.config import (AttributionConfig, PromptConfig, Recove
                                          SearchConfig, configs_from_flat)
 from doe_kernels.localize.layerwise import layerwise_reconstruction
 from doe_kernels.localize.prompt import PromptResult, train_prompt
-from doe_kernels.localize.reconstruct import Reconstructor
+from doe_kernels.localize.reconstruct import Fidelity, Reconstructor, split_for_judging
 from doe_kernels.localize.recover import TrainingDiverged, masked, retune
 from doe_kernels.localize.search import mask_at_rate, paired_change, search_rate
 from doe_kernels.patching import is_patched
@@ -72,7 +72,9 @@ def localize(model, tokenizer, train, validation=None, *, label_words=None, temp
        `epochs=k` (1 by default), its prompt and head re-tuned for k epochs on its pruned
        network (the learning rate decayed linearly to zero) before it is measured, the
        baseline given the same training unpruned (`expert.dense()`); a candidate whose
-       re-tuning diverges fails. A warning says when that training lowered the baseline by
+       re-tuning diverges fails. With `keep="closer"` a distilled candidate keeps its re-tuned
+       prompt and head only if they bring its answers on held-out training examples closer to
+       the unpruned model's. A warning says when that training lowered the baseline by
        more than the tolerance.
 
     `batch_size` (training; evaluation uses twice it), `max_length` (tokens per example),
@@ -127,6 +129,10 @@ def localize(model, tokenizer, train, validation=None, *, label_words=None, temp
     expert.figures = _figures(expert, result, change_se, base, recover, tuned.losses,
                               trained_with, search, attribution, len(train), len(validation),
                               time.perf_counter() - started, run.clock.rounded())
+    if recover.judge is not None:  # per candidate: (rate, KL before re-tuning, KL re-tuned)
+        expert.figures["retuning_divergences"] = [
+            [rate, e.figures["divergence_before_retuning"], e.figures["divergence_retuned"]]
+            for rate, e in sorted(evaluated.items())]
     return expert
 
 
@@ -231,14 +237,21 @@ class _Recovery:
     teacher: object  # distillation: the prompt-tuned expert's label logits on `data`, or None
     reconstruct: str  # RecoveryConfig.reconstruct
     reconstructor: Reconstructor | None  # fitted with the prompt-tuned expert's prompt
+    keep: str  # RecoveryConfig.keep
+    judge: Fidelity | None  # keep="closer" with distillation: held-out training examples
 
     @classmethod
     def of(cls, run: "_Run", tuned_expert: Expert, train, prompt: PromptConfig,
            recovery: RecoveryConfig) -> "_Recovery":
-        data = (train.sample(recovery.num_examples, seed=run.seed)
-                if len(train) > recovery.num_examples else train)
+        distill = recovery.epochs and recovery.objective == "distill"
+        _, held_out = split_for_judging(train, run.seed, recovery.calibration_examples)
+        rest = sorted(set(range(len(train))) - set(held_out))
+        judged = distill and recovery.keep == "closer" and bool(rest)
+        pool = train.subset(rest) if judged else train  # never trained on what judges it
+        data = (pool.sample(recovery.num_examples, seed=run.seed)
+                if len(pool) > recovery.num_examples else pool)
         teacher = None
-        if recovery.epochs and recovery.objective == "distill":
+        if distill:
             teacher = tuned_expert.predict_logits(run.model, run.tokenizer, data.texts,
                                                   batch_size=2 * run.batch_size)
         reconstructor = None
@@ -246,9 +259,14 @@ class _Recovery:
             reconstructor = Reconstructor.collect(run, tuned_expert, train, recovery.reconstruct,
                                                   recovery.calibration_examples,
                                                   recovery.readout_weight)
+        judge = None
+        if judged:
+            judge = (reconstructor.fidelity if reconstructor is not None
+                     and reconstructor.fidelity is not None
+                     else Fidelity.collect(run, tuned_expert, train.subset(held_out).texts))
         return cls(recovery.epochs, prompt.lr if recovery.lr is None else recovery.lr,
                    prompt.head_lr, recovery.schedule, data, teacher, recovery.reconstruct,
-                   reconstructor)
+                   reconstructor, recovery.keep, judge)
 
     @property
     def calibration_examples(self) -> int:
@@ -258,7 +276,16 @@ class _Recovery:
         """The candidate reconstructed, then re-tuned, as configured."""
         if self.reconstructor is not None:
             expert = self.reconstructor(run, expert)
-        return self.retune(run, expert) if self.epochs else expert
+        if not self.epochs:
+            return expert
+        retuned = self.retune(run, expert)
+        if self.judge is None:
+            return retuned
+        before, after = self.judge.divergence(run, expert), self.judge.divergence(run, retuned)
+        kept = retuned if after < before else expert
+        kept.figures = dict(kept.figures, retuned=kept is retuned,
+                            divergence_before_retuning=before, divergence_retuned=after)
+        return kept
 
     def retune(self, run: "_Run", expert: Expert) -> Expert:
         retuned, _ = retune(run.model, run.tokenizer, expert, self.data, self.epochs, self.lr,
@@ -382,6 +409,10 @@ def _figures(expert: Expert, result, change_se: dict, base: _Baseline, recover: 
         readout_weight=(recover.reconstructor.readout_weight
                         if recover.reconstruct not in ("none", "auto") else None),
         reconstruction=expert.figures.get("reconstruction"),
+        recover_keep=recover.keep if recover.teacher is not None else None,
+        retuned=expert.figures.get("retuned", bool(recover.epochs) and result.rate > 0),
+        divergence_before_retuning=expert.figures.get("divergence_before_retuning"),
+        divergence_retuned=expert.figures.get("divergence_retuned"),
         num_train=num_train,
         num_validation=num_validation, prompt_losses=prompt_losses, **trained_with,
         search=[[rate, value, ok, change_se[rate]] for rate, value, ok in result.history],

@@ -10,6 +10,7 @@ label distribution has the smallest mean KL divergence from the unpruned prompt-
 fit does worse. The choice is made without the validation set, which the search keeps for its
 rule.
 """
+import random
 from dataclasses import dataclass
 
 import torch
@@ -69,9 +70,9 @@ class Reconstructor:
         """Calibration on `count` training examples drawn with the run's seed, with
         `tuned_expert`'s prompt; for "auto", the next FIDELITY_EXAMPLES of the same draw (or the
         calibration examples when none is left) judge the variants."""
-        shuffled = train.sample(len(train), seed=run.seed).texts
-        texts = shuffled[:count]
-        judge = shuffled[count:count + FIDELITY_EXAMPLES] or texts
+        calibration, held_out = split_for_judging(train, run.seed, count)
+        texts = train.subset(calibration).texts
+        judge = train.subset(held_out).texts
         weights = (sorted({w for _, _, w in AUTO_VARIANTS}) if mode == "auto"
                    else [readout_weight])
         batches, calibrations = {}, {}
@@ -116,6 +117,18 @@ class Reconstructor:
             self.unpruned = UnprunedTargets(run.model, next(iter(self.batches.values())),
                                             kinds | held)
         return self.unpruned
+
+
+def split_for_judging(train, seed: int, count: int) -> tuple[list, list]:
+    """(the calibration examples' indices in `train`: the first `count` of the run's shuffle, the
+    held-out ones: the next FIDELITY_EXAMPLES, or the last quarter of the shuffle (at least one) when
+    nothing is left after the calibration). The held-out examples judge the reconstruction's variants
+    and whether a re-tuned candidate is kept; the recovery does not train on them."""
+    order = list(range(len(train)))
+    random.Random(seed).shuffle(order)
+    held_out = (order[count:count + FIDELITY_EXAMPLES]
+                or order[len(order) - max(1, len(order) // 4):])
+    return order[:count], held_out
 
 
 def mean_kl(reference_log_probs: torch.Tensor, logits: torch.Tensor) -> float:
