@@ -473,14 +473,15 @@ def test_recovery_keeps_a_retuned_prompt_only_when_held_out_answers_get_closer(
     re-tuning that moves the answers away from the unpruned model's is dropped."""
     model = tiny_bert()
     start = classifier_expert(model)
-    data = sentiment_task(count=400)
+    data = sentiment_task(count=560)
     data = TaskData([f"{text} ({i})" for i, text in enumerate(data.texts)], data.labels,
                     data.label_names, data.name)  # each text once
     splits = data.split((0.75, 0.25, 0.0))
     train, validation = splits["train"], splits["validation"]
-    _, held_out = split_for_judging(train, 0, 64)
+    calibration, variants, held_out = split_for_judging(train, 0, 64)
     judged = set(train.subset(held_out).texts)
-    assert len(held_out) == FIDELITY_EXAMPLES
+    assert len(held_out) == len(variants) == FIDELITY_EXAMPLES
+    assert not set(held_out) & set(variants + calibration)
     localize_module = sys.modules["doe_kernels.localize"]
     real_retune, trained_on = localize_module.retune, []
 

@@ -238,13 +238,14 @@ class _Recovery:
     reconstruct: str  # RecoveryConfig.reconstruct
     reconstructor: Reconstructor | None  # fitted with the prompt-tuned expert's prompt
     keep: str  # RecoveryConfig.keep
-    judge: Fidelity | None  # keep="closer" with distillation: held-out training examples
+    judge: Fidelity | None  # keep="closer" with distillation: training examples held out of
+    # `data` and of the reconstruction's choice
 
     @classmethod
     def of(cls, run: "_Run", tuned_expert: Expert, train, prompt: PromptConfig,
            recovery: RecoveryConfig) -> "_Recovery":
         distill = recovery.epochs and recovery.objective == "distill"
-        _, held_out = split_for_judging(train, run.seed, recovery.calibration_examples)
+        _, _, held_out = split_for_judging(train, run.seed, recovery.calibration_examples)
         rest = sorted(set(range(len(train))) - set(held_out))
         judged = distill and recovery.keep == "closer" and bool(rest)
         pool = train.subset(rest) if judged else train  # never trained on what judges it
@@ -259,11 +260,8 @@ class _Recovery:
             reconstructor = Reconstructor.collect(run, tuned_expert, train, recovery.reconstruct,
                                                   recovery.calibration_examples,
                                                   recovery.readout_weight)
-        judge = None
-        if judged:
-            judge = (reconstructor.fidelity if reconstructor is not None
-                     and reconstructor.fidelity is not None
-                     else Fidelity.collect(run, tuned_expert, train.subset(held_out).texts))
+        judge = (Fidelity.collect(run, tuned_expert, train.subset(held_out).texts) if judged
+                 else None)
         return cls(recovery.epochs, prompt.lr if recovery.lr is None else recovery.lr,
                    prompt.head_lr, recovery.schedule, data, teacher, recovery.reconstruct,
                    reconstructor, recovery.keep, judge)

@@ -70,9 +70,9 @@ class Reconstructor:
         """Calibration on `count` training examples drawn with the run's seed, with
         `tuned_expert`'s prompt; for "auto", the next FIDELITY_EXAMPLES of the same draw (or the
         calibration examples when none is left) judge the variants."""
-        calibration, held_out = split_for_judging(train, run.seed, count)
+        calibration, variants, _ = split_for_judging(train, run.seed, count)
         texts = train.subset(calibration).texts
-        judge = train.subset(held_out).texts
+        judge = train.subset(variants).texts
         weights = (sorted({w for _, _, w in AUTO_VARIANTS}) if mode == "auto"
                    else [readout_weight])
         batches, calibrations = {}, {}
@@ -119,16 +119,19 @@ class Reconstructor:
         return self.unpruned
 
 
-def split_for_judging(train, seed: int, count: int) -> tuple[list, list]:
-    """(the calibration examples' indices in `train`: the first `count` of the run's shuffle, the
-    held-out ones: the next FIDELITY_EXAMPLES, or the last quarter of the shuffle (at least one) when
-    nothing is left after the calibration). The held-out examples judge the reconstruction's variants
-    and whether a re-tuned candidate is kept; the recovery does not train on them."""
+def split_for_judging(train, seed: int, count: int) -> tuple[list, list, list]:
+    """Indices in `train`, from the run's shuffle: (the calibration examples: the first `count`;
+    the examples that choose the reconstruction's variant: the next FIDELITY_EXAMPLES, or the
+    calibration examples when none is left; the examples that judge a re-tuning: the
+    FIDELITY_EXAMPLES after those, or the last quarter of the shuffle (at least one) when none
+    is left). The recovery does not train on the last ones; the variant's choice, a minimum
+    over its own examples, does not judge the re-tuning."""
     order = list(range(len(train)))
     random.Random(seed).shuffle(order)
-    held_out = (order[count:count + FIDELITY_EXAMPLES]
+    variants = order[count:count + FIDELITY_EXAMPLES] or order[:count]
+    retuning = (order[count + FIDELITY_EXAMPLES:count + 2 * FIDELITY_EXAMPLES]
                 or order[len(order) - max(1, len(order) // 4):])
-    return order[:count], held_out
+    return order[:count], variants, retuning
 
 
 def mean_kl(reference_log_probs: torch.Tensor, logits: torch.Tensor) -> float:
