@@ -5,18 +5,22 @@ to the workers as `SamplingParams.extra_args`. A worker that meets a name it doe
 refuse that one request: the step fails and the engine stops. `ExpertGate`, an ASGI middleware
 in the API server, stands before the engine:
  * a completion, chat completion or responses request naming an expert the engine does not hold
-   (or naming one with anything but a non-empty string) is answered 400 and never reaches it;
+   (or one being removed, or naming one with anything but a non-empty string, or asking to run
+   in the background) is answered 400 and never reaches it; so is any other POST whose body
+   holds "doe_expert" (the routes that take `vllm_xargs` or `extra_args` another way: Anthropic
+   messages, batches, tokens-only generation, audio);
  * a request naming a held expert is given that expert's prefix-cache salt (after its own
    `cache_salt`, if any), so that no request reuses KV blocks another expert computed; the salt
    counts the experts added under that name, so a name added again never meets the KV blocks
    of the expert it replaced;
  * `POST /collective_rpc` removing an expert (`doe_remove_expert`) while requests naming it run
-   is answered 409, before any rank changes;
- * `GET /doe/experts` answers the names held (what `doe_kernels.vllm.http.experts` reads; its
-   presence tells the client that the gate is installed).
-The names held are read from the workers (`doe_experts`) on first use, after every add or remove
-that passes the gate, and when a request names one the gate has not seen. The gate counts the
-requests of one API server process: run one (vLLM's default `--api-server-count`).
+   is answered 409, before any rank changes; adding or removing one must name it as the first
+   of `args` (not in `kwargs`);
+ * its answers to `POST /collective_rpc` carry the header `x-doe-kernels-gate` (how
+   `doe_kernels.vllm.http.add` knows the server has the gate).
+The names held are read from the workers (`doe_experts`) on first use and again after every add
+or remove, which all pass the gate. It counts the requests of one API server process: run one
+(vLLM's default `--api-server-count`).
 """
 import collections
 import json
@@ -24,7 +28,8 @@ import json
 from doe_kernels.vllm.protocol import EXTRA_ARG, cache_salt
 
 GENERATING = ("/v1/completions", "/v1/chat/completions", "/v1/responses")
-NAMES_PATH = "/doe/experts"
+RPC_PATH = "/collective_rpc"
+GATE_HEADER = b"x-doe-kernels-gate"
 CHANGING = ("doe_add_expert", "doe_remove_expert")  # worker methods that change the names held
 
 
@@ -34,25 +39,29 @@ class ExpertGate:
     def __init__(self, app):
         self.app = app
         self.held = None  # the names the workers hold, None: to be read
+        self.changes = 0  # adds and removes begun: a read of the names older than one is stale
         self.generations = collections.Counter()  # adds seen per name
         self.running = collections.Counter()  # requests in flight per name
+        self.removing = set()  # names whose removal is under way
 
     async def __call__(self, scope, receive, send):
-        path = scope.get("path")
-        if scope["type"] == "http" and scope["method"] == "GET" and path == NAMES_PATH:
-            return await self._answer_names(scope, send)
-        if scope["type"] != "http" or scope["method"] != "POST" or (
-                path not in GENERATING and path != "/collective_rpc"):
+        if scope["type"] != "http" or scope["method"] != "POST":
             return await self.app(scope, receive, send)
+        path = _route(scope)
         body = await _read_body(receive)
+        if path == RPC_PATH:
+            return await self._rpc(scope, receive, _tagged(send), body)
+        if path not in GENERATING:
+            if _names_an_expert(body):
+                return await _error(send, 400, f"{path} cannot serve an expert: name one "
+                                    f"(vllm_xargs.{EXTRA_ARG}) in {', '.join(GENERATING)}")
+            return await self.app(scope, _replay(body, receive), send)
         try:
             request = json.loads(body)
         except ValueError:
             request = None
         if not isinstance(request, dict):  # vLLM answers what it cannot parse
             return await self.app(scope, _replay(body, receive), send)
-        if path == "/collective_rpc":
-            return await self._rpc(scope, receive, send, request, body)
         return await self._generate(scope, receive, send, request, body)
 
     async def _generate(self, scope, receive, send, request: dict, body: bytes):
@@ -60,17 +69,9 @@ class ExpertGate:
         name = xargs.get(EXTRA_ARG) if isinstance(xargs, dict) else None
         if name is None:  # the plugged expert, or the dense model
             return await self.app(scope, _replay(body, receive), send)
-        if not isinstance(name, str) or not name:
-            return await _error(send, 400, f"vllm_xargs.{EXTRA_ARG} must name an expert (a "
-                                f"non-empty string), got {name!r}")
-        held = await self._names(scope, refresh=self.held is None or name not in self.held)
-        if held is None:
-            return await _error(send, 500, "the server cannot tell which experts it holds: "
-                                "start it with --worker-extension-cls "
-                                "doe_kernels.vllm.WorkerExtension")
-        if name not in held:
-            return await _error(send, 400, f"no expert is held under the name {name!r} (held: "
-                                f"{sorted(held)}); add it first (doe_kernels.vllm.http.add)")
+        problem = await self._refusal(scope, name, request)
+        if problem is not None:
+            return await _error(send, *problem)
         request["cache_salt"] = cache_salt(name, request.get("cache_salt"),
                                            self.generations[name])
         body = json.dumps(request).encode()
@@ -82,38 +83,98 @@ class ExpertGate:
             if not self.running[name]:
                 del self.running[name]
 
-    async def _rpc(self, scope, receive, send, request: dict, body: bytes):
-        method, args = request.get("method"), request.get("args") or []
+    async def _refusal(self, scope, name, request: dict):
+        """(status, message) refusing a request that names `name`, or None."""
+        if not isinstance(name, str) or not name:
+            return 400, f"vllm_xargs.{EXTRA_ARG} must name an expert (a non-empty string), " \
+                        f"got {name!r}"
+        if request.get("background"):
+            return 400, "a request naming an expert cannot run in the background"
+        held = await self._names(scope)
+        if held is None:
+            return 500, ("the server cannot tell which experts it holds: start it with "
+                         "--worker-extension-cls doe_kernels.vllm.WorkerExtension")
+        if name not in held or name in self.removing:
+            return 400, (f"no expert is held under the name {name!r}; add it first "
+                         "(doe_kernels.vllm.http.add)")
+        return None
+
+    async def _rpc(self, scope, receive, send, body: bytes):
+        try:
+            request = json.loads(body)
+        except ValueError:
+            request = None
+        method = request.get("method") if isinstance(request, dict) else None
         if method not in CHANGING:
             return await self.app(scope, _replay(body, receive), send)
+        args = request.get("args")
         name = args[0] if isinstance(args, list) and args else None
+        if request.get("kwargs") or not isinstance(name, str) or not name:
+            return await _error(send, 400, f"{method} takes the expert's name (a non-empty "
+                                "string) as the first of args, and no kwargs")
         if method == "doe_remove_expert" and self.running.get(name):
             return await _error(send, 409, f"the expert {name!r} serves "
                                 f"{self.running[name]} running requests; remove it once they "
                                 "have finished (nothing was changed)")
+        self.changes += 1
+        if method == "doe_remove_expert":
+            self.removing.add(name)
+        else:
+            self.generations[name] += 1
         try:
             await self.app(scope, _replay(body, receive), send)
         finally:
-            if method == "doe_add_expert" and isinstance(name, str):
-                self.generations[name] += 1
+            self.removing.discard(name)
+            self.changes += 1
             self.held = None
 
-    async def _names(self, scope, refresh: bool):
-        if refresh:
+    async def _names(self, scope):
+        """The names the workers hold (None when they cannot say), read again while an add or
+        a remove begins during the read."""
+        while self.held is None:
+            changes = self.changes
             try:
                 replies = await scope["app"].state.engine_client.collective_rpc("doe_experts")
             except Exception:  # no worker extension (or no engine): say so to the client
                 return None
-            self.held = set(replies[0])
+            if self.changes == changes:
+                self.held = set(replies[0])
         return self.held
 
-    async def _answer_names(self, scope, send):
-        held = await self._names(scope, refresh=True)
-        if held is None:
-            return await _error(send, 500, "the server cannot tell which experts it holds: "
-                                "start it with --worker-extension-cls "
-                                "doe_kernels.vllm.WorkerExtension")
-        await _send_json(send, 200, dict(experts=sorted(held)))
+
+def _names_an_expert(body: bytes) -> bool:
+    """Whether a body holds the key "doe_expert" at any depth (a body that is not JSON, such as
+    an audio form: whether it holds the word)."""
+    try:
+        value = json.loads(body)
+    except ValueError:
+        return EXTRA_ARG.encode() in body
+    stack = [value]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            if EXTRA_ARG in value:
+                return True
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+    return False
+
+
+def _route(scope) -> str:
+    """The request's path within the app (vLLM's --root-path removed)."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
+
+
+def _tagged(send):
+    """`send` adding the gate's header to the response."""
+    async def tagged(message):
+        if message["type"] == "http.response.start":
+            message = dict(message, headers=list(message.get("headers", [])) + [(GATE_HEADER,
+                                                                                  b"1")])
+        await send(message)
+    return tagged
 
 
 async def _read_body(receive) -> bytes:

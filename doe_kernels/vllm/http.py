@@ -19,7 +19,7 @@ import json
 import urllib.error
 import urllib.request
 
-from doe_kernels.vllm.gate import NAMES_PATH
+from doe_kernels.vllm.gate import GATE_HEADER
 from doe_kernels.vllm.protocol import EXTRA_ARG, as_mask, plug_on_ranks
 
 
@@ -63,11 +63,18 @@ def remove(url: str, name: str, timeout: float = 120.0) -> None:
 
 
 def experts(url: str, timeout: float = 120.0) -> list:
-    """The names of the experts the server holds (sorted); RuntimeError when it has no gate."""
-    reply = _request(url, NAMES_PATH, None, timeout, method="GET",
-                     missing="start vllm serve with --middleware "
-                             "doe_kernels.vllm.gate.ExpertGate")
-    return list(reply["experts"])
+    """The names of the experts the server holds, in the order they were added; RuntimeError
+    when the server has no gate (the --middleware that mixed-task requests need)."""
+    reply, headers = _request(url, "/collective_rpc", dict(method="doe_experts", args=[],
+                                                           timeout=timeout), timeout,
+                              with_headers=True)
+    if headers.get(GATE_HEADER.decode()) is None:
+        raise RuntimeError(f"{url} has no expert gate: start vllm serve with --middleware "
+                           "doe_kernels.vllm.gate.ExpertGate")
+    results = (reply or {}).get("results")
+    if not isinstance(results, list) or not results:
+        raise RuntimeError(f"{url}: unexpected answer to doe_experts: {reply!r}")
+    return list(results[0])
 
 
 def naming(name: str) -> dict:
@@ -81,18 +88,21 @@ def status(url: str, timeout: float = 120.0) -> list:
     return _rpc(url, "doe_status", [], timeout)
 
 
-def _request(url: str, path: str, body: dict | None, timeout: float, method: str = "POST",
-             missing: str = "start vllm serve with VLLM_SERVER_DEV_MODE=1"):
+def _request(url: str, path: str, body: dict | None, timeout: float,
+             with_headers: bool = False):
+    """The server's JSON answer to POST `path` (with its headers, lower-cased, when
+    `with_headers`); RuntimeError saying what is wrong when there is none."""
     request = urllib.request.Request(
-        url.rstrip("/") + path, method=method,
-        data=None if method == "GET" else json.dumps(body or {}).encode(),
+        url.rstrip("/") + path, method="POST", data=json.dumps(body or {}).encode(),
         headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             text = response.read().decode()
+            headers = {key.lower(): value for key, value in response.headers.items()}
     except urllib.error.HTTPError as error:
         if error.code == 404:
-            raise RuntimeError(f"{url} has no {path} endpoint: {missing}") from error
+            raise RuntimeError(f"{url} has no {path} endpoint: start vllm serve with "
+                               "VLLM_SERVER_DEV_MODE=1") from error
         detail = error.read().decode(errors="replace")
         try:  # the gate's (and vLLM's) errors: {"error": {"message": ...}}
             detail = json.loads(detail)["error"]["message"]
@@ -102,7 +112,8 @@ def _request(url: str, path: str, body: dict | None, timeout: float, method: str
         raise RuntimeError(f"{url}{path} answered {error.code} {detail}") from error
     except (urllib.error.URLError, OSError) as error:
         raise RuntimeError(f"cannot reach {url}: {error}") from error
-    return json.loads(text) if text else None
+    reply = json.loads(text) if text else None
+    return (reply, headers) if with_headers else reply
 
 
 def _rpc(url: str, method: str, args: list, timeout: float) -> list:
