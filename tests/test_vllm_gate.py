@@ -160,34 +160,36 @@ def test_adds_and_removes_refresh_the_names_and_the_salts():
     assert len(app.seen) == seen
 
 
-def test_an_expert_serving_requests_cannot_be_removed():
+@pytest.mark.parametrize("change", [rpc("doe_remove_expert", "polarity"),
+                                    rpc("doe_add_expert", "polarity", "token")])
+def test_an_expert_serving_requests_cannot_be_removed_or_replaced(change):
     engine, app, gate = setup()
-    remove = rpc("doe_remove_expert", "polarity")
 
     async def scenario():  # one event loop, as in the API server
         app.hold = asyncio.Event()
         running = asyncio.create_task(acall(gate, app, "/v1/completions", completion("polarity")))
         while not gate.running:
             await asyncio.sleep(0)
-        refused = await asyncio.wait_for(acall(gate, app, "/collective_rpc", remove), 10)
+        refused = await asyncio.wait_for(acall(gate, app, "/collective_rpc", change), 10)
         app.hold.set()
         return refused, await running
 
     refused, served = asyncio.run(scenario())
     assert refused[0] == 409 and "serves 1 running requests" in refused[1]["error"]["message"]
     assert served[0] == 200 and engine.names == ["polarity"] and not gate.running
+    assert len(app.seen) == 1  # the change never reached the engine
 
 
 def test_no_request_slips_in_while_an_expert_is_removed():
     """A request arriving while the removal runs, or whose read of the names began before it,
-    is refused."""
+    is refused; so is a request arriving while its expert is replaced."""
     engine, app, gate = setup()
     remove = rpc("doe_remove_expert", "polarity")
 
     async def during_removal():
         app.hold = asyncio.Event()
         removal = asyncio.create_task(acall(gate, app, "/collective_rpc", remove))
-        while not gate.removing:
+        while not gate.changing:
             await asyncio.sleep(0)
         # (a request let through would wait for the release below: a bug times out)
         refused = await asyncio.wait_for(
@@ -213,6 +215,27 @@ def test_no_request_slips_in_while_an_expert_is_removed():
     engine.reads = 0
     request, removed = asyncio.run(stale_read())
     assert removed[0] == 200 and request[0] == 400 and engine.reads == 2  # read again
+    engine.lag = None
+    call(gate, app, "/collective_rpc", rpc("doe_add_expert", "polarity", "token"))
+    call(gate, app, "/v1/completions", completion("polarity"))
+    salt = app.seen[-1][1]["cache_salt"]
+
+    async def during_replacement():
+        app.hold = asyncio.Event()
+        replace = asyncio.create_task(acall(gate, app, "/collective_rpc",
+                                            rpc("doe_add_expert", "polarity", "token")))
+        while not gate.changing:
+            await asyncio.sleep(0)
+        refused = await asyncio.wait_for(
+            acall(gate, app, "/v1/completions", completion("polarity")), 10)
+        app.hold.set()
+        return refused, await replace
+
+    refused, replaced = asyncio.run(during_replacement())
+    assert refused[0] == 400 and replaced[0] == 200
+    app.hold = None
+    call(gate, app, "/v1/completions", completion("polarity"))
+    assert app.seen[-1][1]["cache_salt"] != salt  # the replacement's own KV blocks
 
 
 def test_without_the_worker_extension_the_gate_says_so():

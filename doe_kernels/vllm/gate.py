@@ -5,7 +5,7 @@ to the workers as `SamplingParams.extra_args`. A worker that meets a name it doe
 refuse that one request: the step fails and the engine stops. `ExpertGate`, an ASGI middleware
 in the API server, stands before the engine:
  * a completion, chat completion or responses request naming an expert the engine does not hold
-   (or one being removed, or naming one with anything but a non-empty string, or asking to run
+   (or one being added or removed, or naming one with anything but a non-empty string, or asking to run
    in the background) is answered 400 and never reaches it; so is any other POST whose body
    holds "doe_expert" (the routes that take `vllm_xargs` or `extra_args` another way: Anthropic
    messages, batches, tokens-only generation, audio);
@@ -13,9 +13,9 @@ in the API server, stands before the engine:
    `cache_salt`, if any), so that no request reuses KV blocks another expert computed; the salt
    counts the experts added under that name, so a name added again never meets the KV blocks
    of the expert it replaced;
- * `POST /collective_rpc` removing an expert (`doe_remove_expert`) while requests naming it run
-   is answered 409, before any rank changes; adding or removing one must name it as the first
-   of `args` (not in `kwargs`);
+ * `POST /collective_rpc` removing or replacing an expert (`doe_remove_expert`,
+   `doe_add_expert`) while requests naming it run is answered 409, before any rank changes;
+   adding or removing one must name it as the first of `args` (not in `kwargs`);
  * its answers to `POST /collective_rpc` carry the header `x-doe-kernels-gate` (how
    `doe_kernels.vllm.http.add` knows the server has the gate).
 The names held are read from the workers (`doe_experts`) on first use and again after every add
@@ -42,7 +42,7 @@ class ExpertGate:
         self.changes = 0  # adds and removes begun: a read of the names older than one is stale
         self.generations = collections.Counter()  # adds seen per name
         self.running = collections.Counter()  # requests in flight per name
-        self.removing = set()  # names whose removal is under way
+        self.changing = set()  # names being added or removed
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] != "POST":
@@ -94,7 +94,7 @@ class ExpertGate:
         if held is None:
             return 500, ("the server cannot tell which experts it holds: start it with "
                          "--worker-extension-cls doe_kernels.vllm.WorkerExtension")
-        if name not in held or name in self.removing:
+        if name not in held or name in self.changing:
             return 400, (f"no expert is held under the name {name!r}; add it first "
                          "(doe_kernels.vllm.http.add)")
         return None
@@ -112,19 +112,19 @@ class ExpertGate:
         if request.get("kwargs") or not isinstance(name, str) or not name:
             return await _error(send, 400, f"{method} takes the expert's name (a non-empty "
                                 "string) as the first of args, and no kwargs")
-        if method == "doe_remove_expert" and self.running.get(name):
+        if self.running.get(name) or name in self.changing:
             return await _error(send, 409, f"the expert {name!r} serves "
-                                f"{self.running[name]} running requests; remove it once they "
-                                "have finished (nothing was changed)")
+                                f"{self.running[name]} running requests or is being changed; "
+                                "remove or replace it once they have finished (nothing was "
+                                "changed)")
         self.changes += 1
-        if method == "doe_remove_expert":
-            self.removing.add(name)
-        else:
-            self.generations[name] += 1
+        self.changing.add(name)
         try:
             await self.app(scope, _replay(body, receive), send)
         finally:
-            self.removing.discard(name)
+            if method == "doe_add_expert":  # a replaced expert's KV blocks stay unreachable
+                self.generations[name] += 1
+            self.changing.discard(name)
             self.changes += 1
             self.held = None
 
