@@ -186,18 +186,19 @@ def test_no_request_slips_in_while_an_expert_is_removed():
     engine, app, gate = setup()
     remove = rpc("doe_remove_expert", "polarity")
 
-    async def during_removal():
+    async def during(change):
+        """(the reply to a request sent while `change` runs, the reply to `change`)"""
         app.hold = asyncio.Event()
-        removal = asyncio.create_task(acall(gate, app, "/collective_rpc", remove))
+        changing = asyncio.create_task(acall(gate, app, "/collective_rpc", change))
         while not gate.changing:
             await asyncio.sleep(0)
         # (a request let through would wait for the release below: a bug times out)
         refused = await asyncio.wait_for(
             acall(gate, app, "/v1/completions", completion("polarity")), 10)
         app.hold.set()
-        return refused, await removal
+        return refused, await changing
 
-    refused, removed = asyncio.run(during_removal())
+    refused, removed = asyncio.run(during(remove))
     assert refused[0] == 400 and removed[0] == 200 and engine.names == []
     app.hold = None
     call(gate, app, "/collective_rpc", rpc("doe_add_expert", "polarity", "token"))
@@ -220,18 +221,7 @@ def test_no_request_slips_in_while_an_expert_is_removed():
     call(gate, app, "/v1/completions", completion("polarity"))
     salt = app.seen[-1][1]["cache_salt"]
 
-    async def during_replacement():
-        app.hold = asyncio.Event()
-        replace = asyncio.create_task(acall(gate, app, "/collective_rpc",
-                                            rpc("doe_add_expert", "polarity", "token")))
-        while not gate.changing:
-            await asyncio.sleep(0)
-        refused = await asyncio.wait_for(
-            acall(gate, app, "/v1/completions", completion("polarity")), 10)
-        app.hold.set()
-        return refused, await replace
-
-    refused, replaced = asyncio.run(during_replacement())
+    refused, replaced = asyncio.run(during(rpc("doe_add_expert", "polarity", "token")))
     assert refused[0] == 400 and replaced[0] == 200
     app.hold = None
     call(gate, app, "/v1/completions", completion("polarity"))
