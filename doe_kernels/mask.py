@@ -159,6 +159,31 @@ class ExpertMask:
         return cls(_top(ffn_scores, ffn_keep, scope, "ffn_keep", shards),
                    _top(head_scores, heads_keep, scope, "heads_keep", shards), spec)
 
+    @classmethod
+    def from_scores_jointly(cls, ffn_scores, head_scores, keep: float, spec: dict,
+                            scope: str = "global", shards: int = 1):
+        """Heads and neurons ranked on one scale: each unit's score (for both kinds attribution
+        estimates how far removing the unit moves the gold logit) per weight it holds
+        (`unit_weights`), kept from the top until the kept units hold `keep` of the FFN and
+        attention weights, ranked across all layers (`scope="global"`) or within each layer.
+        `spec`: the model's sizes (`ModelSpec.as_dict()`, or an Expert's `sizes`); `shards` as
+        in `from_scores`, applied to the counts this ranking gives each layer."""
+        if scope not in ("layer", "global"):
+            raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
+        if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
+            raise ValueError(f"shards must be an int >= 1, got {shards!r}")
+        if not 0.0 <= keep <= 1.0:
+            raise ValueError(f"keep must be in [0, 1], got {keep}")
+        ffn = _score_rows(ffn_scores, "ffn_scores", shards)
+        heads = _score_rows(head_scores, "head_scores", shards)
+        if len(ffn) != len(heads):
+            raise ValueError(f"ffn_scores cover {len(ffn)} layers, head_scores {len(heads)}")
+        counts = _joint_counts(ffn, heads, keep, unit_weights(spec), scope)
+        return cls({l: _balanced_top(r, c, shards) for l, (r, (c, _)) in
+                    enumerate(zip(ffn, counts))},
+                   {l: _balanced_top(r, c, shards) for l, (r, (_, c)) in
+                    enumerate(zip(heads, counts))}, spec)
+
     def replace(self, spec: dict | None = None, **tables) -> "ExpertMask":
         """This mask with the named tables (ffn, heads, moe, skip, ffn_bias, attn_bias,
         ffn_scales, head_scales), and the model sizes if `spec` is given, replaced; the others
@@ -388,11 +413,9 @@ def _as_spec(spec) -> dict | None:
     return out
 
 
-def _top(scores, keep: float, scope: str, name: str, shards: int = 1):
-    if scores is None:
-        return {}
-    if not 0.0 <= keep <= 1.0:
-        raise ValueError(f"{name} must be in [0, 1], got {keep}")
+def _score_rows(scores, name: str, shards: int) -> list:
+    """The per-layer 1-D float64 score rows of `scores`; raises naming NaN or a layer whose
+    units do not split into `shards`."""
     rows = [torch.as_tensor(s, dtype=torch.float64).reshape(-1) for s in scores]
     for layer, row in enumerate(rows):
         if torch.isnan(row).any():
@@ -402,6 +425,50 @@ def _top(scores, keep: float, scope: str, name: str, shards: int = 1):
         if row.numel() % shards:
             raise ValueError(f"{name}: layer {layer} has {row.numel()} units, which do not "
                              f"split into {shards} equal shards")
+    return rows
+
+
+def unit_weights(spec: dict) -> tuple[int, int]:
+    """(weights of one FFN neuron, weights of one attention head) of a model of these sizes:
+    a neuron's rows of the up (and gate) projection and its column of the down projection; a
+    head's query rows and output-projection columns, plus its share of the key and value rows
+    (num_kv_heads / num_heads of a head's, under grouped-query attention). Biases are left out."""
+    missing = [k for k in ("family", "hidden_size", "head_dim", "num_heads", "num_kv_heads")
+               if k not in spec]
+    if missing:
+        raise ValueError(f"ranking heads with neurons needs the model's sizes; spec lacks "
+                         f"{missing}")
+    hidden, head_dim = spec["hidden_size"], spec["head_dim"]
+    neuron = hidden * (2 if spec["family"] == "bert" else 3)
+    head = hidden * head_dim * (2 + 2 * spec["num_kv_heads"] / spec["num_heads"])
+    return neuron, round(head)
+
+
+def _joint_counts(ffn: list, heads: list, keep: float, weights: tuple, scope: str) -> list:
+    """[(neurons kept, heads kept)] per layer: units taken by score per weight, from the top,
+    while the weights taken stay within `keep` of the group's (all layers, or each layer)."""
+    groups = [range(len(ffn))] if scope == "global" else [[l] for l in range(len(ffn))]
+    counts = [None] * len(ffn)
+    for layers in groups:
+        parts = [row for l in layers for row in (ffn[l], heads[l])]
+        cost = torch.cat([torch.full_like(row, float(weights[i % 2]))
+                          for i, row in enumerate(parts)])
+        order = (torch.cat(parts) / cost).argsort(descending=True, stable=True)
+        spent = cost[order].cumsum(0)
+        chosen = torch.zeros(cost.numel(), dtype=torch.bool)
+        chosen[order[:int((spent <= keep * float(cost.sum()) * (1 + 1e-12)).sum())]] = True
+        taken = [int(part.sum()) for part in chosen.split([r.numel() for r in parts])]
+        for i, l in enumerate(layers):
+            counts[l] = (taken[2 * i], taken[2 * i + 1])
+    return counts
+
+
+def _top(scores, keep: float, scope: str, name: str, shards: int = 1):
+    if scores is None:
+        return {}
+    if not 0.0 <= keep <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {keep}")
+    rows = _score_rows(scores, name, shards)
     if scope == "layer":
         counts = [round(r.numel() * keep) for r in rows]
     else:

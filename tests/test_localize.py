@@ -273,6 +273,17 @@ def test_mask_at_rate():
     mask = mask_at_rate(ffn, heads, 0.5, scope="global", prune_heads=False)
     assert 0 not in mask.ffn or mask.ffn[0].numel() == 0
     assert mask.ffn[1].tolist() == list(range(10)) and dict(mask.heads) == {}
+    sizes = dict(family="bert", hidden_size=8, head_dim=2, num_heads=4, num_kv_heads=4,
+                 num_layers=2, intermediate_size=10, model_type="bert")
+    assert mask_at_rate(ffn, heads, 0.5, "global", True, sizes, rank="jointly") == \
+        dk.ExpertMask.from_scores_jointly(ffn, heads, 0.5, sizes)
+    with pytest.raises(ValueError, match="rank='jointly' needs prune_heads=True"):
+        mask_at_rate(ffn, heads, 0.5, "global", False, sizes, rank="jointly")
+    with pytest.raises(ValueError, match="rank must be 'separately' or 'jointly'"):
+        mask_at_rate(ffn, heads, 0.5, rank="together")
+    with pytest.raises(ValueError, match=r"--rank jointly\) ranks heads with neurons"):
+        SearchConfig(rank="jointly")
+    assert SearchConfig(rank="jointly", prune_heads=True).rank == "jointly"
 
 
 # ---- end to end ---------------------------------------------------------------------------

@@ -130,6 +130,76 @@ def test_from_scores_balanced_over_shards():
                                                                      shards=2).ffn.values())
 
 
+def _sizes(family="llama", kv_heads=2):
+    return dict(family=family, model_type="x", num_layers=3, hidden_size=16,
+                intermediate_size=12, num_heads=4, num_kv_heads=kv_heads, head_dim=4)
+
+
+def test_unit_weights_count_the_projections_a_unit_holds():
+    from doe_kernels.mask import unit_weights
+
+    # SwiGLU neuron: up, gate and down (3 x 16); a head: q and o (2 x 16 x 4), plus half of a
+    # key and value head (2 query heads per kv head)
+    assert unit_weights(_sizes()) == (48, 2 * 64 + 64)
+    assert unit_weights(_sizes("bert", 4)) == (32, 4 * 64)  # q, k, v, o
+    with pytest.raises(ValueError, match=r"spec lacks \['family', 'hidden_size'"):
+        unit_weights(dict(num_heads=4, num_kv_heads=4, head_dim=4))
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_joint_ranking_keeps_the_best_score_per_weight_within_the_budget(seed, scope):
+    from doe_kernels.mask import unit_weights
+
+    gen = torch.Generator().manual_seed(seed)
+    sizes = _sizes(kv_heads=(1, 2, 4)[seed % 3])
+    ffn, heads = torch.rand(3, 12, generator=gen), torch.rand(3, 4, generator=gen) * 6
+    keep = float(torch.rand((), generator=gen))
+    mask = dk.ExpertMask.from_scores_jointly(ffn, heads, keep, sizes, scope)
+    neuron, head = unit_weights(sizes)
+    groups = [[0, 1, 2]] if scope == "global" else [[0], [1], [2]]
+    for layers in groups:  # brute force: walk each group's units by score per weight
+        units = sorted([(float(ffn[l, i]) / neuron, neuron, "ffn", l, i)
+                        for l in layers for i in range(12)] +
+                       [(float(heads[l, h]) / head, head, "heads", l, h)
+                        for l in layers for h in range(4)], key=lambda u: -u[0])
+        budget = keep * (len(layers) * (12 * neuron + 4 * head))
+        spent, kept = 0, set()
+        for _, cost, kind, l, i in units:
+            if spent + cost > budget:
+                break
+            spent += cost
+            kept.add((kind, l, i))
+        got = {(kind, l, int(i)) for kind in ("ffn", "heads") for l in layers
+               for i in getattr(mask, kind)[l]}
+        assert got == kept
+    assert mask.spec["num_kv_heads"] == sizes["num_kv_heads"]
+
+
+def test_joint_ranking_ends_and_checks():
+    ffn, heads = torch.rand(3, 12), torch.rand(3, 4)
+    full = dk.ExpertMask.from_scores_jointly(ffn, heads, 1.0, _sizes())
+    assert all(full.ffn[l].numel() == 12 and full.heads[l].numel() == 4 for l in range(3))
+    empty = dk.ExpertMask.from_scores_jointly(ffn, heads, 0.0, _sizes(), "layer")
+    assert all(empty.ffn[l].numel() == 0 and empty.heads[l].numel() == 0 for l in range(3))
+    # shards: the counts of the joint ranking, each layer's kept units balanced over the shards
+    sharded = dk.ExpertMask.from_scores_jointly(ffn, heads, 0.5, _sizes(), shards=2)
+    plain = dk.ExpertMask.from_scores_jointly(ffn, heads, 0.5, _sizes())
+    for kind in ("ffn", "heads"):
+        for l in range(3):
+            kept, size = getattr(sharded, kind)[l], (12, 4)[kind == "heads"]
+            assert kept.numel() == getattr(plain, kind)[l].numel()
+            assert abs(int((kept < size // 2).sum()) - int((kept >= size // 2).sum())) <= 1
+    for args, match in [((ffn, heads, 1.5, _sizes()), r"keep must be in \[0, 1\]"),
+                        ((ffn, heads[:2], 0.5, _sizes()), "ffn_scores cover 3 layers"),
+                        ((ffn, heads * float("nan"), 0.5, _sizes()), "head_scores hold NaN"),
+                        ((ffn, heads, 0.5, _sizes(), "model"), "scope must be")]:
+        with pytest.raises(ValueError, match=match):
+            dk.ExpertMask.from_scores_jointly(*args)
+    with pytest.raises(ValueError, match="do not split into 3 equal shards"):
+        dk.ExpertMask.from_scores_jointly(ffn, heads, 0.5, _sizes(), shards=3)
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_balanced_shards_keep_each_shards_top_and_even_counts(seed):
     gen = torch.Generator().manual_seed(seed)

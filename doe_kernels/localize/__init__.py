@@ -345,7 +345,8 @@ class _Candidates:
 
     def __call__(self, rate: float, start: Expert) -> Expert:
         mask = mask_at_rate(self.ffn_scores, self.head_scores, rate, self.search.scope,
-                            self.search.prune_heads, self.task.sizes, self.search.shards)
+                            self.search.prune_heads, self.task.sizes, self.search.shards,
+                            self.search.rank)
         return self.task.expert(mask, start.prompt, start.head)
 
 
@@ -397,7 +398,7 @@ def _figures(expert: Expert, result, change_se: dict, base: _Baseline, recover: 
         accuracy_after=result.accuracy, accuracy_dense_no_prompt=base.zero_shot,
         accuracy_majority_label=base.majority, tolerance=search.tolerance,
         confidence=search.confidence, scope=search.scope, method=attribution.method,
-        prune_heads=search.prune_heads, recover_epochs=recover.epochs,
+        prune_heads=search.prune_heads, rank=search.rank, recover_epochs=recover.epochs,
         recover_lr=recover.lr if recover.epochs else None,
         recover_schedule=recover.schedule if recover.epochs else None,
         recover_examples=len(recover.data) if recover.epochs else 0,

@@ -123,12 +123,20 @@ class SearchConfig:
         1, "--tp-shards", "keep the same number of units of each layer in each of this many "
         "tensor-parallel shards (vLLM's tensor_parallel_size), so that no rank waits for "
         "another", positive=True, metavar="N")
+    rank: str = option(
+        "separately", "--rank", "with --prune-heads, rank heads and neurons 'separately' (each "
+        "kind pruned at the rate) or 'jointly' (on one scale: each unit's score per weight it "
+        "holds; the rate is then the share of the FFN and attention weights pruned, split "
+        "between heads and neurons as the scores say)", choices=("separately", "jointly"))
 
     def __post_init__(self):
         check_fields(self)
         if self.max_rate > 1.0:
             raise ValueError(f"SearchConfig.max_rate (--max-rate) must be <= 1, got "
                              f"{self.max_rate}")
+        if self.rank == "jointly" and not self.prune_heads:
+            raise ValueError("SearchConfig.rank='jointly' (--rank jointly) ranks heads with "
+                             "neurons: it needs prune_heads=True (--prune-heads)")
 
 
 @dataclass(frozen=True)

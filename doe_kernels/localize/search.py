@@ -4,7 +4,7 @@
 a synthetic curve); it assumes accuracy falls, by and large, as the rate grows. `paired_change`
 is the accuracy change between two models on the same examples with its paired standard error
 (what `localize(confidence=...)` adds to the tolerance). `mask_at_rate` turns attribution scores
-into the `ExpertMask` of one rate (top-scored units kept).
+into the `ExpertMask` of one rate (top-scored units kept, or heads and neurons on one scale).
 """
 from dataclasses import dataclass, field
 
@@ -74,10 +74,20 @@ def paired_change(correct, baseline_correct) -> dict:
 
 def mask_at_rate(ffn_scores, head_scores, rate: float, scope: str = "layer",
                  prune_heads: bool = True, spec: dict | None = None,
-                 shards: int = 1) -> ExpertMask:
+                 shards: int = 1, rank: str = "separately") -> ExpertMask:
     """The mask keeping the top (1 - rate) of neurons and, with `prune_heads`, of heads (as many
-    in each of `shards` tensor-parallel shards of a layer)."""
+    in each of `shards` tensor-parallel shards of a layer); with `rank="jointly"` (and
+    `prune_heads`), the units of the top scores per weight, holding (1 - rate) of the FFN and
+    attention weights (`ExpertMask.from_scores_jointly`; needs `spec`)."""
     keep = 1.0 - rate
+    if rank not in ("separately", "jointly"):
+        raise ValueError(f"rank must be 'separately' or 'jointly', got {rank!r}")
+    if rank == "jointly":
+        if not prune_heads or spec is None:
+            raise ValueError("rank='jointly' needs prune_heads=True and the model's sizes "
+                             "(spec)")
+        return ExpertMask.from_scores_jointly(ffn_scores, head_scores, keep, spec, scope,
+                                              shards)
     return ExpertMask.from_scores(ffn_scores, head_scores if prune_heads else None,
                                   ffn_keep=keep, heads_keep=keep, scope=scope, spec=spec,
                                   shards=shards)
