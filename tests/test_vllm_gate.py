@@ -241,6 +241,33 @@ def test_without_the_worker_extension_the_gate_says_so():
     assert app.seen == []
 
 
+@pytest.mark.parametrize("count", [None, 1, 2])
+def test_the_gate_refuses_to_start_with_several_api_server_processes(count):
+    """vLLM sets api_server_count to None when it serves from one process, and above 1 in each
+    of several: then the lifespan's start-up fails with the reason, and the app's never runs."""
+    started, sent = [], []
+
+    async def app(scope, receive, send):
+        started.append((await receive())["type"])
+        await send(dict(type="lifespan.startup.complete"))
+
+    async def receive():
+        return dict(type="lifespan.startup")
+
+    async def send(message):
+        sent.append(message)
+
+    state = SimpleNamespace(args=SimpleNamespace(api_server_count=count))
+    scope = dict(type="lifespan", app=SimpleNamespace(state=state))
+    asyncio.run(ExpertGate(app)(scope, receive, send))
+    if count == 2:
+        assert started == [] and sent[0]["type"] == "lifespan.startup.failed"
+        assert "starts 2 (--api-server-count" in sent[0]["message"]
+        assert "--api-server-count 1" in sent[0]["message"]
+    else:
+        assert started == ["lifespan.startup"] and sent == [dict(type="lifespan.startup.complete")]
+
+
 @pytest.mark.parametrize("name", [None, "a"])
 def test_naming_builds_the_body_fields(name):
     from doe_kernels.vllm import http

@@ -19,8 +19,9 @@ in the API server, stands before the engine:
  * its answers to `POST /collective_rpc` carry the header `x-doe-kernels-gate` (how
    `doe_kernels.vllm.http.add` knows the server has the gate).
 The names held are read from the workers (`doe_experts`) on first use and again after every add
-or remove, which all pass the gate. It counts the requests of one API server process: run one
-(vLLM's default `--api-server-count`).
+or remove, which all pass the gate. It counts the requests of one API server process, so a
+server started with several (`--api-server-count` above 1, which data parallelism sets by
+default) fails at start-up, saying so.
 """
 import collections
 import json
@@ -45,6 +46,8 @@ class ExpertGate:
         self.changing = set()  # names being added or removed
 
     async def __call__(self, scope, receive, send):
+        if scope["type"] == "lifespan":
+            return await _start(scope, receive, send, self.app)
         if scope["type"] != "http" or scope["method"] != "POST":
             return await self.app(scope, receive, send)
         path = _route(scope)
@@ -140,6 +143,22 @@ class ExpertGate:
             if self.changes == changes:
                 self.held = set(replies[0])
         return self.held
+
+
+async def _start(scope, receive, send, app):
+    """The app's lifespan, unless the server runs several API server processes: each would
+    count only its own requests, and one could remove an expert that another's requests still
+    name. Then its start-up fails with the reason (uvicorn exits with it)."""
+    args = getattr(getattr(scope.get("app"), "state", None), "args", None)
+    count = getattr(args, "api_server_count", None) or 1
+    if count == 1:
+        return await app(scope, receive, send)
+    message = await receive()
+    if message["type"] == "lifespan.startup":
+        await send(dict(type="lifespan.startup.failed", message=(
+            f"doe_kernels.vllm.gate.ExpertGate serves one API server process, and this server "
+            f"starts {count} (--api-server-count, which data parallelism sets by default): "
+            "start it with --api-server-count 1")))
 
 
 def _names_an_expert(body: bytes) -> bool:
