@@ -180,7 +180,7 @@ class RecoveryConfig:
         "over its steps ('linear') or held ('constant', as the prompt tuning's)",
         choices=("constant", "linear"))
     keep: str = option(
-        "retuned", "--recover-keep", "which prompt and head a distilled candidate is measured "
+        "closer", "--recover-keep", "which prompt and head a distilled candidate is measured "
         "with: 'closer' (the re-tuned ones only when its answers on held-out training examples "
         "stay closer, in mean KL divergence, to the unpruned model's than before re-tuning; "
         "else the reconstructed candidate's own) or 'retuned' (always the re-tuned ones)",
