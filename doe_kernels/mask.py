@@ -152,10 +152,7 @@ class ExpertMask:
         units (give or take one) in each of that many equal contiguous shards, the top-scored of
         each, so that no rank waits for another. Scores: a (layers, units) tensor, or a list of
         1-D tensors."""
-        if scope not in ("layer", "global"):
-            raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
-        if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
-            raise ValueError(f"shards must be an int >= 1, got {shards!r}")
+        _check_ranking(scope, shards)
         return cls(_top(ffn_scores, ffn_keep, scope, "ffn_keep", shards),
                    _top(head_scores, heads_keep, scope, "heads_keep", shards), spec)
 
@@ -168,10 +165,7 @@ class ExpertMask:
         attention weights, ranked across all layers (`scope="global"`) or within each layer.
         `spec`: the model's sizes (`ModelSpec.as_dict()`, or an Expert's `sizes`); `shards` as
         in `from_scores`, applied to the counts this ranking gives each layer."""
-        if scope not in ("layer", "global"):
-            raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
-        if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
-            raise ValueError(f"shards must be an int >= 1, got {shards!r}")
+        _check_ranking(scope, shards)
         if not 0.0 <= keep <= 1.0:
             raise ValueError(f"keep must be in [0, 1], got {keep}")
         ffn = _score_rows(ffn_scores, "ffn_scores", shards)
@@ -428,11 +422,21 @@ def _score_rows(scores, name: str, shards: int) -> list:
     return rows
 
 
+def _check_ranking(scope: str, shards: int) -> None:
+    if scope not in ("layer", "global"):
+        raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
+    if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
+        raise ValueError(f"shards must be an int >= 1, got {shards!r}")
+
+
 def unit_weights(spec: dict) -> tuple[int, int]:
     """(weights of one FFN neuron, weights of one attention head) of a model of these sizes:
     a neuron's rows of the up (and gate) projection and its column of the down projection; a
     head's query rows and output-projection columns, plus its share of the key and value rows
     (num_kv_heads / num_heads of a head's, under grouped-query attention). Biases are left out."""
+    if not isinstance(spec, Mapping):
+        raise ValueError(f"ranking heads with neurons needs the model's sizes (a dict, as "
+                         f"ModelSpec.as_dict() gives), got {type(spec).__name__}")
     missing = [k for k in ("family", "hidden_size", "head_dim", "num_heads", "num_kv_heads")
                if k not in spec]
     if missing:

@@ -315,6 +315,7 @@ def test_localize_end_to_end_minilm(tokenizer, tmp_path, monkeypatch, one_thread
     # ... keeping the re-tuned prompt and head only where they bring the held-out answers closer
     assert figures["recover_schedule"] == "linear" and figures["recover_keep"] == "closer"
     judged = {rate: after < before for rate, before, after in figures["retuning_divergences"]}
+    assert figures["pruning_rate"] in judged, figures["search"]  # a candidate was chosen
     assert figures["retuned"] == judged[figures["pruning_rate"]]
     # where the time went: every step, together no more than the whole call
     steps = figures["step_seconds"]

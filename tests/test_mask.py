@@ -144,6 +144,8 @@ def test_unit_weights_count_the_projections_a_unit_holds():
     assert unit_weights(_sizes("bert", 4)) == (32, 4 * 64)  # q, k, v, o
     with pytest.raises(ValueError, match=r"spec lacks \['family', 'hidden_size'"):
         unit_weights(dict(num_heads=4, num_kv_heads=4, head_dim=4))
+    with pytest.raises(ValueError, match=r"needs the model's sizes \(a dict.*got NoneType"):
+        dk.ExpertMask.from_scores_jointly(torch.rand(2, 8), torch.rand(2, 4), 0.5, None)
 
 
 @pytest.mark.parametrize("seed", range(6))

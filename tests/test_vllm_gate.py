@@ -241,10 +241,13 @@ def test_without_the_worker_extension_the_gate_says_so():
     assert app.seen == []
 
 
-@pytest.mark.parametrize("count", [None, 1, 2])
-def test_the_gate_refuses_to_start_with_several_api_server_processes(count):
-    """vLLM sets api_server_count to None when it serves from one process, and above 1 in each
-    of several: then the lifespan's start-up fails with the reason, and the app's never runs."""
+@pytest.mark.parametrize("count, engine_count", [(None, None), (1, None), (2, None),
+                                                 (2, 1), (None, 2), (1, 2)])
+def test_the_gate_refuses_to_start_with_several_api_server_processes(count, engine_count):
+    """vLLM's `serve` sets api_server_count to None when it serves from one process, and above 1
+    in each of several; its engine client counts the API servers sharing it (its module entry
+    point serves from one process whatever the flag says). Several: the lifespan's start-up
+    fails with the reason, and the app's never runs."""
     started, sent = [], []
 
     async def app(scope, receive, send):
@@ -258,9 +261,11 @@ def test_the_gate_refuses_to_start_with_several_api_server_processes(count):
         sent.append(message)
 
     state = SimpleNamespace(args=SimpleNamespace(api_server_count=count))
+    if engine_count is not None:
+        state.engine_client = SimpleNamespace(_client_count=engine_count)
     scope = dict(type="lifespan", app=SimpleNamespace(state=state))
     asyncio.run(ExpertGate(app)(scope, receive, send))
-    if count == 2:
+    if (engine_count or count) == 2:
         assert started == [] and sent[0]["type"] == "lifespan.startup.failed"
         assert "starts 2 (--api-server-count" in sent[0]["message"]
         assert "--api-server-count 1" in sent[0]["message"]

@@ -79,6 +79,53 @@ def _hf_greedy_text(model, tokenizer, prompt: list) -> str:
     return tokenizer.decode(out[0, len(prompt):])
 
 
+# vLLM's `serve` command, which starts each API server in its own process. vllm-cpu's `vllm`
+# command looks up a package named vllm, which vllm-cpu is not (docs/vllm.md): under vllm-cpu the
+# version is read from it, and the device is named before vLLM is imported.
+SERVE_COMMAND = """
+import importlib.metadata as metadata, os, sys
+try:
+    metadata.version("vllm")
+except metadata.PackageNotFoundError:
+    real = metadata.version
+    metadata.version = lambda name: real("vllm-cpu" if name == "vllm" else name)
+    os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+from vllm.entrypoints.cli.main import main
+sys.argv = ["vllm", "serve"] + sys.argv[1:]
+main()
+"""
+
+
+@pytest.mark.vllm
+def test_vllm_serve_with_several_api_servers_fails_at_start_up_naming_the_gate(tmp_path):
+    """Each API server process would hold its own count of running requests, so the gate fails
+    the server's start-up and says why (ExpertGate, docs/vllm.md)."""
+    pytest.importorskip("vllm")
+    port = _free_port()
+    env = dict(os.environ, HF_HUB_OFFLINE="1",
+               VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
+    command = [sys.executable, "-c", SERVE_COMMAND, smollm2_dir(), "--host", "127.0.0.1",
+               "--port", str(port), "--dtype", "float32", "--enforce-eager",
+               "--max-model-len", "512", "--api-server-count", "2",
+               "--middleware", "doe_kernels.vllm.gate.ExpertGate"]
+    log_path = tmp_path / "vllm_serve.log"
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:  # a server that comes up healthy fails the test at once
+            with pytest.raises(RuntimeError, match="vllm serve exited with code [1-9]"):
+                _wait_healthy(f"http://127.0.0.1:{port}", server, log_path)
+        finally:
+            if server.poll() is None:
+                server.terminate()
+                try:
+                    server.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    server.kill()
+    output = log_path.read_text()
+    assert ("ExpertGate serves one API server process, and this server starts 2" in output
+            and "start it with --api-server-count 1" in output), output[-3000:]
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     pytest.importorskip("vllm")
@@ -191,46 +238,3 @@ def test_vllm_serve_mixed_requests_each_on_its_expert(server, tmp_path, capsys):
     http.remove(url, "b")
     assert http.experts(url) == [] and _complete(url, path, prompt) == expected[None]
 
-
-# vLLM's `serve` command, which starts each API server in its own process. vllm-cpu's `vllm`
-# command looks up a package named vllm, which vllm-cpu is not (docs/vllm.md): under vllm-cpu the
-# version is read from it, and the device is named before vLLM is imported.
-SERVE_COMMAND = """
-import importlib.metadata as metadata, os, sys
-try:
-    metadata.version("vllm")
-except metadata.PackageNotFoundError:
-    real = metadata.version
-    metadata.version = lambda name: real("vllm-cpu" if name == "vllm" else name)
-    os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
-from vllm.entrypoints.cli.main import main
-sys.argv = ["vllm", "serve"] + sys.argv[1:]
-main()
-"""
-
-
-@pytest.mark.vllm
-def test_vllm_serve_with_several_api_servers_fails_at_start_up_naming_the_gate(tmp_path):
-    """Each API server process would hold its own count of running requests, so the gate fails
-    the server's start-up and says why (ExpertGate, docs/vllm.md)."""
-    pytest.importorskip("vllm")
-    port = _free_port()
-    env = dict(os.environ, HF_HUB_OFFLINE="1",
-               VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
-    command = [sys.executable, "-c", SERVE_COMMAND, smollm2_dir(), "--host", "127.0.0.1",
-               "--port", str(port), "--dtype", "float32", "--enforce-eager",
-               "--max-model-len", "512", "--api-server-count", "2",
-               "--middleware", "doe_kernels.vllm.gate.ExpertGate"]
-    log_path = tmp_path / "vllm_serve.log"
-    with open(log_path, "w") as log:
-        server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-        try:  # a server that comes up healthy fails the test at once
-            with pytest.raises(RuntimeError, match="vllm serve exited with code [1-9]"):
-                _wait_healthy(f"http://127.0.0.1:{port}", server, log_path)
-        finally:
-            if server.poll() is None:
-                server.kill()
-                server.wait()
-    output = log_path.read_text()
-    assert ("ExpertGate serves one API server process, and this server starts 2" in output
-            and "start it with --api-server-count 1" in output), output[-3000:]

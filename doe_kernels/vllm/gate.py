@@ -149,8 +149,7 @@ async def _start(scope, receive, send, app):
     """The app's lifespan, unless the server runs several API server processes: each would
     count only its own requests, and one could remove an expert that another's requests still
     name. Then its start-up fails with the reason (uvicorn exits with it)."""
-    args = getattr(getattr(scope.get("app"), "state", None), "args", None)
-    count = getattr(args, "api_server_count", None) or 1
+    count = _api_server_processes(getattr(scope.get("app"), "state", None))
     if count == 1:
         return await app(scope, receive, send)
     message = await receive()
@@ -159,6 +158,16 @@ async def _start(scope, receive, send, app):
             f"doe_kernels.vllm.gate.ExpertGate serves one API server process, and this server "
             f"starts {count} (--api-server-count, which data parallelism sets by default): "
             "start it with --api-server-count 1")))
+
+
+def _api_server_processes(state) -> int:
+    """How many API server processes share this server's engine: the engine client's own count
+    where it has one (vLLM's module entry point serves from one process whatever
+    `--api-server-count` says), else the count vLLM's `serve` left in `args` (None: one)."""
+    count = getattr(getattr(state, "engine_client", None), "_client_count", None)
+    if isinstance(count, int) and count >= 1:
+        return count
+    return getattr(getattr(state, "args", None), "api_server_count", None) or 1
 
 
 def _names_an_expert(body: bytes) -> bool:
