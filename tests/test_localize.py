@@ -286,6 +286,19 @@ def test_mask_at_rate():
     assert SearchConfig(rank="jointly", prune_heads=True).rank == "jointly"
 
 
+def test_localize_ranks_heads_with_neurons_only_on_fisher_scores(tokenizer):
+    """Activation x gradient scores make a head look cheap per weight (measured: most heads go
+    first, and the expert with them); the call is refused before anything runs."""
+    model = tiny_bert()
+    before = snapshot(model)
+    jointly = SearchConfig(prune_heads=True, rank="jointly")
+    for method in ("grad", "ig"):
+        with pytest.raises(ValueError, match=rf"{method}' scores do not .*--method fisher"):
+            localize(model, tokenizer, sentiment_task(), search=jointly,
+                     attribution=AttributionConfig(method=method), progress=False)
+    assert state_dict_equal(before, snapshot(model)) and not dk.is_patched(model)
+
+
 # ---- end to end ---------------------------------------------------------------------------
 def test_localize_end_to_end_minilm(tokenizer, tmp_path, monkeypatch, one_thread):
     from transformers import BertForSequenceClassification

@@ -94,6 +94,12 @@ def localize(model, tokenizer, train, validation=None, *, label_words=None, temp
     if is_patched(model):
         raise ValueError("localize needs the unpatched model; call doe_kernels.unpatch(model) "
                          "first")
+    if search.rank == "jointly" and attribution.method != "fisher":
+        raise ValueError(
+            f"SearchConfig.rank='jointly' (--rank jointly) compares heads with neurons by score "
+            f"per weight, which Fisher scores put on one scale and {attribution.method!r} scores "
+            f"do not (a head then looks cheap, and most heads go first): use "
+            f"AttributionConfig(method='fisher') (--method fisher)")
     if validation is None:
         parts = train.split((0.8, 0.2, 0.0), seed=seed)
         train, validation = parts["train"], parts["validation"]

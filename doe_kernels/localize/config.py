@@ -127,7 +127,8 @@ class SearchConfig:
         "separately", "--rank", "with --prune-heads, rank heads and neurons 'separately' (each "
         "kind pruned at the rate) or 'jointly' (on one scale: each unit's score per weight it "
         "holds; the rate is then the share of the FFN and attention weights pruned, split "
-        "between heads and neurons as the scores say)", choices=("separately", "jointly"))
+        "between heads and neurons as the scores say; needs --method fisher)",
+        choices=("separately", "jointly"))
 
     def __post_init__(self):
         check_fields(self)
