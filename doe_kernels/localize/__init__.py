@@ -55,8 +55,8 @@ def localize(model, tokenizer, train, validation=None, *, label_words=None, temp
 
     The steps, each configured by its own frozen dataclass (the defaults are the recipe that
     measured best: FFN neurons ranked across layers, heads kept, step 4's reconstruction and one
-    epoch of re-tuning, confidence 1; docs/localize.md describes every option, the paper's plain
-    recipe and what was measured):
+    epoch of distillation kept where it helps, confidence 1; docs/localize.md describes every
+    option, the paper's plain recipe and what was measured):
     1. `prompt=PromptConfig(...)`: soft tokens (and the head) trained with PEFT on `train`.
     2. `attribution=AttributionConfig(...)`: each FFN neuron and head scored on training
        examples with the prompt, on the unpatched model.
@@ -70,12 +70,13 @@ def localize(model, tokenizer, train, validation=None, *, label_words=None, temp
        the plain mask, whose answers on held-out training examples stay closest to the
        unpruned model's; "scales", "layerwise", "bias" or "none" fix one), then, with
        `epochs=k` (1 by default), its prompt and head re-tuned for k epochs on its pruned
-       network (the learning rate decayed linearly to zero) before it is measured, the
-       baseline given the same training unpruned (`expert.dense()`); a candidate whose
-       re-tuning diverges fails. With `keep="closer"` a distilled candidate keeps its re-tuned
-       prompt and head only if they bring its answers on held-out training examples closer to
-       the unpruned model's. A warning says when that training lowered the baseline by
-       more than the tolerance.
+       network (the learning rate decayed linearly to zero) before it is measured: distilled
+       from the unpruned prompt-tuned model, which stays the baseline (with
+       `objective="labels"` the baseline is given the same training unpruned,
+       `expert.dense()`); a candidate whose re-tuning diverges fails. With `keep="closer"`
+       (the default) a candidate keeps its re-tuned prompt and head only if they bring its
+       answers on held-out training examples closer to the unpruned model's. A warning says
+       when training lowered the baseline by more than the tolerance.
 
     `batch_size` (training; evaluation uses twice it), `max_length` (tokens per example),
     `backend` (the kernels candidates are measured on), `seed` and `progress` apply to every

@@ -1,8 +1,8 @@
 """localize's options, grouped by step in small frozen dataclasses; the defaults are the recipe
 that measured best (docs/results.md): the paper's method with a global ranking of FFN neurons
 (heads kept), each candidate reconstructed and its prompt distilled for one epoch from the
-unpruned prompt-tuned model (the learning rate decayed linearly to zero), and the
-one-standard-error confidence rule. The paper's plain recipe: scope="layer", prune_heads=True,
+unpruned prompt-tuned model (the learning rate decayed linearly to zero; the distilled prompt
+kept only where it brings held-out answers closer), and the one-standard-error confidence rule. The paper's plain recipe: scope="layer", prune_heads=True,
 confidence=0, RecoveryConfig(epochs=0, reconstruct="none").
 
 `PromptConfig` (prompt tuning), `AttributionConfig` (scoring units), `SearchConfig` (the
