@@ -246,14 +246,21 @@ def cmd_eval(args) -> None:
     result = {"task": args.task, "split": args.split, "examples": len(data)}
     start = time.perf_counter()
     with expert.plugged(model, backend=args.backend):
-        result["expert_accuracy"] = expert.evaluate(model, tokenizer, data)
+        correct = expert.correct(model, tokenizer, data)
+    result["expert_accuracy"] = float(correct.float().mean())
     result["expert_seconds"] = time.perf_counter() - start
     if args.dense:
+        from doe_kernels.localize.search import paired_change
+
         start = time.perf_counter()
         dense = expert.dense()  # the unpruned baseline the expert was compared with
         with dense.plugged(model):
-            result["dense_accuracy"] = dense.evaluate(model, tokenizer, data)
+            dense_correct = dense.correct(model, tokenizer, data)
+        result["dense_accuracy"] = float(dense_correct.float().mean())
         result["dense_seconds"] = time.perf_counter() - start
+        # expert minus dense, with its paired standard error; gained / lost: examples it
+        # answers right where the dense model did not, and the other way round
+        result.update(paired_change(correct.tolist(), dense_correct.tolist()))
     print(json.dumps(result))
 
 
@@ -403,7 +410,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--expert", required=True)
     p.add_argument("--task", required=True)
     p.add_argument("--split", default="test")
-    p.add_argument("--dense", action="store_true", help="also the unpruned prompt-tuned model")
+    p.add_argument("--dense", action="store_true", help="also the unpruned prompt-tuned "
+                   "model, and the change from it with its paired standard error")
     p.set_defaults(run=cmd_eval)
 
     p = sub.add_parser("serve", help='answer {"task","text"} JSON lines from stdin')

@@ -32,6 +32,11 @@ def test_localize_then_eval(task_and_expert, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["examples"] == 48
     assert result["expert_accuracy"] >= 0.85 and result["dense_accuracy"] >= 0.85
+    # the paired change: expert minus dense, from the examples whose answer changed
+    assert result["change"] == pytest.approx(result["expert_accuracy"] - result["dense_accuracy"])
+    assert result["change"] == pytest.approx((result["gained"] - result["lost"]) / 48)
+    assert result["change_se"] >= 0 and (result["change_se"] > 0) == (
+        result["gained"] + result["lost"] > 0)
 
 
 def test_serve_answers_json_lines(task_and_expert, capsys, monkeypatch):
