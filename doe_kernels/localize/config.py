@@ -2,8 +2,9 @@
 that measured best (docs/results.md): the paper's method with a global ranking of FFN neurons
 (heads kept), each candidate reconstructed and its prompt distilled for one epoch from the
 unpruned prompt-tuned model (the learning rate decayed linearly to zero; the distilled prompt
-kept only where it brings held-out answers closer), and the one-standard-error confidence rule. The paper's plain recipe: scope="layer", prune_heads=True,
-confidence=0, RecoveryConfig(epochs=0, reconstruct="none").
+kept only where it brings held-out answers closer), and the one-standard-error confidence rule.
+The paper's plain recipe: scope="layer", prune_heads=True, confidence=0,
+RecoveryConfig(epochs=0, reconstruct="none").
 
 `PromptConfig` (prompt tuning), `AttributionConfig` (scoring units), `SearchConfig` (the
 pruning-rate search) and `RecoveryConfig` (reconstructing each candidate, and re-tuning it on its
