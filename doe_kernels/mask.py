@@ -161,8 +161,9 @@ class ExpertMask:
                             scope: str = "global", shards: int = 1):
         """Heads and neurons ranked on one scale: each unit's score per weight it holds
         (`unit_weights`; the scores must weigh both kinds alike, as Fisher scores do and
-        activation x gradient scores do not: docs/localize.md), kept from the top until the kept units hold `keep` of the FFN and
-        attention weights, ranked across all layers (`scope="global"`) or within each layer.
+        activation x gradient scores do not: docs/localize.md), kept from the top until the
+        kept units hold `keep` of the FFN and attention weights, ranked across all layers
+        (`scope="global"`) or within each layer.
         `spec`: the model's sizes (`ModelSpec.as_dict()`, or an Expert's `sizes`); `shards` as
         in `from_scores`, applied to the counts this ranking gives each layer."""
         _check_ranking(scope, shards)
