@@ -3,8 +3,8 @@
 
 The server test starts SmolLM2-135M on a free localhost port (about a minute), plugs an expert with
 heads and neurons pruned, asks one completion, and checks it against doe_kernels.patch on the
-HuggingFace model; then a refused mask, the status command, and unplug. A server started with two API server processes fails at start-up, saying why. Marked
-`vllm`.
+HuggingFace model; then a refused mask, the status command, and unplug. A server started with
+two API server processes fails at start-up, saying why. Marked `vllm`.
 """
 import contextlib
 import json
@@ -63,6 +63,17 @@ def _wait_healthy(url: str, server, log_path, limit: float = 600) -> None:
     raise TimeoutError(f"vllm serve did not answer {url}/health within {limit} s")
 
 
+def _stop(server) -> None:
+    """Terminate a server process (vLLM then stops its engine and API processes), killing it
+    if it has not exited within a minute."""
+    if server.poll() is None:
+        server.terminate()
+    try:
+        server.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        server.kill()
+
+
 def _complete(url: str, model: str, prompt: list, **fields) -> str:
     body = dict(model=model, prompt=prompt, max_tokens=NEW_TOKENS, temperature=0,
                 ignore_eos=True, **fields)
@@ -115,12 +126,7 @@ def test_vllm_serve_with_several_api_servers_fails_at_start_up_naming_the_gate(t
             with pytest.raises(RuntimeError, match="vllm serve exited with code [1-9]"):
                 _wait_healthy(f"http://127.0.0.1:{port}", server, log_path)
         finally:
-            if server.poll() is None:
-                server.terminate()
-                try:
-                    server.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    server.kill()
+            _stop(server)
     output = log_path.read_text()
     assert ("ExpertGate serves one API server process, and this server starts 2" in output
             and "start it with --api-server-count 1" in output), output[-3000:]
@@ -148,11 +154,7 @@ def server(tmp_path_factory):
         _wait_healthy(url, server, log_path)
         yield dict(url=url, model=path)
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        _stop(server)
         log.close()
 
 
