@@ -206,7 +206,7 @@ def test_search_finds_the_highest_rate_within_tolerance(knee):
     assert result.accuracy >= 0.89 - 1e-9
     assert all(acc >= 0.89 - 1e-9 for rate, acc, ok in result.history if ok)
     assert all(rate > result.rate for rate, acc, ok in result.history if not ok)
-    assert len(calls) - 1 <= 8  # 1 + log2(0.95 / 0.01) evaluations, no repeats
+    assert len(calls) - 1 <= 7  # log2(0.95 / 0.01) evaluations, no repeats, `high` not tried
 
 
 def test_search_tolerance_zero_and_looser():
@@ -219,8 +219,9 @@ def test_search_tolerance_zero_and_looser():
 
 def test_search_all_pass_and_none_pass():
     accuracy, calls = cliff(1.0)
-    result = search_rate(accuracy, 0.9, high=0.95)
-    assert result.rate == 0.95 and calls == [0.95]  # all pass: one evaluation
+    result = search_rate(accuracy, 0.9, high=0.95, resolution=0.01)
+    assert result.rate == 0.95 and calls[-1] == 0.95  # all pass: `high` last, once
+    assert len(calls) == len(set(calls)) == 7 + 1  # the bisection's 7 midpoints, then `high`
     result = search_rate(lambda rate: 0.5, 0.9, resolution=0.01)
     assert result.rate == 0.0 and result.accuracy == 0.9  # none pass: the unpruned baseline
     assert all(not ok for _, _, ok in result.history)
@@ -540,7 +541,7 @@ def test_recovery_keeps_a_retuned_prompt_only_when_held_out_answers_get_closer(
                                         tolerance=1.0))
     assert kept.figures["retuned"] is True and "retuning_divergences" not in kept.figures
     assert not torch.equal(kept.prompt, start.prompt)
-    assert len(trained_on) == 96
+    assert len(trained_on) == 96 * len(kept.figures["search"])  # 96 per candidate
 
 
 # ---- options ------------------------------------------------------------------------------

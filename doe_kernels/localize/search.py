@@ -24,8 +24,9 @@ def search_rate(accuracy, baseline: float, tolerance: float = 0.01, low: float =
     tolerance + margin(rate), to within `resolution` (`margin`, a callable called after
     accuracy(rate), default 0: e.g. a multiple of the standard error of the measured change).
     `low` is taken to pass (rate 0 is the baseline itself) and is never evaluated; `high` is tried
-    first (all pass: returned at once). Each rate is evaluated at most once; rates are rounded to
-    1e-6 so that masks are reproducible."""
+    last, only when every rate tried below it passed (high rates rarely pass: trying `high` first
+    would cost a candidate in almost every search). Each rate is evaluated at most once; rates are
+    rounded to 1e-6 so that masks are reproducible."""
     if not 0.0 <= low <= high <= 1.0:
         raise ValueError(f"need 0 <= low <= high <= 1, got low={low}, high={high}")
     if resolution <= 0:
@@ -44,8 +45,6 @@ def search_rate(accuracy, baseline: float, tolerance: float = 0.01, low: float =
             history.append((rate, value, ok))
         return seen[rate][1]
 
-    if high > low and passes(high):
-        return SearchResult(round(high, 6), seen[round(high, 6)][0], history)
     good, bad = low, high
     while bad - good > resolution:
         mid = (good + bad) / 2
@@ -53,6 +52,8 @@ def search_rate(accuracy, baseline: float, tolerance: float = 0.01, low: float =
             good = mid
         else:
             bad = mid
+    if bad == high and high > low and passes(high):  # nothing below `high` failed
+        good = high
     good = round(good, 6)
     return SearchResult(good, seen[good][0] if good in seen else baseline, history)
 
