@@ -11,9 +11,10 @@ that baseline.
 
 Serving: `with expert.plugged(model): ...` plugs the mask (through `doe_kernels.plugged`) and the
 head (the head's Parameters point at the expert's tensors; both restored on exit, also on error);
-`predict_logits` / `predict` / `evaluate` prepend the soft prompt as input embeddings, exactly as
-PEFT's prompt tuning does (`inputs_embeds = cat(prompt, token embeddings)`, attention mask extended
-with ones; causal LMs are left-padded and read at the last position). Saved as one safetensors
+`predict_logits` / `predict` / `evaluate` prepend the soft prompt as input embeddings, as PEFT's
+prompt tuning does (`inputs_embeds = cat(prompt, token embeddings)`, attention mask extended with
+ones; causal LMs are left-padded and read at the last position, their position ids counting real
+tokens only, which PEFT's forward does not do: `prompted_inputs`, which training uses too). Saved as one safetensors
 file whose metadata holds a small JSON header; `Expert.load` checks the header and tensors and
 raises `doe_kernels.files.FileFormatError`, naming the file, for anything wrong with them.
 """
@@ -151,6 +152,28 @@ def real_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids that count only the real (unmasked) tokens, as `generate` gives them:
     padding, wherever it is, does not move the tokens after it."""
     return (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
+
+
+def prompted_inputs(model, input_ids, attention_mask, prompt: torch.Tensor,
+                    task_type: str) -> dict:
+    """The keyword arguments of `model(...)` for encoded texts with the soft prompt prepended:
+    inputs_embeds, attention_mask (ones over the prompt), and for a causal LM logits_to_keep=1
+    (only the last position is scored) and position_ids counting real tokens only (padding does
+    not move a text's positions, so a batched text gets its answer alone). Differentiable in
+    `prompt`: prompt tuning trains through it, so the prompt is fitted to the forward that
+    serves it."""
+    embeddings = model.get_input_embeddings()
+    device, dtype = embeddings.weight.device, embeddings.weight.dtype
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    batch = input_ids.shape[0]
+    prompts = prompt.to(device, dtype).unsqueeze(0).expand(batch, -1, -1)
+    inputs_embeds = torch.cat((prompts, embeddings(input_ids)), dim=1)
+    ones = attention_mask.new_ones(batch, prompt.shape[0])
+    attention_mask = torch.cat((ones, attention_mask), dim=1)
+    kwargs = {}
+    if task_type == CAUSAL_LM:
+        kwargs = dict(logits_to_keep=1, position_ids=real_positions(attention_mask))
+    return dict(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
 
 
 def model_sizes(model) -> dict:
@@ -382,24 +405,9 @@ class Expert:
 
     def model_inputs(self, model, input_ids, attention_mask,
                      prompt: torch.Tensor | None = None) -> dict:
-        """The keyword arguments of `model(...)` for encoded texts with the soft prompt prepended:
-        inputs_embeds, attention_mask (ones over the prompt), and for a causal LM
-        logits_to_keep=1 (only the last position is scored) and position_ids counting real tokens
-        only (padding does not move a text's positions, so a batched text gets its answer
-        alone). `prompt` overrides the expert's."""
-        embeddings = model.get_input_embeddings()
-        device, dtype = embeddings.weight.device, embeddings.weight.dtype
-        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        """`prompted_inputs` with the expert's soft prompt (or `prompt`)."""
         prompt = self.prompt if prompt is None else prompt
-        batch = input_ids.shape[0]
-        prompts = prompt.to(device, dtype).unsqueeze(0).expand(batch, -1, -1)
-        inputs_embeds = torch.cat((prompts, embeddings(input_ids)), dim=1)
-        ones = attention_mask.new_ones(batch, prompt.shape[0])
-        attention_mask = torch.cat((ones, attention_mask), dim=1)
-        kwargs = {}
-        if self.task_type == CAUSAL_LM:
-            kwargs = dict(logits_to_keep=1, position_ids=real_positions(attention_mask))
-        return dict(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
+        return prompted_inputs(model, input_ids, attention_mask, prompt, self.task_type)
 
     def calibration_batches(self, model, tokenizer, texts, batch_size: int = 32,
                             readout_weight: float = 0.0):

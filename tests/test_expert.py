@@ -184,7 +184,8 @@ def sentiment_setup(family, tokenizer):
 
 @pytest.mark.parametrize("family", ["bert", "llama"])
 def test_injection_matches_peft_after_training(tokenizer, family):
-    """Logits of the trained PEFT model == the Expert's (no PEFT, prompt injected by hand)."""
+    """The logits prompt tuning trains on (a padded batch) == the Expert's, each text served alone
+    (no PEFT): training sees the forward that serves."""
     model, task_type, data, ids = sentiment_setup(family, tokenizer)
     before = snapshot(model)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -194,12 +195,9 @@ def test_injection_matches_peft_after_training(tokenizer, family):
     assert losses[-1] < losses[0]
     from doe_kernels.expert import encode
 
-    # PEFT ignores position_ids: a causal LM's texts go one by one (no padding moves positions)
-    groups = [TEXTS] if family == "bert" else [[text] for text in TEXTS]
-    with torch.no_grad():
-        want = torch.cat([prompt_tuning.peft_label_logits(
-            peft_model, *encode(tokenizer, texts, task_type, None), task_type, ids)
-            for texts in groups])
+    with torch.no_grad():  # one batch, padded (left for the causal LM)
+        want = prompt_tuning.prompted_label_logits(
+            peft_model, *encode(tokenizer, TEXTS, task_type, None), task_type, ids)
     prompt, head = prompt_tuning.extract(peft_model)
     prompt_tuning.unwrap(peft_model)
     head_name = "classifier" if family == "bert" else "lm_head"
@@ -210,12 +208,46 @@ def test_injection_matches_peft_after_training(tokenizer, family):
     expert = Expert(None, prompt, task_type, ["negative", "positive"],
                     label_words=None if ids is None else [" negative", " positive"],
                     label_token_ids=ids, head=head, sizes=model_sizes(model))
-    got = expert.predict_logits(model, tokenizer, TEXTS, batch_size=len(TEXTS))
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    alone = expert.predict_logits(model, tokenizer, TEXTS, batch_size=1)
+    torch.testing.assert_close(alone, want, atol=1e-5, rtol=1e-4)
     # batches padded differently give the same answers (right padding; left padding with the
     # positions counted over real tokens)
-    torch.testing.assert_close(expert.predict_logits(model, tokenizer, TEXTS, batch_size=3),
-                               want, atol=1e-5, rtol=1e-4)
+    for size in (3, len(TEXTS)):
+        torch.testing.assert_close(expert.predict_logits(model, tokenizer, TEXTS, size),
+                                   want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_prompt_tuning_loss_is_the_served_experts(tokenizer, family):
+    """With learning rates 0, fit's loss is the cross-entropy of the Expert's answers, each text
+    served alone: in batches of 4 padded texts, PEFT's own forward (which ignores position ids)
+    would give a causal LM other logits."""
+    model, task_type, data, ids = sentiment_setup(family, tokenizer)
+    if family == "llama":  # sharper attention: positions matter as in a trained model
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.q_proj.weight.mul_(30)
+                layer.self_attn.k_proj.weight.mul_(30)
+    peft_model = prompt_tuning.wrap(model, task_type, num_virtual_tokens=4)
+    try:
+        losses = prompt_tuning.fit(peft_model, tokenizer, data, task_type, ids, None, epochs=1,
+                                   lr=0.0, head_lr=0.0, batch_size=4, progress=False)
+        prompt, head = prompt_tuning.extract(peft_model)
+        from doe_kernels.expert import encode
+        with torch.no_grad():
+            peft_logits = prompt_tuning.label_logits(
+                peft_model(*encode(tokenizer, TEXTS, task_type, None)).logits, task_type, ids)
+    finally:
+        prompt_tuning.unwrap(peft_model)
+    expert = Expert(None, prompt, task_type, ["negative", "positive"],
+                    label_words=None if ids is None else [" negative", " positive"],
+                    label_token_ids=ids, head=head, sizes=model_sizes(model))
+    alone = expert.predict_logits(model, tokenizer, TEXTS, batch_size=1)
+    gold = torch.tensor(data.label_ids)
+    served = float(torch.nn.functional.cross_entropy(alone, gold))
+    assert losses == [pytest.approx(served, rel=1e-4)]
+    if family == "llama":  # the geometry PEFT trains on is another network
+        assert (peft_logits.float() - alone).abs().max() > 1e-2
 
 
 @pytest.mark.parametrize("family", ["bert", "llama"])
