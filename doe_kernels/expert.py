@@ -14,9 +14,10 @@ head (the head's Parameters point at the expert's tensors; both restored on exit
 `predict_logits` / `predict` / `evaluate` prepend the soft prompt as input embeddings, as PEFT's
 prompt tuning does (`inputs_embeds = cat(prompt, token embeddings)`, attention mask extended with
 ones; causal LMs are left-padded and read at the last position, their position ids counting real
-tokens only, which PEFT's forward does not do: `prompted_inputs`, which training uses too). Saved as one safetensors
-file whose metadata holds a small JSON header; `Expert.load` checks the header and tensors and
-raises `doe_kernels.files.FileFormatError`, naming the file, for anything wrong with them.
+tokens only, which PEFT's forward does not do: `prompted_inputs`, which training uses too). Saved
+as one safetensors file whose metadata holds a small JSON header; `Expert.load` checks the header
+and tensors and raises `doe_kernels.files.FileFormatError`, naming the file, for anything wrong
+with them.
 """
 import contextlib
 import json

@@ -205,6 +205,8 @@ def test_injection_matches_peft_after_training(tokenizer, family):
     assert state_dict_equal(before, snapshot(model))  # PEFT trained copies, not the model
     assert flags == {n: p.requires_grad for n, p in model.named_parameters()}
     assert (head is not None) == (family == "bert")
+    if head is not None:  # the trained head is PEFT's copy, which the forward went through
+        assert not torch.equal(head["classifier.weight"], before["classifier.weight"])
     expert = Expert(None, prompt, task_type, ["negative", "positive"],
                     label_words=None if ids is None else [" negative", " positive"],
                     label_token_ids=ids, head=head, sizes=model_sizes(model))
