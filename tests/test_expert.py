@@ -183,7 +183,7 @@ def sentiment_setup(family, tokenizer):
 
 
 @pytest.mark.parametrize("family", ["bert", "llama"])
-def test_injection_matches_peft_after_training(tokenizer, family):
+def test_training_forward_matches_the_served_expert(tokenizer, family):
     """The logits prompt tuning trains on (a padded batch) == the Expert's, each text served alone
     (no PEFT): training sees the forward that serves."""
     model, task_type, data, ids = sentiment_setup(family, tokenizer)
