@@ -177,6 +177,13 @@ def prompted_inputs(model, input_ids, attention_mask, prompt: torch.Tensor,
     return dict(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
 
 
+def prompted_label_logits(model, input_ids, attention_mask, prompt: torch.Tensor,
+                          task_type: str, token_ids=None) -> torch.Tensor:
+    """(batch, num_labels) float32 label logits of `model` on `prompted_inputs`."""
+    out = model(**prompted_inputs(model, input_ids, attention_mask, prompt, task_type))
+    return label_logits(out.logits, task_type, token_ids).float()
+
+
 def model_sizes(model) -> dict:
     """The sizes an expert records and checks: the ModelSpec fields plus the vocabulary size."""
     sizes = spec_of(model).as_dict()
@@ -401,8 +408,9 @@ class Expert:
     def logits(self, model, input_ids, attention_mask, prompt: torch.Tensor | None = None):
         """(batch, num_labels) label logits with the soft prompt prepended; no `no_grad` here
         (attribution differentiates through it). `prompt` overrides the expert's own."""
-        out = model(**self.model_inputs(model, input_ids, attention_mask, prompt))
-        return label_logits(out.logits, self.task_type, self.label_token_ids).float()
+        prompt = self.prompt if prompt is None else prompt
+        return prompted_label_logits(model, input_ids, attention_mask, prompt, self.task_type,
+                                     self.label_token_ids)
 
     def model_inputs(self, model, input_ids, attention_mask,
                      prompt: torch.Tensor | None = None) -> dict:

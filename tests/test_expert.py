@@ -5,7 +5,7 @@ import torch
 
 import doe_kernels as dk
 from doe_kernels.data import TaskData
-from doe_kernels.expert import Expert, model_sizes, label_token_ids
+from doe_kernels.expert import Expert, encode, label_logits, label_token_ids, model_sizes
 from doe_kernels.localize import prompt as prompt_tuning
 from expert_utils import LABELS, TEXTS, seq_cls_expert, tiny_bert, tiny_llama
 from model_utils import snapshot, state_dict_equal
@@ -193,10 +193,8 @@ def test_training_forward_matches_the_served_expert(tokenizer, family):
     losses = prompt_tuning.fit(peft_model, tokenizer, data, task_type, ids, None, epochs=3,
                                batch_size=4, progress=False)
     assert losses[-1] < losses[0]
-    from doe_kernels.expert import encode
-
     with torch.no_grad():  # one batch, padded (left for the causal LM)
-        want = prompt_tuning.prompted_label_logits(
+        want = prompt_tuning.trained_label_logits(
             peft_model, *encode(tokenizer, TEXTS, task_type, None), task_type, ids)
     prompt, head = prompt_tuning.extract(peft_model)
     prompt_tuning.unwrap(peft_model)
@@ -235,9 +233,8 @@ def test_prompt_tuning_loss_is_the_served_experts(tokenizer, family):
         losses = prompt_tuning.fit(peft_model, tokenizer, data, task_type, ids, None, epochs=1,
                                    lr=0.0, head_lr=0.0, batch_size=4, progress=False)
         prompt, head = prompt_tuning.extract(peft_model)
-        from doe_kernels.expert import encode
         with torch.no_grad():
-            peft_logits = prompt_tuning.label_logits(
+            peft_logits = label_logits(
                 peft_model(*encode(tokenizer, TEXTS, task_type, None)).logits, task_type, ids)
     finally:
         prompt_tuning.unwrap(peft_model)
@@ -291,8 +288,6 @@ def test_nested_experts_restore_the_outer_one(tokenizer):
 
 def test_long_texts_lose_their_end_never_the_template(tokenizer):
     """A causal LM is scored at the last position, so the template's end must survive truncation."""
-    from doe_kernels.expert import encode
-
     template = "Review: {text}\nMood:"
     long_text = " ".join(f"word{i}" for i in range(300))
     ids, attention = encode(tokenizer, [long_text, "a fine film"], "causal_lm", template, 40)

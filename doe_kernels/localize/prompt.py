@@ -7,7 +7,7 @@ logits, or for a causal LM the next-token logits of the label words after the te
 template), reads the trained tensors out (`extract`) and takes PEFT out of the model again
 (`unwrap`: the model's own modules and `requires_grad` flags come back). The model stays in eval
 mode while training (no dropout), and its logits come from the forward that serves the expert
-(`prompted_label_logits`: PEFT's prompt and head, the inputs of `Expert.model_inputs`), not from
+(`trained_label_logits`: PEFT's prompt and head, the inputs of `Expert.model_inputs`), not from
 PEFT's own forward, which ignores position ids: there a left-padded causal LM's text would sit
 further from its prompt the more padding its batch needs, a network the prompt never serves on
 (on SmolLM2 that moved 3% of the answers), and distillation would chase a teacher measured on
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from doe_kernels.expert import CAUSAL_LM, SEQ_CLS, encode, label_logits, prompted_inputs
+from doe_kernels.expert import SEQ_CLS, encode, prompted_label_logits
 
 _FLAGS_ATTR = "_doe_kernels_requires_grad"
 SCHEDULES = ("constant", "linear")  # fit's learning-rate schedules
@@ -64,14 +64,13 @@ def trainable(peft_model):
     return prompt, head
 
 
-def prompted_label_logits(peft_model, input_ids, attention_mask, task_type: str,
-                          token_ids=None):
+def trained_label_logits(peft_model, input_ids, attention_mask, task_type: str,
+                         token_ids=None):
     """(batch, num_labels) logits of the wrapped model with PEFT's trainable prompt (and head),
-    computed as the expert is served (`prompted_inputs`)."""
+    computed as the expert is served (`doe_kernels.expert.prompted_label_logits`)."""
     prompt = peft_model.prompt_encoder["default"].embedding.weight
-    model = peft_model.get_base_model()
-    out = model(**prompted_inputs(model, input_ids, attention_mask, prompt, task_type))
-    return label_logits(out.logits, task_type, token_ids).float()
+    return prompted_label_logits(peft_model.get_base_model(), input_ids, attention_mask, prompt,
+                                 task_type, token_ids)
 
 
 def check_schedule(schedule: str) -> None:
@@ -119,8 +118,8 @@ def fit(peft_model, tokenizer, data, task_type: str, token_ids=None, template=No
             chosen = order[start:start + batch_size]
             ids, attention = encode(tokenizer, [data.texts[i] for i in chosen], task_type, template,
                                     max_length)
-            logits = prompted_label_logits(peft_model, ids.to(device), attention.to(device),
-                                           task_type, token_ids)
+            logits = trained_label_logits(peft_model, ids.to(device), attention.to(device),
+                                          task_type, token_ids)
             loss = torch.nn.functional.cross_entropy(logits, gold_all[chosen].to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
