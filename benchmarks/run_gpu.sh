@@ -7,7 +7,7 @@
 # PLAN:
 #   budget (default)  fits one device call (give it timeout_s 560 and carry [".gpu_prebuilt"]):
 #                     every stage is cut to what is left of BUDGET seconds (default 480): the GPU
-#                     tests (`-m gpu`), BERT-base and LLaMA-7B end to end, the FFN op sweep on the
+#                     tests (`-m gpu`, one xdist worker per core), BERT-base and LLaMA-7B end to end, the FFN op sweep on the
 #                     target shapes, expert swap on a LLaMA-7B-sized model, the segmented FFN on
 #                     LLaMA-7B's shape at 5 x 1 and 5 x 3 rows (the cuda backend's segmented
 #                     kernels), then attention.
@@ -20,10 +20,9 @@
 # computes right with it; otherwise it is built (`setup.py build_ext --inplace`, sm_90).
 # A stage cut by its time limit gets SIGINT, so pytest still writes what it measured; the archive
 # is rewritten (atomically) after every stage, so a call cut off by the tool's limit still returns
-# what finished. Afterwards, here: `tar xzf gpu_run.tgz -C benchmarks/results` puts the result
-# files (gpu-<device>_<mode>[_<dtype>][_<stage>].json/.csv) and plots (plots/gpu-*/) where reference
-# runs are committed, and the logs in benchmarks/results/local/gpu_logs/ (ignored); commit the
-# results.
+# what finished. Afterwards, here: `tar xzf gpu_run.tgz -C benchmarks/results/gpu_<device>` puts
+# the result files (gpu-<device>_<mode>[_<dtype>][_<stage>].json/.csv) and plots (plots/gpu-*/)
+# into a results folder (docs/benchmarks.md, "The GPU plan"); commit them.
 set -uo pipefail
 plan="${1:-budget}"
 shift || true
@@ -97,10 +96,10 @@ pack
 
 # ---- tests -------------------------------------------------------------------------------------
 parallel=()
-python3 -c "import xdist" 2>/dev/null && parallel=(-n 8)
+python3 -c "import xdist" 2>/dev/null && parallel=(-n "$(nproc)")
 if [[ "$plan" == "budget" ]]; then
   echo "== GPU tests (-m gpu) $(elapsed)"
-  limited "$(cap 120)" "${PYTEST[@]}" tests/ -m gpu -rs "${parallel[@]}" > "$logs/tests.log" 2>&1
+  limited "$(cap 180)" "${PYTEST[@]}" tests/ -m gpu -rs "${parallel[@]}" > "$logs/tests.log" 2>&1
   tail -n 30 "$logs/tests.log"
 elif [[ "$plan" != bench-* ]]; then
   echo "== tests $(elapsed)"

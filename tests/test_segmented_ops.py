@@ -171,7 +171,7 @@ def test_auto_picks_the_union_for_one_row_per_segment_and_shared_rows():
     assert _choose_strategy("union", bounds, kept, min_union=101)[0] == "union"
 
 
-def test_on_the_cpu_an_op_call_takes_the_union_only_for_weights_that_leave_the_cache(
+def test_an_op_call_takes_the_union_only_on_the_cpu_for_weights_that_leave_the_cache(
         monkeypatch):
     from doe_kernels.ops.library import UNION_MIN_BYTES_CPU, _min_union
 
@@ -180,6 +180,8 @@ def test_on_the_cpu_an_op_call_takes_the_union_only_for_weights_that_leave_the_c
     assert _min_union(torch.zeros(1, hidden - 1), 2) == 101
     assert _min_union(torch.zeros(1, hidden - 1), 3) < 100  # a SwiGLU reads three rows a neuron
     assert _min_union(torch.zeros(1, hidden, dtype=torch.bfloat16), 2) > 100  # half the bytes
+    # on a GPU an op call takes the segments (the union's plan cost more than it saved on an H200)
+    assert _min_union(torch.zeros(1, hidden, device="meta"), 2) > 10**12
     # an op call: 5 one-row segments of a small SwiGLU run per segment, unless the union's
     # weights count as large
     torch.manual_seed(0)

@@ -9,6 +9,8 @@ ffn.py check the arguments first; call those, not these, from user code. The pat
 whose indices were checked once when the mask was plugged, call these directly; eager calls then
 skip the dispatcher too (`_direct`).
 """
+import sys
+
 import torch
 import torch.nn.functional as F
 
@@ -231,7 +233,11 @@ def _choose_strategy(strategy: str, bounds, kept: torch.Tensor, min_union: int =
 # the union ran 1.6x faster than the segments on SmolLM2's FFN. So an op call on the CPU takes
 # the union only for weights of UNION_MIN_BYTES_CPU or more; a model serving a mixed batch
 # (models/segments) builds the plan once per token count and takes the union whenever it reads
-# less, as GPUs (not measured) do.
+# less. On an H200 (bfloat16, LLaMA-7B's FFN, the same five experts,
+# benchmarks/results/gpu_h200/gpu-nvidia-h200_quick_segmented.json) an op call took 0.59 ms with
+# the union and 0.25 ms with the segments at one row each (building the plan is a dozen small
+# launches and host syncs), 0.69 against 0.28 ms at three rows: so on a GPU an op call never
+# takes the union by itself (`strategy="union"` still does).
 UNION_MAX_ROWS = 1
 UNION_MIN_BYTES_CPU = 32 * 2**20
 
@@ -251,10 +257,10 @@ def union_plan(x, segments, kept, kept_offsets, scales=None, strategy: str = "au
 
 def _min_union(x, projections: int) -> int:
     """The fewest neurons whose rows of an FFN's `projections` weight matrices (of x's width and
-    dtype) make a union worth building in one op call: UNION_MIN_BYTES_CPU's worth on the CPU,
-    none elsewhere."""
+    dtype) make a union worth building in one op call: UNION_MIN_BYTES_CPU's worth on the CPU;
+    elsewhere no union is (sys.maxsize: see UNION_MIN_BYTES_CPU's note)."""
     if x.device.type != "cpu":
-        return 0
+        return sys.maxsize
     return -(-UNION_MIN_BYTES_CPU // (projections * x.shape[-1] * x.element_size()))
 
 
