@@ -11,7 +11,13 @@ Cases (shape name, rows = tokens per timed call):
     every timed step, so each step starts from the same length.
   * `llama-7b-prefill128`, `llama-7b-decode`: the same on a LLaMA-7B-shaped model, --full on a GPU
     only.
-  * smoke (CI): `tiny-llama-decode`, a 2-layer LLaMA with SmolLM2's head layout (9 heads, 3 KV).
+  * `llama-7b-token-graph` (--full on a GPU): one token through the model without a cache,
+    captured once as a CUDA graph and replayed: every weight of a decoding step is read, without
+    eager PyTorch's launch cost per op (attention over one token instead of a cache: its reads are
+    small beside the weights'). On the CPU (smoke: `tiny-llama-token-graph`) the same forward runs
+    eagerly.
+  * smoke (CI): `tiny-llama-decode` and `tiny-llama-token-graph`, a 2-layer LLaMA with SmolLM2's
+    head layout (9 heads, 3 KV).
 Models are random-init, eval mode, float32 on the CPU and bfloat16 on the GPU.
 
 Variants:
@@ -81,14 +87,15 @@ CONFIGS = {
 class Case:
     shape: str  # recorded shape name
     model: str  # key of CONFIGS
-    kind: str  # "encoder", "prefill" or "decode"
+    kind: str  # "encoder", "prefill", "decode" or "graph" (one token, no cache, a CUDA graph)
     tokens: int  # tokens per timed call (recorded as rows)
     layers: str = "both"  # what the mask prunes: "both", "ffn" (heads kept) or "attn" (FFN kept)
 
 
 def _cases(mode: str, device: torch.device) -> list[Case]:
     if mode == "smoke":
-        return [Case("tiny-llama-decode", "tiny-llama", "decode", 1)]
+        return [Case("tiny-llama-decode", "tiny-llama", "decode", 1),
+                Case("tiny-llama-token-graph", "tiny-llama", "graph", 1)]
     cases = [Case("bert-base-seq128", "bert-base", "encoder", 128)]
     if mode == "full":
         cases.append(Case("bert-base-seq512", "bert-base", "encoder", 512))
@@ -101,7 +108,8 @@ def _cases(mode: str, device: torch.device) -> list[Case]:
     cases.sort(key=lambda case: list(CONFIGS).index(case.model))  # stable: grouped by model
     if mode == "full" and device.type == "cuda":
         cases += [Case("llama-7b-prefill128", "llama-7b", "prefill", CONTEXT),
-                  Case("llama-7b-decode", "llama-7b", "decode", 1)]
+                  Case("llama-7b-decode", "llama-7b", "decode", 1),
+                  Case("llama-7b-token-graph", "llama-7b", "graph", 1)]
     return cases
 
 
@@ -261,9 +269,20 @@ class Runner:
         if case.kind == "decode":  # fill the cache with the prompt, untimed
             self.cache = DynamicCache(config=model.config)
             model(input_ids=self.ids, **{self.cache_kw: self.cache}, logits_to_keep=1)
+        self.graph = None
+        if case.kind == "graph" and device.type == "cuda":
+            self.graph, self.graph_out = _captured(self._token)
+
+    def _token(self) -> torch.Tensor:
+        return self.model(input_ids=self.next_ids, use_cache=False).logits
 
     def __call__(self) -> torch.Tensor:
         model, case = self.model, self.case
+        if case.kind == "graph":
+            if self.graph is None:
+                return self._token()
+            self.graph.replay()
+            return self.graph_out
         if case.kind == "encoder":
             return model(input_ids=self.ids, attention_mask=self.attention_mask).logits
         if case.kind == "prefill":
@@ -275,6 +294,21 @@ class Runner:
             extra = self.cache.get_seq_length() - CONTEXT
             if extra > 0:
                 self.cache.crop(-extra)
+
+
+def _captured(fn):
+    """(graph, output): fn() captured once as a CUDA graph, after warm-up calls on a side stream
+    (Triton compiles, cuBLAS picks its kernels); graph.replay() recomputes output in place."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
 
 
 def _check_sliced(model, mask, case, sliced_runner, dtype) -> None:
