@@ -7,8 +7,9 @@
 # PLAN:
 #   budget (default)  fits one device call (give it timeout_s 560 and carry [".gpu_prebuilt"]):
 #                     every stage is cut to what is left of BUDGET seconds (default 480): the GPU
-#                     tests (`-m gpu`, one xdist worker per core), BERT-base and LLaMA-7B end to end, the FFN op sweep on the
-#                     target shapes, expert swap on a LLaMA-7B-sized model, the segmented FFN on
+#                     tests (`-m gpu`, one xdist worker per core), BERT-base and LLaMA-7B end to
+#                     end (a LLaMA-7B token as a CUDA graph too), the FFN op sweep on the target
+#                     shapes, expert swap on a LLaMA-7B-sized model, the segmented FFN on
 #                     LLaMA-7B's shape at 5 x 1 and 5 x 3 rows (the cuda backend's segmented
 #                     kernels), then attention.
 #   tests             the whole test suite (CPU and GPU tests), then the CUDA kernels under

@@ -62,12 +62,12 @@ from shapes import FULL
 
 QUICK_RATES = (0.35, 0.65)
 CONTEXT = 128  # tokens in the prompt (prefill) and in the cache (decode)
-# Relative error (Frobenius) allowed between `sliced` and the patched model's output.
-# Relative error allowed between the sliced and the patched model. Both compute the expert with
-# their rounding in a different order: in float32 they agree to 1e-5 (LLaMA-7B on an H200); in
-# bfloat16 a random 32-layer LLaMA-7B is 18-22% from its float32 self whichever way it runs, and
-# sliced and patched differ by up to 4.8% (benchmarks/results/gpu_h200/logs/check_sliced.log).
-# A slice of the wrong neurons and heads differs by more than 100%.
+# Relative error (Frobenius) allowed between the sliced and the patched model's output. Both
+# compute the expert, their rounding in a different order: in float32 they agree to 1e-5
+# (LLaMA-7B on an H200); in bfloat16 a random 32-layer LLaMA-7B is 18-22% from its float32 self
+# whichever way it runs, and sliced and patched differ by up to 4.8%
+# (benchmarks/results/gpu_h200/logs/check_sliced.log). A slice of the wrong neurons and heads
+# differs by more than 100%.
 CHECK_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-1, torch.float16: 1e-2}
 
 CONFIGS = {
