@@ -231,7 +231,8 @@ def test_prompt_tuning_loss_is_the_served_experts(tokenizer, family):
     peft_model = prompt_tuning.wrap(model, task_type, num_virtual_tokens=4)
     try:
         losses = prompt_tuning.fit(peft_model, tokenizer, data, task_type, ids, None, epochs=1,
-                                   lr=0.0, head_lr=0.0, batch_size=4, progress=False)
+                                   lr=0.0, head_lr=0.0, batch_size=4, progress=False,
+                                   precision="float32")
         prompt, head = prompt_tuning.extract(peft_model)
         with torch.no_grad():
             peft_logits = label_logits(
@@ -382,3 +383,50 @@ def test_calibration_batches_weigh_the_readout_token(tokenizer, task_type):
     assert attention[:, readout].eq(1).all() and torch.equal(batch["token_weights"], expected)
     with pytest.raises(ValueError, match="readout_weight must be a finite number >= 0"):
         next(expert.calibration_batches(model, tokenizer, texts, readout_weight=-1.0))
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_prompt_tuning_under_bfloat16_autocast(tokenizer, family):
+    """precision="bfloat16": the forward runs under bfloat16 autocast (with learning rates 0 the
+    loss is the served cross-entropy to bfloat16's precision, not float32's bit for bit), training
+    follows float32's, and the prompt and head it gives are float32."""
+    model, task_type, data, ids = sentiment_setup(family, tokenizer)
+
+    def train(precision, **rates):
+        peft_model = prompt_tuning.wrap(model, task_type, num_virtual_tokens=4)
+        try:
+            losses = prompt_tuning.fit(peft_model, tokenizer, data, task_type, ids, None,
+                                       batch_size=4, progress=False, precision=precision,
+                                       **rates)
+            return losses, prompt_tuning.extract(peft_model)
+        finally:
+            prompt_tuning.unwrap(peft_model)
+
+    frozen = {p: train(p, epochs=1, lr=0.0, head_lr=0.0)[0][0] for p in ("float32", "bfloat16")}
+    assert frozen["bfloat16"] != frozen["float32"]
+    assert frozen["bfloat16"] == pytest.approx(frozen["float32"], rel=2e-2)
+    (full, _), (half, (prompt, head)) = train("float32", epochs=3), train("bfloat16", epochs=3)
+    assert half[-1] < half[0]
+    assert half == pytest.approx(full, rel=5e-2)
+    assert prompt.dtype == torch.float32
+    assert all(v.dtype == torch.float32 for v in (head or {}).values())
+    with pytest.raises(ValueError, match="precision must be one of"):
+        prompt_tuning.train_prompt(model, tokenizer, data, task_type, ids, epochs=1,
+                                   progress=False, precision="float16")
+
+
+def test_auto_precision_takes_bfloat16_where_the_device_computes_it(monkeypatch):
+    """"auto": bfloat16 autocast for a float32 model on a CPU with AVX512-BF16 or AMX, else the
+    model's own dtype; a bfloat16 model is never autocast again."""
+    model = tiny_llama()
+    for avx512_bf16, amx, want in ((True, False, "bfloat16"), (False, True, "bfloat16"),
+                                   (False, False, "float32")):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+        assert prompt_tuning.resolve_precision("auto", model) == want
+        assert prompt_tuning.resolve_precision("float32", model) == "float32"
+        assert prompt_tuning.resolve_precision("bfloat16", model) == "bfloat16"
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert prompt_tuning.resolve_precision("auto", model.to(torch.bfloat16)) == "float32"
+    with pytest.raises(ValueError, match="precision must be one of"):
+        prompt_tuning.resolve_precision("half", model)

@@ -423,10 +423,10 @@ def test_localize_end_to_end_minilm(tokenizer, tmp_path, monkeypatch, one_thread
     # With reconstruction: each candidate's scales and bias deltas fitted on 64 training examples
     # (with the prompt-tuned expert's prompt), then its prompt and head distilled from the
     # unpruned expert's logits, before it is measured; they are served with it.
-    retuned_with = []  # each re-tuning's schedule
+    retuned_with = []  # each re-tuning's schedule and precision
 
     def spy(*args, **kwargs):
-        retuned_with.append(kwargs["schedule"])
+        retuned_with.append((kwargs["schedule"], kwargs["precision"]))
         return real_retune(*args, **kwargs)
 
     localize_module = sys.modules["doe_kernels.localize"]
@@ -437,9 +437,9 @@ def test_localize_end_to_end_minilm(tokenizer, tmp_path, monkeypatch, one_thread
                                                epochs=1, num_examples=48, objective="distill",
                                                schedule="constant"),
                        search=SearchConfig(confidence=0, tolerance=0.05), start_from=expert,
-                       progress=False)
+                       prompt=PromptConfig(precision="bfloat16"), progress=False)
     figures = rebuilt.figures
-    assert retuned_with and set(retuned_with) == {"constant"}
+    assert retuned_with and set(retuned_with) == {("constant", "bfloat16")}
     assert figures["recover_schedule"] == "constant"
     assert figures["reconstruct"] == "scales" and figures["calibration_examples"] == 64
     assert figures["recover_objective"] == "distill" and figures["recover_epochs"] == 1
@@ -547,7 +547,7 @@ def test_recovery_keeps_a_retuned_prompt_only_when_held_out_answers_get_closer(
 # ---- options ------------------------------------------------------------------------------
 def test_configs_default_to_the_recipe_and_refuse_bad_values():
     assert PromptConfig() == PromptConfig(num_virtual_tokens=10, epochs=5, lr=3e-2, head_lr=1e-2,
-                                          init_text=None)
+                                          init_text=None, precision="auto")
     assert AttributionConfig() == AttributionConfig(method="grad", ig_steps=5, num_examples=256,
                                                     absolute=True)
     # the recipe that measured best (docs/results.md "localize's defaults")
@@ -578,6 +578,7 @@ def test_configs_default_to_the_recipe_and_refuse_bad_values():
             (lambda: PromptConfig(lr=-1.0), r"PromptConfig.lr \(--lr\) .* > 0"),
             (lambda: PromptConfig(epochs=-2), "epochs .* >= 0"),
             (lambda: PromptConfig(head_lr=0), "head_lr .* > 0"),
+            (lambda: PromptConfig(precision="float16"), r"\(--train-precision\) must be one of"),
             (lambda: RecoveryConfig(epochs=-1), r"RecoveryConfig.epochs \(--recover-epochs\)"),
             (lambda: RecoveryConfig(lr=-5), "lr .* > 0"),
             (lambda: RecoveryConfig(num_examples=0), r"\(--recover-examples\) .* > 0"),

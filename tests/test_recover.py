@@ -88,8 +88,10 @@ def test_sliced_keeps_empty_full_and_scaled_layers_apart(tokenizer, family, one_
     assert state_dict_equal(before, snapshot(model))
 
 
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
 @pytest.mark.parametrize("family", [0, 1], ids=["bert", "llama"])
-def test_retune_lowers_the_pruned_loss_and_touches_nothing_else(tokenizer, family, one_thread):
+def test_retune_lowers_the_pruned_loss_and_touches_nothing_else(tokenizer, family, precision,
+                                                                one_thread):
     model, expert = _experts(tokenizer)[family]
     before = snapshot(model)
     prompt, head = expert.prompt.clone(), {k: v.clone() for k, v in (expert.head or {}).items()}
@@ -100,9 +102,10 @@ def test_retune_lowers_the_pruned_loss_and_touches_nothing_else(tokenizer, famil
         return float(torch.nn.functional.cross_entropy(logits, torch.tensor(data.label_ids)))
 
     retuned, losses = retune(model, tokenizer, expert, data, epochs=4, batch_size=8,
-                             progress=False)
+                             progress=False, precision=precision)
     assert len(losses) == 4 and losses[-1] < losses[0]
     assert pruned_loss(retuned) < pruned_loss(expert)
+    assert retuned.prompt.dtype == torch.float32
     assert retuned.mask is expert.mask and not torch.equal(retuned.prompt, expert.prompt)
     assert (retuned.head is None) == (expert.head is None)
     if expert.head is not None:

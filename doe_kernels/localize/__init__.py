@@ -27,7 +27,7 @@ from doe_kernels.localize.compensate import Calibration, reconstruction
 from doe_kernels.localize.config import (AttributionConfig, PromptConfig, RecoveryConfig,
                                          SearchConfig, configs_from_flat)
 from doe_kernels.localize.layerwise import layerwise_reconstruction
-from doe_kernels.localize.prompt import PromptResult, train_prompt
+from doe_kernels.localize.prompt import PromptResult, resolve_precision, train_prompt
 from doe_kernels.localize.reconstruct import Fidelity, Reconstructor, split_for_judging
 from doe_kernels.localize.recover import TrainingDiverged, masked, retune
 from doe_kernels.localize.search import mask_at_rate, paired_change, search_rate
@@ -222,13 +222,15 @@ def _tune_prompt(run: _Run, train, prompt: PromptConfig, start_from: Expert | No
     if start_from is not None:
         tuned = _reuse(start_from, run.task, run.model)
         return tuned, {key: start_from.figures.get(key)
-                       for key in ("prompt_epochs", "prompt_lr", "prompt_init")}
+                       for key in ("prompt_epochs", "prompt_lr", "prompt_init",
+                                   "prompt_precision")}
     tuned = train_prompt(run.model, run.tokenizer, train, run.task.task_type, run.task.token_ids,
                          run.task.template, prompt.num_virtual_tokens, prompt.epochs, prompt.lr,
                          prompt.head_lr, run.batch_size, run.task.max_length, run.seed,
-                         run.progress, init_text=prompt.init_text)
+                         run.progress, init_text=prompt.init_text, precision=prompt.precision)
     return tuned, dict(prompt_epochs=prompt.epochs, prompt_lr=prompt.lr,
-                       prompt_init=prompt.init_text)
+                       prompt_init=prompt.init_text,
+                       prompt_precision=resolve_precision(prompt.precision, run.model))
 
 
 @dataclass(frozen=True)
@@ -247,6 +249,7 @@ class _Recovery:
     keep: str  # RecoveryConfig.keep
     judge: Fidelity | None  # keep="closer" with distillation: training examples held out of
     # `data` and of the reconstruction's choice
+    precision: str  # PromptConfig.precision, "auto" resolved for the model
 
     @classmethod
     def of(cls, run: "_Run", tuned_expert: Expert, train, prompt: PromptConfig,
@@ -271,7 +274,8 @@ class _Recovery:
                  else None)
         return cls(recovery.epochs, prompt.lr if recovery.lr is None else recovery.lr,
                    prompt.head_lr, recovery.schedule, data, teacher, recovery.reconstruct,
-                   reconstructor, recovery.keep, judge)
+                   reconstructor, recovery.keep, judge,
+                   resolve_precision(prompt.precision, run.model))
 
     @property
     def calibration_examples(self) -> int:
@@ -295,7 +299,8 @@ class _Recovery:
     def retune(self, run: "_Run", expert: Expert) -> Expert:
         retuned, _ = retune(run.model, run.tokenizer, expert, self.data, self.epochs, self.lr,
                             self.head_lr, run.batch_size, run.seed, progress=False,
-                            teacher=self.teacher, schedule=self.schedule)
+                            teacher=self.teacher, schedule=self.schedule,
+                            precision=self.precision)
         return retuned
 
 
@@ -408,6 +413,7 @@ def _figures(expert: Expert, result, change_se: dict, base: _Baseline, recover: 
         prune_heads=search.prune_heads, rank=search.rank, recover_epochs=recover.epochs,
         recover_lr=recover.lr if recover.epochs else None,
         recover_schedule=recover.schedule if recover.epochs else None,
+        recover_precision=recover.precision if recover.epochs else None,
         recover_examples=len(recover.data) if recover.epochs else 0,
         recover_objective=("distill" if recover.teacher is not None else "labels")
         if recover.epochs else None,

@@ -2,7 +2,8 @@
 that measured best (docs/results.md): the paper's method with a global ranking of FFN neurons
 (heads kept), each candidate reconstructed and its prompt distilled for one epoch from the
 unpruned prompt-tuned model (the learning rate decayed linearly to zero; the distilled prompt
-kept only where it brings held-out answers closer), and the one-standard-error confidence rule.
+kept only where it brings held-out answers closer), and the one-standard-error confidence rule;
+training under bfloat16 autocast where the device computes bfloat16 natively.
 The paper's plain recipe: scope="layer", prune_heads=True, confidence=0,
 RecoveryConfig(epochs=0, reconstruct="none").
 
@@ -71,6 +72,12 @@ class PromptConfig:
         None, "--prompt-init", "start the soft prompt as this text's token embeddings, cycled "
         "(default: random vocabulary tokens' embeddings)", flat="prompt_init", metavar="TEXT",
         legacy=True)
+    precision: str = option(
+        "auto", "--train-precision", "the model's forward and backward while training the "
+        "prompt (and re-tuning candidates): 'float32' (in the model's own dtype), 'bfloat16' "
+        "(under bfloat16 autocast; the prompt, head and loss stay float32) or 'auto' (bfloat16 "
+        "for a float32 model on a device with native bfloat16: a GPU from Ampere on, a CPU with "
+        "AVX512-BF16 or AMX)", choices=("auto", "float32", "bfloat16"))
 
     def __post_init__(self):
         check_fields(self)

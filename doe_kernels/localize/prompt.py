@@ -13,6 +13,7 @@ further from its prompt the more padding its batch needs, a network the prompt n
 (on SmolLM2 that moved 3% of the answers), and distillation would chase a teacher measured on
 another one.
 """
+import contextlib
 import random
 from dataclasses import dataclass, field
 
@@ -23,6 +24,9 @@ from doe_kernels.expert import SEQ_CLS, encode, prompted_label_logits
 
 _FLAGS_ATTR = "_doe_kernels_requires_grad"
 SCHEDULES = ("constant", "linear")  # fit's learning-rate schedules
+# fit's forward and backward: in the model's own dtype, under bfloat16 autocast, or "auto": autocast
+# where the device computes bfloat16 natively and the model is float32
+PRECISIONS = ("auto", "float32", "bfloat16")
 
 
 @dataclass
@@ -78,20 +82,59 @@ def check_schedule(schedule: str) -> None:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
 
 
+def check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+
+
+def bfloat16_is_native(device: torch.device) -> bool:
+    """Whether `device` computes bfloat16 matrix products natively (where autocast pays): a CUDA
+    GPU with bfloat16 (Ampere on), a CPU with AVX512-BF16 or AMX. Other CPUs emulate them, slower
+    than float32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+    return False
+
+
+def resolve_precision(precision: str, model) -> str:
+    """"float32" or "bfloat16": `precision`, with "auto" resolved for `model` (bfloat16 autocast
+    when its weights are float32 on a device with native bfloat16)."""
+    check_precision(precision)
+    if precision != "auto":
+        return precision
+    weight = model.get_input_embeddings().weight
+    native = weight.dtype == torch.float32 and bfloat16_is_native(weight.device)
+    return "bfloat16" if native else "float32"
+
+
+def autocast(device: torch.device, precision: str):
+    """The context a training forward runs in: bfloat16 autocast on `device`, or nothing."""
+    if precision == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
 def fit(peft_model, tokenizer, data, task_type: str, token_ids=None, template=None,
         epochs: int = 5, lr: float = 3e-2, head_lr: float = 1e-2, batch_size: int = 16,
         max_length: int = 128, seed: int = 0, progress: bool = True,
         targets: torch.Tensor | None = None, schedule: str = "constant",
-        extra_groups: list | None = None) -> list[float]:
+        extra_groups: list | None = None, precision: str = "auto") -> list[float]:
     """Train the prompt (and head) with cross-entropy over the label logits, against the gold
     labels, or against `targets` ((len(data), num_labels) probabilities, e.g. a teacher's: then
     the loss is the KL divergence from them, up to their constant entropy); returns the mean loss
     of each epoch. `schedule`: the learning rates held ("constant") or decayed linearly to zero
     over the steps ("linear"). `extra_groups`: more optimizer parameter groups ({"params": [...],
-    "lr": ...}) trained with them (not as part of the head)."""
+    "lr": ...}) trained with them (not as part of the head). `precision`: "float32" runs the
+    model in its own dtype; "bfloat16" runs its forward (and so its backward) under bfloat16
+    autocast, the trained tensors and the loss staying float32; "auto" picks
+    (`resolve_precision`)."""
     if targets is not None and tuple(targets.shape[:1]) != (len(data),):
         raise ValueError(f"targets has {targets.shape[0]} rows for {len(data)} examples")
     check_schedule(schedule)
+    precision = resolve_precision(precision, peft_model.get_base_model())
     gold_all = torch.tensor(data.label_ids) if targets is None else targets.float()
     prompt_params, head_params = trainable(peft_model)
     extra_groups = list(extra_groups or [])
@@ -118,8 +161,9 @@ def fit(peft_model, tokenizer, data, task_type: str, token_ids=None, template=No
             chosen = order[start:start + batch_size]
             ids, attention = encode(tokenizer, [data.texts[i] for i in chosen], task_type, template,
                                     max_length)
-            logits = trained_label_logits(peft_model, ids.to(device), attention.to(device),
-                                          task_type, token_ids)
+            with autocast(device, precision):
+                logits = trained_label_logits(peft_model, ids.to(device), attention.to(device),
+                                              task_type, token_ids)
             loss = torch.nn.functional.cross_entropy(logits, gold_all[chosen].to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -171,8 +215,8 @@ def unwrap(peft_model):
 def train_prompt(model, tokenizer, data, task_type: str, token_ids=None, template=None,
                  num_virtual_tokens: int = 10, epochs: int = 5, lr: float = 3e-2,
                  head_lr: float = 1e-2, batch_size: int = 16, max_length: int = 128,
-                 seed: int = 0, progress: bool = True, init_text: str | None = None
-                 ) -> PromptResult:
+                 seed: int = 0, progress: bool = True, init_text: str | None = None,
+                 precision: str = "auto") -> PromptResult:
     """Prompt-tune `model` on `data` (a TaskData); the model is left as it was. The prompt starts
     as the embeddings of `init_text`'s tokens (cycled to `num_virtual_tokens`, as PEFT's
     PromptTuningInit.TEXT), by default of random vocabulary tokens."""
@@ -185,7 +229,7 @@ def train_prompt(model, tokenizer, data, task_type: str, token_ids=None, templat
     peft_model = wrap(model, task_type, num_virtual_tokens, init_ids=init_ids, seed=seed)
     try:
         losses = fit(peft_model, tokenizer, data, task_type, token_ids, template, epochs, lr,
-                     head_lr, batch_size, max_length, seed, progress)
+                     head_lr, batch_size, max_length, seed, progress, precision=precision)
         prompt, head = extract(peft_model)
     finally:
         unwrap(peft_model)

@@ -186,7 +186,8 @@ def _check_finite(prompt, head, lr: float, vectors=()) -> None:
 def retune(model, tokenizer, expert: Expert, data, epochs: int = 1, lr: float = 3e-2,
            head_lr: float = 1e-2, batch_size: int = 16, seed: int = 0,
            progress: bool = True, teacher: torch.Tensor | None = None,
-           schedule: str = "linear", vectors_lr: float | None = None) -> tuple[Expert, list]:
+           schedule: str = "linear", vectors_lr: float | None = None,
+           precision: str = "auto") -> tuple[Expert, list]:
     """(a new Expert with the same mask and a prompt and head trained for `epochs` more on
     `data` through the pruned network, the mean training loss of each epoch). Starts from the
     expert's own prompt and head; `model` (unpatched) is left as it was. A dense expert (mask
@@ -197,7 +198,7 @@ def retune(model, tokenizer, expert: Expert, data, epochs: int = 1, lr: float = 
     ("constant"; one epoch at a constant lr lands the prompt wherever Adam's last steps took it).
     `vectors_lr`: also train the FFN reconstruction vectors of the layers the mask prunes (the
     kept neurons' scales and the bias delta, `TrainedDown`) at this learning rate; the new
-    Expert's mask holds them (None: the mask is kept as it is)."""
+    Expert's mask holds them (None: the mask is kept as it is). `precision`: as `fit`'s."""
     if vectors_lr is not None and not vectors_lr > 0:
         raise ValueError(f"vectors_lr must be > 0 or None, got {vectors_lr}")
     if teacher is not None and tuple(teacher.shape) != (len(data), len(expert.label_names)):
@@ -219,7 +220,8 @@ def retune(model, tokenizer, expert: Expert, data, epochs: int = 1, lr: float = 
             losses = fit(peft_model, tokenizer, data, expert.task_type, expert.label_token_ids,
                          expert.template, epochs, lr, head_lr, batch_size, expert.max_length,
                          seed, progress, targets, schedule,
-                         [dict(params=vectors, lr=vectors_lr)] if vectors else None)
+                         [dict(params=vectors, lr=vectors_lr)] if vectors else None,
+                         precision)
             prompt, head = extract(peft_model)
             mask = trained_mask(mask, trained)
         finally:
