@@ -143,6 +143,8 @@ def test_distilling_moves_the_pruned_expert_towards_its_teacher(tokenizer, famil
     for bad in (teacher[:3], teacher[:, :1], teacher[:, 0]):
         with pytest.raises(ValueError, match=r"one logit per label for each example: \(48, 2\)"):
             retune(model, tokenizer, expert, data, progress=False, teacher=bad)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        retune(model, tokenizer, expert, data, progress=False, precision="float16")
     assert state_dict_equal(before, snapshot(model))
 
 

@@ -219,7 +219,8 @@ def train_prompt(model, tokenizer, data, task_type: str, token_ids=None, templat
                  precision: str = "auto") -> PromptResult:
     """Prompt-tune `model` on `data` (a TaskData); the model is left as it was. The prompt starts
     as the embeddings of `init_text`'s tokens (cycled to `num_virtual_tokens`, as PEFT's
-    PromptTuningInit.TEXT), by default of random vocabulary tokens."""
+    PromptTuningInit.TEXT), by default of random vocabulary tokens. `precision`: as `fit`'s."""
+    check_precision(precision)
     torch.manual_seed(seed)
     init_ids = None
     if init_text is not None:

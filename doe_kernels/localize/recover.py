@@ -20,7 +20,7 @@ from torch import nn
 
 from doe_kernels.expert import Expert
 from doe_kernels.localize.attribution import hook_points
-from doe_kernels.localize.prompt import check_schedule, extract, fit, unwrap, wrap
+from doe_kernels.localize.prompt import check_precision, check_schedule, extract, fit, unwrap, wrap
 from doe_kernels.mask import ExpertMask
 from doe_kernels.models import describe
 
@@ -205,6 +205,7 @@ def retune(model, tokenizer, expert: Expert, data, epochs: int = 1, lr: float = 
         raise ValueError(f"teacher has shape {tuple(teacher.shape)}; it must hold one logit per "
                          f"label for each example: ({len(data)}, {len(expert.label_names)})")
     check_schedule(schedule)
+    check_precision(precision)
     targets = None if teacher is None else torch.softmax(teacher.float(), dim=-1)
     torch.manual_seed(seed)
     mask = ExpertMask() if expert.mask is None else expert.mask
