@@ -20,6 +20,8 @@ import math
 import warnings
 from dataclasses import dataclass
 
+from doe_kernels.localize.prompt import PRECISIONS, SCHEDULES
+
 
 def option(default, flag, help, *, flat=None, choices=None, positive=False, aliases=(),
            metavar=None, legacy=False, negations=()):
@@ -77,7 +79,7 @@ class PromptConfig:
         "prompt (and re-tuning candidates): 'float32' (in the model's own dtype), 'bfloat16' "
         "(under bfloat16 autocast; the prompt, head and loss stay float32) or 'auto' (bfloat16 "
         "for a float32 model on a device with native bfloat16: a GPU from Ampere on, a CPU with "
-        "AVX512-BF16 or AMX)", choices=("auto", "float32", "bfloat16"))
+        "AVX512-BF16 or AMX)", choices=PRECISIONS)
 
     def __post_init__(self):
         check_fields(self)
@@ -187,7 +189,7 @@ class RecoveryConfig:
     schedule: str = option(
         "linear", "--recover-schedule", "the re-tuning's learning rates: decayed linearly to zero "
         "over its steps ('linear') or held ('constant', as the prompt tuning's)",
-        choices=("constant", "linear"))
+        choices=SCHEDULES)
     keep: str = option(
         "closer", "--recover-keep", "which prompt and head a distilled candidate is measured "
         "with: 'closer' (the re-tuned ones only when its answers on held-out training examples "
