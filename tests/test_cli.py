@@ -125,6 +125,7 @@ def test_localize_a_causal_lm_with_an_instruction(causal_lm_folder, tmp_path, ca
     assert expert.figures["prompt_lr"] == 0.01 and expert.figures["recover_lr"] == 0.005
     assert expert.figures["prompt_init"] == "Is it negative or positive?"
     assert expert.figures["confidence"] == 1.0
+    assert 0.0 <= expert.figures["accuracy_dense_no_prompt"] <= 1.0  # the no-prompt check ran
     assert expert.template == dk.chat_template(tokenizer, "Negative or positive?")
     # with --instruction the label words default to the names, without a leading space
     assert expert.label_words == ["negative", "positive"] and expert.max_length == 64

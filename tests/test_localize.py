@@ -167,6 +167,34 @@ def test_attribution_llama_shapes_and_model_untouched(tokenizer, one_thread):
     assert state_dict_equal(before, snapshot(model))
 
 
+def test_zero_shot_check_on_a_sample_of_validation(tokenizer, one_thread, monkeypatch):
+    """A causal LM's no-prompt check runs on ZERO_SHOT_EXAMPLES validation examples (a seeded
+    draw) and compares with the baseline's accuracy on those same examples."""
+    loc = sys.modules["doe_kernels.localize"]  # the package: its name is also the function's
+    model = tiny_llama()
+    task_data = sentiment_task(40)
+    validation = TaskData([f"{text} ({i})" for i, text in enumerate(task_data.texts)],
+                          task_data.labels, task_data.label_names)
+    ids = label_token_ids(tokenizer, [" negative", " positive"])
+    expert = Expert(None, torch.randn(2, 32), "causal_lm", ["negative", "positive"],
+                    label_words=[" negative", " positive"], label_token_ids=ids,
+                    sizes=model_sizes(model))
+    task = loc._Task.of(model, tokenizer, validation, None, None, 32)
+    run = loc._Run(model, tokenizer, task, batch_size=4, seed=0, progress=False)
+    seen = []
+    evaluate = Expert.evaluate
+    monkeypatch.setattr(Expert, "evaluate", lambda self, m, t, data, **kw: seen.append(
+        list(data.texts)) or evaluate(self, m, t, data, **kw))
+    monkeypatch.setattr(loc, "ZERO_SHOT_EXAMPLES", 7)
+    correct = torch.tensor([i % 3 == 0 for i in range(len(validation))])
+    zero_shot, tuned = loc._zero_shot(run, expert, validation, correct)
+    assert len(seen) == 1 and len(seen[0]) == 7 and len(set(seen[0])) == 7
+    rows = [validation.texts.index(text) for text in seen[0]]
+    assert tuned == pytest.approx(sum(i % 3 == 0 for i in rows) / 7)
+    assert 0.0 <= zero_shot <= 1.0
+    assert loc._zero_shot(run, expert, validation, correct) == (zero_shot, tuned)  # seeded
+
+
 def test_attribution_errors(tokenizer):
     model = tiny_bert()
     with pytest.raises(ValueError, match="method"):
@@ -263,6 +291,10 @@ def test_weak_baseline():
     below = weak_baseline(0.6, 0.7, 0.5)
     assert len(below) == 1 and "below the model's without a prompt (0.700)" in below[0]
     assert len(weak_baseline(0.3, 0.45, 0.4)) == 2  # both: the SmolLM2 tweets run of 4 epochs
+    # the no-prompt check compares on the examples it ran on when told the baseline's there
+    assert weak_baseline(0.8, 0.75, 0.5, baseline_on_zero_shot=0.7)[0].endswith(
+        "the model's without a prompt (0.750) on the same examples")
+    assert weak_baseline(0.6, 0.7, 0.5, baseline_on_zero_shot=0.72) == []
 
 
 def test_mask_at_rate():
