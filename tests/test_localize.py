@@ -333,6 +333,11 @@ def test_localize_ranks_heads_with_neurons_only_on_fisher_scores(tokenizer):
 
 
 # ---- end to end ---------------------------------------------------------------------------
+def judged_of(figures) -> dict:
+    """{rate: was its re-tuned prompt kept (closer to the unpruned model's answers)}"""
+    return {rate: after < before for rate, before, after in figures["retuning_divergences"]}
+
+
 def test_localize_end_to_end_minilm(tokenizer, tmp_path, monkeypatch, one_thread):
     from transformers import BertForSequenceClassification
 
@@ -356,11 +361,21 @@ def test_localize_end_to_end_minilm(tokenizer, tmp_path, monkeypatch, one_thread
     assert figures["reconstruct"] == "auto" and figures["readout_weight"] is None
     assert figures["reconstruction"] in [name for name, _, _ in AUTO_VARIANTS]
     assert expert.mask.scaled == (figures["reconstruction"] != "plain")
+    # per search step, the variant chosen (the one of least divergence) and whether re-tuned
+    steps = figures["search_candidates"]
+    assert [step["rate"] for step in steps] == [rate for rate, *_ in figures["search"]]
+    for step in steps:
+        divergences = step["divergences"]
+        assert set(divergences) == {name for name, _, _ in AUTO_VARIANTS}
+        assert step["reconstruction"] == min(divergences, key=divergences.get)
+        assert step["retuned"] == judged_of(figures)[step["rate"]]
+    chosen = steps[[step["rate"] for step in steps].index(figures["pruning_rate"])]
+    assert chosen["reconstruction"] == figures["reconstruction"]
     # ... then distils it from the prompt-tuned expert, which stays the baseline as it is
     assert figures["recover_objective"] == "distill" and figures["accuracy_before_recovery"] is None
     # ... keeping the re-tuned prompt and head only where they bring the held-out answers closer
     assert figures["recover_schedule"] == "linear" and figures["recover_keep"] == "closer"
-    judged = {rate: after < before for rate, before, after in figures["retuning_divergences"]}
+    judged = judged_of(figures)
     assert figures["pruning_rate"] in judged, figures["search"]  # a candidate was chosen
     assert figures["retuned"] == judged[figures["pruning_rate"]]
     # where the time went: every step, together no more than the whole call

@@ -136,9 +136,11 @@ def localize(model, tokenizer, train, validation=None, *, label_words=None, temp
               else candidate(result.rate, base.dense))
     if recover.epochs:  # keep the baseline it was compared against (Expert.dense)
         expert.dense_prompt, expert.dense_head = base.dense.prompt, base.dense.head
+    candidates = _candidate_figures(result, evaluated)  # before the chosen one's are replaced
     expert.figures = _figures(expert, result, change_se, base, recover, tuned.losses,
                               trained_with, search, attribution, len(train), len(validation),
                               time.perf_counter() - started, run.clock.rounded())
+    expert.figures["search_candidates"] = candidates
     if recover.judge is not None:  # per candidate: (rate, KL before re-tuning, KL re-tuned)
         expert.figures["retuning_divergences"] = [
             [rate, e.figures["divergence_before_retuning"], e.figures["divergence_retuned"]]
@@ -444,6 +446,18 @@ def _figures(expert: Expert, result, change_se: dict, base: _Baseline, recover: 
         num_validation=num_validation, prompt_losses=prompt_losses, **trained_with,
         search=[[rate, value, ok, change_se[rate]] for rate, value, ok in result.history],
         seconds=round(seconds, 1), step_seconds=step_seconds)
+
+
+def _candidate_figures(result, evaluated: dict) -> list[dict]:
+    """Per search step (as `search`), how its candidate was recovered: the reconstruction's
+    variant (and, with "auto", each variant's divergence) and whether it kept the re-tuning."""
+    steps = []
+    for rate, _, _ in result.history:
+        figures = evaluated[rate].figures if rate in evaluated else {}
+        steps.append(dict(rate=rate, reconstruction=figures.get("reconstruction"),
+                          divergences=figures.get("reconstruction_divergences"),
+                          retuned=figures.get("retuned")))
+    return steps
 
 
 def weak_baseline(baseline: float, zero_shot: float | None, majority: float,

@@ -87,17 +87,20 @@ class Reconstructor:
         return cls(mode, readout_weight, batches, calibrations, fidelity, len(texts))
 
     def __call__(self, run, expert: Expert) -> Expert:
-        """`expert` with its mask reconstructed (figures["reconstruction"]: the variant used)."""
+        """`expert` with its mask reconstructed (figures["reconstruction"]: the variant used;
+        with "auto", figures["reconstruction_divergences"]: each variant's mean KL divergence)."""
         if self.mode != "auto":
             fitted = self._fit(run, expert.mask, self.mode, self.readout_weight)
             return _with_mask(run, expert, fitted, self.mode)
-        best = None
+        best, divergences = None, {}
         for name, fit, weight in AUTO_VARIANTS:
             candidate = _with_mask(run, expert, self._fit(run, expert.mask, fit, weight), name)
-            divergence = self.fidelity.divergence(run, candidate)
+            divergence = divergences[name] = self.fidelity.divergence(run, candidate)
             if best is None or divergence < best[0]:
                 best = divergence, candidate
-        return best[1]
+        chosen = best[1]
+        chosen.figures = dict(chosen.figures, reconstruction_divergences=divergences)
+        return chosen
 
     def _fit(self, run, mask, fit: str, weight: float):
         if fit == "none":
