@@ -14,7 +14,8 @@ head (the head's Parameters point at the expert's tensors; both restored on exit
 `predict_logits` / `predict` / `evaluate` prepend the soft prompt as input embeddings, as PEFT's
 prompt tuning does (`inputs_embeds = cat(prompt, token embeddings)`, attention mask extended with
 ones; causal LMs are left-padded and read at the last position, their position ids counting real
-tokens only, which PEFT's forward does not do: `prompted_inputs`, which training uses too). Saved
+tokens only, which PEFT's forward does not do: `prompted_inputs`, which training uses too),
+the texts batched by length (answers in the order given). Saved
 as one safetensors file whose metadata holds a small JSON header; `Expert.load` checks the header
 and tensors and raises `doe_kernels.files.FileFormatError`, naming the file, for anything wrong
 with them.
@@ -118,6 +119,12 @@ def encode(tokenizer, texts, task_type: str, template: str | None, max_length: i
         batch = tokenizer(texts, padding=True, truncation=True, max_length=max_length,
                           padding_side="right", return_tensors="pt")
     return batch["input_ids"], batch["attention_mask"]
+
+
+def by_length(tokenizer, texts) -> list[int]:
+    """Indices of `texts` by their token count, shortest first (ties in their order)."""
+    lengths = [len(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+    return sorted(range(len(lengths)), key=lengths.__getitem__)
 
 
 def fit_template(tokenizer, template: str, texts, max_length: int) -> list[str]:
@@ -457,12 +464,19 @@ class Expert:
         if getattr(model, _PLUGGED_ATTR, None) is not self:
             with self.plugged(model, backend=backend):
                 return self.predict_logits(model, tokenizer, texts, batch_size, backend)
+        if not texts:
+            return torch.empty(0, len(self.label_names))
+        order = by_length(tokenizer, texts)  # batches of like lengths: little padding to run
         out = []
         with torch.no_grad():
             for start in range(0, len(texts), batch_size):
-                ids, attention = self.encode(tokenizer, texts[start:start + batch_size])
+                batch = [texts[i] for i in order[start:start + batch_size]]
+                ids, attention = self.encode(tokenizer, batch)
                 out.append(self.logits(model, ids, attention).cpu())
-        return torch.cat(out) if out else torch.empty(0, len(self.label_names))
+        logits = torch.cat(out)
+        restored = torch.empty_like(logits)
+        restored[torch.tensor(order)] = logits
+        return restored
 
     def predict(self, model, tokenizer, texts, batch_size: int = 32) -> list[str]:
         logits = self.predict_logits(model, tokenizer, texts, batch_size)

@@ -173,6 +173,25 @@ def test_predict_logits_equals_masked_dense_with_manual_prompt(tokenizer):
         float((want.argmax(-1) == gold).float().mean()))
 
 
+def test_batches_by_length_answers_in_the_order_given(tokenizer):
+    """predict_logits batches texts of like lengths together and answers in the order given."""
+    from doe_kernels.expert import by_length
+
+    texts = ["a fine film", "a long, slow and entirely pointless film that nobody liked", "bad",
+             "the actors were good but the story was thin", "great"]
+    assert by_length(tokenizer, texts) == [2, 4, 0, 3, 1]
+    assert by_length(tokenizer, ["ab", "cd"]) == [0, 1]  # ties keep their order
+    for family in ("bert", "llama"):
+        model, task_type, _, ids = sentiment_setup(family, tokenizer)
+        expert = seq_cls_expert(model) if family == "bert" else Expert(
+            None, torch.randn(3, 32), task_type, ["negative", "positive"],
+            label_words=[" negative", " positive"], label_token_ids=ids, sizes=model_sizes(model))
+        alone = torch.cat([expert.predict_logits(model, tokenizer, [t]) for t in texts])
+        torch.testing.assert_close(expert.predict_logits(model, tokenizer, texts, batch_size=2),
+                                   alone, atol=1e-5, rtol=1e-4)
+        assert expert.predict_logits(model, tokenizer, []).shape == (0, 2)
+
+
 def sentiment_setup(family, tokenizer):
     """(tiny model, task type, the TEXTS task, label token ids or None) of a model family."""
     model = tiny_bert() if family == "bert" else tiny_llama()
