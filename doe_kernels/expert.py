@@ -121,9 +121,14 @@ def encode(tokenizer, texts, task_type: str, template: str | None, max_length: i
     return batch["input_ids"], batch["attention_mask"]
 
 
+def token_counts(tokenizer, texts) -> list[int]:
+    """Each text's token count (without special tokens or a template: what orders them)."""
+    return [len(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+
+
 def by_length(tokenizer, texts) -> list[int]:
     """Indices of `texts` by their token count, shortest first (ties in their order)."""
-    lengths = [len(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+    lengths = token_counts(tokenizer, texts)
     return sorted(range(len(lengths)), key=lengths.__getitem__)
 
 

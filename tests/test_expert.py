@@ -5,7 +5,8 @@ import torch
 
 import doe_kernels as dk
 from doe_kernels.data import TaskData
-from doe_kernels.expert import Expert, encode, label_logits, label_token_ids, model_sizes
+from doe_kernels.expert import (Expert, encode, label_logits, label_token_ids, model_sizes,
+                                token_counts)
 from doe_kernels.localize import prompt as prompt_tuning
 from expert_utils import LABELS, TEXTS, seq_cls_expert, tiny_bert, tiny_llama
 from model_utils import snapshot, state_dict_equal
@@ -432,6 +433,69 @@ def test_prompt_tuning_under_bfloat16_autocast(tokenizer, family):
     with pytest.raises(ValueError, match="precision must be one of"):
         prompt_tuning.train_prompt(model, tokenizer, data, task_type, ids, epochs=1,
                                    progress=False, precision="float16")
+
+
+def test_epoch_batches_shuffled_or_by_length():
+    """"shuffled" cuts the shuffled order into batches as it is; "by_length" holds each example
+    once, sorts each pool of LENGTH_POOL batches by token count (so a batch spans a run of
+    lengths) and shuffles the batches."""
+    import random
+
+    order = list(range(1000))
+    random.Random(0).shuffle(order)
+    assert prompt_tuning.epoch_batches(order, 16) == [order[i:i + 16] for i in range(0, 1000, 16)]
+    lengths = [random.Random(i).randrange(5, 120) for i in range(1000)]
+    rng = random.Random(1)
+    batches = prompt_tuning.epoch_batches(order, 16, lengths, rng)
+    assert sorted(i for batch in batches for i in batch) == list(range(1000))
+    assert sorted(map(len, batches)) == [8] + [16] * 62  # one short batch per pool's end
+    pool = prompt_tuning.LENGTH_POOL * 16
+    first_pool = set(order[:pool])
+    spans = [max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches]
+    assert all(set(b) <= first_pool or not set(b) & first_pool for b in batches)  # within pools
+    # like lengths together: the first pool holds 800 examples over 115 lengths, the last 200
+    assert max(span for span, b in zip(spans, batches) if set(b) <= first_pool) <= 5
+    assert max(spans) <= 15
+    padding = sum(len(b) * max(lengths[i] for i in b) for b in batches) / sum(lengths) - 1
+    shuffled = sum(len(b) * max(lengths[i] for i in b)
+                   for b in prompt_tuning.epoch_batches(order, 16)) / sum(lengths) - 1
+    assert padding < 0.05 < 0.5 < shuffled
+    firsts = [min(lengths[i] for i in b) for b in batches]
+    assert firsts != sorted(firsts)  # the batches in a random order, not by length
+    assert prompt_tuning.epoch_batches(order, 16, lengths, random.Random(1)) == batches
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_prompt_tuning_batched_by_length(tokenizer, family):
+    """batching="by_length" trains on the same examples in batches of like lengths: other batches,
+    other losses, a prompt as good at its task; a bad name is refused."""
+    model, task_type, data, ids = sentiment_setup(family, tokenizer)
+    seen = []
+    real_encode = prompt_tuning.encode
+
+    def spy(tokenizer_, texts, *rest):
+        seen.append(list(texts))
+        return real_encode(tokenizer_, texts, *rest)
+
+    results = {}
+    for batching in ("shuffled", "by_length"):
+        seen.clear()
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(prompt_tuning, "encode", spy)
+            results[batching] = prompt_tuning.train_prompt(
+                model, tokenizer, data, task_type, ids, num_virtual_tokens=4, epochs=3,
+                batch_size=3, progress=False, batching=batching)
+        counts = token_counts(tokenizer, data.texts)
+        length_of = dict(zip(data.texts, counts))
+        spans = [max(map(length_of.get, b)) - min(map(length_of.get, b)) for b in seen]
+        assert sorted(t for b in seen for t in b) == sorted(data.texts * 3)
+        results[batching].spans = spans
+    assert max(results["by_length"].spans) < max(results["shuffled"].spans)
+    assert results["by_length"].losses != results["shuffled"].losses
+    assert results["by_length"].losses[-1] < results["by_length"].losses[0]
+    with pytest.raises(ValueError, match="batching must be one of"):
+        prompt_tuning.train_prompt(model, tokenizer, data, task_type, ids, epochs=1,
+                                   progress=False, batching="sorted")
 
 
 def test_auto_precision_takes_bfloat16_where_the_device_computes_it(monkeypatch):

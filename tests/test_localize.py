@@ -357,6 +357,7 @@ def test_localize_end_to_end_minilm(tokenizer, tmp_path, monkeypatch, one_thread
     counts = collections.Counter(splits["validation"].labels)
     assert figures["accuracy_majority_label"] == max(counts.values()) / len(splits["validation"])
     assert figures["prompt_epochs"] == 3 and figures["prompt_lr"] == 3e-2
+    assert figures["prompt_batching"] == "shuffled"
     # the default recipe reconstructs each candidate, keeping the variant closest to dense
     assert figures["reconstruct"] == "auto" and figures["readout_weight"] is None
     assert figures["reconstruction"] in [name for name, _, _ in AUTO_VARIANTS]
@@ -470,10 +471,10 @@ def test_localize_end_to_end_minilm(tokenizer, tmp_path, monkeypatch, one_thread
     # With reconstruction: each candidate's scales and bias deltas fitted on 64 training examples
     # (with the prompt-tuned expert's prompt), then its prompt and head distilled from the
     # unpruned expert's logits, before it is measured; they are served with it.
-    retuned_with = []  # each re-tuning's schedule and precision
+    retuned_with = []  # each re-tuning's schedule, precision and batching
 
     def spy(*args, **kwargs):
-        retuned_with.append((kwargs["schedule"], kwargs["precision"]))
+        retuned_with.append((kwargs["schedule"], kwargs["precision"], kwargs["batching"]))
         return real_retune(*args, **kwargs)
 
     localize_module = sys.modules["doe_kernels.localize"]
@@ -484,9 +485,11 @@ def test_localize_end_to_end_minilm(tokenizer, tmp_path, monkeypatch, one_thread
                                                epochs=1, num_examples=48, objective="distill",
                                                schedule="constant"),
                        search=SearchConfig(confidence=0, tolerance=0.05), start_from=expert,
-                       prompt=PromptConfig(precision="bfloat16"), progress=False)
+                       prompt=PromptConfig(precision="bfloat16", batching="by_length"),
+                       progress=False)
     figures = rebuilt.figures
-    assert retuned_with and set(retuned_with) == {("constant", "bfloat16")}
+    assert retuned_with and set(retuned_with) == {("constant", "bfloat16", "by_length")}
+    assert figures["recover_batching"] == "by_length"
     assert figures["recover_schedule"] == "constant"
     assert figures["reconstruct"] == "scales" and figures["calibration_examples"] == 64
     assert figures["recover_objective"] == "distill" and figures["recover_epochs"] == 1
@@ -594,7 +597,8 @@ def test_recovery_keeps_a_retuned_prompt_only_when_held_out_answers_get_closer(
 # ---- options ------------------------------------------------------------------------------
 def test_configs_default_to_the_recipe_and_refuse_bad_values():
     assert PromptConfig() == PromptConfig(num_virtual_tokens=10, epochs=5, lr=3e-2, head_lr=1e-2,
-                                          init_text=None, precision="auto")
+                                          init_text=None, precision="auto",
+                                          batching="shuffled")
     assert AttributionConfig() == AttributionConfig(method="grad", ig_steps=5, num_examples=256,
                                                     absolute=True)
     # the recipe that measured best (docs/results.md "localize's defaults")
@@ -626,6 +630,7 @@ def test_configs_default_to_the_recipe_and_refuse_bad_values():
             (lambda: PromptConfig(epochs=-2), "epochs .* >= 0"),
             (lambda: PromptConfig(head_lr=0), "head_lr .* > 0"),
             (lambda: PromptConfig(precision="float16"), r"\(--train-precision\) must be one of"),
+            (lambda: PromptConfig(batching="sorted"), r"\(--train-batches\) must be one of"),
             (lambda: RecoveryConfig(epochs=-1), r"RecoveryConfig.epochs \(--recover-epochs\)"),
             (lambda: RecoveryConfig(lr=-5), "lr .* > 0"),
             (lambda: RecoveryConfig(num_examples=0), r"\(--recover-examples\) .* > 0"),

@@ -145,6 +145,8 @@ def test_distilling_moves_the_pruned_expert_towards_its_teacher(tokenizer, famil
             retune(model, tokenizer, expert, data, progress=False, teacher=bad)
     with pytest.raises(ValueError, match="precision must be one of"):
         retune(model, tokenizer, expert, data, progress=False, precision="float16")
+    with pytest.raises(ValueError, match="batching must be one of"):
+        retune(model, tokenizer, expert, data, progress=False, batching="sorted")
     assert state_dict_equal(before, snapshot(model))
 
 

@@ -228,14 +228,16 @@ def _tune_prompt(run: _Run, train, prompt: PromptConfig, start_from: Expert | No
         tuned = _reuse(start_from, run.task, run.model)
         return tuned, {key: start_from.figures.get(key)
                        for key in ("prompt_epochs", "prompt_lr", "prompt_init",
-                                   "prompt_precision")}
+                                   "prompt_precision", "prompt_batching")}
     tuned = train_prompt(run.model, run.tokenizer, train, run.task.task_type, run.task.token_ids,
                          run.task.template, prompt.num_virtual_tokens, prompt.epochs, prompt.lr,
                          prompt.head_lr, run.batch_size, run.task.max_length, run.seed,
-                         run.progress, init_text=prompt.init_text, precision=prompt.precision)
+                         run.progress, init_text=prompt.init_text, precision=prompt.precision,
+                         batching=prompt.batching)
     return tuned, dict(prompt_epochs=prompt.epochs, prompt_lr=prompt.lr,
                        prompt_init=prompt.init_text,
-                       prompt_precision=resolve_precision(prompt.precision, run.model))
+                       prompt_precision=resolve_precision(prompt.precision, run.model),
+                       prompt_batching=prompt.batching)
 
 
 @dataclass(frozen=True)
@@ -255,6 +257,7 @@ class _Recovery:
     judge: Fidelity | None  # keep="closer" with distillation: training examples held out of
     # `data` and of the reconstruction's choice
     precision: str  # PromptConfig.precision, "auto" resolved for the model
+    batching: str  # PromptConfig.batching
 
     @classmethod
     def of(cls, run: "_Run", tuned_expert: Expert, train, prompt: PromptConfig,
@@ -280,7 +283,7 @@ class _Recovery:
         return cls(recovery.epochs, prompt.lr if recovery.lr is None else recovery.lr,
                    prompt.head_lr, recovery.schedule, data, teacher, recovery.reconstruct,
                    reconstructor, recovery.keep, judge,
-                   resolve_precision(prompt.precision, run.model))
+                   resolve_precision(prompt.precision, run.model), prompt.batching)
 
     @property
     def calibration_examples(self) -> int:
@@ -305,7 +308,7 @@ class _Recovery:
         retuned, _ = retune(run.model, run.tokenizer, expert, self.data, self.epochs, self.lr,
                             self.head_lr, run.batch_size, run.seed, progress=False,
                             teacher=self.teacher, schedule=self.schedule,
-                            precision=self.precision)
+                            precision=self.precision, batching=self.batching)
         return retuned
 
 
@@ -431,6 +434,7 @@ def _figures(expert: Expert, result, change_se: dict, base: _Baseline, recover: 
         recover_lr=recover.lr if recover.epochs else None,
         recover_schedule=recover.schedule if recover.epochs else None,
         recover_precision=recover.precision if recover.epochs else None,
+        recover_batching=recover.batching if recover.epochs else None,
         recover_examples=len(recover.data) if recover.epochs else 0,
         recover_objective=("distill" if recover.teacher is not None else "labels")
         if recover.epochs else None,

@@ -20,7 +20,7 @@ import math
 import warnings
 from dataclasses import dataclass
 
-from doe_kernels.localize.prompt import PRECISIONS, SCHEDULES
+from doe_kernels.localize.prompt import BATCHINGS, PRECISIONS, SCHEDULES
 
 
 def option(default, flag, help, *, flat=None, choices=None, positive=False, aliases=(),
@@ -80,6 +80,12 @@ class PromptConfig:
         "(under bfloat16 autocast; the prompt, head and loss stay float32) or 'auto' (bfloat16 "
         "for a float32 model on a device with native bfloat16: a GPU from Ampere on, a CPU with "
         "AVX512-BF16 or AMX)", choices=PRECISIONS)
+    batching: str = option(
+        "shuffled", "--train-batches", "how the training examples of each epoch are batched, "
+        "while training the prompt and re-tuning candidates: 'shuffled' (in a random order) or "
+        "'by_length' (shuffled, then within each pool of 50 batches sorted by token count and "
+        "cut into batches, the batches in a random order: little padding to run)",
+        choices=BATCHINGS)
 
     def __post_init__(self):
         check_fields(self)

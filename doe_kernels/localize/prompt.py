@@ -20,13 +20,16 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from doe_kernels.expert import SEQ_CLS, encode, prompted_label_logits
+from doe_kernels.expert import SEQ_CLS, encode, prompted_label_logits, token_counts
 
 _FLAGS_ATTR = "_doe_kernels_requires_grad"
 SCHEDULES = ("constant", "linear")  # fit's learning-rate schedules
 # fit's forward and backward: in the model's own dtype, under bfloat16 autocast, or "auto": autocast
 # where the device computes bfloat16 natively and the model is float32
 PRECISIONS = ("auto", "float32", "bfloat16")
+# fit's batches each epoch: the examples shuffled, or shuffled then grouped by token count
+BATCHINGS = ("shuffled", "by_length")
+LENGTH_POOL = 50  # batches whose examples "by_length" sorts together (as transformers' Trainer)
 
 
 @dataclass
@@ -82,6 +85,27 @@ def check_schedule(schedule: str) -> None:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
 
 
+def check_batching(batching: str) -> None:
+    if batching not in BATCHINGS:
+        raise ValueError(f"batching must be one of {BATCHINGS}, got {batching!r}")
+
+
+def epoch_batches(order: list, batch_size: int, lengths: list | None = None,
+                  rng: random.Random | None = None) -> list[list]:
+    """One epoch's batches of the (already shuffled) `order`: in that order, or with `lengths`
+    (each example's token count) grouped by length: each pool of LENGTH_POOL batches' examples
+    sorted by length and cut into batches, the batches then shuffled with `rng` (little padding
+    to run, no order of lengths through the epoch)."""
+    if lengths is None:
+        return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    pool, batches = LENGTH_POOL * batch_size, []
+    for start in range(0, len(order), pool):
+        sorted_pool = sorted(order[start:start + pool], key=lengths.__getitem__)
+        batches += epoch_batches(sorted_pool, batch_size)
+    rng.shuffle(batches)
+    return batches
+
+
 def check_precision(precision: str) -> None:
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -121,7 +145,8 @@ def fit(peft_model, tokenizer, data, task_type: str, token_ids=None, template=No
         epochs: int = 5, lr: float = 3e-2, head_lr: float = 1e-2, batch_size: int = 16,
         max_length: int = 128, seed: int = 0, progress: bool = True,
         targets: torch.Tensor | None = None, schedule: str = "constant",
-        extra_groups: list | None = None, precision: str = "auto") -> list[float]:
+        extra_groups: list | None = None, precision: str = "auto",
+        batching: str = "shuffled") -> list[float]:
     """Train the prompt (and head) with cross-entropy over the label logits, against the gold
     labels, or against `targets` ((len(data), num_labels) probabilities, e.g. a teacher's: then
     the loss is the KL divergence from them, up to their constant entropy); returns the mean loss
@@ -130,11 +155,14 @@ def fit(peft_model, tokenizer, data, task_type: str, token_ids=None, template=No
     "lr": ...}) trained with them (not as part of the head). `precision`: "float32" runs the
     model in its own dtype; "bfloat16" runs its forward (and so its backward) under bfloat16
     autocast, the trained tensors and the loss staying float32; "auto" picks
-    (`resolve_precision`)."""
+    (`resolve_precision`). `batching`: each epoch's examples "shuffled" into batches, or
+    shuffled and then batched "by_length" (`epoch_batches`)."""
     if targets is not None and tuple(targets.shape[:1]) != (len(data),):
         raise ValueError(f"targets has {targets.shape[0]} rows for {len(data)} examples")
     check_schedule(schedule)
+    check_batching(batching)
     precision = resolve_precision(precision, peft_model.get_base_model())
+    lengths = token_counts(tokenizer, data.texts) if batching == "by_length" else None
     gold_all = torch.tensor(data.label_ids) if targets is None else targets.float()
     prompt_params, head_params = trainable(peft_model)
     extra_groups = list(extra_groups or [])
@@ -157,8 +185,7 @@ def fit(peft_model, tokenizer, data, task_type: str, token_ids=None, template=No
     for _ in range(epochs):
         rng.shuffle(order)
         total, count = 0.0, 0
-        for start in range(0, len(order), batch_size):
-            chosen = order[start:start + batch_size]
+        for chosen in epoch_batches(order, batch_size, lengths, rng):
             ids, attention = encode(tokenizer, [data.texts[i] for i in chosen], task_type, template,
                                     max_length)
             with autocast(device, precision):
@@ -216,11 +243,13 @@ def train_prompt(model, tokenizer, data, task_type: str, token_ids=None, templat
                  num_virtual_tokens: int = 10, epochs: int = 5, lr: float = 3e-2,
                  head_lr: float = 1e-2, batch_size: int = 16, max_length: int = 128,
                  seed: int = 0, progress: bool = True, init_text: str | None = None,
-                 precision: str = "auto") -> PromptResult:
+                 precision: str = "auto", batching: str = "shuffled") -> PromptResult:
     """Prompt-tune `model` on `data` (a TaskData); the model is left as it was. The prompt starts
     as the embeddings of `init_text`'s tokens (cycled to `num_virtual_tokens`, as PEFT's
-    PromptTuningInit.TEXT), by default of random vocabulary tokens. `precision`: as `fit`'s."""
+    PromptTuningInit.TEXT), by default of random vocabulary tokens. `precision`, `batching`: as
+    `fit`'s."""
     check_precision(precision)
+    check_batching(batching)
     torch.manual_seed(seed)
     init_ids = None
     if init_text is not None:
@@ -230,7 +259,8 @@ def train_prompt(model, tokenizer, data, task_type: str, token_ids=None, templat
     peft_model = wrap(model, task_type, num_virtual_tokens, init_ids=init_ids, seed=seed)
     try:
         losses = fit(peft_model, tokenizer, data, task_type, token_ids, template, epochs, lr,
-                     head_lr, batch_size, max_length, seed, progress, precision=precision)
+                     head_lr, batch_size, max_length, seed, progress, precision=precision,
+                     batching=batching)
         prompt, head = extract(peft_model)
     finally:
         unwrap(peft_model)

@@ -20,7 +20,8 @@ from torch import nn
 
 from doe_kernels.expert import Expert
 from doe_kernels.localize.attribution import hook_points
-from doe_kernels.localize.prompt import check_precision, check_schedule, extract, fit, unwrap, wrap
+from doe_kernels.localize.prompt import (check_batching, check_precision, check_schedule, extract,
+                                         fit, unwrap, wrap)
 from doe_kernels.mask import ExpertMask
 from doe_kernels.models import describe
 
@@ -187,7 +188,7 @@ def retune(model, tokenizer, expert: Expert, data, epochs: int = 1, lr: float = 
            head_lr: float = 1e-2, batch_size: int = 16, seed: int = 0,
            progress: bool = True, teacher: torch.Tensor | None = None,
            schedule: str = "linear", vectors_lr: float | None = None,
-           precision: str = "auto") -> tuple[Expert, list]:
+           precision: str = "auto", batching: str = "shuffled") -> tuple[Expert, list]:
     """(a new Expert with the same mask and a prompt and head trained for `epochs` more on
     `data` through the pruned network, the mean training loss of each epoch). Starts from the
     expert's own prompt and head; `model` (unpatched) is left as it was. A dense expert (mask
@@ -198,7 +199,8 @@ def retune(model, tokenizer, expert: Expert, data, epochs: int = 1, lr: float = 
     ("constant"; one epoch at a constant lr lands the prompt wherever Adam's last steps took it).
     `vectors_lr`: also train the FFN reconstruction vectors of the layers the mask prunes (the
     kept neurons' scales and the bias delta, `TrainedDown`) at this learning rate; the new
-    Expert's mask holds them (None: the mask is kept as it is). `precision`: as `fit`'s."""
+    Expert's mask holds them (None: the mask is kept as it is). `precision`, `batching`: as
+    `fit`'s."""
     if vectors_lr is not None and not vectors_lr > 0:
         raise ValueError(f"vectors_lr must be > 0 or None, got {vectors_lr}")
     if teacher is not None and tuple(teacher.shape) != (len(data), len(expert.label_names)):
@@ -206,6 +208,7 @@ def retune(model, tokenizer, expert: Expert, data, epochs: int = 1, lr: float = 
                          f"label for each example: ({len(data)}, {len(expert.label_names)})")
     check_schedule(schedule)
     check_precision(precision)
+    check_batching(batching)
     targets = None if teacher is None else torch.softmax(teacher.float(), dim=-1)
     torch.manual_seed(seed)
     mask = ExpertMask() if expert.mask is None else expert.mask
@@ -222,7 +225,7 @@ def retune(model, tokenizer, expert: Expert, data, epochs: int = 1, lr: float = 
                          expert.template, epochs, lr, head_lr, batch_size, expert.max_length,
                          seed, progress, targets, schedule,
                          [dict(params=vectors, lr=vectors_lr)] if vectors else None,
-                         precision)
+                         precision, batching)
             prompt, head = extract(peft_model)
             mask = trained_mask(mask, trained)
         finally:

@@ -1,13 +1,16 @@
-"""Prompt tuning in float32 against bfloat16 autocast (`PromptConfig.precision`): per task, the
-same prompt tuning (same examples, order and initialisation) run in each precision, each prompt
-then served in float32: validation and test accuracy, the paired change of the bfloat16 prompt
-from the float32 one with its standard error, the training losses and the time each took.
+"""Prompt tuning two ways per task: float32 against bfloat16 autocast, or shuffled batches against
+batches by length (`PromptConfig.precision`, `PromptConfig.batching`). The same prompt tuning
+(same examples and initialisation) runs each way, each prompt then served in float32:
+validation and test accuracy, the paired change of the second way from the first with its
+standard error, the training losses and the time each took.
 
-    python python/prompt_precision.py --model minilm --tasks tweets polarity --epochs 5 \
+    python python/prompt_training.py --model minilm --tasks tweets polarity --epochs 5 \
         --virtual-tokens 20 --validation 1500 --top-up-validation --test 1000 --out precision.json
+    python python/prompt_training.py --model minilm --tasks tweets --precisions auto \
+        --batchings shuffled by_length --out batching.json
 
-The splits are unplug_and_play.py's (--max-train, --validation, --top-up-validation, --test,
---seed).
+Each way is a (precision, batching) of --precisions x --batchings, named by what varies. The
+splits are unplug_and_play.py's (--max-train, --validation, --top-up-validation, --test, --seed).
 """
 import argparse
 import json
@@ -17,12 +20,24 @@ import torch
 import unplug_and_play as up
 
 from doe_kernels.localize import _Task
-from doe_kernels.localize.prompt import PRECISIONS, train_prompt
+from doe_kernels.localize.prompt import BATCHINGS, PRECISIONS, resolve_precision, train_prompt
 from doe_kernels.localize.search import paired_change
 
 
+def ways(args) -> dict:
+    """{name: (precision, batching)}: each pair of --precisions x --batchings, named by what
+    varies (the precision alone when one batching is given, as files written before)."""
+    pairs = [(p, b) for p in args.precisions for b in args.batchings]
+    if len(args.batchings) == 1:
+        return {p: (p, b) for p, b in pairs}
+    if len(args.precisions) == 1:
+        return {b: (p, b) for p, b in pairs}
+    return {f"{p}, {b}": (p, b) for p, b in pairs}
+
+
 def task_row(task, args) -> dict:
-    """Each precision's prompt: losses, seconds, accuracies; the bfloat16 prompt's paired change."""
+    """Each way's prompt: losses, seconds, accuracies; with two ways, the second's paired change
+    from the first."""
     splits = up.task_splits(task, args)
     train = splits["train"]
     model, tokenizer = up.load_model(args.model, len(train.label_names), args.seed)
@@ -30,23 +45,24 @@ def task_row(task, args) -> dict:
     if args.model == "smollm2":
         template, words = up.causal_lm_task(task, tokenizer, train.label_names)
     spec = _Task.of(model, tokenizer, train, words, template, args.max_length)
-    row, answers = dict(task=task), {}
-    for precision in args.precisions:
+    row, answers, named = dict(task=task), {}, ways(args)
+    for name, (precision, batching) in named.items():
         started = time.perf_counter()
         tuned = train_prompt(model, tokenizer, train, spec.task_type, spec.token_ids, template,
                              args.virtual_tokens, args.epochs, max_length=args.max_length,
-                             seed=args.seed, precision=precision)
+                             seed=args.seed, precision=precision, batching=batching)
         seconds = time.perf_counter() - started
         expert = spec.expert(None, tuned.prompt, tuned.head)
-        result = dict(seconds=round(seconds, 1), losses=tuned.losses)
+        result = dict(seconds=round(seconds, 1), losses=tuned.losses,
+                      precision=resolve_precision(precision, model), batching=batching)
         for split in ("validation", "test"):
             correct = expert.correct(model, tokenizer, splits[split], batch_size=32).tolist()
-            answers[precision, split] = correct
+            answers[name, split] = correct
             result[f"{split}_accuracy"] = sum(correct) / len(correct)
-        row[precision] = result
-        print(task, precision, result, flush=True)
-    if len(args.precisions) == 2:
-        first, second = args.precisions
+        row[name] = result
+        print(task, name, result, flush=True)
+    if len(named) == 2:
+        first, second = named
         for split in ("validation", "test"):
             row[f"{split}_change"] = paired_change(answers[second, split], answers[first, split])
     return row
@@ -57,7 +73,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--model", default="minilm", choices=("minilm", "smollm2"))
     parser.add_argument("--tasks", nargs="+", default=["tweets"])
     parser.add_argument("--precisions", nargs="+", default=["float32", "bfloat16"],
-                        choices=PRECISIONS, help="with two, the second's change from the first")
+                        choices=PRECISIONS)
+    parser.add_argument("--batchings", nargs="+", default=["shuffled"], choices=BATCHINGS,
+                        help="with --precisions, the ways compared: with two ways, the second's "
+                        "change from the first")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--virtual-tokens", type=int, default=10)
     parser.add_argument("--max-length", type=int, default=128)

@@ -1,0 +1,64 @@
+"""python/prompt_training.py on a tiny budget (a built-in task on all-MiniLM-L6-v2): a row per
+task with each way's prompt scored (each precision, or each batching), and the second way's
+paired change from the first."""
+import json
+
+import pytest
+
+from expert_utils import sentiment_task
+from real_models import minilm_dir
+
+import prompt_training  # python/, on the tests' path (pyproject.toml: pythonpath)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_each_precision_trains_its_own_prompt(tmp_path, monkeypatch):
+    minilm_dir()  # the script loads all-MiniLM-L6-v2: skips where its package is missing
+    data = sentiment_task(48).split((0.5, 0.25, 0.25))
+    monkeypatch.setattr(prompt_training.up, "task_splits", lambda task, args: data)
+    out = tmp_path / "precision.json"
+    result = prompt_training.main(["--tasks", "sentiment", "--epochs", "1",
+                                    "--virtual-tokens", "2", "--max-length", "32",
+                                    "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    (row,) = result["rows"]
+    for precision in ("float32", "bfloat16"):
+        assert len(row[precision]["losses"]) == 1 and row[precision]["seconds"] > 0
+        for split in ("validation", "test"):
+            assert 0 <= row[precision][f"{split}_accuracy"] <= 1
+    # bfloat16 rounding moves the training losses, so the two prompts differ
+    assert row["float32"]["losses"] != row["bfloat16"]["losses"]
+    for split in ("validation", "test"):
+        change = row[f"{split}_change"]
+        assert change["change"] == pytest.approx(row["bfloat16"][f"{split}_accuracy"]
+                                                 - row["float32"][f"{split}_accuracy"])
+
+
+def test_each_batching_trains_its_own_prompt(tmp_path, monkeypatch):
+    minilm_dir()
+    data = sentiment_task(48).split((0.5, 0.25, 0.25))
+    monkeypatch.setattr(prompt_training.up, "task_splits", lambda task, args: data)
+    result = prompt_training.main(["--tasks", "sentiment", "--epochs", "1", "--virtual-tokens",
+                                   "2", "--max-length", "32", "--precisions", "float32",
+                                   "--batchings", "shuffled", "by_length",
+                                   "--out", str(tmp_path / "batching.json")])
+    (row,) = result["rows"]
+    assert [row[way]["batching"] for way in ("shuffled", "by_length")] == ["shuffled",
+                                                                           "by_length"]
+    assert row["shuffled"]["precision"] == row["by_length"]["precision"] == "float32"
+    assert row["shuffled"]["losses"] != row["by_length"]["losses"]  # other batches
+    assert row["validation_change"]["change"] == pytest.approx(
+        row["by_length"]["validation_accuracy"] - row["shuffled"]["validation_accuracy"])
+
+
+def test_ways_are_named_by_what_varies():
+    from argparse import Namespace
+
+    ways = prompt_training.ways
+    assert ways(Namespace(precisions=["float32", "bfloat16"], batchings=["shuffled"])) == {
+        "float32": ("float32", "shuffled"), "bfloat16": ("bfloat16", "shuffled")}
+    assert list(ways(Namespace(precisions=["auto"], batchings=["shuffled", "by_length"]))) == [
+        "shuffled", "by_length"]
+    assert len(ways(Namespace(precisions=["float32", "bfloat16"],
+                              batchings=["shuffled", "by_length"]))) == 4
