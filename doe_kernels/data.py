@@ -47,9 +47,13 @@ class TaskData:
 
     def sample(self, count: int, seed: int = 0) -> "TaskData":
         """At most `count` examples, drawn at random (stratification is left to the caller)."""
+        return self.subset(self.sample_indices(count, seed))
+
+    def sample_indices(self, count: int, seed: int = 0) -> list[int]:
+        """The indices `sample(count, seed)` draws, in the order drawn."""
         order = list(range(len(self)))
         random.Random(seed).shuffle(order)
-        return self.subset(order[:count])
+        return order[:count]
 
     def split(self, fractions=(0.8, 0.1, 0.1), seed: int = 0) -> dict[str, "TaskData"]:
         """Random train/validation/test splits in the given proportions."""

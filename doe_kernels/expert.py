@@ -471,7 +471,8 @@ class Expert:
                 return self.predict_logits(model, tokenizer, texts, batch_size, backend)
         if not texts:
             return torch.empty(0, len(self.label_names))
-        order = by_length(tokenizer, texts)  # batches of like lengths: little padding to run
+        # batches of like lengths, little padding to run (one batch: as given, nothing to sort)
+        order = by_length(tokenizer, texts) if len(texts) > batch_size else range(len(texts))
         out = []
         with torch.no_grad():
             for start in range(0, len(texts), batch_size):
@@ -480,7 +481,7 @@ class Expert:
                 out.append(self.logits(model, ids, attention).cpu())
         logits = torch.cat(out)
         restored = torch.empty_like(logits)
-        restored[torch.tensor(order)] = logits
+        restored[torch.tensor(list(order))] = logits
         return restored
 
     def predict(self, model, tokenizer, texts, batch_size: int = 32) -> list[str]:

@@ -14,7 +14,6 @@ measured.
 import collections
 import contextlib
 import dataclasses
-import random
 import time
 import warnings
 from dataclasses import dataclass
@@ -357,9 +356,7 @@ def _zero_shot(run: _Run, tuned_expert: Expert, validation, correct) -> tuple[fl
     """(the model's accuracy without a prompt, the baseline's on the same examples): on at most
     ZERO_SHOT_EXAMPLES validation examples drawn with the run's seed (a check, not a figure the
     search uses: on the whole split it cost as much as evaluating a candidate)."""
-    order = list(range(len(validation)))
-    random.Random(run.seed).shuffle(order)
-    order = sorted(order[:ZERO_SHOT_EXAMPLES])
+    order = sorted(validation.sample_indices(ZERO_SHOT_EXAMPLES, seed=run.seed))
     bare = run.task.expert(None, tuned_expert.prompt[:0], None, name="task")
     zero_shot = bare.evaluate(run.model, run.tokenizer, validation.subset(order),
                               batch_size=2 * run.batch_size)

@@ -29,6 +29,7 @@ SCHEDULES = ("constant", "linear")  # fit's learning-rate schedules
 PRECISIONS = ("auto", "float32", "bfloat16")
 # fit's batches each epoch: the examples shuffled, or shuffled then grouped by token count
 BATCHINGS = ("shuffled", "by_length")
+CHOICES = dict(schedule=SCHEDULES, precision=PRECISIONS, batching=BATCHINGS)  # check_choices
 LENGTH_POOL = 50  # batches whose examples "by_length" sorts together (as transformers' Trainer)
 
 
@@ -80,14 +81,11 @@ def trained_label_logits(peft_model, input_ids, attention_mask, task_type: str,
                                  task_type, token_ids)
 
 
-def check_schedule(schedule: str) -> None:
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-
-
-def check_batching(batching: str) -> None:
-    if batching not in BATCHINGS:
-        raise ValueError(f"batching must be one of {BATCHINGS}, got {batching!r}")
+def check_choices(**values) -> None:
+    """Each of fit's named options (schedule, precision, batching) among its CHOICES."""
+    for name, value in values.items():
+        if value not in CHOICES[name]:
+            raise ValueError(f"{name} must be one of {CHOICES[name]}, got {value!r}")
 
 
 def epoch_batches(order: list, batch_size: int, lengths: list | None = None,
@@ -106,11 +104,6 @@ def epoch_batches(order: list, batch_size: int, lengths: list | None = None,
     return batches
 
 
-def check_precision(precision: str) -> None:
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-
-
 def bfloat16_is_native(device: torch.device) -> bool:
     """Whether `device` computes bfloat16 matrix products natively (where autocast pays): a CUDA
     GPU with bfloat16 (Ampere on), a CPU with AVX512-BF16 or AMX. Other CPUs emulate them, slower
@@ -126,7 +119,7 @@ def bfloat16_is_native(device: torch.device) -> bool:
 def resolve_precision(precision: str, model) -> str:
     """"float32" or "bfloat16": `precision`, with "auto" resolved for `model` (bfloat16 autocast
     when its weights are float32 on a device with native bfloat16)."""
-    check_precision(precision)
+    check_choices(precision=precision)
     if precision != "auto":
         return precision
     weight = model.get_input_embeddings().weight
@@ -159,8 +152,7 @@ def fit(peft_model, tokenizer, data, task_type: str, token_ids=None, template=No
     shuffled and then batched "by_length" (`epoch_batches`)."""
     if targets is not None and tuple(targets.shape[:1]) != (len(data),):
         raise ValueError(f"targets has {targets.shape[0]} rows for {len(data)} examples")
-    check_schedule(schedule)
-    check_batching(batching)
+    check_choices(schedule=schedule, batching=batching)
     precision = resolve_precision(precision, peft_model.get_base_model())
     lengths = token_counts(tokenizer, data.texts) if batching == "by_length" else None
     gold_all = torch.tensor(data.label_ids) if targets is None else targets.float()
@@ -248,8 +240,7 @@ def train_prompt(model, tokenizer, data, task_type: str, token_ids=None, templat
     as the embeddings of `init_text`'s tokens (cycled to `num_virtual_tokens`, as PEFT's
     PromptTuningInit.TEXT), by default of random vocabulary tokens. `precision`, `batching`: as
     `fit`'s."""
-    check_precision(precision)
-    check_batching(batching)
+    check_choices(precision=precision, batching=batching)
     torch.manual_seed(seed)
     init_ids = None
     if init_text is not None:

@@ -20,8 +20,7 @@ from torch import nn
 
 from doe_kernels.expert import Expert
 from doe_kernels.localize.attribution import hook_points
-from doe_kernels.localize.prompt import (check_batching, check_precision, check_schedule, extract,
-                                         fit, unwrap, wrap)
+from doe_kernels.localize.prompt import check_choices, extract, fit, unwrap, wrap
 from doe_kernels.mask import ExpertMask
 from doe_kernels.models import describe
 
@@ -206,9 +205,7 @@ def retune(model, tokenizer, expert: Expert, data, epochs: int = 1, lr: float = 
     if teacher is not None and tuple(teacher.shape) != (len(data), len(expert.label_names)):
         raise ValueError(f"teacher has shape {tuple(teacher.shape)}; it must hold one logit per "
                          f"label for each example: ({len(data)}, {len(expert.label_names)})")
-    check_schedule(schedule)
-    check_precision(precision)
-    check_batching(batching)
+    check_choices(schedule=schedule, precision=precision, batching=batching)
     targets = None if teacher is None else torch.softmax(teacher.float(), dim=-1)
     torch.manual_seed(seed)
     mask = ExpertMask() if expert.mask is None else expert.mask
