@@ -1,6 +1,7 @@
-"""Prompt tuning two ways per task: float32 against bfloat16 autocast, or shuffled batches against
-batches by length (`PromptConfig.precision`, `PromptConfig.batching`). The same prompt tuning
-(same examples and initialisation) runs each way, each prompt then served in float32:
+"""Prompt tuning two or more ways per task: float32 against bfloat16 autocast, shuffled batches
+against batches by length, or one learning rate against others (`PromptConfig.precision`,
+`PromptConfig.batching`, `PromptConfig.lr`). The same prompt tuning (same examples and
+initialisation) runs each way, each prompt then served in float32:
 validation and test accuracy, the paired change of the second way from the first with its
 standard error, the training losses and the time each took.
 
@@ -8,8 +9,11 @@ standard error, the training losses and the time each took.
         --virtual-tokens 20 --validation 1500 --top-up-validation --test 1000 --out precision.json
     python python/prompt_training.py --model minilm --tasks tweets --precisions auto \
         --batchings shuffled by_length --out batching.json
+    python python/prompt_training.py --model smollm2 --tasks tweets --precisions auto \
+        --lrs 0.03 0.01 0.003 --out lr.json
 
-Each way is a (precision, batching) of --precisions x --batchings, named by what varies. The
+Each way is a (precision, batching, lr) of --precisions x --batchings x --lrs, named by what
+varies; with more than two ways each is compared with the first. The
 splits are unplug_and_play.py's (--max-train, --validation, --top-up-validation, --test, --seed).
 """
 import argparse
@@ -19,25 +23,28 @@ import time
 import torch
 import unplug_and_play as up
 
-from doe_kernels.localize import _Task
+from doe_kernels.localize import PromptConfig, _Task
 from doe_kernels.localize.prompt import BATCHINGS, PRECISIONS, resolve_precision, train_prompt
 from doe_kernels.localize.search import paired_change
 
 
 def ways(args) -> dict:
-    """{name: (precision, batching)}: each pair of --precisions x --batchings, named by what
-    varies (the precision alone when one batching is given, as files written before)."""
-    pairs = [(p, b) for p in args.precisions for b in args.batchings]
-    if len(args.batchings) == 1:
-        return {p: (p, b) for p, b in pairs}
-    if len(args.precisions) == 1:
-        return {b: (p, b) for p, b in pairs}
-    return {f"{p}, {b}": (p, b) for p, b in pairs}
+    """{name: (precision, batching, lr)}: each of --precisions x --batchings x --lrs, named by
+    what varies (the precision alone when nothing else does, as files written before)."""
+    axes = [(p, b, lr) for p in args.precisions for b in args.batchings for lr in args.lrs]
+    varies = [len(values) > 1 for values in (args.precisions, args.batchings, args.lrs)]
+    if not any(varies):
+        varies[0] = True
+
+    def name(way):
+        return ", ".join(f"lr {v:g}" if i == 2 else v
+                         for i, v in enumerate(way) if varies[i])
+    return {name(way): way for way in axes}
 
 
 def task_row(task, args) -> dict:
     """Each way's prompt: losses, seconds, accuracies; with two ways, the second's paired change
-    from the first."""
+    from the first (with more, "changes": each later way's from the first)."""
     splits = up.task_splits(task, args)
     train = splits["train"]
     model, tokenizer = up.load_model(args.model, len(train.label_names), args.seed)
@@ -46,25 +53,29 @@ def task_row(task, args) -> dict:
         template, words = up.causal_lm_task(task, tokenizer, train.label_names)
     spec = _Task.of(model, tokenizer, train, words, template, args.max_length)
     row, answers, named = dict(task=task), {}, ways(args)
-    for name, (precision, batching) in named.items():
+    for name, (precision, batching, lr) in named.items():
         started = time.perf_counter()
         tuned = train_prompt(model, tokenizer, train, spec.task_type, spec.token_ids, template,
-                             args.virtual_tokens, args.epochs, max_length=args.max_length,
-                             seed=args.seed, precision=precision, batching=batching)
+                             args.virtual_tokens, args.epochs, lr=lr,
+                             max_length=args.max_length, seed=args.seed, precision=precision,
+                             batching=batching)
         seconds = time.perf_counter() - started
         expert = spec.expert(None, tuned.prompt, tuned.head)
         result = dict(seconds=round(seconds, 1), losses=tuned.losses,
-                      precision=resolve_precision(precision, model), batching=batching)
+                      precision=resolve_precision(precision, model), batching=batching, lr=lr)
         for split in ("validation", "test"):
             correct = expert.correct(model, tokenizer, splits[split], batch_size=32).tolist()
             answers[name, split] = correct
             result[f"{split}_accuracy"] = sum(correct) / len(correct)
         row[name] = result
         print(task, name, result, flush=True)
-    if len(named) == 2:
-        first, second = named
-        for split in ("validation", "test"):
-            row[f"{split}_change"] = paired_change(answers[second, split], answers[first, split])
+    first, *later = named
+    changes = {name: {split: paired_change(answers[name, split], answers[first, split])
+                      for split in ("validation", "test")} for name in later}
+    if len(later) == 1:
+        row.update({f"{split}_change": change for split, change in changes[later[0]].items()})
+    elif later:
+        row["changes"] = changes
     return row
 
 
@@ -77,6 +88,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--batchings", nargs="+", default=["shuffled"], choices=BATCHINGS,
                         help="with --precisions, the ways compared: with two ways, the second's "
                         "change from the first")
+    parser.add_argument("--lrs", nargs="+", type=float, default=[PromptConfig.lr],
+                        help="learning rates of the soft prompt")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--virtual-tokens", type=int, default=10)
     parser.add_argument("--max-length", type=int, default=128)

@@ -1,6 +1,6 @@
 """python/prompt_training.py on a tiny budget (a built-in task on all-MiniLM-L6-v2): a row per
-task with each way's prompt scored (each precision, or each batching), and the second way's
-paired change from the first."""
+task with each way's prompt scored (each precision, batching or learning rate), and the later
+ways' paired changes from the first."""
 import json
 
 import pytest
@@ -52,13 +52,35 @@ def test_each_batching_trains_its_own_prompt(tmp_path, monkeypatch):
         row["by_length"]["validation_accuracy"] - row["shuffled"]["validation_accuracy"])
 
 
+def test_each_learning_rate_trains_its_own_prompt(tmp_path, monkeypatch):
+    minilm_dir()
+    data = sentiment_task(48).split((0.5, 0.25, 0.25))
+    monkeypatch.setattr(prompt_training.up, "task_splits", lambda task, args: data)
+    result = prompt_training.main(["--tasks", "sentiment", "--epochs", "1", "--virtual-tokens",
+                                   "2", "--max-length", "32", "--precisions", "float32",
+                                   "--lrs", "0.03", "0.003", "0.0003",
+                                   "--out", str(tmp_path / "lr.json")])
+    (row,) = result["rows"]
+    names = ["lr 0.03", "lr 0.003", "lr 0.0003"]
+    assert [row[name]["lr"] for name in names] == [0.03, 0.003, 0.0003]
+    assert row["lr 0.03"]["losses"] != row["lr 0.003"]["losses"]
+    assert list(row["changes"]) == names[1:]  # each later way against the first
+    for name in names[1:]:
+        for split in ("validation", "test"):
+            assert row["changes"][name][split]["change"] == pytest.approx(
+                row[name][f"{split}_accuracy"] - row["lr 0.03"][f"{split}_accuracy"])
+
+
 def test_ways_are_named_by_what_varies():
     from argparse import Namespace
 
-    ways = prompt_training.ways
-    assert ways(Namespace(precisions=["float32", "bfloat16"], batchings=["shuffled"])) == {
-        "float32": ("float32", "shuffled"), "bfloat16": ("bfloat16", "shuffled")}
-    assert list(ways(Namespace(precisions=["auto"], batchings=["shuffled", "by_length"]))) == [
-        "shuffled", "by_length"]
-    assert len(ways(Namespace(precisions=["float32", "bfloat16"],
-                              batchings=["shuffled", "by_length"]))) == 4
+    def ways(precisions, batchings=("shuffled",), lrs=(0.03,)):
+        return prompt_training.ways(Namespace(precisions=list(precisions),
+                                              batchings=list(batchings), lrs=list(lrs)))
+
+    assert ways(["float32", "bfloat16"]) == {"float32": ("float32", "shuffled", 0.03),
+                                             "bfloat16": ("bfloat16", "shuffled", 0.03)}
+    assert list(ways(["auto"], ["shuffled", "by_length"])) == ["shuffled", "by_length"]
+    assert list(ways(["auto"], lrs=[0.03, 0.01])) == ["lr 0.03", "lr 0.01"]
+    assert list(ways(["auto"])) == ["auto"]
+    assert len(ways(["float32", "bfloat16"], ["shuffled", "by_length"])) == 4
