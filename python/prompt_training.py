@@ -58,7 +58,7 @@ def task_row(task, args) -> dict:
         tuned = train_prompt(model, tokenizer, train, spec.task_type, spec.token_ids, template,
                              args.virtual_tokens, args.epochs, lr=lr,
                              max_length=args.max_length, seed=args.seed, precision=precision,
-                             batching=batching)
+                             batching=batching, init_text=args.prompt_init)
         seconds = time.perf_counter() - started
         expert = spec.expert(None, tuned.prompt, tuned.head)
         result = dict(seconds=round(seconds, 1), losses=tuned.losses,
@@ -90,6 +90,9 @@ def main(argv=None) -> dict:
                         "change from the first")
     parser.add_argument("--lrs", nargs="+", type=float, default=[PromptConfig.lr],
                         help="learning rates of the soft prompt")
+    parser.add_argument("--prompt-init", metavar="TEXT", default=None,
+                        help="the prompt's first embeddings: this text's tokens (default: "
+                        "random vocabulary tokens)")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--virtual-tokens", type=int, default=10)
     parser.add_argument("--max-length", type=int, default=128)

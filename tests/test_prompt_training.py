@@ -71,6 +71,17 @@ def test_each_learning_rate_trains_its_own_prompt(tmp_path, monkeypatch):
                 row[name][f"{split}_accuracy"] - row["lr 0.03"][f"{split}_accuracy"])
 
 
+def test_prompt_init_starts_the_prompt_from_a_text(tmp_path, monkeypatch):
+    minilm_dir()
+    data = sentiment_task(48).split((0.5, 0.25, 0.25))
+    monkeypatch.setattr(prompt_training.up, "task_splits", lambda task, args: data)
+    common = ["--tasks", "sentiment", "--epochs", "1", "--virtual-tokens", "2", "--max-length",
+              "32", "--precisions", "float32"]
+    rows = [prompt_training.main(common + extra + ["--out", str(tmp_path / f"{i}.json")])
+            ["rows"][0]["float32"] for i, extra in enumerate(([], ["--prompt-init", "sentiment"]))]
+    assert rows[0]["losses"] != rows[1]["losses"]  # another starting prompt
+
+
 def test_ways_are_named_by_what_varies():
     from argparse import Namespace
 
