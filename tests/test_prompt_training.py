@@ -11,16 +11,24 @@ from real_models import minilm_dir
 import prompt_training  # python/, on the tests' path (pyproject.toml: pythonpath)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+TINY = ["--tasks", "sentiment", "--epochs", "1", "--virtual-tokens", "2", "--max-length", "32"]
 
 
-def test_each_precision_trains_its_own_prompt(tmp_path, monkeypatch):
+@pytest.fixture
+def run(tmp_path, monkeypatch):
+    """run(*options, out=name): the script on a built-in task's 48 examples, TINY's budget."""
     minilm_dir()  # the script loads all-MiniLM-L6-v2: skips where its package is missing
     data = sentiment_task(48).split((0.5, 0.25, 0.25))
     monkeypatch.setattr(prompt_training.up, "task_splits", lambda task, args: data)
+
+    def main(*options, out="result"):
+        return prompt_training.main(TINY + list(options) + ["--out", str(tmp_path / out)])
+    return main
+
+
+def test_each_precision_trains_its_own_prompt(run, tmp_path):
+    result = run(out="precision.json")
     out = tmp_path / "precision.json"
-    result = prompt_training.main(["--tasks", "sentiment", "--epochs", "1",
-                                    "--virtual-tokens", "2", "--max-length", "32",
-                                    "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     (row,) = result["rows"]
     for precision in ("float32", "bfloat16"):
@@ -35,14 +43,8 @@ def test_each_precision_trains_its_own_prompt(tmp_path, monkeypatch):
                                                  - row["float32"][f"{split}_accuracy"])
 
 
-def test_each_batching_trains_its_own_prompt(tmp_path, monkeypatch):
-    minilm_dir()
-    data = sentiment_task(48).split((0.5, 0.25, 0.25))
-    monkeypatch.setattr(prompt_training.up, "task_splits", lambda task, args: data)
-    result = prompt_training.main(["--tasks", "sentiment", "--epochs", "1", "--virtual-tokens",
-                                   "2", "--max-length", "32", "--precisions", "float32",
-                                   "--batchings", "shuffled", "by_length",
-                                   "--out", str(tmp_path / "batching.json")])
+def test_each_batching_trains_its_own_prompt(run):
+    result = run("--precisions", "float32", "--batchings", "shuffled", "by_length")
     (row,) = result["rows"]
     assert [row[way]["batching"] for way in ("shuffled", "by_length")] == ["shuffled",
                                                                            "by_length"]
@@ -52,14 +54,8 @@ def test_each_batching_trains_its_own_prompt(tmp_path, monkeypatch):
         row["by_length"]["validation_accuracy"] - row["shuffled"]["validation_accuracy"])
 
 
-def test_each_learning_rate_trains_its_own_prompt(tmp_path, monkeypatch):
-    minilm_dir()
-    data = sentiment_task(48).split((0.5, 0.25, 0.25))
-    monkeypatch.setattr(prompt_training.up, "task_splits", lambda task, args: data)
-    result = prompt_training.main(["--tasks", "sentiment", "--epochs", "1", "--virtual-tokens",
-                                   "2", "--max-length", "32", "--precisions", "float32",
-                                   "--lrs", "0.03", "0.003", "0.0003",
-                                   "--out", str(tmp_path / "lr.json")])
+def test_each_learning_rate_trains_its_own_prompt(run):
+    result = run("--precisions", "float32", "--lrs", "0.03", "0.003", "0.0003")
     (row,) = result["rows"]
     names = ["lr 0.03", "lr 0.003", "lr 0.0003"]
     assert [row[name]["lr"] for name in names] == [0.03, 0.003, 0.0003]
@@ -71,14 +67,9 @@ def test_each_learning_rate_trains_its_own_prompt(tmp_path, monkeypatch):
                 row[name][f"{split}_accuracy"] - row["lr 0.03"][f"{split}_accuracy"])
 
 
-def test_prompt_init_starts_the_prompt_from_a_text(tmp_path, monkeypatch):
-    minilm_dir()
-    data = sentiment_task(48).split((0.5, 0.25, 0.25))
-    monkeypatch.setattr(prompt_training.up, "task_splits", lambda task, args: data)
-    common = ["--tasks", "sentiment", "--epochs", "1", "--virtual-tokens", "2", "--max-length",
-              "32", "--precisions", "float32"]
-    rows = [prompt_training.main(common + extra + ["--out", str(tmp_path / f"{i}.json")])
-            ["rows"][0]["float32"] for i, extra in enumerate(([], ["--prompt-init", "sentiment"]))]
+def test_prompt_init_starts_the_prompt_from_a_text(run):
+    rows = [run("--precisions", "float32", *extra)["rows"][0]["float32"]
+            for extra in ([], ["--prompt-init", "sentiment"])]
     assert rows[0]["losses"] != rows[1]["losses"]  # another starting prompt
 
 
