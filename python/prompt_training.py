@@ -3,7 +3,9 @@ against batches by length, or one learning rate against others (`PromptConfig.pr
 `PromptConfig.batching`, `PromptConfig.lr`). The same prompt tuning (same examples and
 initialisation) runs each way, each prompt then served in float32:
 validation and test accuracy, the paired change of the second way from the first with its
-standard error, the training losses and the time each took.
+standard error, the training losses and the time each took. With one way, --save DIR keeps each
+task's prompt as an unpruned expert, DIR/<model>/<task>.safetensors, which unplug_and_play.py
+--start-from DIR localizes from (attribution and search only).
 
     python python/prompt_training.py --model minilm --tasks tweets polarity --epochs 5 \
         --virtual-tokens 20 --validation 1500 --top-up-validation --test 1000 --out precision.json
@@ -18,13 +20,15 @@ splits are unplug_and_play.py's (--max-train, --validation, --top-up-validation,
 """
 import argparse
 import json
+import os
 import time
 
 import torch
 import unplug_and_play as up
 
 from doe_kernels.localize import PromptConfig, _Task
-from doe_kernels.localize.prompt import BATCHINGS, PRECISIONS, resolve_precision, train_prompt
+from doe_kernels.localize.prompt import (BATCHINGS, PRECISIONS, STARTS, resolve_precision,
+                                         start_text, train_prompt)
 from doe_kernels.localize.search import paired_change
 
 
@@ -53,15 +57,17 @@ def task_row(task, args) -> dict:
         template, words = up.causal_lm_task(task, tokenizer, train.label_names)
     spec = _Task.of(model, tokenizer, train, words, template, args.max_length)
     row, answers, named = dict(task=task), {}, ways(args)
+    init_text = start_text(args.prompt_start, args.prompt_init, spec.task_type, words,
+                           train.label_names)
     for name, (precision, batching, lr) in named.items():
         started = time.perf_counter()
         tuned = train_prompt(model, tokenizer, train, spec.task_type, spec.token_ids, template,
                              args.virtual_tokens, args.epochs, lr=lr,
                              max_length=args.max_length, seed=args.seed, precision=precision,
-                             batching=batching, init_text=args.prompt_init)
+                             batching=batching, init_text=init_text)
         seconds = time.perf_counter() - started
         expert = spec.expert(None, tuned.prompt, tuned.head)
-        result = dict(seconds=round(seconds, 1), losses=tuned.losses,
+        result = dict(seconds=round(seconds, 1), losses=tuned.losses, init=init_text,
                       precision=resolve_precision(precision, model), batching=batching, lr=lr)
         for split in ("validation", "test"):
             correct = expert.correct(model, tokenizer, splits[split], batch_size=32).tolist()
@@ -69,6 +75,8 @@ def task_row(task, args) -> dict:
             result[f"{split}_accuracy"] = sum(correct) / len(correct)
         row[name] = result
         print(task, name, result, flush=True)
+        if args.save:
+            save_prompt(expert, tuned, task, args, result)
     first, *later = named
     changes = {name: {split: paired_change(answers[name, split], answers[first, split])
                       for split in ("validation", "test")} for name in later}
@@ -77,6 +85,17 @@ def task_row(task, args) -> dict:
     elif later:
         row["changes"] = changes
     return row
+
+
+def save_prompt(expert, tuned, task, args, result) -> None:
+    """`expert` (no mask) in --save/<model>/<task>.safetensors, its figures saying how its prompt
+    was trained (as localize's)."""
+    expert.figures.update(prompt_epochs=args.epochs, prompt_lr=result["lr"],
+                          prompt_init=result["init"], prompt_precision=result["precision"],
+                          prompt_batching=result["batching"], prompt_losses=tuned.losses)
+    folder = os.path.join(args.save, args.model)
+    os.makedirs(folder, exist_ok=True)
+    expert.save(os.path.join(folder, f"{task}.safetensors"))
 
 
 def main(argv=None) -> dict:
@@ -91,8 +110,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--lrs", nargs="+", type=float, default=[PromptConfig.lr],
                         help="learning rates of the soft prompt")
     parser.add_argument("--prompt-init", metavar="TEXT", default=None,
-                        help="the prompt's first embeddings: this text's tokens (default: "
-                        "random vocabulary tokens)")
+                        help="the prompt's first embeddings: this text's tokens (default: as "
+                        "--prompt-start says)")
+    parser.add_argument("--prompt-start", default=PromptConfig.start, choices=STARTS,
+                        help="without --prompt-init: the label words, random tokens, or 'auto' "
+                        "(label words for a causal LM, as localize's default)")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--virtual-tokens", type=int, default=10)
     parser.add_argument("--max-length", type=int, default=128)
@@ -102,7 +124,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--test", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, help="results JSON to write")
+    parser.add_argument("--save", metavar="DIR", default=None,
+                        help="with one way: keep each prompt as an unpruned expert in "
+                        "DIR/<model>/<task>.safetensors")
     args = parser.parse_args(argv)
+    if args.prompt_init is not None and args.prompt_start != "auto":
+        parser.error("give --prompt-init or --prompt-start, not both")
+    if args.save and len(ways(args)) > 1:
+        parser.error("--save keeps one way's prompts: give one precision, batching and lr")
     args.validation_from_test = False  # what task_splits reads besides
     result = dict(args=vars(args), threads=torch.get_num_threads(), torch=torch.__version__,
                   rows=[task_row(task, args) for task in args.tasks])

@@ -119,11 +119,10 @@ def test_localize_a_causal_lm_with_an_instruction(causal_lm_folder, tmp_path, ca
     assert cli.main(["localize", "--model", str(folder), "--task", str(task), "--out", str(out),
                      "--instruction", "Negative or positive?", "--epochs", "1",
                      "--max-length", "64", "--lr", "0.01", "--recover-epochs", "1",
-                     "--recover-lr", "0.005", "--confidence", "1",
-                     "--prompt-init", "Is it negative or positive?"]) == 0
+                     "--recover-lr", "0.005", "--confidence", "1"]) == 0
     expert = dk.Expert.load(out)
     assert expert.figures["prompt_lr"] == 0.01 and expert.figures["recover_lr"] == 0.005
-    assert expert.figures["prompt_init"] == "Is it negative or positive?"
+    assert expert.figures["prompt_init"] == "negative positive"  # by default its label words
     assert expert.figures["confidence"] == 1.0
     assert 0.0 <= expert.figures["accuracy_dense_no_prompt"] <= 1.0  # the no-prompt check ran
     assert expert.template == dk.chat_template(tokenizer, "Negative or positive?")
@@ -150,6 +149,13 @@ def test_bad_template_options_are_one_line_errors(causal_lm_folder, tmp_path, ex
                      str(tmp_path / "e"), *extra]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_a_prompt_text_and_a_prompt_start_are_a_one_line_error(tmp_path, capsys):
+    assert cli.main(["localize", "--model", "m", "--task", "t.csv", "--out", str(tmp_path / "e"),
+                     "--prompt-init", "hi", "--prompt-start", "random"]) == 2
+    err = capsys.readouterr().err
+    assert "not both" in err and "Traceback" not in err
 
 
 def test_instruction_for_a_classifier_is_a_one_line_error(task_and_expert, capsys):

@@ -598,7 +598,7 @@ def test_recovery_keeps_a_retuned_prompt_only_when_held_out_answers_get_closer(
 def test_configs_default_to_the_recipe_and_refuse_bad_values():
     assert PromptConfig() == PromptConfig(num_virtual_tokens=10, epochs=5, lr=3e-2, head_lr=1e-2,
                                           init_text=None, precision="auto",
-                                          batching="shuffled")
+                                          batching="shuffled", start="auto")
     assert AttributionConfig() == AttributionConfig(method="grad", ig_steps=5, num_examples=256,
                                                     absolute=True)
     # the recipe that measured best (docs/results.md "localize's defaults")
@@ -631,6 +631,8 @@ def test_configs_default_to_the_recipe_and_refuse_bad_values():
             (lambda: PromptConfig(head_lr=0), "head_lr .* > 0"),
             (lambda: PromptConfig(precision="float16"), r"\(--train-precision\) must be one of"),
             (lambda: PromptConfig(batching="sorted"), r"\(--train-batches\) must be one of"),
+            (lambda: PromptConfig(start="vocab"), r"\(--prompt-start\) must be one of"),
+            (lambda: PromptConfig(init_text="hi", start="random"), "not both"),
             (lambda: RecoveryConfig(epochs=-1), r"RecoveryConfig.epochs \(--recover-epochs\)"),
             (lambda: RecoveryConfig(lr=-5), "lr .* > 0"),
             (lambda: RecoveryConfig(num_examples=0), r"\(--recover-examples\) .* > 0"),
@@ -644,6 +646,21 @@ def test_configs_default_to_the_recipe_and_refuse_bad_values():
         SearchConfig(prune_heads=1)
     assert PromptConfig(init_text="a review:").init_text == "a review:"
     assert RecoveryConfig(lr=1e-3).lr == 1e-3 and PromptConfig(lr=1).lr == 1
+
+
+def test_prompt_start_text_by_the_choice_and_the_task():
+    """A given text wins; 'auto' starts a causal LM from its label words (joined by spaces, as
+    Lester et al.'s class-label start), a classifier from random tokens."""
+    from doe_kernels.localize.prompt import start_text
+
+    words, names = [" negative", " positive"], ["neg", "pos"]
+    assert start_text("auto", "a review:", "causal_lm", words, names) == "a review:"
+    assert start_text("auto", None, "causal_lm", words, names) == "negative positive"
+    assert start_text("auto", None, "seq_cls", None, names) is None
+    assert start_text("label_words", None, "seq_cls", None, names) == "neg pos"
+    assert start_text("random", None, "causal_lm", words, names) is None
+    with pytest.raises(ValueError, match="start must be one of"):
+        start_text("vocab", None, "causal_lm", words, names)
 
 
 def test_flat_keywords_are_deprecated_aliases_of_the_config_fields():

@@ -73,6 +73,17 @@ def test_prompt_init_starts_the_prompt_from_a_text(run):
     assert rows[0]["losses"] != rows[1]["losses"]  # another starting prompt
 
 
+def test_save_keeps_the_prompt_as_an_unpruned_expert(run, tmp_path):
+    import doe_kernels as dk
+    result = run("--precisions", "float32", "--prompt-init", "sentiment", "--save",
+                 str(tmp_path / "prompts"))
+    expert = dk.Expert.load(tmp_path / "prompts" / "minilm" / "sentiment.safetensors")
+    assert expert.mask is None and expert.figures["prompt_init"] == "sentiment"
+    assert expert.figures["prompt_losses"] == result["rows"][0]["float32"]["losses"]
+    with pytest.raises(SystemExit):  # two ways: which prompt to keep is unclear
+        run("--lrs", "0.03", "0.01", "--save", str(tmp_path / "two"))
+
+
 def test_ways_are_named_by_what_varies():
     from argparse import Namespace
 

@@ -27,7 +27,8 @@ from doe_kernels.localize.compensate import Calibration, reconstruction
 from doe_kernels.localize.config import (AttributionConfig, PromptConfig, RecoveryConfig,
                                          SearchConfig, configs_from_flat)
 from doe_kernels.localize.layerwise import layerwise_reconstruction
-from doe_kernels.localize.prompt import PromptResult, resolve_precision, train_prompt
+from doe_kernels.localize.prompt import (PromptResult, resolve_precision, start_text,
+                                         train_prompt)
 from doe_kernels.localize.reconstruct import Fidelity, Reconstructor, split_for_judging
 from doe_kernels.localize.recover import TrainingDiverged, masked, retune
 from doe_kernels.localize.search import mask_at_rate, paired_change, search_rate
@@ -228,13 +229,15 @@ def _tune_prompt(run: _Run, train, prompt: PromptConfig, start_from: Expert | No
         return tuned, {key: start_from.figures.get(key)
                        for key in ("prompt_epochs", "prompt_lr", "prompt_init",
                                    "prompt_precision", "prompt_batching")}
-    tuned = train_prompt(run.model, run.tokenizer, train, run.task.task_type, run.task.token_ids,
-                         run.task.template, prompt.num_virtual_tokens, prompt.epochs, prompt.lr,
-                         prompt.head_lr, run.batch_size, run.task.max_length, run.seed,
-                         run.progress, init_text=prompt.init_text, precision=prompt.precision,
+    task = run.task
+    init_text = start_text(prompt.start, prompt.init_text, task.task_type, task.label_words,
+                           task.label_names)
+    tuned = train_prompt(run.model, run.tokenizer, train, task.task_type, task.token_ids,
+                         task.template, prompt.num_virtual_tokens, prompt.epochs, prompt.lr,
+                         prompt.head_lr, run.batch_size, task.max_length, run.seed,
+                         run.progress, init_text=init_text, precision=prompt.precision,
                          batching=prompt.batching)
-    return tuned, dict(prompt_epochs=prompt.epochs, prompt_lr=prompt.lr,
-                       prompt_init=prompt.init_text,
+    return tuned, dict(prompt_epochs=prompt.epochs, prompt_lr=prompt.lr, prompt_init=init_text,
                        prompt_precision=resolve_precision(prompt.precision, run.model),
                        prompt_batching=prompt.batching)
 

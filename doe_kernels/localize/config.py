@@ -1,9 +1,10 @@
 """localize's options, grouped by step in small frozen dataclasses; the defaults are the recipe
-that measured best (docs/results.md): the paper's method with a global ranking of FFN neurons
-(heads kept), each candidate reconstructed and its prompt distilled for one epoch from the
-unpruned prompt-tuned model (the learning rate decayed linearly to zero; the distilled prompt
-kept only where it brings held-out answers closer), and the one-standard-error confidence rule;
-training under bfloat16 autocast where the device computes bfloat16 natively.
+that measured best (docs/results.md): a causal LM's prompt started from its label words'
+embeddings, the paper's method with a global ranking of FFN neurons (heads kept), each candidate
+reconstructed and its prompt distilled for one epoch from the unpruned prompt-tuned model (the
+learning rate decayed linearly to zero; the distilled prompt kept only where it brings held-out
+answers closer), and the one-standard-error confidence rule; training under bfloat16 autocast
+where the device computes bfloat16 natively.
 The paper's plain recipe: scope="layer", prune_heads=True, confidence=0,
 RecoveryConfig(epochs=0, reconstruct="none").
 
@@ -20,7 +21,7 @@ import math
 import warnings
 from dataclasses import dataclass
 
-from doe_kernels.localize.prompt import BATCHINGS, PRECISIONS, SCHEDULES
+from doe_kernels.localize.prompt import BATCHINGS, PRECISIONS, SCHEDULES, STARTS
 
 
 def option(default, flag, help, *, flat=None, choices=None, positive=False, aliases=(),
@@ -60,7 +61,7 @@ def check_fields(config) -> None:
 @dataclass(frozen=True)
 class PromptConfig:
     """Step 1, prompt tuning: soft tokens (and a classifier's head) trained with PEFT on the
-    frozen model (AdamW)."""
+    frozen model (AdamW), started from a text, the label words or random tokens."""
     num_virtual_tokens: int = option(
         10, "--virtual-tokens", "soft-prompt tokens", positive=True, legacy=True)
     epochs: int = option(
@@ -72,8 +73,7 @@ class PromptConfig:
         legacy=True)
     init_text: str | None = option(
         None, "--prompt-init", "start the soft prompt as this text's token embeddings, cycled "
-        "(default: random vocabulary tokens' embeddings)", flat="prompt_init", metavar="TEXT",
-        legacy=True)
+        "(default: as --prompt-start says)", flat="prompt_init", metavar="TEXT", legacy=True)
     precision: str = option(
         "auto", "--train-precision", "the model's forward and backward while training the "
         "prompt (and re-tuning candidates): 'float32' (in the model's own dtype), 'bfloat16' "
@@ -86,9 +86,17 @@ class PromptConfig:
         "'by_length' (shuffled, then within each pool of 50 batches sorted by token count and "
         "cut into batches, the batches in a random order: little padding to run)",
         choices=BATCHINGS)
+    start: str = option(
+        "auto", "--prompt-start", "without --prompt-init, where the soft prompt starts: "
+        "'label_words' (the label words' token embeddings, cycled; a classifier's label names), "
+        "'random' (random vocabulary tokens' embeddings) or 'auto' (label words for a causal "
+        "LM, random tokens for a classifier)", choices=STARTS)
 
     def __post_init__(self):
         check_fields(self)
+        if self.init_text is not None and self.start != "auto":
+            raise ValueError(f"PromptConfig: give init_text (--prompt-init) or start "
+                             f"(--prompt-start), not both (start={self.start!r})")
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,9 @@ SCHEDULES = ("constant", "linear")  # fit's learning-rate schedules
 PRECISIONS = ("auto", "float32", "bfloat16")
 # fit's batches each epoch: the examples shuffled, or shuffled then grouped by token count
 BATCHINGS = ("shuffled", "by_length")
+# where a prompt starts without a text: its label words' embeddings, random vocabulary tokens', or
+# "auto": label words for a causal LM, random tokens for a classifier (start_text)
+STARTS = ("auto", "label_words", "random")
 CHOICES = dict(schedule=SCHEDULES, precision=PRECISIONS, batching=BATCHINGS)  # check_choices
 LENGTH_POOL = 50  # batches whose examples "by_length" sorts together (as transformers' Trainer)
 
@@ -79,6 +82,19 @@ def trained_label_logits(peft_model, input_ids, attention_mask, task_type: str,
     prompt = peft_model.prompt_encoder["default"].embedding.weight
     return prompted_label_logits(peft_model.get_base_model(), input_ids, attention_mask, prompt,
                                  task_type, token_ids)
+
+
+def start_text(start: str, init_text: str | None, task_type: str, label_words, label_names):
+    """The text a prompt starts from (None: random vocabulary tokens): `init_text` when given,
+    else by `start` (STARTS) the label words (a classifier's label names), joined by spaces, as
+    Lester et al.'s class-label initialisation."""
+    if start not in STARTS:
+        raise ValueError(f"start must be one of {STARTS}, got {start!r}")
+    if init_text is not None:
+        return init_text
+    if start == "random" or (start == "auto" and task_type == SEQ_CLS):
+        return None
+    return " ".join(str(word).strip() for word in (label_words or label_names))
 
 
 def check_choices(**values) -> None:
