@@ -26,9 +26,8 @@ import time
 import torch
 import unplug_and_play as up
 
-from doe_kernels.localize import PromptConfig, _Task
-from doe_kernels.localize.prompt import (BATCHINGS, PRECISIONS, STARTS, resolve_precision,
-                                         start_text, train_prompt)
+from doe_kernels.localize import PromptConfig, _Task, prompt_figures
+from doe_kernels.localize.prompt import BATCHINGS, PRECISIONS, STARTS, start_text, train_prompt
 from doe_kernels.localize.search import paired_change
 
 
@@ -57,18 +56,21 @@ def task_row(task, args) -> dict:
         template, words = up.causal_lm_task(task, tokenizer, train.label_names)
     spec = _Task.of(model, tokenizer, train, words, template, args.max_length)
     row, answers, named = dict(task=task), {}, ways(args)
-    init_text = start_text(args.prompt_start, args.prompt_init, spec.task_type, words,
-                           train.label_names)
-    for name, (precision, batching, lr) in named.items():
+    for name, way in named.items():
+        prompt = prompt_config(args, *way)
+        init_text = start_text(prompt, spec.task_type, words, train.label_names)
         started = time.perf_counter()
         tuned = train_prompt(model, tokenizer, train, spec.task_type, spec.token_ids, template,
-                             args.virtual_tokens, args.epochs, lr=lr,
-                             max_length=args.max_length, seed=args.seed, precision=precision,
-                             batching=batching, init_text=init_text)
+                             prompt.num_virtual_tokens, prompt.epochs, prompt.lr, prompt.head_lr,
+                             max_length=args.max_length, seed=args.seed,
+                             precision=prompt.precision, batching=prompt.batching,
+                             init_text=init_text)
         seconds = time.perf_counter() - started
+        figures = prompt_figures(prompt, init_text, model)
         expert = spec.expert(None, tuned.prompt, tuned.head)
         result = dict(seconds=round(seconds, 1), losses=tuned.losses, init=init_text,
-                      precision=resolve_precision(precision, model), batching=batching, lr=lr)
+                      precision=figures["prompt_precision"], batching=prompt.batching,
+                      lr=prompt.lr)
         for split in ("validation", "test"):
             correct = expert.correct(model, tokenizer, splits[split], batch_size=32).tolist()
             answers[name, split] = correct
@@ -76,7 +78,8 @@ def task_row(task, args) -> dict:
         row[name] = result
         print(task, name, result, flush=True)
         if args.save:
-            save_prompt(expert, tuned, task, args, result)
+            expert.figures.update(figures, prompt_losses=tuned.losses)
+            save_prompt(expert, task, args)
     first, *later = named
     changes = {name: {split: paired_change(answers[name, split], answers[first, split])
                       for split in ("validation", "test")} for name in later}
@@ -87,12 +90,15 @@ def task_row(task, args) -> dict:
     return row
 
 
-def save_prompt(expert, tuned, task, args, result) -> None:
-    """`expert` (no mask) in --save/<model>/<task>.safetensors, its figures saying how its prompt
-    was trained (as localize's)."""
-    expert.figures.update(prompt_epochs=args.epochs, prompt_lr=result["lr"],
-                          prompt_init=result["init"], prompt_precision=result["precision"],
-                          prompt_batching=result["batching"], prompt_losses=tuned.losses)
+def prompt_config(args, precision="auto", batching="shuffled", lr=PromptConfig.lr):
+    """The PromptConfig of one way (`ways`): the options the ways share, and the way's own."""
+    return PromptConfig(num_virtual_tokens=args.virtual_tokens, epochs=args.epochs, lr=lr,
+                        init_text=args.prompt_init, start=args.prompt_start,
+                        precision=precision, batching=batching)
+
+
+def save_prompt(expert, task, args) -> None:
+    """`expert` (no mask) in --save/<model>/<task>.safetensors."""
     folder = os.path.join(args.save, args.model)
     os.makedirs(folder, exist_ok=True)
     expert.save(os.path.join(folder, f"{task}.safetensors"))
@@ -128,8 +134,10 @@ def main(argv=None) -> dict:
                         help="with one way: keep each prompt as an unpruned expert in "
                         "DIR/<model>/<task>.safetensors")
     args = parser.parse_args(argv)
-    if args.prompt_init is not None and args.prompt_start != "auto":
-        parser.error("give --prompt-init or --prompt-start, not both")
+    try:
+        prompt_config(args)  # PromptConfig's checks, before any training
+    except ValueError as error:
+        parser.error(str(error))
     if args.save and len(ways(args)) > 1:
         parser.error("--save keeps one way's prompts: give one precision, batching and lr")
     args.validation_from_test = False  # what task_splits reads besides

@@ -653,14 +653,17 @@ def test_prompt_start_text_by_the_choice_and_the_task():
     Lester et al.'s class-label start), a classifier from random tokens."""
     from doe_kernels.localize.prompt import start_text
 
-    words, names = [" negative", " positive"], ["neg", "pos"]
-    assert start_text("auto", "a review:", "causal_lm", words, names) == "a review:"
-    assert start_text("auto", None, "causal_lm", words, names) == "negative positive"
-    assert start_text("auto", None, "seq_cls", None, names) is None
-    assert start_text("label_words", None, "seq_cls", None, names) == "neg pos"
-    assert start_text("random", None, "causal_lm", words, names) is None
-    with pytest.raises(ValueError, match="start must be one of"):
-        start_text("vocab", None, "causal_lm", words, names)
+    def start(task_type, label_words, **options):
+        return start_text(PromptConfig(**options), task_type, label_words, ["neg", "pos"])
+
+    words = [" negative", " positive"]
+    assert start("causal_lm", words, init_text="a review:") == "a review:"
+    assert start("causal_lm", words) == "negative positive"
+    assert start("seq_cls", None) is None
+    assert start("seq_cls", None, start="label_words") == "neg pos"
+    assert start("causal_lm", words, start="random") is None
+    with pytest.raises(ValueError, match="must be one of"):
+        start("causal_lm", words, start="vocab")
 
 
 def test_flat_keywords_are_deprecated_aliases_of_the_config_fields():

@@ -226,20 +226,28 @@ def _tune_prompt(run: _Run, train, prompt: PromptConfig, start_from: Expert | No
     prompt and head when given."""
     if start_from is not None:
         tuned = _reuse(start_from, run.task, run.model)
-        return tuned, {key: start_from.figures.get(key)
-                       for key in ("prompt_epochs", "prompt_lr", "prompt_init",
-                                   "prompt_precision", "prompt_batching")}
+        return tuned, {key: start_from.figures.get(key) for key in PROMPT_FIGURES}
     task = run.task
-    init_text = start_text(prompt.start, prompt.init_text, task.task_type, task.label_words,
-                           task.label_names)
+    init_text = start_text(prompt, task.task_type, task.label_words, task.label_names)
     tuned = train_prompt(run.model, run.tokenizer, train, task.task_type, task.token_ids,
                          task.template, prompt.num_virtual_tokens, prompt.epochs, prompt.lr,
                          prompt.head_lr, run.batch_size, task.max_length, run.seed,
                          run.progress, init_text=init_text, precision=prompt.precision,
                          batching=prompt.batching)
-    return tuned, dict(prompt_epochs=prompt.epochs, prompt_lr=prompt.lr, prompt_init=init_text,
-                       prompt_precision=resolve_precision(prompt.precision, run.model),
-                       prompt_batching=prompt.batching)
+    return tuned, prompt_figures(prompt, init_text, run.model)
+
+
+# Expert.figures keys that say how the prompt was trained (prompt_figures)
+PROMPT_FIGURES = ("prompt_epochs", "prompt_lr", "prompt_init", "prompt_precision",
+                  "prompt_batching")
+
+
+def prompt_figures(prompt: PromptConfig, init_text: str | None, model) -> dict:
+    """How a prompt was trained with `prompt` from `init_text`, as Expert.figures records it
+    (PROMPT_FIGURES)."""
+    return dict(prompt_epochs=prompt.epochs, prompt_lr=prompt.lr, prompt_init=init_text,
+                prompt_precision=resolve_precision(prompt.precision, model),
+                prompt_batching=prompt.batching)
 
 
 @dataclass(frozen=True)

@@ -84,15 +84,14 @@ def trained_label_logits(peft_model, input_ids, attention_mask, task_type: str,
                                  task_type, token_ids)
 
 
-def start_text(start: str, init_text: str | None, task_type: str, label_words, label_names):
-    """The text a prompt starts from (None: random vocabulary tokens): `init_text` when given,
-    else by `start` (STARTS) the label words (a classifier's label names), joined by spaces, as
-    Lester et al.'s class-label initialisation."""
-    if start not in STARTS:
-        raise ValueError(f"start must be one of {STARTS}, got {start!r}")
-    if init_text is not None:
-        return init_text
-    if start == "random" or (start == "auto" and task_type == SEQ_CLS):
+def start_text(prompt, task_type: str, label_words, label_names) -> str | None:
+    """The text a prompt of `prompt` (a PromptConfig) starts from (None: random vocabulary
+    tokens): its `init_text` when given, else by its `start` (STARTS) the label words (a
+    classifier's label names), joined by spaces, as Lester et al.'s class-label
+    initialisation."""
+    if prompt.init_text is not None:
+        return prompt.init_text
+    if prompt.start == "random" or (prompt.start == "auto" and task_type == SEQ_CLS):
         return None
     return " ".join(str(word).strip() for word in (label_words or label_names))
 
