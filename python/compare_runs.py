@@ -5,15 +5,24 @@ arrow from the first run's expert to the second's.
     python python/compare_runs.py BEFORE/results.json AFTER/results.json \
         --labels "v10 recipe" "defaults" --out comparison.png
 
-Prints the rows side by side as a markdown table too.
+A run made of several invocations (some tasks each) is given as their results files joined by
+commas: `A/results.json,B/results.json`. Prints the rows side by side as a markdown table too.
 """
 import argparse
 import json
 
 
-def load_rows(path: str) -> dict:
-    with open(path) as f:
-        return {row["task"]: row for row in json.load(f)["rows"]}
+def load_rows(paths: str) -> dict:
+    """One run's rows by task, from a results file or several joined by commas (a task in two
+    of them is an error: which row is the run's would be a guess)."""
+    rows = {}
+    for path in paths.split(","):
+        with open(path) as f:
+            for row in json.load(f)["rows"]:
+                if row["task"] in rows:
+                    raise SystemExit(f"{row['task']!r} is in more than one of {paths}")
+                rows[row["task"]] = row
+    return rows
 
 
 def table(runs: list, labels: list) -> str:
@@ -67,7 +76,7 @@ def plot(runs: list, labels: list, path: str, title: str) -> None:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("results", nargs="+", help="results.json files, oldest first")
+    parser.add_argument("results", nargs="+", help="results.json files, oldest first (a run of several: joined by commas)")
     parser.add_argument("--labels", nargs="+", help="one per results file")
     parser.add_argument("--title", default="experts before and after")
     parser.add_argument("--out", required=True, help="the plot (.png)")

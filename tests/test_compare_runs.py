@@ -32,3 +32,20 @@ def test_labels_must_match_the_runs(tmp_path):
     run = _run(tmp_path / "a.json", [_row("polarity", 0.2, 0.0)])
     with pytest.raises(SystemExit):
         compare_runs.main([run, run, "--labels", "one", "--out", str(tmp_path / "p.png")])
+
+
+def test_a_run_from_several_files(tmp_path, capsys):
+    before = _run(tmp_path / "a.json", [_row("polarity", 0.2, 0.0), _row("tweets", 0.1, 0.0)])
+    first = _run(tmp_path / "b.json", [_row("polarity", 0.4, 0.01)])
+    second = _run(tmp_path / "c.json", [_row("tweets", 0.3, -0.01)])
+    compare_runs.main([before, f"{first},{second}", "--out", str(tmp_path / "p.png")])
+    out = capsys.readouterr().out
+    assert "| polarity | run 2 | 0.800 | 0.810 | +1.0 (1.0) | 40.0% | 1.40x |" in out
+    assert "| tweets | run 2 | 0.800 | 0.790 | -1.0 (1.0) | 30.0% | 1.30x |" in out
+
+
+def test_a_task_twice_in_one_run_is_an_error(tmp_path):
+    first = _run(tmp_path / "a.json", [_row("polarity", 0.2, 0.0)])
+    second = _run(tmp_path / "b.json", [_row("polarity", 0.4, 0.0)])
+    with pytest.raises(SystemExit, match="polarity"):
+        compare_runs.main([first, f"{first},{second}", "--out", str(tmp_path / "p.png")])
