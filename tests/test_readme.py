@@ -72,10 +72,12 @@ def test_the_package_list_reads_without_tomllib(monkeypatch):
 
 def test_docs_cite_only_results_files_that_exist():
     """Every figure the README and docs/ quote names its results file; each file named must be in
-    the repository (a file left out of a commit leaves a figure that nothing backs)."""
+    the repository (a file left out of a commit leaves a figure that nothing backs); one named
+    from git history as `COMMIT:path`, as `git show` takes it, need not be."""
     cited = {}
     for doc in _documents():
-        for path in re.findall(r"benchmarks/results/[\w./-]*\w(?![\w*-])", doc.read_text()):  # not globs
+        for path in re.findall(r"(?<!:)benchmarks/results/[\w./-]*\w(?![\w*-])",  # not globs
+                               doc.read_text()):
             cited.setdefault(path, doc.relative_to(ROOT).as_posix())
     assert any(doc == "README.md" for doc in cited.values()), "the README names no results file"
     if (ROOT / ".git").exists():  # tracked, not merely on this disk (an ignored file is lost)
