@@ -7,11 +7,12 @@
 # PLAN:
 #   budget (default)  fits one device call (give it timeout_s 560 and carry [".gpu_prebuilt"]):
 #                     every stage is cut to what is left of BUDGET seconds (default 480): the GPU
-#                     tests (`-m gpu`, one xdist worker per core), BERT-base and LLaMA-7B end to
-#                     end (a LLaMA-7B token as a CUDA graph too), the FFN op sweep on the target
-#                     shapes, expert swap on a LLaMA-7B-sized model, the segmented FFN on
+#                     tests (`-m gpu`, one xdist worker per core), the segmented FFN on
 #                     LLaMA-7B's shape at 5 x 1 and 5 x 3 rows (the cuda backend's segmented
-#                     kernels), then attention.
+#                     kernels) and a SmolLM2-shaped model serving five experts in one batch
+#                     (mixed-task batches, prefill and decode), BERT-base and LLaMA-7B end to end
+#                     (a LLaMA-7B token as a CUDA graph too), the FFN op sweep on the target
+#                     shapes, expert swap on a LLaMA-7B-sized model, then attention.
 #   tests             the whole test suite (CPU and GPU tests), then the CUDA kernels under
 #                     compute-sanitizer; no benchmarks.
 #   quick / full      the whole test suite, then `pytest benchmarks/` (or `--full`), uncut.
@@ -138,12 +139,13 @@ bench() {
 }
 
 if [[ "$plan" == "budget" ]]; then
+  bench segmented 40 benchmarks/test_segmented_bench.py --shapes llama-7b --rows 1,3 "$@"
+  bench mixed 40 benchmarks/test_mixed_bench.py "$@"
   bench model 120 benchmarks/test_model_bench.py --full --rates 0.35,0.65 \
     -k "not ffn and not attn and not smollm2" "$@"
   bench ffn 150 benchmarks/test_ffn_bench.py --shapes llama-7b,bert-base,llama3-8b \
     --rates 0,0.35,0.65,0.9 --rows 1,8,16,512,2048 "$@"
   bench swap 45 benchmarks/test_swap_bench.py --full "$@"
-  bench segmented 40 benchmarks/test_segmented_bench.py --shapes llama-7b --rows 1,3 "$@"
   bench attention 60 benchmarks/test_attention_bench.py::test_attention \
     --shapes bert-base,llama3-8b --rates 0.35,0.65 --rows 1,512,2048 "$@"
 else

@@ -9,6 +9,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gather_cols_linear_cpu", &doe_kernels::gather_cols_linear_cpu);
   m.def("segmented_ffn_cpu", &doe_kernels::segmented_ffn_cpu);
   m.def("segmented_swiglu_ffn_cpu", &doe_kernels::segmented_swiglu_ffn_cpu);
+  m.def("union_plan_cpu", &doe_kernels::union_plan_cpu);
   m.def("set_cpu_gather_above", &doe_kernels::set_cpu_gather_above);
   m.def("cpu_gather_above", &doe_kernels::cpu_gather_above);
 #ifdef DOE_KERNELS_WITH_CUDA

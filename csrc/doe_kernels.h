@@ -32,6 +32,10 @@
 //       may have no rows, and an empty list (its rows get b_out, or zeros); w_out_t (N_total, N),
 //       scales (len(kept)) or none -> out (M, N).
 //   segmented_swiglu_ffn (CPU): the same for the SwiGLU FFN (w_gate, w_up, w_down_t; no biases).
+//   union_plan (CPU): (union, row_mask) of a segmented FFN's layout (as segmented_ffn takes it;
+//       kept entries non-negative): the sorted union of the lists of the segments holding rows
+//       (int64), and (M, len(union)) in x's dtype: each row's segment's 1 (or scale) at the places
+//       of its kept neurons in the union, 0 elsewhere.
 //   segmented_ffn, segmented_swiglu_ffn (CUDA): the same on the GPU. segments and kept_offsets
 //       stay CPU tensors (the layout sizes the launches; it is checked as on the CPU and copied to
 //       the device), kept and scales are on x's device (kept's values checked by the kernels). The
@@ -42,6 +46,7 @@
 #include <torch/extension.h>
 
 #include <optional>
+#include <tuple>
 #include <vector>
 
 #include "segments.h"
@@ -74,6 +79,10 @@ at::Tensor segmented_swiglu_ffn_cpu(const at::Tensor& x, const at::Tensor& w_gat
                                     const at::Tensor& segments, const at::Tensor& kept,
                                     const at::Tensor& kept_offsets,
                                     const std::optional<at::Tensor>& scales);
+std::tuple<at::Tensor, at::Tensor> union_plan_cpu(const at::Tensor& x, const at::Tensor& segments,
+                                                  const at::Tensor& kept,
+                                                  const at::Tensor& kept_offsets,
+                                                  const std::optional<at::Tensor>& scales);
 // The segments holding rows of a segmented FFN's layout (segments and kept_offsets: CPU int64, one
 // entry more than there are segments, from 0 to `rows` and to `kept_count`, non-decreasing;
 // ValueError otherwise), their `hidden` offsets 0. The CPU and CUDA entry points read it alike.

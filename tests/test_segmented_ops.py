@@ -171,37 +171,46 @@ def test_auto_picks_the_union_for_one_row_per_segment_and_shared_rows():
     assert _choose_strategy("union", bounds, kept, min_union=101)[0] == "union"
 
 
-def test_an_op_call_takes_the_union_only_on_the_cpu_for_weights_that_leave_the_cache(
-        monkeypatch):
+def test_an_op_call_takes_the_union_where_building_its_plan_pays(monkeypatch):
+    from doe_kernels.ops import library
     from doe_kernels.ops.library import UNION_MIN_BYTES_CPU, _min_union
 
+    _cpu_backend()
+    kept = torch.arange(10)
+    # with the C++ plan (about 15 us) any union is worth it on the CPU
+    assert _min_union(torch.zeros(1, 64), kept, None, 2) == 0
+    # built with torch ops (about 0.2 ms) only for weights that leave the cache
+    monkeypatch.setattr(library, "_cpu_plan", lambda *args: False)
     hidden = -(-UNION_MIN_BYTES_CPU // (100 * 4 * 2))  # the least: 100 neurons' 2 float32 rows
-    assert _min_union(torch.zeros(1, hidden), 2) == 100
-    assert _min_union(torch.zeros(1, hidden - 1), 2) == 101
-    assert _min_union(torch.zeros(1, hidden - 1), 3) < 100  # a SwiGLU reads three rows a neuron
-    assert _min_union(torch.zeros(1, hidden, dtype=torch.bfloat16), 2) > 100  # half the bytes
+    assert _min_union(torch.zeros(1, hidden), kept, None, 2) == 100
+    assert _min_union(torch.zeros(1, hidden - 1), kept, None, 2) == 101
+    assert _min_union(torch.zeros(1, hidden - 1), kept, None, 3) < 100  # SwiGLU: 3 rows a neuron
+    assert _min_union(torch.zeros(1, hidden, dtype=torch.bfloat16), kept, None, 2) > 100
     # on a GPU an op call takes the segments (the union's plan cost more than it saved on an H200)
-    assert _min_union(torch.zeros(1, hidden, device="meta"), 2) > 10**12
-    # an op call: 5 one-row segments of a small SwiGLU run per segment, unless the union's
-    # weights count as large
+    assert _min_union(torch.zeros(1, hidden, device="meta"), kept, None, 2) > 10**12
+    monkeypatch.undo()
+    # an op call: 5 one-row segments of a small SwiGLU take the union with the C++ plan; with the
+    # torch plan only when the union's weights count as large
     torch.manual_seed(0)
     x, w = torch.randn(5, 16), {k: torch.randn(48, 16) for k in ("gate", "up", "down_t")}
     segments, kept, offsets, _ = dk.pack_segments(
         [1] * 5, [torch.arange(6 * s, 6 * s + 20) for s in range(5)])
     unions = []
-    union_ffn = dk.ops.library.union_gather_swiglu_ffn
-    monkeypatch.setattr(dk.ops.library, "union_gather_swiglu_ffn",
+    union_ffn = library.union_gather_swiglu_ffn
+    monkeypatch.setattr(library, "union_gather_swiglu_ffn",
                         lambda *args: unions.append(1) or union_ffn(*args))
-    for threshold, used in ((UNION_MIN_BYTES_CPU, False), (0, True)):
-        monkeypatch.setattr(dk.ops.library, "UNION_MIN_BYTES_CPU", threshold)
+    for cpp, threshold, used in ((True, UNION_MIN_BYTES_CPU, True),
+                                 (False, UNION_MIN_BYTES_CPU, False), (False, 0, True)):
+        monkeypatch.setattr(library, "UNION_MIN_BYTES_CPU", threshold)
+        monkeypatch.setattr(library, "_cpu_plan", lambda *args, cpp=cpp: cpp)
         unions.clear()
-        dk.segmented_gather_swiglu_ffn(x, w["gate"], w["up"], w["down_t"], segments, kept,
-                                       offsets, backend="cpu")
+        out = dk.segmented_gather_swiglu_ffn(x, w["gate"], w["up"], w["down_t"], segments, kept,
+                                             offsets, backend="cpu")
         assert bool(unions) == used
+        ref = swiglu_ffn_ref(x[2:3], w["gate"], w["up"], w["down_t"], torch.arange(12, 32))
+        assert_close(out[2:3], ref, what=f"C++ plan {cpp}")
 
 
-@pytest.mark.triton_interp
-@pytest.mark.skipif("triton" not in dk.available_backends("cpu"), reason="no Triton interpreter")
 def test_triton_runs_every_segment_in_one_launch_over_many_tiles(monkeypatch):
     """The segmented kernels (a grid axis over segments), with 16-wide blocks so that segments
     span several tiles of rows and of kept neurons, and some tiles lie past a small segment."""
@@ -357,6 +366,74 @@ def test_cpu_entry_points_check_the_layout():
         both([0, 2, 5], [0, 3, 5], kept=torch.tensor([0, 3, 7, 2, 40]))
     with pytest.raises(RuntimeError, match="scales has 4 entries but kept has 5"):
         both([0, 2, 5], [0, 3, 5], scales=torch.ones(4))
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("scaled", [False, True])
+def test_cpu_union_plan_equals_the_torch_plan(seed, dtype, scaled):
+    """The cpu backend's one-call union plan is the torch plan (_choose_strategy's union and
+    _union_row_mask), bitwise, over random layouts: empty and full lists, segments without rows
+    keeping other neurons."""
+    from doe_kernels.ops.library import _choose_strategy, _segment_bounds, _union_row_mask
+
+    cpu = _cpu_backend()
+    rows, lists, scales = _random_layout(seed, "cpu", max_rows=3)
+    segments, kept, offsets, packed = dk.pack_segments(rows, lists, scales if scaled else None)
+    packed = None if packed is None else packed.to(dtype)
+    x = torch.zeros(sum(rows), HIDDEN, dtype=dtype)
+    union, row_mask = cpu.union_plan(x, segments, kept, offsets, packed)
+    chosen, expected = _choose_strategy("union", _segment_bounds(segments, offsets), kept)
+    if chosen == "segments":  # no rows, or no kept neuron in a segment with rows
+        assert union.numel() == 0 and row_mask.shape == (sum(rows), 0)
+        return
+    assert torch.equal(union, expected)
+    expected_mask = _union_row_mask(x, expected, segments, kept, offsets, packed)
+    assert row_mask.dtype == dtype and torch.equal(row_mask, expected_mask)
+
+
+def test_union_plan_takes_the_cpu_call_for_what_it_serves(monkeypatch):
+    """library.union_plan builds the plan in the C++ call for CPU float32 and bfloat16 inputs, with
+    the torch ops otherwise (float16, scales of another dtype), the same plan either way."""
+    from doe_kernels.ops import library
+
+    cpu = _cpu_backend()
+    calls = []
+    plan = cpu.union_plan
+    monkeypatch.setattr(cpu, "union_plan", lambda *a: calls.append(1) or plan(*a))
+    lists = [torch.arange(6 * s, 6 * s + 20) for s in range(5)]
+    scales = [torch.rand(20) for _ in lists]
+    segments, kept, offsets, packed = dk.pack_segments([1] * 5, lists, scales)
+    for dtype, scale_dtype, in_cpp in ((torch.float32, torch.float32, True),
+                                       (torch.bfloat16, torch.bfloat16, True),
+                                       (torch.float16, torch.float16, False),
+                                       (torch.float32, torch.float64, False)):
+        calls.clear()
+        x = torch.zeros(5, 8, dtype=dtype)
+        union, row_mask = library.union_plan(x, segments, kept, offsets, packed.to(scale_dtype))
+        assert bool(calls) == in_cpp, dtype
+        assert torch.equal(union, torch.arange(44))
+        assert torch.equal(row_mask[2, 12:32].float(), packed[40:60].to(dtype).float())
+        assert not row_mask[2, :12].any() and not row_mask[2, 32:].any()
+    # "auto" with too few rows shared: no plan, whichever builds it
+    assert library.union_plan(x[:1], *dk.pack_segments([1], lists[:1])[:3]) is None
+
+
+def test_cpu_union_plan_checks_its_input():
+    ext = _cpu_backend().extension()
+    x = torch.zeros(5, 8)
+    kept, offsets = torch.tensor([0, 3, 7, 2, 4]), torch.tensor([0, 3, 5])
+    union, row_mask = ext.union_plan_cpu(x, torch.tensor([0, 2, 5]), kept, offsets, None)
+    assert union.tolist() == [0, 2, 3, 4, 7] and row_mask.shape == (5, 5)
+    with pytest.raises(ValueError, match="negative neuron index, -1"):
+        ext.union_plan_cpu(x, torch.tensor([0, 2, 5]), torch.tensor([0, 3, 7, 2, -1]), offsets,
+                           None)
+    with pytest.raises(ValueError, match="segments must start at 0 and end at 5"):
+        ext.union_plan_cpu(x, torch.tensor([0, 2, 4]), kept, offsets, None)
+    with pytest.raises(RuntimeError, match="scales has 4 entries but kept has 5"):
+        ext.union_plan_cpu(x, torch.tensor([0, 2, 5]), kept, offsets, torch.ones(4))
+    with pytest.raises(RuntimeError, match="x must be a 2-D float32 or bfloat16 CPU tensor"):
+        ext.union_plan_cpu(x.half(), torch.tensor([0, 2, 5]), kept, offsets, None)
 
 
 def _cuda_backend():

@@ -40,6 +40,11 @@ def segmented_ffn(x, up, w_out_t, b_out, bounds, kept, scales):
                                                 kept_offsets, scales)
 
 
+def union_plan(x, segments, kept, kept_offsets, scales):
+    """(union, row_mask) of a segmented FFN's layout in one C++ call (library.union_plan's)."""
+    return extension().union_plan_cpu(x, segments, kept, kept_offsets, scales)
+
+
 def set_gather_above(rows: int | None) -> None:
     """Above how many input rows every op of this backend copies the kept weights and calls ATen's
     GEMM (MKL, oneDNN) instead of its fused kernels; None restores the default rule, which chooses

@@ -209,31 +209,45 @@ def _choose_strategy(strategy: str, bounds, kept: torch.Tensor, min_union: int =
     row once, computes every row over the union). "auto": the union when the segments hold at
     most UNION_MAX_ROWS rows on average (decoding: one token per sequence), it reads fewer
     weight rows than the segments do, and it holds at least `min_union` neurons."""
-    check_strategy(strategy)
-    rows = sum(r1 - r0 for r0, r1, _, _ in bounds)
-    if strategy == "segments" or not bounds or (
-            strategy == "auto" and rows > UNION_MAX_ROWS * len(bounds)):
-        return "segments", None
-    read = sum(k1 - k0 for _, _, k0, k1 in bounds)
-    if strategy == "auto" and read < min_union:  # the union holds no more than `read`
+    if not _union_may_pay(strategy, bounds, min_union):
         return "segments", None
     union = torch.unique(torch.cat([kept[k0:k1] for _, _, k0, k1 in bounds]))  # sorted
-    if union.numel() == 0 or (strategy == "auto" and (union.numel() >= read
-                                                       or union.numel() < min_union)):
+    if not _union_pays(strategy, union, bounds, min_union):
         return "segments", None
     return "union", union
 
 
-# Measured on an Intel Xeon (2 cores, float32, five experts keeping 35% each, one row per
-# segment), one op call with the segments in one C++ call against one with the union, whose
-# plan (the union and the row mask) the call builds, about 0.3 ms: the segments ran faster while
-# the union's weights stayed small, 1.39x on SmolLM2-135M's FFN (4 MiB), 1.33x on BERT-base's
-# (16 MiB), 1.16x on BERT-large's (30 MiB); the union from 42 MiB on, 1.09x on a 1024 x 4096
-# SwiGLU, 1.16x on 2048 x 5632, 1.73x on LLaMA-7B's (457 MiB). With its plan built beforehand
-# the union ran 1.6x faster than the segments on SmolLM2's FFN. So an op call on the CPU takes
-# the union only for weights of UNION_MIN_BYTES_CPU or more; a model serving a mixed batch
-# (models/segments) builds the plan once per token count and takes the union whenever it reads
-# less. On an H200 (bfloat16, LLaMA-7B's FFN, the same five experts,
+def _union_may_pay(strategy: str, bounds, min_union: int) -> bool:
+    """_choose_strategy's tests that need no union."""
+    check_strategy(strategy)
+    if strategy == "segments" or not bounds:
+        return False
+    rows = sum(r1 - r0 for r0, r1, _, _ in bounds)
+    read = sum(k1 - k0 for _, _, k0, k1 in bounds)
+    # `read` bounds the union's size from above
+    return strategy == "union" or (rows <= UNION_MAX_ROWS * len(bounds) and read >= min_union)
+
+
+def _union_pays(strategy: str, union: torch.Tensor, bounds, min_union: int) -> bool:
+    """_choose_strategy's tests of the union itself."""
+    if union.numel() == 0:
+        return False
+    read = sum(k1 - k0 for _, _, k0, k1 in bounds)
+    return strategy == "union" or min_union <= union.numel() < read
+
+
+# An op call on the CPU builds the union's plan (the union and the row mask) in one C++ call
+# (backends/cpu.union_plan, about 15 us), and then takes the union at one row per segment
+# whenever it reads less: measured on AMD EPYC (2 threads, float32, five experts keeping 35% each,
+# benchmarks/results/cpu_avx512/cpu_quick_segmented.json) it ran 1.17x faster than the segments in
+# one C++ call on SmolLM2-135M's FFN (4 MiB), 1.07x on all-MiniLM-L6-v2's, 1.10x on BERT-base's,
+# 1.30x on BERT-large's; at two rows per segment the segments won. Built with torch ops (about
+# 0.2 ms: float16, or no extension) the plan cost more than the union saved while the weights
+# stayed in cache (Intel Xeon: the segments 1.39x faster on SmolLM2's FFN, 1.16x on BERT-large's;
+# the union from 42 MiB on, 1.73x on LLaMA-7B's), so then an op call takes the union only for
+# weights of UNION_MIN_BYTES_CPU or more. A model serving a mixed batch (models/segments) builds
+# the plan once per token count and takes the union whenever it reads less.
+# On an H200 (bfloat16, LLaMA-7B's FFN, the same five experts,
 # benchmarks/results/gpu_h200/gpu-nvidia-h200_quick_segmented.json) an op call took 0.59 ms with
 # the union and 0.25 ms with the segments at one row each (building the plan is a dozen small
 # launches and host syncs), 0.69 against 0.28 ms at three rows: so on a GPU an op call never
@@ -248,19 +262,36 @@ def union_plan(x, segments, kept, kept_offsets, scales=None, strategy: str = "au
     "auto" with a union of at least `min_union` neurons), else None: what the union path of a
     segmented op computes before its gathers (a model serving one batch composition over many
     decoding steps computes it once)."""
-    chosen, union = _choose_strategy(strategy, _segment_bounds(segments, kept_offsets), kept,
-                                     min_union)
+    bounds = _segment_bounds(segments, kept_offsets)
+    if _cpu_plan(x, kept, scales):
+        if not _union_may_pay(strategy, bounds, min_union):
+            return None
+        union, row_mask = backends.cpu.union_plan(x, segments, kept, kept_offsets, scales)
+        return (union, row_mask) if _union_pays(strategy, union, bounds, min_union) else None
+    chosen, union = _choose_strategy(strategy, bounds, kept, min_union)
     if chosen != "union":
         return None
     return union, _union_row_mask(x, union, segments, kept, kept_offsets, scales)
 
 
-def _min_union(x, projections: int) -> int:
+def _cpu_plan(x, kept, scales) -> bool:
+    """Whether union_plan builds the plan in the cpu backend's one C++ call (the same plan as
+    _choose_strategy and _union_row_mask build with a dozen small torch ops, about 0.2 ms)."""
+    return (x.device.type == "cpu" and x.dtype in backends.cpu.DTYPES and x.dim() == 2
+            and kept.dtype == torch.int64 and kept.is_contiguous()
+            and (scales is None or (scales.dtype == x.dtype and scales.is_contiguous()))
+            and backends.cpu.available("cpu"))
+
+
+def _min_union(x, kept, scales, projections: int) -> int:
     """The fewest neurons whose rows of an FFN's `projections` weight matrices (of x's width and
-    dtype) make a union worth building in one op call: UNION_MIN_BYTES_CPU's worth on the CPU;
-    elsewhere no union is (sys.maxsize: see UNION_MIN_BYTES_CPU's note)."""
+    dtype) make a union worth building in one op call: on the CPU any union when the C++ call
+    builds the plan (_cpu_plan), else UNION_MIN_BYTES_CPU's worth; elsewhere no union is
+    (sys.maxsize: see UNION_MIN_BYTES_CPU's note)."""
     if x.device.type != "cpu":
         return sys.maxsize
+    if _cpu_plan(x, kept, scales):
+        return 0
     return -(-UNION_MIN_BYTES_CPU // (projections * x.shape[-1] * x.element_size()))
 
 
@@ -275,7 +306,7 @@ def _segmented(x, out_features, segments, kept, kept_offsets, scales, strategy, 
     `w_out_t`, `b_out`: the projections, for the segmented kernels (see the backends'
     segmented_ffn)."""
     plan = union_plan(x, segments, kept, kept_offsets, scales, strategy,
-                      _min_union(x, 2 if up[0] == "rows" else 3))
+                      _min_union(x, kept, scales, 2 if up[0] == "rows" else 3))
     if plan is not None:
         return run_union(x, *plan)
     bounds = _segment_bounds(segments, kept_offsets)

@@ -14,9 +14,11 @@ Two ways to compute it, `strategy`:
    activations multiplied by its segment's 0/1 (or scale) mask over the union: the shared rows
    are read once, at the price of computing every row over the union (the decode regime);
  * "auto" (default): union where it reads fewer weight bytes and the segments hold at most
-   library.UNION_MAX_ROWS rows on average (one: decoding); on the CPU only for FFNs whose
-   union holds library.UNION_MIN_BYTES_CPU of weights or more (below, the weights stay in cache
-   and building the union's plan, which each call does, costs more than it saves).
+   library.UNION_MAX_ROWS rows on average (one: decoding), on the CPU; there the cpu backend
+   builds the union's plan in one C++ call (where it cannot, float16 or no extension, only for
+   FFNs whose union holds library.UNION_MIN_BYTES_CPU of weights or more: below, the weights
+   stay in cache and the plan, built with torch ops each call, costs more than it saves). On a
+   GPU an op call takes the segments (see library.UNION_MAX_ROWS's note).
 The segment and list boundaries are read on the host. "segments": the triton backend runs every
 segment in one launch per projection (a grid axis over segments, programs past their segment's
 tiles storing nothing); the cuda backend too (its gather-GEMV tiles, blocks over segments x tiles x
