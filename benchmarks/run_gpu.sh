@@ -5,12 +5,14 @@
 #   DOE_BENCH_COMMIT=<commit> bash benchmarks/run_gpu.sh [PLAN] [pytest args for the benchmarks]
 # (the copied tree has no .git: DOE_BENCH_COMMIT puts the commit into the result files).
 # PLAN:
-#   budget (default)  fits one device call (give it timeout_s 560 and carry [".gpu_prebuilt"]):
+#   budget (default)  fits one device call (give it timeout_s 560 and carry [".gpu_prebuilt",
+#                     ".gpu_assets"]):
 #                     every stage is cut to what is left of BUDGET seconds (default 480): the GPU
 #                     tests (`-m gpu`, one xdist worker per core), the segmented FFN on
 #                     LLaMA-7B's shape at 5 x 1 and 5 x 3 rows (the cuda backend's segmented
 #                     kernels) and a SmolLM2-shaped model serving five experts in one batch
-#                     (mixed-task batches, prefill and decode), BERT-base and LLaMA-7B end to end
+#                     (mixed-task batches, prefill and decode), the router benchmark on MiniLM
+#                     and SmolLM2 (when .gpu_assets/ is carried), BERT-base and LLaMA-7B end to end
 #                     (a LLaMA-7B token as a CUDA graph too), the FFN op sweep on the target
 #                     shapes, expert swap on a LLaMA-7B-sized model, then attention.
 #   tests             the whole test suite (CPU and GPU tests), then the CUDA kernels under
@@ -138,9 +140,26 @@ bench() {
   pack
 }
 
+# router MODEL CAP: python/router_benchmark.py on the GPU (bfloat16), the model built from the
+# config in .gpu_assets/ with random weights (carried: `python python/router_benchmark.py
+# --export-assets .gpu_assets` makes it, no weights), writing router_<model>.json and its plot.
+router() {
+  local model="$1" seconds
+  seconds="$(cap "$2")"
+  if [[ ! -f .gpu_assets/texts.json ]]; then echo "== router $model: skipped, no .gpu_assets"; return; fi
+  if (( seconds < 40 )); then echo "== router $model: skipped, budget spent"; return; fi
+  echo "== router $model (at most ${seconds} s) $(elapsed)"
+  limited "$seconds" python3 python/router_benchmark.py --model "$model" --assets .gpu_assets \
+    --device cuda --dtype bfloat16 --warmup 3 --out "$packed" > "$logs/router_$model.log" 2>&1
+  tail -n 4 "$logs/router_$model.log"
+  pack
+}
+
 if [[ "$plan" == "budget" ]]; then
   bench segmented 40 benchmarks/test_segmented_bench.py --shapes llama-7b --rows 1,3 "$@"
   bench mixed 40 benchmarks/test_mixed_bench.py "$@"
+  router minilm 50
+  router smollm2 60
   bench model 120 benchmarks/test_model_bench.py --full --rates 0.35,0.65 \
     -k "not ffn and not attn and not smollm2" "$@"
   bench ffn 150 benchmarks/test_ffn_bench.py --shapes llama-7b,bert-base,llama3-8b \

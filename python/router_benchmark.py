@@ -19,12 +19,22 @@ without it, stand-ins with the pruning rates and label counts of the committed f
 (random masks, soft prompts and heads: the speed depends only on their sizes). The request texts
 are the tasks' test texts (tasks.py). Writes OUT/router_<model>.json and a plot beside it, and
 prints the table.
+
+On a machine without the models and data sets (a GPU server), `--export-assets DIR` writes here
+what the run needs but the weights (both models' configs and tokenizers, the request texts and
+label names); there `--assets DIR` builds the model from its config with random weights (the
+speed depends only on the sizes) and serves those texts, on `--device` in `--dtype`:
+
+    python python/router_benchmark.py --export-assets .gpu_assets
+    python python/router_benchmark.py --model smollm2 --assets .gpu_assets --device cuda \
+        --dtype bfloat16 --out OUT
 """
 import argparse
 import json
 import os
 import platform
 import random
+import shutil
 import statistics
 import threading
 import time
@@ -37,9 +47,9 @@ from tasks import load_task
 from unplug_and_play import causal_lm_task, load_model
 
 TASKS = ("polarity", "rotten_tomatoes", "tweets", "newsgroups", "reuters8")
-# the pruning rates of the committed tables: MiniLM with localize's defaults, SmolLM2's v10 run
-STAND_IN_RATES = {"minilm": (0.197, 0.45, 0.591, 0.0, 0.0),
-                  "smollm2": (0.225, 0.225, 0.038, 0.112, 0.112)}
+# the pruning rates of the current five-task tables (docs/results.md, localize's defaults)
+STAND_IN_RATES = {"minilm": (0.028, 0.084, 0.309, 0.591, 0.647),
+                  "smollm2": (0.338, 0.141, 0.141, 0.084, 0.169)}
 MIXES = {"uniform": (0.2, 0.2, 0.2, 0.2, 0.2), "skewed": (0.6, 0.1, 0.1, 0.1, 0.1)}
 
 
@@ -61,18 +71,66 @@ def stand_in(model, tokenizer, model_name: str, task: str, rate: float, names, s
                   max_length=128)
 
 
+def task_texts(count: int) -> dict:
+    """{task: {"texts": `count` test texts, "label_names": the task's labels}}."""
+    out = {}
+    for task in TASKS:
+        test = load_task(task)["test"].sample(count, seed=0)
+        out[task] = {"texts": list(test.texts), "label_names": list(test.label_names)}
+    return out
+
+
 def experts_and_texts(model, tokenizer, args) -> tuple[dict, dict]:
     """({task: Expert}, {task: request texts})."""
+    if args.assets:
+        with open(os.path.join(args.assets, "texts.json")) as f:
+            tasks = json.load(f)
+    else:
+        tasks = task_texts(args.texts)
     experts, texts = {}, {}
     for i, task in enumerate(TASKS):
-        test = load_task(task)["test"].sample(args.texts, seed=0)
-        texts[task] = test.texts
+        texts[task] = tasks[task]["texts"]
         if args.experts:
             experts[task] = Expert.load(os.path.join(args.experts, f"{task}.safetensors"))
         else:
             experts[task] = stand_in(model, tokenizer, args.model, task,
-                                     STAND_IN_RATES[args.model][i], test.label_names, seed=i)
+                                     STAND_IN_RATES[args.model][i], tasks[task]["label_names"],
+                                     seed=i)
     return experts, texts
+
+
+# what --export-assets copies of each model's folder: its config and tokenizer, never weights
+ASSET_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
+               "special_tokens_map.json", "chat_template.jinja")
+
+
+def export_assets(folder: str, count: int) -> None:
+    """Both models' configs and tokenizers, and the tasks' request texts, into `folder`."""
+    from offline_models import minilm_dir, smollm2_dir
+
+    for name, source in (("minilm", minilm_dir()), ("smollm2", smollm2_dir())):
+        os.makedirs(os.path.join(folder, name), exist_ok=True)
+        for file in ASSET_FILES:
+            if os.path.exists(os.path.join(source, file)):
+                shutil.copy(os.path.join(source, file), os.path.join(folder, name, file))
+    with open(os.path.join(folder, "texts.json"), "w") as f:
+        json.dump(task_texts(count), f)
+    print(f"wrote {folder}: minilm/, smollm2/ (configs and tokenizers), texts.json")
+
+
+def model_from_assets(name: str, folder: str):
+    """The model built from its config in `folder`/name, with random weights, and its
+    tokenizer."""
+    from transformers import (AutoConfig, AutoTokenizer, BertForSequenceClassification,
+                              LlamaForCausalLM)
+
+    path = os.path.join(folder, name)
+    torch.manual_seed(0)
+    if name == "minilm":
+        model = BertForSequenceClassification(AutoConfig.from_pretrained(path, num_labels=2))
+    else:
+        model = LlamaForCausalLM(AutoConfig.from_pretrained(path))
+    return model.eval(), AutoTokenizer.from_pretrained(path)
 
 
 def client_requests(mix, texts, count: int, seed: int) -> list[tuple[str, str]]:
@@ -129,6 +187,9 @@ def measure(model, tokenizer, experts, texts, args) -> list[dict]:
                 for task in TASKS:  # warm-up: one-off costs off the clock
                     router.run(task, texts[task][0])
                     router.ask(task, texts[task][0])
+                if getattr(args, "warmup", 0):  # e.g. a GPU's kernels tuned per shape bucket
+                    load(router, mode, mix, texts, argparse.Namespace(
+                        **{**vars(args), "requests": args.warmup}))
                 batches.clear()
                 row = dict(mix=mix_name, router=mode, **load(router, mode, mix, texts, args))
                 if mode == "mixed":
@@ -160,6 +221,12 @@ def plot(rows, path: str, title: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def device_name(device: str) -> str:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(torch.device(device))
+    return platform.processor() or platform.machine()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="minilm", choices=("minilm", "smollm2"))
@@ -168,9 +235,24 @@ def main():
     parser.add_argument("--requests", type=int, default=25, help="requests per client")
     parser.add_argument("--texts", type=int, default=200, help="test texts drawn per task")
     parser.add_argument("--window", type=float, default=0.005, help="batch window (seconds)")
+    parser.add_argument("--warmup", type=int, default=0,
+                        help="requests per client served untimed before each measurement")
     parser.add_argument("--out", default=None, help="folder for the results file and plot")
+    parser.add_argument("--export-assets", default=None, metavar="DIR",
+                        help="write the configs, tokenizers and texts a run elsewhere needs, "
+                             "and stop")
+    parser.add_argument("--assets", default=None, metavar="DIR",
+                        help="a folder --export-assets wrote: the model with random weights")
+    parser.add_argument("--device", default="cpu", help="torch device of the model")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     args = parser.parse_args()
-    model, tokenizer = load_model(args.model, num_labels=2)
+    if args.export_assets:
+        return export_assets(args.export_assets, args.texts)
+    if args.assets:
+        model, tokenizer = model_from_assets(args.model, args.assets)
+    else:
+        model, tokenizer = load_model(args.model, num_labels=2)
+    model.to(args.device, getattr(torch, args.dtype))
     experts, texts = experts_and_texts(model, tokenizer, args)
     rows = measure(model, tokenizer, experts, texts, args)
     for mix in MIXES:
@@ -183,15 +265,17 @@ def main():
         rates = {t: e.figures.get("pruning_rate", e.mask.summary()["ffn_pruning_rate"])
                  for t, e in experts.items()}
         result = dict(model=args.model, experts=args.experts or "stand-ins",
+                      weights="random (from the config)" if args.assets else "trained",
                       pruning_rates=rates, cpu=platform.processor() or platform.machine(),
-                      threads=torch.get_num_threads(), torch=torch.__version__,
-                      args=vars(args), rows=rows)
+                      threads=torch.get_num_threads(), device=device_name(args.device),
+                      torch=torch.__version__, args=vars(args), rows=rows)
         path = os.path.join(args.out, f"router_{args.model}.json")
         with open(path, "w") as f:
             json.dump(result, f, indent=1)
+        where = (device_name(args.device) if torch.device(args.device).type == "cuda"
+                 else f"{torch.get_num_threads()} threads")
         plot(rows, path.replace(".json", ".png"),
-             f"ExpertRouter, {args.model}, {args.clients} clients, {torch.get_num_threads()} "
-             "threads")
+             f"ExpertRouter, {args.model}, {args.clients} clients, {where}, {args.dtype}")
         print(path)
 
 

@@ -26,3 +26,38 @@ def test_router_benchmark_rows_and_plot(tokenizer, tmp_path):
             assert 1 <= row["mean_batch"] <= 3
     rb.plot(rows, str(tmp_path / "router.png"), "test")
     assert (tmp_path / "router.png").stat().st_size > 0
+
+
+def test_assets_carry_configs_tokenizers_and_texts_but_no_weights(tokenizer, tmp_path,
+                                                                   monkeypatch):
+    """--export-assets copies each model's config and tokenizer (never its weights) and the
+    request texts; --assets builds the model from the config with random weights and serves
+    those texts with stand-in experts."""
+    import offline_models
+    from expert_utils import tiny_bert, tiny_llama
+
+    sources = {}
+    for name, model in (("minilm", tiny_bert()), ("smollm2", tiny_llama())):
+        sources[name] = tmp_path / f"{name}_source"
+        model.save_pretrained(sources[name])  # with its weights
+        tokenizer.save_pretrained(sources[name])
+    monkeypatch.setattr(offline_models, "minilm_dir", lambda: str(sources["minilm"]))
+    monkeypatch.setattr(offline_models, "smollm2_dir", lambda: str(sources["smollm2"]))
+    labels = {task: [f"{task}-{i}" for i in range(2 + i)] for i, task in enumerate(rb.TASKS)}
+    monkeypatch.setattr(rb, "task_texts", lambda count: {
+        task: {"texts": TEXTS[:count], "label_names": labels[task]} for task in rb.TASKS})
+    assets = tmp_path / "assets"
+    rb.export_assets(str(assets), 3)
+    for name in ("minilm", "smollm2"):
+        files = sorted(p.name for p in (assets / name).iterdir())
+        assert "config.json" in files and "tokenizer.json" in files
+        assert not any(f.endswith((".safetensors", ".bin")) for f in files)
+    model, tok = rb.model_from_assets("minilm", str(assets))
+    assert model.config.hidden_size == tiny_bert().config.hidden_size and not model.training
+    assert tok("a film")["input_ids"] == tokenizer("a film")["input_ids"]
+    args = argparse.Namespace(assets=str(assets), experts=None, model="minilm", texts=3)
+    experts, texts = rb.experts_and_texts(model, tok, args)
+    assert texts == {task: TEXTS[:3] for task in rb.TASKS}
+    assert {t: e.label_names for t, e in experts.items()} == labels
+    llama, _ = rb.model_from_assets("smollm2", str(assets))
+    assert type(llama).__name__ == "LlamaForCausalLM"
