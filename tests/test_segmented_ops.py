@@ -415,8 +415,14 @@ def test_union_plan_takes_the_cpu_call_for_what_it_serves(monkeypatch):
         assert torch.equal(union, torch.arange(44))
         assert torch.equal(row_mask[2, 12:32].float(), packed[40:60].to(dtype).float())
         assert not row_mask[2, :12].any() and not row_mask[2, 32:].any()
-    # "auto" with too few rows shared: no plan, whichever builds it
+    # one segment: nothing shared, no plan, whichever builds it
     assert library.union_plan(x[:1], *dk.pack_segments([1], lists[:1])[:3]) is None
+    # an extension built before the C++ plan: torch builds it
+    monkeypatch.setattr(cpu, "has_union_plan", lambda: False)
+    calls.clear()
+    x = torch.zeros(5, 8)
+    union, row_mask = library.union_plan(x, segments, kept, offsets, packed)
+    assert not calls and torch.equal(union, torch.arange(44))
 
 
 def test_cpu_union_plan_checks_its_input():

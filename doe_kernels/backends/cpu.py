@@ -40,6 +40,12 @@ def segmented_ffn(x, up, w_out_t, b_out, bounds, kept, scales):
                                                 kept_offsets, scales)
 
 
+def has_union_plan() -> bool:
+    """Whether the loaded extension builds union plans (one built before them does not: the
+    library then builds them with torch ops)."""
+    return hasattr(extension(), "union_plan_cpu")
+
+
 def union_plan(x, segments, kept, kept_offsets, scales):
     """(union, row_mask) of a segmented FFN's layout in one C++ call (library.union_plan's)."""
     return extension().union_plan_cpu(x, segments, kept, kept_offsets, scales)

@@ -280,7 +280,7 @@ def _cpu_plan(x, kept, scales) -> bool:
     return (x.device.type == "cpu" and x.dtype in backends.cpu.DTYPES and x.dim() == 2
             and kept.dtype == torch.int64 and kept.is_contiguous()
             and (scales is None or (scales.dtype == x.dtype and scales.is_contiguous()))
-            and backends.cpu.available("cpu"))
+            and backends.cpu.available("cpu") and backends.cpu.has_union_plan())
 
 
 def _min_union(x, kept, scales, projections: int) -> int:
