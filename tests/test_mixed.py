@@ -2,7 +2,9 @@
 equals that sequence run alone on its expert, for BERT and LLaMA-family models, with KV-cache
 generation, whole experts (prompts, heads, label words) and the router; bad input changes
 nothing."""
+import itertools
 import random
+import sys
 
 import pytest
 import torch
@@ -62,6 +64,80 @@ def test_mixed_batch_equals_each_sequence_alone(name, device, backend, dtype):
             for b, mask in enumerate(rows):
                 ref = alone(model, mask, ids[b:b + 1], attention[b:b + 1], backend)
                 assert_close(got[b:b + 1], ref.double(), what=f"{name} case {case} row {b}")
+    assert not dk.is_patched(model)
+    assert state_dict_equal(snapshot(model), before)
+
+
+def padded_inputs(name, batch: int, device="cpu"):
+    """inputs() with sequence r padded by r tokens (on the left for causal models)."""
+    ids, attention = inputs(name, batch=batch, seq=9, seed=3, device=device)
+    attention.fill_(1)
+    for r in range(1, batch):
+        attention[r, *((slice(None, r),) if name in CAUSAL else (slice(-r, None),))] = 0
+    return ids, attention
+
+
+def ffn_rows(monkeypatch) -> list:
+    """The row count of every segmented FFN op call from now on."""
+    from doe_kernels.ops import library
+
+    seen = []
+    for op in ("segmented_gather_ffn", "segmented_gather_swiglu_ffn"):
+        original = getattr(library, op)
+        monkeypatch.setattr(library, op, lambda x, *a, original=original, **k:
+                            seen.append(x.shape[0]) or original(x, *a, **k))
+    return seen
+
+
+@pytest.mark.parametrize("device,backend,dtype", backend_cases(with_dtype=True))
+@pytest.mark.parametrize("name", ["bert", "llama"])
+def test_an_attention_mask_runs_the_ffns_on_the_real_tokens_only(name, device, backend, dtype,
+                                                                   monkeypatch):
+    model = build(name, dtype).to(device)
+    rows = assignment(expert_masks(model, 4, seed=3), 6, seed=3)
+    ids, attention = padded_inputs(name, 6, device)
+    seen = ffn_rows(monkeypatch)
+    with torch.no_grad():
+        with dk.mixed(model, rows, backend):
+            every = output_of(model, ids, attention)
+        assert seen and set(seen) == {6 * 9}
+        seen.clear()
+        with dk.mixed(model, rows, backend, attention_mask=attention):
+            real = output_of(model, ids, attention)
+        assert seen and set(seen) == {int(attention.sum())}
+    assert_close(real, every.double(), what=f"{name}: real tokens only against every position")
+    assert not dk.is_patched(model)
+
+
+def test_an_attention_mask_leaves_generation_as_it_was(monkeypatch):
+    """The prefill computes the real tokens' FFNs only; decoding steps (another shape) every
+    position: the tokens generated are the same."""
+    model = build("llama")
+    rows = assignment(expert_masks(model, 3, seed=4), 4, seed=4)
+    ids, attention = padded_inputs("llama", 4)
+    generate = dict(attention_mask=attention, max_new_tokens=4, do_sample=False,
+                    pad_token_id=0)
+    with torch.no_grad():
+        with dk.mixed(model, rows):
+            every = model.generate(ids, **generate)
+        seen = ffn_rows(monkeypatch)
+        with dk.mixed(model, rows, attention_mask=attention):
+            real = model.generate(ids, **generate)
+    assert torch.equal(real, every)
+    assert seen[0] == int(attention.sum()) < 4 * 9  # the prefill: the real tokens only
+
+
+def test_a_bad_attention_mask_is_refused_and_changes_nothing():
+    model = build("bert")
+    before = snapshot(model)
+    ids, attention = inputs("bert", batch=3)
+    for bad, message in ((attention[:2], "2 sequences, but there are 3 masks"),
+                         (attention * 2, "only 0s and 1s"),
+                         (attention[None], "must be a \\(batch, tokens\\) tensor"),
+                         ([[1, 1]] * 3, "must be a \\(batch, tokens\\) tensor")):
+        with pytest.raises(ValueError, match=message):
+            with dk.mixed(model, [None] * 3, attention_mask=bad):
+                pytest.fail("the body must not run")
     assert not dk.is_patched(model)
     assert state_dict_equal(snapshot(model), before)
 
@@ -171,6 +247,34 @@ def test_mixed_logits_equal_each_request_alone(family, tokenizer):
         assert row.shape == (len(expert.label_names),)
     assert not dk.is_patched(model) and state_dict_equal(snapshot(model), before)
     assert dk.mixed_logits(model, tokenizer, []) == []
+
+
+def test_mixed_logits_batches_by_length_and_computes_the_real_tokens_ffns(tokenizer,
+                                                                          monkeypatch):
+    """Each forward pass holds at most batch_size requests and MAX_PADDING of padding, its
+    requests grouped by expert, every request once; its FFNs compute the real tokens only."""
+    mixed_module = sys.modules["doe_kernels.mixed"]
+    model = tiny_bert()
+    experts = classifier_experts(model)
+    rng = random.Random(1)
+    texts = [" ".join(["word"] * n) for n in (1, 2, 3, 5, 8, 13, 21, 34, 50, 4, 9, 30)]
+    chosen = [rng.choice(experts) for _ in texts]
+    lengths = [len(tokenizer(t)["input_ids"]) + e.num_virtual_tokens
+               for e, t in zip(chosen, texts)]
+    batches = mixed_module._batches(chosen, texts, tokenizer, 4)
+    assert sorted(i for batch in batches for i in batch) == list(range(len(texts)))
+    for batch in batches:
+        size = [lengths[i] for i in batch]
+        assert len(batch) <= 4
+        assert len(batch) == 1 or max(size) * len(batch) <= (
+            1 + mixed_module.MAX_PADDING) * sum(size)
+        runs = [e for e, _ in itertools.groupby(id(chosen[i]) for i in batch)]
+        assert len(runs) == len(set(runs))  # grouped by expert
+    seen = ffn_rows(monkeypatch)
+    dk.mixed_logits(model, tokenizer, list(zip(chosen, texts)), batch_size=4)
+    layers = model.config.num_hidden_layers
+    assert sorted(seen) == sorted(sum(lengths[i] for i in batch) for batch in batches
+                                  for _ in range(layers))
 
 
 def test_mixed_logits_refuses_bad_requests(tokenizer):

@@ -61,6 +61,8 @@ class LayerSegments:
         self.ffn_delta = self._per_sequence([p.ffn_delta for p in plans])
         self._row_segments: dict[int, torch.Tensor] = {}
         self._unions: dict = {}
+        self.real: RealTokens | None = None  # the batch's real tokens, when `mixed` was told
+        self._packed = None
 
     @property
     def batch(self) -> int:
@@ -90,6 +92,20 @@ class LayerSegments:
                                                       device=self.kept.device) * tokens
         return self._row_segments[tokens]
 
+    def packed(self, batch: int, tokens: int):
+        """(the flat row index of the real tokens, the FFN's segment offsets over them) for a
+        forward pass of the shape of the batch whose real tokens `mixed` was told (with padding),
+        else None."""
+        self.check_batch(batch)
+        real = self.real
+        if real is None or real.shape != (batch, tokens) or real.index.numel() == batch * tokens:
+            return None
+        if self._packed is None:
+            offsets = torch.tensor([real.offsets[b] for b in self.ffn_bounds],
+                                   device=real.index.device)
+            self._packed = (real.index, offsets)
+        return self._packed
+
     def union(self, x2d: torch.Tensor, batch: int, tokens: int):
         """The FFN's union plan (library.union_plan: (union, row_mask), or None to run per
         segment) for a batch of `tokens` tokens per sequence, computed once per token count:
@@ -111,6 +127,18 @@ class LayerSegments:
         counts = torch.tensor([b1 - b0 for b0, b1 in zip(self.bounds, self.bounds[1:])],
                               device=like.device)
         return stacked.repeat_interleave(counts, dim=0).unsqueeze(1)
+
+
+class RealTokens:
+    """The real (not padding) tokens of a (batch, tokens) attention mask of 0s and 1s: their
+    flat row index, and `offsets`, the number of real tokens before each sequence (one more
+    entry than sequences)."""
+
+    def __init__(self, attention_mask: torch.Tensor):
+        self.shape = tuple(attention_mask.shape)
+        flat = attention_mask.reshape(-1)
+        self.index = flat.nonzero().squeeze(1)
+        self.offsets = [0] + attention_mask.sum(1).cumsum(0).tolist()
 
 
 def merge_runs(runs, same) -> list[tuple]:
@@ -174,12 +202,20 @@ def ffn_forward(segments: LayerSegments, x, w_in, b_in, activation: str, w_out_t
 
 def _ffn_forward(segments: LayerSegments, x, run_union, run_segments):
     """An FFN over a mixed batch: `run_union(x2d, union, row_mask)` when the layer's union plan
-    takes the union (decoding), else `run_segments(x2d, row segments)`; then each sequence's
-    segment's bias delta."""
+    takes the union (decoding), else `run_segments(x2d, row segments)`, over the real tokens
+    only when the batch's are known (the padding's rows get zeros: no real token reads them);
+    then each sequence's segment's bias delta."""
     x2d, batch, tokens = _flat(x)
     union = segments.union(x2d, batch, tokens)
-    out = (run_union(x2d, *union) if union is not None
-           else run_segments(x2d, segments.row_segments(batch, tokens)))
+    packed = None if union is not None else segments.packed(batch, tokens)
+    if union is not None:
+        out = run_union(x2d, *union)
+    elif packed is not None:
+        index, offsets = packed
+        real = run_segments(x2d.index_select(0, index), offsets)
+        out = real.new_zeros(x2d.shape[0], real.shape[1]).index_copy_(0, index, real)
+    else:
+        out = run_segments(x2d, segments.row_segments(batch, tokens))
     return _add(out.view(*x.shape[:-1], -1), _matching(segments.ffn_delta, x))
 
 
