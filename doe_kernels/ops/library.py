@@ -239,13 +239,13 @@ def _union_pays(strategy: str, union: torch.Tensor, bounds, min_union: int) -> b
 # An op call on the CPU builds the union's plan (the union and the row mask) in one C++ call
 # (backends/cpu.union_plan, about 15 us), and then takes the union at one row per segment
 # whenever it reads less: measured on AMD EPYC (2 threads, float32, five experts keeping 35% each,
-# benchmarks/results/cpu_avx512/cpu_quick_segmented.json) it ran 1.17x faster than the segments in
-# one C++ call on SmolLM2-135M's FFN (4 MiB), 1.07x on all-MiniLM-L6-v2's, 1.10x on BERT-base's,
-# 1.30x on BERT-large's; at two rows per segment the segments won. Built with torch ops (about
-# 0.2 ms: float16, or no extension) the plan cost more than the union saved while the weights
-# stayed in cache (Intel Xeon: the segments 1.39x faster on SmolLM2's FFN, 1.16x on BERT-large's;
-# the union from 42 MiB on, 1.73x on LLaMA-7B's), so then an op call takes the union only for
-# weights of UNION_MIN_BYTES_CPU or more. A model serving a mixed batch (models/segments) builds
+# benchmarks/results/cpu_avx512/cpu_quick_segmented.json) it ran 1.06x faster than the segments in
+# one C++ call on SmolLM2-135M's FFN (4 MiB) and all-MiniLM-L6-v2's, 1.18x on BERT-base's, 1.27x
+# on BERT-large's; at two rows per segment the segments won but on BERT-large's. Built with torch
+# ops (about 0.2 ms: float16, or no extension) the plan cost more than the union saved while the
+# weights stayed in cache (Intel Xeon: the segments 1.39x faster on SmolLM2's FFN, 1.16x on
+# BERT-large's; the union from 42 MiB on, 1.73x on LLaMA-7B's), so then an op call takes the
+# union only for weights of UNION_MIN_BYTES_CPU or more. A model serving a mixed batch (models/segments) builds
 # the plan once per token count and takes the union whenever it reads less.
 # On an H200 (bfloat16, LLaMA-7B's FFN, the same five experts,
 # benchmarks/results/gpu_h200/gpu-nvidia-h200_quick_segmented.json) an op call took 0.59 ms with
