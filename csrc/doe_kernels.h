@@ -33,7 +33,7 @@
 //       scales (len(kept)) or none -> out (M, N).
 //   segmented_swiglu_ffn (CPU): the same for the SwiGLU FFN (w_gate, w_up, w_down_t; no biases).
 //   union_plan (CPU): (union, row_mask) of a segmented FFN's layout (as segmented_ffn takes it;
-//       kept entries non-negative): the sorted union of the lists of the segments holding rows
+//       kept entries below `neurons`, the FFN's width): the sorted union of the lists of the segments holding rows
 //       (int64), and (M, len(union)) in x's dtype: each row's segment's 1 (or scale) at the places
 //       of its kept neurons in the union, 0 elsewhere.
 //   segmented_ffn, segmented_swiglu_ffn (CUDA): the same on the GPU. segments and kept_offsets
@@ -82,7 +82,8 @@ at::Tensor segmented_swiglu_ffn_cpu(const at::Tensor& x, const at::Tensor& w_gat
 std::tuple<at::Tensor, at::Tensor> union_plan_cpu(const at::Tensor& x, const at::Tensor& segments,
                                                   const at::Tensor& kept,
                                                   const at::Tensor& kept_offsets,
-                                                  const std::optional<at::Tensor>& scales);
+                                                  const std::optional<at::Tensor>& scales,
+                                                  int64_t neurons);
 // The segments holding rows of a segmented FFN's layout (segments and kept_offsets: CPU int64, one
 // entry more than there are segments, from 0 to `rows` and to `kept_count`, non-decreasing;
 // ValueError otherwise), their `hidden` offsets 0. The CPU and CUDA entry points read it alike.

@@ -77,10 +77,10 @@ def mixed(model, masks, backend: str = "auto", attention_mask=None):
     router serialises its forward passes).
 
     `attention_mask` (optional; (batch, tokens) of 0s and 1s, the mask of the padded batch the
-    body runs): the FFNs of a forward pass of that shape then compute the real tokens only, and
-    give the padding's positions zeros (no real token attends to them); passes of other shapes
-    (a generation's decoding steps) compute every position. A pass of that shape with other
-    padding would get zeros at its real tokens where this mask has 0s."""
+    body runs): a forward pass of the model given that same mask computes the FFNs and the
+    attention's input projections of the real tokens only (the padding's positions get zeros
+    there: no real token attends to them); other passes (a generation's decoding steps, another
+    batch) compute every position."""
     masks = _as_masks(masks)
     real = _real_tokens(attention_mask, len(masks))
     state = getattr(model, PATCH_STATE_ATTR, None)
@@ -99,7 +99,11 @@ def mixed(model, masks, backend: str = "auto", attention_mask=None):
     patch(model, _KEEP_ALL if state is None else state.mask, backend)
     state = getattr(model, PATCH_STATE_ATTR)
 
+    hooks = [] if real is None else _real_token_hooks(model, real)
+
     def clear():
+        for hook in hooks:
+            hook.remove()
         for layer_patch in state.layers:
             layer_patch.set_segments(None)
         state.mixed = False
@@ -113,6 +117,20 @@ def mixed(model, masks, backend: str = "auto", attention_mask=None):
             layer_patch.set_segments(layer_segments)
         state.mixed = True
         yield model
+
+
+def _real_token_hooks(model, real: RealTokens) -> list:
+    """Hooks on `model` that mark `real` active during a forward pass given its attention mask
+    (a keyword, or the second positional argument, as transformers' models take it)."""
+    def before(module, args, kwargs):
+        real.active = real.matches(kwargs.get("attention_mask",
+                                              args[1] if len(args) > 1 else None))
+
+    def after(module, args, output):
+        real.active = False
+
+    return [model.register_forward_pre_hook(before, with_kwargs=True),
+            model.register_forward_hook(after)]
 
 
 def _real_tokens(attention_mask, batch: int):

@@ -174,7 +174,8 @@ def load(router, mode: str, mix, texts, args) -> dict:
                 mean_ms=round(1e3 * statistics.fmean(latencies), 1))
 
 
-def measure(model, tokenizer, experts, texts, args) -> list[dict]:
+def measure(model, tokenizer, experts, texts, args, on_row=lambda rows: None) -> list[dict]:
+    """A row per mix and router (`on_row(rows so far)` after each)."""
     rows = []
     for mix_name, mix in MIXES.items():
         for mode in ("serial", "mixed"):
@@ -196,6 +197,7 @@ def measure(model, tokenizer, experts, texts, args) -> list[dict]:
                     row["mean_batch"] = round(statistics.fmean(batches), 2)
             rows.append(row)
             print(row, flush=True)
+            on_row(rows)
     return rows
 
 
@@ -228,6 +230,54 @@ def device_name(device: str) -> str:
 
 
 def main():
+    args = parse_args()
+    if args.export_assets:
+        return export_assets(args.export_assets, args.texts)
+    if args.assets:
+        model, tokenizer = model_from_assets(args.model, args.assets)
+    else:
+        model, tokenizer = load_model(args.model, num_labels=2)
+    model.to(args.device, getattr(torch, args.dtype))
+    experts, texts = experts_and_texts(model, tokenizer, args)
+    save = results_writer(args, experts) if args.out else (lambda rows: None)
+    rows = measure(model, tokenizer, experts, texts, args, on_row=save)
+    for mix in MIXES:
+        serial, mixed = (next(r for r in rows if r["mix"] == mix and r["router"] == m)
+                         for m in ("serial", "mixed"))
+        print(f"{mix}: mixed {mixed['requests_per_s'] / serial['requests_per_s']:.2f}x the "
+              f"serial router's requests/s; p99 {serial['p99_ms']} -> {mixed['p99_ms']} ms")
+    if args.out:
+        path = save(rows)
+        where = (device_name(args.device) if torch.device(args.device).type == "cuda"
+                 else f"{torch.get_num_threads()} threads")
+        plot(rows, path.replace(".json", ".png"),
+             f"ExpertRouter, {args.model}, {args.clients} clients, {where}, {args.dtype}")
+        print(path)
+
+
+def results_writer(args, experts):
+    """save(rows): OUT/router_<model>.json with the rows so far (written after each, so that a
+    run stopped early keeps what it measured); returns its path."""
+    os.makedirs(args.out, exist_ok=True)
+    rates = {t: e.figures.get("pruning_rate", e.mask.summary()["ffn_pruning_rate"])
+             for t, e in experts.items()}
+    path = os.path.join(args.out, f"router_{args.model}.json")
+
+    def save(rows):
+        result = dict(model=args.model, experts=args.experts or "stand-ins",
+                      weights="random (from the config)" if args.assets else "trained",
+                      pruning_rates=rates, cpu=device_name("cpu"),
+                      threads=torch.get_num_threads(), device=device_name(args.device),
+                      torch=torch.__version__, args=vars(args), rows=rows)
+        with open(path + ".tmp", "w") as f:
+            json.dump(result, f, indent=1)
+        os.replace(path + ".tmp", path)
+        return path
+
+    return save
+
+
+def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="minilm", choices=("minilm", "smollm2"))
     parser.add_argument("--experts", default=None, help="folder of the five tasks' experts")
@@ -245,38 +295,7 @@ def main():
                         help="a folder --export-assets wrote: the model with random weights")
     parser.add_argument("--device", default="cpu", help="torch device of the model")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    args = parser.parse_args()
-    if args.export_assets:
-        return export_assets(args.export_assets, args.texts)
-    if args.assets:
-        model, tokenizer = model_from_assets(args.model, args.assets)
-    else:
-        model, tokenizer = load_model(args.model, num_labels=2)
-    model.to(args.device, getattr(torch, args.dtype))
-    experts, texts = experts_and_texts(model, tokenizer, args)
-    rows = measure(model, tokenizer, experts, texts, args)
-    for mix in MIXES:
-        serial, mixed = (next(r for r in rows if r["mix"] == mix and r["router"] == m)
-                         for m in ("serial", "mixed"))
-        print(f"{mix}: mixed {mixed['requests_per_s'] / serial['requests_per_s']:.2f}x the "
-              f"serial router's requests/s; p99 {serial['p99_ms']} -> {mixed['p99_ms']} ms")
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        rates = {t: e.figures.get("pruning_rate", e.mask.summary()["ffn_pruning_rate"])
-                 for t, e in experts.items()}
-        result = dict(model=args.model, experts=args.experts or "stand-ins",
-                      weights="random (from the config)" if args.assets else "trained",
-                      pruning_rates=rates, cpu=platform.processor() or platform.machine(),
-                      threads=torch.get_num_threads(), device=device_name(args.device),
-                      torch=torch.__version__, args=vars(args), rows=rows)
-        path = os.path.join(args.out, f"router_{args.model}.json")
-        with open(path, "w") as f:
-            json.dump(result, f, indent=1)
-        where = (device_name(args.device) if torch.device(args.device).type == "cuda"
-                 else f"{torch.get_num_threads()} threads")
-        plot(rows, path.replace(".json", ".png"),
-             f"ExpertRouter, {args.model}, {args.clients} clients, {where}, {args.dtype}")
-        print(path)
+    return parser.parse_args()
 
 
 if __name__ == "__main__":

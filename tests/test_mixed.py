@@ -77,6 +77,12 @@ def padded_inputs(name, batch: int, device="cpu"):
     return ids, attention
 
 
+def real_hidden(model, ids, attention):
+    """The last layer's hidden states at the real tokens (zeros at the padding)."""
+    out = model(input_ids=ids, attention_mask=attention, output_hidden_states=True)
+    return out.hidden_states[-1] * attention[..., None].to(out.hidden_states[-1].dtype)
+
+
 def ffn_rows(monkeypatch) -> list:
     """The row count of every segmented FFN op call from now on."""
     from doe_kernels.ops import library
@@ -91,20 +97,30 @@ def ffn_rows(monkeypatch) -> list:
 
 @pytest.mark.parametrize("device,backend,dtype", backend_cases(with_dtype=True))
 @pytest.mark.parametrize("name", ["bert", "llama"])
-def test_an_attention_mask_runs_the_ffns_on_the_real_tokens_only(name, device, backend, dtype,
-                                                                   monkeypatch):
+def test_an_attention_mask_runs_the_ffns_and_projections_on_the_real_tokens_only(
+        name, device, backend, dtype, monkeypatch):
+    from doe_kernels.models import segments
+
     model = build(name, dtype).to(device)
     rows = assignment(expert_masks(model, 4, seed=3), 6, seed=3)
     ids, attention = padded_inputs(name, 6, device)
     seen = ffn_rows(monkeypatch)
+    projected = []  # the (sequences, tokens) of each span's q/k/v projection
+    original = segments.project_qkv
+    monkeypatch.setattr(segments, "project_qkv", lambda hidden, **k: projected.append(
+        tuple(hidden.shape[:2])) or original(hidden, **k))
     with torch.no_grad():
         with dk.mixed(model, rows, backend):
-            every = output_of(model, ids, attention)
+            every = real_hidden(model, ids, attention)
         assert seen and set(seen) == {6 * 9}
-        seen.clear()
+        assert projected and {t for _, t in projected} == {9}
+        padded, seen[:], projected[:] = sum(b * t for b, t in projected), [], []
         with dk.mixed(model, rows, backend, attention_mask=attention):
-            real = output_of(model, ids, attention)
+            real = real_hidden(model, ids, attention)
         assert seen and set(seen) == {int(attention.sum())}
+        # each span's real tokens as one sequence, fewer than the padded ones
+        assert projected and {b for b, _ in projected} == {1}
+        assert sum(t for _, t in projected) < padded
     assert_close(real, every.double(), what=f"{name}: real tokens only against every position")
     assert not dk.is_patched(model)
 
@@ -125,6 +141,39 @@ def test_an_attention_mask_leaves_generation_as_it_was(monkeypatch):
             real = model.generate(ids, **generate)
     assert torch.equal(real, every)
     assert seen[0] == int(attention.sum()) < 4 * 9  # the prefill: the real tokens only
+
+
+def test_an_attention_mask_packs_only_the_passes_given_it(monkeypatch):
+    """A pass of the same shape with other padding (or none given) computes every position; a
+    float or bool mask works as an integer one."""
+    model = build("bert")
+    rows = assignment(expert_masks(model, 3, seed=5), 4, seed=5)
+    ids, attention = padded_inputs("bert", 4)
+    other = attention.flip(0)  # the same shape, other padding
+    seen = ffn_rows(monkeypatch)
+    real_tokens = {int(attention.sum())}
+    with torch.no_grad():
+        with dk.mixed(model, rows):
+            every = real_hidden(model, ids, other)
+        for given in (attention, attention.float(), attention.bool()):
+            with dk.mixed(model, rows, attention_mask=given):
+                seen.clear()
+                got = real_hidden(model, ids, other)
+                assert set(seen) == {4 * 9}
+                assert_close(got, every.double(), what="another batch of the same shape")
+                seen.clear()
+                real_hidden(model, ids, attention)
+                assert set(seen) == real_tokens
+                seen.clear()
+                model.bert(input_ids=ids, attention_mask=attention)  # not the model given
+                assert set(seen) == {4 * 9}
+        none = attention.clone()
+        none[:2] = 0  # two sequences of padding only: a span without a real token
+        with dk.mixed(model, rows):
+            every = real_hidden(model, ids, none)
+        with dk.mixed(model, rows, attention_mask=none):
+            got = real_hidden(model, ids, none)
+        assert_close(got, every.double(), what="sequences of padding only")
 
 
 def test_a_bad_attention_mask_is_refused_and_changes_nothing():

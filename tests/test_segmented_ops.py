@@ -180,7 +180,7 @@ def test_an_op_call_takes_the_union_where_building_its_plan_pays(monkeypatch):
     # with the C++ plan (about 15 us) any union is worth it on the CPU
     assert _min_union(torch.zeros(1, 64), kept, None, 2) == 0
     # built with torch ops (about 0.2 ms) only for weights that leave the cache
-    monkeypatch.setattr(library, "_cpu_plan", lambda *args: False)
+    monkeypatch.setattr(library, "_plan_in_cpp", lambda *args: False)
     hidden = -(-UNION_MIN_BYTES_CPU // (100 * 4 * 2))  # the least: 100 neurons' 2 float32 rows
     assert _min_union(torch.zeros(1, hidden), kept, None, 2) == 100
     assert _min_union(torch.zeros(1, hidden - 1), kept, None, 2) == 101
@@ -202,7 +202,7 @@ def test_an_op_call_takes_the_union_where_building_its_plan_pays(monkeypatch):
     for cpp, threshold, used in ((True, UNION_MIN_BYTES_CPU, True),
                                  (False, UNION_MIN_BYTES_CPU, False), (False, 0, True)):
         monkeypatch.setattr(library, "UNION_MIN_BYTES_CPU", threshold)
-        monkeypatch.setattr(library, "_cpu_plan", lambda *args, cpp=cpp: cpp)
+        monkeypatch.setattr(library, "_plan_in_cpp", lambda *args, cpp=cpp: cpp)
         unions.clear()
         out = dk.segmented_gather_swiglu_ffn(x, w["gate"], w["up"], w["down_t"], segments, kept,
                                              offsets, backend="cpu")
@@ -211,6 +211,8 @@ def test_an_op_call_takes_the_union_where_building_its_plan_pays(monkeypatch):
         assert_close(out[2:3], ref, what=f"C++ plan {cpp}")
 
 
+@pytest.mark.triton_interp
+@pytest.mark.skipif("triton" not in dk.available_backends("cpu"), reason="no Triton interpreter")
 def test_triton_runs_every_segment_in_one_launch_over_many_tiles(monkeypatch):
     """The segmented kernels (a grid axis over segments), with 16-wide blocks so that segments
     span several tiles of rows and of kept neurons, and some tiles lie past a small segment."""
@@ -382,7 +384,7 @@ def test_cpu_union_plan_equals_the_torch_plan(seed, dtype, scaled):
     segments, kept, offsets, packed = dk.pack_segments(rows, lists, scales if scaled else None)
     packed = None if packed is None else packed.to(dtype)
     x = torch.zeros(sum(rows), HIDDEN, dtype=dtype)
-    union, row_mask = cpu.union_plan(x, segments, kept, offsets, packed)
+    union, row_mask = cpu.union_plan(x, segments, kept, offsets, packed, INTERMEDIATE)
     chosen, expected = _choose_strategy("union", _segment_bounds(segments, offsets), kept)
     if chosen == "segments":  # no rows, or no kept neuron in a segment with rows
         assert union.numel() == 0 and row_mask.shape == (sum(rows), 0)
@@ -410,36 +412,44 @@ def test_union_plan_takes_the_cpu_call_for_what_it_serves(monkeypatch):
                                        (torch.float32, torch.float64, False)):
         calls.clear()
         x = torch.zeros(5, 8, dtype=dtype)
-        union, row_mask = library.union_plan(x, segments, kept, offsets, packed.to(scale_dtype))
+        union, row_mask = library.union_plan(x, segments, kept, offsets, packed.to(scale_dtype),
+                                             neurons=48)
         assert bool(calls) == in_cpp, dtype
         assert torch.equal(union, torch.arange(44))
         assert torch.equal(row_mask[2, 12:32].float(), packed[40:60].to(dtype).float())
         assert not row_mask[2, :12].any() and not row_mask[2, 32:].any()
+    # without the FFN's width torch builds it
+    calls.clear()
+    assert torch.equal(library.union_plan(x, segments, kept, offsets)[0], torch.arange(44))
+    assert not calls
     # one segment: nothing shared, no plan, whichever builds it
-    assert library.union_plan(x[:1], *dk.pack_segments([1], lists[:1])[:3]) is None
+    assert library.union_plan(x[:1], *dk.pack_segments([1], lists[:1])[:3], neurons=48) is None
     # an extension built before the C++ plan: torch builds it
     monkeypatch.setattr(cpu, "has_union_plan", lambda: False)
     calls.clear()
     x = torch.zeros(5, 8)
-    union, row_mask = library.union_plan(x, segments, kept, offsets, packed)
+    union, row_mask = library.union_plan(x, segments, kept, offsets, packed, neurons=48)
     assert not calls and torch.equal(union, torch.arange(44))
 
 
 def test_cpu_union_plan_checks_its_input():
     ext = _cpu_backend().extension()
     x = torch.zeros(5, 8)
-    kept, offsets = torch.tensor([0, 3, 7, 2, 4]), torch.tensor([0, 3, 5])
-    union, row_mask = ext.union_plan_cpu(x, torch.tensor([0, 2, 5]), kept, offsets, None)
+    kept, offsets, segments = torch.tensor([0, 3, 7, 2, 4]), torch.tensor([0, 3, 5]), torch.tensor(
+        [0, 2, 5])
+    union, row_mask = ext.union_plan_cpu(x, segments, kept, offsets, None, 8)
     assert union.tolist() == [0, 2, 3, 4, 7] and row_mask.shape == (5, 5)
-    with pytest.raises(ValueError, match="negative neuron index, -1"):
-        ext.union_plan_cpu(x, torch.tensor([0, 2, 5]), torch.tensor([0, 3, 7, 2, -1]), offsets,
-                           None)
+    for bad in (-1, 8, 2**40):  # below 0, past the FFN's width, far past it
+        with pytest.raises(ValueError, match=f"holds index {bad} at position 4, out of range"):
+            ext.union_plan_cpu(x, segments, torch.tensor([0, 3, 7, 2, bad]), offsets, None, 8)
     with pytest.raises(ValueError, match="segments must start at 0 and end at 5"):
-        ext.union_plan_cpu(x, torch.tensor([0, 2, 4]), kept, offsets, None)
+        ext.union_plan_cpu(x, torch.tensor([0, 2, 4]), kept, offsets, None, 8)
     with pytest.raises(RuntimeError, match="scales has 4 entries but kept has 5"):
-        ext.union_plan_cpu(x, torch.tensor([0, 2, 5]), kept, offsets, torch.ones(4))
+        ext.union_plan_cpu(x, segments, kept, offsets, torch.ones(4), 8)
     with pytest.raises(RuntimeError, match="x must be a 2-D float32 or bfloat16 CPU tensor"):
-        ext.union_plan_cpu(x.half(), torch.tensor([0, 2, 5]), kept, offsets, None)
+        ext.union_plan_cpu(x.half(), segments, kept, offsets, None, 8)
+    with pytest.raises(ValueError, match="neurons must be >= 0"):
+        ext.union_plan_cpu(x, segments, kept, offsets, None, -1)
 
 
 def _cuda_backend():

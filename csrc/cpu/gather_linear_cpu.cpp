@@ -813,25 +813,22 @@ at::Tensor segmented_swiglu_ffn_cpu(const at::Tensor& x, const at::Tensor& w_gat
 // The union plan of a segmented FFN (doe_kernels/ops/library.union_plan): the sorted union of the
 // kept lists of the segments holding rows, and for each row of x its segment's 1 (or scale) at
 // the union places of the segment's kept neurons, 0 elsewhere, in x's dtype. One pass over the
-// lists with a table of places up to the largest kept neuron, where the torch version takes a dozen small ops.
+// lists with a table of the FFN's `neurons` places, where the torch version takes a dozen small
+// ops.
 std::tuple<at::Tensor, at::Tensor> union_plan_cpu(const at::Tensor& x, const at::Tensor& segments,
                                                   const at::Tensor& kept,
                                                   const at::Tensor& kept_offsets,
-                                                  const std::optional<at::Tensor>& scales) {
+                                                  const std::optional<at::Tensor>& scales,
+                                                  int64_t neurons) {
   constexpr const char* fn = "union_plan_cpu";
   // only x's rows and dtype are read
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 &&
                   (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
               fn, ": x must be a 2-D float32 or bfloat16 CPU tensor, got ", x.dim(), "-D ",
               x.scalar_type(), " on ", x.device());
-  check_index_tensor(kept, fn, "kept");
-  const int64_t* ip = kept.data_ptr<int64_t>();
-  int64_t neurons = 0;  // the table's size: one more than the largest kept neuron
-  for (int64_t j = 0; j < kept.numel(); ++j) {
-    TORCH_CHECK_VALUE(ip[j] >= 0, fn, ": kept holds a negative neuron index, ", ip[j]);
-    neurons = std::max(neurons, ip[j] + 1);
-  }
+  TORCH_CHECK_VALUE(neurons >= 0, fn, ": neurons must be >= 0, got ", neurons);
   const auto segs = read_segments(x, segments, kept, kept_offsets, scales, neurons, fn);
+  const int64_t* ip = kept.data_ptr<int64_t>();
   std::vector<int64_t> place(neurons, -1);
   for (const Segment& s : segs)
     for (int64_t j = s.k0; j < s.k0 + s.kept; ++j) place[ip[j]] = 0;

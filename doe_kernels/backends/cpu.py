@@ -46,9 +46,10 @@ def has_union_plan() -> bool:
     return hasattr(extension(), "union_plan_cpu")
 
 
-def union_plan(x, segments, kept, kept_offsets, scales):
-    """(union, row_mask) of a segmented FFN's layout in one C++ call (library.union_plan's)."""
-    return extension().union_plan_cpu(x, segments, kept, kept_offsets, scales)
+def union_plan(x, segments, kept, kept_offsets, scales, neurons: int):
+    """(union, row_mask) of a segmented FFN's layout (over an FFN of `neurons` neurons) in one
+    C++ call (library.union_plan's)."""
+    return extension().union_plan_cpu(x, segments, kept, kept_offsets, scales, neurons)
 
 
 def set_gather_above(rows: int | None) -> None:

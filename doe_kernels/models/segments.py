@@ -42,6 +42,7 @@ class LayerSegments:
 
     def __init__(self, bounds: list[int], plans: list[SegmentPlan], intermediate_size: int):
         self.bounds, self.plans = list(bounds), list(plans)
+        self.intermediate_size = intermediate_size
         device = plans[0].selection.kept_heads.device
         # the FFN's segments: neighbours on the same neurons and scales merged
         ffn_runs = merge_runs(zip(self.bounds, self.bounds[1:], plans), _same_ffn)
@@ -93,12 +94,12 @@ class LayerSegments:
         return self._row_segments[tokens]
 
     def packed(self, batch: int, tokens: int):
-        """(the flat row index of the real tokens, the FFN's segment offsets over them) for a
-        forward pass of the shape of the batch whose real tokens `mixed` was told (with padding),
-        else None."""
+        """(the flat row index of the real tokens, the FFN's segment offsets over them) during a
+        forward pass of the padded batch whose attention mask `mixed` was given, else None."""
         self.check_batch(batch)
         real = self.real
-        if real is None or real.shape != (batch, tokens) or real.index.numel() == batch * tokens:
+        if (real is None or not real.active or real.shape != (batch, tokens)
+                or real.index.numel() == batch * tokens):
             return None
         if self._packed is None:
             offsets = torch.tensor([real.offsets[b] for b in self.ffn_bounds],
@@ -114,7 +115,7 @@ class LayerSegments:
         if key not in self._unions:
             self._unions[key] = library.union_plan(
                 x2d, self.row_segments(batch, tokens), self.kept, self.kept_offsets,
-                self.ffn_scales)
+                self.ffn_scales, neurons=self.intermediate_size)
         return self._unions[key]
 
     def _per_sequence(self, deltas):
@@ -132,13 +133,21 @@ class LayerSegments:
 class RealTokens:
     """The real (not padding) tokens of a (batch, tokens) attention mask of 0s and 1s: their
     flat row index, and `offsets`, the number of real tokens before each sequence (one more
-    entry than sequences)."""
+    entry than sequences). `active`: whether the forward pass running is of that batch (`mixed`
+    sets it from the pass's attention_mask)."""
 
     def __init__(self, attention_mask: torch.Tensor):
-        self.shape = tuple(attention_mask.shape)
-        flat = attention_mask.reshape(-1)
-        self.index = flat.nonzero().squeeze(1)
-        self.offsets = [0] + attention_mask.sum(1).cumsum(0).tolist()
+        self.mask = attention_mask.to(torch.bool)
+        self.shape = tuple(self.mask.shape)
+        self.index = self.mask.reshape(-1).nonzero().squeeze(1)
+        self.offsets = [0] + self.mask.sum(1).cumsum(0).tolist()
+        self.active = False
+
+    def matches(self, attention_mask) -> bool:
+        """Whether `attention_mask` (a forward pass's) is this batch's."""
+        return (isinstance(attention_mask, torch.Tensor)
+                and tuple(attention_mask.shape) == self.shape
+                and torch.equal(attention_mask.to(self.mask.device, torch.bool), self.mask))
 
 
 def merge_runs(runs, same) -> list[tuple]:
@@ -204,7 +213,7 @@ def _ffn_forward(segments: LayerSegments, x, run_union, run_segments):
     """An FFN over a mixed batch: `run_union(x2d, union, row_mask)` when the layer's union plan
     takes the union (decoding), else `run_segments(x2d, row segments)`, over the real tokens
     only when the batch's are known (the padding's rows get zeros: no real token reads them);
-    then each sequence's segment's bias delta."""
+    then each sequence's segment's bias delta (on every row)."""
     x2d, batch, tokens = _flat(x)
     union = segments.union(x2d, batch, tokens)
     packed = None if union is not None else segments.packed(batch, tokens)
@@ -240,13 +249,14 @@ def attention_forward(segments: LayerSegments, hidden, weights: dict, o_weight_t
     batch = hidden.shape[0]
     segments.check_batch(batch)
     spans = segments.attention_spans()
+    real = segments.real if segments.packed(batch, hidden.shape[1]) is not None else None
     projected = []
     for b0, b1, plan in spans:
         selection = plan.selection
         if selection.num_kept == 0:
             projected.append(None)
             continue
-        q, k, v = project_qkv(hidden[b0:b1], selection=selection, backend=backend, **weights)
+        q, k, v = _project(hidden, b0, b1, real, selection, backend, weights)
         if rotary is not None:
             q, k = rotary(q, k, b0, b1)
         projected.append((q, k, v))
@@ -272,6 +282,24 @@ def attention_forward(segments: LayerSegments, hidden, weights: dict, o_weight_t
                                scales=plan.head_col_scales)
         out.append(part if plan.attn_delta is None else part + plan.attn_delta)
     return torch.cat(out)
+
+
+def _project(hidden, b0: int, b1: int, real, selection, backend: str, weights: dict):
+    """project_qkv of sequences [b0, b1): of their real tokens only when `real` (RealTokens) is
+    given, the padding's positions zeros."""
+    span = hidden[b0:b1]
+    if real is None or real.offsets[b1] == real.offsets[b0]:  # not packed, or padding only
+        return project_qkv(span, selection=selection, backend=backend, **weights)
+    tokens = span.shape[1]
+    index = real.index[real.offsets[b0]:real.offsets[b1]] - b0 * tokens
+    packed = span.reshape(-1, span.shape[-1]).index_select(0, index)[None]
+    out = []
+    for part in project_qkv(packed, selection=selection, backend=backend, **weights):
+        _, heads, _, head_dim = part.shape  # (1, heads, real tokens, head_dim)
+        flat = part[0].transpose(0, 1).reshape(-1, heads * head_dim)
+        full = flat.new_zeros(span.shape[0] * tokens, heads * head_dim).index_copy_(0, index, flat)
+        out.append(full.view(span.shape[0], tokens, heads, head_dim).transpose(1, 2))
+    return out
 
 
 def _full_kv(spans, projected, hidden):

@@ -257,16 +257,18 @@ UNION_MIN_BYTES_CPU = 32 * 2**20
 
 
 def union_plan(x, segments, kept, kept_offsets, scales=None, strategy: str = "auto",
-               min_union: int = 0):
+               min_union: int = 0, neurons: int | None = None):
     """(union, row_mask) when `strategy` takes the union for these segments (`_choose_strategy`,
     "auto" with a union of at least `min_union` neurons), else None: what the union path of a
     segmented op computes before its gathers (a model serving one batch composition over many
-    decoding steps computes it once)."""
+    decoding steps computes it once). `neurons` (the FFN's width), when given, lets the cpu
+    backend build a CPU plan in one C++ call."""
     bounds = _segment_bounds(segments, kept_offsets)
-    if _cpu_plan(x, kept, scales):
+    if neurons is not None and _plan_in_cpp(x, kept, scales):
         if not _union_may_pay(strategy, bounds, min_union):
             return None
-        union, row_mask = backends.cpu.union_plan(x, segments, kept, kept_offsets, scales)
+        union, row_mask = backends.cpu.union_plan(x, segments, kept, kept_offsets, scales,
+                                                  neurons)
         return (union, row_mask) if _union_pays(strategy, union, bounds, min_union) else None
     chosen, union = _choose_strategy(strategy, bounds, kept, min_union)
     if chosen != "union":
@@ -274,7 +276,7 @@ def union_plan(x, segments, kept, kept_offsets, scales=None, strategy: str = "au
     return union, _union_row_mask(x, union, segments, kept, kept_offsets, scales)
 
 
-def _cpu_plan(x, kept, scales) -> bool:
+def _plan_in_cpp(x, kept, scales) -> bool:
     """Whether union_plan builds the plan in the cpu backend's one C++ call (the same plan as
     _choose_strategy and _union_row_mask build with a dozen small torch ops, about 0.2 ms)."""
     return (x.device.type == "cpu" and x.dtype in backends.cpu.DTYPES and x.dim() == 2
@@ -286,11 +288,11 @@ def _cpu_plan(x, kept, scales) -> bool:
 def _min_union(x, kept, scales, projections: int) -> int:
     """The fewest neurons whose rows of an FFN's `projections` weight matrices (of x's width and
     dtype) make a union worth building in one op call: on the CPU any union when the C++ call
-    builds the plan (_cpu_plan), else UNION_MIN_BYTES_CPU's worth; elsewhere no union is
+    builds the plan (_plan_in_cpp), else UNION_MIN_BYTES_CPU's worth; elsewhere no union is
     (sys.maxsize: see UNION_MIN_BYTES_CPU's note)."""
     if x.device.type != "cpu":
         return sys.maxsize
-    if _cpu_plan(x, kept, scales):
+    if _plan_in_cpp(x, kept, scales):
         return 0
     return -(-UNION_MIN_BYTES_CPU // (projections * x.shape[-1] * x.element_size()))
 
@@ -306,7 +308,8 @@ def _segmented(x, out_features, segments, kept, kept_offsets, scales, strategy, 
     `w_out_t`, `b_out`: the projections, for the segmented kernels (see the backends'
     segmented_ffn)."""
     plan = union_plan(x, segments, kept, kept_offsets, scales, strategy,
-                      _min_union(x, kept, scales, 2 if up[0] == "rows" else 3))
+                      _min_union(x, kept, scales, 2 if up[0] == "rows" else 3),
+                      neurons=up[1].shape[0])
     if plan is not None:
         return run_union(x, *plan)
     bounds = _segment_bounds(segments, kept_offsets)

@@ -191,7 +191,8 @@ class MixedFfn:
         if key not in self._unions:
             if len(self._unions) >= UNION_PLANS:
                 self._unions.clear()
-            self._unions[key] = library.union_plan(x, segments, *self._pack(step.names))
+            self._unions[key] = library.union_plan(x, segments, *self._pack(step.names),
+                                                   neurons=self.weights.w_gate.shape[0])
         return self._unions[key]
 
     def _pack(self, names: tuple):
