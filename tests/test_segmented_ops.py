@@ -171,6 +171,30 @@ def test_auto_picks_the_union_for_one_row_per_segment_and_shared_rows():
     assert _choose_strategy("union", bounds, kept, min_union=101)[0] == "union"
 
 
+def test_the_cpus_cost_model_takes_the_union_where_it_reads_and_computes_less():
+    from doe_kernels.ops.library import READ_COST_CPU, _union_cost, _union_may_pay, _union_pays
+
+    def layout(rows: int, lists: int, keep: int):
+        return [(s * rows, (s + 1) * rows, s * keep, (s + 1) * keep) for s in range(lists)]
+
+    # five lists of 35 neurons: random ones (union 88) at one row each, not at four
+    one, four = layout(1, 5, 35), layout(4, 5, 35)
+    union = torch.arange(88)
+    assert _union_pays("auto", union, one, 0, READ_COST_CPU)
+    assert not _union_pays("auto", union, four, 0, READ_COST_CPU)
+    # equal lists (union 35): the union at any row count, one GEMM for every row
+    assert _union_pays("auto", torch.arange(35), layout(64, 5, 35), 0, READ_COST_CPU)
+    # disjoint lists (union 175) never
+    assert not _union_pays("auto", torch.arange(175), one, 0, READ_COST_CPU)
+    # the cost: read_cost per neuron read, 1 per row x neuron computed
+    assert _union_cost(2.0, layout(1, 2, 10), 15) == (2 + 2) * 15 - (2 * 20 + 20)
+    # the test without the union: even a union as small as the longest list cannot pay
+    assert not _union_may_pay("auto", layout(4, 2, 10) + [(8, 9, 20, 100)], 0, READ_COST_CPU)
+    assert _union_may_pay("auto", four, 0, READ_COST_CPU)  # equal lists would pay
+    assert _union_pays("union", torch.arange(175), four, 0, READ_COST_CPU)
+    assert not _union_may_pay("segments", one, 0, READ_COST_CPU)
+
+
 def test_an_op_call_takes_the_union_where_building_its_plan_pays(monkeypatch):
     from doe_kernels.ops import library
     from doe_kernels.ops.library import UNION_MIN_BYTES_CPU, _min_union
@@ -402,7 +426,7 @@ def test_union_plan_takes_the_cpu_call_for_what_it_serves(monkeypatch):
     cpu = _cpu_backend()
     calls = []
     plan = cpu.union_plan
-    monkeypatch.setattr(cpu, "union_plan", lambda *a: calls.append(1) or plan(*a))
+    monkeypatch.setattr(cpu, "union_plan", lambda *a, **k: calls.append(1) or plan(*a, **k))
     lists = [torch.arange(6 * s, 6 * s + 20) for s in range(5)]
     scales = [torch.rand(20) for _ in lists]
     segments, kept, offsets, packed = dk.pack_segments([1] * 5, lists, scales)
@@ -437,19 +461,22 @@ def test_cpu_union_plan_checks_its_input():
     x = torch.zeros(5, 8)
     kept, offsets, segments = torch.tensor([0, 3, 7, 2, 4]), torch.tensor([0, 3, 5]), torch.tensor(
         [0, 2, 5])
-    union, row_mask = ext.union_plan_cpu(x, segments, kept, offsets, None, 8)
+    union, row_mask = ext.union_plan_cpu(x, segments, kept, offsets, None, 8, True)
     assert union.tolist() == [0, 2, 3, 4, 7] and row_mask.shape == (5, 5)
+    union, no_mask = ext.union_plan_cpu(x, segments, kept, offsets, None, 8, False)
+    assert union.tolist() == [0, 2, 3, 4, 7] and no_mask.shape == (0, 5)
     for bad in (-1, 8, 2**40):  # below 0, past the FFN's width, far past it
         with pytest.raises(ValueError, match=f"holds index {bad} at position 4, out of range"):
-            ext.union_plan_cpu(x, segments, torch.tensor([0, 3, 7, 2, bad]), offsets, None, 8)
+            ext.union_plan_cpu(x, segments, torch.tensor([0, 3, 7, 2, bad]), offsets, None, 8,
+                               True)
     with pytest.raises(ValueError, match="segments must start at 0 and end at 5"):
-        ext.union_plan_cpu(x, torch.tensor([0, 2, 4]), kept, offsets, None, 8)
+        ext.union_plan_cpu(x, torch.tensor([0, 2, 4]), kept, offsets, None, 8, True)
     with pytest.raises(RuntimeError, match="scales has 4 entries but kept has 5"):
-        ext.union_plan_cpu(x, segments, kept, offsets, torch.ones(4), 8)
+        ext.union_plan_cpu(x, segments, kept, offsets, torch.ones(4), 8, True)
     with pytest.raises(RuntimeError, match="x must be a 2-D float32 or bfloat16 CPU tensor"):
-        ext.union_plan_cpu(x.half(), segments, kept, offsets, None, 8)
+        ext.union_plan_cpu(x.half(), segments, kept, offsets, None, 8, True)
     with pytest.raises(ValueError, match="neurons must be >= 0"):
-        ext.union_plan_cpu(x, segments, kept, offsets, None, -1)
+        ext.union_plan_cpu(x, segments, kept, offsets, None, -1, True)
 
 
 def _cuda_backend():

@@ -812,14 +812,15 @@ at::Tensor segmented_swiglu_ffn_cpu(const at::Tensor& x, const at::Tensor& w_gat
 // =============================================================================================
 // The union plan of a segmented FFN (doe_kernels/ops/library.union_plan): the sorted union of the
 // kept lists of the segments holding rows, and for each row of x its segment's 1 (or scale) at
-// the union places of the segment's kept neurons, 0 elsewhere, in x's dtype. One pass over the
-// lists with a table of the FFN's `neurons` places, where the torch version takes a dozen small
-// ops.
+// the union places of the segment's kept neurons, 0 elsewhere, in x's dtype (without
+// `with_mask`, an empty one: the caller decides from the union's size whether it needs it). One
+// pass over the lists with a table of the FFN's `neurons` places, where the torch version takes a
+// dozen small ops.
 std::tuple<at::Tensor, at::Tensor> union_plan_cpu(const at::Tensor& x, const at::Tensor& segments,
                                                   const at::Tensor& kept,
                                                   const at::Tensor& kept_offsets,
                                                   const std::optional<at::Tensor>& scales,
-                                                  int64_t neurons) {
+                                                  int64_t neurons, bool with_mask) {
   constexpr const char* fn = "union_plan_cpu";
   // only x's rows and dtype are read
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 &&
@@ -839,6 +840,7 @@ std::tuple<at::Tensor, at::Tensor> union_plan_cpu(const at::Tensor& x, const at:
   int64_t* up = union_.data_ptr<int64_t>();
   for (int64_t n = 0; n < neurons; ++n)
     if (place[n] >= 0) up[place[n]] = n;
+  if (!with_mask) return {union_, at::empty({0, count}, x.options())};
   at::Tensor mask = at::zeros({x.size(0), count}, x.options().dtype(at::kFloat));
   float* mp = mask.data_ptr<float>();
   std::optional<at::Tensor> sf;

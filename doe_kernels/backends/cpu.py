@@ -46,10 +46,11 @@ def has_union_plan() -> bool:
     return hasattr(extension(), "union_plan_cpu")
 
 
-def union_plan(x, segments, kept, kept_offsets, scales, neurons: int):
+def union_plan(x, segments, kept, kept_offsets, scales, neurons: int, with_mask: bool = True):
     """(union, row_mask) of a segmented FFN's layout (over an FFN of `neurons` neurons) in one
-    C++ call (library.union_plan's)."""
-    return extension().union_plan_cpu(x, segments, kept, kept_offsets, scales, neurons)
+    C++ call (library.union_plan's); without `with_mask`, an empty row_mask."""
+    return extension().union_plan_cpu(x, segments, kept, kept_offsets, scales, neurons,
+                                      with_mask)
 
 
 def set_gather_above(rows: int | None) -> None:

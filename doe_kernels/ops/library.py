@@ -9,6 +9,7 @@ ffn.py check the arguments first; call those, not these, from user code. The pat
 whose indices were checked once when the mask was plugged, call these directly; eager calls then
 skip the dispatcher too (`_direct`).
 """
+import functools
 import sys
 
 import torch
@@ -217,41 +218,65 @@ def _choose_strategy(strategy: str, bounds, kept: torch.Tensor, min_union: int =
     return "union", union
 
 
-def _union_may_pay(strategy: str, bounds, min_union: int) -> bool:
-    """_choose_strategy's tests that need no union."""
+def _union_may_pay(strategy: str, bounds, min_union: int, read_cost: float | None = None) -> bool:
+    """_choose_strategy's tests that need no union; with `read_cost`, the CPU's cost model
+    (READ_COST_CPU) instead of the row rule, with the union as small as the longest list."""
     check_strategy(strategy)
     if strategy == "segments" or not bounds:
         return False
+    if strategy == "union":
+        return True
     rows = sum(r1 - r0 for r0, r1, _, _ in bounds)
     read = sum(k1 - k0 for _, _, k0, k1 in bounds)
+    if read_cost is not None:
+        return _union_cost(read_cost, bounds, max(k1 - k0 for _, _, k0, k1 in bounds)) < 0
     # `read` bounds the union's size from above
-    return strategy == "union" or (rows <= UNION_MAX_ROWS * len(bounds) and read >= min_union)
+    return rows <= UNION_MAX_ROWS * len(bounds) and read >= min_union
 
 
-def _union_pays(strategy: str, union: torch.Tensor, bounds, min_union: int) -> bool:
-    """_choose_strategy's tests of the union itself."""
+def _union_pays(strategy: str, union: torch.Tensor, bounds, min_union: int,
+                read_cost: float | None = None) -> bool:
+    """_choose_strategy's tests of the union itself (with `read_cost`, the CPU's cost model)."""
     if union.numel() == 0:
         return False
+    if strategy == "union":
+        return True
+    if read_cost is not None:
+        return union.numel() >= min_union and _union_cost(read_cost, bounds, union.numel()) < 0
     read = sum(k1 - k0 for _, _, k0, k1 in bounds)
-    return strategy == "union" or min_union <= union.numel() < read
+    return min_union <= union.numel() < read
 
 
-# An op call on the CPU builds the union's plan (the union and the row mask) in one C++ call
-# (backends/cpu.union_plan, about 15 us), and then takes the union at one row per segment
-# whenever it reads less: measured on AMD EPYC (2 threads, float32, five experts keeping 35% each,
-# benchmarks/results/cpu_avx512/cpu_quick_segmented.json) it ran 1.06x faster than the segments in
-# one C++ call on SmolLM2-135M's FFN (4 MiB) and all-MiniLM-L6-v2's, 1.18x on BERT-base's, 1.27x
-# on BERT-large's; at two rows per segment the segments won but on BERT-large's. Built with torch
-# ops (about 0.2 ms: float16, or no extension) the plan cost more than the union saved while the
-# weights stayed in cache (Intel Xeon: the segments 1.39x faster on SmolLM2's FFN, 1.16x on
-# BERT-large's; the union from 42 MiB on, 1.73x on LLaMA-7B's), so then an op call takes the
-# union only for weights of UNION_MIN_BYTES_CPU or more. A model serving a mixed batch (models/segments) builds
-# the plan once per token count and takes the union whenever it reads less.
+def _union_cost(read_cost: float, bounds, union: int) -> float:
+    """The union's cost less the segments' under the CPU's cost model: `read_cost` per weight row
+    read, 1 per input row x neuron computed (the union computes every row over all its neurons)."""
+    rows = sum(r1 - r0 for r0, r1, _, _ in bounds)
+    read = sum(k1 - k0 for _, _, k0, k1 in bounds)
+    computed = sum((r1 - r0) * (k1 - k0) for r0, r1, k0, k1 in bounds)
+    return (read_cost + rows) * union - (read_cost * read + computed)
+
+
+# On the CPU the cpu backend builds the union's plan (the union and the row mask) in one C++ call
+# (backends/cpu.union_plan, about 15 us), and `auto` takes the union where a cost model says it
+# is cheaper: READ_COST_CPU per weight row (neuron) read, 1 per input row x neuron computed. The
+# union reads its neurons once where the segments read each list, and computes every row over all
+# of them. Fitted on AMD EPYC (2 threads, float32, five experts keeping 35% each, 1-16 rows per
+# segment, lists sharing 0-100% of their neurons, SmolLM2-135M's, BERT-base's, BERT-large's and a
+# 1024 x 4096 SwiGLU FFN): 3.5 took the faster strategy but in 4 of 80 cases (at most 1.15x
+# slower; the mean call 1.005x the faster one's time), where one row per segment only (the rule
+# before) was 1.064x. The union wins at one row per segment whenever the lists overlap (1.14-1.37x
+# the segments for random lists), at two rows when they share most neurons, and at any row count
+# when they are equal. Where torch builds the plan (about 0.2 ms: float16, or no extension) an op
+# call takes the union at one row per segment only, for weights of UNION_MIN_BYTES_CPU or more
+# (below, the plan cost more than the union saved: Intel Xeon, the segments 1.39x faster on
+# SmolLM2's FFN, 1.16x on BERT-large's; the union from 42 MiB on, 1.73x on LLaMA-7B's). A model
+# serving a mixed batch (models/segments) builds the plan once per token count.
 # On an H200 (bfloat16, LLaMA-7B's FFN, the same five experts,
 # benchmarks/results/gpu_h200/gpu-nvidia-h200_quick_segmented.json) an op call took 0.59 ms with
 # the union and 0.25 ms with the segments at one row each (building the plan is a dozen small
 # launches and host syncs), 0.69 against 0.28 ms at three rows: so on a GPU an op call never
 # takes the union by itself (`strategy="union"` still does).
+READ_COST_CPU = 3.5
 UNION_MAX_ROWS = 1
 UNION_MIN_BYTES_CPU = 32 * 2**20
 
@@ -265,11 +290,13 @@ def union_plan(x, segments, kept, kept_offsets, scales=None, strategy: str = "au
     backend build a CPU plan in one C++ call."""
     bounds = _segment_bounds(segments, kept_offsets)
     if neurons is not None and _plan_in_cpp(x, kept, scales):
-        if not _union_may_pay(strategy, bounds, min_union):
+        if not _union_may_pay(strategy, bounds, min_union, READ_COST_CPU):
             return None
-        union, row_mask = backends.cpu.union_plan(x, segments, kept, kept_offsets, scales,
-                                                  neurons)
-        return (union, row_mask) if _union_pays(strategy, union, bounds, min_union) else None
+        plan = functools.partial(backends.cpu.union_plan, x, segments, kept, kept_offsets,
+                                 scales, neurons)
+        union, _ = plan(with_mask=False)
+        return plan(with_mask=True) if _union_pays(strategy, union, bounds, min_union,
+                                                   READ_COST_CPU) else None
     chosen, union = _choose_strategy(strategy, bounds, kept, min_union)
     if chosen != "union":
         return None
