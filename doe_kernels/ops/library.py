@@ -262,11 +262,12 @@ def _union_cost(read_cost: float, bounds, union: int) -> float:
 # union reads its neurons once where the segments read each list, and computes every row over all
 # of them. Fitted on AMD EPYC (2 threads, float32, five experts keeping 35% each, 1-16 rows per
 # segment, lists sharing 0-100% of their neurons, SmolLM2-135M's, BERT-base's, BERT-large's and a
-# 1024 x 4096 SwiGLU FFN): 3.5 took the faster strategy but in 4 of 80 cases (at most 1.15x
-# slower; the mean call 1.005x the faster one's time), where one row per segment only (the rule
-# before) was 1.064x. The union wins at one row per segment whenever the lists overlap (1.14-1.37x
-# the segments for random lists), at two rows when they share most neurons, and at any row count
-# when they are equal. Where torch builds the plan (about 0.2 ms: float16, or no extension) an op
+# 1024 x 4096 SwiGLU FFN; python/segmented_union_sweep.py,
+# benchmarks/results/cpu_avx512/segmented_union_sweep.json): an `auto` call took 1.025x the faster
+# strategy's time on average (1.11x at worst, its planning included), where the rule before (the
+# union at one row per segment only) would take 1.052x (1.74x at worst). The union wins at one
+# row per segment whenever the lists overlap, at two rows when they share most neurons, and at
+# any row count when they are equal. Where torch builds the plan (about 0.2 ms: float16, or no extension) an op
 # call takes the union at one row per segment only, for weights of UNION_MIN_BYTES_CPU or more
 # (below, the plan cost more than the union saved: Intel Xeon, the segments 1.39x faster on
 # SmolLM2's FFN, 1.16x on BERT-large's; the union from 42 MiB on, 1.73x on LLaMA-7B's). A model
