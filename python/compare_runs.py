@@ -77,7 +77,8 @@ def plot(runs: list, labels: list, path: str, title: str) -> None:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("results", nargs="+",
-                        help="results.json files, oldest first (a run of several: joined by commas)")
+                        help="results.json files, oldest first (a run of several: joined by "
+                             "commas)")
     parser.add_argument("--labels", nargs="+", help="one per results file")
     parser.add_argument("--title", default="experts before and after")
     parser.add_argument("--out", required=True, help="the plot (.png)")

@@ -34,7 +34,6 @@ import json
 import os
 import platform
 import random
-import shutil
 import statistics
 import threading
 import time
@@ -99,20 +98,16 @@ def experts_and_texts(model, tokenizer, args) -> tuple[dict, dict]:
     return experts, texts
 
 
-# what --export-assets copies of each model's folder: its config and tokenizer, never weights
-ASSET_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
-               "special_tokens_map.json", "chat_template.jinja")
-
-
 def export_assets(folder: str, count: int) -> None:
-    """Both models' configs and tokenizers, and the tasks' request texts, into `folder`."""
+    """Both models' configs and tokenizers (never weights), and the tasks' request texts, into
+    `folder`."""
+    from transformers import AutoConfig, AutoTokenizer
+
     from offline_models import minilm_dir, smollm2_dir
 
     for name, source in (("minilm", minilm_dir()), ("smollm2", smollm2_dir())):
-        os.makedirs(os.path.join(folder, name), exist_ok=True)
-        for file in ASSET_FILES:
-            if os.path.exists(os.path.join(source, file)):
-                shutil.copy(os.path.join(source, file), os.path.join(folder, name, file))
+        AutoConfig.from_pretrained(source).save_pretrained(os.path.join(folder, name))
+        AutoTokenizer.from_pretrained(source).save_pretrained(os.path.join(folder, name))
     with open(os.path.join(folder, "texts.json"), "w") as f:
         json.dump(task_texts(count), f)
     print(f"wrote {folder}: minilm/, smollm2/ (configs and tokenizers), texts.json")

@@ -7,7 +7,8 @@ fraction and rows per segment: the median time of one `segmented_gather_(swiglu_
 `strategy="union"`, `"segments"` and `"auto"`, and what a call picked at the faster one's time
 costs. The data behind `library.READ_COST_CPU`.
 
-    python python/segmented_union_sweep.py --out benchmarks/results/cpu_avx512/segmented_union_sweep.json
+    python python/segmented_union_sweep.py --out \
+        benchmarks/results/cpu_avx512/segmented_union_sweep.json
 """
 import argparse
 import json
@@ -24,7 +25,8 @@ EXPERTS, KEEP, SHARED = 5, 0.35, (0.0, 0.5, 0.8, 1.0)
 
 
 def expert_lists(neurons: int, shared: float, gen) -> list[torch.Tensor]:
-    """Five sorted lists of KEEP x neurons: `shared` of each common to all, the rest drawn apart."""
+    """Five sorted lists of KEEP x neurons: `shared` of each common to all, the rest drawn
+    apart."""
     keep = round(KEEP * neurons)
     common = round(shared * keep)
     order = torch.randperm(neurons, generator=gen)

@@ -93,13 +93,21 @@ class LayerSegments:
                                                       device=self.kept.device) * tokens
         return self._row_segments[tokens]
 
-    def packed(self, batch: int, tokens: int):
-        """(the flat row index of the real tokens, the FFN's segment offsets over them) during a
-        forward pass of the padded batch whose attention mask `mixed` was given, else None."""
+    def real_tokens(self, batch: int, tokens: int):
+        """The RealTokens of the padded batch whose attention mask `mixed` was given, during a
+        forward pass of that batch with padding; else None."""
         self.check_batch(batch)
         real = self.real
         if (real is None or not real.active or real.shape != (batch, tokens)
                 or real.index.numel() == batch * tokens):
+            return None
+        return real
+
+    def packed(self, batch: int, tokens: int):
+        """(the flat row index of the real tokens, the FFN's segment offsets over them) during a
+        forward pass of the padded batch whose attention mask `mixed` was given, else None."""
+        real = self.real_tokens(batch, tokens)
+        if real is None:
             return None
         if self._packed is None:
             offsets = torch.tensor([real.offsets[b] for b in self.ffn_bounds],
@@ -142,6 +150,15 @@ class RealTokens:
         self.index = self.mask.reshape(-1).nonzero().squeeze(1)
         self.offsets = [0] + self.mask.sum(1).cumsum(0).tolist()
         self.active = False
+        self._spans: dict[tuple[int, int], torch.Tensor] = {}
+
+    def span_index(self, start: int, stop: int) -> torch.Tensor:
+        """The row index of sequences [start, stop)'s real tokens within those sequences' rows
+        (cached: every layer asks for the same spans)."""
+        if (start, stop) not in self._spans:
+            index = self.index[self.offsets[start]:self.offsets[stop]]
+            self._spans[start, stop] = index - start * self.shape[1]
+        return self._spans[start, stop]
 
     def matches(self, attention_mask) -> bool:
         """Whether `attention_mask` (a forward pass's) is this batch's."""
@@ -221,8 +238,7 @@ def _ffn_forward(segments: LayerSegments, x, run_union, run_segments):
         out = run_union(x2d, *union)
     elif packed is not None:
         index, offsets = packed
-        real = run_segments(x2d.index_select(0, index), offsets)
-        out = real.new_zeros(x2d.shape[0], real.shape[1]).index_copy_(0, index, real)
+        out = _unpack(run_segments(x2d.index_select(0, index), offsets), index, x2d.shape[0])
     else:
         out = run_segments(x2d, segments.row_segments(batch, tokens))
     return _add(out.view(*x.shape[:-1], -1), _matching(segments.ffn_delta, x))
@@ -249,7 +265,7 @@ def attention_forward(segments: LayerSegments, hidden, weights: dict, o_weight_t
     batch = hidden.shape[0]
     segments.check_batch(batch)
     spans = segments.attention_spans()
-    real = segments.real if segments.packed(batch, hidden.shape[1]) is not None else None
+    real = segments.real_tokens(batch, hidden.shape[1])
     projected = []
     for b0, b1, plan in spans:
         selection = plan.selection
@@ -290,16 +306,21 @@ def _project(hidden, b0: int, b1: int, real, selection, backend: str, weights: d
     span = hidden[b0:b1]
     if real is None or real.offsets[b1] == real.offsets[b0]:  # not packed, or padding only
         return project_qkv(span, selection=selection, backend=backend, **weights)
-    tokens = span.shape[1]
-    index = real.index[real.offsets[b0]:real.offsets[b1]] - b0 * tokens
+    count, tokens = span.shape[:2]
+    index = real.span_index(b0, b1)
     packed = span.reshape(-1, span.shape[-1]).index_select(0, index)[None]
     out = []
     for part in project_qkv(packed, selection=selection, backend=backend, **weights):
         _, heads, _, head_dim = part.shape  # (1, heads, real tokens, head_dim)
         flat = part[0].transpose(0, 1).reshape(-1, heads * head_dim)
-        full = flat.new_zeros(span.shape[0] * tokens, heads * head_dim).index_copy_(0, index, flat)
-        out.append(full.view(span.shape[0], tokens, heads, head_dim).transpose(1, 2))
+        full = _unpack(flat, index, count * tokens)
+        out.append(full.view(count, tokens, heads, head_dim).transpose(1, 2))
     return out
+
+
+def _unpack(rows: torch.Tensor, index: torch.Tensor, count: int) -> torch.Tensor:
+    """`count` rows: `rows` at the places `index` names, zeros elsewhere."""
+    return rows.new_zeros(count, rows.shape[1]).index_copy_(0, index, rows)
 
 
 def _full_kv(spans, projected, hidden):

@@ -226,10 +226,9 @@ def _union_may_pay(strategy: str, bounds, min_union: int, read_cost: float | Non
         return False
     if strategy == "union":
         return True
-    rows = sum(r1 - r0 for r0, r1, _, _ in bounds)
-    read = sum(k1 - k0 for _, _, k0, k1 in bounds)
     if read_cost is not None:
         return _union_cost(read_cost, bounds, max(k1 - k0 for _, _, k0, k1 in bounds)) < 0
+    rows, read, _ = _totals(bounds)
     # `read` bounds the union's size from above
     return rows <= UNION_MAX_ROWS * len(bounds) and read >= min_union
 
@@ -241,18 +240,25 @@ def _union_pays(strategy: str, union: torch.Tensor, bounds, min_union: int,
         return False
     if strategy == "union":
         return True
+    if union.numel() < min_union:
+        return False
     if read_cost is not None:
-        return union.numel() >= min_union and _union_cost(read_cost, bounds, union.numel()) < 0
-    read = sum(k1 - k0 for _, _, k0, k1 in bounds)
-    return min_union <= union.numel() < read
+        return _union_cost(read_cost, bounds, union.numel()) < 0
+    return union.numel() < _totals(bounds)[1]
+
+
+def _totals(bounds) -> tuple[int, int, int]:
+    """(rows, kept neurons read, row x neuron products computed) of the segments' calls."""
+    rows = read = computed = 0
+    for r0, r1, k0, k1 in bounds:
+        rows, read, computed = rows + r1 - r0, read + k1 - k0, computed + (r1 - r0) * (k1 - k0)
+    return rows, read, computed
 
 
 def _union_cost(read_cost: float, bounds, union: int) -> float:
     """The union's cost less the segments' under the CPU's cost model: `read_cost` per weight row
     read, 1 per input row x neuron computed (the union computes every row over all its neurons)."""
-    rows = sum(r1 - r0 for r0, r1, _, _ in bounds)
-    read = sum(k1 - k0 for _, _, k0, k1 in bounds)
-    computed = sum((r1 - r0) * (k1 - k0) for r0, r1, k0, k1 in bounds)
+    rows, read, computed = _totals(bounds)
     return (read_cost + rows) * union - (read_cost * read + computed)
 
 
@@ -267,11 +273,12 @@ def _union_cost(read_cost: float, bounds, union: int) -> float:
 # strategy's time on average (1.11x at worst, its planning included), where the rule before (the
 # union at one row per segment only) would take 1.052x (1.74x at worst). The union wins at one
 # row per segment whenever the lists overlap, at two rows when they share most neurons, and at
-# any row count when they are equal. Where torch builds the plan (about 0.2 ms: float16, or no extension) an op
-# call takes the union at one row per segment only, for weights of UNION_MIN_BYTES_CPU or more
-# (below, the plan cost more than the union saved: Intel Xeon, the segments 1.39x faster on
-# SmolLM2's FFN, 1.16x on BERT-large's; the union from 42 MiB on, 1.73x on LLaMA-7B's). A model
-# serving a mixed batch (models/segments) builds the plan once per token count.
+# any row count when they are equal. Where torch builds the plan (about 0.2 ms: float16, or no
+# extension) an op call takes the union at one row per segment only, for weights of
+# UNION_MIN_BYTES_CPU or more (below, the plan cost more than the union saved: Intel Xeon, the
+# segments 1.39x faster on SmolLM2's FFN, 1.16x on BERT-large's; the union from 42 MiB on, 1.73x
+# on LLaMA-7B's). A model serving a mixed batch (models/segments) builds the plan once per token
+# count.
 # On an H200 (bfloat16, LLaMA-7B's FFN, the same five experts,
 # benchmarks/results/gpu_h200/gpu-nvidia-h200_quick_segmented.json) an op call took 0.59 ms with
 # the union and 0.25 ms with the segments at one row each (building the plan is a dozen small
