@@ -177,11 +177,12 @@ def mixed_logits(model, tokenizer, requests, batch_size: int = 32,
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     for expert in {id(e): e for e in experts}.values():
         expert.check_fits(model)  # also: its task type is the model's
+    ids = _encoded(experts, texts, tokenizer)
     out = [None] * len(experts)
     with torch.no_grad():
-        for chunk in _batches(experts, texts, tokenizer, batch_size):
+        for chunk in _batches(experts, [len(i) for i in ids], batch_size):
             rows = _forward(model, tokenizer, [experts[i] for i in chunk],
-                            [texts[i] for i in chunk], backend)
+                            [ids[i] for i in chunk], backend)
             for i, row in zip(chunk, rows):
                 out[i] = row
     return out
@@ -197,19 +198,31 @@ def mixed_logits(model, tokenizer, requests, batch_size: int = 32,
 MAX_PADDING = 1.0
 
 
-def _batches(experts: list[Expert], texts: list[str], tokenizer, batch_size: int):
-    """Request indices of each forward pass: the requests in order of length, a batch ending when
-    it holds `batch_size` or when padding to the next request's length would pass MAX_PADDING;
-    within a batch, the requests grouped by expert (few segments)."""
-    filled = [t if e.template is None else e.template.format(text=t)
-              for e, t in zip(experts, texts)]  # a causal LM's template adds tokens
-    counts = [len(ids) for ids in tokenizer(filled)["input_ids"]]
-    lengths = [min(n, e.max_length) + e.num_virtual_tokens for n, e in zip(counts, experts)]
+def _encoded(experts: list[Expert], texts: list[str], tokenizer) -> list[torch.Tensor]:
+    """Each request's token ids (1-D, without padding), as its expert encodes them (template,
+    truncation); each expert's texts encoded in one tokenizer call."""
+    groups: dict[int, list[int]] = {}
+    for i, expert in enumerate(experts):
+        groups.setdefault(id(expert), []).append(i)
+    ids = [None] * len(texts)
+    for members in groups.values():
+        batch, attention = experts[members[0]].encode(tokenizer, [texts[i] for i in members])
+        for row, i in enumerate(members):
+            ids[i] = batch[row][attention[row].to(torch.bool)]
+    return ids
+
+
+def _batches(experts: list[Expert], token_counts: list[int], batch_size: int):
+    """Request indices of each forward pass: the requests in order of length (their token counts
+    and their experts' virtual tokens), a batch ending when it holds `batch_size` or when
+    padding to the next request's length would pass MAX_PADDING; within a batch, the requests
+    grouped by expert (few segments)."""
+    lengths = [n + e.num_virtual_tokens for n, e in zip(token_counts, experts)]
     rank = {}
     for expert in experts:
         rank.setdefault(id(expert), len(rank))
     batches, current, tokens = [], [], 0
-    for i in sorted(range(len(texts)), key=lambda i: lengths[i]):
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
         padded = lengths[i] * (len(current) + 1)  # the longest so far: sorted by length
         if current and (len(current) == batch_size
                         or padded > (1 + MAX_PADDING) * (tokens + lengths[i])):
@@ -221,12 +234,14 @@ def _batches(experts: list[Expert], texts: list[str], tokenizer, batch_size: int
     return [sorted(batch, key=lambda i: (rank[id(experts[i])], i)) for batch in batches]
 
 
-def _forward(model, tokenizer, experts: list[Expert], texts: list[str], backend: str):
-    """Each row's label logits for one batch, its experts in runs of consecutive rows."""
+def _forward(model, tokenizer, experts: list[Expert], ids: list[torch.Tensor], backend: str):
+    """Each row's label logits for one batch (`ids`: each row's token ids, `_encoded`), its
+    experts in runs of consecutive rows."""
     runs = _runs(experts)
-    inputs = [expert.model_inputs(model, *expert.encode(tokenizer, texts[start:stop]))
-              for start, stop, expert in runs]
     causal = experts[0].task_type == CAUSAL_LM
+    pad_id = tokenizer.pad_token_id or 0  # padding's ids are never attended to
+    inputs = [expert.model_inputs(model, *_padded(ids[start:stop], pad_id, left=causal))
+              for start, stop, expert in runs]
     embeds, attention = _pad_and_stack(inputs, left=causal)
     kwargs = dict(logits_to_keep=1, position_ids=real_positions(attention)) if causal else {}
     with mixed(model, [e.mask for e in experts], backend, attention), _mixed_heads(model, runs):
@@ -236,6 +251,19 @@ def _forward(model, tokenizer, experts: list[Expert], texts: list[str], backend:
         part = label_logits(logits[start:stop], expert.task_type, expert.label_token_ids)
         rows += list(part[:, :len(expert.label_names)].float().cpu())
     return rows
+
+
+def _padded(ids: list[torch.Tensor], pad_id: int, left: bool):
+    """(input_ids, attention_mask) of rows of token ids padded to the longest (on the left for
+    a causal LM, else on the right), as the tokenizer pads them."""
+    length = max(row.numel() for row in ids)
+    input_ids = torch.full((len(ids), length), pad_id, dtype=ids[0].dtype)
+    attention = torch.zeros(len(ids), length, dtype=torch.int64)
+    for i, row in enumerate(ids):
+        place = slice(length - row.numel(), length) if left else slice(0, row.numel())
+        input_ids[i, place] = row
+        attention[i, place] = 1
+    return input_ids, attention
 
 
 def _pad_and_stack(inputs: list[dict], left: bool):

@@ -109,18 +109,26 @@ def test_an_attention_mask_runs_the_ffns_and_projections_on_the_real_tokens_only
     original = segments.project_qkv
     monkeypatch.setattr(segments, "project_qkv", lambda hidden, **k: projected.append(
         tuple(hidden.shape[:2])) or original(hidden, **k))
+    out_rows = []  # the leading dimensions of each span's output projection
+    project_out = segments.project_out
+    monkeypatch.setattr(segments, "project_out", lambda part, *a, **k: out_rows.append(
+        tuple(part.shape[:-1])) or project_out(part, *a, **k))
     with torch.no_grad():
         with dk.mixed(model, rows, backend):
             every = real_hidden(model, ids, attention)
         assert seen and set(seen) == {6 * 9}
         assert projected and {t for _, t in projected} == {9}
+        assert out_rows and {t for _, t in out_rows} == {9}
         padded, seen[:], projected[:] = sum(b * t for b, t in projected), [], []
+        padded_out, out_rows[:] = sum(b * t for b, t in out_rows), []
         with dk.mixed(model, rows, backend, attention_mask=attention):
             real = real_hidden(model, ids, attention)
         assert seen and set(seen) == {int(attention.sum())}
         # each span's real tokens as one sequence, fewer than the padded ones
         assert projected and {b for b, _ in projected} == {1}
         assert sum(t for _, t in projected) < padded
+        assert out_rows and {len(shape) for shape in out_rows} == {1}  # the real rows, packed
+        assert sum(rows for rows, in out_rows) < padded_out
     assert_close(real, every.double(), what=f"{name}: real tokens only against every position")
     assert not dk.is_patched(model)
 
@@ -310,7 +318,9 @@ def test_mixed_logits_batches_by_length_and_computes_the_real_tokens_ffns(tokeni
     chosen = [rng.choice(experts) for _ in texts]
     lengths = [len(tokenizer(t)["input_ids"]) + e.num_virtual_tokens
                for e, t in zip(chosen, texts)]
-    batches = mixed_module._batches(chosen, texts, tokenizer, 4)
+    counts = [len(ids) for ids in mixed_module._encoded(chosen, texts, tokenizer)]
+    assert counts == [len(tokenizer(t)["input_ids"]) for t in texts]  # tokenized once
+    batches = mixed_module._batches(chosen, counts, 4)
     assert sorted(i for batch in batches for i in batch) == list(range(len(texts)))
     for batch in batches:
         size = [lengths[i] for i in batch]

@@ -294,8 +294,7 @@ def attention_forward(segments: LayerSegments, hidden, weights: dict, o_weight_t
             part = attend(q, k, v, plan.selection, mask,
                           is_causal=is_causal and mask is None and q.shape[2] > 1, scale=scale,
                           dropout=dropout)
-            part = project_out(part, o_weight_t, o_bias, plan.selection, backend,
-                               scales=plan.head_col_scales)
+            part = _project_out(part, b0, b1, real, plan, backend, o_weight_t, o_bias)
         out.append(part if plan.attn_delta is None else part + plan.attn_delta)
     return torch.cat(out)
 
@@ -316,6 +315,22 @@ def _project(hidden, b0: int, b1: int, real, selection, backend: str, weights: d
         full = _unpack(flat, index, count * tokens)
         out.append(full.view(count, tokens, heads, head_dim).transpose(1, 2))
     return out
+
+
+def _project_out(part, b0: int, b1: int, real, plan: SegmentPlan, backend: str, o_weight_t,
+                 o_bias):
+    """project_out (with the plan's head scales) of sequences [b0, b1)'s attention output
+    `part`: of their real tokens only when `real` (RealTokens) is given, the padding's rows
+    zeros."""
+    if real is None or real.offsets[b1] == real.offsets[b0]:  # not packed, or padding only
+        return project_out(part, o_weight_t, o_bias, plan.selection, backend,
+                           scales=plan.head_col_scales)
+    count, tokens, width = part.shape
+    index = real.span_index(b0, b1)
+    packed = part.reshape(-1, width).index_select(0, index)
+    out = project_out(packed, o_weight_t, o_bias, plan.selection, backend,
+                      scales=plan.head_col_scales)
+    return _unpack(out, index, count * tokens).view(count, tokens, -1)
 
 
 def _unpack(rows: torch.Tensor, index: torch.Tensor, count: int) -> torch.Tensor:
