@@ -78,9 +78,9 @@ def mixed(model, masks, backend: str = "auto", attention_mask=None):
 
     `attention_mask` (optional; (batch, tokens) of 0s and 1s, the mask of the padded batch the
     body runs): a forward pass of the model given that same mask computes the FFNs and the
-    attention's input projections of the real tokens only (the padding's positions get zeros
-    there: no real token attends to them); other passes (a generation's decoding steps, another
-    batch) compute every position."""
+    attention (projections, and each sequence's attention over its own real tokens) of the real
+    tokens only (the padding's positions get zeros there: no real token attends to them); other
+    passes (a generation's decoding steps, another batch) compute every position."""
     masks = _as_masks(masks)
     real = _real_tokens(attention_mask, len(masks))
     state = getattr(model, PATCH_STATE_ATTR, None)
@@ -189,12 +189,12 @@ def mixed_logits(model, tokenizer, requests, batch_size: int = 32,
 
 
 # the padding a batch may hold, as a fraction of its real tokens, before a longer request starts
-# another forward pass. The FFNs and the attention's input projections compute the real tokens
-# only (`mixed`'s attention_mask), so the padding costs only the attention itself and its output
-# projection, and a pass saves its fixed cost: on
-# 12 batches of 8 requests of the five tasks (AMD EPYC, 2 threads) 1.0 ran 1.17x faster than
-# 0.25 without the packing on all-MiniLM-L6-v2 and 1.10x on SmolLM2-135M; no limit (one pass a
-# batch) lost again on MiniLM.
+# another forward pass. The FFNs and the attention compute the real tokens only (`mixed`'s
+# attention_mask), so the padding costs only the per-position work between them (norms,
+# residuals). On 12 batches of 8 requests of the five tasks (AMD EPYC, 2 threads) 1.0 ran 1.17x
+# faster than 0.25 without any packing on all-MiniLM-L6-v2 and 1.10x on SmolLM2-135M; with the
+# attention packed too, 1.0, 3.0 and no limit ran within the machine's drift of each other on
+# MiniLM (6.8-7.4 ms a request).
 MAX_PADDING = 1.0
 
 

@@ -97,7 +97,7 @@ def ffn_rows(monkeypatch) -> list:
 
 @pytest.mark.parametrize("device,backend,dtype", backend_cases(with_dtype=True))
 @pytest.mark.parametrize("name", ["bert", "llama"])
-def test_an_attention_mask_runs_the_ffns_and_projections_on_the_real_tokens_only(
+def test_an_attention_mask_runs_the_ffns_and_attention_on_the_real_tokens_only(
         name, device, backend, dtype, monkeypatch):
     from doe_kernels.models import segments
 
@@ -113,6 +113,10 @@ def test_an_attention_mask_runs_the_ffns_and_projections_on_the_real_tokens_only
     project_out = segments.project_out
     monkeypatch.setattr(segments, "project_out", lambda part, *a, **k: out_rows.append(
         tuple(part.shape[:-1])) or project_out(part, *a, **k))
+    attended = []  # the (sequences, queries) of each attention call
+    attend = segments.attend
+    monkeypatch.setattr(segments, "attend", lambda q, *a, **k: attended.append(
+        (q.shape[0], q.shape[2])) or attend(q, *a, **k))
     with torch.no_grad():
         with dk.mixed(model, rows, backend):
             every = real_hidden(model, ids, attention)
@@ -121,6 +125,8 @@ def test_an_attention_mask_runs_the_ffns_and_projections_on_the_real_tokens_only
         assert out_rows and {t for _, t in out_rows} == {9}
         padded, seen[:], projected[:] = sum(b * t for b, t in projected), [], []
         padded_out, out_rows[:] = sum(b * t for b, t in out_rows), []
+        assert attended and {t for _, t in attended} == {9}
+        attended[:] = []
         with dk.mixed(model, rows, backend, attention_mask=attention):
             real = real_hidden(model, ids, attention)
         assert seen and set(seen) == {int(attention.sum())}
@@ -129,6 +135,9 @@ def test_an_attention_mask_runs_the_ffns_and_projections_on_the_real_tokens_only
         assert sum(t for _, t in projected) < padded
         assert out_rows and {len(shape) for shape in out_rows} == {1}  # the real rows, packed
         assert sum(rows for rows, in out_rows) < padded_out
+        # attention sequence by sequence, over its real tokens only
+        assert attended and {b for b, _ in attended} == {1}
+        assert {t for _, t in attended} <= set(attention.sum(1).tolist())
     assert_close(real, every.double(), what=f"{name}: real tokens only against every position")
     assert not dk.is_patched(model)
 

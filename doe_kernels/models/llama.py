@@ -15,7 +15,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from doe_kernels.models.base import LayerPatch, UnsupportedModelError, has_modules
 from doe_kernels.models.modules import GatherSwiGLUMLP, PrunedAttention, add_bias_delta
-from doe_kernels.models.segments import attention_forward, rows_of
+from doe_kernels.models.segments import attention_forward, packed_rows, rows_of
 from doe_kernels.ops import attend, project_out
 
 FAMILY = "llama"
@@ -111,8 +111,11 @@ class PrunedLlamaAttention(PrunedAttention):
         """A mixed batch: each segment on its expert's heads; the cache holds every KV head."""
         cos, sin = position_embeddings
 
-        def rotary(q, k, start, stop):
-            return apply_rotary_pos_emb(q, k, rows_of(cos, start, stop), rows_of(sin, start, stop))
+        def rotary(q, k, start, stop, index=None):
+            c, s = rows_of(cos, start, stop), rows_of(sin, start, stop)
+            if index is not None:  # the packed real tokens of sequences [start, stop)
+                c, s = packed_rows(c, stop - start, index), packed_rows(s, stop - start, index)
+            return apply_rotary_pos_emb(q, k, c, s)
 
         update = None if cache is None else (lambda k, v: cache.update(k, v, self.layer_idx))
         return attention_forward(self.segments, hidden_states, self.qkv_weights(),

@@ -257,22 +257,27 @@ def attention_forward(segments: LayerSegments, hidden, weights: dict, o_weight_t
     """Attention over a mixed batch, each segment on its expert's heads, through the output
     projection (with the segment's scales and bias delta).
 
-    `weights`: the q/k/v weights and biases (project_qkv's keywords); `rotary(q, k, start,
-    stop)` applies rotary embeddings to sequences [start, stop); `cache_update(k, v)` (LLaMA's KV
+    `weights`: the q/k/v weights and biases (project_qkv's keywords); `rotary(q, k, start, stop,
+    index=None)` applies rotary embeddings to sequences [start, stop) (to the rows `index` of
+    their flattened positions, when given: a packed pass); `cache_update(k, v)` (LLaMA's KV
     cache) takes (batch, num_kv_heads, tokens, head_dim) keys and values holding every segment's
     kept KV heads (zeros elsewhere) and returns the cached ones; `is_causal`: a causal mask when
-    no `attention_mask` is given."""
+    no `attention_mask` is given. A pass whose real tokens `mixed` knows runs packed
+    (`_packed_attention`)."""
     batch = hidden.shape[0]
     segments.check_batch(batch)
     spans = segments.attention_spans()
     real = segments.real_tokens(batch, hidden.shape[1])
+    if real is not None:
+        return _packed_attention(spans, real, hidden, weights, o_weight_t, o_bias, scale, dropout,
+                                 backend, rotary, cache_update, is_causal)
     projected = []
     for b0, b1, plan in spans:
-        selection = plan.selection
-        if selection.num_kept == 0:
+        if plan.selection.num_kept == 0:
             projected.append(None)
             continue
-        q, k, v = _project(hidden, b0, b1, real, selection, backend, weights)
+        q, k, v = project_qkv(hidden[b0:b1], selection=plan.selection, backend=backend,
+                              **weights)
         if rotary is not None:
             q, k = rotary(q, k, b0, b1)
         projected.append((q, k, v))
@@ -281,8 +286,8 @@ def attention_forward(segments: LayerSegments, hidden, weights: dict, o_weight_t
     out = []
     for (b0, b1, plan), qkv in zip(spans, projected):
         if qkv is None:
-            part = hidden.new_zeros(b1 - b0, hidden.shape[1], o_weight_t.shape[1])
-            part = part if o_bias is None else part + o_bias
+            part = _no_heads(hidden.new_zeros(b1 - b0, hidden.shape[1], o_weight_t.shape[1]),
+                             o_bias)
         else:
             q, k, v = qkv
             if cache_update is not None:
@@ -294,43 +299,85 @@ def attention_forward(segments: LayerSegments, hidden, weights: dict, o_weight_t
             part = attend(q, k, v, plan.selection, mask,
                           is_causal=is_causal and mask is None and q.shape[2] > 1, scale=scale,
                           dropout=dropout)
-            part = _project_out(part, b0, b1, real, plan, backend, o_weight_t, o_bias)
-        out.append(part if plan.attn_delta is None else part + plan.attn_delta)
+            part = project_out(part, o_weight_t, o_bias, plan.selection, backend,
+                               scales=plan.head_col_scales)
+        out.append(_add(part, plan.attn_delta))
     return torch.cat(out)
 
 
-def _project(hidden, b0: int, b1: int, real, selection, backend: str, weights: dict):
-    """project_qkv of sequences [b0, b1): of their real tokens only when `real` (RealTokens) is
-    given, the padding's positions zeros."""
-    span = hidden[b0:b1]
-    if real is None or real.offsets[b1] == real.offsets[b0]:  # not packed, or padding only
-        return project_qkv(span, selection=selection, backend=backend, **weights)
-    count, tokens = span.shape[:2]
-    index = real.span_index(b0, b1)
-    packed = span.reshape(-1, span.shape[-1]).index_select(0, index)[None]
+def _packed_attention(spans, real: "RealTokens", hidden, weights: dict, o_weight_t, o_bias,
+                      scale: float, dropout: float, backend: str, rotary, cache_update,
+                      is_causal: bool):
+    """attention_forward of a pass whose real tokens are known (`real`): each span's real tokens
+    projected as one packed sequence, attended sequence by sequence (each sequence's real tokens
+    see each other only, causally when `is_causal`: what the padding mask gives, without
+    computing the padding) and projected out; the padding's rows of the output are zeros. The KV
+    cache, when there is one, gets the padded layout (zeros at the padding)."""
+    batch, tokens, width = hidden.shape
+    flat = hidden.reshape(-1, width)
+    projected = []
+    for b0, b1, plan in spans:
+        index = real.span_index(b0, b1)
+        if plan.selection.num_kept == 0 or index.numel() == 0:
+            projected.append(None)
+            continue
+        rows = flat[b0 * tokens:b1 * tokens].index_select(0, index)[None]
+        q, k, v = project_qkv(rows, selection=plan.selection, backend=backend, **weights)
+        if rotary is not None:
+            q, k = rotary(q, k, b0, b1, index)
+        projected.append((q, k, v))
+    if cache_update is not None:
+        padded = [None if qkv is None else
+                  tuple(_padded(part, real.span_index(b0, b1), b1 - b0, tokens) for part in qkv)
+                  for (b0, b1, _), qkv in zip(spans, projected)]
+        cache_update(*_full_kv(spans, padded, hidden))
     out = []
-    for part in project_qkv(packed, selection=selection, backend=backend, **weights):
-        _, heads, _, head_dim = part.shape  # (1, heads, real tokens, head_dim)
-        flat = part[0].transpose(0, 1).reshape(-1, heads * head_dim)
-        full = _unpack(flat, index, count * tokens)
-        out.append(full.view(count, tokens, heads, head_dim).transpose(1, 2))
-    return out
+    for (b0, b1, plan), qkv in zip(spans, projected):
+        count = real.offsets[b1] - real.offsets[b0]
+        if qkv is None:
+            part = _no_heads(hidden.new_zeros(count, o_weight_t.shape[1]), o_bias)
+        else:
+            part = project_out(_attend_each(qkv, real.offsets[b0:b1 + 1], plan.selection,
+                                            is_causal, scale, dropout),
+                               o_weight_t, o_bias, plan.selection, backend,
+                               scales=plan.head_col_scales)
+        out.append(_add(part, plan.attn_delta))
+    return _unpack(torch.cat(out), real.index, batch * tokens).view(batch, tokens, -1)
 
 
-def _project_out(part, b0: int, b1: int, real, plan: SegmentPlan, backend: str, o_weight_t,
-                 o_bias):
-    """project_out (with the plan's head scales) of sequences [b0, b1)'s attention output
-    `part`: of their real tokens only when `real` (RealTokens) is given, the padding's rows
-    zeros."""
-    if real is None or real.offsets[b1] == real.offsets[b0]:  # not packed, or padding only
-        return project_out(part, o_weight_t, o_bias, plan.selection, backend,
-                           scales=plan.head_col_scales)
-    count, tokens, width = part.shape
-    index = real.span_index(b0, b1)
-    packed = part.reshape(-1, width).index_select(0, index)
-    out = project_out(packed, o_weight_t, o_bias, plan.selection, backend,
-                      scales=plan.head_col_scales)
-    return _unpack(out, index, count * tokens).view(count, tokens, -1)
+def _attend_each(qkv, offsets: list[int], selection, is_causal: bool, scale: float,
+                 dropout: float) -> torch.Tensor:
+    """(real tokens, kept * head_dim): attention of each sequence's packed real tokens (rows
+    [offsets[j] - offsets[0], offsets[j + 1] - offsets[0]) of q, k, v) over its own."""
+    q, k, v = qkv
+    parts = []
+    for first, end in zip(offsets, offsets[1:]):
+        if end > first:
+            rows = slice(first - offsets[0], end - offsets[0])
+            parts.append(attend(q[:, :, rows], k[:, :, rows], v[:, :, rows], selection,
+                                is_causal=is_causal and end - first > 1, scale=scale,
+                                dropout=dropout)[0])
+    return torch.cat(parts)
+
+
+def _no_heads(zeros: torch.Tensor, o_bias) -> torch.Tensor:
+    """A segment keeping no head: its output projection gives the bias alone."""
+    return zeros if o_bias is None else zeros + o_bias
+
+
+def packed_rows(tensor: torch.Tensor, count: int, index: torch.Tensor) -> torch.Tensor:
+    """(1, len(index), ...): rows `index` of a (count or 1, tokens, ...) per-position tensor
+    (rotary embeddings' cos, sin) flattened over its first two dimensions."""
+    flat = tensor.expand(count, *tensor.shape[1:]).reshape(-1, *tensor.shape[2:])
+    return flat.index_select(0, index)[None]
+
+
+def _padded(part: torch.Tensor, index: torch.Tensor, count: int, tokens: int) -> torch.Tensor:
+    """A packed (1, heads, real tokens, head_dim) projection in the padded layout (count, heads,
+    tokens, head_dim), zeros at the padding."""
+    _, heads, _, head_dim = part.shape
+    flat = part[0].transpose(0, 1).reshape(-1, heads * head_dim)
+    return _unpack(flat, index, count * tokens).view(count, tokens, heads, head_dim).transpose(1, 2)
 
 
 def _unpack(rows: torch.Tensor, index: torch.Tensor, count: int) -> torch.Tensor:
