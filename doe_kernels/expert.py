@@ -371,15 +371,16 @@ class Expert:
             # The head is swapped in whole while plugged, so its number of labels may differ from
             # the model's own head (one model serves tasks with different label counts); every
             # other dimension must match.
-            state = dict(model.named_parameters())
             for key, value in self.head.items():
-                if key not in state:
+                try:
+                    own = model.get_parameter(key)  # a lookup, not a walk over every parameter
+                except AttributeError:
                     raise ValueError(f"expert {self.name!r} has a head parameter {key!r} that "
-                                     f"{type(model).__name__} lacks")
-                if tuple(state[key].shape[1:]) != tuple(value.shape[1:]):
+                                     f"{type(model).__name__} lacks") from None
+                if tuple(own.shape[1:]) != tuple(value.shape[1:]):
                     raise ValueError(f"expert {self.name!r}: head parameter {key!r} has shape "
                                      f"{tuple(value.shape)}, which does not fit the model's "
-                                     f"{tuple(state[key].shape)}")
+                                     f"{tuple(own.shape)}")
             rows = {value.shape[0] for value in self.head.values()}
             if rows != {len(self.label_names)}:
                 raise ValueError(f"expert {self.name!r}: its head has {sorted(rows)} outputs for "

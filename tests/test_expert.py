@@ -122,6 +122,11 @@ def test_an_expert_with_another_label_count_swaps_the_whole_head(tokenizer):
     narrow = Expert(expert.mask, expert.prompt, "seq_cls", expert.label_names, head=bad_head)
     with pytest.raises(ValueError, match="does not fit the model's"):
         narrow.check_fits(model)
+    for key in ("classifier.gain", "classifier", "missing.weight"):  # no such Parameter
+        head = {**expert.head, key: expert.head["classifier.weight"]}
+        stray = Expert(expert.mask, expert.prompt, "seq_cls", expert.label_names, head=head)
+        with pytest.raises(ValueError, match=f"head parameter '{key}' that"):
+            stray.check_fits(model)
 
 
 def test_prompt_width_and_task_type_mismatch():

@@ -326,9 +326,10 @@ def _packed_attention(spans, real: "RealTokens", hidden, weights: dict, o_weight
         if rotary is not None:
             q, k = rotary(q, k, b0, b1, index)
         projected.append((q, k, v))
-    if cache_update is not None:
+    if cache_update is not None:  # its past is empty: the pass's mask covers its tokens only
         padded = [None if qkv is None else
-                  tuple(_padded(part, real.span_index(b0, b1), b1 - b0, tokens) for part in qkv)
+                  (None, *(_padded_layout(part, real.span_index(b0, b1), b1 - b0, tokens)
+                           for part in qkv[1:]))
                   for (b0, b1, _), qkv in zip(spans, projected)]
         cache_update(*_full_kv(spans, padded, hidden))
     out = []
@@ -372,7 +373,7 @@ def packed_rows(tensor: torch.Tensor, count: int, index: torch.Tensor) -> torch.
     return flat.index_select(0, index)[None]
 
 
-def _padded(part: torch.Tensor, index: torch.Tensor, count: int, tokens: int) -> torch.Tensor:
+def _padded_layout(part: torch.Tensor, index: torch.Tensor, count: int, tokens: int) -> torch.Tensor:
     """A packed (1, heads, real tokens, head_dim) projection in the padded layout (count, heads,
     tokens, head_dim), zeros at the padding."""
     _, heads, _, head_dim = part.shape
