@@ -191,3 +191,53 @@ def test_attention_mask_formats_of_each_hf_implementation(name, implementation):
         with dk.plugged(model, mask, backend="torch"):
             got = output_of(model, ids, attention)
     assert_close(got, expected.double())
+
+
+@pytest.fixture
+def cpu_regime(request):
+    """Forces the cpu backend's regime for every row count ("fused": its own kernels, "gather":
+    ATen's GEMM) and restores the CPU's default rule afterwards."""
+    from doe_kernels._ext import extension
+    from doe_kernels.backends import cpu
+
+    if extension() is None or not hasattr(extension(), "cpu_runs_fused_dense"):
+        pytest.skip("the cpu backend (with cpu_runs_fused_dense) is not built")
+    cpu.set_gather_above(10**12 if request.param == "fused" else 0)
+    yield request.param
+    cpu.set_gather_above(None)
+
+
+@pytest.mark.parametrize("cpu_regime", ["fused", "gather"], indirect=True)
+@pytest.mark.parametrize("name", list(MODELS))
+def test_keep_all_layers_run_the_kernels_where_the_backend_would(name, cpu_regime, monkeypatch):
+    """With every neuron and head kept, the cpu backend's projections and FFNs run its kernels
+    over every index where it runs its own kernels (float32 on AMD CPUs by default), torch's
+    dense GEMM where it would hand the GEMM to ATen anyway; both equal the dense model (float64
+    reference). Gradients and other backends keep torch's path."""
+    from doe_kernels.ops import library
+
+    model = build(name)
+    ids, attention = inputs(name)
+    calls = []
+    for op in ("gather_rows_linear", "gather_cols_linear", "gather_swiglu_ffn"):
+        original = getattr(library, op)
+        monkeypatch.setattr(library, op, lambda *a, original=original, op=op, **k:
+                            calls.append(op) or original(*a, **k))
+    with torch.no_grad():
+        reference = output_of(model.double(), ids, attention)
+        model.float()
+        dense = output_of(model, ids, attention)
+        with dk.plugged(model, dk.ExpertMask(), backend="cpu"):
+            out = output_of(model, ids, attention)
+            ops = {"gather_rows_linear", "gather_cols_linear"} | (
+                {"gather_swiglu_ffn"} if name in CAUSAL else set())
+            assert set(calls) == (ops if cpu_regime == "fused" else set())
+            calls.clear()
+            with dk.plugged(model, dk.ExpertMask(), backend="torch"):
+                output_of(model, ids, attention)
+            assert not calls
+    assert_close(out, reference, dense, f"{name}, every neuron and head kept ({cpu_regime})")
+    x = torch.randn(4, 8, requires_grad=True)
+    assert library.dense_in_kernel(x.detach(), "cpu") == (cpu_regime == "fused")
+    assert not library.dense_in_kernel(x, "cpu")  # a gradient asked for: torch's path
+    assert not library.dense_in_kernel(x.detach(), "torch")

@@ -364,6 +364,14 @@ void set_cpu_gather_above(int64_t rows) { gather_above_override().store(rows); }
 
 int64_t cpu_gather_above() { return gather_above_override().load(); }
 
+bool cpu_runs_fused_dense(bool float32, int64_t rows) {
+  const int64_t forced = gather_above_override().load(std::memory_order_relaxed);
+  if (forced >= 0) return rows <= forced;
+  // Only where the fused kernels beat ATen's GEMM at every row count (float32 on AMD CPUs, above);
+  // elsewhere ATen's GEMM on the whole weight, which then needs no copy, is at least as fast.
+  return float32 && !float32_gemm_beats_fused();
+}
+
 // =============================================================================================
 at::Tensor gather_rows_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
                                   const std::optional<at::Tensor>& bias, const at::Tensor& rows,

@@ -53,6 +53,16 @@ def union_plan(x, segments, kept, kept_offsets, scales, neurons: int, with_mask:
                                       with_mask)
 
 
+def runs_fused_dense(dtype: torch.dtype, rows: int) -> bool:
+    """Whether a call keeping every row of its weight, with `rows` input rows in `dtype`, should
+    run this backend's own kernel rather than ATen's GEMM on the whole weight (the extension's
+    rule: float32 on AMD CPUs, where the kernels beat MKL's AVX2 code at every row count, or as
+    set_gather_above forces); False for a dtype it does not take, or with an extension built
+    before this query."""
+    query = getattr(extension(), "cpu_runs_fused_dense", None)
+    return query is not None and dtype in DTYPES and query(dtype == torch.float32, rows)
+
+
 def set_gather_above(rows: int | None) -> None:
     """Above how many input rows every op of this backend copies the kept weights and calls ATen's
     GEMM (MKL, oneDNN) instead of its fused kernels; None restores the default rule, which chooses

@@ -7,7 +7,8 @@ An expert swap only replaces their `kept` index tensors and the expert's reconst
 or attention output projection: `bias_delta`, added to its output, and `scales`, one per kept
 input (aligned with `kept`), multiplying each kept input's contribution; both non-persistent
 buffers in the model's dtype, None costing nothing. `kept = None` means every neuron is kept: the
-module then runs the plain dense computation (with `scales` then one per input).
+module then runs the plain dense computation (with `scales` then one per input), or the kernel
+over every index where that is faster (`library.dense_in_kernel`: float32 on AMD CPUs).
 
 While a mixed-task batch is served (doe_kernels.mixed), a module that computes a whole block (an
 MLP, a BERT FFN's down projection, an attention) holds the layer's `segments`
@@ -25,6 +26,11 @@ from doe_kernels.ops import HeadSelection, library, project_qkv, scale_columns
 
 def _kept_repr(kept, total: int) -> str:
     return f"{total if kept is None else kept.numel()}/{total} kept"
+
+
+def _kept_or_all(kept, total: int, x: torch.Tensor) -> torch.Tensor:
+    """`kept`, or every index 0..total-1 when it is None (a keep-all call through the kernels)."""
+    return kept if kept is not None else torch.arange(total, device=x.device)
 
 
 def add_bias_delta(out: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
@@ -51,10 +57,11 @@ class KeptRowsLinear(nn.Module):
     def forward(self, x):
         if self.passthrough:
             return x
-        if self.kept is None:
+        if self.kept is None and not library.dense_in_kernel(x, self.backend, self.weight):
             return apply_activation(F.linear(x, self.weight, self.bias), self.activation)
-        return library.gather_rows_linear(x, self.weight, self.bias, self.kept, self.activation,
-                                          self.backend)
+        return library.gather_rows_linear(x, self.weight, self.bias,
+                                          _kept_or_all(self.kept, self.weight.shape[0], x),
+                                          self.activation, self.backend)
 
     def extra_repr(self):
         return (f"in={self.weight.shape[1]}, out={_kept_repr(self.kept, self.weight.shape[0])}, "
@@ -85,11 +92,12 @@ class KeptColsLinear(nn.Module):
             up = self.__dict__["up"]
             return ffn_forward(self.segments, x_kept, up.weight, up.bias, up.activation,
                                self.weight_t, self.bias, self.backend)
-        if self.kept is None:
+        if self.kept is None and not library.dense_in_kernel(x_kept, self.backend, self.weight_t):
             out = torch.matmul(scale_columns(x_kept, self.scales), self.weight_t)
             out = out if self.bias is None else out + self.bias
         else:
-            out = library.gather_cols_linear(x_kept, self.weight_t, self.bias, self.kept,
+            out = library.gather_cols_linear(x_kept, self.weight_t, self.bias,
+                                             _kept_or_all(self.kept, self.weight_t.shape[0], x_kept),
                                              self.backend, self.scales)
         return add_bias_delta(out, self.bias_delta)
 
@@ -114,11 +122,12 @@ class GatherSwiGLUMLP(nn.Module):
         if self.segments is not None:
             return swiglu_forward(self.segments, x, self.w_gate, self.w_up, self.w_down_t,
                                   self.backend)
-        if self.kept is None:
+        if self.kept is None and not library.dense_in_kernel(x, self.backend, self.w_gate):
             hidden = F.silu(F.linear(x, self.w_gate)) * F.linear(x, self.w_up)
             out = torch.matmul(scale_columns(hidden, self.scales), self.w_down_t)
         else:
-            out = library.gather_swiglu_ffn(x, self.w_gate, self.w_up, self.w_down_t, self.kept,
+            out = library.gather_swiglu_ffn(x, self.w_gate, self.w_up, self.w_down_t,
+                                            _kept_or_all(self.kept, self.w_gate.shape[0], x),
                                             self.backend, self.scales)
         return add_bias_delta(out, self.bias_delta)
 

@@ -91,7 +91,8 @@ def project_qkv(hidden, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias,
     """Q (batch, kept, seq, d) and K, V (batch, kept_kv, seq, d) for the kept heads only."""
     check_float_tensor("hidden", hidden, dims=3)
     d = selection.head_dim
-    if selection.is_full:  # every head kept: the dense projections
+    if selection.is_full and not library.dense_in_kernel(hidden, backend, q_weight, k_weight,
+                                                         v_weight):  # the dense projections
         q, k, v = (F.linear(hidden, w, b) for w, b in
                    ((q_weight, q_bias), (k_weight, k_bias), (v_weight, v_bias)))
         return _split_heads(q, d), _split_heads(k, d), _split_heads(v, d)
@@ -155,7 +156,7 @@ def project_out(attn_out, o_weight_t, o_bias, selection: HeadSelection, backend:
                 scales: torch.Tensor | None = None):
     """The output projection reading only the kept heads' columns (o_weight_t input-major);
     `scales` (None, or one per column of attn_out) multiply the columns' contributions."""
-    if selection.is_full:
+    if selection.is_full and not library.dense_in_kernel(attn_out, backend, o_weight_t):
         out = torch.matmul(scale_columns(attn_out, scales), o_weight_t)
         return out if o_bias is None else out + o_bias
     return library.gather_cols_linear(attn_out, o_weight_t, o_bias, selection.q_rows, backend,

@@ -54,6 +54,19 @@ def _functorch_active() -> bool:
     return bool(active()) if active is not None else False
 
 
+def dense_in_kernel(x, backend: str, *tensors) -> bool:
+    """Whether a call keeping every output (every neuron or head) should run the backend's kernel
+    over the full index list rather than torch's dense GEMM: an eager call that needs no gradient
+    (`_direct`, over x and `tensors`), resolving to the `cpu` backend where that backend runs its
+    own kernel for it, not ATen's GEMM (float32 on AMD CPUs, where the kernels outrun MKL's
+    sgemm; backends/cpu.runs_fused_dense). The index lists cost nothing next to the GEMM."""
+    if x.device.type != "cpu" or not _direct(x, *tensors):
+        return False
+    rows = x.shape[:-1].numel()
+    return (backends.resolve(backend, x.device, x.dtype, rows) == "cpu"
+            and backends.get("cpu").runs_fused_dense(x.dtype, rows))
+
+
 def _run(x, backend: str):
     """The backend module for this call, and x as a contiguous 2-D tensor."""
     name = backends.resolve(backend, x.device, x.dtype, x.shape[:-1].numel())
