@@ -7,8 +7,9 @@ An expert swap only replaces their `kept` index tensors and the expert's reconst
 or attention output projection: `bias_delta`, added to its output, and `scales`, one per kept
 input (aligned with `kept`), multiplying each kept input's contribution; both non-persistent
 buffers in the model's dtype, None costing nothing. `kept = None` means every neuron is kept: the
-module then runs the plain dense computation (with `scales` then one per input), or the kernel
-over every index where that is faster (`library.dense_in_kernel`: float32 on AMD CPUs).
+module then runs the plain dense computation (with `scales` then one per input); the linear
+layers run the kernel over every index instead where that is faster (`library.dense_in_kernel`:
+float32 on AMD CPUs).
 
 While a mixed-task batch is served (doe_kernels.mixed), a module that computes a whole block (an
 MLP, a BERT FFN's down projection, an attention) holds the layer's `segments`
@@ -122,12 +123,11 @@ class GatherSwiGLUMLP(nn.Module):
         if self.segments is not None:
             return swiglu_forward(self.segments, x, self.w_gate, self.w_up, self.w_down_t,
                                   self.backend)
-        if self.kept is None and not library.dense_in_kernel(x, self.backend, self.w_gate):
+        if self.kept is None:  # the fused kernel only ties with torch's GEMMs with every neuron
             hidden = F.silu(F.linear(x, self.w_gate)) * F.linear(x, self.w_up)
             out = torch.matmul(scale_columns(hidden, self.scales), self.w_down_t)
         else:
-            out = library.gather_swiglu_ffn(x, self.w_gate, self.w_up, self.w_down_t,
-                                            _kept_or_all(self.kept, self.w_gate.shape[0], x),
+            out = library.gather_swiglu_ffn(x, self.w_gate, self.w_up, self.w_down_t, self.kept,
                                             self.backend, self.scales)
         return add_bias_delta(out, self.bias_delta)
 
