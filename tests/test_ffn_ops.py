@@ -129,20 +129,6 @@ def test_cpu_kernels_on_narrower_instruction_sets(isa):
     assert " passed" in result.stdout and not re.search(r"\d+ failed", result.stdout)
 
 
-@pytest.fixture
-def cpu_regime(request):
-    """Forces the cpu backend's regime ("fused" kernels or "gather" + ATen GEMM) for every row
-    count, whatever this CPU's default rule would pick, and restores the rule afterwards."""
-    from doe_kernels._ext import extension
-    from doe_kernels.backends import cpu
-
-    if extension() is None:
-        pytest.skip("the cpu backend is not built")
-    cpu.set_gather_above(10**12 if request.param == "fused" else 0)
-    yield request.param
-    cpu.set_gather_above(None)
-
-
 @pytest.mark.parametrize("cpu_regime", ["fused", "gather"], indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("kind", ["single", "random", "full"])

@@ -193,20 +193,6 @@ def test_attention_mask_formats_of_each_hf_implementation(name, implementation):
     assert_close(got, expected.double())
 
 
-@pytest.fixture
-def cpu_regime(request):
-    """Forces the cpu backend's regime for every row count ("fused": its own kernels, "gather":
-    ATen's GEMM) and restores the CPU's default rule afterwards."""
-    from doe_kernels._ext import extension
-    from doe_kernels.backends import cpu
-
-    if extension() is None or not hasattr(extension(), "cpu_runs_fused_dense"):
-        pytest.skip("the cpu backend (with cpu_runs_fused_dense) is not built")
-    cpu.set_gather_above(10**12 if request.param == "fused" else 0)
-    yield request.param
-    cpu.set_gather_above(None)
-
-
 @pytest.mark.parametrize("cpu_regime", ["fused", "gather"], indirect=True)
 @pytest.mark.parametrize("name", list(MODELS))
 def test_keep_all_layers_run_the_kernels_where_the_backend_would(name, cpu_regime, monkeypatch):
