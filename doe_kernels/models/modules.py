@@ -97,9 +97,9 @@ class KeptColsLinear(nn.Module):
             out = torch.matmul(scale_columns(x_kept, self.scales), self.weight_t)
             out = out if self.bias is None else out + self.bias
         else:
-            out = library.gather_cols_linear(x_kept, self.weight_t, self.bias,
-                                             _kept_or_all(self.kept, self.weight_t.shape[0], x_kept),
-                                             self.backend, self.scales)
+            cols = _kept_or_all(self.kept, self.weight_t.shape[0], x_kept)
+            out = library.gather_cols_linear(x_kept, self.weight_t, self.bias, cols, self.backend,
+                                             self.scales)
         return add_bias_delta(out, self.bias_delta)
 
     def extra_repr(self):

@@ -373,12 +373,14 @@ def packed_rows(tensor: torch.Tensor, count: int, index: torch.Tensor) -> torch.
     return flat.index_select(0, index)[None]
 
 
-def _padded_layout(part: torch.Tensor, index: torch.Tensor, count: int, tokens: int) -> torch.Tensor:
+def _padded_layout(part: torch.Tensor, index: torch.Tensor, count: int,
+                   tokens: int) -> torch.Tensor:
     """A packed (1, heads, real tokens, head_dim) projection in the padded layout (count, heads,
     tokens, head_dim), zeros at the padding."""
     _, heads, _, head_dim = part.shape
     flat = part[0].transpose(0, 1).reshape(-1, heads * head_dim)
-    return _unpack(flat, index, count * tokens).view(count, tokens, heads, head_dim).transpose(1, 2)
+    padded = _unpack(flat, index, count * tokens).view(count, tokens, heads, head_dim)
+    return padded.transpose(1, 2)
 
 
 def _unpack(rows: torch.Tensor, index: torch.Tensor, count: int) -> torch.Tensor:
