@@ -78,9 +78,10 @@ def mixed(model, masks, backend: str = "auto", attention_mask=None):
 
     `attention_mask` (optional; (batch, tokens) of 0s and 1s, the mask of the padded batch the
     body runs): a forward pass of the model given that same mask computes the FFNs and the
-    attention (projections, and each sequence's attention over its own real tokens) of the real
-    tokens only (the padding's positions get zeros there: no real token attends to them); other
-    passes (a generation's decoding steps, another batch) compute every position."""
+    attention's projections of the real tokens only, and on the CPU the attention itself too
+    (each sequence over its own real tokens); the padding's positions get zeros (no real token
+    attends to them). Other passes (a generation's decoding steps, another batch) compute every
+    position."""
     masks = _as_masks(masks)
     real = _real_tokens(attention_mask, len(masks))
     state = getattr(model, PATCH_STATE_ATTR, None)
@@ -189,9 +190,9 @@ def mixed_logits(model, tokenizer, requests, batch_size: int = 32,
 
 
 # the padding a batch may hold, as a fraction of its real tokens, before a longer request starts
-# another forward pass. The FFNs and the attention compute the real tokens only (`mixed`'s
-# attention_mask), so the padding costs only the per-position work between them (norms,
-# residuals). On 12 batches of 8 requests of the five tasks (AMD EPYC, 2 threads) 1.0 ran 1.17x
+# another forward pass. The FFNs and the attention compute the real tokens only on the CPU
+# (`mixed`'s attention_mask; a GPU attends padded), so the padding costs only the per-position
+# work between them (norms, residuals). On 12 batches of 8 requests of the five tasks (AMD EPYC, 2 threads) 1.0 ran 1.17x
 # faster than 0.25 without any packing on all-MiniLM-L6-v2 and 1.10x on SmolLM2-135M; with the
 # attention packed too, 1.0, 3.0 and no limit ran within the machine's drift of each other on
 # MiniLM (6.8-7.4 ms a request).

@@ -135,11 +135,44 @@ def test_an_attention_mask_runs_the_ffns_and_attention_on_the_real_tokens_only(
         assert sum(t for _, t in projected) < padded
         assert out_rows and {len(shape) for shape in out_rows} == {1}  # the real rows, packed
         assert sum(rows for rows, in out_rows) < padded_out
-        # attention sequence by sequence, over its real tokens only
-        assert attended and {b for b, _ in attended} == {1}
-        assert {t for _, t in attended} <= set(attention.sum(1).tolist())
+        if segments._per_sequence(torch.device(device)):  # each over its real tokens only
+            assert attended and {b for b, _ in attended} == {1}
+            assert {t for _, t in attended} <= set(attention.sum(1).tolist())
+        else:  # padded again into one call
+            assert attended and {t for _, t in attended} == {9}
     assert_close(real, every.double(), what=f"{name}: real tokens only against every position")
     assert not dk.is_patched(model)
+
+
+@pytest.mark.parametrize("name", ["bert", "llama"])
+def test_a_packed_pass_padded_again_for_its_attention_gives_the_same(name, monkeypatch):
+    """Where a launch per sequence costs more than the padding (a GPU), a packed span's attention
+    runs padded into one call under the pass's mask: the same real tokens' states, and the same
+    greedy generation."""
+    from doe_kernels.models import segments
+
+    model = build(name)
+    rows = assignment(expert_masks(model, 4, seed=6), 6, seed=6)
+    ids, attention = padded_inputs(name, 6)
+    with torch.no_grad():
+        with dk.mixed(model, rows, attention_mask=attention):
+            each = real_hidden(model, ids, attention)
+        monkeypatch.setattr(segments, "_per_sequence", lambda device: False)
+        attended = []  # the (sequences, queries) of each attention call
+        attend = segments.attend
+        monkeypatch.setattr(segments, "attend", lambda q, *a, **k: attended.append(
+            (q.shape[0], q.shape[2])) or attend(q, *a, **k))
+        with dk.mixed(model, rows, attention_mask=attention):
+            padded = real_hidden(model, ids, attention)
+            assert attended and {t for _, t in attended} == {9}  # padded again
+            if name == "llama":
+                settings = dict(attention_mask=attention, max_new_tokens=3, do_sample=False,
+                                pad_token_id=0)
+                generated = model.generate(ids, **settings)
+        if name == "llama":
+            with dk.mixed(model, rows):
+                assert torch.equal(generated, model.generate(ids, **settings))
+    assert_close(padded, each.double(), what=f"{name}: padded again against sequence by sequence")
 
 
 def test_an_attention_mask_leaves_generation_as_it_was(monkeypatch):
