@@ -33,9 +33,10 @@
 //       scales (len(kept)) or none -> out (M, N).
 //   segmented_swiglu_ffn (CPU): the same for the SwiGLU FFN (w_gate, w_up, w_down_t; no biases).
 //   union_plan (CPU): (union, row_mask) of a segmented FFN's layout (as segmented_ffn takes it;
-//       kept entries below `neurons`, the FFN's width): the sorted union of the lists of the segments holding rows
-//       (int64), and (M, len(union)) in x's dtype: each row's segment's 1 (or scale) at the places
-//       of its kept neurons in the union, 0 elsewhere (with_mask false: (0, len(union))).
+//       kept entries below `neurons`, the FFN's width): the sorted union of the lists of the
+//       segments holding rows (int64), and (M, len(union)) in x's dtype: each row's segment's 1
+//       (or scale) at the places of its kept neurons in the union, 0 elsewhere (with_mask false:
+//       (0, len(union))).
 //   segmented_ffn, segmented_swiglu_ffn (CUDA): the same on the GPU. segments and kept_offsets
 //       stay CPU tensors (the layout sizes the launches; it is checked as on the CPU and copied to
 //       the device), kept and scales are on x's device (kept's values checked by the kernels). The

@@ -16,6 +16,7 @@ Experts with different label counts may share a batch.
 import contextlib
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from doe_kernels.expert import CAUSAL_LM, Expert, label_logits, real_positions
 from doe_kernels.mask import ExpertMask
@@ -192,10 +193,10 @@ def mixed_logits(model, tokenizer, requests, batch_size: int = 32,
 # the padding a batch may hold, as a fraction of its real tokens, before a longer request starts
 # another forward pass. The FFNs and the attention compute the real tokens only on the CPU
 # (`mixed`'s attention_mask; a GPU attends padded), so the padding costs only the per-position
-# work between them (norms, residuals). On 12 batches of 8 requests of the five tasks (AMD EPYC, 2 threads) 1.0 ran 1.17x
-# faster than 0.25 without any packing on all-MiniLM-L6-v2 and 1.10x on SmolLM2-135M; with the
-# attention packed too, 1.0, 3.0 and no limit ran within the machine's drift of each other on
-# MiniLM (6.8-7.4 ms a request).
+# work between them (norms, residuals). On 12 batches of 8 requests of the five tasks (AMD EPYC,
+# 2 threads) 1.0 ran 1.17x faster than 0.25 without any packing on all-MiniLM-L6-v2 and 1.10x on
+# SmolLM2-135M; with the attention packed too, 1.0, 3.0 and no limit ran within the machine's
+# drift of each other on MiniLM (6.8-7.4 ms a request).
 MAX_PADDING = 1.0
 
 
@@ -257,13 +258,10 @@ def _forward(model, tokenizer, experts: list[Expert], ids: list[torch.Tensor], b
 def _padded(ids: list[torch.Tensor], pad_id: int, left: bool):
     """(input_ids, attention_mask) of rows of token ids padded to the longest (on the left for
     a causal LM, else on the right), as the tokenizer pads them."""
-    length = max(row.numel() for row in ids)
-    input_ids = torch.full((len(ids), length), pad_id, dtype=ids[0].dtype)
-    attention = torch.zeros(len(ids), length, dtype=torch.int64)
-    for i, row in enumerate(ids):
-        place = slice(length - row.numel(), length) if left else slice(0, row.numel())
-        input_ids[i, place] = row
-        attention[i, place] = 1
+    side = "left" if left else "right"
+    input_ids = pad_sequence(ids, batch_first=True, padding_value=pad_id, padding_side=side)
+    attention = pad_sequence([torch.ones_like(row) for row in ids], batch_first=True,
+                             padding_side=side)
     return input_ids, attention
 
 
