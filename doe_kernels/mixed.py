@@ -10,7 +10,7 @@ keep-everything mask) and unpatched after; a patched one gets its expert back.
 `mixed_logits(model, tokenizer, requests)` does the same for whole experts: each request
 `(expert, text)` gets its expert's soft prompt, classifier head (or label words) and mask, and
 its label logits come back in request order. Requests of similar length share a forward pass
-(up to `batch_size`, whatever their experts; padding is held to MAX_PADDING of the real tokens).
+(up to `batch_size`, whatever their experts), which runs its layers on the real tokens only.
 Experts with different label counts may share a batch.
 """
 import contextlib
@@ -69,7 +69,7 @@ def _layer_segments(masks, spec, device, dtype) -> list[LayerSegments]:
 
 
 @contextlib.contextmanager
-def mixed(model, masks, backend: str = "auto", attention_mask=None):
+def mixed(model, masks, backend: str = "auto", attention_mask=None, pack_layers: bool = False):
     """While the body runs, batch sequence b of every forward pass computes on `masks[b]` (one
     ExpertMask, or None for the whole model, per sequence). Every mask is checked against the
     model before anything changes; a forward pass whose batch has another number of sequences
@@ -82,7 +82,10 @@ def mixed(model, masks, backend: str = "auto", attention_mask=None):
     attention's projections of the real tokens only, and on the CPU the attention itself too
     (each sequence over its own real tokens); the padding's positions get zeros (no real token
     attends to them). Other passes (a generation's decoding steps, another batch) compute every
-    position."""
+    position. With `pack_layers` such a pass also runs the layers' norms and residuals over the
+    real tokens only: the first layer's input is packed to (1, real tokens, hidden) and the last
+    layer's output unpacked, so the model's outputs keep their shapes, but hooks on the layers
+    and the intermediate hidden states (output_hidden_states) see the packed layout."""
     masks = _as_masks(masks)
     real = _real_tokens(attention_mask, len(masks))
     state = getattr(model, PATCH_STATE_ATTR, None)
@@ -96,12 +99,12 @@ def mixed(model, masks, backend: str = "auto", attention_mask=None):
     layers = describe(model)[1] if state is None else [p.layer for p in state.layers]
     device, dtype = _model_device(layers)
     segments = _layer_segments(masks, spec, device, dtype)  # checks every mask
-    real = None if real is None else RealTokens(real.to(device))
+    real = None if real is None else RealTokens(real.to(device), pack_layers)
     previous = plugged_state(model)
     patch(model, _KEEP_ALL if state is None else state.mask, backend)
     state = getattr(model, PATCH_STATE_ATTR)
 
-    hooks = [] if real is None else _real_token_hooks(model, real)
+    hooks = [] if real is None else _real_token_hooks(model, real, state.layers)
 
     def clear():
         for hook in hooks:
@@ -121,9 +124,11 @@ def mixed(model, masks, backend: str = "auto", attention_mask=None):
         yield model
 
 
-def _real_token_hooks(model, real: RealTokens) -> list:
+def _real_token_hooks(model, real: RealTokens, layers) -> list:
     """Hooks on `model` that mark `real` active during a forward pass given its attention mask
-    (a keyword, or the second positional argument, as transformers' models take it)."""
+    (a keyword, or the second positional argument, as transformers' models take it), and on
+    its first and last patched `layers` that pack and unpack the hidden states of such a pass
+    when `real.pack_layers`."""
     def before(module, args, kwargs):
         real.active = real.matches(kwargs.get("attention_mask",
                                               args[1] if len(args) > 1 else None))
@@ -131,8 +136,34 @@ def _real_token_hooks(model, real: RealTokens) -> list:
     def after(module, args, output):
         real.active = False
 
-    return [model.register_forward_pre_hook(before, with_kwargs=True),
-            model.register_forward_hook(after)]
+    hooks = [model.register_forward_pre_hook(before, with_kwargs=True),
+             model.register_forward_hook(after)]
+    if real.pack_layers:
+        hooks += [layers[0].layer.register_forward_pre_hook(_packer(real), with_kwargs=True),
+                  layers[-1].layer.register_forward_hook(_unpacker(real))]
+    return hooks
+
+
+def _packer(real: RealTokens):
+    """A pre-hook packing a layer's hidden states (its first argument, or `hidden_states`)."""
+    def pack(module, args, kwargs):
+        if not real.packing():
+            return None
+        if args:
+            return (real.pack(args[0]), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": real.pack(kwargs["hidden_states"])}
+    return pack
+
+
+def _unpacker(real: RealTokens):
+    """A hook unpacking a layer's output (a tensor, or a tuple led by one)."""
+    def unpack(module, args, output):
+        if not real.packing():
+            return None
+        if isinstance(output, tuple):
+            return (real.unpack(output[0]), *output[1:])
+        return real.unpack(output)
+    return unpack
 
 
 def _real_tokens(attention_mask, batch: int):
@@ -190,22 +221,12 @@ def mixed_logits(model, tokenizer, requests, batch_size: int = 32,
     return out
 
 
-# the padding a batch may hold, as a fraction of its real tokens, before a longer request starts
-# another forward pass. The FFNs and the attention compute the real tokens only on the CPU
-# (`mixed`'s attention_mask; a GPU attends padded), so the padding costs only the per-position
-# work between them (norms, residuals). On 12 batches of 8 requests of the five tasks (AMD EPYC,
-# 2 threads) 1.0 ran 1.17x faster than 0.25 without any packing on all-MiniLM-L6-v2 and 1.10x on
-# SmolLM2-135M; with the attention packed too, 1.0, 3.0 and no limit ran within the machine's
-# drift of each other on MiniLM (6.8-7.4 ms a request).
-MAX_PADDING = 1.0
-
-
 def _encoded(experts: list[Expert], texts: list[str], tokenizer) -> list[torch.Tensor]:
     """Each request's token ids (1-D, without padding), as its expert encodes them (template,
-    truncation); each expert's texts encoded in one tokenizer call."""
-    groups: dict[int, list[int]] = {}
+    truncation); the texts of experts that encode alike in one tokenizer call."""
+    groups: dict[tuple, list[int]] = {}
     for i, expert in enumerate(experts):
-        groups.setdefault(id(expert), []).append(i)
+        groups.setdefault(_encoding(expert), []).append(i)
     ids = [None] * len(texts)
     for members in groups.values():
         batch, attention = experts[members[0]].encode(tokenizer, [texts[i] for i in members])
@@ -214,26 +235,27 @@ def _encoded(experts: list[Expert], texts: list[str], tokenizer) -> list[torch.T
     return ids
 
 
+def _encoding(expert: Expert) -> tuple:
+    """What `Expert.encode` depends on: experts equal in it encode a text alike."""
+    return (expert.task_type, expert.template, expert.max_length,
+            tuple(expert.label_words or ()), tuple(expert.label_token_ids or ()))
+
+
 def _batches(experts: list[Expert], token_counts: list[int], batch_size: int):
     """Request indices of each forward pass: the requests in order of length (their token counts
-    and their experts' virtual tokens), a batch ending when it holds `batch_size` or when
-    padding to the next request's length would pass MAX_PADDING; within a batch, the requests
-    grouped by expert (few segments)."""
+    and their experts' virtual tokens), `batch_size` a pass; within a batch, the requests
+    grouped by expert (few segments). A pass runs its layers on the real tokens only
+    (`mixed`'s pack_layers), so padding costs no more than the embeddings and the head: on 12
+    batches of 8 requests of the five tasks (AMD EPYC, 2 threads) no padding limit ran 1.12-1.16x
+    faster than one of as many padding tokens as real ones on all-MiniLM-L6-v2 (one pass a batch
+    instead of two) and within the drift on SmolLM2-135M."""
     lengths = [n + e.num_virtual_tokens for n, e in zip(token_counts, experts)]
     rank = {}
     for expert in experts:
         rank.setdefault(id(expert), len(rank))
-    batches, current, tokens = [], [], 0
-    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
-        padded = lengths[i] * (len(current) + 1)  # the longest so far: sorted by length
-        if current and (len(current) == batch_size
-                        or padded > (1 + MAX_PADDING) * (tokens + lengths[i])):
-            batches.append(current)
-            current, tokens = [], 0
-        current.append(i)
-        tokens += lengths[i]
-    batches.append(current)
-    return [sorted(batch, key=lambda i: (rank[id(experts[i])], i)) for batch in batches]
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return [sorted(order[start:start + batch_size], key=lambda i: (rank[id(experts[i])], i))
+            for start in range(0, len(order), batch_size)]
 
 
 def _forward(model, tokenizer, experts: list[Expert], ids: list[torch.Tensor], backend: str):
@@ -246,7 +268,8 @@ def _forward(model, tokenizer, experts: list[Expert], ids: list[torch.Tensor], b
               for start, stop, expert in runs]
     embeds, attention = _pad_and_stack(inputs, left=causal)
     kwargs = dict(logits_to_keep=1, position_ids=real_positions(attention)) if causal else {}
-    with mixed(model, [e.mask for e in experts], backend, attention), _mixed_heads(model, runs):
+    with (mixed(model, [e.mask for e in experts], backend, attention, pack_layers=True),
+          _mixed_heads(model, runs)):
         logits = model(inputs_embeds=embeds, attention_mask=attention, **kwargs).logits
     rows = []
     for start, stop, expert in runs:

@@ -144,8 +144,54 @@ def test_an_attention_mask_runs_the_ffns_and_attention_on_the_real_tokens_only(
     assert not dk.is_patched(model)
 
 
+def layer_inputs(model, layer: int) -> tuple[list, object]:
+    """(the (sequences, tokens) of each input of `model`'s layer `layer` from now on, the hook)."""
+    seen = []
+    module = dk.models.describe(model)[1][layer]
+    return seen, module.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(tuple((args[0] if args else
+                                                   kwargs["hidden_states"]).shape[:2])),
+        with_kwargs=True)
+
+
+@pytest.mark.parametrize("device,backend,dtype", backend_cases(with_dtype=True))
+@pytest.mark.parametrize("name", ["bert", "roberta", "llama", "qwen2"])
+def test_packed_layers_run_the_real_tokens_only_and_give_the_same(name, device, backend, dtype):
+    """pack_layers: a pass of the batch given runs its layers on (1, real tokens, hidden), its
+    outputs padded as usual; another batch, and a batch without padding, run as they are."""
+    model = build(name, dtype).to(device)
+    rows = assignment(expert_masks(model, 4, seed=8), 6, seed=8)
+    ids, attention = padded_inputs(name, 6, device)
+    full = torch.ones_like(attention)
+    seen, hook = layer_inputs(model, 1)
+    with torch.no_grad():
+        with dk.mixed(model, rows, backend):
+            every = output_of(model, ids, attention)
+            every_other = output_of(model, ids, attention.flip(0))
+            every_full = output_of(model, ids, full)
+        with dk.mixed(model, rows, backend, attention_mask=attention, pack_layers=True):
+            seen.clear()
+            packed = output_of(model, ids, attention)
+            assert seen == [(1, int(attention.sum()))]
+            seen.clear()
+            other = output_of(model, ids, attention.flip(0))
+            assert seen == [(6, 9)]
+        with dk.mixed(model, rows, backend, attention_mask=full, pack_layers=True):
+            seen.clear()
+            unpadded = output_of(model, ids, full)
+            assert seen == [(6, 9)]
+    hook.remove()
+    assert packed.shape == every.shape
+    for got, want, what in ((packed, every, "packed"), (other, every_other, "another batch"),
+                            (unpadded, every_full, "no padding")):
+        assert_close(got, want.double(), what=f"{name} {what}")
+    assert not dk.is_patched(model)
+
+
+@pytest.mark.parametrize("pack_layers", [False, True])
 @pytest.mark.parametrize("name", ["bert", "llama"])
-def test_a_packed_pass_padded_again_for_its_attention_gives_the_same(name, monkeypatch):
+def test_a_packed_pass_padded_again_for_its_attention_gives_the_same(name, pack_layers,
+                                                                     monkeypatch):
     """Where a launch per sequence costs more than the padding (a GPU), a packed span's attention
     runs padded into one call under the pass's mask: the same real tokens' states, and the same
     greedy generation."""
@@ -156,15 +202,17 @@ def test_a_packed_pass_padded_again_for_its_attention_gives_the_same(name, monke
     ids, attention = padded_inputs(name, 6)
     with torch.no_grad():
         with dk.mixed(model, rows, attention_mask=attention):
-            each = real_hidden(model, ids, attention)
+            each = output_of(model, ids, attention)
         monkeypatch.setattr(segments, "_per_sequence", lambda device: False)
+        seen, hook = layer_inputs(model, 1)
         attended = []  # the (sequences, queries) of each attention call
         attend = segments.attend
         monkeypatch.setattr(segments, "attend", lambda q, *a, **k: attended.append(
             (q.shape[0], q.shape[2])) or attend(q, *a, **k))
-        with dk.mixed(model, rows, attention_mask=attention):
-            padded = real_hidden(model, ids, attention)
+        with dk.mixed(model, rows, attention_mask=attention, pack_layers=pack_layers):
+            padded = output_of(model, ids, attention)
             assert attended and {t for _, t in attended} == {9}  # padded again
+            assert seen == [(1, int(attention.sum())) if pack_layers else (6, 9)]
             if name == "llama":
                 settings = dict(attention_mask=attention, max_new_tokens=3, do_sample=False,
                                 pad_token_id=0)
@@ -172,12 +220,14 @@ def test_a_packed_pass_padded_again_for_its_attention_gives_the_same(name, monke
         if name == "llama":
             with dk.mixed(model, rows):
                 assert torch.equal(generated, model.generate(ids, **settings))
+    hook.remove()
     assert_close(padded, each.double(), what=f"{name}: padded again against sequence by sequence")
 
 
-def test_an_attention_mask_leaves_generation_as_it_was(monkeypatch):
-    """The prefill computes the real tokens' FFNs only; decoding steps (another shape) every
-    position: the tokens generated are the same."""
+@pytest.mark.parametrize("pack_layers", [False, True])
+def test_an_attention_mask_leaves_generation_as_it_was(pack_layers, monkeypatch):
+    """The prefill computes the real tokens' FFNs only (and with pack_layers, the whole layers);
+    decoding steps (another shape) every position: the tokens generated are the same."""
     model = build("llama")
     rows = assignment(expert_masks(model, 3, seed=4), 4, seed=4)
     ids, attention = padded_inputs("llama", 4)
@@ -187,7 +237,7 @@ def test_an_attention_mask_leaves_generation_as_it_was(monkeypatch):
         with dk.mixed(model, rows):
             every = model.generate(ids, **generate)
         seen = ffn_rows(monkeypatch)
-        with dk.mixed(model, rows, attention_mask=attention):
+        with dk.mixed(model, rows, attention_mask=attention, pack_layers=pack_layers):
             real = model.generate(ids, **generate)
     assert torch.equal(real, every)
     assert seen[0] == int(attention.sum()) < 4 * 9  # the prefill: the real tokens only
@@ -221,9 +271,10 @@ def test_an_attention_mask_packs_only_the_passes_given_it(monkeypatch):
         none[:2] = 0  # two sequences of padding only: a span without a real token
         with dk.mixed(model, rows):
             every = real_hidden(model, ids, none)
-        with dk.mixed(model, rows, attention_mask=none):
-            got = real_hidden(model, ids, none)
-        assert_close(got, every.double(), what="sequences of padding only")
+        for pack_layers in (False, True):
+            with dk.mixed(model, rows, attention_mask=none, pack_layers=pack_layers):
+                got = real_hidden(model, ids, none)
+            assert_close(got, every.double(), what=f"sequences of padding only ({pack_layers})")
 
 
 def test_a_bad_attention_mask_is_refused_and_changes_nothing():
@@ -350,8 +401,9 @@ def test_mixed_logits_equal_each_request_alone(family, tokenizer):
 
 def test_mixed_logits_batches_by_length_and_computes_the_real_tokens_ffns(tokenizer,
                                                                           monkeypatch):
-    """Each forward pass holds at most batch_size requests and MAX_PADDING of padding, its
-    requests grouped by expert, every request once; its FFNs compute the real tokens only."""
+    """Each forward pass holds batch_size requests of like lengths (the last one fewer), grouped
+    by expert, every request once; its FFNs compute the real tokens only, and the texts of
+    experts that encode alike are tokenized in one call."""
     mixed_module = sys.modules["doe_kernels.mixed"]
     model = tiny_bert()
     experts = classifier_experts(model)
@@ -360,15 +412,20 @@ def test_mixed_logits_batches_by_length_and_computes_the_real_tokens_ffns(tokeni
     chosen = [rng.choice(experts) for _ in texts]
     lengths = [len(tokenizer(t)["input_ids"]) + e.num_virtual_tokens
                for e, t in zip(chosen, texts)]
-    counts = [len(ids) for ids in mixed_module._encoded(chosen, texts, tokenizer)]
+    calls = []
+    with monkeypatch.context() as patched:
+        call = type(tokenizer).__call__
+        patched.setattr(type(tokenizer), "__call__",
+                        lambda self, *a, **k: calls.append(1) or call(self, *a, **k))
+        counts = [len(ids) for ids in mixed_module._encoded(chosen, texts, tokenizer)]
+    assert len({id(e) for e in chosen}) > 1 and len(calls) == 1  # the experts encode alike
     assert counts == [len(tokenizer(t)["input_ids"]) for t in texts]  # tokenized once
     batches = mixed_module._batches(chosen, counts, 4)
+    assert [len(batch) for batch in batches] == [4, 4, 4]
     assert sorted(i for batch in batches for i in batch) == list(range(len(texts)))
+    for batch, after in zip(batches, batches[1:]):
+        assert max(lengths[i] for i in batch) <= min(lengths[i] for i in after)
     for batch in batches:
-        size = [lengths[i] for i in batch]
-        assert len(batch) <= 4
-        assert len(batch) == 1 or max(size) * len(batch) <= (
-            1 + mixed_module.MAX_PADDING) * sum(size)
         runs = [e for e, _ in itertools.groupby(id(chosen[i]) for i in batch)]
         assert len(runs) == len(set(runs))  # grouped by expert
     seen = ffn_rows(monkeypatch)

@@ -63,7 +63,7 @@ class LayerSegments:
         self._row_segments: dict[int, torch.Tensor] = {}
         self._unions: dict = {}
         self.real: RealTokens | None = None  # the batch's real tokens, when `mixed` was told
-        self._packed = None
+        self._packed_offsets = self._packed_delta = None
 
     @property
     def batch(self) -> int:
@@ -109,21 +109,41 @@ class LayerSegments:
         real = self.real_tokens(batch, tokens)
         if real is None:
             return None
-        if self._packed is None:
-            offsets = torch.tensor([real.offsets[b] for b in self.ffn_bounds],
-                                   device=real.index.device)
-            self._packed = (real.index, offsets)
-        return self._packed
+        return real.index, self.packed_offsets()
 
-    def union(self, x2d: torch.Tensor, batch: int, tokens: int):
+    def packed_offsets(self) -> torch.Tensor:
+        """The FFN's segment offsets over the batch's real tokens packed."""
+        if self._packed_offsets is None:
+            real = self.real
+            self._packed_offsets = torch.tensor([real.offsets[b] for b in self.ffn_bounds],
+                                                device=real.index.device)
+        return self._packed_offsets
+
+    def holds_packed(self, x: torch.Tensor) -> bool:
+        """Whether `x` is the batch's real tokens packed (a pass that runs its layers packed:
+        RealTokens.pack)."""
+        return self.real is not None and self.real.holds_packed(x)
+
+    def packed_delta(self):
+        """(1, real tokens, hidden): each real token's segment's FFN bias delta, or None."""
+        if self.ffn_delta is None:
+            return None
+        if self._packed_delta is None:
+            offsets = self.real.offsets
+            counts = torch.tensor([b - a for a, b in zip(offsets, offsets[1:])],
+                                  device=self.ffn_delta.device)
+            self._packed_delta = self.ffn_delta[:, 0].repeat_interleave(counts, dim=0)[None]
+        return self._packed_delta
+
+    def union(self, x2d: torch.Tensor, row_segments: torch.Tensor, key):
         """The FFN's union plan (library.union_plan: (union, row_mask), or None to run per
-        segment) for a batch of `tokens` tokens per sequence, computed once per token count:
-        each decoding step of a generation reuses it."""
-        key = (tokens, x2d.dtype)
+        segment) for the rows `x2d` in segments `row_segments`, computed once per `key` (the
+        layout: each decoding step of a generation reuses it)."""
+        key = (key, x2d.shape[0], x2d.dtype)
         if key not in self._unions:
             self._unions[key] = library.union_plan(
-                x2d, self.row_segments(batch, tokens), self.kept, self.kept_offsets,
-                self.ffn_scales, neurons=self.intermediate_size)
+                x2d, row_segments, self.kept, self.kept_offsets, self.ffn_scales,
+                neurons=self.intermediate_size)
         return self._unions[key]
 
     def _per_sequence(self, deltas):
@@ -142,15 +162,36 @@ class RealTokens:
     """The real (not padding) tokens of a (batch, tokens) attention mask of 0s and 1s: their
     flat row index, and `offsets`, the number of real tokens before each sequence (one more
     entry than sequences). `active`: whether the forward pass running is of that batch (`mixed`
-    sets it from the pass's attention_mask)."""
+    sets it from the pass's attention_mask). `pack_layers`: whether such a pass runs packed from
+    the first layer's input to the last layer's output (`pack`, `unpack`; `mixed`'s
+    pack_layers)."""
 
-    def __init__(self, attention_mask: torch.Tensor):
+    def __init__(self, attention_mask: torch.Tensor, pack_layers: bool = False):
         self.mask = attention_mask.to(torch.bool)
         self.shape = tuple(self.mask.shape)
         self.index = self.mask.reshape(-1).nonzero().squeeze(1)
         self.offsets = [0] + self.mask.sum(1).cumsum(0).tolist()
+        self.padded = self.offsets[-1] < self.mask.numel()
         self.active = False
+        self.pack_layers = pack_layers
         self._spans: dict[tuple[int, int], torch.Tensor] = {}
+
+    def packing(self) -> bool:
+        """Whether the pass running is this batch's and runs its layers packed."""
+        return self.active and self.pack_layers and self.padded
+
+    def holds_packed(self, hidden: torch.Tensor) -> bool:
+        """Whether `hidden` is this batch's real tokens packed, (1, real tokens, width): a
+        layer's input in a pass that runs packed."""
+        return self.packing() and tuple(hidden.shape[:2]) == (1, self.offsets[-1])
+
+    def pack(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(1, real tokens, width): the real tokens' rows of a (batch, tokens, width) tensor."""
+        return hidden.reshape(-1, hidden.shape[-1]).index_select(0, self.index)[None]
+
+    def unpack(self, packed: torch.Tensor) -> torch.Tensor:
+        """(batch, tokens, width) from `pack`'s layout, zeros at the padding."""
+        return _unpack(packed[0], self.index, self.mask.numel()).view(*self.shape, -1)
 
     def span_index(self, start: int, stop: int) -> torch.Tensor:
         """The row index of sequences [start, stop)'s real tokens within those sequences' rows
@@ -229,10 +270,17 @@ def ffn_forward(segments: LayerSegments, x, w_in, b_in, activation: str, w_out_t
 def _ffn_forward(segments: LayerSegments, x, run_union, run_segments):
     """An FFN over a mixed batch: `run_union(x2d, union, row_mask)` when the layer's union plan
     takes the union (decoding), else `run_segments(x2d, row segments)`, over the real tokens
-    only when the batch's are known (the padding's rows get zeros: no real token reads them);
-    then each sequence's segment's bias delta (on every row)."""
+    only when the batch's are known (the padding's rows get zeros: no real token reads them;
+    a pass packed between layers gives the real tokens alone); then each sequence's segment's
+    bias delta (on every row)."""
+    if segments.holds_packed(x):
+        x2d = x.reshape(-1, x.shape[-1])
+        offsets = segments.packed_offsets()
+        union = segments.union(x2d, offsets, "packed")
+        out = run_segments(x2d, offsets) if union is None else run_union(x2d, *union)
+        return _add(out.view(*x.shape[:-1], -1), segments.packed_delta())
     x2d, batch, tokens = _flat(x)
-    union = segments.union(x2d, batch, tokens)
+    union = segments.union(x2d, segments.row_segments(batch, tokens), tokens)
     packed = None if union is not None else segments.packed(batch, tokens)
     if union is not None:
         out = run_union(x2d, *union)
@@ -264,13 +312,14 @@ def attention_forward(segments: LayerSegments, hidden, weights: dict, o_weight_t
     kept KV heads (zeros elsewhere) and returns the cached ones; `is_causal`: a causal mask when
     no `attention_mask` is given. A pass whose real tokens `mixed` knows runs packed
     (`_packed_attention`)."""
-    batch = hidden.shape[0]
-    segments.check_batch(batch)
     spans = segments.attention_spans()
-    real = segments.real_tokens(batch, hidden.shape[1])
+    packed_input = segments.holds_packed(hidden)
+    batch = hidden.shape[0]
+    real = segments.real if packed_input else segments.real_tokens(batch, hidden.shape[1])
     if real is not None:
-        return _packed_attention(spans, real, hidden, weights, o_weight_t, o_bias, attention_mask,
-                                 scale, dropout, backend, rotary, cache_update, is_causal)
+        return _packed_attention(spans, real, hidden, packed_input, weights, o_weight_t, o_bias,
+                                 attention_mask, scale, dropout, backend, rotary, cache_update,
+                                 is_causal)
     projected = []
     for b0, b1, plan in spans:
         if plan.selection.num_kept == 0:
@@ -282,7 +331,7 @@ def attention_forward(segments: LayerSegments, hidden, weights: dict, o_weight_t
             q, k = rotary(q, k, b0, b1)
         projected.append((q, k, v))
     if cache_update is not None:
-        keys, values = cache_update(*_full_kv(spans, projected, hidden))
+        keys, values = cache_update(*_full_kv(spans, projected, hidden, *hidden.shape[:2]))
     out = []
     for (b0, b1, plan), qkv in zip(spans, projected):
         if qkv is None:
@@ -305,22 +354,24 @@ def attention_forward(segments: LayerSegments, hidden, weights: dict, o_weight_t
     return torch.cat(out)
 
 
-def _packed_attention(spans, real: "RealTokens", hidden, weights: dict, o_weight_t, o_bias,
-                      attention_mask, scale: float, dropout: float, backend: str, rotary,
-                      cache_update, is_causal: bool):
+def _packed_attention(spans, real: "RealTokens", hidden, packed_input: bool, weights: dict,
+                      o_weight_t, o_bias, attention_mask, scale: float, dropout: float,
+                      backend: str, rotary, cache_update, is_causal: bool):
     """attention_forward of a pass whose real tokens are known (`real`): each span's real tokens
-    projected as one packed sequence, attended (`_attend_span`) and projected out; the padding's
-    rows of the output are zeros. The KV cache, when there is one, gets the padded layout (zeros
-    at the padding)."""
-    batch, tokens, width = hidden.shape
-    flat = hidden.reshape(-1, width)
+    projected as one packed sequence, attended (`_attend_span`) and projected out. `hidden` is
+    the padded batch (its padding's rows of the output are zeros), or with `packed_input` the
+    real tokens alone (RealTokens.pack; the output keeps that layout). The KV cache, when there
+    is one, gets the padded layout (zeros at the padding)."""
+    batch, tokens = real.shape
+    flat = hidden.reshape(-1, hidden.shape[-1])
     projected = []
     for b0, b1, plan in spans:
         index = real.span_index(b0, b1)
         if plan.selection.num_kept == 0 or index.numel() == 0:
             projected.append(None)
             continue
-        rows = flat[b0 * tokens:b1 * tokens].index_select(0, index)[None]
+        rows = (flat[real.offsets[b0]:real.offsets[b1]] if packed_input else
+                flat[b0 * tokens:b1 * tokens].index_select(0, index))[None]
         q, k, v = project_qkv(rows, selection=plan.selection, backend=backend, **weights)
         if rotary is not None:
             q, k = rotary(q, k, b0, b1, index)
@@ -330,7 +381,7 @@ def _packed_attention(spans, real: "RealTokens", hidden, weights: dict, o_weight
                   (None, *(_padded_layout(part, real.span_index(b0, b1), b1 - b0, tokens)
                            for part in qkv[1:]))
                   for (b0, b1, _), qkv in zip(spans, projected)]
-        cache_update(*_full_kv(spans, padded, hidden))
+        cache_update(*_full_kv(spans, padded, hidden, batch, tokens))
     out = []
     for (b0, b1, plan), qkv in zip(spans, projected):
         count = real.offsets[b1] - real.offsets[b0]
@@ -342,6 +393,8 @@ def _packed_attention(spans, real: "RealTokens", hidden, weights: dict, o_weight
             part = project_out(attended, o_weight_t, o_bias, plan.selection, backend,
                                scales=plan.head_col_scales)
         out.append(_add(part, plan.attn_delta))
+    if packed_input:
+        return torch.cat(out)[None]
     return _unpack(torch.cat(out), real.index, batch * tokens).view(batch, tokens, -1)
 
 
@@ -409,14 +462,14 @@ def _unpack(rows: torch.Tensor, index: torch.Tensor, count: int) -> torch.Tensor
     return rows.new_zeros(count, rows.shape[1]).index_copy_(0, index, rows)
 
 
-def _full_kv(spans, projected, hidden):
-    """(keys, values) of the batch with every KV head: each span's computed heads in place,
-    zeros in the heads it does not keep."""
+def _full_kv(spans, projected, like: torch.Tensor, batch: int, tokens: int):
+    """(keys, values) of the batch ((batch, KV heads, tokens, head_dim), `like`'s dtype) with
+    every KV head: each span's computed heads in place, zeros in the heads it does not keep."""
     spec = spans[0][2].selection
     if len(spans) == 1 and spec.is_full and projected[0] is not None:  # one span, every head
         return projected[0][1], projected[0][2]
-    shape = (hidden.shape[0], spec.num_kv_heads, hidden.shape[1], spec.head_dim)
-    keys, values = hidden.new_zeros(shape), hidden.new_zeros(shape)
+    shape = (batch, spec.num_kv_heads, tokens, spec.head_dim)
+    keys, values = like.new_zeros(shape), like.new_zeros(shape)
     for (b0, b1, plan), qkv in zip(spans, projected):
         if qkv is not None:
             heads = plan.selection.kept_kv_heads
