@@ -32,9 +32,9 @@ speed depends only on the sizes) and serves those texts, on `--device` in `--dty
 import argparse
 import json
 import os
-import platform
 import random
 import statistics
+import sys
 import threading
 import time
 
@@ -44,6 +44,9 @@ import doe_kernels as dk
 from doe_kernels.expert import Expert, label_token_ids, model_sizes
 from tasks import load_task
 from unplug_and_play import causal_lm_task, load_model
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
+from report import device_name, metadata  # noqa: E402  (the benchmarks' machine description)
 
 TASKS = ("polarity", "rotten_tomatoes", "tweets", "newsgroups", "reuters8")
 # the pruning rates of the current five-task tables (docs/results.md, localize's defaults)
@@ -218,12 +221,6 @@ def plot(rows, path: str, title: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-def device_name(device: str) -> str:
-    if torch.device(device).type == "cuda":
-        return torch.cuda.get_device_name(torch.device(device))
-    return platform.processor() or platform.machine()
-
-
 def main():
     args = parse_args()
     if args.export_assets:
@@ -243,8 +240,7 @@ def main():
               f"serial router's requests/s; p99 {serial['p99_ms']} -> {mixed['p99_ms']} ms")
     if args.out:
         path = save(rows)
-        where = (device_name(args.device) if torch.device(args.device).type == "cuda"
-                 else f"{torch.get_num_threads()} threads")
+        where = device_name(args.device)
         try:
             plot(rows, path.replace(".json", ".png"),
                  f"ExpertRouter, {args.model}, {args.clients} clients, {where}, {args.dtype}")
@@ -265,8 +261,7 @@ def results_writer(args, experts):
         result = dict(model=args.model, experts=args.experts or "stand-ins",
                       weights="random (from the config)" if args.assets else "trained",
                       pruning_rates=rates, cpu=device_name("cpu"),
-                      threads=torch.get_num_threads(), device=device_name(args.device),
-                      torch=torch.__version__, args=vars(args), rows=rows)
+                      **metadata(args.device, "router"), args=vars(args), rows=rows)
         with open(path + ".tmp", "w") as f:
             json.dump(result, f, indent=1)
         os.replace(path + ".tmp", path)

@@ -1,6 +1,7 @@
 """python/router_benchmark.py on a tiny model: both routers serve every request of both mixes,
 the rows carry what the docs table reads, and the plot is written."""
 import argparse
+import json
 
 import pytest
 
@@ -15,8 +16,13 @@ def test_router_benchmark_rows_and_plot(tokenizer, tmp_path):
     experts = {task: seq_cls_expert(model, rate=0.2 * i, seed=i)
                for i, task in enumerate(rb.TASKS)}
     texts = {task: TEXTS for task in rb.TASKS}
-    args = argparse.Namespace(clients=3, requests=4, window=0.005)
+    args = argparse.Namespace(clients=3, requests=4, window=0.005, model="minilm", experts=None,
+                              assets=None, device="cpu", out=str(tmp_path))
     rows = rb.measure(model, tokenizer, experts, texts, args)
+    with open(rb.results_writer(args, experts)(rows)) as f:
+        saved = json.load(f)
+    assert saved["rows"] == rows and saved["pruning_rates"].keys() == experts.keys()
+    assert all(saved[key] for key in ("cpu", "device", "commit", "cpu_features", "torch"))
     assert [(r["mix"], r["router"]) for r in rows] == [
         (mix, router) for mix in rb.MIXES for router in ("serial", "mixed")]
     for row in rows:

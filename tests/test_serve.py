@@ -189,6 +189,42 @@ def test_dynamic_batching_under_8_threads_equals_single_threaded(served, tokeniz
     assert not dk.is_patched(model)
 
 
+def test_every_forward_pass_runs_on_the_routers_compute_thread(served, tokenizer):
+    """Whichever thread asks (run, run_mixed, ask, from the main thread or clients), the model
+    runs on the router's one compute thread; a request made on that thread runs there at once;
+    close() ends it, and a later request starts another."""
+    model, experts, alone = served
+    ran_on = []
+    hook = model.register_forward_pre_hook(lambda m, a: ran_on.append(threading.current_thread()))
+    router = dk.ExpertRouter(model, tokenizer, batch_size=4, batch_window=0.001)
+    for name, expert in experts.items():
+        router.add(name, expert)
+
+    def client(seed):
+        for task, text in mixed_requests(sorted(experts), count=3, seed=seed):
+            router.run(task, text)
+            router.ask(task, text)
+        router.run_mixed(mixed_requests(sorted(experts), count=3, seed=seed))
+        yield from ()
+
+    try:
+        router.run("task0", TEXTS[0])
+        assert not run_clients(client, 4)
+        nested = router._computed(router.run_logits, "task1", TEXTS[:2])
+        torch.testing.assert_close(nested, alone["task1"][:2])
+        compute = ran_on[0]
+        assert compute.name.startswith("doe-kernels-compute")
+        assert all(thread is compute for thread in ran_on) and len(ran_on) > 20
+        router.close()
+        assert not compute.is_alive()
+        router.run("task0", TEXTS[0])
+        assert ran_on[-1] is not compute and ran_on[-1].name.startswith("doe-kernels-compute")
+    finally:
+        router.close()
+        hook.remove()
+    assert not dk.is_patched(model)
+
+
 def test_bad_mixed_requests_are_refused_and_others_are_served(served, tokenizer):
     model, experts, alone = served
     router = dk.ExpertRouter(model, tokenizer)
