@@ -188,6 +188,43 @@ def test_packed_layers_run_the_real_tokens_only_and_give_the_same(name, device, 
     assert not dk.is_patched(model)
 
 
+def windowed(name: str, window):
+    """A tiny Mistral, or a Qwen2 whose layers after the first slide, seeing `window` positions."""
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    from model_utils import _causal_config
+
+    torch.manual_seed(0)
+    if name == "mistral":
+        return MistralForCausalLM(_causal_config(MistralConfig, sliding_window=window)).eval()
+    return Qwen2ForCausalLM(_causal_config(Qwen2Config, use_sliding_window=window is not None,
+                                           sliding_window=window or 64,
+                                           max_window_layers=1)).eval()
+
+
+@pytest.mark.parametrize("name", ["mistral", "qwen2"])
+def test_packed_passes_keep_a_sliding_window(name):
+    """Layers whose queries see only the last `sliding_window` positions give in a packed pass
+    (with or without pack_layers) what each sequence gives alone on its expert: a span with a
+    sequence longer than the window attends under the pass's mask."""
+    model = windowed(name, 3)
+    rows = assignment(expert_masks(model, 3, seed=2), 4, seed=2)
+    ids, attention = padded_inputs(name, 4)
+    with torch.no_grad():
+        outputs = []
+        for pack_layers in (False, True):
+            with dk.mixed(model, rows, attention_mask=attention, pack_layers=pack_layers):
+                outputs.append(output_of(model, ids, attention))
+        for b, mask in enumerate(rows):
+            ref = alone(model, mask, ids[b:b + 1], attention[b:b + 1], "auto")
+            for got in outputs:
+                assert_close(got[b:b + 1], ref.double(), what=f"{name} row {b}")
+        unlimited = windowed(name, None)
+        unlimited.load_state_dict(model.state_dict())
+        with dk.mixed(unlimited, rows, attention_mask=attention):
+            assert (output_of(unlimited, ids, attention) - outputs[0]).abs().max() > 1e-2
+
+
 @pytest.mark.parametrize("pack_layers", [False, True])
 @pytest.mark.parametrize("name", ["bert", "llama"])
 def test_a_packed_pass_padded_again_for_its_attention_gives_the_same(name, pack_layers,

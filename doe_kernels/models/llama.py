@@ -76,6 +76,11 @@ class PrunedLlamaAttention(PrunedAttention):
                          sizes["num_kv_heads"], sizes["head_dim"], original.scaling, backend,
                          getattr(original, "attention_dropout", 0.0))
         self.layer_idx = original.layer_idx
+        # the past positions a query sees, where the layer limits them: Qwen2's per layer,
+        # Mistral's in its config (the model's attention mask holds the same limit)
+        self.sliding_window = (original.sliding_window if hasattr(original, "sliding_window")
+                               else getattr(getattr(original, "config", None), "sliding_window",
+                                            None))
         self.register_buffer("o_weight_t", o_weight_t, persistent=False)
         self.o_bias = original.o_proj.bias
         self.register_buffer("bias_delta", None, persistent=False)  # the expert's, after o_proj
@@ -120,7 +125,8 @@ class PrunedLlamaAttention(PrunedAttention):
         update = None if cache is None else (lambda k, v: cache.update(k, v, self.layer_idx))
         return attention_forward(self.segments, hidden_states, self.qkv_weights(),
                                  self.o_weight_t, self.o_bias, attention_mask, self.scaling,
-                                 self.dropout_p(), self.backend, rotary, update, is_causal=True)
+                                 self.dropout_p(), self.backend, rotary, update, is_causal=True,
+                                 sliding_window=self.sliding_window)
 
     def placeholder_kv(self, hidden_states):
         """What a layer keeping no head stores in the KV cache: one zero KV head per position,

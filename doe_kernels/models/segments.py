@@ -301,7 +301,8 @@ def _matching(per_sequence, x):
 
 def attention_forward(segments: LayerSegments, hidden, weights: dict, o_weight_t, o_bias,
                       attention_mask, scale: float, dropout: float, backend: str, rotary=None,
-                      cache_update=None, is_causal: bool = False):
+                      cache_update=None, is_causal: bool = False,
+                      sliding_window: int | None = None):
     """Attention over a mixed batch, each segment on its expert's heads, through the output
     projection (with the segment's scales and bias delta).
 
@@ -310,8 +311,9 @@ def attention_forward(segments: LayerSegments, hidden, weights: dict, o_weight_t
     their flattened positions, when given: a packed pass); `cache_update(k, v)` (LLaMA's KV
     cache) takes (batch, num_kv_heads, tokens, head_dim) keys and values holding every segment's
     kept KV heads (zeros elsewhere) and returns the cached ones; `is_causal`: a causal mask when
-    no `attention_mask` is given. A pass whose real tokens `mixed` knows runs packed
-    (`_packed_attention`)."""
+    no `attention_mask` is given; `sliding_window`: how many past positions a query sees, when
+    the layer limits them (Mistral, Qwen2; `attention_mask` holds that limit). A pass whose real
+    tokens `mixed` knows runs packed (`_packed_attention`)."""
     spans = segments.attention_spans()
     packed_input = segments.holds_packed(hidden)
     batch = hidden.shape[0]
@@ -319,7 +321,7 @@ def attention_forward(segments: LayerSegments, hidden, weights: dict, o_weight_t
     if real is not None:
         return _packed_attention(spans, real, hidden, packed_input, weights, o_weight_t, o_bias,
                                  attention_mask, scale, dropout, backend, rotary, cache_update,
-                                 is_causal)
+                                 is_causal, sliding_window)
     projected = []
     for b0, b1, plan in spans:
         if plan.selection.num_kept == 0:
@@ -356,7 +358,8 @@ def attention_forward(segments: LayerSegments, hidden, weights: dict, o_weight_t
 
 def _packed_attention(spans, real: "RealTokens", hidden, packed_input: bool, weights: dict,
                       o_weight_t, o_bias, attention_mask, scale: float, dropout: float,
-                      backend: str, rotary, cache_update, is_causal: bool):
+                      backend: str, rotary, cache_update, is_causal: bool,
+                      sliding_window: int | None):
     """attention_forward of a pass whose real tokens are known (`real`): each span's real tokens
     projected as one packed sequence, attended (`_attend_span`) and projected out. `hidden` is
     the padded batch (its padding's rows of the output are zeros), or with `packed_input` the
@@ -389,7 +392,8 @@ def _packed_attention(spans, real: "RealTokens", hidden, packed_input: bool, wei
             part = _no_heads(hidden.new_zeros(count, o_weight_t.shape[1]), o_bias)
         else:
             attended = _attend_span(qkv, real, b0, b1, tokens, plan.selection,
-                                    rows_of(attention_mask, b0, b1), is_causal, scale, dropout)
+                                    rows_of(attention_mask, b0, b1), is_causal, scale, dropout,
+                                    sliding_window)
             part = project_out(attended, o_weight_t, o_bias, plan.selection, backend,
                                scales=plan.head_col_scales)
         out.append(_add(part, plan.attn_delta))
@@ -407,11 +411,15 @@ def _per_sequence(device: torch.device) -> bool:
 
 
 def _attend_span(qkv, real: "RealTokens", b0: int, b1: int, tokens: int, selection, mask,
-                 is_causal: bool, scale: float, dropout: float) -> torch.Tensor:
+                 is_causal: bool, scale: float, dropout: float,
+                 sliding_window: int | None) -> torch.Tensor:
     """(real tokens of sequences [b0, b1), kept * head_dim): their attention from the packed
     (q, k, v), each sequence's real tokens seeing each other only (causally when `is_causal`):
-    what the padding mask `mask` (the pass's, for these sequences) gives."""
-    if _per_sequence(qkv[0].device):
+    what the padding mask `mask` (the pass's, for these sequences) gives. Sequence by sequence
+    where `_per_sequence` says so and no sequence is longer than `sliding_window`; else padded
+    again under `mask`, which holds the window."""
+    longest = max(real.offsets[j + 1] - real.offsets[j] for j in range(b0, b1))
+    if _per_sequence(qkv[0].device) and (sliding_window is None or longest <= sliding_window):
         return _attend_each(qkv, real.offsets[b0:b1 + 1], selection, is_causal, scale, dropout)
     index = real.span_index(b0, b1)
     q, k, v = (_padded_layout(part, index, b1 - b0, tokens) for part in qkv)
