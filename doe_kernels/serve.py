@@ -19,7 +19,9 @@ workers spinning, so that each small op (a LayerNorm, an add) waits for its work
 2-core Intel Xeon the serial router served 8 client threads 1.6x faster through one compute thread
 than in the clients' threads, and mixed batching 1.4x faster than in its batching thread after
 the main thread had run the model. A process that also runs the model on another thread
-(the main one included) brings the slowdown back (docs/pipeline.md).
+(the main one included) brings the slowdown back (docs/pipeline.md). The caller's thread-local
+torch settings (autocast, grad mode) do not reach the compute thread: cast the model to the dtype
+it serves in.
 """
 import queue
 import threading
