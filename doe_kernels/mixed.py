@@ -246,7 +246,7 @@ def _batches(experts: list[Expert], token_counts: list[int], batch_size: int):
     and their experts' virtual tokens), `batch_size` a pass; within a batch, the requests
     grouped by expert (few segments). A pass runs its layers on the real tokens only
     (`mixed`'s pack_layers), so padding costs no more than the embeddings and the head: on 12
-    batches of 8 requests of the five tasks (AMD EPYC, 2 threads) no padding limit ran 1.12-1.16x
+    batches of 8 requests of the five tasks (Intel Xeon, 2 threads) no padding limit ran 1.12-1.16x
     faster than one of as many padding tokens as real ones on all-MiniLM-L6-v2 (one pass a batch
     instead of two) and within the drift on SmolLM2-135M."""
     lengths = [n + e.num_virtual_tokens for n, e in zip(token_counts, experts)]
