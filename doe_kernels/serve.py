@@ -16,9 +16,9 @@ Why one compute thread: PyTorch's CPU ops run in parallel through OpenMP, whose 
 belongs to the thread that calls them. Called from many threads, GNU OpenMP (PyTorch's Linux
 wheels) keeps a pool for each and, once their threads outnumber the cores, stops keeping idle
 workers spinning, so that each small op (a LayerNorm, an add) waits for its workers to wake: on a
-2-core Intel Xeon the serial router served 8 client threads 1.6-1.8x faster through one compute thread
-than in the clients' threads, and mixed batching 1.4x faster than in its batching thread after
-the main thread had run the model. A process that also runs the model on another thread
+2-core Intel Xeon the serial router served 8 client threads 1.6-1.8x faster through one compute
+thread than in the clients' threads, and mixed batching 1.4x faster than in its batching thread
+after the main thread had run the model. A process that also runs the model on another thread
 (the main one included) brings the slowdown back (docs/pipeline.md). The caller's thread-local
 torch settings (autocast, grad mode) do not reach the compute thread: cast the model to the dtype
 it serves in.
