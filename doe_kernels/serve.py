@@ -20,8 +20,8 @@ workers spinning, so that each small op (a LayerNorm, an add) waits for its work
 thread than in the clients' threads, and mixed batching 1.4x faster than in its batching thread
 after the main thread had run the model. A process that also runs the model on another thread
 (the main one included) brings the slowdown back (docs/pipeline.md). The caller's thread-local
-torch settings (autocast, grad mode) do not reach the compute thread: cast the model to the dtype
-it serves in.
+torch settings (autocast, grad mode, the current CUDA device and stream) do not reach the compute
+thread: cast the model to the dtype it serves in.
 """
 import queue
 import threading
@@ -51,7 +51,7 @@ class ExpertRouter:
         self._patched_here = False
         self._worker: _Worker | None = None  # the dynamic batcher, started by submit()
         self._compute: ThreadPoolExecutor | None = None  # every forward pass, started on demand
-        self._compute_thread: int | None = None
+        self._local = threading.local()  # .compute: set on the compute thread
         self._worker_lock = threading.Lock()  # guards _worker and _compute
 
     # ---- experts ------------------------------------------------------------------------
@@ -105,17 +105,22 @@ class ExpertRouter:
     def _computed(self, fn, *args):
         """fn(*args) run on the router's compute thread (started on first use; the module's
         docstring says why), its result or error returned or raised here."""
-        if threading.get_ident() == self._compute_thread:
+        if self._on_compute_thread():
             return fn(*args)
         with self._worker_lock:  # close() cannot shut it down between the check and the submit
             if self._compute is None:
                 self._compute = ThreadPoolExecutor(1, "doe-kernels-compute",
-                                                   initializer=self._mark_compute_thread)
+                                                   initializer=_mark, initargs=(self._local,))
             future = self._compute.submit(fn, *args)
         return future.result()
 
-    def _mark_compute_thread(self) -> None:
-        self._compute_thread = threading.get_ident()
+    def _on_compute_thread(self) -> bool:
+        return getattr(self._local, "compute", False)
+
+    def _refuse_on_compute_thread(self, what: str) -> None:
+        if self._on_compute_thread():
+            raise RuntimeError(f"{what} from inside the router's forward pass (a hook on its "
+                               "compute thread) would wait for itself")
 
     def _keep_patched(self) -> None:
         """Patch the model with a keep-everything mask (swaps stay cheap); under the lock."""
@@ -153,6 +158,7 @@ class ExpertRouter:
         serves the requests that arrive within `batch_window` seconds of the first waiting one
         (up to `batch_size`) in one mixed batch. An unknown task or an invalid text raises here,
         in the caller, and never reaches a batch."""
+        self._refuse_on_compute_thread("submit")
         expert = self._expert_of(task)
         if not isinstance(text, str):
             raise ValueError(f"submit takes one text (a str), got {type(text).__name__}")
@@ -184,7 +190,9 @@ class ExpertRouter:
 
     def close(self) -> None:
         """Serve what was submitted, stop the worker and the compute thread, and restore the
-        unpatched model (if the router patched it). A request after this starts new ones."""
+        unpatched model (if the router patched it). A request after this starts new ones.
+        Call it when done: until then the router's threads keep it and its model alive."""
+        self._refuse_on_compute_thread("close")
         with self._worker_lock:
             worker, self._worker = self._worker, None
             if worker is not None:
@@ -195,7 +203,6 @@ class ExpertRouter:
             compute, self._compute = self._compute, None
         if compute is not None:
             compute.shutdown()  # after the forward passes asked for before
-            self._compute_thread = None
         with self._lock:
             if self._patched_here and is_patched(self.model):
                 unpatch(self.model)
@@ -240,6 +247,11 @@ class _Worker:
                 return batch, True
             batch.append(item)
         return batch, False
+
+
+def _mark(local: threading.local) -> None:
+    """The compute thread's initializer: marks it (without a reference to the router)."""
+    local.compute = True
 
 
 def _label(expert: Expert, logits: torch.Tensor) -> str:

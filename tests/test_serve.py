@@ -212,6 +212,9 @@ def test_every_forward_pass_runs_on_the_routers_compute_thread(served, tokenizer
         assert not run_clients(client, 4)
         nested = router._computed(router.run_logits, "task1", TEXTS[:2])
         torch.testing.assert_close(nested, alone["task1"][:2])
+        for call in (lambda: router.submit("task0", TEXTS[0]), router.close):
+            with pytest.raises(RuntimeError, match="wait for itself"):
+                router._computed(call)
         compute = ran_on[0]
         assert compute.name.startswith("doe-kernels-compute")
         assert all(thread is compute for thread in ran_on) and len(ran_on) > 20
@@ -223,6 +226,30 @@ def test_every_forward_pass_runs_on_the_routers_compute_thread(served, tokenizer
         router.close()
         hook.remove()
     assert not dk.is_patched(model)
+
+
+def test_a_router_left_open_is_freed(served, tokenizer):
+    """The compute thread keeps no reference to its router: one dropped without close() goes
+    (and its thread ends)."""
+    import gc
+    import weakref
+
+    model, experts, alone = served
+    router = dk.ExpertRouter(model, tokenizer)
+    router.add("task0", experts["task0"])
+    before = set(threading.enumerate())
+    router.run("task0", TEXTS[0])
+    compute = [t for t in set(threading.enumerate()) - before
+               if t.name.startswith("doe-kernels-compute")]
+    assert len(compute) == 1
+    gone = weakref.ref(router)
+    del router
+    gc.collect()
+    assert gone() is None
+    for thread in compute:
+        thread.join(timeout=30)
+        assert not thread.is_alive()
+    dk.unpatch(model)
 
 
 def test_bad_mixed_requests_are_refused_and_others_are_served(served, tokenizer):

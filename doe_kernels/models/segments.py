@@ -417,7 +417,9 @@ def _attend_span(qkv, real: "RealTokens", b0: int, b1: int, tokens: int, selecti
     (q, k, v), each sequence's real tokens seeing each other only (causally when `is_causal`):
     what the padding mask `mask` (the pass's, for these sequences) gives. Sequence by sequence
     where `_per_sequence` says so and no sequence is longer than `sliding_window`; else padded
-    again under `mask`, which holds the window."""
+    again under `mask`, which holds the window (counted over padded positions: where padding
+    stands between a causal expert's soft prompt and its text, as in `mixed_logits`, a window
+    shorter than the sequence then sees fewer real tokens than the sequence alone would)."""
     longest = max(real.offsets[j + 1] - real.offsets[j] for j in range(b0, b1))
     if _per_sequence(qkv[0].device) and (sliding_window is None or longest <= sliding_window):
         return _attend_each(qkv, real.offsets[b0:b1 + 1], selection, is_causal, scale, dropout)
