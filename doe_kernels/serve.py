@@ -191,7 +191,8 @@ class ExpertRouter:
     def close(self) -> None:
         """Serve what was submitted, stop the worker and the compute thread, and restore the
         unpatched model (if the router patched it). A request after this starts new ones.
-        Call it when done: until then the router's threads keep it and its model alive."""
+        Call it when done: a router dropped without it leaves the model patched (and one that
+        took `submit` requests stays alive in its batching thread)."""
         self._refuse_on_compute_thread("close")
         with self._worker_lock:
             worker, self._worker = self._worker, None
