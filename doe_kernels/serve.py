@@ -18,11 +18,16 @@ wheels) keeps a pool for each and, once their threads outnumber the cores, stops
 workers spinning, so that each small op (a LayerNorm, an add) waits for its workers to wake: on a
 2-core Intel Xeon the serial router served 8 client threads 1.6-1.8x faster through one compute
 thread than in the clients' threads, and mixed batching 1.4x faster than in its batching thread
-after the main thread had run the model. A process that also runs the model on another thread
-(the main one included) brings the slowdown back (docs/pipeline.md). The caller's thread-local
-torch settings (autocast, grad mode, the current CUDA device and stream) do not reach the compute
-thread: cast the model to the dtype it serves in.
+after the main thread had run the model. The main thread's idle pool counts too, so the router
+frees it (`_free_openmp_pool`) when it is built there and whenever a request comes from there;
+other threads that run the model while the router serves bring the slowdown back
+(docs/pipeline.md). The caller's thread-local torch settings (autocast, grad mode, the current
+CUDA device and stream) do not reach the compute thread: cast the model to the dtype it serves
+in.
 """
+import ctypes
+import functools
+import os
 import queue
 import threading
 import time
@@ -53,6 +58,7 @@ class ExpertRouter:
         self._compute: ThreadPoolExecutor | None = None  # every forward pass, started on demand
         self._local = threading.local()  # .compute: set on the compute thread
         self._worker_lock = threading.Lock()  # guards _worker and _compute
+        _free_openmp_pool()
 
     # ---- experts ------------------------------------------------------------------------
     def add(self, name: str, expert: Expert) -> None:
@@ -107,6 +113,7 @@ class ExpertRouter:
         docstring says why), its result or error returned or raised here."""
         if self._on_compute_thread():
             return fn(*args)
+        _free_openmp_pool()
         with self._worker_lock:  # close() cannot shut it down between the check and the submit
             if self._compute is None:
                 self._compute = ThreadPoolExecutor(1, "doe-kernels-compute",
@@ -248,6 +255,37 @@ class _Worker:
                 return batch, True
             batch.append(item)
         return batch, False
+
+
+def _free_openmp_pool() -> bool:
+    """Called on the main thread: frees its idle OpenMP worker pool, if PyTorch runs GNU OpenMP
+    (its Linux wheels) and the main thread is not in a parallel region; whether it did. The pool
+    comes back the next time the main thread runs a parallel op. Elsewhere, and with another
+    OpenMP runtime (Intel's pauses the whole process's), nothing happens."""
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    pause = _gnu_openmp_pause()
+    return pause is not None and pause(2) == 0  # omp_pause_hard: libgomp frees this pool
+
+
+@functools.lru_cache(maxsize=1)
+def _gnu_openmp_pause():
+    """omp_pause_resource_all of the GNU OpenMP library this process loaded, or None."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "libgomp" in line}
+    except OSError:
+        return None
+    paths = {path for path in paths if path.startswith("/")}
+    torch_lib = os.path.dirname(torch.__file__)
+    for path in sorted(paths, key=lambda path: (torch_lib not in path, path)):  # torch's first
+        try:
+            pause = ctypes.CDLL(path).omp_pause_resource_all
+        except (OSError, AttributeError):
+            continue
+        pause.argtypes, pause.restype = [ctypes.c_int], ctypes.c_int
+        return pause
+    return None
 
 
 def _mark(local: threading.local) -> None:

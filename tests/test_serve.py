@@ -252,6 +252,45 @@ def test_a_router_left_open_is_freed(served, tokenizer):
     dk.unpatch(model)
 
 
+def test_the_main_threads_openmp_pool_is_freed(served, tokenizer, monkeypatch):
+    """On the main thread `_free_openmp_pool` ends its OpenMP workers (GNU OpenMP: they leave
+    the process's task list) and torch computes as before; on another thread it does nothing.
+    The router calls it when built and for each request (it acts on the main thread only)."""
+    import os
+
+    from doe_kernels import serve
+
+    if serve._gnu_openmp_pause() is None:
+        pytest.skip("PyTorch does not run GNU OpenMP here")
+    x = torch.randn(2000, 1000)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        expected = torch.nn.functional.layer_norm(x, (1000,))  # a parallel op: a pool of 2
+        tasks = len(os.listdir("/proc/self/task"))
+        assert serve._free_openmp_pool()
+        assert len(os.listdir("/proc/self/task")) < tasks
+        assert torch.equal(torch.nn.functional.layer_norm(x, (1000,)), expected)
+        elsewhere = []
+        thread = threading.Thread(target=lambda: elsewhere.append(serve._free_openmp_pool()))
+        thread.start()
+        thread.join()
+        assert elsewhere == [False]
+    finally:
+        torch.set_num_threads(threads)
+    model, experts, alone = served
+    calls = []
+    monkeypatch.setattr(serve, "_free_openmp_pool", lambda: calls.append(
+        threading.current_thread() is threading.main_thread()))
+    with dk.ExpertRouter(model, tokenizer) as router:
+        router.add("task0", experts["task0"])
+        assert calls == [True]
+        router.run("task0", TEXTS[0])
+        assert calls == [True, True]
+        assert not run_clients(lambda i: router.run("task0", TEXTS[0]) and (), 2)
+        assert calls == [True, True, False, False]
+
+
 def test_bad_mixed_requests_are_refused_and_others_are_served(served, tokenizer):
     model, experts, alone = served
     router = dk.ExpertRouter(model, tokenizer)
