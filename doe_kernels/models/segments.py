@@ -420,8 +420,8 @@ def _attend_span(qkv, real: "RealTokens", b0: int, b1: int, tokens: int, selecti
     again under `mask`, which holds the window (counted over padded positions: where padding
     stands between a causal expert's soft prompt and its text, as in `mixed_logits`, a window
     shorter than the sequence then sees fewer real tokens than the sequence alone would)."""
-    longest = max(real.offsets[j + 1] - real.offsets[j] for j in range(b0, b1))
-    if _per_sequence(qkv[0].device) and (sliding_window is None or longest <= sliding_window):
+    if _per_sequence(qkv[0].device) and (sliding_window is None or max(
+            real.offsets[j + 1] - real.offsets[j] for j in range(b0, b1)) <= sliding_window):
         return _attend_each(qkv, real.offsets[b0:b1 + 1], selection, is_causal, scale, dropout)
     index = real.span_index(b0, b1)
     q, k, v = (_padded_layout(part, index, b1 - b0, tokens) for part in qkv)
