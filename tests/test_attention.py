@@ -76,6 +76,8 @@ def kept_heads_cases(num_heads, num_kv_heads):
         "single": [num_heads - 1],
         "full": list(range(num_heads)),
         "uneven_groups": sorted(set(uneven)),
+        # every query head of every other KV head: even groups with KV heads pruned
+        "even_groups": [h for h in range(num_heads) if (h // group) % 2 == 0],
     }
 
 
@@ -113,6 +115,61 @@ def test_head_selection_computes_only_used_kv_heads():
     assert selection.kv_slot.tolist() == [0, 0, 1]
     assert selection.q_rows.tolist() == [0, 1, 2, 3, 14, 15]
     assert selection.kv_rows.tolist() == [0, 1, 6, 7]
+    # KV head 0 serves two kept heads, KV head 3 one: SDPA's layout pads the second group
+    assert selection.kv_group == 2
+    assert selection.gqa_pad.tolist() == [0, 1, 2, 2] and selection.gqa_unpad.tolist() == [0, 1, 2]
+
+
+@pytest.mark.parametrize("kept,group,pad", [
+    ([0, 1, 6, 7], 2, None), (list(range(8)), 2, None), ([2, 5], 1, None), ([], 0, None),
+    ([0, 1, 2], 2, [0, 1, 2, 2]), ([1, 2, 3, 4, 5], 2, [0, 0, 1, 2, 3, 4])])
+def test_head_selection_gqa_layout(kept, group, pad):
+    selection = dk.HeadSelection.build(kept, num_heads=8, num_kv_heads=4, head_dim=2)
+    assert selection.kv_group == group
+    assert (selection.gqa_pad is None) == (pad is None)
+    if pad is not None:
+        assert selection.gqa_pad.tolist() == pad
+        # every kept head, at its own place of the padded layout
+        assert selection.gqa_pad[selection.gqa_unpad].tolist() == list(range(len(kept)))
+        assert (selection.gqa_unpad // group).tolist() == selection.kv_slot.tolist()
+    moved = selection.apply(lambda t: t.clone())
+    assert moved.kv_group == group and (moved.gqa_pad is None) == (pad is None)
+
+
+def test_sdpa_reads_kv_groups_without_a_copy():
+    """SDPA takes the KV heads for its groups (enable_gqa, no K / V copy) on the CPU, masked or
+    not, elsewhere only unmasked with heads of at most 256 features; uneven groups padded while
+    the padding heads' extra query rows stay under PAD_ROWS per kept head, and the mask is one
+    for all heads."""
+    from doe_kernels.ops.attention import PAD_ROWS, _sdpa_groups
+    even = dk.HeadSelection.build([0, 1, 6, 7], num_heads=8, num_kv_heads=4, head_dim=2)
+    uneven = dk.HeadSelection.build([0, 1, 7], num_heads=8, num_kv_heads=4, head_dim=2)
+    cpu, meta = torch.empty(1, 4, 3, 2), torch.empty(1, 4, 3, 2, device="meta")
+    assert _sdpa_groups(even, cpu, None, unmasked=False) and _sdpa_groups(even, cpu, None, True)
+    assert _sdpa_groups(even, meta, None, True) and not _sdpa_groups(even, meta, None, False)
+    assert not _sdpa_groups(even, torch.empty(1, 4, 3, 512, device="meta"), None, True)
+    tokens = PAD_ROWS * uneven.num_kept  # one padding head: that many query rows at most
+    assert _sdpa_groups(uneven, torch.empty(1, 3, tokens, 2), None, False)
+    assert not _sdpa_groups(uneven, torch.empty(1, 3, tokens + 1, 2), None, False)
+    per_head = torch.ones(1, 3, 3, 3, dtype=torch.bool)
+    assert not _sdpa_groups(uneven, torch.empty(1, 3, 3, 2), per_head, False)
+    assert _sdpa_groups(even, torch.empty(1, 4, 3, 2), torch.ones(1, 4, 3, 3), False)
+
+
+@pytest.mark.parametrize("variant", ["padded", "causal", "decode"])
+def test_padded_groups_equal_the_copied_kv(monkeypatch, variant):
+    """Uneven groups through SDPA's padded layout give what the K / V copy gives."""
+    from doe_kernels.ops import attention
+    selection = dk.HeadSelection.build([0, 1, 2, 3, 6], num_heads=9, num_kv_heads=3, head_dim=8)
+    queries = 1 if variant == "decode" else 6
+    q = torch.randn(2, 5, queries, 8)
+    k, v = torch.randn(2, 3, 6, 8), torch.randn(2, 3, 6, 8)  # the three kept KV heads
+    mask = torch.tensor([[1] * 6, [0, 0, 1, 1, 1, 1]]) if variant != "causal" else None
+    call = dict(attention_mask=mask, is_causal=variant == "causal")
+    padded = attention.attend(q, k, v, selection, **call)
+    monkeypatch.setattr(attention, "PAD_ROWS", 0)  # the copy
+    copied = attention.attend(q, k, v, selection, **call)
+    torch.testing.assert_close(padded, copied, rtol=1e-6, atol=1e-6)
 
 
 def test_head_selection_rejects_bad_heads():

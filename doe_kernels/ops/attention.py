@@ -41,6 +41,13 @@ class HeadSelection:
     kv_slot: torch.Tensor  # (kept,) position in kept_kv_heads of each kept query head's KV head
     q_rows: torch.Tensor  # rows of q_proj, and columns of o_proj
     kv_rows: torch.Tensor  # rows of k_proj and v_proj
+    # SDPA's grouped-query layout (enable_gqa: query head i reads KV head i // kv_group): the most
+    # kept query heads one kept KV head serves (0 when none is kept); where groups are uneven,
+    # gqa_pad lists the kept query heads in that layout, each KV head's group padded to kv_group
+    # by repeating its last head, and gqa_unpad the place of each kept head in it (else None)
+    kv_group: int = 0
+    gqa_pad: torch.Tensor | None = None
+    gqa_unpad: torch.Tensor | None = None
 
     @classmethod
     def build(cls, kept_heads, num_heads: int, num_kv_heads: int, head_dim: int,
@@ -63,6 +70,7 @@ class HeadSelection:
             kv_slot=kv_slot.to(device),
             q_rows=_head_rows(kept, head_dim).to(device),
             kv_rows=_head_rows(kept_kv, head_dim).to(device),
+            **_gqa_layout(kv_slot, kept_kv.numel(), device),
         )
 
     @property
@@ -75,9 +83,28 @@ class HeadSelection:
 
     def apply(self, fn) -> "HeadSelection":
         """A copy with `fn` applied to every tensor (as nn.Module._apply does: moves devices)."""
-        tensors = {name: fn(getattr(self, name)) for name in
-                   ("kept_heads", "kept_kv_heads", "kv_slot", "q_rows", "kv_rows")}
-        return HeadSelection(self.num_heads, self.num_kv_heads, self.head_dim, **tensors)
+        tensors = {name: None if getattr(self, name) is None else fn(getattr(self, name))
+                   for name in ("kept_heads", "kept_kv_heads", "kv_slot", "q_rows", "kv_rows",
+                                "gqa_pad", "gqa_unpad")}
+        return HeadSelection(self.num_heads, self.num_kv_heads, self.head_dim, **tensors,
+                             kv_group=self.kv_group)
+
+
+def _gqa_layout(kv_slot: torch.Tensor, kept_kv: int, device) -> dict:
+    """HeadSelection's kv_group, gqa_pad and gqa_unpad from kv_slot (non-decreasing: kept heads
+    are sorted)."""
+    if kept_kv == 0:
+        return {}
+    counts = torch.bincount(kv_slot, minlength=kept_kv)
+    group = int(counts.max())
+    if bool((counts == group).all()):
+        return {"kv_group": group}
+    starts = torch.cumsum(counts, 0) - counts
+    # place r of KV head s's group holds its kept head min(r, count - 1)
+    place = torch.arange(group).clamp(max=counts[:, None] - 1)
+    pad = (starts[:, None] + place).reshape(-1)
+    unpad = kv_slot * group + (torch.arange(kv_slot.numel()) - starts[kv_slot])
+    return {"kv_group": group, "gqa_pad": pad.to(device), "gqa_unpad": unpad.to(device)}
 
 
 def _split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -137,19 +164,58 @@ def attend(q, k, v, selection: HeadSelection, attention_mask=None, is_causal=Fal
     `dropout`: the probability of zeroing an attention probability (SDPA's dropout_p), for a model
     in training mode; 0 in eval mode.
     """
-    if selection.kept_kv_heads.numel() != selection.num_kept:  # some KV heads serve several
+    unmasked = attention_mask is None and (not is_causal or q.shape[2] == k.shape[2])
+    grouped = selection.kept_kv_heads.numel() != selection.num_kept  # some KV heads serve several
+    padded = grouped and selection.gqa_pad is not None
+    if grouped and not _sdpa_groups(selection, q, attention_mask, unmasked):
         k = k.index_select(1, selection.kv_slot)
         v = v.index_select(1, selection.kv_slot)
-    if attention_mask is None and (not is_causal or q.shape[2] == k.shape[2]):
+        grouped = padded = False
+    if padded:
+        q = q.index_select(1, selection.gqa_pad)
+    if unmasked:
         # No mask tensor: lets SDPA pick its fused (flash / memory-efficient) kernels.
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=is_causal,
-                                             scale=scale)
+                                             scale=scale, enable_gqa=grouped)
     else:
         mask = _attention_mask(attention_mask, is_causal, q.shape[2], k.shape[2], q.device)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
-                                             scale=scale)
+                                             scale=scale, enable_gqa=grouped)
+    if padded:
+        out = out.index_select(1, selection.gqa_unpad)
     batch, _, seq, _ = out.shape
     return out.transpose(1, 2).reshape(batch, seq, -1)
+
+
+# Padded groups (uneven ones): SDPA computes the padding heads too, so they are used only while
+# their extra query rows cost less than copying K and V (a query row per padding head per token,
+# against PAD_ROWS per kept head).
+PAD_ROWS = 16
+
+
+def _sdpa_groups(selection: HeadSelection, q: torch.Tensor, attention_mask,
+                 unmasked: bool) -> bool:
+    """Whether SDPA reads each kept query head's KV head itself (enable_gqa) instead of a copy of
+    K and V with one KV head per query head. Where: on the CPU always (its flash kernel takes the
+    groups with or without a mask), elsewhere only unmasked and with heads of at most 256
+    features (transformers' rule: a masked GQA call falls back to SDPA's math kernel on CUDA).
+    Uneven groups go through the padded layout (HeadSelection.gqa_pad) while PAD_ROWS allows
+    and the mask is the same for every head.
+    On the CPU (Intel Xeon, 2 threads, float32, heads of 64 features, 3 KV heads), a decoding
+    step of five sequences of 9 query heads over 65 cached tokens took 26 us against 112 us with
+    the copy, over 1025 tokens 0.30 against 1.84 ms; one sequence keeping 5 of the 9 (padded to
+    9) over 1025 tokens 56 against 212 us, 16 query tokens 241 against 329 us, but 128 tokens of
+    prefill 237 against 153 us. Same values either way."""
+    if not selection.kv_group:
+        return False
+    if not (q.device.type == "cpu" or (unmasked and q.shape[-1] <= 256)):
+        return False
+    if selection.gqa_pad is None:
+        return True
+    per_head_mask = attention_mask is not None and attention_mask.dim() == 4 and \
+        attention_mask.shape[1] != 1
+    extra = selection.gqa_pad.numel() - selection.num_kept
+    return not per_head_mask and q.shape[2] * extra <= PAD_ROWS * selection.num_kept
 
 
 def project_out(attn_out, o_weight_t, o_bias, selection: HeadSelection, backend: str = "auto",
