@@ -359,3 +359,91 @@ void cols_range(const float* h, int64_t J, const uint16_t* Wt, int64_t N, const 
                 const float* bias, int64_t m0, int64_t m1, int64_t c0, int64_t c1, float* out) {
   cols_range_t<uint16_t>(h, J, Wt, N, idx, bias, m0, m1, c0, c1, out);
 }
+
+// ---- gather_cols over a range of kept rows, few rows of h: acc[m, :] += sum over kept rows j in
+// [j0, j1) of h[m, j] * Wt[cols[j], :] -------------------------------------------------------------
+// Each kept row of Wt is read whole and in order, four at a time, so a few rows of h (decoding)
+// stream the weight from memory as a GEMV does; the (MR x N) float32 accumulator stays in cache.
+// The caller splits the kept rows over threads, each with its own accumulator, and adds them up.
+constexpr int64_t kSplitAhead = 8;  // kept rows between a row's prefetch and its use
+
+template <typename T, int MR>
+static void cols_split_t(const float* h, int64_t J, const T* Wt, int64_t N, const int64_t* idx,
+                         int64_t j0, int64_t j1, float* acc) {
+  // kept rows per pass over the accumulator: their MR x G factors of h stay in registers
+  constexpr int G = 4;
+  int64_t j = j0;
+  for (; j + G <= j1; j += G) {
+    const T *w[G], *next[G];  // this group's rows, and the rows kSplitAhead further on
+    vf hb[MR][G];
+#pragma GCC unroll 4
+    for (int g = 0; g < G; ++g) {
+      w[g] = Wt + idx[j + g] * N;
+      next[g] = Wt + idx[std::min(j + g + kSplitAhead, j1 - 1)] * N;
+#pragma GCC unroll 8
+      for (int m = 0; m < MR; ++m) hb[m][g] = vbcast(h[m * J + j + g]);
+    }
+    int64_t c = 0;
+    for (; c + W <= N; c += W) {
+      vf x[G];
+#pragma GCC unroll 4
+      for (int g = 0; g < G; ++g) {
+        __builtin_prefetch(next[g] + c, 0, 3);
+        x[g] = vload(w[g] + c);
+      }
+#pragma GCC unroll 8
+      for (int m = 0; m < MR; ++m) {
+        vf a = vload(acc + m * N + c);
+#pragma GCC unroll 4
+        for (int g = 0; g < G; ++g) a = vfma(hb[m][g], x[g], a);
+        vstore(acc + m * N + c, a);
+      }
+    }
+    for (; c < N; ++c)
+      for (int m = 0; m < MR; ++m)
+        for (int g = 0; g < G; ++g) acc[m * N + c] += h[m * J + j + g] * to_f(w[g][c]);
+  }
+  for (; j < j1; ++j) {
+    const T* w = Wt + idx[j] * N;
+    int64_t c = 0;
+    for (; c + W <= N; c += W) {
+      const vf x = vload(w + c);
+      for (int m = 0; m < MR; ++m)
+        vstore(acc + m * N + c, vfma(vbcast(h[m * J + j]), x, vload(acc + m * N + c)));
+    }
+    for (; c < N; ++c)
+      for (int m = 0; m < MR; ++m) acc[m * N + c] += h[m * J + j] * to_f(w[c]);
+  }
+}
+
+static_assert(kColsSplitMaxRows == 8, "cols_split_m has a case per row count");
+
+template <typename T>
+static void cols_split_m(const float* h, int64_t M, int64_t J, const T* Wt, int64_t N,
+                         const int64_t* idx, int64_t j0, int64_t j1, float* acc) {
+  switch (M) {
+#define DOE_CASE(R)                                    \
+  case R:                                              \
+    cols_split_t<T, R>(h, J, Wt, N, idx, j0, j1, acc); \
+    break;
+    DOE_CASE(1)
+    DOE_CASE(2)
+    DOE_CASE(3)
+    DOE_CASE(4)
+    DOE_CASE(5)
+    DOE_CASE(6)
+    DOE_CASE(7)
+    DOE_CASE(8)
+#undef DOE_CASE
+    default: break;
+  }
+}
+
+void cols_split(const float* h, int64_t M, int64_t J, const float* Wt, int64_t N,
+                const int64_t* idx, int64_t j0, int64_t j1, float* acc) {
+  cols_split_m<float>(h, M, J, Wt, N, idx, j0, j1, acc);
+}
+void cols_split(const float* h, int64_t M, int64_t J, const uint16_t* Wt, int64_t N,
+                const int64_t* idx, int64_t j0, int64_t j1, float* acc) {
+  cols_split_m<uint16_t>(h, M, J, Wt, N, idx, j0, j1, acc);
+}
