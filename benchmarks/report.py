@@ -133,10 +133,13 @@ def _git_commit() -> str:
         run = lambda *args: subprocess.run(["git", *args], capture_output=True, text=True,  # noqa: E731
                                            cwd=os.path.dirname(__file__), timeout=10).stdout.strip()
         commit = run("rev-parse", "--short", "HEAD")
-        # "+dirty": the measured code had changes not yet committed to the tracked files.
+        # "+dirty": the measured code had changes not yet committed to the tracked files (the
+        # results that runs write, under benchmarks/results, are not the measured code)
         if not commit:
             return "unknown"
-        return commit + ("+dirty" if run("status", "--porcelain", "-uno") else "")
+        changed = run("status", "--porcelain", "-uno", "--", ":/",
+                      ":(top,exclude)benchmarks/results")
+        return commit + ("+dirty" if changed else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 

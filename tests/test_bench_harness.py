@@ -258,3 +258,37 @@ def test_the_report_ends_with_where_the_files_went(tmp_path, monkeypatch):
         "results in r"]
     last = where_lines([], DEFAULT_RESULTS_DIR)[-1]
     assert last.startswith(f"results in {DEFAULT_RESULTS_DIR} (ignored by git;")
+
+
+def test_results_files_do_not_make_the_commit_dirty(tmp_path, monkeypatch):
+    """The results files' `commit` is marked "+dirty" when tracked code differs from the commit,
+    not when only earlier results under benchmarks/results do (a run's own outputs)."""
+    import shutil
+
+    import report
+
+    root = tmp_path / "repo"
+    (root / "benchmarks" / "results").mkdir(parents=True)
+    shutil.copy(report.__file__, root / "benchmarks" / "report.py")
+    (root / "benchmarks" / "results" / "cpu_quick.json").write_text("{}")
+    (root / "code.py").write_text("x = 1\n")
+    git = lambda *args: subprocess.run(  # noqa: E731
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=root, check=True,
+        capture_output=True, timeout=30)
+    try:
+        git("init", "-q")
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("git is not available")
+    git("add", ".")
+    git("commit", "-q", "-m", "one")
+    spec = importlib.util.spec_from_file_location("copied_report",
+                                                  root / "benchmarks" / "report.py")
+    copied = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(copied)
+    monkeypatch.delenv("DOE_BENCH_COMMIT", raising=False)
+    clean = copied._git_commit()
+    assert clean and "+dirty" not in clean and clean != "unknown"
+    (root / "benchmarks" / "results" / "cpu_quick.json").write_text('{"results": []}')
+    assert copied._git_commit() == clean
+    (root / "code.py").write_text("x = 2\n")
+    assert copied._git_commit() == clean + "+dirty"
