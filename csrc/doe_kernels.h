@@ -97,7 +97,7 @@ void set_cpu_gather_above(int64_t rows);
 int64_t cpu_gather_above();
 // Whether a call keeping every row of its weight, with `rows` input rows in float32 (else
 // bfloat16), should run the fused kernels (true) rather than ATen's GEMM on the whole weight:
-// where they beat it at every row count (float32 on AMD CPUs), or as set_cpu_gather_above forces.
+// float32 on AMD CPUs, float32 at few rows elsewhere, or as set_cpu_gather_above forces.
 bool cpu_runs_fused_dense(bool float32, int64_t rows);
 
 #ifdef DOE_KERNELS_WITH_CUDA

@@ -255,3 +255,25 @@ def test_eager_calls_skip_the_dispatcher_and_others_do_not(monkeypatch):
 
     with pytest.raises(AssertionError, match="registered op"), torch.no_grad():
         library.gather_rows_linear(x.detach().as_subclass(Sub), w, None, kept, "identity", "auto")
+
+
+def test_the_default_keep_all_rule():
+    """Without an override a layer keeping every row runs the cpu kernels in float32 at up to 8
+    rows (decoding) on every CPU, at any row count on AMD CPUs only; never in bfloat16."""
+    from doe_kernels._ext import extension
+    from doe_kernels.backends import cpu
+
+    if extension() is None:
+        pytest.skip("the cpu backend is not built")
+    if os.environ.get("DOE_KERNELS_CPU_GATHER_ABOVE"):
+        pytest.skip("the environment overrides the rule")
+    cpu.set_gather_above(None)
+    assert cpu.runs_fused_dense(torch.float32, 1) and cpu.runs_fused_dense(torch.float32, 8)
+    assert not cpu.runs_fused_dense(torch.bfloat16, 1)
+    try:
+        with open("/proc/cpuinfo") as info:
+            amd = "AuthenticAMD" in info.read()
+    except OSError:
+        pytest.skip("no /proc/cpuinfo to read the CPU's vendor from")
+    assert cpu.runs_fused_dense(torch.float32, 9) == amd
+    assert cpu.runs_fused_dense(torch.float32, 4096) == amd
