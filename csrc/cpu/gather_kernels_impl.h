@@ -361,7 +361,7 @@ void cols_range(const float* h, int64_t J, const uint16_t* Wt, int64_t N, const 
 }
 
 // ---- gather_cols over a range of kept rows, few rows of h: acc[m, :] += sum over kept rows j in
-// [j0, j1) of h[m, j] * Wt[cols[j], :] -------------------------------------------------------------
+// [j0, j1) of h[m, j] * Wt[cols[j], :] ------------------------------------------------------------
 // Each kept row of Wt is read whole and in order, four at a time, so a few rows of h (decoding)
 // stream the weight from memory as a GEMV does; the (MR x N) float32 accumulator stays in cache.
 // The caller splits the kept rows over threads, each with its own accumulator, and adds them up.

@@ -522,7 +522,8 @@ template <typename T>
 void cols_split_run(const KernelSet<T>& ks, const float* hp, int64_t M, int64_t J, const T* wp,
                     int64_t N, const int64_t* ip, const float* bp, float* op,
                     int64_t element_bytes) {
-  const int64_t grain = std::max<int64_t>(16, kMinTaskBytes / std::max<int64_t>(N * element_bytes, 1));
+  const int64_t row_bytes = std::max<int64_t>(N * element_bytes, 1);
+  const int64_t grain = std::max<int64_t>(16, kMinTaskBytes / row_bytes);
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), J / grain));
   for (int64_t m = 0; m < M; ++m)
     for (int64_t n = 0; n < N; ++n) op[m * N + n] = bp ? bp[n] : 0.f;

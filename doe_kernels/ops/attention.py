@@ -8,7 +8,8 @@ and each kept query head reads its KV head by slot, so groups need not stay even
 `pruned_head_attention` runs the whole layer; `project_qkv`, `attend` and `project_out` are its
 three steps, for callers (the model adapters) that apply rotary embeddings or a KV cache between
 them. Attention itself runs through torch's scaled_dot_product_attention (with its dropout on
-the attention probabilities when a model in training mode asks for it).
+the attention probabilities when a model in training mode asks for it), which reads each KV head
+for its group of query heads in place (enable_gqa) where it can: `_sdpa_groups`.
 """
 from dataclasses import dataclass
 from typing import Callable
