@@ -126,6 +126,27 @@ def test_gather_cols_splits_few_rows_over_kept_rows(dtype, threads):
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("cpu_regime", ["fused"], indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("outputs", [256, 512])
+def test_gather_cols_packs_panels_of_aligned_rows(cpu_regime, dtype, outputs):
+    """Where a weight_t row's bytes are a multiple of 1 KiB (256 or 512 float32 outputs, 512
+    bfloat16), the fused gather_cols copies each column panel of the kept rows into a buffer,
+    1024 kept rows at a time, before its row tiles read it: several tiles and chunks, bias and
+    scales, against the reference."""
+    _, _, w_out_t, b_out = _weights((outputs, 2500), dtype, "cpu")
+    for kind in ("random", "full", "single"):
+        kept = index_list(kind, 2500)  # full: three chunks of kept rows
+        scales = (1 + 0.5 * torch.randn(kept.numel())).to(dtype)
+        for rows in (9, 40, 100):
+            h = torch.randn(rows, kept.numel()).to(dtype)
+            for bias, sc in ((b_out, None), (None, scales)):
+                out = dk.gather_cols_linear(h, w_out_t, bias, kept, backend="cpu", scales=sc)
+                dense = _dense(dk.gather_cols_linear, h, w_out_t, bias, kept, scales=sc)
+                assert_close(out, cols_linear_ref(h, w_out_t, bias, kept, sc), dense,
+                             f"gather_cols_linear {kind} rows={rows} outputs={outputs}")
+
+
 @pytest.mark.parametrize("device,backend", backend_cases())
 def test_zero_rows(device, backend):
     w_in, b_in, w_out_t, b_out = _weights((40, 37), torch.float32, device)
@@ -142,7 +163,8 @@ def test_input_major_is_a_contiguous_transpose():
 
 @pytest.mark.parametrize("isa", ["avx2", "generic"])
 def test_cpu_kernels_on_narrower_instruction_sets(isa):
-    """The C++ kernels' AVX2 and portable paths (the machine's widest path runs above)."""
+    """The C++ kernels' AVX2 and portable paths (the machine's widest path runs above), the
+    decoding split and the packed panels of gather_cols included."""
     from doe_kernels._ext import extension
 
     if extension() is None:
@@ -150,7 +172,7 @@ def test_cpu_kernels_on_narrower_instruction_sets(isa):
     env = dict(os.environ, DOE_KERNELS_CPU_ISA=isa)
     result = subprocess.run(
         [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider",
-         "-k", "cpu-cpu and (random or single) and not 768x3072"],
+         "-k", "(cpu-cpu and (random or single) and not 768x3072) or splits_few or packs_panels"],
         env=env, capture_output=True, text=True, timeout=600, cwd=os.path.dirname(__file__))
     assert result.returncode == 0, result.stdout[-3000:]
     assert " passed" in result.stdout and not re.search(r"\d+ failed", result.stdout)
