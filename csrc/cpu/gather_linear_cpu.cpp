@@ -220,9 +220,10 @@ KernelSet<T> kernels() {
 //    kernels at many rows, and the copy of the kept rows is paid back after roughly 64 rows when the
 //    weight sits in cache, and after a few hundred when it streams from memory (LLaMA-7B-sized
 //    matrices): the bound below grows with the bytes copied. The same bound serves gather_cols:
-//    its fused kernel matches MKL on sliced weights for outputs of 384 or 576 features but runs
-//    2-3x slower for 768 and 4096 (the input-major weight's row stride is then a multiple of 1 KiB,
-//    and the panels it reads fall into few cache sets), where the copy pays back from about 64 rows.
+//    its fused kernel matches MKL on sliced weights for outputs of 384 or 576 features; for 768
+//    and 4096 it ran 2-3x slower (the input-major weight's row stride is then a multiple of 1 KiB,
+//    and the panels it reads fall into few cache sets), 1.0-1.3x at 16-64 rows since it packs
+//    those panels (cols_panel_packed).
 // DOE_KERNELS_CPU_GATHER_ABOVE=<rows> (or set_cpu_gather_above) forces gather + GEMM above that
 // many rows for every op and dtype (0: always; a huge number: never); -1 restores the rule.
 
