@@ -147,6 +147,28 @@ def test_gather_cols_packs_panels_of_aligned_rows(cpu_regime, dtype, outputs):
                              f"gather_cols_linear {kind} rows={rows} outputs={outputs}")
 
 
+@pytest.mark.parametrize("cpu_regime", ["gather"], indirect=True)
+def test_large_gathers_reuse_a_scratch_buffer(cpu_regime):
+    """Copies of 16 MiB or more (the gather + GEMM regime) land in a buffer the thread reuses:
+    successive calls on different weights and lists, SwiGLU's two copies alive at once, and
+    scales applied to the copy in place all match the reference."""
+    shape = (1024, 4100)  # 4100 x 1024 float32 rows: 16.8 MB when all are kept
+    x = torch.randn(3, shape[0])
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        w_in, b_in, w_out_t, b_out = _weights(shape, torch.float32, "cpu")
+        w_up = _weights(shape, torch.float32, "cpu")[0]
+        kept = index_list("full", shape[1])  # every call copies 16.8 MB
+        scales = 1 + 0.5 * torch.randn(kept.numel())
+        h = torch.randn(3, kept.numel())
+        assert_close(dk.gather_rows_linear(x, w_in, b_in, kept, "gelu", backend="cpu"),
+                     rows_linear_ref(x, w_in, b_in, kept, "gelu"), None, f"rows seed={seed}")
+        assert_close(dk.gather_cols_linear(h, w_out_t, b_out, kept, backend="cpu", scales=scales),
+                     cols_linear_ref(h, w_out_t, b_out, kept, scales), None, f"cols seed={seed}")
+        assert_close(dk.gather_swiglu_ffn(x, w_in, w_up, w_out_t, kept, backend="cpu"),
+                     swiglu_ffn_ref(x, w_in, w_up, w_out_t, kept), None, f"swiglu seed={seed}")
+
+
 @pytest.mark.parametrize("device,backend", backend_cases())
 def test_zero_rows(device, backend):
     w_in, b_in, w_out_t, b_out = _weights((40, 37), torch.float32, device)
