@@ -132,11 +132,11 @@ def test_gather_cols_splits_few_rows_over_kept_rows(dtype, threads):
 def test_gather_cols_packs_panels_of_aligned_rows(cpu_regime, dtype, outputs):
     """Where a weight_t row's bytes are a multiple of 1 KiB (256 or 512 float32 outputs, 512
     bfloat16), the fused gather_cols copies each column panel of the kept rows into a buffer,
-    1024 kept rows at a time, before its row tiles read it: several tiles and chunks, bias and
-    scales, against the reference."""
+    a chunk of kept rows at a time, before its row tiles read it: several tiles and chunks, bias
+    and scales, against the reference."""
     _, _, w_out_t, b_out = _weights((outputs, 2500), dtype, "cpu")
     for kind in ("random", "full", "single"):
-        kept = index_list(kind, 2500)  # full: three chunks of kept rows
+        kept = index_list(kind, 2500)  # random, full: several chunks of kept rows
         scales = (1 + 0.5 * torch.randn(kept.numel())).to(dtype)
         for rows in (9, 40, 100):
             h = torch.randn(rows, kept.numel()).to(dtype)
@@ -150,8 +150,8 @@ def test_gather_cols_packs_panels_of_aligned_rows(cpu_regime, dtype, outputs):
 @pytest.mark.parametrize("cpu_regime", ["gather"], indirect=True)
 def test_large_gathers_reuse_a_scratch_buffer(cpu_regime):
     """Copies of 16 MiB or more (the gather + GEMM regime) land in a buffer the thread reuses:
-    successive calls on different weights and lists, SwiGLU's two copies alive at once, and
-    scales applied to the copy in place all match the reference."""
+    successive calls on different weights, SwiGLU's two copies, and scales applied to the copy
+    in place all match the reference."""
     shape = (1024, 4100)  # 4100 x 1024 float32 rows: 16.8 MB when all are kept
     x = torch.randn(3, shape[0])
     for seed in (0, 1):
