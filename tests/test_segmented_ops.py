@@ -314,21 +314,23 @@ def gather_above(request):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("scaled", [False, True])
 @pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("hidden", [150, 256])
 def test_cpu_runs_every_segment_in_one_call_over_many_tiles(monkeypatch, gather_above, dtype,
-                                                           scaled, threads):
+                                                           scaled, threads, hidden):
     """Segments spanning several tiles of rows, kept neurons and output columns (odd sizes:
-    ragged tiles and vector tails), next to one-row and empty-list segments, with segments
-    without rows holding lists in the middle and at the end; `gather_above` sends the segments of
-    more rows than that to the single-expert ops (mixed: the two larger ones)."""
+    ragged tiles and vector tails; 256 float32 outputs: the down projection's packed panels),
+    next to one-row and empty-list segments, with segments without rows holding lists in the
+    middle and at the end; `gather_above` sends the segments of more rows than that to the
+    single-expert ops (mixed: the two larger ones)."""
     cpu = _cpu_backend()
-    hidden, intermediate = 150, 203
+    intermediate = 203
     calls = []
     fused = cpu.segmented_ffn
     monkeypatch.setattr(cpu, "segmented_ffn",
                         lambda *args: calls.append(len(args[4])) or fused(*args))
     gen = torch.Generator().manual_seed(11)
     w = _weights(dtype, "cpu", gen, hidden, intermediate)
-    rows = [150, 3, 0, 1, 49, 5, 0]
+    rows = [150, 3, 0, 9 if hidden == 256 else 1, 49, 5, 0]  # the empty list: 1 or 9 rows
     lists = [torch.arange(intermediate), torch.tensor([4]), torch.tensor([0, 1]),
              torch.empty(0, dtype=torch.int64)] + [
         torch.randperm(intermediate, generator=gen)[:n].sort().values for n in (130, 65, 7)]

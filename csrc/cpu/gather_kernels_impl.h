@@ -376,8 +376,9 @@ static void cols_range_t(const float* h, int64_t J, const T* Wt, int64_t N, cons
   constexpr int CW = CR_NV * W;
   int64_t c = c0;
   for (; c + CW <= c1; c += CW) {
-    // several row tiles read a panel whose pieces fall into few cache sets: pack it once
-    if (m1 - m0 > CR_MR && (N * static_cast<int64_t>(sizeof(T))) % 1024 == 0) {
+    // several row tiles read a panel whose pieces fall into few cache sets: pack it once (a
+    // segment keeping no row, J == 0, takes the tiles, which write its bias)
+    if (J > 0 && m1 - m0 > CR_MR && (N * static_cast<int64_t>(sizeof(T))) % 1024 == 0) {
       cols_panel_packed(h, J, Wt, N, idx, bias, m0, m1, c, out);
       continue;
     }
