@@ -468,26 +468,13 @@ static void cols_split_t(const float* h, int64_t J, const T* Wt, int64_t N, cons
   }
 }
 
-static_assert(kColsSplitMaxRows == 8, "cols_split_m has a case per row count");
-
-template <typename T>
+// cols_split_t for M rows, M in [R, kColsSplitMaxRows]: one instance per row count.
+template <typename T, int R = 1>
 static void cols_split_m(const float* h, int64_t M, int64_t J, const T* Wt, int64_t N,
                          const int64_t* idx, int64_t j0, int64_t j1, float* acc) {
-  switch (M) {
-#define DOE_CASE(R)                                    \
-  case R:                                              \
-    cols_split_t<T, R>(h, J, Wt, N, idx, j0, j1, acc); \
-    break;
-    DOE_CASE(1)
-    DOE_CASE(2)
-    DOE_CASE(3)
-    DOE_CASE(4)
-    DOE_CASE(5)
-    DOE_CASE(6)
-    DOE_CASE(7)
-    DOE_CASE(8)
-#undef DOE_CASE
-    default: break;
+  if constexpr (R <= kColsSplitMaxRows) {
+    if (M == R) return cols_split_t<T, R>(h, J, Wt, N, idx, j0, j1, acc);
+    cols_split_m<T, R + 1>(h, M, J, Wt, N, idx, j0, j1, acc);
   }
 }
 
