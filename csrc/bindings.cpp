@@ -10,6 +10,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("segmented_ffn_cpu", &doe_kernels::segmented_ffn_cpu);
   m.def("segmented_swiglu_ffn_cpu", &doe_kernels::segmented_swiglu_ffn_cpu);
   m.def("union_plan_cpu", &doe_kernels::union_plan_cpu);
+  m.attr("SEGMENT_STRATEGIES") = pybind11::make_tuple("auto", "segments", "union");
   m.def("set_cpu_gather_above", &doe_kernels::set_cpu_gather_above);
   m.def("cpu_gather_above", &doe_kernels::cpu_gather_above);
   m.def("cpu_runs_fused_dense", &doe_kernels::cpu_runs_fused_dense);

@@ -30,13 +30,17 @@
 //       segment s in one call. segments and kept_offsets: 1-D int64, one entry more than there are
 //       segments, from 0 to M and to len(kept), non-decreasing (checked, ValueError); a segment
 //       may have no rows, and an empty list (its rows get b_out, or zeros); w_out_t (N_total, N),
-//       scales (len(kept)) or none -> out (M, N).
+//       scales (len(kept)) or none -> out (M, N). `strategy` (SegmentStrategy): each segment on
+//       its own list, or the union of the lists (union_plan) gathered once, each row's hidden
+//       activations times its row of the row mask; auto takes the union where it costs less
+//       under the cost model of doe_kernels/ops/library.py (`read_cost` per weight row read, 1
+//       per input row x neuron computed).
 //   segmented_swiglu_ffn (CPU): the same for the SwiGLU FFN (w_gate, w_up, w_down_t; no biases).
 //   union_plan (CPU): (union, row_mask) of a segmented FFN's layout (as segmented_ffn takes it;
 //       kept entries below `neurons`, the FFN's width): the sorted union of the lists of the
 //       segments holding rows (int64), and (M, len(union)) in x's dtype: each row's segment's 1
-//       (or scale) at the places of its kept neurons in the union, 0 elsewhere (with_mask false:
-//       (0, len(union))).
+//       (or scale) at the places of its kept neurons in the union, 0 elsewhere; where `strategy`
+//       (with `read_cost`, as segmented_ffn) runs the segments, an empty union and (M, 0).
 //   segmented_ffn, segmented_swiglu_ffn (CUDA): the same on the GPU. segments and kept_offsets
 //       stay CPU tensors (the layout sizes the launches; it is checked as on the CPU and copied to
 //       the device), kept and scales are on x's device (kept's values checked by the kernels). The
@@ -62,6 +66,15 @@ enum Activation : int64_t {
   kRelu = 3,
 };
 
+// Segment strategy codes of the CPU segmented FFNs: the places of their names in
+// SEGMENT_STRATEGIES (bound as doe_kernels._C.SEGMENT_STRATEGIES; doe_kernels/ops/library.py's
+// tuple of the same name must equal it).
+enum SegmentStrategy : int64_t {
+  kAutoStrategy = 0,
+  kSegmentsStrategy = 1,
+  kUnionStrategy = 2,
+};
+
 at::Tensor gather_rows_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
                                   const std::optional<at::Tensor>& bias, const at::Tensor& rows,
                                   int64_t activation);
@@ -74,17 +87,20 @@ at::Tensor segmented_ffn_cpu(const at::Tensor& x, const at::Tensor& w_in,
                              const std::optional<at::Tensor>& b_in, const at::Tensor& w_out_t,
                              const std::optional<at::Tensor>& b_out, const at::Tensor& segments,
                              const at::Tensor& kept, const at::Tensor& kept_offsets,
-                             const std::optional<at::Tensor>& scales, int64_t activation);
+                             const std::optional<at::Tensor>& scales, int64_t activation,
+                             int64_t strategy, double read_cost);
 at::Tensor segmented_swiglu_ffn_cpu(const at::Tensor& x, const at::Tensor& w_gate,
                                     const at::Tensor& w_up, const at::Tensor& w_down_t,
                                     const at::Tensor& segments, const at::Tensor& kept,
                                     const at::Tensor& kept_offsets,
-                                    const std::optional<at::Tensor>& scales);
+                                    const std::optional<at::Tensor>& scales, int64_t strategy,
+                                    double read_cost);
 std::tuple<at::Tensor, at::Tensor> union_plan_cpu(const at::Tensor& x, const at::Tensor& segments,
                                                   const at::Tensor& kept,
                                                   const at::Tensor& kept_offsets,
                                                   const std::optional<at::Tensor>& scales,
-                                                  int64_t neurons, bool with_mask);
+                                                  int64_t neurons, int64_t strategy,
+                                                  double read_cost);
 // The segments holding rows of a segmented FFN's layout (segments and kept_offsets: CPU int64, one
 // entry more than there are segments, from 0 to `rows` and to `kept_count`, non-decreasing;
 // ValueError otherwise), their `hidden` offsets 0. The CPU and CUDA entry points read it alike.

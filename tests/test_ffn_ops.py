@@ -147,6 +147,32 @@ def test_gather_cols_packs_panels_of_aligned_rows(cpu_regime, dtype, outputs):
                              f"gather_cols_linear {kind} rows={rows} outputs={outputs}")
 
 
+@pytest.mark.parametrize("cpu_regime", ["fused"], indirect=True)
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "relu"])
+@pytest.mark.parametrize("rows", [1, 3, 40])
+def test_fused_activations_over_the_float_range(cpu_regime, activation, rows):
+    """The cpu kernels apply the activation to each tile they write (their own vectorised exp and
+    erf): against float64 on every float32 magnitude the activation bends over, far past where its
+    exp saturates, and on infinities and NaN (as the float64 formula gives them). One input feature
+    of 1, so that each kept weight row is the activation's argument; 40 input rows over 24 kept
+    rows take the split over input rows."""
+    values = torch.cat([torch.linspace(-30, 30, 6001), torch.tensor(
+        [0.0, -0.0, 1e-30, -1e-30, 1e-7, -1e-7, 87.5, -87.5, 89.0, -89.0, 300.0, -300.0, 3e38,
+         -3e38, float("inf"), -float("inf"), float("nan")])])
+    if rows == 40:
+        values = values[torch.randperm(values.numel())[:24]]
+    weight = values[:, None].contiguous()
+    kept = torch.arange(values.numel())
+    out = dk.gather_rows_linear(torch.ones(rows, 1), weight, None, kept, activation,
+                                backend="cpu")
+    ref = rows_linear_ref(torch.ones(rows, 1), weight, None, kept, activation)
+    finite = torch.isfinite(ref)
+    assert torch.equal(out[~finite].isnan(), ref[~finite].isnan())
+    assert torch.equal(out[~finite].isinf(), ref[~finite].isinf())
+    assert torch.equal(out[~finite & ~ref.isnan()], ref[~finite & ~ref.isnan()].float())
+    torch.testing.assert_close(out[finite].double(), ref[finite], atol=1e-6, rtol=2e-6)
+
+
 @pytest.mark.parametrize("cpu_regime", ["gather"], indirect=True)
 def test_large_gathers_reuse_a_scratch_buffer(cpu_regime):
     """Copies of 16 MiB or more (the gather + GEMM regime) land in a buffer the thread reuses:
@@ -194,7 +220,8 @@ def test_cpu_kernels_on_narrower_instruction_sets(isa):
     env = dict(os.environ, DOE_KERNELS_CPU_ISA=isa)
     result = subprocess.run(
         [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider",
-         "-k", "(cpu-cpu and (random or single) and not 768x3072) or splits_few or packs_panels"],
+         "-k", "(cpu-cpu and (random or single) and not 768x3072) or splits_few or packs_panels "
+         "or activations_over"],
         env=env, capture_output=True, text=True, timeout=600, cwd=os.path.dirname(__file__))
     assert result.returncode == 0, result.stdout[-3000:]
     assert " passed" in result.stdout and not re.search(r"\d+ failed", result.stdout)

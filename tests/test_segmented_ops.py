@@ -171,28 +171,60 @@ def test_auto_picks_the_union_for_one_row_per_segment_and_shared_rows():
     assert _choose_strategy("union", bounds, kept, min_union=101)[0] == "union"
 
 
+def _cpu_decision(rows, lists, strategy="auto", read_cost=None):
+    """The size of the union the cpu backend's C++ call takes for this layout over 128 neurons
+    (0: the segments)."""
+    from doe_kernels.ops.library import READ_COST_CPU
+
+    segments, kept, offsets, _ = dk.pack_segments(rows, lists)
+    x = torch.zeros(sum(rows), 4)
+    union, row_mask = _cpu_backend().union_plan(
+        x, segments, kept, offsets, None, 128, strategy,
+        READ_COST_CPU if read_cost is None else read_cost)
+    assert row_mask.shape == (sum(rows), union.numel())
+    return union.numel()
+
+
 def test_the_cpus_cost_model_takes_the_union_where_it_reads_and_computes_less():
-    from doe_kernels.ops.library import READ_COST_CPU, _union_cost, _union_may_pay, _union_pays
+    """The C++ call's choice: read_cost per weight row read, 1 per input row x neuron computed."""
+    overlapping = [torch.arange(13 * s, 13 * s + 35) for s in range(5)]  # union 87
+    # five overlapping lists of 35 neurons at one row each, not at four
+    assert _cpu_decision([1] * 5, overlapping) == 87
+    assert _cpu_decision([4] * 5, overlapping) == 0
+    # equal lists: the union at any row count, one GEMM for every row
+    assert _cpu_decision([64] * 5, [torch.arange(35)] * 5) == 35
+    # disjoint lists never, unless asked for
+    disjoint = [torch.arange(35 * s, 35 * s + 35) for s in range(3)]
+    assert _cpu_decision([1] * 3, disjoint) == 0
+    assert _cpu_decision([4] * 3, disjoint, "union") == 105
+    assert _cpu_decision([1] * 5, overlapping, "segments") == 0
+    # no rows, or no neuron in any segment with rows: nothing to take
+    assert _cpu_decision([0] * 5, overlapping, "union") == 0
+    assert _cpu_decision([1, 0], [torch.arange(0), torch.arange(5)], "union") == 0
 
-    def layout(rows: int, lists: int, keep: int):
-        return [(s * rows, (s + 1) * rows, s * keep, (s + 1) * keep) for s in range(lists)]
 
-    # five lists of 35 neurons: random ones (union 88) at one row each, not at four
-    one, four = layout(1, 5, 35), layout(4, 5, 35)
-    union = torch.arange(88)
-    assert _union_pays("auto", union, one, 0, READ_COST_CPU)
-    assert not _union_pays("auto", union, four, 0, READ_COST_CPU)
-    # equal lists (union 35): the union at any row count, one GEMM for every row
-    assert _union_pays("auto", torch.arange(35), layout(64, 5, 35), 0, READ_COST_CPU)
-    # disjoint lists (union 175) never
-    assert not _union_pays("auto", torch.arange(175), one, 0, READ_COST_CPU)
-    # the cost: read_cost per neuron read, 1 per row x neuron computed
-    assert _union_cost(2.0, layout(1, 2, 10), 15) == (2 + 2) * 15 - (2 * 20 + 20)
-    # the test without the union: even a union as small as the longest list cannot pay
-    assert not _union_may_pay("auto", layout(4, 2, 10) + [(8, 9, 20, 100)], 0, READ_COST_CPU)
-    assert _union_may_pay("auto", four, 0, READ_COST_CPU)  # equal lists would pay
-    assert _union_pays("union", torch.arange(175), four, 0, READ_COST_CPU)
-    assert not _union_may_pay("segments", one, 0, READ_COST_CPU)
+@pytest.mark.parametrize("seed", range(4))
+def test_the_cpus_cost_model_is_the_documented_formula(seed):
+    """Over random layouts and read costs, the C++ call takes the union exactly where
+    (read_cost + rows) x union < read_cost x neurons read + rows x neurons computed."""
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(30):
+        count = int(torch.randint(1, 6, (), generator=gen))
+        rows = torch.randint(0, 4, (count,), generator=gen).tolist()
+        share = float(torch.rand((), generator=gen))
+        common = torch.randperm(128, generator=gen)[:int(share * 30)]
+        lists = [torch.unique(torch.cat([common, torch.randperm(
+            128, generator=gen)[:int(torch.randint(0, 30, (), generator=gen))]]))
+            for _ in range(count)]
+        read_cost = float(torch.rand((), generator=gen)) * 8
+        live = [(r, k.numel()) for r, k in zip(rows, lists) if r]
+        union = torch.unique(torch.cat([k for r, k in zip(rows, lists) if r] or [
+            torch.arange(0)])).numel()
+        total_rows = sum(r for r, _ in live)
+        cost = ((read_cost + total_rows) * union
+                - (read_cost * sum(n for _, n in live) + sum(r * n for r, n in live)))
+        expected = union if union and cost < 0 else 0
+        assert _cpu_decision(rows, lists, read_cost=read_cost) == expected, (rows, read_cost)
 
 
 def test_an_op_call_takes_the_union_where_building_its_plan_pays(monkeypatch):
@@ -213,26 +245,32 @@ def test_an_op_call_takes_the_union_where_building_its_plan_pays(monkeypatch):
     # on a GPU an op call takes the segments (the union's plan cost more than it saved on an H200)
     assert _min_union(torch.zeros(1, hidden, device="meta"), kept, None, 2) > 10**12
     monkeypatch.undo()
-    # an op call: 5 one-row segments of a small SwiGLU take the union with the C++ plan; with the
-    # torch plan only when the union's weights count as large
+    # an op call: 5 one-row segments of a small SwiGLU take the union in the cpu backend's C++
+    # call (the same result, bit for bit, as the union path of the library); with the torch plan
+    # only when the union's weights count as large
     torch.manual_seed(0)
     x, w = torch.randn(5, 16), {k: torch.randn(48, 16) for k in ("gate", "up", "down_t")}
     segments, kept, offsets, _ = dk.pack_segments(
         [1] * 5, [torch.arange(6 * s, 6 * s + 20) for s in range(5)])
+    union, row_mask = library.union_plan(x, segments, kept, offsets, neurons=48)
+    via_union = library.union_gather_swiglu_ffn(x, w["gate"], w["up"], w["down_t"], union,
+                                                row_mask, "cpu")
+    out = dk.segmented_gather_swiglu_ffn(x, w["gate"], w["up"], w["down_t"], segments, kept,
+                                         offsets, backend="cpu")
+    assert torch.equal(out, via_union)
     unions = []
     union_ffn = library.union_gather_swiglu_ffn
     monkeypatch.setattr(library, "union_gather_swiglu_ffn",
                         lambda *args: unions.append(1) or union_ffn(*args))
-    for cpp, threshold, used in ((True, UNION_MIN_BYTES_CPU, True),
-                                 (False, UNION_MIN_BYTES_CPU, False), (False, 0, True)):
+    monkeypatch.setattr(library, "_plan_in_cpp", lambda *args: False)
+    for threshold, used in ((UNION_MIN_BYTES_CPU, False), (0, True)):
         monkeypatch.setattr(library, "UNION_MIN_BYTES_CPU", threshold)
-        monkeypatch.setattr(library, "_plan_in_cpp", lambda *args, cpp=cpp: cpp)
         unions.clear()
         out = dk.segmented_gather_swiglu_ffn(x, w["gate"], w["up"], w["down_t"], segments, kept,
                                              offsets, backend="cpu")
         assert bool(unions) == used
         ref = swiglu_ffn_ref(x[2:3], w["gate"], w["up"], w["down_t"], torch.arange(12, 32))
-        assert_close(out[2:3], ref, what=f"C++ plan {cpp}")
+        assert_close(out[2:3], ref, what=f"union {used}")
 
 
 @pytest.mark.triton_interp
@@ -325,9 +363,9 @@ def test_cpu_runs_every_segment_in_one_call_over_many_tiles(monkeypatch, gather_
     cpu = _cpu_backend()
     intermediate = 203
     calls = []
-    fused = cpu.segmented_ffn
-    monkeypatch.setattr(cpu, "segmented_ffn",
-                        lambda *args: calls.append(len(args[4])) or fused(*args))
+    fused = cpu.segmented_ffn_with_union
+    monkeypatch.setattr(cpu, "segmented_ffn_with_union",
+                        lambda *args: calls.append(args[8]) or fused(*args))
     gen = torch.Generator().manual_seed(11)
     w = _weights(dtype, "cpu", gen, hidden, intermediate)
     rows = [150, 3, 0, 9 if hidden == 256 else 1, 49, 5, 0]  # the empty list: 1 or 9 rows
@@ -349,7 +387,7 @@ def test_cpu_runs_every_segment_in_one_call_over_many_tiles(monkeypatch, gather_
                                                     scales=packed, strategy="segments")
     finally:
         torch.set_num_threads(previous)
-    assert calls == [5, 5]  # one call each, over the five segments holding rows
+    assert calls == ["segments", "segments"]  # one C++ call each
     assert_close(out_ffn, _per_segment(rows, lists, scales, x, lambda xs, k, s: ffn_ref(
         xs, w["w_in"], w["b_in"], w["w_out_t"], w["b_out"], k, "gelu_tanh", s)),
         _dense_segments(rows, lists, scales, x, lambda xs, k, s: dk.gather_ffn(
@@ -372,12 +410,12 @@ def test_cpu_entry_points_check_the_layout():
     x = torch.randn(5, HIDDEN, generator=gen)
     kept = torch.tensor([0, 3, 7, 2, 4])
 
-    def both(segments, kept_offsets, kept=kept, scales=None):
+    def both(segments, kept_offsets, kept=kept, scales=None, strategy=0):
         segments, kept_offsets = torch.tensor(segments), torch.tensor(kept_offsets)
         return (ext.segmented_ffn_cpu(x, w["w_in"], w["b_in"], w["w_out_t"], w["b_out"],
-                                      segments, kept, kept_offsets, scales, 1),
+                                      segments, kept, kept_offsets, scales, 1, strategy, 3.5),
                 ext.segmented_swiglu_ffn_cpu(x, w["w_in"], w["w_up"], w["w_out_t"], segments,
-                                             kept, kept_offsets, scales))
+                                             kept, kept_offsets, scales, strategy, 3.5))
 
     for out in both([0, 2, 5, 5], [0, 3, 3, 5]):  # a good layout, a segment without rows last
         assert out.shape == (5, HIDDEN)
@@ -388,12 +426,18 @@ def test_cpu_entry_points_check_the_layout():
             ([0, 2, 5], [0, 6, 5], "kept_offsets must be non-decreasing"),
             ([0, 5], [0, 3, 5], "segments has 1 segments but kept_offsets has 2"),
     ):
-        with pytest.raises(ValueError, match=message):
-            both(segments, offsets)
+        for strategy in range(3):  # checked before any strategy runs
+            with pytest.raises(ValueError, match=message):
+                both(segments, offsets, strategy=strategy)
     with pytest.raises(ValueError, match="holds index 40 at position 4, out of range"):
         both([0, 2, 5], [0, 3, 5], kept=torch.tensor([0, 3, 7, 2, 40]))
     with pytest.raises(RuntimeError, match="scales has 4 entries but kept has 5"):
         both([0, 2, 5], [0, 3, 5], scales=torch.ones(4))
+    with pytest.raises(ValueError, match="unknown segment strategy code 3"):
+        both([0, 2, 5], [0, 3, 5], strategy=3)
+    from doe_kernels.ops.library import SEGMENT_STRATEGIES
+
+    assert ext.SEGMENT_STRATEGIES == SEGMENT_STRATEGIES
 
 
 @pytest.mark.parametrize("seed", range(8))
@@ -410,7 +454,8 @@ def test_cpu_union_plan_equals_the_torch_plan(seed, dtype, scaled):
     segments, kept, offsets, packed = dk.pack_segments(rows, lists, scales if scaled else None)
     packed = None if packed is None else packed.to(dtype)
     x = torch.zeros(sum(rows), HIDDEN, dtype=dtype)
-    union, row_mask = cpu.union_plan(x, segments, kept, offsets, packed, INTERMEDIATE)
+    union, row_mask = cpu.union_plan(x, segments, kept, offsets, packed, INTERMEDIATE, "union",
+                                     3.5)
     chosen, expected = _choose_strategy("union", _segment_bounds(segments, offsets), kept)
     if chosen == "segments":  # no rows, or no kept neuron in a segment with rows
         assert union.numel() == 0 and row_mask.shape == (sum(rows), 0)
@@ -459,26 +504,29 @@ def test_union_plan_takes_the_cpu_call_for_what_it_serves(monkeypatch):
 
 
 def test_cpu_union_plan_checks_its_input():
+    from doe_kernels.ops.library import SEGMENT_STRATEGIES
+
     ext = _cpu_backend().extension()
+    SEGMENTS, UNION = SEGMENT_STRATEGIES.index("segments"), SEGMENT_STRATEGIES.index("union")
     x = torch.zeros(5, 8)
     kept, offsets, segments = torch.tensor([0, 3, 7, 2, 4]), torch.tensor([0, 3, 5]), torch.tensor(
         [0, 2, 5])
-    union, row_mask = ext.union_plan_cpu(x, segments, kept, offsets, None, 8, True)
+    union, row_mask = ext.union_plan_cpu(x, segments, kept, offsets, None, 8, UNION, 3.5)
     assert union.tolist() == [0, 2, 3, 4, 7] and row_mask.shape == (5, 5)
-    union, no_mask = ext.union_plan_cpu(x, segments, kept, offsets, None, 8, False)
-    assert union.tolist() == [0, 2, 3, 4, 7] and no_mask.shape == (0, 5)
+    union, no_mask = ext.union_plan_cpu(x, segments, kept, offsets, None, 8, SEGMENTS, 3.5)
+    assert union.numel() == 0 and no_mask.shape == (5, 0)
     for bad in (-1, 8, 2**40):  # below 0, past the FFN's width, far past it
         with pytest.raises(ValueError, match=f"holds index {bad} at position 4, out of range"):
             ext.union_plan_cpu(x, segments, torch.tensor([0, 3, 7, 2, bad]), offsets, None, 8,
-                               True)
+                               UNION, 3.5)
     with pytest.raises(ValueError, match="segments must start at 0 and end at 5"):
-        ext.union_plan_cpu(x, torch.tensor([0, 2, 4]), kept, offsets, None, 8, True)
+        ext.union_plan_cpu(x, torch.tensor([0, 2, 4]), kept, offsets, None, 8, UNION, 3.5)
     with pytest.raises(RuntimeError, match="scales has 4 entries but kept has 5"):
-        ext.union_plan_cpu(x, segments, kept, offsets, torch.ones(4), 8, True)
+        ext.union_plan_cpu(x, segments, kept, offsets, torch.ones(4), 8, UNION, 3.5)
     with pytest.raises(RuntimeError, match="x must be a 2-D float32 or bfloat16 CPU tensor"):
-        ext.union_plan_cpu(x.half(), segments, kept, offsets, None, 8, True)
+        ext.union_plan_cpu(x.half(), segments, kept, offsets, None, 8, UNION, 3.5)
     with pytest.raises(ValueError, match="neurons must be >= 0"):
-        ext.union_plan_cpu(x, segments, kept, offsets, None, -1, True)
+        ext.union_plan_cpu(x, segments, kept, offsets, None, -1, UNION, 3.5)
 
 
 def _cuda_backend():

@@ -151,6 +151,66 @@ void rows_range(const float* x, int64_t M, int64_t K, const uint16_t* Wm, const 
   rows_range_t<uint16_t>(x, M, K, Wm, idx, bias, n0, n1, out, ldo);
 }
 
+// ---- activations, in place over out[m, n0 .. n1) for m < M ---------------------------------------
+// Branch-free float code that the compiler vectorizes for this file's instruction set, applied to a
+// tile right after the kernel wrote it (while it is in cache, on the thread that wrote it). The
+// formulas are ATen's CPU kernels' (GELU's erf by Abramowitz-Stegun 7.1.26, as
+// Vectorized<float>::erf), with Cephes' expf (about 1 ulp).
+static inline float exp_f(float x) {
+  x = x < -87.3f ? -87.3f : x;  // 2^-126 at the bottom; e^88 < FLT_MAX at the top
+  x = x > 88.0f ? 88.0f : x;
+  const float magic = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
+  const float n = (x * 1.44269504088896341f + magic) - magic;
+  x = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * x + 1.3981999507e-3f;
+  y = y * x + 8.3334519073e-3f;
+  y = y * x + 4.1665795894e-2f;
+  y = y * x + 1.6666665459e-1f;
+  y = y * x + 5.0000001201e-1f;
+  y = y * (x * x) + x + 1.0f;
+  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
+  return y * std::bit_cast<float>(bits);
+}
+
+static inline float gelu_erf_f(float x) {
+  const float z = x * 0.70710678118654752f, a = z < 0 ? -z : z;
+  const float t = 1.0f / (0.3275911f * a + 1.0f);
+  float r = 1.061405429f * t - 1.453152027f;
+  r = r * t + 1.421413741f;
+  r = r * t - 0.284496736f;
+  r = r * t + 0.254829592f;
+  const float erf_a = 1.0f - r * t * exp_f(-z * z);
+  return 0.5f * x * (1.0f + (z < 0 ? -erf_a : erf_a));
+}
+
+static inline float gelu_tanh_f(float x) {
+  const float u = 0.79788456080286536f * (x + 0.044715f * x * x * x);
+  return 0.5f * x * (2.0f - 2.0f / (exp_f(2.0f * u) + 1.0f));  // 1 + tanh(u)
+}
+
+template <int ACT>
+static void activate_t(float* out, int64_t M, int64_t ldo, int64_t n0, int64_t n1) {
+  for (int64_t m = 0; m < M; ++m) {
+    float* o = out + m * ldo;
+    for (int64_t n = n0; n < n1; ++n) {
+      const float v = o[n];
+      o[n] = ACT == kGeluErf ? gelu_erf_f(v) : ACT == kGeluTanh ? gelu_tanh_f(v)
+                                                               : (v < 0.0f ? 0.0f : v);
+    }
+  }
+}
+
+// The activation (doe_kernels.h's codes; kIdentity does nothing) of out[m, n0 .. n1), m < M.
+void activate_range(float* out, int64_t M, int64_t ldo, int64_t n0, int64_t n1, int64_t act) {
+  switch (act) {
+    case kGeluErf: activate_t<kGeluErf>(out, M, ldo, n0, n1); break;
+    case kGeluTanh: activate_t<kGeluTanh>(out, M, ldo, n0, n1); break;
+    case kRelu: activate_t<kRelu>(out, M, ldo, n0, n1); break;
+    default: break;
+  }
+}
+
 // ---- gather_swiglu: out[m, n] = silu(dot(x[m], G[kept[n]])) * dot(x[m], U[kept[n]]) ------------
 static inline float silu_mul(float g, float u) { return g / (1.f + std::exp(-g)) * u; }
 

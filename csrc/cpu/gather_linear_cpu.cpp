@@ -27,6 +27,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -161,6 +162,7 @@ struct KernelSet {
                int64_t, int64_t, int64_t, float*);
   void (*cols_split)(const float*, int64_t, int64_t, const T*, int64_t, const int64_t*, int64_t,
                      int64_t, float*);
+  void (*activate)(float*, int64_t, int64_t, int64_t, int64_t, int64_t);
 };
 
 enum class Isa { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
@@ -193,7 +195,8 @@ Isa isa() {
     static_cast<decltype(KernelSet<T>::rows)>(&NS::rows_range),         \
         static_cast<decltype(KernelSet<T>::swiglu)>(&NS::swiglu_range), \
         static_cast<decltype(KernelSet<T>::cols)>(&NS::cols_range),     \
-        static_cast<decltype(KernelSet<T>::cols_split)>(&NS::cols_split) \
+        static_cast<decltype(KernelSet<T>::cols_split)>(&NS::cols_split), \
+        &NS::activate_range                                               \
   }
 
 template <typename T>
@@ -468,11 +471,13 @@ at::Tensor gather_rows_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
       // Few kept rows, many input rows: split over input rows.
       at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
         ks.rows(xp + m0 * K, m1 - m0, K, wp, ip, bp, 0, N, op + m0 * N, N);
+        ks.activate(op + m0 * N, m1 - m0, N, 0, N, activation);
       });
     } else {
       const int64_t grain = rows_grain(16, 4096, M, K, weight.element_size());
       at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
         ks.rows(xp, M, K, wp, ip, bp, n0, n1, op, N);
+        ks.activate(op, M, N, n0, n1, activation);
       });
     }
   };
@@ -481,7 +486,6 @@ at::Tensor gather_rows_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
   } else {
     run(kernels<uint16_t>(), raw<uint16_t>(weight));
   }
-  apply_activation_(out, activation);
   return finish(out, x.scalar_type());
 }
 
@@ -784,8 +788,12 @@ void run_fused_segments(const std::vector<Segment>& segs, const Up& up, int64_t 
                                 out.options());
   float* hp = hidden.data_ptr<float>();
   for_each_tile(tile_segments(segs, kUpRows, kUpKept, [](const Segment& s) { return s.kept; }),
-                [&](const Tile& t) { up(segs[t.seg], t, hp + segs[t.seg].hidden); });
-  apply_activation_(hidden, activation);
+                [&](const Tile& t) {
+                  const Segment& s = segs[t.seg];
+                  float* h = hp + s.hidden + t.m0 * s.kept;
+                  up(s, t, hp + s.hidden);
+                  ks.activate(h, t.m1 - t.m0, s.kept, t.c0, t.c1, activation);
+                });
   if (scales.has_value()) scale_hidden_(segs, as_float(*scales), hp);
   const int64_t N = out.size(1);
   float* op = out.data_ptr<float>();
@@ -812,11 +820,125 @@ void check_down(const at::Tensor& x, const at::Tensor& w_down_t,
 
 }  // namespace
 
+// =============================================================================================
+// The union of a segmented FFN (doe_kernels/ops/library.py `_segmented`): the sorted union of the
+// kept lists of the segments holding rows, gathered once for every row, each row's hidden
+// activations multiplied by its segment's 1 (or scale) at the union places of the segment's kept
+// neurons, 0 elsewhere. One pass over the lists with a table of the FFN's `neurons` places, where
+// the torch version takes a dozen small ops.
+namespace {
+
+// place[n]: neuron n's place in the sorted union of the lists of `segs`, -1 outside it; returns
+// the union's size.
+int64_t union_places(const std::vector<Segment>& segs, const int64_t* ip, int64_t neurons,
+                     std::vector<int64_t>& place) {
+  place.assign(neurons, -1);
+  for (const Segment& s : segs)
+    for (int64_t j = s.k0; j < s.k0 + s.kept; ++j) place[ip[j]] = 0;
+  int64_t count = 0;
+  for (int64_t& p : place)
+    if (p == 0) p = count++;  // unmarked places stay -1
+  return count;
+}
+
+// The union of union_places' `place` table (`count` neurons: none where count is 0, whatever the
+// table holds).
+at::Tensor union_tensor(const std::vector<int64_t>& place, int64_t count,
+                        const at::TensorOptions& options) {
+  at::Tensor union_ = at::empty({count}, options);
+  if (count == 0) return union_;
+  int64_t* up = union_.data_ptr<int64_t>();
+  for (int64_t n = 0; n < static_cast<int64_t>(place.size()); ++n)
+    if (place[n] >= 0) up[place[n]] = n;
+  return union_;
+}
+
+// Segment s's row of the row mask over the union (`count` places): 1 (or its scale) at its kept
+// neurons' places, 0 elsewhere.
+void segment_mask(const Segment& s, const std::vector<int64_t>& place, const int64_t* ip,
+                  const float* scales, int64_t count, float* row) {
+  std::fill(row, row + count, 0.0f);
+  for (int64_t j = s.k0; j < s.k0 + s.kept; ++j) row[place[ip[j]]] = scales ? scales[j] : 1.0f;
+}
+
+// The union's cost less the segments' (library._union_cost): `read_cost` per weight row read, 1
+// per input row x neuron computed.
+double union_cost(const std::vector<Segment>& segs, double read_cost, int64_t union_size) {
+  double rows = 0, read = 0, computed = 0;
+  for (const Segment& s : segs) {
+    rows += s.rows;
+    read += s.kept;
+    computed += static_cast<double>(s.rows) * s.kept;
+  }
+  return (read_cost + rows) * union_size - (read_cost * read + computed);
+}
+
+// The union's size when `strategy` takes it for `segs` (library._choose_strategy under the CPU's
+// cost model, `read_cost`), with `place` filled (union_places); 0 to run the segments.
+int64_t chosen_union(int64_t strategy, double read_cost, const std::vector<Segment>& segs,
+                     const at::Tensor& kept, int64_t neurons, std::vector<int64_t>& place) {
+  TORCH_CHECK_VALUE(strategy >= kAutoStrategy && strategy <= kUnionStrategy,
+                    "unknown segment strategy code ", strategy);
+  if (strategy == kSegmentsStrategy || segs.empty()) return 0;
+  if (strategy == kAutoStrategy) {
+    int64_t longest = 0;  // the union holds at least the longest list
+    for (const Segment& s : segs) longest = std::max(longest, s.kept);
+    if (union_cost(segs, read_cost, longest) >= 0) return 0;
+  }
+  const int64_t count = union_places(segs, kept.data_ptr<int64_t>(), neurons, place);
+  if (count == 0 || (strategy == kAutoStrategy && union_cost(segs, read_cost, count) >= 0))
+    return 0;
+  return count;
+}
+
+// hidden (rows of x x union, x's dtype) times each row's segment's mask, in place (torch's
+// `hidden * row_mask` with the mask in hidden's dtype).
+template <typename T>
+void mask_hidden_(at::Tensor& hidden, const std::vector<Segment>& segs,
+                  const std::vector<int64_t>& place, const int64_t* ip, const float* scales) {
+  const int64_t count = hidden.size(1);
+  std::vector<float> mask(count);
+  T* hp = hidden.data_ptr<T>();
+  for (const Segment& s : segs) {
+    segment_mask(s, place, ip, scales, count, mask.data());
+    for (float& m : mask) m = static_cast<float>(static_cast<T>(m));
+    for (int64_t r = s.r0; r < s.r0 + s.rows; ++r) {
+      T* h = hp + r * count;
+      for (int64_t j = 0; j < count; ++j)
+        h[j] = static_cast<T>(static_cast<float>(h[j]) * mask[j]);
+    }
+  }
+}
+
+// A segmented FFN through its union: `up(union)` (the gathered up projection, x's dtype), the
+// row masks, then the down projection over the union; rows of no segment (none: the layout
+// covers every row) are not special.
+template <typename Up>
+at::Tensor union_ffn(const at::Tensor& x, const std::vector<Segment>& segs,
+                     const std::vector<int64_t>& place, int64_t count, const at::Tensor& kept,
+                     const std::optional<at::Tensor>& scales, const Up& up,
+                     const at::Tensor& w_down_t, const std::optional<at::Tensor>& b_down) {
+  at::Tensor union_ = union_tensor(place, count, kept.options());
+  at::Tensor hidden = up(union_);
+  std::optional<at::Tensor> sf;
+  if (scales.has_value()) sf = as_float(*scales);
+  const float* sp = sf.has_value() ? sf->data_ptr<float>() : nullptr;
+  if (hidden.scalar_type() == at::kFloat) {
+    mask_hidden_<float>(hidden, segs, place, kept.data_ptr<int64_t>(), sp);
+  } else {
+    mask_hidden_<at::BFloat16>(hidden, segs, place, kept.data_ptr<int64_t>(), sp);
+  }
+  return gather_cols_linear_cpu(hidden, w_down_t, b_down, union_, std::nullopt);
+}
+
+}  // namespace
+
 at::Tensor segmented_ffn_cpu(const at::Tensor& x, const at::Tensor& w_in,
                              const std::optional<at::Tensor>& b_in, const at::Tensor& w_out_t,
                              const std::optional<at::Tensor>& b_out, const at::Tensor& segments,
                              const at::Tensor& kept, const at::Tensor& kept_offsets,
-                             const std::optional<at::Tensor>& scales, int64_t activation) {
+                             const std::optional<at::Tensor>& scales, int64_t activation,
+                             int64_t strategy, double read_cost) {
   constexpr const char* fn = "segmented_ffn_cpu";
   check_input(x, fn, "x");
   check_operand(w_in, x, fn, "w_in", 2);
@@ -831,6 +953,12 @@ at::Tensor segmented_ffn_cpu(const at::Tensor& x, const at::Tensor& w_in,
               activation);
   check_down(x, w_out_t, b_out, w_in.size(0), fn);
   const auto segs = read_segments(x, segments, kept, kept_offsets, scales, w_in.size(0), fn);
+  std::vector<int64_t> place;
+  if (const int64_t count = chosen_union(strategy, read_cost, segs, kept, w_in.size(0), place))
+    return union_ffn(
+        x, segs, place, count, kept, scales,
+        [&](const at::Tensor& u) { return gather_rows_linear_cpu(x, w_in, b_in, u, activation); },
+        w_out_t, b_out);
   const int64_t K = x.size(1), N = w_out_t.size(1), bytes = x.element_size();
   at::Tensor out = at::empty({x.size(0), N}, x.options().dtype(at::kFloat));
   const auto fused = run_gemm_segments(
@@ -870,7 +998,8 @@ at::Tensor segmented_swiglu_ffn_cpu(const at::Tensor& x, const at::Tensor& w_gat
                                     const at::Tensor& w_up, const at::Tensor& w_down_t,
                                     const at::Tensor& segments, const at::Tensor& kept,
                                     const at::Tensor& kept_offsets,
-                                    const std::optional<at::Tensor>& scales) {
+                                    const std::optional<at::Tensor>& scales, int64_t strategy,
+                                    double read_cost) {
   constexpr const char* fn = "segmented_swiglu_ffn_cpu";
   check_input(x, fn, "x");
   check_operand(w_gate, x, fn, "w_gate", 2);
@@ -881,6 +1010,12 @@ at::Tensor segmented_swiglu_ffn_cpu(const at::Tensor& x, const at::Tensor& w_gat
               " input features, x has ", x.size(1));
   check_down(x, w_down_t, std::nullopt, w_gate.size(0), fn);
   const auto segs = read_segments(x, segments, kept, kept_offsets, scales, w_gate.size(0), fn);
+  std::vector<int64_t> place;
+  if (const int64_t count = chosen_union(strategy, read_cost, segs, kept, w_gate.size(0), place))
+    return union_ffn(
+        x, segs, place, count, kept, scales,
+        [&](const at::Tensor& u) { return gather_swiglu_cpu(x, w_gate, w_up, u); }, w_down_t,
+        std::nullopt);
   const int64_t K = x.size(1), N = w_down_t.size(1), bytes = x.element_size();
   at::Tensor out = at::empty({x.size(0), N}, x.options().dtype(at::kFloat));
   const auto fused = run_gemm_segments(
@@ -913,18 +1048,14 @@ at::Tensor segmented_swiglu_ffn_cpu(const at::Tensor& x, const at::Tensor& w_gat
 }
 
 
-// =============================================================================================
-// The union plan of a segmented FFN (doe_kernels/ops/library.union_plan): the sorted union of the
-// kept lists of the segments holding rows, and for each row of x its segment's 1 (or scale) at
-// the union places of the segment's kept neurons, 0 elsewhere, in x's dtype (without
-// `with_mask`, an empty one: the caller decides from the union's size whether it needs it). One
-// pass over the lists with a table of the FFN's `neurons` places, where the torch version takes a
-// dozen small ops.
+// The union plan alone (union, row_mask), for a model that reuses it over decoding steps: the row
+// mask in x's dtype; an empty union and an (M, 0) mask where `strategy` runs the segments.
 std::tuple<at::Tensor, at::Tensor> union_plan_cpu(const at::Tensor& x, const at::Tensor& segments,
                                                   const at::Tensor& kept,
                                                   const at::Tensor& kept_offsets,
                                                   const std::optional<at::Tensor>& scales,
-                                                  int64_t neurons, bool with_mask) {
+                                                  int64_t neurons, int64_t strategy,
+                                                  double read_cost) {
   constexpr const char* fn = "union_plan_cpu";
   // only x's rows and dtype are read
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 &&
@@ -933,26 +1064,19 @@ std::tuple<at::Tensor, at::Tensor> union_plan_cpu(const at::Tensor& x, const at:
               x.scalar_type(), " on ", x.device());
   TORCH_CHECK_VALUE(neurons >= 0, fn, ": neurons must be >= 0, got ", neurons);
   const auto segs = read_segments(x, segments, kept, kept_offsets, scales, neurons, fn);
-  const int64_t* ip = kept.data_ptr<int64_t>();
-  std::vector<int64_t> place(neurons, -1);
-  for (const Segment& s : segs)
-    for (int64_t j = s.k0; j < s.k0 + s.kept; ++j) place[ip[j]] = 0;
-  int64_t count = 0;
-  for (int64_t& p : place)
-    if (p == 0) p = count++;  // unmarked places stay -1
-  at::Tensor union_ = at::empty({count}, kept.options());
-  int64_t* up = union_.data_ptr<int64_t>();
-  for (int64_t n = 0; n < neurons; ++n)
-    if (place[n] >= 0) up[place[n]] = n;
-  if (!with_mask) return {union_, at::empty({0, count}, x.options())};
-  at::Tensor mask = at::zeros({x.size(0), count}, x.options().dtype(at::kFloat));
+  std::vector<int64_t> place;
+  const int64_t count = chosen_union(strategy, read_cost, segs, kept, neurons, place);
+  at::Tensor union_ = union_tensor(place, count, kept.options());
+  at::Tensor mask = at::empty({x.size(0), count}, x.options().dtype(at::kFloat));
   float* mp = mask.data_ptr<float>();
   std::optional<at::Tensor> sf;
   if (scales.has_value()) sf = as_float(*scales);
   const float* sp = sf.has_value() ? sf->data_ptr<float>() : nullptr;
+  const int64_t* ip = kept.data_ptr<int64_t>();
   for (const Segment& s : segs) {
+    if (count == 0) break;
     float* row = mp + s.r0 * count;
-    for (int64_t j = s.k0; j < s.k0 + s.kept; ++j) row[place[ip[j]]] = sp ? sp[j] : 1.0f;
+    segment_mask(s, place, ip, sp, count, row);
     for (int64_t m = 1; m < s.rows; ++m)
       std::memcpy(row + m * count, row, count * sizeof(float));
   }

@@ -3,7 +3,6 @@ import torch
 
 from doe_kernels._ext import extension
 from doe_kernels.activations import ACTIVATION_CODES
-from doe_kernels.backends.layout import segment_layout
 
 NAME = "cpu"
 DTYPES = (torch.float32, torch.bfloat16)
@@ -25,32 +24,39 @@ def gather_cols_linear(h, weight_t, bias, cols, scales):
     return extension().gather_cols_linear_cpu(h, weight_t, bias, cols, scales)
 
 
-def segmented_ffn(x, up, w_out_t, b_out, bounds, kept, scales):
-    """Every segment of a segmented FFN in one C++ call, in parallel over segments x tiles (the
-    library's segmented-kernel hook, as backends/triton.segmented_ffn). `bounds`: the library's
-    (first row, end row, first kept, end kept) of each segment with rows; `up`: ("rows", w_in,
-    b_in, activation) or ("swiglu", w_gate, w_up)."""
-    segments, kept_offsets = segment_layout(bounds, kept.numel())
+def segmented_ffn_with_union(x, up, w_out_t, b_out, segments, kept, kept_offsets, scales,
+                             strategy: str, read_cost: float):
+    """A whole segmented FFN in one C++ call (the library's hook for a backend that chooses the
+    strategy itself): the union of the lists, gathered once and masked per row, where `strategy`
+    takes it (auto: where the union costs less under the library's cost model, `read_cost` per
+    weight row read), else every segment in parallel over segments x tiles. `up`: ("rows", w_in,
+    b_in, activation) or ("swiglu", w_gate, w_up); the layout as the segmented ops take it."""
+    ext = extension()
+    code = ext.SEGMENT_STRATEGIES.index(strategy)
     if up[0] == "rows":
         _, w_in, b_in, activation = up
-        return extension().segmented_ffn_cpu(x, w_in, b_in, w_out_t, b_out, segments, kept,
-                                             kept_offsets, scales, ACTIVATION_CODES[activation])
+        return ext.segmented_ffn_cpu(x, w_in, b_in, w_out_t, b_out, segments, kept, kept_offsets,
+                                     scales, ACTIVATION_CODES[activation], code, read_cost)
     _, w_gate, w_up = up
-    return extension().segmented_swiglu_ffn_cpu(x, w_gate, w_up, w_out_t, segments, kept,
-                                                kept_offsets, scales)
+    return ext.segmented_swiglu_ffn_cpu(x, w_gate, w_up, w_out_t, segments, kept, kept_offsets,
+                                        scales, code, read_cost)
 
 
 def has_union_plan() -> bool:
-    """Whether the loaded extension builds union plans (one built before them does not: the
-    library then builds them with torch ops)."""
-    return hasattr(extension(), "union_plan_cpu")
+    """Whether the loaded extension plans unions and chooses the segment strategy itself (one
+    built before that does not: the library then plans with torch ops and runs the segments one
+    call each)."""
+    return hasattr(extension(), "SEGMENT_STRATEGIES")
 
 
-def union_plan(x, segments, kept, kept_offsets, scales, neurons: int, with_mask: bool = True):
+def union_plan(x, segments, kept, kept_offsets, scales, neurons: int, strategy: str,
+               read_cost: float):
     """(union, row_mask) of a segmented FFN's layout (over an FFN of `neurons` neurons) in one
-    C++ call (library.union_plan's); without `with_mask`, an empty row_mask."""
-    return extension().union_plan_cpu(x, segments, kept, kept_offsets, scales, neurons,
-                                      with_mask)
+    C++ call, where `strategy` takes the union (as segmented_ffn_with_union decides it); else an
+    empty union and a (rows, 0) row_mask."""
+    ext = extension()
+    return ext.union_plan_cpu(x, segments, kept, kept_offsets, scales, neurons,
+                              ext.SEGMENT_STRATEGIES.index(strategy), read_cost)
 
 
 def runs_fused_dense(dtype: torch.dtype, rows: int) -> bool:

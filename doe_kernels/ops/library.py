@@ -9,7 +9,6 @@ ffn.py check the arguments first; call those, not these, from user code. The pat
 whose indices were checked once when the mask was plugged, call these directly; eager calls then
 skip the dispatcher too (`_direct`).
 """
-import functools
 import sys
 
 import torch
@@ -232,53 +231,36 @@ def _choose_strategy(strategy: str, bounds, kept: torch.Tensor, min_union: int =
     return "union", union
 
 
-def _union_may_pay(strategy: str, bounds, min_union: int, read_cost: float | None = None) -> bool:
-    """_choose_strategy's tests that need no union; with `read_cost`, the CPU's cost model
-    (READ_COST_CPU) instead of the row rule, with the union as small as the longest list."""
+def _union_may_pay(strategy: str, bounds, min_union: int) -> bool:
+    """_choose_strategy's tests that need no union."""
     check_strategy(strategy)
     if strategy == "segments" or not bounds:
         return False
     if strategy == "union":
         return True
-    if read_cost is not None:
-        return _union_cost(read_cost, bounds, max(k1 - k0 for _, _, k0, k1 in bounds)) < 0
-    rows, read, _ = _totals(bounds)
+    rows, read = _totals(bounds)
     # `read` bounds the union's size from above
     return rows <= UNION_MAX_ROWS * len(bounds) and read >= min_union
 
 
-def _union_pays(strategy: str, union: torch.Tensor, bounds, min_union: int,
-                read_cost: float | None = None) -> bool:
-    """_choose_strategy's tests of the union itself (with `read_cost`, the CPU's cost model)."""
+def _union_pays(strategy: str, union: torch.Tensor, bounds, min_union: int) -> bool:
+    """_choose_strategy's tests of the union itself."""
     if union.numel() == 0:
         return False
     if strategy == "union":
         return True
-    if union.numel() < min_union:
-        return False
-    if read_cost is not None:
-        return _union_cost(read_cost, bounds, union.numel()) < 0
-    return union.numel() < _totals(bounds)[1]
+    return union.numel() >= min_union and union.numel() < _totals(bounds)[1]
 
 
-def _totals(bounds) -> tuple[int, int, int]:
-    """(rows, kept neurons read, row x neuron products computed) of the segments' calls."""
-    rows = read = computed = 0
-    for r0, r1, k0, k1 in bounds:
-        rows, read, computed = rows + r1 - r0, read + k1 - k0, computed + (r1 - r0) * (k1 - k0)
-    return rows, read, computed
+def _totals(bounds) -> tuple[int, int]:
+    """(rows, kept neurons read) of the segments' calls."""
+    return (sum(r1 - r0 for r0, r1, _, _ in bounds), sum(k1 - k0 for _, _, k0, k1 in bounds))
 
 
-def _union_cost(read_cost: float, bounds, union: int) -> float:
-    """The union's cost less the segments' under the CPU's cost model: `read_cost` per weight row
-    read, 1 per input row x neuron computed (the union computes every row over all its neurons)."""
-    rows, read, computed = _totals(bounds)
-    return (read_cost + rows) * union - (read_cost * read + computed)
-
-
-# On the CPU the cpu backend builds the union's plan (the union and the row mask) in one C++ call
-# (backends/cpu.union_plan, about 15 us), and `auto` takes the union where a cost model says it
-# is cheaper: READ_COST_CPU per weight row (neuron) read, 1 per input row x neuron computed. The
+# On the CPU the cpu backend chooses the strategy, plans the union and runs it in one C++ call
+# (backends/cpu.segmented_ffn_with_union; backends/cpu.union_plan builds the plan alone), and
+# `auto` takes the union where a cost model says it is cheaper: READ_COST_CPU per weight row
+# (neuron) read, 1 per input row x neuron computed (csrc/cpu, union_cost). The
 # union reads its neurons once where the segments read each list, and computes every row over all
 # of them. Fitted on AMD EPYC (2 threads, float32, five experts keeping 35% each, 1-16 rows per
 # segment, lists sharing 0-100% of their neurons, SmolLM2-135M's, BERT-base's, BERT-large's and a
@@ -309,17 +291,15 @@ def union_plan(x, segments, kept, kept_offsets, scales=None, strategy: str = "au
     "auto" with a union of at least `min_union` neurons), else None: what the union path of a
     segmented op computes before its gathers (a model serving one batch composition over many
     decoding steps computes it once). `neurons` (the FFN's width), when given, lets the cpu
-    backend build a CPU plan in one C++ call."""
-    bounds = _segment_bounds(segments, kept_offsets)
+    backend build a CPU plan in one C++ call, which decides under the CPU's cost model
+    (READ_COST_CPU; `min_union` then plays no part)."""
     if neurons is not None and _plan_in_cpp(x, kept, scales):
-        if not _union_may_pay(strategy, bounds, min_union, READ_COST_CPU):
-            return None
-        plan = functools.partial(backends.cpu.union_plan, x, segments, kept, kept_offsets,
-                                 scales, neurons)
-        union, _ = plan(with_mask=False)  # ~5 us; the row mask only for a union that pays
-        return plan(with_mask=True) if _union_pays(strategy, union, bounds, min_union,
-                                                   READ_COST_CPU) else None
-    chosen, union = _choose_strategy(strategy, bounds, kept, min_union)
+        check_strategy(strategy)
+        union, row_mask = backends.cpu.union_plan(x, segments, kept, kept_offsets, scales,
+                                                  neurons, strategy, READ_COST_CPU)
+        return (union, row_mask) if union.numel() else None
+    chosen, union = _choose_strategy(strategy, _segment_bounds(segments, kept_offsets), kept,
+                                     min_union)
     if chosen != "union":
         return None
     return union, _union_row_mask(x, union, segments, kept, kept_offsets, scales)
@@ -348,14 +328,20 @@ def _min_union(x, kept, scales, projections: int) -> int:
 
 def _segmented(x, out_features, segments, kept, kept_offsets, scales, strategy, run_segment,
                run_union, backend: str, up: tuple, w_out_t, b_out):
-    """The output of a segmented op (x 2-D): for all rows at once `run_union(x, union,
-    row_mask)`, the union of the kept lists gathered once and each row's hidden activations
-    multiplied by its segment's 0/1 (or scale) mask over the union; else, on a backend with
-    segmented kernels (triton and cuda: one launch per projection; cpu: one C++ call), every
-    segment at once; else per segment `run_segment(rows, kept, scales)` (the single-expert op on
-    it). `up`,
-    `w_out_t`, `b_out`: the projections, for the segmented kernels (see the backends'
-    segmented_ffn)."""
+    """The output of a segmented op (x 2-D). A backend that chooses the strategy itself (cpu:
+    segmented_ffn_with_union, one C++ call) takes the whole call. Otherwise: for all rows at once
+    `run_union(x, union, row_mask)`, the union of the kept lists gathered once and each row's
+    hidden activations multiplied by its segment's 0/1 (or scale) mask over the union, where the
+    strategy takes it; else, on a backend with segmented kernels (triton and cuda: one launch per
+    projection), every segment at once; else per segment `run_segment(rows, kept, scales)` (the
+    single-expert op on it). `up`, `w_out_t`, `b_out`: the projections, for the backends' hooks
+    (see their segmented_ffn)."""
+    module, x2d = _run(x, backend)
+    if hasattr(module, "segmented_ffn_with_union") and _plan_in_cpp(x, kept, scales):
+        up = (up[0], *_contiguous(*up[1:3]), *up[3:])
+        w_out_t, b_out = _contiguous(w_out_t, b_out)
+        return module.segmented_ffn_with_union(x2d, up, w_out_t, b_out, segments, kept,
+                                               kept_offsets, scales, strategy, READ_COST_CPU)
     plan = union_plan(x, segments, kept, kept_offsets, scales, strategy,
                       _min_union(x, kept, scales, 2 if up[0] == "rows" else 3),
                       neurons=up[1].shape[0])
@@ -363,7 +349,6 @@ def _segmented(x, out_features, segments, kept, kept_offsets, scales, strategy, 
         return run_union(x, *plan)
     bounds = _segment_bounds(segments, kept_offsets)
     if bounds:
-        module, x2d = _run(x, backend)
         if hasattr(module, "segmented_ffn"):
             up = (up[0], *_contiguous(*up[1:3]), *up[3:])
             w_out_t, b_out, kept, scales = _contiguous(w_out_t, b_out, kept, scales)
