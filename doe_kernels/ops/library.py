@@ -40,7 +40,7 @@ def _direct(*tensors) -> bool:
     for t in tensors:
         if t is None:
             continue
-        if type(t) not in _PLAIN or t.device.type not in DEVICES or (grad and t.requires_grad):
+        if type(t) not in _PLAIN or not (t.is_cpu or t.is_cuda) or (grad and t.requires_grad):
             return False
     return True
 
@@ -70,7 +70,9 @@ def dense_in_kernel(x, backend: str, *tensors) -> bool:
 def _run(x, backend: str):
     """The backend module for this call, and x as a contiguous 2-D tensor."""
     name = backends.resolve(backend, x.device, x.dtype, x.shape[:-1].numel())
-    return backends.get(name), x.reshape(-1, x.shape[-1]).contiguous()
+    if x.dim() != 2:
+        x = x.reshape(-1, x.shape[-1])
+    return backends.get(name), x.contiguous()
 
 
 def _contiguous(*tensors):
