@@ -233,7 +233,7 @@ def test_an_op_call_takes_the_union_where_building_its_plan_pays(monkeypatch):
 
     _cpu_backend()
     kept = torch.arange(10)
-    # with the C++ plan (about 15 us) any union is worth it on the CPU
+    # with the C++ plan any union is worth it on the CPU
     assert _min_union(torch.zeros(1, 64), kept, None, 2) == 0
     # built with torch ops (about 0.2 ms) only for weights that leave the cache
     monkeypatch.setattr(library, "_plan_in_cpp", lambda *args: False)

@@ -9,7 +9,8 @@
 //    swiglu) or output column blocks x row blocks (cols), so no cross-thread reduction is needed;
 //    large inputs are processed in L2-sized blocks of rows. With at most kColsSplitMaxRows rows
 //    (decoding) gather_cols instead splits its kept rows over the threads, each row read whole,
-//    and adds the threads' sums (cols_split_run).
+//    and adds the threads' sums (cols_split_run). gather_rows' activation runs on each block of
+//    outputs right after the kernel wrote it, on the same thread (activate_range).
 //  * gather + GEMM (many rows): the kept rows are copied into a scratch matrix and ATen's GEMM
 //    (oneDNN bf16, several times the fused kernels' throughput on avx512_bf16 CPUs; MKL sgemm, about
 //    2x the fused kernels on Intel CPUs) multiplies; the copy is O(kept x K), the GEMM
