@@ -401,6 +401,40 @@ def test_cpu_runs_every_segment_in_one_call_over_many_tiles(monkeypatch, gather_
         f"segmented_gather_swiglu_ffn ({gather_above})")
 
 
+@pytest.mark.parametrize("gather_above", [10**12], ids=["fused"], indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("threads", [1, 3])
+def test_cpu_decoding_segments_split_their_down_projection(gather_above, dtype, threads):
+    """Segments of at most 8 rows sum their down projection over parts of their kept rows, up to
+    four per thread, each part's sums added to the segment's rows afterwards: 64 outputs (a
+    part holds at least 256 kept rows), lists of up to 1100 neurons, a segment of 9 rows (tiled)
+    and an empty list among them, with scales."""
+    gen = torch.Generator().manual_seed(5)
+    hidden, intermediate = 64, 1100
+    w = _weights(dtype, "cpu", gen, hidden, intermediate)
+    rows = [1, 2, 8, 9, 0, 3, 4]
+    lists = [torch.arange(intermediate)] + [
+        torch.randperm(intermediate, generator=gen)[:n].sort().values for n in (700, 600, 300,
+                                                                                 50, 5)] + [
+        torch.empty(0, dtype=torch.int64)]
+    scales = [(1 + 0.3 * torch.randn(len(k), generator=gen)).to(dtype) for k in lists]
+    x = torch.randn(sum(rows), hidden, generator=gen).to(dtype)
+    segments, kept, offsets, packed = dk.pack_segments(rows, lists, scales)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = dk.segmented_gather_ffn(x, w["w_in"], w["b_in"], w["w_out_t"], w["b_out"],
+                                      segments, kept, offsets, "gelu", backend="cpu",
+                                      scales=packed, strategy="segments")
+    finally:
+        torch.set_num_threads(previous)
+    assert_close(out, _per_segment(rows, lists, scales, x, lambda xs, k, s: ffn_ref(
+        xs, w["w_in"], w["b_in"], w["w_out_t"], w["b_out"], k, "gelu", s)),
+        _dense_segments(rows, lists, scales, x, lambda xs, k, s: dk.gather_ffn(
+            xs, w["w_in"], w["b_in"], w["w_out_t"], w["b_out"], k, "gelu", backend="torch",
+            scales=s)), f"split down projections ({threads} threads)")
+
+
 def test_cpu_entry_points_check_the_layout():
     """The C++ entry points read the layout themselves: a bad one raises ValueError, whatever
     the Python layer checked before."""
