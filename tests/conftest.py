@@ -69,6 +69,15 @@ def one_thread():
 
 
 @pytest.fixture
+def torch_threads(request):
+    """request.param threads for torch (and the cpu kernels) during the test, restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def cpu_regime(request):
     """Forces the cpu backend's regime ("fused" kernels or "gather" + ATen GEMM) for every row
     count, whatever this CPU's default rule would pick, and restores the rule afterwards."""

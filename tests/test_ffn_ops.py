@@ -100,8 +100,8 @@ def test_gathered_linears(device, backend, dtype, shape, kind, bias):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("threads", [1, 3])
-def test_gather_cols_splits_few_rows_over_kept_rows(dtype, threads):
+@pytest.mark.parametrize("torch_threads", [1, 3], indirect=True)
+def test_gather_cols_splits_few_rows_over_kept_rows(dtype, torch_threads):
     """At 1-8 rows of h the cpu backend splits the kept rows into one part per thread, each
     read whole into its own sums, and adds the parts up: every row count, with and without bias
     and scales, parts of uneven lengths, a ragged tail of columns."""
@@ -109,21 +109,16 @@ def test_gather_cols_splits_few_rows_over_kept_rows(dtype, threads):
         pytest.skip("the cpu backend is not built")
     shape = (123, 3001)  # 123 outputs: a tail past the last full vector; 3001 neurons: 3 parts
     _, _, w_out_t, b_out = _weights(shape, dtype, "cpu")
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        for kind, bias in (("random", b_out), ("full", None), ("single", b_out)):
-            kept = index_list(kind, shape[1])
-            scales = (1 + 0.5 * torch.randn(kept.numel())).to(dtype)
-            for rows in range(1, 9):
-                h = torch.randn(rows, kept.numel()).to(dtype)
-                for sc in (None, scales):
-                    out = dk.gather_cols_linear(h, w_out_t, bias, kept, backend="cpu", scales=sc)
-                    dense = _dense(dk.gather_cols_linear, h, w_out_t, bias, kept, scales=sc)
-                    assert_close(out, cols_linear_ref(h, w_out_t, bias, kept, sc), dense,
-                                 f"gather_cols_linear {kind} rows={rows} threads={threads}")
-    finally:
-        torch.set_num_threads(before)
+    for kind, bias in (("random", b_out), ("full", None), ("single", b_out)):
+        kept = index_list(kind, shape[1])
+        scales = (1 + 0.5 * torch.randn(kept.numel())).to(dtype)
+        for rows in range(1, 9):
+            h = torch.randn(rows, kept.numel()).to(dtype)
+            for sc in (None, scales):
+                out = dk.gather_cols_linear(h, w_out_t, bias, kept, backend="cpu", scales=sc)
+                dense = _dense(dk.gather_cols_linear, h, w_out_t, bias, kept, scales=sc)
+                assert_close(out, cols_linear_ref(h, w_out_t, bias, kept, sc), dense,
+                             f"gather_cols_linear {kind} rows={rows} threads={torch_threads}")
 
 
 @pytest.mark.parametrize("cpu_regime", ["fused"], indirect=True)

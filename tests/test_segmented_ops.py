@@ -351,10 +351,10 @@ def gather_above(request):
                          indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("scaled", [False, True])
-@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("torch_threads", [1, 2], indirect=True)
 @pytest.mark.parametrize("hidden", [150, 256])
 def test_cpu_runs_every_segment_in_one_call_over_many_tiles(monkeypatch, gather_above, dtype,
-                                                           scaled, threads, hidden):
+                                                           scaled, torch_threads, hidden):
     """Segments spanning several tiles of rows, kept neurons and output columns (odd sizes:
     ragged tiles and vector tails; 256 float32 outputs: the down projection's packed panels),
     next to one-row and empty-list segments, with segments without rows holding lists in the
@@ -376,17 +376,12 @@ def test_cpu_runs_every_segment_in_one_call_over_many_tiles(monkeypatch, gather_
               for k in lists]
     x = torch.randn(sum(rows), hidden, generator=gen).to(dtype)
     segments, kept, offsets, packed = dk.pack_segments(rows, lists, scales if scaled else None)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        out_ffn = dk.segmented_gather_ffn(x, w["w_in"], w["b_in"], w["w_out_t"], w["b_out"],
-                                          segments, kept, offsets, "gelu_tanh", backend="cpu",
-                                          scales=packed, strategy="segments")
-        out_swiglu = dk.segmented_gather_swiglu_ffn(x, w["w_in"], w["w_up"], w["w_out_t"],
-                                                    segments, kept, offsets, backend="cpu",
-                                                    scales=packed, strategy="segments")
-    finally:
-        torch.set_num_threads(previous)
+    out_ffn = dk.segmented_gather_ffn(x, w["w_in"], w["b_in"], w["w_out_t"], w["b_out"],
+                                      segments, kept, offsets, "gelu_tanh", backend="cpu",
+                                      scales=packed, strategy="segments")
+    out_swiglu = dk.segmented_gather_swiglu_ffn(x, w["w_in"], w["w_up"], w["w_out_t"],
+                                                segments, kept, offsets, backend="cpu",
+                                                scales=packed, strategy="segments")
     assert calls == ["segments", "segments"]  # one C++ call each
     assert_close(out_ffn, _per_segment(rows, lists, scales, x, lambda xs, k, s: ffn_ref(
         xs, w["w_in"], w["b_in"], w["w_out_t"], w["b_out"], k, "gelu_tanh", s)),
@@ -403,8 +398,8 @@ def test_cpu_runs_every_segment_in_one_call_over_many_tiles(monkeypatch, gather_
 
 @pytest.mark.parametrize("gather_above", [10**12], ids=["fused"], indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("threads", [1, 3])
-def test_cpu_decoding_segments_split_their_down_projection(gather_above, dtype, threads):
+@pytest.mark.parametrize("torch_threads", [1, 3], indirect=True)
+def test_cpu_decoding_segments_split_their_down_projection(gather_above, dtype, torch_threads):
     """Segments of at most 8 rows sum their down projection over parts of their kept rows, up to
     four per thread, each part's sums added to the segment's rows afterwards: 64 outputs (a
     part holds at least 256 kept rows), lists of up to 1100 neurons, a segment of 9 rows (tiled)
@@ -420,19 +415,14 @@ def test_cpu_decoding_segments_split_their_down_projection(gather_above, dtype, 
     scales = [(1 + 0.3 * torch.randn(len(k), generator=gen)).to(dtype) for k in lists]
     x = torch.randn(sum(rows), hidden, generator=gen).to(dtype)
     segments, kept, offsets, packed = dk.pack_segments(rows, lists, scales)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        out = dk.segmented_gather_ffn(x, w["w_in"], w["b_in"], w["w_out_t"], w["b_out"],
-                                      segments, kept, offsets, "gelu", backend="cpu",
-                                      scales=packed, strategy="segments")
-    finally:
-        torch.set_num_threads(previous)
+    out = dk.segmented_gather_ffn(x, w["w_in"], w["b_in"], w["w_out_t"], w["b_out"], segments,
+                                  kept, offsets, "gelu", backend="cpu", scales=packed,
+                                  strategy="segments")
     assert_close(out, _per_segment(rows, lists, scales, x, lambda xs, k, s: ffn_ref(
         xs, w["w_in"], w["b_in"], w["w_out_t"], w["b_out"], k, "gelu", s)),
         _dense_segments(rows, lists, scales, x, lambda xs, k, s: dk.gather_ffn(
             xs, w["w_in"], w["b_in"], w["w_out_t"], w["b_out"], k, "gelu", backend="torch",
-            scales=s)), f"split down projections ({threads} threads)")
+            scales=s)), f"split down projections ({torch_threads} threads)")
 
 
 def test_cpu_entry_points_check_the_layout():

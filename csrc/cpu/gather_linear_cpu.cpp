@@ -853,9 +853,9 @@ void down_segments(const std::vector<Segment>& segs, const KernelSet<T>& ks, con
   }
 }
 
-// The fused regime over `segs`: `up(segment, tile, its hidden block)` for every up tile, then the
-// activation and scales over the hidden buffer, then every segment's down projection
-// (ks.cols over the input-major w_down_t) into out (float32, rows x N).
+// The fused regime over `segs`: `up(segment, tile, its hidden block)` for every up tile, each
+// tile's activation right after it, then the scales over the hidden buffer, then every segment's
+// down projection (down_segments) into out (float32, rows x N).
 template <typename T, typename Up>
 void run_fused_segments(const std::vector<Segment>& segs, const Up& up, int64_t activation,
                         const std::optional<at::Tensor>& scales, const KernelSet<T>& ks,
@@ -932,8 +932,8 @@ void segment_mask(const Segment& s, const std::vector<int64_t>& place, const int
   for (int64_t j = s.k0; j < s.k0 + s.kept; ++j) row[place[ip[j]]] = scales ? scales[j] : 1.0f;
 }
 
-// The union's cost less the segments' (library._union_cost): `read_cost` per weight row read, 1
-// per input row x neuron computed.
+// The union's cost less the segments' under the CPU's cost model (doe_kernels/ops/library.py,
+// READ_COST_CPU): `read_cost` per weight row read, 1 per input row x neuron computed.
 double union_cost(const std::vector<Segment>& segs, double read_cost, int64_t union_size) {
   double rows = 0, read = 0, computed = 0;
   for (const Segment& s : segs) {
@@ -944,8 +944,8 @@ double union_cost(const std::vector<Segment>& segs, double read_cost, int64_t un
   return (read_cost + rows) * union_size - (read_cost * read + computed);
 }
 
-// The union's size when `strategy` takes it for `segs` (library._choose_strategy under the CPU's
-// cost model, `read_cost`), with `place` filled (union_places); 0 to run the segments.
+// The union's size when `strategy` takes it for `segs` (auto: where union_cost is negative), with
+// `place` filled (union_places); 0 to run the segments.
 int64_t chosen_union(int64_t strategy, double read_cost, const std::vector<Segment>& segs,
                      const at::Tensor& kept, int64_t neurons, std::vector<int64_t>& place) {
   TORCH_CHECK_VALUE(strategy >= kAutoStrategy && strategy <= kUnionStrategy,
@@ -981,9 +981,8 @@ void mask_hidden_(at::Tensor& hidden, const std::vector<Segment>& segs,
   }
 }
 
-// A segmented FFN through its union: `up(union)` (the gathered up projection, x's dtype), the
-// row masks, then the down projection over the union; rows of no segment (none: the layout
-// covers every row) are not special.
+// A segmented FFN through its union: `up(union)` (the gathered up projection, x's dtype), each
+// row times its segment's mask, then the down projection over the union.
 template <typename Up>
 at::Tensor union_ffn(const at::Tensor& x, const std::vector<Segment>& segs,
                      const std::vector<int64_t>& place, int64_t count, const at::Tensor& kept,

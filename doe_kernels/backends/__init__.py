@@ -7,8 +7,10 @@ indices. `scales` is None or a contiguous 1-D tensor of h's dtype with one facto
 out[m, n] = sum_j h[m, j] * scales[j] * weight_t[cols[j], n] + bias[n]; with None no backend makes
 an extra pass or buffer (the cpu, torch and triton results are bit for bit those without the
 argument). A backend may add `segmented_ffn(x, up, w_out_t, b_out, bounds, kept, scales)`: every
-segment of a segmented op in one call (cpu, triton, and cuda when its extension has the kernels;
-see ops/library.py `_segmented`).
+segment of a segmented op in one call (triton, and cuda when its extension has the kernels), or
+`segmented_ffn_with_union(x, up, w_out_t, b_out, segments, kept, kept_offsets, scales, strategy,
+read_cost)`: the whole op, the choice between the segments and their union included (cpu; see
+ops/library.py `_segmented`).
 
 Index values are not trusted: the ops skip their check when called with `check_indices=False` (the
 patched modules, which checked their mask once), and an index tensor may change after a check. No

@@ -40,7 +40,7 @@ def gather_cols_linear(h, weight_t, bias, cols, scales):
 def _segmented_ffn(x, up, w_out_t, b_out, bounds, kept, scales):
     """Every segment of a segmented FFN in two launches with a grid axis over the segments, the
     up projections then the down projections (and one that sums the latter's splits of the kept
-    lists, when they have several): the library's segmented-kernel hook, as cpu.segmented_ffn.
+    lists, when they have several): the library's segmented-kernel hook, as triton.segmented_ffn.
     `bounds`: the library's (first row, end row, first kept, end kept) of each segment with rows;
     `up`: ("rows", w_in, b_in, activation) or ("swiglu", w_gate, w_up)."""
     segments, kept_offsets = segment_layout(bounds, kept.numel())

@@ -1,5 +1,5 @@
-"""The segment layout that the compiled segmented kernels (cpu and cuda backends) take, rebuilt from
-the library's bounds (ops/library.py `_segment_bounds`)."""
+"""The segment layout that the cuda backend's segmented kernels take, rebuilt from the library's
+bounds (ops/library.py `_segment_bounds`)."""
 import torch
 
 

@@ -308,8 +308,9 @@ def union_plan(x, segments, kept, kept_offsets, scales=None, strategy: str = "au
 
 
 def _plan_in_cpp(x, kept, scales) -> bool:
-    """Whether union_plan builds the plan in the cpu backend's one C++ call (the same plan as
-    _choose_strategy and _union_row_mask build with a dozen small torch ops, about 0.2 ms)."""
+    """Whether the cpu backend's C++ calls can take these tensors: a whole segmented op on that
+    backend (_segmented), or the plan alone for union_plan (the same plan as _choose_strategy and
+    _union_row_mask build with a dozen small torch ops, about 0.2 ms)."""
     return (x.device.type == "cpu" and x.dtype in backends.cpu.DTYPES and x.dim() == 2
             and kept.dtype == torch.int64 and kept.is_contiguous()
             and (scales is None or (scales.dtype == x.dtype and scales.is_contiguous()))
