@@ -8,7 +8,9 @@ experts, served by today's serial router against mixed-task batching.
 
 Task mixes: uniform (each task a fifth of the requests) and skewed (one task 60%, the others 10%
 each). Per mix and router: requests per second over all clients, and the median and 99th
-percentile of a request's latency.
+percentile of a request's latency. With --ceiling, then, without threads, the batching
+ceiling: the same requests one per forward pass and eight per forward pass, on their own experts
+and all on one expert (`batching_ceiling`).
 
     python python/router_benchmark.py --model minilm --experts EXPERTS/minilm \
         --out benchmarks/results/router_cpu
@@ -199,6 +201,39 @@ def measure(model, tokenizer, experts, texts, args, on_row=lambda rows: None) ->
     return rows
 
 
+CEILING_BATCHES = 6
+
+
+def batching_ceiling(model, tokenizer, experts, texts, args) -> dict:
+    """Without client threads, the same `clients` x CEILING_BATCHES requests (of the uniform mix)
+    timed one per forward pass (`run`) and `clients` per forward pass (`run_mixed`), once on their
+    own experts and once all on the first task's expert: what batching alone gains here, the
+    ceiling of the routers' ratio, and what mixing five experts costs on top of it. Milliseconds
+    a request, best of two passes."""
+    requests = client_requests(MIXES["uniform"], texts, args.clients * CEILING_BATCHES, seed=99)
+    cases = {"own experts": requests, "one expert": [(TASKS[0], text) for _, text in requests]}
+    out = {}
+    with dk.ExpertRouter(model, tokenizer, batch_size=args.clients) as router:
+        for task, expert in experts.items():
+            router.add(task, expert)
+        for case, plan in cases.items():
+            batches = [plan[i:i + args.clients] for i in range(0, len(plan), args.clients)]
+            for mode, serve in (("alone", lambda: [router.run(t, x) for t, x in plan]),
+                                ("batched", lambda: [router.run_mixed(b) for b in batches])):
+                serve()  # warm-up: one-off costs off the clock
+                seconds = []
+                for _ in range(2):
+                    begun = time.perf_counter()
+                    serve()
+                    seconds.append(time.perf_counter() - begun)
+                out[f"{case}, {mode}"] = round(1e3 * min(seconds) / len(plan), 2)
+    out["batching gain, one expert"] = round(out["one expert, alone"]
+                                             / out["one expert, batched"], 2)
+    out["batching gain, own experts"] = round(out["own experts, alone"]
+                                              / out["own experts, batched"], 2)
+    return dict(one_expert=TASKS[0], requests=len(requests), ms_per_request=out)
+
+
 def plot(rows, path: str, title: str) -> None:
     import matplotlib
 
@@ -238,8 +273,11 @@ def main():
                          for m in ("serial", "mixed"))
         print(f"{mix}: mixed {mixed['requests_per_s'] / serial['requests_per_s']:.2f}x the "
               f"serial router's requests/s; p99 {serial['p99_ms']} -> {mixed['p99_ms']} ms")
+    ceiling = batching_ceiling(model, tokenizer, experts, texts, args) if args.ceiling else None
+    if ceiling:
+        print(f"batching ceiling (no threads): {ceiling}")
     if args.out:
-        path = save(rows)
+        path = save(rows, ceiling)
         where = device_name(args.device)
         try:
             plot(rows, path.replace(".json", ".png"),
@@ -250,18 +288,20 @@ def main():
 
 
 def results_writer(args, experts):
-    """save(rows): OUT/router_<model>.json with the rows so far (written after each, so that a
-    run stopped early keeps what it measured); returns its path."""
+    """save(rows, ceiling=None): OUT/router_<model>.json with the rows so far (written after each,
+    so that a run stopped early keeps what it measured) and batching_ceiling's result; returns
+    its path."""
     os.makedirs(args.out, exist_ok=True)
     rates = {t: e.figures.get("pruning_rate", e.mask.summary()["ffn_pruning_rate"])
              for t, e in experts.items()}
     path = os.path.join(args.out, f"router_{args.model}.json")
 
-    def save(rows):
+    def save(rows, ceiling=None):
         result = dict(model=args.model, experts=args.experts or "stand-ins",
                       weights="random (from the config)" if args.assets else "trained",
                       pruning_rates=rates, cpu=device_name("cpu"),
-                      **metadata(args.device, "router"), args=vars(args), rows=rows)
+                      **metadata(args.device, "router"), args=vars(args), rows=rows,
+                      batching_ceiling=ceiling)
         with open(path + ".tmp", "w") as f:
             json.dump(result, f, indent=1)
         os.replace(path + ".tmp", path)
@@ -280,6 +320,8 @@ def parse_args():
     parser.add_argument("--window", type=float, default=0.005, help="batch window (seconds)")
     parser.add_argument("--warmup", type=int, default=0,
                         help="requests per client served untimed before each measurement")
+    parser.add_argument("--ceiling", action="store_true",
+                        help="also time the batching ceiling (batching_ceiling)")
     parser.add_argument("--out", default=None, help="folder for the results file and plot")
     parser.add_argument("--export-assets", default=None, metavar="DIR",
                         help="write the configs, tokenizers and texts a run elsewhere needs, "

@@ -32,6 +32,15 @@ def test_router_benchmark_rows_and_plot(tokenizer, tmp_path):
             assert 1 <= row["mean_batch"] <= 3
     rb.plot(rows, str(tmp_path / "router.png"), "test")
     assert (tmp_path / "router.png").stat().st_size > 0
+    ceiling = rb.batching_ceiling(model, tokenizer, experts, texts, args)
+    assert ceiling["one_expert"] == rb.TASKS[0] and ceiling["requests"] == 3 * rb.CEILING_BATCHES
+    times = ceiling["ms_per_request"]
+    assert all(times[f"{case}, {mode}"] > 0 for case in ("own experts", "one expert")
+               for mode in ("alone", "batched"))
+    assert times["batching gain, own experts"] == round(
+        times["own experts, alone"] / times["own experts, batched"], 2)
+    with open(rb.results_writer(args, experts)(rows, ceiling)) as f:
+        assert json.load(f)["batching_ceiling"] == ceiling
 
 
 def test_assets_carry_configs_tokenizers_and_texts_but_no_weights(tokenizer, tmp_path,
