@@ -227,10 +227,13 @@ def test_cpu_kernels_on_narrower_instruction_sets(isa):
 @pytest.mark.parametrize("kind", ["single", "random", "full"])
 @pytest.mark.parametrize("rows", [1, 40])
 def test_both_cpu_regimes_match_the_reference(cpu_regime, dtype, kind, rows):
-    """Each regime on every dtype at few and many rows, whichever the default rule picks here."""
+    """Each regime on every dtype at few and many rows, whichever the default rule picks here. A
+    full list in the gather + GEMM regime multiplies the weight itself (nothing copied), and
+    scales then go to a copy: the weights stay as they were."""
     shape = (123, 300)
     w_in, b_in, w_out_t, b_out = _weights(shape, dtype, "cpu")
     w_up = _weights(shape, dtype, "cpu")[0]
+    before = [w.clone() for w in (w_in, b_in, w_out_t, b_out, w_up)]
     kept = index_list(kind, shape[1])
     scales = (1 + 0.5 * torch.randn(kept.numel())).to(dtype)
     x = torch.randn(rows, shape[0]).to(dtype)
@@ -250,6 +253,7 @@ def test_both_cpu_regimes_match_the_reference(cpu_regime, dtype, kind, rows):
     }
     for name, (out, ref, dense) in checks.items():
         assert_close(out, ref, dense, f"{name} ({cpu_regime}) rows={rows}")
+    assert all(torch.equal(w, b) for w, b in zip((w_in, b_in, w_out_t, b_out, w_up), before))
 
 
 def test_the_cpu_regime_override():

@@ -406,6 +406,19 @@ at::Tensor gather_rows(const at::Tensor& src, const at::Tensor& idx, int slot = 
   return dst;
 }
 
+// The rows idx of src for a GEMM: src itself where idx lists every row in order (a union of
+// experts that together keep every neuron; nothing to copy), else gather_rows' copy.
+at::Tensor kept_rows(const at::Tensor& src, const at::Tensor& idx, int slot = 0) {
+  const int64_t n = idx.numel();
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  if (n == src.size(0) && src.is_contiguous()) {
+    int64_t i = 0;
+    while (i < n && ip[i] == i) ++i;
+    if (i == n) return src;
+  }
+  return gather_rows(src, idx, slot);
+}
+
 template <typename T>
 const T* raw(const at::Tensor& t) {
   return reinterpret_cast<const T*>(t.data_ptr());
@@ -451,7 +464,7 @@ at::Tensor gather_rows_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
   if (M == 0) return at::empty({0, N}, x.options());
 
   if (use_gather_gemm(x.scalar_type(), M, N * K * x.element_size())) {
-    at::Tensor wg = gather_rows(weight, rows);
+    at::Tensor wg = kept_rows(weight, rows);
     at::Tensor out = bias.has_value() ? at::addmm(bias->index_select(0, rows), x, wg.t())
                                       : at::mm(x, wg.t());
     apply_activation_(out, activation);
@@ -506,8 +519,8 @@ at::Tensor gather_swiglu_cpu(const at::Tensor& x, const at::Tensor& w_gate, cons
   if (M == 0) return at::empty({0, N}, x.options());
 
   if (use_gather_gemm(x.scalar_type(), M, 2 * N * K * x.element_size())) {
-    at::Tensor g = at::mm(x, gather_rows(w_gate, kept).t());
-    at::Tensor u = at::mm(x, gather_rows(w_up, kept, 1).t());
+    at::Tensor g = at::mm(x, kept_rows(w_gate, kept).t());
+    at::Tensor u = at::mm(x, kept_rows(w_up, kept, 1).t());
     at::silu_(g);
     g.mul_(u);
     return g;
@@ -596,7 +609,8 @@ at::Tensor gather_cols_linear_cpu(const at::Tensor& h, const at::Tensor& weight_
   if (M == 0) return at::empty({0, N}, h.options());
 
   if (use_gather_gemm(h.scalar_type(), M, J * N * h.element_size())) {
-    at::Tensor wg = gather_rows(weight_t, cols);
+    // (scales are applied to a copy of the rows, never to weight_t itself)
+    at::Tensor wg = scales.has_value() ? gather_rows(weight_t, cols) : kept_rows(weight_t, cols);
     if (scales.has_value()) wg.mul_(scales->unsqueeze(1));  // row j of the scratch times scales[j]
     return bias.has_value() ? at::addmm(*bias, h, wg) : at::mm(h, wg);
   }
