@@ -552,6 +552,17 @@ at::Tensor gather_swiglu_cpu(const at::Tensor& x, const at::Tensor& w_gate, cons
   return finish(out, x.scalar_type());
 }
 
+// rows x N floats at out, each row the bias (zeros without one): where split sums start.
+void fill_with_bias(float* out, int64_t rows, int64_t N, const float* bias) {
+  for (int64_t m = 0; m < rows; ++m)
+    for (int64_t n = 0; n < N; ++n) out[m * N + n] = bias ? bias[n] : 0.f;
+}
+
+// out[i] += part[i] for i < count: a split's later parts summed into its first.
+void add_part(float* out, const float* part, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) out[i] += part[i];
+}
+
 // gather_cols for at most kColsSplitMaxRows rows of h (out: M x N float32): the kept rows split
 // into one part per thread (at least a task's worth of weight bytes each), each part's rows read
 // whole and in order (ks.cols_split) into its own accumulator: the first part's is out itself,
@@ -570,18 +581,14 @@ void cols_split_run(const KernelSet<T>& ks, const float* hp, int64_t M, int64_t 
   const int64_t row_bytes = std::max<int64_t>(N * element_bytes, 1);
   const int64_t grain = std::max<int64_t>(16, kMinTaskBytes / row_bytes);
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), J / grain));
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t n = 0; n < N; ++n) op[m * N + n] = bp ? bp[n] : 0.f;
+  fill_with_bias(op, M, N, bp);
   std::vector<float> acc((parts - 1) * M * N, 0.f);
   at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p)
       ks.cols_split(hp, M, J, wp, N, ip, J * p / parts, J * (p + 1) / parts,
                     p == 0 ? op : acc.data() + (p - 1) * M * N);
   });
-  for (int64_t p = 1; p < parts; ++p) {
-    const float* a = acc.data() + (p - 1) * M * N;
-    for (int64_t i = 0; i < M * N; ++i) op[i] += a[i];
-  }
+  for (int64_t p = 1; p < parts; ++p) add_part(op, acc.data() + (p - 1) * M * N, M * N);
 }
 
 // =============================================================================================
@@ -825,8 +832,7 @@ void down_segments(const std::vector<Segment>& segs, const KernelSet<T>& ks, con
       continue;
     }
     split_kept += s.kept;
-    for (int64_t m = 0; m < s.rows; ++m)
-      for (int64_t n = 0; n < N; ++n) op[(s.r0 + m) * N + n] = b_down ? b_down[n] : 0.f;
+    fill_with_bias(op + s.r0 * N, s.rows, N, b_down);
   }
   const int64_t grain = std::max<int64_t>(16, kMinTaskBytes / std::max<int64_t>(N * sizeof(T), 1));
   const int64_t target = 4 * at::get_num_threads();
@@ -859,12 +865,9 @@ void down_segments(const std::vector<Segment>& segs, const KernelSet<T>& ks, con
     ks.cols(hp + s.hidden, s.kept, w_down_t, N, kept + s.k0, b_down, t.m0, t.m1, t.c0, t.c1,
             op + s.r0 * N);
   });
-  for (const DownPart& d : parts) {
-    if (d.buffer < 0) continue;  // a first part: summed in place
-    const float* a = acc(d);
-    float* o = op + segs[d.seg].r0 * N;
-    for (int64_t i = 0; i < segs[d.seg].rows * N; ++i) o[i] += a[i];
-  }
+  for (const DownPart& d : parts)
+    if (d.buffer >= 0)  // a first part is summed in place
+      add_part(op + segs[d.seg].r0 * N, acc(d), segs[d.seg].rows * N);
 }
 
 // The fused regime over `segs`: `up(segment, tile, its hidden block)` for every up tile, each
@@ -977,7 +980,8 @@ int64_t chosen_union(int64_t strategy, double read_cost, const std::vector<Segme
 }
 
 // hidden (rows of x x union, x's dtype) times each row's segment's mask, in place (torch's
-// `hidden * row_mask` with the mask in hidden's dtype).
+// `hidden * row_mask` with the mask in hidden's dtype), in parallel over rows; a segment keeping
+// every neuron of the union, unscaled, is left as it is (its mask is all ones).
 template <typename T>
 void mask_hidden_(at::Tensor& hidden, const std::vector<Segment>& segs,
                   const std::vector<int64_t>& place, const int64_t* ip, const float* scales) {
@@ -985,13 +989,17 @@ void mask_hidden_(at::Tensor& hidden, const std::vector<Segment>& segs,
   std::vector<float> mask(count);
   T* hp = hidden.data_ptr<T>();
   for (const Segment& s : segs) {
+    if (s.kept == count && scales == nullptr) continue;
     segment_mask(s, place, ip, scales, count, mask.data());
     for (float& m : mask) m = static_cast<float>(static_cast<T>(m));
-    for (int64_t r = s.r0; r < s.r0 + s.rows; ++r) {
-      T* h = hp + r * count;
-      for (int64_t j = 0; j < count; ++j)
-        h[j] = static_cast<T>(static_cast<float>(h[j]) * mask[j]);
-    }
+    at::parallel_for(s.r0, s.r0 + s.rows, std::max<int64_t>(1, 16384 / count),
+                     [&](int64_t r0, int64_t r1) {
+                       for (int64_t r = r0; r < r1; ++r) {
+                         T* h = hp + r * count;
+                         for (int64_t j = 0; j < count; ++j)
+                           h[j] = static_cast<T>(static_cast<float>(h[j]) * mask[j]);
+                       }
+                     });
   }
 }
 
