@@ -33,14 +33,15 @@
 //       scales (len(kept)) or none -> out (M, N). `strategy` (SegmentStrategy): each segment on
 //       its own list, or the union of the lists (union_plan) gathered once, each row's hidden
 //       activations times its row of the row mask; auto takes the union where it costs less
-//       under the cost model of doe_kernels/ops/library.py (`read_cost` per weight row read, 1
-//       per input row x neuron computed).
+//       under the CPU's cost model (cpu/gather_linear_cpu.cpp, RegimeCosts: each call weighed in
+//       the regime it runs, fused or gather + GEMM).
 //   segmented_swiglu_ffn (CPU): the same for the SwiGLU FFN (w_gate, w_up, w_down_t; no biases).
 //   union_plan (CPU): (union, row_mask) of a segmented FFN's layout (as segmented_ffn takes it;
 //       kept entries below `neurons`, the FFN's width): the sorted union of the lists of the
 //       segments holding rows (int64), and (M, len(union)) in x's dtype: each row's segment's 1
 //       (or scale) at the places of its kept neurons in the union, 0 elsewhere; where `strategy`
-//       (with `read_cost`, as segmented_ffn) runs the segments, an empty union and (M, 0).
+//       runs the segments (as segmented_ffn decides it for an FFN from x's width back to it,
+//       `up_matrices` 1 for w_in or 2 for SwiGLU's w_gate and w_up), an empty union and (M, 0).
 //   segmented_ffn, segmented_swiglu_ffn (CUDA): the same on the GPU. segments and kept_offsets
 //       stay CPU tensors (the layout sizes the launches; it is checked as on the CPU and copied to
 //       the device), kept and scales are on x's device (kept's values checked by the kernels). The
@@ -88,19 +89,18 @@ at::Tensor segmented_ffn_cpu(const at::Tensor& x, const at::Tensor& w_in,
                              const std::optional<at::Tensor>& b_out, const at::Tensor& segments,
                              const at::Tensor& kept, const at::Tensor& kept_offsets,
                              const std::optional<at::Tensor>& scales, int64_t activation,
-                             int64_t strategy, double read_cost);
+                             int64_t strategy);
 at::Tensor segmented_swiglu_ffn_cpu(const at::Tensor& x, const at::Tensor& w_gate,
                                     const at::Tensor& w_up, const at::Tensor& w_down_t,
                                     const at::Tensor& segments, const at::Tensor& kept,
                                     const at::Tensor& kept_offsets,
-                                    const std::optional<at::Tensor>& scales, int64_t strategy,
-                                    double read_cost);
+                                    const std::optional<at::Tensor>& scales, int64_t strategy);
 std::tuple<at::Tensor, at::Tensor> union_plan_cpu(const at::Tensor& x, const at::Tensor& segments,
                                                   const at::Tensor& kept,
                                                   const at::Tensor& kept_offsets,
                                                   const std::optional<at::Tensor>& scales,
-                                                  int64_t neurons, int64_t strategy,
-                                                  double read_cost);
+                                                  int64_t neurons, int64_t up_matrices,
+                                                  int64_t strategy);
 // The segments holding rows of a segmented FFN's layout (segments and kept_offsets: CPU int64, one
 // entry more than there are segments, from 0 to `rows` and to `kept_count`, non-decreasing;
 // ValueError otherwise), their `hidden` offsets 0. The CPU and CUDA entry points read it alike.
@@ -115,6 +115,9 @@ int64_t cpu_gather_above();
 // bfloat16), should run the fused kernels (true) rather than ATen's GEMM on the whole weight:
 // float32 on AMD CPUs, float32 at few rows elsewhere, or as set_cpu_gather_above forces.
 bool cpu_runs_fused_dense(bool float32, int64_t rows);
+// The segment strategy's cost model for float32 (else bfloat16) on this CPU: (read, gemm_read,
+// gemm_copy, gemm_product), as cpu/gather_linear_cpu.cpp's RegimeCosts defines them.
+std::tuple<double, double, double, double> cpu_segment_costs(bool float32);
 
 #ifdef DOE_KERNELS_WITH_CUDA
 // `stream` is the cudaStream_t to launch on, passed from Python

@@ -84,11 +84,13 @@ def real_hidden(model, ids, attention):
 
 
 def ffn_rows(monkeypatch) -> list:
-    """The row count of every segmented FFN op call from now on."""
+    """The row count of every segmented FFN op call from now on (per segment or through the
+    union)."""
     from doe_kernels.ops import library
 
     seen = []
-    for op in ("segmented_gather_ffn", "segmented_gather_swiglu_ffn"):
+    for op in ("segmented_gather_ffn", "segmented_gather_swiglu_ffn", "union_gather_ffn",
+               "union_gather_swiglu_ffn"):
         original = getattr(library, op)
         monkeypatch.setattr(library, op, lambda x, *a, original=original, **k:
                             seen.append(x.shape[0]) or original(x, *a, **k))

@@ -171,22 +171,20 @@ def test_auto_picks_the_union_for_one_row_per_segment_and_shared_rows():
     assert _choose_strategy("union", bounds, kept, min_union=101)[0] == "union"
 
 
-def _cpu_decision(rows, lists, strategy="auto", read_cost=None):
-    """The size of the union the cpu backend's C++ call takes for this layout over 128 neurons
-    (0: the segments)."""
-    from doe_kernels.ops.library import READ_COST_CPU
-
+def _cpu_decision(rows, lists, strategy="auto", neurons=128, scales=None):
+    """The size of the union the cpu backend's C++ call takes for this layout over `neurons`
+    neurons of a BERT FFN (0: the segments)."""
     segments, kept, offsets, _ = dk.pack_segments(rows, lists)
     x = torch.zeros(sum(rows), 4)
-    union, row_mask = _cpu_backend().union_plan(
-        x, segments, kept, offsets, None, 128, strategy,
-        READ_COST_CPU if read_cost is None else read_cost)
+    union, row_mask = _cpu_backend().union_plan(x, segments, kept, offsets, scales, neurons, 1,
+                                                strategy)
     assert row_mask.shape == (sum(rows), union.numel())
     return union.numel()
 
 
-def test_the_cpus_cost_model_takes_the_union_where_it_reads_and_computes_less():
-    """The C++ call's choice: read_cost per weight row read, 1 per input row x neuron computed."""
+@pytest.mark.parametrize("cpu_regime", ["fused"], indirect=True)
+def test_the_cpus_cost_model_takes_the_union_where_it_reads_and_computes_less(cpu_regime):
+    """In the fused regime: read per weight row read, 1 per input row x neuron computed."""
     overlapping = [torch.arange(13 * s, 13 * s + 35) for s in range(5)]  # union 87
     # five overlapping lists of 35 neurons at one row each, not at four
     assert _cpu_decision([1] * 5, overlapping) == 87
@@ -203,28 +201,61 @@ def test_the_cpus_cost_model_takes_the_union_where_it_reads_and_computes_less():
     assert _cpu_decision([1, 0], [torch.arange(0), torch.arange(5)], "union") == 0
 
 
+@pytest.mark.parametrize("cpu_regime", ["gather"], indirect=True)
+def test_the_cpus_cost_model_weighs_the_gemm_regimes_copies(cpu_regime):
+    """In the gather + GEMM regime each call copies its kept rows, unless they are every neuron
+    in order: weakly pruned experts whose union holds every neuron take it at many rows."""
+    gen = torch.Generator().manual_seed(0)
+    weak = [torch.randperm(128, generator=gen)[:100].sort().values for _ in range(5)]
+    assert torch.unique(torch.cat(weak)).numel() == 128
+    assert _cpu_decision([32] * 5, weak) == 128
+    # one neuron left out: the union copies its rows once, the segments five times
+    assert _cpu_decision([32] * 5, [k[k != 7] for k in weak]) == 127
+    # at very many rows the union's extra products outweigh the segments' copies
+    assert _cpu_decision([4096] * 5, weak) == 0
+    # a segment keeping every neuron copies nothing either: with another, one GEMM over both
+    assert _cpu_decision([32, 32], [torch.arange(128), weak[0]]) == 128
+
+
+def _model_cost(costs, gemm: bool, rows: int, neurons: int, copies: bool) -> float:
+    """One call's cost under the cpu backend's model (csrc/cpu, RegimeCosts)."""
+    read, gemm_read, gemm_copy, gemm_product = costs
+    if gemm:
+        return neurons * (gemm_read + (gemm_copy if copies else 0) + rows * gemm_product)
+    return neurons * (read + rows)
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_the_cpus_cost_model_is_the_documented_formula(seed):
-    """Over random layouts and read costs, the C++ call takes the union exactly where
-    (read_cost + rows) x union < read_cost x neurons read + rows x neurons computed."""
+    """Over random layouts and forced regimes (gather + GEMM above 0, 2 or no rows), the C++
+    call takes the union exactly where the documented model says it costs less than the
+    segments, each call in its regime, copying unless it keeps every neuron in order."""
+    from doe_kernels._ext import extension
+
+    cpu = _cpu_backend()
+    costs = extension().cpu_segment_costs(True)
     gen = torch.Generator().manual_seed(seed)
-    for _ in range(30):
-        count = int(torch.randint(1, 6, (), generator=gen))
-        rows = torch.randint(0, 4, (count,), generator=gen).tolist()
-        share = float(torch.rand((), generator=gen))
-        common = torch.randperm(128, generator=gen)[:int(share * 30)]
-        lists = [torch.unique(torch.cat([common, torch.randperm(
-            128, generator=gen)[:int(torch.randint(0, 30, (), generator=gen))]]))
-            for _ in range(count)]
-        read_cost = float(torch.rand((), generator=gen)) * 8
-        live = [(r, k.numel()) for r, k in zip(rows, lists) if r]
-        union = torch.unique(torch.cat([k for r, k in zip(rows, lists) if r] or [
-            torch.arange(0)])).numel()
-        total_rows = sum(r for r, _ in live)
-        cost = ((read_cost + total_rows) * union
-                - (read_cost * sum(n for _, n in live) + sum(r * n for r, n in live)))
-        expected = union if union and cost < 0 else 0
-        assert _cpu_decision(rows, lists, read_cost=read_cost) == expected, (rows, read_cost)
+    every = torch.arange(128)
+    try:
+        for _ in range(40):
+            above = [0, 2, 10**12][int(torch.randint(0, 3, (), generator=gen))]
+            cpu.set_gather_above(above)
+            count = int(torch.randint(1, 6, (), generator=gen))
+            rows = torch.randint(0, 5, (count,), generator=gen).tolist()
+            common = torch.randperm(128, generator=gen)[:int(torch.randint(0, 128, (),
+                                                                           generator=gen))]
+            lists = [torch.unique(torch.cat([common, torch.randperm(128, generator=gen)[
+                :int(torch.randint(0, 128, (), generator=gen))]])) for _ in range(count)]
+            live = [(r, k) for r, k in zip(rows, lists) if r]
+            union = torch.unique(torch.cat([k for _, k in live] or [every[:0]])).numel()
+            total = sum(r for r, _ in live)
+            separate = sum(_model_cost(costs, r > above, r, k.numel(), not torch.equal(k, every))
+                           for r, k in live)
+            together = _model_cost(costs, total > above, total, union, union < 128)
+            expected = union if union and together < separate else 0
+            assert _cpu_decision(rows, lists) == expected, (rows, above, union)
+    finally:
+        cpu.set_gather_above(None)
 
 
 def test_an_op_call_takes_the_union_where_building_its_plan_pays(monkeypatch):
@@ -437,9 +468,9 @@ def test_cpu_entry_points_check_the_layout():
     def both(segments, kept_offsets, kept=kept, scales=None, strategy=0):
         segments, kept_offsets = torch.tensor(segments), torch.tensor(kept_offsets)
         return (ext.segmented_ffn_cpu(x, w["w_in"], w["b_in"], w["w_out_t"], w["b_out"],
-                                      segments, kept, kept_offsets, scales, 1, strategy, 3.5),
+                                      segments, kept, kept_offsets, scales, 1, strategy),
                 ext.segmented_swiglu_ffn_cpu(x, w["w_in"], w["w_up"], w["w_out_t"], segments,
-                                             kept, kept_offsets, scales, strategy, 3.5))
+                                             kept, kept_offsets, scales, strategy))
 
     for out in both([0, 2, 5, 5], [0, 3, 3, 5]):  # a good layout, a segment without rows last
         assert out.shape == (5, HIDDEN)
@@ -478,8 +509,8 @@ def test_cpu_union_plan_equals_the_torch_plan(seed, dtype, scaled):
     segments, kept, offsets, packed = dk.pack_segments(rows, lists, scales if scaled else None)
     packed = None if packed is None else packed.to(dtype)
     x = torch.zeros(sum(rows), HIDDEN, dtype=dtype)
-    union, row_mask = cpu.union_plan(x, segments, kept, offsets, packed, INTERMEDIATE, "union",
-                                     3.5)
+    union, row_mask = cpu.union_plan(x, segments, kept, offsets, packed, INTERMEDIATE, 1,
+                                     "union")
     chosen, expected = _choose_strategy("union", _segment_bounds(segments, offsets), kept)
     if chosen == "segments":  # no rows, or no kept neuron in a segment with rows
         assert union.numel() == 0 and row_mask.shape == (sum(rows), 0)
@@ -535,22 +566,24 @@ def test_cpu_union_plan_checks_its_input():
     x = torch.zeros(5, 8)
     kept, offsets, segments = torch.tensor([0, 3, 7, 2, 4]), torch.tensor([0, 3, 5]), torch.tensor(
         [0, 2, 5])
-    union, row_mask = ext.union_plan_cpu(x, segments, kept, offsets, None, 8, UNION, 3.5)
+    union, row_mask = ext.union_plan_cpu(x, segments, kept, offsets, None, 8, 1, UNION)
     assert union.tolist() == [0, 2, 3, 4, 7] and row_mask.shape == (5, 5)
-    union, no_mask = ext.union_plan_cpu(x, segments, kept, offsets, None, 8, SEGMENTS, 3.5)
+    union, no_mask = ext.union_plan_cpu(x, segments, kept, offsets, None, 8, 1, SEGMENTS)
     assert union.numel() == 0 and no_mask.shape == (5, 0)
     for bad in (-1, 8, 2**40):  # below 0, past the FFN's width, far past it
         with pytest.raises(ValueError, match=f"holds index {bad} at position 4, out of range"):
-            ext.union_plan_cpu(x, segments, torch.tensor([0, 3, 7, 2, bad]), offsets, None, 8,
-                               UNION, 3.5)
+            ext.union_plan_cpu(x, segments, torch.tensor([0, 3, 7, 2, bad]), offsets, None, 8, 1,
+                               UNION)
     with pytest.raises(ValueError, match="segments must start at 0 and end at 5"):
-        ext.union_plan_cpu(x, torch.tensor([0, 2, 4]), kept, offsets, None, 8, UNION, 3.5)
+        ext.union_plan_cpu(x, torch.tensor([0, 2, 4]), kept, offsets, None, 8, 1, UNION)
     with pytest.raises(RuntimeError, match="scales has 4 entries but kept has 5"):
-        ext.union_plan_cpu(x, segments, kept, offsets, torch.ones(4), 8, UNION, 3.5)
+        ext.union_plan_cpu(x, segments, kept, offsets, torch.ones(4), 8, 1, UNION)
     with pytest.raises(RuntimeError, match="x must be a 2-D float32 or bfloat16 CPU tensor"):
-        ext.union_plan_cpu(x.half(), segments, kept, offsets, None, 8, UNION, 3.5)
+        ext.union_plan_cpu(x.half(), segments, kept, offsets, None, 8, 1, UNION)
     with pytest.raises(ValueError, match="neurons must be >= 0"):
-        ext.union_plan_cpu(x, segments, kept, offsets, None, -1, UNION, 3.5)
+        ext.union_plan_cpu(x, segments, kept, offsets, None, -1, 1, UNION)
+    with pytest.raises(ValueError, match="up_matrices must be 1 .* or 2"):
+        ext.union_plan_cpu(x, segments, kept, offsets, None, 8, 3, UNION)
 
 
 def _cuda_backend():

@@ -38,6 +38,7 @@
 #include <vector>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <cpuid.h>
 #include <immintrin.h>
 #define DOE_X86_DISPATCH 1
 #endif
@@ -258,7 +259,23 @@ bool use_gather_gemm(at::ScalarType dtype, int64_t M, int64_t copied_bytes) {
   if (forced >= 0) return M > forced;
   if (dtype != at::kFloat) return M > 16;
   if (!float32_gemm_beats_fused()) return false;
+  // nothing to copy (whole_matrix): as a dense weight (cpu_runs_fused_dense)
+  if (copied_bytes == 0) return M > kColsSplitMaxRows;
   return M > 64 + copied_bytes / (128 * 1024);
+}
+
+// Whether idx[0..n) lists every one of `rows` rows in order.
+bool lists_every_row(const int64_t* ip, int64_t n, int64_t rows) {
+  if (n != rows) return false;
+  for (int64_t i = 0; i < n; ++i)
+    if (ip[i] != i) return false;
+  return true;
+}
+
+// Whether the rows idx of src are all its rows in order (a union of experts that together keep
+// every neuron): the gather + GEMM regime then multiplies src itself and copies nothing.
+bool whole_matrix(const at::Tensor& src, const at::Tensor& idx) {
+  return src.is_contiguous() && lists_every_row(idx.data_ptr<int64_t>(), idx.numel(), src.size(0));
 }
 
 // Kept weight rows per parallel task of the fused gather_rows / gather_swiglu kernels: at least
@@ -406,17 +423,10 @@ at::Tensor gather_rows(const at::Tensor& src, const at::Tensor& idx, int slot = 
   return dst;
 }
 
-// The rows idx of src for a GEMM: src itself where idx lists every row in order (a union of
-// experts that together keep every neuron; nothing to copy), else gather_rows' copy.
+// The rows idx of src for a GEMM: src itself where they are all of its rows in order
+// (whole_matrix), else gather_rows' copy.
 at::Tensor kept_rows(const at::Tensor& src, const at::Tensor& idx, int slot = 0) {
-  const int64_t n = idx.numel();
-  const int64_t* ip = idx.data_ptr<int64_t>();
-  if (n == src.size(0) && src.is_contiguous()) {
-    int64_t i = 0;
-    while (i < n && ip[i] == i) ++i;
-    if (i == n) return src;
-  }
-  return gather_rows(src, idx, slot);
+  return whole_matrix(src, idx) ? src : gather_rows(src, idx, slot);
 }
 
 template <typename T>
@@ -463,7 +473,8 @@ at::Tensor gather_rows_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
   const int64_t M = x.size(0), K = x.size(1), N = rows.numel();
   if (M == 0) return at::empty({0, N}, x.options());
 
-  if (use_gather_gemm(x.scalar_type(), M, N * K * x.element_size())) {
+  if (use_gather_gemm(x.scalar_type(), M,
+                      whole_matrix(weight, rows) ? 0 : N * K * x.element_size())) {
     at::Tensor wg = kept_rows(weight, rows);
     at::Tensor out = bias.has_value() ? at::addmm(bias->index_select(0, rows), x, wg.t())
                                       : at::mm(x, wg.t());
@@ -518,7 +529,8 @@ at::Tensor gather_swiglu_cpu(const at::Tensor& x, const at::Tensor& w_gate, cons
   const int64_t M = x.size(0), K = x.size(1), N = kept.numel();
   if (M == 0) return at::empty({0, N}, x.options());
 
-  if (use_gather_gemm(x.scalar_type(), M, 2 * N * K * x.element_size())) {
+  const bool whole = whole_matrix(w_gate, kept) && w_up.is_contiguous();
+  if (use_gather_gemm(x.scalar_type(), M, whole ? 0 : 2 * N * K * x.element_size())) {
     at::Tensor g = at::mm(x, kept_rows(w_gate, kept).t());
     at::Tensor u = at::mm(x, kept_rows(w_up, kept, 1).t());
     at::silu_(g);
@@ -615,7 +627,8 @@ at::Tensor gather_cols_linear_cpu(const at::Tensor& h, const at::Tensor& weight_
   const int64_t M = h.size(0), J = h.size(1);
   if (M == 0) return at::empty({0, N}, h.options());
 
-  if (use_gather_gemm(h.scalar_type(), M, J * N * h.element_size())) {
+  const bool whole = !scales.has_value() && whole_matrix(weight_t, cols);
+  if (use_gather_gemm(h.scalar_type(), M, whole ? 0 : J * N * h.element_size())) {
     // (scales are applied to a copy of the rows, never to weight_t itself)
     at::Tensor wg = scales.has_value() ? gather_rows(weight_t, cols) : kept_rows(weight_t, cols);
     if (scales.has_value()) wg.mul_(scales->unsqueeze(1));  // row j of the scratch times scales[j]
@@ -949,32 +962,124 @@ void segment_mask(const Segment& s, const std::vector<int64_t>& place, const int
   for (int64_t j = s.k0; j < s.k0 + s.kept; ++j) row[place[ip[j]]] = scales ? scales[j] : 1.0f;
 }
 
-// The union's cost less the segments' under the CPU's cost model (doe_kernels/ops/library.py,
-// READ_COST_CPU): `read_cost` per weight row read, 1 per input row x neuron computed.
-double union_cost(const std::vector<Segment>& segs, double read_cost, int64_t union_size) {
-  double rows = 0, read = 0, computed = 0;
-  for (const Segment& s : segs) {
-    rows += s.rows;
-    read += s.kept;
-    computed += static_cast<double>(s.rows) * s.kept;
-  }
-  return (read_cost + rows) * union_size - (read_cost * read + computed);
+// The strategy's cost model. An FFN call's cost, in units of one product of an input row with
+// one kept neuron (all its projections) in the fused kernels, is per kept neuron:
+//   fused regime:        read + rows
+//   gather + GEMM:       gemm_read + gemm_copy (when the list is not every row in order) +
+//                        rows x gemm_product
+// The segments cost the sum of their calls (each in its regime, segment_uses_gemm); the union one
+// call over every row, its up and down projections each in the regime its own op takes, weighed
+// by their share of the weight matrices. `auto` takes the union where it costs less.
+// Fitted on an Intel Xeon (AVX-512, AMX; 2 threads) with python/segmented_regimes.py: the
+// single-expert FFN of SmolLM2-135M's and BERT-base's shapes with either regime forced, every
+// neuron kept (with and without the copy) and 35% kept, at 1 to 512 rows
+// (benchmarks/results/cpu_intel/segmented_regimes.json). `read` (3.5) is the earlier fit on AMD
+// EPYC, which also matches the Intel fused kernels' (3-4 between 1 and 32 rows). bfloat16's
+// GEMM is oneDNN's on AMX; without AMX (avx512_bf16 on AMD Zen 4) its products cost about half
+// the fused kernels' (see the regime note above), the rest is taken as measured with AMX.
+struct RegimeCosts {
+  double read, gemm_read, gemm_copy, gemm_product;
+};
+
+bool has_amx_bf16() {
+#ifdef DOE_X86_DISPATCH
+  static const bool amx = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    return __get_cpuid_count(7, 0, &a, &b, &c, &d) != 0 && (d & (1u << 22)) != 0;
+  }();
+  return amx;
+#else
+  return false;
+#endif
 }
 
-// The union's size when `strategy` takes it for `segs` (auto: where union_cost is negative), with
-// `place` filled (union_places); 0 to run the segments.
-int64_t chosen_union(int64_t strategy, double read_cost, const std::vector<Segment>& segs,
-                     const at::Tensor& kept, int64_t neurons, std::vector<int64_t>& place) {
+RegimeCosts regime_costs(at::ScalarType dtype) {
+  if (dtype == at::kFloat) return {3.5, 8.0, 22.0, 0.6};
+  return {3.5, 16.0, 8.0, has_amx_bf16() ? 0.1 : 0.5};
+}
+
+// One call's cost over `rows` rows keeping `neurons` neurons (the model above).
+double call_cost(const RegimeCosts& c, bool gemm, int64_t rows, int64_t neurons, bool copies) {
+  const double per_neuron = gemm ? c.gemm_read + (copies ? c.gemm_copy : 0.0) +
+                                       static_cast<double>(rows) * c.gemm_product
+                                 : c.read + static_cast<double>(rows);
+  return per_neuron * static_cast<double>(neurons);
+}
+
+// An FFN's shape as the regimes see it: x's dtype and features, the matrices of its up projection
+// (1: w_in; 2: SwiGLU's w_gate and w_up), the down projection's output features.
+struct FfnShape {
+  at::ScalarType dtype;
+  int64_t in_features, up_matrices, out_features;
+
+  // Bytes the gather + GEMM regime copies for `neurons` kept neurons of the up (else the down)
+  // projection: none when they are every neuron, in order, unscaled (whole_matrix).
+  int64_t copied(bool up, int64_t neurons, bool whole) const {
+    if (whole) return 0;
+    return (up ? up_matrices * in_features : out_features) * neurons *
+           static_cast<int64_t>(at::elementSize(dtype));
+  }
+  // Whether a segment's rows run through the gather + GEMM regime: as the single-expert ops
+  // decide it for either projection.
+  bool segment_uses_gemm(int64_t rows, int64_t kept, bool whole) const {
+    return use_gather_gemm(dtype, rows, copied(true, kept, whole)) ||
+           use_gather_gemm(dtype, rows, copied(false, kept, whole));
+  }
+};
+
+// Whether segment s keeps every one of `neurons` neurons in order, unscaled.
+bool keeps_every_neuron(const Segment& s, const int64_t* ip, int64_t neurons, bool scaled) {
+  return !scaled && lists_every_row(ip + s.k0, s.kept, neurons);
+}
+
+double segments_cost(const FfnShape& f, const std::vector<Segment>& segs, const int64_t* ip,
+                     int64_t neurons, bool scaled) {
+  const RegimeCosts c = regime_costs(f.dtype);
+  double cost = 0;
+  for (const Segment& s : segs) {
+    const bool whole = keeps_every_neuron(s, ip, neurons, scaled);
+    cost += call_cost(c, f.segment_uses_gemm(s.rows, s.kept, whole), s.rows, s.kept, !whole);
+  }
+  return cost;
+}
+
+// The union's cost over `rows` rows, `count` neurons of the FFN's `neurons` (copied unless it
+// holds them all); with `lower_bound`, at most that whatever its regimes and copies.
+double union_cost(const FfnShape& f, int64_t rows, int64_t count, int64_t neurons,
+                  bool lower_bound = false) {
+  const RegimeCosts c = regime_costs(f.dtype);
+  const bool whole = count == neurons;
+  auto cost = [&](bool up) {
+    if (lower_bound)
+      return std::min(call_cost(c, false, rows, count, false),
+                      call_cost(c, true, rows, count, false));
+    return call_cost(c, use_gather_gemm(f.dtype, rows, f.copied(up, count, whole)), rows, count,
+                     !whole);
+  };
+  const double up = static_cast<double>(f.up_matrices) / (f.up_matrices + 1);
+  return up * cost(true) + (1 - up) * cost(false);
+}
+
+// The union's size when `strategy` takes it for `segs` (auto: where it costs less than the
+// segments), with `place` filled (union_places); 0 to run the segments.
+int64_t chosen_union(int64_t strategy, const FfnShape& f, const std::vector<Segment>& segs,
+                     const at::Tensor& kept, int64_t neurons, bool scaled,
+                     std::vector<int64_t>& place) {
   TORCH_CHECK_VALUE(strategy >= kAutoStrategy && strategy <= kUnionStrategy,
                     "unknown segment strategy code ", strategy);
   if (strategy == kSegmentsStrategy || segs.empty()) return 0;
+  double separate = 0;
+  int64_t rows = 0, longest = 0;  // the union holds at least the longest list
   if (strategy == kAutoStrategy) {
-    int64_t longest = 0;  // the union holds at least the longest list
-    for (const Segment& s : segs) longest = std::max(longest, s.kept);
-    if (union_cost(segs, read_cost, longest) >= 0) return 0;
+    separate = segments_cost(f, segs, kept.data_ptr<int64_t>(), neurons, scaled);
+    for (const Segment& s : segs) {
+      rows += s.rows;
+      longest = std::max(longest, s.kept);
+    }
+    if (union_cost(f, rows, longest, neurons, true) >= separate) return 0;
   }
   const int64_t count = union_places(segs, kept.data_ptr<int64_t>(), neurons, place);
-  if (count == 0 || (strategy == kAutoStrategy && union_cost(segs, read_cost, count) >= 0))
+  if (count == 0 || (strategy == kAutoStrategy && union_cost(f, rows, count, neurons) >= separate))
     return 0;
   return count;
 }
@@ -1030,7 +1135,7 @@ at::Tensor segmented_ffn_cpu(const at::Tensor& x, const at::Tensor& w_in,
                              const std::optional<at::Tensor>& b_out, const at::Tensor& segments,
                              const at::Tensor& kept, const at::Tensor& kept_offsets,
                              const std::optional<at::Tensor>& scales, int64_t activation,
-                             int64_t strategy, double read_cost) {
+                             int64_t strategy) {
   constexpr const char* fn = "segmented_ffn_cpu";
   check_input(x, fn, "x");
   check_operand(w_in, x, fn, "w_in", 2);
@@ -1045,19 +1150,22 @@ at::Tensor segmented_ffn_cpu(const at::Tensor& x, const at::Tensor& w_in,
               activation);
   check_down(x, w_out_t, b_out, w_in.size(0), fn);
   const auto segs = read_segments(x, segments, kept, kept_offsets, scales, w_in.size(0), fn);
+  const FfnShape shape{x.scalar_type(), x.size(1), 1, w_out_t.size(1)};
   std::vector<int64_t> place;
-  if (const int64_t count = chosen_union(strategy, read_cost, segs, kept, w_in.size(0), place))
+  if (const int64_t count = chosen_union(strategy, shape, segs, kept, w_in.size(0),
+                                            scales.has_value(), place))
     return union_ffn(
         x, segs, place, count, kept, scales,
         [&](const at::Tensor& u) { return gather_rows_linear_cpu(x, w_in, b_in, u, activation); },
         w_out_t, b_out);
-  const int64_t K = x.size(1), N = w_out_t.size(1), bytes = x.element_size();
+  const int64_t K = x.size(1), N = w_out_t.size(1);
+  const int64_t* ip = kept.data_ptr<int64_t>();
   at::Tensor out = at::empty({x.size(0), N}, x.options().dtype(at::kFloat));
   const auto fused = run_gemm_segments(
       segs, x, kept, scales, out,
       [&](const Segment& s) {
-        return use_gather_gemm(x.scalar_type(), s.rows, s.kept * K * bytes) ||
-               use_gather_gemm(x.scalar_type(), s.rows, s.kept * N * bytes);
+        return shape.segment_uses_gemm(
+            s.rows, s.kept, keeps_every_neuron(s, ip, w_in.size(0), scales.has_value()));
       },
       [&](const at::Tensor& xs, const at::Tensor& list, const std::optional<at::Tensor>& sc) {
         return gather_cols_linear_cpu(gather_rows_linear_cpu(xs, w_in, b_in, list, activation),
@@ -1069,7 +1177,6 @@ at::Tensor segmented_ffn_cpu(const at::Tensor& x, const at::Tensor& w_in,
   if (b_out.has_value()) bo = as_float(*b_out);
   const float* xp = xf.data_ptr<float>();
   const float* bip = bi.has_value() ? bi->data_ptr<float>() : nullptr;
-  const int64_t* ip = kept.data_ptr<int64_t>();
   auto run = [&](auto ks, auto wp, auto wtp) {
     auto up = [&](const Segment& s, const Tile& t, float* h) {
       ks.rows(xp + (s.r0 + t.m0) * K, t.m1 - t.m0, K, wp, ip + s.k0, bip, t.c0, t.c1,
@@ -1090,8 +1197,7 @@ at::Tensor segmented_swiglu_ffn_cpu(const at::Tensor& x, const at::Tensor& w_gat
                                     const at::Tensor& w_up, const at::Tensor& w_down_t,
                                     const at::Tensor& segments, const at::Tensor& kept,
                                     const at::Tensor& kept_offsets,
-                                    const std::optional<at::Tensor>& scales, int64_t strategy,
-                                    double read_cost) {
+                                    const std::optional<at::Tensor>& scales, int64_t strategy) {
   constexpr const char* fn = "segmented_swiglu_ffn_cpu";
   check_input(x, fn, "x");
   check_operand(w_gate, x, fn, "w_gate", 2);
@@ -1102,19 +1208,22 @@ at::Tensor segmented_swiglu_ffn_cpu(const at::Tensor& x, const at::Tensor& w_gat
               " input features, x has ", x.size(1));
   check_down(x, w_down_t, std::nullopt, w_gate.size(0), fn);
   const auto segs = read_segments(x, segments, kept, kept_offsets, scales, w_gate.size(0), fn);
+  const FfnShape shape{x.scalar_type(), x.size(1), 2, w_down_t.size(1)};
   std::vector<int64_t> place;
-  if (const int64_t count = chosen_union(strategy, read_cost, segs, kept, w_gate.size(0), place))
+  if (const int64_t count = chosen_union(strategy, shape, segs, kept, w_gate.size(0),
+                                            scales.has_value(), place))
     return union_ffn(
         x, segs, place, count, kept, scales,
         [&](const at::Tensor& u) { return gather_swiglu_cpu(x, w_gate, w_up, u); }, w_down_t,
         std::nullopt);
-  const int64_t K = x.size(1), N = w_down_t.size(1), bytes = x.element_size();
+  const int64_t K = x.size(1), N = w_down_t.size(1);
+  const int64_t* ip = kept.data_ptr<int64_t>();
   at::Tensor out = at::empty({x.size(0), N}, x.options().dtype(at::kFloat));
   const auto fused = run_gemm_segments(
       segs, x, kept, scales, out,
       [&](const Segment& s) {
-        return use_gather_gemm(x.scalar_type(), s.rows, 2 * s.kept * K * bytes) ||
-               use_gather_gemm(x.scalar_type(), s.rows, s.kept * N * bytes);
+        return shape.segment_uses_gemm(
+            s.rows, s.kept, keeps_every_neuron(s, ip, w_gate.size(0), scales.has_value()));
       },
       [&](const at::Tensor& xs, const at::Tensor& list, const std::optional<at::Tensor>& sc) {
         return gather_cols_linear_cpu(gather_swiglu_cpu(xs, w_gate, w_up, list), w_down_t,
@@ -1122,7 +1231,6 @@ at::Tensor segmented_swiglu_ffn_cpu(const at::Tensor& x, const at::Tensor& w_gat
       });
   at::Tensor xf = as_float(x);
   const float* xp = xf.data_ptr<float>();
-  const int64_t* ip = kept.data_ptr<int64_t>();
   auto run = [&](auto ks, auto gp, auto up_w, auto wtp) {
     auto up = [&](const Segment& s, const Tile& t, float* h) {
       ks.swiglu(xp + (s.r0 + t.m0) * K, t.m1 - t.m0, K, gp, up_w, ip + s.k0, t.c0, t.c1,
@@ -1140,14 +1248,19 @@ at::Tensor segmented_swiglu_ffn_cpu(const at::Tensor& x, const at::Tensor& w_gat
 }
 
 
+std::tuple<double, double, double, double> cpu_segment_costs(bool float32) {
+  const RegimeCosts c = regime_costs(float32 ? at::kFloat : at::kBFloat16);
+  return {c.read, c.gemm_read, c.gemm_copy, c.gemm_product};
+}
+
 // The union plan alone (union, row_mask), for a model that reuses it over decoding steps: the row
 // mask in x's dtype; an empty union and an (M, 0) mask where `strategy` runs the segments.
 std::tuple<at::Tensor, at::Tensor> union_plan_cpu(const at::Tensor& x, const at::Tensor& segments,
                                                   const at::Tensor& kept,
                                                   const at::Tensor& kept_offsets,
                                                   const std::optional<at::Tensor>& scales,
-                                                  int64_t neurons, int64_t strategy,
-                                                  double read_cost) {
+                                                  int64_t neurons, int64_t up_matrices,
+                                                  int64_t strategy) {
   constexpr const char* fn = "union_plan_cpu";
   // only x's rows and dtype are read
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 &&
@@ -1155,9 +1268,14 @@ std::tuple<at::Tensor, at::Tensor> union_plan_cpu(const at::Tensor& x, const at:
               fn, ": x must be a 2-D float32 or bfloat16 CPU tensor, got ", x.dim(), "-D ",
               x.scalar_type(), " on ", x.device());
   TORCH_CHECK_VALUE(neurons >= 0, fn, ": neurons must be >= 0, got ", neurons);
+  TORCH_CHECK_VALUE(up_matrices == 1 || up_matrices == 2, fn,
+                    ": up_matrices must be 1 (w_in) or 2 (SwiGLU's w_gate and w_up), got ",
+                    up_matrices);
   const auto segs = read_segments(x, segments, kept, kept_offsets, scales, neurons, fn);
+  const FfnShape shape{x.scalar_type(), x.size(1), up_matrices, x.size(1)};
   std::vector<int64_t> place;
-  const int64_t count = chosen_union(strategy, read_cost, segs, kept, neurons, place);
+  const int64_t count =
+      chosen_union(strategy, shape, segs, kept, neurons, scales.has_value(), place);
   at::Tensor union_ = union_tensor(place, count, kept.options());
   at::Tensor mask = at::empty({x.size(0), count}, x.options().dtype(at::kFloat));
   float* mp = mask.data_ptr<float>();

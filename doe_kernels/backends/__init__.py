@@ -8,8 +8,8 @@ out[m, n] = sum_j h[m, j] * scales[j] * weight_t[cols[j], n] + bias[n]; with Non
 an extra pass or buffer (the cpu, torch and triton results are bit for bit those without the
 argument). A backend may add `segmented_ffn(x, up, w_out_t, b_out, bounds, kept, scales)`: every
 segment of a segmented op in one call (triton, and cuda when its extension has the kernels), or
-`segmented_ffn_with_union(x, up, w_out_t, b_out, segments, kept, kept_offsets, scales, strategy,
-read_cost)`: the whole op, the choice between the segments and their union included (cpu; see
+`segmented_ffn_with_union(x, up, w_out_t, b_out, segments, kept, kept_offsets, scales,
+strategy)`: the whole op, the choice between the segments and their union included (cpu; see
 ops/library.py `_segmented`).
 
 Index values are not trusted: the ops skip their check when called with `check_indices=False` (the

@@ -25,21 +25,22 @@ def gather_cols_linear(h, weight_t, bias, cols, scales):
 
 
 def segmented_ffn_with_union(x, up, w_out_t, b_out, segments, kept, kept_offsets, scales,
-                             strategy: str, read_cost: float):
+                             strategy: str):
     """A whole segmented FFN in one C++ call (the library's hook for a backend that chooses the
     strategy itself): the union of the lists, gathered once and masked per row, where `strategy`
-    takes it (auto: where the union costs less under the library's cost model, `read_cost` per
-    weight row read), else every segment in parallel over segments x tiles. `up`: ("rows", w_in,
+    takes it (auto: where the union costs less under the extension's cost model, which weighs
+    each call in the regime it runs: csrc/cpu, RegimeCosts), else every segment in parallel over
+    segments x tiles. `up`: ("rows", w_in,
     b_in, activation) or ("swiglu", w_gate, w_up); the layout as the segmented ops take it."""
     ext = extension()
     code = ext.SEGMENT_STRATEGIES.index(strategy)
     if up[0] == "rows":
         _, w_in, b_in, activation = up
         return ext.segmented_ffn_cpu(x, w_in, b_in, w_out_t, b_out, segments, kept, kept_offsets,
-                                     scales, ACTIVATION_CODES[activation], code, read_cost)
+                                     scales, ACTIVATION_CODES[activation], code)
     _, w_gate, w_up = up
     return ext.segmented_swiglu_ffn_cpu(x, w_gate, w_up, w_out_t, segments, kept, kept_offsets,
-                                        scales, code, read_cost)
+                                        scales, code)
 
 
 def has_union_plan() -> bool:
@@ -49,14 +50,15 @@ def has_union_plan() -> bool:
     return hasattr(extension(), "SEGMENT_STRATEGIES")
 
 
-def union_plan(x, segments, kept, kept_offsets, scales, neurons: int, strategy: str,
-               read_cost: float):
-    """(union, row_mask) of a segmented FFN's layout (over an FFN of `neurons` neurons) in one
-    C++ call, where `strategy` takes the union (as segmented_ffn_with_union decides it); else an
+def union_plan(x, segments, kept, kept_offsets, scales, neurons: int, up_matrices: int,
+               strategy: str):
+    """(union, row_mask) of a segmented FFN's layout (over an FFN of `neurons` neurons from x's
+    width back to it, `up_matrices` 1 for w_in or 2 for SwiGLU's w_gate and w_up) in one C++
+    call, where `strategy` takes the union (as segmented_ffn_with_union decides it); else an
     empty union and a (rows, 0) row_mask."""
     ext = extension()
-    return ext.union_plan_cpu(x, segments, kept, kept_offsets, scales, neurons,
-                              ext.SEGMENT_STRATEGIES.index(strategy), read_cost)
+    return ext.union_plan_cpu(x, segments, kept, kept_offsets, scales, neurons, up_matrices,
+                              ext.SEGMENT_STRATEGIES.index(strategy))
 
 
 def runs_fused_dense(dtype: torch.dtype, rows: int) -> bool:

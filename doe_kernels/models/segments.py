@@ -135,15 +135,16 @@ class LayerSegments:
             self._packed_delta = self.ffn_delta[:, 0].repeat_interleave(counts, dim=0)[None]
         return self._packed_delta
 
-    def union(self, x2d: torch.Tensor, row_segments: torch.Tensor, key):
+    def union(self, x2d: torch.Tensor, row_segments: torch.Tensor, key, up_matrices: int):
         """The FFN's union plan (library.union_plan: (union, row_mask), or None to run per
         segment) for the rows `x2d` in segments `row_segments`, computed once per `key` (the
-        layout: each decoding step of a generation reuses it)."""
+        layout: each decoding step of a generation reuses it); `up_matrices`: 1 (BERT's FFN) or
+        2 (SwiGLU's)."""
         key = (key, x2d.shape[0], x2d.dtype)
         if key not in self._unions:
             self._unions[key] = library.union_plan(
                 x2d, row_segments, self.kept, self.kept_offsets, self.ffn_scales,
-                neurons=self.intermediate_size)
+                neurons=self.intermediate_size, up_matrices=up_matrices)
         return self._unions[key]
 
     def _per_sequence(self, deltas):
@@ -247,7 +248,7 @@ def _flat(x: torch.Tensor):
 def swiglu_forward(segments: LayerSegments, x, w_gate, w_up, w_down_t, backend: str):
     """A LLaMA-style MLP over a mixed batch: each segment on its expert's neurons."""
     return _ffn_forward(
-        segments, x,
+        segments, x, 2,
         lambda x2d, union, row_mask: library.union_gather_swiglu_ffn(
             x2d, w_gate, w_up, w_down_t, union, row_mask, backend),
         lambda x2d, rows: library.segmented_gather_swiglu_ffn(
@@ -259,7 +260,7 @@ def ffn_forward(segments: LayerSegments, x, w_in, b_in, activation: str, w_out_t
                 backend: str):
     """A BERT FFN (up projection, activation, down projection) over a mixed batch."""
     return _ffn_forward(
-        segments, x,
+        segments, x, 1,
         lambda x2d, union, row_mask: library.union_gather_ffn(
             x2d, w_in, b_in, w_out_t, b_out, union, row_mask, activation, backend),
         lambda x2d, rows: library.segmented_gather_ffn(
@@ -267,29 +268,35 @@ def ffn_forward(segments: LayerSegments, x, w_in, b_in, activation: str, w_out_t
             activation, backend, segments.ffn_scales, strategy="segments"))
 
 
-def _ffn_forward(segments: LayerSegments, x, run_union, run_segments):
-    """An FFN over a mixed batch: `run_union(x2d, union, row_mask)` when the layer's union plan
-    takes the union (decoding), else `run_segments(x2d, row segments)`, over the real tokens
-    only when the batch's are known (the padding's rows get zeros: no real token reads them;
-    a pass packed between layers gives the real tokens alone); then each sequence's segment's
-    bias delta (on every row)."""
+def _ffn_forward(segments: LayerSegments, x, up_matrices: int, run_union, run_segments):
+    """An FFN over a mixed batch (its up projection of `up_matrices` weight matrices), over the
+    real tokens only when the batch's are known (the padding's rows get zeros: no real token
+    reads them; a pass packed between layers gives the real tokens alone); then each sequence's
+    segment's bias delta (on every row)."""
     if segments.holds_packed(x):
         x2d = x.reshape(-1, x.shape[-1])
-        offsets = segments.packed_offsets()
-        union = segments.union(x2d, offsets, "packed")
-        out = run_segments(x2d, offsets) if union is None else run_union(x2d, *union)
+        out = _rows_forward(segments, x2d, segments.packed_offsets(), "packed", up_matrices,
+                            run_union, run_segments)
         return _add(out.view(*x.shape[:-1], -1), segments.packed_delta())
     x2d, batch, tokens = _flat(x)
-    union = segments.union(x2d, segments.row_segments(batch, tokens), tokens)
-    packed = None if union is not None else segments.packed(batch, tokens)
-    if union is not None:
-        out = run_union(x2d, *union)
-    elif packed is not None:
+    packed = segments.packed(batch, tokens)
+    if packed is not None:
         index, offsets = packed
-        out = _unpack(run_segments(x2d.index_select(0, index), offsets), index, x2d.shape[0])
+        out = _unpack(_rows_forward(segments, x2d.index_select(0, index), offsets, "packed",
+                                    up_matrices, run_union, run_segments), index, x2d.shape[0])
     else:
-        out = run_segments(x2d, segments.row_segments(batch, tokens))
+        out = _rows_forward(segments, x2d, segments.row_segments(batch, tokens), tokens,
+                            up_matrices, run_union, run_segments)
     return _add(out.view(*x.shape[:-1], -1), _matching(segments.ffn_delta, x))
+
+
+def _rows_forward(segments: LayerSegments, x2d, row_segments, key, up_matrices: int, run_union,
+                  run_segments):
+    """The FFN of rows `x2d` in segments `row_segments`: `run_union(x2d, union, row_mask)` where
+    the layer's union plan for this layout (segments.union, cached under `key`) takes the union,
+    else `run_segments(x2d, row_segments)`."""
+    union = segments.union(x2d, row_segments, key, up_matrices)
+    return run_segments(x2d, row_segments) if union is None else run_union(x2d, *union)
 
 
 def _matching(per_sequence, x):

@@ -282,23 +282,23 @@ def _totals(bounds) -> tuple[int, int]:
 # the union and 0.25 ms with the segments at one row each (building the plan is a dozen small
 # launches and host syncs), 0.69 against 0.28 ms at three rows: so on a GPU an op call never
 # takes the union by itself (`strategy="union"` still does).
-READ_COST_CPU = 3.5
 UNION_MAX_ROWS = 1
 UNION_MIN_BYTES_CPU = 32 * 2**20
 
 
 def union_plan(x, segments, kept, kept_offsets, scales=None, strategy: str = "auto",
-               min_union: int = 0, neurons: int | None = None):
+               min_union: int = 0, neurons: int | None = None, up_matrices: int = 1):
     """(union, row_mask) when `strategy` takes the union for these segments (`_choose_strategy`,
     "auto" with a union of at least `min_union` neurons), else None: what the union path of a
     segmented op computes before its gathers (a model serving one batch composition over many
     decoding steps computes it once). `neurons` (the FFN's width), when given, lets the cpu
-    backend build a CPU plan in one C++ call, which decides under the CPU's cost model
-    (READ_COST_CPU; `min_union` then plays no part)."""
+    backend build a CPU plan in one C++ call, which decides under the CPU's cost model (see the
+    note above; `min_union` then plays no part) for an FFN whose up projection has `up_matrices`
+    weight matrices (1: BERT's w_in; 2: SwiGLU's w_gate and w_up)."""
     if neurons is not None and _plan_in_cpp(x, kept, scales):
         check_strategy(strategy)
         union, row_mask = backends.cpu.union_plan(x, segments, kept, kept_offsets, scales,
-                                                  neurons, strategy, READ_COST_CPU)
+                                                  neurons, up_matrices, strategy)
         return (union, row_mask) if union.numel() else None
     chosen, union = _choose_strategy(strategy, _segment_bounds(segments, kept_offsets), kept,
                                      min_union)
@@ -344,10 +344,11 @@ def _segmented(x, out_features, segments, kept, kept_offsets, scales, strategy, 
         up = (up[0], *_contiguous(*up[1:3]), *up[3:])
         w_out_t, b_out = _contiguous(w_out_t, b_out)
         return module.segmented_ffn_with_union(x2d, up, w_out_t, b_out, segments, kept,
-                                               kept_offsets, scales, strategy, READ_COST_CPU)
+                                               kept_offsets, scales, strategy)
+    up_matrices = 1 if up[0] == "rows" else 2
     plan = union_plan(x, segments, kept, kept_offsets, scales, strategy,
-                      _min_union(x, kept, scales, 2 if up[0] == "rows" else 3),
-                      neurons=up[1].shape[0])
+                      _min_union(x, kept, scales, up_matrices + 1), neurons=up[1].shape[0],
+                      up_matrices=up_matrices)
     if plan is not None:
         return run_union(x, *plan)
     bounds = _segment_bounds(segments, kept_offsets)

@@ -192,7 +192,8 @@ class MixedFfn:
             if len(self._unions) >= UNION_PLANS:
                 self._unions.clear()
             self._unions[key] = library.union_plan(x, segments, *self._pack(step.names),
-                                                   neurons=self.weights.w_gate.shape[0])
+                                                   neurons=self.weights.w_gate.shape[0],
+                                                   up_matrices=2)
         return self._unions[key]
 
     def _pack(self, names: tuple):

@@ -1,0 +1,123 @@
+"""The cpu backend's two regimes on one expert's FFN, each forced, over input rows and kept
+lists: the data behind the segment strategy's cost model (csrc/cpu/gather_linear_cpu.cpp,
+RegimeCosts).
+
+Per shape, dtype, kept list and row count: the median time of one segmented FFN call holding one
+segment (`segmented_gather_ffn` for BERT, `segmented_gather_swiglu_ffn` for SwiGLU) with the
+fused kernels forced and with gather + GEMM forced.
+The lists: every neuron but the first (the GEMM regime copies it), 82% and 35% of the neurons at
+random, and, for the GEMM regime, every neuron in order (a union of experts holding them all:
+the regime then multiplies the weight itself). The fit printed at the end expresses each regime
+in units of one fused product (an input row with one kept neuron, all projections):
+fused = read + rows, GEMM = gemm_read + gemm_copy (when copied) + rows x gemm_product.
+
+    python python/segmented_regimes.py --out benchmarks/results/cpu_intel/segmented_regimes.json
+"""
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+import doe_kernels as dk
+from doe_kernels.backends import cpu
+from segmented_union_sweep import median_seconds
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
+from report import metadata  # noqa: E402  (the benchmarks' machine description)
+
+SHAPES = {"SmolLM2-135M": (576, 1536, "swiglu"), "bert-base": (768, 3072, "gelu")}
+FORCED = {"fused": 10**12, "gemm": 0}  # cpu.set_gather_above
+
+
+def kept_lists(neurons: int, gen) -> dict:
+    every = torch.arange(neurons)
+    return {"every": every, "all_but_one": every[1:],
+            **{f"{round(f * 100)}%": torch.randperm(neurons, generator=gen)[:round(f * neurons)]
+               .sort().values for f in (0.82, 0.35)}}
+
+
+def call(kind: str, x, w: dict, kept):
+    """One segment's FFN through the segmented op (its regime as the segments run it)."""
+    layout = dk.pack_segments([x.shape[0]], [kept])[:3]
+    if kind == "swiglu":
+        return lambda: dk.segmented_gather_swiglu_ffn(
+            x, w["in"], w["up"], w["out_t"], *layout, "cpu", check_indices=False,
+            strategy="segments")
+    return lambda: dk.segmented_gather_ffn(
+        x, w["in"], w["b_in"], w["out_t"], w["b_out"], *layout, "gelu", "cpu",
+        check_indices=False, strategy="segments")
+
+
+def sweep(rows_list, dtype) -> list[dict]:
+    out = []
+    for name, (hidden, neurons, kind) in SHAPES.items():
+        gen = torch.Generator().manual_seed(0)
+        make = lambda *s: (torch.randn(*s, generator=gen) / s[-1] ** 0.5).to(dtype)  # noqa: E731
+        w = dict(zip(("in", "up", "b_in", "b_out"), (make(neurons, hidden), make(neurons, hidden),
+                                                   make(neurons), make(hidden))))
+        w["out_t"] = dk.input_major(make(hidden, neurons))
+        for rows in rows_list:
+            x = torch.randn(rows, hidden, generator=gen).to(dtype)
+            for list_name, kept in kept_lists(neurons, gen).items():
+                row = dict(shape=name, rows=rows, list=list_name, kept=kept.numel())
+                for regime, above in FORCED.items():
+                    if list_name == "every" and regime == "fused":
+                        continue  # a whole list's fused call is all_but_one's, one neuron more
+                    cpu.set_gather_above(above)
+                    try:
+                        row[f"{regime}_ms"] = round(median_seconds(call(kind, x, w, kept)) * 1e3,
+                                                    4)
+                    finally:
+                        cpu.set_gather_above(None)
+                out.append(row)
+                print(row, flush=True)
+    return out
+
+
+def fit(rows: list[dict]) -> dict:
+    """Per shape: the fused product's time (least squares of fused_ms / kept over rows), then
+    each constant of the model in those units."""
+    fits = {}
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        mine = [r for r in rows if r["shape"] == shape]
+
+        def line(points):  # least squares y = a + b x
+            n = len(points)
+            mx, my = sum(p[0] for p in points) / n, sum(p[1] for p in points) / n
+            b = sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
+            return my - b * mx, b
+
+        fused = [(r["rows"], r["fused_ms"] / r["kept"]) for r in mine if r["list"] == "all_but_one"]
+        whole = [(r["rows"], r["gemm_ms"] / r["kept"]) for r in mine if r["list"] == "every"]
+        copied = [(r["rows"], r["gemm_ms"] / r["kept"]) for r in mine
+                  if r["list"] == "all_but_one"]
+        read, unit = line(fused)
+        gemm_read, gemm_product = line(whole)
+        copy = sum(c - w for (_, c), (_, w) in zip(copied, whole)) / len(whole)
+        fits[shape] = dict(read=round(read / unit, 2), gemm_read=round(gemm_read / unit, 2),
+                           gemm_copy=round(copy / unit, 2),
+                           gemm_product=round(gemm_product / unit, 3))
+    return fits
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", default="1,2,4,8,16,32,64,128,256,512", help="input rows")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--out", default=None, help="results file (JSON)")
+    args = parser.parse_args()
+    with torch.inference_mode():
+        rows = sweep([int(r) for r in args.rows.split(",")], getattr(torch, args.dtype))
+    fits = fit(rows)
+    print(json.dumps(fits, indent=1))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(**metadata("cpu", "segmented_regimes"), args=vars(args), fits=fits,
+                           rows=rows), f, indent=1)
+        print(args.out)
+
+
+if __name__ == "__main__":
+    main()
