@@ -16,6 +16,7 @@ fused = read + rows, GEMM = gemm_read + gemm_copy (when copied) + rows x gemm_pr
 import argparse
 import json
 import os
+import statistics
 import sys
 
 import torch
@@ -77,29 +78,35 @@ def sweep(rows_list, dtype) -> list[dict]:
 
 
 def fit(rows: list[dict]) -> dict:
-    """Per shape: the fused product's time (least squares of fused_ms / kept over rows), then
-    each constant of the model in those units."""
+    """Per shape, the model's constants in units of one fused product: the fused kernels' and the
+    GEMM's time per kept neuron and row from their slopes over 64 rows and more (least squares),
+    the fixed parts (read, gemm_read) and the copy as medians over the row counts, each row's
+    slope part taken off (so a run's outliers, 10-30% on this kind of machine, weigh little)."""
     fits = {}
     for shape in dict.fromkeys(r["shape"] for r in rows):
-        mine = [r for r in rows if r["shape"] == shape]
+        def per_neuron(name, regime):
+            return {r["rows"]: r[f"{regime}_ms"] / r["kept"] for r in rows
+                    if r["shape"] == shape and r["list"] == name}
 
-        def line(points):  # least squares y = a + b x
-            n = len(points)
-            mx, my = sum(p[0] for p in points) / n, sum(p[1] for p in points) / n
-            b = sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
-            return my - b * mx, b
-
-        fused = [(r["rows"], r["fused_ms"] / r["kept"]) for r in mine if r["list"] == "all_but_one"]
-        whole = [(r["rows"], r["gemm_ms"] / r["kept"]) for r in mine if r["list"] == "every"]
-        copied = [(r["rows"], r["gemm_ms"] / r["kept"]) for r in mine
-                  if r["list"] == "all_but_one"]
-        read, unit = line(fused)
-        gemm_read, gemm_product = line(whole)
-        copy = sum(c - w for (_, c), (_, w) in zip(copied, whole)) / len(whole)
-        fits[shape] = dict(read=round(read / unit, 2), gemm_read=round(gemm_read / unit, 2),
-                           gemm_copy=round(copy / unit, 2),
-                           gemm_product=round(gemm_product / unit, 3))
+        fused, whole = per_neuron("all_but_one", "fused"), per_neuron("every", "gemm")
+        copied = per_neuron("all_but_one", "gemm")
+        unit = _slope({m: t for m, t in fused.items() if m >= 64})
+        product = _slope({m: t for m, t in whole.items() if m >= 64}) / unit
+        fits[shape] = dict(
+            read=round(statistics.median(t / unit - m for m, t in fused.items() if m <= 16), 2),
+            gemm_read=round(statistics.median(t / unit - m * product for m, t in whole.items()),
+                            2),
+            gemm_copy=round(statistics.median((copied[m] - t) / unit for m, t in whole.items()),
+                            2),
+            gemm_product=round(product, 3))
     return fits
+
+
+def _slope(points: dict) -> float:
+    """Least-squares slope of {x: y}."""
+    mx, my = statistics.fmean(points), statistics.fmean(points.values())
+    return (sum((x - mx) * (y - my) for x, y in points.items())
+            / sum((x - mx) ** 2 for x in points))
 
 
 def main():

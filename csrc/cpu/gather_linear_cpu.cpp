@@ -965,18 +965,21 @@ void segment_mask(const Segment& s, const std::vector<int64_t>& place, const int
 // The strategy's cost model. An FFN call's cost, in units of one product of an input row with
 // one kept neuron (all its projections) in the fused kernels, is per kept neuron:
 //   fused regime:        read + rows
-//   gather + GEMM:       gemm_read + gemm_copy (when the list is not every row in order) +
-//                        rows x gemm_product
-// The segments cost the sum of their calls (each in its regime, segment_uses_gemm); the union one
-// call over every row, its up and down projections each in the regime its own op takes, weighed
-// by their share of the weight matrices. `auto` takes the union where it costs less.
-// Fitted on an Intel Xeon (AVX-512, AMX; 2 threads) with python/segmented_regimes.py: the
-// single-expert FFN of SmolLM2-135M's and BERT-base's shapes with either regime forced, every
-// neuron kept (with and without the copy) and 35% kept, at 1 to 512 rows
-// (benchmarks/results/cpu_intel/segmented_regimes.json). `read` (3.5) is the earlier fit on AMD
-// EPYC, which also matches the Intel fused kernels' (3-4 between 1 and 32 rows). bfloat16's
-// GEMM is oneDNN's on AMX; without AMX (avx512_bf16 on AMD Zen 4) its products cost about half
-// the fused kernels' (see the regime note above), the rest is taken as measured with AMX.
+//   gather + GEMM:       gemm_read + gemm_copy (unless the list is every neuron in order,
+//                        whole_matrix) + rows x gemm_product
+// The segments cost the sum of their calls (each in its regime, FfnShape::segment_uses_gemm); the
+// union one call over every row, its up and down projections each in the regime its own op takes,
+// weighed by their share of the weight matrices. `auto` takes the union where it costs less.
+// Fitted with python/segmented_regimes.py (the single-expert FFN of SmolLM2-135M's and BERT-base's
+// shapes, either regime forced, 1-512 rows; medians over rows, so that the 10-30% outliers of a
+// run weigh little): on an Intel Xeon (AVX-512, AMX; 2 threads) float32 read 5.2-7.0, gemm_read
+// 10.8-13.5, gemm_copy 19-25, gemm_product 0.57-0.63; bfloat16 (oneDNN on AMX) read 3.5-4.6,
+// gemm_read 13.0-13.4, gemm_copy 6.8-8.8, gemm_product 0.11-0.12
+// (benchmarks/results/cpu_intel/segmented_regimes*.json). On AMD CPUs float32 runs the fused
+// kernels only, and read is 3.5 (the fit of python/segmented_union_sweep.py on AMD EPYC, over
+// five experts' lists at 1-16 rows each). bfloat16's GEMM without AMX (avx512_bf16 on AMD Zen 4)
+// costs about half the fused kernels' products (see the regime note above); its other constants
+// are taken from the AMX fit, not measured.
 struct RegimeCosts {
   double read, gemm_read, gemm_copy, gemm_product;
 };
@@ -994,8 +997,8 @@ bool has_amx_bf16() {
 }
 
 RegimeCosts regime_costs(at::ScalarType dtype) {
-  if (dtype == at::kFloat) return {3.5, 8.0, 22.0, 0.6};
-  return {3.5, 16.0, 8.0, has_amx_bf16() ? 0.1 : 0.5};
+  if (dtype == at::kFloat) return {float32_gemm_beats_fused() ? 6.0 : 3.5, 12.0, 21.0, 0.6};
+  return {4.0, 13.0, 8.0, has_amx_bf16() ? 0.12 : 0.5};
 }
 
 // One call's cost over `rows` rows keeping `neurons` neurons (the model above).
