@@ -387,9 +387,13 @@ void apply_activation_(at::Tensor& t, int64_t act) {
 // buffer of tens of MB comes straight from the OS each call (glibc maps blocks over 32 MiB anew)
 // and its pages fault in during the copy: LLaMA-7B's down projection with 65% kept in bfloat16
 // (58 MB) took 17.4 ms to copy into fresh memory, 3.5 ms into reused memory (Intel Xeon, 2
-// threads). So copies of kScratchMinBytes or more go to a buffer the calling thread keeps (one
-// per `slot`, as large as its largest copy yet) and reuses.
-constexpr int64_t kScratchMinBytes = 16 << 20;
+// threads). Smaller copies into fresh (malloc'd) memory fault no pages, yet in some processes the
+// GEMM after them ran 2-3x slower: SmolLM2-135M's SwiGLU FFN keeping 1535 of its 1536 neurons
+// (3.5 MB per matrix), 32 rows, took 3.0-3.5 ms against 1.2-1.3 ms, in one process out of two or
+// three, and whenever the other lists' calls ran before it (the cause is not known; reusing the
+// buffer removes it). So copies of kScratchMinBytes or more go to a buffer the calling thread keeps
+// (one per `slot`, as large as its largest copy yet) and reuses.
+constexpr int64_t kScratchMinBytes = 1 << 20;
 
 // `bytes` of the calling thread's scratch buffer `slot`, 64-byte aligned, valid until the next
 // call for that slot on this thread.
