@@ -261,22 +261,22 @@ def _totals(bounds) -> tuple[int, int]:
 
 # On the CPU the cpu backend chooses the strategy, plans the union and runs it in one C++ call
 # (backends/cpu.segmented_ffn_with_union; backends/cpu.union_plan builds the plan alone), and
-# `auto` takes the union where a cost model says it is cheaper: READ_COST_CPU per weight row
-# (neuron) read, 1 per input row x neuron computed (csrc/cpu, union_cost). The
-# union reads its neurons once where the segments read each list, and computes every row over all
-# of them. Fitted on AMD EPYC (2 threads, float32, five experts keeping 35% each, 1-16 rows per
-# segment, lists sharing 0-100% of their neurons, SmolLM2-135M's, BERT-base's, BERT-large's and a
-# 1024 x 4096 SwiGLU FFN; python/segmented_union_sweep.py,
-# benchmarks/results/cpu_avx512/segmented_union_sweep.json): an `auto` call took 1.025x the faster
-# strategy's time on average (1.11x at worst, its planning included), where the rule before (the
-# union at one row per segment only) would take 1.052x (1.74x at worst). The union wins at one
-# row per segment whenever the lists overlap, at two rows when they share most neurons, and at
-# any row count when they are equal. Where torch builds the plan (about 0.2 ms: float16, or no
-# extension) an op call takes the union at one row per segment only, for weights of
-# UNION_MIN_BYTES_CPU or more (below, the plan cost more than the union saved: Intel Xeon, the
-# segments 1.39x faster on SmolLM2's FFN, 1.16x on BERT-large's; the union from 42 MiB on, 1.73x
-# on LLaMA-7B's). A model serving a mixed batch (models/segments) builds the plan once per token
-# count.
+# `auto` takes the union where the extension's cost model says it is cheaper. The union reads its
+# neurons once where the segments read each list, and computes every row over all of them; the
+# model weighs each call in the regime it runs (the fused kernels: a fixed cost per kept neuron
+# read plus one per row x neuron; gather + GEMM: a larger fixed cost, the copy of the kept rows
+# unless they are every neuron in order, and cheaper products), so that experts which prune
+# little, whose union holds every neuron and runs as a dense GEMM, take the union at many rows
+# too. The constants, per dtype and CPU, and their fit: csrc/cpu/gather_linear_cpu.cpp
+# (RegimeCosts; python/segmented_regimes.py). The check: python/segmented_union_sweep.py, five
+# experts keeping 35% each (lists sharing 0, 50 or 100% of their neurons) or 80% each, 1-256 rows
+# per expert, on SmolLM2-135M's, BERT-base's, BERT-large's and a 1024 x 4096 SwiGLU FFN (Intel
+# Xeon, 2 threads, benchmarks/results/cpu_intel/segmented_union_sweep*.json; docs/results.md).
+# Where torch builds the plan (about 0.2 ms: float16, or no extension) an op call takes the union
+# at one row per segment only, for weights of UNION_MIN_BYTES_CPU or more (below, the plan cost
+# more than the union saved: Intel Xeon, the segments 1.39x faster on SmolLM2's FFN, 1.16x on
+# BERT-large's; the union from 42 MiB on, 1.73x on LLaMA-7B's). A model serving a mixed batch
+# (models/segments) builds the plan once per token count.
 # On an H200 (bfloat16, LLaMA-7B's FFN, the same five experts,
 # benchmarks/results/gpu_h200/gpu-nvidia-h200_quick_segmented.json) an op call took 0.59 ms with
 # the union and 0.25 ms with the segments at one row each (building the plan is a dozen small

@@ -13,12 +13,14 @@ Two ways to compute it, `strategy`:
  * "union": the union of the segments' lists gathered once for every row, each row's hidden
    activations multiplied by its segment's 0/1 (or scale) mask over the union: the shared rows
    are read once, at the price of computing every row over the union (the decode regime);
- * "auto" (default): union where it reads fewer weight bytes and the segments hold at most
-   library.UNION_MAX_ROWS rows on average (one: decoding), on the CPU; there the cpu backend
-   builds the union's plan in one C++ call (where it cannot, float16 or no extension, only for
-   FFNs whose union holds library.UNION_MIN_BYTES_CPU of weights or more: below, the weights
-   stay in cache and the plan, built with torch ops each call, costs more than it saves). On a
-   GPU an op call takes the segments (see library.UNION_MAX_ROWS's note).
+ * "auto" (default): on the CPU, where the extension plans the call (float32,
+   bfloat16), the union where its cost model says it costs less, each call weighed in the regime
+   it runs (library's note; weakly pruned experts, whose union holds every neuron, take it at
+   many rows too); where torch builds the plan (float16, or no extension), the union at most
+   library.UNION_MAX_ROWS rows per segment on average (one: decoding), for FFNs whose union holds
+   library.UNION_MIN_BYTES_CPU of weights or more (below, the weights stay in cache and the plan,
+   built with torch ops each call, costs more than it saves). On a GPU an op call takes the
+   segments (see library.UNION_MAX_ROWS's note).
 The segment and list boundaries are read on the host. "segments": the triton backend runs every
 segment in one launch per projection (a grid axis over segments, programs past their segment's
 tiles storing nothing); the cuda backend too (its gather-GEMV tiles, blocks over segments x tiles x
