@@ -974,16 +974,16 @@ void segment_mask(const Segment& s, const std::vector<int64_t>& place, const int
 // The segments cost the sum of their calls (each in its regime, FfnShape::segment_uses_gemm); the
 // union one call over every row, its up and down projections each in the regime its own op takes,
 // weighed by their share of the weight matrices. `auto` takes the union where it costs less.
-// Fitted with python/segmented_regimes.py (the single-expert FFN of SmolLM2-135M's and BERT-base's
+// Fitted with python/segmented_regimes.py (one expert's FFN of SmolLM2-135M's and BERT-base's
 // shapes, either regime forced, 1-512 rows; medians over rows, so that the 10-30% outliers of a
-// run weigh little): on an Intel Xeon (AVX-512, AMX; 2 threads) float32 read 5.2-7.0, gemm_read
-// 10.8-13.5, gemm_copy 19-25, gemm_product 0.57-0.63; bfloat16 (oneDNN on AMX) read 3.5-4.6,
-// gemm_read 13.0-13.4, gemm_copy 6.8-8.8, gemm_product 0.11-0.12
-// (benchmarks/results/cpu_intel/segmented_regimes*.json). On AMD CPUs float32 runs the fused
-// kernels only, and read is 3.5 (the fit of python/segmented_union_sweep.py on AMD EPYC, over
-// five experts' lists at 1-16 rows each). bfloat16's GEMM without AMX (avx512_bf16 on AMD Zen 4)
-// costs about half the fused kernels' products (see the regime note above); its other constants
-// are taken from the AMX fit, not measured.
+// run weigh little) on an Intel Xeon (AVX-512, AMX; 2 threads), the committed files
+// (benchmarks/results/cpu_intel/segmented_regimes*.json): float32 read 5.3-5.5, gemm_read
+// 12.0-13.0, gemm_copy 18.1, gemm_product 0.56-0.61 (three earlier runs: 5.1-7.2, 10.8-14.5,
+// 17-25 and 0.57-0.63); bfloat16 (oneDNN on AMX) 3.9-4.8, 15.0-15.4, 9.2, 0.11-0.13. On AMD CPUs
+// float32 runs the fused kernels only, and read is 3.5 (the fit of python/segmented_union_sweep.py
+// on AMD EPYC, over five experts' lists at 1-16 rows each). bfloat16's GEMM without AMX (avx512_bf16 on
+// AMD Zen 4) costs about half the fused kernels' products (see the regime note above); its other
+// constants are taken from the AMX fit, not measured. The constants below round these.
 struct RegimeCosts {
   double read, gemm_read, gemm_copy, gemm_product;
 };
