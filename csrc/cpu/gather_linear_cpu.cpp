@@ -981,9 +981,10 @@ void segment_mask(const Segment& s, const std::vector<int64_t>& place, const int
 // 12.0-13.0, gemm_copy 18.1, gemm_product 0.56-0.61 (three earlier runs: 5.1-7.2, 10.8-14.5,
 // 17-25 and 0.57-0.63); bfloat16 (oneDNN on AMX) 3.9-4.8, 15.0-15.4, 9.2, 0.11-0.13. On AMD CPUs
 // float32 runs the fused kernels only, and read is 3.5 (the fit of python/segmented_union_sweep.py
-// on AMD EPYC, over five experts' lists at 1-16 rows each). bfloat16's GEMM without AMX (avx512_bf16 on
-// AMD Zen 4) costs about half the fused kernels' products (see the regime note above); its other
-// constants are taken from the AMX fit, not measured. The constants below round these.
+// on AMD EPYC, over five experts' lists at 1-16 rows each). bfloat16's GEMM without AMX
+// (avx512_bf16 on AMD Zen 4) costs about half the fused kernels' products (see the regime note
+// above); its other constants are taken from the AMX fit, not measured. The constants below round
+// these.
 struct RegimeCosts {
   double read, gemm_read, gemm_copy, gemm_product;
 };
