@@ -15,6 +15,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_gather_above", &doe_kernels::cpu_gather_above);
   m.def("cpu_runs_fused_dense", &doe_kernels::cpu_runs_fused_dense);
   m.def("cpu_segment_costs", &doe_kernels::cpu_segment_costs);
+  m.def("cpu_uses_gather_gemm", &doe_kernels::cpu_uses_gather_gemm);
 #ifdef DOE_KERNELS_WITH_CUDA
   m.def("gather_rows_linear_cuda", &doe_kernels::gather_rows_linear_cuda);
   m.def("gather_swiglu_cuda", &doe_kernels::gather_swiglu_cuda);

@@ -115,6 +115,9 @@ int64_t cpu_gather_above();
 // bfloat16), should run the fused kernels (true) rather than ATen's GEMM on the whole weight:
 // float32 on AMD CPUs, float32 at few rows elsewhere, or as set_cpu_gather_above forces.
 bool cpu_runs_fused_dense(bool float32, int64_t rows);
+// Whether a CPU op over `rows` rows in float32 (else bfloat16) that copies `copied_bytes` of kept
+// weights (0: its list is every row in order) takes the gather + GEMM regime.
+bool cpu_uses_gather_gemm(bool float32, int64_t rows, int64_t copied_bytes);
 // The segment strategy's cost model for float32 (else bfloat16) on this CPU: (read, gemm_read,
 // gemm_copy, gemm_product), as cpu/gather_linear_cpu.cpp's RegimeCosts defines them.
 std::tuple<double, double, double, double> cpu_segment_costs(bool float32);

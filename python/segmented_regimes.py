@@ -115,6 +115,8 @@ def main():
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--out", default=None, help="results file (JSON)")
     args = parser.parse_args()
+    if sum(int(r) >= 64 for r in args.rows.split(",")) < 2:
+        parser.error("--rows needs two row counts of 64 or more (the fit's slopes)")
     with torch.inference_mode():
         rows = sweep([int(r) for r in args.rows.split(",")], getattr(torch, args.dtype))
     fits = fit(rows)

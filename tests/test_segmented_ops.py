@@ -171,13 +171,14 @@ def test_auto_picks_the_union_for_one_row_per_segment_and_shared_rows():
     assert _choose_strategy("union", bounds, kept, min_union=101)[0] == "union"
 
 
-def _cpu_decision(rows, lists, strategy="auto", neurons=128, scales=None):
+def _cpu_decision(rows, lists, strategy="auto", neurons=128, scales=None, up_matrices=1,
+                  features=4):
     """The size of the union the cpu backend's C++ call takes for this layout over `neurons`
-    neurons of a BERT FFN (0: the segments)."""
+    neurons of an FFN from `features` features back to them (0: the segments)."""
     segments, kept, offsets, _ = dk.pack_segments(rows, lists)
-    x = torch.zeros(sum(rows), 4)
-    union, row_mask = _cpu_backend().union_plan(x, segments, kept, offsets, scales, neurons, 1,
-                                                strategy)
+    x = torch.zeros(sum(rows), features)
+    union, row_mask = _cpu_backend().union_plan(x, segments, kept, offsets, scales, neurons,
+                                                up_matrices, strategy)
     assert row_mask.shape == (sum(rows), union.numel())
     return union.numel()
 
@@ -218,42 +219,77 @@ def test_the_cpus_cost_model_weighs_the_gemm_regimes_copies(cpu_regime):
 
 
 def _model_cost(costs, gemm: bool, rows: int, neurons: int, copies: bool) -> float:
-    """One call's cost under the cpu backend's model (csrc/cpu, RegimeCosts)."""
+    """One projection's cost under the cpu backend's model (csrc/cpu, RegimeCosts)."""
     read, gemm_read, gemm_copy, gemm_product = costs
     if gemm:
         return neurons * (gemm_read + (gemm_copy if copies else 0) + rows * gemm_product)
     return neurons * (read + rows)
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_the_cpus_cost_model_is_the_documented_formula(seed):
-    """Over random layouts and forced regimes (gather + GEMM above 0, 2 or no rows), the C++
-    call takes the union exactly where the documented model says it costs less than the
-    segments, each call in its regime, copying unless it keeps every neuron in order."""
+def _ffn_cost(costs, rows, neurons, whole_up, whole_down, fused, up_matrices, features):
+    """One FFN call's cost: each projection in the regime its op takes (the extension's rule,
+    cpu_uses_gather_gemm, over the bytes it would copy), weighed by its share of the weight
+    matrices."""
     from doe_kernels._ext import extension
 
-    cpu = _cpu_backend()
+    def one(up, whole):
+        copied = 0 if whole else (up_matrices if up else 1) * features * neurons * 4
+        gemm = not fused and extension().cpu_uses_gather_gemm(True, rows, copied)
+        return _model_cost(costs, gemm, rows, neurons, not whole)
+
+    share = up_matrices / (up_matrices + 1)
+    return share * one(True, whole_up) + (1 - share) * one(False, whole_down)
+
+
+def _expected_union(rows, lists, scaled, up_matrices, features, neurons=128):
+    """The union's size where the documented model takes it, else 0."""
+    from doe_kernels._ext import extension
+
     costs = extension().cpu_segment_costs(True)
+    every = torch.arange(neurons)
+    live = [(r, k) for r, k in zip(rows, lists) if r]
+    union = torch.unique(torch.cat([k for _, k in live] or [every[:0]])).numel()
+    if not union:
+        return 0
+    separate = 0.0
+    for r, k in live:
+        whole_up = torch.equal(k, every)
+        whole_down = whole_up and not scaled
+        copied = [0 if whole_up else up_matrices * features * k.numel() * 4,
+                  0 if whole_down else features * k.numel() * 4]
+        gemm = any(extension().cpu_uses_gather_gemm(True, r, c) for c in copied)
+        separate += _ffn_cost(costs, r, k.numel(), whole_up, whole_down, not gemm, up_matrices,
+                              features)
+    whole = union == neurons
+    together = _ffn_cost(costs, sum(r for r, _ in live), union, whole, whole, False, up_matrices,
+                         features)
+    return union if together < separate else 0
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_cpus_cost_model_is_the_documented_formula(seed):
+    """Over random layouts, scales or none, BERT and SwiGLU FFNs, forced regimes (gather + GEMM
+    above 0, 2 or no rows) and this CPU's own rule, the C++ call takes the union exactly where
+    the documented model says it costs less than the segments: each projection in the regime its
+    op takes, copying unless its list is every neuron in order (and, down, unscaled)."""
+    cpu = _cpu_backend()
     gen = torch.Generator().manual_seed(seed)
-    every = torch.arange(128)
+    pick = lambda n: int(torch.randint(0, n, (), generator=gen))  # noqa: E731
     try:
         for _ in range(40):
-            above = [0, 2, 10**12][int(torch.randint(0, 3, (), generator=gen))]
+            above = [0, 2, 10**12, None][pick(4)]
             cpu.set_gather_above(above)
-            count = int(torch.randint(1, 6, (), generator=gen))
-            rows = torch.randint(0, 5, (count,), generator=gen).tolist()
-            common = torch.randperm(128, generator=gen)[:int(torch.randint(0, 128, (),
-                                                                           generator=gen))]
+            count, up_matrices, features = 1 + pick(5), 1 + pick(2), [4, 512][pick(2)]
+            rows = [pick(5) if above is not None else pick(40) for _ in range(count)]
+            common = torch.randperm(128, generator=gen)[:pick(128)]
             lists = [torch.unique(torch.cat([common, torch.randperm(128, generator=gen)[
-                :int(torch.randint(0, 128, (), generator=gen))]])) for _ in range(count)]
-            live = [(r, k) for r, k in zip(rows, lists) if r]
-            union = torch.unique(torch.cat([k for _, k in live] or [every[:0]])).numel()
-            total = sum(r for r, _ in live)
-            separate = sum(_model_cost(costs, r > above, r, k.numel(), not torch.equal(k, every))
-                           for r, k in live)
-            together = _model_cost(costs, total > above, total, union, union < 128)
-            expected = union if union and together < separate else 0
-            assert _cpu_decision(rows, lists) == expected, (rows, above, union)
+                :pick(128)]])) for _ in range(count)]
+            scales = None
+            if pick(3) == 0:
+                scales = torch.rand(sum(k.numel() for k in lists), generator=gen)
+            expected = _expected_union(rows, lists, scales is not None, up_matrices, features)
+            assert _cpu_decision(rows, lists, scales=scales, up_matrices=up_matrices,
+                                 features=features) == expected, (rows, above, up_matrices)
     finally:
         cpu.set_gather_above(None)
 
@@ -283,7 +319,7 @@ def test_an_op_call_takes_the_union_where_building_its_plan_pays(monkeypatch):
     x, w = torch.randn(5, 16), {k: torch.randn(48, 16) for k in ("gate", "up", "down_t")}
     segments, kept, offsets, _ = dk.pack_segments(
         [1] * 5, [torch.arange(6 * s, 6 * s + 20) for s in range(5)])
-    union, row_mask = library.union_plan(x, segments, kept, offsets, neurons=48)
+    union, row_mask = library.union_plan(x, segments, kept, offsets, neurons=48, up_matrices=2)
     via_union = library.union_gather_swiglu_ffn(x, w["gate"], w["up"], w["down_t"], union,
                                                 row_mask, "cpu")
     out = dk.segmented_gather_swiglu_ffn(x, w["gate"], w["up"], w["down_t"], segments, kept,

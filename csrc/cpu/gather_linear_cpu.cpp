@@ -444,6 +444,10 @@ void set_cpu_gather_above(int64_t rows) { gather_above_override().store(rows); }
 
 int64_t cpu_gather_above() { return gather_above_override().load(); }
 
+bool cpu_uses_gather_gemm(bool float32, int64_t rows, int64_t copied_bytes) {
+  return use_gather_gemm(float32 ? at::kFloat : at::kBFloat16, rows, copied_bytes);
+}
+
 bool cpu_runs_fused_dense(bool float32, int64_t rows) {
   const int64_t forced = gather_above_override().load(std::memory_order_relaxed);
   if (forced >= 0) return rows <= forced;
@@ -971,29 +975,37 @@ void segment_mask(const Segment& s, const std::vector<int64_t>& place, const int
 //   fused regime:        read + rows
 //   gather + GEMM:       gemm_read + gemm_copy (unless the list is every neuron in order,
 //                        whole_matrix) + rows x gemm_product
-// The segments cost the sum of their calls (each in its regime, FfnShape::segment_uses_gemm); the
-// union one call over every row, its up and down projections each in the regime its own op takes,
-// weighed by their share of the weight matrices. `auto` takes the union where it costs less.
+// An FFN call weighs its up and down projections by their share of the weight matrices, each in
+// the regime its single-expert op takes (FfnShape::cost). The segments cost the sum of their calls
+// (a segment with neither projection in the gather + GEMM regime runs both fused:
+// SegmentRegime); the union one call over every row. `auto` takes the union where it costs less.
 // Fitted with python/segmented_regimes.py (one expert's FFN of SmolLM2-135M's and BERT-base's
 // shapes, either regime forced, 1-512 rows; medians over rows, so that the 10-30% outliers of a
 // run weigh little) on an Intel Xeon (AVX-512, AMX; 2 threads), the committed files
 // (benchmarks/results/cpu_intel/segmented_regimes*.json): float32 read 5.3-5.5, gemm_read
 // 12.0-13.0, gemm_copy 18.1, gemm_product 0.56-0.61 (three earlier runs: 5.1-7.2, 10.8-14.5,
-// 17-25 and 0.57-0.63); bfloat16 (oneDNN on AMX) 3.9-4.8, 15.0-15.4, 9.2, 0.11-0.13. On AMD CPUs
-// float32 runs the fused kernels only, and read is 3.5 (the fit of python/segmented_union_sweep.py
-// on AMD EPYC, over five experts' lists at 1-16 rows each). bfloat16's GEMM without AMX
-// (avx512_bf16 on AMD Zen 4) costs about half the fused kernels' products (see the regime note
-// above); its other constants are taken from the AMX fit, not measured. The constants below round
-// these.
+// 17-25 and 0.57-0.63); bfloat16 (oneDNN on AMX) 3.9-4.8, 15.0-15.4, 9.2, 0.11-0.13 (an earlier
+// run: 3.5-4.6, 13.0-13.4, 6.8-8.8, 0.11-0.12). The constants below lie within these runs'
+// ranges. On AMD CPUs float32 runs the fused kernels only, and read is 3.5 (the fit of
+// python/segmented_union_sweep.py on AMD EPYC, over five experts' lists at 1-16 rows each).
+// bfloat16's GEMM without AMX (avx512_bf16 on AMD Zen 4) costs about half the fused kernels'
+// products (see the regime note above); its other constants are taken from the AMX fit, not
+// measured.
 struct RegimeCosts {
   double read, gemm_read, gemm_copy, gemm_product;
 };
 
+// Whether this CPU has AMX-BF16 (CPUID leaf 7, EDX bit 22) and the OS enables its tile state
+// (XCR0 bits 17 and 18), as oneDNN needs to run its AMX kernels.
 bool has_amx_bf16() {
 #ifdef DOE_X86_DISPATCH
   static const bool amx = [] {
     unsigned a = 0, b = 0, c = 0, d = 0;
-    return __get_cpuid_count(7, 0, &a, &b, &c, &d) != 0 && (d & (1u << 22)) != 0;
+    if (__get_cpuid(1, &a, &b, &c, &d) == 0 || (c & (1u << 27)) == 0) return false;  // OSXSAVE
+    if (__get_cpuid_count(7, 0, &a, &b, &c, &d) == 0 || (d & (1u << 22)) == 0) return false;
+    unsigned lo = 0, hi = 0;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    return (lo & (3u << 17)) == (3u << 17);
   }();
   return amx;
 #else
@@ -1027,69 +1039,65 @@ struct FfnShape {
     return (up ? up_matrices * in_features : out_features) * neurons *
            static_cast<int64_t>(at::elementSize(dtype));
   }
-  // Whether a segment's rows run through the gather + GEMM regime: as the single-expert ops
-  // decide it for either projection.
-  bool segment_uses_gemm(int64_t rows, int64_t kept, bool whole) const {
-    return use_gather_gemm(dtype, rows, copied(true, kept, whole)) ||
-           use_gather_gemm(dtype, rows, copied(false, kept, whole));
+  // Whether the up (else the down) projection's single-expert op takes the gather + GEMM regime.
+  bool gemm(bool up, int64_t rows, int64_t neurons, bool whole) const {
+    return use_gather_gemm(dtype, rows, copied(up, neurons, whole));
+  }
+  // One FFN call's cost (the model above): each projection in the regime its op takes (both
+  // fused where `fused`), weighed by its share of the weight matrices.
+  double cost(int64_t rows, int64_t neurons, bool whole_up, bool whole_down, bool fused) const {
+    const RegimeCosts c = regime_costs(dtype);
+    auto one = [&](bool up, bool whole) {
+      return call_cost(c, !fused && gemm(up, rows, neurons, whole), rows, neurons, !whole);
+    };
+    const double share = static_cast<double>(up_matrices) / (up_matrices + 1);
+    return share * one(true, whole_up) + (1 - share) * one(false, whole_down);
   }
 };
 
-// Whether segment s keeps every one of `neurons` neurons in order, unscaled.
-bool keeps_every_neuron(const Segment& s, const int64_t* ip, int64_t neurons, bool scaled) {
-  return !scaled && lists_every_row(ip + s.k0, s.kept, neurons);
-}
+// How segment s's kept list meets the regimes: whether it is every one of `neurons` neurons in
+// order for the up projection and for the down one (whose scales, if any, go to a copy), and
+// whether the segment runs through the single-expert ops (either projection in the gather + GEMM
+// regime) rather than the fused segments.
+struct SegmentRegime {
+  bool whole_up, whole_down, gemm;
+
+  SegmentRegime(const FfnShape& f, const Segment& s, const int64_t* ip, int64_t neurons,
+                bool scaled)
+      : whole_up(lists_every_row(ip + s.k0, s.kept, neurons)),
+        whole_down(whole_up && !scaled),
+        gemm(f.gemm(true, s.rows, s.kept, whole_up) ||
+             f.gemm(false, s.rows, s.kept, whole_down)) {}
+};
 
 double segments_cost(const FfnShape& f, const std::vector<Segment>& segs, const int64_t* ip,
                      int64_t neurons, bool scaled) {
-  const RegimeCosts c = regime_costs(f.dtype);
   double cost = 0;
   for (const Segment& s : segs) {
-    const bool whole = keeps_every_neuron(s, ip, neurons, scaled);
-    cost += call_cost(c, f.segment_uses_gemm(s.rows, s.kept, whole), s.rows, s.kept, !whole);
+    const SegmentRegime r(f, s, ip, neurons, scaled);
+    cost += f.cost(s.rows, s.kept, r.whole_up, r.whole_down, !r.gemm);
   }
   return cost;
 }
 
-// The union's cost over `rows` rows, `count` neurons of the FFN's `neurons` (copied unless it
-// holds them all); with `lower_bound`, at most that whatever its regimes and copies.
-double union_cost(const FfnShape& f, int64_t rows, int64_t count, int64_t neurons,
-                  bool lower_bound = false) {
-  const RegimeCosts c = regime_costs(f.dtype);
-  const bool whole = count == neurons;
-  auto cost = [&](bool up) {
-    if (lower_bound)
-      return std::min(call_cost(c, false, rows, count, false),
-                      call_cost(c, true, rows, count, false));
-    return call_cost(c, use_gather_gemm(f.dtype, rows, f.copied(up, count, whole)), rows, count,
-                     !whole);
-  };
-  const double up = static_cast<double>(f.up_matrices) / (f.up_matrices + 1);
-  return up * cost(true) + (1 - up) * cost(false);
-}
-
-// The union's size when `strategy` takes it for `segs` (auto: where it costs less than the
-// segments), with `place` filled (union_places); 0 to run the segments.
+// The union's size when `strategy` takes it for `segs` (auto: where one call over every row and
+// the union, copied unless it holds every neuron, costs less than the segments), with `place`
+// filled (union_places); 0 to run the segments.
 int64_t chosen_union(int64_t strategy, const FfnShape& f, const std::vector<Segment>& segs,
                      const at::Tensor& kept, int64_t neurons, bool scaled,
                      std::vector<int64_t>& place) {
   TORCH_CHECK_VALUE(strategy >= kAutoStrategy && strategy <= kUnionStrategy,
                     "unknown segment strategy code ", strategy);
   if (strategy == kSegmentsStrategy || segs.empty()) return 0;
-  double separate = 0;
-  int64_t rows = 0, longest = 0;  // the union holds at least the longest list
-  if (strategy == kAutoStrategy) {
-    separate = segments_cost(f, segs, kept.data_ptr<int64_t>(), neurons, scaled);
-    for (const Segment& s : segs) {
-      rows += s.rows;
-      longest = std::max(longest, s.kept);
-    }
-    if (union_cost(f, rows, longest, neurons, true) >= separate) return 0;
-  }
-  const int64_t count = union_places(segs, kept.data_ptr<int64_t>(), neurons, place);
-  if (count == 0 || (strategy == kAutoStrategy && union_cost(f, rows, count, neurons) >= separate))
-    return 0;
-  return count;
+  const int64_t* ip = kept.data_ptr<int64_t>();
+  const int64_t count = union_places(segs, ip, neurons, place);
+  if (count == 0 || strategy == kUnionStrategy) return count;
+  int64_t rows = 0;
+  for (const Segment& s : segs) rows += s.rows;
+  const bool whole = count == neurons;
+  return f.cost(rows, count, whole, whole, false) < segments_cost(f, segs, ip, neurons, scaled)
+             ? count
+             : 0;
 }
 
 // hidden (rows of x x union, x's dtype) times each row's segment's mask, in place (torch's
@@ -1172,8 +1180,7 @@ at::Tensor segmented_ffn_cpu(const at::Tensor& x, const at::Tensor& w_in,
   const auto fused = run_gemm_segments(
       segs, x, kept, scales, out,
       [&](const Segment& s) {
-        return shape.segment_uses_gemm(
-            s.rows, s.kept, keeps_every_neuron(s, ip, w_in.size(0), scales.has_value()));
+        return SegmentRegime(shape, s, ip, w_in.size(0), scales.has_value()).gemm;
       },
       [&](const at::Tensor& xs, const at::Tensor& list, const std::optional<at::Tensor>& sc) {
         return gather_cols_linear_cpu(gather_rows_linear_cpu(xs, w_in, b_in, list, activation),
@@ -1230,8 +1237,7 @@ at::Tensor segmented_swiglu_ffn_cpu(const at::Tensor& x, const at::Tensor& w_gat
   const auto fused = run_gemm_segments(
       segs, x, kept, scales, out,
       [&](const Segment& s) {
-        return shape.segment_uses_gemm(
-            s.rows, s.kept, keeps_every_neuron(s, ip, w_gate.size(0), scales.has_value()));
+        return SegmentRegime(shape, s, ip, w_gate.size(0), scales.has_value()).gemm;
       },
       [&](const at::Tensor& xs, const at::Tensor& list, const std::optional<at::Tensor>& sc) {
         return gather_cols_linear_cpu(gather_swiglu_cpu(xs, w_gate, w_up, list), w_down_t,
