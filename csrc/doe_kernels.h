@@ -112,8 +112,8 @@ std::vector<Segment> read_segment_layout(const at::Tensor& segments,
 void set_cpu_gather_above(int64_t rows);
 int64_t cpu_gather_above();
 // Whether a call keeping every row of its weight, with `rows` input rows in float32 (else
-// bfloat16), should run the fused kernels (true) rather than ATen's GEMM on the whole weight:
-// float32 on AMD CPUs, float32 at few rows elsewhere, or as set_cpu_gather_above forces.
+// bfloat16), should run the fused kernels (true) rather than ATen's GEMM on the whole weight: at
+// few rows (decoding), float32 on AMD CPUs at any, or as set_cpu_gather_above forces.
 bool cpu_runs_fused_dense(bool float32, int64_t rows);
 // Whether a CPU op over `rows` rows in float32 (else bfloat16) that copies `copied_bytes` of kept
 // weights (0: its list is every row in order) takes the gather + GEMM regime.

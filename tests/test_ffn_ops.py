@@ -328,8 +328,8 @@ def test_eager_calls_skip_the_dispatcher_and_others_do_not(monkeypatch):
 
 
 def test_the_default_keep_all_rule():
-    """Without an override a layer keeping every row runs the cpu kernels in float32 at up to 8
-    rows (decoding) on every CPU, at any row count on AMD CPUs only; never in bfloat16."""
+    """Without an override a layer keeping every row runs the cpu kernels at up to 8 rows
+    (decoding) on every CPU and in both dtypes, in float32 at any row count on AMD CPUs only."""
     from doe_kernels._ext import extension
     from doe_kernels.backends import cpu
 
@@ -339,7 +339,9 @@ def test_the_default_keep_all_rule():
         pytest.skip("the environment overrides the rule")
     cpu.set_gather_above(None)
     assert cpu.runs_fused_dense(torch.float32, 1) and cpu.runs_fused_dense(torch.float32, 8)
-    assert not cpu.runs_fused_dense(torch.bfloat16, 1)
+    assert cpu.runs_fused_dense(torch.bfloat16, 1) and cpu.runs_fused_dense(torch.bfloat16, 8)
+    assert not cpu.runs_fused_dense(torch.bfloat16, 9)
+    assert not cpu.runs_fused_dense(torch.float16, 1)  # a dtype the backend does not take
     try:
         with open("/proc/cpuinfo") as info:
             amd = "AuthenticAMD" in info.read()

@@ -257,10 +257,10 @@ bool float32_gemm_beats_fused() {
 bool use_gather_gemm(at::ScalarType dtype, int64_t M, int64_t copied_bytes) {
   const int64_t forced = gather_above_override().load(std::memory_order_relaxed);
   if (forced >= 0) return M > forced;
+  // nothing to copy (whole_matrix): as a dense weight
+  if (copied_bytes == 0) return !cpu_runs_fused_dense(dtype == at::kFloat, M);
   if (dtype != at::kFloat) return M > 16;
   if (!float32_gemm_beats_fused()) return false;
-  // nothing to copy (whole_matrix): as a dense weight (cpu_runs_fused_dense)
-  if (copied_bytes == 0) return M > kColsSplitMaxRows;
   return M > 64 + copied_bytes / (128 * 1024);
 }
 
@@ -451,14 +451,17 @@ bool cpu_uses_gather_gemm(bool float32, int64_t rows, int64_t copied_bytes) {
 bool cpu_runs_fused_dense(bool float32, int64_t rows) {
   const int64_t forced = gather_above_override().load(std::memory_order_relaxed);
   if (forced >= 0) return rows <= forced;
-  // float32: on AMD CPUs at every row count (the fused kernels beat MKL's AVX2 code, above);
-  // elsewhere at most kColsSplitMaxRows rows (decoding), where the kernels read weights streaming
-  // from memory faster than MKL's GEMM (Intel Xeon, 2 threads, a SmolLM2-sized model's 576 x 576
-  // projections at 5 rows with other weights read in between: 73-76 us against 103-108 us; five
-  // sequences decoding in one mixed batch, every head kept: 46.4-46.8 ms a step against
-  // 49.2-49.3 ms); with more rows ATen's GEMM on the whole weight, which needs no copy. bfloat16:
-  // ATen's GEMM (oneDNN) always.
-  return float32 && (!float32_gemm_beats_fused() || rows <= kColsSplitMaxRows);
+  // At most kColsSplitMaxRows rows (decoding), where the kernels read weights streaming from
+  // memory faster than ATen's GEMM: float32 (Intel Xeon, 2 threads, a SmolLM2-sized model's
+  // 576 x 576 projections at 5 rows with other weights read in between: 73-76 us against
+  // 103-108 us with MKL; five sequences decoding in one mixed batch, every head kept: 46.4-46.8
+  // ms a step against 49.2-49.3 ms) and bfloat16 (the same CPU: a SmolLM2-shaped model's
+  // decoding step with every head kept and 35% of the FFN, 19.5-20.6 ms against 26.4-26.9 ms
+  // with oneDNN's AMX GEMM for the attention projections, the dense model 35.8-36.6 ms; one expert's FFN keeping every neuron
+  // at 1-8 rows, benchmarks/results/cpu_intel/segmented_regimes_bfloat16.json: 1.1-2.9x oneDNN's
+  // speed, 0.75-0.83x at 16). float32 on AMD CPUs at every row count, where the kernels beat
+  // MKL's AVX2 code (above). With more rows ATen's GEMM on the whole weight, which needs no copy.
+  return rows <= kColsSplitMaxRows || (float32 && !float32_gemm_beats_fused());
 }
 
 // =============================================================================================
