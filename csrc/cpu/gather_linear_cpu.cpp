@@ -273,7 +273,8 @@ bool lists_every_row(const int64_t* ip, int64_t n, int64_t rows) {
 }
 
 // Whether the rows idx of src are all its rows in order (a union of experts that together keep
-// every neuron): the gather + GEMM regime then multiplies src itself and copies nothing.
+// every neuron): the gather + GEMM regime then multiplies src itself and copies nothing (its
+// callers test it once, for the regime and for the operand).
 bool whole_matrix(const at::Tensor& src, const at::Tensor& idx) {
   return src.is_contiguous() && lists_every_row(idx.data_ptr<int64_t>(), idx.numel(), src.size(0));
 }
@@ -427,12 +428,6 @@ at::Tensor gather_rows(const at::Tensor& src, const at::Tensor& idx, int slot = 
   return dst;
 }
 
-// The rows idx of src for a GEMM: src itself where they are all of its rows in order
-// (whole_matrix), else gather_rows' copy.
-at::Tensor kept_rows(const at::Tensor& src, const at::Tensor& idx, int slot = 0) {
-  return whole_matrix(src, idx) ? src : gather_rows(src, idx, slot);
-}
-
 template <typename T>
 const T* raw(const at::Tensor& t) {
   return reinterpret_cast<const T*>(t.data_ptr());
@@ -457,9 +452,10 @@ bool cpu_runs_fused_dense(bool float32, int64_t rows) {
   // 103-108 us with MKL; five sequences decoding in one mixed batch, every head kept: 46.4-46.8
   // ms a step against 49.2-49.3 ms) and bfloat16 (the same CPU: a SmolLM2-shaped model's
   // decoding step with every head kept and 35% of the FFN, 19.5-20.6 ms against 26.4-26.9 ms
-  // with oneDNN's AMX GEMM for the attention projections, the dense model 35.8-36.6 ms; one expert's FFN keeping every neuron
-  // at 1-8 rows, benchmarks/results/cpu_intel/segmented_regimes_bfloat16.json: 1.1-2.9x oneDNN's
-  // speed, 0.75-0.83x at 16). float32 on AMD CPUs at every row count, where the kernels beat
+  // with oneDNN's AMX GEMM for the attention projections, the dense model 35.8-36.6 ms; one
+  // expert's FFN keeping every neuron at 1-8 rows,
+  // benchmarks/results/cpu_intel/segmented_regimes_bfloat16.json: 1.1-2.9x oneDNN's speed,
+  // 0.75-0.83x at 16). float32 on AMD CPUs at every row count, where the kernels beat
   // MKL's AVX2 code (above). With more rows ATen's GEMM on the whole weight, which needs no copy.
   return rows <= kColsSplitMaxRows || (float32 && !float32_gemm_beats_fused());
 }
@@ -484,9 +480,9 @@ at::Tensor gather_rows_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
   const int64_t M = x.size(0), K = x.size(1), N = rows.numel();
   if (M == 0) return at::empty({0, N}, x.options());
 
-  if (use_gather_gemm(x.scalar_type(), M,
-                      whole_matrix(weight, rows) ? 0 : N * K * x.element_size())) {
-    at::Tensor wg = kept_rows(weight, rows);
+  const bool whole = whole_matrix(weight, rows);
+  if (use_gather_gemm(x.scalar_type(), M, whole ? 0 : N * K * x.element_size())) {
+    at::Tensor wg = whole ? weight : gather_rows(weight, rows);
     at::Tensor out = bias.has_value() ? at::addmm(bias->index_select(0, rows), x, wg.t())
                                       : at::mm(x, wg.t());
     apply_activation_(out, activation);
@@ -542,8 +538,8 @@ at::Tensor gather_swiglu_cpu(const at::Tensor& x, const at::Tensor& w_gate, cons
 
   const bool whole = whole_matrix(w_gate, kept) && w_up.is_contiguous();
   if (use_gather_gemm(x.scalar_type(), M, whole ? 0 : 2 * N * K * x.element_size())) {
-    at::Tensor g = at::mm(x, kept_rows(w_gate, kept).t());
-    at::Tensor u = at::mm(x, kept_rows(w_up, kept, 1).t());
+    at::Tensor g = at::mm(x, (whole ? w_gate : gather_rows(w_gate, kept)).t());
+    at::Tensor u = at::mm(x, (whole ? w_up : gather_rows(w_up, kept, 1)).t());
     at::silu_(g);
     g.mul_(u);
     return g;
@@ -640,8 +636,8 @@ at::Tensor gather_cols_linear_cpu(const at::Tensor& h, const at::Tensor& weight_
 
   const bool whole = !scales.has_value() && whole_matrix(weight_t, cols);
   if (use_gather_gemm(h.scalar_type(), M, whole ? 0 : J * N * h.element_size())) {
-    // (scales are applied to a copy of the rows, never to weight_t itself)
-    at::Tensor wg = scales.has_value() ? gather_rows(weight_t, cols) : kept_rows(weight_t, cols);
+    // (scales are applied to a copy of the rows, never to weight_t itself: never whole)
+    at::Tensor wg = whole ? weight_t : gather_rows(weight_t, cols);
     if (scales.has_value()) wg.mul_(scales->unsqueeze(1));  // row j of the scratch times scales[j]
     return bias.has_value() ? at::addmm(*bias, h, wg) : at::mm(h, wg);
   }
