@@ -53,29 +53,33 @@ def _runs(items: list) -> list[tuple[int, int, object]]:
                       lambda a, b: a is b)
 
 
-def _layer_segments(masks, spec, device, dtype) -> list[LayerSegments]:
+def _layer_segments(masks, spec, device, dtype, dynamic_skip: bool) -> list[LayerSegments]:
     """Per layer, the segments of `masks` (validated against `spec` here, before any change)."""
     runs = _runs(masks)
-    plans = {id(mask): _plans(mask, spec, device, False) for _, _, mask in runs}
+    plans = {id(mask): _plans(mask, spec, device, dynamic_skip) for _, _, mask in runs}
     bounds = [start for start, _, _ in runs] + [len(masks)]
     out = []
     for layer in range(spec.num_layers):
         segment_plans = []
         for _, _, mask in runs:
-            kept, selection, _, *vectors = plans[id(mask)][layer]
-            segment_plans.append(SegmentPlan(kept, selection, *cast_vectors(vectors, dtype)))
+            kept, selection, moe, *vectors = plans[id(mask)][layer]
+            segment_plans.append(SegmentPlan(kept, selection, *cast_vectors(vectors, dtype),
+                                             moe=moe))
         out.append(LayerSegments(bounds, segment_plans, spec.intermediate_size))
     return out
 
 
 @contextlib.contextmanager
-def mixed(model, masks, backend: str = "auto", attention_mask=None, pack_layers: bool = False):
+def mixed(model, masks, backend: str = "auto", attention_mask=None, pack_layers: bool = False,
+          dynamic_skip: bool = False):
     """While the body runs, batch sequence b of every forward pass computes on `masks[b]` (one
     ExpertMask, or None for the whole model, per sequence). Every mask is checked against the
     model before anything changes; a forward pass whose batch has another number of sequences
-    raises ValueError. Mixture-of-experts models are not supported. On exit the model is what it
-    was: unpatched, or patched with its expert and backend. One thread at a time per model (the
-    router serialises its forward passes).
+    raises ValueError. In a mixture-of-experts model each sequence is routed among its mask's
+    kept experts; `dynamic_skip` is `patch`'s, for every mask (each then needs its skipping
+    thresholds; None, the whole model, skips nothing). On exit the model is what it was:
+    unpatched, or patched with its expert, backend and skipping. One thread at a time per model
+    (the router serialises its forward passes).
 
     `attention_mask` (optional; (batch, tokens) of 0s and 1s, the mask of the padded batch the
     body runs): a forward pass of the model given that same mask computes the FFNs and the
@@ -93,12 +97,12 @@ def mixed(model, masks, backend: str = "auto", attention_mask=None, pack_layers:
         raise RuntimeError("the model already serves a mixed batch (doe_kernels.mixed does not "
                            "nest)")
     spec = spec_of(model)
-    if spec.num_experts:
-        raise UnsupportedModelError("mixed-task batches do not support mixture-of-experts "
-                                    "models yet")
+    if dynamic_skip and spec.num_experts:  # the whole model: every expert, nothing skipped
+        whole = _KEEP_ALL.with_skip({layer: 0.0 for layer in range(spec.num_layers)})
+        masks = [whole if m is _KEEP_ALL else m for m in masks]
     layers = describe(model)[1] if state is None else [p.layer for p in state.layers]
     device, dtype = _model_device(layers)
-    segments = _layer_segments(masks, spec, device, dtype)  # checks every mask
+    segments = _layer_segments(masks, spec, device, dtype, dynamic_skip)  # checks every mask
     real = None if real is None else RealTokens(real.to(device), pack_layers)
     previous = plugged_state(model)
     patch(model, _KEEP_ALL if state is None else state.mask, backend)

@@ -11,12 +11,13 @@ from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralFo
 import doe_kernels as dk
 
 
-def mixtral(num_experts=8, top_k=2, layers=3, seed=0, dtype=torch.float32, router_scale=40.0):
+def mixtral(num_experts=8, top_k=2, layers=3, seed=0, dtype=torch.float32, router_scale=40.0,
+            vocab=120):
     """A random Mixtral; the router is scaled up so that routing is far from uniform (and top-k
     choices are not near ties that a lower precision would flip)."""
     torch.manual_seed(seed)
     config = MixtralConfig(hidden_size=48, num_hidden_layers=layers, num_attention_heads=6,
-                           num_key_value_heads=2, intermediate_size=40, vocab_size=120,
+                           num_key_value_heads=2, intermediate_size=40, vocab_size=vocab,
                            max_position_embeddings=128, num_local_experts=num_experts,
                            num_experts_per_tok=top_k, tie_word_embeddings=False)
     model = MixtralForCausalLM(config).eval()

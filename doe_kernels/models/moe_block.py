@@ -20,6 +20,11 @@ projection held input-major, experts x I x H): token-expert pairs are sorted by 
 one grouped GEMM per projection (`torch.nn.functional.grouped_mm`) where PyTorch has it for the
 device and dtype, else one GEMM per expert that received tokens. With a neuron mask each expert
 runs the gather SwiGLU op on the kept neurons instead.
+
+In a mixed-task batch (doe_kernels.mixed) the block holds the layer's `segments`: every row's
+router logits come from one call of the router module, each segment's rows are routed among its
+own expert's kept experts (and its skipping threshold), and the token-expert pairs of segments on
+the same neurons run together, grouped by MoE expert, whatever their task.
 """
 from dataclasses import dataclass
 
@@ -27,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from doe_kernels.models.segments import over_rows
 from doe_kernels.ops import library
 
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
@@ -142,6 +148,7 @@ class PrunedMoeBlock(nn.Module):
         self.jitter_noise = jitter_noise
         self.register_buffer("kept", None, persistent=False)
         self.plan = FULL_PLAN
+        self.segments = None  # a mixed batch's (models/segments.py)
 
     @property
     def router_weight(self) -> torch.Tensor:
@@ -160,16 +167,50 @@ class PrunedMoeBlock(nn.Module):
         if self.training and self.jitter_noise > 0:
             hidden_states = hidden_states * torch.empty_like(hidden_states).uniform_(
                 1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
+        if self.segments is not None:
+            return over_rows(self.segments, hidden_states, self._mixed_rows)
         x = hidden_states.reshape(-1, hidden_states.shape[-1])
         # The model's own router module, so that transformers records its logits
         # (output_router_logits); its top-k is the routing when every expert is kept.
         logits, weights, experts = self.gate(x)
-        plan = self.plan
-        if plan.kept is not None or plan.beta is not None or not self.normalize:
-            weights, experts = route(logits, self.top_k, plan.kept, self.normalize, plan.beta)
+        weights, experts = self._routed(logits, weights, experts, self.plan)
         out = experts_forward(x, weights, experts, self.gate_up, self.down_t, self.kept,
                               self.backend)
         return out.reshape(hidden_states.shape)
+
+    def _routed(self, logits, weights, experts, plan: MoePlan):
+        """(weights, experts) of rows under `plan`: the router module's own where it keeps every
+        expert, skips none and renormalises (Mixtral's rule), else `route`."""
+        if plan.kept is not None or plan.beta is not None or not self.normalize:
+            return route(logits, self.top_k, plan.kept, self.normalize, plan.beta)
+        return weights, experts
+
+    def _mixed_rows(self, x, row_segments, key):
+        """The block over rows `x` of a mixed batch, FFN segment s being rows row_segments[s] to
+        row_segments[s + 1] (segments.over_rows): each segment routed by its expert's plan, the
+        segments on the same neurons run as one."""
+        logits, weights, experts = self.gate(x)
+        bounds = row_segments.tolist()
+        routed, groups = [], {}
+        for s, plan in enumerate(self.segments.ffn_plans):
+            rows = slice(bounds[s], bounds[s + 1])
+            routed.append(self._routed(logits[rows], weights[rows], experts[rows],
+                                       plan.moe or FULL_PLAN))
+            groups.setdefault(id(plan.kept), (plan.kept, []))[1].append(s)
+        weights = torch.cat([w for w, _ in routed])
+        experts = torch.cat([e for _, e in routed])
+        if len(groups) == 1:
+            return experts_forward(x, weights, experts, self.gate_up, self.down_t,
+                                   self.segments.ffn_plans[0].kept, self.backend)
+        out = torch.empty_like(x)
+        for neurons, members in groups.values():
+            index = torch.cat([torch.arange(bounds[s], bounds[s + 1], device=x.device)
+                               for s in members])
+            out.index_copy_(0, index, experts_forward(
+                x.index_select(0, index), weights.index_select(0, index),
+                experts.index_select(0, index), self.gate_up, self.down_t, neurons,
+                self.backend))
+        return out
 
     def extra_repr(self):
         total = self.gate_up.shape[0]

@@ -2,10 +2,12 @@
 
 While `doe_kernels.mixed` holds a batch composition, each patched layer holds a `LayerSegments`:
 the batch's sequences grouped into segments (consecutive sequences on the same expert) and each
-segment's `SegmentPlan` (its kept neurons and heads, bias deltas and scales: what `patch` sets for
-one expert). The FFN lists are packed once for the segmented ops (`ops/segmented.py`); the
-attention runs each segment on its own heads (GQA-aware, through the single-expert steps
-`project_qkv`, `attend`, `project_out`).
+segment's `SegmentPlan` (its kept neurons and heads, bias deltas and scales, and in a
+mixture-of-experts layer its kept experts: what `patch` sets for one expert). The FFN lists are
+packed once for the segmented ops (`ops/segmented.py`); a mixture-of-experts block routes each
+segment's rows among its own experts (models/moe_block.py); the attention runs each segment on
+its own heads (GQA-aware, through the single-expert steps `project_qkv`, `attend`,
+`project_out`).
 
 A layer's KV cache holds every KV head while it serves a mixed batch (a segment's unused heads stay
 zero), so that one cache tensor serves segments keeping different heads.
@@ -27,6 +29,7 @@ class SegmentPlan:
     attn_delta: torch.Tensor | None = None
     ffn_scales: torch.Tensor | None = None  # one per kept neuron
     head_col_scales: torch.Tensor | None = None  # one per column of the kept heads
+    moe: object = None  # a mixture-of-experts layer's MoePlan (models/moe_block.py), else None
 
 
 def rows_of(tensor, start: int, stop: int):
@@ -47,7 +50,7 @@ class LayerSegments:
         # the FFN's segments: neighbours on the same neurons and scales merged
         ffn_runs = merge_runs(zip(self.bounds, self.bounds[1:], plans), _same_ffn)
         self.ffn_bounds = [self.bounds[0]] + [stop for _, stop, _ in ffn_runs]
-        ffn_plans = [plan for _, _, plan in ffn_runs]
+        self.ffn_plans = ffn_plans = [plan for _, _, plan in ffn_runs]
         lists = [torch.arange(intermediate_size, device=device) if p.kept is None else p.kept
                  for p in ffn_plans]
         self.kept_offsets = torch.tensor([0] + [k.numel() for k in lists],
@@ -222,7 +225,7 @@ def merge_runs(runs, same) -> list[tuple]:
 
 
 def _same_ffn(a: SegmentPlan, b: SegmentPlan) -> bool:
-    return a.kept is b.kept and a.ffn_scales is b.ffn_scales
+    return a.kept is b.kept and a.ffn_scales is b.ffn_scales and a.moe is b.moe
 
 
 def _same_attention(a: SegmentPlan, b: SegmentPlan) -> bool:
@@ -269,25 +272,32 @@ def ffn_forward(segments: LayerSegments, x, w_in, b_in, activation: str, w_out_t
 
 
 def _ffn_forward(segments: LayerSegments, x, up_matrices: int, run_union, run_segments):
-    """An FFN over a mixed batch (its up projection of `up_matrices` weight matrices), over the
-    real tokens only when the batch's are known (the padding's rows get zeros: no real token
-    reads them; a pass packed between layers gives the real tokens alone); then each sequence's
-    segment's bias delta (on every row)."""
+    """An FFN over a mixed batch (its up projection of `up_matrices` weight matrices), over_rows;
+    then each sequence's segment's bias delta (on every row)."""
+    out = over_rows(segments, x, lambda x2d, row_segments, key: _rows_forward(
+        segments, x2d, row_segments, key, up_matrices, run_union, run_segments))
+    delta = (segments.packed_delta() if segments.holds_packed(x)
+             else _matching(segments.ffn_delta, x))
+    return _add(out, delta)
+
+
+def over_rows(segments: LayerSegments, x, run):
+    """`run(x2d, row_segments, key)` (the FFN block of rows `x2d`, the FFN's segment s being rows
+    row_segments[s] to row_segments[s + 1]; `key` names the layout for caches) over a mixed
+    batch's hidden states `x`, shaped like x: over the real tokens only when the batch's are
+    known (the padding's rows get zeros: no real token reads them; a pass packed between
+    layers gives the real tokens alone)."""
     if segments.holds_packed(x):
         x2d = x.reshape(-1, x.shape[-1])
-        out = _rows_forward(segments, x2d, segments.packed_offsets(), "packed", up_matrices,
-                            run_union, run_segments)
-        return _add(out.view(*x.shape[:-1], -1), segments.packed_delta())
+        return run(x2d, segments.packed_offsets(), "packed").view(*x.shape[:-1], -1)
     x2d, batch, tokens = _flat(x)
     packed = segments.packed(batch, tokens)
-    if packed is not None:
-        index, offsets = packed
-        out = _unpack(_rows_forward(segments, x2d.index_select(0, index), offsets, "packed",
-                                    up_matrices, run_union, run_segments), index, x2d.shape[0])
+    if packed is None:
+        out = run(x2d, segments.row_segments(batch, tokens), tokens)
     else:
-        out = _rows_forward(segments, x2d, segments.row_segments(batch, tokens), tokens,
-                            up_matrices, run_union, run_segments)
-    return _add(out.view(*x.shape[:-1], -1), _matching(segments.ffn_delta, x))
+        index, offsets = packed
+        out = _unpack(run(x2d.index_select(0, index), offsets, "packed"), index, x2d.shape[0])
+    return out.view(*x.shape[:-1], -1)
 
 
 def _rows_forward(segments: LayerSegments, x2d, row_segments, key, up_matrices: int, run_union,
