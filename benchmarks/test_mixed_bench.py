@@ -3,12 +3,17 @@ forward pass (`doe_kernels.mixed`), against the five experts run one after anoth
 dense model on the whole batch, in the same run.
 
 Experts: `ExpertMask.random(model, ffn_keep=0.35, heads_keep=1.0, seed=s)` for s = 0..4 (65% of
-the FFN neurons pruned, every head kept: localize's default; random, overlapping lists). Cases
-(rows: tokens per timed call, 5 x tokens per sequence):
+the FFN neurons pruned, every head kept: localize's default; random, overlapping lists); on the
+mixture-of-experts model `ExpertMask.random(model, ffn_keep=1.0, heads_keep=1.0,
+experts_keep=0.5, seed=s)` (half of each layer's MoE experts dropped, a random half per expert and
+layer; recorded with prune rate 0.5). Cases (rows: tokens per timed call, 5 x tokens per
+sequence):
   * `smollm2-prefill64`: the SmolLM2-135M-shaped model of test_model_bench.py, five prompts of
     64 tokens (`logits_to_keep=1`);
   * `smollm2-decode`: one decoding step of the five sequences, their KV cache holding 64 tokens
     (filled untimed, cropped back before each step);
+  * `smollm2-moe-prefill64`, `smollm2-moe-decode` (CPU only): the same on a Mixtral made of
+    SmolLM2-135M's sizes, its FFN an 8-expert top-2 mixture (`MOE_CONFIG`);
   * smoke (CI): `tiny-llama-decode`.
 Variants:
   * `dense`: the unpatched model on the batch of five;
@@ -19,30 +24,57 @@ Variants:
     the timed calls (as around a `generate()`).
 """
 import contextlib
+import functools
 
 import pytest
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, MixtralConfig, MixtralForCausalLM
 
 import doe_kernels as dk
 from conftest import bench_device, bench_dtype, measure, sweep_mode
 from test_model_bench import _model
 
 EXPERTS, KEEP, TOKENS = 5, 0.35, 64
+MOE_EXPERTS_KEEP = 0.5
 VARIANTS = ("dense", "sequential", "mixed")
+MOE_CONFIG = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                  num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
+                  tie_word_embeddings=True, num_local_experts=8, num_experts_per_tok=2)
 
 
-def _cases(mode: str):
+def _cases(mode: str, device: torch.device):
     if mode == "smoke":
         return [("tiny-llama-decode", "tiny-llama", "decode")]
-    return [("smollm2-prefill64", "smollm2", "prefill"), ("smollm2-decode", "smollm2", "decode")]
+    cases = [("smollm2-prefill64", "smollm2", "prefill"), ("smollm2-decode", "smollm2", "decode")]
+    if device.type == "cpu":
+        cases += [("smollm2-moe-prefill64", "smollm2-moe", "prefill"),
+                  ("smollm2-moe-decode", "smollm2-moe", "decode")]
+    return cases
 
 
 def pytest_generate_tests(metafunc):
     if "mixed_case" in metafunc.fixturenames:
+        cases = _cases(sweep_mode(metafunc.config), bench_device(metafunc.config))
         metafunc.parametrize("mixed_case", [
             pytest.param((case, variant), id=f"{case[0]}-{variant}")
-            for case in _cases(sweep_mode(metafunc.config)) for variant in VARIANTS])
+            for case in cases for variant in VARIANTS])
+
+
+@functools.lru_cache(maxsize=1)
+def _moe_model(device: str, dtype: torch.dtype):
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = MixtralForCausalLM(MixtralConfig(**MOE_CONFIG))
+    return model.to(dtype).eval()
+
+
+def _masks(model, moe: bool) -> list:
+    if moe:
+        return [dk.ExpertMask.random(model, ffn_keep=1.0, heads_keep=1.0,
+                                     experts_keep=MOE_EXPERTS_KEEP, seed=s)
+                for s in range(EXPERTS)]
+    return [dk.ExpertMask.random(model, ffn_keep=KEEP, heads_keep=1.0, seed=s)
+            for s in range(EXPERTS)]
 
 
 class Batch:
@@ -90,9 +122,9 @@ class Batch:
 def test_mixed(benchmark, recorder, request, mixed_case):
     (shape, model_name, kind), variant = mixed_case
     device, dtype = bench_device(request.config), bench_dtype(request.config)
-    model = _model(model_name, str(device), dtype)
-    masks = [dk.ExpertMask.random(model, ffn_keep=KEEP, heads_keep=1.0, seed=s)
-             for s in range(EXPERTS)]
+    moe = model_name == "smollm2-moe"
+    model = _moe_model(str(device), dtype) if moe else _model(model_name, str(device), dtype)
+    masks = _masks(model, moe)
     with torch.inference_mode(), contextlib.ExitStack() as stack:
         if variant != "dense":
             dk.patch(model, dk.ExpertMask())
@@ -105,5 +137,6 @@ def test_mixed(benchmark, recorder, request, mixed_case):
         seconds = measure(benchmark, batch, request.config,
                           setup=batch.reset if kind == "decode" else None)
     recorder.add(bench="mixed-model", shape=shape, dtype=str(dtype).removeprefix("torch."),
-                 device=device.type, variant=variant, prune_rate=1 - KEEP,
+                 device=device.type, variant=variant,
+                 prune_rate=1 - MOE_EXPERTS_KEEP if moe else 1 - KEEP,
                  rows=EXPERTS * (1 if kind == "decode" else TOKENS), median_s=seconds)
