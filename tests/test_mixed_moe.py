@@ -1,7 +1,7 @@
 """Mixed-task batches on a mixture-of-experts model (Mixtral): each sequence routed among its own
 expert's kept MoE experts, on its neurons and heads, with dynamic skipping and KV-cache generation,
 equals that sequence run alone on its expert; segments on the same neurons run their MoE experts
-together; whole experts through mixed_logits; bad input changes nothing."""
+together; whole experts through mixed_logits and the router; bad input changes nothing."""
 import copy
 import random
 
@@ -172,7 +172,7 @@ def test_bad_moe_input_is_refused_and_changes_nothing():
     assert state_dict_equal(snapshot(model), before)
 
 
-def test_mixed_logits_on_a_moe_model_equal_each_request_alone(tokenizer):
+def test_mixed_logits_and_the_router_on_a_moe_model_equal_each_request_alone(tokenizer):
     model = mixtral(vocab=tokenizer.vocab_size)
     words = [" positive", " negative"]
     ids = label_token_ids(tokenizer, words)
@@ -187,7 +187,12 @@ def test_mixed_logits_on_a_moe_model_equal_each_request_alone(tokenizer):
              "brilliant acting and a silly plot"]
     requests = [(rng.choice(experts), text) for text in texts * 2]
     got = dk.mixed_logits(model, tokenizer, requests, batch_size=4)
-    for (expert, text), row in zip(requests, got):
-        torch.testing.assert_close(row, expert.predict_logits(model, tokenizer, [text])[0],
-                                   atol=1e-5, rtol=1e-5)
+    with dk.ExpertRouter(model, tokenizer, batch_size=3) as router:
+        for i, expert in enumerate(experts):
+            router.add(f"task{i}", expert)
+        routed = router.run_mixed_logits([(f"task{experts.index(e)}", t) for e, t in requests])
+    for (expert, text), row, via_router in zip(requests, got, routed):
+        alone = expert.predict_logits(model, tokenizer, [text])[0]
+        torch.testing.assert_close(row, alone, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(via_router, alone, atol=1e-5, rtol=1e-5)
     assert not dk.is_patched(model)
