@@ -5,7 +5,8 @@ a `weight` of experts x hidden) and fused experts (`experts.gate_up_proj`, exper
 `experts.down_proj`, experts x H x I: transformers 5's layout). Patching replaces `self_attn` as
 for LLaMA and `mlp` by PrunedMoeBlock (kept experts, dynamic skipping, kept neurons inside every
 expert), which calls the model's router module, so `output_router_logits` works as unpatched (see
-moe_block). Both serve mixed-task batches (doe_kernels.mixed). Only routers with Mixtral's rule (softmax, top-k, renormalise) are accepted, by class.
+moe_block). Both serve mixed-task batches (doe_kernels.mixed). Only routers with Mixtral's rule
+(softmax, top-k, renormalise) are accepted, by class.
 """
 from doe_kernels.models import llama
 from doe_kernels.models.base import LayerPatch, UnsupportedModelError, has_modules

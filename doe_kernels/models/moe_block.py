@@ -24,7 +24,8 @@ runs the gather SwiGLU op on the kept neurons instead.
 In a mixed-task batch (doe_kernels.mixed) the block holds the layer's `segments`: every row's
 router logits come from one call of the router module, each segment's rows are routed among its
 own expert's kept experts (and its skipping threshold), and the token-expert pairs of segments on
-the same neurons run together, grouped by MoE expert, whatever their task.
+the same neurons run together, grouped by MoE expert, whatever their task. The block computes
+the real tokens only where `mixed` knows them, so the router logits recorded then are theirs.
 """
 from dataclasses import dataclass
 
