@@ -34,10 +34,10 @@ Variants:
   * `patched-<backend>`: `doe_kernels.patch(model, mask, backend)` on the dense model, in place,
     unpatched afterwards.
 Masks: `ExpertMask.random(model, ffn_keep=1-p, heads_keep=1-p, seed=0)`; the layer-type sweep
-(--full) adds `bert-base-seq128-ffn` / `smollm2-prefill128-ffn` (neurons pruned, every head kept)
-and `-attn` (heads pruned, every neuron kept). Before `sliced` is timed,
-its output is compared with the model patched on the `torch` backend (same mask), so the baseline
-is checked to compute the expert.
+(--full) adds `bert-base-seq128-ffn` / `smollm2-prefill128-ffn` (and on the CPU
+`smollm2-decode-ffn`; neurons pruned, every head kept) and `-attn` (heads pruned, every neuron
+kept). Before `sliced` is timed, its output is compared with the model patched on the `torch`
+backend (same mask), so the baseline is checked to compute the expert.
 """
 import copy
 import functools
@@ -105,6 +105,8 @@ def _cases(mode: str, device: torch.device) -> list[Case]:
         for layers in ("ffn", "attn"):
             cases += [Case(f"bert-base-seq128-{layers}", "bert-base", "encoder", 128, layers),
                       Case(f"smollm2-prefill128-{layers}", "smollm2", "prefill", CONTEXT, layers)]
+            if device.type == "cpu":  # decoding, where the CPU's kernels take every-row layers
+                cases.append(Case(f"smollm2-decode-{layers}", "smollm2", "decode", 1, layers))
     cases.sort(key=lambda case: list(CONFIGS).index(case.model))  # stable: grouped by model
     if mode == "full" and device.type == "cuda":
         cases += [Case("llama-7b-prefill128", "llama-7b", "prefill", CONTEXT),
