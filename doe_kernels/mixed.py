@@ -86,10 +86,12 @@ def mixed(model, masks, backend: str = "auto", attention_mask=None, pack_layers:
     attention's projections of the real tokens only, and on the CPU the attention itself too
     (each sequence over its own real tokens); the padding's positions get zeros (no real token
     attends to them). Other passes (a generation's decoding steps, another batch) compute every
-    position. With `pack_layers` such a pass also runs the layers' norms and residuals over the
-    real tokens only: the first layer's input is packed to (1, real tokens, hidden) and the last
-    layer's output unpacked, so the model's outputs keep their shapes, but hooks on the layers
-    and the intermediate hidden states (output_hidden_states) see the packed layout."""
+    position, and so does a pass returning a mixture-of-experts model's router logits
+    (`output_router_logits`; transformers reads them padded). With `pack_layers` a pass on the
+    real tokens also runs the layers' norms and residuals over them only: the first layer's
+    input is packed to (1, real tokens, hidden) and the last layer's output unpacked, so the
+    model's outputs keep their shapes, but hooks on the layers and the intermediate hidden
+    states (output_hidden_states) see the packed layout."""
     masks = _as_masks(masks)
     real = _real_tokens(attention_mask, len(masks))
     state = getattr(model, PATCH_STATE_ATTR, None)
@@ -134,8 +136,8 @@ def _real_token_hooks(model, real: RealTokens, layers) -> list:
     its first and last patched `layers` that pack and unpack the hidden states of such a pass
     when `real.pack_layers`."""
     def before(module, args, kwargs):
-        real.active = real.matches(kwargs.get("attention_mask",
-                                              args[1] if len(args) > 1 else None))
+        real.active = not _router_logits_asked(model, kwargs) and real.matches(
+            kwargs.get("attention_mask", args[1] if len(args) > 1 else None))
 
     def after(module, args, output):
         real.active = False
@@ -146,6 +148,13 @@ def _real_token_hooks(model, real: RealTokens, layers) -> list:
         hooks += [layers[0].layer.register_forward_pre_hook(_packer(real), with_kwargs=True),
                   layers[-1].layer.register_forward_hook(_unpacker(real))]
     return hooks
+
+
+def _router_logits_asked(model, kwargs) -> bool:
+    """Whether a forward pass returns a mixture-of-experts model's router logits: it then computes
+    every position, since transformers' load-balancing loss reads them in the padded layout."""
+    asked = kwargs.get("output_router_logits")
+    return bool(getattr(model.config, "output_router_logits", False) if asked is None else asked)
 
 
 def _packer(real: RealTokens):

@@ -9,12 +9,13 @@ import pytest
 import torch
 
 import doe_kernels as dk
+from doe_kernels.expert import Expert, label_token_ids, model_sizes
+from doe_kernels.patching import plugged_state
+
 from conftest import backend_cases
 from model_utils import output_of, snapshot, state_dict_equal
 from moe_utils import mixtral
 from reference import assert_close
-
-from doe_kernels.expert import Expert, label_token_ids, model_sizes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -104,18 +105,20 @@ def test_segments_on_the_same_neurons_run_their_experts_together(monkeypatch):
     assert calls == [2 * 9, 9, 9] * 3
 
 
+@pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_mixed_dynamic_skipping_equals_each_sequence_alone(dtype):
+def test_mixed_dynamic_skipping_equals_each_sequence_alone(dtype, packed):
     model = mixtral(dtype=dtype)
     thresholds = [{0: 0.3, 1: 0.6, 2: 0.9}, {0: 0.8, 1: 0.2, 2: 0.5}]
     masks = [dk.ExpertMask.random(model, n, 1.0, experts_keep=k, seed=s).with_skip(t)
              for s, (n, k, t) in enumerate(zip((1.0, 0.5), (1.0, 0.625), thresholds))]
     rows = [masks[0], None, masks[1], masks[1], masks[0]]
     ids, attention = moe_inputs(5)
+    options = dict(attention_mask=attention, pack_layers=True) if packed else {}
     with torch.no_grad():
-        with dk.mixed(model, rows, dynamic_skip=True):
+        with dk.mixed(model, rows, dynamic_skip=True, **options):
             got = output_of(model, ids, attention)
-        with dk.mixed(model, rows):
+        with dk.mixed(model, rows, **options):
             unskipped = output_of(model, ids, attention)
         for b, mask in enumerate(rows):
             ref = alone(model, mask, ids[b:b + 1], attention[b:b + 1], dynamic_skip=mask is not None)
@@ -145,14 +148,62 @@ def test_a_patched_moe_model_gets_its_expert_and_skipping_back():
     mask = dk.ExpertMask.random(model, 0.5, 0.5, experts_keep=0.5, seed=3).with_skip(
         {0: 0.5, 1: 0.5, 2: 0.5})
     ids, attention = moe_inputs(3)
-    with torch.no_grad():
-        dk.patch(model, mask, dynamic_skip=True)
-        expected = output_of(model, ids, attention)
-        with dk.mixed(model, moe_masks(model, 3, seed=2)):
-            output_of(model, ids, attention)
-        assert dk.current_mask(model) is mask
-        assert torch.equal(output_of(model, ids, attention), expected)
-    dk.unpatch(model)
+    try:
+        with torch.no_grad():
+            dk.patch(model, mask, backend="torch", dynamic_skip=True)
+            expected = output_of(model, ids, attention)
+            with dk.mixed(model, moe_masks(model, 3, seed=2)):
+                output_of(model, ids, attention)
+            assert plugged_state(model) == (mask, "torch", True)
+            assert torch.equal(output_of(model, ids, attention), expected)
+            with pytest.raises(ValueError, match="4 sequences"):  # an error in the body
+                with dk.mixed(model, moe_masks(model, 3, seed=2), dynamic_skip=False):
+                    output_of(model, *moe_inputs(4))
+            assert plugged_state(model) == (mask, "torch", True)
+            assert torch.equal(output_of(model, ids, attention), expected)
+    finally:
+        dk.unpatch(model)
+
+
+def test_router_logits_come_in_the_padded_layout_and_change_nothing():
+    """A pass returning router logits (for transformers' load-balancing loss) computes every
+    position, also where `mixed` knows the real tokens; its outputs are the packed pass's."""
+    model = mixtral()
+    masks = moe_masks(model, 3, seed=4)
+    ids, attention = moe_inputs(4)
+    with torch.no_grad(), dk.mixed(model, masks + [None], attention_mask=attention,
+                                   pack_layers=True):
+        packed = output_of(model, ids, attention)
+        out = model(input_ids=ids, attention_mask=attention, output_router_logits=True)
+        model.config.output_router_logits = True
+        try:
+            from_config = model(input_ids=ids, attention_mask=attention)
+        finally:
+            model.config.output_router_logits = False
+    for result in (out, from_config):
+        assert [tuple(r.shape) for r in result.router_logits] == [(4 * 9, 8)] * 3
+        assert torch.isfinite(result.aux_loss)
+        assert_close(result.logits * attention[..., None], packed.double(), what="logits")
+
+
+def test_layers_that_cannot_serve_mixed_batches_are_refused(monkeypatch):
+    """An adapter whose layers have no mixed-batch modules: refused, the model left as it was."""
+    from doe_kernels.models import mixtral as adapter
+
+    patch_layer = adapter.patch_layer
+
+    def without_mixed(patch, *args):
+        patch_layer(patch, *args)
+        patch.mixed_run.clear()
+
+    monkeypatch.setattr(adapter, "patch_layer", without_mixed)
+    model = mixtral()
+    before = snapshot(model)
+    with pytest.raises(dk.UnsupportedModelError, match="do not serve mixed-task batches"):
+        with dk.mixed(model, [None]):
+            pytest.fail("the body must not run")
+    assert not dk.is_patched(model)
+    assert state_dict_equal(snapshot(model), before)
 
 
 def test_bad_moe_input_is_refused_and_changes_nothing():
@@ -192,7 +243,7 @@ def test_mixed_logits_and_the_router_on_a_moe_model_equal_each_request_alone(tok
             router.add(f"task{i}", expert)
         routed = router.run_mixed_logits([(f"task{experts.index(e)}", t) for e, t in requests])
     for (expert, text), row, via_router in zip(requests, got, routed):
-        alone = expert.predict_logits(model, tokenizer, [text])[0]
-        torch.testing.assert_close(row, alone, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(via_router, alone, atol=1e-5, rtol=1e-5)
+        single = expert.predict_logits(model, tokenizer, [text])[0]
+        torch.testing.assert_close(row, single, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(via_router, single, atol=1e-5, rtol=1e-5)
     assert not dk.is_patched(model)

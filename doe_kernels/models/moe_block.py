@@ -24,8 +24,9 @@ runs the gather SwiGLU op on the kept neurons instead.
 In a mixed-task batch (doe_kernels.mixed) the block holds the layer's `segments`: every row's
 router logits come from one call of the router module, each segment's rows are routed among its
 own expert's kept experts (and its skipping threshold), and the token-expert pairs of segments on
-the same neurons run together, grouped by MoE expert, whatever their task. The block computes
-the real tokens only where `mixed` knows them, so the router logits recorded then are theirs.
+the same neurons run together, grouped by MoE expert, whatever their task. A pass returning the
+router logits computes every position (`mixed`), so they come in the padded layout as
+unpatched.
 """
 from dataclasses import dataclass
 
@@ -188,10 +189,10 @@ class PrunedMoeBlock(nn.Module):
 
     def _mixed_rows(self, x, row_segments, key):
         """The block over rows `x` of a mixed batch, FFN segment s being rows row_segments[s] to
-        row_segments[s + 1] (segments.over_rows): each segment routed by its expert's plan, the
-        segments on the same neurons run as one."""
+        row_segments[s + 1] (segments.over_rows; `key`, the layout, gives them on the host):
+        each segment routed by its expert's plan, the segments on the same neurons run as one."""
         logits, weights, experts = self.gate(x)
-        bounds = row_segments.tolist()
+        bounds = self.segments.row_bounds(key)  # on the host: no device sync
         routed, groups = [], {}
         for s, plan in enumerate(self.segments.ffn_plans):
             rows = slice(bounds[s], bounds[s + 1])

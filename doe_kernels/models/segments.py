@@ -13,10 +13,14 @@ A layer's KV cache holds every KV head while it serves a mixed batch (a segment'
 zero), so that one cache tensor serves segments keeping different heads.
 """
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from doe_kernels.ops import HeadSelection, attend, library, project_out, project_qkv
+
+if TYPE_CHECKING:
+    from doe_kernels.models.moe_block import MoePlan
 
 
 @dataclass(frozen=True)
@@ -29,7 +33,7 @@ class SegmentPlan:
     attn_delta: torch.Tensor | None = None
     ffn_scales: torch.Tensor | None = None  # one per kept neuron
     head_col_scales: torch.Tensor | None = None  # one per column of the kept heads
-    moe: object = None  # a mixture-of-experts layer's MoePlan (models/moe_block.py), else None
+    moe: "MoePlan | None" = None  # a mixture-of-experts layer's routing plan
 
 
 def rows_of(tensor, start: int, stop: int):
@@ -95,6 +99,13 @@ class LayerSegments:
             self._row_segments[tokens] = torch.tensor(self.ffn_bounds,
                                                       device=self.kept.device) * tokens
         return self._row_segments[tokens]
+
+    def row_bounds(self, key) -> list[int]:
+        """The FFN's segment offsets over the rows of layout `key` (over_rows': "packed", the real
+        tokens, or the number of tokens per sequence), as ints."""
+        if key == "packed":
+            return [self.real.offsets[b] for b in self.ffn_bounds]
+        return [b * key for b in self.ffn_bounds]
 
     def real_tokens(self, batch: int, tokens: int):
         """The RealTokens of the padded batch whose attention mask `mixed` was given, during a
