@@ -1,6 +1,7 @@
 // The Python module doe_kernels._C: binds the CPU kernels always and the CUDA kernels when the
 // extension was built with them (has_cuda() tells which).
 #include "doe_kernels.h"
+#include "cpu/amx_gather.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "doe-kernels compiled kernels (gathered linear primitives)";
@@ -14,6 +15,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_cpu_gather_above", &doe_kernels::set_cpu_gather_above);
   m.def("cpu_gather_above", &doe_kernels::cpu_gather_above);
   m.def("cpu_runs_fused_dense", &doe_kernels::cpu_runs_fused_dense);
+  m.def("cpu_amx_gather_available", &doe_kernels::amx_gather_available);
   m.def("cpu_segment_costs", &doe_kernels::cpu_segment_costs);
   m.def("cpu_uses_gather_gemm", &doe_kernels::cpu_uses_gather_gemm);
 #ifdef DOE_KERNELS_WITH_CUDA

@@ -256,6 +256,54 @@ def test_both_cpu_regimes_match_the_reference(cpu_regime, dtype, kind, rows):
     assert all(torch.equal(w, b) for w, b in zip((w_in, b_in, w_out_t, b_out, w_up), before))
 
 
+@pytest.mark.parametrize("rows", [17, 45, 128, 129])
+@pytest.mark.parametrize("kind", ["single", "random"])
+def test_the_amx_path_matches_the_reference(rows, kind):
+    """bfloat16 on a CPU with AMX, in the gather + GEMM regime: the kept rows gathered into the
+    matrix unit's tiles (up to 128 rows; 129 takes the copy), with bias, activation, scales and
+    SwiGLU, over lists whose length is no multiple of 32; the weights stay as they were."""
+    from doe_kernels._ext import extension
+
+    if extension() is None or not extension().cpu_amx_gather_available():
+        pytest.skip("no AMX here (or DOE_KERNELS_CPU_AMX=0)")
+    dtype, shape = torch.bfloat16, (96, 301)
+    w_in, b_in, w_out_t, b_out = _weights(shape, dtype, "cpu")
+    w_up = _weights(shape, dtype, "cpu")[0]
+    before = [w.clone() for w in (w_in, b_in, w_out_t, b_out, w_up)]
+    kept = index_list(kind, shape[1])
+    scales = (1 + 0.5 * torch.randn(kept.numel())).to(dtype)
+    x = torch.randn(rows, shape[0]).to(dtype)
+    h = torch.randn(rows, kept.numel()).to(dtype)
+    for activation in ("gelu", "relu"):
+        assert_close(dk.gather_rows_linear(x, w_in, b_in, kept, activation, backend="cpu"),
+                     rows_linear_ref(x, w_in, b_in, kept, activation),
+                     _dense(dk.gather_rows_linear, x, w_in, b_in, kept, activation),
+                     f"gather_rows_linear {activation} rows={rows}")
+    for s in (None, scales):
+        assert_close(dk.gather_cols_linear(h, w_out_t, b_out, kept, backend="cpu", scales=s),
+                     cols_linear_ref(h, w_out_t, b_out, kept, s),
+                     _dense(dk.gather_cols_linear, h, w_out_t, b_out, kept, scales=s),
+                     f"gather_cols_linear rows={rows} scaled={s is not None}")
+    assert_close(dk.gather_swiglu_ffn(x, w_in, w_up, w_out_t, kept, backend="cpu"),
+                 swiglu_ffn_ref(x, w_in, w_up, w_out_t, kept),
+                 _dense(dk.gather_swiglu_ffn, x, w_in, w_up, w_out_t, kept),
+                 f"gather_swiglu_ffn rows={rows}")
+    assert all(torch.equal(w, b) for w, b in zip((w_in, b_in, w_out_t, b_out, w_up), before))
+
+
+def test_the_amx_path_can_be_turned_off():
+    """DOE_KERNELS_CPU_AMX=0, or an instruction set capped below AVX-512, keeps the copy."""
+    from doe_kernels._ext import extension
+
+    if extension() is None:
+        pytest.skip("the cpu backend is not built")
+    code = "from doe_kernels._ext import extension; print(extension().cpu_amx_gather_available())"
+    for env in ({"DOE_KERNELS_CPU_AMX": "0"}, {"DOE_KERNELS_CPU_ISA": "avx2"}):
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                env=dict(os.environ, **env), timeout=120)
+        assert result.stdout.strip() == "False", (env, result.stderr[-2000:])
+
+
 def test_the_cpu_regime_override():
     """set_gather_above checks its argument and None restores the default rule; the environment
     variable sets the override at start-up."""

@@ -23,6 +23,7 @@
 // __builtin_cpu_supports) and as portable C++ with GCC vector extensions (any other CPU, aarch64).
 // DOE_KERNELS_CPU_ISA=generic|avx2|avx512 caps the selection (for testing the fallbacks).
 #include "doe_kernels.h"
+#include "cpu/amx_gather.h"
 
 #include <ATen/Parallel.h>
 
@@ -482,6 +483,14 @@ at::Tensor gather_rows_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
 
   const bool whole = whole_matrix(weight, rows);
   if (use_gather_gemm(x.scalar_type(), M, whole ? 0 : N * K * x.element_size())) {
+    if (!whole) {
+      if (std::optional<at::Tensor> product = amx_gather_rows_mm(x, weight, rows)) {
+        at::Tensor out = *product;
+        if (bias.has_value()) out = out + bias->index_select(0, rows).to(at::kFloat);
+        apply_activation_(out, activation);
+        return out.to(x.scalar_type()).contiguous();
+      }
+    }
     at::Tensor wg = whole ? weight : gather_rows(weight, rows);
     at::Tensor out = bias.has_value() ? at::addmm(bias->index_select(0, rows), x, wg.t())
                                       : at::mm(x, wg.t());
@@ -538,6 +547,15 @@ at::Tensor gather_swiglu_cpu(const at::Tensor& x, const at::Tensor& w_gate, cons
 
   const bool whole = whole_matrix(w_gate, kept) && w_up.is_contiguous();
   if (use_gather_gemm(x.scalar_type(), M, whole ? 0 : 2 * N * K * x.element_size())) {
+    if (!whole) {
+      std::optional<at::Tensor> gate = amx_gather_rows_mm(x, w_gate, kept);
+      if (gate.has_value()) {
+        at::Tensor g = *gate;  // a view of its padded result: silu_ then writes in place
+        at::silu_(g);
+        g.mul_(*amx_gather_rows_mm(x, w_up, kept));
+        return g.to(x.scalar_type()).contiguous();
+      }
+    }
     at::Tensor g = at::mm(x, (whole ? w_gate : gather_rows(w_gate, kept)).t());
     at::Tensor u = at::mm(x, (whole ? w_up : gather_rows(w_up, kept, 1)).t());
     at::silu_(g);
@@ -636,6 +654,13 @@ at::Tensor gather_cols_linear_cpu(const at::Tensor& h, const at::Tensor& weight_
 
   const bool whole = !scales.has_value() && whole_matrix(weight_t, cols);
   if (use_gather_gemm(h.scalar_type(), M, whole ? 0 : J * N * h.element_size())) {
+    if (!whole) {
+      if (std::optional<at::Tensor> product = amx_gather_cols_mm(h, weight_t, cols, scales)) {
+        at::Tensor out = *product;
+        if (bias.has_value()) out = out + bias->to(at::kFloat);
+        return out.to(h.scalar_type()).contiguous();
+      }
+    }
     // (scales are applied to a copy of the rows, never to weight_t itself: never whole)
     at::Tensor wg = whole ? weight_t : gather_rows(weight_t, cols);
     if (scales.has_value()) wg.mul_(scales->unsqueeze(1));  // row j of the scratch times scales[j]
@@ -993,24 +1018,6 @@ void segment_mask(const Segment& s, const std::vector<int64_t>& place, const int
 struct RegimeCosts {
   double read, gemm_read, gemm_copy, gemm_product;
 };
-
-// Whether this CPU has AMX-BF16 (CPUID leaf 7, EDX bit 22) and the OS enables its tile state
-// (XCR0 bits 17 and 18), as oneDNN needs to run its AMX kernels.
-bool has_amx_bf16() {
-#ifdef DOE_X86_DISPATCH
-  static const bool amx = [] {
-    unsigned a = 0, b = 0, c = 0, d = 0;
-    if (__get_cpuid(1, &a, &b, &c, &d) == 0 || (c & (1u << 27)) == 0) return false;  // OSXSAVE
-    if (__get_cpuid_count(7, 0, &a, &b, &c, &d) == 0 || (d & (1u << 22)) == 0) return false;
-    unsigned lo = 0, hi = 0;
-    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
-    return (lo & (3u << 17)) == (3u << 17);
-  }();
-  return amx;
-#else
-  return false;
-#endif
-}
 
 RegimeCosts regime_costs(at::ScalarType dtype) {
   if (dtype == at::kFloat) return {float32_gemm_beats_fused() ? 6.0 : 3.5, 12.0, 21.0, 0.6};
