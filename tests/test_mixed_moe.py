@@ -121,7 +121,8 @@ def test_mixed_dynamic_skipping_equals_each_sequence_alone(dtype, packed):
         with dk.mixed(model, rows, **options):
             unskipped = output_of(model, ids, attention)
         for b, mask in enumerate(rows):
-            ref = alone(model, mask, ids[b:b + 1], attention[b:b + 1], dynamic_skip=mask is not None)
+            ref = alone(model, mask, ids[b:b + 1], attention[b:b + 1],
+                        dynamic_skip=mask is not None)
             assert_close(got[b:b + 1], ref.double(), what=f"row {b}")
     assert (got - unskipped).abs().max() > 1e-3  # the thresholds did skip experts
     assert not dk.is_patched(model)

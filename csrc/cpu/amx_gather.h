@@ -18,6 +18,10 @@ bool has_amx_bf16();
 // Whether the AMX gather path runs here (has_amx_bf16, the environment, the OS's permission).
 bool amx_gather_available();
 
+// Whether the AMX path runs a bfloat16 projection of `rows` rows of x whose tiles span `width`
+// features: x's (gather_rows, gather_swiglu) or the output's (gather_cols), a multiple of 32.
+bool amx_gather_takes(at::ScalarType dtype, int64_t rows, int64_t width);
+
 // x (M, K) @ weight[rows].T -> (M, rows.numel()) float32; K a multiple of 32.
 std::optional<at::Tensor> amx_gather_rows_mm(const at::Tensor& x, const at::Tensor& weight,
                                              const at::Tensor& rows);

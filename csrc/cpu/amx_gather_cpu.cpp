@@ -86,6 +86,11 @@ at::Tensor padded(const at::Tensor& t, int64_t rows_to, int64_t cols_to) {
 
 }  // namespace
 
+bool amx_gather_takes(at::ScalarType dtype, int64_t rows, int64_t width) {
+  return dtype == at::kBFloat16 && rows <= kMaxRows && width % kPanel == 0 &&
+         amx_gather_available();
+}
+
 bool amx_gather_available() {
 #ifdef DOE_AMX
   static const bool ok = has_amx_bf16() && amx_allowed_by_env() && tiles_permitted();
@@ -173,7 +178,8 @@ void pack_rows(const uint16_t* w, int64_t K, const int64_t* idx, int64_t N, int6
     for (int64_t kb = 0; kb < K / 32; ++kb) {
       uint32_t* tile = panels + kb * 512 + half * 256;
       for (int p = 0; p < 16; ++p) {
-        const __m512i at = _mm512_add_epi32(base, _mm512_set1_epi32(static_cast<int>(kb * 64 + p * 4)));
+        const __m512i at =
+            _mm512_add_epi32(base, _mm512_set1_epi32(static_cast<int>(kb * 64 + p * 4)));
         _mm512_store_si512(tile + p * 16,
                            _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), valid, at, w, 1));
       }
@@ -184,9 +190,11 @@ void pack_rows(const uint16_t* w, int64_t K, const int64_t* idx, int64_t N, int6
 // 16 bfloat16 of a weight_t row from column c, times `scale` (rounded to bfloat16), as 16 dwords'
 // low halves.
 __m512i load16(const uint16_t* row, float scale, bool scaled) {
-  const __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row)));
+  const __m512i v =
+      _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row)));
   if (!scaled) return v;
-  const __m512 f = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), _mm512_set1_ps(scale));
+  const __m512 f =
+      _mm512_mul_ps(_mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), _mm512_set1_ps(scale));
   return _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(f));
 }
 
@@ -228,8 +236,7 @@ uint32_t* aligned64(std::vector<uint32_t>& v) {
 std::optional<at::Tensor> amx_gather_rows_mm(const at::Tensor& x, const at::Tensor& weight,
                                              const at::Tensor& rows) {
   const int64_t M = x.size(0), K = x.size(1), N = rows.numel();
-  if (!amx_gather_available() || x.scalar_type() != at::kBFloat16 || M > kMaxRows ||
-      K % 32 != 0 || weight.size(0) * K * 2 > INT32_MAX)
+  if (!amx_gather_takes(x.scalar_type(), M, K) || weight.size(0) * K * 2 > INT32_MAX)
     return std::nullopt;
   const int64_t Mpad = round_up(M, 32), Npad = round_up(N, kPanel);
   const at::Tensor xs = padded(x, Mpad, K);
@@ -253,8 +260,7 @@ std::optional<at::Tensor> amx_gather_cols_mm(const at::Tensor& h, const at::Tens
                                              const at::Tensor& cols,
                                              const std::optional<at::Tensor>& scales) {
   const int64_t M = h.size(0), J = h.size(1), N = weight_t.size(1);
-  if (!amx_gather_available() || h.scalar_type() != at::kBFloat16 || M > kMaxRows ||
-      N % kPanel != 0)
+  if (!amx_gather_takes(h.scalar_type(), M, N))
     return std::nullopt;
   const int64_t Mpad = round_up(M, 32), Jpad = round_up(std::max<int64_t>(J, 1), 32);
   const at::Tensor hs = padded(h, Mpad, Jpad);

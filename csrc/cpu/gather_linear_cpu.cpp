@@ -1054,7 +1054,9 @@ struct FfnShape {
   double cost(int64_t rows, int64_t neurons, bool whole_up, bool whole_down, bool fused) const {
     const RegimeCosts c = regime_costs(dtype);
     auto one = [&](bool up, bool whole) {
-      return call_cost(c, !fused && gemm(up, rows, neurons, whole), rows, neurons, !whole);
+      // the AMX path gathers into its tiles: no copy
+      const bool copies = !whole && !amx_gather_takes(dtype, rows, up ? in_features : out_features);
+      return call_cost(c, !fused && gemm(up, rows, neurons, whole), rows, neurons, copies);
     };
     const double share = static_cast<double>(up_matrices) / (up_matrices + 1);
     return share * one(true, whole_up) + (1 - share) * one(false, whole_down);
