@@ -23,7 +23,8 @@
 //       each kept input feature is one contiguous row), bias (N) or none, cols (J), scales (J) or
 //       none (a factor per kept column, h's dtype, contiguous; none: no scaling, no extra work)
 //       -> out (M, N). Scaling is in float32, except in the CPU's bfloat16 gather + GEMM regime
-//       (more than 16 rows), which scales its bfloat16 copy of the kept weight rows.
+//       (more than 16 rows), which scales its bfloat16 copy of the kept weight rows (on AMX,
+//       up to 128 rows: the kept rows it packs into tiles, rounded to bfloat16 alike).
 //   segmented_ffn (CPU): rows [segments[s], segments[s + 1]) of x (M, K) through the BERT FFN
 //       gather_cols_linear(act(gather_rows_linear(x, w_in, b_in, list)), w_out_t, b_out, list,
 //       scales of the list), list = kept[kept_offsets[s] .. kept_offsets[s + 1]), for every

@@ -219,7 +219,9 @@ KernelSet<T> kernels() {
 // Regime: gather + ATen GEMM when use_gather_gemm says so, the fused micro-kernels otherwise.
 // Measured at 2 threads (see docs/benchmarks.md):
 //  * bfloat16: oneDNN's bf16 GEMM (avx512_bf16) is about 2x faster than the fused kernels (which
-//    widen to float32) from about 16 rows up (AMD Zen 4).
+//    widen to float32) from about 16 rows up (AMD Zen 4). On CPUs with AMX the regime gathers
+//    the kept rows straight into the matrix unit's tiles up to 128 rows, copying nothing
+//    (amx_gather_cpu.cpp); the copy and oneDNN's GEMM from 129 rows.
 //  * float32 on AMD Zen 4: the fused kernels match or beat MKL's sgemm on pre-sliced weights at
 //    every row count (1 to 4096; MKL runs its AVX2 code on AMD CPUs), so float32 never gathers.
 //  * float32 on Intel (Xeon, AVX-512): MKL's sgemm is about 2x the fused gather_rows / gather_swiglu
