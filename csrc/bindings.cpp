@@ -16,6 +16,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_gather_above", &doe_kernels::cpu_gather_above);
   m.def("cpu_runs_fused_dense", &doe_kernels::cpu_runs_fused_dense);
   m.def("cpu_amx_gather_available", &doe_kernels::amx_gather_available);
+  m.def("cpu_amx_gather_calls", &doe_kernels::amx_gather_calls);
   m.def("cpu_segment_costs", &doe_kernels::cpu_segment_costs);
   m.def("cpu_uses_gather_gemm", &doe_kernels::cpu_uses_gather_gemm);
 #ifdef DOE_KERNELS_WITH_CUDA

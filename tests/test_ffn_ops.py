@@ -274,6 +274,7 @@ def test_the_amx_path_matches_the_reference(rows, kind):
     scales = (1 + 0.5 * torch.randn(kept.numel())).to(dtype)
     x = torch.randn(rows, shape[0]).to(dtype)
     h = torch.randn(rows, kept.numel()).to(dtype)
+    calls = extension().cpu_amx_gather_calls()
     for activation in ("gelu", "relu"):
         assert_close(dk.gather_rows_linear(x, w_in, b_in, kept, activation, backend="cpu"),
                      rows_linear_ref(x, w_in, b_in, kept, activation),
@@ -288,6 +289,9 @@ def test_the_amx_path_matches_the_reference(rows, kind):
                  swiglu_ffn_ref(x, w_in, w_up, w_out_t, kept),
                  _dense(dk.gather_swiglu_ffn, x, w_in, w_up, w_out_t, kept),
                  f"gather_swiglu_ffn rows={rows}")
+    # rows x2, cols x2, SwiGLU's gate and up, then its down projection: on AMX up to 128 rows
+    ran = extension().cpu_amx_gather_calls() - calls
+    assert ran == (7 if rows <= 128 else 0), ran
     assert all(torch.equal(w, b) for w, b in zip((w_in, b_in, w_out_t, b_out, w_up), before))
 
 
@@ -295,8 +299,8 @@ def test_the_amx_path_can_be_turned_off():
     """DOE_KERNELS_CPU_AMX=0, or an instruction set capped below AVX-512, keeps the copy."""
     from doe_kernels._ext import extension
 
-    if extension() is None:
-        pytest.skip("the cpu backend is not built")
+    if extension() is None or not extension().cpu_amx_gather_available():
+        pytest.skip("no AMX here: nothing to turn off")
     code = "from doe_kernels._ext import extension; print(extension().cpu_amx_gather_available())"
     for env in ({"DOE_KERNELS_CPU_AMX": "0"}, {"DOE_KERNELS_CPU_ISA": "avx2"}):
         result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

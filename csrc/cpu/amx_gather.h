@@ -15,8 +15,12 @@ namespace doe_kernels {
 // (XCR0 bits 17 and 18), as oneDNN needs to run its AMX kernels.
 bool has_amx_bf16();
 
-// Whether the AMX gather path runs here (has_amx_bf16, the environment, the OS's permission).
+// Whether the AMX gather path runs here (has_amx_bf16, AVX-512 with BF16, the environment, the
+// OS's permission).
 bool amx_gather_available();
+
+// How many products the AMX path has computed in this process (for tests).
+int64_t amx_gather_calls();
 
 // Whether the AMX path runs a bfloat16 projection of `rows` rows of x whose tiles span `width`
 // features: x's (gather_rows, gather_swiglu) or the output's (gather_cols), a multiple of 32.

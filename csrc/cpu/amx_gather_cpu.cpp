@@ -1,6 +1,7 @@
 // bfloat16 gather + GEMM on Intel AMX: the kept rows of a weight are gathered straight into the
-// tile layout of the matrix unit (a few KiB per task, in cache) and multiplied there, instead of
-// copied to a scratch matrix for oneDNN's GEMM (gather_linear_cpu.cpp, the gather + GEMM regime).
+// tile layout of the matrix unit (64 x K bytes per task of 32 output columns, in L2) and
+// multiplied there, instead of copied to a scratch matrix for oneDNN's GEMM (gather_linear_cpu.cpp,
+// the gather + GEMM regime).
 // On an Intel Xeon (2 threads), SmolLM2's and BERT-base's up projections keeping 35% of their
 // rows at 64-128 rows took 0.84-0.97x the time of oneDNN on a weight sliced ahead, against
 // 1.28-1.52x with the copy.
@@ -17,12 +18,16 @@
 
 #include <ATen/Parallel.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <string>
 #include <vector>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+// The tile intrinsics: GCC 11 and clang 12 on; the permission request: Linux.
+#if defined(__x86_64__) && defined(__linux__) &&                    \
+    ((defined(__clang__) && __clang_major__ >= 12) ||                 \
+     (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11))
 #define DOE_AMX 1
 #include <cpuid.h>
 #include <immintrin.h>
@@ -32,25 +37,33 @@
 
 namespace doe_kernels {
 
-bool has_amx_bf16() {
-#ifdef DOE_AMX
-  static const bool amx = [] {
-    unsigned a = 0, b = 0, c = 0, d = 0;
-    if (__get_cpuid(1, &a, &b, &c, &d) == 0 || (c & (1u << 27)) == 0) return false;  // OSXSAVE
-    if (__get_cpuid_count(7, 0, &a, &b, &c, &d) == 0 || (d & (1u << 22)) == 0) return false;
-    unsigned lo = 0, hi = 0;
-    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
-    return (lo & (3u << 17)) == (3u << 17);
-  }();
-  return amx;
-#else
-  return false;
-#endif
-}
-
 namespace {
 
 #ifdef DOE_AMX
+// CPUID leaf 7 (sub-leaf `sub`) register `reg` (0 EAX, 1 EBX, 2 ECX, 3 EDX), or 0.
+unsigned cpuid7(unsigned sub, int reg) {
+  unsigned r[4] = {0, 0, 0, 0};
+  if (__get_cpuid_count(7, sub, &r[0], &r[1], &r[2], &r[3]) == 0) return 0;
+  return r[reg];
+}
+
+// The OS-enabled state components (XCR0), or 0 without OSXSAVE.
+unsigned xcr0() {
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (__get_cpuid(1, &a, &b, &c, &d) == 0 || (c & (1u << 27)) == 0) return 0;
+  unsigned lo = 0, hi = 0;
+  __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+  return lo;
+}
+
+// The AVX-512 the kernels run besides the tiles: F, BW, VL (leaf 7 EBX bits 16, 30, 31) and BF16
+// (sub-leaf 1 EAX bit 5), with the OS saving the vector and mask registers (XCR0 bits 1, 2, 5-7).
+bool has_avx512_bf16() {
+  const unsigned ebx = cpuid7(0, 1);
+  return (ebx & (1u << 16)) && (ebx & (1u << 30)) && (ebx & (1u << 31)) &&
+         (cpuid7(1, 0) & (1u << 5)) && (xcr0() & 0xE6u) == 0xE6u;
+}
+
 // Linux grants a process the tile data state on request (arch_prctl ARCH_REQ_XCOMP_PERM for
 // XTILEDATA), as oneDNN asks for it; without it the first tile instruction faults.
 bool tiles_permitted() {
@@ -59,12 +72,13 @@ bool tiles_permitted() {
 }
 #endif
 
-// DOE_KERNELS_CPU_AMX=0 turns the AMX path off; DOE_KERNELS_CPU_ISA below avx512 too.
-bool amx_allowed_by_env() {
+// DOE_KERNELS_CPU_AMX=0 turns the AMX path off, and so does DOE_KERNELS_CPU_ISA capped below
+// avx512 (generic or avx2, as the micro-kernels' selection reads it).
+[[maybe_unused]] bool amx_allowed_by_env() {
   const char* amx = std::getenv("DOE_KERNELS_CPU_AMX");
   if (amx != nullptr && std::string(amx) == "0") return false;
   const char* isa = std::getenv("DOE_KERNELS_CPU_ISA");
-  return isa == nullptr || *isa == '\0' || std::string(isa) == "avx512";
+  return isa == nullptr || (std::string(isa) != "generic" && std::string(isa) != "avx2");
 }
 
 constexpr int64_t kPanel = 32;  // output columns per task, and the reduction's block
@@ -73,6 +87,8 @@ constexpr int64_t kPanel = 32;  // output columns per task, and the reduction's 
 // GELU 0.79 / 1.70 ms at 256 / 512 rows against 0.46 / 0.73 ms; at 32-128 rows 0.14-0.28 ms
 // against 0.19-0.31 ms, the down projection 0.17-0.29 against 0.24-0.31 ms).
 constexpr int64_t kMaxRows = 128;
+
+std::atomic<int64_t> calls{0};  // products computed here (amx_gather_calls)
 
 int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
 
@@ -86,19 +102,31 @@ at::Tensor padded(const at::Tensor& t, int64_t rows_to, int64_t cols_to) {
 
 }  // namespace
 
-bool amx_gather_takes(at::ScalarType dtype, int64_t rows, int64_t width) {
-  return dtype == at::kBFloat16 && rows <= kMaxRows && width % kPanel == 0 &&
-         amx_gather_available();
+bool has_amx_bf16() {
+#ifdef DOE_AMX
+  static const bool amx = (cpuid7(0, 3) & (1u << 22)) && (xcr0() & (3u << 17)) == (3u << 17);
+  return amx;
+#else
+  return false;
+#endif
 }
 
 bool amx_gather_available() {
 #ifdef DOE_AMX
-  static const bool ok = has_amx_bf16() && amx_allowed_by_env() && tiles_permitted();
+  static const bool ok =
+      has_amx_bf16() && has_avx512_bf16() && amx_allowed_by_env() && tiles_permitted();
   return ok;
 #else
   return false;
 #endif
 }
+
+bool amx_gather_takes(at::ScalarType dtype, int64_t rows, int64_t width) {
+  return dtype == at::kBFloat16 && rows <= kMaxRows && width % kPanel == 0 &&
+         amx_gather_available();
+}
+
+int64_t amx_gather_calls() { return calls.load(); }
 
 #ifdef DOE_AMX
 #if defined(__clang__)
@@ -120,8 +148,8 @@ struct TileConfig {
   uint8_t rows[16];
 };
 
-// Every tile 16 rows of 64 bytes. Loaded at the start of every task: the configuration was seen
-// lost between tasks of one thread otherwise (a fault on the next tile instruction).
+// Every tile 16 rows of 64 bytes; loaded for every panel, whose multiply ends by releasing the
+// tiles (a thread keeps no tile state between calls).
 void configure_tiles() {
   TileConfig c;
   std::memset(&c, 0, sizeof(c));
@@ -130,6 +158,7 @@ void configure_tiles() {
     c.colsb[t] = 64;
     c.rows[t] = 16;
   }
+  asm volatile("" ::: "memory");  // GCC's tile intrinsics do not tell it they read memory
   _tile_loadconfig(&c);
 }
 
@@ -138,7 +167,7 @@ void configure_tiles() {
 // dwords).
 void multiply_panel(const uint16_t* a, int64_t lda, int64_t Mpad, int64_t Kpad,
                     const uint32_t* panels, float* out, int64_t ldo) {
-  configure_tiles();
+  configure_tiles();  // (after the packing's stores to `panels`: the barrier in it)
   for (int64_t m0 = 0; m0 < Mpad; m0 += 32) {
     _tile_zero(4);
     _tile_zero(5);
@@ -160,6 +189,7 @@ void multiply_panel(const uint16_t* a, int64_t lda, int64_t Mpad, int64_t Kpad,
     _tile_stored(7, out + (m0 + 16) * ldo + 16, ldo * 4);
   }
   _tile_release();
+  asm volatile("" ::: "memory");  // the tile stores wrote `out`
 }
 
 // The B panels of weight rows idx[n0 .. n0 + 32) (those < N; the rest zeros), K bfloat16 each:
@@ -220,68 +250,37 @@ void pack_cols(const uint16_t* wt, int64_t ldw, const int64_t* cols, const float
     }
 }
 
-std::vector<uint32_t>& panel_buffer(int64_t dwords) {
+// The calling thread's panel buffer, at least `dwords` long and 64-byte aligned (kept, as large
+// as its largest use yet).
+uint32_t* panel_buffer(int64_t dwords) {
   static thread_local std::vector<uint32_t> buffer;
   if (static_cast<int64_t>(buffer.size()) < dwords + 16) buffer.resize(dwords + 16);
-  return buffer;
-}
-
-uint32_t* aligned64(std::vector<uint32_t>& v) {
-  const auto p = reinterpret_cast<uintptr_t>(v.data());
+  const auto p = reinterpret_cast<uintptr_t>(buffer.data());
   return reinterpret_cast<uint32_t*>((p + 63) & ~uintptr_t{63});
 }
 
+// out (Mpad x ldo float32) columns of panels [g0, g1) = a (Mpad x K) @ weight[idx].T.
+void rows_tasks(const uint16_t* a, int64_t Mpad, int64_t K, const uint16_t* w, const int64_t* idx,
+                int64_t N, int64_t g0, int64_t g1, float* out, int64_t ldo) {
+  uint32_t* panels = panel_buffer(K * 16);
+  for (int64_t g = g0; g < g1; ++g) {
+    pack_rows(w, K, idx, N, g * kPanel, panels);
+    multiply_panel(a, K, Mpad, K, panels, out + g * kPanel, ldo);
+  }
+}
+
+// out (Mpad x N float32) columns of panels [g0, g1) = a (Mpad x Jpad) @ (weight_t[cols] * scales).
+void cols_tasks(const uint16_t* a, int64_t Mpad, int64_t Jpad, const uint16_t* wt, int64_t N,
+                const int64_t* cols, const float* scales, int64_t J, int64_t g0, int64_t g1,
+                float* out) {
+  uint32_t* panels = panel_buffer(Jpad * 16);
+  for (int64_t g = g0; g < g1; ++g) {
+    pack_cols(wt, N, cols, scales, J, Jpad, g * kPanel, panels);
+    multiply_panel(a, Jpad, Mpad, Jpad, panels, out + g * kPanel, N);
+  }
+}
+
 }  // namespace
-
-std::optional<at::Tensor> amx_gather_rows_mm(const at::Tensor& x, const at::Tensor& weight,
-                                             const at::Tensor& rows) {
-  const int64_t M = x.size(0), K = x.size(1), N = rows.numel();
-  if (!amx_gather_takes(x.scalar_type(), M, K) || weight.size(0) * K * 2 > INT32_MAX)
-    return std::nullopt;
-  const int64_t Mpad = round_up(M, 32), Npad = round_up(N, kPanel);
-  const at::Tensor xs = padded(x, Mpad, K);
-  at::Tensor out = at::empty({Mpad, Npad}, x.options().dtype(at::kFloat));
-  const auto* w = static_cast<const uint16_t*>(weight.data_ptr());
-  const auto* a = static_cast<const uint16_t*>(xs.data_ptr());
-  const int64_t* idx = rows.data_ptr<int64_t>();
-  float* op = out.data_ptr<float>();
-  at::parallel_for(0, Npad / kPanel, 1, [&](int64_t g0, int64_t g1) {
-    auto& buffer = panel_buffer(K * 32);
-    uint32_t* panels = aligned64(buffer);
-    for (int64_t g = g0; g < g1; ++g) {
-      pack_rows(w, K, idx, N, g * kPanel, panels);
-      multiply_panel(a, K, Mpad, K, panels, op + g * kPanel, Npad);
-    }
-  });
-  return out.narrow(0, 0, M).narrow(1, 0, N);
-}
-
-std::optional<at::Tensor> amx_gather_cols_mm(const at::Tensor& h, const at::Tensor& weight_t,
-                                             const at::Tensor& cols,
-                                             const std::optional<at::Tensor>& scales) {
-  const int64_t M = h.size(0), J = h.size(1), N = weight_t.size(1);
-  if (!amx_gather_takes(h.scalar_type(), M, N))
-    return std::nullopt;
-  const int64_t Mpad = round_up(M, 32), Jpad = round_up(std::max<int64_t>(J, 1), 32);
-  const at::Tensor hs = padded(h, Mpad, Jpad);
-  at::Tensor sf;
-  if (scales.has_value()) sf = scales->to(at::kFloat).contiguous();
-  at::Tensor out = at::empty({Mpad, N}, h.options().dtype(at::kFloat));
-  const auto* wt = static_cast<const uint16_t*>(weight_t.data_ptr());
-  const auto* a = static_cast<const uint16_t*>(hs.data_ptr());
-  const int64_t* idx = cols.data_ptr<int64_t>();
-  const float* sp = scales.has_value() ? sf.data_ptr<float>() : nullptr;
-  float* op = out.data_ptr<float>();
-  at::parallel_for(0, N / kPanel, 1, [&](int64_t g0, int64_t g1) {
-    auto& buffer = panel_buffer(Jpad * 32);
-    uint32_t* panels = aligned64(buffer);
-    for (int64_t g = g0; g < g1; ++g) {
-      pack_cols(wt, N, idx, sp, J, Jpad, g * kPanel, panels);
-      multiply_panel(a, Jpad, Mpad, Jpad, panels, op + g * kPanel, N);
-    }
-  });
-  return out.narrow(0, 0, M);
-}
 
 #if defined(__clang__)
 #pragma clang attribute pop
@@ -289,19 +288,52 @@ std::optional<at::Tensor> amx_gather_cols_mm(const at::Tensor& h, const at::Tens
 #pragma GCC diagnostic pop
 #pragma GCC pop_options
 #endif
-
-#else  // no AMX on this platform
-
-std::optional<at::Tensor> amx_gather_rows_mm(const at::Tensor&, const at::Tensor&,
-                                             const at::Tensor&) {
-  return std::nullopt;
-}
-
-std::optional<at::Tensor> amx_gather_cols_mm(const at::Tensor&, const at::Tensor&,
-                                             const at::Tensor&, const std::optional<at::Tensor>&) {
-  return std::nullopt;
-}
-
 #endif  // DOE_AMX
+
+// The entry points check the path applies (outside the kernels' instruction sets), then run them.
+std::optional<at::Tensor> amx_gather_rows_mm(const at::Tensor& x, const at::Tensor& weight,
+                                             const at::Tensor& rows) {
+  const int64_t M = x.size(0), K = x.size(1), N = rows.numel();
+  if (!amx_gather_takes(x.scalar_type(), M, K) || weight.size(0) * K * 2 > INT32_MAX)
+    return std::nullopt;
+  ++calls;
+  const int64_t Mpad = round_up(M, 32), Npad = round_up(N, kPanel);
+  const at::Tensor xs = padded(x, Mpad, K);
+  at::Tensor out = at::empty({Mpad, Npad}, x.options().dtype(at::kFloat));
+#ifdef DOE_AMX
+  const auto* w = static_cast<const uint16_t*>(weight.data_ptr());
+  const auto* a = static_cast<const uint16_t*>(xs.data_ptr());
+  const int64_t* idx = rows.data_ptr<int64_t>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, Npad / kPanel, 1, [&](int64_t g0, int64_t g1) {
+    rows_tasks(a, Mpad, K, w, idx, N, g0, g1, op, Npad);
+  });
+#endif
+  return out.narrow(0, 0, M).narrow(1, 0, N);
+}
+
+std::optional<at::Tensor> amx_gather_cols_mm(const at::Tensor& h, const at::Tensor& weight_t,
+                                             const at::Tensor& cols,
+                                             const std::optional<at::Tensor>& scales) {
+  const int64_t M = h.size(0), J = h.size(1), N = weight_t.size(1);
+  if (!amx_gather_takes(h.scalar_type(), M, N)) return std::nullopt;
+  ++calls;
+  const int64_t Mpad = round_up(M, 32), Jpad = round_up(std::max<int64_t>(J, 1), 32);
+  const at::Tensor hs = padded(h, Mpad, Jpad);
+  at::Tensor sf;
+  if (scales.has_value()) sf = scales->to(at::kFloat).contiguous();
+  at::Tensor out = at::empty({Mpad, N}, h.options().dtype(at::kFloat));
+#ifdef DOE_AMX
+  const auto* wt = static_cast<const uint16_t*>(weight_t.data_ptr());
+  const auto* a = static_cast<const uint16_t*>(hs.data_ptr());
+  const int64_t* idx = cols.data_ptr<int64_t>();
+  const float* sp = scales.has_value() ? sf.data_ptr<float>() : nullptr;
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, N / kPanel, 1, [&](int64_t g0, int64_t g1) {
+    cols_tasks(a, Mpad, Jpad, wt, N, idx, sp, J, g0, g1, op);
+  });
+#endif
+  return out.narrow(0, 0, M);
+}
 
 }  // namespace doe_kernels

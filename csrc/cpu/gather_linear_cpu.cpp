@@ -14,11 +14,13 @@
 //  * gather + GEMM (many rows): the kept rows are copied into a scratch matrix and ATen's GEMM
 //    (oneDNN bf16, several times the fused kernels' throughput on avx512_bf16 CPUs; MKL sgemm, about
 //    2x the fused kernels on Intel CPUs) multiplies; the copy is O(kept x K), the GEMM
-//    O(M x kept x K). See use_gather_gemm for where the regimes meet.
+//    O(M x kept x K). See use_gather_gemm for where the regimes meet. In bfloat16 on CPUs with
+//    AMX, up to 128 rows, the kept rows go straight into the matrix unit's tiles instead, with no
+//    copy (amx_gather_cpu.cpp).
 // gather_cols' optional per-column scales are applied once, before the kernels: in the fused regime
 // h is copied to float32 times the scales in one pass (for bfloat16 that pass is the widening copy
-// the kernels read anyway), in the gather + GEMM regime the gathered scratch rows of weight_t are
-// scaled in place. Without scales neither regime does anything extra.
+// the kernels read anyway), in the gather + GEMM regime the gathered scratch rows of weight_t (or
+// the AMX path's packed rows) are scaled. Without scales neither regime does anything extra.
 // The micro-kernels are compiled for AVX-512 and AVX2 (x86-64, selected at run time with
 // __builtin_cpu_supports) and as portable C++ with GCC vector extensions (any other CPU, aarch64).
 // DOE_KERNELS_CPU_ISA=generic|avx2|avx512 caps the selection (for testing the fallbacks).
