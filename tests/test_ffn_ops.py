@@ -222,6 +222,18 @@ def test_cpu_kernels_on_narrower_instruction_sets(isa):
     assert " passed" in result.stdout and not re.search(r"\d+ failed", result.stdout)
 
 
+def _cpu_case(shape, dtype, kind: str, rows: int):
+    """Weights of a BERT FFN plus a SwiGLU up projection (w_in, b_in, w_out_t, b_out, w_up), their
+    copies, a kept list of `kind`, scales for it, x and h of `rows` rows."""
+    w_in, b_in, w_out_t, b_out = _weights(shape, dtype, "cpu")
+    weights = (w_in, b_in, w_out_t, b_out, _weights(shape, dtype, "cpu")[0])
+    kept = index_list(kind, shape[1])
+    scales = (1 + 0.5 * torch.randn(kept.numel())).to(dtype)
+    x = torch.randn(rows, shape[0]).to(dtype)
+    h = torch.randn(rows, kept.numel()).to(dtype)
+    return weights, [w.clone() for w in weights], kept, scales, x, h
+
+
 @pytest.mark.parametrize("cpu_regime", ["fused", "gather"], indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("kind", ["single", "random", "full"])
@@ -230,14 +242,8 @@ def test_both_cpu_regimes_match_the_reference(cpu_regime, dtype, kind, rows):
     """Each regime on every dtype at few and many rows, whichever the default rule picks here. A
     full list in the gather + GEMM regime multiplies the weight itself (nothing copied), and
     scales then go to a copy: the weights stay as they were."""
-    shape = (123, 300)
-    w_in, b_in, w_out_t, b_out = _weights(shape, dtype, "cpu")
-    w_up = _weights(shape, dtype, "cpu")[0]
-    before = [w.clone() for w in (w_in, b_in, w_out_t, b_out, w_up)]
-    kept = index_list(kind, shape[1])
-    scales = (1 + 0.5 * torch.randn(kept.numel())).to(dtype)
-    x = torch.randn(rows, shape[0]).to(dtype)
-    h = torch.randn(rows, kept.numel()).to(dtype)
+    (w_in, b_in, w_out_t, b_out, w_up), before, kept, scales, x, h = _cpu_case(
+        (123, 300), dtype, kind, rows)
     checks = {
         "gather_rows_linear": (dk.gather_rows_linear(x, w_in, b_in, kept, "gelu", backend="cpu"),
                                rows_linear_ref(x, w_in, b_in, kept, "gelu"),
@@ -266,14 +272,8 @@ def test_the_amx_path_matches_the_reference(rows, kind):
 
     if extension() is None or not extension().cpu_amx_gather_available():
         pytest.skip("no AMX here (or DOE_KERNELS_CPU_AMX=0)")
-    dtype, shape = torch.bfloat16, (96, 301)
-    w_in, b_in, w_out_t, b_out = _weights(shape, dtype, "cpu")
-    w_up = _weights(shape, dtype, "cpu")[0]
-    before = [w.clone() for w in (w_in, b_in, w_out_t, b_out, w_up)]
-    kept = index_list(kind, shape[1])
-    scales = (1 + 0.5 * torch.randn(kept.numel())).to(dtype)
-    x = torch.randn(rows, shape[0]).to(dtype)
-    h = torch.randn(rows, kept.numel()).to(dtype)
+    (w_in, b_in, w_out_t, b_out, w_up), before, kept, scales, x, h = _cpu_case(
+        (96, 301), torch.bfloat16, kind, rows)
     calls = extension().cpu_amx_gather_calls()
     for activation in ("gelu", "relu"):
         assert_close(dk.gather_rows_linear(x, w_in, b_in, kept, activation, backend="cpu"),
