@@ -14,6 +14,7 @@ its label logits come back in request order. Requests of similar length share a 
 Experts with different label counts may share a batch.
 """
 import contextlib
+import functools
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
@@ -45,6 +46,13 @@ def _as_masks(masks) -> list[ExpertMask]:
         if not isinstance(mask, ExpertMask):
             raise TypeError(f"masks[{i}] is a {type(mask).__name__}, not an ExpertMask or None")
     return masks
+
+
+@functools.lru_cache(maxsize=8)
+def _whole_model_skipping(num_layers: int) -> ExpertMask:
+    """The whole model under dynamic skipping: every expert, thresholds of 0 (nothing skipped);
+    one mask per layer count, so that its plans are built once."""
+    return _KEEP_ALL.with_skip({layer: 0.0 for layer in range(num_layers)})
 
 
 def _runs(items: list) -> list[tuple[int, int, object]]:
@@ -99,8 +107,8 @@ def mixed(model, masks, backend: str = "auto", attention_mask=None, pack_layers:
         raise RuntimeError("the model already serves a mixed batch (doe_kernels.mixed does not "
                            "nest)")
     spec = spec_of(model)
-    if dynamic_skip and spec.num_experts:  # the whole model: every expert, nothing skipped
-        whole = _KEEP_ALL.with_skip({layer: 0.0 for layer in range(spec.num_layers)})
+    if dynamic_skip and spec.num_experts:
+        whole = _whole_model_skipping(spec.num_layers)
         masks = [whole if m is _KEEP_ALL else m for m in masks]
     layers = describe(model)[1] if state is None else [p.layer for p in state.layers]
     device, dtype = _model_device(layers)

@@ -375,6 +375,11 @@ at::Tensor as_float_scaled(const at::Tensor& h, const at::Tensor& scales) {
   return out;
 }
 
+// `t` (a view of a padded float32 buffer) as a contiguous tensor of `dtype`, in one pass.
+at::Tensor as_contiguous(const at::Tensor& t, at::ScalarType dtype) {
+  return t.to(dtype, /*non_blocking=*/false, /*copy=*/false, at::MemoryFormat::Contiguous);
+}
+
 at::Tensor finish(const at::Tensor& out_f, at::ScalarType dtype) {
   return dtype == at::kFloat ? out_f : out_f.to(dtype);
 }
@@ -489,10 +494,11 @@ at::Tensor gather_rows_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
   if (use_gather_gemm(x.scalar_type(), M, whole ? 0 : N * K * x.element_size())) {
     if (!whole) {
       if (std::optional<at::Tensor> product = amx_gather_rows_mm(x, weight, rows)) {
-        at::Tensor out = *product;
-        if (bias.has_value()) out = out + bias->index_select(0, rows).to(at::kFloat);
-        apply_activation_(out, activation);
-        return out.to(x.scalar_type()).contiguous();
+        at::Tensor sum = *product;  // a float32 view of the path's own buffer: updated in place
+        if (bias.has_value()) sum.add_(bias->index_select(0, rows));
+        at::Tensor out = as_contiguous(sum, x.scalar_type());
+        apply_activation_(out, activation);  // as the copy's path does: on x's dtype, contiguous
+        return out;
       }
     }
     at::Tensor wg = whole ? weight : gather_rows(weight, rows);
@@ -557,7 +563,7 @@ at::Tensor gather_swiglu_cpu(const at::Tensor& x, const at::Tensor& w_gate, cons
         at::Tensor g = *gate;  // a view of its padded result: silu_ then writes in place
         at::silu_(g);
         g.mul_(*amx_gather_rows_mm(x, w_up, kept));
-        return g.to(x.scalar_type()).contiguous();
+        return as_contiguous(g, x.scalar_type());
       }
     }
     at::Tensor g = at::mm(x, (whole ? w_gate : gather_rows(w_gate, kept)).t());
@@ -661,8 +667,8 @@ at::Tensor gather_cols_linear_cpu(const at::Tensor& h, const at::Tensor& weight_
     if (!whole) {
       if (std::optional<at::Tensor> product = amx_gather_cols_mm(h, weight_t, cols, scales)) {
         at::Tensor out = *product;
-        if (bias.has_value()) out = out + bias->to(at::kFloat);
-        return out.to(h.scalar_type()).contiguous();
+        if (bias.has_value()) out.add_(*bias);
+        return as_contiguous(out, h.scalar_type());
       }
     }
     // (scales are applied to a copy of the rows, never to weight_t itself: never whole)

@@ -96,13 +96,14 @@ class LayerSegments:
         hidden)."""
         self.check_batch(batch)
         if tokens not in self._row_segments:
-            self._row_segments[tokens] = torch.tensor(self.ffn_bounds,
-                                                      device=self.kept.device) * tokens
+            self._row_segments[tokens] = torch.tensor(self.row_bounds(tokens),
+                                                      device=self.kept.device)
         return self._row_segments[tokens]
 
     def row_bounds(self, key) -> list[int]:
         """The FFN's segment offsets over the rows of layout `key` (over_rows': "packed", the real
-        tokens, or the number of tokens per sequence), as ints."""
+        tokens, or the number of tokens per sequence), as ints (row_segments and packed_offsets
+        hold them as tensors)."""
         if key == "packed":
             return [self.real.offsets[b] for b in self.ffn_bounds]
         return [b * key for b in self.ffn_bounds]
@@ -128,9 +129,8 @@ class LayerSegments:
     def packed_offsets(self) -> torch.Tensor:
         """The FFN's segment offsets over the batch's real tokens packed."""
         if self._packed_offsets is None:
-            real = self.real
-            self._packed_offsets = torch.tensor([real.offsets[b] for b in self.ffn_bounds],
-                                                device=real.index.device)
+            self._packed_offsets = torch.tensor(self.row_bounds("packed"),
+                                                device=self.real.index.device)
         return self._packed_offsets
 
     def holds_packed(self, x: torch.Tensor) -> bool:
