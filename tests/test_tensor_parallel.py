@@ -119,6 +119,18 @@ def test_refusals():
     assert ffn_shards(ExpertMask(heads={1: [0, 1]}), SPEC, 0, 1) == [None] * 3
 
 
+def test_moe_masks_serve_whole_experts_and_heads_only():
+    moe = ModelSpec(**{**SPEC.as_dict(), "family": "mixtral", "model_type": "mixtral",
+                       "num_experts": 4, "top_k": 2})
+    mask = ExpertMask(heads={0: [1]}, moe={0: [0, 3], 2: [1, 2, 3]})
+    assert ffn_shards(mask, moe, 1, 2) == [None] * 3  # experts need no sharding
+    assert head_shards(mask, moe, 1, 2)[0].heads.tolist() == [0]
+    with pytest.raises(ValueError, match="dynamic-skipping thresholds"):
+        ffn_shards(mask.with_skip({0: 0.5}), moe, 0, 2)
+    with pytest.raises(ValueError, match="neurons inside the MoE experts"):
+        head_shards(mask.replace(ffn={1: torch.tensor([0, 1])}), moe, 0, 2)
+
+
 def test_ffn_imbalance_and_balanced_selection():
     # 16 neurons over 2 ranks: layer 0 keeps 6 on rank 0 and 2 on rank 1, layer 1 none
     mask = ExpertMask({0: [0, 1, 2, 3, 4, 5, 8, 9], 1: []})

@@ -3,7 +3,8 @@
 A plugged MLP gets an instance `forward` that runs the gather SwiGLU FFN op on the rank's kept
 neurons (checked when the plan was made, so it calls doe_kernels.ops.library directly) and then the
 all-reduce vLLM's RowParallelLinear does; layers that keep every neuron (no scales, no bias delta)
-keep vLLM's own forward.
+keep vLLM's own forward. Mixtral-style MoE blocks are the other FFN a layer may have
+(doe_kernels.vllm.moe).
 """
 from vllm.distributed import tensor_model_parallel_all_reduce
 from vllm.model_executor.layers.activation import SiluAndMul
@@ -12,6 +13,7 @@ from vllm.model_executor.layers.linear import MergedColumnParallelLinear, RowPar
 from doe_kernels.models import UnsupportedModelError
 from doe_kernels.ops import library
 from doe_kernels.tensor_parallel import FfnShard
+from doe_kernels.vllm.moe import moe_block_of
 from doe_kernels.vllm.weights import FfnWeights, check_plain_linear
 
 
@@ -43,6 +45,14 @@ class FfnPlan:
         if self.reduce_here:
             out = tensor_model_parallel_all_reduce(out)
         return out if self.bias_delta is None else out + self.bias_delta
+
+
+def ffn_of(layer, index: int):
+    """The layer's FFN: a LLaMA-style MLP (mlp_of) or, in a Mixtral-style model, its MoE block
+    (doe_kernels.vllm.moe.moe_block_of); raises UnsupportedModelError naming what differs."""
+    if getattr(layer, "block_sparse_moe", None) is not None:
+        return moe_block_of(layer, index)
+    return mlp_of(layer, index)
 
 
 def mlp_of(layer, index: int):

@@ -14,7 +14,9 @@ the step's `StepLayout`: the rows (tokens) of each expert, grouped. The layers r
    adds each expert's bias delta to its rows and puts the rows back in order;
  * attention (`MixedAttention`): qkv_proj runs dense (every head's queries, keys and values; a
    head an expert prunes is never read by its rows), o_proj reads each expert's kept heads'
-   columns for its rows (with its scales), all-reduces once, and adds each expert's bias delta.
+   columns for its rows (with its scales), all-reduces once, and adds each expert's bias delta;
+ * a Mixtral's MoE block (doe_kernels.vllm.moe.MixedMoe) routes each row among its own expert's
+   kept MoE experts, in the rows' own order.
 A step whose requests name no expert runs the plugged expert's (or vLLM's dense) forwards as if
 nothing were held. The shared weights are never modified.
 """

@@ -3,12 +3,12 @@
 vLLM's default mode traces the model's forward once at start-up (torch.compile; on the CPU
 Dynamo with Inductor, `CompilationMode.DYNAMO_TRACE_ONCE`) and from then on replays the traced
 code: an instance `forward` set after that (what `plug` does on an eager engine) is never called.
-So on an engine that compiles, every LLaMA-style MLP and every attention's `qkv_proj` and `o_proj`
-get, when the model is loaded and before it is traced, a forward that calls one opaque op,
-`doe_kernels::vllm_route(x, key)`. The op is traced as a call (its shape known from the route),
-and at run time it calls the route's current target: the module's own class forward (dense; the
-same code vLLM runs eagerly) or the plugged expert's plan. A swap changes the target, so the
-compiled graph never goes stale and never recompiles.
+So on an engine that compiles, every LLaMA-style MLP (or Mixtral-style MoE block) and every
+attention's `qkv_proj` and `o_proj` get, when the model is loaded and before it is traced, a
+forward that calls one opaque op, `doe_kernels::vllm_route(x, key)`. The op is traced as a call
+(its shape known from the route), and at run time it calls the route's current target: the
+module's own class forward (dense; the same code vLLM runs eagerly) or the plugged expert's plan.
+A swap changes the target, so the compiled graph never goes stale and never recompiles.
 
 Routes are installed by `route_compiled_models()` (run when doe_kernels.vllm.worker is imported,
 which vLLM does in every worker before it loads the model): it wraps vLLM's
@@ -91,18 +91,19 @@ def decoder_layers(model) -> torch.nn.ModuleList | None:
 
 
 def install_routes(model) -> int:
-    """Route every LLaMA-style MLP and attention projection of `model` (a vLLM model with
-    `model.layers`); layers of another kind are left as they are (plug refuses them). Returns the
-    number of modules routed."""
+    """Route every LLaMA-style MLP or MoE block and attention projection of `model` (a vLLM model
+    with `model.layers`); layers of another kind are left as they are (plug refuses them).
+    Returns the number of modules routed."""
     from doe_kernels.models import UnsupportedModelError
     from doe_kernels.vllm.attention import attention_of
-    from doe_kernels.vllm.ffn import mlp_of
+    from doe_kernels.vllm.ffn import ffn_of
+    from doe_kernels.vllm.moe import is_moe_block
 
     routed = 0
     for index, layer in enumerate(decoder_layers(model) or ()):
         try:
-            mlp = mlp_of(layer, index)
-            add_route(mlp, mlp.down_proj.output_size)
+            ffn = ffn_of(layer, index)
+            add_route(ffn, ffn.hidden_size if is_moe_block(ffn) else ffn.down_proj.output_size)
             routed += 1
         except UnsupportedModelError:
             pass

@@ -5,6 +5,7 @@ every rank through `llm.collective_rpc`. A swap takes two calls: `doe_check_mask
 mask against the rank's model and stages the rank's plan (local kept neurons and heads, scales and
 bias deltas, on the model's device and in its dtype; nothing changes yet), then `doe_apply_mask`
 makes the staged plan current: a pruned MLP gets an instance `forward` (doe_kernels.vllm.ffn), a
+MoE block keeping fewer experts one that routes among its kept experts (doe_kernels.vllm.moe), a
 pruned attention instance `forward`s of its qkv_proj and o_proj (doe_kernels.vllm.attention); on
 a compiled engine these become the targets of the modules' routes (doe_kernels.vllm.routes).
 Layers that keep everything (no scales, no bias delta) keep vLLM's own forwards. Experts held
@@ -18,8 +19,9 @@ from vllm.config import CUDAGraphMode
 from doe_kernels.models import ModelSpec, UnsupportedModelError
 from doe_kernels.tensor_parallel import ffn_shards, head_shards
 from doe_kernels.vllm.attention import AttentionPlan, attention_of
-from doe_kernels.vllm.ffn import FfnPlan, mlp_of
+from doe_kernels.vllm.ffn import FfnPlan, ffn_of
 from doe_kernels.vllm.mixed import MixedAttention, MixedFfn, watch_steps
+from doe_kernels.vllm.moe import MixedMoe, MoePlan, is_moe_block, moe_plans, routing_sizes
 from doe_kernels.vllm.protocol import decode_mask
 from doe_kernels.vllm.routes import (compiles, decoder_layers, dense_forward,
                                      route_compiled_models, route_of)
@@ -50,16 +52,21 @@ class WorkerExtension:
     "doe_kernels.vllm.WorkerExtension"`); call them through doe_kernels.vllm.plug / unplug."""
 
     def _doe_layers(self) -> list:
-        """(attention, MLP) of each decoder layer, in layer order (checked once, then cached)."""
+        """(attention, FFN) of each decoder layer, in layer order (the FFN: an MLP or a MoE
+        block; checked once, then cached)."""
         layers = self.__dict__.get("_doe_layers_cache")
         if layers is None:
             modules = decoder_layers(self.model_runner.model)
             if modules is None:
                 raise UnsupportedModelError(
                     f"{type(self.model_runner.model).__name__} has no `model.layers`; "
-                    "doe_kernels.vllm supports the LLaMA family (Llama, Mistral, Qwen2)")
-            layers = [(attention_of(layer, index), mlp_of(layer, index))
+                    "doe_kernels.vllm supports the LLaMA family (Llama, Mistral, Qwen2) and "
+                    "Mixtral")
+            layers = [(attention_of(layer, index), ffn_of(layer, index))
                       for index, layer in enumerate(modules)]
+            if len({is_moe_block(ffn) for _, ffn in layers}) > 1:
+                raise UnsupportedModelError("models whose layers mix MLPs and MoE blocks are not "
+                                            "supported")
             self._doe_layers_cache = layers
         return layers
 
@@ -76,13 +83,20 @@ class WorkerExtension:
 
     def _doe_spec(self, layers) -> ModelSpec:
         config = self.vllm_config.model_config.hf_text_config
-        heads = config.num_attention_heads
+        heads, ffn = config.num_attention_heads, layers[0][1]
+        if is_moe_block(ffn):  # as doe_kernels.models.mixtral describes the HuggingFace model
+            family, intermediate = "mixtral", config.intermediate_size
+            experts, top_k = routing_sizes(ffn)
+        else:
+            family, intermediate = "llama", ffn.gate_up_proj.output_sizes[0]
+            experts, top_k = 0, 0
         return ModelSpec(
-            family="llama", model_type=getattr(config, "model_type", "unknown"),
+            family=family, model_type=getattr(config, "model_type", "unknown"),
             num_layers=len(layers), hidden_size=config.hidden_size,
-            intermediate_size=layers[0][1].gate_up_proj.output_sizes[0], num_heads=heads,
+            intermediate_size=intermediate, num_heads=heads,
             num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
-            head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads)
+            head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+            num_experts=experts, top_k=top_k)
 
     def doe_check_mask(self, tensors: str, spec: str, token: str) -> dict | None:
         """Validate a mask (as doe_kernels.vllm.protocol.encode_mask encodes it) on this rank and
@@ -98,15 +112,19 @@ class WorkerExtension:
             return dict(error=str(error), model=True)
         try:
             mask = decode_mask(tensors, spec)
-            down = layers[0][1].down_proj
-            ffn = ffn_shards(mask, model_spec, down.tp_rank, down.tp_size)
-            heads = head_shards(mask, model_spec, down.tp_rank, down.tp_size)
+            rank, world_size = _tensor_parallel_place(layers)
+            ffn = ffn_shards(mask, model_spec, rank, world_size)
+            heads = head_shards(mask, model_spec, rank, world_size)
         except (ValueError, TypeError) as error:
             return dict(error=str(error), model=False)
         try:
+            if model_spec.num_experts:
+                ffn_plans = moe_plans([block for _, block in layers], mask)
+            else:
+                ffn_plans = [None if f is None else FfnPlan(mlp, ffn_weights(mlp), f)
+                             for (_, mlp), f in zip(layers, ffn)]
             plans = [(None if h is None else AttentionPlan(attn, attention_weights(attn), h),
-                      None if f is None else FfnPlan(mlp, ffn_weights(mlp), f))
-                     for (attn, mlp), h, f in zip(layers, heads, ffn)]
+                      ffn_plan) for (attn, _), h, ffn_plan in zip(layers, heads, ffn_plans)]
         except (UnsupportedModelError, RuntimeError) as error:
             return dict(error=str(error), model=True)
         self._doe_staged = (token, plans)
@@ -175,17 +193,32 @@ class WorkerExtension:
 
     def doe_status(self) -> dict:
         """This rank's tensor-parallel place, the names of the experts it holds and, per layer,
-        the plugged expert's local kept neuron and head counts (None: vLLM's dense forward)."""
+        the plugged expert's local kept neuron and head counts and its kept MoE experts (None:
+        vLLM's dense forward)."""
         layers = self._doe_layers()
-        down, attn = layers[0][1].down_proj, layers[0][0]
-        return dict(rank=down.tp_rank, world_size=down.tp_size, experts=list(self._doe_held()),
-                    local_neurons=down.input_size_per_partition,
+        rank, world_size = _tensor_parallel_place(layers)
+        ffn, attn = layers[0][1], layers[0][0]
+        return dict(rank=rank, world_size=world_size, experts=list(self._doe_held()),
+                    local_neurons=(None if is_moe_block(ffn)
+                                   else ffn.down_proj.input_size_per_partition),
                     local_heads=attn.q_size // attn.head_dim,
-                    kept=[None if _plan_of(mlp) is None else int(_plan_of(mlp).kept.numel())
-                          for _, mlp in layers],
+                    kept=[_kept_count(mlp, FfnPlan) for _, mlp in layers],
                     kept_heads=[None if _plan_of(a.o_proj) is None
                                 else int(_plan_of(a.o_proj).cols.numel()) // a.head_dim
-                                for a, _ in layers])
+                                for a, _ in layers],
+                    kept_experts=[_kept_count(block, MoePlan) for _, block in layers])
+
+
+def _tensor_parallel_place(layers) -> tuple[int, int]:
+    """(rank, world size) of this worker, as its first attention's row-parallel o_proj has it."""
+    o_proj = layers[0][0].o_proj
+    return o_proj.tp_rank, o_proj.tp_size
+
+
+def _kept_count(module, kind) -> int | None:
+    """What the plugged plan of `module` keeps (neurons, or MoE experts), if it is a `kind`."""
+    plan = _plan_of(module)
+    return int(plan.kept.numel()) if isinstance(plan, kind) else None
 
 
 def _plan_of(module):
@@ -219,7 +252,7 @@ def _dense_of(module, returns_bias: bool = False):
     return route.dense if route is not None else dense_forward(module, returns_bias)
 
 
-def _set_plans(attn, mlp, attn_plan: AttentionPlan | None, ffn_plan: FfnPlan | None,
+def _set_plans(attn, mlp, attn_plan: AttentionPlan | None, ffn_plan: FfnPlan | MoePlan | None,
                held: dict) -> None:
     """One layer's forwards: the plugged plans alone, or with the experts `held` ({name:
     (attention plan, FFN plan)}) the mixed forwards that read each step's layout."""
@@ -230,8 +263,9 @@ def _set_plans(attn, mlp, attn_plan: AttentionPlan | None, ffn_plan: FfnPlan | N
         _set_forward(attn.qkv_proj, None if attn_plan is None else attn_plan.qkv)
         _set_forward(attn.o_proj, None if attn_plan is None else attn_plan.o)
         return
-    ffn = MixedFfn(mlp, ffn_plan, {name: plans[1] for name, plans in held.items()},
-                   _dense_of(mlp))
+    mixed_ffn = MixedMoe if is_moe_block(mlp) else MixedFfn
+    ffn = mixed_ffn(mlp, ffn_plan, {name: plans[1] for name, plans in held.items()},
+                    _dense_of(mlp))
     heads = MixedAttention(attn, attn_plan, {name: plans[0] for name, plans in held.items()},
                            _dense_of(attn.qkv_proj, attn.qkv_proj.return_bias),
                            _dense_of(attn.o_proj, attn.o_proj.return_bias))
