@@ -14,6 +14,15 @@
 //       kept weight rows with one AVX-512 gather per B row (the 32-bit pairs of k, k + 1).
 //   gather_cols: h @ weight_t[cols]; A from h (its columns padded to 32), B from two kept rows
 //       of weight_t interleaved (times their scales, rounded to bfloat16).
+//
+// Not yet fast: gather_cols (the down projection). Keeping 35% of BERT-base's and SmolLM2's at
+// 64-128 rows it took 1.4-1.9x oneDNN's time on a sliced weight (weights cycled over six layers,
+// 2 threads), half in the packing (64 scattered bytes per kept row and panel, read at about
+// 12 GB/s) and half in the products. Tried without a gain in the op: packing each row 256-1024
+// bytes at a time, permutes instead of widening loads, prefetching the next panel's rows during
+// the products, splitting the reduction so a B block stays in L1 (the C tiles' reloads cost
+// more). Prefetching A's next tiles raised a lone multiply_panel from about 670 to 900 GFLOP/s
+// per core, but not the op's time.
 #include "amx_gather.h"
 
 #include <ATen/Parallel.h>
