@@ -19,10 +19,11 @@
 // 64-128 rows it took 1.4-1.9x oneDNN's time on a sliced weight (weights cycled over six layers,
 // 2 threads), half in the packing (64 scattered bytes per kept row and panel, read at about
 // 12 GB/s) and half in the products. Tried without a gain in the op: packing each row 256-1024
-// bytes at a time, permutes instead of widening loads, prefetching the next panel's rows during
-// the products, splitting the reduction so a B block stays in L1 (the C tiles' reloads cost
-// more). Prefetching A's next tiles raised a lone multiply_panel from about 670 to 900 GFLOP/s
-// per core, but not the op's time.
+// bytes at a time; permutes instead of widening loads; prefetching the next panel's rows during
+// the products (they then took as long as packing and products had: the prefetches' misses and
+// the tile loads from L2 share the core's L1 miss slots); splitting the reduction so a B block
+// stays in L1 (the C tiles' reloads cost more). Prefetching A's next tiles raised a lone
+// multiply_panel from about 670 to 900 GFLOP/s per core, but not the op's time.
 #include "amx_gather.h"
 
 #include <ATen/Parallel.h>
