@@ -7,8 +7,9 @@ KV heads (split the same way, or one replicated KV head per rank when there are 
 ranks). `ffn_shards` and `head_shards` map a mask's global kept lists (and their scales) to each
 rank's local indices; the ranks' partial outputs are then summed by the usual all-reduce, and the
 expert's bias deltas are added once, to the sum. A rank may keep no neuron or head of a layer: it
-contributes zeros. A mixture-of-experts model's kept experts (`moe`) need no sharding: the router is
-replicated on every rank. Pure PyTorch, no serving engine needed.
+contributes zeros. In a mixture-of-experts model every expert is split the same way (`ffn_shards`
+gives the rank's kept neurons inside every expert); its kept experts and skipping thresholds need
+no sharding: the router is replicated on every rank. Pure PyTorch, no serving engine needed.
 """
 from dataclasses import dataclass
 
@@ -42,19 +43,6 @@ class HeadShard:
     bias_delta: torch.Tensor | None
 
 
-def check_servable(mask: ExpertMask, spec: ModelSpec) -> None:
-    """Raise ValueError if the mask asks for what tensor-parallel serving does not run: dynamic
-    skipping thresholds, or, in a mixture-of-experts model, neurons pruned inside the experts
-    (whole experts, `moe`, are served)."""
-    if mask.skip:
-        raise ValueError("this mask has dynamic-skipping thresholds (skip), which vLLM serving "
-                         "does not support yet")
-    if spec.num_experts and (mask.ffn or mask.ffn_scales or mask.ffn_bias):
-        raise ValueError("this mask prunes neurons inside the MoE experts (ffn, ffn_scales or "
-                         "ffn_bias), which vLLM serving does not support yet (it serves whole "
-                         "experts, moe, and attention heads)")
-
-
 def ffn_shards(mask: ExpertMask, spec: ModelSpec, rank: int, world_size: int) -> list:
     """Per layer, the FfnShard of `rank`, or None where the layer runs dense (keeps every neuron,
     no scales, no bias delta). Checks the mask against `spec` first (ValueError)."""
@@ -63,7 +51,6 @@ def ffn_shards(mask: ExpertMask, spec: ModelSpec, rank: int, world_size: int) ->
         raise ValueError(f"the intermediate size {spec.intermediate_size} does not split evenly "
                          f"over {world_size} ranks")
     mask.check_spec(spec)
-    check_servable(mask, spec)
     local = spec.intermediate_size // world_size
     return [_layer_shard(mask, spec.intermediate_size, layer, rank * local, local)
             for layer in range(spec.num_layers)]
@@ -80,7 +67,6 @@ def head_shards(mask: ExpertMask, spec: ModelSpec, rank: int, world_size: int) -
         raise ValueError(f"the {kv} KV heads neither split evenly over {world_size} ranks nor "
                          "replicate evenly across them")
     mask.check_spec(spec)
-    check_servable(mask, spec)
     local = heads // world_size
     group = local // max(1, kv // world_size)  # local query heads per local KV head
     return [_head_shard(mask, heads, layer, rank * local, local, group)

@@ -14,6 +14,11 @@ also measured on an engine without the extension, "dense-plain"), float32:
     python python/vllm_benchmark.py --model smollm2 --out benchmarks/results/vllm_cpu
     python python/vllm_benchmark.py --model llama-wide --out benchmarks/results/vllm_cpu
     python python/vllm_benchmark.py --model smollm2 --compiled --out benchmarks/results/vllm_cpu
+    python python/vllm_benchmark.py --model mixtral-small --out benchmarks/results/vllm_cpu
+
+On a Mixtral (a random mixtral-small) the mask keeps the same neurons inside every expert (every
+expert and head kept), so the plugged expert runs doe_kernels' own routing and expert FFNs
+(doe_kernels.vllm.moe) against vLLM's fused experts on the dense and on the sliced checkpoint.
 
 Writes OUT/vllm_<model>.json (vllm_<model>_compiled.json) and a plot beside it, and prints the
 table. With --uneven SPLIT instead, at tensor-parallel size 2: for each rate, the same number of
@@ -51,26 +56,49 @@ def random_llama(folder: str) -> str:
     return folder
 
 
+def random_mixtral(folder: str) -> str:
+    """A random float32 Mixtral (about 270M parameters): 4 layers, hidden 1024, 8 experts of 2048
+    neurons (top 2), 16 heads / 4 KV heads, a 32000-token vocabulary."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    config = MixtralConfig(hidden_size=1024, intermediate_size=2048, num_hidden_layers=4,
+                           num_attention_heads=16, num_key_value_heads=4, num_local_experts=8,
+                           num_experts_per_tok=2, vocab_size=32000, max_position_embeddings=2048,
+                           bos_token_id=1, eos_token_id=2)
+    MixtralForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
 def model_path(name: str, work: str) -> str:
-    """SmolLM2's folder, or a random llama-wide saved under `work`."""
-    return (offline_models.smollm2_dir() if name == "smollm2"
-            else random_llama(os.path.join(work, "model")))
+    """SmolLM2's folder, or a random llama-wide or mixtral-small saved under `work`."""
+    if name == "smollm2":
+        return offline_models.smollm2_dir()
+    make = random_mixtral if name == "mixtral-small" else random_llama
+    return make(os.path.join(work, "model"))
 
 
 def sliced_checkpoint(model, mask, folder: str) -> str:
-    """`model` with each layer's FFN cut to the mask's kept neurons (the same count in every
-    layer), saved as an ordinary checkpoint."""
+    """`model` with each layer's FFN (in a Mixtral, every expert's) cut to the mask's kept
+    neurons (the same count in every layer), saved as an ordinary checkpoint."""
     import copy
 
     config = copy.deepcopy(model.config)
     counts = {mask.ffn[layer].numel() for layer in range(config.num_hidden_layers)}
     if len(counts) != 1:
         raise ValueError("a sliced checkpoint needs the same neuron count in every layer")
-    config.intermediate_size = counts.pop()
+    intermediate, config.intermediate_size = config.intermediate_size, counts.pop()
     sliced = type(model)(config)
     state = dict(model.state_dict())
     for layer in range(config.num_hidden_layers):
         kept, prefix = mask.ffn[layer], f"model.layers.{layer}.mlp."
+        if prefix + "experts.gate_up_proj" in state:  # Mixtral: experts x 2I x H, experts x H x I
+            rows = torch.cat([kept, kept + intermediate])
+            for name, index in (("gate_up_proj", (slice(None), rows)),
+                                ("down_proj", (slice(None), slice(None), kept))):
+                key = prefix + "experts." + name
+                state[key] = state[key][index].clone()
+            continue
         for name in ("gate_proj", "up_proj"):
             state[prefix + name + ".weight"] = state[prefix + name + ".weight"][kept].clone()
         state[prefix + "down_proj.weight"] = state[prefix + "down_proj.weight"][:, kept].clone()
@@ -136,14 +164,14 @@ def measure(llm, args) -> dict:
 
 def run(args) -> list:
     """Every (variant, rate) row: dense, the plugged expert and the sliced checkpoint."""
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     import doe_kernels
     import doe_kernels.vllm as dkv
 
     work = tempfile.mkdtemp(prefix="vllm_bench_")
     path = model_path(args.model, work)
-    model = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     masks = {rate: doe_kernels.ExpertMask.random(model, ffn_keep=1 - rate, seed=1)
              for rate in args.rates}
     rows = []
@@ -260,7 +288,8 @@ def plot(rows, path: str, title: str) -> None:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="smollm2", choices=("smollm2", "llama-wide"))
+    parser.add_argument("--model", default="smollm2",
+                        choices=("smollm2", "llama-wide", "mixtral-small"))
     parser.add_argument("--rates", type=float, nargs="+", default=list(RATES))
     parser.add_argument("--batch", type=int, default=16, help="prompts in the throughput batch")
     parser.add_argument("--prompt-tokens", type=int, default=64)

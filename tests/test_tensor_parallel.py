@@ -119,16 +119,15 @@ def test_refusals():
     assert ffn_shards(ExpertMask(heads={1: [0, 1]}), SPEC, 0, 1) == [None] * 3
 
 
-def test_moe_masks_serve_whole_experts_and_heads_only():
+def test_moe_masks_shard_neurons_inside_every_expert():
     moe = ModelSpec(**{**SPEC.as_dict(), "family": "mixtral", "model_type": "mixtral",
                        "num_experts": 4, "top_k": 2})
-    mask = ExpertMask(heads={0: [1]}, moe={0: [0, 3], 2: [1, 2, 3]})
-    assert ffn_shards(mask, moe, 1, 2) == [None] * 3  # experts need no sharding
+    mask = ExpertMask({1: [0, 5, 6, 11]}, heads={0: [1]}, moe={0: [0, 3], 2: [1, 2, 3]},
+                      skip={0: 0.5})
+    shards = ffn_shards(mask, moe, 1, 2)  # experts and thresholds need no sharding
+    assert shards[0] is None and shards[2] is None
+    assert shards[1].kept.tolist() == [0, 5] and shards[1].scales is None
     assert head_shards(mask, moe, 1, 2)[0].heads.tolist() == [0]
-    with pytest.raises(ValueError, match="dynamic-skipping thresholds"):
-        ffn_shards(mask.with_skip({0: 0.5}), moe, 0, 2)
-    with pytest.raises(ValueError, match="neurons inside the MoE experts"):
-        head_shards(mask.replace(ffn={1: torch.tensor([0, 1])}), moe, 0, 2)
 
 
 def test_ffn_imbalance_and_balanced_selection():

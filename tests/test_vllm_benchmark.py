@@ -27,6 +27,26 @@ def test_the_sliced_checkpoint_computes_what_the_plugged_expert_does(tmp_path):
         vllm_benchmark.sliced_checkpoint(model, uneven, str(tmp_path / "uneven"))
 
 
+def test_a_sliced_mixtral_computes_what_the_plugged_expert_does(tmp_path):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    config = MixtralConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, vocab_size=120,
+                           num_local_experts=4, num_experts_per_tok=2)
+    model = MixtralForCausalLM(config).eval()
+    # 48 neurons: transformers' grouped GEMM wants rows of a multiple of 16 bytes
+    mask = doe_kernels.ExpertMask.random(model, ffn_keep=0.5, seed=2)
+    path = vllm_benchmark.sliced_checkpoint(model, mask, str(tmp_path / "sliced"))
+    sliced = MixtralForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    assert sliced.config.intermediate_size == mask.ffn[0].numel() == 48
+    ids = torch.randint(0, 120, (2, 7))
+    with torch.no_grad():
+        expected = sliced(ids).logits
+        with doe_kernels.plugged(model, mask):
+            torch.testing.assert_close(model(ids).logits, expected, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("rows, lines", [
     ([dict(variant="dense", rate=0.0, tokens_per_s=10.0, decode_s_per_token=0.1),
       dict(variant="expert", rate=0.65, tokens_per_s=18.0, decode_s_per_token=0.06),

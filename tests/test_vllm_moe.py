@@ -1,11 +1,12 @@
-"""doe_kernels.vllm on a Mixtral: plugged engines route among the kept MoE experts as
-doe_kernels.patch does on the HuggingFace model.
+"""doe_kernels.vllm on a Mixtral: plugged engines route among the kept MoE experts, run the kept
+neurons inside them and skip small second experts as doe_kernels.patch (with dynamic skipping) does
+on the HuggingFace model.
 
 A random float32 Mixtral (2 layers, 4 experts, top 2), eager and compiled at tensor-parallel size 1,
-eager at size 2:
-whole experts and heads (with head scales and attention bias deltas) plugged, swapped and
-unplugged; masks vLLM does not serve (neurons inside the experts, skipping thresholds) refused
-without a change; mixed-task batches. Skipped without vLLM; marked `vllm`.
+eager and compiled at size 2: experts that drop whole experts (run by vLLM's fused experts), with heads (head
+scales, an attention bias delta), and one that also prunes neurons and skips (run by
+doe_kernels' own expert FFNs) plugged, swapped and unplugged; bad masks refused without a change;
+mixed-task batches of both kinds. Skipped without vLLM; marked `vllm`.
 """
 import pytest
 import torch
@@ -15,7 +16,7 @@ pytest.importorskip("vllm")
 import doe_kernels  # noqa: E402
 import doe_kernels.vllm as dkv  # noqa: E402
 from test_vllm import (_expected_mixed, _generate, _generate_mixed, _hf_generate,  # noqa: E402
-                       _hf_patched, _start_engine, _stop_engine, assert_same_generation)
+                       _start_engine, _stop_engine, assert_same_generation)
 
 pytestmark = pytest.mark.vllm
 
@@ -36,8 +37,9 @@ def _tiny_mixtral(path) -> str:
 
 
 def _masks(spec):
-    """Two experts: (kept experts 3 / 2 of 4, heads with scales and an attention bias delta),
-    and (other experts, every head)."""
+    """Three experts: kept experts 3 / 2 of 4 with heads (scales, an attention bias delta); other
+    experts in layer 0 (every expert in layer 1) with every head; and experts, neurons inside them
+    and skipping thresholds."""
     gen = torch.Generator().manual_seed(3)
     heads = {0: [1, 2], 1: [3]}
     first = doe_kernels.ExpertMask(heads=heads, moe={0: [0, 2, 3], 1: [1, 3]},
@@ -46,11 +48,20 @@ def _masks(spec):
                                            for l, h in heads.items()})
     first = first.with_bias(attn_bias={l: 0.02 * torch.randn(spec.hidden_size, generator=gen)
                                        for l in heads})
-    second = doe_kernels.ExpertMask(moe={0: [1, 2], 1: [0, 1, 2]}, spec=spec.as_dict())
-    return first, second
+    second = doe_kernels.ExpertMask(moe={0: [1, 2], 1: [0, 1, 2, 3]}, spec=spec.as_dict())
+    third = doe_kernels.ExpertMask({0: torch.arange(0, 256, 3), 1: torch.arange(40, 200)},
+                                   heads={1: [0, 2]}, moe={0: [0, 1, 3]}, skip={0: 0.8, 1: 0.9},
+                                   spec=spec.as_dict())
+    return first, second, third
 
 
-@pytest.mark.parametrize("mode, tp", [("eager", 1), ("compiled", 1), ("eager", 2)])
+def _hf_patched(model, mask, prompts):
+    with doe_kernels.plugged(model, mask, dynamic_skip=bool(mask.skip)):
+        return _hf_generate(model, prompts)
+
+
+@pytest.mark.parametrize("mode, tp", [("eager", 1), ("compiled", 1), ("eager", 2),
+                                      ("compiled", 2)])
 def test_mixtral_serves_kept_experts_and_heads(mode, tp, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -59,16 +70,17 @@ def test_mixtral_serves_kept_experts_and_heads(mode, tp, tmp_path):
     spec = doe_kernels.models.spec_of(hf)
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, 1024, (n,), generator=gen).tolist() for n in (5, 21)]
-    first, second = _masks(spec)
-    references = {"first": _hf_patched(hf, first, prompts),
-                  "second": _hf_patched(hf, second, prompts)}
+    first, second, third = _masks(spec)
+    references = {name: _hf_patched(hf, mask, prompts)
+                  for name, mask in (("first", first), ("second", second), ("third", third))}
+    unskipped = _hf_patched(hf, third.with_skip({}), prompts)
+    assert max(abs(a - b) for a, b in zip(unskipped[1][1], references["third"][1][1])) > 1e-3
     llm = _start_engine(path, tp=tp, enforce_eager=mode == "eager", skip_tokenizer_init=True)
     try:
         dense = _generate(llm, prompts)
         assert_same_generation(dense, _hf_generate(hf, prompts))
         # each expert changes what the model says
-        assert len({str(tokens) for tokens in (dense[0], references["first"][0],
-                                               references["second"][0])}) == 3
+        assert len({str(tokens[0]) for tokens in [dense] + list(references.values())}) == 4
 
         dkv.plug(llm, first)
         plugged = _generate(llm, prompts)
@@ -77,24 +89,72 @@ def test_mixtral_serves_kept_experts_and_heads(mode, tp, tmp_path):
         assert status["kept_experts"] == [3, 2] and status["world_size"] == tp
         assert status["kept_heads"] == ([2, 1] if tp == 1 else [1, 0])  # rank 0: heads 0, 1
         assert status["kept"] == [None, None] and status["local_neurons"] is None
-        for bad, match in ((first.replace(ffn={0: torch.arange(0, 256, 2)}), "inside the MoE"),
-                           (first.with_skip({0: 0.5}), "skipping thresholds")):
+        bad_scales = third.replace(ffn_scales={0: torch.ones(86)})
+        for bad, match in ((first.replace(moe={0: torch.tensor([0, 4])}), "out of range"),
+                           (bad_scales, "FFN scales")):
             with pytest.raises(ValueError, match=match):
                 dkv.plug(llm, bad)
         assert_same_generation(_generate(llm, prompts), plugged, exact=True)
 
+        dkv.plug(llm, third)
+        assert_same_generation(_generate(llm, prompts), references["third"])
         dkv.plug(llm, second)
         assert_same_generation(_generate(llm, prompts), references["second"])
         dkv.plug(llm, first)
         dkv.add(llm, "second", second)
-        requests = [("second", 1), (None, 0), ("second", 0), (None, 1)]
-        got = _generate_mixed(llm, [(name, prompts[i]) for name, i in requests])
         references[None] = references["first"]
-        assert_same_generation(got, _expected_mixed(references, requests))
+        for held in (["second"], ["second", "third"]):  # vLLM's experts alone, then with ours
+            if "third" in held:
+                dkv.add(llm, "third", third)
+            requests = [(held[-1], 1), (None, 0), ("second", 0), (None, 1), (held[-1], 0)]
+            got = _generate_mixed(llm, [(name, prompts[i]) for name, i in requests])
+            assert_same_generation(got, _expected_mixed(references, requests))
 
         dkv.unplug(llm)
-        dkv.remove(llm, "second")
+        for name in ("second", "third"):
+            dkv.remove(llm, name)
         assert dkv.status(llm)[0]["kept_experts"] == [None, None]
         assert_same_generation(_generate(llm, prompts), dense, exact=True)
     finally:
         _stop_engine(llm)
+
+
+class _Router:
+    """A router with the attributes both vLLM builds have (FusedTopKRouter on GPUs has no more)."""
+
+    top_k, global_num_experts, renormalize, scoring_func = 2, 4, True, "softmax"
+
+
+def _block(name="MixtralMoE", router=None, **config):
+    """A module shaped like vLLM's MoE block: a gate (4 experts) and experts holding `router`
+    and a moe_config (tensor parallelism alone unless `config` says otherwise)."""
+    from types import SimpleNamespace
+
+    experts = torch.nn.Module()
+    experts.router = router if router is not None else _Router()
+    experts.moe_config = SimpleNamespace(**{**dict(ep_size=1, dp_size=1, tp_size=1,
+                                                  is_sequence_parallel=False), **config})
+    block = type(name, (torch.nn.Module,), {})()
+    block.gate, block.experts = torch.nn.Linear(8, 4, bias=False), experts
+    block.gate.output_size = 4
+    return block
+
+
+def test_moe_blocks_are_recognised_by_structure_and_routing_rule():
+    from types import SimpleNamespace
+
+    from doe_kernels.models import UnsupportedModelError
+    from doe_kernels.vllm.moe import moe_block_of, routing_sizes
+
+    block = _block()
+    assert moe_block_of(SimpleNamespace(block_sparse_moe=block), 0) is block
+    assert routing_sizes(block) == (4, 2)
+    grouped = type("Grouped", (_Router,), dict(use_grouped_topk=True))()
+    sigmoid = type("Sigmoid", (_Router,), dict(scoring_func="sigmoid"))()
+    own_gate = _block()
+    own_gate.experts.gate = torch.nn.Linear(8, 4)
+    for bad, match in ((_block("GraniteMoeMoE"), "neither"), (_block(router=grouped), "routing"),
+                       (_block(router=sigmoid), "routing"), (own_gate, "own router logits"),
+                       (_block(ep_size=2), "only tensor parallelism")):
+        with pytest.raises(UnsupportedModelError, match=match):
+            moe_block_of(SimpleNamespace(block_sparse_moe=bad), 3)

@@ -10,7 +10,8 @@ prompts, params = doe_kernels.vllm.for_experts(llm, [("tweets", text), (None, ot
 llm.generate(prompts, params)      # each request on its own expert, in the same steps
 ```
 LLaMA-family models (vLLM's Llama, Mistral and Qwen2 layers), FFN neurons and attention heads
-(with their scales and bias deltas), and Mixtral (kept MoE experts and heads); see docs/vllm.md. A causal-LM expert's soft prompt travels
+(with their scales and bias deltas), and Mixtral (kept MoE experts, neurons inside them,
+skipping thresholds, heads); see docs/vllm.md. A causal-LM expert's soft prompt travels
 as prompt embeddings (`expert_prompts`, `answer`; the engine made with enable_prompt_embeds=True). A running `vllm serve` takes the same calls
 over HTTP: `doe_kernels.vllm.http.plug(url, mask)` (or `doe-kernels vllm plug`).
 

@@ -1,43 +1,63 @@
-"""A vLLM mixture-of-experts block (Mixtral's `block_sparse_moe`) on an expert's kept MoE experts.
+"""A vLLM mixture-of-experts block (Mixtral's `block_sparse_moe`) on an expert's kept MoE experts,
+neurons and skipping thresholds.
 
 vLLM's MixtralMoE computes the router logits with its `gate`, and its fused experts then take the
-softmax, the top k and the renormalisation. A plugged block sets the dropped experts' logits to
-minus infinity before the fused experts see them, so each token is routed among the kept experts
-as doe_kernels.patch routes it on the HuggingFace model. The router is replicated on every
-tensor-parallel rank and the fused experts reduce their output themselves, so the same logits
-serve every rank. In a mixed-task batch (`MixedMoe`) each row gets its own expert's dropped
-experts. Neurons inside the experts and dynamic skipping are not served (refused by
-doe_kernels.tensor_parallel.check_servable).
+softmax, the top k and the renormalisation. An expert that only drops whole experts gives them
+the lowest logit (as good as minus infinity) before the fused experts see them, so each token is
+routed among the kept experts as doe_kernels.patch routes it on the HuggingFace model, by vLLM's
+own kernels. An expert that prunes neurons inside the experts or skips small second experts (its
+mask's `skip` thresholds, applied as `patch(..., dynamic_skip=True)` applies them) runs the
+HuggingFace path's own routing and expert FFNs (doe_kernels.models.moe_block: `route`, then
+`experts_forward`, the gather SwiGLU op per expert on the rank's kept neurons) on the experts'
+weights as loaded (doe_kernels.vllm.weights.expert_weights), then the all-reduce vLLM's experts
+would do. The router is replicated on every tensor-parallel rank and each rank holds its slice of
+every expert's neurons, so the same routing serves every rank. In a mixed-task batch (`MixedMoe`)
+each row gets its own expert's routing.
 """
 import torch
 
+from vllm.distributed import tensor_model_parallel_all_reduce
+
 from doe_kernels.models import UnsupportedModelError
+from doe_kernels.models.moe_block import experts_forward, route
 from doe_kernels.vllm.mixed import current_step
+from doe_kernels.vllm.weights import expert_weights
+
+BLOCKS = ("MixtralMoE",)  # vLLM blocks whose forward moe_forward follows
+_NEUTRAL_ROUTING = dict(scoring_func=None, renormalize=None, use_grouped_topk=False,
+                        custom_routing_function=None, e_score_correction_bias=None,
+                        routed_scaling_factor=1.0)
 
 
 def moe_block_of(layer, index: int):
-    """The layer's vLLM Mixtral-style MoE block (a `gate` and fused `experts` routed by softmax,
-    top-k and renormalisation, without shared experts); raises UnsupportedModelError naming what
-    differs."""
+    """The layer's vLLM Mixtral MoE block (`MixtralMoE`: a `gate` and fused `experts` routed by
+    softmax, top-k and renormalisation, without shared experts, on tensor parallelism alone);
+    raises UnsupportedModelError naming what differs."""
     block = getattr(layer, "block_sparse_moe", None)
     where = f"layer {index}'s MoE block ({type(block).__name__})"
-    if block is None or not all(isinstance(getattr(block, name, None), torch.nn.Module)
-                                for name in ("gate", "experts")):
-        raise UnsupportedModelError(f"layer {index} has neither a LLaMA-style MLP nor a "
-                                    "Mixtral-style MoE block (block_sparse_moe with gate and "
-                                    "experts)")
+    parts = all(isinstance(getattr(block, name, None), torch.nn.Module)
+                for name in ("gate", "experts"))
+    if type(block).__name__ not in BLOCKS or not parts:
+        raise UnsupportedModelError(f"layer {index} has neither a LLaMA-style MLP nor a MoE block "
+                                    f"doe_kernels.vllm knows ({', '.join(BLOCKS)}, with its gate "
+                                    "and experts)")
     router = getattr(block.experts, "router", None)
-    rule = {name: getattr(router, name, None) for name in
-            ("scoring_func", "renormalize", "use_grouped_topk", "custom_routing_function",
-             "e_score_correction_bias", "routed_scaling_factor")}
-    expected = dict(scoring_func="softmax", renormalize=True, use_grouped_topk=False,
-                    custom_routing_function=None, e_score_correction_bias=None,
-                    routed_scaling_factor=1.0)
-    if router is None or rule != expected:
+    # CPU and GPU routers hold different attributes: the neutral value where one is absent
+    rule = {name: getattr(router, name, neutral) for name, neutral in _NEUTRAL_ROUTING.items()}
+    if router is None or rule != dict(_NEUTRAL_ROUTING, scoring_func="softmax", renormalize=True):
         raise UnsupportedModelError(f"{where}: only Mixtral's routing (softmax, top-k, "
                                     f"renormalised, no correction) is supported; found {rule}")
+    if getattr(block.experts, "gate", None) is not None:
+        raise UnsupportedModelError(f"{where}: experts that compute their own router logits are "
+                                    "not supported")
     if getattr(block.experts, "_shared_experts", None) is not None:
         raise UnsupportedModelError(f"{where}: MoE blocks with shared experts are not supported")
+    config = getattr(block.experts, "moe_config", None)
+    spread = {name: getattr(config, name, None) for name in ("ep_size", "dp_size",
+                                                            "is_sequence_parallel")}
+    if spread != dict(ep_size=1, dp_size=1, is_sequence_parallel=False):
+        raise UnsupportedModelError(f"{where}: only tensor parallelism is supported (found "
+                                    f"{spread}; expert, data or sequence parallelism is not)")
     return block
 
 
@@ -49,50 +69,80 @@ def is_moe_block(module) -> bool:
 def routing_sizes(block) -> tuple[int, int]:
     """(experts, experts per token) of a block moe_block_of accepted: the experts as its router
     logits count them (the gate's outputs)."""
-    router = block.experts.router
-    return int(getattr(block.gate, "output_size", router.global_num_experts)), int(router.top_k)
+    return int(block.gate.output_size), int(block.experts.router.top_k)
 
 
 def moe_forward(block, hidden_states: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
     """MixtralMoE's forward with the experts `dropped` ((experts,) or (tokens, experts) bool)
-    given minus infinity as router logits."""
+    given the lowest logit (the same routing as minus infinity, without infinities in the
+    kernels)."""
     shape = hidden_states.shape
     h = hidden_states.view(-1, block.hidden_size)
     logits, _ = block.gate(h)
-    logits = logits.masked_fill(dropped, float("-inf"))
+    logits = logits.masked_fill(dropped, torch.finfo(logits.dtype).min)
     return block.experts(h, logits).view(shape)
 
 
 class MoePlan:
-    """One MoE block on an expert's `kept` experts (sorted int64 indices)."""
+    """One MoE block on an expert's `kept` experts (sorted int64 indices), the rank's kept
+    `neurons` inside every expert (None: all) and its skipping threshold `beta` (None: none)."""
 
-    def __init__(self, block, kept: torch.Tensor):
-        experts, _ = routing_sizes(block)
+    def __init__(self, block, kept: torch.Tensor, neurons: torch.Tensor | None = None,
+                 beta: float | None = None):
+        experts, self.top_k = routing_sizes(block)
         device = next(block.experts.parameters()).device
         self.block = block
         self.kept = kept.to(device)
         self.dropped = torch.ones(experts, dtype=torch.bool, device=device)
         self.dropped[self.kept] = False
+        self.neurons = None if neurons is None else neurons.to(device)
+        self.beta = beta
+        # vLLM's fused experts route among the kept experts; neurons or skipping need our own
+        self.weights = None if neurons is None and beta is None else expert_weights(block)
+        self.reduce = block.experts.moe_config.tp_size > 1
+
+    @property
+    def routes_in_vllm(self) -> bool:
+        """Whether vLLM's fused experts run this plan (it only drops whole experts)."""
+        return self.weights is None
 
     def forward(self, hidden_states):
-        return moe_forward(self.block, hidden_states, self.dropped)
+        if self.routes_in_vllm:
+            return moe_forward(self.block, hidden_states, self.dropped)
+        shape = hidden_states.shape
+        x = hidden_states.view(-1, self.block.hidden_size)
+        logits, _ = self.block.gate(x)
+        every = self.kept.numel() == self.dropped.numel()
+        weights, experts = route(logits, self.top_k, None if every else self.kept,
+                                 beta=self.beta)
+        out = experts_forward(x, weights, experts, self.weights.gate_up, self.weights.down_t,
+                              self.neurons)
+        if self.reduce:
+            out = tensor_model_parallel_all_reduce(out)
+        return out.view(shape)
 
 
-def moe_plans(blocks: list, mask) -> list:
-    """Per layer, the MoePlan of `mask` (checked against the model already), or None where the
-    layer keeps every expert."""
+def moe_plans(blocks: list, mask, neuron_shards: list) -> list:
+    """Per layer, the MoePlan of `mask` (checked against the model already) with the rank's
+    neuron shards (doe_kernels.tensor_parallel.ffn_shards), or None where the layer runs dense
+    (every expert and neuron kept, no skipping)."""
     plans = []
-    for index, block in enumerate(blocks):
-        kept = mask.moe.get(index)
+    for index, (block, shard) in enumerate(zip(blocks, neuron_shards)):
         experts, _ = routing_sizes(block)
-        plans.append(None if kept is None or kept.numel() == experts else MoePlan(block, kept))
+        kept = mask.moe.get(index, torch.arange(experts))
+        beta = mask.skip.get(index)
+        if kept.numel() == experts and shard is None and beta is None:
+            plans.append(None)
+        else:
+            plans.append(MoePlan(block, kept, None if shard is None else shard.kept, beta))
     return plans
 
 
 class MixedMoe:
     """One MoE block's forward while experts are held: the plugged plan (or dense) for a step
-    naming no expert, else each group of rows routed among its own expert's kept experts (None:
-    every expert)."""
+    naming no expert, else each group of rows on its own expert's plan (None: dense). Where
+    every plan of the step only drops experts, one call of vLLM's fused experts serves the step,
+    each row's dropped experts set apart; else each group runs its plan in turn."""
 
     def __init__(self, block, single: MoePlan | None, plans: dict, dense):
         self.block, self.single, self.dense = block, single, dense
@@ -103,9 +153,15 @@ class MixedMoe:
         step = current_step()
         if step is None:
             return self.dense(x) if self.single is None else self.single.forward(x)
-        if all(self.plans[name] is None for name in step.names):
+        plans = [self.plans[name] for name in step.names]
+        if all(plan is None for plan in plans):
             return self.dense(x)
-        return moe_forward(self.block, x, self._dropped_rows(step))
+        if all(plan is None or plan.routes_in_vllm for plan in plans):
+            return moe_forward(self.block, x, self._dropped_rows(step))
+        grouped = step.grouped(x.view(-1, self.block.hidden_size))
+        outs = [(self.dense if plan is None else plan.forward)(grouped[start:end])
+                for plan, (_, start, end) in zip(plans, step.bounds()) if end > start]
+        return step.ungrouped(torch.cat(outs)).view(x.shape)
 
     def _dropped_rows(self, step) -> torch.Tensor:
         """(rows, experts): each row's expert's dropped experts, in the step's row order (made

@@ -60,7 +60,11 @@ def plug_on_ranks(call, mask: ExpertMask, apply: str = "doe_apply_mask", *args) 
     the ranks' replies to `apply`."""
     tensors, spec = encode_mask(mask)
     token = uuid.uuid4().hex
-    replies = call("doe_check_mask", [tensors, spec, token])
+    try:
+        replies = call("doe_check_mask", [tensors, spec, token])
+    except BaseException:
+        call("doe_discard_mask", [])  # ranks that staged a plan before another failed
+        raise
     refusals = [(rank, reply) for rank, reply in enumerate(replies) if reply is not None]
     if refusals:
         call("doe_discard_mask", [])

@@ -11,6 +11,15 @@ left as it is, so an unplugged model computes exactly what vLLM does. Cost on CP
 linear weights once more (the packed handles hold their own copy). On GPUs nothing is repacked:
 gate_up and qkv are read in place, and down and o are converted input-major at the first plug
 (cost: those projections once more).
+
+A MoE block's fused experts are repacked too on the CPU (into the fused kernel's blocked layout),
+so `keep_dense_weights()` also wraps the unquantized MoE method's `process_weights_after_loading`
+to keep references to each rank's experts as loaded: w13 (experts x 2 I/tp x hidden, gate rows
+then up rows) and w2 (experts x hidden x I/tp). Only experts pruned inside (neurons) or skipped
+read them (doe_kernels.vllm.moe), w2 converted input-major at the first plug that needs it (the
+original then dropped). Cost on the CPU, where vLLM replaces them: the rank's expert weights once
+more; on GPUs, where vLLM's unquantized experts keep them, the down projections once more, from
+the first such plug on.
 """
 from dataclasses import dataclass
 
@@ -32,6 +41,24 @@ class FfnWeights:
     w_gate: torch.Tensor
     w_up: torch.Tensor
     w_down_t: torch.Tensor
+
+
+@dataclass(frozen=True)
+class ExpertWeights:
+    """One rank's MoE experts: gate_up (experts, 2 I/tp, hidden; gate rows, then up rows) and
+    down_t (experts, I/tp, hidden), the layout doe_kernels.models.moe_block.experts_forward
+    reads."""
+
+    gate_up: torch.Tensor
+    down_t: torch.Tensor
+
+
+@dataclass(frozen=True)
+class _LoadedExperts:
+    """References to a rank's expert weights as vLLM loaded them (w2: experts, hidden, I/tp)."""
+
+    w13: torch.Tensor
+    w2: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -62,6 +89,25 @@ def keep_dense_weights() -> None:
 
     dispatch_keeping_dense._doe_keeps_dense = True
     utils.dispatch_cpu_unquantized_gemm = dispatch_keeping_dense
+    _keep_dense_experts()
+
+
+def _keep_dense_experts() -> None:
+    from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import (
+        UnquantizedFusedMoEMethod)
+
+    process = UnquantizedFusedMoEMethod.process_weights_after_loading
+    if getattr(process, "_doe_keeps_dense", False):
+        return
+
+    def process_keeping_dense(method, layer):
+        w13, w2 = layer.w13_weight.detach(), layer.w2_weight.detach()
+        if not w13.is_meta and w13.dim() == 3 and w2.dim() == 3:
+            layer.__dict__[_KEPT] = _LoadedExperts(w13, w2)
+        return process(method, layer)
+
+    process_keeping_dense._doe_keeps_dense = True
+    UnquantizedFusedMoEMethod.process_weights_after_loading = process_keeping_dense
 
 
 def ffn_weights(mlp) -> FfnWeights:
@@ -86,6 +132,23 @@ def attention_weights(attn) -> AttentionWeights:
                                   _dense(attn.o_proj, input_major_copy=True))
         attn.__dict__[_CACHED] = cached
     return cached
+
+
+def expert_weights(block) -> ExpertWeights:
+    """The rank's expert weights of a vLLM MoE block as loaded, the down projections input-major
+    (converted at the first call, then cached)."""
+    for module in block.experts.modules():
+        kept = module.__dict__.get(_KEPT)
+        if isinstance(kept, _LoadedExperts):
+            kept = ExpertWeights(kept.w13, kept.w2.transpose(1, 2).contiguous())
+            module.__dict__[_KEPT] = kept
+        if isinstance(kept, ExpertWeights):
+            return kept
+    raise RuntimeError(
+        f"{getattr(block.experts, 'layer_name', 'a MoE block')}: its expert weights were not kept "
+        "when the model was loaded; create the LLM with worker_extension_cls="
+        "'doe_kernels.vllm.WorkerExtension' so that the workers import doe_kernels.vllm before "
+        "loading the model")
 
 
 def check_plain_linear(linear, where: str, bias_allowed: bool) -> None:

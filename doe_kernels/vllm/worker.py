@@ -119,7 +119,7 @@ class WorkerExtension:
             return dict(error=str(error), model=False)
         try:
             if model_spec.num_experts:
-                ffn_plans = moe_plans([block for _, block in layers], mask)
+                ffn_plans = moe_plans([block for _, block in layers], mask, ffn)
             else:
                 ffn_plans = [None if f is None else FfnPlan(mlp, ffn_weights(mlp), f)
                              for (_, mlp), f in zip(layers, ffn)]
