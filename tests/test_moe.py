@@ -42,6 +42,32 @@ def test_patched_moe_equals_reference(keep, neurons, heads, device, backend, dty
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("intermediate, hidden", [(6, 10), (12, 8), (16, 24)])
+def test_experts_forward_on_sizes_grouped_gemms_refuse(intermediate, hidden, dtype):
+    """Rows that are not a multiple of 16 bytes (PyTorch's grouped GEMM refuses them on the CPU)
+    run one GEMM per expert instead; a zero weight skips its pair."""
+    from doe_kernels.models.moe_block import experts_forward
+
+    gen = torch.Generator().manual_seed(0)
+    experts, tokens = 4, 7
+    x, gate_up, down_t = (torch.randn(*shape, generator=gen) for shape in
+                          ((tokens, hidden), (experts, 2 * intermediate, hidden),
+                           (experts, intermediate, hidden)))
+    weights = torch.rand(tokens, 2, generator=gen)
+    weights[0, 1] = 0.0
+    chosen = torch.randint(0, experts, (tokens, 2), generator=gen)
+    expected = torch.zeros(tokens, hidden, dtype=torch.float64)
+    for t in range(tokens):
+        for k in range(2):
+            gate, up = (gate_up[chosen[t, k]].double() @ x[t].double()).chunk(2)
+            expected[t] += weights[t, k] * (torch.nn.functional.silu(gate) * up) @ \
+                down_t[chosen[t, k]].double()
+    out = experts_forward(x.to(dtype), weights, chosen, gate_up.to(dtype), down_t.to(dtype))
+    tolerance = 1e-4 if dtype == torch.float32 else 0.1
+    torch.testing.assert_close(out.double(), expected, atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("keep", [1.0, 5 / 8])
 def test_dynamic_skipping_equals_reference(keep, dtype):
     model = mixtral()

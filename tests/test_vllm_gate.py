@@ -314,3 +314,25 @@ def test_the_client_asks_for_the_gate_before_adding():
         assert [p["method"] for p in posts] == ["doe_experts"]
     finally:
         server.shutdown()
+
+
+@pytest.mark.parametrize("discard_fails", [False, True])
+def test_a_check_that_raises_drops_every_staged_plan(discard_fails):
+    """A rank whose check raises (not a refusal) leaves no plan staged on the others; the
+    check's error is the one reported, even when dropping the plans fails too."""
+    import doe_kernels
+    from doe_kernels.vllm.protocol import plug_on_ranks
+
+    calls = []
+
+    def call(method, args):
+        calls.append(method)
+        if method == "doe_check_mask":
+            raise ValueError("rank 1 died while checking")
+        if discard_fails:
+            raise RuntimeError("no ranks to reach")
+        return [None, None]
+
+    with pytest.raises(ValueError, match="rank 1 died"):
+        plug_on_ranks(call, doe_kernels.ExpertMask({0: [1]}))
+    assert calls == ["doe_check_mask", "doe_discard_mask"]

@@ -49,8 +49,9 @@ def _masks(spec):
     first = first.with_bias(attn_bias={l: 0.02 * torch.randn(spec.hidden_size, generator=gen)
                                        for l in heads})
     second = doe_kernels.ExpertMask(moe={0: [1, 2], 1: [0, 1, 2, 3]}, spec=spec.as_dict())
-    third = doe_kernels.ExpertMask({0: torch.arange(0, 256, 3), 1: torch.arange(40, 200)},
-                                   heads={1: [0, 2]}, moe={0: [0, 1, 3]}, skip={0: 0.8, 1: 0.9},
+    # layer 1 keeps every neuron: its experts run as grouped GEMMs, layer 0's as gather ops
+    third = doe_kernels.ExpertMask({0: torch.arange(0, 256, 3)}, heads={1: [0, 2]},
+                                   moe={0: [0, 1, 3]}, skip={0: 0.8, 1: 0.9},
                                    spec=spec.as_dict())
     return first, second, third
 
@@ -88,7 +89,7 @@ def test_mixtral_serves_kept_experts_and_heads(mode, tp, tmp_path):
         status = dkv.status(llm)[0]
         assert status["kept_experts"] == [3, 2] and status["world_size"] == tp
         assert status["kept_heads"] == ([2, 1] if tp == 1 else [1, 0])  # rank 0: heads 0, 1
-        assert status["kept"] == [None, None] and status["local_neurons"] is None
+        assert status["kept"] == [None, None] and status["local_neurons"] == 256 // tp
         bad_scales = third.replace(ffn_scales={0: torch.ones(86)})
         for bad, match in ((first.replace(moe={0: torch.tensor([0, 4])}), "out of range"),
                            (bad_scales, "FFN scales")):
@@ -98,6 +99,9 @@ def test_mixtral_serves_kept_experts_and_heads(mode, tp, tmp_path):
 
         dkv.plug(llm, third)
         assert_same_generation(_generate(llm, prompts), references["third"])
+        status = dkv.status(llm)[0]  # rank 0 holds neurons [0, 256 / tp)
+        assert status["kept"] == [86 if tp == 1 else 43, None]
+        assert status["kept_experts"] == [3, 4]
         dkv.plug(llm, second)
         assert_same_generation(_generate(llm, prompts), references["second"])
         dkv.plug(llm, first)
@@ -158,3 +162,30 @@ def test_moe_blocks_are_recognised_by_structure_and_routing_rule():
                        (_block(ep_size=2), "only tensor parallelism")):
         with pytest.raises(UnsupportedModelError, match=match):
             moe_block_of(SimpleNamespace(block_sparse_moe=bad), 3)
+
+
+def test_expert_weights_are_kept_only_where_vllm_leaves_them_in_place():
+    from types import SimpleNamespace
+
+    from doe_kernels.vllm.weights import expert_weights, keeping_experts
+
+    def process(method, layer):  # as vLLM's CPU build: the parameters replaced by repacked ones
+        layer.w13_weight = torch.nn.Parameter(torch.zeros_like(layer.w13_weight))
+        layer.w2_weight = torch.nn.Parameter(torch.zeros_like(layer.w2_weight))
+
+    keep = keeping_experts(process)
+    w13, w2 = torch.randn(4, 12, 8), torch.randn(4, 8, 6)
+    for backend in ("CPU", "FLASHINFER_TRTLLM"):
+        block = torch.nn.Module()
+        block.experts = torch.nn.Module()
+        block.experts.routed = layer = torch.nn.Module()
+        layer.w13_weight, layer.w2_weight = torch.nn.Parameter(w13), torch.nn.Parameter(w2)
+        keep(SimpleNamespace(unquantized_backend=SimpleNamespace(name=backend)), layer)
+        if backend == "CPU":
+            weights = expert_weights(block)
+            assert torch.equal(weights.gate_up, w13)
+            assert torch.equal(weights.down_t, w2.transpose(1, 2))
+            assert weights.down_t.is_contiguous() and expert_weights(block) is weights
+        else:
+            with pytest.raises(RuntimeError, match="FLASHINFER_TRTLLM may rewrite"):
+                expert_weights(block)

@@ -80,8 +80,10 @@ def route(logits: torch.Tensor, top_k: int, kept: torch.Tensor | None = None,
 def _use_grouped_mm(x: torch.Tensor, hidden: int, intermediate: int) -> bool:
     if _grouped_mm is None:
         return False
-    if x.device.type == "cpu":
-        return x.dtype in (torch.float32, torch.bfloat16)
+    if x.device.type == "cpu":  # operand rows a multiple of 16 bytes, as PyTorch checks
+        aligned = hidden % (16 // x.element_size()) == 0 and \
+            intermediate % (16 // x.element_size()) == 0
+        return x.dtype in (torch.float32, torch.bfloat16) and aligned
     # cuBLAS/CUTLASS grouped GEMM: bfloat16, rows 16-byte aligned.
     return x.dtype == torch.bfloat16 and hidden % 8 == 0 and intermediate % 8 == 0
 

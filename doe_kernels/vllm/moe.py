@@ -55,7 +55,9 @@ def moe_block_of(layer, index: int):
     config = getattr(block.experts, "moe_config", None)
     spread = {name: getattr(config, name, None) for name in ("ep_size", "dp_size",
                                                             "is_sequence_parallel")}
-    if spread != dict(ep_size=1, dp_size=1, is_sequence_parallel=False):
+    spread["skip_final_all_reduce"] = getattr(config, "skip_final_all_reduce", False)
+    if spread != dict(ep_size=1, dp_size=1, is_sequence_parallel=False,
+                      skip_final_all_reduce=False):
         raise UnsupportedModelError(f"{where}: only tensor parallelism is supported (found "
                                     f"{spread}; expert, data or sequence parallelism is not)")
     return block

@@ -62,8 +62,11 @@ def plug_on_ranks(call, mask: ExpertMask, apply: str = "doe_apply_mask", *args) 
     token = uuid.uuid4().hex
     try:
         replies = call("doe_check_mask", [tensors, spec, token])
-    except BaseException:
-        call("doe_discard_mask", [])  # ranks that staged a plan before another failed
+    except Exception:
+        try:
+            call("doe_discard_mask", [])  # ranks that staged a plan before another failed
+        except Exception:
+            pass  # the check's error is the one to report
         raise
     refusals = [(rank, reply) for rank, reply in enumerate(replies) if reply is not None]
     if refusals:

@@ -15,11 +15,13 @@ gate_up and qkv are read in place, and down and o are converted input-major at t
 A MoE block's fused experts are repacked too on the CPU (into the fused kernel's blocked layout),
 so `keep_dense_weights()` also wraps the unquantized MoE method's `process_weights_after_loading`
 to keep references to each rank's experts as loaded: w13 (experts x 2 I/tp x hidden, gate rows
-then up rows) and w2 (experts x hidden x I/tp). Only experts pruned inside (neurons) or skipped
+then up rows) and w2 (experts x hidden x I/tp), on the MoE backends that do not rewrite them in
+place (the CPU's and Triton's). Only experts pruned inside (neurons) or skipped
 read them (doe_kernels.vllm.moe), w2 converted input-major at the first plug that needs it (the
 original then dropped). Cost on the CPU, where vLLM replaces them: the rank's expert weights once
-more; on GPUs, where vLLM's unquantized experts keep them, the down projections once more, from
-the first such plug on.
+more, for every Mixtral loaded with the extension; on GPUs with Triton's experts, which keep
+them, the down projections once more from the first such plug on, outside the memory vLLM
+budgets.
 """
 from dataclasses import dataclass
 
@@ -72,7 +74,8 @@ class AttentionWeights:
 
 
 def keep_dense_weights() -> None:
-    """Wrap vLLM's CPU weight repacking so that FFN and attention weights survive it
+    """Wrap vLLM's CPU weight repacking so that FFN and attention weights survive it, and its MoE
+    weight processing so that references to the expert weights as loaded are kept
     (idempotent)."""
     from vllm.model_executor.layers import utils
 
@@ -92,22 +95,48 @@ def keep_dense_weights() -> None:
     _keep_dense_experts()
 
 
+# vLLM's unquantized MoE backends that replace the loaded expert weights (or use them as they are)
+# rather than rewrite them in place: FlashInfer TRT-LLM, for one, reorders them into its block
+# layout in place, and a kept reference would then read that layout.
+_LEAVES_EXPERTS = ("CPU", "TRITON", "BATCHED_TRITON")
+
+
+def _pre_processed() -> bool:
+    """Whether vLLM loaded weights already in its runtime format."""
+    try:
+        from vllm.model_executor.utils import is_weights_pre_processed
+    except ImportError:
+        return False
+    return bool(is_weights_pre_processed())
+
+
 def _keep_dense_experts() -> None:
     from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import (
         UnquantizedFusedMoEMethod)
 
     process = UnquantizedFusedMoEMethod.process_weights_after_loading
-    if getattr(process, "_doe_keeps_dense", False):
-        return
+    if not getattr(process, "_doe_keeps_dense", False):
+        UnquantizedFusedMoEMethod.process_weights_after_loading = keeping_experts(process)
+
+
+def keeping_experts(process):
+    """vLLM's MoE `process_weights_after_loading(method, layer)` that also keeps references to
+    the layer's expert weights as loaded, where the method's backend does not rewrite them in
+    place (else the reason they were not kept)."""
 
     def process_keeping_dense(method, layer):
         w13, w2 = layer.w13_weight.detach(), layer.w2_weight.detach()
-        if not w13.is_meta and w13.dim() == 3 and w2.dim() == 3:
+        backend = getattr(getattr(method, "unquantized_backend", None), "name", None)
+        out = process(method, layer)
+        if backend not in _LEAVES_EXPERTS or _pre_processed():
+            layer.__dict__[_KEPT] = (f"vLLM's MoE backend {backend} may rewrite the expert "
+                                     "weights in place, so they were not kept")
+        elif not w13.is_meta and w13.dim() == 3 and w2.dim() == 3:
             layer.__dict__[_KEPT] = _LoadedExperts(w13, w2)
-        return process(method, layer)
+        return out
 
     process_keeping_dense._doe_keeps_dense = True
-    UnquantizedFusedMoEMethod.process_weights_after_loading = process_keeping_dense
+    return process_keeping_dense
 
 
 def ffn_weights(mlp) -> FfnWeights:
@@ -139,6 +168,10 @@ def expert_weights(block) -> ExpertWeights:
     (converted at the first call, then cached)."""
     for module in block.experts.modules():
         kept = module.__dict__.get(_KEPT)
+        if isinstance(kept, str):
+            raise RuntimeError(f"{getattr(block.experts, 'layer_name', 'a MoE block')}: {kept}; "
+                               "neurons inside the experts and skipping are served on vLLM's "
+                               f"{', '.join(_LEAVES_EXPERTS)} MoE backends")
         if isinstance(kept, _LoadedExperts):
             kept = ExpertWeights(kept.w13, kept.w2.transpose(1, 2).contiguous())
             module.__dict__[_KEPT] = kept

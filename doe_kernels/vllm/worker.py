@@ -193,20 +193,19 @@ class WorkerExtension:
 
     def doe_status(self) -> dict:
         """This rank's tensor-parallel place, the names of the experts it holds and, per layer,
-        the plugged expert's local kept neuron and head counts and its kept MoE experts (None:
-        vLLM's dense forward)."""
+        the plugged expert's local kept neuron (in a MoE block: inside every expert) and head
+        counts and its kept MoE experts (None: vLLM's dense forward, or everything kept)."""
         layers = self._doe_layers()
         rank, world_size = _tensor_parallel_place(layers)
         ffn, attn = layers[0][1], layers[0][0]
         return dict(rank=rank, world_size=world_size, experts=list(self._doe_held()),
-                    local_neurons=(None if is_moe_block(ffn)
-                                   else ffn.down_proj.input_size_per_partition),
+                    local_neurons=_local_neurons(ffn),
                     local_heads=attn.q_size // attn.head_dim,
-                    kept=[_kept_count(mlp, FfnPlan) for _, mlp in layers],
+                    kept=[_kept_neurons(mlp) for _, mlp in layers],
                     kept_heads=[None if _plan_of(a.o_proj) is None
                                 else int(_plan_of(a.o_proj).cols.numel()) // a.head_dim
                                 for a, _ in layers],
-                    kept_experts=[_kept_count(block, MoePlan) for _, block in layers])
+                    kept_experts=[_kept_experts(block) for _, block in layers])
 
 
 def _tensor_parallel_place(layers) -> tuple[int, int]:
@@ -215,10 +214,24 @@ def _tensor_parallel_place(layers) -> tuple[int, int]:
     return o_proj.tp_rank, o_proj.tp_size
 
 
-def _kept_count(module, kind) -> int | None:
-    """What the plugged plan of `module` keeps (neurons, or MoE experts), if it is a `kind`."""
+def _local_neurons(ffn) -> int:
+    """The neurons of this rank's shard of an MLP, or of each expert of a MoE block."""
+    if is_moe_block(ffn):
+        return int(ffn.experts.moe_config.intermediate_size_per_partition)
+    return int(ffn.down_proj.input_size_per_partition)
+
+
+def _kept_neurons(module) -> int | None:
+    """The plugged plan's local kept neurons of an MLP or inside a MoE block's experts."""
     plan = _plan_of(module)
-    return int(plan.kept.numel()) if isinstance(plan, kind) else None
+    neurons = plan.kept if isinstance(plan, FfnPlan) else getattr(plan, "neurons", None)
+    return None if neurons is None else int(neurons.numel())
+
+
+def _kept_experts(module) -> int | None:
+    """The plugged plan's kept experts of a MoE block."""
+    plan = _plan_of(module)
+    return int(plan.kept.numel()) if isinstance(plan, MoePlan) else None
 
 
 def _plan_of(module):
