@@ -6,45 +6,38 @@ import doe_kernels
 import vllm_benchmark  # python/, on the tests' path
 
 
-def test_the_sliced_checkpoint_computes_what_the_plugged_expert_does(tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _small_model(family: str):
+    """A random Llama (3 layers) or Mixtral (2 layers, 4 experts, top 2): hidden 64, 96 neurons."""
+    from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, vocab_size=120)
-    model = LlamaForCausalLM(config).eval()
-    mask = doe_kernels.ExpertMask.random(model, ffn_keep=0.4, seed=2)
+    sizes = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=120)
+    if family == "mixtral":
+        config = MixtralConfig(num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2,
+                               **sizes)
+        return MixtralForCausalLM(config).eval()
+    return LlamaForCausalLM(LlamaConfig(num_hidden_layers=3, **sizes)).eval()
+
+
+# a Mixtral keeps 48 neurons: transformers' grouped GEMM wants rows of a multiple of 16 bytes
+@pytest.mark.parametrize("family, keep, kept", [("llama", 0.4, 38), ("mixtral", 0.5, 48)])
+def test_the_sliced_checkpoint_computes_what_the_plugged_expert_does(family, keep, kept,
+                                                                    tmp_path):
+    model = _small_model(family)
+    mask = doe_kernels.ExpertMask.random(model, ffn_keep=keep, seed=2)
     path = vllm_benchmark.sliced_checkpoint(model, mask, str(tmp_path / "sliced"))
-    sliced = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    assert sliced.config.intermediate_size == mask.ffn[0].numel() == 38
+    sliced = type(model).from_pretrained(path, dtype=torch.float32).eval()
+    assert sliced.config.intermediate_size == mask.ffn[0].numel() == kept
     ids = torch.randint(0, 120, (2, 7))
     with torch.no_grad():
         expected = sliced(ids).logits
         with doe_kernels.plugged(model, mask):
             torch.testing.assert_close(model(ids).logits, expected, atol=1e-5, rtol=1e-5)
-    uneven = mask.replace(ffn={0: [1, 2], 1: [3], 2: [4]})
+    layers = model.config.num_hidden_layers
+    uneven = mask.replace(ffn={l: list(range(l + 1)) for l in range(layers)})
     with pytest.raises(ValueError, match="same neuron count"):
         vllm_benchmark.sliced_checkpoint(model, uneven, str(tmp_path / "uneven"))
-
-
-def test_a_sliced_mixtral_computes_what_the_plugged_expert_does(tmp_path):
-    from transformers import MixtralConfig, MixtralForCausalLM
-
-    torch.manual_seed(0)
-    config = MixtralConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, vocab_size=120,
-                           num_local_experts=4, num_experts_per_tok=2)
-    model = MixtralForCausalLM(config).eval()
-    # 48 neurons: transformers' grouped GEMM wants rows of a multiple of 16 bytes
-    mask = doe_kernels.ExpertMask.random(model, ffn_keep=0.5, seed=2)
-    path = vllm_benchmark.sliced_checkpoint(model, mask, str(tmp_path / "sliced"))
-    sliced = MixtralForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    assert sliced.config.intermediate_size == mask.ffn[0].numel() == 48
-    ids = torch.randint(0, 120, (2, 7))
-    with torch.no_grad():
-        expected = sliced(ids).logits
-        with doe_kernels.plugged(model, mask):
-            torch.testing.assert_close(model(ids).logits, expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("rows, lines", [
