@@ -19,6 +19,11 @@ also measured on an engine without the extension, "dense-plain"), float32:
 On a Mixtral (a random mixtral-small) the mask keeps the same neurons inside every expert (every
 expert and head kept), so the plugged expert runs doe_kernels' own routing and expert FFNs
 (doe_kernels.vllm.moe) against vLLM's fused experts on the dense and on the sliced checkpoint.
+With --skip the experts also skip small second experts (OUT/vllm_mixtral-small_skip.json; the
+sliced checkpoint cannot skip):
+
+    python python/vllm_benchmark.py --model mixtral-small --skip --rates 0.35 0.65 \
+        --out benchmarks/results/vllm_cpu
 
 Writes OUT/vllm_<model>.json (vllm_<model>_compiled.json) and a plot beside it, and prints the
 table. With --uneven SPLIT instead, at tensor-parallel size 2: for each rate, the same number of
@@ -174,6 +179,11 @@ def run(args) -> list:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     masks = {rate: doe_kernels.ExpertMask.random(model, ffn_keep=1 - rate, seed=1)
              for rate in args.rates}
+    if args.skip:  # each layer's median second / top routing weight on random tokens
+        calibration = {"input_ids": torch.randint(10, 20000, (8, 64),
+                                                  generator=torch.Generator().manual_seed(1))}
+        masks = {rate: mask.with_skip(doe_kernels.moe.skip_thresholds(model, calibration, mask))
+                 for rate, mask in masks.items()}
     rows = []
     if args.compiled:  # what the routes cost the dense model
         llm = start_engine(path, extension=False, compiled=True)
@@ -300,8 +310,13 @@ def main():
     parser.add_argument("--uneven", type=float, metavar="SPLIT",
                         help="at tensor-parallel size 2, compare an even split of the kept "
                         "neurons with SPLIT of them on rank 0")
+    parser.add_argument("--skip", action="store_true",
+                        help="mixtral-small: the experts also skip small second experts "
+                        "(thresholds: each layer's median ratio on random tokens)")
     parser.add_argument("--out", default=os.path.join("results", "vllm_bench"))
     args = parser.parse_args()
+    if args.skip and args.model != "mixtral-small":
+        parser.error("--skip needs --model mixtral-small")
     os.makedirs(args.out, exist_ok=True)
     rows = run(args) if args.uneven is None else run_uneven(args)
     if args.uneven is None:
@@ -311,7 +326,8 @@ def main():
     meta = dict(model=args.model, args=vars(args), cpu=cpu_name(),
                 threads=os.cpu_count(), torch=torch.__version__, vllm=vllm.__version__,
                 date=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    name = (f"vllm_{args.model}" + ("_compiled" if args.compiled else "")
+    name = (f"vllm_{args.model}" + ("_skip" if args.skip else "")
+            + ("_compiled" if args.compiled else "")
             + ("_tp2_uneven" if args.uneven is not None else ""))
     with open(os.path.join(args.out, f"{name}.json"), "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1)
