@@ -99,6 +99,7 @@ class MoePlan:
         self.dropped[self.kept] = False
         self.neurons = None if neurons is None else neurons.to(device)
         self.beta = beta
+        self._route_among = None if self.kept.numel() == experts else self.kept  # None: all
         # vLLM's fused experts route among the kept experts; neurons or skipping need our own
         self.weights = None if neurons is None and beta is None else expert_weights(block)
         self.reduce = block.experts.moe_config.tp_size > 1
@@ -114,9 +115,7 @@ class MoePlan:
         shape = hidden_states.shape
         x = hidden_states.view(-1, self.block.hidden_size)
         logits, _ = self.block.gate(x)
-        every = self.kept.numel() == self.dropped.numel()
-        weights, experts = route(logits, self.top_k, None if every else self.kept,
-                                 beta=self.beta)
+        weights, experts = route(logits, self.top_k, self._route_among, beta=self.beta)
         out = experts_forward(x, weights, experts, self.weights.gate_up, self.weights.down_t,
                               self.neurons)
         if self.reduce:
