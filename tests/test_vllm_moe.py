@@ -189,3 +189,81 @@ def test_expert_weights_are_kept_only_where_vllm_leaves_them_in_place():
         else:
             with pytest.raises(RuntimeError, match="FLASHINFER_TRTLLM may rewrite"):
                 expert_weights(block)
+
+
+class _Gate(torch.nn.Linear):
+    """vLLM's ReplicatedLinear: returns (output, bias)."""
+
+    def forward(self, x):
+        return super().forward(x), None
+
+
+class _FusedExperts(torch.nn.Module):
+    """vLLM's fused experts in float64 torch: softmax, top 2, renormalised, SwiGLU experts."""
+
+    def __init__(self, w13, w2):
+        from types import SimpleNamespace
+
+        super().__init__()
+        self.router = _Router()
+        self.moe_config = SimpleNamespace(ep_size=1, dp_size=1, tp_size=1,
+                                          is_sequence_parallel=False)
+        self.w13, self.w2 = torch.nn.Parameter(w13), torch.nn.Parameter(w2)
+
+    @torch.no_grad()
+    def forward(self, h, logits):
+        weights, experts = torch.softmax(logits, -1).topk(2, dim=-1)
+        weights = weights / weights.sum(-1, keepdim=True)
+        out = torch.zeros_like(h)
+        for k in range(2):
+            gate, up = torch.einsum("th,tnh->tn", h, self.w13[experts[:, k]]).chunk(2, -1)
+            down = torch.einsum("tn,thn->th", torch.nn.functional.silu(gate) * up,
+                                self.w2[experts[:, k]])
+            out += weights[:, k, None] * down
+        return out
+
+
+def test_mixed_moe_steps_give_each_row_its_own_experts_plan():
+    """A step of five groups in an interleaved row order (two experts on doe_kernels' own experts,
+    one that drops experts, the dense model, an empty group): every row equals its group run
+    alone on its plan (dense: vLLM's block)."""
+    from types import SimpleNamespace
+
+    from doe_kernels.vllm.mixed import _STEP, layout_of
+    from doe_kernels.vllm.moe import MixedMoe, MoePlan, moe_forward
+    from doe_kernels.vllm.weights import keeping_experts
+
+    gen = torch.Generator().manual_seed(5)
+    w13 = torch.randn(4, 12, 8, generator=gen, dtype=torch.float64)
+    w2 = torch.randn(4, 8, 6, generator=gen, dtype=torch.float64)
+    block = type("MixtralMoE", (torch.nn.Module,), {})()
+    block.hidden_size = 8
+    block.gate = _Gate(8, 4, bias=False).double()
+    block.gate.output_size = 4
+    block.experts = _FusedExperts(w13, w2)
+    layer = SimpleNamespace(w13_weight=w13, w2_weight=w2)
+    keeping_experts(lambda method, layer: None)(
+        SimpleNamespace(unquantized_backend=SimpleNamespace(name="CPU")), layer)
+    block.experts.routed = torch.nn.Module()
+    block.experts.routed.__dict__.update(layer.__dict__)
+    plans = {"a": MoePlan(block, torch.tensor([0, 1, 3]), torch.tensor([0, 2, 5]), beta=0.8),
+             "b": MoePlan(block, torch.tensor([1, 2]), torch.tensor([1, 3, 4])),
+             "c": MoePlan(block, torch.tensor([0, 2, 3])), "empty": MoePlan(block, torch.arange(4))}
+    assert not plans["a"].routes_in_vllm and plans["c"].routes_in_vllm
+    names = ["a", None, "b", "c", "a", "empty", "b"]
+    counts = [3, 2, 1, 4, 2, 0, 3]
+    x = torch.randn(sum(counts), 8, generator=gen, dtype=torch.float64)
+    mixed = MixedMoe(block, None, plans, dense=lambda x: pytest.fail("a mixed step ran dense"))
+    _STEP[0] = layout_of(names, counts, sum(counts))
+    try:
+        got = mixed.forward(x)
+    finally:
+        _STEP[0] = None
+    start = 0
+    for name, count in zip(names, counts):
+        rows = x[start:start + count]
+        want = (moe_forward(block, rows, torch.zeros(4, dtype=torch.bool)) if name is None
+                else plans[name].forward(rows))
+        torch.testing.assert_close(got[start:start + count], want, rtol=1e-12, atol=1e-12)
+        start += count
+    assert not torch.equal(plans["a"].forward(x[:3]), plans["b"].forward(x[:3]))

@@ -112,15 +112,18 @@ class MoePlan:
     def forward(self, hidden_states):
         if self.routes_in_vllm:
             return moe_forward(self.block, hidden_states, self.dropped)
-        shape = hidden_states.shape
-        x = hidden_states.view(-1, self.block.hidden_size)
-        logits, _ = self.block.gate(x)
-        weights, experts = route(logits, self.top_k, self._route_among, beta=self.beta)
-        out = experts_forward(x, weights, experts, self.weights.gate_up, self.weights.down_t,
-                              self.neurons)
+        out = self.rank_forward(hidden_states.view(-1, self.block.hidden_size))
         if self.reduce:
             out = tensor_model_parallel_all_reduce(out)
-        return out.view(shape)
+        return out.view(hidden_states.shape)
+
+    def rank_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's share of the block's output on tokens x (tokens, hidden), before the
+        all-reduce (a plan that does not route in vLLM)."""
+        logits, _ = self.block.gate(x)
+        weights, experts = route(logits, self.top_k, self._route_among, beta=self.beta)
+        return experts_forward(x, weights, experts, self.weights.gate_up, self.weights.down_t,
+                               self.neurons)
 
 
 def moe_plans(blocks: list, mask, neuron_shards: list) -> list:
@@ -141,14 +144,16 @@ def moe_plans(blocks: list, mask, neuron_shards: list) -> list:
 
 class MixedMoe:
     """One MoE block's forward while experts are held: the plugged plan (or dense) for a step
-    naming no expert, else each group of rows on its own expert's plan (None: dense). Where
-    every plan of the step only drops experts, one call of vLLM's fused experts serves the step,
-    each row's dropped experts set apart; else each group runs its plan in turn."""
+    naming no expert, else each group of rows on its own expert's plan (None: dense). The rows of
+    plans that only drop experts (and dense rows) go through one call of vLLM's fused experts,
+    each row's dropped experts set apart; the rows of each other plan run its own routing and
+    experts, and those rows' outputs are all-reduced together, once per step and block."""
 
     def __init__(self, block, single: MoePlan | None, plans: dict, dense):
         self.block, self.single, self.dense = block, single, dense
         self.plans = dict(plans)
         self.plans[None] = single
+        self.reduce = block.experts.moe_config.tp_size > 1
 
     def forward(self, x):
         step = current_step()
@@ -157,23 +162,48 @@ class MixedMoe:
         plans = [self.plans[name] for name in step.names]
         if all(plan is None for plan in plans):
             return self.dense(x)
-        if all(plan is None or plan.routes_in_vllm for plan in plans):
+        if all(_in_vllm(plan) for plan in plans):
             return moe_forward(self.block, x, self._dropped_rows(step))
+        return self._split(step, x)
+
+    def _split(self, step, x):
+        """The step's rows in two parts: those vLLM's fused experts route (one call), then the
+        other plans' groups in turn (one all-reduce over all of them)."""
         grouped = step.grouped(x.view(-1, self.block.hidden_size))
-        outs = [(self.dense if plan is None else plan.forward)(grouped[start:end])
-                for plan, (_, start, end) in zip(plans, step.bounds()) if end > start]
-        return step.ungrouped(torch.cat(outs)).view(x.shape)
+        bounds = [(self.plans[name], start, end) for name, start, end in step.bounds()
+                  if end > start]
+        in_vllm = [(plan, start, end) for plan, start, end in bounds if _in_vllm(plan)]
+        own = [(plan, start, end) for plan, start, end in bounds if not _in_vllm(plan)]
+        outs = []
+        if in_vllm:
+            rows = torch.cat([grouped[start:end] for _, start, end in in_vllm])
+            outs.append(moe_forward(self.block, rows, self._dropped_of(in_vllm)))
+        local = torch.cat([plan.rank_forward(grouped[start:end]) for plan, start, end in own])
+        outs.append(tensor_model_parallel_all_reduce(local) if self.reduce else local)
+        positions = torch.cat([torch.arange(start, end) for _, start, end in in_vllm + own])
+        out = torch.empty_like(grouped).index_copy_(0, positions.to(grouped.device),
+                                                    torch.cat(outs))
+        return step.ungrouped(out).view(x.shape)
+
+    def _dropped_of(self, bounds) -> torch.Tensor:
+        """(rows, experts): the dropped experts of each row of `bounds` ((plan, start, end),
+        plans that route in vLLM), in that order."""
+        experts, _ = routing_sizes(self.block)
+        none = torch.zeros(experts, dtype=torch.bool,
+                           device=next(self.block.experts.parameters()).device)
+        return torch.cat([(none if plan is None else plan.dropped).expand(end - start, experts)
+                          for plan, start, end in bounds])
 
     def _dropped_rows(self, step) -> torch.Tensor:
         """(rows, experts): each row's expert's dropped experts, in the step's row order (made
         once per step and block)."""
         made = step.__dict__.setdefault("_moe_dropped", {})
         if id(self) not in made:
-            experts, _ = routing_sizes(self.block)
-            none = torch.zeros(experts, dtype=torch.bool,
-                               device=next(self.block.experts.parameters()).device)
-            grouped = torch.cat([(none if self.plans[name] is None
-                                  else self.plans[name].dropped).expand(end - start, experts)
-                                 for name, start, end in step.bounds()])
-            made[id(self)] = step.ungrouped(grouped)
+            made[id(self)] = step.ungrouped(self._dropped_of(
+                [(self.plans[name], start, end) for name, start, end in step.bounds()]))
         return made[id(self)]
+
+
+def _in_vllm(plan: MoePlan | None) -> bool:
+    """Whether vLLM's fused experts serve a plan's rows (dense, or only dropping experts)."""
+    return plan is None or plan.routes_in_vllm
