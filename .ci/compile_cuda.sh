@@ -76,7 +76,7 @@ done
 
 # g++ syntax check of the torch bindings.
 for f in "${cpp_files[@]}"; do
-  if "${CXX}" -fsyntax-only -std=c++20 -DDOE_KERNELS_WITH_CUDA -Icsrc "${TORCH_INC_FLAGS[@]}" \
+  if "${CXX}" -fsyntax-only -std=c++17 -DDOE_KERNELS_WITH_CUDA -Icsrc "${TORCH_INC_FLAGS[@]}" \
       "-I${CUDA_INC}" "-I${PY_INC}" "${f}"; then
     echo "g++ OK      ${f} (syntax only, DOE_KERNELS_WITH_CUDA)"
   else

@@ -170,7 +170,9 @@ static inline float exp_f(float x) {
   y = y * x + 5.0000001201e-1f;
   y = y * (x * x) + x + 1.0f;
   const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
-  return y * std::bit_cast<float>(bits);
+  float scale;  // 2^n (std::bit_cast is C++20; torch 2.11 builds extensions as C++17)
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return y * scale;
 }
 
 static inline float gelu_erf_f(float x) {
