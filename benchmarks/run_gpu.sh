@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# One call on a lent GPU machine (the `device` tool): the compiled extension, the GPU tests and the
-# GPU benchmarks, with the logs, result files and plots packed into $OUT/gpu_run.tgz (the device
-# tool returns at most 8 files). Usage, from the repository root:
+# One run on a GPU machine under a wall-clock limit: the compiled extension, the GPU tests and the
+# GPU benchmarks, with the logs, result files and plots packed into one file, $OUT/gpu_run.tgz
+# (easy to copy back from a remote machine). Usage, from the repository root:
 #   DOE_BENCH_COMMIT=<commit> bash benchmarks/run_gpu.sh [PLAN] [pytest args for the benchmarks]
 # (the copied tree has no .git: DOE_BENCH_COMMIT puts the commit into the result files).
 # PLAN:
-#   budget (default)  fits one device call (give it timeout_s 560 and carry [".gpu_prebuilt",
-#                     ".gpu_assets"]):
+#   budget (default)  fits one run of 10 minutes (run it under a 560 s limit, with .gpu_prebuilt
+#                     and .gpu_assets copied beside the tree):
 #                     every stage is cut to what is left of BUDGET seconds (default 480): the GPU
 #                     tests (`-m gpu`, one xdist worker per core), the segmented FFN on
 #                     LLaMA-7B's shape at 5 x 1 and 5 x 3 rows (the cuda backend's segmented
