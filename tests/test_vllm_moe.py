@@ -21,7 +21,7 @@ from test_vllm import (_expected_mixed, _generate, _generate_mixed, _hf_generate
 pytestmark = pytest.mark.vllm
 
 
-def _tiny_mixtral(path) -> str:
+def _tiny_mixtral(path, vocab_size: int = 1024) -> str:
     """A random float32 Mixtral: 2 layers, hidden 128, 4 experts of 256 neurons (top 2), 4
     heads / 2 KV heads."""
     from transformers import MixtralConfig, MixtralForCausalLM
@@ -29,7 +29,8 @@ def _tiny_mixtral(path) -> str:
     torch.manual_seed(0)
     config = MixtralConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
-                           num_experts_per_tok=2, vocab_size=1024, max_position_embeddings=1024,
+                           num_experts_per_tok=2, vocab_size=vocab_size,
+                           max_position_embeddings=1024,
                            initializer_range=0.1, bos_token_id=1, eos_token_id=2,
                            tie_word_embeddings=False)
     MixtralForCausalLM(config).save_pretrained(path)

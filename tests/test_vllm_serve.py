@@ -4,7 +4,8 @@
 The server test starts SmolLM2-135M on a free localhost port (about a minute), plugs an expert with
 heads and neurons pruned, asks one completion, and checks it against doe_kernels.patch on the
 HuggingFace model; then a refused mask, the status command, and unplug. A server started with
-two API server processes fails at start-up, saying why. Marked `vllm`.
+two API server processes fails at start-up, saying why. A random Mixtral's server plugs and holds
+MoE experts (neurons inside the experts, skipping, dropped experts). Marked `vllm`.
 """
 import contextlib
 import json
@@ -132,16 +133,15 @@ def test_vllm_serve_with_several_api_servers_fails_at_start_up_naming_the_gate(t
             and "start it with --api-server-count 1" in output), output[-3000:]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    pytest.importorskip("vllm")
-    path = smollm2_dir()
+@contextlib.contextmanager
+def _serving(path: str, log_dir):
+    """`vllm serve` on `path` with the worker extension and the gate, on a free localhost port;
+    yields its URL."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     env = dict(os.environ, VLLM_SERVER_DEV_MODE="1", HF_HUB_OFFLINE="1",
                VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
-    log_path = tmp_path_factory.mktemp("serve") / "vllm_serve.log"
-    log = open(log_path, "w")
+    log_path = log_dir / "vllm_serve.log"
     # `vllm serve` itself, by its module: vllm-cpu's `vllm` command looks up a package named
     # vllm, which vllm-cpu is not, and fails (docs/vllm.md)
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", path,
@@ -149,13 +149,21 @@ def server(tmp_path_factory):
                "--dtype", "float32", "--enforce-eager", "--max-model-len", "512", "--seed", "0",
                "--worker-extension-cls", "doe_kernels.vllm.WorkerExtension",
                "--middleware", "doe_kernels.vllm.gate.ExpertGate"]
-    server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        _wait_healthy(url, server, log_path)
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            _wait_healthy(url, server, log_path)
+            yield url
+        finally:
+            _stop(server)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    pytest.importorskip("vllm")
+    path = smollm2_dir()
+    with _serving(path, tmp_path_factory.mktemp("serve")) as url:
         yield dict(url=url, model=path)
-    finally:
-        _stop(server)
-        log.close()
 
 
 @pytest.mark.vllm
@@ -240,3 +248,47 @@ def test_vllm_serve_mixed_requests_each_on_its_expert(server, tmp_path, capsys):
     http.remove(url, "b")
     assert http.experts(url) == [] and _complete(url, path, prompt) == expected[None]
 
+
+
+@pytest.mark.vllm
+def test_vllm_serve_plugs_and_mixes_mixtral_experts(tmp_path, capsys):
+    """A random Mixtral (SmolLM2's tokenizer) served over HTTP: an expert pruning neurons inside
+    the MoE experts, skipping small second experts and pruning heads plugged from a file, one
+    dropping whole experts held by name; concurrent requests on each equal the patched
+    HuggingFace model (dynamic skipping) with that expert alone; unplugged, the dense model."""
+    pytest.importorskip("vllm")
+    from concurrent.futures import ThreadPoolExecutor
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from doe_kernels.cli import main
+    from doe_kernels.vllm import http
+    from test_vllm_moe import _masks, _tiny_mixtral
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir())
+    path = _tiny_mixtral(tmp_path / "mixtral", vocab_size=len(tokenizer))
+    tokenizer.save_pretrained(path)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    first, _, third = _masks(doe_kernels.models.spec_of(hf))
+    prompt = torch.randint(100, 40000, (20,), generator=torch.Generator().manual_seed(2)).tolist()
+    expected = {None: _hf_greedy_text(hf, tokenizer, prompt)}
+    for name, mask in (("first", first), ("third", third)):
+        with doe_kernels.plugged(hf, mask, dynamic_skip=bool(mask.skip)):
+            expected[name] = _hf_greedy_text(hf, tokenizer, prompt)
+    assert len(set(expected.values())) == 3  # the checks below can tell them apart
+
+    with _serving(path, tmp_path) as url:
+        third.save(tmp_path / "third.safetensors")
+        assert main(["vllm-plug", "--url", url, str(tmp_path / "third.safetensors")]) == 0
+        http.add(url, "first", first)
+        capsys.readouterr()
+        names = ["first", None, "first", None]  # None: the plugged expert, "third"
+        with ThreadPoolExecutor(len(names)) as pool:
+            answers = list(pool.map(
+                lambda name: _complete(url, path, prompt, **({} if name is None
+                                                              else http.naming(name))), names))
+        assert answers == [expected[name or "third"] for name in names]
+        assert http.status(url)[0]["kept_experts"] == [3, 4]
+        http.remove(url, "first")
+        http.unplug(url)
+        assert _complete(url, path, prompt) == expected[None]
