@@ -144,13 +144,3 @@ def test_gradients_reach_every_weight():
     missing = [n for n, p in model.named_parameters() if p.grad is None]
     assert not missing, f"no gradient for {missing}"
 
-
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="the gather ops (gather_rows_linear, gather_cols_linear, "
-                          "gather_swiglu_ffn) have no autograd formula")
-@pytest.mark.parametrize("name", ["bert", "llama"])
-def test_gradients_with_a_pruned_mask(name):
-    model = _with_attention_dropout(name, 0.0).train()
-    ids, attention = inputs(name)
-    with dk.plugged(model, mixed_mask(model)):
-        _logits(model, ids, attention).square().sum().backward()

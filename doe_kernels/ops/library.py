@@ -7,7 +7,8 @@ with a column-gathered step take `scales` last (None: no scaling, and nothing ex
 kept column or neuron, which that step applies to its input. The public wrappers in linear.py and
 ffn.py check the arguments first; call those, not these, from user code. The patched modules,
 whose indices were checked once when the mask was plugged, call these directly; eager calls then
-skip the dispatcher too (`_direct`).
+skip the dispatcher too (`_direct`). The single-expert ops' gradients are registered by
+doe_kernels/ops/autograd.py (imported at the end of this module); the segmented ops have none.
 """
 import sys
 
@@ -458,3 +459,6 @@ def segmented_gather_swiglu_ffn(x, w_gate, w_up, w_down_t, segments, kept, kept_
     if _direct(x, w_gate, w_up, w_down_t, segments, kept, kept_offsets, scales):
         return _segmented_gather_swiglu_ffn(*args)
     return _segmented_gather_swiglu_ffn_op(*args)
+
+
+from doe_kernels.ops import autograd  # noqa: E402,F401  (the single-expert ops' gradients)

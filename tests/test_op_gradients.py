@@ -1,0 +1,144 @@
+"""Gradients of the single-expert gather ops (doe_kernels/ops/autograd.py) against autograd through
+the float64 references: every differentiable input (x, weights, biases, scales), on every backend
+and dtype, over odd shapes and empty, single, full and random index lists; and a patched model's
+gradients against the masked dense model's."""
+import pytest
+import torch
+
+import doe_kernels as dk
+from conftest import backend_cases
+from model_utils import build, inputs, masked_dense, mixed_mask
+from reference import (assert_close, cols_linear_ref, ffn_ref, index_list, rows_linear_ref,
+                       swiglu_ffn_ref)
+
+HIDDEN, INTERMEDIATE = 13, 19  # odd sizes: no tile divides them
+OPS = ("rows_linear", "cols_linear", "ffn", "swiglu_ffn")
+
+
+def _tensor(gen, *shape, dtype, device, fan=1.0):
+    t = torch.randn(*shape, generator=gen) / fan ** 0.5
+    return t.to(device, dtype).requires_grad_()
+
+
+def _case(op, kept, backend, dtype, device, gen, activation):
+    """(the op's output, its differentiable inputs by name, the float64 reference's function of
+    those inputs)."""
+    def make(*shape, fan=1.0):
+        return _tensor(gen, *shape, dtype=dtype, device=device, fan=fan)
+
+    x = make(2, 3, HIDDEN)
+    scales = (1 + 0.3 * torch.randn(kept.numel(), generator=gen)).to(device, dtype)
+    scales.requires_grad_()
+    if op == "rows_linear":
+        w, b = make(INTERMEDIATE, HIDDEN, fan=HIDDEN), make(INTERMEDIATE)
+        inputs = dict(x=x, weight=w, bias=b)
+        return (lambda x, weight, bias: dk.ops.gather_rows_linear(
+                    x, weight, bias, kept, activation, backend),
+                lambda x, weight, bias: rows_linear_ref(x, weight, bias, kept, activation), inputs)
+    if op == "cols_linear":
+        h = make(2, 3, kept.numel())
+        w_t, b = make(INTERMEDIATE, HIDDEN, fan=INTERMEDIATE), make(HIDDEN)
+        inputs = dict(h=h, weight_t=w_t, bias=b, scales=scales)
+        return (lambda h, weight_t, bias, scales: dk.ops.gather_cols_linear(
+                    h, weight_t, bias, kept, backend, scales=scales),
+                lambda h, weight_t, bias, scales: cols_linear_ref(h, weight_t, bias, kept, scales),
+                inputs)
+    w_out_t = make(INTERMEDIATE, HIDDEN, fan=INTERMEDIATE)
+    if op == "ffn":
+        w_in, b_in, b_out = make(INTERMEDIATE, HIDDEN, fan=HIDDEN), make(INTERMEDIATE), make(HIDDEN)
+        inputs = dict(x=x, w_in=w_in, b_in=b_in, w_out_t=w_out_t, b_out=b_out, scales=scales)
+        return (lambda x, w_in, b_in, w_out_t, b_out, scales: dk.ops.gather_ffn(
+                    x, w_in, b_in, w_out_t, b_out, kept, activation, backend, scales=scales),
+                lambda x, w_in, b_in, w_out_t, b_out, scales: ffn_ref(
+                    x, w_in, b_in, w_out_t, b_out, kept, activation, scales), inputs)
+    w_gate, w_up = make(INTERMEDIATE, HIDDEN, fan=HIDDEN), make(INTERMEDIATE, HIDDEN, fan=HIDDEN)
+    inputs = dict(x=x, w_gate=w_gate, w_up=w_up, w_down_t=w_out_t, scales=scales)
+    return (lambda x, w_gate, w_up, w_down_t, scales: dk.ops.gather_swiglu_ffn(
+                x, w_gate, w_up, w_down_t, kept, backend, scales=scales),
+            lambda x, w_gate, w_up, w_down_t, scales: swiglu_ffn_ref(
+                x, w_gate, w_up, w_down_t, kept, scales), inputs)
+
+
+def _check_gradients(op, kind, backend, dtype, device, activation, seed):
+    gen = torch.Generator().manual_seed(seed)
+    size = INTERMEDIATE
+    kept = index_list(kind, size, device=device, generator=gen)
+    call, reference, inputs = _case(op, kept, backend, dtype, device, gen, activation)
+    out = call(**inputs)
+    grad_out = torch.randn(out.shape, generator=gen).to(device, dtype)
+    grads = torch.autograd.grad(out, list(inputs.values()), grad_out, allow_unused=True)
+    ref_inputs = {k: v.detach().double().requires_grad_() for k, v in inputs.items()}
+    ref_out = reference(**ref_inputs)
+    ref_grads = torch.autograd.grad(ref_out, list(ref_inputs.values()), grad_out.double(),
+                                    allow_unused=True)
+    for name, got, want in zip(inputs, grads, ref_grads):
+        want = torch.zeros_like(ref_inputs[name]) if want is None else want
+        assert got is not None, f"{op} {kind}: no gradient for {name}"
+        assert got.dtype == inputs[name].dtype and got.shape == inputs[name].shape
+        assert_close(got, want, what=f"{op} {kind} {backend} {dtype}: d/d{name}")
+
+
+@pytest.mark.parametrize("device,backend,dtype", backend_cases(with_dtype=True))
+@pytest.mark.parametrize("kind", ["empty", "single", "full", "random"])
+@pytest.mark.parametrize("op", OPS)
+def test_gradients_match_the_float64_reference(device, backend, dtype, kind, op):
+    _check_gradients(op, kind, backend, dtype, device, "gelu", seed=OPS.index(op))
+
+
+@pytest.mark.parametrize("activation", ["identity", "gelu", "gelu_tanh", "relu"])
+@pytest.mark.parametrize("op", ["rows_linear", "ffn"])
+def test_gradients_through_every_activation(op, activation):
+    if op == "ffn" and activation == "identity":
+        pytest.skip("the BERT-style FFN has no identity activation")
+    _check_gradients(op, "random", "auto", torch.float32, "cpu", activation, seed=7)
+
+
+def _embedding_gradients(model, ids, attention, parameters):
+    """The gradients of the output's product with a fixed random tensor with respect to the input
+    embeddings and `parameters` (tensors)."""
+    embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
+    out = model(inputs_embeds=embeds, attention_mask=attention)
+    tensor = out.logits if hasattr(out, "logits") else out.last_hidden_state
+    if tensor.dim() == 3:  # padded positions left out
+        tensor = tensor * attention[..., None]
+    weights = torch.randn(tensor.shape, generator=torch.Generator().manual_seed(9))
+    return torch.autograd.grad((tensor * weights).sum(), [embeds] + list(parameters))
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("name", ["bert", "llama"])
+def test_a_patched_model_backpropagates_as_the_masked_dense_model(name, backend):
+    """Gradients of a patched model (neurons and heads pruned, a layer keeping no neuron, one
+    keeping no head, head and neuron scales, bias deltas) with respect to its input embeddings and
+    to the weights its gather ops read (the FFN's input projections, the attention's query, key
+    and value projections) equal those of the dense model with the pruned units zeroed."""
+    from test_bias_delta import with_deltas
+
+    model = build(name)
+    ids, attention = inputs(name)
+    spec = dk.models.spec_of(model)
+    gen = torch.Generator().manual_seed(4)
+    mask = with_deltas(model, mixed_mask(model, ffn_keep=0.4, heads_keep=0.5), scale=0.2)
+    mask = mask.with_scales(
+        ffn_scales={l: 1 + 0.2 * torch.randn(mask.ffn[l].numel(), generator=gen)
+                    for l in range(spec.num_layers)},
+        head_scales={l: 1 + 0.2 * torch.randn(mask.heads[l].numel(), generator=gen)
+                     for l in range(spec.num_layers)})
+    if name == "bert":
+        parameters = ["bert.encoder.layer.2.intermediate.dense.weight",
+                      "bert.encoder.layer.2.intermediate.dense.bias",
+                      "bert.encoder.layer.0.attention.self.query.weight",
+                      "bert.encoder.layer.0.attention.self.value.bias"]
+    else:
+        parameters = ["model.layers.2.mlp.gate_proj.weight", "model.layers.2.mlp.up_proj.weight",
+                      "model.layers.0.self_attn.q_proj.weight",
+                      "model.layers.0.self_attn.k_proj.weight"]
+    dense = masked_dense(model, mask)
+    expected = _embedding_gradients(dense, ids, attention,
+                                    [dense.get_parameter(name) for name in parameters])
+    read = [model.get_parameter(name) for name in parameters]  # the patched modules hold these
+    with dk.plugged(model, mask, backend=backend):
+        got = _embedding_gradients(model, ids, attention, read)
+    for what, g, want in zip(["embeddings"] + parameters, got, expected):
+        assert want.abs().max() > 0, what
+        torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-5, msg=what)
