@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import doe_kernels as dk
+from doe_kernels.ops import library
 from conftest import backend_cases
 from model_utils import build, inputs, masked_dense, mixed_mask
 from reference import (assert_close, cols_linear_ref, ffn_ref, index_list, rows_linear_ref,
@@ -142,3 +143,22 @@ def test_a_patched_model_backpropagates_as_the_masked_dense_model(name, backend)
     for what, g, want in zip(["embeddings"] + parameters, got, expected):
         assert want.abs().max() > 0, what
         torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-5, msg=what)
+
+
+@pytest.mark.parametrize("op", ["ffn", "swiglu_ffn"])
+def test_gradients_of_every_neuron_in_another_order(op):
+    """A full kept list in any order (the public wrappers take sorted lists; the patched modules
+    may pass any order) takes the ops' dense path; each scale stays with its entry."""
+    gen = torch.Generator().manual_seed(11)
+    kept = torch.randperm(INTERMEDIATE, generator=gen)
+    _, reference, inputs = _case(op, kept, "auto", torch.float32, "cpu", gen, "gelu")
+    out = (library.gather_ffn(*list(inputs.values())[:5], kept, "gelu", "auto", inputs["scales"])
+           if op == "ffn" else
+           library.gather_swiglu_ffn(*list(inputs.values())[:4], kept, "auto", inputs["scales"]))
+    grad_out = torch.randn(2, 3, HIDDEN, generator=gen)
+    grads = torch.autograd.grad(out, list(inputs.values()), grad_out)
+    ref_inputs = {k: v.detach().double().requires_grad_() for k, v in inputs.items()}
+    ref_grads = torch.autograd.grad(reference(**ref_inputs), list(ref_inputs.values()),
+                                    grad_out.double())
+    for name, got, want in zip(inputs, grads, ref_grads):
+        assert_close(got, want, what=f"{op} permuted: d/d{name}")
