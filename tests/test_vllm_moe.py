@@ -2,11 +2,13 @@
 neurons inside them and skip small second experts as doe_kernels.patch (with dynamic skipping) does
 on the HuggingFace model.
 
-A random float32 Mixtral (2 layers, 4 experts, top 2), eager and compiled at tensor-parallel size 1,
-eager and compiled at size 2: experts that drop whole experts (run by vLLM's fused experts), with heads (head
-scales, an attention bias delta), and one that also prunes neurons and skips (run by
-doe_kernels' own expert FFNs) plugged, swapped and unplugged; bad masks refused without a change;
-mixed-task batches of both kinds. Skipped without vLLM; marked `vllm`.
+A random float32 Mixtral (2 layers, 4 experts, top 2), eager and compiled at tensor-parallel sizes 1
+and 2: experts that drop whole experts (run by vLLM's fused experts), with heads (head scales, an
+attention bias delta), and one that also prunes neurons and skips (run by doe_kernels' own expert
+FFNs) plugged, swapped and unplugged; bad masks refused without a change; mixed-task batches of
+both kinds. Without an engine: MoE blocks recognised or refused, expert weights kept where vLLM
+leaves them in place, and a mixed step's rows reassembled in order. Skipped without vLLM; marked
+`vllm`.
 """
 import pytest
 import torch
