@@ -162,3 +162,24 @@ def test_gradients_of_every_neuron_in_another_order(op):
                                     grad_out.double())
     for name, got, want in zip(inputs, grads, ref_grads):
         assert_close(got, want, what=f"{op} permuted: d/d{name}")
+
+
+def test_compiled_backward_equals_eager():
+    """torch.compile traces the ops' gradients (fullgraph) and computes what eager autograd does."""
+    gen = torch.Generator().manual_seed(12)
+    kept = index_list("random", INTERMEDIATE, generator=gen)
+    x, w_gate, w_up = (_tensor(gen, *shape, dtype=torch.float32, device="cpu")
+                       for shape in ((4, HIDDEN), (INTERMEDIATE, HIDDEN), (INTERMEDIATE, HIDDEN)))
+    w_down_t = torch.randn(INTERMEDIATE, HIDDEN, generator=gen)
+
+    def loss(x, w_gate, w_up):
+        out = dk.ops.gather_swiglu_ffn(x, w_gate, w_up, w_down_t, kept, check_indices=False)
+        hidden = dk.ops.gather_rows_linear(x, w_gate, None, kept, "gelu", check_indices=False)
+        out = out + dk.ops.gather_cols_linear(hidden, w_up, None, kept, check_indices=False)
+        return out.square().sum()
+
+    eager = torch.autograd.grad(loss(x, w_gate, w_up), (x, w_gate, w_up))
+    compiled = torch.autograd.grad(torch.compile(loss, fullgraph=True)(x, w_gate, w_up),
+                                   (x, w_gate, w_up))
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)

@@ -5,7 +5,8 @@ layer), biases, scales, and the weights the ops read.
 The backward passes run on the same gather kernels as the forward passes, on the kept units only:
 x @ W[rows].T differentiates to grad @ W[rows], a column-gathered product over the same weight
 read input-major, and h @ W_t[cols] to grad @ W_t[cols].T, a row-gathered one. The pre-activations
-are recomputed (one more gathered product), not saved. A weight's gradient is dense-shaped, zero
+are recomputed (one more gathered product), not saved. The backward passes call the registered
+ops, so that torch.compile can trace them. A weight's gradient is dense-shaped, zero
 at the pruned rows. First-order only: the backward passes are not themselves differentiable.
 """
 import torch
@@ -35,12 +36,12 @@ def _at_rows(like: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> tor
 
 def _rows_product(x2d, weight, rows, backend):
     """x2d @ weight[rows].T (weight: rows x features)."""
-    return library._gather_rows_linear(x2d, weight, None, rows, "identity", backend)
+    return library._gather_rows_linear_op(x2d, weight, None, rows, "identity", backend)
 
 
 def _cols_product(h2d, weight, rows, backend):
     """h2d @ weight[rows] (h2d: one column per entry of `rows`)."""
-    return library._gather_cols_linear(h2d, weight, None, rows, backend)
+    return library._gather_cols_linear_op(h2d, weight, None, rows, backend)
 
 
 def _save(ctx, inputs, tensors: tuple, names: tuple) -> None:
@@ -71,7 +72,7 @@ def _rows_linear_backward(ctx, grad):
     x, weight, bias, rows = ctx.saved_tensors
     x2d, g = _flat(x), _flat(grad)
     if ctx.activation != "identity":
-        pre = library._gather_rows_linear(x2d, weight, bias, rows, "identity", ctx.backend)
+        pre = library._gather_rows_linear_op(x2d, weight, bias, rows, "identity", ctx.backend)
         g = _through_activation(pre, g, ctx.activation)
     gx = None
     if _needs(ctx, 0):
@@ -117,7 +118,7 @@ def _ffn_setup(ctx, inputs, output):
 def _ffn_backward(ctx, grad):
     x, w_in, b_in, w_out_t, b_out, kept, scales = ctx.saved_tensors
     x2d, g = _flat(x), _flat(grad)
-    pre = library._gather_rows_linear(x2d, w_in, b_in, kept, "identity", ctx.backend)
+    pre = library._gather_rows_linear_op(x2d, w_in, b_in, kept, "identity", ctx.backend)
     hidden = apply_activation(pre, ctx.activation)
     to_hidden, gw_out, gs = _down_backward(ctx, g, hidden, w_out_t, kept, scales)
     g_pre = _through_activation(pre, to_hidden, ctx.activation)
