@@ -183,3 +183,32 @@ def test_compiled_backward_equals_eager():
                                    (x, w_gate, w_up))
     for a, b in zip(eager, compiled):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_second_derivatives_are_refused():
+    """The backward passes are not differentiable themselves: create_graph=True raises rather
+    than give wrong second derivatives."""
+    gen = torch.Generator().manual_seed(13)
+    kept = index_list("random", INTERMEDIATE, generator=gen)
+    x = _tensor(gen, 4, HIDDEN, dtype=torch.float32, device="cpu")
+    w = _tensor(gen, INTERMEDIATE, HIDDEN, dtype=torch.float32, device="cpu")
+    out = dk.ops.gather_rows_linear(x, w, None, kept, "gelu").square().sum()
+    with pytest.raises(RuntimeError, match="create_graph=True"):
+        torch.autograd.grad(out, x, create_graph=True)
+
+
+@pytest.mark.parametrize("op", ["cols_linear", "ffn", "swiglu_ffn"])
+def test_gradients_without_scales(op):
+    """Scales left out (the op's trailing default): the other inputs' gradients."""
+    gen = torch.Generator().manual_seed(14)
+    kept = index_list("random", INTERMEDIATE, generator=gen)
+    call, reference, inputs = _case(op, kept, "auto", torch.float32, "cpu", gen, "relu")
+    inputs = {k: v for k, v in inputs.items() if k != "scales"}
+    ref_inputs = {k: v.detach().double().requires_grad_() for k, v in inputs.items()}
+    out = call(**inputs, scales=None)
+    grad_out = torch.randn(out.shape, generator=gen)
+    grads = torch.autograd.grad(out, list(inputs.values()), grad_out)
+    ref_grads = torch.autograd.grad(reference(**ref_inputs, scales=None),
+                                    list(ref_inputs.values()), grad_out.double())
+    for name, got, want in zip(inputs, grads, ref_grads):
+        assert_close(got, want, what=f"{op} without scales: d/d{name}")

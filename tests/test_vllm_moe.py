@@ -229,7 +229,7 @@ class _FusedExperts(torch.nn.Module):
 def test_mixed_moe_steps_give_each_row_its_own_experts_plan():
     """A step of five groups in an interleaved row order (two experts on doe_kernels' own experts,
     one that drops experts, the dense model, an empty group): every row equals its group run
-    alone on its plan (dense: vLLM's block)."""
+    alone on its plan (dense: vLLM's block); and a step whose own-routing expert has no rows."""
     from types import SimpleNamespace
 
     from doe_kernels.vllm.mixed import _STEP, layout_of
@@ -270,3 +270,11 @@ def test_mixed_moe_steps_give_each_row_its_own_experts_plan():
         torch.testing.assert_close(got[start:start + count], want, rtol=1e-12, atol=1e-12)
         start += count
     assert not torch.equal(plans["a"].forward(x[:3]), plans["b"].forward(x[:3]))
+    # a step whose only expert of its own routing has no rows this step: dense rows alone
+    _STEP[0] = layout_of(["a", None], [0, 3], 3)
+    try:
+        got = mixed.forward(x[:3])
+    finally:
+        _STEP[0] = None
+    torch.testing.assert_close(got, moe_forward(block, x[:3], torch.zeros(4, dtype=torch.bool)),
+                               rtol=1e-12, atol=1e-12)

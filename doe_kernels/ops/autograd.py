@@ -7,12 +7,20 @@ x @ W[rows].T differentiates to grad @ W[rows], a column-gathered product over t
 read input-major, and h @ W_t[cols] to grad @ W_t[cols].T, a row-gathered one. The pre-activations
 are recomputed (one more gathered product), not saved. The backward passes call the registered
 ops, so that torch.compile can trace them. A weight's gradient is dense-shaped, zero
-at the pruned rows. First-order only: the backward passes are not themselves differentiable.
+at the pruned rows. First order only: a backward with create_graph=True raises.
 """
 import torch
 
 from doe_kernels.activations import apply_activation
 from doe_kernels.ops import library
+
+
+def _first_order_only() -> None:
+    """The backward passes cut the graph at the recomputed pre-activations: refuse to build a
+    graph of them (create_graph=True) rather than give wrong second derivatives."""
+    if torch.is_grad_enabled():
+        raise RuntimeError("doe_kernels' gather ops are differentiable once: a backward with "
+                           "create_graph=True (second derivatives) through them is not supported")
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -69,6 +77,7 @@ def _rows_linear_setup(ctx, inputs, output):
 
 
 def _rows_linear_backward(ctx, grad):
+    _first_order_only()
     x, weight, bias, rows = ctx.saved_tensors
     x2d, g = _flat(x), _flat(grad)
     if ctx.activation != "identity":
@@ -88,6 +97,7 @@ def _cols_linear_setup(ctx, inputs, output):
 
 
 def _cols_linear_backward(ctx, grad):
+    _first_order_only()
     h, weight_t, bias, cols, scales = ctx.saved_tensors
     h2d, g = _flat(h), _flat(grad)
     to_h = _rows_product(g, weight_t, cols, ctx.backend)  # grad @ weight_t[cols].T
@@ -116,6 +126,7 @@ def _ffn_setup(ctx, inputs, output):
 
 
 def _ffn_backward(ctx, grad):
+    _first_order_only()
     x, w_in, b_in, w_out_t, b_out, kept, scales = ctx.saved_tensors
     x2d, g = _flat(x), _flat(grad)
     pre = library._gather_rows_linear_op(x2d, w_in, b_in, kept, "identity", ctx.backend)
@@ -138,6 +149,7 @@ def _swiglu_setup(ctx, inputs, output):
 
 
 def _swiglu_backward(ctx, grad):
+    _first_order_only()
     x, w_gate, w_up, w_down_t, kept, scales = ctx.saved_tensors
     x2d, g = _flat(x), _flat(grad)
     gate = _rows_product(x2d, w_gate, kept, ctx.backend)

@@ -174,15 +174,13 @@ class MixedMoe:
                   if end > start]
         in_vllm = [(plan, start, end) for plan, start, end in bounds if _in_vllm(plan)]
         own = [(plan, start, end) for plan, start, end in bounds if not _in_vllm(plan)]
-        outs = []
+        out = torch.empty_like(grouped)
         if in_vllm:
             rows = torch.cat([grouped[start:end] for _, start, end in in_vllm])
-            outs.append(moe_forward(self.block, rows, self._dropped_of(in_vllm)))
-        local = torch.cat([plan.rank_forward(grouped[start:end]) for plan, start, end in own])
-        outs.append(tensor_model_parallel_all_reduce(local) if self.reduce else local)
-        positions = torch.cat([torch.arange(start, end) for _, start, end in in_vllm + own])
-        out = torch.empty_like(grouped).index_copy_(0, positions.to(grouped.device),
-                                                    torch.cat(outs))
+            _put(out, in_vllm, moe_forward(self.block, rows, self._dropped_of(in_vllm)))
+        if own:  # the same on every rank (one layout per step), so the all-reduces pair up
+            local = torch.cat([plan.rank_forward(grouped[start:end]) for plan, start, end in own])
+            _put(out, own, tensor_model_parallel_all_reduce(local) if self.reduce else local)
         return step.ungrouped(out).view(x.shape)
 
     def _dropped_of(self, bounds) -> torch.Tensor:
@@ -202,6 +200,14 @@ class MixedMoe:
             made[id(self)] = step.ungrouped(self._dropped_of(
                 [(self.plans[name], start, end) for name, start, end in step.bounds()]))
         return made[id(self)]
+
+
+def _put(out: torch.Tensor, bounds: list, rows: torch.Tensor) -> None:
+    """Write `rows` (the rows of `bounds`, (plan, start, end) each, one after another) into out."""
+    offset = 0
+    for _, start, end in bounds:
+        out[start:end] = rows[offset:offset + end - start]
+        offset += end - start
 
 
 def _in_vllm(plan: MoePlan | None) -> bool:
