@@ -71,6 +71,17 @@ def _returned(ctx, *grads):
     return grads[:len(ctx.needs_input_grad)]
 
 
+def _up_backward(ctx, g, x, weight, bias, rows):
+    """The gradients of x, weight and bias (inputs 0, 1, 2) of x @ weight[rows].T + bias[rows]
+    from the gradient `g` (rows of x flattened x kept) reaching its output."""
+    gx = None
+    if _needs(ctx, 0):
+        gx = _cols_product(g, weight, rows, ctx.backend).reshape(x.shape)
+    gw = _at_rows(weight, rows, g.T @ _flat(x)) if _needs(ctx, 1) else None
+    gb = _at_rows(bias, rows, g.sum(0)) if _needs(ctx, 2) else None
+    return gx, gw, gb
+
+
 # gather_rows_linear(x, weight, bias, rows, activation, backend)
 def _rows_linear_setup(ctx, inputs, output):
     _save(ctx, inputs, (0, 1, 2, 3), ((4, "activation"), (5, "backend")))
@@ -83,12 +94,7 @@ def _rows_linear_backward(ctx, grad):
     if ctx.activation != "identity":
         pre = library._gather_rows_linear_op(x2d, weight, bias, rows, "identity", ctx.backend)
         g = _through_activation(pre, g, ctx.activation)
-    gx = None
-    if _needs(ctx, 0):
-        gx = _cols_product(g, weight, rows, ctx.backend).reshape(x.shape)
-    gw = _at_rows(weight, rows, g.T @ x2d) if _needs(ctx, 1) else None
-    gb = _at_rows(bias, rows, g.sum(0)) if _needs(ctx, 2) else None
-    return _returned(ctx, gx, gw, gb, None, None, None)
+    return _returned(ctx, *_up_backward(ctx, g, x, weight, bias, rows), None, None, None)
 
 
 # gather_cols_linear(h, weight_t, bias, cols, backend, scales)
@@ -133,11 +139,7 @@ def _ffn_backward(ctx, grad):
     hidden = apply_activation(pre, ctx.activation)
     to_hidden, gw_out, gs = _down_backward(ctx, g, hidden, w_out_t, kept, scales)
     g_pre = _through_activation(pre, to_hidden, ctx.activation)
-    gx = None
-    if _needs(ctx, 0):
-        gx = _cols_product(g_pre, w_in, kept, ctx.backend).reshape(x.shape)
-    gw_in = _at_rows(w_in, kept, g_pre.T @ x2d) if _needs(ctx, 1) else None
-    gb_in = _at_rows(b_in, kept, g_pre.sum(0)) if _needs(ctx, 2) else None
+    gx, gw_in, gb_in = _up_backward(ctx, g_pre, x, w_in, b_in, kept)
     gb_out = g.sum(0).to(b_out.dtype) if _needs(ctx, 4) else None
     return _returned(ctx, gx, gw_in, gb_in, gw_out, gb_out, None, None, None, gs)
 
