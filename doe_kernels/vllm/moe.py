@@ -154,6 +154,9 @@ class MixedMoe:
         self.plans = dict(plans)
         self.plans[None] = single
         self.reduce = block.experts.moe_config.tp_size > 1
+        experts, _ = routing_sizes(block)
+        self._none = torch.zeros(experts, dtype=torch.bool,
+                                 device=next(block.experts.parameters()).device)
 
     def forward(self, x):
         step = current_step()
@@ -186,10 +189,9 @@ class MixedMoe:
     def _dropped_of(self, bounds) -> torch.Tensor:
         """(rows, experts): the dropped experts of each row of `bounds` ((plan, start, end),
         plans that route in vLLM), in that order."""
-        experts, _ = routing_sizes(self.block)
-        none = torch.zeros(experts, dtype=torch.bool,
-                           device=next(self.block.experts.parameters()).device)
-        return torch.cat([(none if plan is None else plan.dropped).expand(end - start, experts)
+        experts = self._none.numel()
+        return torch.cat([(self._none if plan is None else plan.dropped).expand(end - start,
+                                                                                experts)
                           for plan, start, end in bounds])
 
     def _dropped_rows(self, step) -> torch.Tensor:
