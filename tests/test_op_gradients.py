@@ -106,37 +106,68 @@ def _embedding_gradients(model, ids, attention, parameters):
     return torch.autograd.grad((tensor * weights).sum(), [embeds] + list(parameters))
 
 
+def _scaled_mask(model):
+    """Neurons and heads pruned (a layer keeping no neuron, one keeping no head), head and
+    neuron scales, bias deltas."""
+    from test_bias_delta import with_deltas
+
+    spec = dk.models.spec_of(model)
+    gen = torch.Generator().manual_seed(4)
+    mask = with_deltas(model, mixed_mask(model, ffn_keep=0.4, heads_keep=0.5), scale=0.2)
+    return mask.with_scales(
+        ffn_scales={l: 1 + 0.2 * torch.randn(mask.ffn[l].numel(), generator=gen)
+                    for l in range(spec.num_layers)},
+        head_scales={l: 1 + 0.2 * torch.randn(mask.heads[l].numel(), generator=gen)
+                     for l in range(spec.num_layers)})
+
+
+def _output_weight_gradient(dense_grad, mask, spec, kind: str, layer: int):
+    """The gradient of a down (kind "ffn") or attention output ("heads") projection's weight in
+    the patched model from the masked-dense model's, whose kept columns hold the weight times
+    the mask's scales: those columns' gradient times the scales, zero at the pruned ones."""
+    if kind == "ffn":
+        cols, scales = mask.ffn[layer], mask.ffn_scales[layer]
+    else:
+        heads = mask.heads[layer]
+        cols = (heads[:, None] * spec.head_dim + torch.arange(spec.head_dim)).reshape(-1)
+        scales = mask.head_scales[layer].repeat_interleave(spec.head_dim)
+    expected = torch.zeros_like(dense_grad)
+    expected[:, cols] = dense_grad[:, cols] * scales.to(dense_grad.dtype)
+    return expected
+
+
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
 @pytest.mark.parametrize("name", ["bert", "llama"])
 def test_a_patched_model_backpropagates_as_the_masked_dense_model(name, backend):
     """Gradients of a patched model (neurons and heads pruned, a layer keeping no neuron, one
     keeping no head, head and neuron scales, bias deltas) with respect to its input embeddings and
-    to the weights its gather ops read (the FFN's input projections, the attention's query, key
-    and value projections) equal those of the dense model with the pruned units zeroed."""
-    from test_bias_delta import with_deltas
-
+    to its weights (the FFN's input and output projections, the attention's query, key, value and
+    output projections) equal those of the dense model with the pruned units zeroed."""
     model = build(name)
     ids, attention = inputs(name)
     spec = dk.models.spec_of(model)
-    gen = torch.Generator().manual_seed(4)
-    mask = with_deltas(model, mixed_mask(model, ffn_keep=0.4, heads_keep=0.5), scale=0.2)
-    mask = mask.with_scales(
-        ffn_scales={l: 1 + 0.2 * torch.randn(mask.ffn[l].numel(), generator=gen)
-                    for l in range(spec.num_layers)},
-        head_scales={l: 1 + 0.2 * torch.randn(mask.heads[l].numel(), generator=gen)
-                     for l in range(spec.num_layers)})
+    mask = _scaled_mask(model)
     if name == "bert":
         parameters = ["bert.encoder.layer.2.intermediate.dense.weight",
                       "bert.encoder.layer.2.intermediate.dense.bias",
                       "bert.encoder.layer.0.attention.self.query.weight",
-                      "bert.encoder.layer.0.attention.self.value.bias"]
+                      "bert.encoder.layer.0.attention.self.value.bias",
+                      "bert.encoder.layer.2.output.dense.bias"]
+        outputs = {"bert.encoder.layer.2.output.dense.weight": ("ffn", 2),
+                   "bert.encoder.layer.0.attention.output.dense.weight": ("heads", 0)}
     else:
         parameters = ["model.layers.2.mlp.gate_proj.weight", "model.layers.2.mlp.up_proj.weight",
                       "model.layers.0.self_attn.q_proj.weight",
                       "model.layers.0.self_attn.k_proj.weight"]
+        outputs = {"model.layers.2.mlp.down_proj.weight": ("ffn", 2),
+                   "model.layers.0.self_attn.o_proj.weight": ("heads", 0)}
+    parameters += list(outputs)
     dense = masked_dense(model, mask)
     expected = _embedding_gradients(dense, ids, attention,
                                     [dense.get_parameter(name) for name in parameters])
+    expected = [want if what not in outputs
+                else _output_weight_gradient(want, mask, spec, *outputs[what])
+                for what, want in zip(["embeddings"] + parameters, expected)]
     read = [model.get_parameter(name) for name in parameters]  # the patched modules hold these
     with dk.plugged(model, mask, backend=backend):
         got = _embedding_gradients(model, ids, attention, read)

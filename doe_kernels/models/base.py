@@ -64,7 +64,7 @@ def refuse_load_while_patched(module, *args) -> None:
 
 # Kept in a swapped-in module's __dict__ (module-level hooks read them: no reference cycles):
 _ORIGINAL = "_doe_original"  # the module it replaced
-_CONVERTED = "_doe_converted"  # [(original Parameter, name of the buffer holding it input-major)]
+_CONVERTED = "_doe_converted"  # [original Parameters laid out input-major in place]
 _KEEP_VARS = "_doe_keep_vars"  # the keep_vars of the state_dict call in progress
 
 
@@ -74,22 +74,24 @@ def _note_keep_vars(module, prefix: str, keep_vars: bool) -> None:
 
 def _original_state(module, state_dict, prefix: str, local_metadata) -> None:
     """State-dict post-hook of a swapped-in module: its entries become the original module's,
-    a converted weight as a contiguous copy in its original layout (a tensor, also under
-    keep_vars=True: its Parameter is empty while patched)."""
+    a weight laid out input-major as a contiguous copy in its original layout (under
+    keep_vars=True the Parameter itself, whose strides are transposed while patched)."""
     for key in [k for k in state_dict if k.startswith(prefix)]:
         del state_dict[key]
     metadata = getattr(state_dict, "_metadata", {})
     for key in [k for k in metadata if k.startswith(prefix)]:
         del metadata[key]
     original = module.__dict__[_ORIGINAL]
-    original.state_dict(destination=state_dict, prefix=prefix,
-                        keep_vars=module.__dict__.pop(_KEEP_VARS, False))
+    keep_vars = module.__dict__.pop(_KEEP_VARS, False)
+    original.state_dict(destination=state_dict, prefix=prefix, keep_vars=keep_vars)
+    if keep_vars:
+        return
     names = {}
     for name, param in original.named_parameters(remove_duplicate=False):
         names.setdefault(id(param), []).append(name)
     for holder in module.modules():
-        for weight, buffer in holder.__dict__.get(_CONVERTED, ()):
-            value = getattr(holder, buffer).detach().transpose(-2, -1).contiguous()
+        for weight in holder.__dict__.get(_CONVERTED, ()):
+            value = weight.detach().contiguous()
             for name in names.get(id(weight), ()):
                 state_dict[prefix + name] = value
 
@@ -100,8 +102,8 @@ class LayerPatch:
     def __init__(self, layer: nn.Module):
         self.layer = layer
         self.originals: dict[str, nn.Module] = {}
-        # (Parameter, module, buffer name): the Parameter's weight lives input-major in that buffer.
-        self.converted: list[tuple[nn.Parameter, nn.Module, str]] = []
+        # Parameters laid out input-major in place (lay_out_input_major), until restore
+        self.converted: list[nn.Parameter] = []
         self.ffn_modules: list[nn.Module] = []  # modules whose `kept` is the FFN index list
         self.head_modules: list[nn.Module] = []  # modules with set_selection(HeadSelection)
         self.head_cols: list[nn.Module] = []  # modules whose `kept` is the kept heads' columns
@@ -126,12 +128,15 @@ class LayerPatch:
         self.originals[path] = original
         set_submodule(self.layer, path, module)
 
-    def move_input_major(self, weight: nn.Parameter, make_module, buffer: str) -> nn.Module:
-        """`make_module(weight input-major)`; the Parameter is emptied until restore (one copy)."""
-        module = make_module(input_major(weight.detach()))
-        self.converted.append((weight, module, buffer))
-        module.__dict__.setdefault(_CONVERTED, []).append((weight, buffer))
-        weight.data = torch.empty(0, dtype=weight.dtype, device=weight.device)
+    def lay_out_input_major(self, weight: nn.Parameter, make_module) -> nn.Module:
+        """`make_module(weight)`, after laying the Parameter out input-major in place: its data
+        becomes the transpose of a contiguous (..., in, out) copy (same Parameter, shape and
+        values; one copy of the weight), so that the module reads `weight.transpose(-2, -1)`
+        (contiguous: `ops.linear.input_major_view`) and gradients still reach the Parameter."""
+        self.converted.append(weight)
+        weight.data = input_major(weight.detach()).transpose(-2, -1)
+        module = make_module(weight)
+        module.__dict__.setdefault(_CONVERTED, []).append(weight)
         return module
 
     def set(self, ffn_kept: torch.Tensor | None, heads: HeadSelection, moe=None,
@@ -167,8 +172,8 @@ class LayerPatch:
 
     def restore(self) -> None:
         """Put the original modules back and the converted weights in their original layout."""
-        for weight, module, buffer in self.converted:
-            weight.data = getattr(module, buffer).transpose(-2, -1).contiguous()
+        for weight in self.converted:
+            weight.data = weight.detach().contiguous()
         self.converted.clear()
         for path, module in self.originals.items():
             set_submodule(self.layer, path, module)

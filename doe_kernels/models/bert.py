@@ -91,8 +91,8 @@ def patch_layer(patch: LayerPatch, config, backend: str) -> None:
     patch.head_modules.append(attention)
 
     o_proj = layer.attention.output.dense
-    o_cols = patch.move_input_major(o_proj.weight, lambda w_t: KeptColsLinear(w_t, o_proj.bias, backend),
-                                    "weight_t")
+    o_cols = patch.lay_out_input_major(o_proj.weight,
+                                       lambda weight: KeptColsLinear(weight, o_proj.bias, backend))
     patch.replace("attention.output.dense", o_cols)
     patch.head_cols.append(o_cols)
     patch.attn_out.append(o_cols)
@@ -102,8 +102,8 @@ def patch_layer(patch: LayerPatch, config, backend: str) -> None:
     rows = KeptRowsLinear(up.weight, up.bias, HF_ACTIVATIONS[config.hidden_act], backend)
     patch.replace("intermediate", rows)
     down = layer.output.dense
-    cols = patch.move_input_major(down.weight, lambda w_t: KeptColsLinear(w_t, down.bias, backend),
-                                  "weight_t")
+    cols = patch.lay_out_input_major(down.weight,
+                                     lambda weight: KeptColsLinear(weight, down.bias, backend))
     patch.replace("output.dense", cols)
     patch.ffn_modules += [rows, cols]
     patch.ffn_out.append(cols)

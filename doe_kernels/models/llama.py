@@ -11,12 +11,14 @@ inside one generation. A mixed-task batch (doe_kernels.mixed) runs each segment 
 expert's heads and neurons, its KV cache holding every KV head (valid for that batch composition
 only).
 """
+import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from doe_kernels.models.base import LayerPatch, UnsupportedModelError, has_modules
 from doe_kernels.models.modules import GatherSwiGLUMLP, PrunedAttention, add_bias_delta
 from doe_kernels.models.segments import attention_forward, packed_rows, rows_of
 from doe_kernels.ops import attend, project_out
+from doe_kernels.ops.linear import input_major_view
 
 FAMILY = "llama"
 DESCRIPTION = "LLaMA family (LlamaForCausalLM, LlamaModel, Mistral, Qwen2)"
@@ -71,7 +73,7 @@ def check_attention(layer, sizes: dict) -> None:
 class PrunedLlamaAttention(PrunedAttention):
     """LlamaAttention on the kept heads; returns (output, None) as the original does."""
 
-    def __init__(self, original, o_weight_t, sizes, backend):
+    def __init__(self, original, sizes, backend):
         super().__init__(original.q_proj, original.k_proj, original.v_proj, sizes["num_heads"],
                          sizes["num_kv_heads"], sizes["head_dim"], original.scaling, backend,
                          getattr(original, "attention_dropout", 0.0))
@@ -81,10 +83,14 @@ class PrunedLlamaAttention(PrunedAttention):
         self.sliding_window = (original.sliding_window if hasattr(original, "sliding_window")
                                else getattr(getattr(original, "config", None), "sliding_window",
                                             None))
-        self.register_buffer("o_weight_t", o_weight_t, persistent=False)
-        self.o_bias = original.o_proj.bias
+        # o_proj's weight, laid out input-major while patched (LayerPatch.lay_out_input_major)
+        self.o_weight, self.o_bias = original.o_proj.weight, original.o_proj.bias
         self.register_buffer("bias_delta", None, persistent=False)  # the expert's, after o_proj
         self.register_buffer("scales", None, persistent=False)  # the expert's, of o_proj's inputs
+
+    @property
+    def o_weight_t(self) -> torch.Tensor:
+        return input_major_view(self.o_weight)
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None,
                 past_key_values=None, cache=None, **kwargs):
@@ -139,9 +145,8 @@ class PrunedLlamaAttention(PrunedAttention):
 def patch_attention(patch: LayerPatch, layer, sizes: dict, backend: str) -> None:
     """Replace `layer.self_attn` by PrunedLlamaAttention (o_proj held input-major)."""
     original = layer.self_attn
-    attention = patch.move_input_major(
-        original.o_proj.weight,
-        lambda o_weight_t: PrunedLlamaAttention(original, o_weight_t, sizes, backend), "o_weight_t")
+    attention = patch.lay_out_input_major(
+        original.o_proj.weight, lambda _: PrunedLlamaAttention(original, sizes, backend))
     patch.replace("self_attn", attention)
     patch.head_modules.append(attention)
     patch.attn_out.append(attention)
@@ -152,10 +157,9 @@ def patch_layer(patch: LayerPatch, config, backend: str) -> None:
     layer = patch.layer
     patch_attention(patch, layer, layer_sizes(layer, config), backend)
     mlp = layer.mlp
-    gathered = patch.move_input_major(
+    gathered = patch.lay_out_input_major(
         mlp.down_proj.weight,
-        lambda w_down_t: GatherSwiGLUMLP(mlp.gate_proj.weight, mlp.up_proj.weight, w_down_t, backend),
-        "w_down_t")
+        lambda w_down: GatherSwiGLUMLP(mlp.gate_proj.weight, mlp.up_proj.weight, w_down, backend))
     patch.replace("mlp", gathered)
     patch.ffn_modules.append(gathered)
     patch.ffn_out.append(gathered)

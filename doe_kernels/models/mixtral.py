@@ -58,12 +58,11 @@ def patch_layer(patch: LayerPatch, config, backend: str) -> None:
     sizes = layer_sizes(layer, config)
     llama.patch_attention(patch, layer, sizes, backend)
     mlp = layer.mlp
-    block = patch.move_input_major(
+    block = patch.lay_out_input_major(
         mlp.experts.down_proj,
-        lambda down_t: PrunedMoeBlock(mlp.gate, mlp.experts.gate_up_proj, down_t, sizes["top_k"],
-                                      normalize=True, backend=backend,
-                                      jitter_noise=getattr(mlp, "jitter_noise", 0.0)),
-        "down_t")
+        lambda down: PrunedMoeBlock(mlp.gate, mlp.experts.gate_up_proj, down, sizes["top_k"],
+                                    normalize=True, backend=backend,
+                                    jitter_noise=getattr(mlp, "jitter_noise", 0.0)))
     patch.replace("mlp", block)
     patch.ffn_modules.append(block)
     patch.moe_modules.append(block)

@@ -1,8 +1,10 @@
 """The modules a patched model runs: linear layers and an MLP that read only the kept neurons.
 
-They hold the model's own weight Parameters (no copies), except the down projections, which they
-hold input-major as non-persistent buffers (converted once at patch time; the original layout is
-restored at unpatch). Index tensors are non-persistent buffers too, so `model.to(...)` moves them.
+They hold the model's own weight Parameters (no copies); the down projections' are laid out
+input-major in place at patch time (the Parameter keeps its shape; its data becomes the transpose
+of a contiguous input-major tensor, which the modules read as `weight_t` / `w_down_t`; the
+original layout is restored at unpatch), so gradients reach them too. Index tensors are
+non-persistent buffers, so `model.to(...)` moves them.
 An expert swap only replaces their `kept` index tensors and the expert's reconstruction of a down
 or attention output projection: `bias_delta`, added to its output, and `scales`, one per kept
 input (aligned with `kept`), multiplying each kept input's contribution; both non-persistent
@@ -25,6 +27,7 @@ from torch import nn
 from doe_kernels.activations import apply_activation
 from doe_kernels.models.segments import ffn_forward, swiglu_forward
 from doe_kernels.ops import HeadSelection, library, project_qkv, scale_columns
+from doe_kernels.ops.linear import input_major_view
 
 
 def _kept_repr(kept, total: int) -> str:
@@ -79,16 +82,20 @@ class KeptRowsLinear(nn.Module):
 
 
 class KeptColsLinear(nn.Module):
-    """`x_kept @ W[:, kept].T + bias`, with W held input-major (`weight_t`, one row per input)."""
+    """`x_kept @ W[:, kept].T + bias`, with W (`weight`, out x in) laid out input-major
+    (`weight_t`, one row per input)."""
 
-    def __init__(self, weight_t, bias, backend: str = "auto"):
+    def __init__(self, weight, bias, backend: str = "auto"):
         super().__init__()
-        self.register_buffer("weight_t", weight_t, persistent=False)
-        self.bias, self.backend = bias, backend
+        self.weight, self.bias, self.backend = weight, bias, backend
         self.register_buffer("kept", None, persistent=False)
         self.register_buffer("bias_delta", None, persistent=False)
         self.register_buffer("scales", None, persistent=False)
         self.passthrough, self.segments = False, None
+
+    @property
+    def weight_t(self) -> torch.Tensor:
+        return input_major_view(self.weight)
 
     def run_up_projection_of(self, up: KeptRowsLinear) -> None:
         """Serve mixed batches as a whole FFN: `up` (the up projection, passed through then)
@@ -117,16 +124,20 @@ class KeptColsLinear(nn.Module):
 
 
 class GatherSwiGLUMLP(nn.Module):
-    """A LLaMA-style MLP (`down(silu(gate(x)) * up(x))`) on the kept neurons only."""
+    """A LLaMA-style MLP (`down(silu(gate(x)) * up(x))`) on the kept neurons only; the down
+    projection's weight (`w_down`) laid out input-major (`w_down_t`)."""
 
-    def __init__(self, w_gate, w_up, w_down_t, backend: str = "auto"):
+    def __init__(self, w_gate, w_up, w_down, backend: str = "auto"):
         super().__init__()
-        self.w_gate, self.w_up, self.backend = w_gate, w_up, backend
-        self.register_buffer("w_down_t", w_down_t, persistent=False)
+        self.w_gate, self.w_up, self.w_down, self.backend = w_gate, w_up, w_down, backend
         self.register_buffer("kept", None, persistent=False)
         self.register_buffer("bias_delta", None, persistent=False)
         self.register_buffer("scales", None, persistent=False)
         self.segments = None
+
+    @property
+    def w_down_t(self) -> torch.Tensor:
+        return input_major_view(self.w_down)
 
     def forward(self, x):
         if self.segments is not None:

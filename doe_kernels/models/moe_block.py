@@ -36,6 +36,7 @@ from torch import nn
 
 from doe_kernels.models.segments import over_rows
 from doe_kernels.ops import library
+from doe_kernels.ops.linear import input_major_view
 
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
@@ -137,17 +138,16 @@ class PrunedMoeBlock(nn.Module):
     """A Mixtral-style sparse MoE block routing among the kept experts (see the module docstring).
 
     Holds the model's router module (`gate`, called as the unpatched block calls it) and
-    `gate_up_proj` Parameter, and the down projection input-major as a non-persistent buffer.
+    `gate_up_proj` and `down_proj` Parameters, the latter laid out input-major (`down_t`).
     `kept` (FFN neurons inside every expert) and the routing plan are set by the patching layer;
     an expert swap changes only them. `jitter_noise`: the model's router jitter, applied to the
     block's input in training mode as Mixtral does.
     """
 
-    def __init__(self, gate, gate_up, down_t, top_k, normalize=True, backend="auto",
+    def __init__(self, gate, gate_up, down, top_k, normalize=True, backend="auto",
                  jitter_noise: float = 0.0):
         super().__init__()
-        self.gate, self.gate_up = gate, gate_up
-        self.register_buffer("down_t", down_t, persistent=False)
+        self.gate, self.gate_up, self.down = gate, gate_up, down
         self.top_k, self.normalize, self.backend = top_k, normalize, backend
         self.jitter_noise = jitter_noise
         self.register_buffer("kept", None, persistent=False)
@@ -158,6 +158,11 @@ class PrunedMoeBlock(nn.Module):
     def router_weight(self) -> torch.Tensor:
         """The router's weight (experts x hidden)."""
         return self.gate.weight
+
+    @property
+    def down_t(self) -> torch.Tensor:
+        """The experts' down projections input-major (experts x intermediate x hidden)."""
+        return input_major_view(self.down)
 
     def set_routing(self, plan: MoePlan | None) -> None:
         self.plan = plan or FULL_PLAN

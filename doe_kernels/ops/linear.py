@@ -25,6 +25,13 @@ def input_major(weight: torch.Tensor) -> torch.Tensor:
     return weight.transpose(-2, -1).contiguous()
 
 
+def input_major_view(weight: torch.Tensor) -> torch.Tensor:
+    """A weight whose data was laid out input-major in place (a patched model's output and down
+    projections) as the gather ops read it: (..., in, out), contiguous, and a view of the
+    Parameter, so that gradients reach it."""
+    return weight.transpose(-2, -1)
+
+
 def scale_columns(x: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
     """`x * scales` (one factor per feature of x, as the column-gathered op applies `scales`
     to its kept inputs), or `x` itself when there are none: the dense path of a patched layer
