@@ -21,9 +21,35 @@ def _tensor(gen, *shape, dtype, device, fan=1.0):
     return t.to(device, dtype).requires_grad_()
 
 
-def _case(op, kept, backend, dtype, device, gen, activation):
+class _Registered:
+    """The ops called as torch.ops.doe_kernels.* (their own backward passes, which recompute the
+    pre-activations; under autograd the public functions run the FFNs unfused), with dk.ops'
+    signatures."""
+
+    @staticmethod
+    def gather_rows_linear(x, weight, bias, rows, activation, backend):
+        return torch.ops.doe_kernels.gather_rows_linear(x, weight, bias, rows, activation, backend)
+
+    @staticmethod
+    def gather_cols_linear(h, weight_t, bias, cols, backend, scales=None):
+        return torch.ops.doe_kernels.gather_cols_linear(h, weight_t, bias, cols, backend, scales)
+
+    @staticmethod
+    def gather_ffn(x, w_in, b_in, w_out_t, b_out, kept, activation, backend, scales=None):
+        return torch.ops.doe_kernels.gather_ffn(x, w_in, b_in, w_out_t, b_out, kept, activation,
+                                                backend, scales)
+
+    @staticmethod
+    def gather_swiglu_ffn(x, w_gate, w_up, w_down_t, kept, backend, scales=None):
+        return torch.ops.doe_kernels.gather_swiglu_ffn(x, w_gate, w_up, w_down_t, kept, backend,
+                                                       scales)
+
+
+def _case(op, kept, backend, dtype, device, gen, activation, registered=False):
     """(the op's output, its differentiable inputs by name, the float64 reference's function of
-    those inputs)."""
+    those inputs); `registered`: call the registered op, not the public function."""
+    ops = _Registered if registered else dk.ops
+
     def make(*shape, fan=1.0):
         return _tensor(gen, *shape, dtype=dtype, device=device, fan=fan)
 
@@ -33,14 +59,14 @@ def _case(op, kept, backend, dtype, device, gen, activation):
     if op == "rows_linear":
         w, b = make(INTERMEDIATE, HIDDEN, fan=HIDDEN), make(INTERMEDIATE)
         inputs = dict(x=x, weight=w, bias=b)
-        return (lambda x, weight, bias: dk.ops.gather_rows_linear(
+        return (lambda x, weight, bias: ops.gather_rows_linear(
                     x, weight, bias, kept, activation, backend),
                 lambda x, weight, bias: rows_linear_ref(x, weight, bias, kept, activation), inputs)
     if op == "cols_linear":
         h = make(2, 3, kept.numel())
         w_t, b = make(INTERMEDIATE, HIDDEN, fan=INTERMEDIATE), make(HIDDEN)
         inputs = dict(h=h, weight_t=w_t, bias=b, scales=scales)
-        return (lambda h, weight_t, bias, scales: dk.ops.gather_cols_linear(
+        return (lambda h, weight_t, bias, scales: ops.gather_cols_linear(
                     h, weight_t, bias, kept, backend, scales=scales),
                 lambda h, weight_t, bias, scales: cols_linear_ref(h, weight_t, bias, kept, scales),
                 inputs)
@@ -48,23 +74,23 @@ def _case(op, kept, backend, dtype, device, gen, activation):
     if op == "ffn":
         w_in, b_in, b_out = make(INTERMEDIATE, HIDDEN, fan=HIDDEN), make(INTERMEDIATE), make(HIDDEN)
         inputs = dict(x=x, w_in=w_in, b_in=b_in, w_out_t=w_out_t, b_out=b_out, scales=scales)
-        return (lambda x, w_in, b_in, w_out_t, b_out, scales: dk.ops.gather_ffn(
+        return (lambda x, w_in, b_in, w_out_t, b_out, scales: ops.gather_ffn(
                     x, w_in, b_in, w_out_t, b_out, kept, activation, backend, scales=scales),
                 lambda x, w_in, b_in, w_out_t, b_out, scales: ffn_ref(
                     x, w_in, b_in, w_out_t, b_out, kept, activation, scales), inputs)
     w_gate, w_up = make(INTERMEDIATE, HIDDEN, fan=HIDDEN), make(INTERMEDIATE, HIDDEN, fan=HIDDEN)
     inputs = dict(x=x, w_gate=w_gate, w_up=w_up, w_down_t=w_out_t, scales=scales)
-    return (lambda x, w_gate, w_up, w_down_t, scales: dk.ops.gather_swiglu_ffn(
+    return (lambda x, w_gate, w_up, w_down_t, scales: ops.gather_swiglu_ffn(
                 x, w_gate, w_up, w_down_t, kept, backend, scales=scales),
             lambda x, w_gate, w_up, w_down_t, scales: swiglu_ffn_ref(
                 x, w_gate, w_up, w_down_t, kept, scales), inputs)
 
 
-def _check_gradients(op, kind, backend, dtype, device, activation, seed):
+def _check_gradients(op, kind, backend, dtype, device, activation, seed, registered=False):
     gen = torch.Generator().manual_seed(seed)
     size = INTERMEDIATE
     kept = index_list(kind, size, device=device, generator=gen)
-    call, reference, inputs = _case(op, kept, backend, dtype, device, gen, activation)
+    call, reference, inputs = _case(op, kept, backend, dtype, device, gen, activation, registered)
     out = call(**inputs)
     grad_out = torch.randn(out.shape, generator=gen).to(device, dtype)
     grads = torch.autograd.grad(out, list(inputs.values()), grad_out, allow_unused=True)
@@ -79,19 +105,22 @@ def _check_gradients(op, kind, backend, dtype, device, activation, seed):
         assert_close(got, want, what=f"{op} {kind} {backend} {dtype}: d/d{name}")
 
 
+@pytest.mark.parametrize("registered", [False, True], ids=["public", "registered"])
 @pytest.mark.parametrize("device,backend,dtype", backend_cases(with_dtype=True))
 @pytest.mark.parametrize("kind", ["empty", "single", "full", "random"])
 @pytest.mark.parametrize("op", OPS)
-def test_gradients_match_the_float64_reference(device, backend, dtype, kind, op):
-    _check_gradients(op, kind, backend, dtype, device, "gelu", seed=OPS.index(op))
+def test_gradients_match_the_float64_reference(device, backend, dtype, kind, op, registered):
+    """Through the public functions (unfused under autograd) and the registered ops."""
+    _check_gradients(op, kind, backend, dtype, device, "gelu", OPS.index(op), registered)
 
 
+@pytest.mark.parametrize("registered", [False, True], ids=["public", "registered"])
 @pytest.mark.parametrize("activation", ["identity", "gelu", "gelu_tanh", "relu"])
 @pytest.mark.parametrize("op", ["rows_linear", "ffn"])
-def test_gradients_through_every_activation(op, activation):
+def test_gradients_through_every_activation(op, activation, registered):
     if op == "ffn" and activation == "identity":
         pytest.skip("the BERT-style FFN has no identity activation")
-    _check_gradients(op, "random", "auto", torch.float32, "cpu", activation, seed=7)
+    _check_gradients(op, "random", "auto", torch.float32, "cpu", activation, 7, registered)
 
 
 def _embedding_gradients(model, ids, attention, parameters):
@@ -243,3 +272,22 @@ def test_gradients_without_scales(op):
                                     list(ref_inputs.values()), grad_out.double())
     for name, got, want in zip(inputs, grads, ref_grads):
         assert_close(got, want, what=f"{op} without scales: d/d{name}")
+
+
+@pytest.mark.parametrize("op", ["rows_linear", "ffn", "swiglu_ffn"])
+def test_public_functions_keep_the_activation_input_under_autograd(op):
+    """Recorded by autograd, the public functions run the activation in torch (which keeps its
+    input for the backward) after the row-gathered op, rather than the fused op, whose backward
+    recomputes the pre-activations."""
+    gen = torch.Generator().manual_seed(15)
+    kept = index_list("random", INTERMEDIATE, generator=gen)
+    call, _, inputs = _case(op, kept, "auto", torch.float32, "cpu", gen, "gelu")
+    graph = call(**inputs).grad_fn
+    names = []
+    while graph is not None:
+        names.append(graph.name())
+        graph = next((f for f, _ in graph.next_functions if f is not None
+                      and "AccumulateGrad" not in f.name()), None)
+    assert not any(f"gather_{op}_default" in name for name in names if op != "rows_linear"), names
+    assert any(name.startswith(("Gelu", "Mul")) for name in names), names
+    assert any("gather_rows_linear" in name for name in names), names

@@ -5,8 +5,10 @@ layer), biases, scales, and the weights the ops read.
 The backward passes run on the same gather kernels as the forward passes, on the kept units only:
 x @ W[rows].T differentiates to grad @ W[rows], a column-gathered product over the same weight
 read input-major, and h @ W_t[cols] to grad @ W_t[cols].T, a row-gathered one. The pre-activations
-are recomputed (one more gathered product), not saved. The backward passes call the registered
-ops, so that torch.compile can trace them. A weight's gradient is dense-shaped, zero
+are recomputed (one more gathered product), not saved: when autograd records a call, the public
+functions (ops/library.py) therefore run the FFNs unfused, the activation in torch, and these
+passes serve the fused ops called as torch.ops.doe_kernels.*. The backward passes call the
+registered ops, so that torch.compile can trace them. A weight's gradient is dense-shaped, zero
 at the pruned rows. First order only: a backward with create_graph=True raises.
 """
 import torch

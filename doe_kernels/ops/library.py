@@ -181,9 +181,22 @@ def _(x, w_gate, w_up, w_down_t, kept, backend, scales=None):
     return x.new_empty(*x.shape[:-1], w_down_t.shape[1])
 
 
+def _records_grad(*tensors) -> bool:
+    """Whether autograd records the call: grad mode on and an input that requires a gradient."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+# A call that autograd records (training) runs the FFNs unfused: the kept neurons'
+# pre-activations come from the row-gathered op and the activation from torch, which keeps its
+# input for the backward pass. The fused ops' own backward passes (ops/autograd.py, for callers
+# of torch.ops.doe_kernels.*) recompute those pre-activations instead: one more gathered product
+# per input projection (docs/results.md, "Training a patched model").
 def gather_rows_linear(x, weight, bias, rows, activation: str, backend: str):
     if _direct(x, weight, bias, rows):
         return _gather_rows_linear(x, weight, bias, rows, activation, backend)
+    if activation != "identity" and _records_grad(x, weight, bias):
+        pre = _gather_rows_linear_op(x, weight, bias, rows, "identity", backend)
+        return apply_activation(pre, activation)
     return _gather_rows_linear_op(x, weight, bias, rows, activation, backend)
 
 
@@ -196,12 +209,19 @@ def gather_cols_linear(h, weight_t, bias, cols, backend: str, scales=None):
 def gather_ffn(x, w_in, b_in, w_out_t, b_out, kept, activation: str, backend: str, scales=None):
     if _direct(x, w_in, b_in, w_out_t, b_out, kept, scales):
         return _gather_ffn(x, w_in, b_in, w_out_t, b_out, kept, activation, backend, scales)
+    if _records_grad(x, w_in, b_in, w_out_t, b_out, scales):
+        hidden = gather_rows_linear(x, w_in, b_in, kept, activation, backend)
+        return _gather_cols_linear_op(hidden, w_out_t, b_out, kept, backend, scales)
     return _gather_ffn_op(x, w_in, b_in, w_out_t, b_out, kept, activation, backend, scales)
 
 
 def gather_swiglu_ffn(x, w_gate, w_up, w_down_t, kept, backend: str, scales=None):
     if _direct(x, w_gate, w_up, w_down_t, kept, scales):
         return _gather_swiglu_ffn(x, w_gate, w_up, w_down_t, kept, backend, scales)
+    if _records_grad(x, w_gate, w_up, w_down_t, scales):
+        gate = _gather_rows_linear_op(x, w_gate, None, kept, "identity", backend)
+        up = _gather_rows_linear_op(x, w_up, None, kept, "identity", backend)
+        return _gather_cols_linear_op(F.silu(gate) * up, w_down_t, None, kept, backend, scales)
     return _gather_swiglu_ffn_op(x, w_gate, w_up, w_down_t, kept, backend, scales)
 
 
