@@ -15,7 +15,9 @@ pass, and drops the gradients. Models are random-init, train mode without dropou
 Variants: `dense` (the unpatched model, measured once per case and recorded under every rate),
 `sliced` (test_model_bench's physically pruned copy, its sliced weights trainable in `-weights`)
 and `patched-<backend>` (`doe_kernels.patch`, unpatched afterwards). Masks: `ExpertMask.random`
-with 1 - p of the neurons and heads kept.
+with 1 - p of the neurons and heads kept. Before `sliced` is timed, its step's input gradient is
+compared with the model's patched on the `torch` backend, so the baseline is checked to train the
+expert.
 """
 import functools
 
@@ -26,6 +28,8 @@ from transformers import BertConfig, BertForSequenceClassification, LlamaConfig,
 import doe_kernels as dk
 from conftest import bench_device, measure, sweep_mode
 from test_model_bench import _sliced_model
+
+CHECK_TOLERANCE = 1e-4  # relative (Frobenius) difference of the input gradients, float32
 
 QUICK_RATES = (0.35, 0.65)
 GRADS = ("inputs", "weights")
@@ -100,6 +104,15 @@ class Step:
         return embeds.grad
 
 
+def _check_sliced(model, mask, shape: str, grads: str, sliced_step) -> None:
+    """The sliced copy trains the expert: its input gradient is the patched model's."""
+    got = sliced_step()
+    with dk.plugged(model, mask, backend="torch"):
+        want = Step(model, shape, grads)()
+    error = float((got - want).norm() / want.norm().clamp_min(1e-30))
+    assert error < CHECK_TOLERANCE, f"the sliced model's gradient differs: {error:.2e}"
+
+
 def test_train_step(benchmark, recorder, request, train_case):
     shape, grads, rates, variant = train_case
     device = bench_device(request.config)
@@ -115,6 +128,8 @@ def test_train_step(benchmark, recorder, request, train_case):
             timed, patched = dk.patch(model, mask, backend=variant.removeprefix("patched-")), True
     try:
         step = Step(timed, shape, grads)
+        if variant == "sliced":
+            _check_sliced(model, mask, shape, grads, step)
         step()  # warm-up
         seconds = measure(benchmark, step, request.config)
     finally:
