@@ -4,8 +4,10 @@ import types
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import doe_kernels as dk
+from doe_kernels.ops import library
 from conftest import backend_cases
 from reference import assert_close, ffn_ref, swiglu_ffn_ref
 
@@ -752,3 +754,87 @@ def test_opcheck_segmented_ops(device, backend, scaled):
     torch.library.opcheck(ops.segmented_gather_swiglu_ffn.default, (
         x, w["w_in"], w["w_up"], w["w_out_t"], segments, kept, offsets, backend, packed,
         "segments"))
+
+
+def _gradients(out_fn, inputs: dict, grad_out):
+    """{name: gradient of sum(out_fn(**inputs) * grad_out)} (zeros where an input took none)."""
+    grads = torch.autograd.grad(out_fn(**inputs), list(inputs.values()), grad_out,
+                                allow_unused=True)
+    return {name: torch.zeros_like(value) if g is None else g
+            for (name, value), g in zip(inputs.items(), grads)}
+
+
+def _masked_ffn(op, x, kept, scales, w):
+    """The segment's FFN as dense PyTorch ops in x's dtype, its pruned neurons masked out (the
+    reference's formula without the float64 casts)."""
+    mask = x.new_zeros(w["w_in"].shape[0]).index_put((kept,), scales)
+    if op == "ffn":
+        hidden = F.gelu(x @ w["w_in"].T + w["b_in"]) * mask
+        return hidden @ w["w_out_t"] + w["b_out"]
+    return F.silu(x @ w["w_in"].T) * (x @ w["w_up"].T) * mask @ w["w_out_t"]
+
+
+@pytest.mark.parametrize("device,backend,dtype", backend_cases(with_dtype=True))
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("op", ["ffn", "swiglu_ffn"])
+def test_segmented_ffns_backpropagate_as_each_segment_alone(device, backend, dtype, seed, op):
+    """Under autograd the segmented FFNs (every segment through the differentiable single-expert
+    ops, whatever the strategy) and their union path (library.union_gather_*: the union's
+    gathers, masked per row) give x, the weights, the biases and the scales the gradients of
+    the float64 reference run per segment."""
+    rows, lists, scales = _random_layout(seed, device)
+    gen = torch.Generator().manual_seed(200 + seed)
+    w = _weights(dtype, device, gen)
+    segments, kept, kept_offsets, packed = dk.pack_segments(rows, lists, scales, device=device)
+    x = torch.randn(sum(rows), HIDDEN, generator=gen).to(device, dtype)
+    grad_out = torch.randn(sum(rows), HIDDEN, generator=gen).to(device, dtype)
+    names = ("w_in", "b_in", "w_out_t", "b_out") if op == "ffn" else ("w_in", "w_up", "w_out_t")
+    inputs = dict(x=x, **{n: w[n] for n in names}, scales=packed.to(device, dtype))
+    inputs = {k: v.detach().requires_grad_() for k, v in inputs.items()}
+    lists = [k.to(device) for k in lists]
+
+    def per_segment(run):
+        def call(x, scales, **w):
+            parts = torch.split(scales, [k.numel() for k in lists])
+            return _per_segment(rows, lists, parts, x, lambda xs, k, s: run(xs, k, s, w))
+        return call
+
+    def reference(xs, k, s, w):
+        if op == "ffn":
+            return ffn_ref(xs, w["w_in"], w["b_in"], w["w_out_t"], w["b_out"], k, "gelu", s)
+        return swiglu_ffn_ref(xs, w["w_in"], w["w_up"], w["w_out_t"], k, s)
+
+    def segmented(x, scales, strategy, **w):
+        if op == "ffn":
+            return dk.segmented_gather_ffn(x, w["w_in"], w["b_in"], w["w_out_t"], w["b_out"],
+                                           segments, kept, kept_offsets, "gelu", backend=backend,
+                                           scales=scales, strategy=strategy)
+        return dk.segmented_gather_swiglu_ffn(x, w["w_in"], w["w_up"], w["w_out_t"], segments,
+                                              kept, kept_offsets, backend=backend,
+                                              scales=scales, strategy=strategy)
+
+    def union_path(x, scales, **w):  # the row mask holds the scales: no gradient reaches them
+        plan = library.union_plan(x, segments, kept, kept_offsets, scales.detach(), "union")
+        if plan is None:  # no segment with rows keeps a neuron
+            return segmented(x, scales, "segments", **w)
+        if op == "ffn":
+            return library.union_gather_ffn(x, w["w_in"], w["b_in"], w["w_out_t"], w["b_out"],
+                                            *plan, "gelu", backend)
+        return library.union_gather_swiglu_ffn(x, w["w_in"], w["w_up"], w["w_out_t"], *plan,
+                                               backend)
+
+    doubled = {k: v.detach().double().requires_grad_() for k, v in inputs.items()}
+    want = _gradients(per_segment(reference), doubled, grad_out.double())
+    dense = (None if dtype == torch.float32 else  # PyTorch's own rounding in the dtype
+             _gradients(per_segment(lambda xs, k, s, w: _masked_ffn(op, xs, k, s, w)), inputs,
+                        grad_out))
+    for what, run in (("segments", lambda **a: segmented(**a, strategy="segments")),
+                      ("auto", lambda **a: segmented(**a, strategy="auto")),
+                      ("union path", union_path)):
+        got = _gradients(run, inputs, grad_out)
+        for name in inputs:
+            if what == "union path" and name == "scales":
+                continue
+            assert got[name].dtype == inputs[name].dtype
+            assert_close(got[name], want[name], None if dense is None else dense[name],
+                         f"{op} {what} {rows}: d/d{name}")

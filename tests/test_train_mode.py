@@ -16,6 +16,7 @@ from transformers import (
 
 import doe_kernels as dk
 import model_utils
+from doe_kernels.ops import library
 from model_utils import CAUSAL, inputs, masked_dense, mixed_mask
 from moe_utils import mixtral
 
@@ -181,3 +182,72 @@ def test_an_optimizer_trains_a_patched_model_as_the_unpatched_one(name):
         scale = max(1.0, value.abs().max().item())
         for got in (patched[key], after[key]):
             torch.testing.assert_close(got, value, rtol=1e-4, atol=1e-5 * scale, msg=key)
+
+
+def _mixed_masks(model, name, count):
+    """Masks of several kinds (a layer keeping nothing or everything, scales, bias deltas, the
+    whole model); a Mixtral's drop experts, neurons inside them and heads."""
+    from test_mixed import expert_masks
+
+    if name != "mixtral":
+        return expert_masks(model, count, seed=3)
+    return [dk.ExpertMask.random(model, ffn_keep=0.5, heads_keep=0.5, experts_keep=0.5, seed=s)
+            for s in range(count - 1)] + [None]
+
+
+def _weighted_gradients(model, ids, attention, weights):
+    """Gradients of sum(output * weights) with respect to the input embeddings and every
+    Parameter (keyed by the Parameter; None where it took none)."""
+    params = list(model.parameters())
+    embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
+    out = model(inputs_embeds=embeds, attention_mask=attention)
+    tensor = out.logits if hasattr(out, "logits") else out.last_hidden_state
+    if tensor.dim() == 3:
+        tensor = tensor * attention[..., None]
+    grads = torch.autograd.grad((tensor * weights).sum(), [embeds, *params], allow_unused=True)
+    return grads[0], dict(zip(params, grads[1:]))
+
+
+@pytest.mark.parametrize("tokens", [9, 1], ids=["segments", "union"])
+@pytest.mark.parametrize("name", ["bert", "llama", "mixtral"])
+def test_a_mixed_batch_backpropagates_as_each_sequence_alone(name, tokens, monkeypatch):
+    """Backward through a mixed batch (dk.mixed; at one token per sequence the FFNs take the
+    union of the experts' neurons) gives each sequence's input embeddings, and every Parameter
+    the sum over the sequences of, what each sequence run alone on its expert gives."""
+    model = _model_of(name)
+    ids, attention = inputs("bert" if name == "bert" else "llama", batch=6, seed=4)
+    ids, attention = ids[:, :tokens], attention[:, :tokens].clone().fill_(1)
+    attention[1, :max(0, tokens - 5)] = 0  # padding, where there are tokens to spare
+    masks = _mixed_masks(model, name, 4)
+    rows = [masks[b % len(masks)] for b in (0, 1, 1, 2, 3, 0)]
+    names = {p: n for n, p in model.named_parameters()}
+    probe = model(input_ids=ids, attention_mask=attention)
+    shape = (probe.logits if hasattr(probe, "logits") else probe.last_hidden_state).shape
+    weights = torch.randn(shape, generator=torch.Generator().manual_seed(5))
+    paths = []  # the segmented FFN ops called: "segmented" or "union"
+    for op in ("segmented_gather_ffn", "segmented_gather_swiglu_ffn", "union_gather_ffn",
+               "union_gather_swiglu_ffn"):
+        monkeypatch.setattr(library, op, lambda *a, op=op, run=getattr(library, op), **k:
+                            paths.append(op.split("_")[0]) or run(*a, **k))
+    with dk.mixed(model, rows):
+        got_embeds, got = _weighted_gradients(model, ids, attention, weights)
+    if name != "mixtral":  # (a Mixtral's MoE blocks run neither)
+        assert (set(paths) == {"union"}) if tokens == 1 else ("segmented" in paths), paths
+    want_embeds, want = [], {}
+    for b, mask in enumerate(rows):
+        with dk.plugged(model, mask or dk.ExpertMask()):
+            embeds, grads = _weighted_gradients(model, ids[b:b + 1], attention[b:b + 1],
+                                                weights[b:b + 1])
+        want_embeds.append(embeds)
+        for param, grad in grads.items():
+            if grad is not None:
+                want[param] = want[param] + grad if param in want else grad
+    torch.testing.assert_close(got_embeds, torch.cat(want_embeds), rtol=1e-4, atol=1e-5)
+    for param, grad in got.items():
+        if param not in want:
+            assert grad is None or not grad.any(), names[param]
+            continue
+        scale = max(1.0, want[param].abs().max().item())
+        torch.testing.assert_close(grad, want[param], rtol=1e-4, atol=1e-5 * scale,
+                                   msg=names[param])
+    assert len(want) > len(got) // 2

@@ -417,7 +417,11 @@ def _segmented_gather_ffn(
 def union_gather_ffn(x, w_in, b_in, w_out_t, b_out, union, row_mask, activation: str,
                      backend: str):
     """The union path of segmented_gather_ffn (x 2-D): the union's rows gathered once, each row's
-    hidden activations multiplied by its row of `row_mask`."""
+    hidden activations multiplied by its row of `row_mask` (through the differentiable public
+    ops when autograd records the call)."""
+    if _records_grad(x, w_in, b_in, w_out_t, b_out):
+        hidden = gather_rows_linear(x, w_in, b_in, union, activation, backend) * row_mask
+        return gather_cols_linear(hidden, w_out_t, b_out, union, backend)
     module, x2d = _run(x, backend)
     w_in, b_in, w_out_t, b_out = _contiguous(w_in, b_in, w_out_t, b_out)
     hidden = module.gather_rows_linear(x2d, w_in, b_in, union, activation) * row_mask
@@ -448,6 +452,10 @@ def _segmented_gather_swiglu_ffn(
 
 def union_gather_swiglu_ffn(x, w_gate, w_up, w_down_t, union, row_mask, backend: str):
     """The union path of segmented_gather_swiglu_ffn (union_gather_ffn's, for SwiGLU)."""
+    if _records_grad(x, w_gate, w_up, w_down_t):
+        gate = gather_rows_linear(x, w_gate, None, union, "identity", backend)
+        up = gather_rows_linear(x, w_up, None, union, "identity", backend)
+        return gather_cols_linear(F.silu(gate) * up * row_mask, w_down_t, None, union, backend)
     module, x2d = _run(x, backend)
     w_gate, w_up, w_down_t = _contiguous(w_gate, w_up, w_down_t)
     hidden = module.gather_swiglu(x2d, w_gate, w_up, union) * row_mask
@@ -470,6 +478,10 @@ def segmented_gather_ffn(x, w_in, b_in, w_out_t, b_out, segments, kept, kept_off
             scales, strategy)
     if _direct(x, w_in, b_in, w_out_t, b_out, segments, kept, kept_offsets, scales):
         return _segmented_gather_ffn(*args)
+    if _records_grad(x, w_in, b_in, w_out_t, b_out, scales):
+        return _per_segment(x, w_out_t.shape[1], segments, kept, kept_offsets, scales,
+                            lambda rows, k, s: gather_ffn(rows, w_in, b_in, w_out_t, b_out, k,
+                                                          activation, backend, s))
     return _segmented_gather_ffn_op(*args)
 
 
@@ -478,7 +490,20 @@ def segmented_gather_swiglu_ffn(x, w_gate, w_up, w_down_t, segments, kept, kept_
     args = (x, w_gate, w_up, w_down_t, segments, kept, kept_offsets, backend, scales, strategy)
     if _direct(x, w_gate, w_up, w_down_t, segments, kept, kept_offsets, scales):
         return _segmented_gather_swiglu_ffn(*args)
+    if _records_grad(x, w_gate, w_up, w_down_t, scales):
+        return _per_segment(x, w_down_t.shape[1], segments, kept, kept_offsets, scales,
+                            lambda rows, k, s: gather_swiglu_ffn(rows, w_gate, w_up, w_down_t, k,
+                                                                 backend, s))
     return _segmented_gather_swiglu_ffn_op(*args)
+
+
+def _per_segment(x, out_features: int, segments, kept, kept_offsets, scales, run_segment):
+    """A segmented op that autograd records: each segment with rows through the differentiable
+    single-expert op (`run_segment(rows, kept, scales)`), the outputs concatenated (the
+    segmented ops have no backward pass of their own)."""
+    parts = [run_segment(x[r0:r1], kept[k0:k1], None if scales is None else scales[k0:k1])
+             for r0, r1, k0, k1 in _segment_bounds(segments, kept_offsets)]
+    return torch.cat(parts) if parts else x.new_zeros(0, out_features)
 
 
 from doe_kernels.ops import autograd  # noqa: E402,F401  (the single-expert ops' gradients)
