@@ -291,3 +291,20 @@ def test_public_functions_keep_the_activation_input_under_autograd(op):
     assert not any(f"gather_{op}_default" in name for name in names if op != "rows_linear"), names
     assert any(name.startswith(("Gelu", "Mul")) for name in names), names
     assert any("gather_rows_linear" in name for name in names), names
+
+
+@pytest.mark.parametrize("op", ["ffn", "swiglu_ffn"])
+def test_every_neuron_under_autograd_runs_the_dense_ffn(op):
+    """A full kept list recorded by autograd takes the dense FFN (torch's own gradients), as the
+    fused op does: also in a dtype the named backend cannot run (float16 on `cpu`)."""
+    gen = torch.Generator().manual_seed(16)
+    kept = torch.arange(INTERMEDIATE)
+    call, reference, inputs = _case(op, kept, "cpu", torch.float16, "cpu", gen, "gelu")
+    out = call(**inputs)
+    grad_out = torch.randn(out.shape, generator=gen).half()
+    grads = torch.autograd.grad(out, list(inputs.values()), grad_out)
+    ref_inputs = {k: v.detach().double().requires_grad_() for k, v in inputs.items()}
+    ref_grads = torch.autograd.grad(reference(**ref_inputs), list(ref_inputs.values()),
+                                    grad_out.double())
+    for name, got, want in zip(inputs, grads, ref_grads):
+        assert_close(got, want, what=f"{op} float16 full list: d/d{name}")

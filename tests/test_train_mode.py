@@ -1,6 +1,7 @@
 """A patched model in train() mode: attention dropout (BERT's attention_probs_dropout_prob, the
 LLaMA family's attention_dropout) and Mixtral's router jitter as the unpatched model applies them,
 none of it in eval mode, and gradients."""
+import contextlib
 import copy
 
 import pytest
@@ -152,36 +153,72 @@ def test_gradients_with_every_neuron_and_head_kept(name):
                                    msg=names[param])
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_every_weight_gets_a_gradient_where_a_layer_keeps_nothing(name):
+    """A layer keeping no head, one keeping no neuron: every Parameter gets a gradient (zeros
+    for the units nothing reads, as the masked-dense model gives them), so that an optimizer
+    treats them as it treats the dense model's (weight decay, momentum)."""
+    model = _model_of(name)
+    mask = mixed_mask(model)
+    spec = dk.models.spec_of(model)
+    assert any(mask.heads.get(l, torch.arange(1)).numel() == 0 for l in range(spec.num_layers))
+    with dk.plugged(model, mask):
+        grads = _gradients_of_every_parameter(model, name)
+    names = {p: n for n, p in model.named_parameters()}
+    assert not [names[p] for p, g in grads.items() if g is None]
+
+
+OPTIMIZERS = {  # Adam's eps keeps rounding-sized gradients from taking whole steps
+    "sgd": lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.5),
+    "adamw-fused": lambda params: torch.optim.AdamW(params, lr=1e-2, eps=1e-2, fused=True),
+    "adamw-foreach": lambda params: torch.optim.AdamW(params, lr=1e-2, eps=1e-2, foreach=True),
+}
+
+
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
 @pytest.mark.parametrize("name", ["bert", "llama", "mixtral"])
-def test_an_optimizer_trains_a_patched_model_as_the_unpatched_one(name):
-    """Three SGD steps on the patched model (full mask), by an optimizer made before patching,
-    change every Parameter (the output and down projections, laid out input-major while
-    patched, too) as the same steps on the unpatched model do: in the patched model's
-    state_dict and after unpatching."""
+def test_an_optimizer_trains_a_patched_model_as_the_unpatched_one(name, optimizer):
+    """An optimizer made before patching takes one step there, two on the patched model (full
+    mask) and one after unpatching with a gradient computed while patched: every Parameter (the
+    output and down projections, laid out input-major while patched, too) ends as the same
+    steps leave the unpatched model, in the patched model's state_dict and after unpatching.
+    Fused optimizers assume that a Parameter, its gradient and their state share strides: the
+    patch keeps them so."""
     model = _model_of(name)
     twin = copy.deepcopy(model)
     before = copy.deepcopy(model.state_dict())
     ids, attention = inputs("bert" if name == "bert" else "llama")
 
-    def train(m, optimizer):
-        for _ in range(3):
-            _logits(m, ids, attention).square().mean().backward()
-            optimizer.step()
-            optimizer.zero_grad()
+    def backward(m):
+        _logits(m, ids, attention).square().mean().backward()
 
-    train(twin, torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.5))
+    def step(m, opt):
+        opt.step()
+        opt.zero_grad()
+
+    def train(m, patched):
+        opt = OPTIMIZERS[optimizer](m.parameters())
+        backward(m)
+        step(m, opt)
+        with patched(m):
+            for _ in range(2):
+                backward(m)
+                step(m, opt)
+            backward(m)
+            state = {k: v.clone() for k, v in m.state_dict().items()}  # not views of the weights
+        step(m, opt)
+        return state
+
+    expected_mid = train(twin, lambda m: contextlib.nullcontext())
     expected = twin.state_dict()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5)
-    with dk.plugged(model, dk.ExpertMask()):
-        train(model, optimizer)
-        patched = model.state_dict()
-    after = model.state_dict()
+    got_mid = train(model, lambda m: dk.plugged(m, dk.ExpertMask()))
+    got = model.state_dict()
     unchanged = [k for k, _ in twin.named_parameters() if torch.equal(expected[k], before[k])]
     assert not unchanged, unchanged
     for key, value in expected.items():
-        scale = max(1.0, value.abs().max().item())
-        for got in (patched[key], after[key]):
-            torch.testing.assert_close(got, value, rtol=1e-4, atol=1e-5 * scale, msg=key)
+        for got_value, want in ((got_mid[key], expected_mid[key]), (got[key], value)):
+            scale = max(1.0, want.abs().max().item())
+            torch.testing.assert_close(got_value, want, rtol=1e-4, atol=1e-5 * scale, msg=key)
 
 
 def _mixed_masks(model, name, count):

@@ -3,11 +3,9 @@
 Pruning moves the activations the prompt was tuned for; a short second round of prompt tuning on
 the pruned network (`retune`, its learning rate decayed linearly to zero by default) wins back
 most of what pruning cost (docs/localize.md). The pruned network is built on the unpatched model
-from torch's own modules: sliced copies train faster than the patched model's gather ops (whose
-step takes 1.13-1.27x as long; docs/results.md, "Training a patched model"). `masked` emulates it
-with forward pre-hooks that zero the pruned units' activations (the inputs of the down and
-attention-output projections, the same points attribution reads), which is what the patched
-kernels compute, at the dense model's cost.
+from torch's own modules. `masked` emulates it with forward pre-hooks that zero the pruned units'
+activations (the inputs of the down and attention-output projections, the same points
+attribution reads), which is what the patched kernels compute, at the dense model's cost.
 `sliced`, which `retune` trains through, computes the same with the FFN's projections swapped for
 copies of their kept rows and columns (the scales folded into the down projection's columns, the
 bias delta into its bias), so that an epoch costs what the pruned FFN costs; heads stay emulated.

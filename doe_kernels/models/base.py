@@ -6,10 +6,12 @@ same modules and Parameters, with the original weight layout, also after a patch
 way. While patched, `state_dict()` (and so `save_pretrained`) still gives the original model's
 keys and weights, and `load_state_dict` is refused.
 """
+import weakref
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from doe_kernels.ops import HeadSelection, input_major
 
@@ -96,6 +98,56 @@ def _original_state(module, state_dict, prefix: str, local_metadata) -> None:
                 state_dict[prefix + name] = value
 
 
+# Every Parameter whose layout a patch changed (laid out input-major, or restored), by id (a
+# WeakSet would compare tensors with ==), and the global optimizer step pre-hook that keeps
+# optimizers' views of them consistent (registered once).
+_LAID_OUT: dict[int, weakref.ref] = {}
+_HOOK = []
+
+
+def _laid_out(param) -> bool:
+    ref = _LAID_OUT.get(id(param))
+    return ref is not None and ref() is param
+
+
+def _strided_like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A copy of `t` with `like`'s strides."""
+    return torch.empty_strided(like.shape, like.stride(), dtype=t.dtype,
+                               device=t.device).copy_(t)
+
+
+def _relayout(weight: nn.Parameter, data: torch.Tensor) -> None:
+    """`weight.data = data` (same values, another layout), its gradient laid out alike: fused
+    optimizers (torch.optim's `fused=True`, transformers' default) assume that a Parameter, its
+    gradient and their state share strides, and silently mix up elements where they do not."""
+    weight.data = data
+    if weight.grad is not None and weight.grad.stride() != data.stride():
+        weight.grad = _strided_like(weight.grad, data)
+    if not _laid_out(weight):
+        key = id(weight)
+        _LAID_OUT[key] = weakref.ref(weight, lambda ref: _LAID_OUT.pop(key, None))
+    if not _HOOK:
+        _HOOK.append(register_optimizer_step_pre_hook(_match_layouts))
+
+
+def _match_layouts(optimizer, args, kwargs) -> None:
+    """Optimizer step pre-hook: the gradient and state tensors of the Parameters a patch laid out
+    (or restored) since the optimizer made them get the Parameter's strides."""
+    if not _LAID_OUT:
+        return
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            if not _laid_out(param):
+                continue
+            if param.grad is not None and param.grad.stride() != param.stride():
+                param.grad = _strided_like(param.grad, param)
+            state = optimizer.state.get(param, {})
+            for key, value in state.items():
+                if (isinstance(value, torch.Tensor) and value.shape == param.shape
+                        and value.stride() != param.stride()):
+                    state[key] = _strided_like(value, param)
+
+
 class LayerPatch:
     """The patch of one layer: the modules swapped in, the originals, and the converted weights."""
 
@@ -134,7 +186,7 @@ class LayerPatch:
         values; one copy of the weight), so that the module reads `weight.transpose(-2, -1)`
         (contiguous: `ops.linear.input_major_view`) and gradients still reach the Parameter."""
         self.converted.append(weight)
-        weight.data = input_major(weight.detach()).transpose(-2, -1)
+        _relayout(weight, input_major(weight.detach()).transpose(-2, -1))
         module = make_module(weight)
         module.__dict__.setdefault(_CONVERTED, []).append(weight)
         return module
@@ -173,7 +225,7 @@ class LayerPatch:
     def restore(self) -> None:
         """Put the original modules back and the converted weights in their original layout."""
         for weight in self.converted:
-            weight.data = weight.detach().contiguous()
+            _relayout(weight, weight.detach().contiguous())
         self.converted.clear()
         for path, module in self.originals.items():
             set_submodule(self.layer, path, module)

@@ -72,7 +72,7 @@ class PrunedBertSelfAttention(PrunedAttention):
                                      output.weight_t, output.bias, attention_mask, self.scaling,
                                      self.dropout_p(), self.backend), None
         if self.selection.num_kept == 0:
-            return hidden_states.new_zeros(*hidden_states.shape[:-1], 0), None
+            return self.no_heads(hidden_states), None
         q, k, v = self.project(hidden_states)
         return attend(q, k, v, self.selection, attention_mask, scale=self.scaling,
                       dropout=self.dropout_p()), None

@@ -103,9 +103,7 @@ class PrunedLlamaAttention(PrunedAttention):
             if cache is not None:
                 placeholder = self.placeholder_kv(hidden_states)
                 cache.update(placeholder, placeholder, self.layer_idx)
-            out = hidden_states.new_zeros(*hidden_states.shape[:-1], self.o_weight_t.shape[1])
-            out = out if self.o_bias is None else out + self.o_bias
-            return add_bias_delta(out, self.bias_delta), None
+            return add_bias_delta(self.no_heads_output(hidden_states), self.bias_delta), None
         q, k, v = self.project(hidden_states)
         cos, sin = position_embeddings
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
@@ -133,6 +131,15 @@ class PrunedLlamaAttention(PrunedAttention):
                                  self.o_weight_t, self.o_bias, attention_mask, self.scaling,
                                  self.dropout_p(), self.backend, rotary, update, is_causal=True,
                                  sliding_window=self.sliding_window)
+
+    def no_heads_output(self, hidden_states):
+        """The output of a layer keeping no head: o_proj's bias (or zeros); under autograd
+        through the projections' empty gathers (`no_heads`), for their zero gradients."""
+        if not torch.is_grad_enabled():
+            out = hidden_states.new_zeros(*hidden_states.shape[:-1], self.o_weight_t.shape[1])
+            return out if self.o_bias is None else out + self.o_bias
+        return project_out(self.no_heads(hidden_states), self.o_weight_t, self.o_bias,
+                           self.selection, self.backend)
 
     def placeholder_kv(self, hidden_states):
         """What a layer keeping no head stores in the KV cache: one zero KV head per position,

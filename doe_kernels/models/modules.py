@@ -196,6 +196,15 @@ class PrunedAttention(nn.Module):
         return dict(q_weight=self.q_weight, q_bias=self.q_bias, k_weight=self.k_weight,
                     k_bias=self.k_bias, v_weight=self.v_weight, v_bias=self.v_bias)
 
+    def no_heads(self, hidden):
+        """The (batch, seq, 0) attention output of a layer keeping no head; under autograd made
+        of the projections' empty gathers, so that Q, K and V get the zero gradients the dense
+        model with these heads' output columns zeroed gives them (not none)."""
+        if not torch.is_grad_enabled():
+            return hidden.new_zeros(*hidden.shape[:-1], 0)
+        q, k, v = self.project(hidden)  # (batch, 0 heads, seq, head_dim) each
+        return torch.cat([t.transpose(1, 2).flatten(2) for t in (q, k, v)], dim=-1)
+
     def project(self, hidden):
         return project_qkv(hidden, self.q_weight, self.q_bias, self.k_weight, self.k_bias,
                            self.v_weight, self.v_bias, self.selection, self.backend)

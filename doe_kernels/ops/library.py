@@ -210,6 +210,8 @@ def gather_ffn(x, w_in, b_in, w_out_t, b_out, kept, activation: str, backend: st
     if _direct(x, w_in, b_in, w_out_t, b_out, kept, scales):
         return _gather_ffn(x, w_in, b_in, w_out_t, b_out, kept, activation, backend, scales)
     if _records_grad(x, w_in, b_in, w_out_t, b_out, scales):
+        if kept.numel() == w_in.shape[0]:  # every neuron: the dense FFN, torch's own gradients
+            return _gather_ffn(x, w_in, b_in, w_out_t, b_out, kept, activation, backend, scales)
         hidden = gather_rows_linear(x, w_in, b_in, kept, activation, backend)
         return _gather_cols_linear_op(hidden, w_out_t, b_out, kept, backend, scales)
     return _gather_ffn_op(x, w_in, b_in, w_out_t, b_out, kept, activation, backend, scales)
@@ -219,6 +221,8 @@ def gather_swiglu_ffn(x, w_gate, w_up, w_down_t, kept, backend: str, scales=None
     if _direct(x, w_gate, w_up, w_down_t, kept, scales):
         return _gather_swiglu_ffn(x, w_gate, w_up, w_down_t, kept, backend, scales)
     if _records_grad(x, w_gate, w_up, w_down_t, scales):
+        if kept.numel() == w_gate.shape[0]:  # every neuron: as gather_ffn
+            return _gather_swiglu_ffn(x, w_gate, w_up, w_down_t, kept, backend, scales)
         gate = _gather_rows_linear_op(x, w_gate, None, kept, "identity", backend)
         up = _gather_rows_linear_op(x, w_up, None, kept, "identity", backend)
         return _gather_cols_linear_op(F.silu(gate) * up, w_down_t, None, kept, backend, scales)
