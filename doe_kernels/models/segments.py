@@ -501,13 +501,16 @@ def _unpack(rows: torch.Tensor, index: torch.Tensor, count: int) -> torch.Tensor
 
 
 def _full_kv(spans, projected, like: torch.Tensor, batch: int, tokens: int):
-    """(keys, values) of the batch ((batch, KV heads, tokens, head_dim), `like`'s dtype) with
-    every KV head: each span's computed heads in place, zeros in the heads it does not keep."""
+    """(keys, values) of the batch ((batch, KV heads, tokens, head_dim), in the projections'
+    dtypes, else `like`'s) with every KV head: each span's computed heads in place, zeros in the heads it
+    does not keep."""
     spec = spans[0][2].selection
     if len(spans) == 1 and spec.is_full and projected[0] is not None:  # one span, every head
         return projected[0][1], projected[0][2]
     shape = (batch, spec.num_kv_heads, tokens, spec.head_dim)
-    keys, values = like.new_zeros(shape), like.new_zeros(shape)
+    # under autocast the values come in bfloat16, the keys in float32 (rotated with float32 tables)
+    keys, values = (next((qkv[i] for qkv in projected if qkv is not None), like).new_zeros(shape)
+                    for i in (1, 2))
     for (b0, b1, plan), qkv in zip(spans, projected):
         if qkv is not None:
             heads = plan.selection.kept_kv_heads

@@ -20,7 +20,9 @@ def check_float_tensor(name: str, tensor, dims: int | None = None) -> None:
 
 
 def check_same_dtype_device(reference_name: str, reference: torch.Tensor, **others) -> None:
-    """Every tensor in `others` (None allowed) has the reference's dtype and device."""
+    """Every tensor in `others` (None allowed) has the reference's dtype and device (any floating
+    dtype under torch.autocast, which casts them)."""
+    autocast = torch.is_autocast_enabled(reference.device.type)
     for name, tensor in others.items():
         if tensor is None:
             continue
@@ -29,7 +31,7 @@ def check_same_dtype_device(reference_name: str, reference: torch.Tensor, **othe
                 f"{name} is on {tensor.device} but {reference_name} is on {reference.device}; "
                 "all tensors of one call must be on one device"
             )
-        if tensor.dtype != reference.dtype:
+        if tensor.dtype != reference.dtype and not autocast:
             raise TypeError(
                 f"{name} has dtype {tensor.dtype} but {reference_name} has {reference.dtype}; "
                 "all tensors of one call must have one dtype"
