@@ -27,7 +27,7 @@ from transformers import BertConfig, BertForSequenceClassification, LlamaConfig,
 
 import doe_kernels as dk
 from conftest import bench_device, measure, sweep_mode
-from test_model_bench import _sliced_model
+from test_model_bench import _sliced_model, _variants
 
 CHECK_TOLERANCE = 1e-4  # relative (Frobenius) difference of the input gradients, float32
 
@@ -53,11 +53,6 @@ def _shapes_and_rates(config):
         return ("tiny-llama-train",), (0.65,)
     rates = config.getoption("--rates") or QUICK_RATES
     return ("minilm-train", "smollm2-8-layers-train"), rates
-
-
-def _variants(device: torch.device) -> list[str]:
-    return ["dense", "sliced"] + [f"patched-{b}" for b in dk.available_backends(device.type)
-                                  if not (device.type == "cpu" and b == "triton")]
 
 
 def pytest_generate_tests(metafunc):

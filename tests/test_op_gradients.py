@@ -205,6 +205,17 @@ def test_a_patched_model_backpropagates_as_the_masked_dense_model(name, backend)
         torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-5, msg=what)
 
 
+def _assert_gradients_match(out, reference, inputs: dict, grad_out, what: str) -> None:
+    """The gradients of sum(out * grad_out) with respect to `inputs` equal those of the float64
+    `reference` (a function of the inputs, by name)."""
+    grads = torch.autograd.grad(out, list(inputs.values()), grad_out)
+    ref_inputs = {k: v.detach().double().requires_grad_() for k, v in inputs.items()}
+    ref_grads = torch.autograd.grad(reference(**ref_inputs), list(ref_inputs.values()),
+                                    grad_out.double())
+    for name, got, want in zip(inputs, grads, ref_grads):
+        assert_close(got, want, what=f"{what}: d/d{name}")
+
+
 @pytest.mark.parametrize("op", ["ffn", "swiglu_ffn"])
 def test_gradients_of_every_neuron_in_another_order(op):
     """A full kept list in any order (the public wrappers take sorted lists; the patched modules
@@ -216,12 +227,7 @@ def test_gradients_of_every_neuron_in_another_order(op):
            if op == "ffn" else
            library.gather_swiglu_ffn(*list(inputs.values())[:4], kept, "auto", inputs["scales"]))
     grad_out = torch.randn(2, 3, HIDDEN, generator=gen)
-    grads = torch.autograd.grad(out, list(inputs.values()), grad_out)
-    ref_inputs = {k: v.detach().double().requires_grad_() for k, v in inputs.items()}
-    ref_grads = torch.autograd.grad(reference(**ref_inputs), list(ref_inputs.values()),
-                                    grad_out.double())
-    for name, got, want in zip(inputs, grads, ref_grads):
-        assert_close(got, want, what=f"{op} permuted: d/d{name}")
+    _assert_gradients_match(out, reference, inputs, grad_out, f"{op} permuted")
 
 
 def test_compiled_backward_equals_eager():
@@ -264,14 +270,10 @@ def test_gradients_without_scales(op):
     kept = index_list("random", INTERMEDIATE, generator=gen)
     call, reference, inputs = _case(op, kept, "auto", torch.float32, "cpu", gen, "relu")
     inputs = {k: v for k, v in inputs.items() if k != "scales"}
-    ref_inputs = {k: v.detach().double().requires_grad_() for k, v in inputs.items()}
     out = call(**inputs, scales=None)
     grad_out = torch.randn(out.shape, generator=gen)
-    grads = torch.autograd.grad(out, list(inputs.values()), grad_out)
-    ref_grads = torch.autograd.grad(reference(**ref_inputs, scales=None),
-                                    list(ref_inputs.values()), grad_out.double())
-    for name, got, want in zip(inputs, grads, ref_grads):
-        assert_close(got, want, what=f"{op} without scales: d/d{name}")
+    _assert_gradients_match(out, lambda **a: reference(**a, scales=None), inputs, grad_out,
+                            f"{op} without scales")
 
 
 @pytest.mark.parametrize("op", ["rows_linear", "ffn", "swiglu_ffn"])
@@ -302,9 +304,4 @@ def test_every_neuron_under_autograd_runs_the_dense_ffn(op):
     call, reference, inputs = _case(op, kept, "cpu", torch.float16, "cpu", gen, "gelu")
     out = call(**inputs)
     grad_out = torch.randn(out.shape, generator=gen).half()
-    grads = torch.autograd.grad(out, list(inputs.values()), grad_out)
-    ref_inputs = {k: v.detach().double().requires_grad_() for k, v in inputs.items()}
-    ref_grads = torch.autograd.grad(reference(**ref_inputs), list(ref_inputs.values()),
-                                    grad_out.double())
-    for name, got, want in zip(inputs, grads, ref_grads):
-        assert_close(got, want, what=f"{op} float16 full list: d/d{name}")
+    _assert_gradients_match(out, reference, inputs, grad_out, f"{op} float16 full list")
