@@ -12,8 +12,8 @@ from model_utils import build, inputs, masked_dense, mixed_mask, output_of
 from moe_utils import mixtral
 
 AUTOCAST = dict(device_type="cpu", dtype=torch.bfloat16)
-# the output projections: the masked-dense model computes the pruned heads' attention (their
-# columns of o_proj zeroed), so those columns' gradients differ (tests/test_op_gradients.py)
+# the attention output projections: the masked-dense model computes the pruned heads' attention
+# (their columns of o_proj zeroed), so only the kept heads' columns' gradients compare
 OUTPUT_PROJECTIONS = ("o_proj", "attention.output.dense")
 
 
@@ -60,13 +60,22 @@ def test_a_patched_model_runs_and_trains_under_autocast(name):
     assert got.dtype == torch.bfloat16
     _compare(got, want, 0.02, "output")
     _compare(got_embeds, want_embeds, 0.05, "input gradient")
+    spec = dk.models.spec_of(model)
     for weight_name, param in weights.items():
         if "embeddings.word" in weight_name or "embed_tokens" in weight_name:
             continue
-        assert grads[param] is not None, weight_name
-        if not any(p in weight_name for p in OUTPUT_PROJECTIONS):
-            _compare(grads[param], want_grads[dense.get_parameter(weight_name)], 0.05,
-                     weight_name)
+        got_grad, want_grad = grads[param], want_grads[dense.get_parameter(weight_name)]
+        assert got_grad is not None, weight_name
+        if any(p in weight_name for p in OUTPUT_PROJECTIONS) and weight_name.endswith("weight"):
+            layer = int(weight_name.split("layer")[1].split(".")[1])
+            heads = mask.heads.get(layer, torch.arange(spec.num_heads))
+            cols = (heads[:, None] * spec.head_dim + torch.arange(spec.head_dim)).reshape(-1)
+            pruned = torch.ones(got_grad.shape[1], dtype=torch.bool)
+            pruned[cols] = False
+            assert not got_grad[:, pruned].any(), weight_name
+            got_grad, want_grad = got_grad[:, cols], want_grad[:, cols]
+        if want_grad.numel():
+            _compare(got_grad, want_grad, 0.05, weight_name)
     inference = inference.logits if hasattr(inference, "logits") else inference.last_hidden_state
     if inference.dim() == 3:
         inference = inference * attention[..., None]
@@ -162,3 +171,37 @@ def _segmented_case(kept, gen):
                           swiglu_ffn_ref(x[3:], w_gate, w_up, w_down_t, lists[1])])
 
     return call, reference, inputs_
+
+
+def test_inputs_in_autocasts_dtype_run_the_kernels(monkeypatch):
+    """A bfloat16 model under bfloat16 autocast: nothing to cast, so the ops run the gather
+    kernels, not torch's ops on copies of the kept rows."""
+    from doe_kernels.ops import library
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("took the autocast path")
+
+    for name in ("_autocast_rows_linear", "_autocast_cols_linear", "_autocast_swiglu"):
+        monkeypatch.setattr(library, name, refuse)
+    model = build("llama").to(torch.bfloat16)
+    ids, attention = inputs("llama")
+    with dk.plugged(model, mixed_mask(model)), torch.no_grad(), torch.autocast(**AUTOCAST):
+        out = output_of(model, ids, attention)
+    assert out.dtype == torch.bfloat16
+    with pytest.raises(AssertionError, match="autocast path"), torch.autocast(**AUTOCAST):
+        library.gather_swiglu_ffn(torch.randn(2, 8), *torch.randn(3, 4, 8).bfloat16(),
+                                  torch.tensor([1]), "auto")
+
+
+def test_autocast_accepts_only_the_dtypes_it_casts():
+    """Under autocast the ops take float32, float16 and bfloat16 tensors together, and still
+    refuse a float64 one, naming it."""
+    x, w, w_t = torch.randn(4, 8), torch.randn(10, 8), torch.randn(10, 8)
+    kept = torch.tensor([1, 3, 5])
+    with torch.autocast(**AUTOCAST):
+        out = dk.ops.gather_ffn(x.bfloat16(), w, None, w_t.half(), None, kept, "gelu")
+        assert out.dtype == torch.bfloat16
+        with pytest.raises(TypeError, match="w_in has dtype torch.float64"):
+            dk.ops.gather_ffn(x, w.double(), None, w_t, None, kept, "gelu")
+    with pytest.raises(TypeError, match="w_in has dtype torch.float32"):
+        dk.ops.gather_ffn(x.bfloat16(), w, None, w_t, None, kept, "gelu")

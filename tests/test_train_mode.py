@@ -245,16 +245,20 @@ def _weighted_gradients(model, ids, attention, weights):
     return grads[0], dict(zip(params, grads[1:]))
 
 
-@pytest.mark.parametrize("tokens", [9, 1], ids=["segments", "union"])
+@pytest.mark.parametrize("layout", ["segments", "union", "packed"])
 @pytest.mark.parametrize("name", ["bert", "llama", "mixtral"])
-def test_a_mixed_batch_backpropagates_as_each_sequence_alone(name, tokens, monkeypatch):
+def test_a_mixed_batch_backpropagates_as_each_sequence_alone(name, layout, monkeypatch):
     """Backward through a mixed batch (dk.mixed; at one token per sequence the FFNs take the
-    union of the experts' neurons) gives each sequence's input embeddings, and every Parameter
-    the sum over the sequences of, what each sequence run alone on its expert gives."""
+    union of the experts' neurons; given the attention mask, the layers run on the real tokens
+    only) gives each sequence's input embeddings, and every Parameter the sum over the sequences
+    of, what each sequence run alone on its expert gives (zeros too: a layer that keeps no
+    head)."""
     model = _model_of(name)
     ids, attention = inputs("bert" if name == "bert" else "llama", batch=6, seed=4)
+    tokens = 1 if layout == "union" else 9
     ids, attention = ids[:, :tokens], attention[:, :tokens].clone().fill_(1)
-    attention[1, :max(0, tokens - 5)] = 0  # padding, where there are tokens to spare
+    if tokens > 1:  # padding: BERT's on the right (its pooler reads the first position)
+        attention[1, *((slice(-4, None),) if name == "bert" else (slice(None, 4),))] = 0
     masks = _mixed_masks(model, name, 4)
     rows = [masks[b % len(masks)] for b in (0, 1, 1, 2, 3, 0)]
     names = {p: n for n, p in model.named_parameters()}
@@ -266,7 +270,7 @@ def test_a_mixed_batch_backpropagates_as_each_sequence_alone(name, tokens, monke
                "union_gather_swiglu_ffn"):
         monkeypatch.setattr(library, op, lambda *a, op=op, run=getattr(library, op), **k:
                             paths.append(op.split("_")[0]) or run(*a, **k))
-    with dk.mixed(model, rows):
+    with dk.mixed(model, rows, **({"attention_mask": attention} if layout == "packed" else {})):
         got_embeds, got = _weighted_gradients(model, ids, attention, weights)
     if name != "mixtral":  # (a Mixtral's MoE blocks run neither)
         assert (set(paths) == {"union"}) if tokens == 1 else ("segmented" in paths), paths
@@ -281,10 +285,40 @@ def test_a_mixed_batch_backpropagates_as_each_sequence_alone(name, tokens, monke
                 want[param] = want[param] + grad if param in want else grad
     torch.testing.assert_close(got_embeds, torch.cat(want_embeds), rtol=1e-4, atol=1e-5)
     for param, grad in got.items():
-        if param not in want:
-            assert grad is None or not grad.any(), names[param]
+        if param not in want:  # the input embeddings' table (the inputs come as embeddings)
+            assert grad is None, names[param]
             continue
         scale = max(1.0, want[param].abs().max().item())
         torch.testing.assert_close(grad, want[param], rtol=1e-4, atol=1e-5 * scale,
                                    msg=names[param])
     assert len(want) > len(got) // 2
+
+
+def test_fused_optimizer_state_saved_while_patched_resumes_on_the_unpatched_model():
+    """A fused AdamW's state saved while the model is patched (its moments of the output and down
+    projections in their input-major strides) and loaded for a model that is not patched: its
+    next step is the step of the same state laid out as the weights."""
+    model = _model_of("llama")
+    optimizer = OPTIMIZERS["adamw-fused"](model.parameters())
+    ids, attention = inputs("llama")
+    with dk.plugged(model, dk.ExpertMask()):
+        _logits(model, ids, attention).square().mean().backward()
+        optimizer.step()
+        saved = copy.deepcopy(optimizer.state_dict())
+    assert any(not v.is_contiguous() for s in saved["state"].values() for v in s.values()
+               if isinstance(v, torch.Tensor) and v.dim() == 2)
+    results = []
+    for contiguous in (False, True):
+        fresh = copy.deepcopy(model)
+        resumed = OPTIMIZERS["adamw-fused"](fresh.parameters())
+        state = copy.deepcopy(saved)
+        if contiguous:
+            for values in state["state"].values():
+                values.update({k: v.contiguous() for k, v in values.items()
+                               if isinstance(v, torch.Tensor)})
+        resumed.load_state_dict(state)
+        _logits(fresh, ids, attention).square().mean().backward()
+        resumed.step()
+        results.append(fresh.state_dict())
+    for key, value in results[1].items():
+        torch.testing.assert_close(results[0][key], value, msg=key)

@@ -6,7 +6,6 @@ same modules and Parameters, with the original weight layout, also after a patch
 way. While patched, `state_dict()` (and so `save_pretrained`) still gives the original model's
 keys and weights, and `load_state_dict` is refused.
 """
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -98,18 +97,6 @@ def _original_state(module, state_dict, prefix: str, local_metadata) -> None:
                 state_dict[prefix + name] = value
 
 
-# Every Parameter whose layout a patch changed (laid out input-major, or restored), by id (a
-# WeakSet would compare tensors with ==), and the global optimizer step pre-hook that keeps
-# optimizers' views of them consistent (registered once).
-_LAID_OUT: dict[int, weakref.ref] = {}
-_HOOK = []
-
-
-def _laid_out(param) -> bool:
-    ref = _LAID_OUT.get(id(param))
-    return ref is not None and ref() is param
-
-
 def _strided_like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """A copy of `t` with `like`'s strides."""
     return torch.empty_strided(like.shape, like.stride(), dtype=t.dtype,
@@ -117,28 +104,23 @@ def _strided_like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def _relayout(weight: nn.Parameter, data: torch.Tensor) -> None:
-    """`weight.data = data` (same values, another layout), its gradient laid out alike: fused
-    optimizers (torch.optim's `fused=True`, transformers' default) assume that a Parameter, its
-    gradient and their state share strides, and silently mix up elements where they do not."""
+    """`weight.data = data` (same values, another layout), its gradient laid out alike."""
     weight.data = data
     if weight.grad is not None and weight.grad.stride() != data.stride():
         weight.grad = _strided_like(weight.grad, data)
-    if not _laid_out(weight):
-        key = id(weight)
-        _LAID_OUT[key] = weakref.ref(weight, lambda ref: _LAID_OUT.pop(key, None))
-    if not _HOOK:
-        _HOOK.append(register_optimizer_step_pre_hook(_match_layouts))
 
 
 def _match_layouts(optimizer, args, kwargs) -> None:
-    """Optimizer step pre-hook: the gradient and state tensors of the Parameters a patch laid out
-    (or restored) since the optimizer made them get the Parameter's strides."""
-    if not _LAID_OUT:
-        return
+    """Global optimizer step pre-hook (registered on import): in a fused parameter group
+    (torch.optim's `fused=True`, transformers' default AdamW), the gradients and per-element
+    state of a Parameter whose strides differ from theirs get the Parameter's. Fused kernels
+    assume that they match and silently mix up elements otherwise, which a patch brings about:
+    it lays the output and down projections out input-major in place, and restores them, under
+    an optimizer that holds their state (also state saved while patched and loaded later)."""
     for group in optimizer.param_groups:
+        if not group.get("fused"):
+            continue
         for param in group["params"]:
-            if not _laid_out(param):
-                continue
             if param.grad is not None and param.grad.stride() != param.stride():
                 param.grad = _strided_like(param.grad, param)
             state = optimizer.state.get(param, {})
@@ -146,6 +128,9 @@ def _match_layouts(optimizer, args, kwargs) -> None:
                 if (isinstance(value, torch.Tensor) and value.shape == param.shape
                         and value.stride() != param.stride()):
                     state[key] = _strided_like(value, param)
+
+
+register_optimizer_step_pre_hook(_match_layouts)
 
 
 class LayerPatch:

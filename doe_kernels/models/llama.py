@@ -18,6 +18,7 @@ from doe_kernels.models.base import LayerPatch, UnsupportedModelError, has_modul
 from doe_kernels.models.modules import GatherSwiGLUMLP, PrunedAttention, add_bias_delta
 from doe_kernels.models.segments import attention_forward, packed_rows, rows_of
 from doe_kernels.ops import attend, project_out
+from doe_kernels.ops.attention import no_heads_output
 from doe_kernels.ops.linear import input_major_view
 
 FAMILY = "llama"
@@ -103,7 +104,9 @@ class PrunedLlamaAttention(PrunedAttention):
             if cache is not None:
                 placeholder = self.placeholder_kv(hidden_states)
                 cache.update(placeholder, placeholder, self.layer_idx)
-            return add_bias_delta(self.no_heads_output(hidden_states), self.bias_delta), None
+            out = no_heads_output(hidden_states, self.qkv_weights(), self.o_weight_t, self.o_bias,
+                                  selection, self.backend)
+            return add_bias_delta(out, self.bias_delta), None
         q, k, v = self.project(hidden_states)
         cos, sin = position_embeddings
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
@@ -131,15 +134,6 @@ class PrunedLlamaAttention(PrunedAttention):
                                  self.o_weight_t, self.o_bias, attention_mask, self.scaling,
                                  self.dropout_p(), self.backend, rotary, update, is_causal=True,
                                  sliding_window=self.sliding_window)
-
-    def no_heads_output(self, hidden_states):
-        """The output of a layer keeping no head: o_proj's bias (or zeros); under autograd
-        through the projections' empty gathers (`no_heads`), for their zero gradients."""
-        if not torch.is_grad_enabled():
-            out = hidden_states.new_zeros(*hidden_states.shape[:-1], self.o_weight_t.shape[1])
-            return out if self.o_bias is None else out + self.o_bias
-        return project_out(self.no_heads(hidden_states), self.o_weight_t, self.o_bias,
-                           self.selection, self.backend)
 
     def placeholder_kv(self, hidden_states):
         """What a layer keeping no head stores in the KV cache: one zero KV head per position,

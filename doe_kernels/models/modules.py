@@ -27,6 +27,7 @@ from torch import nn
 from doe_kernels.activations import apply_activation
 from doe_kernels.models.segments import ffn_forward, swiglu_forward
 from doe_kernels.ops import HeadSelection, library, project_qkv, scale_columns
+from doe_kernels.ops.attention import empty_heads
 from doe_kernels.ops.linear import input_major_view
 
 
@@ -197,13 +198,9 @@ class PrunedAttention(nn.Module):
                     k_bias=self.k_bias, v_weight=self.v_weight, v_bias=self.v_bias)
 
     def no_heads(self, hidden):
-        """The (batch, seq, 0) attention output of a layer keeping no head; under autograd made
-        of the projections' empty gathers, so that Q, K and V get the zero gradients the dense
-        model with these heads' output columns zeroed gives them (not none)."""
-        if not torch.is_grad_enabled():
-            return hidden.new_zeros(*hidden.shape[:-1], 0)
-        q, k, v = self.project(hidden)  # (batch, 0 heads, seq, head_dim) each
-        return torch.cat([t.transpose(1, 2).flatten(2) for t in (q, k, v)], dim=-1)
+        """The (batch, seq, 0) attention output of a layer keeping no head (ops.empty_heads:
+        under autograd, through the projections' empty gathers, for their zero gradients)."""
+        return empty_heads(hidden, self.qkv_weights(), self.selection, self.backend)
 
     def project(self, hidden):
         return project_qkv(hidden, self.q_weight, self.q_bias, self.k_weight, self.k_bias,

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from doe_kernels.ops import HeadSelection, attend, library, project_out, project_qkv
+from doe_kernels.ops.attention import no_heads_output
 
 if TYPE_CHECKING:
     from doe_kernels.models.moe_block import MoePlan
@@ -365,8 +366,8 @@ def attention_forward(segments: LayerSegments, hidden, weights: dict, o_weight_t
     out = []
     for (b0, b1, plan), qkv in zip(spans, projected):
         if qkv is None:
-            part = _no_heads(hidden.new_zeros(b1 - b0, hidden.shape[1], o_weight_t.shape[1]),
-                             o_bias)
+            part = no_heads_output(hidden[b0:b1], weights, o_weight_t, o_bias, plan.selection,
+                                   backend)
         else:
             q, k, v = qkv
             if cache_update is not None:
@@ -401,8 +402,7 @@ def _packed_attention(spans, real: "RealTokens", hidden, packed_input: bool, wei
         if plan.selection.num_kept == 0 or index.numel() == 0:
             projected.append(None)
             continue
-        rows = (flat[real.offsets[b0]:real.offsets[b1]] if packed_input else
-                flat[b0 * tokens:b1 * tokens].index_select(0, index))[None]
+        rows = _span_rows(flat, real, b0, b1, tokens, packed_input)
         q, k, v = project_qkv(rows, selection=plan.selection, backend=backend, **weights)
         if rotary is not None:
             q, k = rotary(q, k, b0, b1, index)
@@ -417,7 +417,8 @@ def _packed_attention(spans, real: "RealTokens", hidden, packed_input: bool, wei
     for (b0, b1, plan), qkv in zip(spans, projected):
         count = real.offsets[b1] - real.offsets[b0]
         if qkv is None:
-            part = _no_heads(hidden.new_zeros(count, o_weight_t.shape[1]), o_bias)
+            part = no_heads_output(_span_rows(flat, real, b0, b1, tokens, packed_input), weights,
+                                   o_weight_t, o_bias, plan.selection, backend)[0]
         else:
             attended = _attend_span(qkv, real, b0, b1, tokens, plan.selection,
                                     rows_of(attention_mask, b0, b1), is_causal, scale, dropout,
@@ -473,9 +474,11 @@ def _attend_each(qkv, offsets: list[int], selection, is_causal: bool, scale: flo
     return torch.cat(parts)
 
 
-def _no_heads(zeros: torch.Tensor, o_bias) -> torch.Tensor:
-    """A segment keeping no head: its output projection gives the bias alone."""
-    return zeros if o_bias is None else zeros + o_bias
+def _span_rows(flat, real: "RealTokens", b0: int, b1: int, tokens: int, packed_input: bool):
+    """(1, real tokens, hidden): the real tokens of sequences [b0, b1) of a pass, from its
+    flattened hidden states (packed already, or padded)."""
+    return (flat[real.offsets[b0]:real.offsets[b1]] if packed_input else
+            flat[b0 * tokens:b1 * tokens].index_select(0, real.span_index(b0, b1)))[None]
 
 
 def packed_rows(tensor: torch.Tensor, count: int, index: torch.Tensor) -> torch.Tensor:

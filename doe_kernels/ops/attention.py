@@ -230,6 +230,28 @@ def project_out(attn_out, o_weight_t, o_bias, selection: HeadSelection, backend:
                                       scales)
 
 
+def no_heads_output(hidden, weights: dict, o_weight_t, o_bias, selection: HeadSelection,
+                    backend: str = "auto") -> torch.Tensor:
+    """The output projection of attention keeping no head (`selection` keeps none): its bias
+    alone (zeros without one), shaped like `hidden` with the projection's width. Under autograd
+    it comes through the projections' empty gathers (`weights`: project_qkv's keywords), so that
+    Q, K, V and O get the zero gradients the dense model with these heads' output columns zeroed
+    gives them, not none."""
+    if not torch.is_grad_enabled():
+        out = hidden.new_zeros(*hidden.shape[:-1], o_weight_t.shape[1])
+        return out if o_bias is None else out + o_bias
+    return project_out(empty_heads(hidden, weights, selection, backend), o_weight_t, o_bias,
+                       selection, backend)
+
+
+def empty_heads(hidden, weights: dict, selection: HeadSelection, backend: str = "auto"):
+    """The (batch, seq, 0) attention output of no head (`no_heads_output`)."""
+    if not torch.is_grad_enabled():
+        return hidden.new_zeros(*hidden.shape[:-1], 0)
+    q, k, v = project_qkv(hidden, selection=selection, backend=backend, **weights)
+    return torch.cat([t.transpose(1, 2).flatten(2) for t in (q, k, v)], dim=-1)
+
+
 def pruned_head_attention(
     hidden: torch.Tensor,
     q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, o_weight_t, o_bias,

@@ -8,6 +8,7 @@ import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 INDEX_DTYPES = (torch.int32, torch.int64)
+AUTOCAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # the dtypes autocast casts
 
 
 def check_float_tensor(name: str, tensor, dims: int | None = None) -> None:
@@ -20,9 +21,10 @@ def check_float_tensor(name: str, tensor, dims: int | None = None) -> None:
 
 
 def check_same_dtype_device(reference_name: str, reference: torch.Tensor, **others) -> None:
-    """Every tensor in `others` (None allowed) has the reference's dtype and device (any floating
-    dtype under torch.autocast, which casts them)."""
-    autocast = torch.is_autocast_enabled(reference.device.type)
+    """Every tensor in `others` (None allowed) has the reference's dtype and device (under
+    torch.autocast, which casts them, any of float32, float16 and bfloat16)."""
+    autocast = (torch.is_autocast_enabled(reference.device.type)
+                and reference.dtype in AUTOCAST_DTYPES)
     for name, tensor in others.items():
         if tensor is None:
             continue
@@ -31,7 +33,8 @@ def check_same_dtype_device(reference_name: str, reference: torch.Tensor, **othe
                 f"{name} is on {tensor.device} but {reference_name} is on {reference.device}; "
                 "all tensors of one call must be on one device"
             )
-        if tensor.dtype != reference.dtype and not autocast:
+        mixed_by_autocast = autocast and tensor.dtype in AUTOCAST_DTYPES
+        if tensor.dtype != reference.dtype and not mixed_by_autocast:
             raise TypeError(
                 f"{name} has dtype {tensor.dtype} but {reference_name} has {reference.dtype}; "
                 "all tensors of one call must have one dtype"

@@ -37,7 +37,7 @@ def _direct(*tensors) -> bool:
     understand."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or _functorch_active():
         return False
-    if tensors[0] is not None and torch.is_autocast_enabled(tensors[0].device.type):
+    if _autocast(*tensors):
         return False
     grad = torch.is_grad_enabled()
     for t in tensors:
@@ -183,14 +183,23 @@ def _(x, w_gate, w_up, w_down_t, kept, backend, scales=None):
     return x.new_empty(*x.shape[:-1], w_down_t.shape[1])
 
 
-def _autocast(x) -> bool:
-    """Whether torch.autocast is on for x's device."""
-    return torch.is_autocast_enabled(x.device.type)
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
 
 
-# Under torch.autocast the public ops run torch's own ops, which autocast casts, on copies of the
-# kept weight rows (a weight's kept rows, or an input-major weight's kept inputs): the gather
-# kernels take one dtype, and casting the whole weight per call would read all of it.
+def _autocast(x, *tensors) -> bool:
+    """Whether torch.autocast, on for x's device, would cast one of x and `tensors` (a floating
+    tensor not in its dtype)."""
+    if not _any_autocast() or not torch.is_autocast_enabled(x.device.type):
+        return False
+    dtype = torch.get_autocast_dtype(x.device.type)
+    return any(t is not None and t.is_floating_point() and t.dtype != dtype
+               for t in (x, *tensors))
+
+
+# Under torch.autocast, where it would cast an input (a float32 model), the public ops run torch's
+# own ops, which autocast casts, on copies of the kept weight rows (a weight's kept rows, or an
+# input-major weight's kept inputs): the gather kernels take one dtype, and casting the whole
+# weight per call would read all of it. Inputs already in autocast's dtype run the kernels.
 def _kept(t, index):
     return None if t is None else t.index_select(0, index)
 
@@ -221,7 +230,7 @@ def _records_grad(*tensors) -> bool:
 # of torch.ops.doe_kernels.*) recompute those pre-activations instead: one more gathered product
 # per input projection (docs/results.md, "Training a patched model").
 def gather_rows_linear(x, weight, bias, rows, activation: str, backend: str):
-    if _autocast(x):
+    if _autocast(x, weight, bias):
         return _autocast_rows_linear(x, weight, bias, rows, activation)
     if _direct(x, weight, bias, rows):
         return _gather_rows_linear(x, weight, bias, rows, activation, backend)
@@ -232,7 +241,7 @@ def gather_rows_linear(x, weight, bias, rows, activation: str, backend: str):
 
 
 def gather_cols_linear(h, weight_t, bias, cols, backend: str, scales=None):
-    if _autocast(h):
+    if _autocast(h, weight_t, bias, scales):
         return _autocast_cols_linear(h, weight_t, bias, cols, scales)
     if _direct(h, weight_t, bias, cols, scales):
         return _gather_cols_linear(h, weight_t, bias, cols, backend, scales)
@@ -240,7 +249,7 @@ def gather_cols_linear(h, weight_t, bias, cols, backend: str, scales=None):
 
 
 def gather_ffn(x, w_in, b_in, w_out_t, b_out, kept, activation: str, backend: str, scales=None):
-    if _autocast(x):
+    if _autocast(x, w_in, b_in, w_out_t, b_out, scales):
         hidden = _autocast_rows_linear(x, w_in, b_in, kept, activation)
         return _autocast_cols_linear(hidden, w_out_t, b_out, kept, scales)
     if _direct(x, w_in, b_in, w_out_t, b_out, kept, scales):
@@ -254,7 +263,7 @@ def gather_ffn(x, w_in, b_in, w_out_t, b_out, kept, activation: str, backend: st
 
 
 def gather_swiglu_ffn(x, w_gate, w_up, w_down_t, kept, backend: str, scales=None):
-    if _autocast(x):
+    if _autocast(x, w_gate, w_up, w_down_t, scales):
         return _autocast_swiglu(x, w_gate, w_up, w_down_t, kept, scales)
     if _direct(x, w_gate, w_up, w_down_t, kept, scales):
         return _gather_swiglu_ffn(x, w_gate, w_up, w_down_t, kept, backend, scales)
@@ -461,7 +470,7 @@ def union_gather_ffn(x, w_in, b_in, w_out_t, b_out, union, row_mask, activation:
     """The union path of segmented_gather_ffn (x 2-D): the union's rows gathered once, each row's
     hidden activations multiplied by its row of `row_mask` (through the differentiable public
     ops when autograd records the call)."""
-    if _records_grad(x, w_in, b_in, w_out_t, b_out) or _autocast(x):
+    if _records_grad(x, w_in, b_in, w_out_t, b_out) or _autocast(x, w_in, b_in, w_out_t, b_out):
         hidden = gather_rows_linear(x, w_in, b_in, union, activation, backend) * row_mask
         return gather_cols_linear(hidden, w_out_t, b_out, union, backend)
     module, x2d = _run(x, backend)
@@ -494,7 +503,7 @@ def _segmented_gather_swiglu_ffn(
 
 def union_gather_swiglu_ffn(x, w_gate, w_up, w_down_t, union, row_mask, backend: str):
     """The union path of segmented_gather_swiglu_ffn (union_gather_ffn's, for SwiGLU)."""
-    if _records_grad(x, w_gate, w_up, w_down_t) or _autocast(x):
+    if _records_grad(x, w_gate, w_up, w_down_t) or _autocast(x, w_gate, w_up, w_down_t):
         gate = gather_rows_linear(x, w_gate, None, union, "identity", backend)
         up = gather_rows_linear(x, w_up, None, union, "identity", backend)
         return gather_cols_linear(F.silu(gate) * up * row_mask, w_down_t, None, union, backend)
@@ -520,7 +529,8 @@ def segmented_gather_ffn(x, w_in, b_in, w_out_t, b_out, segments, kept, kept_off
             scales, strategy)
     if _direct(x, w_in, b_in, w_out_t, b_out, segments, kept, kept_offsets, scales):
         return _segmented_gather_ffn(*args)
-    if _records_grad(x, w_in, b_in, w_out_t, b_out, scales) or _autocast(x):
+    if (_records_grad(x, w_in, b_in, w_out_t, b_out, scales)
+            or _autocast(x, w_in, b_in, w_out_t, b_out, scales)):
         return _per_segment(x, w_out_t.shape[1], segments, kept, kept_offsets, scales,
                             lambda rows, k, s: gather_ffn(rows, w_in, b_in, w_out_t, b_out, k,
                                                           activation, backend, s))
@@ -532,7 +542,8 @@ def segmented_gather_swiglu_ffn(x, w_gate, w_up, w_down_t, segments, kept, kept_
     args = (x, w_gate, w_up, w_down_t, segments, kept, kept_offsets, backend, scales, strategy)
     if _direct(x, w_gate, w_up, w_down_t, segments, kept, kept_offsets, scales):
         return _segmented_gather_swiglu_ffn(*args)
-    if _records_grad(x, w_gate, w_up, w_down_t, scales) or _autocast(x):
+    if (_records_grad(x, w_gate, w_up, w_down_t, scales)
+            or _autocast(x, w_gate, w_up, w_down_t, scales)):
         return _per_segment(x, w_down_t.shape[1], segments, kept, kept_offsets, scales,
                             lambda rows, k, s: gather_swiglu_ffn(rows, w_gate, w_up, w_down_t, k,
                                                                  backend, s))
