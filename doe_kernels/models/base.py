@@ -125,7 +125,8 @@ def _match_layouts(optimizer, args, kwargs) -> None:
                 param.grad = _strided_like(param.grad, param)
             state = optimizer.state.get(param, {})
             for key, value in state.items():
-                if (isinstance(value, torch.Tensor) and value.shape == param.shape
+                # plain tensors only (a quantized state subclass keeps its own layout)
+                if (type(value) is torch.Tensor and value.shape == param.shape
                         and value.stride() != param.stride()):
                     state[key] = _strided_like(value, param)
 
