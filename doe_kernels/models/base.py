@@ -3,8 +3,11 @@
 An adapter recognises a transformer layer by its modules (not by class names), reads its sizes
 and patches it. `LayerPatch` keeps everything a patch replaced, so `restore` puts back the very
 same modules and Parameters, with the original weight layout, also after a patch that failed half
-way. While patched, `state_dict()` (and so `save_pretrained`) still gives the original model's
-keys and weights, and `load_state_dict` is refused.
+way. The output and down projections' Parameters are laid out input-major in place while
+patched (transposed strides, `LayerPatch.lay_out_input_major`), so that they still train; an
+optimizer step pre-hook keeps fused optimizers' state in their layout. While patched,
+`state_dict()` (and so `save_pretrained`) still gives the original model's keys and weights, and
+`load_state_dict` is refused.
 """
 from dataclasses import dataclass
 

@@ -505,8 +505,8 @@ def _unpack(rows: torch.Tensor, index: torch.Tensor, count: int) -> torch.Tensor
 
 def _full_kv(spans, projected, like: torch.Tensor, batch: int, tokens: int):
     """(keys, values) of the batch ((batch, KV heads, tokens, head_dim), in the projections'
-    dtypes, else `like`'s) with every KV head: each span's computed heads in place, zeros in the heads it
-    does not keep."""
+    dtypes, else `like`'s) with every KV head: each span's computed heads in place, zeros in the
+    heads it does not keep."""
     spec = spans[0][2].selection
     if len(spans) == 1 and spec.is_full and projected[0] is not None:  # one span, every head
         return projected[0][1], projected[0][2]

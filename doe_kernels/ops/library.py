@@ -468,8 +468,8 @@ def _segmented_gather_ffn(
 def union_gather_ffn(x, w_in, b_in, w_out_t, b_out, union, row_mask, activation: str,
                      backend: str):
     """The union path of segmented_gather_ffn (x 2-D): the union's rows gathered once, each row's
-    hidden activations multiplied by its row of `row_mask` (through the differentiable public
-    ops when autograd records the call)."""
+    hidden activations multiplied by its row of `row_mask` (through the public ops when autograd
+    records the call or autocast casts it)."""
     if _records_grad(x, w_in, b_in, w_out_t, b_out) or _autocast(x, w_in, b_in, w_out_t, b_out):
         hidden = gather_rows_linear(x, w_in, b_in, union, activation, backend) * row_mask
         return gather_cols_linear(hidden, w_out_t, b_out, union, backend)
@@ -551,9 +551,10 @@ def segmented_gather_swiglu_ffn(x, w_gate, w_up, w_down_t, segments, kept, kept_
 
 
 def _per_segment(x, out_features: int, segments, kept, kept_offsets, scales, run_segment):
-    """A segmented op that autograd records: each segment with rows through the differentiable
-    single-expert op (`run_segment(rows, kept, scales)`), the outputs concatenated (the
-    segmented ops have no backward pass of their own)."""
+    """A segmented op that autograd records or autocast casts: each segment with rows through
+    the single-expert public op (`run_segment(rows, kept, scales)`), which handles both, the
+    outputs concatenated (the segmented ops have no backward pass, nor mixed dtypes, of their
+    own)."""
     parts = [run_segment(x[r0:r1], kept[k0:k1], None if scales is None else scales[k0:k1])
              for r0, r1, k0, k1 in _segment_bounds(segments, kept_offsets)]
     return torch.cat(parts) if parts else x.new_zeros(0, out_features)
