@@ -32,12 +32,11 @@ def _register(name: str, implementation):
 def _direct(*tensors) -> bool:
     """Whether a call may run its implementation directly, skipping torch.library's dispatcher
     (about 10 us a call, which decoding pays 150 times a token on a small LLaMA): eager plain CPU or
-    CUDA tensors, no gradient asked for, nothing compiling, tracing or transforming the call.
+    CUDA tensors, no gradient asked for, nothing compiling, tracing or transforming the call (and,
+    checked by the callers first, nothing for torch.autocast to cast: `_autocast`).
     Otherwise the call goes through the registered op, which torch.compile, export and FakeTensor
     understand."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or _functorch_active():
-        return False
-    if _autocast(*tensors):
         return False
     grad = torch.is_grad_enabled()
     for t in tensors:
@@ -59,11 +58,11 @@ def _functorch_active() -> bool:
 def dense_in_kernel(x, backend: str, *tensors) -> bool:
     """Whether a call keeping every output (every neuron or head) should run the backend's kernel
     over the full index list rather than torch's dense GEMM: an eager call that needs no gradient
-    (`_direct`, over x and `tensors`), resolving to the `cpu` backend where that backend runs its
+    nor autocast's casts (`_direct`, `_autocast`, over x and `tensors`), resolving to the `cpu` backend where that backend runs its
     own kernel for it, not ATen's GEMM (at a few rows, and float32 on AMD CPUs, where the kernels
     outrun MKL's sgemm, at any; backends/cpu.runs_fused_dense). The index lists cost nothing next
     to the GEMM."""
-    if x.device.type != "cpu" or not _direct(x, *tensors):
+    if x.device.type != "cpu" or _autocast(x, *tensors) or not _direct(x, *tensors):
         return False
     rows = x.shape[:-1].numel()
     return (backends.resolve(backend, x.device, x.dtype, rows) == "cpu"
@@ -213,22 +212,18 @@ def _autocast_cols_linear(h, weight_t, bias, cols, scales):
     return F.linear(h, _kept(weight_t, cols).T, bias)
 
 
-def _autocast_swiglu(x, w_gate, w_up, w_down_t, kept, scales):
-    gate = F.linear(x, _kept(w_gate, kept))
-    return _autocast_cols_linear(F.silu(gate) * F.linear(x, _kept(w_up, kept)), w_down_t, None,
-                                 kept, scales)
-
-
 def _records_grad(*tensors) -> bool:
     """Whether autograd records the call: grad mode on and an input that requires a gradient."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-# A call that autograd records (training) runs the FFNs unfused: the kept neurons'
-# pre-activations come from the row-gathered op and the activation from torch, which keeps its
-# input for the backward pass. The fused ops' own backward passes (ops/autograd.py, for callers
-# of torch.ops.doe_kernels.*) recompute those pre-activations instead: one more gathered product
-# per input projection (docs/results.md, "Training a patched model").
+# A call that autograd records (training), or that autocast casts, runs the FFNs unfused, through
+# the public row- and column-gathered ops (which take autocast's casts themselves): the kept
+# neurons' pre-activations come from the row-gathered op and the activation from torch, which keeps
+# its input for the backward pass. The fused ops' own backward passes (ops/autograd.py, for
+# callers of torch.ops.doe_kernels.*) recompute those pre-activations instead: one more gathered
+# product per input projection (docs/results.md, "Training a patched model"). Under autograd alone
+# a full kept list takes the fused ops' dense path, torch's own ops.
 def gather_rows_linear(x, weight, bias, rows, activation: str, backend: str):
     if _autocast(x, weight, bias):
         return _autocast_rows_linear(x, weight, bias, rows, activation)
@@ -248,31 +243,43 @@ def gather_cols_linear(h, weight_t, bias, cols, backend: str, scales=None):
     return _gather_cols_linear_op(h, weight_t, bias, cols, backend, scales)
 
 
+def _unfused_ffn(x, w_in, b_in, w_out_t, b_out, kept, activation: str, backend: str, scales=None,
+                 row_mask=None):
+    """The BERT FFN through the public row- and column-gathered ops (`row_mask`: each row's
+    hidden activations multiplied by its row of it, the union path's)."""
+    hidden = gather_rows_linear(x, w_in, b_in, kept, activation, backend)
+    hidden = hidden if row_mask is None else hidden * row_mask
+    return gather_cols_linear(hidden, w_out_t, b_out, kept, backend, scales)
+
+
+def _unfused_swiglu_ffn(x, w_gate, w_up, w_down_t, kept, backend: str, scales=None,
+                        row_mask=None):
+    """The SwiGLU FFN as _unfused_ffn."""
+    gate = gather_rows_linear(x, w_gate, None, kept, "identity", backend)
+    hidden = F.silu(gate) * gather_rows_linear(x, w_up, None, kept, "identity", backend)
+    hidden = hidden if row_mask is None else hidden * row_mask
+    return gather_cols_linear(hidden, w_down_t, None, kept, backend, scales)
+
+
 def gather_ffn(x, w_in, b_in, w_out_t, b_out, kept, activation: str, backend: str, scales=None):
-    if _autocast(x, w_in, b_in, w_out_t, b_out, scales):
-        hidden = _autocast_rows_linear(x, w_in, b_in, kept, activation)
-        return _autocast_cols_linear(hidden, w_out_t, b_out, kept, scales)
-    if _direct(x, w_in, b_in, w_out_t, b_out, kept, scales):
+    autocast = _autocast(x, w_in, b_in, w_out_t, b_out, scales)
+    if not autocast and _direct(x, w_in, b_in, w_out_t, b_out, kept, scales):
         return _gather_ffn(x, w_in, b_in, w_out_t, b_out, kept, activation, backend, scales)
-    if _records_grad(x, w_in, b_in, w_out_t, b_out, scales):
-        if kept.numel() == w_in.shape[0]:  # every neuron: the dense FFN, torch's own gradients
-            return _gather_ffn(x, w_in, b_in, w_out_t, b_out, kept, activation, backend, scales)
-        hidden = gather_rows_linear(x, w_in, b_in, kept, activation, backend)
-        return _gather_cols_linear_op(hidden, w_out_t, b_out, kept, backend, scales)
+    if autocast or _records_grad(x, w_in, b_in, w_out_t, b_out, scales):
+        full = not autocast and kept.numel() == w_in.shape[0]  # autocast: F.linear's dtype
+        run = _gather_ffn if full else _unfused_ffn
+        return run(x, w_in, b_in, w_out_t, b_out, kept, activation, backend, scales)
     return _gather_ffn_op(x, w_in, b_in, w_out_t, b_out, kept, activation, backend, scales)
 
 
 def gather_swiglu_ffn(x, w_gate, w_up, w_down_t, kept, backend: str, scales=None):
-    if _autocast(x, w_gate, w_up, w_down_t, scales):
-        return _autocast_swiglu(x, w_gate, w_up, w_down_t, kept, scales)
-    if _direct(x, w_gate, w_up, w_down_t, kept, scales):
+    autocast = _autocast(x, w_gate, w_up, w_down_t, scales)
+    if not autocast and _direct(x, w_gate, w_up, w_down_t, kept, scales):
         return _gather_swiglu_ffn(x, w_gate, w_up, w_down_t, kept, backend, scales)
-    if _records_grad(x, w_gate, w_up, w_down_t, scales):
-        if kept.numel() == w_gate.shape[0]:  # every neuron: as gather_ffn
-            return _gather_swiglu_ffn(x, w_gate, w_up, w_down_t, kept, backend, scales)
-        gate = _gather_rows_linear_op(x, w_gate, None, kept, "identity", backend)
-        up = _gather_rows_linear_op(x, w_up, None, kept, "identity", backend)
-        return _gather_cols_linear_op(F.silu(gate) * up, w_down_t, None, kept, backend, scales)
+    if autocast or _records_grad(x, w_gate, w_up, w_down_t, scales):
+        full = not autocast and kept.numel() == w_gate.shape[0]
+        run = _gather_swiglu_ffn if full else _unfused_swiglu_ffn
+        return run(x, w_gate, w_up, w_down_t, kept, backend, scales)
     return _gather_swiglu_ffn_op(x, w_gate, w_up, w_down_t, kept, backend, scales)
 
 
@@ -471,8 +478,8 @@ def union_gather_ffn(x, w_in, b_in, w_out_t, b_out, union, row_mask, activation:
     hidden activations multiplied by its row of `row_mask` (through the public ops when autograd
     records the call or autocast casts it)."""
     if _records_grad(x, w_in, b_in, w_out_t, b_out) or _autocast(x, w_in, b_in, w_out_t, b_out):
-        hidden = gather_rows_linear(x, w_in, b_in, union, activation, backend) * row_mask
-        return gather_cols_linear(hidden, w_out_t, b_out, union, backend)
+        return _unfused_ffn(x, w_in, b_in, w_out_t, b_out, union, activation, backend,
+                            row_mask=row_mask)
     module, x2d = _run(x, backend)
     w_in, b_in, w_out_t, b_out = _contiguous(w_in, b_in, w_out_t, b_out)
     hidden = module.gather_rows_linear(x2d, w_in, b_in, union, activation) * row_mask
@@ -504,9 +511,7 @@ def _segmented_gather_swiglu_ffn(
 def union_gather_swiglu_ffn(x, w_gate, w_up, w_down_t, union, row_mask, backend: str):
     """The union path of segmented_gather_swiglu_ffn (union_gather_ffn's, for SwiGLU)."""
     if _records_grad(x, w_gate, w_up, w_down_t) or _autocast(x, w_gate, w_up, w_down_t):
-        gate = gather_rows_linear(x, w_gate, None, union, "identity", backend)
-        up = gather_rows_linear(x, w_up, None, union, "identity", backend)
-        return gather_cols_linear(F.silu(gate) * up * row_mask, w_down_t, None, union, backend)
+        return _unfused_swiglu_ffn(x, w_gate, w_up, w_down_t, union, backend, row_mask=row_mask)
     module, x2d = _run(x, backend)
     w_gate, w_up, w_down_t = _contiguous(w_gate, w_up, w_down_t)
     hidden = module.gather_swiglu(x2d, w_gate, w_up, union) * row_mask
@@ -527,10 +532,11 @@ def segmented_gather_ffn(x, w_in, b_in, w_out_t, b_out, segments, kept, kept_off
                          activation: str, backend: str, scales=None, strategy: str = "auto"):
     args = (x, w_in, b_in, w_out_t, b_out, segments, kept, kept_offsets, activation, backend,
             scales, strategy)
-    if _direct(x, w_in, b_in, w_out_t, b_out, segments, kept, kept_offsets, scales):
+    autocast = _autocast(x, w_in, b_in, w_out_t, b_out, scales)
+    if not autocast and _direct(x, w_in, b_in, w_out_t, b_out, segments, kept, kept_offsets,
+                                scales):
         return _segmented_gather_ffn(*args)
-    if (_records_grad(x, w_in, b_in, w_out_t, b_out, scales)
-            or _autocast(x, w_in, b_in, w_out_t, b_out, scales)):
+    if autocast or _records_grad(x, w_in, b_in, w_out_t, b_out, scales):
         return _per_segment(x, w_out_t.shape[1], segments, kept, kept_offsets, scales,
                             lambda rows, k, s: gather_ffn(rows, w_in, b_in, w_out_t, b_out, k,
                                                           activation, backend, s))
@@ -540,10 +546,10 @@ def segmented_gather_ffn(x, w_in, b_in, w_out_t, b_out, segments, kept, kept_off
 def segmented_gather_swiglu_ffn(x, w_gate, w_up, w_down_t, segments, kept, kept_offsets,
                                 backend: str, scales=None, strategy: str = "auto"):
     args = (x, w_gate, w_up, w_down_t, segments, kept, kept_offsets, backend, scales, strategy)
-    if _direct(x, w_gate, w_up, w_down_t, segments, kept, kept_offsets, scales):
+    autocast = _autocast(x, w_gate, w_up, w_down_t, scales)
+    if not autocast and _direct(x, w_gate, w_up, w_down_t, segments, kept, kept_offsets, scales):
         return _segmented_gather_swiglu_ffn(*args)
-    if (_records_grad(x, w_gate, w_up, w_down_t, scales)
-            or _autocast(x, w_gate, w_up, w_down_t, scales)):
+    if autocast or _records_grad(x, w_gate, w_up, w_down_t, scales):
         return _per_segment(x, w_down_t.shape[1], segments, kept, kept_offsets, scales,
                             lambda rows, k, s: gather_swiglu_ffn(rows, w_gate, w_up, w_down_t, k,
                                                                  backend, s))
