@@ -46,6 +46,12 @@ def detect_task_type(model) -> str:
     if type(model).__name__.endswith("ForCausalLM"):
         return CAUSAL_LM
     if any(hasattr(model, name) for name in ("classifier", "score")):
+        if spec_of(model).family != "bert":
+            raise ValueError(
+                f"{type(model).__name__}: sequence classification is supported on BERT-family "
+                "models only (a decoder's classifier reads the last position, which a batch's "
+                "padding and the soft prompt move); score the task with the ...ForCausalLM "
+                "model and label words instead")
         return SEQ_CLS
     if model.get_output_embeddings() is not None:
         return CAUSAL_LM
@@ -452,8 +458,14 @@ class Expert:
                 batch["token_weights"] = weights
             yield batch
 
+    def check_tokenizer(self, tokenizer) -> None:
+        """Raise ValueError when `tokenizer` cannot serve this expert: a causal LM's label words
+        encode to other token ids than it was trained with, or its template alone is longer than
+        `max_length` tokens."""
+        self.encode(tokenizer, [""])
+
     def encode(self, tokenizer, texts):
-        if self.task_type == CAUSAL_LM:
+        if self.task_type == CAUSAL_LM and self.label_words is not None:
             ids = label_token_ids(tokenizer, self.label_words)
             if ids != self.label_token_ids:
                 raise ValueError(f"this tokenizer encodes the label words {self.label_words} to "

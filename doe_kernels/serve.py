@@ -25,6 +25,7 @@ other threads that run the model while the router serves bring the slowdown back
 CUDA device and stream) do not reach the compute thread: cast the model to the dtype it serves
 in.
 """
+import contextlib
 import ctypes
 import functools
 import os
@@ -38,7 +39,7 @@ import torch
 from doe_kernels.expert import Expert
 from doe_kernels.mask import ExpertMask
 from doe_kernels.mixed import mixed_logits
-from doe_kernels.patching import is_patched, patch, unpatch
+from doe_kernels.patching import current_mask, is_patched, patch, plugged, unpatch
 
 
 class ExpertRouter:
@@ -53,7 +54,7 @@ class ExpertRouter:
         self.backend, self.batch_size, self.batch_window = backend, batch_size, batch_window
         self._experts: dict[str, Expert] = {}
         self._lock = threading.Lock()
-        self._patched_here = False
+        self._own_mask: ExpertMask | None = None  # the keep-everything mask it patched with
         self._worker: _Worker | None = None  # the dynamic batcher, started by submit()
         self._compute: ThreadPoolExecutor | None = None  # every forward pass, started on demand
         self._local = threading.local()  # .compute: set on the compute thread
@@ -62,17 +63,22 @@ class ExpertRouter:
 
     # ---- experts ------------------------------------------------------------------------
     def add(self, name: str, expert: Expert) -> None:
-        """Register a task's expert; raises ValueError if it does not fit the model."""
+        """Register a task's expert; raises ValueError if it does not fit the model or the
+        router's tokenizer (`Expert.check_fits`, `Expert.check_tokenizer`)."""
         if not isinstance(name, str) or not name:
             raise ValueError(f"task names are non-empty strings, got {name!r}")
         if not isinstance(expert, Expert):
             raise TypeError(f"expert must be a doe_kernels.Expert, got {type(expert).__name__}")
-        expert.check_fits(self.model)
-        with self._lock:
+        self._computed(self._add_now, name, expert)
+
+    def _add_now(self, name: str, expert: Expert) -> None:
+        with self._locked():  # the model is not being patched meanwhile
+            expert.check_fits(self.model)
+            expert.check_tokenizer(self.tokenizer)
             self._experts[name] = expert
 
     def remove(self, name: str) -> None:
-        with self._lock:
+        with self._locked():
             self._experts.pop(self._known(name))
 
     @property
@@ -101,17 +107,26 @@ class ExpertRouter:
         return self._computed(self._run_now, name, texts)
 
     def _run_now(self, name: str, texts: list[str]) -> tuple[Expert, torch.Tensor]:
-        with self._lock:
+        with self._locked():
             expert = self._experts[self._known(name)]
             self._keep_patched()
-            with expert.plugged(self.model, backend=self.backend):
+            # an expert without a mask runs the whole model, as in a mixed batch, whatever mask
+            # the model was patched with before the router
+            whole = plugged(self.model, ExpertMask(), self.backend) if expert.mask is None \
+                else contextlib.nullcontext()
+            with whole, expert.plugged(self.model, backend=self.backend):
                 return expert, expert.predict_logits(self.model, self.tokenizer, texts,
                                                      self.batch_size, backend=self.backend)
 
     def _computed(self, fn, *args):
         """fn(*args) run on the router's compute thread (started on first use; the module's
-        docstring says why), its result or error returned or raised here."""
+        docstring says why), its result or error returned or raised here; asked on that thread,
+        run at once, except from inside a forward pass (a hook), which holds the lock."""
         if self._on_compute_thread():
+            if getattr(self._local, "locked", False):
+                raise RuntimeError(f"{fn.__name__.strip('_').removesuffix('_now')} from inside "
+                                   "the router's forward pass (a hook on its compute thread) "
+                                   "would wait for itself")
             return fn(*args)
         _free_openmp_pool()
         with self._worker_lock:  # close() cannot shut it down between the check and the submit
@@ -121,6 +136,17 @@ class ExpertRouter:
             future = self._compute.submit(fn, *args)
         return future.result()
 
+    @contextlib.contextmanager
+    def _locked(self):
+        """The router's lock, and a mark that this thread holds it (a request from a hook
+        inside the forward pass it guards is refused instead of waiting forever)."""
+        with self._lock:
+            self._local.locked = True
+            try:
+                yield
+            finally:
+                self._local.locked = False
+
     def _on_compute_thread(self) -> bool:
         return getattr(self._local, "compute", False)
 
@@ -129,11 +155,20 @@ class ExpertRouter:
             raise RuntimeError(f"{what} from inside the router's forward pass (a hook on its "
                                "compute thread) would wait for itself")
 
+    def _refuse_on_batching_thread(self, what: str) -> None:
+        with self._worker_lock:
+            worker = self._worker
+        if worker is not None and threading.current_thread() is worker.thread:
+            raise RuntimeError(f"{what} from the router's batching thread (a done callback of a "
+                               "submitted request's Future) would wait for itself; submit() "
+                               "there and read the result elsewhere")
+
     def _keep_patched(self) -> None:
         """Patch the model with a keep-everything mask (swaps stay cheap); under the lock."""
         if not is_patched(self.model):
-            patch(self.model, ExpertMask(), self.backend)
-            self._patched_here = True
+            mask = ExpertMask()
+            patch(self.model, mask, self.backend)
+            self._own_mask = mask
 
     # ---- mixed-task batches -----------------------------------------------------------------
     def run_mixed_logits(self, requests) -> list[torch.Tensor]:
@@ -154,7 +189,7 @@ class ExpertRouter:
         return self._computed(self._mixed_now, requests)
 
     def _mixed_now(self, requests: list[tuple[Expert, str]]) -> list[torch.Tensor]:
-        with self._lock:
+        with self._locked():
             self._keep_patched()
             return mixed_logits(self.model, self.tokenizer, requests, self.batch_size,
                                 self.backend)
@@ -179,28 +214,47 @@ class ExpertRouter:
 
     def ask(self, task: str, text: str) -> str:
         """`submit(task, text).result()`: one request through the dynamic batcher."""
+        self._refuse_on_batching_thread("ask")
         return self.submit(task, text).result()
 
     def _serve_batch(self, batch) -> None:
-        """Answer one batch of queued (expert, text, future); its futures get the error if it
-        fails."""
+        """Answer one batch of queued (expert, text, future). If a batch of several experts
+        fails, each expert's requests are served again on their own, so that an error reaches
+        only the futures of the expert that raised it."""
         live = [(e, t, f) for e, t, f in batch if f.set_running_or_notify_cancel()]
+        groups: dict[int, list] = {}
+        for request in live:
+            groups.setdefault(id(request[0]), []).append(request)
+        if len(groups) <= 1:
+            self._answer(live)
+        elif not self._answer(live, errors_to_futures=False):
+            for group in groups.values():
+                self._answer(group)
+
+    def _answer(self, requests, errors_to_futures: bool = True) -> bool:
+        """Serve (expert, text, future) requests in one mixed batch and set their futures to
+        the answers (or, with `errors_to_futures`, to the error); whether it worked."""
         try:
-            rows = self._mixed([(expert, text) for expert, text, _ in live]) if live else []
-            labels = [_label(expert, row) for (expert, _, _), row in zip(live, rows)]
-        except BaseException as error:  # surfaced to the clients of this batch
-            for _, _, future in live:
-                future.set_exception(error)
-            return
-        for (_, _, future), label in zip(live, labels):
+            rows = self._mixed([(expert, text) for expert, text, _ in requests]) if requests \
+                else []
+            labels = [_label(expert, row) for (expert, _, _), row in zip(requests, rows)]
+        except BaseException as error:  # surfaced to the clients of these requests
+            if errors_to_futures:
+                for _, _, future in requests:
+                    future.set_exception(error)
+            return False
+        for (_, _, future), label in zip(requests, labels):
             future.set_result(label)
+        return True
 
     def close(self) -> None:
         """Serve what was submitted, stop the worker and the compute thread, and restore the
-        unpatched model (if the router patched it). A request after this starts new ones.
+        unpatched model (if the router patched it and no other patch replaced its own since). A
+        request after this starts new ones.
         Call it when done: a router dropped without it leaves the model patched (and one that
         took `submit` requests stays alive in its batching thread)."""
         self._refuse_on_compute_thread("close")
+        self._refuse_on_batching_thread("close")
         with self._worker_lock:
             worker, self._worker = self._worker, None
             if worker is not None:
@@ -211,10 +265,10 @@ class ExpertRouter:
             compute, self._compute = self._compute, None
         if compute is not None:
             compute.shutdown()  # after the forward passes asked for before
-        with self._lock:
-            if self._patched_here and is_patched(self.model):
-                unpatch(self.model)
-            self._patched_here = False
+        with self._locked():
+            if self._own_mask is not None and current_mask(self.model) is self._own_mask:
+                unpatch(self.model)  # not a patch the user made meanwhile
+            self._own_mask = None
 
     def __enter__(self):
         return self
@@ -318,9 +372,9 @@ def _texts(batch) -> list[str]:
     """A batch as a non-empty list of texts that are valid Unicode (no lone surrogates)."""
     if isinstance(batch, str):
         batch = [batch]
-    elif not isinstance(batch, (list, tuple)) or not batch:
+    elif not isinstance(batch, (list, tuple)) or not batch:  # `not` only on a list or tuple
         raise ValueError(f"a batch is a text or a non-empty list of texts, got {type(batch).__name__}"
-                         + ("" if batch else " (empty)"))
+                         + (" (empty)" if isinstance(batch, (list, tuple)) else ""))
     for i, text in enumerate(batch):
         if not isinstance(text, str):
             raise ValueError(f"batch item {i} is a {type(text).__name__}, not a text")

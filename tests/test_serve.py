@@ -235,9 +235,9 @@ def test_a_router_left_open_is_freed(served, tokenizer):
     import weakref
 
     model, experts, alone = served
-    router = dk.ExpertRouter(model, tokenizer)
-    router.add("task0", experts["task0"])
     before = set(threading.enumerate())
+    router = dk.ExpertRouter(model, tokenizer)
+    router.add("task0", experts["task0"])  # on the compute thread too
     router.run("task0", TEXTS[0])
     compute = [t for t in set(threading.enumerate()) - before
                if t.name.startswith("doe-kernels-compute")]
@@ -284,11 +284,11 @@ def test_the_main_threads_openmp_pool_is_freed(served, tokenizer, monkeypatch):
         threading.current_thread() is threading.main_thread()))
     with dk.ExpertRouter(model, tokenizer) as router:
         router.add("task0", experts["task0"])
-        assert calls == [True]
-        router.run("task0", TEXTS[0])
         assert calls == [True, True]
+        router.run("task0", TEXTS[0])
+        assert calls == [True, True, True]
         assert not run_clients(lambda i: router.run("task0", TEXTS[0]) and (), 2)
-        assert calls == [True, True, False, False]
+        assert calls == [True, True, True, False, False]
 
 
 def test_bad_mixed_requests_are_refused_and_others_are_served(served, tokenizer):
@@ -361,3 +361,157 @@ def test_a_failing_batch_fails_its_requests_and_the_worker_goes_on(served, token
     assert router.ask("task0", TEXTS[0]) == experts["task0"].label_names[
         int(alone["task0"][0].argmax())]
     router.close()
+
+
+def test_one_experts_failure_fails_only_its_requests(served, tokenizer):
+    """A mixed batch that fails is served again expert by expert: the other experts' requests
+    get their answers, the failing expert's requests its error."""
+    model, experts, alone = served
+    router = dk.ExpertRouter(model, tokenizer, batch_size=8, batch_window=0.5)
+    for name in ("task0", "task1"):
+        router.add(name, experts[name])
+    mixed, batches = router._mixed, []
+
+    def fail_with_task1(requests):
+        batches.append(len(requests))
+        if any(expert is experts["task1"] for expert, _ in requests):
+            raise ValueError("task1 cannot be served")
+        return mixed(requests)
+
+    router._mixed = fail_with_task1
+    try:
+        futures = [router.submit(task, TEXTS[i]) for i, task in
+                   enumerate(["task0", "task1", "task0", "task1"])]
+        assert futures[0].result(timeout=60) == experts["task0"].label_names[
+            int(alone["task0"][0].argmax())]
+        assert futures[2].result(timeout=60) == experts["task0"].label_names[
+            int(alone["task0"][2].argmax())]
+        for future in futures[1::2]:
+            with pytest.raises(ValueError, match="task1 cannot be served"):
+                future.result(timeout=60)
+    finally:
+        router.close()
+    assert batches == [4, 2, 2]  # the whole batch, then each expert's requests
+    assert not dk.is_patched(model)
+
+
+def test_add_refuses_an_expert_the_tokenizer_cannot_serve(tokenizer):
+    """Label words this tokenizer encodes to other ids, or a template longer than max_length
+    on its own: refused by add(), not by every later batch holding the expert."""
+    from doe_kernels.expert import Expert, label_token_ids, model_sizes
+    from expert_utils import tiny_llama
+
+    model = tiny_llama()
+    ids = label_token_ids(tokenizer, [" positive", " negative"])
+
+    def expert(**kwargs):
+        args = dict(label_words=[" positive", " negative"], label_token_ids=ids,
+                    sizes=model_sizes(model)) | kwargs
+        return Expert(None, torch.randn(3, 32), "causal_lm", ["positive", "negative"], **args)
+
+    with dk.ExpertRouter(model, tokenizer) as router:
+        with pytest.raises(ValueError, match="encodes the label words"):
+            router.add("swapped", expert(label_token_ids=ids[::-1]))
+        with pytest.raises(ValueError, match="alone is longer than max_length=4"):
+            router.add("long", expert(template="a rather long template: {text}", max_length=4))
+        assert router.tasks == []
+        router.add("ids only", expert(label_words=None))  # token ids without words: served
+        router.add("words", expert())
+        assert router.run_mixed([("ids only", TEXTS[0]), ("words", TEXTS[0])]) == \
+            router.run("words", [TEXTS[0]]) * 2
+    assert not dk.is_patched(model)
+
+
+def test_decoder_sequence_classifiers_are_refused(tokenizer):
+    """A LLaMA-family ...ForSequenceClassification reads its answer at the last position, which
+    padding and the soft prompt move: refused with a message naming the way that works."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from doe_kernels.expert import detect_task_type
+
+    config = LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=48, vocab_size=30522,
+                         pad_token_id=0)
+    model = LlamaForSequenceClassification(config).eval()
+    with pytest.raises(ValueError, match="BERT-family models only.*ForCausalLM"):
+        detect_task_type(model)
+    head = {"score.weight": torch.randn(2, 32)}
+    expert = dk.Expert(None, torch.randn(3, 32), "seq_cls", ["negative", "positive"], head=head)
+    with dk.ExpertRouter(model, tokenizer) as router:
+        with pytest.raises(ValueError, match="BERT-family models only"):
+            router.add("sentiment", expert)
+        assert router.tasks == []
+
+
+def test_an_expert_without_a_mask_runs_the_whole_model(served, tokenizer):
+    """On a model patched before the router, an expert without a mask (`Expert.dense()`) runs
+    the unpruned model through run() as through run_mixed(); close() leaves the user's patch."""
+    model, experts, _ = served
+    dense = experts["task1"].dense()
+    expected = dense.predict_logits(model, tokenizer, TEXTS[:3])
+    user_mask = dk.ExpertMask.random(model, ffn_keep=0.5, heads_keep=0.5, seed=3)
+    dk.patch(model, user_mask)
+    try:
+        with dk.ExpertRouter(model, tokenizer) as router:
+            router.add("dense", dense)
+            torch.testing.assert_close(router.run_logits("dense", TEXTS[:3]), expected)
+            mixed = router.run_mixed_logits([("dense", text) for text in TEXTS[:3]])
+            torch.testing.assert_close(torch.stack(mixed), expected, atol=1e-5, rtol=1e-5)
+        assert dk.current_mask(model) is user_mask
+    finally:
+        dk.unpatch(model)
+    router = dk.ExpertRouter(model, tokenizer)
+    router.add("task0", experts["task0"])
+    router.run("task0", TEXTS[0])  # the router patches the model
+    dk.patch(model, user_mask)  # and the user swaps in an expert of their own
+    router.close()
+    assert dk.current_mask(model) is user_mask  # left as the user made it
+    dk.unpatch(model)
+
+
+def test_calls_that_would_wait_for_themselves_are_refused(served, tokenizer):
+    """ask() or close() from a done callback (the batching thread), and run(), run_mixed() or
+    add() from a hook inside the router's forward pass, raise instead of hanging the router."""
+    model, experts, alone = served
+    router = dk.ExpertRouter(model, tokenizer, batch_window=0.001)
+    router.add("task0", experts["task0"])
+    expected = experts["task0"].label_names[int(alone["task0"][0].argmax())]
+    errors, done = [], threading.Event()
+
+    def callback(_):
+        for call in (lambda: router.ask("task0", TEXTS[0]), router.close):
+            try:
+                call()
+            except RuntimeError as error:
+                errors.append(str(error))
+        done.set()
+
+    try:
+        router.submit("task0", TEXTS[0]).add_done_callback(callback)
+        assert done.wait(60)
+        assert len(errors) == 2 and all("batching thread" in e for e in errors), errors
+        assert router.ask("task0", TEXTS[0]) == expected  # the router goes on
+        for call in (lambda: router.run_logits("task0", TEXTS[0]),
+                     lambda: router.run_mixed([("task0", TEXTS[0])]),
+                     lambda: router.add("again", experts["task1"])):
+            hook = model.register_forward_pre_hook(lambda m, a, call=call: call())
+            try:
+                with pytest.raises(RuntimeError, match="forward pass .* wait for itself"):
+                    router.run("task0", TEXTS[0])
+            finally:
+                hook.remove()
+        assert router.run("task0", TEXTS[0]) == [expected]
+        assert router.tasks == ["task0"]
+    finally:
+        router.close()
+    assert not dk.is_patched(model)
+
+
+def test_a_batch_of_another_type_is_refused_by_name():
+    from doe_kernels.serve import _texts
+
+    numpy = pytest.importorskip("numpy")
+    for batch, match in [(numpy.array(["a", "b"]), "got ndarray$"), ([], r"got list \(empty\)"),
+                         (None, "got NoneType$")]:
+        with pytest.raises(ValueError, match=match):
+            _texts(batch)
