@@ -109,3 +109,24 @@ def test_activation_codes_agree_with_the_compiled_kernels():
     codes = [int(code) for code in re.findall(r"k\w+ = (\d+)", enum)]
     assert codes == sorted(ACTIVATION_CODES.values())
     assert list(ACTIVATION_CODES) == ["identity", "gelu", "gelu_tanh", "relu"]  # enum order
+
+
+@pytest.mark.parametrize("weights", [1, 2])
+@pytest.mark.parametrize("element_size", [2, 4])
+def test_triton_launch_configs_fit_shared_memory(weights, element_size):
+    """The fixed launch of every row regime fits the shared-memory budget (float32 SwiGLU
+    drops pipeline stages), and for every row regime the autotuner keeps a config that fits."""
+    pytest.importorskip("triton")
+    from doe_kernels.backends.triton import kernels as k
+
+    configs = k.SWIGLU_CONFIGS if weights == 2 else k.MATMUL_CONFIGS
+    prune = k._make_prune(weights, "x")["early_config_prune"]
+    for rows in (1, 16, 17, 64, 128, 129, 4096):
+        meta = k.fixed_launch(rows, weights, element_size)
+        assert k.smem_bytes(meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"],
+                            meta["num_stages"], weights, element_size) <= k._SMEM_LIMIT
+        x = torch.empty(0, dtype=torch.float32 if element_size == 4 else torch.bfloat16)
+        kept = prune(configs, {"M_BUCKET": k.m_bucket(rows), "x": x})
+        assert all(k.smem_bytes(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"],
+                                c.num_stages, weights, element_size) <= k._SMEM_LIMIT
+                   for c in kept), rows

@@ -398,9 +398,18 @@ class TestSmolLM2:
         config.compilation_config = copy.copy(config.compilation_config)
         config.compilation_config.mode = CompilationMode.VLLM_COMPILE  # a GPU's default
         config.compilation_config.cudagraph_mode = CUDAGraphMode.FULL_AND_PIECEWISE
+        config.compilation_config.cudagraph_capture_sizes = [1, 2, 4]  # a GPU's (the CPU's: [])
         graphs = SimpleNamespace(llm_engine=SimpleNamespace(vllm_config=config))
         with pytest.raises(RuntimeError, match="cudagraph_mode"):
             dkv.plug(graphs, smol["masks"]["a"])
+        # not compiled, but capturing whole decode steps (a GPU engine with compilation off)
+        config.compilation_config.mode = CompilationMode.NONE
+        config.compilation_config.cudagraph_mode = CUDAGraphMode.FULL_DECODE_ONLY
+        config.compilation_config.cudagraph_capture_sizes = [1, 2, 4]
+        with pytest.raises(RuntimeError, match="cudagraph_mode FULL_DECODE_ONLY"):
+            dkv.plug(graphs, smol["masks"]["a"])
+        config.compilation_config.cudagraph_capture_sizes = []  # the CPU platform's: no graphs
+        assert dkv.worker.check_engine_config(config) is None
         config.compilation_config = smol["llm"].llm_engine.vllm_config.compilation_config
         config.parallel_config = copy.copy(config.parallel_config)
         config.parallel_config.worker_extension_cls = ""
@@ -520,6 +529,60 @@ def test_step_layout_groups_rows_by_expert(names, counts, rows, groups, group_co
     assert layout.grouped(x)[:, 0].tolist() == (grouped or list(range(rows)))
     assert torch.equal(layout.ungrouped(layout.grouped(x)), x)
     assert [stop - start for _, start, stop in layout.bounds()] == group_counts
+
+
+def test_holding_an_expert_changes_a_rank_only_when_every_layer_is_ready(monkeypatch):
+    """A stand-in rank of three layers: adding or removing an expert builds every layer's
+    forwards before setting any, so one that fails (out of memory, say) leaves the rank's
+    forwards, plans and held names as they were; one that works sets them all."""
+    from types import SimpleNamespace
+
+    from doe_kernels.vllm import worker
+
+    layers = [(SimpleNamespace(qkv_proj=SimpleNamespace(), o_proj=SimpleNamespace()),
+               SimpleNamespace()) for _ in range(3)]
+    rank = worker.WorkerExtension()
+    rank._doe_layers_cache, rank.model_runner = layers, None
+    monkeypatch.setattr(worker, "watch_steps", lambda runner, known: None)
+    built = []
+
+    def forwards_of(attn, mlp, attn_plan, ffn_plan, held):
+        if len(built) == 1 and "bad" in held:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        built.append(sorted(held))
+        return tuple(f"{sorted(held)} {name}" for name in ("mlp", "qkv", "o"))
+
+    monkeypatch.setattr(worker, "_forwards_of", forwards_of)
+    plans = [(None, None)] * 3
+    rank._doe_staged = ("t1", plans)
+    assert rank.doe_add_expert("good", "t1") == 0
+    assert rank.doe_experts() == ["good"] and mlp_forwards(layers) == ["['good'] mlp"] * 3
+    rank._doe_staged = ("t2", plans)
+    built.clear()
+    with pytest.raises(torch.OutOfMemoryError):
+        rank.doe_add_expert("bad", "t2")
+    assert rank.doe_experts() == ["good"] and mlp_forwards(layers) == ["['good'] mlp"] * 3
+    assert rank.doe_remove_expert("good") and rank.doe_experts() == []
+    assert mlp_forwards(layers) == ["[] mlp"] * 3
+
+
+def mlp_forwards(layers) -> list:
+    return [mlp.__dict__.get("forward") for _, mlp in layers]
+
+
+def test_plug_on_ranks_prepares_every_layer_only_for_an_expert_to_hold():
+    from doe_kernels.vllm.protocol import plug_on_ranks
+
+    checks = []
+
+    def call(method, args):
+        if method == "doe_check_mask":
+            checks.append(args[3])
+        return [None]
+
+    plug_on_ranks(call, doe_kernels.ExpertMask({0: [1]}))
+    plug_on_ranks(call, doe_kernels.ExpertMask({0: [1]}), "doe_add_expert", "name")
+    assert checks == [False, True]
 
 
 def test_watch_steps_sets_each_steps_layout():

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 
 from doe_kernels.vllm.gate import GATE_HEADER, ExpertGate
-from doe_kernels.vllm.protocol import EXTRA_ARG
+from doe_kernels.vllm.protocol import EXTRA_ARG, SALT_PREFIX, cache_salt
 
 
 class Engine:
@@ -100,11 +100,11 @@ def test_a_request_naming_a_held_expert_reaches_the_engine_salted():
     assert call(gate, app, "/v1/completions", completion("polarity"), chunks=3)[0] == 200
     path, body, headers = app.seen[-1]
     assert body["vllm_xargs"] == {EXTRA_ARG: "polarity", "other": 1}
-    assert body["cache_salt"] == "doe_kernels expert polarity"
+    assert body["cache_salt"] == cache_salt("polarity")
     assert headers[b"content-length"] == str(len(json.dumps(body).encode())).encode()
     # the request's own salt stays, before the expert's; chat requests alike
     call(gate, app, "/v1/chat/completions", completion("polarity", cache_salt="user 7"))
-    assert app.seen[-1][1]["cache_salt"] == "user 7 | doe_kernels expert polarity"
+    assert app.seen[-1][1]["cache_salt"] == cache_salt("polarity", "user 7")
     assert engine.reads == 1  # the names were read once
     # naming none, bodies vLLM must judge itself, other routes and RPCs pass as sent
     for path, body in (("/v1/completions", dict(model="m", prompt="hi")),
@@ -336,3 +336,28 @@ def test_a_check_that_raises_drops_every_staged_plan(discard_fails):
     with pytest.raises(ValueError, match="rank 1 died"):
         plug_on_ranks(call, doe_kernels.ExpertMask({0: [1]}))
     assert calls == ["doe_check_mask", "doe_discard_mask"]
+
+
+def test_salts_cannot_be_forged_or_confused():
+    """Experts' salts are hashes of (name, own salt, generation) with a prefix no request's own
+    salt may take: a request (named or not, on any route) cannot fill an expert's prefix cache
+    from the model it runs on, and names or own salts holding separators, '/' or '@', or long
+    own salts, give distinct salts vLLM accepts (at most 128 characters, none of @ / \\)."""
+    engine, app, gate = setup()
+    call(gate, app, "/v1/completions", completion("polarity"))
+    expert_salt = app.seen[-1][1]["cache_salt"]
+    seen = len(app.seen)
+    for path, body in (("/v1/completions", dict(model="m", prompt="hi", cache_salt=expert_salt)),
+                       ("/v1/completions", completion("polarity", cache_salt=SALT_PREFIX)),
+                       ("/v1/messages", dict(model="m", messages=[], cache_salt=expert_salt))):
+        status, reply, _ = call(gate, app, path, body)
+        assert status == 400 and "reserved" in reply["error"]["message"], path
+    assert len(app.seen) == seen
+    salts = {cache_salt(name, own, generation)
+             for name, own in (("q | doe_kernels expert r", None), ("r", "doe_kernels expert q"),
+                               ("r", "q"), ("q", "r"), ("news/v2", None), ("a@b", "x" * 200),
+                               ("a", None), ("a", ""))
+             for generation in (0, 1)}
+    assert len(salts) == 16
+    assert all(len(salt) <= 128 and not set("@/\\\0") & set(salt) for salt in salts)
+

@@ -9,10 +9,12 @@ in the API server, stands before the engine:
    in the background) is answered 400 and never reaches it; so is any other POST whose body
    holds "doe_expert" (the routes that take `vllm_xargs` or `extra_args` another way: Anthropic
    messages, batches, tokens-only generation, audio);
- * a request naming a held expert is given that expert's prefix-cache salt (after its own
-   `cache_salt`, if any), so that no request reuses KV blocks another expert computed; the salt
-   counts the experts added under that name, so a name added again never meets the KV blocks
-   of the expert it replaced;
+ * a request naming a held expert is given that expert's prefix-cache salt (a hash of the name,
+   the request's own `cache_salt`, if any, and the count of experts added under that name), so
+   that no request reuses KV blocks another expert computed and a name added again never meets
+   the KV blocks of the expert it replaced; a POST whose own `cache_salt` starts as the
+   experts' salts do (`doe_kernels-`) is answered 400, so no request can fill an expert's
+   prefix cache from another model;
  * `POST /collective_rpc` removing or replacing an expert (`doe_remove_expert`,
    `doe_add_expert`) while requests naming it run is answered 409, before any rank changes;
    adding or removing one must name it as the first of `args` (not in `kwargs`);
@@ -26,7 +28,7 @@ default) fails at start-up, saying so.
 import collections
 import json
 
-from doe_kernels.vllm.protocol import EXTRA_ARG, cache_salt
+from doe_kernels.vllm.protocol import EXTRA_ARG, SALT_PREFIX, cache_salt, reserved_salt
 
 GENERATING = ("/v1/completions", "/v1/chat/completions", "/v1/responses")
 RPC_PATH = "/collective_rpc"
@@ -54,8 +56,11 @@ class ExpertGate:
         body = await _read_body(receive)
         if path == RPC_PATH:
             return await self._rpc(scope, receive, _tagged(send), body)
+        if _holds(body, "cache_salt", reserved_salt, word=SALT_PREFIX):
+            return await _error(send, 400, f"a cache_salt starting with {SALT_PREFIX!r} is "
+                                "reserved for the experts' prefix caches")
         if path not in GENERATING:
-            if _names_an_expert(body):
+            if _holds(body, EXTRA_ARG):
                 return await _error(send, 400, f"{path} cannot serve an expert: name one "
                                     f"(vllm_xargs.{EXTRA_ARG}) in {', '.join(GENERATING)}")
             return await self.app(scope, _replay(body, receive), send)
@@ -170,18 +175,18 @@ def _api_server_processes(state) -> int:
     return getattr(getattr(state, "args", None), "api_server_count", None) or 1
 
 
-def _names_an_expert(body: bytes) -> bool:
-    """Whether a body holds the key "doe_expert" at any depth (a body that is not JSON, such as
-    an audio form: whether it holds the word)."""
+def _holds(body: bytes, key: str, test=lambda value: True, word: str | None = None) -> bool:
+    """Whether a body holds `key` at any depth with a value that passes `test` (a body that is
+    not JSON, such as an audio form: whether it holds `word`, by default the key)."""
     try:
         value = json.loads(body)
     except ValueError:
-        return EXTRA_ARG.encode() in body
+        return (word or key).encode() in body
     stack = [value]
     while stack:
         value = stack.pop()
         if isinstance(value, dict):
-            if EXTRA_ARG in value:
+            if key in value and test(value[key]):
                 return True
             stack.extend(value.values())
         elif isinstance(value, list):

@@ -8,6 +8,7 @@ every rank accepts does any apply it (`doe_apply_mask`), else every rank drops i
 (`doe_discard_mask`).
 """
 import base64
+import hashlib
 import json
 import uuid
 
@@ -23,12 +24,24 @@ EXTRA_ARG = "doe_expert"  # the key of SamplingParams.extra_args (a request's vl
 # its expert
 
 
+SALT_PREFIX = "doe_kernels-"  # experts' salts start with it; a request's own salt may not
+
+
 def cache_salt(name: str, own: str | None = None, generation: int = 0) -> str:
-    """The prefix-cache salt of a request on the expert `name` (after the request's `own` salt,
-    if any): no request reuses the KV blocks another expert computed. `generation` tells apart
-    the experts held under one name one after another (a server's gate counts them)."""
-    salt = f"doe_kernels expert {name}" + (f" #{generation}" if generation else "")
-    return salt if own is None else f"{own} | {salt}"
+    """The prefix-cache salt of a request on the expert `name`, from the request's `own` salt
+    (None: none) too: no request reuses the KV blocks another expert (or another `own` salt)
+    computed. `generation` tells apart the experts held under one name one after another (a
+    server's gate counts them). A hash of the three, so that no two of them give one salt and
+    every salt passes vLLM's check (at most 128 characters, none of @ / \\)."""
+    key = json.dumps([name, own, generation], ensure_ascii=False).encode("utf-8",
+                                                                         "surrogatepass")
+    return SALT_PREFIX + hashlib.sha256(key).hexdigest()[:40]
+
+
+def reserved_salt(own) -> bool:
+    """Whether a request's own `cache_salt` could pass for an expert's (its KV blocks would
+    then be reused by that expert's requests): refused by the server's gate."""
+    return isinstance(own, str) and own.startswith(SALT_PREFIX)
 
 
 def as_mask(mask) -> ExpertMask:
@@ -61,7 +74,7 @@ def plug_on_ranks(call, mask: ExpertMask, apply: str = "doe_apply_mask", *args) 
     tensors, spec = encode_mask(mask)
     token = uuid.uuid4().hex
     try:
-        replies = call("doe_check_mask", [tensors, spec, token])
+        replies = call("doe_check_mask", [tensors, spec, token, apply == "doe_add_expert"])
     except Exception:
         try:
             call("doe_discard_mask", [])  # ranks that staged a plan before another failed

@@ -34,9 +34,13 @@ route_compiled_models()
 
 def check_engine_config(vllm_config) -> None:
     """Raise RuntimeError for an engine that captures CUDA graphs or runs pipeline parallel.
-    Eager and compiled engines are both served (compiled ones through routes.py)."""
-    mode = vllm_config.compilation_config.cudagraph_mode
-    if compiles(vllm_config) and mode not in (None, CUDAGraphMode.NONE):
+    Eager and compiled engines are both served (compiled ones through routes.py). An engine
+    captures graphs when its cudagraph_mode is not NONE and it has sizes to capture (the CPU
+    platform empties them), compiled or not: without compilation vLLM still captures whole
+    decode steps (FULL_DECODE_ONLY)."""
+    config = vllm_config.compilation_config
+    mode = config.cudagraph_mode
+    if mode not in (None, CUDAGraphMode.NONE) and config.cudagraph_capture_sizes:
         raise RuntimeError(
             "doe_kernels.vllm.plug cannot swap experts inside captured CUDA graphs (this engine "
             f"captures them: cudagraph_mode {mode.name}): create the LLM with "
@@ -98,10 +102,13 @@ class WorkerExtension:
             head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
             num_experts=experts, top_k=top_k)
 
-    def doe_check_mask(self, tensors: str, spec: str, token: str) -> dict | None:
+    def doe_check_mask(self, tensors: str, spec: str, token: str,
+                       mixed: bool = False) -> dict | None:
         """Validate a mask (as doe_kernels.vllm.protocol.encode_mask encodes it) on this rank and
         stage its plan under `token`; returns None, or {"error": message, "model": whether the
-        model (not the mask) is the problem}."""
+        model (not the mask) is the problem}. `mixed` (the mask is to be held for mixed-task
+        batches): also prepare the dense weights the mixed forwards of every layer read, so that
+        running out of memory for them refuses the mask on every rank, before any changes."""
         self._doe_staged = None
         try:
             check_engine_config(self.vllm_config)
@@ -125,7 +132,12 @@ class WorkerExtension:
                              for (_, mlp), f in zip(layers, ffn)]
             plans = [(None if h is None else AttentionPlan(attn, attention_weights(attn), h),
                       ffn_plan) for (attn, _), h, ffn_plan in zip(layers, heads, ffn_plans)]
-        except (UnsupportedModelError, RuntimeError) as error:
+            if mixed:
+                for attn, ffn in layers:
+                    attention_weights(attn)
+                    if not model_spec.num_experts:
+                        ffn_weights(ffn)
+        except (UnsupportedModelError, RuntimeError) as error:  # out of memory too
             return dict(error=str(error), model=True)
         self._doe_staged = (token, plans)
         return None
@@ -142,14 +154,19 @@ class WorkerExtension:
         """The experts held under names (doe_kernels.vllm.add): name -> per-layer plans."""
         return self.__dict__.setdefault("_doe_held_plans", {})
 
-    def _doe_install(self, singles: list) -> None:
+    def _doe_install(self, singles: list, held: dict | None = None) -> None:
         """Set every layer's forwards: `singles` (per layer, the plugged (attention, FFN) plans)
-        with the held experts."""
-        held = self._doe_held()
-        for index, ((attn, mlp), (attn_plan, ffn_plan)) in enumerate(
-                zip(self._doe_layers(), singles)):
-            _set_plans(attn, mlp, attn_plan, ffn_plan,
-                       {name: plans[index] for name, plans in held.items()})
+        with the experts `held` (by default those held now), which become the ones held. Every
+        layer's forwards are built before any is set: an error leaves the rank as it was."""
+        held = self._doe_held() if held is None else held
+        layers = self._doe_layers()
+        forwards = [_forwards_of(attn, mlp, attn_plan, ffn_plan,
+                                 {name: plans[index] for name, plans in held.items()})
+                    for index, ((attn, mlp), (attn_plan, ffn_plan)) in enumerate(
+                        zip(layers, singles))]
+        self._doe_held_plans = held
+        for (attn, mlp), (attn_plan, ffn_plan), layer_forwards in zip(layers, singles, forwards):
+            _set_plans(attn, mlp, attn_plan, ffn_plan, layer_forwards)
 
     def _doe_singles(self) -> list:
         return [(_plan_of(attn.o_proj), _plan_of(mlp)) for attn, mlp in self._doe_layers()]
@@ -165,15 +182,15 @@ class WorkerExtension:
         for the requests that name it; returns the number of layers it prunes."""
         watch_steps(self.model_runner, lambda requested: requested in self._doe_held())
         plans = self._doe_take_staged(token)
-        self._doe_held()[name] = plans
-        self._doe_install(self._doe_singles())
+        self._doe_install(self._doe_singles(), {**self._doe_held(), name: plans})
         return sum(attn_plan is not None or ffn_plan is not None for attn_plan, ffn_plan in plans)
 
     def doe_remove_expert(self, name: str) -> bool:
         """Stop holding the expert `name`; returns whether it was held."""
-        held = self._doe_held().pop(name, None) is not None
-        self._doe_install(self._doe_singles())
-        return held
+        held = dict(self._doe_held())
+        was_held = held.pop(name, None) is not None
+        self._doe_install(self._doe_singles(), held)
+        return was_held
 
     def doe_experts(self) -> list:
         """The names of the experts held, in the order they were added."""
@@ -265,26 +282,32 @@ def _dense_of(module, returns_bias: bool = False):
     return route.dense if route is not None else dense_forward(module, returns_bias)
 
 
-def _set_plans(attn, mlp, attn_plan: AttentionPlan | None, ffn_plan: FfnPlan | MoePlan | None,
-               held: dict) -> None:
-    """One layer's forwards: the plugged plans alone, or with the experts `held` ({name:
-    (attention plan, FFN plan)}) the mixed forwards that read each step's layout."""
-    for module, plan in ((mlp, ffn_plan), (attn.qkv_proj, attn_plan), (attn.o_proj, attn_plan)):
-        _keep_plan(module, plan)
+def _forwards_of(attn, mlp, attn_plan: AttentionPlan | None,
+                 ffn_plan: FfnPlan | MoePlan | None, held: dict) -> tuple:
+    """One layer's (MLP, qkv_proj, o_proj) forwards (None: vLLM's own): the plugged plans alone,
+    or with the experts `held` ({name: (attention plan, FFN plan)}) the mixed forwards that read
+    each step's layout. Builds them only: nothing is set."""
     if not held:
-        _set_forward(mlp, None if ffn_plan is None else ffn_plan.forward)
-        _set_forward(attn.qkv_proj, None if attn_plan is None else attn_plan.qkv)
-        _set_forward(attn.o_proj, None if attn_plan is None else attn_plan.o)
-        return
+        return (None if ffn_plan is None else ffn_plan.forward,
+                None if attn_plan is None else attn_plan.qkv,
+                None if attn_plan is None else attn_plan.o)
     mixed_ffn = MixedMoe if is_moe_block(mlp) else MixedFfn
     ffn = mixed_ffn(mlp, ffn_plan, {name: plans[1] for name, plans in held.items()},
                     _dense_of(mlp))
     heads = MixedAttention(attn, attn_plan, {name: plans[0] for name, plans in held.items()},
                            _dense_of(attn.qkv_proj, attn.qkv_proj.return_bias),
                            _dense_of(attn.o_proj, attn.o_proj.return_bias))
-    _set_forward(mlp, ffn.forward)
-    _set_forward(attn.qkv_proj, heads.qkv)
-    _set_forward(attn.o_proj, heads.o)
+    return ffn.forward, heads.qkv, heads.o
+
+
+def _set_plans(attn, mlp, attn_plan: AttentionPlan | None, ffn_plan: FfnPlan | MoePlan | None,
+               forwards: tuple) -> None:
+    """Keep one layer's plugged plans on its modules and set its (MLP, qkv_proj, o_proj)
+    forwards (`_forwards_of`)."""
+    for module, plan in ((mlp, ffn_plan), (attn.qkv_proj, attn_plan), (attn.o_proj, attn_plan)):
+        _keep_plan(module, plan)
+    for module, forward in zip((mlp, attn.qkv_proj, attn.o_proj), forwards):
+        _set_forward(module, forward)
 
 
 def _returning_bias(linear, compute):

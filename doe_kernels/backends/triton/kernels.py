@@ -51,10 +51,16 @@ def autotune_enabled() -> bool:
     return not INTERPRET and os.environ.get("DOE_KERNELS_TRITON_AUTOTUNE", "1") != "0"
 
 
-def fixed_launch(M: int) -> dict:
-    """The fixed configuration used when autotuning is off, by M regime."""
+def fixed_launch(M: int, weights: int = 1, element_size: int = 2) -> dict:
+    """The fixed configuration used when autotuning is off, by M regime, with fewer pipeline
+    stages (then a smaller BLOCK_K) where its operand buffers would not fit in shared memory
+    (float32, or the SwiGLU kernels' two weights)."""
     bm, bn, bk, warps, stages = ((16, 64, 128, 4, 4) if M <= 16 else
                                  (64, 64, 64, 4, 4) if M <= 128 else (128, 64, 64, 4, 3))
+    while stages > 2 and smem_bytes(bm, bn, bk, stages, weights, element_size) > _SMEM_LIMIT:
+        stages -= 1
+    while bk > 32 and smem_bytes(bm, bn, bk, stages, weights, element_size) > _SMEM_LIMIT:
+        bk //= 2
     return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "num_warps": warps,
             "num_stages": stages}
 
@@ -382,6 +388,7 @@ MATMUL_CONFIGS = [
 # Two accumulators (swiglu): keep the register footprint of large tiles in check.
 SWIGLU_CONFIGS = [
     _cfg(16, 64, 128, 4, 4),
+    _cfg(16, 64, 64, 4, 3),  # the decode tile that fits shared memory in float32
     _cfg(16, 128, 64, 4, 4),
     _cfg(32, 64, 128, 4, 4),
     _cfg(64, 64, 64, 4, 4),
@@ -392,6 +399,12 @@ SWIGLU_CONFIGS = [
 
 
 _SMEM_LIMIT = 220 * 1024  # H100: 227 KiB of shared memory per block; keep a margin
+
+
+def smem_bytes(bm: int, bn: int, bk: int, stages: int, weights: int, element_size: int) -> int:
+    """Shared memory of a config's pipelined operand buffers: per stage, a BLOCK_M x BLOCK_K
+    tile of x and a BLOCK_N x BLOCK_K tile of each weight."""
+    return stages * (bm * bk + weights * bn * bk) * element_size
 
 
 def _make_prune(n_weights, x_arg):
@@ -410,8 +423,8 @@ def _make_prune(n_weights, x_arg):
             kept = [c for c in kept if c.kwargs["BLOCK_M"] >= 32] or kept
 
         def smem(c):
-            bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
-            return c.num_stages * (bm * bk + n_weights * bn * bk) * elt  # a buffer per stage
+            return smem_bytes(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"],
+                              c.num_stages, n_weights, elt)
 
         kept = [c for c in kept if smem(c) <= _SMEM_LIMIT] or kept
         return kept or configs
