@@ -10,7 +10,8 @@ The router keeps the model patched with a keep-everything mask between requests,
 unplugging an expert only swaps index tensors and head Parameters' storage; `close()` (or leaving
 the `with` block) stops the worker and unpatches the model. Requests may come from several threads
 in any order: every forward pass runs on the router's one compute thread, one at a time, so each
-answer equals what that task's expert gives alone.
+answer equals what that task's expert gives alone. Serve a model through one router: two
+routers on one model are not serialised against each other.
 
 Why one compute thread: PyTorch's CPU ops run in parallel through OpenMP, whose worker pool
 belongs to the thread that calls them. Called from many threads, GNU OpenMP (PyTorch's Linux

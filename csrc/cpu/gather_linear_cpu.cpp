@@ -1,7 +1,7 @@
 // CPU kernels of the gathered linear primitives (see doe_kernels.h for the contract).
 //
 // Two regimes, chosen by the number of rows M of the input:
-//  * fused (few rows; float32 on AMD CPUs always): gather-GEMV/GEMM micro-kernels that read each
+//  * fused (few rows; float32 on AMD CPUs with AVX-512 always): gather-GEMV/GEMM micro-kernels that read each
 //    kept weight row in place, straight from the full weight (nothing is copied). gather_rows and
 //    gather_swiglu use dot-product tiles (x rows x kept weight rows, both contiguous along K) with
 //    software prefetch of the kept rows; gather_cols uses broadcast-FMA tiles over the input-major
@@ -225,6 +225,9 @@ KernelSet<T> kernels() {
 //    (amx_gather_cpu.cpp); the copy and oneDNN's GEMM from 129 rows.
 //  * float32 on AMD Zen 4: the fused kernels match or beat MKL's sgemm on pre-sliced weights at
 //    every row count (1 to 4096; MKL runs its AVX2 code on AMD CPUs), so float32 never gathers.
+//    On AMD CPUs without AVX-512 (Zen 3), where the kernels run AVX2 code too, MKL wins with
+//    many rows as on Intel and the Intel rule applies: BERT-base's FFN keeping 35% at 512 rows
+//    took 1.62x the pre-sliced time fused, 1.03x gathered (benchmarks/results/cpu_avx2).
 //  * float32 on Intel (Xeon, AVX-512): MKL's sgemm is about 2x the fused gather_rows / gather_swiglu
 //    kernels at many rows, and the copy of the kept rows is paid back after roughly 64 rows when the
 //    weight sits in cache, and after a few hundred when it streams from memory (LLaMA-7B-sized
@@ -252,7 +255,7 @@ bool float32_gemm_beats_fused() {
     __builtin_cpu_init();
     return __builtin_cpu_is("amd") != 0;
   }();
-  return !amd;
+  return !(amd && isa() == Isa::kAvx512);
 #else
   return true;  // no measurement off x86-64: trust the platform's BLAS for many rows
 #endif
@@ -464,8 +467,8 @@ bool cpu_runs_fused_dense(bool float32, int64_t rows) {
   // with oneDNN's AMX GEMM for the attention projections, the dense model 35.8-36.6 ms; one
   // expert's FFN keeping every neuron at 1-8 rows,
   // benchmarks/results/cpu_intel/segmented_regimes_bfloat16.json: 1.1-2.9x oneDNN's speed,
-  // 0.75-0.83x at 16). float32 on AMD CPUs at every row count, where the kernels beat
-  // MKL's AVX2 code (above). With more rows ATen's GEMM on the whole weight, which needs no copy.
+  // 0.75-0.83x at 16). float32 on AMD CPUs with AVX-512 at every row count, where the kernels
+  // beat MKL's AVX2 code (above). With more rows ATen's GEMM on the whole weight, which needs no copy.
   return rows <= kColsSplitMaxRows || (float32 && !float32_gemm_beats_fused());
 }
 
@@ -1019,8 +1022,9 @@ void segment_mask(const Segment& s, const std::vector<int64_t>& place, const int
 // 12.0-13.0, gemm_copy 18.1, gemm_product 0.56-0.61 (three earlier runs: 5.1-7.2, 10.8-14.5,
 // 17-25 and 0.57-0.63); bfloat16 (oneDNN on AMX) 3.9-4.8, 15.0-15.4, 9.2, 0.11-0.13 (an earlier
 // run: 3.5-4.6, 13.0-13.4, 6.8-8.8, 0.11-0.12). The constants below lie within these runs'
-// ranges. On AMD CPUs float32 runs the fused kernels only, and read is 3.5 (the fit of
-// python/segmented_union_sweep.py on AMD EPYC, over five experts' lists at 1-16 rows each).
+// ranges. On AMD CPUs with AVX-512 float32 runs the fused kernels only, and read is 3.5 (the fit
+// of python/segmented_union_sweep.py on AMD EPYC, over five experts' lists at 1-16 rows each);
+// AMD CPUs without it take the Intel constants (not fitted there).
 // bfloat16's GEMM without AMX (avx512_bf16 on AMD Zen 4) costs about half the fused kernels'
 // products (see the regime note above); its other constants are taken from the AMX fit, not
 // measured.
