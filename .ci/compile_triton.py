@@ -58,7 +58,8 @@ def main():
         target = GPUTarget("cuda", arch, 32)
         for dtype in ("fp32", "fp16", "bf16"):
             for name, (kernel, configs, extra) in KERNELS.items():
-                launches = [k.fixed_launch(m) for m in (1, 64, 512)]
+                weights, size = (2 if "swiglu" in name else 1), (4 if dtype == "fp32" else 2)
+                launches = [k.fixed_launch(m, weights, size) for m in (1, 64, 512)]
                 if all_configs and arch == 90:
                     launches += [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
                                  for c in configs]

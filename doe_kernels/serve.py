@@ -79,6 +79,9 @@ class ExpertRouter:
             self._experts[name] = expert
 
     def remove(self, name: str) -> None:
+        self._computed(self._remove_now, name)
+
+    def _remove_now(self, name: str) -> None:
         with self._locked():
             self._experts.pop(self._known(name))
 
@@ -113,7 +116,8 @@ class ExpertRouter:
             self._keep_patched()
             # an expert without a mask runs the whole model, as in a mixed batch, whatever mask
             # the model was patched with before the router
-            whole = plugged(self.model, ExpertMask(), self.backend) if expert.mask is None \
+            plug_whole = expert.mask is None and current_mask(self.model) is not self._own_mask
+            whole = plugged(self.model, ExpertMask(), self.backend) if plug_whole \
                 else contextlib.nullcontext()
             with whole, expert.plugged(self.model, backend=self.backend):
                 return expert, expert.predict_logits(self.model, self.tokenizer, texts,
@@ -157,9 +161,7 @@ class ExpertRouter:
                                "compute thread) would wait for itself")
 
     def _refuse_on_batching_thread(self, what: str) -> None:
-        with self._worker_lock:
-            worker = self._worker
-        if worker is not None and threading.current_thread() is worker.thread:
+        if getattr(self._local, "batching", False):
             raise RuntimeError(f"{what} from the router's batching thread (a done callback of a "
                                "submitted request's Future) would wait for itself; submit() "
                                "there and read the result elsewhere")
@@ -289,6 +291,7 @@ class _Worker:
         self.thread.start()
 
     def _run(self) -> None:
+        self.router._local.batching = True  # marks this thread (close() may drop the worker)
         closed = False
         while not closed:
             batch, closed = self._next_batch()

@@ -382,7 +382,7 @@ def test_eager_calls_skip_the_dispatcher_and_others_do_not(monkeypatch):
 def test_the_default_keep_all_rule():
     """Without an override a layer keeping every row runs the cpu kernels at up to 8 rows
     (decoding) on every CPU and in both dtypes, in float32 at any row count on AMD CPUs with
-    AVX-512 only."""
+    AVX-512 only, in bfloat16 at any row count on CPUs without native bfloat16 only."""
     from doe_kernels._ext import extension
     from doe_kernels.backends import cpu
 
@@ -393,7 +393,6 @@ def test_the_default_keep_all_rule():
     cpu.set_gather_above(None)
     assert cpu.runs_fused_dense(torch.float32, 1) and cpu.runs_fused_dense(torch.float32, 8)
     assert cpu.runs_fused_dense(torch.bfloat16, 1) and cpu.runs_fused_dense(torch.bfloat16, 8)
-    assert not cpu.runs_fused_dense(torch.bfloat16, 9)
     assert not cpu.runs_fused_dense(torch.float16, 1)  # a dtype the backend does not take
     try:
         with open("/proc/cpuinfo") as info:
@@ -405,7 +404,11 @@ def test_the_default_keep_all_rule():
     flags = set(next((line for line in cpuinfo.splitlines() if line.startswith("flags")),
                      "").split())
     avx512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags and \
-        os.environ.get("DOE_KERNELS_CPU_ISA", "avx512") == "avx512"
+        os.environ.get("DOE_KERNELS_CPU_ISA") not in ("generic", "avx2")  # the C++ cap's values
     fused = "AuthenticAMD" in cpuinfo and avx512
     assert cpu.runs_fused_dense(torch.float32, 9) == fused
     assert cpu.runs_fused_dense(torch.float32, 4096) == fused
+    # bfloat16 on CPUs without native bfloat16 (ATen's bfloat16 GEMM is slow there) stays fused
+    native_bf16 = bool({"avx512_bf16", "amx_bf16"} & flags)
+    assert cpu.runs_fused_dense(torch.bfloat16, 9) == (not native_bf16)
+    assert extension().cpu_uses_gather_gemm(False, 4096, 1 << 20) == native_bf16

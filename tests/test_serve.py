@@ -367,7 +367,8 @@ def test_one_experts_failure_fails_only_its_requests(served, tokenizer):
     """A mixed batch that fails is served again expert by expert: the other experts' requests
     get their answers, the failing expert's requests its error."""
     model, experts, alone = served
-    router = dk.ExpertRouter(model, tokenizer, batch_size=8, batch_window=0.5)
+    # the batch closes at its 4th request (batch_size); the window only bounds a stalled run
+    router = dk.ExpertRouter(model, tokenizer, batch_size=4, batch_window=30)
     for name in ("task0", "task1"):
         router.add(name, experts[name])
     mixed, batches = router._mixed, []
@@ -470,8 +471,9 @@ def test_an_expert_without_a_mask_runs_the_whole_model(served, tokenizer):
 
 
 def test_calls_that_would_wait_for_themselves_are_refused(served, tokenizer):
-    """ask() or close() from a done callback (the batching thread), and run(), run_mixed() or
-    add() from a hook inside the router's forward pass, raise instead of hanging the router."""
+    """ask() or close() from a done callback (the batching thread), and run(), run_mixed(),
+    add() or remove() from a hook inside the router's forward pass, raise instead of hanging the
+    router."""
     model, experts, alone = served
     router = dk.ExpertRouter(model, tokenizer, batch_window=0.001)
     router.add("task0", experts["task0"])
@@ -487,13 +489,15 @@ def test_calls_that_would_wait_for_themselves_are_refused(served, tokenizer):
         done.set()
 
     try:
-        router.submit("task0", TEXTS[0]).add_done_callback(callback)
+        with router._lock:  # the request cannot be answered before its callback is added
+            router.submit("task0", TEXTS[0]).add_done_callback(callback)
         assert done.wait(60)
         assert len(errors) == 2 and all("batching thread" in e for e in errors), errors
         assert router.ask("task0", TEXTS[0]) == expected  # the router goes on
         for call in (lambda: router.run_logits("task0", TEXTS[0]),
                      lambda: router.run_mixed([("task0", TEXTS[0])]),
-                     lambda: router.add("again", experts["task1"])):
+                     lambda: router.add("again", experts["task1"]),
+                     lambda: router.remove("task0")):
             hook = model.register_forward_pre_hook(lambda m, a, call=call: call())
             try:
                 with pytest.raises(RuntimeError, match="forward pass .* wait for itself"):

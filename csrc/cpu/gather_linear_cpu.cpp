@@ -222,7 +222,11 @@ KernelSet<T> kernels() {
 //  * bfloat16: oneDNN's bf16 GEMM (avx512_bf16) is about 2x faster than the fused kernels (which
 //    widen to float32) from about 16 rows up (AMD Zen 4). On CPUs with AMX the regime gathers
 //    the kept rows straight into the matrix unit's tiles up to 128 rows, copying nothing
-//    (amx_gather_cpu.cpp); the copy and oneDNN's GEMM from 129 rows.
+//    (amx_gather_cpu.cpp); the copy and oneDNN's GEMM from 129 rows. On CPUs without native
+//    bfloat16 (no AVX512-BF16 nor AMX: AVX2 CPUs) ATen's bfloat16 GEMM is no option: on an AMD
+//    EPYC with AVX2, 64 x 768 by 768 x 2000 took 17 ms with the weight row-major (x @ W.T), 262
+//    ms input-major (h @ W_t), against 1.8 ms for float32's; there bfloat16 stays fused at every
+//    row count, also where every row is kept.
 //  * float32 on AMD Zen 4: the fused kernels match or beat MKL's sgemm on pre-sliced weights at
 //    every row count (1 to 4096; MKL runs its AVX2 code on AMD CPUs), so float32 never gathers.
 //    On AMD CPUs without AVX-512 (Zen 3), where the kernels run AVX2 code too, MKL wins with
@@ -266,7 +270,7 @@ bool use_gather_gemm(at::ScalarType dtype, int64_t M, int64_t copied_bytes) {
   if (forced >= 0) return M > forced;
   // nothing to copy (whole_matrix): as a dense weight
   if (copied_bytes == 0) return !cpu_runs_fused_dense(dtype == at::kFloat, M);
-  if (dtype != at::kFloat) return M > 16;
+  if (dtype != at::kFloat) return has_native_bf16() && M > 16;
   if (!float32_gemm_beats_fused()) return false;
   return M > 64 + copied_bytes / (128 * 1024);
 }
@@ -468,8 +472,11 @@ bool cpu_runs_fused_dense(bool float32, int64_t rows) {
   // expert's FFN keeping every neuron at 1-8 rows,
   // benchmarks/results/cpu_intel/segmented_regimes_bfloat16.json: 1.1-2.9x oneDNN's speed,
   // 0.75-0.83x at 16). float32 on AMD CPUs with AVX-512 at every row count, where the kernels
-  // beat MKL's AVX2 code (above). With more rows ATen's GEMM on the whole weight, which needs no copy.
-  return rows <= kColsSplitMaxRows || (float32 && !float32_gemm_beats_fused());
+  // beat MKL's AVX2 code (above); bfloat16 at every row count on CPUs without native bfloat16,
+  // where ATen's bfloat16 GEMM is slow (above). With more rows ATen's GEMM on the whole weight,
+  // which needs no copy.
+  return rows <= kColsSplitMaxRows || (float32 && !float32_gemm_beats_fused()) ||
+         (!float32 && !has_native_bf16());
 }
 
 // =============================================================================================

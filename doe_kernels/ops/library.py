@@ -138,7 +138,9 @@ def _gather_ffn(
 ) -> torch.Tensor:
     if kept.numel() == 0 or x.shape[:-1].numel() == 0:
         return _zeros_plus_bias(x, w_out_t.shape[1], b_out)
-    if kept.numel() == w_in.shape[0]:  # every neuron (unique), in any order: the dense FFN
+    if kept.numel() == w_in.shape[0] and not dense_in_kernel(x, backend, w_in, b_in, w_out_t,
+                                                             b_out, scales):
+        # every neuron (unique), in any order: the dense FFN (unless the kernels beat it)
         hidden = apply_activation(F.linear(x, w_in, b_in), activation)
         out = torch.matmul(hidden if scales is None else hidden * _in_order(scales, kept), w_out_t)
         return out if b_out is None else out + b_out
@@ -163,7 +165,9 @@ def _gather_swiglu_ffn(
 ) -> torch.Tensor:
     if kept.numel() == 0 or x.shape[:-1].numel() == 0:
         return _zeros_plus_bias(x, w_down_t.shape[1], None)
-    if kept.numel() == w_gate.shape[0]:  # every neuron (unique), in any order: the dense FFN
+    if kept.numel() == w_gate.shape[0] and not dense_in_kernel(x, backend, w_gate, w_up,
+                                                               w_down_t, scales):
+        # every neuron (unique), in any order: the dense FFN (unless the kernels beat it)
         hidden = F.silu(F.linear(x, w_gate)) * F.linear(x, w_up)
         return torch.matmul(hidden if scales is None else hidden * _in_order(scales, kept),
                             w_down_t)

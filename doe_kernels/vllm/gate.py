@@ -177,11 +177,11 @@ def _api_server_processes(state) -> int:
 
 def _holds(body: bytes, key: str, test=lambda value: True, word: str | None = None) -> bool:
     """Whether a body holds `key` at any depth with a value that passes `test` (a body that is
-    not JSON, such as an audio form: whether it holds `word`, by default the key)."""
+    not JSON, such as an audio form: whether it holds the key's word, and `word` if given)."""
     try:
         value = json.loads(body)
     except ValueError:
-        return (word or key).encode() in body
+        return key.encode() in body and (word is None or word.encode() in body)
     stack = [value]
     while stack:
         value = stack.pop()
