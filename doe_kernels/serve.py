@@ -58,7 +58,9 @@ class ExpertRouter:
         self._own_mask: ExpertMask | None = None  # the keep-everything mask it patched with
         self._worker: _Worker | None = None  # the dynamic batcher, started by submit()
         self._compute: ThreadPoolExecutor | None = None  # every forward pass, started on demand
-        self._local = threading.local()  # .compute: set on the compute thread
+        # per thread: .compute (the compute thread), .batching (a batching thread), .locked
+        # (while it holds _lock)
+        self._local = threading.local()
         self._worker_lock = threading.Lock()  # guards _worker and _compute
         _free_openmp_pool()
 

@@ -11,7 +11,7 @@ input (aligned with `kept`), multiplying each kept input's contribution; both no
 buffers in the model's dtype, None costing nothing. `kept = None` means every neuron is kept: the
 module then runs the plain dense computation (with `scales` then one per input); the linear
 layers run the kernel over every index instead where that is faster (`library.dense_in_kernel`:
-float32 on AMD CPUs with AVX-512).
+float32 on AMD CPUs with AVX-512, bfloat16 on CPUs without native bfloat16).
 
 While a mixed-task batch is served (doe_kernels.mixed), a module that computes a whole block (an
 MLP, a BERT FFN's down projection, an attention) holds the layer's `segments`
