@@ -198,6 +198,37 @@ def test_attention_mask_formats_of_each_hf_implementation(name, implementation):
 
 
 @pytest.mark.parametrize("cpu_regime", ["fused", "gather"], indirect=True)
+def test_a_bfloat16_swiglu_mlp_keeping_every_neuron_runs_the_kernel_where_it_wins(cpu_regime,
+                                                                                   monkeypatch):
+    """In bfloat16 a LLaMA MLP keeping every neuron runs the cpu backend's SwiGLU kernel over
+    every index where dense_in_kernel says so (decoding; every row count on CPUs without
+    AVX-512, whose bfloat16 GEMMs are slow), torch's path elsewhere; both within bfloat16's
+    rounding of the unpatched bfloat16 model. A float32 MLP keeping every neuron stays torch's."""
+    from doe_kernels.ops import library
+
+    name = next(n for n in MODELS if n in CAUSAL and "mixtral" not in n)
+    model = build(name).to(torch.bfloat16)
+    ids, attention = inputs(name)
+    calls = []
+    original = library.gather_swiglu_ffn
+    monkeypatch.setattr(library, "gather_swiglu_ffn",
+                        lambda *a, **k: calls.append(a[4].numel()) or original(*a, **k))
+    with torch.no_grad():
+        dense = output_of(model, ids, attention)
+        with dk.plugged(model, dk.ExpertMask(), backend="cpu"):
+            out = output_of(model, ids, attention)
+        expected = library.dense_in_kernel(torch.zeros(ids.numel(), 8, dtype=torch.bfloat16),
+                                           "cpu")
+        assert bool(calls) == expected and cpu_regime == ("fused" if expected else "gather")
+        assert set(calls) <= {model.config.intermediate_size}
+        torch.testing.assert_close(out.float(), dense.float(), atol=0.1, rtol=0.05)
+        calls.clear()
+        with dk.plugged(model.float(), dk.ExpertMask(), backend="cpu"):
+            output_of(model, ids, attention)
+        assert not calls
+
+
+@pytest.mark.parametrize("cpu_regime", ["fused", "gather"], indirect=True)
 @pytest.mark.parametrize("name", list(MODELS))
 def test_keep_all_layers_run_the_kernels_where_the_backend_would(name, cpu_regime, monkeypatch):
     """With every neuron and head kept, the cpu backend's linear layers (attention projections, a

@@ -15,11 +15,6 @@ namespace doe_kernels {
 // (XCR0 bits 17 and 18), as oneDNN needs to run its AMX kernels.
 bool has_amx_bf16();
 
-// Whether this CPU computes bfloat16 products natively (AMX-BF16, or AVX-512 with BF16), where
-// ATen's (oneDNN's) bfloat16 GEMM is fast; elsewhere it ran 10-150x slower than float32's
-// (gather_linear_cpu.cpp, the regime note).
-bool has_native_bf16();
-
 // Whether the AMX gather path runs here (has_amx_bf16, AVX-512 with BF16, the environment, the
 // OS's permission).
 bool amx_gather_available();

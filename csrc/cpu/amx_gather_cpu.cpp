@@ -121,15 +121,6 @@ bool has_amx_bf16() {
 #endif
 }
 
-bool has_native_bf16() {
-#ifdef DOE_AMX
-  static const bool native = has_amx_bf16() || has_avx512_bf16();
-  return native;
-#else
-  return false;
-#endif
-}
-
 bool amx_gather_available() {
 #ifdef DOE_AMX
   static const bool ok =

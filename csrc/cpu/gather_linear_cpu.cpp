@@ -222,11 +222,12 @@ KernelSet<T> kernels() {
 //  * bfloat16: oneDNN's bf16 GEMM (avx512_bf16) is about 2x faster than the fused kernels (which
 //    widen to float32) from about 16 rows up (AMD Zen 4). On CPUs with AMX the regime gathers
 //    the kept rows straight into the matrix unit's tiles up to 128 rows, copying nothing
-//    (amx_gather_cpu.cpp); the copy and oneDNN's GEMM from 129 rows. On CPUs without native
-//    bfloat16 (no AVX512-BF16 nor AMX: AVX2 CPUs) ATen's bfloat16 GEMM is no option: on an AMD
-//    EPYC with AVX2, 64 x 768 by 768 x 2000 took 17 ms with the weight row-major (x @ W.T), 262
-//    ms input-major (h @ W_t), against 1.8 ms for float32's; there bfloat16 stays fused at every
-//    row count, also where every row is kept.
+//    (amx_gather_cpu.cpp); the copy and oneDNN's GEMM from 129 rows. ATen runs oneDNN's bfloat16
+//    GEMM only on CPUs with AVX-512 (BW, VL, DQ: its mkldnn_bf16_device_check), and its own
+//    loops elsewhere (AVX2 CPUs), where bfloat16 GEMMs are no option: on an AMD EPYC with AVX2,
+//    64 x 768 by 768 x 2000 took 17 ms with the weight row-major (x @ W.T), 262 ms input-major
+//    (h @ W_t), against 1.8 ms for float32's. There bfloat16 stays fused at every row count,
+//    also where every row is kept (aten_bf16_gemm_fast).
 //  * float32 on AMD Zen 4: the fused kernels match or beat MKL's sgemm on pre-sliced weights at
 //    every row count (1 to 4096; MKL runs its AVX2 code on AMD CPUs), so float32 never gathers.
 //    On AMD CPUs without AVX-512 (Zen 3), where the kernels run AVX2 code too, MKL wins with
@@ -265,12 +266,27 @@ bool float32_gemm_beats_fused() {
 #endif
 }
 
+// Whether ATen's bfloat16 GEMM runs oneDNN's code here (see the regime note): on x86-64 with
+// AVX-512 BW, VL and DQ, as ATen checks; off x86-64 not measured, trusted as for float32.
+bool aten_bf16_gemm_fast() {
+#ifdef DOE_X86_DISPATCH
+  static const bool fast = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("avx512dq");
+  }();
+  return fast;
+#else
+  return true;
+#endif
+}
+
 bool use_gather_gemm(at::ScalarType dtype, int64_t M, int64_t copied_bytes) {
   const int64_t forced = gather_above_override().load(std::memory_order_relaxed);
   if (forced >= 0) return M > forced;
   // nothing to copy (whole_matrix): as a dense weight
   if (copied_bytes == 0) return !cpu_runs_fused_dense(dtype == at::kFloat, M);
-  if (dtype != at::kFloat) return has_native_bf16() && M > 16;
+  if (dtype != at::kFloat) return aten_bf16_gemm_fast() && M > 16;
   if (!float32_gemm_beats_fused()) return false;
   return M > 64 + copied_bytes / (128 * 1024);
 }
@@ -472,11 +488,11 @@ bool cpu_runs_fused_dense(bool float32, int64_t rows) {
   // expert's FFN keeping every neuron at 1-8 rows,
   // benchmarks/results/cpu_intel/segmented_regimes_bfloat16.json: 1.1-2.9x oneDNN's speed,
   // 0.75-0.83x at 16). float32 on AMD CPUs with AVX-512 at every row count, where the kernels
-  // beat MKL's AVX2 code (above); bfloat16 at every row count on CPUs without native bfloat16,
-  // where ATen's bfloat16 GEMM is slow (above). With more rows ATen's GEMM on the whole weight,
+  // beat MKL's AVX2 code (above); bfloat16 at every row count where ATen's bfloat16 GEMM is
+  // its own slow loops (CPUs without AVX-512, above). With more rows ATen's GEMM on the whole weight,
   // which needs no copy.
   return rows <= kColsSplitMaxRows || (float32 && !float32_gemm_beats_fused()) ||
-         (!float32 && !has_native_bf16());
+         (!float32 && !aten_bf16_gemm_fast());
 }
 
 // =============================================================================================

@@ -67,7 +67,7 @@ def runs_fused_dense(dtype: torch.dtype, rows: int) -> bool:
     rule: at most 8 rows, where the kernels read weights streaming from memory faster than MKL's
     and oneDNN's GEMMs, in float32 and bfloat16; float32 on AMD CPUs with AVX-512 at every row
     count, where the kernels beat MKL's AVX2 code; bfloat16 at every row count on CPUs without
-    native bfloat16, where ATen's bfloat16 GEMM is slow; or as set_gather_above forces); False
+    AVX-512, where ATen's bfloat16 GEMM is slow; or as set_gather_above forces); False
     for a dtype it does not take, or with an extension built before this query."""
     query = getattr(extension(), "cpu_runs_fused_dense", None)
     return query is not None and dtype in DTYPES and query(dtype == torch.float32, rows)

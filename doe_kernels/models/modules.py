@@ -11,7 +11,7 @@ input (aligned with `kept`), multiplying each kept input's contribution; both no
 buffers in the model's dtype, None costing nothing. `kept = None` means every neuron is kept: the
 module then runs the plain dense computation (with `scales` then one per input); the linear
 layers run the kernel over every index instead where that is faster (`library.dense_in_kernel`:
-float32 on AMD CPUs with AVX-512, bfloat16 on CPUs without native bfloat16).
+float32 on AMD CPUs with AVX-512, bfloat16 on CPUs without AVX-512).
 
 While a mixed-task batch is served (doe_kernels.mixed), a module that computes a whole block (an
 MLP, a BERT FFN's down projection, an attention) holds the layer's `segments`
@@ -144,11 +144,16 @@ class GatherSwiGLUMLP(nn.Module):
         if self.segments is not None:
             return swiglu_forward(self.segments, x, self.w_gate, self.w_up, self.w_down_t,
                                   self.backend)
-        if self.kept is None:  # the fused kernel only ties with torch's GEMMs with every neuron
+        # With every neuron kept the float32 kernel only ties with torch's GEMMs; in bfloat16 it
+        # beats them where dense_in_kernel says so (decoding; every row count on CPUs without
+        # AVX-512, where PyTorch's bfloat16 GEMMs are slow)
+        if self.kept is None and (x.dtype == torch.float32 or not library.dense_in_kernel(
+                x, self.backend, self.w_gate, self.w_up, self.w_down_t, self.scales)):
             hidden = F.silu(F.linear(x, self.w_gate)) * F.linear(x, self.w_up)
             out = torch.matmul(scale_columns(hidden, self.scales), self.w_down_t)
         else:
-            out = library.gather_swiglu_ffn(x, self.w_gate, self.w_up, self.w_down_t, self.kept,
+            kept = _kept_or_all(self.kept, self.w_gate.shape[0], x)
+            out = library.gather_swiglu_ffn(x, self.w_gate, self.w_up, self.w_down_t, kept,
                                             self.backend, self.scales)
         return add_bias_delta(out, self.bias_delta)
 

@@ -61,7 +61,7 @@ def dense_in_kernel(x, backend: str, *tensors) -> bool:
     nor autocast's casts (`_direct`, `_autocast`, over x and `tensors`), resolving to the `cpu`
     backend where that backend runs its own kernel for it, not ATen's GEMM (at a few rows; at
     any, float32 on AMD CPUs with AVX-512, where the kernels outrun MKL's sgemm, and bfloat16 on
-    CPUs without native bfloat16; backends/cpu.runs_fused_dense). The index lists cost nothing
+    CPUs without AVX-512; backends/cpu.runs_fused_dense). The index lists cost nothing
     next to the GEMM."""
     if x.device.type != "cpu" or _autocast(x, *tensors) or not _direct(x, *tensors):
         return False
