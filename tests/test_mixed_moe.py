@@ -76,8 +76,17 @@ def test_mixed_moe_batch_equals_each_sequence_alone(how, device, backend, dtype)
                 got = output_of(model, ids, attention)
             for b, mask in enumerate(rows):
                 one = (ids[b:b + 1], attention[b:b + 1])
-                assert_close(got[b:b + 1], alone(exact, mask, *one, "torch"),
-                             alone(model, mask, *one, backend), what=f"case {case} row {b}")
+                same_dtype = alone(model, mask, *one, backend)
+                if dtype == torch.bfloat16 and how != "padded":
+                    # bfloat16 rounds the real-token layout and the padded one differently, which
+                    # can flip a router's top-2 choice (float32 agrees to 1e-6): the sequence
+                    # alone in the same layout is the reference, to which the batch is equal
+                    single = dict(options, attention_mask=attention[b:b + 1])
+                    with dk.mixed(model, [mask], backend, **single):
+                        same_dtype = output_of(model, *one)
+                    torch.testing.assert_close(got[b:b + 1], same_dtype, atol=1e-6, rtol=0)
+                assert_close(got[b:b + 1], alone(exact, mask, *one, "torch"), same_dtype,
+                             what=f"case {case} row {b}")
     assert not dk.is_patched(model)
     assert state_dict_equal(snapshot(model), before)
 
