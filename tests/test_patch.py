@@ -209,10 +209,13 @@ def test_a_bfloat16_swiglu_mlp_keeping_every_neuron_runs_the_kernel_where_it_win
     name = next(n for n in MODELS if n in CAUSAL and "mixtral" not in n)
     model = build(name).to(torch.bfloat16)
     ids, attention = inputs(name)
-    calls = []
-    original = library.gather_swiglu_ffn
-    monkeypatch.setattr(library, "gather_swiglu_ffn",
-                        lambda *a, **k: calls.append(a[4].numel()) or original(*a, **k))
+    from doe_kernels import backends
+
+    calls = []  # the cpu backend's SwiGLU kernel, with the number of neurons it ran
+    cpu = backends.get("cpu")
+    original = cpu.gather_swiglu
+    monkeypatch.setattr(cpu, "gather_swiglu",
+                        lambda *a, **k: calls.append(a[3].numel()) or original(*a, **k))
     with torch.no_grad():
         dense = output_of(model, ids, attention)
         with dk.plugged(model, dk.ExpertMask(), backend="cpu"):

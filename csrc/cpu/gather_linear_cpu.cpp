@@ -1,16 +1,17 @@
 // CPU kernels of the gathered linear primitives (see doe_kernels.h for the contract).
 //
 // Two regimes, chosen by the number of rows M of the input:
-//  * fused (few rows; float32 on AMD CPUs with AVX-512 always): gather-GEMV/GEMM micro-kernels that read each
-//    kept weight row in place, straight from the full weight (nothing is copied). gather_rows and
-//    gather_swiglu use dot-product tiles (x rows x kept weight rows, both contiguous along K) with
-//    software prefetch of the kept rows; gather_cols uses broadcast-FMA tiles over the input-major
-//    weight_t (each kept input feature one contiguous row). Work is split over kept rows (rows,
-//    swiglu) or output column blocks x row blocks (cols), so no cross-thread reduction is needed;
-//    large inputs are processed in L2-sized blocks of rows. With at most kColsSplitMaxRows rows
-//    (decoding) gather_cols instead splits its kept rows over the threads, each row read whole,
-//    and adds the threads' sums (cols_split_run). gather_rows' activation runs on each block of
-//    outputs right after the kernel wrote it, on the same thread (activate_range).
+//  * fused (few rows; float32 on AMD CPUs with AVX-512 and bfloat16 on CPUs without AVX-512
+//    always): gather-GEMV/GEMM micro-kernels that read each kept weight row in place, straight from
+//    the full weight (nothing is copied). gather_rows and gather_swiglu use dot-product tiles (x
+//    rows x kept weight rows, both contiguous along K) with software prefetch of the kept rows;
+//    gather_cols uses broadcast-FMA tiles over the input-major weight_t (each kept input feature
+//    one contiguous row). Work is split over kept rows (rows, swiglu) or output column blocks x row
+//    blocks (cols), so no cross-thread reduction is needed; large inputs are processed in L2-sized
+//    blocks of rows. With at most kColsSplitMaxRows rows (decoding) gather_cols instead splits its
+//    kept rows over the threads, each row read whole, and adds the threads' sums (cols_split_run).
+//    gather_rows' activation runs on each block of outputs right after the kernel wrote it, on the
+//    same thread (activate_range).
 //  * gather + GEMM (many rows): the kept rows are copied into a scratch matrix and ATen's GEMM
 //    (oneDNN bf16, several times the fused kernels' throughput on avx512_bf16 CPUs; MKL sgemm, about
 //    2x the fused kernels on Intel CPUs) multiplies; the copy is O(kept x K), the GEMM
@@ -171,15 +172,27 @@ struct KernelSet {
 
 enum class Isa { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
 
+// Whether the CPU has the AVX-512 the kernels use (F, BW, VL, DQ), whatever DOE_KERNELS_CPU_ISA
+// says; ATen checks BW, VL and DQ before running oneDNN's bfloat16 GEMM (aten_bf16_gemm_fast).
+bool cpu_has_avx512() {
+#ifdef DOE_X86_DISPATCH
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  }();
+  return has;
+#else
+  return false;
+#endif
+}
+
 Isa detect_isa() {
   Isa best = Isa::kGeneric;
 #ifdef DOE_X86_DISPATCH
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = Isa::kAvx2;
-  if (best == Isa::kAvx2 && __builtin_cpu_supports("avx512f") &&
-      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-      __builtin_cpu_supports("avx512dq"))
-    best = Isa::kAvx512;
+  if (best == Isa::kAvx2 && cpu_has_avx512()) best = Isa::kAvx512;
 #endif
   if (const char* cap = std::getenv("DOE_KERNELS_CPU_ISA")) {
     const std::string c(cap);
@@ -270,12 +283,7 @@ bool float32_gemm_beats_fused() {
 // AVX-512 BW, VL and DQ, as ATen checks; off x86-64 not measured, trusted as for float32.
 bool aten_bf16_gemm_fast() {
 #ifdef DOE_X86_DISPATCH
-  static const bool fast = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-           __builtin_cpu_supports("avx512dq");
-  }();
-  return fast;
+  return cpu_has_avx512();
 #else
   return true;
 #endif
@@ -489,8 +497,8 @@ bool cpu_runs_fused_dense(bool float32, int64_t rows) {
   // benchmarks/results/cpu_intel/segmented_regimes_bfloat16.json: 1.1-2.9x oneDNN's speed,
   // 0.75-0.83x at 16). float32 on AMD CPUs with AVX-512 at every row count, where the kernels
   // beat MKL's AVX2 code (above); bfloat16 at every row count where ATen's bfloat16 GEMM is
-  // its own slow loops (CPUs without AVX-512, above). With more rows ATen's GEMM on the whole weight,
-  // which needs no copy.
+  // its own slow loops (CPUs without AVX-512, above). With more rows ATen's GEMM on the whole
+  // weight, which needs no copy.
   return rows <= kColsSplitMaxRows || (float32 && !float32_gemm_beats_fused()) ||
          (!float32 && !aten_bf16_gemm_fast());
 }

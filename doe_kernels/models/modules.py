@@ -144,11 +144,11 @@ class GatherSwiGLUMLP(nn.Module):
         if self.segments is not None:
             return swiglu_forward(self.segments, x, self.w_gate, self.w_up, self.w_down_t,
                                   self.backend)
-        # With every neuron kept the float32 kernel only ties with torch's GEMMs; in bfloat16 it
-        # beats them where dense_in_kernel says so (decoding; every row count on CPUs without
-        # AVX-512, where PyTorch's bfloat16 GEMMs are slow)
-        if self.kept is None and (x.dtype == torch.float32 or not library.dense_in_kernel(
-                x, self.backend, self.w_gate, self.w_up, self.w_down_t, self.scales)):
+        # With every neuron kept the float32 kernel only ties with torch's GEMMs; other dtypes
+        # pass the full list to the op, whose dense path runs them where the kernel would not
+        # win (library.dense_in_kernel: in bfloat16 it wins decoding, and at every row count on
+        # CPUs without AVX-512, where PyTorch's bfloat16 GEMMs are slow)
+        if self.kept is None and x.dtype == torch.float32:
             hidden = F.silu(F.linear(x, self.w_gate)) * F.linear(x, self.w_up)
             out = torch.matmul(scale_columns(hidden, self.scales), self.w_down_t)
         else:

@@ -56,18 +56,18 @@ class ExpertGate:
         body = await _read_body(receive)
         if path == RPC_PATH:
             return await self._rpc(scope, receive, _tagged(send), body)
-        if _holds(body, "cache_salt", reserved_salt, word=SALT_PREFIX):
-            return await _error(send, 400, f"a cache_salt starting with {SALT_PREFIX!r} is "
-                                "reserved for the experts' prefix caches")
-        if path not in GENERATING:
-            if _holds(body, EXTRA_ARG):
-                return await _error(send, 400, f"{path} cannot serve an expert: name one "
-                                    f"(vllm_xargs.{EXTRA_ARG}) in {', '.join(GENERATING)}")
-            return await self.app(scope, _replay(body, receive), send)
         try:
             request = json.loads(body)
         except ValueError:
-            request = None
+            request = _NOT_JSON
+        if _holds(request, body, "cache_salt", reserved_salt, word=SALT_PREFIX):
+            return await _error(send, 400, f"a cache_salt starting with {SALT_PREFIX!r} is "
+                                "reserved for the experts' prefix caches")
+        if path not in GENERATING:
+            if _holds(request, body, EXTRA_ARG):
+                return await _error(send, 400, f"{path} cannot serve an expert: name one "
+                                    f"(vllm_xargs.{EXTRA_ARG}) in {', '.join(GENERATING)}")
+            return await self.app(scope, _replay(body, receive), send)
         if not isinstance(request, dict):  # vLLM answers what it cannot parse
             return await self.app(scope, _replay(body, receive), send)
         return await self._generate(scope, receive, send, request, body)
@@ -175,12 +175,15 @@ def _api_server_processes(state) -> int:
     return getattr(getattr(state, "args", None), "api_server_count", None) or 1
 
 
-def _holds(body: bytes, key: str, test=lambda value: True, word: str | None = None) -> bool:
-    """Whether a body holds `key` at any depth with a value that passes `test` (a body that is
-    not JSON, such as an audio form: whether it holds the key's word, and `word` if given)."""
-    try:
-        value = json.loads(body)
-    except ValueError:
+_NOT_JSON = object()  # a body json.loads refused
+
+
+def _holds(value, body: bytes, key: str, test=lambda value: True,
+           word: str | None = None) -> bool:
+    """Whether a body (`value`: as parsed, or _NOT_JSON) holds `key` at any depth with a value
+    that passes `test` (a body that is not JSON, such as an audio form: whether it holds the
+    key's word, and `word` if given)."""
+    if value is _NOT_JSON:
         return key.encode() in body and (word is None or word.encode() in body)
     stack = [value]
     while stack:
