@@ -344,12 +344,21 @@ def test_an_op_call_takes_the_union_where_building_its_plan_pays(monkeypatch):
 
 @pytest.mark.triton_interp
 @pytest.mark.skipif("triton" not in dk.available_backends("cpu"), reason="no Triton interpreter")
-def test_triton_runs_every_segment_in_one_launch_over_many_tiles(monkeypatch):
+@pytest.mark.parametrize("per_launch", [None, 3])
+def test_triton_runs_every_segment_in_one_launch_over_many_tiles(monkeypatch, per_launch):
     """The segmented kernels (a grid axis over segments), with 16-wide blocks so that segments
-    span several tiles of rows and of kept neurons, and some tiles lie past a small segment."""
+    span several tiles of rows and of kept neurons, and some tiles lie past a small segment.
+    per_launch=3: the segments launch in chunks (of 3 and 1), as more than CUDA's 65535 blocks
+    on a grid's second axis would."""
     from doe_kernels.backends import triton as triton_backend
 
     kernels = triton_backend._kernels()
+    launches = []
+    if per_launch:
+        monkeypatch.setattr(triton_backend, "MAX_SEGMENTS_PER_LAUNCH", per_launch)
+        for name in ("segmented_rows_linear_kernel", "segmented_swiglu_kernel",
+                     "segmented_cols_linear_kernel"):
+            monkeypatch.setattr(kernels, name, _CountedKernel(getattr(kernels, name), launches))
     monkeypatch.setattr(kernels, "interpreter_blocks",
                         lambda M, N, K: {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16,
                                          "GROUP_M": 2})
@@ -376,6 +385,19 @@ def test_triton_runs_every_segment_in_one_launch_over_many_tiles(monkeypatch):
     assert_close(out, _per_segment(rows, lists, [None] * 5, x, lambda xs, k, s: swiglu_ffn_ref(
         xs, w["w_in"], w["w_up"], w["w_out_t"], k)), what="SwiGLU FFN")
     assert calls == [4, 4]  # one call each, over the four segments holding rows
+    if per_launch:
+        assert launches == [3, 1] * 4  # (up, down) x (gelu, SwiGLU), each in two chunks
+
+
+class _CountedKernel:
+    """A Triton kernel whose launches append their grid's segment count to `launches`."""
+
+    def __init__(self, kernel, launches):
+        self.kernel, self.launches = kernel, launches
+
+    def __getitem__(self, grid):
+        self.launches.append(grid[1])
+        return self.kernel[grid]
 
 
 def test_a_full_list_in_any_order_keeps_its_scales_aligned():

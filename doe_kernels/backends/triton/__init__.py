@@ -181,16 +181,28 @@ def _segment_table(bounds, device):
     return torch.tensor(table, dtype=torch.int64, device=device), offset
 
 
+# CUDA caps a grid's second axis at 65535 blocks: more segments than that launch in chunks
+MAX_SEGMENTS_PER_LAUNCH = 65535
+
+
 def _segment_grid(k, bounds, element_size, width=None, weights=1):
-    """(grid, meta): axis 1 over segments, axis 0 over the largest segment's tiles."""
+    """(tiles, meta): grid axis 0 runs over the largest segment's tiles (axis 1 over segments)."""
     import triton
 
     rows = max(r1 - r0 for r0, r1, _, _ in bounds)
     cols = width or max(max(k1 - k0 for _, _, k0, k1 in bounds), 1)
     meta = k.interpreter_blocks(rows, cols, cols) if k.INTERPRET else \
         k.fixed_launch(rows, weights, element_size)
-    tiles = triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(cols, meta["BLOCK_N"])
-    return (tiles, len(bounds)), meta
+    return triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(cols, meta["BLOCK_N"]), meta
+
+
+def _launch_over_segments(kernel, table, tiles, args, meta):
+    """`kernel[(tiles, segments)]` over the segment table, in launches of at most
+    MAX_SEGMENTS_PER_LAUNCH segments (each launch reads its own rows of the table; the rows,
+    kept entries and hidden offsets in it are absolute)."""
+    for first in range(0, table.shape[0], MAX_SEGMENTS_PER_LAUNCH):
+        chunk = table[first:first + MAX_SEGMENTS_PER_LAUNCH]
+        kernel[(tiles, chunk.shape[0])](*args(chunk), **meta)
 
 
 def segmented_ffn(x, up, w_out_t, b_out, bounds, kept, scales):
@@ -205,27 +217,27 @@ def segmented_ffn(x, up, w_out_t, b_out, bounds, kept, scales):
     hidden = torch.empty(max(hidden_size, 1), device=x.device, dtype=_out_dtype(k, x.dtype))
     out = torch.empty((M, N), device=x.device, dtype=_out_dtype(k, x.dtype))
     f32 = x.dtype == torch.float32 or k.INTERPRET
-    grid, meta = _segment_grid(k, bounds, x.element_size(), weights=1 if up[0] == "rows" else 2)
+    tiles, meta = _segment_grid(k, bounds, x.element_size(), weights=1 if up[0] == "rows" else 2)
     with _device_guard(x):
         if up[0] == "rows":
             _, w_in, b_in, activation = up
             check_activation(activation)
-            k.segmented_rows_linear_kernel[grid](
-                x, w_in, b_in if b_in is not None else x, kept, hidden, table,
-                K, w_in.shape[0], x.stride(0), w_in.stride(0),
+            _launch_over_segments(k.segmented_rows_linear_kernel, table, tiles, lambda t: (
+                x, w_in, b_in if b_in is not None else x, kept, hidden, t,
+                K, w_in.shape[0], x.stride(0), w_in.stride(0)), dict(
                 HAS_BIAS=b_in is not None, ACTIVATION=ACTIVATION_CODES[activation],
-                F32_DOT=f32, **meta)
+                F32_DOT=f32, **meta))
         else:
             _, w_gate, w_up = up
-            k.segmented_swiglu_kernel[grid](
-                x, w_gate, w_up, kept, hidden, table,
-                K, w_gate.shape[0], x.stride(0), w_gate.stride(0), w_up.stride(0),
-                F32_DOT=f32, **meta)
+            _launch_over_segments(k.segmented_swiglu_kernel, table, tiles, lambda t: (
+                x, w_gate, w_up, kept, hidden, t,
+                K, w_gate.shape[0], x.stride(0), w_gate.stride(0), w_up.stride(0)),
+                dict(F32_DOT=f32, **meta))
         hidden = hidden.to(x.dtype)  # as the single-expert path stores it
-        grid, meta = _segment_grid(k, bounds, hidden.element_size(), width=N)
-        k.segmented_cols_linear_kernel[grid](
+        tiles, meta = _segment_grid(k, bounds, hidden.element_size(), width=N)
+        _launch_over_segments(k.segmented_cols_linear_kernel, table, tiles, lambda t: (
             hidden, w_out_t, b_out if b_out is not None else hidden, kept,
-            scales if scales is not None else hidden, out, table,
-            N, w_out_t.shape[0], w_out_t.stride(0), out.stride(0),
-            HAS_BIAS=b_out is not None, HAS_SCALES=scales is not None, F32_DOT=f32, **meta)
+            scales if scales is not None else hidden, out, t,
+            N, w_out_t.shape[0], w_out_t.stride(0), out.stride(0)), dict(
+            HAS_BIAS=b_out is not None, HAS_SCALES=scales is not None, F32_DOT=f32, **meta))
     return out.to(x.dtype)
