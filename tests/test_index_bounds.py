@@ -12,6 +12,7 @@ that a crash fails its test instead of taking the test session down. What each b
     adds nothing), so the result equals the op with that entry pointing at an all-zero neuron;
   * cuda (GPU): a device-side assertion, reported at the next synchronisation (the kernels cannot
     raise without a host sync); a read out of bounds would be an illegal-address error instead.
+A non-empty list over a dimension of size 0 is refused on every backend before any kernel runs.
 """
 import functools
 import json
@@ -169,6 +170,31 @@ def test_unsorted_repeated_indices_match_the_reference(device, backend, op):
     out = _call(op, kept, "float32", 3, device, backend)
     expected = _call(op, kept, "float32", 3, device, "torch")
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("op", OPS + ["segmented_gather_ffn"])
+@pytest.mark.parametrize("device,backend", backend_cases())
+def test_unchecked_list_over_a_dimension_of_size_zero_is_refused(device, backend, op):
+    """Over a weight with no neurons no index is in range: refused without reading the values
+    (a kernel would read row 0, which does not exist)."""
+    kept = torch.tensor([0], device=device)
+    x = torch.randn(2, HIDDEN, device=device)
+    empty = torch.empty(0, HIDDEN, device=device)
+    options = dict(backend=backend, check_indices=False)
+    calls = {
+        "gather_rows_linear": lambda: dk.gather_rows_linear(x, empty, None, kept, **options),
+        "gather_cols_linear": lambda: dk.gather_cols_linear(x[:, :1], empty, None, kept,
+                                                            **options),
+        "gather_ffn": lambda: dk.gather_ffn(x, empty, None, empty, None, kept, "gelu",
+                                            **options),
+        "gather_swiglu_ffn": lambda: dk.gather_swiglu_ffn(x, empty, empty, empty, kept,
+                                                          **options),
+        "segmented_gather_ffn": lambda: dk.segmented_gather_ffn(
+            x, empty, None, empty, None, torch.tensor([0, 2], device=device), kept,
+            torch.tensor([0, 1], device=device), "gelu", **options),
+    }
+    with pytest.raises(ValueError, match="holds 1 indices but the dimension it indexes has size 0"):
+        calls[op]()
 
 
 if __name__ == "__main__":

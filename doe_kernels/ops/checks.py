@@ -51,6 +51,9 @@ def check_index(name: str, index, size: int, device: torch.device, check_values:
         raise ValueError(f"{name} must be 1-D, got shape {tuple(index.shape)}")
     if index.device != device:
         raise ValueError(f"{name} is on {index.device} but the weights are on {device}")
+    if size == 0 and index.numel() > 0:  # (no value can be in range: checked without reading any)
+        raise ValueError(f"{name} holds {index.numel()} indices but the dimension it indexes has "
+                         "size 0")
     if check_values and index.numel() > 0:
         low, high = int(index.min()), int(index.max())
         if low < 0 or high >= size:
