@@ -8,7 +8,8 @@ in the API server, stands before the engine:
    (or one being added or removed, or naming one with anything but a non-empty string, or asking to run
    in the background) is answered 400 and never reaches it; so is any other POST whose body
    holds "doe_expert" (the routes that take `vllm_xargs` or `extra_args` another way: Anthropic
-   messages, batches, tokens-only generation, audio);
+   messages, batches, tokens-only generation, audio; a form's fields are read as the app reads
+   them, with Starlette's parser, and its bytes also percent-decoded);
  * a request naming a held expert is given that expert's prefix-cache salt (a hash of the name,
    the request's own `cache_salt`, if any, and the count of experts added under that name), so
    that no request reuses KV blocks another expert computed and a name added again never meets
@@ -27,6 +28,7 @@ default) fails at start-up, saying so.
 """
 import collections
 import json
+import urllib.parse
 
 from doe_kernels.vllm.protocol import EXTRA_ARG, SALT_PREFIX, cache_salt, reserved_salt
 
@@ -57,14 +59,14 @@ class ExpertGate:
         if path == RPC_PATH:
             return await self._rpc(scope, receive, _tagged(send), body)
         try:
-            request = json.loads(body)
+            request, text = json.loads(body), None
         except ValueError:
-            request = _NOT_JSON
-        if _holds(request, body, "cache_salt", reserved_salt, word=SALT_PREFIX):
+            request, text = _NOT_JSON, await _body_text(scope, body)
+        if _holds(request, text, "cache_salt", reserved_salt, word=SALT_PREFIX):
             return await _error(send, 400, f"a cache_salt starting with {SALT_PREFIX!r} is "
                                 "reserved for the experts' prefix caches")
         if path not in GENERATING:
-            if _holds(request, body, EXTRA_ARG):
+            if _holds(request, text, EXTRA_ARG):
                 return await _error(send, 400, f"{path} cannot serve an expert: name one "
                                     f"(vllm_xargs.{EXTRA_ARG}) in {', '.join(GENERATING)}")
             return await self.app(scope, _replay(body, receive), send)
@@ -176,15 +178,16 @@ def _api_server_processes(state) -> int:
 
 
 _NOT_JSON = object()  # a body json.loads refused
+FORMS = ("multipart/form-data", "application/x-www-form-urlencoded")
 
 
-def _holds(value, body: bytes, key: str, test=lambda value: True,
+def _holds(value, text: str | None, key: str, test=lambda value: True,
            word: str | None = None) -> bool:
     """Whether a body (`value`: as parsed, or _NOT_JSON) holds `key` at any depth with a value
-    that passes `test` (a body that is not JSON, such as an audio form: whether it holds the
-    key's word, and `word` if given)."""
+    that passes `test` (a body that is not JSON, such as an audio form: whether its `text`, from
+    _body_text, holds the key's word, and `word` if given)."""
     if value is _NOT_JSON:
-        return key.encode() in body and (word is None or word.encode() in body)
+        return key in text and (word is None or word in text)
     stack = [value]
     while stack:
         value = stack.pop()
@@ -195,6 +198,36 @@ def _holds(value, body: bytes, key: str, test=lambda value: True,
         elif isinstance(value, list):
             stack.extend(value)
     return False
+
+
+async def _body_text(scope, body: bytes) -> str:
+    """A body that is not JSON as text to search for words: its bytes, the same percent-decoded
+    (a URL-encoded form), and a form's field names and values as the app reads them (Starlette's
+    parser, as FastAPI's Form fields do)."""
+    raw = body.decode("latin-1")
+    texts = [raw, urllib.parse.unquote_plus(raw, encoding="latin-1")]
+    content_type = dict(scope.get("headers", ())).get(b"content-type", b"").decode("latin-1")
+    if content_type.lower().startswith(FORMS):
+        texts += await _form_fields(scope, body)
+    return "\n".join(texts)
+
+
+async def _form_fields(scope, body: bytes) -> list:
+    """A form body's field names and text values, as Starlette parses them ([] where it cannot:
+    the app cannot read such a body either)."""
+    from starlette.requests import Request
+
+    async def disconnected():
+        return dict(type="http.disconnect")
+    try:
+        form = await Request(scope, _replay(body, disconnected)).form()
+    except Exception:  # noqa: BLE001 (a malformed form: the app answers it)
+        return []
+    try:
+        return [text for key, value in form.multi_items()
+                for text in (key, value if isinstance(value, str) else "")]
+    finally:
+        await form.close()
 
 
 def _route(scope) -> str:
