@@ -67,6 +67,35 @@ def test_experts_forward_on_sizes_grouped_gemms_refuse(intermediate, hidden, dty
     torch.testing.assert_close(out.double(), expected, atol=tolerance, rtol=tolerance)
 
 
+@pytest.mark.parametrize("cpu_regime", ["fused", "gather"], indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_experts_keeping_every_neuron_run_the_kernel_where_it_wins(cpu_regime, dtype,
+                                                                     monkeypatch):
+    """A Mixtral's MoE experts keeping every neuron run the cpu backend's SwiGLU kernel over the
+    full list where library.dense_in_kernel says it wins (forced here: the fused regime; by
+    default decoding, and bfloat16 at any row count on CPUs without AVX-512, whose bfloat16 GEMMs
+    are slow), torch's GEMMs elsewhere; both equal the float64 reference."""
+    from doe_kernels import backends
+
+    model = mixtral()
+    ids, attention = _inputs()
+    mask = _expert_mask(model, 6 / 8)
+    calls = []  # the neurons of each call of the kernel
+    cpu = backends.get("cpu")
+    original = cpu.gather_swiglu
+    monkeypatch.setattr(cpu, "gather_swiglu",
+                        lambda *a, **k: calls.append(a[3].numel()) or original(*a, **k))
+    with torch.no_grad():
+        reference = output_of(moe_reference(model, mask).double(), ids, attention)
+        model.to(dtype)
+        same_dtype = output_of(moe_reference(model, mask), ids, attention)
+        with dk.plugged(model, mask, backend="cpu"):
+            out = output_of(model, ids, attention)
+    assert_close(out, reference, same_dtype, f"every neuron kept ({cpu_regime})")
+    assert bool(calls) == (cpu_regime == "fused")
+    assert set(calls) <= {model.config.intermediate_size}
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("keep", [1.0, 5 / 8])
 def test_dynamic_skipping_equals_reference(keep, dtype):

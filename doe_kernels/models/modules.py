@@ -18,7 +18,6 @@ MLP, a BERT FFN's down projection, an attention) holds the layer's `segments`
 (models/segments.py) and runs each segment on its expert; the modules a block's computation
 replaces (a BERT FFN's up projection and attention output projection) are `passthrough`.
 """
-import functools
 
 import torch
 import torch.nn.functional as F
@@ -37,14 +36,7 @@ def _kept_repr(kept, total: int) -> str:
 
 def _kept_or_all(kept, total: int, x: torch.Tensor) -> torch.Tensor:
     """`kept`, or every index 0..total-1 when it is None (a keep-all call through the kernels)."""
-    return kept if kept is not None else _every_index(total, x.device)
-
-
-@functools.lru_cache(maxsize=64)
-def _every_index(total: int, device: torch.device) -> torch.Tensor:
-    """0..total-1 on `device`, made once (every keep-all layer of a forward pass asks; the
-    kernels only read it)."""
-    return torch.arange(total, device=device)
+    return kept if kept is not None else library.every_index(total, x.device)
 
 
 def add_bias_delta(out: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:

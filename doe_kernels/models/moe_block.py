@@ -19,7 +19,9 @@ The expert FFNs read the model's own fused weights (`gate_up_proj`, experts x 2I
 projection held input-major, experts x I x H): token-expert pairs are sorted by expert and run as
 one grouped GEMM per projection (`torch.nn.functional.grouped_mm`) where PyTorch has it for the
 device and dtype, else one GEMM per expert that received tokens. With a neuron mask each expert
-runs the gather SwiGLU op on the kept neurons instead.
+runs the gather SwiGLU op on the kept neurons instead, and so does every expert over the full list
+where the CPU kernels beat ATen's GEMMs (`library.dense_in_kernel`: a few rows, and bfloat16 at
+any row count on CPUs without AVX-512).
 
 In a mixed-task batch (doe_kernels.mixed) the block holds the layer's `segments`: every row's
 router logits come from one call of the router module, each segment's rows are routed among its
@@ -105,7 +107,8 @@ def experts_forward(x, weights, experts, gate_up, down_t, neurons=None, backend=
     tokens = order // top_k
     xs = x.index_select(0, tokens)
     counts = torch.bincount(sorted_e, minlength=num_experts + 1)[:num_experts]
-    if neurons is None and _use_grouped_mm(x, hidden, intermediate):
+    if neurons is None and _use_grouped_mm(x, hidden, intermediate) \
+            and not library.dense_in_kernel(xs, backend, gate_up, down_t):
         offsets = torch.cumsum(counts, 0, dtype=torch.int32)
         gate, up = _grouped_mm(xs, gate_up.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
         ys = _grouped_mm(F.silu(gate) * up, down_t, offs=offsets)
@@ -126,10 +129,14 @@ def experts_forward(x, weights, experts, gate_up, down_t, neurons=None, backend=
 
 def expert_ffn(x, gate_up, down_t, intermediate, neurons=None, backend="auto"):
     """One expert's SwiGLU FFN on rows x (fused gate_up (2I, H), down_t (I, H) input-major),
-    on the kept `neurons` only when given."""
-    if neurons is None:
+    on the kept `neurons` only when given. Keeping every neuron it runs torch's GEMMs, or the
+    kernels over the full list where they are faster (library.dense_in_kernel: a few rows, and
+    bfloat16 on CPUs without AVX-512, where ATen's bfloat16 GEMM is slow)."""
+    if neurons is None and not library.dense_in_kernel(x, backend, gate_up, down_t):
         gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
         return torch.matmul(F.silu(gate) * up, down_t)
+    if neurons is None:
+        neurons = library.every_index(intermediate, x.device)
     return library.gather_swiglu_ffn(x, gate_up[:intermediate], gate_up[intermediate:], down_t,
                                      neurons, backend)
 

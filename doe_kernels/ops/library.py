@@ -10,6 +10,7 @@ whose indices were checked once when the mask was plugged, call these directly; 
 skip the dispatcher too (`_direct`). The single-expert ops' gradients are registered by
 doe_kernels/ops/autograd.py (imported at the end of this module); the segmented ops have none.
 """
+import functools
 import sys
 
 import torch
@@ -53,6 +54,13 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 def _functorch_active() -> bool:
     active = getattr(torch._C, "_are_functorch_transforms_active", None)
     return bool(active()) if active is not None else False
+
+
+@functools.lru_cache(maxsize=64)
+def every_index(total: int, device: torch.device) -> torch.Tensor:
+    """0..total-1 on `device`, made once: the full list of a keep-all call through the kernels
+    (every keep-all layer of a forward pass asks; the kernels only read it)."""
+    return torch.arange(total, device=device)
 
 
 def dense_in_kernel(x, backend: str, *tensors) -> bool:
