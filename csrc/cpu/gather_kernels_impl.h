@@ -29,6 +29,31 @@ static inline void prefetch_row(const T* cur, const T* nx, int64_t k, int64_t K)
   __builtin_prefetch(a < K ? cur + a : nx + (a - K), 0, 3);
 }
 
+// Weight vectors per 64-byte cache line: the k loops prefetch each line of a weight row once.
+template <typename T>
+constexpr int vecs_per_line() {
+  return 64 / (W * (int)sizeof(T)) > 1 ? 64 / (W * (int)sizeof(T)) : 1;
+}
+
+// One vector step along k of a rows tile: acc[i][j] += x[i, k..k+W) * W[row j][k..k+W).
+template <typename T, int MR, int NR>
+static inline __attribute__((always_inline)) void rows_step(const float* x, int64_t ldx,
+                                                            const T* const* wr, int64_t k,
+                                                            vf (&acc)[MR][NR]) {
+  vf w[NR];
+#pragma GCC unroll 16
+  for (int j = 0; j < NR; ++j) w[j] = vload(wr[j] + k);
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) {
+    vf xv = vload(x + i * ldx + k);
+#pragma GCC unroll 16
+    for (int j = 0; j < NR; ++j) acc[i][j] = vfma(xv, w[j], acc[i][j]);
+  }
+}
+
+// `nx`: the rows to prefetch from near the end of these (the next tile's), or nullptr for a tile
+// whose weight rows an earlier tile of x rows brought into cache (no prefetches: they would only
+// take load slots).
 template <typename T, int MR, int NR>
 static inline void rows_tile(const float* x, int64_t ldx, int64_t K, const T* const* wr,
                              const T* const* nx, const float* b, float* out, int64_t ldo) {
@@ -37,21 +62,17 @@ static inline void rows_tile(const float* x, int64_t ldx, int64_t K, const T* co
   for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 16
     for (int j = 0; j < NR; ++j) acc[i][j] = vzero();
+  constexpr int L = vecs_per_line<T>();
   int64_t k = 0;
-  for (; k + W <= K; k += W) {
-    vf w[NR];
+  for (; k + L * W <= K; k += L * W) {
+    if (nx != nullptr) {
 #pragma GCC unroll 16
-    for (int j = 0; j < NR; ++j) {
-      prefetch_row(wr[j], nx[j], k, K);
-      w[j] = vload(wr[j] + k);
+      for (int j = 0; j < NR; ++j) prefetch_row(wr[j], nx[j], k, K);
     }
-#pragma GCC unroll 16
-    for (int i = 0; i < MR; ++i) {
-      vf xv = vload(x + i * ldx + k);
-#pragma GCC unroll 16
-      for (int j = 0; j < NR; ++j) acc[i][j] = vfma(xv, w[j], acc[i][j]);
-    }
+#pragma GCC unroll 4
+    for (int l = 0; l < L; ++l) rows_step<T, MR, NR>(x, ldx, wr, k + l * W, acc);
   }
+  for (; k + W <= K; k += W) rows_step<T, MR, NR>(x, ldx, wr, k, acc);
   for (int i = 0; i < MR; ++i) {
     for (int j = 0; j < NR; ++j) {
       float s = vsum(acc[i][j]);
@@ -79,6 +100,13 @@ static inline int64_t row_block(int64_t M, int64_t K) {
   int64_t mb = (int64_t{768} * 1024 / 4) / std::max<int64_t>(K, 1);
   mb = std::max<int64_t>(RR_MR, mb - mb % RR_MR);
   return std::min(M, mb);
+}
+
+// Whether `rows` weight rows of K elements fit in half of a 32 KiB L1 data cache (the x rows
+// of a tile and the next rows take the rest): tiles of x rows after the first then find them there.
+template <typename T>
+static inline bool fits_l1(int rows, int64_t K) {
+  return rows * K * (int64_t)sizeof(T) <= 16 * 1024;
 }
 
 // Pointers to kept rows idx[n .. n+cnt) of a (rows x K) matrix; past n1 the last kept row repeats
@@ -117,6 +145,7 @@ static void rows_range_t(const float* x, int64_t M, int64_t K, const T* Wm, cons
     return;
   }
   const int64_t MB = row_block(M, K);
+  const bool in_l1 = fits_l1<T>(RR_NR, K);
   for (int64_t mb0 = 0; mb0 < M; mb0 += MB) {
     const int64_t mb1 = std::min(M, mb0 + MB);
     int64_t n = n0;
@@ -125,8 +154,10 @@ static void rows_range_t(const float* x, int64_t M, int64_t K, const T* Wm, cons
       row_ptrs<T, RR_NR>(Wm, K, idx, n + RR_NR, n1, nx);
       biases(n, RR_NR);
       for (int64_t m = mb0; m < mb1; m += RR_MR) {
-        // Only the last x-row tile of a weight tile prefetches the next weight tile.
-        const T* const* pf = (m + RR_MR >= mb1) ? nx : wr;
+        // The first x-row tile of a weight tile prefetches along its rows, the last the next
+        // weight tile's; those between find rows that fit in L1 there (in_l1), and prefetch
+        // rows that do not along them, as the first.
+        const T* const* pf = (m + RR_MR >= mb1) ? nx : (m == mb0 || !in_l1 ? wr : nullptr);
         rows_tile_m<T, RR_NR>(x + m * K, K, K, wr, pf, b, out + m * ldo + n, ldo,
                               std::min<int64_t>(RR_MR, mb1 - m));
       }
@@ -216,6 +247,31 @@ void activate_range(float* out, int64_t M, int64_t ldo, int64_t n0, int64_t n1, 
 // ---- gather_swiglu: out[m, n] = silu(dot(x[m], G[kept[n]])) * dot(x[m], U[kept[n]]) ------------
 static inline float silu_mul(float g, float u) { return g / (1.f + std::exp(-g)) * u; }
 
+// One vector step along k of a SwiGLU tile (gate and up rows).
+template <typename T, int MR, int NR>
+static inline __attribute__((always_inline)) void swiglu_step(const float* x, int64_t ldx,
+                                                              const T* const* gr,
+                                                              const T* const* ur, int64_t k,
+                                                              vf (&ag)[MR][NR],
+                                                              vf (&au)[MR][NR]) {
+  vf g[NR], u[NR];
+#pragma GCC unroll 16
+  for (int j = 0; j < NR; ++j) {
+    g[j] = vload(gr[j] + k);
+    u[j] = vload(ur[j] + k);
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) {
+    vf xv = vload(x + i * ldx + k);
+#pragma GCC unroll 16
+    for (int j = 0; j < NR; ++j) {
+      ag[i][j] = vfma(xv, g[j], ag[i][j]);
+      au[i][j] = vfma(xv, u[j], au[i][j]);
+    }
+  }
+}
+
+// `gn`, `un`: as rows_tile's `nx` (both nullptr or neither).
 template <typename T, int MR, int NR>
 static inline void swiglu_tile(const float* x, int64_t ldx, int64_t K, const T* const* gr,
                                const T* const* ur, const T* const* gn, const T* const* un,
@@ -225,26 +281,20 @@ static inline void swiglu_tile(const float* x, int64_t ldx, int64_t K, const T* 
   for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 16
     for (int j = 0; j < NR; ++j) ag[i][j] = au[i][j] = vzero();
+  constexpr int L = vecs_per_line<T>();
   int64_t k = 0;
-  for (; k + W <= K; k += W) {
-    vf g[NR], u[NR];
-#pragma GCC unroll 16
-    for (int j = 0; j < NR; ++j) {
-      prefetch_row(gr[j], gn[j], k, K);
-      prefetch_row(ur[j], un[j], k, K);
-      g[j] = vload(gr[j] + k);
-      u[j] = vload(ur[j] + k);
-    }
-#pragma GCC unroll 16
-    for (int i = 0; i < MR; ++i) {
-      vf xv = vload(x + i * ldx + k);
+  for (; k + L * W <= K; k += L * W) {
+    if (gn != nullptr) {
 #pragma GCC unroll 16
       for (int j = 0; j < NR; ++j) {
-        ag[i][j] = vfma(xv, g[j], ag[i][j]);
-        au[i][j] = vfma(xv, u[j], au[i][j]);
+        prefetch_row(gr[j], gn[j], k, K);
+        prefetch_row(ur[j], un[j], k, K);
       }
     }
+#pragma GCC unroll 4
+    for (int l = 0; l < L; ++l) swiglu_step<T, MR, NR>(x, ldx, gr, ur, k + l * W, ag, au);
   }
+  for (; k + W <= K; k += W) swiglu_step<T, MR, NR>(x, ldx, gr, ur, k, ag, au);
   for (int i = 0; i < MR; ++i) {
     for (int j = 0; j < NR; ++j) {
       float sg = vsum(ag[i][j]), su = vsum(au[i][j]);
@@ -297,15 +347,19 @@ static void swiglu_range_t(const float* x, int64_t M, int64_t K, const T* G, con
     return;
   }
   const int64_t MB = row_block(M, K);
+  const bool in_l1 = fits_l1<T>(2 * NR, K);
   for (int64_t mb0 = 0; mb0 < M; mb0 += MB) {
     const int64_t mb1 = std::min(M, mb0 + MB);
     int64_t n = n0;
     for (; n + NR <= n1; n += NR) {
       ptrs(n, NR);
       for (int64_t m = mb0; m < mb1; m += RR_MR) {
-        const bool last = m + RR_MR >= mb1;
-        swiglu_tile_m<T, NR>(x + m * K, K, K, gr, ur, last ? gn : gr, last ? un : ur,
-                             out + m * ldo + n, ldo, std::min<int64_t>(RR_MR, mb1 - m));
+        // as rows_range_t's tiles: the first (or any, where the rows do not fit in L1)
+        // prefetches along its rows, the last the next rows
+        const bool last = m + RR_MR >= mb1, first = m == mb0 || !in_l1;
+        swiglu_tile_m<T, NR>(x + m * K, K, K, gr, ur, last ? gn : (first ? gr : nullptr),
+                             last ? un : (first ? ur : nullptr), out + m * ldo + n, ldo,
+                             std::min<int64_t>(RR_MR, mb1 - m));
       }
     }
     for (; n < n1; ++n) {
