@@ -85,6 +85,8 @@ def _use_grouped_mm(x: torch.Tensor, hidden: int, intermediate: int) -> bool:
     the cpu backend's kernels may run an expert: `library.dense_in_kernel` of one row)."""
     if _grouped_mm is None:
         return False
+    if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
+        return False  # its meta function (FakeTensor) takes bfloat16 only
     if x.device.type == "cpu":  # operand rows a multiple of 16 bytes, as PyTorch checks
         aligned = hidden % (16 // x.element_size()) == 0 and \
             intermediate % (16 // x.element_size()) == 0
@@ -110,8 +112,9 @@ def experts_forward(x, weights, experts, gate_up, down_t, neurons=None, backend=
     xs = x.index_select(0, tokens)
     counts = torch.bincount(sorted_e, minlength=num_experts + 1)[:num_experts]
     # Where one row's call may run the cpu backend's kernel (an eager CPU call), each expert
-    # picks the kernel or ATen's GEMM by its own row count: on an AVX2 CPU at 8-16 tokens that
-    # took a quarter of the grouped GEMM's time in float32, and never more than it
+    # picks the kernel or ATen's GEMM by its own row count: on an AVX2 CPU at 8-16 tokens
+    # (decoding-sized groups) that took a quarter of the grouped GEMM's time in float32; with
+    # more rows per expert the two tie within run-to-run noise
     if neurons is None and _use_grouped_mm(x, hidden, intermediate) \
             and not library.dense_in_kernel(xs[:1], backend, gate_up, down_t):
         offsets = torch.cumsum(counts, 0, dtype=torch.int32)
