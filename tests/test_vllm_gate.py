@@ -76,8 +76,9 @@ async def acall(gate, app, path, body=None, method="POST", chunks=1, root_path="
         sent.append(message)
 
     scope = dict(type="http", method=method, path=root_path + path, root_path=root_path,
-                 app=app, headers=[(b"content-length", str(len(raw)).encode())] + (
-                     [(b"content-type", content_type.encode())] if content_type else []))
+                 app=app, headers=[(b"content-length", str(len(raw)).encode())] + [
+                     (b"content-type", value.encode()) for value in (
+                         [content_type] if isinstance(content_type, str) else content_type or [])])
     await gate(scope, receive, send)
     reply = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
     return sent[0]["status"], json.loads(reply), dict(sent[0]["headers"])
@@ -365,20 +366,32 @@ def test_salts_cannot_be_forged_or_confused():
 
 
 
+def _multipart(name, value: bytes) -> bytes:
+    return (b'--b\r\nContent-Disposition: form-data; name="' + name.encode() + b'"\r\n\r\n'
+            + value + b"\r\n--b--\r\n")
+
+
 def test_forms_are_read_as_the_app_reads_them():
-    """A form (an audio request) hides no reserved salt or expert name in percent-encoding or in
-    a field's name: the gate reads its fields with the app's own parser; other forms pass."""
+    """A form (an audio request) hides no reserved salt or expert name in percent-encoding, a
+    field's name, JSON escapes in a value (vLLM decodes vllm_xargs as JSON) or a charset under
+    the first of two content types (the one the app's parser reads): the gate reads its fields
+    with the app's own parser; other forms pass."""
     pytest.importorskip("starlette")
     engine, app, gate = setup()
-    urlencoded = "application/x-www-form-urlencoded"
+    urlencoded, multipart = "application/x-www-form-urlencoded", "multipart/form-data; boundary=b"
     for body, content_type, message in (
             (b"model=m&cache_salt=doe%5Fkernels-" + b"0" * 40, urlencoded, "reserved"),
             (b"model=m&cache%5Fsalt=" + SALT_PREFIX.encode(), urlencoded, "reserved"),
             (b"model=m&vllm%5Fxargs=%7B%22doe%5Fexpert%22%3A%22polarity%22%7D", urlencoded,
              "cannot serve an expert"),
-            (b'--b\r\nContent-Disposition: form-data; name="vllm_xargs"\r\n\r\n'
-             b'{"doe_expert": "polarity"}\r\n--b--\r\n', "multipart/form-data; boundary=b",
-             "cannot serve an expert")):
+            (_multipart("vllm_xargs", b'{"doe_expert": "polarity"}'), multipart,
+             "cannot serve an expert"),
+            (_multipart("vllm_xargs", b'{"doe\\u005fexpert": "polarity"}'), multipart,
+             "cannot serve an expert"),
+            (_multipart("vllm_xargs", b'{"cache\\u005fsalt": "doe\\u005fkernels-0"}'), multipart,
+             "reserved"),
+            (_multipart("vllm_xargs", b'{"doe+AF8-expert": "polarity"}'),
+             [multipart + "; charset=utf-7", "text/plain"], "cannot serve an expert")):
         status, reply, _ = call(gate, app, "/v1/audio/transcriptions", body,
                                 content_type=content_type)
         assert status == 400 and message in reply["error"]["message"], body

@@ -9,7 +9,7 @@ in the API server, stands before the engine:
    in the background) is answered 400 and never reaches it; so is any other POST whose body
    holds "doe_expert" (the routes that take `vllm_xargs` or `extra_args` another way: Anthropic
    messages, batches, tokens-only generation, audio; a form's fields are read as the app reads
-   them, with Starlette's parser, and its bytes also percent-decoded);
+   them, with Starlette's parser, each value also as JSON, as vLLM reads `vllm_xargs`);
  * a request naming a held expert is given that expert's prefix-cache salt (a hash of the name,
    the request's own `cache_salt`, if any, and the count of experts added under that name), so
    that no request reuses KV blocks another expert computed and a name added again never meets
@@ -27,8 +27,8 @@ server started with several (`--api-server-count` above 1, which data parallelis
 default) fails at start-up, saying so.
 """
 import collections
+import dataclasses
 import json
-import urllib.parse
 
 from doe_kernels.vllm.protocol import EXTRA_ARG, SALT_PREFIX, cache_salt, reserved_salt
 
@@ -58,15 +58,13 @@ class ExpertGate:
         body = await _read_body(receive)
         if path == RPC_PATH:
             return await self._rpc(scope, receive, _tagged(send), body)
-        try:
-            request, text = json.loads(body), None
-        except ValueError:
-            request, text = _NOT_JSON, await _body_text(scope, body)
-        if _holds(request, text, "cache_salt", reserved_salt, word=SALT_PREFIX):
+        parsed = await _Body.read(scope, body)
+        request = parsed.json
+        if parsed.holds("cache_salt", reserved_salt, word=SALT_PREFIX):
             return await _error(send, 400, f"a cache_salt starting with {SALT_PREFIX!r} is "
                                 "reserved for the experts' prefix caches")
         if path not in GENERATING:
-            if _holds(request, text, EXTRA_ARG):
+            if parsed.holds(EXTRA_ARG):
                 return await _error(send, 400, f"{path} cannot serve an expert: name one "
                                     f"(vllm_xargs.{EXTRA_ARG}) in {', '.join(GENERATING)}")
             return await self.app(scope, _replay(body, receive), send)
@@ -178,16 +176,40 @@ def _api_server_processes(state) -> int:
 
 
 _NOT_JSON = object()  # a body json.loads refused
-FORMS = ("multipart/form-data", "application/x-www-form-urlencoded")
 
 
-def _holds(value, text: str | None, key: str, test=lambda value: True,
-           word: str | None = None) -> bool:
-    """Whether a body (`value`: as parsed, or _NOT_JSON) holds `key` at any depth with a value
-    that passes `test` (a body that is not JSON, such as an audio form: whether its `text`, from
-    _body_text, holds the key's word, and `word` if given)."""
-    if value is _NOT_JSON:
-        return key in text and (word is None or word in text)
+@dataclasses.dataclass
+class _Body:
+    """A POST body as the app may read it: `raw` bytes, `json` (its JSON value, or _NOT_JSON) and
+    `form`, a form's fields as Starlette's parser reads them under the request's content type
+    (what FastAPI's Form fields get), each as {name: value} and, where the value is JSON, parsed
+    (vLLM decodes `vllm_xargs` so)."""
+
+    raw: bytes
+    json: object
+    form: list
+
+    @classmethod
+    async def read(cls, scope, raw: bytes) -> "_Body":
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = _NOT_JSON
+        return cls(raw, value, await _form_fields(scope, raw))
+
+    def holds(self, key: str, test=lambda value: True, word: str | None = None) -> bool:
+        """Whether a reading of the body holds `key` at any depth with a value that passes
+        `test`; or, for a body that is not JSON, whether its bytes hold the key's word (and
+        `word` if given): a form the parser refused, or another format."""
+        readings = self.form + ([] if self.json is _NOT_JSON else [self.json])
+        if any(_holds(value, key, test) for value in readings):
+            return True
+        return self.json is _NOT_JSON and key.encode() in self.raw and (
+            word is None or word.encode() in self.raw)
+
+
+def _holds(value, key: str, test) -> bool:
+    """Whether a JSON value holds `key` at any depth with a value that passes `test`."""
     stack = [value]
     while stack:
         value = stack.pop()
@@ -200,22 +222,13 @@ def _holds(value, text: str | None, key: str, test=lambda value: True,
     return False
 
 
-async def _body_text(scope, body: bytes) -> str:
-    """A body that is not JSON as text to search for words: its bytes, the same percent-decoded
-    (a URL-encoded form), and a form's field names and values as the app reads them (Starlette's
-    parser, as FastAPI's Form fields do)."""
-    raw = body.decode("latin-1")
-    texts = [raw, urllib.parse.unquote_plus(raw, encoding="latin-1")]
-    content_type = dict(scope.get("headers", ())).get(b"content-type", b"").decode("latin-1")
-    if content_type.lower().startswith(FORMS):
-        texts += await _form_fields(scope, body)
-    return "\n".join(texts)
-
-
 async def _form_fields(scope, body: bytes) -> list:
-    """A form body's field names and text values, as Starlette parses them ([] where it cannot:
-    the app cannot read such a body either)."""
-    from starlette.requests import Request
+    """A form body's fields (see _Body) as Starlette parses them: none for another content type,
+    one Starlette cannot parse (the app cannot either), or without Starlette (no vLLM server)."""
+    try:
+        from starlette.requests import Request
+    except ImportError:
+        return []
 
     async def disconnected():
         return dict(type="http.disconnect")
@@ -224,8 +237,15 @@ async def _form_fields(scope, body: bytes) -> list:
     except Exception:  # noqa: BLE001 (a malformed form: the app answers it)
         return []
     try:
-        return [text for key, value in form.multi_items()
-                for text in (key, value if isinstance(value, str) else "")]
+        fields = []
+        for name, value in form.multi_items():
+            if isinstance(value, str):  # (not an uploaded file)
+                fields.append({name: value})
+                try:
+                    fields.append(json.loads(value))
+                except ValueError:
+                    pass
+        return fields
     finally:
         await form.close()
 

@@ -181,8 +181,10 @@ def _segment_table(bounds, device):
     return torch.tensor(table, dtype=torch.int64, device=device), offset
 
 
-# CUDA caps a grid's second axis at 65535 blocks: more segments than that launch in chunks
-MAX_SEGMENTS_PER_LAUNCH = 65535
+# CUDA caps a grid's second axis at 65535 blocks: more segments than that launch in chunks, of
+# an even count so that each chunk's table (5 int64 a segment) starts 16-byte aligned, as Triton
+# specialises the first (no second compilation)
+MAX_SEGMENTS_PER_LAUNCH = 65534
 
 
 def _segment_grid(k, bounds, element_size, width=None, weights=1):
