@@ -61,7 +61,7 @@ def call(gate, app, path, body=None, **options):
 
 
 async def acall(gate, app, path, body=None, method="POST", chunks=1, root_path="",
-                content_type=None):
+                content_type=None, headers=()):
     raw = b"" if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
     size = -(-len(raw) // chunks) or 1
     parts = [raw[i:i + size] for i in range(0, len(raw), size)] or [b""]
@@ -78,7 +78,8 @@ async def acall(gate, app, path, body=None, method="POST", chunks=1, root_path="
     scope = dict(type="http", method=method, path=root_path + path, root_path=root_path,
                  app=app, headers=[(b"content-length", str(len(raw)).encode())] + [
                      (b"content-type", value.encode()) for value in (
-                         [content_type] if isinstance(content_type, str) else content_type or [])])
+                         [content_type] if isinstance(content_type, str) else content_type or [])]
+                 + [(key.encode(), value.encode()) for key, value in headers])
     await gate(scope, receive, send)
     reply = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
     return sent[0]["status"], json.loads(reply), dict(sent[0]["headers"])
@@ -127,7 +128,9 @@ def test_unknown_or_malformed_names_never_reach_the_engine():
     for body, message in (
             (completion("tweets"), "no expert is held under the name 'tweets'"),
             (completion(""), "must name an expert"), (completion(7), "must name an expert"),
-            (completion("polarity", background=True), "cannot run in the background")):
+            (completion("polarity", background=True), "cannot run in the background"),
+            (completion("polarity", use_beam_search=1), "cannot use beam search"),
+            (b"[" * 100_000, "nested too deeply")):
         status, reply, _ = call(gate, app, "/v1/responses", body)
         assert status == 400 and message in reply["error"]["message"]
         assert reply["error"]["code"] == 400 and "polarity" not in reply["error"]["message"]
@@ -404,3 +407,44 @@ def test_forms_are_read_as_the_app_reads_them():
         assert call(gate, app, "/v1/audio/transcriptions", body, content_type=content_type)[0] \
             == 200
         assert app.seen[-1][1] == body
+
+
+def test_a_form_mentioning_the_words_in_its_text_passes():
+    """A form the parser read is judged by its fields only: a prompt that mentions the words,
+    or one that is deeply nested JSON-like text, reaches the app."""
+    pytest.importorskip("starlette")
+    engine, app, gate = setup()
+    for text in (b"Set vllm_xargs.doe_expert to pick an expert, cache_salt to doe_kernels-1",
+                 b"[" * 100_000):
+        body = _multipart("prompt", text)
+        status, _, _ = call(gate, app, "/v1/audio/transcriptions", body,
+                            content_type="multipart/form-data; boundary=b")
+        assert status == 200 and app.seen[-1][1] == body
+
+
+def test_routes_are_read_as_starlette_reads_them():
+    from doe_kernels.vllm.gate import _route
+
+    for path, root, route in (("/v1/completions", "/", "/v1/completions"),
+                              ("/v1/completions", "/v", "/v1/completions"),
+                              ("/v/v1/completions", "/v", "/v1/completions"),
+                              ("/v", "/v", ""), ("/v1/completions", "", "/v1/completions")):
+        assert _route(dict(path=path, root_path=root)) == route, (path, root)
+
+
+def test_requests_without_the_api_key_pass_unread():
+    """With vLLM's --api-key, a request its own check will answer 401 passes the gate unread
+    (the gate tells such a client nothing, e.g. which names are held); with the key, the gate
+    reads it as usual."""
+    pytest.importorskip("vllm")
+    engine, app, gate = setup()
+    app.state.args = SimpleNamespace(api_key=["secret"])
+    for body in (completion("tweets"), completion("polarity", cache_salt=SALT_PREFIX)):
+        assert call(gate, app, "/v1/completions", body)[0] == 200  # (the app's check: 401)
+        assert app.seen[-1][1] == body
+        assert call(gate, app, "/v1/completions", body,
+                    headers=[("authorization", "Bearer wrong")])[0] == 200
+    assert engine.reads == 0
+    status, reply, _ = call(gate, app, "/v1/completions", completion("tweets"),
+                            headers=[("authorization", "Bearer secret")])
+    assert status == 400 and "no expert is held" in reply["error"]["message"]

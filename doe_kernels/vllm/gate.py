@@ -6,7 +6,8 @@ refuse that one request: the step fails and the engine stops. `ExpertGate`, an A
 in the API server, stands before the engine:
  * a completion, chat completion or responses request naming an expert the engine does not hold
    (or one being added or removed, or naming one with anything but a non-empty string, or asking to run
-   in the background) is answered 400 and never reaches it; so is any other POST whose body
+   in the background or with beam search, which drops the extra arguments) is answered 400 and
+   never reaches it; so is any other POST whose body
    holds "doe_expert" (the routes that take `vllm_xargs` or `extra_args` another way: Anthropic
    messages, batches, tokens-only generation, audio; a form's fields are read as the app reads
    them, with Starlette's parser, each value also as JSON, as vLLM reads `vllm_xargs`);
@@ -21,7 +22,8 @@ in the API server, stands before the engine:
    adding or removing one must name it as the first of `args` (not in `kwargs`);
  * its answers to `POST /collective_rpc` carry the header `x-doe-kernels-gate` (how
    `doe_kernels.vllm.http.add` knows the server has the gate).
-The names held are read from the workers (`doe_experts`) on first use and again after every add
+A request that vLLM's own API-key check (`--api-key`, `VLLM_API_KEY`; it runs after this
+middleware) will answer 401 passes unread. The names held are read from the workers (`doe_experts`) on first use and again after every add
 or remove, which all pass the gate. It counts the requests of one API server process, so a
 server started with several (`--api-server-count` above 1, which data parallelism sets by
 default) fails at start-up, saying so.
@@ -48,17 +50,21 @@ class ExpertGate:
         self.generations = collections.Counter()  # adds seen per name
         self.running = collections.Counter()  # requests in flight per name
         self.changing = set()  # names being added or removed
+        self.api_key = _UNREAD  # vLLM's API-key check of this server (_api_key_check)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "lifespan":
             return await _start(scope, receive, send, self.app)
-        if scope["type"] != "http" or scope["method"] != "POST":
+        if scope["type"] != "http" or scope["method"] != "POST" or self._lacks_key(scope):
             return await self.app(scope, receive, send)
         path = _route(scope)
         body = await _read_body(receive)
         if path == RPC_PATH:
             return await self._rpc(scope, receive, _tagged(send), body)
-        parsed = await _Body.read(scope, body)
+        try:
+            parsed = await _Body.read(scope, body)
+        except RecursionError:
+            return await _error(send, 400, "the request body is nested too deeply to read")
         request = parsed.json
         if parsed.holds("cache_salt", reserved_salt, word=SALT_PREFIX):
             return await _error(send, 400, f"a cache_salt starting with {SALT_PREFIX!r} is "
@@ -98,6 +104,8 @@ class ExpertGate:
                         f"got {name!r}"
         if request.get("background"):
             return 400, "a request naming an expert cannot run in the background"
+        if request.get("use_beam_search"):  # vLLM's beam search drops the extra arguments
+            return 400, "a request naming an expert cannot use beam search"
         held = await self._names(scope)
         if held is None:
             return 500, ("the server cannot tell which experts it holds: start it with "
@@ -107,10 +115,25 @@ class ExpertGate:
                          "(doe_kernels.vllm.http.add)")
         return None
 
+    def _lacks_key(self, scope) -> bool:
+        """Whether vLLM's own API-key check (`--api-key`, VLLM_API_KEY), which runs after this
+        middleware, will answer the request 401: the gate then hands it on unread, so that a
+        client without the key learns nothing from the gate (which names are held) and costs
+        it no parsing."""
+        if self.api_key is _UNREAD:
+            self.api_key = _api_key_check(getattr(scope.get("app"), "state", None))
+        if self.api_key is None:
+            return False
+        from starlette.datastructures import Headers
+
+        check, guarded = self.api_key
+        path = scope["path"].removeprefix(scope.get("root_path", ""))  # as vLLM's check reads it
+        return path.startswith(guarded) and not check.verify_token(Headers(scope=scope))
+
     async def _rpc(self, scope, receive, send, body: bytes):
         try:
             request = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):  # the app answers it
             request = None
         method = request.get("method") if isinstance(request, dict) else None
         if method not in CHANGING:
@@ -175,7 +198,23 @@ def _api_server_processes(state) -> int:
     return getattr(getattr(state, "args", None), "api_server_count", None) or 1
 
 
+def _api_key_check(state):
+    """(vLLM's AuthenticationMiddleware holding this server's keys, the path prefixes it guards),
+    from the server's arguments as vLLM builds its own; None where the server takes no key."""
+    try:
+        from vllm import envs
+        from vllm.entrypoints.serve.middleware.authenticate import (GUARDED_PREFIX,
+                                                                    AuthenticationMiddleware)
+    except ImportError:  # another vLLM layout (or none): the gate reads every request
+        return None
+    args = getattr(state, "args", None)
+    tokens = [key for key in (getattr(args, "api_key", None) or [envs.VLLM_API_KEY]) if key]
+    return (AuthenticationMiddleware(None, tokens), GUARDED_PREFIX) if tokens else None
+
+
+_UNREAD = object()
 _NOT_JSON = object()  # a body json.loads refused
+FORMS = ("multipart/form-data", "application/x-www-form-urlencoded")  # what Starlette parses
 
 
 @dataclasses.dataclass
@@ -187,24 +226,28 @@ class _Body:
 
     raw: bytes
     json: object
-    form: list
+    form: list | None  # None: not a form Starlette read
 
     @classmethod
     async def read(cls, scope, raw: bytes) -> "_Body":
+        """The body's readings; RecursionError for JSON nested deeper than Python parses (the
+        gate refuses it: its keys cannot be read)."""
         try:
             value = json.loads(raw)
+        except RecursionError:
+            raise
         except ValueError:
             value = _NOT_JSON
         return cls(raw, value, await _form_fields(scope, raw))
 
     def holds(self, key: str, test=lambda value: True, word: str | None = None) -> bool:
         """Whether a reading of the body holds `key` at any depth with a value that passes
-        `test`; or, for a body that is not JSON, whether its bytes hold the key's word (and
-        `word` if given): a form the parser refused, or another format."""
-        readings = self.form + ([] if self.json is _NOT_JSON else [self.json])
+        `test`; or, for a body that is neither JSON nor a form the parser read (another format),
+        whether its bytes hold the key's word (and `word` if given)."""
+        readings = (self.form or []) + ([] if self.json is _NOT_JSON else [self.json])
         if any(_holds(value, key, test) for value in readings):
             return True
-        return self.json is _NOT_JSON and key.encode() in self.raw and (
+        return self.json is _NOT_JSON and self.form is None and key.encode() in self.raw and (
             word is None or word.encode() in self.raw)
 
 
@@ -222,20 +265,25 @@ def _holds(value, key: str, test) -> bool:
     return False
 
 
-async def _form_fields(scope, body: bytes) -> list:
-    """A form body's fields (see _Body) as Starlette parses them: none for another content type,
-    one Starlette cannot parse (the app cannot either), or without Starlette (no vLLM server)."""
+async def _form_fields(scope, body: bytes) -> list | None:
+    """A form body's fields (see _Body) as Starlette parses them; None for another content type,
+    a form Starlette cannot parse (the app cannot either), or without Starlette (no vLLM
+    server)."""
     try:
+        from starlette.datastructures import Headers
         from starlette.requests import Request
     except ImportError:
-        return []
+        return None
+    content_type = Headers(scope=scope).get("content-type", "").split(";")[0].strip().lower()
+    if content_type not in FORMS:
+        return None
 
     async def disconnected():
         return dict(type="http.disconnect")
     try:
         form = await Request(scope, _replay(body, disconnected)).form()
     except Exception:  # noqa: BLE001 (a malformed form: the app answers it)
-        return []
+        return None
     try:
         fields = []
         for name, value in form.multi_items():
@@ -243,7 +291,7 @@ async def _form_fields(scope, body: bytes) -> list:
                 fields.append({name: value})
                 try:
                     fields.append(json.loads(value))
-                except ValueError:
+                except (ValueError, RecursionError):  # not JSON: vLLM refuses it as vllm_xargs
                     pass
         return fields
     finally:
@@ -251,9 +299,14 @@ async def _form_fields(scope, body: bytes) -> list:
 
 
 def _route(scope) -> str:
-    """The request's path within the app (vLLM's --root-path removed)."""
+    """The request's path within the app (vLLM's --root-path removed), as Starlette's router
+    reads it (starlette._utils.get_route_path)."""
     path, root = scope.get("path", ""), scope.get("root_path", "")
-    return path[len(root):] if root and path.startswith(root) else path
+    if not root or not path.startswith(root):
+        return path
+    if path == root:
+        return ""
+    return path[len(root):] if path[len(root)] == "/" else path
 
 
 def _tagged(send):
