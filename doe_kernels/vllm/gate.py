@@ -5,12 +5,12 @@ to the workers as `SamplingParams.extra_args`. A worker that meets a name it doe
 refuse that one request: the step fails and the engine stops. `ExpertGate`, an ASGI middleware
 in the API server, stands before the engine:
  * a completion, chat completion or responses request naming an expert the engine does not hold
-   (or one being added or removed, or naming one with anything but a non-empty string, or asking to run
-   in the background or with beam search, which drops the extra arguments) is answered 400 and
-   never reaches it; so is any other POST whose body
-   holds "doe_expert" (the routes that take `vllm_xargs` or `extra_args` another way: Anthropic
-   messages, batches, tokens-only generation, audio; a form's fields are read as the app reads
-   them, with Starlette's parser, each value also as JSON, as vLLM reads `vllm_xargs`);
+   (or one being added or removed, or naming one with anything but a non-empty string, or asking
+   to run in the background or with beam search, which drops the extra arguments) is answered
+   400 and never reaches it; so is any other POST whose body holds "doe_expert" (the routes that
+   take `vllm_xargs` or `extra_args` another way: Anthropic messages, batches, tokens-only
+   generation, audio; a form's fields are read as the app reads them, with Starlette's parser,
+   each value also as JSON, as vLLM reads `vllm_xargs`);
  * a request naming a held expert is given that expert's prefix-cache salt (a hash of the name,
    the request's own `cache_salt`, if any, and the count of experts added under that name), so
    that no request reuses KV blocks another expert computed and a name added again never meets
@@ -23,10 +23,11 @@ in the API server, stands before the engine:
  * its answers to `POST /collective_rpc` carry the header `x-doe-kernels-gate` (how
    `doe_kernels.vllm.http.add` knows the server has the gate).
 A request that vLLM's own API-key check (`--api-key`, `VLLM_API_KEY`; it runs after this
-middleware) will answer 401 passes unread. The names held are read from the workers (`doe_experts`) on first use and again after every add
-or remove, which all pass the gate. It counts the requests of one API server process, so a
-server started with several (`--api-server-count` above 1, which data parallelism sets by
-default) fails at start-up, saying so.
+middleware) will answer 401 passes unread. The names held are read from the workers
+(`doe_experts`) on first use and again after every add or remove, which all pass the gate. It
+counts the requests of one API server process, so a server started with several
+(`--api-server-count` above 1, which data parallelism sets by default) fails at start-up, saying
+so.
 """
 import collections
 import dataclasses
@@ -234,9 +235,7 @@ class _Body:
         gate refuses it: its keys cannot be read)."""
         try:
             value = json.loads(raw)
-        except RecursionError:
-            raise
-        except ValueError:
+        except ValueError:  # (a RecursionError is no ValueError: it goes up)
             value = _NOT_JSON
         return cls(raw, value, await _form_fields(scope, raw))
 
