@@ -81,8 +81,9 @@ def route(logits: torch.Tensor, top_k: int, kept: torch.Tensor | None = None,
 
 
 def _use_grouped_mm(x: torch.Tensor, hidden: int, intermediate: int) -> bool:
-    """Whether PyTorch's grouped GEMM takes these experts (experts_forward also leaves it where
-    the cpu backend's kernels may run an expert: `library.dense_in_kernel` of one row)."""
+    """Whether PyTorch's grouped GEMM takes these experts (experts_forward hands them to the op
+    instead where the cpu backend's kernels may run an expert: `library.dense_in_kernel` of one
+    row)."""
     if _grouped_mm is None:
         return False
     if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
@@ -111,12 +112,13 @@ def experts_forward(x, weights, experts, gate_up, down_t, neurons=None, backend=
     tokens = order // top_k
     xs = x.index_select(0, tokens)
     counts = torch.bincount(sorted_e, minlength=num_experts + 1)[:num_experts]
-    # Where one row's call may run the cpu backend's kernel (an eager CPU call), each expert
-    # picks the kernel or ATen's GEMM by its own row count: on an AVX2 CPU at 8-16 tokens
-    # (decoding-sized groups) that took a quarter of the grouped GEMM's time in float32; with
-    # more rows per expert the two tie within run-to-run noise
-    if neurons is None and _use_grouped_mm(x, hidden, intermediate) \
-            and not library.dense_in_kernel(xs[:1], backend, gate_up, down_t):
+    # Where one row's call may run the cpu backend's kernel (an eager CPU call), every expert
+    # gets the full list and the op picks the kernel or ATen's GEMM by its own row count: on an
+    # AVX2 CPU at 8-16 tokens (decoding-sized groups) that took a quarter of the grouped GEMM's
+    # time in float32; with more rows per expert the two tie within run-to-run noise
+    if neurons is None and library.dense_in_kernel(xs[:1], backend, gate_up, down_t):
+        neurons = library.every_index(intermediate, x.device)
+    if neurons is None and _use_grouped_mm(x, hidden, intermediate):
         offsets = torch.cumsum(counts, 0, dtype=torch.int32)
         gate, up = _grouped_mm(xs, gate_up.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
         ys = _grouped_mm(F.silu(gate) * up, down_t, offs=offsets)
@@ -137,14 +139,11 @@ def experts_forward(x, weights, experts, gate_up, down_t, neurons=None, backend=
 
 def expert_ffn(x, gate_up, down_t, intermediate, neurons=None, backend="auto"):
     """One expert's SwiGLU FFN on rows x (fused gate_up (2I, H), down_t (I, H) input-major),
-    on the kept `neurons` only when given. Keeping every neuron it runs torch's GEMMs, or the
-    kernels over the full list where they are faster (library.dense_in_kernel: a few rows, and
-    bfloat16 on CPUs without AVX-512, where ATen's bfloat16 GEMM is slow)."""
-    if neurons is None and not library.dense_in_kernel(x, backend, gate_up, down_t):
+    on the kept `neurons` only when given (a full list: the op runs the kernel or torch's GEMMs,
+    whichever library.dense_in_kernel says is faster)."""
+    if neurons is None:
         gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
         return torch.matmul(F.silu(gate) * up, down_t)
-    if neurons is None:
-        neurons = library.every_index(intermediate, x.device)
     return library.gather_swiglu_ffn(x, gate_up[:intermediate], gate_up[intermediate:], down_t,
                                      neurons, backend)
 
