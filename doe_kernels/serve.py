@@ -10,8 +10,9 @@ The router keeps the model patched with a keep-everything mask between requests,
 unplugging an expert only swaps index tensors and head Parameters' storage; `close()` (or leaving
 the `with` block) stops the worker and unpatches the model. Requests may come from several threads
 in any order: every forward pass runs on the router's one compute thread, one at a time, so each
-answer equals what that task's expert gives alone. Serve a model through one router: two
-routers on one model are not serialised against each other.
+answer equals what that task's expert gives alone. Routers on one model share its lock, so their
+forward passes and swaps never interleave either (each on its own compute thread: one router
+serves faster, see below).
 
 Why one compute thread: PyTorch's CPU ops run in parallel through OpenMP, whose worker pool
 belongs to the thread that calls them. Called from many threads, GNU OpenMP (PyTorch's Linux
@@ -33,6 +34,7 @@ import os
 import queue
 import threading
 import time
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -54,12 +56,11 @@ class ExpertRouter:
         self.model, self.tokenizer = model, tokenizer
         self.backend, self.batch_size, self.batch_window = backend, batch_size, batch_window
         self._experts: dict[str, Expert] = {}
-        self._lock = threading.Lock()
+        self._guard = _guard_of(model)  # the model's lock, shared with its other routers
         self._own_mask: ExpertMask | None = None  # the keep-everything mask it patched with
         self._worker: _Worker | None = None  # the dynamic batcher, started by submit()
         self._compute: ThreadPoolExecutor | None = None  # every forward pass, started on demand
-        # per thread: .compute (the compute thread), .batching (a batching thread), .locked
-        # (while it holds _lock)
+        # per thread: .compute (the compute thread), .batching (a batching thread)
         self._local = threading.local()
         self._worker_lock = threading.Lock()  # guards _worker and _compute
         _free_openmp_pool()
@@ -128,12 +129,13 @@ class ExpertRouter:
     def _computed(self, fn, *args):
         """fn(*args) run on the router's compute thread (started on first use; the module's
         docstring says why), its result or error returned or raised here; asked on that thread,
-        run at once, except from inside a forward pass (a hook), which holds the lock."""
+        run at once, except from inside a forward pass (a hook), which holds the model's lock
+        (whichever router's pass it is)."""
+        if self._guard.held_here():
+            raise RuntimeError(f"{fn.__name__.strip('_').removesuffix('_now')} from inside "
+                               "the router's forward pass (a hook on a router's compute "
+                               "thread) would wait for itself")
         if self._on_compute_thread():
-            if getattr(self._local, "locked", False):
-                raise RuntimeError(f"{fn.__name__.strip('_').removesuffix('_now')} from inside "
-                                   "the router's forward pass (a hook on its compute thread) "
-                                   "would wait for itself")
             return fn(*args)
         _free_openmp_pool()
         with self._worker_lock:  # close() cannot shut it down between the check and the submit
@@ -143,24 +145,19 @@ class ExpertRouter:
             future = self._compute.submit(fn, *args)
         return future.result()
 
-    @contextlib.contextmanager
     def _locked(self):
-        """The router's lock, and a mark that this thread holds it (a request from a hook
-        inside the forward pass it guards is refused instead of waiting forever)."""
-        with self._lock:
-            self._local.locked = True
-            try:
-                yield
-            finally:
-                self._local.locked = False
+        """The model's lock (shared by its routers), marked as held by this thread."""
+        return self._guard.held()
 
     def _on_compute_thread(self) -> bool:
         return getattr(self._local, "compute", False)
 
     def _refuse_on_compute_thread(self, what: str) -> None:
-        if self._on_compute_thread():
-            raise RuntimeError(f"{what} from inside the router's forward pass (a hook on its "
-                               "compute thread) would wait for itself")
+        """Refuses `what` on this router's compute thread or inside a forward pass of its model
+        (another router's, whose lock its own compute thread may be waiting for)."""
+        if self._on_compute_thread() or self._guard.held_here():
+            raise RuntimeError(f"{what} from inside the router's forward pass (a hook on a "
+                               "router's compute thread) would wait for itself")
 
     def _refuse_on_batching_thread(self, what: str) -> None:
         if getattr(self._local, "batching", False):
@@ -280,6 +277,39 @@ class ExpertRouter:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class _ModelGuard:
+    """A model's lock, one for every router serving it, and a mark that a thread holds it: a
+    request from a hook inside the forward pass it guards is refused instead of waiting forever."""
+
+    def __init__(self):
+        self.lock, self._local = threading.Lock(), threading.local()
+
+    @contextlib.contextmanager
+    def held(self):
+        with self.lock:
+            self._local.held = True
+            try:
+                yield
+            finally:
+                self._local.held = False
+
+    def held_here(self) -> bool:
+        return getattr(self._local, "held", False)
+
+
+_GUARDS: "weakref.WeakKeyDictionary[torch.nn.Module, _ModelGuard]" = weakref.WeakKeyDictionary()
+_GUARDS_LOCK = threading.Lock()
+
+
+def _guard_of(model) -> _ModelGuard:
+    """The guard of `model`, made on its first router; it goes with the model."""
+    with _GUARDS_LOCK:
+        guard = _GUARDS.get(model)
+        if guard is None:
+            guard = _GUARDS[model] = _ModelGuard()
+        return guard
 
 
 class _Worker:

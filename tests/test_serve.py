@@ -1,6 +1,7 @@
 """ExpertRouter: answers equal each expert alone, under concurrent threads; errors change nothing."""
 import random
 import threading
+import time
 
 import pytest
 import torch
@@ -75,6 +76,45 @@ def test_router_serialises_concurrent_requests(served, tokenizer):
     assert not errors, errors[:3]
 
 
+def test_routers_on_one_model_take_turns(served, tokenizer):
+    """Two routers on one model, each on its own compute thread, share the model's lock: a slow
+    forward pass of one is never swapped to the other's expert midway, every answer equals its
+    expert alone, and a request to (or close of) one from inside the other's forward pass is
+    refused."""
+    model, experts, alone = served
+    slow = model.bert.encoder.layer[0].register_forward_pre_hook(lambda m, a: time.sleep(0.02))
+    first, second = dk.ExpertRouter(model, tokenizer), dk.ExpertRouter(model, tokenizer)
+    first.add("task0", experts["task0"])
+    second.add("task1", experts["task1"])
+    second.add("task2", experts["task2"])
+
+    def client(i):
+        router, names = (first, ["task0"]) if i % 2 == 0 else (second, ["task1", "task2"])
+        for step in range(6):
+            name = names[step % len(names)]
+            got = router.run_logits(name, TEXTS) if step % 3 else \
+                torch.stack(router.run_mixed_logits([(name, text) for text in TEXTS]))
+            if not torch.allclose(got, alone[name], atol=1e-5, rtol=1e-5):
+                yield f"{name}: answer differs from the expert alone"
+
+    try:
+        assert not run_clients(client, 4)
+        for call in (lambda: second.run("task1", TEXTS[0]), second.close):
+            hook = model.register_forward_pre_hook(lambda m, a, call=call: call())
+            try:
+                with pytest.raises(RuntimeError, match="forward pass .* wait for itself"):
+                    first.run("task0", TEXTS[0])
+            finally:
+                hook.remove()
+        first.close()  # the model stays patched for the other router's next request
+        torch.testing.assert_close(second.run_logits("task2", TEXTS), alone["task2"])
+    finally:
+        slow.remove()
+        first.close()
+        second.close()
+    assert not dk.is_patched(model)
+
+
 def test_router_errors_leave_the_model_as_it_was(served, tokenizer):
     model, experts, _ = served
     router = dk.ExpertRouter(model, tokenizer)
@@ -98,7 +138,7 @@ def test_router_errors_leave_the_model_as_it_was(served, tokenizer):
 
 
 class _AddOnRelease:
-    """A router lock that, once armed, runs an action right after it is next released: another
+    """A model's router lock that, once armed, runs an action right after it is next released: another
     thread's `router.add` landing between the forward pass and the reading of the labels."""
 
     def __init__(self):
@@ -121,11 +161,11 @@ def test_labels_come_from_the_expert_that_computed_the_logits(served, tokenizer,
     other.label_names = ["OTHER-0", "OTHER-1"]
     router = dk.ExpertRouter(model, tokenizer)
     router.add("task0", first)
-    router._lock = _AddOnRelease()
+    router._guard.lock = _AddOnRelease()
     forward = first.predict_logits
 
     def forward_then_readd(*args, **kwargs):
-        router._lock.action = lambda: router.add("task0", other)
+        router._guard.lock.action = lambda: router.add("task0", other)
         return forward(*args, **kwargs)
 
     monkeypatch.setattr(first, "predict_logits", forward_then_readd)
@@ -489,7 +529,7 @@ def test_calls_that_would_wait_for_themselves_are_refused(served, tokenizer):
         done.set()
 
     try:
-        with router._lock:  # the request cannot be answered before its callback is added
+        with router._guard.lock:  # the request cannot be answered before its callback is added
             router.submit("task0", TEXTS[0]).add_done_callback(callback)
         assert done.wait(60)
         assert len(errors) == 2 and all("batching thread" in e for e in errors), errors
