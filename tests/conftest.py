@@ -2,6 +2,8 @@
 they run with fixed launch configurations except in the test that checks the autotuned path.
 
 TRITON_INTERPRET must be set before the kernels are defined, so before doe_kernels is imported.
+Under pytest-xdist (`-n auto`, the README's command) each worker takes its share of the cores for
+torch's threads, so the workers together use the threads one process would.
 """
 import os
 
@@ -13,6 +15,10 @@ if not torch.cuda.is_available():
 else:
     # The many shapes of the op grid would spend minutes autotuning; one test below turns it on.
     os.environ.setdefault("DOE_KERNELS_TRITON_AUTOTUNE", "0")
+
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, torch.get_num_threads() // _WORKERS))
 
 import doe_kernels  # noqa: E402  (after TRITON_INTERPRET)
 from doe_kernels.backends import available_backends  # noqa: E402
