@@ -28,7 +28,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from safetensors.torch import save_file
 
-from doe_kernels.files import FileFormatError, read_safetensors
+from doe_kernels.files import FLOAT_DTYPES, FileFormatError, parse_json, read_safetensors
 from doe_kernels.mask import ExpertMask
 from doe_kernels.models import spec_of
 from doe_kernels.patching import plugged as plug_mask
@@ -212,11 +212,12 @@ def model_sizes(model) -> dict:
 def _as_prompt(what: str, value) -> torch.Tensor:
     """A soft prompt as a finite (virtual_tokens, hidden) float32 CPU tensor; raises naming it."""
     tensor = torch.as_tensor(value).detach()
-    if not tensor.dtype.is_floating_point:
-        raise TypeError(f"{what} must be a floating-point tensor, got {tensor.dtype}")
+    if tensor.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{what} must be a floating-point tensor (float16, bfloat16, float32 "
+                        f"or float64), got {tensor.dtype}")
     if tensor.dim() != 2:
         raise ValueError(f"{what} must be (virtual_tokens, hidden), got {tuple(tensor.shape)}")
-    tensor = tensor.cpu().float().contiguous()
+    tensor = tensor.to("cpu", torch.float32, memory_format=torch.contiguous_format, copy=True)
     if not bool(torch.isfinite(tensor).all()):
         raise ValueError(f"{what} holds {int((~torch.isfinite(tensor)).sum())} non-finite "
                          "values (NaN or inf)")
@@ -224,7 +225,8 @@ def _as_prompt(what: str, value) -> torch.Tensor:
 
 
 def _as_head(what: str, head) -> dict:
-    """A head state {parameter name: finite float tensor}, as CPU copies; raises naming it."""
+    """A head state {parameter name: finite float tensor of at least one dimension}, as CPU
+    copies; raises naming it."""
     if not isinstance(head, Mapping):
         raise TypeError(f"{what} must be a dict {{parameter name: tensor}}, got "
                         f"{type(head).__name__}")
@@ -233,12 +235,22 @@ def _as_head(what: str, head) -> dict:
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
             raise TypeError(f"{what} must map parameter names to tensors, got {key!r}: "
                             f"{type(value).__name__}")
-        if not value.dtype.is_floating_point:
-            raise TypeError(f"{what}[{key!r}] must be a floating-point tensor, got {value.dtype}")
+        if value.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{what}[{key!r}] must be a floating-point tensor (float16, "
+                            f"bfloat16, float32 or float64), got {value.dtype}")
+        if value.dim() == 0:
+            raise ValueError(f"{what}[{key!r}] is a scalar, not a parameter's tensor")
         if not bool(torch.isfinite(value).all()):
             raise ValueError(f"{what}[{key!r}] holds non-finite values (NaN or inf)")
-        out[key] = value.detach().cpu().contiguous()
+        out[key] = value.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
     return out
+
+
+def _check_finite_in(name: str, what: str, value: torch.Tensor, dtype: torch.dtype) -> None:
+    """Raise ValueError when `value` overflows (to inf) in the model's `dtype`."""
+    if not bool(torch.isfinite(value.to(dtype)).all()):
+        raise ValueError(f"expert {name!r}: its {what} holds values beyond the range of the "
+                         f"model's {dtype}")
 
 
 def _as_list(what: str, values, item_type=None) -> list:
@@ -267,6 +279,9 @@ def _as_token_ids(values) -> list[int]:
             raise TypeError(f"label_token_ids must hold integer token ids, got {value!r}") from None
         if ids[-1] < 0:
             raise ValueError(f"label_token_ids must be >= 0, got {ids[-1]}")
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"label_token_ids must be distinct (two labels scored on one token "
+                         f"cannot be told apart), got {ids}")
     return ids
 
 
@@ -374,26 +389,39 @@ class Expert:
             raise ValueError(f"expert {self.name!r} is a {self.task_type} expert, but "
                              f"{type(model).__name__} is a {task_type} model")
         if self.head is not None:
-            # The head is swapped in whole while plugged, so its number of labels may differ from
-            # the model's own head (one model serves tasks with different label counts); every
-            # other dimension must match.
-            for key, value in self.head.items():
-                try:
-                    own = model.get_parameter(key)  # a lookup, not a walk over every parameter
-                except AttributeError:
-                    raise ValueError(f"expert {self.name!r} has a head parameter {key!r} that "
-                                     f"{type(model).__name__} lacks") from None
-                if tuple(own.shape[1:]) != tuple(value.shape[1:]):
-                    raise ValueError(f"expert {self.name!r}: head parameter {key!r} has shape "
-                                     f"{tuple(value.shape)}, which does not fit the model's "
-                                     f"{tuple(own.shape)}")
-            rows = {value.shape[0] for value in self.head.values()}
-            if rows != {len(self.label_names)}:
-                raise ValueError(f"expert {self.name!r}: its head has {sorted(rows)} outputs for "
-                                 f"{len(self.label_names)} labels {self.label_names}")
+            self._check_head_fits(model)
+        _check_finite_in(self.name, "soft prompt", self.prompt,
+                         model.get_input_embeddings().weight.dtype)
         if self.task_type == CAUSAL_LM and max(self.label_token_ids) >= sizes["vocab_size"]:
             raise ValueError(f"expert {self.name!r}: label token ids {self.label_token_ids} "
                              f"are out of range for a vocabulary of {sizes['vocab_size']}")
+
+    def _check_head_fits(self, model) -> None:
+        """The head is swapped in whole while plugged, so its number of labels may differ from
+        the model's own head (one model serves tasks with different label counts): it must name
+        every parameter of the model's head module (`classifier` or `score`) and no other, those
+        of its last Linear (the label outputs) with a row per label, the others as the model's."""
+        module_name = next((n for n in ("classifier", "score")
+                            if isinstance(getattr(model, n, None), torch.nn.Module)), None)
+        own = {} if module_name is None else {
+            f"{module_name}.{key}": value for key, value in
+            getattr(model, module_name).named_parameters()}
+        if set(self.head) != set(own):
+            raise ValueError(f"expert {self.name!r} has head parameters {sorted(self.head)}, "
+                             f"but {type(model).__name__}'s head has {sorted(own)}")
+        linears = [n for n, m in getattr(model, module_name).named_modules()
+                   if isinstance(m, torch.nn.Linear)]
+        outputs = ".".join(filter(None, (module_name, linears[-1]))) + "." if linears else None
+        for key, value in self.head.items():
+            expected = tuple(own[key].shape)
+            if outputs is not None and key.startswith(outputs):
+                expected = (len(self.label_names),) + expected[1:]
+            if tuple(value.shape) != expected:
+                raise ValueError(f"expert {self.name!r}: head parameter {key!r} has shape "
+                                 f"{tuple(value.shape)}, which does not fit the model's "
+                                 f"{tuple(own[key].shape)} with {len(self.label_names)} labels "
+                                 f"{self.label_names} (expected {expected})")
+            _check_finite_in(self.name, f"head parameter {key!r}", value, own[key].dtype)
 
     @contextlib.contextmanager
     def plugged(self, model, backend: str = "auto", prune: bool = True):
@@ -583,10 +611,7 @@ def _read_header(metadata: dict) -> dict:
     """An Expert file's JSON header, checked key by key; raises ValueError naming the problem."""
     if "header" not in metadata:
         raise ValueError("its metadata has no 'header'")
-    try:
-        header = json.loads(metadata["header"])
-    except json.JSONDecodeError as error:
-        raise ValueError(f"its header is not JSON: {error}") from None
+    header = parse_json(metadata["header"], "its header")
     if not isinstance(header, dict):
         raise ValueError(f"its header is a JSON {type(header).__name__}, not an object")
     if "format" in header and header["format"] != _FORMAT:

@@ -4,14 +4,30 @@ Whatever is wrong with a file (missing, a directory, empty, corrupt, not written
 a header or tensor that does not make sense), loading raises `FileFormatError`, a ValueError whose
 message names the file and the problem.
 """
+import json
 import os
 
 import torch
 from safetensors import SafetensorError, safe_open
 
+# The floating-point dtypes a mask's vectors or an expert's prompt and head may be given in (torch
+# loads float8 and float4 tensors too, but computes little on them)
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
 
 class FileFormatError(ValueError):
     """A mask or expert file that cannot be loaded; the message names the file and the problem."""
+
+
+def parse_json(text: str, what: str):
+    """The JSON value of `text`; raises ValueError naming `what` when it is not JSON or is nested
+    deeper than Python parses."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{what} is not JSON: {error}") from None
+    except RecursionError:
+        raise ValueError(f"{what} is JSON nested too deeply") from None
 
 
 def read_safetensors(path, kind: str) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 import torch
 from safetensors.torch import save_file
 
-from doe_kernels.files import FileFormatError, read_safetensors
+from doe_kernels.files import FLOAT_DTYPES, FileFormatError, parse_json, read_safetensors
 from doe_kernels.models import ModelSpec, spec_of
 from doe_kernels.ops.checks import check_sorted_unique
 
@@ -72,6 +72,10 @@ def _as_index(kind: str, layer, index) -> torch.Tensor:
 
 
 def _as_threshold(kind: str, layer, value) -> float:
+    if isinstance(value, (bool, complex)) or (isinstance(value, torch.Tensor)
+                                              and value.dtype not in FLOAT_DTYPES):
+        what = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
+        raise TypeError(f"{kind}[{layer}] must be a real number (a threshold), got {what}")
     tensor = torch.as_tensor(value, dtype=torch.float64)
     if tensor.numel() != 1:
         raise ValueError(f"{kind}[{layer}] must be one number, got shape {tuple(tensor.shape)}")
@@ -85,8 +89,9 @@ def _as_vector(kind: str, layer, value) -> torch.Tensor:
     """A copy of `value` as a 1-D finite float32 CPU tensor; raises naming the table and layer."""
     where = f"{kind}[{layer}]"
     tensor = torch.as_tensor(value)
-    if not (tensor.dtype.is_floating_point or tensor.numel() == 0):
-        raise TypeError(f"{where} must hold floating-point values, got dtype {tensor.dtype}")
+    if not (tensor.dtype in FLOAT_DTYPES or tensor.numel() == 0):
+        raise TypeError(f"{where} must hold float16, bfloat16, float32 or float64 values, got "
+                        f"dtype {tensor.dtype}")
     if tensor.dim() != 1:
         raise ValueError(f"{where} must be 1-D, got shape {tuple(tensor.shape)}")
     tensor = tensor.detach().to("cpu", torch.float32).clone()
@@ -115,6 +120,7 @@ class ExpertMask:
             setattr(self, kind, FrozenTable({l: convert(kind, l, value)
                                              for l, value in _by_layer(kind, given[kind])}))
         self.spec = _as_spec(spec)
+        self._check_sizes(self.spec)
         self._check_scale_lengths(self.spec)
 
     # ---- construction -------------------------------------------------------------------
@@ -230,24 +236,15 @@ class ExpertMask:
                 if getattr(spec, key) != value:
                     raise ValueError(f"this mask was made for a model with {key}={value!r}, but the "
                                      f"model has {key}={getattr(spec, key)!r}")
-        units = {"ffn": "neurons", "heads": "heads", "moe": "experts"}
-        for kind, table, size in (("ffn", self.ffn, spec.intermediate_size),
-                                  ("heads", self.heads, spec.num_heads),
-                                  ("moe", self.moe, spec.num_experts)):
-            for layer, index in table.items():
-                if layer >= spec.num_layers:
-                    raise ValueError(f"{kind} names layer {layer}, but the model has "
-                                     f"{spec.num_layers} layers")
-                if kind == "moe" and not spec.num_experts:
-                    raise ValueError("this mask keeps MoE experts, but the model has no "
-                                     "mixture-of-experts layers")
-                if index.numel() and int(index[-1]) >= size:
-                    bad = int(index[index >= size][0])
-                    raise ValueError(f"{kind}[{layer}] holds index {bad}, out of range for "
-                                     f"{size} {units[kind]}")
-                if kind == "moe" and index.numel() < spec.top_k:
-                    raise ValueError(f"moe[{layer}] keeps {index.numel()} experts, fewer than the "
-                                     f"model's top-k ({spec.top_k}) experts per token")
+        sizes = spec.as_dict()
+        if self.moe and not spec.num_experts:
+            raise ValueError("this mask keeps MoE experts, but the model has no "
+                             "mixture-of-experts layers")
+        self._check_sizes(sizes)
+        for layer, index in self.moe.items():
+            if index.numel() < spec.top_k:
+                raise ValueError(f"moe[{layer}] keeps {index.numel()} experts, fewer than the "
+                                 f"model's top-k ({spec.top_k}) experts per token")
         for layer in self.skip:
             if not spec.num_experts:
                 raise ValueError("this mask has dynamic-skipping thresholds, but the model has no "
@@ -270,6 +267,24 @@ class ExpertMask:
                     raise ValueError(f"{kind}[{layer}] has {vector.numel()} values, but the "
                                      f"model's hidden size is {spec.hidden_size}")
         self._check_scale_lengths(spec.as_dict())
+
+    def _check_sizes(self, sizes: dict | None) -> None:
+        """Each index table's layers and indices within the sizes `sizes` gives (a model's, or
+        the mask's own record, which may leave some out)."""
+        if sizes is None:
+            return
+        for kind, size_key, unit in (("ffn", "intermediate_size", "neurons"),
+                                     ("heads", "num_heads", "heads"),
+                                     ("moe", "num_experts", "experts")):
+            for layer, index in getattr(self, kind).items():
+                if "num_layers" in sizes and layer >= sizes["num_layers"]:
+                    raise ValueError(f"{kind} names layer {layer}, but the model has "
+                                     f"{sizes['num_layers']} layers")
+                size = sizes.get(size_key)
+                if size is not None and index.numel() and int(index[-1]) >= size:
+                    bad = int(index[index >= size][0])
+                    raise ValueError(f"{kind}[{layer}] holds index {bad}, out of range for "
+                                     f"{size} {unit}")
 
     def _check_scale_lengths(self, sizes: dict | None) -> None:
         """Each scales entry has one value per kept unit of its layer (a layer missing from the
@@ -366,7 +381,7 @@ class ExpertMask:
         """The mask saved at `path`; raises FileFormatError naming the file and the problem."""
         metadata, tensors = read_safetensors(path, "ExpertMask")
         try:
-            return cls.from_tensors(tensors, json.loads(metadata.get("spec", "null")))
+            return cls.from_tensors(tensors, parse_json(metadata.get("spec", "null"), "its spec"))
         except (ValueError, TypeError) as error:
             raise FileFormatError(f"{path}: {error}") from error
 
@@ -401,8 +416,9 @@ def _as_spec(spec) -> dict | None:
         raise TypeError(f"spec must be a dict of model sizes, got {type(spec).__name__}")
     out = {key: spec[key] for key in _SPEC_KEYS if key in spec}
     for key, value in out.items():
+        least = 1 if key in _SIZE_KEYS else 0  # a model has layers, neurons and heads
         sound = (isinstance(value, str) if key == "model_type"
-                 else isinstance(value, int) and not isinstance(value, bool) and value >= 0)
+                 else isinstance(value, int) and not isinstance(value, bool) and value >= least)
         if not sound:
             raise ValueError(f"spec[{key!r}] = {value!r} is not a valid model size")
     return out

@@ -122,11 +122,31 @@ def test_an_expert_with_another_label_count_swaps_the_whole_head(tokenizer):
     narrow = Expert(expert.mask, expert.prompt, "seq_cls", expert.label_names, head=bad_head)
     with pytest.raises(ValueError, match="does not fit the model's"):
         narrow.check_fits(model)
-    for key in ("classifier.gain", "classifier", "missing.weight"):  # no such Parameter
-        head = {**expert.head, key: expert.head["classifier.weight"]}
+    # a head names exactly the head module's Parameters: none missing (the model's own would
+    # stay), none elsewhere in the model (a file could overwrite any weight while plugged)
+    embedding = model.bert.embeddings.token_type_embeddings.weight
+    for key, value in (("classifier.gain", expert.head["classifier.weight"]),
+                       ("classifier", expert.head["classifier.weight"]),
+                       ("missing.weight", expert.head["classifier.weight"]),
+                       ("bert.embeddings.token_type_embeddings.weight", embedding + 1e4),
+                       ("classifier.bias", None)):
+        head = {**expert.head, key: value}
+        head = {k: v for k, v in head.items() if v is not None}
         stray = Expert(expert.mask, expert.prompt, "seq_cls", expert.label_names, head=head)
-        with pytest.raises(ValueError, match=f"head parameter '{key}' that"):
+        with pytest.raises(ValueError, match=r"has head parameters \[.*\], but "
+                                             r"BertForSequenceClassification's head has"):
             stray.check_fits(model)
+        with pytest.raises(ValueError, match="head parameters"):
+            stray.predict_logits(model, tokenizer, TEXTS[:1])
+        assert state_dict_equal(before, snapshot(model))
+    # the head's values must stay finite in the model's dtype
+    huge = {**expert.head, "classifier.bias": torch.tensor([1e300, 0.0], dtype=torch.float64)}
+    overflowing = Expert(expert.mask, expert.prompt, "seq_cls", expert.label_names, head=huge)
+    with pytest.raises(ValueError, match="beyond the range of the model's torch.float32"):
+        overflowing.check_fits(model)
+    with pytest.raises(ValueError, match="soft prompt holds values beyond .* torch.float16"):
+        Expert(None, torch.full((2, 32), 1e5), "seq_cls", expert.label_names,
+               head=expert.head).check_fits(tiny_bert().to(torch.float16))
 
 
 def test_prompt_width_and_task_type_mismatch():

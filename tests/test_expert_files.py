@@ -84,7 +84,8 @@ def test_a_header_with_a_bad_value_is_refused(expert_file, tmp_path, header, mes
 
 @pytest.mark.parametrize("raw, message", [
     ("{not json", "its header is not JSON"), ("[1, 2]", "its header is a JSON list"),
-    ("null", "its header is a JSON NoneType")])
+    ("null", "its header is a JSON NoneType"),
+    ("[" * 100000 + "]" * 100000, "its header is JSON nested too deeply")])
 def test_a_header_that_is_not_a_json_object_is_refused(expert_file, tmp_path, raw, message):
     path = write_expert_file(expert_file, tmp_path / "e.safetensors", raw_header=raw)
     with pytest.raises(FileFormatError, match=f"e.safetensors: {message}"):
@@ -125,6 +126,17 @@ def _shaped(name, shape):
                  id="mask-unsorted"),
     pytest.param(edit({"mask.ffn.0": torch.tensor([-1, 2])}), "negative index",
                  id="mask-negative"),
+    # torch loads float8 tensors but computes little on them (isfinite, copies: NotImplemented)
+    pytest.param(edit({"prompt": torch.zeros(3, 32).to(torch.float8_e4m3fn)}),
+                 "prompt must be a floating-point tensor (float16, bfloat16, float32 or float64), "
+                 "got torch.float8_e4m3fn", id="prompt-float8"),
+    pytest.param(edit({"head.classifier.bias": torch.zeros(2).to(torch.float8_e5m2)}),
+                 "head['classifier.bias'] must be a floating-point tensor", id="head-float8"),
+    pytest.param(edit({"head.classifier.bias": torch.tensor(0.5)}),
+                 "head['classifier.bias'] is a scalar", id="head-0d"),
+    pytest.param(edit({"mask.attn_bias.0": torch.zeros(32).to(torch.float8_e4m3fn)}),
+                 "attn_bias[0] must hold float16, bfloat16, float32 or float64 values",
+                 id="mask-vector-float8"),
 ])
 def test_unsound_tensors_are_refused(expert_file, tmp_path, tensors, message):
     path = write_expert_file(expert_file, tmp_path / "e.safetensors", tensors=tensors)
@@ -206,10 +218,26 @@ def test_expert_refuses_unsound_arguments(change, error, message):
 def test_causal_expert_refuses_bad_token_ids():
     for ids, error, message in (([1, -2], ValueError, ">= 0"), ([1.0, 2.0], TypeError, "integer"),
                                 ([True, 2], TypeError, "token ids"),
+                                ([5, 5], ValueError, "must be distinct"),
                                 ([1], ValueError, "one label token id per label")):
         with pytest.raises(error, match=message):
             Expert(None, torch.zeros(2, 32), "causal_lm", ["a", "b"], label_words=[" a", " b"],
                    label_token_ids=ids)
+
+
+def test_an_expert_holds_copies_of_its_tensors():
+    """What the caller changes after building an expert (its prompt, the model's head) does not
+    change the expert, whose values were checked."""
+    model = tiny_bert()
+    sound = seq_cls_expert(model)
+    prompt, head = sound.prompt.clone(), model.classifier.state_dict(prefix="classifier.")
+    expert = Expert(None, prompt, "seq_cls", ["a", "b"], head=head)
+    kept = {k: v.clone() for k, v in expert.head.items()}
+    prompt.fill_(math.nan)
+    with torch.no_grad():
+        model.classifier.bias.fill_(math.inf)
+    assert torch.equal(expert.prompt, sound.prompt)
+    assert all(torch.equal(expert.head[k], kept[k]) for k in kept)
 
 
 def assert_same_expert(a: Expert, b: Expert) -> None:

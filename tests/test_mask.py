@@ -267,6 +267,17 @@ def _mask_file(path, tensors, spec="null", kind="ExpertMask"):
     (lambda p: _mask_file(p, {}, spec="[1, 2]"), "spec must be a dict"),
     (lambda p: _mask_file(p, {}, spec="{bad json"), "Expecting"),
     (lambda p: _mask_file(p, {}, spec='{"num_layers": -3}'), "not a valid model size"),
+    (lambda p: _mask_file(p, {}, spec='{"num_heads": 0}'), "not a valid model size"),
+    (lambda p: _mask_file(p, {}, spec="[" * 100000 + "]" * 100000), "nested too deeply"),
+    (lambda p: _mask_file(p, {"ffn.0": torch.arange(100)},
+                          spec='{"num_layers": 2, "intermediate_size": 4}'),
+     r"ffn\[0\] holds index 4, out of range for 4 neurons"),
+    (lambda p: _mask_file(p, {"heads.7": torch.tensor([0])}, spec='{"num_layers": 2}'),
+     "heads names layer 7, but the model has 2 layers"),
+    (lambda p: _mask_file(p, {"skip.0": torch.tensor([0.5]).to(torch.float8_e4m3fn)}),
+     "must be a real number"),
+    (lambda p: _mask_file(p, {"ffn_scales.0": torch.ones(2).to(torch.float8_e4m3fn)}),
+     "must hold float16, bfloat16, float32 or float64 values"),
 ])
 def test_bad_mask_files_raise_one_error_naming_the_file(tmp_path, write, match):
     from doe_kernels.files import FileFormatError
@@ -285,6 +296,22 @@ def test_a_mask_with_an_empty_or_partial_spec_still_prints(tmp_path):
     assert "ffn layers=[]" in repr(dk.ExpertMask(spec={"num_experts": 4}))
     with pytest.raises(ValueError, match="records no model sizes"):
         loaded.summary()
+
+
+def test_a_mask_is_checked_against_the_sizes_it_records():
+    """Indices and layers beyond the mask's own spec are refused when it is made, so its repr and
+    summary never report more kept units than the model has."""
+    spec = {"num_layers": 1, "intermediate_size": 4, "num_heads": 2}
+    with pytest.raises(ValueError, match=r"ffn\[0\] holds index 4, out of range for 4"):
+        dk.ExpertMask({0: list(range(0, 40, 4))}, spec=spec)
+    with pytest.raises(ValueError, match="ffn names layer 5, but the model has 1 layers"):
+        dk.ExpertMask({0: [1], 5: [1]}, spec=spec)
+    with pytest.raises(ValueError, match=r"spec\['num_heads'\] = 0 is not a valid model size"):
+        dk.ExpertMask(spec={**spec, "num_heads": 0})
+    for bad in (True, 0.5 + 7j, torch.tensor(0.5, dtype=torch.complex64)):
+        with pytest.raises(TypeError, match=r"skip\[0\] must be a real number"):
+            dk.ExpertMask(skip={0: bad})
+    assert dk.ExpertMask({0: [1, 3]}, spec=spec).summary()["neurons_kept"] == 2
 
 
 def test_validate_names_the_first_bad_layer_and_index():
