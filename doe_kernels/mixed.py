@@ -144,18 +144,27 @@ def _real_token_hooks(model, real: RealTokens, layers) -> list:
     its first and last patched `layers` that pack and unpack the hidden states of such a pass
     when `real.pack_layers`."""
     def before(module, args, kwargs):
-        real.active = not _router_logits_asked(model, kwargs) and real.matches(
-            kwargs.get("attention_mask", args[1] if len(args) > 1 else None))
+        real.active = (not _router_logits_asked(model, kwargs) and not _checkpointing(model)
+                       and real.matches(kwargs.get("attention_mask",
+                                                   args[1] if len(args) > 1 else None)))
 
     def after(module, args, output):
         real.active = False
 
     hooks = [model.register_forward_pre_hook(before, with_kwargs=True),
-             model.register_forward_hook(after)]
+             model.register_forward_hook(after, always_call=True)]  # also when the pass raises
     if real.pack_layers:
         hooks += [layers[0].layer.register_forward_pre_hook(_packer(real), with_kwargs=True),
                   layers[-1].layer.register_forward_hook(_unpacker(real))]
     return hooks
+
+
+def _checkpointing(model) -> bool:
+    """Whether transformers' gradient checkpointing will run the layers again in the backward
+    pass, after this pass ended (and its real-token marks with it): such a pass computes every
+    position."""
+    return (torch.is_grad_enabled() and model.training
+            and bool(getattr(model, "is_gradient_checkpointing", False)))
 
 
 def _router_logits_asked(model, kwargs) -> bool:

@@ -330,6 +330,64 @@ def test_a_bad_attention_mask_is_refused_and_changes_nothing():
     assert state_dict_equal(snapshot(model), before)
 
 
+@pytest.mark.parametrize("pack_layers", [False, True])
+@pytest.mark.parametrize("name", ["bert", "llama"])
+def test_a_pass_without_real_tokens_runs(name, pack_layers):
+    """An attention mask of padding only (no real token to compute) gives a pass as without
+    doe_kernels, not a failed reshape of the empty rows."""
+    model = build(name)
+    ids, _ = inputs(name, batch=2)
+    nothing = torch.zeros_like(ids)
+    with torch.no_grad():
+        expected = output_of(model, ids, nothing)
+        with dk.mixed(model, [None, None], attention_mask=nothing, pack_layers=pack_layers):
+            got = output_of(model, ids, nothing)
+    assert got.shape == expected.shape
+
+
+def test_a_pass_that_raises_ends_its_real_token_marks():
+    """A forward pass given the batch's attention mask that fails midway leaves no mark that a
+    later call on a part of the model (another attention mask) runs the real tokens only."""
+    model = build("bert")
+    masks = expert_masks(model, 3, seed=0)
+    ids, attention = padded_inputs("bert", 3)
+    other = attention.flip(0)
+    with torch.no_grad():
+        with dk.mixed(model, masks):
+            expected = model.bert(input_ids=ids, attention_mask=other).last_hidden_state
+        with dk.mixed(model, masks, attention_mask=attention):
+            hook = model.bert.pooler.register_forward_hook(lambda *args: 1 / 0)
+            with pytest.raises(ZeroDivisionError):
+                model(input_ids=ids, attention_mask=attention)
+            hook.remove()
+            got = model.bert(input_ids=ids, attention_mask=other).last_hidden_state
+    real = other[..., None].bool()
+    assert torch.equal(got * real, expected * real)
+
+
+@pytest.mark.parametrize("pack_layers", [False, True])
+def test_gradient_checkpointing_with_an_attention_mask(pack_layers):
+    """transformers' gradient checkpointing runs each layer again in the backward pass, after the
+    forward pass ended: a checkpointed pass computes every position (the real tokens' marks
+    would be gone by then), with the gradients of one given no attention mask."""
+    model = build("llama").train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    masks = expert_masks(model, 3, seed=0)
+    ids, attention = padded_inputs("llama", 3)
+
+    def grads(**given):
+        model.zero_grad()
+        with dk.mixed(model, masks, **given):
+            logits = model(input_ids=ids, attention_mask=attention).logits
+            (logits * attention[..., None]).sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    expected, got = grads(), grads(attention_mask=attention, pack_layers=pack_layers)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("layout", ["shared", "one-each"])
 @pytest.mark.parametrize("name", CAUSAL)
 def test_mixed_generation_equals_each_sequence_generated_alone(name, layout, monkeypatch):

@@ -102,6 +102,20 @@ def test_print_shows_patched_modules():
     assert "GatherSwiGLUMLP" not in repr(model)
 
 
+@pytest.mark.parametrize("name", ["bert", "llama"])
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_train_or_eval_set_while_patched_holds_after_unpatch(name, mode):
+    """model.eval() / model.train() while patched (or inside a mixed batch) reaches the original
+    modules, held outside the module tree, when they come back."""
+    model = build(name).train(mode == "eval")
+    mask = dk.ExpertMask.random(model, 0.5, heads_keep=0.5)
+    with dk.plugged(model, mask):
+        model.train(mode == "train")
+    with dk.mixed(model, [mask, None]):
+        model.train(mode == "train")
+    assert all(m.training == (mode == "train") for m in model.modules())
+
+
 def test_plugged_restores_when_the_body_raises():
     model = build("bert")
     before = snapshot(model)

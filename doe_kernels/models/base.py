@@ -212,9 +212,12 @@ class LayerPatch:
             module.passthrough = segments is not None
 
     def restore(self) -> None:
-        """Put the original modules back and the converted weights in their original layout."""
+        """Put the original modules back, in the train or eval mode the model was set to while
+        patched (model.train()/eval() did not reach them outside the module tree), and the
+        converted weights in their original layout."""
         for weight in self.converted:
             _relayout(weight, weight.detach().contiguous())
         self.converted.clear()
         for path, module in self.originals.items():
+            module.train(self.layer.get_submodule(path).training)
             set_submodule(self.layer, path, module)

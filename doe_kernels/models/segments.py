@@ -301,7 +301,8 @@ def over_rows(segments: LayerSegments, x, run):
     layers gives the real tokens alone)."""
     if segments.holds_packed(x):
         x2d = x.reshape(-1, x.shape[-1])
-        return run(x2d, segments.packed_offsets(), "packed").view(*x.shape[:-1], -1)
+        out = run(x2d, segments.packed_offsets(), "packed")
+        return out.view(*x.shape[:-1], out.shape[-1])  # (no real token: -1 cannot be inferred)
     x2d, batch, tokens = _flat(x)
     packed = segments.packed(batch, tokens)
     if packed is None:
@@ -309,7 +310,7 @@ def over_rows(segments: LayerSegments, x, run):
     else:
         index, offsets = packed
         out = _unpack(run(x2d.index_select(0, index), offsets, "packed"), index, x2d.shape[0])
-    return out.view(*x.shape[:-1], -1)
+    return out.view(*x.shape[:-1], out.shape[-1])
 
 
 def _rows_forward(segments: LayerSegments, x2d, row_segments, key, up_matrices: int, run_union,
