@@ -113,6 +113,11 @@ class PrunedLlamaAttention(PrunedAttention):
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
         is_causal = attention_mask is None and q.shape[2] > 1
+        if is_causal and k.shape[2] > q.shape[2]:
+            # transformers gives no mask to a first pass into a fixed-size (static) cache, whose
+            # keys run past this pass's tokens; as its SDPA's is_causal (top-left), query i sees
+            # keys 0..i
+            k, v = k[:, :, :q.shape[2]], v[:, :, :q.shape[2]]
         out = attend(q, k, v, selection, attention_mask, is_causal=is_causal, scale=self.scaling,
                      dropout=self.dropout_p())
         out = project_out(out, self.o_weight_t, self.o_bias, selection, self.backend,
