@@ -53,6 +53,9 @@ def detect_task_type(model) -> str:
                 "padding and the soft prompt move); score the task with the ...ForCausalLM "
                 "model and label words instead")
         return SEQ_CLS
+    if spec_of(model).family == "bert":
+        raise ValueError(f"{type(model).__name__}: a BERT-family model serves experts as a "
+                         "sequence classifier; load it as ...ForSequenceClassification")
     if model.get_output_embeddings() is not None:
         return CAUSAL_LM
     raise ValueError(f"{type(model).__name__} has neither a classification head (classifier/score) "
@@ -244,6 +247,11 @@ def _as_head(what: str, head) -> dict:
             raise ValueError(f"{what}[{key!r}] holds non-finite values (NaN or inf)")
         out[key] = value.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
     return out
+
+
+def _check_batch_size(batch_size) -> None:
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
 
 
 def _check_finite_in(name: str, what: str, value: torch.Tensor, dtype: torch.dtype) -> None:
@@ -474,6 +482,7 @@ class Expert:
         the example's other real tokens, every other real token 1."""
         if not 0.0 <= readout_weight < float("inf"):
             raise ValueError(f"readout_weight must be a finite number >= 0, got {readout_weight}")
+        _check_batch_size(batch_size)
         texts = list(texts)
         for start in range(0, len(texts), batch_size):
             ids, attention = self.encode(tokenizer, texts[start:start + batch_size])
@@ -504,6 +513,7 @@ class Expert:
                        backend: str = "auto") -> torch.Tensor:
         """(n, num_labels) float32 CPU logits. Uses the expert as plugged; when it is not plugged
         into `model`, plugs it (mask and head) for the call."""
+        _check_batch_size(batch_size)
         if isinstance(texts, str):
             texts = [texts]
         texts = list(texts)

@@ -159,6 +159,22 @@ def test_prompt_width_and_task_type_mismatch():
                     label_token_ids=[5, 6])
     with pytest.raises(ValueError, match="causal_lm expert"):
         causal.check_fits(model)
+    from transformers import BertForMaskedLM
+
+    masked_lm = BertForMaskedLM(model.config)  # bidirectional: no causal LM to score labels on
+    with pytest.raises(ValueError, match="BertForMaskedLM: a BERT-family model serves experts as "
+                                         "a sequence classifier"):
+        causal.check_fits(masked_lm)
+
+
+@pytest.mark.parametrize("batch_size", [0, -1, 2.0, True])
+def test_a_bad_batch_size_is_refused(tokenizer, batch_size):
+    model = tiny_bert()
+    expert = seq_cls_expert(model)
+    for call in (lambda: expert.predict_logits(model, tokenizer, TEXTS, batch_size=batch_size),
+                 lambda: list(expert.calibration_batches(model, tokenizer, TEXTS, batch_size))):
+        with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
+            call()
 
 
 def test_plugged_restores_model_and_head_even_on_error(tokenizer):
