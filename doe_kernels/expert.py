@@ -249,6 +249,19 @@ def _as_head(what: str, head) -> dict:
     return out
 
 
+def _as_json_dict(what: str, value) -> dict:
+    """A copy of the dict `value`, which an Expert file's JSON header must be able to hold (str
+    keys; numbers, strings, booleans, None, lists and dicts of them); raises naming it."""
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{what} must be a dict, got {type(value).__name__}")
+    try:
+        json.dumps(value, allow_nan=True, sort_keys=True)
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"{what} must hold JSON values (an Expert file stores it): {error}") \
+            from None
+    return dict(value)
+
+
 def _check_batch_size(batch_size) -> None:
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
@@ -348,8 +361,8 @@ class Expert:
             if head is None:
                 raise ValueError("a sequence-classification expert needs its trained head state")
             template = None
-        sizes = None if sizes is None else dict(sizes)
-        figures = dict(figures or {})
+        sizes = None if sizes is None else _as_json_dict("sizes", sizes)
+        figures = _as_json_dict("figures", figures or {})
         self.mask, self.prompt, self.task_type = mask, prompt, task_type
         self.label_names, self.label_words = label_names, label_words
         self.label_token_ids, self.template = label_token_ids, template

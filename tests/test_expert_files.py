@@ -203,6 +203,12 @@ def test_a_sound_file_still_loads(expert_file, tmp_path):
     pytest.param({"mask": "all"}, TypeError, "mask must be an ExpertMask", id="mask-str"),
     pytest.param({"prompt": torch.zeros(3, 32, dtype=torch.long)}, TypeError, "floating-point",
                  id="prompt-int"),
+    # what save() could not write (it failed there, after the expert was made)
+    pytest.param({"figures": {"accuracy": torch.tensor(0.5)}}, TypeError,
+                 "figures must hold JSON values", id="figures-tensor"),
+    pytest.param({"sizes": {"hidden_size": object()}}, TypeError, "sizes must hold JSON values",
+                 id="sizes-object"),
+    pytest.param({"figures": [0.5]}, TypeError, "figures must be a dict", id="figures-list"),
 ])
 def test_expert_refuses_unsound_arguments(change, error, message):
     model = tiny_bert()
