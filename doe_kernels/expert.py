@@ -255,7 +255,7 @@ def _as_json_dict(what: str, value) -> dict:
     if not isinstance(value, Mapping):
         raise TypeError(f"{what} must be a dict, got {type(value).__name__}")
     try:
-        json.dumps(value, allow_nan=True, sort_keys=True)
+        json.dumps(value)  # as save() writes the header
     except (TypeError, ValueError) as error:
         raise TypeError(f"{what} must hold JSON values (an Expert file stores it): {error}") \
             from None
