@@ -103,7 +103,10 @@ def load_model(path: str, num_labels: int | None = None):
         if causal:
             model = AutoModelForCausalLM.from_pretrained(path)
         else:
-            labels = {} if num_labels is None else {"num_labels": num_labels}
+            # a saved head of another label count is replaced: localize trains its own, and
+            # eval, serve and bench plug each expert's in whole
+            labels = {} if num_labels is None else {"num_labels": num_labels,
+                                                    "ignore_mismatched_sizes": True}
             model = AutoModelForSequenceClassification.from_pretrained(path, **labels)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as error:  # transformers' errors for a broken folder
@@ -136,6 +139,8 @@ def _load_expert(path: str):
 
 def _check_output(path: str) -> None:
     """Refuse an output path that cannot be written, before the work that would fill it."""
+    if not path or path.endswith((os.sep, "/")):
+        raise UserError(f"--out {path!r} names no file; give a file name")
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise UserError(f"--out {path} is a directory; give a file name")
@@ -144,6 +149,18 @@ def _check_output(path: str) -> None:
         raise UserError(f"--out {path}: {folder} {what}")
     if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
         raise UserError(f"--out {path} is not writable")
+
+
+def _check_positions(model, max_length: int, virtual_tokens: int) -> None:
+    """Refuse texts of `max_length` tokens after `virtual_tokens` soft-prompt tokens that a
+    BERT-family model's position embeddings cannot hold (it would fail on a long text)."""
+    from doe_kernels.expert import position_limit
+
+    limit = position_limit(model)
+    if limit is not None and max_length + virtual_tokens > limit:
+        raise UserError(f"{virtual_tokens} virtual tokens and texts of up to {max_length} tokens "
+                        f"need {max_length + virtual_tokens} positions, but the model has "
+                        f"{limit}: use --max-length {limit - virtual_tokens} or less")
 
 
 def add_config_options(parser: argparse.ArgumentParser) -> None:
@@ -189,6 +206,7 @@ def configs_from_args(args) -> dict:
 
 
 def cmd_localize(args) -> None:
+    from doe_kernels.expert import CAUSAL_LM, detect_task_type
     from doe_kernels.localize import localize
 
     configs = configs_from_args(args)
@@ -199,8 +217,14 @@ def cmd_localize(args) -> None:
         raise UserError(f"{args.task} has no 'train' split (or no split column)")
     if args.max_train:
         train = train.sample(args.max_train, seed=args.seed)
+    if len(set(train.labels)) < 2:
+        raise UserError(f"{args.task}: the training examples hold one label "
+                        f"({train.labels[0]!r}); a task needs two or more")
     model, tokenizer = load_model(args.model, num_labels=len(train.label_names))
     template = _template(args, model, tokenizer)
+    if args.label_words and detect_task_type(model) != CAUSAL_LM:
+        raise UserError("--label-words is for causal LMs; a classifier answers with its head")
+    _check_positions(model, args.max_length, configs["prompt"].num_virtual_tokens)
     expert = localize(model, tokenizer, train, splits.get("validation"),
                       label_words=_label_words(args, train.label_names), template=template,
                       max_length=args.max_length, backend=args.backend, seed=args.seed,
@@ -243,6 +267,7 @@ def cmd_eval(args) -> None:
     data = _task(args.task, args.split)
     model, tokenizer = load_model(args.model, num_labels=len(expert.label_names))
     expert.check_fits(model)
+    _check_positions(model, expert.max_length, expert.num_virtual_tokens)
     result = {"task": args.task, "split": args.split, "examples": len(data)}
     start = time.perf_counter()
     with expert.plugged(model, backend=args.backend):
@@ -277,20 +302,26 @@ def cmd_serve(args) -> None:
         experts[name] = _load_expert(path)
     num_labels = len(next(iter(experts.values())).label_names)
     model, tokenizer = load_model(args.model, num_labels=num_labels)
+    for expert in experts.values():
+        _check_positions(model, expert.max_length, expert.num_virtual_tokens)
     with ExpertRouter(model, tokenizer, backend=args.backend) as router:
         for name, expert in experts.items():
             router.add(name, expert)
-        for line in getattr(sys.stdin, "buffer", sys.stdin):  # bytes: bad UTF-8 is answered too
-            if not line.strip():
-                continue
-            print(json.dumps(_answer(router, line)), flush=True)
+        try:
+            for line in getattr(sys.stdin, "buffer", sys.stdin):  # bytes: bad UTF-8 answered too
+                if not line.strip():
+                    continue
+                print(json.dumps(_answer(router, line)), flush=True)
+        except BrokenPipeError:  # the reader went away (`... | head -1`): nothing to answer
+            sys.stdout = open(os.devnull, "w")  # Python's flush at exit would fail again
 
 
 def _answer(router, line: str | bytes) -> dict:
     """The answer to one request line. Never raises: a bad request is answered {"error": ...};
     so is an unexpected error inside the router, whose traceback also goes to stderr."""
     try:
-        request = json.loads(line.decode("utf-8") if isinstance(line, bytes) else line)
+        request = json.loads(line.decode("utf-8-sig") if isinstance(line, bytes)
+                             else line.removeprefix("\ufeff"))  # a byte-order mark is no JSON
     except (ValueError, RecursionError) as error:  # JSONDecodeError, UnicodeDecodeError, nesting
         return {"error": f"not JSON: {error}"}
     if not isinstance(request, dict) or "task" not in request or "text" not in request:
@@ -314,12 +345,17 @@ def cmd_bench(args) -> None:
     expert = _load_expert(args.expert) if args.expert else None
     if expert is not None and expert.mask is None:
         raise UserError(f"{args.expert} holds no mask (an unpruned expert): nothing to compare")
+    if expert is not None and args.prune is not None:
+        raise UserError("give --expert or --prune, not both")
     model, tokenizer = load_model(args.model, None if expert is None else len(expert.label_names))
+    if expert is not None:
+        expert.mask.validate(model)  # before the dense timing
     positions = getattr(model.config, "max_position_embeddings", None)
     if positions is not None and args.seq > positions:
         raise UserError(f"--seq {args.seq} is longer than the model's {positions} positions")
+    prune = 0.65 if args.prune is None else args.prune
     mask = expert.mask if expert is not None else dk.ExpertMask.random(
-        model, ffn_keep=1 - args.prune, heads_keep=1 - args.prune, seed=0)
+        model, ffn_keep=1 - prune, heads_keep=1 - prune, seed=0)
     ids = torch.randint(100, min(tokenizer.vocab_size, 20000), (args.batch, args.seq))
 
     def median_seconds():
@@ -422,8 +458,8 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="forward latency of the model, dense against patched")
     p.add_argument("--model", required=True)
     p.add_argument("--expert", help="expert file (default: a random mask at --prune)")
-    p.add_argument("--prune", type=_prune_rate, default=0.65,
-                   help="pruning rate of the random mask, in [0, 1)")
+    p.add_argument("--prune", type=_prune_rate, default=None,
+                   help="pruning rate of the random mask, in [0, 1) (default: 0.65)")
     p.add_argument("--seq", type=_positive_int, default=128)
     p.add_argument("--batch", type=_positive_int, default=1)
     p.add_argument("--repeats", type=_positive_int, default=20)

@@ -26,6 +26,9 @@ class TaskData:
         if len(self.texts) != len(self.labels):
             raise TaskDataError(f"{len(self.texts)} texts but {len(self.labels)} labels")
         self.labels = [str(label) for label in self.labels]
+        self.label_names = [str(name) for name in self.label_names]
+        if len(set(self.label_names)) != len(self.label_names):
+            raise TaskDataError(f"label_names must be distinct, got {self.label_names}")
         if not self.label_names:
             self.label_names = sorted(set(self.labels))
         unknown = set(self.labels) - set(self.label_names)
@@ -56,12 +59,14 @@ class TaskData:
         return order[:count]
 
     def split(self, fractions=(0.8, 0.1, 0.1), seed: int = 0) -> dict[str, "TaskData"]:
-        """Random train/validation/test splits in the given proportions."""
+        """Random train/validation/test splits in the given proportions (each split ends where
+        the fractions so far reach, rounded: fractions summing to 1 use every example)."""
         order = list(range(len(self)))
         random.Random(seed).shuffle(order)
-        start, out = 0, {}
+        start, reached, out = 0, 0.0, {}
         for name, fraction in zip(SPLITS, fractions):
-            end = start + round(fraction * len(order))
+            reached += fraction
+            end = min(round(reached * len(order)), len(order))
             out[name] = self.subset(order[start:end])
             start = end
         return out
@@ -81,20 +86,30 @@ class TaskData:
         feature = dataset.features.get(label_column)
         names = list(getattr(feature, "names", None) or [])
         if names:
+            bad = [label for label in labels if not isinstance(label, int)
+                   or not 0 <= label < len(names)]
+            if bad:  # -1: how GLUE marks its test sets' missing labels
+                raise TaskDataError(f"{label_column} holds {bad[0]!r}, not a class of {names} "
+                                    "(unlabelled rows?)")
             labels = [names[i] for i in labels]
         return cls(list(dataset[text_column]), labels, names, name)
 
 
 def read_csv(path, text_column="text", label_column="label", split_column="split",
-             encoding="utf-8") -> dict[str, TaskData]:
+             encoding="utf-8-sig") -> dict[str, TaskData]:
     """Read a task CSV: {split: TaskData}, or {"all": TaskData} without a split column. A file
-    that is not `encoding` text or not CSV, or a row short of a column, raises TaskDataError."""
+    that cannot be read, is not `encoding` text (UTF-8, with or without a byte-order mark) or not
+    CSV, has a column twice, a row short of a column or with more fields than the header, or an
+    empty label, raises TaskDataError."""
     if not os.path.isfile(path):
         raise TaskDataError(f"task file not found: {path}")
     try:
         with open(path, newline="", encoding=encoding) as f:
             reader = csv.DictReader(f)
             columns = reader.fieldnames or []
+            twice = sorted({c for c in columns if columns.count(c) > 1})
+            if twice:
+                raise TaskDataError(f"{path}: column(s) {twice} appear more than once")
             missing = [c for c in (text_column, label_column) if c not in columns]
             if missing:
                 raise TaskDataError(f"{path}: missing column(s) {missing}; found {columns} (a task "
@@ -102,9 +117,12 @@ def read_csv(path, text_column="text", label_column="label", split_column="split
                                     f"'{split_column}')")
             rows = list(reader)
     except UnicodeDecodeError as error:
-        raise TaskDataError(f"{path} is not {encoding} text: {error}") from None
+        shown = "utf-8" if encoding == "utf-8-sig" else encoding  # a BOM or none
+        raise TaskDataError(f"{path} is not {shown} text: {error}") from None
     except csv.Error as error:
         raise TaskDataError(f"{path} is not a readable CSV file: {error}") from None
+    except OSError as error:
+        raise TaskDataError(f"cannot read {path}: {error}") from None
     if not rows:
         raise TaskDataError(f"{path}: no rows")
     wanted = [c for c in (text_column, label_column, split_column) if c in columns]
@@ -113,6 +131,11 @@ def read_csv(path, text_column="text", label_column="label", split_column="split
         if short:
             raise TaskDataError(f"{path}: data row {number} has no {short[0]!r} value (it has "
                                 f"fewer fields than the header)")
+        if None in row:
+            raise TaskDataError(f"{path}: data row {number} has more fields than the header "
+                                "(quote a text that holds commas)")
+        if not row[label_column].strip():
+            raise TaskDataError(f"{path}: data row {number} has an empty label")
     name = os.path.splitext(os.path.basename(path))[0]
     names = sorted({row[label_column] for row in rows})
     if split_column not in columns:

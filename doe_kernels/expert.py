@@ -63,6 +63,18 @@ def detect_task_type(model) -> str:
                      "...ForCausalLM model")
 
 
+def position_limit(model) -> int | None:
+    """How many positions a BERT-family model's position embeddings hold (RoBERTa's padding
+    offset left out), the soft prompt's and the text's tokens together; None for models
+    without such a table (rotary positions)."""
+    if spec_of(model).family != "bert":
+        return None
+    table = getattr(getattr(model.base_model, "embeddings", None), "position_embeddings", None)
+    if not isinstance(table, torch.nn.Embedding):
+        return None
+    return table.num_embeddings - (0 if table.padding_idx is None else table.padding_idx + 1)
+
+
 def label_token_ids(tokenizer, label_words) -> list[int]:
     """The first token of each label word (as it follows the template, e.g. " positive")."""
     ids = []

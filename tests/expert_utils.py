@@ -18,10 +18,10 @@ TEXTS = ["a wonderful film", "a dull and tedious plot", "the cast was superb",
 LABELS = ["positive", "negative"] * 4
 
 
-def tiny_bert(vocab=30522, num_labels=2, layers=2, seed=0):
+def tiny_bert(vocab=30522, num_labels=2, layers=2, seed=0, positions=64):
     torch.manual_seed(seed)
     config = BertConfig(hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
-                        intermediate_size=48, vocab_size=vocab, max_position_embeddings=64,
+                        intermediate_size=48, vocab_size=vocab, max_position_embeddings=positions,
                         num_labels=num_labels)
     return BertForSequenceClassification(config).eval()
 
@@ -41,7 +41,8 @@ def seq_cls_expert(model, rate=0.5, virtual=3, seed=0):
             for k, v in model.classifier.state_dict().items()}
     return Expert(mask, torch.randn(virtual, model.config.hidden_size, generator=gen), "seq_cls",
                   ["negative", "positive"], head={f"classifier.{k}": v for k, v in head.items()},
-                  sizes=model_sizes(model), figures={"pruning_rate": rate}, name="sentiment")
+                  sizes=model_sizes(model), figures={"pruning_rate": rate}, name="sentiment",
+                  max_length=model.config.max_position_embeddings - virtual)  # what fits
 
 
 POSITIVE = ["wonderful", "delightful", "excellent", "brilliant", "charming", "superb", "lovely",

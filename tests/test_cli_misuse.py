@@ -49,6 +49,19 @@ def files(tmp_path_factory, tokenizer) -> dict:
     (root / "latin1.csv").write_bytes("text,label\ncaf\xe9,positive\n".encode("latin-1"))
     (root / "columns.csv").write_text("sentence,category\nhello,a\n")
     (root / "huge_field.csv").write_text(f"text,label\n{'a' * 200_000},positive\n")
+    (root / "extra_field.csv").write_text("text,label\nhello, world,positive\nbad,negative\n")
+    (root / "twice.csv").write_text("text,label,text\na,positive,b\n")
+    (root / "empty_label.csv").write_text("text,label\na,positive\nb, \n")
+    (root / "one_label.csv").write_text("text,label\n" + "fine,positive\n" * 8)
+    three = root / "three_labels"  # a classifier fine-tuned with another label count
+    tiny_bert(num_labels=3).save_pretrained(three)
+    tokenizer.save_pretrained(three)
+    long = root / "long"  # 8 + 10 virtual tokens past its positions
+    tiny_bert(positions=16).save_pretrained(long)
+    tokenizer.save_pretrained(long)
+    too_long = seq_cls_expert(tiny_bert(positions=16))
+    too_long.max_length = 16
+    too_long.save(root / "too_long.safetensors")
     return {**paths, **{p.stem.replace("-", "_"): str(p) for p in root.iterdir()}}
 
 
@@ -98,6 +111,24 @@ MISUSE = [
                  id="task-field-over-the-csv-limit"),
     pytest.param(_eval("{expert}", "{task}", "{model}", "--split", "dev"), "has no 'dev' split",
                  id="task-split"),
+    pytest.param(_eval(task="{extra_field}"), "data row 1 has more fields than the header",
+                 id="task-extra-field"),
+    pytest.param(_eval(task="{twice}"), "column(s) ['text'] appear more than once",
+                 id="task-column-twice"),
+    pytest.param(_eval(task="{empty_label}"), "data row 2 has an empty label",
+                 id="task-empty-label"),
+    pytest.param(_eval(task="/proc/self/mem"), "cannot read /proc/self/mem",
+                 id="task-unreadable"),
+    pytest.param(_localize(task="{one_label}"), "the training examples hold one label",
+                 id="task-one-label"),
+    # positions: the soft prompt and the longest texts must fit a BERT's position table
+    pytest.param(_eval("{too_long}", model="{long}"), "need 19 positions, but the model has 16",
+                 id="eval-texts-past-the-positions"),
+    pytest.param(["serve", "--model", "{long}", "--expert", "s={too_long}"],
+                 "need 19 positions, but the model has 16", id="serve-texts-past-the-positions"),
+    pytest.param(_localize("--max-length", "60"),
+                 "10 virtual tokens and texts of up to 60 tokens need 70 positions, but the model "
+                 "has 64: use --max-length 54 or less", id="localize-texts-past-the-positions"),
     # model folders
     pytest.param(_eval(model="{root}/none"), "model folder not found", id="model-missing"),
     pytest.param(_eval(model="{bad_config}"), "is not a valid JSON file", id="model-config-json"),
@@ -123,12 +154,18 @@ MISUSE = [
                  id="bench-prune-1.5"),
     pytest.param(_bench("--prune", "-0.1"), "--prune: must be a pruning rate in [0, 1)",
                  id="bench-prune-negative"),
+    pytest.param(_bench("--expert", "{expert}", "--prune", "0.1"),
+                 "give --expert or --prune, not both", id="bench-expert-and-prune"),
     # localize outputs and settings, checked before any training
     pytest.param(_localize(out="{root}/no/such/folder/e.safetensors"), "does not exist",
                  id="localize-out-missing-folder"),
     pytest.param(_localize(out="{task}/e.safetensors"), "is not a folder",
                  id="localize-out-under-a-file"),
     pytest.param(_localize(out="{root}"), "is a directory", id="localize-out-directory"),
+    pytest.param(_localize(out=""), "--out '' names no file", id="localize-out-empty"),
+    pytest.param(_localize(out="{root}/new/"), "names no file", id="localize-out-trailing-slash"),
+    pytest.param(_localize("--label-words", "bad,good"), "--label-words is for causal LMs",
+                 id="localize-label-words-for-a-classifier"),
     pytest.param(_localize("--max-length", "0"), "--max-length: must be a whole number >= 1",
                  id="localize-max-length-0"),
     pytest.param(_localize("--max-train", "0"), "--max-train: must be a whole number >= 1",
@@ -206,7 +243,9 @@ BAD_REQUESTS = [
 
 def test_serve_answers_every_bad_request_and_goes_on(files, monkeypatch, capsys):
     good = b'{"task": "s", "text": "a fine film"}'
-    lines = [good, *BAD_REQUESTS, b"", good, b'{"task": "s", "text": ["one", "two"]}']
+    # a first line with a byte-order mark (a Windows editor's UTF-8) is the same request
+    lines = [b"\xef\xbb\xbf" + good, *BAD_REQUESTS, b"", good,
+             b'{"task": "s", "text": ["one", "two"]}']
     monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"\n".join(lines) + b"\n"),
                                                       encoding="utf-8"))
     capsys.readouterr()
@@ -223,6 +262,25 @@ def test_serve_answers_every_bad_request_and_goes_on(files, monkeypatch, capsys)
     assert bad[10]["error"].startswith("not JSON") and "utf-8" in bad[10]["error"]
     assert len(batch["label"]) == 2
     assert "Traceback" not in captured.err
+
+
+def test_a_model_saved_with_another_label_count_serves_the_experts_head(files, capsys):
+    """Its saved head is replaced (eval plugs the expert's in whole) instead of failing to load."""
+    assert cli.main(_eval(files["expert"], files["task"], files["three_labels"])) == 0, \
+        capsys.readouterr().err
+    assert json.loads(capsys.readouterr().out)["examples"] > 0
+
+
+def test_serve_ends_quietly_when_its_reader_goes_away(files, monkeypatch, capsys):
+    """`doe-kernels serve ... | head -1`: a closed stdout ends serving, not in a traceback."""
+    class ClosedPipe(io.StringIO):
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr("sys.stdin", io.StringIO('{"task": "s", "text": "fine"}\n' * 3))
+    monkeypatch.setattr("sys.stdout", ClosedPipe())
+    assert cli.main(["serve", "--model", files["model"], "--expert", f"s={files['expert']}"]) == 0
+    assert "Traceback" not in capsys.readouterr().err
 
 
 class _BrokenRouter:

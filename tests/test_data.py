@@ -1,0 +1,49 @@
+"""doe_kernels.data: task data from lists, CSV files and `datasets` splits."""
+import pytest
+
+from doe_kernels.data import TaskData, TaskDataError, read_csv
+
+
+@pytest.mark.parametrize("fractions", [(0.8, 0.1, 0.1), (0.6, 0.2, 0.2), (0.5, 0.25, 0.25)])
+def test_splits_summing_to_one_use_every_example_once(fractions):
+    for count in range(1, 60):
+        data = TaskData([f"t{i}" for i in range(count)], ["a", "b"] * (count // 2) + ["a"] *
+                        (count % 2))
+        splits = data.split(fractions, seed=count)
+        texts = [t for part in splits.values() for t in part.texts]
+        assert sorted(texts) == sorted(data.texts), (count, {k: len(v) for k, v in splits.items()})
+    exact = TaskData([str(i) for i in range(320)], ["a"] * 320).split((0.6, 0.2, 0.2))
+    assert [len(part) for part in exact.values()] == [192, 64, 64]
+    assert len(TaskData(["x"] * 10, ["a"] * 10).split((0.8, 0.2, 0.0))["test"]) == 0
+
+
+def test_label_names_are_strings_and_distinct():
+    assert TaskData.from_lists(["x", "y"], [0, 1], [0, 1]).label_ids == [0, 1]
+    with pytest.raises(TaskDataError, match="label_names must be distinct"):
+        TaskData.from_lists(["x", "y"], ["a", "a"], ["a", "a"])
+
+
+class _Dataset:
+    """What from_dataset reads of a `datasets` split: columns, features and the columns' values."""
+
+    def __init__(self, texts, labels, names):
+        self.column_names, self._columns = ["text", "label"], {"text": texts, "label": labels}
+        self.features = {"label": type("ClassLabel", (), {"names": names})()}
+
+    def __getitem__(self, column):
+        return self._columns[column]
+
+
+def test_unlabelled_dataset_rows_are_refused():
+    names = ["neg", "pos"]
+    assert TaskData.from_dataset(_Dataset(["x", "y"], [1, 0], names)).labels == ["pos", "neg"]
+    for bad in (-1, 2, None):  # -1: GLUE's test sets
+        with pytest.raises(TaskDataError, match=f"label holds {bad!r}, not a class"):
+            TaskData.from_dataset(_Dataset(["x", "y"], [bad, 0], names))
+
+
+def test_a_csv_with_a_byte_order_mark_and_crlf_lines_reads(tmp_path):
+    path = tmp_path / "excel.csv"
+    path.write_bytes("\ufefftext,label\r\ngood film,pos\r\n\"bad, dull\",neg\r\n".encode("utf-8"))
+    data = read_csv(path)["all"]
+    assert data.texts == ["good film", "bad, dull"] and data.labels == ["pos", "neg"]
