@@ -90,8 +90,8 @@ def _as_vector(kind: str, layer, value) -> torch.Tensor:
     where = f"{kind}[{layer}]"
     tensor = torch.as_tensor(value)
     if not (tensor.dtype in FLOAT_DTYPES or tensor.numel() == 0):
-        raise TypeError(f"{where} must hold float16, bfloat16, float32 or float64 values, got "
-                        f"dtype {tensor.dtype}")
+        raise TypeError(f"{where} must hold floating-point values (float16, bfloat16, float32 "
+                        f"or float64), got dtype {tensor.dtype}")
     if tensor.dim() != 1:
         raise ValueError(f"{where} must be 1-D, got shape {tuple(tensor.shape)}")
     tensor = tensor.detach().to("cpu", torch.float32).clone()

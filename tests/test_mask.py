@@ -277,7 +277,7 @@ def _mask_file(path, tensors, spec="null", kind="ExpertMask"):
     (lambda p: _mask_file(p, {"skip.0": torch.tensor([0.5]).to(torch.float8_e4m3fn)}),
      "must be a real number"),
     (lambda p: _mask_file(p, {"ffn_scales.0": torch.ones(2).to(torch.float8_e4m3fn)}),
-     "must hold float16, bfloat16, float32 or float64 values"),
+     r"ffn_scales\[0\] must hold floating-point values \(float16, bfloat16"),
 ])
 def test_bad_mask_files_raise_one_error_naming_the_file(tmp_path, write, match):
     from doe_kernels.files import FileFormatError

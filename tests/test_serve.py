@@ -138,8 +138,9 @@ def test_router_errors_leave_the_model_as_it_was(served, tokenizer):
 
 
 class _AddOnRelease:
-    """A model's router lock that, once armed, runs an action right after it is next released: another
-    thread's `router.add` landing between the forward pass and the reading of the labels."""
+    """A model's router lock that, once armed, runs an action right after it is next released:
+    another thread's `router.add` landing between the forward pass and the reading of the
+    labels."""
 
     def __init__(self):
         self.lock, self.action = threading.Lock(), None

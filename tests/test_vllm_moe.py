@@ -94,7 +94,8 @@ def test_mixtral_serves_kept_experts_and_heads(mode, tp, tmp_path):
         assert status["kept_heads"] == ([2, 1] if tp == 1 else [1, 0])  # rank 0: heads 0, 1
         assert status["kept"] == [None, None] and status["local_neurons"] == 256 // tp
         bad_scales = third.replace(ffn_scales={0: torch.ones(86)})
-        for bad, match in ((first.replace(moe={0: torch.tensor([0, 4])}), "out of range"),
+        for bad, match in ((first.replace(moe={0: torch.tensor([0, 4])}, spec={}),
+                            "out of range"),
                            (bad_scales, "FFN scales")):
             with pytest.raises(ValueError, match=match):
                 dkv.plug(llm, bad)
