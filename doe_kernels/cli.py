@@ -62,6 +62,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    """A seed torch, random and numpy all take: a whole number in [0, 2**63)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 2 ** 63:
+        raise argparse.ArgumentTypeError(f"must be a whole number in [0, 2**63), got {text!r}")
+    return value
+
+
 def _number(text: str) -> float:
     """`text` as a float; NaN (which every range check below refuses) when it is not a number."""
     try:
@@ -436,7 +447,7 @@ def parser() -> argparse.ArgumentParser:
                    help="tokens per example at most (long texts are cut)")
     p.add_argument("--max-train", type=_positive_int,
                    help="use at most this many training examples")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=_seed, default=0,
                    help="seed of the validation split, the samples drawn and the training")
     add_config_options(p)
     p.set_defaults(run=cmd_localize)

@@ -170,6 +170,8 @@ MISUSE = [
                  id="localize-max-length-0"),
     pytest.param(_localize("--max-train", "0"), "--max-train: must be a whole number >= 1",
                  id="localize-max-train-0"),
+    pytest.param(_localize("--seed", "99999999999999999999"),
+                 "--seed: must be a whole number in [0, 2**63)", id="localize-seed-too-large"),
     pytest.param(_localize("--lr", "nan"), "PromptConfig.lr (--lr) must be a finite number > 0",
                  id="localize-lr-nan"),
     pytest.param(_localize("--recover-epochs", "-1"), "(--recover-epochs) must be a finite number",

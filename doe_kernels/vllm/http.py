@@ -112,7 +112,12 @@ def _request(url: str, path: str, body: dict | None, timeout: float,
         raise RuntimeError(f"{url}{path} answered {error.code} {detail}") from error
     except (urllib.error.URLError, OSError) as error:
         raise RuntimeError(f"cannot reach {url}: {error}") from error
-    reply = json.loads(text) if text else None
+    try:
+        reply = json.loads(text) if text else None
+    except ValueError:  # not JSON (a proxy's page, say)
+        raise RuntimeError(f"{url}{path} answered what is not JSON: {text[:200]!r}") from None
+    if reply is not None and not isinstance(reply, dict):
+        raise RuntimeError(f"{url}{path} answered {text[:200]!r}, not a JSON object")
     return (reply, headers) if with_headers else reply
 
 
