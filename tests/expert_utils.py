@@ -41,8 +41,7 @@ def seq_cls_expert(model, rate=0.5, virtual=3, seed=0):
             for k, v in model.classifier.state_dict().items()}
     return Expert(mask, torch.randn(virtual, model.config.hidden_size, generator=gen), "seq_cls",
                   ["negative", "positive"], head={f"classifier.{k}": v for k, v in head.items()},
-                  sizes=model_sizes(model), figures={"pruning_rate": rate}, name="sentiment",
-                  max_length=model.config.max_position_embeddings - virtual)  # what fits
+                  sizes=model_sizes(model), figures={"pruning_rate": rate}, name="sentiment")
 
 
 POSITIVE = ["wonderful", "delightful", "excellent", "brilliant", "charming", "superb", "lovely",
