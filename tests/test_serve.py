@@ -76,6 +76,17 @@ def test_router_serialises_concurrent_requests(served, tokenizer):
     assert not errors, errors[:3]
 
 
+def assert_refused_from_a_hook(model, call, request) -> None:
+    """`call()` from a hook inside the forward pass that `request()` runs raises instead of
+    waiting for itself."""
+    hook = model.register_forward_pre_hook(lambda module, args: call())
+    try:
+        with pytest.raises(RuntimeError, match="forward pass .* wait for itself"):
+            request()
+    finally:
+        hook.remove()
+
+
 def test_routers_on_one_model_take_turns(served, tokenizer):
     """Two routers on one model, each on its own compute thread, share the model's lock: a slow
     forward pass of one is never swapped to the other's expert midway, every answer equals its
@@ -100,12 +111,7 @@ def test_routers_on_one_model_take_turns(served, tokenizer):
     try:
         assert not run_clients(client, 4)
         for call in (lambda: second.run("task1", TEXTS[0]), second.close):
-            hook = model.register_forward_pre_hook(lambda m, a, call=call: call())
-            try:
-                with pytest.raises(RuntimeError, match="forward pass .* wait for itself"):
-                    first.run("task0", TEXTS[0])
-            finally:
-                hook.remove()
+            assert_refused_from_a_hook(model, call, lambda: first.run("task0", TEXTS[0]))
         first.close()  # the model stays patched for the other router's next request
         torch.testing.assert_close(second.run_logits("task2", TEXTS), alone["task2"])
     finally:
@@ -539,12 +545,7 @@ def test_calls_that_would_wait_for_themselves_are_refused(served, tokenizer):
                      lambda: router.run_mixed([("task0", TEXTS[0])]),
                      lambda: router.add("again", experts["task1"]),
                      lambda: router.remove("task0")):
-            hook = model.register_forward_pre_hook(lambda m, a, call=call: call())
-            try:
-                with pytest.raises(RuntimeError, match="forward pass .* wait for itself"):
-                    router.run("task0", TEXTS[0])
-            finally:
-                hook.remove()
+            assert_refused_from_a_hook(model, call, lambda: router.run("task0", TEXTS[0]))
         assert router.run("task0", TEXTS[0]) == [expected]
         assert router.tasks == ["task0"]
     finally:

@@ -289,37 +289,16 @@ def test_naming_builds_the_body_fields(name):
 def test_the_client_asks_for_the_gate_before_adding():
     """http.add on a server without the gate (here one that answers every RPC without the
     gate's header) says how to start it, and sends no expert."""
-    import http.server
-    import threading
-
     import doe_kernels
     from doe_kernels.vllm import http as client
+    from http_utils import answering
 
-    posts = []
-
-    class NoGate(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):
-            posts.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            body = json.dumps(dict(results=[[], []])).encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.HTTPServer(("127.0.0.1", 0), NoGate)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}"
+    with answering(json.dumps(dict(results=[[], []])).encode()) as (url, posts):
         with pytest.raises(RuntimeError, match="--middleware doe_kernels.vllm.gate.ExpertGate"):
             client.add(url, "a", doe_kernels.ExpertMask({0: [1, 2]}))
         with pytest.raises(ValueError, match="non-empty string"):
             client.add(url, "", doe_kernels.ExpertMask({0: [1, 2]}))
         assert [p["method"] for p in posts] == ["doe_experts"]
-    finally:
-        server.shutdown()
 
 
 @pytest.mark.parametrize("discard_fails", [False, True])

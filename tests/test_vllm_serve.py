@@ -45,30 +45,11 @@ def test_the_http_client_and_its_command_need_no_vllm():
                                            (b"<html>", "answered what is not JSON")])
 def test_the_http_client_refuses_answers_that_are_not_json_objects(body, message):
     """A server (or a proxy before it) answering a JSON list or an HTML page: a clear error."""
-    import http.server
-    import threading
-
     import doe_kernels.vllm.http as client
+    from http_utils import answering
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):
-            self.rfile.read(int(self.headers["Content-Length"]))
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        with pytest.raises(RuntimeError, match=message):
-            client.status(f"http://127.0.0.1:{server.server_port}", timeout=30)
-    finally:
-        server.shutdown()
-        server.server_close()
+    with answering(body) as (url, _), pytest.raises(RuntimeError, match=message):
+        client.status(url, timeout=30)
 
 
 def _free_port() -> int:
