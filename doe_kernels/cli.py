@@ -114,10 +114,10 @@ def load_model(path: str, num_labels: int | None = None):
         if causal:
             model = AutoModelForCausalLM.from_pretrained(path)
         else:
-            # a saved head of another label count is replaced: localize trains its own, and
-            # eval, serve and bench plug each expert's in whole
-            labels = {} if num_labels is None else {"num_labels": num_labels,
-                                                    "ignore_mismatched_sizes": True}
+            # a saved head of another label count is replaced (and only it: the other weights
+            # must fit): localize trains its own, eval, serve and bench plug each expert's
+            labels = {} if num_labels in (None, config.num_labels) else {
+                "num_labels": num_labels, "ignore_mismatched_sizes": True}
             model = AutoModelForSequenceClassification.from_pretrained(path, **labels)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as error:  # transformers' errors for a broken folder
