@@ -274,7 +274,9 @@ def _as_json_dict(what: str, value) -> dict:
     return dict(value)
 
 
-def _check_batch_size(batch_size) -> None:
+def check_batch_size(batch_size) -> None:
+    """Raise ValueError unless `batch_size` is an int >= 1 (the one check of every batch_size
+    argument: predictions, calibration, mixed batches, the router)."""
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
 
@@ -507,7 +509,7 @@ class Expert:
         the example's other real tokens, every other real token 1."""
         if not 0.0 <= readout_weight < float("inf"):
             raise ValueError(f"readout_weight must be a finite number >= 0, got {readout_weight}")
-        _check_batch_size(batch_size)
+        check_batch_size(batch_size)
         texts = list(texts)
         for start in range(0, len(texts), batch_size):
             ids, attention = self.encode(tokenizer, texts[start:start + batch_size])
@@ -538,7 +540,7 @@ class Expert:
                        backend: str = "auto") -> torch.Tensor:
         """(n, num_labels) float32 CPU logits. Uses the expert as plugged; when it is not plugged
         into `model`, plugs it (mask and head) for the call."""
-        _check_batch_size(batch_size)
+        check_batch_size(batch_size)
         if isinstance(texts, str):
             texts = [texts]
         texts = list(texts)

@@ -19,7 +19,8 @@ import functools
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from doe_kernels.expert import CAUSAL_LM, Expert, label_logits, real_positions
+from doe_kernels.expert import (CAUSAL_LM, Expert, check_batch_size, label_logits,
+                                real_positions)
 from doe_kernels.mask import ExpertMask
 from doe_kernels.models import PATCH_STATE_ATTR, UnsupportedModelError, describe, spec_of
 from doe_kernels.models.segments import LayerSegments, RealTokens, SegmentPlan, merge_runs
@@ -236,8 +237,7 @@ def mixed_logits(model, tokenizer, requests, batch_size: int = 32,
     experts, texts = _as_requests(requests)
     if not experts:
         return []
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    check_batch_size(batch_size)
     for expert in {id(e): e for e in experts}.values():
         expert.check_fits(model)  # also: its task type is the model's
     ids = _encoded(experts, texts, tokenizer)

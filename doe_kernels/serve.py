@@ -39,7 +39,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from doe_kernels.expert import Expert
+from doe_kernels.expert import Expert, check_batch_size
 from doe_kernels.mask import ExpertMask
 from doe_kernels.mixed import mixed_logits
 from doe_kernels.patching import current_mask, is_patched, patch, plugged, unpatch
@@ -48,8 +48,7 @@ from doe_kernels.patching import current_mask, is_patched, patch, plugged, unpat
 class ExpertRouter:
     def __init__(self, model, tokenizer, backend: str = "auto", batch_size: int = 32,
                  batch_window: float = 0.005):
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        check_batch_size(batch_size)
         if not 0 <= batch_window < float("inf"):
             raise ValueError(f"batch_window must be a finite number of seconds >= 0, got "
                              f"{batch_window!r}")
