@@ -26,9 +26,9 @@ import operator
 from collections.abc import Iterable, Mapping
 
 import torch
-from safetensors.torch import save_file
 
-from doe_kernels.files import FLOAT_DTYPES, FileFormatError, parse_json, read_safetensors
+from doe_kernels.files import (FLOAT_DTYPES, FileFormatError, parse_json, read_safetensors,
+                                write_safetensors)
 from doe_kernels.mask import ExpertMask
 from doe_kernels.models import spec_of
 from doe_kernels.patching import plugged as plug_mask
@@ -602,8 +602,8 @@ class Expert:
         tensors.update({f"dense.head.{k}": v for k, v in (self.dense_head or {}).items()})
         # clone: safetensors refuses tensors sharing memory (an expert found at rate 0 with
         # recovery holds the same prompt as its dense baseline)
-        save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, str(path),
-                  metadata={"doe_kernels": "Expert", "header": json.dumps(self.header())})
+        write_safetensors(path, {k: v.detach().contiguous().clone() for k, v in tensors.items()},
+                          metadata={"doe_kernels": "Expert", "header": json.dumps(self.header())})
 
     @classmethod
     def load(cls, path) -> "Expert":

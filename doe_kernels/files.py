@@ -1,14 +1,18 @@
-"""Reading the package's safetensors files (ExpertMask and Expert files) with one kind of error.
+"""Reading and writing the package's safetensors files (ExpertMask and Expert files).
 
 Whatever is wrong with a file (missing, a directory, empty, corrupt, not written by doe_kernels,
 a header or tensor that does not make sense), loading raises `FileFormatError`, a ValueError whose
-message names the file and the problem.
+message names the file and the problem. Saving writes a temporary file next to the target and
+renames it over the target, so a save that fails (a full disk, an interrupt) leaves any earlier
+file at that path whole.
 """
 import json
 import os
+import uuid
 
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 # The floating-point dtypes a mask's vectors or an expert's prompt and head may be given in (torch
 # loads float8 and float4 tensors too, but computes little on them)
@@ -49,3 +53,22 @@ def read_safetensors(path, kind: str) -> tuple[dict, dict[str, torch.Tensor]]:
     except (SafetensorError, OSError) as error:
         raise FileFormatError(f"{path} is not a readable safetensors file: {error}") from None
     return metadata, tensors
+
+
+def write_safetensors(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write `tensors` and `metadata` to `path` as one safetensors file, atomically: the file at
+    `path` is either the earlier one or the whole new one, never a part."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"cannot save to {path}: it is a directory")
+    # a new name in the same folder (so the rename stays on one file system), created by
+    # safetensors with the permissions any new file gets
+    folder, name = os.path.split(os.path.abspath(path))
+    temporary = os.path.join(folder, f".{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        save_file(tensors, temporary, metadata=metadata)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise

@@ -15,9 +15,9 @@ import re
 from collections.abc import Mapping
 
 import torch
-from safetensors.torch import save_file
 
-from doe_kernels.files import FLOAT_DTYPES, FileFormatError, parse_json, read_safetensors
+from doe_kernels.files import (FLOAT_DTYPES, FileFormatError, parse_json, read_safetensors,
+                                write_safetensors)
 from doe_kernels.models import ModelSpec, spec_of
 from doe_kernels.ops.checks import check_sorted_unique
 
@@ -373,8 +373,8 @@ class ExpertMask:
         return cls(spec=spec, **tables)
 
     def save(self, path) -> None:
-        save_file(self.tensors(), str(path), metadata={"doe_kernels": "ExpertMask",
-                                                       "spec": json.dumps(self.spec)})
+        write_safetensors(path, self.tensors(), metadata={"doe_kernels": "ExpertMask",
+                                                          "spec": json.dumps(self.spec)})
 
     @classmethod
     def load(cls, path) -> "ExpertMask":

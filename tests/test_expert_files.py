@@ -279,3 +279,39 @@ def test_expert_takes_its_optional_arguments_by_keyword():
     refused (fifteen positional parameters were easy to shift by one)."""
     with pytest.raises(TypeError, match="positional"):
         Expert(None, torch.zeros(2, 32), "causal_lm", ["a", "b"], [" a", " b"], [1, 2])
+
+
+@pytest.mark.parametrize("kind", ["expert", "mask"])
+def test_a_failed_save_leaves_the_earlier_file_whole(expert_file, tmp_path, monkeypatch, kind):
+    """Saving writes a temporary file and renames it: a save that fails part-way (here: after
+    half the file is written) leaves the file already at the path loadable and no stray file."""
+    import safetensors.torch
+
+    import doe_kernels.files as files
+
+    expert = Expert.load(expert_file)
+    saved, load = (expert, Expert.load) if kind == "expert" else (expert.mask, dk.ExpertMask.load)
+    path = tmp_path / "kept.safetensors"
+    saved.save(path)
+    before = path.read_bytes()
+
+    def fails_half_way(tensors, filename, metadata=None):
+        safetensors.torch.save_file(tensors, filename, metadata=metadata)
+        with open(filename, "r+b") as f:
+            f.truncate(len(before) // 2)
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(files, "save_file", fails_half_way)
+    with pytest.raises(OSError, match="No space left"):
+        saved.save(path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.safetensors"]
+    load(path)
+    monkeypatch.undo()
+    saved.save(tmp_path / "new.safetensors")   # a new file is written with ordinary permissions
+    assert (tmp_path / "new.safetensors").stat().st_mode == path.stat().st_mode
+
+
+def test_saving_to_a_directory_is_refused(expert_file, tmp_path):
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        Expert.load(expert_file).save(tmp_path)
