@@ -226,8 +226,7 @@ def cmd_localize(args) -> None:
     train = splits.get("train", splits.get("all"))
     if train is None:
         raise UserError(f"{args.task} has no 'train' split (or no split column)")
-    if args.max_train:
-        train = train.sample(args.max_train, seed=args.seed)
+    train, validation = _training_examples(train, splits.get("validation"), args)
     if len(set(train.labels)) < 2:
         raise UserError(f"{args.task}: the training examples hold one label "
                         f"({train.labels[0]!r}); a task needs two or more")
@@ -236,13 +235,27 @@ def cmd_localize(args) -> None:
     if args.label_words and detect_task_type(model) != CAUSAL_LM:
         raise UserError("--label-words is for causal LMs; a classifier answers with its head")
     _check_positions(model, args.max_length, configs["prompt"].num_virtual_tokens)
-    expert = localize(model, tokenizer, train, splits.get("validation"),
+    expert = localize(model, tokenizer, train, validation,
                       label_words=_label_words(args, train.label_names), template=template,
                       max_length=args.max_length, backend=args.backend, seed=args.seed,
                       **configs)
     expert.name = args.name or os.path.splitext(os.path.basename(args.task))[0]
     expert.save(args.out)
     print(json.dumps({"expert": args.out, **expert.figures}))
+
+
+def _training_examples(train, validation, args):
+    """(train, validation) for localize: without a validation split, 20% of `train` is held out
+    (localize's own split, made here so that --max-train counts training examples); --max-train
+    then samples at most N training examples and a held-out validation set of at most N/4."""
+    if validation is None:
+        parts = train.split((0.8, 0.2, 0.0), seed=args.seed)
+        train, validation = parts["train"], parts["validation"]
+        if args.max_train:
+            validation = validation.sample(-(-args.max_train // 4), seed=args.seed)
+    if args.max_train:
+        train = train.sample(args.max_train, seed=args.seed)
+    return train, validation
 
 
 def _template(args, model, tokenizer) -> str | None:
@@ -446,7 +459,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=_positive_int, default=128,
                    help="tokens per example at most (long texts are cut)")
     p.add_argument("--max-train", type=_positive_int,
-                   help="use at most this many training examples")
+                   help="use at most this many training examples (without a validation "
+                        "split, also at most N/4 of the held-out 20%% for validation)")
     p.add_argument("--seed", type=_seed, default=0,
                    help="seed of the validation split, the samples drawn and the training")
     add_config_options(p)

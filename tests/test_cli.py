@@ -1,6 +1,7 @@
 """The doe-kernels command line: localize, eval, serve and bench end to end, and plain errors."""
 import io
 import json
+import sys
 
 import pytest
 
@@ -92,6 +93,32 @@ def test_bad_recovery_setting_is_a_one_line_error(task_and_expert, capsys):
                      "--recover-epochs", "-1"]) == 2
     err = capsys.readouterr().err
     assert "--recover-epochs" in err and ">= 0" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("fractions, max_train, sizes", [
+    ((1.0, 0.0, 0.0), None, (80, 20)),   # localize's own 80/20 split
+    ((1.0, 0.0, 0.0), 30, (30, 8)),      # N training examples, at most N/4 held out
+    ((1.0, 0.0, 0.0), 500, (80, 20)),    # more than there are
+    ((0.6, 0.4, 0.0), 30, (30, 40)),     # a validation split of the task's own is kept whole
+])
+def test_max_train_counts_training_examples(tmp_path, monkeypatch, fractions, max_train, sizes):
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def localize(model, tokenizer, train, validation, **options):
+        seen.update(train=train, validation=validation)
+        raise Stop
+
+    task = tmp_path / "t.csv"
+    write_csv(task, {k: v for k, v in sentiment_task(100).split(fractions).items() if len(v)})
+    monkeypatch.setattr(sys.modules["doe_kernels.localize"], "localize", localize)
+    argv = ["localize", "--model", minilm_dir(), "--task", str(task), "--out", "e", "--seed", "3"]
+    with pytest.raises(Stop):
+        cli.main(argv + (["--max-train", str(max_train)] if max_train else []))
+    train, validation = seen["train"], seen["validation"]
+    assert (len(train), len(validation)) == sizes
 
 
 @pytest.fixture(scope="module")
