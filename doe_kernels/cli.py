@@ -162,18 +162,6 @@ def _check_output(path: str) -> None:
         raise UserError(f"--out {path} is not writable")
 
 
-def _check_positions(model, max_length: int, virtual_tokens: int) -> None:
-    """Refuse texts of `max_length` tokens after `virtual_tokens` soft-prompt tokens that a
-    BERT-family model's position embeddings cannot hold (it would fail on a long text)."""
-    from doe_kernels.expert import position_limit
-
-    limit = position_limit(model)
-    if limit is not None and max_length + virtual_tokens > limit:
-        raise UserError(f"{virtual_tokens} virtual tokens and texts of up to {max_length} tokens "
-                        f"need {max_length + virtual_tokens} positions, but the model has "
-                        f"{limit}: use --max-length {limit - virtual_tokens} or less")
-
-
 def add_config_options(parser: argparse.ArgumentParser) -> None:
     """localize's options, one group per config class (PromptConfig, ...), built from the
     classes' fields: flag, help and default from each field, the parsed value under the flat
@@ -234,7 +222,6 @@ def cmd_localize(args) -> None:
     template = _template(args, model, tokenizer)
     if args.label_words and detect_task_type(model) != CAUSAL_LM:
         raise UserError("--label-words is for causal LMs; a classifier answers with its head")
-    _check_positions(model, args.max_length, configs["prompt"].num_virtual_tokens)
     expert = localize(model, tokenizer, train, validation,
                       label_words=_label_words(args, train.label_names), template=template,
                       max_length=args.max_length, backend=args.backend, seed=args.seed,
@@ -291,7 +278,6 @@ def cmd_eval(args) -> None:
     data = _task(args.task, args.split)
     model, tokenizer = load_model(args.model, num_labels=len(expert.label_names))
     expert.check_fits(model)
-    _check_positions(model, expert.max_length, expert.num_virtual_tokens)
     result = {"task": args.task, "split": args.split, "examples": len(data)}
     start = time.perf_counter()
     with expert.plugged(model, backend=args.backend):
@@ -326,8 +312,6 @@ def cmd_serve(args) -> None:
         experts[name] = _load_expert(path)
     num_labels = len(next(iter(experts.values())).label_names)
     model, tokenizer = load_model(args.model, num_labels=num_labels)
-    for expert in experts.values():
-        _check_positions(model, expert.max_length, expert.num_virtual_tokens)
     with ExpertRouter(model, tokenizer, backend=args.backend) as router:
         for name, expert in experts.items():
             router.add(name, expert)

@@ -75,6 +75,17 @@ def position_limit(model) -> int | None:
     return table.num_embeddings - (0 if table.padding_idx is None else table.padding_idx + 1)
 
 
+def check_positions(model, max_length: int, virtual_tokens: int) -> None:
+    """Raise ValueError when `virtual_tokens` soft-prompt tokens and texts of up to `max_length`
+    tokens need more positions than a BERT-family model's position embeddings hold (the model
+    would fail on the first text that long)."""
+    limit = position_limit(model)
+    if limit is not None and max_length + virtual_tokens > limit:
+        raise ValueError(f"{virtual_tokens} virtual tokens and texts of up to {max_length} tokens "
+                         f"need {max_length + virtual_tokens} positions, but the model has "
+                         f"{limit}: use a max_length of {limit - virtual_tokens} or less")
+
+
 def label_token_ids(tokenizer, label_words) -> list[int]:
     """The first token of each label word (as it follows the template, e.g. " positive")."""
     ids = []
@@ -281,6 +292,12 @@ def check_batch_size(batch_size) -> None:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
 
 
+def check_max_length(max_length) -> None:
+    """Raise ValueError unless `max_length` (tokens per text) is an int >= 1."""
+    if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1:
+        raise ValueError(f"max_length must be an int >= 1 (tokens per text), got {max_length!r}")
+
+
 def _check_finite_in(name: str, what: str, value: torch.Tensor, dtype: torch.dtype) -> None:
     """Raise ValueError when `value` overflows (to inf) in the model's `dtype`."""
     if not bool(torch.isfinite(value.to(dtype)).all()):
@@ -288,7 +305,7 @@ def _check_finite_in(name: str, what: str, value: torch.Tensor, dtype: torch.dty
                          f"model's {dtype}")
 
 
-def _as_list(what: str, values, item_type=None) -> list:
+def as_list(what: str, values, item_type=None) -> list:
     """`values` as a list; a str (which would be split into characters) is refused."""
     if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
         raise ValueError(f"{what} must be a list, got the {type(values).__name__} {values!r}"
@@ -305,7 +322,7 @@ def _as_list(what: str, values, item_type=None) -> list:
 def _as_token_ids(values) -> list[int]:
     """Label token ids as ints >= 0 (ints, numpy or 0-d torch integers; not floats or bools)."""
     ids = []
-    for value in _as_list("label_token_ids", values):
+    for value in as_list("label_token_ids", values):
         if isinstance(value, bool):
             raise TypeError(f"label_token_ids must hold token ids, got {value!r}")
         try:
@@ -345,18 +362,16 @@ class Expert:
         prompt = _as_prompt("prompt", prompt)
         # the unpruned prompt-tuned prompt and head, when they differ from the served ones
         dense_prompt = None if dense_prompt is None else _as_prompt("dense_prompt", dense_prompt)
-        label_names = [str(n) for n in _as_list("label_names", label_names)]
+        label_names = [str(n) for n in as_list("label_names", label_names)]
         if not label_names or len(set(label_names)) != len(label_names):
             raise ValueError(f"label_names must be distinct names, at least one, got {label_names}")
-        label_words = None if label_words is None else _as_list("label_words", label_words, str)
+        label_words = None if label_words is None else as_list("label_words", label_words, str)
         if label_words is not None and len(label_words) != len(label_names):
             raise ValueError(f"{len(label_words)} label words for {len(label_names)} labels")
         label_token_ids = None if label_token_ids is None else _as_token_ids(label_token_ids)
         head = None if head is None else _as_head("head", head)
         dense_head = None if dense_head is None else _as_head("dense_head", dense_head)
-        if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1:
-            raise ValueError(f"max_length must be an int >= 1 (tokens per text), got "
-                             f"{max_length!r}")
+        check_max_length(max_length)
         if not isinstance(name, str):
             raise TypeError(f"name must be a str, got {type(name).__name__}")
         if template is not None and not isinstance(template, str):
@@ -419,6 +434,10 @@ class Expert:
                              f"{sizes['hidden_size']}")
         if self.mask is not None:
             self.mask.check_spec(spec_of(model))
+        try:
+            check_positions(model, self.max_length, self.num_virtual_tokens)
+        except ValueError as error:
+            raise ValueError(f"expert {self.name!r}: {error}") from None
         task_type = detect_task_type(model)
         if task_type != self.task_type:
             raise ValueError(f"expert {self.name!r} is a {self.task_type} expert, but "

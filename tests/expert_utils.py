@@ -18,7 +18,7 @@ TEXTS = ["a wonderful film", "a dull and tedious plot", "the cast was superb",
 LABELS = ["positive", "negative"] * 4
 
 
-def tiny_bert(vocab=30522, num_labels=2, layers=2, seed=0, positions=64):
+def tiny_bert(vocab=30522, num_labels=2, layers=2, seed=0, positions=160):
     torch.manual_seed(seed)
     config = BertConfig(hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
                         intermediate_size=48, vocab_size=vocab, max_position_embeddings=positions,

@@ -128,9 +128,10 @@ MISUSE = [
                  id="eval-texts-past-the-positions"),
     pytest.param(["serve", "--model", "{long}", "--expert", "s={too_long}"],
                  "need 19 positions, but the model has 16", id="serve-texts-past-the-positions"),
-    pytest.param(_localize("--max-length", "60"),
-                 "10 virtual tokens and texts of up to 60 tokens need 70 positions, but the model "
-                 "has 64: use --max-length 54 or less", id="localize-texts-past-the-positions"),
+    pytest.param(_localize("--max-length", "160"),
+                 "10 virtual tokens and texts of up to 160 tokens need 170 positions, but the "
+                 "model has 160: use a max_length of 150 or less",
+                 id="localize-texts-past-the-positions"),
     # model folders
     pytest.param(_eval(model="{root}/none"), "model folder not found", id="model-missing"),
     pytest.param(_eval(model="{bad_config}"), "is not a valid JSON file", id="model-config-json"),
@@ -150,7 +151,7 @@ MISUSE = [
     pytest.param(_bench("--batch", "0"), "--batch: must be a whole number >= 1",
                  id="bench-batch-0"),
     pytest.param(_bench("--seq", "x"), "--seq: must be a whole number >= 1", id="bench-seq-x"),
-    pytest.param(_bench("--seq", "65"), "--seq 65 is longer than the model's 64 positions",
+    pytest.param(_bench("--seq", "161"), "--seq 161 is longer than the model's 160 positions",
                  id="bench-seq-too-long"),
     pytest.param(_bench("--prune", "1.5"), "--prune: must be a pruning rate in [0, 1)",
                  id="bench-prune-1.5"),

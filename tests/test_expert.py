@@ -149,6 +149,26 @@ def test_an_expert_with_another_label_count_swaps_the_whole_head(tokenizer):
                head=expert.head).check_fits(tiny_bert().to(torch.float16))
 
 
+def test_texts_past_a_berts_positions_are_refused(tokenizer):
+    """The soft prompt and texts of up to max_length tokens must fit a BERT's position table
+    (the model would fail on the first text that long), checked before anything changes."""
+    model = tiny_bert(positions=16)
+    before = snapshot(model)
+    expert = seq_cls_expert(model, virtual=3)
+    expert.max_length = 14
+    message = ("expert 'sentiment': 3 virtual tokens and texts of up to 14 tokens need 17 positions, "
+               "but the model has 16: use a max_length of 13 or less")
+    with pytest.raises(ValueError, match=message):
+        expert.check_fits(model)
+    with pytest.raises(ValueError, match=message):
+        expert.predict_logits(model, tokenizer, TEXTS[:1])
+    with pytest.raises(ValueError, match=message):
+        dk.ExpertRouter(model, tokenizer).add("task", expert)
+    assert state_dict_equal(before, snapshot(model)) and not dk.is_patched(model)
+    expert.max_length = 13
+    assert expert.predict_logits(model, tokenizer, [" ".join(TEXTS)]).shape == (1, 2)
+
+
 def test_prompt_width_and_task_type_mismatch():
     model = tiny_bert()
     expert = seq_cls_expert(model)

@@ -128,6 +128,23 @@ def test_a_llama_model_with_padding_and_a_kv_cache_in_its_config():
     assert_same_fit(padded, layerwise_reconstruction(model, mask, real), atol=1e-4)
 
 
+@pytest.mark.parametrize("name", ["bert", "llama"])
+def test_a_layer_keeping_no_neuron_and_batches_from_a_generator(name):
+    """A layer whose FFN keeps no neuron gets an empty scale vector and a bias delta (its whole
+    FFN output replaced by a constant), with the scopes and rates localize searches; the batches
+    may come from a one-pass generator (as Expert.calibration_batches gives them)."""
+    model = build(name)
+    spec = dk.models.spec_of(model)
+    mask = dk.ExpertMask(ffn={0: [], 1: list(range(spec.intermediate_size // 2))},
+                         spec=spec.as_dict())
+    batches = calibration(name)
+    fitted = layerwise_reconstruction(model, mask, (batch for batch in batches))
+    assert_same_fit(fitted, layerwise_reconstruction(model, mask, batches), atol=0)
+    assert fitted.ffn_scales[0].numel() == 0 and fitted.ffn_bias[0].isfinite().all()
+    with dk.plugged(model, fitted), torch.no_grad():
+        assert model(**batches[0])[0].isfinite().all()
+
+
 def test_misuse_is_refused():
     model = build("bert")
     mask = dk.ExpertMask.random(model, ffn_keep=0.3)

@@ -202,6 +202,16 @@ def test_attribution_errors(tokenizer):
     with dk.plugged(model, dk.ExpertMask.random(model, 0.5)):
         with pytest.raises(ValueError, match="unpatched"):
             attribute(model, tokenizer, classifier_expert(model), TaskData(TEXTS, LABELS))
+        # re-tuning and the masked network say so too (not "no stack of layers")
+        with pytest.raises(ValueError, match="run on the unpatched model: call "
+                                             "doe_kernels.unpatch"):
+            retune(model, tokenizer, classifier_expert(model), TaskData(TEXTS, LABELS),
+                   progress=False)
+    for options, message in (({"batch_size": 0}, "batch_size must be an int >= 1, got 0"),
+                             ({"num_examples": 0}, "num_examples must be an int >= 1, got 0")):
+        with pytest.raises(ValueError, match=message):
+            attribute(model, tokenizer, classifier_expert(model), TaskData(TEXTS, LABELS),
+                      **options)
 
 
 def test_attribution_refuses_moe_models():
@@ -330,6 +340,135 @@ def test_localize_ranks_heads_with_neurons_only_on_fisher_scores(tokenizer):
             localize(model, tokenizer, sentiment_task(), search=jointly,
                      attribution=AttributionConfig(method=method), progress=False)
     assert state_dict_equal(before, snapshot(model)) and not dk.is_patched(model)
+
+
+def _model_state(model) -> tuple:
+    """Everything a refused or finished localize call must leave as it was: weights,
+    requires_grad flags, each module's mode and class, hooks."""
+    return (snapshot(model), {n: p.requires_grad for n, p in model.named_parameters()},
+            [(type(m).__name__, m.training, len(m._forward_pre_hooks), len(m._forward_hooks))
+             for m in model.modules()])
+
+
+def _same_state(before, after) -> bool:
+    return state_dict_equal(before[0], after[0]) and before[1:] == after[1:]
+
+
+def _bad_call(**changes):
+    """localize's arguments on a tiny BERT, with `changes` (a "model" key builds another)."""
+    data = sentiment_task(40)
+    call = dict(model=tiny_bert, train=data, validation=None, progress=False,
+                prompt=PromptConfig(epochs=1, num_virtual_tokens=3))
+    call.update(changes)
+    return call
+
+
+@pytest.mark.parametrize("call, error, message", [
+    pytest.param(_bad_call(model=lambda: tiny_bert(positions=16), max_length=20), ValueError,
+                 "3 virtual tokens and texts of up to 20 tokens need 23 positions, but the model "
+                 "has 16: use a max_length of 13 or less", id="texts-past-the-positions"),
+    pytest.param(_bad_call(batch_size=0), ValueError, "batch_size must be an int >= 1, got 0",
+                 id="batch-size-0"),
+    pytest.param(_bad_call(max_length=0), ValueError, "max_length must be an int >= 1",
+                 id="max-length-0"),
+    pytest.param(_bad_call(backend="nope"), ValueError, "backend must be one of",
+                 id="unknown-backend"),
+    pytest.param(_bad_call(label_words=[" bad", " good"]), ValueError,
+                 r"label_words and template are for causal LMs; a classifier "
+                 r"\(BertForSequenceClassification\) answers with its head",
+                 id="label-words-for-a-classifier"),
+    pytest.param(_bad_call(template="Review: {text}"), ValueError,
+                 "label_words and template are for causal LMs", id="template-for-a-classifier"),
+    pytest.param(_bad_call(model=tiny_llama, label_words="XY"), ValueError,
+                 "label_words must be a list, got the str 'XY' .it would be split",
+                 id="label-words-a-str"),
+    pytest.param(_bad_call(validation=TaskData(["fine", "bad"], ["positive", "neutral"],
+                                               ["positive", "neutral"])), ValueError,
+                 r"the validation examples hold labels \['neutral'\] that are not among the "
+                 r"task's labels \['negative', 'positive'\]", id="validation-label-unknown"),
+    pytest.param(_bad_call(model=lambda: tiny_bert().half()), ValueError,
+                 "not on float16 weights: localize the float32 model", id="float16-weights"),
+    pytest.param(_bad_call(model=lambda: tiny_bert(vocab=1000),
+                           prompt=PromptConfig(epochs=1, init_text="wonderful film")), ValueError,
+                 r"the prompt's init tokens \[\d+, \d+\] are not all ids of the model's "
+                 r"1000-token vocabulary", id="init-text-past-the-vocabulary"),
+])
+def test_localize_refuses_bad_arguments_before_changing_anything(tokenizer, call, error,
+                                                                   message):
+    call = dict(call)
+    model = call.pop("model")()
+    model.train()
+    list(model.modules())[3].eval()  # a mode set per module stays so
+    before = _model_state(model)
+    with pytest.raises(error, match=message):
+        localize(model, tokenizer, **call)
+    assert _same_state(before, _model_state(model)) and not dk.is_patched(model)
+
+
+@pytest.mark.filterwarnings("ignore:localize.*no better than always answering")
+def test_localize_keeps_the_callers_modes_and_random_state(tokenizer, one_thread):
+    """Per-module train/eval modes come back as they were, and torch's global random state is
+    not reseeded by the call (the call's own seed still decides its result)."""
+    model = tiny_bert()
+    model.train()
+    list(model.modules())[3].eval()
+    before = _model_state(model)
+    small = dict(prompt=PromptConfig(epochs=1, num_virtual_tokens=3),
+                 attribution=AttributionConfig(num_examples=16),
+                 recovery=RecoveryConfig(epochs=1, num_examples=16, calibration_examples=8),
+                 search=SearchConfig(resolution=0.3), progress=False, seed=5)
+    results = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        expected = torch.rand(4, generator=torch.Generator().manual_seed(seed))
+        expert = localize(model, tokenizer, sentiment_task(60), **small)
+        assert torch.equal(torch.rand(4), expected)  # the caller's stream went on untouched
+        results.append(expert)
+    assert _same_state(before, _model_state(model))
+    assert torch.equal(results[0].prompt, results[1].prompt)
+    assert torch.equal(results[0].mask.ffn[0], results[1].mask.ffn[0])
+
+
+def test_every_patched_forward_runs_on_the_backend_asked_for(tokenizer, monkeypatch,
+                                                          one_thread):
+    """`backend` reaches every candidate's forward passes: the reconstruction's choice, the
+    re-tuning's judging and the search's measurement."""
+    import doe_kernels.patching as patching
+
+    backends, real_patch = [], patching.patch
+
+    def recording(model, mask, backend="auto", dynamic_skip=False):
+        backends.append(backend)
+        return real_patch(model, mask, backend, dynamic_skip)
+
+    monkeypatch.setattr(patching, "patch", recording)
+    localize(tiny_bert(), tokenizer, sentiment_task(60), backend="torch", progress=False,
+             prompt=PromptConfig(epochs=1, num_virtual_tokens=3),
+             attribution=AttributionConfig(num_examples=16),
+             recovery=RecoveryConfig(epochs=1, num_examples=16, calibration_examples=8),
+             search=SearchConfig(resolution=0.3, tolerance=1.0))
+    assert len(backends) > 3 and set(backends) == {"torch"}
+
+
+def test_a_diverged_candidate_fails_and_says_so(tokenizer, monkeypatch, one_thread):
+    """A candidate whose re-tuning diverges fails whatever the tolerance (it was never measured),
+    with a warning naming its rate."""
+    localize_module = sys.modules["doe_kernels.localize"]
+
+    def diverging(model, tokenizer, expert, *args, **kwargs):
+        raise localize_module.TrainingDiverged("recovery training diverged (test)")
+
+    monkeypatch.setattr(localize_module, "retune", diverging)
+    with pytest.warns(UserWarning, match=r"the candidate at pruning rate 0\.\d+ fails: recovery "
+                                         r"training diverged \(test\)"):
+        expert = localize(tiny_bert(), tokenizer, sentiment_task(60), progress=False,
+                          prompt=PromptConfig(epochs=1, num_virtual_tokens=3),
+                          attribution=AttributionConfig(num_examples=16),
+                          recovery=RecoveryConfig(epochs=1, num_examples=16,
+                                                  calibration_examples=8),
+                          search=SearchConfig(resolution=0.3, tolerance=1.0))
+    assert expert.figures["pruning_rate"] == 0.0
+    assert all(not passed for _, _, passed, *_ in expert.figures["search"])
 
 
 # ---- end to end ---------------------------------------------------------------------------
@@ -644,6 +783,14 @@ def test_configs_default_to_the_recipe_and_refuse_bad_values():
         PromptConfig(epochs="5")
     with pytest.raises(TypeError, match="prune_heads .* must be of type bool"):
         SearchConfig(prune_heads=1)
+    # fields whose default is None take their annotation's type
+    with pytest.raises(TypeError, match=r"RecoveryConfig.lr \(--recover-lr\) must be of type "
+                                        r"float, got '0.1'"):
+        RecoveryConfig(lr="0.1")
+    with pytest.raises(TypeError, match="lr .* must be of type float, got True"):
+        RecoveryConfig(lr=True)
+    with pytest.raises(TypeError, match=r"init_text \(--prompt-init\) must be of type str"):
+        PromptConfig(init_text=5)
     assert PromptConfig(init_text="a review:").init_text == "a review:"
     assert RecoveryConfig(lr=1e-3).lr == 1e-3 and PromptConfig(lr=1).lr == 1
 

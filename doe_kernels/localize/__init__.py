@@ -14,24 +14,28 @@ measured.
 import collections
 import contextlib
 import dataclasses
+import math
 import time
 import warnings
 from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
-from doe_kernels.expert import (CAUSAL_LM, DEFAULT_TEMPLATE, Expert, check_template,
+from doe_kernels.backends import resolve
+from doe_kernels.expert import (CAUSAL_LM, DEFAULT_TEMPLATE, Expert, as_list, check_batch_size,
+                                check_max_length, check_positions, check_template,
                                 detect_task_type, label_token_ids, model_sizes)
 from doe_kernels.localize.attribution import attribute
 from doe_kernels.localize.compensate import Calibration, reconstruction
 from doe_kernels.localize.config import (AttributionConfig, PromptConfig, RecoveryConfig,
                                          SearchConfig, configs_from_flat)
 from doe_kernels.localize.layerwise import layerwise_reconstruction
-from doe_kernels.localize.prompt import (PromptResult, resolve_precision, start_text,
-                                         train_prompt)
+from doe_kernels.localize.prompt import (PromptResult, check_trainable, resolve_precision,
+                                         start_text, train_prompt)
 from doe_kernels.localize.reconstruct import Fidelity, Reconstructor, split_for_judging
 from doe_kernels.localize.recover import TrainingDiverged, masked, retune
 from doe_kernels.localize.search import mask_at_rate, paired_change, search_rate
+from doe_kernels.localize.state import evaluating
 from doe_kernels.patching import is_patched
 
 __all__ = ["localize", "PromptConfig", "AttributionConfig", "SearchConfig", "RecoveryConfig",
@@ -104,16 +108,28 @@ def localize(model, tokenizer, train, validation=None, *, label_words=None, temp
             f"per weight, which Fisher scores put on one scale and {attribution.method!r} scores "
             f"do not (a head then looks cheap, and most heads go first): use "
             f"AttributionConfig(method='fisher') (--method fisher)")
+    check_batch_size(batch_size)
+    check_max_length(max_length)
+    weight = model.get_input_embeddings().weight
+    resolve(backend, weight.device, weight.dtype, 1)  # a backend absent here is refused now
+    if start_from is None or recovery.epochs:
+        check_trainable(model)
+    virtual_tokens = (prompt.num_virtual_tokens if start_from is None
+                      else start_from.num_virtual_tokens)
+    check_positions(model, max_length, virtual_tokens)
     if validation is None:
         parts = train.split((0.8, 0.2, 0.0), seed=seed)
         train, validation = parts["train"], parts["validation"]
     if len(train) == 0 or len(validation) == 0:
         raise ValueError("localize needs training and validation examples")
+    names = set(train.label_names)
+    unknown = [label for label in dict.fromkeys(validation.labels) if label not in names]
+    if unknown:
+        raise ValueError(f"the validation examples hold labels {unknown[:5]} that are not among "
+                         f"the task's labels {list(train.label_names)}")
     task = _Task.of(model, tokenizer, train, label_words, template, max_length)
-    run = _Run(model, tokenizer, task, batch_size, seed, progress)
-    was_training = model.training
-    model.eval()
-    try:
+    run = _Run(model, tokenizer, task, batch_size, seed, progress, backend)
+    with evaluating(model):
         with run.clock("prompt"):
             tuned, trained_with = _tune_prompt(run, train, prompt, start_from)
         tuned_expert = task.expert(None, tuned.prompt, tuned.head)
@@ -128,9 +144,7 @@ def localize(model, tokenizer, train, validation=None, *, label_words=None, temp
                 attribution.num_examples, batch_size, attribution.absolute, seed, progress)
         candidate = _Candidates(task, ffn_scores, head_scores, search)
         result, evaluated, change_se = _search(run, candidate, tuned_expert, base, validation,
-                                               search, recover, backend)
-    finally:
-        model.train(was_training)
+                                               search, recover)
     # nothing pruned passes (rate 0, never evaluated): the baseline itself, with a keep-all mask
     expert = (evaluated[result.rate] if result.rate in evaluated
               else candidate(result.rate, base.dense))
@@ -168,13 +182,17 @@ class _Task:
         task_type = detect_task_type(model)
         token_ids = None
         if task_type == CAUSAL_LM:
-            label_words = list(label_words or [" " + name for name in label_names])
+            label_words = (as_list("label_words", label_words, str) if label_words is not None
+                           else [" " + name for name in label_names])
             if len(label_words) != len(label_names):
                 raise ValueError(f"{len(label_words)} label words for {len(label_names)} labels")
             token_ids = label_token_ids(tokenizer, label_words)
             if template is not None:
                 check_template(template)
         else:
+            if label_words is not None or template is not None:
+                raise ValueError("label_words and template are for causal LMs; a classifier "
+                                 f"({type(model).__name__}) answers with its head")
             num_labels = getattr(model.config, "num_labels", None)
             if num_labels != len(label_names):
                 raise ValueError(f"the model has num_labels={num_labels}, the task has "
@@ -218,6 +236,7 @@ class _Run:
     batch_size: int
     seed: int
     progress: bool
+    backend: str = "auto"  # the kernels every patched forward runs on
     clock: _Clock = dataclasses.field(default_factory=_Clock)
 
 
@@ -391,23 +410,26 @@ class _Candidates:
 
 
 def _search(run: _Run, candidate: _Candidates, tuned_expert: Expert, base: _Baseline,
-            validation, search: SearchConfig, recover: _Recovery, backend: str):
+            validation, search: SearchConfig, recover: _Recovery):
     """Step 3 (with step 4 in each candidate): (SearchResult, {rate: the Expert measured},
     {rate: SE of its paired change from the baseline})."""
     model, tokenizer = run.model, run.tokenizer
     bar = tqdm(desc="pruning-rate search", disable=not run.progress, leave=False)
-    evaluated, change_se = {}, {}
+    evaluated, change_se, diverged = {}, {}, set()
 
     def accuracy(rate):
         try:
             with run.clock("candidates_recovery"):
                 expert = recover(run, candidate(rate, tuned_expert))
-        except TrainingDiverged:  # this rate fails; the search goes on
+        except TrainingDiverged as error:  # this rate fails, whatever the tolerance
+            warnings.warn(f"localize({run.task.name!r}): the candidate at pruning rate "
+                          f"{rate:.3f} fails: {error}", stacklevel=6)
             change_se[rate] = 0.0
+            diverged.add(rate)
             bar.update(1)
             return 0.0
         evaluated[rate] = expert
-        with run.clock("candidates_evaluation"), expert.plugged(model, backend=backend):
+        with run.clock("candidates_evaluation"), expert.plugged(model, backend=run.backend):
             correct = expert.correct(model, tokenizer, validation, batch_size=2 * run.batch_size)
         value = float(correct.float().mean())
         change_se[rate] = paired_change(correct.tolist(), base.answers)["change_se"]
@@ -419,7 +441,8 @@ def _search(run: _Run, candidate: _Candidates, tuned_expert: Expert, base: _Base
     try:
         result = search_rate(accuracy, base.accuracy, search.tolerance, 0.0, search.max_rate,
                              search.resolution,
-                             margin=lambda rate: search.confidence * change_se[rate])
+                             margin=lambda rate: (math.inf if rate in diverged
+                                                  else search.confidence * change_se[rate]))
     finally:
         bar.close()
     return result, evaluated, change_se

@@ -19,6 +19,8 @@ import contextlib
 import torch
 from tqdm.auto import tqdm
 
+from doe_kernels.expert import check_batch_size
+from doe_kernels.localize.state import evaluating
 from doe_kernels.models import UnsupportedModelError, describe
 from doe_kernels.patching import is_patched
 
@@ -26,9 +28,18 @@ from doe_kernels.patching import is_patched
 METHODS = ("grad", "ig", "fisher")
 
 
+def check_unpatched(model) -> None:
+    """Raise ValueError when `model` is patched: the localize steps hook its own modules, which a
+    patch replaces."""
+    if is_patched(model):
+        raise ValueError("attribution, reconstruction and re-tuning run on the unpatched model: "
+                         "call doe_kernels.unpatch(model) first (or run outside `plugged(...)`)")
+
+
 def projection_points(model):
     """(per layer: (module whose input is the FFN activation, None in a mixture-of-experts layer;
     module whose input is the heads'), ModelSpec) of an unpatched supported model."""
+    check_unpatched(model)
     _, layers, spec = describe(model)
     if spec.family == "bert":
         points = [(layer.output.dense, layer.attention.output.dense) for layer in layers]
@@ -76,7 +87,7 @@ def _token_mean(values: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
 
 
 def _unit_scores(activation, grad, token_mask, num_heads=None, absolute=True, fisher=False):
-    product = (activation.detach() * grad).double()
+    product = activation.detach().double() * grad.double()  # float16's range would not hold it
     if num_heads is not None:  # heads: sum over each head's head_dim slice
         product = product.reshape(*product.shape[:2], num_heads, -1).sum(-1)
     if fisher:  # the squared gradient of the example's loss w.r.t. a mask multiplying the unit
@@ -104,6 +115,9 @@ def attribute(model, tokenizer, expert, data, method: str = "grad", steps: int =
         raise ValueError(f"steps must be >= 1, got {steps}")
     if len(data) == 0:
         raise ValueError("no examples to attribute on")
+    check_batch_size(batch_size)
+    if not isinstance(num_examples, int) or isinstance(num_examples, bool) or num_examples < 1:
+        raise ValueError(f"num_examples must be an int >= 1, got {num_examples!r}")
     if is_patched(model):
         raise ValueError("attribution runs on the unpatched model (patched modules have no "
                          "backward); call doe_kernels.unpatch(model) first")
@@ -114,16 +128,13 @@ def attribute(model, tokenizer, expert, data, method: str = "grad", steps: int =
     batches = list(range(0, len(data), batch_size))
     passes = len(batches) * (2 * spec.num_layers * steps if method == "ig" else 1)
     bar = tqdm(total=passes, desc=f"attribution ({method})", disable=not progress, leave=False)
-    was_training = model.training
-    model.eval()
     try:
-        with expert.plugged(model, prune=False), torch.enable_grad():
+        with evaluating(model), expert.plugged(model, prune=False), torch.enable_grad():
             for start in batches:
                 ids, attention = expert.encode(tokenizer, data.texts[start:start + batch_size])
                 scorer.add_batch(ids, attention, gold_all[start:start + batch_size], bar)
     finally:
         bar.close()
-        model.train(was_training)
     return (_finite(scorer.ffn / len(data), "neuron"),
             _finite(scorer.heads / len(data), "head"))
 

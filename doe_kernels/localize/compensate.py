@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from doe_kernels.localize.attribution import projection_points
+from doe_kernels.localize.state import evaluating
 from doe_kernels.mask import ExpertMask
 from doe_kernels.patching import is_patched
 
@@ -258,7 +259,7 @@ def _collect(model: nn.Module, targets, batches) -> None:
     def hook_for(stats):
         def hook(module, args):
             x = args[0]
-            rows = x.reshape(-1, x.shape[-1])
+            rows = x.flatten(0, -2)  # (tokens, width), also when width is 0
             real, weights = keep[0]
             if real is None:
                 stats.add(rows, torch.ones(rows.shape[0], dtype=torch.float64,
@@ -271,18 +272,15 @@ def _collect(model: nn.Module, targets, batches) -> None:
             stats.add(rows[real], weights)
         return hook
 
-    modes = [(module, module.training) for module in model.modules()]
     handles = [module.register_forward_pre_hook(hook_for(stats)) for module, stats in targets]
     try:
-        model.eval()
-        for batch in batches:
-            batch, keep[0] = model_batch(model, batch)
-            model(**batch)
+        with evaluating(model):
+            for batch in batches:
+                batch, keep[0] = model_batch(model, batch)
+                model(**batch)
     finally:
         for handle in handles:
             handle.remove()
-        for module, training in modes:
-            module.training = training
     if not targets or min(stats.count for _, stats in targets) == 0:
         raise ValueError("the calibration batches hold no real token (empty, or all padding)")
 

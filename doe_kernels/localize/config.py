@@ -18,6 +18,7 @@ resolves them (deprecated).
 """
 import dataclasses
 import math
+import typing
 import warnings
 from dataclasses import dataclass
 
@@ -41,15 +42,18 @@ def option(default, flag, help, *, flat=None, choices=None, positive=False, alia
 def check_fields(config) -> None:
     """The checks every config shares, from its fields: each value of its default's type, numbers
     finite and >= 0 (> 0 where the field is `positive`), a choice among its `choices`."""
+    hints = typing.get_type_hints(type(config))
     for field in dataclasses.fields(config):
         value, meta, default = getattr(config, field.name), field.metadata, field.default
         name = f"{type(config).__name__}.{field.name} ({meta['flag']})"
         if value is None and default is None:
             continue
-        kinds = (int, float) if isinstance(default, float) else type(default)
-        if default is not None and (isinstance(value, bool) != isinstance(default, bool)
-                                    or not isinstance(value, kinds)):
-            raise TypeError(f"{name} must be of type {type(default).__name__}, got {value!r}")
+        # the type a value must have: the default's, or the annotation's other than None
+        kind = type(default) if default is not None else next(
+            t for t in typing.get_args(hints[field.name]) if t is not type(None))
+        kinds = (int, float) if kind is float else kind
+        if isinstance(value, bool) != (kind is bool) or not isinstance(value, kinds):
+            raise TypeError(f"{name} must be of type {kind.__name__}, got {value!r}")
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             low = "> 0" if meta["positive"] else ">= 0"
             if not math.isfinite(value) or value < 0 or (meta["positive"] and value == 0):

@@ -20,7 +20,6 @@ the projection fitted, then the fitted layer), its FFN run on sliced copies of t
 weights (`recover.sliced`), against none for `Calibration.fit`; memory: the targets, and the
 pruned model's hidden states of the calibration batches.
 """
-import contextlib
 
 import torch
 
@@ -28,6 +27,7 @@ from doe_kernels.localize.attribution import hook_points
 from doe_kernels.localize.compensate import (_check_fit, _check_unpatched, _prunes, _solve,
                                              model_batch)
 from doe_kernels.localize.recover import sliced
+from doe_kernels.localize.state import evaluating
 from doe_kernels.mask import ExpertMask
 from doe_kernels.models import describe
 
@@ -117,7 +117,7 @@ class UnprunedTargets:
         points, _ = hook_points(model)
         layers = describe(model)[1]
         self.kinds = tuple(kind for kind in KINDS if kind in kinds)
-        with _evaluating(model):
+        with evaluating(model):
             states, keeps = _layer_inputs(model, layers[0], batches)
             self.real = [real for real, _ in keeps]
             self.fingerprint = _fingerprint(states)
@@ -170,10 +170,11 @@ def layerwise_reconstruction(model, mask: ExpertMask, batches, *, scales: bool =
     for several fits (None: computed here)."""
     _check_fit(mask, scales, bias, ridge)
     _check_unpatched(model)
+    batches = list(batches)  # read twice (the pruned inputs, the unpruned targets): a generator too
     points, spec = hook_points(model)
     mask.check_spec(spec)
     adapter, layers, _ = describe(model)
-    with _evaluating(model):
+    with evaluating(model):
         pruned, keeps = _layer_inputs(model, layers[0], batches)
         kinds = pruned_kinds(mask, spec)
         if not kinds:  # nothing to fit
@@ -220,18 +221,6 @@ def _at_layer(mask: ExpertMask, layer: int) -> ExpertMask:
     tables = {name: getattr(mask, name) for name in _FITTED_TABLES}
     return mask.replace(**{name: ({layer: table[layer]} if layer in table else {})
                            for name, table in tables.items()})
-
-
-@contextlib.contextmanager
-def _evaluating(model):
-    """The model in eval mode while the body runs, each module's mode restored after."""
-    modes = [(module, module.training) for module in model.modules()]
-    try:
-        model.eval()
-        yield model
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 def _merged(mask: ExpertMask, names, layer: int, layer_scales, delta) -> dict:
@@ -296,7 +285,7 @@ def _capture(layer, modules, states, keeps, stop: bool):
     def hook_for(index):
         def hook(module, args):
             x = args[0]
-            rows[index].append(x.reshape(-1, x.shape[-1])[keeps[len(rows[index])][0]])
+            rows[index].append(x.flatten(0, -2)[keeps[len(rows[index])][0]])  # width may be 0
             if stop:
                 raise _Stop
         return hook

@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from doe_kernels.expert import SEQ_CLS, encode, prompted_label_logits, token_counts
+from doe_kernels.localize.state import evaluating, seeded
 
 _FLAGS_ATTR = "_doe_kernels_requires_grad"
 SCHEDULES = ("constant", "linear")  # fit's learning-rate schedules
@@ -48,22 +49,29 @@ def wrap(model, task_type: str, num_virtual_tokens: int = 10, init_ids=None, see
     embeddings of `init_ids` (token ids, cycled), by default of random vocabulary tokens."""
     from peft import PromptTuningConfig, TaskType, get_peft_model
 
+    embeddings = model.get_input_embeddings().weight
+    vocab = embeddings.shape[0]
+    if init_ids is None:
+        gen = torch.Generator().manual_seed(seed)
+        init_ids = torch.randint(min(1000, vocab // 2), vocab, (num_virtual_tokens,), generator=gen)
+    init_ids = torch.as_tensor(list(init_ids), dtype=torch.long)
+    if init_ids.numel() and not 0 <= int(init_ids.min()) <= int(init_ids.max()) < vocab:
+        raise ValueError(f"the prompt's init tokens {init_ids.tolist()} are not all ids of the "
+                         f"model's {vocab}-token vocabulary (a tokenizer of another model?)")
+    init_ids = init_ids[torch.arange(num_virtual_tokens) % init_ids.numel()]
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     config = PromptTuningConfig(
         task_type=TaskType.SEQ_CLS if task_type == SEQ_CLS else TaskType.CAUSAL_LM,
         num_virtual_tokens=num_virtual_tokens)
     peft_model = get_peft_model(model, config)
     setattr(peft_model, _FLAGS_ATTR, flags)
-    embeddings = model.get_input_embeddings().weight
-    if init_ids is None:
-        gen = torch.Generator().manual_seed(seed)
-        vocab = embeddings.shape[0]
-        init_ids = torch.randint(min(1000, vocab // 2), vocab, (num_virtual_tokens,), generator=gen)
-    init_ids = torch.as_tensor(list(init_ids), dtype=torch.long)
-    init_ids = init_ids[torch.arange(num_virtual_tokens) % init_ids.numel()]
-    with torch.no_grad():
-        weight = peft_model.prompt_encoder["default"].embedding.weight
-        weight.copy_(embeddings[init_ids.to(embeddings.device)].to(weight.dtype))
+    try:
+        with torch.no_grad():
+            weight = peft_model.prompt_encoder["default"].embedding.weight
+            weight.copy_(embeddings[init_ids.to(embeddings.device)].to(weight.dtype))
+    except BaseException:
+        unwrap(peft_model)
+        raise
     return peft_model
 
 
@@ -131,6 +139,16 @@ def bfloat16_is_native(device: torch.device) -> bool:
     return False
 
 
+def check_trainable(model) -> None:
+    """Raise ValueError for float16 weights: AdamW's steps on the prompt and head underflow in
+    float16 (its second moments reach 0 and the first step gives inf)."""
+    dtype = model.get_input_embeddings().weight.dtype
+    if dtype == torch.float16:
+        raise ValueError("prompt tuning and re-tuning train in float32 (or bfloat16 autocast), "
+                         "not on float16 weights: localize the float32 model (model.float()); "
+                         "the expert it finds plugs into the float16 model")
+
+
 def resolve_precision(precision: str, model) -> str:
     """"float32" or "bfloat16": `precision`, with "auto" resolved for `model` (bfloat16 autocast
     when its weights are float32 on a device with native bfloat16)."""
@@ -168,6 +186,7 @@ def fit(peft_model, tokenizer, data, task_type: str, token_ids=None, template=No
     if targets is not None and tuple(targets.shape[:1]) != (len(data),):
         raise ValueError(f"targets has {targets.shape[0]} rows for {len(data)} examples")
     check_choices(schedule=schedule, batching=batching)
+    check_trainable(peft_model.get_base_model())
     precision = resolve_precision(precision, peft_model.get_base_model())
     lengths = token_counts(tokenizer, data.texts) if batching == "by_length" else None
     gold_all = torch.tensor(data.label_ids) if targets is None else targets.float()
@@ -256,18 +275,19 @@ def train_prompt(model, tokenizer, data, task_type: str, token_ids=None, templat
     PromptTuningInit.TEXT), by default of random vocabulary tokens. `precision`, `batching`: as
     `fit`'s."""
     check_choices(precision=precision, batching=batching)
-    torch.manual_seed(seed)
     init_ids = None
     if init_text is not None:
         init_ids = tokenizer(init_text, add_special_tokens=False)["input_ids"]
         if not init_ids:
             raise ValueError(f"the prompt's init text {init_text!r} has no tokens")
-    peft_model = wrap(model, task_type, num_virtual_tokens, init_ids=init_ids, seed=seed)
-    try:
-        losses = fit(peft_model, tokenizer, data, task_type, token_ids, template, epochs, lr,
-                     head_lr, batch_size, max_length, seed, progress, precision=precision,
-                     batching=batching)
-        prompt, head = extract(peft_model)
-    finally:
-        unwrap(peft_model)
+    device = model.get_input_embeddings().weight.device
+    with evaluating(model), seeded(seed, device):
+        peft_model = wrap(model, task_type, num_virtual_tokens, init_ids=init_ids, seed=seed)
+        try:
+            losses = fit(peft_model, tokenizer, data, task_type, token_ids, template, epochs,
+                         lr, head_lr, batch_size, max_length, seed, progress,
+                         precision=precision, batching=batching)
+            prompt, head = extract(peft_model)
+        finally:
+            unwrap(peft_model)
     return PromptResult(prompt, head, losses)

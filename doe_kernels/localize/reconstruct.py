@@ -40,13 +40,14 @@ class Fidelity:
     @classmethod
     def collect(cls, run, tuned_expert: Expert, texts) -> "Fidelity":
         dense = tuned_expert.predict_logits(run.model, run.tokenizer, texts,
-                                            batch_size=2 * run.batch_size)
+                                            batch_size=2 * run.batch_size, backend=run.backend)
         return cls(list(texts), torch.log_softmax(dense.double(), -1))
 
     def divergence(self, run, candidate: Expert) -> float:
         """Mean KL divergence from the unpruned model's label distribution to the candidate's."""
         return mean_kl(self.reference, candidate.predict_logits(
-            run.model, run.tokenizer, self.texts, batch_size=2 * run.batch_size))
+            run.model, run.tokenizer, self.texts, batch_size=2 * run.batch_size,
+            backend=run.backend))
 
 
 class Reconstructor:
@@ -124,17 +125,21 @@ class Reconstructor:
 
 def split_for_judging(train, seed: int, count: int) -> tuple[list, list, list]:
     """Indices in `train`, from the run's shuffle: (the calibration examples: the first `count`;
-    the examples that choose the reconstruction's variant: the next FIDELITY_EXAMPLES, or the
-    calibration examples when none is left; the examples that judge a re-tuning: the
-    FIDELITY_EXAMPLES after those, or the last quarter of the shuffle (at least one) when none
-    is left). The recovery does not train on the last ones; the variant's choice, a minimum
-    over its own examples, does not judge the re-tuning."""
+    the examples that choose the reconstruction's variant and those that judge a re-tuning: the
+    next FIDELITY_EXAMPLES and the FIDELITY_EXAMPLES after them, or, when fewer than
+    2 * FIDELITY_EXAMPLES are left, the rest split in two halves). The recovery does not train on
+    the judges; the variant's choice, a minimum over its own examples, does not judge the
+    re-tuning. Only when a single example or none is left after the calibration do the variants
+    fall back to the calibration examples (and, with none left, the judges to the last quarter
+    of the shuffle, at least one)."""
     order = list(range(len(train)))
     random.Random(seed).shuffle(order)
-    variants = order[count:count + FIDELITY_EXAMPLES] or order[:count]
-    retuning = (order[count + FIDELITY_EXAMPLES:count + 2 * FIDELITY_EXAMPLES]
-                or order[len(order) - max(1, len(order) // 4):])
-    return order[:count], variants, retuning
+    calibration, rest = order[:count], order[count:]
+    half = min(FIDELITY_EXAMPLES, (len(rest) + 1) // 2)
+    variants, retuning = rest[:half], rest[half:half + FIDELITY_EXAMPLES]
+    if not retuning:  # one example left, or none
+        variants, retuning = calibration, rest or order[len(order) - max(1, len(order) // 4):]
+    return calibration, variants, retuning
 
 
 def mean_kl(reference_log_probs: torch.Tensor, logits: torch.Tensor) -> float:

@@ -19,8 +19,9 @@ import torch
 from torch import nn
 
 from doe_kernels.expert import Expert
-from doe_kernels.localize.attribution import hook_points
+from doe_kernels.localize.attribution import check_unpatched, hook_points
 from doe_kernels.localize.prompt import check_choices, extract, fit, unwrap, wrap
+from doe_kernels.localize.state import evaluating, seeded
 from doe_kernels.mask import ExpertMask
 from doe_kernels.models import describe
 
@@ -82,6 +83,7 @@ def sliced(model, mask, trained_vectors: bool = False):
     projection of each layer the mask prunes is a `TrainedDown` instead, whose scales and bias
     delta are parameters (starting at the mask's, or at 1 and 0); the context yields
     {layer: TrainedDown} (else {})."""
+    check_unpatched(model)
     mask.validate(model)
     ffn_tables = ("ffn", "ffn_scales", "ffn_bias")
     heads_only = mask.replace(**{name: {} for name in ffn_tables})
@@ -200,6 +202,7 @@ def retune(model, tokenizer, expert: Expert, data, epochs: int = 1, lr: float = 
     kept neurons' scales and the bias delta, `TrainedDown`) at this learning rate; the new
     Expert's mask holds them (None: the mask is kept as it is). `precision`, `batching`: as
     `fit`'s."""
+    check_unpatched(model)
     if vectors_lr is not None and not vectors_lr > 0:
         raise ValueError(f"vectors_lr must be > 0 or None, got {vectors_lr}")
     if teacher is not None and tuple(teacher.shape) != (len(data), len(expert.label_names)):
@@ -207,9 +210,9 @@ def retune(model, tokenizer, expert: Expert, data, epochs: int = 1, lr: float = 
                          f"label for each example: ({len(data)}, {len(expert.label_names)})")
     check_choices(schedule=schedule, precision=precision, batching=batching)
     targets = None if teacher is None else torch.softmax(teacher.float(), dim=-1)
-    torch.manual_seed(seed)
     mask = ExpertMask() if expert.mask is None else expert.mask
-    with (expert.plugged(model, prune=False),
+    device = model.get_input_embeddings().weight.device
+    with (evaluating(model), seeded(seed, device), expert.plugged(model, prune=False),
           sliced(model, mask, trained_vectors=vectors_lr is not None) as trained):
         peft_model = wrap(model, expert.task_type, expert.num_virtual_tokens, seed=seed)
         try:  # PEFT copied the plugged head into its trainable copy; the prompt is set here

@@ -416,7 +416,6 @@ def _packed_attention(spans, real: "RealTokens", hidden, packed_input: bool, wei
         cache_update(*_full_kv(spans, padded, hidden, batch, tokens))
     out = []
     for (b0, b1, plan), qkv in zip(spans, projected):
-        count = real.offsets[b1] - real.offsets[b0]
         if qkv is None:
             part = no_heads_output(_span_rows(flat, real, b0, b1, tokens, packed_input), weights,
                                    o_weight_t, o_bias, plan.selection, backend)[0]

@@ -1,0 +1,30 @@
+"""What a localize step changes on the caller's side and puts back when it ends, however it ends:
+each module's train/eval mode (`evaluating`) and torch's global random state (`seeded`)."""
+import contextlib
+
+import torch
+
+
+@contextlib.contextmanager
+def evaluating(model):
+    """The model in eval mode while the body runs, each module's own mode restored after (a
+    top-level `model.train(flag)` would overwrite modes the caller set per module)."""
+    modes = [(module, module.training) for module in model.modules()]
+    try:
+        model.eval()
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device | None = None):
+    """torch's global random generators seeded with `seed` while the body runs (for what draws
+    from them: PEFT's initialisations, dropout), the caller's states restored after."""
+    devices = []
+    if device is not None and device.type == "cuda":
+        devices = [torch.cuda.current_device() if device.index is None else device.index]
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
