@@ -18,12 +18,31 @@ TEXTS = ["a wonderful film", "a dull and tedious plot", "the cast was superb",
 LABELS = ["positive", "negative"] * 4
 
 
-def tiny_bert(vocab=30522, num_labels=2, layers=2, seed=0, positions=160):
+def _seeded_bert(vocab, num_labels, layers, seed, positions):
     torch.manual_seed(seed)
     config = BertConfig(hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
                         intermediate_size=48, vocab_size=vocab, max_position_embeddings=positions,
                         num_labels=num_labels)
     return BertForSequenceClassification(config).eval()
+
+
+def tiny_bert(vocab=30522, num_labels=2, layers=2, seed=0, positions=160):
+    """A tiny BERT classifier with `positions` positions (the default holds experts' texts of
+    128 tokens after a soft prompt). Its weights are the seeded 64-position model's, the
+    tests' figures were first measured on (the size of the position table shifts the random
+    initialisation of every weight after it); the rows past 64 come from the wider model's."""
+    model = _seeded_bert(vocab, num_labels, layers, seed, 64)
+    if positions == 64:
+        return model
+    wide = _seeded_bert(vocab, num_labels, layers, seed, positions)
+    key = "bert.embeddings.position_embeddings.weight"
+    state = {k: v for k, v in model.state_dict().items()
+             if k != key and k in dict(wide.named_parameters())}
+    wide.load_state_dict(state, strict=False)
+    rows = min(64, positions)
+    with torch.no_grad():
+        wide.get_parameter(key)[:rows] = model.get_parameter(key)[:rows]
+    return wide
 
 
 def tiny_llama(vocab=30522, seed=0):
