@@ -20,7 +20,8 @@ from torch import nn
 from doe_kernels import backends
 from doe_kernels.backends import BackendUnavailableError
 from doe_kernels.mask import ExpertMask
-from doe_kernels.models import PATCH_STATE_ATTR, ModelSpec, check_transformers_version, describe
+from doe_kernels.models import (PATCH_STATE_ATTR, ModelSpec, UnsupportedModelError,
+                                check_transformers_version, describe)
 from doe_kernels.models.base import LayerPatch, refuse_load_while_patched
 from doe_kernels.models.moe_block import MoePlan
 from doe_kernels.ops import HeadSelection
@@ -42,7 +43,7 @@ class PatchState:
     dynamic_skip: bool = False
     mixed: bool = False  # serving a mixed-task batch (doe_kernels.mixed)
     modules: list[nn.Module] = field(default_factory=list)
-    load_hook: object = None  # the model's load_state_dict refusal, removed at unpatch
+    hooks: list = field(default_factory=list)  # the model's refusals, removed at unpatch
 
 
 def is_patched(model: nn.Module) -> bool:
@@ -93,38 +94,51 @@ def _plans(mask: ExpertMask, spec: ModelSpec, device: torch.device, dynamic_skip
     prepared = _PREPARED.setdefault(mask, {})
     key = (spec, device, dynamic_skip)
     if key not in prepared:
-        mask.check_spec(spec)
-        if dynamic_skip:
-            missing = [l for l in range(spec.num_layers) if l not in mask.skip]
-            if not spec.num_experts:
-                raise ValueError("dynamic_skip=True needs a mixture-of-experts model")
-            if missing:
-                raise ValueError(f"dynamic_skip=True, but the mask has no skipping threshold for "
-                                 f"layers {missing}; compute them with "
-                                 "doe_kernels.moe.skip_thresholds and ExpertMask.with_skip")
-        plans = []
-        for layer in range(spec.num_layers):
-            kept = mask.ffn.get(layer)
-            if kept is not None and kept.numel() == spec.intermediate_size:
-                kept = None
-            heads = mask.heads.get(layer, torch.arange(spec.num_heads))
-            selection = HeadSelection.build(heads, spec.num_heads, spec.num_kv_heads,
-                                            spec.head_dim, device=device)
-            moe = None
-            if spec.num_experts:
-                experts = mask.moe.get(layer)
-                if experts is not None and experts.numel() == spec.num_experts:
-                    experts = None
-                moe = MoePlan(None if experts is None else experts.to(device),
-                              mask.skip[layer] if dynamic_skip else None)
-            vectors = [table[layer].to(device) if layer in table else None
-                       for table in (mask.ffn_bias, mask.attn_bias, mask.ffn_scales,
-                                     mask.head_scales)]
-            if vectors[3] is not None:
-                vectors[3] = vectors[3].repeat_interleave(spec.head_dim)
-            plans.append((None if kept is None else kept.to(device), selection, moe, *vectors))
-        prepared[key] = plans
+        with torch.inference_mode(False):  # plans outlive the call: no inference tensors
+            prepared[key] = _build_plans(mask, spec, device, dynamic_skip)
     return prepared[key]
+
+
+def _on(tensor: torch.Tensor, device: torch.device | None) -> torch.Tensor:
+    """`tensor` on `device` (None: where it is), an ordinary tensor (a copy of one made under
+    inference_mode, which autograd could not save for a backward pass later)."""
+    tensor = tensor if device is None else tensor.to(device)
+    return tensor.clone() if tensor.is_inference() else tensor
+
+
+def _build_plans(mask: ExpertMask, spec: ModelSpec, device: torch.device, dynamic_skip: bool):
+    """`_plans` for one key, built."""
+    mask.check_spec(spec)
+    if dynamic_skip:
+        missing = [l for l in range(spec.num_layers) if l not in mask.skip]
+        if not spec.num_experts:
+            raise ValueError("dynamic_skip=True needs a mixture-of-experts model")
+        if missing:
+            raise ValueError(f"dynamic_skip=True, but the mask has no skipping threshold for "
+                             f"layers {missing}; compute them with "
+                             "doe_kernels.moe.skip_thresholds and ExpertMask.with_skip")
+    plans = []
+    for layer in range(spec.num_layers):
+        kept = mask.ffn.get(layer)
+        if kept is not None and kept.numel() == spec.intermediate_size:
+            kept = None
+        heads = _on(mask.heads.get(layer, torch.arange(spec.num_heads)), None)
+        selection = HeadSelection.build(heads, spec.num_heads, spec.num_kv_heads,
+                                        spec.head_dim, device=device)
+        moe = None
+        if spec.num_experts:
+            experts = mask.moe.get(layer)
+            if experts is not None and experts.numel() == spec.num_experts:
+                experts = None
+            moe = MoePlan(None if experts is None else _on(experts, device),
+                          mask.skip[layer] if dynamic_skip else None)
+        vectors = [_on(table[layer], device) if layer in table else None
+                   for table in (mask.ffn_bias, mask.attn_bias, mask.ffn_scales,
+                                 mask.head_scales)]
+        if vectors[3] is not None:
+            vectors[3] = vectors[3].repeat_interleave(spec.head_dim)
+        plans.append((None if kept is None else _on(kept, device), selection, moe, *vectors))
+    return plans
 
 
 def patch(model: nn.Module, mask: ExpertMask, backend: str = "auto",
@@ -140,10 +154,13 @@ def patch(model: nn.Module, mask: ExpertMask, backend: str = "auto",
     if not isinstance(mask, ExpertMask):
         raise TypeError(f"mask must be a doe_kernels.ExpertMask, got {type(mask).__name__}")
     state = getattr(model, _STATE, None)
-    if state is None:
-        _patch_layers(model, mask, backend, dynamic_skip)
-    else:
-        _swap(state, mask, backend, dynamic_skip)
+    # the relaid-out weights and the index buffers outlive the call: under torch.inference_mode
+    # they would be inference tensors, and the model could not be trained afterwards
+    with torch.inference_mode(False):
+        if state is None:
+            _patch_layers(model, mask, backend, dynamic_skip)
+        else:
+            _swap(state, mask, backend, dynamic_skip)
     return model
 
 
@@ -151,6 +168,7 @@ def _patch_layers(model: nn.Module, mask: ExpertMask, backend: str, dynamic_skip
     """Patch an unpatched model; on any error every layer (the failing one too) is restored."""
     check_transformers_version()
     adapter, layers, spec = describe(model)
+    _check_attention_implementation(model)
     device, dtype = _model_device(layers)
     if backend != "auto":
         backends.resolve(backend, device, dtype, rows=1)  # raises if not present
@@ -169,6 +187,21 @@ def _patch_layers(model: nn.Module, mask: ExpertMask, backend: str, dynamic_skip
         for done in reversed(patches):
             done.restore()
         raise
+
+
+# the attention implementations whose masks a patched model's attention reads (it computes
+# attention itself: flash and flex kernels, and the masks they take, are not used)
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
+
+
+def _check_attention_implementation(model: nn.Module) -> None:
+    implementation = getattr(model.config, "_attn_implementation", None)
+    if implementation is not None and implementation not in ATTENTION_IMPLEMENTATIONS:
+        known = " or ".join(map(repr, ATTENTION_IMPLEMENTATIONS))
+        raise UnsupportedModelError(
+            f"attn_implementation {implementation!r} is not supported by patched models, which "
+            f"compute attention from the masks of {known}: load the model with "
+            "attn_implementation='sdpa' (or call model.set_attn_implementation('sdpa'))")
 
 
 def _swap(state: PatchState, mask: ExpertMask, backend: str, dynamic_skip: bool) -> None:
@@ -211,17 +244,35 @@ def _set_plans(state: PatchState, plans, mask: ExpertMask, dynamic_skip: bool) -
 
 
 def _guard_model(model: nn.Module, state: PatchState) -> None:
-    """Mark `model` patched: record the state, refuse load_state_dict, and check every dtype or
-    device change (`.half()`, `.to(...)`) against the backend before anything is converted."""
-    state.load_hook = model.register_load_state_dict_pre_hook(refuse_load_while_patched)
-    model._apply = _ApplyGuard(model, model.__dict__.get("_apply"))
+    """Mark `model` patched: record the state; refuse load_state_dict, into the model or any
+    module holding a patched layer, before it copies anything, and output_attentions, which the
+    patched attention does not give; check every dtype or device change (`.half()`, `.to(...)`)
+    against the backend before anything is converted."""
     setattr(model, _STATE, state)
+    layers = {id(patch.layer) for patch in state.layers}
+    names = [name for name, module in model.named_modules() if id(module) in layers]
+    holders = {""} | {".".join(name.split(".")[:end]) for name in names
+                      for end in range(1, name.count(".") + 2)}
+    for name in sorted(holders):
+        state.hooks.append(model.get_submodule(name).register_load_state_dict_pre_hook(
+            refuse_load_while_patched))
+    state.hooks.append(model.register_forward_pre_hook(_refuse_output_attentions,
+                                                       with_kwargs=True))
+    model._apply = _ApplyGuard(model, model.__dict__.get("_apply"))
+
+
+def _refuse_output_attentions(model, args, kwargs) -> None:
+    if kwargs.get("output_attentions") or (
+            kwargs.get("output_attentions") is None
+            and getattr(model.config, "output_attentions", False)):
+        raise ValueError("output_attentions=True on a model patched by doe_kernels: its "
+                         "attention computes no weights to return (unpatch it to read them)")
 
 
 def _unguard_model(model: nn.Module) -> None:
     state = model.__dict__.pop(_STATE, None)
-    if state is not None and state.load_hook is not None:
-        state.load_hook.remove()
+    for hook in [] if state is None else state.hooks:
+        hook.remove()
     guard = model.__dict__.get("_apply")
     if isinstance(guard, _ApplyGuard):
         del model.__dict__["_apply"]
@@ -277,8 +328,9 @@ def unpatch(model: nn.Module) -> nn.Module:
     state = getattr(model, _STATE, None)
     if state is None:
         raise ValueError("the model is not patched by doe_kernels")
-    for layer_patch in reversed(state.layers):
-        layer_patch.restore()
+    with torch.inference_mode(False):  # the weights put back in their layout: ordinary tensors
+        for layer_patch in reversed(state.layers):
+            layer_patch.restore()
     _unguard_model(model)
     return model
 

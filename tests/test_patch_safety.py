@@ -257,3 +257,146 @@ def test_plugged_keeps_the_body_error_when_restoring_fails():
             raise KeyError("from the body")
     assert any("could not restore" in note for note in error.value.__notes__)
     dk.unpatch(model)
+
+
+# ---- models refused, and what a patched model refuses -----------------------------------------
+def _lookalike(name):
+    """Tiny models whose layers hold the LLaMA or BERT family's modules but compute otherwise."""
+    import transformers as T
+
+    causal = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=6,
+                  num_key_value_heads=2, intermediate_size=80, vocab_size=120,
+                  max_position_embeddings=128, tie_word_embeddings=False)
+    encoder = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+                   intermediate_size=72, vocab_size=120, max_position_embeddings=64)
+    return {"cohere": lambda: T.CohereForCausalLM(T.CohereConfig(**causal)),
+            "olmo": lambda: T.OlmoForCausalLM(T.OlmoConfig(clip_qkv=0.05, **causal)),
+            "roformer": lambda: T.RoFormerModel(T.RoFormerConfig(**encoder)),
+            }[name]().eval()
+
+
+@pytest.mark.parametrize("name, model_type", [("cohere", "cohere"), ("olmo", "olmo"),
+                                              ("roformer", "roformer")])
+def test_models_sharing_a_familys_modules_but_not_its_computation_are_refused(name, model_type):
+    """Cohere's interleaved rotary, OLMo's clip_qkv, RoFormer's rotary positions: patched, they
+    computed something else without a word (or failed later); the model type is refused."""
+    model = _lookalike(name)
+    before, modules = snapshot(model), modules_of(model)
+    with pytest.raises(dk.models.UnsupportedModelError,
+                       match=f"model_type '{model_type}'.* is not supported"):
+        dk.patch(model, dk.ExpertMask())
+    assert_untouched(model, before, modules)
+
+
+def test_xlm_roberta_computes_as_roberta():
+    from transformers import XLMRobertaConfig, XLMRobertaModel
+
+    torch.manual_seed(0)
+    model = XLMRobertaModel(XLMRobertaConfig(hidden_size=40, num_hidden_layers=3,
+                                             num_attention_heads=5, intermediate_size=70,
+                                             vocab_size=120, max_position_embeddings=70)).eval()
+    ids, attention = inputs("bert")
+    mask = mixed_mask(model)
+    with torch.no_grad():
+        expected = output_of(masked_dense(model, mask), ids, attention)
+        with dk.plugged(model, mask):
+            torch.testing.assert_close(output_of(model, ids, attention), expected,
+                                       atol=1e-5, rtol=1e-4)
+
+
+def test_a_peft_lora_model_is_refused_until_merged():
+    """A LoRA layer's weight is its base layer's: patched, the adapters were silently lost."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(build("llama"), LoraConfig(r=4, target_modules=["q_proj", "down_proj"],
+                                                      init_lora_weights=False)).eval()
+    before = snapshot(model)
+    with pytest.raises(dk.models.UnsupportedModelError,
+                       match=r"self_attn.q_proj is a Linear.* not a plain torch.nn.Linear \(a "
+                             r"PEFT adapter: merge it first"):
+        dk.patch(model, dk.ExpertMask())
+    assert not dk.is_patched(model) and state_dict_equal(before, snapshot(model))
+    merged = model.merge_and_unload()
+    ids, attention = inputs("llama")
+    with torch.no_grad():
+        expected = output_of(merged, ids, attention)
+        with dk.plugged(merged, dk.ExpertMask()):
+            torch.testing.assert_close(output_of(merged, ids, attention), expected)
+
+
+@pytest.mark.parametrize("name", ["bert", "llama"])
+def test_attention_implementations_other_than_sdpa_and_eager_are_refused(name):
+    """A patched model computes attention from the sdpa/eager masks: with flash attention's 2-D
+    padding mask a padded causal batch attended non-causally (wrong answers)."""
+    model = build(name)
+    model.config._attn_implementation = "flash_attention_2"
+    before, modules = snapshot(model), modules_of(model)
+    with pytest.raises(dk.models.UnsupportedModelError,
+                       match="attn_implementation 'flash_attention_2' is not supported"):
+        dk.patch(model, mixed_mask(model))
+    assert_untouched(model, before, modules)
+    if name == "llama":  # switched after patching: the forward refuses the 2-D mask
+        model.config._attn_implementation = "sdpa"
+        ids, attention = inputs(name)
+        with dk.plugged(model, mixed_mask(model)):
+            model.config._attn_implementation = "flash_attention_2"
+            with pytest.raises(dk.models.UnsupportedModelError, match="2-D padding mask"):
+                run(model)
+    from doe_kernels.ops.attention import _attention_mask
+
+    with pytest.raises(ValueError, match="attention_mask is a object .*'sdpa' or 'eager'"):
+        _attention_mask(object(), True, 2, 2, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_patching_under_inference_mode_leaves_a_trainable_model(name):
+    """Patch, swap and unpatch under torch.inference_mode made the relaid-out weights and the
+    cached plans inference tensors: the model (and any later model patched with the same mask)
+    could no longer be trained."""
+    model, mask = model_of(name), masked(model_of(name))
+    with torch.inference_mode():
+        with dk.plugged(model, mask):
+            run(model, name)
+        dk.patch(model, mask)
+        dk.patch(model, dk.ExpertMask.random(model, 0.5, seed=3))
+        dk.unpatch(model)
+    assert not any(p.is_inference() for p in model.parameters())
+    other = model_of(name)
+    for trained in (model, other):
+        with dk.plugged(trained, mask):
+            assert not any(b.is_inference() for b in trained.buffers())
+            ids, attention = inputs("bert" if name == "bert" else "llama")
+            output_of(trained, ids, attention).float().sum().backward()
+
+
+@pytest.mark.parametrize("name", ["bert", "llama"])
+def test_load_into_a_module_holding_patched_layers_is_refused_before_any_change(name):
+    """load_state_dict copies module by module: into `model.model` (or `model.bert`) it copied
+    the embeddings before reaching a patched layer's refusal."""
+    model = build(name)
+    dk.patch(model, mixed_mask(model))
+    inner = model.bert if name == "bert" else model.model
+    before = snapshot(model)
+    with pytest.raises(RuntimeError, match="unpatch"):
+        inner.load_state_dict({k: torch.zeros_like(v) for k, v in inner.state_dict().items()})
+    assert state_dict_equal(before, snapshot(model))
+    dk.unpatch(model)
+    inner.load_state_dict(inner.state_dict())
+
+
+@pytest.mark.parametrize("name", ["bert", "llama"])
+def test_output_attentions_is_refused_while_patched(name):
+    """transformers records attentions with hooks on modules a patch replaces: a patched model
+    returned an empty tuple."""
+    model = build(name)
+    model.set_attn_implementation("eager")
+    ids, attention = inputs(name)
+    with dk.plugged(model, mixed_mask(model)), torch.no_grad():
+        with pytest.raises(ValueError, match="output_attentions=True on a model patched"):
+            model(input_ids=ids, attention_mask=attention, output_attentions=True)
+        model.config.output_attentions = True
+        with pytest.raises(ValueError, match="output_attentions=True on a model patched"):
+            model(input_ids=ids, attention_mask=attention)
+        model(input_ids=ids, attention_mask=attention, output_attentions=False)
+    model.config.output_attentions = False
+    model(input_ids=ids, attention_mask=attention, output_attentions=True)  # unpatched: works

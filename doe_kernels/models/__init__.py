@@ -1,8 +1,9 @@
 """Architecture detection: find a model's transformer layers by their modules, pick the adapter.
 
-Supported: the BERT family (BERT, RoBERTa), the LLaMA family (LLaMA, Mistral, Qwen2) and Mixtral
-(sparse mixture of experts). The
-transformers versions this was tested with are checked at patch time.
+Supported: the BERT family (BERT, RoBERTa, XLM-RoBERTa, CamemBERT), the LLaMA family (LLaMA,
+Mistral, Qwen2) and Mixtral (sparse mixture of experts), recognised by their layers' modules and
+accepted by their config's model_type (models that share the modules but compute otherwise are
+refused). The transformers versions this was tested with are checked at patch time.
 """
 from torch import nn
 
@@ -49,7 +50,15 @@ def describe(model: nn.Module):
     if config is None:
         raise UnsupportedModelError(f"{type(model).__name__} has no `config`; pass a HuggingFace "
                                     "PreTrainedModel")
+    model_type = getattr(config, "model_type", None)
+    if model_type not in adapter.MODEL_TYPES:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} (model_type {model_type!r}) is not supported: its layers "
+            f"hold the {adapter.FAMILY} family's modules, but its model type is not one known "
+            f"to compute as they do ({', '.join(adapter.MODEL_TYPES)}). Supported: "
+            f"{supported_families()}.")
     for layer in layers:
+        _check_plain_linears(layer, adapter.LINEARS)
         adapter.check_supported(layer, config)
     sizes = [adapter.layer_sizes(layer, config) for layer in layers]
     if any(s != sizes[0] for s in sizes):
@@ -57,6 +66,18 @@ def describe(model: nn.Module):
     spec = ModelSpec(family=adapter.FAMILY, model_type=getattr(config, "model_type", "unknown"),
                      num_layers=len(layers), **sizes[0])
     return adapter, layers, spec
+
+
+def _check_plain_linears(layer: nn.Module, paths) -> None:
+    """The projections a patch reads must be torch's own Linear: a subclass or wrapper (PEFT's
+    LoRA layers, quantized linears) computes more than its `weight` says."""
+    for path in paths:
+        module = layer.get_submodule(path)
+        if type(module) is not nn.Linear:
+            hint = (" (a PEFT adapter: merge it first, model = model.merge_and_unload())"
+                    if hasattr(module, "base_layer") else "")
+            raise UnsupportedModelError(f"{path} is a {type(module).__name__}, not a plain "
+                                        f"torch.nn.Linear{hint}")
 
 
 def spec_of(model: nn.Module) -> ModelSpec:

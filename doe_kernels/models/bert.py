@@ -19,7 +19,13 @@ from doe_kernels.models.segments import attention_forward
 from doe_kernels.ops import attend
 
 FAMILY = "bert"
-DESCRIPTION = "BERT family (BertModel and its task heads, RoBERTa)"
+DESCRIPTION = "BERT family (BertModel and its task heads, RoBERTa, XLM-RoBERTa, CamemBERT)"
+# config.model_type of the models whose layers compute as BertLayer does (others share its
+# modules but not its computation: RoFormer's rotary positions, YOSO's attention, ...)
+MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "camembert")
+# the projections a patch reads as plain nn.Linear (a LoRA wrapper's adapters would be lost)
+LINEARS = ("attention.self.query", "attention.self.key", "attention.self.value",
+           "attention.output.dense", "intermediate.dense", "output.dense")
 
 
 # the FFN's projections in a layer: those whose output rows are its neurons, and the down one

@@ -23,6 +23,13 @@ from doe_kernels.ops.linear import input_major_view
 
 FAMILY = "llama"
 DESCRIPTION = "LLaMA family (LlamaForCausalLM, LlamaModel, Mistral, Qwen2)"
+# config.model_type of the models whose layers compute as LlamaDecoderLayer does (others share
+# its modules but not its computation: Cohere's interleaved rotary, OLMo's clip_qkv, ...)
+MODEL_TYPES = ("llama", "mistral", "qwen2")
+ATTENTION_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                     "self_attn.o_proj")
+# the projections a patch reads as plain nn.Linear (a LoRA wrapper's adapters would be lost)
+LINEARS = ATTENTION_LINEARS + ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
 # the FFN's projections in a layer: those whose output rows are its neurons, and the down one
@@ -96,6 +103,14 @@ class PrunedLlamaAttention(PrunedAttention):
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None,
                 past_key_values=None, cache=None, **kwargs):
         cache = cache if cache is not None else past_key_values
+        if (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2
+                and hidden_states.shape[1] > 1):
+            # flash attention's padding-only mask: causality and any sliding window are left to
+            # the kernel, which a patched model does not call
+            raise UnsupportedModelError(
+                "a patched model computes attention from the masks of attn_implementation "
+                "'sdpa' or 'eager', not from a 2-D padding mask (flash attention): call "
+                "model.set_attn_implementation('sdpa')")
         if self.segments is not None:
             return self.forward_mixed(hidden_states, position_embeddings, attention_mask,
                                       cache), None

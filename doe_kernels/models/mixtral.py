@@ -14,6 +14,8 @@ from doe_kernels.models.moe_block import PrunedMoeBlock
 
 FAMILY = "mixtral"
 DESCRIPTION = "Mixtral sparse mixture of experts (MixtralForCausalLM, MixtralModel)"
+MODEL_TYPES = ("mixtral",)
+LINEARS = llama.ATTENTION_LINEARS  # the experts are fused tensors, checked by shape
 ROUTERS = ("MixtralTopKRouter",)  # routers known to softmax, take the top k and renormalise
 
 

@@ -134,6 +134,11 @@ def project_qkv(hidden, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias,
 def _attention_mask(attention_mask, is_causal: bool, q_len: int, kv_len: int, device):
     """A boolean mask (True = attend) broadcastable to (batch, heads, q_len, kv_len), or None."""
     mask = None
+    if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
+        raise ValueError(f"attention_mask is a {type(attention_mask).__name__} (flex attention's?);"
+                         " a patched model computes attention from the tensor masks of "
+                         "attn_implementation 'sdpa' or 'eager': call "
+                         "model.set_attn_implementation('sdpa')")
     if attention_mask is not None:
         if attention_mask.dim() == 2:  # (batch, kv_len) padding mask, 1 = token, 0 = padding
             if attention_mask.shape[-1] != kv_len:
