@@ -385,3 +385,13 @@ def test_upcycled_router_is_not_uniform():
     assert (torch.bincount(probs.argmax(1), minlength=8) > 0).sum() >= 6  # and content-dependent
     experts = moe.model.layers[0].mlp.experts.gate_up_proj
     assert not torch.equal(experts[0], experts[1])
+
+
+def test_upcycle_and_select_experts_refuse_what_they_cannot_use():
+    dense = small_llama()
+    ids = _inputs()[0]
+    with pytest.raises(ValueError, match="holds 3 tokens .*fewer than the 8 experts"):
+        dk.moe.upcycle(dense, num_experts=8, calibration=ids[:1, :3])
+    top1 = dk.moe.upcycle(dense, num_experts=4, top_k=1, calibration=ids)
+    with pytest.raises(ValueError, match="keep for layer 0 must be an int .* got True"):
+        dk.moe.select_experts(top1, ids, keep=True, progress=False)

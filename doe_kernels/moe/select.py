@@ -71,7 +71,8 @@ def _counts(keep, spec) -> dict:
     out = {}
     for layer in range(spec.num_layers):
         count = counts.get(layer, spec.num_experts)
-        if not isinstance(count, int) or not spec.top_k <= count <= spec.num_experts:
+        if (not isinstance(count, int) or isinstance(count, bool)
+                or not spec.top_k <= count <= spec.num_experts):
             raise ValueError(f"keep for layer {layer} must be an int between the model's top-k "
                              f"({spec.top_k}) and its {spec.num_experts} experts, got {count!r}")
         subsets = math.comb(spec.num_experts, count)

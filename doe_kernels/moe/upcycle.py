@@ -61,6 +61,10 @@ def _router(hidden, num_experts, hidden_size, scale, gen):
     """Rows = unit cluster directions x scale / typical input norm (random without data)."""
     if hidden is None:
         return torch.randn(num_experts, hidden_size, generator=gen) * scale / hidden_size
+    if hidden.shape[0] < num_experts:
+        raise ValueError(f"the calibration holds {hidden.shape[0]} tokens (padding left out), "
+                         f"fewer than the {num_experts} experts whose routing directions are "
+                         "clustered from them: give at least one token per expert")
     x = hidden.float()
     unit = x / x.norm(dim=1, keepdim=True).clamp_min(1e-6)
     centers = unit[torch.randperm(unit.shape[0], generator=gen)[:num_experts]]
