@@ -145,14 +145,17 @@ def patch(model: nn.Module, mask: ExpertMask, backend: str = "auto",
           dynamic_skip: bool = False) -> nn.Module:
     """Run `model` (in place) on the expert's neurons, heads and MoE experts; returns the model.
 
-    On a patched model this swaps the expert (and the backend, if another is named): only index
-    tensors change. `dynamic_skip=True` (MoE models) also skips a token's non-top experts whose
-    routing weight is below the mask's per-layer threshold times the top one's. Raises before
+    On a patched model this swaps the expert and sets the backend named (`auto` unless told,
+    whatever the model ran on before): only index tensors change. `dynamic_skip=True` (MoE
+    models) also skips a token's non-top experts whose routing weight is below the mask's
+    per-layer threshold times the top one's. Raises before
     changing anything if the mask does not fit the model, the architecture is not supported or
     the backend is not present; any error while patching leaves the model as it was.
     """
     if not isinstance(mask, ExpertMask):
         raise TypeError(f"mask must be a doe_kernels.ExpertMask, got {type(mask).__name__}")
+    if not isinstance(dynamic_skip, bool):
+        raise TypeError(f"dynamic_skip must be True or False, got {dynamic_skip!r}")
     state = getattr(model, _STATE, None)
     # the relaid-out weights and the index buffers outlive the call: under torch.inference_mode
     # they would be inference tensors, and the model could not be trained afterwards

@@ -395,3 +395,21 @@ def test_upcycle_and_select_experts_refuse_what_they_cannot_use():
     top1 = dk.moe.upcycle(dense, num_experts=4, top_k=1, calibration=ids)
     with pytest.raises(ValueError, match="keep for layer 0 must be an int .* got True"):
         dk.moe.select_experts(top1, ids, keep=True, progress=False)
+
+
+def test_calibration_passes_run_the_model_in_eval_mode():
+    """A model left in train mode (attention dropout here) gives select_experts and
+    skip_thresholds what it gives in eval mode, and keeps each module's mode."""
+    model = mixtral()
+    model.config.attention_dropout = 0.5
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.5
+    ids = _inputs()[0]
+    expected = dk.moe.select_experts(model, ids, keep=5, progress=False)
+    thresholds = dk.moe.skip_thresholds(model, ids, expected)
+    model.train()
+    model.model.layers[0].eval()
+    modes = [m.training for m in model.modules()]
+    assert dk.moe.select_experts(model, ids, keep=5, progress=False) == expected
+    assert dk.moe.skip_thresholds(model, ids, expected) == thresholds
+    assert [m.training for m in model.modules()] == modes

@@ -152,6 +152,14 @@ def test_bad_masks_leave_the_model_unchanged(make_bad, error, match):
     assert state_dict_equal(snapshot(model), before)
 
 
+def test_dynamic_skip_takes_a_bool():
+    model = build("bert")
+    for bad in ("no", 0.0, None):
+        with pytest.raises(TypeError, match="dynamic_skip must be True or False"):
+            dk.patch(model, dk.ExpertMask(), dynamic_skip=bad)
+    assert not dk.is_patched(model)
+
+
 def test_bad_swap_leaves_the_current_expert_plugged():
     model = build("bert")
     mask = dk.ExpertMask.random(model)

@@ -288,13 +288,15 @@ def test_models_sharing_a_familys_modules_but_not_its_computation_are_refused(na
     assert_untouched(model, before, modules)
 
 
-def test_xlm_roberta_computes_as_roberta():
-    from transformers import XLMRobertaConfig, XLMRobertaModel
+@pytest.mark.parametrize("name", ["XLMRoberta", "Camembert"])
+def test_roberta_copies_are_patched_as_roberta(name):
+    import transformers
 
     torch.manual_seed(0)
-    model = XLMRobertaModel(XLMRobertaConfig(hidden_size=40, num_hidden_layers=3,
-                                             num_attention_heads=5, intermediate_size=70,
-                                             vocab_size=120, max_position_embeddings=70)).eval()
+    config = getattr(transformers, f"{name}Config")(
+        hidden_size=40, num_hidden_layers=3, num_attention_heads=5, intermediate_size=70,
+        vocab_size=120, max_position_embeddings=70)
+    model = getattr(transformers, f"{name}Model")(config).eval()
     ids, attention = inputs("bert")
     mask = mixed_mask(model)
     with torch.no_grad():

@@ -418,11 +418,11 @@ class TestSmolLM2:
             dkv.plug(graphs, smol["masks"]["a"])
 
 
-def _tiny_llama(path) -> str:
+def _tiny_llama(path, seed: int = 0) -> str:
     """A random float32 Llama: 2 layers, hidden 256, 512 neurons, 8 heads / 4 KV heads."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                          num_attention_heads=8, num_key_value_heads=4, vocab_size=1024,
                          max_position_embeddings=1024, initializer_range=0.1,
@@ -567,6 +567,20 @@ def test_holding_an_expert_changes_a_rank_only_when_every_layer_is_ready(monkeyp
     assert mlp_forwards(layers) == ["[] mlp"] * 3
 
 
+def test_a_corrupt_mask_payload_is_refused_as_a_mask_error():
+    """safetensors' own error is not a ValueError: a worker passed it up the RPC instead of
+    answering that the mask (not the model) is wrong."""
+    import base64
+
+    from doe_kernels.vllm.protocol import decode_mask, encode_mask
+
+    with pytest.raises(ValueError, match="the mask's tensors are not a safetensors payload"):
+        decode_mask(base64.b64encode(b"garbage-bytes-xx").decode(), "null")
+    tensors, _ = encode_mask(doe_kernels.ExpertMask({0: [1]}))
+    with pytest.raises(ValueError, match="the mask's spec is not JSON"):
+        decode_mask(tensors, "{")
+
+
 def mlp_forwards(layers) -> list:
     return [mlp.__dict__.get("forward") for _, mlp in layers]
 
@@ -667,5 +681,38 @@ def test_llama_family_models_at_tensor_parallel_size_1(family, tmp_path):
         assert_same_generation(_generate(llm, prompts), expected)
         dkv.unplug(llm)
         assert_same_generation(_generate(llm, prompts), dense, exact=True)
+    finally:
+        _stop_engine(llm)
+
+
+@pytest.mark.vllm
+def test_a_weight_reload_rebuilds_the_experts_plans(tmp_path):
+    """vLLM's reload_weights loads new weights into the running model in place: the plugged
+    expert and one held for mixed-task batches are built again on them (they kept reading dense
+    copies of the old weights: the dense model was the new one, the experts the old one's)."""
+    from transformers import AutoModelForCausalLM
+
+    old, new = _tiny_llama(tmp_path / "old"), _tiny_llama(tmp_path / "new", seed=1)
+    hf = AutoModelForCausalLM.from_pretrained(new, dtype=torch.float32).eval()
+    plugged = doe_kernels.ExpertMask.random(hf, ffn_keep=0.5, heads_keep=0.5, seed=3)
+    held = doe_kernels.ExpertMask.random(hf, ffn_keep=0.6, seed=4)
+    gen = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, 1024, (n,), generator=gen).tolist() for n in (5, 21)]
+    expected = dict(plugged=_hf_patched(hf, plugged, prompts), held=_hf_patched(hf, held, prompts))
+    llm = _start_engine(old, tp=1, skip_tokenizer_init=True)
+    try:
+        dkv.plug(llm, plugged)
+        dkv.add(llm, "held", held)
+        before = _generate(llm, prompts)  # the old weights' expert
+        llm.collective_rpc("reload_weights", kwargs=dict(weights_path=new))
+        llm.reset_prefix_cache()
+        after = _generate(llm, prompts)
+        assert after[0] != before[0]
+        assert_same_generation(after, expected["plugged"])
+        requests = [("held", 0), (None, 1)]
+        assert_same_generation(
+            _generate_mixed(llm, [(name, prompts[i]) for name, i in requests]),
+            _expected_mixed({"held": expected["held"], None: expected["plugged"]}, requests))
+        assert dkv.experts(llm) == ["held"]
     finally:
         _stop_engine(llm)

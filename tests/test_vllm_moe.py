@@ -96,7 +96,9 @@ def test_mixtral_serves_kept_experts_and_heads(mode, tp, tmp_path):
         bad_scales = third.replace(ffn_scales={0: torch.ones(86)})
         for bad, match in ((first.replace(moe={0: torch.tensor([0, 4])}, spec={}),
                             "out of range"),
-                           (bad_scales, "FFN scales")):
+                           (bad_scales, "FFN scales"),
+                           # as patch(..., dynamic_skip=True) refuses it
+                           (third.with_skip({0: 0.8}), r"no skipping threshold for layers \[1\]")):
             with pytest.raises(ValueError, match=match):
                 dkv.plug(llm, bad)
         assert_same_generation(_generate(llm, prompts), plugged, exact=True)

@@ -35,7 +35,7 @@ from doe_kernels.localize.prompt import (PromptResult, check_trainable, resolve_
 from doe_kernels.localize.reconstruct import Fidelity, Reconstructor, split_for_judging
 from doe_kernels.localize.recover import TrainingDiverged, masked, retune
 from doe_kernels.localize.search import mask_at_rate, paired_change, search_rate
-from doe_kernels.localize.state import evaluating
+from doe_kernels.caller_state import evaluating
 from doe_kernels.patching import is_patched
 
 __all__ = ["localize", "PromptConfig", "AttributionConfig", "SearchConfig", "RecoveryConfig",

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from doe_kernels.localize.attribution import projection_points
-from doe_kernels.localize.state import evaluating
+from doe_kernels.caller_state import evaluating
 from doe_kernels.mask import ExpertMask
 from doe_kernels.patching import is_patched
 

@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from doe_kernels.expert import SEQ_CLS, encode, prompted_label_logits, token_counts
-from doe_kernels.localize.state import evaluating, seeded
+from doe_kernels.caller_state import evaluating, seeded
 
 _FLAGS_ATTR = "_doe_kernels_requires_grad"
 SCHEDULES = ("constant", "linear")  # fit's learning-rate schedules

@@ -21,7 +21,7 @@ from torch import nn
 from doe_kernels.expert import Expert
 from doe_kernels.localize.attribution import check_unpatched, hook_points
 from doe_kernels.localize.prompt import check_choices, extract, fit, unwrap, wrap
-from doe_kernels.localize.state import evaluating, seeded
+from doe_kernels.caller_state import evaluating, seeded
 from doe_kernels.mask import ExpertMask
 from doe_kernels.models import describe
 
@@ -231,9 +231,9 @@ def retune(model, tokenizer, expert: Expert, data, epochs: int = 1, lr: float = 
         finally:
             unwrap(peft_model)
     _check_finite(prompt, head, lr, list(mask.ffn_scales.values()) + list(mask.ffn_bias.values()))
-    retuned = Expert(None if expert.mask is None else mask, prompt, expert.task_type, expert.label_names,
-                     label_words=expert.label_words, label_token_ids=expert.label_token_ids,
-                     template=expert.template, head=head, sizes=expert.sizes, name=expert.name,
+    retuned = Expert(None if expert.mask is None else mask, prompt, expert.task_type,
+                     expert.label_names, label_words=expert.label_words,
+                     label_token_ids=expert.label_token_ids, template=expert.template, head=head, sizes=expert.sizes, name=expert.name,
                      max_length=expert.max_length)
     retuned.figures = dict(expert.figures)
     return retuned, losses

@@ -3,6 +3,8 @@
 import torch
 from torch import nn
 
+from doe_kernels.caller_state import evaluating
+
 
 def batches(calibration):
     """Model keyword batches from a (batch, seq) tensor of token ids, a dict (`input_ids`,
@@ -32,8 +34,9 @@ class _Stop(Exception):
 def feed(model: nn.Module, modules: list[nn.Module], calibration, record,
          stop_after_last: bool = False) -> None:
     """Run `model` over the calibration batches; `record(index, module, rows)` receives each
-    module's input as rows (tokens, hidden), padding removed. With `stop_after_last`, each pass
-    stops at the last of `modules` (in the model's order): later layers are not run."""
+    module's input as rows (tokens, hidden), padding removed, the model in eval mode. With
+    `stop_after_last`, each pass stops at the last of `modules` (in the model's order): later
+    layers are not run."""
     keep = [None]
 
     def hook_for(index):
@@ -47,14 +50,15 @@ def feed(model: nn.Module, modules: list[nn.Module], calibration, record,
     handles = [m.register_forward_pre_hook(hook_for(i)) for i, m in enumerate(modules)]
     try:
         device = next(model.parameters()).device
-        for batch in batches(calibration):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            mask = batch.get("attention_mask")
-            keep[0] = None if mask is None else mask.reshape(-1).bool()
-            try:
-                model(**batch, use_cache=False)
-            except _Stop:
-                pass
+        with evaluating(model):  # no dropout or router jitter in what is recorded
+            for batch in batches(calibration):
+                batch = {k: v.to(device) for k, v in batch.items()}
+                mask = batch.get("attention_mask")
+                keep[0] = None if mask is None else mask.reshape(-1).bool()
+                try:
+                    model(**batch, use_cache=False)
+                except _Stop:
+                    pass
     finally:
         for handle in handles:
             handle.remove()

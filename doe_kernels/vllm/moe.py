@@ -132,9 +132,9 @@ def moe_plans(blocks: list, mask, neuron_shards: list) -> list:
     (every expert and neuron kept, no skipping)."""
     plans = []
     for index, (block, shard) in enumerate(zip(blocks, neuron_shards)):
-        experts, _ = routing_sizes(block)
+        experts, top_k = routing_sizes(block)
         kept = mask.moe.get(index, torch.arange(experts))
-        beta = mask.skip.get(index)
+        beta = mask.skip.get(index) if top_k > 1 else None  # one expert a token: none to skip
         if kept.numel() == experts and shard is None and beta is None:
             plans.append(None)
         else:

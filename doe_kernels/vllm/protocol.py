@@ -12,10 +12,12 @@ import hashlib
 import json
 import uuid
 
+from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from doe_kernels.expert import Expert
+from doe_kernels.files import parse_json
 from doe_kernels.mask import ExpertMask
 from doe_kernels.models import UnsupportedModelError
 
@@ -61,8 +63,11 @@ def encode_mask(mask: ExpertMask) -> tuple[str, str]:
 
 def decode_mask(tensors: str, spec: str) -> ExpertMask:
     """The mask `encode_mask` encoded; ValueError for anything else."""
-    return ExpertMask.from_tensors(load_tensors(base64.b64decode(tensors, validate=True)),
-                                   json.loads(spec))
+    try:
+        loaded = load_tensors(base64.b64decode(tensors, validate=True))
+    except SafetensorError as error:  # not a ValueError
+        raise ValueError(f"the mask's tensors are not a safetensors payload: {error}") from None
+    return ExpertMask.from_tensors(loaded, parse_json(spec, "the mask's spec"))
 
 
 def plug_on_ranks(call, mask: ExpertMask, apply: str = "doe_apply_mask", *args) -> list:

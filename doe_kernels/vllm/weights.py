@@ -163,6 +163,14 @@ def attention_weights(attn) -> AttentionWeights:
     return cached
 
 
+def drop_cached_weights(attn, ffn) -> None:
+    """Forget a layer's prepared dense weights (`attention_weights`, `ffn_weights`), to be
+    prepared again from the weights as they are now (after vLLM reloaded them in place). A MoE
+    block's are kept afresh by vLLM's weight processing, which a reload runs again."""
+    for module in (attn, ffn):
+        module.__dict__.pop(_CACHED, None)
+
+
 def expert_weights(block) -> ExpertWeights:
     """The rank's expert weights of a vLLM MoE block as loaded, the down projections input-major
     (converted at the first call, then cached)."""

@@ -25,7 +25,8 @@ from doe_kernels.vllm.moe import MixedMoe, MoePlan, is_moe_block, moe_plans, rou
 from doe_kernels.vllm.protocol import decode_mask
 from doe_kernels.vllm.routes import (compiles, decoder_layers, dense_forward,
                                      route_compiled_models, route_of)
-from doe_kernels.vllm.weights import attention_weights, ffn_weights, keep_dense_weights
+from doe_kernels.vllm.weights import (attention_weights, drop_cached_weights, ffn_weights,
+                                      keep_dense_weights)
 
 # workers import this module before they load the model
 keep_dense_weights()
@@ -71,6 +72,7 @@ class WorkerExtension:
             if len({is_moe_block(ffn) for _, ffn in layers}) > 1:
                 raise UnsupportedModelError("models whose layers mix MLPs and MoE blocks are not "
                                             "supported")
+            _watch_reloads(self)
             self._doe_layers_cache = layers
         return layers
 
@@ -119,40 +121,49 @@ class WorkerExtension:
             return dict(error=str(error), model=True)
         try:
             mask = decode_mask(tensors, spec)
-            rank, world_size = _tensor_parallel_place(layers)
-            ffn = ffn_shards(mask, model_spec, rank, world_size)
-            heads = head_shards(mask, model_spec, rank, world_size)
+            shards = _shards(layers, model_spec, mask)
         except (ValueError, TypeError) as error:
             return dict(error=str(error), model=False)
         try:
-            if model_spec.num_experts:
-                ffn_plans = moe_plans([block for _, block in layers], mask, ffn)
-            else:
-                ffn_plans = [None if f is None else FfnPlan(mlp, ffn_weights(mlp), f)
-                             for (_, mlp), f in zip(layers, ffn)]
-            plans = [(None if h is None else AttentionPlan(attn, attention_weights(attn), h),
-                      ffn_plan) for (attn, _), h, ffn_plan in zip(layers, heads, ffn_plans)]
-            if mixed:
-                for attn, ffn in layers:
-                    attention_weights(attn)
-                    if not model_spec.num_experts:
-                        ffn_weights(ffn)
+            plans = _plans(layers, model_spec, mask, shards, mixed)
         except (UnsupportedModelError, RuntimeError) as error:  # out of memory too
             return dict(error=str(error), model=True)
-        self._doe_staged = (token, plans)
+        self._doe_staged = (token, plans, mask)
         return None
 
-    def _doe_take_staged(self, token: str) -> list:
+    def _doe_take_staged(self, token: str) -> tuple[list, object]:
+        """(the plans staged under `token`, their mask)."""
         staged = self.__dict__.get("_doe_staged")
         if staged is None or staged[0] != token:
             raise RuntimeError("no mask was checked under this token on this rank "
                                "(call doe_kernels.vllm.plug or add, not the worker methods)")
         self._doe_staged = None
-        return staged[1]
+        return staged[1], staged[2]
 
     def _doe_held(self) -> dict:
         """The experts held under names (doe_kernels.vllm.add): name -> per-layer plans."""
         return self.__dict__.setdefault("_doe_held_plans", {})
+
+    def _doe_masks(self) -> dict:
+        """The mask of each plan in use, to build it again after a weight reload: under None the
+        plugged expert's, under its name each held expert's."""
+        return self.__dict__.setdefault("_doe_masks_in_use", {})
+
+    def doe_replan(self) -> None:
+        """Build every plan in use again from its mask, on the weights as they are now: after
+        vLLM reloads the weights in place (`reload_weights`, wrapped to call this), the dense
+        copies the plans read were the old weights'."""
+        layers = self._doe_layers()
+        for attn, ffn in layers:
+            drop_cached_weights(attn, ffn)
+        spec = self._doe_spec(layers)
+        masks = dict(self._doe_masks())
+        plugged = masks.pop(None, None)
+        singles = ([(None, None)] * len(layers) if plugged is None
+                   else _plans(layers, spec, plugged, _shards(layers, spec, plugged), False))
+        held = {name: _plans(layers, spec, mask, _shards(layers, spec, mask), True)
+                for name, mask in masks.items()}
+        self._doe_install(singles, held)
 
     def _doe_install(self, singles: list, held: dict | None = None) -> None:
         """Set every layer's forwards: `singles` (per layer, the plugged (attention, FFN) plans)
@@ -173,16 +184,18 @@ class WorkerExtension:
 
     def doe_apply_mask(self, token: str) -> int:
         """Make the plan staged under `token` current; returns the number of pruned layers."""
-        plans = self._doe_take_staged(token)
+        plans, mask = self._doe_take_staged(token)
         self._doe_install(plans)
+        self._doe_masks()[None] = mask
         return sum(attn_plan is not None or ffn_plan is not None for attn_plan, ffn_plan in plans)
 
     def doe_add_expert(self, name: str, token: str) -> int:
         """Hold the plan staged under `token` as the expert `name` (replacing one of that name),
         for the requests that name it; returns the number of layers it prunes."""
         watch_steps(self.model_runner, lambda requested: requested in self._doe_held())
-        plans = self._doe_take_staged(token)
+        plans, mask = self._doe_take_staged(token)
         self._doe_install(self._doe_singles(), {**self._doe_held(), name: plans})
+        self._doe_masks()[name] = mask
         return sum(attn_plan is not None or ffn_plan is not None for attn_plan, ffn_plan in plans)
 
     def doe_remove_expert(self, name: str) -> bool:
@@ -190,6 +203,7 @@ class WorkerExtension:
         held = dict(self._doe_held())
         was_held = held.pop(name, None) is not None
         self._doe_install(self._doe_singles(), held)
+        self._doe_masks().pop(name, None)
         return was_held
 
     def doe_experts(self) -> list:
@@ -206,6 +220,7 @@ class WorkerExtension:
         restored = sum(attn_plan is not None or ffn_plan is not None
                        for attn_plan, ffn_plan in self._doe_singles())
         self._doe_install([(None, None)] * len(self._doe_layers()))
+        self._doe_masks().pop(None, None)
         return restored
 
     def doe_status(self) -> dict:
@@ -223,6 +238,60 @@ class WorkerExtension:
                                 else int(_plan_of(a.o_proj).cols.numel()) // a.head_dim
                                 for a, _ in layers],
                     kept_experts=[_kept_experts(block) for _, block in layers])
+
+
+def _shards(layers, model_spec: ModelSpec, mask) -> tuple[list, list]:
+    """(per layer: this rank's FFN shard of `mask`, its heads' shard); ValueError or TypeError
+    when the mask does not fit."""
+    if model_spec.num_experts and 0 < len(mask.skip) < model_spec.num_layers:
+        missing = [l for l in range(model_spec.num_layers) if l not in mask.skip]
+        raise ValueError(f"the mask skips experts in some layers but has no skipping threshold "
+                         f"for layers {missing} (as doe_kernels.patch(..., dynamic_skip=True) "
+                         "refuses it); compute them with doe_kernels.moe.skip_thresholds and "
+                         "ExpertMask.with_skip")
+    rank, world_size = _tensor_parallel_place(layers)
+    return (ffn_shards(mask, model_spec, rank, world_size),
+            head_shards(mask, model_spec, rank, world_size))
+
+
+def _plans(layers, model_spec: ModelSpec, mask, shards: tuple, mixed: bool) -> list:
+    """Per layer: (AttentionPlan or None, FfnPlan / MoePlan or None) of `mask`, whose rank's
+    `shards` `_shards` gave; with `mixed` (an expert held for mixed-task batches), also the
+    dense weights the mixed forwards of every layer read. UnsupportedModelError or RuntimeError
+    (out of memory too) when the model cannot serve it."""
+    ffn, heads = shards
+    if model_spec.num_experts:
+        ffn_plans = moe_plans([block for _, block in layers], mask, ffn)
+    else:
+        ffn_plans = [None if f is None else FfnPlan(mlp, ffn_weights(mlp), f)
+                     for (_, mlp), f in zip(layers, ffn)]
+    plans = [(None if h is None else AttentionPlan(attn, attention_weights(attn), h), ffn_plan)
+             for (attn, _), h, ffn_plan in zip(layers, heads, ffn_plans)]
+    if mixed:
+        for attn, mlp in layers:
+            attention_weights(attn)
+            if not model_spec.num_experts:
+                ffn_weights(mlp)
+    return plans
+
+
+def _watch_reloads(worker) -> None:
+    """Wrap the worker's `model_runner.reload_weights` (an instance attribute: the extension
+    comes after the worker class, so a method could not override it) so that, after vLLM reloads
+    the weights in place, every plan in use is built again on them (`doe_replan`)."""
+    runner = worker.model_runner
+    reload = getattr(runner, "reload_weights", None)
+    if reload is None or getattr(reload, "_doe_replans", False):
+        return
+
+    def reloading(*args, **kwargs):
+        try:
+            return reload(*args, **kwargs)
+        finally:
+            worker.doe_replan()
+
+    reloading._doe_replans = True
+    runner.reload_weights = reloading
 
 
 def _tensor_parallel_place(layers) -> tuple[int, int]:

@@ -1,5 +1,6 @@
-"""What a localize step changes on the caller's side and puts back when it ends, however it ends:
-each module's train/eval mode (`evaluating`) and torch's global random state (`seeded`)."""
+"""What a step that runs the caller's model (localize's, a MoE calibration pass) changes on the
+caller's side and puts back when it ends, however it ends: each module's train/eval mode
+(`evaluating`) and torch's global random state (`seeded`)."""
 import contextlib
 
 import torch
