@@ -95,6 +95,35 @@ def test_static_cache_generation_equals_masked_dense(case, padding):
     assert torch.equal(cached, expected)
 
 
+@pytest.mark.parametrize("case", ["layer0", "pruned"])
+def test_a_static_cache_laid_out_for_every_kv_head_before_the_first_pass(case):
+    """generate's chunked prefill initialises the static cache for every KV head before any
+    layer runs (export recipes too): the patched layers write their kept heads in place (and a
+    layer keeping none, zeros) and read them back (failed: index_copy_ slice shapes)."""
+    from transformers import StaticCache
+
+    model = build("llama")
+    mask = _mask(model, case)
+    ids = inputs("llama", batch=2, seq=9)[0][:1]
+    attention = torch.ones_like(ids)
+    settings = dict(SETTINGS, cache_implementation="static", prefill_chunk_size=4)
+    with torch.no_grad():
+        expected = masked_dense(model, mask).generate(ids, attention_mask=attention, **settings)
+        with dk.plugged(model, mask):
+            assert torch.equal(model.generate(ids, attention_mask=attention, **settings),
+                               expected)
+    config = model.config
+    cache = StaticCache(config=config, max_cache_len=16)
+    cache.early_initialization(1, config.num_key_value_heads,
+                               config.hidden_size // config.num_attention_heads, torch.float32,
+                               torch.device("cpu"))
+    with torch.no_grad():
+        with dk.plugged(model, mask):
+            logits = model(input_ids=ids, attention_mask=attention, past_key_values=cache).logits
+        torch.testing.assert_close(logits, masked_dense(model, mask)(
+            input_ids=ids, attention_mask=attention).logits, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("case", ["layer0", "middle", "pruned"])
 @pytest.mark.parametrize("name", CAUSAL)
 def test_cache_length_of_every_layer(name, case):

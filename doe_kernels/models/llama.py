@@ -118,7 +118,7 @@ class PrunedLlamaAttention(PrunedAttention):
         if selection.num_kept == 0:
             if cache is not None:
                 placeholder = self.placeholder_kv(hidden_states)
-                cache.update(placeholder, placeholder, self.layer_idx)
+                self.cache_update(cache, placeholder, placeholder)
             out = no_heads_output(hidden_states, self.qkv_weights(), self.o_weight_t, self.o_bias,
                                   selection, self.backend)
             return add_bias_delta(out, self.bias_delta), None
@@ -126,7 +126,7 @@ class PrunedLlamaAttention(PrunedAttention):
         cos, sin = position_embeddings
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         if cache is not None:
-            k, v = cache.update(k, v, self.layer_idx)
+            k, v = self.cache_update(cache, k, v)
         is_causal = attention_mask is None and q.shape[2] > 1
         if is_causal and k.shape[2] > q.shape[2]:
             # transformers gives no mask to a first pass into a fixed-size (static) cache, whose
@@ -154,6 +154,27 @@ class PrunedLlamaAttention(PrunedAttention):
                                  self.o_weight_t, self.o_bias, attention_mask, self.scaling,
                                  self.dropout_p(), self.backend, rotary, update, is_causal=True,
                                  sliding_window=self.sliding_window)
+
+    def cache_update(self, cache, keys, values):
+        """`cache.update` with this layer's keys and values (its kept KV heads, or a layer keeping
+        no head's placeholder); a cache layer laid out for every KV head before this pass (a
+        static cache initialised early: generate's chunked prefill, export recipes) gets them in
+        their heads' places, zeros elsewhere, and gives back the kept heads."""
+        layers = getattr(cache, "layers", None)
+        layer = layers[self.layer_idx] if layers is not None and self.layer_idx < len(layers) \
+            else None
+        held = getattr(layer, "keys", None) if getattr(layer, "is_initialized", False) else None
+        full = self.num_kv_heads
+        if not isinstance(held, torch.Tensor) or held.dim() != 4 or held.shape[1] != full \
+                or keys.shape[1] == full:
+            return cache.update(keys, values, self.layer_idx)
+        heads = self.selection.kept_kv_heads
+        shape = (keys.shape[0], full, *keys.shape[2:])
+        keys_all, values_all = keys.new_zeros(shape), values.new_zeros(shape)
+        if self.selection.num_kept:
+            keys_all[:, heads], values_all[:, heads] = keys, values
+        keys_all, values_all = cache.update(keys_all, values_all, self.layer_idx)
+        return keys_all[:, heads], values_all[:, heads]
 
     def placeholder_kv(self, hidden_states):
         """What a layer keeping no head stores in the KV cache: one zero KV head per position,
