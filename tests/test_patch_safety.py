@@ -402,3 +402,30 @@ def test_output_attentions_is_refused_while_patched(name):
         model(input_ids=ids, attention_mask=attention, output_attentions=False)
     model.config.output_attentions = False
     model(input_ids=ids, attention_mask=attention, output_attentions=True)  # unpatched: works
+
+
+@pytest.mark.parametrize("name", ["bert", "llama"])
+def test_unpatch_keeps_modes_set_per_module_and_the_weights_strides(name):
+    """A dropout set to eval inside a model in train mode, and a weight held transposed (a
+    checkpoint's layout), come back as they were (unpatch gave every child the parent's mode and
+    made every converted weight contiguous)."""
+    model = build(name)
+    model.train()
+    if name == "bert":
+        quiet, weight = model.bert.encoder.layer[0].attention.self.dropout, \
+            model.bert.encoder.layer[1].output.dense
+    else:
+        quiet, weight = model.model.layers[0].mlp.act_fn, model.model.layers[1].mlp.down_proj
+    quiet.eval()
+    weight.weight.data = weight.weight.data.t().contiguous().t()
+    modes = {n: m.training for n, m in model.named_modules()}
+    strides = {n: p.stride() for n, p in model.named_parameters()}
+    before = snapshot(model)
+    dk.patch(model, mixed_mask(model))
+    dk.unpatch(model)
+    assert {n: m.training for n, m in model.named_modules()} == modes
+    assert {n: p.stride() for n, p in model.named_parameters()} == strides
+    assert state_dict_equal(before, snapshot(model))
+    with dk.plugged(model, mixed_mask(model)):
+        model.eval()  # a mode set while patched reaches every module, as model.eval() does
+    assert not any(m.training for m in model.modules())

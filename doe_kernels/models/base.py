@@ -145,6 +145,7 @@ class LayerPatch:
         self.originals: dict[str, nn.Module] = {}
         # Parameters laid out input-major in place (lay_out_input_major), until restore
         self.converted: list[nn.Parameter] = []
+        self.strides: list[tuple] = []  # each converted weight's strides before the patch
         self.ffn_modules: list[nn.Module] = []  # modules whose `kept` is the FFN index list
         self.head_modules: list[nn.Module] = []  # modules with set_selection(HeadSelection)
         self.head_cols: list[nn.Module] = []  # modules whose `kept` is the kept heads' columns
@@ -175,6 +176,10 @@ class LayerPatch:
         values; one copy of the weight), so that the module reads `weight.transpose(-2, -1)`
         (contiguous: `ops.linear.input_major_view`) and gradients still reach the Parameter."""
         self.converted.append(weight)
+        # its layout to restore: the strides it had where they lay it out densely (a transposed
+        # weight), else contiguous
+        self.strides.append(torch.empty_like(weight.detach(), device="meta",
+                                             memory_format=torch.preserve_format).stride())
         _relayout(weight, input_major(weight.detach()).transpose(-2, -1))
         module = make_module(weight)
         module.__dict__.setdefault(_CONVERTED, []).append(weight)
@@ -212,12 +217,18 @@ class LayerPatch:
             module.passthrough = segments is not None
 
     def restore(self) -> None:
-        """Put the original modules back, in the train or eval mode the model was set to while
-        patched (model.train()/eval() did not reach them outside the module tree), and the
-        converted weights in their original layout."""
-        for weight in self.converted:
-            _relayout(weight, weight.detach().contiguous())
+        """Put the original modules back, and the converted weights in their original layout
+        (strides). A module whose mode was set while patched (model.train()/eval() did not reach
+        it outside the module tree) gets that mode, its submodules too; one left alone keeps the
+        modes its submodules had."""
+        for weight, strides in zip(self.converted, self.strides):
+            data = weight.detach()
+            _relayout(weight, torch.empty_strided(data.shape, strides, dtype=data.dtype,
+                                                  device=data.device).copy_(data))
         self.converted.clear()
+        self.strides.clear()
         for path, module in self.originals.items():
-            module.train(self.layer.get_submodule(path).training)
+            training = self.layer.get_submodule(path).training
+            if training != module.training:
+                module.train(training)
             set_submodule(self.layer, path, module)
