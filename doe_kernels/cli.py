@@ -478,8 +478,8 @@ def parser() -> argparse.ArgumentParser:
         command.add_argument("--backend", default="auto", type=_backend, choices=BACKEND_NAMES)
 
     url = dict(required=True, help="the server, e.g. http://localhost:8000 (started with "
-               "VLLM_SERVER_DEV_MODE=1, --enforce-eager and --worker-extension-cls "
-               "doe_kernels.vllm.WorkerExtension)")
+               "VLLM_SERVER_DEV_MODE=1 and --worker-extension-cls "
+               "doe_kernels.vllm.WorkerExtension; on a GPU without CUDA graphs)")
     p = sub.add_parser("vllm-plug", help="plug (or swap) an expert into a running vllm serve")
     p.add_argument("--url", **url)
     p.add_argument("expert", help="expert or mask file (.safetensors)")

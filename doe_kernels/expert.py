@@ -141,16 +141,31 @@ def encode(tokenizer, texts, task_type: str, template: str | None, max_length: i
     (their text ends at the last position, where the label word is scored; a text too long for
     `max_length` loses its end, the template never does)."""
     texts = list(texts)
+    if not texts:  # (0, 0): tokenizers fail on an empty batch
+        return torch.zeros((0, 0), dtype=torch.long), torch.zeros((0, 0), dtype=torch.long)
     if task_type == CAUSAL_LM:
         texts = fit_template(tokenizer, template or DEFAULT_TEMPLATE, texts, max_length)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        batch = tokenizer(texts, padding=True, truncation=True, max_length=max_length,
-                          padding_side="left", return_tensors="pt")
+        rows = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+        return _left_padded(rows, tokenizer)
     else:
         batch = tokenizer(texts, padding=True, truncation=True, max_length=max_length,
                           padding_side="right", return_tensors="pt")
     return batch["input_ids"], batch["attention_mask"]
+
+
+def _left_padded(rows: list, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask) of token-id rows padded on the left, with the tokenizer's pad token
+    or, when it has none (many causal LMs), its end-of-text token: never attended to, so the
+    caller's tokenizer is not given a pad token."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    width = max(map(len, rows), default=0)
+    ids = torch.full((len(rows), width), pad or 0, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    for row, tokens in enumerate(rows):
+        if tokens:
+            ids[row, width - len(tokens):] = torch.tensor(tokens)
+            attention[row, width - len(tokens):] = 1
+    return ids, attention
 
 
 def token_counts(tokenizer, texts) -> list[int]:

@@ -307,6 +307,10 @@ def _checked_apply(model: nn.Module, fn, recurse: bool = True, previous=None):
     state = getattr(model, _STATE)
     probe = fn(torch.empty(0, dtype=state.dtype, device=state.device))
     if (probe.dtype, probe.device) != (state.dtype, state.device):
+        if state.mixed:  # the segments' plans were cast and placed for the batch's layers
+            raise RuntimeError("a model serving a mixed batch (inside doe_kernels.mixed) cannot "
+                               f"be converted to {probe.dtype} on {probe.device}: convert it "
+                               "before or after")
         if probe.device.type not in ("cpu", "cuda"):
             raise ValueError(f"a patched model runs on CPU or CUDA devices, not {probe.device}; "
                              "doe_kernels.unpatch(model) first")

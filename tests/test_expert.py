@@ -574,3 +574,26 @@ def test_auto_precision_takes_bfloat16_where_the_device_computes_it(monkeypatch)
     assert prompt_tuning.resolve_precision("auto", model.to(torch.bfloat16)) == "float32"
     with pytest.raises(ValueError, match="precision must be one of"):
         prompt_tuning.resolve_precision("half", model)
+
+
+def test_causal_encoding_pads_left_without_giving_the_tokenizer_a_pad_token():
+    """A tokenizer without a pad token (many causal LMs') is padded with its end-of-text token
+    and left as it was (it was given a pad token, which changed the caller's later calls)."""
+    from transformers import AutoTokenizer
+
+    from doe_kernels.expert import fit_template
+    from real_models import smollm2_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir())
+    tokenizer.pad_token = None
+    texts = ["a fine film", "dreadful and boring, the worst in years", "ok"]
+    ids, attention = encode(tokenizer, texts, "causal_lm", None, 12)
+    assert tokenizer.pad_token is None
+    fitted = fit_template(tokenizer, "{text}\nAnswer:", texts, 12)
+    for row, text in enumerate(fitted):
+        real = attention[row].bool()
+        assert ids[row, real].tolist() == tokenizer(text)["input_ids"]
+        assert not real[:len(real) - int(real.sum())].any()  # padding on the left only
+        assert (ids[row, ~real] == tokenizer.eos_token_id).all()
+    empty = encode(tokenizer, [], "causal_lm", None, 12)
+    assert [tuple(t.shape) for t in empty] == [(0, 0), (0, 0)]

@@ -427,6 +427,24 @@ def test_a_patched_model_gets_its_expert_back():
     dk.unpatch(model)
 
 
+def test_converting_the_model_inside_a_mixed_batch_is_refused():
+    """The segments' plans are cast and placed for the batch: a conversion inside `mixed` is
+    refused before any tensor changes, and the batch still computes."""
+    model = build("llama")
+    ids, attention = inputs("llama", batch=3)
+    masks = expert_masks(model, 3, seed=1)
+    with torch.no_grad(), dk.mixed(model, masks):
+        expected = output_of(model, ids, attention)
+        before = snapshot(model)
+        with pytest.raises(RuntimeError, match="serving a mixed batch .* cannot be converted "
+                                               "to torch.float64"):
+            model.double()
+        assert state_dict_equal(before, snapshot(model))
+        assert torch.equal(output_of(model, ids, attention), expected)
+    model.double()  # after: as usual
+    assert not dk.is_patched(model)
+
+
 def test_bad_input_is_refused_and_changes_nothing():
     model = build("bert")
     other = build("llama")

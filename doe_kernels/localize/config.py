@@ -203,7 +203,7 @@ class RecoveryConfig:
     readout_weight: float = option(
         0.0, "--readout-weight", "in the reconstruction's least squares, the token the answer is "
         "read from (a classifier's first, a causal LM's last) weighs 1 + this x its example's "
-        "other tokens (0: every token alike; 'auto' tries 0 and 1)")
+        "other tokens (0: every token alike; --reconstruct auto tries 0 and 1)")
     schedule: str = option(
         "linear", "--recover-schedule", "the re-tuning's learning rates: decayed linearly to zero "
         "over its steps ('linear') or held ('constant', as the prompt tuning's)",
