@@ -57,13 +57,22 @@ class FrozenTable(Mapping):
 def _as_index(kind: str, layer, index) -> torch.Tensor:
     """A copy of `index` as a 1-D sorted unique int64 CPU tensor; raises naming the layer."""
     where = f"{kind}[{layer}]"
-    tensor = torch.as_tensor(index)
+    if not isinstance(index, torch.Tensor) and isinstance(index, (list, tuple)) and any(
+            isinstance(value, bool) for value in index):
+        raise TypeError(f"{where} must hold integer indices, got a bool in {list(index)}")
+    try:
+        tensor = torch.as_tensor(index)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{where} must be a list or tensor of integer indices, got "
+                        f"{type(index).__name__} {index!r:.80}") from None
     if not isinstance(index, torch.Tensor) and tensor.numel() == 0:
         tensor = tensor.to(torch.int64)  # a plain empty list keeps nothing
     if tensor.dtype.is_floating_point or tensor.dtype.is_complex or tensor.dtype == torch.bool:
         raise TypeError(f"{where} must hold integer indices, got dtype {tensor.dtype}")
     if tensor.dim() != 1:
         raise ValueError(f"{where} must be 1-D, got shape {tuple(tensor.shape)}")
+    if tensor.dtype == torch.uint64 and bool((tensor.to(torch.int64) < 0).any()):
+        raise ValueError(f"{where} holds an index past 2**63 - 1, out of range")
     tensor = tensor.detach().to("cpu", torch.int64).clone()
     if tensor.numel() and int(tensor.min()) < 0:
         raise ValueError(f"{where} holds a negative index {int(tensor.min())}")
@@ -119,9 +128,15 @@ class ExpertMask:
                        else _as_threshold)
             setattr(self, kind, FrozenTable({l: convert(kind, l, value)
                                              for l, value in _by_layer(kind, given[kind])}))
-        self.spec = _as_spec(spec)
-        self._check_sizes(self.spec)
-        self._check_scale_lengths(self.spec)
+        self._spec = _as_spec(spec)
+        self._check_sizes(self._spec)
+        self._check_scale_lengths(self._spec)
+
+    @property
+    def spec(self) -> dict | None:
+        """The sizes of the model the mask was made for (a copy: changing it changes no mask),
+        or None."""
+        return None if self._spec is None else dict(self._spec)
 
     # ---- construction -------------------------------------------------------------------
     @classmethod

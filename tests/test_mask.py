@@ -20,6 +20,12 @@ def test_constructor_normalises_and_checks_indices():
         ({0: torch.tensor([1, 2], dtype=torch.complex64)}, TypeError, "complex64"),
         ({0: torch.tensor([True])}, TypeError, "torch.bool"),
         ({"0": [1]}, TypeError, "keys must be layer numbers"),
+        ({0: None}, TypeError, r"ffn\[0\] must be a list or tensor of integer indices, got "
+                               "NoneType"),
+        ({0: "12"}, TypeError, "must be a list or tensor of integer indices, got str"),
+        ({0: [True, 2]}, TypeError, r"must hold integer indices, got a bool in \[True, 2\]"),
+        ({0: torch.tensor([2 ** 63], dtype=torch.uint64)}, ValueError,
+         r"holds an index past 2\*\*63 - 1"),
     ]:
         with pytest.raises(error, match=match):
             dk.ExpertMask(ffn=bad)
@@ -30,6 +36,9 @@ def test_mask_is_a_copy_and_read_only():
     mask = dk.ExpertMask(ffn={0: kept})
     kept[0] = 7
     assert mask.ffn[0].tolist() == [1, 2]
+    sized = dk.ExpertMask.random(build("bert"), 0.5)
+    sized.spec["num_layers"] = 99  # a copy: the mask's recorded sizes stay
+    assert sized.spec["num_layers"] == 3
     with pytest.raises(TypeError):
         mask.ffn[1] = torch.tensor([0])
 
