@@ -86,6 +86,9 @@ def ffn_imbalance(mask: ExpertMask, intermediate_size: int, world_size: int) -> 
     local = intermediate_size // world_size
     out = {}
     for layer, kept in mask.ffn.items():
+        if kept.numel() and int(kept.max()) >= intermediate_size:
+            raise ValueError(f"ffn[{layer}] holds index {int(kept.max())}, out of range for an "
+                             f"intermediate size of {intermediate_size}")
         counts = torch.bincount(kept.long() // local, minlength=world_size).double()
         if counts.sum() > 0:
             out[layer] = float(counts.max() / counts.mean())

@@ -179,6 +179,23 @@ def test_head_selection_rejects_bad_heads():
         dk.HeadSelection.build([1, 1], num_heads=8, num_kv_heads=4, head_dim=2)
     with pytest.raises(ValueError, match="multiple"):
         dk.HeadSelection.build([1], num_heads=6, num_kv_heads=4, head_dim=2)
+    with pytest.raises(ValueError, match="multiple"):  # was a ZeroDivisionError
+        dk.HeadSelection.build([1], num_heads=6, num_kv_heads=0, head_dim=2)
+    with pytest.raises(TypeError, match="int32 or int64"):  # a float list was truncated
+        dk.HeadSelection.build([0.9, 2.5], num_heads=8, num_kv_heads=4, head_dim=2)
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (2, 0)], ids=["no-sequences", "no-tokens"])
+@pytest.mark.parametrize("kept", [[0, 1, 3], [0, 1, 2, 3], []])
+def test_attention_of_an_empty_batch(shape, kept):
+    """No sequences, or sequences of no tokens: an empty output (a reshape failed)."""
+    hidden, layer = make_layer(4, 2, 3, torch.float32, "cpu", bias=True)
+    x = torch.randn(*shape, hidden)
+    args = {k: v for k, v in layer.items() if k != "o_weight"}
+    selection = dk.HeadSelection.build(kept, 4, 2, 3)
+    out = dk.pruned_head_attention(x, **args, o_weight_t=dk.input_major(layer["o_weight"]),
+                                   selection=selection, backend="torch")
+    assert out.shape == (*shape, hidden)
 
 
 def test_additive_4d_mask_equals_padding_mask():

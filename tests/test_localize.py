@@ -371,6 +371,9 @@ def _bad_call(**changes):
                  id="batch-size-0"),
     pytest.param(_bad_call(max_length=0), ValueError, "max_length must be an int >= 1",
                  id="max-length-0"),
+    pytest.param(_bad_call(search=SearchConfig(shards=5)), ValueError,
+                 r"SearchConfig.shards=5 \(--tp-shards\): the model's 48 neurons per layer do not "
+                 "split into 5 equal shards", id="shards-not-dividing"),
     pytest.param(_bad_call(backend="nope"), ValueError, "backend must be one of",
                  id="unknown-backend"),
     pytest.param(_bad_call(label_words=[" bad", " good"]), ValueError,

@@ -296,6 +296,23 @@ def test_public_functions_keep_the_activation_input_under_autograd(op):
 
 
 @pytest.mark.parametrize("op", ["ffn", "swiglu_ffn"])
+def test_no_rows_under_autograd_stay_in_the_graph(op):
+    """A batch of no rows with every neuron kept gave plain zeros: backward then raised."""
+    gen = torch.Generator().manual_seed(17)
+    call, _, inputs = _case(op, torch.arange(INTERMEDIATE), "cpu", torch.float32, "cpu", gen,
+                            "gelu")
+    inputs["x"] = inputs["x"][:0].detach().requires_grad_()
+    out = call(**inputs)
+    assert out.shape[0] == 0 and out.requires_grad
+    out.sum().backward()
+    assert inputs["x"].grad.shape == inputs["x"].shape
+
+
+def test_scales_of_an_unchecked_list_that_repeats_a_neuron_read_no_unwritten_memory():
+    assert library._in_order(torch.ones(4), torch.tensor([0, 0, 1, 2])).tolist() == [1, 1, 1, 0]
+
+
+@pytest.mark.parametrize("op", ["ffn", "swiglu_ffn"])
 def test_every_neuron_under_autograd_runs_the_dense_ffn(op):
     """A full kept list recorded by autograd takes the dense FFN (torch's own gradients), as the
     fused op does: also in a dtype the named backend cannot run (float16 on `cpu`)."""

@@ -141,3 +141,6 @@ def test_ffn_imbalance_and_balanced_selection():
                ffn_imbalance(balanced, 16, 4).items())  # one neuron at most above the mean
     with pytest.raises(ValueError, match="does not split evenly over 3 ranks"):
         ffn_imbalance(mask, 16, 3)
+    with pytest.raises(ValueError, match="ffn\\[0\\] holds index 9, out of range for an "
+                                         "intermediate size of 8"):
+        ffn_imbalance(mask, 8, 2)  # gave a plausible number for a mask of another model

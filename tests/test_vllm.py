@@ -567,6 +567,30 @@ def test_holding_an_expert_changes_a_rank_only_when_every_layer_is_ready(monkeyp
     assert mlp_forwards(layers) == ["[] mlp"] * 3
 
 
+def test_a_compiled_graph_that_never_calls_the_routes_is_refused():
+    """A compiled model loaded from vLLM's compile cache of a run without the extension never
+    calls the routes: plug would report an expert that the engine does not serve."""
+    from types import SimpleNamespace
+
+    from vllm.config import CompilationMode
+
+    from doe_kernels.vllm.routes import add_route
+    from doe_kernels.vllm.worker import WorkerExtension
+
+    attn = SimpleNamespace(qkv_proj=torch.nn.Linear(4, 12), o_proj=torch.nn.Linear(4, 4))
+    mlp = torch.nn.Linear(4, 4)
+    routes = [add_route(module, 4) for module in (mlp, attn.qkv_proj, attn.o_proj)]
+    worker = SimpleNamespace(vllm_config=SimpleNamespace(compilation_config=SimpleNamespace(
+        mode=CompilationMode.VLLM_COMPILE)))
+    with pytest.raises(RuntimeError, match="never calls layer 0's doe_kernels routes"):
+        WorkerExtension._doe_check_routes(worker, [(attn, mlp)])
+    with torch.no_grad():
+        for module in (mlp, attn.qkv_proj, attn.o_proj):
+            module(torch.randn(2, 4))
+    assert all(route.calls == 1 for route in routes)
+    WorkerExtension._doe_check_routes(worker, [(attn, mlp)])
+
+
 def test_a_corrupt_mask_payload_is_refused_as_a_mask_error():
     """safetensors' own error is not a ValueError: a worker passed it up the RPC instead of
     answering that the mask (not the model) is wrong."""

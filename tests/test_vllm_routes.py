@@ -39,3 +39,4 @@ def test_a_swap_reaches_the_compiled_graph(returns_bias):
         route.reset()  # unplug
         assert torch.equal(compiled(x), dense(x).relu() * 2)
     assert counter.frame_count == 1
+    assert route.calls == 3  # the compiled graph calls the route (else plug would not reach it)

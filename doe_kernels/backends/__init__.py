@@ -17,6 +17,8 @@ patched modules, which checked their mask once), and an index tensor may change 
 backend reads outside a weight through an out-of-range index: `cpu` checks every index and raises
 ValueError, `torch` raises IndexError (index_select), `triton` masks the loads (the entry reads
 nothing), `cuda` never loads through it either and fails a device-side assertion (no host sync).
+An unchecked FFN list as long as the layer is taken for every neuron (a permutation): the dense
+FFN runs, whatever its values, with no error.
 
 The `auto` rule (see `resolve`):
   * CPU tensors: `cpu` (C++ kernels) when the extension is loaded, else `torch`.

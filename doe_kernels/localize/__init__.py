@@ -117,6 +117,7 @@ def localize(model, tokenizer, train, validation=None, *, label_words=None, temp
     virtual_tokens = (prompt.num_virtual_tokens if start_from is None
                       else start_from.num_virtual_tokens)
     check_positions(model, max_length, virtual_tokens)
+    _check_shards(model, search)
     if validation is None:
         parts = train.split((0.8, 0.2, 0.0), seed=seed)
         train, validation = parts["train"], parts["validation"]
@@ -225,6 +226,20 @@ class _Clock:
 
     def rounded(self) -> dict:
         return {step: round(seconds, 1) for step, seconds in self.seconds.items()}
+
+
+def _check_shards(model, search: SearchConfig) -> None:
+    """Raise ValueError when the model's neurons (and heads, when pruned) do not split into the
+    search's tensor-parallel shards (the first candidate failed on it, after prompt tuning)."""
+    sizes = model_sizes(model)
+    units = dict(neurons=sizes["intermediate_size"])
+    if search.prune_heads:
+        units["heads"] = sizes["num_heads"]
+    for what, count in units.items():
+        if count % search.shards:
+            raise ValueError(f"SearchConfig.shards={search.shards} (--tp-shards): the model's "
+                             f"{count} {what} per layer do not split into {search.shards} "
+                             "equal shards")
 
 
 @dataclass(frozen=True)

@@ -53,11 +53,13 @@ class HeadSelection:
     @classmethod
     def build(cls, kept_heads, num_heads: int, num_kv_heads: int, head_dim: int,
               device=None) -> "HeadSelection":
-        if num_heads % num_kv_heads:
+        if num_kv_heads < 1 or num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads "
                              f"({num_kv_heads})")
         if not isinstance(kept_heads, torch.Tensor):
-            kept_heads = torch.as_tensor(kept_heads, dtype=torch.int64)
+            kept_heads = torch.as_tensor(kept_heads)  # a float list is refused by check_index
+            if kept_heads.numel() == 0:
+                kept_heads = kept_heads.to(torch.int64)
         device = kept_heads.device if device is None else torch.device(device)
         kept = check_index("kept_heads", kept_heads.cpu(), num_heads, torch.device("cpu"))
         kv_of_kept = kept // (num_heads // num_kv_heads)
@@ -110,8 +112,8 @@ def _gqa_layout(kv_slot: torch.Tensor, kept_kv: int, device) -> dict:
 
 def _split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
     """(batch, seq, heads * head_dim) -> (batch, heads, seq, head_dim)."""
-    batch, seq, _ = x.shape
-    return x.view(batch, seq, -1, head_dim).transpose(1, 2)
+    batch, seq, width = x.shape
+    return x.view(batch, seq, width // head_dim, head_dim).transpose(1, 2)  # also with no rows
 
 
 def project_qkv(hidden, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias,
@@ -189,8 +191,8 @@ def attend(q, k, v, selection: HeadSelection, attention_mask=None, is_causal=Fal
                                              scale=scale, enable_gqa=grouped)
     if padded:
         out = out.index_select(1, selection.gqa_unpad)
-    batch, _, seq, _ = out.shape
-    return out.transpose(1, 2).reshape(batch, seq, -1)
+    batch, heads, seq, head_dim = out.shape
+    return out.transpose(1, 2).reshape(batch, seq, heads * head_dim)  # also with no rows
 
 
 # Padded groups (uneven ones): SDPA computes the padding heads too, so they are used only while

@@ -136,8 +136,9 @@ def _(h, weight_t, bias, cols, backend, scales=None):
 
 
 def _in_order(scales: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-    """The scales of a full kept list (one per entry of `kept`) in neuron order."""
-    return torch.empty_like(scales).scatter_(0, kept, scales)
+    """The scales of a full kept list (one per entry of `kept`) in neuron order (zeros where an
+    unchecked list repeats a neuron and so misses another: no memory left unwritten is read)."""
+    return torch.zeros_like(scales).scatter_(0, kept, scales)
 
 
 def _gather_ffn(
@@ -145,14 +146,17 @@ def _gather_ffn(
     b_out: torch.Tensor | None, kept: torch.Tensor, activation: str, backend: str,
     scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    if kept.numel() == 0 or x.shape[:-1].numel() == 0:
+    if kept.numel() == 0:
         return _zeros_plus_bias(x, w_out_t.shape[1], b_out)
-    if kept.numel() == w_in.shape[0] and not dense_in_kernel(x, backend, w_in, b_in, w_out_t,
-                                                             b_out, scales):
-        # every neuron (unique), in any order: the dense FFN (unless the kernels beat it)
+    if kept.numel() == w_in.shape[0] and (x.shape[:-1].numel() == 0 or not dense_in_kernel(
+            x, backend, w_in, b_in, w_out_t, b_out, scales)):
+        # every neuron (unique), in any order: the dense FFN (unless the kernels beat it; with no
+        # rows too, so that autograd records it)
         hidden = apply_activation(F.linear(x, w_in, b_in), activation)
         out = torch.matmul(hidden if scales is None else hidden * _in_order(scales, kept), w_out_t)
         return out if b_out is None else out + b_out
+    if x.shape[:-1].numel() == 0:
+        return _zeros_plus_bias(x, w_out_t.shape[1], b_out)
     module, x2d = _run(x, backend)
     w_in, b_in, w_out_t, b_out, scales = _contiguous(w_in, b_in, w_out_t, b_out, scales)
     hidden = module.gather_rows_linear(x2d, w_in, b_in, kept, activation)
@@ -172,14 +176,17 @@ def _gather_swiglu_ffn(
     x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor,
     kept: torch.Tensor, backend: str, scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    if kept.numel() == 0 or x.shape[:-1].numel() == 0:
+    if kept.numel() == 0:
         return _zeros_plus_bias(x, w_down_t.shape[1], None)
-    if kept.numel() == w_gate.shape[0] and not dense_in_kernel(x, backend, w_gate, w_up,
-                                                               w_down_t, scales):
-        # every neuron (unique), in any order: the dense FFN (unless the kernels beat it)
+    if kept.numel() == w_gate.shape[0] and (x.shape[:-1].numel() == 0 or not dense_in_kernel(
+            x, backend, w_gate, w_up, w_down_t, scales)):
+        # every neuron (unique), in any order: the dense FFN (unless the kernels beat it; with no
+        # rows too, so that autograd records it)
         hidden = F.silu(F.linear(x, w_gate)) * F.linear(x, w_up)
         return torch.matmul(hidden if scales is None else hidden * _in_order(scales, kept),
                             w_down_t)
+    if x.shape[:-1].numel() == 0:
+        return _zeros_plus_bias(x, w_down_t.shape[1], None)
     module, x2d = _run(x, backend)
     w_gate, w_up, w_down_t, scales = _contiguous(w_gate, w_up, w_down_t, scales)
     hidden = module.gather_swiglu(x2d, w_gate, w_up, kept)

@@ -31,12 +31,14 @@ _ROUTES: dict[int, "Route"] = {}  # key -> route, in this process
 
 @dataclass
 class Route:
-    """One routed module: its output width, its dense forward (returning the output tensor) and
-    the forward the op calls now."""
+    """One routed module: its output width, its dense forward (returning the output tensor), the
+    forward the op calls now, and how many times the op ran it (a compiled graph that never
+    calls it was traced without the route)."""
 
     width: int
     dense: Callable
     target: Callable
+    calls: int = 0
 
     def reset(self) -> None:
         self.target = self.dense
@@ -45,7 +47,9 @@ class Route:
 @torch.library.custom_op(ROUTE_OP, mutates_args=())
 def vllm_route(x: torch.Tensor, key: int) -> torch.Tensor:
     """The routed module `key`'s current forward on x."""
-    return _ROUTES[key].target(x)
+    route = _ROUTES[key]
+    route.calls += 1
+    return route.target(x)
 
 
 @vllm_route.register_fake

@@ -77,15 +77,24 @@ class WorkerExtension:
         return layers
 
     def _doe_check_routes(self, layers) -> None:
-        """On a compiled engine, every MLP and projection must have been routed at load."""
+        """On a compiled engine, every MLP and projection must have been routed at load, and
+        its compiled graph must call the routes (vLLM runs the model once at start-up)."""
         if not compiles(self.vllm_config):
             return
         for index, (attn, mlp) in enumerate(layers):
-            if any(route_of(m) is None for m in (mlp, attn.qkv_proj, attn.o_proj)):
+            routes = [route_of(m) for m in (mlp, attn.qkv_proj, attn.o_proj)]
+            if any(route is None for route in routes):
                 raise RuntimeError(
                     f"this engine compiles its model, but layer {index} was not routed for "
                     "doe_kernels when it was loaded (a model loader that bypasses vLLM's "
                     "process_weights_after_loading?); create the LLM with enforce_eager=True")
+            if not all(route.calls for route in routes):
+                raise RuntimeError(
+                    f"this engine's compiled model never calls layer {index}'s doe_kernels "
+                    "routes: it was loaded from vLLM's compile cache of a run without the "
+                    "doe_kernels worker extension, and a plugged expert would not be served; "
+                    "clear that cache (VLLM_CACHE_ROOT's torch_compile_cache) or create the LLM "
+                    "with enforce_eager=True")
 
     def _doe_spec(self, layers) -> ModelSpec:
         config = self.vllm_config.model_config.hf_text_config
