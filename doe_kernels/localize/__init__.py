@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from tqdm.auto import tqdm
 
 from doe_kernels.backends import resolve
+from doe_kernels.caller_state import evaluating
 from doe_kernels.expert import (CAUSAL_LM, DEFAULT_TEMPLATE, Expert, as_list, check_batch_size,
                                 check_max_length, check_positions, check_template,
                                 detect_task_type, label_token_ids, model_sizes)
@@ -35,7 +36,6 @@ from doe_kernels.localize.prompt import (PromptResult, check_trainable, resolve_
 from doe_kernels.localize.reconstruct import Fidelity, Reconstructor, split_for_judging
 from doe_kernels.localize.recover import TrainingDiverged, masked, retune
 from doe_kernels.localize.search import mask_at_rate, paired_change, search_rate
-from doe_kernels.caller_state import evaluating
 from doe_kernels.patching import is_patched
 
 __all__ = ["localize", "PromptConfig", "AttributionConfig", "SearchConfig", "RecoveryConfig",

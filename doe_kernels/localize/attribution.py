@@ -19,8 +19,8 @@ import contextlib
 import torch
 from tqdm.auto import tqdm
 
-from doe_kernels.expert import check_batch_size
 from doe_kernels.caller_state import evaluating
+from doe_kernels.expert import check_batch_size
 from doe_kernels.models import UnsupportedModelError, describe
 from doe_kernels.patching import is_patched
 

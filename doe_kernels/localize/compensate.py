@@ -33,8 +33,8 @@ block). Layers that prune nothing get neither (the same as a delta of zeros and 
 import torch
 from torch import nn
 
-from doe_kernels.localize.attribution import projection_points
 from doe_kernels.caller_state import evaluating
+from doe_kernels.localize.attribution import projection_points
 from doe_kernels.mask import ExpertMask
 from doe_kernels.patching import is_patched
 

@@ -23,11 +23,11 @@ pruned model's hidden states of the calibration batches.
 
 import torch
 
+from doe_kernels.caller_state import evaluating
 from doe_kernels.localize.attribution import hook_points
 from doe_kernels.localize.compensate import (_check_fit, _check_unpatched, _prunes, _solve,
                                              model_batch)
 from doe_kernels.localize.recover import sliced
-from doe_kernels.caller_state import evaluating
 from doe_kernels.mask import ExpertMask
 from doe_kernels.models import describe
 

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from doe_kernels.expert import SEQ_CLS, encode, prompted_label_logits, token_counts
 from doe_kernels.caller_state import evaluating, seeded
+from doe_kernels.expert import SEQ_CLS, encode, prompted_label_logits, token_counts
 
 _FLAGS_ATTR = "_doe_kernels_requires_grad"
 SCHEDULES = ("constant", "linear")  # fit's learning-rate schedules

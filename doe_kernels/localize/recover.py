@@ -18,10 +18,10 @@ import contextlib
 import torch
 from torch import nn
 
+from doe_kernels.caller_state import evaluating, seeded
 from doe_kernels.expert import Expert
 from doe_kernels.localize.attribution import check_unpatched, hook_points
 from doe_kernels.localize.prompt import check_choices, extract, fit, unwrap, wrap
-from doe_kernels.caller_state import evaluating, seeded
 from doe_kernels.mask import ExpertMask
 from doe_kernels.models import describe
 
