@@ -64,6 +64,9 @@ def _numbers(kind):
 
 
 def pytest_configure(config):
+    if config.getoption("numprocesses", None) or hasattr(config, "workerinput"):
+        # each worker would time against the others and write the same results files
+        raise pytest.UsageError("the benchmarks run in one process: drop -n (pytest-xdist)")
     option = config.option
     # Quicker defaults than pytest-benchmark's, unless given on the command line.
     # pytest-benchmark keeps --benchmark-max-time as a string ("1.0" when not given).

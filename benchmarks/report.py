@@ -176,11 +176,13 @@ def write_results(recorder: Recorder, results_dir: str, mode: str) -> list[str]:
         json.dump(dict(meta=meta, results=[asdict(r) for r in recorder.rows], ratios=ratios,
                        memory=recorder.memory, overheads=recorder.overheads), f, indent=1)
     csv_path = os.path.join(results_dir, stem + ".csv")
+    # the metadata's `device` (the machine) as `machine`: each row has its own (cpu, cuda)
+    machine = {("machine" if key == "device" else key): value for key, value in meta.items()}
     with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(meta) + list(ratios[0]) if ratios else list(meta))
+        writer = csv.DictWriter(f, fieldnames=list(machine) + (list(ratios[0]) if ratios else []))
         writer.writeheader()
         for row in ratios:
-            writer.writerow({**meta, **row})
+            writer.writerow({**machine, **row})
     return [json_path, csv_path] + plot(ratios, meta, os.path.join(results_dir, "plots", stem))
 
 
@@ -199,8 +201,8 @@ def plot(ratios, meta, plot_dir) -> list[str]:
     os.makedirs(plot_dir, exist_ok=True)
     paths = []
     for (bench, shape, dtype, variant), items in sorted(groups.items()):
-        if len({r["prune_rate"] for r in items}) < 2:
-            continue  # a curve needs at least two pruning rates
+        if len({r["prune_rate"] for r in items}) < 2 or variant.startswith("hf-"):
+            continue  # a curve needs two pruning rates; transformers' own runs do not prune
         fig, ax = plt.subplots(figsize=(6, 4))
         for i, rows in enumerate(sorted({r["rows"] for r in items})):
             line = sorted((r for r in items if r["rows"] == rows), key=lambda r: r["prune_rate"])
@@ -210,15 +212,16 @@ def plot(ratios, meta, plot_dir) -> list[str]:
             ax.plot(rates, [r["speedup_vs_dense"] for r in line], "o-", color=color,
                     label=f"{rows} {unit}")
             ax.plot(rates, [r["sliced_speedup_vs_dense"] for r in line], ":", color=color)
-        top = max(r["prune_rate"] for r in items)
-        ideal = [p / 100 for p in range(0, round(100 * top) + 1, 5)]
-        ax.plot([100 * p for p in ideal], [1 / (1 - p) for p in ideal], "k--", lw=0.8,
-                label="ideal 1/(1-p)")
+        if bench != "moe":  # dropping MoE experts leaves each token's top-k work as it was
+            top = max(r["prune_rate"] for r in items)
+            ideal = [p / 100 for p in range(0, round(100 * top) + 1, 5)]
+            ax.plot([100 * p for p in ideal], [1 / (1 - p) for p in ideal], "k--", lw=0.8,
+                    label="ideal 1/(1-p)")
         ax.set_xlabel("pruning rate (%)")
         ax.set_ylabel("speed-up over dense")
         ax.set_title(f"{bench} {shape} {dtype} {variant}\n{meta['device']}", fontsize=9)
         ax.grid(alpha=0.3)
-        solid = "patched model" if bench == "model" else "gather"
+        solid = {"model": "patched model", "moe": variant, "train": variant}.get(bench, "gather")
         ax.legend(fontsize=7, title=f"solid: {solid}, dotted: pre-sliced", title_fontsize=7)
         fig.tight_layout()
         path = os.path.join(plot_dir, f"{bench}_{_slug(shape)}_{dtype}_{variant}.png")

@@ -27,10 +27,19 @@
 # what finished. Afterwards, here: `tar xzf gpu_run.tgz -C benchmarks/results/gpu_<device>` puts
 # the result files (gpu-<device>_<mode>[_<dtype>][_<stage>].json/.csv) and plots (plots/gpu-*/)
 # into a results folder (docs/benchmarks.md, "The GPU plan"); commit them.
+# Exit status: 0 when every stage ran (a stage cut by its time limit counts as run), 1 when the
+# extension, a test run, a benchmark run or the packing failed (the archive is written first),
+# 2 for an unknown plan.
 set -uo pipefail
 plan="${1:-budget}"
 shift || true
+case "$plan" in
+  budget|tests|quick|full|bench-quick|bench-full) ;;
+  *) echo "run_gpu.sh: unknown plan '$plan' (budget, tests, quick, full, bench-quick, bench-full)" >&2
+     exit 2 ;;
+esac
 OUT="${OUT:-$(mktemp -d)}"
+mkdir -p "$OUT" || exit 1
 BUDGET="${BUDGET:-480}"
 export PYTHONUNBUFFERED=1 MAX_JOBS="${MAX_JOBS:-16}" DOE_KERNELS_CUDA_ARCHS="${DOE_KERNELS_CUDA_ARCHS:-9.0}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -40,8 +49,19 @@ start=$(date +%s)
 packed="$(mktemp -d)"
 logs="$packed/local/gpu_logs"
 mkdir -p "$logs"
+failed=()  # the stages that failed
 pack() {
-  tar czf "$OUT/.gpu_run.tmp" -C "$packed" . && mv -f "$OUT/.gpu_run.tmp" "$OUT/gpu_run.tgz"
+  tar czf "$OUT/.gpu_run.tmp" -C "$packed" . && mv -f "$OUT/.gpu_run.tmp" "$OUT/gpu_run.tgz" \
+    || failed+=(packing)
+}
+# ran NAME STATUS: note a failed stage; 124 (cut by its time limit) and pytest's 5 (nothing
+# selected) count as run.
+ran() { [[ "$2" == 0 || "$2" == 124 || "$2" == 5 ]] || failed+=("$1 (exit $2)"); }
+# finish: pack and exit, 1 if a stage failed.
+finish() {
+  pack
+  if (( ${#failed[@]} )); then echo "== failed: ${failed[*]}"; exit 1; fi
+  exit 0
 }
 # cap N: seconds a stage may take: N, or what is left of the budget less 30 s (the stop signal's
 # grace and packing); at least 1, since `timeout 0` would mean no limit.
@@ -96,6 +116,7 @@ print('python', sys.version.split()[0], '| torch', torch.__version__, '| triton'
 print('backends: cuda', dk.available_backends('cuda'), '| cpu', dk.available_backends('cpu'))"
   echo "== extension ready $(elapsed)"
 } 2>&1 | tee "$logs/build.log"
+python3 -c "$CHECK_EXT" > /dev/null 2>&1 || failed+=("extension")
 pack
 
 # ---- tests -------------------------------------------------------------------------------------
@@ -104,10 +125,12 @@ python3 -c "import xdist" 2>/dev/null && parallel=(-n "$(nproc)")
 if [[ "$plan" == "budget" ]]; then
   echo "== GPU tests (-m gpu) $(elapsed)"
   limited "$(cap 180)" "${PYTEST[@]}" tests/ -m gpu -rs "${parallel[@]}" > "$logs/tests.log" 2>&1
+  ran "GPU tests" $?
   tail -n 30 "$logs/tests.log"
 elif [[ "$plan" != bench-* ]]; then
   echo "== tests $(elapsed)"
   "${PYTEST[@]}" tests/ -rs "${parallel[@]}" > "$logs/tests.log" 2>&1
+  ran tests $?
   tail -n 40 "$logs/tests.log"
 fi
 pack
@@ -118,10 +141,10 @@ if [[ "$plan" == "tests" ]]; then
       tests/test_segmented_ops.py \
       -k "(cuda-cuda and (40x37 or 123x37)) or (test_cuda_runs_every_segment and float32)" \
       > "$logs/memcheck.log" 2>&1
+    ran memcheck $?
     tail -n 15 "$logs/memcheck.log"
-    pack
   fi
-  exit 0
+  finish
 fi
 
 # ---- benchmarks --------------------------------------------------------------------------------
@@ -135,6 +158,7 @@ bench() {
   echo "== bench $name (at most ${seconds} s) $(elapsed)"
   limited "$seconds" "${BENCH[@]}" --results-suffix "$name" --time-budget $(( seconds - 20 )) \
     "$@" > "$logs/bench_$name.log" 2>&1
+  ran "bench $name" $?
   sed -n '/speed-up summary/,/^results in /p' "$logs/bench_$name.log" | head -n 170
   tail -n 2 "$logs/bench_$name.log"
   pack
@@ -151,6 +175,7 @@ router() {
   echo "== router $model (at most ${seconds} s) $(elapsed)"
   limited "$seconds" python3 python/router_benchmark.py --model "$model" --assets .gpu_assets \
     --device cuda --dtype bfloat16 --warmup 3 --out "$packed" > "$logs/router_$model.log" 2>&1
+  ran "router $model" $?
   tail -n 4 "$logs/router_$model.log"
   pack
 }
@@ -175,9 +200,11 @@ else
   [[ ${#targets[@]} -eq 0 || "${targets[0]}" == -* ]] && targets=(benchmarks/ "${targets[@]}")
   echo "== benchmarks ($mode) $(elapsed)"
   "${BENCH[@]}" "${targets[@]}" "${extra[@]}" > "$logs/bench.log" 2>&1
+  ran benchmarks $?
   sed -n '/speed-up summary/,/^results in /p' "$logs/bench.log" | head -n 400
   tail -n 2 "$logs/bench.log"
 fi
 
 pack
 echo "== done $(elapsed): packed $(tar tzf "$OUT/gpu_run.tgz" | wc -l) files into $OUT/gpu_run.tgz"
+finish

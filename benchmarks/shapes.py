@@ -12,6 +12,19 @@ class Shape:
     head_dim: int
     ffn: str  # "gelu" (BERT) or "swiglu" (LLaMA)
 
+    @property
+    def ffn_matrices(self) -> int:
+        """The FFN's weight matrices: up (and gate) and down."""
+        return 3 if self.ffn == "swiglu" else 2
+
+    def ffn_flops(self, rows: int) -> int:
+        """Floating-point operations of the dense FFN on `rows` rows."""
+        return 2 * rows * self.hidden * self.intermediate * self.ffn_matrices
+
+
+# The op benchmarks skip a case above this cost per call (floating-point operations)
+FLOP_CAP = {"cpu": 60e9, "cuda": 10e12}
+
 
 SHAPES = {
     s.name: s

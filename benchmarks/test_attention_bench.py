@@ -24,10 +24,9 @@ import torch.nn.functional as F
 
 import doe_kernels as dk
 from conftest import bench_device, bench_dtype, grid, measure, sweep_mode
-from shapes import SHAPES
+from shapes import FLOP_CAP, SHAPES
 
 # Calls whose dense cost exceeds this many FLOPs are left out (time on a small machine).
-FLOP_CAP = {"cpu": 60e9, "cuda": 10e12}
 # Relative error (Frobenius) allowed between a candidate's output and `sliced`.
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 1e-2}
 # The projection sweep is a side view: in the quick run, fewer row counts and pruning rates.

@@ -17,10 +17,9 @@ import torch.nn.functional as F
 
 import doe_kernels as dk
 from conftest import bench_device, bench_dtype, grid, measure, measure_pair
-from shapes import SHAPES
+from shapes import FLOP_CAP, SHAPES
 
 # Calls whose dense cost exceeds this many FLOPs are left out (time on a small machine).
-FLOP_CAP = {"cpu": 60e9, "cuda": 10e12}
 
 
 def _gather_variants(device):
@@ -34,8 +33,7 @@ def _shapes_and_rows(cases, device):
     for name in cases["shapes"]:
         shape = SHAPES[name]
         for rows in cases["rows"]:
-            flops = 2 * rows * shape.hidden * shape.intermediate * _matrices(shape)
-            if flops <= FLOP_CAP[device.type]:
+            if shape.ffn_flops(rows) <= FLOP_CAP[device.type]:
                 yield name, rows
 
 
@@ -69,10 +67,6 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("ffn_case", list(_cases(metafunc.config)))
     if "scales_case" in metafunc.fixturenames:
         metafunc.parametrize("scales_case", list(_scales_cases(metafunc.config)))
-
-
-def _matrices(shape) -> int:
-    return 3 if shape.ffn == "swiglu" else 2
 
 
 @functools.lru_cache(maxsize=2)
@@ -134,7 +128,7 @@ def test_ffn(benchmark, recorder, request, ffn_case):
         recorder.add(bench="ffn", shape=name, dtype=str(dtype).removeprefix("torch."),
                      device=device.type, variant=variant, prune_rate=prune_rate, rows=rows,
                      median_s=seconds,
-                     weight_bytes=neurons * shape.hidden * _matrices(shape) * x.element_size())
+                     weight_bytes=neurons * shape.hidden * shape.ffn_matrices * x.element_size())
 
 
 def test_ffn_scales(benchmark, recorder, request, scales_case):

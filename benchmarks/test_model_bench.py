@@ -313,15 +313,17 @@ def _captured(fn):
     return graph, out
 
 
-def _check_sliced(model, mask, case, sliced_runner, dtype) -> None:
-    """The sliced model computes the expert: compare with the model patched on `torch`."""
-    sliced_runner.reset()
-    got = sliced_runner().float()
-    sliced_runner.reset()
+def _check_output(model, mask, case, runner, dtype, variant: str) -> None:
+    """The candidate (the sliced model, or the model patched on another backend) computes the
+    expert: compare with the model patched on `torch` (a swap for the check, then back)."""
+    runner.reset()
+    got = runner().float()
+    runner.reset()
     with dk.plugged(model, mask, backend="torch"):
         want = Runner(model, case)().float()
     error = float((got - want).norm() / want.norm().clamp_min(1e-12))
-    assert error < CHECK_TOLERANCE[dtype], f"sliced model differs from the patched one: {error:.2e}"
+    assert error < CHECK_TOLERANCE[dtype], \
+        f"{variant} differs from the model patched on torch: {error:.2e}"
 
 
 def test_model(benchmark, recorder, request, model_case):
@@ -341,8 +343,8 @@ def test_model(benchmark, recorder, request, model_case):
                 timed, patched = dk.patch(model, mask, backend=backend), True
         try:
             runner = Runner(timed, case)
-            if variant == "sliced":
-                _check_sliced(model, mask, case, runner, dtype)
+            if variant not in ("dense", "patched-torch"):
+                _check_output(model, mask, case, runner, dtype, variant)
 
             runner.reset()
             runner()  # warm-up (allocator, oneDNN primitives, Triton compilation)

@@ -13,12 +13,16 @@ evaluation from their test splits.
 import argparse
 import json
 import os
+import sys
 import time
 
 import torch
 
 import offline_models  # beside this script: on the path when it runs, and in the tests
 from tasks import TASKS, load_task
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
+from report import metadata  # noqa: E402  (machine, versions, date and commit of a results file)
 
 import doe_kernels as dk
 
@@ -110,7 +114,8 @@ def main():
                                   skip=False))
         print(rows[-1], flush=True)
     result = dict(model="SmolLM2-135M-Instruct upcycled", device="cpu",
-                  threads=torch.get_num_threads(), torch=torch.__version__, args=vars(args),
+                  threads=torch.get_num_threads(), torch=torch.__version__,
+                  meta=metadata("cpu", "moe_pruning"), args=vars(args),
                   seconds=time.perf_counter() - start, eval_tokens=sum(
                       int(b["attention_mask"][:, 1:].sum()) for b in evaluation), rows=rows)
     with open(os.path.join(args.out, "results.json"), "w") as f:

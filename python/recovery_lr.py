@@ -111,8 +111,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", required=True, help="results JSON to write")
     args = parser.parse_args(argv)
     args.test, args.validation_from_test = None, False  # what task_splits reads besides
-    result = dict(args=vars(args), rows=[row for task in args.tasks
-                                         for row in task_rows(task, args)])
+    result = dict(meta=up.metadata("cpu", "recovery_lr"), args=vars(args),
+                  rows=[row for task in args.tasks for row in task_rows(task, args)])
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     return result

@@ -115,10 +115,12 @@ def main():
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--out", default=None, help="results file (JSON)")
     args = parser.parse_args()
-    if sum(int(r) >= 64 for r in args.rows.split(",")) < 2:
-        parser.error("--rows needs two row counts of 64 or more (the fit's slopes)")
+    counts = [int(r) for r in args.rows.split(",")]
+    if sum(r >= 64 for r in counts) < 2 or not any(r <= 16 for r in counts):
+        parser.error("--rows needs two row counts of 64 or more (the fit's slopes) and one of "
+                     "16 or fewer (the fused kernels' fixed part)")
     with torch.inference_mode():
-        rows = sweep([int(r) for r in args.rows.split(",")], getattr(torch, args.dtype))
+        rows = sweep(counts, getattr(torch, args.dtype))
     fits = fit(rows)
     print(json.dumps(fits, indent=1))
     if args.out:

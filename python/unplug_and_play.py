@@ -16,12 +16,16 @@ cached under ~/.cache/doe_kernels, never in the repository.
 import argparse
 import json
 import os
+import sys
 import time
 
 import torch
 
 import offline_models  # beside this script: on the path when it runs, and in the tests
 from tasks import TASKS, load_task
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
+from report import metadata  # noqa: E402  (machine, versions, date and commit of a results file)
 
 import doe_kernels as dk
 from doe_kernels.cli import add_config_options, configs_from_args
@@ -229,7 +233,8 @@ def main():
     print_table(rows, args, model)
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(dict(model=args.model, device="cpu", threads=torch.get_num_threads(),
-                       torch=torch.__version__, args=vars(args), rows=rows), f, indent=1)
+                       torch=torch.__version__, meta=metadata("cpu", "unplug_and_play"),
+                       args=vars(args), rows=rows), f, indent=1)
     plot(rows, os.path.join(out_dir, "accuracy_vs_pruning.png"), args.model)
 
 

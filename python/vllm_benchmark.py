@@ -38,12 +38,16 @@ import gc
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 
 import torch
 
 import offline_models  # beside this script
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
+from report import metadata  # noqa: E402  (machine, versions, date and commit of a results file)
 
 RATES = (0.35, 0.65, 0.9)
 
@@ -325,7 +329,8 @@ def main():
 
     meta = dict(model=args.model, args=vars(args), cpu=cpu_name(),
                 threads=os.cpu_count(), torch=torch.__version__, vllm=vllm.__version__,
-                date=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+                date=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                commit=metadata("cpu", "vllm")["commit"])
     name = (f"vllm_{args.model}" + ("_skip" if args.skip else "")
             + ("_compiled" if args.compiled else "")
             + ("_tp2_uneven" if args.uneven is not None else ""))

@@ -27,7 +27,7 @@ import time
 
 import torch
 
-from vllm_benchmark import cpu_name, model_path, start_engine, stop_engine
+from vllm_benchmark import cpu_name, metadata, model_path, start_engine, stop_engine
 
 EXPERTS = 5
 
@@ -141,7 +141,8 @@ def main():
 
     meta = dict(model=args.model, args=vars(args), cpu=cpu_name(), threads=os.cpu_count(),
                 torch=torch.__version__, vllm=vllm.__version__,
-                date=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+                date=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                commit=metadata("cpu", "vllm_mixed")["commit"])
     name = f"vllm_mixed_{args.model}" + ("_compiled" if args.compiled else "")
     with open(os.path.join(args.out, f"{name}.json"), "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1)

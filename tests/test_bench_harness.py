@@ -145,6 +145,30 @@ def test_overheads_are_reported_apart_from_the_ratios(tmp_path):
     assert results["overheads"] == recorder.overheads and results["ratios"] == []
 
 
+def test_benchmarks_refuse_xdist(tmp_path):
+    """Under pytest-xdist each worker timed against the others and wrote the same files (the
+    last one's half of the results won)."""
+    result = _run_benchmarks(tmp_path, "--smoke", "-n", "2")
+    assert result.returncode == 4 and "drop -n (pytest-xdist)" in result.stderr
+    assert not os.listdir(tmp_path)
+
+
+def test_the_csv_names_the_machine_and_each_rows_device(tmp_path):
+    """The metadata's `device` (the machine) and each ratio row's (cpu, cuda) were one CSV
+    column: the machine was lost."""
+    import csv
+
+    recorder = Recorder()
+    for variant, rate, seconds in (("dense", 0.0, 2e-3), ("sliced", 0.5, 1e-3),
+                                   ("gather-cpu", 0.5, 1.1e-3)):
+        recorder.add(bench="ffn", shape="s", dtype="float32", device="cpu", variant=variant,
+                     prune_rate=rate, rows=8, median_s=seconds)
+    written = write_results(recorder, str(tmp_path), "quick")
+    meta = json.load(open(written[0]))["meta"]
+    rows = list(csv.DictReader(open(written[1])))
+    assert rows and all(r["machine"] == meta["device"] and r["device"] == "cpu" for r in rows)
+
+
 class _Config:
     """pytest's config, as far as the timing helpers read it."""
 
