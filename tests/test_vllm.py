@@ -555,16 +555,18 @@ def test_holding_an_expert_changes_a_rank_only_when_every_layer_is_ready(monkeyp
 
     monkeypatch.setattr(worker, "_forwards_of", forwards_of)
     plans = [(None, None)] * 3
-    rank._doe_staged = ("t1", plans)
+    good, bad = doe_kernels.ExpertMask({0: [1]}), doe_kernels.ExpertMask({0: [2]})
+    rank._doe_staged = ("t1", plans, good)  # (token, plans, their mask), as doe_check_mask stages
     assert rank.doe_add_expert("good", "t1") == 0
     assert rank.doe_experts() == ["good"] and mlp_forwards(layers) == ["['good'] mlp"] * 3
-    rank._doe_staged = ("t2", plans)
+    rank._doe_staged = ("t2", plans, bad)
     built.clear()
     with pytest.raises(torch.OutOfMemoryError):
         rank.doe_add_expert("bad", "t2")
     assert rank.doe_experts() == ["good"] and mlp_forwards(layers) == ["['good'] mlp"] * 3
+    assert rank._doe_masks() == {"good": good}  # what a weight reload builds again
     assert rank.doe_remove_expert("good") and rank.doe_experts() == []
-    assert mlp_forwards(layers) == ["[] mlp"] * 3
+    assert mlp_forwards(layers) == ["[] mlp"] * 3 and rank._doe_masks() == {}
 
 
 def test_a_compiled_graph_that_never_calls_the_routes_is_refused():
