@@ -54,9 +54,9 @@ pack() {
   tar czf "$OUT/.gpu_run.tmp" -C "$packed" . && mv -f "$OUT/.gpu_run.tmp" "$OUT/gpu_run.tgz" \
     || failed+=(packing)
 }
-# ran NAME STATUS: note a failed stage; 124 (cut by its time limit) and pytest's 5 (nothing
-# selected) count as run.
-ran() { [[ "$2" == 0 || "$2" == 124 || "$2" == 5 ]] || failed+=("$1 (exit $2)"); }
+# ran NAME STATUS: note a failed stage; 124 and 137 (cut by its time limit: interrupted, or
+# killed 20 s later) and pytest's 5 (nothing selected) count as run.
+ran() { [[ "$2" =~ ^(0|124|137|5)$ ]] || failed+=("$1 (exit $2)"); }
 # finish: pack and exit, 1 if a stage failed.
 finish() {
   pack

@@ -94,7 +94,8 @@ def _plans(mask: ExpertMask, spec: ModelSpec, device: torch.device, dynamic_skip
     prepared = _PREPARED.setdefault(mask, {})
     key = (spec, device, dynamic_skip)
     if key not in prepared:
-        with torch.inference_mode(False):  # plans outlive the call: no inference tensors
+        # plans outlive the call: no inference tensors, and no autograd graph
+        with torch.inference_mode(False), torch.no_grad():
             prepared[key] = _build_plans(mask, spec, device, dynamic_skip)
     return prepared[key]
 
@@ -159,7 +160,7 @@ def patch(model: nn.Module, mask: ExpertMask, backend: str = "auto",
     state = getattr(model, _STATE, None)
     # the relaid-out weights and the index buffers outlive the call: under torch.inference_mode
     # they would be inference tensors, and the model could not be trained afterwards
-    with torch.inference_mode(False):
+    with torch.inference_mode(False), torch.no_grad():
         if state is None:
             _patch_layers(model, mask, backend, dynamic_skip)
         else:
@@ -171,7 +172,7 @@ def _patch_layers(model: nn.Module, mask: ExpertMask, backend: str, dynamic_skip
     """Patch an unpatched model; on any error every layer (the failing one too) is restored."""
     check_transformers_version()
     adapter, layers, spec = describe(model)
-    _check_attention_implementation(model)
+    _check_attention_implementation(model, spec)
     device, dtype = _model_device(layers)
     if backend != "auto":
         backends.resolve(backend, device, dtype, rows=1)  # raises if not present
@@ -192,14 +193,17 @@ def _patch_layers(model: nn.Module, mask: ExpertMask, backend: str, dynamic_skip
         raise
 
 
-# the attention implementations whose masks a patched model's attention reads (it computes
-# attention itself: flash and flex kernels, and the masks they take, are not used)
+# the attention implementations whose masks a patched causal model's attention reads (it
+# computes attention itself: flash attention's 2-D padding mask leaves causality to the kernel,
+# which is not called; flex attention's masks are no tensors). A BERT-family encoder reads a
+# 2-D padding mask as it is (and refuses a flex mask when it gets one).
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
 
 
-def _check_attention_implementation(model: nn.Module) -> None:
+def _check_attention_implementation(model: nn.Module, spec: ModelSpec) -> None:
     implementation = getattr(model.config, "_attn_implementation", None)
-    if implementation is not None and implementation not in ATTENTION_IMPLEMENTATIONS:
+    if (spec.family != "bert" and implementation is not None
+            and implementation not in ATTENTION_IMPLEMENTATIONS):
         known = " or ".join(map(repr, ATTENTION_IMPLEMENTATIONS))
         raise UnsupportedModelError(
             f"attn_implementation {implementation!r} is not supported by patched models, which "
@@ -335,7 +339,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     state = getattr(model, _STATE, None)
     if state is None:
         raise ValueError("the model is not patched by doe_kernels")
-    with torch.inference_mode(False):  # the weights put back in their layout: ordinary tensors
+    with torch.inference_mode(False), torch.no_grad():  # the weights back in their layout
         for layer_patch in reversed(state.layers):
             layer_patch.restore()
     _unguard_model(model)

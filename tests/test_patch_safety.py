@@ -288,7 +288,7 @@ def test_models_sharing_a_familys_modules_but_not_its_computation_are_refused(na
     assert_untouched(model, before, modules)
 
 
-@pytest.mark.parametrize("name", ["XLMRoberta", "Camembert"])
+@pytest.mark.parametrize("name", ["XLMRoberta", "Camembert", "Electra"])
 def test_roberta_copies_are_patched_as_roberta(name):
     import transformers
 
@@ -326,24 +326,30 @@ def test_a_peft_lora_model_is_refused_until_merged():
             torch.testing.assert_close(output_of(merged, ids, attention), expected)
 
 
-@pytest.mark.parametrize("name", ["bert", "llama"])
-def test_attention_implementations_other_than_sdpa_and_eager_are_refused(name):
-    """A patched model computes attention from the sdpa/eager masks: with flash attention's 2-D
-    padding mask a padded causal batch attended non-causally (wrong answers)."""
-    model = build(name)
+def test_attention_implementations_other_than_sdpa_and_eager_are_refused_for_causal_models():
+    """A patched causal model computes attention from the sdpa/eager masks: with flash
+    attention's 2-D padding mask a padded batch attended non-causally (wrong answers). A BERT
+    encoder reads that mask as it is."""
+    model = build("llama")
     model.config._attn_implementation = "flash_attention_2"
     before, modules = snapshot(model), modules_of(model)
     with pytest.raises(dk.models.UnsupportedModelError,
                        match="attn_implementation 'flash_attention_2' is not supported"):
         dk.patch(model, mixed_mask(model))
     assert_untouched(model, before, modules)
-    if name == "llama":  # switched after patching: the forward refuses the 2-D mask
-        model.config._attn_implementation = "sdpa"
-        ids, attention = inputs(name)
-        with dk.plugged(model, mixed_mask(model)):
-            model.config._attn_implementation = "flash_attention_2"
-            with pytest.raises(dk.models.UnsupportedModelError, match="2-D padding mask"):
-                run(model)
+    model.config._attn_implementation = "sdpa"
+    with dk.plugged(model, mixed_mask(model)):  # switched after patching: the forward refuses
+        model.config._attn_implementation = "flash_attention_2"
+        with pytest.raises(dk.models.UnsupportedModelError, match="2-D padding mask"):
+            run(model)
+    bert = build("bert")
+    mask = mixed_mask(bert)
+    ids, attention = inputs("bert")
+    with torch.no_grad():
+        expected = output_of(masked_dense(bert, mask), ids, attention)
+        bert.config._attn_implementation = "flash_attention_2"
+        with dk.plugged(bert, mask):
+            torch.testing.assert_close(output_of(bert, ids, attention), expected)
     from doe_kernels.ops.attention import _attention_mask
 
     with pytest.raises(ValueError, match="attention_mask is a object .*'sdpa' or 'eager'"):
@@ -429,3 +435,19 @@ def test_unpatch_keeps_modes_set_per_module_and_the_weights_strides(name):
     with dk.plugged(model, mixed_mask(model)):
         model.eval()  # a mode set while patched reaches every module, as model.eval() does
     assert not any(m.training for m in model.modules())
+
+
+@pytest.mark.parametrize("name", ["bert", "llama"])
+def test_a_model_made_under_inference_mode_is_patched_and_served_there(name):
+    """Loading and serving a model inside torch.inference_mode: its weights are inference
+    tensors, laid out and put back as such (a forward failed on the relaid-out weights)."""
+    with torch.inference_mode():
+        model = build(name)
+        mask = mixed_mask(model)
+        ids, attention = inputs(name)
+        expected = output_of(masked_dense(model, mask), ids, attention)
+        before = snapshot(model)
+        with dk.plugged(model, mask):
+            torch.testing.assert_close(output_of(model, ids, attention), expected)
+        assert state_dict_equal(before, snapshot(model))
+        assert all(p.is_inference() for p in model.parameters())

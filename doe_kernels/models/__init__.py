@@ -1,9 +1,9 @@
 """Architecture detection: find a model's transformer layers by their modules, pick the adapter.
 
-Supported: the BERT family (BERT, RoBERTa, XLM-RoBERTa, CamemBERT), the LLaMA family (LLaMA,
-Mistral, Qwen2) and Mixtral (sparse mixture of experts), recognised by their layers' modules and
-accepted by their config's model_type (models that share the modules but compute otherwise are
-refused). The transformers versions this was tested with are checked at patch time.
+Supported: the BERT family (BERT, RoBERTa, XLM-RoBERTa, CamemBERT, ELECTRA), the LLaMA family
+(LLaMA, Mistral, Qwen2) and Mixtral (sparse mixture of experts), recognised by their layers'
+modules and accepted by their config's model_type (models that share the modules but compute
+otherwise are refused). The transformers versions this was tested with are checked at patch time.
 """
 from torch import nn
 

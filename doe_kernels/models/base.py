@@ -107,7 +107,11 @@ def _strided_like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def _relayout(weight: nn.Parameter, data: torch.Tensor) -> None:
-    """`weight.data = data` (same values, another layout), its gradient laid out alike."""
+    """`weight.data = data` (same values, another layout), its gradient laid out alike; the
+    weight of a model made under torch.inference_mode stays an inference tensor."""
+    if weight.is_inference() and not data.is_inference():
+        with torch.inference_mode():
+            data = data.clone()
     weight.data = data
     if weight.grad is not None and weight.grad.stride() != data.stride():
         weight.grad = _strided_like(weight.grad, data)
@@ -218,9 +222,9 @@ class LayerPatch:
 
     def restore(self) -> None:
         """Put the original modules back, and the converted weights in their original layout
-        (strides). A module whose mode was set while patched (model.train()/eval() did not reach
-        it outside the module tree) gets that mode, its submodules too; one left alone keeps the
-        modes its submodules had."""
+        (strides). A module whose replacement's train/eval mode differs from its own (set while
+        patched: model.train()/eval() did not reach it outside the module tree) gets that mode,
+        its submodules too; otherwise its submodules keep the modes they had."""
         for weight, strides in zip(self.converted, self.strides):
             data = weight.detach()
             _relayout(weight, torch.empty_strided(data.shape, strides, dtype=data.dtype,

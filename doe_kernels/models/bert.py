@@ -19,10 +19,11 @@ from doe_kernels.models.segments import attention_forward
 from doe_kernels.ops import attend
 
 FAMILY = "bert"
-DESCRIPTION = "BERT family (BertModel and its task heads, RoBERTa, XLM-RoBERTa, CamemBERT)"
+DESCRIPTION = ("BERT family (BertModel and its task heads, RoBERTa, XLM-RoBERTa, CamemBERT, "
+               "ELECTRA)")
 # config.model_type of the models whose layers compute as BertLayer does (others share its
 # modules but not its computation: RoFormer's rotary positions, YOSO's attention, ...)
-MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "camembert")
+MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "electra")
 # the projections a patch reads as plain nn.Linear (a LoRA wrapper's adapters would be lost)
 LINEARS = ("attention.self.query", "attention.self.key", "attention.self.value",
            "attention.output.dense", "intermediate.dense", "output.dense")
