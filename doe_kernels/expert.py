@@ -67,8 +67,6 @@ def position_limit(model) -> int | None:
     """How many positions a BERT-family model's position embeddings hold (RoBERTa's padding
     offset left out), the soft prompt's and the text's tokens together; None for models
     without such a table (rotary positions)."""
-    if spec_of(model).family != "bert":
-        return None
     table = getattr(getattr(model.base_model, "embeddings", None), "position_embeddings", None)
     if not isinstance(table, torch.nn.Embedding):
         return None

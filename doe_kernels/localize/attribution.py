@@ -32,8 +32,9 @@ def check_unpatched(model) -> None:
     """Raise ValueError when `model` is patched: the localize steps hook its own modules, which a
     patch replaces."""
     if is_patched(model):
-        raise ValueError("attribution, reconstruction and re-tuning run on the unpatched model: "
-                         "call doe_kernels.unpatch(model) first (or run outside `plugged(...)`)")
+        raise ValueError("attribution, reconstruction (fitted on the unpruned model) and "
+                         "re-tuning run on the unpatched model: call doe_kernels.unpatch(model) "
+                         "first (or run outside `plugged(...)`)")
 
 
 def projection_points(model):
@@ -118,9 +119,7 @@ def attribute(model, tokenizer, expert, data, method: str = "grad", steps: int =
     check_batch_size(batch_size)
     if not isinstance(num_examples, int) or isinstance(num_examples, bool) or num_examples < 1:
         raise ValueError(f"num_examples must be an int >= 1, got {num_examples!r}")
-    if is_patched(model):
-        raise ValueError("attribution runs on the unpatched model (patched modules have no "
-                         "backward); call doe_kernels.unpatch(model) first")
+    check_unpatched(model)
     data = data.sample(num_examples, seed=seed) if len(data) > num_examples else data
     points, spec = hook_points(model)
     scorer = _Scorer(model, expert, method, steps, absolute, points, spec)

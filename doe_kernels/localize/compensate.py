@@ -36,7 +36,6 @@ from torch import nn
 from doe_kernels.caller_state import evaluating
 from doe_kernels.localize.attribution import projection_points
 from doe_kernels.mask import ExpertMask
-from doe_kernels.patching import is_patched
 
 
 class _FfnStats:
@@ -174,8 +173,7 @@ class Calibration:
         weights (the latter in float64) and, for scales, an intermediate_size^2 float64 matrix per
         layer (1.2 GB per layer at intermediate_size 11008).
         """
-        _check_unpatched(model)
-        points, spec = projection_points(model)
+        points, spec = projection_points(model)  # refuses a patched model
         device = next(model.parameters()).device
         ffn = [None if down is None else _FfnStats(down, spec.intermediate_size, device, scales)
                for down, _ in points]
@@ -220,8 +218,7 @@ def reconstruction(model: nn.Module, mask: ExpertMask, batches, *, scales: bool 
     (replacing any it held), fitted on `batches`: `Calibration.collect(model, batches).fit(mask,
     ...)` (see both for the arguments)."""
     _check_fit(mask, scales, bias, ridge)
-    _check_unpatched(model)
-    mask.check_spec(projection_points(model)[1])
+    mask.check_spec(projection_points(model)[1])  # refuses a patched model first
     calibration = Calibration.collect(model, batches, scales=scales)
     return calibration.fit(mask, scales=scales, bias=bias, ridge=ridge)
 
@@ -239,12 +236,6 @@ def _check_fit(mask, scales: bool, bias: bool, ridge: float) -> None:
         raise ValueError("nothing to fit: scales and bias are both False")
     if not 0 <= ridge < float("inf"):
         raise ValueError(f"ridge must be a finite number >= 0, got {ridge}")
-
-
-def _check_unpatched(model) -> None:
-    if is_patched(model):
-        raise ValueError("reconstruction is fitted on the unpruned model: "
-                         "doe_kernels.unpatch(model) first (or fit outside `plugged(...)`)")
 
 
 def _prunes(table, layer: int, size: int) -> bool:

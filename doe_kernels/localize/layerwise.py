@@ -24,9 +24,8 @@ pruned model's hidden states of the calibration batches.
 import torch
 
 from doe_kernels.caller_state import evaluating
-from doe_kernels.localize.attribution import hook_points
-from doe_kernels.localize.compensate import (_check_fit, _check_unpatched, _prunes, _solve,
-                                             model_batch)
+from doe_kernels.localize.attribution import check_unpatched, hook_points
+from doe_kernels.localize.compensate import _check_fit, _prunes, _solve, model_batch
 from doe_kernels.localize.recover import sliced
 from doe_kernels.mask import ExpertMask
 from doe_kernels.models import describe
@@ -113,7 +112,7 @@ class UnprunedTargets:
         unknown = set(kinds) - set(KINDS)
         if unknown:
             raise ValueError(f"kinds must be among {KINDS}, got {sorted(unknown)}")
-        _check_unpatched(model)
+        check_unpatched(model)
         points, _ = hook_points(model)
         layers = describe(model)[1]
         self.kinds = tuple(kind for kind in KINDS if kind in kinds)
@@ -169,7 +168,7 @@ def layerwise_reconstruction(model, mask: ExpertMask, batches, *, scales: bool =
     `Calibration.fit`; unpruned: the targets of these batches computed once (`UnprunedTargets`)
     for several fits (None: computed here)."""
     _check_fit(mask, scales, bias, ridge)
-    _check_unpatched(model)
+    check_unpatched(model)
     batches = list(batches)  # read twice (the pruned inputs, the unpruned targets): a generator too
     points, spec = hook_points(model)
     mask.check_spec(spec)
