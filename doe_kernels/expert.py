@@ -298,17 +298,20 @@ def _as_json_dict(what: str, value) -> dict:
     return dict(value)
 
 
+def check_count(name: str, value, note: str = "") -> None:
+    """Raise ValueError unless `value` is an int >= 1 (not a bool); the message names `name`."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1{note}, got {value!r}")
+
+
 def check_batch_size(batch_size) -> None:
-    """Raise ValueError unless `batch_size` is an int >= 1 (the one check of every batch_size
-    argument: predictions, calibration, mixed batches, the router)."""
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    """The one check of every batch_size argument: predictions, calibration, mixed batches,
+    the router, localize."""
+    check_count("batch_size", batch_size)
 
 
 def check_max_length(max_length) -> None:
-    """Raise ValueError unless `max_length` (tokens per text) is an int >= 1."""
-    if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1:
-        raise ValueError(f"max_length must be an int >= 1 (tokens per text), got {max_length!r}")
+    check_count("max_length", max_length, " (tokens per text)")
 
 
 def _check_finite_in(name: str, what: str, value: torch.Tensor, dtype: torch.dtype) -> None:

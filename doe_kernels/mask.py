@@ -387,6 +387,15 @@ class ExpertMask:
                 tables[match[1]][int(match[2])] = tensor
         return cls(spec=spec, **tables)
 
+    def check_skip_everywhere(self, num_layers: int, why: str) -> None:
+        """Raise ValueError naming the layers without a skipping threshold (`why`: what needs
+        one in every layer)."""
+        missing = [layer for layer in range(num_layers) if layer not in self.skip]
+        if missing:
+            raise ValueError(f"{why}, but the mask has no skipping threshold for layers "
+                             f"{missing}; compute them with doe_kernels.moe.skip_thresholds and "
+                             "ExpertMask.with_skip")
+
     def save(self, path) -> None:
         write_safetensors(path, self.tensors(), metadata={"doe_kernels": "ExpertMask",
                                                           "spec": json.dumps(self.spec)})

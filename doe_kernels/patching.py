@@ -111,13 +111,9 @@ def _build_plans(mask: ExpertMask, spec: ModelSpec, device: torch.device, dynami
     """`_plans` for one key, built."""
     mask.check_spec(spec)
     if dynamic_skip:
-        missing = [l for l in range(spec.num_layers) if l not in mask.skip]
         if not spec.num_experts:
             raise ValueError("dynamic_skip=True needs a mixture-of-experts model")
-        if missing:
-            raise ValueError(f"dynamic_skip=True, but the mask has no skipping threshold for "
-                             f"layers {missing}; compute them with "
-                             "doe_kernels.moe.skip_thresholds and ExpertMask.with_skip")
+        mask.check_skip_everywhere(spec.num_layers, "dynamic_skip=True")
     plans = []
     for layer in range(spec.num_layers):
         kept = mask.ffn.get(layer)

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from doe_kernels.caller_state import evaluating
-from doe_kernels.expert import check_batch_size
+from doe_kernels.expert import check_batch_size, check_count
 from doe_kernels.models import UnsupportedModelError, describe
 from doe_kernels.patching import is_patched
 
@@ -117,8 +117,7 @@ def attribute(model, tokenizer, expert, data, method: str = "grad", steps: int =
     if len(data) == 0:
         raise ValueError("no examples to attribute on")
     check_batch_size(batch_size)
-    if not isinstance(num_examples, int) or isinstance(num_examples, bool) or num_examples < 1:
-        raise ValueError(f"num_examples must be an int >= 1, got {num_examples!r}")
+    check_count("num_examples", num_examples)
     check_unpatched(model)
     data = data.sample(num_examples, seed=seed) if len(data) > num_examples else data
     points, spec = hook_points(model)

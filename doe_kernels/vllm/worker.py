@@ -252,12 +252,8 @@ class WorkerExtension:
 def _shards(layers, model_spec: ModelSpec, mask) -> tuple[list, list]:
     """(per layer: this rank's FFN shard of `mask`, its heads' shard); ValueError or TypeError
     when the mask does not fit."""
-    if model_spec.num_experts and 0 < len(mask.skip) < model_spec.num_layers:
-        missing = [l for l in range(model_spec.num_layers) if l not in mask.skip]
-        raise ValueError(f"the mask skips experts in some layers but has no skipping threshold "
-                         f"for layers {missing} (as doe_kernels.patch(..., dynamic_skip=True) "
-                         "refuses it); compute them with doe_kernels.moe.skip_thresholds and "
-                         "ExpertMask.with_skip")
+    if model_spec.num_experts and mask.skip:  # as patch(..., dynamic_skip=True) needs them
+        mask.check_skip_everywhere(model_spec.num_layers, "the mask skips experts")
     rank, world_size = _tensor_parallel_place(layers)
     return (ffn_shards(mask, model_spec, rank, world_size),
             head_shards(mask, model_spec, rank, world_size))
