@@ -236,8 +236,9 @@ def _training_examples(train, validation, args):
     (localize's own split, made here so that --max-train counts training examples); --max-train
     then samples at most N training examples and a held-out validation set of at most N/4."""
     if validation is None:
-        parts = train.split((0.8, 0.2, 0.0), seed=args.seed)
-        train, validation = parts["train"], parts["validation"]
+        from doe_kernels.localize import split_validation
+
+        train, validation = split_validation(train, args.seed)
         if args.max_train:
             validation = validation.sample(-(-args.max_train // 4), seed=args.seed)
     if args.max_train:

@@ -119,8 +119,7 @@ def localize(model, tokenizer, train, validation=None, *, label_words=None, temp
     check_positions(model, max_length, virtual_tokens)
     _check_shards(model, search)
     if validation is None:
-        parts = train.split((0.8, 0.2, 0.0), seed=seed)
-        train, validation = parts["train"], parts["validation"]
+        train, validation = split_validation(train, seed)
     if len(train) == 0 or len(validation) == 0:
         raise ValueError("localize needs training and validation examples")
     names = set(train.label_names)
@@ -226,6 +225,13 @@ class _Clock:
 
     def rounded(self) -> dict:
         return {step: round(seconds, 1) for step, seconds in self.seconds.items()}
+
+
+def split_validation(train, seed: int) -> tuple:
+    """(train, validation): the validation set localize holds out of `train` when given none,
+    20% of it, drawn with `seed`."""
+    parts = train.split((0.8, 0.2, 0.0), seed=seed)
+    return parts["train"], parts["validation"]
 
 
 def _check_shards(model, search: SearchConfig) -> None:
