@@ -41,8 +41,15 @@ def _start_engine(path: str, tp: int, enforce_eager: bool = True, **kwargs):
 
 
 def _stop_engine(llm) -> None:
-    """Stop the engine's processes now (the next class starts another engine)."""
-    llm.llm_engine.engine_core.shutdown()
+    """Stop the engine's processes now (the next class starts another engine). vLLM's shutdown
+    walks the process tree with psutil, which raises when a child exits during the walk (seen
+    once in CI, after every assertion of the test had passed): that child is stopped already."""
+    import psutil
+
+    try:
+        llm.llm_engine.engine_core.shutdown()
+    except psutil.NoSuchProcess:
+        pass
     gc.collect()
 
 
