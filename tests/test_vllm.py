@@ -614,6 +614,26 @@ def test_a_corrupt_mask_payload_is_refused_as_a_mask_error():
         decode_mask(tensors, "{")
 
 
+def test_expert_prompts_refuse_a_tokenizer_of_other_label_tokens():
+    """As Expert.predict does: a tokenizer that encodes the label words to other tokens than the
+    expert was trained with would make `answer` pick labels by the wrong tokens."""
+    from transformers import AutoTokenizer
+
+    from doe_kernels.expert import CAUSAL_LM, label_token_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir())
+    words = ["negative", "positive"]
+    trained = [token + 1 for token in label_token_ids(tokenizer, words)]  # another tokenizer's
+    expert = doe_kernels.Expert(None, torch.zeros(2, 8), CAUSAL_LM, words, label_words=words,
+                                label_token_ids=trained)
+    embeddings = torch.randn(len(tokenizer), 8)
+    with pytest.raises(ValueError, match="encodes the label words"):
+        dkv.expert_prompts(expert, tokenizer, ["A fine film."], embeddings)
+    expert.label_token_ids = label_token_ids(tokenizer, words)
+    assert dkv.expert_prompts(expert, tokenizer, ["A fine film."], embeddings)[0][
+        "prompt_embeds"].shape[1] == 8
+
+
 def mlp_forwards(layers) -> list:
     return [mlp.__dict__.get("forward") for _, mlp in layers]
 

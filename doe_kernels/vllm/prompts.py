@@ -11,13 +11,15 @@ itself (`answer` calls the engine it is given).
 """
 import torch
 
-from doe_kernels.expert import CAUSAL_LM, Expert, encode
+from doe_kernels.expert import CAUSAL_LM, Expert
 
 
 def expert_prompts(expert: Expert, tokenizer, texts, embeddings: torch.Tensor) -> list[dict]:
     """One vLLM prompt per text: {"prompt_embeds": cat(expert.prompt, embeddings[token ids])}
     of the text in the expert's template. `embeddings`: the model's input-embedding matrix
-    (vocab, hidden), e.g. `hf_model.get_input_embeddings().weight`; the result has its dtype."""
+    (vocab, hidden), e.g. `hf_model.get_input_embeddings().weight`; the result has its dtype.
+    ValueError for a tokenizer that encodes the expert's label words to other tokens than it was
+    trained with (as Expert.predict refuses it)."""
     if not isinstance(expert, Expert) or expert.task_type != CAUSAL_LM:
         raise ValueError("expert_prompts needs a causal-LM Expert (vLLM generates text; a "
                          "classifier's expert is served by doe_kernels.ExpertRouter)")
@@ -30,7 +32,7 @@ def expert_prompts(expert: Expert, tokenizer, texts, embeddings: torch.Tensor) -
                          f"prompt {expert.prompt.shape[1]}: an expert of another model")
     weight = embeddings.detach()
     prompt = expert.prompt.to(weight.device, weight.dtype)
-    ids, attention = encode(tokenizer, list(texts), CAUSAL_LM, expert.template, expert.max_length)
+    ids, attention = expert.encode(tokenizer, list(texts))
     return [{"prompt_embeds": torch.cat((prompt, weight[row[real.bool()].to(weight.device)]))}
             for row, real in zip(ids, attention)]  # each text without its left padding
 
