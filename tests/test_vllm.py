@@ -551,7 +551,7 @@ def test_holding_an_expert_changes_a_rank_only_when_every_layer_is_ready(monkeyp
                SimpleNamespace()) for _ in range(3)]
     rank = worker.WorkerExtension()
     rank._doe_layers_cache, rank.model_runner = layers, None
-    monkeypatch.setattr(worker, "watch_steps", lambda runner, known: None)
+    monkeypatch.setattr(worker, "watch_steps", lambda *args: None)
     built = []
 
     def forwards_of(attn, mlp, attn_plan, ffn_plan, held):
@@ -563,10 +563,10 @@ def test_holding_an_expert_changes_a_rank_only_when_every_layer_is_ready(monkeyp
     monkeypatch.setattr(worker, "_forwards_of", forwards_of)
     plans = [(None, None)] * 3
     good, bad = doe_kernels.ExpertMask({0: [1]}), doe_kernels.ExpertMask({0: [2]})
-    rank._doe_staged = ("t1", plans, good)  # (token, plans, their mask), as doe_check_mask stages
+    rank._doe_stage("t1", plans, good)  # as doe_check_mask stages them
     assert rank.doe_add_expert("good", "t1") == 0
     assert rank.doe_experts() == ["good"] and mlp_forwards(layers) == ["['good'] mlp"] * 3
-    rank._doe_staged = ("t2", plans, bad)
+    rank._doe_stage("t2", plans, bad)
     built.clear()
     with pytest.raises(torch.OutOfMemoryError):
         rank.doe_add_expert("bad", "t2")
@@ -574,6 +574,85 @@ def test_holding_an_expert_changes_a_rank_only_when_every_layer_is_ready(monkeyp
     assert rank._doe_masks() == {"good": good}  # what a weight reload builds again
     assert rank.doe_remove_expert("good") and rank.doe_experts() == []
     assert mlp_forwards(layers) == ["[] mlp"] * 3 and rank._doe_masks() == {}
+
+
+def _stand_in_rank(monkeypatch, layers: int = 2):
+    """A WorkerExtension over stand-in layers whose forwards name the experts they serve, and a
+    stand-in model runner holding `requests` (req_id -> request naming an expert or none)."""
+    from types import SimpleNamespace
+
+    from doe_kernels.vllm import worker
+
+    rank = worker.WorkerExtension()
+    rank._doe_layers_cache = [(SimpleNamespace(qkv_proj=SimpleNamespace(),
+                                               o_proj=SimpleNamespace()), SimpleNamespace())
+                              for _ in range(layers)]
+    rank.model_runner = SimpleNamespace(requests={})
+    monkeypatch.setattr(worker, "watch_steps", lambda *args: None)
+    monkeypatch.setattr(worker, "_forwards_of", lambda attn, mlp, attn_plan, ffn_plan, held: (
+        f"{sorted(held)} mlp", None, None))
+    return rank
+
+
+def _naming(name):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(sampling_params=SimpleNamespace(extra_args={"doe_expert": name}))
+
+
+def test_an_expert_removed_while_a_request_names_it_retires(monkeypatch):
+    """A request aborted between steps still sits in the runner when its expert is removed (the
+    server's gate has let the remove through): the expert stops being listed at once, but keeps
+    serving until no request names it, after a step; then it is dropped. Adding the name again
+    takes it back."""
+    rank = _stand_in_rank(monkeypatch)
+    plans = [(None, None)] * 2
+    for name in ("a", "b"):
+        rank._doe_stage(name, plans, doe_kernels.ExpertMask({0: [1]}))
+        rank.doe_add_expert(name, name)
+    rank.model_runner.requests = {"r1": _naming("a"), "r2": _naming(None)}
+    assert rank.doe_remove_expert("a") and rank.doe_experts() == ["b"]
+    assert not rank.doe_remove_expert("a")  # no longer held, as far as callers can tell
+    assert mlp_forwards(rank._doe_layers_cache) == ["['a', 'b'] mlp"] * 2  # still serving r1
+    assert sorted(rank._doe_masks()) == ["a", "b"]  # what a weight reload builds again
+    rank._doe_drop_retired()  # a step: r1 is still there
+    assert mlp_forwards(rank._doe_layers_cache) == ["['a', 'b'] mlp"] * 2
+    del rank.model_runner.requests["r1"]  # the step that dropped the aborted request
+    rank._doe_drop_retired()
+    assert mlp_forwards(rank._doe_layers_cache) == ["['b'] mlp"] * 2
+    assert sorted(rank._doe_masks()) == ["b"] and rank.doe_experts() == ["b"]
+    rank.model_runner.requests = {"r3": _naming("b")}
+    assert rank.doe_remove_expert("b") and rank.doe_experts() == []
+    rank._doe_stage("t", plans, doe_kernels.ExpertMask({0: [2]}))
+    rank.doe_add_expert("b", "t")  # added again before it was dropped: held, listed, kept
+    assert rank.doe_experts() == ["b"]
+    del rank.model_runner.requests["r3"]
+    rank._doe_drop_retired()
+    assert rank.doe_experts() == ["b"] and mlp_forwards(rank._doe_layers_cache) == \
+        ["['b'] mlp"] * 2
+
+
+def test_swaps_checked_at_once_each_apply_their_own_plan(monkeypatch):
+    """Two callers' swaps checked before either applies: each applies its own staged plan (a
+    rank stages one per token); a discard drops only its own; the oldest goes past STAGED."""
+    from doe_kernels.vllm import worker
+
+    rank = _stand_in_rank(monkeypatch)
+    plans = [(None, None)] * 2
+    masks = {name: doe_kernels.ExpertMask({0: [index]}) for index, name in enumerate("abc")}
+    for name in "abc":
+        rank._doe_stage(f"t{name}", plans, masks[name])
+    rank.doe_discard_mask("tc")
+    rank.doe_add_expert("b", "tb")
+    rank.doe_add_expert("a", "ta")
+    assert rank._doe_masks() == {"b": masks["b"], "a": masks["a"]}
+    with pytest.raises(RuntimeError, match="no mask is staged under this token"):
+        rank.doe_add_expert("c", "tc")
+    for index in range(worker.STAGED + 1):
+        rank._doe_stage(f"s{index}", plans, masks["a"])
+    assert list(rank._doe_staged()) == [f"s{i}" for i in range(1, worker.STAGED + 1)]
+    rank.doe_discard_mask()
+    assert rank._doe_staged() == {}
 
 
 def test_a_compiled_graph_that_never_calls_the_routes_is_refused():
@@ -655,12 +734,13 @@ def test_plug_on_ranks_prepares_every_layer_only_for_an_expert_to_hold():
 
 def test_watch_steps_sets_each_steps_layout():
     """A stand-in model runner: the layout its forward sees comes from the batch order and the
-    scheduled tokens; none outside a step; an unknown name is an error naming it."""
+    scheduled tokens; none outside a step; an unknown name is an error naming it; `after_step`
+    runs after every step, failed ones too; `named_experts` reads the runner's requests."""
     from types import SimpleNamespace
 
     from doe_kernels.vllm import mixed
 
-    seen = []
+    seen, steps = [], []
 
     def request(req_id, name):
         extra = None if name is None else {mixed.EXTRA_ARG: name}
@@ -671,16 +751,20 @@ def test_watch_steps_sets_each_steps_layout():
         requests=dict(r1=request("r1", "a"), r2=request("r2", None), r3=request("r3", "a")),
         _model_forward=lambda **kwargs: seen.append(mixed.current_step()))
     runner.execute_model = lambda output: runner._model_forward(input_ids=torch.zeros(7))
-    mixed.watch_steps(runner, known=lambda name: name == "a")
+    mixed.watch_steps(runner, known=lambda name: name == "a",
+                      after_step=lambda: steps.append(mixed.current_step()))
     mixed.watch_steps(runner, known=lambda name: False)  # idempotent: the first one stays
     runner.execute_model(SimpleNamespace(num_scheduled_tokens=dict(r1=2, r2=3, r3=0)))
     assert seen[0].names == (None, "a") and seen[0].counts == [5, 2]  # r3: no tokens this step
+    assert steps == [None] and mixed.named_experts(runner) == {"a"}
     assert mixed.current_step() is None
     runner._model_forward(input_ids=torch.zeros(7))  # a forward outside a step (a dummy run)
     assert seen[1] is None
     runner.requests["r3"] = request("r3", "zz")
     with pytest.raises(RuntimeError, match="request r3 names the expert 'zz'"):
         runner.execute_model(SimpleNamespace(num_scheduled_tokens=dict(r1=2, r2=3, r3=1)))
+    assert steps == [None, None] and mixed.named_experts(runner) == {"a", "zz"}
+    assert mixed.named_experts(SimpleNamespace()) == set()
     with pytest.raises(RuntimeError, match="model runner to have"):
         mixed.watch_steps(SimpleNamespace(), known=lambda name: True)
 

@@ -244,6 +244,36 @@ def test_without_the_worker_extension_the_gate_says_so():
     app.state.engine_client = Broken()
     status, reply, _ = call(ExpertGate(app), app, "/v1/completions", completion("a"))
     assert status == 500 and "--worker-extension-cls" in reply["error"]["message"]
+    assert "no such method" in reply["error"]["message"]  # what went wrong
+    assert app.seen == []
+
+
+def test_requests_arriving_together_share_one_read_of_the_names():
+    engine, app, gate = setup()
+
+    async def together():
+        engine.lag = asyncio.Event()
+        requests = [asyncio.create_task(acall(gate, app, "/v1/completions",
+                                              completion("polarity"))) for _ in range(5)]
+        while not engine.reads:
+            await asyncio.sleep(0)
+        for _ in range(20):  # every request reaches the read
+            await asyncio.sleep(0)
+        engine.lag.set()
+        return await asyncio.gather(*requests)
+
+    assert [reply[0] for reply in asyncio.run(together())] == [200] * 5
+    assert engine.reads == 1 and len(app.seen) == 5
+
+
+@pytest.mark.parametrize("own", ["", 7, {"a": 1}, "x" * 129, "a/b", "a@b"])
+def test_an_own_salt_vllm_refuses_is_refused_before_it_is_hashed(own):
+    """The gate hashes a named request's own cache_salt into its expert's salt, which vLLM
+    accepts: an own salt vLLM would have refused is answered 400 as vLLM words it."""
+    pytest.importorskip("vllm")
+    engine, app, gate = setup()
+    status, reply, _ = call(gate, app, "/v1/completions", completion("polarity", cache_salt=own))
+    assert status == 400 and "'cache_salt' must" in reply["error"]["message"]
     assert app.seen == []
 
 
@@ -302,25 +332,30 @@ def test_the_client_asks_for_the_gate_before_adding():
 
 
 @pytest.mark.parametrize("discard_fails", [False, True])
-def test_a_check_that_raises_drops_every_staged_plan(discard_fails):
-    """A rank whose check raises (not a refusal) leaves no plan staged on the others; the
-    check's error is the one reported, even when dropping the plans fails too."""
+@pytest.mark.parametrize("failing", ["doe_check_mask", "doe_apply_mask"])
+def test_a_check_or_apply_that_raises_drops_every_staged_plan(failing, discard_fails):
+    """A rank whose check or apply raises (not a refusal: an RPC timeout, a rank gone) leaves
+    no plan of this swap staged on any rank (the discard names its token: other callers' swaps
+    stay staged); the call's error is the one reported, even when dropping the plans fails
+    too."""
     import doe_kernels
     from doe_kernels.vllm.protocol import plug_on_ranks
 
     calls = []
 
     def call(method, args):
-        calls.append(method)
-        if method == "doe_check_mask":
-            raise ValueError("rank 1 died while checking")
-        if discard_fails:
+        calls.append((method, args[2] if method == "doe_check_mask" else args[-1]))
+        if method == failing:
+            raise ValueError("rank 1 died")
+        if method == "doe_discard_mask" and discard_fails:
             raise RuntimeError("no ranks to reach")
         return [None, None]
 
     with pytest.raises(ValueError, match="rank 1 died"):
         plug_on_ranks(call, doe_kernels.ExpertMask({0: [1]}))
-    assert calls == ["doe_check_mask", "doe_discard_mask"]
+    token = calls[0][1]
+    expected = ["doe_check_mask"] + (["doe_apply_mask"] if failing == "doe_apply_mask" else [])
+    assert calls == [(method, token) for method in expected + ["doe_discard_mask"]]
 
 
 def test_salts_cannot_be_forged_or_confused():

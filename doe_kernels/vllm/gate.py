@@ -6,8 +6,8 @@ refuse that one request: the step fails and the engine stops. `ExpertGate`, an A
 in the API server, stands before the engine:
  * a completion, chat completion or responses request naming an expert the engine does not hold
    (or one being added or removed, or naming one with anything but a non-empty string, or asking
-   to run in the background or with beam search, which drops the extra arguments) is answered
-   400 and never reaches it; so is any other POST whose body holds "doe_expert" (the routes that
+   to run in the background or with beam search, which drops the extra arguments, or with a
+   `cache_salt` of its own that vLLM refuses) is answered 400 and never reaches it; so is any other POST whose body holds "doe_expert" (the routes that
    take `vllm_xargs` or `extra_args` another way: Anthropic messages, batches, tokens-only
    generation, audio; a form's fields are read as the app reads them, with Starlette's parser,
    each value also as JSON, as vLLM reads `vllm_xargs`);
@@ -29,6 +29,7 @@ counts the requests of one API server process, so a server started with several
 (`--api-server-count` above 1, which data parallelism sets by default) fails at start-up, saying
 so.
 """
+import asyncio
 import collections
 import dataclasses
 import json
@@ -52,6 +53,7 @@ class ExpertGate:
         self.running = collections.Counter()  # requests in flight per name
         self.changing = set()  # names being added or removed
         self.api_key = _UNREAD  # vLLM's API-key check of this server (_api_key_check)
+        self.reading = None  # (event loop, asyncio.Lock): one read of the names at a time
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "lifespan":
@@ -107,10 +109,14 @@ class ExpertGate:
             return 400, "a request naming an expert cannot run in the background"
         if request.get("use_beam_search"):  # vLLM's beam search drops the extra arguments
             return 400, "a request naming an expert cannot use beam search"
+        problem = _salt_problem(request.get("cache_salt"))
+        if problem is not None:
+            return 400, problem
         held = await self._names(scope)
-        if held is None:
-            return 500, ("the server cannot tell which experts it holds: start it with "
-                         "--worker-extension-cls doe_kernels.vllm.WorkerExtension")
+        if isinstance(held, Exception):
+            return 500, (f"the server cannot tell which experts it holds ({held!r}); is it "
+                         "started with --worker-extension-cls "
+                         "doe_kernels.vllm.WorkerExtension?")
         if name not in held or name in self.changing:
             return 400, (f"no expert is held under the name {name!r}; add it first "
                          "(doe_kernels.vllm.http.add)")
@@ -145,10 +151,10 @@ class ExpertGate:
             return await _error(send, 400, f"{method} takes the expert's name (a non-empty "
                                 "string) as the first of args, and no kwargs")
         if self.running.get(name) or name in self.changing:
-            return await _error(send, 409, f"the expert {name!r} serves "
-                                f"{self.running[name]} running requests or is being changed; "
-                                "remove or replace it once they have finished (nothing was "
-                                "changed)")
+            doing = (f"serves {self.running[name]} running requests" if self.running.get(name)
+                     else "is being added or removed")
+            return await _error(send, 409, f"the expert {name!r} {doing}; remove or replace it "
+                                "once they have finished (nothing was changed)")
         self.changes += 1
         self.changing.add(name)
         try:
@@ -161,17 +167,37 @@ class ExpertGate:
             self.held = None
 
     async def _names(self, scope):
-        """The names the workers hold (None when they cannot say), read again while an add or
-        a remove begins during the read."""
-        while self.held is None:
-            changes = self.changes
-            try:
-                replies = await scope["app"].state.engine_client.collective_rpc("doe_experts")
-            except Exception:  # no worker extension (or no engine): say so to the client
-                return None
-            if self.changes == changes:
-                self.held = set(replies[0])
-        return self.held
+        """The names the workers hold (or the exception that kept them from saying: no worker
+        extension, no engine), read again while an add or a remove begins during the read;
+        requests that need them at once wait for one read."""
+        loop = asyncio.get_running_loop()
+        if self.reading is None or self.reading[0] is not loop:
+            self.reading = (loop, asyncio.Lock())
+        async with self.reading[1]:
+            while self.held is None:
+                changes = self.changes
+                try:
+                    replies = await scope["app"].state.engine_client.collective_rpc(
+                        "doe_experts")
+                except Exception as error:  # noqa: BLE001 (said to the client)
+                    return error
+                if self.changes == changes:
+                    self.held = set(replies[0])
+            return self.held
+
+
+def _salt_problem(own) -> str | None:
+    """vLLM's own refusal of a request's `cache_salt` (the gate hashes it into the expert's
+    salt, which vLLM would then accept), or None."""
+    try:
+        from vllm.entrypoints.generate.base.protocol import validate_cache_salt
+    except ImportError:  # another vLLM layout: none but the gate's own checks
+        return None
+    try:
+        validate_cache_salt(own)
+    except Exception as error:  # noqa: BLE001 (vLLM's VLLMValidationError, a ValueError)
+        return str(error)
+    return None
 
 
 async def _start(scope, receive, send, app):

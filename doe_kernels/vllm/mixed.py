@@ -92,9 +92,10 @@ def layout_of(names: list, counts: list, rows: int) -> StepLayout | None:
     return StepLayout(tuple(groups), group_counts, order, inverse)
 
 
-def watch_steps(runner, known) -> None:
+def watch_steps(runner, known, after_step=None) -> None:
     """Make `runner` (vLLM's model runner) set the step's layout before each model forward
-    (idempotent). `known(name)`: whether an expert is held under `name`."""
+    (idempotent: the first call's functions stay). `known(name)`: whether an expert is held
+    under `name`; `after_step()`, if given, runs after each step."""
     if runner.__dict__.get("_doe_watched"):
         return
     missing = [name for name in ("execute_model", "_model_forward", "input_batch", "requests")
@@ -112,6 +113,8 @@ def watch_steps(runner, known) -> None:
         finally:
             scheduled[0] = None
             _STEP[0] = None
+            if after_step is not None:
+                after_step()
 
     def model_forward(*args, **kwargs):
         _STEP[0] = None
@@ -140,9 +143,20 @@ def _layout_of_step(runner, scheduler_output, rows: int, known) -> StepLayout | 
     return layout_of(names, counts, rows)
 
 
+def named_experts(runner) -> set:
+    """The names of the experts that the requests `runner` holds name (finished or aborted ones
+    included until the step that drops them)."""
+    requests = getattr(runner, "requests", None) or {}
+    return {name for name in map(_name_in, requests.values()) if name is not None}
+
+
+def _name_in(request):
+    extra = getattr(getattr(request, "sampling_params", None), "extra_args", None) or {}
+    return extra.get(EXTRA_ARG)
+
+
 def _expert_of(request, known) -> str | None:
-    extra = getattr(request.sampling_params, "extra_args", None) or {}
-    name = extra.get(EXTRA_ARG)
+    name = _name_in(request)
     if name is not None and not known(name):
         raise RuntimeError(f"request {request.req_id} names the expert {name!r}, which this "
                            "engine does not hold (doe_kernels.vllm.add it first; for_experts "

@@ -81,15 +81,25 @@ def plug_on_ranks(call, mask: ExpertMask, apply: str = "doe_apply_mask", *args) 
     try:
         replies = call("doe_check_mask", [tensors, spec, token, apply == "doe_add_expert"])
     except Exception:
-        try:
-            call("doe_discard_mask", [])  # ranks that staged a plan before another failed
-        except Exception:
-            pass  # the check's error is the one to report
+        _discard(call, token)  # ranks that staged a plan before another failed
         raise
     refusals = [(rank, reply) for rank, reply in enumerate(replies) if reply is not None]
     if refusals:
-        call("doe_discard_mask", [])
+        _discard(call, token)
         rank, reply = refusals[0]
         error = UnsupportedModelError if reply["model"] else ValueError
         raise error(f"mask refused (rank {rank}; nothing was changed): {reply['error']}")
-    return call(apply, [*args, token])
+    try:
+        return call(apply, [*args, token])
+    except Exception:
+        _discard(call, token)  # ranks the apply did not reach keep no staged plan
+        raise
+
+
+def _discard(call, token: str) -> None:
+    """Drop the plan staged under `token` on every rank; an error doing so is not the one to
+    report."""
+    try:
+        call("doe_discard_mask", [token])
+    except Exception:  # noqa: BLE001
+        pass

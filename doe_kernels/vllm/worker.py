@@ -20,7 +20,7 @@ from doe_kernels.models import ModelSpec, UnsupportedModelError
 from doe_kernels.tensor_parallel import ffn_shards, head_shards
 from doe_kernels.vllm.attention import AttentionPlan, attention_of
 from doe_kernels.vllm.ffn import FfnPlan, ffn_of
-from doe_kernels.vllm.mixed import MixedAttention, MixedFfn, watch_steps
+from doe_kernels.vllm.mixed import MixedAttention, MixedFfn, named_experts, watch_steps
 from doe_kernels.vllm.moe import MixedMoe, MoePlan, is_moe_block, moe_plans, routing_sizes
 from doe_kernels.vllm.protocol import decode_mask
 from doe_kernels.vllm.routes import (compiles, decoder_layers, dense_forward,
@@ -31,6 +31,8 @@ from doe_kernels.vllm.weights import (attention_weights, drop_cached_weights, ff
 # workers import this module before they load the model
 keep_dense_weights()
 route_compiled_models()
+
+STAGED = 4  # plans staged per rank (swaps checked, not yet applied): the oldest goes past it
 
 
 def check_engine_config(vllm_config) -> None:
@@ -119,8 +121,9 @@ class WorkerExtension:
         stage its plan under `token`; returns None, or {"error": message, "model": whether the
         model (not the mask) is the problem}. `mixed` (the mask is to be held for mixed-task
         batches): also prepare the dense weights the mixed forwards of every layer read, so that
-        running out of memory for them refuses the mask on every rank, before any changes."""
-        self._doe_staged = None
+        running out of memory for them refuses the mask on every rank, before any changes.
+        Plans staged under other tokens (other callers' swaps) stay staged."""
+        self._doe_staged().pop(token, None)
         try:
             check_engine_config(self.vllm_config)
             layers = self._doe_layers()
@@ -137,21 +140,63 @@ class WorkerExtension:
             plans = _plans(layers, model_spec, mask, shards, mixed)
         except (UnsupportedModelError, RuntimeError) as error:  # out of memory too
             return dict(error=str(error), model=True)
-        self._doe_staged = (token, plans, mask)
+        self._doe_stage(token, plans, mask)
         return None
+
+    def _doe_staged(self) -> dict:
+        """token -> (plans, mask) checked and not yet applied or discarded, oldest first."""
+        return self.__dict__.setdefault("_doe_staged_plans", {})
+
+    def _doe_stage(self, token: str, plans: list, mask) -> None:
+        staged = self._doe_staged()
+        staged[token] = (plans, mask)
+        while len(staged) > STAGED:  # a caller that never applied nor discarded its swap
+            del staged[next(iter(staged))]
 
     def _doe_take_staged(self, token: str) -> tuple[list, object]:
         """(the plans staged under `token`, their mask)."""
-        staged = self.__dict__.get("_doe_staged")
-        if staged is None or staged[0] != token:
-            raise RuntimeError("no mask was checked under this token on this rank "
-                               "(call doe_kernels.vllm.plug or add, not the worker methods)")
-        self._doe_staged = None
-        return staged[1], staged[2]
+        staged = self._doe_staged().pop(token, None)
+        if staged is None:
+            raise RuntimeError(
+                "no mask is staged under this token on this rank (it was discarded, or more "
+                f"than {STAGED} other swaps were checked since; call doe_kernels.vllm.plug or "
+                "add, not the worker methods)")
+        return staged
 
     def _doe_held(self) -> dict:
-        """The experts held under names (doe_kernels.vllm.add): name -> per-layer plans."""
+        """The experts held under names (doe_kernels.vllm.add): name -> per-layer plans; the
+        retiring ones too."""
         return self.__dict__.setdefault("_doe_held_plans", {})
+
+    def _doe_retiring(self) -> set:
+        """Names removed while requests the rank still holds named them (a request aborted
+        between steps, say): still served, no longer listed, dropped once no request names
+        them (`_doe_drop_retired`)."""
+        return self.__dict__.setdefault("_doe_retiring_names", set())
+
+    def _doe_watch(self) -> None:
+        watch_steps(self.model_runner, lambda requested: requested in self._doe_held(),
+                    self._doe_drop_retired)
+
+    def _doe_drop_retired(self) -> None:
+        """After each step: stop holding the retiring experts no request names any longer (one
+        that cannot be dropped now, out of memory building the forwards, say, waits for the
+        next step)."""
+        retiring = self._doe_retiring()
+        if not retiring:
+            return
+        done = retiring - named_experts(self.model_runner)
+        if not done:
+            return
+        try:
+            self._doe_install(self._doe_singles(), {name: plans for name, plans
+                                                    in self._doe_held().items()
+                                                    if name not in done})
+        except Exception:  # noqa: BLE001 (the step itself went well: keep serving)
+            return
+        retiring -= done
+        for name in done:
+            self._doe_masks().pop(name, None)
 
     def _doe_masks(self) -> dict:
         """The mask of each plan in use, to build it again after a weight reload: under None the
@@ -201,31 +246,42 @@ class WorkerExtension:
     def doe_add_expert(self, name: str, token: str) -> int:
         """Hold the plan staged under `token` as the expert `name` (replacing one of that name),
         for the requests that name it; returns the number of layers it prunes."""
-        watch_steps(self.model_runner, lambda requested: requested in self._doe_held())
+        self._doe_watch()
         plans, mask = self._doe_take_staged(token)
         self._doe_install(self._doe_singles(), {**self._doe_held(), name: plans})
         self._doe_masks()[name] = mask
+        self._doe_retiring().discard(name)
         return sum(attn_plan is not None or ffn_plan is not None for attn_plan, ffn_plan in plans)
 
     def doe_remove_expert(self, name: str) -> bool:
-        """Stop holding the expert `name`; returns whether it was held."""
+        """Stop holding the expert `name`; returns whether it was held. While requests this
+        rank holds still name it (ones aborted since the last step), it retires instead: no
+        longer listed, still serving them until they are gone."""
+        if name not in self._doe_held() or name in self._doe_retiring():
+            return False
+        if name in named_experts(self.model_runner):
+            self._doe_retiring().add(name)
+            return True
         held = dict(self._doe_held())
-        was_held = held.pop(name, None) is not None
+        del held[name]
         self._doe_install(self._doe_singles(), held)
         self._doe_masks().pop(name, None)
-        return was_held
+        return True
 
     def doe_experts(self) -> list:
-        """The names of the experts held, in the order they were added."""
-        return list(self._doe_held())
+        """The names of the experts held, in the order they were added (retiring ones not)."""
+        return [name for name in self._doe_held() if name not in self._doe_retiring()]
 
-    def doe_discard_mask(self) -> None:
-        """Drop a staged plan (another rank refused the mask)."""
-        self._doe_staged = None
+    def doe_discard_mask(self, token: str | None = None) -> None:
+        """Drop the plan staged under `token` (a swap refused on another rank, or failed), or
+        every staged plan (None)."""
+        if token is None:
+            self._doe_staged().clear()
+        else:
+            self._doe_staged().pop(token, None)
 
     def doe_unplug(self) -> int:
         """Give every layer vLLM's own forwards back; returns the number of layers restored."""
-        self._doe_staged = None
         restored = sum(attn_plan is not None or ffn_plan is not None
                        for attn_plan, ffn_plan in self._doe_singles())
         self._doe_install([(None, None)] * len(self._doe_layers()))
@@ -239,7 +295,7 @@ class WorkerExtension:
         layers = self._doe_layers()
         rank, world_size = _tensor_parallel_place(layers)
         ffn, attn = layers[0][1], layers[0][0]
-        return dict(rank=rank, world_size=world_size, experts=list(self._doe_held()),
+        return dict(rank=rank, world_size=world_size, experts=self.doe_experts(),
                     local_neurons=_local_neurons(ffn),
                     local_heads=attn.q_size // attn.head_dim,
                     kept=[_kept_neurons(mlp) for _, mlp in layers],
