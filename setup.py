@@ -4,7 +4,8 @@ The C++ CPU kernels are always built. The CUDA kernels are built too when the in
 CUDA and nvcc is found. Knobs (environment variables, no hardware probing):
   DOE_KERNELS_NO_EXT=1        pure-Python install (the ops use the torch and triton backends)
   DOE_KERNELS_NO_CUDA=1       build the CPU kernels only
-  DOE_KERNELS_CUDA_ARCHS      semicolon-separated compute capabilities, default "8.0;9.0"
+  DOE_KERNELS_CUDA_ARCHS      semicolon-separated compute capabilities, default "8.0;9.0+PTX"
+                              (+PTX: code newer GPUs compile when they load it)
 """
 import glob
 import os
@@ -32,7 +33,7 @@ def _extensions():
         and not _flag("DOE_KERNELS_NO_CUDA")
     )
     if with_cuda:
-        archs = os.environ.get("DOE_KERNELS_CUDA_ARCHS", "8.0;9.0")
+        archs = os.environ.get("DOE_KERNELS_CUDA_ARCHS", "8.0;9.0+PTX")
         os.environ["TORCH_CUDA_ARCH_LIST"] = archs
         cuda_sources = sorted(glob.glob("csrc/cuda/*.cu", root_dir=ROOT)) + sorted(
             glob.glob("csrc/cuda/*.cpp", root_dir=ROOT)

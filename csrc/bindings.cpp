@@ -25,6 +25,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gather_cols_linear_cuda", &doe_kernels::gather_cols_linear_cuda);
   m.def("segmented_ffn_cuda", &doe_kernels::segmented_ffn_cuda);
   m.def("segmented_swiglu_ffn_cuda", &doe_kernels::segmented_swiglu_ffn_cuda);
+  m.def("cuda_kernels_run_on", &doe_kernels::cuda_kernels_run_on);
   m.def("has_cuda", []() { return true; });
 #else
   m.def("has_cuda", []() { return false; });

@@ -145,6 +145,8 @@ at::Tensor segmented_swiglu_ffn_cuda(const at::Tensor& x, const at::Tensor& w_ga
                                      const at::Tensor& segments, const at::Tensor& kept,
                                      const at::Tensor& kept_offsets,
                                      const std::optional<at::Tensor>& scales, int64_t stream);
+// Whether the CUDA kernels can run on `device` (the build holds code for its architecture).
+bool cuda_kernels_run_on(int64_t device);
 #endif
 
 }  // namespace doe_kernels

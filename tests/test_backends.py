@@ -74,6 +74,35 @@ def test_gpu_backends_are_built():
     assert backends.resolve("auto", torch.device("cuda"), torch.bfloat16, 4096) == "triton"
 
 
+def test_cuda_kernels_built_for_other_gpus_leave_the_backend_off_with_a_warning(monkeypatch):
+    """A GPU the build holds no code for (here one the probe refuses): the cuda backend is off
+    its list, `auto` picks another, with one warning naming the GPU and the knob to rebuild."""
+    from types import SimpleNamespace
+
+    from doe_kernels.backends import cuda
+
+    probed = []
+    ext = SimpleNamespace(has_cuda=lambda: True,
+                          cuda_kernels_run_on=lambda device: probed.append(device) or False)
+    monkeypatch.setattr(cuda, "extension", lambda: ext)
+    monkeypatch.setattr(cuda, "has_cuda_kernels", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (12, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "NVIDIA RTX PRO 6000")
+    cuda._runs_on.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match=r"RTX PRO 6000 \(compute capability 12\.0\)"
+                          r".*DOE_KERNELS_CUDA_ARCHS=\"12\.0\""):
+            assert not cuda.available("cuda")
+        assert not cuda.available("cuda") and probed == [0]  # probed and warned once
+        ext.cuda_kernels_run_on = lambda device: True
+        cuda._runs_on.cache_clear()
+        assert cuda.available("cuda") and not cuda.available("cpu")
+    finally:
+        cuda._runs_on.cache_clear()
+
+
 def test_triton_on_the_cpu_needs_an_interpreter_that_runs_the_kernels(monkeypatch):
     """A Triton whose interpreter cannot run the kernels' loops (3.6 with numpy 2.4 or later) leaves
     the backend off the CPU's list, with one warning that says why."""

@@ -83,6 +83,10 @@ struct SegmentedFfn {
   int64_t count, M, K, N, n_total;
 };
 
+// cudaSuccess when the current device can run these kernels (the build holds code for its
+// architecture), else the error that says why (cudaErrorNoKernelImageForDevice); clears it.
+cudaError_t kernels_run_here();
+
 // Float32 elements of workspace that launch_segmented_ffn wants (0: none); less is still correct.
 int64_t segmented_ffn_workspace_elems(const SegmentedFfn& ffn, int num_sms);
 

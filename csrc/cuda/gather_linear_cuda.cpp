@@ -96,6 +96,13 @@ void check_index(const at::Tensor& idx, const at::Tensor& ref, const char* op, c
   TORCH_CHECK(may_be_empty || idx.numel() > 0, op, ": ", name, " must be non-empty");
 }
 
+// Index lists into a weight of no rows: every index would be out of range, and the kernels' fallback
+// for one (row 0) does not exist either.
+void check_rows_exist(int64_t weight_rows, int64_t listed, const char* op, const char* name) {
+  TORCH_CHECK(weight_rows > 0 || listed == 0, op, ": ", name, " lists ", listed,
+              " indices into a weight with no rows");
+}
+
 // An optional 1-D operand of x's device and dtype with `size` entries.
 void check_vector(const std::optional<at::Tensor>& t, const at::Tensor& x, int64_t size,
                   const char* op, const char* name) {
@@ -139,6 +146,7 @@ at::Tensor run_segmented(gemv::SegmentedFfn ffn, const at::Tensor& x, const at::
   const int64_t M = x.size(0), N = w_down_t.size(1);
   check_vector(b_down, x, N, op, "b_down");
   check_index(kept, x, op, "kept", /*may_be_empty=*/true);
+  check_rows_exist(neurons, kept.numel(), op, "kept");
   check_vector(scales, x, kept.numel(), op, "scales");
   std::vector<Segment> table = read_segment_layout(segments, kept_offsets, M, kept.numel(), op);
   int64_t hidden_elems = 0;
@@ -217,6 +225,7 @@ at::Tensor gather_rows_linear_cuda(const at::Tensor& x, const at::Tensor& weight
                 ": bias must have shape (", weight.size(0), "), got ", bias->sizes());
   }
   check_index(rows, x, op, "rows");
+  check_rows_exist(weight.size(0), rows.numel(), op, "rows");
   TORCH_CHECK(activation >= kIdentity && activation <= kRelu, op, ": unknown activation code ",
               activation, " (0 identity, 1 erf GELU, 2 tanh GELU, 3 ReLU)");
 
@@ -250,6 +259,7 @@ at::Tensor gather_swiglu_cuda(const at::Tensor& x, const at::Tensor& w_gate,
   TORCH_CHECK(w_gate.size(1) == x.size(1), op, ": w_gate has ", w_gate.size(1),
               " input features but x has ", x.size(1));
   check_index(kept, x, op, "kept");
+  check_rows_exist(w_gate.size(0), kept.numel(), op, "kept");
 
   const int64_t M = x.size(0), K = x.size(1), N = kept.numel();
   at::Tensor out = at::empty({M, N}, x.options());
@@ -278,6 +288,7 @@ at::Tensor gather_cols_linear_cuda(const at::Tensor& h, const at::Tensor& weight
   check_index(cols, h, op, "cols");
   TORCH_CHECK(cols.numel() == h.size(1), op, ": h has ", h.size(1), " columns but cols has ",
               cols.numel(), " entries");
+  check_rows_exist(weight_t.size(0), cols.numel(), op, "cols");
   const int64_t M = h.size(0), J = h.size(1), N = weight_t.size(1);
   const bool has_bias = bias.has_value() && bias->defined();
   if (has_bias) {
@@ -362,6 +373,11 @@ at::Tensor segmented_swiglu_ffn_cuda(const at::Tensor& x, const at::Tensor& w_ga
   ffn.w_up1 = w_up.data_ptr();
   return run_segmented(ffn, x, w_down_t, std::nullopt, segments, kept, kept_offsets, scales,
                        w_gate.size(0), stream, op);
+}
+
+bool cuda_kernels_run_on(int64_t device) {
+  DeviceGuard guard(static_cast<int>(device));
+  return gemv::kernels_run_here() == cudaSuccess;
 }
 
 }  // namespace doe_kernels

@@ -3,8 +3,13 @@
 Written for decoding (1 to 16 rows); correct for any row count but slow for many rows, so `auto`
 only picks it for few rows. `segmented_ffn` (the library's segmented-kernel hook) is present only
 when the loaded extension has the segmented kernels; with an older build a segmented op runs one
-single-expert call per segment.
+single-expert call per segment. On a GPU the build holds no code for (an architecture outside
+DOE_KERNELS_CUDA_ARCHS, with no PTX to compile for it) the backend is unavailable, with one
+warning, and `auto` picks another.
 """
+import functools
+import warnings
+
 import torch
 
 from doe_kernels._ext import has_cuda_kernels, extension
@@ -16,7 +21,23 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def available(device_type: str) -> bool:
-    return device_type == "cuda" and torch.cuda.is_available() and has_cuda_kernels()
+    return (device_type == "cuda" and torch.cuda.is_available() and has_cuda_kernels()
+            and _runs_on(torch.cuda.current_device()))
+
+
+@functools.lru_cache(maxsize=None)
+def _runs_on(device: int) -> bool:
+    """Whether the extension's kernels can run on GPU `device` (warns once when they cannot)."""
+    probe = getattr(extension(), "cuda_kernels_run_on", None)
+    if probe is None or probe(device):  # (a build older than the probe: as before, assumed)
+        return True
+    major, minor = torch.cuda.get_device_capability(device)
+    warnings.warn(
+        f"doe_kernels: the CUDA kernels were built without code for "
+        f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor}); the 'cuda' "
+        f"backend is unavailable on it. Rebuild with DOE_KERNELS_CUDA_ARCHS=\"{major}.{minor}\" "
+        "to use it.", RuntimeWarning, stacklevel=2)
+    return False
 
 
 def _stream(tensor):
