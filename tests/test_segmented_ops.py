@@ -152,6 +152,48 @@ def test_bad_layouts_are_refused():
                                        strategy="fused")
 
 
+@pytest.mark.parametrize("device,backend,dtype", backend_cases(with_dtype=True) + [
+    pytest.param("cpu", "torch", dtype, id=f"cpu-torch-{dtype}")
+    for dtype in (torch.float16, torch.float64)])  # the torch fallback's own dtypes
+@pytest.mark.parametrize("strategy", ["segments", "union", "auto"])
+def test_unchecked_calls_still_refuse_offsets_that_miss_rows(device, backend, dtype, strategy):
+    """check_indices=False skips reading the lists, not the offsets every backend reads to lay
+    out its work: offsets that leave rows out (or overrun) raise, on every backend and dtype
+    (the torch fallback returned the rows no segment covers unwritten)."""
+    gen = torch.Generator().manual_seed(3)
+    w = _weights(dtype, device, gen)
+    x = torch.randn(4, HIDDEN, generator=gen).to(device, dtype)
+    kept = torch.tensor([0, 3, 7, 2, 4], device=device)
+    for segments, offsets, message in (([0, 2], [0, 5], "segments must start at 0 and end at 4"),
+                                       ([0, 3, 2, 4], [0, 3, 3, 5], "non-decreasing"),
+                                       ([0, 4], [0, 4], "kept_offsets must start at 0 and end")):
+        with pytest.raises(ValueError, match=message):
+            dk.segmented_gather_swiglu_ffn(
+                x, w["w_in"], w["w_up"], w["w_out_t"], torch.tensor(segments, device=device),
+                kept, torch.tensor(offsets, device=device), backend=backend,
+                check_indices=False, strategy=strategy)
+
+
+def test_the_union_reads_an_unchecked_list_that_repeats_a_neuron_as_a_set():
+    """Lists that repeat a neuron pass only unchecked calls; the union strategy reads each list
+    as a set, also for a list as long as the union (its rows were left unmasked, so they got a
+    neuron their list never names)."""
+    gen = torch.Generator().manual_seed(4)
+    w = _weights(torch.float32, "cpu", gen)
+    x = torch.randn(2, HIDDEN, generator=gen)
+    lists = [torch.tensor([1, 2, 3]), torch.tensor([1, 1, 2])]
+    segments, kept, kept_offsets = (torch.tensor(v) for v in ([0, 1, 2], [1, 2, 3, 1, 1, 2],
+                                                            [0, 3, 6]))
+    for backend in dk.available_backends("cpu"):
+        out = dk.segmented_gather_swiglu_ffn(x, w["w_in"], w["w_up"], w["w_out_t"], segments,
+                                             kept, kept_offsets, backend=backend,
+                                             check_indices=False, strategy="union")
+        for row, chosen in enumerate(lists):
+            assert_close(out[row:row + 1], swiglu_ffn_ref(x[row:row + 1], w["w_in"], w["w_up"],
+                                                          w["w_out_t"], chosen.unique()),
+                         what=f"{backend} row {row}")
+
+
 def test_auto_picks_the_union_for_one_row_per_segment_and_shared_rows():
     from doe_kernels.ops.library import _choose_strategy
 
@@ -571,7 +613,7 @@ def test_cpu_union_plan_equals_the_torch_plan(seed, dtype, scaled):
     x = torch.zeros(sum(rows), HIDDEN, dtype=dtype)
     union, row_mask = cpu.union_plan(x, segments, kept, offsets, packed, INTERMEDIATE, 1,
                                      "union")
-    chosen, expected = _choose_strategy("union", _segment_bounds(segments, offsets), kept)
+    chosen, expected = _choose_strategy("union", _segment_bounds(segments, offsets, x, kept), kept)
     if chosen == "segments":  # no rows, or no kept neuron in a segment with rows
         assert union.numel() == 0 and row_mask.shape == (sum(rows), 0)
         return

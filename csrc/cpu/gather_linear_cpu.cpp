@@ -1153,8 +1153,9 @@ int64_t chosen_union(int64_t strategy, const FfnShape& f, const std::vector<Segm
 }
 
 // hidden (rows of x x union, x's dtype) times each row's segment's mask, in place (torch's
-// `hidden * row_mask` with the mask in hidden's dtype), in parallel over rows; a segment keeping
-// every neuron of the union, unscaled, is left as it is (its mask is all ones).
+// `hidden * row_mask` with the mask in hidden's dtype), in parallel over rows; a segment whose
+// mask is all ones (every neuron of the union kept, unscaled) is left as it is. (A list that
+// repeats a neuron, which only unchecked calls pass, is read as a set.)
 template <typename T>
 void mask_hidden_(at::Tensor& hidden, const std::vector<Segment>& segs,
                   const std::vector<int64_t>& place, const int64_t* ip, const float* scales) {
@@ -1162,8 +1163,8 @@ void mask_hidden_(at::Tensor& hidden, const std::vector<Segment>& segs,
   std::vector<float> mask(count);
   T* hp = hidden.data_ptr<T>();
   for (const Segment& s : segs) {
-    if (s.kept == count && scales == nullptr) continue;
     segment_mask(s, place, ip, scales, count, mask.data());
+    if (std::all_of(mask.begin(), mask.end(), [](float m) { return m == 1.0f; })) continue;
     for (float& m : mask) m = static_cast<float>(static_cast<T>(m));
     at::parallel_for(s.r0, s.r0 + s.rows, std::max<int64_t>(1, 16384 / count),
                      [&](int64_t r0, int64_t r1) {

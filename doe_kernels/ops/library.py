@@ -306,9 +306,18 @@ def gather_swiglu_ffn(x, w_gate, w_up, w_down_t, kept, backend: str, scales=None
 SEGMENT_STRATEGIES = ("auto", "segments", "union")
 
 
-def _segment_bounds(segments: torch.Tensor, kept_offsets: torch.Tensor):
-    """(first row, end row, first kept, end kept) of each segment that has rows."""
+def _segment_bounds(segments: torch.Tensor, kept_offsets: torch.Tensor, x: torch.Tensor,
+                    kept: torch.Tensor):
+    """(first row, end row, first kept, end kept) of each segment that has rows; ValueError for
+    offsets that do not run from 0 to the rows of `x` and the entries of `kept`, non-decreasing
+    (as the C++ entry points check them, even when the caller skipped the checks)."""
     rows, lists = segments.tolist(), kept_offsets.tolist()
+    for name, offsets, total in (("segments", rows, x.shape[0]),
+                                 ("kept_offsets", lists, kept.numel())):
+        if not offsets or offsets[0] != 0 or offsets[-1] != total:
+            raise ValueError(f"{name} must start at 0 and end at {total}, got {offsets}")
+        if any(b < a for a, b in zip(offsets, offsets[1:])):
+            raise ValueError(f"{name} must be non-decreasing, got {offsets}")
     return [(rows[s], rows[s + 1], lists[s], lists[s + 1]) for s in range(len(rows) - 1)
             if rows[s + 1] > rows[s]]
 
@@ -399,8 +408,8 @@ def union_plan(x, segments, kept, kept_offsets, scales=None, strategy: str = "au
         union, row_mask = backends.cpu.union_plan(x, segments, kept, kept_offsets, scales,
                                                   neurons, up_matrices, strategy)
         return (union, row_mask) if union.numel() else None
-    chosen, union = _choose_strategy(strategy, _segment_bounds(segments, kept_offsets), kept,
-                                     min_union)
+    chosen, union = _choose_strategy(strategy, _segment_bounds(segments, kept_offsets, x, kept),
+                                     kept, min_union)
     if chosen != "union":
         return None
     return union, _union_row_mask(x, union, segments, kept, kept_offsets, scales)
@@ -450,7 +459,7 @@ def _segmented(x, out_features, segments, kept, kept_offsets, scales, strategy, 
                       up_matrices=up_matrices)
     if plan is not None:
         return run_union(x, *plan)
-    bounds = _segment_bounds(segments, kept_offsets)
+    bounds = _segment_bounds(segments, kept_offsets, x, kept)
     if bounds:
         if hasattr(module, "segmented_ffn"):
             up = (up[0], *_contiguous(*up[1:3]), *up[3:])
@@ -582,7 +591,7 @@ def _per_segment(x, out_features: int, segments, kept, kept_offsets, scales, run
     outputs concatenated (the segmented ops have no backward pass, nor mixed dtypes, of their
     own)."""
     parts = [run_segment(x[r0:r1], kept[k0:k1], None if scales is None else scales[k0:k1])
-             for r0, r1, k0, k1 in _segment_bounds(segments, kept_offsets)]
+             for r0, r1, k0, k1 in _segment_bounds(segments, kept_offsets, x, kept)]
     return torch.cat(parts) if parts else x.new_zeros(0, out_features)
 
 
