@@ -1,11 +1,16 @@
 """Loads the compiled extension doe_kernels._C once, and warns once if it is missing or broken.
 
 `import doe_kernels` never fails because of the extension: `extension()` returns None when it
-cannot be loaded, and the backends that need it report themselves unavailable.
+cannot be loaded, and the backends that need it report themselves unavailable. The CPU kernels'
+knobs, environment variables the C++ reads once, are checked here: a value it would misread
+raises ValueError.
 """
 import functools
 import os
 import warnings
+
+
+CPU_ISAS = ("generic", "avx2", "avx512")  # DOE_KERNELS_CPU_ISA: the highest the kernels may use
 
 
 @functools.lru_cache(maxsize=None)
@@ -13,6 +18,7 @@ def extension():
     """The doe_kernels._C module, or None (with one warning) when it cannot be loaded."""
     if os.environ.get("DOE_KERNELS_NO_EXT", "0") == "1":
         return None
+    check_cpu_knobs()
     try:
         from doe_kernels import _C
     except ImportError as error:
@@ -25,6 +31,22 @@ def extension():
         )
         return None
     return _C
+
+
+def check_cpu_knobs() -> None:
+    """ValueError for a DOE_KERNELS_CPU_ISA or DOE_KERNELS_CPU_GATHER_ABOVE the C++ would misread
+    (an unknown ISA as no cap, a non-number as 0: gather + GEMM everywhere)."""
+    isa = os.environ.get("DOE_KERNELS_CPU_ISA")
+    if isa and isa not in CPU_ISAS:  # (empty: unset, as the C++ reads it)
+        raise ValueError(f"DOE_KERNELS_CPU_ISA must be one of {CPU_ISAS}, got {isa!r}")
+    above = os.environ.get("DOE_KERNELS_CPU_GATHER_ABOVE", "")
+    try:
+        valid = not above or int(above) >= -1
+    except ValueError:
+        valid = False
+    if not valid:
+        raise ValueError("DOE_KERNELS_CPU_GATHER_ABOVE must be a row count (-1: the CPU's own "
+                         f"rule), got {above!r}")
 
 
 def has_cuda_kernels() -> bool:

@@ -103,6 +103,25 @@ def test_cuda_kernels_built_for_other_gpus_leave_the_backend_off_with_a_warning(
         cuda._runs_on.cache_clear()
 
 
+@pytest.mark.parametrize("name, value, good", [
+    ("DOE_KERNELS_CPU_ISA", "avx2", True), ("DOE_KERNELS_CPU_ISA", "AVX2", False),
+    ("DOE_KERNELS_CPU_ISA", "", True), ("DOE_KERNELS_CPU_GATHER_ABOVE", "64", True),
+    ("DOE_KERNELS_CPU_GATHER_ABOVE", "-1", True), ("DOE_KERNELS_CPU_GATHER_ABOVE", "", True),
+    ("DOE_KERNELS_CPU_GATHER_ABOVE", "abc", False), ("DOE_KERNELS_CPU_GATHER_ABOVE", "-2", False),
+    ("DOE_KERNELS_CPU_GATHER_ABOVE", "1e3", False)])
+def test_cpu_knobs_the_kernels_would_misread_are_refused(monkeypatch, name, value, good):
+    """The C++ reads an unknown ISA as no cap and a non-number as 0 rows (gather + GEMM for
+    every call): refused by name before the extension loads."""
+    from doe_kernels import _ext
+
+    monkeypatch.setenv(name, value)
+    if good:
+        _ext.check_cpu_knobs()
+    else:
+        with pytest.raises(ValueError, match=name):
+            _ext.check_cpu_knobs()
+
+
 def test_triton_on_the_cpu_needs_an_interpreter_that_runs_the_kernels(monkeypatch):
     """A Triton whose interpreter cannot run the kernels' loops (3.6 with numpy 2.4 or later) leaves
     the backend off the CPU's list, with one warning that says why."""
