@@ -125,7 +125,9 @@ std::tuple<double, double, double, double> cpu_segment_costs(bool float32);
 
 #ifdef DOE_KERNELS_WITH_CUDA
 // `stream` is the cudaStream_t to launch on, passed from Python
-// (torch.cuda.current_stream().cuda_stream), so that the bindings need no ATen CUDA headers.
+// (torch.cuda.current_stream().cuda_stream), so that the bindings need no ATen CUDA headers. It must
+// be the current stream of the tensors' device: the outputs and workspaces are allocated (and
+// freed on return) by the caching allocator on that stream.
 at::Tensor gather_rows_linear_cuda(const at::Tensor& x, const at::Tensor& weight,
                                    const std::optional<at::Tensor>& bias, const at::Tensor& rows,
                                    int64_t activation, int64_t stream);
