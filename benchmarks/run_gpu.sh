@@ -27,7 +27,8 @@
 # what finished. Afterwards, here: `tar xzf gpu_run.tgz -C benchmarks/results/gpu_<device>` puts
 # the result files (gpu-<device>_<mode>[_<dtype>][_<stage>].json/.csv) and plots (plots/gpu-*/)
 # into a results folder (docs/benchmarks.md, "The GPU plan"); commit them.
-# Exit status: 0 when every stage ran (a stage cut by its time limit counts as run), 1 when the
+# Exit status: 0 when no stage failed (a stage cut by its time limit counts as run; one skipped,
+# its budget spent or .gpu_assets missing, is listed at the end as skipped), 1 when the
 # extension, a test run, a benchmark run or the packing failed (the archive is written first),
 # 2 for an unknown plan.
 set -uo pipefail
@@ -50,6 +51,7 @@ packed="$(mktemp -d)"
 logs="$packed/local/gpu_logs"
 mkdir -p "$logs"
 failed=()  # the stages that failed
+skipped=()  # the stages not started (budget spent, no assets)
 pack() {
   tar czf "$OUT/.gpu_run.tmp" -C "$packed" . && mv -f "$OUT/.gpu_run.tmp" "$OUT/gpu_run.tgz" \
     || failed+=(packing)
@@ -57,10 +59,12 @@ pack() {
 # ran NAME STATUS: note a failed stage; 124 and 137 (cut by its time limit: interrupted, or
 # killed 20 s later) and pytest's 5 (nothing selected) count as run.
 ran() { [[ "$2" =~ ^(0|124|137|5)$ ]] || failed+=("$1 (exit $2)"); }
+listed() { local IFS=';'; echo "$*" | sed 's/;/; /g'; }  # listed A B: "A; B"
 # finish: pack and exit, 1 if a stage failed.
 finish() {
   pack
-  if (( ${#failed[@]} )); then echo "== failed: ${failed[*]}"; exit 1; fi
+  if (( ${#skipped[@]} )); then echo "== skipped: $(listed "${skipped[@]}")"; fi
+  if (( ${#failed[@]} )); then echo "== failed: $(listed "${failed[@]}")"; exit 1; fi
   exit 0
 }
 # cap N: seconds a stage may take: N, or what is left of the budget less 30 s (the stop signal's
@@ -154,7 +158,9 @@ bench() {
   local name="$1" seconds
   seconds="$(cap "$2")"
   shift 2
-  if (( seconds < 40 )); then echo "== bench $name: skipped, budget spent"; return; fi
+  if (( seconds < 40 )); then
+    echo "== bench $name: skipped, budget spent"; skipped+=("bench $name"); return
+  fi
   echo "== bench $name (at most ${seconds} s) $(elapsed)"
   limited "$seconds" "${BENCH[@]}" --results-suffix "$name" --time-budget $(( seconds - 20 )) \
     "$@" > "$logs/bench_$name.log" 2>&1
@@ -170,8 +176,12 @@ bench() {
 router() {
   local model="$1" seconds
   seconds="$(cap "$2")"
-  if [[ ! -f .gpu_assets/texts.json ]]; then echo "== router $model: skipped, no .gpu_assets"; return; fi
-  if (( seconds < 40 )); then echo "== router $model: skipped, budget spent"; return; fi
+  if [[ ! -f .gpu_assets/texts.json ]]; then
+    echo "== router $model: skipped, no .gpu_assets"; skipped+=("router $model"); return
+  fi
+  if (( seconds < 40 )); then
+    echo "== router $model: skipped, budget spent"; skipped+=("router $model"); return
+  fi
   echo "== router $model (at most ${seconds} s) $(elapsed)"
   limited "$seconds" python3 python/router_benchmark.py --model "$model" --assets .gpu_assets \
     --device cuda --dtype bfloat16 --warmup 3 --out "$packed" > "$logs/router_$model.log" 2>&1
