@@ -8,10 +8,13 @@ benchmark's too); `--time-budget S` skips what is left once S seconds have passe
 what ran are still written); `--results-suffix NAME` adds NAME to the result files' names.
 
 Each benchmark records its median time. On the CPU that is pytest-benchmark's median of a bounded
-number of rounds (`measure`). On a GPU it is the median of CUDA-event timings from
-`triton.testing.do_bench`, with the L2 cache flushed before every call (a model's weights do not
-stay in L2 from one layer's call to the next), and pytest-benchmark runs the call once more only to
-mark the benchmark used. At the end the run's results are written (JSON and CSV with device,
+number of rounds (`measure`), each call with the CPU's caches emptied first (`--cpu-cache cold`,
+the default: in a model, a layer's weights are not in the cache its previous call left them in;
+`warm` times repeated calls on cached weights). On a GPU it is the median of CUDA-event timings
+from `triton.testing.do_bench`, with the L2 cache flushed before every call (for the same reason),
+and pytest-benchmark runs the call once more only to mark the benchmark used. Every candidate is
+checked against its reference (pre-sliced weights, or the experts one by one) before it is timed
+(`check_close`). At the end the run's results are written (JSON and CSV with device,
 versions, date and commit), the speed-up curves are drawn as PNG files, a summary table is printed
 and the last line names the folder. The folder is `--results-dir`, by default
 benchmarks/results/local/, which git ignores: a run leaves the checkout clean, and a reference run
@@ -23,11 +26,25 @@ import time
 import pytest
 import torch
 
-from report import DEFAULT_RESULTS_DIR, Recorder, summary_lines, where_lines, write_results
+from report import (DEFAULT_RESULTS_DIR, Recorder, run_start, summary_lines, where_lines,
+                    write_results)
 from shapes import FULL, QUICK, SHAPES
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_DTYPE = {"cpu": "float32", "cuda": "bfloat16"}
+# Relative (Frobenius) difference allowed between an op benchmark's candidate and its reference
+# (pre-sliced weights, or the experts run one after another): rounding in another order.
+OP_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 1e-2}
+
+
+def check_close(got, want, tolerance: float, what: str) -> None:
+    """A benchmark checks a candidate once before timing it (a fast wrong kernel is no result):
+    `got` (a tensor or a list of them, concatenated) against `want` within `tolerance`, relative
+    (Frobenius)."""
+    got, want = (torch.cat(t) if isinstance(t, (list, tuple)) else t for t in (got, want))
+    got, want = got.float(), want.float()
+    error = float((got - want).norm() / want.norm().clamp_min(1e-12))
+    assert error < tolerance, f"{what}: relative difference {error:.2e}"
 
 def pytest_addoption(parser):
     group = parser.getgroup("doe-kernels benchmarks")
@@ -50,6 +67,10 @@ def pytest_addoption(parser):
                     help="op benchmarks: comma-separated row counts, e.g. 1,8,512")
     group.addoption("--time-budget", type=float, default=None,
                     help="seconds after the session's start past which benchmarks are skipped")
+    group.addoption("--cpu-cache", choices=("cold", "warm"), default="cold",
+                    help="CPU: empty the caches before every timed call (cold, the default: as "
+                         "a model's layers meet their weights) or not (warm: repeated calls on "
+                         "cached weights)")
 
 
 def _names(text: str) -> tuple:
@@ -75,6 +96,8 @@ def pytest_configure(config):
     if getattr(option, "benchmark_min_rounds", None) == 5:
         option.benchmark_min_rounds = 3
     config.doe_recorder = Recorder()
+    config.doe_recorder.run_info = run_start(
+        cpu_cache=config.getoption("--cpu-cache") if bench_device(config).type == "cpu" else None)
     config.doe_start = time.monotonic()
     unknown = set(config.getoption("--shapes") or ()) - set(SHAPES)
     if unknown:
@@ -125,7 +148,8 @@ def measure(benchmark, fn, config, setup=None, max_rounds: int = 1000) -> float:
     calls (which double as warm-up). pytest-benchmark's own calibration fixes the round count from
     one fast measurement, so on a loaded machine a microsecond op can run for minutes; here
     rounds = max_time / (median probe time), at least --benchmark-min-rounds and at most
-    `max_rounds`; `setup` is untimed. With --benchmark-disable the same rounds are timed here.
+    `max_rounds` (COLD_ROUNDS with --cpu-cache cold); `setup`, and the cold cache's eviction
+    before it, are untimed. With --benchmark-disable the same rounds are timed here.
     GPU: CUDA-event timings from triton.testing.do_bench (L2 flushed before each call); `setup`
     runs inside the timed call (do_bench has no hook), so keep it cheap (the decode benchmark's
     cache crop). pytest-benchmark then runs the call once, only to mark the fixture used.
@@ -136,6 +160,8 @@ def measure(benchmark, fn, config, setup=None, max_rounds: int = 1000) -> float:
         benchmark.extra_info["cuda_event_median_s"] = seconds
         benchmark.pedantic(call, rounds=1, iterations=1)
         return seconds
+
+    setup = _cpu_setup(config, setup)
 
     def timed_call() -> float:
         if setup is not None:
@@ -151,6 +177,48 @@ def measure(benchmark, fn, config, setup=None, max_rounds: int = 1000) -> float:
     return benchmark.stats.stats.median
 
 
+COLD_ROUNDS = 60  # rounds at most with --cpu-cache cold (each eviction writes 2x the L3 cache)
+
+
+def _cpu_setup(config, setup=None):
+    """`setup` preceded by emptying the CPU's caches (`evict_cpu_caches`) with --cpu-cache cold
+    (None when there is nothing to run)."""
+    if config.getoption("--cpu-cache") != "cold":
+        return setup
+    if setup is None:
+        return evict_cpu_caches
+
+    def evict_then_setup():
+        evict_cpu_caches()
+        return setup()  # (pytest-benchmark reads what it returns as the call's arguments)
+    return evict_then_setup
+
+
+_EVICTION: list = []  # the buffer evict_cpu_caches writes, made once
+
+
+def evict_cpu_caches() -> None:
+    """Write a buffer twice the size of the CPU's last-level cache (64 MiB where unknown), so that
+    nothing a timed call reads stays cached from the previous one."""
+    if not _EVICTION:
+        with torch.inference_mode(False):  # (a normal tensor: written in and out of the mode)
+            _EVICTION.append(torch.zeros(2 * _last_level_cache_bytes() // 4))
+    _EVICTION[0].add_(1)
+
+
+def _last_level_cache_bytes() -> int:
+    sizes = []
+    for index in range(8):
+        try:
+            with open(f"/sys/devices/system/cpu/cpu0/cache/index{index}/size") as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:].upper(), 1)
+        sizes.append(int(text.rstrip("KMGkmg")) * scale)
+    return max(sizes, default=32 * 2**20)
+
+
 def measure_pair(benchmark, fn, other, config, max_rounds: int = 1000) -> tuple[float, float]:
     """Median seconds of `fn()` and of `other()`, timed alternately, so that a drift in the
     machine's speed falls on both alike: for ratios close to 1, such as the cost of an optional
@@ -162,7 +230,11 @@ def measure_pair(benchmark, fn, other, config, max_rounds: int = 1000) -> tuple[
         turns = [(_cuda_median(fn, config), _cuda_median(other, config)) for _ in range(3)]
         seconds = _median([t[0] for t in turns]), _median([t[1] for t in turns])
     else:
+        setup = _cpu_setup(config)
+
         def timed(call) -> float:
+            if setup is not None:
+                setup()
             start = time.perf_counter()
             call()
             return time.perf_counter() - start
@@ -192,6 +264,8 @@ def _cpu_rounds(timed_call, config, max_rounds: int) -> int:
     """max_time / (median of a few probe calls, which double as warm-up), at least
     --benchmark-min-rounds and at most `max_rounds`."""
     option = config.option
+    if config.getoption("--cpu-cache") == "cold":
+        max_rounds = min(max_rounds, COLD_ROUNDS)
     max_time = float(getattr(option, "benchmark_max_time", 0.25))
     min_rounds = int(getattr(option, "benchmark_min_rounds", 3))
     times = []

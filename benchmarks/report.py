@@ -49,6 +49,9 @@ class Recorder:
         self.memory: list[dict] = []  # per variant: bytes held beyond the dense model, peak bytes
         self.overheads: list[dict] = []  # per call: an optional argument's cost (add_overhead)
         self.copy_bandwidth: float | None = None  # bytes/s of a device-to-device copy (GPU runs)
+        # what the run's start decides (the commit measured, the load then, the CPU cache
+        # condition): metadata's fields, read before any benchmark runs
+        self.run_info: dict = {}
 
     def add(self, **fields):
         self.rows.append(Result(**fields))
@@ -144,20 +147,45 @@ def _git_commit() -> str:
         return "unknown"
 
 
-def metadata(device: str, mode: str, copy_bandwidth: float | None = None) -> dict:
-    try:
-        import triton
+KNOB_PREFIXES = ("DOE_KERNELS_", "OMP_", "MKL_", "TRITON_")  # environment that changes the code run
 
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
+
+def run_start(**fields) -> dict:
+    """What a run records as it starts: its commit (a long run labelled by a later checkout would
+    name code it did not measure), the machine's 1-minute load average and `fields`."""
+    return dict(commit=_git_commit(), load_start=_load(), **fields)
+
+
+def metadata(device: str, mode: str, copy_bandwidth: float | None = None,
+             run_info: dict | None = None) -> dict:
+    """The results files' `meta`: the machine, versions, date, commit (`run_info`'s, read at the
+    run's start, else now), threads, CPU features, the environment variables that change which
+    code runs (`knobs`) and the load averages at the start and end."""
+    versions = {}
+    for name in ("triton", "transformers"):
+        try:
+            versions[name] = __import__(name).__version__
+        except ImportError:
+            versions[name] = None
+    run_info = dict(run_info or {})
     return dict(
-        device=device_name(device), torch=torch.__version__, triton=triton_version,
+        device=device_name(device), torch=torch.__version__, **versions,
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        commit=_git_commit(), mode=mode, python=platform.python_version(),
-        cpu_threads=torch.get_num_threads(), cpu_features=cpu_features(),
+        commit=run_info.pop("commit", None) or _git_commit(), mode=mode,
+        python=platform.python_version(), cpu_threads=torch.get_num_threads(),
+        cpu_features=cpu_features(),
         copy_GBps=round(copy_bandwidth / 1e9, 1) if copy_bandwidth else None,
+        knobs={key: value for key, value in sorted(os.environ.items())
+               if key.startswith(KNOB_PREFIXES)},
+        **run_info, load_end=_load(),
     )
+
+
+def _load() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
 
 
 def _slug(text: str) -> str:
@@ -167,7 +195,7 @@ def _slug(text: str) -> str:
 def write_results(recorder: Recorder, results_dir: str, mode: str) -> list[str]:
     """Write <device>_<mode>.json/.csv and the speed-up plots; returns the paths written."""
     device = recorder.rows[0].device if recorder.rows else recorder.overheads[0]["device"]
-    meta = metadata(device, mode, recorder.copy_bandwidth)
+    meta = metadata(device, mode, recorder.copy_bandwidth, recorder.run_info)
     stem = f"{'gpu-' + _slug(meta['device']) if device.startswith('cuda') else 'cpu'}_{mode}"
     os.makedirs(results_dir, exist_ok=True)
     ratios = recorder.ratios()
@@ -177,7 +205,8 @@ def write_results(recorder: Recorder, results_dir: str, mode: str) -> list[str]:
                        memory=recorder.memory, overheads=recorder.overheads), f, indent=1)
     csv_path = os.path.join(results_dir, stem + ".csv")
     # the metadata's `device` (the machine) as `machine`: each row has its own (cpu, cuda)
-    machine = {("machine" if key == "device" else key): value for key, value in meta.items()}
+    machine = {("machine" if key == "device" else key): json.dumps(value) if isinstance(
+        value, dict) else value for key, value in meta.items()}
     with open(csv_path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(machine) + (list(ratios[0]) if ratios else []))
         writer.writeheader()

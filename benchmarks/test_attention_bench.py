@@ -23,12 +23,10 @@ import torch
 import torch.nn.functional as F
 
 import doe_kernels as dk
-from conftest import bench_device, bench_dtype, grid, measure, sweep_mode
+from conftest import OP_TOLERANCE, bench_device, bench_dtype, check_close, grid, measure, sweep_mode
 from shapes import FLOP_CAP, SHAPES
 
 # Calls whose dense cost exceeds this many FLOPs are left out (time on a small machine).
-# Relative error (Frobenius) allowed between a candidate's output and `sliced`.
-TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 1e-2}
 # The projection sweep is a side view: in the quick run, fewer row counts and pruning rates.
 PROJ_QUICK = dict(rows=(1, 64), prune_rates=(0.35, 0.65))
 
@@ -167,9 +165,8 @@ def _run(benchmark, recorder, config, device, dtype, bench, name, rates, rows, v
     fn = make(variant, sel)
     with torch.inference_mode():
         if variant not in ("dense", "sliced"):
-            got, want = fn().float(), make("sliced", sel)().float()
-            error = float((got - want).norm() / want.norm().clamp_min(1e-12))
-            assert error < TOLERANCE[dtype], f"{variant} differs from sliced: {error:.2e}"
+            check_close(fn(), make("sliced", sel)(), OP_TOLERANCE[dtype],
+                        f"{variant} against sliced")
         fn()  # warm-up (and Triton compilation)
         seconds = measure(benchmark, fn, config)
     weight_bytes = _weight_bytes(bench, name, variant, sel, dtype.itemsize)

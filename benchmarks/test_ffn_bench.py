@@ -2,8 +2,11 @@
 
 For every shape, pruning rate and row count: `dense` (F.linear on the full weights; it does not
 depend on the rate, so it is measured once per shape and row count and recorded under every rate),
-`sliced` (F.linear on weights sliced once ahead of time) and `gather-<backend>` for every backend
-present.
+`sliced` (F.linear on weights sliced once ahead of time; on a GPU padded with zero neurons to a
+multiple of SLICE_ALIGN, so that cuBLAS keeps its fastest kernels, which an odd width such as
+LLaMA-7B's 7155 kept neurons leaves: the same result, the best a slicing user gets) and
+`gather-<backend>` for every backend present. Each gather variant is checked against `sliced`
+before it is timed.
 
 `test_ffn_scales`: the cost of the optional per-neuron `scales` (mask tuning), as the time of
 `gather-<backend>` with scales over its time without, the two timed alternately on the same inputs
@@ -16,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 import doe_kernels as dk
-from conftest import bench_device, bench_dtype, grid, measure, measure_pair
+from conftest import (OP_TOLERANCE, bench_device, bench_dtype, check_close, grid, measure,
+                      measure_pair)
 from shapes import FLOP_CAP, SHAPES
 
 # Calls whose dense cost exceeds this many FLOPs are left out (time on a small machine).
@@ -83,6 +87,20 @@ def _weights(name, device, dtype):
     return w
 
 
+SLICE_ALIGN = 64  # GPU: the sliced baseline's neurons are padded with zeros to a multiple of this
+
+
+def _sliced(w, kept, names_rows, names_cols):
+    """The weights `names_rows` (rows: neurons) and `names_cols` (columns: neurons) cut to the
+    kept neurons, once; on a GPU padded with zero neurons to a multiple of SLICE_ALIGN (a zero
+    neuron adds nothing: GELU(0) and SiLU(0) are 0, and its down-projection column is 0)."""
+    pad = -kept.numel() % SLICE_ALIGN if kept.device.type == "cuda" else 0
+    out = {name: F.pad(w[name][kept], (0, 0) * (w[name].dim() - 1) + (0, pad))  # dim 0
+           for name in names_rows}
+    out.update({name: F.pad(w[name][:, kept], (0, pad)) for name in names_cols})
+    return {name: t.contiguous() for name, t in out.items()}
+
+
 def _kept(intermediate, prune_rate, device):
     keep = round(intermediate * (1 - prune_rate))
     gen = torch.Generator().manual_seed(1)
@@ -96,7 +114,8 @@ def _callable(name, variant, w, kept, x, scales=None):
         if variant in ("dense", "sliced"):
             gate, up, down = w["w_in"], w["w_up"], w["w_out"]
             if variant == "sliced":
-                gate, up, down = gate[kept].contiguous(), up[kept].contiguous(), down[:, kept].contiguous()
+                cut = _sliced(w, kept, ("w_in", "w_up"), ("w_out",))
+                gate, up, down = cut["w_in"], cut["w_up"], cut["w_out"]
             return lambda: F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
         backend = variant.removeprefix("gather-")
         return lambda: dk.gather_swiglu_ffn(x, w["w_in"], w["w_up"], w["w_out_t"], kept,
@@ -104,7 +123,8 @@ def _callable(name, variant, w, kept, x, scales=None):
     if variant in ("dense", "sliced"):
         w_in, b_in, w_out = w["w_in"], w["b_in"], w["w_out"]
         if variant == "sliced":
-            w_in, b_in, w_out = w_in[kept].contiguous(), b_in[kept].contiguous(), w_out[:, kept].contiguous()
+            cut = _sliced(w, kept, ("w_in", "b_in"), ("w_out",))
+            w_in, b_in, w_out = cut["w_in"], cut["b_in"], cut["w_out"]
         return lambda: F.linear(F.gelu(F.linear(x, w_in, b_in)), w_out, w["b_out"])
     backend = variant.removeprefix("gather-")
     return lambda: dk.gather_ffn(x, w["w_in"], w["b_in"], w["w_out_t"], w["b_out"], kept, "gelu",
@@ -120,7 +140,10 @@ def test_ffn(benchmark, recorder, request, ffn_case):
     x = torch.randn(rows, SHAPES[name].hidden, device=device, dtype=dtype)
     fn = _callable(name, variant, w, kept, x)
     with torch.inference_mode():
-        fn()  # warm-up (and Triton compilation, autotuning)
+        got = fn()  # warm-up (and Triton compilation, autotuning)
+        if variant.startswith("gather-"):
+            check_close(got, _callable(name, "sliced", w, kept, x)(), OP_TOLERANCE[dtype],
+                        f"{variant} against sliced")
         seconds = measure(benchmark, fn, request.config)
     shape = SHAPES[name]
     neurons = shape.intermediate if variant == "dense" else kept.numel()

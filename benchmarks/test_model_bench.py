@@ -57,7 +57,7 @@ from transformers import (
 from transformers.models.llama import modeling_llama
 
 import doe_kernels as dk
-from conftest import bench_device, bench_dtype, measure, sweep_mode
+from conftest import bench_device, bench_dtype, check_close, measure, sweep_mode
 from shapes import FULL
 
 QUICK_RATES = (0.35, 0.65)
@@ -321,9 +321,7 @@ def _check_output(model, mask, case, runner, dtype, variant: str) -> None:
     runner.reset()
     with dk.plugged(model, mask, backend="torch"):
         want = Runner(model, case)().float()
-    error = float((got - want).norm() / want.norm().clamp_min(1e-12))
-    assert error < CHECK_TOLERANCE[dtype], \
-        f"{variant} differs from the model patched on torch: {error:.2e}"
+    check_close(got, want, CHECK_TOLERANCE[dtype], f"{variant} against the model patched on torch")
 
 
 def test_model(benchmark, recorder, request, model_case):

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import doe_kernels as dk
-from conftest import bench_device, bench_dtype, grid, measure
+from conftest import OP_TOLERANCE, bench_device, bench_dtype, check_close, grid, measure
 from shapes import FLOP_CAP, SHAPES
 
 EXPERTS, KEEP = 5, 0.35
@@ -94,7 +94,10 @@ def test_segmented(benchmark, recorder, request, segmented_case):
     x = torch.randn(EXPERTS * rows, SHAPES[name].hidden, device=device, dtype=dtype)
     fn = _callable(name, variant, w, lists, x, rows)
     with torch.inference_mode():
-        fn()  # warm-up
+        got = fn()  # warm-up
+        if variant.startswith("segmented-"):  # each expert's rows as it computes them alone
+            check_close(got, _callable(name, "sequential", w, lists, x, rows)(),
+                        OP_TOLERANCE[dtype], f"{variant} against the experts one by one")
         seconds = measure(benchmark, fn, request.config)
     recorder.add(bench="segmented", shape=f"{name}-{EXPERTS}-experts",
                  dtype=str(dtype).removeprefix("torch."), device=device.type, variant=variant,

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 BENCHMARKS = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
 sys.path.append(BENCHMARKS)  # after tests/: benchmarks/ has a conftest module too
@@ -169,16 +170,42 @@ def test_the_csv_names_the_machine_and_each_rows_device(tmp_path):
     assert rows and all(r["machine"] == meta["device"] and r["device"] == "cpu" for r in rows)
 
 
+def test_results_record_the_commit_at_the_start_and_what_changes_the_code_run(
+        tmp_path, monkeypatch):
+    """A long run is labelled with the commit it started on (the checkout may move meanwhile),
+    and its files record the environment that changes which kernels run, transformers' version,
+    the CPU cache condition and the machine's load at the start and end."""
+    import csv
+
+    import report
+
+    monkeypatch.setenv("DOE_KERNELS_CPU_ISA", "avx2")
+    monkeypatch.setattr(report, "_git_commit", lambda: "abc1234")
+    recorder = Recorder()
+    recorder.run_info = report.run_start(cpu_cache="cold")
+    monkeypatch.setattr(report, "_git_commit", lambda: "later99")
+    for variant, rate, seconds in (("dense", 0.0, 2e-3), ("gather-cpu", 0.5, 1e-3)):
+        recorder.add(bench="ffn", shape="s", dtype="float32", device="cpu", variant=variant,
+                     prune_rate=rate, rows=8, median_s=seconds)
+    written = write_results(recorder, str(tmp_path), "quick")
+    meta = json.load(open(written[0]))["meta"]
+    assert meta["commit"] == "abc1234" and meta["cpu_cache"] == "cold"
+    assert meta["knobs"]["DOE_KERNELS_CPU_ISA"] == "avx2" and "transformers" in meta
+    assert {"load_start", "load_end"} <= set(meta)
+    row = next(csv.DictReader(open(written[1])))
+    assert json.loads(row["knobs"])["DOE_KERNELS_CPU_ISA"] == "avx2"
+
+
 class _Config:
     """pytest's config, as far as the timing helpers read it."""
 
-    def __init__(self, device):
+    def __init__(self, device, cpu_cache="warm"):
         self.option = type("Option", (), {"benchmark_max_time": "0.25",
                                           "benchmark_min_rounds": 3})()
-        self.device = device
+        self.device, self.cpu_cache = device, cpu_cache
 
     def getoption(self, name):
-        return {"--bench-device": self.device}[name]
+        return {"--bench-device": self.device, "--cpu-cache": self.cpu_cache}[name]
 
 
 class _Benchmark:
@@ -206,6 +233,46 @@ def test_paired_timing_alternates_the_two_calls():
     assert order[probes:-1] == ["fn", "other", "other", "fn"] * 2
     assert order[-1] == "other" and benchmark.pedantic_calls == [(1, 1)]
     assert benchmark.extra_info == {"median_s": fn_s, "other_median_s": other_s}
+
+
+def test_cold_cpu_timing_empties_the_caches_before_every_timed_call(monkeypatch):
+    """--cpu-cache cold (the default): every timed call, probes included, follows an eviction
+    (outside the timing), at most COLD_ROUNDS rounds; `measure`'s own setup still runs, after
+    it, and what it returns reaches pytest-benchmark as before."""
+    conftest = _bench_conftest()
+    order = []
+    monkeypatch.setattr(conftest, "evict_cpu_caches", lambda: order.append("evict"))
+    conftest.measure_pair(_Benchmark(), lambda: order.append("fn"),
+                          lambda: order.append("other"), _Config("cpu", "cold"))
+    timed = order[:-1]  # (pytest-benchmark's own last call of `other` is not timed)
+    assert timed[0::2] == ["evict"] * (len(timed) // 2) and "evict" not in timed[1::2]
+    assert timed.count("other") <= conftest.COLD_ROUNDS < 1000
+    order.clear()
+
+    class Recording(_Benchmark):
+        def pedantic(self, fn, rounds, iterations, setup):
+            self.rounds = rounds
+            for _ in range(rounds):
+                assert setup() == "args"
+                fn()
+            self.stats = type("Stats", (), {"stats": type("S", (), {"median": 1.0})})()
+
+    benchmark = Recording()
+    conftest.measure(benchmark, lambda: order.append("fn"), _Config("cpu", "cold"),
+                     setup=lambda: order.append("setup") or "args")
+    assert order == ["evict", "setup", "fn"] * (len(order) // 3)
+    assert benchmark.rounds <= conftest.COLD_ROUNDS
+
+
+def test_eviction_writes_twice_the_last_level_cache(monkeypatch):
+    conftest = _bench_conftest()
+    monkeypatch.setattr(conftest, "_EVICTION", [])
+    monkeypatch.setattr(conftest, "_last_level_cache_bytes", lambda: 2**20)
+    with torch.inference_mode():  # (made inside the mode, written outside it too)
+        conftest.evict_cpu_caches()
+    conftest.evict_cpu_caches()
+    assert conftest._EVICTION[0].numel() * 4 == 2 * 2**20
+    assert float(conftest._EVICTION[0][0]) == 2.0  # written twice
 
 
 def test_paired_gpu_timing_takes_the_median_of_three_turns(monkeypatch):
