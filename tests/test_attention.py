@@ -38,8 +38,11 @@ def make_layer(num_heads, num_kv_heads, head_dim, dtype, device, bias):
                         v_weight=v_w, v_bias=biases[2], o_weight=o_w, o_bias=o_b)
 
 
-def reference(x, layer, kept, num_heads, num_kv_heads, head_dim, mask, is_causal, use_rotary):
-    """Dense attention in float64 over all heads, pruned heads' o_proj columns zeroed."""
+def reference(x, layer, kept, num_heads, num_kv_heads, head_dim, mask, is_causal, use_rotary,
+              additive=None):
+    """Dense attention in float64 over all heads, pruned heads' o_proj columns zeroed; `mask` a
+    2-D padding mask, `additive` a 4-D float mask added to the scores (its minus infinities and
+    min-of-dtype values masking); a query row that sees no key gives 0, as SDPA's kernels do."""
     def proj(w, b):
         out = f64(x) @ f64(w).T
         return out if b is None else out + f64(b)
@@ -58,9 +61,13 @@ def reference(x, layer, kept, num_heads, num_kv_heads, head_dim, mask, is_causal
         allowed = allowed & mask[:, None, None, :].bool()
     if is_causal:
         allowed = allowed & torch.ones(seq, seq, dtype=torch.bool, device=x.device).tril()
-    allowed = allowed | ~allowed.any(-1, keepdim=True)
     scores = (q @ k.transpose(-1, -2)) / math.sqrt(head_dim)
-    attn = scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v
+    if additive is not None:
+        allowed = allowed & (additive > torch.finfo(additive.dtype).min / 2)
+        scores = scores + f64(additive).clamp_min(-1e300)
+    sees = allowed.any(-1, keepdim=True)
+    attn = scores.masked_fill(~allowed, float("-inf")).masked_fill(~sees, 0).softmax(-1) @ v
+    attn = attn.masked_fill(~sees, 0)
     attn = attn.transpose(1, 2).reshape(batch, seq, -1)
     column_mask = torch.zeros(num_heads, head_dim, dtype=torch.float64, device=x.device)
     column_mask[kept] = 1
@@ -196,6 +203,32 @@ def test_attention_of_an_empty_batch(shape, kept):
     out = dk.pruned_head_attention(x, **args, o_weight_t=dk.input_major(layer["o_weight"]),
                                    selection=selection, backend="torch")
     assert out.shape == (*shape, hidden)
+
+
+@pytest.mark.parametrize("fill", ["-inf", "min", -1e9, -1e4, "bias"])
+def test_additive_4d_masks_are_added_as_transformers_adds_them(fill):
+    """A float 4-D mask is added to the scores: finite fills (BERT's classic -1e4, -1e9) and soft
+    biases count as they are, not read as attend / do not attend; rows it masks entirely (left
+    padding under a causal mask) give 0."""
+    config = num_heads, num_kv_heads, head_dim = 4, 2, 8
+    hidden, layer = make_layer(*config, torch.float32, "cpu", bias=True)
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 6, hidden, generator=gen)
+    blocked = ~torch.ones(6, 6, dtype=torch.bool).tril()[None, None].repeat(2, 1, 1, 1)
+    blocked[1, :, :, :2] = True  # the second sequence left-padded: rows 0-1 see no key
+    value = {"-inf": float("-inf"), "min": torch.finfo(torch.float32).min}.get(fill, fill)
+    additive = (0.5 * torch.randn(2, 1, 6, 6, generator=gen) if fill == "bias"
+                else torch.zeros(2, 1, 6, 6).masked_fill(blocked, value))
+    args = {k: v for k, v in layer.items() if k != "o_weight"}
+    for kept in ([0, 1, 2, 3], [1, 2]):
+        selection = dk.HeadSelection.build(kept, *config)
+        out = dk.pruned_head_attention(x, **args, o_weight_t=dk.input_major(layer["o_weight"]),
+                                       selection=selection, attention_mask=additive,
+                                       backend="torch")
+        ref = reference(x, layer, kept, *config, None, False, False, additive=additive)
+        if isinstance(fill, float):  # rows it fills entirely: softmax of score - 1e9, which
+            out, ref = out[:, 2:], ref[:, 2:]  # float32 rounds to uniform (as eager does)
+        assert_close(out, ref, what=f"fill {fill} kept {kept}")
 
 
 def test_additive_4d_mask_equals_padding_mask():

@@ -353,7 +353,7 @@ def test_attention_implementations_other_than_sdpa_and_eager_are_refused_for_cau
     from doe_kernels.ops.attention import _attention_mask
 
     with pytest.raises(ValueError, match="attention_mask is a object .*'sdpa' or 'eager'"):
-        _attention_mask(object(), True, 2, 2, torch.device("cpu"))
+        _attention_mask(object(), True, 2, 2, torch.float32, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("name", FAMILIES)

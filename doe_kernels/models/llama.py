@@ -18,7 +18,7 @@ from doe_kernels.models.base import LayerPatch, UnsupportedModelError, has_modul
 from doe_kernels.models.modules import GatherSwiGLUMLP, PrunedAttention, add_bias_delta
 from doe_kernels.models.segments import attention_forward, packed_rows, rows_of
 from doe_kernels.ops import attend, project_out
-from doe_kernels.ops.attention import no_heads_output
+from doe_kernels.ops.attention import keys_of_pass, no_heads_output
 from doe_kernels.ops.linear import input_major_view
 
 FAMILY = "llama"
@@ -128,11 +128,7 @@ class PrunedLlamaAttention(PrunedAttention):
         if cache is not None:
             k, v = self.cache_update(cache, k, v)
         is_causal = attention_mask is None and q.shape[2] > 1
-        if is_causal and k.shape[2] > q.shape[2]:
-            # transformers gives no mask to a first pass into a fixed-size (static) cache, whose
-            # keys run past this pass's tokens; as its SDPA's is_causal (top-left), query i sees
-            # keys 0..i
-            k, v = k[:, :, :q.shape[2]], v[:, :, :q.shape[2]]
+        k, v = keys_of_pass(k, v, q.shape[2], is_causal)
         out = attend(q, k, v, selection, attention_mask, is_causal=is_causal, scale=self.scaling,
                      dropout=self.dropout_p())
         out = project_out(out, self.o_weight_t, self.o_bias, selection, self.backend,

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from doe_kernels.ops import HeadSelection, attend, library, project_out, project_qkv
-from doe_kernels.ops.attention import no_heads_output
+from doe_kernels.ops.attention import keys_of_pass, no_heads_output
 
 if TYPE_CHECKING:
     from doe_kernels.models.moe_block import MoePlan
@@ -377,8 +377,9 @@ def attention_forward(segments: LayerSegments, hidden, weights: dict, o_weight_t
                     heads = plan.selection.kept_kv_heads
                     k, v = k.index_select(1, heads), v.index_select(1, heads)
             mask = rows_of(attention_mask, b0, b1)
-            part = attend(q, k, v, plan.selection, mask,
-                          is_causal=is_causal and mask is None and q.shape[2] > 1, scale=scale,
+            causal = is_causal and mask is None and q.shape[2] > 1
+            k, v = keys_of_pass(k, v, q.shape[2], causal)
+            part = attend(q, k, v, plan.selection, mask, is_causal=causal, scale=scale,
                           dropout=dropout)
             part = project_out(part, o_weight_t, o_bias, plan.selection, backend,
                                scales=plan.head_col_scales)

@@ -133,14 +133,18 @@ def project_qkv(hidden, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias,
     return _split_heads(q, d), _split_heads(k, d), _split_heads(v, d)
 
 
-def _attention_mask(attention_mask, is_causal: bool, q_len: int, kv_len: int, device):
-    """A boolean mask (True = attend) broadcastable to (batch, heads, q_len, kv_len), or None."""
-    mask = None
+def _attention_mask(attention_mask, is_causal: bool, q_len: int, kv_len: int, dtype, device):
+    """(mask, empty): the mask SDPA takes, broadcastable to (batch, heads, q_len, kv_len), boolean
+    (True = attend) or, from a float 4-D mask, additive in `dtype` (its finite values kept: a
+    -1e4 mask or a soft bias is added, as transformers adds it); and the query rows (batch, 1,
+    q_len, 1) that see no key (a padded position), whose mask is opened (SDPA would give NaN) and
+    whose output `attend` sets to 0, as SDPA's own kernels do; None without a mask."""
     if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
         raise ValueError(f"attention_mask is a {type(attention_mask).__name__} (flex attention's?);"
                          " a patched model computes attention from the tensor masks of "
                          "attn_implementation 'sdpa' or 'eager': call "
                          "model.set_attn_implementation('sdpa')")
+    mask, blocked = None, None
     if attention_mask is not None:
         if attention_mask.dim() == 2:  # (batch, kv_len) padding mask, 1 = token, 0 = padding
             if attention_mask.shape[-1] != kv_len:
@@ -148,21 +152,34 @@ def _attention_mask(attention_mask, is_causal: bool, q_len: int, kv_len: int, de
                                  f"keys have {kv_len}")
             mask = attention_mask[:, None, None, :].to(torch.bool)
         elif attention_mask.dim() == 4:
-            if attention_mask.dtype == torch.bool:
-                mask = attention_mask
-            else:  # additive: 0 where attended, a large negative number where masked
-                mask = attention_mask > torch.finfo(attention_mask.dtype).min / 2
+            mask = attention_mask if attention_mask.dtype == torch.bool else \
+                attention_mask.to(dtype)  # additive: 0 where attended, negative where masked
         else:
             raise ValueError("attention_mask must be 2-D (batch, kv_len) or 4-D (batch, 1, q_len, "
                              f"kv_len), got shape {tuple(attention_mask.shape)}")
     if is_causal:
         # Queries are the last q_len positions of the kv_len keys (as with a KV cache).
         causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(kv_len - q_len)
-        mask = causal if mask is None else mask & causal
-    if mask is not None:
-        # A query row that sees no key (a padded position) would give NaN; let it see all keys.
-        mask = mask | ~mask.any(dim=-1, keepdim=True)
-    return mask
+        if mask is None:
+            return causal, None  # (every query sees a key)
+        mask = mask & causal if mask.dtype == torch.bool else \
+            torch.where(causal, mask, float("-inf"))
+    if mask is None:
+        return None, None
+    # the keys each query row is kept from: False, or (additive) minus infinity or as low as
+    # transformers' min-of-dtype masks
+    blocked = ~mask if mask.dtype == torch.bool else mask <= torch.finfo(mask.dtype).min / 2
+    empty = blocked.all(dim=-1, keepdim=True).all(dim=1, keepdim=True)
+    return mask.masked_fill(empty, True if mask.dtype == torch.bool else 0.0), empty
+
+
+def keys_of_pass(k, v, q_len: int, is_causal: bool):
+    """(k, v) of a causal pass without a mask: transformers gives no mask to a first pass into a
+    fixed-size (static) cache, whose keys run past the pass's tokens; as its SDPA's is_causal
+    (top-left), query i sees keys 0..i, so the keys are cut to the pass's."""
+    if is_causal and k.shape[2] > q_len:
+        return k[:, :, :q_len], v[:, :, :q_len]
+    return k, v
 
 
 def attend(q, k, v, selection: HeadSelection, attention_mask=None, is_causal=False, scale=None,
@@ -186,9 +203,12 @@ def attend(q, k, v, selection: HeadSelection, attention_mask=None, is_causal=Fal
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=is_causal,
                                              scale=scale, enable_gqa=grouped)
     else:
-        mask = _attention_mask(attention_mask, is_causal, q.shape[2], k.shape[2], q.device)
+        mask, empty = _attention_mask(attention_mask, is_causal, q.shape[2], k.shape[2],
+                                      q.dtype, q.device)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
                                              scale=scale, enable_gqa=grouped)
+        if empty is not None:
+            out = out.masked_fill(empty, 0.0)
     if padded:
         out = out.index_select(1, selection.gqa_unpad)
     batch, heads, seq, head_dim = out.shape
