@@ -286,3 +286,27 @@ def test_keep_all_layers_run_the_kernels_where_the_backend_would(name, cpu_regim
     assert library.dense_in_kernel(x.detach(), "cpu") == (cpu_regime == "fused")
     assert not library.dense_in_kernel(x, "cpu")  # a gradient asked for: torch's path
     assert not library.dense_in_kernel(x.detach(), "torch")
+
+
+@pytest.mark.parametrize("name", CAUSAL)
+def test_a_calls_is_causal_reaches_the_patched_attention(name):
+    """transformers' attention functions take `is_causal` from the call (a decoder layer run
+    bidirectionally passes False) before the module's own: the patched attention, single expert
+    or mixed batch, follows the call as the original does."""
+    model = build(name)
+    attn = model.model.layers[0].self_attn
+    hidden = torch.randn(2, 6, model.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    position = model.model.rotary_emb(hidden, torch.arange(6)[None])
+    with torch.no_grad():
+        want = {causal: attn(hidden, position, None, is_causal=causal)[0]
+                for causal in (False, None)}
+        assert not torch.allclose(want[False], want[None])
+        mask = dk.ExpertMask()
+        with dk.plugged(model, mask):
+            patched = model.model.layers[0].self_attn
+            for causal, expected in want.items():
+                torch.testing.assert_close(patched(hidden, position, None, is_causal=causal)[0],
+                                           expected)
+            with dk.mixed(model, [mask, None]):
+                torch.testing.assert_close(patched(hidden, position, None, is_causal=False)[0],
+                                           want[False])

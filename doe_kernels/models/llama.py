@@ -86,6 +86,7 @@ class PrunedLlamaAttention(PrunedAttention):
                          sizes["num_kv_heads"], sizes["head_dim"], original.scaling, backend,
                          getattr(original, "attention_dropout", 0.0))
         self.layer_idx = original.layer_idx
+        self.is_causal = getattr(original, "is_causal", True)  # (a call's is_causal overrides)
         # the past positions a query sees, where the layer limits them: Qwen2's per layer,
         # Mistral's in its config (the model's attention mask holds the same limit)
         self.sliding_window = (original.sliding_window if hasattr(original, "sliding_window")
@@ -111,9 +112,13 @@ class PrunedLlamaAttention(PrunedAttention):
                 "a patched model computes attention from the masks of attn_implementation "
                 "'sdpa' or 'eager', not from a 2-D padding mask (flash attention): call "
                 "model.set_attn_implementation('sdpa')")
+        # transformers' attention functions take `is_causal` from the call (bidirectional uses
+        # of a decoder pass False), else the module's, True
+        causal = kwargs.get("is_causal")
+        causal = self.is_causal if causal is None else bool(causal)
         if self.segments is not None:
             return self.forward_mixed(hidden_states, position_embeddings, attention_mask,
-                                      cache), None
+                                      cache, causal), None
         selection = self.selection
         if selection.num_kept == 0:
             if cache is not None:
@@ -127,7 +132,7 @@ class PrunedLlamaAttention(PrunedAttention):
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         if cache is not None:
             k, v = self.cache_update(cache, k, v)
-        is_causal = attention_mask is None and q.shape[2] > 1
+        is_causal = causal and attention_mask is None and q.shape[2] > 1
         k, v = keys_of_pass(k, v, q.shape[2], is_causal)
         out = attend(q, k, v, selection, attention_mask, is_causal=is_causal, scale=self.scaling,
                      dropout=self.dropout_p())
@@ -135,7 +140,8 @@ class PrunedLlamaAttention(PrunedAttention):
                           scales=self.scales)
         return add_bias_delta(out, self.bias_delta), None
 
-    def forward_mixed(self, hidden_states, position_embeddings, attention_mask, cache):
+    def forward_mixed(self, hidden_states, position_embeddings, attention_mask, cache,
+                      causal: bool = True):
         """A mixed batch: each segment on its expert's heads; the cache holds every KV head."""
         cos, sin = position_embeddings
 
@@ -148,7 +154,7 @@ class PrunedLlamaAttention(PrunedAttention):
         update = None if cache is None else (lambda k, v: cache.update(k, v, self.layer_idx))
         return attention_forward(self.segments, hidden_states, self.qkv_weights(),
                                  self.o_weight_t, self.o_bias, attention_mask, self.scaling,
-                                 self.dropout_p(), self.backend, rotary, update, is_causal=True,
+                                 self.dropout_p(), self.backend, rotary, update, is_causal=causal,
                                  sliding_window=self.sliding_window)
 
     def cache_update(self, cache, keys, values):
