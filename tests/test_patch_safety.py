@@ -342,6 +342,20 @@ def test_attention_implementations_other_than_sdpa_and_eager_are_refused_for_cau
         model.config._attn_implementation = "flash_attention_2"
         with pytest.raises(dk.models.UnsupportedModelError, match="2-D padding mask"):
             run(model)
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from model_utils import _causal_config
+
+    window = 4  # a decoding step with more keys than the sliding window
+    mistral = MistralForCausalLM(_causal_config(MistralConfig, sliding_window=window)).eval()
+    attn = mistral.model.layers[0].self_attn
+    with dk.plugged(mistral, mixed_mask(mistral)):
+        hidden = torch.randn(1, 1, mistral.config.hidden_size)
+        position = mistral.model.rotary_emb(hidden, torch.tensor([[window + 3]]))
+        with pytest.raises(dk.models.UnsupportedModelError, match="2-D padding mask"):
+            mistral.model.layers[0].self_attn(hidden, position,
+                                              torch.ones(1, window + 4, dtype=torch.long))
+    assert attn is mistral.model.layers[0].self_attn  # unpatched again
     bert = build("bert")
     mask = mixed_mask(bert)
     ids, attention = inputs("bert")

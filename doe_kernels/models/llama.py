@@ -105,9 +105,12 @@ class PrunedLlamaAttention(PrunedAttention):
                 past_key_values=None, cache=None, **kwargs):
         cache = cache if cache is not None else past_key_values
         if (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2
-                and hidden_states.shape[1] > 1):
+                and (hidden_states.shape[1] > 1 or (self.sliding_window is not None and
+                                                    attention_mask.shape[-1] >
+                                                    self.sliding_window))):
             # flash attention's padding-only mask: causality and any sliding window are left to
-            # the kernel, which a patched model does not call
+            # the kernel, which a patched model does not call (a decoding step's one query needs
+            # no causal mask, but a window shorter than its keys is lost)
             raise UnsupportedModelError(
                 "a patched model computes attention from the masks of attn_implementation "
                 "'sdpa' or 'eager', not from a 2-D padding mask (flash attention): call "
