@@ -41,6 +41,63 @@ def test_patched_moe_equals_reference(keep, neurons, heads, device, backend, dty
     assert_close(out, reference, same_dtype, f"experts {keep}")
 
 
+class _Unwritten(torch.autograd.Function):
+    """The rows past `end` as a grouped GEMM leaves them (unwritten: NaN here), in the forward
+    output or in the backward gradient."""
+
+    @staticmethod
+    def forward(ctx, t, end, forward):
+        ctx.end, ctx.forward = end, forward
+        out = t.clone()
+        if forward:
+            out[end:] = float("nan")
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        if not ctx.forward:
+            grad[ctx.end:] = float("nan")
+        return grad, None, None
+
+
+def test_skipped_pairs_reach_no_gradient_through_the_grouped_gemms(monkeypatch):
+    """Skipped pairs sort past the grouped GEMMs' groups, whose rows the GEMMs leave unwritten,
+    forward and backward: x's gradient, the weights' and the routing weights' stay those of one
+    GEMM per expert (garbage, or NaN, reached the attention and the router before)."""
+    from doe_kernels.models import moe_block
+
+    real, calls = moe_block._grouped_mm, []
+
+    def grouped_mm(a, b, offs):
+        end = int(offs[-1])
+        calls.append(end)
+        return _Unwritten.apply(real(_Unwritten.apply(a, end, False), b, offs=offs), end, True)
+
+    gen = torch.Generator().manual_seed(0)
+    experts, tokens, hidden, intermediate = 4, 9, 16, 8
+    weights = torch.rand(tokens, 2, generator=gen)
+    weights[::2, 1] = 0.0  # skipped pairs
+    chosen = torch.randint(0, experts, (tokens, 2), generator=gen)
+    leaves = [torch.randn(*shape, generator=gen) for shape in
+              ((tokens, hidden), (experts, 2 * intermediate, hidden),
+               (experts, intermediate, hidden))]
+
+    def grads(grouped: bool):
+        monkeypatch.setattr(moe_block, "_grouped_mm", grouped_mm if grouped else real)
+        monkeypatch.setattr(moe_block, "_use_grouped_mm", lambda *args: grouped)
+        x, gate_up, down_t = (t.clone().requires_grad_() for t in leaves)
+        w = weights.clone().requires_grad_()
+        out = moe_block.experts_forward(x, w, chosen, gate_up, down_t, backend="torch")
+        (out * torch.linspace(-1, 1, hidden)).sum().backward()
+        return [out.detach()] + [t.grad for t in (x, gate_up, down_t, w)]
+
+    expected, got = grads(False), grads(True)
+    assert calls and calls[0] < 2 * tokens  # the grouped path ran, with skipped rows past it
+    for name, a, b in zip(("out", "x", "gate_up", "down_t", "weights"), got, expected):
+        torch.testing.assert_close(a, b, msg=name)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("intermediate, hidden", [(6, 10), (12, 8), (16, 24)])
 def test_experts_forward_on_sizes_grouped_gemms_refuse(intermediate, hidden, dtype):

@@ -110,6 +110,7 @@ def experts_forward(x, weights, experts, gate_up, down_t, neurons=None, backend=
     flat_e = experts.reshape(-1).masked_fill(skipped, num_experts)  # skipped pairs sort last
     sorted_e, order = torch.sort(flat_e, stable=True)
     tokens = order // top_k
+    valid = (sorted_e < num_experts).unsqueeze(1)  # the pairs not skipped, first
     xs = x.index_select(0, tokens)
     counts = torch.bincount(sorted_e, minlength=num_experts + 1)[:num_experts]
     # Where one row's call may run the cpu backend's kernel (an eager CPU call), every expert
@@ -120,6 +121,10 @@ def experts_forward(x, weights, experts, gate_up, down_t, neurons=None, backend=
         neurons = library.every_index(intermediate, x.device)
     if neurons is None and _use_grouped_mm(x, hidden, intermediate):
         offsets = torch.cumsum(counts, 0, dtype=torch.int32)
+        if torch.is_grad_enabled() and x.requires_grad:
+            # the grouped GEMMs leave the rows past the groups (skipped pairs) unwritten, in
+            # their input's gradient too: none of it may reach x's
+            xs = torch.where(valid, xs, 0.0)
         gate, up = _grouped_mm(xs, gate_up.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
         ys = _grouped_mm(F.silu(gate) * up, down_t, offs=offsets)
     else:
@@ -132,8 +137,8 @@ def experts_forward(x, weights, experts, gate_up, down_t, neurons=None, backend=
                                        neurons, backend)
                 start += count
     scale = flat_w.index_select(0, order).unsqueeze(1)
-    valid = (sorted_e < num_experts).unsqueeze(1)
-    ys = torch.where(valid, ys * scale, 0.0).to(x.dtype)  # rows past the groups are not written
+    # rows past the groups are not written: masked before the scale (whose gradient reads them)
+    ys = (torch.where(valid, ys, 0.0) * scale).to(x.dtype)
     return torch.zeros_like(x).index_add_(0, tokens, ys)
 
 
