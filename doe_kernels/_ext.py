@@ -7,6 +7,7 @@ raises ValueError.
 """
 import functools
 import os
+import re
 import warnings
 
 
@@ -40,11 +41,7 @@ def check_cpu_knobs() -> None:
     if isa and isa not in CPU_ISAS:  # (empty: unset, as the C++ reads it)
         raise ValueError(f"DOE_KERNELS_CPU_ISA must be one of {CPU_ISAS}, got {isa!r}")
     above = os.environ.get("DOE_KERNELS_CPU_GATHER_ABOVE", "")
-    try:
-        valid = not above or int(above) >= -1
-    except ValueError:
-        valid = False
-    if not valid:
+    if above and not (re.fullmatch(r"\s*-?[0-9]+\s*", above) and int(above) >= -1):  # as atoll
         raise ValueError("DOE_KERNELS_CPU_GATHER_ABOVE must be a row count (-1: the CPU's own "
                          f"rule), got {above!r}")
 

@@ -108,7 +108,8 @@ def test_cuda_kernels_built_for_other_gpus_leave_the_backend_off_with_a_warning(
     ("DOE_KERNELS_CPU_ISA", "", True), ("DOE_KERNELS_CPU_GATHER_ABOVE", "64", True),
     ("DOE_KERNELS_CPU_GATHER_ABOVE", "-1", True), ("DOE_KERNELS_CPU_GATHER_ABOVE", "", True),
     ("DOE_KERNELS_CPU_GATHER_ABOVE", "abc", False), ("DOE_KERNELS_CPU_GATHER_ABOVE", "-2", False),
-    ("DOE_KERNELS_CPU_GATHER_ABOVE", "1e3", False)])
+    ("DOE_KERNELS_CPU_GATHER_ABOVE", "1e3", False),
+    ("DOE_KERNELS_CPU_GATHER_ABOVE", "1_000", False)])  # int() reads it, atoll does not
 def test_cpu_knobs_the_kernels_would_misread_are_refused(monkeypatch, name, value, good):
     """The C++ reads an unknown ISA as no cap and a non-number as 0 rows (gather + GEMM for
     every call): refused by name before the extension loads."""

@@ -264,15 +264,14 @@ def test_cold_cpu_timing_empties_the_caches_before_every_timed_call(monkeypatch)
     assert benchmark.rounds <= conftest.COLD_ROUNDS
 
 
-def test_eviction_writes_twice_the_last_level_cache(monkeypatch):
+def test_eviction_reads_twice_the_last_level_cache(monkeypatch):
     conftest = _bench_conftest()
     monkeypatch.setattr(conftest, "_EVICTION", [])
     monkeypatch.setattr(conftest, "_last_level_cache_bytes", lambda: 2**20)
-    with torch.inference_mode():  # (made inside the mode, written outside it too)
+    with torch.inference_mode():  # (made inside the mode, read outside it too)
         conftest.evict_cpu_caches()
     conftest.evict_cpu_caches()
     assert conftest._EVICTION[0].numel() * 4 == 2 * 2**20
-    assert float(conftest._EVICTION[0][0]) == 2.0  # written twice
 
 
 def test_paired_gpu_timing_takes_the_median_of_three_turns(monkeypatch):

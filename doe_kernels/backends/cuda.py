@@ -29,8 +29,14 @@ def available(device_type: str) -> bool:
 def _runs_on(device: int) -> bool:
     """Whether the extension's kernels can run on GPU `device` (warns once when they cannot)."""
     probe = getattr(extension(), "cuda_kernels_run_on", None)
-    if probe is None or probe(device):  # (a build older than the probe: as before, assumed)
-        return True
+    try:
+        if probe is None or probe(device):  # (a build older than the probe: as before, assumed)
+            return True
+    except RuntimeError as error:  # the device is not usable at all: the other backends say so
+        warnings.warn(f"doe_kernels: probing the CUDA kernels on device {device} failed "
+                      f"({error}); the 'cuda' backend is unavailable", RuntimeWarning,
+                      stacklevel=2)
+        return False
     major, minor = torch.cuda.get_device_capability(device)
     warnings.warn(
         f"doe_kernels: the CUDA kernels were built without code for "

@@ -137,7 +137,8 @@ def _attention_mask(attention_mask, is_causal: bool, q_len: int, kv_len: int, dt
     """(mask, empty): the mask SDPA takes, broadcastable to (batch, heads, q_len, kv_len), boolean
     (True = attend) or, from a float 4-D mask, additive in `dtype` (its finite values kept: a
     -1e4 mask or a soft bias is added, as transformers adds it); and the query rows (batch, 1,
-    q_len, 1) that see no key (a padded position), whose mask is opened (SDPA would give NaN) and
+    q_len, 1), or per head for a per-head mask, that see no key (a padded position), whose mask is
+    opened (SDPA would give NaN) and
     whose output `attend` sets to 0, as SDPA's own kernels do; None without a mask."""
     if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
         raise ValueError(f"attention_mask is a {type(attention_mask).__name__} (flex attention's?);"
@@ -169,7 +170,7 @@ def _attention_mask(attention_mask, is_causal: bool, q_len: int, kv_len: int, dt
     # the keys each query row is kept from: False, or (additive) minus infinity or as low as
     # transformers' min-of-dtype masks
     blocked = ~mask if mask.dtype == torch.bool else mask <= torch.finfo(mask.dtype).min / 2
-    empty = blocked.all(dim=-1, keepdim=True).all(dim=1, keepdim=True)
+    empty = blocked.all(dim=-1, keepdim=True)
     return mask.masked_fill(empty, True if mask.dtype == torch.bool else 0.0), empty
 
 

@@ -14,6 +14,8 @@ mixed forwards of doe_kernels.vllm.mixed, which serve each step's rows on their 
 the rest on the plugged plan. The shared weights are never modified: a swap moves index tensors
 only.
 """
+import logging
+
 from vllm.config import CUDAGraphMode
 
 from doe_kernels.models import ModelSpec, UnsupportedModelError
@@ -192,7 +194,10 @@ class WorkerExtension:
             self._doe_install(self._doe_singles(), {name: plans for name, plans
                                                     in self._doe_held().items()
                                                     if name not in done})
-        except Exception:  # noqa: BLE001 (the step itself went well: keep serving)
+        except Exception as error:  # noqa: BLE001 (the step itself went well: keep serving)
+            logging.getLogger(__name__).warning(
+                "doe_kernels: could not drop the removed experts %s yet (%r); trying again "
+                "after the next step", sorted(done), error)
             return
         retiring -= done
         for name in done:
@@ -206,7 +211,9 @@ class WorkerExtension:
     def doe_replan(self) -> None:
         """Build every plan in use again from its mask, on the weights as they are now: after
         vLLM reloads the weights in place (`reload_weights`, wrapped to call this), the dense
-        copies the plans read were the old weights'."""
+        copies the plans read were the old weights'. Plans staged and not yet applied are dropped
+        (their apply fails, saying so): they were built on the old weights."""
+        self._doe_staged().clear()
         layers = self._doe_layers()
         for attn, ffn in layers:
             drop_cached_weights(attn, ffn)
