@@ -137,15 +137,15 @@ def _attention_mask(attention_mask, is_causal: bool, q_len: int, kv_len: int, dt
     """(mask, empty): the mask SDPA takes, broadcastable to (batch, heads, q_len, kv_len), boolean
     (True = attend) or, from a float 4-D mask, additive in `dtype` (its finite values kept: a
     -1e4 mask or a soft bias is added, as transformers adds it); and the query rows (batch, 1,
-    q_len, 1), or per head for a per-head mask, that see no key (a padded position), whose mask is
-    opened (SDPA would give NaN) and
-    whose output `attend` sets to 0, as SDPA's own kernels do; None without a mask."""
+    q_len, 1), or per head for a per-head mask, that see no key (a padded position), whose mask
+    is opened (SDPA would give NaN) and whose output `attend` sets to 0, as SDPA's own kernels
+    do; None without a mask."""
     if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
         raise ValueError(f"attention_mask is a {type(attention_mask).__name__} (flex attention's?);"
                          " a patched model computes attention from the tensor masks of "
                          "attn_implementation 'sdpa' or 'eager': call "
                          "model.set_attn_implementation('sdpa')")
-    mask, blocked = None, None
+    mask = None
     if attention_mask is not None:
         if attention_mask.dim() == 2:  # (batch, kv_len) padding mask, 1 = token, 0 = padding
             if attention_mask.shape[-1] != kv_len:
