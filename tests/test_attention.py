@@ -231,6 +231,22 @@ def test_additive_4d_masks_are_added_as_transformers_adds_them(fill):
         assert_close(out, ref, what=f"fill {fill} kept {kept}")
 
 
+def test_a_per_head_mask_empties_each_heads_rows_on_its_own():
+    """A (batch, heads, q, kv) mask that blocks a query row for one head only: that head's row
+    outputs 0, the other heads' rows attend as their masks say."""
+    from doe_kernels.ops.attention import attend
+
+    gen = torch.Generator().manual_seed(8)
+    q, k, v = (torch.randn(1, 2, 3, 4, generator=gen) for _ in range(3))
+    mask = torch.ones(1, 2, 3, 3, dtype=torch.bool).tril()
+    mask[0, 0, 2] = False  # head 0's last query sees nothing
+    out = attend(q, k, v, dk.HeadSelection.build([0, 1], 2, 2, 4), mask).view(1, 3, 2, 4)
+    scores = (f64(q) @ f64(k).transpose(-1, -2) / 2).masked_fill(~mask, float("-inf"))
+    want = scores.softmax(-1).nan_to_num(0.0) @ f64(v)  # (1, 2, 3, 4); the empty row: 0
+    torch.testing.assert_close(out.transpose(1, 2).double(), want, rtol=1e-5, atol=1e-6)
+    assert torch.equal(out[0, 2, 0], torch.zeros(4))
+
+
 def test_additive_4d_mask_equals_padding_mask():
     num_heads, num_kv_heads, head_dim = 4, 2, 8
     hidden, layer = make_layer(num_heads, num_kv_heads, head_dim, torch.float32, "cpu", bias=True)

@@ -632,6 +632,34 @@ def test_an_expert_removed_while_a_request_names_it_retires(monkeypatch):
         ["['b'] mlp"] * 2
 
 
+def test_the_step_after_a_retiring_experts_last_request_drops_it(monkeypatch):
+    """The worker's step hook (watch_steps' after_step) drops a retiring expert once the step has
+    dropped the requests naming it, through the model runner's own execute_model."""
+    from types import SimpleNamespace
+
+    from doe_kernels.vllm import mixed, worker
+
+    rank = _stand_in_rank(monkeypatch)
+    monkeypatch.setattr(worker, "watch_steps", mixed.watch_steps)  # the real hook, this time
+    runner = rank.model_runner
+    runner.input_batch = SimpleNamespace(req_ids=[], num_reqs=0)
+    runner._model_forward = lambda **kwargs: None
+
+    def execute_model(output):  # vLLM's: drop the finished requests, then run the model
+        for req_id in output.finished_req_ids:
+            runner.requests.pop(req_id)
+        runner._model_forward(input_ids=torch.zeros(1))
+
+    runner.execute_model = execute_model
+    rank._doe_stage("t", [(None, None)] * 2, doe_kernels.ExpertMask({0: [1]}))
+    rank.doe_add_expert("a", "t")  # installs the step hook
+    runner.requests = {"r1": _naming("a")}
+    assert rank.doe_remove_expert("a") and rank.doe_experts() == []
+    assert mlp_forwards(rank._doe_layers_cache) == ["['a'] mlp"] * 2
+    runner.execute_model(SimpleNamespace(finished_req_ids={"r1"}, num_scheduled_tokens={}))
+    assert mlp_forwards(rank._doe_layers_cache) == ["[] mlp"] * 2 and rank._doe_masks() == {}
+
+
 def test_swaps_checked_at_once_each_apply_their_own_plan(monkeypatch):
     """Two callers' swaps checked before either applies: each applies its own staged plan (a
     rank stages one per token); a discard drops only its own; the oldest goes past STAGED."""
