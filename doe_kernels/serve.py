@@ -41,7 +41,7 @@ import torch
 
 from doe_kernels.expert import Expert, check_batch_size
 from doe_kernels.mask import ExpertMask
-from doe_kernels.mixed import mixed_logits
+from doe_kernels.mixed import _KEEP_ALL, mixed_logits
 from doe_kernels.patching import current_mask, is_patched, patch, plugged, unpatch
 
 
@@ -81,6 +81,8 @@ class ExpertRouter:
             self._experts[name] = expert
 
     def remove(self, name: str) -> None:
+        """Stop serving the task `name` (KeyError for one not served). Requests already submitted
+        for it are still answered, by the expert they were submitted to."""
         self._computed(self._remove_now, name)
 
     def _remove_now(self, name: str) -> None:
@@ -119,7 +121,7 @@ class ExpertRouter:
             # an expert without a mask runs the whole model, as in a mixed batch, whatever mask
             # the model was patched with before the router
             plug_whole = expert.mask is None and current_mask(self.model) is not self._own_mask
-            whole = plugged(self.model, ExpertMask(), self.backend) if plug_whole \
+            whole = plugged(self.model, _KEEP_ALL, self.backend) if plug_whole \
                 else contextlib.nullcontext()
             with whole, expert.plugged(self.model, backend=self.backend):
                 return expert, expert.predict_logits(self.model, self.tokenizer, texts,
@@ -200,7 +202,8 @@ class ExpertRouter:
         """Queue one request; returns a Future of its predicted label name. A worker thread
         serves the requests that arrive within `batch_window` seconds of the first waiting one
         (up to `batch_size`) in one mixed batch. An unknown task or an invalid text raises here,
-        in the caller, and never reaches a batch."""
+        in the caller, and never reaches a batch. What a client does with its Future (cancel it,
+        a done-callback that raises) reaches no other request."""
         self._refuse_on_compute_thread("submit")
         expert = self._expert_of(task)
         if not isinstance(text, str):
@@ -208,9 +211,9 @@ class ExpertRouter:
         (text,) = _texts(text)
         future: Future = Future()
         with self._worker_lock:  # close() cannot come between the worker check and the put
-            if self._worker is None:
+            if self._worker is None or not self._worker.thread.is_alive():
                 self._worker = _Worker(self)
-            self._worker.queue.put((expert, text, future))
+            self._worker.queue.put((expert, text, future, time.monotonic()))
         return future
 
     def ask(self, task: str, text: str) -> str:
@@ -222,7 +225,7 @@ class ExpertRouter:
         """Answer one batch of queued (expert, text, future). If a batch of several experts
         fails, each expert's requests are served again on their own, so that an error reaches
         only the futures of the expert that raised it."""
-        live = [(e, t, f) for e, t, f in batch if f.set_running_or_notify_cancel()]
+        live = [(e, t, f) for e, t, f in batch if _start(f)]
         groups: dict[int, list] = {}
         for request in live:
             groups.setdefault(id(request[0]), []).append(request)
@@ -242,10 +245,10 @@ class ExpertRouter:
         except BaseException as error:  # surfaced to the clients of these requests
             if errors_to_futures:
                 for _, _, future in requests:
-                    future.set_exception(error)
+                    _settle(future.set_exception, error)
             return False
         for (_, _, future), label in zip(requests, labels):
-            future.set_result(label)
+            _settle(future.set_result, label)
         return True
 
     def close(self) -> None:
@@ -311,8 +314,28 @@ def _guard_of(model) -> _ModelGuard:
         return guard
 
 
+def _start(future: Future) -> bool:
+    """Whether a queued request is to be served: its Future not cancelled (nor put in another
+    state by its client)."""
+    try:
+        return future.set_running_or_notify_cancel()
+    except RuntimeError:  # the client set it running or done itself
+        return False
+
+
+def _settle(set_outcome, value) -> None:
+    """`future.set_result(value)` / `set_exception(value)`, whatever its client did to it (set it
+    itself) or its done-callbacks raise (concurrent.futures lets a BaseException through): the
+    batch's other requests are still answered."""
+    try:
+        set_outcome(value)
+    except BaseException:  # noqa: BLE001 (one client's Future; the others still need answers)
+        pass
+
+
 class _Worker:
-    """The dynamic batcher's thread and its own queue of (expert, text, future), ended by None:
+    """The dynamic batcher's thread and its own queue of (expert, text, future, time queued),
+    ended by None:
     a router's close() stops this worker after the requests queued before it, and a later
     submit() starts another with a new queue."""
 
@@ -326,15 +349,22 @@ class _Worker:
         closed = False
         while not closed:
             batch, closed = self._next_batch()
-            if batch:
+            if not batch:
+                continue
+            try:
                 self.router._serve_batch(batch)
+            except BaseException as error:  # noqa: BLE001 (the thread serves every later batch)
+                for _, _, future in batch:
+                    if not future.done():
+                        _settle(future.set_exception, error)
 
     def _next_batch(self):
         """(the requests of the next batch, whether the queue has ended)."""
         first = self.queue.get()
         if first is None:
             return [], True
-        batch, deadline = [first], time.monotonic() + self.router.batch_window
+        # the window runs from the first request's arrival, not from when this thread is free
+        batch, deadline = [first[:3]], first[3] + self.router.batch_window
         while len(batch) < self.router.batch_size:
             try:
                 item = self.queue.get(timeout=max(deadline - time.monotonic(), 0))
@@ -342,7 +372,7 @@ class _Worker:
                 break
             if item is None:
                 return batch, True
-            batch.append(item)
+            batch.append(item[:3])
         return batch, False
 
 

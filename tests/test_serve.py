@@ -410,6 +410,35 @@ def test_a_failing_batch_fails_its_requests_and_the_worker_goes_on(served, token
     router.close()
 
 
+@pytest.mark.parametrize("misuse", ["callback-exits", "client-sets-running", "client-sets-result"])
+def test_what_a_client_does_with_its_future_reaches_no_other_request(served, tokenizer, misuse):
+    """A done-callback raising SystemExit (concurrent.futures lets it through), or a client that
+    puts its Future in another state itself, killed the batching thread: the rest of its batch
+    and every later request waited forever."""
+    import sys
+
+    model, experts, alone = served
+    router = dk.ExpertRouter(model, tokenizer, batch_size=3, batch_window=30)
+    router.add("task0", experts["task0"])
+    want = experts["task0"].label_names[int(alone["task0"][0].argmax())]
+    hold = threading.Event()
+    mixed = router._mixed
+    router._mixed = lambda requests: hold.wait(60) and mixed(requests)  # one batch of three
+    first = router.submit("task0", TEXTS[0])
+    if misuse == "callback-exits":
+        first.add_done_callback(lambda future: sys.exit(0))
+    elif misuse == "client-sets-running":
+        first.set_running_or_notify_cancel()
+    else:
+        first.set_result("mine")
+    others = [router.submit("task0", TEXTS[0]) for _ in range(2)]
+    hold.set()
+    assert [future.result(timeout=60) for future in others] == [want, want]
+    router.batch_window = 0.001
+    assert router.ask("task0", TEXTS[0]) == want  # the thread serves later requests too
+    router.close()
+
+
 def test_one_experts_failure_fails_only_its_requests(served, tokenizer):
     """A mixed batch that fails is served again expert by expert: the other experts' requests
     get their answers, the failing expert's requests its error."""
