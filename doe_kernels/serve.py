@@ -335,9 +335,8 @@ def _settle(set_outcome, value) -> None:
 
 class _Worker:
     """The dynamic batcher's thread and its own queue of (expert, text, future, time queued),
-    ended by None:
-    a router's close() stops this worker after the requests queued before it, and a later
-    submit() starts another with a new queue."""
+    ended by None: a router's close() stops this worker after the requests queued before it, and
+    a later submit() starts another with a new queue."""
 
     def __init__(self, router: ExpertRouter):
         self.router, self.queue = router, queue.Queue()
