@@ -312,14 +312,21 @@ def _segment_bounds(segments: torch.Tensor, kept_offsets: torch.Tensor, x: torch
     offsets that do not run from 0 to the rows of `x` and the entries of `kept`, non-decreasing
     (as the C++ entry points check them, even when the caller skipped the checks)."""
     rows, lists = segments.tolist(), kept_offsets.tolist()
-    for name, offsets, total in (("segments", rows, x.shape[0]),
-                                 ("kept_offsets", lists, kept.numel())):
-        if not offsets or offsets[0] != 0 or offsets[-1] != total:
-            raise ValueError(f"{name} must start at 0 and end at {total}, got {offsets}")
-        if any(b < a for a, b in zip(offsets, offsets[1:])):
-            raise ValueError(f"{name} must be non-decreasing, got {offsets}")
+    check_offset_values("segments", rows, x.shape[0])
+    check_offset_values("kept_offsets", lists, kept.numel())
     return [(rows[s], rows[s + 1], lists[s], lists[s + 1]) for s in range(len(rows) - 1)
             if rows[s + 1] > rows[s]]
+
+
+def check_offset_values(name: str, values: list, total: int) -> None:
+    """ValueError unless the offsets `values` run from 0 to `total`, non-decreasing."""
+    if not values or values[0] != 0 or values[-1] != total:
+        raise ValueError(f"{name} must start at 0 and end at {total}, got "
+                         f"{values[0] if values else 'none'} ... {values[-1] if values else ''}")
+    steps = [b - a for a, b in zip(values, values[1:])]
+    if steps and min(steps) < 0:
+        raise ValueError(f"{name} must be non-decreasing: offset {values[steps.index(min(steps))]} "
+                         f"is followed by a smaller one")
 
 
 def check_strategy(strategy) -> None:

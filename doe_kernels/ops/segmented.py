@@ -88,19 +88,8 @@ def _as_offsets(name: str, offsets, total: int, device, check_values: bool) -> t
     if offsets.numel() == 0:
         raise ValueError(f"{name} must hold at least one offset (0), got none")
     if check_values:
-        _check_offsets(name, offsets, total)
+        library.check_offset_values(name, offsets.tolist(), total)
     return offsets
-
-
-def _check_offsets(name: str, offsets: torch.Tensor, total: int) -> None:
-    values = offsets.tolist()
-    if values[0] != 0 or values[-1] != total:
-        raise ValueError(f"{name} must start at 0 and end at {total}, got {values[0]} ... "
-                         f"{values[-1]}")
-    steps = [b - a for a, b in zip(values, values[1:])]
-    if steps and min(steps) < 0:
-        raise ValueError(f"{name} must be non-decreasing: offset {values[steps.index(min(steps))]} "
-                         f"is followed by a smaller one")
 
 
 def segmented_gather_ffn(
