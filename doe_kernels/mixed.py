@@ -33,14 +33,14 @@ from doe_kernels.patching import (
     restoring,
 )
 
-_KEEP_ALL = ExpertMask()
+KEEP_ALL = ExpertMask()  # the whole model: one mask object, so that its prepared plans are reused
 
 
 def _as_masks(masks) -> list[ExpertMask]:
     if isinstance(masks, ExpertMask) or not hasattr(masks, "__iter__"):
         raise TypeError("masks must be a list with one ExpertMask (or None) per batch sequence, "
                         f"got {type(masks).__name__}")
-    masks = [_KEEP_ALL if m is None else m for m in masks]
+    masks = [KEEP_ALL if m is None else m for m in masks]
     if not masks:
         raise ValueError("masks is empty: give one ExpertMask (or None) per batch sequence")
     for i, mask in enumerate(masks):
@@ -53,7 +53,7 @@ def _as_masks(masks) -> list[ExpertMask]:
 def _whole_model_skipping(num_layers: int) -> ExpertMask:
     """The whole model under dynamic skipping: every expert, thresholds of 0 (nothing skipped);
     one mask per layer count, so that its plans are built once."""
-    return _KEEP_ALL.with_skip({layer: 0.0 for layer in range(num_layers)})
+    return KEEP_ALL.with_skip({layer: 0.0 for layer in range(num_layers)})
 
 
 def _runs(items: list) -> list[tuple[int, int, object]]:
@@ -110,13 +110,13 @@ def mixed(model, masks, backend: str = "auto", attention_mask=None, pack_layers:
     spec = spec_of(model)
     if dynamic_skip and spec.num_experts:
         whole = _whole_model_skipping(spec.num_layers)
-        masks = [whole if m is _KEEP_ALL else m for m in masks]
+        masks = [whole if m is KEEP_ALL else m for m in masks]
     layers = describe(model)[1] if state is None else [p.layer for p in state.layers]
     device, dtype = _model_device(layers)
     segments = _layer_segments(masks, spec, device, dtype, dynamic_skip)  # checks every mask
     real = None if real is None else RealTokens(real.to(device), pack_layers)
     previous = plugged_state(model)
-    patch(model, _KEEP_ALL if state is None else state.mask, backend)
+    patch(model, KEEP_ALL if state is None else state.mask, backend)
     state = getattr(model, PATCH_STATE_ATTR)
 
     hooks = [] if real is None else _real_token_hooks(model, real, state.layers)

@@ -41,7 +41,7 @@ import torch
 
 from doe_kernels.expert import Expert, check_batch_size
 from doe_kernels.mask import ExpertMask
-from doe_kernels.mixed import _KEEP_ALL, mixed_logits
+from doe_kernels.mixed import KEEP_ALL, mixed_logits
 from doe_kernels.patching import current_mask, is_patched, patch, plugged, unpatch
 
 
@@ -121,7 +121,7 @@ class ExpertRouter:
             # an expert without a mask runs the whole model, as in a mixed batch, whatever mask
             # the model was patched with before the router
             plug_whole = expert.mask is None and current_mask(self.model) is not self._own_mask
-            whole = plugged(self.model, _KEEP_ALL, self.backend) if plug_whole \
+            whole = plugged(self.model, KEEP_ALL, self.backend) if plug_whole \
                 else contextlib.nullcontext()
             with whole, expert.plugged(self.model, backend=self.backend):
                 return expert, expert.predict_logits(self.model, self.tokenizer, texts,
