@@ -21,7 +21,8 @@ Variants:
     tensors only) and a forward pass of that sequence alone, with its own cache: what a server
     that serves one task at a time does;
   * `mixed`: one forward pass of the batch inside `dk.mixed(model, masks)`, entered once outside
-    the timed calls (as around a `generate()`).
+    the timed calls (as around a `generate()`); its logits are checked once, before timing,
+    against the `sequential` variant's (test_model_bench.CHECK_TOLERANCE).
 """
 import contextlib
 import functools
@@ -31,8 +32,8 @@ import torch
 from transformers import DynamicCache, MixtralConfig, MixtralForCausalLM
 
 import doe_kernels as dk
-from conftest import bench_device, bench_dtype, measure, sweep_mode
-from test_model_bench import _model
+from conftest import bench_device, bench_dtype, check_close, measure, sweep_mode
+from test_model_bench import CHECK_TOLERANCE, _model
 
 EXPERTS, KEEP, TOKENS = 5, 0.35, 64
 MOE_EXPERTS_KEEP = 0.5
@@ -130,9 +131,13 @@ def test_mixed(benchmark, recorder, request, mixed_case):
             dk.patch(model, dk.ExpertMask())
             stack.callback(dk.unpatch, model)
         if variant == "mixed":
+            want = Batch(model, kind, "sequential", masks)()  # each sequence alone
+            dk.patch(model, dk.ExpertMask())
             stack.enter_context(dk.mixed(model, masks))
         batch = Batch(model, kind, variant, masks)
-        batch()  # warm-up
+        got = batch()  # warm-up
+        if variant == "mixed":
+            check_close(got, want, CHECK_TOLERANCE[dtype], "mixed against sequential")
         batch.reset()
         seconds = measure(benchmark, batch, request.config,
                           setup=batch.reset if kind == "decode" else None)

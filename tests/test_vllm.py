@@ -356,6 +356,45 @@ class TestSmolLM2:
             dkv.remove(llm, "b")
             dkv.remove(llm, "heads")
 
+    def test_requests_naming_experts_their_own_way_are_checked_and_salted(self, smol):
+        """Requests whose SamplingParams name an expert without for_experts: one naming a held
+        expert runs on it, with its own prefix-cache salt (the dense request after it computes
+        its own KV blocks for the same 160-token prompt); one naming an expert never added, or
+        a removed one, is refused as the engine takes it, the call's other requests aborted, and
+        the engine serves on."""
+        from vllm import SamplingParams
+
+        llm, prompt, masks = smol["llm"], smol["prompts"][2], smol["masks"]
+        params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True,
+                                logprobs=0)
+
+        def raw(name):
+            return params if name is None else SamplingParams(
+                temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=0,
+                extra_args={"doe_expert": name})
+
+        def run(name):
+            out = llm.generate([{"prompt_token_ids": prompt}], raw(name), use_tqdm=False)[0]
+            tokens = list(out.outputs[0].token_ids)
+            return [tokens], [[step[t].logprob for t, step in zip(tokens,
+                                                                 out.outputs[0].logprobs)]]
+
+        dkv.add(llm, "b", masks["b"])
+        try:
+            assert_same_generation(run("b"), _expected_mixed(smol["hf_out"], [("b", 2)]))
+            assert_same_generation(run(None), _expected_mixed({None: smol["dense"]},
+                                                              [(None, 2)]))
+            with pytest.raises(ValueError, match="names the expert 'tweets', which this engine "
+                                                 r"does not hold \(held: \['b'\]\)"):
+                llm.generate([{"prompt_token_ids": prompt}] * 2, [raw(None), raw("tweets")],
+                             use_tqdm=False)
+            assert llm.llm_engine.get_num_unfinished_requests() == 0
+        finally:
+            dkv.remove(llm, "b")
+        with pytest.raises(ValueError, match="names the expert 'b'"):
+            run("b")
+        assert_same_generation(run(None), _expected_mixed({None: smol["dense"]}, [(None, 2)]))
+
     def test_mixed_bad_input_is_refused_and_changes_nothing(self, smol):
         llm, prompts, mask = smol["llm"], smol["prompts"], smol["masks"]["a"]
         size = smol["spec"].intermediate_size
@@ -630,6 +669,60 @@ def test_an_expert_removed_while_a_request_names_it_retires(monkeypatch):
     rank._doe_drop_retired()
     assert rank.doe_experts() == ["b"] and mlp_forwards(rank._doe_layers_cache) == \
         ["['b'] mlp"] * 2
+
+
+def test_the_engine_admits_only_requests_naming_held_experts_and_salts_them():
+    """doe_kernels.vllm.admission on a stand-in engine: a request naming no expert passes as it
+    is; one naming a held expert gets its salt (over the prompt's own salt, whatever form the
+    prompt takes); one naming another, or naming with anything but a non-empty string, is
+    refused before the engine sees it, as is one naming none with a salt that could pass for an
+    expert's; the names follow the ranks' after a refresh."""
+    from types import SimpleNamespace
+
+    from doe_kernels.vllm import admission
+    from doe_kernels.vllm.protocol import cache_salt
+
+    taken, held = [], [["a"]]
+
+    def add_request(request_id, prompt, params, arrival_time=None, priority=0):
+        taken.append((request_id, prompt, priority))
+        return request_id
+
+    llm = SimpleNamespace(llm_engine=SimpleNamespace(add_request=add_request),
+                          collective_rpc=lambda method: held[0] if method == "doe_experts"
+                          else None)
+    guard = admission.guard(llm)
+    assert admission.guard(llm) is guard  # installed once
+
+    def params(name):
+        return SimpleNamespace(extra_args=None if name is None else {"doe_expert": name})
+
+    engine = llm.llm_engine
+    assert engine.add_request("0", {"prompt": "x"}, params(None), priority=3) == "0"
+    engine.add_request("1", {"prompt": "x", "cache_salt": "mine"}, params("a"))
+    engine.add_request("2", "text", params=params("a"))
+    engine.add_request("3", [1, 2], params("a"))
+    core = SimpleNamespace(sampling_params=params("a"), cache_salt=None)
+    engine.add_request("4", core, None)
+    assert taken == [("0", {"prompt": "x"}, 3),
+                     ("1", {"prompt": "x", "cache_salt": cache_salt("a", "mine")}, 0),
+                     ("2", {"prompt": "text", "cache_salt": cache_salt("a")}, 0),
+                     ("3", {"prompt_token_ids": [1, 2], "cache_salt": cache_salt("a")}, 0),
+                     ("4", core, 0)]
+    assert core.cache_salt == cache_salt("a")
+    for name, match in (("b", r"names the expert 'b', which this engine does not hold "
+                              r"\(held: \['a'\]\)"), ("", "non-empty string"),
+                        (3, "non-empty string")):
+        with pytest.raises(ValueError, match=match):
+            engine.add_request("5", {"prompt": "x"}, params(name))
+    with pytest.raises(ValueError, match="own cache_salt may not start with 'doe_kernels-'"):
+        engine.add_request("5", {"prompt": "x", "cache_salt": cache_salt("a")}, params(None))
+    held[0] = ["b"]  # an add of "b" and a remove of "a" on the ranks
+    guard.refresh()
+    engine.add_request("6", {"prompt": "x"}, params("b"))
+    with pytest.raises(ValueError, match="names the expert 'a'"):
+        engine.add_request("7", {"prompt": "x"}, params("a"))
+    assert [request[0] for request in taken] == ["0", "1", "2", "3", "4", "6"]
 
 
 def test_the_step_after_a_retiring_experts_last_request_drops_it(monkeypatch):

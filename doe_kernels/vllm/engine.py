@@ -6,11 +6,13 @@ to check the mask and stage its plan; only if every rank accepts does it ask the
 refused mask raises ValueError here and the engine keeps serving the previous expert (or the dense
 model).
 After every plug, unplug, add and remove the prefix cache is reset: cached KV blocks were computed
-by the previous expert.
+by the previous expert. The first of these calls on an engine makes it check and salt every request
+that names an expert (doe_kernels.vllm.admission).
 """
 import importlib
 
-from doe_kernels.vllm.protocol import EXTRA_ARG, as_mask, cache_salt, plug_on_ranks
+from doe_kernels.vllm.admission import check_name, guard, naming
+from doe_kernels.vllm.protocol import as_mask, plug_on_ranks
 from doe_kernels.vllm.worker import WorkerExtension, check_engine_config
 
 EXTENSION = "doe_kernels.vllm.WorkerExtension"
@@ -45,18 +47,25 @@ def add(llm, name: str, mask) -> None:
     that name it (`for_experts`): one engine step then serves requests of several experts, each
     on its own neurons and heads. Adding a name again replaces its expert. Checked on every rank
     before any changes, as `plug` is (the same errors)."""
-    _check_name(name)
+    check_name(name)
     mask = as_mask(mask)
     _check_engine(llm)
-    plug_on_ranks(lambda method, args: llm.collective_rpc(method, args=tuple(args)), mask,
-                  "doe_add_expert", name)
+    try:
+        plug_on_ranks(lambda method, args: llm.collective_rpc(method, args=tuple(args)), mask,
+                      "doe_add_expert", name)
+    finally:
+        guard(llm).refresh()
     _reset_prefix_cache(llm)
 
 
 def remove(llm, name: str) -> None:
     """Stop holding the expert `name` (KeyError if `llm` holds none of that name)."""
     _check_engine(llm)
-    if not all(llm.collective_rpc("doe_remove_expert", args=(name,))):
+    try:
+        removed = all(llm.collective_rpc("doe_remove_expert", args=(name,)))
+    finally:
+        guard(llm).refresh()
+    if not removed:
         raise KeyError(f"no expert named {name!r} is held (held: {experts(llm)})")
     _reset_prefix_cache(llm)
 
@@ -72,9 +81,9 @@ def for_experts(llm, requests, params=None) -> tuple[list, list]:
     expert. `requests`: (name, prompt) pairs, the name of a held expert (`add`) or None (the
     plugged expert, or the dense model), the prompt a text, a list of token ids or a vLLM prompt
     dict; `params`: a vllm.SamplingParams for every request (vLLM's default when None), or a list
-    of them, one per request. Each request's params name its expert (extra_args["doe_expert"])
-    and its prompt gets a cache salt of its expert, so that no request reuses KV blocks another
-    expert computed. Raises ValueError for a name `llm` does not hold."""
+    of them, one per request. Each request's params name its expert (extra_args["doe_expert"]);
+    the engine gives each such request its expert's prefix-cache salt as it takes it
+    (doe_kernels.vllm.admission). Raises ValueError for a name `llm` does not hold."""
     from vllm import SamplingParams
 
     requests = [tuple(r) for r in requests]
@@ -90,36 +99,8 @@ def for_experts(llm, requests, params=None) -> tuple[list, list]:
         params = [params] * len(requests)
     if len(params) != len(requests):
         raise ValueError(f"{len(params)} sampling params for {len(requests)} requests")
-    return ([_salted(prompt, name) for name, prompt in requests],
-            [_naming(p, name) for (name, _), p in zip(requests, params)])
-
-
-def _check_name(name) -> None:
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"an expert's name must be a non-empty string, got {name!r}")
-
-
-def _salted(prompt, name):
-    """`prompt` as a vLLM prompt dict with its expert's cache salt (as given for None)."""
-    if name is None:
-        return prompt
-    if isinstance(prompt, str):
-        prompt = {"prompt": prompt}
-    elif isinstance(prompt, (list, tuple)):
-        prompt = {"prompt_token_ids": list(prompt)}
-    elif not isinstance(prompt, dict):
-        raise ValueError(f"a prompt must be a text, token ids or a vLLM prompt dict, got "
-                         f"{type(prompt).__name__}")
-    return {**prompt, "cache_salt": cache_salt(name, prompt.get("cache_salt"))}
-
-
-def _naming(params, name):
-    """A copy of `params` naming the expert `name` (as given for None)."""
-    if name is None:
-        return params
-    named = params.clone()
-    named.extra_args = {**(params.extra_args or {}), EXTRA_ARG: name}
-    return named
+    return ([prompt for _, prompt in requests],
+            [naming(p, name) for (name, _), p in zip(requests, params)])
 
 
 def status(llm) -> list:
@@ -137,6 +118,7 @@ def _check_engine(llm) -> None:
         raise RuntimeError(f"create the LLM with worker_extension_cls={EXTENSION!r} (it has "
                            f"{config.parallel_config.worker_extension_cls!r})")
     check_engine_config(config)
+    guard(llm)
 
 
 def names_extension(qualname: str) -> bool:

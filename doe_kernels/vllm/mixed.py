@@ -159,8 +159,9 @@ def _expert_of(request, known) -> str | None:
     name = _name_in(request)
     if name is not None and not known(name):
         raise RuntimeError(f"request {request.req_id} names the expert {name!r}, which this "
-                           "engine does not hold (doe_kernels.vllm.add it first; for_experts "
-                           "checks names)")
+                           "engine does not hold (doe_kernels.vllm.add it first; an engine "
+                           "that a doe_kernels.vllm call has touched checks names as it takes "
+                           "requests)")
     return name
 
 
