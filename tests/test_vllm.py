@@ -343,7 +343,7 @@ class TestSmolLM2:
 
     def test_mixed_prefix_cache_is_per_expert(self, smol):
         """The 160-token prompt under one expert, then under another: the second computes its own
-        KV blocks (for_experts salts the prefix cache per expert) and plugs nothing."""
+        KV blocks (the engine salts the prefix cache per expert) and plugs nothing."""
         llm, prompt, masks = smol["llm"], smol["prompts"][2], smol["masks"]
         dkv.add(llm, "b", masks["b"])
         dkv.add(llm, "heads", masks["heads"])
