@@ -103,6 +103,35 @@ def test_cuda_kernels_built_for_other_gpus_leave_the_backend_off_with_a_warning(
         cuda._runs_on.cache_clear()
 
 
+def test_auto_probes_the_gpu_a_tensor_is_on(monkeypatch):
+    """On a machine whose extension runs on its first GPU only, a call on the second GPU gets no
+    `cuda` backend (`auto` falls through, an explicit request is refused), whichever GPU is the
+    current one."""
+    from types import SimpleNamespace
+
+    from doe_kernels import backends
+    from doe_kernels.backends import cuda
+
+    ext = SimpleNamespace(has_cuda=lambda: True, cuda_kernels_run_on=lambda device: device == 0)
+    monkeypatch.setattr(cuda, "extension", lambda: ext)
+    monkeypatch.setattr(cuda, "has_cuda_kernels", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (12, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "NVIDIA RTX PRO 6000")
+    cuda._runs_on.cache_clear()
+    try:
+        first, second = torch.device("cuda", 0), torch.device("cuda", 1)
+        assert backends.resolve("auto", first, torch.bfloat16, 1) == "cuda"
+        assert backends.resolve("cuda", torch.device("cuda"), torch.bfloat16, 1) == "cuda"
+        with pytest.warns(RuntimeWarning, match="RTX PRO 6000"):
+            assert backends.resolve("auto", second, torch.bfloat16, 1) != "cuda"
+        with pytest.raises(backends.BackendUnavailableError, match="'cuda' is not available"):
+            backends.resolve("cuda", second, torch.bfloat16, 1)
+    finally:
+        cuda._runs_on.cache_clear()
+
+
 @pytest.mark.parametrize("name, value, good", [
     ("DOE_KERNELS_CPU_ISA", "avx2", True), ("DOE_KERNELS_CPU_ISA", "AVX2", False),
     ("DOE_KERNELS_CPU_ISA", "", True), ("DOE_KERNELS_CPU_GATHER_ABOVE", "64", True),

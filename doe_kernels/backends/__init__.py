@@ -1,6 +1,8 @@
 """The kernel backends and the rule that picks one.
 
-Every backend is a module with the same interface: `NAME`, `DTYPES`, `available(device_type)`,
+Every backend is a module with the same interface: `NAME`, `DTYPES`, `available(device_type,
+index=None)` (whether it serves tensors on that device type; `index`: the GPU, None for the current
+one, which only `cuda` tells apart: its kernels may be built for some of a machine's GPUs only),
 `gather_rows_linear(x, weight, bias, rows, activation)`, `gather_swiglu(x, w_gate, w_up, kept)` and
 `gather_cols_linear(h, weight_t, bias, cols, scales)`, on validated 2-D inputs and non-empty int64
 indices. `scales` is None or a contiguous 1-D tensor of h's dtype with one factor per column of h:
@@ -63,7 +65,7 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype, rows: int) -
     device_type = device.type
     if backend != "auto":
         module = BACKENDS[backend]
-        if not module.available(device_type):
+        if not module.available(device_type, device.index):
             raise BackendUnavailableError(
                 f"backend {backend!r} is not available for {device_type} tensors; available: "
                 f"{available_backends(device_type)}"
@@ -76,7 +78,7 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype, rows: int) -
     regime = "decode" if rows <= DECODE_ROWS else "prefill"
     for name in _PREFERENCE.get((device_type, regime), ("torch",)):
         module = BACKENDS[name]
-        if module.available(device_type) and dtype in module.DTYPES:
+        if module.available(device_type, device.index) and dtype in module.DTYPES:
             return name
     return "torch"
 

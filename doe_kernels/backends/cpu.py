@@ -8,7 +8,7 @@ NAME = "cpu"
 DTYPES = (torch.float32, torch.bfloat16)
 
 
-def available(device_type: str) -> bool:
+def available(device_type: str, index: int | None = None) -> bool:
     return device_type == "cpu" and extension() is not None
 
 

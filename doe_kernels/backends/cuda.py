@@ -20,9 +20,9 @@ NAME = "cuda"
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def available(device_type: str) -> bool:
+def available(device_type: str, index: int | None = None) -> bool:
     return (device_type == "cuda" and torch.cuda.is_available() and has_cuda_kernels()
-            and _runs_on(torch.cuda.current_device()))
+            and _runs_on(torch.cuda.current_device() if index is None else index))
 
 
 @functools.lru_cache(maxsize=None)

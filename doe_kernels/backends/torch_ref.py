@@ -11,7 +11,7 @@ from doe_kernels.activations import apply_activation
 NAME = "torch"
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
-def available(device_type: str) -> bool:
+def available(device_type: str, index: int | None = None) -> bool:
     return device_type == "cpu" or (device_type == "cuda" and torch.cuda.is_available())
 
 

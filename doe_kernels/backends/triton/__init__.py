@@ -47,7 +47,7 @@ def _kernels():
     return _kernels_mod
 
 
-def available(device_type: str) -> bool:
+def available(device_type: str, index: int | None = None) -> bool:
     if not _triton_importable():
         return False
     if device_type == "cuda":
