@@ -390,6 +390,14 @@ def test_select_experts_combines_with_a_neuron_mask():
     assert all(mask.moe[l].numel() == 4 for l in range(2))
 
 
+def test_select_experts_keeps_a_masks_moe_entries_only_in_the_layers_it_leaves_whole():
+    model = mixtral(layers=2)
+    base = dk.ExpertMask(moe={0: [0, 2, 3, 5, 6, 7], 1: [1, 2, 3, 4, 5, 6]},
+                         spec=dk.models.spec_of(model).as_dict())
+    mask = dk.moe.select_experts(model, _inputs()[0], keep={1: 4}, mask=base, progress=False)
+    assert mask.moe[0].tolist() == [0, 2, 3, 5, 6, 7] and mask.moe[1].numel() == 4
+
+
 def test_skip_thresholds_are_median_ratios():
     model = mixtral()
     ids, attention = _inputs()

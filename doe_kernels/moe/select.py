@@ -31,7 +31,9 @@ def select_experts(model, calibration, keep, inputs: str = "original", mask: Exp
     `calibration`: token ids (batch, seq), a list of such tensors, or a list of dicts with
     `input_ids` and `attention_mask` (padding is left out); generic text gives a task-agnostic
     expert set, a task's data a task-specific one. `mask`: neurons/heads to keep as well; the
-    result combines them with the chosen experts. The model is left as it was.
+    result combines them with the chosen experts. The mask's own MoE entries stand in the layers
+    `keep` leaves whole; in a layer it prunes, the chosen subset (of all the layer's experts)
+    replaces the entry. The model is left as it was.
     """
     if inputs not in ("original", "pruned"):
         raise ValueError(f"inputs must be 'original' or 'pruned', got {inputs!r}")
