@@ -99,34 +99,9 @@ def localize(model, tokenizer, train, validation=None, *, label_words=None, temp
                                      recovery=recovery), deprecated)
     prompt, attribution, search, recovery = (configs["prompt"], configs["attribution"],
                                              configs["search"], configs["recovery"])
-    if is_patched(model):
-        raise ValueError("localize needs the unpatched model; call doe_kernels.unpatch(model) "
-                         "first")
-    if search.rank == "jointly" and attribution.method != "fisher":
-        raise ValueError(
-            f"SearchConfig.rank='jointly' (--rank jointly) compares heads with neurons by score "
-            f"per weight, which Fisher scores put on one scale and {attribution.method!r} scores "
-            f"do not (a head then looks cheap, and most heads go first): use "
-            f"AttributionConfig(method='fisher') (--method fisher)")
-    check_batch_size(batch_size)
-    check_max_length(max_length)
-    weight = model.get_input_embeddings().weight
-    resolve(backend, weight.device, weight.dtype, 1)  # a backend absent here is refused now
-    if start_from is None or recovery.epochs:
-        check_trainable(model)
-    virtual_tokens = (prompt.num_virtual_tokens if start_from is None
-                      else start_from.num_virtual_tokens)
-    check_positions(model, max_length, virtual_tokens)
-    _check_shards(model, search)
-    if validation is None:
-        train, validation = split_validation(train, seed)
-    if len(train) == 0 or len(validation) == 0:
-        raise ValueError("localize needs training and validation examples")
-    names = set(train.label_names)
-    unknown = [label for label in dict.fromkeys(validation.labels) if label not in names]
-    if unknown:
-        raise ValueError(f"the validation examples hold labels {unknown[:5]} that are not among "
-                         f"the task's labels {list(train.label_names)}")
+    train, validation = _checked_inputs(model, train, validation, search, attribution,
+                                        recovery, start_from, prompt, batch_size, max_length,
+                                        backend, seed)
     task = _Task.of(model, tokenizer, train, label_words, template, max_length)
     run = _Run(model, tokenizer, task, batch_size, seed, progress, backend)
     with evaluating(model):
@@ -225,6 +200,41 @@ class _Clock:
 
     def rounded(self) -> dict:
         return {step: round(seconds, 1) for step, seconds in self.seconds.items()}
+
+
+def _checked_inputs(model, train, validation, search, attribution, recovery, start_from, prompt,
+                    batch_size, max_length, backend, seed):
+    """(train, validation) once every argument of `localize` is checked (validation split off
+    train when None): anything wrong raises before any work."""
+    if is_patched(model):
+        raise ValueError("localize needs the unpatched model; call doe_kernels.unpatch(model) "
+                         "first")
+    if search.rank == "jointly" and attribution.method != "fisher":
+        raise ValueError(
+            f"SearchConfig.rank='jointly' (--rank jointly) compares heads with neurons by score "
+            f"per weight, which Fisher scores put on one scale and {attribution.method!r} scores "
+            f"do not (a head then looks cheap, and most heads go first): use "
+            f"AttributionConfig(method='fisher') (--method fisher)")
+    check_batch_size(batch_size)
+    check_max_length(max_length)
+    weight = model.get_input_embeddings().weight
+    resolve(backend, weight.device, weight.dtype, 1)  # a backend absent here is refused now
+    if start_from is None or recovery.epochs:
+        check_trainable(model)
+    virtual_tokens = (prompt.num_virtual_tokens if start_from is None
+                      else start_from.num_virtual_tokens)
+    check_positions(model, max_length, virtual_tokens)
+    _check_shards(model, search)
+    if validation is None:
+        train, validation = split_validation(train, seed)
+    if len(train) == 0 or len(validation) == 0:
+        raise ValueError("localize needs training and validation examples")
+    names = set(train.label_names)
+    unknown = [label for label in dict.fromkeys(validation.labels) if label not in names]
+    if unknown:
+        raise ValueError(f"the validation examples hold labels {unknown[:5]} that are not among "
+                         f"the task's labels {list(train.label_names)}")
+    return train, validation
 
 
 def split_validation(train, seed: int) -> tuple:
