@@ -5,7 +5,6 @@ cannot be loaded, and the backends that need it report themselves unavailable. T
 knobs, environment variables the C++ reads once, are checked here: a value it would misread
 raises ValueError.
 """
-import functools
 import os
 import re
 import warnings
@@ -14,9 +13,18 @@ import warnings
 CPU_ISAS = ("generic", "avx2", "avx512")  # DOE_KERNELS_CPU_ISA: the highest the kernels may use
 
 
-@functools.lru_cache(maxsize=None)
+_LOADED: list = []  # [the extension module, or None], once loaded (a plain list, not an lru_cache:
+# torch.compile traces calls to extension() in a patched model's forward, and warns on lru_caches)
+
+
 def extension():
     """The doe_kernels._C module, or None (with one warning) when it cannot be loaded."""
+    if not _LOADED:
+        _LOADED.append(_load())
+    return _LOADED[0]
+
+
+def _load():
     if os.environ.get("DOE_KERNELS_NO_EXT", "0") == "1":
         return None
     check_cpu_knobs()
@@ -28,7 +36,7 @@ def extension():
             "'cuda' backends are unavailable and the ops fall back to 'triton' or 'torch'. "
             "Reinstall with `pip install --no-build-isolation -e .` to build it.",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
         return None
     return _C

@@ -31,6 +31,7 @@ from doe_kernels.patching import (
     patch,
     plugged_state,
     restoring,
+    unwrap_compiled,
 )
 
 KEEP_ALL = ExpertMask()  # the whole model: one mask object, so that its prepared plans are reused
@@ -103,6 +104,7 @@ def mixed(model, masks, backend: str = "auto", attention_mask=None, pack_layers:
     states (output_hidden_states) see the packed layout."""
     masks = _as_masks(masks)
     real = _real_tokens(attention_mask, len(masks))
+    model = unwrap_compiled(model)
     state = getattr(model, PATCH_STATE_ATTR, None)
     if state is not None and state.mixed:
         raise RuntimeError("the model already serves a mixed batch (doe_kernels.mixed does not "

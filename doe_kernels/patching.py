@@ -11,6 +11,7 @@ original model's).
 """
 import contextlib
 import copy
+import sys
 import weakref
 from dataclasses import dataclass, field
 
@@ -153,6 +154,7 @@ def patch(model: nn.Module, mask: ExpertMask, backend: str = "auto",
         raise TypeError(f"mask must be a doe_kernels.ExpertMask, got {type(mask).__name__}")
     if not isinstance(dynamic_skip, bool):
         raise TypeError(f"dynamic_skip must be True or False, got {dynamic_skip!r}")
+    given, model = model, unwrap_compiled(model)
     state = getattr(model, _STATE, None)
     # the relaid-out weights and the index buffers outlive the call: under torch.inference_mode
     # they would be inference tensors, and the model could not be trained afterwards
@@ -161,6 +163,16 @@ def patch(model: nn.Module, mask: ExpertMask, backend: str = "auto",
             _patch_layers(model, mask, backend, dynamic_skip)
         else:
             _swap(state, mask, backend, dynamic_skip)
+    return given
+
+
+def unwrap_compiled(model: nn.Module) -> nn.Module:
+    """The module a `torch.compile` wrapper compiles, else `model`: a patch's state, hooks and
+    guards live on the original module, so that patching the wrapper or the module is the same
+    (the wrapper's compiled code recompiles for the patched forwards)."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # loaded wherever a wrapper exists
+    if eval_frame is not None and isinstance(model, eval_frame.OptimizedModule):
+        return unwrap_compiled(model._orig_mod)
     return model
 
 
@@ -338,7 +350,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     with torch.inference_mode(False), torch.no_grad():  # the weights back in their layout
         for layer_patch in reversed(state.layers):
             layer_patch.restore()
-    _unguard_model(model)
+    _unguard_model(unwrap_compiled(model))
     return model
 
 

@@ -465,3 +465,40 @@ def test_a_model_made_under_inference_mode_is_patched_and_served_there(name):
             torch.testing.assert_close(output_of(model, ids, attention), expected)
         assert state_dict_equal(before, snapshot(model))
         assert all(p.is_inference() for p in model.parameters())
+
+
+# ---- torch.compile ----------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["bert", "llama"])
+def test_a_torch_compile_wrapper_patches_and_unpatches_its_model(name):
+    """patch, plugged, mixed and unpatch given a torch.compile wrapper act on the module it
+    compiles: the wrapper computes the expert (recompiling for swaps, made through either), and
+    unpatching either leaves both unpatched, with no hook left behind and the weights bitwise as
+    they were."""
+    model = build(name)
+    before, modules_before = snapshot(model), modules_of(model)
+    mask, other = mixed_mask(model), mixed_mask(model, ffn_keep=0.6, seed=1)
+    with dk.plugged(model, other):
+        want_other = run(model, name)
+    with dk.plugged(model, mask):
+        want = run(model, name)
+    dense = run(model, name)
+    compiled = torch.compile(model, backend="eager")
+    assert dk.patch(compiled, mask) is compiled
+    assert dk.is_patched(model) and dk.is_patched(compiled)
+    assert torch.equal(run(compiled, name), want)
+    dk.patch(compiled, other)  # a swap: the compiled code follows it
+    assert torch.equal(run(compiled, name), want_other)
+    dk.patch(model, mask)
+    assert torch.equal(run(compiled, name), want)
+    dk.unpatch(compiled)
+    assert not dk.is_patched(compiled) and "_apply" not in compiled.__dict__
+    assert not model._forward_pre_hooks and not compiled._forward_pre_hooks
+    assert_untouched(model, before, modules_before)
+    assert torch.equal(run(compiled, name), dense)
+    with dk.plugged(compiled, mask):
+        assert torch.equal(run(compiled, name), want)
+    with dk.mixed(compiled, [mask, None, mask]):
+        got = run(compiled, name)
+    torch.testing.assert_close(got[[0, 2]], want[[0, 2]], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(got[1], dense[1], atol=1e-5, rtol=1e-4)
+    assert_untouched(model, before, modules_before)
