@@ -104,7 +104,7 @@ def mixed(model, masks, backend: str = "auto", attention_mask=None, pack_layers:
     states (output_hidden_states) see the packed layout."""
     masks = _as_masks(masks)
     real = _real_tokens(attention_mask, len(masks))
-    model = unwrap_compiled(model)
+    given, model = model, unwrap_compiled(model)
     state = getattr(model, PATCH_STATE_ATTR, None)
     if state is not None and state.mixed:
         raise RuntimeError("the model already serves a mixed batch (doe_kernels.mixed does not "
@@ -138,7 +138,7 @@ def mixed(model, masks, backend: str = "auto", attention_mask=None, pack_layers:
             layer_segments.real = real
             layer_patch.set_segments(layer_segments)
         state.mixed = True
-        yield model
+        yield given
 
 
 def _real_token_hooks(model, real: RealTokens, layers) -> list:

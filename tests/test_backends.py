@@ -105,8 +105,8 @@ def test_cuda_kernels_built_for_other_gpus_leave_the_backend_off_with_a_warning(
 
 def test_auto_probes_the_gpu_a_tensor_is_on(monkeypatch):
     """On a machine whose extension runs on its first GPU only, a call on the second GPU gets no
-    `cuda` backend (`auto` falls through, an explicit request is refused), whichever GPU is the
-    current one."""
+    `cuda` backend (`auto` falls through, an explicit request is refused, naming what that GPU
+    has), and a call on the first gets it, whichever GPU is the current one."""
     from types import SimpleNamespace
 
     from doe_kernels import backends
@@ -126,8 +126,13 @@ def test_auto_probes_the_gpu_a_tensor_is_on(monkeypatch):
         assert backends.resolve("cuda", torch.device("cuda"), torch.bfloat16, 1) == "cuda"
         with pytest.warns(RuntimeWarning, match="RTX PRO 6000"):
             assert backends.resolve("auto", second, torch.bfloat16, 1) != "cuda"
-        with pytest.raises(backends.BackendUnavailableError, match="'cuda' is not available"):
+        with pytest.raises(backends.BackendUnavailableError, match="'cuda' is not available") \
+                as refused:
             backends.resolve("cuda", second, torch.bfloat16, 1)
+        assert "'torch'" in str(refused.value).split("available:")[1]
+        assert "'cuda'" not in str(refused.value).split("available:")[1]
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+        assert backends.resolve("auto", first, torch.bfloat16, 1) == "cuda"
     finally:
         cuda._runs_on.cache_clear()
 

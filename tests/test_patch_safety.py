@@ -497,7 +497,8 @@ def test_a_torch_compile_wrapper_patches_and_unpatches_its_model(name):
     assert torch.equal(run(compiled, name), dense)
     with dk.plugged(compiled, mask):
         assert torch.equal(run(compiled, name), want)
-    with dk.mixed(compiled, [mask, None, mask]):
+    with dk.mixed(compiled, [mask, None, mask]) as serving:
+        assert serving is compiled
         got = run(compiled, name)
     torch.testing.assert_close(got[[0, 2]], want[[0, 2]], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(got[1], dense[1], atol=1e-5, rtol=1e-4)

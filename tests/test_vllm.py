@@ -389,6 +389,12 @@ class TestSmolLM2:
                 llm.generate([{"prompt_token_ids": prompt}] * 2, [raw(None), raw("tweets")],
                              use_tqdm=False)
             assert llm.llm_engine.get_num_unfinished_requests() == 0
+            llm.enqueue([{"prompt_token_ids": prompt}], raw("b"), use_tqdm=False)
+            with pytest.raises(RuntimeError, match="requests naming the expert 'b' may be "
+                                                   "unfinished"):
+                dkv.remove(llm, "b")  # the queued request still runs on it
+            queued = llm.wait_for_completion(use_tqdm=False)[0]
+            assert list(queued.outputs[0].token_ids) == smol["hf_out"]["b"][0][2]
         finally:
             dkv.remove(llm, "b")
         with pytest.raises(ValueError, match="names the expert 'b'"):
@@ -676,7 +682,9 @@ def test_the_engine_admits_only_requests_naming_held_experts_and_salts_them():
     is; one naming a held expert gets its salt (over the prompt's own salt, whatever form the
     prompt takes); one naming another, or naming with anything but a non-empty string, is
     refused before the engine sees it, as is one naming none with a salt that could pass for an
-    expert's; the names follow the ranks' after a refresh."""
+    expert's; the names follow the ranks' after a refresh. A name admitted since the engine was
+    last idle may be pending (remove refuses it); the guard makes no reference cycle."""
+    import weakref
     from types import SimpleNamespace
 
     from doe_kernels.vllm import admission
@@ -684,13 +692,24 @@ def test_the_engine_admits_only_requests_naming_held_experts_and_salts_them():
 
     taken, held = [], [["a"]]
 
-    def add_request(request_id, prompt, params, arrival_time=None, priority=0):
-        taken.append((request_id, prompt, priority))
-        return request_id
+    class Engine:
+        unfinished = 0
 
-    llm = SimpleNamespace(llm_engine=SimpleNamespace(add_request=add_request),
-                          collective_rpc=lambda method: held[0] if method == "doe_experts"
-                          else None)
+        def add_request(self, request_id, prompt, params, arrival_time=None, priority=0):
+            taken.append((request_id, prompt, priority))
+            return request_id
+
+        def get_num_unfinished_requests(self):
+            return self.unfinished
+
+    class LLM:
+        def __init__(self):
+            self.llm_engine = Engine()
+
+        def collective_rpc(self, method):
+            return held[0] if method == "doe_experts" else None
+
+    llm = LLM()
     guard = admission.guard(llm)
     assert admission.guard(llm) is guard  # installed once
 
@@ -723,6 +742,15 @@ def test_the_engine_admits_only_requests_naming_held_experts_and_salts_them():
     with pytest.raises(ValueError, match="names the expert 'a'"):
         engine.add_request("7", {"prompt": "x"}, params("a"))
     assert [request[0] for request in taken] == ["0", "1", "2", "3", "4", "6"]
+    assert not guard.may_be_pending("b")  # the engine is idle: every request finished
+    engine.unfinished = 1
+    engine.add_request("8", {"prompt": "x"}, params("b"))
+    assert guard.may_be_pending("b") and not guard.may_be_pending("a")
+    engine.unfinished = 0
+    assert not guard.may_be_pending("b")
+    engine_ref, guard_ref = weakref.ref(engine), weakref.ref(guard)
+    del llm, engine, guard
+    assert engine_ref() is None and guard_ref() is None  # freed without the garbage collector
 
 
 def test_the_step_after_a_retiring_experts_last_request_drops_it(monkeypatch):

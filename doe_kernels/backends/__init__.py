@@ -53,9 +53,10 @@ class BackendUnavailableError(RuntimeError):
     """An explicitly requested backend is not present for this device or dtype."""
 
 
-def available_backends(device_type: str) -> list[str]:
-    """Names of the backends present for a device type ("cpu" or "cuda")."""
-    return [name for name, module in BACKENDS.items() if module.available(device_type)]
+def available_backends(device_type: str, index: int | None = None) -> list[str]:
+    """Names of the backends present for a device type ("cpu" or "cuda"; `index`: the GPU, None
+    for the current one)."""
+    return [name for name, module in BACKENDS.items() if module.available(device_type, index)]
 
 
 def resolve(backend: str, device: torch.device, dtype: torch.dtype, rows: int) -> str:
@@ -68,7 +69,7 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype, rows: int) -
         if not module.available(device_type, device.index):
             raise BackendUnavailableError(
                 f"backend {backend!r} is not available for {device_type} tensors; available: "
-                f"{available_backends(device_type)}"
+                f"{available_backends(device_type, device.index)}"
             )
         if dtype not in module.DTYPES:
             raise BackendUnavailableError(

@@ -15,21 +15,24 @@ The names the guard admits are the ranks' (`doe_experts`), read again after ever
 remove.
 """
 import inspect
+import weakref
 
 from doe_kernels.vllm.protocol import EXTRA_ARG, SALT_PREFIX, cache_salt, reserved_salt
 
 
 class Guard:
-    """The names an engine admits, and its wrapped `add_request`."""
+    """The names an engine admits, and the names of the requests it admitted since it was last
+    idle. Holds the LLM and its engine weakly (the engine holds the guard)."""
 
     def __init__(self, llm):
-        self.llm = llm
+        self._llm, self._engine = weakref.ref(llm), weakref.ref(llm.llm_engine)
         self.held = frozenset()
+        self._named = set()
         self.refresh()
 
     def refresh(self) -> None:
         """Read the names the ranks hold (retiring ones not) again."""
-        self.held = frozenset(self.llm.collective_rpc("doe_experts")[0])
+        self.held = frozenset(self._llm().collective_rpc("doe_experts")[0])
 
     def admit(self, prompt, params):
         """`prompt` as the engine should take it (salted for its expert), or ValueError."""
@@ -46,7 +49,18 @@ class Guard:
             raise ValueError(f"a request names the expert {name!r}, which this engine does not "
                              f"hold (held: {sorted(self.held)}); add it first with "
                              "doe_kernels.vllm.add")
-        return salted(prompt, name)
+        salted_prompt = salted(prompt, name)
+        self.may_be_pending(name)  # (forgets the names of an idle engine's requests)
+        self._named.add(name)
+        return salted_prompt
+
+    def may_be_pending(self, name: str) -> bool:
+        """Whether a request naming `name` may be unfinished: one was admitted since the engine
+        was last seen idle, and it is not idle now (queued with LLM.enqueue, say, a request may
+        wait unscheduled, where no rank sees it)."""
+        if self._engine().get_num_unfinished_requests() == 0:
+            self._named.clear()
+        return name in self._named
 
 
 def guard(llm) -> Guard:
@@ -58,13 +72,15 @@ def guard(llm) -> Guard:
     current = Guard(llm)
     add_request = engine.add_request
     signature = inspect.signature(add_request)
+    original = (weakref.WeakMethod(add_request) if inspect.ismethod(add_request)
+                else lambda: add_request)
 
     def guarded_add_request(*args, **kwargs):
         bound = signature.bind(*args, **kwargs)
         prompt = bound.arguments["prompt"]
         params = getattr(prompt, "sampling_params", None) or bound.arguments["params"]
         bound.arguments["prompt"] = current.admit(prompt, params)
-        return add_request(*bound.args, **bound.kwargs)
+        return original()(*bound.args, **bound.kwargs)
 
     engine.add_request = guarded_add_request
     engine._doe_guard = current

@@ -59,8 +59,13 @@ def add(llm, name: str, mask) -> None:
 
 
 def remove(llm, name: str) -> None:
-    """Stop holding the expert `name` (KeyError if `llm` holds none of that name)."""
+    """Stop holding the expert `name` (KeyError if `llm` holds none of that name; RuntimeError,
+    nothing changed, while requests naming it may be unfinished: queued with `LLM.enqueue`, or
+    a `generate` call running in another thread)."""
     _check_engine(llm)
+    if guard(llm).may_be_pending(name):
+        raise RuntimeError(f"requests naming the expert {name!r} may be unfinished: let them "
+                           "finish (LLM.wait_for_completion) or abort them before removing it")
     try:
         removed = all(llm.collective_rpc("doe_remove_expert", args=(name,)))
     finally:
@@ -99,8 +104,18 @@ def for_experts(llm, requests, params=None) -> tuple[list, list]:
         params = [params] * len(requests)
     if len(params) != len(requests):
         raise ValueError(f"{len(params)} sampling params for {len(requests)} requests")
-    return ([prompt for _, prompt in requests],
+    return ([_prompt(prompt) for _, prompt in requests],
             [naming(p, name) for (name, _), p in zip(requests, params)])
+
+
+def _prompt(prompt):
+    """`prompt` as vLLM takes it (token ids as a list), or ValueError."""
+    if isinstance(prompt, (list, tuple)):
+        return list(prompt)
+    if not isinstance(prompt, (str, dict)):
+        raise ValueError(f"a prompt must be a text, token ids or a vLLM prompt dict, got "
+                         f"{type(prompt).__name__}")
+    return prompt
 
 
 def status(llm) -> list:
