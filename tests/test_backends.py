@@ -74,16 +74,14 @@ def test_gpu_backends_are_built():
     assert backends.resolve("auto", torch.device("cuda"), torch.bfloat16, 4096) == "triton"
 
 
-def test_cuda_kernels_built_for_other_gpus_leave_the_backend_off_with_a_warning(monkeypatch):
-    """A GPU the build holds no code for (here one the probe refuses): the cuda backend is off
-    its list, `auto` picks another, with one warning naming the GPU and the knob to rebuild."""
+def stand_in_gpus(monkeypatch, runs_on):
+    """CUDA GPUs (compute capability 12.0, RTX PRO 6000) and an extension whose kernels run on
+    those `runs_on(index)` says, for the cuda backend's probe; the probe's cache cleared."""
     from types import SimpleNamespace
 
     from doe_kernels.backends import cuda
 
-    probed = []
-    ext = SimpleNamespace(has_cuda=lambda: True,
-                          cuda_kernels_run_on=lambda device: probed.append(device) or False)
+    ext = SimpleNamespace(has_cuda=lambda: True, cuda_kernels_run_on=runs_on)
     monkeypatch.setattr(cuda, "extension", lambda: ext)
     monkeypatch.setattr(cuda, "has_cuda_kernels", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -91,6 +89,16 @@ def test_cuda_kernels_built_for_other_gpus_leave_the_backend_off_with_a_warning(
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (12, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "NVIDIA RTX PRO 6000")
     cuda._runs_on.cache_clear()
+    return ext
+
+
+def test_cuda_kernels_built_for_other_gpus_leave_the_backend_off_with_a_warning(monkeypatch):
+    """A GPU the build holds no code for (here one the probe refuses): the cuda backend is off
+    its list, `auto` picks another, with one warning naming the GPU and the knob to rebuild."""
+    from doe_kernels.backends import cuda
+
+    probed = []
+    ext = stand_in_gpus(monkeypatch, lambda device: probed.append(device) or False)
     try:
         with pytest.warns(RuntimeWarning, match=r"RTX PRO 6000 \(compute capability 12\.0\)"
                           r".*DOE_KERNELS_CUDA_ARCHS=\"12\.0\""):
@@ -107,19 +115,10 @@ def test_auto_probes_the_gpu_a_tensor_is_on(monkeypatch):
     """On a machine whose extension runs on its first GPU only, a call on the second GPU gets no
     `cuda` backend (`auto` falls through, an explicit request is refused, naming what that GPU
     has), and a call on the first gets it, whichever GPU is the current one."""
-    from types import SimpleNamespace
-
     from doe_kernels import backends
     from doe_kernels.backends import cuda
 
-    ext = SimpleNamespace(has_cuda=lambda: True, cuda_kernels_run_on=lambda device: device == 0)
-    monkeypatch.setattr(cuda, "extension", lambda: ext)
-    monkeypatch.setattr(cuda, "has_cuda_kernels", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (12, 0))
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "NVIDIA RTX PRO 6000")
-    cuda._runs_on.cache_clear()
+    stand_in_gpus(monkeypatch, lambda device: device == 0)
     try:
         first, second = torch.device("cuda", 0), torch.device("cuda", 1)
         assert backends.resolve("auto", first, torch.bfloat16, 1) == "cuda"
