@@ -8,6 +8,7 @@ file at that path whole.
 """
 import json
 import os
+import stat
 import uuid
 
 import torch
@@ -61,13 +62,19 @@ def write_safetensors(path, tensors: dict[str, torch.Tensor], metadata: dict[str
     path = os.fspath(path)
     if os.path.isdir(path):
         raise IsADirectoryError(f"cannot save to {path}: it is a directory")
-    # a new name in the same folder (so the rename stays on one file system), created by
-    # safetensors with the permissions any new file gets
-    folder, name = os.path.split(os.path.abspath(path))
+    target = os.path.realpath(path)  # through a symbolic link, the file it names
+    # a new name in the same folder (so the rename stays on one file system); safetensors
+    # writes files readable by their owner only, so the file gets the earlier one's permissions,
+    # or those any new file gets (the temporary's, as created here)
+    folder, name = os.path.split(target)
     temporary = os.path.join(folder, f".{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
+        with open(temporary, "xb"):
+            pass
+        mode = stat.S_IMODE(os.stat(target if os.path.exists(target) else temporary).st_mode)
         save_file(tensors, temporary, metadata=metadata)
-        os.replace(temporary, path)
+        os.chmod(temporary, mode)
+        os.replace(temporary, target)
     except BaseException:
         if os.path.exists(temporary):
             os.unlink(temporary)

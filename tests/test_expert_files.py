@@ -3,7 +3,9 @@ FileFormatError, naming the file and the problem; Expert() refuses unsound argum
 survive deepcopy and pickle whole."""
 import copy
 import math
+import os
 import pickle
+import stat
 
 import pytest
 import torch
@@ -308,8 +310,28 @@ def test_a_failed_save_leaves_the_earlier_file_whole(expert_file, tmp_path, monk
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.safetensors"]
     load(path)
     monkeypatch.undo()
-    saved.save(tmp_path / "new.safetensors")   # a new file is written with ordinary permissions
-    assert (tmp_path / "new.safetensors").stat().st_mode == path.stat().st_mode
+
+
+def test_saving_keeps_the_files_permissions_and_links(expert_file, tmp_path):
+    """A new file gets the permissions any new file gets (safetensors alone writes 0600); saving
+    over a file keeps its permissions; saving through a symbolic link writes the file it names."""
+    saved = Expert.load(expert_file)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    saved.save(tmp_path / "new.safetensors")
+    assert stat.S_IMODE((tmp_path / "new.safetensors").stat().st_mode) == 0o666 & ~umask
+    shared = tmp_path / "shared.safetensors"
+    saved.save(shared)
+    shared.chmod(0o640)
+    saved.save(shared)
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o640
+    link = tmp_path / "current.safetensors"
+    link.symlink_to(shared)
+    saved.save(link)
+    assert link.is_symlink() and stat.S_IMODE(shared.stat().st_mode) == 0o640
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["current.safetensors", "new.safetensors",
+                                                          "shared.safetensors"]
+    Expert.load(link)
 
 
 def test_saving_to_a_directory_is_refused(expert_file, tmp_path):
