@@ -32,6 +32,7 @@ from doe_kernels.files import (FLOAT_DTYPES, FileFormatError, parse_json, read_s
 from doe_kernels.mask import ExpertMask
 from doe_kernels.models import spec_of
 from doe_kernels.patching import plugged as plug_mask
+from doe_kernels.patching import unwrap_compiled
 
 SEQ_CLS, CAUSAL_LM = "seq_cls", "causal_lm"
 TASK_TYPES = (SEQ_CLS, CAUSAL_LM)
@@ -498,7 +499,8 @@ class Expert:
         """Plug the expert's mask (unless `prune=False` or it has none) and head into `model`;
         both are restored on exit, also when the body raises."""
         self.check_fits(model)
-        params = dict(model.named_parameters())
+        params = dict(unwrap_compiled(model).named_parameters())  # (a torch.compile wrapper's
+        # names start with "_orig_mod.")
         saved = []
         previous = getattr(model, _PLUGGED_ATTR, None)
         with contextlib.ExitStack() as stack:

@@ -42,16 +42,13 @@ import torch
 from doe_kernels.expert import Expert, check_batch_size
 from doe_kernels.mask import ExpertMask
 from doe_kernels.mixed import KEEP_ALL, mixed_logits
-from doe_kernels.patching import current_mask, is_patched, patch, plugged, unpatch
+from doe_kernels.patching import (current_mask, is_patched, patch, plugged, unpatch,
+                                  unwrap_compiled)
 
 
 class ExpertRouter:
     def __init__(self, model, tokenizer, backend: str = "auto", batch_size: int = 32,
                  batch_window: float = 0.005):
-        check_batch_size(batch_size)
-        if not 0 <= batch_window < float("inf"):
-            raise ValueError(f"batch_window must be a finite number of seconds >= 0, got "
-                             f"{batch_window!r}")
         self.model, self.tokenizer = model, tokenizer
         self.backend, self.batch_size, self.batch_window = backend, batch_size, batch_window
         self._experts: dict[str, Expert] = {}
@@ -63,6 +60,29 @@ class ExpertRouter:
         self._local = threading.local()
         self._worker_lock = threading.Lock()  # guards _worker and _compute
         _free_openmp_pool()
+
+    @property
+    def batch_size(self) -> int:
+        """Requests per forward pass (at most)."""
+        return self._batch_size
+
+    @batch_size.setter
+    def batch_size(self, value: int) -> None:
+        check_batch_size(value)
+        self._batch_size = value
+
+    @property
+    def batch_window(self) -> float:
+        """Seconds the batching thread waits, after the first waiting request, for more."""
+        return self._batch_window
+
+    @batch_window.setter
+    def batch_window(self, value: float) -> None:
+        if (not isinstance(value, (int, float)) or isinstance(value, bool)
+                or not 0 <= value < float("inf")):
+            raise ValueError(f"batch_window must be a finite number of seconds >= 0, got "
+                             f"{value!r}")
+        self._batch_window = value
 
     # ---- experts ------------------------------------------------------------------------
     def add(self, name: str, expert: Expert) -> None:
@@ -189,7 +209,7 @@ class ExpertRouter:
         return self._experts[self._known(task)]
 
     def _mixed(self, requests: list[tuple[Expert, str]]) -> list[torch.Tensor]:
-        return self._computed(self._mixed_now, requests)
+        return self._computed(self._mixed_now, requests) if requests else []
 
     def _mixed_now(self, requests: list[tuple[Expert, str]]) -> list[torch.Tensor]:
         with self._locked():
@@ -205,6 +225,7 @@ class ExpertRouter:
         in the caller, and never reaches a batch. What a client does with its Future (cancel it,
         a done-callback that raises) reaches no other request."""
         self._refuse_on_compute_thread("submit")
+        _free_openmp_pool()
         expert = self._expert_of(task)
         if not isinstance(text, str):
             raise ValueError(f"submit takes one text (a str), got {type(text).__name__}")
@@ -306,7 +327,9 @@ _GUARDS_LOCK = threading.Lock()
 
 
 def _guard_of(model) -> _ModelGuard:
-    """The guard of `model`, made on its first router; it goes with the model."""
+    """The guard of `model` (the module a torch.compile wrapper compiles), made on its first
+    router; it goes with the model."""
+    model = unwrap_compiled(model)
     with _GUARDS_LOCK:
         guard = _GUARDS.get(model)
         if guard is None:

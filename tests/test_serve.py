@@ -24,20 +24,32 @@ def run_clients(client, count: int) -> list[str]:
         except Exception as error:  # surfaced by the caller
             errors.append(repr(error))
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(count)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(timeout=300)
+    errors += [f"{thread.name} still running after five minutes" for thread in threads
+               if thread.is_alive()]
     return errors
 
 
 @pytest.fixture
 def served(tokenizer):
+    """A tiny BERT, three experts and each one's logits on TEXTS alone. Each expert's head bias
+    is set so that it answers both labels over TEXTS (a random head on a random model answers
+    one label for every text, and an answer handed to another request of its expert would go
+    unseen)."""
     model = tiny_bert()
-    experts = {f"task{i}": seq_cls_expert(model, rate=rate, seed=i)
-               for i, rate in enumerate((0.3, 0.6, 0.9))}
+    experts = {}
+    for i, rate in enumerate((0.3, 0.6, 0.9)):
+        expert = seq_cls_expert(model, rate=rate, seed=i)
+        margin = expert.predict_logits(model, tokenizer, TEXTS).diff(dim=1)[:, 0]
+        expert.head["classifier.bias"][1] -= margin.median() + 1e-3 * margin.std()
+        experts[f"task{i}"] = expert
     alone = {name: e.predict_logits(model, tokenizer, TEXTS) for name, e in experts.items()}
+    for logits in alone.values():
+        assert len(set(logits.argmax(dim=1).tolist())) == 2
     return model, experts, alone
 
 
@@ -336,6 +348,8 @@ def test_the_main_threads_openmp_pool_is_freed(served, tokenizer, monkeypatch):
         assert calls == [True, True, True]
         assert not run_clients(lambda i: router.run("task0", TEXTS[0]) and (), 2)
         assert calls == [True, True, True, False, False]
+        router.ask("task0", TEXTS[0])  # from the main thread, through the batching thread
+        assert calls[5] is True
 
 
 def test_bad_mixed_requests_are_refused_and_others_are_served(served, tokenizer):
@@ -363,6 +377,33 @@ def test_bad_mixed_requests_are_refused_and_others_are_served(served, tokenizer)
             dk.ExpertRouter(model, tokenizer, batch_size=bad)
     with pytest.raises(ValueError, match="batch_window"):
         dk.ExpertRouter(model, tokenizer, batch_window=-1)
+    router = dk.ExpertRouter(model, tokenizer)
+    router.add("task0", experts["task0"])
+    for name, bad in (("batch_window", None), ("batch_window", float("nan")),
+                      ("batch_size", 0)):  # set later, refused as at construction
+        with pytest.raises(ValueError, match=name):
+            setattr(router, name, bad)
+    assert (router.batch_size, router.batch_window) == (32, 0.005)
+    assert router.ask("task0", TEXTS[0]) == expected
+    router.close()
+    assert not dk.is_patched(model)
+    assert dk.ExpertRouter(model, tokenizer).run_mixed([]) == []
+    assert not dk.is_patched(model)  # nothing to run: the model was not patched
+
+
+def test_a_router_on_a_torch_compile_wrapper(served, tokenizer):
+    """A router takes a torch.compile wrapper as it takes its model (the two share the model's
+    lock), and answers as the experts alone do."""
+    from doe_kernels import serve
+
+    model, experts, alone = served
+    compiled = torch.compile(model, backend="eager")
+    assert serve._guard_of(compiled) is serve._guard_of(model)
+    with dk.ExpertRouter(compiled, tokenizer) as router:
+        router.add("task1", experts["task1"])
+        torch.testing.assert_close(router.run_logits("task1", TEXTS), alone["task1"])
+        assert router.run_mixed([("task1", TEXTS[1])]) == router.run("task1", TEXTS[1])
+    assert not dk.is_patched(model)
 
 
 def test_submit_racing_close_loses_no_request(served, tokenizer):
@@ -481,10 +522,12 @@ def test_add_refuses_an_expert_the_tokenizer_cannot_serve(tokenizer):
     model = tiny_llama()
     ids = label_token_ids(tokenizer, [" positive", " negative"])
 
+    prompt = torch.randn(3, 32, generator=torch.Generator().manual_seed(0))
+
     def expert(**kwargs):
         args = dict(label_words=[" positive", " negative"], label_token_ids=ids,
                     sizes=model_sizes(model)) | kwargs
-        return Expert(None, torch.randn(3, 32), "causal_lm", ["positive", "negative"], **args)
+        return Expert(None, prompt, "causal_lm", ["positive", "negative"], **args)
 
     with dk.ExpertRouter(model, tokenizer) as router:
         with pytest.raises(ValueError, match="encodes the label words"):
@@ -494,8 +537,9 @@ def test_add_refuses_an_expert_the_tokenizer_cannot_serve(tokenizer):
         assert router.tasks == []
         router.add("ids only", expert(label_words=None))  # token ids without words: served
         router.add("words", expert())
-        assert router.run_mixed([("ids only", TEXTS[0]), ("words", TEXTS[0])]) == \
-            router.run("words", [TEXTS[0]]) * 2
+        ids_only, words = router.run_mixed_logits([("ids only", TEXTS[0]), ("words", TEXTS[0])])
+        torch.testing.assert_close(ids_only, words)  # the same expert but for its words
+        torch.testing.assert_close(words, router.run_logits("words", [TEXTS[0]])[0])
     assert not dk.is_patched(model)
 
 
