@@ -142,6 +142,10 @@ def encode(tokenizer, texts, task_type: str, template: str | None, max_length: i
     texts = list(texts)
     if not texts:  # (0, 0): tokenizers fail on an empty batch
         return torch.zeros((0, 0), dtype=torch.long), torch.zeros((0, 0), dtype=torch.long)
+    odd = [t for t in texts if not isinstance(t, str)]
+    if odd:  # (a template would format None or 42 into text)
+        raise ValueError(f"texts must be strings, got a {type(odd[0]).__name__}: "
+                         f"{odd[0]!r:.80}")
     if task_type == CAUSAL_LM:
         texts = fit_template(tokenizer, template or DEFAULT_TEMPLATE, texts, max_length)
         rows = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
@@ -287,16 +291,16 @@ def _as_head(what: str, head) -> dict:
 
 
 def _as_json_dict(what: str, value) -> dict:
-    """A copy of the dict `value`, which an Expert file's JSON header must be able to hold (str
-    keys; numbers, strings, booleans, None, lists and dicts of them); raises naming it."""
+    """A copy of the dict `value` as an Expert file's JSON header holds it (numbers, strings,
+    booleans, None, lists and dicts of them; keys become strings, tuples lists), so that an
+    expert is what it will be once saved and loaded; raises naming it."""
     if not isinstance(value, Mapping):
         raise TypeError(f"{what} must be a dict, got {type(value).__name__}")
     try:
-        json.dumps(value)  # as save() writes the header
+        return json.loads(json.dumps(value))  # as save() writes the header and load() reads it
     except (TypeError, ValueError) as error:
         raise TypeError(f"{what} must hold JSON values (an Expert file stores it): {error}") \
             from None
-    return dict(value)
 
 
 def check_count(name: str, value, note: str = "") -> None:

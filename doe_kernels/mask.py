@@ -53,6 +53,23 @@ class FrozenTable(Mapping):
     def __repr__(self):
         return f"FrozenTable({self._items!r})"
 
+    def __eq__(self, other):
+        """Equal to a table (or dict) of the same layers and equal values (tensors by
+        `torch.equal`)."""
+        if not isinstance(other, Mapping):
+            return NotImplemented
+        return self.keys() == other.keys() and all(
+            _same_value(self._items[k], other[k]) for k in self._items)
+
+    __hash__ = None
+
+
+def _same_value(a, b) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+                and a.dtype == b.dtype and torch.equal(a, b))
+    return a == b
+
 
 def _as_index(kind: str, layer, index) -> torch.Tensor:
     """A copy of `index` as a 1-D sorted unique int64 CPU tensor; raises naming the layer."""
@@ -65,8 +82,8 @@ def _as_index(kind: str, layer, index) -> torch.Tensor:
     except (TypeError, ValueError, RuntimeError):
         raise TypeError(f"{where} must be a list or tensor of integer indices, got "
                         f"{type(index).__name__} {index!r:.80}") from None
-    if not isinstance(index, torch.Tensor) and tensor.numel() == 0:
-        tensor = tensor.to(torch.int64)  # a plain empty list keeps nothing
+    if tensor.numel() == 0 and tensor.dtype.is_floating_point:
+        tensor = tensor.to(torch.int64)  # an empty list, or torch.tensor([]), keeps nothing
     if tensor.dtype.is_floating_point or tensor.dtype.is_complex or tensor.dtype == torch.bool:
         raise TypeError(f"{where} must hold integer indices, got dtype {tensor.dtype}")
     if tensor.dim() != 1:
@@ -85,7 +102,11 @@ def _as_threshold(kind: str, layer, value) -> float:
                                               and value.dtype not in FLOAT_DTYPES):
         what = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
         raise TypeError(f"{kind}[{layer}] must be a real number (a threshold), got {what}")
-    tensor = torch.as_tensor(value, dtype=torch.float64)
+    try:
+        tensor = torch.as_tensor(value, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{kind}[{layer}] must be a real number (a threshold), got "
+                        f"{type(value).__name__} {value!r:.80}") from None
     if tensor.numel() != 1:
         raise ValueError(f"{kind}[{layer}] must be one number, got shape {tuple(tensor.shape)}")
     value = float(tensor.reshape(-1)[0])
@@ -97,7 +118,11 @@ def _as_threshold(kind: str, layer, value) -> float:
 def _as_vector(kind: str, layer, value) -> torch.Tensor:
     """A copy of `value` as a 1-D finite float32 CPU tensor; raises naming the table and layer."""
     where = f"{kind}[{layer}]"
-    tensor = torch.as_tensor(value)
+    try:
+        tensor = torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{where} must be a list or tensor of floating-point values, got "
+                        f"{type(value).__name__} {value!r:.80}") from None
     if not (tensor.dtype in FLOAT_DTYPES or tensor.numel() == 0):
         raise TypeError(f"{where} must hold floating-point values (float16, bfloat16, float32 "
                         f"or float64), got dtype {tensor.dtype}")
@@ -275,19 +300,21 @@ class ExpertMask:
                              "models do not support; keep head_scales only")
         for kind in _VECTOR_KINDS:
             for layer, vector in getattr(self, kind).items():
-                if layer >= spec.num_layers:
-                    raise ValueError(f"{kind} names layer {layer}, but the model has "
-                                     f"{spec.num_layers} layers")
                 if kind in _BIAS_KINDS and vector.numel() != spec.hidden_size:
                     raise ValueError(f"{kind}[{layer}] has {vector.numel()} values, but the "
                                      f"model's hidden size is {spec.hidden_size}")
         self._check_scale_lengths(spec.as_dict())
 
     def _check_sizes(self, sizes: dict | None) -> None:
-        """Each index table's layers and indices within the sizes `sizes` gives (a model's, or
-        the mask's own record, which may leave some out)."""
+        """Each table's layers, and each index table's indices, within the sizes `sizes` gives (a
+        model's, or the mask's own record, which may leave some out)."""
         if sizes is None:
             return
+        for kind in ("skip",) + _VECTOR_KINDS:
+            for layer in getattr(self, kind):
+                if "num_layers" in sizes and layer >= sizes["num_layers"]:
+                    raise ValueError(f"{kind} names layer {layer}, but the model has "
+                                     f"{sizes['num_layers']} layers")
         for kind, size_key, unit in (("ffn", "intermediate_size", "neurons"),
                                      ("heads", "num_heads", "heads"),
                                      ("moe", "num_experts", "experts")):
@@ -412,12 +439,10 @@ class ExpertMask:
     def __eq__(self, other):
         if not isinstance(other, ExpertMask):
             return NotImplemented
-        same = lambda a, b: a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # noqa: E731
-        return (all(same(getattr(self, kind), getattr(other, kind))
-                    for kind in _INDEX_KINDS + _VECTOR_KINDS)
-                and dict(self.skip) == dict(other.skip) and self.spec == other.spec)
+        return (all(getattr(self, kind) == getattr(other, kind) for kind in _KINDS)
+                and self.spec == other.spec)
 
-    __hash__ = object.__hash__
+    __hash__ = object.__hash__  # by identity: prepared plans are cached per mask object
 
 
 def _by_layer(kind: str, table) -> list:
@@ -451,8 +476,14 @@ def _as_spec(spec) -> dict | None:
 def _score_rows(scores, name: str, shards: int) -> list:
     """The per-layer 1-D float64 score rows of `scores`; raises naming NaN or a layer whose
     units do not split into `shards`."""
-    rows = [torch.as_tensor(s, dtype=torch.float64).reshape(-1) for s in scores]
+    if isinstance(scores, torch.Tensor) and scores.dim() != 2:
+        raise ValueError(f"the scores for {name} must be one row per layer (a 2-D tensor or a "
+                         f"list of 1-D rows), got shape {tuple(scores.shape)}")
+    rows = [torch.as_tensor(s, dtype=torch.float64) for s in scores]
     for layer, row in enumerate(rows):
+        if row.dim() != 1:
+            raise ValueError(f"the scores for {name} must be one 1-D row per layer; layer "
+                             f"{layer} has shape {tuple(row.shape)}")
         if torch.isnan(row).any():
             raise ValueError(f"the scores for {name} hold NaN in layer {layer} "
                              f"({int(torch.isnan(row).sum())} of {row.numel()}); "

@@ -21,7 +21,8 @@ def test_save_load_round_trip_seq_cls(tmp_path, tokenizer):
     assert loaded.mask == expert.mask
     assert torch.equal(loaded.prompt, expert.prompt)
     assert loaded.head.keys() == expert.head.keys()
-    assert all(torch.equal(loaded.head[k], expert.head[k]) for k in expert.head)
+    assert all(loaded.head[k].dtype == expert.head[k].dtype
+               and torch.equal(loaded.head[k], expert.head[k]) for k in expert.head)
     for key in ("task_type", "label_names", "label_words", "label_token_ids", "template", "sizes",
                 "figures", "name", "max_length"):
         assert getattr(loaded, key) == getattr(expert, key), key
@@ -366,6 +367,13 @@ def test_nested_experts_restore_the_outer_one(tokenizer):
         torch.testing.assert_close(outer.predict_logits(model, tokenizer, TEXTS), want)
     assert not torch.allclose(inner_logits, want)
     assert not dk.is_patched(model) and state_dict_equal(before, snapshot(model))
+
+
+@pytest.mark.parametrize("task_type", ["causal_lm", "seq_cls"])
+def test_texts_that_are_not_strings_are_refused(tokenizer, task_type):
+    """A causal LM's template would format None or 42 into a text: refused, as for classifiers."""
+    with pytest.raises(ValueError, match="texts must be strings, got a NoneType"):
+        encode(tokenizer, ["a fine film", None], task_type, None, 32)
 
 
 def test_long_texts_lose_their_end_never_the_template(tokenizer):

@@ -258,7 +258,8 @@ def assert_same_expert(a: Expert, b: Expert) -> None:
         elif isinstance(value, dict) and value and isinstance(next(iter(value.values())),
                                                                torch.Tensor):
             assert value.keys() == other.keys(), key
-            assert all(torch.equal(value[k], other[k]) for k in value), key
+            assert all(value[k].dtype == other[k].dtype and torch.equal(value[k], other[k])
+                       for k in value), key
         else:
             assert value == other, key
 
@@ -337,3 +338,15 @@ def test_saving_keeps_the_files_permissions_and_links(expert_file, tmp_path):
 def test_saving_to_a_directory_is_refused(expert_file, tmp_path):
     with pytest.raises(IsADirectoryError, match="is a directory"):
         Expert.load(expert_file).save(tmp_path)
+
+
+def test_figures_and_sizes_are_held_as_a_file_holds_them(tmp_path):
+    """An expert's figures and sizes are what they will be once saved and loaded: integer keys
+    become strings, tuples lists."""
+    model = tiny_bert()
+    sound = seq_cls_expert(model)
+    expert = Expert(None, sound.prompt, "seq_cls", ["a", "b"], head=sound.head,
+                    sizes={**sound.sizes}, figures={1: 0.5, "rates": (0.1, 0.2)})
+    assert expert.figures == {"1": 0.5, "rates": [0.1, 0.2]}
+    expert.save(tmp_path / "e.safetensors")
+    assert Expert.load(tmp_path / "e.safetensors").figures == expert.figures

@@ -331,3 +331,37 @@ def test_validate_names_the_first_bad_layer_and_index():
         dk.ExpertMask(spec=dict(dk.ExpertMask.random(build("bert")).spec,
                                 intermediate_size=80)).validate(model)
     assert dk.ExpertMask().summary(model)["ffn_pruning_rate"] == 0
+
+
+def test_scores_must_be_one_row_per_layer():
+    """One layer's scores alone would read as one unit per layer (all pruned at 50%)."""
+    with pytest.raises(ValueError, match=r"one row per layer .* got shape \(4,\)"):
+        dk.ExpertMask.from_scores(torch.tensor([0.1, 0.9, 0.5, 0.3]), ffn_keep=0.5)
+    with pytest.raises(ValueError, match=r"layer 1 has shape \(2, 2\)"):
+        dk.ExpertMask.from_scores([torch.rand(4), torch.rand(2, 2)], ffn_keep=0.5)
+    assert dk.ExpertMask.from_scores([torch.rand(4), torch.rand(4)], ffn_keep=0.5).ffn[1].numel() == 2
+
+
+def test_masks_compare_by_value_table_by_table():
+    spec = dict(num_layers=2, intermediate_size=8, num_heads=4)
+    mask = dk.ExpertMask({0: torch.tensor([]), 1: [1, 2]}, {0: [0]}, spec=spec,
+                         skip={}, ffn_bias=None)
+    again = dk.ExpertMask({0: [], 1: torch.tensor([1, 2], dtype=torch.int32)}, {0: [0]},
+                          spec=spec)
+    assert mask.ffn[0].dtype == torch.int64 and mask.ffn[0].numel() == 0  # an empty tensor
+    assert mask.ffn == again.ffn and mask.heads == {0: torch.tensor([0])} and mask == again
+    assert mask.ffn != {0: torch.tensor([]), 1: torch.tensor([1, 2])}  # float: another dtype
+    assert mask != again.replace(heads={0: [1]})
+    with pytest.raises(TypeError, match="unhashable"):
+        hash(mask.ffn)
+
+
+@pytest.mark.parametrize("table, match", [
+    (dict(attn_bias={0: None}), r"attn_bias\[0\] must be a list or tensor of floating-point"),
+    (dict(skip={0: "0.5"}), r"skip\[0\] must be a real number"),
+    (dict(attn_bias={5: [0.0] * 4}), "attn_bias names layer 5, but the model has 2 layers"),
+    (dict(skip={5: 0.1}), "skip names layer 5, but the model has 2 layers")])
+def test_bad_tables_are_refused_naming_table_and_layer(table, match):
+    spec = dict(num_layers=2, intermediate_size=8, num_heads=4)
+    with pytest.raises((TypeError, ValueError), match=match):
+        dk.ExpertMask(spec=spec, **table)
