@@ -7,8 +7,10 @@ It may hold per-layer bias deltas (`ffn_bias`, `attn_bias`: {layer: float32 vect
 size}), added to the down and attention output projections' outputs, and per-layer scales of the
 kept units (`ffn_scales`: one per kept neuron, `head_scales`: one per kept head, in the order of
 the kept lists), which multiply each kept unit's contribution to those outputs (reconstruction, see
-doe_kernels.localize.compensate). It records the sizes of the model it was made for, so that
-plugging it into another model is refused. Saved in safetensors.
+doe_kernels.localize.compensate). It may record the sizes of the model it was made for (`spec`:
+`random` and localize's masks do; `from_scores` when given one), so that plugging it into another
+model is refused; a mask without them is checked against a model's sizes only when plugged.
+Saved in safetensors.
 """
 import json
 import re
