@@ -12,6 +12,7 @@ with an {"error": ...} line and goes on with the next one. DOE_KERNELS_DEBUG=1 p
 traceback above that line (for a bug report).
 """
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -100,18 +101,57 @@ def _backend(text: str) -> str:
     return text
 
 
-def load_model(path: str, num_labels: int | None = None):
-    """(model, tokenizer) from a HuggingFace folder: a causal LM if the checkpoint is one, else a
-    sequence classifier (with a new head of `num_labels` when the checkpoint has none)."""
-    from transformers import (AutoConfig, AutoModelForCausalLM,
-                              AutoModelForSequenceClassification, AutoTokenizer)
+def model_config(path: str):
+    """The HuggingFace config of the model folder `path` (UserError for a missing or broken
+    one): what the commands check their options against before loading any weights."""
+    from transformers import AutoConfig
 
     if not os.path.isdir(path):
         raise UserError(f"model folder not found: {path}")
+    with _broken_folder(path):
+        return AutoConfig.from_pretrained(path)
+
+
+def is_causal(config) -> bool:
+    """Whether a config's checkpoint is a causal LM (else it is loaded as a classifier)."""
+    return any(a.endswith("ForCausalLM") for a in (config.architectures or []))
+
+
+@contextlib.contextmanager
+def _broken_folder(path: str):
     try:
-        config = AutoConfig.from_pretrained(path)
-        causal = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
-        if causal:
+        yield
+    except (OSError, ValueError) as error:  # transformers' errors for a broken folder
+        reason = str(error).strip().split("\n\n")[0]
+        raise UserError(f"cannot load the model in {path}: {reason}") from None
+
+
+@contextlib.contextmanager
+def _quiet_loading():
+    """transformers' loading logs and progress bars off: its report of a missing classifier head
+    (which the commands make) would fill stderr, where a misuse gets one line."""
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def load_model(path: str, num_labels: int | None = None):
+    """(model, tokenizer) from a HuggingFace folder: a causal LM if the checkpoint is one, else a
+    sequence classifier (with a new head of `num_labels` when the checkpoint has none)."""
+    from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification,
+                              AutoTokenizer)
+
+    config = model_config(path)
+    with _broken_folder(path), _quiet_loading():
+        if is_causal(config):
             model = AutoModelForCausalLM.from_pretrained(path)
         else:
             # a saved head of another label count is replaced (and only it: the other weights
@@ -120,9 +160,6 @@ def load_model(path: str, num_labels: int | None = None):
                 "num_labels": num_labels, "ignore_mismatched_sizes": True}
             model = AutoModelForSequenceClassification.from_pretrained(path, **labels)
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as error:  # transformers' errors for a broken folder
-        reason = str(error).strip().split("\n\n")[0]
-        raise UserError(f"cannot load the model in {path}: {reason}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.eval(), tokenizer
@@ -205,7 +242,6 @@ def configs_from_args(args) -> dict:
 
 
 def cmd_localize(args) -> None:
-    from doe_kernels.expert import CAUSAL_LM, detect_task_type
     from doe_kernels.localize import localize
 
     configs = configs_from_args(args)
@@ -218,10 +254,9 @@ def cmd_localize(args) -> None:
     if len(set(train.labels)) < 2:
         raise UserError(f"{args.task}: the training examples hold one label "
                         f"({train.labels[0]!r}); a task needs two or more")
+    _check_causal_options(args, is_causal(model_config(args.model)))
     model, tokenizer = load_model(args.model, num_labels=len(train.label_names))
-    template = _template(args, model, tokenizer)
-    if args.label_words and detect_task_type(model) != CAUSAL_LM:
-        raise UserError("--label-words is for causal LMs; a classifier answers with its head")
+    template = _template(args, tokenizer)
     expert = localize(model, tokenizer, train, validation,
                       label_words=_label_words(args, train.label_names), template=template,
                       max_length=args.max_length, backend=args.backend, seed=args.seed,
@@ -246,24 +281,35 @@ def _training_examples(train, validation, args):
     return train, validation
 
 
-def _template(args, model, tokenizer) -> str | None:
-    """The causal-LM template that --template or --instruction asks for (None: the default)."""
-    from doe_kernels.expert import CAUSAL_LM, chat_template, check_template, detect_task_type
+def _check_causal_options(args, causal: bool) -> None:
+    """Refuse --template, --instruction and --label-words where they do not apply (before the
+    model loads)."""
+    from doe_kernels.expert import check_template
 
-    if args.template is None and args.instruction is None:
-        return None
     if args.template is not None and args.instruction is not None:
         raise UserError("give --template or --instruction, not both")
-    if detect_task_type(model) != CAUSAL_LM:
+    if not causal and (args.template is not None or args.instruction is not None):
         raise UserError("--template and --instruction are for causal LMs; a classifier reads the "
                         "text as it is")
+    if not causal and args.label_words:
+        raise UserError("--label-words is for causal LMs; a classifier answers with its head")
+    if args.template is not None:
+        try:
+            check_template(args.template)
+        except ValueError as error:
+            raise UserError(f"--template: {error}") from None
+
+
+def _template(args, tokenizer) -> str | None:
+    """The causal-LM template that --template or --instruction asks for (None: the default;
+    `_check_causal_options` has checked them)."""
+    from doe_kernels.expert import chat_template
+
     if args.instruction is not None:
         return chat_template(tokenizer, args.instruction)
-    try:
-        check_template(args.template)
-    except ValueError as error:
-        raise UserError(f"--template: {error}") from None
-    return args.template.replace("\\n", "\n").replace("\\t", "\t")  # as typed in a shell
+    if args.template is not None:
+        return args.template.replace("\\n", "\n").replace("\\t", "\t")  # as typed in a shell
+    return None
 
 
 def _label_words(args, label_names) -> list | None:
@@ -365,7 +411,8 @@ def cmd_bench(args) -> None:
     prune = 0.65 if args.prune is None else args.prune
     mask = expert.mask if expert is not None else dk.ExpertMask.random(
         model, ffn_keep=1 - prune, heads_keep=1 - prune, seed=0)
-    ids = torch.randint(100, min(tokenizer.vocab_size, 20000), (args.batch, args.seq))
+    vocab = min(tokenizer.vocab_size, model.get_input_embeddings().num_embeddings)
+    ids = torch.randint(min(100, vocab - 1), min(vocab, 20000), (args.batch, args.seq))
 
     def median_seconds():
         times = []

@@ -6,6 +6,7 @@ are kept as strings; `TaskData.label_names` fixes their order (the class index o
 import csv
 import os
 import random
+import re
 from dataclasses import dataclass, field
 
 SPLITS = ("train", "validation", "test")
@@ -13,6 +14,15 @@ SPLITS = ("train", "validation", "test")
 
 class TaskDataError(ValueError):
     """A task file or dataset that cannot be read as labelled texts (a user mistake, not a bug)."""
+
+
+def label_order(labels) -> list[str]:
+    """The distinct labels in the order a task names them when not told: by number when every
+    label is an integer (2 before 10), else as text."""
+    names = set(labels)
+    if all(re.fullmatch(r"[+-]?[0-9]+", name) for name in names):
+        return sorted(names, key=lambda name: (int(name), name))
+    return sorted(names)
 
 
 @dataclass
@@ -25,12 +35,16 @@ class TaskData:
     def __post_init__(self):
         if len(self.texts) != len(self.labels):
             raise TaskDataError(f"{len(self.texts)} texts but {len(self.labels)} labels")
+        blank = next((i for i, label in enumerate(self.labels)
+                      if label is None or not str(label).strip()), None)
+        if blank is not None:
+            raise TaskDataError(f"example {blank} has no label ({self.labels[blank]!r})")
         self.labels = [str(label) for label in self.labels]
         self.label_names = [str(name) for name in self.label_names]
         if len(set(self.label_names)) != len(self.label_names):
             raise TaskDataError(f"label_names must be distinct, got {self.label_names}")
         if not self.label_names:
-            self.label_names = sorted(set(self.labels))
+            self.label_names = label_order(self.labels)
         unknown = set(self.labels) - set(self.label_names)
         if unknown:
             raise TaskDataError(f"labels {sorted(unknown)} are not in label_names {self.label_names}")
@@ -136,8 +150,9 @@ def read_csv(path, text_column="text", label_column="label", split_column="split
                                 "(quote a text that holds commas)")
         if not row[label_column].strip():
             raise TaskDataError(f"{path}: data row {number} has an empty label")
+        row[label_column] = row[label_column].strip()  # "pos " and " pos" are "pos"
     name = os.path.splitext(os.path.basename(path))[0]
-    names = sorted({row[label_column] for row in rows})
+    names = label_order(row[label_column] for row in rows)
     if split_column not in columns:
         return {"all": TaskData([r[text_column] for r in rows], [r[label_column] for r in rows],
                                 names, name)}
@@ -152,9 +167,12 @@ def read_csv(path, text_column="text", label_column="label", split_column="split
 
 
 def write_csv(path, splits: dict[str, TaskData]) -> None:
+    """`splits` ({split: TaskData}) as a task file `read_csv` reads back: a split column, left
+    out when the only split is "all" (what read_csv gives for a file without one)."""
+    with_split = set(splits) != {"all"}
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
-        writer.writerow(["text", "label", "split"])
+        writer.writerow(["text", "label", "split"][:3 if with_split else 2])
         for split, data in splits.items():
             for text, label in zip(data.texts, data.labels):
-                writer.writerow([text, label, split])
+                writer.writerow([text, label, split][:3 if with_split else 2])

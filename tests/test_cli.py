@@ -1,6 +1,7 @@
 """The doe-kernels command line: localize, eval, serve and bench end to end, and plain errors."""
 import io
 import json
+import re
 import sys
 
 import pytest
@@ -188,10 +189,12 @@ def test_a_prompt_text_and_a_prompt_start_are_a_one_line_error(tmp_path, capsys)
 def test_instruction_for_a_classifier_is_a_one_line_error(task_and_expert, capsys):
     task, _ = task_and_expert
     capsys.readouterr()
-    assert cli.main(["localize", "--model", minilm_dir(), "--task", str(task), "--out", "e",
-                     "--instruction", "Negative or positive?"]) == 2
-    err = capsys.readouterr().err
-    assert "for causal LMs" in err and "Traceback" not in err
+    for option in (["--instruction", "Negative or positive?"], ["--label-words", "no,yes"],
+                   ["--template", "{text} ->"]):
+        assert cli.main(["localize", "--model", minilm_dir(), "--task", str(task), "--out", "e",
+                         *option]) == 2
+        err = capsys.readouterr().err
+        assert "for causal LMs" in err and err.count("\n") == 1, err  # checked before loading
 
 
 def test_localize_options_are_built_from_the_config_classes(capsys):
@@ -222,5 +225,5 @@ def test_localize_options_are_built_from_the_config_classes(capsys):
     text = capsys.readouterr().out
     for key, cls in CONFIGS.items():
         assert f"{cls.__name__} (localize {key}=)" in text
-        for field in dataclasses.fields(cls):
-            assert field.metadata["flag"] in text
+        for field in dataclasses.fields(cls):  # the flag itself, not inside a longer one
+            assert re.search(rf"(?<![\w-]){re.escape(field.metadata['flag'])}(?![\w-])", text)

@@ -47,3 +47,23 @@ def test_a_csv_with_a_byte_order_mark_and_crlf_lines_reads(tmp_path):
     path.write_bytes("\ufefftext,label\r\ngood film,pos\r\n\"bad, dull\",neg\r\n".encode("utf-8"))
     data = read_csv(path)["all"]
     assert data.texts == ["good film", "bad, dull"] and data.labels == ["pos", "neg"]
+
+
+def test_labels_read_as_a_user_means_them(tmp_path):
+    """Spaces around a label do not make another class; a missing label is refused; integer
+    labels are ordered as numbers; a file without a split column is written back as one."""
+    from doe_kernels.data import write_csv
+
+    path = tmp_path / "t.csv"
+    path.write_text("text,label\na,pos\nb,pos \nc, neg\n", encoding="utf-8")
+    task = read_csv(path)["all"]
+    assert task.label_names == ["neg", "pos"] and task.labels == ["pos", "pos", "neg"]
+    for bad in (None, "", "  "):
+        with pytest.raises(TaskDataError, match="example 1 has no label"):
+            TaskData(["a", "b"], ["pos", bad])
+    numbers = TaskData(["a", "b", "c", "d"], [2, 10, 1, 0])
+    assert numbers.label_names == ["0", "1", "2", "10"] and numbers.label_ids == [2, 3, 1, 0]
+    write_csv(tmp_path / "t2.csv", read_csv(path))
+    back = read_csv(tmp_path / "t2.csv")["all"]
+    assert (back.texts, back.labels, back.label_names) == (task.texts, task.labels,
+                                                           task.label_names)
