@@ -267,6 +267,24 @@ def test_search_all_pass_and_none_pass():
         search_rate(accuracy, 0.9, low=0.5, high=0.2)
 
 
+def test_a_loss_of_exactly_the_tolerance_passes():
+    """309 of 400 right against the baseline's 313: a change of exactly -1 point passes at
+    tolerance 0.01, whatever the rounding of the accuracies (float32 as torch means give them, or
+    float64); 308 of 400 fails."""
+    import torch
+
+    for dtype in (torch.float32, torch.float64):
+        def accuracy(right):
+            return float(torch.tensor([1.0] * right + [0.0] * (400 - right), dtype=dtype).mean())
+
+        for baseline in range(300, 330):
+            passed = search_rate(lambda rate: accuracy(baseline - 4), accuracy(baseline),
+                                 tolerance=0.01, resolution=0.1)
+            failed = search_rate(lambda rate: accuracy(baseline - 5), accuracy(baseline),
+                                 tolerance=0.01, resolution=0.1)
+            assert (passed.rate, failed.rate) == (0.95, 0.0), (dtype, baseline)
+
+
 def test_search_margin_raises_the_bar_per_rate():
     accuracy, _ = cliff(0.5)  # 0.9 up to rate 0.5, then falls by 1 point per 0.01
     # tolerance 1 point, margin 2: only a gain of a point would pass, and no rate gains

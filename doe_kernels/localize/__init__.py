@@ -357,6 +357,7 @@ class _Recovery:
             return expert
         retuned = self.retune(run, expert)
         if self.judge is None:
+            retuned.figures = dict(retuned.figures, retuned=True)
             return retuned
         before, after = self.judge.divergence(run, expert), self.judge.divergence(run, retuned)
         kept = retuned if after < before else expert
@@ -396,7 +397,7 @@ def _baseline(run: _Run, tuned_expert: Expert, name: str, validation, recover: _
         before_recovery = dense.evaluate(model, tokenizer, validation, batch_size=eval_batch)
         dense = recover.retune(run, dense)
     correct = dense.correct(model, tokenizer, validation, batch_size=eval_batch)
-    accuracy = float(correct.float().mean())
+    accuracy = float(correct.double().mean())
     if before_recovery is not None and accuracy < before_recovery - tolerance:
         warnings.warn(f"localize({name!r}): the recovery's training lowered the "
                       f"unpruned baseline's validation accuracy from {before_recovery:.3f} "
@@ -421,7 +422,7 @@ def _zero_shot(run: _Run, tuned_expert: Expert, validation, correct) -> tuple[fl
     bare = run.task.expert(None, tuned_expert.prompt[:0], None, name="task")
     zero_shot = bare.evaluate(run.model, run.tokenizer, validation.subset(order),
                               batch_size=2 * run.batch_size)
-    return zero_shot, float(correct[order].float().mean())
+    return zero_shot, float(correct[order].double().mean())
 
 
 @dataclass(frozen=True)
@@ -462,7 +463,7 @@ def _search(run: _Run, candidate: _Candidates, tuned_expert: Expert, base: _Base
         evaluated[rate] = expert
         with run.clock("candidates_evaluation"), expert.plugged(model, backend=run.backend):
             correct = expert.correct(model, tokenizer, validation, batch_size=2 * run.batch_size)
-        value = float(correct.float().mean())
+        value = float(correct.double().mean())
         change_se[rate] = paired_change(correct.tolist(), base.answers)["change_se"]
         bar.update(1)
         bar.set_postfix(rate=f"{rate:.3f}", accuracy=f"{value:.3f}",
