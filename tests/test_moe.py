@@ -102,7 +102,8 @@ def test_skipped_pairs_reach_no_gradient_through_the_grouped_gemms(monkeypatch):
 @pytest.mark.parametrize("intermediate, hidden", [(6, 10), (12, 8), (16, 24)])
 def test_experts_forward_on_sizes_grouped_gemms_refuse(intermediate, hidden, dtype):
     """Rows that are not a multiple of 16 bytes (PyTorch's grouped GEMM refuses them on the CPU)
-    run one GEMM per expert instead; a zero weight skips its pair."""
+    run one GEMM per expert instead; a zero weight skips its pair. On the torch backend (the cpu
+    backend's kernels would take these few rows themselves)."""
     from doe_kernels.models.moe_block import experts_forward
 
     gen = torch.Generator().manual_seed(0)
@@ -119,7 +120,8 @@ def test_experts_forward_on_sizes_grouped_gemms_refuse(intermediate, hidden, dty
             gate, up = (gate_up[chosen[t, k]].double() @ x[t].double()).chunk(2)
             expected[t] += weights[t, k] * (torch.nn.functional.silu(gate) * up) @ \
                 down_t[chosen[t, k]].double()
-    out = experts_forward(x.to(dtype), weights, chosen, gate_up.to(dtype), down_t.to(dtype))
+    out = experts_forward(x.to(dtype), weights, chosen, gate_up.to(dtype), down_t.to(dtype),
+                          backend="torch")
     tolerance = 1e-4 if dtype == torch.float32 else 0.1
     torch.testing.assert_close(out.double(), expected, atol=tolerance, rtol=tolerance)
 
@@ -212,9 +214,11 @@ def test_top3_skipping_drops_each_small_expert():
     mask = dk.ExpertMask(skip={0: 0.5, 1: 0.5, 2: 0.5})
     with torch.no_grad():
         reference = output_of(moe_reference(model, mask, dynamic_skip=True), ids, attention)
+        no_skip = output_of(moe_reference(model, mask, dynamic_skip=False), ids, attention)
         with dk.plugged(model, mask, dynamic_skip=True):
             out = output_of(model, ids, attention)
     torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-5)
+    assert (reference - no_skip).abs().max() > 1e-3  # the rule did skip experts here
 
 
 def test_generation_with_cache_equals_reference():

@@ -110,6 +110,9 @@ def test_refusals():
         ffn_shards(ExpertMask(), SPEC, 0, 5)
     with pytest.raises(ValueError, match="heads do not split evenly"):
         head_shards(ExpertMask(), SPEC, 0, 3)
+    six = ModelSpec(**{**SPEC.as_dict(), "num_heads": 6, "num_kv_heads": 3})
+    with pytest.raises(ValueError, match="3 KV heads neither split evenly over 2 ranks"):
+        head_shards(ExpertMask(), six, 0, 2)
     with pytest.raises(ValueError, match="out of range"):
         head_shards(ExpertMask(heads={0: [2]}), SPEC, 0, 2)
     with pytest.raises(ValueError, match="rank 2 is out of range"):

@@ -20,8 +20,8 @@ projection held input-major, experts x I x H): token-expert pairs are sorted by 
 one grouped GEMM per projection (`torch.nn.functional.grouped_mm`) where PyTorch has it for the
 device and dtype, else one GEMM per expert that received tokens. With a neuron mask each expert
 runs the gather SwiGLU op on the kept neurons instead, and so does every expert over the full list
-where the CPU kernels beat ATen's GEMMs (`library.dense_in_kernel`: a few rows, and bfloat16 at
-any row count on CPUs without AVX-512).
+where the CPU kernels beat ATen's GEMMs (`library.dense_in_kernel`: a few rows, float32 at any
+row count on AMD CPUs with AVX-512, and bfloat16 at any row count on CPUs without AVX-512).
 
 In a mixed-task batch (doe_kernels.mixed) the block holds the layer's `segments`: every row's
 router logits come from one call of the router module, each segment's rows are routed among its

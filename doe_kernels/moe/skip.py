@@ -1,5 +1,6 @@
 """Dynamic skipping thresholds (Lu et al. 2024): per MoE layer, beta = the median over calibration
-tokens of (second-highest routing weight / highest). At inference, with `dynamic_skip=True`, a
+tokens of (second-highest routing weight / highest), the lower of the two middle values for an even
+count (torch.median). At inference, with `dynamic_skip=True`, a
 token whose ratio is below beta runs only its top expert (for top-k > 2, each non-top expert whose
 weight is below beta times the top one's is skipped)."""
 import torch

@@ -29,13 +29,19 @@ def upcycle(model: nn.Module, num_experts: int = 8, top_k: int = 2, noise: float
     keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
             "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act",
             "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings", "pad_token_id",
-            "bos_token_id", "eos_token_id", "rope_parameters")
+            "bos_token_id", "eos_token_id", "rope_parameters", "sliding_window",
+            "attention_dropout")
     moe_config = MixtralConfig(**{k: getattr(config, k) for k in keys if hasattr(config, k)},
                                num_local_experts=num_experts, num_experts_per_tok=top_k)
     param = next(model.parameters())
     moe = MixtralForCausalLM(moe_config).to(param.device, param.dtype).eval()
     dense_state = model.state_dict()
-    moe.load_state_dict({k: v for k, v in dense_state.items() if ".mlp." not in k}, strict=False)
+    result = moe.load_state_dict({k: v for k, v in dense_state.items() if ".mlp." not in k},
+                                 strict=False)
+    left = [k for k in result.missing_keys if ".mlp." not in k] + list(result.unexpected_keys)
+    if left:  # a weight named otherwise would keep its random initialisation
+        raise ValueError(f"{type(model).__name__}'s weights do not map onto a Mixtral's "
+                         f"(unmatched: {left[:5]})")
     if moe_config.tie_word_embeddings:
         moe.tie_weights()
 
@@ -67,7 +73,13 @@ def _router(hidden, num_experts, hidden_size, scale, gen):
                          "clustered from them: give at least one token per expert")
     x = hidden.float()
     unit = x / x.norm(dim=1, keepdim=True).clamp_min(1e-6)
-    centers = unit[torch.randperm(unit.shape[0], generator=gen)[:num_experts]]
+    distinct = torch.unique(unit, dim=0)  # (one token repeated, a BOS, would start two
+    # experts on one centre: the second's cluster would stay empty, its router row the first's)
+    if distinct.shape[0] < num_experts:
+        raise ValueError(f"the calibration holds {distinct.shape[0]} distinct token inputs, "
+                         f"fewer than the {num_experts} experts whose routing directions are "
+                         "clustered from them")
+    centers = distinct[torch.randperm(distinct.shape[0], generator=gen)[:num_experts]]
     for _ in range(20):  # spherical k-means
         assign = (unit @ centers.T).argmax(1)
         for e in range(num_experts):
