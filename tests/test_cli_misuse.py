@@ -190,8 +190,8 @@ MISUSE = [
 @pytest.mark.parametrize("argv, message", MISUSE)
 def test_misuse_reads_as_one_line_and_exits_2(files, argv, message, capsys, monkeypatch):
     """`{name}` in argv: a path of the `files` fixture (`{{` a literal brace)."""
-    monkeypatch.setattr(backends.cuda, "available", lambda device_type: False)
-    monkeypatch.setattr(backends.triton, "available", lambda device_type: False)
+    monkeypatch.setattr(backends.cuda, "available", lambda device_type, index=None: False)
+    monkeypatch.setattr(backends.triton, "available", lambda device_type, index=None: False)
     capsys.readouterr()
     code = cli.main([arg.format(**files) for arg in argv])
     err = capsys.readouterr().err
