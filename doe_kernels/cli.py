@@ -166,14 +166,18 @@ def load_model(path: str, num_labels: int | None = None):
 
 
 def _task(path: str, split: str | None):
+    """The task file's {split: TaskData} (split None), or (split, TaskData) of one split of it
+    ("test" asked of a file without a split column: all of it, "all")."""
     from doe_kernels.data import read_csv
 
     splits = read_csv(path)
     if split is None:
         return splits
+    if split == "test" and set(splits) == {"all"}:
+        split = "all"
     if split not in splits:
         raise UserError(f"{path} has no {split!r} split; it has {sorted(splits)}")
-    return splits[split]
+    return split, splits[split]
 
 
 def _load_expert(path: str):
@@ -246,6 +250,8 @@ def cmd_localize(args) -> None:
 
     configs = configs_from_args(args)
     _check_output(args.out)
+    if os.path.realpath(args.out) == os.path.realpath(args.task):
+        raise UserError(f"--out {args.out} is the task file; give the expert its own file")
     splits = _task(args.task, None)
     train = splits.get("train", splits.get("all"))
     if train is None:
@@ -322,10 +328,10 @@ def _label_words(args, label_names) -> list | None:
 
 def cmd_eval(args) -> None:
     expert = _load_expert(args.expert)
-    data = _task(args.task, args.split)
+    split, data = _task(args.task, args.split)
     model, tokenizer = load_model(args.model, num_labels=len(expert.label_names))
     expert.check_fits(model)
-    result = {"task": args.task, "split": args.split, "examples": len(data)}
+    result = {"task": args.task, "split": split, "examples": len(data)}
     start = time.perf_counter()
     with expert.plugged(model, backend=args.backend):
         correct = expert.correct(model, tokenizer, data)
@@ -502,7 +508,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--expert", required=True)
     p.add_argument("--task", required=True)
-    p.add_argument("--split", default="test")
+    p.add_argument("--split", default="test", help="the split to evaluate on (a file without a "
+                   "split column: all of it)")
     p.add_argument("--dense", action="store_true", help="also the unpruned prompt-tuned "
                    "model, and the change from it with its paired standard error")
     p.set_defaults(run=cmd_eval)

@@ -167,6 +167,7 @@ MISUSE = [
     pytest.param(_localize(out="{root}"), "is a directory", id="localize-out-directory"),
     pytest.param(_localize(out=""), "--out '' names no file", id="localize-out-empty"),
     pytest.param(_localize(out="{root}/new/"), "names no file", id="localize-out-trailing-slash"),
+    pytest.param(_localize(out="{task}"), "is the task file", id="localize-out-is-the-task"),
     pytest.param(_localize("--label-words", "bad,good"), "--label-words is for causal LMs",
                  id="localize-label-words-for-a-classifier"),
     pytest.param(_localize("--max-length", "0"), "--max-length: must be a whole number >= 1",
@@ -299,3 +300,20 @@ def test_serve_answers_an_internal_error_as_an_error_and_shows_it(capsys):
                       "task": "s"}
     err = capsys.readouterr().err
     assert "Traceback" in err and "a bug inside the router" in err
+
+
+def test_eval_of_a_file_without_splits_takes_all_of_it(files, tmp_path, capsys):
+    """`eval` asks for the test split by default; a task file without a split column is
+    evaluated whole (split "all"); another split asked of it is refused."""
+    from doe_kernels.data import read_csv
+
+    whole = tmp_path / "whole.csv"
+    write_csv(whole, {"all": read_csv(files["task"])["test"]})
+    capsys.readouterr()
+    assert cli.main(["eval", "--model", files["model"], "--expert", files["expert"], "--task",
+                     str(whole)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["split"] == "all" and result["examples"] == 8
+    assert cli.main(["eval", "--model", files["model"], "--expert", files["expert"], "--task",
+                     str(whole), "--split", "validation"]) == 2
+    assert "has no 'validation' split; it has ['all']" in capsys.readouterr().err
