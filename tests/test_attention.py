@@ -192,6 +192,47 @@ def test_head_selection_rejects_bad_heads():
         dk.HeadSelection.build([0.9, 2.5], num_heads=8, num_kv_heads=4, head_dim=2)
 
 
+def test_a_layer_that_does_not_match_its_selection_is_refused():
+    """pruned_head_attention checks its tensors against each other and against the selection (a
+    selection of another layer's head counts read the wrong rows and answered), before any
+    work, whatever it keeps."""
+    hidden, layer = make_layer(4, 2, 3, torch.float32, "cpu", bias=True)
+    args = {k: v for k, v in layer.items() if k != "o_weight"}
+    o_weight_t = dk.input_major(layer["o_weight"])
+    x = torch.randn(2, 5, hidden)
+
+    def call(x=x, selection=dk.HeadSelection.build([0, 1], 4, 2, 3), **changed):
+        return dk.pruned_head_attention(x, **{**args, "o_weight_t": o_weight_t, **changed},
+                                        selection=selection, backend="torch")
+
+    for kept, heads, kv in (([0], 2, 1), ([0], 4, 4), ([], 8, 2)):
+        with pytest.raises(ValueError, match="the selection's heads x head_dim"):
+            call(selection=dk.HeadSelection.build(kept, heads, kv, 3))
+    with pytest.raises(ValueError, match="q_weight has size .* hidden's width"):
+        call(x=torch.randn(2, 5, hidden + 1))
+    with pytest.raises(TypeError, match="k_weight has dtype torch.bfloat16"):
+        call(k_weight=layer["k_weight"].bfloat16())
+    with pytest.raises(ValueError, match="q_bias has size 3"):
+        call(q_bias=layer["q_bias"][:3])
+    with pytest.raises(TypeError, match="selection must be a HeadSelection"):
+        call(selection=[0, 1])
+
+
+def test_an_integer_4d_mask_reads_as_a_boolean_one():
+    """A 4-D mask of 0/1 integers masks as the same mask of booleans (it was added to the
+    scores, masking nothing)."""
+    config = 4, 2, 3
+    hidden, layer = make_layer(*config, torch.float32, "cpu", bias=True)
+    args = {k: v for k, v in layer.items() if k != "o_weight"}
+    x = torch.randn(2, 5, hidden)
+    allowed = torch.ones(5, 5, dtype=torch.bool).tril()[None, None].repeat(2, 1, 1, 1)
+    outs = [dk.pruned_head_attention(x, **args, o_weight_t=dk.input_major(layer["o_weight"]),
+                                     selection=dk.HeadSelection.build([1, 2], *config),
+                                     attention_mask=mask, backend="torch")
+            for mask in (allowed, allowed.long(), allowed.to(torch.uint8))]
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
 @pytest.mark.parametrize("shape", [(0, 5), (2, 0)], ids=["no-sequences", "no-tokens"])
 @pytest.mark.parametrize("kept", [[0, 1, 3], [0, 1, 2, 3], []])
 def test_attention_of_an_empty_batch(shape, kept):

@@ -902,3 +902,17 @@ def test_segmented_ffns_backpropagate_as_each_segment_alone(device, backend, dty
             assert got[name].dtype == inputs[name].dtype
             assert_close(got[name], want[name], None if dense is None else dense[name],
                          f"{op} {what} {rows}: d/d{name}")
+
+
+def test_pack_segments_refuses_what_it_would_misread():
+    """Float indices or row counts were truncated, nested lists flattened, and scales checked
+    only in total (a segment's scales could land on another's neurons)."""
+    assert [t.tolist() for t in dk.pack_segments([1, 2], [[0, 3], []], [[1.0, 2.0], []])] == \
+        [[0, 1, 3], [0, 3], [0, 2, 2], [1.0, 2.0]]
+    for args, match in ((([1], [[1.7, 3.2]]), r"kept_lists\[0\] must hold integer"),
+                        (([1.9], [[1]]), "row counts must be whole numbers"),
+                        (([1], [[[1, 2]]]), r"kept_lists\[0\] must be 1-D"),
+                        (([1, 1], [[1, 2], [3, 4, 5]], [[1, 2, 3], [4, 5]]),
+                         r"scales\[0\] must hold one value per kept index of segment 0 \(2\)")):
+        with pytest.raises(ValueError, match=match):
+            dk.pack_segments(*args)

@@ -17,7 +17,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from doe_kernels.ops.checks import check_float_tensor, check_index
+from doe_kernels.ops.checks import (check_bias, check_features, check_float_tensor,
+                                    check_index, check_same_dtype_device)
 from doe_kernels.ops import library
 from doe_kernels.ops.linear import scale_columns
 
@@ -153,8 +154,10 @@ def _attention_mask(attention_mask, is_causal: bool, q_len: int, kv_len: int, dt
                                  f"keys have {kv_len}")
             mask = attention_mask[:, None, None, :].to(torch.bool)
         elif attention_mask.dim() == 4:
-            mask = attention_mask if attention_mask.dtype == torch.bool else \
-                attention_mask.to(dtype)  # additive: 0 where attended, negative where masked
+            if not attention_mask.is_floating_point():  # boolean or 0/1 integers: 1 = attend
+                mask = attention_mask.to(torch.bool)
+            else:  # additive: 0 where attended, negative where masked
+                mask = attention_mask.to(dtype)
         else:
             raise ValueError("attention_mask must be 2-D (batch, kv_len) or 4-D (batch, 1, q_len, "
                              f"kv_len), got shape {tuple(attention_mask.shape)}")
@@ -280,6 +283,29 @@ def empty_heads(hidden, weights: dict, selection: HeadSelection, backend: str = 
     return torch.cat([t.transpose(1, 2).flatten(2) for t in (q, k, v)], dim=-1)
 
 
+def _check_layer(hidden, weights: dict, biases: dict, selection: HeadSelection) -> None:
+    """The layer's tensors against each other and against `selection` (a selection made for
+    another layer's head counts would read the wrong rows): ValueError/TypeError naming them."""
+    if not isinstance(selection, HeadSelection):
+        raise TypeError(f"selection must be a HeadSelection, got {type(selection).__name__}")
+    check_float_tensor("hidden", hidden, dims=3)
+    for name, tensor in weights.items():
+        check_float_tensor(name, tensor, dims=2)
+    check_same_dtype_device("hidden", hidden, **weights, **biases)
+    width, d = hidden.shape[-1], selection.head_dim
+    rows = dict(q_weight=selection.num_heads * d, k_weight=selection.num_kv_heads * d,
+                v_weight=selection.num_kv_heads * d)
+    for name, count in rows.items():
+        check_features(name, weights[name], 0, count, "the selection's heads x head_dim")
+        check_features(name, weights[name], 1, width, "hidden's width")
+    check_features("o_weight_t", weights["o_weight_t"], 0, rows["q_weight"],
+                   "the selection's heads x head_dim")
+    for name, size in dict(q_bias=rows["q_weight"], k_bias=rows["k_weight"],
+                           v_bias=rows["v_weight"],
+                           o_bias=weights["o_weight_t"].shape[1]).items():
+        check_bias(name, biases[name], size)
+
+
 def pruned_head_attention(
     hidden: torch.Tensor,
     q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, o_weight_t, o_bias,
@@ -298,6 +324,9 @@ def pruned_head_attention(
     `q, k = rotary(q, k)` on the kept heads (batch, heads, seq, head_dim) before attention.
     Equals the dense layer whose output projection has the pruned heads' columns zeroed.
     """
+    _check_layer(hidden, dict(q_weight=q_weight, k_weight=k_weight, v_weight=v_weight,
+                              o_weight_t=o_weight_t),
+                 dict(q_bias=q_bias, k_bias=k_bias, v_bias=v_bias, o_bias=o_bias), selection)
     if selection.num_kept == 0:
         out = hidden.new_zeros(*hidden.shape[:-1], o_weight_t.shape[1])
         return out if o_bias is None else out + o_bias

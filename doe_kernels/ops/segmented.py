@@ -47,14 +47,33 @@ def pack_segments(row_counts, kept_lists, scales=None, device=None):
         raise ValueError(f"one kept list (and one scale vector) per segment: {len(row_counts)} "
                          f"segments, {len(kept_lists)} kept lists"
                          + ("" if scales is None else f", {len(scales)} scale vectors"))
-    lists = [torch.as_tensor(k, dtype=torch.int64, device=device).reshape(-1) for k in kept_lists]
+    lists = [_index_list(i, k, device) for i, k in enumerate(kept_lists)]
+    bad = [n for n in row_counts if isinstance(n, bool) or int(n) != n]
+    if bad:
+        raise ValueError(f"row counts must be whole numbers, got {bad[0]!r}")
     segments = _offsets([int(n) for n in row_counts], device)
     kept_offsets = _offsets([k.numel() for k in lists], device)
     kept = torch.cat(lists) if lists else torch.empty(0, dtype=torch.int64, device=device)
     packed_scales = None
     if scales is not None:
-        packed_scales = torch.cat([torch.as_tensor(s, device=device).reshape(-1) for s in scales])
+        vectors = [torch.as_tensor(s, device=device) for s in scales]
+        for i, (vector, kept_list) in enumerate(zip(vectors, lists)):
+            if vector.dim() != 1 or vector.numel() != kept_list.numel():
+                raise ValueError(f"scales[{i}] must hold one value per kept index of segment "
+                                 f"{i} ({kept_list.numel()}), got shape {tuple(vector.shape)}")
+        packed_scales = torch.cat(vectors)
     return segments, kept, kept_offsets, packed_scales
+
+
+def _index_list(i: int, kept, device) -> torch.Tensor:
+    """Segment i's kept list as a 1-D int64 tensor; ValueError for anything but integers."""
+    tensor = torch.as_tensor(kept, device=device)
+    if tensor.numel() and (tensor.is_floating_point() or tensor.is_complex()
+                           or tensor.dtype == torch.bool):
+        raise ValueError(f"kept_lists[{i}] must hold integer indices, got dtype {tensor.dtype}")
+    if tensor.dim() > 1:
+        raise ValueError(f"kept_lists[{i}] must be 1-D, got shape {tuple(tensor.shape)}")
+    return tensor.to(torch.int64).reshape(-1)
 
 
 def _offsets(counts: list, device) -> torch.Tensor:
