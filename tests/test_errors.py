@@ -52,6 +52,20 @@ def test_bad_activation_and_backend(ffn):
         dk.gather_ffn(**ffn, backend="mkl")
     with pytest.raises(dk.BackendUnavailableError, match="backend 'cuda' is not available for cpu"):
         dk.gather_ffn(**ffn, backend="cuda")
+    for nothing in ({"kept": torch.tensor([], dtype=torch.long)}, {"x": torch.randn(0, 40)}):
+        with pytest.raises(ValueError, match="backend must be one of"):  # nothing to compute
+            dk.gather_ffn(**{**ffn, **nothing}, backend="mkl")
+    segments, kept, offsets, _ = dk.pack_segments([3], [[]])
+    with pytest.raises(ValueError, match="backend must be one of"):
+        dk.segmented_gather_ffn(ffn["x"], ffn["w_in"], ffn["b_in"], ffn["w_out_t"],
+                                ffn["b_out"], segments, kept, offsets, backend="mkl")
+
+
+def test_a_0d_input_is_refused_naming_it(ffn):
+    with pytest.raises(ValueError, match="x must have a features dimension"):
+        dk.gather_ffn(**{**ffn, "x": torch.tensor(1.0)})
+    with pytest.raises(ValueError, match="x_kept must have a features dimension"):
+        dk.gather_cols_linear(torch.tensor(1.0), ffn["w_out_t"], None, torch.tensor([1]))
 
 
 def test_swiglu_shape_mismatch():

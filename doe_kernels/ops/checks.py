@@ -12,12 +12,25 @@ AUTOCAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # the dtypes a
 
 
 def check_float_tensor(name: str, tensor, dims: int | None = None) -> None:
+    """A floating-point tensor of `dims` dimensions (None: at least one, its features)."""
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
     if tensor.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {tensor.dtype}")
     if dims is not None and tensor.dim() != dims:
         raise ValueError(f"{name} must be {dims}-D, got shape {tuple(tensor.shape)}")
+    if dims is None and tensor.dim() == 0:
+        raise ValueError(f"{name} must have a features dimension (..., features), got a 0-D "
+                         "tensor")
+
+
+def check_backend_name(backend) -> None:
+    """ValueError for a backend name that is none of doe_kernels.BACKEND_NAMES (checked even
+    where a call has nothing to compute)."""
+    from doe_kernels.backends import BACKEND_NAMES
+
+    if backend not in BACKEND_NAMES:
+        raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
 
 
 def check_same_dtype_device(reference_name: str, reference: torch.Tensor, **others) -> None:

@@ -10,6 +10,7 @@ import torch
 from doe_kernels.activations import FFN_ACTIVATIONS, check_activation
 from doe_kernels.ops import library
 from doe_kernels.ops.checks import (
+    check_backend_name,
     check_bias,
     check_features,
     check_float_tensor,
@@ -69,6 +70,7 @@ def gather_ffn(
     scales: (len(kept),) with x's dtype and device, a factor per kept neuron, or None (no scaling).
     """
     check_float_tensor("x", x)
+    check_backend_name(backend)
     check_ffn_weights(x, w_in, b_in, w_out_t, b_out, activation)
     kept = check_index("kept", kept, w_in.shape[0], w_in.device, check_indices)
     check_scales(scales, kept.numel(), "the number of kept neurons", "x", x)
@@ -93,6 +95,7 @@ def gather_swiglu_ffn(
     scales: (len(kept),) with x's dtype and device, a factor per kept neuron, or None (no scaling).
     """
     check_float_tensor("x", x)
+    check_backend_name(backend)
     check_swiglu_weights(x, w_gate, w_up, w_down_t)
     kept = check_index("kept", kept, w_gate.shape[0], w_gate.device, check_indices)
     check_scales(scales, kept.numel(), "the number of kept neurons", "x", x)

@@ -11,6 +11,7 @@ import torch
 from doe_kernels.activations import check_activation
 from doe_kernels.ops import library
 from doe_kernels.ops.checks import (
+    check_backend_name,
     check_bias,
     check_features,
     check_float_tensor,
@@ -60,6 +61,7 @@ def gather_rows_linear(
     Returns (..., len(rows)).
     """
     check_float_tensor("x", x)
+    check_backend_name(backend)
     check_float_tensor("weight", weight, dims=2)
     check_same_dtype_device("x", x, weight=weight, bias=bias)
     check_features("x", x, -1, weight.shape[1], "weight's in_features")
@@ -87,6 +89,7 @@ def gather_cols_linear(
     Returns (..., out_features).
     """
     check_float_tensor("x_kept", x_kept)
+    check_backend_name(backend)
     check_float_tensor("weight_t", weight_t, dims=2)
     check_same_dtype_device("x_kept", x_kept, weight_t=weight_t, bias=bias)
     check_bias("bias", bias, weight_t.shape[1])

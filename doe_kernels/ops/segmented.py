@@ -34,7 +34,8 @@ them runs one single-expert call per segment there too.
 import torch
 
 from doe_kernels.ops import library
-from doe_kernels.ops.checks import check_float_tensor, check_index, check_scales
+from doe_kernels.ops.checks import (check_backend_name, check_float_tensor, check_index,
+                                    check_scales)
 from doe_kernels.ops.ffn import check_ffn_weights, check_swiglu_weights
 from doe_kernels.ops.library import check_strategy
 
@@ -121,6 +122,7 @@ def segmented_gather_ffn(
     docstring). x: (rows, hidden); weights as for gather_ffn; scales: (len(kept),) or None."""
     check_strategy(strategy)
     check_float_tensor("x", x, dims=2)
+    check_backend_name(backend)
     check_ffn_weights(x, w_in, b_in, w_out_t, b_out, activation)
     segments, kept, kept_offsets = check_segments(x.shape[0], w_in.shape[0], segments, kept,
                                                   kept_offsets, w_in.device, check_indices)
@@ -139,6 +141,7 @@ def segmented_gather_swiglu_ffn(
     docstring). x: (rows, hidden); weights as for gather_swiglu_ffn."""
     check_strategy(strategy)
     check_float_tensor("x", x, dims=2)
+    check_backend_name(backend)
     check_swiglu_weights(x, w_gate, w_up, w_down_t)
     segments, kept, kept_offsets = check_segments(x.shape[0], w_gate.shape[0], segments, kept,
                                                   kept_offsets, w_gate.device, check_indices)
