@@ -143,13 +143,14 @@ def _quiet_loading():
             hf_logging.enable_progress_bar()
 
 
-def load_model(path: str, num_labels: int | None = None):
+def load_model(path: str, num_labels: int | None = None, config=None):
     """(model, tokenizer) from a HuggingFace folder: a causal LM if the checkpoint is one, else a
-    sequence classifier (with a new head of `num_labels` when the checkpoint has none)."""
+    sequence classifier (with a new head of `num_labels` when the checkpoint has none).
+    `config`: its `model_config`, when the caller has read it already."""
     from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification,
                               AutoTokenizer)
 
-    config = model_config(path)
+    config = model_config(path) if config is None else config
     with _broken_folder(path), _quiet_loading():
         if is_causal(config):
             model = AutoModelForCausalLM.from_pretrained(path)
@@ -165,14 +166,12 @@ def load_model(path: str, num_labels: int | None = None):
     return model.eval(), tokenizer
 
 
-def _task(path: str, split: str | None):
-    """The task file's {split: TaskData} (split None), or (split, TaskData) of one split of it
-    ("test" asked of a file without a split column: all of it, "all")."""
+def _task_split(path: str, split: str) -> tuple:
+    """(split, TaskData) of one split of the task file ("test" asked of a file without a split
+    column: all of it, "all")."""
     from doe_kernels.data import read_csv
 
     splits = read_csv(path)
-    if split is None:
-        return splits
     if split == "test" and set(splits) == {"all"}:
         split = "all"
     if split not in splits:
@@ -246,13 +245,14 @@ def configs_from_args(args) -> dict:
 
 
 def cmd_localize(args) -> None:
+    from doe_kernels.data import read_csv
     from doe_kernels.localize import localize
 
     configs = configs_from_args(args)
     _check_output(args.out)
     if os.path.realpath(args.out) == os.path.realpath(args.task):
         raise UserError(f"--out {args.out} is the task file; give the expert its own file")
-    splits = _task(args.task, None)
+    splits = read_csv(args.task)
     train = splits.get("train", splits.get("all"))
     if train is None:
         raise UserError(f"{args.task} has no 'train' split (or no split column)")
@@ -260,8 +260,9 @@ def cmd_localize(args) -> None:
     if len(set(train.labels)) < 2:
         raise UserError(f"{args.task}: the training examples hold one label "
                         f"({train.labels[0]!r}); a task needs two or more")
-    _check_causal_options(args, is_causal(model_config(args.model)))
-    model, tokenizer = load_model(args.model, num_labels=len(train.label_names))
+    config = model_config(args.model)
+    _check_causal_options(args, is_causal(config))
+    model, tokenizer = load_model(args.model, num_labels=len(train.label_names), config=config)
     template = _template(args, tokenizer)
     expert = localize(model, tokenizer, train, validation,
                       label_words=_label_words(args, train.label_names), template=template,
@@ -328,7 +329,7 @@ def _label_words(args, label_names) -> list | None:
 
 def cmd_eval(args) -> None:
     expert = _load_expert(args.expert)
-    split, data = _task(args.task, args.split)
+    split, data = _task_split(args.task, args.split)
     model, tokenizer = load_model(args.model, num_labels=len(expert.label_names))
     expert.check_fits(model)
     result = {"task": args.task, "split": split, "examples": len(data)}

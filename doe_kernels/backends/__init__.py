@@ -59,10 +59,16 @@ def available_backends(device_type: str, index: int | None = None) -> list[str]:
     return [name for name, module in BACKENDS.items() if module.available(device_type, index)]
 
 
-def resolve(backend: str, device: torch.device, dtype: torch.dtype, rows: int) -> str:
-    """The concrete backend name for a call; raises if an explicit request cannot be honoured."""
+def check_backend_name(backend) -> None:
+    """ValueError for a name that is none of BACKEND_NAMES (the public ops check it even where a
+    call has nothing to compute)."""
     if backend not in BACKEND_NAMES:
         raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
+
+
+def resolve(backend: str, device: torch.device, dtype: torch.dtype, rows: int) -> str:
+    """The concrete backend name for a call; raises if an explicit request cannot be honoured."""
+    check_backend_name(backend)
     device_type = device.type
     if backend != "auto":
         module = BACKENDS[backend]

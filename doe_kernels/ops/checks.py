@@ -24,15 +24,6 @@ def check_float_tensor(name: str, tensor, dims: int | None = None) -> None:
                          "tensor")
 
 
-def check_backend_name(backend) -> None:
-    """ValueError for a backend name that is none of doe_kernels.BACKEND_NAMES (checked even
-    where a call has nothing to compute)."""
-    from doe_kernels.backends import BACKEND_NAMES
-
-    if backend not in BACKEND_NAMES:
-        raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
-
-
 def check_same_dtype_device(reference_name: str, reference: torch.Tensor, **others) -> None:
     """Every tensor in `others` (None allowed) has the reference's dtype and device (under
     torch.autocast, which casts them, any of float32, float16 and bfloat16)."""

@@ -8,9 +8,9 @@ activations before the down projection; without them nothing extra runs.
 import torch
 
 from doe_kernels.activations import FFN_ACTIVATIONS, check_activation
+from doe_kernels.backends import check_backend_name
 from doe_kernels.ops import library
 from doe_kernels.ops.checks import (
-    check_backend_name,
     check_bias,
     check_features,
     check_float_tensor,

@@ -9,9 +9,9 @@ The column-gathered op takes optional per-column `scales` (one per kept input fe
 import torch
 
 from doe_kernels.activations import check_activation
+from doe_kernels.backends import check_backend_name
 from doe_kernels.ops import library
 from doe_kernels.ops.checks import (
-    check_backend_name,
     check_bias,
     check_features,
     check_float_tensor,

@@ -34,8 +34,8 @@ them runs one single-expert call per segment there too.
 import torch
 
 from doe_kernels.ops import library
-from doe_kernels.ops.checks import (check_backend_name, check_float_tensor, check_index,
-                                    check_scales)
+from doe_kernels.backends import check_backend_name
+from doe_kernels.ops.checks import check_float_tensor, check_index, check_scales
 from doe_kernels.ops.ffn import check_ffn_weights, check_swiglu_weights
 from doe_kernels.ops.library import check_strategy
 

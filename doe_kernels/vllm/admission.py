@@ -110,17 +110,23 @@ def naming(params, name):
     return named
 
 
-def salted(prompt, name: str):
-    """`prompt` (a text, token ids, a vLLM prompt dict or the engine's processed request) with
-    the prefix-cache salt of the expert `name`."""
+def prompt_dict(prompt) -> dict:
+    """A text, token ids or a vLLM prompt dict as a vLLM prompt dict; ValueError otherwise."""
     if isinstance(prompt, str):
-        prompt = {"prompt": prompt}
-    elif isinstance(prompt, (list, tuple)):
-        prompt = {"prompt_token_ids": list(prompt)}
+        return {"prompt": prompt}
+    if isinstance(prompt, (list, tuple)):
+        return {"prompt_token_ids": list(prompt)}
     if isinstance(prompt, dict):
-        return {**prompt, "cache_salt": cache_salt(name, prompt.get("cache_salt"))}
-    if hasattr(prompt, "cache_salt"):  # a vllm EngineCoreRequest, its own from here on
-        prompt.cache_salt = cache_salt(name, prompt.cache_salt)
         return prompt
     raise ValueError(f"a prompt must be a text, token ids or a vLLM prompt dict, got "
                      f"{type(prompt).__name__}")
+
+
+def salted(prompt, name: str):
+    """`prompt` (what `prompt_dict` takes, or the engine's processed request) with the
+    prefix-cache salt of the expert `name`."""
+    if not isinstance(prompt, (str, list, tuple, dict)) and hasattr(prompt, "cache_salt"):
+        prompt.cache_salt = cache_salt(name, prompt.cache_salt)  # a vllm EngineCoreRequest,
+        return prompt  # its own from here on
+    prompt = prompt_dict(prompt)
+    return {**prompt, "cache_salt": cache_salt(name, prompt.get("cache_salt"))}

@@ -11,7 +11,7 @@ that names an expert (doe_kernels.vllm.admission).
 """
 import importlib
 
-from doe_kernels.vllm.admission import check_name, guard, naming
+from doe_kernels.vllm.admission import check_name, guard, naming, prompt_dict
 from doe_kernels.vllm.protocol import as_mask, plug_on_ranks
 from doe_kernels.vllm.worker import WorkerExtension, check_engine_config
 
@@ -83,7 +83,7 @@ def experts(llm) -> list:
 
 def for_experts(llm, requests, params=None) -> tuple[list, list]:
     """(prompts, sampling params) for `llm.generate(prompts, params)`, each request on its own
-    expert. `requests`: (name, prompt) pairs, the name of a held expert (`add`) or None (the
+    expert, the prompts as vLLM prompt dicts. `requests`: (name, prompt) pairs, the name of a held expert (`add`) or None (the
     plugged expert, or the dense model), the prompt a text, a list of token ids or a vLLM prompt
     dict; `params`: a vllm.SamplingParams for every request (vLLM's default when None), or a list
     of them, one per request. Each request's params name its expert (extra_args["doe_expert"]);
@@ -104,18 +104,8 @@ def for_experts(llm, requests, params=None) -> tuple[list, list]:
         params = [params] * len(requests)
     if len(params) != len(requests):
         raise ValueError(f"{len(params)} sampling params for {len(requests)} requests")
-    return ([_prompt(prompt) for _, prompt in requests],
+    return ([prompt_dict(prompt) for _, prompt in requests],
             [naming(p, name) for (name, _), p in zip(requests, params)])
-
-
-def _prompt(prompt):
-    """`prompt` as vLLM takes it (token ids as a list), or ValueError."""
-    if isinstance(prompt, (list, tuple)):
-        return list(prompt)
-    if not isinstance(prompt, (str, dict)):
-        raise ValueError(f"a prompt must be a text, token ids or a vLLM prompt dict, got "
-                         f"{type(prompt).__name__}")
-    return prompt
 
 
 def status(llm) -> list:
