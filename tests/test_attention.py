@@ -305,3 +305,10 @@ def test_additive_4d_mask_equals_padding_mask():
     torch.testing.assert_close(a, b)
     assert not torch.equal(a, dk.pruned_head_attention(
         x, **args, o_weight_t=o_weight_t, selection=selection, backend="torch"))
+    # a float 2-D padding mask reads as the integer one; a 2-D additive one is refused by name
+    torch.testing.assert_close(a, dk.pruned_head_attention(
+        x, **args, o_weight_t=o_weight_t, selection=selection, attention_mask=padding.float(),
+        backend="torch"))
+    with pytest.raises(ValueError, match="values other than 0 and 1 .an additive mask"):
+        dk.pruned_head_attention(x, **args, o_weight_t=o_weight_t, selection=selection,
+                                 attention_mask=additive[:, 0, 0], backend="torch")

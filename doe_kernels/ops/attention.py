@@ -152,6 +152,7 @@ def _attention_mask(attention_mask, is_causal: bool, q_len: int, kv_len: int, dt
             if attention_mask.shape[-1] != kv_len:
                 raise ValueError(f"attention_mask has {attention_mask.shape[-1]} positions but the "
                                  f"keys have {kv_len}")
+            _check_padding_values(attention_mask)
             mask = attention_mask[:, None, None, :].to(torch.bool)
         elif attention_mask.dim() == 4:
             if not attention_mask.is_floating_point():  # boolean or 0/1 integers: 1 = attend
@@ -175,6 +176,18 @@ def _attention_mask(attention_mask, is_causal: bool, q_len: int, kv_len: int, dt
     blocked = ~mask if mask.dtype == torch.bool else mask <= torch.finfo(mask.dtype).min / 2
     empty = blocked.all(dim=-1, keepdim=True)
     return mask.masked_fill(empty, True if mask.dtype == torch.bool else 0.0), empty
+
+
+def _check_padding_values(attention_mask: torch.Tensor) -> None:
+    """A float 2-D mask holds 1 (token) and 0 (padding), as transformers reads one: other values
+    (an additive 0 / -inf mask, whose 0s would read as padding) are refused by name. Not checked
+    while torch.compile traces (the check reads the values)."""
+    if not attention_mask.is_floating_point() or torch.compiler.is_compiling():
+        return
+    if bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+        raise ValueError("attention_mask is 2-D, a padding mask (1 = token, 0 = padding), but "
+                         "holds values other than 0 and 1 (an additive mask?): give an additive "
+                         "mask 4-D, (batch, 1, q_len, kv_len)")
 
 
 def keys_of_pass(k, v, q_len: int, is_causal: bool):
