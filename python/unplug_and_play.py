@@ -261,7 +261,7 @@ def plot(rows, path, model_name):
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in rows:
-        steps = sorted(r["search"] or [])
+        steps = sorted(s for s in r["search"] or [] if s[1] is not None)  # (diverged: None)
         if steps and r.get("validation_before") is not None:  # the unpruned baseline at rate 0
             steps.insert(0, (0.0, r["validation_before"], True))
         if steps:

@@ -186,6 +186,7 @@ def test_token_weights_count_a_token_as_often_as_they_say(name):
     a = Calibration.collect(model, weighted).fit(mask)
     b = Calibration.collect(model, repeated).fit(mask)
     for kind in ("ffn_scales", "head_scales", "ffn_bias", "attn_bias"):
+        assert getattr(a, kind) and set(getattr(a, kind)) == set(getattr(b, kind)), kind
         for layer, value in getattr(a, kind).items():
             assert torch.allclose(value, getattr(b, kind)[layer], atol=1e-4), (kind, layer)
     ones = dict(weighted[0], token_weights=torch.ones_like(weighted[0]["token_weights"]))

@@ -119,7 +119,8 @@ def test_a_llama_model_with_padding_and_a_kv_cache_in_its_config():
     model = build("llama")
     assert model.config.use_cache
     mask = dk.ExpertMask.random(model, ffn_keep=0.4, heads_keep=0.5)
-    ids, attention = inputs("llama")
+    ids, attention = inputs("llama")  # row 1 left-padded
+    attention[2, -3:] = 0  # row 2 right-padded
     padded = layerwise_reconstruction(model, mask, [dict(input_ids=ids,
                                                          attention_mask=attention)])
     real = [dict(input_ids=ids[i:i + 1, attention[i].bool()],
@@ -160,6 +161,8 @@ def test_misuse_is_refused():
                                                     attention_mask=torch.zeros_like(attention))])
     with pytest.raises(ValueError, match="needs each batch's attention_mask"):
         layerwise_reconstruction(model, mask, [dict(input_ids=ids)])
+    with pytest.raises(ValueError, match="attention_mask covers 9 tokens"):  # (BERT broadcasts it)
+        layerwise_reconstruction(model, mask, [dict(input_ids=ids, attention_mask=attention[:1])])
     with pytest.raises(TypeError, match="keyword dicts"):
         layerwise_reconstruction(model, mask, [ids])
     with pytest.raises(ValueError, match="ffn names layer 5"):

@@ -267,6 +267,18 @@ def test_search_all_pass_and_none_pass():
         search_rate(accuracy, 0.9, low=0.5, high=0.2)
 
 
+def test_a_rate_not_measured_fails_without_an_accuracy():
+    """accuracy(rate) None (the candidate could not be made): that rate fails, margin unasked,
+    and the history records no accuracy; the search goes on below it."""
+    asked = []
+    result = search_rate(lambda rate: None if rate > 0.3 else 0.9, 0.9, resolution=0.01,
+                         margin=lambda rate: asked.append(rate) or 0.0)
+    assert 0.29 <= result.rate <= 0.3 and result.accuracy == 0.9
+    assert all((value is None) == (rate > 0.3) and ok == (value is not None)
+               for rate, value, ok in result.history)
+    assert asked and max(asked) <= 0.3
+
+
 def test_a_loss_of_exactly_the_tolerance_passes():
     """309 of 400 right against the baseline's 313: a change of exactly -1 point passes at
     tolerance 0.01, whatever the rounding of the accuracies (float32 as torch means give them, or
@@ -489,7 +501,9 @@ def test_a_diverged_candidate_fails_and_says_so(tokenizer, monkeypatch, one_thre
                                                   calibration_examples=8),
                           search=SearchConfig(resolution=0.3, tolerance=1.0))
     assert expert.figures["pruning_rate"] == 0.0
-    assert all(not passed for _, _, passed, *_ in expert.figures["search"])
+    # never measured: recorded without an accuracy or a standard error
+    assert expert.figures["search"] and all(
+        step[1:] == [None, False, None] for step in expert.figures["search"])
 
 
 # ---- end to end ---------------------------------------------------------------------------

@@ -96,3 +96,24 @@ def test_the_unpruned_targets_are_computed_once_per_run(tokenizer, monkeypatch):
     reconstructor(run, ffn_only[0])
     assert built == [("ffn",), ("ffn", "heads")]
 
+
+
+def test_mean_kl_and_a_variant_whose_divergence_is_nan(tokenizer, monkeypatch):
+    """mean_kl: a reference label of probability 0 adds nothing (not 0 x -inf = NaN); a variant
+    whose divergence is NaN (its logits overflowed) is never chosen over a finite one, also when
+    it comes first ("plain")."""
+    from doe_kernels.localize import reconstruct
+
+    reference = torch.tensor([[0.0, float("-inf")], [-0.5, -1.0]]).log_softmax(-1)
+    logits = torch.tensor([[2.0, 1.0], [0.0, 3.0]])
+    expected = sum(float((p * (p.log() - q)).nansum()) for p, q in zip(
+        reference.exp(), torch.log_softmax(logits.double(), -1))) / 2
+    assert reconstruct.mean_kl(reference.double(), logits) == pytest.approx(expected)
+    run, train, tuned, candidate = setup(tokenizer)
+    reconstructor = Reconstructor.collect(run, tuned, train, "auto", 16, 0.0)
+    names = [name for name, _, _ in AUTO_VARIANTS]
+    said = iter([float("nan")] + [3.0 - i for i in range(1, len(names))])
+    monkeypatch.setattr(type(reconstructor.fidelity), "divergence",
+                        lambda self, run, e: next(said))
+    chosen = reconstructor(run, candidate)
+    assert chosen.figures["reconstruction"] == names[-1] != names[0]

@@ -14,7 +14,6 @@ measured.
 import collections
 import contextlib
 import dataclasses
-import math
 import time
 import warnings
 from dataclasses import dataclass
@@ -447,7 +446,7 @@ def _search(run: _Run, candidate: _Candidates, tuned_expert: Expert, base: _Base
     {rate: SE of its paired change from the baseline})."""
     model, tokenizer = run.model, run.tokenizer
     bar = tqdm(desc="pruning-rate search", disable=not run.progress, leave=False)
-    evaluated, change_se, diverged = {}, {}, set()
+    evaluated, change_se = {}, {}
 
     def accuracy(rate):
         try:
@@ -456,10 +455,9 @@ def _search(run: _Run, candidate: _Candidates, tuned_expert: Expert, base: _Base
         except TrainingDiverged as error:  # this rate fails, whatever the tolerance
             warnings.warn(f"localize({run.task.name!r}): the candidate at pruning rate "
                           f"{rate:.3f} fails: {error}", stacklevel=6)
-            change_se[rate] = 0.0
-            diverged.add(rate)
+            change_se[rate] = None
             bar.update(1)
-            return 0.0
+            return None  # never measured: the search fails it (figures: accuracy None)
         evaluated[rate] = expert
         with run.clock("candidates_evaluation"), expert.plugged(model, backend=run.backend):
             correct = expert.correct(model, tokenizer, validation, batch_size=2 * run.batch_size)
@@ -473,8 +471,7 @@ def _search(run: _Run, candidate: _Candidates, tuned_expert: Expert, base: _Base
     try:
         result = search_rate(accuracy, base.accuracy, search.tolerance, 0.0, search.max_rate,
                              search.resolution,
-                             margin=lambda rate: (math.inf if rate in diverged
-                                                  else search.confidence * change_se[rate]))
+                             margin=lambda rate: search.confidence * change_se[rate])
     finally:
         bar.close()
     return result, evaluated, change_se

@@ -192,7 +192,7 @@ class RecoveryConfig:
         "auto", "--reconstruct", "fit each candidate's reconstruction before any re-tuning: "
         "'scales' (least-squares scales of the kept units and bias deltas, each layer fitted on "
         "the unpruned model's inputs), 'layerwise' (the same fitted layer by layer on the pruned "
-        "model's inputs: about three passes over the calibration examples per candidate), "
+        "model's inputs: two to three passes over the calibration examples per candidate), "
         "'bias' (FLAP's bias compensation), 'none' (the paper's plain mask) or 'auto' (the "
         "plain mask, scales or layer-wise, each with and without read-out weighting: the one "
         "whose answers on held-out training examples stay closest to the unpruned model's)",

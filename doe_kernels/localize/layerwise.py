@@ -15,8 +15,8 @@ so that the kept units' scales s and the bias delta b minimise E || sum_{kept i}
 - y ||^2 over the real tokens (c_i: unit i's contribution, as in `compensate`; with x' = x this is
 `Calibration.fit`'s problem). The targets do not depend on the mask: `UnprunedTargets` computes
 them in one pass of the unpruned model, once for all the masks fitted on the same batches. Cost
-per mask: about two passes of the pruned model over the calibration batches (each layer up to
-the projection fitted, then the fitted layer), its FFN run on sliced copies of the kept neurons'
+per mask: two to three passes of the pruned model over the calibration batches (each layer up
+to each projection fitted, then the fitted layer: about two where only neurons are pruned), its FFN run on sliced copies of the kept neurons'
 weights (`recover.sliced`), against none for `Calibration.fit`; memory: the targets, and the
 pruned model's hidden states of the calibration batches.
 """
@@ -240,6 +240,12 @@ def _layer_inputs(model, first_layer, batches):
     calls, keeps = [], []
 
     def hook(module, args, kwargs):
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        real = keeps[-1][0]
+        if isinstance(hidden, torch.Tensor) and real.numel() != hidden.shape[:-1].numel():
+            raise ValueError(f"the batch's attention_mask covers {real.numel()} tokens, but the "
+                             f"model's layers see {hidden.shape[:-1].numel()}; pass a (batch, "
+                             "seq) attention_mask matching the model's input")
         kwargs = dict(kwargs)
         for name in _CACHES:
             if name in kwargs:

@@ -6,10 +6,12 @@ Reconstruction is a least-squares fit of layer outputs; what a task needs is the
 masks a fit moves the token the answer is read from, or collapses the model to one label
 (docs/results.md). "auto" therefore fits every variant of `AUTO_VARIANTS` and keeps the one whose
 label distribution has the smallest mean KL divergence from the unpruned prompt-tuned model's on
-`FIDELITY_EXAMPLES` training examples that no fit has seen (`Fidelity`): the plain mask when every
-fit does worse. The choice is made without the validation set, which the search keeps for its
+`FIDELITY_EXAMPLES` training examples that no fit has seen (`Fidelity`; on a training set too
+small to leave two examples past the calibration's, the calibration's own): the plain mask when
+every fit does worse. The choice is made without the validation set, which the search keeps for its
 rule.
 """
+import math
 import random
 from dataclasses import dataclass
 
@@ -69,8 +71,10 @@ class Reconstructor:
     def collect(cls, run, tuned_expert: Expert, train, mode: str, count: int,
                 readout_weight: float) -> "Reconstructor":
         """Calibration on `count` training examples drawn with the run's seed, with
-        `tuned_expert`'s prompt; for "auto", the next FIDELITY_EXAMPLES of the same draw (or the
-        calibration examples when none is left) judge the variants."""
+        `tuned_expert`'s prompt; for "auto", the variants' judges of `split_for_judging` (the
+        next FIDELITY_EXAMPLES of the same draw, half of what is left when fewer, the
+        calibration examples when at most one is left). Memory: "auto" holds two calibrations
+        (read-out weights 0 and 1), each as `Calibration.collect` says."""
         calibration, variants, _ = split_for_judging(train, run.seed, count)
         texts = train.subset(calibration).texts
         judge = train.subset(variants).texts
@@ -97,6 +101,7 @@ class Reconstructor:
         for name, fit, weight in AUTO_VARIANTS:
             candidate = _with_mask(run, expert, self._fit(run, expert.mask, fit, weight), name)
             divergence = divergences[name] = self.fidelity.divergence(run, candidate)
+            divergence = math.inf if math.isnan(divergence) else divergence  # (NaN logits)
             if best is None or divergence < best[0]:
                 best = divergence, candidate
         chosen = best[1]
@@ -146,7 +151,9 @@ def mean_kl(reference_log_probs: torch.Tensor, logits: torch.Tensor) -> float:
     """Mean over examples of the KL divergence from a reference label distribution (log
     probabilities, float64) to the one `logits` give."""
     log_probs = torch.log_softmax(logits.double(), -1)
-    return float((reference_log_probs.exp() * (reference_log_probs - log_probs)).sum(-1).mean())
+    probs = reference_log_probs.exp()  # a label of probability 0 adds 0 (not 0 x -inf)
+    terms = torch.where(probs > 0, probs * (reference_log_probs - log_probs), 0.0)
+    return float(terms.sum(-1).mean())
 
 
 def _batches(run, tuned_expert: Expert, texts, weight: float):

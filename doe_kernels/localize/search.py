@@ -22,14 +22,15 @@ class SearchResult:
     rate: float  # the highest rate found that passes (0.0 when none does)
     accuracy: float | None  # accuracy at that rate (the baseline at 0.0; None for a `low`
     # above 0 that nothing beat, never evaluated)
-    history: list = field(default_factory=list)  # (rate, accuracy, passed) in evaluation order
+    history: list = field(default_factory=list)  # (rate, accuracy or None, passed) in order
 
 
 def search_rate(accuracy, baseline: float, tolerance: float = 0.01, low: float = 0.0,
                 high: float = 0.95, resolution: float = 0.01, margin=None) -> SearchResult:
     """Binary search for the highest rate in [low, high] with accuracy(rate) >= baseline -
     tolerance + margin(rate), to within `resolution` (`margin`, a callable called after
-    accuracy(rate), default 0: e.g. a multiple of the standard error of the measured change).
+    accuracy(rate), default 0: e.g. a multiple of the standard error of the measured change); a
+    rate whose accuracy(rate) is None (not measured) fails.
     `low` is taken to pass (rate 0 is the baseline itself) and is never evaluated; `high` is tried
     last, only when every rate tried below it passed (high rates rarely pass: trying `high` first
     would cost a candidate in almost every search). Each rate is evaluated at most once; rates are
@@ -46,8 +47,12 @@ def search_rate(accuracy, baseline: float, tolerance: float = 0.01, low: float =
     def passes(rate):
         rate = round(rate, 6)
         if rate not in seen:
-            value = float(accuracy(rate))
-            ok = value >= threshold + (float(margin(rate)) if margin is not None else 0.0)
+            value = accuracy(rate)
+            if value is None:  # not measured (its candidate could not be made): fails
+                ok = False
+            else:
+                value = float(value)
+                ok = value >= threshold + (float(margin(rate)) if margin is not None else 0.0)
             seen[rate] = value, ok
             history.append((rate, value, ok))
         return seen[rate][1]
