@@ -3,6 +3,7 @@ and engine client: what reaches the engine, what is refused, the salts, and the 
 requests and removals. Needs no vLLM (test_vllm_serve.py runs the gate in `vllm serve`)."""
 import asyncio
 import json
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -17,6 +18,8 @@ class Engine:
 
     def __init__(self, names=()):
         self.names, self.reads, self.lag = list(names), 0, None
+        self.only_first = []  # names the first rank holds and the second does not
+
 
     async def collective_rpc(self, method):
         assert method == "doe_experts"
@@ -24,7 +27,7 @@ class Engine:
         held = list(self.names)
         if self.lag is not None:
             await self.lag.wait()
-        return [held, held]  # two ranks
+        return [held + self.only_first, held]  # two ranks
 
 
 class App:
@@ -145,6 +148,22 @@ def test_unknown_or_malformed_names_never_reach_the_engine():
         status, reply, _ = call(gate, app, path, body, root_path=root)
         assert status == 400, path
     assert app.seen == [] and engine.reads == 1
+    # under --root-path a held name is served, salted, as without it
+    assert call(gate, app, "/v1/completions", completion("polarity"), root_path="/prefix")[0] \
+        == 200
+    assert app.seen[-1][0] == "/prefix/v1/completions"
+    assert app.seen[-1][1]["cache_salt"] == cache_salt("polarity")
+
+
+def test_a_name_counts_as_held_only_where_every_rank_holds_it():
+    """A name only some ranks hold (an add that failed on one rank) is refused: the others would
+    fail the engine step."""
+    engine, app, gate = setup()
+    engine.only_first = ["tweets"]
+    status, reply, _ = call(gate, app, "/v1/completions", completion("tweets"))
+    assert status == 400 and "no expert is held under the name 'tweets'" in \
+        reply["error"]["message"]
+    assert call(gate, app, "/v1/completions", completion("polarity"))[0] == 200
 
 
 def test_adds_and_removes_refresh_the_names_and_the_salts():
@@ -206,6 +225,7 @@ def test_no_request_slips_in_while_an_expert_is_removed():
 
     refused, removed = asyncio.run(during(remove))
     assert refused[0] == 400 and removed[0] == 200 and engine.names == []
+    assert "'polarity' is being added or removed" in refused[1]["error"]["message"]
     app.hold = None
     call(gate, app, "/collective_rpc", rpc("doe_add_expert", "polarity", "token"))
 
@@ -329,6 +349,70 @@ def test_the_client_asks_for_the_gate_before_adding():
         with pytest.raises(ValueError, match="non-empty string"):
             client.add(url, "", doe_kernels.ExpertMask({0: [1, 2]}))
         assert [p["method"] for p in posts] == ["doe_experts"]
+
+
+@pytest.mark.parametrize("replies, message", [
+    (["True", "False"], r"held by ranks \[0\] only, and is removed from them \(not held by "
+                        r"ranks \[1\]\)"),
+    (["False", "False"], r"no expert named 'a' is held\W*$"),
+    ([], r"no expert named 'a' is held\W*$")])
+def test_the_client_says_which_ranks_held_a_removed_name(replies, message):
+    """http.remove: KeyError naming the ranks that did not hold the name, where some did; where
+    none did (or none answered), the plain KeyError, not the error of asking which names are
+    held (here a server without the gate)."""
+    from doe_kernels.vllm import http as client
+    from http_utils import answering
+
+    with answering(json.dumps(dict(results=replies)).encode()) as (url, _), \
+            pytest.raises(KeyError, match=message):
+        client.remove(url, "a")
+
+
+@pytest.mark.parametrize("restored, resets", [(["0", "0"], 0), (["0", "12"], 1)])
+def test_the_client_resets_the_prefix_cache_after_an_unplug_that_restored_layers(restored,
+                                                                                resets):
+    """http.unplug resets the prefix cache where a rank restored layers, not after a no-op (a
+    reset refused while requests run would then report a swap that never happened)."""
+    from doe_kernels.vllm import http as client
+    from http_utils import answering
+
+    with answering(json.dumps(dict(results=restored, success=True)).encode()) as (url, posts):
+        client.unplug(url)
+    assert [p.get("method") for p in posts] == ["doe_unplug"] + [None] * resets
+
+
+def test_the_client_waits_past_the_servers_timeout():
+    """The client's socket waits ANSWER_MARGIN past the RPC timeout it gives the server: a
+    client that gave up first could not tell whether the swap went on."""
+    from unittest import mock
+
+    from doe_kernels.vllm import http as client
+
+    with mock.patch.object(client, "_request", return_value=dict(results=[[]])) as request:
+        client.status("http://x", timeout=7)
+    (_, _, body, socket_timeout), _ = request.call_args
+    assert body["timeout"] == 7 and socket_timeout == 7 + client.ANSWER_MARGIN > 7
+
+
+def test_a_failed_apply_on_several_ranks_warns_they_may_be_out_of_step():
+    """An apply raising on a many-rank engine: the ranks it reached may hold the new expert, and
+    the caller is warned (one rank: its apply changes nothing, no warning)."""
+    import doe_kernels
+    from doe_kernels.vllm.protocol import plug_on_ranks
+
+    for ranks in (1, 2):
+        def call(method, args):
+            if method == "doe_apply_mask":
+                raise RuntimeError("out of memory on rank 1")
+            return [None] * ranks
+
+        with warnings.catch_warnings(record=True) as caught, \
+                pytest.raises(RuntimeError, match="out of memory"):
+            warnings.simplefilter("always")
+            plug_on_ranks(call, doe_kernels.ExpertMask({0: [1]}))
+        said = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+        assert len(said) == (ranks > 1)
+        assert all("2 ranks may now hold different experts" in m for m in said)
 
 
 @pytest.mark.parametrize("discard_fails", [False, True])

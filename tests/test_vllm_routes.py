@@ -40,3 +40,23 @@ def test_a_swap_reaches_the_compiled_graph(returns_bias):
         assert torch.equal(compiled(x), dense(x).relu() * 2)
     assert counter.frame_count == 1
     assert route.calls == 3  # the compiled graph calls the route (else plug would not reach it)
+
+
+def test_a_dropped_model_is_freed_with_its_routes():
+    """The process's table of routes holds no module: an engine's model, once dropped, is freed
+    (with its weights), and a later module's route takes a new key."""
+    import gc
+    import weakref
+
+    from doe_kernels.vllm import routes
+
+    linear = torch.nn.Linear(8, 5)
+    route = add_route(linear, 5)
+    key = next(k for k, r in routes._ROUTES.items() if r is route)
+    freed, route = weakref.ref(linear), None
+    del linear
+    gc.collect()
+    assert freed() is None and key not in routes._ROUTES
+    other = torch.nn.Linear(8, 5)
+    route = add_route(other, 5)
+    assert routes._ROUTES[max(routes._ROUTES)] is route and max(routes._ROUTES) > key

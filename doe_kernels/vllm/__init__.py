@@ -13,7 +13,7 @@ LLaMA-family models (vLLM's Llama, Mistral and Qwen2 layers), FFN neurons and at
 (with their scales and bias deltas), and Mixtral (kept MoE experts, neurons inside them,
 skipping thresholds, heads); see docs/vllm.md. A causal-LM expert's soft prompt travels
 as prompt embeddings (`expert_prompts`, `answer`; the engine made with enable_prompt_embeds=True). A running `vllm serve` takes the same calls
-over HTTP: `doe_kernels.vllm.http.plug(url, mask)` (or `doe-kernels vllm plug`).
+over HTTP: `doe_kernels.vllm.http.plug(url, mask)` (or `doe-kernels vllm-plug`).
 
 `plug`, `unplug`, `status` and `WorkerExtension` need vLLM (`pip install -e ".[vllm]"`) and load it
 on first use; `doe_kernels.vllm.http` does not, and `import doe_kernels` never does. Loading

@@ -17,7 +17,8 @@ remove.
 import inspect
 import weakref
 
-from doe_kernels.vllm.protocol import EXTRA_ARG, SALT_PREFIX, cache_salt, reserved_salt
+from doe_kernels.vllm.protocol import (EXTRA_ARG, SALT_PREFIX, cache_salt, held_on_every_rank,
+                                       reserved_salt)
 
 
 class Guard:
@@ -32,7 +33,7 @@ class Guard:
 
     def refresh(self) -> None:
         """Read the names the ranks hold (retiring ones not) again."""
-        self.held = frozenset(self._llm().collective_rpc("doe_experts")[0])
+        self.held = frozenset(held_on_every_rank(self._llm().collective_rpc("doe_experts")))
 
     def admit(self, prompt, params):
         """`prompt` as the engine should take it (salted for its expert), or ValueError."""

@@ -12,7 +12,7 @@ that names an expert (doe_kernels.vllm.admission).
 import importlib
 
 from doe_kernels.vllm.admission import check_name, guard, naming, prompt_dict
-from doe_kernels.vllm.protocol import as_mask, plug_on_ranks
+from doe_kernels.vllm.protocol import as_mask, held_on_every_rank, plug_on_ranks
 from doe_kernels.vllm.worker import WorkerExtension, check_engine_config
 
 EXTENSION = "doe_kernels.vllm.WorkerExtension"
@@ -38,8 +38,8 @@ def unplug(llm) -> None:
     """Give `llm` back its dense layers (vLLM's own forwards, bit for bit); a no-op if
     unplugged."""
     _check_engine(llm)
-    llm.collective_rpc("doe_unplug")
-    _reset_prefix_cache(llm)
+    if any(llm.collective_rpc("doe_unplug")):  # (layers restored: nothing was plugged at 0)
+        _reset_prefix_cache(llm, "the expert was unplugged")
 
 
 def add(llm, name: str, mask) -> None:
@@ -78,7 +78,7 @@ def remove(llm, name: str) -> None:
 def experts(llm) -> list:
     """The names of the experts `llm` holds, in the order they were added."""
     _check_engine(llm)
-    return llm.collective_rpc("doe_experts")[0]
+    return held_on_every_rank(llm.collective_rpc("doe_experts"))
 
 
 def for_experts(llm, requests, params=None) -> tuple[list, list]:
@@ -136,8 +136,8 @@ def names_extension(qualname: str) -> bool:
     return isinstance(cls, type) and issubclass(cls, WorkerExtension)
 
 
-def _reset_prefix_cache(llm) -> None:
+def _reset_prefix_cache(llm, done: str = "the expert was swapped") -> None:
     if not llm.reset_prefix_cache():
-        raise RuntimeError("the expert was swapped, but vLLM could not reset its prefix cache "
-                           "(requests still running?): cached blocks of the previous expert may "
-                           "be reused; call llm.reset_prefix_cache() once the engine is idle")
+        raise RuntimeError(f"{done}, but vLLM could not reset its prefix cache (requests still "
+                           "running?): cached blocks of the previous expert may be reused; call "
+                           "llm.reset_prefix_cache() once the engine is idle")

@@ -34,7 +34,8 @@ import collections
 import dataclasses
 import json
 
-from doe_kernels.vllm.protocol import EXTRA_ARG, SALT_PREFIX, cache_salt, reserved_salt
+from doe_kernels.vllm.protocol import (EXTRA_ARG, SALT_PREFIX, cache_salt, held_on_every_rank,
+                                       reserved_salt)
 
 GENERATING = ("/v1/completions", "/v1/chat/completions", "/v1/responses")
 RPC_PATH = "/collective_rpc"
@@ -117,7 +118,10 @@ class ExpertGate:
             return 500, (f"the server cannot tell which experts it holds ({held!r}); is it "
                          "started with --worker-extension-cls "
                          "doe_kernels.vllm.WorkerExtension?")
-        if name not in held or name in self.changing:
+        if name in self.changing:
+            return 400, (f"the expert {name!r} is being added or removed; send the request "
+                         "again once that has finished")
+        if name not in held:
             return 400, (f"no expert is held under the name {name!r}; add it first "
                          "(doe_kernels.vllm.http.add)")
         return None
@@ -182,7 +186,7 @@ class ExpertGate:
                 except Exception as error:  # noqa: BLE001 (said to the client)
                     return error
                 if self.changes == changes:
-                    self.held = set(replies[0])
+                    self.held = set(held_on_every_rank(replies))
             return self.held
 
 

@@ -20,7 +20,11 @@ import urllib.error
 import urllib.request
 
 from doe_kernels.vllm.gate import GATE_HEADER
-from doe_kernels.vllm.protocol import EXTRA_ARG, as_mask, plug_on_ranks
+from doe_kernels.vllm.protocol import EXTRA_ARG, as_mask, held_on_every_rank, plug_on_ranks
+
+
+ANSWER_MARGIN = 30.0  # seconds the client waits past the `timeout` it gives the server's RPC:
+# a client that gave up first could not tell whether the server went on to swap
 
 
 def plug(url: str, mask, timeout: float = 120.0) -> None:
@@ -34,8 +38,8 @@ def plug(url: str, mask, timeout: float = 120.0) -> None:
 
 def unplug(url: str, timeout: float = 120.0) -> None:
     """Give the server its dense model back (a no-op if nothing is plugged)."""
-    _rpc(url, "doe_unplug", [], timeout)
-    _reset_prefix_cache(url, timeout)
+    if any(restored not in (0, "0") for restored in _rpc(url, "doe_unplug", [], timeout)):
+        _reset_prefix_cache(url, timeout, "the expert was unplugged")
 
 
 def add(url: str, name: str, mask, timeout: float = 120.0) -> None:
@@ -57,24 +61,37 @@ def remove(url: str, name: str, timeout: float = 120.0) -> None:
     """Stop holding the expert `name`: KeyError if the server holds none of that name,
     RuntimeError (nothing changed) while requests naming it run."""
     # vLLM's endpoint passes a rank's reply as a string unless it is a dict or a list
-    if not all(reply in (True, "True") for reply in _rpc(url, "doe_remove_expert", [name],
-                                                          timeout)):
-        raise KeyError(f"no expert named {name!r} is held (held: {experts(url, timeout)})")
+    removed = [reply in (True, "True") for reply in _rpc(url, "doe_remove_expert", [name],
+                                                         timeout)]
+    if removed and all(removed):
+        return
+    if any(removed):
+        raise KeyError(f"the expert {name!r} was held by ranks {_ranks(removed, True)} only, "
+                       f"and is removed from them (not held by ranks {_ranks(removed, False)})")
+    try:
+        held = f" (held: {experts(url, timeout)})"
+    except RuntimeError:  # (no gate, or no answer: the name is what matters)
+        held = ""
+    raise KeyError(f"no expert named {name!r} is held{held}")
+
+
+def _ranks(flags: list, value: bool) -> list:
+    return [rank for rank, flag in enumerate(flags) if flag == value]
 
 
 def experts(url: str, timeout: float = 120.0) -> list:
     """The names of the experts the server holds, in the order they were added; RuntimeError
     when the server has no gate (the --middleware that mixed-task requests need)."""
     reply, headers = _request(url, "/collective_rpc", dict(method="doe_experts", args=[],
-                                                           timeout=timeout), timeout,
-                              with_headers=True)
+                                                           timeout=timeout),
+                              timeout + ANSWER_MARGIN, with_headers=True)
     if headers.get(GATE_HEADER.decode()) is None:
         raise RuntimeError(f"{url} has no expert gate: start vllm serve with --middleware "
                            "doe_kernels.vllm.gate.ExpertGate")
     results = (reply or {}).get("results")
     if not isinstance(results, list) or not results:
         raise RuntimeError(f"{url}: unexpected answer to doe_experts: {reply!r}")
-    return list(results[0])
+    return held_on_every_rank(results)
 
 
 def naming(name: str) -> dict:
@@ -124,15 +141,15 @@ def _request(url: str, path: str, body: dict | None, timeout: float,
 def _rpc(url: str, method: str, args: list, timeout: float) -> list:
     """Call a WorkerExtension method on every rank; the ranks' results, in rank order."""
     reply = _request(url, "/collective_rpc", dict(method=method, args=args, timeout=timeout),
-                  timeout)
+                     timeout + ANSWER_MARGIN)
     results = (reply or {}).get("results")
     if not isinstance(results, list):
         raise RuntimeError(f"{url}: unexpected answer to {method}: {reply!r}")
     return results
 
 
-def _reset_prefix_cache(url: str, timeout: float) -> None:
+def _reset_prefix_cache(url: str, timeout: float, done: str = "the expert was swapped") -> None:
     if not (_request(url, "/reset_prefix_cache", None, timeout) or {}).get("success"):
-        raise RuntimeError("the expert was swapped, but the server could not reset its prefix "
-                           "cache (requests still running?): cached blocks of the previous expert "
-                           f"may be reused; POST {url}/reset_prefix_cache once it is idle")
+        raise RuntimeError(f"{done}, but the server could not reset its prefix cache (requests "
+                           "still running?): cached blocks of the previous expert may be reused; "
+                           f"POST {url}/reset_prefix_cache once it is idle")

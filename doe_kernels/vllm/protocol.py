@@ -11,6 +11,7 @@ import base64
 import hashlib
 import json
 import uuid
+import warnings
 
 from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
@@ -93,7 +94,21 @@ def plug_on_ranks(call, mask: ExpertMask, apply: str = "doe_apply_mask", *args) 
         return call(apply, [*args, token])
     except Exception:
         _discard(call, token)  # ranks the apply did not reach keep no staged plan
+        if len(replies) > 1:  # (one rank's apply changes nothing when it fails)
+            warnings.warn(f"{apply} failed on a rank after others may have applied it: the "
+                          f"{len(replies)} ranks may now hold different experts (names only "
+                          "some hold are refused); plug or add it again, or unplug",
+                          RuntimeWarning, stacklevel=3)
         raise
+
+
+def held_on_every_rank(replies: list) -> list:
+    """The expert names every rank holds, from the ranks' replies to `doe_experts` (in the order
+    the first rank added them): a name only some ranks hold (an add that failed on one) would
+    fail the engine step of a request naming it."""
+    if not replies:
+        return []
+    return [name for name in replies[0] if all(name in names for names in replies[1:])]
 
 
 def _discard(call, token: str) -> None:

@@ -19,6 +19,8 @@ across it; on the CPU vLLM's linear layers and SiluAndMul are opaque kernels any
 CUDA graphs would replay whatever target was captured, so engines that capture them are refused
 (see `check_routes`).
 """
+import itertools
+import weakref
 from dataclasses import dataclass
 from typing import Callable
 
@@ -26,7 +28,11 @@ import torch
 
 ROUTE_OP = "doe_kernels::vllm_route"
 _ROUTE = "_doe_route"  # set on a routed module
-_ROUTES: dict[int, "Route"] = {}  # key -> route, in this process
+# key -> route, in this process; held by its module alone (a weak value: an engine's model, once
+# dropped, is freed with its routes), keys never reused (a graph traced for a model gone raises
+# KeyError rather than run another model's module)
+_ROUTES: "weakref.WeakValueDictionary[int, Route]" = weakref.WeakValueDictionary()
+_KEYS = itertools.count()
 
 
 @dataclass
@@ -76,7 +82,7 @@ def add_route(module, width: int, returns_bias: bool = False) -> Route:
         return route
     dense = dense_forward(module, returns_bias)
     route = Route(width, dense, dense)
-    key = len(_ROUTES)
+    key = next(_KEYS)
     _ROUTES[key] = route
 
     def routed(x):
