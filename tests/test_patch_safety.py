@@ -5,6 +5,7 @@ error."""
 import copy
 import gc
 import pickle
+import warnings
 import weakref
 
 import pytest
@@ -481,24 +482,33 @@ def test_a_torch_compile_wrapper_patches_and_unpatches_its_model(name="llama"):
     with dk.plugged(model, mask):
         want = run(model, name)
     dense = run(model, name)
+    assert (want - want_other).abs().max() > 1e-2  # (the two experts answer apart)
+
+    def same(a, b):  # the compiled code runs a layer keeping everything on ATen's GEMM, which
+        # eager calls may run on the cpu backend's kernels instead (runs_fused_dense)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
     compiled = torch.compile(model, backend="eager")
     assert dk.patch(compiled, mask) is compiled
     assert dk.is_patched(model) and dk.is_patched(compiled)
-    assert torch.equal(run(compiled, name), want)
+    same(run(compiled, name), want)
     dk.patch(compiled, other)  # a swap: the compiled code follows it
-    assert torch.equal(run(compiled, name), want_other)
+    same(run(compiled, name), want_other)
     dk.patch(model, mask)
-    assert torch.equal(run(compiled, name), want)
+    same(run(compiled, name), want)
     dk.unpatch(compiled)
     assert not dk.is_patched(compiled) and "_apply" not in compiled.__dict__
     assert not model._forward_pre_hooks and not compiled._forward_pre_hooks
     assert_untouched(model, before, modules_before)
     assert torch.equal(run(compiled, name), dense)
     with dk.plugged(compiled, mask):
-        assert torch.equal(run(compiled, name), want)
-    with dk.mixed(compiled, [mask, None, mask]) as serving:
+        same(run(compiled, name), want)
+    with dk.mixed(compiled, [mask, None, mask]) as serving, \
+            warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         assert serving is compiled
         got = run(compiled, name)
+    assert not [str(w.message) for w in caught if "Dynamo" in str(w.message)]  # (a builtin)
     torch.testing.assert_close(got[[0, 2]], want[[0, 2]], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(got[1], dense[1], atol=1e-5, rtol=1e-4)
     assert_untouched(model, before, modules_before)

@@ -50,6 +50,8 @@ def has_union_plan() -> bool:
     return hasattr(extension(), "SEGMENT_STRATEGIES")
 
 
+@torch.compiler.disable  # a plan for the layout (data-dependent; torch.compile breaks the
+# graph here, as it would at the extension's call, without warning of a builtin it cannot trace)
 def union_plan(x, segments, kept, kept_offsets, scales, neurons: int, up_matrices: int,
                strategy: str):
     """(union, row_mask) of a segmented FFN's layout (over an FFN of `neurons` neurons from x's
