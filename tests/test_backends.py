@@ -212,3 +212,21 @@ def test_triton_launch_configs_fit_shared_memory(weights, element_size):
         assert all(k.smem_bytes(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"],
                                 c.num_stages, weights, element_size) <= k._SMEM_LIMIT
                    for c in kept), rows
+
+
+def test_backend_checks_trace_under_torch_compile_without_warnings():
+    """The probes behind `available` (is Triton importable, do the CUDA kernels run on this GPU)
+    trace under torch.compile, as a patched model's forward calls them, without Dynamo's warning
+    on functools.lru_cache wrappers."""
+    from doe_kernels.backends import cuda
+    from doe_kernels.backends import triton as triton_backend
+
+    def f(x):
+        return x * (2 if triton_backend.available("cuda") or cuda.available("cuda") else 3)
+
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = torch.compile(f, fullgraph=True)(torch.ones(2))
+    assert torch.equal(out, f(torch.ones(2)))
+    assert not [str(w.message) for w in caught if "lru_cache" in str(w.message)]

@@ -7,7 +7,6 @@ single-expert call per segment. On a GPU the build holds no code for (an archite
 DOE_KERNELS_CUDA_ARCHS, with no PTX to compile for it) the backend is unavailable, with one
 warning, and `auto` picks another.
 """
-import functools
 import warnings
 
 import torch
@@ -15,6 +14,7 @@ import torch
 from doe_kernels._ext import has_cuda_kernels, extension
 from doe_kernels.activations import ACTIVATION_CODES
 from doe_kernels.backends.layout import segment_layout
+from doe_kernels.backends.memo import probe
 
 NAME = "cuda"
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -25,7 +25,7 @@ def available(device_type: str, index: int | None = None) -> bool:
             and _runs_on(torch.cuda.current_device() if index is None else index))
 
 
-@functools.lru_cache(maxsize=None)
+@probe
 def _runs_on(device: int) -> bool:
     """Whether the extension's kernels can run on GPU `device` (warns once when they cannot)."""
     probe = getattr(extension(), "cuda_kernels_run_on", None)

@@ -8,13 +8,13 @@ probe kernel: Triton 3.6's interpreter (torch 2.11's pin) cannot run the kernels
 2.4 or later, and then the backend is unavailable there, with one warning saying why.
 """
 import contextlib
-import functools
 import os
 import warnings
 
 import torch
 
 from doe_kernels.activations import ACTIVATION_CODES, check_activation
+from doe_kernels.backends.memo import probe
 
 NAME = "triton"
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -23,7 +23,7 @@ _kernels_mod = None
 _import_error = None
 
 
-@functools.lru_cache(maxsize=None)
+@probe
 def _triton_importable() -> bool:
     try:
         import triton  # noqa: F401
@@ -60,7 +60,7 @@ def available(device_type: str, index: int | None = None) -> bool:
     return False
 
 
-@functools.lru_cache(maxsize=None)
+@probe
 def _interpreter_runs() -> bool:
     """Whether the interpreter runs a loop with a runtime bound (see the module docstring)."""
     out = torch.full((3,), -1, dtype=torch.int32)
