@@ -1,7 +1,7 @@
 """ExpertRouter: serve requests for several tasks from one model.
 
-`run(task, texts)` runs the four DoE steps: plug the task's expert (mask, soft prompt, head), run
-inference, unplug. `run_mixed([(task, text), ...])` serves requests of several tasks in one
+`run(task, texts)` runs the DoE steps: plug the task's expert (mask, soft prompt, head), run
+inference, unplug it (back to the router's keep-everything patch, see below). `run_mixed([(task, text), ...])` serves requests of several tasks in one
 forward pass per batch, each row on its own expert (doe_kernels.mixed). `submit(task, text)`
 queues one request for a worker thread that gathers the requests arriving within `batch_window`
 seconds (up to `batch_size`) into one mixed batch: dynamic batching for many clients.
@@ -35,7 +35,7 @@ import queue
 import threading
 import time
 import weakref
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 
 import torch
 
@@ -55,7 +55,7 @@ class ExpertRouter:
         self._guard = _guard_of(model)  # the model's lock, shared with its other routers
         self._own_mask: ExpertMask | None = None  # the keep-everything mask it patched with
         self._worker: _Worker | None = None  # the dynamic batcher, started by submit()
-        self._compute: ThreadPoolExecutor | None = None  # every forward pass, started on demand
+        self._compute: _ComputeThread | None = None  # every forward pass, started on demand
         # per thread: .compute (the compute thread), .batching (a batching thread)
         self._local = threading.local()
         self._worker_lock = threading.Lock()  # guards _worker and _compute
@@ -92,18 +92,21 @@ class ExpertRouter:
             raise ValueError(f"task names are non-empty strings, got {name!r}")
         if not isinstance(expert, Expert):
             raise TypeError(f"expert must be a doe_kernels.Expert, got {type(expert).__name__}")
-        self._computed(self._add_now, name, expert)
+        self._computed("add", self._add_now, name, expert)
 
     def _add_now(self, name: str, expert: Expert) -> None:
         with self._locked():  # the model is not being patched meanwhile
-            expert.check_fits(self.model)
-            expert.check_tokenizer(self.tokenizer)
+            try:
+                expert.check_fits(self.model)
+                expert.check_tokenizer(self.tokenizer)
+            except ValueError as error:  # (the expert's own name may be another)
+                raise ValueError(f"task {name!r}: {error}") from error
             self._experts[name] = expert
 
     def remove(self, name: str) -> None:
         """Stop serving the task `name` (KeyError for one not served). Requests already submitted
         for it are still answered, by the expert they were submitted to."""
-        self._computed(self._remove_now, name)
+        self._computed("remove", self._remove_now, name)
 
     def _remove_now(self, name: str) -> None:
         with self._locked():
@@ -132,7 +135,7 @@ class ExpertRouter:
         """(the expert that answered, its logits): the expert is read once, under the lock, so a
         task re-added meanwhile cannot pair one expert's logits with another's labels."""
         texts = _texts(batch)
-        return self._computed(self._run_now, name, texts)
+        return self._computed("run", self._run_now, name, texts)
 
     def _run_now(self, name: str, texts: list[str]) -> tuple[Expert, torch.Tensor]:
         with self._locked():
@@ -147,22 +150,20 @@ class ExpertRouter:
                 return expert, expert.predict_logits(self.model, self.tokenizer, texts,
                                                      self.batch_size, backend=self.backend)
 
-    def _computed(self, fn, *args):
+    def _computed(self, what: str, fn, *args):
         """fn(*args) run on the router's compute thread (started on first use; the module's
         docstring says why), its result or error returned or raised here; asked on that thread,
         run at once, except from inside a forward pass (a hook), which holds the model's lock
-        (whichever router's pass it is)."""
+        (whichever router's pass it is): `what` (the public call) is then refused."""
         if self._guard.held_here():
-            raise RuntimeError(f"{fn.__name__.strip('_').removesuffix('_now')} from inside "
-                               "the router's forward pass (a hook on a router's compute "
-                               "thread) would wait for itself")
+            raise RuntimeError(f"{what} from inside the router's forward pass (a hook on a "
+                               "router's compute thread) would wait for itself")
         if self._on_compute_thread():
             return fn(*args)
         _free_openmp_pool()
         with self._worker_lock:  # close() cannot shut it down between the check and the submit
             if self._compute is None:
-                self._compute = ThreadPoolExecutor(1, "doe-kernels-compute",
-                                                   initializer=_mark, initargs=(self._local,))
+                self._compute = _ComputeThread(self._local)
             future = self._compute.submit(fn, *args)
         return future.result()
 
@@ -173,12 +174,12 @@ class ExpertRouter:
     def _on_compute_thread(self) -> bool:
         return getattr(self._local, "compute", False)
 
-    def _refuse_on_compute_thread(self, what: str) -> None:
+    def _refuse_on_compute_thread(self, what: str, why: str = "would wait for itself") -> None:
         """Refuses `what` on this router's compute thread or inside a forward pass of its model
         (another router's, whose lock its own compute thread may be waiting for)."""
         if self._on_compute_thread() or self._guard.held_here():
             raise RuntimeError(f"{what} from inside the router's forward pass (a hook on a "
-                               "router's compute thread) would wait for itself")
+                               f"router's compute thread) {why}")
 
     def _refuse_on_batching_thread(self, what: str) -> None:
         if getattr(self._local, "batching", False):
@@ -209,7 +210,7 @@ class ExpertRouter:
         return self._experts[self._known(task)]
 
     def _mixed(self, requests: list[tuple[Expert, str]]) -> list[torch.Tensor]:
-        return self._computed(self._mixed_now, requests) if requests else []
+        return self._computed("run_mixed", self._mixed_now, requests) if requests else []
 
     def _mixed_now(self, requests: list[tuple[Expert, str]]) -> list[torch.Tensor]:
         with self._locked():
@@ -224,7 +225,8 @@ class ExpertRouter:
         (up to `batch_size`) in one mixed batch. An unknown task or an invalid text raises here,
         in the caller, and never reaches a batch. What a client does with its Future (cancel it,
         a done-callback that raises) reaches no other request."""
-        self._refuse_on_compute_thread("submit")
+        self._refuse_on_compute_thread("submit", "is refused: its batch would wait for this "
+                                       "pass, which no answer may wait for")
         _free_openmp_pool()
         expert = self._expert_of(task)
         if not isinstance(text, str):
@@ -280,11 +282,12 @@ class ExpertRouter:
         took `submit` requests stays alive in its batching thread)."""
         self._refuse_on_compute_thread("close")
         self._refuse_on_batching_thread("close")
-        with self._worker_lock:
-            worker, self._worker = self._worker, None
-            if worker is not None:
+        while True:  # (a done callback run by the worker may submit again: a new worker)
+            with self._worker_lock:
+                worker, self._worker = self._worker, None
+                if worker is None:
+                    break
                 worker.queue.put(None)  # after every request submitted before
-        if worker is not None:
             worker.thread.join()
         with self._worker_lock:
             compute, self._compute = self._compute, None
@@ -354,6 +357,43 @@ def _settle(set_outcome, value) -> None:
         set_outcome(value)
     except BaseException:  # noqa: BLE001 (one client's Future; the others still need answers)
         pass
+
+
+class _ComputeThread:
+    """The router's compute thread and its queue of (fn, args, Future), ended by None. A plain
+    daemon thread, not a ThreadPoolExecutor: Python shuts those down as soon as the main thread
+    ends, before it waits for the other threads, whose requests would then fail."""
+
+    def __init__(self, local: threading.local):
+        self.queue = queue.Queue()
+        self.thread = threading.Thread(target=_compute, args=(self.queue, local), daemon=True,
+                                       name="doe-kernels-compute")
+        self.thread.start()
+        weakref.finalize(self, self.queue.put, None)  # a router dropped unclosed: it ends
+
+    def submit(self, fn, *args) -> Future:
+        future: Future = Future()
+        self.queue.put((fn, args, future))
+        return future
+
+    def shutdown(self) -> None:
+        """Stop after the calls submitted before, and wait for it."""
+        self.queue.put(None)
+        self.thread.join()
+
+
+def _compute(calls: queue.Queue, local: threading.local) -> None:
+    """The compute thread: runs each queued (fn, args, Future) until None (holding neither the
+    router nor its _ComputeThread, so that one dropped unclosed is collected)."""
+    _mark(local)
+    while (item := calls.get()) is not None:
+        fn, args, future = item
+        del item
+        try:
+            future.set_result(fn(*args))
+        except BaseException as error:  # noqa: BLE001 (raised in the caller's thread)
+            future.set_exception(error)
+        del fn, args, future  # (nor the last call's router while it waits)
 
 
 class _Worker:
@@ -430,7 +470,7 @@ def _gnu_openmp_pause():
 
 
 def _mark(local: threading.local) -> None:
-    """The compute thread's initializer: marks it (without a reference to the router)."""
+    """Marks the compute thread (without a reference to the router)."""
     local.compute = True
 
 

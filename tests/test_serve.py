@@ -269,11 +269,13 @@ def test_every_forward_pass_runs_on_the_routers_compute_thread(served, tokenizer
     try:
         router.run("task0", TEXTS[0])
         assert not run_clients(client, 4)
-        nested = router._computed(router.run_logits, "task1", TEXTS[:2])
+        nested = router._computed("nested", router.run_logits, "task1", TEXTS[:2])
         torch.testing.assert_close(nested, alone["task1"][:2])
-        for call in (lambda: router.submit("task0", TEXTS[0]), router.close):
-            with pytest.raises(RuntimeError, match="wait for itself"):
-                router._computed(call)
+        for call, said in ((lambda: router.submit("task0", TEXTS[0]),
+                            "submit from inside .* its batch would wait for this pass"),
+                           (router.close, "close from inside .* would wait for itself")):
+            with pytest.raises(RuntimeError, match=said):
+                router._computed("test", call)
         compute = ran_on[0]
         assert compute.name.startswith("doe-kernels-compute")
         assert all(thread is compute for thread in ran_on) and len(ran_on) > 20
@@ -634,3 +636,70 @@ def test_a_batch_of_another_type_is_refused_by_name():
                          (None, "got NoneType$")]:
         with pytest.raises(ValueError, match=match):
             _texts(batch)
+
+
+def test_a_submit_from_a_callback_while_closing_leaves_nothing_running(served, tokenizer):
+    """close() while a done callback (run by the batching thread) submits again: close waits for
+    the worker that submit starts too, and returns with no router thread left and the model
+    unpatched."""
+    model, experts, _ = served
+    router = dk.ExpertRouter(model, tokenizer, batch_window=0.001)
+    router.add("task0", experts["task0"])
+    release, later = threading.Event(), []
+
+    def callback(future):
+        release.wait(timeout=60)
+        later.append(router.submit("task0", TEXTS[1]))
+
+    router.submit("task0", TEXTS[0]).add_done_callback(callback)
+    closing = threading.Thread(target=router.close)
+    closing.start()
+    time.sleep(0.2)  # close() is joining the worker, whose callback waits
+    release.set()
+    closing.join(timeout=60)
+    assert not closing.is_alive() and later and later[0].done()
+    assert not dk.is_patched(model)
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("doe-kernels")]
+
+
+def test_a_router_serves_other_threads_after_the_main_thread_ends(tmp_path):
+    """A script whose main thread starts client threads and returns: the router still answers
+    them (a ThreadPoolExecutor is shut down when the main thread ends, and every later request
+    failed)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "clients.py"
+    paths = [str(Path(__file__).parent), str(Path(__file__).parents[1] / "python")]
+    script.write_text(
+        "import sys, threading, time\n"
+        f"sys.path[:0] = {paths!r}\n"
+        "import doe_kernels as dk\n"
+        "from transformers import AutoTokenizer\n"
+        "from expert_utils import TEXTS, seq_cls_expert, tiny_bert\n"
+        "from real_models import minilm_dir\n"
+        "model, tokenizer = tiny_bert(), AutoTokenizer.from_pretrained(minilm_dir())\n"
+        "router = dk.ExpertRouter(model, tokenizer, batch_window=0.001)\n"
+        "router.add('t', seq_cls_expert(model, rate=0.5))\n"
+        "router.run('t', TEXTS[0])\n"
+        "def client():\n"
+        "    time.sleep(0.5)  # the main thread has returned\n"
+        "    for text in TEXTS[:3]:\n"
+        "        router.run('t', text), router.ask('t', text)\n"
+        "    router.close()\n"
+        "    print('served', flush=True)\n"
+        "threading.Thread(target=client).start()\n")
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0 and "served" in result.stdout, result.stderr[-2000:]
+
+
+def test_an_expert_that_does_not_fit_is_refused_under_its_task_name(served, tokenizer):
+    """add() names the task it was asked for (the expert's own name, from its file, may be
+    another, or the default)."""
+    model, experts, _ = served
+    other = seq_cls_expert(tiny_bert(layers=3), rate=0.5)
+    with dk.ExpertRouter(model, tokenizer) as router, \
+            pytest.raises(ValueError, match="^task 'topic': "):
+        router.add("topic", other)
