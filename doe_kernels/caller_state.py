@@ -1,6 +1,7 @@
 """What a step that runs the caller's model (localize's, a MoE calibration pass) changes on the
 caller's side and puts back when it ends, however it ends: each module's train/eval mode
-(`evaluating`) and torch's global random state (`seeded`)."""
+(`evaluating`) and torch's global random state (`seeded`); and `lasting`, where tensors that
+outlive a call are made whatever the caller's autograd and inference modes."""
 import contextlib
 
 import torch
@@ -28,4 +29,13 @@ def seeded(seed: int, device: torch.device | None = None):
         devices = [torch.cuda.current_device() if device.index is None else device.index]
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
+        yield
+
+
+@contextlib.contextmanager
+def lasting():
+    """The body makes tensors that outlive the call (plans, index lists, caches a later forward
+    pass reuses): outside torch.inference_mode (an inference tensor cannot be saved for a later
+    backward pass) and outside autograd."""
+    with torch.inference_mode(False), torch.no_grad():
         yield

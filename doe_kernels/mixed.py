@@ -19,6 +19,7 @@ import functools
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
+from doe_kernels.caller_state import lasting
 from doe_kernels.expert import (CAUSAL_LM, Expert, check_batch_size, label_logits,
                                 real_positions)
 from doe_kernels.mask import ExpertMask
@@ -94,8 +95,8 @@ def mixed(model, masks, backend: str = "auto", attention_mask=None, pack_layers:
     `attention_mask` (optional; (batch, tokens) of 0s and 1s, the mask of the padded batch the
     body runs): a forward pass of the model given that same mask computes the FFNs and the
     attention's projections of the real tokens only, and on the CPU the attention itself too
-    (each sequence over its own real tokens); the padding's positions get zeros (no real token
-    attends to them). Other passes (a generation's decoding steps, another batch) compute every
+    (each sequence over its own real tokens); the padding's positions get zeros from them (from
+    an FFN with a bias delta, the delta alone; no real token attends to them). Other passes (a generation's decoding steps, another batch) compute every
     position, and so does a pass returning a mixture-of-experts model's router logits
     (`output_router_logits`; transformers reads them padded). With `pack_layers` a pass on the
     real tokens also runs the layers' norms and residuals over them only: the first layer's
@@ -115,8 +116,9 @@ def mixed(model, masks, backend: str = "auto", attention_mask=None, pack_layers:
         masks = [whole if m is KEEP_ALL else m for m in masks]
     layers = describe(model)[1] if state is None else [p.layer for p in state.layers]
     device, dtype = _model_device(layers)
-    segments = _layer_segments(masks, spec, device, dtype, dynamic_skip)  # checks every mask
-    real = None if real is None else RealTokens(real.to(device), pack_layers)
+    with lasting():  # (reused by every pass of the body, also one that trains)
+        segments = _layer_segments(masks, spec, device, dtype, dynamic_skip)  # checks each mask
+        real = None if real is None else RealTokens(real.to(device), pack_layers)
     previous = plugged_state(model)
     patch(model, KEEP_ALL if state is None else state.mask, backend)
     state = getattr(model, PATCH_STATE_ATTR)
@@ -149,7 +151,8 @@ def _real_token_hooks(model, real: RealTokens, layers) -> list:
     def before(module, args, kwargs):
         real.active = (not _router_logits_asked(model, kwargs) and not _checkpointing(model)
                        and real.matches(kwargs.get("attention_mask",
-                                                   args[1] if len(args) > 1 else None)))
+                                                   args[1] if len(args) > 1 else None))
+                       and _input_shape(args, kwargs) in (None, real.shape))
 
     def after(module, args, output):
         real.active = False
@@ -160,6 +163,16 @@ def _real_token_hooks(model, real: RealTokens, layers) -> list:
         hooks += [layers[0].layer.register_forward_pre_hook(_packer(real), with_kwargs=True),
                   layers[-1].layer.register_forward_hook(_unpacker(real))]
     return hooks
+
+
+def _input_shape(args, kwargs) -> tuple | None:
+    """(batch, tokens) of a forward pass's input_ids (or inputs_embeds), None where it has
+    neither: a pass given the batch's attention mask but only its tokens past a filled KV cache
+    is not the batch's pass."""
+    for x in (kwargs.get("input_ids", args[0] if args else None), kwargs.get("inputs_embeds")):
+        if isinstance(x, torch.Tensor) and x.dim() >= 2:
+            return tuple(x.shape[:2])
+    return None
 
 
 def _checkpointing(model) -> bool:

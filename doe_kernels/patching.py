@@ -20,6 +20,7 @@ from torch import nn
 
 from doe_kernels import backends
 from doe_kernels.backends import BackendUnavailableError
+from doe_kernels.caller_state import lasting
 from doe_kernels.mask import ExpertMask
 from doe_kernels.models import (PATCH_STATE_ATTR, ModelSpec, UnsupportedModelError,
                                 check_transformers_version, describe)
@@ -96,7 +97,7 @@ def _plans(mask: ExpertMask, spec: ModelSpec, device: torch.device, dynamic_skip
     key = (spec, device, dynamic_skip)
     if key not in prepared:
         # plans outlive the call: no inference tensors, and no autograd graph
-        with torch.inference_mode(False), torch.no_grad():
+        with lasting():
             prepared[key] = _build_plans(mask, spec, device, dynamic_skip)
     return prepared[key]
 
@@ -158,7 +159,7 @@ def patch(model: nn.Module, mask: ExpertMask, backend: str = "auto",
     state = getattr(model, _STATE, None)
     # the relaid-out weights and the index buffers outlive the call: under torch.inference_mode
     # they would be inference tensors, and the model could not be trained afterwards
-    with torch.inference_mode(False), torch.no_grad():
+    with lasting():
         if state is None:
             _patch_layers(model, mask, backend, dynamic_skip)
         else:
@@ -347,7 +348,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     state = getattr(model, _STATE, None)
     if state is None:
         raise ValueError("the model is not patched by doe_kernels")
-    with torch.inference_mode(False), torch.no_grad():  # the weights back in their layout
+    with lasting():  # the weights back in their layout
         for layer_patch in reversed(state.layers):
             layer_patch.restore()
     _unguard_model(unwrap_compiled(model))

@@ -72,7 +72,7 @@ def padded_inputs(name, batch: int, device="cpu"):
     ids, attention = inputs(name, batch=batch, seq=9, seed=3, device=device)
     attention.fill_(1)
     for r in range(1, batch):
-        attention[r, *((slice(None, r),) if name in CAUSAL else (slice(-r, None),))] = 0
+        attention[r, slice(None, r) if name in CAUSAL else slice(-r, None)] = 0
     return ids, attention
 
 
@@ -605,3 +605,48 @@ def test_mixed_logits_keeps_a_heads_own_forward_wrapper(tokenizer):
     del model.classifier.forward
     for (expert, text), row in zip(requests, got):
         torch.testing.assert_close(row, expert.predict_logits(model, tokenizer, [text])[0])
+
+
+def test_a_pass_past_a_filled_cache_is_not_packed():
+    """A pass given the batch's attention mask but only the tokens past a filled KV cache (as
+    generate() continuing from a cache) is not the batch's pass: with pack_layers it computes
+    every position, as without (its layers were packed with the batch's index: IndexError)."""
+    from transformers import DynamicCache
+
+    model = build("llama")
+    ids, attention = inputs("llama", batch=2)
+    masks = [mixed_mask(model), None]
+    outputs = []
+    with torch.no_grad():
+        for pack_layers in (False, True):
+            cache = DynamicCache(config=model.config)
+            with dk.mixed(model, masks, attention_mask=attention, pack_layers=pack_layers):
+                model(input_ids=ids[:, :5], attention_mask=attention[:, :5],
+                      past_key_values=cache)
+                outputs.append(model(input_ids=ids[:, 5:], attention_mask=attention,
+                                     past_key_values=cache).logits)
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("per_sequence", [True, False], ids=["per-sequence", "padded-again"])
+def test_a_packed_pass_into_a_static_cache(monkeypatch, per_sequence):
+    """A packed pass filling a static cache (its 4-D mask spans the cache's length, its keys the
+    pass's tokens): padded again into one attention call (how a GPU runs it) as sequence by
+    sequence (the CPU's), both as the sequences alone."""
+    from transformers import StaticCache
+
+    from doe_kernels.models import segments
+
+    monkeypatch.setattr(segments, "_per_sequence", lambda device: per_sequence)
+    model = build("llama")
+    ids, attention = inputs("llama", batch=2, seq=7)
+    masks = [mixed_mask(model), None]
+    with torch.no_grad():
+        with dk.mixed(model, masks, attention_mask=attention):
+            cache = StaticCache(config=model.config, max_cache_len=16)
+            got = model(input_ids=ids, attention_mask=attention, past_key_values=cache).logits
+        for b, mask in enumerate(masks):
+            real = attention[b].bool()
+            with dk.plugged(model, mask or dk.ExpertMask()):
+                alone = model(input_ids=ids[b:b + 1, real]).logits
+            torch.testing.assert_close(got[b, real], alone[0], rtol=1e-4, atol=1e-5)

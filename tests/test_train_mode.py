@@ -245,6 +245,18 @@ def _weighted_gradients(model, ids, attention, weights):
     return grads[0], dict(zip(params, grads[1:]))
 
 
+def _batch_of(name, model, batch=6, tokens=9):
+    """(ids, attention mask, random weights of the output) of a batch whose second sequence is
+    padded (BERT's on the right: its pooler reads the first position)."""
+    ids, attention = inputs("bert" if name == "bert" else "llama", batch=batch, seed=4)
+    ids, attention = ids[:, :tokens], attention[:, :tokens].clone().fill_(1)
+    if tokens > 1:
+        attention[1, slice(-4, None) if name == "bert" else slice(None, 4)] = 0
+    out = model(input_ids=ids, attention_mask=attention)
+    shape = (out.logits if hasattr(out, "logits") else out.last_hidden_state).shape
+    return ids, attention, torch.randn(shape, generator=torch.Generator().manual_seed(5))
+
+
 @pytest.mark.parametrize("layout", ["segments", "union", "packed"])
 @pytest.mark.parametrize("name", ["bert", "llama", "mixtral"])
 def test_a_mixed_batch_backpropagates_as_each_sequence_alone(name, layout, monkeypatch):
@@ -254,17 +266,11 @@ def test_a_mixed_batch_backpropagates_as_each_sequence_alone(name, layout, monke
     of, what each sequence run alone on its expert gives (zeros too: a layer that keeps no
     head)."""
     model = _model_of(name)
-    ids, attention = inputs("bert" if name == "bert" else "llama", batch=6, seed=4)
     tokens = 1 if layout == "union" else 9
-    ids, attention = ids[:, :tokens], attention[:, :tokens].clone().fill_(1)
-    if tokens > 1:  # padding: BERT's on the right (its pooler reads the first position)
-        attention[1, *((slice(-4, None),) if name == "bert" else (slice(None, 4),))] = 0
+    ids, attention, weights = _batch_of(name, model, tokens=tokens)
     masks = _mixed_masks(model, name, 4)
     rows = [masks[b % len(masks)] for b in (0, 1, 1, 2, 3, 0)]
     names = {p: n for n, p in model.named_parameters()}
-    probe = model(input_ids=ids, attention_mask=attention)
-    shape = (probe.logits if hasattr(probe, "logits") else probe.last_hidden_state).shape
-    weights = torch.randn(shape, generator=torch.Generator().manual_seed(5))
     paths = []  # the segmented FFN ops called: "segmented" or "union"
     for op in ("segmented_gather_ffn", "segmented_gather_swiglu_ffn", "union_gather_ffn",
                "union_gather_swiglu_ffn"):
@@ -322,3 +328,53 @@ def test_fused_optimizer_state_saved_while_patched_resumes_on_the_unpatched_mode
         results.append(fresh.state_dict())
     for key, value in results[1].items():
         torch.testing.assert_close(results[0][key], value, msg=key)
+
+
+@pytest.mark.parametrize("layout", ["segments", "union", "packed"])
+@pytest.mark.parametrize("name", ["bert", "llama"])
+def test_a_mixed_batch_served_under_inference_mode_then_trains(name, layout):
+    """A pass under torch.inference_mode inside `dk.mixed` (which fills the batch's caches:
+    segment offsets, union plans, real-token spans), or entering it there, and then a pass
+    that backpropagates: the same gradients as without the inference pass (the caches were
+    inference tensors, which autograd cannot save)."""
+    model = _model_of(name)
+    ids, attention, weights = _batch_of(name, model, tokens=1 if layout == "union" else 9)
+    masks = _mixed_masks(model, name, 4)
+    rows = [masks[b % len(masks)] for b in (0, 1, 1, 2, 3, 0)]
+    options = {"attention_mask": attention} if layout == "packed" else {}
+    with dk.mixed(model, rows, **options):
+        want_embeds, want = _weighted_gradients(model, ids, attention, weights)
+    for entered_inside in (False, True):
+        with contextlib.ExitStack() as stack:
+            if entered_inside:
+                with torch.inference_mode():
+                    stack.enter_context(dk.mixed(model, rows, **options))
+            else:
+                stack.enter_context(dk.mixed(model, rows, **options))
+            with torch.inference_mode():
+                model(input_ids=ids, attention_mask=attention)
+            got_embeds, got = _weighted_gradients(model, ids, attention, weights)
+        torch.testing.assert_close(got_embeds, want_embeds, rtol=0, atol=0)
+        assert all(torch.equal(got[p], want[p]) for p in want if want[p] is not None)
+
+
+@pytest.mark.parametrize("name", ["bert", "llama"])
+def test_a_sequence_of_padding_alone_in_a_packed_mixed_batch_backpropagates(name):
+    """A sequence whose attention mask is all zeros, in a mixed batch given that mask: the
+    backward pass runs (the empty span's attention was given the kept heads' width) and every
+    Parameter gets what the batch without that sequence gives it."""
+    model = _model_of(name)
+    ids, attention, weights = _batch_of(name, model, batch=3)
+    attention[1], weights[1] = 0, 0  # (a classifier's logits read even that sequence)
+    masks = _mixed_masks(model, name, 3)
+    rows = [masks[0], masks[1], masks[0]]
+    with dk.mixed(model, rows, attention_mask=attention):
+        got_embeds, got = _weighted_gradients(model, ids, attention, weights)
+    keep = [0, 2]
+    with dk.mixed(model, [rows[b] for b in keep], attention_mask=attention[keep]):
+        want_embeds, want = _weighted_gradients(model, ids[keep], attention[keep], weights[keep])
+    torch.testing.assert_close(got_embeds[keep], want_embeds, rtol=1e-4, atol=1e-5)
+    assert torch.equal(got_embeds[1], torch.zeros_like(got_embeds[1]))
+    for param, grad in want.items():
+        if grad is not None:
+            torch.testing.assert_close(got[param], grad, rtol=1e-4, atol=1e-5)

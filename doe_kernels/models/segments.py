@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from doe_kernels.caller_state import lasting
 from doe_kernels.ops import HeadSelection, attend, library, project_out, project_qkv
 from doe_kernels.ops.attention import keys_of_pass, no_heads_output
 
@@ -97,8 +98,9 @@ class LayerSegments:
         hidden)."""
         self.check_batch(batch)
         if tokens not in self._row_segments:
-            self._row_segments[tokens] = torch.tensor(self.row_bounds(tokens),
-                                                      device=self.kept.device)
+            with lasting():  # (caches outlive the pass: see caller_state.lasting)
+                self._row_segments[tokens] = torch.tensor(self.row_bounds(tokens),
+                                                          device=self.kept.device)
         return self._row_segments[tokens]
 
     def row_bounds(self, key) -> list[int]:
@@ -130,8 +132,9 @@ class LayerSegments:
     def packed_offsets(self) -> torch.Tensor:
         """The FFN's segment offsets over the batch's real tokens packed."""
         if self._packed_offsets is None:
-            self._packed_offsets = torch.tensor(self.row_bounds("packed"),
-                                                device=self.real.index.device)
+            with lasting():
+                self._packed_offsets = torch.tensor(self.row_bounds("packed"),
+                                                    device=self.real.index.device)
         return self._packed_offsets
 
     def holds_packed(self, x: torch.Tensor) -> bool:
@@ -145,9 +148,10 @@ class LayerSegments:
             return None
         if self._packed_delta is None:
             offsets = self.real.offsets
-            counts = torch.tensor([b - a for a, b in zip(offsets, offsets[1:])],
-                                  device=self.ffn_delta.device)
-            self._packed_delta = self.ffn_delta[:, 0].repeat_interleave(counts, dim=0)[None]
+            with lasting():
+                counts = torch.tensor([b - a for a, b in zip(offsets, offsets[1:])],
+                                      device=self.ffn_delta.device)
+                self._packed_delta = self.ffn_delta[:, 0].repeat_interleave(counts, dim=0)[None]
         return self._packed_delta
 
     def union(self, x2d: torch.Tensor, row_segments: torch.Tensor, key, up_matrices: int):
@@ -157,9 +161,10 @@ class LayerSegments:
         2 (SwiGLU's)."""
         key = (key, x2d.shape[0], x2d.dtype)
         if key not in self._unions:
-            self._unions[key] = library.union_plan(
-                x2d, row_segments, self.kept, self.kept_offsets, self.ffn_scales,
-                neurons=self.intermediate_size, up_matrices=up_matrices)
+            with lasting():
+                self._unions[key] = library.union_plan(
+                    x2d, row_segments, self.kept, self.kept_offsets, self.ffn_scales,
+                    neurons=self.intermediate_size, up_matrices=up_matrices)
         return self._unions[key]
 
     def _per_sequence(self, deltas):
@@ -183,7 +188,7 @@ class RealTokens:
     pack_layers)."""
 
     def __init__(self, attention_mask: torch.Tensor, pack_layers: bool = False):
-        self.mask = attention_mask.to(torch.bool)
+        self.mask = attention_mask.to(torch.bool, copy=True)  # (not the caller's tensor)
         self.shape = tuple(self.mask.shape)
         self.index = self.mask.reshape(-1).nonzero().squeeze(1)
         self.offsets = [0] + self.mask.sum(1).cumsum(0).tolist()
@@ -214,7 +219,8 @@ class RealTokens:
         (cached: every layer asks for the same spans)."""
         if (start, stop) not in self._spans:
             index = self.index[self.offsets[start]:self.offsets[stop]]
-            self._spans[start, stop] = index - start * self.shape[1]
+            with lasting():
+                self._spans[start, stop] = index - start * self.shape[1]
         return self._spans[start, stop]
 
     def matches(self, attention_mask) -> bool:
@@ -417,7 +423,9 @@ def _packed_attention(spans, real: "RealTokens", hidden, packed_input: bool, wei
         cache_update(*_full_kv(spans, padded, hidden, batch, tokens))
     out = []
     for (b0, b1, plan), qkv in zip(spans, projected):
-        if qkv is None:
+        if qkv is None and real.span_index(b0, b1).numel() == 0:  # sequences of padding alone
+            part = flat.new_zeros(0, o_weight_t.shape[1])
+        elif qkv is None:
             part = no_heads_output(_span_rows(flat, real, b0, b1, tokens, packed_input), weights,
                                    o_weight_t, o_bias, plan.selection, backend)[0]
         else:
@@ -455,6 +463,8 @@ def _attend_span(qkv, real: "RealTokens", b0: int, b1: int, tokens: int, selecti
         return _attend_each(qkv, real.offsets[b0:b1 + 1], selection, is_causal, scale, dropout)
     index = real.span_index(b0, b1)
     q, k, v = (_padded_layout(part, index, b1 - b0, tokens) for part in qkv)
+    if mask is not None and mask.shape[-1] > tokens:  # a static cache's: the pass's keys first
+        mask = mask[..., :tokens]
     out = attend(q, k, v, selection, mask, is_causal=is_causal and mask is None and tokens > 1,
                  scale=scale, dropout=dropout)
     return out.reshape(-1, out.shape[-1]).index_select(0, index)
