@@ -92,17 +92,17 @@ def mixed(model, masks, backend: str = "auto", attention_mask=None, pack_layers:
     unpatched, or patched with its expert, backend and skipping. One thread at a time per model
     (the router serialises its forward passes).
 
-    `attention_mask` (optional; (batch, tokens) of 0s and 1s, the mask of the padded batch the
-    body runs): a forward pass of the model given that same mask computes the FFNs and the
-    attention's projections of the real tokens only, and on the CPU the attention itself too
-    (each sequence over its own real tokens); the padding's positions get zeros from them (from
-    an FFN with a bias delta, the delta alone; no real token attends to them). Other passes (a generation's decoding steps, another batch) compute every
-    position, and so does a pass returning a mixture-of-experts model's router logits
-    (`output_router_logits`; transformers reads them padded). With `pack_layers` a pass on the
-    real tokens also runs the layers' norms and residuals over them only: the first layer's
-    input is packed to (1, real tokens, hidden) and the last layer's output unpacked, so the
-    model's outputs keep their shapes, but hooks on the layers and the intermediate hidden
-    states (output_hidden_states) see the packed layout."""
+    `attention_mask` (optional; (batch, tokens) of 0s and 1s, the mask of the padded batch the body
+    runs): a forward pass of the model given that same mask computes the FFNs and the attention's
+    projections of the real tokens only, and on the CPU the attention itself too (each sequence over
+    its own real tokens); the padding's positions get zeros from them (from an FFN with a bias
+    delta, the delta alone; no real token attends to them). Other passes (a generation's decoding
+    steps, another batch) compute every position, and so does a pass returning a mixture-of-experts
+    model's router logits (`output_router_logits`; transformers reads them padded). With
+    `pack_layers` a pass on the real tokens also runs the layers' norms and residuals over them
+    only: the first layer's input is packed to (1, real tokens, hidden) and the last layer's output
+    unpacked, so the model's outputs keep their shapes, but hooks on the layers and the intermediate
+    hidden states (output_hidden_states) see the packed layout."""
     masks = _as_masks(masks)
     real = _real_tokens(attention_mask, len(masks))
     given, model = model, unwrap_compiled(model)

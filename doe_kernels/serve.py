@@ -1,10 +1,11 @@
 """ExpertRouter: serve requests for several tasks from one model.
 
 `run(task, texts)` runs the DoE steps: plug the task's expert (mask, soft prompt, head), run
-inference, unplug it (back to the router's keep-everything patch, see below). `run_mixed([(task, text), ...])` serves requests of several tasks in one
-forward pass per batch, each row on its own expert (doe_kernels.mixed). `submit(task, text)`
-queues one request for a worker thread that gathers the requests arriving within `batch_window`
-seconds (up to `batch_size`) into one mixed batch: dynamic batching for many clients.
+inference, unplug it (back to the router's keep-everything patch, see below).
+`run_mixed([(task, text), ...])` serves requests of several tasks in one forward pass per batch,
+each row on its own expert (doe_kernels.mixed). `submit(task, text)` queues one request for a
+worker thread that gathers the requests arriving within `batch_window` seconds (up to
+`batch_size`) into one mixed batch: dynamic batching for many clients.
 
 The router keeps the model patched with a keep-everything mask between requests, so plugging and
 unplugging an expert only swaps index tensors and head Parameters' storage; `close()` (or leaving

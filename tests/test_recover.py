@@ -60,9 +60,9 @@ def test_masked_network_equals_the_patched_one(tokenizer, family, reconstructed,
 
 @pytest.mark.parametrize("family", [0, 1], ids=["bert", "llama"])
 def test_sliced_keeps_empty_full_and_scaled_layers_apart(tokenizer, family, one_thread):
-    """A layer keeping no neuron (shifted by its bias delta alone) and one keeping every neuron
-    with scales and a bias delta: the sliced network equals the masked one, the sliced copies hold only the kept
-    neurons, and nothing in the model moves."""
+    """A layer keeping no neuron (shifted by its bias delta alone) and one keeping every neuron with
+    scales and a bias delta: the sliced network equals the masked one, the sliced copies hold only
+    the kept neurons, and nothing in the model moves."""
     model, expert = _experts(tokenizer)[family]
     spec = dk.models.spec_of(model)
     gen = torch.Generator().manual_seed(1)

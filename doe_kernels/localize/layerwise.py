@@ -15,10 +15,11 @@ so that the kept units' scales s and the bias delta b minimise E || sum_{kept i}
 - y ||^2 over the real tokens (c_i: unit i's contribution, as in `compensate`; with x' = x this is
 `Calibration.fit`'s problem). The targets do not depend on the mask: `UnprunedTargets` computes
 them in one pass of the unpruned model, once for all the masks fitted on the same batches. Cost
-per mask: two to three passes of the pruned model over the calibration batches (each layer up
-to each projection fitted, then the fitted layer: about two where only neurons are pruned), its FFN run on sliced copies of the kept neurons'
-weights (`recover.sliced`), against none for `Calibration.fit`; memory: the targets, and the
-pruned model's hidden states of the calibration batches.
+per mask: two to three passes of the pruned model over the calibration batches (each layer up to
+each projection fitted, then the fitted layer: about two where only neurons are pruned), its FFN run
+on sliced copies of the kept neurons' weights (`recover.sliced`), against none for
+`Calibration.fit`; memory: the targets, and the pruned model's hidden states of the calibration
+batches.
 """
 
 import torch
