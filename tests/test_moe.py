@@ -482,3 +482,54 @@ def test_calibration_passes_run_the_model_in_eval_mode():
     assert dk.moe.select_experts(model, ids, keep=5, progress=False) == expected
     assert dk.moe.skip_thresholds(model, ids, expected) == thresholds
     assert [m.training for m in model.modules()] == modes
+
+
+def test_select_experts_drops_the_skip_thresholds_of_the_layers_it_selects():
+    """A mask's skipping threshold was measured among that layer's old experts: where the
+    selection replaces them it is dropped (dynamic skipping then asks for it again), elsewhere
+    kept."""
+    model = mixtral(layers=2)
+    ids = _inputs()[0]
+    base = dk.ExpertMask(spec=dk.models.spec_of(model).as_dict()).with_skip(
+        dk.moe.skip_thresholds(model, ids))
+    mask = dk.moe.select_experts(model, ids, keep={1: 4}, mask=base, progress=False)
+    assert mask.skip == {0: base.skip[0]}
+
+
+def test_moe_calibration_takes_a_tokenizers_batch_encoding_and_refuses_padding_alone():
+    """A tokenizer's BatchEncoding (a Mapping, not a dict) is calibration data, alone or in a
+    list; calibration that is all padding is refused naming the layers (the median of nothing
+    was NaN, and every subset scored the same)."""
+    from transformers import BatchEncoding
+
+    model = mixtral(layers=2)
+    ids, attention = _inputs()
+    plain = dk.moe.skip_thresholds(model, {"input_ids": ids, "attention_mask": attention})
+    encoding = BatchEncoding({"input_ids": ids, "attention_mask": attention})
+    assert dk.moe.skip_thresholds(model, encoding) == plain
+    assert dk.moe.skip_thresholds(model, [encoding]) == plain
+    padding = {"input_ids": ids, "attention_mask": torch.zeros_like(attention)}
+    with pytest.raises(ValueError, match=r"MoE layers \[0, 1\] received no calibration token"):
+        dk.moe.skip_thresholds(model, padding)
+    with pytest.raises(ValueError, match="MoE layer 0 received no calibration token"):
+        dk.moe.select_experts(model, padding, keep=4, progress=False)
+    assert not dk.is_patched(model)
+
+
+def test_upcycle_leaves_the_callers_random_state_and_select_runs_in_float64_default():
+    """upcycle draws from its own seed only (the Mixtral it builds initialised its weights from
+    the caller's generator); select_experts runs with float64 as torch's default dtype."""
+    dense = small_llama()
+    ids = _inputs()[0]
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    moe = dk.moe.upcycle(dense, num_experts=4, top_k=2, calibration=ids)
+    assert torch.equal(torch.rand(3), expected)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        mask = dk.moe.select_experts(moe, ids, keep=3, progress=False)
+    finally:
+        torch.set_default_dtype(previous)
+    assert all(mask.moe[l].numel() == 3 for l in range(2))

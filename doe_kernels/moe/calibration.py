@@ -1,5 +1,7 @@
 """Calibration batches, and running a model over them while recording what given modules receive
 (optionally stopping after the last of them, so later layers are not run)."""
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 
@@ -9,13 +11,13 @@ from doe_kernels.caller_state import evaluating
 def batches(calibration):
     """Model keyword batches from a (batch, seq) tensor of token ids, a dict (`input_ids`,
     optional `attention_mask`), or a list of either."""
-    if isinstance(calibration, (torch.Tensor, dict)):
+    if isinstance(calibration, (torch.Tensor, Mapping)):  # (a tokenizer's BatchEncoding too)
         calibration = [calibration]
     out = []
     for batch in calibration:
         if isinstance(batch, torch.Tensor):
             batch = {"input_ids": batch}
-        if not isinstance(batch, dict) or "input_ids" not in batch:
+        if not isinstance(batch, Mapping) or "input_ids" not in batch:
             raise TypeError("calibration batches must be token-id tensors or dicts with input_ids")
         ids = batch["input_ids"]
         if ids.dim() == 1:

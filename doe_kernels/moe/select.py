@@ -45,24 +45,30 @@ def select_experts(model, calibration, keep, inputs: str = "original", mask: Exp
     base.check_spec(spec)
     chosen = dict(base.moe)
     layers = [l for l in range(spec.num_layers) if counts[l] < spec.num_experts]
-    bar = tqdm(total=len(layers), desc="selecting experts", disable=not progress)
+    selected = list(layers)
     group = 1
-    while layers:
-        current = base.replace(moe=chosen if inputs == "pruned" else base.moe)
-        todo, layers = layers[:group], layers[group:]
-        with plugged(model, current):
-            patched = moe_blocks(model)
-            blocks = [patched[l] for l in todo]
-            captured = capture_inputs(model, blocks, calibration)
-            for layer, block, x in zip(todo, blocks, captured):
-                errors = _subset_errors(block, x, counts[layer], chunk_tokens)
-                chosen[layer] = torch.tensor(min(errors, key=errors.get))
-                bar.update(1)
-        if inputs == "original":  # as many layers per pass as the budget holds
-            group = max(1, memory_budget // max(1, captured[0].numel() * captured[0].element_size()))
-        del captured
-    bar.close()
-    return base.replace(spec.as_dict(), moe=chosen)
+    with tqdm(total=len(layers), desc="selecting experts", disable=not progress) as bar:
+        while layers:
+            current = base.replace(moe=chosen if inputs == "pruned" else base.moe)
+            todo, layers = layers[:group], layers[group:]
+            with plugged(model, current):
+                patched = moe_blocks(model)
+                blocks = [patched[l] for l in todo]
+                captured = capture_inputs(model, blocks, calibration)
+                for layer, block, x in zip(todo, blocks, captured):
+                    if not x.shape[0]:
+                        raise ValueError(f"MoE layer {layer} received no calibration token (all "
+                                         "padding?)")
+                    errors = _subset_errors(block, x, counts[layer], chunk_tokens)
+                    chosen[layer] = torch.tensor(min(errors, key=errors.get))
+                    bar.update(1)
+            if inputs == "original":  # as many layers per pass as the budget holds
+                group = max(1, memory_budget // max(1, captured[0].numel()
+                                                    * captured[0].element_size()))
+            del captured
+    # skipping thresholds were measured among the layer's old experts: dropped where they change
+    skip = {l: beta for l, beta in base.skip.items() if l not in selected}
+    return base.replace(spec.as_dict(), moe=chosen, skip=skip)
 
 
 def _counts(keep, spec) -> dict:
@@ -106,5 +112,5 @@ def _subset_errors(block, x: torch.Tensor, count: int, chunk_tokens: int) -> dic
 
 
 def _combine(outputs, weights, experts):
-    dense = torch.zeros(outputs.shape[:2], device=outputs.device).scatter_(1, experts, weights)
+    dense = weights.new_zeros(outputs.shape[:2]).scatter_(1, experts, weights)
     return torch.einsum("te,teh->th", dense, outputs)

@@ -30,4 +30,7 @@ def skip_thresholds(model, calibration, mask: ExpertMask | None = None) -> dict:
 
     with plugged(model, mask if mask is not None else ExpertMask()):
         feed(model, moe_blocks(model), calibration, record)
+    empty = [l for l, r in ratios.items() if not sum(len(part) for part in r)]
+    if empty:
+        raise ValueError(f"MoE layers {empty} received no calibration token (all padding?)")
     return {l: float(torch.cat(r).median()) for l, r in ratios.items()}

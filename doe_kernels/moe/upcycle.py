@@ -24,6 +24,8 @@ def upcycle(model: nn.Module, num_experts: int = 8, top_k: int = 2, noise: float
     config = model.config
     if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
         raise ValueError("upcycling needs a model without attention or MLP biases")
+    if not isinstance(num_experts, int) or num_experts < 1:
+        raise ValueError(f"num_experts must be an int >= 1, got {num_experts!r}")
     if not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k must be between 1 and num_experts, got {top_k}")
     keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -34,7 +36,9 @@ def upcycle(model: nn.Module, num_experts: int = 8, top_k: int = 2, noise: float
     moe_config = MixtralConfig(**{k: getattr(config, k) for k in keys if hasattr(config, k)},
                                num_local_experts=num_experts, num_experts_per_tok=top_k)
     param = next(model.parameters())
-    moe = MixtralForCausalLM(moe_config).to(param.device, param.dtype).eval()
+    with torch.random.fork_rng(devices=[]):  # (its random initialisation, all overwritten,
+        # leaves the caller's random state as it was)
+        moe = MixtralForCausalLM(moe_config).to(param.device, param.dtype).eval()
     dense_state = model.state_dict()
     result = moe.load_state_dict({k: v for k, v in dense_state.items() if ".mlp." not in k},
                                  strict=False)
