@@ -68,6 +68,8 @@ class TaskData:
 
     def sample_indices(self, count: int, seed: int = 0) -> list[int]:
         """The indices `sample(count, seed)` draws, in the order drawn."""
+        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            raise ValueError(f"count must be an int >= 0, got {count!r}")
         order = list(range(len(self)))
         random.Random(seed).shuffle(order)
         return order[:count]
@@ -115,6 +117,8 @@ def read_csv(path, text_column="text", label_column="label", split_column="split
     that cannot be read, is not `encoding` text (UTF-8, with or without a byte-order mark) or not
     CSV, has a column twice, a row short of a column or with more fields than the header, or an
     empty label, raises TaskDataError."""
+    if os.path.isdir(path):
+        raise TaskDataError(f"{path} is a directory, not a task file")
     if not os.path.isfile(path):
         raise TaskDataError(f"task file not found: {path}")
     try:
@@ -151,6 +155,8 @@ def read_csv(path, text_column="text", label_column="label", split_column="split
         if not row[label_column].strip():
             raise TaskDataError(f"{path}: data row {number} has an empty label")
         row[label_column] = row[label_column].strip()  # "pos " and " pos" are "pos"
+        if split_column in row:
+            row[split_column] = row[split_column].strip()  # and "train " is "train"
     name = os.path.splitext(os.path.basename(path))[0]
     names = label_order(row[label_column] for row in rows)
     if split_column not in columns:
@@ -168,7 +174,9 @@ def read_csv(path, text_column="text", label_column="label", split_column="split
 
 def write_csv(path, splits: dict[str, TaskData]) -> None:
     """`splits` ({split: TaskData}) as a task file `read_csv` reads back: a split column, left
-    out when the only split is "all" (what read_csv gives for a file without one)."""
+    out when the only split is "all" (what read_csv gives for a file without one). What a CSV
+    does not hold comes back as read_csv makes it: the label names in its order (sorted; numeric
+    for integer labels), only those with examples, stripped."""
     with_split = set(splits) != {"all"}
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)

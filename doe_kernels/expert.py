@@ -29,10 +29,10 @@ import torch
 
 from doe_kernels.files import (FLOAT_DTYPES, FileFormatError, parse_json, read_safetensors,
                                 write_safetensors)
-from doe_kernels.mask import ExpertMask
+from doe_kernels.mask import KEEP_ALL, ExpertMask
 from doe_kernels.models import spec_of
 from doe_kernels.patching import plugged as plug_mask
-from doe_kernels.patching import unwrap_compiled
+from doe_kernels.patching import current_mask, is_patched, unwrap_compiled
 
 SEQ_CLS, CAUSAL_LM = "seq_cls", "causal_lm"
 TASK_TYPES = (SEQ_CLS, CAUSAL_LM)
@@ -135,6 +135,15 @@ def chat_template(tokenizer, instruction: str) -> str:
     return escaped.replace(marker, "{text}")
 
 
+def check_texts(texts: list) -> None:
+    """ValueError naming the first of `texts` that is not a str (a template would format None or
+    42 into text)."""
+    odd = [t for t in texts if not isinstance(t, str)]
+    if odd:
+        raise ValueError(f"texts must be strings, got a {type(odd[0]).__name__}: "
+                         f"{odd[0]!r:.80}")
+
+
 def encode(tokenizer, texts, task_type: str, template: str | None, max_length: int = 128):
     """Token ids and attention mask: right-padded for classifiers, left-padded for causal LMs
     (their text ends at the last position, where the label word is scored; a text too long for
@@ -142,10 +151,7 @@ def encode(tokenizer, texts, task_type: str, template: str | None, max_length: i
     texts = list(texts)
     if not texts:  # (0, 0): tokenizers fail on an empty batch
         return torch.zeros((0, 0), dtype=torch.long), torch.zeros((0, 0), dtype=torch.long)
-    odd = [t for t in texts if not isinstance(t, str)]
-    if odd:  # (a template would format None or 42 into text)
-        raise ValueError(f"texts must be strings, got a {type(odd[0]).__name__}: "
-                         f"{odd[0]!r:.80}")
+    check_texts(texts)
     if task_type == CAUSAL_LM:
         texts = fit_template(tokenizer, template or DEFAULT_TEMPLATE, texts, max_length)
         rows = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
@@ -274,6 +280,8 @@ def _as_head(what: str, head) -> dict:
     if not isinstance(head, Mapping):
         raise TypeError(f"{what} must be a dict {{parameter name: tensor}}, got "
                         f"{type(head).__name__}")
+    if not head:  # (saved, it would read back as None)
+        raise ValueError(f"{what} holds no parameter; give None for no head")
     out = {}
     for key, value in head.items():
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
@@ -500,8 +508,10 @@ class Expert:
 
     @contextlib.contextmanager
     def plugged(self, model, backend: str = "auto", prune: bool = True):
-        """Plug the expert's mask (unless `prune=False` or it has none) and head into `model`;
-        both are restored on exit, also when the body raises."""
+        """Plug the expert's mask (unless `prune=False`) and head into `model`; both are
+        restored on exit, also when the body raises. An expert without a mask (`dense()`) runs
+        the whole model: on a model patched with another expert, a keep-everything mask is
+        plugged for the body."""
         self.check_fits(model)
         params = dict(unwrap_compiled(model).named_parameters())  # (a torch.compile wrapper's
         # names start with "_orig_mod.")
@@ -510,6 +520,8 @@ class Expert:
         with contextlib.ExitStack() as stack:
             if prune and self.mask is not None:
                 stack.enter_context(plug_mask(model, self.mask, backend))
+            elif prune and is_patched(model) and not current_mask(model).keeps_everything:
+                stack.enter_context(plug_mask(model, KEEP_ALL, backend))
             try:
                 with torch.no_grad():
                     for key, value in (self.head or {}).items():
@@ -590,6 +602,7 @@ class Expert:
                 return self.predict_logits(model, tokenizer, texts, batch_size, backend)
         if not texts:
             return torch.empty(0, len(self.label_names))
+        check_texts(texts)  # (before they are sorted by their tokenized lengths)
         # batches of like lengths, little padding to run (one batch: as given, nothing to sort)
         order = by_length(tokenizer, texts) if len(texts) > batch_size else range(len(texts))
         out = []

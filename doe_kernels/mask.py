@@ -256,6 +256,11 @@ class ExpertMask:
         return self.replace(ffn_scales=ffn_scales, head_scales=head_scales)
 
     @property
+    def keeps_everything(self) -> bool:
+        """Whether every table is empty: the mask runs the whole model, as it is."""
+        return not any(getattr(self, kind) for kind in _KINDS)
+
+    @property
     def bias_compensated(self) -> bool:
         """Whether the mask holds bias deltas."""
         return bool(self.ffn_bias or self.attn_bias)
@@ -569,3 +574,6 @@ def _balanced_top(row: torch.Tensor, count: int, shards: int) -> torch.Tensor:
         quota[torch.topk(values[:, base], extra).indices] += 1
     kept = [order[s, :quota[s]] + s * size for s in range(shards)]
     return torch.cat(kept).sort().values
+
+
+KEEP_ALL = ExpertMask()  # the whole model: one mask object, so that its prepared plans are reused

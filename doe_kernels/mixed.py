@@ -22,7 +22,7 @@ from torch.nn.utils.rnn import pad_sequence
 from doe_kernels.caller_state import lasting
 from doe_kernels.expert import (CAUSAL_LM, Expert, check_batch_size, label_logits,
                                 real_positions)
-from doe_kernels.mask import ExpertMask
+from doe_kernels.mask import KEEP_ALL, ExpertMask
 from doe_kernels.models import PATCH_STATE_ATTR, UnsupportedModelError, describe, spec_of
 from doe_kernels.models.segments import LayerSegments, RealTokens, SegmentPlan, merge_runs
 from doe_kernels.patching import (
@@ -35,7 +35,6 @@ from doe_kernels.patching import (
     unwrap_compiled,
 )
 
-KEEP_ALL = ExpertMask()  # the whole model: one mask object, so that its prepared plans are reused
 
 
 def _as_masks(masks) -> list[ExpertMask]:

@@ -42,8 +42,8 @@ import torch
 
 from doe_kernels.expert import Expert, check_batch_size
 from doe_kernels.mask import ExpertMask
-from doe_kernels.mixed import KEEP_ALL, mixed_logits
-from doe_kernels.patching import (current_mask, is_patched, patch, plugged, unpatch,
+from doe_kernels.mixed import mixed_logits
+from doe_kernels.patching import (current_mask, is_patched, patch, unpatch,
                                   unwrap_compiled)
 
 
@@ -142,12 +142,9 @@ class ExpertRouter:
         with self._locked():
             expert = self._experts[self._known(name)]
             self._keep_patched()
-            # an expert without a mask runs the whole model, as in a mixed batch, whatever mask
-            # the model was patched with before the router
-            plug_whole = expert.mask is None and current_mask(self.model) is not self._own_mask
-            whole = plugged(self.model, KEEP_ALL, self.backend) if plug_whole \
-                else contextlib.nullcontext()
-            with whole, expert.plugged(self.model, backend=self.backend):
+            # (an expert without a mask runs the whole model, whatever mask the model was
+            # patched with before the router: Expert.plugged)
+            with expert.plugged(self.model, backend=self.backend):
                 return expert, expert.predict_logits(self.model, self.tokenizer, texts,
                                                      self.batch_size, backend=self.backend)
 

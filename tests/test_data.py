@@ -67,3 +67,19 @@ def test_labels_read_as_a_user_means_them(tmp_path):
     back = read_csv(tmp_path / "t2.csv")["all"]
     assert (back.texts, back.labels, back.label_names) == (task.texts, task.labels,
                                                            task.label_names)
+
+
+def test_split_values_are_stripped_and_bad_counts_and_directories_named(tmp_path):
+    """A split value with spaces reads as the split (labels already did); a directory is named
+    as one; sample refuses a negative count (it silently dropped an example)."""
+    path = tmp_path / "task.csv"
+    path.write_text("text,label,split\na,pos,train \nb,neg, validation\n")
+    splits = read_csv(path)
+    assert sorted(splits) == ["train", "validation"] and splits["train"].texts == ["a"]
+    with pytest.raises(TaskDataError, match="is a directory, not a task file"):
+        read_csv(tmp_path)
+    data = TaskData(["a", "b"], ["x", "y"], ["x", "y"])
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="count must be an int >= 0"):
+            data.sample(bad)
+    assert data.sample(0).texts == [] and len(data.sample(5)) == 2

@@ -605,3 +605,33 @@ def test_causal_encoding_pads_left_without_giving_the_tokenizer_a_pad_token():
         assert (ids[row, ~real] == tokenizer.eos_token_id).all()
     empty = encode(tokenizer, [], "causal_lm", None, 12)
     assert [tuple(t.shape) for t in empty] == [(0, 0), (0, 0)]
+
+
+def test_a_dense_expert_runs_the_whole_model_on_a_model_patched_with_another(tokenizer):
+    """An expert without a mask (`dense()`, the unpruned baseline) answers as on the unpatched
+    model also while another expert is plugged (it ran under that expert's mask), which is
+    back after the call."""
+    model = tiny_bert()
+    expert = seq_cls_expert(model, rate=0.6)
+    dense = expert.dense()
+    want = dense.predict_logits(model, tokenizer, TEXTS)
+    with expert.plugged(model):
+        pruned = expert.predict_logits(model, tokenizer, TEXTS)
+        got = dense.predict_logits(model, tokenizer, TEXTS)
+        assert dk.current_mask(model) is expert.mask
+    assert (pruned - want).abs().max() > 1e-3  # (the two answer apart)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert not dk.is_patched(model)
+
+
+def test_texts_that_are_not_strings_are_refused_in_a_batch_of_any_size(tokenizer):
+    """predict checks the texts before sorting them by tokenized length (with more texts than
+    batch_size the tokenizer's own TypeError came first); an empty head is refused when made
+    (saved, it would not load)."""
+    model = tiny_bert()
+    expert = seq_cls_expert(model, rate=0.5)
+    for batch_size in (2, 32):
+        with pytest.raises(ValueError, match="texts must be strings, got a NoneType"):
+            expert.predict(model, tokenizer, ["a", None, "b"], batch_size=batch_size)
+    with pytest.raises(ValueError, match="head holds no parameter"):
+        Expert(None, torch.zeros(2, 32), "seq_cls", ["a", "b"], head={})
