@@ -386,7 +386,11 @@ def restoring(model: nn.Module, previous, cleanup=None):
                 cleanup()
             _restore(model, previous)
         except Exception as restore_error:
-            error.add_note(f"doe_kernels could not restore the model: {restore_error!r}")
+            note = f"doe_kernels could not restore the model: {restore_error!r}"
+            if hasattr(error, "add_note"):
+                error.add_note(note)
+            else:  # Python 3.10: the notes of 3.11, kept (tracebacks do not print them)
+                error.__notes__ = [*getattr(error, "__notes__", []), note]
         raise
     if cleanup is not None:
         cleanup()
