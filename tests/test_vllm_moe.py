@@ -10,6 +10,8 @@ both kinds. Without an engine: MoE blocks recognised or refused, expert weights 
 leaves them in place, and a mixed step's rows reassembled in order. Skipped without vLLM; marked
 `vllm`.
 """
+import itertools
+
 import pytest
 import torch
 
@@ -281,3 +283,22 @@ def test_mixed_moe_steps_give_each_row_its_own_experts_plan():
         _STEP[0] = None
     torch.testing.assert_close(got, moe_forward(block, x[:3], torch.zeros(4, dtype=torch.bool)),
                                rtol=1e-12, atol=1e-12)
+
+
+def test_the_mixed_ffns_packed_lists_stay_bounded():
+    """MixedFfn keeps its packed kept lists per order of a step's experts, which varies with
+    vLLM's batch order: bounded as its union plans are (it grew with every order seen)."""
+    from types import SimpleNamespace
+
+    from doe_kernels.vllm.mixed import UNION_PLANS, MixedFfn
+
+    ffn = object.__new__(MixedFfn)
+    ffn.weights = SimpleNamespace(w_gate=torch.zeros(6, 4), w_down_t=torch.zeros(6, 4))
+    ffn.plans = {name: None for name in (None, "a", "b", "c", "d", "e")}
+    ffn._packed = {}
+    orders = list(itertools.permutations(ffn.plans, 4))
+    assert len(orders) > UNION_PLANS
+    for names in orders:
+        kept, offsets, scales = ffn._pack(names)
+        assert kept.numel() == 24 and offsets.tolist() == [0, 6, 12, 18, 24] and scales is None
+    assert 0 < len(ffn._packed) <= UNION_PLANS

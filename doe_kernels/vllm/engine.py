@@ -5,8 +5,8 @@
 to check the mask and stage its plan; only if every rank accepts does it ask them to apply it. A
 refused mask raises ValueError here and the engine keeps serving the previous expert (or the dense
 model).
-After every plug, unplug, add and remove the prefix cache is reset: cached KV blocks were computed
-by the previous expert. The first of these calls on an engine makes it check and salt every request
+After every plug, add and remove, and an unplug that restored layers, the prefix cache is reset:
+cached KV blocks were computed by the previous expert. The first of these calls on an engine makes it check and salt every request
 that names an expert (doe_kernels.vllm.admission).
 """
 import importlib

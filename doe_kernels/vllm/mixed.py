@@ -30,7 +30,8 @@ from doe_kernels.ops import library
 from doe_kernels.vllm.protocol import EXTRA_ARG
 from doe_kernels.vllm.weights import attention_weights, ffn_weights
 
-UNION_PLANS = 64  # union plans kept per MLP (one per composition of a step's rows)
+UNION_PLANS = 64  # union plans (and packed kept lists) kept per MLP (one per composition of a
+# step's rows)
 
 
 @dataclass
@@ -216,6 +217,8 @@ class MixedFfn:
     def _pack(self, names: tuple):
         """(kept, kept_offsets, scales) of the experts `names`, in that order (cached)."""
         if names not in self._packed:
+            if len(self._packed) >= UNION_PLANS:  # (batch orders vary: bounded, as _unions)
+                self._packed.clear()
             device = self.weights.w_gate.device
             every = torch.arange(self.weights.w_down_t.shape[0], device=device)
             plans = [self.plans[n] for n in names]

@@ -160,9 +160,9 @@ class WorkerExtension:
         staged = self._doe_staged().pop(token, None)
         if staged is None:
             raise RuntimeError(
-                "no mask is staged under this token on this rank (it was discarded, or more "
-                f"than {STAGED} other swaps were checked since; call doe_kernels.vllm.plug or "
-                "add, not the worker methods)")
+                "no mask is staged under this token on this rank (it was discarded, "
+                f"{STAGED} other swaps were checked since, or a weight reload dropped it; call "
+                "doe_kernels.vllm.plug or add, not the worker methods)")
         return staged
 
     def _doe_held(self) -> dict:
