@@ -302,3 +302,17 @@ def test_the_mixed_ffns_packed_lists_stay_bounded():
         kept, offsets, scales = ffn._pack(names)
         assert kept.numel() == 24 and offsets.tolist() == [0, 6, 12, 18, 24] and scales is None
     assert 0 < len(ffn._packed) <= UNION_PLANS
+
+
+def test_a_model_runner_without_what_mixed_batches_wrap_is_named():
+    """check_runner (which doe_check_mask runs for an expert to be held, before any rank
+    changes) names what vLLM's model runner lacks."""
+    from types import SimpleNamespace
+
+    from doe_kernels.vllm.mixed import check_runner
+
+    with pytest.raises(RuntimeError, match=r"to have \['_model_forward', 'requests'\] \(this one "
+                                           r"is a SimpleNamespace\)"):
+        check_runner(SimpleNamespace(execute_model=None, input_batch=None))
+    check_runner(SimpleNamespace(execute_model=None, _model_forward=None, input_batch=None,
+                                 requests=None))

@@ -93,17 +93,22 @@ def layout_of(names: list, counts: list, rows: int) -> StepLayout | None:
     return StepLayout(tuple(groups), group_counts, order, inverse)
 
 
+def check_runner(runner) -> None:
+    """RuntimeError when vLLM's model runner lacks what `watch_steps` wraps and reads."""
+    missing = [name for name in ("execute_model", "_model_forward", "input_batch", "requests")
+               if not hasattr(runner, name)]
+    if missing:
+        raise RuntimeError(f"mixed-task batches need vLLM's model runner to have {missing} "
+                           f"(this one is a {type(runner).__name__}); plug one expert instead")
+
+
 def watch_steps(runner, known, after_step=None) -> None:
     """Make `runner` (vLLM's model runner) set the step's layout before each model forward
     (idempotent: the first call's functions stay). `known(name)`: whether an expert is held
     under `name`; `after_step()`, if given, runs after each step."""
     if runner.__dict__.get("_doe_watched"):
         return
-    missing = [name for name in ("execute_model", "_model_forward", "input_batch", "requests")
-               if not hasattr(runner, name)]
-    if missing:
-        raise RuntimeError(f"mixed-task batches need vLLM's model runner to have {missing} "
-                           f"(this one is a {type(runner).__name__}); plug one expert instead")
+    check_runner(runner)
     execute, forward = runner.execute_model, runner._model_forward
     scheduled = [None]
 

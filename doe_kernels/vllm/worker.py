@@ -22,7 +22,8 @@ from doe_kernels.models import ModelSpec, UnsupportedModelError
 from doe_kernels.tensor_parallel import ffn_shards, head_shards
 from doe_kernels.vllm.attention import AttentionPlan, attention_of
 from doe_kernels.vllm.ffn import FfnPlan, ffn_of
-from doe_kernels.vllm.mixed import MixedAttention, MixedFfn, named_experts, watch_steps
+from doe_kernels.vllm.mixed import (MixedAttention, MixedFfn, check_runner, named_experts,
+                                     watch_steps)
 from doe_kernels.vllm.moe import MixedMoe, MoePlan, is_moe_block, moe_plans, routing_sizes
 from doe_kernels.vllm.protocol import decode_mask
 from doe_kernels.vllm.routes import (compiles, decoder_layers, dense_forward,
@@ -128,6 +129,8 @@ class WorkerExtension:
         self._doe_staged().pop(token, None)
         try:
             check_engine_config(self.vllm_config)
+            if mixed:  # (what doe_add_expert will wrap: refused before any rank changes)
+                check_runner(self.model_runner)
             layers = self._doe_layers()
             self._doe_check_routes(layers)
             model_spec = self._doe_spec(layers)
