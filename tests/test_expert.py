@@ -635,3 +635,19 @@ def test_texts_that_are_not_strings_are_refused_in_a_batch_of_any_size(tokenizer
             expert.predict(model, tokenizer, ["a", None, "b"], batch_size=batch_size)
     with pytest.raises(ValueError, match="head holds no parameter"):
         Expert(None, torch.zeros(2, 32), "seq_cls", ["a", "b"], head={})
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_prompt_tuning_leaves_a_checkpointing_model_as_it_was(tokenizer, family):
+    """On a model with gradient checkpointing on, PEFT makes the input embeddings require grad
+    (a forward hook) and sets config.pretraining_tp: training a prompt takes both back (a hook
+    was left per call: every later forward built an autograd graph)."""
+    model, task_type, data, ids = sentiment_setup(family, tokenizer)
+    model.gradient_checkpointing_enable()
+    model.config.pretraining_tp = 2
+    embeddings = model.get_input_embeddings()
+    hooks, attributes = dict(embeddings._forward_hooks), set(model.__dict__)
+    prompt_tuning.train_prompt(model, tokenizer, data, task_type, ids, num_virtual_tokens=4,
+                               epochs=1, batch_size=4, progress=False)
+    assert embeddings._forward_hooks == hooks and set(model.__dict__) == attributes
+    assert model.config.pretraining_tp == 2

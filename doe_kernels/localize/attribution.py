@@ -11,8 +11,8 @@ gradient averaged along the straight path from zero to the activation, one layer
 a time, `steps` midpoints). `method="fisher"` scores a unit by the empirical Fisher information of
 a mask variable multiplying it (Kwon et al. 2022): the square of the gradient of each example's
 cross-entropy loss with respect to that mask (activation x gradient of the loss, summed over the
-example's tokens), summed over examples. Runs on the unpatched model with the expert's soft prompt
-(and head).
+example's tokens), averaged over the examples (every method's scores are). Runs on the unpatched
+model with the expert's soft prompt (and head).
 """
 import contextlib
 
@@ -185,7 +185,7 @@ class _Scorer:
                     alpha = (k + 0.5) / self.steps
                     captured, grads = self._run([modules[l]], ids, attention, gold, alpha)
                     clean = captured[0].detach() / alpha
-                    total_grad = total_grad + grads[0]
+                    total_grad = total_grad + grads[0].double()  # (summed in float64)
                     bar.update(1)
                 mask = token_mask.to(clean.device)
                 table[l] += _unit_scores(clean, total_grad / self.steps, mask, num_heads,

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from doe_kernels.caller_state import evaluating, seeded
 from doe_kernels.expert import SEQ_CLS, encode, prompted_label_logits, token_counts
 
-_FLAGS_ATTR = "_doe_kernels_requires_grad"
+_SAVED_ATTR = "_doe_kernels_saved"  # wrap's _Saved, on the PEFT model
 SCHEDULES = ("constant", "linear")  # fit's learning-rate schedules
 # fit's forward and backward: in the model's own dtype, under bfloat16 autocast, or "auto": autocast
 # where the device computes bfloat16 natively and the model is float32
@@ -59,12 +59,16 @@ def wrap(model, task_type: str, num_virtual_tokens: int = 10, init_ids=None, see
         raise ValueError(f"the prompt's init tokens {init_ids.tolist()} are not all ids of the "
                          f"model's {vocab}-token vocabulary (a tokenizer of another model?)")
     init_ids = init_ids[torch.arange(num_virtual_tokens) % init_ids.numel()]
-    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    saved = _Saved.of(model)
     config = PromptTuningConfig(
         task_type=TaskType.SEQ_CLS if task_type == SEQ_CLS else TaskType.CAUSAL_LM,
         num_virtual_tokens=num_virtual_tokens)
-    peft_model = get_peft_model(model, config)
-    setattr(peft_model, _FLAGS_ATTR, flags)
+    try:
+        peft_model = get_peft_model(model, config)
+    except BaseException:
+        saved.put_back(model)
+        raise
+    setattr(peft_model, _SAVED_ATTR, saved)
     try:
         with torch.no_grad():
             weight = peft_model.prompt_encoder["default"].embedding.weight
@@ -131,8 +135,8 @@ def bfloat16_is_native(device: torch.device) -> bool:
     """Whether `device` computes bfloat16 matrix products natively (where autocast pays): a CUDA
     GPU with bfloat16 (Ampere on), a CPU with AVX512-BF16 or AMX. Other CPUs emulate them, slower
     than float32."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+    if device.type == "cuda":  # (is_bf16_supported() counts pre-Ampere GPUs' emulation too)
+        return torch.cuda.get_device_properties(device).major >= 8
     if device.type == "cpu":
         checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
         return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
@@ -250,19 +254,62 @@ def extract(peft_model):
 
 
 def unwrap(peft_model):
-    """Take PEFT out: the original modules back in place and the `requires_grad` flags restored."""
-    from peft.utils import ModulesToSaveWrapper
-
+    """Take PEFT out of a model `wrap` wrapped: the model as it found it (`_Saved.put_back`)."""
     model = peft_model.base_model
-    wrapped = [(name, module) for name, module in model.named_modules()
-               if isinstance(module, ModulesToSaveWrapper)]
-    for name, module in wrapped:
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, module.original_module)
-    flags = getattr(peft_model, _FLAGS_ATTR, {})
-    for name, param in model.named_parameters():
-        param.requires_grad_(flags.get(name, param.requires_grad))
+    getattr(peft_model, _SAVED_ATTR).put_back(model)
     return model
+
+
+_MISSING = object()
+
+
+@dataclass
+class _Saved:
+    """What PEFT's prompt tuning changes on the model it wraps, as `wrap` found it: the
+    parameters' `requires_grad` flags, the modules it wraps to train (ModulesToSaveWrapper; the
+    caller's own are left), and, on a model with gradient checkpointing, the input embeddings'
+    forward hook that makes them require grad (`enable_input_require_grads`) and the config's
+    `pretraining_tp`, which PEFT sets to 1."""
+
+    flags: dict
+    wrappers: set  # ids of the ModulesToSaveWrapper the model held already
+    embedding_hooks: set  # the keys of the input embeddings' forward hooks
+    require_grads_hook: object  # the model's `_require_grads_hook`, or _MISSING
+    pretraining_tp: object  # config.pretraining_tp, or _MISSING
+
+    @classmethod
+    def of(cls, model) -> "_Saved":
+        from peft.utils import ModulesToSaveWrapper
+
+        embeddings = model.get_input_embeddings()
+        return cls({name: p.requires_grad for name, p in model.named_parameters()},
+                   {id(m) for m in model.modules() if isinstance(m, ModulesToSaveWrapper)},
+                   set(getattr(embeddings, "_forward_hooks", {})),
+                   model.__dict__.get("_require_grads_hook", _MISSING),
+                   getattr(model.config, "pretraining_tp", _MISSING))
+
+    def put_back(self, model) -> None:
+        from peft.utils import ModulesToSaveWrapper
+
+        wrapped = [(name, module) for name, module in model.named_modules()
+                   if isinstance(module, ModulesToSaveWrapper) and id(module) not in self.wrappers]
+        for name, module in wrapped:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child,
+                    module.original_module)
+        for name, param in model.named_parameters():
+            param.requires_grad_(self.flags.get(name, param.requires_grad))
+        embeddings = model.get_input_embeddings()
+        for key in set(getattr(embeddings, "_forward_hooks", {})) - self.embedding_hooks:
+            for table in ("_forward_hooks", "_forward_hooks_with_kwargs",
+                          "_forward_hooks_always_called"):
+                getattr(embeddings, table, {}).pop(key, None)
+        if self.require_grads_hook is _MISSING:
+            model.__dict__.pop("_require_grads_hook", None)
+        else:
+            model.__dict__["_require_grads_hook"] = self.require_grads_hook
+        if self.pretraining_tp is not _MISSING:
+            model.config.pretraining_tp = self.pretraining_tp
 
 
 def train_prompt(model, tokenizer, data, task_type: str, token_ids=None, template=None,
