@@ -192,7 +192,7 @@ def _check_output(path: str) -> None:
     """Refuse an output path that cannot be written, before the work that would fill it."""
     if not path or path.endswith((os.sep, "/")):
         raise UserError(f"--out {path!r} names no file; give a file name")
-    folder = os.path.dirname(os.path.abspath(path))
+    folder = os.path.dirname(os.path.realpath(path))  # (a link is written through)
     if os.path.isdir(path):
         raise UserError(f"--out {path} is a directory; give a file name")
     if not os.path.isdir(folder):

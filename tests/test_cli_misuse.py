@@ -209,9 +209,12 @@ def test_localize_checks_its_output_before_any_work(files, monkeypatch, capsys):
 
     monkeypatch.setattr(cli, "load_model", load_model)
     out = os.path.join(files["root"], "missing", "e.safetensors")
-    assert cli.main(["localize", "--model", files["model"], "--task", files["task"],
-                     "--out", out]) == 2
-    assert "does not exist" in capsys.readouterr().err
+    link = os.path.join(files["root"], "link.safetensors")  # (written through: to missing/)
+    os.symlink(out, link)
+    for given in (out, link):
+        assert cli.main(["localize", "--model", files["model"], "--task", files["task"],
+                         "--out", given]) == 2
+        assert "does not exist" in capsys.readouterr().err
 
 
 def test_the_console_command_prints_one_line_and_exits_2():

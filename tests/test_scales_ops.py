@@ -240,3 +240,14 @@ def test_scaled_ffn_compiles_with_torch_compile():
 
     x = torch.randn(3, 40)
     torch.testing.assert_close(torch.compile(ffn, fullgraph=True)(x), ffn(x))
+
+
+def test_scales_and_check_indices_are_keyword_only():
+    """A scales tensor passed where check_indices stands (as the README's earlier signature
+    suggested) is refused instead of read as the flag, the output left unscaled."""
+    h, wt = torch.randn(2, 1), torch.randn(4, 3)
+    with pytest.raises(TypeError):
+        dk.gather_cols_linear(h, wt, None, torch.tensor([3]), "auto", torch.tensor([0.5]))
+    scaled = dk.gather_cols_linear(h, wt, None, torch.tensor([3]), "auto",
+                                   scales=torch.tensor([0.5]))
+    torch.testing.assert_close(scaled, 0.5 * h @ wt[3:4])

@@ -916,3 +916,10 @@ def test_pack_segments_refuses_what_it_would_misread():
                          r"scales\[0\] must hold one value per kept index of segment 0 \(2\)")):
         with pytest.raises(ValueError, match=match):
             dk.pack_segments(*args)
+
+
+def test_pack_segments_of_no_segment_with_scales():
+    """No segment, with (no) scale vectors: empty packed tensors (torch.cat of nothing raised)."""
+    segments, kept, offsets, scales = dk.pack_segments([], [], scales=[])
+    assert segments.tolist() == [0] and kept.numel() == 0 and offsets.tolist() == [0]
+    assert scales is not None and scales.numel() == 0

@@ -52,6 +52,7 @@ def gather_rows_linear(
     rows: torch.Tensor,
     activation: str = "identity",
     backend: str = "auto",
+    *,  # (keyword-only: a scales tensor passed in its place was read as the flag)
     check_indices: bool = True,
 ) -> torch.Tensor:
     """`act(x @ weight[rows].T + bias[rows])` without copying the kept rows.
@@ -77,6 +78,7 @@ def gather_cols_linear(
     bias: torch.Tensor | None,
     cols: torch.Tensor,
     backend: str = "auto",
+    *,  # (keyword-only: a scales tensor passed in its place was read as the flag)
     check_indices: bool = True,
     scales: torch.Tensor | None = None,
 ) -> torch.Tensor:

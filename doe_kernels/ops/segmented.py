@@ -62,7 +62,7 @@ def pack_segments(row_counts, kept_lists, scales=None, device=None):
             if vector.dim() != 1 or vector.numel() != kept_list.numel():
                 raise ValueError(f"scales[{i}] must hold one value per kept index of segment "
                                  f"{i} ({kept_list.numel()}), got shape {tuple(vector.shape)}")
-        packed_scales = torch.cat(vectors)
+        packed_scales = torch.cat(vectors) if vectors else torch.empty(0, device=device)
     return segments, kept, kept_offsets, packed_scales
 
 
@@ -116,7 +116,7 @@ def segmented_gather_ffn(
     x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None, w_out_t: torch.Tensor,
     b_out: torch.Tensor | None, segments: torch.Tensor, kept: torch.Tensor,
     kept_offsets: torch.Tensor, activation: str = "gelu", backend: str = "auto",
-    check_indices: bool = True, scales: torch.Tensor | None = None, strategy: str = "auto",
+    *, check_indices: bool = True, scales: torch.Tensor | None = None, strategy: str = "auto",
 ) -> torch.Tensor:
     """`gather_ffn` (BERT FFN) with each segment of rows on its own kept neurons (module
     docstring). x: (rows, hidden); weights as for gather_ffn; scales: (len(kept),) or None."""
@@ -134,7 +134,7 @@ def segmented_gather_ffn(
 def segmented_gather_swiglu_ffn(
     x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor,
     segments: torch.Tensor, kept: torch.Tensor, kept_offsets: torch.Tensor,
-    backend: str = "auto", check_indices: bool = True, scales: torch.Tensor | None = None,
+    backend: str = "auto", *, check_indices: bool = True, scales: torch.Tensor | None = None,
     strategy: str = "auto",
 ) -> torch.Tensor:
     """`gather_swiglu_ffn` (LLaMA FFN) with each segment of rows on its own kept neurons (module
