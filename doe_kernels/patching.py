@@ -195,10 +195,14 @@ def _patch_layers(model: nn.Module, mask: ExpertMask, backend: str, dynamic_skip
         state.modules = [m for p in patches for m in p.ffn_modules + p.head_modules + p.head_cols]
         _set_plans(state, plans, mask, dynamic_skip)
         _guard_model(model, state)
-    except BaseException:
+    except BaseException as error:
         _unguard_model(model)
-        for done in reversed(patches):
-            done.restore()
+        for done in reversed(patches):  # every layer, also past one whose restore fails
+            try:
+                done.restore()
+            except Exception as restore_error:  # noqa: BLE001 (the patch's error is the one)
+                _add_note(error, f"doe_kernels could not restore a layer's weight layout: "
+                                 f"{restore_error!r} (its values are intact)")
         raise
 
 
@@ -386,11 +390,7 @@ def restoring(model: nn.Module, previous, cleanup=None):
                 cleanup()
             _restore(model, previous)
         except Exception as restore_error:
-            note = f"doe_kernels could not restore the model: {restore_error!r}"
-            if hasattr(error, "add_note"):
-                error.add_note(note)
-            else:  # Python 3.10: the notes of 3.11, kept (tracebacks do not print them)
-                error.__notes__ = [*getattr(error, "__notes__", []), note]
+            _add_note(error, f"doe_kernels could not restore the model: {restore_error!r}")
         raise
     if cleanup is not None:
         cleanup()
@@ -403,3 +403,12 @@ def _restore(model: nn.Module, previous) -> None:
         patch(model, *previous)
     elif is_patched(model):  # the body may have unpatched it already
         unpatch(model)
+
+
+def _add_note(error: BaseException, note: str) -> None:
+    """`error.add_note(note)`; on Python 3.10 (no add_note) the note is kept in `__notes__` as
+    3.11 keeps it (tracebacks do not print it there)."""
+    if hasattr(error, "add_note"):
+        error.add_note(note)
+    else:
+        error.__notes__ = [*getattr(error, "__notes__", []), note]

@@ -125,6 +125,38 @@ def test_a_failure_inside_a_layer_leaves_the_model_as_it_was(name, fail_at, monk
     assert_untouched(model, before, modules_before)
 
 
+def test_a_failure_whose_rollback_cannot_copy_leaves_the_original_modules(monkeypatch):
+    """A patch failing in layer 1 whose rollback cannot copy a weight back either (out of memory
+    twice): every layer still gets its original modules back (the rollback stopped at the first
+    failure, leaving layers patched with no patch state to undo them), the weights keep their
+    values, the patch's error carries a note, and a later patch works."""
+    model = build("llama")
+    before, modules_before, expected = snapshot(model), modules_of(model), run(model)
+    calls, real_input_major, real_empty = [], base.input_major, base.torch.empty_strided
+
+    def failing(weight):
+        calls.append(1)
+        if len(calls) == 4:
+            raise torch.OutOfMemoryError("simulated out of memory")
+        return real_input_major(weight)
+
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("simulated out of memory, again")
+
+    monkeypatch.setattr(base, "input_major", failing)
+    monkeypatch.setattr(base.torch, "empty_strided", no_memory)
+    with pytest.raises(torch.OutOfMemoryError) as error:
+        dk.patch(model, masked(model))
+    monkeypatch.undo()
+    assert str(error.value) == "simulated out of memory"  # the patch's own error
+    assert any("could not restore a layer's weight layout" in n for n in error.value.__notes__)
+    assert_untouched(model, before, modules_before)
+    assert torch.equal(run(model), expected)
+    with dk.plugged(model, masked(model)):
+        pass
+    assert_untouched(model, before, modules_before)
+
+
 def test_a_failed_swap_keeps_the_previous_expert(monkeypatch):
     model = build("llama")
     first, second = mixed_mask(model, seed=1), mixed_mask(model, ffn_keep=0.7, seed=2)

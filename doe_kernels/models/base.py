@@ -179,12 +179,13 @@ class LayerPatch:
         becomes the transpose of a contiguous (..., in, out) copy (same Parameter, shape and
         values; one copy of the weight), so that the module reads `weight.transpose(-2, -1)`
         (contiguous: `ops.linear.input_major_view`) and gradients still reach the Parameter."""
-        self.converted.append(weight)
         # its layout to restore: the strides it had where they lay it out densely (a transposed
         # weight), else contiguous
-        self.strides.append(torch.empty_like(weight.detach(), device="meta",
-                                             memory_format=torch.preserve_format).stride())
+        strides = torch.empty_like(weight.detach(), device="meta",
+                                   memory_format=torch.preserve_format).stride()
         _relayout(weight, input_major(weight.detach()).transpose(-2, -1))
+        self.converted.append(weight)  # (once converted: a failed copy leaves nothing to undo)
+        self.strides.append(strides)
         module = make_module(weight)
         module.__dict__.setdefault(_CONVERTED, []).append(weight)
         return module
@@ -224,15 +225,26 @@ class LayerPatch:
         """Put the original modules back, and the converted weights in their original layout
         (strides). A module whose replacement's train/eval mode differs from its own (set while
         patched: model.train()/eval() did not reach it outside the module tree) gets that mode,
-        its submodules too; otherwise its submodules keep the modes they had."""
-        for weight, strides in zip(self.converted, self.strides):
-            data = weight.detach()
-            _relayout(weight, torch.empty_strided(data.shape, strides, dtype=data.dtype,
-                                                  device=data.device).copy_(data))
-        self.converted.clear()
-        self.strides.clear()
+        its submodules too; otherwise its submodules keep the modes they had. The modules go
+        back first: a weight whose copy back fails (out of memory) keeps its values in the
+        input-major layout, which the original module reads as well, and the others are still
+        restored before the first such error is raised."""
         for path, module in self.originals.items():
             training = self.layer.get_submodule(path).training
             if training != module.training:
                 module.train(training)
             set_submodule(self.layer, path, module)
+        failed = None
+        for weight, strides in zip(self.converted, self.strides):
+            data = weight.detach()
+            if data.stride() == strides:
+                continue
+            try:
+                _relayout(weight, torch.empty_strided(data.shape, strides, dtype=data.dtype,
+                                                      device=data.device).copy_(data))
+            except Exception as error:  # noqa: BLE001 (raised once every layer is back)
+                failed = failed or error
+        self.converted.clear()
+        self.strides.clear()
+        if failed is not None:
+            raise failed
