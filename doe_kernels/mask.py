@@ -158,6 +158,18 @@ class ExpertMask:
         self._spec = _as_spec(spec)
         self._check_sizes(self._spec)
         self._check_scale_lengths(self._spec)
+        object.__setattr__(self, "_frozen", True)
+
+    def __setattr__(self, name, value):
+        """A mask is not changed once made (patched models cache its plans): `replace` makes
+        another."""
+        if self.__dict__.get("_frozen"):
+            raise AttributeError(f"an ExpertMask cannot be changed (setting {name!r}); make "
+                                 "another with mask.replace(...)")
+        object.__setattr__(self, name, value)
+
+    def __delattr__(self, name):
+        raise AttributeError(f"an ExpertMask cannot be changed (deleting {name!r})")
 
     @property
     def spec(self) -> dict | None:

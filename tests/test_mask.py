@@ -41,6 +41,18 @@ def test_mask_is_a_copy_and_read_only():
     assert sized.spec["num_layers"] == 3
     with pytest.raises(TypeError):
         mask.ffn[1] = torch.tensor([0])
+    # nor are its tables or sizes replaced (a patched model's cached plans would then run the
+    # old tables under the new ones' name)
+    other = dk.ExpertMask(ffn={0: [3]})
+    for name, value in (("ffn", other.ffn), ("heads", other.heads), ("_spec", None)):
+        with pytest.raises(AttributeError, match=f"cannot be changed \\(setting '{name}'"):
+            setattr(mask, name, value)
+    with pytest.raises(AttributeError, match="cannot be changed"):
+        del mask.ffn
+    assert mask.ffn[0].tolist() == [1, 2]
+    import copy
+    import pickle
+    assert copy.deepcopy(mask) == mask and pickle.loads(pickle.dumps(mask)) == mask
 
 
 def test_empty_lists_keep_nothing():
