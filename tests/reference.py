@@ -68,6 +68,29 @@ def swiglu_ffn_ref(x, w_gate, w_up, w_down_t, kept, scales=None):
     return (hidden * mask) @ f64(w_down_t)
 
 
+def plain_torch(op: str, *args, scales=None):
+    """PyTorch's own result of op `op` (its public positional arguments, without `backend`) in
+    the inputs' dtype, from index_select'ed weights and torch ops alone: the same-dtype error
+    `assert_close` allows twice of. (Not the op with backend="torch", which shares the package's
+    code with every backend and so would hide a bug there in its own tolerance.)"""
+    if op == "gather_rows_linear":
+        x, weight, bias, rows, activation = (*args, "identity")[:5]
+        return ACT[activation](F.linear(x, weight[rows], None if bias is None else bias[rows]))
+    if op == "gather_cols_linear":
+        h, weight_t, bias, cols = args
+        out = (h if scales is None else h * scales) @ weight_t[cols]
+        return out if bias is None else out + bias
+    if op == "gather_ffn":
+        x, w_in, b_in, w_out_t, b_out, kept, activation = args
+        hidden = plain_torch("gather_rows_linear", x, w_in, b_in, kept, activation)
+        return plain_torch("gather_cols_linear", hidden, w_out_t, b_out, kept, scales=scales)
+    if op == "gather_swiglu_ffn":
+        x, w_gate, w_up, w_down_t, kept = args
+        hidden = F.silu(F.linear(x, w_gate[kept])) * F.linear(x, w_up[kept])
+        return plain_torch("gather_cols_linear", hidden, w_down_t, None, kept, scales=scales)
+    raise ValueError(f"no plain torch computation of {op!r}")
+
+
 def assert_close(out, ref, same_dtype_out=None, what=""):
     """out (any dtype) against a float64 ref; same_dtype_out is PyTorch's dense result in out's dtype."""
     assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import doe_kernels as dk
 from doe_kernels.ops import library
 from conftest import backend_cases
-from reference import assert_close, ffn_ref, swiglu_ffn_ref
+from reference import assert_close, ffn_ref, plain_torch, swiglu_ffn_ref
 
 HIDDEN, INTERMEDIATE = 40, 37  # odd sizes
 
@@ -67,8 +67,8 @@ def test_segmented_ffns_equal_each_segment_alone(device, backend, dtype, seed, s
                                   strategy=strategy)
     ref = _per_segment(rows, lists, scales, x, lambda xs, k, s: ffn_ref(
         xs, w["w_in"], w["b_in"], w["w_out_t"], w["b_out"], k, "gelu", s))
-    assert_close(out, ref, _dense_segments(rows, lists, scales, x, lambda xs, k, s: dk.gather_ffn(
-        xs, w["w_in"], w["b_in"], w["w_out_t"], w["b_out"], k, "gelu", backend="torch",
+    assert_close(out, ref, _dense_segments(rows, lists, scales, x, lambda xs, k, s: plain_torch(
+        "gather_ffn", xs, w["w_in"], w["b_in"], w["w_out_t"], w["b_out"], k, "gelu",
         scales=s)), f"segmented_gather_ffn {rows}")
 
     out = dk.segmented_gather_swiglu_ffn(x, w["w_in"], w["w_up"], w["w_out_t"], segments, kept,
@@ -77,9 +77,9 @@ def test_segmented_ffns_equal_each_segment_alone(device, backend, dtype, seed, s
     ref = _per_segment(rows, lists, scales, x, lambda xs, k, s: swiglu_ffn_ref(
         xs, w["w_in"], w["w_up"], w["w_out_t"], k, s))
     assert_close(out, ref, _dense_segments(rows, lists, scales, x,
-                                           lambda xs, k, s: dk.gather_swiglu_ffn(
-                                               xs, w["w_in"], w["w_up"], w["w_out_t"], k,
-                                               backend="torch", scales=s)),
+                                           lambda xs, k, s: plain_torch(
+                                               "gather_swiglu_ffn", xs, w["w_in"], w["w_up"],
+                                               w["w_out_t"], k, scales=s)),
                  f"segmented_gather_swiglu_ffn {rows}")
 
 
