@@ -38,6 +38,8 @@ def test_bad_indices(ffn, kept, error, match):
     ("b_out", torch.randn(40, dtype=torch.bfloat16), TypeError, "b_out has dtype torch.bfloat16"),
     ("x", torch.randint(0, 3, (3, 40)), TypeError, "x must be a floating-point tensor"),
     ("w_out_t", torch.randn(37, 40, device="meta"), ValueError, "w_out_t is on meta but x is on cpu"),
+    ("b_in", [0.0] * 37, TypeError, "b_in must be a tensor or None, got list"),
+    ("w_out_t", [[0.0] * 40] * 37, TypeError, "w_out_t must be a tensor or None, got list"),
 ])
 def test_bad_tensors(ffn, name, value, error, match):
     ffn[name] = value

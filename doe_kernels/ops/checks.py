@@ -32,6 +32,8 @@ def check_same_dtype_device(reference_name: str, reference: torch.Tensor, **othe
     for name, tensor in others.items():
         if tensor is None:
             continue
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor or None, got {type(tensor).__name__}")
         if tensor.device != reference.device:
             raise ValueError(
                 f"{name} is on {tensor.device} but {reference_name} is on {reference.device}; "
