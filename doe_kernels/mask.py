@@ -82,6 +82,8 @@ def _as_index(kind: str, layer, index) -> torch.Tensor:
     try:
         tensor = torch.as_tensor(index)
     except (TypeError, ValueError, RuntimeError):
+        if isinstance(index, (list, tuple)) and all(isinstance(v, int) for v in index):
+            raise ValueError(f"{where} holds an index past 2**63 - 1, out of range") from None
         raise TypeError(f"{where} must be a list or tensor of integer indices, got "
                         f"{type(index).__name__} {index!r:.80}") from None
     if tensor.numel() == 0 and tensor.dtype.is_floating_point:
@@ -130,10 +132,13 @@ def _as_vector(kind: str, layer, value) -> torch.Tensor:
                         f"or float64), got dtype {tensor.dtype}")
     if tensor.dim() != 1:
         raise ValueError(f"{where} must be 1-D, got shape {tuple(tensor.shape)}")
-    tensor = tensor.detach().to("cpu", torch.float32).clone()
     if not torch.isfinite(tensor).all():
         raise ValueError(f"{where} holds {int((~torch.isfinite(tensor)).sum())} non-finite "
                          "value(s) (NaN or inf); bias deltas and scales must be finite")
+    tensor = tensor.detach().to("cpu", torch.float32).clone()
+    if not torch.isfinite(tensor).all():
+        raise ValueError(f"{where} holds value(s) out of float32's range (beyond "
+                         f"{torch.finfo(torch.float32).max:.3g}), in which masks keep them")
     return tensor
 
 

@@ -138,6 +138,8 @@ def test_deltas_are_read_only_and_reported():
      r"ffn_bias\[0\] holds 1 non-finite"),
     (lambda: dk.ExpertMask(attn_bias={2: torch.tensor([float("inf")])}), ValueError,
      r"attn_bias\[2\] holds 1 non-finite"),
+    (lambda: dk.ExpertMask(ffn_bias={0: torch.tensor([1e39], dtype=torch.float64)}),
+     ValueError, r"ffn_bias\[0\] holds value\(s\) out of float32's range"),
     (lambda: dk.ExpertMask(ffn_bias={0: torch.zeros(2, 3)}), ValueError, r"ffn_bias\[0\] must be 1-D"),
     (lambda: dk.ExpertMask(attn_bias={0: torch.arange(3)}), TypeError, "floating-point"),
     (lambda: dk.ExpertMask(ffn_bias={-1: [0.0]}), TypeError, "layer numbers"),

@@ -26,6 +26,7 @@ def test_constructor_normalises_and_checks_indices():
         ({0: [True, 2]}, TypeError, r"must hold integer indices, got a bool in \[True, 2\]"),
         ({0: torch.tensor([2 ** 63], dtype=torch.uint64)}, ValueError,
          r"holds an index past 2\*\*63 - 1"),
+        ({0: [1, 2 ** 63]}, ValueError, r"holds an index past 2\*\*63 - 1"),
     ]:
         with pytest.raises(error, match=match):
             dk.ExpertMask(ffn=bad)
