@@ -404,17 +404,17 @@ def _answer(router, line: str | bytes) -> dict:
 def cmd_bench(args) -> None:
     import doe_kernels as dk
 
+    if args.expert and args.prune is not None:
+        raise UserError("give --expert or --prune, not both")
     expert = _load_expert(args.expert) if args.expert else None
     if expert is not None and expert.mask is None:
         raise UserError(f"{args.expert} holds no mask (an unpruned expert): nothing to compare")
-    if expert is not None and args.prune is not None:
-        raise UserError("give --expert or --prune, not both")
+    positions = getattr(model_config(args.model), "max_position_embeddings", None)
+    if positions is not None and args.seq > positions:  # (before any weight is loaded)
+        raise UserError(f"--seq {args.seq} is longer than the model's {positions} positions")
     model, tokenizer = load_model(args.model, None if expert is None else len(expert.label_names))
     if expert is not None:
         expert.mask.validate(model)  # before the dense timing
-    positions = getattr(model.config, "max_position_embeddings", None)
-    if positions is not None and args.seq > positions:
-        raise UserError(f"--seq {args.seq} is longer than the model's {positions} positions")
     prune = 0.65 if args.prune is None else args.prune
     mask = expert.mask if expert is not None else dk.ExpertMask.random(
         model, ffn_keep=1 - prune, heads_keep=1 - prune, seed=0)

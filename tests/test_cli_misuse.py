@@ -159,6 +159,8 @@ MISUSE = [
                  id="bench-prune-negative"),
     pytest.param(_bench("--expert", "{expert}", "--prune", "0.1"),
                  "give --expert or --prune, not both", id="bench-expert-and-prune"),
+    pytest.param(_bench("--expert", "{root}/dense.safetensors", "--prune", "0.1"),
+                 "give --expert or --prune, not both", id="bench-dense-expert-and-prune"),
     # localize outputs and settings, checked before any training
     pytest.param(_localize(out="{root}/no/such/folder/e.safetensors"), "does not exist",
                  id="localize-out-missing-folder"),
@@ -215,6 +217,15 @@ def test_localize_checks_its_output_before_any_work(files, monkeypatch, capsys):
         assert cli.main(["localize", "--model", files["model"], "--task", files["task"],
                          "--out", given]) == 2
         assert "does not exist" in capsys.readouterr().err
+
+
+def test_bench_checks_its_sizes_before_loading_the_model(files, monkeypatch, capsys):
+    def load_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before --seq was checked")
+
+    monkeypatch.setattr(cli, "load_model", load_model)
+    assert cli.main(_bench("--seq", "161", model=files["model"])) == 2
+    assert "--seq 161 is longer than the model's 160 positions" in capsys.readouterr().err
 
 
 def test_the_console_command_prints_one_line_and_exits_2():
