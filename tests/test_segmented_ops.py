@@ -923,3 +923,19 @@ def test_pack_segments_of_no_segment_with_scales():
     segments, kept, offsets, scales = dk.pack_segments([], [], scales=[])
     assert segments.tolist() == [0] and kept.numel() == 0 and offsets.tolist() == [0]
     assert scales is not None and scales.numel() == 0
+
+
+def test_no_rows_under_autocast_come_in_autocasts_dtype():
+    """A segmented op of no rows under torch.autocast gives autocast's dtype, as one with rows
+    does (it gave the input's)."""
+    w = {k: torch.randn(*s) for k, s in (("w_in", (6, 4)), ("b_in", (6,)), ("w_out_t", (6, 4)),
+                                         ("b_out", (4,)))}
+    segments, kept, offsets, _ = dk.pack_segments([0], [[1, 3]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for rows in (0, 2):
+            x = torch.randn(rows, 4)
+            layout = (segments, kept, offsets) if rows == 0 else dk.pack_segments(
+                [rows], [[1, 3]])[:3]
+            out = dk.segmented_gather_ffn(x, w["w_in"], w["b_in"], w["w_out_t"], w["b_out"],
+                                          *layout)
+            assert out.dtype == torch.bfloat16 and out.shape == (rows, 4)

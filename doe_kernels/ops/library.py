@@ -599,7 +599,11 @@ def _per_segment(x, out_features: int, segments, kept, kept_offsets, scales, run
     own)."""
     parts = [run_segment(x[r0:r1], kept[k0:k1], None if scales is None else scales[k0:k1])
              for r0, r1, k0, k1 in _segment_bounds(segments, kept_offsets, x, kept)]
-    return torch.cat(parts) if parts else x.new_zeros(0, out_features)
+    if parts:
+        return torch.cat(parts)
+    dtype = (torch.get_autocast_dtype(x.device.type)  # (as a segment's autocast call gives it)
+             if torch.is_autocast_enabled(x.device.type) else x.dtype)
+    return x.new_zeros(0, out_features, dtype=dtype)
 
 
 from doe_kernels.ops import autograd  # noqa: E402,F401  (the single-expert ops' gradients)
