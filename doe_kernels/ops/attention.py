@@ -152,7 +152,6 @@ def _attention_mask(attention_mask, is_causal: bool, q_len: int, kv_len: int, dt
             if attention_mask.shape[-1] != kv_len:
                 raise ValueError(f"attention_mask has {attention_mask.shape[-1]} positions but the "
                                  f"keys have {kv_len}")
-            _check_padding_values(attention_mask)
             mask = attention_mask[:, None, None, :].to(torch.bool)
         elif attention_mask.dim() == 4:
             if not attention_mask.is_floating_point():  # boolean or 0/1 integers: 1 = attend
@@ -180,9 +179,11 @@ def _attention_mask(attention_mask, is_causal: bool, q_len: int, kv_len: int, dt
 
 def _check_padding_values(attention_mask: torch.Tensor) -> None:
     """A float 2-D mask holds 1 (token) and 0 (padding), as transformers reads one: other values
-    (an additive 0 / -inf mask, whose 0s would read as padding) are refused by name. Not checked
-    while torch.compile traces (the check reads the values)."""
-    if not attention_mask.is_floating_point() or torch.compiler.is_compiling():
+    (an additive 0 / -inf mask, whose 0s would read as padding) are refused by name. Checked by
+    the public op only (a patched model's masks come from transformers, and the check reads the
+    values: a device sync per layer), and not while torch.compile traces."""
+    if (not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2
+            or not attention_mask.is_floating_point() or torch.compiler.is_compiling()):
         return
     if bool(((attention_mask != 0) & (attention_mask != 1)).any()):
         raise ValueError("attention_mask is 2-D, a padding mask (1 = token, 0 = padding), but "
@@ -340,6 +341,7 @@ def pruned_head_attention(
     _check_layer(hidden, dict(q_weight=q_weight, k_weight=k_weight, v_weight=v_weight,
                               o_weight_t=o_weight_t),
                  dict(q_bias=q_bias, k_bias=k_bias, v_bias=v_bias, o_bias=o_bias), selection)
+    _check_padding_values(attention_mask)
     if selection.num_kept == 0:
         out = hidden.new_zeros(*hidden.shape[:-1], o_weight_t.shape[1])
         return out if o_bias is None else out + o_bias

@@ -57,7 +57,7 @@ def gather_ffn(
     kept: torch.Tensor,
     activation: str = "gelu",
     backend: str = "auto",
-    *,  # (keyword-only: a scales tensor passed in its place was read as the flag)
+    *,
     check_indices: bool = True,
     scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -85,7 +85,7 @@ def gather_swiglu_ffn(
     w_down_t: torch.Tensor,
     kept: torch.Tensor,
     backend: str = "auto",
-    *,  # (keyword-only: a scales tensor passed in its place was read as the flag)
+    *,
     check_indices: bool = True,
     scales: torch.Tensor | None = None,
 ) -> torch.Tensor:

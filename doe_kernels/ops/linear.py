@@ -4,7 +4,9 @@ Weights come in nn.Linear's layout (out_features, in_features) as loaded, except
 column-gathered op, which reads the weight input-major: `input_major(linear.weight)` converts once
 (a transpose made contiguous); a patched module keeps only that copy, so it costs no extra memory.
 The column-gathered op takes optional per-column `scales` (one per kept input feature, Kwon et al.
-2022's "mask tuning") that multiply the kept inputs; without them nothing extra runs.
+2022's "mask tuning") that multiply the kept inputs; without them nothing extra runs. The public
+ops take `check_indices` and `scales` by keyword only (a tensor passed by position in their place
+was once read as the flag).
 """
 import torch
 
@@ -52,7 +54,7 @@ def gather_rows_linear(
     rows: torch.Tensor,
     activation: str = "identity",
     backend: str = "auto",
-    *,  # (keyword-only: a scales tensor passed in its place was read as the flag)
+    *,
     check_indices: bool = True,
 ) -> torch.Tensor:
     """`act(x @ weight[rows].T + bias[rows])` without copying the kept rows.
@@ -78,7 +80,7 @@ def gather_cols_linear(
     bias: torch.Tensor | None,
     cols: torch.Tensor,
     backend: str = "auto",
-    *,  # (keyword-only: a scales tensor passed in its place was read as the flag)
+    *,
     check_indices: bool = True,
     scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
