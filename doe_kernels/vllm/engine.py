@@ -6,8 +6,8 @@ to check the mask and stage its plan; only if every rank accepts does it ask the
 refused mask raises ValueError here and the engine keeps serving the previous expert (or the dense
 model).
 After every plug, add and remove, and an unplug that restored layers, the prefix cache is reset:
-cached KV blocks were computed by the previous expert. The first of these calls on an engine makes it check and salt every request
-that names an expert (doe_kernels.vllm.admission).
+cached KV blocks were computed by the previous expert. The first of these calls on an engine makes
+it check and salt every request that names an expert (doe_kernels.vllm.admission).
 """
 import importlib
 
@@ -83,12 +83,12 @@ def experts(llm) -> list:
 
 def for_experts(llm, requests, params=None) -> tuple[list, list]:
     """(prompts, sampling params) for `llm.generate(prompts, params)`, each request on its own
-    expert, the prompts as vLLM prompt dicts. `requests`: (name, prompt) pairs, the name of a held expert (`add`) or None (the
-    plugged expert, or the dense model), the prompt a text, a list of token ids or a vLLM prompt
-    dict; `params`: a vllm.SamplingParams for every request (vLLM's default when None), or a list
-    of them, one per request. Each request's params name its expert (extra_args["doe_expert"]);
-    the engine gives each such request its expert's prefix-cache salt as it takes it
-    (doe_kernels.vllm.admission). Raises ValueError for a name `llm` does not hold."""
+    expert, the prompts as vLLM prompt dicts. `requests`: (name, prompt) pairs, the name of a held
+    expert (`add`) or None (the plugged expert, or the dense model), the prompt a text, a list of
+    token ids or a vLLM prompt dict; `params`: a vllm.SamplingParams for every request (vLLM's
+    default when None), or a list of them, one per request. Each request's params name its expert
+    (extra_args["doe_expert"]); the engine gives each such request its expert's prefix-cache salt as
+    it takes it (doe_kernels.vllm.admission). Raises ValueError for a name `llm` does not hold."""
     from vllm import SamplingParams
 
     requests = [tuple(r) for r in requests]
