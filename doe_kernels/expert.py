@@ -154,12 +154,28 @@ def encode(tokenizer, texts, task_type: str, template: str | None, max_length: i
     check_texts(texts)
     if task_type == CAUSAL_LM:
         texts = fit_template(tokenizer, template or DEFAULT_TEMPLATE, texts, max_length)
-        rows = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
-        return _left_padded(rows, tokenizer)
+        tail = _appended_tokens(tokenizer)
+        rows = tokenizer(texts, truncation=True, max_length=max_length + len(tail))["input_ids"]
+        return _left_padded([_without(tail, row) for row in rows], tokenizer)
     else:
         batch = tokenizer(texts, padding=True, truncation=True, max_length=max_length,
                           padding_side="right", return_tensors="pt")
     return batch["input_ids"], batch["attention_mask"]
+
+
+def _appended_tokens(tokenizer) -> list:
+    """The special tokens `tokenizer` appends to a text (the end-of-text token of a tokenizer
+    made with `add_eos_token=True`, a BERT tokenizer's [SEP]); [] for most causal LMs'."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a")["input_ids"]
+    starts = [i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain]
+    return full[starts[-1] + len(plain):] if starts and plain else []
+
+
+def _without(tail: list, row: list) -> list:
+    """`row` without `tail` at its end: a causal LM scores its label words after the template's
+    last token, not after an end of text."""
+    return row[:-len(tail)] if tail and row[-len(tail):] == tail else row
 
 
 def _left_padded(rows: list, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,9 +206,11 @@ def by_length(tokenizer, texts) -> list[int]:
 
 def fit_template(tokenizer, template: str, texts, max_length: int) -> list[str]:
     """Each text put into `template`, its end cut where the whole would pass `max_length` tokens:
-    the template's end (where the label word is scored) always stays."""
+    the template's end (where the label word is scored) always stays. Tokens the tokenizer
+    appends after a text are not counted: `encode` drops them."""
+    tail = _appended_tokens(tokenizer)
     filled = [template.format(text=t) for t in texts]
-    lengths = [len(ids) for ids in tokenizer(filled)["input_ids"]]
+    lengths = [len(_without(tail, ids)) for ids in tokenizer(filled)["input_ids"]]
     for i, (text, length) in enumerate(zip(texts, lengths)):
         if length <= max_length:
             continue
@@ -200,7 +218,7 @@ def fit_template(tokenizer, template: str, texts, max_length: int) -> list[str]:
         keep = max(len(ids) - (length - max_length), 0)
         while True:  # decoding then encoding again can merge tokens differently
             filled[i] = template.format(text=tokenizer.decode(ids[:keep]))
-            if len(tokenizer(filled[i])["input_ids"]) <= max_length:
+            if len(_without(tail, tokenizer(filled[i])["input_ids"])) <= max_length:
                 break
             if keep == 0:
                 raise ValueError(f"the template {template!r} alone is longer than max_length="

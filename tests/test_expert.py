@@ -383,12 +383,11 @@ def test_long_texts_lose_their_end_never_the_template(tokenizer):
     ids, attention = encode(tokenizer, [long_text, "a fine film"], "causal_lm", template, 40)
     assert ids.shape == (2, 40) and bool(attention[0].all())
     ending = tokenizer("Mood:", add_special_tokens=False)["input_ids"]
-    last_special = ids[0, -1:].tolist()  # MiniLM's tokenizer closes every text with [SEP]
-    assert ids[0, -len(ending) - 1:].tolist() == ending + last_special
+    assert ids[0, -len(ending):].tolist() == ending  # MiniLM's closing [SEP] is dropped
     kept = tokenizer.decode(ids[0], skip_special_tokens=True)
     assert kept.startswith("review : word0 word1") and "word299" not in kept
-    short = tokenizer(template.format(text="a fine film"))["input_ids"]
-    assert ids[1][attention[1].bool()].tolist() == short  # short texts are encoded as before
+    short = tokenizer(template.format(text="a fine film"))["input_ids"][:-1]
+    assert ids[1][attention[1].bool()].tolist() == short  # short texts: all but the [SEP]
     with pytest.raises(ValueError, match="template .* alone is longer than max_length"):
         encode(tokenizer, [long_text], "causal_lm", template, 3)
 
@@ -407,6 +406,24 @@ def test_chat_template_asks_in_the_models_chat_format():
     assert filled.endswith("<|im_start|>assistant\n")
     with pytest.raises(ValueError, match="no chat template"):
         dk.chat_template(_without_chat_template(chat), "Negative or positive?")
+
+
+def test_an_end_of_text_the_tokenizer_appends_is_not_scored():
+    """A tokenizer made with add_eos_token=True closes each text with its end-of-text token: a
+    causal LM would score the label words after it. encode drops it, and a long text keeps
+    max_length tokens of its own (SmolLM2's tokenizer with and without the option)."""
+    from transformers import AutoTokenizer
+
+    from real_models import smollm2_dir
+
+    plain = AutoTokenizer.from_pretrained(smollm2_dir())
+    closing = AutoTokenizer.from_pretrained(smollm2_dir(), add_eos_token=True)
+    assert closing("a fine film")["input_ids"][-1] == closing.eos_token_id  # what it does
+    texts = ["a fine film", " ".join(f"word{i}" for i in range(300)), "dull"]
+    want = encode(plain, texts, "causal_lm", "Review: {text}\nMood:", 40)
+    got = encode(closing, texts, "causal_lm", "Review: {text}\nMood:", 40)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert want[0].shape == (3, 40) and plain.decode(want[0][1, -3:]).endswith("Mood:")
 
 
 def _without_chat_template(tokenizer):
