@@ -313,10 +313,15 @@ def _template(args, tokenizer) -> str | None:
     from doe_kernels.expert import chat_template
 
     if args.instruction is not None:
-        return chat_template(tokenizer, args.instruction)
+        return chat_template(tokenizer, _as_typed(args.instruction))
     if args.template is not None:
-        return args.template.replace("\\n", "\n").replace("\\t", "\t")  # as typed in a shell
+        return _as_typed(args.template)
     return None
+
+
+def _as_typed(text: str) -> str:
+    """`text` with the \\n and \\t a shell user types read as a new line and a tab."""
+    return text.replace("\\n", "\n").replace("\\t", "\t")
 
 
 def _label_words(args, label_names) -> list | None:

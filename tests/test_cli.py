@@ -162,6 +162,20 @@ def test_localize_a_causal_lm_with_an_instruction(causal_lm_folder, tmp_path, ca
     assert json.loads(capsys.readouterr().out)["examples"] == 16
 
 
+def test_new_lines_typed_in_an_instruction_are_new_lines(causal_lm_folder):
+    """`\\n` typed in a shell: a new line in --instruction, as in --template."""
+    import argparse
+
+    import doe_kernels as dk
+
+    _, tokenizer = causal_lm_folder
+    asked = argparse.Namespace(instruction="Read it.\\nNegative or positive?", template=None)
+    assert cli._template(asked, tokenizer) == dk.chat_template(
+        tokenizer, "Read it.\nNegative or positive?")
+    typed = argparse.Namespace(instruction=None, template="Review: {text}\\nMood:")
+    assert cli._template(typed, tokenizer) == "Review: {text}\nMood:"
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--template", "Review: no field"], "must hold exactly one {text} field"),
     (["--template", "Review: {txt}"], "must hold exactly one {text} field"),
