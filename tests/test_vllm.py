@@ -990,6 +990,11 @@ def test_a_weight_reload_rebuilds_the_experts_plans(tmp_path):
         dkv.plug(llm, plugged)
         dkv.add(llm, "held", held)
         before = _generate(llm, prompts)  # the old weights' expert
+        norm = torch.ones(hf.config.hidden_size)  # the CPU keeps copies: refused, nothing loaded
+        with pytest.raises(Exception, match="reload in checkpoint format"):
+            llm.collective_rpc("reload_weights", kwargs=dict(
+                weights_iterator=[("model.norm.weight", norm)], is_checkpoint_format=False))
+        assert _generate(llm, prompts) == before
         llm.collective_rpc("reload_weights", kwargs=dict(weights_path=new))
         llm.reset_prefix_cache()
         after = _generate(llm, prompts)

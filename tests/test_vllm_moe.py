@@ -199,6 +199,44 @@ def test_expert_weights_are_kept_only_where_vllm_leaves_them_in_place():
                 expert_weights(block)
 
 
+@pytest.mark.parametrize("repacked", [True, False], ids=["copies-cpu", "in-place-gpu"])
+def test_expert_weights_written_in_place_are_read_again_or_refused(repacked):
+    """A reload in kernel format copies new weights into vLLM's parameters in place. Where vLLM
+    left the experts as loaded (GPUs), the kept experts read them: the down projections converted
+    from them are converted again. Where vLLM repacked them (the CPU), the kept ones are a copy of
+    the old weights: refused, by name, and listed for the reload's own check."""
+    from types import SimpleNamespace
+
+    from doe_kernels.vllm.weights import copies_a_reload_misses, expert_weights, keeping_experts
+
+    def process(method, layer):  # vLLM's CPU build replaces them; Triton's leaves them
+        if repacked:
+            layer.w13_weight = torch.nn.Parameter(layer.w13_weight + 1, requires_grad=False)
+            layer.w2_weight = torch.nn.Parameter(layer.w2_weight + 1, requires_grad=False)
+
+    block = torch.nn.Module()
+    block.experts = torch.nn.Module()
+    block.experts.routed = layer = torch.nn.Module()
+    layer.w13_weight = torch.nn.Parameter(torch.randn(4, 12, 8), requires_grad=False)
+    layer.w2_weight = torch.nn.Parameter(torch.randn(4, 8, 6), requires_grad=False)
+    keeping_experts(process)(SimpleNamespace(unquantized_backend=SimpleNamespace(name="CPU")),
+                             layer)
+    before = expert_weights(block)
+    assert copies_a_reload_misses(block) == (["experts.routed"] if repacked else [])
+    new_w13, new_w2 = torch.randn(4, 12, 8), torch.randn(4, 8, 6)
+    with torch.no_grad():  # what vLLM's reload_weights(is_checkpoint_format=False) does
+        layer.w13_weight.copy_(new_w13)
+        layer.w2_weight.copy_(new_w2)
+    if repacked:
+        with pytest.raises(RuntimeError, match="written in place .* checkpoint format"):
+            expert_weights(block)
+    else:
+        after = expert_weights(block)
+        assert after is not before and torch.equal(after.gate_up, new_w13)
+        assert torch.equal(after.down_t, new_w2.transpose(1, 2))
+        assert expert_weights(block) is after
+
+
 class _Gate(torch.nn.Linear):
     """vLLM's ReplicatedLinear: returns (output, bias)."""
 

@@ -31,6 +31,7 @@ from doe_kernels.models import UnsupportedModelError
 from doe_kernels.ops import input_major
 
 _KEPT = "_doe_dense_weight"  # set on a kept linear before vLLM repacks it
+_STAMP = "_doe_kept_from"  # the parameters' _Stamps as vLLM left them once it had repacked
 _CACHED = "_doe_weights"  # set on an MLP or attention at its first plug
 _AS_LOADED = ("mlp.gate_up_proj", "self_attn.qkv_proj")
 _INPUT_MAJOR = ("mlp.down_proj", "self_attn.o_proj")
@@ -64,6 +65,21 @@ class _LoadedExperts:
 
 
 @dataclass(frozen=True)
+class _Stamp:
+    """A module's parameter as vLLM left it when doe_kernels kept its weights, with its version
+    then: a reload in kernel format (`reload_weights(is_checkpoint_format=False)`) copies into
+    the parameter in place, which changes its version."""
+
+    parameter: torch.Tensor
+    version: int
+
+    @classmethod
+    def of(cls, module, name: str) -> "_Stamp":
+        parameter = getattr(module, name)
+        return cls(parameter, parameter._version)
+
+
+@dataclass(frozen=True)
 class AttentionWeights:
     """One rank's attention projections: w_qkv ((q + 2 kv)/tp, hidden) with its bias b_qkv or
     None, and w_o_t (q/tp, hidden), o_proj's weight input-major."""
@@ -85,10 +101,15 @@ def keep_dense_weights() -> None:
 
     def dispatch_keeping_dense(layer, remove_weight):
         weight, prefix = layer.weight, str(getattr(layer, "prefix", ""))
-        if prefix.endswith(_AS_LOADED + _INPUT_MAJOR) and not weight.is_meta and weight.dim() == 2:
+        keeps = (prefix.endswith(_AS_LOADED + _INPUT_MAJOR) and not weight.is_meta
+                 and weight.dim() == 2)
+        if keeps:
             dense = weight.detach()
             setattr(layer, _KEPT, input_major(dense) if prefix.endswith(_INPUT_MAJOR) else dense)
-        return repack(layer, remove_weight)
+        out = repack(layer, remove_weight)
+        if keeps:
+            layer.__dict__[_STAMP] = (_Stamp.of(layer, "weight"),)
+        return out
 
     dispatch_keeping_dense._doe_keeps_dense = True
     utils.dispatch_cpu_unquantized_gemm = dispatch_keeping_dense
@@ -133,6 +154,7 @@ def keeping_experts(process):
                                      "weights in place, so they were not kept")
         elif not w13.is_meta and w13.dim() == 3 and w2.dim() == 3:
             layer.__dict__[_KEPT] = _LoadedExperts(w13, w2)
+            layer.__dict__[_STAMP] = (_Stamp.of(layer, "w13_weight"), _Stamp.of(layer, "w2_weight"))
         return out
 
     process_keeping_dense._doe_keeps_dense = True
@@ -180,6 +202,12 @@ def expert_weights(block) -> ExpertWeights:
             raise RuntimeError(f"{getattr(block.experts, 'layer_name', 'a MoE block')}: {kept}; "
                                "neurons inside the experts and skipping are served on vLLM's "
                                f"{', '.join(_LEAVES_EXPERTS)} MoE backends")
+        if isinstance(kept, (_LoadedExperts, ExpertWeights)) and _written_in_place(module, kept):
+            kept = _LoadedExperts(module.w13_weight.detach(), module.w2_weight.detach())
+            module.__dict__[_STAMP] = (_Stamp.of(module, "w13_weight"),
+                                       _Stamp.of(module, "w2_weight"))
+        if isinstance(kept, (_LoadedExperts, ExpertWeights)):
+            _check_current(module, ("w13_weight", "w2_weight"))
         if isinstance(kept, _LoadedExperts):
             kept = ExpertWeights(kept.w13, kept.w2.transpose(1, 2).contiguous())
             module.__dict__[_KEPT] = kept
@@ -190,6 +218,61 @@ def expert_weights(block) -> ExpertWeights:
         "when the model was loaded; create the LLM with worker_extension_cls="
         "'doe_kernels.vllm.WorkerExtension' so that the workers import doe_kernels.vllm before "
         "loading the model")
+
+
+def copies_a_reload_misses(model) -> list:
+    """The modules whose weights doe_kernels keeps in tensors that are not vLLM's parameters (on
+    the CPU, which repacks them): a reload in kernel format writes vLLM's parameters only, so
+    these would keep the old weights."""
+    missed = []
+    for name, module in model.named_modules():
+        kept = module.__dict__.get(_KEPT)
+        if isinstance(kept, torch.Tensor) or (isinstance(kept, (_LoadedExperts, ExpertWeights))
+                                              and not _in_parameter(module, kept)):
+            missed.append(name)
+    return missed
+
+
+def _in_parameter(module, kept) -> bool:
+    """Whether kept experts read vLLM's own w13 parameter (not a copy vLLM replaced)."""
+    w13 = kept.w13 if isinstance(kept, _LoadedExperts) else kept.gate_up
+    parameter = getattr(module, "w13_weight", None)
+    return (isinstance(parameter, torch.Tensor) and parameter.shape == w13.shape
+            and parameter.data_ptr() == w13.data_ptr())
+
+
+def _written_in_place(module, kept) -> bool:
+    """Whether vLLM wrote new weights into the parameters that kept experts read (a reload in
+    kernel format on GPUs): only the down projections converted from them are then stale."""
+    return _in_parameter(module, kept) and _written_since_kept(module, ("w13_weight", "w2_weight"))
+
+
+def _written_since_kept(module, names: tuple) -> bool:
+    """Whether vLLM wrote into `module`'s parameters `names` in place since doe_kernels kept
+    their weights. A reload in checkpoint format processes the layer again, which keeps them
+    again, and then may put vLLM's earlier parameter objects back (copying the new values into
+    them): parameters other than the ones stamped are stamped afresh."""
+    stamps = module.__dict__.get(_STAMP)
+    if stamps is None:
+        return False
+    if any(getattr(module, name, None) is stamp.parameter
+           and stamp.parameter._version != stamp.version for stamp, name in zip(stamps, names)):
+        return True
+    module.__dict__[_STAMP] = tuple(
+        stamp if getattr(module, name, None) is stamp.parameter else _Stamp.of(module, name)
+        for stamp, name in zip(stamps, names))
+    return False
+
+
+def _check_current(module, names: tuple) -> None:
+    """Raise RuntimeError when vLLM wrote new weights into `module` in place since doe_kernels
+    kept a copy of them (a reload in kernel format: the copy would be the old weights)."""
+    if _written_since_kept(module, names):
+        raise RuntimeError(
+            f"{getattr(module, 'prefix', None) or getattr(module, 'layer_name', 'a layer')}: its "
+            "weights were written in place (a reload in kernel format) after doe_kernels kept a "
+            "copy of them, which it cannot update; reload the weights in checkpoint format "
+            "(reload_weights(is_checkpoint_format=True), the default)")
 
 
 def check_plain_linear(linear, where: str, bias_allowed: bool) -> None:
@@ -211,6 +294,7 @@ def check_plain_linear(linear, where: str, bias_allowed: bool) -> None:
 def _dense(linear, input_major_copy: bool) -> torch.Tensor:
     kept = getattr(linear, _KEPT, None)
     if kept is not None:
+        _check_current(linear, ("weight",))
         return kept
     weight = linear.weight.detach()
     if weight.numel() == 0:

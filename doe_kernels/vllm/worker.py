@@ -14,6 +14,7 @@ mixed forwards of doe_kernels.vllm.mixed, which serve each step's rows on their 
 the rest on the plugged plan. The shared weights are never modified: a swap moves index tensors
 only.
 """
+import inspect
 import logging
 
 from vllm.config import CUDAGraphMode
@@ -28,8 +29,8 @@ from doe_kernels.vllm.moe import MixedMoe, MoePlan, is_moe_block, moe_plans, rou
 from doe_kernels.vllm.protocol import decode_mask
 from doe_kernels.vllm.routes import (compiles, decoder_layers, dense_forward,
                                      route_compiled_models, route_of)
-from doe_kernels.vllm.weights import (attention_weights, drop_cached_weights, ffn_weights,
-                                      keep_dense_weights)
+from doe_kernels.vllm.weights import (attention_weights, copies_a_reload_misses,
+                                      drop_cached_weights, ffn_weights, keep_dense_weights)
 
 # workers import this module before they load the model
 keep_dense_weights()
@@ -349,13 +350,23 @@ def _plans(layers, model_spec: ModelSpec, mask, shards: tuple, mixed: bool) -> l
 def _watch_reloads(worker) -> None:
     """Wrap the worker's `model_runner.reload_weights` (an instance attribute: the extension
     comes after the worker class, so a method could not override it) so that, after vLLM reloads
-    the weights in place, every plan in use is built again on them (`doe_replan`)."""
+    the weights in place, every plan in use is built again on them (`doe_replan`). A reload in
+    kernel format is refused, before anything is loaded, where the rank keeps copies of weights
+    that vLLM repacked (the CPU's): it would write vLLM's parameters only."""
     runner = worker.model_runner
     reload = getattr(runner, "reload_weights", None)
     if reload is None or getattr(reload, "_doe_replans", False):
         return
 
     def reloading(*args, **kwargs):
+        if not _checkpoint_format(reload, args, kwargs):
+            missed = copies_a_reload_misses(runner.model)
+            if missed:
+                raise ValueError(
+                    f"doe_kernels keeps copies of {len(missed)} layers' weights that vLLM "
+                    f"repacked (the first: {missed[0]}), which a reload in kernel format would "
+                    "leave as they were; reload in checkpoint format "
+                    "(is_checkpoint_format=True, the default)")
         try:
             return reload(*args, **kwargs)
         finally:
@@ -363,6 +374,15 @@ def _watch_reloads(worker) -> None:
 
     reloading._doe_replans = True
     runner.reload_weights = reloading
+
+
+def _checkpoint_format(reload, args: tuple, kwargs: dict) -> bool:
+    """The `is_checkpoint_format` a call of vLLM's `reload_weights` passes (default True)."""
+    try:
+        bound = inspect.signature(reload).bind(*args, **kwargs)
+    except TypeError:  # vLLM will say what is wrong with the call
+        return True
+    return bool(bound.arguments.get("is_checkpoint_format", True))
 
 
 def _tensor_parallel_place(layers) -> tuple[int, int]:
