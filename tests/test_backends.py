@@ -193,25 +193,36 @@ def test_activation_codes_agree_with_the_compiled_kernels():
     assert list(ACTIVATION_CODES) == ["identity", "gelu", "gelu_tanh", "relu"]  # enum order
 
 
+@pytest.mark.parametrize("limit", [227 * 1024 - 7 * 1024, 163 * 1024 - 7 * 1024, 92 * 1024],
+                         ids=["h100", "a100", "sm86"])
 @pytest.mark.parametrize("weights", [1, 2])
 @pytest.mark.parametrize("element_size", [2, 4])
-def test_triton_launch_configs_fit_shared_memory(weights, element_size):
-    """The fixed launch of every row regime fits the shared-memory budget (float32 SwiGLU
-    drops pipeline stages), and for every row regime the autotuner keeps a config that fits."""
+def test_triton_launch_configs_fit_shared_memory(weights, element_size, limit):
+    """On an H100, an A100 and a 99 KiB card, the fixed launch of every row regime fits the
+    device's shared memory (float32 SwiGLU drops pipeline stages), and for every row regime the
+    autotuner keeps configs that fit, none of them twice (an A100 fitted no float32 SwiGLU
+    config at 16 rows: they were dropped, then all tried, and every one failed to launch)."""
     pytest.importorskip("triton")
     from doe_kernels.backends.triton import kernels as k
 
+    assert k.SMEM_LIMITS[90] == 227 * 1024 - 7 * 1024 and k.smem_limit(torch.device("cpu")) == \
+        k.SMEM_LIMITS[90]
     configs = k.SWIGLU_CONFIGS if weights == 2 else k.MATMUL_CONFIGS
-    prune = k._make_prune(weights, "x")["early_config_prune"]
+    prune = k._make_prune(weights, "x", limit)["early_config_prune"]
+
+    def smem(meta, stages):
+        return k.smem_bytes(meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"], stages, weights,
+                            element_size)
+
     for rows in (1, 16, 17, 64, 128, 129, 4096):
-        meta = k.fixed_launch(rows, weights, element_size)
-        assert k.smem_bytes(meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"],
-                            meta["num_stages"], weights, element_size) <= k._SMEM_LIMIT
+        meta = k.fixed_launch(rows, weights, element_size, limit)
+        assert smem(meta, meta["num_stages"]) <= limit
         x = torch.empty(0, dtype=torch.float32 if element_size == 4 else torch.bfloat16)
         kept = prune(configs, {"M_BUCKET": k.m_bucket(rows), "x": x})
-        assert all(k.smem_bytes(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"],
-                                c.num_stages, weights, element_size) <= k._SMEM_LIMIT
-                   for c in kept), rows
+        assert kept and all(smem(c.kwargs, c.num_stages) <= limit for c in kept), rows
+        assert all(c.kwargs["BLOCK_M"] <= max(16, k.m_bucket(rows)) for c in kept), rows
+        shapes = [(sorted(c.kwargs.items()), c.num_warps, c.num_stages) for c in kept]
+        assert len(shapes) == len({repr(shape) for shape in shapes}), rows
 
 
 def test_backend_checks_trace_under_torch_compile_without_warnings():

@@ -82,15 +82,17 @@ def _interpreter_runs() -> bool:
     return False
 
 
-def _launch(k, name, M, N, K, element_size):
+def _launch(k, name, M, N, K, x):
     """The kernel to launch and its launch meta-parameters: autotuned on a GPU by default, fixed
-    large blocks under the interpreter, or one fixed configuration per M regime."""
+    large blocks under the interpreter, or one fixed configuration per M regime (fitted to the
+    shared memory of `x`'s device)."""
     if k.INTERPRET:
         return getattr(k, name + "_kernel"), k.interpreter_blocks(M, N, K)
     if k.autotune_enabled():
         return getattr(k, name + "_tuned"), {}
     weights = 2 if name == "gather_swiglu" else 1
-    return getattr(k, name + "_kernel"), k.fixed_launch(M, weights, element_size)
+    return getattr(k, name + "_kernel"), k.fixed_launch(M, weights, x.element_size(),
+                                                         k.smem_limit(x.device))
 
 
 def _grid(M, N):
@@ -119,7 +121,7 @@ def gather_rows_linear(x, weight, bias, rows, activation: str):
     N = rows.shape[0]
     out = torch.empty((M, N), device=x.device, dtype=_out_dtype(k, x.dtype))
     has_bias = bias is not None
-    kernel, meta = _launch(k, "gather_rows_linear", M, N, K, x.element_size())
+    kernel, meta = _launch(k, "gather_rows_linear", M, N, K, x)
     with _device_guard(x):
         kernel[_grid(M, N)](
             x, weight, bias if has_bias else x, rows, out,
@@ -138,7 +140,7 @@ def gather_swiglu(x, w_gate, w_up, kept):
     M, K = x.shape
     N = kept.shape[0]
     out = torch.empty((M, N), device=x.device, dtype=_out_dtype(k, x.dtype))
-    kernel, meta = _launch(k, "gather_swiglu", M, N, K, x.element_size())
+    kernel, meta = _launch(k, "gather_swiglu", M, N, K, x)
     with _device_guard(x):
         kernel[_grid(M, N)](
             x, w_gate, w_up, kept, out,
@@ -157,7 +159,7 @@ def gather_cols_linear(h, weight_t, bias, cols, scales):
     N = weight_t.shape[1]
     out = torch.empty((M, N), device=h.device, dtype=_out_dtype(k, h.dtype))
     has_bias, has_scales = bias is not None, scales is not None
-    kernel, meta = _launch(k, "gather_cols_linear", M, N, J, h.element_size())
+    kernel, meta = _launch(k, "gather_cols_linear", M, N, J, h)
     with _device_guard(h):
         kernel[_grid(M, N)](
             h, weight_t, bias if has_bias else h, cols, scales if has_scales else h, out,
@@ -187,14 +189,14 @@ def _segment_table(bounds, device):
 MAX_SEGMENTS_PER_LAUNCH = 65534
 
 
-def _segment_grid(k, bounds, element_size, width=None, weights=1):
+def _segment_grid(k, bounds, x, width=None, weights=1):
     """(tiles, meta): grid axis 0 runs over the largest segment's tiles (axis 1 over segments)."""
     import triton
 
     rows = max(r1 - r0 for r0, r1, _, _ in bounds)
     cols = width or max(max(k1 - k0 for _, _, k0, k1 in bounds), 1)
     meta = k.interpreter_blocks(rows, cols, cols) if k.INTERPRET else \
-        k.fixed_launch(rows, weights, element_size)
+        k.fixed_launch(rows, weights, x.element_size(), k.smem_limit(x.device))
     return triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(cols, meta["BLOCK_N"]), meta
 
 
@@ -219,7 +221,7 @@ def segmented_ffn(x, up, w_out_t, b_out, bounds, kept, scales):
     hidden = torch.empty(max(hidden_size, 1), device=x.device, dtype=_out_dtype(k, x.dtype))
     out = torch.empty((M, N), device=x.device, dtype=_out_dtype(k, x.dtype))
     f32 = x.dtype == torch.float32 or k.INTERPRET
-    tiles, meta = _segment_grid(k, bounds, x.element_size(), weights=1 if up[0] == "rows" else 2)
+    tiles, meta = _segment_grid(k, bounds, x, weights=1 if up[0] == "rows" else 2)
     with _device_guard(x):
         if up[0] == "rows":
             _, w_in, b_in, activation = up
@@ -236,7 +238,7 @@ def segmented_ffn(x, up, w_out_t, b_out, bounds, kept, scales):
                 K, w_gate.shape[0], x.stride(0), w_gate.stride(0), w_up.stride(0)),
                 dict(F32_DOT=f32, **meta))
         hidden = hidden.to(x.dtype)  # as the single-expert path stores it
-        tiles, meta = _segment_grid(k, bounds, hidden.element_size(), width=N)
+        tiles, meta = _segment_grid(k, bounds, hidden, width=N)
         _launch_over_segments(k.segmented_cols_linear_kernel, table, tiles, lambda t: (
             hidden, w_out_t, b_out if b_out is not None else hidden, kept,
             scales if scales is not None else hidden, out, t,

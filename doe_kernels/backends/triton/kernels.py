@@ -24,6 +24,7 @@ plain kernels with one fixed configuration per M regime.
 """
 import os
 
+import torch
 import triton
 import triton.language as tl
 import triton.testing
@@ -51,18 +52,28 @@ def autotune_enabled() -> bool:
     return not INTERPRET and os.environ.get("DOE_KERNELS_TRITON_AUTOTUNE", "1") != "0"
 
 
-def fixed_launch(M: int, weights: int = 1, element_size: int = 2) -> dict:
+def fixed_launch(M: int, weights: int = 1, element_size: int = 2,
+                 limit: int | None = None) -> dict:
     """The fixed configuration used when autotuning is off, by M regime, with fewer pipeline
-    stages (then a smaller BLOCK_K) where its operand buffers would not fit in shared memory
-    (none of today's regimes on an H100, float32 SwiGLU included: a guard for new ones)."""
+    stages (then a smaller BLOCK_K) where its operand buffers would not fit in `limit` bytes of
+    shared memory (by default an H100's; `smem_limit` gives a device's): float32 SwiGLU at 16
+    rows or fewer on an A100, most float32 tiles on GPUs of about 100 KiB."""
     bm, bn, bk, warps, stages = ((16, 64, 128, 4, 4) if M <= 16 else
                                  (64, 64, 64, 4, 4) if M <= 128 else (128, 64, 64, 4, 3))
-    while stages > 2 and smem_bytes(bm, bn, bk, stages, weights, element_size) > _SMEM_LIMIT:
-        stages -= 1
-    while bk > 32 and smem_bytes(bm, bn, bk, stages, weights, element_size) > _SMEM_LIMIT:
-        bk //= 2
+    bk, stages = fitted(bm, bn, bk, stages, weights, element_size, limit or SMEM_LIMITS[90])
     return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "num_warps": warps,
             "num_stages": stages}
+
+
+def fitted(bm: int, bn: int, bk: int, stages: int, weights: int, element_size: int,
+           limit: int) -> tuple[int, int]:
+    """(BLOCK_K, num_stages) of a tile, with fewer stages (down to 2), then a smaller BLOCK_K
+    (down to 32), where its operand buffers would pass `limit` bytes of shared memory."""
+    while stages > 2 and smem_bytes(bm, bn, bk, stages, weights, element_size) > limit:
+        stages -= 1
+    while bk > 32 and smem_bytes(bm, bn, bk, stages, weights, element_size) > limit:
+        bk //= 2
+    return bk, stages
 
 
 # --------------------------------------------------------------------------------------------------
@@ -397,7 +408,23 @@ SWIGLU_CONFIGS = [
 ]
 
 
-_SMEM_LIMIT = 220 * 1024  # H100: 227 KiB of shared memory per block; keep a margin
+# Shared memory a block may use, less a margin, by compute capability (sm_90: H100/H200 227 KiB;
+# sm_80: A100 163 KiB); `smem_limit` reads a device's own (sm_86/sm_89 cards: 99 KiB).
+_SMEM_MARGIN = 7 * 1024
+SMEM_LIMITS = {90: 227 * 1024 - _SMEM_MARGIN, 80: 163 * 1024 - _SMEM_MARGIN}
+_DEVICE_LIMITS: dict = {}
+
+
+def smem_limit(device) -> int:
+    """Shared memory a block may use on `device` (a torch.device), less a margin: the
+    opt-in maximum per block the driver reports (read once per device), an H100's elsewhere."""
+    if INTERPRET or device.type != "cuda":
+        return SMEM_LIMITS[90]
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _DEVICE_LIMITS:
+        properties = triton.runtime.driver.active.utils.get_device_properties(index)
+        _DEVICE_LIMITS[index] = properties["max_shared_mem"] - _SMEM_MARGIN
+    return _DEVICE_LIMITS[index]
 
 
 def smem_bytes(bm: int, bn: int, bk: int, stages: int, weights: int, element_size: int) -> int:
@@ -408,27 +435,31 @@ def smem_bytes(bm: int, bn: int, bk: int, stages: int, weights: int, element_siz
     return max(stages - 1, 1) * (bm * bk + weights * bn * bk) * element_size
 
 
-def _make_prune(n_weights, x_arg):
+def _make_prune(n_weights, x_arg, limit: int | None = None):
     """Early config pruning (runs before benchmarking, so it also saves autotune time).
 
     * drop configs whose BLOCK_M is far above the problem's M (the bucket): pure waste;
     * for prefill, drop the decode-only BLOCK_M=16 tiles;
-    * drop configs whose pipelined operand buffers would not fit in shared memory (float32 inputs
-      with large tiles); the autotuner would skip them anyway (OutOfResources) after compiling.
+    * fit the others to the device's shared memory (`limit`, by default `smem_limit` of the
+      input's device) as `fixed_launch` does, with fewer stages or a smaller BLOCK_K: float32
+      tiles would otherwise fail to launch (OutOfResources) on GPUs with less than an H100's.
     """
     def prune(configs, named_args, **kwargs):
         mb = named_args["M_BUCKET"]
-        elt = named_args[x_arg].element_size()
+        x = named_args[x_arg]
+        budget = limit or smem_limit(x.device)
         kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, mb)]
         if mb > 64:
             kept = [c for c in kept if c.kwargs["BLOCK_M"] >= 32] or kept
-
-        def smem(c):
-            return smem_bytes(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"],
-                              c.num_stages, n_weights, elt)
-
-        kept = [c for c in kept if smem(c) <= _SMEM_LIMIT] or kept
-        return kept or configs
+        out = {}
+        for c in kept or configs:
+            bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+            bk, stages = fitted(bm, bn, c.kwargs["BLOCK_K"], c.num_stages, n_weights,
+                                x.element_size(), budget)
+            fit = triton.Config(dict(c.kwargs, BLOCK_K=bk), num_warps=c.num_warps,
+                                num_stages=stages)
+            out.setdefault((tuple(sorted(fit.kwargs.items())), c.num_warps, stages), fit)
+        return list(out.values())
 
     return {"early_config_prune": prune}
 
