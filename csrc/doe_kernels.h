@@ -5,9 +5,12 @@
 // Contract shared by all entry points (the Python layer in doe_kernels/ops checks it before calling):
 //   x, weights and biases are contiguous, of one dtype (float32, float16 or bfloat16; CPU: float32 or
 //   bfloat16) and on one device; x is 2-D (rows, features); index tensors are 1-D contiguous int64,
-//   sorted, unique, in range and non-empty; the result has x's dtype; accumulation is in float32.
+//   sorted, unique, in range and non-empty; the result has x's dtype; accumulation is in float32
+//   (the CPU's bfloat16 gather + GEMM regime rounds each GEMM's result to bfloat16 before the
+//   activation, as PyTorch's bfloat16 layers do; the fused kernels round once, at the end).
 // The kernels never read out of bounds, whatever the index values (an index tensor may have
-// changed since the Python layer checked it): the CPU entry points check every index and raise
+// changed since the Python layer checked it; writing one while a call runs is a data race, as for
+// any input tensor, and is not covered): the CPU entry points check every index and raise
 // ValueError; the CUDA kernels, which cannot report to the host without a synchronisation, never
 // load through an out-of-range index (the output it feeds is 0) and stop with a device-side
 // assertion (unless built with NDEBUG). Unsorted or repeated indices are not refused: every output
@@ -114,7 +117,8 @@ void set_cpu_gather_above(int64_t rows);
 int64_t cpu_gather_above();
 // Whether a call keeping every row of its weight, with `rows` input rows in float32 (else
 // bfloat16), should run the fused kernels (true) rather than ATen's GEMM on the whole weight: at
-// few rows (decoding), float32 on AMD CPUs at any, or as set_cpu_gather_above forces.
+// few rows (decoding), float32 on AMD CPUs with AVX-512 at any, bfloat16 at any on CPUs without
+// AVX-512, or as set_cpu_gather_above forces.
 bool cpu_runs_fused_dense(bool float32, int64_t rows);
 // Whether a CPU op over `rows` rows in float32 (else bfloat16) that copies `copied_bytes` of kept
 // weights (0: its list is every row in order) takes the gather + GEMM regime.

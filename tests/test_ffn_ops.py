@@ -199,6 +199,31 @@ def test_zero_rows(device, backend):
     assert dk.gather_ffn(x, w_in, b_in, w_out_t, b_out, kept, backend=backend).shape == (0, 40)
 
 
+@pytest.mark.parametrize("device,backend", backend_cases())
+def test_registered_ops_read_strided_index_lists(device, backend):
+    """The registered ops (torch.ops.doe_kernels.*, which the public ops call after checking)
+    read an index list that is a strided view as its values: the Triton kernels read the list
+    with stride 1, so a view of every other entry gave another expert's neurons."""
+    gen = torch.Generator().manual_seed(3)
+    x, h = torch.randn(5, 24, generator=gen), torch.randn(5, 7, generator=gen)  # h: 7 kept
+    w_in, w_gate = torch.randn(40, 24, generator=gen), torch.randn(40, 24, generator=gen)
+    w_out_t, b_in = torch.randn(40, 16, generator=gen), torch.randn(40, generator=gen)
+    b_out = torch.randn(16, generator=gen)
+    x, h, w_in, w_gate, w_out_t, b_in, b_out = (
+        t.to(device) for t in (x, h, w_in, w_gate, w_out_t, b_in, b_out))
+    strided = torch.arange(0, 40, 3, device=device).flip(0)[::2]
+    assert not strided.is_contiguous()
+    ops = torch.ops.doe_kernels
+    calls = {"rows": lambda kept: ops.gather_rows_linear(x, w_in, b_in, kept, "gelu", backend),
+             "cols": lambda kept: ops.gather_cols_linear(h, w_out_t, b_out, kept, backend),
+             "ffn": lambda kept: ops.gather_ffn(x, w_in, b_in, w_out_t, b_out, kept, "relu",
+                                                backend),
+             "swiglu": lambda kept: ops.gather_swiglu_ffn(x, w_gate, w_in, w_out_t, kept,
+                                                          backend)}
+    for name, call in calls.items():
+        torch.testing.assert_close(call(strided), call(strided.contiguous()), msg=name)
+
+
 def test_input_major_is_a_contiguous_transpose():
     weight = torch.randn(7, 5)
     converted = dk.input_major(weight)

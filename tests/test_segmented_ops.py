@@ -118,6 +118,30 @@ def test_union_with_a_segment_without_rows_keeping_other_neurons():
         assert_close(out[row:row + 1], alone, what=f"row {row}")
 
 
+@pytest.mark.parametrize("device,backend", backend_cases())
+@pytest.mark.parametrize("grad", [False, True], ids=["fused", "recorded"])
+def test_the_union_keeps_another_experts_overflow_out_of_a_row(device, backend, grad):
+    """Through the union, every row computes every neuron some segment keeps, and those its own
+    expert drops are masked out: an infinite activation there (0 * inf is NaN) must not reach the
+    row, which alone never computes that neuron."""
+    gen = torch.Generator().manual_seed(4)
+    w = _weights(torch.float32, "cpu", gen)
+    w["w_in"][5], w["b_in"][5] = 3e38, 3e38  # neuron 5 overflows to inf on every row
+    w = {name: t.to(device) for name, t in w.items()}
+    x = torch.randn(2, HIDDEN, generator=gen).abs().to(device).requires_grad_(grad)
+    lists = [torch.tensor([1, 5]), torch.tensor([0, 2])]
+    segments, kept, offsets, _ = dk.pack_segments([1, 1], lists, device=device)
+    for name, run in (("ffn", lambda strategy: dk.segmented_gather_ffn(
+            x, w["w_in"], w["b_in"], w["w_out_t"], w["b_out"], segments, kept, offsets,
+            activation="relu", backend=backend, strategy=strategy)),
+                      ("swiglu", lambda strategy: dk.segmented_gather_swiglu_ffn(
+            x, w["w_in"], w["w_up"], w["w_out_t"], segments, kept, offsets, backend=backend,
+            strategy=strategy))):
+        union, alone = run("union"), run("segments")
+        assert torch.isfinite(union[1]).all() and torch.isfinite(alone[1]).all(), name
+        torch.testing.assert_close(union[1], alone[1], msg=name)
+
+
 def test_bad_layouts_are_refused():
     gen = torch.Generator().manual_seed(0)
     w = _weights(torch.float32, "cpu", gen)

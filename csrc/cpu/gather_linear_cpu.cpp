@@ -1170,8 +1170,12 @@ void mask_hidden_(at::Tensor& hidden, const std::vector<Segment>& segs,
                      [&](int64_t r0, int64_t r1) {
                        for (int64_t r = r0; r < r1; ++r) {
                          T* h = hp + r * count;
+                         // 0 where the mask is 0, even for an infinite activation (0 * inf
+                         // is NaN): a neuron the row's expert does not keep never reaches it
                          for (int64_t j = 0; j < count; ++j)
-                           h[j] = static_cast<T>(static_cast<float>(h[j]) * mask[j]);
+                           h[j] = mask[j] == 0.0f
+                                      ? T(0.0f)
+                                      : static_cast<T>(static_cast<float>(h[j]) * mask[j]);
                        }
                      });
   }

@@ -102,7 +102,7 @@ def _gather_rows_linear(
     if rows.numel() == 0 or x.shape[:-1].numel() == 0:
         return x.new_zeros(*x.shape[:-1], rows.numel())
     module, x2d = _run(x, backend)
-    weight, bias = _contiguous(weight, bias)
+    weight, bias, rows = _contiguous(weight, bias, rows)
     out = module.gather_rows_linear(x2d, weight, bias, rows, activation)
     return out.reshape(*x.shape[:-1], rows.numel())
 
@@ -122,7 +122,7 @@ def _gather_cols_linear(
     if cols.numel() == 0 or h.shape[:-1].numel() == 0:
         return _zeros_plus_bias(h, weight_t.shape[1], bias)
     module, h2d = _run(h, backend)
-    weight_t, bias, scales = _contiguous(weight_t, bias, scales)
+    weight_t, bias, scales, cols = _contiguous(weight_t, bias, scales, cols)
     out = module.gather_cols_linear(h2d, weight_t, bias, cols, scales)
     return out.reshape(*h.shape[:-1], weight_t.shape[1])
 
@@ -158,7 +158,8 @@ def _gather_ffn(
     if x.shape[:-1].numel() == 0:
         return _zeros_plus_bias(x, w_out_t.shape[1], b_out)
     module, x2d = _run(x, backend)
-    w_in, b_in, w_out_t, b_out, scales = _contiguous(w_in, b_in, w_out_t, b_out, scales)
+    w_in, b_in, w_out_t, b_out, scales, kept = _contiguous(w_in, b_in, w_out_t, b_out, scales,
+                                                           kept)
     hidden = module.gather_rows_linear(x2d, w_in, b_in, kept, activation)
     out = module.gather_cols_linear(hidden, w_out_t, b_out, kept, scales)
     return out.reshape(*x.shape[:-1], w_out_t.shape[1])
@@ -188,7 +189,7 @@ def _gather_swiglu_ffn(
     if x.shape[:-1].numel() == 0:
         return _zeros_plus_bias(x, w_down_t.shape[1], None)
     module, x2d = _run(x, backend)
-    w_gate, w_up, w_down_t, scales = _contiguous(w_gate, w_up, w_down_t, scales)
+    w_gate, w_up, w_down_t, scales, kept = _contiguous(w_gate, w_up, w_down_t, scales, kept)
     hidden = module.gather_swiglu(x2d, w_gate, w_up, kept)
     out = module.gather_cols_linear(hidden, w_down_t, None, kept, scales)
     return out.reshape(*x.shape[:-1], w_down_t.shape[1])
@@ -263,12 +264,19 @@ def gather_cols_linear(h, weight_t, bias, cols, backend: str, scales=None):
     return _gather_cols_linear_op(h, weight_t, bias, cols, backend, scales)
 
 
+def _masked(hidden: torch.Tensor, row_mask: torch.Tensor) -> torch.Tensor:
+    """The union path's hidden activations times each row's mask, 0 where the mask is 0 even
+    for an infinite or NaN activation (a neuron the row's expert does not keep never reaches its
+    output, as when the row runs alone)."""
+    return (hidden * row_mask).masked_fill_(row_mask == 0, 0)
+
+
 def _unfused_ffn(x, w_in, b_in, w_out_t, b_out, kept, activation: str, backend: str, scales=None,
                  row_mask=None):
     """The BERT FFN through the public row- and column-gathered ops (`row_mask`: each row's
     hidden activations multiplied by its row of it, the union path's)."""
     hidden = gather_rows_linear(x, w_in, b_in, kept, activation, backend)
-    hidden = hidden if row_mask is None else hidden * row_mask
+    hidden = hidden if row_mask is None else _masked(hidden, row_mask)
     return gather_cols_linear(hidden, w_out_t, b_out, kept, backend, scales)
 
 
@@ -277,7 +285,7 @@ def _unfused_swiglu_ffn(x, w_gate, w_up, w_down_t, kept, backend: str, scales=No
     """The SwiGLU FFN as _unfused_ffn."""
     gate = gather_rows_linear(x, w_gate, None, kept, "identity", backend)
     hidden = F.silu(gate) * gather_rows_linear(x, w_up, None, kept, "identity", backend)
-    hidden = hidden if row_mask is None else hidden * row_mask
+    hidden = hidden if row_mask is None else _masked(hidden, row_mask)
     return gather_cols_linear(hidden, w_down_t, None, kept, backend, scales)
 
 
@@ -518,7 +526,7 @@ def union_gather_ffn(x, w_in, b_in, w_out_t, b_out, union, row_mask, activation:
                             row_mask=row_mask)
     module, x2d = _run(x, backend)
     w_in, b_in, w_out_t, b_out = _contiguous(w_in, b_in, w_out_t, b_out)
-    hidden = module.gather_rows_linear(x2d, w_in, b_in, union, activation) * row_mask
+    hidden = _masked(module.gather_rows_linear(x2d, w_in, b_in, union, activation), row_mask)
     return module.gather_cols_linear(hidden, w_out_t, b_out, union, None)
 
 
@@ -550,7 +558,7 @@ def union_gather_swiglu_ffn(x, w_gate, w_up, w_down_t, union, row_mask, backend:
         return _unfused_swiglu_ffn(x, w_gate, w_up, w_down_t, union, backend, row_mask=row_mask)
     module, x2d = _run(x, backend)
     w_gate, w_up, w_down_t = _contiguous(w_gate, w_up, w_down_t)
-    hidden = module.gather_swiglu(x2d, w_gate, w_up, union) * row_mask
+    hidden = _masked(module.gather_swiglu(x2d, w_gate, w_up, union), row_mask)
     return module.gather_cols_linear(hidden, w_down_t, None, union, None)
 
 
