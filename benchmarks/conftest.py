@@ -51,7 +51,8 @@ def pytest_addoption(parser):
     group = parser.getgroup("doe-kernels benchmarks")
     group.addoption("--full", action="store_true", help="run the full sweep")
     group.addoption("--smoke", action="store_true", help="one tiny case per benchmark (CI)")
-    group.addoption("--bench-device", default=None, help="cpu or cuda (default: cuda if present)")
+    group.addoption("--bench-device", default=None, choices=("cpu", "cuda"),
+                    help="cpu or cuda (default: cuda if present)")
     group.addoption("--bench-dtype", default=None, choices=tuple(DTYPES),
                     help="dtype of weights and activations (default: float32 on the CPU, "
                          "bfloat16 on the GPU)")

@@ -514,8 +514,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--expert", required=True)
     p.add_argument("--task", required=True)
-    p.add_argument("--split", default="test", help="the split to evaluate on (a file without a "
-                   "split column: all of it)")
+    p.add_argument("--split", default="test", help="the split to evaluate on (default: test; a "
+                   "file without a split column: all of it)")
     p.add_argument("--dense", action="store_true", help="also the unpruned prompt-tuned "
                    "model, and the change from it with its paired standard error")
     p.set_defaults(run=cmd_eval)

@@ -74,6 +74,9 @@ RIDGE = inspect.signature(Calibration.fit).parameters["ridge"].default
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--summarize", metavar="ROOT",
+                        help="summarize the runs in ROOT's folders (their results.json) into "
+                             "ROOT/summary.md and a plot, print it, and run nothing")
     parser.add_argument("--model", default="minilm", choices=("minilm",))
     parser.add_argument("--task", default="polarity", choices=list(TASKS))
     parser.add_argument("--max-train", type=int, default=1000,
@@ -229,6 +232,9 @@ def kl_to_dense(setup: Setup, mask) -> float:
 def main(argv=None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    if args.summarize:
+        print(summarize(args.summarize))
+        return {}
     started = time.perf_counter()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -358,7 +364,4 @@ def _plot(runs, path: str) -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--summarize"]:
-        print(summarize(sys.argv[2]))
-    else:
-        main()
+    main()
