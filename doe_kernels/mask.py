@@ -466,7 +466,20 @@ class ExpertMask:
         return (all(getattr(self, kind) == getattr(other, kind) for kind in _KINDS)
                 and self.spec == other.spec)
 
-    __hash__ = object.__hash__  # by identity: prepared plans are cached per mask object
+    def __hash__(self):
+        """By value, as masks compare (equal masks share their prepared plans); computed once,
+        since a mask never changes."""
+        cached = self.__dict__.get("_hash")
+        if cached is None:
+            cached = hash((json.dumps(self._spec, sort_keys=True),) + tuple(
+                (kind, layer, tuple(value.tolist()) if isinstance(value, torch.Tensor) else value)
+                for kind in _KINDS for layer, value in getattr(self, kind)._items.items()))
+            object.__setattr__(self, "_hash", cached)
+        return cached
+
+    def __getstate__(self):
+        """Pickled without the hash, which depends on the process (str hashing is salted)."""
+        return {name: value for name, value in self.__dict__.items() if name != "_hash"}
 
 
 def _by_layer(kind: str, table) -> list:

@@ -369,6 +369,31 @@ def test_masks_compare_by_value_table_by_table():
         hash(mask.ffn)
 
 
+def test_equal_masks_hash_alike(tmp_path):
+    """Masks hash by value, as they compare (they hashed by identity: a set kept two equal masks,
+    and a dict missed an equal one); a pickled mask hashes as the process it is loaded in
+    hashes it (str hashing is salted per process)."""
+    import pickle
+    import subprocess
+    import sys
+
+    spec = dict(num_layers=2, intermediate_size=8, num_heads=4)
+    mask = dk.ExpertMask({1: [1, 2]}, {0: [0]}, spec=spec, ffn_bias={1: [0.0, 1.0]})
+    again = dk.ExpertMask({1: torch.tensor([1, 2], dtype=torch.int32)}, {0: [0]}, spec=spec,
+                          ffn_bias={1: [-0.0, 1.0]})  # -0.0 == 0.0, as torch.equal has it
+    assert mask == again and hash(mask) == hash(again) and len({mask, again}) == 1
+    assert {mask: "polarity"}[again] == "polarity"
+    assert hash(mask.replace(skip={0: 0.5})) != hash(mask)  # (not guaranteed, but expected)
+    (tmp_path / "mask.pkl").write_bytes(pickle.dumps(mask))
+    child = ("import pickle, sys, torch, doe_kernels as dk; "
+             f"loaded = pickle.loads(open({str(tmp_path / 'mask.pkl')!r}, 'rb').read()); "
+             f"fresh = dk.ExpertMask({{1: [1, 2]}}, {{0: [0]}}, spec={spec!r}, "
+             "ffn_bias={1: [0.0, 1.0]}); "
+             "sys.exit(0 if hash(loaded) == hash(fresh) and loaded == fresh else 1)")
+    assert subprocess.run([sys.executable, "-c", child], env=dict(
+        __import__("os").environ, PYTHONHASHSEED="7")).returncode == 0
+
+
 @pytest.mark.parametrize("table, match", [
     (dict(attn_bias={0: None}), r"attn_bias\[0\] must be a list or tensor of floating-point"),
     (dict(skip={0: "0.5"}), r"skip\[0\] must be a real number"),
