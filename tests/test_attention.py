@@ -42,7 +42,8 @@ def reference(x, layer, kept, num_heads, num_kv_heads, head_dim, mask, is_causal
               additive=None):
     """Dense attention in float64 over all heads, pruned heads' o_proj columns zeroed; `mask` a
     2-D padding mask, `additive` a 4-D float mask added to the scores (its minus infinities and
-    min-of-dtype values masking); a query row that sees no key gives 0, as SDPA's kernels do."""
+    min-of-dtype values masking); a query row that sees no key gives 0 (as transformers' sdpa
+    attention does), or under an additive mask the mean of the values (as its eager one does)."""
     def proj(w, b):
         out = f64(x) @ f64(w).T
         return out if b is None else out + f64(b)
@@ -67,7 +68,7 @@ def reference(x, layer, kept, num_heads, num_kv_heads, head_dim, mask, is_causal
         scores = scores + f64(additive).clamp_min(-1e300)
     sees = allowed.any(-1, keepdim=True)
     attn = scores.masked_fill(~allowed, float("-inf")).masked_fill(~sees, 0).softmax(-1) @ v
-    attn = attn.masked_fill(~sees, 0)
+    attn = attn.masked_fill(~sees, 0) if additive is None else attn  # (the mean of v)
     attn = attn.transpose(1, 2).reshape(batch, seq, -1)
     column_mask = torch.zeros(num_heads, head_dim, dtype=torch.float64, device=x.device)
     column_mask[kept] = 1
@@ -250,7 +251,8 @@ def test_attention_of_an_empty_batch(shape, kept):
 def test_additive_4d_masks_are_added_as_transformers_adds_them(fill):
     """A float 4-D mask is added to the scores: finite fills (BERT's classic -1e4, -1e9) and soft
     biases count as they are, not read as attend / do not attend; rows it masks entirely (left
-    padding under a causal mask) give 0."""
+    padding under a causal mask) average every value, as transformers' eager attention does
+    (they gave 0, as its sdpa attention does with a boolean mask)."""
     config = num_heads, num_kv_heads, head_dim = 4, 2, 8
     hidden, layer = make_layer(*config, torch.float32, "cpu", bias=True)
     gen = torch.Generator().manual_seed(7)

@@ -219,6 +219,28 @@ def test_attention_mask_formats_of_each_hf_implementation(name, implementation):
     assert_close(got, expected.double())
 
 
+@pytest.mark.parametrize("name", ["bert", "llama"])
+def test_padded_positions_equal_eager_attentions_too(name):
+    """Under eager attention (an additive mask) a position that sees no key (left padding; a
+    sequence of padding only) averages every value; the patched model gave 0 there (what sdpa
+    gives), so hidden states and full logits differed at those positions."""
+    model = build(name)
+    model.config._attn_implementation = "eager"
+    ids, attention = inputs(name)
+    attention[2] = 0  # a sequence of padding only
+    mask = mixed_mask(model)
+
+    def every_position(m):
+        out = m(input_ids=ids, attention_mask=attention)
+        return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+    with torch.no_grad():
+        expected = every_position(masked_dense(model, mask))
+        with dk.plugged(model, mask, backend="torch"):
+            got = every_position(model)
+    assert_close(got, expected.double())
+
+
 @pytest.mark.parametrize("cpu_regime", ["fused", "gather"], indirect=True)
 def test_a_bfloat16_swiglu_mlp_keeping_every_neuron_runs_the_kernel_where_it_wins(cpu_regime,
                                                                                    monkeypatch):

@@ -36,6 +36,10 @@ LINEARS = ATTENTION_LINEARS + ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 FFN_INPUTS = ("mlp.gate_proj", "mlp.up_proj")
 FFN_DOWN = "mlp.down_proj"
 
+_FLASH_MASKS = ("a patched model computes attention from the masks of attn_implementation 'sdpa' "
+                "or 'eager', not from flash attention's (a 2-D padding mask, or none): call "
+                "model.set_attn_implementation('sdpa')")
+
 
 def is_layer(module) -> bool:
     return has_modules(module, "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
@@ -104,17 +108,7 @@ class PrunedLlamaAttention(PrunedAttention):
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None,
                 past_key_values=None, cache=None, **kwargs):
         cache = cache if cache is not None else past_key_values
-        if (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2
-                and (hidden_states.shape[1] > 1 or (self.sliding_window is not None and
-                                                    attention_mask.shape[-1] >
-                                                    self.sliding_window))):
-            # flash attention's padding-only mask: causality and any sliding window are left to
-            # the kernel, which a patched model does not call (a decoding step's one query needs
-            # no causal mask, but a window shorter than its keys is lost)
-            raise UnsupportedModelError(
-                "a patched model computes attention from the masks of attn_implementation "
-                "'sdpa' or 'eager', not from a 2-D padding mask (flash attention): call "
-                "model.set_attn_implementation('sdpa')")
+        self.check_mask(hidden_states, attention_mask, cache)
         # transformers' attention functions take `is_causal` from the call (bidirectional uses
         # of a decoder pass False), else the module's, True
         causal = kwargs.get("is_causal")
@@ -142,6 +136,22 @@ class PrunedLlamaAttention(PrunedAttention):
         out = project_out(out, self.o_weight_t, self.o_bias, selection, self.backend,
                           scales=self.scales)
         return add_bias_delta(out, self.bias_delta), None
+
+    def check_mask(self, hidden_states, attention_mask, cache) -> None:
+        """Refuse the masks of flash attention (switched on after patching), which leave
+        causality and any sliding window to its kernel, which a patched model does not call: a
+        2-D padding mask (a decoding step's one query needs no causal mask, but a window shorter
+        than its keys is lost), or no mask where keys run past the sliding window (sdpa and eager
+        give one there)."""
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+            window_lost = (self.sliding_window is not None
+                           and attention_mask.shape[-1] > self.sliding_window)
+            if hidden_states.shape[1] > 1 or window_lost:
+                raise UnsupportedModelError(_FLASH_MASKS)
+        elif attention_mask is None and self.sliding_window is not None:
+            cached = 0 if cache is None else int(cache.get_seq_length(self.layer_idx))
+            if cached + hidden_states.shape[1] > self.sliding_window:
+                raise UnsupportedModelError(_FLASH_MASKS)
 
     def forward_mixed(self, hidden_states, position_embeddings, attention_mask, cache,
                       causal: bool = True):

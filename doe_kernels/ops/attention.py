@@ -137,10 +137,12 @@ def project_qkv(hidden, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias,
 def _attention_mask(attention_mask, is_causal: bool, q_len: int, kv_len: int, dtype, device):
     """(mask, empty): the mask SDPA takes, broadcastable to (batch, heads, q_len, kv_len), boolean
     (True = attend) or, from a float 4-D mask, additive in `dtype` (its finite values kept: a
-    -1e4 mask or a soft bias is added, as transformers adds it); and the query rows (batch, 1,
-    q_len, 1), or per head for a per-head mask, that see no key (a padded position), whose mask
-    is opened (SDPA would give NaN) and whose output `attend` sets to 0, as SDPA's own kernels
-    do; None without a mask."""
+    -1e4 mask or a soft bias is added, as transformers adds it; -inf read as the dtype's lowest
+    value); and, for a boolean mask, the query rows (batch, 1, q_len, 1), or per head for a
+    per-head mask, that see no key (a padded position), whose mask is opened (SDPA would give
+    NaN) and whose output `attend` sets to 0, as transformers' sdpa attention gives there. Under
+    an additive mask such a row averages every value, as transformers' eager attention does
+    (empty is None); None without a mask."""
     if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
         raise ValueError(f"attention_mask is a {type(attention_mask).__name__} (flex attention's?);"
                          " a patched model computes attention from the tensor masks of "
@@ -157,7 +159,7 @@ def _attention_mask(attention_mask, is_causal: bool, q_len: int, kv_len: int, dt
             if not attention_mask.is_floating_point():  # boolean or 0/1 integers: 1 = attend
                 mask = attention_mask.to(torch.bool)
             else:  # additive: 0 where attended, negative where masked
-                mask = attention_mask.to(dtype)
+                mask = attention_mask.to(dtype).clamp_min(torch.finfo(dtype).min)
         else:
             raise ValueError("attention_mask must be 2-D (batch, kv_len) or 4-D (batch, 1, q_len, "
                              f"kv_len), got shape {tuple(attention_mask.shape)}")
@@ -167,14 +169,11 @@ def _attention_mask(attention_mask, is_causal: bool, q_len: int, kv_len: int, dt
         if mask is None:
             return causal, None  # (every query sees a key)
         mask = mask & causal if mask.dtype == torch.bool else \
-            torch.where(causal, mask, float("-inf"))
-    if mask is None:
-        return None, None
-    # the keys each query row is kept from: False, or (additive) minus infinity or as low as
-    # transformers' min-of-dtype masks
-    blocked = ~mask if mask.dtype == torch.bool else mask <= torch.finfo(mask.dtype).min / 2
-    empty = blocked.all(dim=-1, keepdim=True)
-    return mask.masked_fill(empty, True if mask.dtype == torch.bool else 0.0), empty
+            torch.where(causal, mask, torch.finfo(mask.dtype).min)
+    if mask is None or mask.dtype != torch.bool:
+        return mask, None
+    empty = (~mask).all(dim=-1, keepdim=True)
+    return mask.masked_fill(empty, True), empty
 
 
 def _check_padding_values(attention_mask: torch.Tensor) -> None:
