@@ -22,7 +22,7 @@ import offline_models  # beside this script: on the path when it runs, and in th
 from tasks import TASKS, load_task
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
-from report import metadata  # noqa: E402  (machine, versions, date and commit of a results file)
+from report import metadata, run_start  # noqa: E402  (a results file's machine, versions, commit)
 
 import doe_kernels as dk
 
@@ -85,6 +85,7 @@ def main():
     parser.add_argument("--random-subsets", type=int, default=3)
     parser.add_argument("--out", default=os.path.join("results", "moe_smollm2"))
     args = parser.parse_args()
+    started = run_start()  # the commit and load as the run begins (it may take hours)
     os.makedirs(args.out, exist_ok=True)
 
     dense, tokenizer = offline_models.load_smollm2()
@@ -115,7 +116,7 @@ def main():
         print(rows[-1], flush=True)
     result = dict(model="SmolLM2-135M-Instruct upcycled", device="cpu",
                   threads=torch.get_num_threads(), torch=torch.__version__,
-                  meta=metadata("cpu", "moe_pruning"), args=vars(args),
+                  meta=metadata("cpu", "moe_pruning", run_info=started), args=vars(args),
                   seconds=time.perf_counter() - start, eval_tokens=sum(
                       int(b["attention_mask"][:, 1:].sum()) for b in evaluation), rows=rows)
     with open(os.path.join(args.out, "results.json"), "w") as f:

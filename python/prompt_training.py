@@ -141,9 +141,10 @@ def main(argv=None) -> dict:
     if args.save and len(ways(args)) > 1:
         parser.error("--save keeps one way's prompts: give one precision, batching and lr")
     args.validation_from_test = False  # what task_splits reads besides
-    result = dict(meta=up.metadata("cpu", "prompt_training"), args=vars(args),
-                  threads=torch.get_num_threads(), torch=torch.__version__,
-                  rows=[task_row(task, args) for task in args.tasks])
+    started = up.run_start()  # the commit and load as the run begins (it may take hours)
+    rows = [task_row(task, args) for task in args.tasks]
+    result = dict(meta=up.metadata("cpu", "prompt_training", run_info=started), args=vars(args),
+                  threads=torch.get_num_threads(), torch=torch.__version__, rows=rows)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     return result

@@ -46,7 +46,7 @@ import time
 
 import torch
 
-from tasks import TASKS, load_task
+from tasks import SPLIT_SEED, TASKS, load_task
 from unplug_and_play import load_model  # beside this script, like offline_models
 
 from doe_kernels.localize.layerwise import layerwise_reconstruction
@@ -111,15 +111,19 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def metadata(args, argv, sizes: dict, seconds: float) -> dict:
-    import transformers
+def commit() -> str | None:
+    """The checkout's commit now (read as a run begins: a later checkout would name code the run
+    did not measure)."""
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
-    def commit():
-        try:
-            return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
-                                  text=True, check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return None
+
+def metadata(args, argv, sizes: dict, seconds: float, begun_on: str | None) -> dict:
+    """The run's metadata; `begun_on`: the commit read as it began."""
+    import transformers
 
     cpu = platform.processor() or None
     try:
@@ -129,12 +133,14 @@ def metadata(args, argv, sizes: dict, seconds: float) -> dict:
     except OSError:
         pass
     return dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                commit=commit(), torch=torch.__version__, transformers=transformers.__version__,
+                commit=begun_on, torch=torch.__version__, transformers=transformers.__version__,
                 python=platform.python_version(), cpu=cpu, cores=os.cpu_count(),
                 threads=torch.get_num_threads(), model=args.model, task=args.task,
-                sizes=sizes, seed=args.seed, split_seed=args.seed, prompt=dataclasses.asdict(PromptConfig(
-                    epochs=args.epochs)), attribution=dataclasses.asdict(AttributionConfig(
-                        num_examples=args.attribution_examples)),
+                # the splits' seed is fixed (tasks.SPLIT_SEED); --seed draws the capped subsets
+                sizes=sizes, seed=args.seed, split_seed=SPLIT_SEED,
+                prompt=dataclasses.asdict(PromptConfig(epochs=args.epochs)),
+                attribution=dataclasses.asdict(AttributionConfig(
+                    num_examples=args.attribution_examples)),
                 scope=args.scope, methods=args.methods, ridge=args.ridge, prune_heads=True,
                 readout_weight=args.readout_weight,
                 batch_size=args.batch_size,
@@ -235,7 +241,7 @@ def main(argv=None) -> dict:
     if args.summarize:
         print(summarize(args.summarize))
         return {}
-    started = time.perf_counter()
+    started, begun_on = time.perf_counter(), commit()
     if args.threads:
         torch.set_num_threads(args.threads)
     train = load_task(args.task, max_examples=args.max_train, seed=args.seed)["train"]
@@ -282,7 +288,8 @@ def main(argv=None) -> dict:
                   prompt_losses=list(tuned.losses),
                   train_and_attribution_seconds=round(trained, 1),
                   calibration_seconds=round(calibration_seconds, 1),
-                  metadata=metadata(args, argv, sizes, time.perf_counter() - started))
+                  metadata=metadata(args, argv, sizes, time.perf_counter() - started,
+                                    begun_on))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(result, f, indent=1)

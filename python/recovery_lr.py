@@ -111,8 +111,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", required=True, help="results JSON to write")
     args = parser.parse_args(argv)
     args.test, args.validation_from_test = None, False  # what task_splits reads besides
-    result = dict(meta=up.metadata("cpu", "recovery_lr"), args=vars(args),
-                  rows=[row for task in args.tasks for row in task_rows(task, args)])
+    started = up.run_start()  # the commit and load as the run begins (it may take hours)
+    rows = [row for task in args.tasks for row in task_rows(task, args)]
+    result = dict(meta=up.metadata("cpu", "recovery_lr", run_info=started), args=vars(args),
+                  rows=rows)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     return result

@@ -33,6 +33,7 @@ speed depends only on the sizes) and serves those texts, on `--device` in `--dty
 """
 import argparse
 import json
+import math
 import os
 import random
 import statistics
@@ -48,7 +49,7 @@ from tasks import load_task
 from unplug_and_play import causal_lm_task, load_model
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
-from report import device_name, metadata  # noqa: E402  (the benchmarks' machine description)
+from report import device_name, metadata, run_start  # noqa: E402  (the machine's description)
 
 TASKS = ("polarity", "rotten_tomatoes", "tweets", "newsgroups", "reuters8")
 # the pruning rates of the current five-task tables (docs/results.md, localize's defaults)
@@ -139,8 +140,15 @@ def client_requests(mix, texts, count: int, seed: int) -> list[tuple[str, str]]:
     return [(task, rng.choice(texts[task])) for task in tasks]
 
 
+def percentile(sorted_values, q: float):
+    """The nearest-rank `q` percentile (0 < q <= 1) of ascending `sorted_values`: the smallest
+    value at least a `q` share of them do not exceed, sorted_values[ceil(q * n) - 1]."""
+    return sorted_values[max(math.ceil(q * len(sorted_values)) - 1, 0)]
+
+
 def load(router, mode: str, mix, texts, args) -> dict:
-    """Run the clients; requests per second and latency percentiles (ms)."""
+    """Run the clients; requests per second and latency percentiles (ms, nearest-rank:
+    `percentile`)."""
     call = router.run if mode == "serial" else router.ask
     plans = [client_requests(mix, texts, args.requests, seed=c) for c in range(args.clients)]
     latencies, errors = [], []
@@ -167,10 +175,10 @@ def load(router, mode: str, mix, texts, args) -> dict:
     if errors:
         raise errors[0]
     latencies.sort()
-    percentile = lambda q: 1e3 * latencies[min(len(latencies) - 1, int(q * len(latencies)))]  # noqa
     return dict(requests=len(latencies), seconds=round(seconds, 3),
                 requests_per_s=round(len(latencies) / seconds, 2),
-                p50_ms=round(percentile(0.5), 1), p99_ms=round(percentile(0.99), 1),
+                p50_ms=round(1e3 * percentile(latencies, 0.5), 1),
+                p99_ms=round(1e3 * percentile(latencies, 0.99), 1),
                 mean_ms=round(1e3 * statistics.fmean(latencies), 1))
 
 
@@ -260,13 +268,14 @@ def main():
     args = parse_args()
     if args.export_assets:
         return export_assets(args.export_assets, args.texts)
+    started = run_start()  # the commit and load as the run begins
     if args.assets:
         model, tokenizer = model_from_assets(args.model, args.assets)
     else:
         model, tokenizer = load_model(args.model, num_labels=2)
     model.to(args.device, getattr(torch, args.dtype))
     experts, texts = experts_and_texts(model, tokenizer, args)
-    save = results_writer(args, experts) if args.out else (lambda rows: None)
+    save = results_writer(args, experts, started) if args.out else (lambda rows: None)
     rows = measure(model, tokenizer, experts, texts, args, on_row=save)
     for mix in MIXES:
         serial, mixed = (next(r for r in rows if r["mix"] == mix and r["router"] == m)
@@ -287,10 +296,11 @@ def main():
         print(path)
 
 
-def results_writer(args, experts):
+def results_writer(args, experts, run_info=None):
     """save(rows, ceiling=None): OUT/router_<model>.json with the rows so far (written after each,
     so that a run stopped early keeps what it measured) and batching_ceiling's result; returns
-    its path."""
+    its path. `run_info`: run_start()'s record of the run's beginning (default: now)."""
+    run_info = run_info or run_start()
     os.makedirs(args.out, exist_ok=True)
     rates = {t: e.figures.get("pruning_rate", e.mask.summary()["ffn_pruning_rate"])
              for t, e in experts.items()}
@@ -300,8 +310,8 @@ def results_writer(args, experts):
         result = dict(model=args.model, experts=args.experts or "stand-ins",
                       weights="random (from the config)" if args.assets else "trained",
                       pruning_rates=rates, cpu=device_name("cpu"),
-                      **metadata(args.device, "router"), args=vars(args), rows=rows,
-                      batching_ceiling=ceiling)
+                      **metadata(args.device, "router", run_info=run_info), args=vars(args),
+                      rows=rows, batching_ceiling=ceiling)
         with open(path + ".tmp", "w") as f:
             json.dump(result, f, indent=1)
         os.replace(path + ".tmp", path)

@@ -26,7 +26,7 @@ from doe_kernels.backends import cpu
 from segmented_union_sweep import median_seconds
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
-from report import metadata  # noqa: E402  (the benchmarks' machine description)
+from report import metadata, run_start  # noqa: E402  (the benchmarks' machine description)
 
 SHAPES = {"SmolLM2-135M": (576, 1536, "swiglu"), "bert-base": (768, 3072, "gelu")}
 FORCED = {"fused": 10**12, "gemm": 0}  # cpu.set_gather_above
@@ -119,14 +119,15 @@ def main():
     if sum(r >= 64 for r in counts) < 2 or not any(r <= 16 for r in counts):
         parser.error("--rows needs two row counts of 64 or more (the fit's slopes) and one of "
                      "16 or fewer (the fused kernels' fixed part)")
+    started = run_start()  # the commit and load as the run begins
     with torch.inference_mode():
         rows = sweep(counts, getattr(torch, args.dtype))
     fits = fit(rows)
     print(json.dumps(fits, indent=1))
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(dict(**metadata("cpu", "segmented_regimes"), args=vars(args), fits=fits,
-                           rows=rows), f, indent=1)
+            json.dump(dict(**metadata("cpu", "segmented_regimes", run_info=started),
+                           args=vars(args), fits=fits, rows=rows), f, indent=1)
         print(args.out)
 
 

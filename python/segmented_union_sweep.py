@@ -23,7 +23,7 @@ import torch
 import doe_kernels as dk
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
-from report import metadata  # noqa: E402  (the benchmarks' machine description)
+from report import metadata, run_start  # noqa: E402  (the benchmarks' machine description)
 
 SHAPES = {"SmolLM2-135M": (576, 1536, "swiglu"), "bert-base": (768, 3072, "gelu"),
           "bert-large": (1024, 4096, "gelu"), "swiglu-1024x4096": (1024, 4096, "swiglu")}
@@ -97,6 +97,7 @@ def main():
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--out", default=None, help="results file (JSON)")
     args = parser.parse_args()
+    started = run_start()  # the commit and load as the run begins
     with torch.inference_mode():
         rows = sweep([int(r) for r in args.rows.split(",")], getattr(torch, args.dtype))
     mean = sum(r["auto_vs_faster"] for r in rows) / len(rows)
@@ -104,8 +105,8 @@ def main():
           f"{max(r['auto_vs_faster'] for r in rows):.2f}x at worst")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(dict(**metadata("cpu", "segmented_union_sweep"), args=vars(args),
-                           rows=rows), f, indent=1)
+            json.dump(dict(**metadata("cpu", "segmented_union_sweep", run_info=started),
+                           args=vars(args), rows=rows), f, indent=1)
         print(args.out)
 
 

@@ -16,6 +16,7 @@ cached under ~/.cache/doe_kernels, never in the repository.
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -25,7 +26,7 @@ import offline_models  # beside this script: on the path when it runs, and in th
 from tasks import TASKS, load_task
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
-from report import metadata  # noqa: E402  (machine, versions, date and commit of a results file)
+from report import metadata, run_start  # noqa: E402  (a results file's machine, versions, commit)
 
 import doe_kernels as dk
 from doe_kernels.cli import add_config_options, configs_from_args
@@ -109,33 +110,38 @@ def expert_for(task, splits, args, out_dir):
 
 def task_splits(task, args):
     """{"train", "validation", "test"} of `task` at the run's budget. Each split depends only on
-    its own size and --seed: training on --max-train (so a run with --start-from trains, and
-    tops up, on the examples the run it starts from trained on), validation on --validation
-    (so a cached expert can be tested on more examples than before without changing the
-    examples its search saw), test on --test. With --top-up-validation a validation split
-    smaller than --validation is filled with training examples the run does not train on (drawn
-    with --seed); with --validation-from-test the validation examples are drawn instead from the
-    test split's examples that this run does not test on (then they depend on --test too)."""
+    its own size and --seed (load_task's caps with a seed are nested: a smaller one is part of a
+    larger one): training on --max-train (so a run with --start-from trains, and tops up, on the
+    examples the run it starts from trained on), validation on --validation (so a cached expert
+    can be tested on more examples than before without changing the examples its search saw),
+    test on --test. With --top-up-validation a validation split smaller than --validation is
+    filled with training examples the run does not train on (drawn with --seed). With
+    --validation-from-test the validation examples are instead the test split's examples outside
+    its largest draw that leaves room for them (`room`: the split's size less --validation): the
+    same for every --test, and in no test draw (of at most `room`, with the same --seed); a larger
+    --test is refused."""
     validation = args.validation or max(50, args.max_train // 5)
     test = args.test or validation
 
     def draw(split, size):
-        part = load_task(task, max_examples=size)[split]
+        part = load_task(task, max_examples=size, seed=args.seed)[split]
         return part.sample(min(size, len(part)), seed=args.seed)
 
     def unused(split, taken):  # the whole split less the examples `taken` holds
         full, taken = load_task(task)[split], set(taken.texts)
         return full.subset(i for i, text in enumerate(full.texts) if text not in taken)
 
-    splits = dict(train=draw("train", args.max_train), test=draw("test", test))
+    splits = dict(train=draw("train", args.max_train))
     if args.validation_from_test:
-        rest = unused("test", splits["test"])
-        if len(rest) < validation:
-            raise SystemExit(f"{task}: --validation-from-test needs {validation} test examples "
-                             f"beyond the {len(splits['test'])} tested; {len(rest)} are left")
-        splits["validation"] = rest.sample(validation, seed=args.seed)
-        return splits
-    splits["validation"] = draw("validation", validation)
+        room = len(load_task(task)["test"]) - validation
+        if test > room:
+            raise SystemExit(f"{task}: --validation-from-test keeps {validation} test examples "
+                             f"for validation; --test {test} is more than the {max(room, 0)} "
+                             "left to test on")
+        rest = unused("test", draw("test", room))  # the examples no test draw of `room` holds
+        return dict(splits, test=draw("test", test),
+                    validation=rest.sample(validation, seed=args.seed))
+    splits.update(test=draw("test", test), validation=draw("validation", validation))
     missing = validation - len(splits["validation"])
     if args.top_up_validation and missing > 0:
         extra = unused("train", splits["train"]).sample(missing, seed=args.seed)
@@ -156,7 +162,7 @@ def timed_accuracy(router, name, data, repeats):
         predictions = router.run(name, data.texts)
         times.append(time.perf_counter() - start)
     accuracy = sum(p == g for p, g in zip(predictions, data.labels)) / len(data)
-    return accuracy, sorted(times)[len(times) // 2], predictions
+    return accuracy, statistics.median(times), predictions
 
 
 def main():
@@ -172,9 +178,11 @@ def main():
                              "examples the run does not train on: a larger validation set "
                              "lowers the standard error --confidence asks candidates to clear")
     parser.add_argument("--validation-from-test", action="store_true",
-                        help="draw the validation examples from the test split's examples the "
-                             "run does not test on (for tasks whose official test set differs "
-                             "from the training data, such as 20 Newsgroups' later posts)")
+                        help="draw the validation examples from the test split, outside every "
+                             "test draw that leaves room for them (the same examples for every "
+                             "--test; --test at most the split's size less --validation): for "
+                             "tasks whose official test set differs from the training data, such "
+                             "as 20 Newsgroups' later posts")
     parser.add_argument("--test", type=int, default=None,
                         help="test examples (default: as many as --validation)")
     parser.add_argument("--max-length", type=int, default=128,
@@ -193,6 +201,7 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     add_config_options(parser)  # localize's options, as `doe-kernels localize` has them
     args = parser.parse_args()
+    started = run_start()  # the commit and load as the run begins (it may take hours)
     out_dir = os.path.join(args.out, args.model)
     os.makedirs(out_dir, exist_ok=True)
 
@@ -233,7 +242,8 @@ def main():
     print_table(rows, args, model)
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(dict(model=args.model, device="cpu", threads=torch.get_num_threads(),
-                       torch=torch.__version__, meta=metadata("cpu", "unplug_and_play"),
+                       torch=torch.__version__,
+                       meta=metadata("cpu", "unplug_and_play", run_info=started),
                        args=vars(args), rows=rows), f, indent=1)
     plot(rows, os.path.join(out_dir, "accuracy_vs_pruning.png"), args.model)
 

@@ -38,6 +38,7 @@ import gc
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -47,7 +48,7 @@ import torch
 import offline_models  # beside this script
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
-from report import metadata  # noqa: E402  (machine, versions, date and commit of a results file)
+from report import run_start  # noqa: E402  (the commit and load as a run begins)
 
 RATES = (0.35, 0.65, 0.9)
 
@@ -160,9 +161,7 @@ def measure(llm, args) -> dict:
         llm.generate(batch, params, use_tqdm=False)
         return time.perf_counter() - start
 
-    def median(values):
-        return sorted(values)[len(values) // 2]
-
+    median = statistics.median
     seconds(prompts[:2], 4)  # warm-up
     batch = median([seconds(prompts, args.new_tokens) for _ in range(args.repeats)])
     long = median([seconds(prompts[:1], args.new_tokens + 1) for _ in range(args.repeats)])
@@ -321,6 +320,7 @@ def main():
     args = parser.parse_args()
     if args.skip and args.model != "mixtral-small":
         parser.error("--skip needs --model mixtral-small")
+    started = run_start()  # the commit as the run begins (it may take hours)
     os.makedirs(args.out, exist_ok=True)
     rows = run(args) if args.uneven is None else run_uneven(args)
     if args.uneven is None:
@@ -330,7 +330,7 @@ def main():
     meta = dict(model=args.model, args=vars(args), cpu=cpu_name(),
                 threads=os.cpu_count(), torch=torch.__version__, vllm=vllm.__version__,
                 date=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                commit=metadata("cpu", "vllm")["commit"])
+                commit=started["commit"])
     name = (f"vllm_{args.model}" + ("_skip" if args.skip else "")
             + ("_compiled" if args.compiled else "")
             + ("_tp2_uneven" if args.uneven is not None else ""))

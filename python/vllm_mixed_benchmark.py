@@ -22,12 +22,13 @@ the table.
 import argparse
 import json
 import os
+import statistics
 import tempfile
 import time
 
 import torch
 
-from vllm_benchmark import cpu_name, metadata, model_path, start_engine, stop_engine
+from vllm_benchmark import cpu_name, model_path, run_start, start_engine, stop_engine
 
 EXPERTS = 5
 
@@ -76,12 +77,10 @@ def measure(llm, masks, requests, args) -> list:
     generate(prompts[:2], params)  # warm-up
     rows = []
     for variant in ("dense", "mixed", "one expert", "serial"):
-        seconds, completion = (sorted(v) for v in zip(*(once(variant)
-                                                         for _ in range(args.repeats))))
+        seconds, completion = zip(*(once(variant) for _ in range(args.repeats)))
         rows.append(dict(variant=variant, requests=len(requests),
-                         tokens_per_s=len(requests) * args.new_tokens
-                         / seconds[len(seconds) // 2],
-                         completion_s=completion[len(completion) // 2]))
+                         tokens_per_s=len(requests) * args.new_tokens / statistics.median(seconds),
+                         completion_s=statistics.median(completion)))
         print(rows[-1], flush=True)
     return rows
 
@@ -134,6 +133,7 @@ def main():
                         help="vLLM's default compiled engine instead of an eager one")
     parser.add_argument("--out", default=os.path.join("results", "vllm_bench"))
     args = parser.parse_args()
+    started = run_start()  # the commit as the run begins (it may take hours)
     os.makedirs(args.out, exist_ok=True)
     rows = run(args)
     print(table(rows))
@@ -142,7 +142,7 @@ def main():
     meta = dict(model=args.model, args=vars(args), cpu=cpu_name(), threads=os.cpu_count(),
                 torch=torch.__version__, vllm=vllm.__version__,
                 date=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                commit=metadata("cpu", "vllm_mixed")["commit"])
+                commit=started["commit"])
     name = f"vllm_mixed_{args.model}" + ("_compiled" if args.compiled else "")
     with open(os.path.join(args.out, f"{name}.json"), "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1)

@@ -16,10 +16,17 @@ TINY = ["--tasks", "sentiment", "--epochs", "1", "--virtual-tokens", "2", "--max
 
 @pytest.fixture
 def run(tmp_path, monkeypatch):
-    """run(*options, out=name): the script on a built-in task's 48 examples, TINY's budget."""
+    """run(*options, out=name): the script on a built-in task's 48 examples, TINY's budget; the
+    commit is "at-start" as it begins, "later" once it reads the data."""
     minilm_dir()  # the script loads all-MiniLM-L6-v2: skips where its package is missing
     data = sentiment_task(48).split((0.5, 0.25, 0.25))
-    monkeypatch.setattr(prompt_training.up, "task_splits", lambda task, args: data)
+    monkeypatch.setenv("DOE_BENCH_COMMIT", "at-start")
+
+    def task_splits(task, args):  # the checkout moves on during the run
+        monkeypatch.setenv("DOE_BENCH_COMMIT", "later")
+        return data
+
+    monkeypatch.setattr(prompt_training.up, "task_splits", task_splits)
 
     def main(*options, out="result"):
         return prompt_training.main(TINY + list(options) + ["--out", str(tmp_path / out)])
@@ -30,6 +37,7 @@ def test_each_precision_trains_its_own_prompt(run, tmp_path):
     result = run(out="precision.json")
     out = tmp_path / "precision.json"
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert result["meta"]["commit"] == "at-start" and "load_start" in result["meta"]
     (row,) = result["rows"]
     for precision in ("float32", "bfloat16"):
         assert len(row[precision]["losses"]) == 1 and row[precision]["seconds"] > 0

@@ -57,3 +57,13 @@ def test_tiny_ablation_writes_a_row_per_variant(tmp_path, monkeypatch, capsys):
     summary = reconstruction_ablation.summarize(str(tmp_path))
     assert summary.count("\n| polarity | ") == 4 and (tmp_path / "accuracy_vs_pruning.png").exists()
     assert summary == (tmp_path / "summary.md").read_text()
+
+
+def test_metadata_records_the_fixed_split_seed():
+    """--seed draws the capped subsets; the train / validation / test split is tasks.py's own."""
+    import tasks
+
+    args = reconstruction_ablation.parse_args(["--seed", "3"])
+    meta = reconstruction_ablation.metadata(args, ["--seed", "3"], {}, 0.0, "abc")
+    assert meta["seed"] == 3 and meta["split_seed"] == tasks.SPLIT_SEED != 3
+    assert meta["commit"] == "abc"  # the commit read as the run began, not at its end

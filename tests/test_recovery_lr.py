@@ -28,9 +28,13 @@ def _saved_expert(tmp_path, monkeypatch, train_examples=16):
     (tmp_path / "minilm").mkdir()
     expert.save(tmp_path / "minilm" / "sentiment.safetensors")
     data = sentiment_task(48).split((0.5, 0.5, 0.0))
-    monkeypatch.setattr(recovery_lr.up, "task_splits",
-                        lambda task, args: dict(train=data["train"].sample(train_examples),
-                                                validation=data["validation"]))
+    monkeypatch.setenv("DOE_BENCH_COMMIT", "at-start")  # the commit as the run begins
+
+    def task_splits(task, args):  # then the checkout moves on
+        monkeypatch.setenv("DOE_BENCH_COMMIT", "later")
+        return dict(train=data["train"].sample(train_examples), validation=data["validation"])
+
+    monkeypatch.setattr(recovery_lr.up, "task_splits", task_splits)
     monkeypatch.setattr(recovery_lr, "JUDGED", 8)
 
 
@@ -40,6 +44,7 @@ def test_a_row_per_rate_and_learning_rate(tmp_path, monkeypatch):
     result = recovery_lr.main(["--start-from", str(tmp_path), "--tasks", "sentiment",
                                "--rates", "0", "0.5", "--lrs", "0.03", "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert result["meta"]["commit"] == "at-start" and "load_start" in result["meta"]
     rows = result["rows"]
     assert [(row["rate"], row["lr"], row["epochs"]) for row in rows] == [
         (0, None, 0), (0, 0.03, 1), (0.5, None, 0), (0.5, 0.03, 1)]

@@ -11,7 +11,10 @@ from expert_utils import TEXTS, seq_cls_expert, tiny_bert
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_router_benchmark_rows_and_plot(tokenizer, tmp_path):
+def test_router_benchmark_rows_and_plot(tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setenv("DOE_BENCH_COMMIT", "at-start")
+    started = rb.run_start()  # as main calls it before loading the model
+    monkeypatch.setenv("DOE_BENCH_COMMIT", "later")  # the checkout moves on during the run
     model = tiny_bert()
     experts = {task: seq_cls_expert(model, rate=0.2 * i, seed=i)
                for i, task in enumerate(rb.TASKS)}
@@ -19,9 +22,10 @@ def test_router_benchmark_rows_and_plot(tokenizer, tmp_path):
     args = argparse.Namespace(clients=3, requests=4, window=0.005, model="minilm", experts=None,
                               assets=None, device="cpu", out=str(tmp_path))
     rows = rb.measure(model, tokenizer, experts, texts, args)
-    with open(rb.results_writer(args, experts)(rows)) as f:
+    with open(rb.results_writer(args, experts, started)(rows)) as f:
         saved = json.load(f)
     assert saved["rows"] == rows and saved["pruning_rates"].keys() == experts.keys()
+    assert saved["commit"] == "at-start" and saved["load_start"] == started["load_start"]
     assert all(saved[key] for key in ("cpu", "device", "commit", "cpu_features", "torch"))
     assert [(r["mix"], r["router"]) for r in rows] == [
         (mix, router) for mix in rb.MIXES for router in ("serial", "mixed")]
@@ -41,6 +45,14 @@ def test_router_benchmark_rows_and_plot(tokenizer, tmp_path):
         times["own experts, alone"] / times["own experts, batched"], 2)
     with open(rb.results_writer(args, experts)(rows, ceiling)) as f:
         assert json.load(f)["batching_ceiling"] == ceiling
+
+
+def test_percentiles_are_nearest_rank():
+    """The q percentile of n sorted values is the ceil(q n)-th: the median of an even count is
+    the lower middle value, the 99th of 100 values the 99th."""
+    assert rb.percentile([1, 2, 3, 4], 0.5) == 2 and rb.percentile([1, 2, 3], 0.5) == 2
+    assert rb.percentile(list(range(1, 101)), 0.99) == 99
+    assert rb.percentile(list(range(1, 11)), 0.99) == 10 and rb.percentile([7], 0.01) == 7
 
 
 def test_assets_carry_configs_tokenizers_and_texts_but_no_weights(tokenizer, tmp_path,

@@ -4,15 +4,18 @@ import json
 import os
 import sys
 from argparse import Namespace
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import doe_kernels as dk
+from doe_kernels.data import write_csv
 from expert_utils import sentiment_task
 from real_models import minilm_dir
 
-import unplug_and_play  # python/, on the tests' path (pyproject.toml: pythonpath)
+import tasks  # python/, on the tests' path (pyproject.toml: pythonpath)
+import unplug_and_play
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -20,8 +23,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_recovery_run_compares_with_the_equally_retuned_baseline(tmp_path, monkeypatch, capsys):
     minilm_dir()  # the example loads all-MiniLM-L6-v2: skips where its package is missing
     data = sentiment_task(300)
-    monkeypatch.setattr(unplug_and_play, "load_task",
-                        lambda task, max_examples: data.split((0.6, 0.2, 0.2)))
+    monkeypatch.setenv("DOE_BENCH_COMMIT", "at-start")  # the commit as the run begins
+
+    def load_task(task, max_examples, seed=0):  # then the checkout moves on
+        monkeypatch.setenv("DOE_BENCH_COMMIT", "later")
+        return data.split((0.6, 0.2, 0.2))
+
+    monkeypatch.setattr(unplug_and_play, "load_task", load_task)
     monkeypatch.setattr(sys, "argv", [
         "unplug_and_play.py", "--tasks", "polarity", "--max-train", "180", "--validation", "40",
         "--test", "40", "--epochs", "4", "--recover-epochs", "1", "--recover-examples", "32",
@@ -31,7 +39,9 @@ def test_recovery_run_compares_with_the_equally_retuned_baseline(tmp_path, monke
     printed = capsys.readouterr().out
     assert "within the tolerance (1 points) on the test sets" in printed
     with open(tmp_path / "minilm" / "results.json") as f:
-        row = json.load(f)["rows"][0]
+        saved = json.load(f)
+    row = saved["rows"][0]
+    assert saved["meta"]["commit"] == "at-start" and "load_start" in saved["meta"]
     expert = dk.Expert.load(tmp_path / "minilm" / "polarity.safetensors")
     assert expert.figures["recover_epochs"] == 1 and expert.figures["recover_examples"] == 32
     assert expert.dense_prompt is not None
@@ -70,19 +80,16 @@ def test_every_task_has_chat_label_words_for_smollm2():
         unplug_and_play.causal_lm_task("polarity", tokenizer, ["negative", "sci.med"])
 
 
-def unique_task(monkeypatch):
-    """A 180 / 60 / 60 task whose texts are unique, as the real tasks' are, served to the example
-    as its `load_task`; returns the TaskData."""
+def unique_task(tmp_path, monkeypatch):
+    """A 180 / 60 / 60 task whose texts are unique, as the real tasks' are, cached as polarity's
+    data in a temporary DOE_KERNELS_DATA, so that the example's own load_task (tasks.py: nested
+    stratified caps) reads it; returns the full splits."""
     base = sentiment_task(300)
     data = dk.data.TaskData([f"{i}: {t}" for i, t in enumerate(base.texts)], base.labels,
                             base.label_names, "sentiment")
-
-    def load_task(task, max_examples=None):
-        splits = data.split((0.6, 0.2, 0.2))
-        return {k: v.sample(max_examples or len(v), seed=1) for k, v in splits.items()}
-
-    monkeypatch.setattr(unplug_and_play, "load_task", load_task)
-    return data
+    write_csv(tasks.cache_path("polarity", str(tmp_path)), data.split((0.6, 0.2, 0.2)))
+    monkeypatch.setenv("DOE_KERNELS_DATA", str(tmp_path))
+    return tasks.load_task("polarity")
 
 
 def split_args(**sizes):
@@ -92,8 +99,8 @@ def split_args(**sizes):
                      **sizes)
 
 
-def test_top_up_fills_validation_with_unused_training_examples(monkeypatch):
-    data = unique_task(monkeypatch)
+def test_top_up_fills_validation_with_unused_training_examples(tmp_path, monkeypatch):
+    full = unique_task(tmp_path, monkeypatch)
     args = split_args(validation=90, test=30)
     plain = unplug_and_play.task_splits("polarity", args)
     args.top_up_validation = True
@@ -103,7 +110,7 @@ def test_top_up_fills_validation_with_unused_training_examples(monkeypatch):
     assert topped["test"].texts == plain["test"].texts and len(topped["test"]) == 30
     assert topped["validation"].texts[:60] == plain["validation"].texts
     extra = topped["validation"].texts[60:]
-    full_train = data.split((0.6, 0.2, 0.2))["train"]
+    full_train = full["train"]
     assert set(extra) <= set(full_train.texts) and not set(extra) & set(plain["train"].texts)
     assert len(set(extra)) == 30
     labels = dict(zip(full_train.texts, full_train.labels))
@@ -119,20 +126,51 @@ def test_top_up_fills_validation_with_unused_training_examples(monkeypatch):
     assert unplug_and_play.task_splits("polarity", args)["test"].texts == smaller["test"].texts
 
 
-def test_validation_from_test_draws_the_test_examples_not_tested(monkeypatch):
-    data = unique_task(monkeypatch)
-    args = split_args(validation=30, test=20)
+def test_validation_from_test_draws_the_test_examples_not_tested(tmp_path, monkeypatch):
+    """Validation is the test split's examples outside its largest draw that leaves room for
+    them: the same for every --test, and tested by no draw of at most that many."""
+    full_test = unique_task(tmp_path, monkeypatch)["test"]
+    args = split_args(validation=20, test=10)
     plain = unplug_and_play.task_splits("polarity", args)
     args.validation_from_test = True
     shifted = unplug_and_play.task_splits("polarity", args)
     assert shifted["test"].texts == plain["test"].texts
     assert shifted["train"].texts == plain["train"].texts
-    full_test = data.split((0.6, 0.2, 0.2))["test"]
     labels = dict(zip(full_test.texts, full_test.labels))
     chosen = shifted["validation"].texts
-    assert len(set(chosen)) == 30 and set(chosen) <= set(full_test.texts)
-    assert not set(chosen) & set(shifted["test"].texts)
+    assert len(set(chosen)) == 20 and set(chosen) <= set(full_test.texts)
     assert shifted["validation"].labels == [labels[t] for t in chosen]
-    args.validation = 41  # 60 test examples, 20 tested: 40 are left
-    with pytest.raises(SystemExit, match="needs 41 test examples beyond the 20 tested; 40 are"):
+    for test in (10, 25, 40):  # 60 test examples, 20 for validation: room for 40
+        args.test = test
+        splits = unplug_and_play.task_splits("polarity", args)
+        assert splits["validation"].texts == chosen and len(splits["test"]) == test
+        assert not set(chosen) & set(splits["test"].texts)
+    args.test = 41
+    with pytest.raises(SystemExit, match="keeps 20 test examples for validation; --test 41 is "
+                                         "more than the 40 left to test on"):
         unplug_and_play.task_splits("polarity", args)
+
+
+def test_each_split_is_drawn_with_the_seed(tmp_path, monkeypatch):
+    """--seed chooses the examples, not only their order; seed 0 draws what the committed runs
+    drew (load_task's own default seed, then that order)."""
+    unique_task(tmp_path, monkeypatch)
+    args = split_args(validation=30, test=40)
+    first = unplug_and_play.task_splits("polarity", args)
+    for split, size in (("train", 80), ("validation", 30), ("test", 40)):
+        before = tasks.load_task("polarity", max_examples=size)[split].sample(size, seed=0)
+        assert first[split].texts == before.texts
+    args.seed = 1
+    other = unplug_and_play.task_splits("polarity", args)
+    for split in ("train", "test"):  # validation: all 60 either way
+        assert set(other[split].texts) != set(first[split].texts)
+
+
+def test_timed_accuracy_takes_the_median_time(monkeypatch):
+    """The median of an even number of passes is the mean of the middle two."""
+    data = dk.data.TaskData(["a", "b"], ["negative", "positive"], ["negative", "positive"])
+    router = SimpleNamespace(run=lambda name, texts: ["negative"] * len(texts))
+    clock = iter([0.0, 1.0, 10.0, 13.0])  # passes of 1 and 3 seconds
+    monkeypatch.setattr(unplug_and_play, "time", SimpleNamespace(perf_counter=clock.__next__))
+    accuracy, seconds, answers = unplug_and_play.timed_accuracy(router, "polarity", data, 2)
+    assert (accuracy, seconds, answers) == (0.5, 2.0, ["negative", "negative"])

