@@ -396,9 +396,13 @@ def test_attention_implementations_other_than_sdpa_and_eager_are_refused_for_cau
             mistral(input_ids=long)
         mistral.config._attn_implementation = "sdpa"
         mistral(input_ids=long)  # sdpa's mask: served
-        short = torch.randint(3, 120, (1, window))
+        short = torch.randint(3, 120, (1, window - 1))
+        want = mistral.generate(short, max_new_tokens=6, do_sample=False)
         mistral.config._attn_implementation = "flash_attention_2"
         mistral(input_ids=short)  # within the window, no mask is needed
+        # decoding past the window: the sliding cache gives at most the window's keys (its
+        # token count runs past it): served, as sdpa serves it
+        assert torch.equal(mistral.generate(short, max_new_tokens=6, do_sample=False), want)
         mistral.config._attn_implementation = "sdpa"
     assert attn is mistral.model.layers[0].self_attn  # unpatched again
     bert = build("bert")

@@ -108,7 +108,7 @@ class PrunedLlamaAttention(PrunedAttention):
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None,
                 past_key_values=None, cache=None, **kwargs):
         cache = cache if cache is not None else past_key_values
-        self.check_mask(hidden_states, attention_mask, cache)
+        self.check_mask(hidden_states, attention_mask)
         # transformers' attention functions take `is_causal` from the call (bidirectional uses
         # of a decoder pass False), else the module's, True
         causal = kwargs.get("is_causal")
@@ -131,27 +131,30 @@ class PrunedLlamaAttention(PrunedAttention):
             k, v = self.cache_update(cache, k, v)
         is_causal = causal and attention_mask is None and q.shape[2] > 1
         k, v = keys_of_pass(k, v, q.shape[2], is_causal)
+        self.check_window(attention_mask, k.shape[2])
         out = attend(q, k, v, selection, attention_mask, is_causal=is_causal, scale=self.scaling,
                      dropout=self.dropout_p())
         out = project_out(out, self.o_weight_t, self.o_bias, selection, self.backend,
                           scales=self.scales)
         return add_bias_delta(out, self.bias_delta), None
 
-    def check_mask(self, hidden_states, attention_mask, cache) -> None:
-        """Refuse the masks of flash attention (switched on after patching), which leave
-        causality and any sliding window to its kernel, which a patched model does not call: a
-        2-D padding mask (a decoding step's one query needs no causal mask, but a window shorter
-        than its keys is lost), or no mask where keys run past the sliding window (sdpa and eager
-        give one there)."""
+    def check_mask(self, hidden_states, attention_mask) -> None:
+        """Refuse flash attention's 2-D padding mask (flash attention switched on after
+        patching), which leaves causality and any sliding window to its kernel, which a patched
+        model does not call (a decoding step's one query needs no causal mask, but a window
+        shorter than its keys is lost); `check_window` sees the other case."""
         if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
             window_lost = (self.sliding_window is not None
                            and attention_mask.shape[-1] > self.sliding_window)
             if hidden_states.shape[1] > 1 or window_lost:
                 raise UnsupportedModelError(_FLASH_MASKS)
-        elif attention_mask is None and self.sliding_window is not None:
-            cached = 0 if cache is None else int(cache.get_seq_length(self.layer_idx))
-            if cached + hidden_states.shape[1] > self.sliding_window:
-                raise UnsupportedModelError(_FLASH_MASKS)
+
+    def check_window(self, attention_mask, keys: int) -> None:
+        """Refuse a pass without a mask whose `keys` (as the cache gives them) run past the
+        sliding window: flash attention's (sdpa and eager give a mask there)."""
+        if attention_mask is None and self.sliding_window is not None and (
+                keys > self.sliding_window):
+            raise UnsupportedModelError(_FLASH_MASKS)
 
     def forward_mixed(self, hidden_states, position_embeddings, attention_mask, cache,
                       causal: bool = True):
