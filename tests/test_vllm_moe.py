@@ -11,6 +11,7 @@ leaves them in place, and a mixed step's rows reassembled in order. Skipped with
 `vllm`.
 """
 import itertools
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -235,6 +236,30 @@ def test_expert_weights_written_in_place_are_read_again_or_refused(repacked):
         assert after is not before and torch.equal(after.gate_up, new_w13)
         assert torch.equal(after.down_t, new_w2.transpose(1, 2))
         assert expert_weights(block) is after
+        _reload_in_checkpoint_format(layer, keeping_experts(process))
+        assert copies_a_reload_misses(block) == []  # kept from vLLM's parameters again
+        reloaded = expert_weights(block)
+        assert reloaded.gate_up.data_ptr() == layer.w13_weight.data_ptr()
+        with torch.no_grad():
+            layer.w2_weight.copy_(new_w2 - 1)
+        assert torch.equal(expert_weights(block).down_t, (new_w2 - 1).transpose(1, 2))
+
+
+def _reload_in_checkpoint_format(layer, keep) -> None:
+    """What vLLM 0.32's layer-wise reload does (model_loader/reload/layerwise.py): new weights
+    loaded into new parameters, processed (`keep`, the wrapped processing), copied into the
+    parameters vLLM had, which are put back."""
+    old = dict(layer.named_parameters())
+    for name in old:
+        delattr(layer, name)
+    for name, parameter in old.items():
+        setattr(layer, name, torch.nn.Parameter(torch.randn_like(parameter) + 5,
+                                                requires_grad=False))
+    keep(SimpleNamespace(unquantized_backend=SimpleNamespace(name="TRITON")), layer)
+    for name, parameter in old.items():
+        parameter.data.copy_(getattr(layer, name))
+        delattr(layer, name)
+        layer.register_parameter(name, parameter)
 
 
 class _Gate(torch.nn.Linear):

@@ -32,6 +32,7 @@ from doe_kernels.ops import input_major
 
 _KEPT = "_doe_dense_weight"  # set on a kept linear before vLLM repacks it
 _STAMP = "_doe_kept_from"  # the parameters' _Stamps as vLLM left them once it had repacked
+_IN_PLACE = "_doe_experts_in_place"  # True where kept experts were vLLM's own parameters
 _CACHED = "_doe_weights"  # set on an MLP or attention at its first plug
 _AS_LOADED = ("mlp.gate_up_proj", "self_attn.qkv_proj")
 _INPUT_MAJOR = ("mlp.down_proj", "self_attn.o_proj")
@@ -154,6 +155,7 @@ def keeping_experts(process):
                                      "weights in place, so they were not kept")
         elif not w13.is_meta and w13.dim() == 3 and w2.dim() == 3:
             layer.__dict__[_KEPT] = _LoadedExperts(w13, w2)
+            layer.__dict__[_IN_PLACE] = _in_parameter(layer, layer.__dict__[_KEPT])
             layer.__dict__[_STAMP] = (_Stamp.of(layer, "w13_weight"), _Stamp.of(layer, "w2_weight"))
         return out
 
@@ -202,7 +204,7 @@ def expert_weights(block) -> ExpertWeights:
             raise RuntimeError(f"{getattr(block.experts, 'layer_name', 'a MoE block')}: {kept}; "
                                "neurons inside the experts and skipping are served on vLLM's "
                                f"{', '.join(_LEAVES_EXPERTS)} MoE backends")
-        if isinstance(kept, (_LoadedExperts, ExpertWeights)) and _written_in_place(module, kept):
+        if isinstance(kept, (_LoadedExperts, ExpertWeights)) and _moved_in_place(module, kept):
             kept = _LoadedExperts(module.w13_weight.detach(), module.w2_weight.detach())
             module.__dict__[_STAMP] = (_Stamp.of(module, "w13_weight"),
                                        _Stamp.of(module, "w2_weight"))
@@ -228,7 +230,7 @@ def copies_a_reload_misses(model) -> list:
     for name, module in model.named_modules():
         kept = module.__dict__.get(_KEPT)
         if isinstance(kept, torch.Tensor) or (isinstance(kept, (_LoadedExperts, ExpertWeights))
-                                              and not _in_parameter(module, kept)):
+                                              and not module.__dict__.get(_IN_PLACE)):
             missed.append(name)
     return missed
 
@@ -241,10 +243,15 @@ def _in_parameter(module, kept) -> bool:
             and parameter.data_ptr() == w13.data_ptr())
 
 
-def _written_in_place(module, kept) -> bool:
-    """Whether vLLM wrote new weights into the parameters that kept experts read (a reload in
-    kernel format on GPUs): only the down projections converted from them are then stale."""
-    return _in_parameter(module, kept) and _written_since_kept(module, ("w13_weight", "w2_weight"))
+def _moved_in_place(module, kept) -> bool:
+    """Whether kept experts that were vLLM's own parameters (GPUs: its Triton experts leave them
+    as loaded) no longer are, or were written since: a reload in checkpoint format puts vLLM's
+    parameter objects back after processing copies of them (which is what was kept), one in
+    kernel format writes new values into them. They are then kept again from the parameters
+    (and the down projections converted from them, again)."""
+    return bool(module.__dict__.get(_IN_PLACE)) and (
+        not _in_parameter(module, kept)
+        or _written_since_kept(module, ("w13_weight", "w2_weight")))
 
 
 def _written_since_kept(module, names: tuple) -> bool:
