@@ -356,10 +356,11 @@ def cmd_eval(args) -> None:
 
 def _timed_correct(expert, model, tokenizer, data, backend: str = "auto"):
     """(which of `data` the expert answers right, seconds of that pass) with the expert plugged
-    for it: a pass over a few examples first pays the one-off costs (the process's first forward
-    pass, loading kernels), which would otherwise land on whichever model ran first."""
+    for it: a first batch, untimed, pays the one-off costs (the process's first forward pass,
+    loading kernels), which would otherwise land on whichever model ran first. (Triton's
+    autotuner still tunes each new shape the timed pass meets.)"""
     with expert.plugged(model, backend=backend):
-        expert.correct(model, tokenizer, data.subset(range(min(8, len(data)))))
+        expert.correct(model, tokenizer, data.subset(range(min(32, len(data)))))
         start = time.perf_counter()
         correct = expert.correct(model, tokenizer, data)
         return correct, time.perf_counter() - start

@@ -40,21 +40,19 @@ import datetime
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 
 import torch
 
 from tasks import SPLIT_SEED, TASKS, load_task
-from unplug_and_play import load_model  # beside this script, like offline_models
+from unplug_and_play import load_model, run_start  # beside this script, like offline_models
 
 from doe_kernels.localize.layerwise import layerwise_reconstruction
 from doe_kernels.localize.reconstruct import AUTO_VARIANTS, mean_kl
 from doe_kernels.localize import (AttributionConfig, Calibration, PromptConfig, _Run, _Task,
                                   _tune_prompt, attribute, mask_at_rate, paired_change)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join("benchmarks", "results", "local", "reconstruction_ablation")
 # each mask's variants, in the tables' order: name -> heading
 VARIANTS = {"plain": "plain", "bias": "bias (FLAP)", "scales": "scales + bias",
@@ -111,18 +109,8 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def commit() -> str | None:
-    """The checkout's commit now (read as a run begins: a later checkout would name code the run
-    did not measure)."""
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
-def metadata(args, argv, sizes: dict, seconds: float, begun_on: str | None) -> dict:
-    """The run's metadata; `begun_on`: the commit read as it began."""
+def metadata(args, argv, sizes: dict, seconds: float, begun: dict) -> dict:
+    """The run's metadata; `begun`: run_start()'s record of its beginning (commit, load)."""
     import transformers
 
     cpu = platform.processor() or None
@@ -133,7 +121,8 @@ def metadata(args, argv, sizes: dict, seconds: float, begun_on: str | None) -> d
     except OSError:
         pass
     return dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                commit=begun_on, torch=torch.__version__, transformers=transformers.__version__,
+                commit=begun["commit"], load_start=begun["load_start"],
+                torch=torch.__version__, transformers=transformers.__version__,
                 python=platform.python_version(), cpu=cpu, cores=os.cpu_count(),
                 threads=torch.get_num_threads(), model=args.model, task=args.task,
                 # the splits' seed is fixed (tasks.SPLIT_SEED); --seed draws the capped subsets
@@ -241,7 +230,7 @@ def main(argv=None) -> dict:
     if args.summarize:
         print(summarize(args.summarize))
         return {}
-    started, begun_on = time.perf_counter(), commit()
+    started, begun = time.perf_counter(), run_start()
     if args.threads:
         torch.set_num_threads(args.threads)
     train = load_task(args.task, max_examples=args.max_train, seed=args.seed)["train"]
@@ -288,8 +277,7 @@ def main(argv=None) -> dict:
                   prompt_losses=list(tuned.losses),
                   train_and_attribution_seconds=round(trained, 1),
                   calibration_seconds=round(calibration_seconds, 1),
-                  metadata=metadata(args, argv, sizes, time.perf_counter() - started,
-                                    begun_on))
+                  metadata=metadata(args, argv, sizes, time.perf_counter() - started, begun))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(result, f, indent=1)

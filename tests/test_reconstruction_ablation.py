@@ -64,6 +64,7 @@ def test_metadata_records_the_fixed_split_seed():
     import tasks
 
     args = reconstruction_ablation.parse_args(["--seed", "3"])
-    meta = reconstruction_ablation.metadata(args, ["--seed", "3"], {}, 0.0, "abc")
+    begun = dict(commit="abc", load_start=0.5)
+    meta = reconstruction_ablation.metadata(args, ["--seed", "3"], {}, 0.0, begun)
     assert meta["seed"] == 3 and meta["split_seed"] == tasks.SPLIT_SEED != 3
     assert meta["commit"] == "abc"  # the commit read as the run began, not at its end
