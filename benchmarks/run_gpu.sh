@@ -7,21 +7,23 @@
 # PLAN:
 #   budget (default)  fits one run of 10 minutes (run it under a 560 s limit, with .gpu_prebuilt
 #                     and .gpu_assets copied beside the tree):
-#                     every stage is cut to what is left of BUDGET seconds (default 480): the GPU
+#                     every stage is cut to what is left of BUDGET seconds (default 530): the GPU
 #                     tests (`-m gpu`, one xdist worker per core), the segmented FFN on
 #                     LLaMA-7B's shape at 5 x 1 and 5 x 3 rows (the cuda backend's segmented
 #                     kernels) and a SmolLM2-shaped model serving five experts in one batch
 #                     (mixed-task batches, prefill and decode), the router benchmark on MiniLM
 #                     and SmolLM2 (when .gpu_assets/ is carried), BERT-base and LLaMA-7B end to end
-#                     (a LLaMA-7B token as a CUDA graph too), the FFN op sweep on the target
-#                     shapes, expert swap on a LLaMA-7B-sized model, then attention.
+#                     (a LLaMA-7B token as a CUDA graph too), expert swap on a LLaMA-7B-sized
+#                     model, attention, then the FFN op sweep on the target shapes (last: its
+#                     --time-budget trims its tail to what is left).
 #   tests             the whole test suite (CPU and GPU tests), then the CUDA kernels under
 #                     compute-sanitizer; no benchmarks.
 #   quick / full      the whole test suite, then `pytest benchmarks/` (or `--full`), uncut.
 #   bench-quick / bench-full   the sweep alone; extra arguments go to it (e.g. `-k ffn`).
 # The extension: a prebuilt doe_kernels/_C for this Python, carried in .gpu_prebuilt/ (made here by
-# `bash benchmarks/prebuild_gpu_ext.sh`, which needs no GPU), is used when it loads and one CUDA op
-# computes right with it; otherwise it is built (`setup.py build_ext --inplace`, sm_90).
+# `bash benchmarks/prebuild_gpu_ext.sh`, which needs no GPU), is used when it was built from these
+# sources (.gpu_prebuilt/sources.sha256), it loads and one CUDA op computes right with it;
+# otherwise it is built (`setup.py build_ext --inplace`, sm_90).
 # A stage cut by its time limit gets SIGINT, so pytest still writes what it measured; the archive
 # is rewritten (atomically) after every stage, so a call cut off by the tool's limit still returns
 # what finished. Afterwards, here: `tar xzf gpu_run.tgz -C benchmarks/results/gpu_<device>` puts
@@ -41,7 +43,7 @@ case "$plan" in
 esac
 OUT="${OUT:-$(mktemp -d)}"
 mkdir -p "$OUT" || exit 1
-BUDGET="${BUDGET:-480}"
+BUDGET="${BUDGET:-530}"
 export PYTHONUNBUFFERED=1 MAX_JOBS="${MAX_JOBS:-16}" DOE_KERNELS_CUDA_ARCHS="${DOE_KERNELS_CUDA_ARCHS:-9.0}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 start=$(date +%s)
@@ -80,47 +82,57 @@ PYTEST=(python3 -m pytest -q -p no:cacheprovider)
 BENCH=("${PYTEST[@]}" --benchmark-disable-gc --results-dir "$packed")
 
 # ---- environment and extension -----------------------------------------------------------------
-# One CUDA op through the extension, against torch: exit 0 when the cuda backend works and has
-# the segmented kernels (a module prebuilt before them is rebuilt).
+# The versions and backends, then one CUDA op through the extension, against torch: exit 0 when
+# the cuda backend works and has the segmented kernels (a module prebuilt before them is rebuilt).
 CHECK_EXT='
-import sys, torch, doe_kernels as dk
+import sys, torch, triton, transformers as t, doe_kernels as dk
 from doe_kernels.backends import cuda
+print("python", sys.version.split()[0], "| torch", torch.__version__, "| triton",
+      triton.__version__, "| transformers", t.__version__)
+print("backends: cuda", dk.available_backends("cuda"), "| cpu", dk.available_backends("cpu"))
 if "cuda" not in dk.available_backends("cuda") or not hasattr(cuda, "segmented_ffn"):
     sys.exit(1)
 x, w = torch.randn(3, 64, device="cuda"), torch.randn(32, 64, device="cuda")
 rows = torch.tensor([1, 5, 30], device="cuda")
 out = dk.gather_rows_linear(x, w, None, rows, backend="cuda")
 sys.exit(0 if torch.allclose(out, x @ w[rows].T, atol=1e-3, rtol=1e-3) else 2)'
+# sources_hash: what .gpu_prebuilt/sources.sha256 records (prebuild_gpu_ext.sh writes it)
+sources_hash() {
+  find csrc setup.py -type f | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -c1-64
+}
+ext_ok="$logs/extension_works"  # written when the extension works (the block below is a subshell)
 {
   echo "== $(date -u +%FT%TZ) plan=$plan budget=${BUDGET}s commit=${DOE_BENCH_COMMIT:-unknown}"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   suffix="$(python3 -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")"
-  works=0
   if [[ ! -f "doe_kernels/_C$suffix" && -f ".gpu_prebuilt/_C$suffix" ]]; then
-    cp ".gpu_prebuilt/_C$suffix" doe_kernels/
-    if python3 -c "$CHECK_EXT" 2>&1; then
-      works=1 && echo "== extension: the prebuilt one works $(elapsed)"
+    if [[ "$(cat .gpu_prebuilt/sources.sha256 2>/dev/null)" != "$(sources_hash)" ]]; then
+      echo "== extension: the prebuilt one was built from other sources; building"
     else
-      echo "== extension: the prebuilt one does not work here; building"
-      rm -f "doe_kernels/_C$suffix"
+      cp ".gpu_prebuilt/_C$suffix" doe_kernels/
+      if python3 -c "$CHECK_EXT" 2>&1; then
+        touch "$ext_ok" && echo "== extension: the prebuilt one works $(elapsed)"
+      else
+        echo "== extension: the prebuilt one does not work here; building"
+        rm -f "doe_kernels/_C$suffix"
+      fi
     fi
-  elif [[ -f "doe_kernels/_C$suffix" ]] && python3 -c "$CHECK_EXT" 2>/dev/null; then
-    works=1 && echo "== extension: the one built in place works $(elapsed)"
+  elif [[ -f "doe_kernels/_C$suffix" ]] && python3 -c "$CHECK_EXT" 2>&1; then
+    touch "$ext_ok" && echo "== extension: the one built in place works $(elapsed)"
   fi
-  if (( ! works )); then
+  if [[ ! -f "$ext_ok" ]]; then
     echo "== build $(elapsed)"
     limited "$(cap 300)" python3 setup.py build_ext --inplace > "$logs/build_ext.log" 2>&1
     tail -n 20 "$logs/build_ext.log"
-    python3 -c "$CHECK_EXT" && echo "== extension: built, the cuda op works" \
-      || echo "== extension: the cuda backend does not work (exit $?)"
+    if python3 -c "$CHECK_EXT"; then
+      touch "$ext_ok" && echo "== extension: built, the cuda op works"
+    else
+      echo "== extension: the cuda backend does not work (exit $?)"
+    fi
   fi
-  python3 -c "import sys, torch, triton, transformers as t, doe_kernels as dk
-print('python', sys.version.split()[0], '| torch', torch.__version__, '| triton', triton.__version__,
-      '| transformers', t.__version__)
-print('backends: cuda', dk.available_backends('cuda'), '| cpu', dk.available_backends('cpu'))"
   echo "== extension ready $(elapsed)"
 } 2>&1 | tee "$logs/build.log"
-python3 -c "$CHECK_EXT" > /dev/null 2>&1 || failed+=("extension")
+[[ -f "$ext_ok" ]] || failed+=("extension")
 pack
 
 # ---- tests -------------------------------------------------------------------------------------
@@ -128,7 +140,7 @@ parallel=()
 python3 -c "import xdist" 2>/dev/null && parallel=(-n "$(nproc)")
 if [[ "$plan" == "budget" ]]; then
   echo "== GPU tests (-m gpu) $(elapsed)"
-  limited "$(cap 180)" "${PYTEST[@]}" tests/ -m gpu -rs "${parallel[@]}" > "$logs/tests.log" 2>&1
+  limited "$(cap 120)" "${PYTEST[@]}" tests/ -m gpu -rs "${parallel[@]}" > "$logs/tests.log" 2>&1
   ran "GPU tests" $?
   tail -n 30 "$logs/tests.log"
 elif [[ "$plan" != bench-* ]]; then
@@ -197,11 +209,11 @@ if [[ "$plan" == "budget" ]]; then
   router smollm2 60
   bench model 120 benchmarks/test_model_bench.py --full --rates 0.35,0.65 \
     -k "not ffn and not attn and not smollm2" "$@"
-  bench ffn 150 benchmarks/test_ffn_bench.py --shapes llama-7b,bert-base,llama3-8b \
-    --rates 0,0.35,0.65,0.9 --rows 1,8,16,512,2048 "$@"
   bench swap 45 benchmarks/test_swap_bench.py --full "$@"
   bench attention 60 benchmarks/test_attention_bench.py::test_attention \
     --shapes bert-base,llama3-8b --rates 0.35,0.65 --rows 1,512,2048 "$@"
+  bench ffn 150 benchmarks/test_ffn_bench.py --shapes llama-7b,bert-base,llama3-8b \
+    --rates 0.35,0.65,0.9 --rows 1,16,2048 "$@"
 else
   mode="${plan#bench-}"
   extra=()

@@ -164,7 +164,8 @@ def load(router, mode: str, mix, texts, args) -> dict:
         except Exception as error:  # reported below
             errors.append(error)
 
-    threads = [threading.Thread(target=client, args=(plan,)) for plan in plans]
+    # daemon threads: a run cut off by its time limit ends without waiting for its clients
+    threads = [threading.Thread(target=client, args=(plan,), daemon=True) for plan in plans]
     for thread in threads:
         thread.start()
     start_line.wait()
