@@ -7,6 +7,7 @@ prompts as token ids (no tokenizer differences). Skipped without vLLM; marked `v
 import gc
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -881,6 +882,25 @@ def test_plug_on_ranks_prepares_every_layer_only_for_an_expert_to_hold():
     assert checks == [False, True]
 
 
+def test_micro_batching_engines_are_refused():
+    """vLLM's micro-batching runs the model once per slice of a step's tokens, in threads of its
+    own, while the step's layout describes all of them (a slice's rows would go to other
+    experts): refused, as CUDA graphs and pipeline parallelism are."""
+    from types import SimpleNamespace
+
+    from vllm.config import CUDAGraphMode
+
+    from doe_kernels.vllm.worker import check_engine_config
+
+    parallel = SimpleNamespace(pipeline_parallel_size=1, use_ubatching=True)
+    config = SimpleNamespace(parallel_config=parallel, compilation_config=SimpleNamespace(
+        cudagraph_mode=CUDAGraphMode.NONE, cudagraph_capture_sizes=[]))
+    with pytest.raises(RuntimeError, match="micro-batching"):
+        check_engine_config(config)
+    parallel.use_ubatching = False
+    assert check_engine_config(config) is None
+
+
 def test_watch_steps_sets_each_steps_layout():
     """A stand-in model runner: the layout its forward sees comes from the batch order and the
     scheduled tokens; none outside a step; an unknown name is an error naming it; `after_step`
@@ -916,6 +936,14 @@ def test_watch_steps_sets_each_steps_layout():
     assert mixed.named_experts(SimpleNamespace()) == set()
     with pytest.raises(RuntimeError, match="model runner to have"):
         mixed.watch_steps(SimpleNamespace(), known=lambda name: True)
+    # the runner's own layout (query_start_loc) wins over the scheduler's counts: it trims them
+    # (rejected speculative tokens), and a row of another request would be served on "a"
+    runner.requests["r3"] = request("r3", "a")
+    runner.query_start_loc = SimpleNamespace(np=np.array([0, 3, 4, 4, 4, 4]))
+    runner.execute_model(SimpleNamespace(num_scheduled_tokens=dict(r1=3, r2=3, r3=0)))
+    want = mixed.layout_of([None, "a", "a"], [3, 1, 0], 7)  # (the 3 rows past them: padding)
+    assert seen[-1].names == want.names and seen[-1].counts == want.counts
+    assert want.counts != mixed.layout_of([None, "a", "a"], [3, 3, 0], 7).counts
 
 
 def _tiny_model(family: str, path) -> str:

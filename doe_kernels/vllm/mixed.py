@@ -145,8 +145,18 @@ def _layout_of_step(runner, scheduler_output, rows: int, known) -> StepLayout | 
     """The step's layout from the runner's batch order (as vLLM lays out the tokens)."""
     req_ids = runner.input_batch.req_ids[:runner.input_batch.num_reqs]
     names = [_expert_of(runner.requests[req_id], known) for req_id in req_ids]
-    counts = [int(scheduler_output.num_scheduled_tokens.get(req_id, 0)) for req_id in req_ids]
-    return layout_of(names, counts, rows)
+    return layout_of(names, _token_counts(runner, scheduler_output, req_ids), rows)
+
+
+def _token_counts(runner, scheduler_output, req_ids) -> list[int]:
+    """Each request's tokens in this step, as the runner laid them out (its query_start_loc,
+    filled before the forward: the scheduler's counts less what the runner trims, such as
+    rejected speculative tokens), else as the scheduler gave them."""
+    starts = getattr(getattr(runner, "query_start_loc", None), "np", None)
+    if starts is not None and len(starts) > len(req_ids):
+        return [int(end - start) for start, end in zip(starts[:len(req_ids)],
+                                                       starts[1:len(req_ids) + 1])]
+    return [int(scheduler_output.num_scheduled_tokens.get(req_id, 0)) for req_id in req_ids]
 
 
 def named_experts(runner) -> set:

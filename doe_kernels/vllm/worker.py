@@ -40,8 +40,9 @@ STAGED = 4  # plans staged per rank (swaps checked, not yet applied): the oldest
 
 
 def check_engine_config(vllm_config) -> None:
-    """Raise RuntimeError for an engine that captures CUDA graphs or runs pipeline parallel.
-    Eager and compiled engines are both served (compiled ones through routes.py). An engine
+    """Raise RuntimeError for an engine that captures CUDA graphs, runs pipeline parallel or in
+    micro-batches (the model run once per slice of a step's tokens, in threads of its own: the
+    step's layout describes all of them). Eager and compiled engines are both served (compiled ones through routes.py). An engine
     captures graphs when its cudagraph_mode is not NONE and it has sizes to capture (the CPU
     platform empties them), compiled or not: without compilation vLLM still captures whole
     decode steps (FULL_DECODE_ONLY)."""
@@ -56,6 +57,9 @@ def check_engine_config(vllm_config) -> None:
     if vllm_config.parallel_config.pipeline_parallel_size > 1:
         raise RuntimeError("doe_kernels.vllm does not support pipeline parallelism yet "
                            "(pipeline_parallel_size > 1); use tensor_parallel_size")
+    if getattr(vllm_config.parallel_config, "use_ubatching", False):
+        raise RuntimeError("doe_kernels.vllm does not support micro-batching (enable_dbo, or "
+                           "ubatch_size > 1)")
 
 
 class WorkerExtension:
