@@ -153,8 +153,8 @@ def encode(tokenizer, texts, task_type: str, template: str | None, max_length: i
         return torch.zeros((0, 0), dtype=torch.long), torch.zeros((0, 0), dtype=torch.long)
     check_texts(texts)
     if task_type == CAUSAL_LM:
-        texts = fit_template(tokenizer, template or DEFAULT_TEMPLATE, texts, max_length)
         tail = _appended_tokens(tokenizer)
+        texts = fit_template(tokenizer, template or DEFAULT_TEMPLATE, texts, max_length, tail)
         rows = tokenizer(texts, truncation=True, max_length=max_length + len(tail))["input_ids"]
         return _left_padded([_without(tail, row) for row in rows], tokenizer)
     else:
@@ -204,11 +204,12 @@ def by_length(tokenizer, texts) -> list[int]:
     return sorted(range(len(lengths)), key=lengths.__getitem__)
 
 
-def fit_template(tokenizer, template: str, texts, max_length: int) -> list[str]:
+def fit_template(tokenizer, template: str, texts, max_length: int,
+                 tail: list | None = None) -> list[str]:
     """Each text put into `template`, its end cut where the whole would pass `max_length` tokens:
     the template's end (where the label word is scored) always stays. Tokens the tokenizer
-    appends after a text are not counted: `encode` drops them."""
-    tail = _appended_tokens(tokenizer)
+    appends after a text (`tail`, found when None) are not counted: `encode` drops them."""
+    tail = _appended_tokens(tokenizer) if tail is None else tail
     filled = [template.format(text=t) for t in texts]
     lengths = [len(_without(tail, ids)) for ids in tokenizer(filled)["input_ids"]]
     for i, (text, length) in enumerate(zip(texts, lengths)):

@@ -36,7 +36,6 @@ from doe_kernels.patching import (
 )
 
 
-
 def _as_masks(masks) -> list[ExpertMask]:
     if isinstance(masks, ExpertMask) or not hasattr(masks, "__iter__"):
         raise TypeError("masks must be a list with one ExpertMask (or None) per batch sequence, "

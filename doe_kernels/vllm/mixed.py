@@ -152,10 +152,9 @@ def _token_counts(runner, scheduler_output, req_ids) -> list[int]:
     """Each request's tokens in this step, as the runner laid them out (its query_start_loc,
     filled before the forward: the scheduler's counts less what the runner trims, such as
     rejected speculative tokens), else as the scheduler gave them."""
-    starts = getattr(getattr(runner, "query_start_loc", None), "np", None)
-    if starts is not None and len(starts) > len(req_ids):
-        return [int(end - start) for start, end in zip(starts[:len(req_ids)],
-                                                       starts[1:len(req_ids) + 1])]
+    starts, count = getattr(getattr(runner, "query_start_loc", None), "np", None), len(req_ids)
+    if starts is not None and len(starts) > count:
+        return [int(n) for n in starts[1:count + 1] - starts[:count]]
     return [int(scheduler_output.num_scheduled_tokens.get(req_id, 0)) for req_id in req_ids]
 
 
