@@ -7,7 +7,11 @@ each holds `rows` rows of the batch (recorded as 5 x rows). Variants:
   * `sequential`: five single-expert `gather_(swiglu_)ffn` calls, one per expert's rows (what a
     server that swaps experts per request does, without the swaps);
   * `segmented-auto`, `segmented-segments`, `segmented-union`: one `segmented_gather_(swiglu_)ffn`
-    call, with the strategy named.
+    call, with the strategy named;
+  * `union-planned`: the union path with its plan (the union of the kept lists and each row's
+    mask over it) built before timing: what a patched model or a vLLM worker runs at each
+    decoding step of a mixed batch, which builds the plan once per composition of the batch
+    (doe_kernels.models.segments, doe_kernels.vllm.mixed).
 Shapes: the quick run's bert-base and SmolLM2-135M; --full sweeps every shape.
 The calls use `backend="auto"`: on a GPU, batches of at most 16 rows (5 x 1, 5 x 3) run on the
 cuda backend, `segmented-segments` there on its segmented kernels (one launch per projection);
@@ -20,11 +24,13 @@ import torch
 import torch.nn.functional as F
 
 import doe_kernels as dk
+from doe_kernels.ops import library
 from conftest import OP_TOLERANCE, bench_device, bench_dtype, check_close, grid, measure
 from shapes import FLOP_CAP, SHAPES
 
 EXPERTS, KEEP = 5, 0.35
-VARIANTS = ("dense", "sequential", "segmented-auto", "segmented-segments", "segmented-union")
+VARIANTS = ("dense", "sequential", "segmented-auto", "segmented-segments", "segmented-union",
+            "union-planned")
 
 
 def _cases(config):
@@ -77,6 +83,8 @@ def _callable(name, variant, w, lists, x, rows):
     if variant == "sequential":
         return lambda: [single(x[e * rows:(e + 1) * rows], kept) for e, kept in enumerate(lists)]
     segments, kept, offsets, _ = dk.pack_segments([rows] * EXPERTS, lists, device=x.device)
+    if variant == "union-planned":
+        return _union_planned(swiglu, w, x, segments, kept, offsets)
     strategy = variant.removeprefix("segmented-")
     if swiglu:
         return lambda: dk.segmented_gather_swiglu_ffn(
@@ -87,6 +95,17 @@ def _callable(name, variant, w, lists, x, rows):
         check_indices=False, strategy=strategy)
 
 
+def _union_planned(swiglu, w, x, segments, kept, offsets):
+    """The union path's call on a plan built here, once."""
+    plan = library.union_plan(x, segments, kept, offsets, strategy="union",
+                              neurons=w["w_in"].shape[0], up_matrices=2 if swiglu else 1)
+    if swiglu:
+        return lambda: library.union_gather_swiglu_ffn(x, w["w_in"], w["w_up"], w["w_out_t"],
+                                                       *plan, "auto")
+    return lambda: library.union_gather_ffn(x, w["w_in"], w["b_in"], w["w_out_t"], w["b_out"],
+                                            *plan, "gelu", "auto")
+
+
 def test_segmented(benchmark, recorder, request, segmented_case):
     name, rows, variant = segmented_case
     device, dtype = bench_device(request.config), bench_dtype(request.config)
@@ -95,7 +114,7 @@ def test_segmented(benchmark, recorder, request, segmented_case):
     fn = _callable(name, variant, w, lists, x, rows)
     with torch.inference_mode():
         got = fn()  # warm-up
-        if variant.startswith("segmented-"):  # each expert's rows as it computes them alone
+        if variant not in ("dense", "sequential"):  # each expert's rows as it computes them alone
             check_close(got, _callable(name, "sequential", w, lists, x, rows)(),
                         OP_TOLERANCE[dtype], f"{variant} against the experts one by one")
         seconds = measure(benchmark, fn, request.config)
