@@ -5,6 +5,7 @@ nothing."""
 import itertools
 import random
 import sys
+import warnings
 
 import pytest
 import torch
@@ -65,6 +66,41 @@ def test_mixed_batch_equals_each_sequence_alone(name, device, backend, dtype):
                 assert_close(got[b:b + 1], ref.double(), what=f"{name} case {case} row {b}")
     assert not dk.is_patched(model)
     assert state_dict_equal(snapshot(model), before)
+
+
+def gpu_syncs(run) -> list:
+    """The messages of torch's sync debug mode (each host wait for the GPU) during `run()`,
+    after a first `run()` (which may plan and cache)."""
+    run()
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["torch", "cuda", "triton"])
+@pytest.mark.parametrize("name,tokens", [("llama", 1), ("llama", 9), ("bert", 9)])
+def test_a_mixed_pass_on_a_gpu_waits_for_it_no_more_than_the_dense_model(name, tokens, backend):
+    """After its first pass (which plans the layout), a mixed batch's forward pass waits for the
+    GPU no more often than the dense model's own forward: the segments' offsets stay on the
+    host, and the plans are kept."""
+    if backend not in dk.available_backends("cuda"):
+        pytest.skip(f"the {backend} backend is not available")
+    model = build(name, torch.float32).to("cuda")
+    rows = assignment(expert_masks(model, 5, seed=0), 7, seed=0)
+    ids = torch.randint(3, 120, (7, tokens), device="cuda")
+    with torch.no_grad():
+        dense = gpu_syncs(lambda: model(input_ids=ids))
+        with dk.mixed(model, rows, backend):
+            mixed = gpu_syncs(lambda: model(input_ids=ids))
+    assert len(mixed) <= len(dense), mixed
 
 
 def padded_inputs(name, batch: int, device="cpu"):

@@ -825,6 +825,43 @@ def test_cuda_without_segmented_kernels_runs_one_call_per_segment(monkeypatch):
     _assert_both_close(outs, rows, lists, scales, x, w, (None, None), "per segment")
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["torch", "cuda", "triton"])
+@pytest.mark.parametrize("strategy", ["segments", "union"])
+def test_offsets_on_the_host_give_the_same_without_waiting_for_the_gpu(backend, strategy):
+    """`segments` and `kept_offsets` on the host, everything else on the GPU: the outputs of
+    offsets on the GPU; with the segments the call never waits for the GPU (torch's sync debug
+    mode raises at a copy back or a blocking copy to it; the union's plan reads the lists)."""
+    if backend not in dk.available_backends("cuda"):
+        pytest.skip(f"the {backend} backend is not available")
+    gen = torch.Generator().manual_seed(5)
+    w = _weights(torch.float32, "cuda", gen)
+    rows, lists, _ = _tile_layout("decode", INTERMEDIATE, gen)
+    x = torch.randn(sum(rows), HIDDEN, generator=gen).to("cuda")
+    segments, kept, offsets, _ = dk.pack_segments(rows, [k.to("cuda") for k in lists],
+                                                  device="cuda")
+
+    def both(segments, offsets):
+        return (dk.segmented_gather_ffn(x, w["w_in"], w["b_in"], w["w_out_t"], w["b_out"],
+                                        segments, kept, offsets, "gelu", backend=backend,
+                                        check_indices=False, strategy=strategy),
+                dk.segmented_gather_swiglu_ffn(x, w["w_in"], w["w_up"], w["w_out_t"], segments,
+                                               kept, offsets, backend=backend,
+                                               check_indices=False, strategy=strategy))
+
+    on_gpu = both(segments, offsets)
+    torch.cuda.synchronize()
+    if strategy == "segments":
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        on_host = both(segments.cpu(), offsets.cpu())
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for got, want in zip(on_host, on_gpu):
+        assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("device,backend", backend_cases())
 @pytest.mark.parametrize("scaled", [False, True])
 def test_opcheck_segmented_ops(device, backend, scaled):

@@ -583,6 +583,10 @@ def test_step_layout_groups_rows_by_expert(names, counts, rows, groups, group_co
     assert layout.grouped(x)[:, 0].tolist() == (grouped or list(range(rows)))
     assert torch.equal(layout.ungrouped(layout.grouped(x)), x)
     assert [stop - start for _, start, stop in layout.bounds()] == group_counts
+    # the segmented ops' offsets, on the host (read there: no copy back from a GPU), made once
+    segments = layout.segments()
+    assert segments.device.type == "cpu" and segments is layout.segments()
+    assert segments.tolist() == [sum(group_counts[:g]) for g in range(len(group_counts) + 1)]
 
 
 def test_holding_an_expert_changes_a_rank_only_when_every_layer_is_ready(monkeypatch):

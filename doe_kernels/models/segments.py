@@ -59,8 +59,9 @@ class LayerSegments:
         self.ffn_plans = ffn_plans = [plan for _, _, plan in ffn_runs]
         lists = [torch.arange(intermediate_size, device=device) if p.kept is None else p.kept
                  for p in ffn_plans]
-        self.kept_offsets = torch.tensor([0] + [k.numel() for k in lists],
-                                         device=device).cumsum(0)
+        # offsets stay on the host (as row_segments' and packed_offsets'): the segmented ops
+        # read them there, so a GPU call waits for no copy back (ops/segmented.py)
+        self.kept_offsets = torch.tensor([0] + [k.numel() for k in lists]).cumsum(0)
         self.kept = torch.cat(lists)
         self.ffn_scales = None
         if any(p.ffn_scales is not None for p in ffn_plans):
@@ -95,12 +96,11 @@ class LayerSegments:
 
     def row_segments(self, batch: int, tokens: int) -> torch.Tensor:
         """The FFN's segment offsets over the rows of the batch flattened to (batch * tokens,
-        hidden)."""
+        hidden), on the host."""
         self.check_batch(batch)
         if tokens not in self._row_segments:
             with lasting():  # (caches outlive the pass: see caller_state.lasting)
-                self._row_segments[tokens] = torch.tensor(self.row_bounds(tokens),
-                                                          device=self.kept.device)
+                self._row_segments[tokens] = torch.tensor(self.row_bounds(tokens))
         return self._row_segments[tokens]
 
     def row_bounds(self, key) -> list[int]:
@@ -130,11 +130,10 @@ class LayerSegments:
         return real.index, self.packed_offsets()
 
     def packed_offsets(self) -> torch.Tensor:
-        """The FFN's segment offsets over the batch's real tokens packed."""
+        """The FFN's segment offsets over the batch's real tokens packed, on the host."""
         if self._packed_offsets is None:
             with lasting():
-                self._packed_offsets = torch.tensor(self.row_bounds("packed"),
-                                                    device=self.real.index.device)
+                self._packed_offsets = torch.tensor(self.row_bounds("packed"))
         return self._packed_offsets
 
     def holds_packed(self, x: torch.Tensor) -> bool:

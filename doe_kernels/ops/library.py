@@ -490,6 +490,7 @@ def _union_row_mask(x, union, segments, kept, kept_offsets, scales):
     """(rows, len(union)): for each row, 1 (or the scale) at its segment's kept neurons' places
     in the union, 0 elsewhere; built with one scatter and one row gather."""
     count = segments.numel() - 1
+    segments, kept_offsets = segments.to(x.device), kept_offsets.to(kept.device)  # (host ones)
     owner = torch.repeat_interleave(torch.arange(count, device=kept.device),
                                     kept_offsets.diff())  # the segment of each kept entry
     per_segment = x.new_zeros(count, union.numel())

@@ -21,7 +21,9 @@ Two ways to compute it, `strategy`:
    library.UNION_MIN_BYTES_CPU of weights or more (below, the weights stay in cache and the plan,
    built with torch ops each call, costs more than it saves). On a GPU an op call takes the
    segments (see library.UNION_MAX_ROWS's note).
-The segment and list boundaries are read on the host. "segments": the triton backend runs every
+The segment and list boundaries are read on the host: `segments` and `kept_offsets` may be CPU
+tensors whatever the weights' device (on a GPU that spares each call a device-to-host copy, which
+waits for the GPU; a patched model and a vLLM worker keep them so). "segments": the triton backend runs every
 segment in one launch per projection (a grid axis over segments, programs past their segment's
 tiles storing nothing); the cuda backend too (its gather-GEMV tiles, blocks over segments x tiles x
 chunks of 16 rows, blocks past their segment's work returning at once; built for decoding, a few
@@ -102,9 +104,11 @@ def check_segments(rows: int, intermediate: int, segments, kept, kept_offsets, d
 
 
 def _as_offsets(name: str, offsets, total: int, device, check_values: bool) -> torch.Tensor:
-    """`offsets` (1-D int, on `device`) as contiguous int64; with `check_values`, from 0 to
-    `total`, non-decreasing."""
-    offsets = check_index(name, offsets, total + 1, device, check_values=False)
+    """`offsets` (1-D int, on `device` or the CPU) as contiguous int64; with `check_values`, from
+    0 to `total`, non-decreasing."""
+    on_host = isinstance(offsets, torch.Tensor) and offsets.device.type == "cpu"
+    offsets = check_index(name, offsets, total + 1, offsets.device if on_host else device,
+                          check_values=False)
     if offsets.numel() == 0:
         raise ValueError(f"{name} must hold at least one offset (0), got none")
     if check_values:

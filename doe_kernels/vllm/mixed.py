@@ -20,7 +20,7 @@ the step's `StepLayout`: the rows (tokens) of each expert, grouped. The layers r
 A step whose requests name no expert runs the plugged expert's (or vLLM's dense) forwards as if
 nothing were held. The shared weights are never modified.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -44,6 +44,7 @@ class StepLayout:
     counts: list
     order: torch.Tensor | None
     inverse: torch.Tensor | None
+    _copies: dict = field(default_factory=dict, repr=False, compare=False)  # (segments, _on)
 
     def bounds(self):
         """(name, first row, end) of each group, in grouped order."""
@@ -52,19 +53,27 @@ class StepLayout:
             yield name, start, start + count
             start += count
 
-    def segments(self, device) -> torch.Tensor:
-        """The groups' row offsets (one more than groups), as the segmented ops take them."""
-        cached = self.__dict__.get("_segments")
-        if cached is None or cached.device != torch.device(device):
-            cached = torch.tensor([0] + self.counts, device=device).cumsum(0)
-            self.__dict__["_segments"] = cached
+    def segments(self) -> torch.Tensor:
+        """The groups' row offsets (one more than groups), as the segmented ops take them: on
+        the host, where they read them (no copy back from a GPU)."""
+        cached = self._copies.get("segments")
+        if cached is None:
+            cached = self._copies["segments"] = torch.tensor([0] + self.counts).cumsum(0)
         return cached
 
     def grouped(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.order is None else x.index_select(0, self.order.to(x.device))
+        return x if self.order is None else x.index_select(0, self._on("order", x.device))
 
     def ungrouped(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.inverse is None else x.index_select(0, self.inverse.to(x.device))
+        return x if self.inverse is None else x.index_select(0, self._on("inverse", x.device))
+
+    def _on(self, name: str, device) -> torch.Tensor:
+        """The permutation `name` ("order" or "inverse") on `device`, copied there once a step
+        (every layer of the step reads it)."""
+        key = (name, str(device))
+        if key not in self._copies:
+            self._copies[key] = getattr(self, name).to(device)
+        return self._copies[key]
 
 
 _STEP: list = [None]  # this process's current StepLayout, or None (no request names an expert)
@@ -200,7 +209,7 @@ class MixedFfn:
         if all(self.plans[name] is None for name in step.names):
             return self.dense(x)  # no expert of this step prunes this layer
         kept, offsets, scales = self._pack(step.names)
-        segments = step.segments(x.device)
+        segments = step.segments()
         grouped, w = step.grouped(x), self.weights
         union = self._union(step, grouped, segments)
         if union is not None:
@@ -237,7 +246,8 @@ class MixedFfn:
             every = torch.arange(self.weights.w_down_t.shape[0], device=device)
             plans = [self.plans[n] for n in names]
             lists = [every if p is None else p.kept for p in plans]
-            offsets = torch.tensor([0] + [k.numel() for k in lists], device=device).cumsum(0)
+            offsets = torch.tensor([0] + [k.numel() for k in lists]).cumsum(0)  # (host: as
+            # step.segments)
             scales = None
             if any(p is not None and p.scales is not None for p in plans):
                 scales = torch.cat([k.new_ones(k.numel(), dtype=self.weights.w_gate.dtype)

@@ -175,12 +175,17 @@ def gather_cols_linear(h, weight_t, bias, cols, scales):
 
 def _segment_table(bounds, device):
     """(table, hidden size): per segment (first row, rows, first kept entry, kept count, offset of
-    its rows x kept hidden block), int64 on `device`, from library._segment_bounds' bounds."""
+    its rows x kept hidden block), int64 on `device`, from library._segment_bounds' bounds. To a
+    GPU through pinned memory, without waiting (a plain copy from the host would wait for every
+    launch queued before it; the pinned block is not reused before the copy has run)."""
     table, offset = [], 0
     for r0, r1, k0, k1 in bounds:
         table.append([r0, r1 - r0, k0, k1 - k0, offset])
         offset += (r1 - r0) * (k1 - k0)
-    return torch.tensor(table, dtype=torch.int64, device=device), offset
+    host = torch.tensor(table, dtype=torch.int64)
+    if device.type != "cuda":
+        return host.to(device), offset
+    return host.pin_memory().to(device, non_blocking=True), offset
 
 
 # CUDA caps a grid's second axis at 65535 blocks: more segments than that launch in chunks, of
