@@ -1,7 +1,11 @@
 """Mixture-of-experts models: expert pruning and dynamic skipping through patch/unpatch, expert
-selection, skipping thresholds, upcycling, and the errors for masks that do not fit."""
+selection, skipping thresholds, upcycling (LLaMA and Mistral only), and the errors for masks,
+models, calibration data and arguments that do not fit, raised before anything changes."""
+import math
+
 import pytest
 import torch
+import transformers
 
 import doe_kernels as dk
 from conftest import backend_cases
@@ -428,8 +432,42 @@ def test_skip_thresholds_are_median_ratios():
     assert not dk.is_patched(model)
 
 
-def test_upcycled_model_without_noise_equals_the_dense_model():
-    dense = small_llama()
+def _small_mistral():
+    """A Mistral like small_llama, with a sliding window shorter than the test sequences."""
+    torch.manual_seed(0)
+    config = transformers.MistralConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=6,
+                                        num_key_value_heads=2, intermediate_size=40,
+                                        vocab_size=120, max_position_embeddings=128,
+                                        sliding_window=4, tie_word_embeddings=False)
+    return transformers.MistralForCausalLM(config).eval()
+
+
+def _small_dense(family):
+    """A small dense model of a family whose weights carry LLaMA's names but whose computation
+    differs (Gemma: (1 + w) norms, scaled embeddings, GELU; Granite: multipliers; SmolLM3:
+    layers without rotary embeddings)."""
+    sizes = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
+                 intermediate_size=40, vocab_size=120, max_position_embeddings=128,
+                 tie_word_embeddings=False)
+    extra = {"Gemma": dict(head_dim=8), "Granite": dict(embedding_multiplier=12.0),
+             "SmolLM3": dict(pad_token_id=None, bos_token_id=None, eos_token_id=None)}[family]
+    config = getattr(transformers, f"{family}Config")(**sizes, **extra)
+    torch.manual_seed(0)
+    return getattr(transformers, f"{family}ForCausalLM")(config).eval()
+
+
+def _build_no_mixtral(monkeypatch):
+    """Make building the upcycled Mixtral fail the test: a refusal must come before it."""
+    def build(*args, **kwargs):
+        raise AssertionError("upcycle built a Mixtral before refusing")
+    monkeypatch.setattr(transformers, "MixtralForCausalLM", build)
+
+
+@pytest.mark.parametrize("make", [small_llama, _small_mistral], ids=["llama", "mistral"])
+def test_upcycled_model_without_noise_equals_the_dense_model(make):
+    """With noise 0 every expert is the dense MLP: the Mixtral computes the dense model (LLaMA,
+    and Mistral with its sliding window), whatever the routing."""
+    dense = make()
     ids, attention = _inputs()
     moe = dk.moe.upcycle(dense, num_experts=4, top_k=2, noise=0.0, calibration=ids)
     with torch.no_grad():
@@ -454,6 +492,99 @@ def test_upcycled_router_is_not_uniform():
     assert (torch.bincount(probs.argmax(1), minlength=8) > 0).sum() >= 6  # and content-dependent
     experts = moe.model.layers[0].mlp.experts.gate_up_proj
     assert not torch.equal(experts[0], experts[1])
+
+
+@pytest.mark.parametrize("family", ["Gemma", "Granite", "SmolLM3"])
+def test_upcycle_refuses_families_a_mixtral_does_not_reproduce(family, monkeypatch):
+    """Gemma, Granite and SmolLM3 pass the weight-name checks, but the Mixtral computed something
+    else (off by 0.3 in the logits, 8e-4 for SmolLM3): refused by model_type, naming it, before
+    anything is built."""
+    dense = _small_dense(family)
+    before = snapshot(dense)
+    _build_no_mixtral(monkeypatch)
+    with pytest.raises(ValueError, match=f"has model_type '{dense.config.model_type}'"):
+        dk.moe.upcycle(dense, num_experts=4, top_k=2, noise=0.0)
+    assert state_dict_equal(snapshot(dense), before)
+
+
+def test_upcycle_refuses_a_patched_model(monkeypatch):
+    """A model patched by doe_kernels (its MLPs replaced: an AttributeError before) is refused
+    with "unpatch first", before anything is built; it stays patched with its mask."""
+    dense = small_llama()
+    mask = dk.ExpertMask.random(dense, ffn_keep=0.5, heads_keep=0.5)
+    dk.patch(dense, mask)
+    before = snapshot(dense)
+    _build_no_mixtral(monkeypatch)
+    with pytest.raises(ValueError, match="is patched by doe_kernels: unpatch first"):
+        dk.moe.upcycle(dense, num_experts=4, top_k=2, calibration=_inputs()[0])
+    assert dk.current_mask(dense) is mask and state_dict_equal(snapshot(dense), before)
+    dk.unpatch(dense)
+
+
+@pytest.mark.parametrize("arguments,match", [
+    (dict(noise=math.nan), "noise must be a finite number >= 0, got nan"),
+    (dict(noise=math.inf), "noise must be a finite number >= 0, got inf"),
+    (dict(noise=-0.1), "noise must be a finite number >= 0, got -0.1"),
+    (dict(router_scale=math.nan), "router_scale must be a finite number > 0, got nan"),
+    (dict(router_scale=-math.inf), "router_scale must be a finite number > 0, got -inf"),
+    (dict(router_scale=0.0), "router_scale must be a finite number > 0, got 0.0"),
+    (dict(num_experts=True), "num_experts must be an int >= 1, got True"),
+    (dict(top_k=2.5), r"top_k must be an int between 1 and num_experts \(4\), got 2.5"),
+])
+def test_upcycle_refuses_bad_arguments_before_building(arguments, match, monkeypatch):
+    """Non-finite noise or router scale gave a model with non-finite logits; negative noise, a
+    router scale <= 0 (uniform or inverted routing), a bool or float expert count are refused,
+    naming the argument, before anything is built."""
+    dense = small_llama()
+    before = snapshot(dense)
+    _build_no_mixtral(monkeypatch)
+    with pytest.raises(ValueError, match=match):
+        dk.moe.upcycle(dense, **{"num_experts": 4, "top_k": 2, **arguments})
+    assert state_dict_equal(snapshot(dense), before)
+
+
+def _count_passes(model):
+    """A list that grows by one per forward pass of `model`."""
+    passes = []
+    model.register_forward_pre_hook(lambda *_: passes.append(1))
+    return passes
+
+
+@pytest.mark.parametrize("chunk_tokens", [0, -1, -5, True, 2.5])
+def test_select_experts_refuses_bad_chunk_tokens_before_any_pass(chunk_tokens):
+    """chunk_tokens <= -1 silently chose the first experts in every layer, 0 failed after a
+    pass: anything but an int >= 1 is refused, naming it, before any forward pass."""
+    model = mixtral(layers=2)
+    passes = _count_passes(model)
+    with pytest.raises(ValueError, match=f"chunk_tokens must be an int >= 1, got {chunk_tokens}"):
+        dk.moe.select_experts(model, _inputs()[0], keep=4, chunk_tokens=chunk_tokens,
+                              progress=False)
+    assert not passes and not dk.is_patched(model)
+
+
+@pytest.mark.parametrize("inputs", ["original", "pruned"])
+def test_select_experts_and_skip_thresholds_read_a_generator_once(inputs):
+    """A one-shot iterable (a generator) of batches gives what the list gives (select_experts
+    runs several passes: the second found it empty, "calibration data is empty", after layer 0
+    was scored); calibration that is empty or not batches is refused before any pass."""
+    model = mixtral(layers=3)
+    data = [_inputs(seed=s)[0] for s in range(3)]
+    expected = dk.moe.select_experts(model, data, keep=4, inputs=inputs, memory_budget=1,
+                                     progress=False)
+    assert dk.moe.select_experts(model, (d for d in data), keep=4, inputs=inputs,
+                                 memory_budget=1, progress=False) == expected
+    assert (dk.moe.skip_thresholds(model, (d for d in data), expected)
+            == dk.moe.skip_thresholds(model, data, expected))
+    passes = _count_passes(model)
+    for run in (lambda c: dk.moe.select_experts(model, c, keep=4, progress=False),
+                lambda c: dk.moe.skip_thresholds(model, c)):
+        with pytest.raises(ValueError, match="calibration data is empty"):
+            run(iter([]))
+        with pytest.raises(TypeError, match="must be token-id tensors or dicts with input_ids"):
+            run([data[0], "text"])
+        with pytest.raises(TypeError, match="calibration must be token ids.* got int"):
+            run(5)
+    assert not passes and not dk.is_patched(model)
 
 
 def test_upcycle_and_select_experts_refuse_what_they_cannot_use():

@@ -1,6 +1,6 @@
 """Calibration batches, and running a model over them while recording what given modules receive
 (optionally stopping after the last of them, so later layers are not run)."""
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
@@ -9,10 +9,15 @@ from doe_kernels.caller_state import evaluating
 
 
 def batches(calibration):
-    """Model keyword batches from a (batch, seq) tensor of token ids, a dict (`input_ids`,
-    optional `attention_mask`), or a list of either."""
+    """Model keyword batches, as a list (a one-shot iterable such as a generator is read once
+    here: callers that run several passes call this first), from a (batch, seq) tensor of token
+    ids, a dict (`input_ids`, optional `attention_mask`), or a list or other iterable of either.
+    Anything else, or no batch at all, is refused."""
     if isinstance(calibration, (torch.Tensor, Mapping)):  # (a tokenizer's BatchEncoding too)
         calibration = [calibration]
+    if not isinstance(calibration, Iterable):
+        raise TypeError("calibration must be token ids, a dict with input_ids, or a list of "
+                        f"either, got {type(calibration).__name__}")
     out = []
     for batch in calibration:
         if isinstance(batch, torch.Tensor):

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from doe_kernels.mask import ExpertMask
 from doe_kernels.models import spec_of
 from doe_kernels.models.moe_block import expert_ffn, route
-from doe_kernels.moe.calibration import capture_inputs
+from doe_kernels.moe.calibration import batches, capture_inputs
 from doe_kernels.patching import moe_blocks, plugged
 
 MAX_SUBSETS = 20000
@@ -33,16 +33,21 @@ def select_experts(model, calibration, keep, inputs: str = "original", mask: Exp
     expert set, a task's data a task-specific one. `mask`: neurons/heads to keep as well; the
     result combines them with the chosen experts. The mask's own MoE entries stand in the layers
     `keep` leaves whole; in a layer it prunes, the chosen subset (of all the layer's experts)
-    replaces the entry. The model is left as it was.
+    replaces the entry. The model is left as it was. The calibration data is read once, before
+    any pass (a generator is taken: the selection runs several passes over it); `chunk_tokens`
+    (tokens per chunk of expert outputs) must be an int >= 1.
     """
     if inputs not in ("original", "pruned"):
         raise ValueError(f"inputs must be 'original' or 'pruned', got {inputs!r}")
+    if not isinstance(chunk_tokens, int) or isinstance(chunk_tokens, bool) or chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be an int >= 1, got {chunk_tokens!r}")
     spec = spec_of(model)
     if not spec.num_experts:
         raise ValueError(f"{type(model).__name__} has no mixture-of-experts layers")
     counts = _counts(keep, spec)
     base = mask if mask is not None else ExpertMask(spec=spec.as_dict())
     base.check_spec(spec)
+    calibration = batches(calibration)  # (a list: every pass reads it again)
     chosen = dict(base.moe)
     layers = [l for l in range(spec.num_layers) if counts[l] < spec.num_experts]
     selected = list(layers)

@@ -9,18 +9,19 @@ import torch.nn.functional as F
 from doe_kernels.mask import ExpertMask
 from doe_kernels.models import spec_of
 from doe_kernels.models.moe_block import route
-from doe_kernels.moe.calibration import feed
+from doe_kernels.moe.calibration import batches, feed
 from doe_kernels.patching import moe_blocks, plugged
 
 
 @torch.no_grad()
 def skip_thresholds(model, calibration, mask: ExpertMask | None = None) -> dict:
     """{layer: beta}, with routing among `mask`'s kept experts (all when None); pass the result
-    to `mask.with_skip`. One forward pass over the calibration batches; the model is left as it
-    was."""
+    to `mask.with_skip`. One forward pass over the calibration batches (read, and checked, before
+    the model is patched); the model is left as it was."""
     spec = spec_of(model)
     if not spec.num_experts or spec.top_k < 2:
         raise ValueError("dynamic skipping needs a mixture-of-experts model with top-k >= 2")
+    calibration = batches(calibration)
     ratios = {l: [] for l in range(spec.num_layers)}
 
     def record(layer, block, x):

@@ -1,5 +1,7 @@
-"""Upcycling: a Mixtral model built from a dense LLaMA-family model (no small MoE model ships on
-PyPI; this makes one for tests and examples).
+"""Upcycling: a Mixtral model built from a dense LLaMA or Mistral model (SmolLM2 is a LLaMA; no
+small MoE model ships on PyPI, this makes one for tests and examples). Other dense families whose
+weights carry the same names compute something else (Gemma's norms and scaled embeddings,
+Granite's multipliers, SmolLM3's layers without rotary embeddings): they are refused.
 
 Every expert starts as a copy of the layer's dense MLP, each weight scaled elementwise by
 (1 + noise * N(0, 1)) so that experts differ. The router is initialised from data when calibration
@@ -7,27 +9,31 @@ token ids are given (spherical k-means of the layer's MLP inputs: an expert's ro
 cluster's direction, so routing follows the structure of the inputs and expert loads differ), else
 at random. Attention, norms, embeddings and the LM head are the dense model's.
 """
+import math
+from numbers import Real
+
 import torch
 from torch import nn
 
 from doe_kernels.moe.calibration import capture_inputs
+from doe_kernels.patching import is_patched
+
+FAMILIES = ("llama", "mistral")  # config.model_type values a Mixtral reproduces exactly
 
 
 @torch.no_grad()
 def upcycle(model: nn.Module, num_experts: int = 8, top_k: int = 2, noise: float = 0.1,
             calibration=None, router_scale: float = 8.0, seed: int = 0) -> nn.Module:
     """A MixtralForCausalLM with `num_experts` experts (top-`top_k` routing) made from `model`, a
-    LlamaForCausalLM (or a model with the same weights: Mistral, SmolLM2). Returns it in eval
-    mode, in the dense model's dtype and on its device."""
+    LlamaForCausalLM or MistralForCausalLM (SmolLM2 included: its model_type is "llama"; other
+    families are refused), unpatched. `noise` (finite, >= 0) scales the experts' perturbation;
+    `router_scale` (finite, > 0) the router rows, i.e. how peaked routing is. Returns it in eval
+    mode, in the dense model's dtype and on its device. Bad arguments are refused before anything
+    is built."""
     from transformers import MixtralConfig, MixtralForCausalLM
 
     config = model.config
-    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
-        raise ValueError("upcycling needs a model without attention or MLP biases")
-    if not isinstance(num_experts, int) or num_experts < 1:
-        raise ValueError(f"num_experts must be an int >= 1, got {num_experts!r}")
-    if not 1 <= top_k <= num_experts:
-        raise ValueError(f"top_k must be between 1 and num_experts, got {top_k}")
+    _check(model, num_experts, top_k, noise, router_scale)
     keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
             "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act",
             "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings", "pad_token_id",
@@ -61,6 +67,38 @@ def upcycle(model: nn.Module, num_experts: int = 8, top_k: int = 2, noise: float
         layer.mlp.gate.weight.copy_(_router(hidden, num_experts, config.hidden_size,
                                             router_scale, gen))
     return moe
+
+
+def _check(model, num_experts, top_k, noise, router_scale):
+    """Refuse, before anything is built, what upcycling cannot convert exactly or use."""
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in FAMILIES:
+        raise ValueError(f"upcycling takes a LLaMA or Mistral model (model_type in {FAMILIES}); "
+                         f"{type(model).__name__} has model_type {model_type!r}, whose "
+                         "computation a Mixtral does not reproduce")
+    if is_patched(model):
+        raise ValueError(f"{type(model).__name__} is patched by doe_kernels: unpatch first "
+                         "(upcycling copies the dense MLP weights)")
+    config = model.config
+    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+        raise ValueError("upcycling needs a model without attention or MLP biases")
+    if not _is_int(num_experts) or num_experts < 1:
+        raise ValueError(f"num_experts must be an int >= 1, got {num_experts!r}")
+    if not _is_int(top_k) or not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k must be an int between 1 and num_experts ({num_experts}), "
+                         f"got {top_k!r}")
+    if not _is_real(noise) or not math.isfinite(noise) or noise < 0:
+        raise ValueError(f"noise must be a finite number >= 0, got {noise!r}")
+    if not _is_real(router_scale) or not math.isfinite(router_scale) or router_scale <= 0:
+        raise ValueError(f"router_scale must be a finite number > 0, got {router_scale!r}")
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value):
+    return isinstance(value, Real) and not isinstance(value, bool)
 
 
 def _perturb(weight, noise, gen):
