@@ -1,8 +1,10 @@
 """What a step that runs the caller's model (localize's, a MoE calibration pass) changes on the
 caller's side and puts back when it ends, however it ends: each module's train/eval mode
-(`evaluating`) and torch's global random state (`seeded`); and `lasting`, where tensors that
-outlive a call are made whatever the caller's autograd and inference modes."""
+(`evaluating`) and torch's global random state (`seeded`); `lasting`, where tensors that
+outlive a call are made whatever the caller's autograd and inference modes; and `own_modes`,
+for steps that train and choose their own precision whatever the caller's modes."""
 import contextlib
+import functools
 
 import torch
 
@@ -39,3 +41,24 @@ def lasting():
     backward pass) and outside autograd."""
     with torch.inference_mode(False), torch.no_grad():
         yield
+
+
+@contextlib.contextmanager
+def own_modes(device: torch.device):
+    """The body trains and picks its own precision whatever the caller's modes: outside
+    torch.no_grad and torch.inference_mode, and outside a torch.autocast of the caller's on
+    `device`'s type (the body may enter its own)."""
+    with torch.inference_mode(False), torch.enable_grad(), \
+            torch.autocast(device.type, enabled=False):
+        yield
+
+
+def in_own_modes(function):
+    """`function(model, ...)` run in `own_modes` of the model's device (localize's steps: a caller
+    under torch.no_grad got an autograd error from the first backward pass, and one under
+    torch.autocast trained in another precision than the figures said)."""
+    @functools.wraps(function)
+    def run(model, *args, **kwargs):
+        with own_modes(model.get_input_embeddings().weight.device):
+            return function(model, *args, **kwargs)
+    return run

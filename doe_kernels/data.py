@@ -4,6 +4,8 @@ A task is `text,label` pairs, optionally with a `split` column (train / validati
 are kept as strings; `TaskData.label_names` fixes their order (the class index of each label).
 """
 import csv
+import math
+import numbers
 import os
 import random
 import re
@@ -25,6 +27,21 @@ def label_order(labels) -> list[str]:
     return sorted(names)
 
 
+def check_fractions(fractions) -> None:
+    """ValueError unless `fractions` are at most three numbers >= 0 summing to at most 1 (a
+    negative one would put examples in two splits)."""
+    values = list(fractions)
+    if not 1 <= len(values) <= len(SPLITS):
+        raise ValueError(f"split fractions: one to three (train, validation, test), got {values}")
+    for value in values:
+        if (isinstance(value, bool) or not isinstance(value, numbers.Real)
+                or not math.isfinite(value) or value < 0):
+            raise ValueError(f"split fractions must be numbers >= 0, got {values}")
+    if sum(values) > 1 + 1e-9:
+        raise ValueError(f"split fractions must sum to at most 1, got {values} "
+                         f"(sum {sum(values):g})")
+
+
 @dataclass
 class TaskData:
     texts: list[str]
@@ -35,6 +52,13 @@ class TaskData:
     def __post_init__(self):
         if len(self.texts) != len(self.labels):
             raise TaskDataError(f"{len(self.texts)} texts but {len(self.labels)} labels")
+        odd = next((i for i, text in enumerate(self.texts) if not isinstance(text, str)), None)
+        if odd is not None:
+            raise TaskDataError(f"example {odd}'s text is a {type(self.texts[odd]).__name__}, "
+                                f"not a str: {self.texts[odd]!r:.80}")
+        if not isinstance(self.name, str):
+            raise TaskDataError(f"name must be a str, got a {type(self.name).__name__}: "
+                                f"{self.name!r:.80}")
         blank = next((i for i, label in enumerate(self.labels)
                       if label is None or not str(label).strip()), None)
         if blank is not None:
@@ -76,7 +100,9 @@ class TaskData:
 
     def split(self, fractions=(0.8, 0.1, 0.1), seed: int = 0) -> dict[str, "TaskData"]:
         """Random train/validation/test splits in the given proportions (each split ends where
-        the fractions so far reach, rounded: fractions summing to 1 use every example)."""
+        the fractions so far reach, rounded: fractions summing to 1 use every example; at most
+        three fractions, each >= 0, summing to at most 1)."""
+        check_fractions(fractions)
         order = list(range(len(self)))
         random.Random(seed).shuffle(order)
         start, reached, out = 0, 0.0, {}

@@ -17,6 +17,30 @@ def test_splits_summing_to_one_use_every_example_once(fractions):
     assert len(TaskData(["x"] * 10, ["a"] * 10).split((0.8, 0.2, 0.0))["test"]) == 0
 
 
+@pytest.mark.parametrize("fractions, message", [
+    ((0.9, -0.2, 0.3), "must be numbers >= 0"),  # (put 2 of 10 examples in train and test)
+    ((1.2, 0.2, 0), "must sum to at most 1, got .* .sum 1.4."),  # (left validation empty)
+    ((float("nan"),), "must be numbers >= 0"),
+    ((0.5, "0.5"), "must be numbers >= 0"),
+    ((0.5, 0.2, 0.2, 0.1), "one to three"),
+    ((), "one to three"),
+])
+def test_bad_split_fractions_are_refused(fractions, message):
+    with pytest.raises(ValueError, match=message):
+        TaskData([f"t{i}" for i in range(10)], ["a"] * 10).split(fractions)
+
+
+def test_texts_and_the_name_must_be_strings():
+    """A text that is not a str (None, a number: a template would format it into text) or a name
+    that is not one is refused when the task is made, naming the example."""
+    with pytest.raises(TaskDataError, match="example 1's text is a NoneType, not a str"):
+        TaskData(["fine", None], ["a", "b"])
+    with pytest.raises(TaskDataError, match="example 0's text is a int, not a str: 3"):
+        TaskData.from_lists([3], ["a"])
+    with pytest.raises(TaskDataError, match="name must be a str, got a NoneType"):
+        TaskData(["fine"], ["a"], name=None)
+
+
 def test_label_names_are_strings_and_distinct():
     assert TaskData.from_lists(["x", "y"], [0, 1], [0, 1]).label_ids == [0, 1]
     with pytest.raises(TaskDataError, match="label_names must be distinct"):

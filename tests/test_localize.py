@@ -425,6 +425,18 @@ def _bad_call(**changes):
                            prompt=PromptConfig(epochs=1, init_text="wonderful film")), ValueError,
                  r"the prompt's init tokens \[\d+, \d+\] are not all ids of the model's "
                  r"1000-token vocabulary", id="init-text-past-the-vocabulary"),
+    pytest.param(_bad_call(model=lambda: __import__("moe_utils").mixtral()),
+                 dk.UnsupportedModelError, "attribution .localize. supports the BERT and LLaMA "
+                 "families, not mixtral", id="mixtral"),
+    pytest.param(_bad_call(train={"train": sentiment_task(40)}), TypeError,
+                 "train must be a doe_kernels.data.TaskData, got a dict", id="train-a-dict"),
+    pytest.param(_bad_call(validation=[("fine", "positive")]), TypeError,
+                 "validation must be a doe_kernels.data.TaskData, got a list",
+                 id="validation-a-list"),
+    pytest.param(_bad_call(seed=None), TypeError, "seed must be an int, got None",
+                 id="seed-none"),
+    pytest.param(_bad_call(seed=1.5), TypeError, "seed must be an int, got 1.5",
+                 id="seed-a-float"),
 ])
 def test_localize_refuses_bad_arguments_before_changing_anything(tokenizer, call, error,
                                                                    message):
@@ -460,6 +472,49 @@ def test_localize_keeps_the_callers_modes_and_random_state(tokenizer, one_thread
     assert _same_state(before, _model_state(model))
     assert torch.equal(results[0].prompt, results[1].prompt)
     assert torch.equal(results[0].mask.ffn[0], results[1].mask.ffn[0])
+
+
+@pytest.mark.filterwarnings("ignore:localize.*no better than always answering")
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "autocast"])
+def test_localize_runs_as_outside_the_callers_grad_and_autocast_modes(tokenizer, one_thread,
+                                                                       mode, precision):
+    """Under the caller's torch.no_grad or torch.inference_mode localize still trains (its
+    backward passes failed), and under the caller's bfloat16 autocast it trains and evaluates
+    in the precision it reports (a float32 training ran in bfloat16; a bfloat16 one inside
+    another autocast context must not keep the trained tensors' casts from step to step): the
+    expert it gives outside them."""
+    model = tiny_bert()
+    small = dict(prompt=PromptConfig(epochs=1, num_virtual_tokens=3, precision=precision),
+                 attribution=AttributionConfig(num_examples=16),
+                 recovery=RecoveryConfig(epochs=1, num_examples=16, calibration_examples=8),
+                 search=SearchConfig(resolution=0.3), progress=False)
+    want = localize(model, tokenizer, sentiment_task(60), **small)
+    context = dict(no_grad=torch.no_grad, inference_mode=torch.inference_mode,
+                   autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16))[mode]
+    with context():
+        got = localize(model, tokenizer, sentiment_task(60), **small)
+    assert got.figures["prompt_precision"] == precision
+    assert torch.equal(got.prompt, want.prompt) and torch.equal(got.head["classifier.weight"],
+                                                                want.head["classifier.weight"])
+    assert got.mask == want.mask
+
+
+def test_the_training_autocast_reads_trained_tensors_anew_inside_another_autocast():
+    """localize trains inside its own autocast context (the caller's switched off): bfloat16
+    training steps nested in it must not reuse a trained tensor's cast from an earlier step
+    (autocast's cast cache lives until the outermost context ends)."""
+    from doe_kernels.localize.prompt import autocast
+
+    weight, x = torch.nn.Parameter(torch.ones(4, 4)), torch.ones(1, 4)
+    with torch.autocast("cpu", enabled=False):
+        with autocast(torch.device("cpu"), "bfloat16"):
+            before = torch.nn.functional.linear(x, weight)
+        with torch.no_grad():
+            weight.mul_(2)  # an optimizer step
+        with autocast(torch.device("cpu"), "bfloat16"):
+            after = torch.nn.functional.linear(x, weight)
+    assert torch.equal(after, 2 * before)
 
 
 def test_every_patched_forward_runs_on_the_backend_asked_for(tokenizer, monkeypatch,

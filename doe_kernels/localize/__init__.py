@@ -21,11 +21,12 @@ from dataclasses import dataclass
 from tqdm.auto import tqdm
 
 from doe_kernels.backends import resolve
-from doe_kernels.caller_state import evaluating
+from doe_kernels.caller_state import evaluating, in_own_modes
+from doe_kernels.data import TaskData
 from doe_kernels.expert import (CAUSAL_LM, DEFAULT_TEMPLATE, Expert, as_list, check_batch_size,
                                 check_max_length, check_positions, check_template,
                                 detect_task_type, label_token_ids, model_sizes)
-from doe_kernels.localize.attribution import attribute
+from doe_kernels.localize.attribution import attribute, hook_points
 from doe_kernels.localize.compensate import Calibration, reconstruction
 from doe_kernels.localize.config import (AttributionConfig, PromptConfig, RecoveryConfig,
                                          SearchConfig, configs_from_flat)
@@ -45,6 +46,7 @@ __all__ = ["localize", "PromptConfig", "AttributionConfig", "SearchConfig", "Rec
 ZERO_SHOT_EXAMPLES = 256  # validation examples a causal LM's no-prompt check runs on
 
 
+@in_own_modes
 def localize(model, tokenizer, train, validation=None, *, label_words=None, template=None,
              prompt: PromptConfig | None = None, attribution: AttributionConfig | None = None,
              search: SearchConfig | None = None, recovery: RecoveryConfig | None = None,
@@ -208,6 +210,13 @@ def _checked_inputs(model, train, validation, search, attribution, recovery, sta
     if is_patched(model):
         raise ValueError("localize needs the unpatched model; call doe_kernels.unpatch(model) "
                          "first")
+    hook_points(model)  # a family attribution cannot score (Mixtral) is refused now
+    for name, data in (("train", train), ("validation", validation)):
+        if not isinstance(data, TaskData) and not (name == "validation" and data is None):
+            raise TypeError(f"{name} must be a doe_kernels.data.TaskData, got a "
+                            f"{type(data).__name__} (read_csv gives a dict of them by split)")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise TypeError(f"seed must be an int, got {seed!r}")
     if search.rank == "jointly" and attribution.method != "fisher":
         raise ValueError(
             f"SearchConfig.rank='jointly' (--rank jointly) compares heads with neurons by score "

@@ -19,7 +19,7 @@ import contextlib
 import torch
 from tqdm.auto import tqdm
 
-from doe_kernels.caller_state import evaluating
+from doe_kernels.caller_state import evaluating, in_own_modes
 from doe_kernels.expert import check_batch_size, check_count
 from doe_kernels.models import UnsupportedModelError, describe
 from doe_kernels.patching import is_patched
@@ -98,6 +98,7 @@ def _unit_scores(activation, grad, token_mask, num_heads=None, absolute=True, fi
     return (per_example.abs() if absolute else per_example).sum(0)  # summed over the batch
 
 
+@in_own_modes
 def attribute(model, tokenizer, expert, data, method: str = "grad", steps: int = 5,
               num_examples: int = 256, batch_size: int = 16, absolute: bool = True,
               seed: int = 0, progress: bool = True):

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from doe_kernels.caller_state import evaluating, seeded
+from doe_kernels.caller_state import evaluating, in_own_modes, seeded
 from doe_kernels.expert import SEQ_CLS, encode, prompted_label_logits, token_counts
 
 _SAVED_ATTR = "_doe_kernels_saved"  # wrap's _Saved, on the PEFT model
@@ -165,10 +165,12 @@ def resolve_precision(precision: str, model) -> str:
 
 
 def autocast(device: torch.device, precision: str):
-    """The context a training forward runs in: bfloat16 autocast on `device`, or nothing."""
+    """The context a training forward runs in: bfloat16 autocast on `device`, or nothing. Its
+    cast cache is off: inside another autocast context (own_modes') it would outlive the step,
+    and each forward would read the trained tensors' casts from before the optimizer's steps."""
     if precision == "float32":
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
+    return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)
 
 
 def fit(peft_model, tokenizer, data, task_type: str, token_ids=None, template=None,
@@ -312,6 +314,7 @@ class _Saved:
             model.config.pretraining_tp = self.pretraining_tp
 
 
+@in_own_modes
 def train_prompt(model, tokenizer, data, task_type: str, token_ids=None, template=None,
                  num_virtual_tokens: int = 10, epochs: int = 5, lr: float = 3e-2,
                  head_lr: float = 1e-2, batch_size: int = 16, max_length: int = 128,

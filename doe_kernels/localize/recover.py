@@ -18,7 +18,7 @@ import contextlib
 import torch
 from torch import nn
 
-from doe_kernels.caller_state import evaluating, seeded
+from doe_kernels.caller_state import evaluating, in_own_modes, seeded
 from doe_kernels.expert import Expert
 from doe_kernels.localize.attribution import check_unpatched, hook_points
 from doe_kernels.localize.prompt import check_choices, extract, fit, unwrap, wrap
@@ -185,6 +185,7 @@ def _check_finite(prompt, head, lr: float, vectors=()) -> None:
                                f"vectors hold NaN or inf) at lr={lr:g}; try a lower recover_lr")
 
 
+@in_own_modes
 def retune(model, tokenizer, expert: Expert, data, epochs: int = 1, lr: float = 3e-2,
            head_lr: float = 1e-2, batch_size: int = 16, seed: int = 0,
            progress: bool = True, teacher: torch.Tensor | None = None,
