@@ -64,6 +64,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _max_length(text: str) -> int:
+    """A --max-length a tokenizer takes: a whole number in [1, MAX_LENGTH]."""
+    from doe_kernels.expert import MAX_LENGTH
+
+    value = _positive_int(text)
+    if value > MAX_LENGTH:
+        raise argparse.ArgumentTypeError(f"must be a whole number in [1, {MAX_LENGTH}] (tokens "
+                                         f"per example), got {text!r}")
+    return value
+
+
 def _seed(text: str) -> int:
     """A seed torch, random and numpy all take: a whole number in [0, 2**63)."""
     try:
@@ -120,11 +131,30 @@ def is_causal(config) -> bool:
 
 @contextlib.contextmanager
 def _broken_folder(path: str):
+    """A broken model folder's error as a UserError naming the folder: transformers' OSError and
+    ValueError, safetensors' SafetensorError (truncated weights), and what a config with a value
+    of the wrong type ("hidden_size": "abc": huggingface_hub's StrictDataclassError, or a
+    TypeError where configs are not checked) or a zero ("num_attention_heads": 0,
+    ArithmeticError) raises."""
     try:
         yield
-    except (OSError, ValueError) as error:  # transformers' errors for a broken folder
+    except (OSError, ValueError, TypeError, ArithmeticError, *_loading_errors()) as error:
         reason = str(error).strip().split("\n\n")[0]
+        if not isinstance(error, (OSError, ValueError)):  # ("division by zero" says little)
+            reason = f"{type(error).__name__}: {reason}"
         raise UserError(f"cannot load the model in {path}: {reason}") from None
+
+
+def _loading_errors() -> tuple:
+    """safetensors' SafetensorError and huggingface_hub's StrictDataclassError (a config field
+    of the wrong type), where this version has it."""
+    from safetensors import SafetensorError
+
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:  # (an older huggingface_hub: configs are not checked)
+        return (SafetensorError,)
+    return SafetensorError, StrictDataclassError
 
 
 @contextlib.contextmanager
@@ -338,14 +368,21 @@ def cmd_eval(args) -> None:
     split, data = _task_split(args.task, args.split)
     model, tokenizer = load_model(args.model, num_labels=len(expert.label_names))
     expert.check_fits(model)
+    dense = expert.dense() if args.dense else None  # the unpruned baseline the expert was
+    # compared with: checked too, before any timing
+    if dense is not None:
+        try:
+            dense.check_fits(model)
+        except ValueError as error:
+            raise UserError(f"--dense: the unpruned baseline in {args.expert} does not fit the "
+                            f"model: {error}") from None
     result = {"task": args.task, "split": split, "examples": len(data)}
     correct, result["expert_seconds"] = _timed_correct(expert, model, tokenizer, data,
                                                        args.backend)
     result["expert_accuracy"] = float(correct.float().mean())
-    if args.dense:
+    if dense is not None:
         from doe_kernels.localize.search import paired_change
 
-        dense = expert.dense()  # the unpruned baseline the expert was compared with
         dense_correct, result["dense_seconds"] = _timed_correct(dense, model, tokenizer, data)
         result["dense_accuracy"] = float(dense_correct.float().mean())
         # expert minus dense, with its paired standard error; gained / lost: examples it
@@ -508,7 +545,7 @@ def parser() -> argparse.ArgumentParser:
                                          "instruction (label words then take no leading space)")
     p.add_argument("--template", help="causal LMs: a prompt around the text, e.g. "
                                       "'Review: {text}\\nSentiment:'")
-    p.add_argument("--max-length", type=_positive_int, default=128,
+    p.add_argument("--max-length", type=_max_length, default=128,
                    help="tokens per example at most (long texts are cut)")
     p.add_argument("--max-train", type=_positive_int,
                    help="use at most this many training examples (without a validation "

@@ -144,23 +144,48 @@ def check_texts(texts: list) -> None:
                          f"{odd[0]!r:.80}")
 
 
+class NoTokenError(ValueError):
+    """A text that encodes to no token (a causal LM's template "{text}" and an empty text, with a
+    tokenizer that adds no BOS): its answer would be read at a padding position, so it would
+    depend on the batch it is in. `index`: its place among the texts (or requests) given;
+    `reason`: the message without that place."""
+
+    def __init__(self, index: int, reason: str, what: str = "text"):
+        super().__init__(f"{what} {index}: {reason}")
+        self.index, self.reason = index, reason
+
+
 def encode(tokenizer, texts, task_type: str, template: str | None, max_length: int = 128):
     """Token ids and attention mask: right-padded for classifiers, left-padded for causal LMs
     (their text ends at the last position, where the label word is scored; a text too long for
-    `max_length` loses its end, the template never does)."""
+    `max_length` loses its end, the template never does). A text that encodes to no token
+    raises `NoTokenError` (a ValueError) naming it."""
     texts = list(texts)
     if not texts:  # (0, 0): tokenizers fail on an empty batch
         return torch.zeros((0, 0), dtype=torch.long), torch.zeros((0, 0), dtype=torch.long)
     check_texts(texts)
+    check_max_length(max_length)  # (a tokenizer takes no larger one)
     if task_type == CAUSAL_LM:
+        template = template or DEFAULT_TEMPLATE
         tail = _appended_tokens(tokenizer)
-        texts = fit_template(tokenizer, template or DEFAULT_TEMPLATE, texts, max_length, tail)
-        rows = tokenizer(texts, truncation=True, max_length=max_length + len(tail))["input_ids"]
-        return _left_padded([_without(tail, row) for row in rows], tokenizer)
-    else:
-        batch = tokenizer(texts, padding=True, truncation=True, max_length=max_length,
-                          padding_side="right", return_tensors="pt")
+        filled = fit_template(tokenizer, template, texts, max_length, tail)
+        rows = tokenizer(filled, truncation=True, max_length=max_length + len(tail))["input_ids"]
+        rows = [_without(tail, row) for row in rows]
+        _check_tokens(texts, [len(row) for row in rows], f" with the template {template!r} (a "
+                      "causal LM reads its answer after the text's last token)")
+        return _left_padded(rows, tokenizer)
+    batch = tokenizer(texts, padding=True, truncation=True, max_length=max_length,
+                      padding_side="right", return_tensors="pt")
+    _check_tokens(texts, batch["attention_mask"].sum(1).tolist(), " (the tokenizer adds no "
+                  "special token; a classifier reads its answer at the first token)")
     return batch["input_ids"], batch["attention_mask"]
+
+
+def _check_tokens(texts: list, counts: list, why: str) -> None:
+    """NoTokenError for the first of `texts` whose token count is 0."""
+    empty = next((i for i, count in enumerate(counts) if not count), None)
+    if empty is not None:
+        raise NoTokenError(empty, f"{texts[empty]!r:.80} encodes to no token{why}")
 
 
 def _appended_tokens(tokenizer) -> list:
@@ -330,10 +355,13 @@ def _as_json_dict(what: str, value) -> dict:
             from None
 
 
-def check_count(name: str, value, note: str = "") -> None:
-    """Raise ValueError unless `value` is an int >= 1 (not a bool); the message names `name`."""
+def check_count(name: str, value, note: str = "", most: int | None = None) -> None:
+    """Raise ValueError unless `value` is an int >= 1 (not a bool), and at most `most` when
+    given; the message names `name`."""
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be an int >= 1{note}, got {value!r}")
+    if most is not None and value > most:
+        raise ValueError(f"{name} must be at most {most}{note}, got {value!r}")
 
 
 def check_batch_size(batch_size) -> None:
@@ -342,8 +370,13 @@ def check_batch_size(batch_size) -> None:
     check_count("batch_size", batch_size)
 
 
+MAX_LENGTH = 2 ** 31 - 1  # the most tokens per text a max_length may ask for (tokenizers raise
+# OverflowError on numbers past 2**64)
+
+
 def check_max_length(max_length) -> None:
-    check_count("max_length", max_length, " (tokens per text)")
+    """ValueError unless `max_length` is an int in [1, MAX_LENGTH]."""
+    check_count("max_length", max_length, " (tokens per text)", most=MAX_LENGTH)
 
 
 def _check_finite_in(name: str, what: str, value: torch.Tensor, dtype: torch.dtype) -> None:
@@ -396,7 +429,8 @@ class Expert:
 
     Every argument is checked before anything is kept (ValueError or TypeError naming it): the
     prompts are finite 2-D float tensors, the heads finite float tensors, the label names a list
-    (not a str) of distinct names, `max_length` >= 1."""
+    (not a str) of distinct names, `max_length` in [1, MAX_LENGTH], the dense head's parameters
+    the head's, of the same shapes."""
 
     def __init__(self, mask: ExpertMask | None, prompt: torch.Tensor, task_type: str,
                  label_names, *, label_words=None, label_token_ids=None, template=None,
@@ -430,6 +464,10 @@ class Expert:
         if dense_head is not None and (head is None or dense_head.keys() != head.keys()):
             raise ValueError(f"dense_head has parameters {sorted(dense_head)}, the head "
                              f"{sorted(head or {})}")
+        for key, value in (dense_head or {}).items():  # (the baseline is served by the same model)
+            if value.shape != head[key].shape:
+                raise ValueError(f"dense_head parameter {key!r} has shape {tuple(value.shape)}, "
+                                 f"the head's {tuple(head[key].shape)}")
         if task_type == CAUSAL_LM:
             if label_token_ids is None or len(label_token_ids) != len(label_names):
                 raise ValueError("a causal-LM expert needs one label token id per label")
@@ -483,6 +521,7 @@ class Expert:
         if self.mask is not None:
             self.mask.check_spec(spec_of(model))
         try:
+            check_max_length(self.max_length)  # (an attribute set after it was made)
             check_positions(model, self.max_length, self.num_virtual_tokens)
         except ValueError as error:
             raise ValueError(f"expert {self.name!r}: {error}") from None
@@ -597,15 +636,24 @@ class Expert:
     def check_tokenizer(self, tokenizer) -> None:
         """Raise ValueError when `tokenizer` cannot serve this expert: a causal LM's label words
         encode to other token ids than it was trained with, or its template alone is longer than
-        `max_length` tokens."""
-        self.encode(tokenizer, [""])
+        `max_length` tokens (a template that alone encodes to no token, "{text}", is served:
+        only the texts that encode to none are refused)."""
+        check_max_length(self.max_length)
+        if self.task_type == CAUSAL_LM:
+            self._check_label_words(tokenizer)
+            fit_template(tokenizer, self.template, [""], self.max_length)
 
-    def encode(self, tokenizer, texts):
+    def _check_label_words(self, tokenizer) -> None:
         if self.task_type == CAUSAL_LM and self.label_words is not None:
             ids = label_token_ids(tokenizer, self.label_words)
             if ids != self.label_token_ids:
                 raise ValueError(f"this tokenizer encodes the label words {self.label_words} to "
                                  f"{ids}, the expert was trained with {self.label_token_ids}")
+
+    def encode(self, tokenizer, texts):
+        """`encode` with the expert's template and max_length (NoTokenError for a text that
+        encodes to no token), after checking its label words against `tokenizer`."""
+        self._check_label_words(tokenizer)
         return encode(tokenizer, texts, self.task_type, self.template, self.max_length)
 
     def predict_logits(self, model, tokenizer, texts, batch_size: int = 32,
@@ -628,7 +676,10 @@ class Expert:
         with torch.no_grad():
             for start in range(0, len(texts), batch_size):
                 batch = [texts[i] for i in order[start:start + batch_size]]
-                ids, attention = self.encode(tokenizer, batch)
+                try:
+                    ids, attention = self.encode(tokenizer, batch)
+                except NoTokenError as error:  # named by its place among the texts given
+                    raise NoTokenError(order[start + error.index], error.reason) from None
                 out.append(self.logits(model, ids, attention).cpu())
         logits = torch.cat(out)
         restored = torch.empty_like(logits)

@@ -20,7 +20,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from doe_kernels.caller_state import lasting
-from doe_kernels.expert import (CAUSAL_LM, Expert, check_batch_size, label_logits,
+from doe_kernels.expert import (CAUSAL_LM, Expert, NoTokenError, check_batch_size, label_logits,
                                 real_positions)
 from doe_kernels.mask import KEEP_ALL, ExpertMask
 from doe_kernels.models import PATCH_STATE_ATTR, UnsupportedModelError, describe, spec_of
@@ -266,13 +266,17 @@ def mixed_logits(model, tokenizer, requests, batch_size: int = 32,
 
 def _encoded(experts: list[Expert], texts: list[str], tokenizer) -> list[torch.Tensor]:
     """Each request's token ids (1-D, without padding), as its expert encodes them (template,
-    truncation); the texts of experts that encode alike in one tokenizer call."""
+    truncation); the texts of experts that encode alike in one tokenizer call. A text that
+    encodes to no token raises NoTokenError naming its request (before any forward pass)."""
     groups: dict[tuple, list[int]] = {}
     for i, expert in enumerate(experts):
         groups.setdefault(_encoding(expert), []).append(i)
     ids = [None] * len(texts)
     for members in groups.values():
-        batch, attention = experts[members[0]].encode(tokenizer, [texts[i] for i in members])
+        try:
+            batch, attention = experts[members[0]].encode(tokenizer, [texts[i] for i in members])
+        except NoTokenError as error:
+            raise NoTokenError(members[error.index], error.reason, "request") from None
         for row, i in enumerate(members):
             ids[i] = batch[row][attention[row].to(torch.bool)]
     return ids

@@ -40,7 +40,9 @@ from concurrent.futures import Future
 
 import torch
 
-from doe_kernels.expert import Expert, check_batch_size
+from doe_kernels.backends import (BackendUnavailableError, available_backends,
+                                  check_backend_name)
+from doe_kernels.expert import Expert, NoTokenError, check_batch_size
 from doe_kernels.mask import ExpertMask
 from doe_kernels.mixed import mixed_logits
 from doe_kernels.patching import (current_mask, is_patched, patch, unpatch,
@@ -63,6 +65,24 @@ class ExpertRouter:
         _free_openmp_pool()
 
     @property
+    def backend(self) -> str:
+        """The kernel backend of every forward pass (doe_kernels.backends): "auto", or one
+        available on the model's device."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        check_backend_name(value)
+        if value != "auto":
+            device = _device_of(self.model)
+            present = available_backends(device.type, device.index)
+            if value not in present:
+                raise BackendUnavailableError(
+                    f"backend {value!r} is not available for the model's {device.type} "
+                    f"tensors; available: {['auto', *present]}")
+        self._backend = value
+
+    @property
     def batch_size(self) -> int:
         """Requests per forward pass (at most)."""
         return self._batch_size
@@ -74,15 +94,16 @@ class ExpertRouter:
 
     @property
     def batch_window(self) -> float:
-        """Seconds the batching thread waits, after the first waiting request, for more."""
+        """Seconds the batching thread waits, after the first waiting request, for more (at most
+        threading.TIMEOUT_MAX, the longest wait a queue takes)."""
         return self._batch_window
 
     @batch_window.setter
     def batch_window(self, value: float) -> None:
         if (not isinstance(value, (int, float)) or isinstance(value, bool)
-                or not 0 <= value < float("inf")):
-            raise ValueError(f"batch_window must be a finite number of seconds >= 0, got "
-                             f"{value!r}")
+                or not 0 <= value <= threading.TIMEOUT_MAX):
+            raise ValueError(f"batch_window must be a number of seconds in [0, "
+                             f"threading.TIMEOUT_MAX = {threading.TIMEOUT_MAX}], got {value!r}")
         self._batch_window = value
 
     # ---- experts ------------------------------------------------------------------------
@@ -221,8 +242,11 @@ class ExpertRouter:
         """Queue one request; returns a Future of its predicted label name. A worker thread
         serves the requests that arrive within `batch_window` seconds of the first waiting one
         (up to `batch_size`) in one mixed batch. An unknown task or an invalid text raises here,
-        in the caller, and never reaches a batch. What a client does with its Future (cancel it,
-        a done-callback that raises) reaches no other request."""
+        in the caller, and never reaches a batch; a text that the tokenizer and the expert's
+        template make no token of (found where the batch is encoded: the tokenizer is used on
+        the compute thread only) fails its own Future with a ValueError, before any forward
+        pass, and the batch's other requests are served. What a client does with its Future
+        (cancel it, a done-callback that raises) reaches no other request."""
         self._refuse_on_compute_thread("submit", "is refused: its batch would wait for this "
                                        "pass, which no answer may wait for")
         _free_openmp_pool()
@@ -258,19 +282,27 @@ class ExpertRouter:
 
     def _answer(self, requests, errors_to_futures: bool = True) -> bool:
         """Serve (expert, text, future) requests in one mixed batch and set their futures to
-        the answers (or, with `errors_to_futures`, to the error); whether it worked."""
-        try:
-            rows = self._mixed([(expert, text) for expert, text, _ in requests]) if requests \
-                else []
-            labels = [_label(expert, row) for (expert, _, _), row in zip(requests, rows)]
-        except BaseException as error:  # surfaced to the clients of these requests
-            if errors_to_futures:
-                for _, _, future in requests:
-                    _settle(future.set_exception, error)
-            return False
-        for (_, _, future), label in zip(requests, labels):
-            _settle(future.set_result, label)
-        return True
+        the answers (or, with `errors_to_futures`, to the error); whether it worked. A request
+        whose text encodes to no token gets its own error, and the others are served without
+        it."""
+        requests = [request for request in requests if not request[2].done()]  # (refused alone
+        # by an earlier try of this batch)
+        while True:
+            try:
+                rows = self._mixed([(expert, text) for expert, text, _ in requests])
+                labels = [_label(expert, row) for (expert, _, _), row in zip(requests, rows)]
+            except NoTokenError as error:  # (raised before the batch's forward pass)
+                _, _, future = requests.pop(error.index)
+                _settle(future.set_exception, ValueError(error.reason))
+                continue
+            except BaseException as error:  # surfaced to the clients of these requests
+                if errors_to_futures:
+                    for _, _, future in requests:
+                        _settle(future.set_exception, error)
+                return False
+            for (_, _, future), label in zip(requests, labels):
+                _settle(future.set_result, label)
+            return True
 
     def close(self) -> None:
         """Serve what was submitted, stop the worker and the compute thread, and restore the
@@ -408,32 +440,33 @@ class _Worker:
         self.router._local.batching = True  # marks this thread (close() may drop the worker)
         closed = False
         while not closed:
-            batch, closed = self._next_batch()
-            if not batch:
-                continue
-            try:
-                self.router._serve_batch(batch)
+            batch = []
+            try:  # (taking the batch may fail too: its requests taken so far get the error)
+                closed = self._next_batch(batch)
+                if batch:
+                    self.router._serve_batch(batch)
             except BaseException as error:  # noqa: BLE001 (the thread serves every later batch)
                 for _, _, future in batch:
                     if not future.done():
                         _settle(future.set_exception, error)
 
-    def _next_batch(self):
-        """(the requests of the next batch, whether the queue has ended)."""
+    def _next_batch(self, batch: list) -> bool:
+        """Takes the requests of the next batch into `batch`; whether the queue has ended."""
         first = self.queue.get()
         if first is None:
-            return [], True
+            return True
         # the window runs from the first request's arrival, not from when this thread is free
-        batch, deadline = [first[:3]], first[3] + self.router.batch_window
+        batch.append(first[:3])
+        deadline = first[3] + self.router.batch_window
         while len(batch) < self.router.batch_size:
             try:
                 item = self.queue.get(timeout=max(deadline - time.monotonic(), 0))
             except queue.Empty:
                 break
             if item is None:
-                return batch, True
+                return True
             batch.append(item[:3])
-        return batch, False
+        return False
 
 
 def _free_openmp_pool() -> bool:
@@ -465,6 +498,17 @@ def _gnu_openmp_pause():
         pause.argtypes, pause.restype = [ctypes.c_int], ctypes.c_int
         return pause
     return None
+
+
+def _device_of(model) -> torch.device:
+    """The device of the model's input embeddings (where its forward passes start), or of its
+    first parameter; the CPU for a model without parameters."""
+    model = unwrap_compiled(model)
+    embeddings = getattr(model, "get_input_embeddings", lambda: None)()
+    weight = getattr(embeddings, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        return weight.device
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
 def _mark(local: threading.local) -> None:

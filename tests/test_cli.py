@@ -241,3 +241,107 @@ def test_localize_options_are_built_from_the_config_classes(capsys):
         assert f"{cls.__name__} (localize {key}=)" in text
         for field in dataclasses.fields(cls):  # the flag itself, not inside a longer one
             assert re.search(rf"(?<![\w-]){re.escape(field.metadata['flag'])}(?![\w-])", text)
+
+
+def test_a_max_length_no_tokenizer_takes_is_a_one_line_error(capsys):
+    """--max-length past 2**31 - 1 was taken and ended in the tokenizer's OverflowError (a
+    traceback): refused as the option is read."""
+    assert cli.main(["localize", "--model", "m", "--task", "t.csv", "--out", "e",
+                     "--max-length", "99999999999999999999999"]) == 2
+    err = capsys.readouterr().err
+    assert "--max-length: must be a whole number in [1, 2147483647]" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_folder(tmp_path_factory):
+    """A tiny BERT classifier with MiniLM's tokenizer, saved as a folder."""
+    from transformers import AutoTokenizer
+
+    from expert_utils import tiny_bert
+
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    tiny_bert().save_pretrained(folder)
+    AutoTokenizer.from_pretrained(minilm_dir()).save_pretrained(folder)
+    return folder
+
+
+def _truncated_weights(folder):
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
+
+
+def _config_with(**changes):
+    def edit(folder):
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, **changes}))
+    return edit
+
+
+@pytest.mark.parametrize("breakage", [_truncated_weights, _config_with(hidden_size="abc"),
+                                      _config_with(num_attention_heads=0)],
+                         ids=["truncated-weights", "hidden-size-abc", "no-heads"])
+def test_a_broken_model_folder_is_a_one_line_error(tiny_bert_folder, tmp_path, breakage,
+                                                   capsys):
+    """Truncated weights (SafetensorError), a config value of the wrong type or a zero the model
+    divides by ended in a traceback: one line naming the folder, exit 2."""
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_bert_folder, folder)
+    breakage(folder)
+    assert cli.main(["bench", "--model", str(folder), "--seq", "8", "--repeats", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"doe-kernels bench: error: cannot load the model in {folder}: " in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def _eval_dense(folder, expert, tmp_path):
+    task = tmp_path / "task.csv"
+    write_csv(task, sentiment_task(40).split((0.6, 0.2, 0.2)))
+    return cli.main(["eval", "--model", str(folder), "--expert", str(expert), "--task",
+                     str(task), "--dense"])
+
+
+def test_eval_dense_refuses_a_misshapen_dense_head_naming_the_file(tiny_bert_folder, tmp_path,
+                                                                    capsys, monkeypatch):
+    """An expert file whose dense head has another shape than its head was taken, and
+    `eval --dense` failed only after timing the expert, naming neither the file nor the dense
+    head: refused as the file is read, before any timing."""
+    import torch
+
+    from doe_kernels.expert import Expert
+    from expert_utils import seq_cls_expert, tiny_bert, write_expert_file
+
+    timed = []
+    monkeypatch.setattr(cli, "_timed_correct", lambda *args, **kwargs: timed.append(args))
+    expert = seq_cls_expert(tiny_bert())
+    Expert(expert.mask, expert.prompt, "seq_cls", expert.label_names, head=expert.head,
+           sizes=expert.sizes, dense_head={k: v + 1 for k, v in expert.head.items()}).save(
+        tmp_path / "e.safetensors")
+    bad = write_expert_file(tmp_path / "e.safetensors", tmp_path / "bad.safetensors",
+                            tensors=lambda t: {**t, "dense.head.classifier.weight":
+                                               torch.zeros(7, 3)})
+    assert _eval_dense(tiny_bert_folder, bad, tmp_path) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}: dense_head parameter 'classifier.weight' has shape (7, 3)" in err
+    assert timed == []
+
+
+def test_eval_checks_the_dense_baseline_before_any_timing(tiny_bert_folder, tmp_path, capsys,
+                                                          monkeypatch):
+    """`eval --dense` checks that the unpruned baseline fits the model before it times the
+    expert (it timed the whole evaluation, then failed on the baseline)."""
+    from doe_kernels.expert import Expert
+    from expert_utils import seq_cls_expert, tiny_bert
+
+    timed = []
+    monkeypatch.setattr(cli, "_timed_correct", lambda *args, **kwargs: timed.append(args))
+    expert = seq_cls_expert(tiny_bert())
+    expert.save(tmp_path / "e.safetensors")
+    other = seq_cls_expert(tiny_bert(layers=3))  # a baseline made for another model
+    monkeypatch.setattr(Expert, "dense", lambda self: other)
+    assert _eval_dense(tiny_bert_folder, tmp_path / "e.safetensors", tmp_path) == 2
+    err = capsys.readouterr().err
+    assert f"--dense: the unpruned baseline in {tmp_path / 'e.safetensors'} does not fit" in err
+    assert "num_layers" in err and timed == []

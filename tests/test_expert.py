@@ -668,3 +668,89 @@ def test_prompt_tuning_leaves_a_checkpointing_model_as_it_was(tokenizer, family)
                                epochs=1, batch_size=4, progress=False)
     assert embeddings._forward_hooks == hooks and set(model.__dict__) == attributes
     assert model.config.pretraining_tp == 2
+
+
+def smollm2_expert(template="{text}", virtual=2):
+    """A tiny LLaMA with SmolLM2's tokenizer (which encodes "" to no token and adds no BOS) and
+    a causal-LM expert for it with `template`."""
+    from transformers import AutoTokenizer
+
+    from real_models import smollm2_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir())
+    model = tiny_llama(vocab=len(tokenizer))
+    words = [" positive", " negative"]
+    expert = Expert(None, torch.randn(virtual, 32), "causal_lm", ["positive", "negative"],
+                    label_words=words, label_token_ids=label_token_ids(tokenizer, words),
+                    template=template, sizes=model_sizes(model))
+    return model, tokenizer, expert
+
+
+@pytest.mark.parametrize("virtual", [2, 0])
+def test_a_text_that_encodes_to_no_token_is_refused(virtual):
+    """A causal LM's text that encodes to no token with its template ("{text}" and "") was read
+    at a padding position: its answer depended on its batch (and with no virtual token, alone,
+    it raised IndexError). Refused, named by its place among the texts given, also where the
+    texts are sorted by length into several batches; the template itself is served."""
+    model, tokenizer, expert = smollm2_expert(virtual=virtual)
+    assert tokenizer("")["input_ids"] == []
+    expert.check_tokenizer(tokenizer)  # "{text}" alone is no token: other texts are served
+    assert expert.predict_logits(model, tokenizer, ["a fine film"]).shape == (1, 2)
+    for texts, batch_size, index in ((["a fine film", ""], 32, 1), ([""], 32, 0),
+                                     (["a fine film", "ok", "a long dull film", ""], 1, 3)):
+        with pytest.raises(ValueError, match=f"text {index}: '' encodes to no token with the "
+                           "template '{text}'"):
+            expert.predict_logits(model, tokenizer, texts, batch_size=batch_size)
+    with pytest.raises(ValueError, match="text 1: '' encodes to no token"):
+        encode(tokenizer, ["ok", ""], "causal_lm", "{text}", 16)
+    assert not dk.is_patched(model)
+
+
+@pytest.mark.parametrize("max_length", [2 ** 31, 2 ** 64, 10 ** 30])
+def test_a_max_length_no_tokenizer_takes_is_refused(tmp_path, tokenizer, max_length):
+    """A max_length past 2**31 - 1 (a tokenizer raises OverflowError past 2**64): refused when
+    the expert is made, when its file is loaded (FileFormatError naming the file) and when one
+    set on the expert afterwards meets a model."""
+    from expert_utils import edit, write_expert_file
+
+    from doe_kernels.files import FileFormatError
+
+    model = tiny_bert()
+    expert = seq_cls_expert(model)
+    with pytest.raises(ValueError, match="max_length must be at most 2147483647"):
+        Expert(None, expert.prompt, "seq_cls", expert.label_names, head=expert.head,
+               max_length=max_length)
+    expert.save(tmp_path / "e.safetensors")
+    bad = write_expert_file(tmp_path / "e.safetensors", tmp_path / "bad.safetensors",
+                            header=edit({"max_length": max_length}))
+    with pytest.raises(FileFormatError, match=f"{bad}: max_length must be at most 2147483647"):
+        Expert.load(bad)
+    expert.max_length = max_length
+    with pytest.raises(ValueError, match="max_length must be at most 2147483647"):
+        expert.check_fits(model)
+    with pytest.raises(ValueError, match="max_length must be at most 2147483647"):
+        encode(tokenizer, ["ok"], "seq_cls", None, max_length)
+
+
+def test_a_dense_head_of_another_shape_is_refused(tmp_path):
+    """The unpruned baseline's head must have the head's shapes (it is served by the same
+    model): refused when the expert is made and when its file is loaded (FileFormatError naming
+    the file and the dense head), not when `eval --dense` has timed the expert."""
+    from expert_utils import write_expert_file
+
+    from doe_kernels.files import FileFormatError
+
+    expert = seq_cls_expert(tiny_bert())
+    wrong = {**expert.head, "classifier.weight": torch.zeros(7, 3)}
+    with pytest.raises(ValueError, match=r"dense_head parameter 'classifier.weight' has shape "
+                       r"\(7, 3\), the head's \(2, 32\)"):
+        Expert(expert.mask, expert.prompt, "seq_cls", expert.label_names, head=expert.head,
+               dense_head=wrong)
+    Expert(expert.mask, expert.prompt, "seq_cls", expert.label_names, head=expert.head,
+           dense_head={k: v + 1 for k, v in expert.head.items()}).save(tmp_path / "e.safetensors")
+    bad = write_expert_file(tmp_path / "e.safetensors", tmp_path / "bad.safetensors",
+                            tensors=lambda t: {**t, "dense.head.classifier.weight":
+                                               torch.zeros(7, 3)})
+    with pytest.raises(FileFormatError, match=f"{bad}: dense_head parameter 'classifier.weight' "
+                       r"has shape \(7, 3\)"):
+        Expert.load(bad)

@@ -686,3 +686,21 @@ def test_a_packed_pass_into_a_static_cache(monkeypatch, per_sequence):
             with dk.plugged(model, mask or dk.ExpertMask()):
                 alone = model(input_ids=ids[b:b + 1, real]).logits
             torch.testing.assert_close(got[b, real], alone[0], rtol=1e-4, atol=1e-5)
+
+
+def test_mixed_logits_refuse_a_text_that_encodes_to_no_token():
+    """A causal LM's request whose text encodes to no token with its expert's template ("{text}"
+    and "", SmolLM2's tokenizer) got zeros, read at a padding position: refused, named by its
+    request, before anything runs, also among requests of an expert encoding otherwise."""
+    from test_expert import smollm2_expert
+
+    model, tokenizer, bare = smollm2_expert()
+    _, _, templated = smollm2_expert(template="{text} Mood:")
+    before = snapshot(model)
+    requests = [(templated, ""), (bare, "a fine film"), (templated, "ok"), (bare, "")]
+    with pytest.raises(ValueError, match="request 3: '' encodes to no token with the template "
+                       "'{text}'"):
+        dk.mixed_logits(model, tokenizer, requests)
+    assert not dk.is_patched(model) and state_dict_equal(snapshot(model), before)
+    rows = dk.mixed_logits(model, tokenizer, requests[:3])  # "" in a template with tokens: served
+    torch.testing.assert_close(rows[1], bare.predict_logits(model, tokenizer, ["a fine film"])[0])

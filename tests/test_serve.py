@@ -703,3 +703,86 @@ def test_an_expert_that_does_not_fit_is_refused_under_its_task_name(served, toke
     with dk.ExpertRouter(model, tokenizer) as router, \
             pytest.raises(ValueError, match="^task 'topic': "):
         router.add("topic", other)
+
+
+def test_a_text_that_encodes_to_no_token_is_refused_by_every_path():
+    """A causal LM's text that encodes to no token with its template ("{text}" and "", SmolLM2's
+    tokenizer) was answered from a padding position, differently by run, run_mixed and ask (its
+    batch's). add() takes the expert; run and run_mixed refuse the text, and a submitted one
+    fails its own Future while the request batched with it is answered."""
+    from test_expert import smollm2_expert
+
+    model, tokenizer, expert = smollm2_expert()
+    router = dk.ExpertRouter(model, tokenizer, batch_size=2, batch_window=30)
+    try:
+        router.add("x", expert)
+        expected = router.run("x", "a fine film")
+        with pytest.raises(ValueError, match="text 0: '' encodes to no token"):
+            router.run("x", "")
+        with pytest.raises(ValueError, match="request 1: '' encodes to no token"):
+            router.run_mixed([("x", "a fine film"), ("x", "")])
+        good, empty = router.submit("x", "a fine film"), router.submit("x", "")  # one batch
+        assert [good.result(timeout=60)] == expected
+        with pytest.raises(ValueError, match="^'' encodes to no token with the template"):
+            empty.result(timeout=60)
+        router.batch_window = 0.001
+        with pytest.raises(ValueError, match="encodes to no token"):
+            router.ask("x", "")
+        assert [router.ask("x", "a fine film")] == expected
+    finally:
+        router.close()
+    assert not dk.is_patched(model)
+
+
+@pytest.mark.parametrize("window", [1e10, threading.TIMEOUT_MAX * 2, float("inf"), -1])
+def test_a_batch_window_a_queue_cannot_wait_is_refused(served, tokenizer, window):
+    """A batch window past threading.TIMEOUT_MAX made the batching thread's queue.get raise
+    OverflowError: refused when the router is made and when it is set."""
+    model, _, _ = served
+    with pytest.raises(ValueError, match="batch_window must be a number of seconds in"):
+        dk.ExpertRouter(model, tokenizer, batch_window=window)
+    with dk.ExpertRouter(model, tokenizer, batch_window=threading.TIMEOUT_MAX) as router:
+        with pytest.raises(ValueError, match="TIMEOUT_MAX"):
+            router.batch_window = window
+        assert router.batch_window == threading.TIMEOUT_MAX
+
+
+def test_requests_taken_when_taking_a_batch_fails_get_its_error(served, tokenizer):
+    """A request the batching thread had taken when taking its batch failed (a window that
+    overflows queue.get, set past the setter's check) was never answered, not even after
+    close(): it gets the error, and the thread serves later requests."""
+    model, experts, alone = served
+    router = dk.ExpertRouter(model, tokenizer, batch_size=2)
+    try:
+        router.add("task0", experts["task0"])
+        router._batch_window = 1e10  # (the setter refuses it)
+        with pytest.raises(OverflowError):
+            router.submit("task0", TEXTS[0]).result(timeout=60)
+        router.batch_window = 0.001
+        assert router.ask("task0", TEXTS[0]) == experts["task0"].label_names[
+            int(alone["task0"][0].argmax())]
+    finally:
+        router.close()
+    assert not dk.is_patched(model)
+
+
+def test_a_backend_the_router_cannot_run_is_refused(served, tokenizer):
+    """An unknown backend name, or one this machine lacks for the model's device, was taken and
+    failed every request: refused when the router is made and when it is set."""
+    from doe_kernels.backends import BackendUnavailableError, available_backends
+
+    model, experts, _ = served
+    with pytest.raises(ValueError, match="backend must be one of .* got 'nope'"):
+        dk.ExpertRouter(model, tokenizer, backend="nope")
+    missing = [name for name in ("cuda", "triton") if name not in available_backends("cpu")]
+    for name in missing:
+        with pytest.raises(BackendUnavailableError, match=f"backend '{name}' is not available "
+                           "for the model's cpu tensors"):
+            dk.ExpertRouter(model, tokenizer, backend=name)
+    with dk.ExpertRouter(model, tokenizer, backend="torch") as router:
+        with pytest.raises(ValueError, match="backend must be one of"):
+            router.backend = "nope"
+        assert router.backend == "torch"
+        router.add("task0", experts["task0"])
+        assert router.run("task0", TEXTS[0])  # served with the backend it kept
+    assert not dk.is_patched(model)

@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -50,6 +51,52 @@ def test_the_http_client_refuses_answers_that_are_not_json_objects(body, message
 
     with answering(body) as (url, _), pytest.raises(RuntimeError, match=message):
         client.status(url, timeout=30)
+
+
+@contextlib.contextmanager
+def _answering_raw(answer: bytes):
+    """Yields the URL of a localhost server that answers every connection with the bytes
+    `answer` and closes it (a server that is not HTTP, or an HTTP answer cut short)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+
+    def serve():
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:  # closed
+                return
+            with connection:
+                connection.recv(65536)
+                connection.sendall(answer)
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        listener.close()
+
+
+@pytest.mark.parametrize("answer, kind", [
+    (b"SSH-2.0-OpenSSH_8.9\r\n", "BadStatusLine"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{", "IncompleteRead")])
+def test_a_server_that_does_not_speak_http_is_a_one_line_error(answer, kind, capsys):
+    """A port that answers what is not HTTP (http.client's BadStatusLine), or an answer cut
+    short (IncompleteRead), ended `doe-kernels vllm-*` in a traceback: the client raises
+    RuntimeError and the command says it in one line, exit 2."""
+    import doe_kernels.vllm.http as client
+    from doe_kernels import cli
+
+    with _answering_raw(answer) as url:
+        with pytest.raises(RuntimeError, match=f"cannot reach {url}: no well-formed HTTP "
+                           f"answer \\({kind}"):
+            client.status(url, timeout=30)
+        for command in (["vllm-status"], ["vllm-unplug"]):
+            assert cli.main([*command, "--url", url]) == 2
+            err = capsys.readouterr().err
+            assert err.startswith(f"doe-kernels {command[0]}: error: cannot reach {url}")
+            assert len(err.strip().splitlines()) == 1
 
 
 def _free_port() -> int:

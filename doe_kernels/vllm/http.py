@@ -15,6 +15,7 @@ stages its plan, and only if every rank accepts does any apply it. The developme
 who reaches the port call worker methods: bind the server to localhost or a private network.
 Needs only the standard library and doe_kernels (not vLLM), so a client machine can swap experts.
 """
+import http.client
 import json
 import urllib.error
 import urllib.request
@@ -120,7 +121,10 @@ def _request(url: str, path: str, body: dict | None, timeout: float,
         if error.code == 404:
             raise RuntimeError(f"{url} has no {path} endpoint: start vllm serve with "
                                "VLLM_SERVER_DEV_MODE=1") from error
-        detail = error.read().decode(errors="replace")
+        try:
+            detail = error.read().decode(errors="replace")
+        except (OSError, http.client.HTTPException):  # (the error's body cut short)
+            detail = ""
         try:  # the gate's (and vLLM's) errors: {"error": {"message": ...}}
             detail = json.loads(detail)["error"]["message"]
         except (ValueError, KeyError, TypeError):
@@ -129,6 +133,9 @@ def _request(url: str, path: str, body: dict | None, timeout: float,
         raise RuntimeError(f"{url}{path} answered {error.code} {detail}") from error
     except (urllib.error.URLError, OSError) as error:
         raise RuntimeError(f"cannot reach {url}: {error}") from error
+    except http.client.HTTPException as error:  # not HTTP (BadStatusLine), or cut short
+        raise RuntimeError(f"cannot reach {url}: no well-formed HTTP answer "
+                           f"({type(error).__name__}: {str(error).strip()[:200]})") from error
     try:
         reply = json.loads(text) if text else None
     except ValueError:  # not JSON (a proxy's page, say)
