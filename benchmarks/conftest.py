@@ -11,8 +11,9 @@ Each benchmark records its median time. On the CPU that is pytest-benchmark's me
 number of rounds (`measure`), each call with the CPU's caches emptied first (`--cpu-cache cold`,
 the default: in a model, a layer's weights are not in the cache its previous call left them in;
 `warm` times repeated calls on cached weights). On a GPU it is the median of CUDA-event timings
-from `triton.testing.do_bench`, with the L2 cache flushed before every call (for the same reason),
-and pytest-benchmark runs the call once more only to mark the benchmark used. Every candidate is
+(`_cuda_median`), with the L2 cache flushed before every call (for the same reason), at least
+--benchmark-min-rounds of them, and pytest-benchmark runs the call once more only to mark the
+benchmark used. Every candidate is
 checked against its reference (pre-sliced weights, or the experts one by one) before it is timed
 (`check_close`). At the end the run's results are written (JSON and CSV with device,
 versions, date and commit), the speed-up curves are drawn as PNG files, a summary table is printed
@@ -86,16 +87,22 @@ def _numbers(kind):
     return parse
 
 
+def _given(config, flag: str) -> bool:
+    """Whether `flag` is on the command line (as `flag VALUE` or `flag=VALUE`)."""
+    return any(arg == flag or arg.startswith(flag + "=")
+               for arg in config.invocation_params.args)
+
+
 def pytest_configure(config):
     if config.getoption("numprocesses", None) or hasattr(config, "workerinput"):
         # each worker would time against the others and write the same results files
         raise pytest.UsageError("the benchmarks run in one process: drop -n (pytest-xdist)")
     option = config.option
-    # Quicker defaults than pytest-benchmark's, unless given on the command line.
-    # pytest-benchmark keeps --benchmark-max-time as a string ("1.0" when not given).
-    if getattr(option, "benchmark_max_time", None) in (1.0, "1.0"):
+    # Quicker defaults than pytest-benchmark's, unless given on the command line (where its
+    # own default values count as given).
+    if not _given(config, "--benchmark-max-time"):
         option.benchmark_max_time = "0.25"
-    if getattr(option, "benchmark_min_rounds", None) == 5:
+    if not _given(config, "--benchmark-min-rounds"):
         option.benchmark_min_rounds = 3
     config.doe_recorder = Recorder()
     config.doe_recorder.run_info = run_start(
@@ -152,15 +159,13 @@ def measure(benchmark, fn, config, setup=None, max_rounds: int = 1000) -> float:
     rounds = max_time / (median probe time), at least --benchmark-min-rounds and at most
     `max_rounds` (COLD_ROUNDS with --cpu-cache cold); `setup`, and the cold cache's eviction
     before it, are untimed. With --benchmark-disable the same rounds are timed here.
-    GPU: CUDA-event timings from triton.testing.do_bench (L2 flushed before each call); `setup`
-    runs inside the timed call (do_bench has no hook), so keep it cheap (the decode benchmark's
-    cache crop). pytest-benchmark then runs the call once, only to mark the fixture used.
+    GPU: CUDA-event timings (`_cuda_median`: L2 flushed and `setup` run before each call,
+    untimed). pytest-benchmark then runs the call once, only to mark the fixture used.
     """
     if bench_device(config).type == "cuda":
-        call = fn if setup is None else (lambda: (setup(), fn()))
-        seconds = _cuda_median(call, config)
+        seconds = _cuda_median(fn, config, setup, max_rounds)
         benchmark.extra_info["cuda_event_median_s"] = seconds
-        benchmark.pedantic(call, rounds=1, iterations=1)
+        benchmark.pedantic(fn, setup=setup, rounds=1, iterations=1)
         return seconds
 
     setup = _cpu_setup(config, setup)
@@ -252,14 +257,42 @@ def measure_pair(benchmark, fn, other, config, max_rounds: int = 1000) -> tuple[
     return seconds
 
 
-def _cuda_median(call, config) -> float:
-    """Median seconds of `call()` by CUDA events (triton.testing.do_bench, L2 flushed before each
-    call), over about 400 x --benchmark-max-time milliseconds (20 to 100)."""
-    from triton.testing import do_bench
-
+def _cuda_median(call, config, setup=None, max_rounds: int = 1000) -> float:
+    """Median seconds of `call()` by CUDA events, the L2 cache flushed and `setup` (optional) run
+    before each call, untimed: after three warm-up calls, as many calls as fit in about 400 x
+    --benchmark-max-time milliseconds (20 to 100, from three calls' estimate), at least
+    --benchmark-min-rounds and at most `max_rounds` (triton's do_bench, used before, timed a
+    single call of the slowest models and ran `setup` inside the timed call)."""
     max_time = float(getattr(config.option, "benchmark_max_time", 0.25))
-    return do_bench(call, warmup=10, rep=max(20, min(100, 400 * max_time)),
-                    return_mode="median") / 1e3
+    min_rounds = int(getattr(config.option, "benchmark_min_rounds", 3))
+    budget = max(20, min(100, 400 * max_time)) / 1e3
+    for _ in range(3):
+        call() if setup is None else (setup(), call())
+    estimate = _median(_cuda_times(call, setup, 3))
+    rounds = int(min(max_rounds, max(min_rounds, budget / max(estimate, 1e-7))))
+    return _median(_cuda_times(call, setup, rounds))
+
+
+_L2_FLUSH: list = []  # the buffer _cuda_times writes to flush the L2 cache, made once
+
+
+def _cuda_times(call, setup, count: int) -> list:
+    """Seconds of `count` calls by CUDA events, each after `setup` and an L2 flush (a 256 MB
+    write, as triton's do_bench does), neither timed."""
+    if not _L2_FLUSH:
+        _L2_FLUSH.append(torch.empty(2**28 // 4, dtype=torch.int32, device="cuda"))
+    events = []
+    for _ in range(count):
+        if setup is not None:
+            setup()
+        _L2_FLUSH[0].zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        call()
+        end.record()
+        events.append((start, end))
+    torch.cuda.synchronize()
+    return [start.elapsed_time(end) / 1e3 for start, end in events]
 
 
 def _cpu_rounds(timed_call, config, max_rounds: int) -> int:

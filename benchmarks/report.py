@@ -129,9 +129,9 @@ def cpu_features() -> str:
 
 
 def _git_commit() -> str:
-    """The checkout's commit; DOE_BENCH_COMMIT names it where there is no .git (a copied tree)."""
-    if os.environ.get("DOE_BENCH_COMMIT"):
-        return os.environ["DOE_BENCH_COMMIT"]
+    """The checkout's commit (with "+dirty" for changes not committed); DOE_BENCH_COMMIT names
+    it only where git cannot (a copied tree without .git): a stale value exported in a checkout
+    never hides its own commit."""
     try:
         run = lambda *args: subprocess.run(["git", *args], capture_output=True, text=True,  # noqa: E731
                                            cwd=os.path.dirname(__file__), timeout=10).stdout.strip()
@@ -139,12 +139,12 @@ def _git_commit() -> str:
         # "+dirty": the measured code had changes not yet committed to the tracked files (the
         # results that runs write, under benchmarks/results, are not the measured code)
         if not commit:
-            return "unknown"
+            return os.environ.get("DOE_BENCH_COMMIT") or "unknown"
         changed = run("status", "--porcelain", "-uno", "--", ":/",
                       ":(top,exclude)benchmarks/results")
         return commit + ("+dirty" if changed else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+    except (OSError, subprocess.SubprocessError):  # (no git at all)
+        return os.environ.get("DOE_BENCH_COMMIT") or "unknown"
 
 
 KNOB_PREFIXES = ("DOE_KERNELS_", "OMP_", "MKL_", "TRITON_")  # environment that changes the code run

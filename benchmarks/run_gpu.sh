@@ -23,7 +23,8 @@
 # The extension: a prebuilt doe_kernels/_C for this Python, carried in .gpu_prebuilt/ (made here by
 # `bash benchmarks/prebuild_gpu_ext.sh`, which needs no GPU), is used when it was built from these
 # sources (.gpu_prebuilt/sources.sha256), it loads and one CUDA op computes right with it;
-# otherwise it is built (`setup.py build_ext --inplace`, sm_90).
+# otherwise it is built (`setup.py build_ext --inplace`, sm_90). A module already in place is used
+# only when doe_kernels/_C.sources.sha256 (written here beside what was copied or built) matches.
 # A stage cut by its time limit gets SIGINT, so pytest still writes what it measured; the archive
 # is rewritten (atomically) after every stage, so a call cut off by the tool's limit still returns
 # what finished. Afterwards, here: `tar xzf gpu_run.tgz -C benchmarks/results/gpu_<device>` puts
@@ -101,16 +102,25 @@ sources_hash() {
   find csrc setup.py -type f | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -c1-64
 }
 ext_ok="$logs/extension_works"  # written when the extension works (the block below is a subshell)
+stamp="doe_kernels/_C.sources.sha256"  # the sources_hash of the module in place
 {
   echo "== $(date -u +%FT%TZ) plan=$plan budget=${BUDGET}s commit=${DOE_BENCH_COMMIT:-unknown}"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   suffix="$(python3 -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")"
+  sources="$(sources_hash)"
+  # a module left in place (a machine kept warm between calls, or a build of one's own) is used
+  # only when the stamp beside it says it was built from these sources
+  if [[ -f "doe_kernels/_C$suffix" && "$(cat "$stamp" 2>/dev/null)" != "$sources" ]]; then
+    echo "== extension: the one in place was built from other sources (or unstamped); removed"
+    rm -f "doe_kernels/_C$suffix" "$stamp"
+  fi
   if [[ ! -f "doe_kernels/_C$suffix" && -f ".gpu_prebuilt/_C$suffix" ]]; then
-    if [[ "$(cat .gpu_prebuilt/sources.sha256 2>/dev/null)" != "$(sources_hash)" ]]; then
+    if [[ "$(cat .gpu_prebuilt/sources.sha256 2>/dev/null)" != "$sources" ]]; then
       echo "== extension: the prebuilt one was built from other sources; building"
     else
       cp ".gpu_prebuilt/_C$suffix" doe_kernels/
       if python3 -c "$CHECK_EXT" 2>&1; then
+        echo "$sources" > "$stamp"
         touch "$ext_ok" && echo "== extension: the prebuilt one works $(elapsed)"
       else
         echo "== extension: the prebuilt one does not work here; building"
@@ -118,13 +128,14 @@ ext_ok="$logs/extension_works"  # written when the extension works (the block be
       fi
     fi
   elif [[ -f "doe_kernels/_C$suffix" ]] && python3 -c "$CHECK_EXT" 2>&1; then
-    touch "$ext_ok" && echo "== extension: the one built in place works $(elapsed)"
+    touch "$ext_ok" && echo "== extension: the one built in place from these sources works $(elapsed)"
   fi
   if [[ ! -f "$ext_ok" ]]; then
     echo "== build $(elapsed)"
     limited "$(cap 300)" python3 setup.py build_ext --inplace > "$logs/build_ext.log" 2>&1
     tail -n 20 "$logs/build_ext.log"
     if python3 -c "$CHECK_EXT"; then
+      echo "$sources" > "$stamp"
       touch "$ext_ok" && echo "== extension: built, the cuda op works"
     else
       echo "== extension: the cuda backend does not work (exit $?)"

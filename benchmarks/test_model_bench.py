@@ -346,8 +346,7 @@ def test_model(benchmark, recorder, request, model_case):
 
             runner.reset()
             runner()  # warm-up (allocator, oneDNN primitives, Triton compilation)
-            # Decode: the cache is cropped back to CONTEXT tokens before every call (untimed on
-            # the CPU; on a GPU inside the timed call, a few microseconds of Python).
+            # Decode: the cache is cropped back to CONTEXT tokens before every call (untimed).
             seconds = measure(benchmark, runner, request.config,
                               setup=runner.reset if case.kind == "decode" else None)
         finally:

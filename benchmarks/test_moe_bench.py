@@ -105,6 +105,23 @@ def _sliced_block(block, kept: torch.Tensor):
     return sliced
 
 
+def _skipping_reference(block, x, kept, top_k: int, beta: float):
+    """The HF block's output routed among the `kept` experts, a token's non-top experts dropped
+    where their weight is below `beta` x its top one (route's rule), expert by expert in plain
+    torch on the block's own weights: what `patched-skip` must compute."""
+    x2d = x.reshape(-1, x.shape[-1])
+    weights, experts = route(F.linear(x2d, block.gate.weight), top_k, kept.to(x.device), beta=beta)
+    out = torch.zeros(x2d.shape, dtype=torch.float32, device=x.device)
+    for expert in experts.unique().tolist():
+        rows, slot = (experts == expert).nonzero(as_tuple=True)
+        weight = weights[rows, slot]
+        rows, weight = rows[weight > 0], weight[weight > 0]
+        gate, up = F.linear(x2d[rows], block.experts.gate_up_proj[expert]).chunk(2, dim=-1)
+        y = F.linear(F.silu(gate) * up, block.experts.down_proj[expert])
+        out.index_add_(0, rows, weight[:, None] * y.float())
+    return out.to(x.dtype).view_as(x)
+
+
 def _weight_bytes(*tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -124,7 +141,9 @@ def test_moe_block(benchmark, recorder, request, moe_case):
             timed = block
             implementation = model.config._experts_implementation
             if variant == "hf-eager":
+                want = block(x)
                 model.set_experts_implementation("eager")
+                check_close(block(x), want, CHECK_TOLERANCE[dtype], "hf-eager against dense")
         else:
             kept = _kept(experts, rates[0])
             sliced = _sliced_block(block, kept)
@@ -139,11 +158,13 @@ def test_moe_block(benchmark, recorder, request, moe_case):
                 if variant == "patched-skip":
                     weights, _ = route(F.linear(x.reshape(-1, hidden), block.gate.weight), top_k,
                                        kept.to(device))
-                    mask = mask.with_skip({0: float((weights[:, 1] / weights[:, 0]).median())})
+                    beta = float((weights[:, 1] / weights[:, 0]).median())
+                    mask = mask.with_skip({0: beta})
+                    want = _skipping_reference(block, x, kept, top_k, beta)
                 dk.patch(model, mask, dynamic_skip=variant == "patched-skip")
                 patched, timed = True, model.model.layers[0].mlp
-                if want is not None:  # the patched block computes what physical pruning does
-                    check_close(timed(x), want, CHECK_TOLERANCE[dtype], "patched against sliced")
+                # the patched block computes what physical pruning (and skipping) does
+                check_close(timed(x), want, CHECK_TOLERANCE[dtype], f"{variant} against sliced")
         try:
             def call():
                 timed(x)

@@ -2,7 +2,6 @@
 benchmarks/run_gpu.sh relies on, where a run's files go by default (a folder git ignores), and the
 read-rate columns of the report."""
 import importlib.util
-import inspect
 import json
 import os
 import subprocess
@@ -88,24 +87,30 @@ def test_read_rate_against_the_copy_bandwidth():
     assert lines[-1] == "copy bandwidth (read + written): 2500 GB/s"
 
 
-def test_gpu_timing_path_calls_do_bench_as_triton_defines_it(monkeypatch):
-    """The CUDA branch of `measure` (no GPU needed): triton.testing.do_bench is called with
-    arguments its installed signature takes, the setup runs inside the timed call, milliseconds
-    become seconds, and pytest-benchmark sees the call once."""
-    triton_testing = pytest.importorskip("triton.testing")
+def test_gpu_timing_path_times_each_call_alone_and_enough_of_them(monkeypatch):
+    """The CUDA branch of `measure` (no GPU needed: CUDA events on a simulated clock): `setup`
+    and the L2 flush run before each timed call and are not timed, a call too slow for the time
+    budget is still timed --benchmark-min-rounds times (triton's do_bench timed one), the median
+    is in seconds, and pytest-benchmark runs the call once."""
     bench_conftest = _bench_conftest()
-    signature, calls = inspect.signature(triton_testing.do_bench), []
+    clock, timed = [0.0], []
 
-    def fake_do_bench(*args, **kwargs):
-        bound = signature.bind(*args, **kwargs)  # raises on an argument triton does not take
-        bound.arguments["fn"]()
-        calls.append(bound.arguments)
-        return 2.0  # milliseconds
+    class Event:
+        def __init__(self, enable_timing=False):
+            self.at = None
 
-    monkeypatch.setattr(triton_testing, "do_bench", fake_do_bench)
+        def record(self):
+            self.at = clock[0]
+
+        def elapsed_time(self, end):  # milliseconds
+            return (end.at - self.at) * 1e3
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(bench_conftest, "_L2_FLUSH", [torch.empty(4)])
 
     class Config:
-        option = type("Option", (), {"benchmark_max_time": "0.25"})()
+        option = type("Option", (), {"benchmark_max_time": "0.25", "benchmark_min_rounds": 4})()
 
         def getoption(self, name):
             return {"--bench-device": "cuda"}[name]
@@ -113,18 +118,27 @@ def test_gpu_timing_path_calls_do_bench_as_triton_defines_it(monkeypatch):
     class Benchmark:
         extra_info, pedantic_calls = {}, []
 
-        def pedantic(self, fn, rounds, iterations):
+        def pedantic(self, fn, setup, rounds, iterations):
             self.pedantic_calls.append((rounds, iterations))
+            setup()
             fn()
 
-    order, benchmark = [], Benchmark()
-    seconds = bench_conftest.measure(benchmark, lambda: order.append("call"), Config(),
-                                     setup=lambda: order.append("setup"))
-    assert seconds == pytest.approx(0.002)
-    assert calls[0]["return_mode"] == "median" and 20 <= calls[0]["rep"] <= 100
-    assert order == ["setup", "call"] * 2  # do_bench's call, then pytest-benchmark's one round
+    def call():  # 0.3 s a call: three times the 0.1 s budget
+        clock[0] += 0.3
+        timed.append("call")
+
+    def setup():  # 1 s, untimed
+        clock[0] += 1.0
+        timed.append("setup")
+
+    benchmark = Benchmark()
+    seconds = bench_conftest.measure(benchmark, call, Config(), setup=setup)
+    assert seconds == pytest.approx(0.3)
+    # three warm-up calls, three estimating ones, then --benchmark-min-rounds (4), then
+    # pytest-benchmark's one; each after its setup
+    assert timed == ["setup", "call"] * (3 + 3 + 4 + 1)
     assert benchmark.pedantic_calls == [(1, 1)]
-    assert benchmark.extra_info["cuda_event_median_s"] == pytest.approx(0.002)
+    assert benchmark.extra_info["cuda_event_median_s"] == pytest.approx(0.3)
 
 
 def test_overheads_are_reported_apart_from_the_ratios(tmp_path):
@@ -275,16 +289,16 @@ def test_eviction_reads_twice_the_last_level_cache(monkeypatch):
 
 
 def test_paired_gpu_timing_takes_the_median_of_three_turns(monkeypatch):
-    triton_testing = pytest.importorskip("triton.testing")
-    times = iter([1.0, 1.1, 3.0, 1.2, 2.0, 1.3])  # milliseconds: fn, other, fn, other, ...
+    times = iter([1e-3, 1.1e-3, 3e-3, 1.2e-3, 2e-3, 1.3e-3])  # seconds: fn, other, fn, ...
+    bench_conftest = _bench_conftest()
 
-    def fake_do_bench(fn, **kwargs):
+    def fake_cuda_median(fn, config, setup=None, max_rounds=1000):
         fn()
         return next(times)
 
-    monkeypatch.setattr(triton_testing, "do_bench", fake_do_bench)
+    monkeypatch.setattr(bench_conftest, "_cuda_median", fake_cuda_median)
     order, benchmark = [], _Benchmark()
-    seconds = _bench_conftest().measure_pair(
+    seconds = bench_conftest.measure_pair(
         benchmark, lambda: order.append("fn"), lambda: order.append("other"), _Config("cuda"))
     assert seconds == (pytest.approx(2e-3), pytest.approx(1.2e-3))
     assert order == ["fn", "other"] * 3 + ["other"] and benchmark.pedantic_calls == [(1, 1)]
@@ -382,3 +396,19 @@ def test_results_files_do_not_make_the_commit_dirty(tmp_path, monkeypatch):
     assert copied._git_commit() == clean
     (root / "code.py").write_text("x = 2\n")
     assert copied._git_commit() == clean + "+dirty"
+
+
+def test_options_given_on_the_command_line_are_kept_even_at_their_defaults():
+    """The harness lowers pytest-benchmark's max time and min rounds only when they are not on
+    the command line: `--benchmark-max-time 1.0` (pytest-benchmark's default value) stays."""
+    from types import SimpleNamespace
+
+    given = _bench_conftest()._given
+
+    def config(*args):
+        return SimpleNamespace(invocation_params=SimpleNamespace(args=args))
+
+    assert given(config("benchmarks/", "--benchmark-max-time", "1.0"), "--benchmark-max-time")
+    assert given(config("--benchmark-min-rounds=5"), "--benchmark-min-rounds")
+    assert not given(config("benchmarks/", "--benchmark-max-time-x"), "--benchmark-max-time")
+    assert not given(config("-k", "ffn"), "--benchmark-min-rounds")

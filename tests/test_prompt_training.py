@@ -9,6 +9,7 @@ from expert_utils import sentiment_task
 from real_models import minilm_dir
 
 import prompt_training  # python/, on the tests' path (pyproject.toml: pythonpath)
+import report  # benchmarks/, which prompt_training's imports put on the path
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TINY = ["--tasks", "sentiment", "--epochs", "1", "--virtual-tokens", "2", "--max-length", "32"]
@@ -20,10 +21,11 @@ def run(tmp_path, monkeypatch):
     commit is "at-start" as it begins, "later" once it reads the data."""
     minilm_dir()  # the script loads all-MiniLM-L6-v2: skips where its package is missing
     data = sentiment_task(48).split((0.5, 0.25, 0.25))
-    monkeypatch.setenv("DOE_BENCH_COMMIT", "at-start")
+    commit = ["at-start"]
+    monkeypatch.setattr(report, "_git_commit", lambda: commit[0])
 
     def task_splits(task, args):  # the checkout moves on during the run
-        monkeypatch.setenv("DOE_BENCH_COMMIT", "later")
+        commit[0] = "later"
         return data
 
     monkeypatch.setattr(prompt_training.up, "task_splits", task_splits)
