@@ -174,15 +174,19 @@ def _quiet_loading():
             hf_logging.enable_progress_bar()
 
 
-def load_model(path: str, num_labels: int | None = None, config=None):
+def load_model(path: str, num_labels: int | None = None, config=None, seed: int = 0):
     """(model, tokenizer) from a HuggingFace folder: a causal LM if the checkpoint is one, else a
-    sequence classifier (with a new head of `num_labels` when the checkpoint has none).
-    `config`: its `model_config`, when the caller has read it already."""
+    sequence classifier (with a new head of `num_labels` when the checkpoint has none, drawn
+    with `seed`: localize trains from it, so the process's earlier random draws must not change
+    it; torch's global random state is left as it was). `config`: its `model_config`, when the
+    caller has read it already."""
     from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification,
                               AutoTokenizer)
 
+    from doe_kernels.caller_state import seeded
+
     config = model_config(path) if config is None else config
-    with _broken_folder(path), _quiet_loading():
+    with _broken_folder(path), _quiet_loading(), seeded(seed):
         if is_causal(config):
             model = AutoModelForCausalLM.from_pretrained(path)
         else:
@@ -293,7 +297,8 @@ def cmd_localize(args) -> None:
                         f"({train.labels[0]!r}); a task needs two or more")
     config = model_config(args.model)
     _check_causal_options(args, is_causal(config))
-    model, tokenizer = load_model(args.model, num_labels=len(train.label_names), config=config)
+    model, tokenizer = load_model(args.model, num_labels=len(train.label_names), config=config,
+                                  seed=args.seed)
     template = _template(args, tokenizer)
     expert = localize(model, tokenizer, train, validation,
                       label_words=_label_words(args, train.label_names), template=template,

@@ -5,6 +5,7 @@ import re
 import sys
 
 import pytest
+import torch
 
 from doe_kernels import cli
 from doe_kernels.data import write_csv
@@ -345,3 +346,20 @@ def test_eval_checks_the_dense_baseline_before_any_timing(tiny_bert_folder, tmp_
     err = capsys.readouterr().err
     assert f"--dense: the unpruned baseline in {tmp_path / 'e.safetensors'} does not fit" in err
     assert "num_layers" in err and timed == []
+
+
+def test_a_new_classifier_head_is_drawn_from_the_seed_alone():
+    """localize trains from the classifier head `load_model` draws for a checkpoint without one:
+    it comes from the seed, whatever the process drew before (a test run's order, a notebook's
+    earlier cells changed `doe-kernels localize`'s expert), and the caller's random stream goes
+    on untouched."""
+    heads = []
+    for earlier in (0, 1):
+        torch.manual_seed(earlier)
+        expected = torch.rand(3, generator=torch.Generator().manual_seed(earlier))
+        model, _ = cli.load_model(minilm_dir(), num_labels=3, seed=7)
+        assert torch.equal(torch.rand(3), expected)
+        heads.append(model.classifier.weight.detach().clone())
+    assert torch.equal(heads[0], heads[1])
+    other, _ = cli.load_model(minilm_dir(), num_labels=3, seed=8)
+    assert not torch.equal(other.classifier.weight, heads[0])
