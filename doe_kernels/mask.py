@@ -9,7 +9,8 @@ kept units (`ffn_scales`: one per kept neuron, `head_scales`: one per kept head,
 the kept lists), which multiply each kept unit's contribution to those outputs (reconstruction, see
 doe_kernels.localize.compensate). It may record the sizes of the model it was made for (`spec`:
 `random` and localize's masks do; `from_scores` when given one), so that plugging it into another
-model is refused; a mask without them is checked against a model's sizes only when plugged.
+model is refused (each size it records must match: older masks, which record fewer, are checked
+on those); a mask without them is checked against a model's sizes only when plugged.
 Saved in safetensors.
 """
 import json
@@ -23,9 +24,12 @@ from doe_kernels.files import (FLOAT_DTYPES, FileFormatError, parse_json, read_s
 from doe_kernels.models import ModelSpec, spec_of
 from doe_kernels.ops.checks import check_sorted_unique
 
-_SPEC_KEYS = ("model_type", "num_layers", "intermediate_size", "num_heads", "num_kv_heads",
-              "num_experts")
+# the sizes a mask records (hidden_size, head_dim and top_k since masks of older versions, whose
+# files lack them: each is compared only when recorded)
+_SPEC_KEYS = ("model_type", "num_layers", "hidden_size", "intermediate_size", "num_heads",
+              "num_kv_heads", "head_dim", "num_experts", "top_k")
 _SIZE_KEYS = ("num_layers", "intermediate_size", "num_heads")  # what summary() needs
+_POSITIVE_KEYS = _SIZE_KEYS + ("hidden_size", "head_dim")  # a model has at least one of each
 _INDEX_KINDS = ("ffn", "heads", "moe")
 _BIAS_KINDS = ("ffn_bias", "attn_bias")
 _SCALE_KINDS = ("ffn_scales", "head_scales")
@@ -216,10 +220,14 @@ class ExpertMask:
         fewer). `shards` > 1 (a tensor-parallel size) keeps, in each layer, the same number of
         units (give or take one) in each of that many equal contiguous shards, the top-scored of
         each, so that no rank waits for another. Scores: a (layers, units) tensor, or a list of
-        1-D tensors."""
+        1-D tensors; with `spec`, one row per layer of the model and one score per neuron (its
+        `intermediate_size`) or head (`num_heads`)."""
         _check_ranking(scope, shards)
-        return cls(_top(ffn_scores, ffn_keep, scope, "ffn_keep", shards),
-                   _top(head_scores, heads_keep, scope, "heads_keep", shards), spec)
+        sizes = _as_spec(spec)
+        return cls(_top(ffn_scores, ffn_keep, scope, "ffn_keep", shards,
+                        _fitting_rows(ffn_scores, "ffn_scores", shards, sizes)),
+                   _top(head_scores, heads_keep, scope, "heads_keep", shards,
+                        _fitting_rows(head_scores, "head_scores", shards, sizes)), spec)
 
     @classmethod
     def from_scores_jointly(cls, ffn_scores, head_scores, keep: float, spec: dict,
@@ -229,16 +237,21 @@ class ExpertMask:
         activation x gradient scores do not: docs/localize.md), kept from the top until the
         kept units hold `keep` of the FFN and attention weights, ranked across all layers
         (`scope="global"`) or within each layer.
-        `spec`: the model's sizes (`ModelSpec.as_dict()`, or an Expert's `sizes`); `shards` as
-        in `from_scores`, applied to the counts this ranking gives each layer."""
+        `spec`: the model's sizes (`ModelSpec.as_dict()`, or an Expert's `sizes`), which the
+        scores must fit (as in `from_scores`); `shards` as in `from_scores`, applied to the counts
+        this ranking gives each layer."""
         _check_ranking(scope, shards)
         if not 0.0 <= keep <= 1.0:
             raise ValueError(f"keep must be in [0, 1], got {keep}")
+        weights = unit_weights(spec)
+        sizes = _as_spec(spec)
         ffn = _score_rows(ffn_scores, "ffn_scores", shards)
         heads = _score_rows(head_scores, "head_scores", shards)
         if len(ffn) != len(heads):
             raise ValueError(f"ffn_scores cover {len(ffn)} layers, head_scores {len(heads)}")
-        counts = _joint_counts(ffn, heads, keep, unit_weights(spec), scope)
+        _check_fit(ffn, "ffn_scores", sizes)
+        _check_fit(heads, "head_scores", sizes)
+        counts = _joint_counts(ffn, heads, keep, weights, scope)
         return cls({l: _balanced_top(r, c, shards) for l, (r, (c, _)) in
                     enumerate(zip(ffn, counts))},
                    {l: _balanced_top(r, c, shards) for l, (r, (_, c)) in
@@ -502,7 +515,7 @@ def _as_spec(spec) -> dict | None:
         raise TypeError(f"spec must be a dict of model sizes, got {type(spec).__name__}")
     out = {key: spec[key] for key in _SPEC_KEYS if key in spec}
     for key, value in out.items():
-        least = 1 if key in _SIZE_KEYS else 0  # a model has layers, neurons and heads
+        least = 1 if key in _POSITIVE_KEYS else 0
         sound = (isinstance(value, str) if key == "model_type"
                  else isinstance(value, int) and not isinstance(value, bool) and value >= least)
         if not sound:
@@ -531,6 +544,34 @@ def _score_rows(scores, name: str, shards: int) -> list:
     return rows
 
 
+_UNITS = {"ffn_scores": ("intermediate_size", "neurons"), "head_scores": ("num_heads", "heads")}
+
+
+def _fitting_rows(scores, name: str, shards: int, sizes: dict | None) -> list | None:
+    """`_score_rows` of `scores` (None: None), checked by `_check_fit`."""
+    if scores is None:
+        return None
+    rows = _score_rows(scores, name, shards)
+    _check_fit(rows, name, sizes)
+    return rows
+
+
+def _check_fit(rows: list, name: str, sizes: dict | None) -> None:
+    """Raise ValueError naming the mismatch unless the score rows fit the model sizes `sizes`
+    records (None: no check): one row per layer, each one score per neuron (`ffn_scores`) or
+    head (`head_scores`)."""
+    sizes = sizes or {}
+    layers = sizes.get("num_layers")
+    if layers is not None and len(rows) != layers:
+        raise ValueError(f"{name} cover {len(rows)} layers, but the model (spec) has {layers}")
+    key, unit = _UNITS[name]
+    size = sizes.get(key)
+    for layer, row in enumerate(rows):
+        if size is not None and row.numel() != size:
+            raise ValueError(f"{name}: layer {layer} has {row.numel()} scores, but the model "
+                             f"(spec) has {size} {unit} per layer ({key})")
+
+
 def _check_ranking(scope: str, shards: int) -> None:
     if scope not in ("layer", "global"):
         raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
@@ -540,9 +581,11 @@ def _check_ranking(scope: str, shards: int) -> None:
 
 def unit_weights(spec: dict) -> tuple[int, int]:
     """(weights of one FFN neuron, weights of one attention head) of a model of these sizes:
-    a neuron's rows of the up (and gate) projection and its column of the down projection; a
-    head's query rows and output-projection columns, plus its share of the key and value rows
-    (num_kv_heads / num_heads of a head's, under grouped-query attention). Biases are left out."""
+    a neuron's rows of the up (and gate) projection and its column of the down projection, in
+    every expert of a mixture-of-experts layer (a mask's neuron index applies to each of its
+    `num_experts` experts); a head's query rows and output-projection columns, plus its share of
+    the key and value rows (num_kv_heads / num_heads of a head's, under grouped-query
+    attention). Biases are left out."""
     if not isinstance(spec, Mapping):
         raise ValueError(f"ranking heads with neurons needs the model's sizes (a dict, as "
                          f"ModelSpec.as_dict() gives), got {type(spec).__name__}")
@@ -552,7 +595,8 @@ def unit_weights(spec: dict) -> tuple[int, int]:
         raise ValueError(f"ranking heads with neurons needs the model's sizes; spec lacks "
                          f"{missing}")
     hidden, head_dim = spec["hidden_size"], spec["head_dim"]
-    neuron = hidden * (2 if spec["family"] == "bert" else 3)
+    experts = max(1, spec.get("num_experts") or 0)
+    neuron = hidden * (2 if spec["family"] == "bert" else 3) * experts
     head = hidden * head_dim * (2 + 2 * spec["num_kv_heads"] / spec["num_heads"])
     return neuron, round(head)
 
@@ -576,12 +620,14 @@ def _joint_counts(ffn: list, heads: list, keep: float, weights: tuple, scope: st
     return counts
 
 
-def _top(scores, keep: float, scope: str, name: str, shards: int = 1):
+def _top(scores, keep: float, scope: str, name: str, shards: int = 1, rows=None):
+    """{layer: kept indices} of the top `keep` of `scores` (`rows`: their `_score_rows`, if
+    already made)."""
     if scores is None:
         return {}
     if not 0.0 <= keep <= 1.0:
         raise ValueError(f"{name} must be in [0, 1], got {keep}")
-    rows = _score_rows(scores, name, shards)
+    rows = _score_rows(scores, name, shards) if rows is None else rows
     if scope == "layer":
         counts = [round(r.numel() * keep) for r in rows]
     else:

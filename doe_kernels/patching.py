@@ -3,14 +3,19 @@
 `patch` swaps each transformer layer's attention and FFN (or mixture-of-experts) modules for ones
 that compute only the expert's heads, neurons and MoE experts (models/), in place. Calling it
 again swaps the expert: only index tensors change. `unpatch` restores the original modules,
-Parameters and weight layout, so the model is bitwise the model it was. Everything is validated
-before anything changes, and an error part-way through (out of memory, say) undoes what was done.
-While patched, the model's `_apply` (`.half()`, `.to(...)`) checks the new dtype and device against
-an explicit backend first, and `load_state_dict` is refused (models/base.py keeps `state_dict` the
-original model's).
+Parameters and weight layout, so the model is bitwise the model it was (transformers'
+output-capturing hooks installed while patched are taken off again, so that `output_attentions`
+and the like work as on a model never patched). Everything is validated before anything changes,
+and an error part-way through (out of memory, say) undoes what was done; a failed `unpatch` still
+restores every layer's modules. While patched, the model's `_apply` (`.half()`, `.to(...)`)
+checks the new dtype and device against an explicit backend first and refuses a conversion that
+would change integer tensors (the index buffers) or replace Parameters; `load_state_dict` and
+`output_attentions` are refused (models/base.py keeps `state_dict` the original model's), and so
+is a swap inside `doe_kernels.mixed`.
 """
 import contextlib
 import copy
+import itertools
 import sys
 import weakref
 from dataclasses import dataclass, field
@@ -46,6 +51,10 @@ class PatchState:
     mixed: bool = False  # serving a mixed-task batch (doe_kernels.mixed)
     modules: list[nn.Module] = field(default_factory=list)
     hooks: list = field(default_factory=list)  # the model's refusals, removed at unpatch
+    # transformers' output capturing before the patch (`_capture_state`): the names of the
+    # modules marked as hooked, and (module name, key) of each capturing hook
+    capture_marked: set = field(default_factory=set)
+    capture_hooks: set = field(default_factory=set)
 
 
 def is_patched(model: nn.Module) -> bool:
@@ -157,6 +166,10 @@ def patch(model: nn.Module, mask: ExpertMask, backend: str = "auto",
         raise TypeError(f"dynamic_skip must be True or False, got {dynamic_skip!r}")
     given, model = model, unwrap_compiled(model)
     state = getattr(model, _STATE, None)
+    if state is not None and state.mixed:  # the segments, not the expert, drive every forward
+        raise RuntimeError("the model serves a mixed batch (inside doe_kernels.mixed), whose "
+                           "masks drive every forward pass: patch or plug another expert before "
+                           "or after the `mixed` block")
     # the relaid-out weights and the index buffers outlive the call: under torch.inference_mode
     # they would be inference tensors, and the model could not be trained afterwards
     with lasting():
@@ -186,12 +199,14 @@ def _patch_layers(model: nn.Module, mask: ExpertMask, backend: str, dynamic_skip
     if backend != "auto":
         backends.resolve(backend, device, dtype, rows=1)  # raises if not present
     plans = _plans(mask, spec, device, dynamic_skip)
+    shared, capture = _shared_storages(model), _capture_state(model)
     patches = []
     try:
         for layer in layers:
-            patches.append(LayerPatch(layer))
+            patches.append(LayerPatch(layer, shared))
             adapter.patch_layer(patches[-1], model.config, backend)
         state = PatchState(spec, device, dtype, backend, patches)
+        state.capture_marked, state.capture_hooks = capture
         state.modules = [m for p in patches for m in p.ffn_modules + p.head_modules + p.head_cols]
         _set_plans(state, plans, mask, dynamic_skip)
         _guard_model(model, state)
@@ -204,6 +219,19 @@ def _patch_layers(model: nn.Module, mask: ExpertMask, backend: str, dynamic_skip
                 _add_note(error, f"doe_kernels could not restore a layer's weight layout: "
                                  f"{restore_error!r} (its values are intact)")
         raise
+
+
+def _shared_storages(model: nn.Module) -> set:
+    """The storages (by address) that several of the model's distinct Parameters and buffers
+    share: a weight laid out anew while patched keeps its storage, so that unpatch puts it back
+    there (LayerPatch)."""
+    tensors = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    counts: dict[int, int] = {}
+    for tensor in tensors.values():
+        if tensor.numel():
+            address = tensor.untyped_storage().data_ptr()
+            counts[address] = counts.get(address, 0) + 1
+    return {address for address, count in counts.items() if count > 1}
 
 
 # the attention implementations whose masks a patched causal model's attention reads (it
@@ -266,27 +294,71 @@ def _set_plans(state: PatchState, plans, mask: ExpertMask, dynamic_skip: bool) -
 def _guard_model(model: nn.Module, state: PatchState) -> None:
     """Mark `model` patched: record the state; refuse load_state_dict, into the model or any
     module holding a patched layer, before it copies anything, and output_attentions, which the
-    patched attention does not give; check every dtype or device change (`.half()`, `.to(...)`)
-    against the backend before anything is converted."""
+    patched attention does not give, on the model and on every PreTrainedModel holding the
+    layers (`model.model(...)` is called too); check every dtype or device change (`.half()`,
+    `.to(...)`) against the backend before anything is converted."""
+    from transformers import PreTrainedModel
+
     setattr(model, _STATE, state)
     layers = {id(patch.layer) for patch in state.layers}
     names = [name for name, module in model.named_modules() if id(module) in layers]
     holders = {""} | {".".join(name.split(".")[:end]) for name in names
                       for end in range(1, name.count(".") + 2)}
     for name in sorted(holders):
-        state.hooks.append(model.get_submodule(name).register_load_state_dict_pre_hook(
-            refuse_load_while_patched))
-    state.hooks.append(model.register_forward_pre_hook(_refuse_output_attentions,
-                                                       with_kwargs=True))
+        holder = model.get_submodule(name)
+        state.hooks.append(holder.register_load_state_dict_pre_hook(refuse_load_while_patched))
+        if holder is model or isinstance(holder, PreTrainedModel):
+            state.hooks.append(holder.register_forward_pre_hook(_refuse_output_attentions,
+                                                                with_kwargs=True))
     model._apply = _ApplyGuard(model, model.__dict__.get("_apply"))
 
 
 def _refuse_output_attentions(model, args, kwargs) -> None:
     if kwargs.get("output_attentions") or (
             kwargs.get("output_attentions") is None
-            and getattr(model.config, "output_attentions", False)):
+            and getattr(getattr(model, "config", None), "output_attentions", False)):
         raise ValueError("output_attentions=True on a model patched by doe_kernels: its "
                          "attention computes no weights to return (unpatch it to read them)")
+
+
+# transformers 5 marks a PreTrainedModel whose output-capturing hooks (output_hidden_states,
+# output_attentions, router logits) it installed: once, on the first forward asking for an output,
+# on the modules of the classes it records that are then in the tree
+_CAPTURE_MARK = "_output_capturing_hooks_installed"
+
+
+def _capture_state(model: nn.Module) -> tuple[set, set]:
+    """(names of the modules transformers marks as hooked, (module name, key) of each of its
+    output-capturing hooks): by name, which copies and pickles of the model share."""
+    marked, hooks = set(), set()
+    for name, module in model.named_modules():
+        if module.__dict__.get(_CAPTURE_MARK):
+            marked.add(name)
+        hooks.update((name, key) for key, hook in module._forward_hooks.items()
+                     if _is_capture_hook(hook))
+    return marked, hooks
+
+
+def _is_capture_hook(hook) -> bool:
+    return (getattr(hook, "__name__", None) == "output_capturing_hook"
+            and getattr(hook, "__module__", "").startswith("transformers."))
+
+
+def _drop_capture_hooks_added(model: nn.Module, state: PatchState) -> None:
+    """On the restored model: a PreTrainedModel that transformers marked as hooked while it was
+    patched got its capturing hooks on the patched tree, not on the original modules the patch
+    took out, and would never hook those: the capturing hooks added in it since the patch are
+    removed and the mark cleared, so that the next request hooks the model as it is now."""
+    marked = [(name, m) for name, m in model.named_modules()
+              if m.__dict__.get(_CAPTURE_MARK) and name not in state.capture_marked]
+    for prefix, holder in marked:
+        for name, module in holder.named_modules(prefix=prefix):
+            for key, hook in list(module._forward_hooks.items()):
+                if _is_capture_hook(hook) and (name, key) not in state.capture_hooks:
+                    for hooks in (module._forward_hooks, module._forward_hooks_with_kwargs,
+                                  module._forward_hooks_always_called):
+                        hooks.pop(key, None)
+        del holder.__dict__[_CAPTURE_MARK]
 
 
 def _unguard_model(model: nn.Module) -> None:
@@ -318,10 +390,22 @@ class _ApplyGuard:
         return _ApplyGuard, (self.model(), self.previous)
 
 
+_PROBES = itertools.count(0x5DEECE66D)  # each integer probe's values are new (`_check_integers`)
+
+
 def _checked_apply(model: nn.Module, fn, recurse: bool = True, previous=None):
     """nn.Module._apply on a patched model: a conversion to a dtype or device the model's explicit
-    backend cannot run is refused before any tensor changes; the state follows the model."""
+    backend cannot run, one that changes integer tensors (the index buffers) or one that replaces
+    Parameters (which the original modules, out of the tree, share) is refused before any tensor
+    changes; the state follows the model."""
     state = getattr(model, _STATE)
+    if torch.__future__.get_overwrite_module_params_on_conversion():
+        raise RuntimeError(
+            "torch.__future__.set_overwrite_module_params_on_conversion(True) makes a conversion "
+            "replace the model's Parameters, which a model patched by doe_kernels shares with its "
+            "original modules (out of the module tree until unpatch): doe_kernels.unpatch(model) "
+            "first, convert, then patch again")
+    _check_integers(fn, state.device)
     probe = fn(torch.empty(0, dtype=state.dtype, device=state.device))
     if (probe.dtype, probe.device) != (state.dtype, state.device):
         if state.mixed:  # the segments' plans were cast and placed for the batch's layers
@@ -347,16 +431,47 @@ def _checked_apply(model: nn.Module, fn, recurse: bool = True, previous=None):
     return model
 
 
+def _check_integers(fn, device: torch.device) -> None:
+    """Raise before anything changes if the conversion `fn` changes an int64 tensor's dtype
+    (`model.type(torch.float64)`) or values (`model.to_empty(...)`): a patched model's index
+    buffers would no longer index."""
+    values = [next(_PROBES), -7, 1]
+    probe = fn(torch.tensor(values, dtype=torch.int64, device=device))
+    if probe.dtype != torch.int64:
+        raise ValueError(f"this conversion turns integer tensors into {probe.dtype}, which would "
+                         "break the index buffers of a model patched by doe_kernels: convert "
+                         "its floating-point tensors only (model.to(dtype), .half(), .double()), "
+                         "or doe_kernels.unpatch(model) first")
+    if probe.tolist() != values:
+        raise ValueError("this conversion does not keep tensors' values (to_empty?), which would "
+                         "leave a model patched by doe_kernels with garbage index buffers: "
+                         "doe_kernels.unpatch(model) first")
+
+
 def unpatch(model: nn.Module) -> nn.Module:
-    """Restore the original modules and weights; the model is then bitwise what it was."""
+    """Restore the original modules and weights; the model is then bitwise what it was. An error
+    copying a weight back into its layout (out of memory) is raised once every layer has its
+    modules back and the model is unpatched; such a weight keeps its values in the input-major
+    layout, which the original modules read as well."""
+    given, model = model, unwrap_compiled(model)
     state = getattr(model, _STATE, None)
     if state is None:
         raise ValueError("the model is not patched by doe_kernels")
+    failed = None
     with lasting():  # the weights back in their layout
-        for layer_patch in reversed(state.layers):
-            layer_patch.restore()
-    _unguard_model(unwrap_compiled(model))
-    return model
+        for layer_patch in reversed(state.layers):  # every layer, also past one that fails
+            try:
+                layer_patch.restore()
+            except Exception as error:  # noqa: BLE001 (raised once the model is unpatched)
+                failed = failed or error
+    _unguard_model(model)
+    _drop_capture_hooks_added(model, state)
+    if failed is not None:
+        _add_note(failed, "doe_kernels unpatched the model (every layer has its original "
+                          "modules back); the weights it could not copy back into their layout "
+                          "keep their values")
+        raise failed
+    return given
 
 
 @contextlib.contextmanager

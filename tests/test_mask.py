@@ -1,4 +1,6 @@
 """ExpertMask: construction checks, random and score-based masks, summary, files, validation."""
+import json
+
 import pytest
 import torch
 
@@ -224,6 +226,47 @@ def test_joint_ranking_ends_and_checks():
         dk.ExpertMask.from_scores_jointly(ffn, heads, 0.5, _sizes(), shards=3)
 
 
+def test_unit_weights_count_a_neuron_in_every_expert():
+    """A mixture-of-experts mask's neuron index removes that neuron from every expert: a neuron
+    weighs num_experts times a dense one's (the joint ranking kept 0.815 of a Mixtral's weights
+    at keep=0.5, counting one expert's)."""
+    from doe_kernels.mask import unit_weights
+
+    moe = dict(_sizes(), family="mixtral", num_experts=8, top_k=2)
+    assert unit_weights(moe) == (8 * 48, 2 * 64 + 64)
+    assert unit_weights(dict(_sizes(), num_experts=0)) == unit_weights(_sizes()) == (48, 192)
+    ffn, heads = torch.rand(3, 12), torch.rand(3, 4)
+    for keep in (0.25, 0.5, 0.8):
+        mask = dk.ExpertMask.from_scores_jointly(ffn, heads, keep, moe)
+        kept = sum(mask.ffn[l].numel() * 8 * 48 + mask.heads[l].numel() * 192 for l in range(3))
+        total = 3 * (12 * 8 * 48 + 4 * 192)
+        assert keep - 192 / total <= kept / total <= keep  # within one unit of the budget
+
+
+def test_scores_must_fit_the_spec_given():
+    """Scores of another model (fewer layers, neurons or heads than the spec given) made a mask
+    recording the spec silently: layers left out kept everything, short rows never kept the
+    missing units. They are refused, naming the mismatch; without a spec any shape goes."""
+    sizes = _sizes()  # 3 layers, 12 neurons, 4 heads
+    ffn, heads = torch.rand(3, 12), torch.rand(3, 4)
+    short = list(ffn[:2]) + [ffn[2, :10]]
+    for bad_ffn, bad_heads, match in [
+            (ffn[:2], heads[:2], r"ffn_scores cover 2 layers, but the model \(spec\) has 3"),
+            (ffn[:, :8], heads, r"ffn_scores: layer 0 has 8 scores, but the model \(spec\) "
+                                r"has 12 neurons per layer \(intermediate_size\)"),
+            (short, heads, r"ffn_scores: layer 2 has 10 scores"),
+            (ffn, heads[:, :3], r"head_scores: layer 0 has 3 scores, but the model \(spec\) "
+                                r"has 4 heads per layer \(num_heads\)")]:
+        with pytest.raises(ValueError, match=match):
+            dk.ExpertMask.from_scores(bad_ffn, bad_heads, 0.5, 0.5, spec=sizes)
+        with pytest.raises(ValueError, match=match):
+            dk.ExpertMask.from_scores_jointly(bad_ffn, bad_heads, 0.5, sizes)
+    with pytest.raises(ValueError, match="head_scores cover 2 layers"):
+        dk.ExpertMask.from_scores(None, heads[:2], spec=sizes)
+    assert dk.ExpertMask.from_scores(ffn, heads, 0.5, 0.5, spec=sizes).spec["num_layers"] == 3
+    assert len(dk.ExpertMask.from_scores(ffn[:2, :8], heads[:2], 0.5).ffn) == 2
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_balanced_shards_keep_each_shards_top_and_even_counts(seed):
     gen = torch.Generator().manual_seed(seed)
@@ -334,6 +377,58 @@ def test_a_mask_is_checked_against_the_sizes_it_records():
         with pytest.raises(TypeError, match=r"skip\[0\] must be a real number"):
             dk.ExpertMask(skip={0: bad})
     assert dk.ExpertMask({0: [1, 3]}, spec=spec).summary()["neurons_kept"] == 2
+
+
+def _tiny_llama(hidden=32, head_dim=None):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    extra = {} if head_dim is None else {"head_dim": head_dim}
+    return LlamaForCausalLM(LlamaConfig(hidden_size=hidden, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2,
+                                        intermediate_size=64, vocab_size=100, **extra)).eval()
+
+
+def test_a_mask_records_the_hidden_size_head_dim_and_top_k():
+    """A mask recorded no hidden size, head_dim or top-k: one made for a model of another hidden
+    size (or head_dim, or a Mixtral of another top-k) patched in. It records them now, and
+    patching refuses a model that differs in one before anything changes."""
+    from moe_utils import mixtral
+
+    mask = dk.ExpertMask.random(_tiny_llama(), 0.5, 0.5)
+    assert {k: mask.spec[k] for k in ("hidden_size", "head_dim", "top_k")} == \
+        dict(hidden_size=32, head_dim=8, top_k=0)
+    for model, match in [(_tiny_llama(64), "hidden_size=32, but the model has hidden_size=64"),
+                         (_tiny_llama(32, head_dim=16), "head_dim=8, but the model has "
+                                                        "head_dim=16")]:
+        with pytest.raises(ValueError, match=match):
+            dk.patch(model, mask)
+        assert not dk.is_patched(model)
+    moe = dk.ExpertMask.random(mixtral(num_experts=4, top_k=2), 1.0, 1.0, experts_keep=0.5)
+    other = mixtral(num_experts=4, top_k=1, seed=1)
+    with pytest.raises(ValueError, match="top_k=2, but the model has top_k=1"):
+        dk.patch(other, moe)
+    assert not dk.is_patched(other)
+
+
+def test_a_mask_file_recording_fewer_sizes_still_loads_and_patches(tmp_path):
+    """Mask files of older versions record no hidden_size, head_dim or top_k: they load and
+    patch, checked on the sizes they record; a file of this version round-trips all of them."""
+    model = _tiny_llama()
+    mask = dk.ExpertMask.random(model, 0.5, 0.5)
+    old = {k: v for k, v in mask.spec.items() if k not in ("hidden_size", "head_dim", "top_k")}
+    path = _mask_file(tmp_path / "old.safetensors", mask.tensors(), spec=json.dumps(old))
+    loaded = dk.ExpertMask.load(path)
+    assert loaded.spec == old and loaded.ffn == mask.ffn
+    with dk.plugged(model, loaded):
+        pass
+    with pytest.raises(ValueError, match="num_layers=2, but the model has num_layers=3"):
+        loaded.validate(build("llama"))
+    mask.save(tmp_path / "new.safetensors")
+    assert dk.ExpertMask.load(tmp_path / "new.safetensors").spec == mask.spec
+    assert dk.ExpertMask.from_tensors(mask.tensors(), mask.spec) == mask
+    with pytest.raises(ValueError, match=r"spec\['head_dim'\] = 0 is not a valid model size"):
+        dk.ExpertMask(spec={**old, "head_dim": 0})
 
 
 def test_validate_names_the_first_bad_layer_and_index():

@@ -506,6 +506,35 @@ def test_converting_the_model_inside_a_mixed_batch_is_refused():
     assert not dk.is_patched(model)
 
 
+@pytest.mark.parametrize("swap", ["patch", "plugged"])
+def test_plugging_an_expert_inside_a_mixed_batch_is_refused(swap):
+    """`patch` / `plugged` inside `mixed` was accepted (current_mask said the new expert) while
+    the batch's masks still drove every forward: it is refused before anything changes, the
+    batch still computes, and after the block the model has its expert back."""
+    model = build("llama")
+    first, other = (dk.ExpertMask.random(model, keep, 0.5, seed=s) for s, keep in ((1, 0.3),
+                                                                                  (2, 0.6)))
+    ids, attention = inputs("llama", batch=3)
+    with torch.no_grad():
+        dk.patch(model, first)
+        with dk.mixed(model, [other] * 3):
+            expected = output_of(model, ids, attention)
+            with pytest.raises(RuntimeError, match=r"serves a mixed batch \(inside "
+                                                   r"doe_kernels.mixed\).*before or after"):
+                if swap == "patch":
+                    dk.patch(model, first)
+                else:
+                    with dk.plugged(model, first):
+                        pass
+            assert dk.current_mask(model) is first  # the expert `mixed` restores afterwards
+            assert torch.equal(output_of(model, ids, attention), expected)
+        assert dk.current_mask(model) is first
+        dk.patch(model, other)  # after the block: as usual
+        torch.testing.assert_close(output_of(model, ids, attention), expected, rtol=1e-4,
+                                   atol=1e-5)
+    dk.unpatch(model)
+
+
 def test_bad_input_is_refused_and_changes_nothing():
     model = build("bert")
     other = build("llama")

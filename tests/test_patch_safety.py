@@ -179,6 +179,38 @@ def test_a_failed_swap_keeps_the_previous_expert(monkeypatch):
     dk.unpatch(model)
 
 
+def test_a_failed_unpatch_still_restores_every_layer(monkeypatch):
+    """An unpatch whose first weight cannot be copied back into its layout (out of memory)
+    stopped there, leaving the other layers patched with the patch state and guard: a later
+    patch served those layers dense. Every layer gets its modules back, the model is unpatched
+    and the error (with a note) raised; the weights keep their values, and it patches anew."""
+    model = build("llama")
+    before, modules_before, expected = snapshot(model), modules_of(model), run(model)
+    mask = mixed_mask(model, seed=1)
+    reference = run(masked_dense(model, mask))
+    dk.patch(model, mixed_mask(model, seed=2))
+    real, calls = base._relayout, []
+
+    def failing(weight, data):
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("simulated out of memory")
+        return real(weight, data)
+
+    monkeypatch.setattr(base, "_relayout", failing)
+    with pytest.raises(torch.OutOfMemoryError, match="simulated") as error:
+        dk.unpatch(model)
+    monkeypatch.undo()
+    assert len(calls) == 6  # every converted weight of the 3 layers was tried
+    assert any("unpatched the model" in note for note in error.value.__notes__)
+    assert_untouched(model, before, modules_before)
+    assert "_apply" not in model.__dict__ and not model._forward_pre_hooks
+    torch.testing.assert_close(run(model), expected, atol=1e-6, rtol=1e-5)
+    with dk.plugged(model, mask):
+        torch.testing.assert_close(run(model), reference, atol=1e-5, rtol=1e-4)
+    assert_untouched(model, before, modules_before)
+
+
 # ---- copies ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["bert", "llama"])
 def test_a_patched_model_deep_copies_and_pickles(name):
@@ -255,6 +287,55 @@ def test_auto_backend_follows_a_dtype_change():
     assert torch.allclose(run(model), reference, atol=1e-10)
     dk.patch(model, mixed_mask(model, seed=4))  # swaps build their plans for the new dtype
     dk.unpatch(model)
+    assert {p.dtype for p in model.parameters()} == {torch.float64}
+
+
+@pytest.mark.parametrize("convert", ["type", "to_empty"])
+def test_a_conversion_changing_integer_tensors_is_refused_before_any_change(convert):
+    """`model.type(torch.float64)` turned the index buffers into float64 (the forward failed),
+    and `model.to_empty(...)` filled them with uninitialised memory: both are refused before
+    anything changes, and the model still computes its expert."""
+    model = build("llama")
+    dk.patch(model, mixed_mask(model))
+    before, expected = snapshot(model), run(model)
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    match = ("turns integer tensors into torch.float64" if convert == "type"
+             else "does not keep tensors' values")
+    with pytest.raises(ValueError, match=match):
+        if convert == "type":
+            model.type(torch.float64)
+        else:
+            model.to_empty(device="cpu")
+    assert state_dict_equal(snapshot(model), before)
+    after = dict(model.named_buffers())
+    assert after.keys() == buffers.keys() and all(torch.equal(after[k], v)
+                                                  for k, v in buffers.items())
+    assert torch.equal(run(model), expected)
+    model.to(torch.float64)  # converting the floating-point tensors only: as usual
+    assert run(model).dtype == torch.float64
+    dk.unpatch(model)
+
+
+def test_a_conversion_replacing_parameters_is_refused_before_any_change():
+    """Under torch.__future__.set_overwrite_module_params_on_conversion(True) a conversion
+    replaces Parameters, which the swapped-in modules share with the originals (out of the
+    tree): after `.double()` and unpatch, the originals held stale float32 Parameters. It is
+    refused while patched, and works again once unpatched."""
+    model = build("llama")
+    dk.patch(model, mixed_mask(model))
+    before, expected = snapshot(model), run(model)
+    params = {name: id(p) for name, p in model.named_parameters()}
+    torch.__future__.set_overwrite_module_params_on_conversion(True)
+    try:
+        with pytest.raises(RuntimeError, match="overwrite_module_params_on_conversion.*unpatch"):
+            model.double()
+        assert {name: id(p) for name, p in model.named_parameters()} == params
+        assert state_dict_equal(snapshot(model), before)
+        assert torch.equal(run(model), expected)
+        dk.unpatch(model)
+        model.double()
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(False)
     assert {p.dtype for p in model.parameters()} == {torch.float64}
 
 
@@ -474,6 +555,80 @@ def test_output_attentions_is_refused_while_patched(name):
 
 
 @pytest.mark.parametrize("name", ["bert", "llama"])
+def test_output_attentions_is_refused_through_the_base_model_too(name):
+    """The refusal was a hook on the top model only: `model.bert(...)` / `model.model(...)`
+    with output_attentions=True returned attentions=() silently. Every PreTrainedModel holding
+    the layers refuses it now, and its hook goes at unpatch."""
+    model = build(name)
+    model.set_attn_implementation("eager")
+    inner = model.bert if name == "bert" else model.model
+    ids, attention = inputs(name)
+    with dk.plugged(model, mixed_mask(model)), torch.no_grad():
+        with pytest.raises(ValueError, match="output_attentions=True on a model patched"):
+            inner(input_ids=ids, attention_mask=attention, output_attentions=True)
+        inner(input_ids=ids, attention_mask=attention)
+    assert not inner._forward_pre_hooks
+    with torch.no_grad():
+        assert len(inner(input_ids=ids, attention_mask=attention,
+                         output_attentions=True).attentions) == 3
+
+
+def forward_hooks(model) -> dict:
+    """Each module's forward hooks, and transformers' mark of the models it hooked."""
+    return {name: (list(module._forward_hooks.values()),
+                   module.__dict__.get("_output_capturing_hooks_installed"))
+            for name, module in model.named_modules()}
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_outputs_first_asked_for_while_patched_work_after_unpatch(name):
+    """transformers installs its output-capturing hooks once, on the first forward asking for
+    an output, on the modules then in the tree: asked first while patched (hidden states, router
+    logits), the original attention (and router) modules never got theirs, and after unpatch
+    output_attentions gave no attentions. Unpatch takes off the hooks installed while patched:
+    the model has the hooks it had, and every output is a never-patched model's."""
+    model = model_of(name)
+    model.set_attn_implementation("eager")
+    fresh = copy.deepcopy(model)
+    ids, attention = inputs("bert" if name == "bert" else "llama")
+    asked = dict(output_hidden_states=True, output_attentions=True)
+    if name == "mixtral":
+        asked["output_router_logits"] = True
+    hooks = forward_hooks(model)
+    with torch.no_grad():
+        with dk.plugged(model, masked(model)):
+            model(input_ids=ids, attention_mask=attention,
+                  **{k: v for k, v in asked.items() if k != "output_attentions"})
+        assert forward_hooks(model) == hooks
+        got = model(input_ids=ids, attention_mask=attention, **asked)
+        want = fresh(input_ids=ids, attention_mask=attention, **asked)
+    for key in asked:
+        key = key[len("output_"):]
+        assert len(getattr(got, key)) == len(getattr(want, key)) > 0, key
+        assert all(torch.equal(a, b) for a, b in zip(getattr(got, key), getattr(want, key)))
+
+
+def test_a_copy_made_while_patched_keeps_the_capturing_hooks_asked_for_before():
+    """Unpatch takes off only the capturing hooks added while patched (known by module name and
+    key): a deep copy of a patched model, whose modules are others, keeps the ones installed
+    before the patch, and captures each output once."""
+    model = build("llama")
+    model.set_attn_implementation("eager")
+    ids, attention = inputs("llama")
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=attention, output_hidden_states=True)
+        hooks = {name: len(m._forward_hooks) for name, m in model.named_modules()}
+        dk.patch(model, mixed_mask(model))
+        clone = copy.deepcopy(model)
+        dk.unpatch(clone)
+        assert {name: len(m._forward_hooks) for name, m in clone.named_modules()} == hooks
+        out = clone(input_ids=ids, attention_mask=attention, output_hidden_states=True,
+                    output_attentions=True)
+    assert (len(out.hidden_states), len(out.attentions)) == (4, 3)
+    dk.unpatch(model)
+
+
+@pytest.mark.parametrize("name", ["bert", "llama"])
 def test_unpatch_keeps_modes_set_per_module_and_the_weights_strides(name):
     """A dropout set to eval inside a model in train mode, and a weight held transposed (a
     checkpoint's layout), come back as they were (unpatch gave every child the parent's mode and
@@ -498,6 +653,37 @@ def test_unpatch_keeps_modes_set_per_module_and_the_weights_strides(name):
     with dk.plugged(model, mixed_mask(model)):
         model.eval()  # a mode set while patched reaches every module, as model.eval() does
     assert not any(m.training for m in model.modules())
+
+
+def test_unpatch_puts_a_weight_back_into_the_storage_it_viewed():
+    """A weight that was a view into a larger buffer (every Parameter in one flat vector) came
+    back with its own storage (no longer aliasing the buffer), and one with non-dense strides (a
+    column slice) came back contiguous: both get their storage, offset and strides back, with
+    the values they have at unpatch (a change made while patched included)."""
+    model = build("llama")
+    params = list(model.parameters())
+    flat = torch.nn.utils.parameters_to_vector(params)
+    torch.nn.utils.vector_to_parameters(flat, params)  # every Parameter a view of `flat`
+    down = model.model.layers[1].mlp.down_proj.weight
+    wide = torch.zeros(48, 160)
+    wide[:, ::2] = down.detach()
+    down.data = wide[:, ::2]  # (48, 80) with strides (160, 2)
+    layouts = {name: (p.untyped_storage().data_ptr(), p.storage_offset(), p.stride())
+               for name, p in model.named_parameters()}
+    before, expected = snapshot(model), run(model)
+    with dk.plugged(model, mixed_mask(model)):
+        run(model)
+    assert {name: (p.untyped_storage().data_ptr(), p.storage_offset(), p.stride())
+            for name, p in model.named_parameters()} == layouts
+    assert state_dict_equal(snapshot(model), before)
+    assert torch.equal(run(model), expected)
+    o_proj = model.model.layers[0].self_attn.o_proj.weight
+    with dk.plugged(model, mixed_mask(model)), torch.no_grad():
+        o_proj.add_(1.0)  # a change while patched goes back into the buffer
+    assert torch.equal(flat, torch.nn.utils.parameters_to_vector(model.parameters()))
+    with torch.no_grad():
+        flat.zero_()
+    assert all(bool((p == 0).all()) for p in model.parameters() if p is not down)
 
 
 @pytest.mark.parametrize("name", ["bert", "llama"])

@@ -3,7 +3,9 @@
 An adapter recognises a transformer layer by its modules (not by class names), reads its sizes
 and patches it. `LayerPatch` keeps everything a patch replaced, so `restore` puts back the very
 same modules and Parameters, with the original weight layout, also after a patch that failed half
-way. The output and down projections' Parameters are laid out input-major in place while
+way (a weight that is a view into a larger storage, has non-dense strides or shares its storage
+with another of the model's tensors keeps that storage while patched, and its values go back
+into it). The output and down projections' Parameters are laid out input-major in place while
 patched (transposed strides, `LayerPatch.lay_out_input_major`), so that they still train; an
 optimizer step pre-hook keeps fused optimizers' state in their layout. While patched,
 `state_dict()` (and so `save_pretrained`) still gives the original model's keys and weights, and
@@ -144,12 +146,17 @@ register_optimizer_step_pre_hook(_match_layouts)
 class LayerPatch:
     """The patch of one layer: the modules swapped in, the originals, and the converted weights."""
 
-    def __init__(self, layer: nn.Module):
+    def __init__(self, layer: nn.Module, shared_storages=frozenset()):
         self.layer = layer
         self.originals: dict[str, nn.Module] = {}
+        # the storages (by address) other tensors of the model share: a weight in one keeps it
+        self.shared_storages = shared_storages
         # Parameters laid out input-major in place (lay_out_input_major), until restore
         self.converted: list[nn.Parameter] = []
         self.strides: list[tuple] = []  # each converted weight's strides before the patch
+        # each converted weight's data before the patch where it is to go back into that storage
+        # (`_keeps_storage`), else None
+        self.storages: list[torch.Tensor | None] = []
         self.ffn_modules: list[nn.Module] = []  # modules whose `kept` is the FFN index list
         self.head_modules: list[nn.Module] = []  # modules with set_selection(HeadSelection)
         self.head_cols: list[nn.Module] = []  # modules whose `kept` is the kept heads' columns
@@ -180,15 +187,28 @@ class LayerPatch:
         values; one copy of the weight), so that the module reads `weight.transpose(-2, -1)`
         (contiguous: `ops.linear.input_major_view`) and gradients still reach the Parameter."""
         # its layout to restore: the strides it had where they lay it out densely (a transposed
-        # weight), else contiguous
-        strides = torch.empty_like(weight.detach(), device="meta",
+        # weight), else contiguous; a weight that does not own its storage alone goes back there
+        data = weight.detach()
+        strides = torch.empty_like(data, device="meta",
                                    memory_format=torch.preserve_format).stride()
-        _relayout(weight, input_major(weight.detach()).transpose(-2, -1))
+        storage = data if self._keeps_storage(data, strides) else None
+        _relayout(weight, input_major(data).transpose(-2, -1))
         self.converted.append(weight)  # (once converted: a failed copy leaves nothing to undo)
         self.strides.append(strides)
+        self.storages.append(storage)
         module = make_module(weight)
         module.__dict__.setdefault(_CONVERTED, []).append(weight)
         return module
+
+    def _keeps_storage(self, data: torch.Tensor, dense_strides: tuple) -> bool:
+        """Whether `data` (a weight's) is not a dense tensor owning its storage alone: a view into
+        a larger storage (a flat parameter buffer), at an offset, with gaps between its elements,
+        or sharing its storage with another of the model's tensors. Such a weight keeps its
+        storage while patched (held here) and is copied back into it at restore."""
+        storage = data.untyped_storage()
+        return (data.stride() != dense_strides or data.storage_offset() != 0
+                or storage.nbytes() != data.numel() * data.element_size()
+                or storage.data_ptr() in self.shared_storages)
 
     def set(self, ffn_kept: torch.Tensor | None, heads: HeadSelection, moe=None,
             ffn_delta: torch.Tensor | None = None, attn_delta: torch.Tensor | None = None,
@@ -228,23 +248,38 @@ class LayerPatch:
         its submodules too; otherwise its submodules keep the modes they had. The modules go
         back first: a weight whose copy back fails (out of memory) keeps its values in the
         input-major layout, which the original module reads as well, and the others are still
-        restored before the first such error is raised."""
+        restored before the first such error is raised. A weight that kept its storage
+        (`_keeps_storage`) gets its values copied back into it, and that storage back."""
         for path, module in self.originals.items():
             training = self.layer.get_submodule(path).training
             if training != module.training:
                 module.train(training)
             set_submodule(self.layer, path, module)
         failed = None
-        for weight, strides in zip(self.converted, self.strides):
+        for weight, strides, storage in zip(self.converted, self.strides, self.storages):
             data = weight.detach()
-            if data.stride() == strides:
+            if storage is None and data.stride() == strides:
                 continue
             try:
-                _relayout(weight, torch.empty_strided(data.shape, strides, dtype=data.dtype,
-                                                      device=data.device).copy_(data))
+                if storage is None:
+                    storage = torch.empty_strided(data.shape, strides, dtype=data.dtype,
+                                                  device=data.device)
+                _copy_into(storage, data)
+                _relayout(weight, storage)
             except Exception as error:  # noqa: BLE001 (raised once every layer is back)
                 failed = failed or error
         self.converted.clear()
         self.strides.clear()
+        self.storages.clear()
         if failed is not None:
             raise failed
+
+
+def _copy_into(target: torch.Tensor, values: torch.Tensor) -> None:
+    """`target.copy_(values)`, also into an inference tensor (a model made under
+    torch.inference_mode), which only inference mode may change in place."""
+    if target.is_inference():
+        with torch.inference_mode():
+            target.copy_(values)
+    else:
+        target.copy_(values)
