@@ -132,6 +132,35 @@ def ffn_rows(monkeypatch) -> list:
     return seen
 
 
+@pytest.mark.parametrize("name", ["bert", "llama"])
+def test_on_the_cpu_a_prefill_runs_the_fused_op_and_decoding_the_kept_plan(name, monkeypatch):
+    """On the CPU (cpu backend, float32: the extension plans in C++), a pass of several tokens per
+    sequence hands each FFN to the segmented op with strategy "auto" (the fused union path, 1.5x
+    faster than the union's separate gathers there), and a pass of one token per sequence runs
+    the layer's union plan, built once (decoding's, unchanged)."""
+    from doe_kernels.ops import library
+
+    if "cpu" not in dk.available_backends("cpu") or not dk.backends.cpu.has_union_plan():
+        pytest.skip("the cpu backend (with its C++ union plans) is not built")
+    model = build(name, torch.float32)
+    calls = []
+    for op in ("segmented_gather_ffn", "segmented_gather_swiglu_ffn", "union_gather_ffn",
+               "union_gather_swiglu_ffn"):
+        original = getattr(library, op)
+        monkeypatch.setattr(library, op, lambda *a, op=op, original=original, **k: calls.append(
+            (op.split("_")[0], k.get("strategy"))) or original(*a, **k))
+    rows = [dk.ExpertMask.random(model, 0.97, seed=s) for s in range(3)] * 2
+    for tokens, want in ((9, {("segmented", "auto")}), (1, {("union", None)})):
+        calls.clear()
+        ids = torch.randint(3, 120, (6, tokens), generator=torch.Generator().manual_seed(tokens))
+        with torch.no_grad(), dk.mixed(model, rows, "cpu"):
+            got = output_of(model, ids, torch.ones_like(ids))
+        assert set(calls) == want, calls
+        for b, mask in enumerate(rows):
+            ref = alone(model, mask, ids[b:b + 1], torch.ones_like(ids[b:b + 1]), "cpu")
+            assert_close(got[b:b + 1], ref.double(), what=f"{name} {tokens} tokens row {b}")
+
+
 @pytest.mark.parametrize("device,backend,dtype", backend_cases(with_dtype=True))
 @pytest.mark.parametrize("name", ["bert", "llama"])
 def test_an_attention_mask_runs_the_ffns_and_attention_on_the_real_tokens_only(
