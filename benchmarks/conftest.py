@@ -22,6 +22,7 @@ benchmarks/results/local/, which git ignores: a run leaves the checkout clean, a
 is committed by choice, with `--results-dir benchmarks/results`. Benchmarks never assert on time.
 """
 import os
+import shlex
 import statistics
 import time
 
@@ -88,9 +89,15 @@ def _numbers(kind):
 
 
 def _given(config, flag: str) -> bool:
-    """Whether `flag` is on the command line (as `flag VALUE` or `flag=VALUE`)."""
-    return any(arg == flag or arg.startswith(flag + "=")
-               for arg in config.invocation_params.args)
+    """Whether `flag` is given (as `flag VALUE` or `flag=VALUE`): on the command line, in
+    PYTEST_ADDOPTS or in the ini file's addopts."""
+    args = list(config.invocation_params.args) + shlex.split(
+        os.environ.get("PYTEST_ADDOPTS", ""))
+    try:
+        args += list(config.getini("addopts"))
+    except (ValueError, AttributeError):  # (no such ini option)
+        pass
+    return any(arg == flag or arg.startswith(flag + "=") for arg in args)
 
 
 def pytest_configure(config):

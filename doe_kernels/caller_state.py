@@ -30,7 +30,12 @@ def seeded(seed: int, device: torch.device | None = None):
     if device is not None and device.type == "cuda":
         devices = [torch.cuda.current_device() if device.index is None else device.index]
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
+        # the generators forked only: torch.manual_seed would reseed every GPU's (lazily, where
+        # CUDA is not started yet) and leave them so
+        torch.default_generator.manual_seed(seed)
+        for index in devices:
+            with torch.cuda.device(index):
+                torch.cuda.manual_seed(seed)
         yield
 
 

@@ -133,12 +133,12 @@ def is_causal(config) -> bool:
 def _broken_folder(path: str):
     """A broken model folder's error as a UserError naming the folder: transformers' OSError and
     ValueError, safetensors' SafetensorError (truncated weights), and what a config with a value
-    of the wrong type ("hidden_size": "abc": huggingface_hub's StrictDataclassError, or a
-    TypeError where configs are not checked) or a zero ("num_attention_heads": 0,
-    ArithmeticError) raises."""
+    of the wrong type ("hidden_size": "abc": huggingface_hub's StrictDataclassError) or a zero
+    ("num_attention_heads": 0: ZeroDivisionError) raises. (Other errors keep their traceback:
+    they may be bugs.)"""
     try:
         yield
-    except (OSError, ValueError, TypeError, ArithmeticError, *_loading_errors()) as error:
+    except (OSError, ValueError, ZeroDivisionError, *_loading_errors()) as error:
         reason = str(error).strip().split("\n\n")[0]
         if not isinstance(error, (OSError, ValueError)):  # ("division by zero" says little)
             reason = f"{type(error).__name__}: {reason}"

@@ -102,6 +102,7 @@ class TaskData:
         """Random train/validation/test splits in the given proportions (each split ends where
         the fractions so far reach, rounded: fractions summing to 1 use every example; at most
         three fractions, each >= 0, summing to at most 1)."""
+        fractions = list(fractions)  # (read once: a generator would be spent by the check)
         check_fractions(fractions)
         order = list(range(len(self)))
         random.Random(seed).shuffle(order)

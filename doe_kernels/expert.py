@@ -152,7 +152,17 @@ class NoTokenError(ValueError):
 
     def __init__(self, index: int, reason: str, what: str = "text"):
         super().__init__(f"{what} {index}: {reason}")
-        self.index, self.reason = index, reason
+        self.index, self.reason, self.what = index, reason, what
+
+
+@contextlib.contextmanager
+def numbered(positions):
+    """A NoTokenError raised inside names its text by `positions` (each text's place among the
+    texts the caller was given) instead of by its place in the batch encoded."""
+    try:
+        yield
+    except NoTokenError as error:
+        raise NoTokenError(positions[error.index], error.reason, error.what) from None
 
 
 def encode(tokenizer, texts, task_type: str, template: str | None, max_length: int = 128):
@@ -623,7 +633,8 @@ class Expert:
         check_batch_size(batch_size)
         texts = list(texts)
         for start in range(0, len(texts), batch_size):
-            ids, attention = self.encode(tokenizer, texts[start:start + batch_size])
+            with numbered(range(start, start + batch_size)):
+                ids, attention = self.encode(tokenizer, texts[start:start + batch_size])
             with torch.no_grad():
                 batch = self.model_inputs(model, ids, attention)
             if readout_weight:
@@ -676,10 +687,8 @@ class Expert:
         with torch.no_grad():
             for start in range(0, len(texts), batch_size):
                 batch = [texts[i] for i in order[start:start + batch_size]]
-                try:
+                with numbered(order[start:start + batch_size]):  # (its place in `texts`)
                     ids, attention = self.encode(tokenizer, batch)
-                except NoTokenError as error:  # named by its place among the texts given
-                    raise NoTokenError(order[start + error.index], error.reason) from None
                 out.append(self.logits(model, ids, attention).cpu())
         logits = torch.cat(out)
         restored = torch.empty_like(logits)

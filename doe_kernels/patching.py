@@ -405,9 +405,9 @@ def _checked_apply(model: nn.Module, fn, recurse: bool = True, previous=None):
             "replace the model's Parameters, which a model patched by doe_kernels shares with its "
             "original modules (out of the module tree until unpatch): doe_kernels.unpatch(model) "
             "first, convert, then patch again")
-    _check_integers(fn, state.device)
     probe = fn(torch.empty(0, dtype=state.dtype, device=state.device))
-    if (probe.dtype, probe.device) != (state.dtype, state.device):
+    changed = (probe.dtype, probe.device) != (state.dtype, state.device)
+    if changed:
         if state.mixed:  # the segments' plans were cast and placed for the batch's layers
             raise RuntimeError("a model serving a mixed batch (inside doe_kernels.mixed) cannot "
                                f"be converted to {probe.dtype} on {probe.device}: convert it "
@@ -423,11 +423,15 @@ def _checked_apply(model: nn.Module, fn, recurse: bool = True, previous=None):
                     f"the model is patched with backend={state.backend!r}, which cannot run "
                     f"{probe.dtype} on {probe.device.type} ({error}); patch again with "
                     "backend='auto' (or unpatch) before converting the model") from None
+    _check_integers(fn, state.device)
     if previous is not None:
         previous(fn, recurse)
     else:
         type(model)._apply(model, fn, recurse)
     state.dtype, state.device = probe.dtype, probe.device
+    if changed:  # weights kept in their old storage go back as converted (not into it)
+        for layer_patch in state.layers:
+            layer_patch.storages = [None] * len(layer_patch.storages)
     return model
 
 
@@ -436,13 +440,16 @@ def _check_integers(fn, device: torch.device) -> None:
     (`model.type(torch.float64)`) or values (`model.to_empty(...)`): a patched model's index
     buffers would no longer index."""
     values = [next(_PROBES), -7, 1]
-    probe = fn(torch.tensor(values, dtype=torch.int64, device=device))
+    source = torch.tensor(values, dtype=torch.int64, device=device)
+    probe = fn(source)
     if probe.dtype != torch.int64:
         raise ValueError(f"this conversion turns integer tensors into {probe.dtype}, which would "
                          "break the index buffers of a model patched by doe_kernels: convert "
                          "its floating-point tensors only (model.to(dtype), .half(), .double()), "
                          "or doe_kernels.unpatch(model) first")
-    if probe.tolist() != values:
+    # (compared where the source is: a non-blocking copy to the host may not have landed yet,
+    # and a copy back is queued after it)
+    if not torch.equal(probe.to(device), source):
         raise ValueError("this conversion does not keep tensors' values (to_empty?), which would "
                          "leave a model patched by doe_kernels with garbage index buffers: "
                          "doe_kernels.unpatch(model) first")

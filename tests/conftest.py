@@ -6,6 +6,7 @@ Under pytest-xdist (`-n auto`, the README's command) each worker takes its share
 torch's threads, so the workers together use the threads one process would.
 """
 import os
+import sys
 
 import pytest
 import torch
@@ -105,3 +106,15 @@ def tokenizer():
     from real_models import minilm_dir
 
     return AutoTokenizer.from_pretrained(minilm_dir())
+
+
+def stub_commit(monkeypatch, commit: str) -> None:
+    """Make benchmarks/report.py, from which the scripts' result files take their commit, name
+    `commit` (DOE_BENCH_COMMIT names one only where git cannot)."""
+    benchmarks = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                              "benchmarks")
+    if benchmarks not in sys.path:
+        sys.path.insert(0, benchmarks)
+    import report
+
+    monkeypatch.setattr(report, "_git_commit", lambda: commit)

@@ -398,9 +398,10 @@ def test_results_files_do_not_make_the_commit_dirty(tmp_path, monkeypatch):
     assert copied._git_commit() == clean + "+dirty"
 
 
-def test_options_given_on_the_command_line_are_kept_even_at_their_defaults():
-    """The harness lowers pytest-benchmark's max time and min rounds only when they are not on
-    the command line: `--benchmark-max-time 1.0` (pytest-benchmark's default value) stays."""
+def test_options_given_on_the_command_line_are_kept_even_at_their_defaults(monkeypatch):
+    """The harness lowers pytest-benchmark's max time and min rounds only when they are not
+    given (on the command line or in PYTEST_ADDOPTS): `--benchmark-max-time 1.0`
+    (pytest-benchmark's default value) stays."""
     from types import SimpleNamespace
 
     given = _bench_conftest()._given
@@ -412,3 +413,5 @@ def test_options_given_on_the_command_line_are_kept_even_at_their_defaults():
     assert given(config("--benchmark-min-rounds=5"), "--benchmark-min-rounds")
     assert not given(config("benchmarks/", "--benchmark-max-time-x"), "--benchmark-max-time")
     assert not given(config("-k", "ffn"), "--benchmark-min-rounds")
+    monkeypatch.setenv("PYTEST_ADDOPTS", "-q --benchmark-min-rounds 10")
+    assert given(config("-k", "ffn"), "--benchmark-min-rounds")

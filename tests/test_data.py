@@ -30,6 +30,12 @@ def test_bad_split_fractions_are_refused(fractions, message):
         TaskData([f"t{i}" for i in range(10)], ["a"] * 10).split(fractions)
 
 
+def test_split_fractions_may_come_from_a_generator():
+    data = TaskData([f"t{i}" for i in range(10)], ["a"] * 10)
+    split = data.split(f for f in (0.5, 0.3, 0.2))  # (read once: checked, then used)
+    assert [len(part) for part in split.values()] == [5, 3, 2]
+
+
 def test_texts_and_the_name_must_be_strings():
     """A text that is not a str (None, a number: a template would format it into text) or a name
     that is not one is refused when the task is made, naming the example."""

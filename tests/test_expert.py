@@ -703,6 +703,9 @@ def test_a_text_that_encodes_to_no_token_is_refused(virtual):
             expert.predict_logits(model, tokenizer, texts, batch_size=batch_size)
     with pytest.raises(ValueError, match="text 1: '' encodes to no token"):
         encode(tokenizer, ["ok", ""], "causal_lm", "{text}", 16)
+    texts = ["a fine film", "ok", "a long dull film", ""]  # (in batches of 2: the 2nd's 2nd)
+    with pytest.raises(ValueError, match="text 3: '' encodes to no token"):
+        list(expert.calibration_batches(model, tokenizer, texts, batch_size=2))
     assert not dk.is_patched(model)
 
 

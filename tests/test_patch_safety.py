@@ -686,6 +686,31 @@ def test_unpatch_puts_a_weight_back_into_the_storage_it_viewed():
     assert all(bool((p == 0).all()) for p in model.parameters() if p is not down)
 
 
+def test_a_weight_kept_in_its_storage_and_converted_while_patched_comes_back_converted():
+    """A strided weight keeps its storage while patched; converted while patched (.double()), it
+    comes back converted, not cast into its old float32 storage (the model was left in two
+    dtypes, its forward failing)."""
+    model = build("llama")
+    down = model.model.layers[1].mlp.down_proj.weight
+    wide = torch.zeros(48, 160)
+    wide[:, ::2] = down.detach()
+    down.data = wide[:, ::2]
+    expected = run(model.double()).clone()
+    model.float()
+    with dk.plugged(model, dk.ExpertMask()):
+        model.double()
+    assert {p.dtype for p in model.parameters()} == {torch.float64}
+    torch.testing.assert_close(run(model), expected)
+
+
+def test_a_conversion_to_the_meta_device_is_refused_by_name():
+    model = build("llama")
+    with dk.plugged(model, mixed_mask(model)):
+        with pytest.raises(ValueError, match="runs on CPU or CUDA devices, not meta"):
+            model.to("meta")
+        run(model)
+
+
 @pytest.mark.parametrize("name", ["bert", "llama"])
 def test_a_model_made_under_inference_mode_is_patched_and_served_there(name):
     """Loading and serving a model inside torch.inference_mode: its weights are inference

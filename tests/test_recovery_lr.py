@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from conftest import stub_commit
 
 import doe_kernels as dk
 from doe_kernels.expert import model_sizes
@@ -28,10 +29,10 @@ def _saved_expert(tmp_path, monkeypatch, train_examples=16):
     (tmp_path / "minilm").mkdir()
     expert.save(tmp_path / "minilm" / "sentiment.safetensors")
     data = sentiment_task(48).split((0.5, 0.5, 0.0))
-    monkeypatch.setenv("DOE_BENCH_COMMIT", "at-start")  # the commit as the run begins
+    stub_commit(monkeypatch, "at-start")  # the commit as the run begins
 
     def task_splits(task, args):  # then the checkout moves on
-        monkeypatch.setenv("DOE_BENCH_COMMIT", "later")
+        stub_commit(monkeypatch, "later")
         return dict(train=data["train"].sample(train_examples), validation=data["validation"])
 
     monkeypatch.setattr(recovery_lr.up, "task_splits", task_splits)

@@ -4,6 +4,7 @@ import argparse
 import json
 
 import pytest
+from conftest import stub_commit
 
 import router_benchmark as rb
 from expert_utils import TEXTS, seq_cls_expert, tiny_bert
@@ -12,9 +13,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_router_benchmark_rows_and_plot(tokenizer, tmp_path, monkeypatch):
-    monkeypatch.setenv("DOE_BENCH_COMMIT", "at-start")
+    stub_commit(monkeypatch, "at-start")
     started = rb.run_start()  # as main calls it before loading the model
-    monkeypatch.setenv("DOE_BENCH_COMMIT", "later")  # the checkout moves on during the run
+    stub_commit(monkeypatch, "later")  # the checkout moves on during the run
     model = tiny_bert()
     experts = {task: seq_cls_expert(model, rate=0.2 * i, seed=i)
                for i, task in enumerate(rb.TASKS)}

@@ -4,6 +4,7 @@ import json
 import sys
 
 import pytest
+from conftest import stub_commit
 
 import segmented_regimes
 import segmented_union_sweep  # python/, on the tests' path (pyproject.toml: pythonpath)
@@ -13,10 +14,10 @@ import segmented_union_sweep  # python/, on the tests' path (pyproject.toml: pyt
     (segmented_regimes, [dict(rows=1)]),
     (segmented_union_sweep, [dict(rows=1, auto_vs_faster=1.0)])])
 def test_results_name_the_commit_the_run_began_on(script, rows, tmp_path, monkeypatch):
-    monkeypatch.setenv("DOE_BENCH_COMMIT", "at-start")
+    stub_commit(monkeypatch, "at-start")
 
     def sweep(counts, dtype):  # the checkout moves on during the run
-        monkeypatch.setenv("DOE_BENCH_COMMIT", "later")
+        stub_commit(monkeypatch, "later")
         return rows
 
     monkeypatch.setattr(script, "sweep", sweep)

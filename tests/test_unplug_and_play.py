@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import stub_commit
 
 import doe_kernels as dk
 from doe_kernels.data import write_csv
@@ -23,10 +24,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_recovery_run_compares_with_the_equally_retuned_baseline(tmp_path, monkeypatch, capsys):
     minilm_dir()  # the example loads all-MiniLM-L6-v2: skips where its package is missing
     data = sentiment_task(300)
-    monkeypatch.setenv("DOE_BENCH_COMMIT", "at-start")  # the commit as the run begins
+    stub_commit(monkeypatch, "at-start")  # the commit as the run begins
 
     def load_task(task, max_examples, seed=0):  # then the checkout moves on
-        monkeypatch.setenv("DOE_BENCH_COMMIT", "later")
+        stub_commit(monkeypatch, "later")
         return data.split((0.6, 0.2, 0.2))
 
     monkeypatch.setattr(unplug_and_play, "load_task", load_task)

@@ -1,6 +1,7 @@
 """python/vllm_benchmark.py without vLLM: the sliced checkpoint is the expert, and the table."""
 import pytest
 import torch
+from conftest import stub_commit
 
 import doe_kernels
 import vllm_benchmark  # python/, on the tests' path
@@ -140,10 +141,10 @@ def test_results_name_the_commit_the_run_began_on(script, rows, name, tmp_path, 
 
     pytest.importorskip("vllm")
     module = importlib.import_module(script)
-    monkeypatch.setenv("DOE_BENCH_COMMIT", "at-start")
+    stub_commit(monkeypatch, "at-start")
 
     def run(args):
-        monkeypatch.setenv("DOE_BENCH_COMMIT", "later")
+        stub_commit(monkeypatch, "later")
         return rows
 
     monkeypatch.setattr(module, "run", run)

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from doe_kernels.caller_state import evaluating, in_own_modes
-from doe_kernels.expert import check_batch_size, check_count
+from doe_kernels.expert import check_batch_size, check_count, numbered
 from doe_kernels.models import UnsupportedModelError, describe
 from doe_kernels.patching import is_patched
 
@@ -130,7 +130,9 @@ def attribute(model, tokenizer, expert, data, method: str = "grad", steps: int =
     try:
         with evaluating(model), expert.plugged(model, prune=False), torch.enable_grad():
             for start in batches:
-                ids, attention = expert.encode(tokenizer, data.texts[start:start + batch_size])
+                with numbered(range(start, start + batch_size)):
+                    ids, attention = expert.encode(tokenizer,
+                                                   data.texts[start:start + batch_size])
                 scorer.add_batch(ids, attention, gold_all[start:start + batch_size], bar)
     finally:
         bar.close()

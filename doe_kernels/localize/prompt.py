@@ -21,7 +21,8 @@ import torch
 from tqdm.auto import tqdm
 
 from doe_kernels.caller_state import evaluating, in_own_modes, seeded
-from doe_kernels.expert import SEQ_CLS, encode, prompted_label_logits, token_counts
+from doe_kernels.expert import (SEQ_CLS, encode, numbered, prompted_label_logits,
+                                token_counts)
 
 _SAVED_ATTR = "_doe_kernels_saved"  # wrap's _Saved, on the PEFT model
 SCHEDULES = ("constant", "linear")  # fit's learning-rate schedules
@@ -218,8 +219,9 @@ def fit(peft_model, tokenizer, data, task_type: str, token_ids=None, template=No
         rng.shuffle(order)
         total, count = 0.0, 0
         for chosen in epoch_batches(order, batch_size, lengths, rng):
-            ids, attention = encode(tokenizer, [data.texts[i] for i in chosen], task_type, template,
-                                    max_length)
+            with numbered(chosen):  # (the example's place among the training examples)
+                ids, attention = encode(tokenizer, [data.texts[i] for i in chosen], task_type,
+                                        template, max_length)
             with autocast(device, precision):
                 logits = trained_label_logits(peft_model, ids.to(device), attention.to(device),
                                               task_type, token_ids)

@@ -258,6 +258,9 @@ class LayerPatch:
         failed = None
         for weight, strides, storage in zip(self.converted, self.strides, self.storages):
             data = weight.detach()
+            if storage is not None and (storage.dtype, storage.device) != (data.dtype,
+                                                                         data.device):
+                storage = None  # (converted since: patching's _checked_apply drops it too)
             if storage is None and data.stride() == strides:
                 continue
             try:
