@@ -498,6 +498,11 @@ def test_localize_runs_as_outside_the_callers_grad_and_autocast_modes(tokenizer,
     assert torch.equal(got.prompt, want.prompt) and torch.equal(got.head["classifier.weight"],
                                                                 want.head["classifier.weight"])
     assert got.mask == want.mask
+    if mode == "no_grad" and precision == "float32":  # numpy's integers are seeds too
+        import numpy
+
+        same = localize(model, tokenizer, sentiment_task(60), seed=numpy.int64(0), **small)
+        assert torch.equal(same.prompt, want.prompt)
 
 
 def test_the_training_autocast_reads_trained_tensors_anew_inside_another_autocast():

@@ -14,6 +14,7 @@ measured.
 import collections
 import contextlib
 import dataclasses
+import numbers
 import time
 import warnings
 from dataclasses import dataclass
@@ -100,6 +101,7 @@ def localize(model, tokenizer, train, validation=None, *, label_words=None, temp
                                      recovery=recovery), deprecated)
     prompt, attribution, search, recovery = (configs["prompt"], configs["attribution"],
                                              configs["search"], configs["recovery"])
+    seed = _checked_seed(seed)
     train, validation = _checked_inputs(model, train, validation, search, attribution,
                                         recovery, start_from, prompt, batch_size, max_length,
                                         backend, seed)
@@ -215,8 +217,6 @@ def _checked_inputs(model, train, validation, search, attribution, recovery, sta
         if not isinstance(data, TaskData) and not (name == "validation" and data is None):
             raise TypeError(f"{name} must be a doe_kernels.data.TaskData, got a "
                             f"{type(data).__name__} (read_csv gives a dict of them by split)")
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise TypeError(f"seed must be an int, got {seed!r}")
     if search.rank == "jointly" and attribution.method != "fisher":
         raise ValueError(
             f"SearchConfig.rank='jointly' (--rank jointly) compares heads with neurons by score "
@@ -243,6 +243,14 @@ def _checked_inputs(model, train, validation, search, attribution, recovery, sta
         raise ValueError(f"the validation examples hold labels {unknown[:5]} that are not among "
                          f"the task's labels {list(train.label_names)}")
     return train, validation
+
+
+def _checked_seed(seed) -> int:
+    """`seed` as an int (numpy's integers too); TypeError for anything else (None made a run
+    that could not be repeated)."""
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
+        raise TypeError(f"seed must be an int, got {seed!r}")
+    return int(seed)
 
 
 def split_validation(train, seed: int) -> tuple:
