@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from doe_kernels.expert import check_count
 from doe_kernels.mask import ExpertMask
 from doe_kernels.models import spec_of
 from doe_kernels.models.moe_block import expert_ffn, route
@@ -39,8 +40,7 @@ def select_experts(model, calibration, keep, inputs: str = "original", mask: Exp
     """
     if inputs not in ("original", "pruned"):
         raise ValueError(f"inputs must be 'original' or 'pruned', got {inputs!r}")
-    if not isinstance(chunk_tokens, int) or isinstance(chunk_tokens, bool) or chunk_tokens < 1:
-        raise ValueError(f"chunk_tokens must be an int >= 1, got {chunk_tokens!r}")
+    check_count("chunk_tokens", chunk_tokens)
     spec = spec_of(model)
     if not spec.num_experts:
         raise ValueError(f"{type(model).__name__} has no mixture-of-experts layers")

@@ -15,6 +15,7 @@ from numbers import Real
 import torch
 from torch import nn
 
+from doe_kernels.expert import check_count
 from doe_kernels.moe.calibration import capture_inputs
 from doe_kernels.patching import is_patched
 
@@ -82,8 +83,7 @@ def _check(model, num_experts, top_k, noise, router_scale):
     config = model.config
     if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
         raise ValueError("upcycling needs a model without attention or MLP biases")
-    if not _is_int(num_experts) or num_experts < 1:
-        raise ValueError(f"num_experts must be an int >= 1, got {num_experts!r}")
+    check_count("num_experts", num_experts)
     if not _is_int(top_k) or not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k must be an int between 1 and num_experts ({num_experts}), "
                          f"got {top_k!r}")
