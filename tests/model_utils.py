@@ -1,5 +1,6 @@
 """Small models built from configs, and the masked-dense reference a patched model must equal."""
 import copy
+import warnings
 
 import torch
 from transformers import (
@@ -170,3 +171,17 @@ def convert_while_patched(model, mask, plain, buffer, count, name):
         dense_same_dtype = output_of(masked_dense(model.to(torch.bfloat16), mask), ids, attention)
     assert_close(out, reference, dense_same_dtype, f"{name} converted to bfloat16 while patched")
 
+
+def gpu_syncs(run) -> list:
+    """The messages of torch's sync debug mode (each host wait for the GPU) during `run()`,
+    after a first `run()` (which may plan and cache)."""
+    run()
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return [str(w.message) for w in caught if "synchroniz" in str(w.message)]

@@ -5,7 +5,6 @@ nothing."""
 import itertools
 import random
 import sys
-import warnings
 
 import pytest
 import torch
@@ -13,7 +12,16 @@ import torch
 import doe_kernels as dk
 from conftest import backend_cases
 from expert_utils import TEXTS, seq_cls_expert, tiny_bert, tiny_llama
-from model_utils import CAUSAL, build, inputs, mixed_mask, output_of, snapshot, state_dict_equal
+from model_utils import (
+    CAUSAL,
+    build,
+    gpu_syncs,
+    inputs,
+    mixed_mask,
+    output_of,
+    snapshot,
+    state_dict_equal,
+)
 from reference import assert_close
 from test_bias_delta import with_deltas
 from test_scales import with_scales
@@ -66,21 +74,6 @@ def test_mixed_batch_equals_each_sequence_alone(name, device, backend, dtype):
                 assert_close(got[b:b + 1], ref.double(), what=f"{name} case {case} row {b}")
     assert not dk.is_patched(model)
     assert state_dict_equal(snapshot(model), before)
-
-
-def gpu_syncs(run) -> list:
-    """The messages of torch's sync debug mode (each host wait for the GPU) during `run()`,
-    after a first `run()` (which may plan and cache)."""
-    run()
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            run()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return [str(w.message) for w in caught if "synchroniz" in str(w.message)]
 
 
 @pytest.mark.gpu

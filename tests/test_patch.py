@@ -8,6 +8,7 @@ from model_utils import (
     CAUSAL,
     MODELS,
     build,
+    gpu_syncs,
     inputs,
     masked_dense,
     mixed_mask,
@@ -332,3 +333,28 @@ def test_a_calls_is_causal_reaches_the_patched_attention(name):
             with dk.mixed(model, [mask, None]):
                 torch.testing.assert_close(patched(hidden, position, None, is_causal=False)[0],
                                            want[False])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["torch", "cuda", "triton"])
+@pytest.mark.parametrize("name,tokens", [("llama", 1), ("llama", 9), ("bert", 9)])
+def test_a_patched_pass_on_a_gpu_waits_for_it_no_more_than_the_dense_model(name, tokens, backend):
+    """A patched model's forward pass, and a greedy generation with its KV cache, wait for the GPU
+    no more often than the dense model's: each wait stalls the queue of launches, the cost that
+    decides a small model's speed on a GPU."""
+    if backend not in dk.available_backends("cuda"):
+        pytest.skip(f"the {backend} backend is not available")
+    model = build(name, torch.float32).to("cuda")
+    mask = mixed_mask(model, seed=0)
+    ids = torch.randint(3, 120, (2, tokens), device="cuda")
+    runs = [lambda: model(input_ids=ids)]
+    if name in CAUSAL:
+        runs.append(lambda: model.generate(ids, max_new_tokens=3, do_sample=False,
+                                           pad_token_id=0))
+    with torch.no_grad():
+        for run in runs:
+            dense = gpu_syncs(run)
+            with dk.plugged(model, mask, backend=backend):
+                patched = gpu_syncs(run)
+            assert len(patched) <= len(dense), patched
