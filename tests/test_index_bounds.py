@@ -197,5 +197,46 @@ def test_unchecked_list_over_a_dimension_of_size_zero_is_refused(device, backend
         calls[op]()
 
 
+
+@pytest.mark.parametrize("op", ["gather_ffn", "gather_swiglu_ffn"])
+@pytest.mark.parametrize("device,backend", backend_cases())
+def test_an_unchecked_full_list_with_scales_runs_whatever_its_values(device, backend, op):
+    """An unchecked FFN list as long as the layer runs the dense FFN, whatever its values, with
+    `scales` too (they were scattered through the list: an out-of-range value raised, or on a
+    GPU would fail a device-side assertion); where the cpu backend's kernel runs instead of the
+    dense FFN, it checks the values (ValueError naming the index)."""
+    kept = torch.arange(SIZE, device=device)
+    kept[3] = SIZE + 5
+    x = torch.randn(4, HIDDEN, device=device)
+    w, w_t = torch.randn(SIZE, HIDDEN, device=device), torch.randn(SIZE, HIDDEN, device=device)
+    options = dict(backend=backend, check_indices=False, scales=torch.rand(SIZE, device=device))
+    try:
+        out = (dk.gather_ffn(x, w, None, w_t, None, kept, "gelu", **options) if op == "gather_ffn"
+               else dk.gather_swiglu_ffn(x, w, w, w_t, kept, **options))
+    except ValueError as error:
+        assert backend == "cpu" and f"holds index {SIZE + 5} at position 3" in str(error)
+        return
+    assert out.shape == (4, HIDDEN) and bool(out.isfinite().all())
+
+
+@pytest.mark.parametrize("device,backend", backend_cases())
+def test_the_registered_ops_take_int32_lists(device, backend):
+    """torch.ops.doe_kernels.* take int32 index lists, as their schema does, on every backend (the
+    public functions convert them; the cpu backend's kernels read int64 only)."""
+    ops = torch.ops.doe_kernels
+    x = torch.randn(9, HIDDEN, device=device)
+    w, w_t = torch.randn(SIZE, HIDDEN, device=device), torch.randn(SIZE, HIDDEN, device=device)
+    for kept in (torch.tensor([1, 3, 40], device=device), torch.arange(SIZE, device=device)):
+        small = kept.to(torch.int32)
+        calls = [
+            lambda k: ops.gather_rows_linear(x, w, None, k, "gelu", backend),
+            lambda k: ops.gather_cols_linear(torch.ones(9, k.numel(), device=device), w_t, None,
+                                             k, backend),
+            lambda k: ops.gather_ffn(x, w, None, w_t, None, k, "gelu", backend),
+            lambda k: ops.gather_swiglu_ffn(x, w, w, w_t, k, backend),
+        ]
+        for call in calls:
+            torch.testing.assert_close(call(small), call(kept))
+
 if __name__ == "__main__":
     _child_main(sys.argv[1], sys.argv[2], json.loads(sys.argv[3]))

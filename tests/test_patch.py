@@ -358,3 +358,35 @@ def test_a_patched_pass_on_a_gpu_waits_for_it_no_more_than_the_dense_model(name,
             with dk.plugged(model, mask, backend=backend):
                 patched = gpu_syncs(run)
             assert len(patched) <= len(dense), patched
+
+
+@pytest.mark.parametrize("additive", [False, True])
+@pytest.mark.parametrize("name", ["llama", "bert"])
+def test_a_per_head_4d_mask_reaches_each_kept_head(name, additive):
+    """A (batch, heads, q_len, kv_len) mask, each head hiding other keys, on a model keeping some
+    heads: each kept head attends under its own plane, as in the masked dense model, for one
+    expert and in a mixed batch."""
+    model = build(name, torch.float64)
+    heads = model.config.num_attention_heads
+    kept = torch.tensor([0, 3] if heads > 4 else [1, 2])
+    mask = dk.ExpertMask({}, {layer: kept for layer in range(3)}, mixed_mask(model).spec)
+    ids = torch.randint(3, 120, (2, 5))
+    planes = torch.ones(2, heads, 5, 5, dtype=torch.bool)
+    if name in CAUSAL:
+        planes = planes.tril()
+    for head in range(heads):
+        planes[:, head, 1:, head % 4] = False  # each head hides one key (not the first query's)
+    given = planes if not additive else \
+        torch.zeros(planes.shape, dtype=torch.float64).masked_fill(~planes, -1e9)
+    def logits_of(model, ids, attention):
+        out = model(input_ids=ids, attention_mask=attention)
+        return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+    with torch.no_grad():
+        reference = logits_of(masked_dense(model, mask), ids, given)
+        with dk.plugged(model, mask, backend="torch"):
+            assert_close(logits_of(model, ids, given), reference, what=f"{name} one expert")
+        with dk.mixed(model, [mask, None], backend="torch"):
+            got = logits_of(model, ids, given)
+        assert_close(got[:1], reference[:1], what=f"{name} mixed, expert row")
+        assert_close(got[1:], logits_of(model, ids, given)[1:], what=f"{name} mixed, dense row")

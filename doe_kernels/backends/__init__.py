@@ -20,7 +20,8 @@ backend reads outside a weight through an out-of-range index: `cpu` checks every
 ValueError, `torch` raises IndexError (index_select), `triton` masks the loads (the entry reads
 nothing), `cuda` never loads through it either and fails a device-side assertion (no host sync).
 An unchecked FFN list as long as the layer is taken for every neuron (a permutation): the dense
-FFN runs, whatever its values, with no error.
+FFN runs, whatever its values, with no error (but where the `cpu` backend's kernel beats the
+dense FFN and runs over the list instead, which checks it as above).
 
 The `auto` rule (see `resolve`):
   * CPU tensors: `cpu` (C++ kernels) when the extension is loaded, else `torch`.

@@ -206,6 +206,7 @@ def attend(q, k, v, selection: HeadSelection, attention_mask=None, is_causal=Fal
     `dropout`: the probability of zeroing an attention probability (SDPA's dropout_p), for a model
     in training mode; 0 in eval mode.
     """
+    attention_mask = _kept_heads_of_mask(attention_mask, selection)
     unmasked = attention_mask is None and (not is_causal or q.shape[2] == k.shape[2])
     grouped = selection.kept_kv_heads.numel() != selection.num_kept  # some KV heads serve several
     padded = grouped and selection.gqa_pad is not None
@@ -230,6 +231,21 @@ def attend(q, k, v, selection: HeadSelection, attention_mask=None, is_causal=Fal
         out = out.index_select(1, selection.gqa_unpad)
     batch, heads, seq, head_dim = out.shape
     return out.transpose(1, 2).reshape(batch, seq, heads * head_dim)  # also with no rows
+
+
+def _kept_heads_of_mask(attention_mask, selection: HeadSelection):
+    """A per-head 4-D mask (batch, heads, q_len, kv_len) cut to the kept heads' planes (the
+    queries hold only those); other masks as they are."""
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 4 or \
+            attention_mask.shape[1] == 1:
+        return attention_mask
+    if attention_mask.shape[1] != selection.num_heads:
+        raise ValueError(f"attention_mask has {attention_mask.shape[1]} heads in dimension 1, but "
+                         f"the attention has {selection.num_heads} (a 4-D mask is (batch, 1 or "
+                         f"heads, q_len, kv_len))")
+    if selection.is_full:
+        return attention_mask
+    return attention_mask.index_select(1, selection.kept_heads.to(attention_mask.device))
 
 
 # Padded groups (uneven ones): SDPA computes the padding heads too, so they are used only while

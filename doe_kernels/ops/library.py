@@ -87,7 +87,10 @@ def _run(x, backend: str):
 
 
 def _contiguous(*tensors):
-    return [None if t is None else t.contiguous() for t in tensors]
+    """The tensors contiguous, index lists as int64 (the registered ops take int32 ones too; the
+    public functions convert them first)."""
+    return [None if t is None else
+            (t.to(torch.int64) if t.dtype == torch.int32 else t).contiguous() for t in tensors]
 
 
 def _zeros_plus_bias(x, out_features: int, bias):
@@ -137,8 +140,9 @@ def _(h, weight_t, bias, cols, backend, scales=None):
 
 def _in_order(scales: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     """The scales of a full kept list (one per entry of `kept`) in neuron order (zeros where an
-    unchecked list repeats a neuron and so misses another: no memory left unwritten is read)."""
-    return torch.zeros_like(scales).scatter_(0, kept, scales)
+    unchecked list repeats a neuron and so misses another: no memory left unwritten is read; an
+    unchecked value out of range is clamped into it, so that no device fails an assertion)."""
+    return torch.zeros_like(scales).scatter_(0, kept.clamp(0, scales.numel() - 1), scales)
 
 
 def _gather_ffn(
