@@ -100,7 +100,8 @@ def mixed(model, masks, backend: str = "auto", attention_mask=None, pack_layers:
     `pack_layers` a pass on the real tokens also runs the layers' norms and residuals over them
     only: the first layer's input is packed to (1, real tokens, hidden) and the last layer's output
     unpacked, so the model's outputs keep their shapes, but hooks on the layers and the intermediate
-    hidden states (output_hidden_states) see the packed layout."""
+    hidden states (output_hidden_states) see the packed layout (refused, ValueError, for a model
+    whose FFN runs in chunks of tokens: config.chunk_size_feed_forward > 0)."""
     masks = _as_masks(masks)
     real = _real_tokens(attention_mask, len(masks))
     given, model = model, unwrap_compiled(model)
@@ -108,6 +109,9 @@ def mixed(model, masks, backend: str = "auto", attention_mask=None, pack_layers:
     if state is not None and state.mixed:
         raise RuntimeError("the model already serves a mixed batch (doe_kernels.mixed does not "
                            "nest)")
+    if pack_layers and real is not None and chunks_feed_forward(model):
+        raise ValueError("pack_layers cannot serve a model whose FFN runs in chunks of tokens "
+                         "(config.chunk_size_feed_forward > 0): leave pack_layers off")
     spec = spec_of(model)
     if dynamic_skip and spec.num_experts:
         whole = _whole_model_skipping(spec.num_layers)
@@ -306,6 +310,12 @@ def _batches(experts: list[Expert], token_counts: list[int], batch_size: int):
             for start in range(0, len(order), batch_size)]
 
 
+def chunks_feed_forward(model) -> bool:
+    """Whether the model runs its FFNs in chunks of tokens (transformers' chunk_size_feed_forward,
+    BERT's), which packed layers would cut across sequences."""
+    return bool(getattr(unwrap_compiled(model).config, "chunk_size_feed_forward", 0))
+
+
 def _forward(model, tokenizer, experts: list[Expert], ids: list[torch.Tensor], backend: str):
     """Each row's label logits for one batch (`ids`: each row's token ids, `_encoded`), its
     experts in runs of consecutive rows."""
@@ -316,7 +326,8 @@ def _forward(model, tokenizer, experts: list[Expert], ids: list[torch.Tensor], b
               for start, stop, expert in runs]
     embeds, attention = _pad_and_stack(inputs, left=causal)
     kwargs = dict(logits_to_keep=1, position_ids=real_positions(attention)) if causal else {}
-    with (mixed(model, [e.mask for e in experts], backend, attention, pack_layers=True),
+    with (mixed(model, [e.mask for e in experts], backend, attention,
+                pack_layers=not chunks_feed_forward(model)),
           _mixed_heads(model, runs)):
         logits = model(inputs_embeds=embeds, attention_mask=attention, **kwargs).logits
     rows = []

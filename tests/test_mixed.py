@@ -622,6 +622,28 @@ def test_mixed_logits_equal_each_request_alone(family, tokenizer):
     assert dk.mixed_logits(model, tokenizer, []) == []
 
 
+def test_a_model_whose_ffn_runs_in_chunks_serves_mixed_batches_unpacked(tokenizer):
+    """BERT's chunk_size_feed_forward runs the FFN over slices of the token axis, which packed
+    layers cut across sequences: mixed_logits serves such a model without packing (it failed),
+    and mixed(pack_layers=True) refuses it before anything changes."""
+    model = tiny_bert()
+    model.config.chunk_size_feed_forward = 1
+    for layer in model.bert.encoder.layer:
+        layer.chunk_size_feed_forward = 1
+    experts = classifier_experts(model)
+    before = snapshot(model)
+    requests = [(experts[i % len(experts)], text) for i, text in enumerate(TEXTS)]
+    got = dk.mixed_logits(model, tokenizer, requests, batch_size=4)
+    for (expert, text), row in zip(requests, got):
+        torch.testing.assert_close(row, expert.predict_logits(model, tokenizer, [text])[0],
+                                   atol=1e-5, rtol=1e-5)
+    ids, attention = torch.randint(3, 100, (2, 6)), torch.tensor([[1] * 6, [1] * 3 + [0] * 3])
+    with pytest.raises(ValueError, match="chunk_size_feed_forward"):
+        with dk.mixed(model, [experts[0].mask, None], attention_mask=attention, pack_layers=True):
+            model(input_ids=ids, attention_mask=attention)
+    assert not dk.is_patched(model) and state_dict_equal(snapshot(model), before)
+
+
 def test_mixed_logits_batches_by_length_and_computes_the_real_tokens_ffns(tokenizer,
                                                                           monkeypatch):
     """Each forward pass holds batch_size requests of like lengths (the last one fewer), grouped
