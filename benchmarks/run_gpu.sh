@@ -9,7 +9,8 @@
 #                     and .gpu_assets copied beside the tree):
 #                     every stage is cut to what is left of BUDGET seconds (default 530): the GPU
 #                     tests (`-m gpu`, one xdist worker per core; first the files whose tests no GPU
-#                     has run yet, FIRST_GPU_TESTS below), the segmented FFN on
+#                     has run yet, FIRST_GPU_TESTS below), the FFN ops' host time per call
+#                     (python/host_overhead.py), the segmented FFN on
 #                     LLaMA-7B's shape at 5 x 1 and 5 x 3 rows (the cuda backend's segmented
 #                     kernels) and a SmolLM2-shaped model serving five experts in one batch
 #                     (mixed-task batches, prefill and decode), the router benchmark on MiniLM
@@ -224,7 +225,23 @@ router() {
   pack
 }
 
+# host MAX: python/host_overhead.py (the FFN ops' host time per call against the GPU's; a profile
+# of the slowest), writing host_overhead.json and host_overhead_profile.txt.
+host() {
+  local seconds
+  seconds="$(cap "$1")"
+  if (( seconds < 20 )); then
+    echo "== host overhead: skipped, budget spent"; skipped+=("host overhead"); return
+  fi
+  echo "== host overhead (at most ${seconds} s) $(elapsed)"
+  limited "$seconds" python3 python/host_overhead.py --out "$packed" > "$logs/host_overhead.log" 2>&1
+  ran "host overhead" $?
+  tail -n 14 "$logs/host_overhead.log"
+  pack
+}
+
 if [[ "$plan" == "budget" ]]; then
+  host 45
   bench segmented 40 benchmarks/test_segmented_bench.py --shapes llama-7b --rows 1,3 "$@"
   bench mixed 40 benchmarks/test_mixed_bench.py "$@"
   router minilm 50

@@ -1,0 +1,187 @@
+"""Host time per call of the FFN ops: what each call costs the CPU (Python, dispatch, launches).
+
+On a GPU a small model's layer finishes its kernels faster than Python can queue them, so its speed
+is the host's time per op, not the kernels': on an H200, BERT-base's FFN at one row took about
+0.1 ms through the `triton` backend, 0.06 ms through `torch` and 0.02 ms dense or through `cuda`,
+at every pruning rate and row count up to 2048 (benchmarks/results/gpu_h200, the `ffn` file). This
+script splits that cost: per variant, the host microseconds per call (calls queued without
+waiting, median of --rounds rounds of --calls calls) beside the device's time per call (CUDA events
+around the same calls: where the host time is the larger, the host sets the pace), and a profile
+of the slowest variant's calls (the functions taking the most host time of their own).
+
+Variants: `dense`, `gather-<backend>` for each backend present, on a GPU `gather-triton-fixed`
+(the triton backend with autotuning off: DOE_KERNELS_TRITON_AUTOTUNE=0) and `triton-launch` (one
+launch of a kernel doing almost nothing: Triton's own floor per launch).
+
+    python python/host_overhead.py --out DIR [--shapes bert-base,llama-7b] [--rows 1]
+        [--rate 0.65] [--dtype bfloat16] [--device cuda]
+
+Writes DIR/host_overhead.json and DIR/host_overhead_profile.txt, and prints the table.
+"""
+import argparse
+import cProfile
+import io
+import json
+import os
+import platform
+import pstats
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import doe_kernels as dk
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
+from shapes import SHAPES  # noqa: E402
+
+
+def weights(shape, device, dtype, rate: float) -> dict:
+    """Random FFN weights of `shape` and a kept list pruning `rate` of its neurons."""
+    gen = torch.Generator().manual_seed(0)
+    make = lambda *s: (torch.randn(*s, generator=gen) / s[-1] ** 0.5).to(device, dtype)  # noqa: E731
+    w = dict(w_in=make(shape.intermediate, shape.hidden), w_out=make(shape.hidden,
+                                                                     shape.intermediate))
+    if shape.ffn == "swiglu":
+        w["w_up"] = make(shape.intermediate, shape.hidden)
+    else:
+        w["b_in"], w["b_out"] = make(shape.intermediate), make(shape.hidden)
+    w["w_out_t"] = dk.input_major(w["w_out"])
+    keep = round(shape.intermediate * (1 - rate))
+    w["kept"] = torch.randperm(shape.intermediate, generator=gen)[:keep].sort().values.to(device)
+    return w
+
+
+def calls(shape, w: dict, x: torch.Tensor) -> dict:
+    """variant -> a call of it on `x`."""
+    out = {}
+    if shape.ffn == "swiglu":
+        out["dense"] = lambda: F.linear(F.silu(F.linear(x, w["w_in"])) * F.linear(x, w["w_up"]),
+                                        w["w_out"])
+        gather = lambda b: dk.gather_swiglu_ffn(x, w["w_in"], w["w_up"], w["w_out_t"],  # noqa: E731
+                                                w["kept"], backend=b, check_indices=False)
+    else:
+        out["dense"] = lambda: F.linear(F.gelu(F.linear(x, w["w_in"], w["b_in"])), w["w_out"],
+                                        w["b_out"])
+        gather = lambda b: dk.gather_ffn(x, w["w_in"], w["b_in"], w["w_out_t"], w["b_out"],  # noqa: E731
+                                         w["kept"], "gelu", backend=b, check_indices=False)
+    for backend in dk.available_backends(x.device.type):
+        if x.device.type == "cpu" and backend == "triton":
+            continue  # (the interpreter)
+        out[f"gather-{backend}"] = lambda b=backend: gather(b)
+    if x.device.type == "cuda" and "gather-triton" in out:
+        out["gather-triton-fixed"] = lambda: _autotune_off(lambda: gather("triton"))
+        out["triton-launch"] = _triton_launch(x.device)
+    return out
+
+
+def _autotune_off(fn):
+    previous = os.environ.get("DOE_KERNELS_TRITON_AUTOTUNE")
+    os.environ["DOE_KERNELS_TRITON_AUTOTUNE"] = "0"
+    try:
+        return fn()
+    finally:
+        if previous is None:
+            del os.environ["DOE_KERNELS_TRITON_AUTOTUNE"]
+        else:
+            os.environ["DOE_KERNELS_TRITON_AUTOTUNE"] = previous
+
+
+def _triton_launch(device):
+    """One launch of a kernel that stores three integers."""
+    from doe_kernels.backends.triton import kernels
+
+    out = torch.empty(3, dtype=torch.int32, device=device)
+    return lambda: kernels.interpreter_probe_kernel[(1,)](out, 3)
+
+
+def host_and_device_us(fn, device, count: int, rounds: int) -> tuple[float, float]:
+    """(host us a call, device us a call), medians over `rounds` rounds of `count` calls."""
+    for _ in range(3):
+        fn()
+    host, gpu = [], []
+    for _ in range(rounds):
+        sync(device)
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        began = time.perf_counter()
+        for _ in range(count):
+            fn()
+        host.append((time.perf_counter() - began) / count * 1e6)
+        if device.type == "cuda":
+            end.record()
+            end.synchronize()
+            gpu.append(start.elapsed_time(end) / count * 1e3)
+    return statistics.median(host), statistics.median(gpu) if gpu else float("nan")
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def profile(fn, count: int, top: int = 25) -> str:
+    """cProfile of `count` calls: the `top` functions by their own time."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(count):
+        fn()
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(top)
+    return text.getvalue()
+
+
+def measure(args) -> tuple[list, str]:
+    """(rows of the table, the profile text)."""
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    rows, profiles = [], []
+    with torch.inference_mode():
+        for name in args.shapes.split(","):
+            shape = SHAPES[name]
+            w = weights(shape, device, dtype, args.rate)
+            x = torch.randn(args.rows, shape.hidden, device=device, dtype=dtype)
+            variants = calls(shape, w, x)
+            for variant, fn in variants.items():
+                host, gpu = host_and_device_us(fn, device, args.calls, args.rounds)
+                rows.append(dict(shape=name, variant=variant, rows=args.rows, prune_rate=args.rate,
+                                 host_us=round(host, 2), device_us=round(gpu, 2)))
+            slowest = max((r for r in rows if r["shape"] == name), key=lambda r: r["host_us"])
+            profiles.append(f"== {name}, {slowest['variant']}: {args.calls} calls\n"
+                            + profile(variants[slowest["variant"]], args.calls))
+    return rows, "\n".join(profiles)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--shapes", default="bert-base,llama-7b")
+    parser.add_argument("--rows", type=int, default=1)
+    parser.add_argument("--rate", type=float, default=0.65)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--calls", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args(argv)
+    unknown = [s for s in args.shapes.split(",") if s not in SHAPES]
+    if unknown:
+        parser.error(f"unknown shapes {unknown} (known: {sorted(SHAPES)})")
+    rows, profiles = measure(args)
+    os.makedirs(args.out, exist_ok=True)
+    meta = dict(torch=torch.__version__, python=platform.python_version(), device=args.device,
+                dtype=args.dtype, calls=args.calls, rounds=args.rounds,
+                gpu=torch.cuda.get_device_name() if args.device.startswith("cuda") else None)
+    with open(os.path.join(args.out, "host_overhead.json"), "w") as f:
+        json.dump(dict(meta=meta, results=rows), f, indent=1)
+    with open(os.path.join(args.out, "host_overhead_profile.txt"), "w") as f:
+        f.write(profiles)
+    print(f"{'shape':<18} {'variant':<22} {'host us':>9} {'device us':>10}")
+    for r in rows:
+        print(f"{r['shape']:<18} {r['variant']:<22} {r['host_us']:>9.1f} {r['device_us']:>10.1f}")
+
+
+if __name__ == "__main__":
+    main()

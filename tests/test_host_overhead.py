@@ -1,0 +1,31 @@
+"""python/host_overhead.py on the CPU: every variant present is timed and profiled, and the files
+are written (on a GPU it adds the triton variants and device times)."""
+import json
+import os
+import sys
+
+import pytest
+
+import doe_kernels as dk
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))
+import host_overhead  # noqa: E402
+
+
+def test_every_variant_is_timed_and_the_slowest_profiled(tmp_path):
+    host_overhead.main(["--out", str(tmp_path), "--shapes", "all-MiniLM-L6-v2,SmolLM2-135M",
+                        "--device", "cpu", "--dtype", "float32", "--calls", "3", "--rounds", "2"])
+    results = json.loads((tmp_path / "host_overhead.json").read_text())["results"]
+    variants = ["dense"] + [f"gather-{b}" for b in dk.available_backends("cpu") if b != "triton"]
+    for shape in ("all-MiniLM-L6-v2", "SmolLM2-135M"):
+        timed = {r["variant"]: r for r in results if r["shape"] == shape}
+        assert sorted(timed) == sorted(variants)
+        assert all(r["host_us"] > 0 and r["rows"] == 1 for r in timed.values())
+    profile = (tmp_path / "host_overhead_profile.txt").read_text()
+    assert profile.count("== ") == 2 and "3 calls" in profile
+
+
+def test_unknown_shapes_are_refused_by_name(tmp_path):
+    with pytest.raises(SystemExit):
+        host_overhead.main(["--out", str(tmp_path), "--shapes", "gpt-9"])
+    assert not os.listdir(tmp_path)
