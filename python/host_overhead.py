@@ -135,8 +135,9 @@ def profile(fn, count: int, top: int = 25) -> str:
     return text.getvalue()
 
 
-def measure(args) -> tuple[list, str]:
-    """(rows of the table, the profile text)."""
+def measure(args, save) -> list:
+    """The rows of the table; `save(rows, profile text)` after each shape (a run cut short by a
+    time limit keeps what it measured)."""
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     rows, profiles = [], []
     with torch.inference_mode():
@@ -152,7 +153,8 @@ def measure(args) -> tuple[list, str]:
             slowest = max((r for r in rows if r["shape"] == name), key=lambda r: r["host_us"])
             profiles.append(f"== {name}, {slowest['variant']}: {args.calls} calls\n"
                             + profile(variants[slowest["variant"]], args.calls))
-    return rows, "\n".join(profiles)
+            save(rows, "\n".join(profiles))
+    return rows
 
 
 def main(argv=None) -> None:
@@ -169,15 +171,18 @@ def main(argv=None) -> None:
     unknown = [s for s in args.shapes.split(",") if s not in SHAPES]
     if unknown:
         parser.error(f"unknown shapes {unknown} (known: {sorted(SHAPES)})")
-    rows, profiles = measure(args)
     os.makedirs(args.out, exist_ok=True)
     meta = dict(torch=torch.__version__, python=platform.python_version(), device=args.device,
                 dtype=args.dtype, calls=args.calls, rounds=args.rounds,
                 gpu=torch.cuda.get_device_name() if args.device.startswith("cuda") else None)
-    with open(os.path.join(args.out, "host_overhead.json"), "w") as f:
-        json.dump(dict(meta=meta, results=rows), f, indent=1)
-    with open(os.path.join(args.out, "host_overhead_profile.txt"), "w") as f:
-        f.write(profiles)
+
+    def save(rows, profiles):
+        with open(os.path.join(args.out, "host_overhead.json"), "w") as f:
+            json.dump(dict(meta=meta, results=rows), f, indent=1)
+        with open(os.path.join(args.out, "host_overhead_profile.txt"), "w") as f:
+            f.write(profiles)
+
+    rows = measure(args, save)
     print(f"{'shape':<18} {'variant':<22} {'host us':>9} {'device us':>10}")
     for r in rows:
         print(f"{r['shape']:<18} {r['variant']:<22} {r['host_us']:>9.1f} {r['device_us']:>10.1f}")
