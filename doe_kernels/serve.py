@@ -57,12 +57,15 @@ class ExpertRouter:
         self._experts: dict[str, Expert] = {}
         self._guard = _guard_of(model)  # the model's lock, shared with its other routers
         self._own_mask: ExpertMask | None = None  # the keep-everything mask it patched with
-        self._worker: _Worker | None = None  # the dynamic batcher, started by submit()
-        self._compute: _ComputeThread | None = None  # every forward pass, started on demand
         # per thread: .compute (the compute thread), .batching (a batching thread)
         self._local = threading.local()
         self._worker_lock = threading.Lock()  # guards _worker and _compute
         _free_openmp_pool()
+        # Both threads start here, in the thread making the router (the main thread, usually):
+        # from Python 3.12 no thread starts once the main thread has ended, and a script's main
+        # thread may start client threads and return. After close(), a request starts new ones.
+        self._compute: _ComputeThread | None = _ComputeThread(self._local)  # every forward pass
+        self._worker: _Worker | None = _Worker(self)  # the dynamic batcher
 
     @property
     def backend(self) -> str:
@@ -170,10 +173,11 @@ class ExpertRouter:
                                                      self.batch_size, backend=self.backend)
 
     def _computed(self, what: str, fn, *args):
-        """fn(*args) run on the router's compute thread (started on first use; the module's
-        docstring says why), its result or error returned or raised here; asked on that thread,
-        run at once, except from inside a forward pass (a hook), which holds the model's lock
-        (whichever router's pass it is): `what` (the public call) is then refused."""
+        """fn(*args) run on the router's compute thread (started with the router, and after
+        close() on first use; the module's docstring says why), its result or error returned or
+        raised here; asked on that thread, run at once, except from inside a forward pass (a
+        hook), which holds the model's lock (whichever router's pass it is): `what` (the public
+        call) is then refused."""
         if self._guard.held_here():
             raise RuntimeError(f"{what} from inside the router's forward pass (a hook on a "
                                "router's compute thread) would wait for itself")
@@ -308,8 +312,8 @@ class ExpertRouter:
         """Serve what was submitted, stop the worker and the compute thread, and restore the
         unpatched model (if the router patched it and no other patch replaced its own since). A
         request after this starts new ones.
-        Call it when done: a router dropped without it leaves the model patched (and one that
-        took `submit` requests stays alive in its batching thread)."""
+        Call it when done: a router dropped without it leaves the model patched (its threads
+        end once it is collected)."""
         self._refuse_on_compute_thread("close")
         self._refuse_on_batching_thread("close")
         while True:  # (a done callback run by the worker may submit again: a new worker)
@@ -429,36 +433,46 @@ def _compute(calls: queue.Queue, local: threading.local) -> None:
 class _Worker:
     """The dynamic batcher's thread and its own queue of (expert, text, future, time queued),
     ended by None: a router's close() stops this worker after the requests queued before it, and
-    a later submit() starts another with a new queue."""
+    a later submit() starts another with a new queue. The thread holds its router only while it
+    serves a batch: a router dropped unclosed is collected, and its worker ends."""
 
     def __init__(self, router: ExpertRouter):
-        self.router, self.queue = router, queue.Queue()
-        self.thread = threading.Thread(target=self._run, daemon=True, name="doe-kernels-router")
+        self.queue = queue.Queue()
+        self.thread = threading.Thread(target=_batching, args=(weakref.ref(router), self),
+                                       daemon=True, name="doe-kernels-router")
         self.thread.start()
+        weakref.finalize(router, self.queue.put, None)
 
-    def _run(self) -> None:
-        self.router._local.batching = True  # marks this thread (close() may drop the worker)
-        closed = False
-        while not closed:
-            batch = []
-            try:  # (taking the batch may fail too: its requests taken so far get the error)
-                closed = self._next_batch(batch)
-                if batch:
-                    self.router._serve_batch(batch)
-            except BaseException as error:  # noqa: BLE001 (the thread serves every later batch)
-                for _, _, future in batch:
-                    if not future.done():
-                        _settle(future.set_exception, error)
+    def serve(self, router_ref) -> bool:
+        """Take and serve the next batch; whether the queue has ended (or the router is gone)."""
+        batch = []
+        try:  # (taking the batch may fail too: its requests taken so far get the error)
+            closed = self._next_batch(batch, router_ref)
+            router = router_ref()
+            if router is None:
+                _fail(batch, _gone())
+                return True
+            if batch:
+                router._serve_batch(batch)
+            return closed
+        except BaseException as error:  # noqa: BLE001 (the thread serves every later batch)
+            _fail(batch, error)
+            return False
 
-    def _next_batch(self, batch: list) -> bool:
+    def _next_batch(self, batch: list, router_ref) -> bool:
         """Takes the requests of the next batch into `batch`; whether the queue has ended."""
         first = self.queue.get()
         if first is None:
             return True
-        # the window runs from the first request's arrival, not from when this thread is free
         batch.append(first[:3])
-        deadline = first[3] + self.router.batch_window
-        while len(batch) < self.router.batch_size:
+        router = router_ref()
+        if router is None:
+            return True
+        window, size = router.batch_window, router.batch_size
+        del router  # (not held while waiting)
+        # the window runs from the first request's arrival, not from when this thread is free
+        deadline = first[3] + window
+        while len(batch) < size:
             try:
                 item = self.queue.get(timeout=max(deadline - time.monotonic(), 0))
             except queue.Empty:
@@ -467,6 +481,36 @@ class _Worker:
                 return True
             batch.append(item[:3])
         return False
+
+
+def _gone() -> RuntimeError:
+    return RuntimeError("the router was dropped unclosed before it served this request")
+
+
+def _batching(router_ref, worker: _Worker) -> None:
+    """A batching thread: serves `worker`'s batches until its queue ends, or until its router is
+    collected (dropped unclosed), whose requests left get an error; holds the router only while
+    it serves a batch."""
+    router = router_ref()
+    if router is not None:
+        router._local.batching = True  # marks this thread (close() may drop the worker)
+        del router
+        while not worker.serve(router_ref):
+            pass
+    while True:  # (a router collected unclosed: its requests still queued)
+        try:
+            item = worker.queue.get_nowait()
+        except queue.Empty:
+            return
+        if item is not None:
+            _fail([item[:3]], _gone())
+
+
+def _fail(batch: list, error: BaseException) -> None:
+    """Each (expert, text, future) of `batch` not yet answered gets `error`."""
+    for _, _, future in batch:
+        if not future.done():
+            _settle(future.set_exception, error)
 
 
 def _free_openmp_pool() -> bool:

@@ -290,8 +290,8 @@ def test_every_forward_pass_runs_on_the_routers_compute_thread(served, tokenizer
 
 
 def test_a_router_left_open_is_freed(served, tokenizer):
-    """The compute thread keeps no reference to its router: one dropped without close() goes
-    (and its thread ends)."""
+    """The compute and batching threads keep no reference to their router: one dropped without
+    close(), after run and submit requests, goes (and its threads end)."""
     import gc
     import weakref
 
@@ -300,14 +300,16 @@ def test_a_router_left_open_is_freed(served, tokenizer):
     router = dk.ExpertRouter(model, tokenizer)
     router.add("task0", experts["task0"])  # on the compute thread too
     router.run("task0", TEXTS[0])
-    compute = [t for t in set(threading.enumerate()) - before
-               if t.name.startswith("doe-kernels-compute")]
-    assert len(compute) == 1
+    expert = experts["task0"]
+    assert router.ask("task0", TEXTS[1]) == expert.label_names[int(alone["task0"][1].argmax())]
+    started = [t for t in set(threading.enumerate()) - before
+               if t.name.startswith(("doe-kernels-compute", "doe-kernels-router"))]
+    assert len(started) == 2
     gone = weakref.ref(router)
     del router
     gc.collect()
     assert gone() is None
-    for thread in compute:
+    for thread in started:
         thread.join(timeout=30)
         assert not thread.is_alive()
     dk.unpatch(model)
@@ -682,17 +684,39 @@ def test_a_router_serves_other_threads_after_the_main_thread_ends(tmp_path):
         "model, tokenizer = tiny_bert(), AutoTokenizer.from_pretrained(minilm_dir())\n"
         "router = dk.ExpertRouter(model, tokenizer, batch_window=0.001)\n"
         "router.add('t', seq_cls_expert(model, rate=0.5))\n"
-        "router.run('t', TEXTS[0])\n"
         "def client():\n"
         "    time.sleep(0.5)  # the main thread has returned\n"
         "    for text in TEXTS[:3]:\n"
-        "        router.run('t', text), router.ask('t', text)\n"
+        "        router.ask('t', text), router.run('t', text)\n"
         "    router.close()\n"
         "    print('served', flush=True)\n"
         "threading.Thread(target=client).start()\n")
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0 and "served" in result.stdout, result.stderr[-2000:]
+
+
+def test_a_router_starts_its_threads_when_it_is_made(served, tokenizer, monkeypatch):
+    """From Python 3.12 no thread starts once the main thread has ended (RuntimeError "can't
+    create new thread at interpreter shutdown"), where a script's client threads may still send
+    requests: the router starts its compute and batching threads when it is made, and serves
+    run, ask and add with no thread started afterwards."""
+    model, experts, alone = served
+    router = dk.ExpertRouter(model, tokenizer)
+
+    def refused(self):
+        raise RuntimeError("can't create new thread at interpreter shutdown")
+
+    try:
+        with monkeypatch.context() as patched:
+            patched.setattr(threading.Thread, "start", refused)
+            router.add("task0", experts["task0"])
+            labels = [experts["task0"].label_names[int(row.argmax())] for row in alone["task0"]]
+            assert router.ask("task0", TEXTS[1]) == labels[1]
+            assert router.run("task0", TEXTS[:2]) == labels[:2]
+    finally:
+        router.close()
+    assert not dk.is_patched(model)
 
 
 def test_an_expert_that_does_not_fit_is_refused_under_its_task_name(served, tokenizer):
