@@ -284,12 +284,13 @@ def test_public_functions_keep_the_activation_input_under_autograd(op):
     gen = torch.Generator().manual_seed(15)
     kept = index_list("random", INTERMEDIATE, generator=gen)
     call, _, inputs = _case(op, kept, "auto", torch.float32, "cpu", gen, "gelu")
-    graph = call(**inputs).grad_fn
-    names = []
-    while graph is not None:
-        names.append(graph.name())
-        graph = next((f for f, _ in graph.next_functions if f is not None
-                      and "AccumulateGrad" not in f.name()), None)
+    out = call(**inputs)
+    # the autograd nodes the backward runs (read from the profiler: torch 2.11 refuses to walk
+    # the graph past a custom op's node, `name()` and `next_functions` raise there)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        out.sum().backward()
+    prefix = "autograd::engine::evaluate_function: "
+    names = {e.name.removeprefix(prefix) for e in profile.events() if e.name.startswith(prefix)}
     assert not any(f"gather_{op}_default" in name for name in names if op != "rows_linear"), names
     assert any(name.startswith(("Gelu", "Mul")) for name in names), names
     assert any("gather_rows_linear" in name for name in names), names
