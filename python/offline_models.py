@@ -55,7 +55,10 @@ def smollm2_dir() -> str:
     model = LlamaForCausalLM(LlamaConfig.from_dict(config))
     model.load_state_dict(loaded.state_dict())
     model.save_pretrained(target)
-    AutoTokenizer.from_pretrained(source, gguf_file=name).save_pretrained(target)
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=name)
+    if tokenizer.pad_token is None:  # (transformers before 5.19 reads none from the GGUF file)
+        tokenizer.pad_token = "<|im_end|>"  # the published model's
+    tokenizer.save_pretrained(target)
     return target
 
 
