@@ -758,6 +758,165 @@ def test_the_engine_admits_only_requests_naming_held_experts_and_salts_them():
     assert engine_ref() is None and guard_ref() is None  # freed without the garbage collector
 
 
+class _StandInLLM:
+    """A stand-in vllm.LLM for doe_kernels.vllm.engine: `ranks` ranks that accept every mask and
+    hold what `doe_add_expert` adds, an engine whose `unfinished` requests the test sets (its
+    prefix cache cannot be reset while there are any); `calls` lists the worker methods run,
+    `taken` the requests the engine took, `during` (method -> function) runs inside an RPC."""
+
+    def __init__(self, ranks: int = 1):
+        from types import SimpleNamespace
+
+        from vllm.config import CUDAGraphMode
+
+        from doe_kernels.vllm.engine import EXTENSION
+
+        self.ranks, self.held, self.calls, self.taken, self.during = ranks, [], [], [], {}
+        self.remove_replies = None  # (per rank; None: whether the name is held)
+        config = SimpleNamespace(
+            parallel_config=SimpleNamespace(worker_extension_cls=EXTENSION,
+                                            pipeline_parallel_size=1),
+            compilation_config=SimpleNamespace(cudagraph_mode=CUDAGraphMode.NONE,
+                                               cudagraph_capture_sizes=[]))
+        llm = self
+
+        class Engine:
+            vllm_config, unfinished = config, 0
+
+            def add_request(self, request_id, prompt, params):
+                llm.during.get("add_request", lambda: None)()
+                llm.taken.append(prompt)
+
+            def get_num_unfinished_requests(self):
+                return self.unfinished
+
+        self.llm_engine = Engine()
+
+    def collective_rpc(self, method, args=()):
+        self.calls.append(method)
+        self.during.get(method, lambda: None)()
+        if method == "doe_add_expert" and args[0] not in self.held:
+            self.held.append(args[0])
+        if method == "doe_remove_expert":
+            replies = self.remove_replies or [args[0] in self.held] * self.ranks
+            self.held = [name for name in self.held if name != args[0]]
+            return replies
+        return [list(self.held) if method == "doe_experts" else None] * self.ranks
+
+    def reset_prefix_cache(self):
+        self.calls.append("reset_prefix_cache")
+        return self.llm_engine.unfinished == 0
+
+    def request(self, name, own_salt=None):
+        """A request naming `name` (None: none), as LLM.generate hands it to the engine."""
+        from vllm import SamplingParams
+
+        prompt = {"prompt_token_ids": [1, 2], **({} if own_salt is None else
+                                                  {"cache_salt": own_salt})}
+        self.llm_engine.add_request(str(len(self.taken)), prompt, SamplingParams(
+            extra_args=None if name is None else {"doe_expert": name}))
+        return self.taken[-1].get("cache_salt")
+
+
+MASK = doe_kernels.ExpertMask({0: [1]})
+
+
+def test_replacing_an_expert_requests_may_still_name_is_refused_before_any_rpc():
+    """An add of a held name while a request naming it may be unfinished swapped the expert
+    under that request (its tokens half one expert's, half the other's): refused, as `remove`
+    is, nothing asked of any rank. Once the engine is idle the add replaces it, and the name's
+    requests get a new salt (the replaced expert's KV blocks unreachable, no reset needed)."""
+    from doe_kernels.vllm.protocol import cache_salt
+
+    llm = _StandInLLM()
+    dkv.add(llm, "a", MASK)
+    first = llm.request("a", "own")
+    llm.llm_engine.unfinished = 1
+    calls = len(llm.calls)
+    with pytest.raises(RuntimeError, match="requests naming the expert 'a' may be unfinished.*"
+                                           r"before replacing it \(nothing was changed\)"):
+        dkv.add(llm, "a", MASK)
+    assert llm.calls[calls:] == []
+    dkv.add(llm, "b", MASK)  # another name: added beside the running request
+    llm.llm_engine.unfinished = 0
+    dkv.add(llm, "a", MASK)
+    assert first == cache_salt("a", "own", 1)
+    assert llm.request("a", "own") == cache_salt("a", "own", 2) != first
+    assert llm.request("b") == cache_salt("b", None, 1)
+
+
+def test_adding_and_removing_experts_leave_the_prefix_cache_alone():
+    """add and remove reset no prefix cache (it dropped every expert's and the dense model's
+    cached blocks, and raised on a busy engine after the add had worked): each add of a name
+    gives its requests a salt of their own."""
+    llm = _StandInLLM()
+    llm.llm_engine.unfinished = 1  # a request naming no expert runs
+    dkv.add(llm, "a", MASK)
+    dkv.add(llm, "b", MASK)
+    dkv.remove(llm, "a")
+    assert dkv.experts(llm) == ["b"] and "reset_prefix_cache" not in llm.calls
+    with pytest.raises(RuntimeError, match="could not reset its prefix cache"):
+        dkv.plug(llm, MASK)  # plug changes the unnamed model: it still resets
+
+
+def test_no_request_naming_an_expert_is_admitted_while_it_is_added_or_removed():
+    """A request admitted between remove's check and its RPC reached the engine naming a removed
+    expert (the engine core dies on it): while an add or remove of a name runs, requests naming
+    it are refused, as is another add or remove of it; a request the guard admitted but the
+    engine does not count yet keeps remove from going on."""
+    llm = _StandInLLM()
+    dkv.add(llm, "a", MASK)
+    refused = []
+
+    def request_and_add():
+        for call in (lambda: llm.request("a"), lambda: dkv.add(llm, "a", MASK)):
+            with pytest.raises(Exception) as error:
+                call()
+            refused.append((type(error.value), str(error.value)))
+        llm.request(None)  # requests naming no expert pass
+
+    llm.during["doe_remove_expert"] = request_and_add
+    dkv.remove(llm, "a")
+    assert [kind for kind, _ in refused] == [ValueError, RuntimeError]
+    assert "names the expert 'a', which is being added or removed" in refused[0][1]
+    assert "being added or removed by another call" in refused[1][1]
+    dkv.add(llm, "a", MASK)
+    llm.during = dict(add_request=lambda: pytest.raises(RuntimeError, dkv.remove, llm, "a"))
+    llm.request("a")  # the engine counts it only once add_request returns
+    assert dkv.experts(llm) == ["a"]
+
+
+def test_a_request_named_none_runs_on_no_held_expert():
+    """for_experts with None for a request whose params name an expert kept the params' name:
+    None means the plugged expert or the dense model."""
+    from vllm import SamplingParams
+
+    from doe_kernels.vllm.admission import naming
+
+    llm = _StandInLLM()
+    dkv.add(llm, "a", MASK)
+    params = SamplingParams(extra_args={"doe_expert": "a", "mine": 1})
+    _, named = dkv.for_experts(llm, [(None, [1]), ("a", [2])], params)
+    assert named[0].extra_args == {"mine": 1} and named[1].extra_args["doe_expert"] == "a"
+    assert params.extra_args == {"doe_expert": "a", "mine": 1}
+    assert naming(SamplingParams(extra_args={"doe_expert": "a"}), None).extra_args is None
+    plain = SamplingParams()
+    assert naming(plain, None) is plain
+
+
+def test_removing_a_name_only_some_ranks_hold_names_them():
+    """As http.remove: a remove that some ranks did says which (it said no rank held it)."""
+    llm = _StandInLLM(ranks=2)
+    dkv.add(llm, "a", MASK)
+    llm.remove_replies = [True, False]
+    with pytest.raises(KeyError, match=r"held by ranks \[0\] only, and is removed from them "
+                                       r"\(not held by ranks \[1\]\)"):
+        dkv.remove(llm, "a")
+    llm.remove_replies = [False, False]
+    with pytest.raises(KeyError, match=r"no expert named 'b' is held \(held: \[\]\)"):
+        dkv.remove(llm, "b")
+
+
 def test_the_step_after_a_retiring_experts_last_request_drops_it(monkeypatch):
     """The worker's step hook (watch_steps' after_step) drops a retiring expert once the step has
     dropped the requests naming it, through the model runner's own execute_model."""

@@ -5,14 +5,18 @@
 to check the mask and stage its plan; only if every rank accepts does it ask them to apply it. A
 refused mask raises ValueError here and the engine keeps serving the previous expert (or the dense
 model).
-After every plug, add and remove, and an unplug that restored layers, the prefix cache is reset:
-cached KV blocks were computed by the previous expert. The first of these calls on an engine makes
-it check and salt every request that names an expert (doe_kernels.vllm.admission).
+After every plug, and an unplug that restored layers, the prefix cache is reset: cached KV blocks
+were computed by the previous expert. `add` and `remove` reset nothing: requests naming an expert
+carry a prefix-cache salt of its own, new at every add of its name, so no request meets the KV
+blocks of another expert or of the one a name held before. The first call on an engine makes it
+check and salt every request that names an expert (doe_kernels.vllm.admission); `add` and `remove`
+of a name are refused, nothing changed, while requests naming it may be unfinished.
 """
 import importlib
 
 from doe_kernels.vllm.admission import check_name, guard, naming, prompt_dict
-from doe_kernels.vllm.protocol import as_mask, held_on_every_rank, plug_on_ranks
+from doe_kernels.vllm.protocol import (as_mask, held_on_every_rank, plug_on_ranks,
+                                       removed_on_every_rank)
 from doe_kernels.vllm.worker import WorkerExtension, check_engine_config
 
 EXTENSION = "doe_kernels.vllm.WorkerExtension"
@@ -45,17 +49,15 @@ def unplug(llm) -> None:
 def add(llm, name: str, mask) -> None:
     """Hold an expert under `name` in `llm`, beside the plugged one (if any), for the requests
     that name it (`for_experts`): one engine step then serves requests of several experts, each
-    on its own neurons and heads. Adding a name again replaces its expert. Checked on every rank
+    on its own neurons and heads. Adding a name again replaces its expert (RuntimeError, nothing
+    changed, while requests naming it may be unfinished, as for `remove`). Checked on every rank
     before any changes, as `plug` is (the same errors)."""
     check_name(name)
     mask = as_mask(mask)
     _check_engine(llm)
-    try:
+    with guard(llm).changing_expert(name, adding=True):
         plug_on_ranks(lambda method, args: llm.collective_rpc(method, args=tuple(args)), mask,
                       "doe_add_expert", name)
-    finally:
-        guard(llm).refresh()
-    _reset_prefix_cache(llm)
 
 
 def remove(llm, name: str) -> None:
@@ -63,16 +65,12 @@ def remove(llm, name: str) -> None:
     nothing changed, while requests naming it may be unfinished: queued with `LLM.enqueue`, or
     a `generate` call running in another thread)."""
     _check_engine(llm)
-    if guard(llm).may_be_pending(name):
-        raise RuntimeError(f"requests naming the expert {name!r} may be unfinished: let them "
-                           "finish (LLM.wait_for_completion) or abort them before removing it")
-    try:
-        removed = all(llm.collective_rpc("doe_remove_expert", args=(name,)))
-    finally:
-        guard(llm).refresh()
-    if not removed:
-        raise KeyError(f"no expert named {name!r} is held (held: {experts(llm)})")
-    _reset_prefix_cache(llm)
+    with guard(llm).changing_expert(name, adding=False):
+        removed = [bool(reply) for reply in llm.collective_rpc("doe_remove_expert",
+                                                               args=(name,))]
+    if removed_on_every_rank(name, removed):
+        return
+    raise KeyError(f"no expert named {name!r} is held (held: {experts(llm)})")
 
 
 def experts(llm) -> list:
@@ -87,8 +85,9 @@ def for_experts(llm, requests, params=None) -> tuple[list, list]:
     expert (`add`) or None (the plugged expert, or the dense model), the prompt a text, a list of
     token ids or a vLLM prompt dict; `params`: a vllm.SamplingParams for every request (vLLM's
     default when None), or a list of them, one per request. Each request's params name its expert
-    (extra_args["doe_expert"]); the engine gives each such request its expert's prefix-cache salt as
-    it takes it (doe_kernels.vllm.admission). Raises ValueError for a name `llm` does not hold."""
+    (extra_args["doe_expert"]; a request named None names none, whatever its params named); the
+    engine gives each such request its expert's prefix-cache salt as it takes it
+    (doe_kernels.vllm.admission). Raises ValueError for a name `llm` does not hold."""
     from vllm import SamplingParams
 
     requests = [tuple(r) for r in requests]

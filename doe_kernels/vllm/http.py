@@ -21,9 +21,11 @@ import urllib.error
 import urllib.request
 
 from doe_kernels.vllm.gate import GATE_HEADER
-from doe_kernels.vllm.protocol import EXTRA_ARG, as_mask, held_on_every_rank, plug_on_ranks
+from doe_kernels.vllm.protocol import (EXTRA_ARG, Refused, as_mask, held_on_every_rank,
+                                       plug_on_ranks, removed_on_every_rank)
 
 
+REFUSALS = (400, 409)  # statuses of requests refused before anything was done
 ANSWER_MARGIN = 30.0  # seconds the client waits past the `timeout` it gives the server's RPC:
 # a client that gave up first could not tell whether the server went on to swap
 
@@ -47,9 +49,10 @@ def add(url: str, name: str, mask, timeout: float = 120.0) -> None:
     """Hold an expert under `name` on the server at `url`, beside the plugged one, for the
     requests that name it in their body (`"vllm_xargs": {"doe_expert": name}`, `naming(name)`):
     requests of several experts then share engine steps. Adding a name again replaces its
-    expert. Needs the server's gate (`--middleware doe_kernels.vllm.gate.ExpertGate`), which
-    refuses requests naming experts the server does not hold and salts each expert's prefix
-    cache; RuntimeError without it. Checked on every rank before any changes, as `plug` is."""
+    expert (Refused, a RuntimeError, nothing changed, while requests naming it run). Needs the
+    server's gate (`--middleware doe_kernels.vllm.gate.ExpertGate`), which refuses requests
+    naming experts the server does not hold and salts each expert's prefix cache; RuntimeError
+    without it. Checked on every rank before any changes, as `plug` is."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"an expert's name must be a non-empty string, got {name!r}")
     mask = as_mask(mask)
@@ -64,20 +67,13 @@ def remove(url: str, name: str, timeout: float = 120.0) -> None:
     # vLLM's endpoint passes a rank's reply as a string unless it is a dict or a list
     removed = [reply in (True, "True") for reply in _rpc(url, "doe_remove_expert", [name],
                                                          timeout)]
-    if removed and all(removed):
+    if removed_on_every_rank(name, removed):
         return
-    if any(removed):
-        raise KeyError(f"the expert {name!r} was held by ranks {_ranks(removed, True)} only, "
-                       f"and is removed from them (not held by ranks {_ranks(removed, False)})")
     try:
         held = f" (held: {experts(url, timeout)})"
     except RuntimeError:  # (no gate, or no answer: the name is what matters)
         held = ""
     raise KeyError(f"no expert named {name!r} is held{held}")
-
-
-def _ranks(flags: list, value: bool) -> list:
-    return [rank for rank, flag in enumerate(flags) if flag == value]
 
 
 def experts(url: str, timeout: float = 120.0) -> list:
@@ -109,7 +105,9 @@ def status(url: str, timeout: float = 120.0) -> list:
 def _request(url: str, path: str, body: dict | None, timeout: float,
              with_headers: bool = False):
     """The server's JSON answer to POST `path` (with its headers, lower-cased, when
-    `with_headers`); RuntimeError saying what is wrong when there is none."""
+    `with_headers`); RuntimeError saying what is wrong when there is none, Refused (a
+    RuntimeError) for a 400 or 409: a request refused before anything was done (the gate's
+    refusals of an add or remove, vLLM's of a malformed call)."""
     request = urllib.request.Request(
         url.rstrip("/") + path, method="POST", data=json.dumps(body or {}).encode(),
         headers={"Content-Type": "application/json"})
@@ -130,7 +128,8 @@ def _request(url: str, path: str, body: dict | None, timeout: float,
         except (ValueError, KeyError, TypeError):
             detail = ("(is the server started with --worker-extension-cls "
                       f"doe_kernels.vllm.WorkerExtension?): {detail[:500]}")
-        raise RuntimeError(f"{url}{path} answered {error.code} {detail}") from error
+        refused = Refused if error.code in REFUSALS else RuntimeError
+        raise refused(f"{url}{path} answered {error.code} {detail}") from error
     except (urllib.error.URLError, OSError) as error:
         raise RuntimeError(f"cannot reach {url}: {error}") from error
     except http.client.HTTPException as error:  # not HTTP (BadStatusLine), or cut short

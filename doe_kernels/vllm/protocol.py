@@ -41,6 +41,23 @@ def cache_salt(name: str, own: str | None = None, generation: int = 0) -> str:
     return SALT_PREFIX + hashlib.sha256(key).hexdigest()[:40]
 
 
+class Refused(RuntimeError):
+    """A call to the ranks refused before any rank ran it (a server's gate answering 409 or
+    400): nothing was changed."""
+
+
+def removed_on_every_rank(name: str, removed: list) -> bool:
+    """Whether every rank removed the expert `name` (`removed`: each rank's reply, in rank order);
+    False if none did; KeyError naming the ranks where only some did."""
+    if removed and all(removed):
+        return True
+    if any(removed):
+        where = lambda value: [rank for rank, flag in enumerate(removed) if flag == value]  # noqa: E731
+        raise KeyError(f"the expert {name!r} was held by ranks {where(True)} only, and is "
+                       f"removed from them (not held by ranks {where(False)})")
+    return False
+
+
 def reserved_salt(own) -> bool:
     """Whether a request's own `cache_salt` could pass for an expert's (its KV blocks would
     then be reused by that expert's requests): refused by the server's gate."""
@@ -75,8 +92,8 @@ def plug_on_ranks(call, mask: ExpertMask, apply: str = "doe_apply_mask", *args) 
     """Check `mask` on every rank, then apply it on every rank (`apply(*args, token)`: the
     worker method that takes the staged plan; plug's by default); `call(method, args)` runs a
     WorkerExtension method on every rank and returns their results in rank order. Raises
-    ValueError (mask) or UnsupportedModelError (model) with nothing changed on any rank; returns
-    the ranks' replies to `apply`."""
+    ValueError (mask) or UnsupportedModelError (model) with nothing changed on any rank, and
+    `call`'s Refused as it is (no rank ran the apply); returns the ranks' replies to `apply`."""
     tensors, spec = encode_mask(mask)
     token = uuid.uuid4().hex
     try:
@@ -92,6 +109,9 @@ def plug_on_ranks(call, mask: ExpertMask, apply: str = "doe_apply_mask", *args) 
         raise error(f"mask refused (rank {rank}; nothing was changed): {reply['error']}")
     try:
         return call(apply, [*args, token])
+    except Refused:  # (no rank ran the apply)
+        _discard(call, token)
+        raise
     except Exception:
         _discard(call, token)  # ranks the apply did not reach keep no staged plan
         if len(replies) > 1:  # (one rank's apply changes nothing when it fails)
