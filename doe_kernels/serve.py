@@ -62,7 +62,7 @@ class ExpertRouter:
         self._worker_lock = threading.Lock()  # guards _worker and _compute
         _free_openmp_pool()
         # Both threads start here, in the thread making the router (the main thread, usually):
-        # from Python 3.12 no thread starts once the main thread has ended, and a script's main
+        # Python 3.12 starts no thread once the main thread has ended, and a script's main
         # thread may start client threads and return. After close(), a request starts new ones.
         self._compute: _ComputeThread | None = _ComputeThread(self._local)  # every forward pass
         self._worker: _Worker | None = _Worker(self)  # the dynamic batcher
@@ -185,7 +185,7 @@ class ExpertRouter:
             return fn(*args)
         _free_openmp_pool()
         with self._worker_lock:  # close() cannot shut it down between the check and the submit
-            if self._compute is None:
+            if self._compute is None or not self._compute.thread.is_alive():  # (or forked)
                 self._compute = _ComputeThread(self._local)
             future = self._compute.submit(fn, *args)
         return future.result()
@@ -262,7 +262,8 @@ class ExpertRouter:
         with self._worker_lock:  # close() cannot come between the worker check and the put
             if self._worker is None or not self._worker.thread.is_alive():
                 self._worker = _Worker(self)
-            self._worker.queue.put((expert, text, future, time.monotonic()))
+            # (the request holds the router: one dropped after submit() still answers it)
+            self._worker.queue.put((expert, text, future, time.monotonic(), self))
         return future
 
     def ask(self, task: str, text: str) -> str:
@@ -323,6 +324,7 @@ class ExpertRouter:
                     break
                 worker.queue.put(None)  # after every request submitted before
             worker.thread.join()
+            worker.finalizer.detach()
         with self._worker_lock:
             compute, self._compute = self._compute, None
         if compute is not None:
@@ -434,42 +436,43 @@ class _Worker:
     """The dynamic batcher's thread and its own queue of (expert, text, future, time queued),
     ended by None: a router's close() stops this worker after the requests queued before it, and
     a later submit() starts another with a new queue. The thread holds its router only while it
-    serves a batch: a router dropped unclosed is collected, and its worker ends."""
+    serves a batch, and each queued request holds it: a router dropped unclosed is collected
+    once its requests are answered, and its worker ends."""
 
     def __init__(self, router: ExpertRouter):
         self.queue = queue.Queue()
         self.thread = threading.Thread(target=_batching, args=(weakref.ref(router), self),
                                        daemon=True, name="doe-kernels-router")
         self.thread.start()
-        weakref.finalize(router, self.queue.put, None)
+        self.finalizer = weakref.finalize(router, self.queue.put, None)
 
     def serve(self, router_ref) -> bool:
         """Take and serve the next batch; whether the queue has ended (or the router is gone)."""
-        batch = []
+        batch, requests = [], []
         try:  # (taking the batch may fail too: its requests taken so far get the error)
-            closed = self._next_batch(batch, router_ref)
-            router = router_ref()
+            closed = self._next_batch(batch)
+            router = batch[0][4] if batch else router_ref()  # (a request holds its router)
+            requests = [item[:3] for item in batch]
+            del batch[:]
             if router is None:
-                _fail(batch, _gone())
                 return True
-            if batch:
-                router._serve_batch(batch)
+            if requests:
+                router._serve_batch(requests)
             return closed
         except BaseException as error:  # noqa: BLE001 (the thread serves every later batch)
-            _fail(batch, error)
+            _fail(requests or [item[:3] for item in batch], error)
             return False
 
-    def _next_batch(self, batch: list, router_ref) -> bool:
-        """Takes the requests of the next batch into `batch`; whether the queue has ended."""
+    def _next_batch(self, batch: list) -> bool:
+        """Takes the requests of the next batch into `batch` (the queue's items, each holding
+        its router); whether the queue has ended."""
         first = self.queue.get()
         if first is None:
             return True
-        batch.append(first[:3])
-        router = router_ref()
-        if router is None:
-            return True
+        batch.append(first)
+        router = first[4]
         window, size = router.batch_window, router.batch_size
-        del router  # (not held while waiting)
+        del router
         # the window runs from the first request's arrival, not from when this thread is free
         deadline = first[3] + window
         while len(batch) < size:
@@ -479,31 +482,21 @@ class _Worker:
                 break
             if item is None:
                 return True
-            batch.append(item[:3])
+            batch.append(item)
         return False
-
-
-def _gone() -> RuntimeError:
-    return RuntimeError("the router was dropped unclosed before it served this request")
 
 
 def _batching(router_ref, worker: _Worker) -> None:
     """A batching thread: serves `worker`'s batches until its queue ends, or until its router is
-    collected (dropped unclosed), whose requests left get an error; holds the router only while
-    it serves a batch."""
+    collected (dropped unclosed, every request answered); holds the router only while it serves a
+    batch."""
     router = router_ref()
-    if router is not None:
-        router._local.batching = True  # marks this thread (close() may drop the worker)
-        del router
-        while not worker.serve(router_ref):
-            pass
-    while True:  # (a router collected unclosed: its requests still queued)
-        try:
-            item = worker.queue.get_nowait()
-        except queue.Empty:
-            return
-        if item is not None:
-            _fail([item[:3]], _gone())
+    if router is None:
+        return
+    router._local.batching = True  # marks this thread (close() may drop the worker)
+    del router
+    while not worker.serve(router_ref):
+        pass
 
 
 def _fail(batch: list, error: BaseException) -> None:

@@ -5,9 +5,11 @@ is the host's time per op, not the kernels': on an H200, BERT-base's FFN at one 
 0.1 ms through the `triton` backend, 0.06 ms through `torch` and 0.02 ms dense or through `cuda`,
 at every pruning rate and row count up to 2048 (benchmarks/results/gpu_h200, the `ffn` file). This
 script splits that cost: per variant, the host microseconds per call (calls queued without
-waiting, median of --rounds rounds of --calls calls) beside the device's time per call (CUDA events
-around the same calls: where the host time is the larger, the host sets the pace), and a profile
-of the slowest variant's calls (the functions taking the most host time of their own).
+waiting, median of --rounds rounds of --calls calls) beside the GPU's own time per call (CUDA
+events around the same calls queued behind a sleeping kernel, so that they run back to back:
+where the host time is the larger, the host sets the pace), and a profile of the slowest
+variant's calls (the functions taking the most host time of their own). --calls stays small (50)
+so that the launches of a round fit in the GPU's launch queue.
 
 Variants: `dense`, `gather-<backend>` for each backend present, on a GPU `gather-triton-fixed`
 (the triton backend with autotuning off: DOE_KERNELS_TRITON_AUTOTUNE=0) and `triton-launch` (one
@@ -19,6 +21,7 @@ launch of a kernel doing almost nothing: Triton's own floor per launch).
 Writes DIR/host_overhead.json and DIR/host_overhead_profile.txt, and prints the table.
 """
 import argparse
+import contextlib
 import cProfile
 import io
 import json
@@ -55,7 +58,7 @@ def weights(shape, device, dtype, rate: float) -> dict:
 
 
 def calls(shape, w: dict, x: torch.Tensor) -> dict:
-    """variant -> a call of it on `x`."""
+    """variant -> (a call of it on `x`, the context it is timed in)."""
     out = {}
     if shape.ffn == "swiglu":
         out["dense"] = lambda: F.linear(F.silu(F.linear(x, w["w_in"])) * F.linear(x, w["w_up"]),
@@ -71,17 +74,20 @@ def calls(shape, w: dict, x: torch.Tensor) -> dict:
         if x.device.type == "cpu" and backend == "triton":
             continue  # (the interpreter)
         out[f"gather-{backend}"] = lambda b=backend: gather(b)
+    out = {name: (fn, contextlib.nullcontext) for name, fn in out.items()}
     if x.device.type == "cuda" and "gather-triton" in out:
-        out["gather-triton-fixed"] = lambda: _autotune_off(lambda: gather("triton"))
-        out["triton-launch"] = _triton_launch(x.device)
+        out["gather-triton-fixed"] = (lambda: gather("triton"), autotune_off)
+        out["triton-launch"] = (_triton_launch(x.device), contextlib.nullcontext)
     return out
 
 
-def _autotune_off(fn):
+@contextlib.contextmanager
+def autotune_off():
+    """The triton backend with autotuning off (DOE_KERNELS_TRITON_AUTOTUNE=0, read each call)."""
     previous = os.environ.get("DOE_KERNELS_TRITON_AUTOTUNE")
     os.environ["DOE_KERNELS_TRITON_AUTOTUNE"] = "0"
     try:
-        return fn()
+        yield
     finally:
         if previous is None:
             del os.environ["DOE_KERNELS_TRITON_AUTOTUNE"]
@@ -97,25 +103,42 @@ def _triton_launch(device):
     return lambda: kernels.interpreter_probe_kernel[(1,)](out, 3)
 
 
+def host_us(fn, device, count: int) -> float:
+    """Host microseconds a call over `count` calls queued without waiting (the GPU idle first)."""
+    sync(device)
+    began = time.perf_counter()
+    for _ in range(count):
+        fn()
+    seconds = time.perf_counter() - began
+    sync(device)
+    return seconds / count * 1e6
+
+
+def device_us(fn, device, count: int, host_seconds: float) -> float:
+    """The GPU's own microseconds a call: `count` calls queued behind a sleeping kernel longer
+    than the host takes to queue them, so that they run back to back, timed by CUDA events."""
+    if device.type != "cuda":
+        return float("nan")
+    sync(device)
+    # cycles for twice the host's time at 2 GHz: at least that time on a GPU clocked below 4 GHz
+    torch.cuda._sleep(int(2 * host_seconds * 2e9) + 1_000_000)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(count):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / count * 1e3
+
+
 def host_and_device_us(fn, device, count: int, rounds: int) -> tuple[float, float]:
     """(host us a call, device us a call), medians over `rounds` rounds of `count` calls."""
     for _ in range(3):
         fn()
-    host, gpu = [], []
-    for _ in range(rounds):
-        sync(device)
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-        began = time.perf_counter()
-        for _ in range(count):
-            fn()
-        host.append((time.perf_counter() - began) / count * 1e6)
-        if device.type == "cuda":
-            end.record()
-            end.synchronize()
-            gpu.append(start.elapsed_time(end) / count * 1e3)
-    return statistics.median(host), statistics.median(gpu) if gpu else float("nan")
+    host = [host_us(fn, device, count) for _ in range(rounds)]
+    seconds = max(host) * count / 1e6
+    gpu = [device_us(fn, device, count, seconds) for _ in range(rounds)]
+    return statistics.median(host), statistics.median(gpu)
 
 
 def sync(device) -> None:
@@ -146,13 +169,16 @@ def measure(args, save) -> list:
             w = weights(shape, device, dtype, args.rate)
             x = torch.randn(args.rows, shape.hidden, device=device, dtype=dtype)
             variants = calls(shape, w, x)
-            for variant, fn in variants.items():
-                host, gpu = host_and_device_us(fn, device, args.calls, args.rounds)
+            for variant, (fn, context) in variants.items():
+                with context():
+                    host, gpu = host_and_device_us(fn, device, args.calls, args.rounds)
                 rows.append(dict(shape=name, variant=variant, rows=args.rows, prune_rate=args.rate,
                                  host_us=round(host, 2), device_us=round(gpu, 2)))
             slowest = max((r for r in rows if r["shape"] == name), key=lambda r: r["host_us"])
-            profiles.append(f"== {name}, {slowest['variant']}: {args.calls} calls\n"
-                            + profile(variants[slowest["variant"]], args.calls))
+            fn, context = variants[slowest["variant"]]
+            with context():
+                text = profile(fn, args.calls)
+            profiles.append(f"== {name}, {slowest['variant']}: {args.calls} calls\n" + text)
             save(rows, "\n".join(profiles))
     return rows
 
@@ -165,7 +191,7 @@ def main(argv=None) -> None:
     parser.add_argument("--rate", type=float, default=0.65)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--calls", type=int, default=200)
+    parser.add_argument("--calls", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args(argv)
     unknown = [s for s in args.shapes.split(",") if s not in SHAPES]

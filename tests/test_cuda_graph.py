@@ -87,20 +87,26 @@ def test_a_patched_model_replays_in_a_cuda_graph(name, backend):
         pytest.skip("no CUDA backend")
     model = build(name, torch.float32).to("cuda", torch.bfloat16)
     ids = torch.randint(3, 120, (2, 7), device="cuda")
+    new_ids = torch.randint(3, 120, (2, 7), device="cuda")
+    # the last layer's hidden states (of about unit size; a random classifier's logits are tiny)
+    hidden = lambda: model(input_ids=ids, output_hidden_states=True).hidden_states[-1].float()  # noqa: E731
     with torch.no_grad(), dk.plugged(model, mixed_mask(model, seed=1), backend=backend):
-        logits = lambda: model(input_ids=ids).logits.float()  # noqa: E731
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up off the default stream, as for the ops above
             for _ in range(2):
-                logits()
+                hidden()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            captured = logits()
-        before = captured.clone()
-        ids.copy_(torch.randint(3, 120, ids.shape, device="cuda"))
+            captured = hidden()
         graph.replay()
         torch.cuda.synchronize()
-        torch.testing.assert_close(captured, logits(), rtol=2e-2, atol=2e-2)
-        assert not torch.equal(captured, before), "the replay changed nothing"
+        before = captured.clone()
+        torch.testing.assert_close(before, hidden(), rtol=2e-2, atol=2e-2)
+        ids.copy_(new_ids)
+        graph.replay()
+        torch.cuda.synchronize()
+        expected = hidden()
+        assert not torch.allclose(before, expected, rtol=2e-2, atol=2e-2), "the ids changed nothing"
+        torch.testing.assert_close(captured, expected, rtol=2e-2, atol=2e-2)

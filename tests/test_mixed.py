@@ -89,6 +89,7 @@ def test_a_mixed_pass_on_a_gpu_waits_for_it_no_more_than_the_dense_model(name, t
     model = build(name, torch.float32).to("cuda")
     rows = assignment(expert_masks(model, 5, seed=0), 7, seed=0)
     ids = torch.randint(3, 120, (7, tokens), device="cuda")
+    assert gpu_syncs(lambda: torch.ones(1, device="cuda").item()), "no wait is seen"
     with torch.no_grad():
         dense = gpu_syncs(lambda: model(input_ids=ids))
         with dk.mixed(model, rows, backend):

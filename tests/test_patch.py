@@ -352,6 +352,7 @@ def test_a_patched_pass_on_a_gpu_waits_for_it_no_more_than_the_dense_model(name,
     if name in CAUSAL:
         runs.append(lambda: model.generate(ids, max_new_tokens=3, do_sample=False,
                                            pad_token_id=0))
+    assert gpu_syncs(lambda: torch.ones(1, device="cuda").item()), "no wait is seen"
     with torch.no_grad():
         for run in runs:
             dense = gpu_syncs(run)

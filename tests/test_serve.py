@@ -315,6 +315,45 @@ def test_a_router_left_open_is_freed(served, tokenizer):
     dk.unpatch(model)
 
 
+def test_requests_outlive_a_router_dropped_after_submit(served, tokenizer):
+    """A router dropped unclosed right after submit() still answers what was submitted (each
+    queued request holds it), and goes after."""
+    import gc
+    import weakref
+
+    model, experts, alone = served
+    expert = experts["task0"]
+
+    def submitted():
+        router = dk.ExpertRouter(model, tokenizer)
+        router.add("task0", expert)
+        return [router.submit("task0", text) for text in TEXTS[:3]], weakref.ref(router)
+
+    futures, gone = submitted()
+    labels = [expert.label_names[int(row.argmax())] for row in alone["task0"][:3]]
+    assert [future.result(timeout=120) for future in futures] == labels
+    gc.collect()
+    assert gone() is None
+    dk.unpatch(model)
+
+
+def test_a_router_whose_compute_thread_ended_starts_another(served, tokenizer):
+    """A compute thread that is gone (in a child process forked from the router's, say) is
+    replaced on the next request instead of waiting for it forever."""
+    model, experts, alone = served
+    router = dk.ExpertRouter(model, tokenizer)
+    router._compute.shutdown()  # (as a fork leaves it: the object, no thread)
+    done = []
+    caller = threading.Thread(target=lambda: done.append(router.add("task0", experts["task0"])),
+                              daemon=True)
+    caller.start()
+    caller.join(timeout=120)
+    try:
+        assert done == [None], "add waited for a compute thread that had ended"
+    finally:
+        router.close()
+
+
 def test_the_main_threads_openmp_pool_is_freed(served, tokenizer, monkeypatch):
     """On the main thread `_free_openmp_pool` ends its OpenMP workers (GNU OpenMP: they leave
     the process's task list) and torch computes as before; on another thread it does nothing.
@@ -697,7 +736,7 @@ def test_a_router_serves_other_threads_after_the_main_thread_ends(tmp_path):
 
 
 def test_a_router_starts_its_threads_when_it_is_made(served, tokenizer, monkeypatch):
-    """From Python 3.12 no thread starts once the main thread has ended (RuntimeError "can't
+    """Python 3.12 starts no thread once the main thread has ended (RuntimeError "can't
     create new thread at interpreter shutdown"), where a script's client threads may still send
     requests: the router starts its compute and batching threads when it is made, and serves
     run, ask and add with no thread started afterwards."""
