@@ -11,18 +11,25 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-def _replayed_equals_eager(fn, inputs):
-    """Capture fn() once, refill `inputs` with fresh values, replay: the captured output must equal
-    an eager call on the new values."""
+def _captured(fn):
+    """(graph, output): fn() captured once in a CUDA graph, after two warm-up calls off the
+    default stream (Triton compiles, cuBLAS picks its kernels), as PyTorch advises."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up (Triton compiles) off the default stream, as advised
+    with torch.cuda.stream(side):
         for _ in range(2):
             fn()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         captured = fn()
+    return graph, captured
+
+
+def _replayed_equals_eager(fn, inputs):
+    """Capture fn() once, refill `inputs` with fresh values, replay: the captured output must equal
+    an eager call on the new values."""
+    graph, captured = _captured(fn)
     graph.replay()
     torch.cuda.synchronize()
     before = captured.clone()
@@ -91,15 +98,7 @@ def test_a_patched_model_replays_in_a_cuda_graph(name, backend):
     # the last layer's hidden states (of about unit size; a random classifier's logits are tiny)
     hidden = lambda: model(input_ids=ids, output_hidden_states=True).hidden_states[-1].float()  # noqa: E731
     with torch.no_grad(), dk.plugged(model, mixed_mask(model, seed=1), backend=backend):
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up off the default stream, as for the ops above
-            for _ in range(2):
-                hidden()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            captured = hidden()
+        graph, captured = _captured(hidden)
         graph.replay()
         torch.cuda.synchronize()
         before = captured.clone()

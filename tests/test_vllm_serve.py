@@ -99,45 +99,17 @@ def test_a_server_that_does_not_speak_http_is_a_one_line_error(answer, kind, cap
             assert len(err.strip().splitlines()) == 1
 
 
-@contextlib.contextmanager
-def _gate_refusing_adds():
-    """Yields (url, methods): a stand-in server with the gate of two ranks that accept every
-    mask, whose gate answers an add 409 (an expert serving running requests); `methods`: the
-    worker methods asked of it."""
-    import http.server
-
+def _gate_refusing_adds(post: dict) -> tuple:
+    """A stand-in server's answer to `post`: the gate of two ranks that accept every mask, which
+    answers an add 409 (an expert serving running requests)."""
     from doe_kernels.vllm.gate import GATE_HEADER
 
-    methods = []
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):
-            method = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["method"]
-            methods.append(method)
-            if method == "doe_add_expert":
-                status, body = 409, dict(error=dict(message=(
-                    "the expert 'a' serves 1 running requests; remove or replace it once they "
-                    "have finished (nothing was changed)")))
-            else:
-                status, body = 200, dict(results=[[], []] if method == "doe_experts"
-                                         else [None, None])
-            raw = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header(GATE_HEADER.decode(), "1")
-            self.send_header("Content-Length", str(len(raw)))
-            self.end_headers()
-            self.wfile.write(raw)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", methods
-    finally:
-        server.shutdown()
-        server.server_close()
+    headers = {GATE_HEADER.decode(): "1"}
+    if post["method"] == "doe_add_expert":
+        return 409, dict(error=dict(message=(
+            "the expert 'a' serves 1 running requests; remove or replace it once they have "
+            "finished (nothing was changed)"))), headers
+    return 200, dict(results=[[], []] if post["method"] == "doe_experts" else [None, None]), headers
 
 
 def test_an_add_the_gate_refuses_warns_of_nothing():
@@ -148,7 +120,9 @@ def test_an_add_the_gate_refuses_warns_of_nothing():
 
     import doe_kernels.vllm.http as client
 
-    with _gate_refusing_adds() as (url, methods), \
+    from http_utils import answering
+
+    with answering(_gate_refusing_adds) as (url, posts), \
             warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with pytest.raises(RuntimeError, match="answered 409 the expert 'a' serves 1 running "
@@ -156,7 +130,8 @@ def test_an_add_the_gate_refuses_warns_of_nothing():
             client.add(url, "a", doe_kernels.ExpertMask({0: [1]}))
     assert [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)] == []
     assert isinstance(refusal.value, client.Refused)
-    assert methods == ["doe_experts", "doe_check_mask", "doe_add_expert", "doe_discard_mask"]
+    assert [post["method"] for post in posts] == ["doe_experts", "doe_check_mask",
+                                                  "doe_add_expert", "doe_discard_mask"]
 
 
 def _free_port() -> int:
