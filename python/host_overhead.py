@@ -11,9 +11,11 @@ where the host time is the larger, the host sets the pace), and a profile of the
 variant's calls (the functions taking the most host time of their own). --calls stays small (50)
 so that the launches of a round fit in the GPU's launch queue.
 
-Variants: `dense`, `gather-<backend>` for each backend present, on a GPU `gather-triton-fixed`
-(the triton backend with autotuning off: DOE_KERNELS_TRITON_AUTOTUNE=0) and `triton-launch` (one
-launch of a kernel doing almost nothing: Triton's own floor per launch).
+Variants: `dense`; for each backend present `gather-<backend>` (the public op) and
+`kernels-<backend>` (the backend's two projections called directly: the op's checks and dispatch
+left out); on a GPU `gather-triton-fixed` (the triton backend with autotuning off:
+DOE_KERNELS_TRITON_AUTOTUNE=0) and `triton-launch` (one launch of a kernel doing almost nothing:
+Triton's own floor per launch).
 
     python python/host_overhead.py --out DIR [--shapes bert-base,llama-7b] [--rows 1]
         [--rate 0.65] [--dtype bfloat16] [--device cuda]
@@ -36,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 import doe_kernels as dk
+from doe_kernels import backends
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
 from shapes import SHAPES  # noqa: E402
@@ -74,11 +77,25 @@ def calls(shape, w: dict, x: torch.Tensor) -> dict:
         if x.device.type == "cpu" and backend == "triton":
             continue  # (the interpreter)
         out[f"gather-{backend}"] = lambda b=backend: gather(b)
+        out[f"kernels-{backend}"] = _kernels_alone(shape, w, x, backends.get(backend))
     out = {name: (fn, contextlib.nullcontext) for name, fn in out.items()}
     if x.device.type == "cuda" and "gather-triton" in out:
         out["gather-triton-fixed"] = (lambda: gather("triton"), autotune_off)
         out["triton-launch"] = (_triton_launch(x.device), contextlib.nullcontext)
     return out
+
+
+def _kernels_alone(shape, w: dict, x: torch.Tensor, module):
+    """The backend module's two projections called directly (`module`: doe_kernels.backends'),
+    without the op's checks and dispatch: the op's own share of the host time is the
+    difference."""
+    if shape.ffn == "swiglu":
+        return lambda: module.gather_cols_linear(
+            module.gather_swiglu(x, w["w_in"], w["w_up"], w["kept"]), w["w_out_t"], None,
+            w["kept"], None)
+    return lambda: module.gather_cols_linear(
+        module.gather_rows_linear(x, w["w_in"], w["b_in"], w["kept"], "gelu"), w["w_out_t"],
+        w["b_out"], w["kept"], None)
 
 
 @contextlib.contextmanager

@@ -16,7 +16,8 @@ def test_every_variant_is_timed_and_the_slowest_profiled(tmp_path):
     host_overhead.main(["--out", str(tmp_path), "--shapes", "all-MiniLM-L6-v2,SmolLM2-135M",
                         "--device", "cpu", "--dtype", "float32", "--calls", "3", "--rounds", "2"])
     results = json.loads((tmp_path / "host_overhead.json").read_text())["results"]
-    variants = ["dense"] + [f"gather-{b}" for b in dk.available_backends("cpu") if b != "triton"]
+    variants = ["dense"] + [f"{kind}-{b}" for b in dk.available_backends("cpu") if b != "triton"
+                            for kind in ("gather", "kernels")]
     for shape in ("all-MiniLM-L6-v2", "SmolLM2-135M"):
         timed = {r["variant"]: r for r in results if r["shape"] == shape}
         assert sorted(timed) == sorted(variants)
