@@ -162,7 +162,7 @@ if [[ "$plan" == "budget" ]]; then
   ran "GPU tests (first files)" $?
   tail -n 20 "$logs/tests_first.log"
   echo "== GPU tests (-m gpu), the other files $(elapsed)"
-  limited "$(cap 100)" "${PYTEST[@]}" tests/ -m gpu -rs "${parallel[@]}" \
+  limited "$(cap 60)" "${PYTEST[@]}" tests/ -m gpu -rs "${parallel[@]}" \
     "${FIRST_GPU_TESTS[@]/#/--ignore=}" > "$logs/tests.log" 2>&1
   ran "GPU tests" $?
   tail -n 30 "$logs/tests.log"
@@ -241,7 +241,7 @@ host() {
 }
 
 if [[ "$plan" == "budget" ]]; then
-  host 45
+  host 30
   bench segmented 40 benchmarks/test_segmented_bench.py --shapes llama-7b --rows 1,3 "$@"
   bench mixed 40 benchmarks/test_mixed_bench.py "$@"
   router minilm 50
