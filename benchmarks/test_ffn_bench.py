@@ -12,15 +12,13 @@ before it is timed.
 `gather-<backend>` with scales over its time without, the two timed alternately on the same inputs
 and recorded as an overhead (not a ratio against dense), at the same shapes and row counts.
 """
-import functools
-
 import pytest
 import torch
-import torch.nn.functional as F
 
 import doe_kernels as dk
 from conftest import (OP_TOLERANCE, bench_device, bench_dtype, check_close, grid, measure,
                       measure_pair)
+from ffn_cases import ffn_call, ffn_weights, kept_list
 from shapes import FLOP_CAP, SHAPES
 
 # Calls whose dense cost exceeds this many FLOPs are left out (time on a small machine).
@@ -73,76 +71,18 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("scales_case", list(_scales_cases(metafunc.config)))
 
 
-@functools.lru_cache(maxsize=2)
-def _weights(name, device, dtype):
-    shape = SHAPES[name]
-    gen = torch.Generator().manual_seed(0)
-    make = lambda *s: (torch.randn(*s, generator=gen) / s[-1] ** 0.5).to(device, dtype)  # noqa: E731
-    w = dict(w_in=make(shape.intermediate, shape.hidden), w_out=make(shape.hidden, shape.intermediate))
-    if shape.ffn == "swiglu":
-        w["w_up"] = make(shape.intermediate, shape.hidden)
-    else:
-        w["b_in"], w["b_out"] = make(shape.intermediate), make(shape.hidden)
-    w["w_out_t"] = dk.input_major(w["w_out"])
-    return w
-
-
-SLICE_ALIGN = 64  # GPU: the sliced baseline's neurons are padded with zeros to a multiple of this
-
-
-def _sliced(w, kept, names_rows, names_cols):
-    """The weights `names_rows` (rows: neurons) and `names_cols` (columns: neurons) cut to the
-    kept neurons, once; on a GPU padded with zero neurons to a multiple of SLICE_ALIGN (a zero
-    neuron adds nothing: GELU(0) and SiLU(0) are 0, and its down-projection column is 0)."""
-    pad = -kept.numel() % SLICE_ALIGN if kept.device.type == "cuda" else 0
-    out = {name: F.pad(w[name][kept], (0, 0) * (w[name].dim() - 1) + (0, pad))  # dim 0
-           for name in names_rows}
-    out.update({name: F.pad(w[name][:, kept], (0, pad)) for name in names_cols})
-    return {name: t.contiguous() for name, t in out.items()}
-
-
-def _kept(intermediate, prune_rate, device):
-    keep = round(intermediate * (1 - prune_rate))
-    gen = torch.Generator().manual_seed(1)
-    return torch.randperm(intermediate, generator=gen)[:keep].sort().values.to(device)
-
-
-def _callable(name, variant, w, kept, x, scales=None):
-    """The call of one variant; `scales` (gather variants only): one per kept neuron, or None."""
-    shape = SHAPES[name]
-    if shape.ffn == "swiglu":
-        if variant in ("dense", "sliced"):
-            gate, up, down = w["w_in"], w["w_up"], w["w_out"]
-            if variant == "sliced":
-                cut = _sliced(w, kept, ("w_in", "w_up"), ("w_out",))
-                gate, up, down = cut["w_in"], cut["w_up"], cut["w_out"]
-            return lambda: F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
-        backend = variant.removeprefix("gather-")
-        return lambda: dk.gather_swiglu_ffn(x, w["w_in"], w["w_up"], w["w_out_t"], kept,
-                                            backend=backend, check_indices=False, scales=scales)
-    if variant in ("dense", "sliced"):
-        w_in, b_in, w_out = w["w_in"], w["b_in"], w["w_out"]
-        if variant == "sliced":
-            cut = _sliced(w, kept, ("w_in", "b_in"), ("w_out",))
-            w_in, b_in, w_out = cut["w_in"], cut["b_in"], cut["w_out"]
-        return lambda: F.linear(F.gelu(F.linear(x, w_in, b_in)), w_out, w["b_out"])
-    backend = variant.removeprefix("gather-")
-    return lambda: dk.gather_ffn(x, w["w_in"], w["b_in"], w["w_out_t"], w["b_out"], kept, "gelu",
-                                 backend=backend, check_indices=False, scales=scales)
-
-
 def test_ffn(benchmark, recorder, request, ffn_case):
     name, rates, rows, variant = ffn_case  # dense: measured once, recorded under every rate
     device = bench_device(request.config)
     dtype = bench_dtype(request.config)
-    w = _weights(name, device, dtype)
-    kept = _kept(SHAPES[name].intermediate, rates[0], device)
+    w = ffn_weights(name, device, dtype)
+    kept = kept_list(SHAPES[name].intermediate, rates[0], device)
     x = torch.randn(rows, SHAPES[name].hidden, device=device, dtype=dtype)
-    fn = _callable(name, variant, w, kept, x)
+    fn = ffn_call(name, variant, w, kept, x)
     with torch.inference_mode():
         got = fn()  # warm-up (and Triton compilation, autotuning)
         if variant.startswith("gather-"):
-            check_close(got, _callable(name, "sliced", w, kept, x)(), OP_TOLERANCE[dtype],
+            check_close(got, ffn_call(name, "sliced", w, kept, x)(), OP_TOLERANCE[dtype],
                         f"{variant} against sliced")
         seconds = measure(benchmark, fn, request.config)
     shape = SHAPES[name]
@@ -159,13 +99,13 @@ def test_ffn_scales(benchmark, recorder, request, scales_case):
     name, prune_rate, rows, variant = scales_case
     device = bench_device(request.config)
     dtype = bench_dtype(request.config)
-    w = _weights(name, device, dtype)
-    kept = _kept(SHAPES[name].intermediate, prune_rate, device)
+    w = ffn_weights(name, device, dtype)
+    kept = kept_list(SHAPES[name].intermediate, prune_rate, device)
     x = torch.randn(rows, SHAPES[name].hidden, device=device, dtype=dtype)
     gen = torch.Generator().manual_seed(2)
     scales = (1 + 0.1 * torch.randn(kept.numel(), generator=gen)).to(device, dtype)
-    plain = _callable(name, variant, w, kept, x)
-    scaled = _callable(name, variant, w, kept, x, scales)
+    plain = ffn_call(name, variant, w, kept, x)
+    scaled = ffn_call(name, variant, w, kept, x, scales)
     with torch.inference_mode():
         plain(), scaled()  # warm-up (and Triton compilation, autotuning)
         without_s, with_s = measure_pair(benchmark, plain, scaled, request.config)

@@ -35,67 +35,44 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 import doe_kernels as dk
 from doe_kernels import backends
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
+from ffn_cases import ffn_call, ffn_weights, kept_list  # noqa: E402
 from shapes import SHAPES  # noqa: E402
 
 
-def weights(shape, device, dtype, rate: float) -> dict:
-    """Random FFN weights of `shape` and a kept list pruning `rate` of its neurons."""
-    gen = torch.Generator().manual_seed(0)
-    make = lambda *s: (torch.randn(*s, generator=gen) / s[-1] ** 0.5).to(device, dtype)  # noqa: E731
-    w = dict(w_in=make(shape.intermediate, shape.hidden), w_out=make(shape.hidden,
-                                                                     shape.intermediate))
-    if shape.ffn == "swiglu":
-        w["w_up"] = make(shape.intermediate, shape.hidden)
-    else:
-        w["b_in"], w["b_out"] = make(shape.intermediate), make(shape.hidden)
-    w["w_out_t"] = dk.input_major(w["w_out"])
-    keep = round(shape.intermediate * (1 - rate))
-    w["kept"] = torch.randperm(shape.intermediate, generator=gen)[:keep].sort().values.to(device)
-    return w
-
-
-def calls(shape, w: dict, x: torch.Tensor) -> dict:
-    """variant -> (a call of it on `x`, the context it is timed in)."""
-    out = {}
-    if shape.ffn == "swiglu":
-        out["dense"] = lambda: F.linear(F.silu(F.linear(x, w["w_in"])) * F.linear(x, w["w_up"]),
-                                        w["w_out"])
-        gather = lambda b: dk.gather_swiglu_ffn(x, w["w_in"], w["w_up"], w["w_out_t"],  # noqa: E731
-                                                w["kept"], backend=b, check_indices=False)
-    else:
-        out["dense"] = lambda: F.linear(F.gelu(F.linear(x, w["w_in"], w["b_in"])), w["w_out"],
-                                        w["b_out"])
-        gather = lambda b: dk.gather_ffn(x, w["w_in"], w["b_in"], w["w_out_t"], w["b_out"],  # noqa: E731
-                                         w["kept"], "gelu", backend=b, check_indices=False)
+def calls(name: str, x: torch.Tensor, rate: float) -> dict:
+    """variant -> (a call of it on `x`, the context it is timed in), on the op benchmark's weights
+    of the shape `name` with `rate` of the neurons pruned."""
+    w = ffn_weights(name, x.device, x.dtype)
+    kept = kept_list(SHAPES[name].intermediate, rate, x.device)
+    out = {"dense": (ffn_call(name, "dense", w, kept, x), contextlib.nullcontext)}
     for backend in dk.available_backends(x.device.type):
         if x.device.type == "cpu" and backend == "triton":
             continue  # (the interpreter)
-        out[f"gather-{backend}"] = lambda b=backend: gather(b)
-        out[f"kernels-{backend}"] = _kernels_alone(shape, w, x, backends.get(backend))
-    out = {name: (fn, contextlib.nullcontext) for name, fn in out.items()}
-    if x.device.type == "cuda" and "gather-triton" in out:
-        out["gather-triton-fixed"] = (lambda: gather("triton"), autotune_off)
+        out[f"gather-{backend}"] = (ffn_call(name, f"gather-{backend}", w, kept, x),
+                                    contextlib.nullcontext)
+        out[f"kernels-{backend}"] = (_kernels_alone(SHAPES[name], w, kept, x,
+                                                    backends.get(backend)), contextlib.nullcontext)
+    if "gather-triton" in out and x.device.type == "cuda":
+        out["gather-triton-fixed"] = (out["gather-triton"][0], autotune_off)
         out["triton-launch"] = (_triton_launch(x.device), contextlib.nullcontext)
     return out
 
 
-def _kernels_alone(shape, w: dict, x: torch.Tensor, module):
+def _kernels_alone(shape, w: dict, kept: torch.Tensor, x: torch.Tensor, module):
     """The backend module's two projections called directly (`module`: doe_kernels.backends'),
     without the op's checks and dispatch: the op's own share of the host time is the
     difference."""
     if shape.ffn == "swiglu":
         return lambda: module.gather_cols_linear(
-            module.gather_swiglu(x, w["w_in"], w["w_up"], w["kept"]), w["w_out_t"], None,
-            w["kept"], None)
+            module.gather_swiglu(x, w["w_in"], w["w_up"], kept), w["w_out_t"], None, kept, None)
     return lambda: module.gather_cols_linear(
-        module.gather_rows_linear(x, w["w_in"], w["b_in"], w["kept"], "gelu"), w["w_out_t"],
-        w["b_out"], w["kept"], None)
+        module.gather_rows_linear(x, w["w_in"], w["b_in"], kept, "gelu"), w["w_out_t"],
+        w["b_out"], kept, None)
 
 
 @contextlib.contextmanager
@@ -182,10 +159,8 @@ def measure(args, save) -> list:
     rows, profiles = [], []
     with torch.inference_mode():
         for name in args.shapes.split(","):
-            shape = SHAPES[name]
-            w = weights(shape, device, dtype, args.rate)
-            x = torch.randn(args.rows, shape.hidden, device=device, dtype=dtype)
-            variants = calls(shape, w, x)
+            x = torch.randn(args.rows, SHAPES[name].hidden, device=device, dtype=dtype)
+            variants = calls(name, x, args.rate)
             for variant, (fn, context) in variants.items():
                 with context():
                     host, gpu = host_and_device_us(fn, device, args.calls, args.rounds)
