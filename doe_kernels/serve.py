@@ -302,8 +302,7 @@ class ExpertRouter:
                 continue
             except BaseException as error:  # surfaced to the clients of these requests
                 if errors_to_futures:
-                    for _, _, future in requests:
-                        _settle(future.set_exception, error)
+                    _fail(requests, error)
                 return False
             for (_, _, future), label in zip(requests, labels):
                 _settle(future.set_result, label)
