@@ -35,6 +35,7 @@ import os
 import queue
 import threading
 import time
+import traceback
 import weakref
 from concurrent.futures import Future
 
@@ -188,7 +189,10 @@ class ExpertRouter:
             if self._compute is None or not self._compute.thread.is_alive():  # (or forked)
                 self._compute = _ComputeThread(self._local)
             future = self._compute.submit(fn, *args)
-        return future.result()
+        try:
+            return future.result()
+        finally:  # (an error's traceback holds this frame: no cycle through its Future)
+            del future
 
     def _locked(self):
         """The model's lock (shared by its routers), marked as held by this thread."""
@@ -302,7 +306,7 @@ class ExpertRouter:
                 continue
             except BaseException as error:  # surfaced to the clients of these requests
                 if errors_to_futures:
-                    _fail(requests, error)
+                    _fail(requests, _from_compute_thread(error))
                 return False
             for (_, _, future), label in zip(requests, labels):
                 _settle(future.set_result, label)
@@ -460,6 +464,8 @@ class _Worker:
             return closed
         except BaseException as error:  # noqa: BLE001 (the thread serves every later batch)
             _fail(requests or [item[:3] for item in batch], error)
+            traceback.clear_frames(error.__traceback__)  # (the finished frames' locals: the
+            requests = router = batch = None  # futures, which hold the error, and the router)
             return False
 
     def _next_batch(self, batch: list) -> bool:
@@ -496,6 +502,17 @@ def _batching(router_ref, worker: _Worker) -> None:
     del router
     while not worker.serve(router_ref):
         pass
+
+
+def _from_compute_thread(error: BaseException) -> BaseException:
+    """`error`, raised on the compute thread and again in the batching thread (`_computed`),
+    with the compute thread's part of its traceback only: the part that says where it failed.
+    The batching thread's frames would hold the batch's futures, which hold the error: a cycle
+    that kept a router dropped unclosed until the garbage collector found it."""
+    tb = error.__traceback__
+    while tb is not None and tb.tb_frame.f_code is not _compute.__code__:
+        tb = tb.tb_next
+    return error if tb is None else error.with_traceback(tb)
 
 
 def _fail(batch: list, error: BaseException) -> None:

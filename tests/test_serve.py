@@ -337,6 +337,40 @@ def test_requests_outlive_a_router_dropped_after_submit(served, tokenizer):
     dk.unpatch(model)
 
 
+def test_a_router_dropped_after_a_failed_batch_goes_at_once(served, tokenizer, monkeypatch):
+    """A batch failing in its forward pass left a reference cycle (the error's traceback held
+    the batching thread's frames, which held the batch's futures, which hold the error): a
+    router dropped unclosed afterwards lived until the garbage collector ran. The error still
+    says where it failed."""
+    import gc
+    import traceback
+    import weakref
+
+    from doe_kernels import serve
+
+    def forward_fails(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    model, experts, _ = served
+    monkeypatch.setattr(serve, "mixed_logits", forward_fails)
+    gc.collect()
+    gc.disable()
+    try:
+        router = dk.ExpertRouter(model, tokenizer, batch_window=0.001)
+        router.add("task0", experts["task0"])
+        error = router.submit("task0", TEXTS[0]).exception(timeout=120)
+        assert "forward_fails" in "".join(traceback.format_exception(error))
+        gone = weakref.ref(router)
+        del router, error
+        deadline = time.monotonic() + 30
+        while gone() is not None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert gone() is None
+    finally:
+        gc.enable()
+    dk.unpatch(model)
+
+
 def test_a_router_whose_compute_thread_ended_starts_another(served, tokenizer):
     """A compute thread that is gone (in a child process forked from the router's, say) is
     replaced on the next request instead of waiting for it forever."""
