@@ -7,6 +7,7 @@ ModelPackageMissing (the tests turn it into a skip).
 """
 import functools
 import importlib.util
+import json
 import os
 
 CACHE = os.path.join(os.path.expanduser("~"), ".cache", "doe_kernels")
@@ -45,6 +46,7 @@ def smollm2_dir() -> str:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     target = os.path.join(CACHE, "SmolLM2-135M-Instruct")
     if os.path.exists(os.path.join(target, "config.json")):
+        _add_pad_token(os.path.join(target, "tokenizer_config.json"))
         return target
     if importlib.util.find_spec("gguf") is None:
         raise ModelPackageMissing("gguf is not installed (pip install --no-deps gguf)")
@@ -57,9 +59,25 @@ def smollm2_dir() -> str:
     model.save_pretrained(target)
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=name)
     if tokenizer.pad_token is None:  # (transformers before 5.19 reads none from the GGUF file)
-        tokenizer.pad_token = "<|im_end|>"  # the published model's
+        tokenizer.pad_token = SMOLLM2_PAD
     tokenizer.save_pretrained(target)
     return target
+
+
+SMOLLM2_PAD = "<|im_end|>"  # the published model's padding token
+
+
+def _add_pad_token(config_path: str) -> None:
+    """Gives a tokenizer converted before it was set (a copy cached by an earlier version of
+    this module, under transformers before 5.19) SmolLM2's padding token."""
+    with open(config_path) as f:
+        config = json.load(f)
+    if not config.get("pad_token"):
+        config["pad_token"] = SMOLLM2_PAD
+        written = f"{config_path}.{os.getpid()}"
+        with open(written, "w") as f:
+            json.dump(config, f, indent=2)
+        os.replace(written, config_path)  # (a process reading it meanwhile sees a whole file)
 
 
 def load_smollm2():

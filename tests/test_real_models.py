@@ -4,7 +4,7 @@ import torch
 
 import doe_kernels as dk
 from model_utils import masked_dense, snapshot, state_dict_equal
-from real_models import load_minilm, load_smollm2
+from real_models import load_minilm, load_smollm2, smollm2_dir
 from reference import assert_close
 
 TEXTS = ["the movie was a delight from start to finish",
@@ -101,3 +101,24 @@ def test_upcycled_smollm2_expert_pruning_and_skipping(smollm2):
     assert state_dict_equal(snapshot(model), before)
     assert sorted(mask.moe) == list(pruned) and all(mask.moe[l].numel() == 6 for l in pruned)
     assert len(mask.skip) == 30
+
+
+def test_a_smollm2_copy_cached_without_a_padding_token_gets_one(tmp_path, monkeypatch):
+    """A copy converted under transformers before 5.19 (and cached by the module then) had no
+    padding token, and batches of its tokenizer failed; it is given one where it is found."""
+    import json
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    import offline_models
+
+    cached = tmp_path / "SmolLM2-135M-Instruct"
+    shutil.copytree(smollm2_dir(), cached, ignore=shutil.ignore_patterns("*.safetensors"))
+    config = json.loads((cached / "tokenizer_config.json").read_text())
+    del config["pad_token"]
+    (cached / "tokenizer_config.json").write_text(json.dumps(config))
+    assert AutoTokenizer.from_pretrained(cached).pad_token is None
+    monkeypatch.setattr(offline_models, "CACHE", str(tmp_path))
+    assert offline_models.smollm2_dir.__wrapped__() == str(cached)
+    assert AutoTokenizer.from_pretrained(cached).pad_token == "<|im_end|>"
