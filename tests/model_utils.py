@@ -135,9 +135,20 @@ def inputs(name, batch=3, seq=9, seed=1, device="cpu"):
 
 
 def output_of(model, ids, attention):
-    out = model(input_ids=ids, attention_mask=attention)
+    """What the tests compare of a forward pass, 0 at padding positions: a causal LM's logits, an
+    encoder's last hidden state; a classifier's logits with its encoder's last hidden state
+    beside them, a row each (the tiny classifiers' logits, about 0.03, are smaller than
+    bfloat16's error floor in reference.assert_close, and would hide a pruning not done)."""
+    states = []
+    hook = model.base_model.register_forward_hook(lambda module, args, out: states.append(out[0]))
+    try:
+        out = model(input_ids=ids, attention_mask=attention)
+    finally:
+        hook.remove()
     tensor = out.logits if hasattr(out, "logits") else out.last_hidden_state
-    return tensor * attention[..., None] if tensor.dim() == 3 else tensor
+    if tensor.dim() == 3:
+        return tensor * attention[..., None]
+    return torch.cat([tensor, (states[-1] * attention[..., None]).flatten(1)], dim=1)
 
 
 def state_dict_equal(a: dict, b: dict) -> bool:

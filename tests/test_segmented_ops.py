@@ -542,14 +542,14 @@ def test_cpu_runs_every_segment_in_one_call_over_many_tiles(monkeypatch, gather_
     assert calls == ["segments", "segments"]  # one C++ call each
     assert_close(out_ffn, _per_segment(rows, lists, scales, x, lambda xs, k, s: ffn_ref(
         xs, w["w_in"], w["b_in"], w["w_out_t"], w["b_out"], k, "gelu_tanh", s)),
-        _dense_segments(rows, lists, scales, x, lambda xs, k, s: dk.gather_ffn(
-            xs, w["w_in"], w["b_in"], w["w_out_t"], w["b_out"], k, "gelu_tanh",
-            backend="torch", scales=s)),
+        _dense_segments(rows, lists, scales, x, lambda xs, k, s: plain_torch(
+            "gather_ffn", xs, w["w_in"], w["b_in"], w["w_out_t"], w["b_out"], k, "gelu_tanh",
+            scales=s)),
         f"segmented_gather_ffn ({gather_above})")
     assert_close(out_swiglu, _per_segment(rows, lists, scales, x, lambda xs, k, s: swiglu_ffn_ref(
         xs, w["w_in"], w["w_up"], w["w_out_t"], k, s)),
-        _dense_segments(rows, lists, scales, x, lambda xs, k, s: dk.gather_swiglu_ffn(
-            xs, w["w_in"], w["w_up"], w["w_out_t"], k, backend="torch", scales=s)),
+        _dense_segments(rows, lists, scales, x, lambda xs, k, s: plain_torch(
+            "gather_swiglu_ffn", xs, w["w_in"], w["w_up"], w["w_out_t"], k, scales=s)),
         f"segmented_gather_swiglu_ffn ({gather_above})")
 
 
@@ -577,8 +577,8 @@ def test_cpu_decoding_segments_split_their_down_projection(gather_above, dtype, 
                                   strategy="segments")
     assert_close(out, _per_segment(rows, lists, scales, x, lambda xs, k, s: ffn_ref(
         xs, w["w_in"], w["b_in"], w["w_out_t"], w["b_out"], k, "gelu", s)),
-        _dense_segments(rows, lists, scales, x, lambda xs, k, s: dk.gather_ffn(
-            xs, w["w_in"], w["b_in"], w["w_out_t"], w["b_out"], k, "gelu", backend="torch",
+        _dense_segments(rows, lists, scales, x, lambda xs, k, s: plain_torch(
+            "gather_ffn", xs, w["w_in"], w["b_in"], w["w_out_t"], w["b_out"], k, "gelu",
             scales=s)), f"split down projections ({torch_threads} threads)")
 
 
@@ -746,13 +746,19 @@ def _both_ffns(x, w, segments, kept, offsets, scales, backend):
                                            strategy="segments"))
 
 
-def _assert_both_close(outs, rows, lists, scales, x, w, same_dtype_outs, what):
-    """`outs` of _both_ffns against each segment's float64 reference."""
+def _assert_both_close(outs, rows, lists, scales, x, w, what):
+    """`outs` of _both_ffns against each segment's float64 reference, PyTorch's own error in
+    x's dtype setting the tolerance (reference.plain_torch)."""
     refs = (lambda xs, k, s: ffn_ref(xs, w["w_in"], w["b_in"], w["w_out_t"], w["b_out"], k,
                                      "gelu", s),
             lambda xs, k, s: swiglu_ffn_ref(xs, w["w_in"], w["w_up"], w["w_out_t"], k, s))
-    for out, ref, same_dtype, name in zip(outs, refs, same_dtype_outs, ("FFN", "SwiGLU FFN")):
-        assert_close(out, _per_segment(rows, lists, scales, x, ref), same_dtype, f"{name} {what}")
+    plain = (lambda xs, k, s: plain_torch("gather_ffn", xs, w["w_in"], w["b_in"], w["w_out_t"],
+                                          w["b_out"], k, "gelu", scales=s),
+             lambda xs, k, s: plain_torch("gather_swiglu_ffn", xs, w["w_in"], w["w_up"],
+                                          w["w_out_t"], k, scales=s))
+    for out, ref, same_dtype, name in zip(outs, refs, plain, ("FFN", "SwiGLU FFN")):
+        assert_close(out, _per_segment(rows, lists, scales, x, ref),
+                     _dense_segments(rows, lists, scales, x, same_dtype), f"{name} {what}")
 
 
 @pytest.mark.gpu
@@ -762,8 +768,8 @@ def _assert_both_close(outs, rows, lists, scales, x, w, same_dtype_outs, what):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("scaled", [False, True])
 def test_cuda_runs_every_segment_in_one_call(monkeypatch, layout, hidden, dtype, scaled):
-    """The cuda backend's segmented kernels against float64 references, the torch backend's
-    error in the same dtype setting the tolerance: odd sizes (203 neurons; 40 features, read with
+    """The cuda backend's segmented kernels against float64 references, plain torch's error in
+    the same dtype setting the tolerance: odd sizes (203 neurons; 40 features, read with
     16-byte loads, or 150, read element by element), the tile layouts and random ones (1-6
     segments of 0-20 rows, empty, full or random lists)."""
     cuda = _cuda_backend()
@@ -785,9 +791,7 @@ def test_cuda_runs_every_segment_in_one_call(monkeypatch, layout, hidden, dtype,
                                                        device="cuda")
     lists = [k.to("cuda") for k in lists]
     outs = _both_ffns(x, w, segments, kept, offsets, packed, "cuda")
-    torch_outs = _both_ffns(x, w, segments, kept, offsets, packed, "torch")
-    _assert_both_close(outs, rows, lists, scales, x, w,
-                       (None, None) if dtype == torch.float32 else torch_outs, f"{layout} {rows}")
+    _assert_both_close(outs, rows, lists, scales, x, w, f"{layout} {rows}")
     with_rows = sum(1 for count in rows if count)
     assert calls == ([with_rows] * 2 if with_rows else [])  # one call each, every segment
 
@@ -822,7 +826,7 @@ def test_cuda_without_segmented_kernels_runs_one_call_per_segment(monkeypatch):
     x = torch.randn(sum(rows), HIDDEN, generator=gen).to("cuda")
     segments, kept, offsets, packed = dk.pack_segments(rows, lists, scales, device="cuda")
     outs = _both_ffns(x, w, segments, kept, offsets, packed, "cuda")
-    _assert_both_close(outs, rows, lists, scales, x, w, (None, None), "per segment")
+    _assert_both_close(outs, rows, lists, scales, x, w, "per segment")
 
 
 @pytest.mark.gpu
