@@ -25,6 +25,7 @@ import torch
 
 import doe_kernels as dk
 from conftest import backend_cases
+from reference import ffn_ref, swiglu_ffn_ref
 
 SIZE, HIDDEN = 64, 32  # SIZE: the indexed dimension (neurons, or the input features of cols)
 BAD_ENTRIES = [SIZE, 10**9, -1]
@@ -216,7 +217,17 @@ def test_an_unchecked_full_list_with_scales_runs_whatever_its_values(device, bac
     except ValueError as error:
         assert backend == "cpu" and f"holds index {SIZE + 5} at position 3" in str(error)
         return
-    assert out.shape == (4, HIDDEN) and bool(out.isfinite().all())
+    # what it runs: the value clamped to the last neuron, which gets position 3's scale or its
+    # own (two writes to one place, in no set order), and neuron 3 none (scale 0)
+    every = torch.arange(SIZE, device=device)
+    for last in (options["scales"][3], options["scales"][SIZE - 1]):
+        scales = options["scales"].clone()
+        scales[3], scales[SIZE - 1] = 0, last
+        want = (ffn_ref(x, w, None, w_t, None, every, "gelu", scales) if op == "gather_ffn"
+                else swiglu_ffn_ref(x, w, w, w_t, every, scales))
+        if torch.allclose(out.double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item()):
+            return
+    raise AssertionError(f"{op} on {backend}: neither scale at the clamped neuron gives its output")
 
 
 @pytest.mark.parametrize("device,backend", backend_cases())

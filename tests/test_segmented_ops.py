@@ -466,9 +466,19 @@ class _CountedKernel:
         return self.kernel[grid]
 
 
-def test_a_full_list_in_any_order_keeps_its_scales_aligned():
-    """A kept list holding every neuron runs the dense FFN; unchecked and out of order, each
-    scale still multiplies its own neuron."""
+_in_order = library._in_order
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_a_full_list_in_any_order_keeps_its_scales_aligned(monkeypatch, backend):
+    """A kept list holding every neuron runs the dense FFN (the torch backend; the cpu backend
+    runs its kernels at a few rows); unchecked and out of order, each scale still multiplies
+    its own neuron."""
+    if backend == "cpu":
+        _cpu_backend()
+    in_order = []
+    monkeypatch.setattr(library, "_in_order", lambda *args: in_order.append(1) or
+                        _in_order(*args))
     gen = torch.Generator().manual_seed(5)
     w = _weights(torch.float32, "cpu", gen)
     x = torch.randn(3, HIDDEN, generator=gen)
@@ -476,13 +486,14 @@ def test_a_full_list_in_any_order_keeps_its_scales_aligned():
     scales = 1 + 0.3 * torch.randn(INTERMEDIATE, generator=gen)
     for op, ref in (
             (lambda k, s: dk.gather_ffn(x, w["w_in"], w["b_in"], w["w_out_t"], w["b_out"], k,
-                                        "gelu", check_indices=False, scales=s),
+                                        "gelu", backend, check_indices=False, scales=s),
              lambda k, s: ffn_ref(x, w["w_in"], w["b_in"], w["w_out_t"], w["b_out"], k, "gelu",
                                   s)),
             (lambda k, s: dk.gather_swiglu_ffn(x, w["w_in"], w["w_up"], w["w_out_t"], k,
-                                               check_indices=False, scales=s),
+                                               backend, check_indices=False, scales=s),
              lambda k, s: swiglu_ffn_ref(x, w["w_in"], w["w_up"], w["w_out_t"], k, s))):
         assert_close(op(order, scales), ref(order.sort().values, scales[order.argsort()]))
+    assert len(in_order) == (2 if backend == "torch" else 0)  # the dense path ran (or not)
 
 
 def _cpu_backend():
