@@ -464,6 +464,9 @@ def unpatch(model: nn.Module) -> nn.Module:
     state = getattr(model, _STATE, None)
     if state is None:
         raise ValueError("the model is not patched by doe_kernels")
+    if state.mixed:  # (its rows would run the whole model, its packing hooks the original layers)
+        raise RuntimeError("the model serves a mixed batch (inside doe_kernels.mixed), which "
+                           "restores it on exit: unpatch after the `mixed` block")
     failed = None
     with lasting():  # the weights back in their layout
         for layer_patch in reversed(state.layers):  # every layer, also past one that fails

@@ -392,16 +392,17 @@ def test_a_bad_attention_mask_is_refused_and_changes_nothing():
 @pytest.mark.parametrize("pack_layers", [False, True])
 @pytest.mark.parametrize("name", ["bert", "llama"])
 def test_a_pass_without_real_tokens_runs(name, pack_layers):
-    """An attention mask of padding only (no real token to compute) gives a pass as without
-    doe_kernels, not a failed reshape of the empty rows."""
+    """An attention mask of padding only (no real token to compute) gives a pass with the
+    outputs' shapes, finite (their values are the padding's, which `mixed` leaves at zeros from
+    the FFNs and the attention), not a failed reshape of the empty rows."""
     model = build(name)
     ids, _ = inputs(name, batch=2)
     nothing = torch.zeros_like(ids)
     with torch.no_grad():
-        expected = output_of(model, ids, nothing)
+        expected = model(input_ids=ids, attention_mask=nothing)[0]
         with dk.mixed(model, [None, None], attention_mask=nothing, pack_layers=pack_layers):
-            got = output_of(model, ids, nothing)
-    assert got.shape == expected.shape
+            got = model(input_ids=ids, attention_mask=nothing)[0]
+    assert got.shape == expected.shape and bool(got.isfinite().all())
 
 
 def test_a_pass_that_raises_ends_its_real_token_marks():
@@ -526,6 +527,26 @@ def test_converting_the_model_inside_a_mixed_batch_is_refused():
         assert state_dict_equal(before, snapshot(model))
         assert torch.equal(output_of(model, ids, attention), expected)
     model.double()  # after: as usual
+    assert not dk.is_patched(model)
+
+
+@pytest.mark.parametrize("pack_layers", [False, True])
+def test_unpatching_inside_a_mixed_batch_is_refused(pack_layers):
+    """`unpatch` inside `mixed` was accepted: the rest of the block ran every row on the whole
+    model, and with pack_layers the packing hooks stayed on the original layers (the next pass
+    failed). It is refused before anything changes, the batch still computes, and the block
+    unpatches the model on exit."""
+    model = build("llama")
+    ids, attention = inputs("llama", batch=3)
+    masks = expert_masks(model, 3, seed=1)
+    with torch.no_grad(), dk.mixed(model, masks, attention_mask=attention,
+                                   pack_layers=pack_layers):
+        expected = output_of(model, ids, attention)
+        with pytest.raises(RuntimeError, match=r"serves a mixed batch .*unpatch after the "
+                                               r"`mixed` block"):
+            dk.unpatch(model)
+        assert dk.is_patched(model)
+        assert torch.equal(output_of(model, ids, attention), expected)
     assert not dk.is_patched(model)
 
 
