@@ -101,7 +101,9 @@ def mixed(model, masks, backend: str = "auto", attention_mask=None, pack_layers:
     only: the first layer's input is packed to (1, real tokens, hidden) and the last layer's output
     unpacked, so the model's outputs keep their shapes, but hooks on the layers and the intermediate
     hidden states (output_hidden_states) see the packed layout (refused, ValueError, for a model
-    whose FFN runs in chunks of tokens: config.chunk_size_feed_forward > 0)."""
+    whose FFN runs in chunks of tokens: chunk_size_feed_forward > 0 in its config or a layer).
+    A model that reads a padding position (a BERT classifier's first token, left-padded) reads
+    what `mixed` leaves there, not what the model alone computes there."""
     masks = _as_masks(masks)
     real = _real_tokens(attention_mask, len(masks))
     given, model = model, unwrap_compiled(model)
@@ -313,7 +315,10 @@ def _batches(experts: list[Expert], token_counts: list[int], batch_size: int):
 def chunks_feed_forward(model) -> bool:
     """Whether the model runs its FFNs in chunks of tokens (transformers' chunk_size_feed_forward,
     BERT's), which packed layers would cut across sequences."""
-    return bool(getattr(unwrap_compiled(model).config, "chunk_size_feed_forward", 0))
+    model = unwrap_compiled(model)
+    return bool(getattr(model.config, "chunk_size_feed_forward", 0)) or any(
+        getattr(module, "chunk_size_feed_forward", 0) for module in model.modules())  # (a layer
+    # keeps its own copy of the config's value, which may be set on it alone)
 
 
 def _forward(model, tokenizer, experts: list[Expert], ids: list[torch.Tensor], backend: str):

@@ -285,6 +285,29 @@ def test_packed_passes_keep_a_sliding_window(name):
             assert (output_of(unlimited, ids, attention) - outputs[0]).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("name", ["mistral", "qwen2"])
+def test_a_sliding_window_counts_the_padding_inside_a_sequence(name):
+    """A sequence of no more real tokens than the window but padding between them (as
+    mixed_logits puts between a causal expert's soft prompt and its text) spans more positions
+    than the window: the CPU attended over all its real tokens, where the model alone (and a
+    GPU's pass) lets the window cut the first ones off."""
+    model = windowed(name, 3)
+    rows = [dk.ExpertMask.random(model, 0.5, 0.5, seed=1), None]
+    ids = torch.randint(3, 120, (2, 6), generator=torch.Generator().manual_seed(2))
+    attention = torch.tensor([[1, 0, 0, 0, 1, 1], [1, 1, 1, 1, 1, 1]])
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    real = attention[0].bool()
+    with torch.no_grad():
+        with dk.plugged(model, rows[0]):
+            want = model(input_ids=ids[:1], attention_mask=attention[:1],
+                         position_ids=positions[:1]).logits[0, real]
+        for pack_layers in (False, True):
+            with dk.mixed(model, rows, attention_mask=attention, pack_layers=pack_layers):
+                got = model(input_ids=ids, attention_mask=attention,
+                            position_ids=positions).logits[0, real]
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("pack_layers", [False, True])
 @pytest.mark.parametrize("name", ["bert", "llama"])
 def test_a_packed_pass_padded_again_for_its_attention_gives_the_same(name, pack_layers,
@@ -644,12 +667,15 @@ def test_mixed_logits_equal_each_request_alone(family, tokenizer):
     assert dk.mixed_logits(model, tokenizer, []) == []
 
 
-def test_a_model_whose_ffn_runs_in_chunks_serves_mixed_batches_unpacked(tokenizer):
+@pytest.mark.parametrize("set_on", ["config-and-layers", "layers"])
+def test_a_model_whose_ffn_runs_in_chunks_serves_mixed_batches_unpacked(tokenizer, set_on):
     """BERT's chunk_size_feed_forward runs the FFN over slices of the token axis, which packed
     layers cut across sequences: mixed_logits serves such a model without packing (it failed),
-    and mixed(pack_layers=True) refuses it before anything changes."""
+    and mixed(pack_layers=True) refuses it before anything changes; also where only the layers
+    hold it (each keeps its own copy of the config's)."""
     model = tiny_bert()
-    model.config.chunk_size_feed_forward = 1
+    if set_on == "config-and-layers":
+        model.config.chunk_size_feed_forward = 1
     for layer in model.bert.encoder.layer:
         layer.chunk_size_feed_forward = 1
     experts = classifier_experts(model)

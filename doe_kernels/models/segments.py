@@ -180,8 +180,9 @@ class LayerSegments:
 
 class RealTokens:
     """The real (not padding) tokens of a (batch, tokens) attention mask of 0s and 1s: their
-    flat row index, and `offsets`, the number of real tokens before each sequence (one more
-    entry than sequences). `active`: whether the forward pass running is of that batch (`mixed`
+    flat row index, `offsets`, the number of real tokens before each sequence (one more entry
+    than sequences), and `widths`, the positions each sequence's real tokens span (from its
+    first to its last, padding between them included). `active`: whether the forward pass running is of that batch (`mixed`
     sets it from the pass's attention_mask). `pack_layers`: whether such a pass runs packed from
     the first layer's input to the last layer's output (`pack`, `unpack`; `mixed`'s
     pack_layers)."""
@@ -191,6 +192,7 @@ class RealTokens:
         self.shape = tuple(self.mask.shape)
         self.index = self.mask.reshape(-1).nonzero().squeeze(1)
         self.offsets = [0] + self.mask.sum(1).cumsum(0).tolist()
+        self.widths = _widths(self.mask)
         self.padded = self.offsets[-1] < self.mask.numel()
         self.active = False
         self.pack_layers = pack_layers
@@ -227,6 +229,14 @@ class RealTokens:
         return (isinstance(attention_mask, torch.Tensor)
                 and tuple(attention_mask.shape) == self.shape
                 and torch.equal(attention_mask.to(self.mask.device, torch.bool), self.mask))
+
+
+def _widths(mask: torch.Tensor) -> list[int]:
+    """Per row of a (batch, tokens) boolean mask: last true position - first + 1 (0 if none)."""
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    first = torch.where(mask, positions, mask.shape[1]).amin(1)
+    last = torch.where(mask, positions, -1).amax(1)
+    return (last - first + 1).clamp_min(0).tolist()
 
 
 def merge_runs(runs, same) -> list[tuple]:
@@ -461,12 +471,13 @@ def _attend_span(qkv, real: "RealTokens", b0: int, b1: int, tokens: int, selecti
     """(real tokens of sequences [b0, b1), kept * head_dim): their attention from the packed
     (q, k, v), each sequence's real tokens seeing each other only (causally when `is_causal`):
     what the padding mask `mask` (the pass's, for these sequences) gives. Sequence by sequence
-    where `_per_sequence` says so and no sequence is longer than `sliding_window`; else padded
-    again under `mask`, which holds the window (counted over padded positions: where padding
-    stands between a causal expert's soft prompt and its text, as in `mixed_logits`, a window
-    shorter than the sequence then sees fewer real tokens than the sequence alone would)."""
+    where `_per_sequence` says so and no sequence spans more positions than `sliding_window`
+    (padding between its real tokens counted, as the model counts the window: there the window
+    cuts nothing); else padded again under `mask`, which holds the window (where padding stands
+    between a causal expert's soft prompt and its text, as in `mixed_logits`, a window shorter
+    than that span sees fewer real tokens than the sequence alone, unpadded, would)."""
     if _per_sequence(qkv[0].device) and (sliding_window is None or max(
-            real.offsets[j + 1] - real.offsets[j] for j in range(b0, b1)) <= sliding_window):
+            real.widths[j] for j in range(b0, b1)) <= sliding_window):
         return _attend_each(qkv, real.offsets[b0:b1 + 1], selection, is_causal, scale, dropout)
     index = real.span_index(b0, b1)
     q, k, v = (_padded_layout(part, index, b1 - b0, tokens) for part in qkv)
