@@ -67,6 +67,29 @@ def test_ffns_replay_in_a_cuda_graph(backend, rows):
 
 
 @pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("rows", [[1, 1, 1], [12, 0, 30]], ids=["decode", "prefill"])
+def test_segmented_ffns_replay_in_a_cuda_graph(backend, rows):
+    """A segmented op captures (one single-expert call per segment: the segmented kernels copy
+    their tables from the host each call) and replays as eager calls compute."""
+    if backend == "none":
+        pytest.skip("no CUDA backend")
+    make = lambda *s: torch.randn(*s, device="cuda", dtype=torch.bfloat16)  # noqa: E731
+    x = make(sum(rows), 96)
+    w_in, b_in, w_up, w_out_t, b_out = make(200, 96), make(200), make(200, 96), make(200, 96), \
+        make(96)
+    lists = [torch.randperm(200)[:n].sort().values for n in (70, 5, 200)]
+    segments, kept, offsets, _ = dk.pack_segments(rows, lists)  # the layout on the host
+    kept = kept.cuda()
+    options = dict(backend=backend, strategy="segments", check_indices=False)
+    _replayed_equals_eager(
+        lambda: dk.segmented_gather_ffn(x, w_in, b_in, w_out_t, b_out, segments, kept, offsets,
+                                        "gelu", **options), [x])
+    _replayed_equals_eager(
+        lambda: dk.segmented_gather_swiglu_ffn(x, w_in, w_up, w_out_t, segments, kept, offsets,
+                                               **options), [x])
+
+
+@pytest.mark.parametrize("backend", _backends())
 def test_pruned_head_attention_replays_in_a_cuda_graph(backend):
     if backend == "none":
         pytest.skip("no CUDA backend")

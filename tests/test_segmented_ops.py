@@ -455,6 +455,36 @@ def test_triton_runs_every_segment_in_one_launch_over_many_tiles(monkeypatch, pe
         assert launches == [3, 1] * 4  # (up, down) x (gelu, SwiGLU), each in two chunks
 
 
+@pytest.mark.triton_interp
+@pytest.mark.skipif("triton" not in dk.available_backends("cpu"), reason="no Triton interpreter")
+def test_segmented_kernels_step_aside_while_a_cuda_graph_captures(monkeypatch):
+    """Inside a CUDA graph's capture a segmented op runs one single-expert call per segment (the
+    segmented kernels copy their tables from the host: the Triton one raised there, the cuda
+    one's hook hid itself on the current device only). The capture is simulated: the Triton
+    interpreter runs on the CPU."""
+    from doe_kernels.backends import triton as triton_backend
+
+    calls = []
+    fused = triton_backend.segmented_ffn
+    monkeypatch.setattr(triton_backend, "segmented_ffn",
+                        lambda *args: calls.append(1) or fused(*args))
+    gen = torch.Generator().manual_seed(9)
+    w = _weights(torch.float32, "cpu", gen)
+    rows, lists = [3, 0, 2], [torch.tensor([1, 4, 9]), torch.tensor([2]), torch.arange(7)]
+    x = torch.randn(sum(rows), HIDDEN, generator=gen)
+    segments, kept, offsets, _ = dk.pack_segments(rows, lists)
+    want = _per_segment(rows, lists, [None] * 3, x, lambda xs, k, s: ffn_ref(
+        xs, w["w_in"], w["b_in"], w["w_out_t"], w["b_out"], k, "gelu"))
+    for capturing, fused_calls in ((True, []), (False, [1])):
+        monkeypatch.setattr(library, "_capturing", lambda x, capturing=capturing: capturing)
+        calls.clear()
+        out = dk.segmented_gather_ffn(x, w["w_in"], w["b_in"], w["w_out_t"], w["b_out"],
+                                      segments, kept, offsets, "gelu", backend="triton",
+                                      strategy="segments")
+        assert_close(out, want, what=f"capturing={capturing}")
+        assert calls == fused_calls
+
+
 class _CountedKernel:
     """A Triton kernel whose launches append their grid's segment count to `launches`."""
 

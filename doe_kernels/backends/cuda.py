@@ -82,10 +82,8 @@ def _segmented_ffn(x, up, w_out_t, b_out, bounds, kept, scales):
 
 
 def __getattr__(name):
-    """`segmented_ffn` exists only when the loaded extension has the segmented CUDA kernels, and
-    not while a CUDA graph is being captured (their segment table is copied from the host; the
-    per-segment path captures)."""
-    if (name == "segmented_ffn" and hasattr(extension(), "segmented_ffn_cuda")
-            and not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())):
+    """`segmented_ffn` exists only when the loaded extension has the segmented CUDA kernels (the
+    library does not call it while a CUDA graph is being captured: library._capturing)."""
+    if name == "segmented_ffn" and hasattr(extension(), "segmented_ffn_cuda"):
         return _segmented_ffn
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

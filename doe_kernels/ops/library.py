@@ -463,7 +463,7 @@ def _segmented(x, out_features, segments, kept, kept_offsets, scales, strategy, 
     `run_union(x, union, row_mask)`, the union of the kept lists gathered once and each row's
     hidden activations multiplied by its segment's 0/1 (or scale) mask over the union, where the
     strategy takes it; else, on a backend with segmented kernels (triton and cuda: one launch per
-    projection), every segment at once; else per segment `run_segment(rows, kept, scales)` (the
+    projection) and outside a CUDA graph's capture, every segment at once; else per segment `run_segment(rows, kept, scales)` (the
     single-expert op on it). `up`, `w_out_t`, `b_out`: the projections, for the backends' hooks
     (see their segmented_ffn)."""
     module, x2d = _run(x, backend)
@@ -480,7 +480,7 @@ def _segmented(x, out_features, segments, kept, kept_offsets, scales, strategy, 
         return run_union(x, *plan)
     bounds = _segment_bounds(segments, kept_offsets, x, kept)
     if bounds:
-        if hasattr(module, "segmented_ffn"):
+        if hasattr(module, "segmented_ffn") and not _capturing(x):
             up = (up[0], *_contiguous(*up[1:3]), *up[3:])
             w_out_t, b_out, kept, scales = _contiguous(w_out_t, b_out, kept, scales)
             return module.segmented_ffn(x2d, up, w_out_t, b_out, bounds, kept, scales)
@@ -488,6 +488,17 @@ def _segmented(x, out_features, segments, kept, kept_offsets, scales, strategy, 
     for r0, r1, k0, k1 in bounds:
         out[r0:r1] = run_segment(x[r0:r1], kept[k0:k1], None if scales is None else scales[k0:k1])
     return out
+
+
+def _capturing(x: torch.Tensor) -> bool:
+    """Whether x's GPU is capturing a CUDA graph on its current stream: the backends' segmented
+    kernels then step aside for one single-expert call per segment, which captures (their
+    segment tables are copied from the host each call, which a replay would read again after it
+    was freed)."""
+    if not x.is_cuda:
+        return False
+    with torch.cuda.device(x.device):
+        return torch.cuda.is_current_stream_capturing()
 
 
 def _union_row_mask(x, union, segments, kept, kept_offsets, scales):
