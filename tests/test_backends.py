@@ -240,3 +240,22 @@ def test_backend_checks_trace_under_torch_compile_without_warnings():
         out = torch.compile(f, fullgraph=True)(torch.ones(2))
     assert torch.equal(out, f(torch.ones(2)))
     assert not [str(w.message) for w in caught if "lru_cache" in str(w.message)]
+
+
+def test_a_launch_makes_its_gpu_current_only_where_another_is(monkeypatch):
+    """The triton and cuda backends launch under torch's device guard where the tensors' GPU is
+    not the current one (Triton launches on the current device; the extension's own guard would
+    create a context on the device it restores), and skip it where it is (a cost per launch).
+    Stand-in tensors: no GPU is needed to name one."""
+    import contextlib
+    import types
+
+    from doe_kernels.backends.device import device_guard
+
+    on_second = types.SimpleNamespace(device=torch.device("cuda", 1))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert isinstance(device_guard(on_second), contextlib.nullcontext)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    guard = device_guard(on_second)
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    assert isinstance(device_guard(torch.ones(1)), contextlib.nullcontext)

@@ -476,13 +476,27 @@ def test_segmented_kernels_step_aside_while_a_cuda_graph_captures(monkeypatch):
     want = _per_segment(rows, lists, [None] * 3, x, lambda xs, k, s: ffn_ref(
         xs, w["w_in"], w["b_in"], w["w_out_t"], w["b_out"], k, "gelu"))
     for capturing, fused_calls in ((True, []), (False, [1])):
-        monkeypatch.setattr(library, "_capturing", lambda x, capturing=capturing: capturing)
+        monkeypatch.setattr(library, "_capturing", lambda device, capturing=capturing: capturing)
         calls.clear()
         out = dk.segmented_gather_ffn(x, w["w_in"], w["b_in"], w["w_out_t"], w["b_out"],
                                       segments, kept, offsets, "gelu", backend="triton",
                                       strategy="segments")
         assert_close(out, want, what=f"capturing={capturing}")
         assert calls == fused_calls
+
+
+def test_the_full_index_list_made_inside_a_capture_is_not_kept(monkeypatch):
+    """The keep-all layers' full index list is made once and kept, except inside a CUDA graph's
+    capture (simulated here), where its values exist only once the graph replays: kept, an
+    eager call afterwards read an unwritten list."""
+    device = torch.device("cpu")
+    monkeypatch.setattr(library, "_capturing", lambda device: True)
+    inside = library.every_index(13, device)
+    assert inside is not library.every_index(13, device)
+    monkeypatch.setattr(library, "_capturing", lambda device: False)
+    kept = library.every_index(13, device)
+    assert kept is library.every_index(13, device) and kept is not inside
+    assert torch.equal(kept, torch.arange(13))
 
 
 class _CountedKernel:

@@ -1,8 +1,10 @@
 // Torch bindings of the gather-GEMV CUDA kernels: the *_cuda entry points of doe_kernels.h.
 //
 // No ATen/cuda or c10/cuda headers (the toolkit used to build may lack cuBLAS headers): the stream
-// comes from Python as an int64 (torch.cuda.current_stream(device).cuda_stream), the device guard is
-// a cudaGetDevice/cudaSetDevice pair, and launch errors come from cudaGetLastError.
+// comes from Python as an int64 (torch's current stream on the tensors' device), the device guard is
+// a cudaGetDevice/cudaSetDevice pair (the Python side makes the tensors' device current first, with
+// torch's guard, so that this one has nothing to restore: cudaSetDevice back to a device without a
+// context would create one), and launch errors come from cudaGetLastError.
 #include <cuda_runtime.h>
 #include <torch/extension.h>
 

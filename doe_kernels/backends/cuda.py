@@ -13,6 +13,7 @@ import torch
 
 from doe_kernels._ext import has_cuda_kernels, extension
 from doe_kernels.activations import ACTIVATION_CODES
+from doe_kernels.backends.device import current_stream, device_guard
 from doe_kernels.backends.layout import segment_layout
 from doe_kernels.backends.memo import probe
 
@@ -46,22 +47,21 @@ def _runs_on(device: int) -> bool:
     return False
 
 
-def _stream(tensor):
-    return torch.cuda.current_stream(tensor.device).cuda_stream
-
-
 def gather_rows_linear(x, weight, bias, rows, activation):
-    return extension().gather_rows_linear_cuda(
-        x, weight, bias, rows, ACTIVATION_CODES[activation], _stream(x)
-    )
+    with device_guard(x):
+        return extension().gather_rows_linear_cuda(
+            x, weight, bias, rows, ACTIVATION_CODES[activation], current_stream(x))
 
 
 def gather_swiglu(x, w_gate, w_up, kept):
-    return extension().gather_swiglu_cuda(x, w_gate, w_up, kept, _stream(x))
+    with device_guard(x):
+        return extension().gather_swiglu_cuda(x, w_gate, w_up, kept, current_stream(x))
 
 
 def gather_cols_linear(h, weight_t, bias, cols, scales):
-    return extension().gather_cols_linear_cuda(h, weight_t, bias, cols, scales, _stream(h))
+    with device_guard(h):
+        return extension().gather_cols_linear_cuda(h, weight_t, bias, cols, scales,
+                                                   current_stream(h))
 
 
 def _segmented_ffn(x, up, w_out_t, b_out, bounds, kept, scales):
@@ -71,14 +71,15 @@ def _segmented_ffn(x, up, w_out_t, b_out, bounds, kept, scales):
     `bounds`: the library's (first row, end row, first kept, end kept) of each segment with rows;
     `up`: ("rows", w_in, b_in, activation) or ("swiglu", w_gate, w_up)."""
     segments, kept_offsets = segment_layout(bounds, kept.numel())
-    if up[0] == "rows":
-        _, w_in, b_in, activation = up
-        return extension().segmented_ffn_cuda(x, w_in, b_in, w_out_t, b_out, segments, kept,
-                                              kept_offsets, scales, ACTIVATION_CODES[activation],
-                                              _stream(x))
-    _, w_gate, w_up = up
-    return extension().segmented_swiglu_ffn_cuda(x, w_gate, w_up, w_out_t, segments, kept,
-                                                 kept_offsets, scales, _stream(x))
+    with device_guard(x):
+        if up[0] == "rows":
+            _, w_in, b_in, activation = up
+            return extension().segmented_ffn_cuda(
+                x, w_in, b_in, w_out_t, b_out, segments, kept, kept_offsets, scales,
+                ACTIVATION_CODES[activation], current_stream(x))
+        _, w_gate, w_up = up
+        return extension().segmented_swiglu_ffn_cuda(x, w_gate, w_up, w_out_t, segments, kept,
+                                                     kept_offsets, scales, current_stream(x))
 
 
 def __getattr__(name):

@@ -56,10 +56,18 @@ def _functorch_active() -> bool:
     return bool(active()) if active is not None else False
 
 
-@functools.lru_cache(maxsize=64)
 def every_index(total: int, device: torch.device) -> torch.Tensor:
     """0..total-1 on `device`, made once: the full list of a keep-all call through the kernels
-    (every keep-all layer of a forward pass asks; the kernels only read it)."""
+    (every keep-all layer of a forward pass asks; the kernels only read it). Not kept when made
+    inside a CUDA graph's capture, where it is only recorded (it holds its values once the graph
+    is replayed)."""
+    if _capturing(device):
+        return torch.arange(total, device=device)
+    return _every_index(total, device)
+
+
+@functools.lru_cache(maxsize=64)
+def _every_index(total: int, device: torch.device) -> torch.Tensor:
     return torch.arange(total, device=device)
 
 
@@ -480,7 +488,7 @@ def _segmented(x, out_features, segments, kept, kept_offsets, scales, strategy, 
         return run_union(x, *plan)
     bounds = _segment_bounds(segments, kept_offsets, x, kept)
     if bounds:
-        if hasattr(module, "segmented_ffn") and not _capturing(x):
+        if hasattr(module, "segmented_ffn") and not _capturing(x.device):
             up = (up[0], *_contiguous(*up[1:3]), *up[3:])
             w_out_t, b_out, kept, scales = _contiguous(w_out_t, b_out, kept, scales)
             return module.segmented_ffn(x2d, up, w_out_t, b_out, bounds, kept, scales)
@@ -490,14 +498,14 @@ def _segmented(x, out_features, segments, kept, kept_offsets, scales, strategy, 
     return out
 
 
-def _capturing(x: torch.Tensor) -> bool:
-    """Whether x's GPU is capturing a CUDA graph on its current stream: the backends' segmented
-    kernels then step aside for one single-expert call per segment, which captures (their
-    segment tables are copied from the host each call, which a replay would read again after it
-    was freed)."""
-    if not x.is_cuda:
+def _capturing(device: torch.device) -> bool:
+    """Whether the GPU `device` is capturing a CUDA graph on its current stream. The backends'
+    segmented kernels then step aside for one single-expert call per segment, which captures
+    (their segment tables are copied from the host each call, which a replay would read again
+    after it was freed)."""
+    if device.type != "cuda":
         return False
-    with torch.cuda.device(x.device):
+    with torch.cuda.device(device):
         return torch.cuda.is_current_stream_capturing()
 
 

@@ -7,13 +7,13 @@ set it before the first call. On the CPU the backend is offered only when the in
 probe kernel: Triton 3.6's interpreter (torch 2.11's pin) cannot run the kernels' loops with numpy
 2.4 or later, and then the backend is unavailable there, with one warning saying why.
 """
-import contextlib
 import os
 import warnings
 
 import torch
 
 from doe_kernels.activations import ACTIVATION_CODES, check_activation
+from doe_kernels.backends.device import device_guard
 from doe_kernels.backends.memo import probe
 
 NAME = "triton"
@@ -107,13 +107,6 @@ def _out_dtype(k, dtype):
     return torch.float32 if (k.INTERPRET and dtype == torch.bfloat16) else dtype
 
 
-def _device_guard(t):
-    """Launch on the tensor's own GPU (triton launches on the current device)."""
-    if t.device.type == "cuda":
-        return torch.cuda.device(t.device)
-    return contextlib.nullcontext()
-
-
 def gather_rows_linear(x, weight, bias, rows, activation: str):
     k = _kernels()
     check_activation(activation)
@@ -122,7 +115,7 @@ def gather_rows_linear(x, weight, bias, rows, activation: str):
     out = torch.empty((M, N), device=x.device, dtype=_out_dtype(k, x.dtype))
     has_bias = bias is not None
     kernel, meta = _launch(k, "gather_rows_linear", M, N, K, x)
-    with _device_guard(x):
+    with device_guard(x):
         kernel[_grid(M, N)](
             x, weight, bias if has_bias else x, rows, out,
             M, N, K, weight.shape[0],
@@ -141,7 +134,7 @@ def gather_swiglu(x, w_gate, w_up, kept):
     N = kept.shape[0]
     out = torch.empty((M, N), device=x.device, dtype=_out_dtype(k, x.dtype))
     kernel, meta = _launch(k, "gather_swiglu", M, N, K, x)
-    with _device_guard(x):
+    with device_guard(x):
         kernel[_grid(M, N)](
             x, w_gate, w_up, kept, out,
             M, N, K, w_gate.shape[0],
@@ -160,7 +153,7 @@ def gather_cols_linear(h, weight_t, bias, cols, scales):
     out = torch.empty((M, N), device=h.device, dtype=_out_dtype(k, h.dtype))
     has_bias, has_scales = bias is not None, scales is not None
     kernel, meta = _launch(k, "gather_cols_linear", M, N, J, h)
-    with _device_guard(h):
+    with device_guard(h):
         kernel[_grid(M, N)](
             h, weight_t, bias if has_bias else h, cols, scales if has_scales else h, out,
             M, N, J, weight_t.shape[0],
@@ -233,7 +226,7 @@ def segmented_ffn(x, up, w_out_t, b_out, bounds, kept, scales):
     out = torch.empty((M, N), device=x.device, dtype=_out_dtype(k, x.dtype))
     f32 = x.dtype == torch.float32 or k.INTERPRET
     tiles, meta = _segment_grid(k, bounds, x, weights=1 if up[0] == "rows" else 2)
-    with _device_guard(x):
+    with device_guard(x):
         if up[0] == "rows":
             _, w_in, b_in, activation = up
             check_activation(activation)

@@ -1,0 +1,25 @@
+"""The GPU a backend's launch runs on: torch's current stream on a tensor's device, and torch's
+device guard where that device is not the current one (a few microseconds less a call where it
+is, which decoding pays per op)."""
+import contextlib
+
+import torch
+
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # (CUDA builds of torch)
+
+
+def current_stream(t: torch.Tensor) -> int:
+    """The handle of torch's current CUDA stream on t's GPU: the stream the kernels launch on."""
+    if _raw_stream is not None:
+        return _raw_stream(t.device.index)
+    return torch.cuda.current_stream(t.device).cuda_stream
+
+
+def device_guard(t: torch.Tensor):
+    """torch's guard making t's GPU the current device for the scope, where another is current
+    (Triton launches on the current device; the extension's own guard, a cudaSetDevice pair,
+    would create a context on the device it restores if that had none, which torch's does not
+    do); else nothing."""
+    if t.device.type != "cuda" or t.device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(t.device)
