@@ -12,6 +12,7 @@ from conftest import backend_cases
 from reference import (
     assert_close,
     cols_linear_ref,
+    f64,
     ffn_ref,
     index_list,
     plain_torch,
@@ -78,6 +79,63 @@ def test_gather_swiglu_ffn(device, backend, dtype, shape, kind):
         dense = _dense(dk.gather_swiglu_ffn, x, w_gate, w_up, w_down_t, kept)
         ref = swiglu_ffn_ref(x, w_gate, w_up, w_down_t, kept)
         assert_close(out, ref, dense, f"gather_swiglu_ffn rows={rows}")
+
+
+def _every_neuron_felt(shape, device, gen):
+    """x (one row), w_in, b_in, w_gate, w_up, w_out_t, b_out (float32) under which each neuron
+    adds at least about 0.7 to an output of at most about 20: x and the up projections positive,
+    each up row scaled so that x . w is 1 to 2 (every neuron active), and one down entry per
+    neuron, +-1 to 1.5 at output n mod hidden (an output sums at most ceil(intermediate / hidden)
+    neurons)."""
+    hidden, intermediate = shape
+    x = 0.5 + torch.rand(1, hidden, generator=gen)
+
+    def up():
+        w = torch.rand(intermediate, hidden, generator=gen)
+        return w * (1 + torch.rand(intermediate, 1, generator=gen)) / (w @ x.T)
+
+    sign = torch.randint(0, 2, (intermediate,), generator=gen) * 2 - 1
+    w_out_t = torch.zeros(intermediate, hidden)
+    w_out_t[torch.arange(intermediate), torch.arange(intermediate) % hidden] = \
+        sign * (1 + 0.5 * torch.rand(intermediate, generator=gen))
+    b_in, b_out = (0.1 * torch.randn(n, generator=gen) for n in (intermediate, hidden))
+    return [t.to(device) for t in (x, up(), b_in, up(), up(), w_out_t, b_out)]
+
+
+@pytest.mark.parametrize("device,backend", [
+    pytest.param(*p.values[:2], id=p.id, marks=p.marks) for p in backend_cases(with_dtype=True)
+    if p.values[2] == torch.bfloat16])
+@pytest.mark.parametrize("shape", [(123, 300), (768, 3072)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("kind", ["random", "full"])
+def test_one_bfloat16_row_counts_every_kept_neuron(device, backend, shape, kind):
+    """gather_ffn and gather_swiglu_ffn on one bfloat16 row, where assert_close's floor (1% of
+    the output's magnitude) may exceed what one neuron adds to the output (a kept neuron left
+    out passed there): against float64 with twice PyTorch's own bfloat16 error allowed (at least
+    2^-8 of the magnitude), on weights under which every kept neuron adds more than twice that to
+    an output (checked), so that leaving out any one of them fails."""
+    gen = torch.Generator().manual_seed(11)
+    x, w_in, b_in, w_gate, w_up, w_out_t, b_out = (
+        t.to(torch.bfloat16) for t in _every_neuron_felt(shape, device, gen))
+    kept = index_list(kind, shape[1], device, generator=gen)
+    hidden = {"gather_ffn": torch.nn.functional.gelu(f64(x) @ f64(w_in).T + f64(b_in)),
+              "gather_swiglu_ffn": torch.nn.functional.silu(f64(x) @ f64(w_gate).T) *
+              (f64(x) @ f64(w_up).T)}
+    ffn_args, swiglu_args = (x, w_in, b_in, w_out_t, b_out, kept, "gelu"), \
+        (x, w_gate, w_up, w_out_t, kept)
+    checks = {
+        "gather_ffn": (dk.gather_ffn(*ffn_args, backend=backend), ffn_ref(*ffn_args),
+                       plain_torch("gather_ffn", *ffn_args)),
+        "gather_swiglu_ffn": (dk.gather_swiglu_ffn(*swiglu_args, backend=backend),
+                              swiglu_ffn_ref(*swiglu_args),
+                              plain_torch("gather_swiglu_ffn", *swiglu_args)),
+    }
+    for name, (out, ref, dense) in checks.items():
+        scale = ref.abs().max().item()
+        allowed = max(2 * (dense.double() - ref).abs().max().item(), 2**-8 * scale)
+        share = (hidden[name][0, kept].abs() * f64(w_out_t)[kept].abs().amax(1)).min().item()
+        assert share > 2 * allowed, f"{name}: a neuron adds {share:.3g}, allowed {allowed:.3g}"
+        err = (out.double() - ref).abs().max().item()
+        assert err <= allowed, f"{name} {kind}: max error {err:.3g} > allowed {allowed:.3g}"
 
 
 @pytest.mark.parametrize("device,backend,dtype", backend_cases(with_dtype=True))
@@ -230,21 +288,54 @@ def test_input_major_is_a_contiguous_transpose():
     assert converted.is_contiguous() and torch.equal(converted, weight.t())
 
 
+def _vector_lanes() -> int:
+    """The float32 lanes of the vectors the cpu kernels run in this process (16: AVX-512, 8: AVX2,
+    4: the portable path), as DOE_KERNELS_CPU_ISA caps them: a one-row gather_rows_linear in the
+    fused regime, whose lane i sums the products i, i + lanes, ... in order before the lanes are
+    added up. Of 2^25 at k = 0, -2^25 at k = 16 and a 1 at k = 8 (row 0) or k = 4 (row 1), a 1
+    that shares a lane with 2^25 is lost in its rounding (half its ulp is 2), one in a lane of its
+    own is not: (1, 1) with 16 lanes, (0, 1) with 8, (0, 0) with 4."""
+    from doe_kernels._ext import extension
+
+    big = 2.0**25
+    weight = torch.zeros(2, 32)
+    weight[:, 0], weight[:, 16] = big, -big
+    weight[0, 8] = weight[1, 4] = 1.0
+    forced = extension().cpu_gather_above()
+    extension().set_cpu_gather_above(10**12)  # the fused kernels, whatever the environment says
+    try:
+        out = dk.gather_rows_linear(torch.ones(1, 32), weight, None, torch.arange(2),
+                                    backend="cpu")
+    finally:
+        extension().set_cpu_gather_above(forced)
+    lanes = {(1.0, 1.0): 16, (0.0, 1.0): 8, (0.0, 0.0): 4}.get(tuple(out[0].tolist()))
+    assert lanes is not None, f"no lane count gives {out.tolist()}"
+    return lanes
+
+
 @pytest.mark.parametrize("isa", ["avx2", "generic"])
 def test_cpu_kernels_on_narrower_instruction_sets(isa):
     """The C++ kernels' AVX2 and portable paths (the machine's widest path runs above), the
-    decoding split and the packed panels of gather_cols included."""
+    decoding split and the packed panels of gather_cols included; the process running them
+    reports the vectors of the instruction set asked for (at most this machine's widest)."""
     from doe_kernels._ext import extension
 
     if extension() is None:
         pytest.skip("the cpu backend is not built")
+    lanes = min({"avx2": 8, "generic": 4}[isa], _vector_lanes())
     env = dict(os.environ, DOE_KERNELS_CPU_ISA=isa)
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider",
-         "-k", "(cpu-cpu and (random or single) and not 768x3072) or splits_few or packs_panels "
-         "or activations_over"],
-        env=env, capture_output=True, text=True, timeout=600, cwd=os.path.dirname(__file__))
-    assert result.returncode == 0, result.stdout[-3000:]
+    args = [__file__, "-q", "-p", "no:cacheprovider", "-k",
+            "(cpu-cpu and (random or single) and not 768x3072) or splits_few or packs_panels "
+            "or activations_over"]
+    # the lanes read in the process that ran the tests, after them (this module imported by
+    # pytest first, so that its assertions are rewritten)
+    code = (f"import sys, pytest; code = pytest.main({args!r}); "
+            "from test_ffn_ops import _vector_lanes; "
+            "print('vector lanes', _vector_lanes()); sys.exit(code)")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                            text=True, timeout=600, cwd=os.path.dirname(__file__))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"vector lanes {lanes}\n" in result.stdout, result.stdout[:3000]
     assert " passed" in result.stdout and not re.search(r"\d+ failed", result.stdout)
 
 

@@ -102,32 +102,50 @@ def test_skipped_pairs_reach_no_gradient_through_the_grouped_gemms(monkeypatch):
         torch.testing.assert_close(a, b, msg=name)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("intermediate, hidden", [(6, 10), (12, 8), (16, 24)])
-def test_experts_forward_on_sizes_grouped_gemms_refuse(intermediate, hidden, dtype):
-    """Rows that are not a multiple of 16 bytes (PyTorch's grouped GEMM refuses them on the CPU)
-    run one GEMM per expert instead; a zero weight skips its pair. On the torch backend (the cpu
-    backend's kernels would take these few rows themselves)."""
-    from doe_kernels.models.moe_block import experts_forward
+def _pair_by_pair(x, weights, chosen, gate_up, down_t):
+    """sum_k weights[t, k] * SwiGLU FFN of expert chosen[t, k] on x[t], one pair at a time in x's
+    dtype: float64, the reference; a lower precision, PyTorch's own error there."""
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for k in range(chosen.shape[1]):
+            gate, up = (gate_up[chosen[t, k]] @ x[t]).chunk(2)
+            out[t] += weights[t, k].to(x.dtype) * (torch.nn.functional.silu(gate) * up) @ \
+                down_t[chosen[t, k]]
+    return out
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("intermediate, hidden", [(6, 10), (16, 10), (10, 16)])
+def test_experts_forward_on_sizes_grouped_gemms_refuse(intermediate, hidden, dtype, monkeypatch):
+    """Rows that are not a multiple of 16 bytes (PyTorch's grouped GEMM refuses them on the CPU;
+    here the hidden rows, the intermediate rows or both, in float32 and in bfloat16) run one GEMM
+    per expert instead, never the grouped GEMM; a zero weight skips its pair (no GEMM gets its
+    row). On the torch backend (the cpu backend's kernels would take these few rows themselves);
+    against float64 with twice PyTorch's own error in the dtype allowed."""
+    from doe_kernels.models import moe_block
+
+    grouped, per_expert = [], []  # the grouped GEMM's calls; the rows of each per-expert FFN
+    real_grouped, real_ffn = moe_block._grouped_mm, moe_block.expert_ffn
+    monkeypatch.setattr(moe_block, "_grouped_mm",
+                        lambda *a, **k: grouped.append(1) or real_grouped(*a, **k))
+    monkeypatch.setattr(moe_block, "expert_ffn",
+                        lambda x, *a, **k: per_expert.append(x.shape[0]) or real_ffn(x, *a, **k))
     gen = torch.Generator().manual_seed(0)
     experts, tokens = 4, 7
-    x, gate_up, down_t = (torch.randn(*shape, generator=gen) for shape in
+    x, gate_up, down_t = (torch.randn(*shape, generator=gen).to(dtype) for shape in
                           ((tokens, hidden), (experts, 2 * intermediate, hidden),
                            (experts, intermediate, hidden)))
     weights = torch.rand(tokens, 2, generator=gen)
     weights[0, 1] = 0.0
     chosen = torch.randint(0, experts, (tokens, 2), generator=gen)
-    expected = torch.zeros(tokens, hidden, dtype=torch.float64)
-    for t in range(tokens):
-        for k in range(2):
-            gate, up = (gate_up[chosen[t, k]].double() @ x[t].double()).chunk(2)
-            expected[t] += weights[t, k] * (torch.nn.functional.silu(gate) * up) @ \
-                down_t[chosen[t, k]].double()
-    out = experts_forward(x.to(dtype), weights, chosen, gate_up.to(dtype), down_t.to(dtype),
-                          backend="torch")
-    tolerance = 1e-4 if dtype == torch.float32 else 0.1
-    torch.testing.assert_close(out.double(), expected, atol=tolerance, rtol=tolerance)
+    out = moe_block.experts_forward(x, weights, chosen, gate_up, down_t, backend="torch")
+    assert not grouped
+    pairs = chosen.reshape(-1)[weights.reshape(-1) != 0]
+    assert sorted(per_expert) == sorted(pairs.bincount()[pairs.unique()].tolist())
+    reference = _pair_by_pair(x.double(), weights.double(), chosen, gate_up.double(),
+                              down_t.double())
+    assert_close(out, reference, _pair_by_pair(x, weights, chosen, gate_up, down_t),
+                 f"{intermediate} x {hidden} {dtype}")
 
 
 @pytest.mark.parametrize("cpu_regime", ["fused", "gather"], indirect=True)

@@ -134,23 +134,28 @@ def test_routers_on_one_model_take_turns(served, tokenizer):
 
 
 def test_router_errors_leave_the_model_as_it_was(served, tokenizer):
+    """A refused request (unknown task, bad batch) or a refused expert leaves the model's mask,
+    its weights and buffers (bitwise) and the router's tasks as they were."""
     model, experts, _ = served
     router = dk.ExpertRouter(model, tokenizer)
     router.add("task0", experts["task0"])
     router.run("task0", TEXTS)
-    mask_before = dk.current_mask(model)
+    mask_before, before = dk.current_mask(model), snapshot(model)
     with pytest.raises(KeyError, match="unknown task 'nope'; known tasks: \\['task0'\\]"):
         router.run("nope", TEXTS)
     for bad in ([], [1, 2], None):
         with pytest.raises(ValueError, match="batch"):
             router.run("task0", bad)
     assert dk.current_mask(model) is mask_before
+    assert state_dict_equal(snapshot(model), before)
     other = seq_cls_expert(tiny_bert(num_labels=3), seed=5)
     with pytest.raises(ValueError, match="labels"):
         router.add("task9", other)
     with pytest.raises(TypeError, match="must be a doe_kernels.Expert"):
         router.add("task9", "expert")
     assert router.tasks == ["task0"]
+    assert dk.current_mask(model) is mask_before
+    assert state_dict_equal(snapshot(model), before)
     router.close()
     assert not dk.is_patched(model)
 
