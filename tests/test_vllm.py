@@ -821,6 +821,25 @@ class _StandInLLM:
 MASK = doe_kernels.ExpertMask({0: [1]})
 
 
+def test_first_calls_from_two_threads_install_one_guard():
+    """Two threads making their first doe_kernels.vllm call on one engine at once installed two
+    guards, the second wrapping the first's add_request: every later request failed (KeyError
+    'prompt'). One guard is installed, and both experts' requests are admitted."""
+    import threading
+    import time
+
+    llm = _StandInLLM()
+    llm.during["doe_experts"] = lambda: time.sleep(0.2)  # an RPC takes a while
+    threads = [threading.Thread(target=dkv.add, args=(llm, name, MASK)) for name in "ab"]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert sorted(dkv.experts(llm)) == ["a", "b"]
+    assert llm.request("a") != llm.request("b")  # each its expert's salt
+    assert llm.request(None) is None and len(llm.taken) == 3
+
+
 def test_replacing_an_expert_requests_may_still_name_is_refused_before_any_rpc():
     """An add of a held name while a request naming it may be unfinished swapped the expert
     under that request (its tokens half one expert's, half the other's): refused, as `remove`

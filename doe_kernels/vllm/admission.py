@@ -118,12 +118,26 @@ class Guard:
         return None
 
 
+_INSTALLING = threading.Lock()  # one guard installed at a time, in any engine
+
+
 def guard(llm) -> Guard:
-    """`llm`'s guard, installed on first use (the engine's `add_request` wrapped once)."""
+    """`llm`'s guard, installed on first use (the engine's `add_request` wrapped once, also when
+    several threads make their first call at once: a second wrapper read the first's signature,
+    and every request failed)."""
     engine = llm.llm_engine
     current = engine.__dict__.get("_doe_guard")
     if current is not None:
         return current
+    with _INSTALLING:
+        current = engine.__dict__.get("_doe_guard")
+        if current is None:
+            current = _install(llm, engine)
+    return current
+
+
+def _install(llm, engine) -> Guard:
+    """A new guard of `llm`, its engine's add_request wrapped to admit requests through it."""
     current = Guard(llm)
     add_request = engine.add_request
     signature = inspect.signature(add_request)
