@@ -1182,11 +1182,15 @@ def test_llama_family_models_at_tensor_parallel_size_1(family, tmp_path):
 
 
 @pytest.mark.vllm
-def test_a_weight_reload_rebuilds_the_experts_plans(tmp_path):
+def test_a_weight_reload_rebuilds_the_experts_plans(tmp_path, monkeypatch):
     """vLLM's reload_weights loads new weights into the running model in place: the plugged
     expert and one held for mixed-task batches are built again on them (they kept reading dense
-    copies of the old weights: the dense model was the new one, the experts the old one's)."""
+    copies of the old weights: the dense model was the new one, the experts the old one's); and
+    so after vLLM's weight transfer, which bypasses reload_weights (a stand-in transfer engine,
+    sent to the ranks as a function: pickled, which vLLM allows only when told)."""
     from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 
     old, new = _tiny_llama(tmp_path / "old"), _tiny_llama(tmp_path / "new", seed=1)
     hf = AutoModelForCausalLM.from_pretrained(new, dtype=torch.float32).eval()
@@ -1215,5 +1219,45 @@ def test_a_weight_reload_rebuilds_the_experts_plans(tmp_path):
             _generate_mixed(llm, [(name, prompts[i]) for name, i in requests]),
             _expected_mixed({"held": expected["held"], None: expected["plugged"]}, requests))
         assert dkv.experts(llm) == ["held"]
+        # vLLM's weight transfer (start / update / finish_weight_update, bypassing
+        # reload_weights) back to the old weights: the experts are built again on them too
+        llm.collective_rpc(_stand_in_weight_transfer)
+        llm.collective_rpc("start_weight_update")
+        llm.collective_rpc("update_weights", args=({"path": old},))
+        llm.collective_rpc("finish_weight_update")
+        llm.reset_prefix_cache()
+        assert _generate(llm, prompts) == before
     finally:
         _stop_engine(llm)
+
+
+def _stand_in_weight_transfer(worker) -> None:
+    """Gives `worker` (a rank) a weight transfer engine doing what vLLM's NCCL one does, in
+    checkpoint format, with weights read from a folder (`update_weights({"path": folder})`)."""
+    class FromFolder:
+        supports_draft_weight_update = False
+
+        def start_weight_update(self):
+            from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
+
+            initialize_layerwise_reload(worker.model_runner.model)
+
+        def update_weights(self, info):
+            from safetensors.torch import load_file
+
+            worker.model_runner.model.load_weights(
+                list(load_file(os.path.join(info["path"], "model.safetensors")).items()))
+
+        def finish_weight_update(self):
+            from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+
+            finalize_layerwise_reload(worker.model_runner.model, worker.model_runner.model_config)
+
+        def reset_weight_update_target(self):
+            pass
+
+        def shutdown(self):
+            pass
+
+    # (a callable gets vLLM's wrapper of the worker, which passes attribute reads through)
+    getattr(worker, "worker", worker).weight_transfer_engine = FromFolder()

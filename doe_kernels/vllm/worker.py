@@ -352,11 +352,15 @@ def _plans(layers, model_spec: ModelSpec, mask, shards: tuple, mixed: bool) -> l
 
 
 def _watch_reloads(worker) -> None:
-    """Wrap the worker's `model_runner.reload_weights` (an instance attribute: the extension
-    comes after the worker class, so a method could not override it) so that, after vLLM reloads
-    the weights in place, every plan in use is built again on them (`doe_replan`). A reload in
-    kernel format is refused, before anything is loaded, where the rank keeps copies of weights
-    that vLLM repacked (the CPU's): it would write vLLM's parameters only."""
+    """Wrap the worker's `model_runner.reload_weights` and its `finish_weight_update` (vLLM's
+    weight transfer for RL trainers: `LLM.start_weight_update`, `update_weights`,
+    `finish_weight_update`, which bypasses reload_weights) as instance attributes (the extension
+    comes after the worker class, so a method could not override them; collective_rpc finds
+    them first), so that, after vLLM loads new weights in place, every plan in use is built again
+    on them (`doe_replan`). A reload in kernel format is refused, before anything is loaded,
+    where the rank keeps copies of weights that vLLM repacked (the CPU's): it would write vLLM's
+    parameters only."""
+    _replan_after(worker, "finish_weight_update")
     runner = worker.model_runner
     reload = getattr(runner, "reload_weights", None)
     if reload is None or getattr(reload, "_doe_replans", False):
@@ -378,6 +382,23 @@ def _watch_reloads(worker) -> None:
 
     reloading._doe_replans = True
     runner.reload_weights = reloading
+
+
+def _replan_after(worker, method: str) -> None:
+    """Wrap `worker.<method>` (where the worker has it) so that `doe_replan` runs after it, also
+    when it fails midway (some weights may be new)."""
+    call = getattr(worker, method, None)
+    if call is None or getattr(call, "_doe_replans", False):
+        return
+
+    def replanning(*args, **kwargs):
+        try:
+            return call(*args, **kwargs)
+        finally:
+            worker.doe_replan()
+
+    replanning._doe_replans = True
+    setattr(worker, method, replanning)
 
 
 def _checkpoint_format(reload, args: tuple, kwargs: dict) -> bool:
