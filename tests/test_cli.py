@@ -66,6 +66,7 @@ def test_bench_reports_a_speedup(task_and_expert, capsys):
                      "--repeats", "3"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["dense_ms"] > 0 and result["patched_ms"] > 0
+    assert result["speedup"] == pytest.approx(result["dense_ms"] / result["patched_ms"])
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -1,6 +1,8 @@
 """The command line's promise under misuse: every user mistake prints one line on stderr (no
-traceback, no usage block) and exits 2, checked before long work starts; `serve` answers every bad
-request with an error line and goes on answering."""
+traceback, no usage block) and exits 2, checked before long work starts (before the model loads,
+but for the mistakes only loading the model shows, and always before evaluating, training or
+serving); `serve` answers every bad request with an error line and goes on answering."""
+import importlib
 import io
 import json
 import os
@@ -190,11 +192,43 @@ MISUSE = [
 ]
 
 
+# the mistakes only the loaded model shows (its layers, its positions) or loading it finds (a
+# missing or broken folder, read by load_model where nothing read it before); every other one is
+# refused before cli.load_model runs
+FOUND_BY_LOADING = {"expert-other-model", "eval-texts-past-the-positions",
+                    "serve-texts-past-the-positions", "localize-texts-past-the-positions",
+                    "model-missing", "model-config-json"}
+assert FOUND_BY_LOADING <= {case.id for case in MISUSE}
+
+
+def _forbid_long_work(monkeypatch, loading: bool) -> None:
+    """Make the long work of each command fail the test if it starts: eval's timed pass, prompt
+    tuning, reading requests; and loading the model unless `loading`."""
+    localize = importlib.import_module("doe_kernels.localize")  # (the package, not its function)
+
+    def refuse(what):
+        def started(*args, **kwargs):
+            raise AssertionError(f"{what} before the mistake was found")
+        return started
+
+    class Unread(io.StringIO):
+        __iter__ = read = readline = refuse("serve read a request")
+
+    if not loading:
+        monkeypatch.setattr(cli, "load_model", refuse("the model was loaded"))
+    monkeypatch.setattr(cli, "_timed_correct", refuse("eval's timed pass started"))
+    monkeypatch.setattr(localize, "_tune_prompt", refuse("prompt tuning started"))
+    monkeypatch.setattr("sys.stdin", Unread())
+
+
 @pytest.mark.parametrize("argv, message", MISUSE)
-def test_misuse_reads_as_one_line_and_exits_2(files, argv, message, capsys, monkeypatch):
-    """`{name}` in argv: a path of the `files` fixture (`{{` a literal brace)."""
+def test_misuse_reads_as_one_line_and_exits_2(files, argv, message, capsys, monkeypatch,
+                                              request):
+    """`{name}` in argv: a path of the `files` fixture (`{{` a literal brace). Refused before the
+    model loads, but for FOUND_BY_LOADING, and before any long work."""
     monkeypatch.setattr(backends.cuda, "available", lambda device_type, index=None: False)
     monkeypatch.setattr(backends.triton, "available", lambda device_type, index=None: False)
+    _forbid_long_work(monkeypatch, loading=request.node.callspec.id in FOUND_BY_LOADING)
     capsys.readouterr()
     code = cli.main([arg.format(**files) for arg in argv])
     err = capsys.readouterr().err

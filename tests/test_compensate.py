@@ -140,13 +140,41 @@ def test_padding_is_left_out_of_the_means():
     assert torch.allclose(padded.ffn_bias[0], unpadded.ffn_bias[0], atol=1e-5)
 
 
+def pruned_head_columns(mask, spec, layer):
+    """The attention output projection's input columns of the heads `mask` prunes in `layer`."""
+    pruned = torch.ones(spec.num_heads, dtype=torch.bool)
+    pruned[mask.heads.get(layer, torch.arange(spec.num_heads))] = False
+    return pruned.repeat_interleave(spec.head_dim)
+
+
 def test_mixtral_gets_attention_deltas_only():
+    """The experts get no delta; each layer's attention delta is the pruned heads' mean
+    contribution to its output projection on the unpruned model's inputs, and the compensated
+    first layer's attention (whose input pruning does not change) keeps its mean output."""
     model = mixtral()
+    spec = dk.models.spec_of(model)
     mask = dk.ExpertMask.random(model, ffn_keep=0.5, heads_keep=0.5, experts_keep=0.5)
-    compensated = bias_compensation(model, mask, calibration("llama"))
+    batches = calibration("llama")
+    compensated = bias_compensation(model, mask, batches)
     assert not compensated.ffn_bias and set(compensated.attn_bias) == {0, 1, 2}
+    for index, layer in enumerate(model.model.layers):
+        o_proj = layer.self_attn.o_proj
+        cols = pruned_head_columns(mask, spec, index)
+        x = real_token_rows(model, o_proj, batches, inputs=True)
+        expected = x[:, cols].mean(0) @ o_proj.weight.detach().double()[:, cols].T
+        scale = expected.abs().max().item()
+        assert scale > 1e-3
+        assert torch.allclose(compensated.attn_bias[index].double(), expected, rtol=0,
+                              atol=1e-5 * max(scale, 1.0)), index
+    layer = model.model.layers[0]
+    dense = output_mean(model, layer, "self_attn", batches)
+    with dk.plugged(model, mask):
+        plain = output_mean(model, layer, "self_attn", batches)
     with dk.plugged(model, compensated):
-        pass
+        fixed = output_mean(model, layer, "self_attn", batches)
+    scale = dense.abs().max().item()
+    assert (plain - dense).abs().max().item() > 1e-2 * scale  # pruning moved the mean
+    assert torch.allclose(fixed, dense, atol=1e-5 * max(scale, 1.0), rtol=0)
 
 
 def test_misuse_is_refused():

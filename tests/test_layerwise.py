@@ -183,15 +183,30 @@ def test_token_weights_count_a_token_as_often_as_they_say(name):
                     layerwise_reconstruction(model, mask, repeated), atol=1e-4)
 
 
+def count_unpruned_layers(monkeypatch) -> list:
+    """A list that grows by one per unpruned layer run (layerwise._unpruned_layer): the work
+    that shared targets exist to do once."""
+    from doe_kernels.localize import layerwise
+
+    calls, real = [], layerwise._unpruned_layer
+    monkeypatch.setattr(layerwise, "_unpruned_layer",
+                        lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
+    return calls
+
+
 @pytest.mark.parametrize("name", ["bert", "llama"])
-def test_targets_computed_once_serve_every_mask_and_token_weighting(name):
+def test_targets_computed_once_serve_every_mask_and_token_weighting(name, monkeypatch):
     """One UnprunedTargets serves masks at several rates, with heads or not, and the batches with
-    token weights (the same real tokens): each fit equals the one that computes its own."""
+    token weights (the same real tokens): each fit equals the one that computes its own, and runs
+    no unpruned layer itself."""
     model = build(name)
     batches = calibration(name, count=3)
     weighted = [dict(batch, token_weights=batch["attention_mask"].float() * (1 + seed))
                 for seed, batch in enumerate(batches)]
+    unpruned_layers = count_unpruned_layers(monkeypatch)
     shared = UnprunedTargets(model, batches)
+    layers = dk.models.spec_of(model).num_layers
+    assert len(unpruned_layers) == layers
     assert shared.kinds == ("heads", "ffn")
     assert not any(y.requires_grad for layer in shared.layers for kind in layer.values()
                    for y in kind)  # no autograd graph kept alive
@@ -199,8 +214,12 @@ def test_targets_computed_once_serve_every_mask_and_token_weighting(name):
         for heads_keep in (1.0, 0.5):
             mask = dk.ExpertMask.random(model, ffn_keep=keep, heads_keep=heads_keep, seed=3)
             for data in (batches, weighted):
-                assert_same_fit(layerwise_reconstruction(model, mask, data, unpruned=shared),
-                                layerwise_reconstruction(model, mask, data), atol=0)
+                before = len(unpruned_layers)
+                fitted = layerwise_reconstruction(model, mask, data, unpruned=shared)
+                assert len(unpruned_layers) == before  # the shared targets, nothing recomputed
+                own = layerwise_reconstruction(model, mask, data)
+                assert len(unpruned_layers) == before + layers  # (this one computes its own)
+                assert_same_fit(fitted, own, atol=0)
 
 
 def test_targets_of_other_batches_or_kinds_are_refused():

@@ -90,11 +90,27 @@ def _gold_logit(model, expert, ids, attention, gold, zero=None):
             handle.remove()
 
 
+HEAD_GAIN = 1000.0  # zeroing a layer moves the tiny models' gold logit by only 4e-5 to 2e-2
+
+
+def _loud_head(model):
+    """`model` with its output head (BERT's classifier, LLaMA's lm_head) scaled by HEAD_GAIN: the
+    label logits, so the logit changes and the scores, scale by it alike (the head is linear)."""
+    head = model.classifier if hasattr(model, "classifier") else model.lm_head
+    with torch.no_grad():
+        head.weight.mul_(HEAD_GAIN)
+        if head.bias is not None:
+            head.bias.mul_(HEAD_GAIN)
+    return model
+
+
 @pytest.mark.parametrize("family", ["bert", "llama"])
 def test_integrated_gradients_completeness(tokenizer, family, one_thread):
     """One example, signed scores: the scores of a layer's units, times its token count, add up to
-    the gold logit minus the gold logit with that layer's units zeroed (IG's completeness)."""
-    model = tiny_bert() if family == "bert" else tiny_llama()
+    the gold logit minus the gold logit with that layer's units zeroed (IG's completeness), to 1%.
+    The head is scaled up so that every one of the four logit changes is over 20 times the
+    tolerance: scores of the wrong sign, or zero, fail each check."""
+    model = _loud_head(tiny_bert() if family == "bert" else tiny_llama())
     if family == "bert":
         expert = classifier_expert(model)
     else:
@@ -113,8 +129,10 @@ def test_integrated_gradients_completeness(tokenizer, family, one_thread):
     for layer in range(2):
         for scores, module in ((ffn, points[layer][0]), (heads, points[layer][1])):
             zeroed = _gold_logit(model, expert, ids, attention, gold, zero=module)
-            assert float(scores[layer].sum()) * tokens == pytest.approx(full - zeroed, abs=2e-3,
-                                                                         rel=2e-2)
+            tolerance = max(1e-2 * abs(full - zeroed), 1e-3)
+            assert abs(full - zeroed) > 20 * tolerance
+            assert float(scores[layer].sum()) * tokens == pytest.approx(full - zeroed,
+                                                                         abs=tolerance)
 
 
 def test_fisher_scores_are_squared_mask_gradients_of_the_loss(tokenizer, one_thread):
@@ -304,9 +322,12 @@ def test_search_margin_raises_the_bar_per_rate():
     assert none.rate == 0.0 and all(not ok for _, _, ok in none.history)
     half = search_rate(accuracy, 0.9, tolerance=0.02, resolution=1e-3, margin=lambda r: 0.01)
     assert half.rate == pytest.approx(0.51, abs=1e-3)  # like tolerance 0.01 without a margin
+    accuracy, evaluated = cliff(0.5)  # some rates pass, some fail
     seen = []
-    search_rate(accuracy, 0.9, resolution=0.1, margin=lambda r: seen.append(r) or 0.0)
-    assert seen and all(r == round(r, 6) for r in seen)  # called once per evaluated rate
+    result = search_rate(accuracy, 0.9, resolution=0.1, margin=lambda r: seen.append(r) or 0.0)
+    # called once per evaluated rate, passing or failing, with the rounded rate
+    assert len(seen) >= 3 and seen == evaluated == [r for r, _, _ in result.history]
+    assert len(set(seen)) == len(seen) and all(r == round(r, 6) for r in seen)
 
 
 def test_paired_change_counts_only_the_answers_that_changed():

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import doe_kernels as dk
-from model_utils import build
+from model_utils import build, snapshot, state_dict_equal
 
 
 def test_constructor_normalises_and_checks_indices():
@@ -401,14 +401,21 @@ def test_a_mask_records_the_hidden_size_head_dim_and_top_k():
     for model, match in [(_tiny_llama(64), "hidden_size=32, but the model has hidden_size=64"),
                          (_tiny_llama(32, head_dim=16), "head_dim=8, but the model has "
                                                         "head_dim=16")]:
-        with pytest.raises(ValueError, match=match):
-            dk.patch(model, mask)
-        assert not dk.is_patched(model)
+        _refused_unchanged(model, mask, match)
     moe = dk.ExpertMask.random(mixtral(num_experts=4, top_k=2), 1.0, 1.0, experts_keep=0.5)
-    other = mixtral(num_experts=4, top_k=1, seed=1)
-    with pytest.raises(ValueError, match="top_k=2, but the model has top_k=1"):
-        dk.patch(other, moe)
-    assert not dk.is_patched(other)
+    _refused_unchanged(mixtral(num_experts=4, top_k=1, seed=1), moe,
+                       "top_k=2, but the model has top_k=1")
+
+
+def _refused_unchanged(model, mask, match):
+    """dk.patch(model, mask) raises ValueError matching `match`, and the model is as it was: not
+    patched, the same modules, the same state_dict."""
+    before, modules = snapshot(model), [type(m) for m in model.modules()]
+    with pytest.raises(ValueError, match=match):
+        dk.patch(model, mask)
+    assert not dk.is_patched(model)
+    assert [type(m) for m in model.modules()] == modules
+    assert state_dict_equal(before, snapshot(model))
 
 
 def test_a_mask_file_recording_fewer_sizes_still_loads_and_patches(tmp_path):

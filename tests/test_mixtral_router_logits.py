@@ -78,16 +78,26 @@ def test_full_mask_router_logits_and_aux_loss_equal_unpatched():
 
 
 def test_router_logits_from_config():
+    """config.output_router_logits instead of the keyword: the unpatched shapes, and router
+    logits and auxiliary loss equal to the reference's (as the keyword's in the test above)."""
     model = mixtral()
     model.config.output_router_logits = True
     ids, attention = _inputs()
+    mask = _pruned_mask(model)
     with torch.no_grad():
-        expected = model(input_ids=ids, attention_mask=attention)
-        with dk.plugged(model, _pruned_mask(model)):
+        expected = moe_reference(model, mask).double()(input_ids=ids, attention_mask=attention)
+        same_dtype = moe_reference(model, mask)(input_ids=ids, attention_mask=attention)
+        unpatched = model(input_ids=ids, attention_mask=attention)
+        with dk.plugged(model, mask):
             got = model(input_ids=ids, attention_mask=attention)
     assert len(got.router_logits) == LAYERS
-    assert [r.shape for r in got.router_logits] == [r.shape for r in expected.router_logits]
-    assert torch.isfinite(got.aux_loss)
+    assert [r.shape for r in got.router_logits] == [r.shape for r in unpatched.router_logits]
+    routers, ref_routers, same_routers = (_tokens(out, attention)[1]
+                                          for out in (got, expected, same_dtype))
+    for layer, (g, e, s) in enumerate(zip(routers, ref_routers, same_routers)):
+        assert_close(g, e, s, f"router logits of layer {layer}")
+    assert_close(got.aux_loss, expected.aux_loss, same_dtype.aux_loss, "aux_loss")
+    assert not torch.allclose(got.aux_loss, unpatched.aux_loss)  # pruning moved the router logits
 
 
 @pytest.mark.parametrize("first", ["patched", "unpatched"])

@@ -72,10 +72,14 @@ def test_each_mode_fits_what_it_names(tokenizer, mode):
 
 def test_the_unpruned_targets_are_computed_once_per_run(tokenizer, monkeypatch):
     """Every candidate's layer-wise fits, at both read-out weights, share one set of unpruned
-    targets; a mask pruning a kind of projection the earlier ones did not gets them again."""
+    targets; a mask pruning a kind of projection the earlier ones did not gets them again. The
+    fits use them: the unpruned model's layers run only where targets are built."""
     from doe_kernels.localize import reconstruct
+    from test_layerwise import count_unpruned_layers
 
     run, train, tuned, _ = setup(tokenizer)
+    unpruned_layers = count_unpruned_layers(monkeypatch)
+    layers = run.model.config.num_hidden_layers
     built = []
 
     class Counted(reconstruct.UnprunedTargets):
@@ -89,12 +93,12 @@ def test_the_unpruned_targets_are_computed_once_per_run(tokenizer, monkeypatch):
                                 tuned.prompt, tuned.head) for rate in (0.3, 0.6)]
     for candidate in ffn_only:
         reconstructor(run, candidate)
-    assert built == [("ffn",)]
+    assert built == [("ffn",)] and len(unpruned_layers) == layers
     with_heads = run.task.expert(seq_cls_expert(run.model, rate=0.5).mask, tuned.prompt,
                                  tuned.head)
     reconstructor(run, with_heads)
     reconstructor(run, ffn_only[0])
-    assert built == [("ffn",), ("ffn", "heads")]
+    assert built == [("ffn",), ("ffn", "heads")] and len(unpruned_layers) == 2 * layers
 
 
 

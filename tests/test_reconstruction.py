@@ -181,12 +181,39 @@ class _Tokenizer:
 
 
 def test_mixtral_gets_head_scales_only():
+    """The experts get no scale or delta; each layer's head scales and attention delta are the
+    direct least-squares solution on the unpruned model's inputs to its output projection (as
+    `test_scales_and_bias_are_the_least_squares_solution` solves an FFN's)."""
     model = mixtral()
+    spec = dk.models.spec_of(model)
     mask = dk.ExpertMask.random(model, ffn_keep=0.5, heads_keep=0.5, experts_keep=0.5)
-    fitted = reconstruction(model, mask, calibration("llama"))
+    batches = calibration("llama")
+    fitted = reconstruction(model, mask, batches, ridge=0.0)
     assert not fitted.ffn_scales and not fitted.ffn_bias and set(fitted.head_scales) == {0, 1, 2}
+    for index, layer in enumerate(model.model.layers):
+        o_proj = layer.self_attn.o_proj
+        x = real_token_rows(model, o_proj, batches, inputs=True)
+        scales, bias = head_least_squares(x, o_proj.weight.detach().double(), mask.heads[index],
+                                          spec.head_dim)
+        assert (scales - 1).abs().max() > 1e-2  # a fit that does something
+        assert torch.allclose(fitted.head_scales[index].double(), scales, atol=1e-3), index
+        assert torch.allclose(fitted.attn_bias[index].double(), bias, atol=1e-3), index
     with dk.plugged(model, fitted):
         pass
+
+
+def head_least_squares(x, weight, kept, head_dim):
+    """(scales of the kept heads, bias) minimising the squared error of the kept heads' scaled
+    contributions plus the bias against the unpruned projection x W^T, one equation per (token,
+    output feature): a direct solve."""
+    tokens, hidden = x.shape[0], weight.shape[0]
+    columns = [x[:, h * head_dim:(h + 1) * head_dim] @ weight[:, h * head_dim:(h + 1) * head_dim].T
+               for h in kept.tolist()]  # each kept head's contribution (tokens, hidden)
+    columns = torch.stack(columns, -1).reshape(tokens * hidden, -1)
+    intercepts = torch.eye(hidden, dtype=torch.float64).repeat(tokens, 1)
+    system = torch.cat((columns, intercepts), dim=1)
+    solution = torch.linalg.lstsq(system, (x @ weight.T).reshape(-1, 1)).solution[:, 0]
+    return solution[:len(kept)], solution[len(kept):]
 
 
 def test_misuse_is_refused():

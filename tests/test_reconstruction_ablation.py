@@ -4,12 +4,21 @@ import json
 
 import pytest
 
+from doe_kernels.localize import paired_change
 from expert_utils import sentiment_task
 from real_models import minilm_dir
 
 import reconstruction_ablation  # python/, on the tests' path (pyproject.toml: pythonpath)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _paired_from_counts(gained, lost, examples) -> dict:
+    """paired_change of answers gaining `gained` and losing `lost` of `examples`: what a row's
+    change and standard error must be, whichever examples changed."""
+    same = examples - gained - lost
+    return paired_change([True] * gained + [False] * lost + [True] * same,
+                         [False] * gained + [True] * lost + [True] * same)
 
 
 def test_tiny_ablation_writes_a_row_per_variant(tmp_path, monkeypatch, capsys):
@@ -47,7 +56,10 @@ def test_tiny_ablation_writes_a_row_per_variant(tmp_path, monkeypatch, capsys):
         for kind in reconstruction_ablation.VARIANTS:
             figures = row[kind]
             assert figures["change"] == pytest.approx(figures["accuracy"] - dense)
-            assert figures["change_se"] >= 0 and figures["gained"] + figures["lost"] <= 16
+            # the paired figures (a standard error of 0 where no answer changed), not unpaired
+            paired = {k: figures[k] for k in ("change", "change_se", "gained", "lost")}
+            assert paired == pytest.approx(_paired_from_counts(figures["gained"],
+                                                               figures["lost"], 16))
         versus = row["scales_vs_plain"]
         assert versus["change"] == pytest.approx(row["scales"]["accuracy"]
                                                  - row["plain"]["accuracy"])

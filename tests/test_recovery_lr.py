@@ -8,6 +8,7 @@ from conftest import stub_commit
 
 import doe_kernels as dk
 from doe_kernels.expert import model_sizes
+from doe_kernels.localize import paired_change
 from expert_utils import sentiment_task
 from real_models import minilm_dir
 
@@ -37,10 +38,31 @@ def _saved_expert(tmp_path, monkeypatch, train_examples=16):
 
     monkeypatch.setattr(recovery_lr.up, "task_splits", task_splits)
     monkeypatch.setattr(recovery_lr, "JUDGED", 8)
+    return data
+
+
+def _paired_from_counts(gained, lost, examples) -> dict:
+    """paired_change of answers gaining `gained` and losing `lost` of `examples`: what a row's
+    change and standard error must be, whichever examples changed."""
+    same = examples - gained - lost
+    return paired_change([True] * gained + [False] * lost + [True] * same,
+                         [False] * gained + [True] * lost + [True] * same)
+
+
+def _assert_paired_with_the_dense_expert(rows, examples):
+    """Each row's change, standard error and counts are paired_change's against the dense
+    expert's answers on all `examples` validation examples: one baseline for every row."""
+    for row in rows:
+        figures = {k: row[k] for k in ("change", "change_se", "gained", "lost")}
+        assert figures == pytest.approx(_paired_from_counts(row["gained"], row["lost"], examples))
+        assert row["validation"] - row["change"] == pytest.approx(rows[0]["validation"]
+                                                                  - rows[0]["change"])
 
 
 def test_a_row_per_rate_and_learning_rate(tmp_path, monkeypatch):
-    _saved_expert(tmp_path, monkeypatch)
+    """The rows in order, the unpruned expert at zero divergence, and each row's paired figures
+    (the re-tuned unpruned expert changes answers both ways, so the standard error is tried)."""
+    data = _saved_expert(tmp_path, monkeypatch)
     out = tmp_path / "recovery_lr.json"
     result = recovery_lr.main(["--start-from", str(tmp_path), "--tasks", "sentiment",
                                "--rates", "0", "0.5", "--lrs", "0.03", "--out", str(out)])
@@ -52,9 +74,13 @@ def test_a_row_per_rate_and_learning_rate(tmp_path, monkeypatch):
     assert rows[0]["kl"] == pytest.approx(0, abs=1e-6)  # the unpruned expert as it is
     assert all(row["kl"] >= -1e-9 and 0 <= row["validation"] <= 1 for row in rows)
     assert rows[2]["kl"] > rows[0]["kl"]  # pruning half the neurons moves the answers
+    assert rows[1]["gained"] > 0 and rows[1]["lost"] > 0
+    _assert_paired_with_the_dense_expert(rows, len(data["validation"]))
 
 
 def test_a_row_per_schedule_and_seed_of_reconstructed_candidates(tmp_path, monkeypatch):
+    """The rows in order, each schedule and each seed re-tuning to another prompt. (No re-tuning
+    here changes an answer, so the paired figures are checked in the test above.)"""
     _saved_expert(tmp_path, monkeypatch, train_examples=24)  # two steps of 16 and 8
     result = recovery_lr.main(["--start-from", str(tmp_path), "--tasks", "sentiment",
                                "--rates", "0.5", "--lrs", "0.03", "--schedules", "constant",
@@ -65,7 +91,8 @@ def test_a_row_per_schedule_and_seed_of_reconstructed_candidates(tmp_path, monke
         (None, None, None), (0.03, "constant", 0), (0.03, "constant", 1), (0.03, "linear", 0),
         (0.03, "linear", 1)]
     assert all(row["reconstruction"] is not None for row in rows)  # "auto" names its choice
-    assert all(row["gained"] + row["lost"] <= 24 and row["change_se"] >= 0 for row in rows)
+    # the seed orders the 24 examples into the two steps: another prompt, other logits
+    assert rows[1]["kl"] != rows[2]["kl"] and rows[3]["kl"] != rows[4]["kl"]
     # the second step runs at half the rate with the decay: another prompt, other answers
     assert rows[1]["kl"] != rows[3]["kl"] and rows[2]["kl"] != rows[4]["kl"]
 

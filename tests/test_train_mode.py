@@ -162,10 +162,47 @@ def test_every_weight_gets_a_gradient_where_a_layer_keeps_nothing(name):
     mask = mixed_mask(model)
     spec = dk.models.spec_of(model)
     assert any(mask.heads.get(l, torch.arange(1)).numel() == 0 for l in range(spec.num_layers))
+    names = {p: n for n, p in model.named_parameters()}
+    expected = _masked_dense_gradients(model, mask, name)
     with dk.plugged(model, mask):
         grads = _gradients_of_every_parameter(model, name)
-    names = {p: n for n, p in model.named_parameters()}
     assert not [names[p] for p, g in grads.items() if g is None]
+    for param, grad in grads.items():
+        want = expected[names[param]]
+        scale = max(1.0, want.abs().max().item())
+        torch.testing.assert_close(grad, want, rtol=1e-4, atol=1e-6 * scale, msg=names[param])
+        assert not grad[want == 0].any(), names[param]  # the pruned units' entries: exact zeros
+    _, layers, _ = dk.models.describe(model)
+    down, o_proj = _output_projections(layers[0])[0], _output_projections(layers[2])[1]
+    assert not grads[down.weight].any() and not grads[o_proj.weight].any()  # keep nothing
+    assert grads[_output_projections(layers[1])[0].weight].any()  # keeps everything
+
+
+def _output_projections(layer):
+    """(down, attention output) projections of a BERT or LLaMA-family layer."""
+    if hasattr(layer, "mlp"):
+        return layer.mlp.down_proj, layer.self_attn.o_proj
+    return layer.output.dense, layer.attention.output.dense
+
+
+def _masked_dense_gradients(model, mask, name):
+    """{parameter name: gradient} of the masked-dense model, the columns of the down and
+    attention output projections that read pruned units zeroed: the masked-dense model zeroes
+    those weights, not their gradients, but the patched model reads no such column (a pruned
+    head's values are not zero, so the dense gradient there is not either)."""
+    dense = masked_dense(model, mask)
+    names = {p: n for n, p in dense.named_parameters()}
+    grads = {names[p]: g for p, g in _gradients_of_every_parameter(dense, name).items()}
+    _, layers, spec = dk.models.describe(dense)
+    for index, layer in enumerate(layers):
+        down, o_proj = _output_projections(layer)
+        neurons = torch.ones(spec.intermediate_size, dtype=torch.bool)
+        neurons[mask.ffn.get(index, torch.arange(spec.intermediate_size))] = False
+        heads = torch.ones(spec.num_heads, dtype=torch.bool)
+        heads[mask.heads.get(index, torch.arange(spec.num_heads))] = False
+        grads[names[down.weight]][:, neurons] = 0
+        grads[names[o_proj.weight]][:, heads.repeat_interleave(spec.head_dim)] = 0
+    return grads
 
 
 OPTIMIZERS = {  # Adam's eps keeps rounding-sized gradients from taking whole steps
