@@ -27,6 +27,7 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
+from doe_kernels.backends import check_backend_name
 from doe_kernels.files import (FLOAT_DTYPES, FileFormatError, parse_json, read_safetensors,
                                 write_safetensors)
 from doe_kernels.mask import KEEP_ALL, ExpertMask
@@ -133,6 +134,15 @@ def chat_template(tokenizer, instruction: str) -> str:
         chat = chat[len(bos):]  # the tokenizer adds its BOS itself: not twice
     escaped = chat.replace("{", "{{").replace("}", "}}")  # templates are filled by str.format
     return escaped.replace(marker, "{text}")
+
+
+def _text_list(texts) -> list:
+    """`texts` (one text, or an iterable of them) as a list; TypeError for anything else."""
+    if isinstance(texts, str):
+        return [texts]
+    if not isinstance(texts, Iterable):
+        raise TypeError(f"texts must be a text or a list of texts, got {type(texts).__name__}")
+    return list(texts)
 
 
 def check_texts(texts: list) -> None:
@@ -580,6 +590,9 @@ class Expert:
         restored on exit, also when the body raises. An expert without a mask (`dense()`) runs
         the whole model: on a model patched with another expert, a keep-everything mask is
         plugged for the body."""
+        check_backend_name(backend)  # (also where no mask is plugged, which would check it)
+        if not isinstance(prune, bool):
+            raise TypeError(f"prune must be True or False, got {prune!r}")
         self.check_fits(model)
         params = dict(unwrap_compiled(model).named_parameters())  # (a torch.compile wrapper's
         # names start with "_orig_mod.")
@@ -672,15 +685,16 @@ class Expert:
         """(n, num_labels) float32 CPU logits. Uses the expert as plugged; when it is not plugged
         into `model`, plugs it (mask and head) for the call."""
         check_batch_size(batch_size)
-        if isinstance(texts, str):
-            texts = [texts]
-        texts = list(texts)
+        texts = _text_list(texts)
+        check_texts(texts)  # (before the expert is plugged, and before the texts are sorted)
+        if not callable(tokenizer):
+            raise TypeError(f"tokenizer must be a HuggingFace tokenizer, got "
+                            f"{type(tokenizer).__name__}")
         if getattr(model, _PLUGGED_ATTR, None) is not self:
             with self.plugged(model, backend=backend):
                 return self.predict_logits(model, tokenizer, texts, batch_size, backend)
         if not texts:
             return torch.empty(0, len(self.label_names))
-        check_texts(texts)  # (before they are sorted by their tokenized lengths)
         # batches of like lengths, little padding to run (one batch: as given, nothing to sort)
         order = by_length(tokenizer, texts) if len(texts) > batch_size else range(len(texts))
         out = []

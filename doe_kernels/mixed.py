@@ -104,6 +104,9 @@ def mixed(model, masks, backend: str = "auto", attention_mask=None, pack_layers:
     whose FFN runs in chunks of tokens: chunk_size_feed_forward > 0 in its config or a layer).
     A model that reads a padding position (a BERT classifier's first token, left-padded) reads
     what `mixed` leaves there, not what the model alone computes there."""
+    for name, flag in (("pack_layers", pack_layers), ("dynamic_skip", dynamic_skip)):
+        if not isinstance(flag, bool):  # (a string "no" would turn it on)
+            raise TypeError(f"{name} must be True or False, got {flag!r}")
     masks = _as_masks(masks)
     real = _real_tokens(attention_mask, len(masks))
     given, model = model, unwrap_compiled(model)

@@ -376,6 +376,31 @@ def test_texts_that_are_not_strings_are_refused(tokenizer, task_type):
         encode(tokenizer, ["a fine film", None], task_type, None, 32)
 
 
+def test_bad_texts_tokenizers_and_options_are_refused_before_the_expert_is_plugged(tokenizer):
+    """predict / predict_logits checked their texts and tokenizer only once the expert was
+    plugged (a patch and an unpatch run for nothing; the down projections' storage replaced),
+    with torch's or Python's messages ('NoneType' object is not callable); a misspelled backend
+    or a non-bool prune of an expert without a mask went unchecked (no mask to plug)."""
+    model = tiny_bert()
+    expert = seq_cls_expert(model, rate=0.5, seed=1)
+    before, storage = snapshot(model), model.bert.encoder.layer[0].output.dense.weight.data_ptr()
+    refusals = [
+        (lambda: expert.predict(model, tokenizer, [None]), ValueError, "texts must be strings"),
+        (lambda: expert.predict(model, tokenizer, None), TypeError, "texts must be a text or"),
+        (lambda: expert.predict(model, None, ["a fine film"]), TypeError,
+         "tokenizer must be a HuggingFace tokenizer, got NoneType"),
+        (lambda: expert.dense().predict_logits(model, tokenizer, TEXTS, backend="cpux"),
+         ValueError, "cpux"),
+        (lambda: expert.dense().plugged(model, prune="no").__enter__(), TypeError,
+         "prune must be True or False"),
+    ]
+    for call, error, message in refusals:
+        with pytest.raises(error, match=message):
+            call()
+        assert not dk.is_patched(model) and state_dict_equal(snapshot(model), before)
+        assert model.bert.encoder.layer[0].output.dense.weight.data_ptr() == storage
+
+
 def test_long_texts_lose_their_end_never_the_template(tokenizer):
     """A causal LM is scored at the last position, so the template's end must survive truncation."""
     template = "Review: {text}\nMood:"

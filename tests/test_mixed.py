@@ -622,6 +622,10 @@ def test_bad_input_is_refused_and_changes_nothing():
     with pytest.raises(RuntimeError, match="nest"):
         with dk.mixed(model, [None]), dk.mixed(model, [None]):
             pytest.fail("the body must not run")
+    for flag in ("pack_layers", "dynamic_skip"):  # (a string "no" turned it on)
+        with pytest.raises(TypeError, match=f"{flag} must be True or False, got 'no'"):
+            with dk.mixed(model, [None] * 3, attention_mask=attention, **{flag: "no"}):
+                pytest.fail("the body must not run")
     assert not dk.is_patched(model)
     assert state_dict_equal(snapshot(model), before)
 
