@@ -2,7 +2,9 @@
 selection, skipping thresholds, upcycling (LLaMA and Mistral only), and the errors for masks,
 models, calibration data and arguments that do not fit, raised before anything changes."""
 import math
+import re
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -603,6 +605,71 @@ def test_select_experts_and_skip_thresholds_read_a_generator_once(inputs):
         with pytest.raises(TypeError, match="calibration must be token ids.* got int"):
             run(5)
     assert not passes and not dk.is_patched(model)
+
+
+def _bad_calibration(case):
+    """Calibration data (3 x 9 ids, vocabulary 120) with one bad batch, by name."""
+    ids, attention = _inputs()
+    return {"float ids": ids.float(), "ids past the vocabulary": ids + 120,
+            "negative ids": -ids, "3-d ids": ids[None], "empty ids": ids[:, :0],
+            "mask shape": [ids, {"input_ids": ids, "attention_mask": attention[:, :-1]}],
+            "mask values": (b for b in [ids, {"input_ids": ids, "attention_mask": attention * 2}])
+            }[case]
+
+
+@pytest.mark.parametrize("case,error,match", [
+    ("float ids", TypeError, "batch 0: input_ids must be an int64 or int32 tensor.* got torch.float32"),
+    ("ids past the vocabulary", ValueError,
+     r"batch 0: input_ids must lie in \[0, 120\) .* got values from 1\d\d to 2\d\d"),
+    ("negative ids", ValueError, r"batch 0: input_ids must lie in \[0, 120\) .* got values from -"),
+    ("3-d ids", ValueError, r"batch 0: input_ids must be a non-empty .* got shape \(1, 3, 9\)"),
+    ("empty ids", ValueError, r"batch 0: input_ids must be a non-empty .* got shape \(3, 0\)"),
+    ("mask shape", ValueError,
+     r"calibration batch 1: attention_mask has shape \(3, 8\) but input_ids \(3, 9\)"),
+    ("mask values", ValueError, "calibration batch 1: attention_mask must hold only 0 .* and 1")])
+def test_moe_calibration_batches_are_checked_before_the_model_is_patched(case, error, match):
+    """Float ids, ids outside the vocabulary, an attention_mask of another shape or with other
+    values than 0 and 1 failed inside the forward pass (an embedding or indexing error, or ran):
+    each batch is refused, naming it and the problem, before any pass and before the model is
+    patched."""
+    model = mixtral(layers=2)
+    before = snapshot(model)
+    passes = _count_passes(model)
+    for run in (lambda c: dk.moe.skip_thresholds(model, c),
+                lambda c: dk.moe.select_experts(model, c, keep=4, progress=False)):
+        with pytest.raises(error, match=match):
+            run(_bad_calibration(case))
+    assert not passes and not dk.is_patched(model)
+    assert state_dict_equal(snapshot(model), before)
+
+
+def test_moe_checks_take_int32_ids_the_vocabularys_ends_bool_masks_and_numpy_budgets():
+    """What the checks let through gives what int64 ids, a 0/1 integer mask and an int
+    memory_budget give."""
+    model = mixtral(layers=2)
+    ids, attention = _inputs()
+    ids[0, 0], ids[2, 3] = 0, 119
+    plain = {"input_ids": ids, "attention_mask": attention}
+    other = {"input_ids": ids.int(), "attention_mask": attention.bool()}
+    assert dk.moe.skip_thresholds(model, other) == dk.moe.skip_thresholds(model, plain)
+    expected = dk.moe.select_experts(model, plain, keep=4, memory_budget=1, progress=False)
+    assert dk.moe.select_experts(model, other, keep=4, memory_budget=1, progress=False) == expected
+    assert dk.moe.select_experts(model, plain, keep=4, memory_budget=np.int64(1),
+                                 progress=False) == expected
+
+
+@pytest.mark.parametrize("budget", [-1, 0, "1G", 2.5, True, None])
+def test_select_experts_refuses_bad_memory_budget_before_any_pass(budget):
+    """memory_budget (bytes) -1 or 0 was taken, "1G" failed after a full selection pass: anything
+    but an integer >= 1 (a numpy integer too) is refused, naming it, before any forward pass."""
+    model = mixtral(layers=2)
+    before = snapshot(model)
+    passes = _count_passes(model)
+    with pytest.raises(ValueError, match=r"memory_budget must be an int >= 1 \(bytes\), got "
+                       + re.escape(repr(budget))):
+        dk.moe.select_experts(model, _inputs()[0], keep=4, memory_budget=budget, progress=False)
+    assert not passes and not dk.is_patched(model)
+    assert state_dict_equal(snapshot(model), before)
 
 
 def test_upcycle_and_select_experts_refuse_what_they_cannot_use():

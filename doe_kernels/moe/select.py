@@ -9,6 +9,7 @@ layer's inputs depend on the choices before it). Expert outputs are computed in 
 """
 import itertools
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -36,18 +37,21 @@ def select_experts(model, calibration, keep, inputs: str = "original", mask: Exp
     `keep` leaves whole; in a layer it prunes, the chosen subset (of all the layer's experts)
     replaces the entry. The model is left as it was. The calibration data is read once, before
     any pass (a generator is taken: the selection runs several passes over it); `chunk_tokens`
-    (tokens per chunk of expert outputs) must be an int >= 1.
+    (tokens per chunk of expert outputs) and `memory_budget` (bytes of captured layer inputs per
+    pass, with original inputs) must be ints >= 1; each calibration batch is checked (token ids
+    within the model's vocabulary, an attention_mask of their shape holding 0 and 1) first.
     """
     if inputs not in ("original", "pruned"):
         raise ValueError(f"inputs must be 'original' or 'pruned', got {inputs!r}")
     check_count("chunk_tokens", chunk_tokens)
+    memory_budget = _budget(memory_budget)
     spec = spec_of(model)
     if not spec.num_experts:
         raise ValueError(f"{type(model).__name__} has no mixture-of-experts layers")
     counts = _counts(keep, spec)
     base = mask if mask is not None else ExpertMask(spec=spec.as_dict())
     base.check_spec(spec)
-    calibration = batches(calibration)  # (a list: every pass reads it again)
+    calibration = batches(calibration, model)  # (a list: every pass reads it again)
     chosen = dict(base.moe)
     layers = [l for l in range(spec.num_layers) if counts[l] < spec.num_experts]
     selected = list(layers)
@@ -74,6 +78,14 @@ def select_experts(model, calibration, keep, inputs: str = "original", mask: Exp
     # skipping thresholds were measured among the layer's old experts: dropped where they change
     skip = {l: beta for l, beta in base.skip.items() if l not in selected}
     return base.replace(spec.as_dict(), moe=chosen, skip=skip)
+
+
+def _budget(memory_budget) -> int:
+    """`memory_budget` as an int (a numpy integer too), refused unless an integer >= 1 (bytes)."""
+    if isinstance(memory_budget, numbers.Integral) and not isinstance(memory_budget, bool):
+        memory_budget = int(memory_budget)
+    check_count("memory_budget", memory_budget, " (bytes)")
+    return memory_budget
 
 
 def _counts(keep, spec) -> dict:

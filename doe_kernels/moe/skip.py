@@ -21,7 +21,7 @@ def skip_thresholds(model, calibration, mask: ExpertMask | None = None) -> dict:
     spec = spec_of(model)
     if not spec.num_experts or spec.top_k < 2:
         raise ValueError("dynamic skipping needs a mixture-of-experts model with top-k >= 2")
-    calibration = batches(calibration)
+    calibration = batches(calibration, model)
     ratios = {l: [] for l in range(spec.num_layers)}
 
     def record(layer, block, x):
