@@ -14,6 +14,7 @@ on those); a mask without them is checked against a model's sizes only when plug
 Saved in safetensors.
 """
 import json
+import numbers
 import re
 from collections.abc import Mapping
 
@@ -21,15 +22,23 @@ import torch
 
 from doe_kernels.files import (FLOAT_DTYPES, FileFormatError, parse_json, read_safetensors,
                                 write_safetensors)
-from doe_kernels.models import ModelSpec, spec_of
+from doe_kernels.models import ADAPTERS, ModelSpec, spec_of
 from doe_kernels.ops.checks import check_sorted_unique
 
 # the sizes a mask records (hidden_size, head_dim and top_k since masks of older versions, whose
 # files lack them: each is compared only when recorded)
 _SPEC_KEYS = ("model_type", "num_layers", "hidden_size", "intermediate_size", "num_heads",
               "num_kv_heads", "head_dim", "num_experts", "top_k")
+# keys a spec given may hold that a mask does not record, accepted (checked) and dropped:
+# `family` (ModelSpec.as_dict() gives it; unit_weights weighs neurons by it, so it must name a
+# known family) and `vocab_size` (an Expert's `sizes`, which localize passes as the spec). Any
+# other key is refused (a mistyped one was dropped silently). Saved masks need no more: every
+# version wrote only the keys of _SPEC_KEYS it recorded, all still known.
+_GIVEN_ONLY_KEYS = ("family", "vocab_size")
+_FAMILIES = tuple(adapter.FAMILY for adapter in ADAPTERS)  # bert, llama, mixtral
 _SIZE_KEYS = ("num_layers", "intermediate_size", "num_heads")  # what summary() needs
-_POSITIVE_KEYS = _SIZE_KEYS + ("hidden_size", "head_dim")  # a model has at least one of each
+# a model has at least one of each
+_POSITIVE_KEYS = _SIZE_KEYS + ("hidden_size", "head_dim", "vocab_size")
 _INDEX_KINDS = ("ffn", "heads", "moe")
 _BIAS_KINDS = ("ffn_bias", "attn_bias")
 _SCALE_KINDS = ("ffn_scales", "head_scales")
@@ -90,6 +99,7 @@ def _as_index(kind: str, layer, index) -> torch.Tensor:
             raise ValueError(f"{where} holds an index past 2**63 - 1, out of range") from None
         raise TypeError(f"{where} must be a list or tensor of integer indices, got "
                         f"{type(index).__name__} {index!r:.80}") from None
+    _check_not_meta(where, tensor)
     if tensor.numel() == 0 and tensor.dtype.is_floating_point:
         tensor = tensor.to(torch.int64)  # an empty list, or torch.tensor([]), keeps nothing
     if tensor.dtype.is_floating_point or tensor.dtype.is_complex or tensor.dtype == torch.bool:
@@ -105,6 +115,14 @@ def _as_index(kind: str, layer, index) -> torch.Tensor:
     return tensor
 
 
+def _check_not_meta(where: str, tensor: torch.Tensor) -> None:
+    """Raise ValueError naming `where` if `tensor` is on the meta device (a mask copies values,
+    which a meta tensor has none of)."""
+    if tensor.device.type == "meta":
+        raise ValueError(f"{where} is on the meta device (it has no values); give the indices or "
+                         "values as a CPU (or GPU) tensor or a list")
+
+
 def _as_threshold(kind: str, layer, value) -> float:
     if isinstance(value, (bool, complex)) or (isinstance(value, torch.Tensor)
                                               and value.dtype not in FLOAT_DTYPES):
@@ -115,6 +133,7 @@ def _as_threshold(kind: str, layer, value) -> float:
     except (TypeError, ValueError, RuntimeError):
         raise TypeError(f"{kind}[{layer}] must be a real number (a threshold), got "
                         f"{type(value).__name__} {value!r:.80}") from None
+    _check_not_meta(f"{kind}[{layer}]", tensor)
     if tensor.numel() != 1:
         raise ValueError(f"{kind}[{layer}] must be one number, got shape {tuple(tensor.shape)}")
     value = float(tensor.reshape(-1)[0])
@@ -131,6 +150,7 @@ def _as_vector(kind: str, layer, value) -> torch.Tensor:
     except (TypeError, ValueError, RuntimeError):
         raise TypeError(f"{where} must be a list or tensor of floating-point values, got "
                         f"{type(value).__name__} {value!r:.80}") from None
+    _check_not_meta(where, tensor)
     if not (tensor.dtype in FLOAT_DTYPES or tensor.numel() == 0):
         raise TypeError(f"{where} must hold floating-point values (float16, bfloat16, float32 "
                         f"or float64), got dtype {tensor.dtype}")
@@ -191,13 +211,13 @@ class ExpertMask:
     def random(cls, model, ffn_keep: float = 0.35, heads_keep: float = 1.0,
                experts_keep: float = 1.0, seed: int = 0):
         """The same fraction of neurons (and heads, and MoE experts: at least top-k) kept at
-        random in every layer."""
-        spec = spec_of(model)
+        random in every layer. `seed`: an int (numpy integers too)."""
+        _check_model(model)
         for name, value in (("ffn_keep", ffn_keep), ("heads_keep", heads_keep),
                             ("experts_keep", experts_keep)):
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {value}")
-        gen = torch.Generator().manual_seed(seed)
+            _check_fraction(name, value)
+        gen = torch.Generator().manual_seed(_as_seed(seed))
+        spec = spec_of(model)
 
         def pick(total, keep):
             count = round(total * keep)
@@ -241,9 +261,8 @@ class ExpertMask:
         scores must fit (as in `from_scores`); `shards` as in `from_scores`, applied to the counts
         this ranking gives each layer."""
         _check_ranking(scope, shards)
-        if not 0.0 <= keep <= 1.0:
-            raise ValueError(f"keep must be in [0, 1], got {keep}")
-        weights = unit_weights(spec)
+        _check_fraction("keep", keep)
+        weights = unit_weights(spec)  # checks spec (a dict of sound sizes) before using it
         sizes = _as_spec(spec)
         ffn = _score_rows(ffn_scores, "ffn_scores", shards)
         heads = _score_rows(head_scores, "head_scores", shards)
@@ -303,6 +322,7 @@ class ExpertMask:
     # ---- inspection ---------------------------------------------------------------------
     def validate(self, model) -> ModelSpec:
         """Check every index against the model; raises ValueError naming the first bad one."""
+        _check_model(model)
         spec = spec_of(model)
         self.check_spec(spec)
         return spec
@@ -383,8 +403,10 @@ class ExpertMask:
                                      f"{what.format(expected)} (one scale per kept unit)")
 
     def summary(self, model=None) -> dict:
-        """Kept counts and pruning rates (sizes from the model, or from the mask's own record)."""
-        sizes = spec_of(model).as_dict() if model is not None else self.spec
+        """Kept counts and pruning rates (sizes from the model, or from the mask's own record).
+        A model given is checked first, as `validate` checks it (a mask of another model would
+        count units the model lacks, or leave out layers)."""
+        sizes = self.validate(model).as_dict() if model is not None else self.spec
         if sizes is None or any(key not in sizes for key in _SIZE_KEYS):
             raise ValueError("this mask records no model sizes; pass the model")
         layers = sizes["num_layers"]
@@ -508,19 +530,56 @@ def _by_layer(kind: str, table) -> list:
 
 
 def _as_spec(spec) -> dict | None:
-    """The model sizes a mask records: None, or a dict of the known keys with sound values."""
+    """The model sizes a mask records: None, or a dict of the known keys with sound values;
+    raises naming an unknown key or a bad value (`family` and `vocab_size` are checked and
+    dropped: _GIVEN_ONLY_KEYS)."""
     if spec is None:
         return None
     if not isinstance(spec, Mapping):
         raise TypeError(f"spec must be a dict of model sizes, got {type(spec).__name__}")
-    out = {key: spec[key] for key in _SPEC_KEYS if key in spec}
-    for key, value in out.items():
+    known = _SPEC_KEYS + _GIVEN_ONLY_KEYS
+    unknown = [key for key in spec if key not in known]
+    if unknown:
+        raise ValueError(f"spec holds unknown key(s) {unknown}; the known keys are {list(known)}")
+    if "family" in spec and not (isinstance(spec["family"], str) and spec["family"] in _FAMILIES):
+        raise ValueError(f"spec['family'] = {spec['family']!r} is not a known model family (one "
+                         f"of {', '.join(map(repr, _FAMILIES))})")
+    for key, value in spec.items():
         least = 1 if key in _POSITIVE_KEYS else 0
-        sound = (isinstance(value, str) if key == "model_type"
+        sound = (isinstance(value, str) if key in ("model_type", "family")
                  else isinstance(value, int) and not isinstance(value, bool) and value >= least)
         if not sound:
             raise ValueError(f"spec[{key!r}] = {value!r} is not a valid model size")
-    return out
+    return {key: spec[key] for key in _SPEC_KEYS if key in spec}
+
+
+def _check_model(model) -> None:
+    """Raise TypeError unless `model` is a torch.nn.Module (a string or a path is no model)."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module (a HuggingFace model), got "
+                        f"{type(model).__name__} {model!r:.80}")
+
+
+def _check_fraction(name: str, value) -> None:
+    """Raise naming `name` unless `value` is a real number (not a bool or a tensor) in [0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number in [0, 1], got {type(value).__name__} "
+                        f"{value!r:.80}")
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value}")
+
+
+_SEED_RANGE = (-2 ** 63, 2 ** 64 - 1)  # what torch.Generator.manual_seed takes
+
+
+def _as_seed(seed) -> int:
+    """`seed` as an int (a Python or numpy integer, not a bool) in torch's seed range."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__} {seed!r:.80}")
+    low, high = _SEED_RANGE
+    if not low <= int(seed) <= high:
+        raise ValueError(f"seed must be in [{low}, {high}] (torch's seed range), got {seed}")
+    return int(seed)
 
 
 def _score_rows(scores, name: str, shards: int) -> list:
@@ -589,6 +648,7 @@ def unit_weights(spec: dict) -> tuple[int, int]:
     if not isinstance(spec, Mapping):
         raise ValueError(f"ranking heads with neurons needs the model's sizes (a dict, as "
                          f"ModelSpec.as_dict() gives), got {type(spec).__name__}")
+    _as_spec(spec)  # known keys, sound sizes (no zero heads) and a known family, before use
     missing = [k for k in ("family", "hidden_size", "head_dim", "num_heads", "num_kv_heads")
                if k not in spec]
     if missing:
@@ -625,8 +685,7 @@ def _top(scores, keep: float, scope: str, name: str, shards: int = 1, rows=None)
     already made)."""
     if scores is None:
         return {}
-    if not 0.0 <= keep <= 1.0:
-        raise ValueError(f"{name} must be in [0, 1], got {keep}")
+    _check_fraction(name, keep)
     rows = _score_rows(scores, name, shards) if rows is None else rows
     if scope == "layer":
         counts = [round(r.numel() * keep) for r in rows]

@@ -505,3 +505,149 @@ def test_bad_tables_are_refused_naming_table_and_layer(table, match):
     spec = dict(num_layers=2, intermediate_size=8, num_heads=4)
     with pytest.raises((TypeError, ValueError), match=match):
         dk.ExpertMask(spec=spec, **table)
+
+
+def _unchanged_after(call, error, match, model=None, mask=None, *arguments):
+    """`call()` raises `error` matching `match`, and the model (its modules and state_dict, not
+    patched), the mask and the arguments given are as they were."""
+    import copy
+
+    before = None if model is None else (snapshot(model), [type(m) for m in model.modules()])
+    kept_mask, kept_args = copy.deepcopy(mask), copy.deepcopy(arguments)
+    with pytest.raises(error, match=match) as raised:
+        call()
+    if model is not None:
+        assert not dk.is_patched(model)
+        assert [type(m) for m in model.modules()] == before[1]
+        assert state_dict_equal(before[0], snapshot(model))
+    assert mask == kept_mask
+    for given, kept in zip(arguments, kept_args):
+        assert (torch.equal(given, kept) if isinstance(given, torch.Tensor) else given == kept)
+    return raised.value
+
+
+def test_summary_of_a_model_checks_the_mask_against_it_as_validate_does():
+    """summary(model) counted a mask of another model: one keeping 100 neurons of a 72-neuron
+    BERT reported more neurons kept than the model has (a negative pruning rate), one recorded
+    for 3 layers summarised on a 2-layer model dropped layer 2. It refuses both, with
+    validate's message, and changes nothing."""
+    model = build("bert")  # 3 layers, 72 neurons
+    wide = dk.ExpertMask(ffn={0: list(range(100))})
+    error = _unchanged_after(lambda: wide.summary(model), ValueError,
+                             r"ffn\[0\] holds index 72, out of range for 72 neurons", model, wide)
+    with pytest.raises(ValueError) as validated:
+        wide.validate(model)
+    assert str(error) == str(validated.value)
+    three = dk.ExpertMask.random(build("llama"), 0.5, 0.5)  # 3 layers
+    small = _tiny_llama()  # 2 layers
+    _unchanged_after(lambda: three.summary(small), ValueError,
+                     "made for a model with num_layers=3, but the model has num_layers=2",
+                     small, three)
+    _unchanged_after(lambda: three.summary("llama"), TypeError,
+                     "model must be a torch.nn.Module", None, three)
+    assert three.summary(build("llama")) == three.summary()
+
+
+def test_spec_keys_and_family_must_be_known():
+    """A mistyped spec key was dropped silently (a mask recording no sizes, scores of 47 neurons
+    taken for a model of 48), and an unknown family weighed neurons as another family's. Both
+    are refused by name; the sizes the package gives (a ModelSpec's dict with its family, an
+    Expert's sizes with the vocabulary size, masks of older files) are still accepted."""
+    from doe_kernels.expert import model_sizes
+    from doe_kernels.mask import unit_weights
+
+    known = r"the known keys are \['model_type', 'num_layers'.*'family', 'vocab_size'\]"
+    typo = {"num_layerz": 2}
+    _unchanged_after(lambda: dk.ExpertMask(spec=typo), ValueError,
+                     rf"spec holds unknown key\(s\) \['num_layerz'\]; {known}", None, None, typo)
+    scores, given = torch.rand(2, 47), {"intermediate": 48}
+    _unchanged_after(lambda: dk.ExpertMask.from_scores(scores, spec=given), ValueError,
+                     r"unknown key\(s\) \['intermediate'\]", None, None, scores, given)
+    model = build("bert")
+    sizes = model_sizes(model)  # family and vocab_size too
+    ffn, heads = torch.rand(3, 72), torch.rand(3, 4)
+    for family in ("BERT", 3, None):
+        bad = {**sizes, "family": family}
+        match = rf"spec\['family'\] = {family!r} is not a known model family \(one of 'bert', " \
+                r"'llama', 'mixtral'\)"
+        _unchanged_after(lambda: dk.ExpertMask.from_scores_jointly(ffn, heads, 0.5, bad),
+                         ValueError, match, None, None, ffn, heads, bad)
+        with pytest.raises(ValueError, match=match):
+            unit_weights(bad)
+        with pytest.raises(ValueError, match=match):
+            dk.ExpertMask(spec=bad)
+    with pytest.raises(ValueError, match=r"spec\['vocab_size'\] = 0 is not a valid model size"):
+        dk.ExpertMask(spec={**sizes, "vocab_size": 0})
+    recorded = {k: v for k, v in sizes.items() if k not in ("family", "vocab_size")}
+    assert dk.ExpertMask(spec=sizes).spec == recorded
+    assert dk.ExpertMask.random(model).spec == recorded
+    assert dk.ExpertMask.from_scores_jointly(ffn, heads, 0.5, sizes).spec == recorded
+    assert dk.ExpertMask.from_scores(ffn, heads, spec=sizes).spec == recorded
+    first = {k: recorded[k] for k in ("model_type", "num_layers", "intermediate_size",
+                                      "num_heads", "num_kv_heads")}  # the first version's keys
+    assert dk.ExpertMask.from_tensors({}, first).spec == first
+
+
+def test_joint_ranking_checks_the_spec_before_using_it():
+    """from_scores_jointly weighed units by the spec before checking it: no heads divided by
+    zero, a hidden size given as a string raised a TypeError deep inside."""
+    from doe_kernels.mask import unit_weights
+
+    ffn, heads = torch.rand(3, 12), torch.rand(3, 4)
+    for key, value in (("num_heads", 0), ("hidden_size", "16"), ("head_dim", 0)):
+        bad = {**_sizes(), key: value}
+        match = rf"spec\['{key}'\] = {value!r} is not a valid model size"
+        _unchanged_after(lambda: dk.ExpertMask.from_scores_jointly(ffn, heads, 0.5, bad),
+                         ValueError, match, None, None, ffn, heads, bad)
+        with pytest.raises(ValueError, match=match):
+            unit_weights(bad)
+
+
+def test_random_and_rankings_refuse_bad_arguments_by_name():
+    """random("bert") failed inside the model lookup, a float seed in torch, a keep given as a
+    string or a tensor in a comparison or in round(): each is refused naming the argument, with
+    the model as it was; numpy numbers are taken (a numpy integer seed too, which torch's
+    generator refused)."""
+    import numpy as np
+
+    model = build("bert")
+    rng = torch.get_rng_state()
+    for kwargs, error, match in [
+            (dict(seed=1.5), TypeError, "seed must be an int, got float 1.5"),
+            (dict(seed="1"), TypeError, "seed must be an int, got str"),
+            (dict(seed=None), TypeError, "seed must be an int, got NoneType"),
+            (dict(seed=True), TypeError, "seed must be an int, got bool"),
+            (dict(seed=2 ** 64), ValueError, r"seed must be in \[-9223372036854775808, "),
+            (dict(ffn_keep="0.5"), TypeError, r"ffn_keep must be a number in \[0, 1\], got str"),
+            (dict(ffn_keep=torch.tensor(0.5)), TypeError, "ffn_keep must be a number .*Tensor"),
+            (dict(heads_keep=True), TypeError, "heads_keep must be a number .* got bool"),
+            (dict(experts_keep=float("nan")), ValueError, r"experts_keep must be in \[0, 1\]")]:
+        _unchanged_after(lambda: dk.ExpertMask.random(model, **kwargs), error, match, model)
+    _unchanged_after(lambda: dk.ExpertMask.random("bert"), TypeError,
+                     "model must be a torch.nn.Module .* got str 'bert'")
+    _unchanged_after(lambda: dk.ExpertMask().validate("bert"), TypeError,
+                     "model must be a torch.nn.Module")
+    assert torch.equal(rng, torch.get_rng_state())
+    assert dk.ExpertMask.random(model, np.float32(0.5), seed=np.int64(3)) == \
+        dk.ExpertMask.random(model, 0.5, seed=3)
+    scores = torch.rand(2, 8)
+    for keep in ("0.5", torch.tensor(0.5)):
+        with pytest.raises(TypeError, match=r"ffn_keep must be a number in \[0, 1\]"):
+            dk.ExpertMask.from_scores(scores, ffn_keep=keep)
+        with pytest.raises(TypeError, match=r"keep must be a number in \[0, 1\]"):
+            dk.ExpertMask.from_scores_jointly(torch.rand(3, 12), torch.rand(3, 4), keep,
+                                              _sizes())
+
+
+@pytest.mark.parametrize("kind", ["ffn", "heads", "moe", "skip", "ffn_bias", "attn_bias",
+                                  "ffn_scales", "head_scales"])
+def test_meta_tensors_are_refused_by_name(kind):
+    """A table entry on the meta device failed copying out of it (NotImplementedError) or
+    reading it (Tensor.item() on meta): it is refused naming the table and layer, and replace
+    leaves the mask as it was."""
+    dtype = torch.int64 if kind in ("ffn", "heads", "moe") else torch.float32
+    value = torch.zeros((1,) if kind == "skip" else (2,), dtype=dtype, device="meta")
+    match = rf"{kind}\[0\] is on the meta device \(it has no values\)"
+    _unchanged_after(lambda: dk.ExpertMask(**{kind: {0: value}}), ValueError, match)
+    mask = dk.ExpertMask({0: [1, 2]}, {0: [0, 1]}, spec=dict(num_layers=2))
+    _unchanged_after(lambda: mask.replace(**{kind: {0: value}}), ValueError, match, None, mask)
