@@ -84,3 +84,91 @@ def test_gathered_linear_errors():
         dk.gather_cols_linear(torch.randn(2, 3), weight, None, torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="bias has size 37"):
         dk.gather_cols_linear(torch.randn(2, 2), weight, torch.randn(37), torch.tensor([0, 1]))
+
+
+@pytest.mark.parametrize("everything", [False, True], ids=["x", "all"])
+@pytest.mark.parametrize("check_indices", [True, False])
+def test_meta_tensors_are_refused_naming_them(ffn, everything, check_indices):
+    """An op given meta tensors (shapes without data) names the tensor (torch.autocast's query
+    raised 'unknown device type'), checked indices or not."""
+    given = {k: v.to("meta") if everything or k == "x" else v for k, v in ffn.items()}
+    with pytest.raises(ValueError, match="x is on the meta device: the ops run on CPU or CUDA"):
+        dk.gather_ffn(**given, check_indices=check_indices)
+    with pytest.raises(ValueError, match="x_kept is on the meta device"):
+        dk.gather_cols_linear(given["x"][:, :3], given["w_out_t"], None, given["kept"],
+                              check_indices=check_indices)
+
+
+def test_input_major_refuses_what_is_not_a_weight():
+    with pytest.raises(ValueError, match=r"weight must be at least 2-D, .* got shape \(4,\)"):
+        dk.input_major(torch.randn(4))
+    with pytest.raises(TypeError, match="weight must be a torch.Tensor, got list"):
+        dk.input_major([[1.0, 2.0]])
+
+
+def test_head_selection_refuses_sizes_that_are_not_positive_ints():
+    """A head size of 0 or a float head count built a selection; -1 gave torch's arange error."""
+    build = dk.HeadSelection.build
+    for sizes, error, match in (((6, 2, 0), ValueError, "head_dim must be positive, got 0"),
+                                ((6, 2, -1), ValueError, "head_dim must be positive, got -1"),
+                                ((0, 2, 8), ValueError, "num_heads must be positive"),
+                                ((6.0, 2, 8), TypeError, "num_heads must be an int, got float"),
+                                ((6, 2.0, 8), TypeError, "num_kv_heads must be an int"),
+                                ((6, 2, True), TypeError, "head_dim must be an int, got bool")):
+        with pytest.raises(error, match=match):
+            build([0], *sizes)
+    np = pytest.importorskip("numpy")
+    selection = build([0, 2], np.int64(6), np.int32(2), np.int64(8))
+    assert (selection.num_heads, selection.num_kv_heads, selection.head_dim) == (6, 2, 8)
+    assert type(selection.head_dim) is int
+
+
+@pytest.fixture
+def attention():
+    """A call of pruned_head_attention: hidden (2 sequences of 5 tokens), 6 heads of 8 features
+    over 2 KV heads, 3 kept; keywords override its arguments."""
+    gen = torch.Generator().manual_seed(0)
+    heads, kv_heads, d, width = 6, 2, 8, 48
+    args = {"hidden": torch.randn(2, 5, width, generator=gen),
+            "q_weight": torch.randn(heads * d, width, generator=gen), "q_bias": None,
+            "k_weight": torch.randn(kv_heads * d, width, generator=gen), "k_bias": None,
+            "v_weight": torch.randn(kv_heads * d, width, generator=gen), "v_bias": None,
+            "o_weight_t": torch.randn(heads * d, width, generator=gen), "o_bias": None,
+            "selection": dk.HeadSelection.build([0, 2, 5], heads, kv_heads, d)}
+    return lambda **changed: dk.pruned_head_attention(**{**args, **changed})
+
+
+@pytest.mark.parametrize("mask,match", [
+    (torch.ones(3, 5), "attention_mask has 3 sequences but hidden has 2"),
+    (torch.ones(3, 1, 5, 5, dtype=torch.bool), "attention_mask has 3 sequences but hidden has 2"),
+    (torch.ones(2, 1, 3, 5, dtype=torch.bool),
+     "attention_mask's query length 3 does not match the 5 tokens of hidden"),
+    (torch.ones(2, 1, 5, 7, dtype=torch.bool),
+     "attention_mask's key length 7 does not match the 5 tokens of hidden"),
+    (torch.ones(2, 1, 5, 5, device="meta"), "attention_mask is on meta but hidden is on cpu"),
+    ([[1] * 5] * 2, "attention_mask is a list"),
+])
+@pytest.mark.parametrize("kept", [[0, 2, 5], []], ids=["kept", "none-kept"])
+def test_attention_masks_that_do_not_fit_hidden_are_refused(attention, mask, match, kept):
+    """A mask whose sequences or query / key lengths are not hidden's (nor 1) failed in torch's
+    broadcasting (a list: AttributeError), or answered when no head was kept."""
+    with pytest.raises(ValueError, match=match):
+        attention(attention_mask=mask, selection=dk.HeadSelection.build(kept, 6, 2, 8))
+
+
+def test_attention_masks_that_broadcast_are_taken(attention):
+    """A size-1 batch, query or key dimension broadcasts (BERT's extended mask is (batch, 1, 1,
+    kv_len)), as SDPA broadcasts it."""
+    padding = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
+    want = attention(attention_mask=padding)
+    torch.testing.assert_close(attention(attention_mask=padding[:, None, None, :].bool()), want)
+    both = attention(attention_mask=padding[1:].expand(2, 5))
+    torch.testing.assert_close(attention(attention_mask=padding[1:]), both)
+    everything = attention()
+    torch.testing.assert_close(attention(attention_mask=torch.ones(1, 1, 5, 1)), everything)
+
+
+def test_attention_checks_the_backend_name_with_nothing_to_compute(attention):
+    for kept in ([0, 2, 5], []):
+        with pytest.raises(ValueError, match="backend must be one of"):
+            attention(selection=dk.HeadSelection.build(kept, 6, 2, 8), backend="cpux")

@@ -1030,12 +1030,54 @@ def test_pack_segments_refuses_what_it_would_misread():
     assert [t.tolist() for t in dk.pack_segments([1, 2], [[0, 3], []], [[1.0, 2.0], []])] == \
         [[0, 1, 3], [0, 3], [0, 2, 2], [1.0, 2.0]]
     for args, match in ((([1], [[1.7, 3.2]]), r"kept_lists\[0\] must hold integer"),
-                        (([1.9], [[1]]), "row counts must be whole numbers"),
+                        (([1.9], [[1]]), r"row_counts\[0\] must be a non-negative whole"),
                         (([1], [[[1, 2]]]), r"kept_lists\[0\] must be 1-D"),
                         (([1, 1], [[1, 2], [3, 4, 5]], [[1, 2, 3], [4, 5]]),
                          r"scales\[0\] must hold one value per kept index of segment 0 \(2\)")):
         with pytest.raises(ValueError, match=match):
             dk.pack_segments(*args)
+
+
+@pytest.mark.parametrize("args,match", [
+    (([2, 1], [[3, 0], [1]]), r"kept_lists\[0\] must be sorted and unique: unsorted index 0"),
+    (([2, 1], [[0], [3, 3]]), r"kept_lists\[1\] must be sorted and unique: duplicate index 3"),
+    (([2, 1], [[-1, 3], [1]]), r"kept_lists\[0\] holds index -1: indices must be >= 0"),
+    (([2, 1], [torch.tensor([4, 2]), [1]]), r"kept_lists\[0\] must be sorted and unique"),
+    (([2, 1], [3, [1]]), r"kept_lists\[0\] must be 1-D, got shape \(\)"),
+    (([2, 1], ["03", [1]]), r"kept_lists\[0\] must be a 1-D list of integer indices, got str"),
+    (([2, 1], [None, [1]]), r"kept_lists\[0\] must be a 1-D list of integer indices"),
+    (([2, 1], [[0], [[0], [1, 2]]]), r"kept_lists\[1\] must be a 1-D list of integer indices"),
+    (([None, 1], [[0], [1]]), r"row_counts\[0\] must be a non-negative whole number, got None"),
+    (([1, float("nan")], [[0], [1]]), r"row_counts\[1\] must be a non-negative whole number"),
+    (([float("inf"), 1], [[0], [1]]), r"row_counts\[0\] must be a non-negative whole number"),
+    (([-1, 4], [[0], [1]]), r"row_counts\[0\] must be a non-negative whole number, got -1"),
+    (([True, 1], [[0], [1]]), r"row_counts\[0\] must be a non-negative whole number"),
+    (([2, 1], [[0, 3], [1]], [[1, 2], [3]]),
+     r"scales\[0\] must hold floating-point scales, got dtype torch.int64"),
+    (([2, 1], [[0, 3], [1]], [[1.0, 1.0], [float("nan")]]),
+     r"scales\[1\] must be finite, got nan at position 0"),
+    (([2, 1], [[0, 3], [1]], [torch.tensor([1.0, float("inf")]), [1.0]]),
+     r"scales\[0\] must be finite, got inf at position 1"),
+])
+def test_pack_segments_refuses_what_its_docstring_rules_out(args, match):
+    """Unsorted, repeated or negative indices were packed as given (a scalar as a list of one),
+    integer scales packed as int64 and NaN ones kept; None / NaN / inf row counts gave int()'s
+    errors, element types torch's: each is refused naming the list, vector or count."""
+    with pytest.raises(ValueError, match=match):
+        dk.pack_segments(*args)
+
+
+def test_pack_segments_takes_whole_numbers_and_index_tensors():
+    """Whole float and numpy row counts, integer tensors of any width, an empty float list
+    ([] is float32 to torch) and float16 scales are packed."""
+    np = pytest.importorskip("numpy")
+    segments, kept, offsets, scales = dk.pack_segments(
+        [2.0, np.int64(1), torch.tensor(0)], [torch.tensor([1, 4], dtype=torch.uint8),
+                                            np.array([0]), []],
+        [torch.tensor([0.5, 2.0], dtype=torch.float16), [1.0], []])
+    assert segments.tolist() == [0, 2, 3, 3] and kept.tolist() == [1, 4, 0]
+    assert kept.dtype == torch.int64 and offsets.tolist() == [0, 2, 3, 3]
+    assert scales.tolist() == [0.5, 2.0, 1.0] and scales.is_floating_point()
 
 
 def test_pack_segments_of_no_segment_with_scales():

@@ -11,15 +11,22 @@ them. Attention itself runs through torch's scaled_dot_product_attention (with i
 the attention probabilities when a model in training mode asks for it), which reads each KV head
 for its group of query heads in place (enable_gqa) where it can: `_sdpa_groups`.
 """
+import operator
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from doe_kernels.ops.checks import (check_bias, check_features, check_float_tensor,
-                                    check_index, check_same_dtype_device)
+from doe_kernels.backends import check_backend_name
 from doe_kernels.ops import library
+from doe_kernels.ops.checks import (
+    check_bias,
+    check_features,
+    check_float_tensor,
+    check_index,
+    check_same_dtype_device,
+)
 from doe_kernels.ops.linear import scale_columns
 
 RotaryHook = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -54,6 +61,11 @@ class HeadSelection:
     @classmethod
     def build(cls, kept_heads, num_heads: int, num_kv_heads: int, head_dim: int,
               device=None) -> "HeadSelection":
+        num_heads, num_kv_heads, head_dim = (_size(name, value) for name, value in (
+            ("num_heads", num_heads), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)))
+        for name, value in (("num_heads", num_heads), ("head_dim", head_dim)):
+            if value < 1:
+                raise ValueError(f"{name} must be positive, got {value}")
         if num_kv_heads < 1 or num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads "
                              f"({num_kv_heads})")
@@ -92,6 +104,16 @@ class HeadSelection:
                                 "gqa_pad", "gqa_unpad")}
         return HeadSelection(self.num_heads, self.num_kv_heads, self.head_dim, **tensors,
                              kv_group=self.kv_group)
+
+
+def _size(name: str, value) -> int:
+    """A head count or size as an int: a Python or numpy integer (not a bool, nor a float)."""
+    try:
+        if not isinstance(value, bool):
+            return operator.index(value)
+    except TypeError:
+        pass
+    raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
 
 
 def _gqa_layout(kv_slot: torch.Tensor, kept_kv: int, device) -> dict:
@@ -143,11 +165,7 @@ def _attention_mask(attention_mask, is_causal: bool, q_len: int, kv_len: int, dt
     NaN) and whose output `attend` sets to 0, as transformers' sdpa attention gives there. Under
     an additive mask such a row averages every value, as transformers' eager attention does
     (empty is None); None without a mask."""
-    if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
-        raise ValueError(f"attention_mask is a {type(attention_mask).__name__} (flex attention's?);"
-                         " a patched model computes attention from the tensor masks of "
-                         "attn_implementation 'sdpa' or 'eager': call "
-                         "model.set_attn_implementation('sdpa')")
+    _check_mask_type(attention_mask)
     mask = None
     if attention_mask is not None:
         if attention_mask.dim() == 2:  # (batch, kv_len) padding mask, 1 = token, 0 = padding
@@ -161,8 +179,7 @@ def _attention_mask(attention_mask, is_causal: bool, q_len: int, kv_len: int, dt
             else:  # additive: 0 where attended, negative where masked
                 mask = attention_mask.to(dtype).clamp_min(torch.finfo(dtype).min)
         else:
-            raise ValueError("attention_mask must be 2-D (batch, kv_len) or 4-D (batch, 1, q_len, "
-                             f"kv_len), got shape {tuple(attention_mask.shape)}")
+            _check_mask_dims(attention_mask)
     if is_causal:
         # Queries are the last q_len positions of the kv_len keys (as with a KV cache).
         causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(kv_len - q_len)
@@ -174,6 +191,59 @@ def _attention_mask(attention_mask, is_causal: bool, q_len: int, kv_len: int, dt
         return mask, None
     empty = (~mask).all(dim=-1, keepdim=True)
     return mask.masked_fill(empty, True), empty
+
+
+def _check_mask_type(attention_mask) -> None:
+    """None or a tensor: another mask (flex attention's BlockMask) is refused by name."""
+    if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
+        raise ValueError(f"attention_mask is a {type(attention_mask).__name__} (flex attention's?);"
+                         " a patched model computes attention from the tensor masks of "
+                         "attn_implementation 'sdpa' or 'eager': call "
+                         "model.set_attn_implementation('sdpa')")
+
+
+def _check_mask_dims(attention_mask: torch.Tensor) -> None:
+    """A padding mask (batch, kv_len) or a full one (batch, 1 or heads, q_len, kv_len)."""
+    if attention_mask.dim() not in (2, 4):
+        raise ValueError("attention_mask must be 2-D (batch, kv_len) or 4-D (batch, 1, q_len, "
+                         f"kv_len), got shape {tuple(attention_mask.shape)}")
+
+
+def _check_mask_heads(attention_mask: torch.Tensor, num_heads: int) -> None:
+    """A 4-D mask's dimension 1: one plane for every head, or one per head."""
+    if attention_mask.shape[1] not in (1, num_heads):
+        raise ValueError(f"attention_mask has {attention_mask.shape[1]} heads in dimension 1, but "
+                         f"the attention has {num_heads} (a 4-D mask is (batch, 1 or heads, "
+                         "q_len, kv_len))")
+
+
+def _check_mask_shape(attention_mask, hidden: torch.Tensor, num_heads: int) -> None:
+    """The public op's mask against hidden (batch, seq, width), whose seq tokens are both the
+    queries and the keys (no cache): each size equal to hidden's or 1 (broadcast), except a 2-D
+    mask's keys (one per token); on hidden's device. Reads only metadata."""
+    if attention_mask is None:
+        return
+    _check_mask_type(attention_mask)
+    _check_mask_dims(attention_mask)
+    if attention_mask.device != hidden.device:
+        raise ValueError(f"attention_mask is on {attention_mask.device} but hidden is on "
+                         f"{hidden.device}")
+    batch, tokens = hidden.shape[0], hidden.shape[1]
+    if attention_mask.shape[0] not in (1, batch):
+        raise ValueError(f"attention_mask has {attention_mask.shape[0]} sequences but hidden has "
+                         f"{batch}")
+    keys = attention_mask.shape[-1]
+    if attention_mask.dim() == 2:
+        if keys != tokens:
+            raise ValueError(f"attention_mask has {keys} positions but the keys have {tokens}")
+        return
+    _check_mask_heads(attention_mask, num_heads)
+    if attention_mask.shape[2] not in (1, tokens):
+        raise ValueError(f"attention_mask's query length {attention_mask.shape[2]} does not match "
+                         f"the {tokens} tokens of hidden")
+    if keys not in (1, tokens):
+        raise ValueError(f"attention_mask's key length {keys} does not match the {tokens} tokens "
+                         "of hidden (the keys of this call)")
 
 
 def _check_padding_values(attention_mask: torch.Tensor) -> None:
@@ -239,10 +309,7 @@ def _kept_heads_of_mask(attention_mask, selection: HeadSelection):
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 4 or \
             attention_mask.shape[1] == 1:
         return attention_mask
-    if attention_mask.shape[1] != selection.num_heads:
-        raise ValueError(f"attention_mask has {attention_mask.shape[1]} heads in dimension 1, but "
-                         f"the attention has {selection.num_heads} (a 4-D mask is (batch, 1 or "
-                         f"heads, q_len, kv_len))")
+    _check_mask_heads(attention_mask, selection.num_heads)
     if selection.is_full:
         return attention_mask
     return attention_mask.index_select(1, selection.kept_heads.to(attention_mask.device))
@@ -353,9 +420,11 @@ def pruned_head_attention(
     `q, k = rotary(q, k)` on the kept heads (batch, heads, seq, head_dim) before attention.
     Equals the dense layer whose output projection has the pruned heads' columns zeroed.
     """
+    check_backend_name(backend)
     _check_layer(hidden, dict(q_weight=q_weight, k_weight=k_weight, v_weight=v_weight,
                               o_weight_t=o_weight_t),
                  dict(q_bias=q_bias, k_bias=k_bias, v_bias=v_bias, o_bias=o_bias), selection)
+    _check_mask_shape(attention_mask, hidden, selection.num_heads)
     _check_padding_values(attention_mask)
     if selection.num_kept == 0:
         out = hidden.new_zeros(*hidden.shape[:-1], o_weight_t.shape[1])

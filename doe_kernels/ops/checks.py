@@ -26,7 +26,11 @@ def check_float_tensor(name: str, tensor, dims: int | None = None) -> None:
 
 def check_same_dtype_device(reference_name: str, reference: torch.Tensor, **others) -> None:
     """Every tensor in `others` (None allowed) has the reference's dtype and device (under
-    torch.autocast, which casts them, any of float32, float16 and bfloat16)."""
+    torch.autocast, which casts them, any of float32, float16 and bfloat16); the reference is
+    not on the meta device (the others, then, neither)."""
+    if reference.is_meta:  # (False for torch.compile's FakeTensors, which carry their device)
+        raise ValueError(f"{reference_name} is on the meta device: the ops run on CPU or CUDA "
+                         "tensors")
     autocast = (torch.is_autocast_enabled(reference.device.type)
                 and reference.dtype in AUTOCAST_DTYPES)
     for name, tensor in others.items():

@@ -25,6 +25,11 @@ from doe_kernels.ops.checks import (
 def input_major(weight: torch.Tensor) -> torch.Tensor:
     """nn.Linear weight (out, in) -> input-major (in, out), contiguous: each input feature a row.
     A stack of weights (..., out, in) gives (..., in, out)."""
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dim() < 2:
+        raise ValueError(f"weight must be at least 2-D, (out_features, in_features), got shape "
+                         f"{tuple(weight.shape)}")
     return weight.transpose(-2, -1).contiguous()
 
 

@@ -37,51 +37,102 @@ import torch
 
 from doe_kernels.ops import library
 from doe_kernels.backends import check_backend_name
-from doe_kernels.ops.checks import check_float_tensor, check_index, check_scales
+from doe_kernels.ops.checks import (check_float_tensor, check_index, check_scales,
+                                    check_sorted_unique)
 from doe_kernels.ops.ffn import check_ffn_weights, check_swiglu_weights
 from doe_kernels.ops.library import check_strategy
 
 
 def pack_segments(row_counts, kept_lists, scales=None, device=None):
-    """(segments, kept, kept_offsets, scales) for segments of `row_counts` rows keeping
-    `kept_lists` (one index list per segment; each sorted unique), with `scales` (one vector per
-    segment, or None)."""
+    """(segments, kept, kept_offsets, scales) for segments of `row_counts` rows (non-negative
+    whole numbers) keeping `kept_lists` (one index list per segment: 1-D, sorted unique,
+    non-negative integers), with `scales` (one vector per segment, floating-point and finite, or
+    None). Checked on the host, then moved to `device` (None: the device of the first tensor
+    among the kept lists, resp. the scales, else the CPU; the offsets stay on the CPU)."""
     if len(row_counts) != len(kept_lists) or (scales is not None and len(scales) != len(kept_lists)):
         raise ValueError(f"one kept list (and one scale vector) per segment: {len(row_counts)} "
                          f"segments, {len(kept_lists)} kept lists"
                          + ("" if scales is None else f", {len(scales)} scale vectors"))
-    lists = [_index_list(i, k, device) for i, k in enumerate(kept_lists)]
-    bad = [n for n in row_counts if isinstance(n, bool) or int(n) != n]
-    if bad:
-        raise ValueError(f"row counts must be whole numbers, got {bad[0]!r}")
-    segments = _offsets([int(n) for n in row_counts], device)
+    counts = [_row_count(i, n) for i, n in enumerate(row_counts)]
+    lists = [_index_list(i, k) for i, k in enumerate(kept_lists)]
+    vectors = None if scales is None else [
+        _scale_vector(i, s, k.numel()) for i, (s, k) in enumerate(zip(scales, lists))]
+    segments = _offsets(counts, device)
     kept_offsets = _offsets([k.numel() for k in lists], device)
-    kept = torch.cat(lists) if lists else torch.empty(0, dtype=torch.int64, device=device)
-    packed_scales = None
-    if scales is not None:
-        vectors = [torch.as_tensor(s, device=device) for s in scales]
-        for i, (vector, kept_list) in enumerate(zip(vectors, lists)):
-            if vector.dim() != 1 or vector.numel() != kept_list.numel():
-                raise ValueError(f"scales[{i}] must hold one value per kept index of segment "
-                                 f"{i} ({kept_list.numel()}), got shape {tuple(vector.shape)}")
-        packed_scales = torch.cat(vectors) if vectors else torch.empty(0, device=device)
-    return segments, kept, kept_offsets, packed_scales
+    kept = torch.cat(lists) if lists else torch.empty(0, dtype=torch.int64)
+    kept = kept.to(_home(kept_lists, device))
+    if vectors is None:
+        return segments, kept, kept_offsets, None
+    packed_scales = torch.cat(vectors) if vectors else torch.empty(0)
+    return segments, kept, kept_offsets, packed_scales.to(_home(scales, device))
 
 
-def _index_list(i: int, kept, device) -> torch.Tensor:
-    """Segment i's kept list as a 1-D int64 tensor; ValueError for anything but integers."""
-    tensor = torch.as_tensor(kept, device=device)
+def _row_count(i: int, count) -> int:
+    """row_counts[i] as an int: a non-negative whole number (not a bool, NaN or infinity)."""
+    try:
+        whole = not isinstance(count, (bool, str, bytes)) and bool(int(count) == count)
+    except (TypeError, ValueError, OverflowError, RuntimeError):
+        whole = False
+    if not whole or int(count) < 0:
+        raise ValueError(f"row_counts[{i}] must be a non-negative whole number, got {count!r}")
+    return int(count)
+
+
+def _host_tensor(name: str, values, what: str) -> torch.Tensor:
+    """`values` (a tensor, or a list of numbers) as a 1-D tensor on the CPU."""
+    if isinstance(values, torch.Tensor):
+        tensor = values.detach().cpu()
+    else:
+        try:
+            tensor = torch.as_tensor(values)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise ValueError(f"{name} must be a 1-D list of {what}, got "
+                             f"{type(values).__name__} {values!r:.60} ({error})") from None
+    if tensor.dim() != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(tensor.shape)}")
+    return tensor
+
+
+def _index_list(i: int, kept) -> torch.Tensor:
+    """kept_lists[i] as a 1-D int64 CPU tensor; ValueError for anything but sorted unique
+    non-negative integers."""
+    name = f"kept_lists[{i}]"
+    tensor = _host_tensor(name, kept, "integer indices")
     if tensor.numel() and (tensor.is_floating_point() or tensor.is_complex()
                            or tensor.dtype == torch.bool):
-        raise ValueError(f"kept_lists[{i}] must hold integer indices, got dtype {tensor.dtype}")
-    if tensor.dim() > 1:
-        raise ValueError(f"kept_lists[{i}] must be 1-D, got shape {tuple(tensor.shape)}")
-    return tensor.to(torch.int64).reshape(-1)
+        raise ValueError(f"{name} must hold integer indices, got dtype {tensor.dtype}")
+    tensor = tensor.to(torch.int64)
+    if tensor.numel() and int(tensor.min()) < 0:
+        raise ValueError(f"{name} holds index {int(tensor.min())}: indices must be >= 0")
+    check_sorted_unique(name, tensor)
+    return tensor
+
+
+def _scale_vector(i: int, scales, size: int) -> torch.Tensor:
+    """scales[i] as a 1-D floating CPU tensor of `size` finite values."""
+    name = f"scales[{i}]"
+    tensor = _host_tensor(name, scales, "floating-point scales")
+    if tensor.numel() != size:
+        raise ValueError(f"{name} must hold one value per kept index of segment {i} ({size}), "
+                         f"got shape {tuple(tensor.shape)}")
+    if not tensor.is_floating_point():
+        raise ValueError(f"{name} must hold floating-point scales, got dtype {tensor.dtype}")
+    finite = torch.isfinite(tensor)
+    if not bool(finite.all()):
+        position = int((~finite).nonzero()[0])
+        raise ValueError(f"{name} must be finite, got {float(tensor[position])} at position "
+                         f"{position}")
+    return tensor
+
+
+def _home(items, device):
+    """`device`, or (None) that of the first tensor among `items`, else the CPU."""
+    if device is not None:
+        return device
+    return next((t.device for t in items if isinstance(t, torch.Tensor)), torch.device("cpu"))
 
 
 def _offsets(counts: list, device) -> torch.Tensor:
-    if any(c < 0 for c in counts):
-        raise ValueError(f"row counts must be >= 0, got {counts}")
     return torch.tensor([0] + counts, dtype=torch.int64, device=device).cumsum(0)
 
 
