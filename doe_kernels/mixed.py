@@ -133,11 +133,11 @@ def mixed(model, masks, backend: str = "auto", attention_mask=None, pack_layers:
     hooks = [] if real is None else _real_token_hooks(model, real, state.layers)
 
     def clear():
+        state.mixed = False  # (first: a failure below leaves a model that unpatch still takes)
         for hook in hooks:
             hook.remove()
         for layer_patch in state.layers:
             layer_patch.set_segments(None)
-        state.mixed = False
 
     with restoring(model, previous, clear):
         if not all(layer_patch.mixed_run for layer_patch in state.layers):

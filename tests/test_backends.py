@@ -1,4 +1,5 @@
 """Backend choice: the `auto` rule, and importing without the compiled extension."""
+import contextlib
 import subprocess
 import sys
 import warnings
@@ -86,6 +87,7 @@ def stand_in_gpus(monkeypatch, runs_on):
     monkeypatch.setattr(cuda, "has_cuda_kernels", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (12, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "NVIDIA RTX PRO 6000")
     cuda._runs_on.cache_clear()
@@ -107,6 +109,28 @@ def test_cuda_kernels_built_for_other_gpus_leave_the_backend_off_with_a_warning(
         ext.cuda_kernels_run_on = lambda device: True
         cuda._runs_on.cache_clear()
         assert cuda.available("cuda") and not cuda.available("cpu")
+    finally:
+        cuda._runs_on.cache_clear()
+
+
+def test_the_probe_of_another_gpu_runs_under_torchs_guard(monkeypatch):
+    """The extension's probe of a GPU that is not the current one runs with that GPU made
+    current by torch's guard (the extension's own, restoring the current GPU with cudaSetDevice,
+    would create a context there if it had none)."""
+    from doe_kernels.backends import cuda
+
+    entered = []
+    stand_in_gpus(monkeypatch, lambda device: entered.append(("probe", device)) or True)
+
+    @contextlib.contextmanager
+    def guard(device):
+        entered.append(("guard", torch.device(device).index))
+        yield
+
+    monkeypatch.setattr(torch.cuda, "device", guard)
+    try:
+        assert cuda._runs_on(1) and cuda._runs_on(0)
+        assert entered == [("guard", 1), ("probe", 1), ("probe", 0)]  # (0 is current)
     finally:
         cuda._runs_on.cache_clear()
 
@@ -247,7 +271,6 @@ def test_a_launch_makes_its_gpu_current_only_where_another_is(monkeypatch):
     not the current one (Triton launches on the current device; the extension's own guard would
     create a context on the device it restores), and skip it where it is (a cost per launch).
     Stand-in tensors: no GPU is needed to name one."""
-    import contextlib
     import types
 
     from doe_kernels.backends.device import device_guard

@@ -485,20 +485,6 @@ def test_segmented_kernels_step_aside_while_a_cuda_graph_captures(monkeypatch):
         assert calls == fused_calls
 
 
-def test_the_full_index_list_made_inside_a_capture_is_not_kept(monkeypatch):
-    """The keep-all layers' full index list is made once and kept, except inside a CUDA graph's
-    capture (simulated here), where its values exist only once the graph replays: kept, an
-    eager call afterwards read an unwritten list."""
-    device = torch.device("cpu")
-    monkeypatch.setattr(library, "_capturing", lambda device: True)
-    inside = library.every_index(13, device)
-    assert inside is not library.every_index(13, device)
-    monkeypatch.setattr(library, "_capturing", lambda device: False)
-    kept = library.every_index(13, device)
-    assert kept is library.every_index(13, device) and kept is not inside
-    assert torch.equal(kept, torch.arange(13))
-
-
 class _CountedKernel:
     """A Triton kernel whose launches append their grid's segment count to `launches`."""
 
@@ -1058,6 +1044,8 @@ def test_pack_segments_refuses_what_it_would_misread():
      r"scales\[1\] must be finite, got nan at position 0"),
     (([2, 1], [[0, 3], [1]], [torch.tensor([1.0, float("inf")]), [1.0]]),
      r"scales\[0\] must be finite, got inf at position 1"),
+    (([2, 1], [torch.tensor([0, 3], device="meta"), [1]]),
+     r"kept_lists\[0\] is on the meta device"),
 ])
 def test_pack_segments_refuses_what_its_docstring_rules_out(args, match):
     """Unsorted, repeated or negative indices were packed as given (a scalar as a list of one),

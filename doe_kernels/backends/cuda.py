@@ -13,7 +13,7 @@ import torch
 
 from doe_kernels._ext import has_cuda_kernels, extension
 from doe_kernels.activations import ACTIVATION_CODES
-from doe_kernels.backends.device import current_stream, device_guard
+from doe_kernels.backends.device import current_stream, device_guard, device_guard_of
 from doe_kernels.backends.layout import segment_layout
 from doe_kernels.backends.memo import probe
 
@@ -31,8 +31,10 @@ def _runs_on(device: int) -> bool:
     """Whether the extension's kernels can run on GPU `device` (warns once when they cannot)."""
     probe = getattr(extension(), "cuda_kernels_run_on", None)
     try:
-        if probe is None or probe(device):  # (a build older than the probe: as before, assumed)
-            return True
+        with device_guard_of(torch.device("cuda", device)):  # (torch's guard first: the
+            # extension's then has nothing to restore)
+            if probe is None or probe(device):  # (a build older than the probe: assumed)
+                return True
     except RuntimeError as error:  # the device is not usable at all: the other backends say so
         warnings.warn(f"doe_kernels: probing the CUDA kernels on device {device} failed "
                       f"({error}); the 'cuda' backend is unavailable", RuntimeWarning,

@@ -20,6 +20,12 @@ def device_guard(t: torch.Tensor):
     (Triton launches on the current device; the extension's own guard, a cudaSetDevice pair,
     would create a context on the device it restores if that had none, which torch's does not
     do); else nothing."""
-    if t.device.type != "cuda" or t.device.index == torch.cuda.current_device():
+    return device_guard_of(t.device)
+
+
+def device_guard_of(device: torch.device):
+    """`device_guard` of a device rather than a tensor's (an index of None: the current GPU)."""
+    if device.type != "cuda" or device.index is None or \
+            device.index == torch.cuda.current_device():
         return contextlib.nullcontext()
-    return torch.cuda.device(t.device)
+    return torch.cuda.device(device)

@@ -12,6 +12,7 @@ its own heads (GQA-aware, through the single-expert steps `project_qkv`, `attend
 A layer's KV cache holds every KV head while it serves a mixed batch (a segment's unused heads stay
 zero), so that one cache tensor serves segments keeping different heads.
 """
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -192,7 +193,6 @@ class RealTokens:
         self.shape = tuple(self.mask.shape)
         self.index = self.mask.reshape(-1).nonzero().squeeze(1)
         self.offsets = [0] + self.mask.sum(1).cumsum(0).tolist()
-        self.widths = _widths(self.mask)
         self.padded = self.offsets[-1] < self.mask.numel()
         self.active = False
         self.pack_layers = pack_layers
@@ -215,6 +215,11 @@ class RealTokens:
         """(batch, tokens, width) from `pack`'s layout, zeros at the padding."""
         return _unpack(packed[0], self.index, self.mask.numel()).view(*self.shape, -1)
 
+    @functools.cached_property
+    def widths(self) -> list[int]:
+        """Per sequence, the positions its real tokens span (read by the CPU's attention only)."""
+        return _widths(self.mask)
+
     def span_index(self, start: int, stop: int) -> torch.Tensor:
         """The row index of sequences [start, stop)'s real tokens within those sequences' rows
         (cached: every layer asks for the same spans)."""
@@ -233,6 +238,8 @@ class RealTokens:
 
 def _widths(mask: torch.Tensor) -> list[int]:
     """Per row of a (batch, tokens) boolean mask: last true position - first + 1 (0 if none)."""
+    if mask.shape[1] == 0:
+        return [0] * mask.shape[0]
     positions = torch.arange(mask.shape[1], device=mask.device)
     first = torch.where(mask, positions, mask.shape[1]).amin(1)
     last = torch.where(mask, positions, -1).amax(1)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from doe_kernels import backends
 from doe_kernels.activations import apply_activation
+from doe_kernels.backends.device import device_guard_of
 
 LIB = "doe_kernels"
 DEVICES = ("cpu", "cuda")
@@ -56,18 +57,12 @@ def _functorch_active() -> bool:
     return bool(active()) if active is not None else False
 
 
+@functools.lru_cache(maxsize=64)
 def every_index(total: int, device: torch.device) -> torch.Tensor:
     """0..total-1 on `device`, made once: the full list of a keep-all call through the kernels
-    (every keep-all layer of a forward pass asks; the kernels only read it). Not kept when made
-    inside a CUDA graph's capture, where it is only recorded (it holds its values once the graph
-    is replayed)."""
-    if _capturing(device):
-        return torch.arange(total, device=device)
-    return _every_index(total, device)
-
-
-@functools.lru_cache(maxsize=64)
-def _every_index(total: int, device: torch.device) -> torch.Tensor:
+    (every keep-all layer of a forward pass asks; the kernels only read it). Asked for CPU calls
+    only (`dense_in_kernel`), never inside a CUDA graph's capture, where it would only be
+    recorded."""
     return torch.arange(total, device=device)
 
 
@@ -505,7 +500,7 @@ def _capturing(device: torch.device) -> bool:
     after it was freed)."""
     if device.type != "cuda":
         return False
-    with torch.cuda.device(device):
+    with device_guard_of(device):
         return torch.cuda.is_current_stream_capturing()
 
 

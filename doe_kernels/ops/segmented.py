@@ -48,7 +48,7 @@ def pack_segments(row_counts, kept_lists, scales=None, device=None):
     whole numbers) keeping `kept_lists` (one index list per segment: 1-D, sorted unique,
     non-negative integers), with `scales` (one vector per segment, floating-point and finite, or
     None). Checked on the host, then moved to `device` (None: the device of the first tensor
-    among the kept lists, resp. the scales, else the CPU; the offsets stay on the CPU)."""
+    among the kept lists and the scales, else the CPU; the offsets stay on the CPU)."""
     if len(row_counts) != len(kept_lists) or (scales is not None and len(scales) != len(kept_lists)):
         raise ValueError(f"one kept list (and one scale vector) per segment: {len(row_counts)} "
                          f"segments, {len(kept_lists)} kept lists"
@@ -59,12 +59,12 @@ def pack_segments(row_counts, kept_lists, scales=None, device=None):
         _scale_vector(i, s, k.numel()) for i, (s, k) in enumerate(zip(scales, lists))]
     segments = _offsets(counts, device)
     kept_offsets = _offsets([k.numel() for k in lists], device)
-    kept = torch.cat(lists) if lists else torch.empty(0, dtype=torch.int64)
-    kept = kept.to(_home(kept_lists, device))
+    home = _home([*kept_lists, *(scales or [])], device)
+    kept = (torch.cat(lists) if lists else torch.empty(0, dtype=torch.int64)).to(home)
     if vectors is None:
         return segments, kept, kept_offsets, None
     packed_scales = torch.cat(vectors) if vectors else torch.empty(0)
-    return segments, kept, kept_offsets, packed_scales.to(_home(scales, device))
+    return segments, kept, kept_offsets, packed_scales.to(home)
 
 
 def _row_count(i: int, count) -> int:
@@ -81,6 +81,8 @@ def _row_count(i: int, count) -> int:
 def _host_tensor(name: str, values, what: str) -> torch.Tensor:
     """`values` (a tensor, or a list of numbers) as a 1-D tensor on the CPU."""
     if isinstance(values, torch.Tensor):
+        if values.is_meta:
+            raise ValueError(f"{name} is on the meta device (it has no values)")
         tensor = values.detach().cpu()
     else:
         try:

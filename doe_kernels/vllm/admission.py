@@ -118,18 +118,16 @@ class Guard:
         return None
 
 
-_INSTALLING = threading.Lock()  # one guard installed at a time, in any engine
-
-
 def guard(llm) -> Guard:
     """`llm`'s guard, installed on first use (the engine's `add_request` wrapped once, also when
     several threads make their first call at once: a second wrapper read the first's signature,
-    and every request failed)."""
+    and every request failed). The engine's own lock (dict.setdefault: atomic) orders them; no
+    other engine waits for its RPC."""
     engine = llm.llm_engine
     current = engine.__dict__.get("_doe_guard")
     if current is not None:
         return current
-    with _INSTALLING:
+    with engine.__dict__.setdefault("_doe_installing", threading.Lock()):
         current = engine.__dict__.get("_doe_guard")
         if current is None:
             current = _install(llm, engine)

@@ -386,16 +386,19 @@ def _watch_reloads(worker) -> None:
 
 def _replan_after(worker, method: str) -> None:
     """Wrap `worker.<method>` (where the worker has it) so that `doe_replan` runs after it, also
-    when it fails midway (some weights may be new)."""
+    when it fails midway (some weights may be new); not after a draft model's update (vLLM's
+    `start_draft_weight_update`: the served model's weights are as they were)."""
     call = getattr(worker, method, None)
     if call is None or getattr(call, "_doe_replans", False):
         return
 
     def replanning(*args, **kwargs):
+        draft = getattr(worker, "_weight_update_is_draft", False)
         try:
             return call(*args, **kwargs)
         finally:
-            worker.doe_replan()
+            if not draft:
+                worker.doe_replan()
 
     replanning._doe_replans = True
     setattr(worker, method, replanning)

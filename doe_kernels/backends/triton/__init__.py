@@ -178,12 +178,8 @@ def _segment_table(bounds, device):
     host = torch.tensor(table, dtype=torch.int64)
     if device.type != "cuda":
         return host.to(device), offset
-    with torch.cuda.device(device):  # (the library does not call it then: _capturing)
-        capturing = torch.cuda.is_current_stream_capturing()
-    if capturing:
-        raise RuntimeError("the segmented Triton FFN cannot be captured in a CUDA graph: its "
-                           "segment table is copied from host memory each call, which a replay "
-                           "would read again after it was freed")
+    # (not inside a CUDA graph's capture, where a replay would read the freed host block again:
+    # the library runs one call per segment there, library._capturing)
     return host.pin_memory().to(device, non_blocking=True), offset
 
 
