@@ -183,10 +183,10 @@ class RealTokens:
     """The real (not padding) tokens of a (batch, tokens) attention mask of 0s and 1s: their
     flat row index, `offsets`, the number of real tokens before each sequence (one more entry
     than sequences), and `widths`, the positions each sequence's real tokens span (from its
-    first to its last, padding between them included). `active`: whether the forward pass running is of that batch (`mixed`
-    sets it from the pass's attention_mask). `pack_layers`: whether such a pass runs packed from
-    the first layer's input to the last layer's output (`pack`, `unpack`; `mixed`'s
-    pack_layers)."""
+    first to its last, padding between them included). `active`: whether the forward pass
+    running is of that batch (`mixed` sets it from the pass's attention_mask). `pack_layers`:
+    whether such a pass runs packed from the first layer's input to the last layer's output
+    (`pack`, `unpack`; `mixed`'s pack_layers)."""
 
     def __init__(self, attention_mask: torch.Tensor, pack_layers: bool = False):
         self.mask = attention_mask.to(torch.bool, copy=True)  # (not the caller's tensor)

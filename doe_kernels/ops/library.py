@@ -466,9 +466,9 @@ def _segmented(x, out_features, segments, kept, kept_offsets, scales, strategy, 
     `run_union(x, union, row_mask)`, the union of the kept lists gathered once and each row's
     hidden activations multiplied by its segment's 0/1 (or scale) mask over the union, where the
     strategy takes it; else, on a backend with segmented kernels (triton and cuda: one launch per
-    projection) and outside a CUDA graph's capture, every segment at once; else per segment `run_segment(rows, kept, scales)` (the
-    single-expert op on it). `up`, `w_out_t`, `b_out`: the projections, for the backends' hooks
-    (see their segmented_ffn)."""
+    projection) and outside a CUDA graph's capture, every segment at once; else per segment
+    `run_segment(rows, kept, scales)` (the single-expert op on it). `up`, `w_out_t`, `b_out`:
+    the projections, for the backends' hooks (see their segmented_ffn)."""
     module, x2d = _run(x, backend)
     if hasattr(module, "segmented_ffn_with_union") and _plan_in_cpp(x, kept, scales):
         up = (up[0], *_contiguous(*up[1:3]), *up[3:])
