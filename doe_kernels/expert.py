@@ -22,6 +22,7 @@ with them.
 """
 import contextlib
 import json
+import numbers
 import operator
 from collections.abc import Iterable, Mapping
 
@@ -375,13 +376,14 @@ def _as_json_dict(what: str, value) -> dict:
             from None
 
 
-def check_count(name: str, value, note: str = "", most: int | None = None) -> None:
-    """Raise ValueError unless `value` is an int >= 1 (not a bool), and at most `most` when
-    given; the message names `name`."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+def check_count(name: str, value, note: str = "", most: int | None = None) -> int:
+    """`value` as an int; ValueError unless it is an integer >= 1 (a Python or numpy one, not a
+    bool), and at most `most` when given; the message names `name`."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be an int >= 1{note}, got {value!r}")
     if most is not None and value > most:
         raise ValueError(f"{name} must be at most {most}{note}, got {value!r}")
+    return int(value)
 
 
 def check_batch_size(batch_size) -> None:

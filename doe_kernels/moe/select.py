@@ -9,7 +9,6 @@ layer's inputs depend on the choices before it). Expert outputs are computed in 
 """
 import itertools
 import math
-import numbers
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +43,7 @@ def select_experts(model, calibration, keep, inputs: str = "original", mask: Exp
     if inputs not in ("original", "pruned"):
         raise ValueError(f"inputs must be 'original' or 'pruned', got {inputs!r}")
     check_count("chunk_tokens", chunk_tokens)
-    memory_budget = _budget(memory_budget)
+    memory_budget = check_count("memory_budget", memory_budget, " (bytes)")
     spec = spec_of(model)
     if not spec.num_experts:
         raise ValueError(f"{type(model).__name__} has no mixture-of-experts layers")
@@ -78,14 +77,6 @@ def select_experts(model, calibration, keep, inputs: str = "original", mask: Exp
     # skipping thresholds were measured among the layer's old experts: dropped where they change
     skip = {l: beta for l, beta in base.skip.items() if l not in selected}
     return base.replace(spec.as_dict(), moe=chosen, skip=skip)
-
-
-def _budget(memory_budget) -> int:
-    """`memory_budget` as an int (a numpy integer too), refused unless an integer >= 1 (bytes)."""
-    if isinstance(memory_budget, numbers.Integral) and not isinstance(memory_budget, bool):
-        memory_budget = int(memory_budget)
-    check_count("memory_budget", memory_budget, " (bytes)")
-    return memory_budget
 
 
 def _counts(keep, spec) -> dict:
