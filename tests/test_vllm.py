@@ -1128,6 +1128,48 @@ def test_watch_steps_sets_each_steps_layout():
     assert want.counts != mixed.layout_of([None, "a", "a"], [3, 3, 0], 7).counts
 
 
+def test_in_process_engines_in_two_threads_each_see_their_own_step():
+    """Two engines stepping at once in one process (vLLM without multiprocessing, each driven
+    from its own thread): each forward reads its own step's layout, not the other's."""
+    import threading
+    from types import SimpleNamespace
+
+    from doe_kernels.vllm import mixed
+
+    both_inside = threading.Barrier(2, timeout=30)
+    seen = {}
+
+    def runner_of(name):
+        extra = {mixed.EXTRA_ARG: name}
+        runner = SimpleNamespace(
+            input_batch=SimpleNamespace(req_ids=["r"], num_reqs=1),
+            requests=dict(r=SimpleNamespace(req_id="r",
+                                            sampling_params=SimpleNamespace(extra_args=extra))))
+
+        def forward(**kwargs):
+            both_inside.wait()  # the other engine has set its step by now
+            seen[name] = mixed.current_step()
+            both_inside.wait()
+
+        runner._model_forward = forward
+        runner.execute_model = lambda output: runner._model_forward(input_ids=torch.zeros(4))
+        mixed.watch_steps(runner, known=lambda held: held == name)
+        return runner
+
+    runners = {name: runner_of(name) for name in ("a", "b")}
+    threads = [threading.Thread(target=runner.execute_model,
+                                args=(SimpleNamespace(num_scheduled_tokens=dict(r=4)),))
+               for runner in runners.values()]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert {name: step.names for name, step in seen.items()} == {"a": ("a", None),
+                                                                "b": ("b", None)}
+    assert mixed.current_step() is None
+
+
+
 def _tiny_model(family: str, path) -> str:
     """A random float32 Qwen2 (with visible q/k/v biases, so that a wrong bias row would show) or
     Mistral: 2 layers, hidden 128, 256 neurons, 4 heads / 2 KV heads."""

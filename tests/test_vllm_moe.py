@@ -300,7 +300,7 @@ def test_mixed_moe_steps_give_each_row_its_own_experts_plan():
     alone on its plan (dense: vLLM's block); and a step whose own-routing expert has no rows."""
     from types import SimpleNamespace
 
-    from doe_kernels.vllm.mixed import _STEP, layout_of
+    from doe_kernels.vllm.mixed import layout_of, set_step
     from doe_kernels.vllm.moe import MixedMoe, MoePlan, moe_forward
     from doe_kernels.vllm.weights import keeping_experts
 
@@ -325,11 +325,11 @@ def test_mixed_moe_steps_give_each_row_its_own_experts_plan():
     counts = [3, 2, 1, 4, 2, 0, 3]
     x = torch.randn(sum(counts), 8, generator=gen, dtype=torch.float64)
     mixed = MixedMoe(block, None, plans, dense=lambda x: pytest.fail("a mixed step ran dense"))
-    _STEP[0] = layout_of(names, counts, sum(counts))
+    set_step(layout_of(names, counts, sum(counts)))
     try:
         got = mixed.forward(x)
     finally:
-        _STEP[0] = None
+        set_step(None)
     start = 0
     for name, count in zip(names, counts):
         rows = x[start:start + count]
@@ -339,11 +339,11 @@ def test_mixed_moe_steps_give_each_row_its_own_experts_plan():
         start += count
     assert not torch.equal(plans["a"].forward(x[:3]), plans["b"].forward(x[:3]))
     # a step whose only expert of its own routing has no rows this step: dense rows alone
-    _STEP[0] = layout_of(["a", None], [0, 3], 3)
+    set_step(layout_of(["a", None], [0, 3], 3))
     try:
         got = mixed.forward(x[:3])
     finally:
-        _STEP[0] = None
+        set_step(None)
     torch.testing.assert_close(got, moe_forward(block, x[:3], torch.zeros(4, dtype=torch.bool)),
                                rtol=1e-12, atol=1e-12)
 

@@ -20,6 +20,7 @@ the step's `StepLayout`: the rows (tokens) of each expert, grouped. The layers r
 A step whose requests name no expert runs the plugged expert's (or vLLM's dense) forwards as if
 nothing were held. The shared weights are never modified.
 """
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -76,11 +77,19 @@ class StepLayout:
         return self._copies[key]
 
 
-_STEP: list = [None]  # this process's current StepLayout, or None (no request names an expert)
+_STEP = threading.local()  # the StepLayout of the step this thread runs (an engine's steps run
+# in one thread: in-process engines of other threads have their own), or None
 
 
 def current_step() -> StepLayout | None:
-    return _STEP[0]
+    """The layout of the engine step this thread is running; None outside a step, or when no
+    request of the step names an expert."""
+    return getattr(_STEP, "layout", None)
+
+
+def set_step(layout: StepLayout | None) -> None:
+    """Make `layout` this thread's current step (None: none)."""
+    _STEP.layout = layout
 
 
 def layout_of(names: list, counts: list, rows: int) -> StepLayout | None:
@@ -127,14 +136,14 @@ def watch_steps(runner, known, after_step=None) -> None:
             return execute(scheduler_output, *args, **kwargs)
         finally:
             scheduled[0] = None
-            _STEP[0] = None
+            set_step(None)
             if after_step is not None:
                 after_step()
 
     def model_forward(*args, **kwargs):
-        _STEP[0] = None
+        set_step(None)
         if scheduled[0] is not None:
-            _STEP[0] = _layout_of_step(runner, scheduled[0], _rows(args, kwargs), known)
+            set_step(_layout_of_step(runner, scheduled[0], _rows(args, kwargs), known))
         return forward(*args, **kwargs)
 
     runner.execute_model, runner._model_forward = execute_model, model_forward
