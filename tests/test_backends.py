@@ -217,28 +217,31 @@ def test_activation_codes_agree_with_the_compiled_kernels():
     assert list(ACTIVATION_CODES) == ["identity", "gelu", "gelu_tanh", "relu"]  # enum order
 
 
-@pytest.mark.parametrize("limit", [227 * 1024, 163 * 1024, 99 * 1024], ids=["h100", "a100", "sm86"])
+@pytest.mark.parametrize("limit, arch", [(227 * 1024, 90), (163 * 1024, 80), (99 * 1024, 86)],
+                         ids=["h100", "a100", "sm86"])
 @pytest.mark.parametrize("weights", [1, 2])
 @pytest.mark.parametrize("element_size", [2, 4])
-def test_triton_launch_configs_fit_shared_memory(weights, element_size, limit):
+def test_triton_launch_configs_fit_shared_memory(weights, element_size, limit, arch):
     """On an H100, an A100 and a 99 KiB card, the fixed launch of every row regime fits the
     device's shared memory (float32 SwiGLU drops pipeline stages), and for every row regime the
     autotuner keeps configs that fit, none of them twice (an A100 fitted no float32 SwiGLU
-    config at 16 rows: they were dropped, then all tried, and every one failed to launch)."""
+    config at 16 rows: they were dropped, then all tried, and every one failed to launch; the
+    float32 128 x 256 output tile fits no 99 KiB card)."""
     pytest.importorskip("triton")
     from doe_kernels.backends.triton import kernels as k
 
     limit -= k._SMEM_MARGIN  # the device's shared memory per block, less the margin kept
     assert k.smem_limit(torch.device("cpu")) == k.SMEM_LIMITS[90] == 227 * 1024 - k._SMEM_MARGIN
+    assert k.device_arch(torch.device("cpu")) == 90
     configs = k.SWIGLU_CONFIGS if weights == 2 else k.MATMUL_CONFIGS
-    prune = k._make_prune(weights, "x", limit)["early_config_prune"]
+    prune = k._make_prune(weights, "x", limit, arch)["early_config_prune"]
 
     def smem(meta, stages):
         return k.smem_bytes(meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"], stages, weights,
-                            element_size)
+                            element_size, arch)
 
     for rows in (1, 16, 17, 64, 128, 129, 4096):
-        meta = k.fixed_launch(rows, weights, element_size, limit)
+        meta = k.fixed_launch(rows, weights, element_size, limit, arch)
         assert smem(meta, meta["num_stages"]) <= limit
         x = torch.empty(0, dtype=torch.float32 if element_size == 4 else torch.bfloat16)
         kept = prune(configs, {"M_BUCKET": k.m_bucket(rows), "x": x})
@@ -246,6 +249,113 @@ def test_triton_launch_configs_fit_shared_memory(weights, element_size, limit):
         assert all(c.kwargs["BLOCK_M"] <= max(16, k.m_bucket(rows)) for c in kept), rows
         shapes = [(sorted(c.kwargs.items()), c.num_warps, c.num_stages) for c in kept]
         assert len(shapes) == len({repr(shape) for shape in shapes}), rows
+
+
+def test_triton_shared_memory_estimate_follows_the_compiler():
+    """kernels.smem_bytes against what ptxas gave (.ci/compile_triton.py checks every launch):
+    the pipeliner's num_stages - 1 operand buffers; num_stages where sm_90 runs the dot as a
+    wgmma (16-bit tiles of at least 64 rows); at least the float32 output tile."""
+    pytest.importorskip("triton")
+    from doe_kernels.backends.triton import kernels as k
+
+    assert k.smem_bytes(16, 64, 128, 4, 2, 4, arch=90) == 221_184  # float32 SwiGLU, sm_90
+    assert k.smem_bytes(64, 64, 64, 4, 1, 2, arch=90) == 65_536  # bfloat16 wgmma, sm_90
+    assert k.smem_bytes(64, 64, 64, 4, 1, 2, arch=80) == 49_152  # the same on sm_80
+    assert k.smem_bytes(128, 64, 64, 3, 2, 2, arch=90) == 98_304
+    assert k.smem_bytes(128, 256, 64, 2, 1, 4, arch=80) == 131_072  # the output tile
+    assert k.fixed_launch(64, 1, 2, 99 * 1024 - k._SMEM_MARGIN, 86)["num_stages"] == 4
+    assert k.fixed_launch(64, 1, 2, 60 * 1024, 90)["num_stages"] == 3  # (4 need 64 KiB there)
+
+
+def test_triton_autotuners_are_per_kind_of_gpu(monkeypatch):
+    """Triton's autotuner caches a key's best config without the device, and the configs it may
+    try depend on the device's shared memory: each kind of GPU (shared memory, compute
+    capability) gets its own autotuner, pruned for it; one kind shares one."""
+    pytest.importorskip("triton")
+    from doe_kernels.backends.triton import kernels as k
+
+    monkeypatch.setattr(k, "_TUNED", {})
+    kinds = {0: (227 * 1024, 90), 1: (99 * 1024, 89), 2: (227 * 1024, 90)}
+    monkeypatch.setattr(k, "smem_limit", lambda device: kinds[device.index][0])
+    monkeypatch.setattr(k, "device_arch", lambda device: kinds[device.index][1])
+    gpu = [torch.device("cuda", index) for index in kinds]
+    big, small = k.tuned("gather_swiglu", gpu[0]), k.tuned("gather_swiglu", gpu[1])
+    assert big is not small and k.tuned("gather_swiglu", gpu[2]) is big
+    assert k.tuned("gather_rows_linear", gpu[0]) is not big
+    x = torch.empty(0, dtype=torch.float32)
+    fits = {}
+    for tuner, (limit, arch) in ((big, kinds[0]), (small, kinds[1])):
+        pruned = tuner.early_config_prune(k.SWIGLU_CONFIGS, {"M_BUCKET": 16, "x_ptr": x})
+        fits[limit] = [k.smem_bytes(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"],
+                                    c.num_stages, 2, 4, arch) for c in pruned]
+        assert max(fits[limit]) <= limit
+    assert max(fits[227 * 1024]) > 99 * 1024  # (the H100's would not launch on the small card)
+
+
+def test_has_tuned_reads_the_key_as_tritons_autotuner_makes_it(monkeypatch):
+    """`has_tuned` (whether a launch would autotune, which a CUDA graph's capture cannot) finds
+    the key the installed Triton's own Autotuner stored: the key arguments, then every tensor
+    argument's dtype. Run through the real Autotuner with its timing and launch stood in."""
+    pytest.importorskip("triton")
+    from doe_kernels.backends.triton import kernels as k
+
+    monkeypatch.setattr(k, "_TUNED", {})
+    tuner = k.tuned("gather_rows_linear", torch.device("cpu"))
+    monkeypatch.setattr(tuner, "_bench", lambda *args, config, **kwargs: [
+        float(config.kwargs["BLOCK_N"])] * 3)
+    launched = []
+    monkeypatch.setattr(tuner.fn, "run", lambda *args, **kwargs: launched.append(kwargs))
+
+    def launch(rows, dtype, bucket_of=k.m_bucket):
+        x = torch.zeros(rows, 32, dtype=dtype)
+        weight, index = torch.zeros(48, 32, dtype=dtype), torch.arange(5)
+        out = torch.empty(rows, 5, dtype=dtype)
+        args = (x, weight, x, index, out, rows, 5, 32, 48, 32, 32, 5, bucket_of(rows),
+                k.kept_bucket(5))
+        return args, dict(HAS_BIAS=False, ACTIVATION=0, F32_DOT=dtype == torch.float32)
+
+    args, constants = launch(3, torch.float32)
+    assert not k.has_tuned(tuner, args, constants)
+    tuner[(1,)](*args, **constants)
+    assert launched and launched[-1]["BLOCK_N"] == 64  # (the fastest, stood-in)
+    assert k.has_tuned(tuner, args, constants)
+    assert k.has_tuned(tuner, *launch(9, torch.float32))  # the same row bucket
+    assert not k.has_tuned(tuner, *launch(40, torch.float32))  # another bucket
+    assert not k.has_tuned(tuner, *launch(3, torch.bfloat16))  # another dtype
+
+
+def test_a_triton_launch_inside_a_capture_never_autotunes(monkeypatch):
+    """While a CUDA graph is captured a launch whose key was never tuned runs the fixed
+    configuration (tuning synchronizes the device, which breaks a capture); a tuned key, or a
+    launch outside a capture, runs the autotuner; with autotuning off, the fixed one. Stand-in
+    kernels and capture state: the decision alone."""
+    pytest.importorskip("triton")
+    import doe_kernels.backends.triton as backend
+    from doe_kernels.backends.triton import kernels as k
+
+    class Kernel:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: ran.append((self.name, kwargs))
+
+    ran, tuned_keys = [], set()
+    monkeypatch.setattr(k, "INTERPRET", False)
+    monkeypatch.setattr(k, "tuned", lambda name, device: Kernel("tuned"))
+    monkeypatch.setattr(k, "gather_swiglu_kernel", Kernel("fixed"))
+    monkeypatch.setattr(k, "has_tuned", lambda tuner, args, constants: args[5] in tuned_keys)
+    x = torch.zeros(3, 8)
+    for capture, tuned, autotune, want in ((False, False, "1", "tuned"), (True, False, "1", "fixed"),
+                                           (True, True, "1", "tuned"), (False, False, "0", "fixed")):
+        monkeypatch.setattr(backend, "capturing", lambda device, capture=capture: capture)
+        monkeypatch.setenv("DOE_KERNELS_TRITON_AUTOTUNE", autotune)
+        tuned_keys = {3} if tuned else set()
+        ran.clear()
+        backend._launch(k, "gather_swiglu", x, 3, 4, 8, (x, x, x, x, x, 3), {"F32_DOT": True})
+        assert [name for name, _ in ran] == [want], (capture, tuned, autotune)
+        fixed = k.fixed_launch(3, 2, 4, k.smem_limit(x.device), k.device_arch(x.device))
+        assert (ran[0][1] == dict(fixed, F32_DOT=True)) == (want == "fixed")
 
 
 def test_backend_checks_trace_under_torch_compile_without_warnings():

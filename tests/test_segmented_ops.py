@@ -476,7 +476,7 @@ def test_segmented_kernels_step_aside_while_a_cuda_graph_captures(monkeypatch):
     want = _per_segment(rows, lists, [None] * 3, x, lambda xs, k, s: ffn_ref(
         xs, w["w_in"], w["b_in"], w["w_out_t"], w["b_out"], k, "gelu"))
     for capturing, fused_calls in ((True, []), (False, [1])):
-        monkeypatch.setattr(library, "_capturing", lambda device, capturing=capturing: capturing)
+        monkeypatch.setattr(library, "capturing", lambda device, capturing=capturing: capturing)
         calls.clear()
         out = dk.segmented_gather_ffn(x, w["w_in"], w["b_in"], w["w_out_t"], w["b_out"],
                                       segments, kept, offsets, "gelu", backend="triton",

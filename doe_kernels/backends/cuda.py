@@ -86,7 +86,7 @@ def _segmented_ffn(x, up, w_out_t, b_out, bounds, kept, scales):
 
 def __getattr__(name):
     """`segmented_ffn` exists only when the loaded extension has the segmented CUDA kernels (the
-    library does not call it while a CUDA graph is being captured: library._capturing)."""
+    library does not call it while a CUDA graph is being captured: device.capturing)."""
     if name == "segmented_ffn" and hasattr(extension(), "segmented_ffn_cuda"):
         return _segmented_ffn
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,6 +1,6 @@
 """The GPU a backend's launch runs on: torch's current stream on a tensor's device, and torch's
 device guard where that device is not the current one (a few microseconds less a call where it
-is, which decoding pays per op)."""
+is, which decoding pays per op); whether that stream is capturing a CUDA graph."""
 import contextlib
 
 import torch
@@ -29,3 +29,12 @@ def device_guard_of(device: torch.device):
             device.index == torch.cuda.current_device():
         return contextlib.nullcontext()
     return torch.cuda.device(device)
+
+
+def capturing(device: torch.device) -> bool:
+    """Whether the GPU `device` is capturing a CUDA graph on its current stream (where a launch
+    may not synchronize the device or read host memory a replay would read again)."""
+    if device.type != "cuda":
+        return False
+    with device_guard_of(device):
+        return torch.cuda.is_current_stream_capturing()

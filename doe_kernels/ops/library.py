@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from doe_kernels import backends
 from doe_kernels.activations import apply_activation
-from doe_kernels.backends.device import device_guard_of
+from doe_kernels.backends.device import capturing
 
 LIB = "doe_kernels"
 DEVICES = ("cpu", "cuda")
@@ -483,7 +483,7 @@ def _segmented(x, out_features, segments, kept, kept_offsets, scales, strategy, 
         return run_union(x, *plan)
     bounds = _segment_bounds(segments, kept_offsets, x, kept)
     if bounds:
-        if hasattr(module, "segmented_ffn") and not _capturing(x.device):
+        if hasattr(module, "segmented_ffn") and not capturing(x.device):
             up = (up[0], *_contiguous(*up[1:3]), *up[3:])
             w_out_t, b_out, kept, scales = _contiguous(w_out_t, b_out, kept, scales)
             return module.segmented_ffn(x2d, up, w_out_t, b_out, bounds, kept, scales)
@@ -491,17 +491,6 @@ def _segmented(x, out_features, segments, kept, kept_offsets, scales, strategy, 
     for r0, r1, k0, k1 in bounds:
         out[r0:r1] = run_segment(x[r0:r1], kept[k0:k1], None if scales is None else scales[k0:k1])
     return out
-
-
-def _capturing(device: torch.device) -> bool:
-    """Whether the GPU `device` is capturing a CUDA graph on its current stream. The backends'
-    segmented kernels then step aside for one single-expert call per segment, which captures
-    (their segment tables are copied from the host each call, which a replay would read again
-    after it was freed)."""
-    if device.type != "cuda":
-        return False
-    with device_guard_of(device):
-        return torch.cuda.is_current_stream_capturing()
 
 
 def _union_row_mask(x, union, segments, kept, kept_offsets, scales):

@@ -13,7 +13,7 @@ import warnings
 import torch
 
 from doe_kernels.activations import ACTIVATION_CODES, check_activation
-from doe_kernels.backends.device import device_guard
+from doe_kernels.backends.device import capturing, device_guard
 from doe_kernels.backends.memo import probe
 
 NAME = "triton"
@@ -82,17 +82,25 @@ def _interpreter_runs() -> bool:
     return False
 
 
-def _launch(k, name, M, N, K, x):
-    """The kernel to launch and its launch meta-parameters: autotuned on a GPU by default, fixed
-    large blocks under the interpreter, or one fixed configuration per M regime (fitted to the
-    shared memory of `x`'s device)."""
+def _launch(k, name: str, x, M: int, N: int, K: int, args: tuple, constants: dict) -> None:
+    """Launch the kernel `name` over an (M, N) output on x's GPU: autotuned by default (the
+    autotuner of x's kind of GPU), with fixed large blocks under the interpreter, or with one
+    fixed configuration per M regime (fitted to the shared memory of x's device) when autotuning
+    is off or when a CUDA graph is being captured and the launch's key has not been tuned yet
+    (tuning times configurations and synchronizes the device, which a capture forbids)."""
+    kernel, meta = None, {}
     if k.INTERPRET:
-        return getattr(k, name + "_kernel"), k.interpreter_blocks(M, N, K)
-    if k.autotune_enabled():
-        return getattr(k, name + "_tuned"), {}
-    weights = 2 if name == "gather_swiglu" else 1
-    return getattr(k, name + "_kernel"), k.fixed_launch(M, weights, x.element_size(),
-                                                         k.smem_limit(x.device))
+        kernel, meta = getattr(k, name + "_kernel"), k.interpreter_blocks(M, N, K)
+    elif k.autotune_enabled():
+        tuner = k.tuned(name, x.device)
+        if not capturing(x.device) or k.has_tuned(tuner, args, constants):
+            kernel = tuner
+    if kernel is None:
+        weights = 2 if name == "gather_swiglu" else 1
+        kernel, meta = getattr(k, name + "_kernel"), k.fixed_launch(
+            M, weights, x.element_size(), k.smem_limit(x.device), k.device_arch(x.device))
+    with device_guard(x):
+        kernel[_grid(M, N)](*args, **constants, **meta)
 
 
 def _grid(M, N):
@@ -114,17 +122,13 @@ def gather_rows_linear(x, weight, bias, rows, activation: str):
     N = rows.shape[0]
     out = torch.empty((M, N), device=x.device, dtype=_out_dtype(k, x.dtype))
     has_bias = bias is not None
-    kernel, meta = _launch(k, "gather_rows_linear", M, N, K, x)
-    with device_guard(x):
-        kernel[_grid(M, N)](
-            x, weight, bias if has_bias else x, rows, out,
-            M, N, K, weight.shape[0],
-            x.stride(0), weight.stride(0), out.stride(0),
-            k.m_bucket(M), k.kept_bucket(N),
-            HAS_BIAS=has_bias, ACTIVATION=ACTIVATION_CODES[activation],
-            F32_DOT=x.dtype == torch.float32 or k.INTERPRET,
-            **meta,
-        )
+    _launch(k, "gather_rows_linear", x, M, N, K, (
+        x, weight, bias if has_bias else x, rows, out,
+        M, N, K, weight.shape[0],
+        x.stride(0), weight.stride(0), out.stride(0),
+        k.m_bucket(M), k.kept_bucket(N)), dict(
+        HAS_BIAS=has_bias, ACTIVATION=ACTIVATION_CODES[activation],
+        F32_DOT=x.dtype == torch.float32 or k.INTERPRET))
     return out.to(x.dtype)
 
 
@@ -133,16 +137,11 @@ def gather_swiglu(x, w_gate, w_up, kept):
     M, K = x.shape
     N = kept.shape[0]
     out = torch.empty((M, N), device=x.device, dtype=_out_dtype(k, x.dtype))
-    kernel, meta = _launch(k, "gather_swiglu", M, N, K, x)
-    with device_guard(x):
-        kernel[_grid(M, N)](
-            x, w_gate, w_up, kept, out,
-            M, N, K, w_gate.shape[0],
-            x.stride(0), w_gate.stride(0), w_up.stride(0), out.stride(0),
-            k.m_bucket(M), k.kept_bucket(N),
-            F32_DOT=x.dtype == torch.float32 or k.INTERPRET,
-            **meta,
-        )
+    _launch(k, "gather_swiglu", x, M, N, K, (
+        x, w_gate, w_up, kept, out,
+        M, N, K, w_gate.shape[0],
+        x.stride(0), w_gate.stride(0), w_up.stride(0), out.stride(0),
+        k.m_bucket(M), k.kept_bucket(N)), dict(F32_DOT=x.dtype == torch.float32 or k.INTERPRET))
     return out.to(x.dtype)
 
 
@@ -152,17 +151,13 @@ def gather_cols_linear(h, weight_t, bias, cols, scales):
     N = weight_t.shape[1]
     out = torch.empty((M, N), device=h.device, dtype=_out_dtype(k, h.dtype))
     has_bias, has_scales = bias is not None, scales is not None
-    kernel, meta = _launch(k, "gather_cols_linear", M, N, J, h)
-    with device_guard(h):
-        kernel[_grid(M, N)](
-            h, weight_t, bias if has_bias else h, cols, scales if has_scales else h, out,
-            M, N, J, weight_t.shape[0],
-            h.stride(0), weight_t.stride(0), out.stride(0),
-            k.m_bucket(M), k.kept_bucket(J),
-            HAS_BIAS=has_bias, HAS_SCALES=has_scales,
-            F32_DOT=h.dtype == torch.float32 or k.INTERPRET,
-            **meta,
-        )
+    _launch(k, "gather_cols_linear", h, M, N, J, (
+        h, weight_t, bias if has_bias else h, cols, scales if has_scales else h, out,
+        M, N, J, weight_t.shape[0],
+        h.stride(0), weight_t.stride(0), out.stride(0),
+        k.m_bucket(M), k.kept_bucket(J)), dict(
+        HAS_BIAS=has_bias, HAS_SCALES=has_scales,
+        F32_DOT=h.dtype == torch.float32 or k.INTERPRET))
     return out.to(h.dtype)
 
 
@@ -179,7 +174,7 @@ def _segment_table(bounds, device):
     if device.type != "cuda":
         return host.to(device), offset
     # (not inside a CUDA graph's capture, where a replay would read the freed host block again:
-    # the library runs one call per segment there, library._capturing)
+    # the library runs one call per segment there: device.capturing)
     return host.pin_memory().to(device, non_blocking=True), offset
 
 
@@ -195,8 +190,8 @@ def _segment_grid(k, bounds, x, width=None, weights=1):
 
     rows = max(r1 - r0 for r0, r1, _, _ in bounds)
     cols = width or max(max(k1 - k0 for _, _, k0, k1 in bounds), 1)
-    meta = k.interpreter_blocks(rows, cols, cols) if k.INTERPRET else \
-        k.fixed_launch(rows, weights, x.element_size(), k.smem_limit(x.device))
+    meta = k.interpreter_blocks(rows, cols, cols) if k.INTERPRET else k.fixed_launch(
+        rows, weights, x.element_size(), k.smem_limit(x.device), k.device_arch(x.device))
     return triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(cols, meta["BLOCK_N"]), meta
 
 

@@ -18,9 +18,9 @@ on the host would synchronise): every load through an index is masked by the ind
 An index outside that range reads nothing: its output is 0 (rows, swiglu) or it adds nothing (cols).
 
 Launch configuration: under ``TRITON_INTERPRET=1`` the caller runs the plain ``@triton.jit`` kernels
-with large blocks (fast in numpy); on a GPU it runs the ``*_tuned`` versions, autotuned and keyed on
-(bucketed M, bucketed kept count, the fixed dimension), or with DOE_KERNELS_TRITON_AUTOTUNE=0 the
-plain kernels with one fixed configuration per M regime.
+with large blocks (fast in numpy); on a GPU it runs them autotuned (``tuned``: one autotuner per kind of GPU), keyed on (bucketed M,
+bucketed kept count, the fixed dimension), or with DOE_KERNELS_TRITON_AUTOTUNE=0 with one fixed
+configuration per M regime.
 """
 import os
 
@@ -53,25 +53,30 @@ def autotune_enabled() -> bool:
 
 
 def fixed_launch(M: int, weights: int = 1, element_size: int = 2,
-                 limit: int | None = None) -> dict:
+                 limit: int | None = None, arch: int = 90) -> dict:
     """The fixed configuration used when autotuning is off, by M regime, with fewer pipeline
     stages (then a smaller BLOCK_K) where its operand buffers would not fit in `limit` bytes of
-    shared memory (by default an H100's; `smem_limit` gives a device's): float32 SwiGLU at 16
-    rows or fewer on an A100, most float32 tiles on GPUs of about 100 KiB."""
+    shared memory on a GPU of compute capability `arch` (by default an H100's; `smem_limit` and
+    `device_arch` give a device's): float32 SwiGLU at 16 rows or fewer on an A100, most float32
+    tiles on GPUs of about 100 KiB."""
     bm, bn, bk, warps, stages = ((16, 64, 128, 4, 4) if M <= 16 else
                                  (64, 64, 64, 4, 4) if M <= 128 else (128, 64, 64, 4, 3))
-    bk, stages = fitted(bm, bn, bk, stages, weights, element_size, limit or SMEM_LIMITS[90])
+    bk, stages = fitted(bm, bn, bk, stages, weights, element_size, limit or SMEM_LIMITS[90],
+                        arch)
     return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "num_warps": warps,
             "num_stages": stages}
 
 
 def fitted(bm: int, bn: int, bk: int, stages: int, weights: int, element_size: int,
-           limit: int) -> tuple[int, int]:
+           limit: int, arch: int = 90) -> tuple[int, int]:
     """(BLOCK_K, num_stages) of a tile, with fewer stages (down to 2), then a smaller BLOCK_K
     (down to 32), where its operand buffers would pass `limit` bytes of shared memory."""
-    while stages > 2 and smem_bytes(bm, bn, bk, stages, weights, element_size) > limit:
+    def smem(bk, stages):
+        return smem_bytes(bm, bn, bk, stages, weights, element_size, arch)
+
+    while stages > 2 and smem(bk, stages) > limit:
         stages -= 1
-    while bk > 32 and smem_bytes(bm, bn, bk, stages, weights, element_size) > limit:
+    while bk > 32 and smem(bk, stages) > limit:
         bk //= 2
     return bk, stages
 
@@ -413,6 +418,7 @@ SWIGLU_CONFIGS = [
 _SMEM_MARGIN = 7 * 1024
 SMEM_LIMITS = {90: 227 * 1024 - _SMEM_MARGIN, 80: 163 * 1024 - _SMEM_MARGIN}
 _DEVICE_LIMITS: dict = {}
+_DEVICE_ARCHS: dict = {}
 
 
 def smem_limit(device) -> int:
@@ -427,39 +433,66 @@ def smem_limit(device) -> int:
     return _DEVICE_LIMITS[index]
 
 
-def smem_bytes(bm: int, bn: int, bk: int, stages: int, weights: int, element_size: int) -> int:
-    """Shared memory of a config's pipelined operand buffers: num_stages - 1 buffers (what
-    Triton's pipeliner allocates: ptxas gave 221,184 bytes for the float32 SwiGLU tile 16 x 64 x
-    128 at 4 stages on sm_90), each a BLOCK_M x BLOCK_K tile of x and a BLOCK_N x BLOCK_K tile of
-    each weight."""
-    return max(stages - 1, 1) * (bm * bk + weights * bn * bk) * element_size
+def device_arch(device) -> int:
+    """`device`'s compute capability as major * 10 + minor (read once per device); an H100's,
+    90, under the interpreter or off a GPU."""
+    if INTERPRET or device.type != "cuda":
+        return 90
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _DEVICE_ARCHS:
+        major, minor = torch.cuda.get_device_capability(index)
+        _DEVICE_ARCHS[index] = major * 10 + minor
+    return _DEVICE_ARCHS[index]
 
 
-def _make_prune(n_weights, x_arg, limit: int | None = None):
+def smem_bytes(bm: int, bn: int, bk: int, stages: int, weights: int, element_size: int,
+               arch: int = 90) -> int:
+    """Shared memory a config uses: the larger of its pipelined operand buffers and its output
+    tile. Operand buffers, each a BLOCK_M x BLOCK_K tile of x and a BLOCK_N x BLOCK_K tile of
+    each weight: num_stages - 1 of them (what Triton's pipeliner allocates: ptxas gave 221,184
+    bytes for the float32 SwiGLU tile 16 x 64 x 128 at 4 stages on sm_90), or num_stages where
+    the dot runs as sm_90's wgmma (float16 and bfloat16 tiles of at least 64 rows: 65,536 bytes
+    for the bfloat16 64 x 64 x 64 tile at 4 stages; newer architectures are counted so too).
+    The epilogue passes the float32 output tile through shared memory (131,328 bytes for the
+    float32 128 x 256 tile on sm_80). .ci/compile_triton.py checks this against the compiler,
+    within _SMEM_MARGIN."""
+    wgmma = arch >= 90 and element_size == 2 and bm >= 64
+    buffers = stages if wgmma else max(stages - 1, 1)
+    return max(buffers * (bm * bk + weights * bn * bk) * element_size, bm * bn * 4)
+
+
+def _make_prune(n_weights, x_arg, limit: int | None = None, arch: int | None = None):
     """Early config pruning (runs before benchmarking, so it also saves autotune time).
 
     * drop configs whose BLOCK_M is far above the problem's M (the bucket): pure waste;
     * for prefill, drop the decode-only BLOCK_M=16 tiles;
-    * fit the others to the device's shared memory (`limit`, by default `smem_limit` of the
-      input's device) as `fixed_launch` does, with fewer stages or a smaller BLOCK_K: float32
-      tiles would otherwise fail to launch (OutOfResources) on GPUs with less than an H100's.
+    * fit the others to the device's shared memory (`limit` on compute capability `arch`, by
+      default `smem_limit` and `device_arch` of the input's device) as `fixed_launch` does,
+      with fewer stages or a smaller BLOCK_K, and drop those that still do not fit (a float32
+      128 x 256 output tile on a GPU of about 100 KiB): float32 tiles would otherwise fail to
+      launch (OutOfResources) on GPUs with less than an H100's.
     """
     def prune(configs, named_args, **kwargs):
         mb = named_args["M_BUCKET"]
         x = named_args[x_arg]
         budget = limit or smem_limit(x.device)
+        capability = arch or device_arch(x.device)
         kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, mb)]
         if mb > 64:
             kept = [c for c in kept if c.kwargs["BLOCK_M"] >= 32] or kept
-        out = {}
+        out, smallest = {}, None
         for c in kept or configs:
             bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
             bk, stages = fitted(bm, bn, c.kwargs["BLOCK_K"], c.num_stages, n_weights,
-                                x.element_size(), budget)
+                                x.element_size(), budget, capability)
             fit = triton.Config(dict(c.kwargs, BLOCK_K=bk), num_warps=c.num_warps,
                                 num_stages=stages)
-            out.setdefault((tuple(sorted(fit.kwargs.items())), c.num_warps, stages), fit)
-        return list(out.values())
+            smem = smem_bytes(bm, bn, bk, stages, n_weights, x.element_size(), capability)
+            if smem <= budget:  # (a float32 output tile may not fit, whatever the stages)
+                out.setdefault((tuple(sorted(fit.kwargs.items())), c.num_warps, stages), fit)
+            if smallest is None or smem < smallest[0]:
+                smallest = (smem, fit)
+        return list(out.values()) or [smallest[1]]
 
     return {"early_config_prune": prune}
 
@@ -472,19 +505,44 @@ def _tuning_bench(kernel_call, quantiles):
     return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
 
 
-# The autotuned versions (GPU); the plain kernels stay for the interpreter and fixed configs.
-gather_rows_linear_tuned = triton.autotune(
-    configs=MATMUL_CONFIGS, key=["M_BUCKET", "KEPT_BUCKET", "K"],
-    prune_configs_by=_make_prune(1, "x_ptr"), do_bench=_tuning_bench,
-)(gather_rows_linear_kernel)
-gather_swiglu_tuned = triton.autotune(
-    configs=SWIGLU_CONFIGS, key=["M_BUCKET", "KEPT_BUCKET", "K"],
-    prune_configs_by=_make_prune(2, "x_ptr"), do_bench=_tuning_bench,
-)(gather_swiglu_kernel)
-gather_cols_linear_tuned = triton.autotune(
-    configs=MATMUL_CONFIGS, key=["M_BUCKET", "N", "KEPT_BUCKET"],
-    prune_configs_by=_make_prune(1, "h_ptr"), do_bench=_tuning_bench,
-)(gather_cols_linear_kernel)
+# The autotuned kernels (GPU): kernel, configs, key, weights per tile, the input's argument
+TUNING = {
+    "gather_rows_linear": (gather_rows_linear_kernel, MATMUL_CONFIGS,
+                           ["M_BUCKET", "KEPT_BUCKET", "K"], 1, "x_ptr"),
+    "gather_swiglu": (gather_swiglu_kernel, SWIGLU_CONFIGS, ["M_BUCKET", "KEPT_BUCKET", "K"], 2,
+                      "x_ptr"),
+    "gather_cols_linear": (gather_cols_linear_kernel, MATMUL_CONFIGS,
+                           ["M_BUCKET", "N", "KEPT_BUCKET"], 1, "h_ptr"),
+}
+_TUNED: dict = {}  # (name, shared memory limit, compute capability) -> its autotuner
+
+
+def tuned(name: str, device):
+    """The autotuned kernel `name` for GPUs of `device`'s kind (its shared memory and compute
+    capability), made on first use: Triton's autotuner caches each key's best config without
+    the device, and the configs a device can launch depend on it (a config tuned on an H100
+    would fail on a 99 KiB card in the same process)."""
+    kind = (smem_limit(device), device_arch(device))
+    tuner = _TUNED.get((name, *kind))
+    if tuner is None:
+        kernel, configs, key, weights, x_arg = TUNING[name]
+        tuner = _TUNED.setdefault((name, *kind), triton.autotune(
+            configs=configs, key=key, prune_configs_by=_make_prune(weights, x_arg, *kind),
+            do_bench=_tuning_bench)(kernel))
+    return tuner
+
+
+def has_tuned(tuner, args: tuple, kwargs: dict) -> bool:
+    """Whether `tuner` (a triton.autotune kernel) has its best config for a launch with `args`
+    and `kwargs` (its key computed as Triton 3.x computes it: the key arguments' values, then
+    the dtype of every tensor argument in order), so that the launch will not benchmark."""
+    if len(tuner.configs) <= 1:
+        return True
+    named = {**dict(zip(tuner.arg_names, args)), **kwargs}
+    named = {name: value for name, value in named.items() if name in tuner.arg_names}
+    key = [named[name] for name in tuner.keys if name in named]
+    key += [str(value.dtype) for value in named.values() if hasattr(value, "dtype")]
+    return tuple(key) in tuner.cache
 
 
 def interpreter_blocks(M: int, N: int, K: int):
