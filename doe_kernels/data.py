@@ -4,6 +4,8 @@ A task is `text,label` pairs, optionally with a `split` column (train / validati
 are kept as strings; `TaskData.label_names` fixes their order (the class index of each label).
 """
 import csv
+import hashlib
+import json
 import math
 import numbers
 import os
@@ -80,6 +82,14 @@ class TaskData:
     def label_ids(self) -> list[int]:
         index = {name: i for i, name in enumerate(self.label_names)}
         return [index[label] for label in self.labels]
+
+    def digest(self) -> str:
+        """A fingerprint of the examples (text and label pairs, in any order): the same for the
+        same examples, another for others (16 hex digits of a SHA-256)."""
+        digest = hashlib.sha256()
+        for pair in sorted(zip(self.texts, self.labels)):
+            digest.update(json.dumps(pair).encode() + b"\n")
+        return digest.hexdigest()[:16]
 
     def subset(self, indices) -> "TaskData":
         indices = list(indices)

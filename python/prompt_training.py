@@ -66,7 +66,7 @@ def task_row(task, args) -> dict:
                              precision=prompt.precision, batching=prompt.batching,
                              init_text=init_text)
         seconds = time.perf_counter() - started
-        figures = prompt_figures(prompt, init_text, model)
+        figures = prompt_figures(prompt, init_text, model, train)
         expert = spec.expert(None, tuned.prompt, tuned.head)
         result = dict(seconds=round(seconds, 1), losses=tuned.losses, init=init_text,
                       precision=figures["prompt_precision"], batching=prompt.batching,

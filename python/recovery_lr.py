@@ -39,7 +39,7 @@ def task_rows(task, args) -> list:
     """Per rate one row without re-tuning (lr None), then one per (learning rate, schedule,
     seed, epochs, learning rate of the reconstruction vectors)."""
     splits = up.task_splits(task, args)
-    tuned = dk.Expert.load(os.path.join(args.start_from, args.model, f"{task}.safetensors"))
+    tuned = up.started_from(args, task, splits["train"])
     model, tokenizer = up.load_model(args.model, len(tuned.label_names))
     dense = tuned.dense()
     train, validation = splits["train"], splits["validation"]

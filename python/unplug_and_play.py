@@ -99,12 +99,27 @@ def expert_for(task, splits, args, out_dir):
         template, words = causal_lm_task(task, tokenizer, names)
     start = None
     if args.start_from:  # reuse another run's prompt and head: attribution and search only
-        start = dk.Expert.load(os.path.join(args.start_from, args.model, f"{task}.safetensors"))
+        start = started_from(args, task, splits["train"])
     expert = dk.localize(model, tokenizer, splits["train"], splits["validation"],
                          label_words=words, template=template, max_length=args.max_length,
                          start_from=start, seed=args.seed, **configs_from_args(args))
     expert.name = task
     expert.save(path)
+    return expert
+
+
+def started_from(args, task, train):
+    """The expert of `task` in the --start-from run, whose prompt and head this run reuses;
+    SystemExit when its prompt was trained on other examples than `train` (another --max-train
+    or --seed): the validation split, topped up with training examples this run does not train
+    on, could then hold examples the prompt was trained on."""
+    path = os.path.join(args.start_from, args.model, f"{task}.safetensors")
+    expert = dk.Expert.load(path)
+    trained_on = expert.figures.get("prompt_trained_on")
+    if trained_on is not None and trained_on != train.digest():
+        raise SystemExit(f"{task}: the prompt of {path} was trained on other examples than this "
+                         "run's training split (another --max-train or --seed?): its validation "
+                         "split could hold examples the prompt was trained on")
     return expert
 
 

@@ -113,3 +113,14 @@ def test_split_values_are_stripped_and_bad_counts_and_directories_named(tmp_path
         with pytest.raises(ValueError, match="count must be an int >= 0"):
             data.sample(bad)
     assert data.sample(0).texts == [] and len(data.sample(5)) == 2
+
+
+def test_a_digest_names_the_examples_in_any_order():
+    """TaskData.digest: the same for the same (text, label) pairs in another order, another for
+    a text or label changed, an example left out or added twice."""
+    data = TaskData(["a", "b", "c"], ["x", "y", "x"])
+    assert data.digest() == TaskData(["c", "a", "b"], ["x", "x", "y"]).digest()
+    assert len(data.digest()) == 16
+    others = [TaskData(["a", "b", "d"], ["x", "y", "x"]), TaskData(["a", "b", "c"], ["x", "y", "y"]),
+              TaskData(["a", "b"], ["x", "y"]), TaskData(["a", "b", "c", "c"], ["x", "y", "x", "x"])]
+    assert len({data.digest(), *(other.digest() for other in others)}) == 5

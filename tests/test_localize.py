@@ -797,6 +797,25 @@ def test_localize_end_to_end_minilm(tokenizer, tmp_path, monkeypatch, one_thread
     with pytest.raises(ValueError, match="start_from was trained with max_length=128"):
         localize(model, tokenizer, splits["train"], splits["validation"], max_length=64,
                  start_from=expert, progress=False)
+    # The search is never judged on examples the reused prompt was trained on: a validation
+    # split drawn here off other training examples than the prompt's is refused, a validation
+    # set given with them is warned of; an expert that does not record them is not checked.
+    assert figures["prompt_trained_on"] == splits["train"].digest()
+    assert again.figures["prompt_trained_on"] == figures["prompt_trained_on"]  # (carried)
+    quick = dict(recovery=plain, search=SearchConfig(max_rate=0.2, resolution=0.2),
+                 attribution=AttributionConfig(num_examples=16), progress=False)
+    with pytest.raises(ValueError, match="trained on other examples than this call's"):
+        localize(model, tokenizer, splits["train"], start_from=expert, **quick)
+    with pytest.warns(UserWarning, match="trained on other examples"):
+        localize(model, tokenizer, splits["train"].subset(range(40)), splits["validation"],
+                 start_from=expert, **quick)
+    unrecorded = expert.dense()
+    unrecorded.figures = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        searched = localize(model, tokenizer, splits["train"], start_from=unrecorded, **quick)
+    assert not [w for w in caught if "trained on other examples" in str(w.message)]
+    assert searched.figures["prompt_trained_on"] is None
 
 
 @pytest.mark.filterwarnings("ignore:localize.*no better than")
@@ -875,6 +894,8 @@ def test_configs_default_to_the_recipe_and_refuse_bad_values():
             (lambda: SearchConfig(tolerance=-0.1), "tolerance .* >= 0"),
             (lambda: SearchConfig(tolerance=nan), "tolerance .* got nan"),
             (lambda: SearchConfig(max_rate=1.5), "max_rate"),
+            (lambda: SearchConfig(tolerance=1), r"a fraction of accuracy \(0.01: one point\): "
+                                                "1 would pass every candidate"),
             (lambda: SearchConfig(resolution=0), "resolution .* > 0"),
             (lambda: SearchConfig(scope="model"), "scope .* must be one of"),
             (lambda: AttributionConfig(method="x"), "method .* must be one of"),
@@ -909,6 +930,11 @@ def test_configs_default_to_the_recipe_and_refuse_bad_values():
         PromptConfig(init_text=5)
     assert PromptConfig(init_text="a review:").init_text == "a review:"
     assert RecoveryConfig(lr=1e-3).lr == 1e-3 and PromptConfig(lr=1).lr == 1
+    with pytest.warns(UserWarning, match="0.5 lets a candidate lose 50 points"):
+        SearchConfig(tolerance=0.5)  # (half a point is 0.005)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert SearchConfig(tolerance=0.1).tolerance == 0.1
 
 
 def test_prompt_start_text_by_the_choice_and_the_task():

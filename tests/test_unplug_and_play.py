@@ -175,3 +175,24 @@ def test_timed_accuracy_takes_the_median_time(monkeypatch):
     monkeypatch.setattr(unplug_and_play, "time", SimpleNamespace(perf_counter=clock.__next__))
     accuracy, seconds, answers = unplug_and_play.timed_accuracy(router, "polarity", data, 2)
     assert (accuracy, seconds, answers) == (0.5, 2.0, ["negative", "negative"])
+
+
+def test_a_run_refuses_a_prompt_trained_on_other_examples(tmp_path):
+    """--start-from reuses a prompt trained on this run's training split (its validation is
+    topped up with training examples the run does not train on): a prompt trained on others
+    (another --max-train or --seed) is refused; one that does not record them is taken."""
+    from expert_utils import seq_cls_expert, tiny_bert
+
+    data = sentiment_task(60)
+    expert = seq_cls_expert(tiny_bert())
+    (tmp_path / "minilm").mkdir()
+    args = Namespace(start_from=str(tmp_path), model="minilm")
+    for trained_on, refused in ((data.digest(), False), (None, False),
+                                (data.subset(range(50)).digest(), True)):
+        expert.figures = {} if trained_on is None else {"prompt_trained_on": trained_on}
+        expert.save(tmp_path / "minilm" / "polarity.safetensors")
+        if refused:
+            with pytest.raises(SystemExit, match="trained on other examples than this run's"):
+                unplug_and_play.started_from(args, "polarity", data)
+        else:
+            assert unplug_and_play.started_from(args, "polarity", data).figures == expert.figures

@@ -102,6 +102,7 @@ def localize(model, tokenizer, train, validation=None, *, label_words=None, temp
     prompt, attribution, search, recovery = (configs["prompt"], configs["attribution"],
                                              configs["search"], configs["recovery"])
     seed = _checked_seed(seed)
+    split_here = validation is None  # (by localize: start_from's prompt must not have seen it)
     train, validation = _checked_inputs(model, train, validation, search, attribution,
                                         recovery, start_from, prompt, batch_size, max_length,
                                         backend, seed)
@@ -109,7 +110,7 @@ def localize(model, tokenizer, train, validation=None, *, label_words=None, temp
     run = _Run(model, tokenizer, task, batch_size, seed, progress, backend)
     with evaluating(model):
         with run.clock("prompt"):
-            tuned, trained_with = _tune_prompt(run, train, prompt, start_from)
+            tuned, trained_with = _tune_prompt(run, train, prompt, start_from, split_here)
         tuned_expert = task.expert(None, tuned.prompt, tuned.head)
         with run.clock("recovery_setup"):  # the teacher's logits, the calibration's inputs
             recover = _Recovery.of(run, tuned_expert, train, prompt, recovery)
@@ -245,6 +246,26 @@ def _checked_inputs(model, train, validation, search, attribution, recovery, sta
     return train, validation
 
 
+def _check_prompt_held_out(start_from: Expert, train, split_here: bool) -> None:
+    """The search must not be judged on examples start_from's prompt was trained on, which a
+    validation split drawn otherwise than that prompt's can hold (another seed, other training
+    examples): ValueError when this call split validation off training examples other than the
+    prompt's, a warning when validation was given (it may hold none of them). Experts recorded
+    before prompt_trained_on are not checked."""
+    trained_on = start_from.figures.get("prompt_trained_on")
+    if trained_on is None or trained_on == train.digest():
+        return
+    problem = ("start_from's prompt was trained on other examples than this call's training "
+               "split")
+    if split_here:
+        raise ValueError(f"{problem}, so the validation split drawn here may hold examples it "
+                         "was trained on (the search would be judged on them): pass the same "
+                         "training examples and seed as when it was trained, or a validation "
+                         "set it was not trained on")
+    warnings.warn(f"{problem}: make sure the validation set holds none of the examples it was "
+                  "trained on (the search would be judged on them)", UserWarning, stacklevel=4)
+
+
 def _checked_seed(seed) -> int:
     """`seed` as an int (numpy's integers too); TypeError for anything else (None made a run
     that could not be repeated)."""
@@ -287,11 +308,13 @@ class _Run:
     clock: _Clock = dataclasses.field(default_factory=_Clock)
 
 
-def _tune_prompt(run: _Run, train, prompt: PromptConfig, start_from: Expert | None):
+def _tune_prompt(run: _Run, train, prompt: PromptConfig, start_from: Expert | None,
+                 split_here: bool):
     """Step 1: (PromptResult, how its prompt was trained, for the figures); `start_from`'s
-    prompt and head when given."""
+    prompt and head when given (`split_here`: whether localize drew the validation split)."""
     if start_from is not None:
         tuned = _reuse(start_from, run.task, run.model)
+        _check_prompt_held_out(start_from, train, split_here)
         return tuned, {key: start_from.figures.get(key) for key in PROMPT_FIGURES}
     task = run.task
     init_text = start_text(prompt, task.task_type, task.label_words, task.label_names)
@@ -300,20 +323,20 @@ def _tune_prompt(run: _Run, train, prompt: PromptConfig, start_from: Expert | No
                          prompt.head_lr, run.batch_size, task.max_length, run.seed,
                          run.progress, init_text=init_text, precision=prompt.precision,
                          batching=prompt.batching)
-    return tuned, prompt_figures(prompt, init_text, run.model)
+    return tuned, prompt_figures(prompt, init_text, run.model, train)
 
 
 # Expert.figures keys that say how the prompt was trained (prompt_figures)
 PROMPT_FIGURES = ("prompt_epochs", "prompt_lr", "prompt_init", "prompt_precision",
-                  "prompt_batching")
+                  "prompt_batching", "prompt_trained_on")
 
 
-def prompt_figures(prompt: PromptConfig, init_text: str | None, model) -> dict:
-    """How a prompt was trained with `prompt` from `init_text`, as Expert.figures records it
-    (PROMPT_FIGURES)."""
+def prompt_figures(prompt: PromptConfig, init_text: str | None, model, train) -> dict:
+    """How a prompt was trained with `prompt` from `init_text` on `train`, as Expert.figures
+    records it (PROMPT_FIGURES; `prompt_trained_on`: the training examples' TaskData.digest)."""
     return dict(prompt_epochs=prompt.epochs, prompt_lr=prompt.lr, prompt_init=init_text,
                 prompt_precision=resolve_precision(prompt.precision, model),
-                prompt_batching=prompt.batching)
+                prompt_batching=prompt.batching, prompt_trained_on=train.digest())
 
 
 @dataclass(frozen=True)

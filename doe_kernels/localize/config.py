@@ -163,9 +163,22 @@ class SearchConfig:
         if self.max_rate > 1.0:
             raise ValueError(f"SearchConfig.max_rate (--max-rate) must be <= 1, got "
                              f"{self.max_rate}")
+        _check_tolerance(self.tolerance)
         if self.rank == "jointly" and not self.prune_heads:
             raise ValueError("SearchConfig.rank='jointly' (--rank jointly) ranks heads with "
                              "neurons: it needs prune_heads=True (--prune-heads)")
+
+
+def _check_tolerance(tolerance: float) -> None:
+    """A tolerance is a fraction of accuracy (0.01: one point): ValueError from 1 on (every
+    candidate would pass), a warning above 0.1 (0.5 meant as half a point lets a candidate lose
+    fifty)."""
+    what = "SearchConfig.tolerance (--tolerance) is a fraction of accuracy (0.01: one point)"
+    if tolerance >= 1:
+        raise ValueError(f"{what}: {tolerance} would pass every candidate")
+    if tolerance > 0.1:
+        warnings.warn(f"{what}: {tolerance} lets a candidate lose {tolerance * 100:g} points",
+                      UserWarning, stacklevel=4)
 
 
 @dataclass(frozen=True)

@@ -112,7 +112,10 @@ def experts_forward(x, weights, experts, gate_up, down_t, neurons=None, backend=
     tokens = order // top_k
     valid = (sorted_e < num_experts).unsqueeze(1)  # the pairs not skipped, first
     xs = x.index_select(0, tokens)
-    counts = torch.bincount(sorted_e, minlength=num_experts + 1)[:num_experts]
+    # each expert's group ends where the sorted ids pass it (bincount would read the ids' range
+    # back from a GPU: a sync, which a CUDA graph's capture forbids)
+    ends = torch.searchsorted(sorted_e, torch.arange(num_experts, device=sorted_e.device),
+                              right=True)
     # Where one row's call may run the cpu backend's kernel (an eager CPU call), every expert
     # gets the full list and the op picks the kernel or ATen's GEMM by its own row count: on an
     # AVX2 CPU at 8-16 tokens (decoding-sized groups) that took a quarter of the grouped GEMM's
@@ -120,7 +123,7 @@ def experts_forward(x, weights, experts, gate_up, down_t, neurons=None, backend=
     if neurons is None and library.dense_in_kernel(xs[:1], backend, gate_up, down_t):
         neurons = library.every_index(intermediate, x.device)
     if neurons is None and _use_grouped_mm(x, hidden, intermediate):
-        offsets = torch.cumsum(counts, 0, dtype=torch.int32)
+        offsets = ends.to(torch.int32)
         if torch.is_grad_enabled() and x.requires_grad:
             # the grouped GEMMs leave the rows past the groups (skipped pairs) unwritten, in
             # their input's gradient too: none of it may reach x's
@@ -130,12 +133,12 @@ def experts_forward(x, weights, experts, gate_up, down_t, neurons=None, backend=
     else:
         ys = xs.new_zeros(xs.shape)
         start = 0
-        for expert, count in enumerate(counts.tolist()):
-            if count:
-                rows = slice(start, start + count)
+        for expert, end in enumerate(ends.tolist()):
+            if end > start:
+                rows = slice(start, end)
                 ys[rows] = expert_ffn(xs[rows], gate_up[expert], down_t[expert], intermediate,
                                        neurons, backend)
-                start += count
+                start = end
     scale = flat_w.index_select(0, order).unsqueeze(1)
     # rows past the groups are not written: masked before the scale (whose gradient reads them)
     ys = (torch.where(valid, ys, 0.0) * scale).to(x.dtype)
