@@ -21,7 +21,6 @@ held-out examples are the first 128 validation examples (not trained on).
 """
 import argparse
 import json
-import os
 
 import unplug_and_play as up
 
