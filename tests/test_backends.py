@@ -275,6 +275,7 @@ def test_triton_autotuners_are_per_kind_of_gpu(monkeypatch):
     from doe_kernels.backends.triton import kernels as k
 
     monkeypatch.setattr(k, "_TUNED", {})
+    monkeypatch.setattr(k, "_TUNED_ON", {})
     kinds = {0: (227 * 1024, 90), 1: (99 * 1024, 89), 2: (227 * 1024, 90)}
     monkeypatch.setattr(k, "smem_limit", lambda device: kinds[device.index][0])
     monkeypatch.setattr(k, "device_arch", lambda device: kinds[device.index][1])
@@ -282,6 +283,8 @@ def test_triton_autotuners_are_per_kind_of_gpu(monkeypatch):
     big, small = k.tuned("gather_swiglu", gpu[0]), k.tuned("gather_swiglu", gpu[1])
     assert big is not small and k.tuned("gather_swiglu", gpu[2]) is big
     assert k.tuned("gather_rows_linear", gpu[0]) is not big
+    assert k.tuned("gather_swiglu", gpu[1]) is small  # (looked up by device from here on)
+    assert k._TUNED_ON[("gather_swiglu", 1)] is small
     x = torch.empty(0, dtype=torch.float32)
     fits = {}
     for tuner, (limit, arch) in ((big, kinds[0]), (small, kinds[1])):
@@ -300,6 +303,7 @@ def test_has_tuned_reads_the_key_as_tritons_autotuner_makes_it(monkeypatch):
     from doe_kernels.backends.triton import kernels as k
 
     monkeypatch.setattr(k, "_TUNED", {})
+    monkeypatch.setattr(k, "_TUNED_ON", {})
     tuner = k.tuned("gather_rows_linear", torch.device("cpu"))
     monkeypatch.setattr(tuner, "_bench", lambda *args, config, **kwargs: [
         float(config.kwargs["BLOCK_N"])] * 3)
@@ -348,7 +352,8 @@ def test_a_triton_launch_inside_a_capture_never_autotunes(monkeypatch):
     x = torch.zeros(3, 8)
     for capture, tuned, autotune, want in ((False, False, "1", "tuned"), (True, False, "1", "fixed"),
                                            (True, True, "1", "tuned"), (False, False, "0", "fixed")):
-        monkeypatch.setattr(backend, "capturing", lambda device, capture=capture: capture)
+        monkeypatch.setattr(torch.cuda, "is_current_stream_capturing",
+                            lambda capture=capture: capture)
         monkeypatch.setenv("DOE_KERNELS_TRITON_AUTOTUNE", autotune)
         tuned_keys = {3} if tuned else set()
         ran.clear()

@@ -13,7 +13,7 @@ import warnings
 import torch
 
 from doe_kernels.activations import ACTIVATION_CODES, check_activation
-from doe_kernels.backends.device import capturing, device_guard
+from doe_kernels.backends.device import device_guard
 from doe_kernels.backends.memo import probe
 
 NAME = "triton"
@@ -88,18 +88,19 @@ def _launch(k, name: str, x, M: int, N: int, K: int, args: tuple, constants: dic
     fixed configuration per M regime (fitted to the shared memory of x's device) when autotuning
     is off or when a CUDA graph is being captured and the launch's key has not been tuned yet
     (tuning times configurations and synchronizes the device, which a capture forbids)."""
-    kernel, meta = None, {}
-    if k.INTERPRET:
-        kernel, meta = getattr(k, name + "_kernel"), k.interpreter_blocks(M, N, K)
-    elif k.autotune_enabled():
-        tuner = k.tuned(name, x.device)
-        if not capturing(x.device) or k.has_tuned(tuner, args, constants):
-            kernel = tuner
-    if kernel is None:
-        weights = 2 if name == "gather_swiglu" else 1
-        kernel, meta = getattr(k, name + "_kernel"), k.fixed_launch(
-            M, weights, x.element_size(), k.smem_limit(x.device), k.device_arch(x.device))
-    with device_guard(x):
+    with device_guard(x):  # (x's GPU current: its stream is the one a capture would be on)
+        kernel, meta = None, {}
+        if k.INTERPRET:
+            kernel, meta = getattr(k, name + "_kernel"), k.interpreter_blocks(M, N, K)
+        elif k.autotune_enabled():
+            tuner = k.tuned(name, x.device)
+            if not torch.cuda.is_current_stream_capturing() or \
+                    k.has_tuned(tuner, args, constants):
+                kernel = tuner
+        if kernel is None:
+            weights = 2 if name == "gather_swiglu" else 1
+            kernel, meta = getattr(k, name + "_kernel"), k.fixed_launch(
+                M, weights, x.element_size(), k.smem_limit(x.device), k.device_arch(x.device))
         kernel[_grid(M, N)](*args, **constants, **meta)
 
 

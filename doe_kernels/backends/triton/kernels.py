@@ -515,13 +515,18 @@ TUNING = {
                            ["M_BUCKET", "N", "KEPT_BUCKET"], 1, "h_ptr"),
 }
 _TUNED: dict = {}  # (name, shared memory limit, compute capability) -> its autotuner
+_TUNED_ON: dict = {}  # (name, device index) -> the autotuner of that device's kind
 
 
 def tuned(name: str, device):
     """The autotuned kernel `name` for GPUs of `device`'s kind (its shared memory and compute
     capability), made on first use: Triton's autotuner caches each key's best config without
     the device, and the configs a device can launch depend on it (a config tuned on an H100
-    would fail on a 99 KiB card in the same process)."""
+    would fail on a 99 KiB card in the same process). One lookup a launch once a device has
+    met it."""
+    tuner = _TUNED_ON.get((name, device.index))
+    if tuner is not None:
+        return tuner
     kind = (smem_limit(device), device_arch(device))
     tuner = _TUNED.get((name, *kind))
     if tuner is None:
@@ -529,6 +534,8 @@ def tuned(name: str, device):
         tuner = _TUNED.setdefault((name, *kind), triton.autotune(
             configs=configs, key=key, prune_configs_by=_make_prune(weights, x_arg, *kind),
             do_bench=_tuning_bench)(kernel))
+    if device.index is not None:  # (None: whichever GPU is current)
+        _TUNED_ON[(name, device.index)] = tuner
     return tuner
 
 
