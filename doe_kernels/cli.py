@@ -458,6 +458,7 @@ def _answer(router, line: str | bytes) -> dict:
 
 def cmd_bench(args) -> None:
     import doe_kernels as dk
+    from doe_kernels.expert import position_limit
 
     if args.expert and args.prune is not None:
         raise UserError("give --expert or --prune, not both")
@@ -468,6 +469,9 @@ def cmd_bench(args) -> None:
     if positions is not None and args.seq > positions:  # (before any weight is loaded)
         raise UserError(f"--seq {args.seq} is longer than the model's {positions} positions")
     model, tokenizer = load_model(args.model, None if expert is None else len(expert.label_names))
+    limit = position_limit(model)  # (RoBERTa's models hold two positions fewer than the config)
+    if limit is not None and args.seq > limit:
+        raise UserError(f"--seq {args.seq} is longer than the model's {limit} positions")
     if expert is not None:
         expert.mask.validate(model)  # before the dense timing
     prune = 0.65 if args.prune is None else args.prune

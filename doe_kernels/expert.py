@@ -292,10 +292,12 @@ def prompted_inputs(model, input_ids, attention_mask, prompt: torch.Tensor,
                     task_type: str) -> dict:
     """The keyword arguments of `model(...)` for encoded texts with the soft prompt prepended:
     inputs_embeds, attention_mask (ones over the prompt), and for a causal LM logits_to_keep=1
-    (only the last position is scored) and position_ids counting real tokens only (padding does
-    not move a text's positions, so a batched text gets its answer alone). Differentiable in
-    `prompt`: prompt tuning trains through it, so the prompt is fitted to the forward that
-    serves it."""
+    (only the last position is scored), position_ids counting real tokens only (padding does
+    not move a text's positions, so a batched text gets its answer alone) and the padding first,
+    before the prompt (a sliding window, Mistral's, counts positions, padding included: padding
+    between the prompt and the text would cut the prompt off by how much longer another text
+    of the batch is). Differentiable in `prompt`: prompt tuning trains through it, so the prompt
+    is fitted to the forward that serves it."""
     embeddings = model.get_input_embeddings()
     device, dtype = embeddings.weight.device, embeddings.weight.dtype
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
@@ -306,6 +308,10 @@ def prompted_inputs(model, input_ids, attention_mask, prompt: torch.Tensor,
     attention_mask = torch.cat((ones, attention_mask), dim=1)
     kwargs = {}
     if task_type == CAUSAL_LM:
+        order = torch.sort(attention_mask, dim=1, stable=True).indices  # padding first
+        inputs_embeds = inputs_embeds.gather(
+            1, order.unsqueeze(-1).expand(-1, -1, inputs_embeds.shape[-1]))
+        attention_mask = attention_mask.gather(1, order)
         kwargs = dict(logits_to_keep=1, position_ids=real_positions(attention_mask))
     return dict(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
 
@@ -513,13 +519,16 @@ class Expert:
     def dense(self) -> "Expert":
         """The unpruned baseline this expert's accuracy was compared with (no mask): the
         prompt-tuned model; for an expert found with recovery, its prompt and head given the same
-        extra training (in files written before that rule, the ones before recovery)."""
+        extra training (in files written before that rule, the ones before recovery). Its
+        figures hold only `prompt_trained_on`, where this expert's do."""
         prompt = self.prompt if self.dense_prompt is None else self.dense_prompt
         head = self.head if self.dense_head is None else self.dense_head
+        trained_on = self.figures.get("prompt_trained_on")  # (what localize's start_from checks)
         return Expert(None, prompt, self.task_type, self.label_names,
                       label_words=self.label_words, label_token_ids=self.label_token_ids,
                       template=self.template, head=head, sizes=self.sizes, name=self.name,
-                      max_length=self.max_length)
+                      max_length=self.max_length,
+                      figures=None if trained_on is None else {"prompt_trained_on": trained_on})
 
     def __repr__(self):
         rate = self.figures.get("pruning_rate")

@@ -110,13 +110,14 @@ def expert_for(task, splits, args, out_dir):
 
 def started_from(args, task, train):
     """The expert of `task` in the --start-from run, whose prompt and head this run reuses;
-    SystemExit when its prompt was trained on other examples than `train` (another --max-train
-    or --seed): the validation split, topped up with training examples this run does not train
-    on, could then hold examples the prompt was trained on."""
+    SystemExit, with --top-up-validation, when its prompt was trained on other examples than
+    `train` (another --max-train or --seed): the validation split, topped up with training
+    examples this run does not train on, could then hold examples the prompt was trained on
+    (without it, validation comes from another split)."""
     path = os.path.join(args.start_from, args.model, f"{task}.safetensors")
     expert = dk.Expert.load(path)
     trained_on = expert.figures.get("prompt_trained_on")
-    if trained_on is not None and trained_on != train.digest():
+    if args.top_up_validation and trained_on is not None and trained_on != train.digest():
         raise SystemExit(f"{task}: the prompt of {path} was trained on other examples than this "
                          "run's training split (another --max-train or --seed?): its validation "
                          "split could hold examples the prompt was trained on")

@@ -262,7 +262,8 @@ def test_triton_shared_memory_estimate_follows_the_compiler():
     assert k.smem_bytes(64, 64, 64, 4, 1, 2, arch=90) == 65_536  # bfloat16 wgmma, sm_90
     assert k.smem_bytes(64, 64, 64, 4, 1, 2, arch=80) == 49_152  # the same on sm_80
     assert k.smem_bytes(128, 64, 64, 3, 2, 2, arch=90) == 98_304
-    assert k.smem_bytes(128, 256, 64, 2, 1, 4, arch=80) == 131_072  # the output tile
+    assert k.smem_bytes(128, 256, 64, 2, 1, 4, arch=80) == 131_072  # the float32 output tile
+    assert k.smem_bytes(128, 256, 64, 2, 1, 2, arch=80) == 49_152  # (none in bfloat16)
     assert k.fixed_launch(64, 1, 2, 99 * 1024 - k._SMEM_MARGIN, 86)["num_stages"] == 4
     assert k.fixed_launch(64, 1, 2, 60 * 1024, 90)["num_stages"] == 3  # (4 need 64 KiB there)
 
@@ -285,6 +286,7 @@ def test_triton_autotuners_are_per_kind_of_gpu(monkeypatch):
     assert k.tuned("gather_rows_linear", gpu[0]) is not big
     assert k.tuned("gather_swiglu", gpu[1]) is small  # (looked up by device from here on)
     assert k._TUNED_ON[("gather_swiglu", 1)] is small
+    assert big.doe_lock is not small.doe_lock  # (each launches one thread at a time)
     x = torch.empty(0, dtype=torch.float32)
     fits = {}
     for tuner, (limit, arch) in ((big, kinds[0]), (small, kinds[1])):
@@ -339,14 +341,21 @@ def test_a_triton_launch_inside_a_capture_never_autotunes(monkeypatch):
 
     class Kernel:
         def __init__(self, name):
-            self.name = name
+            self.name, self.locked = name, False
+            if name == "tuned":  # (the autotuner's lock, held through its launch)
+                self.doe_lock = contextlib.contextmanager(self._locking)()
+
+        def _locking(self):
+            self.locked = True
+            yield
+            self.locked = False
 
         def __getitem__(self, grid):
-            return lambda *args, **kwargs: ran.append((self.name, kwargs))
+            return lambda *args, **kwargs: ran.append((self.name, kwargs, self.locked))
 
     ran, tuned_keys = [], set()
     monkeypatch.setattr(k, "INTERPRET", False)
-    monkeypatch.setattr(k, "tuned", lambda name, device: Kernel("tuned"))
+    monkeypatch.setattr(k, "tuned", lambda name, device: Kernel("tuned"))  # (a new lock a call)
     monkeypatch.setattr(k, "gather_swiglu_kernel", Kernel("fixed"))
     monkeypatch.setattr(k, "has_tuned", lambda tuner, args, constants: args[5] in tuned_keys)
     x = torch.zeros(3, 8)
@@ -358,9 +367,10 @@ def test_a_triton_launch_inside_a_capture_never_autotunes(monkeypatch):
         tuned_keys = {3} if tuned else set()
         ran.clear()
         backend._launch(k, "gather_swiglu", x, 3, 4, 8, (x, x, x, x, x, 3), {"F32_DOT": True})
-        assert [name for name, _ in ran] == [want], (capture, tuned, autotune)
+        assert [name for name, _, _ in ran] == [want], (capture, tuned, autotune)
         fixed = k.fixed_launch(3, 2, 4, k.smem_limit(x.device), k.device_arch(x.device))
         assert (ran[0][1] == dict(fixed, F32_DOT=True)) == (want == "fixed")
+        assert ran[0][2] == (want == "tuned")
 
 
 def test_backend_checks_trace_under_torch_compile_without_warnings():

@@ -364,3 +364,22 @@ def test_a_new_classifier_head_is_drawn_from_the_seed_alone():
     assert torch.equal(heads[0], heads[1])
     other, _ = cli.load_model(minilm_dir(), num_labels=3, seed=8)
     assert not torch.equal(other.classifier.weight, heads[0])
+
+
+def test_bench_refuses_more_tokens_than_a_roberta_model_takes(tmp_path, capsys):
+    """RoBERTa's position table holds two positions fewer than its config's
+    max_position_embeddings (its padding offset): a --seq between the two was taken and failed
+    in the model with a traceback; it is a one-line error."""
+    from transformers import AutoTokenizer, RobertaConfig, RobertaForSequenceClassification
+
+    config = RobertaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=48, vocab_size=30522, max_position_embeddings=66,
+                           pad_token_id=1, architectures=["RobertaForSequenceClassification"])
+    RobertaForSequenceClassification(config).save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(minilm_dir()).save_pretrained(tmp_path)
+    capsys.readouterr()  # (the save's progress bar)
+    for seq, code in ((64, 0), (65, 2)):
+        assert cli.main(["bench", "--model", str(tmp_path), "--seq", str(seq), "--repeats",
+                         "1"]) == code
+    err = capsys.readouterr().err
+    assert err.strip() == "doe-kernels bench: error: --seq 65 is longer than the model's 64 positions"

@@ -782,3 +782,43 @@ def test_a_dense_head_of_another_shape_is_refused(tmp_path):
     with pytest.raises(FileFormatError, match=f"{bad}: dense_head parameter 'classifier.weight' "
                        r"has shape \(7, 3\)"):
         Expert.load(bad)
+
+
+@pytest.mark.parametrize("layout", ["left", "right"])
+def test_a_text_batched_with_a_longer_one_gets_its_answer_alone_under_a_sliding_window(
+        tokenizer, layout):
+    """A causal expert's soft prompt comes after the batch's padding: a sliding window (Mistral)
+    counts positions, padding included, so padding between the prompt and the text cut the
+    prompt off by how much longer another text of the batch was. Alone, batched with a longer
+    text (through predict_logits and mixed_logits) and padded on either side, the same."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from doe_kernels.expert import prompted_inputs
+    from model_utils import _causal_config
+
+    torch.manual_seed(0)
+    config = _causal_config(MistralConfig, sliding_window=8)
+    config.vocab_size = tokenizer.vocab_size
+    model = MistralForCausalLM(config).eval()
+    words = [" positive", " negative"]
+    expert = Expert(dk.ExpertMask.random(model, 0.5, 0.5, seed=0), torch.randn(3, 48),
+                    "causal_lm", ["positive", "negative"], label_words=words,
+                    label_token_ids=label_token_ids(tokenizer, words), sizes=model_sizes(model),
+                    max_length=32)
+    short, longer = "a fine film", "word " * 25
+    with torch.no_grad():
+        alone = expert.predict_logits(model, tokenizer, [short])[0]
+        batched = expert.predict_logits(model, tokenizer, [short, longer])[0]
+        mixed = dk.mixed_logits(model, tokenizer, [(expert, short), (expert, longer)])[0]
+        torch.testing.assert_close(batched, alone, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(mixed, alone, rtol=1e-4, atol=1e-5)
+        # padding on either side ends up first, the real tokens in order after it
+        first = [0, 0, 5, 6, 7] if layout == "left" else [5, 6, 7, 0, 0]
+        ids = torch.tensor([first, [5, 6, 7, 8, 9]])
+        attention = (ids > 0).long()
+        got = prompted_inputs(model, ids, attention, expert.prompt, "causal_lm")
+        assert got["attention_mask"].tolist() == [[0, 0] + [1] * 6, [1] * 8]
+        embeddings = model.get_input_embeddings()
+        torch.testing.assert_close(got["inputs_embeds"][0, 2:5], expert.prompt)
+        torch.testing.assert_close(got["inputs_embeds"][0, 5:], embeddings(torch.tensor([5, 6, 7])))
+        assert got["position_ids"][0, 2:].tolist() == list(range(6))

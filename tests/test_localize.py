@@ -543,6 +543,7 @@ def test_the_training_autocast_reads_trained_tensors_anew_inside_another_autocas
     assert torch.equal(after, 2 * before)
 
 
+@pytest.mark.filterwarnings("ignore:SearchConfig.tolerance")  # (1: every rate passes)
 def test_every_patched_forward_runs_on_the_backend_asked_for(tokenizer, monkeypatch,
                                                           one_thread):
     """`backend` reaches every candidate's forward passes: the reconstruction's choice, the
@@ -564,6 +565,7 @@ def test_every_patched_forward_runs_on_the_backend_asked_for(tokenizer, monkeypa
     assert len(backends) > 3 and set(backends) == {"torch"}
 
 
+@pytest.mark.filterwarnings("ignore:SearchConfig.tolerance")  # (1: every rate passes)
 def test_a_diverged_candidate_fails_and_says_so(tokenizer, monkeypatch, one_thread):
     """A candidate whose re-tuning diverges fails whatever the tolerance (it was never measured),
     with a warning naming its rate."""
@@ -806,9 +808,12 @@ def test_localize_end_to_end_minilm(tokenizer, tmp_path, monkeypatch, one_thread
                  attribution=AttributionConfig(num_examples=16), progress=False)
     with pytest.raises(ValueError, match="trained on other examples than this call's"):
         localize(model, tokenizer, splits["train"], start_from=expert, **quick)
-    with pytest.warns(UserWarning, match="trained on other examples"):
+    with pytest.warns(UserWarning, match="trained on other examples") as warned:
         localize(model, tokenizer, splits["train"].subset(range(40)), splits["validation"],
                  start_from=expert, **quick)
+    assert [w.filename for w in warned if "trained on other" in str(w.message)] == [__file__]
+    # (the dense baseline carries what its prompt was trained on)
+    assert expert.dense().figures == {"prompt_trained_on": figures["prompt_trained_on"]}
     unrecorded = expert.dense()
     unrecorded.figures = {}
     with warnings.catch_warnings(record=True) as caught:
@@ -819,6 +824,7 @@ def test_localize_end_to_end_minilm(tokenizer, tmp_path, monkeypatch, one_thread
 
 
 @pytest.mark.filterwarnings("ignore:localize.*no better than")
+@pytest.mark.filterwarnings("ignore:SearchConfig.tolerance")  # (1: every rate passes)
 def test_recovery_keeps_a_retuned_prompt_only_when_held_out_answers_get_closer(
         tokenizer, monkeypatch, one_thread):
     """keep="closer": the recovery trains on none of the held-out examples that judge it, and a
@@ -894,8 +900,8 @@ def test_configs_default_to_the_recipe_and_refuse_bad_values():
             (lambda: SearchConfig(tolerance=-0.1), "tolerance .* >= 0"),
             (lambda: SearchConfig(tolerance=nan), "tolerance .* got nan"),
             (lambda: SearchConfig(max_rate=1.5), "max_rate"),
-            (lambda: SearchConfig(tolerance=1), r"a fraction of accuracy \(0.01: one point\): "
-                                                "1 would pass every candidate"),
+            (lambda: SearchConfig(tolerance=1.5), r"a fraction of accuracy \(0.01: one point\) "
+                                                  "of at most 1, got 1.5"),
             (lambda: SearchConfig(resolution=0), "resolution .* > 0"),
             (lambda: SearchConfig(scope="model"), "scope .* must be one of"),
             (lambda: AttributionConfig(method="x"), "method .* must be one of"),

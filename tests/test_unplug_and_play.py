@@ -178,17 +178,19 @@ def test_timed_accuracy_takes_the_median_time(monkeypatch):
 
 
 def test_a_run_refuses_a_prompt_trained_on_other_examples(tmp_path):
-    """--start-from reuses a prompt trained on this run's training split (its validation is
-    topped up with training examples the run does not train on): a prompt trained on others
-    (another --max-train or --seed) is refused; one that does not record them is taken."""
+    """--start-from with --top-up-validation reuses a prompt trained on this run's training
+    split (its validation is topped up with training examples the run does not train on): a
+    prompt trained on others (another --max-train or --seed) is refused; one that does not
+    record them is taken, and so is any without the top-up (validation from another split)."""
     from expert_utils import seq_cls_expert, tiny_bert
 
     data = sentiment_task(60)
     expert = seq_cls_expert(tiny_bert())
     (tmp_path / "minilm").mkdir()
-    args = Namespace(start_from=str(tmp_path), model="minilm")
-    for trained_on, refused in ((data.digest(), False), (None, False),
-                                (data.subset(range(50)).digest(), True)):
+    for trained_on, top_up, refused in ((data.digest(), True, False), (None, True, False),
+                                        (data.subset(range(50)).digest(), True, True),
+                                        (data.subset(range(50)).digest(), False, False)):
+        args = Namespace(start_from=str(tmp_path), model="minilm", top_up_validation=top_up)
         expert.figures = {} if trained_on is None else {"prompt_trained_on": trained_on}
         expert.save(tmp_path / "minilm" / "polarity.safetensors")
         if refused:

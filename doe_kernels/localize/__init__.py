@@ -262,8 +262,9 @@ def _check_prompt_held_out(start_from: Expert, train, split_here: bool) -> None:
                          "was trained on (the search would be judged on them): pass the same "
                          "training examples and seed as when it was trained, or a validation "
                          "set it was not trained on")
+    # (5: this, _tune_prompt, localize, in_own_modes' wrapper, the caller)
     warnings.warn(f"{problem}: make sure the validation set holds none of the examples it was "
-                  "trained on (the search would be judged on them)", UserWarning, stacklevel=4)
+                  "trained on (the search would be judged on them)", UserWarning, stacklevel=5)
 
 
 def _checked_seed(seed) -> int:

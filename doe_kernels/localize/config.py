@@ -170,12 +170,12 @@ class SearchConfig:
 
 
 def _check_tolerance(tolerance: float) -> None:
-    """A tolerance is a fraction of accuracy (0.01: one point): ValueError from 1 on (every
-    candidate would pass), a warning above 0.1 (0.5 meant as half a point lets a candidate lose
-    fifty)."""
+    """A tolerance is a fraction of accuracy (0.01: one point): ValueError above 1 (meant as
+    points), a warning above 0.1 (0.5 meant as half a point lets a candidate lose fifty; 1 lets
+    every candidate pass, which tests use)."""
     what = "SearchConfig.tolerance (--tolerance) is a fraction of accuracy (0.01: one point)"
-    if tolerance >= 1:
-        raise ValueError(f"{what}: {tolerance} would pass every candidate")
+    if tolerance > 1:
+        raise ValueError(f"{what} of at most 1, got {tolerance}")
     if tolerance > 0.1:
         warnings.warn(f"{what}: {tolerance} lets a candidate lose {tolerance * 100:g} points",
                       UserWarning, stacklevel=4)

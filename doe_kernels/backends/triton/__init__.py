@@ -7,6 +7,7 @@ set it before the first call. On the CPU the backend is offered only when the in
 probe kernel: Triton 3.6's interpreter (torch 2.11's pin) cannot run the kernels' loops with numpy
 2.4 or later, and then the backend is unavailable there, with one warning saying why.
 """
+import contextlib
 import os
 import warnings
 
@@ -84,10 +85,13 @@ def _interpreter_runs() -> bool:
 
 def _launch(k, name: str, x, M: int, N: int, K: int, args: tuple, constants: dict) -> None:
     """Launch the kernel `name` over an (M, N) output on x's GPU: autotuned by default (the
-    autotuner of x's kind of GPU), with fixed large blocks under the interpreter, or with one
-    fixed configuration per M regime (fitted to the shared memory of x's device) when autotuning
-    is off or when a CUDA graph is being captured and the launch's key has not been tuned yet
-    (tuning times configurations and synchronizes the device, which a capture forbids)."""
+    autotuner of x's kind of GPU, one thread at a time: Triton's keeps a launch's arguments on
+    itself while it runs), with fixed large blocks under the interpreter, or with one fixed
+    configuration per M regime (fitted to the shared memory of x's device) when autotuning is
+    off or when a CUDA graph is being captured and the launch's key has not been tuned yet
+    (tuning times configurations and synchronizes the device, which a capture forbids; a
+    kernel never compiled still compiles and loads there, which a capture forbids too: run each
+    shape once before capturing)."""
     with device_guard(x):  # (x's GPU current: its stream is the one a capture would be on)
         kernel, meta = None, {}
         if k.INTERPRET:
@@ -101,7 +105,8 @@ def _launch(k, name: str, x, M: int, N: int, K: int, args: tuple, constants: dic
             weights = 2 if name == "gather_swiglu" else 1
             kernel, meta = getattr(k, name + "_kernel"), k.fixed_launch(
                 M, weights, x.element_size(), k.smem_limit(x.device), k.device_arch(x.device))
-        kernel[_grid(M, N)](*args, **constants, **meta)
+        with getattr(kernel, "doe_lock", contextlib.nullcontext()):
+            kernel[_grid(M, N)](*args, **constants, **meta)
 
 
 def _grid(M, N):
