@@ -359,8 +359,9 @@ def test_a_triton_launch_inside_a_capture_never_autotunes(monkeypatch):
     monkeypatch.setattr(k, "gather_swiglu_kernel", Kernel("fixed"))
     monkeypatch.setattr(k, "has_tuned", lambda tuner, args, constants: args[5] in tuned_keys)
     x = torch.zeros(3, 8)
-    for capture, tuned, autotune, want in ((False, False, "1", "tuned"), (True, False, "1", "fixed"),
-                                           (True, True, "1", "tuned"), (False, False, "0", "fixed")):
+    cases = ((False, False, "1", "tuned"), (True, False, "1", "fixed"), (True, True, "1", "tuned"),
+             (False, False, "0", "fixed"))
+    for capture, tuned, autotune, want in cases:
         monkeypatch.setattr(torch.cuda, "is_current_stream_capturing",
                             lambda capture=capture: capture)
         monkeypatch.setenv("DOE_KERNELS_TRITON_AUTOTUNE", autotune)

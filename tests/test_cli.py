@@ -382,4 +382,5 @@ def test_bench_refuses_more_tokens_than_a_roberta_model_takes(tmp_path, capsys):
         assert cli.main(["bench", "--model", str(tmp_path), "--seq", str(seq), "--repeats",
                          "1"]) == code
     err = capsys.readouterr().err
-    assert err.strip() == "doe-kernels bench: error: --seq 65 is longer than the model's 64 positions"
+    assert err.strip() == ("doe-kernels bench: error: --seq 65 is longer than the model's 64 "
+                           "positions")

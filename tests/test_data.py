@@ -121,6 +121,7 @@ def test_a_digest_names_the_examples_in_any_order():
     data = TaskData(["a", "b", "c"], ["x", "y", "x"])
     assert data.digest() == TaskData(["c", "a", "b"], ["x", "x", "y"]).digest()
     assert len(data.digest()) == 16
-    others = [TaskData(["a", "b", "d"], ["x", "y", "x"]), TaskData(["a", "b", "c"], ["x", "y", "y"]),
-              TaskData(["a", "b"], ["x", "y"]), TaskData(["a", "b", "c", "c"], ["x", "y", "x", "x"])]
+    others = [TaskData(["a", "b", "d"], ["x", "y", "x"]),
+              TaskData(["a", "b", "c"], ["x", "y", "y"]), TaskData(["a", "b"], ["x", "y"]),
+              TaskData(["a", "b", "c", "c"], ["x", "y", "x", "x"])]
     assert len({data.digest(), *(other.digest() for other in others)}) == 5

@@ -18,9 +18,9 @@ on the host would synchronise): every load through an index is masked by the ind
 An index outside that range reads nothing: its output is 0 (rows, swiglu) or it adds nothing (cols).
 
 Launch configuration: under ``TRITON_INTERPRET=1`` the caller runs the plain ``@triton.jit`` kernels
-with large blocks (fast in numpy); on a GPU it runs them autotuned (``tuned``: one autotuner per kind of GPU), keyed on (bucketed M,
-bucketed kept count, the fixed dimension), or with DOE_KERNELS_TRITON_AUTOTUNE=0 with one fixed
-configuration per M regime.
+with large blocks (fast in numpy); on a GPU it runs them autotuned (``tuned``: one autotuner per
+kind of GPU), keyed on (bucketed M, bucketed kept count, the fixed dimension), or with
+DOE_KERNELS_TRITON_AUTOTUNE=0 with one fixed configuration per M regime.
 """
 import os
 import threading
