@@ -310,7 +310,7 @@ class _Run:
 
 
 def _tune_prompt(run: _Run, train, prompt: PromptConfig, start_from: Expert | None,
-                 split_here: bool):
+                 split_here: bool = False):
     """Step 1: (PromptResult, how its prompt was trained, for the figures); `start_from`'s
     prompt and head when given (`split_here`: whether localize drew the validation split)."""
     if start_from is not None:
