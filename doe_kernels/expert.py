@@ -304,16 +304,33 @@ def prompted_inputs(model, input_ids, attention_mask, prompt: torch.Tensor,
     batch = input_ids.shape[0]
     prompts = prompt.to(device, dtype).unsqueeze(0).expand(batch, -1, -1)
     inputs_embeds = torch.cat((prompts, embeddings(input_ids)), dim=1)
-    ones = attention_mask.new_ones(batch, prompt.shape[0])
-    attention_mask = torch.cat((ones, attention_mask), dim=1)
+    attention_mask, order = _prompted_layout(attention_mask, prompt.shape[0], task_type)
     kwargs = {}
-    if task_type == CAUSAL_LM:
-        order = torch.sort(attention_mask, dim=1, stable=True).indices  # padding first
+    if order is not None:  # a causal LM
         inputs_embeds = inputs_embeds.gather(
             1, order.unsqueeze(-1).expand(-1, -1, inputs_embeds.shape[-1]))
-        attention_mask = attention_mask.gather(1, order)
         kwargs = dict(logits_to_keep=1, position_ids=real_positions(attention_mask))
     return dict(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
+
+
+def prompted_attention(attention_mask: torch.Tensor, virtual_tokens: int,
+                       task_type: str) -> torch.Tensor:
+    """The attention mask `prompted_inputs` gives for texts' `attention_mask`: ones over the
+    prompt's `virtual_tokens`, and for a causal LM the padding first (what each position of the
+    model's inputs and activations holds)."""
+    return _prompted_layout(attention_mask, virtual_tokens, task_type)[0]
+
+
+def _prompted_layout(attention_mask: torch.Tensor, virtual_tokens: int, task_type: str):
+    """(the prompted attention mask, the order of the [prompt, text] positions in it): for a
+    causal LM the padding first (a stable sort: the real positions keep their order), else the
+    order as it is (None)."""
+    ones = attention_mask.new_ones(attention_mask.shape[0], virtual_tokens)
+    mask = torch.cat((ones, attention_mask), dim=1)
+    if task_type != CAUSAL_LM:
+        return mask, None
+    order = torch.sort(mask, dim=1, stable=True).indices
+    return mask.gather(1, order), order
 
 
 def prompted_label_logits(model, input_ids, attention_mask, prompt: torch.Tensor,

@@ -998,3 +998,22 @@ def test_flat_keywords_are_deprecated_aliases_of_the_config_fields():
     with pytest.warns(DeprecationWarning, match="recover_epochs="), \
             pytest.raises(ValueError, match="--recover-epochs"):
         localize(model, None, data, recover_epochs=-1, progress=False)
+
+
+@pytest.mark.parametrize("method", ["grad", "fisher"])
+def test_a_causal_experts_scores_do_not_depend_on_its_batches_padding(tokenizer, one_thread,
+                                                                      method):
+    """The token mask attribution averages over follows the prompted inputs' layout (padding
+    first, then the prompt and the text): texts of several lengths scored in one batch give
+    what they give one at a time."""
+    model = tiny_llama()
+    ids = label_token_ids(tokenizer, [" negative", " positive"])
+    expert = Expert(None, torch.randn(3, 32), "causal_lm", ["negative", "positive"],
+                    label_words=[" negative", " positive"], label_token_ids=ids,
+                    sizes=model_sizes(model))
+    data = TaskData(["good", "a long and rather dull film about nothing", "fine film"],
+                    ["positive", "negative", "positive"])
+    batched = attribute(model, tokenizer, expert, data, method, batch_size=3, progress=False)
+    alone = attribute(model, tokenizer, expert, data, method, batch_size=1, progress=False)
+    for got, want in zip(batched, alone):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-9)

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from doe_kernels.caller_state import evaluating, in_own_modes
-from doe_kernels.expert import check_batch_size, check_count, numbered
+from doe_kernels.expert import check_batch_size, check_count, numbered, prompted_attention
 from doe_kernels.models import UnsupportedModelError, describe
 from doe_kernels.patching import is_patched
 
@@ -153,8 +153,8 @@ class _Scorer:
         self.prompt = expert.prompt.clone().requires_grad_(True)  # the whole forward in the graph
 
     def add_batch(self, ids, attention, gold, bar) -> None:
-        token_mask = torch.cat((attention.new_ones(ids.shape[0], self.expert.num_virtual_tokens),
-                                attention), dim=1)
+        token_mask = prompted_attention(attention, self.expert.num_virtual_tokens,
+                                        self.expert.task_type)  # (as the activations are laid out)
         if self.method == "ig":
             self._integrated(ids, attention, gold, token_mask, bar)
             return
