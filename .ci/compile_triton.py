@@ -22,6 +22,7 @@ from concurrent.futures import ProcessPoolExecutor
 os.environ.pop("TRITON_INTERPRET", None)
 sys.path.insert(0, os.getcwd())
 
+import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
@@ -45,16 +46,6 @@ KERNELS = {
     "segmented-cols": (k.segmented_cols_linear_kernel, None, 1, EPILOGUES),
 }
 M_BUCKETS = (16, 32, 64, 128, 4096)  # the autotuner's pruning differs at these
-
-
-class _Input:
-    """What the pruning reads of the input tensor: its element size."""
-
-    def __init__(self, size):
-        self.size = size
-
-    def element_size(self):
-        return self.size
 
 
 def compile_one(kernel, dtype, constants, num_warps, num_stages, target, aligned):
@@ -88,8 +79,9 @@ def launches(tuned_name, weights, size, arch):
         configs = k.TUNING[tuned_name][1]
         prune = k._make_prune(weights, "x", limit, arch)["early_config_prune"]
         for bucket in M_BUCKETS:
+            x = torch.empty(0, dtype=torch.float32 if size == 4 else torch.bfloat16)
             out += [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
-                    for c in prune(configs, {"M_BUCKET": bucket, "x": _Input(size)})]
+                    for c in prune(configs, {"M_BUCKET": bucket, "x": x})]
     unique = {tuple(sorted(launch.items())): launch for launch in out}
     return list(unique.values())
 

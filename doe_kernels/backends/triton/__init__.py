@@ -83,6 +83,9 @@ def _interpreter_runs() -> bool:
     return False
 
 
+_NO_LOCK = contextlib.nullcontext()  # (reusable: a plain kernel's launch takes no lock)
+
+
 def _launch(k, name: str, x, M: int, N: int, K: int, args: tuple, constants: dict) -> None:
     """Launch the kernel `name` over an (M, N) output on x's GPU: autotuned by default (the
     autotuner of x's kind of GPU, one thread at a time: Triton's keeps a launch's arguments on
@@ -105,7 +108,7 @@ def _launch(k, name: str, x, M: int, N: int, K: int, args: tuple, constants: dic
             weights = 2 if name == "gather_swiglu" else 1
             kernel, meta = getattr(k, name + "_kernel"), k.fixed_launch(
                 M, weights, x.element_size(), k.smem_limit(x.device), k.device_arch(x.device))
-        with getattr(kernel, "doe_lock", contextlib.nullcontext()):
+        with getattr(kernel, "doe_lock", _NO_LOCK):
             kernel[_grid(M, N)](*args, **constants, **meta)
 
 
