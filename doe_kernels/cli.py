@@ -14,6 +14,7 @@ traceback above that line (for a bug report).
 import argparse
 import contextlib
 import dataclasses
+import io
 import json
 import math
 import os
@@ -425,12 +426,28 @@ def cmd_serve(args) -> None:
         for name, expert in experts.items():
             router.add(name, expert)
         try:
-            for line in getattr(sys.stdin, "buffer", sys.stdin):  # bytes: bad UTF-8 answered too
-                if not line.strip():
-                    continue
-                print(json.dumps(_answer(router, line)), flush=True)
+            stream = getattr(sys.stdin, "buffer", sys.stdin)  # bytes: bad UTF-8 answered too
+            for line in _request_lines(stream, args.max_request_bytes):
+                answer = _answer(router, line) if line is not None else {"error": (
+                    f"the request line is longer than {args.max_request_bytes} bytes "
+                    "(--max-request-bytes)")}
+                print(json.dumps(answer), flush=True)
         except BrokenPipeError:  # the reader went away (`... | head -1`): nothing to answer
             sys.stdout = open(os.devnull, "w")  # Python's flush at exit would fail again
+
+
+def _request_lines(stream, limit: int):
+    """The non-blank lines of `stream`, each read whole only up to `limit` bytes: a longer line
+    yields None, its rest read in pieces and dropped (so that one huge line neither fills the
+    memory nor keeps the tokenizer busy for seconds)."""
+    newline = "\n" if isinstance(stream, io.TextIOBase) else b"\n"
+    while line := stream.readline(limit + 1):
+        if len(line) > limit and not line.endswith(newline):
+            while (rest := stream.readline(limit)) and not rest.endswith(newline):
+                pass
+            yield None
+        elif line.strip():
+            yield line
 
 
 def _answer(router, line: str | bytes) -> dict:
@@ -577,6 +594,9 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help='answer {"task","text"} JSON lines from stdin')
     p.add_argument("--model", required=True)
     p.add_argument("--expert", required=True, action="append", metavar="NAME=PATH")
+    p.add_argument("--max-request-bytes", type=_positive_int, default=2 ** 20,
+                   help="a longer request line is answered with an error and skipped (default: "
+                   "1 MiB; a text is cut to the model's positions anyway)")
     p.set_defaults(run=cmd_serve)
 
     p = sub.add_parser("bench", help="forward latency of the model, dense against patched")

@@ -13,6 +13,7 @@ import pytest
 
 from doe_kernels import backends, cli
 from doe_kernels.data import write_csv
+from doe_kernels.serve import ExpertRouter
 from expert_utils import seq_cls_expert, sentiment_task, tiny_bert
 from expert_utils import edit, write_expert_file
 
@@ -316,6 +317,32 @@ def test_serve_answers_every_bad_request_and_goes_on(files, monkeypatch, capsys)
     assert bad[10]["error"].startswith("not JSON") and "utf-8" in bad[10]["error"]
     assert len(batch["label"]) == 2
     assert "Traceback" not in captured.err
+
+
+@pytest.mark.parametrize("text_stream", [False, True])
+def test_serve_answers_a_line_over_its_limit_unserved_and_goes_on(files, monkeypatch, capsys,
+                                                                  text_stream):
+    """A request line longer than --max-request-bytes is answered with an error without being
+    tokenized (nor held whole); a line exactly at the limit is served; so are the lines after."""
+    good = b'{"task": "s", "text": "a fine film"}'
+    limit = len(good)
+    too_long = b'{"task": "s", "text": "' + b"word " * 5000 + b'"}'
+    data = b"\n".join([good, too_long, good, too_long]) + b"\n" + good  # no final newline
+    stdin = io.TextIOWrapper(io.BytesIO(data), encoding="utf-8")
+    monkeypatch.setattr("sys.stdin", io.StringIO(data.decode()) if text_stream else stdin)
+    served = []
+    original = ExpertRouter.run
+    monkeypatch.setattr(ExpertRouter, "run",
+                        lambda self, task, text: served.append(text) or original(self, task, text))
+    capsys.readouterr()
+    assert cli.main(["serve", "--model", files["model"], "--expert", f"s={files['expert']}",
+                     "--max-request-bytes", str(limit)]) == 0
+    answers = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [set(answer) for answer in answers] == [{"task", "label"}, {"error"}] * 2 + [
+        {"task", "label"}]
+    assert answers[1]["error"] == (f"the request line is longer than {limit} bytes "
+                                   "(--max-request-bytes)")
+    assert served == ["a fine film"] * 3
 
 
 def test_a_model_saved_with_another_label_count_serves_the_experts_head(files, capsys):
