@@ -252,6 +252,32 @@ def test_attention_of_an_empty_batch(shape, kept):
     assert out.shape == (*shape, hidden)
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("kept", [[], [4]], ids=["no-head", "one-head"])
+def test_attention_gradients_equal_the_masked_dense_layers(backend, kept):
+    """Gradients of every input and weight, also with no head kept: zeros where the dense layer
+    with the pruned heads' output columns zeroed gives zeros (the op returned a tensor outside
+    the autograd graph, so a backward raised and the weights got no gradient)."""
+    if backend not in dk.available_backends("cpu"):
+        pytest.skip(f"{backend} not built")
+    config = (6, 2, 5)
+    hidden, layer = make_layer(*config, torch.float32, "cpu", bias=True)
+    layer["o_weight_t"] = dk.input_major(layer.pop("o_weight"))
+    leaves = {name: t.requires_grad_() for name, t in layer.items()}
+    x = torch.randn(2, 7, hidden, requires_grad=True)
+    selection = dk.HeadSelection.build(kept, *config)
+    out = dk.pruned_head_attention(x, **leaves, selection=selection, is_causal=True,
+                                   backend=backend)
+    weights = dict(leaves, o_weight=leaves["o_weight_t"].T)
+    ref = reference(x, weights, kept, *config, None, True, False)
+    assert_close(out, ref.detach(), what="output")
+    upstream = torch.randn_like(ref)
+    got = torch.autograd.grad(out, [x, *leaves.values()], upstream)
+    want = torch.autograd.grad(ref, [x, *leaves.values()], upstream)
+    for name, g, w in zip(["x", *leaves], got, want):  # (w: float64's, rounded to float32)
+        assert_close(g, w.double(), what=f"gradient of {name}")
+
+
 @pytest.mark.parametrize("fill", ["-inf", "min", -1e9, -1e4, "bias"])
 def test_additive_4d_masks_are_added_as_transformers_adds_them(fill):
     """A float 4-D mask is added to the scores: finite fills (BERT's classic -1e4, -1e9) and soft

@@ -249,5 +249,29 @@ def test_the_registered_ops_take_int32_lists(device, backend):
         for call in calls:
             torch.testing.assert_close(call(small), call(kept))
 
+
+@pytest.mark.parametrize("strategy", ["auto", "segments", "union"])
+@pytest.mark.parametrize("device,backend", backend_cases())
+def test_the_registered_segmented_ops_take_int32_offsets_and_lists(device, backend, strategy):
+    """The segmented ops' segments, kept lists and offsets as int32 (their schema takes them),
+    whatever the strategy: the cpu backend's C++ calls and its union gathers read int64 only."""
+    ops = torch.ops.doe_kernels
+    x = torch.randn(7, HIDDEN, device=device)
+    w, w_t = torch.randn(SIZE, HIDDEN, device=device), torch.randn(SIZE, HIDDEN, device=device)
+    segments = torch.tensor([0, 2, 2, 7], device=device)
+    kept = torch.tensor([1, 3, 40, 0, 1, 2, 3, 4, 5], device=device)
+    kept_offsets = torch.tensor([0, 3, 3, 9], device=device)
+    calls = [
+        lambda s, k, o: ops.segmented_gather_ffn(x, w, None, w_t, None, s, k, o, "gelu", backend,
+                                                 None, strategy),
+        lambda s, k, o: ops.segmented_gather_swiglu_ffn(x, w, w, w_t, s, k, o, backend, None,
+                                                        strategy),
+    ]
+    tensors = (segments, kept, kept_offsets)
+    for which in ((0, 1, 2), (0, 2), (1,)):  # (kept in int64 alone takes the C++ plan)
+        small = [t.to(torch.int32) if i in which else t for i, t in enumerate(tensors)]
+        for call in calls:
+            torch.testing.assert_close(call(*small), call(*tensors))
+
 if __name__ == "__main__":
     _child_main(sys.argv[1], sys.argv[2], json.loads(sys.argv[3]))

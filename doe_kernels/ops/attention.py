@@ -427,8 +427,9 @@ def pruned_head_attention(
     _check_mask_shape(attention_mask, hidden, selection.num_heads)
     _check_padding_values(attention_mask)
     if selection.num_kept == 0:
-        out = hidden.new_zeros(*hidden.shape[:-1], o_weight_t.shape[1])
-        return out if o_bias is None else out + o_bias
+        weights = dict(q_weight=q_weight, q_bias=q_bias, k_weight=k_weight, k_bias=k_bias,
+                       v_weight=v_weight, v_bias=v_bias)
+        return no_heads_output(hidden, weights, o_weight_t, o_bias, selection, backend)
     q, k, v = project_qkv(hidden, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias,
                           selection, backend)
     if rotary is not None:

@@ -470,6 +470,7 @@ def _segmented(x, out_features, segments, kept, kept_offsets, scales, strategy, 
     `run_segment(rows, kept, scales)` (the single-expert op on it). `up`, `w_out_t`, `b_out`:
     the projections, for the backends' hooks (see their segmented_ffn)."""
     module, x2d = _run(x, backend)
+    segments, kept, kept_offsets = _contiguous(segments, kept, kept_offsets)
     if hasattr(module, "segmented_ffn_with_union") and _plan_in_cpp(x, kept, scales):
         up = (up[0], *_contiguous(*up[1:3]), *up[3:])
         w_out_t, b_out = _contiguous(w_out_t, b_out)
