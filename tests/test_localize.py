@@ -779,19 +779,23 @@ def test_localize_end_to_end_minilm(tokenizer, tmp_path, monkeypatch, one_thread
     # is reported, and the search still runs.
     weak = Expert.load(tmp_path / "sentiment.safetensors").dense()
     weak.head = {k: torch.zeros_like(v) for k, v in weak.head.items()}
-    with pytest.warns(UserWarning, match="no better than always answering the most frequent"):
+    with pytest.warns(UserWarning, match="no better than always answering the most frequent") \
+            as warned:
         weak_expert = localize(model, tokenizer, splits["train"], splits["validation"],
                                attribution=AttributionConfig(num_examples=16), start_from=weak,
                                recovery=plain, progress=False)
     assert weak_expert.figures["accuracy_before"] <= weak_expert.figures["accuracy_majority_label"]
+    assert {w.filename for w in warned if "no better than" in str(w.message)} == {__file__}
     # A recovery whose training wrecks the unpruned baseline is reported (lr far too high).
-    with pytest.warns(UserWarning, match="the recovery's training lowered the unpruned"):
+    with pytest.warns(UserWarning, match="the recovery's training lowered the unpruned") \
+            as warned:
         localize(model, tokenizer, splits["train"], splits["validation"],
                  recovery=RecoveryConfig(epochs=1, num_examples=48, lr=1e3, reconstruct="none",
                                          objective="labels"),
                  search=SearchConfig(max_rate=0.2, resolution=0.2),
                  attribution=AttributionConfig(num_examples=16), start_from=expert,
                  progress=False)
+    assert {w.filename for w in warned if "lowered" in str(w.message)} == {__file__}
     with pytest.raises(ValueError, match="start_from is an expert for"):
         other = ["good" if label == "positive" else "bad" for label in LABELS]
         localize(model, tokenizer, TaskData(TEXTS, other, ["bad", "good"]), start_from=expert,
@@ -995,9 +999,11 @@ def test_flat_keywords_are_deprecated_aliases_of_the_config_fields():
         localize(model, None, data, epoch=2, progress=False)
     with pytest.raises(TypeError, match="takes a SearchConfig"):
         localize(model, None, data, search=RecoveryConfig(), progress=False)
-    with pytest.warns(DeprecationWarning, match="recover_epochs="), \
+    with pytest.warns(DeprecationWarning, match="recover_epochs=") as warned, \
             pytest.raises(ValueError, match="--recover-epochs"):
         localize(model, None, data, recover_epochs=-1, progress=False)
+    # (pointing at the caller: Python shows a DeprecationWarning by default only there)
+    assert [w.filename for w in warned] == [__file__]
 
 
 @pytest.mark.parametrize("method", ["grad", "fisher"])

@@ -424,6 +424,10 @@ class _Baseline:
     majority: float  # always answering the most frequent label
 
 
+_BASELINE_TO_CALLER = 4  # the frames from _baseline's warnings to the user's call: _baseline,
+# localize, in_own_modes' wrapper, the caller
+
+
 def _baseline(run: _Run, tuned_expert: Expert, name: str, validation, recover: _Recovery,
               tolerance: float) -> _Baseline:
     """The baseline (with recovery, re-tuned as every candidate will be), with warnings when it
@@ -442,7 +446,7 @@ def _baseline(run: _Run, tuned_expert: Expert, name: str, validation, recover: _
         warnings.warn(f"localize({name!r}): the recovery's training lowered the "
                       f"unpruned baseline's validation accuracy from {before_recovery:.3f} "
                       f"to {accuracy:.3f}; try a lower recover_lr (now {recover.lr:g})",
-                      stacklevel=3)
+                      stacklevel=_BASELINE_TO_CALLER)
     zero_shot = tuned_on_same = None
     if task.task_type == CAUSAL_LM:  # the dense model scored through the label words, no prompt
         zero_shot, tuned_on_same = _zero_shot(run, tuned_expert, validation, correct)
@@ -450,7 +454,8 @@ def _baseline(run: _Run, tuned_expert: Expert, name: str, validation, recover: _
     for problem in weak_baseline(accuracy, zero_shot, majority, tuned_on_same):
         warnings.warn(f"localize({name!r}): {problem}; the search keeps accuracy "
                       "within the tolerance of this baseline, so its pruning rate says "
-                      "little (train the prompt longer, or with another lr)", stacklevel=3)
+                      "little (train the prompt longer, or with another lr)",
+                      stacklevel=_BASELINE_TO_CALLER)
     return _Baseline(dense, accuracy, correct.tolist(), before_recovery, zero_shot, majority)
 
 

@@ -247,11 +247,12 @@ FLAT_NAMES = {flat_name(f): (key, f.name) for key, cls in CONFIGS.items()
               for f in dataclasses.fields(cls) if f.metadata["legacy"]}
 
 
-def configs_from_flat(configs: dict, flat: dict, stacklevel: int = 3) -> dict:
+def configs_from_flat(configs: dict, flat: dict, stacklevel: int = 4) -> dict:
     """{"prompt": PromptConfig, ...}: each config given in `configs` (None: not given), else built
     from the deprecated flat keywords in `flat` (a DeprecationWarning names the new spelling),
     else the default. A flat keyword with its config also given is a TypeError, so is an unknown
-    keyword."""
+    keyword. `stacklevel`: the frames from here to localize's caller (configs_from_flat,
+    localize, in_own_modes' wrapper, the caller), where the warning points."""
     unknown = sorted(set(flat) - set(FLAT_NAMES))
     if unknown:
         raise TypeError(f"localize() got an unexpected keyword argument {unknown[0]!r}")
