@@ -184,6 +184,10 @@ def test_misuse_is_refused():
         bias_compensation(model, mask, calibration("bert"))
     with pytest.raises(ValueError, match="no real token"):
         bias_compensation(model, mask, [])
+    read = iter(calibration("bert"))
+    bias_compensation(model, mask, read)
+    with pytest.raises(ValueError, match="such as a generator already read"):
+        bias_compensation(model, mask, read)
     ids, attention = inputs("bert")
     with pytest.raises(ValueError, match="attention_mask covers 9 tokens"):
         bias_compensation(model, mask, [dict(input_ids=ids, attention_mask=attention[:1])])

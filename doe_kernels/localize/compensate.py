@@ -37,6 +37,10 @@ from doe_kernels.caller_state import evaluating
 from doe_kernels.localize.attribution import projection_points
 from doe_kernels.mask import ExpertMask
 
+# (an iterable read twice, such as calibration_batches' generator, is empty the second time)
+NO_TOKENS = ("the calibration batches hold no real token (none given, such as a generator "
+             "already read, or all padding)")
+
 
 class _FfnStats:
     """Running sums over tokens of one layer's FFN activations h (the down projection's input):
@@ -273,7 +277,7 @@ def _collect(model: nn.Module, targets, batches) -> None:
         for handle in handles:
             handle.remove()
     if not targets or min(stats.count for _, stats in targets) == 0:
-        raise ValueError("the calibration batches hold no real token (empty, or all padding)")
+        raise ValueError(NO_TOKENS)
 
 
 def model_batch(model: nn.Module, batch) -> tuple[dict, tuple]:

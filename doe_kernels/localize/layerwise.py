@@ -26,7 +26,7 @@ import torch
 
 from doe_kernels.caller_state import evaluating
 from doe_kernels.localize.attribution import check_unpatched, hook_points
-from doe_kernels.localize.compensate import _check_fit, _prunes, _solve, model_batch
+from doe_kernels.localize.compensate import NO_TOKENS, _check_fit, _prunes, _solve, model_batch
 from doe_kernels.localize.recover import sliced
 from doe_kernels.mask import ExpertMask
 from doe_kernels.models import describe
@@ -88,7 +88,7 @@ class _Fit:
 
     def solve(self, scales: bool, bias: bool, ridge: float):
         if self.count == 0:
-            raise ValueError("the calibration batches hold no real token (empty, or all padding)")
+            raise ValueError(NO_TOKENS)
         mean_c, mean_y = self.unit_total / self.count, self.target_total / self.count
         gram, cross = self.gram / self.count, self.cross / self.count
         if bias:  # centred: the bias takes the means
@@ -271,7 +271,7 @@ def _layer_inputs(model, first_layer, batches):
     finally:
         handle.remove()
     if not calls:
-        raise ValueError("the calibration batches hold no real token (empty, or all padding)")
+        raise ValueError(NO_TOKENS)
     return calls, keeps
 
 
