@@ -36,6 +36,8 @@ _SPEC_KEYS = ("model_type", "num_layers", "hidden_size", "intermediate_size", "n
 # version wrote only the keys of _SPEC_KEYS it recorded, all still known.
 _GIVEN_ONLY_KEYS = ("family", "vocab_size")
 _FAMILIES = tuple(adapter.FAMILY for adapter in ADAPTERS)  # bert, llama, mixtral
+# the family of each supported model_type: a mask's spec records the type, not the family
+_FAMILY_OF_TYPE = {kind: adapter.FAMILY for adapter in ADAPTERS for kind in adapter.MODEL_TYPES}
 _SIZE_KEYS = ("num_layers", "intermediate_size", "num_heads")  # what summary() needs
 # a model has at least one of each
 _POSITIVE_KEYS = _SIZE_KEYS + ("hidden_size", "head_dim", "vocab_size")
@@ -257,9 +259,10 @@ class ExpertMask:
         activation x gradient scores do not: docs/localize.md), kept from the top until the
         kept units hold `keep` of the FFN and attention weights, ranked across all layers
         (`scope="global"`) or within each layer.
-        `spec`: the model's sizes (`ModelSpec.as_dict()`, or an Expert's `sizes`), which the
-        scores must fit (as in `from_scores`); `shards` as in `from_scores`, applied to the counts
-        this ranking gives each layer."""
+        `spec`: the model's sizes (`spec_of(model).as_dict()`, an Expert's `sizes`, or a mask's
+        `spec`, whose model_type names the family), which the scores must fit (as in
+        `from_scores`); `shards` as in `from_scores`, applied to the counts this ranking gives
+        each layer."""
         _check_ranking(scope, shards)
         _check_fraction("keep", keep)
         weights = unit_weights(spec)  # checks spec (a dict of sound sizes) before using it
@@ -585,6 +588,10 @@ def _as_seed(seed) -> int:
 def _score_rows(scores, name: str, shards: int) -> list:
     """The per-layer 1-D float64 score rows of `scores`; raises naming NaN or a layer whose
     units do not split into `shards`."""
+    if isinstance(scores, Mapping):
+        raise TypeError(f"the scores for {name} are a (layers, units) tensor or a list of 1-D "
+                        "rows, one per layer from the first, not a dict (a mask's tables are "
+                        "dicts by layer; scores cover every layer)")
     if isinstance(scores, torch.Tensor) and scores.dim() != 2:
         raise ValueError(f"the scores for {name} must be one row per layer (a 2-D tensor or a "
                          f"list of 1-D rows), got shape {tuple(scores.shape)}")
@@ -649,8 +656,9 @@ def unit_weights(spec: dict) -> tuple[int, int]:
         raise ValueError(f"ranking heads with neurons needs the model's sizes (a dict, as "
                          f"ModelSpec.as_dict() gives), got {type(spec).__name__}")
     _as_spec(spec)  # known keys, sound sizes (no zero heads) and a known family, before use
+    spec = {"family": _FAMILY_OF_TYPE.get(spec.get("model_type")), **spec}  # (a mask's spec)
     missing = [k for k in ("family", "hidden_size", "head_dim", "num_heads", "num_kv_heads")
-               if k not in spec]
+               if spec.get(k) is None]
     if missing:
         raise ValueError(f"ranking heads with neurons needs the model's sizes; spec lacks "
                          f"{missing}")

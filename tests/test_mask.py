@@ -172,6 +172,35 @@ def test_unit_weights_count_the_projections_a_unit_holds():
         dk.ExpertMask.from_scores_jointly(torch.rand(2, 8), torch.rand(2, 4), 0.5, None)
 
 
+@pytest.mark.parametrize("name", ["bert", "llama"])
+def test_a_masks_spec_serves_the_joint_ranking(name):
+    """A mask's recorded spec (the model_type, not the family) is a spec from_scores_jointly
+    takes: the same ranking as the model's own sizes give."""
+    from doe_kernels.models import spec_of
+
+    model = build(name)
+    sizes = spec_of(model).as_dict()
+    recorded = dk.ExpertMask.random(model, 0.5, 0.5).spec
+    assert "family" not in recorded
+    ffn = torch.rand(sizes["num_layers"], sizes["intermediate_size"])
+    heads = torch.rand(sizes["num_layers"], sizes["num_heads"])
+    got = dk.ExpertMask.from_scores_jointly(ffn, heads, 0.4, recorded)
+    want = dk.ExpertMask.from_scores_jointly(ffn, heads, 0.4, sizes)
+    assert got.ffn == want.ffn and got.heads == want.heads
+    with pytest.raises(ValueError, match=r"spec lacks \['family'\]"):  # (a type of no family)
+        dk.ExpertMask.from_scores_jointly(ffn, heads, 0.4, dict(recorded, model_type="gpt2"))
+
+
+def test_scores_by_layer_in_a_dict_are_refused_by_name():
+    """A dict of scores (a mask's tables are dicts by layer) read its keys as rows."""
+    with pytest.raises(TypeError, match="scores for ffn_scores are a .layers, units. tensor or a "
+                                        "list of 1-D rows, one per layer from the first, not a dict"):
+        dk.ExpertMask.from_scores({0: torch.rand(8)})
+    with pytest.raises(TypeError, match="scores for head_scores are"):
+        dk.ExpertMask.from_scores_jointly(torch.rand(2, 8), {0: torch.rand(4)}, 0.5,
+                                          _sizes())
+
+
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("scope", ["global", "layer"])
 def test_joint_ranking_keeps_the_best_score_per_weight_within_the_budget(seed, scope):
