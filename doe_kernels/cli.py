@@ -95,6 +95,14 @@ def _number(text: str) -> float:
         return math.nan
 
 
+def _float(text: str) -> float:
+    """`text` as a float (a config checks its range); not a number: the error echoes it."""
+    value = _number(text)
+    if math.isnan(value) and text.strip().lower().lstrip("+-") != "nan":
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}")
+    return value
+
+
 def _prune_rate(text: str) -> float:
     value = _number(text)
     if not 0.0 <= value < 1.0:
@@ -262,7 +270,7 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
                 continue
             kind = next(t for t in typing.get_args(hints[field.name]) or (hints[field.name],)
                         if t is not type(None))
-            parse = {float: _number}.get(kind, kind)  # the config checks the value when built
+            parse = {float: _float}.get(kind, kind)  # the config checks the value when built
             shown = "" if field.default is None else f" (default: {field.default})"
             group.add_argument(*flags, dest=flat_name(field), type=parse, default=field.default,
                                choices=meta["choices"],
@@ -510,9 +518,11 @@ def cmd_bench(args) -> None:
     dense = median_seconds()
     with dk.plugged(model, mask, backend=args.backend):
         patched = median_seconds()
+    rates = mask.summary(model)
     print(json.dumps({"batch": args.batch, "seq": args.seq, "device": "cpu",
                       "threads": torch.get_num_threads(),
-                      "ffn_pruning_rate": mask.summary(model)["ffn_pruning_rate"],
+                      "ffn_pruning_rate": rates["ffn_pruning_rate"],
+                      "head_pruning_rate": rates["head_pruning_rate"],
                       "dense_ms": 1e3 * dense, "patched_ms": 1e3 * patched,
                       "speedup": dense / patched}))
 
@@ -603,7 +613,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--expert", help="expert file (default: a random mask at --prune)")
     p.add_argument("--prune", type=_prune_rate, default=None,
-                   help="pruning rate of the random mask, in [0, 1) (default: 0.65)")
+                   help="pruning rate of the random mask's FFN neurons and attention heads, "
+                   "in [0, 1) (default: 0.65)")
     p.add_argument("--seq", type=_positive_int, default=128)
     p.add_argument("--batch", type=_positive_int, default=1)
     p.add_argument("--repeats", type=_positive_int, default=20)

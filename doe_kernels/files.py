@@ -48,7 +48,8 @@ def read_safetensors(path, kind: str) -> tuple[dict, dict[str, torch.Tensor]]:
             metadata = f.metadata() or {}
             found = metadata.get("doe_kernels")
             if found != kind:
-                what = "no doe_kernels metadata" if found is None else f"a {found} file"
+                what = ("no doe_kernels metadata" if found is None
+                        else f"its metadata marks it as {found}")
                 raise FileFormatError(f"{path} is not a doe_kernels {kind} file ({what})")
             tensors = {key: f.get_tensor(key) for key in f.keys()}
     except (SafetensorError, OSError) as error:

@@ -1,6 +1,6 @@
-"""Test accuracy against pruning rate for two runs of unplug_and_play.py, task by task: where each
-run's expert landed (pruning rate, paired change from its baseline with its standard error), an
-arrow from the first run's expert to the second's.
+"""Test accuracy against pruning rate for one to four runs of unplug_and_play.py, task by task:
+where each run's expert landed (pruning rate, paired change from its baseline with its standard
+error), an arrow from each run's expert to the next's.
 
     python python/compare_runs.py BEFORE/results.json AFTER/results.json \
         --labels "v10 recipe" "defaults" --out comparison.png
@@ -75,7 +75,7 @@ def plot(runs: list, labels: list, path: str, title: str) -> None:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("results", nargs="+",
                         help="results.json files, oldest first (a run of several: joined by "
                              "commas)")

@@ -8,7 +8,8 @@ without dynamic skipping. Quality = mean next-token loss on held-out text. Text:
 tasks' texts (python/tasks.py): calibration from their training splits (generic, task-agnostic),
 evaluation from their test splits.
 
-    python python/moe_pruning.py [--out benchmarks/results/moe_smollm2]
+    python python/moe_pruning.py [--out DIR]   (default ./results/moe_smollm2; the committed
+                                                run: --out benchmarks/results/moe_smollm2)
 """
 import argparse
 import json
@@ -76,7 +77,7 @@ def skipped_fraction(model, mask, eval_batches) -> float:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--noise", type=float, default=0.1)
     parser.add_argument("--calibration", type=int, default=100, help="calibration texts")

@@ -105,11 +105,11 @@ def save_prompt(expert, task, args) -> None:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="minilm", choices=("minilm", "smollm2"))
     parser.add_argument("--tasks", nargs="+", default=["tweets"])
     parser.add_argument("--precisions", nargs="+", default=["float32", "bfloat16"],
-                        choices=PRECISIONS)
+                        choices=PRECISIONS, help="(default: float32 bfloat16)")
     parser.add_argument("--batchings", nargs="+", default=["shuffled"], choices=BATCHINGS,
                         help="with --precisions, the ways compared: with two ways, the second's "
                         "change from the first")
@@ -131,7 +131,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, help="results JSON to write")
     parser.add_argument("--save", metavar="DIR", default=None,
-                        help="with one way: keep each prompt as an unpruned expert in "
+                        help="with one way (one value each of --precisions, --batchings "
+                        "and --lrs): keep each prompt as an unpruned expert in "
                         "DIR/<model>/<task>.safetensors")
     args = parser.parse_args(argv)
     try:

@@ -71,7 +71,7 @@ RIDGE = inspect.signature(Calibration.fit).parameters["ridge"].default
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--summarize", metavar="ROOT",
                         help="summarize the runs in ROOT's folders (their results.json) into "
                              "ROOT/summary.md and a plot, print it, and run nothing")

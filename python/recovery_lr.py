@@ -86,7 +86,7 @@ def _reconstructor(run, dense, train, args):
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="minilm", choices=("minilm", "smollm2"))
     parser.add_argument("--start-from", required=True, help="an unplug_and_play.py --out folder")
     parser.add_argument("--tasks", nargs="+", default=["rotten_tomatoes"])

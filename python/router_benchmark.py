@@ -322,7 +322,7 @@ def results_writer(args, experts, run_info=None):
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="minilm", choices=("minilm", "smollm2"))
     parser.add_argument("--experts", default=None, help="folder of the five tasks' experts")
     parser.add_argument("--clients", type=int, default=8, help="client threads")

@@ -378,6 +378,9 @@ if __name__ == "__main__":
     parser.add_argument("--cache-dir")
     parser.add_argument("--max-examples", type=int)
     args = parser.parse_args()
+    unknown = [task for task in args.tasks if task not in TASKS]
+    if unknown:
+        parser.error(f"unknown task(s) {unknown}; the tasks are {list(TASKS)}")
     for task in args.tasks:
         started = time.perf_counter()
         result = load_task(task, args.cache_dir, args.max_examples, verbose=True)

@@ -182,7 +182,7 @@ def timed_accuracy(router, name, data, repeats):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="minilm", choices=("minilm", "smollm2"))
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--max-train", type=int, default=1000, help="training examples at most")
@@ -265,7 +265,7 @@ def main():
 
 
 def print_table(rows, args, model):
-    print(f"\nmodel {args.model} ({type(model).__name__}), CPU, {torch.get_num_threads()} threads")
+    print(f"\nmodel {args.model} ({type(model).__name__}), CPU, {torch.get_num_threads()} thread(s)")
     print(f"{'task':<16} {'classes':>7} {'tuned acc':>9} {'expert acc':>10} {'change (SE)':>13} "
           f"{'pruned':>7} {'speed-up':>8}")
     for r in rows:

@@ -300,7 +300,7 @@ def plot(rows, path: str, title: str) -> None:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2",
                         choices=("smollm2", "llama-wide", "mixtral-small"))
     parser.add_argument("--rates", type=float, nargs="+", default=list(RATES))

@@ -122,7 +122,7 @@ def table(rows) -> str:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2", choices=("smollm2", "llama-wide"))
     parser.add_argument("--keep", type=float, default=0.35, help="each expert's kept share")
     parser.add_argument("--per-expert", type=int, nargs="+", default=[1, 4, 16])

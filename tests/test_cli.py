@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+import doe_kernels as dk
 from doe_kernels import cli
 from doe_kernels.data import write_csv
 from expert_utils import sentiment_task
@@ -67,6 +68,9 @@ def test_bench_reports_a_speedup(task_and_expert, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["dense_ms"] > 0 and result["patched_ms"] > 0
     assert result["speedup"] == pytest.approx(result["dense_ms"] / result["patched_ms"])
+    rates = dk.Expert.load(expert).mask.summary()
+    assert (result["ffn_pruning_rate"], result["head_pruning_rate"]) == (
+        rates["ffn_pruning_rate"], rates["head_pruning_rate"])
 
 
 @pytest.mark.parametrize("argv, message", [

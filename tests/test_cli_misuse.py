@@ -185,6 +185,8 @@ MISUSE = [
                  id="localize-lr-nan"),
     pytest.param(_localize("--recover-epochs", "-1"), "(--recover-epochs) must be a finite number",
                  id="localize-recover-epochs"),
+    pytest.param(_localize("--tolerance", "abc"), "--tolerance: must be a number, got 'abc'",
+                 id="localize-tolerance-not-a-number"),
     pytest.param(_localize("--template", "Review: {{text}}"), "are for causal LMs",
                  id="localize-template-for-a-classifier"),
     # the command line itself
