@@ -592,9 +592,9 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_localize)
 
     p = sub.add_parser("eval", help="accuracy of an expert on a task split")
-    p.add_argument("--model", required=True)
-    p.add_argument("--expert", required=True)
-    p.add_argument("--task", required=True)
+    p.add_argument("--model", required=True, help="HuggingFace model folder")
+    p.add_argument("--expert", required=True, help="expert file (.safetensors)")
+    p.add_argument("--task", required=True, help="CSV with text,label[,split] columns")
     p.add_argument("--split", default="test", help="the split to evaluate on (default: test; a "
                    "file without a split column: all of it)")
     p.add_argument("--dense", action="store_true", help="also the unpruned prompt-tuned "
@@ -602,26 +602,31 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_eval)
 
     p = sub.add_parser("serve", help='answer {"task","text"} JSON lines from stdin')
-    p.add_argument("--model", required=True)
-    p.add_argument("--expert", required=True, action="append", metavar="NAME=PATH")
+    p.add_argument("--model", required=True, help="HuggingFace model folder")
+    p.add_argument("--expert", required=True, action="append", metavar="NAME=PATH",
+                   help="a task's name and expert file; repeat for each task")
     p.add_argument("--max-request-bytes", type=_positive_int, default=2 ** 20,
                    help="a longer request line is answered with an error and skipped (default: "
                    "1 MiB; a text is cut to the model's positions anyway)")
     p.set_defaults(run=cmd_serve)
 
     p = sub.add_parser("bench", help="forward latency of the model, dense against patched")
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, help="HuggingFace model folder")
     p.add_argument("--expert", help="expert file (default: a random mask at --prune)")
     p.add_argument("--prune", type=_prune_rate, default=None,
                    help="pruning rate of the random mask's FFN neurons and attention heads, "
                    "in [0, 1) (default: 0.65)")
-    p.add_argument("--seq", type=_positive_int, default=128)
-    p.add_argument("--batch", type=_positive_int, default=1)
-    p.add_argument("--repeats", type=_positive_int, default=20)
+    p.add_argument("--seq", type=_positive_int, default=128,
+                   help="tokens per sequence (default: 128)")
+    p.add_argument("--batch", type=_positive_int, default=1,
+                   help="sequences per forward pass (default: 1)")
+    p.add_argument("--repeats", type=_positive_int, default=20,
+                   help="timed passes of each model; the median is reported (default: 20)")
     p.set_defaults(run=cmd_bench)
 
     for name, command in sub.choices.items():
-        command.add_argument("--backend", default="auto", type=_backend, choices=BACKEND_NAMES)
+        command.add_argument("--backend", default="auto", type=_backend, choices=BACKEND_NAMES,
+                             help="the kernels' backend (default: auto)")
 
     url = dict(required=True, help="the server, e.g. http://localhost:8000 (started with "
                "VLLM_SERVER_DEV_MODE=1 and --worker-extension-cls "
