@@ -1,8 +1,9 @@
 """What a step that runs the caller's model (localize's, a MoE calibration pass) changes on the
 caller's side and puts back when it ends, however it ends: each module's train/eval mode
 (`evaluating`) and torch's global random state (`seeded`); `lasting`, where tensors that
-outlive a call are made whatever the caller's autograd and inference modes; and `own_modes`,
-for steps that train and choose their own precision whatever the caller's modes."""
+outlive a call are made whatever the caller's autograd and inference modes; `own_modes`,
+for steps that train and choose their own precision whatever the caller's modes; and
+`unchunked`, for steps whose hooks must see each layer's FFN input whole."""
 import contextlib
 import functools
 
@@ -58,12 +59,37 @@ def own_modes(device: torch.device):
         yield
 
 
+def chunk_holders(model) -> list:
+    """The model's config and modules that make its FFNs run in chunks of tokens
+    (transformers' chunk_size_feed_forward > 0, BERT's memory saving: a layer keeps its own copy
+    of the config's value, which may be set on it alone)."""
+    return [holder for holder in (getattr(model, "config", None), *model.modules())
+            if getattr(holder, "chunk_size_feed_forward", 0)]
+
+
+@contextlib.contextmanager
+def unchunked(model):
+    """The model's FFNs run on all tokens at once while the body runs (each `chunk_holders`
+    entry's chunk_size_feed_forward set to 0, restored after; the outputs are the same, only
+    the FFN's activations are held whole), so that a hook sees a layer's FFN input once per
+    forward pass."""
+    saved = [(holder, holder.chunk_size_feed_forward) for holder in chunk_holders(model)]
+    try:
+        for holder, _ in saved:
+            holder.chunk_size_feed_forward = 0
+        yield model
+    finally:
+        for holder, size in saved:
+            holder.chunk_size_feed_forward = size
+
+
 def in_own_modes(function):
-    """`function(model, ...)` run in `own_modes` of the model's device (localize's steps: a caller
-    under torch.no_grad got an autograd error from the first backward pass, and one under
-    torch.autocast trained in another precision than the figures said)."""
+    """`function(model, ...)` run in `own_modes` of the model's device and `unchunked` (localize's
+    steps: a caller under torch.no_grad got an autograd error from the first backward pass, one
+    under torch.autocast trained in another precision than the figures said, and a BERT whose
+    FFN ran in chunks was scored on its last chunk's tokens only)."""
     @functools.wraps(function)
     def run(model, *args, **kwargs):
-        with own_modes(model.get_input_embeddings().weight.device):
+        with own_modes(model.get_input_embeddings().weight.device), unchunked(model):
             return function(model, *args, **kwargs)
     return run

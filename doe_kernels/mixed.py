@@ -19,7 +19,7 @@ import functools
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from doe_kernels.caller_state import lasting
+from doe_kernels.caller_state import chunk_holders, lasting
 from doe_kernels.expert import (CAUSAL_LM, Expert, NoTokenError, check_batch_size, label_logits,
                                 real_positions)
 from doe_kernels.mask import KEEP_ALL, ExpertMask
@@ -316,12 +316,9 @@ def _batches(experts: list[Expert], token_counts: list[int], batch_size: int):
 
 
 def chunks_feed_forward(model) -> bool:
-    """Whether the model runs its FFNs in chunks of tokens (transformers' chunk_size_feed_forward,
-    BERT's), which packed layers would cut across sequences."""
-    model = unwrap_compiled(model)
-    return bool(getattr(model.config, "chunk_size_feed_forward", 0)) or any(
-        getattr(module, "chunk_size_feed_forward", 0) for module in model.modules())  # (a layer
-    # keeps its own copy of the config's value, which may be set on it alone)
+    """Whether the model runs its FFNs in chunks of tokens (`chunk_holders`), which packed layers
+    would cut across sequences."""
+    return bool(chunk_holders(unwrap_compiled(model)))
 
 
 def _forward(model, tokenizer, experts: list[Expert], ids: list[torch.Tensor], backend: str):

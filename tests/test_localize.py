@@ -61,6 +61,46 @@ def classifier_expert(model, virtual=3):
                   sizes=model_sizes(model))
 
 
+def _chunked(model, size: int):
+    """`model` with its FFNs run in chunks of `size` tokens (BERT's chunk_size_feed_forward, on
+    the config and each layer, which keeps its own copy)."""
+    model.config.chunk_size_feed_forward = size
+    for layer in model.bert.encoder.layer:
+        layer.chunk_size_feed_forward = size
+    return model
+
+
+@pytest.mark.parametrize("method", ["grad", "fisher"])
+def test_a_bert_whose_ffn_runs_in_chunks_is_scored_and_fitted_as_unchunked(tokenizer, method,
+                                                                         one_thread):
+    """Chunking the FFN (a memory saving: the same outputs) changed what the hooks saw: scores
+    from the last chunk's tokens only, and the reconstruction's fits refused the batches. Every
+    step now runs the model unchunked and leaves its chunk sizes as they were."""
+    from doe_kernels.localize.compensate import reconstruction
+    from doe_kernels.localize.layerwise import layerwise_reconstruction
+
+    plain, chunked = routed_bert(), _chunked(routed_bert(), 2)
+    data = TaskData(TEXTS, LABELS, ["negative", "positive"])
+    expert = classifier_expert(plain)
+    mask = dk.ExpertMask.random(plain, ffn_keep=0.5, heads_keep=0.5, seed=0)
+    batches = list(expert.calibration_batches(plain, tokenizer, TEXTS, batch_size=4))
+    results = []
+    for model in (plain, chunked):
+        scores = attribute(model, tokenizer, expert, data, method=method, batch_size=3,
+                           progress=False)
+        results.append((scores, reconstruction(model, mask, batches),
+                        layerwise_reconstruction(model, mask, batches)))
+    (want, *want_masks), (got, *got_masks) = results
+    for w, g in zip(want, got):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-12)
+    for w, g in zip(want_masks, got_masks):
+        for kind in ("ffn_scales", "head_scales", "ffn_bias", "attn_bias"):
+            for layer, value in getattr(w, kind).items():
+                torch.testing.assert_close(getattr(g, kind)[layer], value, rtol=1e-4, atol=1e-6)
+    assert chunked.config.chunk_size_feed_forward == 2
+    assert all(layer.chunk_size_feed_forward == 2 for layer in chunked.bert.encoder.layer)
+
+
 @pytest.mark.parametrize("method", ["grad", "ig", "fisher"])
 def test_attribution_ranks_the_routed_units_first(tokenizer, method, one_thread):
     model = routed_bert()

@@ -33,7 +33,7 @@ block). Layers that prune nothing get neither (the same as a delta of zeros and 
 import torch
 from torch import nn
 
-from doe_kernels.caller_state import evaluating
+from doe_kernels.caller_state import evaluating, unchunked
 from doe_kernels.localize.attribution import projection_points
 from doe_kernels.mask import ExpertMask
 
@@ -269,7 +269,7 @@ def _collect(model: nn.Module, targets, batches) -> None:
 
     handles = [module.register_forward_pre_hook(hook_for(stats)) for module, stats in targets]
     try:
-        with evaluating(model):
+        with evaluating(model), unchunked(model):
             for batch in batches:
                 batch, keep[0] = model_batch(model, batch)
                 model(**batch)

@@ -24,7 +24,7 @@ batches.
 
 import torch
 
-from doe_kernels.caller_state import evaluating
+from doe_kernels.caller_state import evaluating, unchunked
 from doe_kernels.localize.attribution import check_unpatched, hook_points
 from doe_kernels.localize.compensate import NO_TOKENS, _check_fit, _prunes, _solve, model_batch
 from doe_kernels.localize.recover import sliced
@@ -117,7 +117,7 @@ class UnprunedTargets:
         points, _ = hook_points(model)
         layers = describe(model)[1]
         self.kinds = tuple(kind for kind in KINDS if kind in kinds)
-        with evaluating(model):
+        with evaluating(model), unchunked(model):
             states, keeps = _layer_inputs(model, layers[0], batches)
             self.real = [real for real, _ in keeps]
             self.fingerprint = _fingerprint(states)
@@ -174,7 +174,7 @@ def layerwise_reconstruction(model, mask: ExpertMask, batches, *, scales: bool =
     points, spec = hook_points(model)
     mask.check_spec(spec)
     adapter, layers, _ = describe(model)
-    with evaluating(model):
+    with evaluating(model), unchunked(model):
         pruned, keeps = _layer_inputs(model, layers[0], batches)
         kinds = pruned_kinds(mask, spec)
         if not kinds:  # nothing to fit
