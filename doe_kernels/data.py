@@ -3,6 +3,7 @@
 A task is `text,label` pairs, optionally with a `split` column (train / validation / test). Labels
 are kept as strings; `TaskData.label_names` fixes their order (the class index of each label).
 """
+import contextlib
 import csv
 import hashlib
 import json
@@ -159,7 +160,7 @@ def read_csv(path, text_column="text", label_column="label", split_column="split
     if not os.path.isfile(path):
         raise TaskDataError(f"task file not found: {path}")
     try:
-        with open(path, newline="", encoding=encoding) as f:
+        with open(path, newline="", encoding=encoding) as f, _long_fields():
             reader = csv.DictReader(f)
             columns = reader.fieldnames or []
             twice = sorted({c for c in columns if columns.count(c) > 1})
@@ -209,11 +210,24 @@ def read_csv(path, text_column="text", label_column="label", split_column="split
     return out
 
 
+@contextlib.contextmanager
+def _long_fields():
+    """The csv module reads fields of any length while the body runs (its default limit,
+    131072 characters, refused a long text that write_csv wrote), its limit restored after."""
+    before = csv.field_size_limit(2 ** 31 - 1)  # (a C long on every platform)
+    try:
+        yield
+    finally:
+        csv.field_size_limit(before)
+
+
 def write_csv(path, splits: dict[str, TaskData]) -> None:
     """`splits` ({split: TaskData}) as a task file `read_csv` reads back: a split column, left
     out when the only split is "all" (what read_csv gives for a file without one). What a CSV
     does not hold comes back as read_csv makes it: the label names in its order (sorted; numeric
-    for integer labels), only those with examples, stripped."""
+    for integer labels), only those with examples, stripped. Splits read_csv does not know, and
+    texts UTF-8 cannot hold (lone surrogates), raise TaskDataError before the file is opened."""
+    _check_writable(splits)
     with_split = set(splits) != {"all"}
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
@@ -221,3 +235,19 @@ def write_csv(path, splits: dict[str, TaskData]) -> None:
         for split, data in splits.items():
             for text, label in zip(data.texts, data.labels):
                 writer.writerow([text, label, split][:3 if with_split else 2])
+
+
+def _check_writable(splits) -> None:
+    """write_csv's refusals (see there)."""
+    if set(splits) != {"all"}:
+        unknown = [split for split in splits if split not in SPLITS]
+        if unknown:
+            raise TaskDataError(f"unknown split(s) {unknown}: a task file holds {SPLITS}, or "
+                                "'all' alone (no split column)")
+    for split, data in splits.items():
+        for number, text in enumerate(data.texts):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as error:
+                raise TaskDataError(f"{split} example {number}: {text!r:.80} is not valid "
+                                    f"Unicode text ({error.reason})") from None

@@ -29,6 +29,7 @@ from collections.abc import Iterable, Mapping
 import torch
 
 from doe_kernels.backends import check_backend_name
+from doe_kernels.data import TaskData
 from doe_kernels.files import (FLOAT_DTYPES, FileFormatError, parse_json, read_safetensors,
                                 write_safetensors)
 from doe_kernels.mask import KEEP_ALL, ExpertMask
@@ -747,6 +748,9 @@ class Expert:
 
     def correct(self, model, tokenizer, data, batch_size: int = 32) -> torch.Tensor:
         """One bool per example of a `TaskData`: is the expert's answer its label?"""
+        if not isinstance(data, TaskData):
+            raise TypeError(f"data must be a doe_kernels.data.TaskData, got a "
+                            f"{type(data).__name__} (read_csv gives a dict of them by split)")
         if len(data) == 0:
             raise ValueError("no examples to evaluate")
         index = {name: i for i, name in enumerate(self.label_names)}

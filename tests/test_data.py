@@ -99,6 +99,30 @@ def test_labels_read_as_a_user_means_them(tmp_path):
                                                            task.label_names)
 
 
+def test_what_write_csv_writes_read_csv_reads_or_it_is_refused_before_writing(tmp_path):
+    """A text past the csv module's default field limit (131072 characters) is read back (it
+    was refused); splits read_csv does not know and texts UTF-8 cannot hold are refused before
+    the file is made (they were written, then refused when read, or failed halfway)."""
+    import csv
+
+    from doe_kernels.data import write_csv
+
+    limit = csv.field_size_limit()
+    long = TaskData(["word " * 40000, "short"], ["pos", "neg"])
+    write_csv(tmp_path / "long.csv", {"train": long})
+    back = read_csv(tmp_path / "long.csv")["train"]
+    assert back.texts == long.texts and csv.field_size_limit() == limit
+    task = TaskData(["a", "b"], ["pos", "neg"])
+    for splits, message in [({"all": task, "train": task}, r"unknown split\(s\) \['all'\]"),
+                            ({"dev": task}, r"unknown split\(s\) \['dev'\]: a task file holds"),
+                            ({"train": TaskData(["a", "b\udc80"], ["pos", "neg"])},
+                             "train example 1: 'b.udc80' is not valid Unicode text")]:
+        path = tmp_path / "refused.csv"
+        with pytest.raises(TaskDataError, match=message):
+            write_csv(path, splits)
+        assert not path.exists()
+
+
 def test_split_values_are_stripped_and_bad_counts_and_directories_named(tmp_path):
     """A split value with spaces reads as the split (labels already did); a directory is named
     as one; sample refuses a negative count (it silently dropped an example)."""

@@ -393,6 +393,8 @@ def test_bad_texts_tokenizers_and_options_are_refused_before_the_expert_is_plugg
          ValueError, "cpux"),
         (lambda: expert.dense().plugged(model, prune="no").__enter__(), TypeError,
          "prune must be True or False"),
+        (lambda: expert.evaluate(model, tokenizer, {"test": TaskData(TEXTS, LABELS)}), TypeError,
+         "data must be a doe_kernels.data.TaskData, got a dict"),
     ]
     for call, error, message in refusals:
         with pytest.raises(error, match=message):

@@ -496,6 +496,17 @@ def _bad_call(**changes):
                  id="validation-a-list"),
     pytest.param(_bad_call(seed=None), TypeError, "seed must be an int, got None",
                  id="seed-none"),
+    pytest.param(_bad_call(seed=2 ** 64), ValueError, r"seed must be in \[0, 2\*\*63\), got",
+                 id="seed-too-large"),
+    pytest.param(_bad_call(start_from="expert.safetensors"), TypeError,
+                 r"start_from must be a doe_kernels.Expert \(Expert.load\(path\) reads a file\), "
+                 "got str", id="start-from-a-path"),
+    pytest.param(_bad_call(tokenizer=None), TypeError,
+                 "tokenizer must be a HuggingFace tokenizer, got NoneType", id="no-tokenizer"),
+    pytest.param(_bad_call(train=sentiment_task(2)), ValueError,
+                 r"localize needs training and validation examples, got 2 and 0 \(the "
+                 "validation examples split off the 2 given: give more, or a validation set",
+                 id="too-few-to-split"),
     pytest.param(_bad_call(seed=1.5), TypeError, "seed must be an int, got 1.5",
                  id="seed-a-float"),
 ])
@@ -503,12 +514,36 @@ def test_localize_refuses_bad_arguments_before_changing_anything(tokenizer, call
                                                                    message):
     call = dict(call)
     model = call.pop("model")()
+    tokenizer = call.pop("tokenizer", tokenizer)
     model.train()
     list(model.modules())[3].eval()  # a mode set per module stays so
     before = _model_state(model)
     with pytest.raises(error, match=message):
         localize(model, tokenizer, **call)
     assert _same_state(before, _model_state(model)) and not dk.is_patched(model)
+
+
+@pytest.mark.parametrize("split", ["train", "validation"])
+def test_an_example_that_encodes_to_no_token_is_refused_before_training(monkeypatch, split):
+    """A causal LM's example that encodes to no token with its template ("{text}" and "", with
+    SmolLM2's tokenizer, which adds no BOS) was refused by the baseline's evaluation, after
+    prompt tuning had run; now before it, named by its split and place."""
+    from transformers import AutoTokenizer
+
+    from real_models import smollm2_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir())
+    model = tiny_llama(vocab=len(tokenizer))
+    data = {name: sentiment_task(12) for name in ("train", "validation")}
+    texts = list(data[split].texts)
+    texts[5] = ""
+    data[split] = TaskData(texts, data[split].labels, data[split].label_names)
+    monkeypatch.setattr(sys.modules["doe_kernels.localize"], "_tune_prompt",
+                        lambda *args: pytest.fail("prompt tuning ran"))
+    with pytest.raises(ValueError, match=f"{split} example 5: '' encodes to no token with the "
+                                         "template '{text}'"):
+        localize(model, tokenizer, data["train"], data["validation"], template="{text}",
+                 progress=False)
 
 
 @pytest.mark.filterwarnings("ignore:localize.*no better than always answering")

@@ -550,6 +550,8 @@ def test_upcycle_refuses_a_patched_model(monkeypatch):
     (dict(router_scale=0.0), "router_scale must be a finite number > 0, got 0.0"),
     (dict(num_experts=True), "num_experts must be an int >= 1, got True"),
     (dict(top_k=2.5), r"top_k must be an int between 1 and num_experts \(4\), got 2.5"),
+    (dict(seed=None), "seed must be an int, got NoneType None"),
+    (dict(seed=2 ** 64), r"seed must be in \[-9223372036854775808, 18446744073709551615\]"),
 ])
 def test_upcycle_refuses_bad_arguments_before_building(arguments, match, monkeypatch):
     """Non-finite noise or router scale gave a model with non-finite logits; negative noise, a
@@ -558,9 +560,27 @@ def test_upcycle_refuses_bad_arguments_before_building(arguments, match, monkeyp
     dense = small_llama()
     before = snapshot(dense)
     _build_no_mixtral(monkeypatch)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises((ValueError, TypeError), match=match):
         dk.moe.upcycle(dense, **{"num_experts": 4, "top_k": 2, **arguments})
     assert state_dict_equal(snapshot(dense), before)
+
+
+def test_a_model_upcycled_under_inference_mode_trains():
+    """Made under torch.inference_mode, its weights were inference tensors: a backward pass
+    through it failed."""
+    dense = small_llama()
+    ids = _inputs()[0]
+    with torch.inference_mode():
+        moe = dk.moe.upcycle(dense, num_experts=4, top_k=2, calibration=ids)
+    assert not any(p.is_inference() for p in moe.parameters())
+    moe(ids).logits.sum().backward()
+    assert moe.model.layers[0].mlp.experts.down_proj.grad is not None
+
+
+def test_select_experts_refuses_a_mask_that_is_not_one():
+    model = mixtral(layers=2)
+    with pytest.raises(TypeError, match="mask must be an ExpertMask or None, got dict"):
+        dk.moe.select_experts(model, _inputs()[0], keep=4, mask={0: [1]}, progress=False)
 
 
 def _count_passes(model):

@@ -24,9 +24,10 @@ from tqdm.auto import tqdm
 from doe_kernels.backends import resolve
 from doe_kernels.caller_state import evaluating, in_own_modes
 from doe_kernels.data import TaskData
-from doe_kernels.expert import (CAUSAL_LM, DEFAULT_TEMPLATE, Expert, as_list, check_batch_size,
-                                check_max_length, check_positions, check_template,
-                                detect_task_type, label_token_ids, model_sizes)
+from doe_kernels.expert import (CAUSAL_LM, DEFAULT_TEMPLATE, Expert, NoTokenError, as_list,
+                                check_batch_size, check_max_length, check_positions,
+                                check_template, detect_task_type, encode, label_token_ids,
+                                model_sizes)
 from doe_kernels.localize.attribution import attribute, hook_points
 from doe_kernels.localize.compensate import Calibration, reconstruction
 from doe_kernels.localize.config import (AttributionConfig, PromptConfig, RecoveryConfig,
@@ -103,10 +104,11 @@ def localize(model, tokenizer, train, validation=None, *, label_words=None, temp
                                              configs["search"], configs["recovery"])
     seed = _checked_seed(seed)
     split_here = validation is None  # (by localize: start_from's prompt must not have seen it)
-    train, validation = _checked_inputs(model, train, validation, search, attribution,
-                                        recovery, start_from, prompt, batch_size, max_length,
-                                        backend, seed)
+    train, validation = _checked_inputs(model, tokenizer, train, validation, search,
+                                        attribution, recovery, start_from, prompt, batch_size,
+                                        max_length, backend, seed)
     task = _Task.of(model, tokenizer, train, label_words, template, max_length)
+    task.check_texts(tokenizer, train=train, validation=validation)
     run = _Run(model, tokenizer, task, batch_size, seed, progress, backend)
     with evaluating(model):
         with run.clock("prompt"):
@@ -180,6 +182,20 @@ class _Task:
         return cls(task_type, label_names, label_words, token_ids, template, model_sizes(model),
                    train.name, max_length)
 
+    def check_texts(self, tokenizer, **splits) -> None:
+        """NoTokenError naming the split and place of the first example that encodes to no
+        token with this task's template (its answer would be read at a padding position),
+        before any training."""
+        for split, data in splits.items():
+            texts = list(data.texts)
+            for start in range(0, len(texts), 512):
+                try:
+                    encode(tokenizer, texts[start:start + 512], self.task_type, self.template,
+                           self.max_length)
+                except NoTokenError as error:
+                    raise NoTokenError(start + error.index, error.reason,
+                                       f"{split} example") from None
+
     def expert(self, mask, prompt, head, name: str | None = None) -> Expert:
         return Expert(mask, prompt, self.task_type, self.label_names,
                       label_words=self.label_words, label_token_ids=self.token_ids,
@@ -206,13 +222,19 @@ class _Clock:
         return {step: round(seconds, 1) for step, seconds in self.seconds.items()}
 
 
-def _checked_inputs(model, train, validation, search, attribution, recovery, start_from, prompt,
-                    batch_size, max_length, backend, seed):
+def _checked_inputs(model, tokenizer, train, validation, search, attribution, recovery,
+                    start_from, prompt, batch_size, max_length, backend, seed):
     """(train, validation) once every argument of `localize` is checked (validation split off
     train when None): anything wrong raises before any work."""
     if is_patched(model):
         raise ValueError("localize needs the unpatched model; call doe_kernels.unpatch(model) "
                          "first")
+    if not callable(tokenizer):
+        raise TypeError(f"tokenizer must be a HuggingFace tokenizer, got "
+                        f"{type(tokenizer).__name__}")
+    if start_from is not None and not isinstance(start_from, Expert):
+        raise TypeError(f"start_from must be a doe_kernels.Expert (Expert.load(path) reads a "
+                        f"file), got {type(start_from).__name__}")
     hook_points(model)  # a family attribution cannot score (Mixtral) is refused now
     for name, data in (("train", train), ("validation", validation)):
         if not isinstance(data, TaskData) and not (name == "validation" and data is None):
@@ -234,10 +256,14 @@ def _checked_inputs(model, train, validation, search, attribution, recovery, sta
                       else start_from.num_virtual_tokens)
     check_positions(model, max_length, virtual_tokens)
     _check_shards(model, search)
+    given = len(train) if validation is None else None
     if validation is None:
         train, validation = split_validation(train, seed)
     if len(train) == 0 or len(validation) == 0:
-        raise ValueError("localize needs training and validation examples")
+        split = ("" if given is None else f" (the validation examples split off the {given} "
+                 "given: give more, or a validation set)")
+        raise ValueError(f"localize needs training and validation examples, got {len(train)} "
+                         f"and {len(validation)}{split}")
     names = set(train.label_names)
     unknown = [label for label in dict.fromkeys(validation.labels) if label not in names]
     if unknown:
@@ -272,6 +298,8 @@ def _checked_seed(seed) -> int:
     that could not be repeated)."""
     if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
         raise TypeError(f"seed must be an int, got {seed!r}")
+    if not 0 <= seed < 2 ** 63:  # (what torch's generators take)
+        raise ValueError(f"seed must be in [0, 2**63), got {seed}")
     return int(seed)
 
 

@@ -48,6 +48,8 @@ def select_experts(model, calibration, keep, inputs: str = "original", mask: Exp
     if not spec.num_experts:
         raise ValueError(f"{type(model).__name__} has no mixture-of-experts layers")
     counts = _counts(keep, spec)
+    if mask is not None and not isinstance(mask, ExpertMask):
+        raise TypeError(f"mask must be an ExpertMask or None, got {type(mask).__name__}")
     base = mask if mask is not None else ExpertMask(spec=spec.as_dict())
     base.check_spec(spec)
     calibration = batches(calibration, model)  # (a list: every pass reads it again)

@@ -15,7 +15,9 @@ from numbers import Real
 import torch
 from torch import nn
 
+from doe_kernels.caller_state import lasting
 from doe_kernels.expert import check_count
+from doe_kernels.mask import _as_seed
 from doe_kernels.moe.calibration import capture_inputs
 from doe_kernels.patching import is_patched
 
@@ -31,10 +33,18 @@ def upcycle(model: nn.Module, num_experts: int = 8, top_k: int = 2, noise: float
     `router_scale` (finite, > 0) the router rows, i.e. how peaked routing is. Returns it in eval
     mode, in the dense model's dtype and on its device. Bad arguments are refused before anything
     is built."""
-    from transformers import MixtralConfig, MixtralForCausalLM
-
     config = model.config
     _check(model, num_experts, top_k, noise, router_scale)
+    seed = _as_seed(seed)
+    with lasting():  # (weights a later backward pass may use, whatever the caller's modes)
+        return _upcycled(model, config, num_experts, top_k, noise, calibration, router_scale,
+                         seed)
+
+
+def _upcycled(model, config, num_experts, top_k, noise, calibration, router_scale, seed):
+    """upcycle's Mixtral, its arguments checked."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
     keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
             "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act",
             "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings", "pad_token_id",
