@@ -417,6 +417,11 @@ class TestSmolLM2:
                 dkv.for_experts(llm, [("a", prompts[0])], [None, None])
             with pytest.raises(KeyError, match="tweets"):
                 dkv.remove(llm, "tweets")
+            with pytest.raises(ValueError, match="non-empty string, got \\['a'\\]"):
+                dkv.remove(llm, ["a"])
+            for params in ("greedy", [None], {"temperature": 0}):
+                with pytest.raises(TypeError, match="params must be a vllm.SamplingParams"):
+                    dkv.for_experts(llm, [("a", prompts[0])], params)
             assert dkv.experts(llm) == ["a"]
             assert_same_generation(_generate_mixed(llm, [("a", prompts[1])]),
                                    _expected_mixed(smol["hf_out"], [("a", 1)]))
@@ -624,6 +629,36 @@ def test_holding_an_expert_changes_a_rank_only_when_every_layer_is_ready(monkeyp
     assert rank._doe_masks() == {"good": good}  # what a weight reload builds again
     assert rank.doe_remove_expert("good") and rank.doe_experts() == []
     assert mlp_forwards(layers) == ["[] mlp"] * 3 and rank._doe_masks() == {}
+
+
+def test_a_model_type_patch_refuses_is_refused_on_a_rank_too(monkeypatch):
+    """A model whose layers hold the LLaMA family's modules but whose type computes otherwise
+    (Qwen3's normed queries and keys) was plugged: now refused as `patch` refuses it. A rank
+    nothing was plugged into unplugs as a no-op without checking its layers, and its status
+    names what is unsupported instead of failing in the worker."""
+    from types import SimpleNamespace
+
+    from doe_kernels.vllm import engine, worker
+
+    rank = worker.WorkerExtension()
+    rank.model_runner = SimpleNamespace(model=SimpleNamespace())
+    rank.vllm_config = SimpleNamespace(model_config=SimpleNamespace(
+        hf_text_config=SimpleNamespace(model_type="qwen3")))
+    monkeypatch.setattr(worker, "decoder_layers", lambda model: [object(), object()])
+    monkeypatch.setattr(worker, "attention_of", lambda layer, index: SimpleNamespace())
+    monkeypatch.setattr(worker, "ffn_of", lambda layer, index: SimpleNamespace())
+    monkeypatch.setattr(worker, "_watch_reloads", lambda rank: None)
+    assert rank.doe_unplug() == 0
+    with pytest.raises(doe_kernels.UnsupportedModelError,
+                       match=r"model_type 'qwen3'\) is not supported: its layers hold the llama "
+                             r"family's modules"):
+        rank._doe_layers()
+    reply = rank.doe_status()
+    assert "model_type 'qwen3'" in reply["error"]
+    with pytest.raises(doe_kernels.UnsupportedModelError, match="model_type 'qwen3'"):
+        engine.statuses([reply])
+    rank.vllm_config.model_config.hf_text_config.model_type = "qwen2"
+    assert len(rank._doe_layers()) == 2
 
 
 def _stand_in_rank(monkeypatch, layers: int = 2):

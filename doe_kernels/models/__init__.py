@@ -43,6 +43,18 @@ def find_layers(model: nn.Module):
         f"Supported: {supported_families()}.")
 
 
+def check_model_type(model_name: str, model_type, adapter) -> None:
+    """UnsupportedModelError unless `model_type` is one known to compute as the `adapter`
+    family's modules do (models that hold the same modules but compute otherwise: Qwen3's
+    normed queries and keys, Granite's multipliers, Cohere, OLMo...)."""
+    if model_type not in adapter.MODEL_TYPES:
+        raise UnsupportedModelError(
+            f"{model_name} (model_type {model_type!r}) is not supported: its layers hold the "
+            f"{adapter.FAMILY} family's modules, but its model type is not one known to compute "
+            f"as they do ({', '.join(adapter.MODEL_TYPES)}). Supported: "
+            f"{supported_families()}.")
+
+
 def describe(model: nn.Module):
     """(adapter, layers, ModelSpec) of a supported model; raises UnsupportedModelError otherwise."""
     adapter, layers = find_layers(model)
@@ -50,13 +62,7 @@ def describe(model: nn.Module):
     if config is None:
         raise UnsupportedModelError(f"{type(model).__name__} has no `config`; pass a HuggingFace "
                                     "PreTrainedModel")
-    model_type = getattr(config, "model_type", None)
-    if model_type not in adapter.MODEL_TYPES:
-        raise UnsupportedModelError(
-            f"{type(model).__name__} (model_type {model_type!r}) is not supported: its layers "
-            f"hold the {adapter.FAMILY} family's modules, but its model type is not one known "
-            f"to compute as they do ({', '.join(adapter.MODEL_TYPES)}). Supported: "
-            f"{supported_families()}.")
+    check_model_type(type(model).__name__, getattr(config, "model_type", None), adapter)
     for layer in layers:
         _check_plain_linears(layer, adapter.LINEARS)
         adapter.check_supported(layer, config)
@@ -86,4 +92,5 @@ def spec_of(model: nn.Module) -> ModelSpec:
     return state.spec if state is not None else describe(model)[2]
 
 
-__all__ = ["ModelSpec", "spec_of", "UnsupportedModelError", "check_transformers_version", "describe"]
+__all__ = ["ModelSpec", "spec_of", "UnsupportedModelError", "check_model_type",
+           "check_transformers_version", "describe"]

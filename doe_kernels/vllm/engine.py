@@ -16,7 +16,7 @@ import importlib
 
 from doe_kernels.vllm.admission import check_name, guard, naming, prompt_dict
 from doe_kernels.vllm.protocol import (as_mask, held_on_every_rank, plug_on_ranks,
-                                       removed_on_every_rank)
+                                       removed_on_every_rank, statuses)
 from doe_kernels.vllm.worker import WorkerExtension, check_engine_config
 
 EXTENSION = "doe_kernels.vllm.WorkerExtension"
@@ -64,6 +64,7 @@ def remove(llm, name: str) -> None:
     """Stop holding the expert `name` (KeyError if `llm` holds none of that name; RuntimeError,
     nothing changed, while requests naming it may be unfinished: queued with `LLM.enqueue`, or
     a `generate` call running in another thread)."""
+    check_name(name)
     _check_engine(llm)
     with guard(llm).changing_expert(name, adding=False):
         removed = [bool(reply) for reply in llm.collective_rpc("doe_remove_expert",
@@ -103,6 +104,10 @@ def for_experts(llm, requests, params=None) -> tuple[list, list]:
         params = [params] * len(requests)
     if len(params) != len(requests):
         raise ValueError(f"{len(params)} sampling params for {len(requests)} requests")
+    wrong = [type(p).__name__ for p in params if not isinstance(p, SamplingParams)]
+    if wrong:
+        raise TypeError(f"params must be a vllm.SamplingParams or a list of them, got "
+                        f"{wrong[0]}")
     return ([prompt_dict(prompt) for _, prompt in requests],
             [naming(p, name) for (name, _), p in zip(requests, params)])
 
@@ -111,7 +116,7 @@ def status(llm) -> list:
     """Per rank: its place and its local kept neuron and head counts per layer (None:
     dense)."""
     _check_engine(llm)
-    return llm.collective_rpc("doe_status")
+    return statuses(llm.collective_rpc("doe_status"))
 
 
 def _check_engine(llm) -> None:

@@ -22,7 +22,7 @@ import urllib.request
 
 from doe_kernels.vllm.gate import GATE_HEADER
 from doe_kernels.vllm.protocol import (EXTRA_ARG, Refused, as_mask, held_on_every_rank,
-                                       plug_on_ranks, removed_on_every_rank)
+                                       plug_on_ranks, removed_on_every_rank, statuses)
 
 
 REFUSALS = (400, 409)  # statuses of requests refused before anything was done
@@ -99,7 +99,7 @@ def naming(name: str) -> dict:
 
 def status(url: str, timeout: float = 120.0) -> list:
     """Per rank: its place and its local kept neuron and head counts per layer (None: dense)."""
-    return _rpc(url, "doe_status", [], timeout)
+    return statuses(_rpc(url, "doe_status", [], timeout))
 
 
 def _request(url: str, path: str, body: dict | None, timeout: float,

@@ -122,6 +122,15 @@ def plug_on_ranks(call, mask: ExpertMask, apply: str = "doe_apply_mask", *args) 
         raise
 
 
+def statuses(replies: list) -> list:
+    """The ranks' replies to `doe_status`; UnsupportedModelError where a rank found the model
+    unsupported."""
+    for reply in replies:
+        if isinstance(reply, dict) and "error" in reply:
+            raise UnsupportedModelError(reply["error"])
+    return replies
+
+
 def held_on_every_rank(replies: list) -> list:
     """The expert names every rank holds, from the ranks' replies to `doe_experts` (in the order
     the first rank added them): a name only some ranks hold (an add that failed on one) would

@@ -19,7 +19,8 @@ import logging
 
 from vllm.config import CUDAGraphMode
 
-from doe_kernels.models import ModelSpec, UnsupportedModelError
+from doe_kernels.models import (ModelSpec, UnsupportedModelError, check_model_type, llama,
+                                mixtral)
 from doe_kernels.tensor_parallel import ffn_shards, head_shards
 from doe_kernels.vllm.attention import AttentionPlan, attention_of
 from doe_kernels.vllm.ffn import FfnPlan, ffn_of
@@ -82,6 +83,10 @@ class WorkerExtension:
             if len({is_moe_block(ffn) for _, ffn in layers}) > 1:
                 raise UnsupportedModelError("models whose layers mix MLPs and MoE blocks are not "
                                             "supported")
+            check_model_type(type(self.model_runner.model).__name__,
+                             getattr(self.vllm_config.model_config.hf_text_config, "model_type",
+                                     None),
+                             mixtral if is_moe_block(layers[0][1]) else llama)
             _watch_reloads(self)
             self._doe_layers_cache = layers
         return layers
@@ -296,7 +301,10 @@ class WorkerExtension:
             self._doe_staged().pop(token, None)
 
     def doe_unplug(self) -> int:
-        """Give every layer vLLM's own forwards back; returns the number of layers restored."""
+        """Give every layer vLLM's own forwards back; returns the number of layers restored (0,
+        its layers unchecked, on a rank nothing was ever plugged into or held on)."""
+        if "_doe_layers_cache" not in self.__dict__:
+            return 0
         restored = sum(attn_plan is not None or ffn_plan is not None
                        for attn_plan, ffn_plan in self._doe_singles())
         self._doe_install([(None, None)] * len(self._doe_layers()))
@@ -306,8 +314,12 @@ class WorkerExtension:
     def doe_status(self) -> dict:
         """This rank's tensor-parallel place, the names of the experts it holds and, per layer,
         the plugged expert's local kept neuron (in a MoE block: inside every expert) and head
-        counts and its kept MoE experts (None: vLLM's dense forward, or everything kept)."""
-        layers = self._doe_layers()
+        counts and its kept MoE experts (None: vLLM's dense forward, or everything kept); on a
+        model doe_kernels does not support, {"error": why}."""
+        try:
+            layers = self._doe_layers()
+        except UnsupportedModelError as error:
+            return {"error": str(error)}
         rank, world_size = _tensor_parallel_place(layers)
         ffn, attn = layers[0][1], layers[0][0]
         return dict(rank=rank, world_size=world_size, experts=self.doe_experts(),
