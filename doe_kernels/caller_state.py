@@ -72,7 +72,7 @@ def unchunked(model):
     """The model's FFNs run on all tokens at once while the body runs (each `chunk_holders`
     entry's chunk_size_feed_forward set to 0, restored after; the outputs are the same, only
     the FFN's activations are held whole), so that a hook sees a layer's FFN input once per
-    forward pass."""
+    forward pass. Like `evaluating`, for one caller of a model at a time."""
     saved = [(holder, holder.chunk_size_feed_forward) for holder in chunk_holders(model)]
     try:
         for holder, _ in saved:

@@ -14,7 +14,6 @@ traceback above that line (for a bug report).
 import argparse
 import contextlib
 import dataclasses
-import io
 import json
 import math
 import os
@@ -445,14 +444,17 @@ def cmd_serve(args) -> None:
 
 
 def _request_lines(stream, limit: int):
-    """The non-blank lines of `stream`, each read whole only up to `limit` bytes: a longer line
-    yields None, its rest read in pieces and dropped (so that one huge line neither fills the
-    memory nor keeps the tokenizer busy for seconds)."""
-    newline = "\n" if isinstance(stream, io.TextIOBase) else b"\n"
-    while line := stream.readline(limit + 1):
-        if len(line) > limit and not line.endswith(newline):
-            while (rest := stream.readline(limit)) and not rest.endswith(newline):
-                pass
+    """The non-blank lines of `stream`, each read whole only up to `limit` bytes (characters,
+    from a text stream) before its line end (\\n or \\r\\n): a longer line yields None, its rest
+    read in pieces and dropped (so that one huge line neither fills the memory nor keeps the
+    tokenizer busy for seconds)."""
+    while line := stream.readline(limit + 2):
+        newline, crlf = ("\n", "\r\n") if isinstance(line, str) else (b"\n", b"\r\n")
+        ended = line.endswith(newline)
+        body = line.removesuffix(crlf).removesuffix(newline) if ended else line
+        if len(body) > limit:
+            while not ended and (rest := stream.readline(limit)):
+                ended = rest.endswith(newline)
             yield None
         elif line.strip():
             yield line

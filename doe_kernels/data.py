@@ -3,7 +3,6 @@
 A task is `text,label` pairs, optionally with a `split` column (train / validation / test). Labels
 are kept as strings; `TaskData.label_names` fixes their order (the class index of each label).
 """
-import contextlib
 import csv
 import hashlib
 import json
@@ -160,7 +159,7 @@ def read_csv(path, text_column="text", label_column="label", split_column="split
     if not os.path.isfile(path):
         raise TaskDataError(f"task file not found: {path}")
     try:
-        with open(path, newline="", encoding=encoding) as f, _long_fields():
+        with open(path, newline="", encoding=encoding) as f:
             reader = csv.DictReader(f)
             columns = reader.fieldnames or []
             twice = sorted({c for c in columns if columns.count(c) > 1})
@@ -210,23 +209,13 @@ def read_csv(path, text_column="text", label_column="label", split_column="split
     return out
 
 
-@contextlib.contextmanager
-def _long_fields():
-    """The csv module reads fields of any length while the body runs (its default limit,
-    131072 characters, refused a long text that write_csv wrote), its limit restored after."""
-    before = csv.field_size_limit(2 ** 31 - 1)  # (a C long on every platform)
-    try:
-        yield
-    finally:
-        csv.field_size_limit(before)
-
-
 def write_csv(path, splits: dict[str, TaskData]) -> None:
     """`splits` ({split: TaskData}) as a task file `read_csv` reads back: a split column, left
     out when the only split is "all" (what read_csv gives for a file without one). What a CSV
     does not hold comes back as read_csv makes it: the label names in its order (sorted; numeric
-    for integer labels), only those with examples, stripped. Splits read_csv does not know, and
-    texts UTF-8 cannot hold (lone surrogates), raise TaskDataError before the file is opened."""
+    for integer labels), only those with examples, stripped. What read_csv would refuse (no
+    example, splits it does not know, a text longer than the csv module's field limit) and what
+    UTF-8 cannot hold (lone surrogates) raise TaskDataError before the file is opened."""
     _check_writable(splits)
     with_split = set(splits) != {"all"}
     with open(path, "w", newline="", encoding="utf-8") as f:
@@ -239,15 +228,22 @@ def write_csv(path, splits: dict[str, TaskData]) -> None:
 
 def _check_writable(splits) -> None:
     """write_csv's refusals (see there)."""
+    if not any(len(data) for data in splits.values()):
+        raise TaskDataError("no examples to write (read_csv refuses a file without rows)")
     if set(splits) != {"all"}:
         unknown = [split for split in splits if split not in SPLITS]
         if unknown:
             raise TaskDataError(f"unknown split(s) {unknown}: a task file holds {SPLITS}, or "
                                 "'all' alone (no split column)")
+    limit = csv.field_size_limit()  # (a longer field than read_csv's csv module takes)
     for split, data in splits.items():
-        for number, text in enumerate(data.texts):
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError as error:
-                raise TaskDataError(f"{split} example {number}: {text!r:.80} is not valid "
-                                    f"Unicode text ({error.reason})") from None
+        for number, (text, label) in enumerate(zip(data.texts, data.labels)):
+            if len(text) > limit:
+                raise TaskDataError(f"{split} example {number}: a text of {len(text)} "
+                                    f"characters, more than read_csv takes ({limit})")
+            for what, value in (("text", text), ("label", str(label))):
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError as error:
+                    raise TaskDataError(f"{split} example {number}: its {what} {value!r:.80} "
+                                        f"is not valid Unicode text ({error.reason})") from None

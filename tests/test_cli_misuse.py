@@ -53,6 +53,7 @@ def files(tmp_path_factory, tokenizer) -> dict:
     (root / "short_row.csv").write_text("text,label,split\nfine film,positive,test\nno label\n")
     (root / "latin1.csv").write_bytes("text,label\ncaf\xe9,positive\n".encode("latin-1"))
     (root / "columns.csv").write_text("sentence,category\nhello,a\n")
+    (root / "huge_field.csv").write_text(f"text,label\n{'a' * 200_000},positive\n")
     (root / "extra_field.csv").write_text("text,label\nhello, world,positive\nbad,negative\n")
     (root / "twice.csv").write_text("text,label,text\na,positive,b\n")
     (root / "empty_label.csv").write_text("text,label\na,positive\nb, \n")
@@ -111,6 +112,8 @@ MISUSE = [
                  id="task-columns"),
     pytest.param(_eval(task="{short_row}"), "data row 2 has no 'label' value", id="task-short-row"),
     pytest.param(_eval(task="{latin1}"), "is not utf-8 text", id="task-not-utf8"),
+    pytest.param(_eval(task="{huge_field}"), "is not a readable CSV file: field larger",
+                 id="task-field-over-the-csv-limit"),
     pytest.param(_eval("{expert}", "{task}", "{model}", "--split", "dev"), "has no 'dev' split",
                  id="task-split"),
     pytest.param(_eval(task="{extra_field}"), "data row 1 has more fields than the header",
@@ -326,7 +329,8 @@ def test_serve_answers_a_line_over_its_limit_unserved_and_goes_on(files, monkeyp
     good = b'{"task": "s", "text": "a fine film"}'
     limit = len(good)
     too_long = b'{"task": "s", "text": "' + b"word " * 5000 + b'"}'
-    data = b"\n".join([good, too_long, good, too_long]) + b"\n" + good  # no final newline
+    # a CRLF line end is no part of the limit; the last line has no line end
+    data = b"\n".join([good, too_long, good + b"\r", too_long]) + b"\n" + good
     stdin = io.TextIOWrapper(io.BytesIO(data), encoding="utf-8")
     monkeypatch.setattr("sys.stdin", io.StringIO(data.decode()) if text_stream else stdin)
     served = []

@@ -100,23 +100,22 @@ def test_labels_read_as_a_user_means_them(tmp_path):
 
 
 def test_what_write_csv_writes_read_csv_reads_or_it_is_refused_before_writing(tmp_path):
-    """A text past the csv module's default field limit (131072 characters) is read back (it
-    was refused); splits read_csv does not know and texts UTF-8 cannot hold are refused before
-    the file is made (they were written, then refused when read, or failed halfway)."""
-    import csv
-
+    """What read_csv would refuse (a text past the csv module's field limit, 131072 characters,
+    splits it does not know, no rows) and what UTF-8 cannot hold are refused before the file is
+    made (they were written, then refused when read, or failed halfway)."""
     from doe_kernels.data import write_csv
 
-    limit = csv.field_size_limit()
-    long = TaskData(["word " * 40000, "short"], ["pos", "neg"])
-    write_csv(tmp_path / "long.csv", {"train": long})
-    back = read_csv(tmp_path / "long.csv")["train"]
-    assert back.texts == long.texts and csv.field_size_limit() == limit
     task = TaskData(["a", "b"], ["pos", "neg"])
     for splits, message in [({"all": task, "train": task}, r"unknown split\(s\) \['all'\]"),
                             ({"dev": task}, r"unknown split\(s\) \['dev'\]: a task file holds"),
                             ({"train": TaskData(["a", "b\udc80"], ["pos", "neg"])},
-                             "train example 1: 'b.udc80' is not valid Unicode text")]:
+                             "train example 1: its text 'b.udc80' is not valid Unicode text"),
+                            ({"test": TaskData(["a", "b"], ["pos", "n\udc80"])},
+                             "test example 1: its label 'n.udc80' is not valid Unicode text"),
+                            ({"train": TaskData(["word " * 40000, "b"], ["pos", "neg"])},
+                             "train example 0: a text of 200000 characters, more than read_csv "
+                             "takes .131072."),
+                            ({}, "no examples to write")]:
         path = tmp_path / "refused.csv"
         with pytest.raises(TaskDataError, match=message):
             write_csv(path, splits)

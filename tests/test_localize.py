@@ -496,7 +496,8 @@ def _bad_call(**changes):
                  id="validation-a-list"),
     pytest.param(_bad_call(seed=None), TypeError, "seed must be an int, got None",
                  id="seed-none"),
-    pytest.param(_bad_call(seed=2 ** 64), ValueError, r"seed must be in \[0, 2\*\*63\), got",
+    pytest.param(_bad_call(seed=2 ** 64), ValueError,
+                 r"seed must be in \[-9223372036854775808, 18446744073709551615\]",
                  id="seed-too-large"),
     pytest.param(_bad_call(start_from="expert.safetensors"), TypeError,
                  r"start_from must be a doe_kernels.Expert \(Expert.load\(path\) reads a file\), "
@@ -507,7 +508,7 @@ def _bad_call(**changes):
                  r"localize needs training and validation examples, got 2 and 0 \(the "
                  "validation examples split off the 2 given: give more, or a validation set",
                  id="too-few-to-split"),
-    pytest.param(_bad_call(seed=1.5), TypeError, "seed must be an int, got 1.5",
+    pytest.param(_bad_call(seed=1.5), TypeError, "seed must be an int, got float 1.5",
                  id="seed-a-float"),
 ])
 def test_localize_refuses_bad_arguments_before_changing_anything(tokenizer, call, error,
@@ -544,6 +545,9 @@ def test_an_example_that_encodes_to_no_token_is_refused_before_training(monkeypa
                                          "template '{text}'"):
         localize(model, tokenizer, data["train"], data["validation"], template="{text}",
                  progress=False)
+    if split == "train":  # validation split off by localize: the place in the data given
+        with pytest.raises(ValueError, match="train example 5: '' encodes to no token"):
+            localize(model, tokenizer, data["train"], template="{text}", progress=False)
 
 
 @pytest.mark.filterwarnings("ignore:localize.*no better than always answering")

@@ -659,6 +659,12 @@ def test_a_model_type_patch_refuses_is_refused_on_a_rank_too(monkeypatch):
         engine.statuses([reply])
     rank.vllm_config.model_config.hf_text_config.model_type = "qwen2"
     assert len(rank._doe_layers()) == 2
+    # a checkpoint in Mistral's own format: model_type "transformer", by its architecture
+    mistral = SimpleNamespace(hf_text_config=SimpleNamespace(model_type="transformer"),
+                              architectures=["MistralForCausalLM"])
+    assert worker._model_type(mistral) == "mistral"
+    mistral.architectures = ["SomethingElse"]
+    assert worker._model_type(mistral) == "transformer"
 
 
 def _stand_in_rank(monkeypatch, layers: int = 2):

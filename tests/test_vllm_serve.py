@@ -42,6 +42,18 @@ def test_the_http_client_and_its_command_need_no_vllm():
     assert "doe-kernels vllm-status: error: cannot reach http://127.0.0.1:9" in result.stderr
 
 
+def test_the_http_client_checks_a_name_before_any_request():
+    """remove, as add, refuses a name that is no non-empty string before asking the server (it
+    failed inside the worker); the port here answers nothing."""
+    from doe_kernels.vllm import http
+
+    for call in (lambda name: http.remove("http://127.0.0.1:9", name),
+                 lambda name: http.add("http://127.0.0.1:9", name, None)):
+        for name in (["a"], "", None):
+            with pytest.raises(ValueError, match="an expert's name must be a non-empty string"):
+                call(name)
+
+
 @pytest.mark.parametrize("body, message", [(b"[1]", r"answered '\[1\]', not a JSON object"),
                                            (b"<html>", "answered what is not JSON")])
 def test_the_http_client_refuses_answers_that_are_not_json_objects(body, message):

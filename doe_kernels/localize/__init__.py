@@ -14,7 +14,6 @@ measured.
 import collections
 import contextlib
 import dataclasses
-import numbers
 import time
 import warnings
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from doe_kernels.expert import (CAUSAL_LM, DEFAULT_TEMPLATE, Expert, NoTokenErro
                                 check_template, detect_task_type, encode, label_token_ids,
                                 model_sizes)
 from doe_kernels.localize.attribution import attribute, hook_points
+from doe_kernels.mask import _as_seed
 from doe_kernels.localize.compensate import Calibration, reconstruction
 from doe_kernels.localize.config import (AttributionConfig, PromptConfig, RecoveryConfig,
                                          SearchConfig, configs_from_flat)
@@ -104,11 +104,12 @@ def localize(model, tokenizer, train, validation=None, *, label_words=None, temp
                                              configs["search"], configs["recovery"])
     seed = _checked_seed(seed)
     split_here = validation is None  # (by localize: start_from's prompt must not have seen it)
+    given = dict(train=train) if split_here else dict(train=train, validation=validation)
     train, validation = _checked_inputs(model, tokenizer, train, validation, search,
                                         attribution, recovery, start_from, prompt, batch_size,
                                         max_length, backend, seed)
     task = _Task.of(model, tokenizer, train, label_words, template, max_length)
-    task.check_texts(tokenizer, train=train, validation=validation)
+    task.check_texts(tokenizer, **given)  # (places in the caller's data, before any split)
     run = _Run(model, tokenizer, task, batch_size, seed, progress, backend)
     with evaluating(model):
         with run.clock("prompt"):
@@ -294,13 +295,9 @@ def _check_prompt_held_out(start_from: Expert, train, split_here: bool) -> None:
 
 
 def _checked_seed(seed) -> int:
-    """`seed` as an int (numpy's integers too); TypeError for anything else (None made a run
-    that could not be repeated)."""
-    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
-        raise TypeError(f"seed must be an int, got {seed!r}")
-    if not 0 <= seed < 2 ** 63:  # (what torch's generators take)
-        raise ValueError(f"seed must be in [0, 2**63), got {seed}")
-    return int(seed)
+    """`seed` as an int (numpy's integers too) in torch's seed range (mask._as_seed); TypeError
+    for anything else (None made a run that could not be repeated)."""
+    return _as_seed(seed)
 
 
 def split_validation(train, seed: int) -> tuple:

@@ -22,8 +22,8 @@ import inspect
 import threading
 import weakref
 
-from doe_kernels.vllm.protocol import (EXTRA_ARG, SALT_PREFIX, cache_salt, held_on_every_rank,
-                                       reserved_salt)
+from doe_kernels.vllm.protocol import (EXTRA_ARG, SALT_PREFIX, cache_salt, check_name,
+                                       held_on_every_rank, reserved_salt)
 
 
 class Guard:
@@ -162,13 +162,6 @@ def name_in(params) -> str | None:
     not a non-empty string."""
     name = (getattr(params, "extra_args", None) or {}).get(EXTRA_ARG)
     return None if name is None else check_name(name)
-
-
-def check_name(name) -> str:
-    """`name`, or ValueError if it is not a non-empty string."""
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"an expert's name must be a non-empty string, got {name!r}")
-    return name
 
 
 def naming(params, name):

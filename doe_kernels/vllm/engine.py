@@ -14,8 +14,8 @@ of a name are refused, nothing changed, while requests naming it may be unfinish
 """
 import importlib
 
-from doe_kernels.vllm.admission import check_name, guard, naming, prompt_dict
-from doe_kernels.vllm.protocol import (as_mask, held_on_every_rank, plug_on_ranks,
+from doe_kernels.vllm.admission import guard, naming, prompt_dict
+from doe_kernels.vllm.protocol import (as_mask, check_name, held_on_every_rank, plug_on_ranks,
                                        removed_on_every_rank, statuses)
 from doe_kernels.vllm.worker import WorkerExtension, check_engine_config
 

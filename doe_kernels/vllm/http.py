@@ -21,8 +21,9 @@ import urllib.error
 import urllib.request
 
 from doe_kernels.vllm.gate import GATE_HEADER
-from doe_kernels.vllm.protocol import (EXTRA_ARG, Refused, as_mask, held_on_every_rank,
-                                       plug_on_ranks, removed_on_every_rank, statuses)
+from doe_kernels.vllm.protocol import (EXTRA_ARG, Refused, as_mask, check_name,
+                                       held_on_every_rank, plug_on_ranks, removed_on_every_rank,
+                                       statuses)
 
 
 REFUSALS = (400, 409)  # statuses of requests refused before anything was done
@@ -53,8 +54,7 @@ def add(url: str, name: str, mask, timeout: float = 120.0) -> None:
     server's gate (`--middleware doe_kernels.vllm.gate.ExpertGate`), which refuses requests
     naming experts the server does not hold and salts each expert's prefix cache; RuntimeError
     without it. Checked on every rank before any changes, as `plug` is."""
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"an expert's name must be a non-empty string, got {name!r}")
+    check_name(name)
     mask = as_mask(mask)
     experts(url, timeout)  # the gate is there
     plug_on_ranks(lambda method, args: _rpc(url, method, args, timeout), mask,
@@ -64,6 +64,7 @@ def add(url: str, name: str, mask, timeout: float = 120.0) -> None:
 def remove(url: str, name: str, timeout: float = 120.0) -> None:
     """Stop holding the expert `name`: KeyError if the server holds none of that name,
     RuntimeError (nothing changed) while requests naming it run."""
+    check_name(name)
     # vLLM's endpoint passes a rank's reply as a string unless it is a dict or a list
     removed = [reply in (True, "True") for reply in _rpc(url, "doe_remove_expert", [name],
                                                          timeout)]

@@ -122,6 +122,13 @@ def plug_on_ranks(call, mask: ExpertMask, apply: str = "doe_apply_mask", *args) 
         raise
 
 
+def check_name(name) -> str:
+    """`name`, or ValueError if it is not a non-empty string."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"an expert's name must be a non-empty string, got {name!r}")
+    return name
+
+
 def statuses(replies: list) -> list:
     """The ranks' replies to `doe_status`; UnsupportedModelError where a rank found the model
     unsupported."""

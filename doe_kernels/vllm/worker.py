@@ -84,8 +84,7 @@ class WorkerExtension:
                 raise UnsupportedModelError("models whose layers mix MLPs and MoE blocks are not "
                                             "supported")
             check_model_type(type(self.model_runner.model).__name__,
-                             getattr(self.vllm_config.model_config.hf_text_config, "model_type",
-                                     None),
+                             _model_type(self.vllm_config.model_config),
                              mixtral if is_moe_block(layers[0][1]) else llama)
             _watch_reloads(self)
             self._doe_layers_cache = layers
@@ -330,6 +329,21 @@ class WorkerExtension:
                                 else int(_plan_of(a.o_proj).cols.numel()) // a.head_dim
                                 for a, _ in layers],
                     kept_experts=[_kept_experts(block) for _, block in layers])
+
+
+# The model type of a checkpoint in Mistral's own format (params.json, `--config-format
+# mistral`), which vLLM's config calls "transformer", by its architecture
+_MISTRAL_FORMAT = {"MistralForCausalLM": "mistral", "MixtralForCausalLM": "mixtral"}
+
+
+def _model_type(model_config) -> str | None:
+    """The HuggingFace model type of the engine's model (its text model's)."""
+    model_type = getattr(model_config.hf_text_config, "model_type", None)
+    if model_type == "transformer":
+        for architecture in getattr(model_config, "architectures", None) or []:
+            if architecture in _MISTRAL_FORMAT:
+                return _MISTRAL_FORMAT[architecture]
+    return model_type
 
 
 def _shards(layers, model_spec: ModelSpec, mask) -> tuple[list, list]:
