@@ -28,7 +28,6 @@ from doe_kernels.expert import (CAUSAL_LM, DEFAULT_TEMPLATE, Expert, NoTokenErro
                                 check_template, detect_task_type, encode, label_token_ids,
                                 model_sizes)
 from doe_kernels.localize.attribution import attribute, hook_points
-from doe_kernels.mask import _as_seed
 from doe_kernels.localize.compensate import Calibration, reconstruction
 from doe_kernels.localize.config import (AttributionConfig, PromptConfig, RecoveryConfig,
                                          SearchConfig, configs_from_flat)
@@ -38,6 +37,7 @@ from doe_kernels.localize.prompt import (PromptResult, check_trainable, resolve_
 from doe_kernels.localize.reconstruct import Fidelity, Reconstructor, split_for_judging
 from doe_kernels.localize.recover import TrainingDiverged, masked, retune
 from doe_kernels.localize.search import mask_at_rate, paired_change, search_rate
+from doe_kernels.mask import _as_seed
 from doe_kernels.patching import is_patched
 
 __all__ = ["localize", "PromptConfig", "AttributionConfig", "SearchConfig", "RecoveryConfig",
