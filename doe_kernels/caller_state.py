@@ -3,11 +3,27 @@ caller's side and puts back when it ends, however it ends: each module's train/e
 (`evaluating`) and torch's global random state (`seeded`); `lasting`, where tensors that
 outlive a call are made whatever the caller's autograd and inference modes; `own_modes`,
 for steps that train and choose their own precision whatever the caller's modes; and
-`unchunked`, for steps whose hooks must see each layer's FFN input whole."""
+`unchunked`, for steps whose hooks must see each layer's FFN input whole; `warn_caller`, a
+warning that points at the caller's line."""
 import contextlib
 import functools
+import os
+import sys
+import warnings
 
 import torch
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def warn_caller(message: str, category=UserWarning) -> None:
+    """warnings.warn pointing at the first frame outside doe_kernels, the caller's line however
+    deep the library's own calls (and wrappers) run: Python shows a DeprecationWarning by default
+    only where it points at __main__."""
+    frame, level = sys._getframe(1), 2
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
 
 
 @contextlib.contextmanager

@@ -96,10 +96,10 @@ def _number(text: str) -> float:
 
 def _float(text: str) -> float:
     """`text` as a float (a config checks its range); not a number: the error echoes it."""
-    value = _number(text)
-    if math.isnan(value) and text.strip().lower().lstrip("+-") != "nan":
-        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}")
-    return value
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
 
 
 def _prune_rate(text: str) -> float:

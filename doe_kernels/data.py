@@ -148,6 +148,13 @@ class TaskData:
         return cls(list(dataset[text_column]), labels, names, name)
 
 
+def check_task_data(name: str, data) -> None:
+    """TypeError unless `data` (the argument `name`) is a TaskData."""
+    if not isinstance(data, TaskData):
+        raise TypeError(f"{name} must be a doe_kernels.data.TaskData, got a "
+                        f"{type(data).__name__} (read_csv gives a dict of them by split)")
+
+
 def read_csv(path, text_column="text", label_column="label", split_column="split",
              encoding="utf-8-sig") -> dict[str, TaskData]:
     """Read a task CSV: {split: TaskData}, or {"all": TaskData} without a split column. A file

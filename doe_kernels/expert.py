@@ -29,7 +29,7 @@ from collections.abc import Iterable, Mapping
 import torch
 
 from doe_kernels.backends import check_backend_name
-from doe_kernels.data import TaskData
+from doe_kernels.data import check_task_data
 from doe_kernels.files import (FLOAT_DTYPES, FileFormatError, parse_json, read_safetensors,
                                 write_safetensors)
 from doe_kernels.mask import KEEP_ALL, ExpertMask
@@ -168,13 +168,21 @@ class NoTokenError(ValueError):
 
 
 @contextlib.contextmanager
-def numbered(positions):
+def numbered(positions, what: str | None = None):
     """A NoTokenError raised inside names its text by `positions` (each text's place among the
-    texts the caller was given) instead of by its place in the batch encoded."""
+    texts the caller was given) instead of by its place in the batch encoded, and as `what`
+    ("validation example") where given."""
     try:
         yield
     except NoTokenError as error:
-        raise NoTokenError(positions[error.index], error.reason, error.what) from None
+        raise NoTokenError(positions[error.index], error.reason, what or error.what) from None
+
+
+def check_tokenizer_given(tokenizer) -> None:
+    """TypeError unless `tokenizer` can be called as a HuggingFace tokenizer is (None, a path)."""
+    if not callable(tokenizer):
+        raise TypeError(f"tokenizer must be a HuggingFace tokenizer, got "
+                        f"{type(tokenizer).__name__}")
 
 
 def encode(tokenizer, texts, task_type: str, template: str | None, max_length: int = 128):
@@ -716,9 +724,7 @@ class Expert:
         check_batch_size(batch_size)
         texts = _text_list(texts)
         check_texts(texts)  # (before the expert is plugged, and before the texts are sorted)
-        if not callable(tokenizer):
-            raise TypeError(f"tokenizer must be a HuggingFace tokenizer, got "
-                            f"{type(tokenizer).__name__}")
+        check_tokenizer_given(tokenizer)
         if getattr(model, _PLUGGED_ATTR, None) is not self:
             with self.plugged(model, backend=backend):
                 return self.predict_logits(model, tokenizer, texts, batch_size, backend)
@@ -748,9 +754,7 @@ class Expert:
 
     def correct(self, model, tokenizer, data, batch_size: int = 32) -> torch.Tensor:
         """One bool per example of a `TaskData`: is the expert's answer its label?"""
-        if not isinstance(data, TaskData):
-            raise TypeError(f"data must be a doe_kernels.data.TaskData, got a "
-                            f"{type(data).__name__} (read_csv gives a dict of them by split)")
+        check_task_data("data", data)
         if len(data) == 0:
             raise ValueError("no examples to evaluate")
         index = {name: i for i, name in enumerate(self.label_names)}

@@ -15,18 +15,17 @@ import collections
 import contextlib
 import dataclasses
 import time
-import warnings
 from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
 from doe_kernels.backends import resolve
-from doe_kernels.caller_state import evaluating, in_own_modes
-from doe_kernels.data import TaskData
-from doe_kernels.expert import (CAUSAL_LM, DEFAULT_TEMPLATE, Expert, NoTokenError, as_list,
-                                check_batch_size, check_max_length, check_positions,
-                                check_template, detect_task_type, encode, label_token_ids,
-                                model_sizes)
+from doe_kernels.caller_state import evaluating, in_own_modes, warn_caller
+from doe_kernels.data import check_task_data
+from doe_kernels.expert import (CAUSAL_LM, DEFAULT_TEMPLATE, Expert, as_list, check_batch_size,
+                                check_max_length, check_positions, check_template,
+                                check_tokenizer_given, detect_task_type, encode, label_token_ids,
+                                model_sizes, numbered)
 from doe_kernels.localize.attribution import attribute, hook_points
 from doe_kernels.localize.compensate import Calibration, reconstruction
 from doe_kernels.localize.config import (AttributionConfig, PromptConfig, RecoveryConfig,
@@ -102,7 +101,7 @@ def localize(model, tokenizer, train, validation=None, *, label_words=None, temp
                                      recovery=recovery), deprecated)
     prompt, attribution, search, recovery = (configs["prompt"], configs["attribution"],
                                              configs["search"], configs["recovery"])
-    seed = _checked_seed(seed)
+    seed = _as_seed(seed)  # (None made a run that could not be repeated)
     split_here = validation is None  # (by localize: start_from's prompt must not have seen it)
     given = dict(train=train) if split_here else dict(train=train, validation=validation)
     train, validation = _checked_inputs(model, tokenizer, train, validation, search,
@@ -190,12 +189,9 @@ class _Task:
         for split, data in splits.items():
             texts = list(data.texts)
             for start in range(0, len(texts), 512):
-                try:
+                with numbered(range(start, start + 512), f"{split} example"):
                     encode(tokenizer, texts[start:start + 512], self.task_type, self.template,
                            self.max_length)
-                except NoTokenError as error:
-                    raise NoTokenError(start + error.index, error.reason,
-                                       f"{split} example") from None
 
     def expert(self, mask, prompt, head, name: str | None = None) -> Expert:
         return Expert(mask, prompt, self.task_type, self.label_names,
@@ -230,17 +226,14 @@ def _checked_inputs(model, tokenizer, train, validation, search, attribution, re
     if is_patched(model):
         raise ValueError("localize needs the unpatched model; call doe_kernels.unpatch(model) "
                          "first")
-    if not callable(tokenizer):
-        raise TypeError(f"tokenizer must be a HuggingFace tokenizer, got "
-                        f"{type(tokenizer).__name__}")
+    check_tokenizer_given(tokenizer)
     if start_from is not None and not isinstance(start_from, Expert):
         raise TypeError(f"start_from must be a doe_kernels.Expert (Expert.load(path) reads a "
                         f"file), got {type(start_from).__name__}")
     hook_points(model)  # a family attribution cannot score (Mixtral) is refused now
-    for name, data in (("train", train), ("validation", validation)):
-        if not isinstance(data, TaskData) and not (name == "validation" and data is None):
-            raise TypeError(f"{name} must be a doe_kernels.data.TaskData, got a "
-                            f"{type(data).__name__} (read_csv gives a dict of them by split)")
+    check_task_data("train", train)
+    if validation is not None:
+        check_task_data("validation", validation)
     if search.rank == "jointly" and attribution.method != "fisher":
         raise ValueError(
             f"SearchConfig.rank='jointly' (--rank jointly) compares heads with neurons by score "
@@ -289,15 +282,8 @@ def _check_prompt_held_out(start_from: Expert, train, split_here: bool) -> None:
                          "was trained on (the search would be judged on them): pass the same "
                          "training examples and seed as when it was trained, or a validation "
                          "set it was not trained on")
-    # (5: this, _tune_prompt, localize, in_own_modes' wrapper, the caller)
-    warnings.warn(f"{problem}: make sure the validation set holds none of the examples it was "
-                  "trained on (the search would be judged on them)", UserWarning, stacklevel=5)
-
-
-def _checked_seed(seed) -> int:
-    """`seed` as an int (numpy's integers too) in torch's seed range (mask._as_seed); TypeError
-    for anything else (None made a run that could not be repeated)."""
-    return _as_seed(seed)
+    warn_caller(f"{problem}: make sure the validation set holds none of the examples it was "
+                "trained on (the search would be judged on them)")
 
 
 def split_validation(train, seed: int) -> tuple:
@@ -449,10 +435,6 @@ class _Baseline:
     majority: float  # always answering the most frequent label
 
 
-_BASELINE_TO_CALLER = 4  # the frames from _baseline's warnings to the user's call: _baseline,
-# localize, in_own_modes' wrapper, the caller
-
-
 def _baseline(run: _Run, tuned_expert: Expert, name: str, validation, recover: _Recovery,
               tolerance: float) -> _Baseline:
     """The baseline (with recovery, re-tuned as every candidate will be), with warnings when it
@@ -468,19 +450,17 @@ def _baseline(run: _Run, tuned_expert: Expert, name: str, validation, recover: _
     correct = dense.correct(model, tokenizer, validation, batch_size=eval_batch)
     accuracy = float(correct.double().mean())
     if before_recovery is not None and accuracy < before_recovery - tolerance:
-        warnings.warn(f"localize({name!r}): the recovery's training lowered the "
-                      f"unpruned baseline's validation accuracy from {before_recovery:.3f} "
-                      f"to {accuracy:.3f}; try a lower recover_lr (now {recover.lr:g})",
-                      stacklevel=_BASELINE_TO_CALLER)
+        warn_caller(f"localize({name!r}): the recovery's training lowered the unpruned "
+                    f"baseline's validation accuracy from {before_recovery:.3f} to "
+                    f"{accuracy:.3f}; try a lower recover_lr (now {recover.lr:g})")
     zero_shot = tuned_on_same = None
     if task.task_type == CAUSAL_LM:  # the dense model scored through the label words, no prompt
         zero_shot, tuned_on_same = _zero_shot(run, tuned_expert, validation, correct)
     majority = max(collections.Counter(validation.labels).values()) / len(validation)
     for problem in weak_baseline(accuracy, zero_shot, majority, tuned_on_same):
-        warnings.warn(f"localize({name!r}): {problem}; the search keeps accuracy "
-                      "within the tolerance of this baseline, so its pruning rate says "
-                      "little (train the prompt longer, or with another lr)",
-                      stacklevel=_BASELINE_TO_CALLER)
+        warn_caller(f"localize({name!r}): {problem}; the search keeps accuracy within the "
+                    "tolerance of this baseline, so its pruning rate says little (train the "
+                    "prompt longer, or with another lr)")
     return _Baseline(dense, accuracy, correct.tolist(), before_recovery, zero_shot, majority)
 
 
@@ -524,8 +504,8 @@ def _search(run: _Run, candidate: _Candidates, tuned_expert: Expert, base: _Base
             with run.clock("candidates_recovery"):
                 expert = recover(run, candidate(rate, tuned_expert))
         except TrainingDiverged as error:  # this rate fails, whatever the tolerance
-            warnings.warn(f"localize({run.task.name!r}): the candidate at pruning rate "
-                          f"{rate:.3f} fails: {error}", stacklevel=6)
+            warn_caller(f"localize({run.task.name!r}): the candidate at pruning rate "
+                        f"{rate:.3f} fails: {error}")
             change_se[rate] = None
             bar.update(1)
             return None  # never measured: the search fails it (figures: accuracy None)

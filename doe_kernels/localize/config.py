@@ -22,6 +22,7 @@ import typing
 import warnings
 from dataclasses import dataclass
 
+from doe_kernels.caller_state import warn_caller
 from doe_kernels.localize.prompt import BATCHINGS, PRECISIONS, SCHEDULES, STARTS
 
 
@@ -247,12 +248,11 @@ FLAT_NAMES = {flat_name(f): (key, f.name) for key, cls in CONFIGS.items()
               for f in dataclasses.fields(cls) if f.metadata["legacy"]}
 
 
-def configs_from_flat(configs: dict, flat: dict, stacklevel: int = 4) -> dict:
+def configs_from_flat(configs: dict, flat: dict) -> dict:
     """{"prompt": PromptConfig, ...}: each config given in `configs` (None: not given), else built
     from the deprecated flat keywords in `flat` (a DeprecationWarning names the new spelling),
     else the default. A flat keyword with its config also given is a TypeError, so is an unknown
-    keyword. `stacklevel`: the frames from here to localize's caller (configs_from_flat,
-    localize, in_own_modes' wrapper, the caller), where the warning points."""
+    keyword."""
     unknown = sorted(set(flat) - set(FLAT_NAMES))
     if unknown:
         raise TypeError(f"localize() got an unexpected keyword argument {unknown[0]!r}")
@@ -269,9 +269,8 @@ def configs_from_flat(configs: dict, flat: dict, stacklevel: int = 4) -> dict:
                             f"the {key} options in {key}={cls.__name__}(...) only")
         if fields:
             spelled = ", ".join(f"{field}={value!r}" for field, value in fields.items())
-            warnings.warn(f"localize({', '.join(_flat_for(key, fields))}) is deprecated: use "
-                          f"localize(..., {key}={cls.__name__}({spelled}))", DeprecationWarning,
-                          stacklevel=stacklevel)
+            warn_caller(f"localize({', '.join(_flat_for(key, fields))}) is deprecated: use "
+                        f"localize(..., {key}={cls.__name__}({spelled}))", DeprecationWarning)
             given = cls(**fields)
         out[key] = cls() if given is None else given
     return out

@@ -486,7 +486,7 @@ def _segmented(x, out_features, segments, kept, kept_offsets, scales, strategy, 
     if bounds:
         if hasattr(module, "segmented_ffn") and not capturing(x.device):
             up = (up[0], *_contiguous(*up[1:3]), *up[3:])
-            w_out_t, b_out, kept, scales = _contiguous(w_out_t, b_out, kept, scales)
+            w_out_t, b_out, scales = _contiguous(w_out_t, b_out, scales)
             return module.segmented_ffn(x2d, up, w_out_t, b_out, bounds, kept, scales)
     out = x.new_empty(x.shape[0], out_features)
     for r0, r1, k0, k1 in bounds:
