@@ -6,6 +6,7 @@ for steps that train and choose their own precision whatever the caller's modes;
 `unchunked`, for steps whose hooks must see each layer's FFN input whole; `warn_caller`, a
 warning that points at the caller's line."""
 import contextlib
+import dataclasses
 import functools
 import os
 import sys
@@ -19,11 +20,24 @@ _PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
 def warn_caller(message: str, category=UserWarning) -> None:
     """warnings.warn pointing at the first frame outside doe_kernels, the caller's line however
     deep the library's own calls (and wrappers) run: Python shows a DeprecationWarning by default
-    only where it points at __main__."""
+    only where it points at __main__. The `__init__` that dataclasses writes for the library's
+    configs, and dataclasses.replace, count as the library's."""
     frame, level = sys._getframe(1), 2
-    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+    while frame is not None and _library_frame(frame):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, category, stacklevel=level)
+
+
+_DATACLASSES = os.path.abspath(dataclasses.__file__)
+
+
+def _library_frame(frame) -> bool:
+    code = frame.f_code
+    if code.co_filename.startswith(_PACKAGE) or code.co_filename == _DATACLASSES:
+        return True
+    # a dataclass's generated __init__ (file "<string>") on one of the library's classes
+    owner = type(frame.f_locals.get("self")) if code.co_filename == "<string>" else None
+    return owner is not None and owner.__module__.startswith("doe_kernels.")
 
 
 @contextlib.contextmanager

@@ -658,6 +658,12 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+def _debugging() -> bool:
+    """DOE_KERNELS_DEBUG set to anything but empty, 0, false, no or off."""
+    value = os.environ.get("DOE_KERNELS_DEBUG", "").strip().lower()
+    return value not in ("", "0", "false", "no", "off")
+
+
 def main(argv=None) -> int:
     """Run one command; a user's mistake prints one line on stderr and returns 2."""
     command = "doe-kernels"
@@ -667,7 +673,7 @@ def main(argv=None) -> int:
         args.run(args)
     except USER_ERRORS as error:
         command = getattr(error, "prog", command)
-        if os.environ.get("DOE_KERNELS_DEBUG"):  # the whole traceback, for a bug report
+        if _debugging():  # the whole traceback, for a bug report
             traceback.print_exc()
         print(f"{command}: error: {' '.join(str(error).split())}", file=sys.stderr)
         return EXIT_USER_ERROR

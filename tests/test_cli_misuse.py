@@ -274,11 +274,13 @@ def test_the_console_command_prints_one_line_and_exits_2():
                                      "--help)")
 
 
-def test_debug_switch_prints_the_traceback(monkeypatch, capsys):
-    monkeypatch.setenv("DOE_KERNELS_DEBUG", "1")
+@pytest.mark.parametrize("value", ["1", "yes", "0", "off", "False", ""])
+def test_debug_switch_prints_the_traceback(monkeypatch, capsys, value):
+    monkeypatch.setenv("DOE_KERNELS_DEBUG", value)
     assert cli.main(["bench", "--model", "no/such/folder"]) == 2
     err = capsys.readouterr().err
-    assert "Traceback" in err and err.strip().splitlines()[-1].startswith("doe-kernels bench: error")
+    assert ("Traceback" in err) == (value in ("1", "yes"))
+    assert err.strip().splitlines()[-1].startswith("doe-kernels bench: error")
 
 
 BAD_REQUESTS = [

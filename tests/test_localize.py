@@ -1019,8 +1019,13 @@ def test_configs_default_to_the_recipe_and_refuse_bad_values():
         PromptConfig(init_text=5)
     assert PromptConfig(init_text="a review:").init_text == "a review:"
     assert RecoveryConfig(lr=1e-3).lr == 1e-3 and PromptConfig(lr=1).lr == 1
-    with pytest.warns(UserWarning, match="0.5 lets a candidate lose 50 points"):
+    with pytest.warns(UserWarning, match="0.5 lets a candidate lose 50 points") as warned:
         SearchConfig(tolerance=0.5)  # (half a point is 0.005)
+        dataclasses.replace(SearchConfig(), tolerance=0.5)
+        with pytest.deprecated_call():  # (localize's deprecated flat keywords)
+            configs_from_flat({}, {"tolerance": 0.5})
+    # each pointing at the caller's line, not at the dataclass's __init__ or the library's
+    assert [w.filename for w in warned if "lets a candidate" in str(w.message)] == [__file__] * 3
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert SearchConfig(tolerance=0.1).tolerance == 0.1

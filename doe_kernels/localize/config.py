@@ -19,7 +19,6 @@ resolves them (deprecated).
 import dataclasses
 import math
 import typing
-import warnings
 from dataclasses import dataclass
 
 from doe_kernels.caller_state import warn_caller
@@ -178,8 +177,7 @@ def _check_tolerance(tolerance: float) -> None:
     if tolerance > 1:
         raise ValueError(f"{what} of at most 1, got {tolerance}")
     if tolerance > 0.1:
-        warnings.warn(f"{what}: {tolerance} lets a candidate lose {tolerance * 100:g} points",
-                      UserWarning, stacklevel=4)
+        warn_caller(f"{what}: {tolerance} lets a candidate lose {tolerance * 100:g} points")
 
 
 @dataclass(frozen=True)
