@@ -185,6 +185,57 @@ def test_padded_groups_equal_the_copied_kv(monkeypatch, variant):
     torch.testing.assert_close(padded, copied, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("family", ["llama", "bert"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("masking", ["none", "causal", "additive", "decode"])
+def test_eager_attend_is_transformers_eager_attention(family, dtype, masking):
+    """attend(eager=...) over kept heads of uneven groups computes transformers' eager attention
+    (the family's eager_attention_forward, softmax in float32 for LLaMA's, in the dtype for
+    BERT's) on the kept heads, each reading its KV head: bit for bit, and within the float64
+    reference's tolerance. An additive mask whose row masks every key averages every value, as
+    transformers' does; a causal pass without a mask sees its earlier keys."""
+    import importlib
+
+    from doe_kernels.ops import attention
+    hf = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    selection = dk.HeadSelection.build([0, 1, 2, 5], num_heads=9, num_kv_heads=3, head_dim=7)
+    queries = 1 if masking == "decode" else 5
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 4, queries, 7, generator=gen).to(dtype)
+    k, v = (torch.randn(2, 2, 5, 7, generator=gen).to(dtype) for _ in range(2))
+    additive = None
+    if masking in ("additive", "decode"):
+        allowed = torch.ones(2, 1, queries, 5, dtype=torch.bool)
+        allowed[1, :, :, :2] = False  # left padding
+        allowed[1, :, 0] = False  # a row seeing no key
+        additive = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed,
+                                                                       torch.finfo(dtype).min)
+    causal = masking == "causal"
+    eager = "float32" if family == "llama" else "input"
+    out = attention.attend(q, k, v, selection, additive, is_causal=causal, scale=0.3,
+                           eager=eager)
+
+    def theirs(q, k, v, cast):
+        k, v = k.index_select(1, selection.kv_slot), v.index_select(1, selection.kv_slot)
+        mask = None if additive is None else cast(additive)
+        if causal:
+            mask = torch.zeros(5, 5, dtype=q.dtype).masked_fill(
+                ~torch.ones(5, 5, dtype=torch.bool).tril(), torch.finfo(q.dtype).min)
+        module = torch.nn.Module().eval()
+        module.num_key_value_groups = 1
+        out, _ = hf.eager_attention_forward(module, q, k, v, mask, scaling=0.3)
+        return out.reshape(*out.shape[:2], -1)
+
+    assert torch.equal(out, theirs(q, k, v, lambda t: t))
+    ref = theirs(*(t.double() for t in (q, k, v)), lambda t: t.double().clamp_min(-1e300))
+    rows = torch.ones(out.shape[:2], dtype=torch.bool)
+    if dtype == torch.float16 and additive is not None:
+        rows[1, 0] = False  # (float16's lowest value, added, leaves scores unequal: no average)
+    assert_close(out[rows], ref[rows], what=f"{family} {dtype} {masking}")
+    with pytest.raises(ValueError, match="eager must be None or one of"):
+        attention.attend(q, k, v, selection, eager="bfloat16")
+
+
 def test_head_selection_rejects_bad_heads():
     with pytest.raises(ValueError, match="out of range"):
         dk.HeadSelection.build([0, 8], num_heads=8, num_kv_heads=4, head_dim=2)

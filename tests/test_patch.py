@@ -242,6 +242,31 @@ def test_padded_positions_equal_eager_attentions_too(name):
     assert_close(got, expected.double())
 
 
+@pytest.mark.parametrize("name", ["bert", "llama", "qwen2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_eager_attention_computes_as_transformers_eager_attention(name, dtype):
+    """Under attn_implementation "eager" a patched model's attention runs the arithmetic of
+    transformers' eager attention (its softmax in float32 for the LLaMA family, in the scores'
+    dtype for BERT's), not SDPA's: keeping every neuron and head on the torch backend, alone or
+    in a mixed batch, it gives the unpatched model's outputs bit for bit (SDPA rounds otherwise,
+    in bfloat16 by a few units). Switching to sdpa while patched is read at the next call."""
+    model = build(name, dtype)
+    model.config._attn_implementation = "eager"
+    ids, attention = inputs(name)
+    everything = dk.ExpertMask.random(model, ffn_keep=1.0, heads_keep=1.0)
+    with torch.no_grad():
+        expected = output_of(model, ids, attention)
+        with dk.plugged(model, everything, backend="torch"):
+            assert torch.equal(output_of(model, ids, attention), expected)
+        with dk.plugged(model, mixed_mask(model), backend="torch"):
+            with dk.mixed(model, [everything, None, everything]):
+                assert torch.equal(output_of(model, ids, attention), expected)
+            model.config._attn_implementation = "sdpa"
+            sdpa = output_of(model.to(torch.float64), ids, attention)
+        reference = output_of(masked_dense(model, mixed_mask(model)), ids, attention)
+    assert_close(sdpa, reference)
+
+
 @pytest.mark.parametrize("cpu_regime", ["fused", "gather"], indirect=True)
 def test_a_bfloat16_swiglu_mlp_keeping_every_neuron_runs_the_kernel_where_it_wins(cpu_regime,
                                                                                    monkeypatch):

@@ -67,6 +67,8 @@ def check_supported(layer, config) -> None:
 class PrunedBertSelfAttention(PrunedAttention):
     """BertSelfAttention on the kept heads; returns (batch, seq, kept * head_dim), None."""
 
+    EAGER_SOFTMAX = "input"  # BERT's eager attention: softmax in the scores' dtype
+
     def run_output_projection(self, output) -> None:
         """Serve mixed batches through the output projection `output` (a KeptColsLinear, passed
         through then): each segment's heads and reconstruction differ."""
@@ -77,12 +79,12 @@ class PrunedBertSelfAttention(PrunedAttention):
             output = self.__dict__["output"]
             return attention_forward(self.segments, hidden_states, self.qkv_weights(),
                                      output.weight_t, output.bias, attention_mask, self.scaling,
-                                     self.dropout_p(), self.backend), None
+                                     self.dropout_p(), self.backend, eager=self.eager()), None
         if self.selection.num_kept == 0:
             return self.no_heads(hidden_states), None
         q, k, v = self.project(hidden_states)
         return attend(q, k, v, self.selection, attention_mask, scale=self.scaling,
-                      dropout=self.dropout_p()), None
+                      dropout=self.dropout_p(), eager=self.eager()), None
 
 
 def patch_layer(patch: LayerPatch, config, backend: str) -> None:
@@ -93,7 +95,8 @@ def patch_layer(patch: LayerPatch, config, backend: str) -> None:
     attention = PrunedBertSelfAttention(
         self_attention.query, self_attention.key, self_attention.value, sizes["num_heads"],
         sizes["num_kv_heads"], sizes["head_dim"], sizes["head_dim"] ** -0.5, backend,
-        getattr(getattr(self_attention, "dropout", None), "p", 0.0))
+        getattr(getattr(self_attention, "dropout", None), "p", 0.0),
+        getattr(self_attention, "config", config))
     patch.replace("attention.self", attention)
     patch.head_modules.append(attention)
 

@@ -88,7 +88,8 @@ class PrunedLlamaAttention(PrunedAttention):
     def __init__(self, original, sizes, backend):
         super().__init__(original.q_proj, original.k_proj, original.v_proj, sizes["num_heads"],
                          sizes["num_kv_heads"], sizes["head_dim"], original.scaling, backend,
-                         getattr(original, "attention_dropout", 0.0))
+                         getattr(original, "attention_dropout", 0.0),
+                         getattr(original, "config", None))
         self.layer_idx = original.layer_idx
         self.is_causal = getattr(original, "is_causal", True)  # (a call's is_causal overrides)
         # the past positions a query sees, where the layer limits them: Qwen2's per layer,
@@ -133,7 +134,7 @@ class PrunedLlamaAttention(PrunedAttention):
         k, v = keys_of_pass(k, v, q.shape[2], is_causal)
         self.check_window(attention_mask, k.shape[2])
         out = attend(q, k, v, selection, attention_mask, is_causal=is_causal, scale=self.scaling,
-                     dropout=self.dropout_p())
+                     dropout=self.dropout_p(), eager=self.eager())
         out = project_out(out, self.o_weight_t, self.o_bias, selection, self.backend,
                           scales=self.scales)
         return add_bias_delta(out, self.bias_delta), None
@@ -171,7 +172,7 @@ class PrunedLlamaAttention(PrunedAttention):
         return attention_forward(self.segments, hidden_states, self.qkv_weights(),
                                  self.o_weight_t, self.o_bias, attention_mask, self.scaling,
                                  self.dropout_p(), self.backend, rotary, update, is_causal=causal,
-                                 sliding_window=self.sliding_window)
+                                 sliding_window=self.sliding_window, eager=self.eager())
 
     def cache_update(self, cache, keys, values):
         """`cache.update` with this layer's keys and values (its kept KV heads, or a layer keeping

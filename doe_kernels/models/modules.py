@@ -160,13 +160,17 @@ class PrunedAttention(nn.Module):
 
     Holds the original q/k/v Parameters; `selection` (a HeadSelection) says which heads are kept.
     `attention_dropout` is the model's dropout probability on the attention probabilities,
-    applied in training mode only (`dropout_p()`), as the original attention does.
+    applied in training mode only (`dropout_p()`), as the original attention does. `config`, the
+    model's, says which attention implementation runs (`eager()`).
     Subclasses implement the family's forward (rotary embeddings, cache, output projection).
     """
 
+    EAGER_SOFTMAX = "float32"  # the family's eager attention: softmax in float32 (ops.attend)
+
     def __init__(self, q, k, v, num_heads, num_kv_heads, head_dim, scaling, backend="auto",
-                 attention_dropout: float = 0.0):
+                 attention_dropout: float = 0.0, config=None):
         super().__init__()
+        self.config = config
         self.q_weight, self.q_bias = q.weight, q.bias
         self.k_weight, self.k_bias = k.weight, k.bias
         self.v_weight, self.v_bias = v.weight, v.bias
@@ -179,6 +183,13 @@ class PrunedAttention(nn.Module):
     def dropout_p(self) -> float:
         """The attention-probability dropout to apply now: the model's in training, 0 in eval."""
         return self.attention_dropout if self.training else 0.0
+
+    def eager(self) -> str | None:
+        """ops.attend's `eager`: the family's softmax where the model's attn_implementation is
+        "eager" (read at each call, as transformers' attention modules read it), else None."""
+        if getattr(self.config, "_attn_implementation", None) == "eager":
+            return self.EAGER_SOFTMAX
+        return None
 
     def set_selection(self, selection: HeadSelection) -> None:
         self.selection = selection

@@ -362,7 +362,7 @@ def _matching(per_sequence, x):
 def attention_forward(segments: LayerSegments, hidden, weights: dict, o_weight_t, o_bias,
                       attention_mask, scale: float, dropout: float, backend: str, rotary=None,
                       cache_update=None, is_causal: bool = False,
-                      sliding_window: int | None = None):
+                      sliding_window: int | None = None, eager: str | None = None):
     """Attention over a mixed batch, each segment on its expert's heads, through the output
     projection (with the segment's scales and bias delta).
 
@@ -372,8 +372,9 @@ def attention_forward(segments: LayerSegments, hidden, weights: dict, o_weight_t
     cache) takes (batch, num_kv_heads, tokens, head_dim) keys and values holding every segment's
     kept KV heads (zeros elsewhere) and returns the cached ones; `is_causal`: a causal mask when
     no `attention_mask` is given; `sliding_window`: how many past positions a query sees, when
-    the layer limits them (Mistral, Qwen2; `attention_mask` holds that limit). A pass whose real
-    tokens `mixed` knows runs packed (`_packed_attention`)."""
+    the layer limits them (Mistral, Qwen2; `attention_mask` holds that limit); `eager`: ops.attend's
+    (the arithmetic of transformers' eager attention). A pass whose real tokens `mixed` knows runs
+    packed (`_packed_attention`)."""
     spans = segments.attention_spans()
     packed_input = segments.holds_packed(hidden)
     batch = hidden.shape[0]
@@ -381,7 +382,7 @@ def attention_forward(segments: LayerSegments, hidden, weights: dict, o_weight_t
     if real is not None:
         return _packed_attention(spans, real, hidden, packed_input, weights, o_weight_t, o_bias,
                                  attention_mask, scale, dropout, backend, rotary, cache_update,
-                                 is_causal, sliding_window)
+                                 is_causal, sliding_window, eager)
     projected = []
     for b0, b1, plan in spans:
         if plan.selection.num_kept == 0:
@@ -410,7 +411,7 @@ def attention_forward(segments: LayerSegments, hidden, weights: dict, o_weight_t
             causal = is_causal and mask is None and q.shape[2] > 1
             k, v = keys_of_pass(k, v, q.shape[2], causal)
             part = attend(q, k, v, plan.selection, mask, is_causal=causal, scale=scale,
-                          dropout=dropout)
+                          dropout=dropout, eager=eager)
             part = project_out(part, o_weight_t, o_bias, plan.selection, backend,
                                scales=plan.head_col_scales)
         out.append(_add(part, plan.attn_delta))
@@ -420,7 +421,7 @@ def attention_forward(segments: LayerSegments, hidden, weights: dict, o_weight_t
 def _packed_attention(spans, real: "RealTokens", hidden, packed_input: bool, weights: dict,
                       o_weight_t, o_bias, attention_mask, scale: float, dropout: float,
                       backend: str, rotary, cache_update, is_causal: bool,
-                      sliding_window: int | None):
+                      sliding_window: int | None, eager: str | None):
     """attention_forward of a pass whose real tokens are known (`real`): each span's real tokens
     projected as one packed sequence, attended (`_attend_span`) and projected out. `hidden` is
     the padded batch (its padding's rows of the output are zeros), or with `packed_input` the
@@ -455,7 +456,7 @@ def _packed_attention(spans, real: "RealTokens", hidden, packed_input: bool, wei
         else:
             attended = _attend_span(qkv, real, b0, b1, tokens, plan.selection,
                                     rows_of(attention_mask, b0, b1), is_causal, scale, dropout,
-                                    sliding_window)
+                                    sliding_window, eager)
             part = project_out(attended, o_weight_t, o_bias, plan.selection, backend,
                                scales=plan.head_col_scales)
         out.append(_add(part, plan.attn_delta))
@@ -474,7 +475,7 @@ def _per_sequence(device: torch.device) -> bool:
 
 def _attend_span(qkv, real: "RealTokens", b0: int, b1: int, tokens: int, selection, mask,
                  is_causal: bool, scale: float, dropout: float,
-                 sliding_window: int | None) -> torch.Tensor:
+                 sliding_window: int | None, eager: str | None) -> torch.Tensor:
     """(real tokens of sequences [b0, b1), kept * head_dim): their attention from the packed
     (q, k, v), each sequence's real tokens seeing each other only (causally when `is_causal`):
     what the padding mask `mask` (the pass's, for these sequences) gives. Sequence by sequence
@@ -485,18 +486,19 @@ def _attend_span(qkv, real: "RealTokens", b0: int, b1: int, tokens: int, selecti
     than that span sees fewer real tokens than the sequence alone, unpadded, would)."""
     if _per_sequence(qkv[0].device) and (sliding_window is None or max(
             real.widths[j] for j in range(b0, b1)) <= sliding_window):
-        return _attend_each(qkv, real.offsets[b0:b1 + 1], selection, is_causal, scale, dropout)
+        return _attend_each(qkv, real.offsets[b0:b1 + 1], selection, is_causal, scale, dropout,
+                            eager)
     index = real.span_index(b0, b1)
     q, k, v = (_padded_layout(part, index, b1 - b0, tokens) for part in qkv)
     if mask is not None and mask.shape[-1] > tokens:  # a static cache's: the pass's keys first
         mask = mask[..., :tokens]
     out = attend(q, k, v, selection, mask, is_causal=is_causal and mask is None and tokens > 1,
-                 scale=scale, dropout=dropout)
+                 scale=scale, dropout=dropout, eager=eager)
     return out.reshape(-1, out.shape[-1]).index_select(0, index)
 
 
 def _attend_each(qkv, offsets: list[int], selection, is_causal: bool, scale: float,
-                 dropout: float) -> torch.Tensor:
+                 dropout: float, eager: str | None) -> torch.Tensor:
     """(real tokens, kept * head_dim): attention of each sequence's packed real tokens (rows
     [offsets[j] - offsets[0], offsets[j + 1] - offsets[0]) of q, k, v) over its own."""
     q, k, v = qkv
@@ -506,7 +508,7 @@ def _attend_each(qkv, offsets: list[int], selection, is_causal: bool, scale: flo
             rows = slice(first - offsets[0], end - offsets[0])
             parts.append(attend(q[:, :, rows], k[:, :, rows], v[:, :, rows], selection,
                                 is_causal=is_causal and end - first > 1, scale=scale,
-                                dropout=dropout)[0])
+                                dropout=dropout, eager=eager)[0])
     return torch.cat(parts)
 
 

@@ -270,23 +270,32 @@ def keys_of_pass(k, v, q_len: int, is_causal: bool):
 
 
 def attend(q, k, v, selection: HeadSelection, attention_mask=None, is_causal=False, scale=None,
-           dropout: float = 0.0):
+           dropout: float = 0.0, eager: str | None = None):
     """SDPA of the kept query heads over their KV heads; returns (batch, seq, kept * head_dim).
 
     `dropout`: the probability of zeroing an attention probability (SDPA's dropout_p), for a model
-    in training mode; 0 in eval mode.
+    in training mode; 0 in eval mode. `eager`: None runs torch's SDPA; "float32" or "input" the
+    arithmetic of transformers' eager attention instead (`eager_attention`), for a model whose
+    attn_implementation is "eager": the softmax computed in float32 (the LLaMA family's) or in
+    the scores' dtype (BERT's).
     """
     attention_mask = _kept_heads_of_mask(attention_mask, selection)
     unmasked = attention_mask is None and (not is_causal or q.shape[2] == k.shape[2])
     grouped = selection.kept_kv_heads.numel() != selection.num_kept  # some KV heads serve several
     padded = grouped and selection.gqa_pad is not None
-    if grouped and not _sdpa_groups(selection, q, attention_mask, unmasked):
+    if grouped and (eager or not _sdpa_groups(selection, q, attention_mask, unmasked)):
         k = k.index_select(1, selection.kv_slot)
         v = v.index_select(1, selection.kv_slot)
         grouped = padded = False
     if padded:
         q = q.index_select(1, selection.gqa_pad)
-    if unmasked:
+    if eager:
+        mask, empty = _attention_mask(attention_mask, is_causal, q.shape[2], k.shape[2],
+                                      q.dtype, q.device)
+        out = eager_attention(q, k, v, mask, scale, dropout, eager)
+        if empty is not None:
+            out = out.masked_fill(empty, 0.0)
+    elif unmasked:
         # No mask tensor: lets SDPA pick its fused (flash / memory-efficient) kernels.
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=is_causal,
                                              scale=scale, enable_gqa=grouped)
@@ -301,6 +310,32 @@ def attend(q, k, v, selection: HeadSelection, attention_mask=None, is_causal=Fal
         out = out.index_select(1, selection.gqa_unpad)
     batch, heads, seq, head_dim = out.shape
     return out.transpose(1, 2).reshape(batch, seq, heads * head_dim)  # also with no rows
+
+
+EAGER_SOFTMAX = ("float32", "input")
+
+
+def eager_attention(q, k, v, mask, scale, dropout: float, softmax: str):
+    """transformers' eager attention (its `eager_attention_forward`) over (batch, heads, seq,
+    head_dim) q, k, v with one KV head per query head: scores by matmul, scaled, `mask` added (an
+    additive one; a boolean one fills the masked scores with the dtype's lowest value), softmax
+    in float32 cast back (`softmax` "float32") or in the scores' dtype ("input"), dropout, the
+    weighted values."""
+    if softmax not in EAGER_SOFTMAX:
+        raise ValueError(f"eager must be None or one of {EAGER_SOFTMAX}, got {softmax!r}")
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = torch.matmul(q, k.transpose(2, 3)) * scale
+    if mask is not None and mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    elif mask is not None:
+        scores = scores + mask
+    if softmax == "float32":
+        weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    else:
+        weights = F.softmax(scores, dim=-1)
+    if dropout:
+        weights = F.dropout(weights, p=dropout)
+    return torch.matmul(weights, v)
 
 
 def _kept_heads_of_mask(attention_mask, selection: HeadSelection):
