@@ -227,6 +227,29 @@ def test_fused_activations_over_the_float_range(cpu_regime, activation, rows):
     torch.testing.assert_close(out[finite].double(), ref[finite], atol=1e-6, rtol=2e-6)
 
 
+@pytest.mark.parametrize("device,backend", backend_cases())
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "relu"])
+def test_activations_of_special_values_on_every_backend(device, backend, activation):
+    """Every backend's activation epilogue on infinities, NaN and signed zeros gives what the
+    float64 formula gives: a NaN stays NaN (ReLU of NaN too: Triton's maximum and a `v > 0 ? v :
+    0` drop it); an infinity stays that infinity or becomes NaN (torch's own vectorised GELU of
+    +inf is NaN); finite values as the formula's."""
+    values = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 3.5, -3.5, 300.0, -300.0, 1e38, -1e38,
+                           float("inf"), -float("inf"), float("nan")])
+    weight = values[:, None].to(device)
+    kept = torch.arange(values.numel(), device=device)
+    x = torch.ones(3, 1, device=device)
+    out = dk.gather_rows_linear(x, weight, None, kept, activation, backend=backend).cpu()
+    ref = rows_linear_ref(x.cpu(), weight.cpu(), None, kept.cpu(), activation)
+    finite, infinite = torch.isfinite(ref), ref.isinf()
+    assert out[ref.isnan()].isnan().all(), (out, ref)
+    assert (out[infinite].isnan() | (out[infinite].double() == ref[infinite])).all(), (out, ref)
+    torch.testing.assert_close(out[finite].double(), ref[finite], atol=1e-6, rtol=2e-6)
+    ffn = dk.gather_ffn(x, weight, None, torch.ones_like(weight), None, kept, activation,
+                        backend=backend).cpu()  # (a NaN activation makes the whole row NaN)
+    assert torch.equal(ffn.isnan().all(), ref.isnan().any())
+
+
 @pytest.mark.parametrize("cpu_regime", ["gather"], indirect=True)
 def test_large_gathers_reuse_a_scratch_buffer(cpu_regime):
     """Copies of 16 MiB or more (the gather + GEMM regime) land in a buffer the thread reuses:

@@ -144,8 +144,8 @@ __device__ __forceinline__ float apply_activation(float v, int act) {
       const float t = 1.0f - 2.0f / (1.0f + expf(2.0f * u));
       return 0.5f * v * (1.0f + t);
     }
-    case 3:
-      return v > 0.0f ? v : 0.0f;
+    case 3:  // ReLU; NaN stays NaN, as torch's
+      return v < 0.0f ? 0.0f : v;
     default:
       return v;
   }

@@ -12,7 +12,10 @@ Two ways to compute it, `strategy`:
    reads its own kept rows);
  * "union": the union of the segments' lists gathered once for every row, each row's hidden
    activations multiplied by its segment's 0/1 (or scale) mask over the union: the shared rows
-   are read once, at the price of computing every row over the union (the decode regime);
+   are read once, at the price of computing every row over the union (the decode regime). It
+   takes the weights to be finite: a NaN or infinite weight in the down projection of a neuron
+   some segment keeps reaches the rows of every segment (0 x inf is NaN), where "segments" keeps
+   it to the rows of the segments keeping that neuron;
  * "auto" (default): on the CPU, where the extension plans the call (float32,
    bfloat16), the union where its cost model says it costs less, each call weighed in the regime
    it runs (library's note; weakly pruned experts, whose union holds every neuron, take it at

@@ -115,8 +115,8 @@ def _apply_activation(acc, ACTIVATION: tl.constexpr):
     elif ACTIVATION == 2:  # tanh GELU; tanh(y) = 2 sigmoid(2y) - 1 (no tanh in core tl.math)
         inner = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)
         acc = 0.5 * acc * (1.0 + (2.0 * _sigmoid(2.0 * inner) - 1.0))
-    elif ACTIVATION == 3:  # ReLU
-        acc = tl.maximum(acc, 0.0)
+    elif ACTIVATION == 3:  # ReLU; NaN stays NaN (tl.maximum would give 0, as torch does not)
+        acc = tl.where(acc < 0.0, 0.0, acc)
     return acc
 
 
