@@ -205,3 +205,41 @@ def test_autocast_accepts_only_the_dtypes_it_casts():
             dk.ops.gather_ffn(x, w.double(), None, w_t, None, kept, "gelu")
     with pytest.raises(TypeError, match="w_in has dtype torch.float32"):
         dk.ops.gather_ffn(x.bfloat16(), w, None, w_t, None, kept, "gelu")
+
+
+@pytest.mark.parametrize("name", ["bert", "llama", "qwen2"])
+@pytest.mark.parametrize("keep", ["everything", "mixed"])
+def test_each_patched_module_gives_the_dtype_autocast_gives_the_original(name, keep):
+    """Under autocast a patched module's output has the dtype the module it replaces gives (the
+    projections' bfloat16: a float32 bias added after the product made the dense path of an
+    output projection keeping every input float32, and what followed it, its dropout, too)."""
+    model = build(name)
+    ids, attention = inputs(name)
+
+    def dtypes():
+        seen = {}
+
+        def record(name):
+            def hook(module, args, out):
+                out = out[0] if isinstance(out, tuple) else out
+                seen.setdefault(name, getattr(out, "dtype", None))
+            return hook
+
+        hooks = [module.register_forward_hook(record(name))
+                 for name, module in model.named_modules() if name]
+        try:
+            with torch.no_grad(), torch.autocast(**AUTOCAST):
+                model(input_ids=ids, attention_mask=attention)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return seen
+
+    expected = dtypes()
+    mask = dk.ExpertMask.random(model, ffn_keep=1.0, heads_keep=1.0) if keep == "everything" \
+        else mixed_mask(model)
+    with dk.plugged(model, mask, backend="torch"):
+        got = dtypes()
+    common = {name for name in got if name in expected} - {""}
+    assert len(common) > 10
+    assert {name: got[name] for name in common} == {name: expected[name] for name in common}

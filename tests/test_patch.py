@@ -267,6 +267,32 @@ def test_eager_attention_computes_as_transformers_eager_attention(name, dtype):
     assert_close(sdpa, reference)
 
 
+@pytest.mark.parametrize("name", ["bert", "llama"])
+def test_eager_attention_trains_under_autocast_as_transformers_does(name):
+    """In training mode under CPU autocast, with attention dropout, a patched eager model keeping
+    everything (torch backend) gives the unpatched model's outputs bit for bit under one seed:
+    it adds the float32 additive mask in float32, as transformers does (its BERT then runs
+    softmax and dropout in float32; the mask cast to bfloat16 rounded otherwise)."""
+    model = build(name).train()
+    model.config._attn_implementation = "eager"
+    for module in model.modules():
+        if hasattr(module, "attention_dropout"):  # LLaMA's attention
+            module.attention_dropout = 0.1
+        elif type(module).__name__ == "BertSelfAttention":
+            module.dropout.p = 0.1
+    ids, attention = inputs(name)
+
+    def run():
+        torch.manual_seed(5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return output_of(model, ids, attention).detach()
+
+    expected = run()
+    with dk.plugged(model, dk.ExpertMask.random(model, ffn_keep=1.0, heads_keep=1.0),
+                    backend="torch"):
+        assert torch.equal(run(), expected)
+
+
 @pytest.mark.parametrize("cpu_regime", ["fused", "gather"], indirect=True)
 def test_a_bfloat16_swiglu_mlp_keeping_every_neuron_runs_the_kernel_where_it_wins(cpu_regime,
                                                                                    monkeypatch):

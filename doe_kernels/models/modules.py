@@ -27,7 +27,7 @@ from doe_kernels.activations import apply_activation
 from doe_kernels.models.segments import ffn_forward, swiglu_forward
 from doe_kernels.ops import HeadSelection, library, project_qkv, scale_columns
 from doe_kernels.ops.attention import empty_heads
-from doe_kernels.ops.linear import input_major_view
+from doe_kernels.ops.linear import dense_cols_linear, input_major_view
 
 
 def _kept_repr(kept, total: int) -> str:
@@ -103,8 +103,7 @@ class KeptColsLinear(nn.Module):
             return ffn_forward(self.segments, x_kept, up.weight, up.bias, up.activation,
                                self.weight_t, self.bias, self.backend)
         if self.kept is None and not library.dense_in_kernel(x_kept, self.backend, self.weight_t):
-            out = torch.matmul(scale_columns(x_kept, self.scales), self.weight_t)
-            out = out if self.bias is None else out + self.bias
+            out = dense_cols_linear(x_kept, self.weight_t, self.bias, self.scales)
         else:
             cols = _kept_or_all(self.kept, self.weight_t.shape[0], x_kept)
             out = library.gather_cols_linear(x_kept, self.weight_t, self.bias, cols, self.backend,

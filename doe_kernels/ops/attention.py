@@ -27,7 +27,7 @@ from doe_kernels.ops.checks import (
     check_index,
     check_same_dtype_device,
 )
-from doe_kernels.ops.linear import scale_columns
+from doe_kernels.ops.linear import dense_cols_linear
 
 RotaryHook = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -289,9 +289,11 @@ def attend(q, k, v, selection: HeadSelection, attention_mask=None, is_causal=Fal
         grouped = padded = False
     if padded:
         q = q.index_select(1, selection.gqa_pad)
-    if eager:
+    if eager:  # an additive mask added in its own dtype, as transformers adds it
+        float_mask = isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4 \
+            and attention_mask.is_floating_point()
         mask, empty = _attention_mask(attention_mask, is_causal, q.shape[2], k.shape[2],
-                                      q.dtype, q.device)
+                                      attention_mask.dtype if float_mask else q.dtype, q.device)
         out = eager_attention(q, k, v, mask, scale, dropout, eager)
         if empty is not None:
             out = out.masked_fill(empty, 0.0)
@@ -318,9 +320,10 @@ EAGER_SOFTMAX = ("float32", "input")
 def eager_attention(q, k, v, mask, scale, dropout: float, softmax: str):
     """transformers' eager attention (its `eager_attention_forward`) over (batch, heads, seq,
     head_dim) q, k, v with one KV head per query head: scores by matmul, scaled, `mask` added (an
-    additive one; a boolean one fills the masked scores with the dtype's lowest value), softmax
-    in float32 cast back (`softmax` "float32") or in the scores' dtype ("input"), dropout, the
-    weighted values."""
+    additive one, in its dtype: a float32 mask under autocast makes the scores float32, as
+    there; a boolean one fills the masked scores with the dtype's lowest value), softmax in
+    float32 cast back to q's dtype (`softmax` "float32") or in the scores' dtype ("input"),
+    dropout, the weighted values (outside autocast, the weights cast to v's dtype first)."""
     if softmax not in EAGER_SOFTMAX:
         raise ValueError(f"eager must be None or one of {EAGER_SOFTMAX}, got {softmax!r}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -335,6 +338,8 @@ def eager_attention(q, k, v, mask, scale, dropout: float, softmax: str):
         weights = F.softmax(scores, dim=-1)
     if dropout:
         weights = F.dropout(weights, p=dropout)
+    if weights.dtype != v.dtype and not torch.is_autocast_enabled(v.device.type):
+        weights = weights.to(v.dtype)  # (a mask of another dtype than the model's)
     return torch.matmul(weights, v)
 
 
@@ -386,8 +391,7 @@ def project_out(attn_out, o_weight_t, o_bias, selection: HeadSelection, backend:
     """The output projection reading only the kept heads' columns (o_weight_t input-major);
     `scales` (None, or one per column of attn_out) multiply the columns' contributions."""
     if selection.is_full and not library.dense_in_kernel(attn_out, backend, o_weight_t):
-        out = torch.matmul(scale_columns(attn_out, scales), o_weight_t)
-        return out if o_bias is None else out + o_bias
+        return dense_cols_linear(attn_out, o_weight_t, o_bias, scales)
     return library.gather_cols_linear(attn_out, o_weight_t, o_bias, selection.q_rows, backend,
                                       scales)
 
@@ -399,17 +403,16 @@ def no_heads_output(hidden, weights: dict, o_weight_t, o_bias, selection: HeadSe
     it comes through the projections' empty gathers (`weights`: project_qkv's keywords), so that
     Q, K, V and O get the zero gradients the dense model with these heads' output columns zeroed
     gives them, not none."""
-    if not torch.is_grad_enabled():
-        out = hidden.new_zeros(*hidden.shape[:-1], o_weight_t.shape[1])
-        return out if o_bias is None else out + o_bias
+    if not torch.is_grad_enabled():  # the projection of no input: its bias, in its dtype
+        return dense_cols_linear(hidden[..., :0], o_weight_t[:0], o_bias)
     return project_out(empty_heads(hidden, weights, selection, backend), o_weight_t, o_bias,
                        selection, backend)
 
 
 def empty_heads(hidden, weights: dict, selection: HeadSelection, backend: str = "auto"):
     """The (batch, seq, 0) attention output of no head (`no_heads_output`)."""
-    if not torch.is_grad_enabled():
-        return hidden.new_zeros(*hidden.shape[:-1], 0)
+    if not torch.is_grad_enabled():  # (in the dtype a projection gives: autocast's under it)
+        return F.linear(hidden, weights["q_weight"][:0])
     q, k, v = project_qkv(hidden, selection=selection, backend=backend, **weights)
     return torch.cat([t.transpose(1, 2).flatten(2) for t in (q, k, v)], dim=-1)
 

@@ -9,6 +9,7 @@ ops take `check_indices` and `scales` by keyword only (a tensor passed by positi
 was once read as the flag).
 """
 import torch
+import torch.nn.functional as F
 
 from doe_kernels.activations import check_activation
 from doe_kernels.backends import check_backend_name
@@ -50,6 +51,13 @@ def scale_columns(x: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
         raise ValueError(f"scales has shape {tuple(scales.shape)}, but x has {x.shape[-1]} "
                          "features (one scale per feature)")
     return x * scales
+
+
+def dense_cols_linear(x: torch.Tensor, weight_t: torch.Tensor, bias, scales=None):
+    """`scale_columns(x, scales) @ weight_t + bias` over every input (weight_t input-major), as
+    the layer's own F.linear computes it: under torch.autocast in autocast's dtype, the bias cast
+    with the rest (a float32 bias added to the product would make the output float32)."""
+    return F.linear(scale_columns(x, scales), weight_t.T, bias)
 
 
 def gather_rows_linear(
