@@ -277,7 +277,8 @@ def attend(q, k, v, selection: HeadSelection, attention_mask=None, is_causal=Fal
     in training mode; 0 in eval mode. `eager`: None runs torch's SDPA; "float32" or "input" the
     arithmetic of transformers' eager attention instead (`eager_attention`), for a model whose
     attn_implementation is "eager": the softmax computed in float32 (the LLaMA family's) or in
-    the scores' dtype (BERT's).
+    the scores' dtype (BERT's). `is_causal` holds there too without a mask (transformers' eager
+    function ignores it, but its models always give eager attention a mask).
     """
     attention_mask = _kept_heads_of_mask(attention_mask, selection)
     unmasked = attention_mask is None and (not is_causal or q.shape[2] == k.shape[2])
