@@ -500,6 +500,23 @@ def test_attention_implementations_other_than_sdpa_and_eager_are_refused_for_cau
         _attention_mask(object(), True, 2, 2, torch.float32, torch.device("cpu"))
 
 
+@pytest.mark.parametrize("name", ["bert", "llama"])
+def test_flex_attention_switched_on_after_patching_is_refused_by_name(name):
+    """Flex attention chosen after patching hands the attention a BlockMask: a ValueError naming
+    it (LLaMA's path read it as a tensor: AttributeError 'BlockMask' has no attribute 'dim');
+    back on sdpa the model serves again."""
+    model = build(name)
+    mask = mixed_mask(model)
+    ids, attention = inputs(name)
+    with torch.no_grad(), dk.plugged(model, mask):
+        expected = output_of(model, ids, attention)
+        model.set_attn_implementation("flex_attention")
+        with pytest.raises(ValueError, match="attention_mask is a BlockMask"):
+            model(input_ids=ids, attention_mask=attention)
+        model.set_attn_implementation("sdpa")
+        assert torch.equal(output_of(model, ids, attention), expected)
+
+
 @pytest.mark.parametrize("name", FAMILIES)
 def test_patching_under_inference_mode_leaves_a_trainable_model(name):
     """Patch, swap and unpatch under torch.inference_mode made the relaid-out weights and the

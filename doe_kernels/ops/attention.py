@@ -280,6 +280,7 @@ def attend(q, k, v, selection: HeadSelection, attention_mask=None, is_causal=Fal
     the scores' dtype (BERT's). `is_causal` holds there too without a mask (transformers' eager
     function ignores it, but its models always give eager attention a mask).
     """
+    _check_mask_type(attention_mask)  # (flex attention switched on after patching)
     attention_mask = _kept_heads_of_mask(attention_mask, selection)
     unmasked = attention_mask is None and (not is_causal or q.shape[2] == k.shape[2])
     grouped = selection.kept_kv_heads.numel() != selection.num_kept  # some KV heads serve several
