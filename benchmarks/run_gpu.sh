@@ -32,7 +32,8 @@
 # what finished. Afterwards, here: `tar xzf gpu_run.tgz -C benchmarks/results/gpu_<device>` puts
 # the result files (gpu-<device>_<mode>[_<dtype>][_<stage>].json/.csv) and plots (plots/gpu-*/)
 # into a results folder (docs/benchmarks.md, "The GPU plan"); commit them.
-# Exit status: 0 when no stage failed (a stage cut by its time limit counts as run; one skipped,
+# Exit status: 0 when no stage failed (a stage cut by its time limit counts as run, unless its
+# pytest log counts failed tests or errors before the cut; one skipped,
 # its budget spent or .gpu_assets missing, is listed at the end as skipped), 1 when the
 # extension, a test run, a benchmark run or the packing failed (the archive is written first),
 # 2 for an unknown plan.
@@ -61,9 +62,16 @@ pack() {
   tar czf "$OUT/.gpu_run.tmp" -C "$packed" . && mv -f "$OUT/.gpu_run.tmp" "$OUT/gpu_run.tgz" \
     || failed+=(packing)
 }
-# ran NAME STATUS: note a failed stage; 124 and 137 (cut by its time limit: interrupted, or
-# killed 20 s later) and pytest's 5 (nothing selected) count as run.
-ran() { [[ "$2" =~ ^(0|124|137|5)$ ]] || failed+=("$1 (exit $2)"); }
+# ran NAME STATUS [LOG]: note a failed stage; 124 and 137 (cut by its time limit: interrupted,
+# or killed 20 s later) and pytest's 5 (nothing selected) count as run, unless LOG (a pytest
+# run's) counts failed tests or errors before the cut.
+ran() {
+  if [[ "$2" =~ ^(124|137)$ && -n "${3:-}" ]] && grep -Eq '[0-9]+ (failed|errors?)\b' "$3"; then
+    failed+=("$1 (cut by its time limit, with failures: $(grep -Eo '[0-9]+ (failed|errors?)\b' "$3" | tail -n 1))")
+    return
+  fi
+  [[ "$2" =~ ^(0|124|137|5)$ ]] || failed+=("$1 (exit $2)")
+}
 listed() { local IFS=';'; echo "$*" | sed 's/;/; /g'; }  # listed A B: "A; B"
 # finish: pack and exit, 1 if a stage failed.
 finish() {
@@ -107,6 +115,10 @@ ext_ok="$logs/extension_works"  # written when the extension works (the block be
 stamp="doe_kernels/_C.sources.sha256"  # the sources_hash of the module in place
 {
   echo "== $(date -u +%FT%TZ) plan=$plan budget=${BUDGET}s commit=${DOE_BENCH_COMMIT:-unknown}"
+  if [[ -z "${DOE_BENCH_COMMIT:-}" && ! -d .git ]]; then
+    echo "== WARNING: DOE_BENCH_COMMIT is not set and this tree has no .git: the result files" \
+      "will say commit=unknown"
+  fi
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   suffix="$(python3 -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")"
   sources="$(sources_hash)"
@@ -157,19 +169,19 @@ FIRST_GPU_TESTS=(tests/test_segmented_ops.py tests/test_mixed.py tests/test_patc
                  tests/test_cuda_graph.py)
 if [[ "$plan" == "budget" ]]; then
   echo "== GPU tests (-m gpu) first in ${FIRST_GPU_TESTS[*]} $(elapsed)"
-  limited "$(cap 60)" "${PYTEST[@]}" "${FIRST_GPU_TESTS[@]}" -m gpu -rs "${parallel[@]}" \
+  limited "$(cap 60)" "${PYTEST[@]}" "${FIRST_GPU_TESTS[@]}" -m gpu -rfEs "${parallel[@]}" \
     > "$logs/tests_first.log" 2>&1
-  ran "GPU tests (first files)" $?
+  ran "GPU tests (first files)" $? "$logs/tests_first.log"
   tail -n 20 "$logs/tests_first.log"
   echo "== GPU tests (-m gpu), the other files $(elapsed)"
-  limited "$(cap 60)" "${PYTEST[@]}" tests/ -m gpu -rs "${parallel[@]}" \
+  limited "$(cap 60)" "${PYTEST[@]}" tests/ -m gpu -rfEs "${parallel[@]}" \
     "${FIRST_GPU_TESTS[@]/#/--ignore=}" > "$logs/tests.log" 2>&1
-  ran "GPU tests" $?
+  ran "GPU tests" $? "$logs/tests.log"
   tail -n 30 "$logs/tests.log"
 elif [[ "$plan" != bench-* ]]; then
   echo "== tests $(elapsed)"
-  "${PYTEST[@]}" tests/ -rs "${parallel[@]}" > "$logs/tests.log" 2>&1
-  ran tests $?
+  "${PYTEST[@]}" tests/ -rfEs "${parallel[@]}" > "$logs/tests.log" 2>&1
+  ran tests $? "$logs/tests.log"
   tail -n 40 "$logs/tests.log"
 fi
 pack
@@ -199,7 +211,7 @@ bench() {
   echo "== bench $name (at most ${seconds} s) $(elapsed)"
   limited "$seconds" "${BENCH[@]}" --results-suffix "$name" --time-budget $(( seconds - 20 )) \
     "$@" > "$logs/bench_$name.log" 2>&1
-  ran "bench $name" $?
+  ran "bench $name" $? "$logs/bench_$name.log"
   sed -n '/speed-up summary/,/^results in /p' "$logs/bench_$name.log" | head -n 170
   tail -n 2 "$logs/bench_$name.log"
   pack
@@ -241,7 +253,7 @@ host() {
 }
 
 if [[ "$plan" == "budget" ]]; then
-  host 30
+  host 45
   bench segmented 40 benchmarks/test_segmented_bench.py --shapes llama-7b --rows 1,3 "$@"
   bench mixed 40 benchmarks/test_mixed_bench.py "$@"
   router minilm 50
