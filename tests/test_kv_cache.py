@@ -58,14 +58,29 @@ def _cache_kwarg(model) -> str:
 
 
 def _generations(model, reference, mask, ids, attention, **settings):
-    """(reference's, patched model's with the cache, patched model's without) greedy tokens."""
-    settings = {**SETTINGS, **settings}
+    """(reference's, patched model's with the cache, patched model's without) greedy tokens; each
+    step's logits of the patched runs that give the reference's tokens are checked against the
+    reference's (tiny random models rarely flip a greedy token: a neuron left out passed on
+    tokens alone)."""
+    settings = {**SETTINGS, **settings, "output_logits": True, "return_dict_in_generate": True}
     with torch.no_grad():
         expected = reference.generate(ids, attention_mask=attention, **settings)
         with dk.plugged(model, mask):
             cached = model.generate(ids, attention_mask=attention, **settings)
             uncached = model.generate(ids, attention_mask=attention, use_cache=False, **settings)
-    return expected, cached, uncached
+    for run in (cached, uncached):
+        if torch.equal(run.sequences, expected.sequences):
+            assert_step_logits(run, expected)
+    return expected.sequences, cached.sequences, uncached.sequences
+
+
+def assert_step_logits(run, expected) -> None:
+    """Each generated step's logits (generate's output_logits) as the expected run's, within
+    1e-4 of their largest magnitude (at least 1e-4: float32 over a real model's 30 layers)."""
+    assert len(run.logits) == len(expected.logits)
+    got, want = torch.stack(run.logits), torch.stack(expected.logits)
+    tolerance = 1e-4 * max(1.0, float(want.abs().max()))
+    torch.testing.assert_close(got, want, rtol=0, atol=tolerance)
 
 
 @pytest.mark.parametrize("case", ["layer0", "middle", "pruned"])
@@ -154,15 +169,18 @@ def test_expert_swap_between_generations():
     model = build("llama")
     ids, attention = inputs("llama", batch=2, seq=6)
     masks = [_mask(model, "layer0"), dk.ExpertMask(heads={2: []}), _mask(model, "pruned")]
+    settings = dict(SETTINGS, output_logits=True, return_dict_in_generate=True)
     with torch.no_grad():
-        expected = [masked_dense(model, m).generate(ids, attention_mask=attention, **SETTINGS)
+        expected = [masked_dense(model, m).generate(ids, attention_mask=attention, **settings)
                     for m in masks]
         got = []
         for mask in masks + masks[:1]:
             dk.patch(model, mask)
-            got.append(model.generate(ids, attention_mask=attention, **SETTINGS))
+            got.append(model.generate(ids, attention_mask=attention, **settings))
         dk.unpatch(model)
-    assert all(torch.equal(g, e) for g, e in zip(got, expected + expected[:1]))
+    for run, want in zip(got, expected + expected[:1]):
+        assert torch.equal(run.sequences, want.sequences)
+        assert_step_logits(run, want)
 
 
 @pytest.mark.parametrize("case", ["layer0", "pruned"])
