@@ -9,7 +9,7 @@ import torch
 
 import doe_kernels as dk
 from doe_kernels import cli
-from doe_kernels.data import write_csv
+from doe_kernels.data import read_csv, write_csv
 from expert_utils import sentiment_task
 from real_models import minilm_dir
 
@@ -41,6 +41,12 @@ def test_localize_then_eval(task_and_expert, capsys):
     assert result["change"] == pytest.approx((result["gained"] - result["lost"]) / 48)
     assert result["change_se"] >= 0 and (result["change_se"] > 0) == (
         result["gained"] + result["lost"] > 0)
+    # each accuracy is its own expert's on the test split: the expert's, the unpruned baseline's
+    saved = dk.Expert.load(expert)
+    model, tokenizer = cli.load_model(minilm_dir(), num_labels=len(saved.label_names))
+    test = read_csv(task)["test"]
+    assert result["expert_accuracy"] == saved.evaluate(model, tokenizer, test)
+    assert result["dense_accuracy"] == saved.dense().evaluate(model, tokenizer, test)
 
 
 def test_serve_answers_json_lines(task_and_expert, capsys, monkeypatch):

@@ -10,8 +10,10 @@ def test_splits_summing_to_one_use_every_example_once(fractions):
         data = TaskData([f"t{i}" for i in range(count)], ["a", "b"] * (count // 2) + ["a"] *
                         (count % 2))
         splits = data.split(fractions, seed=count)
-        texts = [t for part in splits.values() for t in part.texts]
-        assert sorted(texts) == sorted(data.texts), (count, {k: len(v) for k, v in splits.items()})
+        pairs = [pair for part in splits.values() for pair in zip(part.texts, part.labels)]
+        # every (text, label) pair once: the labels stay with their texts
+        assert sorted(pairs) == sorted(zip(data.texts, data.labels)), (
+            count, {k: len(v) for k, v in splits.items()})
     exact = TaskData([str(i) for i in range(320)], ["a"] * 320).split((0.6, 0.2, 0.2))
     assert [len(part) for part in exact.values()] == [192, 64, 64]
     assert len(TaskData(["x"] * 10, ["a"] * 10).split((0.8, 0.2, 0.0))["test"]) == 0

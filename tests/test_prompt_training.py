@@ -4,6 +4,9 @@ ways' paired changes from the first."""
 import json
 
 import pytest
+import torch
+
+import doe_kernels as dk
 
 from expert_utils import sentiment_task
 from real_models import minilm_dir
@@ -29,10 +32,33 @@ def run(tmp_path, monkeypatch):
         return data
 
     monkeypatch.setattr(prompt_training.up, "task_splits", task_splits)
+    scored = []  # (the split's name, the prompt scored, its accuracy), each Expert.correct call
+    correct = dk.Expert.correct
+
+    def recording(expert, model, tokenizer, split, *args, **kwargs):
+        out = correct(expert, model, tokenizer, split, *args, **kwargs)
+        name = next(name for name, held in data.items() if held is split)
+        scored.append((name, expert.prompt.clone(), sum(out.tolist()) / len(out)))
+        return out
+
+    monkeypatch.setattr(dk.Expert, "correct", recording)
 
     def main(*options, out="result"):
         return prompt_training.main(TINY + list(options) + ["--out", str(tmp_path / out)])
+    main.scored = scored
     return main
+
+
+def assert_each_way_scored(run, row, ways) -> None:
+    """Each way's accuracies are its own prompt's, on the validation then the test split, and
+    the ways' prompts differ."""
+    assert [name for name, _, _ in run.scored] == ["validation", "test"] * len(ways)
+    prompts = [prompt for _, prompt, _ in run.scored]
+    for i, way in enumerate(ways):
+        (_, validation, first), (_, test, second) = run.scored[2 * i:2 * i + 2]
+        assert torch.equal(validation, test)
+        assert (row[way]["validation_accuracy"], row[way]["test_accuracy"]) == (first, second)
+        assert all(not torch.equal(prompts[2 * i], prompts[2 * j]) for j in range(i))
 
 
 def test_each_precision_trains_its_own_prompt(run, tmp_path):
@@ -47,6 +73,7 @@ def test_each_precision_trains_its_own_prompt(run, tmp_path):
             assert 0 <= row[precision][f"{split}_accuracy"] <= 1
     # bfloat16 rounding moves the training losses, so the two prompts differ
     assert row["float32"]["losses"] != row["bfloat16"]["losses"]
+    assert_each_way_scored(run, row, ["float32", "bfloat16"])
     for split in ("validation", "test"):
         change = row[f"{split}_change"]
         assert change["change"] == pytest.approx(row["bfloat16"][f"{split}_accuracy"]
@@ -60,6 +87,7 @@ def test_each_batching_trains_its_own_prompt(run):
                                                                            "by_length"]
     assert row["shuffled"]["precision"] == row["by_length"]["precision"] == "float32"
     assert row["shuffled"]["losses"] != row["by_length"]["losses"]  # other batches
+    assert_each_way_scored(run, row, ["shuffled", "by_length"])
     assert row["validation_change"]["change"] == pytest.approx(
         row["by_length"]["validation_accuracy"] - row["shuffled"]["validation_accuracy"])
 
@@ -70,6 +98,7 @@ def test_each_learning_rate_trains_its_own_prompt(run):
     names = ["lr 0.03", "lr 0.003", "lr 0.0003"]
     assert [row[name]["lr"] for name in names] == [0.03, 0.003, 0.0003]
     assert row["lr 0.03"]["losses"] != row["lr 0.003"]["losses"]
+    assert_each_way_scored(run, row, names)
     assert list(row["changes"]) == names[1:]  # each later way against the first
     for name in names[1:]:
         for split in ("validation", "test"):

@@ -41,7 +41,17 @@ def test_readme_example_runs(capsys):
     namespace = {}
     exec(compile(code, "README.md", "exec"), namespace)
     assert abs(float(capsys.readouterr().out) - 0.65) < 0.01
-    assert not namespace["dk"].is_patched(namespace["model"])
+    model, mask, batch = namespace["model"], namespace["mask"], namespace["batch"]
+    assert not namespace["dk"].is_patched(model)
+    # the expert computed it: the masked dense model's embedding, not the whole model's
+    import torch
+    from model_utils import masked_dense
+
+    with torch.no_grad():
+        whole = model(**batch).last_hidden_state
+        expected = masked_dense(model, mask)(**batch).last_hidden_state
+    torch.testing.assert_close(namespace["embedding"], expected, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(namespace["embedding"], whole, rtol=1e-2, atol=1e-2)
 
 
 def test_pyproject_lists_every_subpackage():

@@ -367,6 +367,37 @@ def test_the_mixed_ffns_packed_lists_stay_bounded():
     assert 0 < len(ffn._packed) <= UNION_PLANS
 
 
+def test_the_mixed_ffns_union_plans_stay_bounded_in_bytes(monkeypatch):
+    """MixedFfn keeps a union plan per composition of a step's rows (reused by each decoding step
+    of the same requests), at most UNION_PLAN_BYTES of them: a plan's row mask is rows x union,
+    megabytes at a hundred rows of an 8B model (64 of them per layer held gigabytes)."""
+    from types import SimpleNamespace
+
+    from doe_kernels.vllm import mixed
+
+    built = []
+
+    def union_plan(x, segments, *packed, **kwargs):  # a plan of 3 MiB in bfloat16
+        built.append(x.shape[0])
+        return torch.zeros(4), torch.zeros(x.shape[0], 3 * 2**20 // (2 * x.shape[0]),
+                                           dtype=torch.bfloat16)
+
+    monkeypatch.setattr(mixed.library, "union_plan", union_plan)
+    ffn = object.__new__(mixed.MixedFfn)
+    ffn.weights = SimpleNamespace(w_gate=torch.zeros(6, 4), w_down_t=torch.zeros(6, 4))
+    ffn.plans = {name: None for name in (None, "a", "b")}
+    ffn._packed, ffn._unions, ffn._union_bytes = {}, {}, 0
+    x = torch.zeros(8, 4, dtype=torch.bfloat16)
+    for rows in range(1, 9):
+        step = mixed.StepLayout(("a", "b"), [rows, 8 - rows], None, None)
+        plan = ffn._union(step, x, None)
+        assert ffn._union(step, x, None) is plan  # the next decoding step's: reused
+        assert ffn._union_bytes <= mixed.UNION_PLAN_BYTES
+        held = sum(t.numel() * t.element_size() for p in ffn._unions.values() for t in p)
+        assert held == ffn._union_bytes
+    assert len(built) == 8 and len(ffn._unions) < 8
+
+
 def test_a_model_runner_without_what_mixed_batches_wrap_is_named():
     """check_runner (which doe_check_mask runs for an expert to be held, before any rank
     changes) names what vLLM's model runner lacks."""

@@ -32,7 +32,10 @@ from doe_kernels.vllm.protocol import EXTRA_ARG
 from doe_kernels.vllm.weights import attention_weights, ffn_weights
 
 UNION_PLANS = 64  # union plans (and packed kept lists) kept per MLP (one per composition of a
-# step's rows)
+# step's rows), and at most UNION_PLAN_BYTES of union plans: a plan's row mask is rows x union
+# (3.5 MB at 128 rows of four experts on an 8B model's FFN in bfloat16: 64 of them in each of 32
+# layers would hold 7 GB that vLLM's memory accounting does not see)
+UNION_PLAN_BYTES = 8 * 2**20
 
 
 @dataclass
@@ -210,6 +213,7 @@ class MixedFfn:
         self.reduce_here = bool(mlp.down_proj.reduce_results and mlp.down_proj.tp_size > 1)
         self._packed: dict = {}
         self._unions: dict = {}
+        self._union_bytes = 0  # what the plans in _unions hold (UNION_PLAN_BYTES)
 
     def forward(self, x):
         step = current_step()
@@ -239,11 +243,14 @@ class MixedFfn:
         requests reuses it."""
         key = (step.names, tuple(step.counts), x.dtype)
         if key not in self._unions:
-            if len(self._unions) >= UNION_PLANS:
+            plan = library.union_plan(x, segments, *self._pack(step.names),
+                                      neurons=self.weights.w_gate.shape[0], up_matrices=2)
+            size = 0 if plan is None else sum(t.numel() * t.element_size() for t in plan)
+            if len(self._unions) >= UNION_PLANS or self._union_bytes + size > UNION_PLAN_BYTES:
                 self._unions.clear()
-            self._unions[key] = library.union_plan(x, segments, *self._pack(step.names),
-                                                   neurons=self.weights.w_gate.shape[0],
-                                                   up_matrices=2)
+                self._union_bytes = 0
+            self._unions[key] = plan
+            self._union_bytes += size
         return self._unions[key]
 
     def _pack(self, names: tuple):
