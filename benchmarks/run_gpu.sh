@@ -66,8 +66,12 @@ pack() {
 # or killed 20 s later) and pytest's 5 (nothing selected) count as run, unless LOG (a pytest
 # run's) counts failed tests or errors before the cut.
 ran() {
-  if [[ "$2" =~ ^(124|137)$ && -n "${3:-}" ]] && grep -Eq '[0-9]+ (failed|errors?)\b' "$3"; then
-    failed+=("$1 (cut by its time limit, with failures: $(grep -Eo '[0-9]+ (failed|errors?)\b' "$3" | tail -n 1))")
+  local summary=""
+  if [[ "$2" =~ ^(124|137)$ && -n "${3:-}" ]]; then  # pytest's last summary line ("3 failed, ...")
+    summary="$(grep -E '^(=+ )?[0-9]+ [a-z]+.* in [0-9.]+s' "$3" | tail -n 1)"
+  fi
+  if [[ "$summary" =~ [0-9]+\ (failed|errors?) ]]; then
+    failed+=("$1 (cut by its time limit: $summary)")
     return
   fi
   [[ "$2" =~ ^(0|124|137|5)$ ]] || failed+=("$1 (exit $2)")

@@ -35,9 +35,13 @@ def _library_frame(frame) -> bool:
     code = frame.f_code
     if code.co_filename.startswith(_PACKAGE) or code.co_filename == _DATACLASSES:
         return True
-    # a dataclass's generated __init__ (file "<string>") on one of the library's classes
-    owner = type(frame.f_locals.get("self")) if code.co_filename == "<string>" else None
-    return owner is not None and owner.__module__.startswith("doe_kernels.")
+    if code.co_filename != "<string>":
+        return False
+    # a dataclass's generated __init__ (file "<string>") on one of the library's classes, or on
+    # a caller's subclass of one
+    owner = frame.f_locals.get("self")
+    return owner is not None and any(cls.__module__.startswith("doe_kernels.")
+                                     for cls in type(owner).__mro__)
 
 
 @contextlib.contextmanager

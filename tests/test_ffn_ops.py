@@ -230,7 +230,7 @@ def test_fused_activations_over_the_float_range(cpu_regime, activation, rows):
 @pytest.mark.parametrize("device,backend", backend_cases())
 @pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "relu"])
 def test_activations_of_special_values_on_every_backend(device, backend, activation):
-    """Every backend's activation epilogue on infinities, NaN and signed zeros gives what the
+    """Every backend's activation epilogue on infinities, NaN and tiny values gives what the
     float64 formula gives: a NaN stays NaN (ReLU of NaN too: Triton's maximum and a `v > 0 ? v :
     0` drop it); an infinity stays that infinity or becomes NaN (torch's own vectorised GELU of
     +inf is NaN); finite values as the formula's."""

@@ -1024,8 +1024,13 @@ def test_configs_default_to_the_recipe_and_refuse_bad_values():
         dataclasses.replace(SearchConfig(), tolerance=0.5)
         with pytest.deprecated_call():  # (localize's deprecated flat keywords)
             configs_from_flat({}, {"tolerance": 0.5})
+
+        class Mine(SearchConfig):  # a caller's subclass
+            pass
+
+        Mine(tolerance=0.5)
     # each pointing at the caller's line, not at the dataclass's __init__ or the library's
-    assert [w.filename for w in warned if "lets a candidate" in str(w.message)] == [__file__] * 3
+    assert [w.filename for w in warned if "lets a candidate" in str(w.message)] == [__file__] * 4
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert SearchConfig(tolerance=0.1).tolerance == 0.1

@@ -396,6 +396,11 @@ def test_the_mixed_ffns_union_plans_stay_bounded_in_bytes(monkeypatch):
         held = sum(t.numel() * t.element_size() for p in ffn._unions.values() for t in p)
         assert held == ffn._union_bytes
     assert len(built) == 8 and len(ffn._unions) < 8
+    monkeypatch.setattr(mixed, "UNION_PLAN_BYTES", 2**20)  # a plan larger than the bound
+    held = dict(ffn._unions)
+    step = mixed.StepLayout(("b", "a"), [4, 4], None, None)
+    assert ffn._union(step, x, None) is not ffn._union(step, x, None)  # built, not kept
+    assert ffn._unions == held
 
 
 def test_a_model_runner_without_what_mixed_batches_wrap_is_named():

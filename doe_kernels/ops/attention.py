@@ -9,7 +9,8 @@ and each kept query head reads its KV head by slot, so groups need not stay even
 three steps, for callers (the model adapters) that apply rotary embeddings or a KV cache between
 them. Attention itself runs through torch's scaled_dot_product_attention (with its dropout on
 the attention probabilities when a model in training mode asks for it), which reads each KV head
-for its group of query heads in place (enable_gqa) where it can: `_sdpa_groups`.
+for its group of query heads in place (enable_gqa) where it can: `_sdpa_groups`; for a model
+whose attn_implementation is "eager", through transformers' eager arithmetic (`eager_attention`).
 """
 import operator
 from dataclasses import dataclass
@@ -316,7 +317,7 @@ def attend(q, k, v, selection: HeadSelection, attention_mask=None, is_causal=Fal
     return out.transpose(1, 2).reshape(batch, seq, heads * head_dim)  # also with no rows
 
 
-EAGER_SOFTMAX = ("float32", "input")
+EAGER_SOFTMAXES = ("float32", "input")  # attend's `eager`: where the eager softmax computes
 
 
 def eager_attention(q, k, v, mask, scale, dropout: float, softmax: str):
@@ -326,8 +327,8 @@ def eager_attention(q, k, v, mask, scale, dropout: float, softmax: str):
     there; a boolean one fills the masked scores with the dtype's lowest value), softmax in
     float32 cast back to q's dtype (`softmax` "float32") or in the scores' dtype ("input"),
     dropout, the weighted values (outside autocast, the weights cast to v's dtype first)."""
-    if softmax not in EAGER_SOFTMAX:
-        raise ValueError(f"eager must be None or one of {EAGER_SOFTMAX}, got {softmax!r}")
+    if softmax not in EAGER_SOFTMAXES:
+        raise ValueError(f"eager must be None or one of {EAGER_SOFTMAXES}, got {softmax!r}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     scores = torch.matmul(q, k.transpose(2, 3)) * scale
     if mask is not None and mask.dtype == torch.bool:

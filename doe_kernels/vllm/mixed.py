@@ -246,6 +246,8 @@ class MixedFfn:
             plan = library.union_plan(x, segments, *self._pack(step.names),
                                       neurons=self.weights.w_gate.shape[0], up_matrices=2)
             size = 0 if plan is None else sum(t.numel() * t.element_size() for t in plan)
+            if size > UNION_PLAN_BYTES:
+                return plan  # (too large to keep: built again at each step)
             if len(self._unions) >= UNION_PLANS or self._union_bytes + size > UNION_PLAN_BYTES:
                 self._unions.clear()
                 self._union_bytes = 0
@@ -256,7 +258,7 @@ class MixedFfn:
     def _pack(self, names: tuple):
         """(kept, kept_offsets, scales) of the experts `names`, in that order (cached)."""
         if names not in self._packed:
-            if len(self._packed) >= UNION_PLANS:  # (batch orders vary: bounded, as _unions)
+            if len(self._packed) >= UNION_PLANS:  # (batch orders vary: bounded in count)
                 self._packed.clear()
             device = self.weights.w_gate.device
             every = torch.arange(self.weights.w_down_t.shape[0], device=device)
