@@ -572,6 +572,8 @@ def test_localize_keeps_the_callers_modes_and_random_state(tokenizer, one_thread
     assert _same_state(before, _model_state(model))
     assert torch.equal(results[0].prompt, results[1].prompt)
     assert torch.equal(results[0].mask.ffn[0], results[1].mask.ffn[0])
+    other = localize(model, tokenizer, sentiment_task(60), **dict(small, seed=6))
+    assert not torch.equal(other.prompt, results[0].prompt)  # the call's seed decides it
 
 
 @pytest.mark.filterwarnings("ignore:localize.*no better than always answering")

@@ -60,8 +60,13 @@ def _generate(llm, prompts):
     from vllm import SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=0)
-    outs = [llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)[0]
-            for ids in prompts]
+    return _results([llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)[0]
+                     for ids in prompts])
+
+
+def _results(outs):
+    """(token lists, the chosen tokens' log-probabilities) of vLLM RequestOutputs asked for
+    logprobs."""
     tokens = [list(out.outputs[0].token_ids) for out in outs]
     logprobs = [[step[token].logprob for token, step in zip(out.outputs[0].token_ids,
                                                             out.outputs[0].logprobs)]
@@ -77,10 +82,7 @@ def _generate_mixed(llm, requests):
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=0)
     prompts, named = dkv.for_experts(llm, [(name, {"prompt_token_ids": ids})
                                            for name, ids in requests], params)
-    outs = llm.generate(prompts, named, use_tqdm=False)
-    tokens = [list(out.outputs[0].token_ids) for out in outs]
-    return tokens, [[step[token].logprob for token, step in zip(row, out.outputs[0].logprobs)]
-                    for row, out in zip(tokens, outs)]
+    return _results(llm.generate(prompts, named, use_tqdm=False))
 
 
 def _expected_mixed(references: dict, requests: list):
@@ -248,16 +250,17 @@ class TestSmolLM2:
         dkv.unplug(llm)
 
     def test_a_batch_of_prompts(self, smol):
-        """All prompts in one generate call (vLLM batches them): the same tokens as the patched
-        HF model, each prompt alone."""
+        """All prompts in one generate call (vLLM batches them): the same tokens and log-probs
+        as the patched HF model, each prompt alone."""
         from vllm import SamplingParams
 
         llm, prompts, mask = smol["llm"], smol["prompts"], smol["masks"]["heads"]
         dkv.plug(llm, mask)
-        params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+        params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True,
+                                logprobs=0)
         outs = llm.generate([{"prompt_token_ids": ids} for ids in prompts], params,
                             use_tqdm=False)
-        assert [list(out.outputs[0].token_ids) for out in outs] == smol["hf_out"]["heads"][0]
+        assert_same_generation(_results(outs), smol["hf_out"]["heads"])
         dkv.unplug(llm)
 
     def test_keep_everything(self, smol):
@@ -375,10 +378,8 @@ class TestSmolLM2:
                 extra_args={"doe_expert": name})
 
         def run(name):
-            out = llm.generate([{"prompt_token_ids": prompt}], raw(name), use_tqdm=False)[0]
-            tokens = list(out.outputs[0].token_ids)
-            return [tokens], [[step[t].logprob for t, step in zip(tokens,
-                                                                 out.outputs[0].logprobs)]]
+            return _results(llm.generate([{"prompt_token_ids": prompt}], raw(name),
+                                         use_tqdm=False))
 
         dkv.add(llm, "b", masks["b"])
         try:
@@ -394,8 +395,8 @@ class TestSmolLM2:
             with pytest.raises(RuntimeError, match="requests naming the expert 'b' may be "
                                                    "unfinished"):
                 dkv.remove(llm, "b")  # the queued request still runs on it
-            queued = llm.wait_for_completion(use_tqdm=False)[0]
-            assert list(queued.outputs[0].token_ids) == smol["hf_out"]["b"][0][2]
+            queued = llm.wait_for_completion(use_tqdm=False)
+            assert_same_generation(_results(queued), _expected_mixed(smol["hf_out"], [("b", 2)]))
         finally:
             dkv.remove(llm, "b")
         with pytest.raises(ValueError, match="names the expert 'b'"):
@@ -1286,7 +1287,9 @@ def test_a_weight_reload_rebuilds_the_experts_plans(tmp_path, monkeypatch):
     try:
         dkv.plug(llm, plugged)
         dkv.add(llm, "held", held)
-        before = _generate(llm, prompts)  # the old weights' expert
+        before = _generate(llm, prompts)  # the old weights' experts
+        requests = [("held", 0), (None, 1)]
+        mixed_before = _generate_mixed(llm, [(name, prompts[i]) for name, i in requests])
         norm = torch.ones(hf.config.hidden_size)  # the CPU keeps copies: refused, nothing loaded
         with pytest.raises(Exception, match="reload in checkpoint format"):
             llm.collective_rpc("reload_weights", kwargs=dict(
@@ -1297,7 +1300,6 @@ def test_a_weight_reload_rebuilds_the_experts_plans(tmp_path, monkeypatch):
         after = _generate(llm, prompts)
         assert after[0] != before[0]
         assert_same_generation(after, expected["plugged"])
-        requests = [("held", 0), (None, 1)]
         assert_same_generation(
             _generate_mixed(llm, [(name, prompts[i]) for name, i in requests]),
             _expected_mixed({"held": expected["held"], None: expected["plugged"]}, requests))
@@ -1310,6 +1312,8 @@ def test_a_weight_reload_rebuilds_the_experts_plans(tmp_path, monkeypatch):
         llm.collective_rpc("finish_weight_update")
         llm.reset_prefix_cache()
         assert _generate(llm, prompts) == before
+        assert _generate_mixed(llm, [(name, prompts[i]) for name, i in requests]) == \
+            mixed_before
     finally:
         _stop_engine(llm)
 
