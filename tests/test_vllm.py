@@ -74,6 +74,27 @@ def _results(outs):
     return tokens, logprobs
 
 
+def _capture_with_logprobs(llm, monkeypatch) -> list:
+    """Make `llm.generate` (for the rest of the test) also return the chosen tokens'
+    log-probabilities, and keep its outputs in the list returned."""
+    generate, outputs = llm.generate, []
+
+    def with_logprobs(prompts, params, **kwargs):
+        params = [p.clone() for p in params] if isinstance(params, list) else [params.clone()]
+        for p in params:
+            p.logprobs = 0
+        outputs.extend(generate(prompts, params if len(params) > 1 else params[0], **kwargs))
+        return outputs[-len(prompts):]
+
+    monkeypatch.setattr(llm, "generate", with_logprobs)
+    return outputs
+
+
+def _as_generation(choices):
+    """(token, log-probability) pairs as one-token generations, for assert_same_generation."""
+    return [[token] for token, _ in choices], [[logprob] for _, logprob in choices]
+
+
 def _generate_mixed(llm, requests):
     """Greedy continuations of (expert name or None, token ids) requests, all in one generate
     call (vLLM batches them into the same steps)."""
@@ -92,19 +113,22 @@ def _expected_mixed(references: dict, requests: list):
             [references[name][1][index] for name, index in requests])
 
 
-def _hf_generate(model, prompts):
+def _hf_generate(model, prompts, new_tokens: int = NEW_TOKENS):
     """The same greedy continuations from a HuggingFace model (patched or not), step by step
-    with its KV cache (no EOS handling)."""
+    with its KV cache (no EOS handling). A prompt: token ids, or a (length, hidden) tensor of
+    prompt embeddings."""
     tokens, logprobs = [], []
     with torch.no_grad():
-        for ids in prompts:
-            step_input, cache, chosen = torch.tensor([ids]), None, []
-            for _ in range(NEW_TOKENS):
-                out = model(step_input, past_key_values=cache, use_cache=True)
+        for prompt in prompts:
+            step_input = (dict(inputs_embeds=prompt[None]) if isinstance(prompt, torch.Tensor)
+                          else dict(input_ids=torch.tensor([prompt])))
+            cache, chosen = None, []
+            for _ in range(new_tokens):
+                out = model(**step_input, past_key_values=cache, use_cache=True)
                 step = torch.log_softmax(out.logits[0, -1].double(), -1)
                 cache, token = out.past_key_values, int(step.argmax())
                 chosen.append((token, float(step[token])))
-                step_input = torch.tensor([[token]])
+                step_input = dict(input_ids=torch.tensor([[token]]))
             tokens.append([token for token, _ in chosen])
             logprobs.append([logprob for _, logprob in chosen])
     return tokens, logprobs
@@ -163,20 +187,36 @@ def _causal_expert(hf, mask, seed: int = 8):
     return expert, texts
 
 
-def _hf_generate_embeds(model, expert, tokenizer, text):
-    """Greedy tokens of the patched HF model from the expert's prompt embeddings (no EOS)."""
-    import doe_kernels.vllm.prompts as prompts
+def _embeds(expert, tokenizer, texts, model):
+    """Per text, the input embeddings Expert.predict runs for it alone: the expert's soft prompt,
+    then the text in its template (the reference for doe_kernels.vllm.expert_prompts)."""
+    out = []
+    with torch.no_grad():
+        for text in texts:
+            ids, attention = expert.encode(tokenizer, [text])
+            out.append(expert.model_inputs(model, ids, attention)["inputs_embeds"][0])
+    return out
 
-    embeds = prompts.expert_prompts(expert, tokenizer, [text],
-                                    model.get_input_embeddings().weight)[0]["prompt_embeds"]
-    chosen = []
+
+def _hf_generate_embeds(model, expert, tokenizer, text):
+    """(tokens, log-probabilities) of the patched HF model's greedy continuation of the expert's
+    prompt embeddings of `text` (no EOS)."""
+    with doe_kernels.plugged(model, expert.mask):
+        return _hf_generate(model, _embeds(expert, tokenizer, [text], model))
+
+
+def _hf_label_choices(model, expert, tokenizer, texts):
+    """Per text, the label word's first token the patched HF model ranks highest after the
+    expert's prompt embeddings, and its log-probability over the whole vocabulary (what vLLM
+    reports for a token chosen under allowed_token_ids)."""
+    labels = torch.tensor(expert.label_token_ids)
+    choices = []
     with torch.no_grad(), doe_kernels.plugged(model, expert.mask):
-        out = model(inputs_embeds=embeds[None], use_cache=True)
-        for _ in range(NEW_TOKENS):
-            chosen.append(int(out.logits[0, -1].argmax()))
-            out = model(torch.tensor([[chosen[-1]]]), past_key_values=out.past_key_values,
-                        use_cache=True)
-    return chosen
+        for embeds in _embeds(expert, tokenizer, texts, model):
+            step = torch.log_softmax(model(inputs_embeds=embeds[None]).logits[0, -1].double(), -1)
+            token = int(labels[step[labels].argmax()])
+            choices.append((token, float(step[token])))
+    return choices
 
 
 @pytest.fixture(scope="class")
@@ -208,6 +248,8 @@ def smol():
     tokenizer = AutoTokenizer.from_pretrained(path)
     expert_out = dict(answers=expert.predict(hf, tokenizer, texts),
                       other_answers=other.predict(hf, tokenizer, texts),
+                      choices=_hf_label_choices(hf, expert, tokenizer, texts),
+                      other_choices=_hf_label_choices(hf, other, tokenizer, texts),
                       generated=_hf_generate_embeds(hf, expert, tokenizer, texts[0]))
     llm = _start_engine(path, tp=1, enable_prompt_embeds=True)
     dense = _generate(llm, prompts)  # before any plug
@@ -301,20 +343,23 @@ class TestSmolLM2:
         assert_same_generation(_generate(llm, prompts), before, exact=True)
         dkv.unplug(llm)
 
-    def test_an_experts_soft_prompt_as_prompt_embeddings(self, smol):
-        """The expert's answers equal Expert.predict on the HF model; its generation from the
-        prompt embeddings equals the patched HF model's from the same embeddings."""
+    def test_an_experts_soft_prompt_as_prompt_embeddings(self, smol, monkeypatch):
+        """The expert's answers equal Expert.predict on the HF model, the chosen label tokens'
+        log-probabilities the patched HF model's; its generation from the prompt embeddings
+        equals the patched HF model's from the same embeddings."""
         from vllm import SamplingParams
 
         llm, expert, texts, tokenizer = (smol[k] for k in ("llm", "expert", "texts", "tokenizer"))
         embeddings = smol["hf"].get_input_embeddings().weight
         dkv.plug(llm, expert)
+        outputs = _capture_with_logprobs(llm, monkeypatch)
         assert dkv.answer(llm, expert, tokenizer, texts, embeddings) == \
             smol["expert_out"]["answers"]
-        params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+        assert_same_generation(_results(outputs), _as_generation(smol["expert_out"]["choices"]))
+        params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=0)
         out = llm.generate(dkv.expert_prompts(expert, tokenizer, texts[:1], embeddings), params,
                            use_tqdm=False)
-        assert list(out[0].outputs[0].token_ids) == smol["expert_out"]["generated"]
+        assert_same_generation(_results(out), smol["expert_out"]["generated"])
         dkv.unplug(llm)
         with pytest.raises(ValueError, match="causal-LM Expert"):
             dkv.expert_prompts(None, tokenizer, texts, embeddings)
@@ -429,7 +474,7 @@ class TestSmolLM2:
         finally:
             dkv.remove(llm, "a")
 
-    def test_mixed_answers_of_two_soft_prompt_experts(self, smol):
+    def test_mixed_answers_of_two_soft_prompt_experts(self, smol, monkeypatch):
         llm, texts, tokenizer = smol["llm"], smol["texts"], smol["tokenizer"]
         experts = dict(first=smol["expert"], second=smol["other"])
         for name, expert in experts.items():
@@ -439,9 +484,14 @@ class TestSmolLM2:
                         ("first", texts[1]), ("second", texts[2]), ("first", texts[3])]
             expected = dict(first=smol["expert_out"]["answers"],
                             second=smol["expert_out"]["other_answers"])
+            choices = dict(first=smol["expert_out"]["choices"],
+                           second=smol["expert_out"]["other_choices"])
             embeddings = smol["hf"].get_input_embeddings().weight
+            outputs = _capture_with_logprobs(llm, monkeypatch)
             assert dkv.answer_mixed(llm, experts, tokenizer, requests, embeddings) == [
                 expected[name][texts.index(text)] for name, text in requests]
+            assert_same_generation(_results(outputs), _as_generation(
+                [choices[name][texts.index(text)] for name, text in requests]))
             with pytest.raises(ValueError, match="no Expert given"):
                 dkv.answer_mixed(llm, experts, tokenizer, [("third", texts[0])], embeddings)
         finally:

