@@ -887,16 +887,20 @@ def test_localize_end_to_end_minilm(tokenizer, tmp_path, monkeypatch, one_thread
     # The search is never judged on examples the reused prompt was trained on: a validation
     # split drawn here off other training examples than the prompt's is refused, a validation
     # set given with them is warned of; an expert that does not record them is not checked.
-    assert figures["prompt_trained_on"] == splits["train"].digest()
-    assert again.figures["prompt_trained_on"] == figures["prompt_trained_on"]  # (carried)
+    trained_on = expert.figures["prompt_trained_on"]
+    assert trained_on == splits["train"].digest()
+    assert again.figures["prompt_trained_on"] == figures["prompt_trained_on"] == trained_on
     quick = dict(recovery=plain, search=SearchConfig(max_rate=0.2, resolution=0.2),
                  attribution=AttributionConfig(num_examples=16), progress=False)
     with pytest.raises(ValueError, match="trained on other examples than this call's"):
         localize(model, tokenizer, splits["train"], start_from=expert, **quick)
+    fewer = splits["train"].subset(range(40))
     with pytest.warns(UserWarning, match="trained on other examples") as warned:
-        localize(model, tokenizer, splits["train"].subset(range(40)), splits["validation"],
-                 start_from=expert, **quick)
+        other_call = localize(model, tokenizer, fewer, splits["validation"], start_from=expert,
+                              **quick)
     assert [w.filename for w in warned if "trained on other" in str(w.message)] == [__file__]
+    # carried from the reused prompt, not this call's training examples
+    assert fewer.digest() != trained_on == other_call.figures["prompt_trained_on"]
     # (the dense baseline carries what its prompt was trained on)
     assert expert.dense().figures == {"prompt_trained_on": figures["prompt_trained_on"]}
     unrecorded = expert.dense()
