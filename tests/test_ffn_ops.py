@@ -311,6 +311,26 @@ def test_input_major_is_a_contiguous_transpose():
     assert converted.is_contiguous() and torch.equal(converted, weight.t())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("rows", [1, 9, 64])
+def test_torch_backend_computes_as_linear_layers_of_the_sliced_weights(dtype, rows):
+    """The torch backend's column-gathered linear, and its FFN keeping every neuron, give what
+    F.linear gives over the kept weights as a patched model lays them out (input-major), bit for
+    bit: the bias added inside the GEMM with one rounding, as a Linear layer adds it (a product
+    rounded to bfloat16 before the bias is added differs from it by a unit)."""
+    F = torch.nn.functional
+    torch.manual_seed(rows)
+    w_in, b_in, w_out_t, b_out = _weights((123, 300), dtype, "cpu")
+    cols = index_list("random", 300, "cpu")
+    h = torch.randn(rows, cols.numel(), dtype=dtype)
+    assert torch.equal(dk.gather_cols_linear(h, w_out_t, b_out, cols, backend="torch"),
+                       F.linear(h, w_out_t[cols].T, b_out))
+    x = torch.randn(rows, 123, dtype=dtype)
+    expected = F.linear(F.gelu(F.linear(x, w_in, b_in)), w_out_t.T, b_out)
+    assert torch.equal(dk.gather_ffn(x, w_in, b_in, w_out_t, b_out, torch.arange(300), "gelu",
+                                     backend="torch"), expected)
+
+
 def _vector_lanes() -> int:
     """The float32 lanes of the vectors the cpu kernels run in this process (16: AVX-512, 8: AVX2,
     4: the portable path), as DOE_KERNELS_CPU_ISA caps them: a one-row gather_rows_linear in the

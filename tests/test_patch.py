@@ -267,7 +267,7 @@ def test_eager_attention_computes_as_transformers_eager_attention(name, dtype, m
         with dk.plugged(model, everything, backend="torch"):
             assert torch.equal(output_of(model, ids, attention), expected)
         with dk.plugged(model, mixed_mask(model), backend="torch"):
-            with dk.mixed(model, [everything, None, everything]):
+            with dk.mixed(model, [everything, None, everything], backend="torch"):
                 assert torch.equal(output_of(model, ids, attention), expected)
             assert not sdpa_calls
             model.set_attn_implementation("sdpa")

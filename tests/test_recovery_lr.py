@@ -20,16 +20,24 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def _saved_expert(tmp_path, monkeypatch, train_examples=16):
     """A random expert saved where --start-from looks, and the splits the script will use."""
     minilm_dir()  # the script loads all-MiniLM-L6-v2: skips where its package is missing
-    model, _ = recovery_lr.up.load_model("minilm", 2)
+    model, tokenizer = recovery_lr.up.load_model("minilm", 2)
+    data = sentiment_task(48).split((0.5, 0.5, 0.0))
     gen = torch.Generator().manual_seed(0)
     head = {f"classifier.{k}": torch.randn(v.shape, generator=gen) * 0.1
             for k, v in model.classifier.state_dict().items()}
-    expert = dk.Expert(None, torch.randn(3, model.config.hidden_size, generator=gen) * 0.1,
-                       "seq_cls", ["negative", "positive"], head=head, sizes=model_sizes(model),
-                       name="sentiment", max_length=32)
+    prompt = torch.randn(3, model.config.hidden_size, generator=gen) * 0.1
+
+    def expert_of(head):
+        return dk.Expert(None, prompt, "seq_cls", ["negative", "positive"], head=head,
+                         sizes=model_sizes(model), name="sentiment", max_length=32)
+
+    # the head's bias centred on the validation examples' median margin: half the answers each
+    # way, many near the boundary, so that a re-tuning changes answers (a random head answers
+    # one label everywhere)
+    logits = expert_of(head).predict_logits(model, tokenizer, data["validation"].texts)
+    head["classifier.bias"][1] -= (logits[:, 1] - logits[:, 0]).median()
     (tmp_path / "minilm").mkdir()
-    expert.save(tmp_path / "minilm" / "sentiment.safetensors")
-    data = sentiment_task(48).split((0.5, 0.5, 0.0))
+    expert_of(head).save(tmp_path / "minilm" / "sentiment.safetensors")
     stub_commit(monkeypatch, "at-start")  # the commit as the run begins
 
     def task_splits(task, args):  # then the checkout moves on

@@ -29,5 +29,7 @@ def gather_swiglu(x, w_gate, w_up, kept):
 def gather_cols_linear(h, weight_t, bias, cols, scales):
     if scales is not None:
         h = h * scales
-    out = h @ weight_t.index_select(0, cols)
-    return out if bias is None else out + bias
+    kept = weight_t.index_select(0, cols)
+    # with a bias: added inside the GEMM (one rounding), as F.linear does; a product rounded to
+    # bfloat16 before the bias is added differs from the layer's own F.linear by a unit
+    return h @ kept if bias is None else torch.addmm(bias, h, kept)

@@ -160,8 +160,9 @@ def _gather_ffn(
         # every neuron (unique), in any order: the dense FFN (unless the kernels beat it; with no
         # rows too, so that autograd records it)
         hidden = apply_activation(F.linear(x, w_in, b_in), activation)
-        out = torch.matmul(hidden if scales is None else hidden * _in_order(scales, kept), w_out_t)
-        return out if b_out is None else out + b_out
+        # (the bias added inside the GEMM, one rounding, as the layer's own F.linear does)
+        return F.linear(hidden if scales is None else hidden * _in_order(scales, kept),
+                        w_out_t.T, b_out)
     if x.shape[:-1].numel() == 0:
         return _zeros_plus_bias(x, w_out_t.shape[1], b_out)
     module, x2d = _run(x, backend)
