@@ -24,13 +24,15 @@ thread than in the clients' threads, and mixed batching 1.4x faster than in its 
 after the main thread had run the model. The main thread's idle pool counts too, so the router
 frees it (`_free_openmp_pool`) when it is built there and whenever a request comes from there;
 other threads that run the model while the router serves bring the slowdown back
-(docs/pipeline.md). The caller's thread-local torch settings (autocast, grad mode, the current
+(docs/pipeline.md). Their forward passes take turns with the router's (_ModelGuard), and a fork
+waits for the pass in progress. The caller's thread-local torch settings (autocast, grad mode, the current
 CUDA device and stream) do not reach the compute thread: cast the model to the dtype it serves
 in.
 """
 import contextlib
 import ctypes
 import functools
+import numbers
 import os
 import queue
 import threading
@@ -58,6 +60,7 @@ class ExpertRouter:
         self._experts: dict[str, Expert] = {}
         self._guard = _guard_of(model)  # the model's lock, shared with its other routers
         self._own_mask: ExpertMask | None = None  # the keep-everything mask it patched with
+        self._watching = False  # whether its guard watches the model for it (until close())
         # per thread: .compute (the compute thread), .batching (a batching thread)
         self._local = threading.local()
         self._worker_lock = threading.Lock()  # guards _worker and _compute
@@ -104,11 +107,11 @@ class ExpertRouter:
 
     @batch_window.setter
     def batch_window(self, value: float) -> None:
-        if (not isinstance(value, (int, float)) or isinstance(value, bool)
+        if (not isinstance(value, numbers.Real) or isinstance(value, bool)
                 or not 0 <= value <= threading.TIMEOUT_MAX):
             raise ValueError(f"batch_window must be a number of seconds in [0, "
                              f"threading.TIMEOUT_MAX = {threading.TIMEOUT_MAX}], got {value!r}")
-        self._batch_window = value
+        self._batch_window = float(value)
 
     # ---- experts ------------------------------------------------------------------------
     def add(self, name: str, expert: Expert) -> None:
@@ -215,7 +218,11 @@ class ExpertRouter:
                                "there and read the result elsewhere")
 
     def _keep_patched(self) -> None:
-        """Patch the model with a keep-everything mask (swaps stay cheap); under the lock."""
+        """Patch the model with a keep-everything mask (swaps stay cheap), and have the guard
+        make other threads' forward passes on it take turns with the router's; under the lock."""
+        if not self._watching:
+            self._guard.watch(unwrap_compiled(self.model))
+            self._watching = True
         if not is_patched(self.model):
             mask = ExpertMask()
             patch(self.model, mask, self.backend)
@@ -276,18 +283,25 @@ class ExpertRouter:
         return self.submit(task, text).result()
 
     def _serve_batch(self, batch) -> None:
-        """Answer one batch of queued (expert, text, future). If a batch of several experts
-        fails, each expert's requests are served again on their own, so that an error reaches
-        only the futures of the expert that raised it."""
+        """Answer one batch of queued (expert, text, future). If a batch of several requests
+        fails, each expert's requests are served again on their own, and those of an expert
+        that fails again one by one, so that an error reaches only the futures of the requests
+        that raise it."""
         live = [(e, t, f) for e, t, f in batch if _start(f)]
+        if len(live) <= 1:
+            self._answer(live)
+            return
+        if self._answer(live, errors_to_futures=False):
+            return
         groups: dict[int, list] = {}
         for request in live:
             groups.setdefault(id(request[0]), []).append(request)
-        if len(groups) <= 1:
-            self._answer(live)
-        elif not self._answer(live, errors_to_futures=False):
-            for group in groups.values():
-                self._answer(group)
+        for group in groups.values():
+            if len(group) > 1 and len(groups) > 1 and self._answer(group,
+                                                                   errors_to_futures=False):
+                continue
+            for request in group:
+                self._answer([request])
 
     def _answer(self, requests, errors_to_futures: bool = True) -> bool:
         """Serve (expert, text, future) requests in one mixed batch and set their futures to
@@ -336,6 +350,9 @@ class ExpertRouter:
             if self._own_mask is not None and current_mask(self.model) is self._own_mask:
                 unpatch(self.model)  # not a patch the user made meanwhile
             self._own_mask = None
+            if self._watching:
+                self._guard.unwatch()
+                self._watching = False
 
     def __enter__(self):
         return self
@@ -346,10 +363,44 @@ class ExpertRouter:
 
 class _ModelGuard:
     """A model's lock, one for every router serving it, and a mark that a thread holds it: a
-    request from a hook inside the forward pass it guards is refused instead of waiting forever."""
+    request from a hook inside the forward pass it guards is refused instead of waiting forever.
+    While routers serve the model (`watch`), a forward pass that another thread runs on it takes
+    the lock too: it waits for the router's pass in progress, and the next waits for it, so that
+    it never sees an expert plugged for a request, nor a router's pass its state."""
 
     def __init__(self):
         self.lock, self._local = threading.Lock(), threading.local()
+        self._watchers, self._hooks = 0, ()  # (routers watching the model; their hooks)
+
+    def watch(self, model) -> None:
+        """A router starts serving `model` (the module itself, not a torch.compile wrapper):
+        the first one hooks its forward; under the lock."""
+        self._watchers += 1
+        if self._watchers == 1:
+            self._hooks = (model.register_forward_pre_hook(self._enter),
+                           model.register_forward_hook(self._leave, always_call=True))
+
+    def unwatch(self) -> None:
+        """A router stops serving the model: the last one removes the hooks; under the lock."""
+        self._watchers -= 1
+        if self._watchers == 0:
+            for hook in self._hooks:
+                hook.remove()
+            self._hooks = ()
+
+    def _enter(self, module, args) -> None:
+        """Another thread's forward pass takes the lock (a router's holds it already)."""
+        if not self.held_here():
+            self.lock.acquire()
+            self._local.held = self._local.entered = True
+
+    def _leave(self, module, args, output) -> None:
+        """... and gives it back at its end, or when it raises an Exception (always_call; a
+        KeyboardInterrupt skips these hooks: the thread keeps the lock until its next forward
+        pass on the model, which runs under it and gives it back)."""
+        if getattr(self._local, "entered", False):
+            self._local.held = self._local.entered = False
+            self.lock.release()
 
     @contextlib.contextmanager
     def held(self):
@@ -366,6 +417,34 @@ class _ModelGuard:
 
 _GUARDS: "weakref.WeakKeyDictionary[torch.nn.Module, _ModelGuard]" = weakref.WeakKeyDictionary()
 _GUARDS_LOCK = threading.Lock()
+
+
+_FORKING: list[_ModelGuard] = []  # the guards a fork in progress holds
+
+
+def _before_fork() -> None:
+    """A process forked while a router's pass (or another thread's forward pass on a served
+    model) runs would copy the model in the middle of it, its lock held by a thread the child
+    lacks, whose router would wait forever: a fork waits for the passes in progress (not for one
+    the forking thread is in)."""
+    with _GUARDS_LOCK:
+        guards = [guard for guard in _GUARDS.values() if not guard.held_here()]
+    for guard in guards:
+        guard.lock.acquire()
+        _FORKING.append(guard)
+    _GUARDS_LOCK.acquire()
+
+
+def _after_fork() -> None:
+    """In the parent and in the child: the locks the fork held given back."""
+    _GUARDS_LOCK.release()
+    while _FORKING:
+        _FORKING.pop().lock.release()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork,
+                        after_in_child=_after_fork)
 
 
 def _guard_of(model) -> _ModelGuard:

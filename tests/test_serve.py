@@ -1,5 +1,7 @@
 """ExpertRouter: answers equal each expert alone, under concurrent threads; errors change nothing."""
+import os
 import random
+import signal
 import threading
 import time
 
@@ -568,7 +570,7 @@ def test_what_a_client_does_with_its_future_reaches_no_other_request(served, tok
 
 def test_one_experts_failure_fails_only_its_requests(served, tokenizer):
     """A mixed batch that fails is served again expert by expert: the other experts' requests
-    get their answers, the failing expert's requests its error."""
+    get their answers, the failing expert's requests (tried again one by one) its error."""
     model, experts, alone = served
     # the batch closes at its 4th request (batch_size); the window only bounds a stalled run
     router = dk.ExpertRouter(model, tokenizer, batch_size=4, batch_window=30)
@@ -595,7 +597,37 @@ def test_one_experts_failure_fails_only_its_requests(served, tokenizer):
                 future.result(timeout=60)
     finally:
         router.close()
-    assert batches == [4, 2, 2]  # the whole batch, then each expert's requests
+    assert batches == [4, 2, 2, 1, 1]  # the whole batch, each expert's requests, task1's alone
+    assert not dk.is_patched(model)
+
+
+def test_one_requests_failure_fails_only_that_request(served, tokenizer):
+    """A request that fails its expert's group (a tokenizer error on its text, say) fails alone:
+    the group is served again one request at a time, and its other requests are answered."""
+    model, experts, alone = served
+    router = dk.ExpertRouter(model, tokenizer, batch_size=4, batch_window=30)
+    for name in ("task0", "task1"):
+        router.add(name, experts[name])
+    mixed, batches = router._mixed, []
+
+    def fail_with_text1(requests):
+        batches.append(len(requests))
+        if any(text == TEXTS[1] for _, text in requests):
+            raise ValueError("the tokenizer cannot encode this text")
+        return mixed(requests)
+
+    router._mixed = fail_with_text1
+    try:
+        tasks = ["task0", "task0", "task1", "task0"]
+        futures = [router.submit(task, TEXTS[i]) for i, task in enumerate(tasks)]
+        for i in (0, 2, 3):
+            assert futures[i].result(timeout=60) == experts[tasks[i]].label_names[
+                int(alone[tasks[i]][i].argmax())]
+        with pytest.raises(ValueError, match="cannot encode this text"):
+            futures[1].result(timeout=60)
+    finally:
+        router.close()
+    assert batches == [4, 3, 1, 1, 1, 1]  # the batch, task0's three, each alone; task1's one
     assert not dk.is_patched(model)
 
 
@@ -853,6 +885,23 @@ def test_a_batch_window_a_queue_cannot_wait_is_refused(served, tokenizer, window
         assert router.batch_window == threading.TIMEOUT_MAX
 
 
+def test_a_batch_window_of_any_real_number_type_is_taken(served, tokenizer):
+    """numpy scalars and Fractions are numbers of seconds too (as batch_size takes numpy
+    integers); a NaN is refused."""
+    from fractions import Fraction
+
+    import numpy as np
+
+    model, _, _ = served
+    with dk.ExpertRouter(model, tokenizer) as router:
+        for window in (np.float32(0.25), np.int64(0), Fraction(1, 100)):
+            router.batch_window = window
+            assert router.batch_window == float(window)
+            assert type(router.batch_window) is float
+        with pytest.raises(ValueError, match="batch_window must be a number of seconds"):
+            router.batch_window = float("nan")
+
+
 def test_requests_taken_when_taking_a_batch_fails_get_its_error(served, tokenizer):
     """A request the batching thread had taken when taking its batch failed (a window that
     overflows queue.get, set past the setter's check) was never answered, not even after
@@ -892,3 +941,79 @@ def test_a_backend_the_router_cannot_run_is_refused(served, tokenizer):
         router.add("task0", experts["task0"])
         assert router.run("task0", TEXTS[0])  # served with the backend it kept
     assert not dk.is_patched(model)
+
+
+def test_the_model_run_directly_while_a_router_serves_takes_turns_with_it(served, tokenizer):
+    """Another thread's forward passes on the served model wait for the router's pass in
+    progress (and the router's for them): they get the model between requests (the router's
+    keep-everything patch, its own head: the dense model's outputs), and the router's answers
+    stay each expert's. (Without the turns the direct passes read an expert plugged for a
+    request, and broke the router's mixed passes.) After close() the model holds no hook."""
+    model, experts, alone = served
+    encoded = tokenizer(TEXTS[:2], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        dense = model(**encoded).logits
+    requests = [(f"task{i % 3}", TEXTS[i]) for i in range(5)]
+    with dk.ExpertRouter(model, tokenizer) as router:
+        for name, expert in experts.items():
+            router.add(name, expert)
+        served_rows, direct = [], []
+
+        def client(_):
+            for _ in range(30):
+                served_rows.append(router.run_mixed_logits(requests))
+                served_rows.append(router.run_logits("task1", TEXTS[:3]))
+            yield from ()
+
+        thread = threading.Thread(target=lambda: run_clients(client, 1), daemon=True)
+        thread.start()
+        while thread.is_alive() or not direct:
+            with torch.no_grad():
+                direct.append(model(**encoded).logits)
+        thread.join()
+    assert len(served_rows) == 60
+    for rows in served_rows[0::2]:
+        for (task, text), row in zip(requests, rows):
+            torch.testing.assert_close(row, alone[task][TEXTS.index(text)], rtol=0, atol=1e-5)
+    for rows in served_rows[1::2]:
+        torch.testing.assert_close(rows, alone["task1"][:3], rtol=0, atol=1e-5)
+    for logits in direct:
+        torch.testing.assert_close(logits, dense, rtol=0, atol=1e-5)
+    assert not (model._forward_pre_hooks or model._forward_hooks)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded")
+def test_a_process_forked_during_a_pass_serves_its_own_requests(served, tokenizer):
+    """A fork waits for the router's forward pass in progress: the child's router (on a new
+    compute thread) answers as the parent's, where it waited forever for the model's lock,
+    copied held by a thread the child lacks."""
+    model, experts, alone = served
+    expected = experts["task0"].label_names[int(alone["task0"][0].argmax())]
+    inside = threading.Event()
+
+    def slow(module, args):
+        inside.set()
+        time.sleep(0.5)
+
+    with dk.ExpertRouter(model, tokenizer) as router:
+        router.add("task0", experts["task0"])
+        hook = model.bert.encoder.layer[0].register_forward_pre_hook(slow)
+        pending = threading.Thread(target=router.run, args=("task0", TEXTS[0]), daemon=True)
+        try:
+            pending.start()
+            assert inside.wait(60)
+            pid = os.fork()
+            if pid == 0:  # the child: its exit code says what it got (SIGALRM: it hung)
+                code = 1
+                try:
+                    hook.remove()
+                    signal.alarm(60)
+                    code = 0 if router.run("task0", TEXTS[0]) == [expected] else 2
+                finally:
+                    os._exit(code)
+        finally:
+            hook.remove()
+            pending.join(60)
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
