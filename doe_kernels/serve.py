@@ -35,6 +35,7 @@ import functools
 import numbers
 import os
 import queue
+import sys
 import threading
 import time
 import traceback
@@ -61,6 +62,8 @@ class ExpertRouter:
         self._guard = _guard_of(model)  # the model's lock, shared with its other routers
         self._own_mask: ExpertMask | None = None  # the keep-everything mask it patched with
         self._watching = False  # whether its guard watches the model for it (until close())
+        with self._locked():  # (now: a direct pass under way at the first request would see
+            self._watch()     # its expert plugged)
         # per thread: .compute (the compute thread), .batching (a batching thread)
         self._local = threading.local()
         self._worker_lock = threading.Lock()  # guards _worker and _compute
@@ -217,12 +220,17 @@ class ExpertRouter:
                                "submitted request's Future) would wait for itself; submit() "
                                "there and read the result elsewhere")
 
-    def _keep_patched(self) -> None:
-        """Patch the model with a keep-everything mask (swaps stay cheap), and have the guard
-        make other threads' forward passes on it take turns with the router's; under the lock."""
+    def _watch(self) -> None:
+        """Have the guard make other threads' forward passes take turns with the router's
+        (until close()); under the lock."""
         if not self._watching:
             self._guard.watch(unwrap_compiled(self.model))
             self._watching = True
+
+    def _keep_patched(self) -> None:
+        """Patch the model with a keep-everything mask (swaps stay cheap), and have the guard
+        make other threads' forward passes on it take turns with the router's; under the lock."""
+        self._watch()
         if not is_patched(self.model):
             mask = ExpertMask()
             patch(self.model, mask, self.backend)
@@ -283,25 +291,19 @@ class ExpertRouter:
         return self.submit(task, text).result()
 
     def _serve_batch(self, batch) -> None:
-        """Answer one batch of queued (expert, text, future). If a batch of several requests
-        fails, each expert's requests are served again on their own, and those of an expert
-        that fails again one by one, so that an error reaches only the futures of the requests
-        that raise it."""
+        """Answer one batch of queued (expert, text, future). If a batch of several experts
+        fails, each expert's requests are served again on their own, so that an error reaches
+        only the futures of the expert that raised it (at most one pass per expert more: a
+        text that encodes to no token fails alone, before any pass)."""
         live = [(e, t, f) for e, t, f in batch if _start(f)]
-        if len(live) <= 1:
-            self._answer(live)
-            return
-        if self._answer(live, errors_to_futures=False):
-            return
         groups: dict[int, list] = {}
         for request in live:
             groups.setdefault(id(request[0]), []).append(request)
-        for group in groups.values():
-            if len(group) > 1 and len(groups) > 1 and self._answer(group,
-                                                                   errors_to_futures=False):
-                continue
-            for request in group:
-                self._answer([request])
+        if len(groups) <= 1:
+            self._answer(live)
+        elif not self._answer(live, errors_to_futures=False):
+            for group in groups.values():
+                self._answer(group)
 
     def _answer(self, requests, errors_to_futures: bool = True) -> bool:
         """Serve (expert, text, future) requests in one mixed batch and set their futures to
@@ -371,12 +373,14 @@ class _ModelGuard:
     def __init__(self):
         self.lock, self._local = threading.Lock(), threading.local()
         self._watchers, self._hooks = 0, ()  # (routers watching the model; their hooks)
+        self._model = None  # (a weak reference to the model watched)
 
     def watch(self, model) -> None:
         """A router starts serving `model` (the module itself, not a torch.compile wrapper):
         the first one hooks its forward; under the lock."""
         self._watchers += 1
         if self._watchers == 1:
+            self._model = weakref.ref(model)
             self._hooks = (model.register_forward_pre_hook(self._enter),
                            model.register_forward_hook(self._leave, always_call=True))
 
@@ -389,18 +393,40 @@ class _ModelGuard:
             self._hooks = ()
 
     def _enter(self, module, args) -> None:
-        """Another thread's forward pass takes the lock (a router's holds it already)."""
-        if not self.held_here():
-            self.lock.acquire()
-            self._local.held = self._local.entered = True
+        """Another thread's forward pass takes the lock (a router's holds it already; a pass
+        inside this thread's own pass counts one level deeper)."""
+        if self._direct_depth(module, inside=2):
+            self._local.depth += 1
+            return
+        if getattr(self._local, "held", False):  # a router's pass (a hook in it)
+            return
+        self.lock.acquire()
+        if not self._watchers:  # the hooks were removed meanwhile (close): no _leave comes
+            self.lock.release()
+            return
+        self._local.held, self._local.depth = True, 1  # (unwatch waits for the lock: _leave
+        # runs at the end of this pass)
 
     def _leave(self, module, args, output) -> None:
-        """... and gives it back at its end, or when it raises an Exception (always_call; a
-        KeyboardInterrupt skips these hooks: the thread keeps the lock until its next forward
-        pass on the model, which runs under it and gives it back)."""
-        if getattr(self._local, "entered", False):
-            self._local.held = self._local.entered = False
+        """... and gives it back at the end of the outermost pass, or when it raises an
+        Exception (always_call)."""
+        depth = getattr(self._local, "depth", 0)
+        if depth:
+            self._local.depth = depth - 1
+            if depth == 1:
+                self._local.held = False
+                self.lock.release()
+
+    def _direct_depth(self, module, inside: int) -> int:
+        """How deep this thread is in its own forward passes on the model; a depth that no
+        forward pass on the thread's stack backs (fewer than `inside` calls of the model: a
+        KeyboardInterrupt skipped the hooks that end a pass) is given up, with the lock."""
+        depth = getattr(self._local, "depth", 0)
+        if depth and _calls_of(module) < inside:
+            self._local.held, self._local.depth = False, 0
             self.lock.release()
+            return 0
+        return depth
 
     @contextlib.contextmanager
     def held(self):
@@ -412,34 +438,60 @@ class _ModelGuard:
                 self._local.held = False
 
     def held_here(self) -> bool:
+        """Whether this thread holds the lock: in a router's pass, or in its own forward pass on
+        the model (one interrupted is given up here)."""
+        model = self._model() if self._model is not None else None
+        if model is not None:
+            self._direct_depth(model, inside=1)
         return getattr(self._local, "held", False)
+
+
+def _calls_of(module) -> int:
+    """How many calls of `module` (torch's Module._call_impl) this thread's stack holds."""
+    frame, count = sys._getframe(1), 0
+    while frame is not None:
+        if frame.f_code is _CALL_IMPL and frame.f_locals.get("self") is module:
+            count += 1
+        frame = frame.f_back
+    return count
+
+
+_CALL_IMPL = torch.nn.Module._call_impl.__code__
 
 
 _GUARDS: "weakref.WeakKeyDictionary[torch.nn.Module, _ModelGuard]" = weakref.WeakKeyDictionary()
 _GUARDS_LOCK = threading.Lock()
 
 
-_FORKING: list[_ModelGuard] = []  # the guards a fork in progress holds
+_FORK_WAIT = 60.0  # seconds a fork waits for each pass in progress
+_FORKING = threading.local()  # .taken: the locks the forking thread took
 
 
 def _before_fork() -> None:
     """A process forked while a router's pass (or another thread's forward pass on a served
     model) runs would copy the model in the middle of it, its lock held by a thread the child
     lacks, whose router would wait forever: a fork waits for the passes in progress (not for one
-    the forking thread is in)."""
-    with _GUARDS_LOCK:
-        guards = [guard for guard in _GUARDS.values() if not guard.held_here()]
-    for guard in guards:
-        guard.lock.acquire()
-        _FORKING.append(guard)
-    _GUARDS_LOCK.acquire()
+    the forking thread is in; at most _FORK_WAIT seconds each, so that passes waiting on each
+    other's models cannot hold a fork forever). Nothing is kept taken if it is interrupted."""
+    taken = _FORKING.taken = []
+    try:
+        with _GUARDS_LOCK:
+            guards = [guard for guard in _GUARDS.values() if not guard.held_here()]
+        for guard in guards:
+            if guard.lock.acquire(timeout=_FORK_WAIT):
+                taken.append(guard.lock)
+        _GUARDS_LOCK.acquire()
+        taken.append(_GUARDS_LOCK)
+    except BaseException:
+        _after_fork()
+        raise
 
 
 def _after_fork() -> None:
-    """In the parent and in the child: the locks the fork held given back."""
-    _GUARDS_LOCK.release()
-    while _FORKING:
-        _FORKING.pop().lock.release()
+    """In the parent and in the child: the locks the fork took given back."""
+    taken = getattr(_FORKING, "taken", [])
+    while taken:
+        taken.pop().release()
 
 
 if hasattr(os, "register_at_fork"):

@@ -570,7 +570,7 @@ def test_what_a_client_does_with_its_future_reaches_no_other_request(served, tok
 
 def test_one_experts_failure_fails_only_its_requests(served, tokenizer):
     """A mixed batch that fails is served again expert by expert: the other experts' requests
-    get their answers, the failing expert's requests (tried again one by one) its error."""
+    get their answers, the failing expert's requests its error."""
     model, experts, alone = served
     # the batch closes at its 4th request (batch_size); the window only bounds a stalled run
     router = dk.ExpertRouter(model, tokenizer, batch_size=4, batch_window=30)
@@ -597,37 +597,7 @@ def test_one_experts_failure_fails_only_its_requests(served, tokenizer):
                 future.result(timeout=60)
     finally:
         router.close()
-    assert batches == [4, 2, 2, 1, 1]  # the whole batch, each expert's requests, task1's alone
-    assert not dk.is_patched(model)
-
-
-def test_one_requests_failure_fails_only_that_request(served, tokenizer):
-    """A request that fails its expert's group (a tokenizer error on its text, say) fails alone:
-    the group is served again one request at a time, and its other requests are answered."""
-    model, experts, alone = served
-    router = dk.ExpertRouter(model, tokenizer, batch_size=4, batch_window=30)
-    for name in ("task0", "task1"):
-        router.add(name, experts[name])
-    mixed, batches = router._mixed, []
-
-    def fail_with_text1(requests):
-        batches.append(len(requests))
-        if any(text == TEXTS[1] for _, text in requests):
-            raise ValueError("the tokenizer cannot encode this text")
-        return mixed(requests)
-
-    router._mixed = fail_with_text1
-    try:
-        tasks = ["task0", "task0", "task1", "task0"]
-        futures = [router.submit(task, TEXTS[i]) for i, task in enumerate(tasks)]
-        for i in (0, 2, 3):
-            assert futures[i].result(timeout=60) == experts[tasks[i]].label_names[
-                int(alone[tasks[i]][i].argmax())]
-        with pytest.raises(ValueError, match="cannot encode this text"):
-            futures[1].result(timeout=60)
-    finally:
-        router.close()
-    assert batches == [4, 3, 1, 1, 1, 1]  # the batch, task0's three, each alone; task1's one
+    assert batches == [4, 2, 2]  # the whole batch, then each expert's requests
     assert not dk.is_patched(model)
 
 
@@ -1017,3 +987,45 @@ def test_a_process_forked_during_a_pass_serves_its_own_requests(served, tokenize
             pending.join(60)
         _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_a_direct_pass_interrupted_or_nested_keeps_the_turns_right(served, tokenizer):
+    """A KeyboardInterrupt inside another thread's forward pass skips the hooks that end its
+    turn: that thread's next request to the router (or pass on the model) gives the turn back
+    instead of being refused, and other threads' requests are served again. A pass run inside
+    that thread's own pass (a hook) keeps the outer pass's turn to its end."""
+    model, experts, alone = served
+    encoded = tokenizer(TEXTS[:2], return_tensors="pt", padding=True)
+    expected = [experts["task0"].label_names[int(alone["task0"][0].argmax())]]
+    layer = model.bert.encoder.layer[0]
+    with dk.ExpertRouter(model, tokenizer) as router:
+        router.add("task0", experts["task0"])
+        guard = router._guard
+
+        def interrupt(module, args):
+            raise KeyboardInterrupt
+
+        hook = layer.register_forward_pre_hook(interrupt)
+        with pytest.raises(KeyboardInterrupt), torch.no_grad():
+            model(**encoded)
+        hook.remove()
+        assert router.run("task0", TEXTS[0]) == expected  # (it was refused: "inside a pass")
+        answers = []
+        thread = threading.Thread(target=lambda: answers.append(router.run("task0", TEXTS[0])),
+                                  daemon=True)
+        thread.start()
+        thread.join(60)
+        assert answers == [expected]  # (another thread's request waited for the lost turn)
+        held_after_nested = []
+
+        def nested(module, args):
+            if not held_after_nested:
+                held_after_nested.append(None)
+                model(**encoded)
+                held_after_nested[0] = guard.lock.locked()
+
+        hook = layer.register_forward_pre_hook(nested)
+        with torch.no_grad():
+            model(**encoded)
+        hook.remove()
+        assert held_after_nested == [True] and not guard.lock.locked()

@@ -1362,8 +1362,10 @@ def test_a_weight_reload_rebuilds_the_experts_plans(tmp_path, monkeypatch):
         llm.collective_rpc("finish_weight_update")
         llm.reset_prefix_cache()
         assert _generate(llm, prompts) == before
-        assert _generate_mixed(llm, [(name, prompts[i]) for name, i in requests]) == \
-            mixed_before
+        # (the same tokens, log-probs to rounding: the rebuilt plans may take the union where the
+        # first ones took the segments)
+        assert_same_generation(
+            _generate_mixed(llm, [(name, prompts[i]) for name, i in requests]), mixed_before)
     finally:
         _stop_engine(llm)
 
