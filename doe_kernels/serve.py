@@ -25,9 +25,9 @@ after the main thread had run the model. The main thread's idle pool counts too,
 frees it (`_free_openmp_pool`) when it is built there and whenever a request comes from there;
 other threads that run the model while the router serves bring the slowdown back
 (docs/pipeline.md). Their forward passes take turns with the router's (_ModelGuard), and a fork
-waits for the pass in progress. The caller's thread-local torch settings (autocast, grad mode, the current
-CUDA device and stream) do not reach the compute thread: cast the model to the dtype it serves
-in.
+waits for the pass in progress. The caller's thread-local torch settings (autocast, grad mode,
+the current CUDA device and stream) do not reach the compute thread: cast the model to the dtype
+it serves in.
 """
 import contextlib
 import ctypes
