@@ -80,10 +80,10 @@ def _capture_with_logprobs(llm, monkeypatch) -> list:
     generate, outputs = llm.generate, []
 
     def with_logprobs(prompts, params, **kwargs):
-        params = [p.clone() for p in params] if isinstance(params, list) else [params.clone()]
-        for p in params:
+        params = [p.clone() for p in params] if isinstance(params, list) else params.clone()
+        for p in params if isinstance(params, list) else [params]:
             p.logprobs = 0
-        outputs.extend(generate(prompts, params if len(params) > 1 else params[0], **kwargs))
+        outputs.extend(generate(prompts, params, **kwargs))
         return outputs[-len(prompts):]
 
     monkeypatch.setattr(llm, "generate", with_logprobs)
