@@ -1261,7 +1261,6 @@ def test_in_process_engines_in_two_threads_each_see_their_own_step():
     assert mixed.current_step() is None
 
 
-
 def _tiny_model(family: str, path) -> str:
     """A random float32 Qwen2 (with visible q/k/v biases, so that a wrong bias row would show) or
     Mistral: 2 layers, hidden 128, 256 neurons, 4 heads / 2 KV heads."""

@@ -377,7 +377,6 @@ def test_vllm_serve_mixed_requests_each_on_its_expert(server, tmp_path, capsys):
     _assert_completion(_complete(url, path, prompt), expected[None])
 
 
-
 @pytest.mark.vllm
 def test_vllm_serve_plugs_and_mixes_mixtral_experts(tmp_path, capsys):
     """A random Mixtral (SmolLM2's tokenizer) served over HTTP: an expert pruning neurons inside
